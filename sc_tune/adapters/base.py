@@ -1,0 +1,181 @@
+"""The model-adapter interface: everything the trainer and the evaluator need to know about a family.
+
+An adapter owns the prompt text of the two roles, the box codec, how one image becomes model inputs
+(once per sample per step), how a batch is built (left padding, labels on the answer only), what to pass
+to ``generate`` and how generated text is decoded. The trainer and the evaluator never name a family.
+
+Prompts (per family, see the subclasses):
+
+- describer: image + box -> the model continues with a caption that ends in the family's end token;
+- locator: image + caption -> the model continues with ``locator_target(box)`` (the box text and the end).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from sc_tune.box_codecs import BoxCodec
+
+
+@dataclass
+class ImageInputs:
+    """One sample's image, preprocessed once and reused by every prompt built for that sample."""
+
+    tensors: dict[str, torch.Tensor]  # e.g. pixel_values and image_grid_thw for Qwen2-VL
+    num_tokens: int  # placeholder tokens the image takes in the text
+    frame: tuple[int, int]  # (width, height) of the model input, for pixel-space box codecs
+
+
+@dataclass
+class PromptBatch:
+    """A left-padded batch of prompts (optionally with targets) and its images, ready for the model."""
+
+    inputs: dict[str, torch.Tensor]  # input_ids, attention_mask and the family's image tensors
+    labels: torch.Tensor | None = None  # -100 except on target tokens, when targets were given
+    images: list[ImageInputs] = field(default_factory=list)
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return self.inputs["input_ids"]
+
+    def to(self, device: torch.device | str) -> PromptBatch:
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.inputs.items()}
+        labels = self.labels.to(device) if self.labels is not None else None
+        return PromptBatch(moved, labels, self.images)
+
+
+class ModelAdapter(ABC):
+    """Family-specific glue. Subclasses set ``codec`` and implement the abstract methods."""
+
+    codec: BoxCodec
+    # Per-token model inputs other than input_ids/attention_mask that must grow with appended tokens
+    # (filled with ``0``, which marks text), e.g. ``mm_token_type_ids`` on transformers 5.
+    per_token_keys: tuple[str, ...] = ()
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    # ---------------------------------------------------------------- prompts and targets (text)
+    @abstractmethod
+    def describer_prompt(self, box_norm: Sequence[float], image: ImageInputs) -> str:
+        """Text that makes the model caption the object in ``box_norm``."""
+
+    @abstractmethod
+    def locator_prompt(self, caption: str, image: ImageInputs) -> str:
+        """Text that makes the model write the box of the object ``caption`` refers to."""
+
+    @abstractmethod
+    def locator_target(self, box_norm: Sequence[float], image: ImageInputs) -> str:
+        """What the locator should write after ``locator_prompt``: the box text and the end token."""
+
+    def describer_target(self, caption: str) -> str:
+        """What the describer should write after ``describer_prompt`` for a known caption (warm starts)."""
+        return caption + self.end_text
+
+    def parse_locator_output(self, text: str, image: ImageInputs) -> list[float] | None:
+        """The normalised box in the locator's continuation, or ``None`` (counted as a parse failure)."""
+        return self.codec.parse(text, image.frame)
+
+    # ---------------------------------------------------------------- images and tokens
+    @abstractmethod
+    def prepare_image(self, image: Image.Image) -> ImageInputs:
+        """Preprocess one RGB image (resize, normalise, patchify) into model tensors."""
+
+    @abstractmethod
+    def encode_prompt(self, text: str, image: ImageInputs) -> list[int]:
+        """Token ids of a prompt, with the image placeholder expanded to ``image.num_tokens`` tokens."""
+
+    @abstractmethod
+    def image_batch(self, images: Sequence[ImageInputs], input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The image tensors of a batch whose rows use ``images`` in order (plus per-token fields)."""
+
+    @property
+    @abstractmethod
+    def end_text(self) -> str:
+        """The token text that ends an answer (the describer's caption and the locator's box)."""
+
+    @property
+    def end_token_ids(self) -> list[int]:
+        """Ids that stop generation. By default the id of ``end_text``."""
+        return [self.tokenizer.convert_tokens_to_ids(self.end_text)]
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def suppressed_token_ids(self) -> list[int]:
+        """Ids generation must never emit (image placeholders: a random model would write them)."""
+        return []
+
+    def encode_target(self, text: str) -> list[int]:
+        """Token ids of an answer, tokenised on its own so that it never merges with the prompt."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode_caption(self, token_ids: Sequence[int]) -> str:
+        """Generated describer tokens -> caption text for the locator prompt (specials dropped)."""
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True).strip()
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Generated locator tokens -> text the codec parses (special tokens kept: some formats use them)."""
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=False)
+
+    def generation_kwargs(self) -> dict:
+        return {
+            "eos_token_id": self.end_token_ids,
+            "pad_token_id": self.pad_token_id,
+            "suppress_tokens": self.suppressed_token_ids() or None,
+        }
+
+    # ---------------------------------------------------------------- batches (shared by every family)
+    def build_batch(
+        self,
+        prompts: Sequence[str],
+        images: Sequence[ImageInputs],
+        targets: Sequence[str] | None = None,
+    ) -> PromptBatch:
+        """Tokenise, append targets, left-pad, and attach images. Labels cover target tokens only."""
+        if len(prompts) != len(images) or (targets is not None and len(targets) != len(prompts)):
+            raise ValueError(
+                f"build_batch got {len(prompts)} prompts, {len(images)} images and "
+                f"{'no' if targets is None else len(targets)} targets; they must match one to one"
+            )
+        rows, label_rows = [], []
+        for i, (text, image) in enumerate(zip(prompts, images)):
+            ids = self.encode_prompt(text, image)
+            labels = [-100] * len(ids)
+            if targets is not None:
+                target_ids = self.encode_target(targets[i])
+                ids = ids + target_ids
+                labels = labels + target_ids
+            rows.append(ids)
+            label_rows.append(labels)
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        for i, (ids, lab) in enumerate(zip(rows, label_rows)):
+            input_ids[i, width - len(ids) :] = torch.tensor(ids)
+            attention_mask[i, width - len(ids) :] = 1
+            labels[i, width - len(ids) :] = torch.tensor(lab)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        inputs.update(self.image_batch(images, input_ids))
+        return PromptBatch(inputs, labels if targets is not None else None, list(images))
+
+    def append_completion(
+        self, batch: PromptBatch, completion_ids_BT: torch.Tensor, completion_mask_BT: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Model inputs for a teacher-forced pass over prompt + completion (pads after EOS masked out)."""
+        inputs = dict(batch.inputs)
+        inputs["input_ids"] = torch.cat([batch.inputs["input_ids"], completion_ids_BT], dim=1)
+        inputs["attention_mask"] = torch.cat(
+            [batch.inputs["attention_mask"], completion_mask_BT.to(batch.inputs["attention_mask"].dtype)], dim=1
+        )
+        for key in self.per_token_keys:
+            if key in inputs:
+                inputs[key] = torch.cat([inputs[key], torch.zeros_like(completion_ids_BT, dtype=inputs[key].dtype)], 1)
+        return inputs

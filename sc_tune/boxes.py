@@ -1,0 +1,75 @@
+"""Boxes: the one home for IoU and for moving boxes between coordinate spaces.
+
+Convention everywhere in this project: a box is ``[x1, y1, x2, y2]`` with coordinates normalised to
+``[0, 1]`` by the image's width and height (x to the right, y down). Model-specific text formats
+(integer grids, pixels of a resized image) live in the box codecs (:mod:`sc_tune.box_codecs`), which
+convert to and from this convention and nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def is_valid_box(box: Sequence[float]) -> bool:
+    """A box is valid when it has four finite numbers with x1 <= x2 and y1 <= y2."""
+    if len(box) != 4:
+        return False
+    x1, y1, x2, y2 = (float(v) for v in box)
+    if any(v != v or v in (float("inf"), float("-inf")) for v in (x1, y1, x2, y2)):
+        return False
+    return x1 <= x2 and y1 <= y2
+
+
+def box_iou(pred_N4: torch.Tensor, target_N4: torch.Tensor) -> torch.Tensor:
+    """Element-wise IoU of two aligned sets of xyxy boxes, shape ``(N, 4)`` each -> ``(N,)``.
+
+    Inverted boxes (x2 < x1 or y2 < y1) have zero area instead of the negative area the reference code
+    produced, so they can never inflate or flip the sign of an IoU. Two zero-area boxes score 0, not NaN.
+    """
+    pred_N4 = pred_N4.to(torch.float64)
+    target_N4 = target_N4.to(torch.float64)
+    wh_pred = (pred_N4[:, 2:] - pred_N4[:, :2]).clamp(min=0)
+    wh_target = (target_N4[:, 2:] - target_N4[:, :2]).clamp(min=0)
+    area_pred = wh_pred[:, 0] * wh_pred[:, 1]
+    area_target = wh_target[:, 0] * wh_target[:, 1]
+    top_left = torch.maximum(pred_N4[:, :2], target_N4[:, :2])
+    bottom_right = torch.minimum(pred_N4[:, 2:], target_N4[:, 2:])
+    wh_inter = (bottom_right - top_left).clamp(min=0)
+    inter = wh_inter[:, 0] * wh_inter[:, 1]
+    union = area_pred + area_target - inter
+    iou = torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(union))
+    return iou.to(torch.float32)
+
+
+def iou_or_zero(pred_boxes: Sequence[Sequence[float] | None], target_N4: torch.Tensor) -> torch.Tensor:
+    """IoU per sample where a missing prediction (``None``: the text did not parse) scores 0.
+
+    The caller counts the ``None`` entries as parse failures; this function only scores.
+    """
+    target_N4 = torch.as_tensor(target_N4, dtype=torch.float32)
+    filled = [list(b) if b is not None else [0.0, 0.0, 0.0, 0.0] for b in pred_boxes]
+    iou_N = box_iou(torch.tensor(filled, dtype=torch.float32).reshape(-1, 4), target_N4.reshape(-1, 4))
+    parsed_N = torch.tensor([b is not None for b in pred_boxes], dtype=torch.bool)
+    return torch.where(parsed_N, iou_N, torch.zeros_like(iou_N))
+
+
+def xywh_to_xyxy(box: Sequence[float]) -> list[float]:
+    """COCO/Objects365 ``[x, y, w, h]`` -> ``[x1, y1, x2, y2]`` in the same units."""
+    x, y, w, h = (float(v) for v in box)
+    return [x, y, x + w, y + h]
+
+
+def normalize_box(box_xyxy: Sequence[float], width: float, height: float) -> list[float]:
+    """Pixels -> [0, 1], clamped to the image."""
+    x1, y1, x2, y2 = (float(v) for v in box_xyxy)
+    clamp = lambda v: min(max(v, 0.0), 1.0)  # noqa: E731
+    return [clamp(x1 / width), clamp(y1 / height), clamp(x2 / width), clamp(y2 / height)]
+
+
+def denormalize_box(box_norm: Sequence[float], width: float, height: float) -> list[float]:
+    """[0, 1] -> pixels of an image of the given size."""
+    x1, y1, x2, y2 = (float(v) for v in box_norm)
+    return [x1 * width, y1 * height, x2 * width, y2 * height]

@@ -1,0 +1,103 @@
+"""The two roles as batched generation: the describer captions boxes, the locator grounds captions.
+
+These functions take an *unwrapped* model (the trainer gathers ZeRO-3 shards around them) and never
+compute gradients. The trainer, the evaluator and the benchmark all call them, so a cycle is the same
+computation everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from sc_tune.adapters.base import ImageInputs, ModelAdapter, PromptBatch
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How one role decodes. Greedy unless ``do_sample``."""
+
+    max_new_tokens: int
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    top_k: int | None = None
+    top_p: float | None = None
+    temperature: float = 1.0
+
+    def generate_kwargs(self) -> dict:
+        kwargs = {"max_new_tokens": self.max_new_tokens, "min_new_tokens": self.min_new_tokens,
+                  "do_sample": self.do_sample, "num_beams": 1}
+        if self.do_sample:
+            kwargs.update(top_k=self.top_k, top_p=self.top_p, temperature=self.temperature)
+        else:  # do not let a checkpoint's generation_config.json sneak sampling knobs into greedy decoding
+            kwargs.update(top_k=None, top_p=None, temperature=None)
+        return kwargs
+
+
+@dataclass
+class Completions:
+    """Generated continuations of a prompt batch."""
+
+    ids_BT: torch.Tensor  # new tokens; positions after the first end token hold padding
+    mask_BT: torch.Tensor  # 1 on new tokens up to and including the first end token
+    texts: list[str]
+
+
+@dataclass
+class Cycle:
+    """Describer -> locator for a batch of boxes: the captions, the re-grounded boxes and their text."""
+
+    describer_batch: PromptBatch
+    captions: Completions
+    boxes: list[list[float] | None]  # None where the locator's text held no box (a parse failure)
+    locator_texts: list[str]
+
+
+def completion_mask(ids_BT: torch.Tensor, end_token_ids: Sequence[int]) -> torch.Tensor:
+    """1 up to and including the first end token of each row, 0 after it."""
+    is_end_BT = torch.isin(ids_BT, torch.tensor(list(end_token_ids), device=ids_BT.device))
+    ended_before_BT = (is_end_BT.cumsum(dim=1) - is_end_BT.long()) > 0
+    return (~ended_before_BT).long()
+
+
+@torch.no_grad()
+def generate(model, adapter: ModelAdapter, batch: PromptBatch, settings: GenerationSettings,
+             skip_special_tokens: bool) -> Completions:
+    """Batched ``generate`` on a left-padded batch; pads everything after each row's first end token."""
+    device = next(model.parameters()).device
+    inputs = batch.to(device).inputs
+    sequences = model.generate(**inputs, **settings.generate_kwargs(), **adapter.generation_kwargs())
+    ids_BT = sequences[:, inputs["input_ids"].shape[1] :]
+    mask_BT = completion_mask(ids_BT, adapter.end_token_ids)
+    ids_BT = torch.where(mask_BT.bool(), ids_BT, torch.full_like(ids_BT, adapter.pad_token_id))
+    decode = adapter.decode_caption if skip_special_tokens else adapter.decode
+    texts = [decode(row[mask.bool()].tolist()) for row, mask in zip(ids_BT, mask_BT)]
+    return Completions(ids_BT, mask_BT, texts)
+
+
+def describe(model, adapter: ModelAdapter, images: Sequence[ImageInputs], boxes_norm: Sequence[Sequence[float]],
+             settings: GenerationSettings) -> tuple[PromptBatch, Completions]:
+    """Caption each box; ``Completions.texts`` are the captions, special tokens removed."""
+    prompts = [adapter.describer_prompt(box, image) for box, image in zip(boxes_norm, images)]
+    batch = adapter.build_batch(prompts, images)
+    return batch, generate(model, adapter, batch, settings, skip_special_tokens=True)
+
+
+def locate(model, adapter: ModelAdapter, images: Sequence[ImageInputs], captions: Sequence[str],
+           settings: GenerationSettings) -> tuple[list[list[float] | None], list[str]]:
+    """Ground each caption; returns normalised boxes (``None`` on a parse failure) and the raw texts."""
+    batch = adapter.build_batch([adapter.locator_prompt(c, im) for c, im in zip(captions, images)], images)
+    completions = generate(model, adapter, batch, settings, skip_special_tokens=False)
+    boxes = [adapter.parse_locator_output(text, im) for text, im in zip(completions.texts, images)]
+    return boxes, completions.texts
+
+
+def cycle(describer, locator, adapter: ModelAdapter, images: Sequence[ImageInputs],
+          boxes_norm: Sequence[Sequence[float]], describe_settings: GenerationSettings,
+          locate_settings: GenerationSettings) -> Cycle:
+    """One describer -> locator cycle; ``describer`` and ``locator`` may be the same model."""
+    batch, captions = describe(describer, adapter, images, boxes_norm, describe_settings)
+    boxes, texts = locate(locator, adapter, images, captions.texts, locate_settings)
+    return Cycle(batch, captions, boxes, texts)

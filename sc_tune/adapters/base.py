@@ -57,8 +57,19 @@ class ModelAdapter(ABC):
     # (filled with ``0``, which marks text), e.g. ``mm_token_type_ids`` on transformers 5.
     per_token_keys: tuple[str, ...] = ()
 
+    # Module-name prefixes used by ``fix_vit`` and LoRA (names as in the model's state dict).
+    vision_prefix: str = ""  # the whole vision tower, frozen by ``fix_vit``...
+    vision_trainable_prefixes: tuple[str, ...] = ()  # ...except these (the resampler / merger)
+    # PEFT ``target_modules``: a regex matched against full module names (language model only).
+    lora_target_modules: str = ""
+
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
+
+    @classmethod
+    @abstractmethod
+    def from_pretrained(cls, path: str) -> ModelAdapter:
+        """Load the tokenizer (and image processor) saved in a checkpoint folder."""
 
     # ---------------------------------------------------------------- prompts and targets (text)
     @abstractmethod

@@ -26,6 +26,16 @@ def _turn(user_text: str) -> str:
 
 class _QwenChatVLAdapter(ModelAdapter):
     per_token_keys = ("mm_token_type_ids",)
+    vision_prefix = "model.visual"
+    vision_trainable_prefixes = ("model.visual.merger", "model.visual.deepstack_merger_list")
+    lora_target_modules = r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+    @classmethod
+    def from_pretrained(cls, path):
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+        return cls(tokenizer, AutoImageProcessor.from_pretrained(path))
 
     def __init__(self, tokenizer, image_processor):
         super().__init__(tokenizer)

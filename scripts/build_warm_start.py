@@ -1,0 +1,34 @@
+"""Build the benchmark's warm start: a tiny Qwen3-VL trained from scratch on the shapes dataset.
+
+Deterministic from ``--seed``. The committed ``checkpoints/warm_start`` was made with
+
+    nice -n 10 python scripts/build_warm_start.py --output_dir outputs/warm_start --seed 0 --max_steps 12000
+
+on 2 CPU threads; then the chosen ``outputs/warm_start/step_<n>`` was copied to ``checkpoints/warm_start``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sc_tune.synthetic.warm_start import WarmStartConfig, train_warm_start  # noqa: E402
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", required=True)
+    for f in dataclasses.fields(WarmStartConfig):
+        parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
+    args = parser.parse_args(argv)
+    cfg = WarmStartConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(WarmStartConfig)})
+    final = train_warm_start(cfg, args.output_dir, log=lambda line: print(line, flush=True))
+    print("final", final, flush=True)
+
+
+if __name__ == "__main__":
+    main()

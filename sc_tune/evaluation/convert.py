@@ -1,0 +1,223 @@
+"""Converters from the public annotation files to the evaluation formats. Bad records raise an error that
+names the file, the record index and the field.
+
+- ``refer-rec``: the refer toolkit's ``refs(unc).p`` / ``refs(umd).p`` / ``refs(google).p`` plus its
+  ``instances.json`` (RefCOCO, RefCOCO+, RefCOCOg) -> Qwen-VL evaluate_grounding JSONL, one line per
+  sentence: ``{"image", "sent", "bbox": [x1, y1, x2, y2] pixels, "width", "height"}``;
+- ``refer-regions``: the same files -> region-caption records, one per referred object, its sentences as
+  references: ``{"image", "bbox": normalised xyxy, "captions": [...]}``;
+- ``coco-regions``: a COCO-caption-style JSON whose annotations carry a pixel ``bbox`` ([x, y, w, h])
+  and a ``caption`` (or ``captions``) -> region-caption records, annotations of the same box merged.
+
+Usage: ``python -m sc_tune.evaluation.convert refer-rec --refs 'refcoco/refs(unc).p'
+--instances refcoco/instances.json --split val --image-prefix train2014/ --out data/refcoco_val.jsonl``.
+
+``refs(*).p`` is a Python pickle: only convert files you downloaded from a source you trust.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+from collections.abc import Sequence
+
+from sc_tune.boxes import normalize_box, xywh_to_xyxy
+from sc_tune.evaluation.records import RecordError, check_rec_samples, check_region_caption_records
+
+REFER_SPLITS = ("train", "val", "test", "testA", "testB")
+
+
+def _need(record, key: str, where: str):
+    if not isinstance(record, dict):
+        raise RecordError(f"{where}: expected an object, got {type(record).__name__}")
+    if key not in record:
+        raise RecordError(f"{where}: missing field {key!r}")
+    return record[key]
+
+
+def _xywh(value, where: str, key: str = "bbox") -> list[float]:
+    if not isinstance(value, (list, tuple)) or len(value) != 4 or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+    ):
+        raise RecordError(f"{where}: field {key!r} must be [x, y, w, h] in pixels, got {value!r}")
+    if value[2] < 0 or value[3] < 0:
+        raise RecordError(f"{where}: field {key!r} has a negative width or height: {value!r}")
+    return [float(v) for v in value]
+
+
+def _image_table(data: dict, path: str) -> dict:
+    """COCO ``images`` list -> {id: image record}, checked."""
+    images = _need(data, "images", path)
+    table = {}
+    for i, image in enumerate(images):
+        where = f"{path}: images[{i}]"
+        image_id = _need(image, "id", where)
+        for key in ("file_name", "width", "height"):
+            _need(image, key, where)
+        if not (isinstance(image["width"], (int, float)) and isinstance(image["height"], (int, float))
+                and image["width"] > 0 and image["height"] > 0):
+            raise RecordError(f"{where}: fields 'width' and 'height' must be positive numbers")
+        table[image_id] = image
+    return table
+
+
+def load_json(path) -> dict:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise RecordError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_refs(path) -> list[dict]:
+    """The refer toolkit's refs pickle (written by Python 2; latin-1 decodes its byte strings)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        try:
+            refs = pickle.load(f, encoding="latin1")
+        except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a refs file"
+            raise RecordError(f"{path}: not a refer refs pickle ({type(e).__name__}: {e})") from None
+    if not isinstance(refs, list):
+        raise RecordError(f"{path}: expected a list of refs, got {type(refs).__name__}")
+    return refs
+
+
+def _refer_objects(refs_path, instances_path, split: str):
+    """(ref, where, image record, xyxy pixel box) for each ref of ``split``."""
+    if split not in REFER_SPLITS:
+        raise ValueError(f"split must be one of {REFER_SPLITS}, got {split!r}")
+    refs = load_refs(refs_path)
+    instances_path = os.fspath(instances_path)
+    instances = load_json(instances_path)
+    images = _image_table(instances, instances_path)
+    annotations = {}
+    for i, ann in enumerate(_need(instances, "annotations", instances_path)):
+        annotations[_need(ann, "id", f"{instances_path}: annotations[{i}]")] = (i, ann)
+    found = 0
+    for r, ref in enumerate(refs):
+        where = f"{os.fspath(refs_path)}: ref {r}"
+        if _need(ref, "split", where) != split:
+            continue
+        found += 1
+        ann_id = _need(ref, "ann_id", where)
+        if ann_id not in annotations:
+            raise RecordError(f"{where}: field 'ann_id' = {ann_id!r} is not in {instances_path}")
+        a, ann = annotations[ann_id]
+        image_id = _need(ann, "image_id", f"{instances_path}: annotations[{a}]")
+        if image_id not in images:
+            raise RecordError(f"{instances_path}: annotations[{a}]: field 'image_id' = {image_id!r} has no image")
+        box = xywh_to_xyxy(_xywh(_need(ann, "bbox", f"{instances_path}: annotations[{a}]"),
+                                 f"{instances_path}: annotations[{a}]"))
+        yield ref, where, images[image_id], box
+    if found == 0:
+        raise RecordError(f"{os.fspath(refs_path)}: no ref has split {split!r}")
+
+
+def _sentences(ref, where: str, field: str) -> list[str]:
+    sentences = _need(ref, "sentences", where)
+    if not isinstance(sentences, list) or not sentences:
+        raise RecordError(f"{where}: field 'sentences' must be a non-empty list")
+    texts = []
+    for s, sentence in enumerate(sentences):
+        text = _need(sentence, field, f"{where}: sentences[{s}]")
+        if not isinstance(text, str) or not text.strip():
+            raise RecordError(f"{where}: sentences[{s}]: field {field!r} must be a non-empty string")
+        texts.append(text.strip())
+    return texts
+
+
+def refer_to_rec(refs_path, instances_path, split: str, image_prefix: str = "",
+                 sentence_field: str = "sent") -> list[dict]:
+    """RefCOCO/+/g refs of ``split`` -> evaluate_grounding samples, one per sentence."""
+    samples = []
+    for ref, where, image, box in _refer_objects(refs_path, instances_path, split):
+        for text in _sentences(ref, where, sentence_field):
+            samples.append({"image": image_prefix + image["file_name"], "sent": text, "bbox": box,
+                            "width": image["width"], "height": image["height"]})
+    return check_rec_samples(samples, f"converted {os.fspath(refs_path)}")
+
+
+def refer_to_region_captions(refs_path, instances_path, split: str, image_prefix: str = "",
+                             sentence_field: str = "sent") -> list[dict]:
+    """RefCOCO/+/g refs of ``split`` -> region-caption records (the ref's sentences as references)."""
+    records = []
+    for ref, where, image, box in _refer_objects(refs_path, instances_path, split):
+        records.append({"image": image_prefix + image["file_name"],
+                        "bbox": normalize_box(box, image["width"], image["height"]),
+                        "captions": _sentences(ref, where, sentence_field)})
+    return check_region_caption_records(records, f"converted {os.fspath(refs_path)}")
+
+
+def coco_regions_to_region_captions(path, image_prefix: str = "") -> list[dict]:
+    """COCO-caption-style JSON with per-annotation pixel boxes -> region-caption records."""
+    path = os.fspath(path)
+    data = load_json(path)
+    images = _image_table(data, path)
+    grouped: dict = {}
+    for i, ann in enumerate(_need(data, "annotations", path)):
+        where = f"{path}: annotations[{i}]"
+        image_id = _need(ann, "image_id", where)
+        if image_id not in images:
+            raise RecordError(f"{where}: field 'image_id' = {image_id!r} is not in 'images'")
+        box = _xywh(_need(ann, "bbox", where), where)
+        if "captions" in ann:
+            captions = ann["captions"]
+        elif "caption" in ann:
+            captions = [ann["caption"]]
+        else:
+            raise RecordError(f"{where}: missing field 'caption' (or 'captions')")
+        if not isinstance(captions, list) or not all(isinstance(c, str) and c.strip() for c in captions):
+            raise RecordError(f"{where}: captions must be non-empty strings, got {captions!r}")
+        grouped.setdefault((image_id, tuple(box)), []).extend(c.strip() for c in captions)
+    records = []
+    for (image_id, box), captions in grouped.items():
+        image = images[image_id]
+        records.append({"image": image_prefix + image["file_name"],
+                        "bbox": normalize_box(xywh_to_xyxy(box), image["width"], image["height"]),
+                        "captions": captions})
+    return check_region_caption_records(records, f"converted {path}")
+
+
+def write_jsonl(records: Sequence[dict], path) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("refer-rec", "refer-regions"):
+        p = sub.add_parser(name)
+        p.add_argument("--refs", required=True, help="refs(unc).p, refs(umd).p or refs(google).p")
+        p.add_argument("--instances", required=True, help="the instances.json next to it")
+        p.add_argument("--split", required=True, choices=REFER_SPLITS)
+        p.add_argument("--sentence-field", default="sent", choices=("sent", "raw"),
+                       help="'sent' (lower-cased, tokenised; what Qwen-VL's files use) or 'raw'")
+    p = sub.add_parser("coco-regions")
+    p.add_argument("--annotations", required=True)
+    for p in sub.choices.values():
+        p.add_argument("--image-prefix", default="", help="prepended to file_name, e.g. 'train2014/'")
+        p.add_argument("--out", required=True, help="output .jsonl")
+    args = parser.parse_args(argv)
+    if args.command == "refer-rec":
+        records = refer_to_rec(args.refs, args.instances, args.split, args.image_prefix, args.sentence_field)
+    elif args.command == "refer-regions":
+        records = refer_to_region_captions(args.refs, args.instances, args.split, args.image_prefix,
+                                           args.sentence_field)
+    else:
+        records = coco_regions_to_region_captions(args.annotations, args.image_prefix)
+    write_jsonl(records, args.out)
+    print(f"wrote {len(records)} records to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

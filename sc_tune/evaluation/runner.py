@@ -1,0 +1,55 @@
+"""The loop every evaluation shares: shard the samples, score them in batches, gather in index order."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from sc_tune.evaluation.distributed import Ranks, current_ranks, gather_by_index, shard_indices
+from sc_tune.rollout import GenerationSettings
+
+logger = logging.getLogger(__name__)
+
+# Evaluation decodes greedily with the training lengths (describer 30 new tokens, locator 20), but lets
+# the describer stop at once: min_new_tokens=3 is a training-time guard, not part of the model's answer.
+DESCRIBE_EVAL = GenerationSettings(max_new_tokens=30, min_new_tokens=0)
+LOCATE_EVAL = GenerationSettings(max_new_tokens=20, min_new_tokens=0)
+
+
+@contextlib.contextmanager
+def eval_mode(*models):
+    """Put models in eval mode and restore each one's previous mode (callers may be mid-training)."""
+    unique = list({id(m): m for m in models if m is not None}.values())
+    was_training = [m.training for m in unique]
+    for m in unique:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, training in zip(unique, was_training):
+            m.train(training)
+
+
+def run_sharded(num_samples: int, batch_size: int, score_batch: Callable[[Sequence[int]], list],
+                distributed: bool | None = None, name: str = "evaluation") -> tuple[list, Ranks]:
+    """Call ``score_batch(indices) -> one result per index`` over this rank's shard; all results, in order.
+
+    Every rank returns the full list (see :func:`sc_tune.evaluation.distributed.gather_by_index`).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    ranks = current_ranks(distributed)
+    indices = shard_indices(num_samples, ranks)
+    local, started = [], time.monotonic()
+    num_batches = (len(indices) + batch_size - 1) // batch_size
+    for b, start in enumerate(range(0, len(indices), batch_size)):
+        batch_indices = indices[start : start + batch_size]
+        results = score_batch(batch_indices)
+        if len(results) != len(batch_indices):
+            raise RuntimeError(f"{name}: scored {len(results)} results for a batch of {len(batch_indices)}")
+        local.extend(zip(batch_indices, results))
+        if ranks.is_main and (b + 1) % 10 == 0:
+            logger.info("%s: rank 0 batch %d/%d (%.1fs)", name, b + 1, num_batches, time.monotonic() - started)
+    return gather_by_index(local, num_samples, ranks), ranks

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from sc_tune.adapters.base import ImageInputs, ModelAdapter, PromptBatch
 from sc_tune.adapters.qwen2_vl import Qwen2VLAdapter, Qwen3VLAdapter, Qwen25VLAdapter
+from sc_tune.adapters.qwen_vl import QwenVLAdapter
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
+    "qwen": QwenVLAdapter,
     "qwen2_vl": Qwen2VLAdapter,
     "qwen2_5_vl": Qwen25VLAdapter,
     "qwen3_vl": Qwen3VLAdapter,

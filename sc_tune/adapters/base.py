@@ -71,6 +71,13 @@ class ModelAdapter(ABC):
     def from_pretrained(cls, path: str) -> ModelAdapter:
         """Load the tokenizer (and image processor) saved in a checkpoint folder."""
 
+    def save_pretrained(self, directory: str) -> None:
+        """Write the tokenizer (and image processor) next to saved weights, so the folder reloads."""
+        self.tokenizer.save_pretrained(directory)
+        image_processor = getattr(self, "image_processor", None)
+        if image_processor is not None:
+            image_processor.save_pretrained(directory)
+
     # ---------------------------------------------------------------- prompts and targets (text)
     @abstractmethod
     def describer_prompt(self, box_norm: Sequence[float], image: ImageInputs) -> str:

@@ -157,3 +157,29 @@ def caption_corpus() -> list[str]:
     """Every caption the dataset can produce (the tiny tokenizer is trained on it: one token per word)."""
     full = [f"the {c} {k}" for c in COLOURS for k in KINDS]
     return full + [f"the {k}" for k in KINDS]
+
+
+def write_dataset(root: str | Path, seed: int = 0, train_images: int = 2000, heldout_images: int = 400,
+                  spec: ShapesSpec = ShapesSpec()) -> dict:
+    """Both splits under ``root`` (``train.json``, ``heldout.json``, their ``_rec.jsonl`` and PNGs)."""
+    summary = {"seed": seed, "spec": spec.__dict__,
+               "train": write_split(root, "train", train_images, seed, spec),
+               "heldout": write_split(root, "heldout", heldout_images, seed, spec)}
+    Path(root, "dataset.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write the synthetic shapes referring dataset.")
+    parser.add_argument("--root", required=True, help="output folder (images and annotation files)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train_images", type=int, default=2000)
+    parser.add_argument("--heldout_images", type=int, default=400)
+    args = parser.parse_args(argv)
+    print(json.dumps(write_dataset(args.root, args.seed, args.train_images, args.heldout_images)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""SC-Tune entry point: parse arguments, build model, data and trainer, train, export.
+
+    torchrun --nproc_per_node 8 finetune.py --model_name_or_path Qwen-VL-Chat \
+        --data_path data/object365.json --image_folder /data/objects365 --output_dir output_qwen \
+        --bf16 True --deepspeed scripts/ds_config_zero2.json
+
+`python finetune.py --help` lists every knob; scripts/finetune_ds.sh sets the reference's values.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from transformers import HfArgumentParser
+
+from sc_tune.arguments import DataArguments, LoraArguments, ModelArguments, SCTuneConfig
+from sc_tune.data import ReferringDataset
+from sc_tune.export import export_trained
+from sc_tune.modeling import apply_lora, freeze_vision_tower, load_model_and_adapter, qlora_quantization_config
+from sc_tune.trainer import SCTuneTrainer
+
+logger = logging.getLogger("sc_tune")
+
+
+def main(argv: list[str] | None = None) -> SCTuneTrainer:
+    parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, SCTuneConfig))
+    model_args, data_args, lora_args, args = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(level=logging.INFO if args.process_index == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    if args.deepspeed and os.environ.get("WORLD_SIZE") and not torch.distributed.is_initialized():
+        # ZeRO-3 partitions weights while from_pretrained runs, so the process group must exist first
+        # (feasibility.md §4); gloo on CPU, nccl on GPU.
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    quantization = qlora_quantization_config(dtype) if lora_args.q_lora else None
+    if lora_args.q_lora and not lora_args.use_lora:
+        raise ValueError("--q_lora needs --use_lora")
+    model, adapter = load_model_and_adapter(model_args.model_name_or_path, dtype=dtype, quantization_config=quantization)
+    if model_args.fix_vit:
+        frozen = freeze_vision_tower(model, adapter)
+        logger.info("fix_vit: froze %.1fM vision parameters (resampler/merger stays trainable)", frozen / 1e6)
+    if args.gradient_checkpointing:
+        model.config.use_cache = False
+    if lora_args.use_lora:
+        model = apply_lora(model, adapter, lora_args, args.gradient_checkpointing)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("trainable parameters: %.2fM of %.2fM", trainable / 1e6, sum(p.numel() for p in model.parameters()) / 1e6)
+
+    dataset = ReferringDataset.from_file(data_args.data_path, data_args.image_folder, data_args.skip_bad_records)
+    logger.info("%d referring samples from %s", len(dataset), data_args.data_path)
+    trainer = SCTuneTrainer(model=model, args=args, adapter=adapter, train_dataset=dataset)
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.save_state()
+    export_trained(trainer, args.output_dir, model_args.model_name_or_path, lora_args.use_lora)
+    return trainer
+
+
+if __name__ == "__main__":
+    main()

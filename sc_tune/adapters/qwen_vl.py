@@ -1,0 +1,79 @@
+"""Adapter for Qwen-VL / Qwen-VL-Chat, the paper's model, on the native implementation in sc_tune.models.
+
+Prompts are raw Qwen-VL grounding text, as in the reference release (no ChatML, no system prompt):
+
+- describer: ``<img></img><ref>This</ref><box>(x1,y1),(x2,y2)</box> is`` -> caption, ``<|endoftext|>``;
+- locator: ``<img></img><ref>CAPTION</ref><box>`` -> ``(x1,y1),(x2,y2)</box><|endoftext|>``.
+
+The tokenizer expands ``<img></img>`` to ``<img>`` + ``n_queries`` placeholders + ``</img>`` (the reference
+put a dummy path there; the model overwrites those positions with image features either way). Pixels
+travel separately as ``images`` ``(N, 3, S, S)``, prepared once per sample.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from sc_tune.adapters.base import ImageInputs, ModelAdapter
+from sc_tune.box_codecs import PairGridCodec
+from sc_tune.models.qwen_vl.configuration import QWenConfig
+from sc_tune.models.qwen_vl.image_processing import QWenVLImageProcessor
+from sc_tune.models.qwen_vl.tokenization import QWenTokenizer
+
+IMAGE_TAG = "<img></img>"
+IMAGE_TOKENS = ("<img>", "</img>", "<imgpad>")
+
+
+class QwenVLAdapter(ModelAdapter):
+    codec = PairGridCodec(scale=999)
+    vision_prefix = "transformer.visual"
+    vision_trainable_prefixes = ("transformer.visual.attn_pool",)
+    lora_target_modules = r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.w1|mlp\.w2)"
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> QwenVLAdapter:
+        config_path = os.path.join(path, "config.json")
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"{config_path} not found: not a Qwen-VL checkpoint folder")
+        with open(config_path, encoding="utf8") as f:
+            config = QWenConfig(**{k: v for k, v in json.load(f).items() if k not in ("auto_map",)})
+        tokenizer = QWenTokenizer.from_pretrained(path, image_token_span=config.image_queries)
+        return cls(tokenizer, QWenVLImageProcessor.from_config(config))
+
+    def __init__(self, tokenizer: QWenTokenizer, image_processor: QWenVLImageProcessor):
+        super().__init__(tokenizer)
+        self.image_processor = image_processor
+        self.img_start_id = tokenizer.convert_tokens_to_ids("<img>")
+
+    @property
+    def end_text(self) -> str:
+        return "<|endoftext|>"
+
+    def suppressed_token_ids(self) -> list[int]:
+        return [self.tokenizer.convert_tokens_to_ids(t) for t in IMAGE_TOKENS]
+
+    def describer_prompt(self, box_norm, image):
+        return f"{IMAGE_TAG}<ref>This</ref><box>{self.codec.format(box_norm, image.frame)}</box> is"
+
+    def locator_prompt(self, caption, image):
+        return f"{IMAGE_TAG}<ref>{caption}</ref><box>"
+
+    def locator_target(self, box_norm, image):
+        return f"{self.codec.format(box_norm, image.frame)}</box>{self.end_text}"
+
+    def prepare_image(self, image) -> ImageInputs:
+        pixels_13HW = self.image_processor(image)
+        size = self.image_processor.image_size
+        return ImageInputs({"images": pixels_13HW}, self.tokenizer.image_token_span, (size, size))
+
+    def encode_prompt(self, text, image):
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if ids.count(self.img_start_id) != 1:
+            raise ValueError(f"a Qwen-VL prompt must hold exactly one <img>...</img> span: {text!r}")
+        return ids
+
+    def image_batch(self, images, input_ids):
+        return {"images": torch.cat([im.tensors["images"] for im in images], dim=0)}

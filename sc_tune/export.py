@@ -1,0 +1,72 @@
+"""Writing the trained model as a plain checkpoint folder the family's own demos load.
+
+Full fine-tuning: the Trainer's ``save_model`` (which gathers ZeRO-3 shards into 16-bit weights when
+``stage3_gather_16bit_weights_on_model_save`` is on) plus the tokenizer/processor. LoRA: the adapter is
+saved, then merged into a fresh copy of the base model on CPU (``merge_lora``, also a command). Families
+that need more (Qwen-VL: its generation config and remote-code files) hook in through
+``finalize_export``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+import torch
+
+from sc_tune.modeling import load_model_and_adapter, read_model_type
+from sc_tune.snapshot import SNAPSHOT_ADAPTER
+
+logger = logging.getLogger(__name__)
+
+
+def finalize_export(output_dir: str, source_dir: str) -> None:
+    """Family-specific files next to the weights (Qwen-VL: generation config, remote code, tokenizer)."""
+    if read_model_type(source_dir) == "qwen":
+        from sc_tune.models.qwen_vl.export import finalize_export as finalize_qwen_vl
+
+        finalize_qwen_vl(output_dir, source_dir)
+
+
+def merge_lora(base_dir: str, adapter_dir: str, output_dir: str, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Merge a saved LoRA adapter into its base model and write a full checkpoint folder."""
+    from peft import PeftModel
+
+    base, adapter = load_model_and_adapter(base_dir, dtype=dtype)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged.save_pretrained(output_dir)
+    adapter.save_pretrained(output_dir)
+    finalize_export(output_dir, base_dir)
+
+
+def export_trained(trainer, output_dir: str, source_dir: str, use_lora: bool) -> str:
+    """Save the trained policy (never the snapshot) to ``output_dir``; returns the loadable folder."""
+    model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
+    if use_lora and SNAPSHOT_ADAPTER in getattr(model, "peft_config", {}):
+        model.delete_adapter(SNAPSHOT_ADAPTER)
+    adapter_dir = os.path.join(output_dir, "lora_adapter") if use_lora else output_dir
+    trainer.save_model(adapter_dir)
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        if use_lora:
+            merge_lora(source_dir, adapter_dir, output_dir, dtype=next(model.parameters()).dtype)
+        else:
+            finalize_export(output_dir, source_dir)
+    trainer.accelerator.wait_for_everyone()
+    return output_dir
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Merge a LoRA adapter saved by finetune.py into its base model.")
+    parser.add_argument("--base", required=True, help="the base checkpoint folder the adapter was trained on")
+    parser.add_argument("--adapter", required=True, help="folder with adapter_config.json (output_dir/lora_adapter)")
+    parser.add_argument("--output", required=True, help="where to write the merged checkpoint")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    args = parser.parse_args()
+    merge_lora(args.base, args.adapter, args.output, getattr(torch, args.dtype))
+    print(f"merged {args.adapter} into {args.base} -> {args.output}")
+
+
+if __name__ == "__main__":
+    main()

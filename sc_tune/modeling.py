@@ -1,0 +1,95 @@
+"""Loading a checkpoint folder into (model, adapter), freezing the vision tower, and LoRA/QLoRA."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+
+from sc_tune.adapters import ModelAdapter, adapter_class
+
+logger = logging.getLogger(__name__)
+
+
+def read_model_type(path: str) -> str:
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(
+            f"{config_path} not found: download the checkpoint into {path} first (see Qwen-VL-Chat/README.md); "
+            "SC-Tune never loads weights from a hub at run time"
+        )
+    with open(config_path) as f:
+        model_type = json.load(f).get("model_type")
+    if model_type is None:
+        raise ValueError(f"{config_path}: field 'model_type' is missing")
+    return model_type
+
+
+def model_class(model_type: str):
+    if model_type == "qwen":  # Qwen-VL / Qwen-VL-Chat, implemented natively in this project
+        from sc_tune.models.qwen_vl import QWenLMHeadModel
+
+        return QWenLMHeadModel
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText
+
+
+def load_model_and_adapter(
+    path: str, dtype: torch.dtype = torch.float32, quantization_config=None, **kwargs
+) -> tuple[torch.nn.Module, ModelAdapter]:
+    """Load a checkpoint folder from disk (never from a hub) and the adapter of its family."""
+    model_type = read_model_type(path)
+    adapter = adapter_class(model_type).from_pretrained(path)
+    model = model_class(model_type).from_pretrained(
+        path, dtype=dtype, quantization_config=quantization_config, local_files_only=True, **kwargs
+    )
+    return model, adapter
+
+
+def freeze_vision_tower(model: torch.nn.Module, adapter: ModelAdapter) -> int:
+    """``fix_vit``: freeze the vision tower except its resampler/merger. Returns the number frozen."""
+    if not adapter.vision_prefix:
+        raise ValueError(f"{type(adapter).__name__} does not name its vision tower")
+    frozen = 0
+    for name, param in model.named_parameters():
+        in_tower = name.startswith(adapter.vision_prefix + ".")
+        if in_tower and not any(name.startswith(p + ".") for p in adapter.vision_trainable_prefixes):
+            param.requires_grad_(False)
+            frozen += param.numel()
+    if frozen == 0:
+        raise ValueError(f"fix_vit froze nothing: no parameter starts with {adapter.vision_prefix!r}")
+    return frozen
+
+
+def apply_lora(model: torch.nn.Module, adapter: ModelAdapter, lora_args, gradient_checkpointing: bool):
+    """Wrap ``model`` in PEFT LoRA on the family's LM projections (QLoRA: model loaded in 4 bit)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if lora_args.q_lora:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    config = LoraConfig(
+        r=lora_args.lora_r,
+        lora_alpha=lora_args.lora_alpha,
+        lora_dropout=lora_args.lora_dropout,
+        target_modules=lora_args.lora_target_modules or adapter.lora_target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, config)
+    if gradient_checkpointing:
+        model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+    return model
+
+
+def qlora_quantization_config(dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=dtype,
+    )

@@ -1,0 +1,161 @@
+"""The frozen snapshot (the reference's ``old_model``): the weights at the start of the current phase.
+
+It plays four parts (method.md §1.1): the KL reference and the self-critical baseline of the describer,
+the frozen partner of whichever role trains, and the source of the locator's pseudo-label captions.
+
+Two implementations share one interface:
+
+- ``FullSnapshot``: a second copy of the model. Frozen parameters (the ViT under ``fix_vit``) are shared
+  with the policy instead of copied, since they never change. Under ZeRO-3 the copy is sharded like the
+  policy and a re-sync copies each rank's own partition, so no rank ever holds the full model twice.
+- ``AdapterSnapshot``: with LoRA, the snapshot is a second, frozen adapter (``"snapshot"``) on the same
+  base model; a re-sync copies the adapter weights only.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+
+import torch
+from trl.models.utils import prepare_deepspeed, unwrap_model_for_generation
+
+SNAPSHOT_ADAPTER = "snapshot"
+POLICY_ADAPTER = "default"
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    """The tensor this rank owns: its ZeRO-3 partition, or the whole parameter."""
+    return param.ds_tensor if hasattr(param, "ds_tensor") else param.data
+
+
+class Snapshot(ABC):
+    @abstractmethod
+    @contextmanager
+    def generating(self):
+        """Yields a module to call ``generate`` on (ZeRO-3 shards gathered once for the whole call)."""
+
+    @abstractmethod
+    @contextmanager
+    def scoring(self):
+        """Yields a module for a no-grad teacher-forced forward."""
+
+    @abstractmethod
+    def _pairs(self):
+        """(snapshot tensor, policy tensor) pairs of everything a sync copies, this rank's part only."""
+
+    @abstractmethod
+    def named_local_tensors(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint must store to restore the snapshot (this rank's part)."""
+
+    @torch.no_grad()
+    def sync_from_policy(self) -> None:
+        for snapshot_tensor, policy_tensor in self._pairs():
+            snapshot_tensor.copy_(policy_tensor)
+
+    @torch.no_grad()
+    def load_local_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        own = self.named_local_tensors()
+        missing, unexpected = own.keys() - tensors.keys(), tensors.keys() - own.keys()
+        if missing or unexpected:
+            raise ValueError(f"snapshot checkpoint does not match the model: missing {sorted(missing)[:5]}, "
+                             f"unexpected {sorted(unexpected)[:5]}")
+        for name, tensor in own.items():
+            tensor.copy_(tensors[name])
+
+
+class FullSnapshot(Snapshot):
+    def __init__(self, policy: torch.nn.Module, accelerator, zero3: bool, device: torch.device):
+        self.accelerator = accelerator
+        self.policy = policy  # the unwrapped policy; its parameters are updated in place by the optimizer
+        self.zero3 = zero3
+        if zero3:
+            # Built sharded (transformers wraps from_config in zero.Init under ZeRO-3); weights come from the
+            # first sync, so nothing is loaded from disk twice.
+            dtype = next(policy.parameters()).dtype
+            module = type(policy)._from_config(policy.config, dtype=dtype)
+            self.engine = prepare_deepspeed(module, accelerator)
+            self.module = self.engine.module
+        else:
+            frozen = {id(p): p for p in policy.parameters() if not p.requires_grad}
+            self.module = copy.deepcopy(policy, memo=frozen).to(device)
+            self.engine = self.module
+        self.module.eval()
+        self.module.requires_grad_(False)  # the shared parameters are frozen already
+
+    @contextmanager
+    def generating(self):
+        if self.zero3:
+            with unwrap_model_for_generation(self.engine, self.accelerator) as module:
+                yield module
+        else:
+            yield self.module
+
+    @contextmanager
+    def scoring(self):
+        yield self.engine
+
+    def _pairs(self):
+        policy_params = dict(self.policy.named_parameters())
+        for name, param in self.module.named_parameters():
+            source = policy_params[name]
+            if param is not source:
+                yield _local(param), _local(source)
+
+    def named_local_tensors(self):
+        policy_params = dict(self.policy.named_parameters())
+        return {n: _local(p) for n, p in self.module.named_parameters() if p is not policy_params[n]}
+
+
+@contextmanager
+def active_adapter(model: torch.nn.Module, name: str):
+    """Run LoRA layers with adapter ``name`` without touching ``requires_grad``.
+
+    PEFT's ``set_adapter`` also marks the chosen adapter trainable, which would unfreeze the snapshot
+    and freeze the policy mid-step; here only the layers' active-adapter pointer moves.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    previous = [m._active_adapter for m in layers]
+    for m in layers:
+        m._active_adapter = name
+    try:
+        yield model
+    finally:
+        for m, prev in zip(layers, previous):
+            m._active_adapter = prev
+
+
+class AdapterSnapshot(Snapshot):
+    def __init__(self, trainer):
+        self.trainer = trainer  # the policy engine exists only once training starts: look it up late
+        peft_model = trainer.model
+        peft_model.add_adapter(SNAPSHOT_ADAPTER, peft_model.peft_config[POLICY_ADAPTER])
+        for name, param in peft_model.named_parameters():
+            if f".{SNAPSHOT_ADAPTER}." in name:
+                param.requires_grad_(False)
+
+    @contextmanager
+    def generating(self):
+        with unwrap_model_for_generation(self.trainer.model_wrapped, self.trainer.accelerator) as module:
+            with active_adapter(module, SNAPSHOT_ADAPTER):
+                yield module
+
+    @contextmanager
+    def scoring(self):
+        with active_adapter(self.trainer.accelerator.unwrap_model(self.trainer.model_wrapped), SNAPSHOT_ADAPTER):
+            yield self.trainer.model_wrapped
+
+    def _params(self):
+        return dict(self.trainer.accelerator.unwrap_model(self.trainer.model_wrapped).named_parameters())
+
+    def _pairs(self):
+        params = self._params()
+        for name, param in params.items():
+            if f".{SNAPSHOT_ADAPTER}." in name:
+                yield _local(param), _local(params[name.replace(f".{SNAPSHOT_ADAPTER}.", f".{POLICY_ADAPTER}.")])
+
+    def named_local_tensors(self):
+        return {n: _local(p) for n, p in self._params().items() if f".{SNAPSHOT_ADAPTER}." in n}

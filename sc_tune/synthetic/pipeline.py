@@ -1,0 +1,132 @@
+"""The benchmark's steps as functions: data, SC-Tune (``finetune.py`` in a subprocess), evaluation, results.
+
+``scripts/quickstart.sh`` runs one SC-Tune seed; ``scripts/benchmark.py`` runs three seeds and the two
+ablations. Both start from the committed warm start ``checkpoints/warm_start`` and evaluate on the same
+held-out split, so their "before" row is the same.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from sc_tune.modeling import load_model_and_adapter
+from sc_tune.synthetic.evaluate import evaluate_benchmark, load_heldout
+from sc_tune.synthetic.shapes import write_dataset
+
+REPO = Path(__file__).resolve().parents[2]
+WARM_START = REPO / "checkpoints" / "warm_start"
+
+# SC-Tune hyperparameters of the benchmark (the reference defaults are for a 9.6B model: see
+# docs/benchmark.md for why each differs). Passed to finetune.py as flags; a variant appends overrides.
+SC_TUNE_ARGS = {
+    "per_device_train_batch_size": 32,
+    "caption_update_steps": 50,
+    "bbox_update_steps": 25,
+    "caption_lr": 3e-4,
+    "bbox_lr": 1e-4,
+    "kl_coef": 0.01,
+    "ppo_epochs": 2,
+    "describer_top_k": 0,
+    "describer_top_p": 1.0,
+    "describer_temperature": 1.0,
+    "describer_max_new_tokens": 8,
+    "describer_min_new_tokens": 3,
+    "locator_max_new_tokens": 32,
+    "locator_min_new_tokens": 3,
+    "weight_decay": 0.0,
+    "logging_steps": 10,
+    "save_steps": 100000,
+    "report_to": "none",
+}
+VARIANTS = {
+    "sc_tune": {},
+    "no_kl": {"kl_coef": 0.0},
+    "no_locator": {"bbox_update_steps": 0},
+}
+
+
+def make_data(root: str | Path, seed: int = 0, train_images: int = 2000, heldout_images: int = 400) -> dict:
+    """The shapes dataset (skipped when ``root/dataset.json`` says it was already written with these sizes)."""
+    summary_path = Path(root) / "dataset.json"
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        if (summary["seed"], summary["train"]["images"], summary["heldout"]["images"]) == (seed, train_images,
+                                                                                         heldout_images):
+            return summary
+    return write_dataset(root, seed, train_images, heldout_images)
+
+
+def final_checkpoint(output_dir: str | Path) -> Path:
+    """The folder ``finetune.py`` saved last: ``output_dir`` itself, else its newest ``checkpoint-<step>``."""
+    output_dir = Path(output_dir)
+    if (output_dir / "config.json").exists():
+        return output_dir
+    steps = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    if not steps:
+        raise FileNotFoundError(f"finetune.py left no checkpoint in {output_dir}")
+    return steps[-1]
+
+
+def sc_tune_command(model_path, data_root, output_dir, seed: int, max_steps: int, overrides: dict | None = None) -> list[str]:
+    args = dict(SC_TUNE_ARGS, **(overrides or {}))
+    command = [sys.executable, str(REPO / "finetune.py"), "--model_name_or_path", str(model_path),
+               "--data_path", str(Path(data_root) / "train.json"), "--image_folder", str(data_root),
+               "--output_dir", str(output_dir), "--max_steps", str(max_steps), "--seed", str(seed)]
+    for key, value in args.items():
+        command += [f"--{key}", str(value)]
+    return command
+
+
+def run_sc_tune(model_path, data_root, output_dir, seed: int, max_steps: int, overrides: dict | None = None,
+                threads: int = 2, log_path: str | Path | None = None) -> tuple[Path, float]:
+    """Run finetune.py and return (final checkpoint, wall seconds). Its output goes to ``log_path``."""
+    command = sc_tune_command(model_path, data_root, output_dir, seed, max_steps, overrides)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    log_path = Path(log_path or Path(output_dir) / "finetune.log")
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        log.write(" ".join(command) + "\n")
+        log.flush()
+        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    if result.returncode != 0:
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-30:])
+        raise RuntimeError(f"finetune.py failed with exit code {result.returncode}; last lines of {log_path}:\n{tail}")
+    return final_checkpoint(output_dir), time.perf_counter() - started
+
+
+def evaluate_checkpoint(path, data_root, limit: int | None = None, keep_rows: int = 0, threads: int = 2) -> dict:
+    torch.set_num_threads(threads)
+    model, adapter = load_model_and_adapter(str(path), dtype=torch.float32)
+    objects = load_heldout(data_root, adapter, limit=limit)
+    started = time.perf_counter()
+    metrics = evaluate_benchmark(model, adapter, objects, keep_rows=keep_rows)
+    metrics["eval_seconds"] = time.perf_counter() - started
+    return metrics
+
+
+def pick_figure_rows(before_rows: list[dict], after_rows: list[dict], count: int = 8) -> tuple[list, list]:
+    """Objects for the picture: ambiguous ones first (where captions matter), in data order."""
+    order = sorted(range(len(before_rows)), key=lambda i: (not before_rows[i]["ambiguous"], i))[:count]
+    return [before_rows[i] for i in order], [after_rows[i] for i in order]
+
+
+TABLE_KEYS = (("cycle_acc50", "cycle Acc@0.5"), ("cycle_acc50_ambiguous", "cycle Acc@0.5 (ambiguous)"),
+              ("cycle_iou", "cycle mean IoU"), ("cycle_parse_fail", "cycle parse failures"),
+              ("rec_acc50", "REC Acc@0.5"), ("caption_full", "full captions"), ("caption_terse", "terse captions"))
+
+
+def before_after_table(before: dict, after: dict) -> str:
+    lines = ["| metric (held-out, %d objects) | before (warm start) | after SC-Tune | change |" % before["objects"],
+             "| --- | --- | --- | --- |"]
+    for key, name in TABLE_KEYS:
+        lines.append(f"| {name} | {100 * before[key]:.1f} % | {100 * after[key]:.1f} % | "
+                     f"{100 * (after[key] - before[key]):+.1f} |")
+    return "\n".join(lines)

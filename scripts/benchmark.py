@@ -1,0 +1,107 @@
+"""The synthetic self-consistency benchmark: 3 SC-Tune seeds and two ablations, one table.
+
+    python scripts/benchmark.py --output_dir outputs/benchmark [--seeds 0 1 2] [--max_steps 600]
+
+Variants (all from the committed warm start ``checkpoints/warm_start``, same data and held-out split):
+
+- ``sc_tune``: the full method (describer and locator phases, KL penalty);
+- ``no_kl``: ``--kl_coef 0``;
+- ``no_locator``: describer only, ``--bbox_update_steps 0``.
+
+Writes ``results.json`` (every run's metrics) and ``results.md`` (the table, per seed and mean). A run
+whose ``after.json`` exists is not repeated, so an interrupted benchmark resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sc_tune.synthetic.pipeline import (VARIANTS, WARM_START, evaluate_checkpoint, make_data,  # noqa: E402
+                                        run_sc_tune)
+
+COLUMNS = (("cycle_acc50", "cycle Acc@0.5"), ("cycle_acc50_ambiguous", "cycle Acc@0.5 ambiguous"),
+           ("cycle_iou", "cycle IoU"), ("rec_acc50", "REC Acc@0.5"), ("caption_full", "full captions"))
+
+
+def cached(path: Path, compute):
+    if path.exists():
+        return json.loads(path.read_text())
+    value = compute()
+    value.pop("rows", None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=2))
+    return value
+
+
+def table(before: dict, runs: dict) -> str:
+    head = "| run | " + " | ".join(name for _, name in COLUMNS) + " | Δ cycle Acc@0.5 | Δ REC Acc@0.5 | SC-Tune min |"
+    lines = [head, "|" + " --- |" * (len(COLUMNS) + 4)]
+    lines.append("| warm start (before) | " + " | ".join(f"{100 * before[k]:.1f}" for k, _ in COLUMNS) + " | | | |")
+    for variant, by_seed in runs.items():
+        rows = list(by_seed.items())
+        for seed, run in rows:
+            m = run["after"]
+            lines.append(f"| {variant} seed {seed} | " + " | ".join(f"{100 * m[k]:.1f}" for k, _ in COLUMNS)
+                         + f" | {100 * (m['cycle_acc50'] - before['cycle_acc50']):+.1f}"
+                         + f" | {100 * (m['rec_acc50'] - before['rec_acc50']):+.1f} | {run['seconds'] / 60:.1f} |")
+        if len(rows) > 1:
+            mean = {k: statistics.mean(r["after"][k] for _, r in rows) for k, _ in COLUMNS}
+            sd = statistics.stdev(100 * r["after"]["cycle_acc50"] for _, r in rows)
+            lines.append(f"| **{variant} mean** | " + " | ".join(f"{100 * mean[k]:.1f}" for k, _ in COLUMNS)
+                         + f" | **{100 * (mean['cycle_acc50'] - before['cycle_acc50']):+.1f}** (sd {sd:.1f})"
+                         + f" | {100 * (mean['rec_acc50'] - before['rec_acc50']):+.1f} | |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", default="outputs/benchmark")
+    parser.add_argument("--warm_start", default=str(WARM_START))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--ablation_seeds", type=int, nargs="+", default=None,
+                        help="seeds of the ablations (default: the same as --seeds)")
+    parser.add_argument("--max_steps", type=int, default=600)
+    parser.add_argument("--data_seed", type=int, default=0)
+    parser.add_argument("--train_images", type=int, default=2000)
+    parser.add_argument("--heldout_images", type=int, default=400)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    out = Path(args.output_dir)
+    data_root = out / "data"
+    make_data(data_root, args.data_seed, args.train_images, args.heldout_images)
+    before = cached(out / "before.json", lambda: evaluate_checkpoint(args.warm_start, data_root, threads=args.threads))
+    runs: dict = {}
+    for variant in args.variants:
+        seeds = args.seeds if variant == "sc_tune" or args.ablation_seeds is None else args.ablation_seeds
+        for seed in seeds:
+            run_dir = out / variant / f"seed{seed}"
+            summary_path = run_dir / "run.json"
+            if not summary_path.exists():
+                started = time.perf_counter()
+                checkpoint, seconds = run_sc_tune(args.warm_start, data_root, run_dir / "model", seed, args.max_steps,
+                                                  VARIANTS[variant], threads=args.threads)
+                after = evaluate_checkpoint(checkpoint, data_root, threads=args.threads)
+                after.pop("rows", None)
+                summary_path.write_text(json.dumps({"after": after, "seconds": seconds, "checkpoint": str(checkpoint),
+                                                    "wall_seconds": time.perf_counter() - started}, indent=2))
+            runs.setdefault(variant, {})[seed] = json.loads(summary_path.read_text())
+            print(f"[benchmark] {variant} seed {seed}: cycle Acc@0.5 "
+                  f"{100 * runs[variant][seed]['after']['cycle_acc50']:.1f} % (before {100 * before['cycle_acc50']:.1f} %)",
+                  flush=True)
+    text = table(before, runs)
+    (out / "results.md").write_text(text + "\n")
+    (out / "results.json").write_text(json.dumps({"before": before, "runs": runs, "max_steps": args.max_steps}, indent=2))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""Hermetic tests of the native Qwen-VL: tokenizer layout, forward/generate, images, save/reload, adapter."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from sc_tune.adapters import adapter_class
+from sc_tune.adapters.qwen_vl import QwenVLAdapter
+from sc_tune.models.qwen_vl import QWenLMHeadModel, QWenTokenizer, QWenVLImageProcessor
+from sc_tune.models.qwen_vl.modeling import ntk_alpha_for
+from sc_tune.models.qwen_vl.tiny import build_tiny_qwen_vl, save_tiny_qwen_vl
+from sc_tune.rollout import GenerationSettings, cycle
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_qwen_vl(str(tmp_path_factory.mktemp("tiny_qwen_vl")))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    model = QWenLMHeadModel.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    return model, QwenVLAdapter.from_pretrained(tiny_dir)
+
+
+def _images(adapter, colours=((200, 10, 10), (10, 200, 30))):
+    return [adapter.prepare_image(Image.new("RGB", (40, 30), c)) for c in colours]
+
+
+def test_special_tokens_follow_the_bpe_ranks_in_official_order(tiny_dir):
+    tok = QWenTokenizer.from_pretrained(tiny_dir, image_token_span=4)
+    ranks = len(tok.mergeable_ranks)
+    # Offsets of the official layout: 151643 + (0, 208, 209, 210, 211, 214, 215, 216).
+    expected = {"<|endoftext|>": 0, "<ref>": 208, "</ref>": 209, "<box>": 210, "</box>": 211,
+                "<img>": 214, "</img>": 215, "<imgpad>": 216}
+    assert {t: tok.convert_tokens_to_ids(t) - ranks for t in expected} == expected
+    assert tok.pad_token_id == tok.eos_token_id == ranks
+    ids = tok("<img>ab</img> (12,3)", add_special_tokens=False)["input_ids"]
+    pad, start = ranks + 216, ranks + 214
+    assert ids[:6] == [start, ord("a"), ord("b"), pad, pad, ranks + 215]
+    pieces = [tok.decode([i]) for i in ids[6:]]
+    assert "".join(pieces) == " (12,3)" and "1" in pieces and "2" in pieces  # digits one per token
+    assert tok.decode(ids) == "<img>ab</img> (12,3)"
+    assert tok.decode(ids + [ranks], skip_special_tokens=True) == "ab (12,3)"
+    with pytest.raises(ValueError, match="at most 4"):
+        tok("<img>abcde</img>")
+
+
+def test_config_and_weights_are_written_in_official_layout(tiny_dir):
+    config = json.load(open(os.path.join(tiny_dir, "config.json")))
+    assert config["model_type"] == "qwen" and config["architectures"] == ["QWenLMHeadModel"]
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_qwen.QWenLMHeadModel"
+    generation = json.load(open(os.path.join(tiny_dir, "generation_config.json")))
+    assert generation["chat_format"] == "chatml" and generation["max_window_size"] == 6144
+    keys = set(load_file(os.path.join(tiny_dir, "model.safetensors")))
+    for key in ("transformer.wte.weight", "transformer.h.1.ln_1.weight", "transformer.h.1.attn.c_attn.bias",
+                "transformer.h.0.attn.c_proj.weight", "transformer.h.0.mlp.w1.weight", "transformer.h.0.mlp.w2.weight",
+                "transformer.h.0.mlp.c_proj.weight", "transformer.ln_f.weight", "lm_head.weight",
+                "transformer.visual.conv1.weight", "transformer.visual.positional_embedding",
+                "transformer.visual.transformer.resblocks.1.attn.in_proj.weight",
+                "transformer.visual.transformer.resblocks.1.mlp.c_fc.weight",
+                "transformer.visual.attn_pool.attn.in_proj_weight", "transformer.visual.attn_pool.pos_embed",
+                "transformer.visual.attn_pool.kv_proj.weight", "transformer.visual.proj"):
+        assert key in keys, key
+    assert not any("rotary" in k or "masked_bias" in k or "attn.c_proj.bias" in k for k in keys)
+    # 2 LM layers x 9 tensors + wte, ln_f, lm_head; 2 ViT blocks x 12 + 13 others.
+    assert len(keys) == 2 * 9 + 3 + 2 * 12 + 13
+
+
+def test_reload_gives_equal_tensors_and_bf16_loads(tiny_dir, tmp_path):
+    model = QWenLMHeadModel.from_pretrained(tiny_dir, dtype=torch.float32)
+    model.save_pretrained(tmp_path)
+    again = QWenLMHeadModel.from_pretrained(tmp_path, dtype=torch.float32)
+    state, state_again = model.state_dict(), again.state_dict()
+    assert state.keys() == state_again.keys()
+    assert all(torch.equal(state[k], state_again[k]) for k in state)
+    # The fixed sin-cos table is stored, not re-derived: it survives meta-device loading.
+    pos = state["transformer.visual.attn_pool.pos_embed"]
+    assert pos.abs().sum() > 0 and torch.allclose(pos, model.transformer.visual.attn_pool.fixed_positions())
+    bf16 = QWenLMHeadModel.from_pretrained(tiny_dir, dtype=torch.bfloat16)
+    assert bf16.lm_head.weight.dtype == torch.bfloat16
+
+
+def test_left_padded_batch_matches_single_rows_and_cache(tiny):
+    model, adapter = tiny
+    images = _images(adapter)
+    prompts = [adapter.describer_prompt([0.1, 0.2, 0.5, 0.9], images[0]), adapter.locator_prompt("a red dog", images[1])]
+    batch = adapter.build_batch(prompts, images)
+    assert batch.inputs["attention_mask"][0].sum() != batch.inputs["attention_mask"][1].sum()  # padding present
+    with torch.no_grad():
+        logits = model(**batch.inputs).logits
+        last = model(**batch.inputs, logits_to_keep=1).logits
+        assert torch.equal(last[:, 0], logits[:, -1])
+        for row in range(2):
+            single = adapter.build_batch([prompts[row]], [images[row]])
+            single_logits = model(**single.inputs).logits[0]
+            n = single_logits.shape[0]
+            assert (logits[row, -n:] - single_logits).abs().max() < 1e-5
+    settings = GenerationSettings(max_new_tokens=6)
+    kwargs = {**settings.generate_kwargs(), **adapter.generation_kwargs()}
+    with_cache = model.generate(**batch.inputs, **kwargs)
+    without_cache = model.generate(**batch.inputs, **kwargs, use_cache=False)
+    assert torch.equal(with_cache, without_cache)
+    suppressed = set(adapter.suppressed_token_ids())
+    assert not suppressed & set(with_cache[:, batch.input_ids.shape[1]:].flatten().tolist())
+
+
+def test_image_features_replace_the_span_and_only_affect_later_tokens(tiny):
+    model, adapter = tiny
+    red, green = _images(adapter)
+    text = "The picture <img></img> is"
+    with torch.no_grad():
+        a = model(**adapter.build_batch([text], [red]).inputs).logits[0]
+        b = model(**adapter.build_batch([text], [green]).inputs).logits[0]
+    ids = adapter.encode_prompt(text, red)
+    start = ids.index(adapter.img_start_id)
+    assert torch.equal(a[: start + 1], b[: start + 1])
+    assert (a[start + 1 :] - b[start + 1 :]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="no `images`"):
+        model(input_ids=torch.tensor([ids]))
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_grads(tiny_dir):
+    model = QWenLMHeadModel.from_pretrained(tiny_dir, dtype=torch.float32)
+    adapter = QwenVLAdapter.from_pretrained(tiny_dir)
+    images = _images(adapter)
+    batch = adapter.build_batch([adapter.locator_prompt("a cat", im) for im in images], images,
+                                targets=[adapter.locator_target([0.1, 0.2, 0.3, 0.4], im) for im in images])
+    model.train()
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(**batch.inputs, labels=batch.labels).loss
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain_loss, plain_grads = loss_and_grads()
+    model.gradient_checkpointing_enable()
+    ckpt_loss, ckpt_grads = loss_and_grads()
+    assert abs(plain_loss - ckpt_loss) < 1e-6 and plain_loss > 0
+    assert plain_grads.keys() == ckpt_grads.keys() and "transformer.visual.attn_pool.query" in plain_grads
+    assert max((plain_grads[k] - ckpt_grads[k]).abs().max().item() for k in plain_grads) < 1e-5
+
+
+def test_adapter_prompts_targets_and_prefixes(tiny):
+    model, adapter = tiny
+    assert adapter_class("qwen") is QwenVLAdapter
+    image = _images(adapter)[0]
+    box = [0.1, 0.25, 0.5, 1.0]
+    assert adapter.describer_prompt(box, image) == "<img></img><ref>This</ref><box>(100,250),(500,999)</box> is"
+    assert adapter.locator_prompt("the cat", image) == "<img></img><ref>the cat</ref><box>"
+    target = adapter.locator_target(box, image)
+    assert target == "(100,250),(500,999)</box><|endoftext|>"
+    assert adapter.parse_locator_output(target, image) == [100 / 999, 250 / 999, 500 / 999, 1.0]
+    batch = adapter.build_batch([adapter.locator_prompt("the cat", image)], [image], targets=[target])
+    target_ids = batch.labels[0][batch.labels[0] != -100].tolist()
+    assert adapter.tokenizer.decode(target_ids) == target and target_ids[-1] == adapter.tokenizer.eod_id
+    assert batch.inputs["images"].shape == (1, 3, 28, 28)
+    names = [n for n, _ in model.named_modules()]
+    lora = [n for n in names if re.fullmatch(adapter.lora_target_modules, n)]
+    assert len(lora) == 4 * model.config.num_hidden_layers and not any("visual" in n for n in lora)
+    frozen = [n for n, _ in model.named_parameters()
+              if n.startswith(adapter.vision_prefix) and not n.startswith(adapter.vision_trainable_prefixes)]
+    kept = [n for n, _ in model.named_parameters() if n.startswith(adapter.vision_trainable_prefixes)]
+    assert "transformer.visual.conv1.weight" in frozen and "transformer.visual.proj" in frozen
+    assert len(kept) == 10  # query, pos_embed, kv_proj, in_proj w/b, out_proj w/b, ln_q w/b ... ln_kv w/b
+    assert adapter.end_token_ids == [adapter.pad_token_id] == [adapter.tokenizer.eod_id]
+
+
+def test_describe_locate_cycle_runs_batched(tiny):
+    model, adapter = tiny
+    images = _images(adapter)
+    result = cycle(model, model, adapter, images, [[0.1, 0.1, 0.6, 0.7], [0.0, 0.2, 1.0, 0.9]],
+                   GenerationSettings(max_new_tokens=5), GenerationSettings(max_new_tokens=8))
+    assert len(result.captions.texts) == len(result.boxes) == 2
+    assert result.captions.ids_BT.shape[0] == 2
+
+
+def test_ntk_alpha_and_image_processor_values():
+    assert [ntk_alpha_for(n, 2048) for n in (10, 1024, 2048, 2049, 4096, 4097, 8192)] == [1, 1, 1, 3, 3, 7, 7]
+    processor = QWenVLImageProcessor(image_size=28)
+    pixels = processor(Image.new("RGB", (50, 20), (255, 0, 128)))
+    assert pixels.shape == (1, 3, 28, 28)
+    expected = [(1.0 - 0.48145466) / 0.26862954, (0.0 - 0.4578275) / 0.26130258, (128 / 255 - 0.40821073) / 0.27577711]
+    assert torch.allclose(pixels[0, :, 5, 5], torch.tensor(expected), atol=1e-6)
+
+
+def test_build_tiny_is_deterministic(tmp_path):
+    a, _, _ = build_tiny_qwen_vl(str(tmp_path / "a"), seed=3)
+    b, _, _ = build_tiny_qwen_vl(str(tmp_path / "b"), seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

@@ -95,6 +95,8 @@ def check_annotation_records(records: Sequence[dict], path="<records>") -> list[
     clean = []
     for i, record in enumerate(records):
         where = _where(path, i)
+        if "image" not in record and "image_id" in record:  # the reference release's key, as sc_tune.data
+            record = {**record, "image": record["image_id"]}
         item = {"image": _text(record, "image", where), "bbox": _normalised_box(record, where)}
         if "caption" in record and record["caption"] is not None:
             item["caption"] = _text(record, "caption", where)

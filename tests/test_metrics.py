@@ -1,0 +1,128 @@
+"""Box and caption metrics against values computed by hand (the arithmetic is in the comments)."""
+
+import math
+
+import pytest
+
+from sc_tune.evaluation.caption_metrics import bleu, caption_scores, cider_d, meteor_unavailable_reason, tokenize
+from sc_tune.evaluation.metrics import box_metrics, per_sample_ious, summarize_ious
+
+
+def test_box_metrics_hand_computed():
+    targets = [[0, 0, 0.5, 0.5], [0.25, 0, 0.75, 0.5], [0, 0, 1, 1], [0, 0, 0.5, 1]]
+    preds = [
+        [0, 0, 0.5, 0.5],  # identical: IoU 1
+        [0, 0, 0.5, 0.5],  # overlap 0.25 x 0.5 = 0.125; union 0.25 + 0.25 - 0.125 = 0.375 -> 1/3
+        None,  # parse failure: IoU 0 and counted
+        [0, 0, 1, 1],  # target inside pred: 0.5 / 1 = 0.5, a hit because Acc@0.5 is inclusive
+    ]
+    assert per_sample_ious(preds, targets) == pytest.approx([1.0, 1 / 3, 0.0, 0.5])
+    m = box_metrics(preds, targets, thresholds=(0.5, 0.75))
+    assert m["num_samples"] == 4 and m["num_parsed"] == 3 and m["num_parse_failures"] == 1
+    assert m["parse_failure_rate"] == pytest.approx(0.25)
+    assert m["mean_iou"] == pytest.approx((1 + 1 / 3 + 0 + 0.5) / 4)  # 0.458333
+    assert m["mean_iou_parsed"] == pytest.approx((1 + 1 / 3 + 0.5) / 3)  # 0.611111
+    assert m["acc@0.5"] == pytest.approx(2 / 4)  # samples 0 and 3
+    assert m["acc@0.75"] == pytest.approx(1 / 4)  # sample 0 only
+
+
+def test_pixel_boxes_and_inverted_boxes():
+    # Pixels: pred [10, 10, 30, 30] (area 400) vs target [20, 20, 40, 40] (area 400): overlap 10 x 10 = 100,
+    # union 700 -> 1/7. An inverted prediction has zero area and scores 0, never a negative IoU.
+    assert per_sample_ious([[10, 10, 30, 30], [30, 30, 10, 10]], [[20, 20, 40, 40], [10, 10, 30, 30]]) == \
+        pytest.approx([1 / 7, 0.0])
+
+
+def test_empty_and_all_failures_are_not_silent_zeros():
+    empty = summarize_ious([], [])
+    assert empty["num_samples"] == 0 and empty["mean_iou"] is None and empty["acc@0.5"] is None
+    failed = box_metrics([None, None], [[0, 0, 1, 1], [0, 0, 1, 1]])
+    assert failed["parse_failure_rate"] == 1.0 and failed["mean_iou_parsed"] is None
+
+
+def test_tokenize_drops_punctuation_and_splits_clitics():
+    assert tokenize("The dog's T-shirt, isn't it?") == ["the", "dog", "'s", "t-shirt", "is", "n't", "it"]
+
+
+# Corpus of two images, one reference each:
+#   A: cand "the big red circle"      ref "the big red circle"
+#   B: cand "the small green square"  ref "the small blue square"
+CANDS = ["the big red circle", "the small green square"]
+REFS = [["the big red circle"], ["the small blue square"]]
+
+
+def test_bleu_hand_computed():
+    # All lengths 4, so no brevity penalty. Clipped matches / candidate n-grams, summed over the corpus:
+    #   1-grams: A 4/4, B 3/4 ("the", "small", "square") -> 7/8
+    #   2-grams: A 3/3, B 1/3 ("the small")              -> 4/6 = 2/3
+    #   3-grams: A 2/2, B 0/2                            -> 2/4 = 1/2
+    #   4-grams: A 1/1, B 0/1                            -> 1/2
+    # BLEU-n = geometric mean of p1..pn: 7/8; sqrt(7/8 * 2/3) = sqrt(7/12); (7/24)^(1/3); (7/48)^(1/4).
+    expected = [7 / 8, math.sqrt(7 / 12), (7 / 24) ** (1 / 3), (7 / 48) ** (1 / 4)]
+    assert bleu(CANDS, REFS) == pytest.approx(expected, rel=1e-6)  # 0.875, 0.7638, 0.6632, 0.6180
+
+
+def test_bleu_brevity_penalty_and_clipping():
+    # Candidate "the red circle" (3 words) vs reference "the big red circle" (4): BP = exp(1 - 4/3).
+    # p1 = 3/3; p2: "the red" misses, "red circle" hits -> 1/2.
+    bp = math.exp(1 - 4 / 3)
+    scores = bleu(["the red circle"], [["the big red circle"]])
+    assert scores[0] == pytest.approx(bp, rel=1e-6)  # 0.7165
+    assert scores[1] == pytest.approx(bp * math.sqrt(1 / 2), rel=1e-6)  # 0.5067
+    # Clipping: "the the the" against ["the cat", "the the dog"]: "the" may count at most 2 times (max over
+    # references) -> p1 = 2/3; the closest reference length is 3 ("the the dog"), so no brevity penalty.
+    assert bleu(["the the the"], [["the cat", "the the dog"]])[0] == pytest.approx(2 / 3, rel=1e-6)
+
+
+def test_cider_d_hand_computed():
+    # N = 2 reference sets, idf(g) = log(2) - log(df(g)): "the" is in both sets (df 2) -> weight 0; every
+    # other n-gram has df 1 -> weight L = log 2 (an n-gram absent from all references has df 0 -> max(1, 0)
+    # = 1, also L). Lengths are equal, so the Gaussian length penalty is 1.
+    #   A equals its reference: similarity 1 for n = 1..4 -> mean 1 -> x10 = 10.
+    #   B, n=1: cand {small, green, square} (L each), ref {small, blue, square}: clipped dot 2L^2 over norms
+    #           sqrt(3)L * sqrt(3)L -> 2/3.  n=2: only "the small" (L) matches of 3 bigrams each -> 1/3.
+    #           n=3, n=4: no match -> 0. Mean (2/3 + 1/3 + 0 + 0) / 4 = 1/4 -> x10 = 2.5.
+    # Corpus CIDEr-D = (10 + 2.5) / 2 = 6.25.
+    corpus, per_sample = cider_d(CANDS, REFS)
+    assert per_sample == pytest.approx([10.0, 2.5])
+    assert corpus == pytest.approx(6.25)
+
+
+def test_cider_d_of_a_single_image_is_zero_by_definition():
+    # One reference set: idf = log(1) - log(1) = 0 for every n-gram, so every vector is zero.
+    assert cider_d(["a dog"], [["a dog"]])[0] == 0.0
+
+
+def test_caption_scores_report_counts_and_meteor_status():
+    scores = caption_scores(CANDS, REFS, use_meteor=False)
+    assert scores["num_samples"] == 2 and scores["cider_d"] == pytest.approx(6.25)
+    assert scores["meteor"] is None and "disabled" in scores["meteor_skipped"]
+
+
+def test_mismatched_inputs_are_errors():
+    with pytest.raises(ValueError, match="2 candidates for 1 reference sets"):
+        bleu(CANDS, REFS[:1])
+    with pytest.raises(ValueError, match="sample 0: references must be a non-empty list"):
+        cider_d(["a"], ["a dog"])
+
+
+def test_matches_coco_toolkit_when_installed():
+    """Cross-check with pycocoevalcap's own scorers on already-tokenised text (no Java needed for these)."""
+    pytest.importorskip("pycocoevalcap")
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    cands = ["a man riding a horse on the beach", "two dogs play in the snow", "a red car"]
+    refs = [["a man rides a horse along the beach", "person on horseback near the sea"],
+            ["two dogs playing in snow", "dogs running through the snow"],
+            ["a red car parked on the street", "a small red automobile"]]
+    gts = {i: r for i, r in enumerate(refs)}
+    res = {i: [c] for i, c in enumerate(cands)}
+    assert bleu(cands, refs) == pytest.approx(Bleu(4).compute_score(gts, res, verbose=0)[0], rel=1e-9)
+    assert cider_d(cands, refs)[0] == pytest.approx(float(Cider().compute_score(gts, res)[0]), rel=1e-9)
+
+
+@pytest.mark.skipif(meteor_unavailable_reason() is not None, reason=str(meteor_unavailable_reason()))
+def test_meteor_with_java():
+    scores = caption_scores(CANDS, REFS)
+    assert "meteor_skipped" not in scores and 0.0 < scores["meteor"] <= 1.0

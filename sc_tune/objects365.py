@@ -1,0 +1,122 @@
+"""Convert the official Objects365 (COCO-style) annotation file into SC-Tune's annotation JSON.
+
+    python -m sc_tune.objects365 --annotations zhiyuan_objv2_train.json --image_folder /data/objects365 \
+        --output data/object365.json --min_area 0.01 --max_boxes_per_image 2 --num_samples 400000 --seed 0
+
+Input: ``{"images": [{"id", "file_name", "width", "height"}], "annotations": [{"image_id", "bbox": [x, y, w, h]
+pixels, "iscrowd", "isfake", "isreflected", ...}]}``. Output: ``[{"image": file_name, "bbox": [x1, y1, x2, y2]
+normalised, "category_id": ...}]``. Sampling is deterministic for a seed; every filter's count is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+from collections import Counter, defaultdict
+
+from sc_tune.boxes import normalize_box, xywh_to_xyxy
+from sc_tune.data import AnnotationError
+
+
+def _field(record: dict, name: str, kind, where: str):
+    if name not in record:
+        raise AnnotationError(f"{where}: field '{name}' is missing")
+    value = record[name]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise AnnotationError(f"{where}: field '{name}' must be {getattr(kind, '__name__', kind)}, got {value!r}")
+    return value
+
+
+def convert(
+    coco: dict,
+    source: str = "<annotations>",
+    image_folder: str | None = None,
+    min_area: float = 0.0,
+    max_boxes_per_image: int | None = None,
+    num_samples: int | None = None,
+    seed: int = 0,
+    drop_flags: tuple[str, ...] = ("iscrowd", "isfake", "isreflected"),
+) -> tuple[list[dict], Counter]:
+    """Returns (records, counts of what each filter dropped)."""
+    images = {}
+    for i, image in enumerate(_field(coco, "images", list, source)):
+        where = f"{source}: images[{i}]"
+        images[_field(image, "id", int, where)] = (
+            _field(image, "file_name", str, where), _field(image, "width", (int, float), where),
+            _field(image, "height", (int, float), where),
+        )
+    counts: Counter = Counter()
+    missing_images: set[str] = set()
+    per_image: dict[int, list[dict]] = defaultdict(list)
+    for i, ann in enumerate(_field(coco, "annotations", list, source)):
+        where = f"{source}: annotations[{i}]"
+        image_id = _field(ann, "image_id", int, where)
+        if image_id not in images:
+            raise AnnotationError(f"{where}: field 'image_id' {image_id} names no entry of 'images'")
+        box = _field(ann, "bbox", list, where)
+        if len(box) != 4 or not all(isinstance(v, (int, float)) for v in box):
+            raise AnnotationError(f"{where}: field 'bbox' must be [x, y, w, h] in pixels, got {box!r}")
+        if any(ann.get(flag) for flag in drop_flags):
+            counts["flagged (" + "/".join(f for f in drop_flags if ann.get(f)) + ")"] += 1
+            continue
+        file_name, width, height = images[image_id]
+        if box[2] <= 0 or box[3] <= 0:
+            counts["empty box"] += 1
+            continue
+        norm = normalize_box(xywh_to_xyxy(box), width, height)
+        if (norm[2] - norm[0]) * (norm[3] - norm[1]) < min_area:
+            counts["smaller than min_area"] += 1
+            continue
+        if norm[0] >= norm[2] or norm[1] >= norm[3]:
+            counts["outside the image"] += 1
+            continue
+        if image_folder is not None and file_name not in missing_images:
+            if not os.path.isfile(os.path.join(image_folder, file_name)):
+                missing_images.add(file_name)
+        if file_name in missing_images:
+            counts["image file missing"] += 1
+            continue
+        record = {"image": file_name, "bbox": [round(v, 6) for v in norm]}
+        if "category_id" in ann:
+            record["category_id"] = ann["category_id"]
+        per_image[image_id].append(record)
+    rng = random.Random(seed)
+    records = []
+    for image_id in sorted(per_image):
+        boxes = per_image[image_id]
+        if max_boxes_per_image is not None and len(boxes) > max_boxes_per_image:
+            counts["over max_boxes_per_image"] += len(boxes) - max_boxes_per_image
+            boxes = rng.sample(boxes, max_boxes_per_image)
+        records.extend(boxes)
+    if num_samples is not None and len(records) > num_samples:
+        counts["over num_samples"] += len(records) - num_samples
+        records = rng.sample(records, num_samples)
+    counts["missing image files (distinct)"] = len(missing_images)
+    return records, counts
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--annotations", required=True, help="official Objects365 / COCO-style JSON")
+    parser.add_argument("--output", required=True, help="SC-Tune annotation JSON to write")
+    parser.add_argument("--image_folder", default=None, help="if given, records whose image file is missing are dropped and counted")
+    parser.add_argument("--min_area", type=float, default=0.0, help="minimum box area as a fraction of the image")
+    parser.add_argument("--max_boxes_per_image", type=int, default=None)
+    parser.add_argument("--num_samples", type=int, default=None, help="keep this many records (seeded sample)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    with open(args.annotations) as f:
+        coco = json.load(f)
+    records, counts = convert(coco, args.annotations, args.image_folder, args.min_area, args.max_boxes_per_image,
+                              args.num_samples, args.seed)
+    with open(args.output, "w") as f:
+        json.dump(records, f)
+    print(f"wrote {len(records)} records to {args.output}")
+    for reason, n in sorted(counts.items()):
+        print(f"  dropped: {reason}: {n}" if "distinct" not in reason else f"  {reason}: {n}")
+
+
+if __name__ == "__main__":
+    main()

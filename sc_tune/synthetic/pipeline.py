@@ -52,6 +52,17 @@ VARIANTS = {
 }
 
 
+def parse_overrides(pairs) -> dict:
+    """``["kl_coef=0", "caption_lr=1e-4"]`` -> a dict of finetune.py flags (values kept as text)."""
+    overrides = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE (a finetune.py flag without its dashes), got {pair!r}")
+        overrides[key.lstrip("-")] = value
+    return overrides
+
+
 def make_data(root: str | Path, seed: int = 0, train_images: int = 2000, heldout_images: int = 400) -> dict:
     """The shapes dataset (skipped when ``root/dataset.json`` says it was already written with these sizes)."""
     summary_path = Path(root) / "dataset.json"

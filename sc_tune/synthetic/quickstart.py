@@ -15,6 +15,7 @@ from pathlib import Path
 
 from sc_tune.synthetic.figure import before_after_grid
 from sc_tune.synthetic.pipeline import (WARM_START, before_after_table, evaluate_checkpoint, make_data,
+                                        parse_overrides,
                                         pick_figure_rows, run_sc_tune, sc_tune_command)
 
 FIGURE_ROWS = 64  # cycles kept per evaluation for the picture (8 are drawn)
@@ -30,7 +31,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--train_images", type=int, default=2000)
     parser.add_argument("--heldout_images", type=int, default=400)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="override a finetune.py flag of the benchmark's SC-Tune settings, e.g. kl_coef=0")
     args = parser.parse_args(argv)
+    overrides = parse_overrides(args.set)
 
     started = time.perf_counter()
     out = Path(args.output_dir)
@@ -43,7 +47,7 @@ def main(argv=None) -> dict:
           f"REC Acc@0.5 {100 * before['rec_acc50']:.1f} %", flush=True)
     print(f"[quickstart] SC-Tune: {args.max_steps} steps (log: {out / 'sc_tune' / 'finetune.log'})", flush=True)
     checkpoint, train_seconds = run_sc_tune(args.warm_start, data_root, out / "sc_tune", args.seed, args.max_steps,
-                                            threads=args.threads)
+                                            overrides, threads=args.threads)
     after = evaluate_checkpoint(checkpoint, data_root, keep_rows=FIGURE_ROWS, threads=args.threads)
     table = before_after_table(before, after)
     print(table, flush=True)
@@ -56,7 +60,8 @@ def main(argv=None) -> dict:
         "total_seconds": time.perf_counter() - started,
         "checkpoint": str(checkpoint),
         "figure": figure,
-        "command": sc_tune_command(args.warm_start, data_root, out / "sc_tune", args.seed, args.max_steps)[1:],
+        "command": sc_tune_command(args.warm_start, data_root, out / "sc_tune", args.seed, args.max_steps,
+                                   overrides)[1:],
         "data": summary,
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))

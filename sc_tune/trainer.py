@@ -321,6 +321,23 @@ class SCTuneTrainer(Trainer):
         self._resume_dir = resume_from_checkpoint or None
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        model = model if model is not None else self.model
+        if self.is_deepspeed_enabled or _is_peft(model):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        # transformers 5 saves some families (Qwen2-VL, ...) under their original key names and the
+        # Trainer's plain load_state_dict(strict=False) then restores nothing, silently. Going through
+        # from_pretrained applies the key conversion; every parameter must be found.
+        saved = type(model).from_pretrained(resume_from_checkpoint, dtype=next(model.parameters()).dtype,
+                                            local_files_only=True).state_dict()
+        own = model.state_dict()
+        missing = own.keys() - saved.keys()
+        if missing:
+            raise ValueError(f"{resume_from_checkpoint}: checkpoint lacks {sorted(missing)[:5]}")
+        with torch.no_grad():
+            for name, tensor in own.items():
+                tensor.copy_(saved[name])
+
     def _restore_sc_state(self, checkpoint: str, step: int) -> None:
         with open(os.path.join(checkpoint, STATE_FILE)) as f:
             saved = json.load(f)

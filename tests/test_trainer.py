@@ -1,0 +1,148 @@
+"""A few real steps of both phases on a tiny random Qwen2-VL, with assertions on what each step did."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import sc_tune.trainer
+from sc_tune.phases import innermost_optimizer
+from tests.helpers import fake_iou, make_trainer, trainable_vector
+
+
+def _snapshot_vector(trainer):
+    policy = dict(trainer.model.named_parameters())
+    return torch.cat([p.detach().flatten().clone() for n, p in trainer.snapshot.module.named_parameters()
+                      if policy[n].requires_grad])
+
+
+def _moments(trainer):
+    state = innermost_optimizer(trainer.optimizer).state
+    return sum(float(v.abs().sum()) for s in state.values() for k, v in s.items() if k.startswith("exp_avg"))
+
+
+@pytest.fixture()
+def reward_with_signal(monkeypatch):
+    monkeypatch.setattr(sc_tune.trainer, "iou_or_zero", fake_iou)
+
+
+def test_two_phases_switch_lr_moments_and_snapshot(tiny_checkpoint, tmp_path, reward_with_signal):
+    # steps 0-1: describer rollout (2 PPO epochs); 2-3: locator; 4-5: describer again
+    trainer = make_trainer(tiny_checkpoint("qwen2_vl"), str(tmp_path), max_steps=6, caption_update_steps=1,
+                           bbox_update_steps=2, ppo_epochs=2, kl_coef=0.05)
+    frozen_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
+    assert frozen_before, "fix_vit should leave frozen vision parameters"
+    seen = []
+    original = trainer._begin_step
+
+    def spy(step):
+        policy_before, snapshot_before = trainable_vector(trainer.model), _snapshot_vector(trainer)
+        original(step)
+        seen.append(dict(step=step, policy_before=policy_before, snapshot_before=snapshot_before,
+                         snapshot_after=_snapshot_vector(trainer), moments=_moments(trainer),
+                         lr=innermost_optimizer(trainer.optimizer).param_groups[0]["lr"]))
+
+    trainer._begin_step = spy
+    trainer.train()
+    by_step = {r["step"]: r for r in seen}
+    assert sorted(by_step) == [0, 1, 2, 3, 4, 5]
+    assert [by_step[s]["lr"] for s in range(6)] == [1e-3, 1e-3, 2e-3, 2e-3, 1e-3, 1e-3]
+    # describer steps moved the weights; the snapshot stayed at the phase start until the switch
+    assert not torch.equal(by_step[2]["policy_before"], by_step[0]["policy_before"])
+    assert torch.equal(by_step[2]["snapshot_before"], by_step[0]["policy_before"])
+    # at each switch the snapshot is re-synced to the current weights and Adam's moments are zeroed
+    for switch in (2, 4):
+        assert torch.equal(by_step[switch]["snapshot_after"], by_step[switch]["policy_before"])
+        assert by_step[switch]["moments"] == 0.0
+    assert by_step[3]["moments"] > 0.0  # ... and then refill
+    # mid-phase the snapshot is not touched
+    assert torch.equal(by_step[3]["snapshot_after"], by_step[2]["snapshot_after"])
+    # locator steps moved the weights too
+    assert not torch.equal(by_step[4]["policy_before"], by_step[2]["policy_before"])
+    # fix_vit: the frozen tower never moved
+    for name, value in frozen_before.items():
+        assert torch.equal(dict(trainer.model.named_parameters())[name], value), name
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["phase"] for h in logs] == [0.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+    for key in ("describer/reward_iou", "describer/baseline_iou", "describer/advantage", "describer/kl",
+                "describer/kl_coef", "describer/clip_frac", "describer/ratio", "describer/policy_kl",
+                "describer/parse_failure"):
+        assert key in logs[0], key
+    assert "locator/loss" in logs[2] and logs[2]["locator/loss"] > 0
+    assert logs[0]["describer/parse_failure"] == 1.0  # a random model writes no box: reported, not hidden
+
+
+def test_ratio_guard_skips_the_update_entirely(tiny_checkpoint, tmp_path, reward_with_signal):
+    trainer = make_trainer(tiny_checkpoint("qwen2_vl"), str(tmp_path), max_steps=2, caption_update_steps=1,
+                           bbox_update_steps=1, ppo_epochs=2, ratio_threshold=0.5)  # ratio 1 > 0.5: always skip
+    before = trainable_vector(trainer.model)
+    trainer.train()
+    assert torch.equal(trainable_vector(trainer.model), before)  # no step: not even weight decay moved them
+    assert len(innermost_optimizer(trainer.optimizer).state) == 0  # Adam never stepped
+    assert [h["describer/skipped"] for h in trainer.state.log_history if "loss" in h] == [1.0, 1.0]
+
+
+def test_policy_kl_early_stop_prevents_the_next_update(tiny_checkpoint, tmp_path, reward_with_signal):
+    trainer = make_trainer(tiny_checkpoint("qwen2_vl"), str(tmp_path), max_steps=3, caption_update_steps=1,
+                           bbox_update_steps=1, ppo_epochs=3, policy_kl_stop=-1e9)  # any KL "exceeds" it
+    after = {}
+    original = trainer._begin_step
+
+    def spy(step):
+        after[step] = trainable_vector(trainer.model)
+        original(step)
+
+    trainer._begin_step = spy
+    trainer.train()
+    final = trainable_vector(trainer.model)
+    assert not torch.equal(after[1], after[0])  # epoch 0 updated
+    assert torch.equal(after[2], after[1]) and torch.equal(final, after[1])  # epochs 1 and 2 were stopped
+    assert [h["describer/skipped"] for h in trainer.state.log_history if "loss" in h] == [0.0, 1.0, 1.0]
+
+
+def test_resume_mid_rollout_matches_uninterrupted_run(tiny_checkpoint, tmp_path, reward_with_signal):
+    common = dict(max_steps=6, caption_update_steps=2, bbox_update_steps=2, ppo_epochs=2)
+    full = make_trainer(tiny_checkpoint("qwen2_vl"), str(tmp_path / "full"), save_strategy="steps", save_steps=3, **common)
+    full.train()
+    checkpoint = tmp_path / "full" / "checkpoint-3"
+    state = json.loads((checkpoint / "sc_tune_state.json").read_text())
+    assert state == {**state, "next_step": 3, "phase": "describer", "step_in_phase": 3, "ppo_epoch": 1}
+    assert (checkpoint / "snapshot_rank0.pt").exists() and (checkpoint / "rollouts_rank0.pt").exists()
+
+    resumed = make_trainer(tiny_checkpoint("qwen2_vl"), str(tmp_path / "resumed"), **common)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    losses = lambda t: [h["loss"] for h in t.state.log_history if "loss" in h and h["step"] > 3]  # noqa: E731
+    assert len(losses(resumed)) == 3
+    assert losses(resumed) == pytest.approx(losses(full), rel=1e-5, abs=1e-7)
+    assert torch.allclose(trainable_vector(resumed.model), trainable_vector(full.model), atol=1e-6)
+
+
+def test_bad_schedule_arguments_are_rejected(tmp_path):
+    from sc_tune.arguments import SCTuneConfig
+
+    with pytest.raises(ValueError, match="cannot both be 0"):
+        SCTuneConfig(output_dir=str(tmp_path), caption_update_steps=0, bbox_update_steps=0, use_cpu=True)
+    with pytest.raises(ValueError, match="ppo_epochs"):
+        SCTuneConfig(output_dir=str(tmp_path), ppo_epochs=0, use_cpu=True)
+
+
+def test_finetune_cli_runs_and_exports_a_reloadable_checkpoint(tiny_checkpoint, tmp_path):
+    import finetune
+    from sc_tune.modeling import load_model_and_adapter
+    from tests.conftest import SAMPLE_DATA, SAMPLE_IMAGES
+
+    out = tmp_path / "out"
+    trainer = finetune.main([
+        "--model_name_or_path", tiny_checkpoint("qwen3_vl"), "--data_path", SAMPLE_DATA, "--image_folder", SAMPLE_IMAGES,
+        "--output_dir", str(out), "--max_steps", "3", "--caption_update_steps", "1", "--bbox_update_steps", "1",
+        "--per_device_train_batch_size", "2", "--use_cpu", "True", "--describer_max_new_tokens", "4",
+        "--locator_max_new_tokens", "6", "--save_strategy", "no", "--report_to", "none",
+    ])
+    reloaded, adapter = load_model_and_adapter(str(out))
+    for name, param in trainer.model.named_parameters():
+        assert torch.equal(param.detach(), dict(reloaded.named_parameters())[name]), name
+    assert type(adapter).__name__ == "Qwen3VLAdapter"
+    args = torch.load(out / "training_args.bin", weights_only=False)
+    assert (args.caption_update_steps, args.bbox_update_steps, args.kl_coef) == (1, 1, 0.01)
+    assert os.path.exists(out / "preprocessor_config.json")

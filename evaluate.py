@@ -81,6 +81,9 @@ def parse_args(argv=None):
     parser.add_argument("--describer-min-new-tokens", type=int, default=0,
                         help="0 by default; training uses 3")
     parser.add_argument("--locator-max-new-tokens", type=int, default=20)
+    parser.add_argument("--no-fit-locator-budget", action="store_true",
+                        help="keep --locator-max-new-tokens even when the family's longest box answer needs more "
+                             "(JSON boxes take ~28 tokens); by default the budget is raised to fit")
     parser.add_argument("--grid-samples", type=int, default=16,
                         help="self-consistency: cycles drawn in the PNG grid (0 = none)")
     parser.add_argument("--no-meteor", action="store_true", help="region-caption: skip METEOR even if Java is there")
@@ -116,7 +119,7 @@ def main(argv=None) -> None:
         results = {}
         for path, samples in datasets:
             metrics, per_sample = evaluate_rec(model, adapter, samples, args.image_root, args.batch_size,
-                                               locate_settings)
+                                               locate_settings, fit_budget=not args.no_fit_locator_budget)
             name = os.path.splitext(os.path.basename(path))[0]
             results[name] = {"data": path, **metrics}
             if ranks.is_main:
@@ -128,7 +131,8 @@ def main(argv=None) -> None:
         (path, records), = datasets
         if args.task == "self-consistency":
             metrics, per_sample = evaluate_self_consistency(model, adapter, records, args.image_root,
-                                                            args.batch_size, describe_settings, locate_settings)
+                                                            args.batch_size, describe_settings, locate_settings,
+                                                            fit_budget=not args.no_fit_locator_budget)
             settings = {"describer": vars(describe_settings), "locator": vars(locate_settings)}
         else:
             metrics, per_sample = evaluate_region_captions(model, adapter, records, args.image_root,

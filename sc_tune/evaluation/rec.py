@@ -13,24 +13,25 @@ from collections.abc import Sequence
 from sc_tune.boxes import denormalize_box
 from sc_tune.evaluation.metrics import DEFAULT_THRESHOLDS, per_sample_ious, summarize_ious
 from sc_tune.evaluation.records import check_rec_samples, open_image
-from sc_tune.evaluation.runner import LOCATE_EVAL, eval_mode, run_sharded
+from sc_tune.evaluation.runner import LOCATE_EVAL, eval_mode, fit_locator_budget, locator_finished, run_sharded
 from sc_tune.rollout import GenerationSettings, locate
 
 
 def evaluate_rec(model, adapter, samples: Sequence[dict], image_root, batch_size: int = 8,
                  locate_settings: GenerationSettings = LOCATE_EVAL, distributed: bool | None = None,
-                 thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> tuple[dict, list[dict]]:
+                 fit_budget: bool = True, thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> tuple[dict, list[dict]]:
     """(metrics, per-sample results) of grounding ``samples`` (``image``, ``sent``, pixel ``bbox``,
     ``width``, ``height``). Per-sample dicts: index, image, sent, bbox, pred_bbox (pixels of the original
     image, None = parse failure), iou, parsed, locator_text. ``distributed`` as in
-    :func:`sc_tune.evaluation.self_consistency.evaluate_self_consistency`.
+    :func:`sc_tune.evaluation.self_consistency.evaluate_self_consistency`, and so is ``fit_budget``.
     """
     samples = check_rec_samples(samples)
 
     def score_batch(indices):
         pils = [open_image(image_root, samples[i]["image"], i) for i in indices]
         images = [adapter.prepare_image(p) for p in pils]
-        boxes_norm, texts = locate(model, adapter, images, [samples[i]["sent"] for i in indices], locate_settings)
+        settings = fit_locator_budget(adapter, images, locate_settings) if fit_budget else locate_settings
+        boxes_norm, texts = locate(model, adapter, images, [samples[i]["sent"] for i in indices], settings)
         pred_px = [denormalize_box(b, samples[i]["width"], samples[i]["height"]) if b is not None else None
                    for b, i in zip(boxes_norm, indices)]
         ious = per_sample_ious(pred_px, [samples[i]["bbox"] for i in indices])
@@ -39,7 +40,8 @@ def evaluate_rec(model, adapter, samples: Sequence[dict], image_root, batch_size
             s = samples[i]
             out.append({"index": i, "image": s["image"], "sent": s["sent"], "bbox": s["bbox"],
                         "pred_bbox": pred_px[k], "iou": ious[k], "parsed": pred_px[k] is not None,
-                        "locator_text": texts[k],
+                        "locator_text": texts[k], "locator_finished": locator_finished(adapter, texts[k]),
+                        "locator_max_new_tokens": settings.max_new_tokens,
                         # A file whose width/height disagree with the image is suspicious (wrong image?).
                         "size_matches": pils[k].size == (round(s["width"]), round(s["height"]))})
         return out
@@ -48,6 +50,8 @@ def evaluate_rec(model, adapter, samples: Sequence[dict], image_root, batch_size
         per_sample, ranks = run_sharded(len(samples), batch_size, score_batch, distributed, "rec")
     metrics = summarize_ious([s["iou"] for s in per_sample], [s["parsed"] for s in per_sample], thresholds)
     metrics["num_records"] = len(samples)
+    metrics["num_locator_unfinished"] = sum(1 for s in per_sample if not s["locator_finished"])
+    metrics["locator_max_new_tokens"] = max((s["locator_max_new_tokens"] for s in per_sample), default=None)
     metrics["num_image_size_mismatches"] = sum(1 for s in per_sample if not s["size_matches"])
     metrics["world_size"] = ranks.world_size
     return metrics, per_sample

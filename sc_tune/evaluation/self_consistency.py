@@ -10,14 +10,15 @@ from collections.abc import Sequence
 
 from sc_tune.evaluation.metrics import DEFAULT_THRESHOLDS, per_sample_ious, summarize_ious
 from sc_tune.evaluation.records import check_annotation_records, open_image
-from sc_tune.evaluation.runner import DESCRIBE_EVAL, LOCATE_EVAL, eval_mode, run_sharded
+from sc_tune.evaluation.runner import (DESCRIBE_EVAL, LOCATE_EVAL, eval_mode, fit_locator_budget, locator_finished,
+                                      run_sharded)
 from sc_tune.rollout import GenerationSettings, cycle
 
 
 def evaluate_self_consistency(model, adapter, records: Sequence[dict], image_root, batch_size: int = 8,
                               describe_settings: GenerationSettings = DESCRIBE_EVAL,
                               locate_settings: GenerationSettings = LOCATE_EVAL, locator=None,
-                              distributed: bool | None = None,
+                              distributed: bool | None = None, fit_budget: bool = True,
                               thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> tuple[dict, list[dict]]:
     """(metrics, per-sample results) of describer greedy -> locator greedy on annotation ``records``.
 
@@ -25,6 +26,8 @@ def evaluate_self_consistency(model, adapter, records: Sequence[dict], image_roo
     ``locator``: a different model for the locator role (default: ``model`` plays both).
     ``distributed``: None shards over an initialised process group, False evaluates everything here
     (use it when calling from one rank only). Every rank returns the same full results.
+    ``fit_budget``: raise the locator's ``max_new_tokens`` to fit the family's longest box answer (see
+    :func:`sc_tune.evaluation.runner.fit_locator_budget`); False uses ``locate_settings`` as given.
     Per-sample dicts: index, image, bbox, caption (generated), pred_bbox (normalised, None = parse
     failure), iou, parsed, locator_text, and reference_caption when the record had one.
     """
@@ -34,13 +37,16 @@ def evaluate_self_consistency(model, adapter, records: Sequence[dict], image_roo
     def score_batch(indices):
         images = [adapter.prepare_image(open_image(image_root, records[i]["image"], i)) for i in indices]
         true_boxes = [records[i]["bbox"] for i in indices]
-        result = cycle(model, locator, adapter, images, true_boxes, describe_settings, locate_settings)
+        settings = fit_locator_budget(adapter, images, locate_settings) if fit_budget else locate_settings
+        result = cycle(model, locator, adapter, images, true_boxes, describe_settings, settings)
         ious = per_sample_ious(result.boxes, true_boxes)
         out = []
         for k, i in enumerate(indices):
             item = {"index": i, "image": records[i]["image"], "bbox": true_boxes[k],
                     "caption": result.captions.texts[k], "pred_bbox": result.boxes[k], "iou": ious[k],
-                    "parsed": result.boxes[k] is not None, "locator_text": result.locator_texts[k]}
+                    "parsed": result.boxes[k] is not None, "locator_text": result.locator_texts[k],
+                    "locator_finished": locator_finished(adapter, result.locator_texts[k]),
+                    "locator_max_new_tokens": settings.max_new_tokens}
             if "caption" in records[i]:
                 item["reference_caption"] = records[i]["caption"]
             out.append(item)
@@ -50,6 +56,8 @@ def evaluate_self_consistency(model, adapter, records: Sequence[dict], image_roo
         per_sample, ranks = run_sharded(len(records), batch_size, score_batch, distributed, "self-consistency")
     metrics = summarize_ious([s["iou"] for s in per_sample], [s["parsed"] for s in per_sample], thresholds)
     metrics["num_records"] = len(records)
+    metrics["num_locator_unfinished"] = sum(1 for s in per_sample if not s["locator_finished"])
+    metrics["locator_max_new_tokens"] = max((s["locator_max_new_tokens"] for s in per_sample), default=None)
     metrics["num_empty_captions"] = sum(1 for s in per_sample if not s["caption"].strip())
     metrics["world_size"] = ranks.world_size
     return metrics, per_sample

@@ -1,0 +1,126 @@
+"""Two CPU processes under torchrun (gloo): every sample of an odd-sized file is scored exactly once.
+
+Marked ``distributed`` (run alone with ``pytest -m distributed``, skip with ``-m "not distributed"``);
+about 30 s on two cores.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from sc_tune.tiny import save_tiny
+
+pytestmark = pytest.mark.distributed
+REPO = Path(__file__).resolve().parents[1]
+NUM_RECORDS = 7  # odd: rank 0 scores 4 samples, rank 1 scores 3; batch size 2 leaves a partial batch
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args, cwd, timeout=120):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(free_port()), *args]
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist_eval")
+    images = root / "images"
+    images.mkdir()
+    for k in range(NUM_RECORDS):
+        Image.new("RGB", (80 + 8 * k, 60), (30 * k, 100, 200 - 20 * k)).save(images / f"im{k}.png")
+    model_dir = save_tiny(root / "model", "qwen2_vl")
+    boxes = [[0.1 * k, 0.05, 0.3 + 0.1 * k, 0.5 + 0.05 * k] for k in range(NUM_RECORDS)]
+    held_out = root / "held_out.json"
+    held_out.write_text(json.dumps([{"image": f"im{k}.png", "bbox": b} for k, b in enumerate(boxes)]))
+    rec = root / "rec.jsonl"
+    rec.write_text("".join(json.dumps({"image": f"im{k}.png", "sent": f"the red circle {k}", "width": 80 + 8 * k,
+                                       "height": 60, "bbox": [8 * k, 3, 40 + 8 * k, 30]}) + "\n"
+                           for k in range(NUM_RECORDS)))
+    regions = root / "regions.json"
+    regions.write_text(json.dumps([{"image": f"im{k}.png", "bbox": b, "captions": ["the red circle", "a shape"]}
+                                   for k, b in enumerate(boxes)]))
+    return root, images, model_dir, held_out, rec, regions
+
+
+def test_launcher_self_consistency_two_processes(setup):
+    root, images, model_dir, held_out, _, _ = setup
+    out = root / "out_sc"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MODEL": model_dir, "DATA": str(held_out),
+           "IMAGE_ROOT": str(images), "OUTPUT_DIR": str(out), "NPROC": "2", "BATCH_SIZE": "2",
+           "GRID_SAMPLES": "3", "MASTER_PORT": str(free_port())}
+    env.pop("WORLD_SIZE", None)
+    result = subprocess.run(["bash", str(REPO / "scripts" / "evaluate.sh")], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads((out / "self_consistency_metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    assert metrics["metrics"]["num_samples"] == metrics["metrics"]["num_records"] == NUM_RECORDS
+    rows = [json.loads(line) for line in (out / "self_consistency_samples.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(NUM_RECORDS))
+    assert [r["image"] for r in rows] == [f"im{k}.png" for k in range(NUM_RECORDS)]
+    assert (out / "self_consistency_cycles.png").exists()
+
+
+WORKER = textwrap.dedent("""
+    import json, sys
+    import torch.distributed as dist
+    from sc_tune.evaluation import evaluate_rec, evaluate_region_captions, evaluate_self_consistency
+    from sc_tune.evaluation.distributed import init_from_env, shutdown
+    from sc_tune.evaluation.records import load_rec_samples, load_region_caption_records
+    from sc_tune.adapters import adapter_class
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    model_dir, images, rec, regions, out = sys.argv[1:]
+    ranks = init_from_env()
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    adapter = adapter_class(AutoConfig.from_pretrained(model_dir).model_type).from_pretrained(model_dir)
+    rec_metrics, rec_rows = evaluate_rec(model, adapter, load_rec_samples(rec), images, batch_size=2)
+    cap_metrics, cap_rows = evaluate_region_captions(model, adapter, load_region_caption_records(regions), images,
+                                                     batch_size=2, use_meteor=False)
+    # A call made on one rank only must not wait for the others: distributed=False evaluates everything.
+    local = None
+    if ranks.rank == 1:
+        local, _ = evaluate_rec(model, adapter, load_rec_samples(rec)[:3], images, distributed=False)
+    with open(f"{out}/rank{ranks.rank}.json", "w") as f:
+        json.dump({"rank": ranks.rank, "world": ranks.world_size, "rec": rec_metrics,
+                   "rec_index": [r["index"] for r in rec_rows], "rec_sent": [r["sent"] for r in rec_rows],
+                   "cap": cap_metrics, "cap_index": [r["index"] for r in cap_rows], "local": local}, f)
+    shutdown(ranks)
+""")
+
+
+def test_in_process_rec_and_region_captions_two_processes(setup):
+    root, images, model_dir, _, rec, regions = setup
+    out = root / "out_worker"
+    out.mkdir()
+    worker = root / "worker.py"
+    worker.write_text(WORKER)
+    torchrun([str(worker), model_dir, str(images), str(rec), str(regions), str(out)], cwd=root)
+    results = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for res in results:
+        assert res["world"] == 2
+        assert res["rec"]["num_samples"] == res["rec"]["num_records"] == NUM_RECORDS
+        assert res["rec"]["num_parsed"] + res["rec"]["num_parse_failures"] == NUM_RECORDS
+        assert res["rec_index"] == list(range(NUM_RECORDS))
+        assert res["rec_sent"] == [f"the red circle {k}" for k in range(NUM_RECORDS)]
+        assert res["cap"]["num_samples"] == NUM_RECORDS and res["cap_index"] == list(range(NUM_RECORDS))
+    assert results[0]["rec"] == results[1]["rec"] and results[0]["cap"] == results[1]["cap"]
+    assert results[1]["local"]["num_samples"] == 3 and results[1]["local"]["world_size"] == 1

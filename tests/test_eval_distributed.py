@@ -1,6 +1,6 @@
 """Two CPU processes under torchrun (gloo): every sample of an odd-sized file is scored exactly once.
 
-Marked ``distributed`` (run alone with ``pytest -m distributed``, skip with ``-m "not distributed"``);
+Marked ``slow`` (the project marker for multi-process runs: ``pytest -m slow`` / ``-m "not slow"``);
 about 30 s on two cores.
 """
 
@@ -16,7 +16,7 @@ from PIL import Image
 
 from sc_tune.tiny import save_tiny
 
-pytestmark = pytest.mark.distributed
+pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 NUM_RECORDS = 7  # odd: rank 0 scores 4 samples, rank 1 scores 3; batch size 2 leaves a partial batch
 

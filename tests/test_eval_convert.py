@@ -1,0 +1,131 @@
+"""Converters (refer refs + instances -> REC JSONL / region captions; COCO-style -> region captions) and the
+record checks: exact outputs, and errors that name the file, the record and the field."""
+
+import json
+import pickle
+
+import pytest
+
+from sc_tune.evaluation.convert import (coco_regions_to_region_captions, main, refer_to_rec,
+                                        refer_to_region_captions)
+from sc_tune.evaluation.records import (RecordError, load_annotation_records, load_rec_samples,
+                                        load_region_caption_records)
+
+INSTANCES = {
+    "images": [{"id": 1, "file_name": "COCO_train2014_000000000001.jpg", "width": 200, "height": 100},
+               {"id": 2, "file_name": "COCO_train2014_000000000002.jpg", "width": 400, "height": 300}],
+    "annotations": [{"id": 10, "image_id": 1, "bbox": [20, 10, 50, 40], "category_id": 1},
+                    {"id": 20, "image_id": 2, "bbox": [0, 0, 100, 150], "category_id": 1}],
+}
+REFS = [
+    {"ref_id": 0, "ann_id": 10, "image_id": 1, "split": "val",
+     "file_name": "COCO_train2014_000000000001_10.jpg",  # refer's per-ref name, not the image file
+     "sentences": [{"sent": "left dog", "raw": "Left dog."}, {"sent": "the brown dog", "raw": "The brown dog"}]},
+    {"ref_id": 1, "ann_id": 20, "image_id": 2, "split": "testA",
+     "sentences": [{"sent": "man on the left", "raw": "Man on the left"}]},
+]
+
+
+@pytest.fixture()
+def refer_files(tmp_path):
+    refs, instances = tmp_path / "refs(unc).p", tmp_path / "instances.json"
+    refs.write_bytes(pickle.dumps(REFS, protocol=2))
+    instances.write_text(json.dumps(INSTANCES))
+    return refs, instances
+
+
+def test_refer_to_rec_one_line_per_sentence_in_pixels(refer_files):
+    samples = refer_to_rec(*refer_files, split="val", image_prefix="train2014/")
+    # xywh [20, 10, 50, 40] -> xyxy [20, 10, 70, 50], pixels of the 200 x 100 image.
+    assert samples == [
+        {"image": "train2014/COCO_train2014_000000000001.jpg", "sent": "left dog", "bbox": [20, 10, 70, 50],
+         "width": 200, "height": 100},
+        {"image": "train2014/COCO_train2014_000000000001.jpg", "sent": "the brown dog", "bbox": [20, 10, 70, 50],
+         "width": 200, "height": 100},
+    ]
+    assert [s["sent"] for s in refer_to_rec(*refer_files, split="val", sentence_field="raw")] == \
+        ["Left dog.", "The brown dog"]
+
+
+def test_refer_to_region_captions_normalised(refer_files):
+    records = refer_to_region_captions(*refer_files, split="testA")
+    # [0, 0, 100, 150] on 400 x 300 -> [0, 0, 0.25, 0.5].
+    assert records == [{"image": "COCO_train2014_000000000002.jpg", "bbox": [0.0, 0.0, 0.25, 0.5],
+                        "captions": ["man on the left"]}]
+
+
+def test_convert_cli_writes_jsonl_that_the_evaluator_loads(refer_files, tmp_path):
+    out = tmp_path / "refcoco_val.jsonl"
+    main(["refer-rec", "--refs", str(refer_files[0]), "--instances", str(refer_files[1]), "--split", "val",
+          "--out", str(out)])
+    assert len(load_rec_samples(out)) == 2
+
+
+def test_refer_errors_name_file_record_and_field(tmp_path, refer_files):
+    refs, instances = refer_files
+    bad_refs = tmp_path / "bad.p"
+    bad_refs.write_bytes(pickle.dumps([REFS[0], {**REFS[1], "split": "val", "ann_id": 99}]))
+    with pytest.raises(RecordError, match=r"bad\.p: ref 1: field 'ann_id' = 99 is not in .*instances\.json"):
+        refer_to_rec(bad_refs, instances, split="val")
+    no_sentences = tmp_path / "nosent.p"
+    no_sentences.write_bytes(pickle.dumps([{**REFS[0], "sentences": [{"raw": "x"}]}]))
+    with pytest.raises(RecordError, match=r"nosent\.p: ref 0: sentences\[0\]: missing field 'sent'"):
+        refer_to_rec(no_sentences, instances, split="val")
+    bad_instances = tmp_path / "inst.json"
+    bad_instances.write_text(json.dumps({**INSTANCES, "annotations": [{"id": 10, "image_id": 1, "bbox": [1, 2]}]}))
+    with pytest.raises(RecordError, match=r"inst\.json: annotations\[0\]: field 'bbox' must be \[x, y, w, h\]"):
+        refer_to_rec(refs, bad_instances, split="val")
+    with pytest.raises(RecordError, match="no ref has split 'test'"):
+        refer_to_rec(refs, instances, split="test")
+    not_pickle = tmp_path / "refs.txt"
+    not_pickle.write_text("hello")
+    with pytest.raises(RecordError, match=r"refs\.txt: not a refer refs pickle"):
+        refer_to_rec(not_pickle, instances, split="val")
+
+
+def test_coco_regions_merge_captions_of_the_same_box(tmp_path):
+    path = tmp_path / "regions_coco.json"
+    path.write_text(json.dumps({
+        "images": INSTANCES["images"],
+        "annotations": [{"image_id": 1, "bbox": [20, 10, 50, 40], "caption": "a dog"},
+                        {"image_id": 1, "bbox": [20, 10, 50, 40], "caption": "brown dog "},
+                        {"image_id": 2, "bbox": [0, 0, 100, 150], "captions": ["a man"]}],
+    }))
+    # [20, 10, 50, 40] on 200 x 100 -> xyxy [20, 10, 70, 50] -> [0.1, 0.1, 0.35, 0.5].
+    records = coco_regions_to_region_captions(path)
+    assert records[0]["captions"] == ["a dog", "brown dog"]
+    assert records[0]["bbox"] == pytest.approx([0.1, 0.1, 0.35, 0.5])
+    assert records[1] == {"image": "COCO_train2014_000000000002.jpg", "bbox": [0.0, 0.0, 0.25, 0.5],
+                          "captions": ["a man"]}
+    path.write_text(json.dumps({"images": INSTANCES["images"], "annotations": [{"image_id": 1, "bbox": [0, 0, 1, 1]}]}))
+    with pytest.raises(RecordError, match=r"regions_coco\.json: annotations\[0\]: missing field 'caption'"):
+        coco_regions_to_region_captions(path)
+
+
+def test_record_checks_name_file_record_and_field(tmp_path):
+    rec = tmp_path / "rec.jsonl"
+    rec.write_text(json.dumps({"image": "a.jpg", "sent": "x", "bbox": [0, 0, 5, 5], "width": 10, "height": 10})
+                   + "\n" + json.dumps({"image": "a.jpg", "sent": "x", "bbox": [0, 0, 5, 5], "width": 10}) + "\n")
+    with pytest.raises(RecordError, match=r"rec\.jsonl: record 1: missing field 'height'"):
+        load_rec_samples(rec)
+    held_out = tmp_path / "held_out.json"
+    held_out.write_text(json.dumps([{"image": "a.jpg", "bbox": [10, 10, 50, 50]}]))
+    with pytest.raises(RecordError, match=r"held_out\.json: record 0: field 'bbox' must be normalised"):
+        load_annotation_records(held_out)
+    held_out.write_text(json.dumps([{"image_id": "a.jpg", "bbox": [0.1, 0.1, 0.5, 0.5], "caption": "a dog"}]))
+    assert load_annotation_records(held_out) == [{"image": "a.jpg", "bbox": [0.1, 0.1, 0.5, 0.5], "caption": "a dog"}]
+    regions = tmp_path / "regions.json"
+    regions.write_text(json.dumps([{"image": "a.jpg", "bbox": [0.1, 0.1, 0.5, 0.5], "captions": []}]))
+    with pytest.raises(RecordError, match=r"regions\.json: record 0: field 'captions' must be a non-empty list"):
+        load_region_caption_records(regions)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"image": "a.jpg"}\n{not json\n')
+    with pytest.raises(RecordError, match=r"broken\.jsonl: line 2 is not valid JSON"):
+        load_rec_samples(broken)
+
+
+def test_missing_image_names_the_sample(tmp_path):
+    from sc_tune.evaluation.records import open_image
+
+    with pytest.raises(FileNotFoundError, match=r"sample 3: image file .*missing\.png.* not found"):
+        open_image(tmp_path, "missing.png", 3)

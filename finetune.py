@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 from transformers import HfArgumentParser
@@ -18,7 +17,13 @@ from transformers import HfArgumentParser
 from sc_tune.arguments import DataArguments, LoraArguments, ModelArguments, SCTuneConfig
 from sc_tune.data import ReferringDataset
 from sc_tune.export import export_trained
-from sc_tune.modeling import apply_lora, freeze_vision_tower, load_model_and_adapter, qlora_quantization_config
+from sc_tune.modeling import (
+    apply_lora,
+    freeze_vision_tower,
+    load_model_and_adapter,
+    num_elements,
+    qlora_quantization_config,
+)
 from sc_tune.trainer import SCTuneTrainer
 
 logger = logging.getLogger("sc_tune")
@@ -30,9 +35,9 @@ def main(argv: list[str] | None = None) -> SCTuneTrainer:
     logging.basicConfig(level=logging.INFO if args.process_index == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    if args.deepspeed and os.environ.get("WORLD_SIZE") and not torch.distributed.is_initialized():
-        # ZeRO-3 partitions weights while from_pretrained runs, so the process group must exist first
-        # (feasibility.md §4); gloo on CPU, nccl on GPU.
+    if args.deepspeed:
+        # ZeRO-3 partitions weights while from_pretrained runs, so DeepSpeed's communication layer must be
+        # up first (it reuses the process group accelerate may have made); gloo on CPU, nccl on GPU.
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -49,8 +54,9 @@ def main(argv: list[str] | None = None) -> SCTuneTrainer:
         model.config.use_cache = False
     if lora_args.use_lora:
         model = apply_lora(model, adapter, lora_args, args.gradient_checkpointing)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    logger.info("trainable parameters: %.2fM of %.2fM", trainable / 1e6, sum(p.numel() for p in model.parameters()) / 1e6)
+    trainable = sum(num_elements(p) for p in model.parameters() if p.requires_grad)
+    total = sum(num_elements(p) for p in model.parameters())
+    logger.info("trainable parameters: %.2fM of %.2fM", trainable / 1e6, total / 1e6)
 
     dataset = ReferringDataset.from_file(data_args.data_path, data_args.image_folder, data_args.skip_bad_records)
     logger.info("%d referring samples from %s", len(dataset), data_args.data_path)

@@ -49,6 +49,11 @@ def load_model_and_adapter(
     return model, adapter
 
 
+def num_elements(param: torch.Tensor) -> int:
+    """Element count, also for a ZeRO-3 partitioned parameter (whose local ``numel()`` is 0)."""
+    return getattr(param, "ds_numel", param.numel())
+
+
 def freeze_vision_tower(model: torch.nn.Module, adapter: ModelAdapter) -> int:
     """``fix_vit``: freeze the vision tower except its resampler/merger. Returns the number frozen."""
     if not adapter.vision_prefix:
@@ -58,7 +63,7 @@ def freeze_vision_tower(model: torch.nn.Module, adapter: ModelAdapter) -> int:
         in_tower = name.startswith(adapter.vision_prefix + ".")
         if in_tower and not any(name.startswith(p + ".") for p in adapter.vision_trainable_prefixes):
             param.requires_grad_(False)
-            frozen += param.numel()
+            frozen += num_elements(param)
     if frozen == 0:
         raise ValueError(f"fix_vit froze nothing: no parameter starts with {adapter.vision_prefix!r}")
     return frozen

@@ -7,6 +7,7 @@ computation everywhere.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -62,13 +63,42 @@ def completion_mask(ids_BT: torch.Tensor, end_token_ids: Sequence[int]) -> torch
     return (~ended_before_BT).long()
 
 
+# The box a codec writes longest: every coordinate at its maximum (1000 on a grid, the frame on pixels).
+_WIDEST_BOX = (1.0, 1.0, 1.0, 1.0)
+
+
+def fit_locator_budget(adapter: ModelAdapter, images: Sequence[ImageInputs],
+                       settings: GenerationSettings) -> GenerationSettings:
+    """``settings`` with ``max_new_tokens`` raised, if needed, to fit the longest box answer of these images.
+
+    Why: the reference's 20 tokens were sized for Qwen-VL's ``(x1,y1),(x2,y2)</box>``; with digits one token
+    each, a Qwen3-VL JSON box takes ~28 tokens and a Qwen2-VL box with a 1000 coordinate 21, so a fixed 20
+    would turn correct answers into parse failures (and the describer's reward into zeros).
+    """
+    needed = max(len(adapter.encode_target(adapter.locator_target(_WIDEST_BOX, im))) for im in images)
+    if needed <= settings.max_new_tokens:
+        return settings
+    return dataclasses.replace(settings, max_new_tokens=needed)
+
+
+def _unnamed_token_ids(model, adapter: ModelAdapter) -> list[int]:
+    """Rows of the output layer past the tokenizer's vocabulary (Qwen-VL: 151,851 tokens, 151,936 rows):
+    a model can sample them but no tokenizer can decode them."""
+    output_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if output_layer is None:
+        return []
+    return list(range(len(adapter.tokenizer), output_layer.weight.shape[0]))
+
+
 @torch.no_grad()
 def generate(model, adapter: ModelAdapter, batch: PromptBatch, settings: GenerationSettings,
              skip_special_tokens: bool) -> Completions:
     """Batched ``generate`` on a left-padded batch; pads everything after each row's first end token."""
     device = next(model.parameters()).device
     inputs = batch.to(device).inputs
-    sequences = model.generate(**inputs, **settings.generate_kwargs(), **adapter.generation_kwargs())
+    kwargs = adapter.generation_kwargs()
+    suppressed = (kwargs.pop("suppress_tokens") or []) + _unnamed_token_ids(model, adapter)
+    sequences = model.generate(**inputs, **settings.generate_kwargs(), **kwargs, suppress_tokens=suppressed or None)
     ids_BT = sequences[:, inputs["input_ids"].shape[1] :]
     mask_BT = completion_mask(ids_BT, adapter.end_token_ids)
     ids_BT = torch.where(mask_BT.bool(), ids_BT, torch.full_like(ids_BT, adapter.pad_token_id))
@@ -86,8 +116,12 @@ def describe(model, adapter: ModelAdapter, images: Sequence[ImageInputs], boxes_
 
 
 def locate(model, adapter: ModelAdapter, images: Sequence[ImageInputs], captions: Sequence[str],
-           settings: GenerationSettings) -> tuple[list[list[float] | None], list[str]]:
-    """Ground each caption; returns normalised boxes (``None`` on a parse failure) and the raw texts."""
+           settings: GenerationSettings, fit_budget: bool = True) -> tuple[list[list[float] | None], list[str]]:
+    """Ground each caption; returns normalised boxes (``None`` on a parse failure) and the raw texts.
+
+    ``fit_budget`` raises ``settings.max_new_tokens`` to the family's longest box (see ``fit_locator_budget``)."""
+    if fit_budget:
+        settings = fit_locator_budget(adapter, images, settings)
     batch = adapter.build_batch([adapter.locator_prompt(c, im) for c, im in zip(captions, images)], images)
     completions = generate(model, adapter, batch, settings, skip_special_tokens=False)
     boxes = [adapter.parse_locator_output(text, im) for text, im in zip(completions.texts, images)]

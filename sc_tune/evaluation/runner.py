@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
 
 from sc_tune.adapters.base import ImageInputs, ModelAdapter
 from sc_tune.evaluation.distributed import Ranks, current_ranks, gather_by_index, shard_indices
-from sc_tune.rollout import GenerationSettings
+from sc_tune.rollout import GenerationSettings, fit_locator_budget  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -18,24 +17,6 @@ logger = logging.getLogger(__name__)
 # the describer stop at once: min_new_tokens=3 is a training-time guard, not part of the model's answer.
 DESCRIBE_EVAL = GenerationSettings(max_new_tokens=30, min_new_tokens=0)
 LOCATE_EVAL = GenerationSettings(max_new_tokens=20, min_new_tokens=0)
-
-
-# The box a codec writes longest: every coordinate at its maximum (1000 on a grid, the frame on pixels).
-_WIDEST_BOX = (1.0, 1.0, 1.0, 1.0)
-
-
-def fit_locator_budget(adapter: ModelAdapter, images: Sequence[ImageInputs],
-                       settings: GenerationSettings) -> GenerationSettings:
-    """``settings`` with ``max_new_tokens`` raised, if needed, to fit the longest box answer of these images.
-
-    Why: the reference's 20 tokens were sized for Qwen-VL's ``(x1,y1),(x2,y2)``; with digits one token each,
-    a Qwen3-VL JSON box takes ~28 tokens and a Qwen2-VL box with a 1000 coordinate 21, so a fixed 20 turns
-    correct answers into parse failures.
-    """
-    needed = max(len(adapter.encode_target(adapter.locator_target(_WIDEST_BOX, im))) for im in images)
-    if needed <= settings.max_new_tokens:
-        return settings
-    return dataclasses.replace(settings, max_new_tokens=needed)
 
 
 def locator_finished(adapter: ModelAdapter, locator_text: str) -> bool:

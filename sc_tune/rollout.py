@@ -130,8 +130,8 @@ def locate(model, adapter: ModelAdapter, images: Sequence[ImageInputs], captions
 
 def cycle(describer, locator, adapter: ModelAdapter, images: Sequence[ImageInputs],
           boxes_norm: Sequence[Sequence[float]], describe_settings: GenerationSettings,
-          locate_settings: GenerationSettings) -> Cycle:
+          locate_settings: GenerationSettings, fit_budget: bool = True) -> Cycle:
     """One describer -> locator cycle; ``describer`` and ``locator`` may be the same model."""
     batch, captions = describe(describer, adapter, images, boxes_norm, describe_settings)
-    boxes, texts = locate(locator, adapter, images, captions.texts, locate_settings)
+    boxes, texts = locate(locator, adapter, images, captions.texts, locate_settings, fit_budget)
     return Cycle(batch, captions, boxes, texts)

@@ -38,7 +38,7 @@ def evaluate_self_consistency(model, adapter, records: Sequence[dict], image_roo
         images = [adapter.prepare_image(open_image(image_root, records[i]["image"], i)) for i in indices]
         true_boxes = [records[i]["bbox"] for i in indices]
         settings = fit_locator_budget(adapter, images, locate_settings) if fit_budget else locate_settings
-        result = cycle(model, locator, adapter, images, true_boxes, describe_settings, settings)
+        result = cycle(model, locator, adapter, images, true_boxes, describe_settings, settings, fit_budget=False)
         ious = per_sample_ious(result.boxes, true_boxes)
         out = []
         for k, i in enumerate(indices):

@@ -1,0 +1,71 @@
+"""LoRA through a phase switch: only adapter weights train, the snapshot adapter re-syncs, merge is exact."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+import sc_tune.trainer
+from sc_tune.export import export_trained
+from sc_tune.modeling import apply_lora, load_model_and_adapter
+from sc_tune.snapshot import SNAPSHOT_ADAPTER
+from tests.conftest import SAMPLE_IMAGES
+from tests.helpers import fake_iou, make_trainer
+
+LORA = SimpleNamespace(q_lora=False, lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=None)
+
+
+def _lora(model, adapter):
+    return apply_lora(model, adapter, LORA, gradient_checkpointing=False)
+
+
+def _adapter_weights(model, name):
+    return {n.replace(f".{name}.", "."): p.detach().clone() for n, p in model.named_parameters() if f".{name}." in n}
+
+
+def test_lora_phase_switch_and_merge(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr(sc_tune.trainer, "iou_or_zero", fake_iou)
+    source = tiny_checkpoint("qwen2_vl")
+    trainer = make_trainer(source, str(tmp_path / "run"), model_transform=_lora, max_steps=5,
+                           caption_update_steps=1, bbox_update_steps=2, ppo_epochs=2, kl_coef=0.05)
+    model = trainer.model
+    base_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    assert all(not p.requires_grad for n, p in model.named_parameters() if f".{SNAPSHOT_ADAPTER}." in n)
+    seen = {}
+    original = trainer._begin_step
+
+    def spy(step):
+        policy_before = _adapter_weights(model, "default")
+        original(step)
+        seen[step] = (policy_before, _adapter_weights(model, SNAPSHOT_ADAPTER))
+
+    trainer._begin_step = spy
+    trainer.train()
+
+    # only the policy adapter trained: every base weight is bit-identical
+    for name, value in base_before.items():
+        assert torch.equal(dict(model.named_parameters())[name], value), name
+    policy_at_2, snapshot_at_2 = seen[2]
+    assert any(not torch.equal(policy_at_2[k], seen[0][0][k]) for k in policy_at_2)  # describer moved it
+    for step in (2, 4):  # re-synced at each switch, adapter weights only
+        policy, snapshot = seen[step]
+        assert all(torch.equal(policy[k], snapshot[k]) for k in policy)
+    assert any(not torch.equal(seen[4][1][k], snapshot_at_2[k]) for k in snapshot_at_2)
+    assert torch.equal(seen[3][1][next(iter(snapshot_at_2))], snapshot_at_2[next(iter(snapshot_at_2))])
+
+    # merge: one command's worth of work, and the merged model computes the LoRA model's logits
+    out = tmp_path / "export"
+    export_trained(trainer, str(out), source, use_lora=True)
+    assert (out / "lora_adapter" / "adapter_config.json").exists()
+    merged, adapter = load_model_and_adapter(str(out))
+    image = adapter.prepare_image(Image.open(f"{SAMPLE_IMAGES}/images/000.png"))
+    batch = adapter.build_batch([adapter.describer_prompt([0.1, 0.2, 0.5, 0.6], image)], [image])
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch.inputs).logits
+        got = merged(**batch.inputs).logits
+    assert torch.allclose(got, expected, atol=1e-5)
+    base, _ = load_model_and_adapter(source)
+    with torch.no_grad():
+        assert not torch.allclose(base(**batch.inputs).logits, expected, atol=1e-5)  # the adapter mattered

@@ -15,13 +15,15 @@ SAMPLE_IMAGES = os.path.join(ROOT, "data", "sample")
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """Factory: a tiny random checkpoint folder of a family, built once per session."""
+    from sc_tune.models.qwen_vl.tiny import save_tiny_qwen_vl
     from sc_tune.tiny import save_tiny
 
     built = {}
 
     def make(family: str = "qwen2_vl") -> str:
         if family not in built:
-            built[family] = save_tiny(tmp_path_factory.mktemp(f"tiny_{family}"), family)
+            directory = tmp_path_factory.mktemp(f"tiny_{family}")
+            built[family] = save_tiny_qwen_vl(str(directory)) if family == "qwen" else save_tiny(directory, family)
         return built[family]
 
     return make

@@ -75,7 +75,7 @@ class ModelAdapter(ABC):
         """Write the tokenizer (and image processor) next to saved weights, so the folder reloads."""
         self.tokenizer.save_pretrained(directory)
         image_processor = getattr(self, "image_processor", None)
-        if image_processor is not None:
+        if hasattr(image_processor, "save_pretrained"):  # Qwen-VL's lives in config.json's "visual" block
             image_processor.save_pretrained(directory)
 
     # ---------------------------------------------------------------- prompts and targets (text)

@@ -1,0 +1,104 @@
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from sc_tune.data import AnnotationError, ReferringDataset, RolloutSampler, collate_referring, load_annotations
+from sc_tune.objects365 import convert
+from sc_tune.phases import PhaseSchedule
+from tests.conftest import SAMPLE_DATA, SAMPLE_IMAGES
+
+
+def _write(tmp_path, records):
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
+def test_bundled_sample_loads_and_collates():
+    dataset = ReferringDataset.from_file(SAMPLE_DATA, SAMPLE_IMAGES)
+    assert len(dataset) == 32
+    batch = collate_referring([dataset[0], dataset[5]])
+    assert batch["index"] == [0, 5] and batch["boxes"].shape == (2, 4)
+    assert all(isinstance(im, Image.Image) and im.mode == "RGB" for im in batch["images"])
+
+
+def test_reference_image_id_key_is_accepted(tmp_path):
+    records = load_annotations(_write(tmp_path, [{"image_id": "a.jpg", "bbox": [0.1, 0.2, 0.3, 0.4]}]))
+    assert records == [{"image": "a.jpg", "bbox": [0.1, 0.2, 0.3, 0.4]}]
+
+
+@pytest.mark.parametrize("record, field", [
+    ({"bbox": [0.1, 0.2, 0.3, 0.4]}, "'image'"),
+    ({"image": "a.jpg", "bbox": [0.1, 0.2, 0.3]}, "'bbox'"),
+    ({"image": "a.jpg", "bbox": [10, 20, 30, 40]}, "'bbox' must be normalised"),  # pixels, not [0,1]
+    ({"image": "a.jpg", "bbox": [0.5, 0.2, 0.3, 0.4]}, "'bbox' must be normalised"),  # x1 > x2
+    ({"image": "a.jpg", "bbox": [0.1, "0.2", 0.3, 0.4]}, "'bbox'"),
+])
+def test_bad_record_error_names_file_index_and_field(tmp_path, record, field):
+    path = _write(tmp_path, [{"image": "ok.jpg", "bbox": [0, 0, 1, 1]}, record])
+    with pytest.raises(AnnotationError) as info:
+        load_annotations(path)
+    assert path in str(info.value) and "record 1" in str(info.value) and field in str(info.value)
+
+
+def test_skipping_counts_bad_records_and_missing_images(tmp_path, caplog):
+    (tmp_path / "here.png").write_bytes(b"")
+    path = _write(tmp_path, [
+        {"image": "here.png", "bbox": [0, 0, 1, 1]},
+        {"image": "gone.png", "bbox": [0, 0, 1, 1]},
+        {"image": "here.png", "bbox": [2, 0, 1, 1]},
+    ])
+    records = load_annotations(path, str(tmp_path), skip_bad=True)
+    assert records == [{"image": "here.png", "bbox": [0.0, 0.0, 1.0, 1.0]}]
+    assert "skipped 2 of 3 records" in caplog.text
+
+
+def test_unreadable_image_is_an_error_not_a_substitution(tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    dataset = ReferringDataset.from_file(_write(tmp_path, [{"image": "broken.png", "bbox": [0, 0, 1, 1]}]), str(tmp_path))
+    with pytest.raises(OSError, match="record 0: field 'image'"):
+        dataset[0]
+
+
+def test_rollout_sampler_repeats_describer_batches_only():
+    schedule = PhaseSchedule(describer_rollouts=1, locator_steps=2, ppo_epochs=2, describer_lr=1, locator_lr=1)
+    stream = iter(RolloutSampler(num_samples=10, step_batch_size=3, schedule=schedule, seed=0))
+    steps = [[next(stream) for _ in range(3)] for _ in range(6)]
+    assert steps[1] == steps[0]  # describer rollout, epoch 1: same batch
+    assert len({tuple(s) for s in steps[:4]}) == 3  # locator steps 2 and 3 draw new batches
+    assert steps[5] == steps[4]  # next describer rollout
+    again = iter(RolloutSampler(num_samples=10, step_batch_size=3, schedule=schedule, seed=0))
+    assert [next(again) for _ in range(18)] == sum(steps, [])  # deterministic: resume replays it
+
+
+def test_objects365_converter_filters_and_counts(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"")
+    coco = {
+        "images": [{"id": 1, "file_name": "a.jpg", "width": 200, "height": 100},
+                   {"id": 2, "file_name": "missing.jpg", "width": 100, "height": 100}],
+        "annotations": [
+            {"image_id": 1, "bbox": [20, 10, 100, 50], "category_id": 3},  # kept: [0.1, 0.1, 0.6, 0.6]
+            {"image_id": 1, "bbox": [0, 0, 2, 2]},  # area 4/20000 < min_area
+            {"image_id": 1, "bbox": [0, 0, 50, 50], "iscrowd": 1},
+            {"image_id": 1, "bbox": [0, 0, 50, 50], "isfake": 1},
+            {"image_id": 2, "bbox": [0, 0, 50, 50]},  # image file missing
+        ],
+    }
+    records, counts = convert(coco, "o365.json", image_folder=str(tmp_path), min_area=0.01)
+    assert records == [{"image": "a.jpg", "bbox": [0.1, 0.1, 0.6, 0.6], "category_id": 3}]
+    assert counts["smaller than min_area"] == 1 and counts["image file missing"] == 1
+    assert counts["flagged (iscrowd)"] == 1 and counts["flagged (isfake)"] == 1
+    bad = {"images": coco["images"], "annotations": [{"image_id": 1, "bbox": [1, 2, 3]}]}
+    with pytest.raises(AnnotationError, match=r"o365.json: annotations\[0\]: field 'bbox'"):
+        convert(bad, "o365.json")
+
+
+def test_objects365_sampling_is_deterministic():
+    coco = {"images": [{"id": i, "file_name": f"{i}.jpg", "width": 10, "height": 10} for i in range(20)],
+            "annotations": [{"image_id": i, "bbox": [1, 1, 5, 5]} for i in range(20) for _ in range(3)]}
+    first, counts = convert(coco, max_boxes_per_image=2, num_samples=7, seed=3)
+    second, _ = convert(coco, max_boxes_per_image=2, num_samples=7, seed=3)
+    assert first == second and len(first) == 7
+    assert counts["over max_boxes_per_image"] == 20 and counts["over num_samples"] == 33

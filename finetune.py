@@ -50,8 +50,6 @@ def main(argv: list[str] | None = None) -> SCTuneTrainer:
     if model_args.fix_vit:
         frozen = freeze_vision_tower(model, adapter)
         logger.info("fix_vit: froze %.1fM vision parameters (resampler/merger stays trainable)", frozen / 1e6)
-    if args.gradient_checkpointing:
-        model.config.use_cache = False
     if lora_args.use_lora:
         model = apply_lora(model, adapter, lora_args, args.gradient_checkpointing)
     trainable = sum(num_elements(p) for p in model.parameters() if p.requires_grad)

@@ -105,7 +105,9 @@ class PhaseLR(torch.optim.lr_scheduler.LRScheduler):
     """An LR scheduler that reports (and writes) whatever LR the phase schedule says.
 
     The Trainer and DeepSpeed step schedulers at different times and DeepSpeed does not step it on a
-    skipped update, so this never counts its own steps: ``lr_fn`` reads the trainer's global step.
+    skipped update, so this never counts its own steps: ``lr_fn`` reads the trainer's global step. The
+    trainer also sets each step's LR directly when the step begins, so the optimizer never depends on
+    when (or whether) this is stepped.
     """
 
     def __init__(self, optimizer, lr_fn):

@@ -94,7 +94,9 @@ class SCTuneTrainer(Trainer):
 
     def create_scheduler(self, num_training_steps, optimizer=None):
         if self.lr_scheduler is None:
-            self.lr_scheduler = PhaseLR(optimizer or self.optimizer, lambda: self.schedule.lr_at(self.state.global_step))
+            # Schedulers are stepped at the end of a step, before global_step moves on: report the next step's LR.
+            self.lr_scheduler = PhaseLR(optimizer or self.optimizer,
+                                        lambda: self.schedule.lr_at(self.state.global_step + 1))
         return self.lr_scheduler
 
     def floating_point_ops(self, inputs):
@@ -272,6 +274,8 @@ class SCTuneTrainer(Trainer):
             self._metrics[f"{prefix}/{name}"].append(value)
 
     def log(self, logs, start_time=None):
+        if "learning_rate" in logs:  # the LR the logged step used (the Trainer reads the scheduler's, one step late)
+            logs["learning_rate"] = self.schedule.lr_at(self.state.global_step - 1)
         logs = {**logs, **{k: sum(v) / len(v) for k, v in self._metrics.items() if v}}
         self._metrics.clear()
         super().log(logs, start_time)

@@ -68,3 +68,22 @@ def test_sharded_runs_agree_with_each_other(runs):
     assert losses["zero2"] == pytest.approx(losses["zero3"], rel=1e-4, abs=1e-6)
     assert losses["ddp"][2:4] == pytest.approx(losses["zero2"][2:4], rel=1e-4)  # same locator steps
     assert [h["describer/skipped"] for h in out["ddp"][1] if "describer/skipped" in h] == [1.0, 1.0, 1.0]
+
+
+def test_finetune_ds_script_launches_with_environment_overrides(tiny_checkpoint, tmp_path):
+    out = tmp_path / "ds_script"
+    env = {
+        **os.environ, "GPUS_PER_NODE": "2", "MASTER_PORT": "29650", "MODEL": tiny_checkpoint("qwen2_vl"),
+        "IMAGE_DIR": SAMPLE_IMAGES, "DATA": SAMPLE_DATA, "OUTPUT_DIR": str(out), "MAX_STEPS": "3",
+        "BATCH_PER_GPU": "2", "caption_update_steps": "1", "bbox_update_steps": "1", "kl_coef": "0.02",
+        "REPORT_TO": "none", "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": os.path.join(ROOT, ".torch_extensions"),
+        "EXTRA_ARGS": "--use_cpu True --bf16 False --gradient_checkpointing False --dataloader_num_workers 0 "
+                      "--describer_max_new_tokens 4 --locator_max_new_tokens 6 --disable_tqdm True",
+    }
+    result = subprocess.run(["sh", "scripts/finetune_ds.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-6000:]
+    args = torch.load(out / "training_args.bin", weights_only=False)
+    assert (args.kl_coef, args.caption_update_steps, args.max_steps, args.world_size) == (0.02, 1, 3, 2)
+    assert args.deepspeed.endswith("ds_config_zero2.json")
+    assert (out / "model.safetensors").exists()

@@ -65,6 +65,7 @@ def test_two_phases_switch_lr_moments_and_snapshot(tiny_checkpoint, tmp_path, re
         assert torch.equal(dict(trainer.model.named_parameters())[name], value), name
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert [h["phase"] for h in logs] == [0.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+    assert [h["learning_rate"] for h in logs] == [1e-3, 1e-3, 2e-3, 2e-3, 1e-3, 1e-3]
     for key in ("describer/reward_iou", "describer/baseline_iou", "describer/advantage", "describer/kl",
                 "describer/kl_coef", "describer/clip_frac", "describer/ratio", "describer/policy_kl",
                 "describer/parse_failure"):

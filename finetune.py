@@ -42,7 +42,11 @@ def main(argv: list[str] | None = None) -> SCTuneTrainer:
 
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
-    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    # Load in half precision only where fp32 master weights live elsewhere: DeepSpeed keeps them in its
+    # optimizer, and LoRA trains fp32 adapters on a frozen base. A plain run keeps fp32 weights and lets
+    # --bf16 autocast the compute; Adam steps of 5e-7 would vanish in bf16 weights.
+    half = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+    dtype = half if half is not None and (args.deepspeed or lora_args.use_lora) else torch.float32
     quantization = qlora_quantization_config(dtype) if lora_args.q_lora else None
     if lora_args.q_lora and not lora_args.use_lora:
         raise ValueError("--q_lora needs --use_lora")

@@ -2,9 +2,13 @@
 
 Deterministic from ``--seed``. The committed ``checkpoints/warm_start`` was made with
 
-    nice -n 10 python scripts/build_warm_start.py --output_dir outputs/warm_start --seed 0 --max_steps 12000
+    OMP_NUM_THREADS=1 nice -n 10 python scripts/build_warm_start.py --output_dir outputs/warm_start \
+        --seed 0 --max_steps 8000 --threads 1
 
-on 2 CPU threads; then the chosen ``outputs/warm_start/step_<n>`` was copied to ``checkpoints/warm_start``.
+then the chosen ``outputs/warm_start/step_<n>`` was copied to ``checkpoints/warm_start`` (see
+docs/benchmark.md). One thread, not two: at this model size a step takes 0.19 s on one thread and
+0.28 s on two (intra-op parallelism costs more than it gives), and two threads collapse to 1.8 s per
+step when another process holds one of the two cores.
 """
 
 from __future__ import annotations

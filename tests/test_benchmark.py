@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -77,36 +76,19 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert lr_at(110, cfg) == pytest.approx(1e-4)
 
 
-def _fake_adapter_objects(n):
-    boxes = [[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]]
-    return [{"image": None, "image_path": "x", "bbox": boxes[i % 2], "rec_bbox": boxes[i % 2], "caption": "the red circle",
-             "terse": "the circle", "sent": "the red circle", "ambiguous": i < 2} for i in range(n)]
-
-
-def test_evaluate_benchmark_counts_hand_made_outcomes(monkeypatch):
-    objects = _fake_adapter_objects(4)
-    captions = ["the circle", "the red circle", "the blue", "the red circle"]
-    # Locator answers for the cycle: hit, half-overlapping miss (IoU 1/7), parse failure, hit.
-    cycle_boxes = [objects[0]["bbox"], [0.25, 0.25, 0.75, 0.75], None, objects[3]["bbox"]]
-    rec_boxes = [objects[0]["bbox"], objects[1]["bbox"], objects[2]["bbox"], None]
-
-    def fake_describe(model, adapter, images, boxes, settings):
-        return None, SimpleNamespace(texts=captions[: len(boxes)])
-
-    def fake_locate(model, adapter, images, texts, settings):
-        return (cycle_boxes if texts == captions else rec_boxes), []
-
-    monkeypatch.setattr(evaluate_module, "describe", fake_describe)
-    monkeypatch.setattr(evaluate_module, "locate", fake_locate)
-    m = evaluate_module.evaluate_benchmark(torch.nn.Linear(1, 1), None, objects, batch_size=4, keep_rows=2)
-    iou_quarter_overlap = 0.0625 / (0.25 + 0.25 - 0.0625)
-    assert m["cycle_acc50"] == 0.5
+def test_summarize_benchmark_counts_hand_made_outcomes():
+    records = [{"caption": "the red circle", "terse": "the circle", "ambiguous": i < 2} for i in range(4)]
+    rows = [{"caption": c, "iou": iou} for c, iou in
+            [("the circle", 1.0), ("the red circle", 0.2), ("the blue", 0.0), ("the red circle", 0.5)]]
+    cycle = {"mean_iou": 0.425, "acc@0.5": 0.5, "parse_failure_rate": 0.25}
+    rec = {"mean_iou": 0.75, "acc@0.5": 0.75, "parse_failure_rate": 0.0}
+    m = evaluate_module.summarize_benchmark(records, cycle, rows, rec)
     assert m["cycle_acc50_ambiguous"] == 0.5  # objects 0 (hit) and 1 (miss) are the ambiguous ones
-    assert m["cycle_iou"] == pytest.approx((1 + iou_quarter_overlap + 0 + 1) / 4)
-    assert m["cycle_parse_fail"] == 0.25 and m["rec_parse_fail"] == 0.25
-    assert m["rec_acc50"] == 0.75
+    assert (m["cycle_iou"], m["cycle_acc50"], m["cycle_parse_fail"], m["rec_acc50"]) == (0.425, 0.5, 0.25, 0.75)
     assert (m["caption_full"], m["caption_terse"], m["caption_valid"]) == (0.5, 0.25, 0.75)
-    assert [r["caption"] for r in m["rows"]] == captions[:2]
+    assert (m["objects"], m["ambiguous_objects"]) == (4, 2)
+    with pytest.raises(ValueError):
+        evaluate_module.summarize_benchmark(records, cycle, rows[:3], rec)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from sc_tune.modeling import load_model_and_adapter
-from sc_tune.synthetic.evaluate import evaluate_benchmark, load_heldout
+from sc_tune.synthetic.evaluate import evaluate_benchmark
 from sc_tune.synthetic.shapes import write_dataset
 
 REPO = Path(__file__).resolve().parents[2]
@@ -116,9 +116,8 @@ def run_sc_tune(model_path, data_root, output_dir, seed: int, max_steps: int, ov
 def evaluate_checkpoint(path, data_root, limit: int | None = None, keep_rows: int = 0, threads: int = 2) -> dict:
     torch.set_num_threads(threads)
     model, adapter = load_model_and_adapter(str(path), dtype=torch.float32)
-    objects = load_heldout(data_root, adapter, limit=limit)
     started = time.perf_counter()
-    metrics = evaluate_benchmark(model, adapter, objects, keep_rows=keep_rows)
+    metrics = evaluate_benchmark(model, adapter, data_root, limit=limit, keep_rows=keep_rows)
     metrics["eval_seconds"] = time.perf_counter() - started
     return metrics
 

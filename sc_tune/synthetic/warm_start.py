@@ -49,14 +49,14 @@ class WarmStartConfig:
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup_steps: int = 100
-    max_steps: int = 12000
+    max_steps: int = 8000
     min_lr_ratio: float = 0.1  # cosine decay from lr to lr * min_lr_ratio at max_steps
     p_terse: float = 0.6
     p_locator_terse: float = 0.3
     eval_every: int = 500
     eval_objects: int = 300
     heldout_images: int = 400
-    threads: int = 2
+    threads: int = 1  # faster than 2 at this size, and robust to a busy second core
 
     @property
     def spec(self) -> ShapesSpec:

@@ -28,64 +28,61 @@ _JSON_RE = re.compile(rf'"bbox_2d"\s*:\s*\[{_INT},{_INT},{_INT},{_INT}\]')
 
 
 class BoxCodec(ABC):
-    """Writes a normalised box as model text and reads it back."""
+    """Writes a normalised box as model text and reads it back.
+
+    A codec is a text ``template`` with four integer slots, the ``pattern`` that finds it in model output, and
+    the integer range of each axis (a fixed grid, or the pixels of the model's input frame).
+    """
+
+    template: str
+    pattern: re.Pattern
 
     @abstractmethod
-    def format(self, box_norm: Sequence[float], frame: tuple[int, int]) -> str:
-        """Text for ``box_norm``; ``frame`` is the (width, height) of the image the model sees."""
+    def axis_scales(self, frame: tuple[int, int]) -> tuple[int, int]:
+        """The largest integer of the x and y axes; ``frame`` is the (width, height) the model sees."""
 
-    @abstractmethod
-    def parse(self, text: str, frame: tuple[int, int]) -> list[float] | None:
-        """The first box in ``text`` as a normalised box, or ``None`` if there is no well-formed one."""
+    def format(self, box_norm: Sequence[float], frame: tuple[int, int] = (0, 0)) -> str:
+        sx, sy = self.axis_scales(frame)
+        x1, y1, x2, y2 = box_norm
+        return self.template.format(_quantize(x1, sx), _quantize(y1, sy), _quantize(x2, sx), _quantize(y2, sy))
+
+    def parse(self, text: str, frame: tuple[int, int] = (0, 0)) -> list[float] | None:
+        """The first box in ``text`` as a normalised box, or ``None`` if there is no well-formed one in range."""
+        match = self.pattern.search(text)
+        if match is None:
+            return None
+        x1, y1, x2, y2 = (int(g) for g in match.groups())
+        sx, sy = self.axis_scales(frame)
+        if not (0 <= x1 <= sx and 0 <= x2 <= sx and 0 <= y1 <= sy and 0 <= y2 <= sy):
+            return None
+        return [x1 / sx, y1 / sy, x2 / sx, y2 / sy]
 
 
 def _quantize(v: float, scale: int) -> int:
     return int(min(max(round(float(v) * scale), 0), scale))
 
 
-def _in_range(values: Sequence[int], hi_x: int, hi_y: int) -> bool:
-    x1, y1, x2, y2 = values
-    return 0 <= x1 <= hi_x and 0 <= x2 <= hi_x and 0 <= y1 <= hi_y and 0 <= y2 <= hi_y
-
-
 class PairGridCodec(BoxCodec):
     """``(x1,y1),(x2,y2)`` with integers on a ``0..scale`` grid (Qwen-VL, Qwen2-VL)."""
+
+    template = "({},{}),({},{})"
+    pattern = _PAIR_RE
 
     def __init__(self, scale: int):
         self.scale = scale
 
-    def format(self, box_norm, frame=(0, 0)):
-        x1, y1, x2, y2 = (_quantize(v, self.scale) for v in box_norm)
-        return f"({x1},{y1}),({x2},{y2})"
-
-    def parse(self, text, frame=(0, 0)):
-        match = _PAIR_RE.search(text)
-        if match is None:
-            return None
-        values = [int(g) for g in match.groups()]
-        if not _in_range(values, self.scale, self.scale):
-            return None
-        return [v / self.scale for v in values]
+    def axis_scales(self, frame):
+        return self.scale, self.scale
 
 
-class JsonGridCodec(BoxCodec):
+class JsonGridCodec(PairGridCodec):
     """``{"bbox_2d": [x1, y1, x2, y2]}`` with integers on a ``0..scale`` grid (Qwen3-VL)."""
 
+    template = '{{"bbox_2d": [{}, {}, {}, {}]}}'
+    pattern = _JSON_RE
+
     def __init__(self, scale: int = 1000):
-        self.scale = scale
-
-    def format(self, box_norm, frame=(0, 0)):
-        x1, y1, x2, y2 = (_quantize(v, self.scale) for v in box_norm)
-        return f'{{"bbox_2d": [{x1}, {y1}, {x2}, {y2}]}}'
-
-    def parse(self, text, frame=(0, 0)):
-        match = _JSON_RE.search(text)
-        if match is None:
-            return None
-        values = [int(g) for g in match.groups()]
-        if not _in_range(values, self.scale, self.scale):
-            return None
-        return [v / self.scale for v in values]
+        super().__init__(scale)
 
 
 class JsonPixelCodec(BoxCodec):
@@ -96,20 +93,8 @@ class JsonPixelCodec(BoxCodec):
     pixel of the resized frame.
     """
 
-    def format(self, box_norm, frame):
-        width, height = frame
-        x1, y1, x2, y2 = box_norm
-        return (
-            f'{{"bbox_2d": [{_quantize(x1, width)}, {_quantize(y1, height)}, '
-            f"{_quantize(x2, width)}, {_quantize(y2, height)}]}}"
-        )
+    template = JsonGridCodec.template
+    pattern = _JSON_RE
 
-    def parse(self, text, frame):
-        width, height = frame
-        match = _JSON_RE.search(text)
-        if match is None:
-            return None
-        x1, y1, x2, y2 = (int(g) for g in match.groups())
-        if not _in_range((x1, y1, x2, y2), width, height):
-            return None
-        return [x1 / width, y1 / height, x2 / width, y2 / height]
+    def axis_scales(self, frame):
+        return frame

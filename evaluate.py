@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from sc_tune import modeling
 from sc_tune.evaluation import evaluate_rec, evaluate_region_captions, evaluate_self_consistency
 from sc_tune.evaluation.distributed import barrier, init_from_env, shutdown
 from sc_tune.evaluation.records import (load_annotation_records, load_rec_samples, load_region_caption_records,
@@ -31,23 +32,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def load_model_and_adapter(path: str, dtype: torch.dtype, device):
-    """The project's loader (sc_tune.modeling) when present; until then, a plain transformers load."""
-    try:
-        from sc_tune.modeling import load_model_and_adapter as project_loader
-    except ModuleNotFoundError as e:
-        if e.name != "sc_tune.modeling":
-            raise
-        project_loader = None
-    if project_loader is not None:
-        model, adapter = project_loader(path, dtype=dtype)
-        return model.to(device).eval(), adapter
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    from sc_tune.adapters import adapter_class
-
-    config = AutoConfig.from_pretrained(path)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device).eval()
-    return model, adapter_class(config.model_type).from_pretrained(path)
+    model, adapter = modeling.load_model_and_adapter(path, dtype=dtype)
+    return model.to(device).eval(), adapter
 
 
 def write_json(path: str, value) -> None:

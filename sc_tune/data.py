@@ -30,7 +30,8 @@ class AnnotationError(ValueError):
     """A record of an annotation file is malformed."""
 
 
-def _check_record(record, index: int, path: str) -> dict:
+def check_record(record, index: int, path: str) -> dict:
+    """A clean copy of one annotation record, or an AnnotationError naming the file, index and field."""
     where = f"{path}: record {index}"
     if not isinstance(record, dict):
         raise AnnotationError(f"{where}: expected an object with 'image' and 'bbox', got {type(record).__name__}")
@@ -67,7 +68,7 @@ def load_annotations(path: str, image_folder: str | None = None, skip_bad: bool 
     records, skipped = [], Counter()
     for index, record in enumerate(raw):
         try:
-            clean = _check_record(record, index, path)
+            clean = check_record(record, index, path)
             if skip_bad and image_folder is not None and not os.path.isfile(os.path.join(image_folder, clean["image"])):
                 raise AnnotationError(f"{path}: record {index}: image not found: {clean['image']}")
         except AnnotationError as e:

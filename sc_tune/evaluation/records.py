@@ -19,10 +19,9 @@ from collections.abc import Sequence
 from PIL import Image
 
 from sc_tune.boxes import is_valid_box
+from sc_tune.data import AnnotationError, check_record
 
-
-class RecordError(ValueError):
-    """A bad input record; the message says which file, which record and which field."""
+RecordError = AnnotationError  # a bad input record; the message says which file, which record and which field
 
 
 def _where(path, index: int) -> str:
@@ -91,15 +90,12 @@ def _normalised_box(record: dict, where: str) -> list[float]:
 
 
 def check_annotation_records(records: Sequence[dict], path="<records>") -> list[dict]:
-    """Validate self-consistency records in place of use; returns them as clean dicts."""
+    """Validate self-consistency records (the training format, checked by ``sc_tune.data``)."""
     clean = []
     for i, record in enumerate(records):
-        where = _where(path, i)
-        if "image" not in record and "image_id" in record:  # the reference release's key, as sc_tune.data
-            record = {**record, "image": record["image_id"]}
-        item = {"image": _text(record, "image", where), "bbox": _normalised_box(record, where)}
-        if "caption" in record and record["caption"] is not None:
-            item["caption"] = _text(record, "caption", where)
+        item = check_record(record, i, path)
+        if item.get("caption") is not None:
+            _text(item, "caption", _where(path, i))
         clean.append(item)
     return clean
 

@@ -32,8 +32,10 @@ logger = logging.getLogger("sc_tune")
 def main(argv: list[str] | None = None) -> SCTuneTrainer:
     parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, SCTuneConfig))
     model_args, data_args, lora_args, args = parser.parse_args_into_dataclasses(args=argv)
-    logging.basicConfig(level=logging.INFO if args.process_index == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.process_index == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
     if args.deepspeed:
         # ZeRO-3 partitions weights while from_pretrained runs, so DeepSpeed's communication layer must be
@@ -50,7 +52,9 @@ def main(argv: list[str] | None = None) -> SCTuneTrainer:
     quantization = qlora_quantization_config(dtype) if lora_args.q_lora else None
     if lora_args.q_lora and not lora_args.use_lora:
         raise ValueError("--q_lora needs --use_lora")
-    model, adapter = load_model_and_adapter(model_args.model_name_or_path, dtype=dtype, quantization_config=quantization)
+    model, adapter = load_model_and_adapter(
+        model_args.model_name_or_path, dtype=dtype, quantization_config=quantization
+    )
     if model_args.fix_vit:
         frozen = freeze_vision_tower(model, adapter)
         logger.info("fix_vit: froze %.1fM vision parameters (resampler/merger stays trainable)", frozen / 1e6)

@@ -28,8 +28,10 @@ class ModelArguments:
 class DataArguments:
     data_path: str = field(
         default="data/object365.json",
-        metadata={"help": "Annotation JSON: a list of {'image': relative path, 'bbox': [x1,y1,x2,y2] in [0,1]} "
-                  "('image_id' is accepted for 'image')."},
+        metadata={
+            "help": "Annotation JSON: a list of {'image': relative path, 'bbox': [x1,y1,x2,y2] in [0,1]} "
+            "('image_id' is accepted for 'image')."
+        },
     )
     image_folder: str = field(
         default="data/objects365",
@@ -37,14 +39,18 @@ class DataArguments:
     )
     skip_bad_records: bool = field(
         default=False,
-        metadata={"help": "Drop (and count) records with a bad field or a missing image instead of stopping with an error."},
+        metadata={
+            "help": "Drop (and count) records with a bad field or a missing image instead of stopping with an error."
+        },
     )
 
 
 @dataclass
 class LoraArguments:
     use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of the full language model."})
-    q_lora: bool = field(default=False, metadata={"help": "QLoRA: load the base model in 4 bit (bitsandbytes, CUDA only)."})
+    q_lora: bool = field(
+        default=False, metadata={"help": "QLoRA: load the base model in 4 bit (bitsandbytes, CUDA only)."}
+    )
     lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
@@ -61,15 +67,19 @@ class SCTuneConfig(TrainingArguments):
 
     # ---- alternation
     caption_update_steps: int = field(
-        default=200, metadata={"help": "Describer rollouts (batches) per describer phase; each gives ppo_epochs optimizer steps."}
+        default=200,
+        metadata={"help": "Describer rollouts (batches) per describer phase; each gives ppo_epochs optimizer steps."},
     )
     bbox_update_steps: int = field(
-        default=100, metadata={"help": "Locator batches (optimizer steps) per locator phase; 0 trains the describer only."}
+        default=100,
+        metadata={"help": "Locator batches (optimizer steps) per locator phase; 0 trains the describer only."},
     )
     caption_lr: float = field(default=5e-7, metadata={"help": "Constant learning rate of the describer phase."})
     bbox_lr: float = field(default=1e-6, metadata={"help": "Constant learning rate of the locator phase."})
     # ---- describer (PPO-style, critic-free)
-    kl_coef: float = field(default=0.01, metadata={"help": "Fixed coefficient of the per-token KL penalty in the reward."})
+    kl_coef: float = field(
+        default=0.01, metadata={"help": "Fixed coefficient of the per-token KL penalty in the reward."}
+    )
     ppo_epochs: int = field(default=2, metadata={"help": "Optimizer steps on each describer rollout."})
     clip_range: float = field(default=0.2, metadata={"help": "PPO ratio clip epsilon."})
     gamma: float = field(default=1.0, metadata={"help": "Discount of the per-token rewards (the reference fixes 1)."})
@@ -78,24 +88,33 @@ class SCTuneConfig(TrainingArguments):
     )
     policy_kl_stop: float = field(
         default=1.5,
-        metadata={"help": "Skip the remaining PPO epochs of a rollout once KL(pre-update policy || policy) exceeds this."},
+        metadata={
+            "help": "Skip the remaining PPO epochs of a rollout once KL(pre-update policy || policy) exceeds this."
+        },
     )
     # ---- generation
     describer_top_k: int = field(default=100, metadata={"help": "Top-k of the describer's sampled caption."})
     describer_top_p: float = field(default=0.3, metadata={"help": "Top-p of the describer's sampled caption."})
-    describer_temperature: float = field(default=1.0, metadata={"help": "Temperature of the describer's sampled caption."})
+    describer_temperature: float = field(
+        default=1.0, metadata={"help": "Temperature of the describer's sampled caption."}
+    )
     describer_max_new_tokens: int = field(default=30, metadata={"help": "Longest caption, in tokens."})
     describer_min_new_tokens: int = field(default=3, metadata={"help": "Shortest caption, in tokens."})
     locator_max_new_tokens: int = field(default=20, metadata={"help": "Longest locator answer, in tokens."})
     locator_min_new_tokens: int = field(default=3, metadata={"help": "Shortest locator answer, in tokens."})
     # ---- pictures
     log_rollouts_steps: int = field(
-        default=0, metadata={"help": "Every N steps write a PNG grid of a few describer rollouts to output_dir/rollouts (0: never)."}
+        default=0,
+        metadata={
+            "help": "Every N steps write a PNG grid of a few describer rollouts to output_dir/rollouts (0: never)."
+        },
     )
     # ---- reference defaults for inherited fields
     max_steps: int = field(
         default=4000,
-        metadata={"help": "Optimizer steps. The reference stopped after 2,400 batches = 8 cycles = 4,000 steps at the default phase lengths."},
+        metadata={
+            "help": "Optimizer steps. The reference stopped after 2,400 batches = 8 cycles = 4,000 steps at the default phase lengths."
+        },
     )
     adam_beta2: float = field(default=0.95, metadata={"help": "Adam beta2 (reference: 0.95)."})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (reference: 0.1)."})

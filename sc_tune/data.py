@@ -37,10 +37,14 @@ def check_record(record, index: int, path: str) -> dict:
         raise AnnotationError(f"{where}: expected an object with 'image' and 'bbox', got {type(record).__name__}")
     image = record.get("image", record.get("image_id"))
     if not isinstance(image, str) or not image:
-        raise AnnotationError(f"{where}: field 'image' (or 'image_id') must be a non-empty relative path, got {image!r}")
+        raise AnnotationError(
+            f"{where}: field 'image' (or 'image_id') must be a non-empty relative path, got {image!r}"
+        )
     box = record.get("bbox")
-    if not isinstance(box, (list, tuple)) or len(box) != 4 or not all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box
+    if (
+        not isinstance(box, (list, tuple))
+        or len(box) != 4
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)
     ):
         raise AnnotationError(f"{where}: field 'bbox' must be four numbers [x1, y1, x2, y2], got {box!r}")
     x1, y1, x2, y2 = (float(v) for v in box)
@@ -137,7 +141,9 @@ class RolloutSampler(Sampler[int]):
 
     def _chunks(self):
         for epoch in itertools.count():
-            order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+            order = torch.randperm(
+                self.num_samples, generator=torch.Generator().manual_seed(self.seed + epoch)
+            ).tolist()
             for start in range(0, self.num_samples - self.step_batch_size + 1, self.step_batch_size):
                 yield order[start : start + self.step_batch_size]
             if self.num_samples < self.step_batch_size:

@@ -44,7 +44,8 @@ def convert(
     for i, image in enumerate(_field(coco, "images", list, source)):
         where = f"{source}: images[{i}]"
         images[_field(image, "id", int, where)] = (
-            _field(image, "file_name", str, where), _field(image, "width", (int, float), where),
+            _field(image, "file_name", str, where),
+            _field(image, "width", (int, float), where),
             _field(image, "height", (int, float), where),
         )
     counts: Counter = Counter()
@@ -101,7 +102,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--annotations", required=True, help="official Objects365 / COCO-style JSON")
     parser.add_argument("--output", required=True, help="SC-Tune annotation JSON to write")
-    parser.add_argument("--image_folder", default=None, help="if given, records whose image file is missing are dropped and counted")
+    parser.add_argument(
+        "--image_folder", default=None, help="if given, records whose image file is missing are dropped and counted"
+    )
     parser.add_argument("--min_area", type=float, default=0.0, help="minimum box area as a fraction of the image")
     parser.add_argument("--max_boxes_per_image", type=int, default=None)
     parser.add_argument("--num_samples", type=int, default=None, help="keep this many records (seeded sample)")
@@ -109,8 +112,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     with open(args.annotations) as f:
         coco = json.load(f)
-    records, counts = convert(coco, args.annotations, args.image_folder, args.min_area, args.max_boxes_per_image,
-                              args.num_samples, args.seed)
+    records, counts = convert(
+        coco, args.annotations, args.image_folder, args.min_area, args.max_boxes_per_image, args.num_samples, args.seed
+    )
     with open(args.output, "w") as f:
         json.dump(records, f)
     print(f"wrote {len(records)} records to {args.output}")

@@ -28,8 +28,12 @@ class GenerationSettings:
     temperature: float = 1.0
 
     def generate_kwargs(self) -> dict:
-        kwargs = {"max_new_tokens": self.max_new_tokens, "min_new_tokens": self.min_new_tokens,
-                  "do_sample": self.do_sample, "num_beams": 1}
+        kwargs = {
+            "max_new_tokens": self.max_new_tokens,
+            "min_new_tokens": self.min_new_tokens,
+            "do_sample": self.do_sample,
+            "num_beams": 1,
+        }
         if self.do_sample:
             kwargs.update(top_k=self.top_k, top_p=self.top_p, temperature=self.temperature)
         else:  # do not let a checkpoint's generation_config.json sneak sampling knobs into greedy decoding
@@ -67,8 +71,9 @@ def completion_mask(ids_BT: torch.Tensor, end_token_ids: Sequence[int]) -> torch
 _WIDEST_BOX = (1.0, 1.0, 1.0, 1.0)
 
 
-def fit_locator_budget(adapter: ModelAdapter, images: Sequence[ImageInputs],
-                       settings: GenerationSettings) -> GenerationSettings:
+def fit_locator_budget(
+    adapter: ModelAdapter, images: Sequence[ImageInputs], settings: GenerationSettings
+) -> GenerationSettings:
     """``settings`` with ``max_new_tokens`` raised, if needed, to fit the longest box answer of these images.
 
     Why: the reference's 20 tokens were sized for Qwen-VL's ``(x1,y1),(x2,y2)</box>``; with digits one token
@@ -91,8 +96,9 @@ def _unnamed_token_ids(model, adapter: ModelAdapter) -> list[int]:
 
 
 @torch.no_grad()
-def generate(model, adapter: ModelAdapter, batch: PromptBatch, settings: GenerationSettings,
-             skip_special_tokens: bool) -> Completions:
+def generate(
+    model, adapter: ModelAdapter, batch: PromptBatch, settings: GenerationSettings, skip_special_tokens: bool
+) -> Completions:
     """Batched ``generate`` on a left-padded batch; pads everything after each row's first end token."""
     device = next(model.parameters()).device
     inputs = batch.to(device).inputs
@@ -107,16 +113,27 @@ def generate(model, adapter: ModelAdapter, batch: PromptBatch, settings: Generat
     return Completions(ids_BT, mask_BT, texts)
 
 
-def describe(model, adapter: ModelAdapter, images: Sequence[ImageInputs], boxes_norm: Sequence[Sequence[float]],
-             settings: GenerationSettings) -> tuple[PromptBatch, Completions]:
+def describe(
+    model,
+    adapter: ModelAdapter,
+    images: Sequence[ImageInputs],
+    boxes_norm: Sequence[Sequence[float]],
+    settings: GenerationSettings,
+) -> tuple[PromptBatch, Completions]:
     """Caption each box; ``Completions.texts`` are the captions, special tokens removed."""
     prompts = [adapter.describer_prompt(box, image) for box, image in zip(boxes_norm, images)]
     batch = adapter.build_batch(prompts, images)
     return batch, generate(model, adapter, batch, settings, skip_special_tokens=True)
 
 
-def locate(model, adapter: ModelAdapter, images: Sequence[ImageInputs], captions: Sequence[str],
-           settings: GenerationSettings, fit_budget: bool = True) -> tuple[list[list[float] | None], list[str]]:
+def locate(
+    model,
+    adapter: ModelAdapter,
+    images: Sequence[ImageInputs],
+    captions: Sequence[str],
+    settings: GenerationSettings,
+    fit_budget: bool = True,
+) -> tuple[list[list[float] | None], list[str]]:
     """Ground each caption; returns normalised boxes (``None`` on a parse failure) and the raw texts.
 
     ``fit_budget`` raises ``settings.max_new_tokens`` to the family's longest box (see ``fit_locator_budget``)."""
@@ -128,9 +145,16 @@ def locate(model, adapter: ModelAdapter, images: Sequence[ImageInputs], captions
     return boxes, completions.texts
 
 
-def cycle(describer, locator, adapter: ModelAdapter, images: Sequence[ImageInputs],
-          boxes_norm: Sequence[Sequence[float]], describe_settings: GenerationSettings,
-          locate_settings: GenerationSettings, fit_budget: bool = True) -> Cycle:
+def cycle(
+    describer,
+    locator,
+    adapter: ModelAdapter,
+    images: Sequence[ImageInputs],
+    boxes_norm: Sequence[Sequence[float]],
+    describe_settings: GenerationSettings,
+    locate_settings: GenerationSettings,
+    fit_budget: bool = True,
+) -> Cycle:
     """One describer -> locator cycle; ``describer`` and ``locator`` may be the same model."""
     batch, captions = describe(describer, adapter, images, boxes_norm, describe_settings)
     boxes, texts = locate(locator, adapter, images, captions.texts, locate_settings, fit_budget)

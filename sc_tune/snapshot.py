@@ -59,8 +59,10 @@ class Snapshot(ABC):
         own = self.named_local_tensors()
         missing, unexpected = own.keys() - tensors.keys(), tensors.keys() - own.keys()
         if missing or unexpected:
-            raise ValueError(f"snapshot checkpoint does not match the model: missing {sorted(missing)[:5]}, "
-                             f"unexpected {sorted(unexpected)[:5]}")
+            raise ValueError(
+                f"snapshot checkpoint does not match the model: missing {sorted(missing)[:5]}, "
+                f"unexpected {sorted(unexpected)[:5]}"
+            )
         for name, tensor in own.items():
             tensor.copy_(tensors[name])
 

@@ -42,9 +42,7 @@ DEFAULT_CORPUS = (
 )
 
 # Qwen2's pre-tokenizer regex: digits are split one per token.
-_QWEN2_PATTERN = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+_QWEN2_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 
 
 def build_tokenizer(corpus: Iterable[str] = DEFAULT_CORPUS, vocab_size: int = 600) -> Qwen2TokenizerFast:
@@ -91,12 +89,15 @@ def build_image_processor(family: str, image_size: int = 56):
 
 
 def build_config(family: str, tokenizer, hidden: int = 64, layers: int = 2, vision_width: int = 32):
-    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
-        ("image_token_id", "<|image_pad|>"),
-        ("video_token_id", "<|video_pad|>"),
-        ("vision_start_token_id", "<|vision_start|>"),
-        ("vision_end_token_id", "<|vision_end|>"),
-    )}
+    ids = {
+        name: tokenizer.convert_tokens_to_ids(tok)
+        for name, tok in (
+            ("image_token_id", "<|image_pad|>"),
+            ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"),
+            ("vision_end_token_id", "<|vision_end|>"),
+        )
+    }
     text = dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
@@ -116,21 +117,42 @@ def build_config(family: str, tokenizer, hidden: int = 64, layers: int = 2, visi
         vision.update(embed_dim=vision_width, hidden_size=hidden, mlp_ratio=2, patch_size=14)
     elif family == "qwen2_5_vl":
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 4, 8]}
-        vision.update(hidden_size=vision_width, out_hidden_size=hidden, intermediate_size=2 * vision_width,
-                      patch_size=14, window_size=112, fullatt_block_indexes=[1])
+        vision.update(
+            hidden_size=vision_width,
+            out_hidden_size=hidden,
+            intermediate_size=2 * vision_width,
+            patch_size=14,
+            window_size=112,
+            fullatt_block_indexes=[1],
+        )
     elif family == "qwen3_vl":
         text["head_dim"] = 32
-        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0,
-                                   "mrope_section": [8, 4, 4], "mrope_interleaved": True}
-        vision.update(hidden_size=vision_width, out_hidden_size=hidden, intermediate_size=2 * vision_width,
-                      patch_size=16, num_position_embeddings=64, deepstack_visual_indexes=[0])
+        text["rope_parameters"] = {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [8, 4, 4],
+            "mrope_interleaved": True,
+        }
+        vision.update(
+            hidden_size=vision_width,
+            out_hidden_size=hidden,
+            intermediate_size=2 * vision_width,
+            patch_size=16,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=[0],
+        )
     else:
         raise ValueError(f"unknown family {family!r}")
     return AutoConfig.for_model(family, text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
 
 
-def build_tiny(family: str = "qwen2_vl", corpus: Iterable[str] = DEFAULT_CORPUS, image_size: int = 56,
-               seed: int = 0, **config_kwargs):
+def build_tiny(
+    family: str = "qwen2_vl",
+    corpus: Iterable[str] = DEFAULT_CORPUS,
+    image_size: int = 56,
+    seed: int = 0,
+    **config_kwargs,
+):
     """(model, tokenizer, image_processor) for a tiny random model of ``family``, in fp32 on CPU."""
     tokenizer = build_tokenizer(corpus)
     image_processor = build_image_processor(family, image_size)

@@ -64,13 +64,17 @@ class LocatorRollout:
 
 class SCTuneTrainer(Trainer):
     def __init__(self, model, args, adapter: ModelAdapter, train_dataset, callbacks=None):
-        super().__init__(model=model, args=args, train_dataset=train_dataset, data_collator=collate_referring,
-                         callbacks=callbacks)
+        super().__init__(
+            model=model, args=args, train_dataset=train_dataset, data_collator=collate_referring, callbacks=callbacks
+        )
         self.adapter = adapter
         self.schedule = PhaseSchedule.from_args(args)
         self.sample_captions = GenerationSettings(
-            max_new_tokens=args.describer_max_new_tokens, min_new_tokens=args.describer_min_new_tokens,
-            do_sample=True, top_k=args.describer_top_k, top_p=args.describer_top_p,
+            max_new_tokens=args.describer_max_new_tokens,
+            min_new_tokens=args.describer_min_new_tokens,
+            do_sample=True,
+            top_k=args.describer_top_k,
+            top_p=args.describer_top_p,
             temperature=args.describer_temperature,
         )
         self.greedy_captions = GenerationSettings(args.describer_max_new_tokens, args.describer_min_new_tokens)
@@ -78,8 +82,9 @@ class SCTuneTrainer(Trainer):
         if _is_peft(model):
             self.snapshot = AdapterSnapshot(self)
         else:
-            self.snapshot = FullSnapshot(model, self.accelerator, self.is_deepspeed_enabled and _zero3(self),
-                                         self.args.device)
+            self.snapshot = FullSnapshot(
+                model, self.accelerator, self.is_deepspeed_enabled and _zero3(self), self.args.device
+            )
         self._rollouts: dict[int, DescriberRollout | LocatorRollout] = {}
         self._step_begun = -1
         self._micro = 0
@@ -95,8 +100,9 @@ class SCTuneTrainer(Trainer):
     def create_scheduler(self, num_training_steps, optimizer=None):
         if self.lr_scheduler is None:
             # Schedulers are stepped at the end of a step, before global_step moves on: report the next step's LR.
-            self.lr_scheduler = PhaseLR(optimizer or self.optimizer,
-                                        lambda: self.schedule.lr_at(self.state.global_step + 1))
+            self.lr_scheduler = PhaseLR(
+                optimizer or self.optimizer, lambda: self.schedule.lr_at(self.state.global_step + 1)
+            )
         return self.lr_scheduler
 
     def floating_point_ops(self, inputs):
@@ -135,8 +141,9 @@ class SCTuneTrainer(Trainer):
     # ------------------------------------------------------------------ rollouts
     @contextmanager
     def _policy_for_generation(self):
-        with unwrap_model_for_generation(self.model_wrapped, self.accelerator,
-                                         gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs) as m:
+        with unwrap_model_for_generation(
+            self.model_wrapped, self.accelerator, gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
+        ) as m:
             m.eval()
             try:
                 yield m
@@ -150,33 +157,51 @@ class SCTuneTrainer(Trainer):
     def _describer_rollout(self, inputs) -> DescriberRollout:
         images = self._prepare_images(inputs)
         boxes_B4 = inputs["boxes"]
-        batch = self.adapter.build_batch([self.adapter.describer_prompt(b, im) for b, im in zip(boxes_B4.tolist(), images)], images)
+        batch = self.adapter.build_batch(
+            [self.adapter.describer_prompt(b, im) for b, im in zip(boxes_B4.tolist(), images)], images
+        )
         with self._policy_for_generation() as policy:
             sampled = generate(policy, self.adapter, batch, self.sample_captions, skip_special_tokens=True)
         with self.snapshot.generating() as snapshot:
             greedy = generate(snapshot, self.adapter, batch, self.greedy_captions, skip_special_tokens=True)
             # Both captions are located in one batched call: rows 0..B-1 sampled, B..2B-1 the baseline.
-            located, _ = locate(snapshot, self.adapter, images + images, sampled.texts + greedy.texts, self.greedy_boxes)
+            located, _ = locate(
+                snapshot, self.adapter, images + images, sampled.texts + greedy.texts, self.greedy_boxes
+            )
         n = len(images)
         reward_B = iou_or_zero(located[:n], boxes_B4)
         baseline_B = iou_or_zero(located[n:], boxes_B4)
         device = self.args.device
-        teacher_inputs = {k: v.to(device) for k, v in self.adapter.append_completion(batch, sampled.ids_BT.cpu(), sampled.mask_BT.cpu()).items()}
+        teacher_inputs = {
+            k: v.to(device)
+            for k, v in self.adapter.append_completion(batch, sampled.ids_BT.cpu(), sampled.mask_BT.cpu()).items()
+        }
         caption_ids_BT, caption_mask_BT = sampled.ids_BT.to(device), sampled.mask_BT.to(device)
         with self.snapshot.scoring() as snapshot:
             snapshot_logp_BT = self._caption_logprobs(snapshot, teacher_inputs, caption_ids_BT)
         parse_fail = torch.tensor([b is None for b in located[:n]], dtype=torch.float32)
-        self._log_metrics("describer", {
-            "reward_iou": reward_B.mean(), "baseline_iou": baseline_B.mean(),
-            "reward_acc50": (reward_B >= 0.5).float().mean(), "baseline_acc50": (baseline_B >= 0.5).float().mean(),
-            "parse_failure": parse_fail.mean(),
-            "baseline_parse_failure": torch.tensor([b is None for b in located[n:]], dtype=torch.float32).mean(),
-            "caption_tokens": caption_mask_BT.float().sum(1).mean().cpu(),
-            "nonzero_advantage": ((reward_B - baseline_B).abs() > 1e-6).float().mean(),
-        })
+        self._log_metrics(
+            "describer",
+            {
+                "reward_iou": reward_B.mean(),
+                "baseline_iou": baseline_B.mean(),
+                "reward_acc50": (reward_B >= 0.5).float().mean(),
+                "baseline_acc50": (baseline_B >= 0.5).float().mean(),
+                "parse_failure": parse_fail.mean(),
+                "baseline_parse_failure": torch.tensor([b is None for b in located[n:]], dtype=torch.float32).mean(),
+                "caption_tokens": caption_mask_BT.float().sum(1).mean().cpu(),
+                "nonzero_advantage": ((reward_B - baseline_B).abs() > 1e-6).float().mean(),
+            },
+        )
         self._maybe_save_rollout_picture(inputs, sampled.texts, located[:n])
-        return DescriberRollout(teacher_inputs, caption_ids_BT, caption_mask_BT, snapshot_logp_BT,
-                                reward_B.to(device), baseline_B.to(device))
+        return DescriberRollout(
+            teacher_inputs,
+            caption_ids_BT,
+            caption_mask_BT,
+            snapshot_logp_BT,
+            reward_B.to(device),
+            baseline_B.to(device),
+        )
 
     @torch.no_grad()
     def _locator_rollout(self, inputs) -> LocatorRollout:
@@ -186,8 +211,9 @@ class SCTuneTrainer(Trainer):
         with self.snapshot.generating() as snapshot:
             captions = generate(snapshot, self.adapter, batch, self.greedy_captions, skip_special_tokens=True)
         targets = [self.adapter.locator_target(b, im) for b, im in zip(boxes, images)]
-        pseudo = self.adapter.build_batch([self.adapter.locator_prompt(c, im) for c, im in zip(captions.texts, images)],
-                                          images, targets)
+        pseudo = self.adapter.build_batch(
+            [self.adapter.locator_prompt(c, im) for c, im in zip(captions.texts, images)], images, targets
+        )
         device = self.args.device
         self._log_metrics("locator", {"caption_tokens": captions.mask_BT.float().sum(1).mean().cpu()})
         target_len = int((pseudo.labels != -100).sum(1).max())
@@ -215,20 +241,34 @@ class SCTuneTrainer(Trainer):
             # log-probs come from this forward: no separate no-grad pass.
             rollout.old_logp_BT = logp_BT.detach()
             kl_BT = (rollout.old_logp_BT - rollout.snapshot_logp_BT) * mask_BT
-            rollout.advantages_BT = describer_advantages(rollout.reward_B, rollout.baseline_B, kl_BT, mask_BT,
-                                                         args.kl_coef, args.gamma)
-            self._log_metrics("describer", {
-                "kl": masked_mean(kl_BT, mask_BT), "kl_coef": torch.tensor(args.kl_coef),
-                "advantage": masked_mean(rollout.advantages_BT, mask_BT),
-            })
+            rollout.advantages_BT = describer_advantages(
+                rollout.reward_B, rollout.baseline_B, kl_BT, mask_BT, args.kl_coef, args.gamma
+            )
+            self._log_metrics(
+                "describer",
+                {
+                    "kl": masked_mean(kl_BT, mask_BT),
+                    "kl_coef": torch.tensor(args.kl_coef),
+                    "advantage": masked_mean(rollout.advantages_BT, mask_BT),
+                },
+            )
         loss, stats = ppo_clip_loss(logp_BT, rollout.old_logp_BT, rollout.advantages_BT, mask_BT, args.clip_range)
-        ratio, policy_kl = self.accelerator.reduce(torch.stack([stats.ratio, stats.policy_kl]).detach(), "mean").tolist()
+        ratio, policy_kl = self.accelerator.reduce(
+            torch.stack([stats.ratio, stats.policy_kl]).detach(), "mean"
+        ).tolist()
         if not first_epoch and policy_kl > args.policy_kl_stop:
             rollout.stopped = True
         skip = rollout.stopped or ratio > args.ratio_threshold
-        self._log_metrics("describer", {"clip_frac": stats.clip_frac, "ratio": torch.tensor(ratio),
-                                        "policy_kl": torch.tensor(policy_kl), "skipped": torch.tensor(float(skip)),
-                                        "loss": loss.detach()})
+        self._log_metrics(
+            "describer",
+            {
+                "clip_frac": stats.clip_frac,
+                "ratio": torch.tensor(ratio),
+                "policy_kl": torch.tensor(policy_kl),
+                "skipped": torch.tensor(float(skip)),
+                "loss": loss.detach(),
+            },
+        )
         self._skip_this_update = skip
         return loss
 
@@ -237,7 +277,9 @@ class SCTuneTrainer(Trainer):
         keep = rollout.target_len + 1
         logits = model(**rollout.inputs, logits_to_keep=keep, use_cache=False).logits[:, :-1].float()
         labels = rollout.labels[:, -rollout.target_len :]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+        )
         answer = labels != -100
         token_acc = ((logits.argmax(-1) == labels) & answer).sum() / answer.sum().clamp(min=1)
         self._log_metrics("locator", {"loss": loss.detach(), "token_acc": token_acc})
@@ -308,9 +350,17 @@ class SCTuneTrainer(Trainer):
         os.makedirs(checkpoint, exist_ok=True)
         if self.is_world_process_zero():
             with open(os.path.join(checkpoint, STATE_FILE), "w") as f:
-                json.dump({"next_step": next_step, "phase": position.phase.value,
-                           "step_in_phase": position.step_in_phase, "ppo_epoch": position.ppo_epoch,
-                           "schedule": self.schedule.__dict__}, f, indent=2)
+                json.dump(
+                    {
+                        "next_step": next_step,
+                        "phase": position.phase.value,
+                        "step_in_phase": position.step_in_phase,
+                        "ppo_epoch": position.ppo_epoch,
+                        "schedule": self.schedule.__dict__,
+                    },
+                    f,
+                    indent=2,
+                )
         if not position.starts_phase and (zero3 or rank == 0):
             tensors = {k: v.detach().cpu().clone() for k, v in self.snapshot.named_local_tensors().items()}
             torch.save(tensors, os.path.join(checkpoint, f"snapshot_rank{rank if zero3 else 0}.pt"))
@@ -332,8 +382,11 @@ class SCTuneTrainer(Trainer):
         # transformers 5 saves some families (Qwen2-VL, ...) under their original key names and the
         # Trainer's plain load_state_dict(strict=False) then restores nothing, silently. Going through
         # from_pretrained applies the key conversion; every parameter must be found.
-        saved = type(model).from_pretrained(resume_from_checkpoint, dtype=next(model.parameters()).dtype,
-                                            local_files_only=True).state_dict()
+        saved = (
+            type(model)
+            .from_pretrained(resume_from_checkpoint, dtype=next(model.parameters()).dtype, local_files_only=True)
+            .state_dict()
+        )
         own = model.state_dict()
         missing = own.keys() - saved.keys()
         if missing:
@@ -346,8 +399,10 @@ class SCTuneTrainer(Trainer):
         with open(os.path.join(checkpoint, STATE_FILE)) as f:
             saved = json.load(f)
         if saved["schedule"] != self.schedule.__dict__:
-            raise ValueError(f"{checkpoint}: trained with phase schedule {saved['schedule']}, "
-                             f"now {self.schedule.__dict__}; resume with the same phase settings")
+            raise ValueError(
+                f"{checkpoint}: trained with phase schedule {saved['schedule']}, "
+                f"now {self.schedule.__dict__}; resume with the same phase settings"
+            )
         if saved["next_step"] != step:
             raise ValueError(f"{checkpoint}: saved before step {saved['next_step']}, resuming at {step}")
         position = self.schedule.at(step)
@@ -357,8 +412,9 @@ class SCTuneTrainer(Trainer):
             path = os.path.join(checkpoint, f"snapshot_rank{rank if zero3 else 0}.pt")
             self.snapshot.load_local_tensors(torch.load(path, map_location=self.args.device))
         if not position.needs_rollout:
-            self._rollouts = torch.load(os.path.join(checkpoint, f"rollouts_rank{rank}.pt"),
-                                        map_location=self.args.device, weights_only=False)
+            self._rollouts = torch.load(
+                os.path.join(checkpoint, f"rollouts_rank{rank}.pt"), map_location=self.args.device, weights_only=False
+            )
 
 
 def _is_peft(model) -> bool:

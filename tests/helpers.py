@@ -11,9 +11,20 @@ from sc_tune.trainer import SCTuneTrainer
 from tests.conftest import SAMPLE_DATA, SAMPLE_IMAGES
 
 FAST = dict(
-    per_device_train_batch_size=4, describer_max_new_tokens=6, describer_min_new_tokens=2,
-    locator_max_new_tokens=8, locator_min_new_tokens=0, caption_lr=1e-3, bbox_lr=2e-3, use_cpu=True,
-    report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0, dataloader_num_workers=0,
+    per_device_train_batch_size=4,
+    describer_max_new_tokens=6,
+    describer_min_new_tokens=2,
+    locator_max_new_tokens=8,
+    locator_min_new_tokens=0,
+    caption_lr=1e-3,
+    bbox_lr=2e-3,
+    use_cpu=True,
+    report_to="none",
+    save_strategy="no",
+    logging_steps=1,
+    disable_tqdm=True,
+    seed=0,
+    dataloader_num_workers=0,
 )
 
 

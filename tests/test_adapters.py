@@ -33,7 +33,7 @@ def test_batch_is_left_padded_with_labels_on_targets_only(family):
     ids, mask, labels = batch.inputs["input_ids"], batch.inputs["attention_mask"], batch.labels
     target_ids = adapter.encode_target(targets[0])
     for row in range(2):
-        assert labels[row, -len(target_ids):].tolist() == target_ids  # targets end every row
+        assert labels[row, -len(target_ids) :].tolist() == target_ids  # targets end every row
         assert (labels[row, : -len(target_ids)] == -100).all()
     assert mask[1, 0] == 0 and mask[0].all()  # the shorter prompt is padded on the left
     assert (ids[1][mask[1] == 0] == adapter.pad_token_id).all()
@@ -47,8 +47,13 @@ def test_generation_pads_after_the_end_and_teacher_forcing_lines_up(family):
     model, adapter, image = family
     batch = adapter.build_batch([adapter.describer_prompt([0.1, 0.1, 0.6, 0.6], image)] * 2, [image, image])
     torch.manual_seed(0)
-    out = generate(model, adapter, batch, GenerationSettings(max_new_tokens=6, do_sample=True, top_k=50, top_p=1.0),
-                   skip_special_tokens=True)
+    out = generate(
+        model,
+        adapter,
+        batch,
+        GenerationSettings(max_new_tokens=6, do_sample=True, top_k=50, top_p=1.0),
+        skip_special_tokens=True,
+    )
     assert out.ids_BT.shape[0] == 2 and out.ids_BT.shape[1] <= 6
     assert (out.ids_BT[out.mask_BT == 0] == adapter.pad_token_id).all()
     assert (out.ids_BT < len(adapter.tokenizer)).all()  # only ids the tokenizer can decode

@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 from PIL import Image
 
 from sc_tune.data import AnnotationError, ReferringDataset, RolloutSampler, collate_referring, load_annotations
@@ -29,13 +28,16 @@ def test_reference_image_id_key_is_accepted(tmp_path):
     assert records == [{"image": "a.jpg", "bbox": [0.1, 0.2, 0.3, 0.4]}]
 
 
-@pytest.mark.parametrize("record, field", [
-    ({"bbox": [0.1, 0.2, 0.3, 0.4]}, "'image'"),
-    ({"image": "a.jpg", "bbox": [0.1, 0.2, 0.3]}, "'bbox'"),
-    ({"image": "a.jpg", "bbox": [10, 20, 30, 40]}, "'bbox' must be normalised"),  # pixels, not [0,1]
-    ({"image": "a.jpg", "bbox": [0.5, 0.2, 0.3, 0.4]}, "'bbox' must be normalised"),  # x1 > x2
-    ({"image": "a.jpg", "bbox": [0.1, "0.2", 0.3, 0.4]}, "'bbox'"),
-])
+@pytest.mark.parametrize(
+    "record, field",
+    [
+        ({"bbox": [0.1, 0.2, 0.3, 0.4]}, "'image'"),
+        ({"image": "a.jpg", "bbox": [0.1, 0.2, 0.3]}, "'bbox'"),
+        ({"image": "a.jpg", "bbox": [10, 20, 30, 40]}, "'bbox' must be normalised"),  # pixels, not [0,1]
+        ({"image": "a.jpg", "bbox": [0.5, 0.2, 0.3, 0.4]}, "'bbox' must be normalised"),  # x1 > x2
+        ({"image": "a.jpg", "bbox": [0.1, "0.2", 0.3, 0.4]}, "'bbox'"),
+    ],
+)
 def test_bad_record_error_names_file_index_and_field(tmp_path, record, field):
     path = _write(tmp_path, [{"image": "ok.jpg", "bbox": [0, 0, 1, 1]}, record])
     with pytest.raises(AnnotationError) as info:
@@ -45,11 +47,14 @@ def test_bad_record_error_names_file_index_and_field(tmp_path, record, field):
 
 def test_skipping_counts_bad_records_and_missing_images(tmp_path, caplog):
     (tmp_path / "here.png").write_bytes(b"")
-    path = _write(tmp_path, [
-        {"image": "here.png", "bbox": [0, 0, 1, 1]},
-        {"image": "gone.png", "bbox": [0, 0, 1, 1]},
-        {"image": "here.png", "bbox": [2, 0, 1, 1]},
-    ])
+    path = _write(
+        tmp_path,
+        [
+            {"image": "here.png", "bbox": [0, 0, 1, 1]},
+            {"image": "gone.png", "bbox": [0, 0, 1, 1]},
+            {"image": "here.png", "bbox": [2, 0, 1, 1]},
+        ],
+    )
     records = load_annotations(path, str(tmp_path), skip_bad=True)
     assert records == [{"image": "here.png", "bbox": [0.0, 0.0, 1.0, 1.0]}]
     assert "skipped 2 of 3 records" in caplog.text
@@ -57,7 +62,9 @@ def test_skipping_counts_bad_records_and_missing_images(tmp_path, caplog):
 
 def test_unreadable_image_is_an_error_not_a_substitution(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not a png")
-    dataset = ReferringDataset.from_file(_write(tmp_path, [{"image": "broken.png", "bbox": [0, 0, 1, 1]}]), str(tmp_path))
+    dataset = ReferringDataset.from_file(
+        _write(tmp_path, [{"image": "broken.png", "bbox": [0, 0, 1, 1]}]), str(tmp_path)
+    )
     with pytest.raises(OSError, match="record 0: field 'image'"):
         dataset[0]
 
@@ -76,8 +83,10 @@ def test_rollout_sampler_repeats_describer_batches_only():
 def test_objects365_converter_filters_and_counts(tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"")
     coco = {
-        "images": [{"id": 1, "file_name": "a.jpg", "width": 200, "height": 100},
-                   {"id": 2, "file_name": "missing.jpg", "width": 100, "height": 100}],
+        "images": [
+            {"id": 1, "file_name": "a.jpg", "width": 200, "height": 100},
+            {"id": 2, "file_name": "missing.jpg", "width": 100, "height": 100},
+        ],
         "annotations": [
             {"image_id": 1, "bbox": [20, 10, 100, 50], "category_id": 3},  # kept: [0.1, 0.1, 0.6, 0.6]
             {"image_id": 1, "bbox": [0, 0, 2, 2]},  # area 4/20000 < min_area
@@ -96,8 +105,10 @@ def test_objects365_converter_filters_and_counts(tmp_path):
 
 
 def test_objects365_sampling_is_deterministic():
-    coco = {"images": [{"id": i, "file_name": f"{i}.jpg", "width": 10, "height": 10} for i in range(20)],
-            "annotations": [{"image_id": i, "bbox": [1, 1, 5, 5]} for i in range(20) for _ in range(3)]}
+    coco = {
+        "images": [{"id": i, "file_name": f"{i}.jpg", "width": 10, "height": 10} for i in range(20)],
+        "annotations": [{"image_id": i, "bbox": [1, 1, 5, 5]} for i in range(20) for _ in range(3)],
+    }
     first, counts = convert(coco, max_boxes_per_image=2, num_samples=7, seed=3)
     second, _ = convert(coco, max_boxes_per_image=2, num_samples=7, seed=3)
     assert first == second and len(first) == 7

@@ -16,13 +16,47 @@ pytestmark = pytest.mark.slow
 
 def _torchrun(checkpoint, output_dir, port, *extra):
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-        os.path.join(ROOT, "finetune.py"), "--model_name_or_path", checkpoint, "--data_path", SAMPLE_DATA,
-        "--image_folder", SAMPLE_IMAGES, "--output_dir", str(output_dir), "--max_steps", "5",
-        "--caption_update_steps", "1", "--bbox_update_steps", "2", "--per_device_train_batch_size", "2",
-        "--caption_lr", "1e-3", "--bbox_lr", "1e-3", "--use_cpu", "True", "--save_strategy", "no",
-        "--report_to", "none", "--describer_max_new_tokens", "6", "--locator_max_new_tokens", "8",
-        "--disable_tqdm", "True", *extra,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        os.path.join(ROOT, "finetune.py"),
+        "--model_name_or_path",
+        checkpoint,
+        "--data_path",
+        SAMPLE_DATA,
+        "--image_folder",
+        SAMPLE_IMAGES,
+        "--output_dir",
+        str(output_dir),
+        "--max_steps",
+        "5",
+        "--caption_update_steps",
+        "1",
+        "--bbox_update_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--caption_lr",
+        "1e-3",
+        "--bbox_lr",
+        "1e-3",
+        "--use_cpu",
+        "True",
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--describer_max_new_tokens",
+        "6",
+        "--locator_max_new_tokens",
+        "8",
+        "--disable_tqdm",
+        "True",
+        *extra,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": os.path.join(ROOT, ".torch_extensions")}
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -35,11 +69,13 @@ def _torchrun(checkpoint, output_dir, port, *extra):
 def runs(tiny_checkpoint, tmp_path_factory):
     checkpoint = tiny_checkpoint("qwen2_vl")
     out = {}
-    for port, (name, extra) in enumerate([
-        ("ddp", ["--ratio_threshold", "0.5"]),  # every describer update skipped: DDP must stay in step
-        ("zero2", ["--deepspeed", os.path.join(ROOT, "scripts", "ds_config_zero2.json")]),
-        ("zero3", ["--deepspeed", os.path.join(ROOT, "scripts", "ds_config_zero3.json")]),
-    ]):
+    for port, (name, extra) in enumerate(
+        [
+            ("ddp", ["--ratio_threshold", "0.5"]),  # every describer update skipped: DDP must stay in step
+            ("zero2", ["--deepspeed", os.path.join(ROOT, "scripts", "ds_config_zero2.json")]),
+            ("zero3", ["--deepspeed", os.path.join(ROOT, "scripts", "ds_config_zero3.json")]),
+        ]
+    ):
         directory = tmp_path_factory.mktemp(name)
         out[name] = (directory, _torchrun(checkpoint, directory, 29600 + port, *extra))
     return checkpoint, out
@@ -73,15 +109,27 @@ def test_sharded_runs_agree_with_each_other(runs):
 def test_finetune_ds_script_launches_with_environment_overrides(tiny_checkpoint, tmp_path):
     out = tmp_path / "ds_script"
     env = {
-        **os.environ, "GPUS_PER_NODE": "2", "MASTER_PORT": "29650", "MODEL": tiny_checkpoint("qwen2_vl"),
-        "IMAGE_DIR": SAMPLE_IMAGES, "DATA": SAMPLE_DATA, "OUTPUT_DIR": str(out), "MAX_STEPS": "3",
-        "BATCH_PER_GPU": "2", "caption_update_steps": "1", "bbox_update_steps": "1", "kl_coef": "0.02",
-        "REPORT_TO": "none", "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": os.path.join(ROOT, ".torch_extensions"),
+        **os.environ,
+        "GPUS_PER_NODE": "2",
+        "MASTER_PORT": "29650",
+        "MODEL": tiny_checkpoint("qwen2_vl"),
+        "IMAGE_DIR": SAMPLE_IMAGES,
+        "DATA": SAMPLE_DATA,
+        "OUTPUT_DIR": str(out),
+        "MAX_STEPS": "3",
+        "BATCH_PER_GPU": "2",
+        "caption_update_steps": "1",
+        "bbox_update_steps": "1",
+        "kl_coef": "0.02",
+        "REPORT_TO": "none",
+        "OMP_NUM_THREADS": "1",
+        "TORCH_EXTENSIONS_DIR": os.path.join(ROOT, ".torch_extensions"),
         "EXTRA_ARGS": "--use_cpu True --bf16 False --gradient_checkpointing False --dataloader_num_workers 0 "
-                      "--describer_max_new_tokens 4 --locator_max_new_tokens 6 --disable_tqdm True",
+        "--describer_max_new_tokens 4 --locator_max_new_tokens 6 --disable_tqdm True",
     }
-    result = subprocess.run(["sh", "scripts/finetune_ds.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        ["sh", "scripts/finetune_ds.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-6000:]
     args = torch.load(out / "training_args.bin", weights_only=False)
     assert (args.kl_coef, args.caption_update_steps, args.max_steps, args.world_size) == (0.02, 1, 3, 2)

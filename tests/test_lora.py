@@ -2,7 +2,6 @@
 
 from types import SimpleNamespace
 
-import pytest
 import torch
 from PIL import Image
 
@@ -27,8 +26,16 @@ def _adapter_weights(model, name):
 def test_lora_phase_switch_and_merge(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setattr(sc_tune.trainer, "iou_or_zero", fake_iou)
     source = tiny_checkpoint("qwen2_vl")
-    trainer = make_trainer(source, str(tmp_path / "run"), model_transform=_lora, max_steps=5,
-                           caption_update_steps=1, bbox_update_steps=2, ppo_epochs=2, kl_coef=0.05)
+    trainer = make_trainer(
+        source,
+        str(tmp_path / "run"),
+        model_transform=_lora,
+        max_steps=5,
+        caption_update_steps=1,
+        bbox_update_steps=2,
+        ppo_epochs=2,
+        kl_coef=0.05,
+    )
     model = trainer.model
     base_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
     assert all(not p.requires_grad for n, p in model.named_parameters() if f".{SNAPSHOT_ADAPTER}." in n)

@@ -13,8 +13,9 @@ from tests.helpers import fake_iou, make_trainer, trainable_vector
 
 def _snapshot_vector(trainer):
     policy = dict(trainer.model.named_parameters())
-    return torch.cat([p.detach().flatten().clone() for n, p in trainer.snapshot.module.named_parameters()
-                      if policy[n].requires_grad])
+    return torch.cat(
+        [p.detach().flatten().clone() for n, p in trainer.snapshot.module.named_parameters() if policy[n].requires_grad]
+    )
 
 
 def _moments(trainer):
@@ -29,8 +30,15 @@ def reward_with_signal(monkeypatch):
 
 def test_two_phases_switch_lr_moments_and_snapshot(tiny_checkpoint, tmp_path, reward_with_signal):
     # steps 0-1: describer rollout (2 PPO epochs); 2-3: locator; 4-5: describer again
-    trainer = make_trainer(tiny_checkpoint("qwen2_vl"), str(tmp_path), max_steps=6, caption_update_steps=1,
-                           bbox_update_steps=2, ppo_epochs=2, kl_coef=0.05)
+    trainer = make_trainer(
+        tiny_checkpoint("qwen2_vl"),
+        str(tmp_path),
+        max_steps=6,
+        caption_update_steps=1,
+        bbox_update_steps=2,
+        ppo_epochs=2,
+        kl_coef=0.05,
+    )
     frozen_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
     assert frozen_before, "fix_vit should leave frozen vision parameters"
     seen = []
@@ -39,9 +47,16 @@ def test_two_phases_switch_lr_moments_and_snapshot(tiny_checkpoint, tmp_path, re
     def spy(step):
         policy_before, snapshot_before = trainable_vector(trainer.model), _snapshot_vector(trainer)
         original(step)
-        seen.append(dict(step=step, policy_before=policy_before, snapshot_before=snapshot_before,
-                         snapshot_after=_snapshot_vector(trainer), moments=_moments(trainer),
-                         lr=innermost_optimizer(trainer.optimizer).param_groups[0]["lr"]))
+        seen.append(
+            dict(
+                step=step,
+                policy_before=policy_before,
+                snapshot_before=snapshot_before,
+                snapshot_after=_snapshot_vector(trainer),
+                moments=_moments(trainer),
+                lr=innermost_optimizer(trainer.optimizer).param_groups[0]["lr"],
+            )
+        )
 
     trainer._begin_step = spy
     trainer.train()
@@ -66,17 +81,32 @@ def test_two_phases_switch_lr_moments_and_snapshot(tiny_checkpoint, tmp_path, re
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert [h["phase"] for h in logs] == [0.0, 0.0, 1.0, 1.0, 0.0, 0.0]
     assert [h["learning_rate"] for h in logs] == [1e-3, 1e-3, 2e-3, 2e-3, 1e-3, 1e-3]
-    for key in ("describer/reward_iou", "describer/baseline_iou", "describer/advantage", "describer/kl",
-                "describer/kl_coef", "describer/clip_frac", "describer/ratio", "describer/policy_kl",
-                "describer/parse_failure"):
+    for key in (
+        "describer/reward_iou",
+        "describer/baseline_iou",
+        "describer/advantage",
+        "describer/kl",
+        "describer/kl_coef",
+        "describer/clip_frac",
+        "describer/ratio",
+        "describer/policy_kl",
+        "describer/parse_failure",
+    ):
         assert key in logs[0], key
     assert "locator/loss" in logs[2] and logs[2]["locator/loss"] > 0
     assert logs[0]["describer/parse_failure"] == 1.0  # a random model writes no box: reported, not hidden
 
 
 def test_ratio_guard_skips_the_update_entirely(tiny_checkpoint, tmp_path, reward_with_signal):
-    trainer = make_trainer(tiny_checkpoint("qwen2_vl"), str(tmp_path), max_steps=2, caption_update_steps=1,
-                           bbox_update_steps=1, ppo_epochs=2, ratio_threshold=0.5)  # ratio 1 > 0.5: always skip
+    trainer = make_trainer(
+        tiny_checkpoint("qwen2_vl"),
+        str(tmp_path),
+        max_steps=2,
+        caption_update_steps=1,
+        bbox_update_steps=1,
+        ppo_epochs=2,
+        ratio_threshold=0.5,
+    )  # ratio 1 > 0.5: always skip
     before = trainable_vector(trainer.model)
     trainer.train()
     assert torch.equal(trainable_vector(trainer.model), before)  # no step: not even weight decay moved them
@@ -85,8 +115,15 @@ def test_ratio_guard_skips_the_update_entirely(tiny_checkpoint, tmp_path, reward
 
 
 def test_policy_kl_early_stop_prevents_the_next_update(tiny_checkpoint, tmp_path, reward_with_signal):
-    trainer = make_trainer(tiny_checkpoint("qwen2_vl"), str(tmp_path), max_steps=3, caption_update_steps=1,
-                           bbox_update_steps=1, ppo_epochs=3, policy_kl_stop=-1e9)  # any KL "exceeds" it
+    trainer = make_trainer(
+        tiny_checkpoint("qwen2_vl"),
+        str(tmp_path),
+        max_steps=3,
+        caption_update_steps=1,
+        bbox_update_steps=1,
+        ppo_epochs=3,
+        policy_kl_stop=-1e9,
+    )  # any KL "exceeds" it
     after = {}
     original = trainer._begin_step
 
@@ -104,7 +141,9 @@ def test_policy_kl_early_stop_prevents_the_next_update(tiny_checkpoint, tmp_path
 
 def test_resume_mid_rollout_matches_uninterrupted_run(tiny_checkpoint, tmp_path, reward_with_signal):
     common = dict(max_steps=6, caption_update_steps=2, bbox_update_steps=2, ppo_epochs=2)
-    full = make_trainer(tiny_checkpoint("qwen2_vl"), str(tmp_path / "full"), save_strategy="steps", save_steps=3, **common)
+    full = make_trainer(
+        tiny_checkpoint("qwen2_vl"), str(tmp_path / "full"), save_strategy="steps", save_steps=3, **common
+    )
     full.train()
     checkpoint = tmp_path / "full" / "checkpoint-3"
     state = json.loads((checkpoint / "sc_tune_state.json").read_text())
@@ -134,12 +173,36 @@ def test_finetune_cli_runs_and_exports_a_reloadable_checkpoint(tiny_checkpoint, 
     from tests.conftest import SAMPLE_DATA, SAMPLE_IMAGES
 
     out = tmp_path / "out"
-    trainer = finetune.main([
-        "--model_name_or_path", tiny_checkpoint("qwen3_vl"), "--data_path", SAMPLE_DATA, "--image_folder", SAMPLE_IMAGES,
-        "--output_dir", str(out), "--max_steps", "3", "--caption_update_steps", "1", "--bbox_update_steps", "1",
-        "--per_device_train_batch_size", "2", "--use_cpu", "True", "--describer_max_new_tokens", "4",
-        "--locator_max_new_tokens", "6", "--save_strategy", "no", "--report_to", "none",
-    ])
+    trainer = finetune.main(
+        [
+            "--model_name_or_path",
+            tiny_checkpoint("qwen3_vl"),
+            "--data_path",
+            SAMPLE_DATA,
+            "--image_folder",
+            SAMPLE_IMAGES,
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "3",
+            "--caption_update_steps",
+            "1",
+            "--bbox_update_steps",
+            "1",
+            "--per_device_train_batch_size",
+            "2",
+            "--use_cpu",
+            "True",
+            "--describer_max_new_tokens",
+            "4",
+            "--locator_max_new_tokens",
+            "6",
+            "--save_strategy",
+            "no",
+            "--report_to",
+            "none",
+        ]
+    )
     reloaded, adapter = load_model_and_adapter(str(out))
     for name, param in trainer.model.named_parameters():
         assert torch.equal(param.detach(), dict(reloaded.named_parameters())[name]), name

@@ -93,7 +93,9 @@ class Qwen2VLAdapter(_QwenChatVLAdapter):
 
 class _JsonBoxAdapter(_QwenChatVLAdapter):
     def describer_prompt(self, box_norm, image):
-        return _turn(f"{IMAGE_PLACEHOLDER}Describe the object at {self.codec.format(box_norm, image.frame)} in a few words.")
+        return _turn(
+            f"{IMAGE_PLACEHOLDER}Describe the object at {self.codec.format(box_norm, image.frame)} in a few words."
+        )
 
     def locator_prompt(self, caption, image):
         return _turn(f"{IMAGE_PLACEHOLDER}Locate {caption}. Output its bbox_2d in JSON.")

@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-from sc_tune.adapters.base import ImageInputs, ModelAdapter
+from sc_tune.adapters.base import ModelAdapter
 from sc_tune.evaluation.distributed import Ranks, current_ranks, gather_by_index, shard_indices
 from sc_tune.rollout import GenerationSettings, fit_locator_budget  # noqa: F401 (re-exported)
 

@@ -20,7 +20,7 @@ import math
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -52,6 +52,10 @@ class WarmStartConfig:
     max_steps: int = 8000
     min_lr_ratio: float = 0.1  # cosine decay from lr to lr * min_lr_ratio at max_steps
     p_terse: float = 0.6
+    # Fewest objects per training scene. Scenes with a single object teach "where is the object" and
+    # "what is it" without the need to match a caption or a box first: a curriculum for the plateau in
+    # which a from-scratch model ignores the image. The held-out split keeps ShapesSpec's 2-4 objects.
+    stream_min_objects: int = 2
     p_locator_terse: float = 0.3
     eval_every: int = 500
     eval_objects: int = 300
@@ -86,7 +90,7 @@ def scene_samples(scene: ShapesScene, image: ImageInputs, adapter: ModelAdapter,
 def sample_batches(adapter: ModelAdapter, cfg: WarmStartConfig, buffer_size: int = 1024) -> Iterator[list[Sample]]:
     """Endless shuffled batches from a fresh scene stream (no image is seen twice, so no overfitting)."""
     rng = random.Random(cfg.seed)
-    scenes = scene_stream(split_seed(cfg.seed, "warmstart"), cfg.spec)
+    scenes = scene_stream(split_seed(cfg.seed, "warmstart"), replace(cfg.spec, min_objects=cfg.stream_min_objects))
     buffer: list[Sample] = []
     while True:
         while len(buffer) < buffer_size:

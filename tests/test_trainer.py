@@ -38,6 +38,7 @@ def test_two_phases_switch_lr_moments_and_snapshot(tiny_checkpoint, tmp_path, re
         bbox_update_steps=2,
         ppo_epochs=2,
         kl_coef=0.05,
+        log_rollouts_steps=2,
     )
     frozen_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
     assert frozen_before, "fix_vit should leave frozen vision parameters"
@@ -94,7 +95,10 @@ def test_two_phases_switch_lr_moments_and_snapshot(tiny_checkpoint, tmp_path, re
     ):
         assert key in logs[0], key
     assert "locator/loss" in logs[2] and logs[2]["locator/loss"] > 0
-    assert logs[0]["describer/parse_failure"] == 1.0  # a random model writes no box: reported, not hidden
+    assert logs[0]["describer/parse_failure"] == 1.0
+    # --log_rollouts_steps 2: a PNG grid of the rollouts drawn at steps 0 and 4 (describer, step % 2 == 0)
+    pictures = sorted(p.name for p in (tmp_path / "rollouts").iterdir())
+    assert pictures == ["step0000000.png", "step0000004.png"]  # a random model writes no box: reported, not hidden
 
 
 def test_ratio_guard_skips_the_update_entirely(tiny_checkpoint, tmp_path, reward_with_signal):

@@ -148,3 +148,13 @@ def test_before_after_grid_draws_pairs(tmp_path):
     with Image.open(path) as grid:
         # 2 pairs per line, 2 lines: each panel is 256 px wide, a pair 2 * 256 + 6, a 16 px gap between pairs.
         assert grid.size[0] == 2 * (2 * 256 + 6) + 16
+
+
+def test_warm_start_model_takes_head_counts_from_the_config():
+    from sc_tune.synthetic.warm_start import build_model
+
+    model, tokenizer, _ = build_model(WarmStartConfig(hidden=64, layers=1, vision_width=32, text_heads=4, text_kv_heads=2))
+    text = model.config.text_config
+    assert (text.num_attention_heads, text.num_key_value_heads, text.head_dim) == (4, 2, 32)
+    assert model.model.language_model.layers[0].self_attn.q_proj.out_features == 4 * 32
+    assert text.vocab_size == len(tokenizer)

@@ -21,7 +21,11 @@ def _panel(row: dict, title: str, font) -> Image.Image:
     panel = Image.new("RGB", (image.width, image.height + CAPTION_HEIGHT), (255, 255, 255))
     panel.paste(image, (0, 0))
     draw = ImageDraw.Draw(panel)
-    to_px = lambda box: [box[0] * image.width, box[1] * image.height, box[2] * image.width, box[3] * image.height]  # noqa: E731
+    def to_px(box):  # sorted: a locator may write an inverted box, which still deserves a picture
+        x1, x2 = sorted((box[0] * image.width, box[2] * image.width))
+        y1, y2 = sorted((box[1] * image.height, box[3] * image.height))
+        return [x1, y1, x2, y2]
+
     draw.rectangle(to_px(row["bbox"]), outline=TRUE_COLOUR, width=3)
     if row["pred"] is not None:
         draw.rectangle(to_px(row["pred"]), outline=PRED_COLOUR, width=2)

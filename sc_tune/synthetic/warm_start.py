@@ -43,6 +43,9 @@ class WarmStartConfig:
     hidden: int = 128
     layers: int = 2
     vision_width: int = 64
+    # Attention heads of the language model (sc_tune.tiny builds 2 query heads sharing 1 key/value head).
+    text_heads: int = 2
+    text_kv_heads: int = 1
     image_size: int = 128
     grid: int = 4
     batch_size: int = 32
@@ -163,14 +166,33 @@ def save_checkpoint(directory: Path, model, tokenizer, image_processor, cfg: War
     (directory / "warm_start.json").write_text(json.dumps({"config": asdict(cfg), "metrics": metrics}, indent=2))
 
 
+def build_model(cfg: WarmStartConfig):
+    """``sc_tune.tiny.build_tiny("qwen3_vl", ...)``, with the language model's head counts from ``cfg``."""
+    if (cfg.text_heads, cfg.text_kv_heads) == (2, 1):
+        return build_tiny("qwen3_vl", corpus=caption_corpus(), image_size=cfg.image_size, seed=cfg.seed,
+                          hidden=cfg.hidden, layers=cfg.layers, vision_width=cfg.vision_width)
+    from transformers import AutoModelForImageTextToText
+
+    from sc_tune.tiny import build_config, build_image_processor, build_tokenizer
+
+    tokenizer = build_tokenizer(caption_corpus())
+    image_processor = build_image_processor("qwen3_vl", cfg.image_size)
+    config = build_config("qwen3_vl", tokenizer, hidden=cfg.hidden, layers=cfg.layers, vision_width=cfg.vision_width)
+    config.text_config.num_attention_heads = cfg.text_heads
+    config.text_config.num_key_value_heads = cfg.text_kv_heads
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    return model, tokenizer, image_processor
+
+
 def train_warm_start(cfg: WarmStartConfig, output_dir: str | Path, log=print) -> dict:
     """Train, evaluating and saving ``output_dir/step_<n>`` every ``eval_every`` steps and ``last`` at the end."""
     torch.set_num_threads(cfg.threads)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    model, tokenizer, image_processor = build_tiny(
-        "qwen3_vl", corpus=caption_corpus(), image_size=cfg.image_size, seed=cfg.seed,
-        hidden=cfg.hidden, layers=cfg.layers, vision_width=cfg.vision_width)
+    model, tokenizer, image_processor = build_model(cfg)
     adapter = Qwen3VLAdapter(tokenizer, image_processor)
     torch.manual_seed(cfg.seed)
     model.train()

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sc_tune.synthetic.pipeline import (VARIANTS, WARM_START, evaluate_checkpoint, make_data,  # noqa: E402
-                                        run_sc_tune)
+                                        parse_overrides, run_sc_tune)
 
 COLUMNS = (("cycle_acc50", "cycle Acc@0.5"), ("cycle_acc50_ambiguous", "cycle Acc@0.5 ambiguous"),
            ("cycle_iou", "cycle IoU"), ("rec_acc50", "REC Acc@0.5"), ("caption_full", "full captions"))
@@ -68,12 +68,15 @@ def main(argv=None):
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--ablation_seeds", type=int, nargs="+", default=None,
                         help="seeds of the ablations (default: the same as --seeds)")
-    parser.add_argument("--max_steps", type=int, default=600)
+    parser.add_argument("--max_steps", type=int, default=1500)
     parser.add_argument("--data_seed", type=int, default=0)
     parser.add_argument("--train_images", type=int, default=2000)
     parser.add_argument("--heldout_images", type=int, default=400)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process (1 is fastest here)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="override a finetune.py flag of every run, e.g. caption_lr=1e-4")
     args = parser.parse_args(argv)
+    common = parse_overrides(args.set)
 
     out = Path(args.output_dir)
     data_root = out / "data"
@@ -88,7 +91,7 @@ def main(argv=None):
             if not summary_path.exists():
                 started = time.perf_counter()
                 checkpoint, seconds = run_sc_tune(args.warm_start, data_root, run_dir / "model", seed, args.max_steps,
-                                                  VARIANTS[variant], threads=args.threads)
+                                                  {**common, **VARIANTS[variant]}, threads=args.threads)
                 after = evaluate_checkpoint(checkpoint, data_root, threads=args.threads)
                 after.pop("rows", None)
                 summary_path.write_text(json.dumps({"after": after, "seconds": seconds, "checkpoint": str(checkpoint),

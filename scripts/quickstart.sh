@@ -9,5 +9,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 . .venv/bin/activate
 . scripts/env.sh
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+# One thread per process: faster than two for this tiny model (docs/benchmark.md, "Threads").
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 exec python -m sc_tune.synthetic.quickstart --output_dir outputs/quickstart --threads "$OMP_NUM_THREADS" "$@"

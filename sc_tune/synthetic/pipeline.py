@@ -96,7 +96,7 @@ def sc_tune_command(model_path, data_root, output_dir, seed: int, max_steps: int
 
 
 def run_sc_tune(model_path, data_root, output_dir, seed: int, max_steps: int, overrides: dict | None = None,
-                threads: int = 2, log_path: str | Path | None = None) -> tuple[Path, float]:
+                threads: int = 1, log_path: str | Path | None = None) -> tuple[Path, float]:
     """Run finetune.py and return (final checkpoint, wall seconds). Its output goes to ``log_path``."""
     command = sc_tune_command(model_path, data_root, output_dir, seed, max_steps, overrides)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
@@ -113,7 +113,7 @@ def run_sc_tune(model_path, data_root, output_dir, seed: int, max_steps: int, ov
     return final_checkpoint(output_dir), time.perf_counter() - started
 
 
-def evaluate_checkpoint(path, data_root, limit: int | None = None, keep_rows: int = 0, threads: int = 2) -> dict:
+def evaluate_checkpoint(path, data_root, limit: int | None = None, keep_rows: int = 0, threads: int = 1) -> dict:
     torch.set_num_threads(threads)
     model, adapter = load_model_and_adapter(str(path), dtype=torch.float32)
     started = time.perf_counter()

@@ -88,7 +88,15 @@ def build_image_processor(family: str, image_size: int = 56):
     )
 
 
-def build_config(family: str, tokenizer, hidden: int = 64, layers: int = 2, vision_width: int = 32):
+def build_config(
+    family: str,
+    tokenizer,
+    hidden: int = 64,
+    layers: int = 2,
+    vision_width: int = 32,
+    text_heads: int = 2,
+    text_kv_heads: int = 1,
+):
     ids = {
         name: tokenizer.convert_tokens_to_ids(tok)
         for name, tok in (
@@ -103,8 +111,8 @@ def build_config(family: str, tokenizer, hidden: int = 64, layers: int = 2, visi
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
+        num_attention_heads=text_heads,
+        num_key_value_heads=text_kv_heads,
         max_position_embeddings=2048,
         tie_word_embeddings=False,
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),

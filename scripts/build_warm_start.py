@@ -1,14 +1,16 @@
 """Build the benchmark's warm start: a tiny Qwen3-VL trained from scratch on the shapes dataset.
 
-Deterministic from ``--seed``. The committed ``checkpoints/warm_start`` was made with
+Deterministic from ``--seed``. The committed ``checkpoints/warm_start`` is ``step_6000`` of
 
-    OMP_NUM_THREADS=1 nice -n 10 python scripts/build_warm_start.py --output_dir outputs/warm_start \
-        --seed 0 --max_steps 8000 --threads 1
+    OMP_NUM_THREADS=1 nice -n 10 python scripts/build_warm_start.py --output_dir outputs/warm_start --seed 0
 
-then the chosen ``outputs/warm_start/step_<n>`` was copied to ``checkpoints/warm_start`` (see
-docs/benchmark.md). One thread, not two: at this model size a step takes 0.19 s on one thread and
-0.28 s on two (intra-op parallelism costs more than it gives), and two threads collapse to 1.8 s per
-step when another process holds one of the two cores.
+(the defaults: 8,000 planned steps, cosine schedule; the run was stopped after step 6,000, 21.8 training
+minutes, when its held-out locator Acc@0.5 was 94.7 %; ``history.json`` holds every evaluation). Then
+``cp -r outputs/warm_start/step_6000 checkpoints/warm_start``.
+
+One thread, not two: at this model size a step takes about 0.2 s on one thread and 0.28 s on two
+(intra-op parallelism costs more than it gives), and two threads collapse to 1.8 s per step when another
+process holds one of the two cores.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--warm_start", default=str(WARM_START))
     parser.add_argument("--seed", type=int, default=0, help="SC-Tune seed (the data and warm start are fixed)")
     parser.add_argument("--data_seed", type=int, default=0)
-    parser.add_argument("--max_steps", type=int, default=1500)
+    parser.add_argument("--max_steps", type=int, default=750)
     parser.add_argument("--train_images", type=int, default=2000)
     parser.add_argument("--heldout_images", type=int, default=400)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest at this size)")

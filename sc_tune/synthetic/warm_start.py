@@ -44,8 +44,8 @@ class WarmStartConfig:
     layers: int = 2
     vision_width: int = 64
     # Attention heads of the language model (sc_tune.tiny builds 2 query heads sharing 1 key/value head).
-    text_heads: int = 2
-    text_kv_heads: int = 1
+    text_heads: int = 4
+    text_kv_heads: int = 2
     image_size: int = 128
     grid: int = 4
     batch_size: int = 32
@@ -58,7 +58,7 @@ class WarmStartConfig:
     # Fewest objects per training scene. Scenes with a single object teach "where is the object" and
     # "what is it" without the need to match a caption or a box first: a curriculum for the plateau in
     # which a from-scratch model ignores the image. The held-out split keeps ShapesSpec's 2-4 objects.
-    stream_min_objects: int = 2
+    stream_min_objects: int = 1
     p_locator_terse: float = 0.3
     eval_every: int = 500
     eval_objects: int = 300

@@ -68,7 +68,7 @@ def main(argv=None):
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--ablation_seeds", type=int, nargs="+", default=None,
                         help="seeds of the ablations (default: the same as --seeds)")
-    parser.add_argument("--max_steps", type=int, default=1500)
+    parser.add_argument("--max_steps", type=int, default=750)
     parser.add_argument("--data_seed", type=int, default=0)
     parser.add_argument("--train_images", type=int, default=2000)
     parser.add_argument("--heldout_images", type=int, default=400)

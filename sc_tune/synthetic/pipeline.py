@@ -37,7 +37,7 @@ SC_TUNE_ARGS = {
     "describer_top_p": 1.0,
     "describer_temperature": 1.0,
     "describer_max_new_tokens": 8,
-    "describer_min_new_tokens": 3,
+    "describer_min_new_tokens": 1,
     "locator_max_new_tokens": 32,
     "locator_min_new_tokens": 3,
     "weight_decay": 0.0,

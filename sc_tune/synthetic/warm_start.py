@@ -167,24 +167,10 @@ def save_checkpoint(directory: Path, model, tokenizer, image_processor, cfg: War
 
 
 def build_model(cfg: WarmStartConfig):
-    """``sc_tune.tiny.build_tiny("qwen3_vl", ...)``, with the language model's head counts from ``cfg``."""
-    if (cfg.text_heads, cfg.text_kv_heads) == (2, 1):
-        return build_tiny("qwen3_vl", corpus=caption_corpus(), image_size=cfg.image_size, seed=cfg.seed,
-                          hidden=cfg.hidden, layers=cfg.layers, vision_width=cfg.vision_width)
-    from transformers import AutoModelForImageTextToText
-
-    from sc_tune.tiny import build_config, build_image_processor, build_tokenizer
-
-    tokenizer = build_tokenizer(caption_corpus())
-    image_processor = build_image_processor("qwen3_vl", cfg.image_size)
-    config = build_config("qwen3_vl", tokenizer, hidden=cfg.hidden, layers=cfg.layers, vision_width=cfg.vision_width)
-    config.text_config.num_attention_heads = cfg.text_heads
-    config.text_config.num_key_value_heads = cfg.text_kv_heads
-    torch.manual_seed(cfg.seed)
-    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = config.text_config.eos_token_id
-    return model, tokenizer, image_processor
+    """``sc_tune.tiny.build_tiny("qwen3_vl", ...)`` with the sizes of ``cfg``."""
+    return build_tiny("qwen3_vl", corpus=caption_corpus(), image_size=cfg.image_size, seed=cfg.seed,
+                      hidden=cfg.hidden, layers=cfg.layers, vision_width=cfg.vision_width,
+                      text_heads=cfg.text_heads, text_kv_heads=cfg.text_kv_heads)
 
 
 def train_warm_start(cfg: WarmStartConfig, output_dir: str | Path, log=print) -> dict:

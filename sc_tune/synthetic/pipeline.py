@@ -113,6 +113,30 @@ def run_sc_tune(model_path, data_root, output_dir, seed: int, max_steps: int, ov
     return final_checkpoint(output_dir), time.perf_counter() - started
 
 
+def phase_summaries(trainer_state_path: str | Path) -> list[str]:
+    """One line per training phase from the Trainer's log history: the describer's reward, baseline, KL and
+    clip fraction, or the locator's loss and answer-token accuracy."""
+    history = [h for h in json.loads(Path(trainer_state_path).read_text())["log_history"] if "phase" in h]
+    # "phase" is the share of locator steps in a logging window: round it to the window's majority phase.
+    role = [round(h["phase"]) for h in history]
+    lines, start = [], 0
+    for end in range(1, len(history) + 1):
+        if end < len(history) and role[end] == role[start]:
+            continue
+        rows = history[start:end]
+        mean = lambda key: sum(r[key] for r in rows if key in r) / max(1, sum(key in r for r in rows))  # noqa: E731
+        span = f"steps {rows[0]['step']:>4}-{rows[-1]['step']:>4}"
+        if role[start] == 0:
+            lines.append(f"describer {span}: reward IoU {mean('describer/reward_iou'):.3f}, baseline IoU "
+                         f"{mean('describer/baseline_iou'):.3f}, KL {mean('describer/kl'):+.4f}, clip "
+                         f"{mean('describer/clip_frac'):.3f}, parse failures {mean('describer/parse_failure'):.1%}")
+        else:
+            lines.append(f"locator   {span}: loss {mean('locator/loss'):.4f}, answer-token accuracy "
+                         f"{mean('locator/token_acc'):.1%}")
+        start = end
+    return lines
+
+
 def evaluate_checkpoint(path, data_root, limit: int | None = None, keep_rows: int = 0, threads: int = 1) -> dict:
     torch.set_num_threads(threads)
     model, adapter = load_model_and_adapter(str(path), dtype=torch.float32)

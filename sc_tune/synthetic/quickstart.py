@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from sc_tune.synthetic.figure import before_after_grid
-from sc_tune.synthetic.pipeline import (WARM_START, before_after_table, evaluate_checkpoint, make_data,
+from sc_tune.synthetic.pipeline import (WARM_START, before_after_table, evaluate_checkpoint, make_data, phase_summaries,
                                         parse_overrides,
                                         pick_figure_rows, run_sc_tune, sc_tune_command)
 
@@ -48,6 +48,9 @@ def main(argv=None) -> dict:
     print(f"[quickstart] SC-Tune: {args.max_steps} steps (log: {out / 'sc_tune' / 'finetune.log'})", flush=True)
     checkpoint, train_seconds = run_sc_tune(args.warm_start, data_root, out / "sc_tune", args.seed, args.max_steps,
                                             overrides, threads=args.threads)
+    for line in phase_summaries(out / "sc_tune" / "trainer_state.json"):
+        print(f"[quickstart]   {line}", flush=True)
+    # The after-evaluation reloads the exported checkpoint from disk.
     after = evaluate_checkpoint(checkpoint, data_root, keep_rows=FIGURE_ROWS, threads=args.threads)
     table = before_after_table(before, after)
     print(table, flush=True)

@@ -15,6 +15,7 @@ import torch
 
 from sc_tune.synthetic import evaluate as evaluate_module
 from sc_tune.synthetic.figure import before_after_grid
+from sc_tune.visualize import save_cycle_grid
 from sc_tune.synthetic.shapes import ShapesSpec, caption_corpus, cell_box, sample_scene, write_split
 from sc_tune.synthetic.warm_start import WarmStartConfig, lr_at, train_warm_start
 
@@ -146,8 +147,9 @@ def test_before_after_grid_draws_pairs(tmp_path):
     path = before_after_grid([row] * 3, [dict(row, pred=[0.1, 0.1, 0.4, 0.4], iou=1.0)] * 3, tmp_path / "g.png",
                              columns=2)
     with Image.open(path) as grid:
-        # 2 pairs per line, 2 lines: each panel is 256 px wide, a pair 2 * 256 + 6, a 16 px gap between pairs.
-        assert grid.size[0] == 2 * (2 * 256 + 6) + 16
+        reference = Image.open(save_cycle_grid(tmp_path / "ref.png", [Image.open(image_path)] * 6,
+                                               [row["bbox"]] * 6, ["c"] * 6, [None, row["bbox"]] * 3, columns=4))
+        assert grid.size == reference.size  # 3 pairs as 6 tiles, 2 pairs (4 tiles) per line
 
 
 def test_warm_start_model_takes_head_counts_from_the_config():

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from sc_tune.boxes import box_iou
+from sc_tune.boxes import iou_or_zero
 
 # Qwen-VL's evaluate_grounding counts a hit when IoU >= 0.5; the comparison is inclusive here too.
 DEFAULT_THRESHOLDS = (0.5,)
@@ -23,10 +23,7 @@ def per_sample_ious(pred_boxes: Sequence[Sequence[float] | None], target_boxes: 
         raise ValueError(f"{len(pred_boxes)} predicted boxes for {len(target_boxes)} targets")
     if not pred_boxes:
         return []
-    filled = [list(b) if b is not None else [0.0, 0.0, 0.0, 0.0] for b in pred_boxes]
-    iou_N = box_iou(torch.tensor(filled, dtype=torch.float64), torch.tensor([list(t) for t in target_boxes],
-                                                                             dtype=torch.float64))
-    return [float(iou) if pred is not None else 0.0 for iou, pred in zip(iou_N.tolist(), pred_boxes)]
+    return iou_or_zero(pred_boxes, torch.tensor([list(t) for t in target_boxes], dtype=torch.float32)).tolist()
 
 
 def accuracy_key(threshold: float) -> str:

@@ -1,0 +1,189 @@
+"""Adapters driven by the checkpoint's own chat template (InternVL, Gemma 3 / 4, LLaVA-OneVision, SmolVLM).
+
+These families ship their turn format as a Jinja chat template with the tokenizer (``chat_template.jinja``,
+or the processor's legacy ``chat_template.json``). A prompt is rendered through that template, exactly as
+the family's processor would render ``[{"type": "image"}, {"type": "text", ...}]``, and the one image marker
+the template writes (``<IMG_CONTEXT>``, ``<start_of_image>``, ``<|image|>``, ``<image>``) is then expanded to
+the placeholder sequence of that image (its start/end tokens and one placeholder token per image feature).
+
+Why not call the family's processor: in transformers 5.24 the InternVL, LLaVA-OneVision, SmolVLM and
+Gemma 4 processors cannot be built without a video processor, which needs torchvision (not a dependency
+here), and SmolVLM's also needs ``num2words``. The image processors have PIL backends, so each family module
+preprocesses with the image processor and expands the marker itself, reusing transformers' own helpers
+where they are public (SmolVLM's prompt string, LLaVA-OneVision's feature count). Every expanded prompt is
+checked to hold exactly as many placeholder tokens as the image yields features, so a wrong count fails at
+batch building with a clear error, not as "image features and image tokens do not match" inside the model.
+
+Boxes: InternVL has a documented convention (its own codec, see ``sc_tune.adapters.internvl``); Gemma 3 / 4,
+LLaVA-OneVision and SmolVLM document none, so their native codec is the generic one
+(``sc_tune.box_codecs.GENERIC_CODEC``) and their prompts ask for it in words.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from sc_tune.adapters.base import ImageInputs, ModelAdapter
+from sc_tune.box_codecs import GENERIC_CODEC
+
+LM_PROJECTIONS = "(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def language_model_lora_targets(language_model_prefix: str) -> str:
+    """PEFT ``target_modules`` regex: the attention and MLP projections of the language model only."""
+    return rf"{re.escape(language_model_prefix)}\..*\.{LM_PROJECTIONS}"
+
+
+@dataclass
+class TemplateImageInputs(ImageInputs):
+    """An image preprocessed once, with the text that replaces the chat template's image marker."""
+
+    placeholder: str = ""
+
+
+class ChatTemplateAdapter(ModelAdapter):
+    """Prompts through the tokenizer's chat template; one image per prompt; families differ in small tables.
+
+    A family subclass sets the class attributes below and implements ``preprocess_image``.
+    """
+
+    native_codec = GENERIC_CODEC
+    image_marker: str  # what the chat template writes for {"type": "image"}
+    image_token: str  # the placeholder token the model replaces with one image feature each
+    end_token: str  # the token that closes an assistant turn
+    # Modules (names as in the model's state dict): fix_vit freezes the vision tower; the projector lives
+    # outside it in these families, so it stays trainable without an exception list.
+    language_model_prefix: str = "model.language_model"
+    vision_prefix: str = "model.vision_tower"
+    # Per-token input marking image placeholders with 1 (Gemma: bidirectional attention inside an image).
+    image_type_key: str | None = None
+    # Per-image tensors whose second dimension (tiles / crops) differs between images: zero-padded to the
+    # batch's largest (the models drop all-zero tiles, or slice by ``image_sizes``), the rest concatenated.
+    padded_keys: tuple[str, ...] = ()
+    # Media special tokens the base class's name patterns miss (e.g. SmolVLM's tile tokens <row_1_col_1>).
+    extra_media_tokens: re.Pattern | None = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "lora_target_modules" not in cls.__dict__:
+            cls.lora_target_modules = language_model_lora_targets(cls.language_model_prefix)
+        cls.per_token_keys = (cls.image_type_key,) if cls.image_type_key else ()
+
+    @classmethod
+    def from_pretrained(cls, path: str, box_format: str = "native") -> ChatTemplateAdapter:
+        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+        if not tokenizer.chat_template:
+            tokenizer.chat_template = _processor_chat_template(path)
+        return cls(tokenizer, AutoImageProcessor.from_pretrained(path), AutoConfig.from_pretrained(path), box_format)
+
+    def __init__(self, tokenizer, image_processor, config, box_format: str = "native"):
+        super().__init__(tokenizer, box_format)
+        self.image_processor = image_processor
+        self.config = config
+        if not tokenizer.chat_template:
+            raise ValueError(f"{type(self).__name__}: the tokenizer has no chat template (chat_template.jinja)")
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in (self.image_marker, self.image_token, self.end_token) if t not in vocab]
+        if missing:
+            raise ValueError(f"{type(self).__name__}: the tokenizer lacks the family's special tokens {missing}")
+        self.image_token_id = vocab[self.image_token]
+
+    # ---------------------------------------------------------------- prompts
+    def render(self, user_text: str, answer_prefix: str = "") -> str:
+        """One user turn (the image, then ``user_text``) and the opened assistant turn, via the chat template."""
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user_text}]}]
+        prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return prompt + answer_prefix
+
+    def describer_prompt(self, box_norm, image):
+        return self.render(f"Describe the object at {self.codec.format(box_norm, image.frame)} in a few words.")
+
+    def locator_prompt(self, caption, image):
+        return self.render(f"Locate {caption}. {self.codec.request}")
+
+    def locator_target(self, box_norm, image):
+        return f"{self.codec.format(box_norm, image.frame)}{self.end_text}"
+
+    @property
+    def end_text(self) -> str:
+        return self.end_token
+
+    @property
+    def end_token_ids(self) -> list[int]:
+        # Also stop on the tokenizer's EOS where it differs (Gemma: <eos> besides <end_of_turn>).
+        ids = [self.tokenizer.convert_tokens_to_ids(self.end_token)]
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
+            ids.append(self.tokenizer.eos_token_id)
+        return ids
+
+    @property
+    def pad_token_id(self) -> int:
+        # Some checkpoints define no pad token; pads are masked out (attention and completion masks), so the
+        # turn's end token serves.
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.end_token_ids[0]
+
+    def suppressed_token_ids(self, describer: bool = True) -> list[int]:
+        ids = set(super().suppressed_token_ids(describer))
+        if self.extra_media_tokens is not None:
+            ids |= {i for text, i in self.special_tokens().items() if self.extra_media_tokens.search(text)}
+        return sorted(ids - set(self.end_token_ids))
+
+    # ---------------------------------------------------------------- images and tokens
+    def preprocess_image(self, image: Image.Image) -> TemplateImageInputs:
+        """The family's image processor on one RGB image -> tensors, feature count, placeholder text, frame."""
+        raise NotImplementedError
+
+    def prepare_image(self, image: Image.Image) -> TemplateImageInputs:
+        return self.preprocess_image(image.convert("RGB"))
+
+    def encode_prompt(self, text: str, image: ImageInputs) -> list[int]:
+        if self.image_marker not in text:
+            raise ValueError(f"a prompt must hold the image marker {self.image_marker!r}: {text!r}")
+        # The image item comes first in the user turn, so the first marker is the image's.
+        ids = self.tokenizer(text.replace(self.image_marker, image.placeholder, 1), add_special_tokens=False)[
+            "input_ids"
+        ]
+        found = ids.count(self.image_token_id)
+        if found != image.num_tokens:
+            raise ValueError(
+                f"prompt holds {found} {self.image_token!r} tokens for {image.num_tokens} image features "
+                f"(does its text carry a stray {self.image_token!r}?): {text!r}"
+            )
+        return ids
+
+    def image_batch(self, images: Sequence[ImageInputs], input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        batch = {}
+        for key in images[0].tensors:
+            parts = [im.tensors[key] for im in images]
+            batch[key] = _pad_dim1(parts) if key in self.padded_keys else torch.cat(parts, dim=0)
+        if self.image_type_key:
+            batch[self.image_type_key] = (input_ids == self.image_token_id).long()
+        return batch
+
+
+def _pad_dim1(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack per-image ``(1, n_i, ...)`` tensors into ``(B, max n_i, ...)``, zero-padded."""
+    width = max(p.shape[1] for p in parts)
+    out = parts[0].new_zeros((len(parts), width, *parts[0].shape[2:]))
+    for i, p in enumerate(parts):
+        out[i, : p.shape[1]] = p[0]
+    return out
+
+
+def _processor_chat_template(path: str) -> str | None:
+    """The chat template of checkpoints that keep it only in the processor's legacy ``chat_template.json``."""
+    legacy = os.path.join(path, "chat_template.json")
+    if not os.path.isfile(legacy):
+        return None
+    with open(legacy) as f:
+        return json.load(f).get("chat_template")

@@ -1,0 +1,50 @@
+"""SmolVLM / SmolVLM2 (``smolvlm``): a chat-template adapter with the generic box codec.
+
+Box convention: none found upstream (no grounding format is documented for SmolVLM), so this adapter uses
+the generic codec ``[x1, y1, x2, y2]`` on 0..1000 (``sc_tune.box_codecs.GENERIC_CODEC``), requested in the
+locator prompt.
+
+Images follow the processor's layout: with ``do_image_splitting`` (the checkpoints' default) an image is
+cut into a grid of crops plus a global view; the template's ``<image>`` becomes transformers' own prompt
+string for that grid (``get_image_prompt_string``: ``<fake_token_around_image>``, ``<row_r_col_c>`` /
+``<global-img>`` and ``image_seq_len`` ``<image>`` per crop). Crops are zero-padded across the batch (the
+model drops all-zero crops). ``fix_vit`` freezes ``model.vision_model``; the connector stays trainable.
+The ``<row_r_col_c>`` tokens are suppressed in generation with the other media tokens.
+"""
+
+from __future__ import annotations
+
+import re
+
+from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs
+
+
+class SmolVLMAdapter(ChatTemplateAdapter):
+    image_marker = "<image>"
+    image_token = "<image>"
+    end_token = "<end_of_utterance>"
+    language_model_prefix = "model.text_model"
+    vision_prefix = "model.vision_model"
+    padded_keys = ("pixel_values", "pixel_attention_mask")
+    extra_media_tokens = re.compile(r"^<row_\d+_col_\d+>$")
+
+    def __init__(self, tokenizer, image_processor, config, box_format: str = "native"):
+        super().__init__(tokenizer, image_processor, config, box_format)
+        vision = config.vision_config
+        # As SmolVLMProcessor's image_seq_len: features per crop after the connector's pixel shuffle.
+        self.image_seq_len = int((vision.image_size // vision.patch_size) ** 2 / config.scale_factor**2)
+        self.crop_token = getattr(tokenizer, "fake_image_token", None) or "<fake_token_around_image>"
+        self.global_image_token = getattr(tokenizer, "global_image_token", None) or "<global-img>"
+
+    def preprocess_image(self, image):
+        from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
+
+        out = self.image_processor(images=[image], return_row_col_info=True, return_tensors="pt")
+        rows, cols = int(out["rows"][0][0]), int(out["cols"][0][0])
+        placeholder = get_image_prompt_string(
+            rows, cols, self.image_seq_len, self.crop_token, self.image_token, self.global_image_token
+        )
+        num_tokens = self.image_seq_len * (rows * cols + 1 if rows or cols else 1)
+        pixel_values = out["pixel_values"]  # (1, crops, 3, H, W)
+        tensors = {"pixel_values": pixel_values, "pixel_attention_mask": out["pixel_attention_mask"]}
+        return TemplateImageInputs(tensors, num_tokens, (int(pixel_values.shape[-1]), int(pixel_values.shape[-2])), placeholder)

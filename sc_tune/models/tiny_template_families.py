@@ -1,0 +1,314 @@
+"""Tiny random models of the chat-template families: InternVL, Gemma 3 / 4, LLaVA-OneVision, SmolVLM.
+
+Each is the family's own transformers architecture at a few hundred thousand parameters, a tiny BPE
+tokenizer carrying the family's special tokens (``sc_tune.models.tiny_chat``), the family's PIL image
+processor at a tiny input size, and a chat template that is a minimal stand-in for the checkpoint's: the
+same turn markers and the same image marker for ``{"type": "image"}``, nothing else (no system prompts,
+tools or thinking switches). Image tiling / splitting stays on where the family uses it by default, at the
+smallest grid, so the tests cover its token counting.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sc_tune.models.tiny_chat import TinySizes, TinySpec, build_tiny
+from sc_tune.models.tiny_configs import _text_config
+
+TINY_IMAGE_SIZE = 28  # the vision towers' input: an InternVL tile, a SigLIP view, a SmolVLM crop (2x2 patches)
+# The words of the prompts in sc_tune.adapters.chat_template / internvl: one token per word in the tiny BPE.
+TEMPLATE_TEXT = (
+    "user\nassistant\nmodel\nUser: Assistant: Describe the object at in a few words. Locate . "
+    "Answer with its box as [x1, y1, x2, y2], integers from 0 to 1000. [0, 1, 2, 3] [[0, 1, 2, 3]] "
+    "Please provide the bounding box coordinate of the region this sentence describes: "
+    "Please provide a short description for this region: "
+)
+
+
+def _chatml_template(image_text: str, image_first_separator: str = "") -> str:
+    """ChatML turns (InternVL, LLaVA-OneVision): ``<|im_start|>user\\n`` + image marker + text."""
+    return (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+        "{% for item in message['content'] %}{% if item['type'] == 'image' %}"
+        f"{{{{ '{image_text}' }}}}"
+        "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
+        "{{ '<|im_end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+
+
+def _gemma_template(turn_open: str, turn_close: str, image_text: str) -> str:
+    return (
+        "{{ '<bos>' }}{% for message in messages %}"
+        f"{{{{ '{turn_open}' + ('model' if message['role'] == 'assistant' else message['role']) + '\\n' }}}}"
+        "{% for item in message['content'] %}{% if item['type'] == 'image' %}"
+        f"{{{{ '{image_text}' }}}}"
+        "{% elif item['type'] == 'text' %}{{ item['text'] | trim }}{% endif %}{% endfor %}"
+        f"{{{{ '{turn_close}\\n' }}}}{{% endfor %}}"
+        f"{{% if add_generation_prompt %}}{{{{ '{turn_open}model\\n' }}}}{{% endif %}}"
+    )
+
+
+def _vision_encoder(sizes: TinySizes, image_size: int, patch_size: int) -> dict:
+    width = sizes.vision_width
+    return dict(
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+
+
+# ---------------------------------------------------------------- InternVL
+def _internvl_image_processor(image_size: int):
+    from transformers import GotOcr2ImageProcessorPil
+
+    # Dynamic tiling on (InternVLProcessor's default), at most 2 tiles (+ a thumbnail) to stay tiny.
+    return GotOcr2ImageProcessorPil(
+        size={"height": image_size, "width": image_size}, crop_to_patches=True, min_patches=1, max_patches=2
+    )
+
+
+def _internvl_config(tokenizer, sizes: TinySizes):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(
+        "internvl",
+        text_config=_text_config(tokenizer, sizes, "<|im_end|>"),
+        vision_config=_vision_encoder(sizes, TINY_IMAGE_SIZE, 14),
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_seq_length=(TINY_IMAGE_SIZE // 14) ** 2 // 4,
+        downsample_ratio=0.5,
+        tie_word_embeddings=False,
+    )
+
+
+# ---------------------------------------------------------------- Gemma 3
+def _gemma3_image_processor(image_size: int):
+    from transformers import Gemma3ImageProcessorPil
+
+    return Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size})
+
+
+def _gemma_text(tokenizer, sizes: TinySizes, eos_token: str) -> dict:
+    text = _text_config(tokenizer, sizes, eos_token)
+    head_dim = sizes.hidden // sizes.text_heads
+    text.update(
+        head_dim=head_dim,
+        sliding_window=64,
+        layer_types=["sliding_attention"] * (sizes.layers - 1) + ["full_attention"],
+        bos_token_id=tokenizer.convert_tokens_to_ids("<bos>"),
+    )
+    return text
+
+
+def _gemma3_config(tokenizer, sizes: TinySizes):
+    from transformers import AutoConfig
+
+    text = _gemma_text(tokenizer, sizes, "<end_of_turn>")
+    text["query_pre_attn_scalar"] = text["head_dim"]
+    ids = {
+        "boi_token_index": tokenizer.convert_tokens_to_ids("<start_of_image>"),
+        "eoi_token_index": tokenizer.convert_tokens_to_ids("<end_of_image>"),
+        "image_token_index": tokenizer.convert_tokens_to_ids("<image_soft_token>"),
+    }
+    vision = _vision_encoder(sizes, TINY_IMAGE_SIZE, 14)
+    # 2x2 patches pooled to 4 soft tokens per image.
+    return AutoConfig.for_model(
+        "gemma3", text_config=text, vision_config=vision, mm_tokens_per_image=4, tie_word_embeddings=False, **ids
+    )
+
+
+# ---------------------------------------------------------------- Gemma 4
+GEMMA4_PATCH = 4
+
+
+def _gemma4_image_processor(image_size: int):
+    from transformers import Gemma4ImageProcessorPil
+
+    # 70 soft tokens is the smallest budget the image processor accepts; tiny patches keep the tower cheap.
+    return Gemma4ImageProcessorPil(patch_size=GEMMA4_PATCH, max_soft_tokens=70, pooling_kernel_size=2)
+
+
+def _gemma4_config(tokenizer, sizes: TinySizes):
+    from transformers import AutoConfig
+
+    text = _gemma_text(tokenizer, sizes, "<turn|>")
+    text.update(
+        global_head_dim=text["head_dim"],
+        vocab_size_per_layer_input=len(tokenizer),
+        hidden_size_per_layer_input=8,
+        use_bidirectional_attention="vision",
+    )
+    width = sizes.vision_width
+    vision = dict(
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=width // 2,
+        patch_size=GEMMA4_PATCH,
+        pooling_kernel_size=2,
+        position_embedding_size=64,
+    )
+    token = tokenizer.convert_tokens_to_ids
+    ids = {
+        "boi_token_id": token("<|image>"),
+        "eoi_token_id": token("<image|>"),
+        "image_token_id": token("<|image|>"),
+        "video_token_id": token("<|video|>"),
+        "boa_token_id": token("<|audio>"),
+        "eoa_token_index": token("<audio|>"),
+        "audio_token_id": token("<|audio|>"),
+    }
+    return AutoConfig.for_model(
+        "gemma4", text_config=text, vision_config=vision, audio_config=None, tie_word_embeddings=False, **ids
+    )
+
+
+# ---------------------------------------------------------------- LLaVA-OneVision
+def _llava_onevision_pinpoints(image_size: int) -> list[list[int]]:
+    return [[image_size * r, image_size * c] for r in (1, 2) for c in (1, 2)]
+
+
+def _llava_onevision_image_processor(image_size: int):
+    from transformers import LlavaOnevisionImageProcessorPil
+
+    return LlavaOnevisionImageProcessorPil(
+        size={"height": image_size, "width": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=_llava_onevision_pinpoints(image_size),
+    )
+
+
+def _llava_onevision_config(tokenizer, sizes: TinySizes):
+    from transformers import AutoConfig
+
+    vision = dict(_vision_encoder(sizes, TINY_IMAGE_SIZE, 14), vision_use_head=False)
+    return AutoConfig.for_model(
+        "llava_onevision",
+        text_config=_text_config(tokenizer, sizes, "<|im_end|>"),
+        vision_config=vision,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=_llava_onevision_pinpoints(TINY_IMAGE_SIZE),
+        tie_word_embeddings=False,
+    )
+
+
+# ---------------------------------------------------------------- SmolVLM
+SMOLVLM_TILE_TOKENS = tuple(f"<row_{r}_col_{c}>" for r in (1, 2) for c in (1, 2))
+
+
+def _smolvlm_image_processor(image_size: int):
+    from transformers import SmolVLMImageProcessorPil
+
+    # Splitting on (the checkpoints' default): at most a 2x2 grid of crops plus the global view.
+    return SmolVLMImageProcessorPil(
+        size={"longest_edge": 2 * image_size}, max_image_size={"longest_edge": image_size}, do_image_splitting=True
+    )
+
+
+def _smolvlm_config(tokenizer, sizes: TinySizes):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(
+        "smolvlm",
+        text_config=_text_config(tokenizer, sizes, "<end_of_utterance>"),
+        vision_config=_vision_encoder(sizes, TINY_IMAGE_SIZE, 14),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        scale_factor=2,
+        tie_word_embeddings=False,
+    )
+
+
+def _smolvlm_template() -> str:
+    from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE
+
+    return DEFAULT_CHAT_TEMPLATE  # transformers' own SmolVLM template
+
+
+@dataclass(frozen=True)
+class TemplateTinySpec:
+    spec: TinySpec
+    chat_template: Callable[[], str]  # lazy: SmolVLM's comes from transformers
+
+
+def _spec(special_tokens, eos_token, image_processor, config) -> TinySpec:
+    return TinySpec(
+        special_tokens=tuple(special_tokens),
+        eos_token=eos_token,
+        template_text=TEMPLATE_TEXT,
+        image_processor=image_processor,
+        config=config,
+    )
+
+
+CHATML = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+GEMMA = ("<pad>", "<eos>", "<bos>")
+TINY_TEMPLATE_SPECS: dict[str, TemplateTinySpec] = {
+    "internvl": TemplateTinySpec(
+        _spec(
+            (*CHATML, "<img>", "</img>", "<IMG_CONTEXT>", "<video>", "<ref>", "</ref>", "<box>", "</box>"),
+            "<|im_end|>",
+            _internvl_image_processor,
+            _internvl_config,
+        ),
+        lambda: _chatml_template("<IMG_CONTEXT>\\n"),
+    ),
+    "gemma3": TemplateTinySpec(
+        _spec(
+            (*GEMMA, "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"),
+            "<end_of_turn>",
+            _gemma3_image_processor,
+            _gemma3_config,
+        ),
+        lambda: _gemma_template("<start_of_turn>", "<end_of_turn>", "<start_of_image>"),
+    ),
+    "gemma4": TemplateTinySpec(
+        _spec(
+            (*GEMMA, "<|turn>", "<turn|>", "<|image>", "<image|>", "<|image|>", "<|video|>")
+            + ("<|audio>", "<audio|>", "<|audio|>"),
+            "<turn|>",
+            _gemma4_image_processor,
+            _gemma4_config,
+        ),
+        lambda: _gemma_template("<|turn>", "<turn|>", "<|image|>"),
+    ),
+    "llava_onevision": TemplateTinySpec(
+        _spec((*CHATML, "<image>", "<video>"), "<|im_end|>", _llava_onevision_image_processor, _llava_onevision_config),
+        lambda: _chatml_template("<image>\\n"),
+    ),
+    "smolvlm": TemplateTinySpec(
+        _spec(
+            (*CHATML, "<end_of_utterance>", "<image>", "<fake_token_around_image>", "<global-img>", *SMOLVLM_TILE_TOKENS),
+            "<end_of_utterance>",
+            _smolvlm_image_processor,
+            _smolvlm_config,
+        ),
+        _smolvlm_template,
+    ),
+}
+
+
+def build_tiny_template_family(model_type: str, **kwargs):
+    """(model, tokenizer, image_processor) of a tiny ``model_type`` model, its chat template on the tokenizer."""
+    entry = TINY_TEMPLATE_SPECS[model_type]
+    model, tokenizer, image_processor = build_tiny(entry.spec, image_size=TINY_IMAGE_SIZE, **kwargs)
+    tokenizer.chat_template = entry.chat_template()
+    return model, tokenizer, image_processor
+
+
+def save_tiny_template_family(model_type: str, directory: str, **kwargs) -> str:
+    """Write a tiny ``model_type`` checkpoint folder that ``finetune.py`` and ``evaluate.py`` load."""
+    model, tokenizer, image_processor = build_tiny_template_family(model_type, **kwargs)
+    os.makedirs(directory, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    image_processor.save_pretrained(directory)
+    return str(directory)

@@ -31,8 +31,8 @@ logger = logging.getLogger("evaluate")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_model_and_adapter(path: str, dtype: torch.dtype, device):
-    model, adapter = modeling.load_model_and_adapter(path, dtype=dtype)
+def load_model_and_adapter(path: str, dtype: torch.dtype, device, box_format: str = "native"):
+    model, adapter = modeling.load_model_and_adapter(path, dtype=dtype, box_format=box_format)
     return model.to(device).eval(), adapter
 
 
@@ -60,6 +60,9 @@ def parse_args(argv=None):
                         help="annotation file(s); rec accepts several (e.g. refcoco val, testA, testB)")
     parser.add_argument("--image-root", default="", help="folder the records' 'image' paths are relative to")
     parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--box-format", choices=("native", "generic"), default="native",
+                        help="box text: the family's own convention or the generic [x1, y1, x2, y2] on 0..1000 "
+                             "(use the --box_format the model was trained with)")
     parser.add_argument("--batch-size", type=int, default=8, help="samples per generate call, per process")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16" if torch.cuda.is_available() else "float32")
     parser.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N records")
@@ -91,7 +94,7 @@ def main(argv=None) -> None:
     datasets = [(path, take(tasks[args.task](path), args.max_samples)) for path in args.data]
     if args.task != "rec" and len(datasets) != 1:
         raise SystemExit(f"{args.task} takes one --data file, got {len(datasets)}")
-    model, adapter = load_model_and_adapter(args.model, DTYPES[args.dtype], device)
+    model, adapter = load_model_and_adapter(args.model, DTYPES[args.dtype], device, args.box_format)
     describe_settings = GenerationSettings(args.describer_max_new_tokens, args.describer_min_new_tokens)
     locate_settings = GenerationSettings(args.locator_max_new_tokens)
     if ranks.is_main:

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> SCTuneTrainer:
     if lora_args.q_lora and not lora_args.use_lora:
         raise ValueError("--q_lora needs --use_lora")
     model, adapter = load_model_and_adapter(
-        model_args.model_name_or_path, dtype=dtype, quantization_config=quantization
+        model_args.model_name_or_path, dtype=dtype, quantization_config=quantization, box_format=model_args.box_format
     )
     if model_args.fix_vit:
         frozen = freeze_vision_tower(model, adapter)

@@ -16,7 +16,15 @@ from transformers import TrainingArguments
 class ModelArguments:
     model_name_or_path: str = field(
         default="Qwen-VL-Chat",
-        metadata={"help": "Checkpoint folder (Qwen-VL-Chat, Qwen2-VL, Qwen2.5-VL or Qwen3-VL). Loaded from disk only."},
+        metadata={"help": "Checkpoint folder of any supported family (README's family table). Loaded from disk only."},
+    )
+    box_format: str = field(
+        default="native",
+        metadata={
+            "help": "Box text: 'native' (the family's own convention) or 'generic' ([x1, y1, x2, y2] on 0..1000). "
+            "Evaluate with the same choice.",
+            "choices": ["native", "generic"],
+        },
     )
     fix_vit: bool = field(
         default=True,

@@ -14,6 +14,9 @@ grid ``0..scale`` as ``round(v * scale)`` and read back as ``n / scale``.
   at most half a grid step. The difference between 999 and 1000 is at most one unit.
 - Qwen2-VL and Qwen3-VL: ``scale = 1000`` (their documented relative grid).
 - Qwen2.5-VL: absolute pixels of the *resized* model input (``frame``), rescaled to ``[0, 1]`` on decode.
+- Generic (``--box_format generic``, and the native format of families that document none): the plain
+  list ``[x1, y1, x2, y2]`` of integers on ``0..1000`` (``GENERIC_CODEC``). Any family can be trained with it;
+  the model then learns the format from the locator's pseudo-labels instead of relying on pre-training.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from collections.abc import Sequence
 _INT = r"\s*(-?\d+)\s*"
 _PAIR_RE = re.compile(rf"\({_INT},{_INT}\)\s*,\s*\({_INT},{_INT}\)")
 _JSON_RE = re.compile(rf'"bbox_2d"\s*:\s*\[{_INT},{_INT},{_INT},{_INT}\]')
+_LIST_RE = re.compile(rf"\[{_INT},{_INT},{_INT},{_INT}\]")
 
 
 class BoxCodec(ABC):
@@ -36,6 +40,8 @@ class BoxCodec(ABC):
 
     template: str
     pattern: re.Pattern
+    # How a locator prompt asks for this format (families whose prompt names the format use it).
+    request: str = "Answer with its bounding box."
 
     @abstractmethod
     def axis_scales(self, frame: tuple[int, int]) -> tuple[int, int]:
@@ -80,6 +86,7 @@ class JsonGridCodec(PairGridCodec):
 
     template = '{{"bbox_2d": [{}, {}, {}, {}]}}'
     pattern = _JSON_RE
+    request = "Output its bbox_2d in JSON."
 
     def __init__(self, scale: int = 1000):
         super().__init__(scale)
@@ -95,6 +102,31 @@ class JsonPixelCodec(BoxCodec):
 
     template = JsonGridCodec.template
     pattern = _JSON_RE
+    request = JsonGridCodec.request
 
     def axis_scales(self, frame):
         return frame
+
+
+class ListGridCodec(PairGridCodec):
+    """``[x1, y1, x2, y2]`` with integers on a ``0..scale`` grid: the generic codec (``--box_format generic``)."""
+
+    template = "[{}, {}, {}, {}]"
+    pattern = _LIST_RE
+
+    def __init__(self, scale: int = 1000):
+        super().__init__(scale)
+        self.request = f"Answer with its box as [x1, y1, x2, y2], integers from 0 to {scale}."
+
+
+GENERIC_CODEC = ListGridCodec(1000)
+BOX_FORMATS = ("native", "generic")
+
+
+def select_codec(native: BoxCodec, box_format: str) -> BoxCodec:
+    """The codec an adapter uses: its family's own (``native``) or the generic one."""
+    if box_format == "native":
+        return native
+    if box_format == "generic":
+        return GENERIC_CODEC
+    raise ValueError(f"box_format must be one of {BOX_FORMATS}, got {box_format!r}")

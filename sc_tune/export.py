@@ -15,6 +15,7 @@ import os
 
 import torch
 
+from sc_tune.adapters import family_for
 from sc_tune.modeling import load_model_and_adapter, read_model_type
 from sc_tune.snapshot import SNAPSHOT_ADAPTER
 
@@ -22,11 +23,11 @@ logger = logging.getLogger(__name__)
 
 
 def finalize_export(output_dir: str, source_dir: str) -> None:
-    """Family-specific files next to the weights (Qwen-VL: generation config, remote code, tokenizer)."""
-    if read_model_type(source_dir) == "qwen":
-        from sc_tune.models.qwen_vl.export import finalize_export as finalize_qwen_vl
-
-        finalize_qwen_vl(output_dir, source_dir)
+    """Family-specific files next to the weights (the registry's hook; Qwen-VL: generation config, remote
+    code, tokenizer)."""
+    hook = family_for(read_model_type(source_dir)).finalize_export
+    if hook is not None:
+        hook(output_dir, source_dir)
 
 
 def merge_lora(base_dir: str, adapter_dir: str, output_dir: str, dtype: torch.dtype = torch.bfloat16) -> None:

@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from sc_tune.adapters import ModelAdapter, adapter_class
+from sc_tune.adapters import ModelAdapter, family_for
 
 logger = logging.getLogger(__name__)
 
@@ -28,22 +28,19 @@ def read_model_type(path: str) -> str:
 
 
 def model_class(model_type: str):
-    if model_type == "qwen":  # Qwen-VL / Qwen-VL-Chat, implemented natively in this project
-        from sc_tune.models.qwen_vl import QWenLMHeadModel
-
-        return QWenLMHeadModel
-    from transformers import AutoModelForImageTextToText
-
-    return AutoModelForImageTextToText
+    """The class ``from_pretrained`` loads for ``model_type`` (the registry's lazy import)."""
+    return family_for(model_type).model_class()
 
 
 def load_model_and_adapter(
-    path: str, dtype: torch.dtype = torch.float32, quantization_config=None, **kwargs
+    path: str, dtype: torch.dtype = torch.float32, quantization_config=None, box_format: str = "native", **kwargs
 ) -> tuple[torch.nn.Module, ModelAdapter]:
-    """Load a checkpoint folder from disk (never from a hub) and the adapter of its family."""
-    model_type = read_model_type(path)
-    adapter = adapter_class(model_type).from_pretrained(path)
-    model = model_class(model_type).from_pretrained(
+    """Load a checkpoint folder from disk (never from a hub) and the adapter of its family.
+
+    ``box_format``: ``native`` (the family's own box convention) or ``generic`` (see ``sc_tune.box_codecs``)."""
+    family = family_for(read_model_type(path))
+    adapter = family.adapter.from_pretrained(path, box_format=box_format)
+    model = family.model_class().from_pretrained(
         path, dtype=dtype, quantization_config=quantization_config, local_files_only=True, **kwargs
     )
     return model, adapter

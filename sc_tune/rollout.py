@@ -102,7 +102,9 @@ def generate(
     """Batched ``generate`` on a left-padded batch; pads everything after each row's first end token."""
     device = next(model.parameters()).device
     inputs = batch.to(device).inputs
-    kwargs = adapter.generation_kwargs()
+    # Captions are the completions decoded without special tokens (the describer's): they must not carry
+    # box/reference tokens either; locator answers may (Qwen2-VL's <|box_end|>, GLM's <|end_of_box|>).
+    kwargs = adapter.generation_kwargs(describer=skip_special_tokens)
     suppressed = (kwargs.pop("suppress_tokens") or []) + _unnamed_token_ids(model, adapter)
     sequences = model.generate(**inputs, **settings.generate_kwargs(), **kwargs, suppress_tokens=suppressed or None)
     ids_BT = sequences[:, inputs["input_ids"].shape[1] :]

@@ -14,16 +14,15 @@ SAMPLE_IMAGES = os.path.join(ROOT, "data", "sample")
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
-    """Factory: a tiny random checkpoint folder of a family, built once per session."""
-    from sc_tune.models.qwen_vl.tiny import save_tiny_qwen_vl
-    from sc_tune.tiny import save_tiny
+    """Factory: a tiny random checkpoint folder of a ``model_type``, built once per session by its family."""
+    from sc_tune.adapters import family_for
 
     built = {}
 
-    def make(family: str = "qwen2_vl") -> str:
-        if family not in built:
-            directory = tmp_path_factory.mktemp(f"tiny_{family}")
-            built[family] = save_tiny_qwen_vl(str(directory)) if family == "qwen" else save_tiny(directory, family)
-        return built[family]
+    def make(model_type: str) -> str:
+        if model_type not in built:
+            directory = str(tmp_path_factory.mktemp(f"tiny_{model_type}"))
+            built[model_type] = family_for(model_type).build_tiny(model_type, directory)
+        return built[model_type]
 
     return make

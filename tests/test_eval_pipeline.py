@@ -9,7 +9,9 @@ from PIL import Image
 
 from sc_tune.adapters import adapter_class
 from sc_tune.evaluation import evaluate_rec, evaluate_region_captions, evaluate_self_consistency
-from sc_tune.tiny import build_image_processor, build_tokenizer, save_tiny
+from sc_tune.models.tiny_chat import build_tokenizer
+from sc_tune.models.tiny_configs import tiny_spec
+from sc_tune.tiny import save_tiny
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 
@@ -38,7 +40,8 @@ class ScriptedVLM(torch.nn.Module):
 
 
 def make_adapter(family):
-    return adapter_class(family)(build_tokenizer(), build_image_processor(family))
+    spec = tiny_spec(family)
+    return adapter_class(family)(build_tokenizer(spec), spec.image_processor(56))
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ Prompts (per family, see the subclasses):
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,14 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from sc_tune.box_codecs import BoxCodec
+from sc_tune.box_codecs import BoxCodec, select_codec
+
+# Special tokens no generated text may carry, found by name in the family's own tokenizer so that the full
+# tokenizer of a real checkpoint is covered, not only the tokens a prompt uses. Media tokens (image/video
+# placeholders and their frames) are never generated; a sampled placeholder breaks the rope-index step of
+# the Qwen3.5-style models. Box/reference tokens are kept out of captions only: locator answers use them.
+MEDIA_TOKEN_RE = re.compile(r"image|video|vision|img", re.IGNORECASE)
+BOX_TOKEN_RE = re.compile(r"box|ref|quad", re.IGNORECASE)
 
 
 @dataclass
@@ -50,9 +58,14 @@ class PromptBatch:
 
 
 class ModelAdapter(ABC):
-    """Family-specific glue. Subclasses set ``codec`` and implement the abstract methods."""
+    """Family-specific glue. Subclasses set ``native_codec`` and implement the abstract methods.
 
-    codec: BoxCodec
+    ``box_format`` (``--box_format``) picks the codec at construction: ``native`` (the family's own
+    convention, ``native_codec``) or ``generic`` (``sc_tune.box_codecs.GENERIC_CODEC``).
+    """
+
+    native_codec: BoxCodec
+    codec: BoxCodec  # the one in use, set by __init__
     # Per-token model inputs other than input_ids/attention_mask that must grow with appended tokens
     # (filled with ``0``, which marks text), e.g. ``mm_token_type_ids`` on transformers 5.
     per_token_keys: tuple[str, ...] = ()
@@ -63,12 +76,14 @@ class ModelAdapter(ABC):
     # PEFT ``target_modules``: a regex matched against full module names (language model only).
     lora_target_modules: str = ""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, box_format: str = "native"):
         self.tokenizer = tokenizer
+        self.box_format = box_format
+        self.codec = select_codec(self.native_codec, box_format)
 
     @classmethod
     @abstractmethod
-    def from_pretrained(cls, path: str) -> ModelAdapter:
+    def from_pretrained(cls, path: str, box_format: str = "native") -> ModelAdapter:
         """Load the tokenizer (and image processor) saved in a checkpoint folder."""
 
     def save_pretrained(self, directory: str) -> None:
@@ -126,9 +141,23 @@ class ModelAdapter(ABC):
     def pad_token_id(self) -> int:
         return self.tokenizer.pad_token_id
 
-    def suppressed_token_ids(self) -> list[int]:
-        """Ids generation must never emit (image placeholders: a random model would write them)."""
-        return []
+    def special_tokens(self) -> dict[str, int]:
+        """Every special (added) token of the tokenizer, text -> id."""
+        return dict(self.tokenizer.get_added_vocab())
+
+    def suppressed_token_ids(self, describer: bool = True) -> list[int]:
+        """Ids generation must never emit: media tokens always, box/reference tokens in captions too.
+
+        End tokens are never suppressed. Sorted, so that generation does not depend on dict order."""
+        keep = set(self.end_token_ids)
+        names = (MEDIA_TOKEN_RE, BOX_TOKEN_RE) if describer else (MEDIA_TOKEN_RE,)
+        return sorted(
+            {
+                token_id
+                for text, token_id in self.special_tokens().items()
+                if token_id not in keep and any(r.search(text) for r in names)
+            }
+        )
 
     def encode_target(self, text: str) -> list[int]:
         """Token ids of an answer, tokenised on its own so that it never merges with the prompt."""
@@ -142,11 +171,11 @@ class ModelAdapter(ABC):
         """Generated locator tokens -> text the codec parses (special tokens kept: some formats use them)."""
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=False)
 
-    def generation_kwargs(self) -> dict:
+    def generation_kwargs(self, describer: bool = True) -> dict:
         return {
             "eos_token_id": self.end_token_ids,
             "pad_token_id": self.pad_token_id,
-            "suppress_tokens": self.suppressed_token_ids() or None,
+            "suppress_tokens": self.suppressed_token_ids(describer) or None,
         }
 
     # ---------------------------------------------------------------- batches (shared by every family)

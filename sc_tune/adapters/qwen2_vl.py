@@ -14,10 +14,11 @@ from __future__ import annotations
 import torch
 
 from sc_tune.adapters.base import ImageInputs, ModelAdapter
+from sc_tune.adapters.registry import Family, register
 from sc_tune.box_codecs import JsonGridCodec, JsonPixelCodec, PairGridCodec
+from sc_tune.models.tiny_configs import save_tiny_model
 
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
-VISION_SPECIAL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 
 
 def _turn(user_text: str) -> str:
@@ -31,14 +32,14 @@ class _QwenChatVLAdapter(ModelAdapter):
     lora_target_modules = r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
     @classmethod
-    def from_pretrained(cls, path):
+    def from_pretrained(cls, path, box_format="native"):
         from transformers import AutoImageProcessor, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-        return cls(tokenizer, AutoImageProcessor.from_pretrained(path))
+        return cls(tokenizer, AutoImageProcessor.from_pretrained(path), box_format)
 
-    def __init__(self, tokenizer, image_processor):
-        super().__init__(tokenizer)
+    def __init__(self, tokenizer, image_processor, box_format="native"):
+        super().__init__(tokenizer, box_format)
         self.image_processor = image_processor
         self.image_token_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
         self.merge_size = int(image_processor.merge_size)
@@ -47,10 +48,6 @@ class _QwenChatVLAdapter(ModelAdapter):
     @property
     def end_text(self) -> str:
         return "<|im_end|>"
-
-    def suppressed_token_ids(self) -> list[int]:
-        ids = [self.tokenizer.convert_tokens_to_ids(t) for t in VISION_SPECIAL_TOKENS]
-        return [i for i in ids if i is not None and i != self.tokenizer.unk_token_id]
 
     def prepare_image(self, image) -> ImageInputs:
         out = self.image_processor(images=[image.convert("RGB")], return_tensors="pt")
@@ -75,7 +72,7 @@ class _QwenChatVLAdapter(ModelAdapter):
 
 
 class Qwen2VLAdapter(_QwenChatVLAdapter):
-    codec = PairGridCodec(scale=1000)
+    native_codec = PairGridCodec(scale=1000)
 
     def describer_prompt(self, box_norm, image):
         box = f"<|box_start|>{self.codec.format(box_norm, image.frame)}<|box_end|>"
@@ -98,15 +95,29 @@ class _JsonBoxAdapter(_QwenChatVLAdapter):
         )
 
     def locator_prompt(self, caption, image):
-        return _turn(f"{IMAGE_PLACEHOLDER}Locate {caption}. Output its bbox_2d in JSON.")
+        return _turn(f"{IMAGE_PLACEHOLDER}Locate {caption}. {self.codec.request}")
 
     def locator_target(self, box_norm, image):
         return f"{self.codec.format(box_norm, image.frame)}{self.end_text}"
 
 
 class Qwen25VLAdapter(_JsonBoxAdapter):
-    codec = JsonPixelCodec()
+    native_codec = JsonPixelCodec()
 
 
 class Qwen3VLAdapter(_JsonBoxAdapter):
-    codec = JsonGridCodec(scale=1000)
+    native_codec = JsonGridCodec(scale=1000)
+
+
+def _auto_image_text_to_text():
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText
+
+
+for _name, _model_types, _adapter in (
+    ("Qwen2-VL", ("qwen2_vl",), Qwen2VLAdapter),
+    ("Qwen2.5-VL", ("qwen2_5_vl",), Qwen25VLAdapter),
+    ("Qwen3-VL", ("qwen3_vl",), Qwen3VLAdapter),
+):
+    register(Family(_name, _model_types, _adapter, _auto_image_text_to_text, save_tiny_model))

@@ -18,33 +18,33 @@ import os
 import torch
 
 from sc_tune.adapters.base import ImageInputs, ModelAdapter
+from sc_tune.adapters.registry import Family, register
 from sc_tune.box_codecs import PairGridCodec
 from sc_tune.models.qwen_vl.configuration import QWenConfig
 from sc_tune.models.qwen_vl.image_processing import QWenVLImageProcessor
 from sc_tune.models.qwen_vl.tokenization import QWenTokenizer
 
 IMAGE_TAG = "<img></img>"
-IMAGE_TOKENS = ("<img>", "</img>", "<imgpad>")
 
 
 class QwenVLAdapter(ModelAdapter):
-    codec = PairGridCodec(scale=999)
+    native_codec = PairGridCodec(scale=999)
     vision_prefix = "transformer.visual"
     vision_trainable_prefixes = ("transformer.visual.attn_pool",)
     lora_target_modules = r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.w1|mlp\.w2)"
 
     @classmethod
-    def from_pretrained(cls, path: str) -> QwenVLAdapter:
+    def from_pretrained(cls, path: str, box_format: str = "native") -> QwenVLAdapter:
         config_path = os.path.join(path, "config.json")
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"{config_path} not found: not a Qwen-VL checkpoint folder")
         with open(config_path, encoding="utf8") as f:
             config = QWenConfig(**{k: v for k, v in json.load(f).items() if k not in ("auto_map",)})
         tokenizer = QWenTokenizer.from_pretrained(path, image_token_span=config.image_queries)
-        return cls(tokenizer, QWenVLImageProcessor.from_config(config))
+        return cls(tokenizer, QWenVLImageProcessor.from_config(config), box_format)
 
-    def __init__(self, tokenizer: QWenTokenizer, image_processor: QWenVLImageProcessor):
-        super().__init__(tokenizer)
+    def __init__(self, tokenizer: QWenTokenizer, image_processor: QWenVLImageProcessor, box_format: str = "native"):
+        super().__init__(tokenizer, box_format)
         self.image_processor = image_processor
         self.img_start_id = tokenizer.convert_tokens_to_ids("<img>")
 
@@ -52,8 +52,8 @@ class QwenVLAdapter(ModelAdapter):
     def end_text(self) -> str:
         return "<|endoftext|>"
 
-    def suppressed_token_ids(self) -> list[int]:
-        return [self.tokenizer.convert_tokens_to_ids(t) for t in IMAGE_TOKENS]
+    def special_tokens(self) -> dict[str, int]:
+        return dict(self.tokenizer.special_tokens)  # the tiktoken tokenizer keeps its specials outside the vocab
 
     def describer_prompt(self, box_norm, image):
         return f"{IMAGE_TAG}<ref>This</ref><box>{self.codec.format(box_norm, image.frame)}</box> is"
@@ -77,3 +77,24 @@ class QwenVLAdapter(ModelAdapter):
 
     def image_batch(self, images, input_ids):
         return {"images": torch.cat([im.tensors["images"] for im in images], dim=0)}
+
+
+def _model_class():
+    from sc_tune.models.qwen_vl import QWenLMHeadModel
+
+    return QWenLMHeadModel
+
+
+def _build_tiny(model_type: str, directory: str) -> str:
+    from sc_tune.models.qwen_vl.tiny import save_tiny_qwen_vl
+
+    return save_tiny_qwen_vl(directory)
+
+
+def _finalize_export(output_dir: str, source_dir: str) -> None:
+    from sc_tune.models.qwen_vl.export import finalize_export
+
+    finalize_export(output_dir, source_dir)
+
+
+register(Family("Qwen-VL / Qwen-VL-Chat", ("qwen",), QwenVLAdapter, _model_class, _build_tiny, _finalize_export))

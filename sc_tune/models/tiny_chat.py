@@ -1,0 +1,120 @@
+"""Tiny random models of the transformers-native chat VLMs, built in code in about a second.
+
+A tiny model is a byte-level BPE tokenizer trained on a small corpus (digits split one per token, as in
+the Qwen and GLM tokenizers) carrying the family's special tokens, the family's own image processor with a
+small input size, and a model config of a few hundred thousand parameters. Nothing is downloaded.
+
+What differs per ``model_type`` (special tokens, image processor, config) is a ``TinySpec`` in
+``sc_tune.models.tiny_configs``; this module holds the shared machinery.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+DEFAULT_CORPUS = (
+    "the red circle",
+    "the green square on the left",
+    "a blue triangle",
+    "the yellow shape at the top right",
+    "a small dog next to a large cat",
+    "the man in a white shirt",
+    "0123456789",
+)
+
+# Qwen2's pre-tokenizer regex: digits are split one per token.
+_QWEN2_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+
+@dataclass(frozen=True)
+class TinySizes:
+    hidden: int = 64
+    layers: int = 2
+    vision_width: int = 32
+    text_heads: int = 2
+    text_kv_heads: int = 1
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """How to build a tiny model of one ``model_type``.
+
+    ``special_tokens[0]`` is the pad token; every special token is a single added token, so prompts
+    tokenise as the real family's do around them.
+    """
+
+    special_tokens: tuple[str, ...]
+    eos_token: str
+    template_text: str  # the words of the family's prompt templates: one token per word in the tiny BPE
+    image_processor: Callable[[int], object]  # image_size -> the family's image processor
+    config: Callable[[object, TinySizes], object]  # (tokenizer, sizes) -> the model config
+    tokenizer_class: Callable[[], type] = field(default=lambda: _default_tokenizer_class())
+
+
+def _default_tokenizer_class():
+    from transformers import Qwen2TokenizerFast
+
+    return Qwen2TokenizerFast
+
+
+def build_tokenizer(spec: TinySpec, corpus: Iterable[str] = DEFAULT_CORPUS, vocab_size: int = 600):
+    """A byte-level BPE trained on ``corpus`` + the prompt templates, with the family's special tokens."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN2_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(spec.special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([spec.template_text, *corpus], trainer=trainer)
+    return spec.tokenizer_class()(
+        tokenizer_object=tok,
+        eos_token=spec.eos_token,
+        pad_token=spec.special_tokens[0],
+        unk_token=None,
+        bos_token=None,
+        extra_special_tokens=list(spec.special_tokens[1:]),
+        padding_side="left",
+    )
+
+
+def build_tiny(
+    spec: TinySpec,
+    corpus: Iterable[str] = DEFAULT_CORPUS,
+    image_size: int = 56,
+    seed: int = 0,
+    **sizes,
+):
+    """(model, tokenizer, image_processor) for a tiny random model described by ``spec``, in fp32 on CPU."""
+    from transformers import AutoModelForImageTextToText
+
+    tokenizer = build_tokenizer(spec, corpus)
+    image_processor = spec.image_processor(image_size)
+    config = spec.config(tokenizer, TinySizes(**sizes))
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    return model, tokenizer, image_processor
+
+
+def save_tiny(spec: TinySpec, directory: str, **kwargs) -> str:
+    """Write a tiny checkpoint folder (model, tokenizer, image processor) that ``finetune.py`` can load."""
+    model, tokenizer, image_processor = build_tiny(spec, **kwargs)
+    os.makedirs(directory, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    image_processor.save_pretrained(directory)
+    return str(directory)

@@ -1,0 +1,165 @@
+"""Tiny configs of the transformers-native chat families, one ``TinySpec`` per ``model_type``.
+
+Sizes are the smallest that keep each architecture's constraints (rope sections summing to half the head
+dim, vision width divisible by its heads, merge sizes matching the image processor). The Qwen2/2.5/3-VL
+tokenizers are kept bit-identical to earlier releases of this file: the committed warm start was built
+with them.
+"""
+
+from __future__ import annotations
+
+from sc_tune.models.tiny_chat import DEFAULT_CORPUS, TinySizes, TinySpec, build_tiny, save_tiny
+
+QWEN_VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+QWEN_CHAT_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    *QWEN_VISION_TOKENS,
+)
+# The words of the Qwen prompt templates in sc_tune.adapters, so that the tiny tokenizer spends one token
+# per word on them (sequences stay short on CPU).
+QWEN_TEMPLATE_TEXT = (
+    "user\nassistant\nDescribe the object in in a few words. Find . Describe the object at "
+    'Locate . Output its bbox_2d in JSON. {"bbox_2d": [0, 1, 2, 3]} (0,1),(2,3) This is a the'
+)
+
+
+def _qwen_image_processor(patch_size: int):
+    def build(image_size: int):
+        from transformers import Qwen2VLImageProcessorPil
+
+        pixels = image_size * image_size
+        return Qwen2VLImageProcessorPil(
+            size={"shortest_edge": pixels, "longest_edge": pixels},
+            patch_size=patch_size,
+            temporal_patch_size=2,
+            merge_size=2,
+        )
+
+    return build
+
+
+def _qwen_token_ids(tokenizer) -> dict:
+    return {
+        name: tokenizer.convert_tokens_to_ids(tok)
+        for name, tok in (
+            ("image_token_id", "<|image_pad|>"),
+            ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"),
+            ("vision_end_token_id", "<|vision_end|>"),
+        )
+    }
+
+
+def _text_config(tokenizer, sizes: TinySizes, eos_token: str) -> dict:
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=sizes.hidden,
+        intermediate_size=2 * sizes.hidden,
+        num_hidden_layers=sizes.layers,
+        num_attention_heads=sizes.text_heads,
+        num_key_value_heads=sizes.text_kv_heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        eos_token_id=tokenizer.convert_tokens_to_ids(eos_token),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+
+
+def _for_model(model_type: str, text: dict, vision: dict, ids: dict):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(model_type, text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+
+
+_QWEN_VISION = dict(depth=2, num_heads=2, in_channels=3, spatial_merge_size=2, temporal_patch_size=2)
+
+
+def _qwen2_vl_config(tokenizer, sizes: TinySizes):
+    text = _text_config(tokenizer, sizes, "<|im_end|>")
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 4, 8]}
+    vision = dict(_QWEN_VISION, embed_dim=sizes.vision_width, hidden_size=sizes.hidden, mlp_ratio=2, patch_size=14)
+    return _for_model("qwen2_vl", text, vision, _qwen_token_ids(tokenizer))
+
+
+def _qwen2_5_vl_config(tokenizer, sizes: TinySizes):
+    text = _text_config(tokenizer, sizes, "<|im_end|>")
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 4, 8]}
+    vision = dict(
+        _QWEN_VISION,
+        hidden_size=sizes.vision_width,
+        out_hidden_size=sizes.hidden,
+        intermediate_size=2 * sizes.vision_width,
+        patch_size=14,
+        window_size=112,
+        fullatt_block_indexes=[1],
+    )
+    return _for_model("qwen2_5_vl", text, vision, _qwen_token_ids(tokenizer))
+
+
+def _qwen3_vl_vision(sizes: TinySizes) -> dict:
+    return dict(
+        _QWEN_VISION,
+        hidden_size=sizes.vision_width,
+        out_hidden_size=sizes.hidden,
+        intermediate_size=2 * sizes.vision_width,
+        patch_size=16,
+        num_position_embeddings=64,
+        deepstack_visual_indexes=[0],
+    )
+
+
+def _qwen3_vl_text(tokenizer, sizes: TinySizes) -> dict:
+    text = _text_config(tokenizer, sizes, "<|im_end|>")
+    text["head_dim"] = 32
+    text["rope_parameters"] = {
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "mrope_section": [8, 4, 4],
+        "mrope_interleaved": True,
+    }
+    return text
+
+
+def _qwen3_vl_config(tokenizer, sizes: TinySizes):
+    return _for_model("qwen3_vl", _qwen3_vl_text(tokenizer, sizes), _qwen3_vl_vision(sizes), _qwen_token_ids(tokenizer))
+
+
+def _qwen_spec(config, patch_size: int) -> TinySpec:
+    return TinySpec(
+        special_tokens=QWEN_CHAT_SPECIAL_TOKENS,
+        eos_token="<|im_end|>",
+        template_text=QWEN_TEMPLATE_TEXT,
+        image_processor=_qwen_image_processor(patch_size),
+        config=config,
+    )
+
+
+TINY_SPECS: dict[str, TinySpec] = {
+    "qwen2_vl": _qwen_spec(_qwen2_vl_config, 14),
+    "qwen2_5_vl": _qwen_spec(_qwen2_5_vl_config, 14),
+    "qwen3_vl": _qwen_spec(_qwen3_vl_config, 16),
+}
+
+
+def tiny_spec(model_type: str) -> TinySpec:
+    try:
+        return TINY_SPECS[model_type]
+    except KeyError:
+        raise ValueError(f"no tiny chat-model spec for {model_type!r}; known: {', '.join(sorted(TINY_SPECS))}") from None
+
+
+def build_tiny_model(model_type: str, corpus=DEFAULT_CORPUS, image_size: int = 56, seed: int = 0, **sizes):
+    """(model, tokenizer, image_processor) of a tiny random ``model_type`` (see ``tiny_chat.build_tiny``)."""
+    return build_tiny(tiny_spec(model_type), corpus=corpus, image_size=image_size, seed=seed, **sizes)
+
+
+def save_tiny_model(model_type: str, directory: str) -> str:
+    """The registry's ``build_tiny`` for these families: a tiny loadable checkpoint folder."""
+    return save_tiny(tiny_spec(model_type), directory)

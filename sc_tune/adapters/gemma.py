@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import re
 
-from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs
+from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs, save_tiny_template_model
+from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
 
 
 class Gemma3Adapter(ChatTemplateAdapter):
@@ -64,3 +65,7 @@ class Gemma4Adapter(ChatTemplateAdapter):
         frame = (int(positions[:, 0].max() + 1) * patch, int(positions[:, 1].max() + 1) * patch)
         tensors = {"pixel_values": out["pixel_values"], "image_position_ids": out["image_position_ids"]}
         return TemplateImageInputs(tensors, num_tokens, frame, placeholder)
+
+
+register(Family("Gemma 3", ("gemma3",), Gemma3Adapter, auto_image_text_to_text, save_tiny_template_model))
+register(Family("Gemma 4", ("gemma4",), Gemma4Adapter, auto_image_text_to_text, save_tiny_template_model))

@@ -17,7 +17,8 @@ With ``--box_format generic`` the prompts are the generic ones of ``ChatTemplate
 
 from __future__ import annotations
 
-from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs
+from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs, save_tiny_template_model
+from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
 from sc_tune.box_codecs import BoxTagGridCodec
 
 REFERRING_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: "
@@ -61,3 +62,6 @@ class InternVLAdapter(ChatTemplateAdapter):
         placeholder = f"{self.image_start}{self.image_token * num_tokens}{self.image_end}"
         frame = (int(pixel_values.shape[-1]), int(pixel_values.shape[-2]))
         return TemplateImageInputs({"pixel_values": pixel_values}, num_tokens, frame, placeholder)
+
+
+register(Family("InternVL3 / 3.5 (-hf)", ("internvl",), InternVLAdapter, auto_image_text_to_text, save_tiny_template_model))

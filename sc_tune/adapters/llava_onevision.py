@@ -12,7 +12,8 @@ row newlines). ``fix_vit`` freezes ``model.vision_tower``; the projector and ``i
 
 from __future__ import annotations
 
-from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs
+from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs, save_tiny_template_model
+from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
 
 
 class LlavaOnevisionAdapter(ChatTemplateAdapter):
@@ -50,3 +51,8 @@ def _feature_counter(image_processor, config):
     counter.num_image_tokens = (vision.image_size // vision.patch_size) ** 2
     counter.vision_aspect_ratio = config.vision_aspect_ratio
     return counter
+
+
+register(
+    Family("LLaVA-OneVision", ("llava_onevision",), LlavaOnevisionAdapter, auto_image_text_to_text, save_tiny_template_model)
+)

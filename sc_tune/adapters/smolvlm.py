@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import re
 
-from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs
+from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs, save_tiny_template_model
+from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
 
 
 class SmolVLMAdapter(ChatTemplateAdapter):
@@ -48,3 +49,6 @@ class SmolVLMAdapter(ChatTemplateAdapter):
         pixel_values = out["pixel_values"]  # (1, crops, 3, H, W)
         tensors = {"pixel_values": pixel_values, "pixel_attention_mask": out["pixel_attention_mask"]}
         return TemplateImageInputs(tensors, num_tokens, (int(pixel_values.shape[-1]), int(pixel_values.shape[-2])), placeholder)
+
+
+register(Family("SmolVLM / SmolVLM2", ("smolvlm",), SmolVLMAdapter, auto_image_text_to_text, save_tiny_template_model))

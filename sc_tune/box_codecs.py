@@ -14,7 +14,6 @@ grid ``0..scale`` as ``round(v * scale)`` and read back as ``n / scale``.
   at most half a grid step. The difference between 999 and 1000 is at most one unit.
 - Qwen2-VL and Qwen3-VL: ``scale = 1000`` (their documented relative grid).
 - Qwen2.5-VL: absolute pixels of the *resized* model input (``frame``), rescaled to ``[0, 1]`` on decode.
-- InternVL3 / 3.5: ``<box>[[x1, y1, x2, y2]]</box>`` with ``scale = 1000`` (OpenGVLab model cards).
 - Generic (``--box_format generic``, and the native format of families that document none): the plain
   list ``[x1, y1, x2, y2]`` of integers on ``0..1000`` (``GENERIC_CODEC``). Any family can be trained with it;
   the model then learns the format from the locator's pseudo-labels instead of relying on pre-training.
@@ -30,7 +29,6 @@ _INT = r"\s*(-?\d+)\s*"
 _PAIR_RE = re.compile(rf"\({_INT},{_INT}\)\s*,\s*\({_INT},{_INT}\)")
 _JSON_RE = re.compile(rf'"bbox_2d"\s*:\s*\[{_INT},{_INT},{_INT},{_INT}\]')
 _LIST_RE = re.compile(rf"\[{_INT},{_INT},{_INT},{_INT}\]")
-_NESTED_LIST_RE = re.compile(rf"\[\s*\[{_INT},{_INT},{_INT},{_INT}\]\s*\]")
 
 
 class BoxCodec(ABC):
@@ -119,16 +117,6 @@ class ListGridCodec(PairGridCodec):
     def __init__(self, scale: int = 1000):
         super().__init__(scale)
         self.request = f"Answer with its box as [x1, y1, x2, y2], integers from 0 to {scale}."
-
-
-class BoxTagGridCodec(PairGridCodec):
-    """``<box>[[x1, y1, x2, y2]]</box>`` with integers on a ``0..scale`` grid (InternVL).
-
-    Parsing reads the ``[[...]]`` list with or without the tags around it: InternVL's answers sometimes
-    drop them, and the box is unambiguous either way."""
-
-    template = "<box>[[{}, {}, {}, {}]]</box>"
-    pattern = _NESTED_LIST_RE
 
 
 GENERIC_CODEC = ListGridCodec(1000)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from sc_tune.adapters.base import ImageInputs, ModelAdapter
-from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
+from sc_tune.adapters.registry import Family, register
 from sc_tune.box_codecs import JsonGridCodec, JsonPixelCodec, PairGridCodec
 from sc_tune.models.tiny_configs import save_tiny_model
 
@@ -109,9 +109,15 @@ class Qwen3VLAdapter(_JsonBoxAdapter):
     native_codec = JsonGridCodec(scale=1000)
 
 
+def _auto_image_text_to_text():
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText
+
+
 for _name, _model_types, _adapter in (
     ("Qwen2-VL", ("qwen2_vl",), Qwen2VLAdapter),
     ("Qwen2.5-VL", ("qwen2_5_vl",), Qwen25VLAdapter),
     ("Qwen3-VL", ("qwen3_vl",), Qwen3VLAdapter),
 ):
-    register(Family(_name, _model_types, _adapter, auto_image_text_to_text, save_tiny_model))
+    register(Family(_name, _model_types, _adapter, _auto_image_text_to_text, save_tiny_model))

@@ -61,10 +61,3 @@ def families() -> list[Family]:
 
 def adapter_class(model_type: str) -> type[ModelAdapter]:
     return family_for(model_type).adapter
-
-
-def auto_image_text_to_text() -> type:
-    """``model_class`` of the transformers-native families: ``AutoModelForImageTextToText`` (imported lazily)."""
-    from transformers import AutoModelForImageTextToText
-
-    return AutoModelForImageTextToText

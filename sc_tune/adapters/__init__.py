@@ -5,7 +5,7 @@ Importing this package registers every family: each family module below calls ``
 
 from __future__ import annotations
 
-from sc_tune.adapters import qwen2_vl, qwen_vl  # noqa: F401  (imported to register their families)
+from sc_tune.adapters import glm4v, qwen2_vl, qwen_vl  # noqa: F401  (imported to register their families)
 from sc_tune.adapters.base import ImageInputs, ModelAdapter, PromptBatch
 from sc_tune.adapters.registry import Family, adapter_class, families, family_for, register, supported_model_types
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from sc_tune.adapters import (  # noqa: F401  (imported to register their families)
     gemma,
+    glm4v,
     internvl,
     llava_onevision,
     qwen2_vl,

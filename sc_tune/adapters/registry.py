@@ -59,5 +59,12 @@ def families() -> list[Family]:
     return list(dict.fromkeys(_BY_MODEL_TYPE.values()))
 
 
+def auto_image_text_to_text() -> type:
+    """``model_class`` of the families transformers implements natively (lazy: importing is slow)."""
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText
+
+
 def adapter_class(model_type: str) -> type[ModelAdapter]:
     return family_for(model_type).adapter

@@ -131,9 +131,66 @@ def _qwen3_vl_config(tokenizer, sizes: TinySizes):
     return _for_model("qwen3_vl", _qwen3_vl_text(tokenizer, sizes), _qwen3_vl_vision(sizes), _qwen_token_ids(tokenizer))
 
 
-def _qwen_spec(config, patch_size: int) -> TinySpec:
+def _qwen3_vl_moe_config(tokenizer, sizes: TinySizes):
+    text = _qwen3_vl_text(tokenizer, sizes)
+    text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=sizes.hidden, decoder_sparse_step=1)
+    return _for_model("qwen3_vl_moe", text, _qwen3_vl_vision(sizes), _qwen_token_ids(tokenizer))
+
+
+def _qwen3_5_text(tokenizer, sizes: TinySizes) -> dict:
+    """The hybrid text model: one Gated DeltaNet (linear attention) layer, then one full-attention layer."""
+    text = _text_config(tokenizer, sizes, "<|im_end|>")
+    text.update(
+        head_dim=32,
+        layer_types=["linear_attention", "full_attention"] * max(1, sizes.layers // 2),
+        linear_conv_kernel_dim=4,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=2,
+        # As the released checkpoints: a quarter of each head rotates ... here a half of a 32-dim head,
+        # so that the three M-RoPE sections (t, h, w) still get frequencies each.
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.5,
+            "mrope_section": [3, 3, 2],
+            "mrope_interleaved": True,
+        },
+    )
+    text["num_hidden_layers"] = len(text["layer_types"])
+    return text
+
+
+def _qwen3_5_vision(sizes: TinySizes) -> dict:
+    return dict(
+        _QWEN_VISION,
+        hidden_size=sizes.vision_width,
+        out_hidden_size=sizes.hidden,
+        intermediate_size=2 * sizes.vision_width,
+        patch_size=16,
+        num_position_embeddings=64,
+    )
+
+
+def _qwen3_5_config(tokenizer, sizes: TinySizes):
+    return _for_model("qwen3_5", _qwen3_5_text(tokenizer, sizes), _qwen3_5_vision(sizes), _qwen_token_ids(tokenizer))
+
+
+def _qwen3_5_moe_config(tokenizer, sizes: TinySizes):
+    text = _qwen3_5_text(tokenizer, sizes)
+    text.update(
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=sizes.hidden,
+        shared_expert_intermediate_size=sizes.hidden,
+    )
+    return _for_model("qwen3_5_moe", text, _qwen3_5_vision(sizes), _qwen_token_ids(tokenizer))
+
+
+def _qwen_spec(config, patch_size: int, special_tokens=QWEN_CHAT_SPECIAL_TOKENS) -> TinySpec:
     return TinySpec(
-        special_tokens=QWEN_CHAT_SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         eos_token="<|im_end|>",
         template_text=QWEN_TEMPLATE_TEXT,
         image_processor=_qwen_image_processor(patch_size),
@@ -141,10 +198,132 @@ def _qwen_spec(config, patch_size: int) -> TinySpec:
     )
 
 
+# Qwen3.5 checkpoints add reasoning and tool tokens to the Qwen chat set; the tiny tokenizer carries the
+# ones whose names a suppression rule could miss.
+QWEN3_5_SPECIAL_TOKENS = (
+    *QWEN_CHAT_SPECIAL_TOKENS,
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<think>",
+    "</think>",
+    "<tool_call>",
+    "</tool_call>",
+)
+
+# ---------------------------------------------------------------- GLM-4.1V / 4.5V / 4.6V
+GLM_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "[gMASK]",
+    "<sop>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|observation|>",
+    "<|begin_of_image|>",
+    "<|end_of_image|>",
+    "<|begin_of_video|>",
+    "<|end_of_video|>",
+    "<|image|>",
+    "<|video|>",
+    "<|begin_of_box|>",
+    "<|end_of_box|>",
+    "<think>",
+    "</think>",
+)
+GLM_TEMPLATE_TEXT = (
+    "Describe the object in in a few words. Locate . Answer with its bounding box. [[0, 1, 2, 3]] This is a the"
+)
+
+
+def _glm_image_processor(class_name: str):
+    def build(image_size: int):
+        import transformers
+
+        pixels = image_size * image_size
+        return getattr(transformers, class_name)(
+            size={"shortest_edge": pixels, "longest_edge": pixels}, patch_size=14, temporal_patch_size=2, merge_size=2
+        )
+
+    return build
+
+
+def _glm_token_ids(tokenizer) -> dict:
+    return {
+        name: tokenizer.convert_tokens_to_ids(tok)
+        for name, tok in (
+            ("image_token_id", "<|image|>"),
+            ("video_token_id", "<|video|>"),
+            ("image_start_token_id", "<|begin_of_image|>"),
+            ("image_end_token_id", "<|end_of_image|>"),
+            ("video_start_token_id", "<|begin_of_video|>"),
+            ("video_end_token_id", "<|end_of_video|>"),
+        )
+    }
+
+
+def _glm_text(tokenizer, sizes: TinySizes) -> dict:
+    text = _text_config(tokenizer, sizes, "<|user|>")
+    # GLM rotates half of each head; its three M-RoPE sections cover those frequencies (released: [8, 12, 12]).
+    text["rope_parameters"] = {
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "partial_rotary_factor": 0.5,
+        "mrope_section": [2, 3, 3],
+    }
+    return text
+
+
+def _glm_vision(sizes: TinySizes) -> dict:
+    return dict(
+        depth=2,
+        num_heads=2,
+        hidden_size=sizes.vision_width,
+        out_hidden_size=sizes.hidden,
+        intermediate_size=2 * sizes.hidden,
+        image_size=56,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+    )
+
+
+def _glm_config(model_type: str):
+    def build(tokenizer, sizes: TinySizes):
+        text = _glm_text(tokenizer, sizes)
+        if model_type == "glm4v_moe":
+            text.update(
+                n_routed_experts=4,
+                num_experts_per_tok=2,
+                n_shared_experts=1,
+                moe_intermediate_size=sizes.hidden,
+                first_k_dense_replace=1,
+                head_dim=sizes.hidden // sizes.text_heads,
+            )
+        return _for_model(model_type, text, _glm_vision(sizes), _glm_token_ids(tokenizer))
+
+    return build
+
+
+def _glm_spec(model_type: str) -> TinySpec:
+    return TinySpec(
+        special_tokens=GLM_SPECIAL_TOKENS,
+        eos_token="<|user|>",
+        template_text=GLM_TEMPLATE_TEXT,
+        image_processor=_glm_image_processor("Glm46VImageProcessorPil" if model_type == "glm46v" else "Glm4vImageProcessorPil"),
+        config=_glm_config(model_type),
+    )
+
+
 TINY_SPECS: dict[str, TinySpec] = {
     "qwen2_vl": _qwen_spec(_qwen2_vl_config, 14),
     "qwen2_5_vl": _qwen_spec(_qwen2_5_vl_config, 14),
     "qwen3_vl": _qwen_spec(_qwen3_vl_config, 16),
+    "qwen3_vl_moe": _qwen_spec(_qwen3_vl_moe_config, 16),
+    "qwen3_5": _qwen_spec(_qwen3_5_config, 16, QWEN3_5_SPECIAL_TOKENS),
+    "qwen3_5_moe": _qwen_spec(_qwen3_5_moe_config, 16, QWEN3_5_SPECIAL_TOKENS),
+    "glm4v": _glm_spec("glm4v"),
+    "glm4v_moe": _glm_spec("glm4v_moe"),
+    "glm46v": _glm_spec("glm46v"),
 }
 
 

@@ -123,6 +123,14 @@ def _gemma3_config(tokenizer, sizes: TinySizes):
     )
 
 
+def _gemma3_random_projector(model) -> None:
+    """Gemma 3 initialises its image projection to zeros, so a random tiny model would ignore its images
+    (and pass no gradient to the vision side); a small random projection makes images matter in tests."""
+    import torch
+
+    torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.02)
+
+
 # ---------------------------------------------------------------- Gemma 4
 GEMMA4_PATCH = 4
 
@@ -237,6 +245,7 @@ def _smolvlm_template() -> str:
 class TemplateTinySpec:
     spec: TinySpec
     chat_template: Callable[[], str]  # lazy: SmolVLM's comes from transformers
+    finish: Callable[[object], None] | None = None  # adjusts the random model after building
 
 
 def _spec(special_tokens, eos_token, image_processor, config) -> TinySpec:
@@ -269,6 +278,7 @@ TINY_TEMPLATE_SPECS: dict[str, TemplateTinySpec] = {
             _gemma3_config,
         ),
         lambda: _gemma_template("<start_of_turn>", "<end_of_turn>", "<start_of_image>"),
+        _gemma3_random_projector,
     ),
     "gemma4": TemplateTinySpec(
         _spec(
@@ -301,6 +311,8 @@ def build_tiny_template_family(model_type: str, **kwargs):
     entry = TINY_TEMPLATE_SPECS[model_type]
     model, tokenizer, image_processor = build_tiny(entry.spec, image_size=TINY_IMAGE_SIZE, **kwargs)
     tokenizer.chat_template = entry.chat_template()
+    if entry.finish is not None:
+        entry.finish(model)
     return model, tokenizer, image_processor
 
 

@@ -1,0 +1,192 @@
+"""What is particular to the chat-template families (InternVL, Gemma 3 / 4, LLaVA-OneVision, SmolVLM).
+
+The SC-Tune loop, export and evaluation of every family are covered by tests/test_families.py; here: the
+InternVL box codec, prompts through each family's chat template, placeholder expansion that matches the
+features the model computes (tiles and crops of odd-sized images included), tile padding across a batch,
+suppressed tokens, the chat template read from a processor's legacy file, and the fix_vit / LoRA module sets.
+"""
+
+import json
+import os
+import re
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from sc_tune.adapters import adapter_class
+from sc_tune.box_codecs import BoxTagGridCodec
+from sc_tune.modeling import freeze_vision_tower, load_model_and_adapter
+from tests.conftest import SAMPLE_IMAGES
+
+TEMPLATE_TYPES = ["internvl", "gemma3", "gemma4", "llava_onevision", "smolvlm"]
+BOX = [0.1, 0.2, 0.5, 0.6]
+
+# What each family's chat template makes of one user turn (image + text) and the opened answer.
+TURNS = {
+    "internvl": ("<|im_start|>user\n<IMG_CONTEXT>\n", "<|im_end|>\n<|im_start|>assistant\n"),
+    "gemma3": ("<bos><start_of_turn>user\n<start_of_image>", "<end_of_turn>\n<start_of_turn>model\n"),
+    "gemma4": ("<bos><|turn>user\n<|image|>", "<turn|>\n<|turn>model\n"),
+    "llava_onevision": ("<|im_start|>user\n<image>\n", "<|im_end|>\n<|im_start|>assistant\n"),
+    "smolvlm": ("<|im_start|>User:<image>", "<end_of_utterance>\nAssistant:"),
+}
+# Media tokens (never generated) and box/reference tokens (never in captions) of each tiny tokenizer.
+MEDIA = {
+    "internvl": {"<img>", "</img>", "<IMG_CONTEXT>", "<video>"},
+    "gemma3": {"<start_of_image>", "<end_of_image>", "<image_soft_token>"},
+    "gemma4": {"<|image>", "<image|>", "<|image|>", "<|video|>", "<|audio>", "<audio|>", "<|audio|>"},
+    "llava_onevision": {"<image>", "<video>"},
+    "smolvlm": {"<image>", "<fake_token_around_image>", "<global-img>"}
+    | {f"<row_{r}_col_{c}>" for r in (1, 2) for c in (1, 2)},
+}
+BOX_TOKENS = {"internvl": {"<ref>", "</ref>", "<box>", "</box>"}}
+# Module names: the projector that fix_vit must leave trainable.
+PROJECTOR = {
+    "internvl": "model.multi_modal_projector.",
+    "gemma3": "model.multi_modal_projector.",
+    "gemma4": "model.embed_vision.",
+    "llava_onevision": "model.multi_modal_projector.",
+    "smolvlm": "model.connector.",
+}
+
+
+# ---------------------------------------------------------------- InternVL's box codec
+def test_internvl_codec_round_trip_and_text():
+    codec = BoxTagGridCodec(1000)
+    text = codec.format([0.1234, 0.5, 0.75, 0.999])
+    assert text == "<box>[[123, 500, 750, 999]]</box>"
+    assert codec.parse(text + "<|im_end|>") == pytest.approx([0.123, 0.5, 0.75, 0.999])
+    assert codec.parse("<ref>the dog</ref>[[10, 20, 30, 40]]") == pytest.approx([0.01, 0.02, 0.03, 0.04])
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "the dog", "[10, 20, 30, 40]", "<box>[[10, 20, 30]]</box>", "<box>[[10, 20, 30, 1001]]</box>",
+     "<box>[[-1, 20, 30, 40]]</box>", "<box>[[a, b, c, d]]</box>", "<box>(10,20),(30,40)</box>"],
+)
+def test_internvl_codec_malformed_text_is_a_parse_failure(text):
+    assert BoxTagGridCodec(1000).parse(text) is None
+
+
+# ---------------------------------------------------------------- adapters on tiny models
+def _odd_images():
+    """A sample photo and a tall odd-sized one: different tile / crop grids and placeholder counts."""
+    tall = Image.new("RGB", (37, 91), (10, 200, 30))
+    return [Image.open(f"{SAMPLE_IMAGES}/images/003.png"), tall]
+
+
+@pytest.fixture(scope="module", params=TEMPLATE_TYPES)
+def family(request, tiny_checkpoint):
+    path = tiny_checkpoint(request.param)
+    model, adapter = load_model_and_adapter(path)
+    return request.param, path, model.eval(), adapter
+
+
+def test_prompts_go_through_the_family_chat_template(family):
+    model_type, _, _, adapter = family
+    image = adapter.prepare_image(_odd_images()[0])
+    head, tail = TURNS[model_type]
+    describer = adapter.describer_prompt(BOX, image)
+    locator = adapter.locator_prompt("the red circle", image)
+    assert describer.startswith(head) and describer.endswith(tail)
+    assert locator.startswith(head)
+    if model_type == "internvl":  # its documented grounding prompt; the answer opens with the reference
+        assert "<box>[[100, 200, 500, 600]]</box>" in describer
+        assert locator.endswith(
+            "Please provide the bounding box coordinate of the region this sentence describes: "
+            "<ref>the red circle</ref>" + tail + "<ref>the red circle</ref>"
+        )
+        assert adapter.locator_target(BOX, image) == "<box>[[100, 200, 500, 600]]</box><|im_end|>"
+    else:  # generic codec, asked for in words
+        assert "[100, 200, 500, 600]" in describer
+        assert locator.endswith("Answer with its box as [x1, y1, x2, y2], integers from 0 to 1000." + tail)
+        assert adapter.locator_target(BOX, image) == "[100, 200, 500, 600]" + adapter.end_text
+
+
+def test_internvl_generic_box_format_uses_the_generic_prompts(tiny_checkpoint):
+    adapter = adapter_class("internvl").from_pretrained(tiny_checkpoint("internvl"), box_format="generic")
+    image = adapter.prepare_image(_odd_images()[0])
+    assert "<ref>" not in adapter.locator_prompt("the dog", image)
+    assert adapter.locator_target(BOX, image) == "[100, 200, 500, 600]<|im_end|>"
+    assert adapter.parse_locator_output("[100, 200, 500, 600]", image) == pytest.approx(BOX)
+
+
+def test_placeholders_match_the_features_the_model_computes(family):
+    """Two odd-sized images in one batch: each row holds as many placeholder tokens as its image yields
+    features (the models raise otherwise), tiles/crops padded across the batch change nothing, and the
+    per-token image type marks exactly the placeholders."""
+    model_type, _, model, adapter = family
+    images = [adapter.prepare_image(im) for im in _odd_images()]
+    if model_type != "gemma3":  # Gemma 3 pools every image to a fixed count; the others follow its shape
+        assert images[0].num_tokens != images[1].num_tokens
+    prompts = [adapter.locator_prompt("the red circle", im) for im in images]
+    batch = adapter.build_batch(prompts, images)
+    ids = batch.inputs["input_ids"]
+    for row, image in enumerate(images):
+        assert (ids[row] == adapter.image_token_id).sum() == image.num_tokens
+    if adapter.image_type_key:
+        assert torch.equal(batch.inputs[adapter.image_type_key], (ids == adapter.image_token_id).long())
+    for key in adapter.padded_keys:  # the image with fewer tiles is zero-padded
+        tiles = [im.tensors[key].shape[1] for im in images]
+        short = min(range(2), key=lambda i: tiles[i])
+        assert batch.inputs[key].shape[1] == max(tiles)
+        assert not batch.inputs[key][short, tiles[short] :].any()
+    with torch.no_grad():
+        batched = model(**batch.inputs).logits
+        long = int(batch.inputs["attention_mask"].sum(1).argmax())  # the unpadded row: same positions alone
+        alone = model(**adapter.build_batch([prompts[long]], [images[long]]).inputs).logits
+    assert torch.allclose(batched[long], alone[0], atol=1e-4)
+
+
+def test_a_wrong_placeholder_count_fails_at_batch_building(family):
+    _, _, _, adapter = family
+    image = adapter.prepare_image(_odd_images()[0])
+    image.num_tokens += 1
+    with pytest.raises(ValueError, match="image features"):
+        adapter.build_batch([adapter.describer_prompt(BOX, image)], [image])
+
+
+def test_suppressed_tokens_cover_media_always_and_box_tokens_in_captions(family):
+    model_type, _, _, adapter = family
+    names = adapter.tokenizer.convert_ids_to_tokens
+    assert set(names(adapter.suppressed_token_ids(describer=False))) == MEDIA[model_type]
+    assert set(names(adapter.suppressed_token_ids(describer=True))) == MEDIA[model_type] | BOX_TOKENS.get(
+        model_type, set()
+    )
+    assert not set(adapter.end_token_ids) & set(adapter.suppressed_token_ids(describer=True))
+
+
+def test_fix_vit_freezes_the_vision_tower_and_keeps_the_projector(family):
+    model_type, path, _, adapter = family
+    model, _ = load_model_and_adapter(path)
+    assert freeze_vision_tower(model, adapter) > 0
+    params = dict(model.named_parameters())
+    tower = [n for n in params if n.startswith(adapter.vision_prefix + ".")]
+    projector = [n for n in params if n.startswith(PROJECTOR[model_type])]
+    assert tower and projector
+    assert not any(params[n].requires_grad for n in tower)
+    assert all(params[n].requires_grad for n in projector)
+    assert all(p.requires_grad for n, p in params.items() if n not in tower)
+
+
+def test_lora_targets_are_the_language_model_projections_only(family):
+    _, _, model, adapter = family
+    matched = [n for n, _ in model.named_modules() if re.fullmatch(adapter.lora_target_modules, n)]
+    assert len(matched) == 7 * model.config.get_text_config().num_hidden_layers
+    assert all(n.startswith(adapter.language_model_prefix + ".") for n in matched)
+    assert all(isinstance(model.get_submodule(n), torch.nn.Linear) for n in matched)
+
+
+def test_chat_template_is_read_from_a_processor_legacy_file(family, tmp_path):
+    model_type, path, _, adapter = family
+    legacy = tmp_path / model_type
+    shutil.copytree(path, legacy)
+    os.remove(legacy / "chat_template.jinja")
+    with pytest.raises(ValueError, match="chat template"):
+        adapter_class(model_type).from_pretrained(str(legacy))
+    with open(legacy / "chat_template.json", "w") as f:
+        json.dump({"chat_template": adapter.tokenizer.chat_template}, f)
+    reloaded = adapter_class(model_type).from_pretrained(str(legacy))
+    image = adapter.prepare_image(_odd_images()[1])
+    assert reloaded.describer_prompt(BOX, image) == adapter.describer_prompt(BOX, image)

@@ -62,8 +62,16 @@ def test_internvl_codec_round_trip_and_text():
 
 @pytest.mark.parametrize(
     "text",
-    ["", "the dog", "[10, 20, 30, 40]", "<box>[[10, 20, 30]]</box>", "<box>[[10, 20, 30, 1001]]</box>",
-     "<box>[[-1, 20, 30, 40]]</box>", "<box>[[a, b, c, d]]</box>", "<box>(10,20),(30,40)</box>"],
+    [
+        "",
+        "the dog",
+        "[10, 20, 30, 40]",
+        "<box>[[10, 20, 30]]</box>",
+        "<box>[[10, 20, 30, 1001]]</box>",
+        "<box>[[-1, 20, 30, 40]]</box>",
+        "<box>[[a, b, c, d]]</box>",
+        "<box>(10,20),(30,40)</box>",
+    ],
 )
 def test_internvl_codec_malformed_text_is_a_parse_failure(text):
     assert BoxTagGridCodec(1000).parse(text) is None

@@ -64,4 +64,6 @@ class InternVLAdapter(ChatTemplateAdapter):
         return TemplateImageInputs({"pixel_values": pixel_values}, num_tokens, frame, placeholder)
 
 
-register(Family("InternVL3 / 3.5 (-hf)", ("internvl",), InternVLAdapter, auto_image_text_to_text, save_tiny_template_model))
+register(
+    Family("InternVL3 / 3.5 (-hf)", ("internvl",), InternVLAdapter, auto_image_text_to_text, save_tiny_template_model)
+)

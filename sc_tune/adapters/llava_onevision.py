@@ -54,5 +54,11 @@ def _feature_counter(image_processor, config):
 
 
 register(
-    Family("LLaVA-OneVision", ("llava_onevision",), LlavaOnevisionAdapter, auto_image_text_to_text, save_tiny_template_model)
+    Family(
+        "LLaVA-OneVision",
+        ("llava_onevision",),
+        LlavaOnevisionAdapter,
+        auto_image_text_to_text,
+        save_tiny_template_model,
+    )
 )

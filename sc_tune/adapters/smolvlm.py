@@ -48,7 +48,9 @@ class SmolVLMAdapter(ChatTemplateAdapter):
         num_tokens = self.image_seq_len * (rows * cols + 1 if rows or cols else 1)
         pixel_values = out["pixel_values"]  # (1, crops, 3, H, W)
         tensors = {"pixel_values": pixel_values, "pixel_attention_mask": out["pixel_attention_mask"]}
-        return TemplateImageInputs(tensors, num_tokens, (int(pixel_values.shape[-1]), int(pixel_values.shape[-2])), placeholder)
+        return TemplateImageInputs(
+            tensors, num_tokens, (int(pixel_values.shape[-1]), int(pixel_values.shape[-2])), placeholder
+        )
 
 
 register(Family("SmolVLM / SmolVLM2", ("smolvlm",), SmolVLMAdapter, auto_image_text_to_text, save_tiny_template_model))

@@ -53,14 +53,14 @@ def _gemma_template(turn_open: str, turn_close: str, image_text: str) -> str:
 
 def _vision_encoder(sizes: TinySizes, image_size: int, patch_size: int) -> dict:
     width = sizes.vision_width
-    return dict(
-        hidden_size=width,
-        intermediate_size=2 * width,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=image_size,
-        patch_size=patch_size,
-    )
+    return {
+        "hidden_size": width,
+        "intermediate_size": 2 * width,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": image_size,
+        "patch_size": patch_size,
+    }
 
 
 # ---------------------------------------------------------------- InternVL
@@ -153,17 +153,17 @@ def _gemma4_config(tokenizer, sizes: TinySizes):
         use_bidirectional_attention="vision",
     )
     width = sizes.vision_width
-    vision = dict(
-        hidden_size=width,
-        intermediate_size=2 * width,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=width // 2,
-        patch_size=GEMMA4_PATCH,
-        pooling_kernel_size=2,
-        position_embedding_size=64,
-    )
+    vision = {
+        "hidden_size": width,
+        "intermediate_size": 2 * width,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "head_dim": width // 2,
+        "patch_size": GEMMA4_PATCH,
+        "pooling_kernel_size": 2,
+        "position_embedding_size": 64,
+    }
     token = tokenizer.convert_tokens_to_ids
     ids = {
         "boi_token_id": token("<|image>"),
@@ -296,7 +296,14 @@ TINY_TEMPLATE_SPECS: dict[str, TemplateTinySpec] = {
     ),
     "smolvlm": TemplateTinySpec(
         _spec(
-            (*CHATML, "<end_of_utterance>", "<image>", "<fake_token_around_image>", "<global-img>", *SMOLVLM_TILE_TOKENS),
+            (
+                *CHATML,
+                "<end_of_utterance>",
+                "<image>",
+                "<fake_token_around_image>",
+                "<global-img>",
+                *SMOLVLM_TILE_TOKENS,
+            ),
             "<end_of_utterance>",
             _smolvlm_image_processor,
             _smolvlm_config,

@@ -198,3 +198,10 @@ def test_chat_template_is_read_from_a_processor_legacy_file(family, tmp_path):
     reloaded = adapter_class(model_type).from_pretrained(str(legacy))
     image = adapter.prepare_image(_odd_images()[1])
     assert reloaded.describer_prompt(BOX, image) == adapter.describer_prompt(BOX, image)
+
+
+def test_a_tokenizer_without_the_family_tokens_is_refused(family):
+    _, _, _, adapter = family
+    renamed = type("Renamed", (type(adapter),), {"image_end": "<no_such_token>"})
+    with pytest.raises(ValueError, match="no_such_token"):
+        renamed(adapter.tokenizer, adapter.image_processor, adapter.config)

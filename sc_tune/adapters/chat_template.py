@@ -57,6 +57,8 @@ class ChatTemplateAdapter(ModelAdapter):
     native_codec = GENERIC_CODEC
     image_marker: str  # what the chat template writes for {"type": "image"}
     image_token: str  # the placeholder token the model replaces with one image feature each
+    image_start: str = ""  # the tokens around one image's placeholders ("" where there are none)
+    image_end: str = ""
     end_token: str  # the token that closes an assistant turn
     # Modules (names as in the model's state dict): fix_vit freezes the vision tower; the projector lives
     # outside it in these families, so it stays trainable without an exception list.
@@ -91,11 +93,17 @@ class ChatTemplateAdapter(ModelAdapter):
         self.config = config
         if not tokenizer.chat_template:
             raise ValueError(f"{type(self).__name__}: the tokenizer has no chat template (chat_template.jinja)")
-        vocab = tokenizer.get_vocab()
-        missing = [t for t in (self.image_marker, self.image_token, self.end_token) if t not in vocab]
+        family_tokens = (self.image_token, self.image_marker, self.end_token, self.image_start, self.image_end)
+        self.image_token_id = self.token_ids(*(t for t in family_tokens if t))[0]
+
+    def token_ids(self, *tokens: str) -> list[int]:
+        """Ids of the family's special tokens; a clear error if the tokenizer lacks one (it would otherwise be
+        split into ordinary pieces and the prompt would silently lose its structure)."""
+        vocab = self.tokenizer.get_vocab()
+        missing = [t for t in tokens if t not in vocab]
         if missing:
             raise ValueError(f"{type(self).__name__}: the tokenizer lacks the family's special tokens {missing}")
-        self.image_token_id = vocab[self.image_token]
+        return [vocab[t] for t in tokens]
 
     # ---------------------------------------------------------------- prompts
     def render(self, user_text: str, answer_prefix: str = "") -> str:
@@ -142,6 +150,10 @@ class ChatTemplateAdapter(ModelAdapter):
     def preprocess_image(self, image: Image.Image) -> TemplateImageInputs:
         """The family's image processor on one RGB image -> tensors, feature count, placeholder text, frame."""
         raise NotImplementedError
+
+    def image_block(self, num_tokens: int) -> str:
+        """One image's placeholder sequence: start token, one placeholder per feature, end token."""
+        return f"{self.image_start}{self.image_token * num_tokens}{self.image_end}"
 
     def prepare_image(self, image: Image.Image) -> TemplateImageInputs:
         return self.preprocess_image(image.convert("RGB"))

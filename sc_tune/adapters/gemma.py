@@ -28,6 +28,7 @@ class Gemma3Adapter(ChatTemplateAdapter):
 
     image_marker = "<start_of_image>"
     image_token = "<image_soft_token>"
+    image_start = "<start_of_image>"
     image_end = "<end_of_image>"
     end_token = "<end_of_turn>"
     image_type_key = "token_type_ids"
@@ -36,7 +37,7 @@ class Gemma3Adapter(ChatTemplateAdapter):
         out = self.image_processor(images=[image], do_pan_and_scan=False, return_tensors="pt")
         pixel_values = out["pixel_values"]
         num_tokens = int(self.config.mm_tokens_per_image)
-        placeholder = f"\n\n{self.image_marker}{self.image_token * num_tokens}{self.image_end}\n\n"
+        placeholder = f"\n\n{self.image_block(num_tokens)}\n\n"
         frame = (int(pixel_values.shape[-1]), int(pixel_values.shape[-2]))
         return TemplateImageInputs({"pixel_values": pixel_values}, num_tokens, frame, placeholder)
 
@@ -57,7 +58,7 @@ class Gemma4Adapter(ChatTemplateAdapter):
     def preprocess_image(self, image):
         out = self.image_processor(images=[image], return_tensors="pt")
         num_tokens = int(out["num_soft_tokens_per_image"][0])
-        placeholder = f"{self.image_start}{self.image_token * num_tokens}{self.image_end}"
+        placeholder = self.image_block(num_tokens)
         # Patch positions (x, y), -1 on padding: the resized frame is the covered patch grid.
         positions = out["image_position_ids"][0]
         positions = positions[(positions >= 0).all(dim=-1)]

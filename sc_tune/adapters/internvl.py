@@ -59,7 +59,7 @@ class InternVLAdapter(ChatTemplateAdapter):
         out = self.image_processor(images=[image], crop_to_patches=True, return_tensors="pt")
         pixel_values = out["pixel_values"]  # (tiles, 3, H, W): the tiles, then a thumbnail when tiled
         num_tokens = int(out["num_patches"][0]) * self.tile_tokens
-        placeholder = f"{self.image_start}{self.image_token * num_tokens}{self.image_end}"
+        placeholder = self.image_block(num_tokens)
         frame = (int(pixel_values.shape[-1]), int(pixel_values.shape[-2]))
         return TemplateImageInputs({"pixel_values": pixel_values}, num_tokens, frame, placeholder)
 

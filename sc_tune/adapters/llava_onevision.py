@@ -35,7 +35,7 @@ class LlavaOnevisionAdapter(ChatTemplateAdapter):
         if self.config.vision_feature_select_strategy == "default":  # the CLS feature is dropped
             num_tokens -= 1
         tensors = {"pixel_values": pixel_values, "image_sizes": out["image_sizes"]}
-        return TemplateImageInputs(tensors, num_tokens, (width, height), self.image_token * num_tokens)
+        return TemplateImageInputs(tensors, num_tokens, (width, height), self.image_block(num_tokens))
 
 
 def _feature_counter(image_processor, config):

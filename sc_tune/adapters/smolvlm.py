@@ -36,6 +36,7 @@ class SmolVLMAdapter(ChatTemplateAdapter):
         self.image_seq_len = int((vision.image_size // vision.patch_size) ** 2 / config.scale_factor**2)
         self.crop_token = getattr(tokenizer, "fake_image_token", None) or "<fake_token_around_image>"
         self.global_image_token = getattr(tokenizer, "global_image_token", None) or "<global-img>"
+        self.token_ids(self.crop_token, self.global_image_token)
 
     def preprocess_image(self, image):
         from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string

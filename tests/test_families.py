@@ -141,6 +141,20 @@ def test_tiny_cli_rejects_an_unknown_type_listing_the_supported_ones(tmp_path, c
     assert "nope" in err and all(t in err for t in MODEL_TYPES)
 
 
+def test_export_runs_the_family_hook(monkeypatch, tmp_path, cli_folder):
+    import dataclasses
+
+    from sc_tune.adapters import registry
+    from sc_tune.export import finalize_export
+
+    model_type = MODEL_TYPES[0]
+    calls = []
+    hooked = dataclasses.replace(family_for(model_type), finalize_export=lambda out, src: calls.append((out, src)))
+    monkeypatch.setitem(registry._BY_MODEL_TYPE, model_type, hooked)
+    finalize_export(str(tmp_path), cli_folder(model_type))
+    assert calls == [(str(tmp_path), cli_folder(model_type))]
+
+
 # ---------------------------------------------------------------- per family, no training
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 @pytest.mark.parametrize("box_format", ["native", "generic"])
@@ -233,9 +247,9 @@ def test_full_finetune_runs_both_phases_and_moves_only_trainable_weights(model_t
     initial = _params(load_model_and_adapter(source)[0])
     after = _params(trainer.model)
     moved = {n for n in after if not torch.equal(after[n], initial[n])}
-    for name, param in trainer.model.named_parameters():
-        if not param.requires_grad:
-            assert name not in moved, name  # fix_vit: the frozen tower never moves
+    frozen = [n for n, p in trainer.model.named_parameters() if not p.requires_grad]
+    assert frozen and all(_in(n, adapter.vision_prefix) for n in frozen)  # fix_vit (finetune.py's default)
+    assert not moved & set(frozen)  # the frozen tower never moves
     assert any(not _in(n, adapter.vision_prefix) for n in moved)  # the language model learned
     for prefix in adapter.vision_trainable_prefixes:  # ... and so did the connector fix_vit keeps trainable
         assert any(_in(n, prefix) for n in moved), prefix

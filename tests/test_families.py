@@ -92,7 +92,9 @@ def runs(cli_folder, tmp_path_factory):
         key = (model_type, lora)
         if key not in done:
             out = str(tmp_path_factory.mktemp(f"run_{model_type}_{'lora' if lora else 'full'}"))
-            extra = ("--use_lora", "True", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0") if lora else ()
+            # The LoRA run also writes boxes in the generic format, so --box_format is exercised end to end.
+            lora_args = ("--use_lora", "True", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0")
+            extra = (*lora_args, "--box_format", "generic") if lora else ()
             trainer = _finetune(cli_folder(model_type), out, *extra)
             done[key] = (trainer, cli_folder(model_type), out)
         return done[key]
@@ -268,7 +270,10 @@ def test_full_export_reloads_to_equal_tensors(model_type, runs):
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_lora_run_trains_adapters_only_and_merges(model_type, runs):
+    from sc_tune.box_codecs import GENERIC_CODEC
+
     trainer, source, out = runs(model_type, lora=True)
+    assert trainer.adapter.codec is GENERIC_CODEC  # finetune.py passed --box_format generic to the adapter
     base = _params(load_model_and_adapter(source)[0])
     lora_moved = 0
     for name, param in trainer.model.named_parameters():

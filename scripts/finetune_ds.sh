@@ -13,11 +13,12 @@ NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-localhost}
 MASTER_PORT=${MASTER_PORT:-6001}
 
-MODEL=${MODEL:-Qwen-VL-Chat/}                  # checkpoint folder (see Qwen-VL-Chat/README.md); also Qwen2/2.5/3-VL
+MODEL=${MODEL:-Qwen-VL-Chat/}                  # any supported checkpoint folder (README: supported model families)
 IMAGE_DIR=${IMAGE_DIR:-data/objects365}        # Objects365 image root (the records' paths are relative to it)
 DATA=${DATA:-data/object365.json}              # annotations: python -m sc_tune.objects365 --help
 OUTPUT_DIR=${OUTPUT_DIR:-output_sc_tune}
 DS_CONFIG=${DS_CONFIG:-scripts/ds_config_zero2.json}   # or scripts/ds_config_zero3.json
+BOX_FORMAT=${BOX_FORMAT:-native}               # native (the family's box text) | generic; evaluate with the same
 
 caption_update_steps=${caption_update_steps:-200}   # describer rollouts per phase (each = ppo_epochs steps)
 bbox_update_steps=${bbox_update_steps:-100}         # locator steps per phase
@@ -39,6 +40,7 @@ torchrun --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
     finetune.py \
     --model_name_or_path "$MODEL" \
+    --box_format "$BOX_FORMAT" \
     --data_path "$DATA" \
     --image_folder "$IMAGE_DIR" \
     --output_dir "$OUTPUT_DIR" \

@@ -4,11 +4,12 @@ import pytest
 import torch
 from PIL import Image
 
+from sc_tune.adapters import supported_model_types
 from sc_tune.modeling import load_model_and_adapter
 from sc_tune.rollout import GenerationSettings, completion_mask, fit_locator_budget, generate, locate
 from tests.conftest import SAMPLE_IMAGES
 
-FAMILIES = ["qwen", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+FAMILIES = supported_model_types()
 
 
 def test_completion_mask_keeps_the_first_end_token_only():

@@ -92,7 +92,9 @@ def runs(cli_folder, tmp_path_factory):
         key = (model_type, lora)
         if key not in done:
             out = str(tmp_path_factory.mktemp(f"run_{model_type}_{'lora' if lora else 'full'}"))
-            extra = ("--use_lora", "True", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0") if lora else ()
+            # The LoRA run also writes boxes in the generic format, so --box_format is exercised end to end.
+            lora_args = ("--use_lora", "True", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0")
+            extra = (*lora_args, "--box_format", "generic") if lora else ()
             trainer = _finetune(cli_folder(model_type), out, *extra)
             done[key] = (trainer, cli_folder(model_type), out)
         return done[key]
@@ -139,6 +141,20 @@ def test_tiny_cli_rejects_an_unknown_type_listing_the_supported_ones(tmp_path, c
         main(["--model_type", "nope", "--output_dir", str(tmp_path)])
     err = capsys.readouterr().err
     assert "nope" in err and all(t in err for t in MODEL_TYPES)
+
+
+def test_export_runs_the_family_hook(monkeypatch, tmp_path, cli_folder):
+    import dataclasses
+
+    from sc_tune.adapters import registry
+    from sc_tune.export import finalize_export
+
+    model_type = MODEL_TYPES[0]
+    calls = []
+    hooked = dataclasses.replace(family_for(model_type), finalize_export=lambda out, src: calls.append((out, src)))
+    monkeypatch.setitem(registry._BY_MODEL_TYPE, model_type, hooked)
+    finalize_export(str(tmp_path), cli_folder(model_type))
+    assert calls == [(str(tmp_path), cli_folder(model_type))]
 
 
 # ---------------------------------------------------------------- per family, no training
@@ -233,9 +249,9 @@ def test_full_finetune_runs_both_phases_and_moves_only_trainable_weights(model_t
     initial = _params(load_model_and_adapter(source)[0])
     after = _params(trainer.model)
     moved = {n for n in after if not torch.equal(after[n], initial[n])}
-    for name, param in trainer.model.named_parameters():
-        if not param.requires_grad:
-            assert name not in moved, name  # fix_vit: the frozen tower never moves
+    frozen = [n for n, p in trainer.model.named_parameters() if not p.requires_grad]
+    assert frozen and all(_in(n, adapter.vision_prefix) for n in frozen)  # fix_vit (finetune.py's default)
+    assert not moved & set(frozen)  # the frozen tower never moves
     assert any(not _in(n, adapter.vision_prefix) for n in moved)  # the language model learned
     for prefix in adapter.vision_trainable_prefixes:  # ... and so did the connector fix_vit keeps trainable
         assert any(_in(n, prefix) for n in moved), prefix
@@ -254,7 +270,10 @@ def test_full_export_reloads_to_equal_tensors(model_type, runs):
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_lora_run_trains_adapters_only_and_merges(model_type, runs):
+    from sc_tune.box_codecs import GENERIC_CODEC
+
     trainer, source, out = runs(model_type, lora=True)
+    assert trainer.adapter.codec is GENERIC_CODEC  # finetune.py passed --box_format generic to the adapter
     base = _params(load_model_and_adapter(source)[0])
     lora_moved = 0
     for name, param in trainer.model.named_parameters():

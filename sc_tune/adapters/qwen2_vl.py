@@ -79,7 +79,7 @@ class Qwen35Adapter(_JsonBoxAdapter):
     """Qwen3.5 / 3.6 / 3.8: vision folded into the main model, boxes as Qwen3-VL (JSON ``bbox_2d``, 0..1000).
 
     Uncertain, and why: the Qwen3.5 checkpoints think by default. We open every assistant turn with the
-    empty reasoning block ``<think>\n\n</think>\n\n`` that the Qwen3 chat templates write when thinking is
+    empty reasoning block ``<think>\\n\\n</think>\\n\\n`` that the Qwen3 chat templates write when thinking is
     switched off (``enable_thinking=False``), so the answer is the caption or the box directly. The box
     convention (relative 0..1000) is the Qwen blog's and a Qwen maintainer's statement, not a chat-template
     fact. The vision tower has no DeepStack mergers: ``fix_vit`` keeps only ``model.visual.merger``.

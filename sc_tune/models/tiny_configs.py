@@ -2,8 +2,8 @@
 
 Sizes are the smallest that keep each architecture's constraints (rope sections summing to half the head
 dim, vision width divisible by its heads, merge sizes matching the image processor). The Qwen2/2.5/3-VL
-tokenizers are kept bit-identical to earlier releases of this file: the committed warm start was built
-with them.
+models and tokenizers are bit-identical to what ``sc_tune/tiny.py`` built before the family registry: the
+committed warm start (``sc_tune/synthetic``) was built with them.
 """
 
 from __future__ import annotations
@@ -148,8 +148,8 @@ def _qwen3_5_text(tokenizer, sizes: TinySizes) -> dict:
         linear_value_head_dim=16,
         linear_num_key_heads=2,
         linear_num_value_heads=2,
-        # As the released checkpoints: a quarter of each head rotates ... here a half of a 32-dim head,
-        # so that the three M-RoPE sections (t, h, w) still get frequencies each.
+        # The released checkpoints rotate a quarter of each 256-dim head; half of a 32-dim head here, so
+        # that each of the three M-RoPE sections (t, h, w) still gets frequencies.
         rope_parameters={
             "rope_type": "default",
             "rope_theta": 10000.0,
@@ -309,7 +309,9 @@ def _glm_spec(model_type: str) -> TinySpec:
         special_tokens=GLM_SPECIAL_TOKENS,
         eos_token="<|user|>",
         template_text=GLM_TEMPLATE_TEXT,
-        image_processor=_glm_image_processor("Glm46VImageProcessorPil" if model_type == "glm46v" else "Glm4vImageProcessorPil"),
+        image_processor=_glm_image_processor(
+            "Glm46VImageProcessorPil" if model_type == "glm46v" else "Glm4vImageProcessorPil"
+        ),
         config=_glm_config(model_type),
     )
 
@@ -331,7 +333,8 @@ def tiny_spec(model_type: str) -> TinySpec:
     try:
         return TINY_SPECS[model_type]
     except KeyError:
-        raise ValueError(f"no tiny chat-model spec for {model_type!r}; known: {', '.join(sorted(TINY_SPECS))}") from None
+        known = ", ".join(sorted(TINY_SPECS))
+        raise ValueError(f"no tiny chat-model spec for {model_type!r}; known: {known}") from None
 
 
 def build_tiny_model(model_type: str, corpus=DEFAULT_CORPUS, image_size: int = 56, seed: int = 0, **sizes):

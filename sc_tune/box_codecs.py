@@ -14,8 +14,7 @@ grid ``0..scale`` as ``round(v * scale)`` and read back as ``n / scale``.
   at most half a grid step. The difference between 999 and 1000 is at most one unit.
 - Qwen2-VL and Qwen3-VL: ``scale = 1000`` (their documented relative grid).
 - Qwen2.5-VL: absolute pixels of the *resized* model input (``frame``), rescaled to ``[0, 1]`` on decode.
-- GLM-4.1V/4.5V/4.6V (and InternVL): ``[[x1, y1, x2, y2]]`` on ``0..1000`` (``NestedListGridCodec``); InternVL
-  wraps it in ``<box>...</box>`` (``BoxTagGridCodec``).
+- GLM-4.1V/4.5V/4.6V (and InternVL): ``[[x1, y1, x2, y2]]`` on ``0..1000`` (``NestedListGridCodec``).
 - Generic (``--box_format generic``, and the native format of families that document none): the plain
   list ``[x1, y1, x2, y2]`` of integers on ``0..1000`` (``GENERIC_CODEC``). Any family can be trained with it;
   the model then learns the format from the locator's pseudo-labels instead of relying on pre-training.
@@ -129,14 +128,6 @@ class NestedListGridCodec(PairGridCodec):
 
     def __init__(self, scale: int = 1000):
         super().__init__(scale)
-
-
-class BoxTagGridCodec(NestedListGridCodec):
-    """``<box>[[x1, y1, x2, y2]]</box>`` with integers on a ``0..scale`` grid (InternVL).
-
-    Parsing reads the ``[[...]]`` with or without the tags around it: the box is unambiguous either way."""
-
-    template = "<box>[[{}, {}, {}, {}]]</box>"
 
 
 GENERIC_CODEC = ListGridCodec(1000)

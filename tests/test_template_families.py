@@ -1,9 +1,10 @@
 """What is particular to the chat-template families (InternVL, Gemma 3 / 4, LLaVA-OneVision, SmolVLM).
 
-The SC-Tune loop, export and evaluation of every family are covered by tests/test_families.py; here: the
-InternVL box codec, prompts through each family's chat template, placeholder expansion that matches the
-features the model computes (tiles and crops of odd-sized images included), tile padding across a batch,
-suppressed tokens, the chat template read from a processor's legacy file, and the fix_vit / LoRA module sets.
+The codec round trips, SC-Tune loop, export and evaluation of every family are covered by
+tests/test_families.py; here: prompts through each family's chat template (InternVL's grounding format),
+placeholder expansion that matches the features the model computes (tiles and crops of odd-sized images
+included), tile padding across a batch, suppressed tokens, the chat template read from a processor's legacy
+file, and the fix_vit / LoRA module sets.
 """
 
 import json
@@ -16,7 +17,6 @@ import torch
 from PIL import Image
 
 from sc_tune.adapters import adapter_class
-from sc_tune.box_codecs import BoxTagGridCodec
 from sc_tune.modeling import freeze_vision_tower, load_model_and_adapter
 from tests.conftest import SAMPLE_IMAGES
 
@@ -51,32 +51,6 @@ PROJECTOR = {
 }
 
 
-# ---------------------------------------------------------------- InternVL's box codec
-def test_internvl_codec_round_trip_and_text():
-    codec = BoxTagGridCodec(1000)
-    text = codec.format([0.1234, 0.5, 0.75, 0.999])
-    assert text == "<box>[[123, 500, 750, 999]]</box>"
-    assert codec.parse(text + "<|im_end|>") == pytest.approx([0.123, 0.5, 0.75, 0.999])
-    assert codec.parse("<ref>the dog</ref>[[10, 20, 30, 40]]") == pytest.approx([0.01, 0.02, 0.03, 0.04])
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        "",
-        "the dog",
-        "[10, 20, 30, 40]",
-        "<box>[[10, 20, 30]]</box>",
-        "<box>[[10, 20, 30, 1001]]</box>",
-        "<box>[[-1, 20, 30, 40]]</box>",
-        "<box>[[a, b, c, d]]</box>",
-        "<box>(10,20),(30,40)</box>",
-    ],
-)
-def test_internvl_codec_malformed_text_is_a_parse_failure(text):
-    assert BoxTagGridCodec(1000).parse(text) is None
-
-
 # ---------------------------------------------------------------- adapters on tiny models
 def _odd_images():
     """A sample photo and a tall odd-sized one: different tile / crop grids and placeholder counts."""
@@ -101,6 +75,9 @@ def test_prompts_go_through_the_family_chat_template(family):
     assert locator.startswith(head)
     if model_type == "internvl":  # its documented grounding prompt; the answer opens with the reference
         assert "<box>[[100, 200, 500, 600]]</box>" in describer
+        answer = "<ref>the dog</ref><box>[[10, 20, 30, 40]]</box><|im_end|>"
+        assert adapter.parse_locator_output(answer, image) == pytest.approx([0.01, 0.02, 0.03, 0.04])
+        assert adapter.parse_locator_output("<box>[10, 20, 30, 40]</box>", image) is None
         assert locator.endswith(
             "Please provide the bounding box coordinate of the region this sentence describes: "
             "<ref>the red circle</ref>" + tail + "<ref>the red circle</ref>"

@@ -1,7 +1,7 @@
 """InternVL3 / InternVL3.5 in the transformers format (``internvl``: the ``-hf`` checkpoints).
 
 Box convention: ``<ref>phrase</ref><box>[[x1, y1, x2, y2]]</box>`` with integers on a 0..1000 grid
-(``sc_tune.box_codecs.BoxTagGridCodec``). Source: the OpenGVLab model cards and the grounding evaluations
+(``sc_tune.box_codecs.NestedListGridCodec``; the ``<box>`` tags belong to the prompts and targets here). Source: the OpenGVLab model cards and the grounding evaluations
 built on them; the referring prompt is InternVL's documented one, "Please provide the bounding box
 coordinate of the region this sentence describes: <ref>…</ref>", and the answer repeats the reference
 before the box. The describer prompt ("Please provide a short description for this region: <box>…</box>")
@@ -19,14 +19,14 @@ from __future__ import annotations
 
 from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs, save_tiny_template_model
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
-from sc_tune.box_codecs import BoxTagGridCodec
+from sc_tune.box_codecs import NestedListGridCodec
 
 REFERRING_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: "
 REGION_PROMPT = "Please provide a short description for this region: "
 
 
 class InternVLAdapter(ChatTemplateAdapter):
-    native_codec = BoxTagGridCodec(1000)
+    native_codec = NestedListGridCodec(1000)
     image_marker = "<IMG_CONTEXT>"
     image_token = "<IMG_CONTEXT>"
     image_start = "<img>"
@@ -46,7 +46,7 @@ class InternVLAdapter(ChatTemplateAdapter):
     def describer_prompt(self, box_norm, image):
         if not self._native():
             return super().describer_prompt(box_norm, image)
-        return self.render(REGION_PROMPT + self.codec.format(box_norm, image.frame))
+        return self.render(REGION_PROMPT + self._box(box_norm, image))
 
     def locator_prompt(self, caption, image):
         if not self._native():
@@ -54,6 +54,14 @@ class InternVLAdapter(ChatTemplateAdapter):
         reference = f"<ref>{caption}</ref>"
         # The answer opens with the reference, as InternVL's grounding answers do: the continuation is the box.
         return self.render(REFERRING_PROMPT + reference, answer_prefix=reference)
+
+    def locator_target(self, box_norm, image):
+        if not self._native():
+            return super().locator_target(box_norm, image)
+        return f"{self._box(box_norm, image)}{self.end_text}"
+
+    def _box(self, box_norm, image) -> str:
+        return f"<box>{self.codec.format(box_norm, image.frame)}</box>"
 
     def preprocess_image(self, image):
         out = self.image_processor(images=[image], crop_to_patches=True, return_tensors="pt")

@@ -124,6 +124,15 @@ def test_placeholders_match_the_features_the_model_computes(family):
     assert torch.allclose(batched[long], alone[0], atol=1e-4)
 
 
+def test_a_caption_spelling_special_tokens_stays_plain_text(family):
+    _, _, _, adapter = family
+    image = adapter.prepare_image(_odd_images()[0])
+    caption = f"the {adapter.image_token}{adapter.image_marker} dog{adapter.end_token}"
+    batch = adapter.build_batch([adapter.locator_prompt(caption, image)], [image])
+    assert (batch.input_ids == adapter.image_token_id).sum() == image.num_tokens
+    assert "the  dog" in adapter.tokenizer.decode(batch.input_ids[0])
+
+
 def test_a_wrong_placeholder_count_fails_at_batch_building(family):
     _, _, _, adapter = family
     image = adapter.prepare_image(_odd_images()[0])

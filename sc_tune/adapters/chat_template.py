@@ -116,7 +116,16 @@ class ChatTemplateAdapter(ModelAdapter):
         return self.render(f"Describe the object at {self.codec.format(box_norm, image.frame)} in a few words.")
 
     def locator_prompt(self, caption, image):
-        return self.render(f"Locate {caption}. {self.codec.request}")
+        return self.render(f"Locate {self.plain_text(caption)}. {self.codec.request}")
+
+    def plain_text(self, text: str) -> str:
+        """``text`` without special-token strings. Why: a caption is plain text, but one that spells a token
+        such as ``<image>`` in ordinary pieces would re-tokenise into that special token, and an extra image
+        placeholder makes the batch unusable (a crash mid-run); such strings carry no caption meaning."""
+        if not hasattr(self, "_special_re"):
+            tokens = sorted(self.special_tokens(), key=len, reverse=True)
+            self._special_re = re.compile("|".join(map(re.escape, tokens))) if tokens else None
+        return self._special_re.sub("", text) if self._special_re is not None else text
 
     def locator_target(self, box_norm, image):
         return f"{self.codec.format(box_norm, image.frame)}{self.end_text}"

@@ -51,7 +51,7 @@ class InternVLAdapter(ChatTemplateAdapter):
     def locator_prompt(self, caption, image):
         if not self._native():
             return super().locator_prompt(caption, image)
-        reference = f"<ref>{caption}</ref>"
+        reference = f"<ref>{self.plain_text(caption)}</ref>"
         # The answer opens with the reference, as InternVL's grounding answers do: the continuation is the box.
         return self.render(REFERRING_PROMPT + reference, answer_prefix=reference)
 

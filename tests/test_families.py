@@ -125,6 +125,7 @@ def test_registry_errors_name_the_supported_types():
     assert family_for(MODEL_TYPES[0]) is taken
 
 
+@pytest.mark.slow  # a subprocess: most of its time is importing torch and transformers again
 def test_tiny_cli_runs_as_a_module(tmp_path):
     model_type = MODEL_TYPES[-1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -11,22 +11,14 @@ normalised, "category_id": ...}]``. Sampling is deterministic for a seed; every 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 from collections import Counter, defaultdict
 
 from sc_tune.boxes import normalize_box, xywh_to_xyxy
-from sc_tune.data import AnnotationError
-
-
-def _field(record: dict, name: str, kind, where: str):
-    if name not in record:
-        raise AnnotationError(f"{where}: field '{name}' is missing")
-    value = record[name]
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise AnnotationError(f"{where}: field '{name}' must be {getattr(kind, '__name__', kind)}, got {value!r}")
-    return value
+from sc_tune import checks
+from sc_tune.checks import AnnotationError
+from sc_tune.jsonio import read_json, write_json
 
 
 def convert(
@@ -41,24 +33,22 @@ def convert(
 ) -> tuple[list[dict], Counter]:
     """Returns (records, counts of what each filter dropped)."""
     images = {}
-    for i, image in enumerate(_field(coco, "images", list, source)):
+    for i, image in enumerate(checks.typed(coco, "images", list, source)):
         where = f"{source}: images[{i}]"
-        images[_field(image, "id", int, where)] = (
-            _field(image, "file_name", str, where),
-            _field(image, "width", (int, float), where),
-            _field(image, "height", (int, float), where),
+        images[checks.typed(image, "id", int, where)] = (
+            checks.typed(image, "file_name", str, where),
+            checks.typed(image, "width", (int, float), where),
+            checks.typed(image, "height", (int, float), where),
         )
     counts: Counter = Counter()
     missing_images: set[str] = set()
     per_image: dict[int, list[dict]] = defaultdict(list)
-    for i, ann in enumerate(_field(coco, "annotations", list, source)):
+    for i, ann in enumerate(checks.typed(coco, "annotations", list, source)):
         where = f"{source}: annotations[{i}]"
-        image_id = _field(ann, "image_id", int, where)
+        image_id = checks.typed(ann, "image_id", int, where)
         if image_id not in images:
             raise AnnotationError(f"{where}: field 'image_id' {image_id} names no entry of 'images'")
-        box = _field(ann, "bbox", list, where)
-        if len(box) != 4 or not all(isinstance(v, (int, float)) for v in box):
-            raise AnnotationError(f"{where}: field 'bbox' must be [x, y, w, h] in pixels, got {box!r}")
+        box = checks.four_numbers(checks.need(ann, "bbox", where), "bbox", where, layout="[x, y, w, h] in pixels")
         if any(ann.get(flag) for flag in drop_flags):
             counts["flagged (" + "/".join(f for f in drop_flags if ann.get(f)) + ")"] += 1
             continue
@@ -110,13 +100,11 @@ def main(argv=None) -> None:
     parser.add_argument("--num_samples", type=int, default=None, help="keep this many records (seeded sample)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    with open(args.annotations) as f:
-        coco = json.load(f)
+    coco = read_json(args.annotations)
     records, counts = convert(
         coco, args.annotations, args.image_folder, args.min_area, args.max_boxes_per_image, args.num_samples, args.seed
     )
-    with open(args.output, "w") as f:
-        json.dump(records, f)
+    write_json(args.output, records, indent=None)
     print(f"wrote {len(records)} records to {args.output}")
     for reason, n in sorted(counts.items()):
         print(f"  dropped: {reason}: {n}" if "distinct" not in reason else f"  {reason}: {n}")

@@ -77,3 +77,25 @@ def test_sc_tune_sets_the_lr_knobs_itself(tmp_path):
     assert (args.learning_rate, args.lr_scheduler_type, args.warmup_steps) == (3e-6, "constant", 0)
     # re-creating the config from its own fields (what dataclasses.replace does) is not a user override
     assert dataclasses.replace(args, bbox_lr=2e-6).learning_rate == 3e-6
+
+
+def test_evaluate_takes_finetune_flag_names_and_the_earlier_spellings():
+    import evaluate
+
+    new = evaluate.parse_args(["--task", "rec", "--model_name_or_path", "m", "--data_path", "a.jsonl", "b.jsonl",
+                               "--image_folder", "imgs", "--output_dir", "o", "--per_device_eval_batch_size", "2",
+                               "--no_fit_locator_budget", "--no_meteor"])
+    old = evaluate.parse_args(["rec", "--model", "m", "--data", "a.jsonl", "b.jsonl", "--image-root", "imgs",
+                               "--output-dir", "o", "--batch-size", "2", "--no-fit-locator-budget", "--no-meteor"])
+    assert new == old
+    assert (new.model_name_or_path, new.data_path, new.image_folder, new.per_device_eval_batch_size) == (
+        "m", ["a.jsonl", "b.jsonl"], "imgs", 2)
+    assert not new.fit_locator_budget and not new.meteor
+    # the flags that mean the same as finetune.py's are spelled the same
+    finetune_flags = {o for a in build_parser()._actions for o in a.option_strings}
+    for flag in ("--model_name_or_path", "--data_path", "--image_folder", "--output_dir", "--describer_max_new_tokens",
+                 "--describer_min_new_tokens", "--locator_max_new_tokens"):
+        assert flag in finetune_flags
+    with pytest.raises(ValueError, match="takes one --data_path file"):
+        evaluate.parse_args(["--task", "self-consistency", "--model_name_or_path", "m", "--data_path", "a", "b",
+                             "--output_dir", "o"])

@@ -7,7 +7,6 @@ held-out split, so their "before" row is the same.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from sc_tune.jsonio import read_json
 from sc_tune.modeling import load_model_and_adapter
 from sc_tune.synthetic.evaluate import evaluate_benchmark
 from sc_tune.synthetic.shapes import write_dataset
@@ -67,7 +67,7 @@ def make_data(root: str | Path, seed: int = 0, train_images: int = 2000, heldout
     """The shapes dataset (skipped when ``root/dataset.json`` says it was already written with these sizes)."""
     summary_path = Path(root) / "dataset.json"
     if summary_path.exists():
-        summary = json.loads(summary_path.read_text())
+        summary = read_json(summary_path)
         if (summary["seed"], summary["train"]["images"], summary["heldout"]["images"]) == (seed, train_images,
                                                                                          heldout_images):
             return summary
@@ -116,7 +116,7 @@ def run_sc_tune(model_path, data_root, output_dir, seed: int, max_steps: int, ov
 def phase_summaries(trainer_state_path: str | Path) -> list[str]:
     """One line per training phase from the Trainer's log history: the describer's reward, baseline, KL and
     clip fraction, or the locator's loss and answer-token accuracy."""
-    history = [h for h in json.loads(Path(trainer_state_path).read_text())["log_history"] if "phase" in h]
+    history = [h for h in read_json(trainer_state_path)["log_history"] if "phase" in h]
     # "phase" is the share of locator steps in a logging window: round it to the window's majority phase.
     role = [round(h["phase"]) for h in history]
     lines, start = [], 0

@@ -28,6 +28,7 @@ import torch
 from sc_tune.adapters.base import ImageInputs, ModelAdapter
 from sc_tune.adapters.qwen2_vl import Qwen3VLAdapter
 from sc_tune.boxes import iou_or_zero
+from sc_tune.jsonio import write_json
 from sc_tune.rollout import GenerationSettings, describe, locate
 from sc_tune.synthetic.shapes import (ShapesScene, ShapesSpec, caption_corpus, render, sample_scene,
                                       scene_stream, split_seed)
@@ -163,7 +164,7 @@ def save_checkpoint(directory: Path, model, tokenizer, image_processor, cfg: War
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     image_processor.save_pretrained(directory)
-    (directory / "warm_start.json").write_text(json.dumps({"config": asdict(cfg), "metrics": metrics}, indent=2))
+    write_json(directory / "warm_start.json", {"config": asdict(cfg), "metrics": metrics})
 
 
 def build_model(cfg: WarmStartConfig):
@@ -211,6 +212,6 @@ def train_warm_start(cfg: WarmStartConfig, output_dir: str | Path, log=print) ->
             history.append(metrics)
             log(json.dumps(metrics))
             save_checkpoint(output_dir / f"step_{done}", model, tokenizer, image_processor, cfg, metrics)
-            (output_dir / "history.json").write_text(json.dumps(history, indent=1))
+            write_json(output_dir / "history.json", history, indent=1)
     save_checkpoint(output_dir / "last", model, tokenizer, image_processor, cfg, metrics)
     return metrics

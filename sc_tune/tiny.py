@@ -14,6 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForImageTextToText, Qwen2TokenizerFast
 
 from sc_tune.adapters.qwen2_vl import VISION_SPECIAL_TOKENS
+from sc_tune.models.qwen_vl.tokenization import PAT_STR as QWEN_PRETOKENIZE_PATTERN  # Qwen2 uses the same
 
 CHAT_SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -41,9 +42,6 @@ DEFAULT_CORPUS = (
     "0123456789",
 )
 
-# Qwen2's pre-tokenizer regex: digits are split one per token.
-_QWEN2_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-
 
 def build_tokenizer(corpus: Iterable[str] = DEFAULT_CORPUS, vocab_size: int = 600) -> Qwen2TokenizerFast:
     """A byte-level BPE trained on ``corpus`` + the prompt templates, with the Qwen VL special tokens."""
@@ -52,7 +50,7 @@ def build_tokenizer(corpus: Iterable[str] = DEFAULT_CORPUS, vocab_size: int = 60
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(_QWEN2_PATTERN), behavior="isolated"),
+            pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_PATTERN), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )

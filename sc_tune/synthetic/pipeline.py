@@ -11,14 +11,17 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from sc_tune.jsonio import read_json
 from sc_tune.modeling import load_model_and_adapter
 from sc_tune.synthetic.evaluate import evaluate_benchmark
 from sc_tune.synthetic.shapes import write_dataset
+from sc_tune.visualize import save_cycle_grid
 
 REPO = Path(__file__).resolve().parents[2]
 WARM_START = REPO / "checkpoints" / "warm_start"
@@ -150,6 +153,25 @@ def pick_figure_rows(before_rows: list[dict], after_rows: list[dict], count: int
     """Objects for the picture: ambiguous ones first (where captions matter), in data order."""
     order = sorted(range(len(before_rows)), key=lambda i: (not before_rows[i]["ambiguous"], i))[:count]
     return [before_rows[i] for i in order], [after_rows[i] for i in order]
+
+
+def before_after_grid(before_rows: Sequence[dict], after_rows: Sequence[dict], path: str | Path,
+                      columns: int = 4) -> str:
+    """The quick-start's PNG, drawn by the project's one cycle grid (:func:`sc_tune.visualize.save_cycle_grid`):
+    ``columns`` (before, after) pairs per line. Rows hold ``image`` (a path), ``bbox``, ``caption``, ``pred``
+    (None on a parse failure) and ``iou``."""
+    if len(before_rows) != len(after_rows):
+        raise ValueError(f"{len(before_rows)} 'before' rows for {len(after_rows)} 'after' rows")
+    rows = [(tag, row) for pair in zip(before_rows, after_rows) for tag, row in zip(("before", "after"), pair)]
+    images = []
+    for _, row in rows:
+        with Image.open(row["image"]) as image:
+            images.append(image.convert("RGB"))
+    return save_cycle_grid(
+        path, images, [r["bbox"] for _, r in rows], [f'{tag}: "{r["caption"]}"' for tag, r in rows],
+        [r["pred"] for _, r in rows], [r["iou"] for _, r in rows], columns=2 * columns,
+        title="held-out cycles: each object before SC-Tune, then after",
+    )
 
 
 TABLE_KEYS = (("cycle_acc50", "cycle Acc@0.5"), ("cycle_acc50_ambiguous", "cycle Acc@0.5 (ambiguous)"),

@@ -13,10 +13,9 @@ import time
 from pathlib import Path
 
 from sc_tune.jsonio import write_json
-from sc_tune.synthetic.figure import before_after_grid
-from sc_tune.synthetic.pipeline import (WARM_START, before_after_table, evaluate_checkpoint, make_data, phase_summaries,
-                                        parse_overrides,
-                                        pick_figure_rows, run_sc_tune, sc_tune_command)
+from sc_tune.synthetic.pipeline import (WARM_START, before_after_grid, before_after_table, evaluate_checkpoint,
+                                        make_data, parse_overrides, phase_summaries, pick_figure_rows, run_sc_tune,
+                                        sc_tune_command)
 
 FIGURE_ROWS = 64  # cycles kept per evaluation for the picture (8 are drawn)
 

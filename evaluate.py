@@ -85,7 +85,9 @@ class EvaluationArguments:
         metadata={"help": "Raise --locator_max_new_tokens when the family's longest box answer needs more (JSON "
                   "boxes take ~28 tokens); --no_fit_locator_budget keeps it as given."},
     )
-    grid_samples: int = field(default=16, metadata={"help": "self-consistency: cycles drawn in the PNG grid (0: none)."})
+    grid_samples: int = field(
+        default=16, metadata={"help": "self-consistency: cycles drawn in the PNG grid (0: none)."}
+    )
     meteor: bool = field(
         default=True, metadata={"help": "region-caption: METEOR when java and pycocoevalcap are there (--no_meteor)."}
     )
@@ -144,11 +146,12 @@ def main(argv=None) -> None:
               "world_size": ranks.world_size, "batch_size_per_process": args.per_device_eval_batch_size,
               "dtype": str(args.torch_dtype).removeprefix("torch.")}
     task_name = args.task.replace("-", "_")
+    batch_size = args.per_device_eval_batch_size
 
     if args.task == "rec":
         results = {}
         for path, samples in datasets:
-            metrics, per_sample = evaluate_rec(model, adapter, samples, args.image_folder, args.per_device_eval_batch_size,
+            metrics, per_sample = evaluate_rec(model, adapter, samples, args.image_folder, batch_size,
                                                locate_settings, fit_budget=args.fit_locator_budget)
             name = os.path.splitext(os.path.basename(path))[0]
             results[name] = {"data": path, **metrics}
@@ -161,12 +164,12 @@ def main(argv=None) -> None:
         (path, records), = datasets
         if args.task == "self-consistency":
             metrics, per_sample = evaluate_self_consistency(model, adapter, records, args.image_folder,
-                                                            args.per_device_eval_batch_size, describe_settings, locate_settings,
+                                                            batch_size, describe_settings, locate_settings,
                                                             fit_budget=args.fit_locator_budget)
             settings = {"describer": vars(describe_settings), "locator": vars(locate_settings)}
         else:
             metrics, per_sample = evaluate_region_captions(model, adapter, records, args.image_folder,
-                                                           args.per_device_eval_batch_size, describe_settings,
+                                                           batch_size, describe_settings,
                                                            use_meteor=args.meteor)
             settings = {"describer": vars(describe_settings)}
         output = {**common, "data": path, **settings, "metrics": metrics}

@@ -65,7 +65,8 @@ def check_region_caption_records(records: Sequence[dict], path="<records>") -> l
             refs = [checks.text(record, "caption", where)]
         else:
             raise RecordError(f"{where}: missing field 'captions' (a list of reference captions) or 'caption'")
-        clean.append({"image": checks.text(record, "image", where), "bbox": checks.normalised_box(record, "bbox", where),
+        clean.append({"image": checks.text(record, "image", where),
+                      "bbox": checks.normalised_box(record, "bbox", where),
                       "captions": list(refs)})
     return clean
 

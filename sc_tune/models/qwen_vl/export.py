@@ -5,7 +5,7 @@
 - ``config.json`` fields the official code needs: ``model_type`` "qwen", ``architectures``, the official
   ``auto_map`` (kept from the source folder when it has one) and ``torch_dtype`` (transformers 5 writes ``dtype``);
 - the original ``generation_config.json``: ``save_pretrained`` drops ``chat_format``, ``max_window_size`` and
-  friends, and ``model.chat`` then fails (feasibility.md F1);
+  friends, and ``model.chat`` then fails (docs/qwen_vl_remote_code.md, F1);
 - the tokenizer files (``qwen.tiktoken``, ``tokenizer_config.json`` with its ``auto_map``);
 - the remote-code files (``modeling_qwen.py`` and the rest), which this project does not ship; they are
   copied from the input checkpoint folder when it holds them.

@@ -26,10 +26,11 @@ MAX_SAMPLES=${MAX_SAMPLES:-}            # empty = all records
 GRID_SAMPLES=${GRID_SAMPLES:-16}        # self-consistency: cycles drawn in the PNG grid
 MASTER_PORT=${MASTER_PORT:-29511}
 EXTRA_ARGS=${EXTRA_ARGS:-}              # anything else for evaluate.py, e.g. "--no_meteor"
+TORCHRUN=${TORCHRUN:-torchrun}          # the launcher
 
 set --
 if [ -n "$MAX_SAMPLES" ]; then set -- --max_samples "$MAX_SAMPLES"; fi
 # shellcheck disable=SC2086  # DATA and EXTRA_ARGS are space-separated lists on purpose
-exec torchrun --nproc_per_node "$NPROC" --master_port "$MASTER_PORT" evaluate.py --task "$TASK" \
+exec $TORCHRUN --nproc_per_node "$NPROC" --master_port "$MASTER_PORT" evaluate.py --task "$TASK" \
     --model_name_or_path "$MODEL" --data_path $DATA --image_folder "$IMAGE_FOLDER" --output_dir "$OUTPUT_DIR" \
     --per_device_eval_batch_size "$BATCH_SIZE" --dtype "$DTYPE" --grid_samples "$GRID_SAMPLES" "$@" $EXTRA_ARGS

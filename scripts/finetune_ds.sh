@@ -42,6 +42,7 @@ REPORT_TO=${REPORT_TO:-tensorboard}   # tensorboard, wandb (pip install -e ".[wa
 GRADIENT_CHECKPOINTING=${GRADIENT_CHECKPOINTING:-True}
 DATALOADER_WORKERS=${DATALOADER_WORKERS:-4}
 EXTRA_ARGS=${EXTRA_ARGS:-}
+TORCHRUN=${TORCHRUN:-torchrun}        # the launcher
 
 case "$PRECISION" in
     bf16) PRECISION_ARGS="--bf16 True" ;;
@@ -56,7 +57,7 @@ if [ -f .venv/bin/activate ]; then . .venv/bin/activate; fi
 . scripts/env.sh
 
 # shellcheck disable=SC2086
-torchrun --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
+$TORCHRUN --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
     finetune.py \
     --model_name_or_path "$MODEL" \

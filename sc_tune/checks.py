@@ -37,6 +37,22 @@ def text(record, key: str, where: str) -> str:
     return value
 
 
+def reference_captions(record, where: str) -> list[str]:
+    """``record["captions"]`` (a non-empty list of non-empty strings) or ``[record["caption"]]``."""
+    if not isinstance(record, dict):
+        raise AnnotationError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if "captions" in record:
+        captions = record["captions"]
+        if not isinstance(captions, list) or not captions or not all(isinstance(c, str) and c.strip()
+                                                                     for c in captions):
+            raise AnnotationError(f"{where}: field 'captions' must be a non-empty list of non-empty strings, "
+                                  f"got {captions!r}")
+        return list(captions)
+    if "caption" in record:
+        return [text(record, "caption", where)]
+    raise AnnotationError(f"{where}: missing field 'caption' (or 'captions', a list of reference captions)")
+
+
 def positive_number(record, key: str, where: str) -> float:
     value = need(record, key, where)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 or not math.isfinite(value):

@@ -145,14 +145,7 @@ def coco_regions_to_region_captions(path, image_prefix: str = "") -> list[dict]:
         if image_id not in images:
             raise RecordError(f"{where}: field 'image_id' = {image_id!r} is not in 'images'")
         box = _xywh(checks.need(ann, "bbox", where), where)
-        if "captions" in ann:
-            captions = ann["captions"]
-        elif "caption" in ann:
-            captions = [ann["caption"]]
-        else:
-            raise RecordError(f"{where}: missing field 'caption' (or 'captions')")
-        if not isinstance(captions, list) or not all(isinstance(c, str) and c.strip() for c in captions):
-            raise RecordError(f"{where}: captions must be non-empty strings, got {captions!r}")
+        captions = checks.reference_captions(ann, where)
         grouped.setdefault((image_id, tuple(box)), []).extend(c.strip() for c in captions)
     records = []
     for (image_id, box), captions in grouped.items():

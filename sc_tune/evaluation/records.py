@@ -56,15 +56,7 @@ def check_region_caption_records(records: Sequence[dict], path="<records>") -> l
     clean = []
     for i, record in enumerate(records):
         where = _where(path, i)
-        if isinstance(record, dict) and "captions" in record:
-            refs = record["captions"]
-            if not isinstance(refs, list) or not refs or not all(isinstance(r, str) and r.strip() for r in refs):
-                raise RecordError(f"{where}: field 'captions' must be a non-empty list of non-empty strings, "
-                                  f"got {refs!r}")
-        elif isinstance(record, dict) and "caption" in record:
-            refs = [checks.text(record, "caption", where)]
-        else:
-            raise RecordError(f"{where}: missing field 'captions' (a list of reference captions) or 'caption'")
+        refs = checks.reference_captions(record, where)
         clean.append({"image": checks.text(record, "image", where),
                       "bbox": checks.normalised_box(record, "bbox", where),
                       "captions": list(refs)})

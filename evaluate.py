@@ -51,7 +51,7 @@ def _help(cls, name: str, extra: str = "") -> str:
 @dataclass
 class EvaluationArguments:
     task: Literal["self-consistency", "rec", "region-caption"] = field(
-        metadata={"help": "What to measure (may also be given as the first word, without --task)."}
+        metadata={"help": "self-consistency, rec or region-caption (may also be the first word, without --task)."}
     )
     model_name_or_path: str = field(
         metadata={"help": _help(ModelArguments, "model_name_or_path"), "aliases": ["--model"]}

@@ -234,6 +234,11 @@ class CompactHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
                  if "-" not in o[2:] or "--" + o[2:].replace("-", "_") not in action.option_strings]
         return ", ".join(shown)
 
+    def _get_help_string(self, action):
+        if isinstance(action, argparse._StoreFalseAction):  # the --no_<flag> twin of a boolean flag
+            return f"same as --{action.dest} False"
+        return super()._get_help_string(action)
+
 
 def build_parser() -> HfArgumentParser:
     """The one parser of ``finetune.py``: SC-Tune's groups first, each flag with its default, then the Trainer's."""
@@ -250,8 +255,6 @@ def build_parser() -> HfArgumentParser:
         if isinstance(action, argparse._HelpAction):
             groups[TRAINER_GROUP]._group_actions.insert(0, action)
             continue
-        if isinstance(action, argparse._StoreFalseAction):  # the --no_<flag> twin of a boolean flag
-            action.help, action.default = f"same as --{action.dest} False", argparse.SUPPRESS
         groups[help_group_of(action.dest, action.option_strings)]._group_actions.append(action)
     # argparse prints groups in this list's order; -h moved to the Trainer group to keep the first screen SC-Tune's.
     parser._action_groups = list(groups.values())

@@ -72,7 +72,8 @@ def test_trainer_flags_that_sc_tune_sets_are_refused(tmp_path, flag, value, hint
 
 def test_sc_tune_sets_the_lr_knobs_itself(tmp_path):
     *_, args = build_parser().parse_args_into_dataclasses(
-        ["--output_dir", str(tmp_path), "--caption_lr", "3e-6", "--lr_scheduler_type", "constant", "--warmup_steps", "0"]
+        ["--output_dir", str(tmp_path), "--caption_lr", "3e-6", "--lr_scheduler_type", "constant",
+         "--warmup_steps", "0"]
     )
     assert (args.learning_rate, args.lr_scheduler_type, args.warmup_steps) == (3e-6, "constant", 0)
     # re-creating the config from its own fields (what dataclasses.replace does) is not a user override

@@ -9,7 +9,9 @@ from tests.conftest import ROOT as ROOT_TEXT
 
 ROOT = Path(ROOT_TEXT)
 
-CITED = re.compile(r"(?<![\w/.-])((?:docs|scripts|Qwen-VL-Chat|checkpoints|sc_tune|tests)/[\w./-]*\w\.(?:md|sh|json|py|png))")
+CITED = re.compile(
+    r"(?<![\w/.-])((?:docs|scripts|Qwen-VL-Chat|checkpoints|sc_tune|tests)/[\w./-]*\w\.(?:md|sh|json|py|png))"
+)
 
 
 def tracked_text_files() -> list[str]:

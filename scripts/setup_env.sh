@@ -16,6 +16,7 @@ DS_BUILD_OPS=0 python -m pip install -q -r requirements.txt
 # installs offline with the venv's setuptools. Re-installed only when `sc_tune` resolves to another folder.
 HERE=$(pwd -P)
 if ! (cd / && python -c 'import os, sys, sc_tune; sys.exit(os.path.realpath(sc_tune.__file__) != os.path.join(sys.argv[1], "sc_tune", "__init__.py"))' "$HERE") 2>/dev/null; then
+    python -c "import setuptools" 2>/dev/null || python -m pip install -q "setuptools>=64"  # Python >= 3.12 venvs lack it
     python -m pip install -q --no-deps --no-build-isolation -e .
 fi
 if [ -n "$EXTRAS" ]; then

@@ -87,6 +87,7 @@ def test_evaluate_sh_uses_the_finetune_names(launcher):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "activate").exists(), reason="needs .venv (sh scripts/setup_env.sh)")
 def test_evaluate_sh_end_to_end_on_the_warm_start(tmp_path):
     """The README's evaluation command, in a shell without .venv on PATH: it must activate .venv itself."""
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "IMAGE_FOLDER", "IMAGE_DIR")}

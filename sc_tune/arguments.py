@@ -220,24 +220,37 @@ def help_group_of(dest: str, option_strings: list[str]) -> str:
 
 
 class CompactHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """One flag name per option (not its dashed twin or metavar) and 120 columns, so that SC-Tune's knobs fit
-    on the first screen of --help."""
+    """One line per flag where possible, so that SC-Tune's knobs fit on the first screen of --help: the flag's
+    name without its dashed twin or metavar (aliases that do not fit beside it go into the help text), help
+    text from column 32 of 140, and no entry for the ``--no_<flag>`` twins of boolean flags."""
+
+    NAME_WIDTH = 28
 
     def __init__(self, prog):
-        super().__init__(prog, max_help_position=32, width=120)
+        super().__init__(prog, max_help_position=32, width=140)
+
+    @staticmethod
+    def _names(action) -> list[str]:
+        # HfArgumentParser adds "--a-b" for every "--a_b"; keep the underscore spelling and real aliases.
+        return [o for o in action.option_strings
+                if "-" not in o[2:] or "--" + o[2:].replace("-", "_") not in action.option_strings]
 
     def _format_action_invocation(self, action):
         if not action.option_strings:
             return super()._format_action_invocation(action)
-        # HfArgumentParser adds "--a-b" for every "--a_b"; keep the underscore spelling and real aliases.
-        shown = [o for o in action.option_strings
-                 if "-" not in o[2:] or "--" + o[2:].replace("-", "_") not in action.option_strings]
-        return ", ".join(shown)
+        names = self._names(action)
+        return ", ".join(names) if len(", ".join(names)) <= self.NAME_WIDTH else names[0]
 
     def _get_help_string(self, action):
-        if isinstance(action, argparse._StoreFalseAction):  # the --no_<flag> twin of a boolean flag
-            return f"same as --{action.dest} False"
-        return super()._get_help_string(action)
+        text = super()._get_help_string(action)
+        names = self._names(action) if action.option_strings else []
+        if len(", ".join(names)) > self.NAME_WIDTH and len(names) > 1:
+            text += " Also: " + ", ".join(names[1:]) + "."
+        return text
+
+    def add_argument(self, action):
+        if not isinstance(action, argparse._StoreFalseAction):  # "--no_fix_vit" is "--fix_vit False"
+            super().add_argument(action)
 
 
 def build_parser() -> HfArgumentParser:

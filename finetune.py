@@ -12,9 +12,8 @@ from __future__ import annotations
 import logging
 
 import torch
-from transformers import HfArgumentParser
 
-from sc_tune.arguments import DataArguments, LoraArguments, ModelArguments, SCTuneConfig
+from sc_tune.arguments import build_parser
 from sc_tune.data import ReferringDataset
 from sc_tune.export import export_trained
 from sc_tune.modeling import (
@@ -30,8 +29,7 @@ logger = logging.getLogger("sc_tune")
 
 
 def main(argv: list[str] | None = None) -> SCTuneTrainer:
-    parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, SCTuneConfig))
-    model_args, data_args, lora_args, args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, lora_args, args = build_parser().parse_args_into_dataclasses(args=argv)
     logging.basicConfig(
         level=logging.INFO if args.process_index == 0 else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -1,15 +1,17 @@
-"""Every SC-Tune knob, as dataclasses parsed by one ``HfArgumentParser`` (see ``finetune.py``).
+"""Every SC-Tune knob, as dataclasses parsed by one ``HfArgumentParser`` (:func:`build_parser`).
 
 ``SCTuneConfig`` extends ``transformers.TrainingArguments``, so the method's constants land in the
 ``training_args.bin`` saved with every checkpoint. Defaults are the reference release's
-(``../shared/docs/method.md`` §1.7) unless a field says otherwise.
+(``docs/method.md``, "Defaults") unless a field says otherwise.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 from dataclasses import dataclass, field
 
-from transformers import TrainingArguments
+from transformers import HfArgumentParser, TrainingArguments
 
 
 @dataclass
@@ -129,11 +131,43 @@ class SCTuneConfig(TrainingArguments):
     logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
     save_steps: float = field(default=500, metadata={"help": "Checkpoint every N steps (500 = one default cycle)."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False: samples carry PIL images."})
+    # ---- inherited fields that SC-Tune sets itself: the phases own the learning rate (a constant LR per
+    # phase, Adam moments reset at each switch). They default to None so that a value the user typed can be
+    # told apart from the default, and is refused instead of being silently replaced (issue 11).
+    learning_rate: float | None = field(
+        default=None, metadata={"help": "Not used: set --caption_lr / --bbox_lr (any other value is an error)."}
+    )
+    lr_scheduler_type: str | None = field(
+        default=None,
+        metadata={"help": "Not used: each phase runs at a constant LR (only 'constant' is accepted)."},
+    )
+    lr_scheduler_kwargs: dict | str | None = field(
+        default=None, metadata={"help": "Not used: SC-Tune's phase LR has no scheduler arguments (must stay unset)."}
+    )
+    warmup_steps: float | None = field(
+        default=None,
+        metadata={"help": "Not used: each phase starts at its full LR (only 0 is accepted)."},
+    )
 
     def __post_init__(self):
-        # The phases own the learning rate; --learning_rate only seeds the optimizer's param groups.
-        self.learning_rate = self.caption_lr
+        # Refuse, rather than silently override, the Trainer's LR knobs. A value equal to what SC-Tune sets is
+        # accepted, so that re-creating the config from its own fields (e.g. dataclasses.replace) still works.
+        refused = {
+            "learning_rate": (self.learning_rate not in (None, self.caption_lr),
+                              "the learning rate is set per phase: use --caption_lr and --bbox_lr"),
+            "lr_scheduler_type": (self.lr_scheduler_type not in (None, "constant"),
+                                  "each phase runs at a constant LR (--caption_lr / --bbox_lr)"),
+            "lr_scheduler_kwargs": (self.lr_scheduler_kwargs not in (None, {}, ""),
+                                    "SC-Tune's phase LR takes no scheduler arguments"),
+            "warmup_steps": (self.warmup_steps not in (None, 0),
+                             "each phase starts at its full LR; there is no warmup"),
+        }
+        for name, (is_set, why) in refused.items():
+            if is_set:
+                raise ValueError(f"--{name} {getattr(self, name)!r} is not used by SC-Tune: {why}")
+        self.learning_rate = self.caption_lr  # only seeds the optimizer's param groups; the phases set the LR
         self.lr_scheduler_type = "constant"
+        self.lr_scheduler_kwargs = {}
         self.warmup_steps = 0
         super().__post_init__()
         if self.caption_update_steps < 0 or self.bbox_update_steps < 0:
@@ -146,3 +180,103 @@ class SCTuneConfig(TrainingArguments):
             raise ValueError("set --max_steps: SC-Tune streams its data and stops by step count")
         if self.remove_unused_columns:
             raise ValueError("--remove_unused_columns must be False: SC-Tune samples carry PIL images")
+
+
+# ---------------------------------------------------------------------------------------------- --help layout
+# SC-Tune's own knobs are printed first, in these groups, then the Trainer options it inherits. A field is
+# matched by any of its flags, so it stays in its group when renamed with the old name kept as an alias.
+# A field SCTuneConfig declares that no group names lands in "SC-Tune: other knobs", still ahead of the
+# Trainer options; an inherited field that SCTuneConfig re-declares lands in "Trainer options SC-Tune sets".
+CYCLE_GROUP = "SC-Tune: cycle and phases"
+PPO_GROUP = "SC-Tune: describer update (PPO-style)"
+GENERATION_GROUP = "SC-Tune: generation (describer captions, locator boxes)"
+MODEL_DATA_GROUP = "SC-Tune: model and data"
+LORA_GROUP = "SC-Tune: LoRA / QLoRA"
+OTHER_GROUP = "SC-Tune: other knobs"
+SET_BY_SC_TUNE_GROUP = "Trainer options SC-Tune sets (reference defaults, or refused because the phases own them)"
+TRAINER_GROUP = "Trainer options (inherited from transformers.TrainingArguments)"
+
+HELP_GROUPS = {
+    CYCLE_GROUP: ("caption_update_steps", "bbox_update_steps", "caption_lr", "bbox_lr", "max_steps"),
+    PPO_GROUP: ("reward", "kl_coef", "ppo_epochs", "clip_range", "gamma", "ratio_threshold", "policy_kl_stop"),
+    GENERATION_GROUP: ("describer_top_k", "describer_top_p", "describer_temperature", "describer_max_new_tokens",
+                       "describer_min_new_tokens", "locator_max_new_tokens", "locator_min_new_tokens"),
+}
+DATACLASS_GROUPS = {ModelArguments: MODEL_DATA_GROUP, DataArguments: MODEL_DATA_GROUP, LoraArguments: LORA_GROUP}
+GROUP_ORDER = (CYCLE_GROUP, PPO_GROUP, GENERATION_GROUP, MODEL_DATA_GROUP, LORA_GROUP, OTHER_GROUP,
+               SET_BY_SC_TUNE_GROUP, TRAINER_GROUP)
+
+
+def _own_field_names(cls) -> set[str]:
+    """Fields ``cls`` declares in its own body (not inherited)."""
+    return set(cls.__dict__.get("__annotations__", {}))
+
+
+def help_group_of(dest: str, option_strings: list[str]) -> str:
+    """The --help group of one parsed option (``dest`` is its dataclass field)."""
+    for cls, group in DATACLASS_GROUPS.items():
+        if dest in {f.name for f in dataclasses.fields(cls)}:
+            return group
+    names = {option.lstrip("-") for option in option_strings} | {dest}
+    for group, members in HELP_GROUPS.items():
+        if names & set(members):
+            return group
+    if dest in _own_field_names(SCTuneConfig):
+        trainer_fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+        return SET_BY_SC_TUNE_GROUP if dest in trainer_fields else OTHER_GROUP
+    return TRAINER_GROUP
+
+
+class CompactHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """One line per flag where possible, so that SC-Tune's knobs fit on the first screen of --help: the flag's
+    name without its dashed twin or metavar (aliases that do not fit beside it go into the help text), help
+    text from column 32 of 140, and no entry for the ``--no_<flag>`` twins of boolean flags."""
+
+    NAME_WIDTH = 28
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=32, width=140)
+
+    @staticmethod
+    def _names(action) -> list[str]:
+        # HfArgumentParser adds "--a-b" for every "--a_b"; keep the underscore spelling and real aliases.
+        return [o for o in action.option_strings
+                if "-" not in o[2:] or "--" + o[2:].replace("-", "_") not in action.option_strings]
+
+    def _format_action_invocation(self, action):
+        if not action.option_strings:
+            return super()._format_action_invocation(action)
+        names = self._names(action)
+        return ", ".join(names) if len(", ".join(names)) <= self.NAME_WIDTH else names[0]
+
+    def _get_help_string(self, action):
+        text = super()._get_help_string(action)
+        names = self._names(action) if action.option_strings else []
+        if len(", ".join(names)) > self.NAME_WIDTH and len(names) > 1:
+            text += " Also: " + ", ".join(names[1:]) + "."
+        return text
+
+    def add_argument(self, action):
+        if not isinstance(action, argparse._StoreFalseAction):  # "--no_fix_vit" is "--fix_vit False"
+            super().add_argument(action)
+
+
+def build_parser() -> HfArgumentParser:
+    """The one parser of ``finetune.py``: SC-Tune's groups first, each flag with its default, then the Trainer's."""
+    parser = HfArgumentParser(
+        (ModelArguments, DataArguments, LoraArguments, SCTuneConfig),
+        usage="%(prog)s [SC-Tune options] [Trainer options]",  # argparse's own usage line lists all ~200 flags
+        description="SC-Tune (describer <-> locator self-consistency). Defaults: the reference's (docs/method.md).",
+        formatter_class=CompactHelpFormatter,
+    )
+    groups = {title: parser.add_argument_group(title) for title in GROUP_ORDER}
+    options = parser._optionals  # HfArgumentParser puts every field there (no _argument_group_name)
+    for action in list(options._group_actions):
+        options._group_actions.remove(action)
+        if isinstance(action, argparse._HelpAction):
+            groups[TRAINER_GROUP]._group_actions.insert(0, action)
+            continue
+        groups[help_group_of(action.dest, action.option_strings)]._group_actions.append(action)
+    # argparse prints groups in this list's order; -h moved to the Trainer group to keep the first screen SC-Tune's.
+    parser._action_groups = list(groups.values())
+    return parser

@@ -10,9 +10,7 @@ reported. Images are decoded when a sample is drawn and never cached: a 2,400-st
 from __future__ import annotations
 
 import itertools
-import json
 import logging
-import math
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -21,52 +19,28 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from sc_tune import checks
+from sc_tune.checks import AnnotationError
+from sc_tune.jsonio import read_json
 from sc_tune.phases import PhaseSchedule
 
 logger = logging.getLogger(__name__)
 
 
-class AnnotationError(ValueError):
-    """A record of an annotation file is malformed."""
-
-
 def check_record(record, index: int, path: str) -> dict:
     """A clean copy of one annotation record, or an AnnotationError naming the file, index and field."""
     where = f"{path}: record {index}"
-    if not isinstance(record, dict):
-        raise AnnotationError(f"{where}: expected an object with 'image' and 'bbox', got {type(record).__name__}")
-    image = record.get("image", record.get("image_id"))
-    if not isinstance(image, str) or not image:
-        raise AnnotationError(
-            f"{where}: field 'image' (or 'image_id') must be a non-empty relative path, got {image!r}"
-        )
-    box = record.get("bbox")
-    if (
-        not isinstance(box, (list, tuple))
-        or len(box) != 4
-        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)
-    ):
-        raise AnnotationError(f"{where}: field 'bbox' must be four numbers [x1, y1, x2, y2], got {box!r}")
-    x1, y1, x2, y2 = (float(v) for v in box)
-    if not (0.0 <= x1 < x2 <= 1.0 and 0.0 <= y1 < y2 <= 1.0):
-        raise AnnotationError(
-            f"{where}: field 'bbox' must be normalised xyxy with 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1, got {box!r}"
-            " (convert COCO/Objects365 xywh pixels with `python -m sc_tune.objects365`)"
-        )
+    if isinstance(record, dict) and "image" not in record and "image_id" in record:
+        record = {("image" if k == "image_id" else k): v for k, v in record.items()}  # the reference's key
+    image = checks.text(record, "image", where)
     clean = {k: v for k, v in record.items() if k != "image_id"}
-    clean.update(image=image, bbox=[x1, y1, x2, y2])
+    clean.update(image=image, bbox=checks.normalised_box(record, "bbox", where))
     return clean
 
 
 def load_annotations(path: str, image_folder: str | None = None, skip_bad: bool = False) -> list[dict]:
     """Read and validate an annotation file; with ``skip_bad`` drop bad records (and missing images)."""
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"annotation file not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise AnnotationError(f"{path}: not valid JSON ({e})") from None
+    raw = read_json(path)  # names the file when it is missing, not UTF-8 or not JSON
     if not isinstance(raw, list):
         raise AnnotationError(f"{path}: expected a JSON list of records, got {type(raw).__name__}")
     records, skipped = [], Counter()

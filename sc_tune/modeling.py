@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
 import torch
 
 from sc_tune.adapters import ModelAdapter, family_for
+from sc_tune.jsonio import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -20,8 +20,7 @@ def read_model_type(path: str) -> str:
             f"{config_path} not found: download the checkpoint into {path} first (see Qwen-VL-Chat/README.md); "
             "SC-Tune never loads weights from a hub at run time"
         )
-    with open(config_path) as f:
-        model_type = json.load(f).get("model_type")
+    model_type = read_json(config_path).get("model_type")
     if model_type is None:
         raise ValueError(f"{config_path}: field 'model_type' is missing")
     return model_type

@@ -1,7 +1,11 @@
 """Convert the official Objects365 (COCO-style) annotation file into SC-Tune's annotation JSON.
 
     python -m sc_tune.objects365 --annotations zhiyuan_objv2_train.json --image_folder /data/objects365 \
-        --output data/object365.json --min_area 0.01 --max_boxes_per_image 2 --num_samples 400000 --seed 0
+        --output data/object365.json --min_area 0.01 --max_boxes_per_image 2 --num_samples 400000 --seed 0 \
+        --held_out_output data/held_out.json --num_held_out 2000
+
+With ``--held_out_output``, whole images are set aside (seeded) until ``--num_held_out`` records are reached:
+the held-out file (the same format, for ``evaluate.py --task self-consistency``) shares no image with training.
 
 Input: ``{"images": [{"id", "file_name", "width", "height"}], "annotations": [{"image_id", "bbox": [x, y, w, h]
 pixels, "iscrowd", "isfake", "isreflected", ...}]}``. Output: ``[{"image": file_name, "bbox": [x1, y1, x2, y2]
@@ -11,22 +15,14 @@ normalised, "category_id": ...}]``. Sampling is deterministic for a seed; every 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 from collections import Counter, defaultdict
 
 from sc_tune.boxes import normalize_box, xywh_to_xyxy
-from sc_tune.data import AnnotationError
-
-
-def _field(record: dict, name: str, kind, where: str):
-    if name not in record:
-        raise AnnotationError(f"{where}: field '{name}' is missing")
-    value = record[name]
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise AnnotationError(f"{where}: field '{name}' must be {getattr(kind, '__name__', kind)}, got {value!r}")
-    return value
+from sc_tune import checks
+from sc_tune.checks import AnnotationError
+from sc_tune.jsonio import read_json, write_json
 
 
 def convert(
@@ -41,24 +37,22 @@ def convert(
 ) -> tuple[list[dict], Counter]:
     """Returns (records, counts of what each filter dropped)."""
     images = {}
-    for i, image in enumerate(_field(coco, "images", list, source)):
+    for i, image in enumerate(checks.typed(coco, "images", list, source)):
         where = f"{source}: images[{i}]"
-        images[_field(image, "id", int, where)] = (
-            _field(image, "file_name", str, where),
-            _field(image, "width", (int, float), where),
-            _field(image, "height", (int, float), where),
+        images[checks.typed(image, "id", int, where)] = (
+            checks.typed(image, "file_name", str, where),
+            checks.typed(image, "width", (int, float), where),
+            checks.typed(image, "height", (int, float), where),
         )
     counts: Counter = Counter()
     missing_images: set[str] = set()
     per_image: dict[int, list[dict]] = defaultdict(list)
-    for i, ann in enumerate(_field(coco, "annotations", list, source)):
+    for i, ann in enumerate(checks.typed(coco, "annotations", list, source)):
         where = f"{source}: annotations[{i}]"
-        image_id = _field(ann, "image_id", int, where)
+        image_id = checks.typed(ann, "image_id", int, where)
         if image_id not in images:
             raise AnnotationError(f"{where}: field 'image_id' {image_id} names no entry of 'images'")
-        box = _field(ann, "bbox", list, where)
-        if len(box) != 4 or not all(isinstance(v, (int, float)) for v in box):
-            raise AnnotationError(f"{where}: field 'bbox' must be [x, y, w, h] in pixels, got {box!r}")
+        box = checks.four_numbers(checks.need(ann, "bbox", where), "bbox", where, layout="[x, y, w, h] in pixels")
         if any(ann.get(flag) for flag in drop_flags):
             counts["flagged (" + "/".join(f for f in drop_flags if ann.get(f)) + ")"] += 1
             continue
@@ -98,6 +92,25 @@ def convert(
     return records, counts
 
 
+def split_held_out(records: list[dict], num_held_out: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(train, held_out): whole images go to held_out, in a seeded order, until it has ``num_held_out`` records."""
+    by_image: dict[str, list[dict]] = defaultdict(list)
+    for record in records:
+        by_image[record["image"]].append(record)
+    images = sorted(by_image)
+    random.Random(f"held_out-{seed}").shuffle(images)
+    held_images: set[str] = set()
+    held = 0
+    for image in images:
+        if held >= num_held_out:
+            break
+        held_images.add(image)
+        held += len(by_image[image])
+    train = [r for r in records if r["image"] not in held_images]
+    held_out = [r for r in records if r["image"] in held_images]
+    return train, held_out
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--annotations", required=True, help="official Objects365 / COCO-style JSON")
@@ -109,14 +122,19 @@ def main(argv=None) -> None:
     parser.add_argument("--max_boxes_per_image", type=int, default=None)
     parser.add_argument("--num_samples", type=int, default=None, help="keep this many records (seeded sample)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--held_out_output", default=None,
+                        help="also write a held-out annotation file (whole images, none of them in --output)")
+    parser.add_argument("--num_held_out", type=int, default=2000, help="records in the held-out file")
     args = parser.parse_args(argv)
-    with open(args.annotations) as f:
-        coco = json.load(f)
+    coco = read_json(args.annotations)
     records, counts = convert(
         coco, args.annotations, args.image_folder, args.min_area, args.max_boxes_per_image, args.num_samples, args.seed
     )
-    with open(args.output, "w") as f:
-        json.dump(records, f)
+    if args.held_out_output:
+        records, held_out = split_held_out(records, args.num_held_out, args.seed)
+        write_json(args.held_out_output, held_out, indent=None)
+        print(f"wrote {len(held_out)} held-out records to {args.held_out_output}")
+    write_json(args.output, records, indent=None)
     print(f"wrote {len(records)} records to {args.output}")
     for reason, n in sorted(counts.items()):
         print(f"  dropped: {reason}: {n}" if "distinct" not in reason else f"  {reason}: {n}")

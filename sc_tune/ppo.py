@@ -37,7 +37,7 @@ def describer_advantages(
     gamma: float = 1.0,
 ) -> torch.Tensor:
     """``A_t = sum_{t'>=t} gamma^(t'-t) r_t' `` with ``r_t = -kl_coef * kl_t`` plus ``reward - baseline`` at
-    the row's last token. For gamma = 1 this is ``R - R_b - kl_coef * sum_{t'>=t} kl_t'`` (method.md §1.3)."""
+    the row's last token. For gamma = 1 this is ``R - R_b - kl_coef * sum_{t'>=t} kl_t'`` (docs/method.md §3)."""
     mask = mask_BT.to(kl_BT.dtype)
     rewards_BT = -kl_coef * kl_BT * mask
     terminal_BT = torch.zeros_like(rewards_BT)

@@ -18,7 +18,6 @@ checkpointing stay upstream). What this class adds:
 
 from __future__ import annotations
 
-import json
 import os
 from collections import defaultdict
 from contextlib import contextmanager
@@ -34,6 +33,7 @@ from trl.trainer.utils import selective_log_softmax
 from sc_tune.adapters.base import ModelAdapter
 from sc_tune.boxes import iou_or_zero
 from sc_tune.data import RolloutSampler, collate_referring
+from sc_tune.jsonio import read_json, write_json
 from sc_tune.phases import Phase, PhaseLR, PhaseSchedule, reset_optimizer_moments, set_learning_rate
 from sc_tune.ppo import describer_advantages, masked_mean, ppo_clip_loss
 from sc_tune.rollout import GenerationSettings, generate, locate
@@ -349,18 +349,16 @@ class SCTuneTrainer(Trainer):
         zero3 = getattr(self.snapshot, "zero3", False) or (self.is_deepspeed_enabled and _zero3(self))
         os.makedirs(checkpoint, exist_ok=True)
         if self.is_world_process_zero():
-            with open(os.path.join(checkpoint, STATE_FILE), "w") as f:
-                json.dump(
-                    {
-                        "next_step": next_step,
-                        "phase": position.phase.value,
-                        "step_in_phase": position.step_in_phase,
-                        "ppo_epoch": position.ppo_epoch,
-                        "schedule": self.schedule.__dict__,
-                    },
-                    f,
-                    indent=2,
-                )
+            write_json(
+                os.path.join(checkpoint, STATE_FILE),
+                {
+                    "next_step": next_step,
+                    "phase": position.phase.value,
+                    "step_in_phase": position.step_in_phase,
+                    "ppo_epoch": position.ppo_epoch,
+                    "schedule": self.schedule.__dict__,
+                },
+            )
         if not position.starts_phase and (zero3 or rank == 0):
             tensors = {k: v.detach().cpu().clone() for k, v in self.snapshot.named_local_tensors().items()}
             torch.save(tensors, os.path.join(checkpoint, f"snapshot_rank{rank if zero3 else 0}.pt"))
@@ -396,8 +394,7 @@ class SCTuneTrainer(Trainer):
                 tensor.copy_(saved[name])
 
     def _restore_sc_state(self, checkpoint: str, step: int) -> None:
-        with open(os.path.join(checkpoint, STATE_FILE)) as f:
-            saved = json.load(f)
+        saved = read_json(os.path.join(checkpoint, STATE_FILE))
         if saved["schedule"] != self.schedule.__dict__:
             raise ValueError(
                 f"{checkpoint}: trained with phase schedule {saved['schedule']}, "

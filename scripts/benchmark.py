@@ -15,7 +15,6 @@ whose ``after.json`` exists is not repeated, so an interrupted benchmark resumes
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sc_tune.jsonio import read_json, write_json  # noqa: E402
 from sc_tune.synthetic.pipeline import (VARIANTS, WARM_START, evaluate_checkpoint, make_data,  # noqa: E402
                                         parse_overrides, run_sc_tune)
 
@@ -32,11 +32,11 @@ COLUMNS = (("cycle_acc50", "cycle Acc@0.5"), ("cycle_acc50_ambiguous", "cycle Ac
 
 def cached(path: Path, compute):
     if path.exists():
-        return json.loads(path.read_text())
+        return read_json(path)
     value = compute()
     value.pop("rows", None)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value, indent=2))
+    write_json(path, value)
     return value
 
 
@@ -94,15 +94,15 @@ def main(argv=None):
                                                   {**common, **VARIANTS[variant]}, threads=args.threads)
                 after = evaluate_checkpoint(checkpoint, data_root, threads=args.threads)
                 after.pop("rows", None)
-                summary_path.write_text(json.dumps({"after": after, "seconds": seconds, "checkpoint": str(checkpoint),
-                                                    "wall_seconds": time.perf_counter() - started}, indent=2))
-            runs.setdefault(variant, {})[seed] = json.loads(summary_path.read_text())
+                write_json(summary_path, {"after": after, "seconds": seconds, "checkpoint": str(checkpoint),
+                                          "wall_seconds": time.perf_counter() - started})
+            runs.setdefault(variant, {})[seed] = read_json(summary_path)
             print(f"[benchmark] {variant} seed {seed}: cycle Acc@0.5 "
                   f"{100 * runs[variant][seed]['after']['cycle_acc50']:.1f} % (before {100 * before['cycle_acc50']:.1f} %)",
                   flush=True)
     text = table(before, runs)
     (out / "results.md").write_text(text + "\n")
-    (out / "results.json").write_text(json.dumps({"before": before, "runs": runs, "max_steps": args.max_steps}, indent=2))
+    write_json(out / "results.json", {"before": before, "runs": runs, "max_steps": args.max_steps})
     print(text)
 
 

@@ -113,3 +113,21 @@ def test_objects365_sampling_is_deterministic():
     second, _ = convert(coco, max_boxes_per_image=2, num_samples=7, seed=3)
     assert first == second and len(first) == 7
     assert counts["over max_boxes_per_image"] == 20 and counts["over num_samples"] == 33
+
+
+def test_objects365_held_out_split_shares_no_image_with_training(tmp_path):
+    from sc_tune.jsonio import read_json, write_json
+    from sc_tune.objects365 import main
+
+    coco = {
+        "images": [{"id": i, "file_name": f"{i}.jpg", "width": 10, "height": 10} for i in range(30)],
+        "annotations": [{"image_id": i, "bbox": [1, 1, 5, 5 + j]} for i in range(30) for j in range(3)],
+    }
+    write_json(tmp_path / "o365.json", coco)
+    main(["--annotations", str(tmp_path / "o365.json"), "--output", str(tmp_path / "train.json"),
+          "--held_out_output", str(tmp_path / "held_out.json"), "--num_held_out", "10"])
+    train, held_out = read_json(tmp_path / "train.json"), read_json(tmp_path / "held_out.json")
+    assert len(held_out) == 12  # whole images of 3 boxes each until >= 10 records
+    assert len(train) == 90 - 12
+    assert not {r["image"] for r in train} & {r["image"] for r in held_out}
+    assert load_annotations(str(tmp_path / "held_out.json")) == held_out  # the training format, as evaluate.py reads

@@ -167,8 +167,9 @@ def test_evaluate_cli_tiny_model(task, expected_count, tiny_run, image_root):
 
     root, model_dir, data = tiny_run
     out = root / f"out_{task}"
-    evaluate.main([task, "--model", model_dir, "--data", str(data[task]), "--image-root", str(image_root),
-                   "--output-dir", str(out), "--batch-size", "2", "--no-meteor", "--grid-samples", "4"])
+    evaluate.main(["--task", task, "--model_name_or_path", model_dir, "--data_path", str(data[task]),
+                   "--image_folder", str(image_root), "--output_dir", str(out), "--per_device_eval_batch_size", "2",
+                   "--no_meteor", "--grid_samples", "4"])
     name = task.replace("-", "_")
     result = json.loads((out / f"{name}_metrics.json").read_text())
     if task == "rec":

@@ -7,18 +7,21 @@ held-out split, so their "before" row is the same.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from PIL import Image
 
+from sc_tune.jsonio import read_json
 from sc_tune.modeling import load_model_and_adapter
 from sc_tune.synthetic.evaluate import evaluate_benchmark
 from sc_tune.synthetic.shapes import write_dataset
+from sc_tune.visualize import save_cycle_grid
 
 REPO = Path(__file__).resolve().parents[2]
 WARM_START = REPO / "checkpoints" / "warm_start"
@@ -67,7 +70,7 @@ def make_data(root: str | Path, seed: int = 0, train_images: int = 2000, heldout
     """The shapes dataset (skipped when ``root/dataset.json`` says it was already written with these sizes)."""
     summary_path = Path(root) / "dataset.json"
     if summary_path.exists():
-        summary = json.loads(summary_path.read_text())
+        summary = read_json(summary_path)
         if (summary["seed"], summary["train"]["images"], summary["heldout"]["images"]) == (seed, train_images,
                                                                                          heldout_images):
             return summary
@@ -116,7 +119,7 @@ def run_sc_tune(model_path, data_root, output_dir, seed: int, max_steps: int, ov
 def phase_summaries(trainer_state_path: str | Path) -> list[str]:
     """One line per training phase from the Trainer's log history: the describer's reward, baseline, KL and
     clip fraction, or the locator's loss and answer-token accuracy."""
-    history = [h for h in json.loads(Path(trainer_state_path).read_text())["log_history"] if "phase" in h]
+    history = [h for h in read_json(trainer_state_path)["log_history"] if "phase" in h]
     # "phase" is the share of locator steps in a logging window: round it to the window's majority phase.
     role = [round(h["phase"]) for h in history]
     lines, start = [], 0
@@ -150,6 +153,25 @@ def pick_figure_rows(before_rows: list[dict], after_rows: list[dict], count: int
     """Objects for the picture: ambiguous ones first (where captions matter), in data order."""
     order = sorted(range(len(before_rows)), key=lambda i: (not before_rows[i]["ambiguous"], i))[:count]
     return [before_rows[i] for i in order], [after_rows[i] for i in order]
+
+
+def before_after_grid(before_rows: Sequence[dict], after_rows: Sequence[dict], path: str | Path,
+                      columns: int = 4) -> str:
+    """The quick-start's PNG, drawn by the project's one cycle grid (:func:`sc_tune.visualize.save_cycle_grid`):
+    ``columns`` (before, after) pairs per line. Rows hold ``image`` (a path), ``bbox``, ``caption``, ``pred``
+    (None on a parse failure) and ``iou``."""
+    if len(before_rows) != len(after_rows):
+        raise ValueError(f"{len(before_rows)} 'before' rows for {len(after_rows)} 'after' rows")
+    rows = [(tag, row) for pair in zip(before_rows, after_rows) for tag, row in zip(("before", "after"), pair)]
+    images = []
+    for _, row in rows:
+        with Image.open(row["image"]) as image:
+            images.append(image.convert("RGB"))
+    return save_cycle_grid(
+        path, images, [r["bbox"] for _, r in rows], [f'{tag}: "{r["caption"]}"' for tag, r in rows],
+        [r["pred"] for _, r in rows], [r["iou"] for _, r in rows], columns=2 * columns,
+        title="held-out cycles: each object before SC-Tune, then after",
+    )
 
 
 TABLE_KEYS = (("cycle_acc50", "cycle Acc@0.5"), ("cycle_acc50_ambiguous", "cycle Acc@0.5 (ambiguous)"),

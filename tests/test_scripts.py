@@ -79,7 +79,7 @@ def test_evaluate_sh_uses_the_finetune_names(launcher):
     assert argv[argv.index("evaluate.py") + 1:] == [
         "--task", "rec", "--model_name_or_path", "m", "--data_path", "a.jsonl", "b.jsonl", "--image_folder", "imgs",
         "--output_dir", "eval_results/rec", "--per_device_eval_batch_size", "8", "--dtype", "auto", "--grid_samples",
-        "16", "--max_samples", "5", "--no_meteor"]
+        "16", "--box_format", "native", "--max_samples", "5", "--no_meteor"]
     import evaluate
 
     args = evaluate.parse_args(argv[argv.index("evaluate.py") + 1:])  # what the script passes, evaluate.py takes

@@ -117,8 +117,8 @@ def phase_summaries(trainer_state_path: str | Path) -> list[str]:
     """One line per training phase from the Trainer's log history: the describer's reward, baseline, KL and
     clip fraction, or the locator's loss and answer-token accuracy."""
     history = [h for h in json.loads(Path(trainer_state_path).read_text())["log_history"] if "phase" in h]
-    # "phase" is the share of locator steps in a logging window: round it to the window's majority phase.
-    role = [round(h["phase"]) for h in history]
+    # "phase/describer" is the share of describer steps in a logging window: its majority phase (0 = describer).
+    role = [0 if h["phase/describer"] >= 0.5 else 1 for h in history]
     lines, start = [], 0
     for end in range(1, len(history) + 1):
         if end < len(history) and role[end] == role[start]:
@@ -127,8 +127,8 @@ def phase_summaries(trainer_state_path: str | Path) -> list[str]:
         mean = lambda key: sum(r[key] for r in rows if key in r) / max(1, sum(key in r for r in rows))  # noqa: E731
         span = f"steps {rows[0]['step']:>4}-{rows[-1]['step']:>4}"
         if role[start] == 0:
-            lines.append(f"describer {span}: reward IoU {mean('describer/reward_iou'):.3f}, baseline IoU "
-                         f"{mean('describer/baseline_iou'):.3f}, KL {mean('describer/kl'):+.4f}, clip "
+            lines.append(f"describer {span}: reward {mean('describer/reward'):.3f}, baseline "
+                         f"{mean('describer/baseline'):.3f}, KL {mean('describer/kl'):+.4f}, clip "
                          f"{mean('describer/clip_frac'):.3f}, parse failures {mean('describer/parse_failure'):.1%}")
         else:
             lines.append(f"locator   {span}: loss {mean('locator/loss'):.4f}, answer-token accuracy "

@@ -27,7 +27,7 @@ import torch
 
 from sc_tune.adapters.base import ImageInputs, ModelAdapter
 from sc_tune.adapters.qwen2_vl import Qwen3VLAdapter
-from sc_tune.boxes import iou_or_zero
+from sc_tune.rewards import cycle_iou
 from sc_tune.rollout import GenerationSettings, describe, locate
 from sc_tune.synthetic.shapes import (ShapesScene, ShapesSpec, caption_corpus, render, sample_scene,
                                       scene_stream, split_seed)
@@ -132,10 +132,10 @@ def evaluate_roles(model, adapter: ModelAdapter, objects: list[dict], batch_size
         images = [o["image"] for o in chunk]
         target = torch.tensor([o["bbox"] for o in chunk])
         boxes, _ = locate(model, adapter, images, [o["caption"] for o in chunk], greedy_box)
-        loc_hits += int((iou_or_zero(boxes, target) >= 0.5).sum())
+        loc_hits += int((cycle_iou(boxes, target).reward_N >= 0.5).sum())
         _, captions = describe(model, adapter, images, [o["bbox"] for o in chunk], greedy_caption)
         cyc_boxes, _ = locate(model, adapter, images, captions.texts, greedy_box)
-        hit = iou_or_zero(cyc_boxes, target) >= 0.5
+        hit = cycle_iou(cyc_boxes, target).reward_N >= 0.5
         cyc_hits += int(hit.sum())
         cyc_amb_hits += int(sum(h for h, o in zip(hit.tolist(), chunk) if o["ambiguous"]))
         parse_fail += sum(b is None for b in cyc_boxes)

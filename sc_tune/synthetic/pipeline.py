@@ -46,10 +46,30 @@ SC_TUNE_ARGS = {
     "report_to": "none",
 }
 VARIANTS = {
-    "sc_tune": {},
+    "sc_tune": {},  # the paper's describer baseline, snapshot_greedy
     "no_kl": {"kl_coef": 0.0},
     "no_locator": {"bbox_update_steps": 0},
+    # The describer's baseline (--describer_baseline), at an equal budget of sampled captions per rollout:
+    # 32 boxes x 1 sample, or 8 boxes x 4 samples for group_mean. Its locator phase then sees 8 boxes a step
+    # instead of 32 (the batch size is shared by both phases): a confound the benchmark doc states.
+    "policy_greedy": {"describer_baseline": "policy_greedy"},
+    "group_mean": {"describer_baseline": "group_mean", "num_generations": 4, "per_device_train_batch_size": 8},
+    "no_baseline": {"describer_baseline": "none"},
 }
+ABLATIONS = ("sc_tune", "no_kl", "no_locator")
+BASELINES = ("sc_tune", "policy_greedy", "group_mean", "no_baseline")
+
+
+def sampled_captions(max_steps: int, overrides: dict | None = None) -> int:
+    """How many captions a run samples (its describer budget): rollouts x boxes per rollout x num_generations."""
+    from sc_tune.phases import Phase, PhaseSchedule
+
+    args = dict(SC_TUNE_ARGS, **(overrides or {}))
+    schedule = PhaseSchedule(int(args["caption_update_steps"]), int(args["bbox_update_steps"]),
+                             int(args["ppo_epochs"]), 0.0, 0.0)
+    rollouts = sum(1 for step in range(max_steps)
+                   if (p := schedule.at(step)).phase is Phase.DESCRIBER and p.needs_rollout)
+    return rollouts * int(args["per_device_train_batch_size"]) * int(args.get("num_generations", 1))
 
 
 def parse_overrides(pairs) -> dict:

@@ -183,11 +183,15 @@ class SCTuneConfig(TrainingArguments):
             raise ValueError(f"--reward must be one of {', '.join(REWARDS)}, got {self.reward!r}")
         choices = [b.value for b in DescriberBaseline]
         if self.describer_baseline not in choices:
-            raise ValueError(f"--describer_baseline must be one of {', '.join(choices)}, got {self.describer_baseline!r}")
+            raise ValueError(
+                f"--describer_baseline must be one of {', '.join(choices)}, got {self.describer_baseline!r}"
+            )
         if self.num_generations < 1:
             raise ValueError("--num_generations must be >= 1")
         if self.num_generations < 2 and (self.describer_baseline == "group_mean" or self.scale_rewards_by_group_std):
-            raise ValueError("--describer_baseline group_mean and --scale_rewards_by_group_std need --num_generations >= 2")
+            raise ValueError(
+                "--describer_baseline group_mean and --scale_rewards_by_group_std need --num_generations >= 2"
+            )
         if self.kl_controller not in KL_CONTROLLERS:
             raise ValueError(f"--kl_controller must be one of {', '.join(KL_CONTROLLERS)}, got {self.kl_controller!r}")
         if self.max_steps <= 0:

@@ -102,7 +102,7 @@ class SCTuneTrainer(Trainer):
         self.reward_fn = reward_fn if reward_fn is not None else get_reward(args.reward)
         self.baseline = DescriberBaseline(args.describer_baseline)
         self.kl_controller = make_kl_controller(args)
-        self.sample_captions = GenerationSettings(
+        self.caption_sampling = GenerationSettings(
             max_new_tokens=args.describer_max_new_tokens,
             min_new_tokens=args.describer_min_new_tokens,
             do_sample=True,
@@ -220,7 +220,7 @@ class SCTuneTrainer(Trainer):
         rows_boxes = [box for box in boxes_B4.tolist() for _ in range(k)]
         greedy = None
         with self._policy_for_generation() as policy:
-            batch, sampled = describe(policy, self.adapter, rows_images, rows_boxes, self.sample_captions)
+            batch, sampled = describe(policy, self.adapter, rows_images, rows_boxes, self.caption_sampling)
             if self.baseline is DescriberBaseline.POLICY_GREEDY:
                 _, greedy = describe(policy, self.adapter, images, boxes_B4.tolist(), self.greedy_captions)
         if self.baseline is DescriberBaseline.SNAPSHOT_GREEDY:
@@ -252,10 +252,8 @@ class SCTuneTrainer(Trainer):
         """Teacher-forced inputs of prompt + sampled caption and the snapshot's log-probs of the caption."""
         device = self.args.device
         sampled = captions.sampled
-        teacher_inputs = {
-            k: v.to(device)
-            for k, v in self.adapter.append_completion(captions.batch, sampled.ids_BT.cpu(), sampled.mask_BT.cpu()).items()
-        }
+        teacher = self.adapter.append_completion(captions.batch, sampled.ids_BT.cpu(), sampled.mask_BT.cpu())
+        teacher_inputs = {k: v.to(device) for k, v in teacher.items()}
         caption_ids_NT, caption_mask_NT = sampled.ids_BT.to(device), sampled.mask_BT.to(device)
         with self.snapshot.scoring() as snapshot:
             snapshot_logp_NT = self._caption_logprobs(snapshot, teacher_inputs, caption_ids_NT)
@@ -339,7 +337,9 @@ class SCTuneTrainer(Trainer):
         mask_NT = rollout.caption_mask_NT
         kl_NT = per_token_kl(rollout.old_logp_NT, rollout.snapshot_logp_NT, mask_NT)
         rollout.kl_coef = self.kl_controller.value
-        rollout.advantages_NT = describer_advantages(rollout.terminal_N, kl_NT, mask_NT, rollout.kl_coef, self.args.gamma)
+        rollout.advantages_NT = describer_advantages(
+            rollout.terminal_N, kl_NT, mask_NT, rollout.kl_coef, self.args.gamma
+        )
         caption_kl = kl_NT.sum(dim=1).mean()
         kl, caption_kl, advantage = self.accelerator.reduce(
             torch.stack([masked_mean(kl_NT, mask_NT), caption_kl, masked_mean(rollout.advantages_NT, mask_NT)]),

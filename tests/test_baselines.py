@@ -55,3 +55,12 @@ def test_baseline_flags_are_checked(tmp_path):
         SCTuneConfig(output_dir=str(tmp_path), describer_baseline="group_mean", use_cpu=True)
     with pytest.raises(ValueError, match="need --num_generations >= 2"):
         SCTuneConfig(output_dir=str(tmp_path), scale_rewards_by_group_std=True, use_cpu=True)
+
+
+def test_benchmark_baselines_sample_the_same_number_of_captions():
+    from sc_tune.synthetic.pipeline import BASELINES, VARIANTS, sampled_captions
+
+    # 750 steps = 6 cycles of (50 rollouts x 2 PPO epochs + 25 locator steps): 300 rollouts x 32 captions, where
+    # group_mean draws its 32 as 8 boxes x 4 samples.
+    assert {v: sampled_captions(750, VARIANTS[v]) for v in BASELINES} == dict.fromkeys(BASELINES, 9600)
+    assert VARIANTS["group_mean"]["num_generations"] == 4

@@ -1,8 +1,8 @@
 """Box metrics of an evaluation: mean IoU, Acc@threshold and the parse-failure count, from per-sample boxes.
 
-Per-sample IoU is the cycle reward of :mod:`sc_tune.rewards` (the same function the training reward uses). A prediction that did
-not parse (``None``) scores IoU 0 *and* is counted, so a broken prompt or codec shows up as a high
-``parse_failure_rate`` instead of a silently low accuracy.
+Per-sample IoU is the cycle reward of :mod:`sc_tune.rewards` (the same function the training reward uses).
+A prediction that did not parse (``None``) scores IoU 0 *and* is counted, so a broken prompt or codec shows
+up as a high ``parse_failure_rate`` instead of a silently low accuracy.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Self-consistency: caption each true box greedily, ground the caption greedily, score the IoU.
 
 This is the training reward's computation (:func:`sc_tune.rollout.cycle` scored by
-:data:`sc_tune.rewards.cycle_iou`) with greedy decoding on both roles, so "self-consistency went up" means exactly "the greedy cycle reward went up".
+:data:`sc_tune.rewards.cycle_iou`) with greedy decoding on both roles, so "self-consistency went up" means
+exactly "the greedy cycle reward went up".
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ from sc_tune.modeling import (
     apply_lora,
     freeze_vision_tower,
     load_model_and_adapter,
-    num_elements,
     qlora_quantization_config,
+    trainable_summary,
 )
 from sc_tune.trainer import SCTuneTrainer
 
@@ -54,13 +54,10 @@ def main(argv: list[str] | None = None) -> SCTuneTrainer:
         model_args.model_name_or_path, dtype=dtype, quantization_config=quantization, box_format=model_args.box_format
     )
     if model_args.fix_vit:
-        frozen = freeze_vision_tower(model, adapter)
-        logger.info("fix_vit: froze %.1fM vision parameters (resampler/merger stays trainable)", frozen / 1e6)
+        freeze_vision_tower(model, adapter)
     if lora_args.use_lora:
         model = apply_lora(model, adapter, lora_args, args.gradient_checkpointing)
-    trainable = sum(num_elements(p) for p in model.parameters() if p.requires_grad)
-    total = sum(num_elements(p) for p in model.parameters())
-    logger.info("trainable parameters: %.2fM of %.2fM", trainable / 1e6, total / 1e6)
+    logger.info(trainable_summary(model, adapter))
 
     dataset = ReferringDataset.from_file(data_args.data_path, data_args.image_folder, data_args.skip_bad_records)
     logger.info("%d referring samples from %s", len(dataset), data_args.data_path)

@@ -87,8 +87,49 @@ class SCTuneConfig(TrainingArguments):
     caption_lr: float = field(default=5e-7, metadata={"help": "Constant learning rate of the describer phase."})
     bbox_lr: float = field(default=1e-6, metadata={"help": "Constant learning rate of the locator phase."})
     # ---- describer (PPO-style, critic-free)
+    reward: str = field(
+        default="iou",
+        metadata={
+            "help": "Cycle reward of a re-grounded box (sc_tune/rewards.py): iou (the paper's) | giou ((GIoU+1)/2) | "
+            "iou_squared | iou_threshold (1 if IoU >= 0.5). A parse failure scores 0 and is counted."
+        },
+    )
+    describer_baseline: str = field(
+        default="snapshot_greedy",
+        metadata={
+            "help": "What a sampled caption's reward is compared with (sc_tune/baselines.py): snapshot_greedy (the "
+            "paper's: the snapshot's greedy caption, located by the snapshot) | policy_greedy (ReMax/SCST: the "
+            "current policy's greedy caption, located by the snapshot) | group_mean (RLOO: mean reward of the "
+            "box's other num_generations-1 samples) | none (raw reward)."
+        },
+    )
+    num_generations: int = field(
+        default=1,
+        metadata={
+            "help": "Sampled captions per box (K), drawn in one generate call; a describer micro-batch has "
+            "per_device_train_batch_size x K rows. group_mean needs K >= 2."
+        },
+    )
+    scale_rewards_by_group_std: bool = field(
+        default=False,
+        metadata={"help": "Divide reward - baseline by the std of the box's K sampled rewards (GRPO); K >= 2."},
+    )
     kl_coef: float = field(
-        default=0.01, metadata={"help": "Fixed coefficient of the per-token KL penalty in the reward."}
+        default=0.01,
+        metadata={"help": "Coefficient of the per-token KL penalty in the reward (the adaptive controller's start)."},
+    )
+    kl_controller: str = field(
+        default="fixed",
+        metadata={
+            "help": "fixed (the reference) | adaptive (Ziegler et al. 2019: coef *= 1 + clip(KL/kl_target - 1, "
+            "-0.2, 0.2) * captions/kl_horizon after each rollout). The coefficient is logged as describer/kl_coef."
+        },
+    )
+    kl_target: float = field(
+        default=6.0, metadata={"help": "Adaptive KL: target KL per sampled caption, in nats (Ziegler et al.: 6)."}
+    )
+    kl_horizon: float = field(
+        default=10000.0, metadata={"help": "Adaptive KL: horizon in sampled captions (Ziegler et al.: 10000)."}
     )
     ppo_epochs: int = field(default=2, metadata={"help": "Optimizer steps on each describer rollout."})
     clip_range: float = field(default=0.2, metadata={"help": "PPO ratio clip epsilon."})
@@ -176,6 +217,25 @@ class SCTuneConfig(TrainingArguments):
             raise ValueError("caption_update_steps and bbox_update_steps cannot both be 0")
         if self.ppo_epochs < 1:
             raise ValueError("ppo_epochs must be >= 1")
+        from sc_tune.baselines import DescriberBaseline
+        from sc_tune.kl_control import KL_CONTROLLERS
+        from sc_tune.rewards import REWARDS
+
+        if self.reward not in REWARDS:
+            raise ValueError(f"--reward must be one of {', '.join(REWARDS)}, got {self.reward!r}")
+        choices = [b.value for b in DescriberBaseline]
+        if self.describer_baseline not in choices:
+            raise ValueError(
+                f"--describer_baseline must be one of {', '.join(choices)}, got {self.describer_baseline!r}"
+            )
+        if self.num_generations < 1:
+            raise ValueError("--num_generations must be >= 1")
+        if self.num_generations < 2 and (self.describer_baseline == "group_mean" or self.scale_rewards_by_group_std):
+            raise ValueError(
+                "--describer_baseline group_mean and --scale_rewards_by_group_std need --num_generations >= 2"
+            )
+        if self.kl_controller not in KL_CONTROLLERS:
+            raise ValueError(f"--kl_controller must be one of {', '.join(KL_CONTROLLERS)}, got {self.kl_controller!r}")
         if self.max_steps <= 0:
             raise ValueError("set --max_steps: SC-Tune streams its data and stops by step count")
         if self.remove_unused_columns:

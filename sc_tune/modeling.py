@@ -65,6 +65,37 @@ def freeze_vision_tower(model: torch.nn.Module, adapter: ModelAdapter) -> int:
     return frozen
 
 
+def trainable_summary(model: torch.nn.Module, adapter: ModelAdapter) -> str:
+    """What will train, by part: LoRA adapters, the vision resampler/merger, the rest of the vision tower and
+    the language model (everything else), with the parts that stay frozen named too.
+
+    Why by part: under LoRA, PEFT freezes every base weight, the resampler/merger included, so "fix_vit keeps
+    the merger trainable" holds for full fine-tuning only; the log must say which case a run is in."""
+    parts = {"LoRA adapters": 0, "vision resampler/merger": 0, "vision tower": 0, "language model": 0}
+    present = dict.fromkeys(parts, 0)
+    for name, param in model.named_parameters():
+        name = name.removeprefix("base_model.model.")  # PEFT's wrapper
+        if "lora_" in name:
+            part = "LoRA adapters"
+        elif any(name.startswith(p + ".") for p in adapter.vision_trainable_prefixes):
+            part = "vision resampler/merger"
+        elif adapter.vision_prefix and name.startswith(adapter.vision_prefix + "."):
+            part = "vision tower"
+        else:
+            part = "language model"
+        present[part] += num_elements(param)
+        if param.requires_grad:
+            parts[part] += num_elements(param)
+    trainable = sum(parts.values())
+    total = sum(present.values())
+    trained = ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in parts.items() if v)
+    frozen = ", ".join(k for k in parts if present[k] and not parts[k])
+    return (
+        f"trainable parameters: {trainable / 1e6:.2f}M of {total / 1e6:.2f}M ({trained or 'none'}); "
+        f"frozen: {frozen or 'nothing'}"
+    )
+
+
 def apply_lora(model: torch.nn.Module, adapter: ModelAdapter, lora_args, gradient_checkpointing: bool):
     """Wrap ``model`` in PEFT LoRA on the family's LM projections (QLoRA: model loaded in 4 bit)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training

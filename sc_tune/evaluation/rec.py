@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from sc_tune.boxes import denormalize_box
-from sc_tune.evaluation.metrics import DEFAULT_THRESHOLDS, per_sample_ious, summarize_ious
+from sc_tune.evaluation.metrics import DEFAULT_THRESHOLDS, summarize_ious
 from sc_tune.evaluation.records import check_rec_samples, open_image
 from sc_tune.evaluation.runner import LOCATE_EVAL, eval_mode, fit_locator_budget, locator_finished, run_sharded
+from sc_tune.rewards import cycle_iou
 from sc_tune.rollout import GenerationSettings, locate
 
 
@@ -35,12 +38,13 @@ def evaluate_rec(model, adapter, samples: Sequence[dict], image_root, batch_size
                                    fit_budget=False)
         pred_px = [denormalize_box(b, samples[i]["width"], samples[i]["height"]) if b is not None else None
                    for b, i in zip(boxes_norm, indices)]
-        ious = per_sample_ious(pred_px, [samples[i]["bbox"] for i in indices])
+        scores = cycle_iou(pred_px, torch.tensor([samples[i]["bbox"] for i in indices], dtype=torch.float32))
+        ious, parsed = scores.reward_N.tolist(), scores.parsed_N.tolist()
         out = []
         for k, i in enumerate(indices):
             s = samples[i]
             out.append({"index": i, "image": s["image"], "sent": s["sent"], "bbox": s["bbox"],
-                        "pred_bbox": pred_px[k], "iou": ious[k], "parsed": pred_px[k] is not None,
+                        "pred_bbox": pred_px[k], "iou": ious[k], "parsed": parsed[k],
                         "locator_text": texts[k], "locator_finished": locator_finished(adapter, texts[k]),
                         "locator_max_new_tokens": settings.max_new_tokens,
                         # A file whose width/height disagree with the image is suspicious (wrong image?).

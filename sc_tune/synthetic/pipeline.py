@@ -49,10 +49,30 @@ SC_TUNE_ARGS = {
     "report_to": "none",
 }
 VARIANTS = {
-    "sc_tune": {},
+    "sc_tune": {},  # the paper's describer baseline, snapshot_greedy
     "no_kl": {"kl_coef": 0.0},
     "no_locator": {"bbox_update_steps": 0},
+    # The describer's baseline (--describer_baseline), at an equal budget of sampled captions per rollout:
+    # 32 boxes x 1 sample, or 8 boxes x 4 samples for group_mean. Its locator phase then sees 8 boxes a step
+    # instead of 32 (the batch size is shared by both phases): a confound the benchmark doc states.
+    "policy_greedy": {"describer_baseline": "policy_greedy"},
+    "group_mean": {"describer_baseline": "group_mean", "num_generations": 4, "per_device_train_batch_size": 8},
+    "no_baseline": {"describer_baseline": "none"},
 }
+ABLATIONS = ("sc_tune", "no_kl", "no_locator")
+BASELINES = ("sc_tune", "policy_greedy", "group_mean", "no_baseline")
+
+
+def sampled_captions(max_steps: int, overrides: dict | None = None) -> int:
+    """How many captions a run samples (its describer budget): rollouts x boxes per rollout x num_generations."""
+    from sc_tune.phases import Phase, PhaseSchedule
+
+    args = dict(SC_TUNE_ARGS, **(overrides or {}))
+    schedule = PhaseSchedule(int(args["caption_update_steps"]), int(args["bbox_update_steps"]),
+                             int(args["ppo_epochs"]), 0.0, 0.0)
+    rollouts = sum(1 for step in range(max_steps)
+                   if (p := schedule.at(step)).phase is Phase.DESCRIBER and p.needs_rollout)
+    return rollouts * int(args["per_device_train_batch_size"]) * int(args.get("num_generations", 1))
 
 
 def parse_overrides(pairs) -> dict:
@@ -120,8 +140,8 @@ def phase_summaries(trainer_state_path: str | Path) -> list[str]:
     """One line per training phase from the Trainer's log history: the describer's reward, baseline, KL and
     clip fraction, or the locator's loss and answer-token accuracy."""
     history = [h for h in read_json(trainer_state_path)["log_history"] if "phase" in h]
-    # "phase" is the share of locator steps in a logging window: round it to the window's majority phase.
-    role = [round(h["phase"]) for h in history]
+    # "phase/describer" is the share of describer steps in a logging window: its majority phase (0 = describer).
+    role = [0 if h["phase/describer"] >= 0.5 else 1 for h in history]
     lines, start = [], 0
     for end in range(1, len(history) + 1):
         if end < len(history) and role[end] == role[start]:
@@ -130,8 +150,8 @@ def phase_summaries(trainer_state_path: str | Path) -> list[str]:
         mean = lambda key: sum(r[key] for r in rows if key in r) / max(1, sum(key in r for r in rows))  # noqa: E731
         span = f"steps {rows[0]['step']:>4}-{rows[-1]['step']:>4}"
         if role[start] == 0:
-            lines.append(f"describer {span}: reward IoU {mean('describer/reward_iou'):.3f}, baseline IoU "
-                         f"{mean('describer/baseline_iou'):.3f}, KL {mean('describer/kl'):+.4f}, clip "
+            lines.append(f"describer {span}: reward {mean('describer/reward'):.3f}, baseline "
+                         f"{mean('describer/baseline'):.3f}, KL {mean('describer/kl'):+.4f}, clip "
                          f"{mean('describer/clip_frac'):.3f}, parse failures {mean('describer/parse_failure'):.1%}")
         else:
             lines.append(f"locator   {span}: loss {mean('locator/loss'):.4f}, answer-token accuracy "

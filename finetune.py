@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 
 import torch
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, set_seed
 
 from sc_tune.arguments import DataArguments, LoraArguments, ModelArguments, SCTuneConfig
+from sc_tune.checkpoints import check_output_dir, resume_requested
 from sc_tune.data import ReferringDataset
 from sc_tune.export import export_trained
 from sc_tune.modeling import (
@@ -37,6 +38,14 @@ def main(argv: list[str] | None = None) -> SCTuneTrainer:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
 
+    check_output_dir(
+        args.output_dir,
+        model_args.model_name_or_path,
+        resume_requested(args.resume_from_checkpoint),
+        args.overwrite_output_dir,
+        delete=args.process_index == 0,
+    )
+
     if args.deepspeed:
         # ZeRO-3 partitions weights while from_pretrained runs, so DeepSpeed's communication layer must be
         # up first (it reuses the process group accelerate may have made); gloo on CPU, nccl on GPU.
@@ -52,6 +61,7 @@ def main(argv: list[str] | None = None) -> SCTuneTrainer:
     quantization = qlora_quantization_config(dtype) if lora_args.q_lora else None
     if lora_args.q_lora and not lora_args.use_lora:
         raise ValueError("--q_lora needs --use_lora")
+    set_seed(args.seed)  # before any random initialisation (LoRA's A matrices): a seed gives one run
     model, adapter = load_model_and_adapter(
         model_args.model_name_or_path, dtype=dtype, quantization_config=quantization
     )

@@ -121,20 +121,61 @@ class SCTuneConfig(TrainingArguments):
     logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
     save_steps: float = field(default=500, metadata={"help": "Checkpoint every N steps (500 = one default cycle)."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False: samples carry PIL images."})
+    # ---- checkpoints and resume (sc_tune.checkpoints)
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "True (or true, 1): resume from the newest complete checkpoint-N in --output_dir, skipping "
+            "broken ones with a warning; or the path of a checkpoint-N folder (an error if it is broken)."
+        },
+    )
+    resume_allow_changes: str = field(
+        default="",
+        metadata={
+            "help": "Comma-separated settings a resume may change from the checkpoint's (default: none). Recorded: "
+            "model (e.g. a moved model folder), model_type, lora, schedule, kl_coef, clip_range, gamma, "
+            "per_device_train_batch_size, gradient_accumulation_steps, seed, world_size, precision, deepspeed. "
+            "world_size changes only at a phase switch without DeepSpeed."
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train into an --output_dir that holds another run: its checkpoint-N folders are deleted first "
+            "(without this flag, and without --resume_from_checkpoint, such a folder is refused)."
+        },
+    )
 
     def __post_init__(self):
         # The phases own the learning rate; --learning_rate only seeds the optimizer's param groups.
         self.learning_rate = self.caption_lr
         self.lr_scheduler_type = "constant"
         self.warmup_steps = 0
+        self._check_hyperparameters()
         super().__post_init__()
-        if self.caption_update_steps < 0 or self.bbox_update_steps < 0:
-            raise ValueError("caption_update_steps and bbox_update_steps must be >= 0")
         if self.caption_update_steps == 0 and self.bbox_update_steps == 0:
             raise ValueError("caption_update_steps and bbox_update_steps cannot both be 0")
-        if self.ppo_epochs < 1:
-            raise ValueError("ppo_epochs must be >= 1")
         if self.max_steps <= 0:
             raise ValueError("set --max_steps: SC-Tune streams its data and stops by step count")
         if self.remove_unused_columns:
             raise ValueError("--remove_unused_columns must be False: SC-Tune samples carry PIL images")
+
+    def _check_hyperparameters(self) -> None:
+        """Values that would train the wrong way silently (a negative LR ascends) or crash mid-run."""
+        rules = [
+            ("caption_lr", self.caption_lr > 0, "must be > 0"),
+            ("bbox_lr", self.bbox_lr > 0, "must be > 0"),
+            ("kl_coef", self.kl_coef >= 0, "must be >= 0"),
+            ("clip_range", self.clip_range > 0, "must be > 0"),
+            ("gamma", 0 <= self.gamma <= 1, "must be in [0, 1]"),
+            ("ratio_threshold", self.ratio_threshold > 0, "must be > 0"),
+            ("policy_kl_stop", self.policy_kl_stop > 0, "must be > 0"),
+            ("gradient_accumulation_steps", self.gradient_accumulation_steps >= 1, "must be >= 1"),
+            ("ppo_epochs", self.ppo_epochs >= 1, "must be >= 1"),
+            ("caption_update_steps", self.caption_update_steps >= 0, "must be >= 0"),
+            ("bbox_update_steps", self.bbox_update_steps >= 0, "must be >= 0"),
+            ("per_device_train_batch_size", self.per_device_train_batch_size >= 1, "must be >= 1"),
+        ]
+        errors = [f"--{name} {getattr(self, name)!r} {rule}" for name, ok, rule in rules if not ok]
+        if errors:
+            raise ValueError("invalid arguments: " + "; ".join(errors))

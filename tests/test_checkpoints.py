@@ -186,3 +186,66 @@ def test_no_unsafe_torch_load_in_the_package():
         for name in names:
             if name.endswith(".py"):
                 assert "weights_only=False" not in open(os.path.join(folder, name)).read(), name
+
+
+def _tree_digest(folder) -> dict[str, bytes]:
+    return {p: open(os.path.join(r, p), "rb").read() for r, _, names in os.walk(folder) for p in names}
+
+
+@pytest.mark.parametrize("inside", ["", "sub"])
+def test_output_dir_at_or_inside_the_model_folder_is_refused(tiny_checkpoint, inside):
+    import finetune
+
+    model = tiny_checkpoint("qwen2_vl")
+    before = _tree_digest(model)
+    target = os.path.join(model, inside) if inside else model
+    with pytest.raises(ValueError, match="model folder"):
+        finetune.main(cli_args(model, target, "--max_steps", "2"))
+    assert _tree_digest(model) == before
+
+
+def test_output_dir_of_another_run_is_refused_unless_resuming_or_overwriting(runs, tmp_path):
+    model, _, first = runs
+    out = copy_run(first, tmp_path)
+    with pytest.raises(ValueError, match=r"holds another run \(checkpoint-2, checkpoint-4"):
+        checkpoints.check_output_dir(str(out), model, resuming=False, overwrite=False)
+    checkpoints.check_output_dir(str(out), model, resuming=True, overwrite=False)
+    assert (out / "checkpoint-4").exists()
+    checkpoints.check_output_dir(str(out), model, resuming=False, overwrite=True)
+    assert not [n for n in os.listdir(out) if n.startswith("checkpoint-")]
+
+
+def test_rotation_keeps_the_new_checkpoint_and_deletes_broken_ones_first(runs, tmp_path):
+    _, _, first = runs
+    out = copy_run(first, tmp_path)
+    shutil.copytree(out / "checkpoint-2", out / "checkpoint-9")
+    os.remove(out / "checkpoint-9" / checkpoints.MARKER_FILE)  # an abandoned, incomplete folder
+    checkpoints.rotate(str(out), 2, {str(out / "checkpoint-2")})
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-2", "checkpoint-4"]
+    checkpoints.rotate(str(out), 1, {str(out / "checkpoint-2")})
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-2"]
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("caption_lr", 0.0),
+        ("bbox_lr", -0.01),
+        ("kl_coef", -1.0),
+        ("clip_range", -0.2),
+        ("gamma", 2.0),
+        ("gamma", -0.1),
+        ("ratio_threshold", -1.0),
+        ("policy_kl_stop", 0.0),
+        ("gradient_accumulation_steps", 0),
+        ("caption_update_steps", -1),
+        ("bbox_update_steps", -3),
+        ("ppo_epochs", 0),
+        ("kl_coef", float("nan")),
+    ],
+)
+def test_bad_hyperparameters_are_named(tmp_path, flag, value):
+    from sc_tune.arguments import SCTuneConfig
+
+    with pytest.raises(ValueError, match=rf"--{flag} {value!r} must"):
+        SCTuneConfig(output_dir=str(tmp_path), use_cpu=True, **{flag: value})

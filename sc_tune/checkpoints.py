@@ -55,6 +55,15 @@ def staging_root(run_dir: str, step: int) -> str:
     return os.path.join(run_dir, f".{PREFIX_CHECKPOINT_DIR}-{step}.partial")
 
 
+def remove_stale_staging(run_dir: str) -> None:
+    """Delete staging folders of saves that were killed (only one save runs at a time, so all are stale)."""
+    if os.path.isdir(run_dir):
+        for name in os.listdir(run_dir):
+            if name.startswith(f".{PREFIX_CHECKPOINT_DIR}-") and name.endswith(".partial"):
+                logger.warning("removing %s, left by a checkpoint save that did not finish", name)
+                shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+
+
 def required_files(layout: dict) -> list[tuple[str, ...]]:
     """Files a resumable checkpoint must hold; each entry lists alternatives (any one suffices)."""
     world = layout["world_size"]
@@ -185,8 +194,8 @@ def problems(checkpoint: str) -> list[str]:
         if rel not in sized
     ]
     hashes = _hash_files(checkpoint, sized)
-    found += [f"{rel}: content changed since it was saved (SHA-256 differs)" for rel in sized if
-              hashes[rel] != manifest[rel]["sha256"]]
+    changed = [rel for rel in sized if hashes[rel] != manifest[rel]["sha256"]]
+    found += [f"{rel}: content changed since it was saved (SHA-256 differs)" for rel in changed]
     return found
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -345,7 +344,7 @@ class SCTuneTrainer(Trainer):
         step = self.state.global_step
         staging = checkpoints.staging_root(run_dir, step)
         if self.is_world_process_zero():
-            shutil.rmtree(staging, ignore_errors=True)  # left by a save that was killed
+            checkpoints.remove_stale_staging(run_dir)
         self.accelerator.wait_for_everyone()
         # The Trainer writes checkpoint-N under _get_output_dir and rotates there: pointed at the staging root
         # it writes nothing where a resume looks and its rotation finds only the new folder.

@@ -249,3 +249,62 @@ def test_bad_hyperparameters_are_named(tmp_path, flag, value):
 
     with pytest.raises(ValueError, match=rf"--{flag} {value!r} must"):
         SCTuneConfig(output_dir=str(tmp_path), use_cpu=True, **{flag: value})
+
+
+# ---------------------------------------------------------------------------------------------- fault injection
+def _killed_run(model, out, fault: str | None, *extra):
+    """Run finetune.py in a real process that is SIGKILLed (by itself at ``fault``, or from here)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    argv = cli_args(model, out, "--max_steps", "6", "--save_total_limit", "1", *extra)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FAULT": fault or ""}
+    if fault:
+        driver = [sys.executable, os.path.join(ROOT, "tests", "fault_driver.py")]
+        result = subprocess.run([*driver, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+        return
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "finetune.py"), *argv], cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "checkpoint-4").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)  # from outside, whenever checkpoint-4 has just appeared
+    process.wait()
+
+
+FAULTS = {
+    # fault -> the checkpoint a resume must use (save_steps 2, save_total_limit 1)
+    "mid_save:4": "checkpoint-2",
+    "mid_commit:4": "checkpoint-2",
+    "before_rotate:4": "checkpoint-4",
+    "mid_step:5": "checkpoint-4",
+    "mid_save:6": "checkpoint-4",  # killed while saving the last checkpoint
+    None: "checkpoint-4",  # external kill -9 right after checkpoint-4 appeared
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_kill_9_then_resume_true_continues_exactly_from_the_last_complete_checkpoint(runs, tmp_path, fault):
+    import finetune
+
+    model, full, _ = runs
+    out = tmp_path / "run"
+    _killed_run(model, out, fault)
+    expected = FAULTS[fault]
+    assert checkpoints.problems(str(out / expected)) == []
+    assert checkpoints.resolve_resume(True, str(out)) == str(out / expected)
+    trainer = finetune.main(
+        cli_args(model, out, "--max_steps", "6", "--save_total_limit", "1", "--resume_from_checkpoint", "True")
+    )
+    assert trainer.state.global_step == 6
+    start = int(expected.split("-")[1])
+    resumed = step_losses(out)
+    steps = list(range(start + 1, 7))
+    assert [resumed[s] for s in steps] == pytest.approx([full[s] for s in steps], rel=1e-5, abs=1e-7)
+    assert not [n for n in os.listdir(out) if n.endswith(".partial")]  # the killed save's leftovers are gone

@@ -74,7 +74,13 @@ def main(argv: list[str] | None = None) -> SCTuneTrainer:
     total = sum(num_elements(p) for p in model.parameters())
     logger.info("trainable parameters: %.2fM of %.2fM", trainable / 1e6, total / 1e6)
 
-    dataset = ReferringDataset.from_file(data_args.data_path, data_args.image_folder, data_args.skip_bad_records)
+    dataset = ReferringDataset.from_file(
+        data_args.data_path,
+        data_args.image_folder,
+        data_args.skip_bad_records,
+        check=data_args.check_images,
+        size_problem=adapter.image_size_problem,
+    )
     logger.info("%d referring samples from %s", len(dataset), data_args.data_path)
     trainer = SCTuneTrainer(model=model, args=args, adapter=adapter, train_dataset=dataset)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)

@@ -40,7 +40,15 @@ class DataArguments:
     skip_bad_records: bool = field(
         default=False,
         metadata={
-            "help": "Drop (and count) records with a bad field or a missing image instead of stopping with an error."
+            "help": "Drop (and count, per reason, with their indices) records with a bad field or a missing, "
+            "undecodable or wrongly sized image instead of stopping with an error."
+        },
+    )
+    check_images: bool = field(
+        default=True,
+        metadata={
+            "help": "Decode every record's image before step 0 (in parallel threads) and check its size against "
+            "the family's processor; False skips the check (bad images then fail when drawn)."
         },
     )
 

@@ -25,7 +25,7 @@ def test_bundled_sample_loads_and_collates():
 
 def test_reference_image_id_key_is_accepted(tmp_path):
     records = load_annotations(_write(tmp_path, [{"image_id": "a.jpg", "bbox": [0.1, 0.2, 0.3, 0.4]}]))
-    assert records == [{"image": "a.jpg", "bbox": [0.1, 0.2, 0.3, 0.4]}]
+    assert records == [{"image": "a.jpg", "bbox": [0.1, 0.2, 0.3, 0.4], "record_index": 0}]
 
 
 @pytest.mark.parametrize(
@@ -56,7 +56,7 @@ def test_skipping_counts_bad_records_and_missing_images(tmp_path, caplog):
         ],
     )
     records = load_annotations(path, str(tmp_path), skip_bad=True)
-    assert records == [{"image": "here.png", "bbox": [0.0, 0.0, 1.0, 1.0]}]
+    assert records == [{"image": "here.png", "bbox": [0.0, 0.0, 1.0, 1.0], "record_index": 0}]
     assert "skipped 2 of 3 records" in caplog.text
 
 

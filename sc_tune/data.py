@@ -137,7 +137,8 @@ def load_rgb(path: str) -> Image.Image:
     return image.convert("RGB")
 
 
-def _image_problem(path: str, size_problem: Callable[[int, int], str | None] | None) -> str | None:
+def image_problem(path: str, size_problem: Callable[[int, int], str | None] | None = None) -> str | None:
+    """Why the image at ``path`` cannot be trained on (missing, empty, undecodable, bad size), or None."""
     if not os.path.isfile(path):
         return "image not found"
     if os.path.getsize(path) == 0:
@@ -163,7 +164,7 @@ def check_images(
     workers = workers or min(32, 4 * (os.cpu_count() or 1))
     # Each distinct file is decoded once; PIL releases the GIL while decoding, so threads scale.
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        problems = dict(zip(paths, pool.map(lambda p: _image_problem(os.path.join(image_folder, p), size_problem), paths)))
+        problems = dict(zip(paths, pool.map(lambda p: image_problem(os.path.join(image_folder, p), size_problem), paths)))
     kept, skipped = [], defaultdict(list)
     for record in records:
         problem = problems[record["image"]]

@@ -22,8 +22,8 @@ import torch
 from sc_tune import modeling
 from sc_tune.evaluation import evaluate_rec, evaluate_region_captions, evaluate_self_consistency
 from sc_tune.evaluation.distributed import barrier, init_from_env, shutdown
-from sc_tune.evaluation.records import (load_annotation_records, load_rec_samples, load_region_caption_records,
-                                        open_image)
+from sc_tune.evaluation.records import (image_problems, load_annotation_records, load_rec_samples,
+                                        load_region_caption_records, open_image)
 from sc_tune.rollout import GenerationSettings
 from sc_tune.visualize import save_cycle_grid
 
@@ -73,6 +73,9 @@ def parse_args(argv=None):
     parser.add_argument("--grid-samples", type=int, default=16,
                         help="self-consistency: cycles drawn in the PNG grid (0 = none)")
     parser.add_argument("--no-meteor", action="store_true", help="region-caption: skip METEOR even if Java is there")
+    parser.add_argument("--skip-unreadable-images", action="store_true",
+                        help="samples whose image is missing or undecodable are left out of scoring and listed, "
+                             "with the reason, in the metrics file (by default they stop the run before scoring)")
     return parser.parse_args(argv)
 
 
@@ -89,6 +92,20 @@ def main(argv=None) -> None:
     tasks = {"self-consistency": load_annotation_records, "rec": load_rec_samples,
              "region-caption": load_region_caption_records}
     datasets = [(path, take(tasks[args.task](path), args.max_samples)) for path in args.data]
+    # Every image is decoded before any scoring: a bad file found mid-run would throw away the work done.
+    unreadable = {}
+    for k, (path, records) in enumerate(datasets):
+        bad = image_problems(records, args.image_root)
+        if bad and not args.skip_unreadable_images:
+            listed = "; ".join(f"record {i}: {records[i]['image']}: {why}" for i, why in list(bad.items())[:10])
+            raise SystemExit(f"{path}: {len(bad)} sample(s) with an unreadable image under --image-root "
+                             f"{args.image_root!r}: {listed}{'; ...' if len(bad) > 10 else ''} "
+                             "(--skip-unreadable-images leaves them out and lists them in the metrics file)")
+        if bad:
+            unreadable[path] = [{"record": i, "image": records[i]["image"], "reason": why} for i, why in bad.items()]
+            datasets[k] = (path, [r for i, r in enumerate(records) if i not in bad])
+            if not datasets[k][1]:
+                raise SystemExit(f"{path}: no sample has a readable image")
     if args.task != "rec" and len(datasets) != 1:
         raise SystemExit(f"{args.task} takes one --data file, got {len(datasets)}")
     model, adapter = load_model_and_adapter(args.model, DTYPES[args.dtype], device)
@@ -135,6 +152,8 @@ def main(argv=None) -> None:
                                 [s["bbox"] for s in shown], [s["caption"] for s in shown],
                                 [s["pred_bbox"] for s in shown], [s["iou"] for s in shown],
                                 title=f"{args.model}: describer -> locator (greedy)")
+    if unreadable:
+        output["unreadable_images"] = {p: {"count": len(v), "samples": v} for p, v in unreadable.items()}
     output["seconds"] = round(time.monotonic() - started, 2)
     if ranks.is_main:
         metrics_path = os.path.join(args.output_dir, f"{task_name}_metrics.json")

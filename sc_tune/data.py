@@ -64,7 +64,7 @@ def check_record(record, index: int, path: str) -> dict:
             " (convert COCO/Objects365 xywh pixels with `python -m sc_tune.objects365`)"
         )
     clean = {k: v for k, v in record.items() if k != "image_id"}
-    clean.update(image=image, bbox=[x1, y1, x2, y2], record_index=index)
+    clean.update(image=image, bbox=[x1, y1, x2, y2])
     return clean
 
 
@@ -92,7 +92,7 @@ def load_annotations(path: str, image_folder: str | None = None, skip_bad: bool 
                 raise
             skipped[str(e).split(": ", 2)[-1].split(",")[0][:60]].append(index)
             continue
-        records.append(clean)
+        records.append({**clean, "record_index": index})  # the index in the file, for messages after skipping
     report_skipped(path, skipped, len(raw))
     if not records:
         raise AnnotationError(f"{path}: no usable records")

@@ -79,3 +79,70 @@ def test_converter_command_prints_the_counts(tmp_path, capsys):
     assert "wrote 1 records" in printed and "dropped: image_id not in 'images': 1" in printed
     assert "dropped: image file undecodable: 2" in printed
     assert len(json.loads(out.read_text())) == 1
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+@pytest.fixture(scope="module")
+def eval_setup(tmp_path_factory):
+    from sc_tune.tiny import save_tiny
+
+    root = tmp_path_factory.mktemp("eval_bad")
+    Image.new("RGB", (80, 60), (40, 40, 200)).save(root / "blue.png")
+    (root / "broken.png").write_bytes(b"not a png")
+    return root, save_tiny(root / "model", "qwen2_vl")
+
+
+def _rec(root, rows, name="refs.jsonl"):
+    path = root / name
+    path.write_text("".join(json.dumps({"sent": "the thing", "width": 80, "height": 60, **r}) + "\n" for r in rows))
+    return str(path)
+
+
+def _evaluate(root, model, data, *extra):
+    import evaluate
+
+    out = root / "out"
+    evaluate.main(["rec", "--model", model, "--data", data, "--image-root", str(root), "--output-dir", str(out),
+                   "--batch-size", "2", *extra])
+    return json.loads((out / "rec_metrics.json").read_text())
+
+
+def test_unreadable_eval_images_stop_before_scoring_listing_them(eval_setup, monkeypatch):
+    import evaluate
+
+    root, model = eval_setup
+    data = _rec(root, [{"image": "blue.png", "bbox": [0, 0, 40, 30]}, {"image": "broken.png", "bbox": [0, 0, 4, 4]},
+                       {"image": "gone.png", "bbox": [0, 0, 4, 4]}])
+    monkeypatch.setattr(evaluate, "evaluate_rec", lambda *a, **k: pytest.fail("scoring started"))
+    with pytest.raises(SystemExit, match=r"2 sample\(s\) with an unreadable image.*record 1: broken.png: image "
+                                         r"cannot be decoded.*record 2: gone.png: image not found"):
+        _evaluate(root, model, data)
+
+
+def test_unreadable_eval_images_can_be_counted_and_rec_box_issues_are_counted(eval_setup):
+    root, model = eval_setup
+    data = _rec(root, [
+        {"image": "blue.png", "bbox": [0, 0, 40, 30]},
+        {"image": "broken.png", "bbox": [0, 0, 4, 4]},
+        {"image": "blue.png", "bbox": [50, 40, 120, 59]},  # beyond the 80 px width
+        {"image": "blue.png", "bbox": [-5, 0, 10, 10]},
+        {"image": "blue.png", "bbox": [10, 10, 10, 20]},  # zero width
+    ])
+    result = _evaluate(root, model, data, "--skip-unreadable-images")
+    metrics = result["results"]["refs"]
+    assert metrics["num_records"] == 4
+    assert metrics["gt_box_issues"] == {"negative coordinates": 1, "outside the image": 1, "zero area": 1}
+    assert metrics["num_gt_box_issues"] == 3
+    listed = result["unreadable_images"][data]
+    assert listed["count"] == 1 and listed["samples"][0]["record"] == 1 and "decoded" in listed["samples"][0]["reason"]
+
+
+@pytest.mark.parametrize("content", ["", "[]", "\n\n"])
+def test_empty_eval_data_file_is_an_error(eval_setup, content):
+    from sc_tune.evaluation.records import RecordError
+
+    root, model = eval_setup
+    path = root / "empty.jsonl"
+    path.write_text(content)
+    with pytest.raises(RecordError, match="empty.jsonl: no records"):
+        _evaluate(root, model, str(path))

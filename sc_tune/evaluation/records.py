@@ -33,8 +33,11 @@ def read_json_records(path) -> list[dict]:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise RecordError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
@@ -50,6 +53,10 @@ def read_json_records(path) -> list[dict]:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise RecordError(f"{path}: line {line_no} is not valid JSON ({e})") from None
+    if not isinstance(records, list):
+        raise RecordError(f"{path}: expected a JSON list or JSON Lines of records, got {type(records).__name__}")
+    if not records:
+        raise RecordError(f"{path}: no records (an empty file would give metrics over nothing)")
     for i, record in enumerate(records):
         if not isinstance(record, dict):
             raise RecordError(f"{_where(path, i)}: expected a JSON object, got {type(record).__name__}")
@@ -115,6 +122,31 @@ def check_rec_samples(samples: Sequence[dict], path="<samples>") -> list[dict]:
         clean.append({"image": _text(sample, "image", where), "sent": _text(sample, "sent", where),
                       "bbox": bbox, **size})
     return clean
+
+
+def gt_box_issue(box: Sequence[float], width: float, height: float) -> str | None:
+    """What is wrong with a ground-truth pixel box (it can still be scored, but is flagged and counted)."""
+    x1, y1, x2, y2 = box
+    if min(x1, y1) < 0:
+        return "negative coordinates"
+    if x2 > width or y2 > height:
+        return "outside the image"
+    if x2 <= x1 or y2 <= y1:
+        return "zero area"
+    return None
+
+
+def image_problems(records: Sequence[dict], image_root) -> dict[int, str]:
+    """{record index: why its image cannot be read}, decoding every distinct file once, in parallel threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sc_tune.data import image_problem
+
+    root = os.fspath(image_root) if image_root else ""
+    paths = sorted({r["image"] for r in records})
+    with ThreadPoolExecutor(max_workers=min(32, 4 * (os.cpu_count() or 1))) as pool:
+        found = dict(zip(paths, pool.map(lambda p: image_problem(os.path.join(root, p)), paths)))
+    return {i: found[r["image"]] for i, r in enumerate(records) if found[r["image"]] is not None}
 
 
 def check_region_caption_records(records: Sequence[dict], path="<records>") -> list[dict]:

@@ -90,4 +90,12 @@ def main(argv: list[str] | None = None) -> SCTuneTrainer:
 
 
 if __name__ == "__main__":
-    main()
+    from sc_tune.arguments import ArgumentError
+    from sc_tune.checkpoints import CheckpointError, OutputDirError
+    from sc_tune.data import AnnotationError
+
+    try:
+        main()
+    except (ArgumentError, AnnotationError, CheckpointError, OutputDirError) as e:
+        # Bad input, not a bug: the message names the file, record or flag; a traceback would bury it.
+        raise SystemExit(f"finetune.py: error: {e}") from None

@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 
+class ArgumentError(ValueError):
+    """A command-line value that would train the wrong way or crash mid-run; the message names the flag."""
+
+
 @dataclass
 class ModelArguments:
     model_name_or_path: str = field(
@@ -186,4 +190,4 @@ class SCTuneConfig(TrainingArguments):
         ]
         errors = [f"--{name} {getattr(self, name)!r} {rule}" for name, ok, rule in rules if not ok]
         if errors:
-            raise ValueError("invalid arguments: " + "; ".join(errors))
+            raise ArgumentError("invalid arguments: " + "; ".join(errors))

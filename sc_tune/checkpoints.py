@@ -44,6 +44,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint is incomplete, corrupt, or does not match the run resuming from it."""
 
 
+class OutputDirError(ValueError):
+    """--output_dir would overwrite the model folder or another run."""
+
+
 # ---------------------------------------------------------------------------------------------- layout
 def checkpoint_step(path: str) -> int | None:
     match = _STEP_DIR.match(os.path.basename(os.path.normpath(path)))
@@ -186,7 +190,7 @@ def problems(checkpoint: str) -> list[str]:
         return [f"{MARKER_FILE} is unreadable ({e})"]
     found = layout_problems(checkpoint, layout)
     present = [rel for rel in manifest if os.path.isfile(os.path.join(checkpoint, rel))]
-    found += [f"missing {rel}" for rel in manifest if rel not in present and f"missing {rel}" not in found]
+    found += [f"missing {rel}" for rel in manifest if rel not in present and not any(rel in p for p in found)]
     sized = [rel for rel in present if os.path.getsize(os.path.join(checkpoint, rel)) == manifest[rel]["bytes"]]
     found += [
         f"{rel}: {os.path.getsize(os.path.join(checkpoint, rel))} bytes, {manifest[rel]['bytes']} when saved"
@@ -355,7 +359,7 @@ def check_output_dir(output_dir: str, model_dir: str, resuming: bool, overwrite:
     """Refuse an --output_dir that would overwrite the model being trained or mix two runs' checkpoints."""
     out, model = os.path.realpath(output_dir), os.path.realpath(model_dir)
     if out == model or out.startswith(model + os.sep):
-        raise ValueError(
+        raise OutputDirError(
             f"--output_dir {output_dir} is (inside) the model folder --model_name_or_path {model_dir}: "
             "training would overwrite the base weights; choose another folder"
         )
@@ -363,7 +367,7 @@ def check_output_dir(output_dir: str, model_dir: str, resuming: bool, overwrite:
     if not found or resuming:
         return
     if not overwrite:
-        raise ValueError(
+        raise OutputDirError(
             f"--output_dir {output_dir} holds another run ({', '.join(found[:5])}): pass --resume_from_checkpoint "
             "True to continue it, --overwrite_output_dir True to replace it, or choose another folder"
         )

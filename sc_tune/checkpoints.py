@@ -262,7 +262,9 @@ def settings_mismatches(checkpoint: str, saved: dict, current: dict, allowed: se
         if old == new:
             continue
         if key in allowed:
-            logger.warning("%s: %s changed from %r to %r (allowed by --resume_allow_changes)", checkpoint, key, old, new)
+            logger.warning(
+                "%s: %s changed from %r to %r (allowed by --resume_allow_changes)", checkpoint, key, old, new
+            )
             continue
         errors.append(f"{key}: checkpoint {old!r}, now {new!r}")
     return errors

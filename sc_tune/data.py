@@ -164,7 +164,8 @@ def check_images(
     workers = workers or min(32, 4 * (os.cpu_count() or 1))
     # Each distinct file is decoded once; PIL releases the GIL while decoding, so threads scale.
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        problems = dict(zip(paths, pool.map(lambda p: image_problem(os.path.join(image_folder, p), size_problem), paths)))
+        found = pool.map(lambda p: image_problem(os.path.join(image_folder, p), size_problem), paths)
+        problems = dict(zip(paths, found))
     kept, skipped = [], defaultdict(list)
     for record in records:
         problem = problems[record["image"]]

@@ -488,9 +488,8 @@ class SCTuneTrainer(Trainer):
             # Read to the CPU: the snapshot copies into its own tensors, and "cpu:0" (CPU DDP) is no map_location.
             self.snapshot.load_local_tensors(torch.load(path, map_location="cpu", weights_only=True))
         if not position.needs_rollout:
-            self._rollouts = checkpoints.load_rollouts(
-                os.path.join(checkpoint, f"rollouts_rank{rank}.pt"), [DescriberRollout, LocatorRollout], self.args.device
-            )
+            path = os.path.join(checkpoint, f"rollouts_rank{rank}.pt")
+            self._rollouts = checkpoints.load_rollouts(path, [DescriberRollout, LocatorRollout], self.args.device)
 
 
 def _is_peft(model) -> bool:

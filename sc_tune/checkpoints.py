@@ -6,6 +6,9 @@ loadable, writes ``sc_tune_complete.json`` (a manifest of every file's size and 
 the folder to ``checkpoint-N``. Rotation (``--save_total_limit``) runs after that rename, so a kill at any
 moment leaves the previous complete checkpoint in place.
 
+The manifest costs one extra read of the checkpoint at save time and one at resume (hashed by parallel threads,
+roughly 1 GB/s per core); the folders are assumed to be on a file system every rank sees.
+
 Resuming re-checks the manifest (a truncated, zeroed or missing file is found before anything loads):
 ``--resume_from_checkpoint True`` skips a broken checkpoint with a warning naming the problem and takes the
 previous complete one; an explicit path to a broken checkpoint is an error. The settings a resumed run must

@@ -32,8 +32,8 @@ from sc_tune import modeling
 from sc_tune.arguments import CompactHelpFormatter, DataArguments, ModelArguments, SCTuneConfig
 from sc_tune.evaluation import evaluate_rec, evaluate_region_captions, evaluate_self_consistency
 from sc_tune.evaluation.distributed import barrier, init_from_env, shutdown
-from sc_tune.evaluation.records import (load_annotation_records, load_rec_samples, load_region_caption_records,
-                                        open_image)
+from sc_tune.evaluation.records import (image_problems, load_annotation_records, load_rec_samples,
+                                        load_region_caption_records, open_image)
 from sc_tune.jsonio import write_json, write_jsonl
 from sc_tune.rollout import GenerationSettings
 from sc_tune.visualize import save_cycle_grid
@@ -93,6 +93,12 @@ class EvaluationArguments:
     grid_samples: int = field(
         default=16, metadata={"help": "self-consistency: cycles drawn in the PNG grid (0: none)."}
     )
+    skip_unreadable_images: bool = field(
+        default=False,
+        metadata={"help": "Leave samples whose image is missing or undecodable out of scoring and list them, with the "
+                  "reason, in the metrics file (by default they stop the run before any scoring).",
+                  "aliases": ["--skip-unreadable-images"]},
+    )
     meteor: bool = field(
         default=True, metadata={"help": "region-caption: METEOR when java and pycocoevalcap are there (--no_meteor)."}
     )
@@ -141,6 +147,20 @@ def main(argv=None) -> None:
     tasks = {"self-consistency": load_annotation_records, "rec": load_rec_samples,
              "region-caption": load_region_caption_records}
     datasets = [(path, take(tasks[args.task](path), args.max_samples)) for path in args.data_path]
+    # Every image is decoded before any scoring: a bad file found mid-run would throw away the work done.
+    unreadable = {}
+    for k, (path, records) in enumerate(datasets):
+        bad = image_problems(records, args.image_folder)
+        if bad and not args.skip_unreadable_images:
+            listed = "; ".join(f"record {i}: {records[i]['image']}: {why}" for i, why in list(bad.items())[:10])
+            raise SystemExit(f"{path}: {len(bad)} sample(s) with an unreadable image under --image_folder "
+                             f"{args.image_folder!r}: {listed}{'; ...' if len(bad) > 10 else ''} "
+                             "(--skip_unreadable_images leaves them out and lists them in the metrics file)")
+        if bad:
+            unreadable[path] = [{"record": i, "image": records[i]["image"], "reason": why} for i, why in bad.items()]
+            datasets[k] = (path, [r for i, r in enumerate(records) if i not in bad])
+            if not datasets[k][1]:
+                raise SystemExit(f"{path}: no sample has a readable image")
     model, adapter = load_model_and_adapter(args.model_name_or_path, args.torch_dtype, device, args.box_format)
     describe_settings = GenerationSettings(args.describer_max_new_tokens, args.describer_min_new_tokens)
     locate_settings = GenerationSettings(args.locator_max_new_tokens)
@@ -187,6 +207,8 @@ def main(argv=None) -> None:
                                 [s["bbox"] for s in shown], [s["caption"] for s in shown],
                                 [s["pred_bbox"] for s in shown], [s["iou"] for s in shown],
                                 title=f"{args.model_name_or_path}: describer -> locator (greedy)")
+    if unreadable:
+        output["unreadable_images"] = {p: {"count": len(v), "samples": v} for p, v in unreadable.items()}
     output["seconds"] = round(time.monotonic() - started, 2)
     if ranks.is_main:
         metrics_path = os.path.join(args.output_dir, f"{task_name}_metrics.json")

@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser, TrainingArguments
 
 
+class ArgumentError(ValueError):
+    """A command-line value that would train the wrong way or crash mid-run; the message names the flag."""
+
+
 @dataclass
 class ModelArguments:
     model_name_or_path: str = field(
@@ -50,7 +54,15 @@ class DataArguments:
     skip_bad_records: bool = field(
         default=False,
         metadata={
-            "help": "Drop (and count) records with a bad field or a missing image instead of stopping with an error."
+            "help": "Drop (and count, per reason, with their indices) records with a bad field or a missing, "
+            "undecodable or wrongly sized image instead of stopping with an error."
+        },
+    )
+    check_images: bool = field(
+        default=True,
+        metadata={
+            "help": "Decode every record's image before step 0 (in parallel threads) and check its size against "
+            "the family's processor; False skips the check (bad images then fail when drawn)."
         },
     )
 
@@ -189,6 +201,30 @@ class SCTuneConfig(TrainingArguments):
         default=None,
         metadata={"help": "Not used: each phase starts at its full LR (only 0 is accepted)."},
     )
+    # ---- checkpoints and resume (sc_tune.checkpoints)
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "True (or true, 1): resume from the newest complete checkpoint-N in --output_dir, skipping "
+            "broken ones with a warning; or the path of a checkpoint-N folder (an error if it is broken)."
+        },
+    )
+    resume_allow_changes: str = field(
+        default="",
+        metadata={
+            "help": "Comma-separated settings a resume may change from the checkpoint's (default: none). Recorded: "
+            "model (e.g. a moved model folder), model_type, lora, schedule, kl_coef, clip_range, gamma, "
+            "per_device_train_batch_size, gradient_accumulation_steps, seed, world_size, precision, deepspeed. "
+            "world_size changes only at a phase switch without DeepSpeed."
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train into an --output_dir that holds another run: its checkpoint-N folders are deleted first "
+            "(without this flag, and without --resume_from_checkpoint, such a folder is refused)."
+        },
+    )
 
     def __post_init__(self):
         # Refuse, rather than silently override, the Trainer's LR knobs. A value equal to what SC-Tune sets is
@@ -205,41 +241,58 @@ class SCTuneConfig(TrainingArguments):
         }
         for name, (is_set, why) in refused.items():
             if is_set:
-                raise ValueError(f"--{name} {getattr(self, name)!r} is not used by SC-Tune: {why}")
+                raise ArgumentError(f"--{name} {getattr(self, name)!r} is not used by SC-Tune: {why}")
         self.learning_rate = self.caption_lr  # only seeds the optimizer's param groups; the phases set the LR
         self.lr_scheduler_type = "constant"
         self.lr_scheduler_kwargs = {}
         self.warmup_steps = 0
+        self._check_hyperparameters()
         super().__post_init__()
-        if self.caption_update_steps < 0 or self.bbox_update_steps < 0:
-            raise ValueError("caption_update_steps and bbox_update_steps must be >= 0")
         if self.caption_update_steps == 0 and self.bbox_update_steps == 0:
-            raise ValueError("caption_update_steps and bbox_update_steps cannot both be 0")
-        if self.ppo_epochs < 1:
-            raise ValueError("ppo_epochs must be >= 1")
+            raise ArgumentError("caption_update_steps and bbox_update_steps cannot both be 0")
         from sc_tune.baselines import DescriberBaseline
         from sc_tune.kl_control import KL_CONTROLLERS
         from sc_tune.rewards import REWARDS
 
         if self.reward not in REWARDS:
-            raise ValueError(f"--reward must be one of {', '.join(REWARDS)}, got {self.reward!r}")
+            raise ArgumentError(f"--reward must be one of {', '.join(REWARDS)}, got {self.reward!r}")
         choices = [b.value for b in DescriberBaseline]
         if self.describer_baseline not in choices:
-            raise ValueError(
+            raise ArgumentError(
                 f"--describer_baseline must be one of {', '.join(choices)}, got {self.describer_baseline!r}"
             )
         if self.num_generations < 1:
-            raise ValueError("--num_generations must be >= 1")
+            raise ArgumentError("--num_generations must be >= 1")
         if self.num_generations < 2 and (self.describer_baseline == "group_mean" or self.scale_rewards_by_group_std):
-            raise ValueError(
+            raise ArgumentError(
                 "--describer_baseline group_mean and --scale_rewards_by_group_std need --num_generations >= 2"
             )
         if self.kl_controller not in KL_CONTROLLERS:
-            raise ValueError(f"--kl_controller must be one of {', '.join(KL_CONTROLLERS)}, got {self.kl_controller!r}")
+            raise ArgumentError(f"--kl_controller must be one of {', '.join(KL_CONTROLLERS)}, got {self.kl_controller!r}")
         if self.max_steps <= 0:
-            raise ValueError("set --max_steps: SC-Tune streams its data and stops by step count")
+            raise ArgumentError("set --max_steps: SC-Tune streams its data and stops by step count")
         if self.remove_unused_columns:
-            raise ValueError("--remove_unused_columns must be False: SC-Tune samples carry PIL images")
+            raise ArgumentError("--remove_unused_columns must be False: SC-Tune samples carry PIL images")
+
+    def _check_hyperparameters(self) -> None:
+        """Values that would train the wrong way silently (a negative LR ascends) or crash mid-run."""
+        rules = [
+            ("caption_lr", self.caption_lr > 0, "must be > 0"),
+            ("bbox_lr", self.bbox_lr > 0, "must be > 0"),
+            ("kl_coef", self.kl_coef >= 0, "must be >= 0"),
+            ("clip_range", self.clip_range > 0, "must be > 0"),
+            ("gamma", 0 <= self.gamma <= 1, "must be in [0, 1]"),
+            ("ratio_threshold", self.ratio_threshold > 0, "must be > 0"),
+            ("policy_kl_stop", self.policy_kl_stop > 0, "must be > 0"),
+            ("gradient_accumulation_steps", self.gradient_accumulation_steps >= 1, "must be >= 1"),
+            ("ppo_epochs", self.ppo_epochs >= 1, "must be >= 1"),
+            ("caption_update_steps", self.caption_update_steps >= 0, "must be >= 0"),
+            ("bbox_update_steps", self.bbox_update_steps >= 0, "must be >= 0"),
+            ("per_device_train_batch_size", self.per_device_train_batch_size >= 1, "must be >= 1"),
+        ]
+        errors = [f"--{name} {getattr(self, name)!r} {rule}" for name, ok, rule in rules if not ok]
+        if errors:
+            raise ArgumentError("invalid arguments: " + "; ".join(errors))
 
 
 # ---------------------------------------------------------------------------------------------- --help layout

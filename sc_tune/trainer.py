@@ -23,22 +23,24 @@ checkpointing stay upstream). What this class adds:
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, broadcast_object_list
 from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import selective_log_softmax
 
+from sc_tune import checkpoints
 from sc_tune.adapters.base import ModelAdapter, PromptBatch
 from sc_tune.baselines import DescriberBaseline, describer_baseline, terminal_advantages
 from sc_tune.data import RolloutSampler, collate_referring
-from sc_tune.jsonio import read_json, write_json
+from sc_tune.jsonio import write_json
 from sc_tune.kl_control import make_kl_controller
 from sc_tune.phases import Phase, PhaseLR, PhaseSchedule, reset_optimizer_moments, set_learning_rate
 from sc_tune.ppo import describer_advantages, masked_mean, per_token_kl, ppo_clip_loss
@@ -46,7 +48,7 @@ from sc_tune.rewards import RewardBatch, RewardFunction, get_reward
 from sc_tune.rollout import Completions, GenerationSettings, describe, locate
 from sc_tune.snapshot import AdapterSnapshot, FullSnapshot
 
-STATE_FILE = "sc_tune_state.json"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -421,42 +423,116 @@ class SCTuneTrainer(Trainer):
         self.adapter.save_pretrained(output_dir or self.args.output_dir)
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        checkpoint = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        self._save_sc_state(checkpoint)
+        """Write the checkpoint to a staging folder, verify it, mark it complete, rename it, then rotate."""
+        run_dir = self._get_output_dir(trial)
+        step = self.state.global_step
+        staging = checkpoints.staging_root(run_dir, step)
+        if self.is_world_process_zero():
+            checkpoints.remove_stale_staging(run_dir)
+        self.accelerator.wait_for_everyone()
+        # The Trainer writes checkpoint-N under _get_output_dir and rotates there: pointed at the staging root
+        # it writes nothing where a resume looks and its rotation finds only the new folder.
+        self._get_output_dir = lambda trial: staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+        staged = os.path.join(staging, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+        layout = self._save_sc_state(staged)
+        self.accelerator.wait_for_everyone()
+        if self.is_world_process_zero():
+            final = checkpoints.commit(staged, os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}"), layout)
+            best = self.state.best_model_checkpoint
+            checkpoints.rotate(run_dir, self.args.save_total_limit, {final, best})
+        self.accelerator.wait_for_everyone()
 
-    def _save_sc_state(self, checkpoint: str) -> None:
-        """Phase position, the snapshot (unless the next step re-syncs it) and a mid-rollout buffer."""
+    def _run_settings(self) -> dict:
+        """What a resumed run must share with the saved one (``--resume_allow_changes`` lists exceptions)."""
+        args = self.args
+        config = getattr(self.model, "config", None)
+        return {
+            "model": getattr(config, "_name_or_path", None),
+            "model_type": getattr(config, "model_type", None),
+            "lora": _is_peft(self.model),
+            "schedule": dict(self.schedule.__dict__),
+            "kl_coef": args.kl_coef,
+            "clip_range": args.clip_range,
+            "gamma": args.gamma,
+            "per_device_train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "seed": args.seed,
+            "world_size": args.world_size,
+            "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+            "deepspeed": self.is_deepspeed_enabled,
+        }
+
+    def _save_sc_state(self, checkpoint: str) -> dict:
+        """Phase position, run settings, the snapshot (unless the next step re-syncs it) and a mid-rollout
+        buffer. Returns the layout: which per-rank files the checkpoint must hold."""
         next_step = self.state.global_step
         position = self.schedule.at(next_step)
-        rank = self.args.process_index
+        rank, world = self.args.process_index, self.args.world_size
         zero3 = getattr(self.snapshot, "zero3", False) or (self.is_deepspeed_enabled and _zero3(self))
+        layout = {
+            "world_size": world,
+            "deepspeed": self.is_deepspeed_enabled,
+            "peft": _is_peft(self.model),
+            "snapshot_ranks": [] if position.starts_phase else list(range(world)) if zero3 else [0],
+            "rollout_ranks": [] if position.needs_rollout else list(range(world)),
+        }
         os.makedirs(checkpoint, exist_ok=True)
         if self.is_world_process_zero():
             write_json(
-                os.path.join(checkpoint, STATE_FILE),
+                os.path.join(checkpoint, checkpoints.STATE_FILE),
                 {
                     "next_step": next_step,
                     "phase": position.phase.value,
                     "step_in_phase": position.step_in_phase,
                     "ppo_epoch": position.ppo_epoch,
                     "schedule": self.schedule.__dict__,
+                    "settings": self._run_settings(),
                     "kl_controller": self.kl_controller.state_dict(),
                 },
             )
-        if not position.starts_phase and (zero3 or rank == 0):
+        if rank in layout["snapshot_ranks"]:
             tensors = {k: v.detach().cpu().clone() for k, v in self.snapshot.named_local_tensors().items()}
-            torch.save(tensors, os.path.join(checkpoint, f"snapshot_rank{rank if zero3 else 0}.pt"))
-        if not position.needs_rollout:
-            torch.save(self._rollouts, os.path.join(checkpoint, f"rollouts_rank{rank}.pt"))
+            torch.save(tensors, os.path.join(checkpoint, f"snapshot_rank{rank}.pt"))
+        if rank in layout["rollout_ranks"]:
+            checkpoints.save_rollouts(self._rollouts, os.path.join(checkpoint, f"rollouts_rank{rank}.pt"))
+        return layout
 
     def train(self, resume_from_checkpoint=None, **kwargs):
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"no checkpoint found in {self.args.output_dir} to resume from")
-        self._resume_dir = resume_from_checkpoint or None
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        """``resume_from_checkpoint``: True (or "true"/"1") for the newest complete checkpoint, or a path."""
+        # Rank 0 checks the checkpoint (hashing every file once) and tells the others what it found.
+        if self.is_world_process_zero():
+            try:
+                found = (checkpoints.resolve_resume(resume_from_checkpoint, self.args.output_dir), None)
+                if found[0] is not None:
+                    self._check_resume_settings(found[0])
+            except checkpoints.CheckpointError as e:
+                found = (None, str(e))
+        else:
+            found = (None, None)
+        if self.args.world_size > 1:
+            found = broadcast_object_list(list(found), from_process=0)
+        resume, error = found
+        if error is not None:
+            raise checkpoints.CheckpointError(error)
+        if resume is not None:
+            logger.info("resuming from %s", resume)
+        self._resume_dir = resume
+        return super().train(resume_from_checkpoint=resume, **kwargs)
+
+    def _check_resume_settings(self, checkpoint: str) -> None:
+        allowed = {k.strip() for k in (self.args.resume_allow_changes or "").split(",") if k.strip()}
+        saved = checkpoints.read_state(checkpoint).get("settings", {})
+        errors = checkpoints.settings_mismatches(checkpoint, saved, self._run_settings(), allowed)
+        if errors:
+            raise checkpoints.CheckpointError(
+                f"{checkpoint} was saved with other settings: {'; '.join(errors)}. Resume with the same settings, "
+                "or list the legitimate changes in --resume_allow_changes (e.g. model,seed)"
+            )
+        checkpoints.check_world_size_change(checkpoint, checkpoints.read_layout(checkpoint), self.args.world_size)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         model = model if model is not None else self.model
@@ -479,7 +555,7 @@ class SCTuneTrainer(Trainer):
                 tensor.copy_(saved[name])
 
     def _restore_sc_state(self, checkpoint: str, step: int) -> None:
-        saved = read_json(os.path.join(checkpoint, STATE_FILE))
+        saved = checkpoints.read_state(checkpoint)
         if saved["schedule"] != self.schedule.__dict__:
             raise ValueError(
                 f"{checkpoint}: trained with phase schedule {saved['schedule']}, "
@@ -493,11 +569,11 @@ class SCTuneTrainer(Trainer):
         zero3 = getattr(self.snapshot, "zero3", False) or (self.is_deepspeed_enabled and _zero3(self))
         if not position.starts_phase:
             path = os.path.join(checkpoint, f"snapshot_rank{rank if zero3 else 0}.pt")
-            self.snapshot.load_local_tensors(torch.load(path, map_location=self.args.device))
+            # Read to the CPU: the snapshot copies into its own tensors, and "cpu:0" (CPU DDP) is no map_location.
+            self.snapshot.load_local_tensors(torch.load(path, map_location="cpu", weights_only=True))
         if not position.needs_rollout:
-            self._rollouts = torch.load(
-                os.path.join(checkpoint, f"rollouts_rank{rank}.pt"), map_location=self.args.device, weights_only=False
-            )
+            path = os.path.join(checkpoint, f"rollouts_rank{rank}.pt")
+            self._rollouts = checkpoints.load_rollouts(path, [DescriberRollout, LocatorRollout], self.args.device)
 
 
 def _is_peft(model) -> bool:

@@ -25,7 +25,7 @@ def test_bundled_sample_loads_and_collates():
 
 def test_reference_image_id_key_is_accepted(tmp_path):
     records = load_annotations(_write(tmp_path, [{"image_id": "a.jpg", "bbox": [0.1, 0.2, 0.3, 0.4]}]))
-    assert records == [{"image": "a.jpg", "bbox": [0.1, 0.2, 0.3, 0.4]}]
+    assert records == [{"image": "a.jpg", "bbox": [0.1, 0.2, 0.3, 0.4], "record_index": 0}]
 
 
 @pytest.mark.parametrize(
@@ -56,7 +56,7 @@ def test_skipping_counts_bad_records_and_missing_images(tmp_path, caplog):
         ],
     )
     records = load_annotations(path, str(tmp_path), skip_bad=True)
-    assert records == [{"image": "here.png", "bbox": [0.0, 0.0, 1.0, 1.0]}]
+    assert records == [{"image": "here.png", "bbox": [0.0, 0.0, 1.0, 1.0], "record_index": 0}]
     assert "skipped 2 of 3 records" in caplog.text
 
 
@@ -81,7 +81,9 @@ def test_rollout_sampler_repeats_describer_batches_only():
 
 
 def test_objects365_converter_filters_and_counts(tmp_path):
-    (tmp_path / "a.jpg").write_bytes(b"")
+    from PIL import Image
+
+    Image.new("RGB", (200, 100)).save(tmp_path / "a.jpg")
     coco = {
         "images": [
             {"id": 1, "file_name": "a.jpg", "width": 200, "height": 100},
@@ -101,7 +103,7 @@ def test_objects365_converter_filters_and_counts(tmp_path):
     assert counts["flagged (iscrowd)"] == 1 and counts["flagged (isfake)"] == 1
     bad = {"images": coco["images"], "annotations": [{"image_id": 1, "bbox": [1, 2, 3]}]}
     with pytest.raises(AnnotationError, match=r"o365.json: annotations\[0\]: field 'bbox'"):
-        convert(bad, "o365.json")
+        convert(bad, "o365.json", strict=True)
 
 
 def test_objects365_sampling_is_deterministic():

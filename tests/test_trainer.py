@@ -127,8 +127,8 @@ def test_policy_kl_early_stop_prevents_the_next_update(tiny_checkpoint, tmp_path
         caption_update_steps=1,
         bbox_update_steps=1,
         ppo_epochs=3,
-        policy_kl_stop=-1e9,
-    )  # any KL "exceeds" it
+    )
+    trainer.args.policy_kl_stop = -1e9  # any KL "exceeds" it (past the flag's > 0 check, for this test only)
     after = {}
     original = trainer._begin_step
 

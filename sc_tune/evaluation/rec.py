@@ -14,7 +14,7 @@ import torch
 
 from sc_tune.boxes import denormalize_box
 from sc_tune.evaluation.metrics import DEFAULT_THRESHOLDS, summarize_ious
-from sc_tune.evaluation.records import check_rec_samples, open_image
+from sc_tune.evaluation.records import check_rec_samples, gt_box_issue, open_image
 from sc_tune.evaluation.runner import LOCATE_EVAL, eval_mode, fit_locator_budget, locator_finished, run_sharded
 from sc_tune.rewards import cycle_iou
 from sc_tune.rollout import GenerationSettings, locate
@@ -48,7 +48,8 @@ def evaluate_rec(model, adapter, samples: Sequence[dict], image_root, batch_size
                         "locator_text": texts[k], "locator_finished": locator_finished(adapter, texts[k]),
                         "locator_max_new_tokens": settings.max_new_tokens,
                         # A file whose width/height disagree with the image is suspicious (wrong image?).
-                        "size_matches": pils[k].size == (round(s["width"]), round(s["height"]))})
+                        "size_matches": pils[k].size == (round(s["width"]), round(s["height"])),
+                        "gt_box_issue": gt_box_issue(s["bbox"], s["width"], s["height"])})
         return out
 
     with eval_mode(model):
@@ -58,5 +59,9 @@ def evaluate_rec(model, adapter, samples: Sequence[dict], image_root, batch_size
     metrics["num_locator_unfinished"] = sum(1 for s in per_sample if not s["locator_finished"])
     metrics["locator_max_new_tokens"] = max((s["locator_max_new_tokens"] for s in per_sample), default=None)
     metrics["num_image_size_mismatches"] = sum(1 for s in per_sample if not s["size_matches"])
+    # Ground-truth boxes outside the image, negative or of zero area still score (IoU), but are counted here.
+    issues = [s["gt_box_issue"] for s in per_sample if s["gt_box_issue"]]
+    metrics["num_gt_box_issues"] = len(issues)
+    metrics["gt_box_issues"] = {reason: issues.count(reason) for reason in sorted(set(issues))}
     metrics["world_size"] = ranks.world_size
     return metrics, per_sample

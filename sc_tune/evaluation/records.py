@@ -51,6 +51,31 @@ def check_rec_samples(samples: Sequence[dict], path="<samples>") -> list[dict]:
     return clean
 
 
+def gt_box_issue(box: Sequence[float], width: float, height: float) -> str | None:
+    """What is wrong with a ground-truth pixel box (it can still be scored, but is flagged and counted)."""
+    x1, y1, x2, y2 = box
+    if min(x1, y1) < 0:
+        return "negative coordinates"
+    if x2 > width or y2 > height:
+        return "outside the image"
+    if x2 <= x1 or y2 <= y1:
+        return "zero area"
+    return None
+
+
+def image_problems(records: Sequence[dict], image_root) -> dict[int, str]:
+    """{record index: why its image cannot be read}, decoding every distinct file once, in parallel threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sc_tune.data import image_problem
+
+    root = os.fspath(image_root) if image_root else ""
+    paths = sorted({r["image"] for r in records})
+    with ThreadPoolExecutor(max_workers=min(32, 4 * (os.cpu_count() or 1))) as pool:
+        found = dict(zip(paths, pool.map(lambda p: image_problem(os.path.join(root, p)), paths)))
+    return {i: found[r["image"]] for i, r in enumerate(records) if found[r["image"]] is not None}
+
+
 def check_region_caption_records(records: Sequence[dict], path="<records>") -> list[dict]:
     """Validate region-caption records: a normalised box and one or more reference captions."""
     clean = []
@@ -63,16 +88,23 @@ def check_region_caption_records(records: Sequence[dict], path="<records>") -> l
     return clean
 
 
+def _read_nonempty(path) -> list[dict]:
+    records = read_records(path)
+    if not records:
+        raise RecordError(f"{path}: no records (an empty file would give metrics over nothing)")
+    return records
+
+
 def load_annotation_records(path) -> list[dict]:
-    return check_annotation_records(read_records(path), path)
+    return check_annotation_records(_read_nonempty(path), path)
 
 
 def load_rec_samples(path) -> list[dict]:
-    return check_rec_samples(read_records(path), path)
+    return check_rec_samples(_read_nonempty(path), path)
 
 
 def load_region_caption_records(path) -> list[dict]:
-    return check_region_caption_records(read_records(path), path)
+    return check_region_caption_records(_read_nonempty(path), path)
 
 
 def open_image(image_root, relative_path: str, index: int) -> Image.Image:

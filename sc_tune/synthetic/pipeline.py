@@ -112,7 +112,8 @@ def sc_tune_command(model_path, data_root, output_dir, seed: int, max_steps: int
     args = dict(SC_TUNE_ARGS, **(overrides or {}))
     command = [sys.executable, str(REPO / "finetune.py"), "--model_name_or_path", str(model_path),
                "--data_path", str(Path(data_root) / "train.json"), "--image_folder", str(data_root),
-               "--output_dir", str(output_dir), "--max_steps", str(max_steps), "--seed", str(seed)]
+               "--output_dir", str(output_dir), "--max_steps", str(max_steps), "--seed", str(seed),
+               "--overwrite_output_dir", "True"]  # a rerun of the benchmark replaces its own earlier run
     for key, value in args.items():
         command += [f"--{key}", str(value)]
     return command

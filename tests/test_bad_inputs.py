@@ -52,7 +52,7 @@ def test_converter_skips_and_counts_dirty_records(tmp_path):
         ([0, 4], [0], r"o365.json: images\[1\]: fields 'width'/'height' must be > 0"),
         ([0], [0, 1], r"annotations\[1\]: field 'image_id' 99 names no entry"),
         ([0], [0, 5], r"annotations\[1\]: field 'bbox' must be \[x, y, w, h\]"),
-        ([0], [0, 6], r"annotations\[1\]: field 'bbox' is missing"),
+        ([0], [0, 6], r"annotations\[1\]: missing field 'bbox'"),
         ([0], [0, 7], r"annotations\[1\]: expected an object"),
         ([0, 2], [0, 4], r"annotations\[1\]: image file not found: gone.jpg"),
         ([0, 1], [0, 2], r"image corrupt.jpg \(id 2\): image cannot be decoded"),

@@ -143,5 +143,7 @@ def test_check_is_parallel_and_decodes_each_file_once(tmp_path, monkeypatch):
 def test_non_utf8_annotation_file_names_the_file(tmp_path):
     path = tmp_path / "latin1.json"
     path.write_bytes('[{"image": "caf\u00e9.jpg", "bbox": [0, 0, 1, 1]}]'.encode("latin-1"))
-    with pytest.raises(AnnotationError, match=r"latin1\.json: not UTF-8 text \(byte 15"):
+    from sc_tune.jsonio import JSONFileError
+
+    with pytest.raises(JSONFileError, match=r"latin1\.json: not UTF-8 text \(byte 15"):
         load_annotations(str(path))

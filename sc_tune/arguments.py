@@ -22,13 +22,12 @@ class ArgumentError(ValueError):
 class ModelArguments:
     model_name_or_path: str = field(
         default="Qwen-VL-Chat",
-        metadata={"help": "Checkpoint folder of any supported family (README's family table). Loaded from disk only."},
+        metadata={"help": "Checkpoint folder of any supported family (README's table); read from disk only."},
     )
     box_format: str = field(
         default="native",
         metadata={
-            "help": "Box text: 'native' (the family's own convention) or 'generic' ([x1, y1, x2, y2] on 0..1000). "
-            "Evaluate with the same choice.",
+            "help": "native (the family's) | generic ([x1, y1, x2, y2] on 0..1000); evaluate with the same.",
             "choices": ["native", "generic"],
         },
     )
@@ -43,8 +42,7 @@ class DataArguments:
     data_path: str = field(
         default="data/object365.json",
         metadata={
-            "help": "Annotation JSON: a list of {'image': relative path, 'bbox': [x1,y1,x2,y2] in [0,1]} "
-            "('image_id' is accepted for 'image')."
+            "help": "JSON list of {'image': relative path, 'bbox': [x1, y1, x2, y2] in [0, 1]}."
         },
     )
     image_folder: str = field(
@@ -54,15 +52,13 @@ class DataArguments:
     skip_bad_records: bool = field(
         default=False,
         metadata={
-            "help": "Drop (and count, per reason, with their indices) records with a bad field or a missing, "
-            "undecodable or wrongly sized image instead of stopping with an error."
+            "help": "Skip (and count per reason) bad records and unreadable images instead of failing."
         },
     )
     check_images: bool = field(
         default=True,
         metadata={
-            "help": "Decode every record's image before step 0 (in parallel threads) and check its size against "
-            "the family's processor; False skips the check (bad images then fail when drawn)."
+            "help": "Decode and size-check every image before step 0 (False: bad ones fail when drawn)."
         },
     )
 
@@ -78,7 +74,7 @@ class LoraArguments:
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
     lora_target_modules: str | None = field(
         default=None,
-        metadata={"help": "PEFT target_modules regex; default: the family's attention and MLP projections of the LM."},
+        metadata={"help": "PEFT target_modules regex (None: the family's LM attention and MLP projections)."},
     )
 
 
@@ -88,53 +84,59 @@ class SCTuneConfig(TrainingArguments):
     a describer rollout gives ``ppo_epochs`` steps, a locator batch gives one."""
 
     # ---- alternation
-    caption_update_steps: int = field(
+    # The reference's names (caption_* / bbox_*) stay accepted as aliases.
+    describer_update_steps: int = field(
         default=200,
-        metadata={"help": "Describer rollouts (batches) per describer phase; each gives ppo_epochs optimizer steps."},
+        metadata={
+            "help": "Describer rollouts per phase (ppo_epochs steps each).",
+            "aliases": ["--caption_update_steps"],
+        },
     )
-    bbox_update_steps: int = field(
+    locator_update_steps: int = field(
         default=100,
-        metadata={"help": "Locator batches (optimizer steps) per locator phase; 0 trains the describer only."},
+        metadata={
+            "help": "Locator steps per locator phase (0: describer only).",
+            "aliases": ["--bbox_update_steps"],
+        },
     )
-    caption_lr: float = field(default=5e-7, metadata={"help": "Constant learning rate of the describer phase."})
-    bbox_lr: float = field(default=1e-6, metadata={"help": "Constant learning rate of the locator phase."})
+    describer_lr: float = field(
+        default=5e-7,
+        metadata={"help": "Constant learning rate of the describer phase.", "aliases": ["--caption_lr"]},
+    )
+    locator_lr: float = field(
+        default=1e-6, metadata={"help": "Constant learning rate of the locator phase.", "aliases": ["--bbox_lr"]}
+    )
     # ---- describer (PPO-style, critic-free)
     reward: str = field(
         default="iou",
         metadata={
-            "help": "Cycle reward of a re-grounded box (sc_tune/rewards.py): iou (the paper's) | giou ((GIoU+1)/2) | "
-            "iou_squared | iou_threshold (1 if IoU >= 0.5). A parse failure scores 0 and is counted."
+            "help": "Cycle reward: iou (paper) | giou ((GIoU+1)/2) | iou_squared | iou_threshold; no box scores 0."
         },
     )
     describer_baseline: str = field(
         default="snapshot_greedy",
         metadata={
-            "help": "What a sampled caption's reward is compared with (sc_tune/baselines.py): snapshot_greedy (the "
-            "paper's: the snapshot's greedy caption, located by the snapshot) | policy_greedy (ReMax/SCST: the "
-            "current policy's greedy caption, located by the snapshot) | group_mean (RLOO: mean reward of the "
-            "box's other num_generations-1 samples) | none (raw reward)."
+            "help": "snapshot_greedy (paper) | policy_greedy (ReMax) | group_mean (RLOO) | none."
         },
     )
     num_generations: int = field(
         default=1,
         metadata={
-            "help": "Sampled captions per box (K), drawn in one generate call; a describer micro-batch has "
-            "per_device_train_batch_size x K rows. group_mean needs K >= 2."
+            "help": "Sampled captions per box (K, one generate call; batch x K rows); group_mean needs K >= 2."
         },
     )
     scale_rewards_by_group_std: bool = field(
         default=False,
-        metadata={"help": "Divide reward - baseline by the std of the box's K sampled rewards (GRPO); K >= 2."},
+        metadata={"help": "Divide reward - baseline by the std of the box's K rewards (GRPO); K >= 2."},
     )
     kl_coef: float = field(
         default=0.01,
-        metadata={"help": "Coefficient of the per-token KL penalty in the reward (the adaptive controller's start)."},
+        metadata={"help": "Per-token KL penalty coefficient (the adaptive controller's start)."},
     )
     kl_controller: str = field(
         default="fixed",
         metadata={
-            "help": "fixed (the reference) | adaptive (Ziegler et al. 2019: coef *= 1 + clip(KL/kl_target - 1, "
-            "-0.2, 0.2) * captions/kl_horizon after each rollout). The coefficient is logged as describer/kl_coef."
+            "help": "fixed (reference) | adaptive (proportional, toward --kl_target; Ziegler et al. 2019)."
         },
     )
     kl_target: float = field(
@@ -152,7 +154,7 @@ class SCTuneConfig(TrainingArguments):
     policy_kl_stop: float = field(
         default=1.5,
         metadata={
-            "help": "Skip the remaining PPO epochs of a rollout once KL(pre-update policy || policy) exceeds this."
+            "help": "Skip a rollout's remaining PPO epochs once KL(old policy || policy) exceeds this."
         },
     )
     # ---- generation
@@ -169,14 +171,14 @@ class SCTuneConfig(TrainingArguments):
     log_rollouts_steps: int = field(
         default=0,
         metadata={
-            "help": "Every N steps write a PNG grid of a few describer rollouts to output_dir/rollouts (0: never)."
+            "help": "Every N steps a PNG grid of describer rollouts in output_dir/rollouts (0: never)."
         },
     )
     # ---- reference defaults for inherited fields
     max_steps: int = field(
         default=4000,
         metadata={
-            "help": "Optimizer steps. The reference stopped after 2,400 batches = 8 cycles = 4,000 steps at the default phase lengths."
+            "help": "Optimizer steps (the reference's 2,400 batches = 8 cycles = 4,000 steps)."
         },
     )
     adam_beta2: float = field(default=0.95, metadata={"help": "Adam beta2 (reference: 0.95)."})
@@ -188,7 +190,7 @@ class SCTuneConfig(TrainingArguments):
     # phase, Adam moments reset at each switch). They default to None so that a value the user typed can be
     # told apart from the default, and is refused instead of being silently replaced (issue 11).
     learning_rate: float | None = field(
-        default=None, metadata={"help": "Not used: set --caption_lr / --bbox_lr (any other value is an error)."}
+        default=None, metadata={"help": "Not used: set --describer_lr / --locator_lr (any other value is an error)."}
     )
     lr_scheduler_type: str | None = field(
         default=None,
@@ -212,17 +214,16 @@ class SCTuneConfig(TrainingArguments):
     resume_allow_changes: str = field(
         default="",
         metadata={
-            "help": "Comma-separated settings a resume may change from the checkpoint's (default: none). Recorded: "
-            "model (e.g. a moved model folder), model_type, lora, schedule, kl_coef, clip_range, gamma, "
-            "per_device_train_batch_size, gradient_accumulation_steps, seed, world_size, precision, deepspeed. "
-            "world_size changes only at a phase switch without DeepSpeed."
+            # The recorded settings: model, model_type, lora, schedule, kl_coef, clip_range, gamma,
+            # per_device_train_batch_size, gradient_accumulation_steps, seed, world_size, precision, deepspeed
+            # (world_size changes only at a phase switch without DeepSpeed). README lists them too.
+            "help": "Settings a resume may change, comma-separated (e.g. seed,model; README lists them)."
         },
     )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
-            "help": "Train into an --output_dir that holds another run: its checkpoint-N folders are deleted first "
-            "(without this flag, and without --resume_from_checkpoint, such a folder is refused)."
+            "help": "Replace the run in --output_dir (deleting its checkpoints) instead of refusing."
         },
     )
 
@@ -230,10 +231,10 @@ class SCTuneConfig(TrainingArguments):
         # Refuse, rather than silently override, the Trainer's LR knobs. A value equal to what SC-Tune sets is
         # accepted, so that re-creating the config from its own fields (e.g. dataclasses.replace) still works.
         refused = {
-            "learning_rate": (self.learning_rate not in (None, self.caption_lr),
-                              "the learning rate is set per phase: use --caption_lr and --bbox_lr"),
+            "learning_rate": (self.learning_rate not in (None, self.describer_lr),
+                              "the learning rate is set per phase: use --describer_lr and --locator_lr"),
             "lr_scheduler_type": (self.lr_scheduler_type not in (None, "constant"),
-                                  "each phase runs at a constant LR (--caption_lr / --bbox_lr)"),
+                                  "each phase runs at a constant LR (--describer_lr / --locator_lr)"),
             "lr_scheduler_kwargs": (self.lr_scheduler_kwargs not in (None, {}, ""),
                                     "SC-Tune's phase LR takes no scheduler arguments"),
             "warmup_steps": (self.warmup_steps not in (None, 0),
@@ -242,14 +243,14 @@ class SCTuneConfig(TrainingArguments):
         for name, (is_set, why) in refused.items():
             if is_set:
                 raise ArgumentError(f"--{name} {getattr(self, name)!r} is not used by SC-Tune: {why}")
-        self.learning_rate = self.caption_lr  # only seeds the optimizer's param groups; the phases set the LR
+        self.learning_rate = self.describer_lr  # only seeds the optimizer's param groups; the phases set the LR
         self.lr_scheduler_type = "constant"
         self.lr_scheduler_kwargs = {}
         self.warmup_steps = 0
         self._check_hyperparameters()
         super().__post_init__()
-        if self.caption_update_steps == 0 and self.bbox_update_steps == 0:
-            raise ArgumentError("caption_update_steps and bbox_update_steps cannot both be 0")
+        if self.describer_update_steps == 0 and self.locator_update_steps == 0:
+            raise ArgumentError("describer_update_steps and locator_update_steps cannot both be 0")
         from sc_tune.baselines import DescriberBaseline
         from sc_tune.kl_control import KL_CONTROLLERS
         from sc_tune.rewards import REWARDS
@@ -277,8 +278,8 @@ class SCTuneConfig(TrainingArguments):
     def _check_hyperparameters(self) -> None:
         """Values that would train the wrong way silently (a negative LR ascends) or crash mid-run."""
         rules = [
-            ("caption_lr", self.caption_lr > 0, "must be > 0"),
-            ("bbox_lr", self.bbox_lr > 0, "must be > 0"),
+            ("describer_lr", self.describer_lr > 0, "must be > 0"),
+            ("locator_lr", self.locator_lr > 0, "must be > 0"),
             ("kl_coef", self.kl_coef >= 0, "must be >= 0"),
             ("clip_range", self.clip_range > 0, "must be > 0"),
             ("gamma", 0 <= self.gamma <= 1, "must be in [0, 1]"),
@@ -286,8 +287,8 @@ class SCTuneConfig(TrainingArguments):
             ("policy_kl_stop", self.policy_kl_stop > 0, "must be > 0"),
             ("gradient_accumulation_steps", self.gradient_accumulation_steps >= 1, "must be >= 1"),
             ("ppo_epochs", self.ppo_epochs >= 1, "must be >= 1"),
-            ("caption_update_steps", self.caption_update_steps >= 0, "must be >= 0"),
-            ("bbox_update_steps", self.bbox_update_steps >= 0, "must be >= 0"),
+            ("describer_update_steps", self.describer_update_steps >= 0, "must be >= 0"),
+            ("locator_update_steps", self.locator_update_steps >= 0, "must be >= 0"),
             ("per_device_train_batch_size", self.per_device_train_batch_size >= 1, "must be >= 1"),
         ]
         errors = [f"--{name} {getattr(self, name)!r} {rule}" for name, ok, rule in rules if not ok]
@@ -302,6 +303,7 @@ class SCTuneConfig(TrainingArguments):
 # Trainer options; an inherited field that SCTuneConfig re-declares lands in "Trainer options SC-Tune sets".
 CYCLE_GROUP = "SC-Tune: cycle and phases"
 PPO_GROUP = "SC-Tune: describer update (PPO-style)"
+BASELINE_GROUP = "SC-Tune: describer baseline and KL controller (beyond the paper)"
 GENERATION_GROUP = "SC-Tune: generation (describer captions, locator boxes)"
 MODEL_DATA_GROUP = "SC-Tune: model and data"
 LORA_GROUP = "SC-Tune: LoRA / QLoRA"
@@ -310,13 +312,15 @@ SET_BY_SC_TUNE_GROUP = "Trainer options SC-Tune sets (reference defaults, or ref
 TRAINER_GROUP = "Trainer options (inherited from transformers.TrainingArguments)"
 
 HELP_GROUPS = {
-    CYCLE_GROUP: ("caption_update_steps", "bbox_update_steps", "caption_lr", "bbox_lr", "max_steps"),
+    CYCLE_GROUP: ("describer_update_steps", "locator_update_steps", "describer_lr", "locator_lr", "max_steps"),
     PPO_GROUP: ("reward", "kl_coef", "ppo_epochs", "clip_range", "gamma", "ratio_threshold", "policy_kl_stop"),
+    BASELINE_GROUP: ("describer_baseline", "num_generations", "scale_rewards_by_group_std", "kl_controller",
+                     "kl_target", "kl_horizon"),
     GENERATION_GROUP: ("describer_top_k", "describer_top_p", "describer_temperature", "describer_max_new_tokens",
                        "describer_min_new_tokens", "locator_max_new_tokens", "locator_min_new_tokens"),
 }
 DATACLASS_GROUPS = {ModelArguments: MODEL_DATA_GROUP, DataArguments: MODEL_DATA_GROUP, LoraArguments: LORA_GROUP}
-GROUP_ORDER = (CYCLE_GROUP, PPO_GROUP, GENERATION_GROUP, MODEL_DATA_GROUP, LORA_GROUP, OTHER_GROUP,
+GROUP_ORDER = (CYCLE_GROUP, PPO_GROUP, BASELINE_GROUP, GENERATION_GROUP, MODEL_DATA_GROUP, LORA_GROUP, OTHER_GROUP,
                SET_BY_SC_TUNE_GROUP, TRAINER_GROUP)
 
 

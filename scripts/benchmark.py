@@ -7,7 +7,7 @@ Variants (all from the committed warm start ``checkpoints/warm_start``, same dat
 
 - ``sc_tune``: the full method (describer and locator phases, KL penalty; the snapshot-greedy baseline);
 - ``no_kl``: ``--kl_coef 0``;
-- ``no_locator``: describer only, ``--bbox_update_steps 0``;
+- ``no_locator``: describer only, ``--locator_update_steps 0``;
 - ``policy_greedy``, ``group_mean`` (K = 4 samples per box, 8 boxes per rollout), ``no_baseline``: the other
   ``--describer_baseline`` choices, each sampling as many captions per run as ``sc_tune`` (the table's
   "captions sampled" column states the budget).
@@ -95,7 +95,7 @@ def main(argv=None):
     parser.add_argument("--heldout_images", type=int, default=400)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (1 is fastest here)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="override a finetune.py flag of every run, e.g. caption_lr=1e-4")
+                        help="override a finetune.py flag of every run, e.g. describer_lr=1e-4")
     args = parser.parse_args(argv)
     common = parse_overrides(args.set)
 

@@ -30,11 +30,12 @@ DS_CONFIG=${DS_CONFIG-scripts/ds_config_zero2.json}    # or scripts/ds_config_ze
 PRECISION=${PRECISION:-bf16}                           # bf16 (the reference's) | fp16 | fp32 (CPU dry runs)
 BOX_FORMAT=${BOX_FORMAT:-native}               # native (the family's box text) | generic; evaluate with the same
 
-caption_update_steps=${caption_update_steps:-200}   # describer rollouts per phase (each = ppo_epochs steps)
-bbox_update_steps=${bbox_update_steps:-100}         # locator steps per phase
-caption_lr=${caption_lr:-5e-7}
-bbox_lr=${bbox_lr:-1e-6}
-kl_coef=${kl_coef:-0.01}
+# The reference's lower-case names (caption_update_steps, bbox_update_steps, caption_lr, bbox_lr, kl_coef) still work.
+DESCRIBER_UPDATE_STEPS=${DESCRIBER_UPDATE_STEPS:-${caption_update_steps:-200}}  # describer rollouts per phase (x ppo_epochs steps)
+LOCATOR_UPDATE_STEPS=${LOCATOR_UPDATE_STEPS:-${bbox_update_steps:-100}}         # locator steps per phase
+DESCRIBER_LR=${DESCRIBER_LR:-${caption_lr:-5e-7}}
+LOCATOR_LR=${LOCATOR_LR:-${bbox_lr:-1e-6}}
+KL_COEF=${KL_COEF:-${kl_coef:-0.01}}
 
 MAX_STEPS=${MAX_STEPS:-4000}          # the reference's 2,400 batches = 8 cycles = 4,000 optimizer steps
 BATCH_PER_GPU=${BATCH_PER_GPU:-16}
@@ -71,11 +72,11 @@ $TORCHRUN --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NOD
     --max_steps "$MAX_STEPS" \
     --per_device_train_batch_size "$BATCH_PER_GPU" \
     --gradient_accumulation_steps 1 \
-    --caption_update_steps "$caption_update_steps" \
-    --bbox_update_steps "$bbox_update_steps" \
-    --caption_lr "$caption_lr" \
-    --bbox_lr "$bbox_lr" \
-    --kl_coef "$kl_coef" \
+    --describer_update_steps "$DESCRIBER_UPDATE_STEPS" \
+    --locator_update_steps "$LOCATOR_UPDATE_STEPS" \
+    --describer_lr "$DESCRIBER_LR" \
+    --locator_lr "$LOCATOR_LR" \
+    --kl_coef "$KL_COEF" \
     --save_strategy steps \
     --save_steps "$SAVE_STEPS" \
     --save_total_limit 10 \

@@ -18,10 +18,10 @@ def cli_args(model: str, output_dir, *extra: str) -> list[str]:
     """A few-second CLI run: cycle = 1 describer rollout x 2 PPO epochs + 1 locator step."""
     return [
         *("--model_name_or_path", model, "--data_path", SAMPLE_DATA, "--image_folder", SAMPLE_IMAGES),
-        *("--output_dir", str(output_dir), "--caption_update_steps", "1", "--bbox_update_steps", "1"),
+        *("--output_dir", str(output_dir), "--describer_update_steps", "1", "--locator_update_steps", "1"),
         *("--per_device_train_batch_size", "2", "--use_cpu", "True", "--describer_max_new_tokens", "4"),
         *("--locator_max_new_tokens", "6", "--report_to", "none", "--disable_tqdm", "True"),
-        *("--caption_lr", "1e-3", "--bbox_lr", "1e-3", "--save_strategy", "steps", "--save_steps", "2"),
+        *("--describer_lr", "1e-3", "--locator_lr", "1e-3", "--save_strategy", "steps", "--save_steps", "2"),
         *("--dataloader_num_workers", "0", *extra),
     ]
 
@@ -137,7 +137,7 @@ def test_no_complete_checkpoint_is_a_clear_error(runs, tmp_path):
     [
         (["--seed", "7"], "seed: checkpoint 42, now 7"),
         (["--per_device_train_batch_size", "1"], "per_device_train_batch_size: checkpoint 2, now 1"),
-        (["--bbox_update_steps", "2"], "schedule"),
+        (["--locator_update_steps", "2"], "schedule"),
         (["--kl_coef", "0.5"], "kl_coef: checkpoint 0.01, now 0.5"),
     ],
 )
@@ -229,8 +229,8 @@ def test_rotation_keeps_the_new_checkpoint_and_deletes_broken_ones_first(runs, t
 @pytest.mark.parametrize(
     "flag, value",
     [
-        ("caption_lr", 0.0),
-        ("bbox_lr", -0.01),
+        ("describer_lr", 0.0),
+        ("locator_lr", -0.01),
         ("kl_coef", -1.0),
         ("clip_range", -0.2),
         ("gamma", 2.0),
@@ -238,8 +238,8 @@ def test_rotation_keeps_the_new_checkpoint_and_deletes_broken_ones_first(runs, t
         ("ratio_threshold", -1.0),
         ("policy_kl_stop", 0.0),
         ("gradient_accumulation_steps", 0),
-        ("caption_update_steps", -1),
-        ("bbox_update_steps", -3),
+        ("describer_update_steps", -1),
+        ("locator_update_steps", -3),
         ("ppo_epochs", 0),
         ("kl_coef", float("nan")),
     ],

@@ -50,7 +50,7 @@ def test_help_leads_with_the_sc_tune_knobs_and_their_defaults(help_text):
 
 
 def test_help_groups_follow_where_a_field_is_declared():
-    assert help_group_of("caption_lr", ["--caption_lr"]) == CYCLE_GROUP
+    assert help_group_of("describer_lr", ["--describer_lr"]) == CYCLE_GROUP
     # a renamed field keeps its group through the old name, kept as an alias
     assert help_group_of("describer_lr", ["--describer_lr", "--caption_lr"]) == CYCLE_GROUP
     assert help_group_of("log_rollouts_steps", ["--log_rollouts_steps"]) == OTHER_GROUP  # declared, not listed
@@ -59,7 +59,7 @@ def test_help_groups_follow_where_a_field_is_declared():
 
 
 @pytest.mark.parametrize("flag, value, hint", [
-    ("--learning_rate", "1e-4", "--caption_lr"),
+    ("--learning_rate", "1e-4", "--describer_lr"),
     ("--lr_scheduler_type", "cosine", "constant LR"),
     ("--warmup_steps", "100", "no warmup"),
     ("--lr_scheduler_kwargs", '{"num_cycles": 2}', "no scheduler arguments"),
@@ -72,12 +72,12 @@ def test_trainer_flags_that_sc_tune_sets_are_refused(tmp_path, flag, value, hint
 
 def test_sc_tune_sets_the_lr_knobs_itself(tmp_path):
     *_, args = build_parser().parse_args_into_dataclasses(
-        ["--output_dir", str(tmp_path), "--caption_lr", "3e-6", "--lr_scheduler_type", "constant",
+        ["--output_dir", str(tmp_path), "--describer_lr", "3e-6", "--lr_scheduler_type", "constant",
          "--warmup_steps", "0"]
     )
     assert (args.learning_rate, args.lr_scheduler_type, args.warmup_steps) == (3e-6, "constant", 0)
     # re-creating the config from its own fields (what dataclasses.replace does) is not a user override
-    assert dataclasses.replace(args, bbox_lr=2e-6).learning_rate == 3e-6
+    assert dataclasses.replace(args, locator_lr=2e-6).learning_rate == 3e-6
 
 
 def test_evaluate_takes_finetune_flag_names_and_the_earlier_spellings():
@@ -100,3 +100,12 @@ def test_evaluate_takes_finetune_flag_names_and_the_earlier_spellings():
     with pytest.raises(ValueError, match="takes one --data_path file"):
         evaluate.parse_args(["--task", "self-consistency", "--model_name_or_path", "m", "--data_path", "a", "b",
                              "--output_dir", "o"])
+
+
+def test_the_reference_flag_names_are_aliases(tmp_path):
+    """--caption_update_steps / --bbox_update_steps / --caption_lr / --bbox_lr (the reference's names) still work."""
+    *_, args = build_parser().parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--caption_update_steps", "7", "--bbox_update_steps", "3",
+         "--caption_lr", "2e-6", "--bbox_lr", "4e-6", "--use_cpu", "True"])
+    assert (args.describer_update_steps, args.locator_update_steps) == (7, 3)
+    assert (args.describer_lr, args.locator_lr) == (2e-6, 4e-6)

@@ -38,7 +38,7 @@ SHAPES = dict(
     describer_top_p=1.0,
     locator_max_new_tokens=32,
     locator_min_new_tokens=3,
-    bbox_update_steps=0,  # describer only: the locator stays the warm start's
+    locator_update_steps=0,  # describer only: the locator stays the warm start's
     ppo_epochs=2,
 )
 
@@ -95,7 +95,7 @@ def train_describer(root, records, out, reward_fn=None, **overrides):
 def test_iou_reward_teaches_the_colour_where_the_terse_caption_is_mislocated(mislocated, tmp_path):
     root, records = mislocated
     trainer, before, after = train_describer(root, records, tmp_path, per_device_train_batch_size=8,
-                                             caption_update_steps=3, max_steps=6, caption_lr=3e-4)
+                                             describer_update_steps=3, max_steps=6, describer_lr=3e-4)
     first = next(h for h in trainer.state.log_history if "describer/reward" in h)
     # The greedy caption is terse and mislocated on every picked object: the baseline is 0, the reward is not.
     assert first["describer/greedy_reward"] == 0.0 and first["describer/baseline"] == 0.0
@@ -125,7 +125,7 @@ def test_every_baseline_raises_the_rewarded_caption(baseline, generations, boxes
     reward = CaptionReward(_is_full)
     trainer, before, after = train_describer(
         root, records, tmp_path, reward, describer_baseline=baseline, num_generations=generations,
-        per_device_train_batch_size=boxes, caption_update_steps=2, max_steps=4, caption_lr=3e-4,
+        per_device_train_batch_size=boxes, describer_update_steps=2, max_steps=4, describer_lr=3e-4,
     )
     assert after["caption"] - before["caption"] > 0.1, (before, after)
     # 8 sampled captions per rollout (boxes x K), and the greedy one per box if the baseline needs it, all
@@ -145,7 +145,7 @@ def test_advantages_are_reward_minus_baseline_minus_the_kl_suffix(tiny_checkpoin
 
     # Two rollouts in one describer phase: the second one's policy has moved away from the snapshot.
     trainer = make_trainer(tiny_checkpoint("qwen2_vl"), str(tmp_path), reward_fn=recording_reward, max_steps=2,
-                           caption_update_steps=2, bbox_update_steps=0, ppo_epochs=1, kl_coef=0.5)
+                           describer_update_steps=2, locator_update_steps=0, ppo_epochs=1, kl_coef=0.5)
     rollouts = []
     original = trainer._set_advantages
 

@@ -72,10 +72,10 @@ def _finetune(source: str, output_dir: str, *extra: str):
 
     args = [
         "--model_name_or_path", source, "--data_path", SAMPLE_DATA, "--image_folder", SAMPLE_IMAGES,
-        "--output_dir", output_dir, "--max_steps", str(STEPS), "--caption_update_steps", "1",
-        "--bbox_update_steps", "1", "--ppo_epochs", "1", "--per_device_train_batch_size", "2",
+        "--output_dir", output_dir, "--max_steps", str(STEPS), "--describer_update_steps", "1",
+        "--locator_update_steps", "1", "--ppo_epochs", "1", "--per_device_train_batch_size", "2",
         "--describer_max_new_tokens", "4", "--describer_min_new_tokens", "2", "--locator_max_new_tokens", "4",
-        "--caption_lr", "1e-3", "--bbox_lr", "1e-3", "--weight_decay", "0", "--use_cpu", "True",
+        "--describer_lr", "1e-3", "--locator_lr", "1e-3", "--weight_decay", "0", "--use_cpu", "True",
         "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "True", "--seed", "0", *extra,
     ]  # fmt: skip
     with pytest.MonkeyPatch.context() as patch:

@@ -45,7 +45,7 @@ def test_flags(tmp_path):
 
 def test_trainer_logs_updates_and_checkpoints_the_coefficient(tiny_checkpoint, tmp_path):
     # 3 describer rollouts (steps 0-1, 2-3, 4-5; the snapshot synced at 0); checkpoint-3 is taken before step 3.
-    common = dict(max_steps=6, caption_update_steps=3, bbox_update_steps=1, ppo_epochs=2, kl_controller="adaptive",
+    common = dict(max_steps=6, describer_update_steps=3, locator_update_steps=1, ppo_epochs=2, kl_controller="adaptive",
                   kl_coef=0.5, kl_target=1e-3, kl_horizon=8)
     full = make_trainer(tiny_checkpoint("qwen2_vl"), str(tmp_path / "full"), reward_fn=caption_hash_reward,
                         save_strategy="steps", save_steps=3, **common)

@@ -30,8 +30,8 @@ def test_lora_phase_switch_and_merge(tiny_checkpoint, tmp_path):
         model_transform=_lora,
         reward_fn=caption_hash_reward,  # with weight_decay 0, the describer moves the adapter only through it
         max_steps=5,
-        caption_update_steps=1,
-        bbox_update_steps=2,
+        describer_update_steps=1,
+        locator_update_steps=2,
         ppo_epochs=2,
         kl_coef=0.05,
     )

@@ -56,7 +56,7 @@ def test_finetune_ds_takes_precision_image_folder_and_deepspeed_from_variables(l
     assert result.returncode == 0, result.stderr
     assert flag(argv, "--bf16") == "True" and "--fp16" not in argv  # the reference's precision by default
     assert flag(argv, "--deepspeed") == "scripts/ds_config_zero2.json"
-    assert flag(argv, "--image_folder") == "data/objects365" and flag(argv, "--caption_lr") == "5e-7"
+    assert flag(argv, "--image_folder") == "data/objects365" and flag(argv, "--describer_lr") == "5e-7"
 
     result, argv = launcher("finetune_ds.sh", PRECISION="fp32", GPUS_PER_NODE="1", DS_CONFIG="", IMAGE_FOLDER="imgs")
     assert result.returncode == 0, result.stderr
@@ -66,6 +66,9 @@ def test_finetune_ds_takes_precision_image_folder_and_deepspeed_from_variables(l
 
     result, argv = launcher("finetune_ds.sh", IMAGE_DIR="old_name")  # the earlier variable still works
     assert flag(argv, "--image_folder") == "old_name" and "IMAGE_FOLDER" in result.stderr
+
+    assert flag(launcher("finetune_ds.sh", DESCRIBER_LR="2e-6")[1], "--describer_lr") == "2e-6"
+    assert flag(launcher("finetune_ds.sh", caption_lr="3e-6")[1], "--describer_lr") == "3e-6"  # the reference's name
 
     result, argv = launcher("finetune_ds.sh", PRECISION="bf32")
     assert result.returncode == 2 and argv is None and "PRECISION must be" in result.stderr

@@ -29,8 +29,8 @@ def test_two_phases_switch_lr_moments_and_snapshot(tiny_checkpoint, tmp_path):
         str(tmp_path),
         reward_fn=caption_hash_reward,
         max_steps=6,
-        caption_update_steps=1,
-        bbox_update_steps=2,
+        describer_update_steps=1,
+        locator_update_steps=2,
         ppo_epochs=2,
         kl_coef=0.05,
         log_rollouts_steps=2,
@@ -106,8 +106,8 @@ def test_ratio_guard_skips_the_update_entirely(tiny_checkpoint, tmp_path):
         str(tmp_path),
         reward_fn=caption_hash_reward,
         max_steps=2,
-        caption_update_steps=1,
-        bbox_update_steps=1,
+        describer_update_steps=1,
+        locator_update_steps=1,
         ppo_epochs=2,
         ratio_threshold=0.5,
     )  # ratio 1 > 0.5: always skip
@@ -124,8 +124,8 @@ def test_policy_kl_early_stop_prevents_the_next_update(tiny_checkpoint, tmp_path
         str(tmp_path),
         reward_fn=caption_hash_reward,
         max_steps=3,
-        caption_update_steps=1,
-        bbox_update_steps=1,
+        describer_update_steps=1,
+        locator_update_steps=1,
         ppo_epochs=3,
     )
     trainer.args.policy_kl_stop = -1e9  # any KL "exceeds" it (past the flag's > 0 check, for this test only)
@@ -145,7 +145,7 @@ def test_policy_kl_early_stop_prevents_the_next_update(tiny_checkpoint, tmp_path
 
 
 def test_resume_mid_rollout_matches_uninterrupted_run(tiny_checkpoint, tmp_path):
-    common = dict(max_steps=6, caption_update_steps=2, bbox_update_steps=2, ppo_epochs=2)
+    common = dict(max_steps=6, describer_update_steps=2, locator_update_steps=2, ppo_epochs=2)
     full = make_trainer(
         tiny_checkpoint("qwen2_vl"), str(tmp_path / "full"), reward_fn=caption_hash_reward, save_strategy="steps",
         save_steps=3, **common
@@ -169,7 +169,7 @@ def test_bad_schedule_arguments_are_rejected(tmp_path):
     from sc_tune.arguments import SCTuneConfig
 
     with pytest.raises(ValueError, match="cannot both be 0"):
-        SCTuneConfig(output_dir=str(tmp_path), caption_update_steps=0, bbox_update_steps=0, use_cpu=True)
+        SCTuneConfig(output_dir=str(tmp_path), describer_update_steps=0, locator_update_steps=0, use_cpu=True)
     with pytest.raises(ValueError, match="ppo_epochs"):
         SCTuneConfig(output_dir=str(tmp_path), ppo_epochs=0, use_cpu=True)
 
@@ -192,9 +192,9 @@ def test_finetune_cli_runs_and_exports_a_reloadable_checkpoint(tiny_checkpoint, 
             str(out),
             "--max_steps",
             "3",
-            "--caption_update_steps",
+            "--describer_update_steps",
             "1",
-            "--bbox_update_steps",
+            "--locator_update_steps",
             "1",
             "--per_device_train_batch_size",
             "2",
@@ -215,5 +215,5 @@ def test_finetune_cli_runs_and_exports_a_reloadable_checkpoint(tiny_checkpoint, 
         assert torch.equal(param.detach(), dict(reloaded.named_parameters())[name]), name
     assert type(adapter).__name__ == "Qwen3VLAdapter"
     args = torch.load(out / "training_args.bin", weights_only=False)
-    assert (args.caption_update_steps, args.bbox_update_steps, args.kl_coef) == (1, 1, 0.01)
+    assert (args.describer_update_steps, args.locator_update_steps, args.kl_coef) == (1, 1, 0.01)
     assert os.path.exists(out / "preprocessor_config.json")

@@ -30,10 +30,10 @@ WARM_START = REPO / "checkpoints" / "warm_start"
 # docs/benchmark.md for why each differs). Passed to finetune.py as flags; a variant appends overrides.
 SC_TUNE_ARGS = {
     "per_device_train_batch_size": 32,
-    "caption_update_steps": 50,
-    "bbox_update_steps": 25,
-    "caption_lr": 1e-4,
-    "bbox_lr": 3e-5,
+    "describer_update_steps": 50,
+    "locator_update_steps": 25,
+    "describer_lr": 1e-4,
+    "locator_lr": 3e-5,
     "kl_coef": 0.01,
     "ppo_epochs": 2,
     "describer_top_k": 0,
@@ -51,7 +51,7 @@ SC_TUNE_ARGS = {
 VARIANTS = {
     "sc_tune": {},  # the paper's describer baseline, snapshot_greedy
     "no_kl": {"kl_coef": 0.0},
-    "no_locator": {"bbox_update_steps": 0},
+    "no_locator": {"locator_update_steps": 0},
     # The describer's baseline (--describer_baseline), at an equal budget of sampled captions per rollout:
     # 32 boxes x 1 sample, or 8 boxes x 4 samples for group_mean. Its locator phase then sees 8 boxes a step
     # instead of 32 (the batch size is shared by both phases): a confound the benchmark doc states.
@@ -68,7 +68,7 @@ def sampled_captions(max_steps: int, overrides: dict | None = None) -> int:
     from sc_tune.phases import Phase, PhaseSchedule
 
     args = dict(SC_TUNE_ARGS, **(overrides or {}))
-    schedule = PhaseSchedule(int(args["caption_update_steps"]), int(args["bbox_update_steps"]),
+    schedule = PhaseSchedule(int(args["describer_update_steps"]), int(args["locator_update_steps"]),
                              int(args["ppo_epochs"]), 0.0, 0.0)
     rollouts = sum(1 for step in range(max_steps)
                    if (p := schedule.at(step)).phase is Phase.DESCRIBER and p.needs_rollout)
@@ -76,7 +76,7 @@ def sampled_captions(max_steps: int, overrides: dict | None = None) -> int:
 
 
 def parse_overrides(pairs) -> dict:
-    """``["kl_coef=0", "caption_lr=1e-4"]`` -> a dict of finetune.py flags (values kept as text)."""
+    """``["kl_coef=0", "describer_lr=1e-4"]`` -> a dict of finetune.py flags (values kept as text)."""
     overrides = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")

@@ -1,4 +1,8 @@
-"""Build the benchmark's warm start: a tiny Qwen3-VL trained from scratch on the shapes dataset.
+"""Build the benchmark's warm start: a tiny model trained from scratch on the shapes dataset.
+
+``--model_type`` picks the architecture (default ``qwen3_vl``, the committed ``checkpoints/warm_start``; any
+type ``python -m sc_tune.tiny`` builds works, e.g. ``--model_type qwen3_5``), and ``scripts/benchmark.py
+--warm_start DIR`` then SC-Tunes and evaluates it.
 
 Deterministic from ``--seed``. The committed ``checkpoints/warm_start`` is ``step_6000`` of
 

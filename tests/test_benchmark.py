@@ -164,3 +164,16 @@ def test_warm_start_model_takes_head_counts_from_the_config():
     assert (text.num_attention_heads, text.num_key_value_heads, text.head_dim) == (4, 2, 32)
     assert model.model.language_model.layers[0].self_attn.q_proj.out_features == 4 * 32
     assert text.vocab_size == len(tokenizer)
+
+
+def test_warm_start_builds_another_architecture(tmp_path):
+    """--model_type picks the family: a Qwen3.5 warm start (hybrid linear-attention LM) trains and reloads."""
+    from sc_tune.modeling import load_model_and_adapter
+
+    cfg = WarmStartConfig(model_type="qwen3_5", hidden=64, layers=2, vision_width=32, batch_size=4, max_steps=2,
+                          warmup_steps=1, eval_every=2, eval_objects=4, heldout_images=2, threads=1)
+    metrics = train_warm_start(cfg, tmp_path, log=lambda line: None)
+    assert metrics["step"] == 2
+    model, adapter = load_model_and_adapter(str(tmp_path / "last"))
+    assert model.config.model_type == "qwen3_5" and type(adapter).__name__ == "Qwen35Adapter"
+    assert "linear_attention" in model.config.text_config.layer_types

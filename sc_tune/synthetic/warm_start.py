@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from sc_tune.adapters.base import ImageInputs, ModelAdapter
-from sc_tune.adapters.qwen2_vl import Qwen3VLAdapter
+from sc_tune.adapters import adapter_class
 from sc_tune.jsonio import write_json
 from sc_tune.synthetic.evaluate import evaluate_benchmark
 from sc_tune.synthetic.shapes import (ShapesScene, ShapesSpec, caption_corpus, render, scene_stream, split_seed,
@@ -37,6 +37,9 @@ from sc_tune.tiny import build_tiny
 @dataclass
 class WarmStartConfig:
     seed: int = 0
+    # The architecture: any model_type that sc_tune.tiny builds. The committed warm start is a tiny Qwen3-VL; the
+    # same recipe runs on another family, e.g. --model_type qwen3_5 (Qwen3.5's hybrid linear-attention LM).
+    model_type: str = "qwen3_vl"
     hidden: int = 128
     layers: int = 2
     vision_width: int = 64
@@ -126,8 +129,8 @@ def save_checkpoint(directory: Path, model, tokenizer, image_processor, cfg: War
 
 
 def build_model(cfg: WarmStartConfig):
-    """``sc_tune.tiny.build_tiny("qwen3_vl", ...)`` with the sizes of ``cfg``."""
-    return build_tiny("qwen3_vl", corpus=caption_corpus(), image_size=cfg.image_size, seed=cfg.seed,
+    """``sc_tune.tiny.build_tiny(cfg.model_type, ...)`` with the sizes of ``cfg``."""
+    return build_tiny(cfg.model_type, corpus=caption_corpus(), image_size=cfg.image_size, seed=cfg.seed,
                       hidden=cfg.hidden, layers=cfg.layers, vision_width=cfg.vision_width,
                       text_heads=cfg.text_heads, text_kv_heads=cfg.text_kv_heads)
 
@@ -138,7 +141,7 @@ def train_warm_start(cfg: WarmStartConfig, output_dir: str | Path, log=print) ->
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model, tokenizer, image_processor = build_model(cfg)
-    adapter = Qwen3VLAdapter(tokenizer, image_processor)
+    adapter = adapter_class(cfg.model_type)(tokenizer, image_processor)
     torch.manual_seed(cfg.seed)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

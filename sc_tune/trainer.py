@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +38,7 @@ from sc_tune.phases import Phase, PhaseLR, PhaseSchedule, reset_optimizer_moment
 from sc_tune.ppo import describer_advantages, masked_mean, ppo_clip_loss
 from sc_tune.rollout import GenerationSettings, generate, locate
 from sc_tune.snapshot import AdapterSnapshot, FullSnapshot
+from sc_tune.vision_cache import VisionCache
 
 STATE_FILE = "sc_tune_state.json"
 
@@ -86,6 +87,9 @@ class SCTuneTrainer(Trainer):
                 model, self.accelerator, self.is_deepspeed_enabled and _zero3(self), self.args.device
             )
         self._rollouts: dict[int, DescriberRollout | LocatorRollout] = {}
+        # The frozen vision trunk once per image per rollout (None: family fallback, fix_vit off, or disabled).
+        snapshot_model = getattr(self.snapshot, "module", model)
+        self.vision_cache = VisionCache.for_model(adapter, [model, snapshot_model]) if args.vision_cache else None
         self._step_begun = -1
         self._micro = 0
         self._grads_pending = False
@@ -121,6 +125,8 @@ class SCTuneTrainer(Trainer):
         set_learning_rate(self.optimizer, self.schedule.lr_at(step))
         if position.needs_rollout:
             self._rollouts = {}
+            if self.vision_cache is not None:
+                self.vision_cache.clear()
         self._micro = 0
         self._grads_pending = False
 
@@ -287,6 +293,11 @@ class SCTuneTrainer(Trainer):
         return loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        # The whole step (rollout, forward, backward with any checkpoint recomputation) sees the vision cache.
+        with self.vision_cache.active() if self.vision_cache is not None else nullcontext():
+            return self._training_step(model, inputs, num_items_in_batch)
+
+    def _training_step(self, model, inputs, num_items_in_batch=None):
         model.train()
         rollout = self._prepare_inputs(inputs)
         with self.compute_loss_context_manager():

@@ -38,6 +38,7 @@ from sc_tune.phases import Phase, PhaseLR, PhaseSchedule, reset_optimizer_moment
 from sc_tune.ppo import describer_advantages, masked_mean, ppo_clip_loss
 from sc_tune.rollout import GenerationSettings, generate, locate
 from sc_tune.snapshot import AdapterSnapshot, FullSnapshot
+from sc_tune.timing import StageClock, timed_stage
 from sc_tune.vision_cache import VisionCache
 
 STATE_FILE = "sc_tune_state.json"
@@ -90,6 +91,7 @@ class SCTuneTrainer(Trainer):
         # The frozen vision trunk once per image per rollout (None: family fallback, fix_vit off, or disabled).
         snapshot_model = getattr(self.snapshot, "module", model)
         self.vision_cache = VisionCache.for_model(adapter, [model, snapshot_model]) if args.vision_cache else None
+        self.stage_clock = StageClock()  # timing/<stage> seconds per step in the logs
         self._step_begun = -1
         self._micro = 0
         self._grads_pending = False
@@ -166,14 +168,16 @@ class SCTuneTrainer(Trainer):
         batch = self.adapter.build_batch(
             [self.adapter.describer_prompt(b, im) for b, im in zip(boxes_B4.tolist(), images)], images
         )
-        with self._policy_for_generation() as policy:
+        with self._policy_for_generation() as policy, self.stage_clock.stage("policy_sampling"):
             sampled = generate(policy, self.adapter, batch, self.sample_captions, skip_special_tokens=True)
         with self.snapshot.generating() as snapshot:
-            greedy = generate(snapshot, self.adapter, batch, self.greedy_captions, skip_special_tokens=True)
+            with self.stage_clock.stage("snapshot_generation"):
+                greedy = generate(snapshot, self.adapter, batch, self.greedy_captions, skip_special_tokens=True)
             # Both captions are located in one batched call: rows 0..B-1 sampled, B..2B-1 the baseline.
-            located, _ = locate(
-                snapshot, self.adapter, images + images, sampled.texts + greedy.texts, self.greedy_boxes
-            )
+            with self.stage_clock.stage("locating"):
+                located, _ = locate(
+                    snapshot, self.adapter, images + images, sampled.texts + greedy.texts, self.greedy_boxes
+                )
         n = len(images)
         reward_B = iou_or_zero(located[:n], boxes_B4)
         baseline_B = iou_or_zero(located[n:], boxes_B4)
@@ -183,7 +187,7 @@ class SCTuneTrainer(Trainer):
             for k, v in self.adapter.append_completion(batch, sampled.ids_BT.cpu(), sampled.mask_BT.cpu()).items()
         }
         caption_ids_BT, caption_mask_BT = sampled.ids_BT.to(device), sampled.mask_BT.to(device)
-        with self.snapshot.scoring() as snapshot:
+        with self.snapshot.scoring() as snapshot, self.stage_clock.stage("snapshot_scoring"):
             snapshot_logp_BT = self._caption_logprobs(snapshot, teacher_inputs, caption_ids_BT)
         parse_fail = torch.tensor([b is None for b in located[:n]], dtype=torch.float32)
         self._log_metrics(
@@ -214,7 +218,7 @@ class SCTuneTrainer(Trainer):
         images = self._prepare_images(inputs)
         boxes = inputs["boxes"].tolist()
         batch = self.adapter.build_batch([self.adapter.describer_prompt(b, im) for b, im in zip(boxes, images)], images)
-        with self.snapshot.generating() as snapshot:
+        with self.snapshot.generating() as snapshot, self.stage_clock.stage("snapshot_generation"):
             captions = generate(snapshot, self.adapter, batch, self.greedy_captions, skip_special_tokens=True)
         targets = [self.adapter.locator_target(b, im) for b, im in zip(boxes, images)]
         pseudo = self.adapter.build_batch(
@@ -232,6 +236,7 @@ class SCTuneTrainer(Trainer):
         return selective_log_softmax(logits / self.args.describer_temperature, caption_ids_BT)
 
     # ------------------------------------------------------------------ losses
+    @timed_stage("forward")
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if isinstance(inputs, DescriberRollout):
             return self._describer_loss(model, inputs)
@@ -295,7 +300,12 @@ class SCTuneTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         # The whole step (rollout, forward, backward with any checkpoint recomputation) sees the vision cache.
         with self.vision_cache.active() if self.vision_cache is not None else nullcontext():
-            return self._training_step(model, inputs, num_items_in_batch)
+            loss = self._training_step(model, inputs, num_items_in_batch)
+        if self.vision_cache is not None:  # the frozen trunk's runs, inside the stages above (not additive)
+            self.stage_clock.add("vision_encoding", self.vision_cache.pop_encode_seconds())
+        for key, seconds in self.stage_clock.pop().items():
+            self._log_metric(key, seconds)
+        return loss
 
     def _training_step(self, model, inputs, num_items_in_batch=None):
         model.train()
@@ -311,7 +321,8 @@ class SCTuneTrainer(Trainer):
             # all-reduce and DeepSpeed's accumulation boundary in step while adding nothing.
             loss = loss * 0.0
         kwargs = {"scale_wrt_gas": False} if self.accelerator.distributed_type == DistributedType.DEEPSPEED else {}
-        self.accelerator.backward(loss, **kwargs)
+        with self.stage_clock.stage("backward"):
+            self.accelerator.backward(loss, **kwargs)
         self._grads_pending = True
         return loss.detach()
 

@@ -59,7 +59,7 @@ class VisionCache:
         self.trunks = list(trunks)
         self._pixels: list[torch.Tensor] = []
         self._outputs: list[list[torch.Tensor]] = []  # per image: one tensor per replayed module
-        self.encode_seconds = 0.0  # time spent running the trunk since the last ``clear``
+        self.encode_seconds = 0.0  # time spent running the trunk, see ``pop_encode_seconds``
         self.encoded_images = 0
 
     @classmethod
@@ -78,6 +78,11 @@ class VisionCache:
         """Forget every image: call when a new rollout's images arrive."""
         self._pixels, self._outputs = [], []
         self.encode_seconds, self.encoded_images = 0.0, 0
+
+    def pop_encode_seconds(self) -> float:
+        """Seconds spent running the trunk since the last call (for ``timing/vision_encoding``)."""
+        seconds, self.encode_seconds = self.encode_seconds, 0.0
+        return seconds
 
     def _find(self, pixels: torch.Tensor) -> int | None:
         for i, known in enumerate(self._pixels):

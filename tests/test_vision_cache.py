@@ -125,4 +125,7 @@ def test_training_losses_identical_with_and_without_cache(tiny_checkpoint, tmp_p
     cached, trainer = _run_steps(checkpoint, tmp_path, True, model_transform=transform)
     assert len(plain) == 4 and 0 < trainer.vision_cache.encoded_images <= trainer.args.per_device_train_batch_size
     assert all(loss != 0 for loss in plain)
+    logged = {k for entry in trainer.state.log_history for k, v in entry.items() if k.startswith("timing/") and v > 0}
+    stages = ["policy_sampling", "snapshot_generation", "locating", "snapshot_scoring", "forward", "backward"]
+    assert logged == {f"timing/{s}" for s in [*stages, "vision_encoding"]}
     assert cached == pytest.approx(plain, abs=1e-5)

@@ -57,6 +57,9 @@ CONFIGS = {
     "toy-qwen-vl-chat": BenchConfig(
         "qwen", 8, 448, dict(hidden=512, layers=4, heads=4, vision_width=192, vision_layers=8, n_queries=256)
     ),
+    "toy-qwen2.5-vl-100m": BenchConfig(  # the memory comparison's ~100 M-parameter size
+        "qwen2_5_vl", 8, 448, dict(hidden=1024, layers=8, vision_width=192, text_heads=16, text_kv_heads=4), _toy_qwen25
+    ),
     "qwen2.5-vl-7b": BenchConfig(
         "qwen2_5_vl",
         8,

@@ -203,6 +203,32 @@ def _pop_stages(clock: StageClock) -> dict[str, float]:
     return {k[len("timing/") :]: v for k, v in clock.pop().items()}
 
 
+@torch.no_grad()
+def vision_share(model, adapter, inputs, repeats: int = 3) -> float:
+    """Seconds in the vision tower over seconds of a whole no-grad prompt forward (describer batch, median)."""
+    trunk = adapter.vision_trunk(model)
+    if trunk is None:
+        return float("nan")
+    images = [adapter.prepare_image(image) for image in inputs["images"]]
+    batch = adapter.build_batch([adapter.describer_prompt(b, im) for b, im in zip(inputs["boxes"].tolist(), images)], images)
+    device = next(model.parameters()).device
+    model_inputs = {k: v.to(device) for k, v in batch.inputs.items()}
+    spent = []
+    pre = trunk.tower.register_forward_pre_hook(lambda *a: spent.append(-time.perf_counter()))
+    post = trunk.tower.register_forward_hook(lambda *a: spent.append(time.perf_counter()))
+    shares = []
+    try:
+        for _ in range(repeats):
+            spent.clear()
+            start = time.perf_counter()
+            model(**model_inputs, use_cache=False)
+            shares.append(sum(spent) / (time.perf_counter() - start))
+    finally:
+        pre.remove()
+        post.remove()
+    return statistics.median(shares)
+
+
 def timed(fn, inputs, device):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -260,15 +286,17 @@ def main(argv=None):
         [adapter.prepare_image(samples[0]["image"])],
     ).input_ids.shape[1]
     params = sum(p.numel() for p in model.parameters())
+    share = vision_share(model, adapter, inputs)
     load = os.getloadavg()
     print(
         f"config {opts.config}: {params / 1e6:.1f} M parameters, batch {batch}, describer prompt {prompt_len} tokens, "
+        f"vision tower {100 * share:.0f} % of a prompt forward, "
         f"vision cache {'on' if ours.trainer.vision_cache is not None else 'off'}, {opts.device} {opts.dtype}, "
         f"torch threads {torch.get_num_threads()}, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}",
         flush=True,
     )
 
-    result = {"config": opts.config, "pairs": opts.pairs, "batch": batch}
+    result = {"config": opts.config, "pairs": opts.pairs, "batch": batch, "vision_share": round(share, 3)}
     for phase in opts.phases.split(","):
         arm_a, arm_b = getattr(ours, phase), getattr(reference, phase)
         for _ in range(opts.warmup):

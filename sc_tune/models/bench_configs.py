@@ -5,7 +5,7 @@ Each configuration is a real architecture with random weights and the tiny token
 
 - ``toy-qwen2.5-vl`` (CPU): Qwen2.5-VL proportions scaled down, LM 512 x 4 layers, ViT 192 x 4 blocks,
   448 px -> 1,024 patches -> 256 visual tokens;
-- ``toy-qwen-vl-chat`` (CPU): Qwen-VL, LM 512 x 4, ViT 192 x 8 blocks, 448 px -> 1,024 patches resampled to
+- ``toy-qwen-vl-chat`` (CPU): Qwen-VL, LM 512 x 4, ViT 192 x 5 blocks, 448 px -> 1,024 patches resampled to
   256 queries: the ViT is about half of a prompt forward, as ViT-bigG is for Qwen-VL-Chat;
 - ``qwen2.5-vl-7b``, ``qwen-vl-chat`` (GPU): the published sizes of Qwen2.5-VL-7B-Instruct and Qwen-VL-Chat.
 
@@ -55,7 +55,7 @@ CONFIGS = {
         "qwen2_5_vl", 8, 448, dict(hidden=512, layers=4, vision_width=192, text_heads=8, text_kv_heads=2), _toy_qwen25
     ),
     "toy-qwen-vl-chat": BenchConfig(
-        "qwen", 8, 448, dict(hidden=512, layers=4, heads=4, vision_width=192, vision_layers=8, n_queries=256)
+        "qwen", 8, 448, dict(hidden=512, layers=4, heads=4, vision_width=192, vision_layers=5, n_queries=256)
     ),
     "toy-qwen2.5-vl-100m": BenchConfig(  # the memory comparison's ~100 M-parameter size
         "qwen2_5_vl", 8, 448, dict(hidden=1024, layers=8, vision_width=192, text_heads=16, text_kv_heads=4), _toy_qwen25

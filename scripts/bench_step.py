@@ -210,7 +210,8 @@ def vision_share(model, adapter, inputs, repeats: int = 3) -> float:
     if trunk is None:
         return float("nan")
     images = [adapter.prepare_image(image) for image in inputs["images"]]
-    batch = adapter.build_batch([adapter.describer_prompt(b, im) for b, im in zip(inputs["boxes"].tolist(), images)], images)
+    prompts = [adapter.describer_prompt(b, im) for b, im in zip(inputs["boxes"].tolist(), images)]
+    batch = adapter.build_batch(prompts, images)
     device = next(model.parameters()).device
     model_inputs = {k: v.to(device) for k, v in batch.inputs.items()}
     spent = []
@@ -281,10 +282,8 @@ def main(argv=None):
     )
     ours = ThisTrainer(model, adapter, samples, args)
     reference = ReferenceReplay(ours.trainer.model, adapter, ours.trainer.optimizer, args)
-    prompt_len = adapter.build_batch(
-        [adapter.describer_prompt(b, adapter.prepare_image(s["image"])) for b, s in zip([[0.1, 0.1, 0.5, 0.5]], samples)],
-        [adapter.prepare_image(samples[0]["image"])],
-    ).input_ids.shape[1]
+    first_image = adapter.prepare_image(samples[0]["image"])
+    prompt_len = len(adapter.encode_prompt(adapter.describer_prompt(samples[0]["bbox"], first_image), first_image))
     params = sum(p.numel() for p in model.parameters())
     share = vision_share(model, adapter, inputs)
     load = os.getloadavg()
@@ -326,7 +325,10 @@ def main(argv=None):
             result[f"{phase}_stages_{label}"] = {n: round(v, 4) for n, v in share.items()}
         result[f"{phase}_ratio"] = round(median, 4)
         result[f"{phase}_ratio_iqr"] = [round(q1, 4), round(q3, 4)]
-        result[f"{phase}_seconds"] = {"this": round(statistics.median(secs_a), 3), "reference": round(statistics.median(secs_b), 3)}
+        result[f"{phase}_seconds"] = {
+            "this": round(statistics.median(secs_a), 3),
+            "reference": round(statistics.median(secs_b), 3),
+        }
     result["load_average"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(result))
 

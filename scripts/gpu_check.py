@@ -77,7 +77,8 @@ def check_instantiates(names):
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(
             f"[meta] {name}: {total / 1e9:.2f} B parameters, {trainable / 1e6:.1f} M trainable (LoRA + merger), "
-            f"{frozen / 1e9:.2f} B frozen vision parameters, vision cache trunk: {'yes' if trunk is not None else 'no (fallback)'}",
+            f"{frozen / 1e9:.2f} B frozen vision parameters, "
+            f"vision cache trunk: {'yes' if trunk is not None else 'no (fallback)'}",
             flush=True,
         )
 

@@ -117,8 +117,8 @@ def test_training_losses_identical_with_and_without_cache(tiny_checkpoint, tmp_p
         from sc_tune.arguments import LoraArguments
 
         def transform(model, adapter):
-            lora = LoraArguments(use_lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0)
-            return apply_lora(model, adapter, lora, False)
+            lora_args = LoraArguments(use_lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0)
+            return apply_lora(model, adapter, lora_args, False)
 
     checkpoint = tiny_checkpoint("qwen2_5_vl")
     plain, _ = _run_steps(checkpoint, tmp_path, False, model_transform=transform)

@@ -157,6 +157,15 @@ class SCTuneConfig(TrainingArguments):
             "help": "Skip a rollout's remaining PPO epochs once KL(old policy || policy) exceeds this."
         },
     )
+    # ---- speed
+    vision_cache: bool = field(
+        default=True,
+        metadata={
+            "help": "With fix_vit, run the frozen vision blocks once per image per rollout and reuse their output in "
+            "every pass (the trainable merger/resampler still runs each time). No effect for families without a "
+            "trunk split (see ModelAdapter.vision_trunk) or with fix_vit off."
+        },
+    )
     # ---- generation
     describer_top_k: int = field(default=100, metadata={"help": "Top-k of the describer's sampled caption."})
     describer_top_p: float = field(default=0.3, metadata={"help": "Top-p of the describer's sampled caption."})

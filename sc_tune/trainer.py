@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +47,8 @@ from sc_tune.ppo import describer_advantages, masked_mean, per_token_kl, ppo_cli
 from sc_tune.rewards import RewardBatch, RewardFunction, get_reward
 from sc_tune.rollout import Completions, GenerationSettings, describe, locate
 from sc_tune.snapshot import AdapterSnapshot, FullSnapshot
+from sc_tune.timing import StageClock, timed_stage
+from sc_tune.vision_cache import VisionCache
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +123,10 @@ class SCTuneTrainer(Trainer):
                 model, self.accelerator, self.is_deepspeed_enabled and _zero3(self), self.args.device
             )
         self._rollouts: dict[int, DescriberRollout | LocatorRollout] = {}
+        # The frozen vision trunk once per image per rollout (None: family fallback, fix_vit off, or disabled).
+        snapshot_model = getattr(self.snapshot, "module", model)
+        self.vision_cache = VisionCache.for_model(adapter, [model, snapshot_model]) if args.vision_cache else None
+        self.stage_clock = StageClock()  # timing/<stage> seconds per step in the logs
         self._step_begun = -1
         self._micro = 0
         self._grads_pending = False
@@ -157,6 +163,8 @@ class SCTuneTrainer(Trainer):
         set_learning_rate(self.optimizer, self.schedule.lr_at(step))
         if position.needs_rollout:
             self._rollouts = {}
+            if self.vision_cache is not None:
+                self.vision_cache.clear()
         self._micro = 0
         self._grads_pending = False
 
@@ -222,11 +230,13 @@ class SCTuneTrainer(Trainer):
         rows_boxes = [box for box in boxes_B4.tolist() for _ in range(k)]
         greedy = None
         with self._policy_for_generation() as policy:
-            batch, sampled = describe(policy, self.adapter, rows_images, rows_boxes, self.caption_sampling)
+            with self.stage_clock.stage("policy_sampling"):
+                batch, sampled = describe(policy, self.adapter, rows_images, rows_boxes, self.caption_sampling)
             if self.baseline is DescriberBaseline.POLICY_GREEDY:
-                _, greedy = describe(policy, self.adapter, images, boxes_B4.tolist(), self.greedy_captions)
+                with self.stage_clock.stage("policy_greedy"):
+                    _, greedy = describe(policy, self.adapter, images, boxes_B4.tolist(), self.greedy_captions)
         if self.baseline is DescriberBaseline.SNAPSHOT_GREEDY:
-            with self.snapshot.generating() as snapshot:
+            with self.snapshot.generating() as snapshot, self.stage_clock.stage("snapshot_generation"):
                 _, greedy = describe(snapshot, self.adapter, images, boxes_B4.tolist(), self.greedy_captions)
         return SampledCaptions(batch, sampled, greedy)
 
@@ -241,7 +251,7 @@ class SCTuneTrainer(Trainer):
         if captions.greedy is not None:
             texts += captions.greedy.texts
             located_images += list(images)
-        with self.snapshot.generating() as snapshot:
+        with self.snapshot.generating() as snapshot, self.stage_clock.stage("locating"):
             located, _ = locate(snapshot, self.adapter, located_images, texts, self.greedy_boxes)
         n = len(rows_images)
         rewards = self.reward_fn(located[:n], boxes_B4.repeat_interleave(k, dim=0), captions.sampled.texts)
@@ -257,7 +267,7 @@ class SCTuneTrainer(Trainer):
         teacher = self.adapter.append_completion(captions.batch, sampled.ids_BT.cpu(), sampled.mask_BT.cpu())
         teacher_inputs = {k: v.to(device) for k, v in teacher.items()}
         caption_ids_NT, caption_mask_NT = sampled.ids_BT.to(device), sampled.mask_BT.to(device)
-        with self.snapshot.scoring() as snapshot:
+        with self.snapshot.scoring() as snapshot, self.stage_clock.stage("snapshot_scoring"):
             snapshot_logp_NT = self._caption_logprobs(snapshot, teacher_inputs, caption_ids_NT)
         return teacher_inputs, caption_ids_NT, caption_mask_NT, snapshot_logp_NT
 
@@ -279,7 +289,7 @@ class SCTuneTrainer(Trainer):
     def _locator_rollout(self, inputs) -> LocatorRollout:
         images = self._prepare_images(inputs)
         boxes = inputs["boxes"].tolist()
-        with self.snapshot.generating() as snapshot:
+        with self.snapshot.generating() as snapshot, self.stage_clock.stage("snapshot_generation"):
             _, captions = describe(snapshot, self.adapter, images, boxes, self.greedy_captions)
         targets = [self.adapter.locator_target(b, im) for b, im in zip(boxes, images)]
         pseudo = self.adapter.build_batch(
@@ -297,6 +307,7 @@ class SCTuneTrainer(Trainer):
         return selective_log_softmax(logits / self.args.describer_temperature, caption_ids_BT)
 
     # ------------------------------------------------------------------ losses
+    @timed_stage("forward")
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if isinstance(inputs, DescriberRollout):
             return self._describer_loss(model, inputs)
@@ -365,6 +376,16 @@ class SCTuneTrainer(Trainer):
         return loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        # The whole step (rollout, forward, backward with any checkpoint recomputation) sees the vision cache.
+        with self.vision_cache.active() if self.vision_cache is not None else nullcontext():
+            loss = self._training_step(model, inputs, num_items_in_batch)
+        if self.vision_cache is not None:  # the frozen trunk's runs, inside the stages above (not additive)
+            self.stage_clock.add("vision_encoding", self.vision_cache.pop_encode_seconds())
+        for key, seconds in self.stage_clock.pop().items():
+            self._log_local(key, seconds)
+        return loss
+
+    def _training_step(self, model, inputs, num_items_in_batch=None):
         model.train()
         rollout = self._prepare_inputs(inputs)
         with self.compute_loss_context_manager():
@@ -378,7 +399,8 @@ class SCTuneTrainer(Trainer):
             # all-reduce and DeepSpeed's accumulation boundary in step while adding nothing.
             loss = loss * 0.0
         kwargs = {"scale_wrt_gas": False} if self.accelerator.distributed_type == DistributedType.DEEPSPEED else {}
-        self.accelerator.backward(loss, **kwargs)
+        with self.stage_clock.stage("backward"):
+            self.accelerator.backward(loss, **kwargs)
         self._grads_pending = True
         return loss.detach()
 

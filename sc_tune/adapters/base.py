@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from sc_tune.box_codecs import BoxCodec, select_codec
+from sc_tune.vision_cache import VisionTrunk
 
 # Special tokens no generated text may carry, found by name in the family's own tokenizer so that the full
 # tokenizer of a real checkpoint is covered, not only the tokens a prompt uses. Media tokens (image/video
@@ -75,6 +76,14 @@ class ModelAdapter(ABC):
     vision_trainable_prefixes: tuple[str, ...] = ()  # ...except these (the resampler / merger)
     # PEFT ``target_modules``: a regex matched against full module names (language model only).
     lora_target_modules: str = ""
+
+    def vision_trunk(self, model: torch.nn.Module) -> VisionTrunk | None:
+        """Where ``model``'s frozen vision trunk is, for ``sc_tune.vision_cache`` (``--vision_cache``).
+
+        Fallback (this default): ``None``, no cache; every pass runs the whole tower, which is always
+        correct, only slower. A family overrides this when its tower splits cleanly into frozen blocks whose
+        outputs a trainable tail (merger, resampler, projector) reads, per image, contiguous along dim 0."""
+        return None
 
     def __init__(self, tokenizer, box_format: str = "native"):
         self.tokenizer = tokenizer
@@ -239,3 +248,11 @@ class ModelAdapter(ABC):
             if key in inputs:
                 inputs[key] = torch.cat([inputs[key], torch.zeros_like(completion_ids_BT, dtype=inputs[key].dtype)], 1)
         return inputs
+
+
+def find_submodule(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    """The submodule named ``name`` in the bare model, also when wrapped (PEFT prefixes ``base_model.model.``)."""
+    for full_name, module in model.named_modules():
+        if full_name == name or full_name.endswith("." + name):
+            return module
+    raise ValueError(f"{type(model).__name__} has no submodule named {name!r}")

@@ -11,10 +11,14 @@ All use the ChatML turn format and the same image placeholder
 
 from __future__ import annotations
 
+import torch
+
+from sc_tune.adapters.base import find_submodule
 from sc_tune.adapters.patch_grid_chat import PatchGridChatAdapter
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
 from sc_tune.box_codecs import JsonGridCodec, JsonPixelCodec, PairGridCodec
 from sc_tune.models.tiny_configs import save_tiny_model
+from sc_tune.vision_cache import VisionTrunk
 
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 _LM_PROJECTIONS = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
@@ -28,12 +32,33 @@ class _QwenChatVLAdapter(PatchGridChatAdapter):
     # attention (and any shared expert) only.
     lora_target_modules = rf"model\.language_model\..*\.({_LM_PROJECTIONS})"
 
+    def vision_trunk(self, model):
+        # The merger reads the last block; Qwen3-VL's DeepStack mergers also read blocks
+        # ``deepstack_visual_indexes``. Every block keeps each image's patches contiguous (Qwen2.5-VL's
+        # window order is per image), so block outputs split per image like the pixel rows do.
+        tower = find_submodule(model, self.vision_prefix)
+        blocks = list(tower.blocks)
+        read = {len(blocks) - 1, *getattr(tower, "deepstack_visual_indexes", ())}
+        return VisionTrunk(
+            tower,
+            replayed=[blocks[i] for i in sorted(read)],
+            skipped=[b for i, b in enumerate(blocks) if i not in read],
+            image_pixels=_pixel_rows_per_image,
+        )
+
     def turn(self, user_text: str) -> str:
         return f"<|im_start|>user\n{user_text}<|im_end|>\n<|im_start|>assistant\n{self.assistant_prefix}"
 
     @property
     def end_text(self) -> str:
         return "<|im_end|>"
+
+
+def _pixel_rows_per_image(args, kwargs):
+    """The tower is called as ``visual(pixel_values, grid_thw=...)``: patch rows, ``t*h*w`` per image."""
+    pixels = args[0] if args else kwargs["hidden_states"]
+    grid_thw = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
+    return list(torch.split(pixels, grid_thw.prod(-1).tolist()))
 
 
 class Qwen2VLAdapter(_QwenChatVLAdapter):

@@ -16,13 +16,14 @@ import os
 
 import torch
 
-from sc_tune.adapters.base import ImageInputs, ModelAdapter
+from sc_tune.adapters.base import ImageInputs, ModelAdapter, find_submodule
 from sc_tune.adapters.registry import Family, register
 from sc_tune.box_codecs import PairGridCodec
 from sc_tune.jsonio import read_json
 from sc_tune.models.qwen_vl.configuration import QWenConfig
 from sc_tune.models.qwen_vl.image_processing import QWenVLImageProcessor
 from sc_tune.models.qwen_vl.tokenization import QWenTokenizer
+from sc_tune.vision_cache import VisionTrunk
 
 IMAGE_TAG = "<img></img>"
 
@@ -32,6 +33,14 @@ class QwenVLAdapter(ModelAdapter):
     vision_prefix = "transformer.visual"
     vision_trainable_prefixes = ("transformer.visual.attn_pool",)
     lora_target_modules = r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.w1|mlp\.w2)"
+
+    def vision_trunk(self, model):
+        # The resampler (attn_pool, trainable) reads the ViT's block stack; the patch conv, ln_pre, ln_post
+        # and proj around it are cheap and simply run in every pass.
+        tower = find_submodule(model, self.vision_prefix)
+        return VisionTrunk(
+            tower, replayed=[tower.transformer], skipped=[], image_pixels=lambda args, kwargs: list(args[0].split(1))
+        )
 
     @classmethod
     def from_pretrained(cls, path: str, box_format: str = "native") -> QwenVLAdapter:

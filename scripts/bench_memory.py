@@ -1,0 +1,75 @@
+"""Peak memory of the two snapshot kinds: a full model copy (full fine-tuning) vs a LoRA adapter snapshot.
+
+    python scripts/bench_memory.py                      # toy (18 M) and ~100 M-parameter Qwen2.5-VL, CPU
+
+Each (size, kind) runs in its own process: build the model, the trainer (its snapshot and optimizer), then one
+describer unit (rollout + two PPO steps, batch 2, short captions). Printed: parameters, the snapshot's own
+tensors (bytes it holds beyond the policy), and the process's peak RSS. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+
+SIZES = ["toy-qwen2.5-vl", "toy-qwen2.5-vl-100m"]
+
+
+def measure(name: str, kind: str) -> dict:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench_step import ThisTrainer, collate, synthetic_batch
+
+    from sc_tune.arguments import LoraArguments, SCTuneConfig
+    from sc_tune.models.bench_configs import CONFIGS, prepare
+    from sc_tune.modeling import apply_lora, freeze_vision_tower
+
+    workdir = tempfile.mkdtemp(prefix="bench_memory_")
+    model, adapter = prepare(name, workdir)
+    freeze_vision_tower(model, adapter)
+    if kind == "lora":
+        model = apply_lora(model, adapter, LoraArguments(use_lora=True), gradient_checkpointing=False)
+    samples = synthetic_batch(2, CONFIGS[name].image_size)
+    args = SCTuneConfig(
+        output_dir=workdir, per_device_train_batch_size=2, caption_update_steps=1, bbox_update_steps=1,
+        ppo_epochs=2, use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True,
+        describer_max_new_tokens=4, describer_min_new_tokens=1, locator_max_new_tokens=4,
+    )
+    ours = ThisTrainer(model, adapter, samples, args)
+    ours.describer(collate(samples))
+    snapshot_bytes = sum(t.numel() * t.element_size() for t in ours.trainer.snapshot.named_local_tensors().values())
+    return {
+        "config": name,
+        "snapshot": "full copy" if kind == "full" else "LoRA adapter",
+        "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+        "trainable_m": round(sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, 2),
+        "snapshot_mib": round(snapshot_bytes / 2**20, 1),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # Linux: KiB
+    }
+
+
+def main():
+    if len(sys.argv) == 3:
+        print(json.dumps(measure(sys.argv[1], sys.argv[2])))
+        return
+    rows = []
+    for name in SIZES:
+        for kind in ("full", "lora"):
+            out = subprocess.run([sys.executable, __file__, name, kind], capture_output=True, text=True, check=True)
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(
+                f"{row['config']:>22} {row['snapshot']:>12}: {row['parameters_m']} M parameters, "
+                f"{row['trainable_m']} M trainable, snapshot holds {row['snapshot_mib']} MiB, "
+                f"peak RSS {row['peak_rss_mib']} MiB",
+                flush=True,
+            )
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""Real-size step check on one GPU: random-initialised Qwen2.5-VL-7B and Qwen-VL-Chat, bf16, LoRA, checkpointing.
+
+    python scripts/gpu_check.py                  # on one H100 (about 10 minutes with the defaults)
+    python scripts/gpu_check.py --dry_run        # anywhere: real sizes instantiated on the meta device, then
+                                                 # the same code path at toy size on CPU
+
+For each configuration: ``--describer_units`` describer units (a rollout and its two PPO steps) and
+``--locator_steps`` locator steps through ``SCTuneTrainer.training_step``, with the vision cache on and then
+off (after one warm-up unit of each phase). Printed per phase and cache setting: median step time,
+samples/s, generated tokens/s (tokens written by ``generate`` over the time spent in it), the per-stage
+``timing/*`` seconds; per configuration the peak GPU memory. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench_step import ThisTrainer, collate, synthetic_batch  # noqa: E402
+
+import sc_tune.rollout  # noqa: E402
+import sc_tune.trainer  # noqa: E402
+from sc_tune.arguments import LoraArguments, SCTuneConfig  # noqa: E402
+from sc_tune.models.bench_configs import CONFIGS, prepare  # noqa: E402
+from sc_tune.modeling import apply_lora, freeze_vision_tower  # noqa: E402
+
+GPU_CONFIGS = ["qwen2.5-vl-7b", "qwen-vl-chat"]
+
+
+class GenerationMeter:
+    """Counts the tokens ``generate`` writes and the seconds spent in it (wraps the trainer's reference)."""
+
+    def __init__(self, device: str):
+        self.tokens, self.seconds, self.device = 0, 0.0, device
+        original = sc_tune.rollout.generate
+
+        def counted(*args, **kwargs):
+            self._sync()
+            start = time.perf_counter()
+            completions = original(*args, **kwargs)
+            self._sync()
+            self.seconds += time.perf_counter() - start
+            self.tokens += int(completions.mask_BT.sum())
+            return completions
+
+        sc_tune.rollout.generate = counted  # ``locate`` and ``describe`` look it up in their module
+        sc_tune.trainer.generate = counted
+
+    def _sync(self):
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def pop(self) -> tuple[int, float]:
+        got = (self.tokens, self.seconds)
+        self.tokens, self.seconds = 0, 0.0
+        return got
+
+
+def check_instantiates(names):
+    """Real sizes on the meta device: config, adapter, model and LoRA wrapping all build (no memory used)."""
+    for name in names:
+        model, adapter = prepare(name, tempfile.mkdtemp(prefix="gpu_check_"), device="meta", dtype=torch.bfloat16)
+        frozen = freeze_vision_tower(model, adapter)
+        model = apply_lora(model, adapter, LoraArguments(use_lora=True), gradient_checkpointing=True)
+        trunk = adapter.vision_trunk(model)
+        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(
+            f"[meta] {name}: {total / 1e9:.2f} B parameters, {trainable / 1e6:.1f} M trainable (LoRA + merger), "
+            f"{frozen / 1e9:.2f} B frozen vision parameters, "
+            f"vision cache trunk: {'yes' if trunk is not None else 'no (fallback)'}",
+            flush=True,
+        )
+
+
+def run_config(name, opts, device, dtype, meter):
+    bench = CONFIGS[name]
+    batch = opts.batch or bench.batch
+    model, adapter = prepare(name, tempfile.mkdtemp(prefix="gpu_check_"), device=device, dtype=dtype)
+    freeze_vision_tower(model, adapter)
+    model = apply_lora(model, adapter, LoraArguments(use_lora=True), gradient_checkpointing=True)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    samples = synthetic_batch(batch, bench.image_size)
+    inputs = collate(samples)
+    args = SCTuneConfig(
+        output_dir=tempfile.mkdtemp(prefix="gpu_check_out_"),
+        per_device_train_batch_size=batch,
+        caption_update_steps=1,
+        bbox_update_steps=1,
+        ppo_epochs=2,
+        use_cpu=device == "cpu",
+        bf16=dtype == torch.bfloat16,
+        gradient_checkpointing=True,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        describer_max_new_tokens=opts.max_new_tokens,
+        policy_kl_stop=float("inf"),
+        ratio_threshold=float("inf"),
+    )
+    ours = ThisTrainer(model, adapter, samples, args)
+    cache = ours.trainer.vision_cache
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    report = {"batch": batch}
+    for cache_on in (True, False):
+        ours.trainer.vision_cache = cache if cache_on else None
+        for phase, units in (("describer", opts.describer_units), ("locator", opts.locator_steps)):
+            run = getattr(ours, phase)
+            run(inputs)  # warm-up
+            meter.pop()
+            seconds, stage_rows = [], []
+            for _ in range(units):
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                stage_rows.append(run(inputs))
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                seconds.append(time.perf_counter() - start)
+            tokens, gen_seconds = meter.pop()
+            steps = 2 if phase == "describer" else 1  # optimizer steps per unit
+            unit = statistics.median(seconds)
+            stages = {k: round(statistics.median(r.get(k, 0.0) for r in stage_rows) / steps, 3) for k in stage_rows[0]}
+            key = f"{phase}_cache_{'on' if cache_on else 'off'}"
+            report[key] = {
+                "step_seconds": round(unit / steps, 3),
+                "samples_per_second": round(batch / unit, 3),
+                "generated_tokens_per_second": round(tokens / gen_seconds, 1) if gen_seconds else None,
+                "stages_per_step": stages,
+            }
+            print(f"{name} {key}: {json.dumps(report[key])}", flush=True)
+    if device.startswith("cuda"):
+        report["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        print(f"{name} peak GPU memory {report['peak_gpu_memory_gib']} GiB", flush=True)
+    for phase in ("describer", "locator"):
+        on, off = report[f"{phase}_cache_on"]["step_seconds"], report[f"{phase}_cache_off"]["step_seconds"]
+        report[f"{phase}_cache_speedup"] = round(off / on, 3)
+    del ours, model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return report
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--configs", default=",".join(GPU_CONFIGS))
+    parser.add_argument("--dry_run", action="store_true", help="meta-device real sizes + toy size on CPU")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--describer_units", type=int, default=2)
+    parser.add_argument("--locator_steps", type=int, default=2)
+    parser.add_argument("--max_new_tokens", type=int, default=30)
+    opts = parser.parse_args(argv)
+    names = opts.configs.split(",")
+    check_instantiates(names)
+    if opts.dry_run:
+        names, device, dtype = ["toy-qwen2.5-vl"], "cpu", torch.float32
+        opts.batch, opts.describer_units, opts.locator_steps, opts.max_new_tokens = 2, 1, 1, 4
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("gpu_check: no CUDA device (use --dry_run to check the script on CPU)")
+        device, dtype = "cuda", torch.bfloat16
+        print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    meter = GenerationMeter(device)
+    results = {name: run_config(name, opts, device, dtype, meter) for name in names}
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""The vision cache is exact: same log-probs, greedy text, losses and gradients with and without it."""
+
+import itertools
+
+import pytest
+import torch
+
+import sc_tune.trainer
+from sc_tune.adapters import family_for
+from sc_tune.modeling import apply_lora, freeze_vision_tower, load_model_and_adapter
+from sc_tune.rollout import GenerationSettings, describe, locate
+from sc_tune.vision_cache import VisionCache
+from tests.conftest import SAMPLE_DATA, SAMPLE_IMAGES
+from tests.helpers import make_trainer
+
+CACHED_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen"]
+
+
+def _images(adapter, n=3):
+    from sc_tune.data import ReferringDataset
+
+    dataset = ReferringDataset.from_file(SAMPLE_DATA, SAMPLE_IMAGES)
+    samples = [dataset[2 * i] for i in range(n)]  # records come in pairs per image: one per distinct image
+    return [adapter.prepare_image(s["image"]) for s in samples], [s["bbox"] for s in samples]
+
+
+def _teacher_forced_logp(model, adapter, images, boxes_norm):
+    """log-probs of a fixed continuation after each describer prompt, with gradients into the trainable tail."""
+    prompts = [adapter.describer_prompt(b, im) for b, im in zip(boxes_norm, images)]
+    batch = adapter.build_batch(prompts, images, ["a red thing" + adapter.end_text] * len(images))
+    logits = model(**batch.inputs, use_cache=False).logits[:, :-1]
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, batch.input_ids[:, 1:, None])[..., 0]
+    return (logp * (batch.labels[:, 1:] != -100)).sum(1)
+
+
+@pytest.mark.parametrize("model_type", CACHED_FAMILIES)
+def test_cache_matches_uncached_logprobs_generation_and_tail_gradients(tiny_checkpoint, model_type):
+    torch.manual_seed(0)
+    model, adapter = load_model_and_adapter(tiny_checkpoint(model_type))
+    freeze_vision_tower(model, adapter)
+    cache = VisionCache.for_model(adapter, [model])
+    assert cache is not None
+    images, boxes = _images(adapter)
+    settings = GenerationSettings(max_new_tokens=5, min_new_tokens=2)
+    tail = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith(adapter.vision_prefix + ".")]
+    assert tail, "fix_vit keeps the merger/resampler trainable"
+
+    def run(cached: bool):
+        model.zero_grad()
+        context = cache.active() if cached else torch.enable_grad()
+        with context:
+            model.eval()
+            _, captions = describe(model, adapter, images, boxes, settings)
+            located, _ = locate(model, adapter, images + images, captions.texts * 2, settings)
+            model.train()
+            logp_B = _teacher_forced_logp(model, adapter, images, boxes)
+            logp_B.sum().backward()
+        return captions.texts, located, logp_B.detach(), [p.grad.clone() for p in tail]
+
+    plain = run(cached=False)
+    cache.clear()
+    cached = run(cached=True)
+    assert cache.encoded_images == len(images), "each image's trunk ran exactly once across all passes"
+    assert cached[0] == plain[0] and cached[1] == plain[1]
+    torch.testing.assert_close(cached[2], plain[2], atol=1e-5, rtol=0)
+    for g_cached, g_plain in zip(cached[3], plain[3]):
+        assert g_plain.abs().sum() > 0
+        torch.testing.assert_close(g_cached, g_plain, atol=1e-5, rtol=1e-4)
+
+
+def test_cache_is_off_without_fix_vit_and_for_fallback_families(tiny_checkpoint):
+    model, adapter = load_model_and_adapter(tiny_checkpoint("qwen2_vl"))
+    assert VisionCache.for_model(adapter, [model]) is None, "a trainable trunk must never be cached"
+    freeze_vision_tower(model, adapter)
+    assert VisionCache.for_model(adapter, [model]) is not None
+    fallback = family_for("llava_onevision").adapter
+    assert fallback.vision_trunk is sc_tune.adapters.base.ModelAdapter.vision_trunk
+
+
+def _run_steps(checkpoint, tmp_path, vision_cache: bool, **overrides):
+    trainer = make_trainer(
+        checkpoint,
+        str(tmp_path / str(vision_cache)),
+        max_steps=4,
+        caption_update_steps=1,
+        bbox_update_steps=1,
+        ppo_epochs=2,
+        kl_coef=0.05,
+        vision_cache=vision_cache,
+        **overrides,
+    )
+    assert (trainer.vision_cache is not None) == vision_cache
+    losses = []
+    original = trainer.compute_loss
+
+    def spy(model, inputs, *args, **kwargs):
+        loss = original(model, inputs, *args, **kwargs)
+        losses.append(float(loss.detach()))
+        return loss
+
+    trainer.compute_loss = spy
+    trainer.train()
+    return losses, trainer
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_training_losses_identical_with_and_without_cache(tiny_checkpoint, tmp_path, monkeypatch, lora):
+    # steps 0-1: describer (2 PPO epochs on one rollout), 2: locator, 3: describer
+    calls = [itertools.count()]  # restarted for each run, so both runs see the same rewards
+
+    def reward_per_call(pred_boxes, target_B4):  # reward and baseline differ, so the describer loss is not 0
+        return torch.rand(len(pred_boxes), generator=torch.Generator().manual_seed(next(calls[0])))
+
+    monkeypatch.setattr(sc_tune.trainer, "iou_or_zero", reward_per_call)
+    transform = None
+    if lora:
+        from sc_tune.arguments import LoraArguments
+
+        def transform(model, adapter):
+            lora_args = LoraArguments(use_lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0)
+            return apply_lora(model, adapter, lora_args, False)
+
+    checkpoint = tiny_checkpoint("qwen2_5_vl")
+    plain, _ = _run_steps(checkpoint, tmp_path, False, model_transform=transform)
+    calls[0] = itertools.count()
+    cached, trainer = _run_steps(checkpoint, tmp_path, True, model_transform=transform)
+    assert len(plain) == 4 and 0 < trainer.vision_cache.encoded_images <= trainer.args.per_device_train_batch_size
+    assert all(loss != 0 for loss in plain)
+    logged = {k for entry in trainer.state.log_history for k, v in entry.items() if k.startswith("timing/") and v > 0}
+    stages = ["policy_sampling", "snapshot_generation", "locating", "snapshot_scoring", "forward", "backward"]
+    assert logged == {f"timing/{s}" for s in [*stages, "vision_encoding"]}
+    assert cached == pytest.approx(plain, abs=1e-5)

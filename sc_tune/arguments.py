@@ -161,9 +161,9 @@ class SCTuneConfig(TrainingArguments):
     vision_cache: bool = field(
         default=True,
         metadata={
-            "help": "With fix_vit, run the frozen vision blocks once per image per rollout and reuse their output in "
-            "every pass (the trainable merger/resampler still runs each time). No effect for families without a "
-            "trunk split (see ModelAdapter.vision_trunk) or with fix_vit off."
+            # The trainable merger/resampler still runs in every pass; families without a trunk split
+            # (ModelAdapter.vision_trunk is None) and --fix_vit False run the whole tower each time.
+            "help": "With fix_vit: the frozen vision blocks run once per image per rollout (docs/performance.md)."
         },
     )
     # ---- generation

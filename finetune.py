@@ -12,17 +12,18 @@ from __future__ import annotations
 import logging
 
 import torch
-from transformers import HfArgumentParser
+from transformers import set_seed
 
-from sc_tune.arguments import DataArguments, LoraArguments, ModelArguments, SCTuneConfig
+from sc_tune.arguments import build_parser
+from sc_tune.checkpoints import check_output_dir, resume_requested
 from sc_tune.data import ReferringDataset
 from sc_tune.export import export_trained
 from sc_tune.modeling import (
     apply_lora,
     freeze_vision_tower,
     load_model_and_adapter,
-    num_elements,
     qlora_quantization_config,
+    trainable_summary,
 )
 from sc_tune.trainer import SCTuneTrainer
 
@@ -30,11 +31,18 @@ logger = logging.getLogger("sc_tune")
 
 
 def main(argv: list[str] | None = None) -> SCTuneTrainer:
-    parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, SCTuneConfig))
-    model_args, data_args, lora_args, args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, lora_args, args = build_parser().parse_args_into_dataclasses(args=argv)
     logging.basicConfig(
         level=logging.INFO if args.process_index == 0 else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+    check_output_dir(
+        args.output_dir,
+        model_args.model_name_or_path,
+        resume_requested(args.resume_from_checkpoint),
+        args.overwrite_output_dir,
+        delete=args.process_index == 0,
     )
 
     if args.deepspeed:
@@ -52,19 +60,23 @@ def main(argv: list[str] | None = None) -> SCTuneTrainer:
     quantization = qlora_quantization_config(dtype) if lora_args.q_lora else None
     if lora_args.q_lora and not lora_args.use_lora:
         raise ValueError("--q_lora needs --use_lora")
+    set_seed(args.seed)  # before any random initialisation (LoRA's A matrices): a seed gives one run
     model, adapter = load_model_and_adapter(
         model_args.model_name_or_path, dtype=dtype, quantization_config=quantization, box_format=model_args.box_format
     )
     if model_args.fix_vit:
-        frozen = freeze_vision_tower(model, adapter)
-        logger.info("fix_vit: froze %.1fM vision parameters (resampler/merger stays trainable)", frozen / 1e6)
+        freeze_vision_tower(model, adapter)
     if lora_args.use_lora:
         model = apply_lora(model, adapter, lora_args, args.gradient_checkpointing)
-    trainable = sum(num_elements(p) for p in model.parameters() if p.requires_grad)
-    total = sum(num_elements(p) for p in model.parameters())
-    logger.info("trainable parameters: %.2fM of %.2fM", trainable / 1e6, total / 1e6)
+    logger.info(trainable_summary(model, adapter))
 
-    dataset = ReferringDataset.from_file(data_args.data_path, data_args.image_folder, data_args.skip_bad_records)
+    dataset = ReferringDataset.from_file(
+        data_args.data_path,
+        data_args.image_folder,
+        data_args.skip_bad_records,
+        check=data_args.check_images,
+        size_problem=adapter.image_size_problem,
+    )
     logger.info("%d referring samples from %s", len(dataset), data_args.data_path)
     trainer = SCTuneTrainer(model=model, args=args, adapter=adapter, train_dataset=dataset)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
@@ -74,4 +86,13 @@ def main(argv: list[str] | None = None) -> SCTuneTrainer:
 
 
 if __name__ == "__main__":
-    main()
+    from sc_tune.arguments import ArgumentError
+    from sc_tune.checkpoints import CheckpointError, OutputDirError
+    from sc_tune.data import AnnotationError
+    from sc_tune.jsonio import JSONFileError
+
+    try:
+        main()
+    except (ArgumentError, AnnotationError, CheckpointError, JSONFileError, OutputDirError) as e:
+        # Bad input, not a bug: the message names the file, record or flag; a traceback would bury it.
+        raise SystemExit(f"finetune.py: error: {e}") from None

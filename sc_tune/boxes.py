@@ -44,16 +44,22 @@ def box_iou(pred_N4: torch.Tensor, target_N4: torch.Tensor) -> torch.Tensor:
     return iou.to(torch.float32)
 
 
-def iou_or_zero(pred_boxes: Sequence[Sequence[float] | None], target_N4: torch.Tensor) -> torch.Tensor:
-    """IoU per sample where a missing prediction (``None``: the text did not parse) scores 0.
-
-    The caller counts the ``None`` entries as parse failures; this function only scores.
-    """
-    target_N4 = torch.as_tensor(target_N4, dtype=torch.float32)
-    filled = [list(b) if b is not None else [0.0, 0.0, 0.0, 0.0] for b in pred_boxes]
-    iou_N = box_iou(torch.tensor(filled, dtype=torch.float32).reshape(-1, 4), target_N4.reshape(-1, 4))
-    parsed_N = torch.tensor([b is not None for b in pred_boxes], dtype=torch.bool)
-    return torch.where(parsed_N, iou_N, torch.zeros_like(iou_N))
+def box_giou(pred_N4: torch.Tensor, target_N4: torch.Tensor) -> torch.Tensor:
+    """Element-wise generalised IoU (Rezatofighi et al., 2019), in ``[-1, 1]``: IoU minus the share of the
+    smallest enclosing box that neither box covers. Unlike IoU it still ranks disjoint boxes by distance."""
+    pred_N4 = pred_N4.to(torch.float64)
+    target_N4 = target_N4.to(torch.float64)
+    wh_pred = (pred_N4[:, 2:] - pred_N4[:, :2]).clamp(min=0)
+    wh_target = (target_N4[:, 2:] - target_N4[:, :2]).clamp(min=0)
+    wh_inter = (torch.minimum(pred_N4[:, 2:], target_N4[:, 2:]) - torch.maximum(pred_N4[:, :2], target_N4[:, :2]))
+    inter = wh_inter.clamp(min=0).prod(dim=1)
+    union = wh_pred.prod(dim=1) + wh_target.prod(dim=1) - inter
+    wh_hull = (torch.maximum(pred_N4[:, 2:], target_N4[:, 2:]) - torch.minimum(pred_N4[:, :2], target_N4[:, :2]))
+    hull = wh_hull.clamp(min=0).prod(dim=1)
+    iou = box_iou(pred_N4, target_N4).to(torch.float64)
+    # Two degenerate boxes have no hull area: GIoU falls back to their IoU (0), never NaN.
+    uncovered = torch.where(hull > 0, (hull - union) / hull.clamp(min=1e-12), torch.zeros_like(hull))
+    return (iou - uncovered).to(torch.float32)
 
 
 def xywh_to_xyxy(box: Sequence[float]) -> list[float]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from contextlib import contextmanager
 
 import torch
 
@@ -30,15 +31,38 @@ def finalize_export(output_dir: str, source_dir: str) -> None:
         hook(output_dir, source_dir)
 
 
-def merge_lora(base_dir: str, adapter_dir: str, output_dir: str, dtype: torch.dtype = torch.bfloat16) -> None:
-    """Merge a saved LoRA adapter into its base model and write a full checkpoint folder."""
+@contextmanager
+def _without_zero3_init():
+    """Load a model the plain way in one process even though a ZeRO-3 run set transformers' global config.
+
+    Under ZeRO-3 ``from_pretrained`` partitions weights as it loads, a collective every rank must join: rank 0
+    loading the base model for the merge while the others wait at a barrier hangs both.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = ref
+
+
+def merge_lora(base_dir: str, adapter_dir: str, output_dir: str, dtype: torch.dtype | str = "auto") -> torch.dtype:
+    """Merge a saved LoRA adapter into its base model and write a full checkpoint folder.
+
+    ``dtype="auto"`` keeps the dtype the base checkpoint was saved in; returns the dtype written."""
     from peft import PeftModel
 
-    base, adapter = load_model_and_adapter(base_dir, dtype=dtype)
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    with _without_zero3_init():
+        base, adapter = load_model_and_adapter(base_dir, dtype=dtype)
+        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    written = next(merged.parameters()).dtype
+    logger.info("merged %s into %s -> %s (%s)", adapter_dir, base_dir, output_dir, written)
     merged.save_pretrained(output_dir)
     adapter.save_pretrained(output_dir)
     finalize_export(output_dir, base_dir)
+    return written
 
 
 def export_trained(trainer, output_dir: str, source_dir: str, use_lora: bool) -> str:
@@ -58,15 +82,20 @@ def export_trained(trainer, output_dir: str, source_dir: str, use_lora: bool) ->
     return output_dir
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Merge a LoRA adapter saved by finetune.py into its base model.")
     parser.add_argument("--base", required=True, help="the base checkpoint folder the adapter was trained on")
     parser.add_argument("--adapter", required=True, help="folder with adapter_config.json (output_dir/lora_adapter)")
     parser.add_argument("--output", required=True, help="where to write the merged checkpoint")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    args = parser.parse_args()
-    merge_lora(args.base, args.adapter, args.output, getattr(torch, args.dtype))
-    print(f"merged {args.adapter} into {args.base} -> {args.output}")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["bfloat16", "float16", "float32"],
+        help="dtype of the merged weights (default: the dtype the base checkpoint was saved in)",
+    )
+    args = parser.parse_args(argv)
+    written = merge_lora(args.base, args.adapter, args.output, getattr(torch, args.dtype) if args.dtype else "auto")
+    print(f"merged {args.adapter} into {args.base} -> {args.output} ({str(written).removeprefix('torch.')})")
 
 
 if __name__ == "__main__":

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
 import torch
 
 from sc_tune.adapters import ModelAdapter, family_for
+from sc_tune.jsonio import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -20,8 +20,7 @@ def read_model_type(path: str) -> str:
             f"{config_path} not found: download the checkpoint into {path} first (see Qwen-VL-Chat/README.md); "
             "SC-Tune never loads weights from a hub at run time"
         )
-    with open(config_path) as f:
-        model_type = json.load(f).get("model_type")
+    model_type = read_json(config_path).get("model_type")
     if model_type is None:
         raise ValueError(f"{config_path}: field 'model_type' is missing")
     return model_type
@@ -64,6 +63,37 @@ def freeze_vision_tower(model: torch.nn.Module, adapter: ModelAdapter) -> int:
     if frozen == 0:
         raise ValueError(f"fix_vit froze nothing: no parameter starts with {adapter.vision_prefix!r}")
     return frozen
+
+
+def trainable_summary(model: torch.nn.Module, adapter: ModelAdapter) -> str:
+    """What will train, by part: LoRA adapters, the vision resampler/merger, the rest of the vision tower and
+    the language model (everything else), with the parts that stay frozen named too.
+
+    Why by part: under LoRA, PEFT freezes every base weight, the resampler/merger included, so "fix_vit keeps
+    the merger trainable" holds for full fine-tuning only; the log must say which case a run is in."""
+    parts = {"LoRA adapters": 0, "vision resampler/merger": 0, "vision tower": 0, "language model": 0}
+    present = dict.fromkeys(parts, 0)
+    for name, param in model.named_parameters():
+        name = name.removeprefix("base_model.model.")  # PEFT's wrapper
+        if "lora_" in name:
+            part = "LoRA adapters"
+        elif any(name.startswith(p + ".") for p in adapter.vision_trainable_prefixes):
+            part = "vision resampler/merger"
+        elif adapter.vision_prefix and name.startswith(adapter.vision_prefix + "."):
+            part = "vision tower"
+        else:
+            part = "language model"
+        present[part] += num_elements(param)
+        if param.requires_grad:
+            parts[part] += num_elements(param)
+    trainable = sum(parts.values())
+    total = sum(present.values())
+    trained = ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in parts.items() if v)
+    frozen = ", ".join(k for k in parts if present[k] and not parts[k])
+    return (
+        f"trainable parameters: {trainable / 1e6:.2f}M of {total / 1e6:.2f}M ({trained or 'none'}); "
+        f"frozen: {frozen or 'nothing'}"
+    )
 
 
 def apply_lora(model: torch.nn.Module, adapter: ModelAdapter, lora_args, gradient_checkpointing: bool):

@@ -2,7 +2,7 @@
 
 The schedule is a pure function of the optimizer step, so resuming from a checkpoint lands in the right
 phase, at the right step within it, with no saved counter to drift. One cycle is
-``caption_update_steps * ppo_epochs`` describer steps followed by ``bbox_update_steps`` locator steps.
+``describer_update_steps * ppo_epochs`` describer steps followed by ``locator_update_steps`` locator steps.
 
 At every switch (and at step 0) the switch resets the Adam moments, so each phase starts its optimizer
 afresh as the reference intended, and re-syncs the frozen snapshot to the current weights. Every step
@@ -40,15 +40,15 @@ class PhasePosition:
 
 @dataclass(frozen=True)
 class PhaseSchedule:
-    describer_rollouts: int  # caption_update_steps
-    locator_steps: int  # bbox_update_steps
+    describer_rollouts: int  # describer_update_steps
+    locator_steps: int  # locator_update_steps
     ppo_epochs: int
     describer_lr: float
     locator_lr: float
 
     @classmethod
     def from_args(cls, args) -> PhaseSchedule:
-        return cls(args.caption_update_steps, args.bbox_update_steps, args.ppo_epochs, args.caption_lr, args.bbox_lr)
+        return cls(args.describer_update_steps, args.locator_update_steps, args.ppo_epochs, args.describer_lr, args.locator_lr)
 
     @property
     def describer_steps(self) -> int:

@@ -1,12 +1,13 @@
-"""The describer's PPO-style objective: per-token rewards, advantages and the clipped loss.
+"""The describer's PPO-style objective: the KL term, per-token rewards, advantages and the clipped loss.
 
 Where this departs from textbook PPO (as the reference does):
 
-- no value network and no GAE: the advantage is self-critical. The baseline is the IoU that the frozen
-  snapshot obtains with its own greedy caption, located by itself;
-- the KL penalty is in the reward, per token, as the plain log-ratio ``logp - snapshot_logp`` with a
-  fixed coefficient; no adaptive controller;
-- the terminal reward ``IoU - baseline IoU`` sits at each sequence's own last token (the reference put it
+- no value network and no GAE: the advantage is the caption's reward minus a baseline
+  (:mod:`sc_tune.baselines`; the paper's is the IoU that the frozen snapshot obtains with its own greedy
+  caption, located by itself);
+- the KL penalty is in the reward, per token, as the plain log-ratio ``logp - snapshot_logp``; its
+  coefficient comes from :mod:`sc_tune.kl_control` (fixed in the reference);
+- the terminal reward ``reward - baseline`` sits at each sequence's own last token (the reference put it
   in the last padded column, which is only equivalent when ``gamma == 1``);
 - no advantage whitening; the loss is a token-level mean over the whole micro-batch.
 """
@@ -28,23 +29,31 @@ def last_token_index(mask_BT: torch.Tensor) -> torch.Tensor:
     return (mask_BT.long().sum(dim=1) - 1).clamp(min=0)
 
 
+def per_token_kl(logp_BT: torch.Tensor, snapshot_logp_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+    """The KL penalty's per-token estimate ``log pi(a_t) - log pi_snapshot(a_t)`` on caption tokens, 0 elsewhere.
+
+    The plain log-ratio (not a k2/k3 estimator), as the reference: summed over a sampled caption it is an
+    unbiased estimate of KL(pi || pi_snapshot) for that prompt."""
+    return (logp_BT - snapshot_logp_BT) * mask_BT.to(logp_BT.dtype)
+
+
 def describer_advantages(
-    reward_B: torch.Tensor,
-    baseline_B: torch.Tensor,
+    terminal_B: torch.Tensor,
     kl_BT: torch.Tensor,
     mask_BT: torch.Tensor,
     kl_coef: float,
     gamma: float = 1.0,
 ) -> torch.Tensor:
-    """``A_t = sum_{t'>=t} gamma^(t'-t) r_t' `` with ``r_t = -kl_coef * kl_t`` plus ``reward - baseline`` at
-    the row's last token. For gamma = 1 this is ``R - R_b - kl_coef * sum_{t'>=t} kl_t'`` (method.md §1.3)."""
+    """``A_t = sum_{t'>=t} gamma^(t'-t) r_t'`` with ``r_t = -kl_coef * kl_t`` plus ``terminal`` (the caption's
+    reward minus its baseline) at the row's last token. For gamma = 1 this is
+    ``R - R_b - kl_coef * sum_{t'>=t} kl_t'`` (docs/method.md §3)."""
     mask = mask_BT.to(kl_BT.dtype)
     rewards_BT = -kl_coef * kl_BT * mask
     terminal_BT = torch.zeros_like(rewards_BT)
-    terminal_BT.scatter_(1, last_token_index(mask_BT)[:, None], (reward_B - baseline_B).to(kl_BT.dtype)[:, None])
+    terminal_BT.scatter_(1, last_token_index(mask_BT)[:, None], terminal_B.to(kl_BT.dtype)[:, None])
     rewards_BT = rewards_BT + terminal_BT * mask
     advantages_BT = torch.zeros_like(rewards_BT)
-    running_B = torch.zeros_like(reward_B, dtype=kl_BT.dtype)
+    running_B = torch.zeros_like(terminal_B, dtype=kl_BT.dtype)
     for t in reversed(range(rewards_BT.shape[1])):
         running_B = rewards_BT[:, t] + gamma * running_B
         advantages_BT[:, t] = running_B

@@ -1,6 +1,6 @@
 """The frozen snapshot (the reference's ``old_model``): the weights at the start of the current phase.
 
-It plays four parts (method.md §1.1): the KL reference and the self-critical baseline of the describer,
+It plays four parts (docs/method.md §1): the KL reference and the self-critical baseline of the describer,
 the frozen partner of whichever role trains, and the source of the locator's pseudo-label captions.
 
 Two implementations share one interface:

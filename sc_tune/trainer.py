@@ -6,11 +6,16 @@ checkpointing stay upstream). What this class adds:
 - ``_prepare_inputs`` turns a batch of (image, box) into a *rollout* and buffers it. A describer rollout is
   reused for ``ppo_epochs`` consecutive steps (``RolloutSampler`` hands the same batch back); a locator
   rollout serves one step. The phase of a step comes from ``PhaseSchedule``, a pure function of the step.
+- A describer rollout runs in named stages: ``_sample_captions`` (the policy's K samples per box and the
+  baseline's greedy caption, through ``rollout.describe``), ``_locate_with_snapshot`` (one batched
+  ``rollout.locate`` call, scored by the reward function of ``sc_tune.rewards``), the baseline and terminal
+  advantage (``sc_tune.baselines``), and ``_score_with_snapshot`` (the snapshot's log-probs for the KL term).
 - ``compute_loss`` dispatches on the rollout's type: the clipped PPO loss for the describer, the
   cross-entropy on the pseudo-label box for the locator.
 - ``training_step`` can skip an update for real (no backward, so no optimizer step, no Adam moment
   decay, no weight decay) when the ratio guard or the policy-KL early stop fires; the reference zeroed
-  the loss and still stepped. The decision is averaged over ranks so that every rank agrees.
+  the loss and still stepped. The decision (``rollout.skip_update``) is taken on values averaged over ranks,
+  so every rank agrees.
 - At a phase switch ``_begin_step`` resets the Adam moments and re-syncs the snapshot (see
   ``sc_tune.phases``); checkpoints also store the snapshot and, mid-rollout, the buffered rollout, so a
   resumed run continues exactly.
@@ -18,43 +23,52 @@ checkpointing stay upstream). What this class adds:
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, broadcast_object_list
 from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import selective_log_softmax
 
-from sc_tune.adapters.base import ModelAdapter
-from sc_tune.boxes import iou_or_zero
+from sc_tune import checkpoints
+from sc_tune.adapters.base import ModelAdapter, PromptBatch
+from sc_tune.baselines import DescriberBaseline, describer_baseline, terminal_advantages
 from sc_tune.data import RolloutSampler, collate_referring
+from sc_tune.jsonio import write_json
+from sc_tune.kl_control import make_kl_controller
 from sc_tune.phases import Phase, PhaseLR, PhaseSchedule, reset_optimizer_moments, set_learning_rate
-from sc_tune.ppo import describer_advantages, masked_mean, ppo_clip_loss
-from sc_tune.rollout import GenerationSettings, generate, locate
+from sc_tune.ppo import describer_advantages, masked_mean, per_token_kl, ppo_clip_loss
+from sc_tune.rewards import RewardBatch, RewardFunction, get_reward
+from sc_tune.rollout import Completions, GenerationSettings, describe, locate
 from sc_tune.snapshot import AdapterSnapshot, FullSnapshot
 from sc_tune.timing import StageClock, timed_stage
 from sc_tune.vision_cache import VisionCache
 
-STATE_FILE = "sc_tune_state.json"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
 class DescriberRollout:
+    """One describer batch: N = boxes x num_generations sampled captions (each box's samples adjacent)."""
+
     inputs: dict[str, torch.Tensor]  # prompt + sampled caption, for teacher-forced passes
-    caption_ids_BT: torch.Tensor
-    caption_mask_BT: torch.Tensor
-    snapshot_logp_BT: torch.Tensor
-    reward_B: torch.Tensor  # IoU of the sampled caption, located by the snapshot
-    baseline_B: torch.Tensor  # IoU of the snapshot's greedy caption, located by the snapshot
-    old_logp_BT: torch.Tensor | None = None  # pre-update policy, filled by the first PPO epoch
-    advantages_BT: torch.Tensor | None = None
+    caption_ids_NT: torch.Tensor
+    caption_mask_NT: torch.Tensor
+    snapshot_logp_NT: torch.Tensor
+    reward_N: torch.Tensor  # cycle reward of each sampled caption, located by the snapshot
+    baseline_N: torch.Tensor  # what each reward is compared with (--describer_baseline)
+    terminal_N: torch.Tensor  # reward - baseline (scaled by the box's reward std if asked): the KL-free advantage
+    old_logp_NT: torch.Tensor | None = None  # pre-update policy, filled by the first PPO epoch
+    advantages_NT: torch.Tensor | None = None
+    kl_coef: float | None = None  # the KL coefficient its advantages used
     stopped: bool = False  # the policy-KL early stop fired: no more updates on this rollout
+    skip_update: bool = False  # this step's loss must not update the weights (ratio guard or early stop)
 
 
 @dataclass
@@ -62,16 +76,37 @@ class LocatorRollout:
     inputs: dict[str, torch.Tensor]  # locator prompt (snapshot's caption) + ground-truth box
     labels: torch.Tensor  # -100 except on the box tokens and the end token
     target_len: int
+    skip_update: bool = False  # never set: every locator step updates
+
+
+@dataclass
+class SampledCaptions:
+    """The rollout's first stage: the policy's K samples per box and, if the baseline needs one, a greedy caption."""
+
+    batch: PromptBatch  # describer prompts, each box repeated K times
+    sampled: Completions  # N = B x K rows
+    greedy: Completions | None  # B rows: the snapshot's or the policy's greedy caption
 
 
 class SCTuneTrainer(Trainer):
-    def __init__(self, model, args, adapter: ModelAdapter, train_dataset, callbacks=None):
+    def __init__(
+        self,
+        model,
+        args,
+        adapter: ModelAdapter,
+        train_dataset,
+        callbacks=None,
+        reward_fn: RewardFunction | None = None,
+    ):
         super().__init__(
             model=model, args=args, train_dataset=train_dataset, data_collator=collate_referring, callbacks=callbacks
         )
         self.adapter = adapter
         self.schedule = PhaseSchedule.from_args(args)
-        self.sample_captions = GenerationSettings(
+        self.reward_fn = reward_fn if reward_fn is not None else get_reward(args.reward)
+        self.baseline = DescriberBaseline(args.describer_baseline)
+        self.kl_controller = make_kl_controller(args)
+        self.caption_sampling = GenerationSettings(
             max_new_tokens=args.describer_max_new_tokens,
             min_new_tokens=args.describer_min_new_tokens,
             do_sample=True,
@@ -96,6 +131,7 @@ class SCTuneTrainer(Trainer):
         self._micro = 0
         self._grads_pending = False
         self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._phases: list[str] = []  # phase name of each step since the last log
         self._resume_dir: str | None = None
 
     # ------------------------------------------------------------------ data and schedule plumbing
@@ -143,7 +179,8 @@ class SCTuneTrainer(Trainer):
         if position.needs_rollout:
             make = self._describer_rollout if position.phase is Phase.DESCRIBER else self._locator_rollout
             self._rollouts[self._micro] = make(inputs)
-        self._log_metric("phase", 0.0 if position.phase is Phase.DESCRIBER else 1.0)
+        if self._micro == 0:
+            self._phases.append(position.phase.value)
         return self._rollouts[self._micro]
 
     # ------------------------------------------------------------------ rollouts
@@ -165,67 +202,101 @@ class SCTuneTrainer(Trainer):
     def _describer_rollout(self, inputs) -> DescriberRollout:
         images = self._prepare_images(inputs)
         boxes_B4 = inputs["boxes"]
-        batch = self.adapter.build_batch(
-            [self.adapter.describer_prompt(b, im) for b, im in zip(boxes_B4.tolist(), images)], images
+        captions = self._sample_captions(images, boxes_B4)
+        rewards, greedy_rewards, located = self._locate_with_snapshot(images, boxes_B4, captions)
+        k = self.args.num_generations
+        baseline_N = describer_baseline(
+            self.baseline, rewards.reward_N, k, greedy_rewards.reward_N if greedy_rewards is not None else None
         )
-        with self._policy_for_generation() as policy, self.stage_clock.stage("policy_sampling"):
-            sampled = generate(policy, self.adapter, batch, self.sample_captions, skip_special_tokens=True)
-        with self.snapshot.generating() as snapshot:
-            with self.stage_clock.stage("snapshot_generation"):
-                greedy = generate(snapshot, self.adapter, batch, self.greedy_captions, skip_special_tokens=True)
-            # Both captions are located in one batched call: rows 0..B-1 sampled, B..2B-1 the baseline.
-            with self.stage_clock.stage("locating"):
-                located, _ = locate(
-                    snapshot, self.adapter, images + images, sampled.texts + greedy.texts, self.greedy_boxes
-                )
-        n = len(images)
-        reward_B = iou_or_zero(located[:n], boxes_B4)
-        baseline_B = iou_or_zero(located[n:], boxes_B4)
+        terminal_N = terminal_advantages(rewards.reward_N, baseline_N, k, self.args.scale_rewards_by_group_std)
+        teacher_inputs, caption_ids_NT, caption_mask_NT, snapshot_logp_NT = self._score_with_snapshot(captions)
+        self._log_rollout(rewards, greedy_rewards, baseline_N, caption_mask_NT)
+        self._maybe_save_rollout_picture(inputs, captions.sampled.texts[::k], located[::k])
         device = self.args.device
-        teacher_inputs = {
-            k: v.to(device)
-            for k, v in self.adapter.append_completion(batch, sampled.ids_BT.cpu(), sampled.mask_BT.cpu()).items()
-        }
-        caption_ids_BT, caption_mask_BT = sampled.ids_BT.to(device), sampled.mask_BT.to(device)
-        with self.snapshot.scoring() as snapshot, self.stage_clock.stage("snapshot_scoring"):
-            snapshot_logp_BT = self._caption_logprobs(snapshot, teacher_inputs, caption_ids_BT)
-        parse_fail = torch.tensor([b is None for b in located[:n]], dtype=torch.float32)
-        self._log_metrics(
-            "describer",
-            {
-                "reward_iou": reward_B.mean(),
-                "baseline_iou": baseline_B.mean(),
-                "reward_acc50": (reward_B >= 0.5).float().mean(),
-                "baseline_acc50": (baseline_B >= 0.5).float().mean(),
-                "parse_failure": parse_fail.mean(),
-                "baseline_parse_failure": torch.tensor([b is None for b in located[n:]], dtype=torch.float32).mean(),
-                "caption_tokens": caption_mask_BT.float().sum(1).mean().cpu(),
-                "nonzero_advantage": ((reward_B - baseline_B).abs() > 1e-6).float().mean(),
-            },
-        )
-        self._maybe_save_rollout_picture(inputs, sampled.texts, located[:n])
         return DescriberRollout(
             teacher_inputs,
-            caption_ids_BT,
-            caption_mask_BT,
-            snapshot_logp_BT,
-            reward_B.to(device),
-            baseline_B.to(device),
+            caption_ids_NT,
+            caption_mask_NT,
+            snapshot_logp_NT,
+            rewards.reward_N.to(device),
+            baseline_N.to(device),
+            terminal_N.to(device),
         )
+
+    def _sample_captions(self, images, boxes_B4) -> SampledCaptions:
+        """K sampled captions per box from the policy (one generate call), plus the baseline's greedy caption."""
+        k = self.args.num_generations
+        rows_images = [image for image in images for _ in range(k)]
+        rows_boxes = [box for box in boxes_B4.tolist() for _ in range(k)]
+        greedy = None
+        with self._policy_for_generation() as policy, self.stage_clock.stage("policy_sampling"):
+            batch, sampled = describe(policy, self.adapter, rows_images, rows_boxes, self.caption_sampling)
+            if self.baseline is DescriberBaseline.POLICY_GREEDY:
+                _, greedy = describe(policy, self.adapter, images, boxes_B4.tolist(), self.greedy_captions)
+        if self.baseline is DescriberBaseline.SNAPSHOT_GREEDY:
+            with self.snapshot.generating() as snapshot, self.stage_clock.stage("snapshot_generation"):
+                _, greedy = describe(snapshot, self.adapter, images, boxes_B4.tolist(), self.greedy_captions)
+        return SampledCaptions(batch, sampled, greedy)
+
+    @timed_stage("locating")
+    def _locate_with_snapshot(self, images, boxes_B4, captions: SampledCaptions):
+        """The snapshot locates every sampled caption and the greedy one in one batched call; all are scored.
+
+        Returns (sampled captions' RewardBatch, greedy caption's RewardBatch or None, sampled boxes)."""
+        k = self.args.num_generations
+        rows_images = [image for image in images for _ in range(k)]
+        texts = list(captions.sampled.texts)
+        located_images = list(rows_images)
+        if captions.greedy is not None:
+            texts += captions.greedy.texts
+            located_images += list(images)
+        with self.snapshot.generating() as snapshot:
+            located, _ = locate(snapshot, self.adapter, located_images, texts, self.greedy_boxes)
+        n = len(rows_images)
+        rewards = self.reward_fn(located[:n], boxes_B4.repeat_interleave(k, dim=0), captions.sampled.texts)
+        greedy_rewards = None
+        if captions.greedy is not None:
+            greedy_rewards = self.reward_fn(located[n:], boxes_B4, captions.greedy.texts)
+        return rewards, greedy_rewards, located[:n]
+
+    @timed_stage("snapshot_scoring")
+    def _score_with_snapshot(self, captions: SampledCaptions):
+        """Teacher-forced inputs of prompt + sampled caption and the snapshot's log-probs of the caption."""
+        device = self.args.device
+        sampled = captions.sampled
+        teacher = self.adapter.append_completion(captions.batch, sampled.ids_BT.cpu(), sampled.mask_BT.cpu())
+        teacher_inputs = {k: v.to(device) for k, v in teacher.items()}
+        caption_ids_NT, caption_mask_NT = sampled.ids_BT.to(device), sampled.mask_BT.to(device)
+        with self.snapshot.scoring() as snapshot:
+            snapshot_logp_NT = self._caption_logprobs(snapshot, teacher_inputs, caption_ids_NT)
+        return teacher_inputs, caption_ids_NT, caption_mask_NT, snapshot_logp_NT
+
+    def _log_rollout(self, rewards: RewardBatch, greedy_rewards: RewardBatch | None, baseline_N, caption_mask_NT):
+        reward_N = rewards.reward_N
+        values = {
+            "reward": reward_N.mean(),
+            "baseline": baseline_N.mean(),
+            "parse_failure": (~rewards.parsed_N).float().mean(),
+            "caption_tokens": caption_mask_NT.float().sum(1).mean().cpu(),
+            "nonzero_advantage": ((reward_N - baseline_N).abs() > 1e-6).float().mean(),
+        }
+        if greedy_rewards is not None:
+            values["greedy_reward"] = greedy_rewards.reward_N.mean()
+            values["greedy_parse_failure"] = (~greedy_rewards.parsed_N).float().mean()
+        self._log_mean_over_ranks("describer", values)
 
     @torch.no_grad()
     def _locator_rollout(self, inputs) -> LocatorRollout:
         images = self._prepare_images(inputs)
         boxes = inputs["boxes"].tolist()
-        batch = self.adapter.build_batch([self.adapter.describer_prompt(b, im) for b, im in zip(boxes, images)], images)
         with self.snapshot.generating() as snapshot, self.stage_clock.stage("snapshot_generation"):
-            captions = generate(snapshot, self.adapter, batch, self.greedy_captions, skip_special_tokens=True)
+            _, captions = describe(snapshot, self.adapter, images, boxes, self.greedy_captions)
         targets = [self.adapter.locator_target(b, im) for b, im in zip(boxes, images)]
         pseudo = self.adapter.build_batch(
             [self.adapter.locator_prompt(c, im) for c, im in zip(captions.texts, images)], images, targets
         )
         device = self.args.device
-        self._log_metrics("locator", {"caption_tokens": captions.mask_BT.float().sum(1).mean().cpu()})
+        self._log_mean_over_ranks("locator", {"caption_tokens": captions.mask_BT.float().sum(1).mean().cpu()})
         target_len = int((pseudo.labels != -100).sum(1).max())
         return LocatorRollout({k: v.to(device) for k, v in pseudo.inputs.items()}, pseudo.labels.to(device), target_len)
 
@@ -244,44 +315,52 @@ class SCTuneTrainer(Trainer):
 
     def _describer_loss(self, model, rollout: DescriberRollout):
         args = self.args
-        logp_BT = self._caption_logprobs(model, rollout.inputs, rollout.caption_ids_BT)
-        mask_BT = rollout.caption_mask_BT
-        first_epoch = rollout.old_logp_BT is None
+        logp_NT = self._caption_logprobs(model, rollout.inputs, rollout.caption_ids_NT)
+        mask_NT = rollout.caption_mask_NT
+        first_epoch = rollout.old_logp_NT is None
         if first_epoch:
             # Before any update on this rollout the current weights *are* the pre-update policy, so its
             # log-probs come from this forward: no separate no-grad pass.
-            rollout.old_logp_BT = logp_BT.detach()
-            kl_BT = (rollout.old_logp_BT - rollout.snapshot_logp_BT) * mask_BT
-            rollout.advantages_BT = describer_advantages(
-                rollout.reward_B, rollout.baseline_B, kl_BT, mask_BT, args.kl_coef, args.gamma
-            )
-            self._log_metrics(
-                "describer",
-                {
-                    "kl": masked_mean(kl_BT, mask_BT),
-                    "kl_coef": torch.tensor(args.kl_coef),
-                    "advantage": masked_mean(rollout.advantages_BT, mask_BT),
-                },
-            )
-        loss, stats = ppo_clip_loss(logp_BT, rollout.old_logp_BT, rollout.advantages_BT, mask_BT, args.clip_range)
+            rollout.old_logp_NT = logp_NT.detach()
+            self._set_advantages(rollout)
+        loss, stats = ppo_clip_loss(logp_NT, rollout.old_logp_NT, rollout.advantages_NT, mask_NT, args.clip_range)
         ratio, policy_kl = self.accelerator.reduce(
             torch.stack([stats.ratio, stats.policy_kl]).detach(), "mean"
         ).tolist()
         if not first_epoch and policy_kl > args.policy_kl_stop:
             rollout.stopped = True
-        skip = rollout.stopped or ratio > args.ratio_threshold
-        self._log_metrics(
+        # Reduced over ranks above, so every rank takes the same decision.
+        rollout.skip_update = rollout.stopped or ratio > args.ratio_threshold
+        self._log_mean_over_ranks(
             "describer",
             {
                 "clip_frac": stats.clip_frac,
                 "ratio": torch.tensor(ratio),
                 "policy_kl": torch.tensor(policy_kl),
-                "skipped": torch.tensor(float(skip)),
+                "skipped": torch.tensor(float(rollout.skip_update)),
                 "loss": loss.detach(),
             },
         )
-        self._skip_this_update = skip
+        self._log_local("describer/kl_coef", rollout.kl_coef)
         return loss
+
+    def _set_advantages(self, rollout: DescriberRollout) -> None:
+        """Per-token advantages from the terminal advantage and the KL to the snapshot; then the KL controller
+        sees the KL this rollout measured (so the coefficient it sets applies from the next rollout)."""
+        mask_NT = rollout.caption_mask_NT
+        kl_NT = per_token_kl(rollout.old_logp_NT, rollout.snapshot_logp_NT, mask_NT)
+        rollout.kl_coef = self.kl_controller.value
+        rollout.advantages_NT = describer_advantages(
+            rollout.terminal_N, kl_NT, mask_NT, rollout.kl_coef, self.args.gamma
+        )
+        caption_kl = kl_NT.sum(dim=1).mean()
+        kl, caption_kl, advantage = self.accelerator.reduce(
+            torch.stack([masked_mean(kl_NT, mask_NT), caption_kl, masked_mean(rollout.advantages_NT, mask_NT)]),
+            "mean",
+        ).tolist()
+        self.kl_controller.update(caption_kl, len(mask_NT) * self.args.world_size)
+        for name, value in (("kl", kl), ("caption_kl", caption_kl), ("advantage", advantage)):
+            self._log_local(f"describer/{name}", value)  # already the mean over ranks
 
     def _locator_loss(self, model, rollout: LocatorRollout):
         # Left padding puts every target at the end of its row, so the last target_len+1 logits suffice.
@@ -293,8 +372,7 @@ class SCTuneTrainer(Trainer):
         )
         answer = labels != -100
         token_acc = ((logits.argmax(-1) == labels) & answer).sum() / answer.sum().clamp(min=1)
-        self._log_metrics("locator", {"loss": loss.detach(), "token_acc": token_acc})
-        self._skip_this_update = False
+        self._log_mean_over_ranks("locator", {"loss": loss.detach(), "token_acc": token_acc})
         return loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -304,7 +382,7 @@ class SCTuneTrainer(Trainer):
         if self.vision_cache is not None:  # the frozen trunk's runs, inside the stages above (not additive)
             self.stage_clock.add("vision_encoding", self.vision_cache.pop_encode_seconds())
         for key, seconds in self.stage_clock.pop().items():
-            self._log_metric(key, seconds)
+            self._log_local(key, seconds)
         return loss
 
     def _training_step(self, model, inputs, num_items_in_batch=None):
@@ -313,10 +391,10 @@ class SCTuneTrainer(Trainer):
         with self.compute_loss_context_manager():
             loss = self.compute_loss(model, rollout)
         loss = loss / self.current_gradient_accumulation_steps
-        if self._skip_this_update and not self._grads_pending:
+        if rollout.skip_update and not self._grads_pending:
             # No backward: the optimizer step that follows finds no gradients and moves nothing.
             return loss.detach()
-        if self._skip_this_update:
+        if rollout.skip_update:
             # Earlier micro-batches of this step left gradients: a zero-weighted backward keeps DDP's
             # all-reduce and DeepSpeed's accumulation boundary in step while adding nothing.
             loss = loss * 0.0
@@ -327,10 +405,12 @@ class SCTuneTrainer(Trainer):
         return loss.detach()
 
     # ------------------------------------------------------------------ logging
-    def _log_metric(self, key: str, value: float) -> None:
+    def _log_local(self, key: str, value: float) -> None:
+        """Record a value as this rank has it (no reduction: it must already agree across ranks)."""
         self._metrics[key].append(float(value))
 
-    def _log_metrics(self, prefix: str, values: dict[str, torch.Tensor]) -> None:
+    def _log_mean_over_ranks(self, prefix: str, values: dict[str, torch.Tensor]) -> None:
+        """Record ``prefix/name`` for each value, averaged over ranks (a collective: every rank must call it)."""
         names = list(values)
         stacked = torch.stack([torch.as_tensor(values[k], dtype=torch.float32).reshape(()).cpu() for k in names])
         reduced = self.accelerator.reduce(stacked.to(self.args.device), "mean").tolist()
@@ -341,7 +421,13 @@ class SCTuneTrainer(Trainer):
         if "learning_rate" in logs:  # the LR the logged step used (the Trainer reads the scheduler's, one step late)
             logs["learning_rate"] = self.schedule.lr_at(self.state.global_step - 1)
         logs = {**logs, **{k: sum(v) / len(v) for k, v in self._metrics.items() if v}}
+        if self._phases:
+            # The phase as a name (a text entry in TensorBoard/W&B, a column in the printed logs), and as a
+            # number that averages meaningfully over a logging window: the share of describer steps in it.
+            logs["phase"] = "+".join(dict.fromkeys(self._phases))
+            logs["phase/describer"] = sum(p == Phase.DESCRIBER.value for p in self._phases) / len(self._phases)
         self._metrics.clear()
+        self._phases.clear()
         super().log(logs, start_time)
 
     def _maybe_save_rollout_picture(self, inputs, captions, boxes) -> None:
@@ -359,43 +445,116 @@ class SCTuneTrainer(Trainer):
         self.adapter.save_pretrained(output_dir or self.args.output_dir)
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        checkpoint = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        self._save_sc_state(checkpoint)
+        """Write the checkpoint to a staging folder, verify it, mark it complete, rename it, then rotate."""
+        run_dir = self._get_output_dir(trial)
+        step = self.state.global_step
+        staging = checkpoints.staging_root(run_dir, step)
+        if self.is_world_process_zero():
+            checkpoints.remove_stale_staging(run_dir)
+        self.accelerator.wait_for_everyone()
+        # The Trainer writes checkpoint-N under _get_output_dir and rotates there: pointed at the staging root
+        # it writes nothing where a resume looks and its rotation finds only the new folder.
+        self._get_output_dir = lambda trial: staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+        staged = os.path.join(staging, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+        layout = self._save_sc_state(staged)
+        self.accelerator.wait_for_everyone()
+        if self.is_world_process_zero():
+            final = checkpoints.commit(staged, os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}"), layout)
+            best = self.state.best_model_checkpoint
+            checkpoints.rotate(run_dir, self.args.save_total_limit, {final, best})
+        self.accelerator.wait_for_everyone()
 
-    def _save_sc_state(self, checkpoint: str) -> None:
-        """Phase position, the snapshot (unless the next step re-syncs it) and a mid-rollout buffer."""
+    def _run_settings(self) -> dict:
+        """What a resumed run must share with the saved one (``--resume_allow_changes`` lists exceptions)."""
+        args = self.args
+        config = getattr(self.model, "config", None)
+        return {
+            "model": getattr(config, "_name_or_path", None),
+            "model_type": getattr(config, "model_type", None),
+            "lora": _is_peft(self.model),
+            "schedule": dict(self.schedule.__dict__),
+            "kl_coef": args.kl_coef,
+            "clip_range": args.clip_range,
+            "gamma": args.gamma,
+            "per_device_train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "seed": args.seed,
+            "world_size": args.world_size,
+            "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+            "deepspeed": self.is_deepspeed_enabled,
+        }
+
+    def _save_sc_state(self, checkpoint: str) -> dict:
+        """Phase position, run settings, the snapshot (unless the next step re-syncs it) and a mid-rollout
+        buffer. Returns the layout: which per-rank files the checkpoint must hold."""
         next_step = self.state.global_step
         position = self.schedule.at(next_step)
-        rank = self.args.process_index
+        rank, world = self.args.process_index, self.args.world_size
         zero3 = getattr(self.snapshot, "zero3", False) or (self.is_deepspeed_enabled and _zero3(self))
+        layout = {
+            "world_size": world,
+            "deepspeed": self.is_deepspeed_enabled,
+            "peft": _is_peft(self.model),
+            "snapshot_ranks": [] if position.starts_phase else list(range(world)) if zero3 else [0],
+            "rollout_ranks": [] if position.needs_rollout else list(range(world)),
+        }
         os.makedirs(checkpoint, exist_ok=True)
         if self.is_world_process_zero():
-            with open(os.path.join(checkpoint, STATE_FILE), "w") as f:
-                json.dump(
-                    {
-                        "next_step": next_step,
-                        "phase": position.phase.value,
-                        "step_in_phase": position.step_in_phase,
-                        "ppo_epoch": position.ppo_epoch,
-                        "schedule": self.schedule.__dict__,
-                    },
-                    f,
-                    indent=2,
-                )
-        if not position.starts_phase and (zero3 or rank == 0):
+            write_json(
+                os.path.join(checkpoint, checkpoints.STATE_FILE),
+                {
+                    "next_step": next_step,
+                    "phase": position.phase.value,
+                    "step_in_phase": position.step_in_phase,
+                    "ppo_epoch": position.ppo_epoch,
+                    "schedule": self.schedule.__dict__,
+                    "settings": self._run_settings(),
+                    "kl_controller": self.kl_controller.state_dict(),
+                },
+            )
+        if rank in layout["snapshot_ranks"]:
             tensors = {k: v.detach().cpu().clone() for k, v in self.snapshot.named_local_tensors().items()}
-            torch.save(tensors, os.path.join(checkpoint, f"snapshot_rank{rank if zero3 else 0}.pt"))
-        if not position.needs_rollout:
-            torch.save(self._rollouts, os.path.join(checkpoint, f"rollouts_rank{rank}.pt"))
+            torch.save(tensors, os.path.join(checkpoint, f"snapshot_rank{rank}.pt"))
+        if rank in layout["rollout_ranks"]:
+            checkpoints.save_rollouts(self._rollouts, os.path.join(checkpoint, f"rollouts_rank{rank}.pt"))
+        return layout
 
     def train(self, resume_from_checkpoint=None, **kwargs):
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"no checkpoint found in {self.args.output_dir} to resume from")
-        self._resume_dir = resume_from_checkpoint or None
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        """``resume_from_checkpoint``: True (or "true"/"1") for the newest complete checkpoint, or a path."""
+        # Rank 0 checks the checkpoint (hashing every file once) and tells the others what it found.
+        if self.is_world_process_zero():
+            try:
+                found = (checkpoints.resolve_resume(resume_from_checkpoint, self.args.output_dir), None)
+                if found[0] is not None:
+                    self._check_resume_settings(found[0])
+            except checkpoints.CheckpointError as e:
+                found = (None, str(e))
+        else:
+            found = (None, None)
+        if self.args.world_size > 1:
+            found = broadcast_object_list(list(found), from_process=0)
+        resume, error = found
+        if error is not None:
+            raise checkpoints.CheckpointError(error)
+        if resume is not None:
+            logger.info("resuming from %s", resume)
+        self._resume_dir = resume
+        return super().train(resume_from_checkpoint=resume, **kwargs)
+
+    def _check_resume_settings(self, checkpoint: str) -> None:
+        allowed = {k.strip() for k in (self.args.resume_allow_changes or "").split(",") if k.strip()}
+        saved = checkpoints.read_state(checkpoint).get("settings", {})
+        errors = checkpoints.settings_mismatches(checkpoint, saved, self._run_settings(), allowed)
+        if errors:
+            raise checkpoints.CheckpointError(
+                f"{checkpoint} was saved with other settings: {'; '.join(errors)}. Resume with the same settings, "
+                "or list the legitimate changes in --resume_allow_changes (e.g. model,seed)"
+            )
+        checkpoints.check_world_size_change(checkpoint, checkpoints.read_layout(checkpoint), self.args.world_size)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         model = model if model is not None else self.model
@@ -418,8 +577,7 @@ class SCTuneTrainer(Trainer):
                 tensor.copy_(saved[name])
 
     def _restore_sc_state(self, checkpoint: str, step: int) -> None:
-        with open(os.path.join(checkpoint, STATE_FILE)) as f:
-            saved = json.load(f)
+        saved = checkpoints.read_state(checkpoint)
         if saved["schedule"] != self.schedule.__dict__:
             raise ValueError(
                 f"{checkpoint}: trained with phase schedule {saved['schedule']}, "
@@ -427,16 +585,17 @@ class SCTuneTrainer(Trainer):
             )
         if saved["next_step"] != step:
             raise ValueError(f"{checkpoint}: saved before step {saved['next_step']}, resuming at {step}")
+        self.kl_controller.load_state_dict(saved["kl_controller"])
         position = self.schedule.at(step)
         rank = self.args.process_index
         zero3 = getattr(self.snapshot, "zero3", False) or (self.is_deepspeed_enabled and _zero3(self))
         if not position.starts_phase:
             path = os.path.join(checkpoint, f"snapshot_rank{rank if zero3 else 0}.pt")
-            self.snapshot.load_local_tensors(torch.load(path, map_location=self.args.device))
+            # Read to the CPU: the snapshot copies into its own tensors, and "cpu:0" (CPU DDP) is no map_location.
+            self.snapshot.load_local_tensors(torch.load(path, map_location="cpu", weights_only=True))
         if not position.needs_rollout:
-            self._rollouts = torch.load(
-                os.path.join(checkpoint, f"rollouts_rank{rank}.pt"), map_location=self.args.device, weights_only=False
-            )
+            path = os.path.join(checkpoint, f"rollouts_rank{rank}.pt")
+            self._rollouts = checkpoints.load_rollouts(path, [DescriberRollout, LocatorRollout], self.args.device)
 
 
 def _is_peft(model) -> bool:

@@ -35,7 +35,7 @@ def measure(name: str, kind: str) -> dict:
         model = apply_lora(model, adapter, LoraArguments(use_lora=True), gradient_checkpointing=False)
     samples = synthetic_batch(2, CONFIGS[name].image_size)
     args = SCTuneConfig(
-        output_dir=workdir, per_device_train_batch_size=2, caption_update_steps=1, bbox_update_steps=1,
+        output_dir=workdir, per_device_train_batch_size=2, describer_update_steps=1, locator_update_steps=1,
         ppo_epochs=2, use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True,
         describer_max_new_tokens=4, describer_min_new_tokens=1, locator_max_new_tokens=4,
     )

@@ -268,8 +268,8 @@ def main(argv=None):
     args = SCTuneConfig(
         output_dir=workdir,
         per_device_train_batch_size=batch,
-        caption_update_steps=1,
-        bbox_update_steps=1,
+        describer_update_steps=1,
+        locator_update_steps=1,
         ppo_epochs=2,
         use_cpu=opts.device == "cpu",
         bf16=opts.dtype == "bfloat16",

@@ -1,28 +1,37 @@
-#!/usr/bin/env bash
-# Evaluate a model or SC-Tune checkpoint with torchrun. Every variable below can be overridden from the
-# environment, e.g.:  TASK=rec DATA="data/refcoco_val.jsonl data/refcoco_testA.jsonl" bash scripts/evaluate.sh
-set -euo pipefail
-
-TASK="${TASK:-self-consistency}"        # self-consistency | rec | region-caption
-MODEL="${MODEL:-output_sc_tune}"        # any supported checkpoint folder (base model or trained output)
-DATA="${DATA:-data/held_out.json}"      # annotation file(s); rec accepts several, space-separated
-IMAGE_ROOT="${IMAGE_ROOT:-data/images}" # folder the records' "image" paths are relative to
-OUTPUT_DIR="${OUTPUT_DIR:-eval_results/${TASK}}"
-NPROC="${NPROC:-$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')}"  # processes (GPUs)
-BATCH_SIZE="${BATCH_SIZE:-8}"           # samples per generate call, per process
-BOX_FORMAT="${BOX_FORMAT:-native}"      # native | generic: the --box_format the model was trained with
-DTYPE="${DTYPE:-}"                      # float32 | bfloat16 | float16; empty = bfloat16 on GPU, float32 on CPU
-MAX_SAMPLES="${MAX_SAMPLES:-}"          # empty = all records
-GRID_SAMPLES="${GRID_SAMPLES:-16}"      # self-consistency: cycles drawn in the PNG grid
-MASTER_PORT="${MASTER_PORT:-29511}"
-EXTRA_ARGS="${EXTRA_ARGS:-}"            # anything else for evaluate.py, e.g. "--no-meteor"
-
+#!/bin/sh
+# Evaluate a model or SC-Tune checkpoint with torchrun (uses .venv like the other scripts). Every variable
+# below can be overridden from the environment, e.g.:
+#     TASK=rec DATA="data/refcoco_val.jsonl data/refcoco_testA.jsonl" IMAGE_FOLDER=data/coco sh scripts/evaluate.sh
+# The names match finetune_ds.sh (MODEL, DATA, IMAGE_FOLDER, OUTPUT_DIR) and evaluate.py's flags.
+set -eu
 cd "$(dirname "$0")/.."
-read -r -a DATA_FILES <<< "$DATA"
-ARGS=("$TASK" --model "$MODEL" --data "${DATA_FILES[@]}" --image-root "$IMAGE_ROOT" --output-dir "$OUTPUT_DIR"
-      --batch-size "$BATCH_SIZE" --grid-samples "$GRID_SAMPLES" --box-format "$BOX_FORMAT")
-[[ -n "$DTYPE" ]] && ARGS+=(--dtype "$DTYPE")
-[[ -n "$MAX_SAMPLES" ]] && ARGS+=(--max-samples "$MAX_SAMPLES")
-read -r -a EXTRA <<< "$EXTRA_ARGS"
+if [ -f .venv/bin/activate ]; then . .venv/bin/activate; fi
+. scripts/env.sh
 
-exec torchrun --nproc_per_node "$NPROC" --master_port "$MASTER_PORT" evaluate.py "${ARGS[@]}" ${EXTRA[@]+"${EXTRA[@]}"}
+# IMAGE_ROOT and IMAGE_DIR are the earlier names of IMAGE_FOLDER; still accepted.
+if [ -z "${IMAGE_FOLDER:-}" ] && [ -n "${IMAGE_ROOT:-${IMAGE_DIR:-}}" ]; then
+    echo "note: IMAGE_ROOT / IMAGE_DIR are now called IMAGE_FOLDER (the old name still works)" >&2
+    IMAGE_FOLDER=${IMAGE_ROOT:-$IMAGE_DIR}
+fi
+
+TASK=${TASK:-self-consistency}          # self-consistency | rec | region-caption
+MODEL=${MODEL:-output_sc_tune}          # any supported checkpoint folder (base model or trained output)
+DATA=${DATA:-data/held_out.json}        # annotation file(s); rec accepts several, space-separated
+IMAGE_FOLDER=${IMAGE_FOLDER:-data/objects365}  # folder the records' "image" paths are relative to
+OUTPUT_DIR=${OUTPUT_DIR:-eval_results/${TASK}}
+NPROC=${NPROC:-$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')}  # processes (GPUs)
+BATCH_SIZE=${BATCH_SIZE:-8}             # samples per generate call, per process
+DTYPE=${DTYPE:-auto}                    # auto | float32 | bfloat16 | float16 (auto: bfloat16 on GPU, float32 on CPU)
+BOX_FORMAT=${BOX_FORMAT:-native}        # native | generic: the --box_format the model was trained with
+MAX_SAMPLES=${MAX_SAMPLES:-}            # empty = all records
+GRID_SAMPLES=${GRID_SAMPLES:-16}        # self-consistency: cycles drawn in the PNG grid
+MASTER_PORT=${MASTER_PORT:-29511}
+EXTRA_ARGS=${EXTRA_ARGS:-}              # anything else for evaluate.py, e.g. "--no_meteor"
+TORCHRUN=${TORCHRUN:-torchrun}          # the launcher
+
+set --
+if [ -n "$MAX_SAMPLES" ]; then set -- --max_samples "$MAX_SAMPLES"; fi
+# shellcheck disable=SC2086  # DATA and EXTRA_ARGS are space-separated lists on purpose
+exec $TORCHRUN --nproc_per_node "$NPROC" --master_port "$MASTER_PORT" evaluate.py --task "$TASK" \
+    --model_name_or_path "$MODEL" --data_path $DATA --image_folder "$IMAGE_FOLDER" --output_dir "$OUTPUT_DIR" \
+    --per_device_eval_batch_size "$BATCH_SIZE" --dtype "$DTYPE" --grid_samples "$GRID_SAMPLES" --box_format "$BOX_FORMAT" "$@" $EXTRA_ARGS

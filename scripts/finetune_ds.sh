@@ -1,11 +1,20 @@
-#!/usr/bin/env bash
+#!/bin/sh
 # SC-Tune with torchrun + DeepSpeed, on one node or many. Edit the variables below (or set them in the
 # environment: every one is `${NAME:-default}`), then run on every node:
 #     sh scripts/finetune_ds.sh
 # Multi-node: same command on each node with NNODES, NODE_RANK (0..NNODES-1), MASTER_ADDR (node 0's
 # address) and MASTER_PORT set. Extra finetune.py flags go in EXTRA_ARGS (see `python finetune.py --help`).
+# A CPU dry run (tiny model, one process, fp32, a few steps):
+#     GPUS_PER_NODE=1 PRECISION=fp32 MODEL=... DATA=... IMAGE_FOLDER=... MAX_STEPS=2 BATCH_PER_GPU=2 \
+#         GRADIENT_CHECKPOINTING=False DATALOADER_WORKERS=0 REPORT_TO=none sh scripts/finetune_ds.sh
 set -eu
 cd "$(dirname "$0")/.."
+
+# IMAGE_DIR is the earlier name of IMAGE_FOLDER (as in scripts/evaluate.sh and --image_folder); still accepted.
+if [ -z "${IMAGE_FOLDER:-}" ] && [ -n "${IMAGE_DIR:-}" ]; then
+    echo "note: IMAGE_DIR is now called IMAGE_FOLDER (the old name still works)" >&2
+    IMAGE_FOLDER=$IMAGE_DIR
+fi
 
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 NNODES=${NNODES:-1}
@@ -14,52 +23,66 @@ MASTER_ADDR=${MASTER_ADDR:-localhost}
 MASTER_PORT=${MASTER_PORT:-6001}
 
 MODEL=${MODEL:-Qwen-VL-Chat/}                  # any supported checkpoint folder (README: supported model families)
-IMAGE_DIR=${IMAGE_DIR:-data/objects365}        # Objects365 image root (the records' paths are relative to it)
+IMAGE_FOLDER=${IMAGE_FOLDER:-data/objects365}  # Objects365 image root (the records' paths are relative to it)
 DATA=${DATA:-data/object365.json}              # annotations: python -m sc_tune.objects365 --help
 OUTPUT_DIR=${OUTPUT_DIR:-output_sc_tune}
-DS_CONFIG=${DS_CONFIG:-scripts/ds_config_zero2.json}   # or scripts/ds_config_zero3.json
+DS_CONFIG=${DS_CONFIG-scripts/ds_config_zero2.json}    # or scripts/ds_config_zero3.json; DS_CONFIG= runs without DeepSpeed
+PRECISION=${PRECISION:-bf16}                           # bf16 (the reference's) | fp16 | fp32 (CPU dry runs)
 BOX_FORMAT=${BOX_FORMAT:-native}               # native (the family's box text) | generic; evaluate with the same
 
-caption_update_steps=${caption_update_steps:-200}   # describer rollouts per phase (each = ppo_epochs steps)
-bbox_update_steps=${bbox_update_steps:-100}         # locator steps per phase
-caption_lr=${caption_lr:-5e-7}
-bbox_lr=${bbox_lr:-1e-6}
-kl_coef=${kl_coef:-0.01}
+# The reference's lower-case names (caption_update_steps, bbox_update_steps, caption_lr, bbox_lr, kl_coef) still work.
+DESCRIBER_UPDATE_STEPS=${DESCRIBER_UPDATE_STEPS:-${caption_update_steps:-200}}  # describer rollouts per phase (x ppo_epochs steps)
+LOCATOR_UPDATE_STEPS=${LOCATOR_UPDATE_STEPS:-${bbox_update_steps:-100}}         # locator steps per phase
+DESCRIBER_LR=${DESCRIBER_LR:-${caption_lr:-5e-7}}
+LOCATOR_LR=${LOCATOR_LR:-${bbox_lr:-1e-6}}
+KL_COEF=${KL_COEF:-${kl_coef:-0.01}}
 
 MAX_STEPS=${MAX_STEPS:-4000}          # the reference's 2,400 batches = 8 cycles = 4,000 optimizer steps
 BATCH_PER_GPU=${BATCH_PER_GPU:-16}
 SAVE_STEPS=${SAVE_STEPS:-500}         # one cycle
-REPORT_TO=${REPORT_TO:-tensorboard}   # tensorboard, wandb or none
+REPORT_TO=${REPORT_TO:-tensorboard}   # tensorboard, wandb (pip install -e ".[wandb]") or none
+GRADIENT_CHECKPOINTING=${GRADIENT_CHECKPOINTING:-True}
+DATALOADER_WORKERS=${DATALOADER_WORKERS:-4}
 EXTRA_ARGS=${EXTRA_ARGS:-}
+TORCHRUN=${TORCHRUN:-torchrun}        # the launcher
 
-[ -f .venv/bin/activate ] && . .venv/bin/activate
-export TOKENIZERS_PARALLELISM=false
+case "$PRECISION" in
+    bf16) PRECISION_ARGS="--bf16 True" ;;
+    fp16) PRECISION_ARGS="--fp16 True" ;;
+    fp32) PRECISION_ARGS="" ;;
+    *) echo "PRECISION must be bf16, fp16 or fp32, got '$PRECISION'" >&2; exit 2 ;;
+esac
+DS_ARGS=""
+if [ -n "$DS_CONFIG" ]; then DS_ARGS="--deepspeed $DS_CONFIG"; fi
+
+if [ -f .venv/bin/activate ]; then . .venv/bin/activate; fi
+. scripts/env.sh
 
 # shellcheck disable=SC2086
-torchrun --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
+$TORCHRUN --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
     finetune.py \
     --model_name_or_path "$MODEL" \
     --box_format "$BOX_FORMAT" \
     --data_path "$DATA" \
-    --image_folder "$IMAGE_DIR" \
+    --image_folder "$IMAGE_FOLDER" \
     --output_dir "$OUTPUT_DIR" \
-    --bf16 True \
+    $PRECISION_ARGS \
     --fix_vit True \
     --max_steps "$MAX_STEPS" \
     --per_device_train_batch_size "$BATCH_PER_GPU" \
     --gradient_accumulation_steps 1 \
-    --caption_update_steps "$caption_update_steps" \
-    --bbox_update_steps "$bbox_update_steps" \
-    --caption_lr "$caption_lr" \
-    --bbox_lr "$bbox_lr" \
-    --kl_coef "$kl_coef" \
+    --describer_update_steps "$DESCRIBER_UPDATE_STEPS" \
+    --locator_update_steps "$LOCATOR_UPDATE_STEPS" \
+    --describer_lr "$DESCRIBER_LR" \
+    --locator_lr "$LOCATOR_LR" \
+    --kl_coef "$KL_COEF" \
     --save_strategy steps \
     --save_steps "$SAVE_STEPS" \
     --save_total_limit 10 \
     --logging_steps 1 \
     --report_to "$REPORT_TO" \
-    --gradient_checkpointing True \
-    --dataloader_num_workers 4 \
-    --deepspeed "$DS_CONFIG" \
+    --gradient_checkpointing "$GRADIENT_CHECKPOINTING" \
+    --dataloader_num_workers "$DATALOADER_WORKERS" \
+    $DS_ARGS \
     $EXTRA_ARGS

@@ -95,8 +95,8 @@ def run_config(name, opts, device, dtype, meter):
     args = SCTuneConfig(
         output_dir=tempfile.mkdtemp(prefix="gpu_check_out_"),
         per_device_train_batch_size=batch,
-        caption_update_steps=1,
-        bbox_update_steps=1,
+        describer_update_steps=1,
+        locator_update_steps=1,
         ppo_epochs=2,
         use_cpu=device == "cpu",
         bf16=dtype == torch.bfloat16,

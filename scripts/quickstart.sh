@@ -6,7 +6,7 @@
 # Extra arguments go to `python -m sc_tune.synthetic.quickstart` (see --help).
 set -eu
 cd "$(dirname "$0")/.."
-bash scripts/setup_env.sh
+sh scripts/setup_env.sh
 . .venv/bin/activate
 . scripts/env.sh
 # One thread per process: faster than two for this tiny model (docs/benchmark.md, "Threads").

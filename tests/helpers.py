@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 
 from sc_tune.arguments import SCTuneConfig
 from sc_tune.data import ReferringDataset
 from sc_tune.modeling import freeze_vision_tower, load_model_and_adapter
+from sc_tune.rewards import RewardBatch
 from sc_tune.trainer import SCTuneTrainer
 from tests.conftest import SAMPLE_DATA, SAMPLE_IMAGES
 
@@ -16,8 +19,8 @@ FAST = dict(
     describer_min_new_tokens=2,
     locator_max_new_tokens=8,
     locator_min_new_tokens=0,
-    caption_lr=1e-3,
-    bbox_lr=2e-3,
+    describer_lr=1e-3,
+    locator_lr=2e-3,
     use_cpu=True,
     report_to="none",
     save_strategy="no",
@@ -25,25 +28,41 @@ FAST = dict(
     disable_tqdm=True,
     seed=0,
     dataloader_num_workers=0,
+    weight_decay=0.0,  # weights that move, move through the loss's gradient (AdamW's decay would move them anyway)
 )
 
 
-def make_trainer(checkpoint: str, output_dir: str, model_transform=None, **overrides) -> SCTuneTrainer:
+def make_trainer(checkpoint: str, output_dir: str, model_transform=None, reward_fn=None, dataset=None,
+                 **overrides) -> SCTuneTrainer:
     args = SCTuneConfig(output_dir=output_dir, **{**FAST, **overrides})
     torch.manual_seed(0)
     model, adapter = load_model_and_adapter(checkpoint)
     freeze_vision_tower(model, adapter)
     if model_transform is not None:
         model = model_transform(model, adapter)
-    dataset = ReferringDataset.from_file(SAMPLE_DATA, SAMPLE_IMAGES)
-    return SCTuneTrainer(model=model, args=args, adapter=adapter, train_dataset=dataset)
+    dataset = dataset if dataset is not None else ReferringDataset.from_file(SAMPLE_DATA, SAMPLE_IMAGES)
+    return SCTuneTrainer(model=model, args=args, adapter=adapter, train_dataset=dataset, reward_fn=reward_fn)
 
 
 def trainable_vector(model) -> torch.Tensor:
     return torch.cat([p.detach().flatten().clone() for p in model.parameters() if p.requires_grad])
 
 
-def fake_iou(pred_boxes, target_B4):
-    """A reward with signal even though a random model writes no parseable box: depends on the row."""
-    generator = torch.Generator().manual_seed(len(pred_boxes) + int(target_B4.sum() * 1000))
-    return torch.rand(len(pred_boxes), generator=generator)
+def caption_hash_reward(pred_boxes, target_N4, captions):
+    """A reward with signal even though a random model writes no parseable box: a fixed pseudo-random score
+    of the caption text, so a sampled caption and the greedy one of the same box score differently."""
+    reward_N = torch.tensor([zlib.crc32(c.encode()) % 1000 / 1000 for c in captions], dtype=torch.float32)
+    return RewardBatch(reward_N, torch.tensor([b is not None for b in pred_boxes]))
+
+
+class CaptionReward:
+    """Reward 1 for captions ``favoured`` says yes to, else 0; records every caption it scored."""
+
+    def __init__(self, favoured):
+        self.favoured = favoured
+        self.scored: list[str] = []
+
+    def __call__(self, pred_boxes, target_N4, captions):
+        self.scored.extend(captions)
+        reward_N = torch.tensor([float(self.favoured(c)) for c in captions])
+        return RewardBatch(reward_N, torch.tensor([b is not None for b in pred_boxes]))

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sc_tune.boxes import box_iou, denormalize_box, iou_or_zero, is_valid_box, normalize_box, xywh_to_xyxy
+from sc_tune.boxes import box_giou, box_iou, denormalize_box, is_valid_box, normalize_box, xywh_to_xyxy
 
 
 def iou(a, b):
@@ -31,10 +31,14 @@ def test_degenerate_boxes_never_nan_or_negative():
     assert iou([0.6, 0.6, 0.2, 0.2], [0.7, 0.7, 0.1, 0.1]) == 0.0
 
 
-def test_iou_or_zero_scores_parse_failures_as_zero():
-    target = torch.tensor([[0, 0, 2, 2], [0, 0, 2, 2]], dtype=torch.float32)
-    out = iou_or_zero([[1, 1, 3, 3], None], target)
-    assert out.tolist() == pytest.approx([1 / 7, 0.0])
+def test_giou_hand_computed():
+    # [0,0,2,2] vs [1,1,3,3]: IoU 1/7; hull [0,0,3,3] = 9, union 7 -> GIoU = 1/7 - 2/9
+    # [0,0,1,1] vs [2,0,3,1]: disjoint, hull 3 x 1 = 3, union 2 -> GIoU = 0 - 1/3
+    pred = torch.tensor([[0, 0, 2, 2], [0, 0, 1, 1], [0, 0, 1, 1]], dtype=torch.float32)
+    target = torch.tensor([[1, 1, 3, 3], [2, 0, 3, 1], [0, 0, 1, 1]], dtype=torch.float32)
+    assert box_giou(pred, target).tolist() == pytest.approx([1 / 7 - 2 / 9, -1 / 3, 1.0])
+    point = torch.tensor([[0.5, 0.5, 0.5, 0.5]])
+    assert box_giou(point, point).tolist() == [0.0]  # no hull: 0, not NaN
 
 
 def test_conversions():

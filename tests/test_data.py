@@ -25,7 +25,7 @@ def test_bundled_sample_loads_and_collates():
 
 def test_reference_image_id_key_is_accepted(tmp_path):
     records = load_annotations(_write(tmp_path, [{"image_id": "a.jpg", "bbox": [0.1, 0.2, 0.3, 0.4]}]))
-    assert records == [{"image": "a.jpg", "bbox": [0.1, 0.2, 0.3, 0.4]}]
+    assert records == [{"image": "a.jpg", "bbox": [0.1, 0.2, 0.3, 0.4], "record_index": 0}]
 
 
 @pytest.mark.parametrize(
@@ -56,7 +56,7 @@ def test_skipping_counts_bad_records_and_missing_images(tmp_path, caplog):
         ],
     )
     records = load_annotations(path, str(tmp_path), skip_bad=True)
-    assert records == [{"image": "here.png", "bbox": [0.0, 0.0, 1.0, 1.0]}]
+    assert records == [{"image": "here.png", "bbox": [0.0, 0.0, 1.0, 1.0], "record_index": 0}]
     assert "skipped 2 of 3 records" in caplog.text
 
 
@@ -81,7 +81,9 @@ def test_rollout_sampler_repeats_describer_batches_only():
 
 
 def test_objects365_converter_filters_and_counts(tmp_path):
-    (tmp_path / "a.jpg").write_bytes(b"")
+    from PIL import Image
+
+    Image.new("RGB", (200, 100)).save(tmp_path / "a.jpg")
     coco = {
         "images": [
             {"id": 1, "file_name": "a.jpg", "width": 200, "height": 100},
@@ -101,7 +103,7 @@ def test_objects365_converter_filters_and_counts(tmp_path):
     assert counts["flagged (iscrowd)"] == 1 and counts["flagged (isfake)"] == 1
     bad = {"images": coco["images"], "annotations": [{"image_id": 1, "bbox": [1, 2, 3]}]}
     with pytest.raises(AnnotationError, match=r"o365.json: annotations\[0\]: field 'bbox'"):
-        convert(bad, "o365.json")
+        convert(bad, "o365.json", strict=True)
 
 
 def test_objects365_sampling_is_deterministic():
@@ -113,3 +115,23 @@ def test_objects365_sampling_is_deterministic():
     second, _ = convert(coco, max_boxes_per_image=2, num_samples=7, seed=3)
     assert first == second and len(first) == 7
     assert counts["over max_boxes_per_image"] == 20 and counts["over num_samples"] == 33
+
+
+def test_objects365_held_out_split_shares_no_image_with_training(tmp_path):
+    from sc_tune.jsonio import read_json, write_json
+    from sc_tune.objects365 import main
+
+    coco = {
+        "images": [{"id": i, "file_name": f"{i}.jpg", "width": 10, "height": 10} for i in range(30)],
+        "annotations": [{"image_id": i, "bbox": [1, 1, 5, 5 + j]} for i in range(30) for j in range(3)],
+    }
+    write_json(tmp_path / "o365.json", coco)
+    main(["--annotations", str(tmp_path / "o365.json"), "--output", str(tmp_path / "train.json"),
+          "--held_out_output", str(tmp_path / "held_out.json"), "--num_held_out", "10"])
+    train, held_out = read_json(tmp_path / "train.json"), read_json(tmp_path / "held_out.json")
+    assert len(held_out) == 12  # whole images of 3 boxes each until >= 10 records
+    assert len(train) == 90 - 12
+    assert not {r["image"] for r in train} & {r["image"] for r in held_out}
+    # the training format, as evaluate.py reads it (the loader adds each record's index in the file)
+    loaded = load_annotations(str(tmp_path / "held_out.json"))
+    assert [{k: v for k, v in r.items() if k != "record_index"} for r in loaded] == held_out

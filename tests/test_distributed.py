@@ -34,15 +34,15 @@ def _torchrun(checkpoint, output_dir, port, *extra):
         str(output_dir),
         "--max_steps",
         "5",
-        "--caption_update_steps",
+        "--describer_update_steps",
         "1",
-        "--bbox_update_steps",
+        "--locator_update_steps",
         "2",
         "--per_device_train_batch_size",
         "2",
-        "--caption_lr",
+        "--describer_lr",
         "1e-3",
-        "--bbox_lr",
+        "--locator_lr",
         "1e-3",
         "--use_cpu",
         "True",
@@ -85,7 +85,7 @@ def runs(tiny_checkpoint, tmp_path_factory):
 def test_two_process_run_cycles_both_phases_and_exports(runs, name):
     checkpoint, out = runs
     directory, logs = out[name]
-    assert [h["phase"] for h in logs] == [0.0, 0.0, 1.0, 1.0, 0.0]
+    assert [h["phase"] for h in logs] == ["describer", "describer", "locator", "locator", "describer"]
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in logs)
     # The locator phase trained: the exported weights differ from the start...
     start, _ = load_model_and_adapter(checkpoint)
@@ -118,8 +118,8 @@ def test_finetune_ds_script_launches_with_environment_overrides(tiny_checkpoint,
         "OUTPUT_DIR": str(out),
         "MAX_STEPS": "3",
         "BATCH_PER_GPU": "2",
-        "caption_update_steps": "1",
-        "bbox_update_steps": "1",
+        "describer_update_steps": "1",
+        "locator_update_steps": "1",
         "kl_coef": "0.02",
         "REPORT_TO": "none",
         "OMP_NUM_THREADS": "1",
@@ -132,6 +132,6 @@ def test_finetune_ds_script_launches_with_environment_overrides(tiny_checkpoint,
     )
     assert result.returncode == 0, result.stderr[-6000:]
     args = torch.load(out / "training_args.bin", weights_only=False)
-    assert (args.kl_coef, args.caption_update_steps, args.max_steps, args.world_size) == (0.02, 1, 3, 2)
+    assert (args.kl_coef, args.describer_update_steps, args.max_steps, args.world_size) == (0.02, 1, 3, 2)
     assert args.deepspeed.endswith("ds_config_zero2.json")
     assert (out / "model.safetensors").exists()

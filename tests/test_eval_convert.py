@@ -10,6 +10,7 @@ from sc_tune.evaluation.convert import (coco_regions_to_region_captions, main, r
                                         refer_to_region_captions)
 from sc_tune.evaluation.records import (RecordError, load_annotation_records, load_rec_samples,
                                         load_region_caption_records)
+from sc_tune.jsonio import JSONFileError
 
 INSTANCES = {
     "images": [{"id": 1, "file_name": "COCO_train2014_000000000001.jpg", "width": 200, "height": 100},
@@ -120,7 +121,7 @@ def test_record_checks_name_file_record_and_field(tmp_path):
         load_region_caption_records(regions)
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"image": "a.jpg"}\n{not json\n')
-    with pytest.raises(RecordError, match=r"broken\.jsonl: line 2 is not valid JSON"):
+    with pytest.raises(JSONFileError, match=r"broken\.jsonl: line 2 is not valid JSON"):
         load_rec_samples(broken)
 
 

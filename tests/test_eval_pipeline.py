@@ -167,8 +167,9 @@ def test_evaluate_cli_tiny_model(task, expected_count, tiny_run, image_root):
 
     root, model_dir, data = tiny_run
     out = root / f"out_{task}"
-    evaluate.main([task, "--model", model_dir, "--data", str(data[task]), "--image-root", str(image_root),
-                   "--output-dir", str(out), "--batch-size", "2", "--no-meteor", "--grid-samples", "4"])
+    evaluate.main(["--task", task, "--model_name_or_path", model_dir, "--data_path", str(data[task]),
+                   "--image_folder", str(image_root), "--output_dir", str(out), "--per_device_eval_batch_size", "2",
+                   "--no_meteor", "--grid_samples", "4"])
     name = task.replace("-", "_")
     result = json.loads((out / f"{name}_metrics.json").read_text())
     if task == "rec":
@@ -181,7 +182,9 @@ def test_evaluate_cli_tiny_model(task, expected_count, tiny_run, image_root):
     assert result["world_size"] == 1
     if task != "region-caption":
         # A random model writes no box: every failure is counted, none hidden in a zero.
-        assert metrics["num_parsed"] + metrics["num_parse_failures"] == expected_count
+        rows = [json.loads(line) for line in samples]
+        assert metrics["num_parse_failures"] == expected_count == sum(r["pred_bbox"] is None for r in rows)
+        assert metrics["parse_failure_rate"] == 1.0 and all(r["iou"] == 0.0 and not r["parsed"] for r in rows)
     else:
         assert metrics["meteor"] is None and "disabled" in metrics["meteor_skipped"]
         assert {"bleu_1", "bleu_4", "cider_d"} <= set(metrics)

@@ -72,10 +72,10 @@ def _finetune(source: str, output_dir: str, *extra: str):
 
     args = [
         "--model_name_or_path", source, "--data_path", SAMPLE_DATA, "--image_folder", SAMPLE_IMAGES,
-        "--output_dir", output_dir, "--max_steps", str(STEPS), "--caption_update_steps", "1",
-        "--bbox_update_steps", "1", "--ppo_epochs", "1", "--per_device_train_batch_size", "2",
+        "--output_dir", output_dir, "--max_steps", str(STEPS), "--describer_update_steps", "1",
+        "--locator_update_steps", "1", "--ppo_epochs", "1", "--per_device_train_batch_size", "2",
         "--describer_max_new_tokens", "4", "--describer_min_new_tokens", "2", "--locator_max_new_tokens", "4",
-        "--caption_lr", "1e-3", "--bbox_lr", "1e-3", "--weight_decay", "0", "--use_cpu", "True",
+        "--describer_lr", "1e-3", "--locator_lr", "1e-3", "--weight_decay", "0", "--use_cpu", "True",
         "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "True", "--seed", "0", *extra,
     ]  # fmt: skip
     with pytest.MonkeyPatch.context() as patch:
@@ -245,7 +245,7 @@ def test_full_finetune_runs_both_phases_and_moves_only_trainable_weights(model_t
     trainer, source, _ = runs(model_type, lora=False)
     adapter = trainer.adapter
     logs = [h for h in trainer.state.log_history if "loss" in h]
-    assert [h["phase"] for h in logs] == [0.0, 1.0, 0.0]
+    assert [h["phase"] for h in logs] == ["describer", "locator", "describer"]
     assert logs[0]["describer/nonzero_advantage"] > 0 and logs[1]["locator/loss"] > 0
     initial = _params(load_model_and_adapter(source)[0])
     after = _params(trainer.model)
@@ -284,7 +284,7 @@ def test_lora_run_trains_adapters_only_and_merges(model_type, runs):
             plain = name.replace("base_model.model.", "", 1).replace(".base_layer", "")
             assert torch.equal(param.detach(), base[plain]), name
     assert lora_moved > 0
-    assert [h["phase"] for h in trainer.state.log_history if "loss" in h] == [0.0, 1.0, 0.0]
+    assert [h["phase"] for h in trainer.state.log_history if "loss" in h] == ["describer", "locator", "describer"]
 
     merged, adapter = load_model_and_adapter(out)
     image = _image(adapter, "000.png")

@@ -5,12 +5,11 @@ from types import SimpleNamespace
 import torch
 from PIL import Image
 
-import sc_tune.trainer
 from sc_tune.export import export_trained
 from sc_tune.modeling import apply_lora, load_model_and_adapter
 from sc_tune.snapshot import SNAPSHOT_ADAPTER
 from tests.conftest import SAMPLE_IMAGES
-from tests.helpers import fake_iou, make_trainer
+from tests.helpers import caption_hash_reward, make_trainer
 
 LORA = SimpleNamespace(q_lora=False, lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=None)
 
@@ -23,16 +22,16 @@ def _adapter_weights(model, name):
     return {n.replace(f".{name}.", "."): p.detach().clone() for n, p in model.named_parameters() if f".{name}." in n}
 
 
-def test_lora_phase_switch_and_merge(tiny_checkpoint, tmp_path, monkeypatch):
-    monkeypatch.setattr(sc_tune.trainer, "iou_or_zero", fake_iou)
+def test_lora_phase_switch_and_merge(tiny_checkpoint, tmp_path):
     source = tiny_checkpoint("qwen2_vl")
     trainer = make_trainer(
         source,
         str(tmp_path / "run"),
         model_transform=_lora,
+        reward_fn=caption_hash_reward,  # with weight_decay 0, the describer moves the adapter only through it
         max_steps=5,
-        caption_update_steps=1,
-        bbox_update_steps=2,
+        describer_update_steps=1,
+        locator_update_steps=2,
         ppo_epochs=2,
         kl_coef=0.05,
     )
@@ -76,3 +75,33 @@ def test_lora_phase_switch_and_merge(tiny_checkpoint, tmp_path, monkeypatch):
     base, _ = load_model_and_adapter(source)
     with torch.no_grad():
         assert not torch.allclose(base(**batch.inputs).logits, expected, atol=1e-5)  # the adapter mattered
+
+
+def test_merge_command_keeps_the_saved_dtype_unless_told(tiny_checkpoint, tmp_path):
+    """python -m sc_tune.export: a float32 base stays float32 (it used to become bfloat16); --dtype overrides."""
+    from peft import LoraConfig, get_peft_model
+
+    from sc_tune.export import main as export_main
+
+    base = tiny_checkpoint("qwen2_vl")  # saved in float32
+    model, adapter = load_model_and_adapter(base)
+    lora = get_peft_model(model, LoraConfig(r=2, target_modules=adapter.lora_target_modules))
+    lora.save_pretrained(tmp_path / "adapter")
+    for flag, expected in (([], torch.float32), (["--dtype", "bfloat16"], torch.bfloat16)):
+        out = tmp_path / f"merged{len(flag)}"
+        export_main(["--base", base, "--adapter", str(tmp_path / "adapter"), "--output", str(out), *flag])
+        merged, _ = load_model_and_adapter(str(out), dtype="auto")
+        assert {p.dtype for p in merged.parameters()} == {expected}, flag
+
+
+def test_trainable_summary_says_lora_freezes_the_merger(tiny_checkpoint):
+    from sc_tune.modeling import freeze_vision_tower, trainable_summary
+
+    model, adapter = load_model_and_adapter(tiny_checkpoint("qwen2_vl"))
+    freeze_vision_tower(model, adapter)
+    full = trainable_summary(model, adapter)
+    assert "vision resampler/merger" in full.split("frozen:")[0] and full.endswith("frozen: vision tower")
+    lora = trainable_summary(_lora(model, adapter), adapter)
+    trained, frozen = lora.split("frozen:")
+    assert "LoRA adapters" in trained and "merger" not in trained and "language model" not in trained
+    assert frozen.strip() == "vision resampler/merger, vision tower, language model"

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sc_tune.ppo import describer_advantages, last_token_index, masked_mean, ppo_clip_loss
+from sc_tune.ppo import describer_advantages, last_token_index, masked_mean, per_token_kl, ppo_clip_loss
 
 
 def test_masked_mean_ignores_masked_entries():
@@ -19,15 +19,29 @@ def test_advantages_match_hand_computation_gamma_one():
     baseline_B = torch.tensor([0.5, 0.5])
     kl_BT = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 9.0]])
     mask_BT = torch.tensor([[1, 1, 1], [1, 1, 0]])
-    adv = describer_advantages(reward_B, baseline_B, kl_BT, mask_BT, kl_coef=0.1, gamma=1.0)
+    adv = describer_advantages(reward_B - baseline_B, kl_BT, mask_BT, kl_coef=0.1, gamma=1.0)
     # row 0: R - R_b = 0.3; suffix KL sums 0.6, 0.5, 0.3 -> 0.3 - 0.1 * [0.6, 0.5, 0.3]
     # row 1: R - R_b = -0.3 at its own last token (t=1); the masked t=2 KL (9.0) must not leak in.
     expected = torch.tensor([[0.24, 0.25, 0.27], [-0.39, -0.35, 0.0]])
     assert torch.allclose(adv, expected, atol=1e-6)
 
 
+def test_per_token_kl_is_the_masked_log_ratio_policy_minus_snapshot():
+    logp = torch.tensor([[-1.0, -2.0, -3.0]])
+    snapshot_logp = torch.tensor([[-1.5, -1.0, -9.0]])
+    # policy - snapshot: 0.5, -1.0; the masked third token is 0 whatever its log-probs
+    assert per_token_kl(logp, snapshot_logp, torch.tensor([[1, 1, 0]])).tolist() == [[0.5, -1.0, 0.0]]
+
+
+def test_kl_penalty_lowers_the_advantage_of_tokens_the_policy_overweights():
+    # terminal 0: only the KL term is left. kl = [0.5, -1.0] -> suffix sums [-0.5, -1.0] -> A = -0.2 * those.
+    kl = per_token_kl(torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]]), torch.ones(1, 2))
+    adv = describer_advantages(torch.zeros(1), kl, torch.ones(1, 2), kl_coef=0.2)
+    assert adv[0].tolist() == pytest.approx([0.1, 0.2])
+
+
 def test_advantages_with_discount():
-    adv = describer_advantages(torch.tensor([1.0]), torch.tensor([0.0]), torch.zeros(1, 3), torch.ones(1, 3, dtype=torch.long),
+    adv = describer_advantages(torch.tensor([1.0]), torch.zeros(1, 3), torch.ones(1, 3, dtype=torch.long),
                                kl_coef=0.1, gamma=0.5)
     assert adv[0].tolist() == pytest.approx([0.25, 0.5, 1.0])
 

@@ -2,7 +2,7 @@
 
 QWEN_VL_REMOTE_CODE must name a folder holding the official files (configuration_qwen.py, modeling_qwen.py,
 qwen_generation_utils.py, tokenization_qwen.py, visual.py; qwen.tiktoken optional). They are copied to a
-temp folder and patched there for transformers 5 (feasibility.md section 3, P1-P6, and P7 below); nothing of them enters
+temp folder and patched there for transformers 5 (docs/qwen_vl_remote_code.md: P1-P7); nothing of them enters
 the repository. The official code imports torchvision and matplotlib at import time; small stand-ins are
 put on sys.path for this module only (torchvision's after transformers cached that it is absent).
 """

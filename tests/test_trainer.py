@@ -6,9 +6,8 @@ import os
 import pytest
 import torch
 
-import sc_tune.trainer
 from sc_tune.phases import innermost_optimizer
-from tests.helpers import fake_iou, make_trainer, trainable_vector
+from tests.helpers import caption_hash_reward, make_trainer, trainable_vector
 
 
 def _snapshot_vector(trainer):
@@ -23,19 +22,15 @@ def _moments(trainer):
     return sum(float(v.abs().sum()) for s in state.values() for k, v in s.items() if k.startswith("exp_avg"))
 
 
-@pytest.fixture()
-def reward_with_signal(monkeypatch):
-    monkeypatch.setattr(sc_tune.trainer, "iou_or_zero", fake_iou)
-
-
-def test_two_phases_switch_lr_moments_and_snapshot(tiny_checkpoint, tmp_path, reward_with_signal):
+def test_two_phases_switch_lr_moments_and_snapshot(tiny_checkpoint, tmp_path):
     # steps 0-1: describer rollout (2 PPO epochs); 2-3: locator; 4-5: describer again
     trainer = make_trainer(
         tiny_checkpoint("qwen2_vl"),
         str(tmp_path),
+        reward_fn=caption_hash_reward,
         max_steps=6,
-        caption_update_steps=1,
-        bbox_update_steps=2,
+        describer_update_steps=1,
+        locator_update_steps=2,
         ppo_epochs=2,
         kl_coef=0.05,
         log_rollouts_steps=2,
@@ -80,11 +75,15 @@ def test_two_phases_switch_lr_moments_and_snapshot(tiny_checkpoint, tmp_path, re
     for name, value in frozen_before.items():
         assert torch.equal(dict(trainer.model.named_parameters())[name], value), name
     logs = [h for h in trainer.state.log_history if "loss" in h]
-    assert [h["phase"] for h in logs] == [0.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+    assert [h["phase"] for h in logs] == ["describer", "describer", "locator", "locator", "describer", "describer"]
+    assert [h["phase/describer"] for h in logs] == [1.0, 1.0, 0.0, 0.0, 1.0, 1.0]
+    # weight_decay is 0 (tests/helpers.py): the weights below move only because the advantage is not 0
+    assert logs[0]["describer/nonzero_advantage"] > 0 and logs[0]["describer/advantage"] != 0
     assert [h["learning_rate"] for h in logs] == [1e-3, 1e-3, 2e-3, 2e-3, 1e-3, 1e-3]
     for key in (
-        "describer/reward_iou",
-        "describer/baseline_iou",
+        "describer/reward",
+        "describer/baseline",
+        "describer/greedy_reward",
         "describer/advantage",
         "describer/kl",
         "describer/kl_coef",
@@ -101,13 +100,14 @@ def test_two_phases_switch_lr_moments_and_snapshot(tiny_checkpoint, tmp_path, re
     assert pictures == ["step0000000.png", "step0000004.png"]  # a random model writes no box: reported, not hidden
 
 
-def test_ratio_guard_skips_the_update_entirely(tiny_checkpoint, tmp_path, reward_with_signal):
+def test_ratio_guard_skips_the_update_entirely(tiny_checkpoint, tmp_path):
     trainer = make_trainer(
         tiny_checkpoint("qwen2_vl"),
         str(tmp_path),
+        reward_fn=caption_hash_reward,
         max_steps=2,
-        caption_update_steps=1,
-        bbox_update_steps=1,
+        describer_update_steps=1,
+        locator_update_steps=1,
         ppo_epochs=2,
         ratio_threshold=0.5,
     )  # ratio 1 > 0.5: always skip
@@ -118,16 +118,17 @@ def test_ratio_guard_skips_the_update_entirely(tiny_checkpoint, tmp_path, reward
     assert [h["describer/skipped"] for h in trainer.state.log_history if "loss" in h] == [1.0, 1.0]
 
 
-def test_policy_kl_early_stop_prevents_the_next_update(tiny_checkpoint, tmp_path, reward_with_signal):
+def test_policy_kl_early_stop_prevents_the_next_update(tiny_checkpoint, tmp_path):
     trainer = make_trainer(
         tiny_checkpoint("qwen2_vl"),
         str(tmp_path),
+        reward_fn=caption_hash_reward,
         max_steps=3,
-        caption_update_steps=1,
-        bbox_update_steps=1,
+        describer_update_steps=1,
+        locator_update_steps=1,
         ppo_epochs=3,
-        policy_kl_stop=-1e9,
-    )  # any KL "exceeds" it
+    )
+    trainer.args.policy_kl_stop = -1e9  # any KL "exceeds" it (past the flag's > 0 check, for this test only)
     after = {}
     original = trainer._begin_step
 
@@ -143,10 +144,11 @@ def test_policy_kl_early_stop_prevents_the_next_update(tiny_checkpoint, tmp_path
     assert [h["describer/skipped"] for h in trainer.state.log_history if "loss" in h] == [0.0, 1.0, 1.0]
 
 
-def test_resume_mid_rollout_matches_uninterrupted_run(tiny_checkpoint, tmp_path, reward_with_signal):
-    common = dict(max_steps=6, caption_update_steps=2, bbox_update_steps=2, ppo_epochs=2)
+def test_resume_mid_rollout_matches_uninterrupted_run(tiny_checkpoint, tmp_path):
+    common = dict(max_steps=6, describer_update_steps=2, locator_update_steps=2, ppo_epochs=2)
     full = make_trainer(
-        tiny_checkpoint("qwen2_vl"), str(tmp_path / "full"), save_strategy="steps", save_steps=3, **common
+        tiny_checkpoint("qwen2_vl"), str(tmp_path / "full"), reward_fn=caption_hash_reward, save_strategy="steps",
+        save_steps=3, **common
     )
     full.train()
     checkpoint = tmp_path / "full" / "checkpoint-3"
@@ -154,7 +156,8 @@ def test_resume_mid_rollout_matches_uninterrupted_run(tiny_checkpoint, tmp_path,
     assert state == {**state, "next_step": 3, "phase": "describer", "step_in_phase": 3, "ppo_epoch": 1}
     assert (checkpoint / "snapshot_rank0.pt").exists() and (checkpoint / "rollouts_rank0.pt").exists()
 
-    resumed = make_trainer(tiny_checkpoint("qwen2_vl"), str(tmp_path / "resumed"), **common)
+    resumed = make_trainer(tiny_checkpoint("qwen2_vl"), str(tmp_path / "resumed"), reward_fn=caption_hash_reward,
+                           **common)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     losses = lambda t: [h["loss"] for h in t.state.log_history if "loss" in h and h["step"] > 3]  # noqa: E731
     assert len(losses(resumed)) == 3
@@ -166,7 +169,7 @@ def test_bad_schedule_arguments_are_rejected(tmp_path):
     from sc_tune.arguments import SCTuneConfig
 
     with pytest.raises(ValueError, match="cannot both be 0"):
-        SCTuneConfig(output_dir=str(tmp_path), caption_update_steps=0, bbox_update_steps=0, use_cpu=True)
+        SCTuneConfig(output_dir=str(tmp_path), describer_update_steps=0, locator_update_steps=0, use_cpu=True)
     with pytest.raises(ValueError, match="ppo_epochs"):
         SCTuneConfig(output_dir=str(tmp_path), ppo_epochs=0, use_cpu=True)
 
@@ -189,9 +192,9 @@ def test_finetune_cli_runs_and_exports_a_reloadable_checkpoint(tiny_checkpoint, 
             str(out),
             "--max_steps",
             "3",
-            "--caption_update_steps",
+            "--describer_update_steps",
             "1",
-            "--bbox_update_steps",
+            "--locator_update_steps",
             "1",
             "--per_device_train_batch_size",
             "2",
@@ -212,5 +215,5 @@ def test_finetune_cli_runs_and_exports_a_reloadable_checkpoint(tiny_checkpoint, 
         assert torch.equal(param.detach(), dict(reloaded.named_parameters())[name]), name
     assert type(adapter).__name__ == "Qwen3VLAdapter"
     args = torch.load(out / "training_args.bin", weights_only=False)
-    assert (args.caption_update_steps, args.bbox_update_steps, args.kl_coef) == (1, 1, 0.01)
+    assert (args.describer_update_steps, args.locator_update_steps, args.kl_coef) == (1, 1, 0.01)
     assert os.path.exists(out / "preprocessor_config.json")

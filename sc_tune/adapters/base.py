@@ -124,6 +124,19 @@ class ModelAdapter(ABC):
         return self.codec.parse(text, image.frame)
 
     # ---------------------------------------------------------------- images and tokens
+    # Image sizes the family's processor accepts, checked for every record before training; a family whose
+    # processor is stricter (or looser) overrides these or ``image_size_problem``.
+    min_image_side: int = 8
+    max_image_aspect_ratio: float = 200.0  # Qwen2-VL-style processors refuse longer/shorter side > 200
+
+    def image_size_problem(self, width: int, height: int) -> str | None:
+        """Why an image of this size cannot go through the processor, or None."""
+        if min(width, height) < self.min_image_side:
+            return f"image too small ({width}x{height}, shorter side < {self.min_image_side})"
+        if max(width, height) / min(width, height) > self.max_image_aspect_ratio:
+            return f"image aspect ratio too extreme ({width}x{height}, > {self.max_image_aspect_ratio:g}:1)"
+        return None
+
     @abstractmethod
     def prepare_image(self, image: Image.Image) -> ImageInputs:
         """Preprocess one RGB image (resize, normalise, patchify) into model tensors."""

@@ -12,7 +12,6 @@ travel separately as ``images`` ``(N, 3, S, S)``, prepared once per sample.
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -20,6 +19,7 @@ import torch
 from sc_tune.adapters.base import ImageInputs, ModelAdapter, find_submodule
 from sc_tune.adapters.registry import Family, register
 from sc_tune.box_codecs import PairGridCodec
+from sc_tune.jsonio import read_json
 from sc_tune.models.qwen_vl.configuration import QWenConfig
 from sc_tune.models.qwen_vl.image_processing import QWenVLImageProcessor
 from sc_tune.models.qwen_vl.tokenization import QWenTokenizer
@@ -47,8 +47,7 @@ class QwenVLAdapter(ModelAdapter):
         config_path = os.path.join(path, "config.json")
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"{config_path} not found: not a Qwen-VL checkpoint folder")
-        with open(config_path, encoding="utf8") as f:
-            config = QWenConfig(**{k: v for k, v in json.load(f).items() if k not in ("auto_map",)})
+        config = QWenConfig(**{k: v for k, v in read_json(config_path).items() if k not in ("auto_map",)})
         tokenizer = QWenTokenizer.from_pretrained(path, image_token_span=config.image_queries)
         return cls(tokenizer, QWenVLImageProcessor.from_config(config), box_format)
 

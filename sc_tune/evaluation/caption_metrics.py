@@ -132,7 +132,7 @@ def meteor_unavailable_reason() -> str | None:
     try:
         from pycocoevalcap.meteor.meteor import Meteor  # noqa: F401
     except ImportError:
-        return "pycocoevalcap (which ships meteor-1.5.jar) is not installed: pip install --no-deps pycocoevalcap==1.2"
+        return "pycocoevalcap (which ships meteor-1.5.jar) is not installed: pip install -e '.[meteor]'"
     return None
 
 

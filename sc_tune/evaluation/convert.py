@@ -18,60 +18,38 @@ Usage: ``python -m sc_tune.evaluation.convert refer-rec --refs 'refcoco/refs(unc
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pickle
-from collections.abc import Sequence
 
+from sc_tune import checks
 from sc_tune.boxes import normalize_box, xywh_to_xyxy
 from sc_tune.evaluation.records import RecordError, check_rec_samples, check_region_caption_records
+from sc_tune.jsonio import read_json, write_jsonl
 
 REFER_SPLITS = ("train", "val", "test", "testA", "testB")
 
 
-def _need(record, key: str, where: str):
-    if not isinstance(record, dict):
-        raise RecordError(f"{where}: expected an object, got {type(record).__name__}")
-    if key not in record:
-        raise RecordError(f"{where}: missing field {key!r}")
-    return record[key]
-
-
 def _xywh(value, where: str, key: str = "bbox") -> list[float]:
-    if not isinstance(value, (list, tuple)) or len(value) != 4 or not all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
-    ):
-        raise RecordError(f"{where}: field {key!r} must be [x, y, w, h] in pixels, got {value!r}")
-    if value[2] < 0 or value[3] < 0:
+    box = checks.four_numbers(value, key, where, layout="[x, y, w, h] in pixels")
+    if box[2] < 0 or box[3] < 0:
         raise RecordError(f"{where}: field {key!r} has a negative width or height: {value!r}")
-    return [float(v) for v in value]
+    return box
 
 
 def _image_table(data: dict, path: str) -> dict:
     """COCO ``images`` list -> {id: image record}, checked."""
-    images = _need(data, "images", path)
+    images = checks.need(data, "images", path)
     table = {}
     for i, image in enumerate(images):
         where = f"{path}: images[{i}]"
-        image_id = _need(image, "id", where)
+        image_id = checks.need(image, "id", where)
         for key in ("file_name", "width", "height"):
-            _need(image, key, where)
+            checks.need(image, key, where)
         if not (isinstance(image["width"], (int, float)) and isinstance(image["height"], (int, float))
                 and image["width"] > 0 and image["height"] > 0):
             raise RecordError(f"{where}: fields 'width' and 'height' must be positive numbers")
         table[image_id] = image
     return table
-
-
-def load_json(path) -> dict:
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise RecordError(f"{path}: not valid JSON ({e})") from None
 
 
 def load_refs(path) -> list[dict]:
@@ -95,25 +73,25 @@ def _refer_objects(refs_path, instances_path, split: str):
         raise ValueError(f"split must be one of {REFER_SPLITS}, got {split!r}")
     refs = load_refs(refs_path)
     instances_path = os.fspath(instances_path)
-    instances = load_json(instances_path)
+    instances = read_json(instances_path)
     images = _image_table(instances, instances_path)
     annotations = {}
-    for i, ann in enumerate(_need(instances, "annotations", instances_path)):
-        annotations[_need(ann, "id", f"{instances_path}: annotations[{i}]")] = (i, ann)
+    for i, ann in enumerate(checks.need(instances, "annotations", instances_path)):
+        annotations[checks.need(ann, "id", f"{instances_path}: annotations[{i}]")] = (i, ann)
     found = 0
     for r, ref in enumerate(refs):
         where = f"{os.fspath(refs_path)}: ref {r}"
-        if _need(ref, "split", where) != split:
+        if checks.need(ref, "split", where) != split:
             continue
         found += 1
-        ann_id = _need(ref, "ann_id", where)
+        ann_id = checks.need(ref, "ann_id", where)
         if ann_id not in annotations:
             raise RecordError(f"{where}: field 'ann_id' = {ann_id!r} is not in {instances_path}")
         a, ann = annotations[ann_id]
-        image_id = _need(ann, "image_id", f"{instances_path}: annotations[{a}]")
+        image_id = checks.need(ann, "image_id", f"{instances_path}: annotations[{a}]")
         if image_id not in images:
             raise RecordError(f"{instances_path}: annotations[{a}]: field 'image_id' = {image_id!r} has no image")
-        box = xywh_to_xyxy(_xywh(_need(ann, "bbox", f"{instances_path}: annotations[{a}]"),
+        box = xywh_to_xyxy(_xywh(checks.need(ann, "bbox", f"{instances_path}: annotations[{a}]"),
                                  f"{instances_path}: annotations[{a}]"))
         yield ref, where, images[image_id], box
     if found == 0:
@@ -121,12 +99,12 @@ def _refer_objects(refs_path, instances_path, split: str):
 
 
 def _sentences(ref, where: str, field: str) -> list[str]:
-    sentences = _need(ref, "sentences", where)
+    sentences = checks.need(ref, "sentences", where)
     if not isinstance(sentences, list) or not sentences:
         raise RecordError(f"{where}: field 'sentences' must be a non-empty list")
     texts = []
     for s, sentence in enumerate(sentences):
-        text = _need(sentence, field, f"{where}: sentences[{s}]")
+        text = checks.need(sentence, field, f"{where}: sentences[{s}]")
         if not isinstance(text, str) or not text.strip():
             raise RecordError(f"{where}: sentences[{s}]: field {field!r} must be a non-empty string")
         texts.append(text.strip())
@@ -158,23 +136,16 @@ def refer_to_region_captions(refs_path, instances_path, split: str, image_prefix
 def coco_regions_to_region_captions(path, image_prefix: str = "") -> list[dict]:
     """COCO-caption-style JSON with per-annotation pixel boxes -> region-caption records."""
     path = os.fspath(path)
-    data = load_json(path)
+    data = read_json(path)
     images = _image_table(data, path)
     grouped: dict = {}
-    for i, ann in enumerate(_need(data, "annotations", path)):
+    for i, ann in enumerate(checks.need(data, "annotations", path)):
         where = f"{path}: annotations[{i}]"
-        image_id = _need(ann, "image_id", where)
+        image_id = checks.need(ann, "image_id", where)
         if image_id not in images:
             raise RecordError(f"{where}: field 'image_id' = {image_id!r} is not in 'images'")
-        box = _xywh(_need(ann, "bbox", where), where)
-        if "captions" in ann:
-            captions = ann["captions"]
-        elif "caption" in ann:
-            captions = [ann["caption"]]
-        else:
-            raise RecordError(f"{where}: missing field 'caption' (or 'captions')")
-        if not isinstance(captions, list) or not all(isinstance(c, str) and c.strip() for c in captions):
-            raise RecordError(f"{where}: captions must be non-empty strings, got {captions!r}")
+        box = _xywh(checks.need(ann, "bbox", where), where)
+        captions = checks.reference_captions(ann, where)
         grouped.setdefault((image_id, tuple(box)), []).extend(c.strip() for c in captions)
     records = []
     for (image_id, box), captions in grouped.items():
@@ -183,13 +154,6 @@ def coco_regions_to_region_captions(path, image_prefix: str = "") -> list[dict]:
                         "bbox": normalize_box(xywh_to_xyxy(box), image["width"], image["height"]),
                         "captions": captions})
     return check_region_caption_records(records, f"converted {path}")
-
-
-def write_jsonl(records: Sequence[dict], path) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def main(argv=None) -> None:
@@ -215,7 +179,8 @@ def main(argv=None) -> None:
                                            args.sentence_field)
     else:
         records = coco_regions_to_region_captions(args.annotations, args.image_prefix)
-    write_jsonl(records, args.out)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    write_jsonl(args.out, records)
     print(f"wrote {len(records)} records to {args.out}")
 
 

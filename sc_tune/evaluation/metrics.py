@@ -1,8 +1,8 @@
 """Box metrics of an evaluation: mean IoU, Acc@threshold and the parse-failure count, from per-sample boxes.
 
-IoU comes from :mod:`sc_tune.boxes` (the same function the training reward uses). A prediction that did
-not parse (``None``) scores IoU 0 *and* is counted, so a broken prompt or codec shows up as a high
-``parse_failure_rate`` instead of a silently low accuracy.
+Per-sample IoU is the cycle reward of :mod:`sc_tune.rewards` (the same function the training reward uses).
+A prediction that did not parse (``None``) scores IoU 0 *and* is counted, so a broken prompt or codec shows
+up as a high ``parse_failure_rate`` instead of a silently low accuracy.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from sc_tune.boxes import iou_or_zero
+from sc_tune.rewards import cycle_iou
 
 # Qwen-VL's evaluate_grounding counts a hit when IoU >= 0.5; the comparison is inclusive here too.
 DEFAULT_THRESHOLDS = (0.5,)
@@ -23,7 +23,7 @@ def per_sample_ious(pred_boxes: Sequence[Sequence[float] | None], target_boxes: 
         raise ValueError(f"{len(pred_boxes)} predicted boxes for {len(target_boxes)} targets")
     if not pred_boxes:
         return []
-    return iou_or_zero(pred_boxes, torch.tensor([list(t) for t in target_boxes], dtype=torch.float32)).tolist()
+    return cycle_iou(pred_boxes, torch.tensor([list(t) for t in target_boxes], dtype=torch.float32)).reward_N.tolist()
 
 
 def accuracy_key(threshold: float) -> str:

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from sc_tune.boxes import denormalize_box
-from sc_tune.evaluation.metrics import DEFAULT_THRESHOLDS, per_sample_ious, summarize_ious
-from sc_tune.evaluation.records import check_rec_samples, open_image
+from sc_tune.evaluation.metrics import DEFAULT_THRESHOLDS, summarize_ious
+from sc_tune.evaluation.records import check_rec_samples, gt_box_issue, open_image
 from sc_tune.evaluation.runner import LOCATE_EVAL, eval_mode, fit_locator_budget, locator_finished, run_sharded
+from sc_tune.rewards import cycle_iou
 from sc_tune.rollout import GenerationSettings, locate
 
 
@@ -35,16 +38,18 @@ def evaluate_rec(model, adapter, samples: Sequence[dict], image_root, batch_size
                                    fit_budget=False)
         pred_px = [denormalize_box(b, samples[i]["width"], samples[i]["height"]) if b is not None else None
                    for b, i in zip(boxes_norm, indices)]
-        ious = per_sample_ious(pred_px, [samples[i]["bbox"] for i in indices])
+        scores = cycle_iou(pred_px, torch.tensor([samples[i]["bbox"] for i in indices], dtype=torch.float32))
+        ious, parsed = scores.reward_N.tolist(), scores.parsed_N.tolist()
         out = []
         for k, i in enumerate(indices):
             s = samples[i]
             out.append({"index": i, "image": s["image"], "sent": s["sent"], "bbox": s["bbox"],
-                        "pred_bbox": pred_px[k], "iou": ious[k], "parsed": pred_px[k] is not None,
+                        "pred_bbox": pred_px[k], "iou": ious[k], "parsed": parsed[k],
                         "locator_text": texts[k], "locator_finished": locator_finished(adapter, texts[k]),
                         "locator_max_new_tokens": settings.max_new_tokens,
                         # A file whose width/height disagree with the image is suspicious (wrong image?).
-                        "size_matches": pils[k].size == (round(s["width"]), round(s["height"]))})
+                        "size_matches": pils[k].size == (round(s["width"]), round(s["height"])),
+                        "gt_box_issue": gt_box_issue(s["bbox"], s["width"], s["height"])})
         return out
 
     with eval_mode(model):
@@ -54,5 +59,9 @@ def evaluate_rec(model, adapter, samples: Sequence[dict], image_root, batch_size
     metrics["num_locator_unfinished"] = sum(1 for s in per_sample if not s["locator_finished"])
     metrics["locator_max_new_tokens"] = max((s["locator_max_new_tokens"] for s in per_sample), default=None)
     metrics["num_image_size_mismatches"] = sum(1 for s in per_sample if not s["size_matches"])
+    # Ground-truth boxes outside the image, negative or of zero area still score (IoU), but are counted here.
+    issues = [s["gt_box_issue"] for s in per_sample if s["gt_box_issue"]]
+    metrics["num_gt_box_issues"] = len(issues)
+    metrics["gt_box_issues"] = {reason: issues.count(reason) for reason in sorted(set(issues))}
     metrics["world_size"] = ranks.world_size
     return metrics, per_sample

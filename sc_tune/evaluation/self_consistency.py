@@ -1,17 +1,21 @@
 """Self-consistency: caption each true box greedily, ground the caption greedily, score the IoU.
 
-This is the training reward's computation (:func:`sc_tune.rollout.cycle`) with greedy decoding on both
-roles, so "self-consistency went up" means exactly "the greedy cycle reward went up".
+This is the training reward's computation (:func:`sc_tune.rollout.cycle` scored by
+:data:`sc_tune.rewards.cycle_iou`) with greedy decoding on both roles, so "self-consistency went up" means
+exactly "the greedy cycle reward went up".
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sc_tune.evaluation.metrics import DEFAULT_THRESHOLDS, per_sample_ious, summarize_ious
+import torch
+
+from sc_tune.evaluation.metrics import DEFAULT_THRESHOLDS, summarize_ious
 from sc_tune.evaluation.records import check_annotation_records, open_image
 from sc_tune.evaluation.runner import (DESCRIBE_EVAL, LOCATE_EVAL, eval_mode, fit_locator_budget, locator_finished,
                                       run_sharded)
+from sc_tune.rewards import cycle_iou
 from sc_tune.rollout import GenerationSettings, cycle
 
 
@@ -39,12 +43,13 @@ def evaluate_self_consistency(model, adapter, records: Sequence[dict], image_roo
         true_boxes = [records[i]["bbox"] for i in indices]
         settings = fit_locator_budget(adapter, images, locate_settings) if fit_budget else locate_settings
         result = cycle(model, locator, adapter, images, true_boxes, describe_settings, settings, fit_budget=False)
-        ious = per_sample_ious(result.boxes, true_boxes)
+        scores = cycle_iou(result.boxes, torch.tensor(true_boxes, dtype=torch.float32))  # the training reward
+        ious, parsed = scores.reward_N.tolist(), scores.parsed_N.tolist()
         out = []
         for k, i in enumerate(indices):
             item = {"index": i, "image": records[i]["image"], "bbox": true_boxes[k],
                     "caption": result.captions.texts[k], "pred_bbox": result.boxes[k], "iou": ious[k],
-                    "parsed": result.boxes[k] is not None, "locator_text": result.locator_texts[k],
+                    "parsed": parsed[k], "locator_text": result.locator_texts[k],
                     "locator_finished": locator_finished(adapter, result.locator_texts[k]),
                     "locator_max_new_tokens": settings.max_new_tokens}
             if "caption" in records[i]:

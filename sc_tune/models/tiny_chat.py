@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from sc_tune.models.qwen_vl.tokenization import PAT_STR  # Qwen's pre-tokenizer regex: digits one per token
+
 DEFAULT_CORPUS = (
     "the red circle",
     "the green square on the left",
@@ -26,9 +28,6 @@ DEFAULT_CORPUS = (
     "the man in a white shirt",
     "0123456789",
 )
-
-# Qwen2's pre-tokenizer regex: digits are split one per token.
-_QWEN2_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 
 
 @dataclass(frozen=True)
@@ -67,7 +66,7 @@ def build_tokenizer(spec: TinySpec, corpus: Iterable[str] = DEFAULT_CORPUS, voca
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(_QWEN2_PATTERN), behavior="isolated"),
+            pre_tokenizers.Split(Regex(PAT_STR), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )

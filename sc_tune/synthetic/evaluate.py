@@ -10,12 +10,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from sc_tune.adapters.base import ModelAdapter
 from sc_tune.evaluation.rec import evaluate_rec
 from sc_tune.evaluation.self_consistency import evaluate_self_consistency
+from sc_tune.jsonio import read_json, read_jsonl
 from sc_tune.rollout import GenerationSettings
 
 # The longest caption is 4 tokens with its end token; 8 leaves room for babble and keeps evaluation fast.
@@ -25,8 +25,8 @@ LOCATE = GenerationSettings(max_new_tokens=32)  # Qwen3-VL's JSON box is 26 toke
 
 def load_split(root: str | Path, split: str = "heldout", limit: int | None = None) -> tuple[list[dict], list[dict]]:
     root = Path(root)
-    records = json.loads((root / f"{split}.json").read_text())
-    rec = [json.loads(line) for line in (root / f"{split}_rec.jsonl").read_text().splitlines() if line.strip()]
+    records = read_json(root / f"{split}.json")
+    rec = read_jsonl(root / f"{split}_rec.jsonl")
     if len(rec) != len(records):
         raise ValueError(f"{root}/{split}_rec.jsonl has {len(rec)} lines for {len(records)} records in {split}.json")
     return records[:limit], rec[:limit]

@@ -7,18 +7,21 @@ held-out split, so their "before" row is the same.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from PIL import Image
 
+from sc_tune.jsonio import read_json
 from sc_tune.modeling import load_model_and_adapter
 from sc_tune.synthetic.evaluate import evaluate_benchmark
 from sc_tune.synthetic.shapes import write_dataset
+from sc_tune.visualize import save_cycle_grid
 
 REPO = Path(__file__).resolve().parents[2]
 WARM_START = REPO / "checkpoints" / "warm_start"
@@ -27,10 +30,10 @@ WARM_START = REPO / "checkpoints" / "warm_start"
 # docs/benchmark.md for why each differs). Passed to finetune.py as flags; a variant appends overrides.
 SC_TUNE_ARGS = {
     "per_device_train_batch_size": 32,
-    "caption_update_steps": 50,
-    "bbox_update_steps": 25,
-    "caption_lr": 1e-4,
-    "bbox_lr": 3e-5,
+    "describer_update_steps": 50,
+    "locator_update_steps": 25,
+    "describer_lr": 1e-4,
+    "locator_lr": 3e-5,
     "kl_coef": 0.01,
     "ppo_epochs": 2,
     "describer_top_k": 0,
@@ -46,14 +49,34 @@ SC_TUNE_ARGS = {
     "report_to": "none",
 }
 VARIANTS = {
-    "sc_tune": {},
+    "sc_tune": {},  # the paper's describer baseline, snapshot_greedy
     "no_kl": {"kl_coef": 0.0},
-    "no_locator": {"bbox_update_steps": 0},
+    "no_locator": {"locator_update_steps": 0},
+    # The describer's baseline (--describer_baseline), at an equal budget of sampled captions per rollout:
+    # 32 boxes x 1 sample, or 8 boxes x 4 samples for group_mean. Its locator phase then sees 8 boxes a step
+    # instead of 32 (the batch size is shared by both phases): a confound the benchmark doc states.
+    "policy_greedy": {"describer_baseline": "policy_greedy"},
+    "group_mean": {"describer_baseline": "group_mean", "num_generations": 4, "per_device_train_batch_size": 8},
+    "no_baseline": {"describer_baseline": "none"},
 }
+ABLATIONS = ("sc_tune", "no_kl", "no_locator")
+BASELINES = ("sc_tune", "policy_greedy", "group_mean", "no_baseline")
+
+
+def sampled_captions(max_steps: int, overrides: dict | None = None) -> int:
+    """How many captions a run samples (its describer budget): rollouts x boxes per rollout x num_generations."""
+    from sc_tune.phases import Phase, PhaseSchedule
+
+    args = dict(SC_TUNE_ARGS, **(overrides or {}))
+    schedule = PhaseSchedule(int(args["describer_update_steps"]), int(args["locator_update_steps"]),
+                             int(args["ppo_epochs"]), 0.0, 0.0)
+    rollouts = sum(1 for step in range(max_steps)
+                   if (p := schedule.at(step)).phase is Phase.DESCRIBER and p.needs_rollout)
+    return rollouts * int(args["per_device_train_batch_size"]) * int(args.get("num_generations", 1))
 
 
 def parse_overrides(pairs) -> dict:
-    """``["kl_coef=0", "caption_lr=1e-4"]`` -> a dict of finetune.py flags (values kept as text)."""
+    """``["kl_coef=0", "describer_lr=1e-4"]`` -> a dict of finetune.py flags (values kept as text)."""
     overrides = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
@@ -67,7 +90,7 @@ def make_data(root: str | Path, seed: int = 0, train_images: int = 2000, heldout
     """The shapes dataset (skipped when ``root/dataset.json`` says it was already written with these sizes)."""
     summary_path = Path(root) / "dataset.json"
     if summary_path.exists():
-        summary = json.loads(summary_path.read_text())
+        summary = read_json(summary_path)
         if (summary["seed"], summary["train"]["images"], summary["heldout"]["images"]) == (seed, train_images,
                                                                                          heldout_images):
             return summary
@@ -89,7 +112,8 @@ def sc_tune_command(model_path, data_root, output_dir, seed: int, max_steps: int
     args = dict(SC_TUNE_ARGS, **(overrides or {}))
     command = [sys.executable, str(REPO / "finetune.py"), "--model_name_or_path", str(model_path),
                "--data_path", str(Path(data_root) / "train.json"), "--image_folder", str(data_root),
-               "--output_dir", str(output_dir), "--max_steps", str(max_steps), "--seed", str(seed)]
+               "--output_dir", str(output_dir), "--max_steps", str(max_steps), "--seed", str(seed),
+               "--overwrite_output_dir", "True"]  # a rerun of the benchmark replaces its own earlier run
     for key, value in args.items():
         command += [f"--{key}", str(value)]
     return command
@@ -116,9 +140,9 @@ def run_sc_tune(model_path, data_root, output_dir, seed: int, max_steps: int, ov
 def phase_summaries(trainer_state_path: str | Path) -> list[str]:
     """One line per training phase from the Trainer's log history: the describer's reward, baseline, KL and
     clip fraction, or the locator's loss and answer-token accuracy."""
-    history = [h for h in json.loads(Path(trainer_state_path).read_text())["log_history"] if "phase" in h]
-    # "phase" is the share of locator steps in a logging window: round it to the window's majority phase.
-    role = [round(h["phase"]) for h in history]
+    history = [h for h in read_json(trainer_state_path)["log_history"] if "phase" in h]
+    # "phase/describer" is the share of describer steps in a logging window: its majority phase (0 = describer).
+    role = [0 if h["phase/describer"] >= 0.5 else 1 for h in history]
     lines, start = [], 0
     for end in range(1, len(history) + 1):
         if end < len(history) and role[end] == role[start]:
@@ -127,8 +151,8 @@ def phase_summaries(trainer_state_path: str | Path) -> list[str]:
         mean = lambda key: sum(r[key] for r in rows if key in r) / max(1, sum(key in r for r in rows))  # noqa: E731
         span = f"steps {rows[0]['step']:>4}-{rows[-1]['step']:>4}"
         if role[start] == 0:
-            lines.append(f"describer {span}: reward IoU {mean('describer/reward_iou'):.3f}, baseline IoU "
-                         f"{mean('describer/baseline_iou'):.3f}, KL {mean('describer/kl'):+.4f}, clip "
+            lines.append(f"describer {span}: reward {mean('describer/reward'):.3f}, baseline "
+                         f"{mean('describer/baseline'):.3f}, KL {mean('describer/kl'):+.4f}, clip "
                          f"{mean('describer/clip_frac'):.3f}, parse failures {mean('describer/parse_failure'):.1%}")
         else:
             lines.append(f"locator   {span}: loss {mean('locator/loss'):.4f}, answer-token accuracy "
@@ -150,6 +174,25 @@ def pick_figure_rows(before_rows: list[dict], after_rows: list[dict], count: int
     """Objects for the picture: ambiguous ones first (where captions matter), in data order."""
     order = sorted(range(len(before_rows)), key=lambda i: (not before_rows[i]["ambiguous"], i))[:count]
     return [before_rows[i] for i in order], [after_rows[i] for i in order]
+
+
+def before_after_grid(before_rows: Sequence[dict], after_rows: Sequence[dict], path: str | Path,
+                      columns: int = 4) -> str:
+    """The quick-start's PNG, drawn by the project's one cycle grid (:func:`sc_tune.visualize.save_cycle_grid`):
+    ``columns`` (before, after) pairs per line. Rows hold ``image`` (a path), ``bbox``, ``caption``, ``pred``
+    (None on a parse failure) and ``iou``."""
+    if len(before_rows) != len(after_rows):
+        raise ValueError(f"{len(before_rows)} 'before' rows for {len(after_rows)} 'after' rows")
+    rows = [(tag, row) for pair in zip(before_rows, after_rows) for tag, row in zip(("before", "after"), pair)]
+    images = []
+    for _, row in rows:
+        with Image.open(row["image"]) as image:
+            images.append(image.convert("RGB"))
+    return save_cycle_grid(
+        path, images, [r["bbox"] for _, r in rows], [f'{tag}: "{r["caption"]}"' for tag, r in rows],
+        [r["pred"] for _, r in rows], [r["iou"] for _, r in rows], columns=2 * columns,
+        title="held-out cycles: each object before SC-Tune, then after",
+    )
 
 
 TABLE_KEYS = (("cycle_acc50", "cycle Acc@0.5"), ("cycle_acc50_ambiguous", "cycle Acc@0.5 (ambiguous)"),

@@ -9,14 +9,13 @@ plus timings and the exact finetune.py command), ``results.md`` (the table) and 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
-from sc_tune.synthetic.figure import before_after_grid
-from sc_tune.synthetic.pipeline import (WARM_START, before_after_table, evaluate_checkpoint, make_data, phase_summaries,
-                                        parse_overrides,
-                                        pick_figure_rows, run_sc_tune, sc_tune_command)
+from sc_tune.jsonio import write_json
+from sc_tune.synthetic.pipeline import (WARM_START, before_after_grid, before_after_table, evaluate_checkpoint,
+                                        make_data, parse_overrides, phase_summaries, pick_figure_rows, run_sc_tune,
+                                        sc_tune_command)
 
 FIGURE_ROWS = 64  # cycles kept per evaluation for the picture (8 are drawn)
 
@@ -67,7 +66,7 @@ def main(argv=None) -> dict:
                                    overrides)[1:],
         "data": summary,
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_json(out / "results.json", results)
     (out / "results.md").write_text(table + "\n")
     print(f"[quickstart] wrote {out / 'results.json'}, {out / 'results.md'} and {figure} "
           f"(SC-Tune {train_seconds / 60:.1f} min, total {results['total_seconds'] / 60:.1f} min)", flush=True)

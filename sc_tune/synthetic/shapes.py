@@ -24,6 +24,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from sc_tune.jsonio import write_json, write_jsonl
+
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -145,10 +147,8 @@ def write_split(root: str | Path, split: str, num_images: int, seed: int, spec: 
             rec_lines.append({"image": rel, "sent": obj.full_caption,
                               "bbox": [round(v * spec.image_size) for v in obj.bbox],
                               "width": spec.image_size, "height": spec.image_size})
-    (root / f"{split}.json").write_text(json.dumps(records, indent=0))
-    with open(root / f"{split}_rec.jsonl", "w") as f:
-        for line in rec_lines:
-            f.write(json.dumps(line) + "\n")
+    write_json(root / f"{split}.json", records, indent=0)
+    write_jsonl(root / f"{split}_rec.jsonl", rec_lines)
     return {"split": split, "images": num_images, "objects": len(records),
             "ambiguous": sum(r["ambiguous"] for r in records)}
 
@@ -165,7 +165,7 @@ def write_dataset(root: str | Path, seed: int = 0, train_images: int = 2000, hel
     summary = {"seed": seed, "spec": spec.__dict__,
                "train": write_split(root, "train", train_images, seed, spec),
                "heldout": write_split(root, "heldout", heldout_images, seed, spec)}
-    Path(root, "dataset.json").write_text(json.dumps(summary, indent=2))
+    write_json(Path(root, "dataset.json"), summary)
     return summary
 
 

@@ -27,14 +27,11 @@ import torch
 
 from sc_tune.adapters.base import ImageInputs, ModelAdapter
 from sc_tune.adapters.qwen2_vl import Qwen3VLAdapter
-from sc_tune.boxes import iou_or_zero
-from sc_tune.rollout import GenerationSettings, describe, locate
-from sc_tune.synthetic.shapes import (ShapesScene, ShapesSpec, caption_corpus, render, sample_scene,
-                                      scene_stream, split_seed)
+from sc_tune.jsonio import write_json
+from sc_tune.synthetic.evaluate import evaluate_benchmark
+from sc_tune.synthetic.shapes import (ShapesScene, ShapesSpec, caption_corpus, render, scene_stream, split_seed,
+                                      write_split)
 from sc_tune.tiny import build_tiny
-
-CAPTION_TOKENS = 8  # longest caption is 4 tokens with the end token; leave room for babble
-BOX_TOKENS = 32  # the JSON box is 26 tokens with the end token
 
 
 @dataclass
@@ -105,50 +102,12 @@ def sample_batches(adapter: ModelAdapter, cfg: WarmStartConfig, buffer_size: int
             yield batch
 
 
-def heldout_objects(cfg: WarmStartConfig, adapter: ModelAdapter, limit: int) -> list[dict]:
-    """The first ``limit`` objects of the held-out split, built in memory exactly as ``write_split`` does."""
-    rng = random.Random(split_seed(cfg.seed, "heldout"))
-    objects = []
-    for _ in range(cfg.heldout_images):
-        scene = sample_scene(rng, cfg.spec)
-        image = adapter.prepare_image(render(scene, cfg.spec))
-        for j, obj in enumerate(scene.objects):
-            objects.append({"image": image, "bbox": obj.bbox, "caption": obj.full_caption,
-                            "terse": obj.terse_caption, "ambiguous": scene.is_ambiguous(j)})
-            if len(objects) >= limit:
-                return objects
-    return objects
-
-
-@torch.no_grad()
-def evaluate_roles(model, adapter: ModelAdapter, objects: list[dict], batch_size: int = 64) -> dict:
-    """Locator Acc@0.5 on full captions, describer validity and greedy cycle Acc@0.5."""
-    model.eval()
-    greedy_caption = GenerationSettings(max_new_tokens=CAPTION_TOKENS)
-    greedy_box = GenerationSettings(max_new_tokens=BOX_TOKENS)
-    loc_hits = cyc_hits = cyc_amb_hits = valid = exact = terse = parse_fail = 0
-    for start in range(0, len(objects), batch_size):
-        chunk = objects[start : start + batch_size]
-        images = [o["image"] for o in chunk]
-        target = torch.tensor([o["bbox"] for o in chunk])
-        boxes, _ = locate(model, adapter, images, [o["caption"] for o in chunk], greedy_box)
-        loc_hits += int((iou_or_zero(boxes, target) >= 0.5).sum())
-        _, captions = describe(model, adapter, images, [o["bbox"] for o in chunk], greedy_caption)
-        cyc_boxes, _ = locate(model, adapter, images, captions.texts, greedy_box)
-        hit = iou_or_zero(cyc_boxes, target) >= 0.5
-        cyc_hits += int(hit.sum())
-        cyc_amb_hits += int(sum(h for h, o in zip(hit.tolist(), chunk) if o["ambiguous"]))
-        parse_fail += sum(b is None for b in cyc_boxes)
-        for text, o in zip(captions.texts, chunk):
-            exact += text == o["caption"]
-            terse += text == o["terse"]
-            valid += text in (o["caption"], o["terse"])
-    n = len(objects)
-    n_amb = max(1, sum(o["ambiguous"] for o in objects))
-    model.train()
-    return {"loc_acc50": loc_hits / n, "cycle_acc50": cyc_hits / n, "cycle_acc50_ambiguous": cyc_amb_hits / n_amb,
-            "desc_valid": valid / n, "desc_exact": exact / n, "desc_terse": terse / n,
-            "cycle_parse_fail": parse_fail / n, "objects": n}
+def evaluate_warm_start(model, adapter: ModelAdapter, data_root: Path, cfg: WarmStartConfig) -> dict:
+    """The benchmark's held-out metrics (cycle and REC Acc@0.5, caption shares) on the first ``eval_objects``
+    objects, through the project's evaluators (:func:`sc_tune.synthetic.evaluate.evaluate_benchmark`)."""
+    metrics = evaluate_benchmark(model, adapter, data_root, limit=cfg.eval_objects)
+    metrics.pop("rows")
+    return metrics
 
 
 def lr_at(step: int, cfg: WarmStartConfig) -> float:
@@ -163,7 +122,7 @@ def save_checkpoint(directory: Path, model, tokenizer, image_processor, cfg: War
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     image_processor.save_pretrained(directory)
-    (directory / "warm_start.json").write_text(json.dumps({"config": asdict(cfg), "metrics": metrics}, indent=2))
+    write_json(directory / "warm_start.json", {"config": asdict(cfg), "metrics": metrics})
 
 
 def build_model(cfg: WarmStartConfig):
@@ -183,7 +142,9 @@ def train_warm_start(cfg: WarmStartConfig, output_dir: str | Path, log=print) ->
     torch.manual_seed(cfg.seed)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    eval_objects = heldout_objects(cfg, adapter, cfg.eval_objects)
+    # The held-out split as the benchmark writes it (same seed, same scenes), evaluated the benchmark's way.
+    eval_root = output_dir / "eval_data"
+    write_split(eval_root, "heldout", cfg.heldout_images, cfg.seed, cfg.spec)
     history = []
     batches = sample_batches(adapter, cfg)
     train_seconds, loss_sum, loss_count = 0.0, 0.0, 0
@@ -204,13 +165,13 @@ def train_warm_start(cfg: WarmStartConfig, output_dir: str | Path, log=print) ->
         loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.max_steps:
-            metrics = evaluate_roles(model, adapter, eval_objects)
+            metrics = evaluate_warm_start(model, adapter, eval_root, cfg)
             metrics.update(step=done, train_minutes=round(train_seconds / 60, 2), loss=round(loss_sum / loss_count, 4),
                            lr=lr_at(step, cfg))
             loss_sum, loss_count = 0.0, 0
             history.append(metrics)
             log(json.dumps(metrics))
             save_checkpoint(output_dir / f"step_{done}", model, tokenizer, image_processor, cfg, metrics)
-            (output_dir / "history.json").write_text(json.dumps(history, indent=1))
+            write_json(output_dir / "history.json", history, indent=1)
     save_checkpoint(output_dir / "last", model, tokenizer, image_processor, cfg, metrics)
     return metrics

@@ -5,7 +5,7 @@
 - ``config.json`` fields the official code needs: ``model_type`` "qwen", ``architectures``, the official
   ``auto_map`` (kept from the source folder when it has one) and ``torch_dtype`` (transformers 5 writes ``dtype``);
 - the original ``generation_config.json``: ``save_pretrained`` drops ``chat_format``, ``max_window_size`` and
-  friends, and ``model.chat`` then fails (feasibility.md F1);
+  friends, and ``model.chat`` then fails (docs/qwen_vl_remote_code.md, F1);
 - the tokenizer files (``qwen.tiktoken``, ``tokenizer_config.json`` with its ``auto_map``);
 - the remote-code files (``modeling_qwen.py`` and the rest), which this project does not ship; they are
   copied from the input checkpoint folder when it holds them.
@@ -13,10 +13,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import warnings
+
+from sc_tune.jsonio import read_json, write_json
 
 REMOTE_CODE_FILES = (
     "configuration_qwen.py",
@@ -48,20 +49,6 @@ def official_generation_config(eod_id: int) -> dict:
     }
 
 
-def _read_json(path: str) -> dict:
-    with open(path, encoding="utf8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from err
-
-
-def _write_json(path: str, data: dict) -> None:
-    with open(path, "w", encoding="utf8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-
-
 def _source_file(source_dir: str | None, name: str) -> str | None:
     if source_dir is None:
         return None
@@ -82,16 +69,16 @@ def finalize_export(out_dir: str, source_dir: str | None, tokenizer=None, quiet:
         raise FileNotFoundError(f"{config_path} is missing: call model.save_pretrained({out_dir!r}) first")
     report: dict[str, list[str] | str] = {}
 
-    config = _read_json(config_path)
+    config = read_json(config_path)
     source_config_path = _source_file(source_dir, "config.json")
-    source_config = _read_json(source_config_path) if source_config_path else {}
+    source_config = read_json(source_config_path) if source_config_path else {}
     config["model_type"] = "qwen"
     config["architectures"] = ["QWenLMHeadModel"]
     config["auto_map"] = source_config.get("auto_map", OFFICIAL_AUTO_MAP)
     config["tokenizer_type"] = "QWenTokenizer"
     if "dtype" in config and "torch_dtype" not in config:
         config["torch_dtype"] = config["dtype"]
-    _write_json(config_path, config)
+    write_json(config_path, config)
     report["config.json"] = "model_type, architectures, auto_map, torch_dtype set"
 
     generation_path = os.path.join(out_dir, "generation_config.json")
@@ -105,7 +92,7 @@ def finalize_export(out_dir: str, source_dir: str | None, tokenizer=None, quiet:
             eod_id = tokenizer.eod_id
         if eod_id is None:
             raise ValueError(f"{config_path}: no eos_token_id and no tokenizer given; cannot write generation_config.json")
-        _write_json(generation_path, official_generation_config(int(eod_id)))
+        write_json(generation_path, official_generation_config(int(eod_id)))
         report["generation_config.json"] = "written with the official Qwen-VL-Chat values"
 
     source_tokenizer = [_source_file(source_dir, name) for name in TOKENIZER_FILES]
@@ -115,7 +102,7 @@ def finalize_export(out_dir: str, source_dir: str | None, tokenizer=None, quiet:
         report["tokenizer"] = f"copied from {source_dir}"
     elif tokenizer is not None:
         tokenizer.save_vocabulary(out_dir)
-        _write_json(os.path.join(out_dir, "tokenizer_config.json"), {
+        write_json(os.path.join(out_dir, "tokenizer_config.json"), {
             "model_max_length": 8192,
             "tokenizer_class": "QWenTokenizer",
             "auto_map": OFFICIAL_TOKENIZER_AUTO_MAP,

@@ -2,8 +2,8 @@
 
 The official ``visual.py`` does this with torchvision inside every forward pass, from image paths. Here it
 runs once per sample with PIL and torch only (no module named ``torchvision``: transformers would then
-believe torchvision is installed, see feasibility.md section 1b). PIL's bicubic resize is what torchvision's
-``Resize`` calls for PIL images, so the pixels are the same.
+believe torchvision is installed, see docs/qwen_vl_remote_code.md, "torchvision"). PIL's bicubic resize is
+what torchvision's ``Resize`` calls for PIL images, so the pixels are the same.
 """
 
 from __future__ import annotations

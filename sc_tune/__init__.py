@@ -1,0 +1,1 @@
+"""SC-Tune: self-consistency tuning of vision-language models (describer <-> locator). See README.md."""

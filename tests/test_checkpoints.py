@@ -1,0 +1,326 @@
+"""Atomic, verified checkpoints and resume through finetune.main's command line (sc_tune.checkpoints)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+
+import pytest
+import torch
+
+from sc_tune import checkpoints
+from tests.conftest import SAMPLE_DATA, SAMPLE_IMAGES
+
+
+def cli_args(model: str, output_dir, *extra: str) -> list[str]:
+    """A few-second CLI run: cycle = 1 describer rollout x 2 PPO epochs + 1 locator step."""
+    return [
+        *("--model_name_or_path", model, "--data_path", SAMPLE_DATA, "--image_folder", SAMPLE_IMAGES),
+        *("--output_dir", str(output_dir), "--describer_update_steps", "1", "--locator_update_steps", "1"),
+        *("--per_device_train_batch_size", "2", "--use_cpu", "True", "--describer_max_new_tokens", "4"),
+        *("--locator_max_new_tokens", "6", "--report_to", "none", "--disable_tqdm", "True"),
+        *("--describer_lr", "1e-3", "--locator_lr", "1e-3", "--save_strategy", "steps", "--save_steps", "2"),
+        *("--dataloader_num_workers", "0", *extra),
+    ]
+
+
+def step_losses(output_dir) -> dict[int, float]:
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    return {h["step"]: h["loss"] for h in history if "loss" in h}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_checkpoint, tmp_path_factory):
+    """An uninterrupted 6-step run, and a 4-step run that left checkpoint-2 and checkpoint-4."""
+    import finetune
+
+    model = tiny_checkpoint("qwen2_vl")
+    full = tmp_path_factory.mktemp("full")
+    finetune.main(cli_args(model, full, "--max_steps", "6"))
+    first = tmp_path_factory.mktemp("first")
+    finetune.main(cli_args(model, first, "--max_steps", "4"))
+    return model, step_losses(full), first
+
+
+def copy_run(first, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(first, out)
+    return out
+
+
+def test_resume_true_on_the_command_line_continues_exactly(runs, tmp_path):
+    import finetune
+
+    model, full, first = runs
+    assert {"checkpoint-2", "checkpoint-4"} <= set(os.listdir(first))
+    assert not [n for n in os.listdir(first) if n.endswith(".partial")]
+    assert checkpoints.problems(str(first / "checkpoint-4")) == []
+    out = copy_run(first, tmp_path)
+    trainer = finetune.main(cli_args(model, out, "--max_steps", "6", "--resume_from_checkpoint", "True"))
+    assert trainer.state.global_step == 6
+    resumed = step_losses(out)
+    assert [resumed[s] for s in (5, 6)] == pytest.approx([full[s] for s in (5, 6)], rel=1e-5, abs=1e-7)
+
+
+def test_auto_resume_skips_a_broken_newest_checkpoint_and_explicit_path_refuses(runs, tmp_path, caplog):
+    import finetune
+
+    model, full, first = runs
+    out = copy_run(first, tmp_path)
+    os.remove(out / "checkpoint-4" / "optimizer.pt")
+    with pytest.raises(checkpoints.CheckpointError, match=r"checkpoint-4.*missing optimizer\.pt"):
+        finetune.main(cli_args(model, out, "--max_steps", "6", "--resume_from_checkpoint", str(out / "checkpoint-4")))
+    with caplog.at_level(logging.WARNING):
+        finetune.main(cli_args(model, out, "--max_steps", "6", "--resume_from_checkpoint", "true"))
+    assert any("skipping" in r.message and "optimizer.pt" in r.message for r in caplog.records)
+    resumed = step_losses(out)
+    assert [resumed[s] for s in (3, 4, 5, 6)] == pytest.approx([full[s] for s in (3, 4, 5, 6)], rel=1e-5, abs=1e-7)
+
+
+def _zero_block(path):
+    data = bytearray(path.read_bytes())
+    data[-64:] = bytes(64)
+    path.write_bytes(data)
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+BREAKAGES = {
+    "optimizer.pt missing": (lambda c: os.remove(c / "optimizer.pt"), "missing optimizer.pt"),
+    "scheduler.pt missing": (lambda c: os.remove(c / "scheduler.pt"), "missing scheduler.pt"),
+    "rng state missing": (lambda c: os.remove(c / "rng_state.pth"), "missing rng_state.pth"),
+    "sc-tune state missing": (lambda c: os.remove(c / "sc_tune_state.json"), "missing sc_tune_state.json"),
+    "snapshot missing": (lambda c: os.remove(c / "snapshot_rank0.pt"), "missing snapshot_rank0.pt"),
+    "rollouts missing": (lambda c: os.remove(c / "rollouts_rank0.pt"), "missing rollouts_rank0.pt"),
+    "config.json missing": (lambda c: os.remove(c / "config.json"), "missing config.json"),
+    "weights truncated": (lambda c: _truncate(c / "model.safetensors"), "model.safetensors"),
+    "weights block zeroed": (lambda c: _zero_block(c / "model.safetensors"), "model.safetensors: content changed"),
+    "optimizer truncated": (lambda c: _truncate(c / "optimizer.pt"), "optimizer.pt"),
+    "rollouts tampered": (lambda c: _zero_block(c / "rollouts_rank0.pt"), "rollouts_rank0.pt"),
+    "marker missing (killed mid-save)": (lambda c: os.remove(c / checkpoints.MARKER_FILE), "sc_tune_complete.json"),
+}
+
+
+@pytest.mark.parametrize("breakage", list(BREAKAGES))
+def test_every_broken_checkpoint_is_named_and_skipped(runs, tmp_path, caplog, breakage):
+    _, _, first = runs
+    out = copy_run(first, tmp_path)
+    damage, expected = BREAKAGES[breakage]
+    damage(out / "checkpoint-4")
+    found = checkpoints.problems(str(out / "checkpoint-4"))
+    assert any(expected in p for p in found), found
+    with pytest.raises(checkpoints.CheckpointError, match="cannot resume from"):
+        checkpoints.resolve_resume(str(out / "checkpoint-4"), str(out))
+    with caplog.at_level(logging.WARNING):
+        assert checkpoints.resolve_resume("1", str(out)) == str(out / "checkpoint-2")
+    assert any(expected in r.message for r in caplog.records)
+
+
+def test_no_complete_checkpoint_is_a_clear_error(runs, tmp_path):
+    _, _, first = runs
+    out = copy_run(first, tmp_path)
+    for name in ("checkpoint-2", "checkpoint-4"):
+        os.remove(out / name / "scheduler.pt")
+    with pytest.raises(checkpoints.CheckpointError, match="no complete checkpoint"):
+        checkpoints.resolve_resume(True, str(out))
+    with pytest.raises(checkpoints.CheckpointError, match="no checkpoint-N folder"):
+        checkpoints.resolve_resume("True", str(tmp_path / "empty"))
+    assert checkpoints.resolve_resume("False", str(out)) is None
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (["--seed", "7"], "seed: checkpoint 42, now 7"),
+        (["--per_device_train_batch_size", "1"], "per_device_train_batch_size: checkpoint 2, now 1"),
+        (["--locator_update_steps", "2"], "schedule"),
+        (["--kl_coef", "0.5"], "kl_coef: checkpoint 0.01, now 0.5"),
+    ],
+)
+def test_resume_refuses_changed_settings(runs, tmp_path, change, message):
+    import finetune
+
+    model, _, first = runs
+    out = copy_run(first, tmp_path)
+    argv = cli_args(model, out, "--max_steps", "5", "--resume_from_checkpoint", "True", *change)
+    with pytest.raises(checkpoints.CheckpointError, match=message):
+        finetune.main(argv)
+
+
+def test_allowed_change_resumes(runs, tmp_path):
+    import finetune
+
+    model, _, first = runs
+    out = copy_run(first, tmp_path)
+    argv = cli_args(model, out, "--max_steps", "5", "--resume_from_checkpoint", "True", "--seed", "7")
+    trainer = finetune.main([*argv, "--resume_allow_changes", "seed"])
+    assert trainer.state.global_step == 5
+
+
+def test_rollout_buffer_is_plain_data_and_a_crafted_pickle_does_not_run(tmp_path):
+    from sc_tune.trainer import DescriberRollout, LocatorRollout
+
+    rollout = LocatorRollout({"input_ids": torch.arange(6).reshape(2, 3)}, torch.full((2, 3), -100), 2)
+    path = tmp_path / "rollouts_rank0.pt"
+    checkpoints.save_rollouts({0: rollout}, str(path))
+    loaded = checkpoints.load_rollouts(str(path), [DescriberRollout, LocatorRollout], "cpu:0")
+    assert torch.equal(loaded[0].inputs["input_ids"], rollout.inputs["input_ids"]) and loaded[0].target_len == 2
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    torch.save({"0": Exploit()}, path)
+    with pytest.raises(Exception, match="Weights only load failed"):
+        checkpoints.load_rollouts(str(path), [DescriberRollout, LocatorRollout], "cpu")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_no_unsafe_torch_load_in_the_package():
+    root = os.path.dirname(checkpoints.__file__)
+    for folder, _, names in os.walk(root):
+        for name in names:
+            if name.endswith(".py"):
+                assert "weights_only=False" not in open(os.path.join(folder, name)).read(), name
+
+
+def _tree_digest(folder) -> dict[str, bytes]:
+    return {p: open(os.path.join(r, p), "rb").read() for r, _, names in os.walk(folder) for p in names}
+
+
+@pytest.mark.parametrize("inside", ["", "sub"])
+def test_output_dir_at_or_inside_the_model_folder_is_refused(tiny_checkpoint, inside):
+    import finetune
+
+    model = tiny_checkpoint("qwen2_vl")
+    before = _tree_digest(model)
+    target = os.path.join(model, inside) if inside else model
+    with pytest.raises(ValueError, match="model folder"):
+        finetune.main(cli_args(model, target, "--max_steps", "2"))
+    assert _tree_digest(model) == before
+
+
+def test_output_dir_of_another_run_is_refused_unless_resuming_or_overwriting(runs, tmp_path):
+    model, _, first = runs
+    out = copy_run(first, tmp_path)
+    with pytest.raises(ValueError, match=r"holds another run \(checkpoint-2, checkpoint-4"):
+        checkpoints.check_output_dir(str(out), model, resuming=False, overwrite=False)
+    checkpoints.check_output_dir(str(out), model, resuming=True, overwrite=False)
+    assert (out / "checkpoint-4").exists()
+    checkpoints.check_output_dir(str(out), model, resuming=False, overwrite=True)
+    assert not [n for n in os.listdir(out) if n.startswith("checkpoint-")]
+
+
+def test_rotation_keeps_the_new_checkpoint_and_deletes_broken_ones_first(runs, tmp_path):
+    _, _, first = runs
+    out = copy_run(first, tmp_path)
+    shutil.copytree(out / "checkpoint-2", out / "checkpoint-9")
+    os.remove(out / "checkpoint-9" / checkpoints.MARKER_FILE)  # an abandoned, incomplete folder
+    checkpoints.rotate(str(out), 2, {str(out / "checkpoint-2")})
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-2", "checkpoint-4"]
+    checkpoints.rotate(str(out), 1, {str(out / "checkpoint-2")})
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-2"]
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("describer_lr", 0.0),
+        ("locator_lr", -0.01),
+        ("kl_coef", -1.0),
+        ("clip_range", -0.2),
+        ("gamma", 2.0),
+        ("gamma", -0.1),
+        ("ratio_threshold", -1.0),
+        ("policy_kl_stop", 0.0),
+        ("gradient_accumulation_steps", 0),
+        ("describer_update_steps", -1),
+        ("locator_update_steps", -3),
+        ("ppo_epochs", 0),
+        ("kl_coef", float("nan")),
+    ],
+)
+def test_bad_hyperparameters_are_named(tmp_path, flag, value):
+    from sc_tune.arguments import SCTuneConfig
+
+    with pytest.raises(ValueError, match=rf"--{flag} {value!r} must"):
+        SCTuneConfig(output_dir=str(tmp_path), use_cpu=True, **{flag: value})
+
+
+# ---------------------------------------------------------------------------------------------- fault injection
+def _killed_run(model, out, fault: str | None, *extra):
+    """Run finetune.py in a real process that is SIGKILLed (by itself at ``fault``, or from here)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    argv = cli_args(model, out, "--max_steps", "6", "--save_total_limit", "1", *extra)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FAULT": fault or ""}
+    if fault:
+        driver = [sys.executable, os.path.join(ROOT, "tests", "fault_driver.py")]
+        result = subprocess.run([*driver, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+        return
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "finetune.py"), *argv], cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "checkpoint-4").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)  # from outside, whenever checkpoint-4 has just appeared
+    process.wait()
+
+
+FAULTS = {
+    # fault -> the checkpoint a resume must use (save_steps 2, save_total_limit 1)
+    "mid_save:4": "checkpoint-2",
+    "mid_commit:4": "checkpoint-2",
+    "before_rotate:4": "checkpoint-4",
+    "mid_step:5": "checkpoint-4",
+    "mid_save:6": "checkpoint-4",  # killed while saving the last checkpoint
+    None: "checkpoint-4",  # external kill -9 right after checkpoint-4 appeared
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_kill_9_then_resume_true_continues_exactly_from_the_last_complete_checkpoint(runs, tmp_path, fault):
+    import finetune
+
+    model, full, _ = runs
+    out = tmp_path / "run"
+    _killed_run(model, out, fault)
+    expected = FAULTS[fault]
+    assert checkpoints.problems(str(out / expected)) == []
+    assert checkpoints.resolve_resume(True, str(out)) == str(out / expected)
+    trainer = finetune.main(
+        cli_args(model, out, "--max_steps", "6", "--save_total_limit", "1", "--resume_from_checkpoint", "True")
+    )
+    assert trainer.state.global_step == 6
+    start = int(expected.split("-")[1])
+    resumed = step_losses(out)
+    steps = list(range(start + 1, 7))
+    assert [resumed[s] for s in steps] == pytest.approx([full[s] for s in steps], rel=1e-5, abs=1e-7)
+    assert not [n for n in os.listdir(out) if n.endswith(".partial")]  # the killed save's leftovers are gone
+
+
+def test_lora_runs_are_bit_reproducible_for_a_seed(tiny_checkpoint, tmp_path):
+    """The seed is set before LoRA initialises its adapters: two identical commands give identical losses."""
+    import finetune
+
+    model = tiny_checkpoint("qwen2_vl")
+    lora = ["--use_lora", "True", "--lora_r", "4", "--lora_alpha", "8", "--save_strategy", "no", "--max_steps", "3"]
+    torch.manual_seed(123)  # whatever state the process is in must not matter
+    first = finetune.main(cli_args(model, tmp_path / "a", *lora))
+    torch.manual_seed(456)
+    second = finetune.main(cli_args(model, tmp_path / "b", *lora))
+    assert step_losses(tmp_path / "a") == step_losses(tmp_path / "b")
+    adapters = lambda t: {n: p for n, p in t.model.named_parameters() if "lora_" in n}  # noqa: E731
+    assert adapters(first).keys() == adapters(second).keys()
+    assert all(torch.equal(p, adapters(second)[n]) for n, p in adapters(first).items())

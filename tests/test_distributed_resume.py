@@ -1,0 +1,66 @@
+"""2-process runs on CPU (gloo) that stop and resume, and ZeRO-3 + LoRA through to the merged export."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from sc_tune import checkpoints
+from tests.conftest import ROOT
+from tests.test_checkpoints import cli_args, step_losses
+
+pytestmark = pytest.mark.slow
+
+
+def _torchrun(argv, port):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": os.path.join(ROOT, ".torch_extensions")}
+    result = subprocess.run(
+        [*cmd, os.path.join(ROOT, "finetune.py"), *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
+
+
+def test_two_process_resume_from_a_mid_rollout_checkpoint_is_exact(tiny_checkpoint, tmp_path):
+    import finetune
+
+    model = tiny_checkpoint("qwen2_vl")
+    full = tmp_path / "full"
+    _torchrun(cli_args(model, full, "--max_steps", "6"), 29710)
+    layout = checkpoints.read_layout(str(full / "checkpoint-4"))
+    assert layout["rollout_ranks"] == [0, 1] and layout["world_size"] == 2  # mid-rollout, per-rank buffers
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-4", resumed / "checkpoint-4")
+    _torchrun(cli_args(model, resumed, "--max_steps", "6", "--resume_from_checkpoint", "True"), 29711)
+    expected, got = step_losses(full), step_losses(resumed)
+    assert [got[s] for s in (5, 6)] == pytest.approx([expected[s] for s in (5, 6)], rel=1e-5, abs=1e-7)
+    # One process cannot take over two processes' half-used rollouts: refused, never dropped.
+    with pytest.raises(checkpoints.CheckpointError, match="saved by 2 processes and cannot resume on 1"):
+        finetune.main(
+            cli_args(model, resumed, "--max_steps", "8", "--resume_from_checkpoint", str(full / "checkpoint-4"),
+                     "--resume_allow_changes", "world_size")
+        )
+    with pytest.raises(checkpoints.CheckpointError, match="world_size: checkpoint 2, now 1"):
+        finetune.main(cli_args(model, resumed, "--max_steps", "8", "--resume_from_checkpoint", "True"))
+
+
+def test_zero3_lora_trains_resumes_and_exports_a_merged_model(tiny_checkpoint, tmp_path):
+    from sc_tune.modeling import load_model_and_adapter
+
+    model = tiny_checkpoint("qwen2_vl")
+    out = tmp_path / "zero3_lora"
+    zero3 = ["--deepspeed", os.path.join(ROOT, "scripts", "ds_config_zero3.json"), "--use_lora", "True"]
+    extra = [*zero3, "--lora_r", "4", "--lora_alpha", "8"]
+    _torchrun(cli_args(model, out, "--max_steps", "2", *extra), 29712)
+    assert checkpoints.problems(str(out / "checkpoint-2")) == []
+    _torchrun(cli_args(model, out, "--max_steps", "3", "--resume_from_checkpoint", "true", *extra), 29713)
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert [h["step"] for h in history if "loss" in h] == [1, 2, 3]
+    merged, _ = load_model_and_adapter(str(out))
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    assert (out / "lora_adapter" / "adapter_config.json").exists()

@@ -1,0 +1,149 @@
+"""Every training image checked before step 0: conversion rules, bad files, sizes, skipping with indices."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sc_tune.data import AnnotationError, ReferringDataset, check_images, load_annotations, load_rgb
+
+
+def _write_json(tmp_path, records, name="ann.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
+def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).astype(np.uint16)  # 0 .. 63000
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    rgb = np.asarray(load_rgb(str(tmp_path / "g16.png")))
+    assert rgb.shape == (8, 8, 3)
+    assert np.abs(rgb[..., 0].astype(float) - ramp / 257.0).max() <= 0.5 + 1e-6  # not 99.6 % white
+    assert (rgb[..., 0] == 255).mean() < 0.05
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    image = Image.new("RGB", (20, 10), (0, 0, 0))
+    image.paste((255, 0, 0), (0, 0, 10, 10))  # red on the left half
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    image.save(tmp_path / "rot.jpg", exif=exif.tobytes(), quality=95)
+    shown = load_rgb(str(tmp_path / "rot.jpg"))
+    assert shown.size == (10, 20)  # portrait once the orientation is applied
+    assert np.asarray(shown)[2, 5, 0] > 200  # the red half is now on top
+
+
+@pytest.mark.parametrize(
+    "mode, colour, expected",
+    [
+        ("RGBA", (10, 20, 30, 0), (255, 255, 255)),  # fully transparent: the white background
+        ("RGBA", (10, 20, 30, 255), (10, 20, 30)),
+        ("LA", (100, 0), (255, 255, 255)),
+        ("L", 77, (77, 77, 77)),
+        ("CMYK", (0, 0, 0, 0), (255, 255, 255)),
+        ("1", 1, (255, 255, 255)),
+    ],
+)
+def test_modes_convert_to_rgb(tmp_path, mode, colour, expected):
+    path = tmp_path / f"img_{mode}.{'jpg' if mode == 'CMYK' else 'png'}"
+    Image.new(mode, (12, 12), colour).save(path)
+    assert tuple(np.asarray(load_rgb(str(path)))[3, 3]) == pytest.approx(expected, abs=2)
+
+
+def test_palette_with_transparency(tmp_path):
+    image = Image.new("P", (12, 12), 1)
+    image.putpalette([0, 0, 0, 200, 10, 10] + [0] * 762)
+    image.save(tmp_path / "p.png", transparency=0)
+    assert tuple(np.asarray(load_rgb(str(tmp_path / "p.png")))[0, 0]) == (200, 10, 10)
+    Image.new("P", (12, 12), 0).save(tmp_path / "t.png", transparency=0)
+    assert tuple(np.asarray(load_rgb(str(tmp_path / "t.png")))[0, 0]) == (255, 255, 255)
+
+
+def _bad_folder(tmp_path):
+    Image.new("RGB", (40, 30), (1, 2, 3)).save(tmp_path / "ok.png")
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(buffer, format="JPEG")
+    (tmp_path / "truncated.jpg").write_bytes(buffer.getvalue()[:300])
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.png").write_bytes(b"this is not an image")
+    Image.new("RGB", (4000, 10)).save(tmp_path / "strip.png")
+    Image.new("RGB", (4, 4)).save(tmp_path / "tiny.png")
+    names = ["ok.png", "truncated.jpg", "ok.png", "missing.png", "empty.png", "text.png", "strip.png", "tiny.png"]
+    return _write_json(tmp_path, [{"image": n, "bbox": [0.1, 0.1, 0.5, 0.5]} for n in names])
+
+
+def _size(width, height):
+    from sc_tune.adapters.base import ModelAdapter
+
+    return ModelAdapter.image_size_problem(ModelAdapter, width, height)
+
+
+def test_bad_images_stop_before_training_naming_file_and_record(tmp_path):
+    path = _bad_folder(tmp_path)
+    with pytest.raises(AnnotationError) as info:
+        ReferringDataset.from_file(path, str(tmp_path), check=True, size_problem=_size)
+    message = str(info.value)
+    assert path in message and "6 record(s) with a bad field 'image'" in message
+    assert "record 1: truncated.jpg: image cannot be decoded" in message
+    assert "record 3: missing.png: image not found" in message
+
+
+def test_skip_bad_records_counts_each_reason_with_original_indices(tmp_path, caplog):
+    path = _bad_folder(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        dataset = ReferringDataset.from_file(path, str(tmp_path), skip_bad=True, check=True, size_problem=_size)
+    assert [r["record_index"] for r in dataset.records] == [0, 2]
+    text = caplog.text
+    assert "skipped 6 records for their image" in text
+    for reason, index in [
+        ("image not found: 1 (records 3)", 3),
+        ("image file is empty: 1 (records 4)", 4),
+        ("image aspect ratio too extreme", 6),
+        ("image too small", 7),
+    ]:
+        assert reason in text, (reason, index)
+    assert "image cannot be decoded: 2 (records 1, 5)" in text
+
+
+def test_errors_after_skipping_name_the_original_record_index(tmp_path):
+    Image.new("RGB", (20, 20)).save(tmp_path / "ok.png")
+    path = _write_json(tmp_path, [{"image": "x", "bbox": [2, 0, 1, 1]}, {"image": "ok.png", "bbox": [0, 0, 1, 1]}])
+    dataset = ReferringDataset.from_file(path, str(tmp_path), skip_bad=True)
+    (tmp_path / "ok.png").write_bytes(b"broken later")
+    with pytest.raises(OSError, match="record 1: field 'image'"):
+        dataset[0]
+
+
+def test_check_can_be_turned_off(tmp_path):
+    path = _bad_folder(tmp_path)
+    assert len(ReferringDataset.from_file(path, str(tmp_path), check=False)) == 8
+
+
+def test_check_is_parallel_and_decodes_each_file_once(tmp_path, monkeypatch):
+    import threading
+
+    import sc_tune.data
+
+    Image.new("RGB", (20, 20)).save(tmp_path / "a.png")
+    records = load_annotations(_write_json(tmp_path, [{"image": "a.png", "bbox": [0, 0, 1, 1]}] * 50))
+    seen = []
+    original = sc_tune.data.load_rgb
+    monkeypatch.setattr(sc_tune.data, "load_rgb", lambda p: seen.append(threading.get_ident()) or original(p))
+    assert len(check_images(records, str(tmp_path), "ann.json", workers=4)) == 50
+    assert len(seen) == 1  # 50 records, one distinct file
+
+
+def test_non_utf8_annotation_file_names_the_file(tmp_path):
+    path = tmp_path / "latin1.json"
+    path.write_bytes('[{"image": "caf\u00e9.jpg", "bbox": [0, 0, 1, 1]}]'.encode("latin-1"))
+    from sc_tune.jsonio import JSONFileError
+
+    with pytest.raises(JSONFileError, match=r"latin1\.json: not UTF-8 text \(byte 15"):
+        load_annotations(str(path))

@@ -1,0 +1,35 @@
+"""The repository is self-contained: every file its code, scripts and docs cite is in it."""
+
+import re
+import subprocess
+
+from pathlib import Path
+
+from tests.conftest import ROOT as ROOT_TEXT
+
+ROOT = Path(ROOT_TEXT)
+
+CITED = re.compile(
+    r"(?<![\w/.-])((?:docs|scripts|Qwen-VL-Chat|checkpoints|sc_tune|tests)/[\w./-]*\w\.(?:md|sh|json|py|png))"
+)
+
+
+def tracked_text_files() -> list[str]:
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    return [f for f in files if f.endswith((".py", ".md", ".sh", ".toml", ".txt"))]
+
+
+def test_every_cited_file_exists_and_nothing_points_outside():
+    missing, outside = [], []
+    for name in tracked_text_files():
+        text = (ROOT / name).read_text(encoding="utf-8")
+        for cited in CITED.findall(text):
+            if "*" in cited or "<" in cited:
+                continue
+            # a Markdown link is relative to its file; everything else to the repository root
+            if not ((ROOT / cited).exists() or (ROOT / name).parent.joinpath(cited).exists()):
+                missing.append(f"{name} cites {cited}")
+        if re.search(r"\.\./shared|shared/docs", text) and name != "tests/test_repository.py":
+            outside.append(name)
+    assert not missing, missing
+    assert not outside, f"these cite notes outside the repository: {outside}"

@@ -1,0 +1,105 @@
+"""The shell scripts run under plain POSIX sh (dash), as the README calls them, and pass the documented
+variables on as finetune.py / evaluate.py flags. A stub launcher (TORCHRUN) records the command line."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT as ROOT_TEXT
+
+ROOT = Path(ROOT_TEXT)
+SCRIPTS = sorted((ROOT / "scripts").glob("*.sh"))
+SH = shutil.which("dash") or shutil.which("sh")
+BASHISMS = re.compile(r"\[\[|pipefail|<<<|read -r -a|read -a|\$\{\w+\[@\]|^\s*function\s|\bsource\s", re.M)
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_script_is_posix_sh(script):
+    text = script.read_text()
+    if script.name != "env.sh":  # env.sh is sourced, not run
+        assert text.startswith("#!/bin/sh\n"), f"{script.name}: the README runs it with sh"
+    assert not BASHISMS.findall(text), f"{script.name} uses bash-only syntax: {BASHISMS.findall(text)}"
+    subprocess.run([SH, "-n", str(script)], check=True)
+
+
+@pytest.fixture
+def launcher(tmp_path):
+    """A stand-in for torchrun that writes its arguments, one per line, to a file."""
+    record = tmp_path / "argv.txt"
+    stub = tmp_path / "torchrun_stub"
+    stub.write_text(f'#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done > "{record}"\n')
+    stub.chmod(0o755)
+
+    def run(script: str, **env):
+        full_env = {k: v for k, v in os.environ.items() if k not in ("IMAGE_DIR", "IMAGE_ROOT", "IMAGE_FOLDER")}
+        full_env.update(TORCHRUN=str(stub), **env)
+        result = subprocess.run([SH, f"scripts/{script}"], cwd=ROOT, env=full_env, capture_output=True, text=True,
+                                timeout=120)
+        argv = record.read_text().splitlines() if record.exists() else None
+        record.unlink(missing_ok=True)
+        return result, argv
+
+    return run
+
+
+def flag(argv: list[str], name: str):
+    return argv[argv.index(name) + 1] if name in argv else None
+
+
+def test_finetune_ds_takes_precision_image_folder_and_deepspeed_from_variables(launcher):
+    result, argv = launcher("finetune_ds.sh")
+    assert result.returncode == 0, result.stderr
+    assert flag(argv, "--bf16") == "True" and "--fp16" not in argv  # the reference's precision by default
+    assert flag(argv, "--deepspeed") == "scripts/ds_config_zero2.json"
+    assert flag(argv, "--image_folder") == "data/objects365" and flag(argv, "--describer_lr") == "5e-7"
+
+    result, argv = launcher("finetune_ds.sh", PRECISION="fp32", GPUS_PER_NODE="1", DS_CONFIG="", IMAGE_FOLDER="imgs")
+    assert result.returncode == 0, result.stderr
+    assert "--bf16" not in argv and "--fp16" not in argv and "--deepspeed" not in argv
+    assert flag(argv, "--nproc_per_node") == "1" and flag(argv, "--image_folder") == "imgs"
+    assert flag(launcher("finetune_ds.sh", PRECISION="fp16")[1], "--fp16") == "True"
+
+    result, argv = launcher("finetune_ds.sh", IMAGE_DIR="old_name")  # the earlier variable still works
+    assert flag(argv, "--image_folder") == "old_name" and "IMAGE_FOLDER" in result.stderr
+
+    assert flag(launcher("finetune_ds.sh", DESCRIBER_LR="2e-6")[1], "--describer_lr") == "2e-6"
+    assert flag(launcher("finetune_ds.sh", caption_lr="3e-6")[1], "--describer_lr") == "3e-6"  # the reference's name
+
+    result, argv = launcher("finetune_ds.sh", PRECISION="bf32")
+    assert result.returncode == 2 and argv is None and "PRECISION must be" in result.stderr
+
+
+def test_evaluate_sh_uses_the_finetune_names(launcher):
+    result, argv = launcher("evaluate.sh", NPROC="1", TASK="rec", MODEL="m", DATA="a.jsonl b.jsonl",
+                            IMAGE_ROOT="imgs", MAX_SAMPLES="5", EXTRA_ARGS="--no_meteor")
+    assert result.returncode == 0, result.stderr
+    assert "IMAGE_FOLDER" in result.stderr  # IMAGE_ROOT is the earlier name
+    assert argv[argv.index("evaluate.py") + 1:] == [
+        "--task", "rec", "--model_name_or_path", "m", "--data_path", "a.jsonl", "b.jsonl", "--image_folder", "imgs",
+        "--output_dir", "eval_results/rec", "--per_device_eval_batch_size", "8", "--dtype", "auto", "--grid_samples",
+        "16", "--box_format", "native", "--max_samples", "5", "--no_meteor"]
+    import evaluate
+
+    args = evaluate.parse_args(argv[argv.index("evaluate.py") + 1:])  # what the script passes, evaluate.py takes
+    assert args.data_path == ["a.jsonl", "b.jsonl"] and args.max_samples == 5 and not args.meteor
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "activate").exists(), reason="needs .venv (sh scripts/setup_env.sh)")
+def test_evaluate_sh_end_to_end_on_the_warm_start(tmp_path):
+    """The README's evaluation command, in a shell without .venv on PATH: it must activate .venv itself."""
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "IMAGE_FOLDER", "IMAGE_DIR")}
+    env["PATH"] = "/usr/bin:/bin"
+    env.update(TASK="self-consistency", MODEL="checkpoints/warm_start", DATA="data/sample/annotations.json",
+               IMAGE_ROOT="data/sample", OUTPUT_DIR=str(tmp_path / "eval"), MAX_SAMPLES="2", NPROC="1",
+               MASTER_PORT="29517", OMP_NUM_THREADS="1")
+    result = subprocess.run([SH, "scripts/evaluate.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "eval" / "self_consistency_metrics.json").read_text())
+    assert metrics["metrics"]["num_samples"] == 2 and metrics["image_folder"] == "data/sample"

@@ -240,6 +240,7 @@ class SCTuneTrainer(Trainer):
                 _, greedy = describe(snapshot, self.adapter, images, boxes_B4.tolist(), self.greedy_captions)
         return SampledCaptions(batch, sampled, greedy)
 
+    @timed_stage("locating")
     def _locate_with_snapshot(self, images, boxes_B4, captions: SampledCaptions):
         """The snapshot locates every sampled caption and the greedy one in one batched call; all are scored.
 
@@ -260,6 +261,7 @@ class SCTuneTrainer(Trainer):
             greedy_rewards = self.reward_fn(located[n:], boxes_B4, captions.greedy.texts)
         return rewards, greedy_rewards, located[:n]
 
+    @timed_stage("snapshot_scoring")
     def _score_with_snapshot(self, captions: SampledCaptions):
         """Teacher-forced inputs of prompt + sampled caption and the snapshot's log-probs of the caption."""
         device = self.args.device

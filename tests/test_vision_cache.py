@@ -86,6 +86,7 @@ def _run_steps(checkpoint, tmp_path, vision_cache: bool, **overrides):
         ppo_epochs=2,
         kl_coef=0.05,
         vision_cache=vision_cache,
+        reward_fn=caption_hash_reward,  # a reward with signal, equal in both runs only if the captions are
         **overrides,
     )
     assert (trainer.vision_cache is not None) == vision_cache
@@ -105,8 +106,6 @@ def _run_steps(checkpoint, tmp_path, vision_cache: bool, **overrides):
 @pytest.mark.parametrize("lora", [False, True])
 def test_training_losses_identical_with_and_without_cache(tiny_checkpoint, tmp_path, lora):
     # steps 0-1: describer (2 PPO epochs on one rollout), 2: locator, 3: describer
-    # A reward of the caption text: sampled and greedy captions score differently (the describer loss is not 0),
-    # and both runs score the same captions the same.
     transform = None
     if lora:
         from sc_tune.arguments import LoraArguments
@@ -116,8 +115,8 @@ def test_training_losses_identical_with_and_without_cache(tiny_checkpoint, tmp_p
             return apply_lora(model, adapter, lora_args, False)
 
     checkpoint = tiny_checkpoint("qwen2_5_vl")
-    plain, _ = _run_steps(checkpoint, tmp_path, False, model_transform=transform, reward_fn=caption_hash_reward)
-    cached, trainer = _run_steps(checkpoint, tmp_path, True, model_transform=transform, reward_fn=caption_hash_reward)
+    plain, _ = _run_steps(checkpoint, tmp_path, False, model_transform=transform)
+    cached, trainer = _run_steps(checkpoint, tmp_path, True, model_transform=transform)
     assert len(plain) == 4 and 0 < trainer.vision_cache.encoded_images <= trainer.args.per_device_train_batch_size
     assert all(loss != 0 for loss in plain)
     logged = {k for entry in trainer.state.log_history for k, v in entry.items() if k.startswith("timing/") and v > 0}

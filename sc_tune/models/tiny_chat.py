@@ -109,11 +109,15 @@ def build_tiny(
     return model, tokenizer, image_processor
 
 
-def save_tiny(spec: TinySpec, directory: str, **kwargs) -> str:
-    """Write a tiny checkpoint folder (model, tokenizer, image processor) that ``finetune.py`` can load."""
-    model, tokenizer, image_processor = build_tiny(spec, **kwargs)
+def write_folder(directory: str, model, tokenizer, image_processor) -> str:
+    """A checkpoint folder (model, tokenizer, image processor) that ``finetune.py`` and ``evaluate.py`` load."""
     os.makedirs(directory, exist_ok=True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     image_processor.save_pretrained(directory)
     return str(directory)
+
+
+def save_tiny(spec: TinySpec, directory: str, **kwargs) -> str:
+    """Write a tiny checkpoint folder of ``spec``."""
+    return write_folder(directory, *build_tiny(spec, **kwargs))

@@ -10,11 +10,10 @@ smallest grid, so the tests cover its token counting.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sc_tune.models.tiny_chat import TinySizes, TinySpec, build_tiny
+from sc_tune.models.tiny_chat import TinySizes, TinySpec, build_tiny, write_folder
 from sc_tune.models.tiny_configs import _text_config
 
 TINY_IMAGE_SIZE = 28  # the vision towers' input: an InternVL tile, a SigLIP view, a SmolVLM crop (2x2 patches)
@@ -325,9 +324,4 @@ def build_tiny_template_family(model_type: str, **kwargs):
 
 def save_tiny_template_family(model_type: str, directory: str, **kwargs) -> str:
     """Write a tiny ``model_type`` checkpoint folder that ``finetune.py`` and ``evaluate.py`` load."""
-    model, tokenizer, image_processor = build_tiny_template_family(model_type, **kwargs)
-    os.makedirs(directory, exist_ok=True)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    image_processor.save_pretrained(directory)
-    return str(directory)
+    return write_folder(directory, *build_tiny_template_family(model_type, **kwargs))

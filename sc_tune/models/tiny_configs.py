@@ -44,16 +44,18 @@ def _qwen_image_processor(patch_size: int):
     return build
 
 
+def _token_ids(tokenizer, config_field_to_token: dict[str, str]) -> dict:
+    """The config's special-token id fields, read from the tiny tokenizer."""
+    return {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in config_field_to_token.items()}
+
+
 def _qwen_token_ids(tokenizer) -> dict:
-    return {
-        name: tokenizer.convert_tokens_to_ids(tok)
-        for name, tok in (
-            ("image_token_id", "<|image_pad|>"),
-            ("video_token_id", "<|video_pad|>"),
-            ("vision_start_token_id", "<|vision_start|>"),
-            ("vision_end_token_id", "<|vision_end|>"),
-        )
-    }
+    return _token_ids(tokenizer, {
+        "image_token_id": "<|image_pad|>",
+        "video_token_id": "<|video_pad|>",
+        "vision_start_token_id": "<|vision_start|>",
+        "vision_end_token_id": "<|vision_end|>",
+    })
 
 
 def _text_config(tokenizer, sizes: TinySizes, eos_token: str) -> dict:
@@ -248,17 +250,14 @@ def _glm_image_processor(class_name: str):
 
 
 def _glm_token_ids(tokenizer) -> dict:
-    return {
-        name: tokenizer.convert_tokens_to_ids(tok)
-        for name, tok in (
-            ("image_token_id", "<|image|>"),
-            ("video_token_id", "<|video|>"),
-            ("image_start_token_id", "<|begin_of_image|>"),
-            ("image_end_token_id", "<|end_of_image|>"),
-            ("video_start_token_id", "<|begin_of_video|>"),
-            ("video_end_token_id", "<|end_of_video|>"),
-        )
-    }
+    return _token_ids(tokenizer, {
+        "image_token_id": "<|image|>",
+        "video_token_id": "<|video|>",
+        "image_start_token_id": "<|begin_of_image|>",
+        "image_end_token_id": "<|end_of_image|>",
+        "video_start_token_id": "<|begin_of_video|>",
+        "video_end_token_id": "<|end_of_video|>",
+    })
 
 
 def _glm_text(tokenizer, sizes: TinySizes) -> dict:

@@ -25,9 +25,14 @@ def _synchronize() -> None:
 class StageClock:
     def __init__(self):
         self._seconds: dict[str, float] = defaultdict(float)
+        self._open: set[str] = set()
 
     @contextmanager
     def stage(self, name: str):
+        if name in self._open:  # a stage timed inside itself (a timed method calling another) counts once
+            yield
+            return
+        self._open.add(name)
         _synchronize()
         start = time.perf_counter()
         try:
@@ -35,6 +40,7 @@ class StageClock:
         finally:
             _synchronize()
             self._seconds[name] += time.perf_counter() - start
+            self._open.discard(name)
 
     def add(self, name: str, seconds: float) -> None:
         """Charge time measured elsewhere (e.g. the vision cache's trunk runs) to ``name``."""

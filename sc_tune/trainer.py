@@ -163,8 +163,9 @@ class SCTuneTrainer(Trainer):
         set_learning_rate(self.optimizer, self.schedule.lr_at(step))
         if position.needs_rollout:
             self._rollouts = {}
-            if self.vision_cache is not None:
-                self.vision_cache.clear()
+        if self.vision_cache is not None and (position.needs_rollout or position.starts_phase):
+            # New images, or new snapshot weights: the memo of the snapshot's frozen tower is stale.
+            self.vision_cache.clear()
         self._micro = 0
         self._grads_pending = False
 
@@ -240,7 +241,6 @@ class SCTuneTrainer(Trainer):
                 _, greedy = describe(snapshot, self.adapter, images, boxes_B4.tolist(), self.greedy_captions)
         return SampledCaptions(batch, sampled, greedy)
 
-    @timed_stage("locating")
     def _locate_with_snapshot(self, images, boxes_B4, captions: SampledCaptions):
         """The snapshot locates every sampled caption and the greedy one in one batched call; all are scored.
 
@@ -261,7 +261,6 @@ class SCTuneTrainer(Trainer):
             greedy_rewards = self.reward_fn(located[n:], boxes_B4, captions.greedy.texts)
         return rewards, greedy_rewards, located[:n]
 
-    @timed_stage("snapshot_scoring")
     def _score_with_snapshot(self, captions: SampledCaptions):
         """Teacher-forced inputs of prompt + sampled caption and the snapshot's log-probs of the caption."""
         device = self.args.device

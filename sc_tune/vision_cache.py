@@ -15,6 +15,13 @@ blocks; Qwen-VL: the whole ViT trunk, read by the resampler ``attn_pool``), and 
   the other trunk blocks passing their input through, so the family's own code (window reordering,
   DeepStack, the merger/resampler, with gradients) does everything after the trunk.
 
+A tower with *no* trainable parameter (the snapshot's copy, whose merger/resampler is frozen too, or the
+policy under LoRA, whose tail LoRA does not train) cannot change at all within a rollout, so its whole output
+is memoised per image as well: the snapshot's greedy captions, its 2B locator rows and its scoring pass then
+run the tail once per image instead of four times. This needs the family to declare that every tensor of
+the tower's output holds each image's rows contiguously along dim 0, in proportion to its pixel rows
+(``VisionTrunk.output_rows_per_image``); without it only the trunk is replayed.
+
 The adapter says where the trunk is (``ModelAdapter.vision_trunk``); a family returning ``None`` gets
 no cache, which is always correct, only slower. Nothing is cached when any trunk parameter is
 trainable (``--fix_vit False``): ``VisionCache.for_model`` returns ``None``.
@@ -46,6 +53,10 @@ class VisionTrunk:
     # (args, kwargs) of a tower call -> one pixel tensor per image, in batch order; each image's rows of
     # every replayed module's output are the same count, contiguous along dim 0, in the same order.
     image_pixels: Callable[[tuple, dict], list[torch.Tensor]]
+    # True when every tensor in the tower's output (a tensor, or a ModelOutput/list of them) holds each image's
+    # rows contiguously along dim 0, in batch order, in proportion to its pixel rows: then a tower without
+    # trainable parameters has its whole output memoised per image.
+    output_rows_per_image: bool = False
 
     def parameters(self):
         for module in (*self.replayed, *self.skipped):
@@ -59,8 +70,10 @@ class VisionCache:
         self.trunks = list(trunks)
         self._pixels: list[torch.Tensor] = []
         self._outputs: list[list[torch.Tensor]] = []  # per image: one tensor per replayed module
+        self._tower_outputs: dict[int, dict[int, object]] = {}  # id(frozen tower) -> image index -> its output rows
         self.encode_seconds = 0.0  # time spent running the trunk, see ``pop_encode_seconds``
         self.encoded_images = 0
+        self.reused_tower_calls = 0  # tower calls answered entirely from the memo of a frozen tower
 
     @classmethod
     def for_model(cls, adapter, models: Sequence[nn.Module]) -> VisionCache | None:
@@ -75,9 +88,10 @@ class VisionCache:
         return cls(list(trunks.values()))
 
     def clear(self) -> None:
-        """Forget every image: call when a new rollout's images arrive."""
-        self._pixels, self._outputs = [], []
-        self.encode_seconds, self.encoded_images = 0.0, 0
+        """Forget every image: call when a new rollout's images arrive and whenever a frozen tower's weights
+        change (a snapshot re-sync)."""
+        self._pixels, self._outputs, self._tower_outputs = [], [], {}
+        self.encode_seconds, self.encoded_images, self.reused_tower_calls = 0.0, 0, 0
 
     def pop_encode_seconds(self) -> float:
         """Seconds spent running the trunk since the last call (for ``timing/vision_encoding``)."""
@@ -108,17 +122,34 @@ class VisionCache:
     def _wrap(self, trunk: VisionTrunk, tower_forward):
         def forward(*args, **kwargs):
             per_image = trunk.image_pixels(args, kwargs)
+            output = None  # the unchanged tower's output for this call, computed without gradients
             if any(self._find(p) is None for p in per_image):
-                self._encode(trunk, tower_forward, args, kwargs, per_image)
-            rows = [self._outputs[self._find(p)] for p in per_image]
-            replay = [torch.cat([row[j] for row in rows]) for j in range(len(trunk.replayed))]
-            with _answering(trunk, replay):
-                return tower_forward(*args, **kwargs)
+                output = self._encode(trunk, tower_forward, args, kwargs, per_image)
+            found = [self._find(p) for p in per_image]
+            # Checked per call: the policy's tower is frozen under LoRA and trains its tail otherwise, while the
+            # snapshot's tower (a frozen copy, or the same module with the snapshot adapter) never trains.
+            frozen = not any(p.requires_grad for p in trunk.tower.parameters())
+            memoised = frozen and trunk.output_rows_per_image
+            memo = self._tower_outputs.setdefault(id(trunk.tower), {}) if memoised else {}
+            if memoised and all(i in memo for i in found):
+                self.reused_tower_calls += 1
+                return _join([memo[i] for i in found])
+            if output is None or (torch.is_grad_enabled() and not frozen):
+                # The tail needs its autograd graph (or nothing was run yet): replay the trunk, run the tail.
+                replay = [torch.cat([self._outputs[i][j] for i in found]) for j in range(len(trunk.replayed))]
+                with _answering(trunk, replay):
+                    output = tower_forward(*args, **kwargs)
+            if memoised:
+                pieces = _split(output, [p.shape[0] for p in per_image])
+                for i, piece in zip(found, pieces or []):
+                    memo.setdefault(i, piece)
+            return output
 
         return forward
 
-    def _encode(self, trunk, tower_forward, args, kwargs, per_image) -> None:
-        """Run the unchanged tower once over the whole call and keep the unseen images' trunk outputs."""
+    def _encode(self, trunk, tower_forward, args, kwargs, per_image):
+        """Run the unchanged tower once over the whole call, keep the unseen images' trunk outputs and return
+        the tower's output (exact for this call when no gradient is wanted from it)."""
         start = time.perf_counter()
         recorded: list[torch.Tensor | None] = [None] * len(trunk.replayed)
 
@@ -131,7 +162,7 @@ class VisionCache:
         handles = [m.register_forward_hook(recorder(j)) for j, m in enumerate(trunk.replayed)]
         try:
             with torch.no_grad():
-                tower_forward(*args, **kwargs)
+                output = tower_forward(*args, **kwargs)
         finally:
             for handle in handles:
                 handle.remove()
@@ -143,6 +174,39 @@ class VisionCache:
                 self._outputs.append([s[i] for s in splits])
                 self.encoded_images += 1
         self.encode_seconds += time.perf_counter() - start
+        return output
+
+
+def _split(output, pixel_rows: list[int]):
+    """``output`` cut into one piece per image (rows in proportion to ``pixel_rows``), or ``None`` when a
+    tensor's rows do not divide that way or the output holds something other than tensors."""
+    total = sum(pixel_rows)
+    if isinstance(output, torch.Tensor):
+        if any(output.shape[0] * n % total for n in pixel_rows):
+            return None
+        return list(torch.split(output.detach(), [output.shape[0] * n // total for n in pixel_rows]))
+    if isinstance(output, dict):  # transformers' ModelOutput is a dict of its non-None fields
+        fields = {key: _split(value, pixel_rows) for key, value in output.items()}
+        if any(pieces is None for pieces in fields.values()):
+            return None
+        return [(type(output), {key: pieces[i] for key, pieces in fields.items()}) for i in range(len(pixel_rows))]
+    if isinstance(output, (list, tuple)):
+        items = [_split(value, pixel_rows) for value in output]
+        if any(pieces is None for pieces in items):
+            return None
+        return [(type(output), [pieces[i] for pieces in items]) for i in range(len(pixel_rows))]
+    return None
+
+
+def _join(pieces: list):
+    """The inverse of ``_split``: one output for these images, in this order (fresh tensors every call)."""
+    first = pieces[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(pieces)
+    kind, content = first
+    if isinstance(content, dict):
+        return kind(**{key: _join([piece[1][key] for piece in pieces]) for key in content})
+    return kind(_join([piece[1][j] for piece in pieces]) for j in range(len(content)))
 
 
 @contextmanager

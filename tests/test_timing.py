@@ -27,3 +27,13 @@ def test_stages_accumulate_and_pop_restarts():
     assert 0.04 <= first["timing/work"] < 0.5
     assert 1.01 <= first["timing/other"] < 1.5
     assert worker.stage_clock.pop() == {}
+
+
+def test_a_stage_timed_inside_itself_counts_once():
+    # A timed method that opens its own stage again (or calls another method timed as the same stage) once
+    # reported twice the seconds it took, which made locating look like the slowest rollout stage.
+    worker = _Worker()
+    with worker.stage_clock.stage("work"):
+        worker.work(0.1)
+    seconds = worker.stage_clock.pop()["timing/work"]
+    assert 0.1 <= seconds < 0.19

@@ -48,12 +48,13 @@ def test_cache_matches_uncached_logprobs_generation_and_tail_gradients(tiny_chec
         model.zero_grad()
         context = cache.active() if cached else torch.enable_grad()
         with context:
-            model.eval()
-            _, captions = describe(model, adapter, images, boxes, settings)
-            located, _ = locate(model, adapter, images + images, captions.texts * 2, settings)
+            # The pass with gradients comes first, so the cache must not hand it the no-grad encoding's output.
             model.train()
             logp_B = _teacher_forced_logp(model, adapter, images, boxes)
             logp_B.sum().backward()
+            model.eval()
+            _, captions = describe(model, adapter, images, boxes, settings)
+            located, _ = locate(model, adapter, images + images, captions.texts * 2, settings)
         return captions.texts, located, logp_B.detach(), [p.grad.clone() for p in tail]
 
     plain = run(cached=False)
@@ -65,6 +66,43 @@ def test_cache_matches_uncached_logprobs_generation_and_tail_gradients(tiny_chec
     for g_cached, g_plain in zip(cached[3], plain[3]):
         assert g_plain.abs().sum() > 0
         torch.testing.assert_close(g_cached, g_plain, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", [*CACHED_FAMILIES, "qwen3_5"])
+def test_frozen_tower_runs_its_tail_once_per_image(tiny_checkpoint, model_type):
+    # The snapshot's tower has no trainable parameter, so its whole output (merger/resampler included) is
+    # memoised per image: greedy captions, then the locator rows in another order and twice over, then scoring.
+    torch.manual_seed(0)
+    model, adapter = load_model_and_adapter(tiny_checkpoint(model_type))
+    model.requires_grad_(False)
+    model.eval()
+    cache = VisionCache.for_model(adapter, [model])
+    images, boxes = _images(adapter)
+    settings = GenerationSettings(max_new_tokens=5, min_new_tokens=2)
+    trunk = adapter.vision_trunk(model)
+    tail_calls = []
+    tail = [m for n, m in model.named_modules() if n.startswith(adapter.vision_trainable_prefixes[0])][0]
+    hook = tail.register_forward_hook(lambda *a: tail_calls.append(1))
+
+    def run():
+        _, captions = describe(model, adapter, images, boxes, settings)
+        order = [2, 0, 1, 0, 1, 2]  # another order than the describer's, each image twice
+        located, _ = locate(model, adapter, [images[i] for i in order], [captions.texts[i] for i in order], settings)
+        # Log-probs see every feature value: a memo that hands an image another image's rows changes them.
+        return captions.texts, located, _teacher_forced_logp(model, adapter, [images[i] for i in order], boxes * 2)
+
+    try:
+        plain = run()
+        plain_calls, tail_calls[:] = len(tail_calls), []
+        with cache.active():
+            cached = run()
+    finally:
+        hook.remove()
+    assert trunk.output_rows_per_image
+    assert plain_calls >= 3 and len(tail_calls) == 1, "the tail ran once, for the first call's images"
+    assert cache.reused_tower_calls >= 2
+    assert cached[0] == plain[0] and cached[1] == plain[1]
+    torch.testing.assert_close(cached[2], plain[2], atol=1e-5, rtol=0)
 
 
 def test_cache_is_off_without_fix_vit_and_for_fallback_families(tiny_checkpoint):

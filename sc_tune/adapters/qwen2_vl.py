@@ -44,6 +44,9 @@ class _QwenChatVLAdapter(PatchGridChatAdapter):
             replayed=[blocks[i] for i in sorted(read)],
             skipped=[b for i, b in enumerate(blocks) if i not in read],
             image_pixels=_pixel_rows_per_image,
+            # last_hidden_state (patch rows, window order within each image), pooler_output (the merged rows,
+            # back in image order) and Qwen3-VL's deepstack_features all keep each image's rows together.
+            output_rows_per_image=True,
         )
 
     def turn(self, user_text: str) -> str:

@@ -39,7 +39,11 @@ class QwenVLAdapter(ModelAdapter):
         # and proj around it are cheap and simply run in every pass.
         tower = find_submodule(model, self.vision_prefix)
         return VisionTrunk(
-            tower, replayed=[tower.transformer], skipped=[], image_pixels=lambda args, kwargs: list(args[0].split(1))
+            tower,
+            replayed=[tower.transformer],
+            skipped=[],
+            image_pixels=lambda args, kwargs: list(args[0].split(1)),
+            output_rows_per_image=True,  # (N_images, n_queries, width)
         )
 
     @classmethod

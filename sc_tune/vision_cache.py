@@ -1,4 +1,4 @@
-"""The frozen vision trunk runs once per image per rollout; the trainable tail still runs in every pass.
+"""The frozen vision trunk runs once per image per rollout; a trainable tail runs where gradients need it.
 
 Under ``fix_vit`` the vision tower's blocks cannot change within a rollout, yet a describer rollout calls
 the tower in every pass (policy sampling, snapshot greedy captions, locating 2B rows, snapshot scoring,

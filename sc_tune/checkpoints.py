@@ -34,6 +34,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from sc_tune.jsonio import read_json
+
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "sc_tune_state.json"
@@ -97,8 +99,7 @@ def _loadable_problem(path: str) -> str | None:
     name = os.path.basename(path)
     try:
         if name.endswith(".json"):
-            with open(path, encoding="utf-8") as f:
-                json.load(f)
+            read_json(path)
         elif name.endswith(".safetensors"):
             from safetensors import safe_open
 
@@ -186,8 +187,7 @@ def problems(checkpoint: str) -> list[str]:
     if not os.path.isfile(marker):
         return [f"no {MARKER_FILE} (the save did not finish, or it predates verified checkpoints)"]
     try:
-        with open(marker, encoding="utf-8") as f:
-            saved = json.load(f)
+        saved = read_json(marker)
         layout, manifest = saved["layout"], saved["files"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         return [f"{MARKER_FILE} is unreadable ({e})"]
@@ -293,13 +293,11 @@ def check_world_size_change(checkpoint: str, layout: dict, world_size: int) -> N
 
 
 def read_state(checkpoint: str) -> dict:
-    with open(os.path.join(checkpoint, STATE_FILE), encoding="utf-8") as f:
-        return json.load(f)
+    return read_json(os.path.join(checkpoint, STATE_FILE))
 
 
 def read_layout(checkpoint: str) -> dict:
-    with open(os.path.join(checkpoint, MARKER_FILE), encoding="utf-8") as f:
-        return json.load(f)["layout"]
+    return read_json(os.path.join(checkpoint, MARKER_FILE))["layout"]
 
 
 # ---------------------------------------------------------------------------------------------- rollout buffer

@@ -184,7 +184,9 @@ def _split(output, pixel_rows: list[int]):
     if isinstance(output, torch.Tensor):
         if any(output.shape[0] * n % total for n in pixel_rows):
             return None
-        return list(torch.split(output.detach(), [output.shape[0] * n // total for n in pixel_rows]))
+        # Cloned: the caller owns ``output`` and may change it in place; the memo must not change with it.
+        sizes = [output.shape[0] * n // total for n in pixel_rows]
+        return [rows.clone() for rows in torch.split(output.detach(), sizes)]
     if isinstance(output, dict):  # transformers' ModelOutput is a dict of its non-None fields
         fields = {key: _split(value, pixel_rows) for key, value in output.items()}
         if any(pieces is None for pieces in fields.values()):

@@ -33,3 +33,18 @@ def test_every_cited_file_exists_and_nothing_points_outside():
             outside.append(name)
     assert not missing, missing
     assert not outside, f"these cite notes outside the repository: {outside}"
+
+
+def test_committed_warm_starts_load_as_their_architecture():
+    # scripts/benchmark.py --warm_start takes either folder; each must load through the registry as the
+    # family its warm_start.json records.
+    from sc_tune.jsonio import read_json
+    from sc_tune.modeling import load_model_and_adapter
+
+    for folder in ("warm_start", "warm_start_qwen3_5"):
+        path = ROOT / "checkpoints" / folder
+        recorded = read_json(path / "warm_start.json")["config"]
+        model, _ = load_model_and_adapter(str(path))
+        assert model.config.model_type == recorded.get("model_type", "qwen3_vl")
+        # the evaluations documented in docs/benchmark.md end at the step that was committed
+        assert read_json(path / "history.json")[-1]["step"] == read_json(path / "warm_start.json")["metrics"]["step"]

@@ -161,7 +161,8 @@ class SCTuneConfig(TrainingArguments):
     vision_cache: bool = field(
         default=True,
         metadata={
-            # The trainable merger/resampler still runs in every pass; families without a trunk split
+            # The policy's trainable merger/resampler runs in each pass with gradients (a wholly frozen tower,
+            # the snapshot's, is memoised whole); families without a trunk split
             # (ModelAdapter.vision_trunk is None) and --fix_vit False run the whole tower each time.
             "help": "With fix_vit: the frozen vision blocks run once per image per rollout (docs/performance.md)."
         },

@@ -167,6 +167,14 @@ class SCTuneConfig(TrainingArguments):
             "help": "With fix_vit: the frozen vision blocks run once per image per rollout (docs/performance.md)."
         },
     )
+    snapshot_prompt_cache: bool = field(
+        default=True,
+        metadata={
+            # Only with the snapshot-greedy baseline, K = 1, and a family whose adapter allows it
+            # (ModelAdapter.resumes_from_scoring_cache); elsewhere the prompts are prefilled again.
+            "help": "The snapshot's greedy captions reuse its scoring pass's prompt cache (docs/performance.md)."
+        },
+    )
     # ---- generation
     describer_top_k: int = field(default=100, metadata={"help": "Top-k of the describer's sampled caption."})
     describer_top_p: float = field(default=0.3, metadata={"help": "Top-p of the describer's sampled caption."})

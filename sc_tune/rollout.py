@@ -95,17 +95,40 @@ def _unnamed_token_ids(model, adapter: ModelAdapter) -> list[int]:
     return list(range(len(adapter.tokenizer), output_layer.weight.shape[0]))
 
 
+def keep_prompt_columns(cache, prompt_length: int):
+    """Crop the key/value ``cache`` of prompt + continuation to what ``generate(prompt_cache=...)`` takes: all
+    but the last prompt column (generate feeds that one itself, to get the first new token's logits)."""
+    cache.crop(-(cache.get_seq_length() - (prompt_length - 1)))  # transformers' crop takes how many to remove
+    return cache
+
+
 @torch.no_grad()
 def generate(
-    model, adapter: ModelAdapter, batch: PromptBatch, settings: GenerationSettings, skip_special_tokens: bool
+    model,
+    adapter: ModelAdapter,
+    batch: PromptBatch,
+    settings: GenerationSettings,
+    skip_special_tokens: bool,
+    prompt_cache=None,
 ) -> Completions:
-    """Batched ``generate`` on a left-padded batch; pads everything after each row's first end token."""
+    """Batched ``generate`` on a left-padded batch; pads everything after each row's first end token.
+
+    ``prompt_cache``: the key/value cache of all but the last prompt column, computed by ``model`` (the same
+    weights) on exactly this batch; decoding then starts from it instead of prefilling the prompt again."""
     device = next(model.parameters()).device
     inputs = batch.to(device).inputs
+    if prompt_cache is not None and prompt_cache.get_seq_length() != inputs["input_ids"].shape[1] - 1:
+        raise ValueError(
+            f"prompt_cache holds {prompt_cache.get_seq_length()} columns; this batch's prompts need "
+            f"{inputs['input_ids'].shape[1] - 1} (all but the last)"
+        )
     # Captions are the completions decoded without special tokens (the describer's): they must not carry
     # box/reference tokens either; locator answers may (Qwen2-VL's <|box_end|>, GLM's <|end_of_box|>).
     kwargs = adapter.generation_kwargs(describer=skip_special_tokens)
     suppressed = (kwargs.pop("suppress_tokens") or []) + _unnamed_token_ids(model, adapter)
+    if prompt_cache is not None:
+        inputs = adapter.resumed_decoding_inputs(inputs)
+        kwargs["cache"] = prompt_cache
     sequences = model.generate(**inputs, **settings.generate_kwargs(), **kwargs, suppress_tokens=suppressed or None)
     ids_BT = sequences[:, inputs["input_ids"].shape[1] :]
     mask_BT = completion_mask(ids_BT, adapter.end_token_ids)

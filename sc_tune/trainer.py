@@ -45,7 +45,7 @@ from sc_tune.kl_control import make_kl_controller
 from sc_tune.phases import Phase, PhaseLR, PhaseSchedule, reset_optimizer_moments, set_learning_rate
 from sc_tune.ppo import describer_advantages, masked_mean, per_token_kl, ppo_clip_loss
 from sc_tune.rewards import RewardBatch, RewardFunction, get_reward
-from sc_tune.rollout import Completions, GenerationSettings, describe, locate
+from sc_tune.rollout import Completions, GenerationSettings, describe, generate, keep_prompt_columns, locate
 from sc_tune.snapshot import AdapterSnapshot, FullSnapshot
 from sc_tune.timing import StageClock, timed_stage
 from sc_tune.vision_cache import VisionCache
@@ -203,14 +203,21 @@ class SCTuneTrainer(Trainer):
     def _describer_rollout(self, inputs) -> DescriberRollout:
         images = self._prepare_images(inputs)
         boxes_B4 = inputs["boxes"]
-        captions = self._sample_captions(images, boxes_B4)
+        batch, sampled, greedy = self._sample_captions(images, boxes_B4)
+        # The snapshot scores the samples before it writes its own greedy captions: with K = 1 they share the
+        # prompt batch, so the greedy decoding can start from the scoring pass's prompt cache.
+        teacher_inputs, caption_ids_NT, caption_mask_NT, snapshot_logp_NT, prompt_cache = self._score_with_snapshot(
+            batch, sampled
+        )
+        if self.baseline is DescriberBaseline.SNAPSHOT_GREEDY:
+            greedy = self._snapshot_greedy_captions(images, boxes_B4, batch, prompt_cache)
+        captions = SampledCaptions(batch, sampled, greedy)
         rewards, greedy_rewards, located = self._locate_with_snapshot(images, boxes_B4, captions)
         k = self.args.num_generations
         baseline_N = describer_baseline(
             self.baseline, rewards.reward_N, k, greedy_rewards.reward_N if greedy_rewards is not None else None
         )
         terminal_N = terminal_advantages(rewards.reward_N, baseline_N, k, self.args.scale_rewards_by_group_std)
-        teacher_inputs, caption_ids_NT, caption_mask_NT, snapshot_logp_NT = self._score_with_snapshot(captions)
         self._log_rollout(rewards, greedy_rewards, baseline_N, caption_mask_NT)
         self._maybe_save_rollout_picture(inputs, captions.sampled.texts[::k], located[::k])
         device = self.args.device
@@ -224,8 +231,9 @@ class SCTuneTrainer(Trainer):
             terminal_N.to(device),
         )
 
-    def _sample_captions(self, images, boxes_B4) -> SampledCaptions:
-        """K sampled captions per box from the policy (one generate call), plus the baseline's greedy caption."""
+    def _sample_captions(self, images, boxes_B4) -> tuple[PromptBatch, Completions, Completions | None]:
+        """K sampled captions per box from the policy (one generate call), and its greedy caption if the
+        baseline is the policy's. Returns (prompt batch, samples, policy greedy captions or None)."""
         k = self.args.num_generations
         rows_images = [image for image in images for _ in range(k)]
         rows_boxes = [box for box in boxes_B4.tolist() for _ in range(k)]
@@ -236,10 +244,18 @@ class SCTuneTrainer(Trainer):
             if self.baseline is DescriberBaseline.POLICY_GREEDY:
                 with self.stage_clock.stage("policy_greedy"):
                     _, greedy = describe(policy, self.adapter, images, boxes_B4.tolist(), self.greedy_captions)
-        if self.baseline is DescriberBaseline.SNAPSHOT_GREEDY:
-            with self.snapshot.generating() as snapshot, self.stage_clock.stage("snapshot_generation"):
-                _, greedy = describe(snapshot, self.adapter, images, boxes_B4.tolist(), self.greedy_captions)
-        return SampledCaptions(batch, sampled, greedy)
+        return batch, sampled, greedy
+
+    def _snapshot_greedy_captions(self, images, boxes_B4, batch: PromptBatch, prompt_cache) -> Completions:
+        """The snapshot's greedy caption per box (the paper's baseline); ``batch`` is the samples' prompt batch,
+        ``prompt_cache`` the scoring pass's cache of it (``None``: prefill the prompts again)."""
+        with self.snapshot.generating() as snapshot, self.stage_clock.stage("snapshot_generation"):
+            if prompt_cache is not None:
+                return generate(
+                    snapshot, self.adapter, batch, self.greedy_captions, skip_special_tokens=True,
+                    prompt_cache=prompt_cache,
+                )
+            return describe(snapshot, self.adapter, images, boxes_B4.tolist(), self.greedy_captions)[1]
 
     def _locate_with_snapshot(self, images, boxes_B4, captions: SampledCaptions):
         """The snapshot locates every sampled caption and the greedy one in one batched call; all are scored.
@@ -261,16 +277,29 @@ class SCTuneTrainer(Trainer):
             greedy_rewards = self.reward_fn(located[n:], boxes_B4, captions.greedy.texts)
         return rewards, greedy_rewards, located[:n]
 
-    def _score_with_snapshot(self, captions: SampledCaptions):
-        """Teacher-forced inputs of prompt + sampled caption and the snapshot's log-probs of the caption."""
+    def _score_with_snapshot(self, batch: PromptBatch, sampled: Completions):
+        """Teacher-forced inputs of prompt + sampled caption and the snapshot's log-probs of the caption.
+
+        Also returns the pass's key/value cache of the prompts (all but their last column) where the snapshot's
+        greedy captions can resume from it (paper's baseline, K = 1, a family that allows it), else ``None``."""
         device = self.args.device
-        sampled = captions.sampled
-        teacher = self.adapter.append_completion(captions.batch, sampled.ids_BT.cpu(), sampled.mask_BT.cpu())
+        teacher = self.adapter.append_completion(batch, sampled.ids_BT.cpu(), sampled.mask_BT.cpu())
         teacher_inputs = {k: v.to(device) for k, v in teacher.items()}
         caption_ids_NT, caption_mask_NT = sampled.ids_BT.to(device), sampled.mask_BT.to(device)
+        prompt_length = batch.inputs["input_ids"].shape[1]
         with self.snapshot.scoring() as snapshot, self.stage_clock.stage("snapshot_scoring"):
-            snapshot_logp_NT = self._caption_logprobs(snapshot, teacher_inputs, caption_ids_NT)
-        return teacher_inputs, caption_ids_NT, caption_mask_NT, snapshot_logp_NT
+            keep_cache = (
+                self.args.snapshot_prompt_cache
+                and self.baseline is DescriberBaseline.SNAPSHOT_GREEDY
+                and self.args.num_generations == 1
+                and self.adapter.resumes_from_scoring_cache(
+                    self.accelerator.unwrap_model(snapshot), prompt_length, teacher_inputs["input_ids"].shape[1]
+                )
+            )
+            snapshot_logp_NT, cache = self._caption_logprobs(snapshot, teacher_inputs, caption_ids_NT, keep_cache)
+        if cache is not None:
+            keep_prompt_columns(cache, prompt_length)
+        return teacher_inputs, caption_ids_NT, caption_mask_NT, snapshot_logp_NT, cache
 
     def _log_rollout(self, rewards: RewardBatch, greedy_rewards: RewardBatch | None, baseline_N, caption_mask_NT):
         reward_N = rewards.reward_N
@@ -301,11 +330,14 @@ class SCTuneTrainer(Trainer):
         target_len = int((pseudo.labels != -100).sum(1).max())
         return LocatorRollout({k: v.to(device) for k, v in pseudo.inputs.items()}, pseudo.labels.to(device), target_len)
 
-    def _caption_logprobs(self, model, inputs, caption_ids_BT):
-        """log p(caption token | prefix), from logits of the last T+1 positions only."""
+    def _caption_logprobs(self, model, inputs, caption_ids_BT, keep_cache: bool = False):
+        """(log p(caption token | prefix), key/value cache or ``None``), from logits of the last T+1 positions only.
+
+        The cache is kept only if asked, and only where the model keeps one (not under checkpointing in training)."""
         num_tokens = caption_ids_BT.shape[1]
-        logits = model(**inputs, logits_to_keep=num_tokens + 1, use_cache=False).logits[:, :-1]
-        return selective_log_softmax(logits / self.args.describer_temperature, caption_ids_BT)
+        outputs = model(**inputs, logits_to_keep=num_tokens + 1, use_cache=keep_cache)
+        logp_BT = selective_log_softmax(outputs.logits[:, :-1] / self.args.describer_temperature, caption_ids_BT)
+        return logp_BT, outputs.cache if keep_cache else None
 
     # ------------------------------------------------------------------ losses
     @timed_stage("forward")
@@ -316,7 +348,7 @@ class SCTuneTrainer(Trainer):
 
     def _describer_loss(self, model, rollout: DescriberRollout):
         args = self.args
-        logp_NT = self._caption_logprobs(model, rollout.inputs, rollout.caption_ids_NT)
+        logp_NT, _ = self._caption_logprobs(model, rollout.inputs, rollout.caption_ids_NT)
         mask_NT = rollout.caption_mask_NT
         first_epoch = rollout.old_logp_NT is None
         if first_epoch:

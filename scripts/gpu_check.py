@@ -8,12 +8,14 @@ For each configuration: ``--describer_units`` describer units (a rollout and its
 ``--locator_steps`` locator steps through ``SCTuneTrainer.training_step``, with the vision cache on and then
 off (after one warm-up unit of each phase). Printed per phase and cache setting: median step time,
 samples/s, generated tokens/s (tokens written by ``generate`` over the time spent in it), the per-stage
-``timing/*`` seconds; per configuration the peak GPU memory. The last line is one JSON object.
+``timing/*`` seconds; per configuration the peak GPU memory. ``--prompt_cache_ab`` adds the describer with
+``--snapshot_prompt_cache False``. The last line is one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -35,6 +37,7 @@ from sc_tune.models.bench_configs import CONFIGS, prepare  # noqa: E402
 from sc_tune.modeling import apply_lora, freeze_vision_tower  # noqa: E402
 
 GPU_CONFIGS = ["qwen2.5-vl-7b", "qwen-vl-chat"]
+PHASES = ("describer", "locator")
 
 
 class GenerationMeter:
@@ -110,12 +113,20 @@ def run_config(name, opts, device, dtype, meter):
     )
     ours = ThisTrainer(model, adapter, samples, args)
     cache = ours.trainer.vision_cache
+    report = {"batch": batch}
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    report = {"batch": batch}
-    for cache_on in (True, False):
+        report["gpu_memory_at_start_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)  # model + optimizer
+    # (label, vision cache, snapshot prompt cache, phases): the vision cache on and off for both phases, then the
+    # describer with the prompt cache off (it only changes the describer rollout, and only where the family allows).
+    settings = [("cache_on", True, True, PHASES), ("cache_off", False, True, PHASES)]
+    if opts.prompt_cache_ab:
+        settings.append(("prompt_cache_off", True, False, PHASES[:1]))
+    for label, cache_on, prompt_cache, phases in settings:
         ours.trainer.vision_cache = cache if cache_on else None
-        for phase, units in (("describer", opts.describer_units), ("locator", opts.locator_steps)):
+        ours.trainer.args.snapshot_prompt_cache = prompt_cache
+        for phase in phases:
+            units = opts.describer_units if phase == "describer" else opts.locator_steps
             run = getattr(ours, phase)
             run(inputs)  # warm-up
             meter.pop()
@@ -132,7 +143,7 @@ def run_config(name, opts, device, dtype, meter):
             steps = 2 if phase == "describer" else 1  # optimizer steps per unit
             unit = statistics.median(seconds)
             stages = {k: round(statistics.median(r.get(k, 0.0) for r in stage_rows) / steps, 3) for k in stage_rows[0]}
-            key = f"{phase}_cache_{'on' if cache_on else 'off'}"
+            key = f"{phase}_{label}"
             report[key] = {
                 "step_seconds": round(unit / steps, 3),
                 "samples_per_second": round(batch / unit, 3),
@@ -146,7 +157,13 @@ def run_config(name, opts, device, dtype, meter):
     for phase in ("describer", "locator"):
         on, off = report[f"{phase}_cache_on"]["step_seconds"], report[f"{phase}_cache_off"]["step_seconds"]
         report[f"{phase}_cache_speedup"] = round(off / on, 3)
-    del ours, model
+    if opts.prompt_cache_ab:
+        on, off = report["describer_cache_on"]["step_seconds"], report["describer_prompt_cache_off"]["step_seconds"]
+        report["describer_prompt_cache_speedup"] = round(off / on, 3)
+    del ours, model, cache
+    # The trainer holds reference cycles (callbacks, accelerator): without a collection the model can outlive this
+    # function and count in the next configuration's peak (the second 2026-11-27 H100 run's 41 GiB did).
+    gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return report
@@ -160,6 +177,9 @@ def main(argv=None):
     parser.add_argument("--describer_units", type=int, default=2)
     parser.add_argument("--locator_steps", type=int, default=2)
     parser.add_argument("--max_new_tokens", type=int, default=30)
+    parser.add_argument(
+        "--prompt_cache_ab", action="store_true", help="also time the describer with --snapshot_prompt_cache False"
+    )
     opts = parser.parse_args(argv)
     names = opts.configs.split(",")
     check_instantiates(names)

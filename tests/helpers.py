@@ -6,9 +6,9 @@ import zlib
 
 import torch
 
-from sc_tune.arguments import SCTuneConfig
+from sc_tune.arguments import LoraArguments, SCTuneConfig
 from sc_tune.data import ReferringDataset
-from sc_tune.modeling import freeze_vision_tower, load_model_and_adapter
+from sc_tune.modeling import apply_lora, freeze_vision_tower, load_model_and_adapter
 from sc_tune.rewards import RewardBatch
 from sc_tune.trainer import SCTuneTrainer
 from tests.conftest import SAMPLE_DATA, SAMPLE_IMAGES
@@ -42,6 +42,40 @@ def make_trainer(checkpoint: str, output_dir: str, model_transform=None, reward_
         model = model_transform(model, adapter)
     dataset = dataset if dataset is not None else ReferringDataset.from_file(SAMPLE_DATA, SAMPLE_IMAGES)
     return SCTuneTrainer(model=model, args=args, adapter=adapter, train_dataset=dataset, reward_fn=reward_fn)
+
+
+def small_lora(model, adapter):
+    """A ``model_transform``: rank-4 LoRA without dropout, so two runs of it are comparable step for step."""
+    return apply_lora(model, adapter, LoraArguments(use_lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0), False)
+
+
+def two_phase_trainer(checkpoint: str, output_dir: str, **overrides) -> tuple[SCTuneTrainer, list[float]]:
+    """A trainer for four steps (0-1: describer, 2 PPO epochs on one rollout; 2: locator; 3: describer) with a
+    reward that has signal, and the list its ``train()`` fills with every step's loss (for A/B exactness tests)."""
+    trainer = make_trainer(
+        checkpoint,
+        output_dir,
+        **{
+            "max_steps": 4,
+            "describer_update_steps": 1,
+            "locator_update_steps": 1,
+            "ppo_epochs": 2,
+            "kl_coef": 0.05,
+            # equal in two runs only if the captions are (the greedy caption's reward is the baseline)
+            "reward_fn": caption_hash_reward,
+            **overrides,
+        },
+    )
+    losses = []
+    compute_loss = trainer.compute_loss
+
+    def spy(model, inputs, *args, **kwargs):
+        loss = compute_loss(model, inputs, *args, **kwargs)
+        losses.append(float(loss.detach()))
+        return loss
+
+    trainer.compute_loss = spy
+    return trainer, losses
 
 
 def trainable_vector(model) -> torch.Tensor:

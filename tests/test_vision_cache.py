@@ -6,11 +6,11 @@ import torch
 
 from sc_tune.adapters import family_for
 from sc_tune.adapters.base import ModelAdapter
-from sc_tune.modeling import apply_lora, freeze_vision_tower, load_model_and_adapter
+from sc_tune.modeling import freeze_vision_tower, load_model_and_adapter
 from sc_tune.rollout import GenerationSettings, describe, locate
 from sc_tune.vision_cache import VisionCache
 from tests.conftest import SAMPLE_DATA, SAMPLE_IMAGES
-from tests.helpers import caption_hash_reward, make_trainer
+from tests.helpers import small_lora, two_phase_trainer
 
 CACHED_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen"]
 
@@ -115,43 +115,16 @@ def test_cache_is_off_without_fix_vit_and_for_fallback_families(tiny_checkpoint)
 
 
 def _run_steps(checkpoint, tmp_path, vision_cache: bool, **overrides):
-    trainer = make_trainer(
-        checkpoint,
-        str(tmp_path / str(vision_cache)),
-        max_steps=4,
-        describer_update_steps=1,
-        locator_update_steps=1,
-        ppo_epochs=2,
-        kl_coef=0.05,
-        vision_cache=vision_cache,
-        reward_fn=caption_hash_reward,  # a reward with signal, equal in both runs only if the captions are
-        **overrides,
-    )
+    trainer, losses = two_phase_trainer(checkpoint, str(tmp_path / str(vision_cache)), vision_cache=vision_cache,
+                                        **overrides)
     assert (trainer.vision_cache is not None) == vision_cache
-    losses = []
-    original = trainer.compute_loss
-
-    def spy(model, inputs, *args, **kwargs):
-        loss = original(model, inputs, *args, **kwargs)
-        losses.append(float(loss.detach()))
-        return loss
-
-    trainer.compute_loss = spy
     trainer.train()
     return losses, trainer
 
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_training_losses_identical_with_and_without_cache(tiny_checkpoint, tmp_path, lora):
-    # steps 0-1: describer (2 PPO epochs on one rollout), 2: locator, 3: describer
-    transform = None
-    if lora:
-        from sc_tune.arguments import LoraArguments
-
-        def transform(model, adapter):
-            lora_args = LoraArguments(use_lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0)
-            return apply_lora(model, adapter, lora_args, False)
-
+    transform = small_lora if lora else None
     checkpoint = tiny_checkpoint("qwen2_5_vl")
     plain, _ = _run_steps(checkpoint, tmp_path, False, model_transform=transform)
     cached, trainer = _run_steps(checkpoint, tmp_path, True, model_transform=transform)

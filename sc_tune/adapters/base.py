@@ -85,6 +85,22 @@ class ModelAdapter(ABC):
         outputs a trainable tail (merger, resampler, projector) reads, per image, contiguous along dim 0."""
         return None
 
+    def resumes_from_scoring_cache(self, model: torch.nn.Module, prompt_length: int, scored_length: int) -> bool:
+        """Whether ``model.generate`` may start from the key/value cache of a teacher-forced pass over the same
+        left-padded prompts followed by ``scored_length - prompt_length`` more columns, cropped back to the prompt.
+
+        The trainer uses it to skip the snapshot's prompt prefill for its greedy captions (its scoring pass has
+        just computed that cache). It is exact only where a prompt column's keys and values do not depend on
+        what follows the prompt, and the family's ``generate`` resumes from a cache that it did not build.
+        Default (fallback): ``False``, the prompt is prefilled again, which is always correct."""
+        return False
+
+    def resumed_decoding_inputs(self, inputs: dict) -> dict:
+        """A prompt batch's model inputs for a ``generate`` that starts from its prompt cache: the images are in
+        the cache already, so a family whose model would encode them again (and find no image token in the
+        uncached column) drops them here. Default: unchanged."""
+        return inputs
+
     def __init__(self, tokenizer, box_format: str = "native"):
         self.tokenizer = tokenizer
         self.box_format = box_format

@@ -49,6 +49,16 @@ class _QwenChatVLAdapter(PatchGridChatAdapter):
             output_rows_per_image=True,
         )
 
+    def resumes_from_scoring_cache(self, model, prompt_length, scored_length):
+        # transformers keeps the multimodal rope offset (``rope_deltas``) of the last prefill and continues from
+        # it when generate starts on a cache; text after the prompt advances every position axis by one per
+        # token, so the scoring pass's offset is the prompt's (tests/test_prompt_cache.py checks the logits).
+        return True
+
+    def resumed_decoding_inputs(self, inputs):
+        # The first decoding step would run the tower on pixel_values and find no <|image_pad|> to put them in.
+        return {k: v for k, v in inputs.items() if k != "pixel_values"}
+
     def turn(self, user_text: str) -> str:
         return f"<|im_start|>user\n{user_text}<|im_end|>\n<|im_start|>assistant\n{self.assistant_prefix}"
 
@@ -117,6 +127,12 @@ class Qwen35Adapter(_JsonBoxAdapter):
 
     native_codec = JsonGridCodec(scale=1000)
     assistant_prefix = "<think>\n\n</think>\n\n"
+
+    def resumes_from_scoring_cache(self, model, prompt_length, scored_length):
+        # The Gated DeltaNet layers cache a recurrent state, not per-column keys: the state after prompt +
+        # caption cannot be cropped back to the prompt's.
+        return False
+
     lora_target_modules = rf"model\.language_model\..*\.({_LM_PROJECTIONS}|in_proj_qkv|in_proj_z|out_proj)"
 
 

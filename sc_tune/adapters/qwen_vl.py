@@ -22,6 +22,7 @@ from sc_tune.box_codecs import PairGridCodec
 from sc_tune.jsonio import read_json
 from sc_tune.models.qwen_vl.configuration import QWenConfig
 from sc_tune.models.qwen_vl.image_processing import QWenVLImageProcessor
+from sc_tune.models.qwen_vl.modeling import ntk_alpha_for
 from sc_tune.models.qwen_vl.tokenization import QWenTokenizer
 from sc_tune.vision_cache import VisionTrunk
 
@@ -45,6 +46,13 @@ class QwenVLAdapter(ModelAdapter):
             image_pixels=lambda args, kwargs: list(args[0].split(1)),
             output_rows_per_image=True,  # (N_images, n_queries, width)
         )
+
+    def resumes_from_scoring_cache(self, model, prompt_length, scored_length):
+        # Rotary positions are column indices, so the prompt's keys are those of a prompt-only prefill, except
+        # under dynamic NTK, whose scaling is fixed by the first pass's total length (and by train/eval mode):
+        # reuse only where no scaling applies to either, i.e. the scored sequence fits the trained context.
+        config = model.config
+        return not config.use_dynamic_ntk or ntk_alpha_for(scored_length, config.seq_length) == 1.0
 
     @classmethod
     def from_pretrained(cls, path: str, box_format: str = "native") -> QwenVLAdapter:

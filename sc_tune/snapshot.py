@@ -10,6 +10,8 @@ Two implementations share one interface:
   policy and a re-sync copies each rank's own partition, so no rank ever holds the full model twice.
 - ``AdapterSnapshot``: with LoRA, the snapshot is a second, frozen adapter (``"snapshot"``) on the same
   base model; a re-sync copies the adapter weights only.
+
+Either way the snapshot runs in eval mode: no dropout in the frozen reference.
 """
 
 from __future__ import annotations
@@ -111,6 +113,18 @@ class FullSnapshot(Snapshot):
 
 
 @contextmanager
+def eval_mode(module: torch.nn.Module):
+    """``module`` in eval mode for the block; each submodule's own mode is restored after it."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+@contextmanager
 def active_adapter(model: torch.nn.Module, name: str):
     """Run LoRA layers with adapter ``name`` without touching ``requires_grad``.
 
@@ -139,15 +153,23 @@ class AdapterSnapshot(Snapshot):
             if f".{SNAPSHOT_ADAPTER}." in name:
                 param.requires_grad_(False)
 
+    # The snapshot shares the policy's modules, which are in training mode during a step. It runs in eval mode,
+    # as the full-copy snapshot does: LoRA dropout must not make the frozen reference's captions, boxes and
+    # log-probs random, and a module in training mode with gradient checkpointing keeps no key/value cache.
     @contextmanager
     def generating(self):
-        with unwrap_model_for_generation(self.trainer.model_wrapped, self.trainer.accelerator) as module:
-            with active_adapter(module, SNAPSHOT_ADAPTER):
+        with unwrap_model_for_generation(
+            self.trainer.model_wrapped,
+            self.trainer.accelerator,
+            gradient_checkpointing_kwargs=self.trainer.args.gradient_checkpointing_kwargs,
+        ) as module:
+            with active_adapter(module, SNAPSHOT_ADAPTER), eval_mode(module):
                 yield module
 
     @contextmanager
     def scoring(self):
-        with active_adapter(self.trainer.accelerator.unwrap_model(self.trainer.model_wrapped), SNAPSHOT_ADAPTER):
+        module = self.trainer.accelerator.unwrap_model(self.trainer.model_wrapped)
+        with active_adapter(module, SNAPSHOT_ADAPTER), eval_mode(module):
             yield self.trainer.model_wrapped
 
     def _params(self):

@@ -46,7 +46,7 @@ from sc_tune.phases import Phase, PhaseLR, PhaseSchedule, reset_optimizer_moment
 from sc_tune.ppo import describer_advantages, masked_mean, per_token_kl, ppo_clip_loss
 from sc_tune.rewards import RewardBatch, RewardFunction, get_reward
 from sc_tune.rollout import Completions, GenerationSettings, describe, generate, keep_prompt_columns, locate
-from sc_tune.snapshot import AdapterSnapshot, FullSnapshot
+from sc_tune.snapshot import AdapterSnapshot, FullSnapshot, eval_mode
 from sc_tune.timing import StageClock, timed_stage
 from sc_tune.vision_cache import VisionCache
 
@@ -189,12 +189,8 @@ class SCTuneTrainer(Trainer):
     def _policy_for_generation(self):
         with unwrap_model_for_generation(
             self.model_wrapped, self.accelerator, gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
-        ) as m:
-            m.eval()
-            try:
-                yield m
-            finally:
-                m.train()
+        ) as m, eval_mode(m):
+            yield m
 
     def _prepare_images(self, inputs):
         return [self.adapter.prepare_image(image) for image in inputs["images"]]  # once per sample per step

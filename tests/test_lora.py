@@ -10,6 +10,7 @@ from sc_tune.modeling import apply_lora, load_model_and_adapter
 from sc_tune.snapshot import SNAPSHOT_ADAPTER
 from tests.conftest import SAMPLE_IMAGES
 from tests.helpers import caption_hash_reward, make_trainer
+from tests.test_vision_cache import _images
 
 LORA = SimpleNamespace(q_lora=False, lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=None)
 
@@ -105,3 +106,40 @@ def test_trainable_summary_says_lora_freezes_the_merger(tiny_checkpoint):
     trained, frozen = lora.split("frozen:")
     assert "LoRA adapters" in trained and "merger" not in trained and "language model" not in trained
     assert frozen.strip() == "vision resampler/merger, vision tower, language model"
+
+
+def test_the_adapter_snapshot_runs_without_dropout_and_leaves_the_policy_training(tiny_checkpoint, tmp_path):
+    # LoRA dropout is on for the policy; the snapshot, a frozen reference, must score and generate deterministically.
+    noisy = SimpleNamespace(**{**vars(LORA), "lora_dropout": 0.5})
+    trainer = make_trainer(
+        tiny_checkpoint("qwen2_vl"),
+        str(tmp_path / "run"),
+        model_transform=lambda model, adapter: apply_lora(model, adapter, noisy, gradient_checkpointing=False),
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False, "preserve_rng_state": False},
+    )
+    model = trainer.model
+    with torch.no_grad():  # fresh adapters add nothing (B = 0), and dropout on nothing changes nothing
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
+    # as train() does, with the run's kwargs (which the snapshot's generation must restore, not the defaults)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs)
+    model.train()
+    images, boxes = _images(trainer.adapter, n=2)
+    prompts = [trainer.adapter.describer_prompt(b, im) for b, im in zip(boxes, images)]
+    batch = trainer.adapter.build_batch(prompts, images)
+    with trainer.snapshot.scoring() as snapshot, torch.no_grad():
+        assert not any(m.training for m in model.modules()), "the snapshot scores in eval mode"
+        first, second = (snapshot(**batch.inputs, use_cache=False).logits for _ in range(2))
+    assert torch.equal(first, second)
+    with torch.no_grad():  # the policy itself still trains with dropout, so its passes differ
+        assert not torch.equal(model(**batch.inputs).logits, model(**batch.inputs).logits)
+    with trainer.snapshot.generating() as snapshot:
+        assert not snapshot.training and not snapshot.is_gradient_checkpointing
+    assert all(m.training for m in model.modules()), "every module's training mode comes back"
+    assert model.is_gradient_checkpointing
+    checkpointed = [getattr(m, "_gradient_checkpointing_func", None) for m in model.modules()]
+    checkpointed = [f for f in checkpointed if f is not None]
+    assert checkpointed and all(f.keywords == trainer.args.gradient_checkpointing_kwargs for f in checkpointed)
+

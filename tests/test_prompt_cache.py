@@ -82,10 +82,10 @@ def test_a_cache_of_the_wrong_length_is_refused(tiny_checkpoint):
         generate(model, adapter, batch, GREEDY, skip_special_tokens=True, prompt_cache=cache)
 
 
-def _losses_and_resumed_calls(checkpoint, tmp_path, prompt_cache: bool, lora: bool):
-    trainer, losses = two_phase_trainer(checkpoint, str(tmp_path / f"{prompt_cache}_{lora}"),
+def _losses_and_resumed_calls(checkpoint, tmp_path, prompt_cache: bool, lora: bool, checkpointing: bool = False):
+    trainer, losses = two_phase_trainer(checkpoint, str(tmp_path / f"{prompt_cache}_{lora}_{checkpointing}"),
                                         model_transform=small_lora if lora else None,
-                                        snapshot_prompt_cache=prompt_cache)
+                                        snapshot_prompt_cache=prompt_cache, gradient_checkpointing=checkpointing)
     resumed = []
     snapshot_greedy = trainer._snapshot_greedy_captions
 
@@ -98,11 +98,13 @@ def _losses_and_resumed_calls(checkpoint, tmp_path, prompt_cache: bool, lora: bo
     return losses, resumed
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_training_losses_identical_with_and_without_the_prompt_cache(tiny_checkpoint, tmp_path, lora):
+# LoRA with gradient checkpointing is the GPU recipe: the snapshot (the policy's modules, another adapter) must
+# still keep its scoring pass's cache there, which it can only in eval mode.
+@pytest.mark.parametrize("lora,checkpointing", [(False, False), (True, False), (True, True)])
+def test_training_losses_identical_with_and_without_the_prompt_cache(tiny_checkpoint, tmp_path, lora, checkpointing):
     checkpoint = tiny_checkpoint("qwen")
-    plain, plain_resumed = _losses_and_resumed_calls(checkpoint, tmp_path, False, lora)
-    cached, cached_resumed = _losses_and_resumed_calls(checkpoint, tmp_path, True, lora)
+    plain, plain_resumed = _losses_and_resumed_calls(checkpoint, tmp_path, False, lora, checkpointing)
+    cached, cached_resumed = _losses_and_resumed_calls(checkpoint, tmp_path, True, lora, checkpointing)
     assert plain_resumed == [False, False] and cached_resumed == [True, True]
     assert len(plain) == 4 and all(loss != 0 for loss in plain)
     assert cached == pytest.approx(plain, abs=1e-5)

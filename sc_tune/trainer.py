@@ -6,10 +6,12 @@ checkpointing stay upstream). What this class adds:
 - ``_prepare_inputs`` turns a batch of (image, box) into a *rollout* and buffers it. A describer rollout is
   reused for ``ppo_epochs`` consecutive steps (``RolloutSampler`` hands the same batch back); a locator
   rollout serves one step. The phase of a step comes from ``PhaseSchedule``, a pure function of the step.
-- A describer rollout runs in named stages: ``_sample_captions`` (the policy's K samples per box and the
-  baseline's greedy caption, through ``rollout.describe``), ``_locate_with_snapshot`` (one batched
-  ``rollout.locate`` call, scored by the reward function of ``sc_tune.rewards``), the baseline and terminal
-  advantage (``sc_tune.baselines``), and ``_score_with_snapshot`` (the snapshot's log-probs for the KL term).
+- A describer rollout runs in named stages: ``_sample_captions`` (the policy's K samples per box, through
+  ``rollout.describe``, and its greedy caption if the baseline is the policy's), ``_score_with_snapshot`` (the
+  snapshot's log-probs for the KL term), ``_snapshot_greedy_captions`` (the paper's baseline caption, decoded
+  from the scoring pass's prompt cache where the family allows it), ``_locate_with_snapshot`` (one batched
+  ``rollout.locate`` call, scored by the reward function of ``sc_tune.rewards``), then the baseline and
+  terminal advantage (``sc_tune.baselines``).
 - ``compute_loss`` dispatches on the rollout's type: the clipped PPO loss for the describer, the
   cross-entropy on the pseudo-label box for the locator.
 - ``training_step`` can skip an update for real (no backward, so no optimizer step, no Adam moment

@@ -69,6 +69,29 @@ class GenerationMeter:
         return got
 
 
+class _ResumedCounter:
+    def __init__(self):
+        self.calls, self.resumed = 0, 0
+
+    def pop(self) -> bool | None:
+        """True if every greedy decoding since the last pop resumed from the prompt cache, None if none ran."""
+        got = None if self.calls == 0 else self.resumed == self.calls
+        self.calls, self.resumed = 0, 0
+        return got
+
+
+def _count_resumed_greedy_decodings(trainer) -> _ResumedCounter:
+    counter, original = _ResumedCounter(), trainer._snapshot_greedy_captions
+
+    def counted(images, boxes, batch, prompt_cache):
+        counter.calls += 1
+        counter.resumed += prompt_cache is not None
+        return original(images, boxes, batch, prompt_cache)
+
+    trainer._snapshot_greedy_captions = counted
+    return counter
+
+
 def check_instantiates(names):
     """Real sizes on the meta device: config, adapter, model and LoRA wrapping all build (no memory used)."""
     for name in names:
@@ -113,6 +136,7 @@ def run_config(name, opts, device, dtype, meter):
     )
     ours = ThisTrainer(model, adapter, samples, args)
     cache = ours.trainer.vision_cache
+    resumed = _count_resumed_greedy_decodings(ours.trainer)
     report = {"batch": batch}
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -129,7 +153,8 @@ def run_config(name, opts, device, dtype, meter):
             units = opts.describer_units if phase == "describer" else opts.locator_steps
             run = getattr(ours, phase)
             run(inputs)  # warm-up
-            meter.pop()
+            meter.pop()  # the warm-up counts for neither
+            resumed.pop()
             seconds, stage_rows = [], []
             for _ in range(units):
                 if device.startswith("cuda"):
@@ -146,6 +171,8 @@ def run_config(name, opts, device, dtype, meter):
             key = f"{phase}_{label}"
             report[key] = {
                 "step_seconds": round(unit / steps, 3),
+                # whether the snapshot's greedy captions really started from the prompt cache (describer only)
+                "prompt_cache_engaged": resumed.pop() if phase == "describer" else None,
                 "samples_per_second": round(batch / unit, 3),
                 "generated_tokens_per_second": round(tokens / gen_seconds, 1) if gen_seconds else None,
                 "stages_per_step": stages,

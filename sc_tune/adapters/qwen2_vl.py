@@ -127,13 +127,12 @@ class Qwen35Adapter(_JsonBoxAdapter):
 
     native_codec = JsonGridCodec(scale=1000)
     assistant_prefix = "<think>\n\n</think>\n\n"
+    lora_target_modules = rf"model\.language_model\..*\.({_LM_PROJECTIONS}|in_proj_qkv|in_proj_z|out_proj)"
 
     def resumes_from_scoring_cache(self, model, prompt_length, scored_length):
         # The Gated DeltaNet layers cache a recurrent state, not per-column keys: the state after prompt +
         # caption cannot be cropped back to the prompt's.
         return False
-
-    lora_target_modules = rf"model\.language_model\..*\.({_LM_PROJECTIONS}|in_proj_qkv|in_proj_z|out_proj)"
 
 
 # One entry per family; a family serves its dense and MoE checkpoints alike (same prompts, codec, vision).

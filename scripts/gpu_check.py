@@ -2,7 +2,7 @@
 
     python scripts/gpu_check.py                  # on one H100 (about 10 minutes with the defaults)
     python scripts/gpu_check.py --dry_run        # anywhere: real sizes instantiated on the meta device, then
-                                                 # the same code path at toy size on CPU
+                                                 # the same code path at toy size on CPU (toy Qwen-VL-Chat)
 
 For each configuration: ``--describer_units`` describer units (a rollout and its two PPO steps) and
 ``--locator_steps`` locator steps through ``SCTuneTrainer.training_step``, with the vision cache on and then
@@ -211,7 +211,7 @@ def main(argv=None):
     names = opts.configs.split(",")
     check_instantiates(names)
     if opts.dry_run:
-        names, device, dtype = ["toy-qwen2.5-vl"], "cpu", torch.float32
+        names, device, dtype = ["toy-qwen-vl-chat"], "cpu", torch.float32  # the paper's model
         opts.batch, opts.describer_units, opts.locator_steps, opts.max_new_tokens = 2, 1, 1, 4
     else:
         if not torch.cuda.is_available():

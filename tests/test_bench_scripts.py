@@ -20,7 +20,7 @@ def test_gpu_check_dry_run_times_every_setting_and_sees_the_prompt_cache_engage(
     gpu_check.main(["--dry_run", "--prompt_cache_ab"])
     out = capsys.readouterr().out
     assert "[meta] qwen2.5-vl-7b: 8.45 B parameters" in out and "[meta] qwen-vl-chat: 9.77 B parameters" in out
-    report = json.loads(out.strip().splitlines()[-1])["toy-qwen2.5-vl"]
+    report = json.loads(out.strip().splitlines()[-1])["toy-qwen-vl-chat"]
     for key in ("describer_cache_on", "describer_cache_off", "describer_prompt_cache_off", "locator_cache_on",
                 "locator_cache_off"):
         assert report[key]["step_seconds"] > 0 and report[key]["generated_tokens_per_second"] > 0, key

@@ -155,16 +155,19 @@ class AdapterSnapshot(Snapshot):
 
     # The snapshot shares the policy's modules, which are in training mode during a step. It runs in eval mode,
     # as the full-copy snapshot does: LoRA dropout must not make the frozen reference's captions, boxes and
-    # log-probs random, and a module in training mode with gradient checkpointing keeps no key/value cache.
+    # log-probs random, and Qwen-VL in training mode with gradient checkpointing keeps no key/value cache.
     @contextmanager
     def generating(self):
-        with unwrap_model_for_generation(
-            self.trainer.model_wrapped,
-            self.trainer.accelerator,
-            gradient_checkpointing_kwargs=self.trainer.args.gradient_checkpointing_kwargs,
-        ) as module:
-            with active_adapter(module, SNAPSHOT_ADAPTER), eval_mode(module):
-                yield module
+        with (
+            unwrap_model_for_generation(
+                self.trainer.model_wrapped,
+                self.trainer.accelerator,
+                gradient_checkpointing_kwargs=self.trainer.args.gradient_checkpointing_kwargs,
+            ) as module,
+            active_adapter(module, SNAPSHOT_ADAPTER),
+            eval_mode(module),
+        ):
+            yield module
 
     @contextmanager
     def scoring(self):

@@ -61,8 +61,8 @@ def test_greedy_decoding_from_the_scoring_cache_equals_a_fresh_prefill(tiny_chec
 
     # Stronger than equal argmaxes: every step's logits agree.
     width = batch.inputs["input_ids"].shape[1]
-    kwargs = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_logits=True,
-                  pad_token_id=adapter.pad_token_id)
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "return_dict_in_generate": True, "output_logits": True,
+              "pad_token_id": adapter.pad_token_id}
     plain = model.generate(**batch.inputs, **kwargs)
     cache = _scored_prompt_cache(model, adapter, batch, sampled)
     cached = model.generate(**adapter.resumed_decoding_inputs(batch.inputs), **kwargs, cache=cache)

@@ -1,6 +1,6 @@
 """Real-size step check on one GPU: random-initialised Qwen2.5-VL-7B and Qwen-VL-Chat, bf16, LoRA, checkpointing.
 
-    python scripts/gpu_check.py                  # on one H100 (about 10 minutes with the defaults)
+    python scripts/gpu_check.py                  # on one H100: about 4 minutes (5-6 with --prompt_cache_ab)
     python scripts/gpu_check.py --dry_run        # anywhere: real sizes instantiated on the meta device, then
                                                  # the same code path at toy size on CPU (toy Qwen-VL-Chat)
 
@@ -8,8 +8,8 @@ For each configuration: ``--describer_units`` describer units (a rollout and its
 ``--locator_steps`` locator steps through ``SCTuneTrainer.training_step``, with the vision cache on and then
 off (after one warm-up unit of each phase). Printed per phase and cache setting: median step time,
 samples/s, generated tokens/s (tokens written by ``generate`` over the time spent in it), the per-stage
-``timing/*`` seconds; per configuration the peak GPU memory. ``--prompt_cache_ab`` adds the describer with
-``--snapshot_prompt_cache False``. The last line is one JSON object.
+``timing/*`` seconds and whether the prompt cache engaged; per configuration the peak GPU memory.
+``--prompt_cache_ab`` adds the describer with ``--snapshot_prompt_cache False``. The last line is one JSON object.
 """
 
 from __future__ import annotations

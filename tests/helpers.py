@@ -44,6 +44,13 @@ def make_trainer(checkpoint: str, output_dir: str, model_transform=None, reward_
     return SCTuneTrainer(model=model, args=args, adapter=adapter, train_dataset=dataset, reward_fn=reward_fn)
 
 
+def sample_images(adapter, n=3):
+    """``n`` distinct prepared images of the bundled sample and one box on each: (images, boxes)."""
+    dataset = ReferringDataset.from_file(SAMPLE_DATA, SAMPLE_IMAGES)
+    samples = [dataset[2 * i] for i in range(n)]  # records come in pairs per image: one per distinct image
+    return [adapter.prepare_image(s["image"]) for s in samples], [s["bbox"] for s in samples]
+
+
 def small_lora(model, adapter):
     """A ``model_transform``: rank-4 LoRA without dropout, so two runs of it are comparable step for step."""
     return apply_lora(model, adapter, LoraArguments(use_lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0), False)

@@ -9,8 +9,7 @@ from sc_tune.export import export_trained
 from sc_tune.modeling import apply_lora, load_model_and_adapter
 from sc_tune.snapshot import SNAPSHOT_ADAPTER
 from tests.conftest import SAMPLE_IMAGES
-from tests.helpers import caption_hash_reward, make_trainer
-from tests.test_vision_cache import _images
+from tests.helpers import caption_hash_reward, make_trainer, sample_images
 
 LORA = SimpleNamespace(q_lora=False, lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=None)
 
@@ -126,7 +125,7 @@ def test_the_adapter_snapshot_runs_without_dropout_and_leaves_the_policy_trainin
     # as train() does, with the run's kwargs (which the snapshot's generation must restore, not the defaults)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs)
     model.train()
-    images, boxes = _images(trainer.adapter, n=2)
+    images, boxes = sample_images(trainer.adapter, n=2)
     prompts = [trainer.adapter.describer_prompt(b, im) for b, im in zip(boxes, images)]
     batch = trainer.adapter.build_batch(prompts, images)
     with trainer.snapshot.scoring() as snapshot, torch.no_grad():

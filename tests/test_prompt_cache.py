@@ -11,8 +11,7 @@ import torch
 
 from sc_tune.modeling import freeze_vision_tower, load_model_and_adapter
 from sc_tune.rollout import GenerationSettings, describe, generate, keep_prompt_columns
-from tests.helpers import small_lora, two_phase_trainer
-from tests.test_vision_cache import _images
+from tests.helpers import sample_images, small_lora, two_phase_trainer
 
 GREEDY = GenerationSettings(max_new_tokens=8)
 SAMPLED = GenerationSettings(max_new_tokens=8, do_sample=True, top_k=50, top_p=1.0)
@@ -46,7 +45,7 @@ def test_greedy_decoding_from_the_scoring_cache_equals_a_fresh_prefill(tiny_chec
     model, adapter = load_model_and_adapter(tiny_checkpoint(model_type))
     model.eval()
     assert adapter.resumes_from_scoring_cache(model, 300, 330)
-    images, boxes = _images(adapter)
+    images, boxes = sample_images(adapter)
     boxes[1] = [0.5, 0.5, 0.51, 0.52]  # other digits: prompts of different lengths, so rows are left-padded
     batch, sampled = describe(model, adapter, images, boxes, SAMPLED)
     assert len(set(batch.inputs["attention_mask"].sum(1).tolist())) > 1, "the test needs left padding"
@@ -74,7 +73,7 @@ def test_greedy_decoding_from_the_scoring_cache_equals_a_fresh_prefill(tiny_chec
 def test_a_cache_of_the_wrong_length_is_refused(tiny_checkpoint):
     model, adapter = load_model_and_adapter(tiny_checkpoint("qwen"))
     model.eval()
-    images, boxes = _images(adapter, n=2)
+    images, boxes = sample_images(adapter, n=2)
     batch, sampled = describe(model, adapter, images, boxes, SAMPLED)
     cache = _scored_prompt_cache(model, adapter, batch, sampled)
     cache.crop(-1)

@@ -9,18 +9,9 @@ from sc_tune.adapters.base import ModelAdapter
 from sc_tune.modeling import freeze_vision_tower, load_model_and_adapter
 from sc_tune.rollout import GenerationSettings, describe, locate
 from sc_tune.vision_cache import VisionCache
-from tests.conftest import SAMPLE_DATA, SAMPLE_IMAGES
-from tests.helpers import small_lora, two_phase_trainer
+from tests.helpers import sample_images, small_lora, two_phase_trainer
 
 CACHED_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen"]
-
-
-def _images(adapter, n=3):
-    from sc_tune.data import ReferringDataset
-
-    dataset = ReferringDataset.from_file(SAMPLE_DATA, SAMPLE_IMAGES)
-    samples = [dataset[2 * i] for i in range(n)]  # records come in pairs per image: one per distinct image
-    return [adapter.prepare_image(s["image"]) for s in samples], [s["bbox"] for s in samples]
 
 
 def _teacher_forced_logp(model, adapter, images, boxes_norm):
@@ -39,7 +30,7 @@ def test_cache_matches_uncached_logprobs_generation_and_tail_gradients(tiny_chec
     freeze_vision_tower(model, adapter)
     cache = VisionCache.for_model(adapter, [model])
     assert cache is not None
-    images, boxes = _images(adapter)
+    images, boxes = sample_images(adapter)
     settings = GenerationSettings(max_new_tokens=5, min_new_tokens=2)
     tail = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith(adapter.vision_prefix + ".")]
     assert tail, "fix_vit keeps the merger/resampler trainable"
@@ -77,7 +68,7 @@ def test_frozen_tower_runs_its_tail_once_per_image(tiny_checkpoint, model_type):
     model.requires_grad_(False)
     model.eval()
     cache = VisionCache.for_model(adapter, [model])
-    images, boxes = _images(adapter)
+    images, boxes = sample_images(adapter)
     settings = GenerationSettings(max_new_tokens=5, min_new_tokens=2)
     trunk = adapter.vision_trunk(model)
     tail_calls = []

@@ -216,7 +216,7 @@ class SCTuneTrainer(Trainer):
             self.baseline, rewards.reward_N, k, greedy_rewards.reward_N if greedy_rewards is not None else None
         )
         terminal_N = terminal_advantages(rewards.reward_N, baseline_N, k, self.args.scale_rewards_by_group_std)
-        self._log_rollout(rewards, greedy_rewards, baseline_N, caption_mask_NT)
+        self._log_rollout(rewards, greedy_rewards, baseline_N, caption_mask_NT, prompt_cache is not None)
         self._maybe_save_rollout_picture(inputs, captions.sampled.texts[::k], located[::k])
         device = self.args.device
         return DescriberRollout(
@@ -299,7 +299,10 @@ class SCTuneTrainer(Trainer):
             keep_prompt_columns(cache, prompt_length)
         return teacher_inputs, caption_ids_NT, caption_mask_NT, snapshot_logp_NT, cache
 
-    def _log_rollout(self, rewards: RewardBatch, greedy_rewards: RewardBatch | None, baseline_N, caption_mask_NT):
+    def _log_rollout(
+        self, rewards: RewardBatch, greedy_rewards: RewardBatch | None, baseline_N, caption_mask_NT,
+        used_prompt_cache: bool,
+    ):
         reward_N = rewards.reward_N
         values = {
             "reward": reward_N.mean(),
@@ -311,6 +314,9 @@ class SCTuneTrainer(Trainer):
         if greedy_rewards is not None:
             values["greedy_reward"] = greedy_rewards.reward_N.mean()
             values["greedy_parse_failure"] = (~greedy_rewards.parsed_N).float().mean()
+        if self.baseline is DescriberBaseline.SNAPSHOT_GREEDY:
+            # 1: the snapshot's greedy captions were decoded from its scoring pass's cache (--snapshot_prompt_cache)
+            values["prompt_cache"] = float(used_prompt_cache)
         self._log_mean_over_ranks("describer", values)
 
     @torch.no_grad()

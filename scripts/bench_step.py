@@ -94,8 +94,10 @@ class ThisTrainer:
         return self._stages()
 
     def _stages(self):
+        """The unit's ``timing/*`` seconds; the other metrics it logged stay in ``self.logged``."""
         metrics = self.trainer._metrics
         stages = {k[len("timing/") :]: sum(v) for k, v in metrics.items() if k.startswith("timing/")}
+        self.logged = {k: list(v) for k, v in metrics.items() if not k.startswith("timing/")}
         metrics.clear()
         return stages
 

@@ -69,29 +69,6 @@ class GenerationMeter:
         return got
 
 
-class _ResumedCounter:
-    def __init__(self):
-        self.calls, self.resumed = 0, 0
-
-    def pop(self) -> bool | None:
-        """True if every greedy decoding since the last pop resumed from the prompt cache, None if none ran."""
-        got = None if self.calls == 0 else self.resumed == self.calls
-        self.calls, self.resumed = 0, 0
-        return got
-
-
-def _count_resumed_greedy_decodings(trainer) -> _ResumedCounter:
-    counter, original = _ResumedCounter(), trainer._snapshot_greedy_captions
-
-    def counted(images, boxes, batch, prompt_cache):
-        counter.calls += 1
-        counter.resumed += prompt_cache is not None
-        return original(images, boxes, batch, prompt_cache)
-
-    trainer._snapshot_greedy_captions = counted
-    return counter
-
-
 def check_instantiates(names):
     """Real sizes on the meta device: config, adapter, model and LoRA wrapping all build (no memory used)."""
     for name in names:
@@ -136,7 +113,6 @@ def run_config(name, opts, device, dtype, meter):
     )
     ours = ThisTrainer(model, adapter, samples, args)
     cache = ours.trainer.vision_cache
-    resumed = _count_resumed_greedy_decodings(ours.trainer)
     report = {"batch": batch}
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -153,9 +129,8 @@ def run_config(name, opts, device, dtype, meter):
             units = opts.describer_units if phase == "describer" else opts.locator_steps
             run = getattr(ours, phase)
             run(inputs)  # warm-up
-            meter.pop()  # the warm-up counts for neither
-            resumed.pop()
-            seconds, stage_rows = [], []
+            meter.pop()  # the warm-up does not count
+            seconds, stage_rows, engaged = [], [], []
             for _ in range(units):
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
@@ -164,6 +139,7 @@ def run_config(name, opts, device, dtype, meter):
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
                 seconds.append(time.perf_counter() - start)
+                engaged += ours.logged.get("describer/prompt_cache", [])
             tokens, gen_seconds = meter.pop()
             steps = 2 if phase == "describer" else 1  # optimizer steps per unit
             unit = statistics.median(seconds)
@@ -171,8 +147,8 @@ def run_config(name, opts, device, dtype, meter):
             key = f"{phase}_{label}"
             report[key] = {
                 "step_seconds": round(unit / steps, 3),
-                # whether the snapshot's greedy captions really started from the prompt cache (describer only)
-                "prompt_cache_engaged": resumed.pop() if phase == "describer" else None,
+                # whether the snapshot's greedy captions started from the prompt cache (its logged metric)
+                "prompt_cache_engaged": all(v == 1.0 for v in engaged) if engaged else None,
                 "samples_per_second": round(batch / unit, 3),
                 "generated_tokens_per_second": round(tokens / gen_seconds, 1) if gen_seconds else None,
                 "stages_per_step": stages,

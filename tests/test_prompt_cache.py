@@ -9,6 +9,7 @@ equal those of a fresh prefill, and that the fresh prefill is really skipped (el
 import pytest
 import torch
 
+import sc_tune.trainer
 from sc_tune.modeling import freeze_vision_tower, load_model_and_adapter
 from sc_tune.rollout import GenerationSettings, describe, generate, keep_prompt_columns
 from tests.helpers import sample_images, small_lora, two_phase_trainer
@@ -81,48 +82,46 @@ def test_a_cache_of_the_wrong_length_is_refused(tiny_checkpoint):
         generate(model, adapter, batch, GREEDY, skip_special_tokens=True, prompt_cache=cache)
 
 
-def _losses_and_resumed_calls(checkpoint, tmp_path, prompt_cache: bool, lora: bool, checkpointing: bool = False):
+def _losses_and_resumed_calls(checkpoint, tmp_path, monkeypatch, prompt_cache: bool, lora=False, checkpointing=False):
+    """The four steps' losses, and per describer rollout whether its greedy captions resumed from the cache: the
+    trainer's logged ``describer/prompt_cache``, checked against what the trainer really handed ``generate``."""
+    handed = []
+
+    def recording_generate(*args, **kwargs):
+        handed.append(kwargs.get("prompt_cache") is not None)
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(sc_tune.trainer, "generate", recording_generate)
     trainer, losses = two_phase_trainer(checkpoint, str(tmp_path / f"{prompt_cache}_{lora}_{checkpointing}"),
                                         model_transform=small_lora if lora else None,
                                         snapshot_prompt_cache=prompt_cache, gradient_checkpointing=checkpointing)
-    resumed = []
-    snapshot_greedy = trainer._snapshot_greedy_captions
-
-    def greedy_spy(images, boxes, batch, cache):
-        resumed.append(cache is not None)
-        return snapshot_greedy(images, boxes, batch, cache)
-
-    trainer._snapshot_greedy_captions = greedy_spy
     trainer.train()
+    resumed = [entry["describer/prompt_cache"] == 1.0 for entry in trainer.state.log_history
+               if "describer/prompt_cache" in entry]
+    assert [r for r in resumed if r] == [h for h in handed if h], "the logged metric says what generate was given"
     return losses, resumed
 
 
 # LoRA with gradient checkpointing is the GPU recipe: the snapshot (the policy's modules, another adapter) must
 # still keep its scoring pass's cache there, which it can only in eval mode.
-@pytest.mark.parametrize("lora,checkpointing", [(False, False), (True, False), (True, True)])
-def test_training_losses_identical_with_and_without_the_prompt_cache(tiny_checkpoint, tmp_path, lora, checkpointing):
-    checkpoint = tiny_checkpoint("qwen")
-    plain, plain_resumed = _losses_and_resumed_calls(checkpoint, tmp_path, False, lora, checkpointing)
-    cached, cached_resumed = _losses_and_resumed_calls(checkpoint, tmp_path, True, lora, checkpointing)
+@pytest.mark.parametrize(
+    "model_type,lora,checkpointing",
+    [("qwen", False, False), ("qwen", True, False), ("qwen", True, True), ("qwen2_5_vl", False, False)],
+)
+def test_training_losses_identical_with_and_without_the_prompt_cache(
+    tiny_checkpoint, tmp_path, monkeypatch, model_type, lora, checkpointing
+):
+    checkpoint = tiny_checkpoint(model_type)
+    plain, plain_resumed = _losses_and_resumed_calls(checkpoint, tmp_path, monkeypatch, False, lora, checkpointing)
+    cached, cached_resumed = _losses_and_resumed_calls(checkpoint, tmp_path, monkeypatch, True, lora, checkpointing)
     assert plain_resumed == [False, False] and cached_resumed == [True, True]
     assert len(plain) == 4 and all(loss != 0 for loss in plain)
     assert cached == pytest.approx(plain, abs=1e-5)
 
 
-@pytest.mark.parametrize("model_type", ["qwen2_5_vl"])
-def test_training_losses_identical_with_and_without_the_prompt_cache_on_a_patch_grid_family(
-    tiny_checkpoint, tmp_path, model_type
-):
-    checkpoint = tiny_checkpoint(model_type)
-    plain, plain_resumed = _losses_and_resumed_calls(checkpoint, tmp_path, False, False)
-    cached, cached_resumed = _losses_and_resumed_calls(checkpoint, tmp_path, True, False)
-    assert plain_resumed == [False, False] and cached_resumed == [True, True]
-    assert cached == pytest.approx(plain, abs=1e-5)
-
-
-def test_families_that_do_not_opt_in_prefill_again(tiny_checkpoint, tmp_path):
+def test_families_that_do_not_opt_in_prefill_again(tiny_checkpoint, tmp_path, monkeypatch):
     # Qwen3.5's linear-attention layers keep a recurrent state that cannot be cropped back to the prompt.
-    _, resumed = _losses_and_resumed_calls(tiny_checkpoint("qwen3_5"), tmp_path, True, False)
+    _, resumed = _losses_and_resumed_calls(tiny_checkpoint("qwen3_5"), tmp_path, monkeypatch, True)
     assert resumed == [False, False]
 
 

@@ -248,7 +248,7 @@ class SCTuneTrainer(Trainer):
         """The snapshot's greedy caption per box (the paper's baseline); ``batch`` is the samples' prompt batch,
         ``prompt_cache`` the scoring pass's cache of it (``None``: prefill the prompts again)."""
         with self.snapshot.generating() as snapshot, self.stage_clock.stage("snapshot_generation"):
-            if prompt_cache is not None:
+            if self.args.num_generations == 1:  # one sample per box: the samples' prompts are the boxes' prompts
                 return generate(
                     snapshot, self.adapter, batch, self.greedy_captions, skip_special_tokens=True,
                     prompt_cache=prompt_cache,

@@ -6,6 +6,7 @@ quick-start measures that).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -120,6 +121,25 @@ def test_warm_start_trains_saves_and_reloads(tiny_warm_start):
     again = evaluate_module.evaluate_benchmark(model, adapter, root / "eval_data", limit=6)
     for key in ("cycle_acc50", "cycle_iou", "rec_acc50", "rec_iou", "caption_valid", "cycle_parse_fail"):
         assert metrics[key] == pytest.approx(again[key]), key
+
+
+def test_warm_start_continues_from_a_saved_checkpoint(tiny_warm_start, tmp_path):
+    """--init_from resumes training from a step_<n> folder: one small step moves its weights a little (a fresh
+    random model would be far from them), and a folder of another family is refused by name."""
+    from sc_tune.modeling import load_model_and_adapter
+
+    root, _ = tiny_warm_start
+    start = dict(load_model_and_adapter(str(root / "last"))[0].named_parameters())
+    cfg = WarmStartConfig(batch_size=4, max_steps=1, warmup_steps=1, lr=1e-5, eval_every=1, eval_objects=2,
+                          heldout_images=1, threads=1, init_from=str(root / "last"))
+    train_warm_start(cfg, tmp_path / "more", log=lambda line: None)
+    continued = dict(load_model_and_adapter(str(tmp_path / "more" / "last"))[0].named_parameters())
+    assert continued.keys() == start.keys()
+    gaps = [(continued[n] - p).abs().max().item() for n, p in start.items()]
+    assert max(gaps) < 1e-3 and sum(g > 0 for g in gaps) > 10
+    assert json.loads((tmp_path / "more" / "last" / "warm_start.json").read_text())["config"]["init_from"] == str(root / "last")
+    with pytest.raises(ValueError, match="holds a 'qwen3_vl' model.*--model_type qwen3_vl"):
+        train_warm_start(dataclasses.replace(cfg, model_type="qwen3_5"), tmp_path / "wrong", log=lambda line: None)
 
 
 def test_benchmark_pipeline_end_to_end(tiny_warm_start, tmp_path):

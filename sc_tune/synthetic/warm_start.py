@@ -28,6 +28,7 @@ import torch
 from sc_tune.adapters.base import ImageInputs, ModelAdapter
 from sc_tune.adapters import adapter_class
 from sc_tune.jsonio import write_json
+from sc_tune.modeling import load_model_and_adapter, read_model_type
 from sc_tune.synthetic.evaluate import evaluate_benchmark
 from sc_tune.synthetic.shapes import (ShapesScene, ShapesSpec, caption_corpus, render, scene_stream, split_seed,
                                       write_split)
@@ -64,6 +65,10 @@ class WarmStartConfig:
     eval_objects: int = 300
     heldout_images: int = 400
     threads: int = 1  # faster than 2 at this size, and robust to a busy second core
+    # Continue from a saved checkpoint folder (a step_<n> of an earlier build) instead of a fresh random model,
+    # with this config's schedule restarting at step 0. For a build whose locator was still climbing when its
+    # schedule ran out; model_type must match the folder's, and its sizes are the folder's, not these fields.
+    init_from: str = ""
 
     @property
     def spec(self) -> ShapesSpec:
@@ -120,11 +125,10 @@ def lr_at(step: int, cfg: WarmStartConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def save_checkpoint(directory: Path, model, tokenizer, image_processor, cfg: WarmStartConfig, metrics: dict) -> None:
+def save_checkpoint(directory: Path, model, adapter: ModelAdapter, cfg: WarmStartConfig, metrics: dict) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    image_processor.save_pretrained(directory)
+    adapter.save_pretrained(str(directory))
     write_json(directory / "warm_start.json", {"config": asdict(cfg), "metrics": metrics})
 
 
@@ -135,13 +139,24 @@ def build_model(cfg: WarmStartConfig):
                       text_heads=cfg.text_heads, text_kv_heads=cfg.text_kv_heads)
 
 
+def initial_model(cfg: WarmStartConfig) -> tuple[torch.nn.Module, ModelAdapter]:
+    """A fresh random model of ``cfg``'s sizes, or the checkpoint ``cfg.init_from`` to continue training."""
+    if not cfg.init_from:
+        model, tokenizer, image_processor = build_model(cfg)
+        return model, adapter_class(cfg.model_type)(tokenizer, image_processor)
+    found = read_model_type(cfg.init_from)
+    if found != cfg.model_type:
+        raise ValueError(f"--init_from {cfg.init_from} holds a {found!r} model, but --model_type is "
+                         f"{cfg.model_type!r}: pass --model_type {found}")
+    return load_model_and_adapter(cfg.init_from)
+
+
 def train_warm_start(cfg: WarmStartConfig, output_dir: str | Path, log=print) -> dict:
     """Train, evaluating and saving ``output_dir/step_<n>`` every ``eval_every`` steps and ``last`` at the end."""
     torch.set_num_threads(cfg.threads)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    model, tokenizer, image_processor = build_model(cfg)
-    adapter = adapter_class(cfg.model_type)(tokenizer, image_processor)
+    model, adapter = initial_model(cfg)
     torch.manual_seed(cfg.seed)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -174,7 +189,7 @@ def train_warm_start(cfg: WarmStartConfig, output_dir: str | Path, log=print) ->
             loss_sum, loss_count = 0.0, 0
             history.append(metrics)
             log(json.dumps(metrics))
-            save_checkpoint(output_dir / f"step_{done}", model, tokenizer, image_processor, cfg, metrics)
+            save_checkpoint(output_dir / f"step_{done}", model, adapter, cfg, metrics)
             write_json(output_dir / "history.json", history, indent=1)
-    save_checkpoint(output_dir / "last", model, tokenizer, image_processor, cfg, metrics)
+    save_checkpoint(output_dir / "last", model, adapter, cfg, metrics)
     return metrics

@@ -170,9 +170,11 @@ class SCTuneConfig(TrainingArguments):
     snapshot_prompt_cache: bool = field(
         default=True,
         metadata={
-            # Only with the snapshot-greedy baseline, K = 1, and a family whose adapter allows it
-            # (ModelAdapter.resumes_from_scoring_cache); elsewhere the prompts are prefilled again.
-            "help": "The snapshot's greedy captions reuse its scoring pass's prompt cache (docs/performance.md)."
+            # Greedy captions: only with the snapshot-greedy baseline, K = 1, and a family whose adapter allows it
+            # (ModelAdapter.resumes_from_scoring_cache). Locating: a family whose adapter moves cached columns
+            # (ModelAdapter.moves_cached_prompt_columns, Qwen-VL). Elsewhere the prompts are prefilled again.
+            "help": "The snapshot's greedy captions and its locating reuse its scoring pass's prompt cache "
+            "(docs/performance.md)."
         },
     )
     # ---- generation

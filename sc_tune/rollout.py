@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from sc_tune.adapters.base import ImageInputs, ModelAdapter, PromptBatch
+from sc_tune.prompt_cache import ScoredPrompts, shared_prefix_batch
 
 
 @dataclass(frozen=True)
@@ -95,13 +96,6 @@ def _unnamed_token_ids(model, adapter: ModelAdapter) -> list[int]:
     return list(range(len(adapter.tokenizer), output_layer.weight.shape[0]))
 
 
-def keep_prompt_columns(cache, prompt_length: int):
-    """Crop the key/value ``cache`` of prompt + continuation to what ``generate(prompt_cache=...)`` takes: all
-    but the last prompt column (generate feeds that one itself, to get the first new token's logits)."""
-    cache.crop(-(cache.get_seq_length() - (prompt_length - 1)))  # transformers' crop takes how many to remove
-    return cache
-
-
 @torch.no_grad()
 def generate(
     model,
@@ -110,17 +104,21 @@ def generate(
     settings: GenerationSettings,
     skip_special_tokens: bool,
     prompt_cache=None,
+    cached_columns: int | None = None,
 ) -> Completions:
     """Batched ``generate`` on a left-padded batch; pads everything after each row's first end token.
 
-    ``prompt_cache``: the key/value cache of all but the last prompt column, computed by ``model`` (the same
-    weights) on exactly this batch; decoding then starts from it instead of prefilling the prompt again."""
+    ``prompt_cache``: the key/value cache of this batch's first ``cached_columns`` columns (default: all but the
+    last), computed by ``model`` (the same weights); decoding then starts from it instead of prefilling those
+    columns again (:mod:`sc_tune.prompt_cache`)."""
     device = next(model.parameters()).device
     inputs = batch.to(device).inputs
-    if prompt_cache is not None and prompt_cache.get_seq_length() != inputs["input_ids"].shape[1] - 1:
+    if cached_columns is None:
+        cached_columns = inputs["input_ids"].shape[1] - 1
+    if prompt_cache is not None and prompt_cache.get_seq_length() != cached_columns:
         raise ValueError(
-            f"prompt_cache holds {prompt_cache.get_seq_length()} columns; this batch's prompts need "
-            f"{inputs['input_ids'].shape[1] - 1} (all but the last)"
+            f"prompt_cache holds {prompt_cache.get_seq_length()} columns; this batch needs {cached_columns} "
+            f"of its {inputs['input_ids'].shape[1]}"
         )
     # Captions are the completions decoded without special tokens (the describer's): they must not carry
     # box/reference tokens either; locator answers may (Qwen2-VL's <|box_end|>, GLM's <|end_of_box|>).
@@ -166,6 +164,29 @@ def locate(
         settings = fit_locator_budget(adapter, images, settings)
     batch = adapter.build_batch([adapter.locator_prompt(c, im) for c, im in zip(captions, images)], images)
     completions = generate(model, adapter, batch, settings, skip_special_tokens=False)
+    boxes = [adapter.parse_locator_output(text, im) for text, im in zip(completions.texts, images)]
+    return boxes, completions.texts
+
+
+def locate_from_prefix(
+    model,
+    adapter: ModelAdapter,
+    images: Sequence[ImageInputs],
+    captions: Sequence[str],
+    settings: GenerationSettings,
+    scored: ScoredPrompts,
+    source_rows: Sequence[int],
+) -> tuple[list[list[float] | None], list[str]] | None:
+    """:func:`locate`, resuming from the image prefix that ``model`` cached while reading ``scored`` (caption ``j``
+    is about the image of its row ``source_rows[j]``); ``None`` where the family cannot share it
+    (:func:`sc_tune.prompt_cache.shared_prefix_batch`): call :func:`locate` then."""
+    prompts = [adapter.locator_prompt(c, im) for c, im in zip(captions, images)]
+    shared = shared_prefix_batch(model, adapter, scored, source_rows, prompts, images)
+    if shared is None:
+        return None
+    settings = fit_locator_budget(adapter, images, settings)
+    completions = generate(model, adapter, shared.batch, settings, skip_special_tokens=False,
+                           prompt_cache=shared.cache, cached_columns=shared.columns)
     boxes = [adapter.parse_locator_output(text, im) for text, im in zip(completions.texts, images)]
     return boxes, completions.texts
 

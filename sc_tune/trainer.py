@@ -10,7 +10,8 @@ checkpointing stay upstream). What this class adds:
   ``rollout.describe``, and its greedy caption if the baseline is the policy's), ``_score_with_snapshot`` (the
   snapshot's log-probs for the KL term), ``_snapshot_greedy_captions`` (the paper's baseline caption, decoded
   from the scoring pass's prompt cache where the family allows it), ``_locate_with_snapshot`` (one batched
-  ``rollout.locate`` call, scored by the reward function of ``sc_tune.rewards``), then the baseline and
+  ``rollout.locate`` call, started from the image prefix that pass cached where the family allows it, see
+  ``sc_tune.prompt_cache``; scored by the reward function of ``sc_tune.rewards``), then the baseline and
   terminal advantage (``sc_tune.baselines``).
 - ``compute_loss`` dispatches on the rollout's type: the clipped PPO loss for the describer, the
   cross-entropy on the pseudo-label box for the locator.
@@ -46,8 +47,9 @@ from sc_tune.jsonio import write_json
 from sc_tune.kl_control import make_kl_controller
 from sc_tune.phases import Phase, PhaseLR, PhaseSchedule, reset_optimizer_moments, set_learning_rate
 from sc_tune.ppo import describer_advantages, masked_mean, per_token_kl, ppo_clip_loss
+from sc_tune.prompt_cache import ScoredPrompts, keep_prompt_columns
 from sc_tune.rewards import RewardBatch, RewardFunction, get_reward
-from sc_tune.rollout import Completions, GenerationSettings, describe, generate, keep_prompt_columns, locate
+from sc_tune.rollout import Completions, GenerationSettings, describe, generate, locate, locate_from_prefix
 from sc_tune.snapshot import AdapterSnapshot, FullSnapshot, eval_mode
 from sc_tune.timing import StageClock, timed_stage
 from sc_tune.vision_cache import VisionCache
@@ -202,21 +204,23 @@ class SCTuneTrainer(Trainer):
         images = self._prepare_images(inputs)
         boxes_B4 = inputs["boxes"]
         batch, sampled, greedy = self._sample_captions(images, boxes_B4)
-        # The snapshot scores the samples before it writes its own greedy captions: with K = 1 they share the
-        # prompt batch, so the greedy decoding can start from the scoring pass's prompt cache.
-        teacher_inputs, caption_ids_NT, caption_mask_NT, snapshot_logp_NT, prompt_cache = self._score_with_snapshot(
-            batch, sampled
+        # The snapshot scores the samples before it writes its own greedy captions and locates: with K = 1 the
+        # greedy decoding starts from the scoring pass's prompt cache, and locating reuses its image prefix.
+        teacher_inputs, caption_ids_NT, caption_mask_NT, snapshot_logp_NT, scored, greedy_resumes = (
+            self._score_with_snapshot(batch, sampled)
         )
         if self.baseline is DescriberBaseline.SNAPSHOT_GREEDY:
-            greedy = self._snapshot_greedy_captions(images, boxes_B4, batch, prompt_cache)
+            greedy = self._snapshot_greedy_captions(images, boxes_B4, batch, scored if greedy_resumes else None)
         captions = SampledCaptions(batch, sampled, greedy)
-        rewards, greedy_rewards, located = self._locate_with_snapshot(images, boxes_B4, captions)
+        rewards, greedy_rewards, located, located_from_prefix = self._locate_with_snapshot(
+            images, boxes_B4, captions, scored
+        )
         k = self.args.num_generations
         baseline_N = describer_baseline(
             self.baseline, rewards.reward_N, k, greedy_rewards.reward_N if greedy_rewards is not None else None
         )
         terminal_N = terminal_advantages(rewards.reward_N, baseline_N, k, self.args.scale_rewards_by_group_std)
-        self._log_rollout(rewards, greedy_rewards, baseline_N, caption_mask_NT, prompt_cache is not None)
+        self._log_rollout(rewards, greedy_rewards, baseline_N, caption_mask_NT, greedy_resumes, located_from_prefix)
         self._maybe_save_rollout_picture(inputs, captions.sampled.texts[::k], located[::k])
         device = self.args.device
         return DescriberRollout(
@@ -244,64 +248,80 @@ class SCTuneTrainer(Trainer):
                     _, greedy = describe(policy, self.adapter, images, boxes_B4.tolist(), self.greedy_captions)
         return batch, sampled, greedy
 
-    def _snapshot_greedy_captions(self, images, boxes_B4, batch: PromptBatch, prompt_cache) -> Completions:
+    def _snapshot_greedy_captions(self, images, boxes_B4, batch: PromptBatch, scored: ScoredPrompts | None):
         """The snapshot's greedy caption per box (the paper's baseline); ``batch`` is the samples' prompt batch,
-        ``prompt_cache`` the scoring pass's cache of it (``None``: prefill the prompts again)."""
+        ``scored`` the scoring pass's cache of it (``None``: prefill the prompts again)."""
         with self.snapshot.generating() as snapshot, self.stage_clock.stage("snapshot_generation"):
             if self.args.num_generations == 1:  # one sample per box: the samples' prompts are the boxes' prompts
                 return generate(
                     snapshot, self.adapter, batch, self.greedy_captions, skip_special_tokens=True,
-                    prompt_cache=prompt_cache,
+                    prompt_cache=scored.cache if scored is not None else None,
                 )
             return describe(snapshot, self.adapter, images, boxes_B4.tolist(), self.greedy_captions)[1]
 
-    def _locate_with_snapshot(self, images, boxes_B4, captions: SampledCaptions):
+    def _locate_with_snapshot(self, images, boxes_B4, captions: SampledCaptions, scored: ScoredPrompts | None):
         """The snapshot locates every sampled caption and the greedy one in one batched call; all are scored.
+        With ``scored`` (its cache of the describer prompts) the locator prompts resume from their image prefix.
 
-        Returns (sampled captions' RewardBatch, greedy caption's RewardBatch or None, sampled boxes)."""
+        Returns (sampled captions' RewardBatch, greedy caption's RewardBatch or None, sampled boxes, whether the
+        prefix was reused)."""
         k = self.args.num_generations
         rows_images = [image for image in images for _ in range(k)]
         texts = list(captions.sampled.texts)
         located_images = list(rows_images)
+        source_rows = list(range(len(rows_images)))  # the describer prompt batch row of each located caption
         if captions.greedy is not None:
             texts += captions.greedy.texts
             located_images += list(images)
+            source_rows += [i * k for i in range(len(images))]
         with self.snapshot.generating() as snapshot, self.stage_clock.stage("locating"):
-            located, _ = locate(snapshot, self.adapter, located_images, texts, self.greedy_boxes)
+            found = None
+            if scored is not None:
+                found = locate_from_prefix(snapshot, self.adapter, located_images, texts, self.greedy_boxes, scored,
+                                           source_rows)
+            located, _ = found or locate(snapshot, self.adapter, located_images, texts, self.greedy_boxes)
         n = len(rows_images)
         rewards = self.reward_fn(located[:n], boxes_B4.repeat_interleave(k, dim=0), captions.sampled.texts)
         greedy_rewards = None
         if captions.greedy is not None:
             greedy_rewards = self.reward_fn(located[n:], boxes_B4, captions.greedy.texts)
-        return rewards, greedy_rewards, located[:n]
+        return rewards, greedy_rewards, located[:n], found is not None
 
     def _score_with_snapshot(self, batch: PromptBatch, sampled: Completions):
         """Teacher-forced inputs of prompt + sampled caption and the snapshot's log-probs of the caption.
 
-        Also returns the pass's key/value cache of the prompts (all but their last column) where the snapshot's
-        greedy captions can resume from it (paper's baseline, K = 1, a family that allows it), else ``None``."""
+        With ``--snapshot_prompt_cache`` it also returns the pass's key/value cache of the prompts (all but their
+        last column) where something can resume from it, else ``None``, and whether the greedy captions can:
+        the paper's baseline with K = 1 (the samples' prompts are the boxes'), in a family that allows it. The
+        locator prompts can where the family moves cached columns (``sc_tune.prompt_cache``)."""
         device = self.args.device
         teacher = self.adapter.append_completion(batch, sampled.ids_BT.cpu(), sampled.mask_BT.cpu())
         teacher_inputs = {k: v.to(device) for k, v in teacher.items()}
         caption_ids_NT, caption_mask_NT = sampled.ids_BT.to(device), sampled.mask_BT.to(device)
-        prompt_length = batch.inputs["input_ids"].shape[1]
+        prompt_length, scored_length = batch.inputs["input_ids"].shape[1], teacher_inputs["input_ids"].shape[1]
         with self.snapshot.scoring() as snapshot, self.stage_clock.stage("snapshot_scoring"):
-            keep_cache = (
+            model = self.accelerator.unwrap_model(snapshot)
+            greedy_resumes = (
                 self.args.snapshot_prompt_cache
                 and self.baseline is DescriberBaseline.SNAPSHOT_GREEDY
                 and self.args.num_generations == 1
-                and self.adapter.resumes_from_scoring_cache(
-                    self.accelerator.unwrap_model(snapshot), prompt_length, teacher_inputs["input_ids"].shape[1]
-                )
+                and self.adapter.resumes_from_scoring_cache(model, prompt_length, scored_length)
             )
-            snapshot_logp_NT, cache = self._caption_logprobs(snapshot, teacher_inputs, caption_ids_NT, keep_cache)
-        if cache is not None:
-            keep_prompt_columns(cache, prompt_length)
-        return teacher_inputs, caption_ids_NT, caption_mask_NT, snapshot_logp_NT, cache
+            locating_resumes = self.args.snapshot_prompt_cache and self.adapter.moves_cached_prompt_columns(
+                model, scored_length
+            )
+            snapshot_logp_NT, cache = self._caption_logprobs(
+                snapshot, teacher_inputs, caption_ids_NT, keep_cache=greedy_resumes or locating_resumes
+            )
+        scored = None
+        if cache is not None:  # None also where the model keeps no cache (checkpointing in training mode)
+            scored = ScoredPrompts(batch, keep_prompt_columns(cache, prompt_length), prompt_length - 1)
+        greedy_resumes = greedy_resumes and scored is not None
+        return teacher_inputs, caption_ids_NT, caption_mask_NT, snapshot_logp_NT, scored, greedy_resumes
 
     def _log_rollout(
         self, rewards: RewardBatch, greedy_rewards: RewardBatch | None, baseline_N, caption_mask_NT,
-        used_prompt_cache: bool,
+        used_prompt_cache: bool, located_from_prefix: bool,
     ):
         reward_N = rewards.reward_N
         values = {
@@ -317,6 +337,8 @@ class SCTuneTrainer(Trainer):
         if self.baseline is DescriberBaseline.SNAPSHOT_GREEDY:
             # 1: the snapshot's greedy captions were decoded from its scoring pass's cache (--snapshot_prompt_cache)
             values["prompt_cache"] = float(used_prompt_cache)
+        # 1: the locator prompts resumed from the image prefix the scoring pass cached (--snapshot_prompt_cache)
+        values["locating_prefix_cache"] = float(located_from_prefix)
         self._log_mean_over_ranks("describer", values)
 
     @torch.no_grad()

@@ -8,7 +8,8 @@ For each configuration: ``--describer_units`` describer units (a rollout and its
 ``--locator_steps`` locator steps through ``SCTuneTrainer.training_step``, with the vision cache on and then
 off (after one warm-up unit of each phase). Printed per phase and cache setting: median step time,
 samples/s, generated tokens/s (tokens written by ``generate`` over the time spent in it), the per-stage
-``timing/*`` seconds and whether the prompt cache engaged; per configuration the peak GPU memory.
+``timing/*`` seconds and whether the prompt cache engaged (greedy captions, locating); per configuration the peak
+GPU memory.
 ``--prompt_cache_ab`` adds the describer with ``--snapshot_prompt_cache False``. The last line is one JSON object.
 """
 
@@ -130,7 +131,7 @@ def run_config(name, opts, device, dtype, meter):
             run = getattr(ours, phase)
             run(inputs)  # warm-up
             meter.pop()  # the warm-up does not count
-            seconds, stage_rows, engaged = [], [], []
+            seconds, stage_rows, engaged, prefixed = [], [], [], []
             for _ in range(units):
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
@@ -140,6 +141,7 @@ def run_config(name, opts, device, dtype, meter):
                     torch.cuda.synchronize()
                 seconds.append(time.perf_counter() - start)
                 engaged += ours.logged.get("describer/prompt_cache", [])
+                prefixed += ours.logged.get("describer/locating_prefix_cache", [])
             tokens, gen_seconds = meter.pop()
             steps = 2 if phase == "describer" else 1  # optimizer steps per unit
             unit = statistics.median(seconds)
@@ -149,6 +151,8 @@ def run_config(name, opts, device, dtype, meter):
                 "step_seconds": round(unit / steps, 3),
                 # whether the snapshot's greedy captions started from the prompt cache (its logged metric)
                 "prompt_cache_engaged": all(v == 1.0 for v in engaged) if engaged else None,
+                # whether locating started from the scoring pass's image prefix (Qwen-VL; its logged metric)
+                "locating_prefix_engaged": all(v == 1.0 for v in prefixed) if prefixed else None,
                 "samples_per_second": round(batch / unit, 3),
                 "generated_tokens_per_second": round(tokens / gen_seconds, 1) if gen_seconds else None,
                 "stages_per_step": stages,

@@ -29,3 +29,5 @@ def test_gpu_check_dry_run_times_every_setting_and_sees_the_prompt_cache_engage(
     # The GPU recipe (LoRA snapshot, checkpointing) must really decode from the prompt cache, and not when told not to.
     assert report["describer_cache_on"]["prompt_cache_engaged"] is True
     assert report["describer_prompt_cache_off"]["prompt_cache_engaged"] is False
+    assert report["describer_cache_on"]["locating_prefix_engaged"] is True
+    assert report["describer_prompt_cache_off"]["locating_prefix_engaged"] is False

@@ -1,9 +1,10 @@
-"""The snapshot's greedy captions may start from its scoring pass's prompt cache: exact, and really used.
+"""The snapshot's scoring pass's prompt cache serves its greedy captions and its locating: exact, and really used.
 
-``--snapshot_prompt_cache`` (on by default) lets the describer rollout skip one prompt prefill: the snapshot scores
-the sampled captions (prompt + caption, teacher-forced), keeps that pass's key/value cache cropped to the prompt,
-and decodes its greedy captions from it. These tests pin that the captions, their logits and the training losses
-equal those of a fresh prefill, and that the fresh prefill is really skipped (else the option would be a no-op).
+``--snapshot_prompt_cache`` (on by default) lets the describer rollout skip prefills: the snapshot scores the sampled
+captions (prompt + caption, teacher-forced), keeps that pass's key/value cache cropped to the prompt, decodes its
+greedy captions from it, and starts the locator prompts from their image prefix in it (Qwen-VL). These tests pin
+that the captions, boxes, their logits and the training losses equal those of a fresh prefill, and that the fresh
+prefill is really skipped (else the option would be a no-op).
 """
 
 import pytest
@@ -11,7 +12,8 @@ import torch
 
 import sc_tune.trainer
 from sc_tune.modeling import freeze_vision_tower, load_model_and_adapter
-from sc_tune.rollout import GenerationSettings, describe, generate, keep_prompt_columns
+from sc_tune.prompt_cache import ScoredPrompts, keep_prompt_columns, shared_prefix_batch
+from sc_tune.rollout import GenerationSettings, describe, generate, locate, locate_from_prefix
 from tests.helpers import sample_images, small_lora, two_phase_trainer
 
 GREEDY = GenerationSettings(max_new_tokens=8)
@@ -71,6 +73,59 @@ def test_greedy_decoding_from_the_scoring_cache_equals_a_fresh_prefill(tiny_chec
         torch.testing.assert_close(step_cached, step_plain, rtol=0, atol=1e-5)
 
 
+# Captions of different token lengths, so that the locator rows' tails are left-padded among themselves, and
+# source rows that repeat and come out of order (the trainer's 2B rows point back at B prompt rows).
+CAPTIONS = ["the red circle", "a", "the small blue square at the top left of the picture", "the circle", "red"]
+SOURCE_ROWS = [0, 1, 2, 1, 0]
+
+
+def _scored_and_located_rows(model, adapter):
+    images, boxes = sample_images(adapter)
+    boxes[1] = [0.5, 0.5, 0.51, 0.52]  # other digits: describer prompts of different lengths (left padding)
+    batch, sampled = describe(model, adapter, images, boxes, SAMPLED)
+    assert len(set(batch.inputs["attention_mask"].sum(1).tolist())) > 1, "the test needs left padding"
+    scored = ScoredPrompts(batch, _scored_prompt_cache(model, adapter, batch, sampled), batch.input_ids.shape[1] - 1)
+    return scored, [images[r] for r in SOURCE_ROWS]
+
+
+def test_locating_from_the_scored_image_prefix_equals_a_fresh_prefill(tiny_checkpoint):
+    torch.manual_seed(0)
+    model, adapter = load_model_and_adapter(tiny_checkpoint("qwen"))
+    model.eval()
+    scored, images = _scored_and_located_rows(model, adapter)
+    fresh = locate(model, adapter, images, CAPTIONS, GREEDY)
+
+    widths = _ForwardWidths(model)
+    resumed = locate_from_prefix(model, adapter, images, CAPTIONS, GREEDY, scored, SOURCE_ROWS)
+    widths.handle.remove()
+    assert resumed == fresh
+    prompts = [adapter.locator_prompt(c, im) for c, im in zip(CAPTIONS, images)]
+    shared = shared_prefix_batch(model, adapter, scored, SOURCE_ROWS, prompts, images)
+    span = adapter.tokenizer.image_token_span + 2  # <img> + image tokens + </img>
+    assert shared.columns > span, "the whole image span comes from the cache"
+    assert widths.widths[0] == shared.batch.input_ids.shape[1] - shared.columns, "only the captions are prefilled"
+
+    # Stronger than equal answers: every step's logits agree with the plain left-padded batch's.
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "return_dict_in_generate": True, "output_logits": True,
+              "pad_token_id": adapter.pad_token_id}
+    plain_batch = adapter.build_batch(prompts, images)
+    plain = model.generate(**plain_batch.inputs, **kwargs)
+    cached = model.generate(**adapter.resumed_decoding_inputs(shared.batch.inputs), **kwargs, cache=shared.cache)
+    assert torch.equal(plain.sequences[:, plain_batch.input_ids.shape[1] :],
+                       cached.sequences[:, shared.batch.input_ids.shape[1] :])
+    for step_plain, step_cached in zip(plain.logits, cached.logits, strict=True):
+        torch.testing.assert_close(step_cached, step_plain, rtol=0, atol=1e-5)
+
+
+def test_families_that_do_not_move_cached_columns_locate_from_a_full_prefill(tiny_checkpoint):
+    # Qwen2.5-VL's rope index is computed from the whole batch at prefill and kept on the model; a batch assembled
+    # from another batch's cache would decode with the wrong one, so it does not opt in.
+    model, adapter = load_model_and_adapter(tiny_checkpoint("qwen2_5_vl"))
+    model.eval()
+    scored, images = _scored_and_located_rows(model, adapter)
+    assert locate_from_prefix(model, adapter, images, CAPTIONS, GREEDY, scored, SOURCE_ROWS) is None
+
+
 def test_a_cache_of_the_wrong_length_is_refused(tiny_checkpoint):
     model, adapter = load_model_and_adapter(tiny_checkpoint("qwen"))
     model.eval()
@@ -82,47 +137,66 @@ def test_a_cache_of_the_wrong_length_is_refused(tiny_checkpoint):
         generate(model, adapter, batch, GREEDY, skip_special_tokens=True, prompt_cache=cache)
 
 
-def _losses_and_resumed_calls(checkpoint, tmp_path, monkeypatch, prompt_cache: bool, lora=False, checkpointing=False):
-    """The four steps' losses, and per describer rollout whether its greedy captions resumed from the cache: the
-    trainer's logged ``describer/prompt_cache``, checked against what the trainer really handed ``generate``."""
-    handed = []
+def _losses_and_resumed_calls(checkpoint, tmp_path, monkeypatch, prompt_cache: bool, lora=False, checkpointing=False,
+                              k=1):
+    """The four steps' losses, and per describer rollout whether its greedy captions and its locating resumed
+    from the scoring pass's cache: the trainer's logged ``describer/prompt_cache`` and
+    ``describer/locating_prefix_cache``, checked against what the trainer really handed ``generate`` and what
+    ``locate_from_prefix`` really did."""
+    handed, prefixed = [], []
 
     def recording_generate(*args, **kwargs):
         handed.append(kwargs.get("prompt_cache") is not None)
         return generate(*args, **kwargs)
 
+    def recording_locate_from_prefix(model, adapter, images, captions, settings, *args, **kwargs):
+        found = locate_from_prefix(model, adapter, images, captions, settings, *args, **kwargs)
+        prefixed.append(found is not None)
+        if found is not None:  # the test reward ignores boxes, so compare the locator's raw answers here
+            assert found == locate(model, adapter, images, captions, settings), "differs from a fresh prefill"
+        return found
+
     monkeypatch.setattr(sc_tune.trainer, "generate", recording_generate)
-    trainer, losses = two_phase_trainer(checkpoint, str(tmp_path / f"{prompt_cache}_{lora}_{checkpointing}"),
-                                        model_transform=small_lora if lora else None,
+    monkeypatch.setattr(sc_tune.trainer, "locate_from_prefix", recording_locate_from_prefix)
+    trainer, losses = two_phase_trainer(checkpoint, str(tmp_path / f"{prompt_cache}_{lora}_{checkpointing}_{k}"),
+                                        model_transform=small_lora if lora else None, num_generations=k,
                                         snapshot_prompt_cache=prompt_cache, gradient_checkpointing=checkpointing)
     trainer.train()
-    resumed = [entry["describer/prompt_cache"] == 1.0 for entry in trainer.state.log_history
-               if "describer/prompt_cache" in entry]
+    logged = [entry for entry in trainer.state.log_history if "describer/prompt_cache" in entry]
+    resumed = [entry["describer/prompt_cache"] == 1.0 for entry in logged]
+    located = [entry["describer/locating_prefix_cache"] == 1.0 for entry in logged]
     assert [r for r in resumed if r] == [h for h in handed if h], "the logged metric says what generate was given"
-    return losses, resumed
+    assert [r for r in located if r] == [p for p in prefixed if p], "the logged metric says how locating ran"
+    return losses, resumed, located
 
 
 # LoRA with gradient checkpointing is the GPU recipe: the snapshot (the policy's modules, another adapter) must
-# still keep its scoring pass's cache there, which it can only in eval mode.
+# still keep its scoring pass's cache there, which it can only in eval mode. With K = 2 samples per box the greedy
+# captions prefill again (their prompts are not the samples' batch), but locating still resumes.
 @pytest.mark.parametrize(
-    "model_type,lora,checkpointing",
-    [("qwen", False, False), ("qwen", True, False), ("qwen", True, True), ("qwen2_5_vl", False, False)],
+    "model_type,lora,checkpointing,k",
+    [("qwen", False, False, 1), ("qwen", True, False, 1), ("qwen", True, True, 1), ("qwen", False, False, 2),
+     ("qwen2_5_vl", False, False, 1)],
 )
 def test_training_losses_identical_with_and_without_the_prompt_cache(
-    tiny_checkpoint, tmp_path, monkeypatch, model_type, lora, checkpointing
+    tiny_checkpoint, tmp_path, monkeypatch, model_type, lora, checkpointing, k
 ):
     checkpoint = tiny_checkpoint(model_type)
-    plain, plain_resumed = _losses_and_resumed_calls(checkpoint, tmp_path, monkeypatch, False, lora, checkpointing)
-    cached, cached_resumed = _losses_and_resumed_calls(checkpoint, tmp_path, monkeypatch, True, lora, checkpointing)
-    assert plain_resumed == [False, False] and cached_resumed == [True, True]
+    plain, plain_resumed, plain_located = _losses_and_resumed_calls(checkpoint, tmp_path, monkeypatch, False, lora,
+                                                                    checkpointing, k)
+    cached, cached_resumed, cached_located = _losses_and_resumed_calls(checkpoint, tmp_path, monkeypatch, True, lora,
+                                                                       checkpointing, k)
+    assert plain_resumed == [False, False] and cached_resumed == [k == 1] * 2
+    # Locating resumes from the image prefix on Qwen-VL only (see the family test above).
+    assert plain_located == [False, False] and cached_located == [model_type == "qwen"] * 2
     assert len(plain) == 4 and all(loss != 0 for loss in plain)
     assert cached == pytest.approx(plain, abs=1e-5)
 
 
 def test_families_that_do_not_opt_in_prefill_again(tiny_checkpoint, tmp_path, monkeypatch):
     # Qwen3.5's linear-attention layers keep a recurrent state that cannot be cropped back to the prompt.
-    _, resumed = _losses_and_resumed_calls(tiny_checkpoint("qwen3_5"), tmp_path, monkeypatch, True)
-    assert resumed == [False, False]
+    _, resumed, located = _losses_and_resumed_calls(tiny_checkpoint("qwen3_5"), tmp_path, monkeypatch, True)
+    assert resumed == [False, False] and located == [False, False]
 
 
 def test_no_reuse_where_dynamic_ntk_would_scale_the_scored_sequence(tiny_checkpoint):

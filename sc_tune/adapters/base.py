@@ -95,6 +95,20 @@ class ModelAdapter(ABC):
         Default (fallback): ``False``, the prompt is prefilled again, which is always correct."""
         return False
 
+    def moves_cached_prompt_columns(self, model: torch.nn.Module, prompt_length: int) -> bool:
+        """Whether prompt columns of one batch's key/value cache may be moved into another batch's cache, at other
+        columns and positions, for prompts of up to ``prompt_length`` tokens (``sc_tune.prompt_cache``).
+
+        The trainer uses it to locate captions from the image prefix that the snapshot's scoring pass has just
+        read. It needs ``move_cached_keys`` and a model that takes per-row ``position_offsets`` in ``generate``.
+        Default (fallback): ``False``, the locator prompts are prefilled in full, which is always correct."""
+        return False
+
+    def move_cached_keys(self, model: torch.nn.Module, keys_BHCD: torch.Tensor, shift_B: torch.Tensor) -> torch.Tensor:
+        """Cached keys of one layer, each row's moved ``shift_B`` positions along (only where
+        ``moves_cached_prompt_columns``); values need no change."""
+        raise NotImplementedError(f"{type(self).__name__} does not move cached prompt columns")
+
     def resumed_decoding_inputs(self, inputs: dict) -> dict:
         """A prompt batch's model inputs for a ``generate`` that starts from its prompt cache: the images are in
         the cache already, so a family whose model would encode them again (and find no image token in the

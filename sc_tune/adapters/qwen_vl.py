@@ -22,7 +22,7 @@ from sc_tune.box_codecs import PairGridCodec
 from sc_tune.jsonio import read_json
 from sc_tune.models.qwen_vl.configuration import QWenConfig
 from sc_tune.models.qwen_vl.image_processing import QWenVLImageProcessor
-from sc_tune.models.qwen_vl.modeling import ntk_alpha_for
+from sc_tune.models.qwen_vl.modeling import apply_rotary, ntk_alpha_for, rotary_cos_sin
 from sc_tune.models.qwen_vl.tokenization import QWenTokenizer
 from sc_tune.vision_cache import VisionTrunk
 
@@ -53,6 +53,18 @@ class QwenVLAdapter(ModelAdapter):
         # reuse only where no scaling applies to either, i.e. the scored sequence fits the trained context.
         config = model.config
         return not config.use_dynamic_ntk or ntk_alpha_for(scored_length, config.seq_length) == 1.0
+
+    def moves_cached_prompt_columns(self, model, prompt_length):
+        # Keys carry RoPE at their column index; rotations compose, so a key moves by rotating it by the shift,
+        # and the model takes per-row position_offsets. Dynamic NTK would tie the keys to each batch's length.
+        config = model.config
+        return not config.use_dynamic_ntk or ntk_alpha_for(prompt_length, config.seq_length) == 1.0
+
+    def move_cached_keys(self, model, keys_BHCD, shift_B):
+        config = model.config
+        cos, sin = rotary_cos_sin(shift_B.to(keys_BHCD.device)[:, None], config.kv_channels, config.rotary_emb_base,
+                                  ntk_alpha=1.0)
+        return apply_rotary(keys_BHCD, cos, sin)
 
     @classmethod
     def from_pretrained(cls, path: str, box_format: str = "native") -> QwenVLAdapter:

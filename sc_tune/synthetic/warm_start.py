@@ -25,13 +25,20 @@ from pathlib import Path
 
 import torch
 
-from sc_tune.adapters.base import ImageInputs, ModelAdapter
 from sc_tune.adapters import adapter_class
+from sc_tune.adapters.base import ImageInputs, ModelAdapter
 from sc_tune.jsonio import write_json
 from sc_tune.modeling import load_model_and_adapter, read_model_type
 from sc_tune.synthetic.evaluate import evaluate_benchmark
-from sc_tune.synthetic.shapes import (ShapesScene, ShapesSpec, caption_corpus, render, scene_stream, split_seed,
-                                      write_split)
+from sc_tune.synthetic.shapes import (
+    ShapesScene,
+    ShapesSpec,
+    caption_corpus,
+    render,
+    scene_stream,
+    split_seed,
+    write_split,
+)
 from sc_tune.tiny import build_tiny
 
 

@@ -8,7 +8,9 @@ mlp.w2, mlp.c_proj}``, ``transformer.ln_f``, ``transformer.visual.*``, ``lm_head
 Behaviour kept from the official model (so that logits agree with it):
 
 - rotary positions are column indices of the (left-padded) batch, as in the official code; RoPE is
-  relative, so padding does not change attention between real tokens;
+  relative, so padding does not change attention between real tokens. One addition: ``position_offsets``
+  (B,) shifts each row's positions, for a batch that resumes from cached columns moved in from another batch
+  (``sc_tune.prompt_cache``); without it the model is the official one;
 - dynamic NTK at inference: the rotary base is scaled by ``alpha ** (d / (d - 2))`` with
   ``alpha = max(2 ** ceil(log2(L / seq_length) + 1) - 1, 1)`` for a prompt of ``L`` tokens, and kept for the
   tokens generated after it (stored on the cache); training uses ``alpha = 1``;
@@ -44,13 +46,15 @@ def ntk_alpha_for(length: int, seq_length: int) -> float:
     return float(max(2 ** math.ceil(context_value) - 1, 1))
 
 
-def rotary_cos_sin(positions_T: torch.Tensor, dim: int, base: float, ntk_alpha: float):
-    """(cos, sin) of shape (1, 1, T, dim) in fp32, the official ``[freqs, freqs]`` layout."""
+def rotary_cos_sin(positions: torch.Tensor, dim: int, base: float, ntk_alpha: float):
+    """(cos, sin) in fp32, the official ``[freqs, freqs]`` layout: (1, 1, T, dim) for the positions (T,) that all
+    rows share, (B, 1, T, dim) for per-row positions (B, T)."""
     scaled_base = base * ntk_alpha ** (dim / (dim - 2))
-    inv_freq = 1.0 / (scaled_base ** (torch.arange(0, dim, 2, device=positions_T.device).float() / dim))
-    freqs_TD = torch.outer(positions_T.float(), inv_freq)
-    emb_TD = torch.cat((freqs_TD, freqs_TD), dim=-1)
-    return emb_TD.cos()[None, None], emb_TD.sin()[None, None]
+    inv_freq = 1.0 / (scaled_base ** (torch.arange(0, dim, 2, device=positions.device).float() / dim))
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    emb_BTD = emb if emb.dim() == 3 else emb[None]
+    return emb_BTD.cos()[:, None], emb_BTD.sin()[:, None]
 
 
 def apply_rotary(x_BHTD: torch.Tensor, cos, sin) -> torch.Tensor:
@@ -84,15 +88,15 @@ class QWenAttention(nn.Module):
         self.c_proj.is_residual_projection = True
         self.attn_dropout_prob = config.attn_dropout_prob
 
-    def forward(self, hidden_BTC, cos, sin, mask_B1TS, cache: Cache | None, logn_T: torch.Tensor | None):
+    def forward(self, hidden_BTC, cos, sin, mask_B1TS, cache: Cache | None, logn_B1T1: torch.Tensor | None):
         batch, length, _ = hidden_BTC.shape
         q, k, v = self.c_attn(hidden_BTC).split(self.hidden_size, dim=2)
         q, k, v = (t.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        if logn_T is not None:
-            q = q * logn_T.to(q.dtype).view(1, 1, length, 1)
+        if logn_B1T1 is not None:
+            q = q * logn_B1T1.to(q.dtype)
         dropout = self.attn_dropout_prob if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B1TS, dropout_p=dropout)
         return self.c_proj(out.transpose(1, 2).reshape(batch, length, self.hidden_size))
@@ -119,8 +123,8 @@ class QWenBlock(GradientCheckpointingLayer):
         self.ln_2 = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.mlp = QWenMLP(config)
 
-    def forward(self, hidden_BTC, cos, sin, mask_B1TS, cache=None, logn_T=None):
-        hidden_BTC = hidden_BTC + self.attn(self.ln_1(hidden_BTC), cos, sin, mask_B1TS, cache, logn_T)
+    def forward(self, hidden_BTC, cos, sin, mask_B1TS, cache=None, logn_B1T1=None):
+        hidden_BTC = hidden_BTC + self.attn(self.ln_1(hidden_BTC), cos, sin, mask_B1TS, cache, logn_B1T1)
         return hidden_BTC + self.mlp(self.ln_2(hidden_BTC))
 
 
@@ -218,8 +222,11 @@ class QWenModel(QWenPreTrainedModel):
         return mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
 
     def forward(self, input_ids=None, attention_mask=None, images=None, cache: Cache | None = None,
-                inputs_embeds=None, use_cache: bool | None = None, position_ids=None, **kwargs):
+                inputs_embeds=None, use_cache: bool | None = None, position_ids=None,
+                position_offsets: torch.Tensor | None = None, **kwargs):
         # position_ids are accepted for API compatibility and ignored: rotary positions are column indices.
+        # position_offsets (B,), not in the official model: added to each row's column indices, for a batch whose
+        # rows resume from a cache that was moved to other columns (sc_tune.prompt_cache); None: column indices.
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Qwen-VL forward: pass exactly one of input_ids and inputs_embeds")
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -246,18 +253,21 @@ class QWenModel(QWenPreTrainedModel):
             ntk_alpha = getattr(cache, "qwen_ntk_alpha", 1.0)
         if cache is not None and past == 0:
             cache.qwen_ntk_alpha = ntk_alpha
-        positions_T = torch.arange(past, total, device=hidden.device)
-        cos, sin = rotary_cos_sin(positions_T, self.config.kv_channels, self.config.rotary_emb_base, ntk_alpha)
-        logn_T = None
+        positions = torch.arange(past, total, device=hidden.device)
+        if position_offsets is not None:
+            positions = positions[None, :] + position_offsets.to(hidden.device)[:, None]
+        cos, sin = rotary_cos_sin(positions, self.config.kv_channels, self.config.rotary_emb_base, ntk_alpha)
+        logn_B1T1 = None
         if self.config.use_logn_attn and not self.training:
-            one_based = (positions_T + 1).double()
-            logn_T = torch.where(one_based > self.config.seq_length,
-                                 one_based.log() / math.log(self.config.seq_length),
-                                 torch.ones_like(one_based)).float()
+            one_based = (positions + 1).double()
+            logn = torch.where(one_based > self.config.seq_length,
+                               one_based.log() / math.log(self.config.seq_length),
+                               torch.ones_like(one_based)).float()
+            logn_B1T1 = logn.view(-1, 1, length, 1)
         mask = self._attention_mask(attention_mask, batch, length, past, hidden.dtype, hidden.device)
 
         for block in self.h:
-            hidden = block(hidden, cos, sin, mask, cache, logn_T)
+            hidden = block(hidden, cos, sin, mask, cache, logn_B1T1)
         return BaseModelOutputWithPast(last_hidden_state=self.ln_f(hidden), cache=cache)
 
 
@@ -282,11 +292,11 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, images=None, cache: Cache | None = None,
                 inputs_embeds=None, labels=None, use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
-                position_ids=None, **kwargs) -> CausalLMOutputWithPast:
+                position_ids=None, position_offsets: torch.Tensor | None = None, **kwargs) -> CausalLMOutputWithPast:
         if cache is None and "past_key_values" in kwargs:
             cache = kwargs.pop("past_key_values")
         outputs = self.transformer(input_ids=input_ids, attention_mask=attention_mask, images=images, cache=cache,
-                                   inputs_embeds=inputs_embeds, use_cache=use_cache)
+                                   inputs_embeds=inputs_embeds, use_cache=use_cache, position_offsets=position_offsets)
         hidden = outputs.last_hidden_state
         if isinstance(logits_to_keep, int):
             hidden = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden

@@ -1,0 +1,118 @@
+"""Reusing the snapshot's scoring pass: its key/value cache of the describer prompts serves two more generations.
+
+In a describer rollout the snapshot reads the same images three times: it scores the policy's sampled captions
+(prompt + caption, teacher-forced), writes its own greedy captions (the paper's baseline) and locates every
+caption. The scoring pass comes first and keeps its cache, so that
+
+- the greedy captions decode from the cache cropped to the describer prompts (:func:`keep_prompt_columns`), with
+  no prompt prefill (any family whose adapter ``resumes_from_scoring_cache``);
+- the locator prompts, which start with the same image span as the describer prompts (Qwen-VL:
+  ``<img>`` + 256 image tokens + ``</img><ref>``), take that span's cached columns and prefill only the caption
+  after it (:func:`shared_prefix_batch`, a family whose adapter ``moves_cached_prompt_columns``).
+
+Both are exact: the snapshot's weights do not change within a rollout, a prompt column's keys and values do not
+depend on what follows it, and the tests compare every decoding step's logits with a fresh prefill.
+
+The locator batch's layout. Rows are left-padded, and the shared prefixes sit at different columns in the source
+batch than they would in a left-padded locator batch. Every row's prefix therefore goes to columns ``0..P-1``, its
+keys re-rotated to positions ``0..P-1`` (``adapter.move_cached_keys``). The rest of each prompt follows, left-padded
+among the rows, with a per-row ``position_offsets`` that closes the padding gap. Each row then sees exactly its own
+prompt at positions ``0..len-1``, as an unpadded prefill would; padding is masked everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache
+
+from sc_tune.adapters.base import ImageInputs, ModelAdapter, PromptBatch
+
+
+def keep_prompt_columns(cache: Cache, prompt_length: int) -> Cache:
+    """Crop the key/value ``cache`` of prompt + continuation to what ``generate(prompt_cache=...)`` takes: all
+    but the last prompt column (generate feeds that one itself, to get the first new token's logits)."""
+    cache.crop(-(cache.get_seq_length() - (prompt_length - 1)))  # transformers' crop takes how many to remove
+    return cache
+
+
+@dataclass
+class ScoredPrompts:
+    """A left-padded prompt batch and the key/value cache a pass over it left, valid on its first ``columns``."""
+
+    batch: PromptBatch
+    cache: Cache
+    columns: int
+
+
+@dataclass
+class SharedPrefixBatch:
+    """A locator batch that resumes from moved prefix columns: pass ``cache`` and ``columns`` to ``generate``."""
+
+    batch: PromptBatch
+    cache: Cache
+    columns: int
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def shared_prefix_batch(
+    model,
+    adapter: ModelAdapter,
+    scored: ScoredPrompts,
+    source_rows: Sequence[int],
+    prompts: Sequence[str],
+    images: Sequence[ImageInputs],
+) -> SharedPrefixBatch | None:
+    """The batch of ``prompts`` (row ``j`` on ``images[j]``, the image of ``scored`` row ``source_rows[j]``) with
+    the longest prefix that every row shares with its source row already in the cache.
+
+    ``None`` where nothing can be shared: a family that does not move cached columns, a prefix that would cut an
+    image span (the rest of the span would need the image again), or no common prefix at all."""
+    rows = [adapter.encode_prompt(text, image) for text, image in zip(prompts, images)]
+    if not adapter.moves_cached_prompt_columns(model, max(len(r) for r in rows)):
+        return None
+    ids_BW, mask_BW = scored.batch.inputs["input_ids"], scored.batch.inputs["attention_mask"]
+    starts_B = (mask_BW.shape[1] - mask_BW.sum(1)).tolist()  # left padding: each scored prompt's first column
+    source_prompts = [ids_BW[r, starts_B[r] :].tolist() for r in range(ids_BW.shape[0])]
+    shared = min(
+        min(_common_prefix(source_prompts[r], row), scored.columns - starts_B[r], len(row) - 1)
+        for r, row in zip(source_rows, rows)
+    )
+    media = set(adapter.suppressed_token_ids(describer=False))  # image/video tokens and span markers
+    if shared <= 0 or any(media.intersection(row[shared:]) for row in rows):
+        return None
+
+    tails = [row[shared:] for row in rows]
+    width = max(len(t) for t in tails)
+    input_ids = torch.full((len(rows), shared + width), adapter.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for j, (row, tail) in enumerate(zip(rows, tails)):
+        input_ids[j, :shared] = torch.tensor(row[:shared])
+        input_ids[j, input_ids.shape[1] - len(tail) :] = torch.tensor(tail)
+        attention_mask[j, :shared] = 1
+        attention_mask[j, input_ids.shape[1] - len(tail) :] = 1
+    # The tail of row j starts (width - len(tail_j)) columns after its prefix: pull it back onto position `shared`.
+    offsets_B = torch.tensor([len(t) - width for t in tails])
+
+    source_rows_t = torch.tensor(list(source_rows))
+    first_B = torch.tensor([starts_B[r] for r in source_rows])
+    columns_BP = first_B[:, None] + torch.arange(shared)[None, :]
+    moved = DynamicCache()
+    for layer in range(len(scored.cache.layers)):
+        keys, values = scored.cache.layers[layer].keys, scored.cache.layers[layer].values
+        index = columns_BP.to(keys.device)[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
+        keys = keys[source_rows_t.to(keys.device)].gather(2, index)
+        values = values[source_rows_t.to(values.device)].gather(2, index)
+        moved.update(adapter.move_cached_keys(model, keys, -first_B), values, layer)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_offsets": offsets_B}
+    return SharedPrefixBatch(PromptBatch(inputs, None, list(images)), moved, shared)

@@ -64,11 +64,15 @@ def caption_dependent_boxes(captions):
 def _finetune(source: str, output_dir: str, *extra: str):
     import finetune
 
-    real_locate = sc_tune.trainer.locate
+    real_locate, real_locate_from_prefix = sc_tune.trainer.locate, sc_tune.trainer.locate_from_prefix
 
     def locate(model, adapter, images, captions, settings, fit_budget=True):
         _, texts = real_locate(model, adapter, images, captions, settings, fit_budget)  # real generation
         return caption_dependent_boxes(captions), texts
+
+    def locate_from_prefix(model, adapter, images, captions, settings, *args):  # Qwen-VL's path
+        found = real_locate_from_prefix(model, adapter, images, captions, settings, *args)
+        return None if found is None else (caption_dependent_boxes(captions), found[1])
 
     args = [
         "--model_name_or_path", source, "--data_path", SAMPLE_DATA, "--image_folder", SAMPLE_IMAGES,
@@ -80,6 +84,7 @@ def _finetune(source: str, output_dir: str, *extra: str):
     ]  # fmt: skip
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sc_tune.trainer, "locate", locate)
+        patch.setattr(sc_tune.trainer, "locate_from_prefix", locate_from_prefix)
         return finetune.main(args)
 
 

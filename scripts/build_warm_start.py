@@ -12,6 +12,9 @@ Deterministic from ``--seed``. The committed ``checkpoints/warm_start`` is ``ste
 minutes, when its held-out locator Acc@0.5 was 94.7 %; ``history.json`` holds every evaluation). Then
 ``cp -r outputs/warm_start/step_6000 checkpoints/warm_start``.
 
+``--init_from DIR`` continues from a saved ``step_<n>`` folder with this run's schedule (e.g. a build whose locator
+was still climbing when its schedule ran out); ``--model_type`` must name the folder's family.
+
 One thread, not two: at this model size a step takes about 0.2 s on one thread and 0.28 s on two
 (intra-op parallelism costs more than it gives), and two threads collapse to 1.8 s per step when another
 process holds one of the two cores.

@@ -186,6 +186,19 @@ def test_warm_start_model_takes_head_counts_from_the_config():
     assert text.vocab_size == len(tokenizer)
 
 
+def test_warm_start_takes_a_hybrid_layer_pattern_and_refuses_it_elsewhere():
+    from sc_tune.synthetic.warm_start import build_model
+
+    small = dict(hidden=64, vision_width=32)
+    model, _, _ = build_model(WarmStartConfig(model_type="qwen3_5", text_layer_types="full_attention,linear_attention",
+                                              **small))
+    assert model.config.text_config.layer_types == ["full_attention", "linear_attention"]
+    default, _, _ = build_model(WarmStartConfig(model_type="qwen3_5", **small))
+    assert default.config.text_config.layer_types == ["linear_attention", "full_attention"]
+    with pytest.raises(ValueError, match="only a hybrid text model"):
+        build_model(WarmStartConfig(model_type="qwen3_vl", text_layer_types="linear_attention,full_attention", **small))
+
+
 def test_warm_start_builds_another_architecture(tmp_path):
     """--model_type picks the family: a Qwen3.5 warm start (hybrid linear-attention LM) trains and reloads."""
     from sc_tune.modeling import load_model_and_adapter

@@ -37,6 +37,9 @@ class TinySizes:
     vision_width: int = 32
     text_heads: int = 2
     text_kv_heads: int = 1
+    # A hybrid text model's layer pattern (Qwen3.5: "linear_attention" / "full_attention" per layer); empty: the
+    # family's default. A family whose layers are not configurable refuses a pattern (see build_tiny).
+    text_layer_types: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,14 @@ def build_tiny(
 
     tokenizer = build_tokenizer(spec, corpus)
     image_processor = spec.image_processor(image_size)
-    config = spec.config(tokenizer, TinySizes(**sizes))
+    sizes = TinySizes(**sizes)
+    config = spec.config(tokenizer, sizes)
+    built = list(getattr(config.text_config, "layer_types", None) or [])
+    if sizes.text_layer_types and built != list(sizes.text_layer_types):
+        raise ValueError(
+            f"text_layer_types {list(sizes.text_layer_types)}: this model_type builds layers {built or '(unnamed)'}; "
+            "only a hybrid text model (qwen3_5, qwen3_5_moe) takes a layer pattern"
+        )
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     model.generation_config.pad_token_id = tokenizer.pad_token_id

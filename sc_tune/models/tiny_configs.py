@@ -140,11 +140,12 @@ def _qwen3_vl_moe_config(tokenizer, sizes: TinySizes):
 
 
 def _qwen3_5_text(tokenizer, sizes: TinySizes) -> dict:
-    """The hybrid text model: one Gated DeltaNet (linear attention) layer, then one full-attention layer."""
+    """The hybrid text model: one Gated DeltaNet (linear attention) layer, then one full-attention layer (repeated;
+    ``sizes.text_layer_types`` sets another pattern)."""
     text = _text_config(tokenizer, sizes, "<|im_end|>")
     text.update(
         head_dim=32,
-        layer_types=["linear_attention", "full_attention"] * max(1, sizes.layers // 2),
+        layer_types=list(sizes.text_layer_types) or ["linear_attention", "full_attention"] * max(1, sizes.layers // 2),
         linear_conv_kernel_dim=4,
         linear_key_head_dim=16,
         linear_value_head_dim=16,

@@ -54,6 +54,9 @@ class WarmStartConfig:
     # Attention heads of the language model (sc_tune.tiny builds 2 query heads sharing 1 key/value head).
     text_heads: int = 4
     text_kv_heads: int = 2
+    # Comma-separated text layer pattern of a hybrid model (qwen3_5), e.g. "full_attention,linear_attention";
+    # empty: the family's default tiny pattern.
+    text_layer_types: str = ""
     image_size: int = 128
     grid: int = 4
     batch_size: int = 32
@@ -143,7 +146,8 @@ def build_model(cfg: WarmStartConfig):
     """``sc_tune.tiny.build_tiny(cfg.model_type, ...)`` with the sizes of ``cfg``."""
     return build_tiny(cfg.model_type, corpus=caption_corpus(), image_size=cfg.image_size, seed=cfg.seed,
                       hidden=cfg.hidden, layers=cfg.layers, vision_width=cfg.vision_width,
-                      text_heads=cfg.text_heads, text_kv_heads=cfg.text_kv_heads)
+                      text_heads=cfg.text_heads, text_kv_heads=cfg.text_kv_heads,
+                      text_layer_types=tuple(t for t in cfg.text_layer_types.split(",") if t))
 
 
 def initial_model(cfg: WarmStartConfig) -> tuple[torch.nn.Module, ModelAdapter]:

@@ -137,7 +137,8 @@ def test_warm_start_continues_from_a_saved_checkpoint(tiny_warm_start, tmp_path)
     assert continued.keys() == start.keys()
     gaps = [(continued[n] - p).abs().max().item() for n, p in start.items()]
     assert max(gaps) < 1e-3 and sum(g > 0 for g in gaps) > 10
-    assert json.loads((tmp_path / "more" / "last" / "warm_start.json").read_text())["config"]["init_from"] == str(root / "last")
+    recorded = json.loads((tmp_path / "more" / "last" / "warm_start.json").read_text())["config"]
+    assert recorded["init_from"] == str(root / "last")
     with pytest.raises(ValueError, match="holds a 'qwen3_vl' model.*--model_type qwen3_vl"):
         train_warm_start(dataclasses.replace(cfg, model_type="qwen3_5"), tmp_path / "wrong", log=lambda line: None)
 

@@ -173,8 +173,7 @@ class SCTuneConfig(TrainingArguments):
             # Greedy captions: only with the snapshot-greedy baseline, K = 1, and a family whose adapter allows it
             # (ModelAdapter.resumes_from_scoring_cache). Locating: a family whose adapter moves cached columns
             # (ModelAdapter.moves_cached_prompt_columns, Qwen-VL). Elsewhere the prompts are prefilled again.
-            "help": "The snapshot's greedy captions and its locating reuse its scoring pass's prompt cache "
-            "(docs/performance.md)."
+            "help": "Greedy captions and locating reuse the snapshot's scoring-pass cache (docs/performance.md)."
         },
     )
     # ---- generation

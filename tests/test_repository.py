@@ -46,5 +46,7 @@ def test_committed_warm_starts_load_as_their_architecture():
         recorded = read_json(path / "warm_start.json")["config"]
         model, _ = load_model_and_adapter(str(path))
         assert model.config.model_type == recorded.get("model_type", "qwen3_vl")
+        if recorded.get("text_layer_types"):  # a hybrid family built with another layer pattern
+            assert model.config.text_config.layer_types == recorded["text_layer_types"].split(",")
         # the evaluations documented in docs/benchmark.md end at the step that was committed
         assert read_json(path / "history.json")[-1]["step"] == read_json(path / "warm_start.json")["metrics"]["step"]

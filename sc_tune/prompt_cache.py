@@ -78,6 +78,10 @@ def shared_prefix_batch(
 
     ``None`` where nothing can be shared: a family that does not move cached columns, a prefix that would cut an
     image span (the rest of the span would need the image again), or no common prefix at all."""
+    # Asked first at the scored prompts' length, so that a family that never moves columns costs no tokenising;
+    # then at the locator prompts' own length (Qwen-VL's NTK guard depends on it).
+    if not adapter.moves_cached_prompt_columns(model, scored.columns + 1):
+        return None
     rows = [adapter.encode_prompt(text, image) for text, image in zip(prompts, images)]
     if not adapter.moves_cached_prompt_columns(model, max(len(r) for r in rows)):
         return None

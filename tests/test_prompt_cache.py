@@ -117,6 +117,18 @@ def test_locating_from_the_scored_image_prefix_equals_a_fresh_prefill(tiny_check
         torch.testing.assert_close(step_cached, step_plain, rtol=0, atol=1e-5)
 
 
+def test_a_cached_prefix_that_would_cut_the_image_span_is_not_used(tiny_checkpoint):
+    # With only part of the image span cached, the rest of it would need the image again: full prefill instead.
+    model, adapter = load_model_and_adapter(tiny_checkpoint("qwen"))
+    model.eval()
+    scored, images = _scored_and_located_rows(model, adapter)
+    prompts = [adapter.locator_prompt(c, im) for c, im in zip(CAPTIONS, images)]
+    assert shared_prefix_batch(model, adapter, scored, SOURCE_ROWS, prompts, images) is not None
+    first = int((scored.batch.inputs["attention_mask"] == 0).sum(1).max())  # the latest-starting scored prompt
+    halfway = ScoredPrompts(scored.batch, scored.cache, first + adapter.tokenizer.image_token_span // 2)
+    assert shared_prefix_batch(model, adapter, halfway, SOURCE_ROWS, prompts, images) is None
+
+
 def test_families_that_do_not_move_cached_columns_locate_from_a_full_prefill(tiny_checkpoint):
     # Qwen2.5-VL's rope index is computed from the whole batch at prefill and kept on the model; a batch assembled
     # from another batch's cache would decode with the wrong one, so it does not opt in.
@@ -205,3 +217,5 @@ def test_no_reuse_where_dynamic_ntk_would_scale_the_scored_sequence(tiny_checkpo
     seq_length = model.config.seq_length
     assert adapter.resumes_from_scoring_cache(model, seq_length - 10, seq_length)
     assert not adapter.resumes_from_scoring_cache(model, seq_length - 10, seq_length + 10)
+    assert adapter.moves_cached_prompt_columns(model, seq_length)
+    assert not adapter.moves_cached_prompt_columns(model, seq_length + 10)

@@ -347,7 +347,8 @@ class SCTuneTrainer(Trainer):
         boxes = inputs["boxes"].tolist()
         with self.snapshot.generating() as snapshot, self.stage_clock.stage("snapshot_generation"):
             _, captions = describe(snapshot, self.adapter, images, boxes, self.greedy_captions)
-        targets = [self.adapter.locator_target(b, im) for b, im in zip(boxes, images)]
+        # The pseudo-label: the snapshot's greedy caption and the TRUE box, in the family's answer form.
+        targets = [self.adapter.locator_target(b, im, c) for b, im, c in zip(boxes, images, captions.texts)]
         pseudo = self.adapter.build_batch(
             [self.adapter.locator_prompt(c, im) for c, im in zip(captions.texts, images)], images, targets
         )

@@ -43,6 +43,7 @@ from sc_tune import checkpoints
 from sc_tune.adapters.base import ModelAdapter, PromptBatch
 from sc_tune.baselines import DescriberBaseline, describer_baseline, terminal_advantages
 from sc_tune.data import RolloutSampler, collate_referring
+from sc_tune.export import carry_source_files
 from sc_tune.jsonio import write_json
 from sc_tune.kl_control import make_kl_controller
 from sc_tune.phases import Phase, PhaseLR, PhaseSchedule, reset_optimizer_moments, set_learning_rate
@@ -101,11 +102,13 @@ class SCTuneTrainer(Trainer):
         train_dataset,
         callbacks=None,
         reward_fn: RewardFunction | None = None,
+        source_dir: str | None = None,
     ):
         super().__init__(
             model=model, args=args, train_dataset=train_dataset, data_collator=collate_referring, callbacks=callbacks
         )
         self.adapter = adapter
+        self.source_dir = source_dir  # the input checkpoint: its processor files go into every saved folder
         self.schedule = PhaseSchedule.from_args(args)
         self.reward_fn = reward_fn if reward_fn is not None else get_reward(args.reward)
         self.baseline = DescriberBaseline(args.describer_baseline)
@@ -503,6 +506,7 @@ class SCTuneTrainer(Trainer):
     def _save(self, output_dir=None, state_dict=None):
         super()._save(output_dir, state_dict)
         self.adapter.save_pretrained(output_dir or self.args.output_dir)
+        carry_source_files(output_dir or self.args.output_dir, self.source_dir)
 
     def _save_checkpoint(self, model, trial):
         """Write the checkpoint to a staging folder, verify it, mark it complete, rename it, then rotate."""

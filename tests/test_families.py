@@ -44,6 +44,10 @@ def cli_folder(tmp_path_factory):
         if model_type not in built:
             directory = str(tmp_path_factory.mktemp(f"cli_{model_type}"))
             main(["--model_type", model_type, "--output_dir", directory])
+            # Released checkpoints keep processor settings in files a model/tokenizer save does not write.
+            for name in ("processor_config.json", "video_preprocessor_config.json"):
+                with open(os.path.join(directory, name), "w") as f:
+                    json.dump({"note": f"released {name} of {model_type}", "image_seq_len": 81}, f)
             built[model_type] = directory
         return built[model_type]
 
@@ -300,6 +304,28 @@ def test_lora_run_trains_adapters_only_and_merges(model_type, runs):
         assert torch.allclose(merged(**batch.inputs).logits, expected, atol=1e-4)
         original, _ = load_model_and_adapter(source)
         assert not torch.allclose(original(**batch.inputs).logits, expected, atol=1e-4)  # the adapters mattered
+
+
+WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+
+
+def _non_weight_files(folder: str) -> set[str]:
+    return {n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n)) and n not in WEIGHTS}
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_export_carries_every_non_weight_file_of_the_input(model_type, lora, runs):
+    _, source, out = runs(model_type, lora=lora)
+    missing = _non_weight_files(source) - _non_weight_files(out)
+    assert not missing, f"the export dropped {sorted(missing)}"
+    for name in ("processor_config.json", "video_preprocessor_config.json"):
+        with open(os.path.join(source, name)) as a, open(os.path.join(out, name)) as b:
+            assert json.load(a) == json.load(b)
+    if model_type != "qwen":  # the chat template the family's processor renders with is the input's
+        from sc_tune.adapters.base import load_chat_tokenizer
+
+        assert load_chat_tokenizer(out).chat_template == load_chat_tokenizer(source).chat_template
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)

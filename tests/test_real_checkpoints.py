@@ -160,3 +160,21 @@ def test_thinking_only_glm_release_is_refused_by_name(tmp_path):
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(ThinkingOnlyCheckpoint, match=str(folder)):
         adapter_class("glm4v").from_pretrained(str(folder))
+
+
+def test_export_carries_the_released_processor_files(tmp_path):
+    """An export folder holds the model's own config and tokenizer; everything else of the release comes along,
+    so the family's own processor loads it with the released settings."""
+    from transformers import AutoProcessor
+
+    from sc_tune.export import carry_source_files
+
+    out = tmp_path / "export"
+    out.mkdir()
+    shutil.copy(GEMMA3 / "config.json", out / "config.json")
+    copied = carry_source_files(str(out), str(GEMMA3))
+    assert "processor_config.json" in copied and "tokenizer.json" in copied and "config.json" not in copied
+    released = AutoProcessor.from_pretrained(GEMMA3)
+    exported = AutoProcessor.from_pretrained(out)
+    assert exported.image_seq_length == released.image_seq_length == 256
+    assert exported.tokenizer.chat_template == released.tokenizer.chat_template

@@ -92,9 +92,10 @@ if __name__ == "__main__":
     from sc_tune.checkpoints import CheckpointError, OutputDirError
     from sc_tune.data import AnnotationError
     from sc_tune.jsonio import JSONFileError
+    from sc_tune.preflight import PreflightError
 
     try:
         main()
-    except (ArgumentError, AnnotationError, CheckpointError, JSONFileError, OutputDirError) as e:
+    except (ArgumentError, AnnotationError, CheckpointError, JSONFileError, OutputDirError, PreflightError) as e:
         # Bad input, not a bug: the message names the file, record or flag; a traceback would bury it.
         raise SystemExit(f"finetune.py: error: {e}") from None

@@ -177,6 +177,13 @@ class SCTuneConfig(TrainingArguments):
         },
     )
     # ---- generation
+    skip_preflight: bool = field(
+        default=False, metadata={"help": "Train even if the locator's answers do not parse before step 0."}
+    )
+    preflight_samples: int = field(default=16, metadata={"help": "Training samples the preflight answers."})
+    preflight_max_parse_failures: float = field(
+        default=0.5, metadata={"help": "Stop before step 0 above this share of unparsed locator answers."}
+    )
     describer_top_k: int = field(default=100, metadata={"help": "Top-k of the describer's sampled caption."})
     describer_top_p: float = field(default=0.3, metadata={"help": "Top-p of the describer's sampled caption."})
     describer_temperature: float = field(

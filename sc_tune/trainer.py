@@ -46,6 +46,7 @@ from sc_tune.data import RolloutSampler, collate_referring
 from sc_tune.export import carry_source_files
 from sc_tune.jsonio import write_json
 from sc_tune.kl_control import make_kl_controller
+from sc_tune.preflight import PreflightError, run_preflight
 from sc_tune.phases import Phase, PhaseLR, PhaseSchedule, reset_optimizer_moments, set_learning_rate
 from sc_tune.ppo import describer_advantages, masked_mean, per_token_kl, ppo_clip_loss
 from sc_tune.prompt_cache import ScoredPrompts, keep_prompt_columns
@@ -162,6 +163,8 @@ class SCTuneTrainer(Trainer):
         if self._resume_dir is not None:
             self._restore_sc_state(self._resume_dir, step)
             self._resume_dir = None
+        elif step == 0 and not self.args.skip_preflight:
+            self._preflight()
         position = self.schedule.at(step)
         if position.starts_phase:
             # Also at step 0 and when resuming exactly at a switch; mid-phase resumes load the snapshot instead.
@@ -175,6 +178,26 @@ class SCTuneTrainer(Trainer):
             self.vision_cache.clear()
         self._micro = 0
         self._grads_pending = False
+
+    def _preflight(self) -> None:
+        """Before step 0: stop the run if the locator's answers do not parse (``sc_tune.preflight``)."""
+        dataset = self.train_dataset
+        count = min(self.args.preflight_samples, len(dataset))
+        items = [dataset[i] for i in range(count)]
+        records = getattr(dataset, "records", None)
+        captions = [r.get("caption") for r in records[:count]] if records is not None else None
+        with self._policy_for_generation() as policy:
+            report = run_preflight(
+                policy, self.adapter, self._prepare_images({"images": [it["image"] for it in items]}),
+                [list(it["bbox"]) for it in items], captions if captions and all(captions) else None,
+                self.greedy_captions, self.greedy_boxes,
+            )
+        if self.is_world_process_zero():
+            logger.info(report.summary())
+            print(report.summary(), flush=True)
+        failure = report.failure(self.args.preflight_max_parse_failures)
+        if failure is not None:  # every rank decided the same: the same samples, greedy decoding
+            raise PreflightError(failure)
 
     def _prepare_inputs(self, inputs):
         step = self.state.global_step

@@ -106,6 +106,6 @@ def test_the_reference_flag_names_are_aliases(tmp_path):
     """--caption_update_steps / --bbox_update_steps / --caption_lr / --bbox_lr (the reference's names) still work."""
     *_, args = build_parser().parse_args_into_dataclasses(
         ["--output_dir", str(tmp_path), "--caption_update_steps", "7", "--bbox_update_steps", "3",
-         "--caption_lr", "2e-6", "--bbox_lr", "4e-6", "--use_cpu", "True"])
+         "--caption_lr", "2e-6", "--bbox_lr", "4e-6", "--use_cpu", "True", "--skip_preflight", "True"])
     assert (args.describer_update_steps, args.locator_update_steps) == (7, 3)
     assert (args.describer_lr, args.locator_lr) == (2e-6, 4e-6)

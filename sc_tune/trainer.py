@@ -26,6 +26,7 @@ checkpointing stay upstream). What this class adds:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections import defaultdict
@@ -46,6 +47,7 @@ from sc_tune.data import RolloutSampler, collate_referring
 from sc_tune.export import carry_source_files
 from sc_tune.jsonio import write_json
 from sc_tune.kl_control import make_kl_controller
+from sc_tune.moe import router_aux_coefficient
 from sc_tune.preflight import PreflightError, run_preflight
 from sc_tune.phases import Phase, PhaseLR, PhaseSchedule, reset_optimizer_moments, set_learning_rate
 from sc_tune.ppo import describer_advantages, masked_mean, per_token_kl, ppo_clip_loss
@@ -130,6 +132,10 @@ class SCTuneTrainer(Trainer):
             self.snapshot = FullSnapshot(
                 model, self.accelerator, self.is_deepspeed_enabled and _zero3(self), self.args.device
             )
+        # MoE under full fine-tuning: the router's load-balancing term joins every loss (sc_tune.moe).
+        self.router_aux_coef = router_aux_coefficient(
+            model, args.moe_aux_loss, args.moe_aux_loss_coef, lora=_is_peft(model)
+        )
         self._rollouts: dict[int, DescriberRollout | LocatorRollout] = {}
         # The frozen vision trunk once per image per rollout (None: family fallback, fix_vit off, or disabled).
         snapshot_model = getattr(self.snapshot, "module", model)
@@ -383,12 +389,30 @@ class SCTuneTrainer(Trainer):
         target_len = int((pseudo.labels != -100).sum(1).max())
         return LocatorRollout({k: v.to(device) for k, v in pseudo.inputs.items()}, pseudo.labels.to(device), target_len)
 
-    def _caption_logprobs(self, model, inputs, caption_ids_BT, keep_cache: bool = False):
+    def _trained_forward(self, model, **kwargs):
+        """A forward whose loss updates the weights: with a router load-balancing term it also returns the router
+        logits, and the term joins the loss (``_with_router_aux``)."""
+        if self.router_aux_coef:
+            outputs = model(**kwargs, output_router_logits=True)
+            self._router_aux = outputs.aux_loss
+            return outputs
+        return model(**kwargs)
+
+    def _with_router_aux(self, loss):
+        aux, self._router_aux = getattr(self, "_router_aux", None), None
+        if aux is None:
+            return loss
+        self._log_mean_over_ranks("moe", {"aux_loss": aux.detach()})
+        return loss + self.router_aux_coef * aux
+
+    def _caption_logprobs(self, model, inputs, caption_ids_BT, keep_cache: bool = False, trained: bool = False):
         """(log p(caption token | prefix), key/value cache or ``None``), from logits of the last T+1 positions only.
 
-        The cache is kept only if asked, and only where the model keeps one (not under checkpointing in training)."""
+        The cache is kept only if asked, and only where the model keeps one (not under checkpointing in training).
+        ``trained``: the loss's own forward (``_trained_forward``)."""
         num_tokens = caption_ids_BT.shape[1]
-        outputs = model(**inputs, logits_to_keep=num_tokens + 1, use_cache=keep_cache)
+        forward = functools.partial(self._trained_forward, model) if trained else model
+        outputs = forward(**inputs, logits_to_keep=num_tokens + 1, use_cache=keep_cache)
         logp_BT = selective_log_softmax(outputs.logits[:, :-1] / self.args.describer_temperature, caption_ids_BT)
         return logp_BT, outputs.cache if keep_cache else None
 
@@ -396,12 +420,12 @@ class SCTuneTrainer(Trainer):
     @timed_stage("forward")
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if isinstance(inputs, DescriberRollout):
-            return self._describer_loss(model, inputs)
-        return self._locator_loss(model, inputs)
+            return self._with_router_aux(self._describer_loss(model, inputs))
+        return self._with_router_aux(self._locator_loss(model, inputs))
 
     def _describer_loss(self, model, rollout: DescriberRollout):
         args = self.args
-        logp_NT, _ = self._caption_logprobs(model, rollout.inputs, rollout.caption_ids_NT)
+        logp_NT, _ = self._caption_logprobs(model, rollout.inputs, rollout.caption_ids_NT, trained=True)
         mask_NT = rollout.caption_mask_NT
         first_epoch = rollout.old_logp_NT is None
         if first_epoch:
@@ -451,7 +475,8 @@ class SCTuneTrainer(Trainer):
     def _locator_loss(self, model, rollout: LocatorRollout):
         # Left padding puts every target at the end of its row, so the last target_len+1 logits suffice.
         keep = rollout.target_len + 1
-        logits = model(**rollout.inputs, logits_to_keep=keep, use_cache=False).logits[:, :-1].float()
+        outputs = self._trained_forward(model, **rollout.inputs, logits_to_keep=keep, use_cache=False)
+        logits = outputs.logits[:, :-1].float()
         labels = rollout.labels[:, -rollout.target_len :]
         loss = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100

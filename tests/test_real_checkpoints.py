@@ -1,6 +1,6 @@
 """The released checkpoints' own tokenizers, chat templates and processor settings (no weights).
 
-They live outside the repository in ``../shared/real_checkpoints`` (provenance in its README): the module
+They live outside the repository, in ``shared/real_checkpoints`` beside the checkout (provenance in its README): the module
 skips when that folder is absent (a user's fresh clone). What they catch that the tiny stand-ins cannot:
 real token counts of real answer forms (the locator budget), the released templates' text (the stand-in
 templates must write the same prompts), the released processors' image-token counts, and thinking-only

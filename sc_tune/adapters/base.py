@@ -102,6 +102,8 @@ class ModelAdapter(ABC):
     vision_trainable_prefixes: tuple[str, ...] = ()  # ...except these (the resampler / merger)
     # PEFT ``target_modules``: a regex matched against full module names (language model only).
     lora_target_modules: str = ""
+    # MoE variants: the routed experts' fused 3-D parameters (name suffixes), for ``--lora_target_experts``.
+    lora_expert_parameters: tuple[str, ...] = ()
     # Whether the released checkpoints were trained to ground (write boxes). Families without it need a
     # grounding warm start before SC-Tune: until then no box parses and every reward is 0 (the preflight says so).
     grounding_prior: bool = True

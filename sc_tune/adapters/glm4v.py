@@ -43,10 +43,11 @@ class Glm4vAdapter(PatchGridChatAdapter):
     # downsample (the 2x2 patch-merging convolution) and merger (the projector) connect the tower to the LM.
     vision_trainable_prefixes = ("model.visual.downsample", "model.visual.merger")
     # Dense layers fuse gate and up into gate_up_proj; MoE layers keep gate/up/down in their shared experts
-    # and first dense layer (routed experts are fused 3-D parameters LoRA does not reach).
+    # and first dense layer (routed experts are fused 3-D parameters: --lora_target_experts, sc_tune.moe).
     lora_target_modules = (
         r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_up_proj|gate_proj|up_proj|down_proj)"
     )
+    lora_expert_parameters = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")  # --lora_target_experts
 
     def check_chat_template(self, name):
         super().check_chat_template(name)

@@ -37,9 +37,10 @@ _LM_PROJECTIONS = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
 class _QwenChatVLAdapter(PatchGridChatAdapter):
     image_token = "<|image_pad|>"
     vision_trainable_prefixes = ("model.visual.merger",)
-    # MoE variants: the routed experts are fused 3-D parameters, not Linear modules, so LoRA reaches the
-    # attention (and any shared expert) only.
+    # MoE variants: the routed experts are fused 3-D parameters, not Linear modules: target_modules reaches the
+    # attention (and any shared expert); --lora_target_experts adds the experts (sc_tune.moe).
     lora_target_modules = rf"model\.language_model\..*\.({_LM_PROJECTIONS})"
+    lora_expert_parameters = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")  # --lora_target_experts
 
     def vision_trunk(self, model):
         # The merger reads the last block; Qwen3-VL's DeepStack mergers also read blocks

@@ -1,4 +1,4 @@
-"""SmolVLM / SmolVLM2 (``smolvlm``): a chat-template adapter with the generic box codec.
+"""SmolVLM / SmolVLM2 (``smolvlm``) and SmolVLM v1 (``idefics3``): a chat-template adapter, generic box codec.
 
 Box convention: none found upstream (no grounding format is documented for SmolVLM), so this adapter uses
 the generic codec ``[x1, y1, x2, y2]`` on 0..1000 (``sc_tune.box_codecs.GENERIC_CODEC``), requested in the
@@ -43,7 +43,7 @@ class SmolVLMAdapter(ChatTemplateAdapter):
         self.image_seq_len = int((vision.image_size // vision.patch_size) ** 2 / config.scale_factor**2)
         self.crop_token = getattr(tokenizer, "fake_image_token", None) or "<fake_token_around_image>"
         self.global_image_token = getattr(tokenizer, "global_image_token", None) or "<global-img>"
-        self.token_ids(self.crop_token, self.global_image_token)
+        self.token_ids(self.crop_token)  # <global-img> is plain text in Idefics3's released tokenizer
 
     def preprocess_image(self, image):
         from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
@@ -61,4 +61,11 @@ class SmolVLMAdapter(ChatTemplateAdapter):
         )
 
 
-register(Family("SmolVLM / SmolVLM2", ("smolvlm",), SmolVLMAdapter, auto_image_text_to_text, save_tiny_template_model))
+# SmolVLM v1 checkpoints are the Idefics3 architecture (``model_type: idefics3``): the same prompt layout,
+# tile tokens and module names.
+register(
+    Family(
+        "SmolVLM / SmolVLM2 / SmolVLM v1 (Idefics3)", ("smolvlm", "idefics3"), SmolVLMAdapter,
+        auto_image_text_to_text, save_tiny_template_model,
+    )
+)

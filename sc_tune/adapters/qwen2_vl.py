@@ -12,8 +12,9 @@ each family's own grounding answer, so a tuned checkpoint keeps answering as it 
 - Qwen3-VL, Qwen3.5: the same fenced list on a 0..1000 grid (the Qwen3-VL "2d grounding" cookbook; Qwen3.5:
   the Qwen blog and a maintainer's answer, "relative ... [0, 1000]").
 
-The locator prompt is the cookbooks' grounding request ("Locate ..., output its bbox coordinates using JSON
-format."); the describer prompt is this project's wording with the box in the family's own syntax.
+The locator prompt is the grounding request of Qwen's fine-tuning README ("Locate ... in this image and output
+the bbox coordinates in JSON format."); the describer prompt is this project's wording with the box in the
+family's own syntax.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ class _JsonBoxAdapter(_QwenChatVLAdapter):
     def locator_prompt(self, caption, image):
         if not self.native:  # --box_format generic: the format is asked for in words
             return self.render(f"Locate {caption}. {self.codec.request}")
-        return self.render(f"Locate {caption}, output its bbox coordinates using JSON format.")
+        return self.render(f"Locate {caption} in this image and output the bbox coordinates in JSON format.")
 
     def locator_target(self, box_norm, image, caption=""):
         if not self.native:

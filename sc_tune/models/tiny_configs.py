@@ -24,7 +24,7 @@ QWEN_CHAT_SPECIAL_TOKENS = (
 # per word on them (sequences stay short on CPU).
 QWEN_TEMPLATE_TEXT = (
     "system\nYou are a helpful assistant.\nuser\nassistant\nDescribe the object in in a few words. Find . "
-    "Describe the object at Locate , output its bbox coordinates using JSON format. "
+    "Describe the object at Locate in this image and output the bbox coordinates in JSON format. "
     '```json\n[\n\t{"bbox_2d": [0, 1, 2, 3], "label": "the"}\n]\n``` (0,1),(2,3) This is a the'
 )
 

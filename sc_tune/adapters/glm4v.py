@@ -27,7 +27,6 @@ from __future__ import annotations
 from sc_tune.adapters.patch_grid_chat import PatchGridChatAdapter
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
 from sc_tune.box_codecs import NestedListGridCodec
-from sc_tune.models.tiny_configs import save_tiny_model
 
 IMAGE_PLACEHOLDER = "<|begin_of_image|><|image|><|end_of_image|>"
 END_TOKENS = ("<|user|>", "<|endoftext|>", "<|observation|>")
@@ -75,6 +74,5 @@ register(
         ("glm4v", "glm4v_moe", "glm46v"),
         Glm4vAdapter,
         auto_image_text_to_text,
-        save_tiny_model,
     )
 )

@@ -14,10 +14,10 @@ import logging
 import torch
 from transformers import set_seed
 
-from sc_tune.arguments import build_parser
 from sc_tune.checkpoints import check_output_dir, resume_requested
 from sc_tune.data import ReferringDataset
 from sc_tune.export import export_trained
+from sc_tune.help_layout import build_parser
 from sc_tune.modeling import (
     apply_lora,
     freeze_vision_tower,

@@ -21,7 +21,7 @@ from sc_tune.adapters import adapter_class
 from sc_tune.adapters.base import LOCATOR_BUDGET_MARGIN, ThinkingOnlyCheckpoint
 from sc_tune.box_codecs import GENERIC_CODEC
 from sc_tune.rollout import GenerationSettings, fit_locator_budget, locate
-from sc_tune.models.tiny_template_families import build_tiny_template_family
+from sc_tune.tiny.template_families import build_tiny_template_family
 from sc_tune.tiny import build_tiny
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "real_checkpoints"

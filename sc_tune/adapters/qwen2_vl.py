@@ -27,7 +27,6 @@ from sc_tune.adapters.base import DocumentedAnswer, find_submodule
 from sc_tune.adapters.patch_grid_chat import PatchGridChatAdapter
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
 from sc_tune.box_codecs import JsonGridCodec, JsonPixelCodec, PairGridCodec
-from sc_tune.models.tiny_configs import save_tiny_model
 from sc_tune.vision_cache import VisionTrunk
 
 QWEN3_COOKBOOK = "QwenLM/Qwen3-VL cookbooks/2d_grounding.ipynb (and the Qwen3-VL README)"
@@ -200,4 +199,4 @@ for _name, _model_types, _adapter in (
     ("Qwen3-VL / Qwen3-VL-MoE", ("qwen3_vl", "qwen3_vl_moe"), Qwen3VLAdapter),
     ("Qwen3.5 / 3.6 / 3.8", ("qwen3_5", "qwen3_5_moe"), Qwen35Adapter),
 ):
-    register(Family(_name, _model_types, _adapter, auto_image_text_to_text, save_tiny_model))
+    register(Family(_name, _model_types, _adapter, auto_image_text_to_text))

@@ -22,13 +22,12 @@ import pytest
 import torch
 from PIL import Image
 
-import sc_tune.trainer
 from sc_tune.data import ReferringDataset
 from sc_tune.modeling import load_model_and_adapter
 from sc_tune.rewards import cycle_iou
 from sc_tune.rollout import GenerationSettings, describe, locate
 from sc_tune.synthetic.shapes import write_split
-from tests.helpers import CaptionReward, caption_hash_reward, make_trainer
+from tests.helpers import CaptionReward, RecordingCycle, caption_hash_reward, make_trainer
 
 WARM_START = str(Path(__file__).resolve().parents[1] / "checkpoints" / "warm_start")
 SHAPES = dict(
@@ -85,7 +84,7 @@ def caption_logprob(model, adapter, root, records, key: str) -> float:
 def train_describer(root, records, out, reward_fn=None, **overrides):
     settings = {**SHAPES, **overrides}
     trainer = make_trainer(WARM_START, str(out), reward_fn=reward_fn, dataset=ReferringDataset(records, str(root)),
-                           **settings)
+                           cycle=RecordingCycle, **settings)
     before = {k: caption_logprob(trainer.model, trainer.adapter, root, records, k) for k in ("caption", "terse")}
     trainer.train()
     after = {k: caption_logprob(trainer.model, trainer.adapter, root, records, k) for k in ("caption", "terse")}
@@ -112,16 +111,8 @@ def _is_full(caption: str) -> bool:
     "baseline,generations,boxes",
     [("snapshot_greedy", 1, 8), ("policy_greedy", 1, 8), ("group_mean", 4, 2), ("none", 1, 8)],
 )
-def test_every_baseline_raises_the_rewarded_caption(baseline, generations, boxes, mislocated, tmp_path, monkeypatch):
+def test_every_baseline_raises_the_rewarded_caption(baseline, generations, boxes, mislocated, tmp_path):
     root, records = mislocated
-    located_rows = []
-    original_locate = sc_tune.trainer.locate
-
-    def counting_locate(model, adapter, images, captions, settings):
-        located_rows.append(len(captions))
-        return original_locate(model, adapter, images, captions, settings)
-
-    monkeypatch.setattr(sc_tune.trainer, "locate", counting_locate)
     reward = CaptionReward(_is_full)
     trainer, before, after = train_describer(
         root, records, tmp_path, reward, describer_baseline=baseline, num_generations=generations,
@@ -131,7 +122,7 @@ def test_every_baseline_raises_the_rewarded_caption(baseline, generations, boxes
     # 8 sampled captions per rollout (boxes x K), and the greedy one per box if the baseline needs it, all
     # located in ONE batched call per rollout.
     greedy = boxes if baseline.endswith("greedy") else 0
-    assert located_rows == [8 + greedy, 8 + greedy]
+    assert trainer.cycle.located_rows == [8 + greedy, 8 + greedy]
     assert len(reward.scored) == 2 * (8 + greedy)
 
 
@@ -145,17 +136,10 @@ def test_advantages_are_reward_minus_baseline_minus_the_kl_suffix(tiny_checkpoin
 
     # Two rollouts in one describer phase: the second one's policy has moved away from the snapshot.
     trainer = make_trainer(tiny_checkpoint("qwen2_vl"), str(tmp_path), reward_fn=recording_reward, max_steps=2,
-                           describer_update_steps=2, locator_update_steps=0, ppo_epochs=1, kl_coef=0.5)
-    rollouts = []
-    original = trainer._set_advantages
-
-    def spy(rollout):
-        original(rollout)
-        rollouts.append(rollout)
-
-    trainer._set_advantages = spy
+                           describer_update_steps=2, locator_update_steps=0, ppo_epochs=1, kl_coef=0.5,
+                           cycle=RecordingCycle)
     trainer.train()
-    rollout = rollouts[1]
+    rollout = trainer.cycle.made[1][1].rollout  # the loss filled in its advantages
     sampled_reward, greedy_reward = scored[2], scored[3]  # each rollout scores its samples, then the greedy captions
     assert torch.equal(rollout.reward_N.cpu(), sampled_reward)
     assert torch.equal(rollout.baseline_N.cpu(), greedy_reward)

@@ -15,21 +15,14 @@ And one white-box check of the wiring on a tiny random model: the advantages are
 ``reward - baseline - kl_coef * (suffix sum of log pi - log pi_snapshot)``, with a non-zero KL term.
 """
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 from PIL import Image
 
 from sc_tune.data import ReferringDataset
-from sc_tune.modeling import load_model_and_adapter
-from sc_tune.rewards import cycle_iou
-from sc_tune.rollout import GenerationSettings, describe, locate
-from sc_tune.synthetic.shapes import write_split
+from tests.conftest import WARM_START
 from tests.helpers import CaptionReward, RecordingCycle, caption_hash_reward, make_trainer
 
-WARM_START = str(Path(__file__).resolve().parents[1] / "checkpoints" / "warm_start")
 SHAPES = dict(
     describer_max_new_tokens=8,
     describer_min_new_tokens=1,
@@ -40,30 +33,6 @@ SHAPES = dict(
     locator_update_steps=0,  # describer only: the locator stays the warm start's
     ppo_epochs=2,
 )
-
-
-@pytest.fixture(scope="module")
-def mislocated(tmp_path_factory):
-    """Objects whose greedy (terse) caption the warm start grounds on another shape, and whose full caption it
-    grounds right: for them the IoU reward pays for saying the colour."""
-    root = tmp_path_factory.mktemp("shapes")
-    write_split(root, "train", 40, seed=5)
-    records = json.loads((root / "train.json").read_text())
-    model, adapter = load_model_and_adapter(WARM_START)
-    model.eval()
-    images = [adapter.prepare_image(Image.open(root / r["image"]).convert("RGB")) for r in records]
-    boxes_N4 = torch.tensor([r["bbox"] for r in records])
-    _, greedy = describe(model, adapter, images, boxes_N4.tolist(), GenerationSettings(8, 1))
-    terse_boxes, _ = locate(model, adapter, images, greedy.texts, GenerationSettings(32, 3))
-    full_boxes, _ = locate(model, adapter, images, [r["caption"] for r in records], GenerationSettings(32, 3))
-    terse_iou, full_iou = cycle_iou(terse_boxes, boxes_N4).reward_N, cycle_iou(full_boxes, boxes_N4).reward_N
-    picked = [
-        r
-        for r, caption, t, f in zip(records, greedy.texts, terse_iou.tolist(), full_iou.tolist())
-        if caption == r["terse"] and t < 0.5 and f >= 0.5
-    ]
-    assert len(picked) >= 24, f"only {len(picked)} mislocated objects: the warm start or the data changed"
-    return root, picked[:24]
 
 
 def caption_logprob(model, adapter, root, records, key: str) -> float:

@@ -49,7 +49,8 @@ from sc_tune.phases import Phase, PhaseLR, PhaseSchedule, reset_optimizer_moment
 from sc_tune.ppo import describer_advantages, masked_mean, per_token_kl, ppo_clip_loss
 from sc_tune.prompt_cache import ScoredPrompts, keep_prompt_columns
 from sc_tune.rewards import RewardBatch, RewardFunction, get_reward
-from sc_tune.rollout import Completions, GenerationSettings, describe, generate, locate, locate_from_prefix
+from sc_tune.rollout import (Completions, GenerationSettings, describe, describer_budget, generate, locate,
+                             locate_from_prefix)
 from sc_tune.snapshot import AdapterSnapshot, FullSnapshot, eval_mode
 from sc_tune.timing import StageClock, timed_stage
 from sc_tune.vision_cache import VisionCache
@@ -110,15 +111,18 @@ class SCTuneTrainer(Trainer):
         self.reward_fn = reward_fn if reward_fn is not None else get_reward(args.reward)
         self.baseline = DescriberBaseline(args.describer_baseline)
         self.kl_controller = make_kl_controller(args)
+        # --describer_max_new_tokens is the caption's length; the answer form adds its end token
+        # (rollout.describer_budget).
+        caption_tokens = describer_budget(adapter, args.describer_max_new_tokens)
         self.caption_sampling = GenerationSettings(
-            max_new_tokens=args.describer_max_new_tokens,
+            max_new_tokens=caption_tokens,
             min_new_tokens=args.describer_min_new_tokens,
             do_sample=True,
             top_k=args.describer_top_k,
             top_p=args.describer_top_p,
             temperature=args.describer_temperature,
         )
-        self.greedy_captions = GenerationSettings(args.describer_max_new_tokens, args.describer_min_new_tokens)
+        self.greedy_captions = GenerationSettings(caption_tokens, args.describer_min_new_tokens)
         self.greedy_boxes = GenerationSettings(args.locator_max_new_tokens, args.locator_min_new_tokens)
         if _is_peft(model):
             self.snapshot = AdapterSnapshot(self)
@@ -347,7 +351,7 @@ class SCTuneTrainer(Trainer):
         boxes = inputs["boxes"].tolist()
         with self.snapshot.generating() as snapshot, self.stage_clock.stage("snapshot_generation"):
             _, captions = describe(snapshot, self.adapter, images, boxes, self.greedy_captions)
-        targets = [self.adapter.locator_target(b, im) for b, im in zip(boxes, images)]
+        targets = [self.adapter.locator_target(b, im, c) for b, im, c in zip(boxes, images, captions.texts)]
         pseudo = self.adapter.build_batch(
             [self.adapter.locator_prompt(c, im) for c, im in zip(captions.texts, images)], images, targets
         )

@@ -4,14 +4,21 @@ An adapter owns the prompt text of the two roles, the box codec, how one image b
 (once per sample per step), how a batch is built (left padding, labels on the answer only), what to pass
 to ``generate`` and how generated text is decoded. The trainer and the evaluator never name a family.
 
-Prompts (per family, see the subclasses):
+Prompts (per family, see the subclasses), rendered through the checkpoint's own chat template (``render``:
+thinking switched off where the template has a switch, the default system turn where it inserts one):
 
 - describer: image + box -> the model continues with a caption that ends in the family's end token;
-- locator: image + caption -> the model continues with ``locator_target(box)`` (the box text and the end).
+- locator: image + caption -> the model continues with ``locator_target(box, image, caption)``: the family's real
+  grounding answer (``locator_answer``, e.g. Qwen's fenced JSON list with the caption as label) and the end.
+
+Each family lists the answers its own documentation shows (``answer_examples``, with their sources); the tests
+and ``python -m sc_tune.families parse`` read every one of them back to its box.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -20,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from sc_tune.box_codecs import BoxCodec, select_codec
+from sc_tune.box_codecs import BoxCodec, BoxReading, select_codec
 from sc_tune.vision_cache import VisionTrunk
 
 # Special tokens no generated text may carry, found by name in the family's own tokenizer so that the full
@@ -29,6 +36,21 @@ from sc_tune.vision_cache import VisionTrunk
 # the Qwen3.5-style models. Box/reference tokens are kept out of captions only: locator answers use them.
 MEDIA_TOKEN_RE = re.compile(r"image|video|vision|img", re.IGNORECASE)
 BOX_TOKEN_RE = re.compile(r"box|ref|quad", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class DocumentedAnswer:
+    """A grounding answer as a family's own documentation (README, cookbook, model card, maintainer) shows the
+    released model writing it, and the box it must read as (``None``: it cannot be read unambiguously)."""
+
+    text: str
+    box: tuple[float, float, float, float] | None
+    source: str
+    frame: tuple[int, int] = (1000, 1000)  # (width, height) of the model input the answer refers to (pixel codecs)
+
+
+class ThinkingCheckpointError(ValueError):
+    """A reasoning-only checkpoint: its answers open with a reasoning block that SC-Tune's budgets cannot hold."""
 
 
 @dataclass
@@ -76,6 +98,11 @@ class ModelAdapter(ABC):
     vision_trainable_prefixes: tuple[str, ...] = ()  # ...except these (the resampler / merger)
     # PEFT ``target_modules``: a regex matched against full module names (language model only).
     lora_target_modules: str = ""
+    # Whether the family's released checkpoints document grounding (writing a box for a phrase). Without it the
+    # locator must first be taught boxes (a grounding warm start): until then every cycle reward is 0.
+    grounding_prior: bool = True
+    # The grounding answers the family's own documentation shows, with their sources (see DocumentedAnswer).
+    answer_examples: tuple[DocumentedAnswer, ...] = ()
 
     def vision_trunk(self, model: torch.nn.Module) -> VisionTrunk | None:
         """Where ``model``'s frozen vision trunk is, for ``sc_tune.vision_cache`` (``--vision_cache``).
@@ -133,6 +160,51 @@ class ModelAdapter(ABC):
             image_processor.save_pretrained(directory)
 
     # ---------------------------------------------------------------- prompts and targets (text)
+    def render(self, user_text: str) -> str:
+        """One user turn (the image, then ``user_text``) and the opened assistant turn, through the checkpoint's
+        chat template, as the family's processor renders ``[{"type": "image"}, {"type": "text", ...}]``.
+
+        ``enable_thinking=False``: templates with a reasoning switch (Qwen3.5, GLM-4.5V / 4.6V) then open the
+        answer with an empty reasoning block (and GLM's append ``/nothink``); templates without one ignore it."""
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user_text}]}]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                  enable_thinking=False)
+
+    def thinking_only_reason(self) -> str | None:
+        """Why this checkpoint can only answer after reasoning, or ``None``. Default: the chat template still opens
+        a reasoning block (``<think>`` with no ``</think>`` after it) when asked not to think."""
+        prompt = self.render("?")
+        opened = prompt.rfind("<think>")
+        if opened >= 0 and "</think>" not in prompt[opened:]:
+            return ("its chat template opens a reasoning block (<think>) for every answer, also with "
+                    "enable_thinking=False")
+        return None
+
+    def check_not_thinking_only(self, checkpoint: str) -> None:
+        """Refuse a reasoning-only checkpoint, naming it.
+
+        Why refuse rather than budget for the reasoning: SC-Tune's rollouts decode a caption and a box per sample
+        (30 and ~40 tokens); a reasoning model writes hundreds to thousands of tokens first, so every answer would
+        be cut off (reward 0) or each step would cost orders of magnitude more, and the PPO update would train the
+        reasoning text as if it were the caption."""
+        reason = self.thinking_only_reason()
+        if reason:
+            raise ThinkingCheckpointError(
+                f"{checkpoint} is a reasoning-only checkpoint ({reason}): its answers start with a long reasoning "
+                "block that SC-Tune's caption and box budgets cannot hold. Use the family's instruct or hybrid "
+                "checkpoint (thinking switched off), e.g. Qwen3-VL-*-Instruct instead of -Thinking, GLM-4.5V / "
+                "GLM-4.6V(-Flash) instead of GLM-4.1V-9B-Thinking."
+            )
+
+    def plain_text(self, text: str) -> str:
+        """``text`` without special-token strings. Why: a caption is plain text, but one that spells a token
+        such as ``<image>`` in ordinary pieces would re-tokenise into that special token, and an extra image
+        placeholder makes the batch unusable (a crash mid-run); such strings carry no caption meaning."""
+        if not hasattr(self, "_special_re"):
+            tokens = sorted(self.special_tokens(), key=len, reverse=True)
+            self._special_re = re.compile("|".join(map(re.escape, tokens))) if tokens else None
+        return self._special_re.sub("", text) if self._special_re is not None else text
+
     @abstractmethod
     def describer_prompt(self, box_norm: Sequence[float], image: ImageInputs) -> str:
         """Text that makes the model caption the object in ``box_norm``."""
@@ -141,17 +213,43 @@ class ModelAdapter(ABC):
     def locator_prompt(self, caption: str, image: ImageInputs) -> str:
         """Text that makes the model write the box of the object ``caption`` refers to."""
 
-    @abstractmethod
-    def locator_target(self, box_norm: Sequence[float], image: ImageInputs) -> str:
-        """What the locator should write after ``locator_prompt``: the box text and the end token."""
+    def answer_prefix(self, caption: str) -> str:
+        """What the family's grounding answer writes before the box (InternVL and Qwen2-VL repeat the phrase as a
+        reference); default nothing."""
+        return ""
+
+    def locator_answer(self, box_norm: Sequence[float], image: ImageInputs, caption: str) -> str:
+        """The grounding answer the released model writes for ``caption`` (without the end token): the answer
+        prefix, then the codec's answer form, labelled with the caption where the form has a label."""
+        caption = self.plain_text(caption)
+        return self.answer_prefix(caption) + self.codec.answer(box_norm, image.frame, caption)
+
+    def locator_answer_layouts(self, box_norm: Sequence[float], image: ImageInputs, caption: str) -> list[str]:
+        """``locator_answer`` and the other layouts the family's documentation shows (for the token budget)."""
+        caption = self.plain_text(caption)
+        prefix = self.answer_prefix(caption)
+        return [prefix + layout for layout in self.codec.answer_layouts(box_norm, image.frame, caption)]
+
+    def locator_target(self, box_norm: Sequence[float], image: ImageInputs, caption: str) -> str:
+        """What the locator should write after ``locator_prompt(caption, image)``: the family's real grounding
+        answer and the end token, so that a tuned model keeps answering in its released format."""
+        return self.locator_answer(box_norm, image, caption) + self.end_text
 
     def describer_target(self, caption: str) -> str:
         """What the describer should write after ``describer_prompt`` for a known caption (warm starts)."""
         return caption + self.end_text
 
+    def read_locator_output(self, text: str, image: ImageInputs) -> BoxReading:
+        """The normalised box in the locator's continuation, or ``None`` and why (a parse failure)."""
+        return self.codec.read(text, image.frame)
+
     def parse_locator_output(self, text: str, image: ImageInputs) -> list[float] | None:
         """The normalised box in the locator's continuation, or ``None`` (counted as a parse failure)."""
-        return self.codec.parse(text, image.frame)
+        return self.read_locator_output(text, image).box
+
+    def locator_answer_end(self, text: str) -> int | None:
+        """Where the first complete box of a (partial) locator answer ends, or ``None``: decoding stops there."""
+        return self.codec.box_end(text)
 
     # ---------------------------------------------------------------- images and tokens
     # Image sizes the family's processor accepts, checked for every record before training; a family whose
@@ -286,3 +384,26 @@ def find_submodule(model: torch.nn.Module, name: str) -> torch.nn.Module:
         if full_name == name or full_name.endswith("." + name):
             return module
     raise ValueError(f"{type(model).__name__} has no submodule named {name!r}")
+
+
+def processor_chat_template(path: str) -> str | None:
+    """The chat template of checkpoints that keep it only in the processor's legacy ``chat_template.json``."""
+    legacy = os.path.join(path, "chat_template.json")
+    if not os.path.isfile(legacy):
+        return None
+    with open(legacy) as f:
+        return json.load(f).get("chat_template")
+
+
+def load_chat_tokenizer(path: str):
+    """The checkpoint's tokenizer, left-padded, with its chat template (``chat_template.jinja``, the tokenizer
+    config's, or the processor's legacy ``chat_template.json``); a folder with none is an error naming it."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = processor_chat_template(path)
+    if not tokenizer.chat_template:
+        raise ValueError(f"{path} has no chat template (chat_template.jinja, the tokenizer config's chat_template, "
+                         "or chat_template.json): SC-Tune renders every prompt through the checkpoint's own template")
+    return tokenizer

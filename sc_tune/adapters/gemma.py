@@ -1,10 +1,18 @@
-"""Gemma 3 and Gemma 4 (``gemma3``, ``gemma4``): chat-template adapters with the generic box codec.
+"""Gemma 3 and Gemma 4 (``gemma3``, ``gemma4``): chat-template adapters with Gemini's y-first ``box_2d`` codec.
 
-Box convention: none documented upstream. Google documents no box output format for Gemma 3 or 4 (a
-question on the google/gemma-3-4b-it model page, discussion 38, went without an answer; Gemini's
-``[ymin, xmin, ymax, xmax]`` on 0..1000 is a different model's convention), so these adapters use the
-generic codec ``[x1, y1, x2, y2]`` on 0..1000 (``sc_tune.box_codecs.GENERIC_CODEC``) and ask for it in the
-locator prompt; SC-Tune's locator phase teaches it from the pseudo-labels.
+Box convention: ``{"box_2d": [y1, x1, y2, x2], "label": ...}``, **y-first**, integers on 0..1000, answered as a
+fenced JSON list (``sc_tune.box_codecs.JsonBoxCodec("box_2d", y_first=True)``).
+
+- Gemma 4 documents object detection in this form (Google's Gemma 4 vision documentation: "box_2d", ``[y1, x1,
+  y2, x2]`` normalised to 0..1000, the convention of the Gemini models it shares its training with).
+- Gemma 3 documents no box output. Decision: the same convention. The only statement from Google is its reply
+  on the google/gemma-3-4b-it model page (discussion 38): the documentation "does not explicitly confirm" box
+  output, but "Gemma 3 likely follows the same format as the Gemini models" (``[y_min, x_min, y_max, x_max]``,
+  0..1000). So a Gemma 3 box is read y-first, and Gemma 3 has no grounding prior (``grounding_prior = False``):
+  a grounding warm start teaches the format before SC-Tune can reward anything.
+
+An answer that cannot be read unambiguously is a parse failure, never a reordered box: a bare list (no key
+says its axis order) and Qwen's x-first ``bbox_2d`` are refused with their reason.
 
 Image placeholders (transformers 5.24 ``Gemma3Processor`` / ``Gemma4Processor``): the chat template writes
 one marker per image, which becomes the begin-of-image token, one soft token per image feature and the
@@ -17,15 +25,37 @@ from __future__ import annotations
 
 import re
 
+from sc_tune.adapters.base import DocumentedAnswer
 from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs, save_tiny_template_model
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
+from sc_tune.box_codecs import JsonBoxCodec
+
+# Gemini's documented detection request, for one phrase.
+GEMMA_BOX_CODEC = JsonBoxCodec(
+    "box_2d", scale=1000, y_first=True, indent="  ",
+    request="Output its box_2d in JSON as [ymin, xmin, ymax, xmax] normalized to 0-1000.",
+)
+_GEMINI_SOURCE = "Gemini / Gemma box convention: box_2d [y_min, x_min, y_max, x_max], normalized to 0-1000"
+GEMMA_ANSWERS = (
+    DocumentedAnswer('```json\n[\n  {"box_2d": [200, 100, 600, 500], "label": "the dog"}\n]\n```',
+                     (0.1, 0.2, 0.5, 0.6), _GEMINI_SOURCE),
+    DocumentedAnswer("[200, 100, 600, 500]", None, f"{_GEMINI_SOURCE}: a bare list does not say its axis order"),
+    DocumentedAnswer('{"bbox_2d": [100, 200, 500, 600]}', None,
+                     f"{_GEMINI_SOURCE}: Qwen's x-first bbox_2d is not this family's form"),
+)
 
 
-class Gemma3Adapter(ChatTemplateAdapter):
+class _GemmaAdapter(ChatTemplateAdapter):
+    native_codec = GEMMA_BOX_CODEC
+    answer_examples = GEMMA_ANSWERS
+
+
+class Gemma3Adapter(_GemmaAdapter):
     """Gemma 3: ``<start_of_image>`` in the template -> ``\\n\\n<start_of_image>`` + ``mm_tokens_per_image``
     ``<image_soft_token>`` + ``<end_of_image>\\n\\n``; a fixed-size SigLIP view (pan-and-scan off, the
     processor's default). ``fix_vit`` freezes ``model.vision_tower``; the projector stays trainable."""
 
+    grounding_prior = False  # no documented box output (see the module docstring)
     image_marker = "<start_of_image>"
     image_token = "<image_soft_token>"
     image_start = "<start_of_image>"
@@ -42,7 +72,7 @@ class Gemma3Adapter(ChatTemplateAdapter):
         return TemplateImageInputs({"pixel_values": pixel_values}, num_tokens, frame, placeholder)
 
 
-class Gemma4Adapter(ChatTemplateAdapter):
+class Gemma4Adapter(_GemmaAdapter):
     """Gemma 4: ``<|image|>`` in the template -> ``<|image>`` + one ``<|image|>`` per soft token (the image
     processor's aspect-preserving count) + ``<image|>``. ``fix_vit`` freezes ``model.vision_tower``; the
     ``model.embed_vision`` projection stays trainable."""

@@ -1,40 +1,48 @@
 """Adapter for GLM-4.1V / GLM-4.5V / GLM-4.6V (``glm4v``, ``glm4v_moe``, ``glm46v``), transformers-native.
 
-Prompt (one user turn, GLM's chat format)::
+Prompts go through the checkpoint's chat template (``ModelAdapter.render``) with thinking off: the GLM-4.5V /
+4.6V templates then append ``/nothink`` to the user turn and open the answer with an empty ``<think></think>``.
+One user turn, the image first::
 
-    [gMASK]<sop><|user|>\n<|begin_of_image|><|image|><|end_of_image|>TEXT<|assistant|>\n<think></think>\n
+    [gMASK]<sop><|user|>\\n<|begin_of_image|><|image|><|end_of_image|>TEXT/nothink<|assistant|>\\n<think></think>\\n
 
 - image: ``<|image|>`` repeated once per merged patch between ``<|begin_of_image|>`` and ``<|end_of_image|>``
-  (read from ``transformers/models/glm4v/processing_glm4v.py``: ``image_token``, ``replace_image_token`` and
-  the frame layout of ``replace_frame_token_id``); ``mm_token_type_ids`` is 1 on those tokens, as the
-  processor's ``create_mm_token_type_ids`` makes it for images;
-- box: ``<|begin_of_box|>[[x1, y1, x2, y2]]<|end_of_box|>``, relative coordinates on 0..1000
-  (``round(x_pixel / W * 1000)``);
+  (``transformers/models/glm4v/processing_glm4v.py``); ``mm_token_type_ids`` is 1 on those tokens;
+- locator prompt: "Please pinpoint the bounding box [[x1,y1,x2,y2], …] in the image as per the given description.
+  CAPTION" (the GLM-V README's grounding prompt that names the output style);
+- answer (the locator's SFT target): ``<|begin_of_box|>[[x1, y1, x2, y2]]<|end_of_box|>``, relative
+  coordinates on 0..1000 (README: "each value is normalized by the image width (for x) or height (for y) and
+  scaled by 1000"; zai-org's GLM-V grounding skill: ``x=round(x_pixel/W*1000)``);
 - the answer ends when the model opens the next user turn: ``<|user|>`` (with ``<|endoftext|>`` and
   ``<|observation|>`` also stopping generation, as the released generation configs list).
 
-Uncertain, and the sources: the installed transformers holds no GLM chat template (it ships with each
-checkpoint), so the turn layout above is the GLM-4 chat format as the GLM-V repository's examples show it.
-The relative 0..1000 convention is stated by zai-org's GLM-V grounding skill ("x=round(x_pixel/W*1000)");
-the box tokens and the double brackets inside them are how GLM-4.5V answers grounding prompts in the GLM-V
-examples, not a documented contract. GLM-4.1V-Thinking always reasons first; the empty ``<think></think>``
-block (GLM-4.5V's template with thinking switched off) asks for the answer directly. SC-Tune's locator
-phase trains the model on exactly these targets, so a mismatch costs warm-up, not correctness.
+What the released models write (``answer_examples``; source: zai-org/GLM-V README, "Grounding": "In the
+response, the special tokens <|begin_of_box|> and <|end_of_box|> are used to mark the image bounding box in the
+answer. The bracket style may vary ([], [[]], (), <>, etc.), but the meaning is the same"). Every style reads
+to the same box (``sc_tune.box_codecs.BracketGridCodec``); anything between the box tokens that is not four
+numbers per box is a parse failure with its reason.
+
+Reasoning: GLM-4.5V / 4.6V are hybrid (the template's ``enable_thinking`` switch). GLM-4.1V-9B-Thinking is
+reasoning-only: its template (checked against the official ``chat_template.jinja``) has no switch and every
+answer starts with ``<think>``; such a checkpoint is refused, naming it (``thinking_only_reason``).
 """
 
 from __future__ import annotations
 
+from sc_tune.adapters.base import DocumentedAnswer
 from sc_tune.adapters.patch_grid_chat import PatchGridChatAdapter
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
-from sc_tune.box_codecs import NestedListGridCodec
+from sc_tune.box_codecs import BracketGridCodec
 from sc_tune.models.tiny_configs import save_tiny_model
 
-IMAGE_PLACEHOLDER = "<|begin_of_image|><|image|><|end_of_image|>"
 END_TOKENS = ("<|user|>", "<|endoftext|>", "<|observation|>")
+BOX_OPEN, BOX_CLOSE = "<|begin_of_box|>", "<|end_of_box|>"
+GROUNDING_PROMPT = "Please pinpoint the bounding box [[x1,y1,x2,y2], …] in the image as per the given description. {}"
+_README = "zai-org/GLM-V README.md, Grounding: the bracket style may vary ([], [[]], (), <>, etc.)"
 
 
 class Glm4vAdapter(PatchGridChatAdapter):
-    native_codec = NestedListGridCodec(1000)
+    native_codec = BracketGridCodec(1000, BOX_OPEN, BOX_CLOSE)
     image_token = "<|image|>"
     # downsample (the 2x2 patch-merging convolution) and merger (the projector) connect the tower to the LM.
     vision_trainable_prefixes = ("model.visual.downsample", "model.visual.merger")
@@ -43,21 +51,37 @@ class Glm4vAdapter(PatchGridChatAdapter):
     lora_target_modules = (
         r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_up_proj|gate_proj|up_proj|down_proj)"
     )
+    answer_examples = tuple(
+        DocumentedAnswer(f"{BOX_OPEN}{inner}{BOX_CLOSE}", (0.1, 0.2, 0.5, 0.6), f"{_README}: {style}")
+        for style, inner in (
+            ("[[]]", "[[100, 200, 500, 600]]"),
+            ("[]", "[100,200,500,600]"),
+            ("()", "(100, 200, 500, 600)"),
+            ("<>", "<100,200,500,600>"),
+        )
+    ) + (
+        DocumentedAnswer(f"{BOX_OPEN}[[100, 200, 500, 600], [300, 300, 400, 400]]{BOX_CLOSE}", None,
+                         f"{_README}: a list of two boxes (one phrase names one object: refused)"),
+        DocumentedAnswer("[[100, 200, 500, 600]]", None,
+                         f"{_README}: coordinates without the box tokens that mark the answer's box (refused)"),
+    )
 
-    def turn(self, user_text: str) -> str:
-        return f"[gMASK]<sop><|user|>\n{user_text}<|assistant|>\n<think></think>\n"
-
-    def _box(self, box_norm, image) -> str:
-        return f"<|begin_of_box|>{self.codec.format(box_norm, image.frame)}<|end_of_box|>"
+    def thinking_only_reason(self):
+        # GLM-4.5V / 4.6V templates carry the enable_thinking switch; GLM-4.1V-9B-Thinking's has none (its answers
+        # always reason first, and its generation prompt stops at "<|assistant|>\n", so the default check, which
+        # looks for an opened <think>, cannot see it).
+        if "enable_thinking" not in (self.tokenizer.chat_template or ""):
+            return "its chat template has no enable_thinking switch: GLM-4.1V-Thinking always reasons first"
+        return super().thinking_only_reason()
 
     def describer_prompt(self, box_norm, image):
-        return self.turn(f"{IMAGE_PLACEHOLDER}Describe the object in {self._box(box_norm, image)} in a few words.")
+        return self.render(f"Describe the object in {self.codec.format(box_norm, image.frame)} in a few words.")
 
     def locator_prompt(self, caption, image):
-        return self.turn(f"{IMAGE_PLACEHOLDER}Locate {caption}. {self.codec.request}")
-
-    def locator_target(self, box_norm, image):
-        return f"{self._box(box_norm, image)}{self.end_text}"
+        caption = self.plain_text(caption)
+        if self.codec is not self.native_codec:
+            return self.render(f"Locate {caption}. {self.codec.request}")
+        return self.render(GROUNDING_PROMPT.format(caption))
 
     @property
     def end_text(self) -> str:

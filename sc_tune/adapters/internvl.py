@@ -1,11 +1,13 @@
 """InternVL3 / InternVL3.5 in the transformers format (``internvl``: the ``-hf`` checkpoints).
 
 Box convention: ``<ref>phrase</ref><box>[[x1, y1, x2, y2]]</box>`` with integers on a 0..1000 grid
-(``sc_tune.box_codecs.NestedListGridCodec``; the ``<box>`` tags belong to the prompts and targets here). Source: the OpenGVLab model cards and the grounding evaluations
-built on them; the referring prompt is InternVL's documented one, "Please provide the bounding box
-coordinate of the region this sentence describes: <ref>…</ref>", and the answer repeats the reference
-before the box. The describer prompt ("Please provide a short description for this region: <box>…</box>")
-is this project's wording in InternVL's box syntax; InternVL's own region-caption prompt was not verified.
+(``sc_tune.box_codecs.NestedListGridCodec`` between ``<box>`` and ``</box>``). Source: the OpenGVLab model cards
+and the grounding evaluations built on them; the referring prompt is InternVL's documented one, "Please provide
+the bounding box coordinate of the region this sentence describes: <ref>…</ref>", and the answer repeats the
+reference before the box: the locator's SFT target is that whole answer,
+``<ref>CAPTION</ref><box>[[x1, y1, x2, y2]]</box><|im_end|>``. The describer prompt ("Please provide a short
+description for this region: <box>…</box>") is this project's wording in InternVL's box syntax; InternVL's own
+region-caption prompt was not verified.
 
 Images: the chat template writes ``<IMG_CONTEXT>`` per image; as ``InternVLProcessor`` does, it becomes
 ``<img>`` + ``image_seq_length`` ``<IMG_CONTEXT>`` per tile + ``</img>``, with the processor's default
@@ -17,6 +19,7 @@ With ``--box_format generic`` the prompts are the generic ones of ``ChatTemplate
 
 from __future__ import annotations
 
+from sc_tune.adapters.base import DocumentedAnswer
 from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs, save_tiny_template_model
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
 from sc_tune.box_codecs import NestedListGridCodec
@@ -26,7 +29,14 @@ REGION_PROMPT = "Please provide a short description for this region: "
 
 
 class InternVLAdapter(ChatTemplateAdapter):
-    native_codec = NestedListGridCodec(1000)
+    native_codec = NestedListGridCodec(1000, "<box>", "</box>")
+    answer_examples = (
+        DocumentedAnswer("<ref>the dog</ref><box>[[10, 20, 30, 40]]</box>", (0.01, 0.02, 0.03, 0.04),
+                         "OpenGVLab InternVL model cards (grounding): <ref>phrase</ref><box>[[x1, y1, x2, y2]]</box>, "
+                         "0..1000"),
+        DocumentedAnswer("<ref>the dog</ref><box>[10, 20, 30, 40]</box>", None,
+                         "InternVL writes [[...]] inside <box>; a single-bracket list is not its form (refused)"),
+    )
     image_marker = "<IMG_CONTEXT>"
     image_token = "<IMG_CONTEXT>"
     image_start = "<img>"
@@ -46,22 +56,16 @@ class InternVLAdapter(ChatTemplateAdapter):
     def describer_prompt(self, box_norm, image):
         if not self._native():
             return super().describer_prompt(box_norm, image)
-        return self.render(REGION_PROMPT + self._box(box_norm, image))
+        return self.render(REGION_PROMPT + self.codec.format(box_norm, image.frame))
 
     def locator_prompt(self, caption, image):
         if not self._native():
             return super().locator_prompt(caption, image)
-        reference = f"<ref>{self.plain_text(caption)}</ref>"
-        # The answer opens with the reference, as InternVL's grounding answers do: the continuation is the box.
-        return self.render(REFERRING_PROMPT + reference, answer_prefix=reference)
+        return self.render(REFERRING_PROMPT + f"<ref>{self.plain_text(caption)}</ref>")
 
-    def locator_target(self, box_norm, image):
-        if not self._native():
-            return super().locator_target(box_norm, image)
-        return f"{self._box(box_norm, image)}{self.end_text}"
-
-    def _box(self, box_norm, image) -> str:
-        return f"<box>{self.codec.format(box_norm, image.frame)}</box>"
+    def answer_prefix(self, caption):
+        # InternVL's grounding answer repeats the reference before its box.
+        return f"<ref>{caption}</ref>" if self._native() else ""
 
     def preprocess_image(self, image):
         out = self.image_processor(images=[image], crop_to_patches=True, return_tensors="pt")

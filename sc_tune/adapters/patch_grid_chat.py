@@ -3,15 +3,15 @@
 Qwen2-VL, Qwen2.5-VL, Qwen3-VL(-MoE), Qwen3.5(-MoE) and GLM-4.1V/4.5V/4.6V all preprocess an image into
 ``pixel_values`` + ``image_grid_thw``, stand one placeholder token in the text for every merged patch
 (``grid_t * grid_h * grid_w / merge_size**2``) and want ``mm_token_type_ids`` (1 on image tokens) so that
-their 3-D rotary positions (M-RoPE) know where the image is. Subclasses say how a chat turn is written, which
-token is the image placeholder and how a box is written.
+their 3-D rotary positions (M-RoPE) know where the image is. Prompts go through the checkpoint's chat template
+(``ModelAdapter.render``); subclasses say which token is the image placeholder and how a box is written.
 """
 
 from __future__ import annotations
 
 import torch
 
-from sc_tune.adapters.base import ImageInputs, ModelAdapter
+from sc_tune.adapters.base import ImageInputs, ModelAdapter, load_chat_tokenizer
 
 
 class PatchGridChatAdapter(ModelAdapter):
@@ -22,10 +22,11 @@ class PatchGridChatAdapter(ModelAdapter):
 
     @classmethod
     def from_pretrained(cls, path, box_format="native"):
-        from transformers import AutoImageProcessor, AutoTokenizer
+        from transformers import AutoImageProcessor
 
-        tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-        return cls(tokenizer, AutoImageProcessor.from_pretrained(path), box_format)
+        adapter = cls(load_chat_tokenizer(path), AutoImageProcessor.from_pretrained(path), box_format)
+        adapter.check_not_thinking_only(path)
+        return adapter
 
     def __init__(self, tokenizer, image_processor, box_format="native"):
         super().__init__(tokenizer, box_format)
@@ -33,10 +34,6 @@ class PatchGridChatAdapter(ModelAdapter):
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         self.merge_size = int(image_processor.merge_size)
         self.patch_size = int(image_processor.patch_size)
-
-    def turn(self, user_text: str) -> str:
-        """One user turn holding ``user_text`` and the opening of the assistant's answer."""
-        raise NotImplementedError
 
     def prepare_image(self, image) -> ImageInputs:
         out = self.image_processor(images=[image.convert("RGB")], return_tensors="pt")

@@ -1,32 +1,58 @@
 """Adapters for the transformers-native Qwen VL families: Qwen2-VL, Qwen2.5-VL, Qwen3-VL(-MoE), Qwen3.5(-MoE).
 
-All use the ChatML turn format and the same image placeholder
-(``<|vision_start|><|image_pad|>...<|vision_end|>``); they differ in how a box is written:
+Prompts go through the checkpoint's own chat template (``ModelAdapter.render``): the Qwen2-VL and Qwen2.5-VL
+templates insert the default system turn ("You are a helpful assistant."), Qwen3-VL's does not, and Qwen3.5's
+opens the answer with the empty reasoning block ``<think>\n\n</think>\n\n`` when thinking is off
+(``enable_thinking=False``). The image is ``<|vision_start|><|image_pad|><|vision_end|>``, before the text.
 
-- Qwen2-VL: ``<|box_start|>(x1,y1),(x2,y2)<|box_end|>`` on a 0..1000 grid, the caption framed by
-  ``<|object_ref_start|>...<|object_ref_end|>`` as in its grounding data;
-- Qwen2.5-VL: ``{"bbox_2d": [x1, y1, x2, y2]}`` in absolute pixels of the resized input;
-- Qwen3-VL, Qwen3.5: the same JSON on a 0..1000 grid.
+Grounding prompt and answer (the locator's SFT target is the answer, labelled with the caption, so that a tuned
+model keeps answering in its released format):
+
+- Qwen2-VL: "Find <|object_ref_start|>CAPTION<|object_ref_end|>." ->
+  ``<|object_ref_start|>CAPTION<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>`` on a 0..1000 grid
+  (the grounding format of Qwen2-VL's README and tokenizer: the reference, then the box, in their special tokens);
+- Qwen2.5-VL: "Locate CAPTION in this image and output the bbox coordinates in JSON format." (the grounding
+  prompt of Qwen's fine-tuning README) -> the fenced JSON list
+  ``\`\`\`json\n[\n\t{"bbox_2d": [x1, y1, x2, y2], "label": "CAPTION"}\n]\n\`\`\``` in absolute pixels of the
+  *resized* model input;
+- Qwen3-VL, Qwen3.5: the same prompt and answer on a 0..1000 grid.
+
+What the released models write (``answer_examples``, each read back to its box by the tests and by
+``python -m sc_tune.families parse``):
+
+| family | answer | source |
+|---|---|---|
+| Qwen2.5-VL | fenced list, 4/8-space indentation, trailing commas, 39 boxes (refused: more than one box) | QwenLM/Qwen2.5-VL ``cookbooks/ocr.ipynb`` (text spotting, 2025-01-29), Qwen2.5-VL-7B's output |
+| Qwen2.5-VL | ``{\n"bbox_2d": [135, 114, 1016, 672]\n}`` (pixels) | QwenLM/Qwen2.5-VL ``qwen-vl-finetune/README.md``, "Grounding Example" |
+| Qwen3-VL | fenced list, tab indentation, ``point_2d`` (refused: a point, not a box) | QwenLM/Qwen3-VL ``cookbooks/spatial_understanding.ipynb`` (Qwen3-VL-235B-A22B-Instruct) |
+
+The tab-indented fenced box list itself (``\`\`\`json\n[\n\t{"bbox_2d": [...], "label": "..."}\n]\n\`\`\```) is
+the layout of the Qwen2.5-VL and Qwen3-VL grounding cookbooks (``spatial_understanding.ipynb``,
+``2d_grounding.ipynb``); the codec's ``answer_layouts`` hold it and the other documented layouts, and the locator
+budget holds each (``sc_tune.rollout.fit_locator_budget``).
+
+Reasoning: Qwen3-VL-*-Thinking share ``model_type`` with the Instruct checkpoints; their template opens
+``<think>`` for every answer, which ``ModelAdapter.thinking_only_reason`` detects (they are refused, naming the
+checkpoint). Qwen3.5 is hybrid: thinking off through its template's switch.
 """
 
 from __future__ import annotations
 
 import torch
 
-from sc_tune.adapters.base import find_submodule
+from sc_tune.adapters.base import DocumentedAnswer, find_submodule
 from sc_tune.adapters.patch_grid_chat import PatchGridChatAdapter
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
-from sc_tune.box_codecs import JsonGridCodec, JsonPixelCodec, PairGridCodec
+from sc_tune.box_codecs import JsonBoxCodec, PairGridCodec
 from sc_tune.models.tiny_configs import save_tiny_model
 from sc_tune.vision_cache import VisionTrunk
 
-IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+GROUNDING_PROMPT = "Locate {} in this image and output the bbox coordinates in JSON format."
 _LM_PROJECTIONS = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
 
 
 class _QwenChatVLAdapter(PatchGridChatAdapter):
     image_token = "<|image_pad|>"
-    assistant_prefix = ""  # what the chat template writes at the start of every assistant turn
     vision_trainable_prefixes = ("model.visual.merger",)
     # MoE variants: the routed experts are fused 3-D parameters, not Linear modules, so LoRA reaches the
     # attention (and any shared expert) only.
@@ -59,8 +85,17 @@ class _QwenChatVLAdapter(PatchGridChatAdapter):
         # The first decoding step would run the tower on pixel_values and find no <|image_pad|> to put them in.
         return {k: v for k, v in inputs.items() if k != "pixel_values"}
 
-    def turn(self, user_text: str) -> str:
-        return f"<|im_start|>user\n{user_text}<|im_end|>\n<|im_start|>assistant\n{self.assistant_prefix}"
+    def _native(self) -> bool:
+        return self.codec is self.native_codec
+
+    def describer_prompt(self, box_norm, image):
+        return self.render(f"Describe the object at {self.codec.format(box_norm, image.frame)} in a few words.")
+
+    def locator_prompt(self, caption, image):
+        caption = self.plain_text(caption)
+        if not self._native():
+            return self.render(f"Locate {caption}. {self.codec.request}")
+        return self.render(GROUNDING_PROMPT.format(caption))
 
     @property
     def end_text(self) -> str:
@@ -75,58 +110,68 @@ def _pixel_rows_per_image(args, kwargs):
 
 
 class Qwen2VLAdapter(_QwenChatVLAdapter):
-    native_codec = PairGridCodec(scale=1000)
+    native_codec = PairGridCodec(1000, "<|box_start|>", "<|box_end|>")
 
     def describer_prompt(self, box_norm, image):
-        box = f"<|box_start|>{self.codec.format(box_norm, image.frame)}<|box_end|>"
-        return self.turn(f"{IMAGE_PLACEHOLDER}Describe the object in {box} in a few words.")
+        return self.render(f"Describe the object in {self.codec.format(box_norm, image.frame)} in a few words.")
 
     def locator_prompt(self, caption, image):
-        ref = f"<|object_ref_start|>{caption}<|object_ref_end|>"
-        # The assistant turn is opened with the reference and <|box_start|>, Qwen2-VL's grounding answer
-        # format, so the continuation is exactly the box.
-        return self.turn(f"{IMAGE_PLACEHOLDER}Find {ref}.") + f"{ref}<|box_start|>"
+        if not self._native():
+            return super().locator_prompt(caption, image)
+        return self.render(f"Find {self._reference(self.plain_text(caption))}.")
 
-    def locator_target(self, box_norm, image):
-        return f"{self.codec.format(box_norm, image.frame)}<|box_end|>{self.end_text}"
+    def answer_prefix(self, caption):
+        # Qwen2-VL's grounding answer repeats the reference before its box.
+        return self._reference(caption) if self._native() else ""
 
-
-class _JsonBoxAdapter(_QwenChatVLAdapter):
-    def describer_prompt(self, box_norm, image):
-        return self.turn(
-            f"{IMAGE_PLACEHOLDER}Describe the object at {self.codec.format(box_norm, image.frame)} in a few words."
-        )
-
-    def locator_prompt(self, caption, image):
-        return self.turn(f"{IMAGE_PLACEHOLDER}Locate {caption}. {self.codec.request}")
-
-    def locator_target(self, box_norm, image):
-        return f"{self.codec.format(box_norm, image.frame)}{self.end_text}"
+    @staticmethod
+    def _reference(caption: str) -> str:
+        return f"<|object_ref_start|>{caption}<|object_ref_end|>"
 
 
-class Qwen25VLAdapter(_JsonBoxAdapter):
-    native_codec = JsonPixelCodec()
+# A point answer in the Qwen3-VL cookbook's layout (tab-indented fenced list): not a box.
+_QWEN3_VL_POINT = '```json\n[\n\t{"point_2d": [925, 618], "label": "point_1"}\n]\n```'
 
 
-class Qwen3VLAdapter(_JsonBoxAdapter):
-    native_codec = JsonGridCodec(scale=1000)
+class Qwen25VLAdapter(_QwenChatVLAdapter):
+    native_codec = JsonBoxCodec("bbox_2d", scale=None)
+    answer_examples = (
+        DocumentedAnswer('{\n"bbox_2d": [135, 114, 1016, 672]\n}', (135 / 1092, 114 / 728, 1016 / 1092, 672 / 728),
+                         "QwenLM/Qwen2.5-VL qwen-vl-finetune/README.md, Grounding Example (pixels of a 1092x728 "
+                         "input assumed here)", frame=(1092, 728)),
+        DocumentedAnswer(
+            '```json\n[\n    {\n        "bbox_2d": [125, 169, 754, 208], "text_content": "UNIHAKKA INTERNATIONAL SDN BHD",'
+            '\n    },\n    {\n        "bbox_2d": [325, 210, 549, 238], "text_content": "01 Jun 2018 18:41",\n    },\n]\n```',
+            None,
+            "QwenLM/Qwen2.5-VL cookbooks/ocr.ipynb (2025-01-29), text spotting, Qwen2.5-VL-7B: its first two objects "
+            "verbatim (4/8 spaces, trailing commas), the list closed as the answer closes its 39; more than one box "
+            "is refused",
+            frame=(868, 1400),
+        ),
+    )
+
+
+class Qwen3VLAdapter(_QwenChatVLAdapter):
+    native_codec = JsonBoxCodec("bbox_2d", scale=1000)
     vision_trainable_prefixes = ("model.visual.merger", "model.visual.deepstack_merger_list")
+    answer_examples = (
+        DocumentedAnswer(_QWEN3_VL_POINT, None, "QwenLM/Qwen3-VL cookbooks/spatial_understanding.ipynb "
+                         "(Qwen3-VL-235B-A22B-Instruct, affordance pointing): a point, not a box"),
+    )
 
 
-class Qwen35Adapter(_JsonBoxAdapter):
+class Qwen35Adapter(_QwenChatVLAdapter):
     """Qwen3.5 / 3.6 / 3.8: vision folded into the main model, boxes as Qwen3-VL (JSON ``bbox_2d``, 0..1000).
 
-    Uncertain, and why: the Qwen3.5 checkpoints think by default. We open every assistant turn with the
-    empty reasoning block ``<think>\\n\\n</think>\\n\\n`` that the Qwen3 chat templates write when thinking is
-    switched off (``enable_thinking=False``), so the answer is the caption or the box directly. The box
-    convention (relative 0..1000) is the Qwen blog's and a Qwen maintainer's statement, not a chat-template
-    fact. The vision tower has no DeepStack mergers: ``fix_vit`` keeps only ``model.visual.merger``.
+    The Qwen3.5 checkpoints think by default; their chat template's switch (``enable_thinking=False``) opens the
+    answer with the empty reasoning block ``<think>\n\n</think>\n\n``, so the answer is the caption or the box
+    directly. The box convention (relative 0..1000) is the Qwen blog's and a Qwen maintainer's statement, not a
+    chat-template fact. The vision tower has no DeepStack mergers: ``fix_vit`` keeps only ``model.visual.merger``.
     The text model is hybrid: Gated DeltaNet (linear attention) layers whose projections
     (``in_proj_qkv``, ``in_proj_z``, ``out_proj``) LoRA also targets, between full-attention layers.
     """
 
-    native_codec = JsonGridCodec(scale=1000)
-    assistant_prefix = "<think>\n\n</think>\n\n"
+    native_codec = JsonBoxCodec("bbox_2d", scale=1000)
     lora_target_modules = rf"model\.language_model\..*\.({_LM_PROJECTIONS}|in_proj_qkv|in_proj_z|out_proj)"
 
     def resumes_from_scoring_cache(self, model, prompt_length, scored_length):

@@ -21,6 +21,7 @@ from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
 
 
 class SmolVLMAdapter(ChatTemplateAdapter):
+    grounding_prior = False  # no documented grounding: a grounding warm start comes first
     image_marker = "<image>"
     image_token = "<image>"
     end_token = "<end_of_utterance>"

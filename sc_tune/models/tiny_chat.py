@@ -56,6 +56,7 @@ class TinySpec:
     image_processor: Callable[[int], object]  # image_size -> the family's image processor
     config: Callable[[object, TinySizes], object]  # (tokenizer, sizes) -> the model config
     tokenizer_class: Callable[[], type] = field(default=lambda: _default_tokenizer_class())
+    chat_template: str = ""  # a stand-in for the released template (sc_tune.models.tiny_chat_templates)
 
 
 def _default_tokenizer_class():
@@ -81,7 +82,7 @@ def build_tokenizer(spec: TinySpec, corpus: Iterable[str] = DEFAULT_CORPUS, voca
         show_progress=False,
     )
     tok.train_from_iterator([spec.template_text, *corpus], trainer=trainer)
-    return spec.tokenizer_class()(
+    tokenizer = spec.tokenizer_class()(
         tokenizer_object=tok,
         eos_token=spec.eos_token,
         pad_token=spec.special_tokens[0],
@@ -90,6 +91,9 @@ def build_tokenizer(spec: TinySpec, corpus: Iterable[str] = DEFAULT_CORPUS, voca
         extra_special_tokens=list(spec.special_tokens[1:]),
         padding_side="left",
     )
+    if spec.chat_template:
+        tokenizer.chat_template = spec.chat_template
+    return tokenizer
 
 
 def build_tiny(

@@ -1,14 +1,20 @@
 """Tiny configs of the transformers-native chat families, one ``TinySpec`` per ``model_type``.
 
 Sizes are the smallest that keep each architecture's constraints (rope sections summing to half the head
-dim, vision width divisible by its heads, merge sizes matching the image processor). The Qwen2/2.5/3-VL
-models and tokenizers are bit-identical to what ``sc_tune/tiny.py`` built before the family registry: the
-committed warm start (``sc_tune/synthetic``) was built with them.
+dim, vision width divisible by its heads, merge sizes matching the image processor). The tokenizers carry
+stand-ins of the released chat templates (``sc_tune.models.tiny_chat_templates``); the committed warm start
+(``sc_tune/synthetic``) was built with the Qwen3-VL one.
 """
 
 from __future__ import annotations
 
 from sc_tune.models.tiny_chat import DEFAULT_CORPUS, TinySizes, TinySpec, build_tiny, save_tiny
+from sc_tune.models.tiny_chat_templates import (
+    GLM_HYBRID_TEMPLATE,
+    QWEN2_VL_TEMPLATE,
+    QWEN3_5_TEMPLATE,
+    QWEN3_VL_TEMPLATE,
+)
 
 QWEN_VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 QWEN_CHAT_SPECIAL_TOKENS = (
@@ -21,11 +27,14 @@ QWEN_CHAT_SPECIAL_TOKENS = (
     "<|box_end|>",
     *QWEN_VISION_TOKENS,
 )
-# The words of the Qwen prompt templates in sc_tune.adapters, so that the tiny tokenizer spends one token
-# per word on them (sequences stay short on CPU).
+# The words of the Qwen prompts and answers in sc_tune.adapters (and of the chat templates around them), so that
+# the tiny tokenizer spends about one token per word on them (sequences stay short on CPU).
 QWEN_TEMPLATE_TEXT = (
-    "user\nassistant\nDescribe the object in in a few words. Find . Describe the object at "
-    'Locate . Output its bbox_2d in JSON. {"bbox_2d": [0, 1, 2, 3]} (0,1),(2,3) This is a the'
+    "system\nYou are a helpful assistant.\nuser\nassistant\nDescribe the object in in a few words. Find . "
+    "Describe the object at Locate  in this image and output the bbox coordinates in JSON format. "
+    'Locate . Output its bbox coordinates in JSON format. {"bbox_2d": [0, 1, 2, 3]} (0,1),(2,3) This is a the '
+    '```json\n[\n\t{"bbox_2d": [0, 1, 2, 3], "label": "the"}\n]\n```\n'
+    '```json\n[\n    {\n        "bbox_2d": [0, 1, 2, 3], "label": "the",\n    },\n]\n```'
 )
 
 
@@ -191,13 +200,14 @@ def _qwen3_5_moe_config(tokenizer, sizes: TinySizes):
     return _for_model("qwen3_5_moe", text, _qwen3_5_vision(sizes), _qwen_token_ids(tokenizer))
 
 
-def _qwen_spec(config, patch_size: int, special_tokens=QWEN_CHAT_SPECIAL_TOKENS) -> TinySpec:
+def _qwen_spec(config, patch_size: int, chat_template: str, special_tokens=QWEN_CHAT_SPECIAL_TOKENS) -> TinySpec:
     return TinySpec(
         special_tokens=special_tokens,
         eos_token="<|im_end|>",
         template_text=QWEN_TEMPLATE_TEXT,
         image_processor=_qwen_image_processor(patch_size),
         config=config,
+        chat_template=chat_template,
     )
 
 
@@ -234,7 +244,8 @@ GLM_SPECIAL_TOKENS = (
     "</think>",
 )
 GLM_TEMPLATE_TEXT = (
-    "Describe the object in in a few words. Locate . Answer with its bounding box. [[0, 1, 2, 3]] This is a the"
+    "Describe the object in in a few words. Please pinpoint the bounding box [[x1,y1,x2,y2], …] in the image as "
+    "per the given description. Locate . Answer with its bounding box. [[0, 1, 2, 3]] This is a the /nothink"
 )
 
 
@@ -313,16 +324,17 @@ def _glm_spec(model_type: str) -> TinySpec:
             "Glm46VImageProcessorPil" if model_type == "glm46v" else "Glm4vImageProcessorPil"
         ),
         config=_glm_config(model_type),
+        chat_template=GLM_HYBRID_TEMPLATE,
     )
 
 
 TINY_SPECS: dict[str, TinySpec] = {
-    "qwen2_vl": _qwen_spec(_qwen2_vl_config, 14),
-    "qwen2_5_vl": _qwen_spec(_qwen2_5_vl_config, 14),
-    "qwen3_vl": _qwen_spec(_qwen3_vl_config, 16),
-    "qwen3_vl_moe": _qwen_spec(_qwen3_vl_moe_config, 16),
-    "qwen3_5": _qwen_spec(_qwen3_5_config, 16, QWEN3_5_SPECIAL_TOKENS),
-    "qwen3_5_moe": _qwen_spec(_qwen3_5_moe_config, 16, QWEN3_5_SPECIAL_TOKENS),
+    "qwen2_vl": _qwen_spec(_qwen2_vl_config, 14, QWEN2_VL_TEMPLATE),
+    "qwen2_5_vl": _qwen_spec(_qwen2_5_vl_config, 14, QWEN2_VL_TEMPLATE),
+    "qwen3_vl": _qwen_spec(_qwen3_vl_config, 16, QWEN3_VL_TEMPLATE),
+    "qwen3_vl_moe": _qwen_spec(_qwen3_vl_moe_config, 16, QWEN3_VL_TEMPLATE),
+    "qwen3_5": _qwen_spec(_qwen3_5_config, 16, QWEN3_5_TEMPLATE, QWEN3_5_SPECIAL_TOKENS),
+    "qwen3_5_moe": _qwen_spec(_qwen3_5_moe_config, 16, QWEN3_5_TEMPLATE, QWEN3_5_SPECIAL_TOKENS),
     "glm4v": _glm_spec("glm4v"),
     "glm4v_moe": _glm_spec("glm4v_moe"),
     "glm46v": _glm_spec("glm46v"),

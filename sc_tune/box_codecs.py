@@ -46,7 +46,6 @@ _NUM = r"(-?\d+(?:\.\d+)?)"
 _FOUR = rf"\s*{_NUM}\s*,\s*{_NUM}\s*,\s*{_NUM}\s*,\s*{_NUM}\s*"
 _PAIR_RE = re.compile(rf"\(\s*{_NUM}\s*,\s*{_NUM}\s*\)\s*,\s*\(\s*{_NUM}\s*,\s*{_NUM}\s*\)")
 _LIST_RE = re.compile(rf"\[{_FOUR}\]")
-_NESTED_RE = re.compile(rf"\[\s*\[{_FOUR}\]\s*\]")
 _NUMBER_RE = re.compile(_NUM)
 # The JSON keys of the two box conventions that name their axis order: Qwen's ``bbox_2d`` is x-first,
 # Gemini's (and Gemma's) ``box_2d`` is y-first.
@@ -106,7 +105,11 @@ class BoxCodec(ABC):
 
     def format(self, box_norm: Sequence[float], frame: tuple[int, int] = (0, 0)) -> str:
         """The box as the family writes it in a sentence (with its box tokens, if any)."""
-        return f"{self.open}{self.coordinates_text(self.written_values(box_norm, frame))}{self.close}"
+        return self.text_of(self.written_values(box_norm, frame))
+
+    def text_of(self, values: Sequence) -> str:
+        """``format``'s text for four values as written (in the written axis order)."""
+        return f"{self.open}{self.coordinates_text(values)}{self.close}"
 
     def answer(self, box_norm: Sequence[float], frame: tuple[int, int] = (0, 0), label: str = "") -> str:
         """The grounding answer as the released model writes it (``label``: the phrase it grounds)."""
@@ -245,9 +248,13 @@ class ListGridCodec(_GridScale, BoxCodec):
 
 
 class NestedListGridCodec(_GridScale, BoxCodec):
-    """``[[x1, y1, x2, y2]]`` on a ``0..scale`` grid, one box of a list of boxes (InternVL, in ``<box>...</box>``)."""
+    """``[[x1, y1, x2, y2]]`` on a ``0..scale`` grid, one box of a list of boxes (InternVL, in ``<box>...</box>``).
+
+    Read as InternVL's own grounding evaluation reads it (``evaluate_grounding.py``: ``\\[*\\[(.*?),(.*?),(.*?),
+    (.*?)\\]\\]*``): double or single brackets, inside the box tags where the answer has them, else anywhere."""
 
     shape = "[[x1, y1, x2, y2]] box"
+    _pattern = re.compile(rf"\[?\[{_FOUR}\]\]?")
 
     def __init__(self, scale: int = 1000, open: str = "", close: str = ""):
         super().__init__(scale)
@@ -257,12 +264,18 @@ class NestedListGridCodec(_GridScale, BoxCodec):
         return _grid(values, "[[{}, {}, {}, {}]]")
 
     def find_boxes(self, text):
-        return list(_NESTED_RE.finditer(text))
+        return list(self._pattern.finditer(text))
 
-    def why_none(self, text):
-        if _LIST_RE.search(text):
-            return f"a single-bracket list where this family writes {self.shape}"
-        return super().why_none(text)
+    def segments(self, text):
+        if self.open and self.open not in text:
+            return [(text, 0)]  # InternVL's evaluation reads an answer without its box tags too
+        return super().segments(text)
+
+    def box_end(self, text):
+        if self.open and self.open not in text:
+            match = self._pattern.search(text)
+            return match.end() if match and match.group(0).startswith("[[") == match.group(0).endswith("]]") else None
+        return super().box_end(text)
 
 
 class BracketGridCodec(_GridScale, BoxCodec):
@@ -337,8 +350,8 @@ class JsonBoxCodec(BoxCodec):
     def coordinates_text(self, values):
         return _grid(values, "[{}, {}, {}, {}]")
 
-    def format(self, box_norm, frame=(0, 0)):
-        return f'{{"{self.key}": {self.coordinates_text(self.written_values(box_norm, frame))}}}'
+    def text_of(self, values):
+        return f'{{"{self.key}": {self.coordinates_text(values)}}}'
 
     def _object(self, box_norm, frame, label: str, sep: str = ", ") -> str:
         coordinates = self.coordinates_text(self.written_values(box_norm, frame))
@@ -352,6 +365,8 @@ class JsonBoxCodec(BoxCodec):
         coordinates = self.coordinates_text(self.written_values(box_norm, frame))
         return [
             self.answer(box_norm, frame, label),
+            # one object per line, 4 spaces, trailing comma (Qwen2.5-VL's spatial-understanding cookbook)
+            f"```json\n[\n    {{{self._object(box_norm, frame, label)}}},\n]\n```",
             # each object opened on its own line, 4 / 8 spaces, trailing commas (Qwen2.5-VL's OCR cookbook)
             f"```json\n[\n    {{\n        {self._object(box_norm, frame, label)},\n    }},\n]\n```",
             f"{{{self._object(box_norm, frame, label)}}}",  # a bare object

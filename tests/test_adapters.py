@@ -6,7 +6,8 @@ from PIL import Image
 
 from sc_tune.adapters import supported_model_types
 from sc_tune.modeling import load_model_and_adapter
-from sc_tune.rollout import GenerationSettings, completion_mask, fit_locator_budget, generate, locate
+from sc_tune.rollout import (LOCATOR_BUDGET_MARGIN, GenerationSettings, completion_mask, fit_locator_budget, generate,
+                             locate)
 from tests.conftest import SAMPLE_IMAGES
 
 FAMILIES = supported_model_types()
@@ -29,11 +30,11 @@ def test_batch_is_left_padded_with_labels_on_targets_only(family):
     _, adapter, image = family
     box = [0.125, 0.25, 0.5, 0.75]
     prompts = [adapter.locator_prompt("the red circle", image), adapter.locator_prompt("a", image)]
-    targets = [adapter.locator_target(box, image), adapter.locator_target(box, image)]
+    targets = [adapter.locator_target(box, image, "the red circle"), adapter.locator_target(box, image, "a")]
     batch = adapter.build_batch(prompts, [image, image], targets)
     ids, mask, labels = batch.inputs["input_ids"], batch.inputs["attention_mask"], batch.labels
-    target_ids = adapter.encode_target(targets[0])
     for row in range(2):
+        target_ids = adapter.encode_target(targets[row])
         assert labels[row, -len(target_ids) :].tolist() == target_ids  # targets end every row
         assert (labels[row, : -len(target_ids)] == -100).all()
     assert mask[1, 0] == 0 and mask[0].all()  # the shorter prompt is padded on the left
@@ -69,8 +70,10 @@ def test_generation_pads_after_the_end_and_teacher_forcing_lines_up(family):
 
 def test_locator_budget_fits_the_longest_box_and_failures_are_none(family):
     model, adapter, image = family
-    fitted = fit_locator_budget(adapter, [image], GenerationSettings(max_new_tokens=5))
-    widest = adapter.encode_target(adapter.locator_target([1.0, 1.0, 1.0, 1.0], image))
-    assert fitted.max_new_tokens == max(5, len(widest))
+    fitted = fit_locator_budget(adapter, [image], GenerationSettings(max_new_tokens=5), ["the red circle"])
+    widest = adapter.locator_target([1.0, 1.0, 1.0, 1.0], image, "the red circle")
+    up_to_box = widest[: adapter.locator_answer_end(widest)]  # generation stops where the box is complete
+    assert fitted.max_new_tokens >= len(adapter.encode_target(up_to_box)) + LOCATOR_BUDGET_MARGIN
+    assert fit_locator_budget(adapter, [image], GenerationSettings(max_new_tokens=500)).max_new_tokens == 500
     boxes, texts = locate(model, adapter, [image], ["the red circle"], GenerationSettings(max_new_tokens=3))
     assert len(texts) == 1 and (boxes[0] is None or len(boxes[0]) == 4)  # a random model: usually None

@@ -3,13 +3,17 @@
 Box convention: ``{"box_2d": [y1, x1, y2, x2], "label": ...}``, **y-first**, integers on 0..1000, answered as a
 fenced JSON list (``sc_tune.box_codecs.JsonBoxCodec("box_2d", y_first=True)``).
 
-- Gemma 4 documents object detection in this form (Google's Gemma 4 vision documentation: "box_2d", ``[y1, x1,
-  y2, x2]`` normalised to 0..1000, the convention of the Gemini models it shares its training with).
-- Gemma 3 documents no box output. Decision: the same convention. The only statement from Google is its reply
-  on the google/gemma-3-4b-it model page (discussion 38): the documentation "does not explicitly confirm" box
-  output, but "Gemma 3 likely follows the same format as the Gemini models" (``[y_min, x_min, y_max, x_max]``,
-  0..1000). So a Gemma 3 box is read y-first, and Gemma 3 has no grounding prior (``grounding_prior = False``):
-  a grounding warm start teaches the format before SC-Tune can reward anything.
+- Gemma 3 documents no box output. Decision: Gemini's convention. The only statement from Google is its reply on
+  the google/gemma-3-4b-it model page (discussion 38): the documentation "does not explicitly confirm" box output,
+  but "Gemma 3 likely follows the same format as the Gemini models" (``[y_min, x_min, y_max, x_max]``, 0..1000).
+  So a Gemma 3 box is read y-first, and Gemma 3 has no grounding prior (``grounding_prior = False``): a grounding
+  warm start teaches the format before SC-Tune can reward anything.
+- Gemma 4: Google's vision documentation lists object detection among Gemma 4's tasks (ai.google.dev, Gemma
+  "Vision understanding"), but no Google answer example or box statement was found (searched 2026-12-04): the same
+  Gemini convention is assumed, unverified. Its chat template opens the answer with an empty thought channel
+  (``<|channel>thought\n<channel|>``, thinking off by default).
+
+The table (``answer_examples``) holds Gemini's documented answer layout and the forms refused as ambiguous.
 
 An answer that cannot be read unambiguously is a parse failure, never a reordered box: a bare list (no key
 says its axis order) and Qwen's x-first ``bbox_2d`` are refused with their reason.

@@ -1,10 +1,13 @@
 """InternVL3 / InternVL3.5 in the transformers format (``internvl``: the ``-hf`` checkpoints).
 
 Box convention: ``<ref>phrase</ref><box>[[x1, y1, x2, y2]]</box>`` with integers on a 0..1000 grid
-(``sc_tune.box_codecs.NestedListGridCodec`` between ``<box>`` and ``</box>``). Source: the OpenGVLab model cards
-and the grounding evaluations built on them; the referring prompt is InternVL's documented one, "Please provide
-the bounding box coordinate of the region this sentence describes: <ref>…</ref>", and the answer repeats the
-reference before the box: the locator's SFT target is that whole answer,
+(``sc_tune.box_codecs.NestedListGridCodec`` between ``<box>`` and ``</box>``). Sources (``answer_examples``): the
+referring prompt and the 0..1000 grid of InternVL's own RefCOCO evaluation
+(``internvl_chat/eval/refcoco/evaluate_grounding.py``: "Please provide the bounding box coordinate of the region
+this sentence describes: <ref>{}</ref>", answers read with ``\[*\[(.*?),(.*?),(.*?),(.*?)\]\]*`` and divided by
+1000, so single brackets and answers without the box tags read too), and ms-swift's documentation of InternVL2.5's
+grounding text (``<ref>羊</ref>`` and ``<box>[[101, 201, 150, 266]]</box>``; third-party, no OpenGVLab answer example
+was found). The answer repeats the reference before the box: the locator's SFT target is that whole answer,
 ``<ref>CAPTION</ref><box>[[x1, y1, x2, y2]]</box><|im_end|>``. The describer prompt ("Please provide a short
 description for this region: <box>…</box>") is this project's wording in InternVL's box syntax; InternVL's own
 region-caption prompt was not verified.
@@ -31,11 +34,16 @@ REGION_PROMPT = "Please provide a short description for this region: "
 class InternVLAdapter(ChatTemplateAdapter):
     native_codec = NestedListGridCodec(1000, "<box>", "</box>")
     answer_examples = (
-        DocumentedAnswer("<ref>the dog</ref><box>[[10, 20, 30, 40]]</box>", (0.01, 0.02, 0.03, 0.04),
-                         "OpenGVLab InternVL model cards (grounding): <ref>phrase</ref><box>[[x1, y1, x2, y2]]</box>, "
-                         "0..1000"),
-        DocumentedAnswer("<ref>the dog</ref><box>[10, 20, 30, 40]</box>", None,
-                         "InternVL writes [[...]] inside <box>; a single-bracket list is not its form (refused)"),
+        DocumentedAnswer("<ref>羊</ref><box>[[101, 201, 150, 266]]</box>", (0.101, 0.201, 0.150, 0.266),
+                         "ms-swift docs (third-party), quoted in modelscope/ms-swift issue #5008: InternVL2.5's "
+                         "grounding text"),
+        DocumentedAnswer("[[101, 201, 150, 266]]", (0.101, 0.201, 0.150, 0.266),
+                         "OpenGVLab/InternVL internvl_chat/eval/refcoco/evaluate_grounding.py: its parser "
+                         r"\[*\[(.*?),(.*?),(.*?),(.*?)\]\]* reads the list with or without the box tags, / 1000"),
+        DocumentedAnswer("<box>[101, 201, 150, 266]</box>", (0.101, 0.201, 0.150, 0.266),
+                         "the same parser: single brackets read alike"),
+        DocumentedAnswer("<box>[[101, 201, 150, 266]]</box><box>[[300, 300, 400, 400]]</box>", None,
+                         "two boxes for one phrase (refused)"),
     )
     image_marker = "<IMG_CONTEXT>"
     image_token = "<IMG_CONTEXT>"

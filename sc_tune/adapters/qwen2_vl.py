@@ -17,19 +17,25 @@ model keeps answering in its released format):
   *resized* model input;
 - Qwen3-VL, Qwen3.5: the same prompt and answer on a 0..1000 grid.
 
-What the released models write (``answer_examples``, each read back to its box by the tests and by
-``python -m sc_tune.families parse``):
+What the released models write (``answer_examples``, each read back to its box, or refused with its reason, by the
+tests and by ``python -m sc_tune.families parse``):
 
 | family | answer | source |
 |---|---|---|
-| Qwen2.5-VL | fenced list, 4/8-space indentation, trailing commas, 39 boxes (refused: more than one box) | QwenLM/Qwen2.5-VL ``cookbooks/ocr.ipynb`` (text spotting, 2025-01-29), Qwen2.5-VL-7B's output |
-| Qwen2.5-VL | ``{\n"bbox_2d": [135, 114, 1016, 672]\n}`` (pixels) | QwenLM/Qwen2.5-VL ``qwen-vl-finetune/README.md``, "Grounding Example" |
-| Qwen3-VL | fenced list, tab indentation, ``point_2d`` (refused: a point, not a box) | QwenLM/Qwen3-VL ``cookbooks/spatial_understanding.ipynb`` (Qwen3-VL-235B-A22B-Instruct) |
+| Qwen2-VL | ``<|object_ref_start|>击掌<|object_ref_end|><|box_start|>(531,516),(581,596)<|box_end|><|im_end|>`` | user report, QwenLM/Qwen3-VL issue #9 (no Qwen-own example found) |
+| Qwen2.5-VL | fenced list, tab: ``\t{"bbox_2d": [765, 394, 891, 550], "label": "top right brown cake"}`` | QwenLM/Qwen2.5-VL ``cookbooks/spatial_understanding.ipynb``, "Detect a specific object" |
+| Qwen2.5-VL | the same, values above 1000 (pixels): ``[1098, 1304, 1576, 1900]`` | the same notebook, "Reasoning capability" |
+| Qwen2.5-VL | one object per line, 4 spaces, trailing comma | the same notebook, "Detect certain object" (12 boxes: refused) |
+| Qwen2.5-VL | plain text ``43,378,996,957 cakes`` (asked for by a system prompt; refused: no ``bbox_2d``) | the same notebook, cell 8 |
+| Qwen2.5-VL | ``{\n"bbox_2d": [135, 114, 1016, 672]\n}`` | QwenLM/Qwen2.5-VL ``qwen-vl-finetune/README.md``, "Grounding Example" |
+| Qwen2.5-VL | 4/8 spaces, trailing commas, 39 boxes (refused: more than one box) | QwenLM/Qwen2.5-VL ``cookbooks/ocr.ipynb`` (text spotting) |
+| Qwen3-VL, Qwen3.5 | fenced list, tab, other keys: ``\t{"bbox_2d": [0, 614, 224, 825], "name_zh": "米饭", "name_en": "Rice"},`` | QwenLM/Qwen3-VL ``cookbooks/omni_recognition.ipynb`` (7 boxes; its first entry) |
+| Qwen3-VL, Qwen3.5 | ``\t{"point_2d": [925, 618], "label": "point_1"}`` (refused: a point) | QwenLM/Qwen3-VL ``cookbooks/spatial_understanding.ipynb`` |
 
-The tab-indented fenced box list itself (``\`\`\`json\n[\n\t{"bbox_2d": [...], "label": "..."}\n]\n\`\`\```) is
-the layout of the Qwen2.5-VL and Qwen3-VL grounding cookbooks (``spatial_understanding.ipynb``,
-``2d_grounding.ipynb``); the codec's ``answer_layouts`` hold it and the other documented layouts, and the locator
-budget holds each (``sc_tune.rollout.fit_locator_budget``).
+Pixel frames: the notebooks do not print the resized input's size, so the tests assume one that holds the
+coordinates. Qwen3-VL's 0..1000 grid: ``cookbooks/2d_grounding.ipynb`` ("relative coordinates ranging from 0 to
+1000") and a Qwen maintainer (issue #1427). Qwen3.5: no Qwen-own grounding example was found; a maintainer's answer
+about its successor keeps "relative coordinates normalized to [0, 1000]" and we assume Qwen3-VL's answer shape.
 
 Reasoning: Qwen3-VL-*-Thinking share ``model_type`` with the Instruct checkpoints; their template opens
 ``<think>`` for every answer, which ``ModelAdapter.thinking_only_reason`` detects (they are refused, naming the
@@ -49,6 +55,48 @@ from sc_tune.vision_cache import VisionTrunk
 
 GROUNDING_PROMPT = "Locate {} in this image and output the bbox coordinates in JSON format."
 _LM_PROJECTIONS = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
+
+
+_COOKBOOK = "QwenLM/Qwen2.5-VL cookbooks/spatial_understanding.ipynb"
+QWEN2_VL_ANSWERS = (
+    DocumentedAnswer("<|object_ref_start|>击掌<|object_ref_end|><|box_start|>(531,516),(581,596)<|box_end|><|im_end|>",
+                     (0.531, 0.516, 0.581, 0.596), "user report re-running Qwen-VL's README example on Qwen2-VL, "
+                     "QwenLM/Qwen3-VL issue #9"),
+)
+QWEN2_5_VL_ANSWERS = (
+    DocumentedAnswer('```json\n[\n\t{"bbox_2d": [765, 394, 891, 550], "label": "top right brown cake"}\n]\n```',
+                     (765 / 1288, 394 / 728, 891 / 1288, 550 / 728),
+                     f"{_COOKBOOK}, 2. Detect a specific object (a 1288x728 input assumed)", frame=(1288, 728)),
+    DocumentedAnswer('```json\n[\n\t{"bbox_2d": [1098, 1304, 1576, 1900], "label": "shadow of the paper fox"}\n]\n```',
+                     (1098 / 2016, 1304 / 2016, 1576 / 2016, 1900 / 2016),
+                     f"{_COOKBOOK}, 4. Reasoning capability (a 2016x2016 input assumed)", frame=(2016, 2016)),
+    DocumentedAnswer('```json\n[\n    {"bbox_2d": [139, 768, 315, 954], "label": "small cake"},\n'
+                     '    {"bbox_2d": [139, 768, 315, 954], "label": "small cake"},\n]\n```', None,
+                     f"{_COOKBOOK}, 1. Detect certain object: its 4-space layout (first line twice; 12 boxes): "
+                     "more than one box is refused", frame=(1288, 1288)),
+    DocumentedAnswer("43,378,996,957 cakes", None,
+                     f"{_COOKBOOK}, cell 8: the plain-text form a system prompt asked for (no bbox_2d: refused)",
+                     frame=(1288, 1288)),
+    DocumentedAnswer('{\n"bbox_2d": [135, 114, 1016, 672]\n}', (135 / 1092, 114 / 728, 1016 / 1092, 672 / 728),
+                     "QwenLM/Qwen2.5-VL qwen-vl-finetune/README.md, Grounding Example (a 1092x728 input assumed)",
+                     frame=(1092, 728)),
+    DocumentedAnswer(
+        '```json\n[\n    {\n        "bbox_2d": [125, 169, 754, 208], "text_content": "UNIHAKKA INTERNATIONAL SDN BHD",'
+        '\n    },\n    {\n        "bbox_2d": [325, 210, 549, 238], "text_content": "01 Jun 2018 18:41",\n    },\n]\n```',
+        None,
+        "QwenLM/Qwen2.5-VL cookbooks/ocr.ipynb (2025-01-29), text spotting, Qwen2.5-VL-7B: its first two objects "
+        "verbatim (4/8 spaces, trailing commas), the list closed as the answer closes its 39; more than one box is "
+        "refused",
+        frame=(868, 1400),
+    ),
+)
+QWEN3_VL_ANSWERS = (
+    DocumentedAnswer('```json\n[\n\t{"bbox_2d": [0, 614, 224, 825], "name_zh": "米饭", "name_en": "Rice"},\n]\n```',
+                     (0.0, 0.614, 0.224, 0.825), "QwenLM/Qwen3-VL cookbooks/omni_recognition.ipynb cell 6 "
+                     "(qwen3-vl-235b-a22b-instruct): its first entry verbatim, in its list"),
+    DocumentedAnswer('```json\n[\n\t{"point_2d": [925, 618], "label": "point_1"}\n]\n```', None,
+                     "QwenLM/Qwen3-VL cookbooks/spatial_understanding.ipynb cell 11: a point, not a box (refused)"),
+)
 
 
 class _QwenChatVLAdapter(PatchGridChatAdapter):
@@ -111,6 +159,7 @@ def _pixel_rows_per_image(args, kwargs):
 
 class Qwen2VLAdapter(_QwenChatVLAdapter):
     native_codec = PairGridCodec(1000, "<|box_start|>", "<|box_end|>")
+    answer_examples = QWEN2_VL_ANSWERS
 
     def describer_prompt(self, box_norm, image):
         return self.render(f"Describe the object in {self.codec.format(box_norm, image.frame)} in a few words.")
@@ -129,35 +178,15 @@ class Qwen2VLAdapter(_QwenChatVLAdapter):
         return f"<|object_ref_start|>{caption}<|object_ref_end|>"
 
 
-# A point answer in the Qwen3-VL cookbook's layout (tab-indented fenced list): not a box.
-_QWEN3_VL_POINT = '```json\n[\n\t{"point_2d": [925, 618], "label": "point_1"}\n]\n```'
-
-
 class Qwen25VLAdapter(_QwenChatVLAdapter):
     native_codec = JsonBoxCodec("bbox_2d", scale=None)
-    answer_examples = (
-        DocumentedAnswer('{\n"bbox_2d": [135, 114, 1016, 672]\n}', (135 / 1092, 114 / 728, 1016 / 1092, 672 / 728),
-                         "QwenLM/Qwen2.5-VL qwen-vl-finetune/README.md, Grounding Example (pixels of a 1092x728 "
-                         "input assumed here)", frame=(1092, 728)),
-        DocumentedAnswer(
-            '```json\n[\n    {\n        "bbox_2d": [125, 169, 754, 208], "text_content": "UNIHAKKA INTERNATIONAL SDN BHD",'
-            '\n    },\n    {\n        "bbox_2d": [325, 210, 549, 238], "text_content": "01 Jun 2018 18:41",\n    },\n]\n```',
-            None,
-            "QwenLM/Qwen2.5-VL cookbooks/ocr.ipynb (2025-01-29), text spotting, Qwen2.5-VL-7B: its first two objects "
-            "verbatim (4/8 spaces, trailing commas), the list closed as the answer closes its 39; more than one box "
-            "is refused",
-            frame=(868, 1400),
-        ),
-    )
+    answer_examples = QWEN2_5_VL_ANSWERS
 
 
 class Qwen3VLAdapter(_QwenChatVLAdapter):
     native_codec = JsonBoxCodec("bbox_2d", scale=1000)
     vision_trainable_prefixes = ("model.visual.merger", "model.visual.deepstack_merger_list")
-    answer_examples = (
-        DocumentedAnswer(_QWEN3_VL_POINT, None, "QwenLM/Qwen3-VL cookbooks/spatial_understanding.ipynb "
-                         "(Qwen3-VL-235B-A22B-Instruct, affordance pointing): a point, not a box"),
-    )
+    answer_examples = QWEN3_VL_ANSWERS
 
 
 class Qwen35Adapter(_QwenChatVLAdapter):
@@ -172,6 +201,7 @@ class Qwen35Adapter(_QwenChatVLAdapter):
     """
 
     native_codec = JsonBoxCodec("bbox_2d", scale=1000)
+    answer_examples = QWEN3_VL_ANSWERS  # assumed: no Qwen-own Qwen3.5 grounding example was found
     lora_target_modules = rf"model\.language_model\..*\.({_LM_PROJECTIONS}|in_proj_qkv|in_proj_z|out_proj)"
 
     def resumes_from_scoring_cache(self, model, prompt_length, scored_length):

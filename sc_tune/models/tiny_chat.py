@@ -57,6 +57,7 @@ class TinySpec:
     config: Callable[[object, TinySizes], object]  # (tokenizer, sizes) -> the model config
     tokenizer_class: Callable[[], type] = field(default=lambda: _default_tokenizer_class())
     chat_template: str = ""  # a stand-in for the released template (sc_tune.models.tiny_chat_templates)
+    bos_token: str | None = None  # where the released tokenizer names one (its chat template writes it)
 
 
 def _default_tokenizer_class():
@@ -87,7 +88,7 @@ def build_tokenizer(spec: TinySpec, corpus: Iterable[str] = DEFAULT_CORPUS, voca
         eos_token=spec.eos_token,
         pad_token=spec.special_tokens[0],
         unk_token=None,
-        bos_token=None,
+        bos_token=spec.bos_token,
         extra_special_tokens=list(spec.special_tokens[1:]),
         padding_side="left",
     )

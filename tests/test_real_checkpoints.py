@@ -94,14 +94,25 @@ def test_the_locator_budget_holds_the_widest_released_answer_with_the_real_token
     widest = widest_locator_answer(adapter, image, LONG_CAPTION)
     assert budget == widest.tokens + LOCATOR_BUDGET_MARGIN
     encode = adapter.encode_target
-    # Every documented layout, every coordinate at its widest and a long label, fits up to where decoding stops.
-    answers = adapter.locator_answer_layouts([1.0, 1.0, 1.0, 1.0], image, LONG_CAPTION)
-    # ... and the released answers quoted in the adapter's table, and spacing no documentation shows (the margin).
-    answers += [e.text for e in adapter.answer_examples if e.box is not None]
-    answers += [a.replace(", ", " , ").replace("[", "[ ") for a in answers]
-    for answer in answers:
+
+    def tokens_to_box(answer):
         end = adapter.locator_answer_end(answer)
-        assert end is not None and len(encode(answer[:end])) <= budget, answer
+        assert end is not None, answer
+        return len(encode(answer[:end]))
+
+    # Every released answer quoted in the family's table (the refused multi-box ones too: decoding stops after their
+    # first box), its numbers at the widest this frame allows, fits up to where decoding stops, with the margin to
+    # spare; so do the codec's layouts with a long label.
+    widest_number = str(max(adapter.codec.axis_scales(image.frame)))
+    released = [re.sub(r"(?<!\w)\d+", widest_number, e.text) for e in adapter.answer_examples
+                if adapter.locator_answer_end(e.text) is not None]
+    assert released
+    layouts = adapter.locator_answer_layouts([1.0, 1.0, 1.0, 1.0], image, LONG_CAPTION)
+    for answer in released + layouts:
+        assert tokens_to_box(answer) <= budget - LOCATOR_BUDGET_MARGIN, answer
+    # Spacing no documentation shows takes the margin.
+    for answer in released + layouts:
+        assert tokens_to_box(answer.replace(", ", " , ").replace("[", "[ ")) <= budget, answer
     # The fenced list up to its box (the form the issue counted at 31-33 tokens) does not fit the bare-box budget of
     # before (the '{"bbox_2d": ...}' answer plus its end token): that budget cut nearly every released answer off.
     fenced = adapter.locator_answer([1.0, 1.0, 1.0, 1.0], image, CAPTION)

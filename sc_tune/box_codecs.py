@@ -6,8 +6,8 @@ A codec converts between the project's box convention (normalised ``[x1, y1, x2,
 - ``format(box)``: the box as the family writes it inside a sentence (the describer prompt names a region
   this way), e.g. ``{"bbox_2d": [x1, y1, x2, y2]}`` or ``<box>[[x1, y1, x2, y2]]</box>``;
 - ``answer(box, frame, label)``: the whole answer as the released model writes it when asked to ground a
-  phrase, e.g. Qwen's fenced JSON list ``\\`\\`\\`json\\n[\\n\\t{"bbox_2d": [...], "label": "..."}\\n]\\n\\`\\`\\```. The
-  locator is trained on exactly this text, so that a tuned model keeps answering in its released format.
+  phrase, e.g. Qwen's fenced JSON list ``\\`\\`\\`json\\n[\\n\\t{"bbox_2d": [...], "label": "..."}\\n]\\n\\`\\`\\```.
+  The locator is trained on exactly this text, so that a tuned model keeps answering in its released format.
   ``answer_layouts`` adds the other layouts the family's documentation shows (indentation, a bare object),
   which the locator's token budget must also hold.
 

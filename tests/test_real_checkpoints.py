@@ -40,7 +40,8 @@ def _prompts(adapter, image):
     return [adapter.describer_prompt(BOX, image), adapter.locator_prompt(CAPTION, image)]
 
 
-TEMPLATE_CASES = [(folder, mt) for folder in real.present(real.TEMPLATE_FOLDERS) for mt in real.TEMPLATE_FOLDERS[folder]]
+TEMPLATE_CASES = [(folder, model_type) for folder in real.present(real.TEMPLATE_FOLDERS)
+                  for model_type in real.TEMPLATE_FOLDERS[folder]]
 
 
 @pytest.mark.parametrize("folder,model_type", TEMPLATE_CASES)
@@ -59,10 +60,14 @@ def test_the_glm_stand_in_keeps_the_released_glm_turn_layout(folder, tiny_checkp
     # the hybrid stand-in must reproduce with thinking on (off, it adds /nothink and the empty <think></think>).
     adapter = adapter_class("glm4v").from_pretrained(tiny_checkpoint("glm4v"))
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where is the dog?"}]}]
-    render = lambda: adapter.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)  # noqa: E731
+
+    def render():
+        return adapter.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
     stand_in = render()
     adapter.tokenizer.chat_template = real.released_template(folder)
-    assert render() == stand_in == "[gMASK]<sop><|user|>\n<|begin_of_image|><|image|><|end_of_image|>Where is the dog?<|assistant|>\n"
+    expected = "[gMASK]<sop><|user|>\n<|begin_of_image|><|image|><|end_of_image|>Where is the dog?<|assistant|>\n"
+    assert render() == stand_in == expected
 
 
 @pytest.mark.parametrize("folder", real.present(real.THINKING_FOLDERS))

@@ -20,17 +20,18 @@ model keeps answering in its released format):
 What the released models write (``answer_examples``, each read back to its box, or refused with its reason, by the
 tests and by ``python -m sc_tune.families parse``):
 
-| family | answer | source |
-|---|---|---|
-| Qwen2-VL | ``<|object_ref_start|>击掌<|object_ref_end|><|box_start|>(531,516),(581,596)<|box_end|><|im_end|>`` | user report, QwenLM/Qwen3-VL issue #9 (no Qwen-own example found) |
-| Qwen2.5-VL | fenced list, tab: ``\t{"bbox_2d": [765, 394, 891, 550], "label": "top right brown cake"}`` | QwenLM/Qwen2.5-VL ``cookbooks/spatial_understanding.ipynb``, "Detect a specific object" |
-| Qwen2.5-VL | the same, values above 1000 (pixels): ``[1098, 1304, 1576, 1900]`` | the same notebook, "Reasoning capability" |
-| Qwen2.5-VL | one object per line, 4 spaces, trailing comma | the same notebook, "Detect certain object" (12 boxes: refused) |
-| Qwen2.5-VL | plain text ``43,378,996,957 cakes`` (asked for by a system prompt; refused: no ``bbox_2d``) | the same notebook, cell 8 |
-| Qwen2.5-VL | ``{\n"bbox_2d": [135, 114, 1016, 672]\n}`` | QwenLM/Qwen2.5-VL ``qwen-vl-finetune/README.md``, "Grounding Example" |
-| Qwen2.5-VL | 4/8 spaces, trailing commas, 39 boxes (refused: more than one box) | QwenLM/Qwen2.5-VL ``cookbooks/ocr.ipynb`` (text spotting) |
-| Qwen3-VL, Qwen3.5 | fenced list, tab, other keys: ``\t{"bbox_2d": [0, 614, 224, 825], "name_zh": "米饭", "name_en": "Rice"},`` | QwenLM/Qwen3-VL ``cookbooks/omni_recognition.ipynb`` (7 boxes; its first entry) |
-| Qwen3-VL, Qwen3.5 | ``\t{"point_2d": [925, 618], "label": "point_1"}`` (refused: a point) | QwenLM/Qwen3-VL ``cookbooks/spatial_understanding.ipynb`` |
+- Qwen2-VL: ``<|object_ref_start|>击掌<|object_ref_end|><|box_start|>(531,516),(581,596)<|box_end|><|im_end|>``
+  (a user's report, QwenLM/Qwen3-VL issue #9: no Qwen-own example was found);
+- Qwen2.5-VL, QwenLM/Qwen2.5-VL ``cookbooks/spatial_understanding.ipynb``: the fenced list, tab-indented,
+  ``\t{"bbox_2d": [765, 394, 891, 550], "label": "top right brown cake"}`` ("Detect a specific object"); the same
+  with pixel values above 1000 ("Reasoning capability"); one object per line with 4 spaces and a trailing comma
+  ("Detect certain object": 12 boxes, refused); the plain text ``43,378,996,957 cakes`` a system prompt asked for
+  (refused: no ``bbox_2d``);
+- Qwen2.5-VL, ``qwen-vl-finetune/README.md`` "Grounding Example": ``{\n"bbox_2d": [135, 114, 1016, 672]\n}``;
+- Qwen2.5-VL, ``cookbooks/ocr.ipynb`` (text spotting): 4/8 spaces, trailing commas, 39 boxes (refused);
+- Qwen3-VL (and Qwen3.5), QwenLM/Qwen3-VL ``cookbooks/omni_recognition.ipynb``: the tab-indented list with other
+  keys, ``\t{"bbox_2d": [0, 614, 224, 825], "name_zh": "米饭", "name_en": "Rice"},`` (its first of 7 entries);
+  ``cookbooks/spatial_understanding.ipynb``: ``\t{"point_2d": [925, 618], "label": "point_1"}`` (refused: a point).
 
 Pixel frames: the notebooks do not print the resized input's size, so the tests assume one that holds the
 coordinates. Qwen3-VL's 0..1000 grid: ``cookbooks/2d_grounding.ipynb`` ("relative coordinates ranging from 0 to
@@ -82,7 +83,8 @@ QWEN2_5_VL_ANSWERS = (
                      frame=(1092, 728)),
     DocumentedAnswer(
         '```json\n[\n    {\n        "bbox_2d": [125, 169, 754, 208], "text_content": "UNIHAKKA INTERNATIONAL SDN BHD",'
-        '\n    },\n    {\n        "bbox_2d": [325, 210, 549, 238], "text_content": "01 Jun 2018 18:41",\n    },\n]\n```',
+        '\n    },\n    {\n        "bbox_2d": [325, 210, 549, 238], "text_content": "01 Jun 2018 18:41",'
+        '\n    },\n]\n```',
         None,
         "QwenLM/Qwen2.5-VL cookbooks/ocr.ipynb (2025-01-29), text spotting, Qwen2.5-VL-7B: its first two objects "
         "verbatim (4/8 spaces, trailing commas), the list closed as the answer closes its 39; more than one box is "

@@ -42,7 +42,9 @@ def evaluate_self_consistency(model, adapter, records: Sequence[dict], image_roo
         images = [adapter.prepare_image(open_image(image_root, records[i]["image"], i)) for i in indices]
         true_boxes = [records[i]["bbox"] for i in indices]
         _, captions = describe(model, adapter, images, true_boxes, fit_describer_budget(adapter, describe_settings))
-        settings = fit_locator_budget(adapter, images, locate_settings, captions.texts) if fit_budget else locate_settings
+        settings = locate_settings
+        if fit_budget:
+            settings = fit_locator_budget(adapter, images, locate_settings, captions.texts)
         boxes, texts = locate(locator, adapter, images, captions.texts, settings, fit_budget=False)
         result = Cycle(None, captions, boxes, texts)
         scores = cycle_iou(result.boxes, torch.tensor(true_boxes, dtype=torch.float32))  # the training reward

@@ -26,8 +26,8 @@ _QWEN_CONTENT = (
 
 def _chatml(default_system: bool, generation_prompt: str) -> str:
     system = (
-        "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-        "{% endif %}"
+        "{% if loop.first and message['role'] != 'system' %}"
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
         if default_system
         else ""
     )

@@ -5,7 +5,8 @@ tokenizer carrying the family's special tokens (``sc_tune.models.tiny_chat``), t
 processor at a tiny input size, and a chat template that is a minimal stand-in for the checkpoint's: the
 same turn markers, the same image marker for ``{"type": "image"}`` and the same opened answer (Gemma 4's empty
 thought channel), nothing else (no system prompts, tools or thinking switches). tests/test_real_checkpoints.py
-checks each against the released template where that file is at hand. Image tiling / splitting stays on where the family uses it by default, at the
+checks each against the released template where that file is at hand. Image tiling / splitting stays on where
+the family uses it by default, at the
 smallest grid, so the tests cover its token counting.
 """
 

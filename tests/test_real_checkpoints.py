@@ -8,18 +8,23 @@ Each test is parametrised over the folders that are there:
 - reasoning-only releases (GLM-4.1V-9B-Thinking, Qwen3-VL-*-Thinking) are refused, naming the checkpoint;
 - the locator budget holds the widest released answer, counted with the real Qwen tokenizers;
 - a tiny random model on a release's real tokenizer, template and processor settings builds batches, trains on its
-  real answer form and locates.
+  real answer form and locates;
+- ``python -m sc_tune.families budget`` on a release's folder.
 """
 
+import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 from PIL import Image
 
 from tests import real_checkpoints as real
+from tests.conftest import ROOT
 
 if not real.available():
     pytest.skip(f"the released checkpoints' files are not here ({real.REAL_CHECKPOINTS}); the real-fixture tests "
@@ -162,3 +167,16 @@ def test_a_tiny_model_on_released_files_trains_on_its_answer_form_and_locates(re
     assert torch.isfinite(loss) and loss.item() > 0
     boxes, texts = locate(model, adapter, [image], [CAPTION], GenerationSettings(max_new_tokens=3), fit_budget=False)
     assert len(texts) == 1 and (boxes[0] is None or len(boxes[0]) == 4)
+
+
+@pytest.mark.parametrize("folder", real.present(["Qwen__Qwen2.5-VL-7B-Instruct", "Qwen__Qwen3-VL-8B-Instruct"]))
+def test_budget_of_a_released_folder_through_the_families_command(folder):
+    # Run as users run it; the Qwen3-VL folder has no config.json, so it names its model_type.
+    command = [sys.executable, "-m", "sc_tune.families", "budget", "--model_name_or_path", real.path(folder)]
+    if folder.startswith("Qwen__Qwen3"):
+        command += ["--model_type", "qwen3_vl"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["locator_budget"] == report["widest_answer_tokens"] + report["margin"]
+    assert '"bbox_2d": [' in report["widest_answer"] and report["reasoning_only"] is None

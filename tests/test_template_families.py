@@ -27,7 +27,7 @@ BOX = [0.1, 0.2, 0.5, 0.6]
 TURNS = {
     "internvl": ("<|im_start|>user\n<IMG_CONTEXT>\n", "<|im_end|>\n<|im_start|>assistant\n"),
     "gemma3": ("<bos><start_of_turn>user\n<start_of_image>", "<end_of_turn>\n<start_of_turn>model\n"),
-    "gemma4": ("<bos><|turn>user\n<|image|>", "<turn|>\n<|turn>model\n"),
+    "gemma4": ("<bos><|turn>user\n<|image|>", "<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"),  # empty thought
     "llava_onevision": ("<|im_start|>user\n<image>\n", "<|im_end|>\n<|im_start|>assistant\n"),
     "smolvlm": ("<|im_start|>User:<image>", "<end_of_utterance>\nAssistant:"),
 }

@@ -67,7 +67,7 @@ def _fail(reason: str) -> BoxReading:
 class BoxCodec(ABC):
     """Writes a normalised box as model text and reads it back.
 
-    A codec writes its coordinates with ``coordinates`` (a grid or the pixels of the model's input frame,
+    A codec writes its coordinates with ``coordinates_text`` (a grid or the pixels of the model's input frame,
     x-first unless ``y_first``), optionally between an ``open`` and a ``close`` token (InternVL's ``<box>``,
     GLM's ``<|begin_of_box|>``). Subclasses say what the coordinate text looks like and how to find it.
     """

@@ -208,6 +208,11 @@ def generate(
     stop = BoxCompleteStop(adapter, width) if stop_at_box else None
     if stop is not None:
         kwargs["stopping_criteria"] = StoppingCriteriaList([stop])
+    # The model's ZeRO-3 shards are gathered for the whole call (the trainer's and the snapshot's generating
+    # contexts), so ranks need not decode in step. transformers would otherwise turn synced_gpus on under ZeRO-3,
+    # keep a rank whose rows all ended stepping, and (5.24, Qwen2-VL) feed it a cache one column longer than its
+    # inputs: a crash as soon as one rank's answers end before another's.
+    kwargs["synced_gpus"] = False
     sequences = model.generate(**inputs, **settings.generate_kwargs(), **kwargs, suppress_tokens=suppressed or None)
     ids_BT = sequences[:, width:]
     mask_BT = completion_mask(ids_BT, adapter.end_token_ids)

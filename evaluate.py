@@ -88,8 +88,8 @@ class EvaluationArguments:
     locator_max_new_tokens: int = field(default=20, metadata={"help": _help(SCTuneConfig, "locator_max_new_tokens")})
     fit_locator_budget: bool = field(
         default=True,
-        metadata={"help": "Raise --locator_max_new_tokens when the family's longest box answer needs more (JSON "
-                  "boxes take ~28 tokens); --no_fit_locator_budget keeps it as given."},
+        metadata={"help": "Raise --locator_max_new_tokens to the family's widest documented answer up to its box, "
+                  "+ 8 (a Qwen fenced JSON box takes ~35 tokens); --no_fit_locator_budget keeps it as given."},
     )
     grid_samples: int = field(
         default=16, metadata={"help": "self-consistency: cycles drawn in the PNG grid (0: none)."}

@@ -198,9 +198,13 @@ class SCTuneConfig(TrainingArguments):
     describer_temperature: float = field(
         default=1.0, metadata={"help": "Temperature of the describer's sampled caption."}
     )
-    describer_max_new_tokens: int = field(default=30, metadata={"help": "Longest caption, in tokens."})
+    describer_max_new_tokens: int = field(
+        default=30, metadata={"help": "Longest caption, in tokens (the end token comes on top)."}
+    )
     describer_min_new_tokens: int = field(default=3, metadata={"help": "Shortest caption, in tokens."})
-    locator_max_new_tokens: int = field(default=20, metadata={"help": "Longest locator answer, in tokens."})
+    locator_max_new_tokens: int = field(
+        default=20, metadata={"help": "Locator budget, in tokens; raised to fit the family's widest answer, + 8."}
+    )
     locator_min_new_tokens: int = field(default=3, metadata={"help": "Shortest locator answer, in tokens."})
     # ---- pictures
     log_rollouts_steps: int = field(

@@ -47,7 +47,7 @@ from sc_tune.phases import PhasePosition
 from sc_tune.preflight import PreflightReport, run_preflight
 from sc_tune.prompt_cache import ScoredPrompts, keep_prompt_columns
 from sc_tune.rewards import RewardBatch, RewardFunction, get_reward
-from sc_tune.rollout import Completions, GenerationSettings
+from sc_tune.rollout import Completions, GenerationSettings, describer_budget
 from sc_tune.snapshot import Snapshot
 from sc_tune.timing import StageClock
 from sc_tune.vision_cache import VisionCache
@@ -156,15 +156,18 @@ class RolloutCycle:
         self.args = args
         self.reward_fn = reward_fn if reward_fn is not None else get_reward(args.reward)
         self.baseline = DescriberBaseline(args.describer_baseline)
+        # --describer_max_new_tokens is the caption's length; the answer form adds its end token
+        # (rollout.describer_budget).
+        caption_tokens = describer_budget(adapter, args.describer_max_new_tokens)
         self.caption_sampling = GenerationSettings(
-            max_new_tokens=args.describer_max_new_tokens,
+            max_new_tokens=caption_tokens,
             min_new_tokens=args.describer_min_new_tokens,
             do_sample=True,
             top_k=args.describer_top_k,
             top_p=args.describer_top_p,
             temperature=args.describer_temperature,
         )
-        self.greedy_captions = GenerationSettings(args.describer_max_new_tokens, args.describer_min_new_tokens)
+        self.greedy_captions = GenerationSettings(caption_tokens, args.describer_min_new_tokens)
         self.greedy_boxes = GenerationSettings(args.locator_max_new_tokens, args.locator_min_new_tokens)
         self.stage_clock = StageClock()  # timing/<stage> seconds per step in the logs (the trainer's too)
         self.models: RolloutModels | None = None

@@ -1,104 +1,135 @@
-"""Debugging commands for a family's answers and budgets, on a user's own text and checkpoint.
+"""What a family reads and writes, from the command line: parse an answer, count the token budgets.
 
-    python -m sc_tune.families parse --model_type qwen2_5_vl --answer '```json [{"bbox_2d": [1, 2, 3, 4]}] ```' \
-        --image_size 640 480
-    python -m sc_tune.families budget --model_name_or_path Qwen2.5-VL-7B-Instruct
-    python -m sc_tune.families forms --model_type gemma4
+    python -m sc_tune.families parse --model_type MT --answer TEXT [--image_size W H] [--box_format generic]
+    python -m sc_tune.families budget --model_name_or_path DIR [--image_size W H] [--caption TEXT]
 
-``parse`` prints ``{"box": [x1, y1, x2, y2]}`` (normalised) or ``{"box": null, "reason": ...}``: exactly what
-the trainer's reward and the evaluators read from that answer. ``budget`` prints the locator's token budget
-and the answer form it was counted on, with the checkpoint's own tokenizer. ``forms`` lists the family's
-documented answer forms and how each reads.
+``parse`` prints the box the family's codec reads in ``TEXT`` as JSON, ``{"box": [x1, y1, x2, y2]}`` (normalised
+to 0..1), or ``{"box": null, "reason": ...}`` when the answer holds no box, several boxes, or one that cannot be
+read unambiguously (a y-first answer where the family writes x-first, coordinates normalised to 0..1 where it
+writes a 0..1000 grid, ...). ``--image_size`` is the (width, height) of the image as the model saw it, needed
+where the family writes pixels (Qwen2.5-VL: pixels of its resized input).
+
+``budget`` loads a checkpoint folder's tokenizer and image processor (no weights) and prints the locator's and
+describer's token budgets, the family's answer form they were counted on (the widest of its documented layouts,
+every coordinate at its widest, up to where the box is complete and generation stops), and whether the
+checkpoint is reasoning-only (refused by training). ``--image_size`` here is the original image's size, which the
+image processor resizes (pixel codecs write up to the resized frame).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from collections.abc import Sequence
 
-from PIL import Image
-
-from sc_tune.adapters import adapter_class, supported_model_types
-from sc_tune.adapters.base import LOCATOR_BUDGET_MARGIN, ModelAdapter
-from sc_tune.box_codecs import BOX_FORMATS, BoxCodec, BoxReading, select_codec
-
-DEFAULT_IMAGE_SIZE = (448, 448)
+from sc_tune.adapters import family_for, supported_model_types
+from sc_tune.box_codecs import BOX_FORMATS, BoxReading, select_codec
 
 
-def model_input_frame(model_type: str, image_size: tuple[int, int]) -> tuple[int, int]:
-    """The (width, height) the family's released processor resizes an image of ``image_size`` to: what pixel
-    coordinates refer to (Qwen2.5-VL). Grid families ignore it."""
-    return adapter_class(model_type).default_frame(image_size)
+def read_answer(model_type: str, answer: str, image_size: Sequence[int] | None = None,
+                box_format: str = "native") -> BoxReading:
+    """What ``model_type``'s codec reads in ``answer`` (``image_size``: the model input's (width, height))."""
+    codec = select_codec(family_for(model_type).adapter.native_codec, box_format)
+    frame = tuple(int(v) for v in image_size) if image_size else (0, 0)
+    if min(codec.axis_scales(frame)) <= 0:
+        raise ValueError(f"{model_type} writes boxes in pixels of the model's input: pass --image_size W H (the "
+                         "size of the image as the model saw it)")
+    return codec.read(answer, frame)
 
 
-def read_answer(model_type: str, answer: str, image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE,
-                box_format: str = "native", adapter: ModelAdapter | None = None) -> BoxReading:
-    """How ``answer`` reads for a family: through a loaded checkpoint's adapter when given (its processor sets the
-    frame), else through the family's codec and its released processor's resizing."""
-    if adapter is not None:
-        image = adapter.prepare_image(Image.new("RGB", image_size))
-        return adapter.read_locator_output(answer, image)
-    codec: BoxCodec = select_codec(adapter_class(model_type).native_codec, box_format)
-    return codec.read(answer, model_input_frame(model_type, image_size))
-
-
-def _load(path: str, box_format: str = "native") -> ModelAdapter:
-    from sc_tune.modeling import read_model_type
-
-    return adapter_class(read_model_type(path)).from_pretrained(path, box_format=box_format)
-
-
-def _reading_json(reading: BoxReading) -> dict:
+def parse_result(reading: BoxReading) -> dict:
     if reading.box is None:
         return {"box": None, "reason": reading.reason}
     return {"box": [round(v, 6) for v in reading.box]}
 
 
-def budget_report(adapter: ModelAdapter, image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE) -> dict:
-    image = adapter.prepare_image(Image.new("RGB", image_size))
-    widest = adapter.widest_answer(image)
+def read_model_type(path: str) -> str:
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        raise ValueError(f"{path} has no config.json: pass --model_type")
+    with open(config) as f:
+        model_type = json.load(f).get("model_type")
+    if not model_type:
+        raise ValueError(f"{config} names no model_type: pass --model_type")
+    return model_type
+
+
+def budget_report(path: str, model_type: str | None = None, image_size: Sequence[int] = (1920, 1080),
+                  caption: str = "the red circle", describer_max_new_tokens: int = 30) -> dict:
+    """The token budgets of ``path``'s family, counted with its tokenizer, and what they were counted on."""
+    from PIL import Image
+
+    from sc_tune.rollout import LOCATOR_BUDGET_MARGIN, describer_budget, widest_locator_answer
+
+    model_type = model_type or read_model_type(path)
+    adapter = _budget_adapter(family_for(model_type).adapter, path)
+    image = adapter.prepare_image(Image.new("RGB", tuple(int(v) for v in image_size), (128, 128, 128)))
+    widest = widest_locator_answer(adapter, image, caption)
+    has_template = bool(getattr(adapter.tokenizer, "chat_template", None))
+    reasoning = adapter.thinking_only_reason() if has_template or model_type == "qwen" else "unknown: no chat template"
     return {
-        "locator_max_new_tokens": adapter.locator_budget([image]),
-        "answer_tokens": len(adapter.encode_target(widest)),
-        "margin": LOCATOR_BUDGET_MARGIN,
-        "counted_on": widest,
-        "full_target": adapter.locator_target((1.0, 1.0, 1.0, 1.0), image, "<caption>"),
+        "model_type": model_type,
         "model_input_frame": list(image.frame),
-        "describer_end_tokens": len(adapter.encode_target(adapter.end_text)),
+        "locator_budget": widest.tokens + LOCATOR_BUDGET_MARGIN,
+        "widest_answer_tokens": widest.tokens,
+        "margin": LOCATOR_BUDGET_MARGIN,
+        "widest_answer": widest.text,
+        "answer_form": adapter.locator_target([0.1, 0.2, 0.5, 0.6], image, caption),
+        "describer_budget": describer_budget(adapter, describer_max_new_tokens),
+        "describer_max_new_tokens": describer_max_new_tokens,
+        "reasoning_only": reasoning,
+        "grounding_prior": adapter.grounding_prior,
     }
 
 
-def main(argv=None) -> int:
+def _budget_adapter(adapter_class, path: str):
+    """The family's adapter on ``path``'s tokenizer and image processor. A folder of released non-weight files may
+    lack the chat template (the budget counts answers, not prompts); the template-free families are then built
+    without it. A reasoning-only checkpoint is refused here as in training, naming it."""
+    from sc_tune.adapters.patch_grid_chat import PatchGridChatAdapter
+
+    try:
+        return adapter_class.from_pretrained(path)
+    except ValueError as error:
+        if "no chat template" not in str(error) or not issubclass(adapter_class, PatchGridChatAdapter):
+            raise
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    return adapter_class(AutoTokenizer.from_pretrained(path, padding_side="left"),
+                         AutoImageProcessor.from_pretrained(path))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sc_tune.families", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    parse = commands.add_parser("parse", help="read one locator answer as the trainer does")
-    parse.add_argument("--model_type", choices=supported_model_types())
-    parse.add_argument("--model_name_or_path", help="a checkpoint folder (its processor sets the frame)")
-    parse.add_argument("--answer", required=True)
-    parse.add_argument("--image_size", nargs=2, type=int, metavar=("W", "H"), default=list(DEFAULT_IMAGE_SIZE))
+    parse = commands.add_parser("parse", help="the box a family reads in an answer, or why there is none")
+    parse.add_argument("--model_type", required=True, choices=supported_model_types())
+    parse.add_argument("--answer", required=True, help="the model's answer text (special tokens as text)")
+    parse.add_argument("--image_size", type=int, nargs=2, metavar=("W", "H"),
+                       help="width and height of the image as the model saw it (needed for pixel coordinates)")
     parse.add_argument("--box_format", choices=BOX_FORMATS, default="native")
-    budget = commands.add_parser("budget", help="the locator's token budget, counted with the checkpoint's tokenizer")
+    budget = commands.add_parser("budget", help="the token budgets of a checkpoint folder and their answer form")
     budget.add_argument("--model_name_or_path", required=True)
-    budget.add_argument("--image_size", nargs=2, type=int, metavar=("W", "H"), default=list(DEFAULT_IMAGE_SIZE))
-    budget.add_argument("--box_format", choices=BOX_FORMATS, default="native")
-    forms = commands.add_parser("forms", help="the family's documented answer forms and how each reads")
-    forms.add_argument("--model_type", required=True, choices=supported_model_types())
+    budget.add_argument("--model_type", choices=supported_model_types(),
+                        help="for a folder without config.json")
+    budget.add_argument("--image_size", type=int, nargs=2, metavar=("W", "H"), default=(1920, 1080),
+                        help="original image size, resized by the image processor (default 1920 1080)")
+    budget.add_argument("--caption", default="the red circle",
+                        help="the phrase grounded (families whose answer repeats it before the box)")
+    budget.add_argument("--describer_max_new_tokens", type=int, default=30)
     args = parser.parse_args(argv)
-
-    if args.command == "parse":
-        if not args.model_type and not args.model_name_or_path:
-            parser.error("parse needs --model_type or --model_name_or_path")
-        adapter = _load(args.model_name_or_path, args.box_format) if args.model_name_or_path else None
-        reading = read_answer(args.model_type, args.answer, tuple(args.image_size), args.box_format, adapter)
-        print(json.dumps(_reading_json(reading)))
-    elif args.command == "budget":
-        print(json.dumps(budget_report(_load(args.model_name_or_path, args.box_format), tuple(args.image_size))))
-    else:
-        for form in adapter_class(args.model_type).documented_answers:
-            reading = adapter_class(args.model_type).native_codec.read(form.text, form.frame)
-            print(json.dumps({"answer": form.text, "source": form.source, "expected": form.box,
-                              **_reading_json(reading)}))
+    try:
+        if args.command == "parse":
+            result = parse_result(read_answer(args.model_type, args.answer, args.image_size, args.box_format))
+        else:
+            result = budget_report(args.model_name_or_path, args.model_type, args.image_size, args.caption,
+                                   args.describer_max_new_tokens)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, ensure_ascii=False))
     return 0
 
 

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from sc_tune.adapters.base import ImageInputs, ModelAdapter, PromptBatch
 from sc_tune.prompt_cache import ScoredPrompts, shared_prefix_batch
@@ -68,19 +69,97 @@ def completion_mask(ids_BT: torch.Tensor, end_token_ids: Sequence[int]) -> torch
     return (~ended_before_BT).long()
 
 
+# The box a codec writes longest: every coordinate at its maximum (1000 on a grid, the frame on pixels).
+_WIDEST_BOX = (1.0, 1.0, 1.0, 1.0)
+# Tokens the locator may write beyond the widest documented answer (to the end of its box): room for layouts and
+# spacing the documentation does not show. Generation stops once the box is complete (BoxCompleteStop), so the
+# margin costs no decoding steps when the answer is well formed.
+LOCATOR_BUDGET_MARGIN = 8
+
+
+@dataclass(frozen=True)
+class WidestAnswer:
+    tokens: int  # tokens of ``text``, counted with the adapter's tokenizer
+    text: str  # the widest documented answer layout, up to the end of its box
+
+
+def widest_locator_answer(adapter: ModelAdapter, image: ImageInputs, caption: str = "") -> WidestAnswer:
+    """The longest of the family's documented answer layouts (``locator_answer_layouts``) for ``caption`` on
+    ``image``, every coordinate at its widest, cut where its box is complete (what the locator must write before
+    generation stops), counted with the family's tokenizer."""
+    widest = WidestAnswer(0, "")
+    for layout in adapter.locator_answer_layouts(_WIDEST_BOX, image, caption):
+        end = adapter.locator_answer_end(layout)
+        if end is None:
+            raise ValueError(f"{type(adapter).__name__}: its answer layout holds no complete box: {layout!r}")
+        text = layout[:end]
+        tokens = len(adapter.encode_target(text))
+        if tokens > widest.tokens:
+            widest = WidestAnswer(tokens, text)
+    return widest
+
+
+def locator_budget(adapter: ModelAdapter, images: Sequence[ImageInputs], captions: Sequence[str] | None = None) -> int:
+    """New tokens the locator needs for these images (and captions, where the answer repeats them before the box):
+    the widest documented answer up to its box's end, plus ``LOCATOR_BUDGET_MARGIN``."""
+    captions = [""] * len(images) if captions is None else captions
+    return max(widest_locator_answer(adapter, im, c).tokens for im, c in zip(images, captions)) + LOCATOR_BUDGET_MARGIN
+
+
 def fit_locator_budget(
-    adapter: ModelAdapter, images: Sequence[ImageInputs], settings: GenerationSettings
+    adapter: ModelAdapter, images: Sequence[ImageInputs], settings: GenerationSettings,
+    captions: Sequence[str] | None = None,
 ) -> GenerationSettings:
-    """``settings`` with ``max_new_tokens`` raised, if needed, to the family's locator budget for these images
-    (``ModelAdapter.locator_budget``: its widest box in its own answer form, counted with the loaded tokenizer).
+    """``settings`` with ``max_new_tokens`` raised, if needed, to :func:`locator_budget`.
 
     Why: the reference's 20 tokens were sized for Qwen-VL's ``(x1,y1),(x2,y2)</box>``. A released Qwen2.5-VL
-    answers with a fenced JSON list, 31-33 tokens up to its box's closing bracket with the real Qwen vocabulary:
-    a fixed budget would cut nearly every answer, and every parse failure is a zero reward."""
-    needed = adapter.locator_budget(images)
+    answers with a fenced JSON list (31-33 tokens of the real Qwen vocabulary up to the box's closing bracket), so
+    a budget sized for anything shorter cuts nearly every answer off: parse failures, rewards of 0 and no
+    advantage. The budget is counted on the family's own documented answer forms with the loaded tokenizer.
+    """
+    needed = locator_budget(adapter, images, captions)
     if needed <= settings.max_new_tokens:
         return settings
     return dataclasses.replace(settings, max_new_tokens=needed)
+
+
+def describer_budget(adapter: ModelAdapter, caption_tokens: int) -> int:
+    """New tokens the describer needs for a caption of ``caption_tokens``: the caption plus what the family's
+    answer form adds around it (``describer_target``: the end token)."""
+    probe = "the red circle"
+    return caption_tokens + len(adapter.encode_target(adapter.describer_target(probe))) - len(
+        adapter.encode_target(probe))
+
+
+def fit_describer_budget(adapter: ModelAdapter, settings: GenerationSettings) -> GenerationSettings:
+    """``settings`` whose ``max_new_tokens`` (the caption's length) makes room for the answer form around it."""
+    return dataclasses.replace(settings, max_new_tokens=describer_budget(adapter, settings.max_new_tokens))
+
+
+class BoxCompleteStop(StoppingCriteria):
+    """Stops a locator row once its answer holds a complete box (``ModelAdapter.locator_answer_end``).
+
+    Why: the released answer forms go on after the box (Qwen's ``"label": "..."}\n]\n```), which the box does
+    not need; stopping there spares those decoding steps and keeps a long label from eating the budget. Records
+    how many tokens each row had when it stopped (``stopped_at``), so that :func:`generate` masks the padding
+    that follows."""
+
+    def __init__(self, adapter: ModelAdapter, prompt_width: int):
+        self.adapter, self.prompt_width = adapter, prompt_width
+        self.stopped_at: dict[int, int] = {}
+
+    def __call__(self, input_ids, scores, **kwargs):
+        new_BT = input_ids[:, self.prompt_width :]
+        done = []
+        for row, ids in enumerate(new_BT.tolist()):
+            if row in self.stopped_at:
+                done.append(True)
+                continue
+            complete = self.adapter.locator_answer_end(self.adapter.decode(ids)) is not None
+            if complete:
+                self.stopped_at[row] = len(ids)
+            done.append(complete)
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 def _unnamed_token_ids(model, adapter: ModelAdapter) -> list[int]:
@@ -101,12 +180,14 @@ def generate(
     skip_special_tokens: bool,
     prompt_cache=None,
     cached_columns: int | None = None,
+    stop_at_box: bool = False,
 ) -> Completions:
     """Batched ``generate`` on a left-padded batch; pads everything after each row's first end token.
 
     ``prompt_cache``: the key/value cache of this batch's first ``cached_columns`` columns (default: all but the
     last), computed by ``model`` (the same weights); decoding then starts from it instead of prefilling those
-    columns again (:mod:`sc_tune.prompt_cache`)."""
+    columns again (:mod:`sc_tune.prompt_cache`). ``stop_at_box``: a row also ends once its text holds a complete
+    box (locator answers, :class:`BoxCompleteStop`)."""
     device = next(model.parameters()).device
     inputs = batch.to(device).inputs
     if cached_columns is None:
@@ -123,9 +204,21 @@ def generate(
     if prompt_cache is not None:
         inputs = adapter.resumed_decoding_inputs(inputs)
         kwargs["cache"] = prompt_cache
+    width = inputs["input_ids"].shape[1]
+    stop = BoxCompleteStop(adapter, width) if stop_at_box else None
+    if stop is not None:
+        kwargs["stopping_criteria"] = StoppingCriteriaList([stop])
+    # The model's ZeRO-3 shards are gathered for the whole call (the trainer's and the snapshot's generating
+    # contexts), so ranks need not decode in step. transformers would otherwise turn synced_gpus on under ZeRO-3,
+    # keep a rank whose rows all ended stepping, and (5.24, Qwen2-VL) feed it a cache one column longer than its
+    # inputs: a crash as soon as one rank's answers end before another's.
+    kwargs["synced_gpus"] = False
     sequences = model.generate(**inputs, **settings.generate_kwargs(), **kwargs, suppress_tokens=suppressed or None)
-    ids_BT = sequences[:, inputs["input_ids"].shape[1] :]
+    ids_BT = sequences[:, width:]
     mask_BT = completion_mask(ids_BT, adapter.end_token_ids)
+    if stop is not None:
+        for row, kept in stop.stopped_at.items():
+            mask_BT[row, kept:] = 0
     ids_BT = torch.where(mask_BT.bool(), ids_BT, torch.full_like(ids_BT, adapter.pad_token_id))
     decode = adapter.decode_caption if skip_special_tokens else adapter.decode
     texts = [decode(row[mask.bool()].tolist()) for row, mask in zip(ids_BT, mask_BT)]
@@ -155,11 +248,12 @@ def locate(
 ) -> tuple[list[list[float] | None], list[str]]:
     """Ground each caption; returns normalised boxes (``None`` on a parse failure) and the raw texts.
 
-    ``fit_budget`` raises ``settings.max_new_tokens`` to the family's longest box (see ``fit_locator_budget``)."""
+    ``fit_budget`` raises ``settings.max_new_tokens`` to the family's longest box (see ``fit_locator_budget``).
+    Each row stops once its answer holds a complete box."""
     if fit_budget:
-        settings = fit_locator_budget(adapter, images, settings)
+        settings = fit_locator_budget(adapter, images, settings, captions)
     batch = adapter.build_batch([adapter.locator_prompt(c, im) for c, im in zip(captions, images)], images)
-    completions = generate(model, adapter, batch, settings, skip_special_tokens=False)
+    completions = generate(model, adapter, batch, settings, skip_special_tokens=False, stop_at_box=True)
     boxes = [adapter.parse_locator_output(text, im) for text, im in zip(completions.texts, images)]
     return boxes, completions.texts
 
@@ -180,9 +274,9 @@ def locate_from_prefix(
     shared = shared_prefix_batch(model, adapter, scored, source_rows, prompts, images)
     if shared is None:
         return None
-    settings = fit_locator_budget(adapter, images, settings)
+    settings = fit_locator_budget(adapter, images, settings, captions)
     completions = generate(model, adapter, shared.batch, settings, skip_special_tokens=False,
-                           prompt_cache=shared.cache, cached_columns=shared.columns)
+                           prompt_cache=shared.cache, cached_columns=shared.columns, stop_at_box=True)
     boxes = [adapter.parse_locator_output(text, im) for text, im in zip(completions.texts, images)]
     return boxes, completions.texts
 

@@ -3,11 +3,12 @@
 import pytest
 import torch
 from PIL import Image
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from sc_tune.adapters import supported_model_types
 from sc_tune.modeling import load_model_and_adapter
-from sc_tune.adapters.base import LOCATOR_BUDGET_MARGIN
-from sc_tune.rollout import GenerationSettings, completion_mask, fit_locator_budget, generate, locate
+from sc_tune.rollout import (LOCATOR_BUDGET_MARGIN, GenerationSettings, completion_mask, fit_locator_budget, generate,
+                             locate)
 from tests.conftest import SAMPLE_IMAGES
 
 FAMILIES = supported_model_types()
@@ -30,11 +31,11 @@ def test_batch_is_left_padded_with_labels_on_targets_only(family):
     _, adapter, image = family
     box = [0.125, 0.25, 0.5, 0.75]
     prompts = [adapter.locator_prompt("the red circle", image), adapter.locator_prompt("a", image)]
-    targets = [adapter.locator_target(box, image), adapter.locator_target(box, image)]
+    targets = [adapter.locator_target(box, image, "the red circle"), adapter.locator_target(box, image, "a")]
     batch = adapter.build_batch(prompts, [image, image], targets)
     ids, mask, labels = batch.inputs["input_ids"], batch.inputs["attention_mask"], batch.labels
-    target_ids = adapter.encode_target(targets[0])
     for row in range(2):
+        target_ids = adapter.encode_target(targets[row])
         assert labels[row, -len(target_ids) :].tolist() == target_ids  # targets end every row
         assert (labels[row, : -len(target_ids)] == -100).all()
     assert mask[1, 0] == 0 and mask[0].all()  # the shorter prompt is padded on the left
@@ -70,12 +71,54 @@ def test_generation_pads_after_the_end_and_teacher_forcing_lines_up(family):
 
 def test_locator_budget_fits_the_longest_box_and_failures_are_none(family):
     model, adapter, image = family
-    fitted = fit_locator_budget(adapter, [image], GenerationSettings(max_new_tokens=5))
-    target = adapter.locator_target([1.0, 1.0, 1.0, 1.0], image, "the red circle")
-    through_box = adapter.encode_target(target[: adapter.codec.box_end(target)])
-    # The widest box answer up to its box's end, plus the margin; an answer cut there still reads.
-    assert fitted.max_new_tokens == len(through_box) + LOCATOR_BUDGET_MARGIN
-    cut = adapter.tokenizer.decode(adapter.encode_target(target)[: fitted.max_new_tokens - LOCATOR_BUDGET_MARGIN])
-    assert adapter.parse_locator_output(cut, image) == pytest.approx([1.0, 1.0, 1.0, 1.0])
+    fitted = fit_locator_budget(adapter, [image], GenerationSettings(max_new_tokens=5), ["the red circle"])
+    widest = adapter.locator_target([1.0, 1.0, 1.0, 1.0], image, "the red circle")
+    up_to_box = widest[: adapter.locator_answer_end(widest)]  # generation stops where the box is complete
+    assert fitted.max_new_tokens >= len(adapter.encode_target(up_to_box)) + LOCATOR_BUDGET_MARGIN
+    assert fit_locator_budget(adapter, [image], GenerationSettings(max_new_tokens=500)).max_new_tokens == 500
     boxes, texts = locate(model, adapter, [image], ["the red circle"], GenerationSettings(max_new_tokens=3))
     assert len(texts) == 1 and (boxes[0] is None or len(boxes[0]) == 4)  # a random model: usually None
+
+
+class _ForceScript(LogitsProcessor):
+    """Makes generation write ``script_BT[row]`` token by token (then repeat its last token), whatever the model."""
+
+    def __init__(self, script_BT, prompt_width):
+        self.script_BT, self.prompt_width = script_BT, prompt_width
+
+    def __call__(self, input_ids, scores):
+        step = input_ids.shape[1] - self.prompt_width
+        forced = torch.full_like(scores, float("-inf"))
+        for row, script in enumerate(self.script_BT):
+            forced[row, script[min(step, len(script) - 1)]] = 0.0
+        return forced
+
+
+def test_locator_decoding_stops_at_the_complete_box_so_a_long_label_costs_no_steps(tiny_checkpoint, monkeypatch):
+    model, adapter = load_model_and_adapter(tiny_checkpoint("qwen3_vl"))
+    model.eval()
+    image = adapter.prepare_image(Image.open(f"{SAMPLE_IMAGES}/images/003.png"))
+    captions = ["the man in the white shirt on the left next to the small dog", "a cat"]
+    boxes = [[0.1, 0.2, 0.5, 0.6], [0.25, 0.5, 0.75, 1.0]]
+    targets = [adapter.locator_target(b, image, c) for b, c in zip(boxes, captions)]
+    scripts = [adapter.encode_target(t) for t in targets]
+    # the token that completes each row's box (it may carry more text, e.g. '],')
+    up_to_box = [next(k for k in range(1, len(s) + 1) if adapter.locator_answer_end(adapter.decode(s[:k])) is not None)
+                 for s in scripts]
+    assert up_to_box[0] < len(scripts[0]) - 10  # the first row's label after its box is long
+    prompts = [adapter.locator_prompt(c, image) for c in captions]
+    width = adapter.build_batch(prompts, [image, image]).input_ids.shape[1]
+    plain_kwargs = adapter.generation_kwargs
+    monkeypatch.setattr(adapter, "generation_kwargs", lambda describer=True: {
+        **plain_kwargs(describer), "logits_processor": LogitsProcessorList([_ForceScript(scripts, width)])})
+    steps = []
+    hook = model.register_forward_hook(lambda *args: steps.append(1))
+    found, texts = locate(model, adapter, [image, image], captions, GenerationSettings(max_new_tokens=200), False)
+    assert found == [pytest.approx(b, abs=1e-3) for b in boxes]
+    assert texts == [adapter.decode(s[:k]) for s, k in zip(scripts, up_to_box)]  # each row ends at its box
+    assert len(steps) == max(up_to_box)  # decoding stopped once the last row's box was complete
+    steps.clear()
+    batch = adapter.build_batch(prompts, [image, image])
+    full = generate(model, adapter, batch, GenerationSettings(max_new_tokens=200), skip_special_tokens=False)
+    hook.remove()
+    assert full.texts == targets and len(steps) == max(map(len, scripts))  # without the stop: every label token

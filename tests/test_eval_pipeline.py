@@ -11,6 +11,7 @@ from sc_tune.adapters import adapter_class
 from sc_tune.evaluation import evaluate_rec, evaluate_region_captions, evaluate_self_consistency
 from sc_tune.tiny.chat import build_tokenizer
 from sc_tune.tiny.configs import tiny_spec
+from sc_tune.rollout import LOCATOR_BUDGET_MARGIN
 from sc_tune.tiny import save_tiny
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
@@ -75,7 +76,7 @@ def scripted_cycle_model(adapter, image_root):
     for true_box, caption, answer_box in SC_CASES:
         table[adapter.codec.format(true_box, image.frame)] = adapter.describer_target(caption)
         if answer_box is not None:
-            table[caption] = adapter.locator_target(answer_box, image)
+            table[caption] = adapter.locator_target(answer_box, image, caption)
     return ScriptedVLM(adapter, table)
 
 
@@ -109,8 +110,8 @@ def test_rec_maps_boxes_back_to_the_original_image(family, image_root):
     adapter = make_adapter(family)
     image = adapter.prepare_image(Image.open(image_root / "blue.png"))
     model = ScriptedVLM(adapter, {
-        "alpha thing": adapter.locator_target([0.25, 0.5, 0.75, 1.0], image),
-        "beta thing": adapter.locator_target([0.0, 0.0, 0.5, 0.5], image),
+        "alpha thing": adapter.locator_target([0.25, 0.5, 0.75, 1.0], image, "alpha thing"),
+        "beta thing": adapter.locator_target([0.0, 0.0, 0.5, 0.5], image, "beta thing"),
     })
     # Image 80 x 60 px. alpha: normalised [.25,.5,.75,1] -> [20,30,60,60] px = the target: IoU 1.
     # beta: [0,0,.5,.5] -> [0,0,40,30] vs target [20,0,60,30]: overlap 20*30 = 600, union 1200+1200-600
@@ -194,17 +195,18 @@ def test_evaluate_cli_tiny_model(task, expected_count, tiny_run, image_root):
 
 
 def test_a_fixed_20_token_locator_budget_cuts_json_boxes_and_is_reported(image_root):
-    # Qwen3-VL's fenced answer holds its box only after ~30 tokens (digits one per token): with the reference's
-    # 20-token budget the answer is cut off -> a counted parse failure, flagged as unfinished.
+    # Qwen3-VL's answer, the fenced JSON list, is 31 tokens up to its box's end (digits one per token): with the
+    # reference's 20-token budget the answer is cut off -> a counted parse failure, flagged as unfinished.
     adapter = make_adapter("qwen3_vl")
     image = adapter.prepare_image(Image.open(image_root / "blue.png"))
-    model = ScriptedVLM(adapter, {"alpha thing": adapter.locator_target([0.25, 0.5, 0.75, 1.0], image)})
+    model = ScriptedVLM(adapter, {"alpha thing": adapter.locator_target([0.25, 0.5, 0.75, 1.0], image, "alpha thing")})
     sample = [{"image": "blue.png", "sent": "alpha thing", "bbox": [20, 30, 60, 60], "width": 80, "height": 60}]
     fixed, _ = evaluate_rec(model, adapter, sample, image_root, fit_budget=False)
     assert fixed["num_parse_failures"] == 1 and fixed["num_locator_unfinished"] == 1
     assert fixed["locator_max_new_tokens"] == 20
     fitted, _ = evaluate_rec(model, adapter, sample, image_root)
     assert fitted["acc@0.5"] == 1.0 and fitted["num_locator_unfinished"] == 0
-    # '```json\n[\n\t{"bbox_2d": [1000, 1000, 1000, 1000]': '```', 'json', '\n', '[\n', '\t', '{"', 'bbox', '_', '2',
-    # 'd', '":', ' [' (12) + 16 digits + 3 x (',', ' ') (6) + ']' = 35 tokens, + the margin of 6.
-    assert fitted["locator_max_new_tokens"] == 35 + 6
+    # The widest documented layout (Qwen's OCR cookbook: 4 / 8 spaces), every coordinate 1000, up to the box's
+    # end, in this tiny vocabulary: '```', 'json', '\n', '[\n', '   ', ' {\n', '       ', ' "', 'bbox', '_', '2',
+    # 'd', '":', ' [' (14) + 16 digits + 3 x (',', ' ') (6) + ']' = 37 tokens; + the 8-token margin.
+    assert fitted["locator_max_new_tokens"] == 37 + LOCATOR_BUDGET_MARGIN == 45

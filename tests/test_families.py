@@ -188,13 +188,17 @@ def test_codec_round_trip_and_malformed_text(model_type, box_format, cli_folder)
         for _ in range(5):
             a, b = torch.rand(2, 2, generator=generator).sort(dim=0).values
             box = [float(a[0]), float(a[1]), float(b[0]), float(b[1])]
-            target = adapter.locator_target(box, image)
+            target = adapter.locator_target(box, image, "the red circle")
             assert target.endswith(adapter.end_text)
             assert adapter.parse_locator_output(target, image) == pytest.approx(box, abs=step / 2 + 1e-9)
+            end = adapter.locator_answer_end(target)  # where generation stops: the box is complete there
+            assert adapter.parse_locator_output(target[:end], image) == pytest.approx(box, abs=step / 2 + 1e-9)
             assert adapter.parse_locator_output(target[: len(target) // 3], image) is None  # truncated
-        for malformed in ("", "the red circle", adapter.codec.template.format(1, 2, 100000, 4),
-                          adapter.codec.template.format(1, 2, 3, "x")):
-            assert adapter.parse_locator_output(malformed + adapter.end_text, image) is None, malformed
+            assert adapter.locator_answer_end(target[: len(target) // 3]) is None
+        for malformed in ("", "the red circle", adapter.codec.text_of([1, 2, 100000, 4]),
+                          adapter.codec.text_of([1, 2, 3, "x"])):
+            reading = adapter.read_locator_output(malformed + adapter.end_text, image)
+            assert reading.box is None and reading.reason, malformed
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
@@ -231,7 +235,7 @@ def test_describer_never_samples_media_or_box_tokens(model_type, cli_folder, mon
     assert media | boxes <= describer and media <= locator
     assert not (set(adapter.end_token_ids) & describer)
     image = _image(adapter)
-    target_ids = set(adapter.encode_target(adapter.locator_target([0.1, 0.2, 0.5, 0.6], image)))
+    target_ids = set(adapter.encode_target(adapter.locator_target([0.1, 0.2, 0.5, 0.6], image, "the dog")))
     assert not (target_ids & locator)  # the locator can still write its own box format
 
     # Behaviour: aim the output layer at the suppressed tokens, so that an unsuppressed model samples one.
@@ -353,4 +357,6 @@ def test_self_consistency_evaluation_of_the_exported_model(model_type, runs):
         image = adapter.prepare_image(Image.open(os.path.join(SAMPLE_IMAGES, record["image"])).convert("RGB"))
         assert sample["bbox"] == record["bbox"]
         assert sample["pred_bbox"] == adapter.parse_locator_output(sample["locator_text"], image)
-        assert sample["locator_max_new_tokens"] == adapter.locator_budget([image])  # the widest answer + margin
+        widest = adapter.locator_target([1] * 4, image, sample["caption"])
+        up_to_box = widest[: adapter.locator_answer_end(widest)]
+        assert sample["locator_max_new_tokens"] >= len(adapter.encode_target(up_to_box))

@@ -133,7 +133,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_grads(tiny_dir):
     adapter = QwenVLAdapter.from_pretrained(tiny_dir)
     images = _images(adapter)
     batch = adapter.build_batch([adapter.locator_prompt("a cat", im) for im in images], images,
-                                targets=[adapter.locator_target([0.1, 0.2, 0.3, 0.4], im) for im in images])
+                                targets=[adapter.locator_target([0.1, 0.2, 0.3, 0.4], im, "x") for im in images])
     model.train()
 
     def loss_and_grads():
@@ -157,7 +157,7 @@ def test_adapter_prompts_targets_and_prefixes(tiny):
     box = [0.1, 0.25, 0.5, 1.0]
     assert adapter.describer_prompt(box, image) == "<img></img><ref>This</ref><box>(100,250),(500,999)</box> is"
     assert adapter.locator_prompt("the cat", image) == "<img></img><ref>the cat</ref><box>"
-    target = adapter.locator_target(box, image)
+    target = adapter.locator_target(box, image, "the cat")
     assert target == "(100,250),(500,999)</box><|endoftext|>"
     assert adapter.parse_locator_output(target, image) == [100 / 999, 250 / 999, 500 / 999, 1.0]
     batch = adapter.build_batch([adapter.locator_prompt("the cat", image)], [image], targets=[target])

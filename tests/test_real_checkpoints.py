@@ -1,180 +1,183 @@
-"""The released checkpoints' own tokenizers, chat templates and processor settings (no weights).
+"""Against the released checkpoints' own files (tokenizers, chat templates, processor settings; no weights).
 
-They live outside the repository, in ``shared/real_checkpoints`` beside the checkout (provenance in its README): the module
-skips when that folder is absent (a user's fresh clone). What they catch that the tiny stand-ins cannot:
-real token counts of real answer forms (the locator budget), the released templates' text (the stand-in
-templates must write the same prompts), the released processors' image-token counts, and thinking-only
-templates.
+They live outside the repository (``tests/real_checkpoints.py`` says where); without them this module skips once.
+Each test is parametrised over the folders that are there:
+
+- the tiny stand-in chat templates render the describer and locator prompts exactly as the released templates do
+  (what catches a stand-in that drifted);
+- reasoning-only releases (GLM-4.1V-9B-Thinking, Qwen3-VL-*-Thinking) are refused, naming the checkpoint;
+- the locator budget holds the widest released answer, counted with the real Qwen tokenizers;
+- a tiny random model on a release's real tokenizer, template and processor settings builds batches, trains on its
+  real answer form and locates;
+- ``python -m sc_tune.families budget`` on a release's folder.
 """
 
-from __future__ import annotations
-
 import json
+import os
+import re
 import shutil
-from pathlib import Path
+import subprocess
+import sys
 
 import pytest
 import torch
 from PIL import Image
 
-from sc_tune.adapters import adapter_class
-from sc_tune.adapters.base import LOCATOR_BUDGET_MARGIN, ThinkingOnlyCheckpoint
-from sc_tune.box_codecs import GENERIC_CODEC
-from sc_tune.rollout import GenerationSettings, fit_locator_budget, locate
-from sc_tune.tiny.template_families import build_tiny_template_family
-from sc_tune.tiny import build_tiny
+from tests import real_checkpoints as real
+from tests.conftest import ROOT
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "real_checkpoints"
-pytestmark = pytest.mark.skipif(not REAL.is_dir(), reason=f"{REAL} is absent (the released non-weight files)")
+if not real.available():
+    pytest.skip(f"the released checkpoints' files are not here ({real.REAL_CHECKPOINTS}); the real-fixture tests "
+                "need them", allow_module_level=True)
 
-QWEN25 = REAL / "Qwen__Qwen2.5-VL-7B-Instruct"
-QWEN3 = REAL / "Qwen__Qwen3-VL-8B-Instruct"
-GEMMA3 = REAL / "google__gemma-3-4b-it"
-GLM41_THINKING = REAL / "zai-org__GLM-4.1V-9B-Thinking"
+from sc_tune.adapters import adapter_class, family_for  # noqa: E402
+from sc_tune.adapters.base import ThinkingCheckpointError  # noqa: E402
+from sc_tune.modeling import load_model_and_adapter  # noqa: E402
+from sc_tune.rollout import (LOCATOR_BUDGET_MARGIN, GenerationSettings, locate, locator_budget,  # noqa: E402
+                             widest_locator_answer)
 
-# The real answer form of Qwen2.5-VL / Qwen3-VL grounding (their cookbooks), in the whitespace variants the
-# released models write, with the widest coordinates each convention allows.
-FENCED_VARIANTS = ('```json\n[\n\t{{"bbox_2d": [{0}, {1}, {0}, {1}], "label": "the man"}}\n]\n```',
-                   '```json\n[\n  {{"bbox_2d": [{0}, {1}, {0}, {1}], "label": "the man"}}\n]\n```',
-                   '```json\n[\n    {{"bbox_2d": [{0}, {1}, {0}, {1}], "label": "the man"}}\n]\n```',
-                   '[{{"bbox_2d": [{0}, {1}, {0}, {1}], "label": "the man"}}]')
+BOX = [0.1, 0.2, 0.5, 0.6]
+CAPTION = "the red circle"
+LONG_CAPTION = "the man in the white shirt standing on the left, next to the small dog with a red collar"
 
 
-def messages(text: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+def _prompts(adapter, image):
+    return [adapter.describer_prompt(BOX, image), adapter.locator_prompt(CAPTION, image)]
 
 
-def real_tokenizer(folder: Path):
-    from sc_tune.adapters.base import load_chat_tokenizer
-
-    return load_chat_tokenizer(str(folder))
+TEMPLATE_CASES = [(folder, model_type) for folder in real.present(real.TEMPLATE_FOLDERS, ("template",))
+                  for model_type in real.TEMPLATE_FOLDERS[folder]]
 
 
-@pytest.fixture(scope="module")
-def qwen25_folder(tmp_path_factory) -> Path:
-    """A loadable Qwen2.5-VL folder: the released tokenizer, chat template, preprocessor and config (shrunk to a
-    tiny random model of the same vocabulary and token ids)."""
-    folder = tmp_path_factory.mktemp("qwen25_real")
-    for name in ("tokenizer.json", "chat_template.json", "preprocessor_config.json"):
-        shutil.copy(QWEN25 / name, folder / name)
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    config = json.loads((QWEN25 / "config.json").read_text())
-    config.update(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                  num_key_value_heads=1, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
-    config["vision_config"].update(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
-                                   fullatt_block_indexes=[0])
-    (folder / "config.json").write_text(json.dumps(config))
-    torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
-    model.save_pretrained(folder)
-    return folder
+@pytest.mark.parametrize("folder,model_type", TEMPLATE_CASES)
+def test_stand_in_templates_render_the_released_prompts(folder, model_type, tiny_checkpoint):
+    adapter = family_for(model_type).adapter.from_pretrained(tiny_checkpoint(model_type))
+    image = adapter.prepare_image(Image.new("RGB", (97, 61)))
+    stand_in = _prompts(adapter, image)
+    adapter.tokenizer.chat_template = real.released_template(folder)
+    assert _prompts(adapter, image) == stand_in
+    assert adapter.thinking_only_reason() is None  # instruct / hybrid with thinking off: accepted
 
 
-def test_qwen25_stand_in_template_writes_the_released_prompts():
-    real = real_tokenizer(QWEN25)
-    _, stand_in, _ = build_tiny("qwen2_5_vl")
-    for text in ("Describe the object at {\"bbox_2d\": [1, 2, 3, 4]} in a few words.",
-                 "Locate the man in this image and output the bbox coordinates in JSON format."):
-        rendered = [t.apply_chat_template(messages(text), tokenize=False, add_generation_prompt=True,
-                                          enable_thinking=False) for t in (real, stand_in)]
-        assert rendered[0] == rendered[1]
-        assert rendered[0].startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
+@pytest.mark.parametrize("folder", real.present(["zai-org__GLM-4.1V-9B-Thinking"], ("template",)))
+def test_the_glm_stand_in_keeps_the_released_glm_turn_layout(folder, tiny_checkpoint):
+    # The released GLM-4.5V / 4.6V templates are not at hand; GLM-4.1V-Thinking's shares their turn layout, which
+    # the hybrid stand-in must reproduce with thinking on (off, it adds /nothink and the empty <think></think>).
+    adapter = adapter_class("glm4v").from_pretrained(tiny_checkpoint("glm4v"))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where is the dog?"}]}]
+
+    def render():
+        return adapter.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    stand_in = render()
+    adapter.tokenizer.chat_template = real.released_template(folder)
+    expected = "[gMASK]<sop><|user|>\n<|begin_of_image|><|image|><|end_of_image|>Where is the dog?<|assistant|>\n"
+    assert render() == stand_in == expected
 
 
-def test_qwen25_adapter_renders_through_the_released_template_with_real_image_tokens(qwen25_folder):
-    adapter = adapter_class("qwen2_5_vl").from_pretrained(str(qwen25_folder))
-    image = adapter.prepare_image(Image.new("RGB", (640, 480)))
-    # The released processor (14 px patches merged 2 x 2, factor 28): 640 x 480 -> 644 x 476.
-    assert image.frame == (644, 476) == adapter.default_frame((640, 480))
-    prompt = adapter.locator_prompt("the man", image)
-    assert prompt.startswith("<|im_start|>system\nYou are a helpful assistant.")
-    ids = adapter.encode_prompt(prompt, image)
-    assert ids.count(adapter.tokenizer.convert_tokens_to_ids("<|image_pad|>")) == (644 // 28) * (476 // 28)
+@pytest.mark.parametrize("folder", real.present(real.THINKING_FOLDERS, ("template",)))
+def test_reasoning_only_releases_are_refused_by_name(folder, tiny_checkpoint, tmp_path):
+    model_type = real.THINKING_FOLDERS[folder]
+    checkpoint = str(tmp_path / folder.split("__")[1])
+    shutil.copytree(tiny_checkpoint(model_type), checkpoint)
+    with open(os.path.join(checkpoint, "chat_template.jinja"), "w", encoding="utf-8") as f:
+        f.write(real.released_template(folder))
+    with pytest.raises(ThinkingCheckpointError, match=re.escape(checkpoint)) as refused:
+        load_model_and_adapter(checkpoint)  # refused before any weight is loaded
+    assert "reasoning" in str(refused.value)
 
 
-def test_real_qwen_budgets_cover_the_widest_released_answers(qwen25_folder):
-    adapter = adapter_class("qwen2_5_vl").from_pretrained(str(qwen25_folder))
-    big = adapter.prepare_image(Image.new("RGB", (2500, 1400)))  # four-digit pixel coordinates
-    budget = adapter.locator_budget([big])
-    width, height = big.frame
-    for variant in FENCED_VARIANTS:
-        answer = variant.format(width, height)
-        through_box = answer[: adapter.codec.box_end(answer)]
-        assert len(adapter.encode_target(through_box)) <= budget, answer
-        assert adapter.parse_locator_output(answer, big) == pytest.approx([1.0, 1.0, 1.0, 1.0])
-    # The defect this fixes: the budget sized for the bare {"bbox_2d": ...} object (29 at 0..1000) cut the real form.
-    assert budget >= 31 + LOCATOR_BUDGET_MARGIN
+def _real_adapter(folder):
+    from transformers import AutoImageProcessor
 
-    qwen3 = real_tokenizer(QWEN3)
-    _, stand_in, processor = build_tiny("qwen3_vl")
-    qwen3.chat_template = stand_in.chat_template  # the Qwen3-VL release's template is not among the fixtures
-    adapter3 = adapter_class("qwen3_vl")(qwen3, processor)
-    image = adapter3.prepare_image(Image.new("RGB", (56, 56)))
-    budget3 = adapter3.locator_budget([image])
-    for variant in FENCED_VARIANTS:
-        answer = variant.format(1000, 1000)
-        assert len(qwen3(answer[: adapter3.codec.box_end(answer)], add_special_tokens=False)["input_ids"]) <= budget3
-    assert budget3 == budget  # the same vocabulary and answer form; 1000 and four-digit pixels split alike
+    model_type = real.TOKENIZER_FOLDERS[folder]
+    image_processor = AutoImageProcessor.from_pretrained(real.path(folder))
+    return adapter_class(model_type)(real.real_tokenizer(folder), image_processor)
 
 
-def test_real_tokenizer_round_trips_every_target_and_a_cycle_runs(qwen25_folder):
-    adapter = adapter_class("qwen2_5_vl").from_pretrained(str(qwen25_folder))
-    from transformers import AutoModelForImageTextToText
+@pytest.mark.parametrize("folder", real.present(["Qwen__Qwen2.5-VL-7B-Instruct", "Qwen__Qwen3-VL-8B-Instruct"]))
+def test_the_locator_budget_holds_the_widest_released_answer_with_the_real_tokenizer(folder):
+    adapter = _real_adapter(folder)
+    # A 1920x1080 photo: Qwen2.5-VL writes pixels of its resized input, four digits here.
+    image = adapter.prepare_image(Image.new("RGB", (1920, 1080)))
+    budget = locator_budget(adapter, [image], [LONG_CAPTION])
+    widest = widest_locator_answer(adapter, image, LONG_CAPTION)
+    assert budget == widest.tokens + LOCATOR_BUDGET_MARGIN
+    encode = adapter.encode_target
 
-    model = AutoModelForImageTextToText.from_pretrained(qwen25_folder).eval()
-    images = [adapter.prepare_image(Image.new("RGB", (112, 84), c)) for c in ("red", "blue")]
-    box = [0.1, 0.25, 0.5, 1.0]
-    for image in images:
-        target = adapter.locator_target(box, image, 'the "tall" man')
-        decoded = adapter.tokenizer.decode(adapter.encode_target(target))
-        assert decoded == target
-        assert adapter.parse_locator_output(decoded, image) == pytest.approx(box, abs=1 / min(image.frame))
-    settings = fit_locator_budget(adapter, images, GenerationSettings(max_new_tokens=20))
-    boxes, texts = locate(model, adapter, images, ["the man", "a dog"], GenerationSettings(max_new_tokens=20))
-    assert len(texts) == 2 and settings.max_new_tokens == adapter.locator_budget(images)
+    def tokens_to_box(answer):
+        end = adapter.locator_answer_end(answer)
+        assert end is not None, answer
+        return len(encode(answer[:end]))
 
-
-def test_gemma3_release_stand_in_template_and_image_tokens():
-    real = real_tokenizer(GEMMA3)
-    _, stand_in, _ = build_tiny_template_family("gemma3")
-    text = f"Locate the man. {GENERIC_CODEC.request}"
-    rendered = [t.apply_chat_template(messages(text), tokenize=False, add_generation_prompt=True) for t in (real, stand_in)]
-    assert rendered[0] == rendered[1]
-    adapter = adapter_class("gemma3").from_pretrained(str(GEMMA3))  # the released tokenizer, template and processor
-    image = adapter.prepare_image(Image.new("RGB", (300, 200)))
-    assert image.num_tokens == 256 == json.loads((GEMMA3 / "processor_config.json").read_text())["image_seq_length"]
-    ids = adapter.encode_prompt(adapter.locator_prompt("the man", image), image)
-    assert ids.count(adapter.tokenizer.convert_tokens_to_ids("<image_soft_token>")) == 256
-    assert not adapter.grounding_prior
-
-
-def test_thinking_only_glm_release_is_refused_by_name(tmp_path):
-    from sc_tune.tiny import save_tiny
-
-    folder = Path(save_tiny(tmp_path / "glm", "glm4v"))
-    adapter_class("glm4v").from_pretrained(str(folder))  # the stand-in (GLM-4.5V-style) template switches it off
-    (folder / "chat_template.jinja").write_text((GLM41_THINKING / "chat_template.jinja").read_text())
-    config = json.loads((folder / "tokenizer_config.json").read_text())
-    config.pop("chat_template", None)
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    with pytest.raises(ThinkingOnlyCheckpoint, match=str(folder)):
-        adapter_class("glm4v").from_pretrained(str(folder))
+    # Every released answer quoted in the family's table (the refused multi-box ones too: decoding stops after their
+    # first box), its numbers at the widest this frame allows, fits up to where decoding stops, with the margin to
+    # spare; so do the codec's layouts with a long label.
+    widest_number = str(max(adapter.codec.axis_scales(image.frame)))
+    released = [re.sub(r"(?<!\w)\d+", widest_number, e.text) for e in adapter.answer_examples
+                if adapter.locator_answer_end(e.text) is not None]
+    assert released
+    layouts = adapter.locator_answer_layouts([1.0, 1.0, 1.0, 1.0], image, LONG_CAPTION)
+    for answer in released + layouts:
+        assert tokens_to_box(answer) <= budget - LOCATOR_BUDGET_MARGIN, answer
+    # Spacing no documentation shows takes the margin.
+    for answer in released + layouts:
+        assert tokens_to_box(answer.replace(", ", " , ").replace("[", "[ ")) <= budget, answer
+    # The fenced list up to its box (the form the issue counted at 31-33 tokens) does not fit the bare-box budget of
+    # before (the '{"bbox_2d": ...}' answer plus its end token): that budget cut nearly every released answer off.
+    fenced = adapter.locator_answer([1.0, 1.0, 1.0, 1.0], image, CAPTION)
+    bare_budget = len(encode(adapter.codec.format([1.0, 1.0, 1.0, 1.0], image.frame) + adapter.end_text))
+    assert len(encode(fenced[: adapter.locator_answer_end(fenced)])) > bare_budget
+    # The full answer with its label is longer still: generation stops at the box, so the label costs no budget.
+    assert len(encode(adapter.locator_target([1.0, 1.0, 1.0, 1.0], image, LONG_CAPTION))) > budget
 
 
-def test_export_carries_the_released_processor_files(tmp_path):
-    """An export folder holds the model's own config and tokenizer; everything else of the release comes along,
-    so the family's own processor loads it with the released settings."""
-    from transformers import AutoProcessor
+@pytest.mark.parametrize("folder", real.present(["Qwen__Qwen-VL-Chat"]))
+def test_the_qwen_vl_chat_budget_holds_its_readme_answers_with_the_real_tiktoken_vocabulary(folder, tiny_checkpoint):
+    from sc_tune.models.qwen_vl.tokenization import QWenTokenizer
 
-    from sc_tune.export import carry_source_files
+    adapter = adapter_class("qwen").from_pretrained(tiny_checkpoint("qwen"))
+    adapter.tokenizer = QWenTokenizer.from_pretrained(real.path(folder), image_token_span=256)
+    image = adapter.prepare_image(Image.new("RGB", (97, 61)))
+    budget = locator_budget(adapter, [image])
+    for example in adapter.answer_examples:
+        # the README's answers open with <ref>...</ref><box>, which SC-Tune's prompt already holds
+        answer = example.text.split("<box>", 1)[1]
+        assert len(adapter.encode_target(answer[: adapter.locator_answer_end(answer)])) <= budget, answer
 
-    out = tmp_path / "export"
-    out.mkdir()
-    shutil.copy(GEMMA3 / "config.json", out / "config.json")
-    copied = carry_source_files(str(out), str(GEMMA3))
-    assert "processor_config.json" in copied and "tokenizer.json" in copied and "config.json" not in copied
-    released = AutoProcessor.from_pretrained(GEMMA3)
-    exported = AutoProcessor.from_pretrained(out)
-    assert exported.image_seq_length == released.image_seq_length == 256
-    assert exported.tokenizer.chat_template == released.tokenizer.chat_template
+
+@pytest.fixture(scope="module", params=real.present(real.TOKENIZER_FOLDERS, ("tokenizer", "template")))
+def released_files_model(request):
+    folder = request.param
+    model, adapter = real.tiny_model_on_real_files(real.TOKENIZER_FOLDERS[folder], folder)
+    return folder, model.eval(), adapter
+
+
+def test_a_tiny_model_on_released_files_trains_on_its_answer_form_and_locates(released_files_model):
+    folder, model, adapter = released_files_model
+    assert len(adapter.tokenizer) == len(real.real_tokenizer(folder))  # the released vocabulary, not a toy one
+    image = adapter.prepare_image(Image.new("RGB", (61, 47), (200, 30, 30)))
+    assert adapter.tokenizer.chat_template == real.released_template(folder)  # prompts in the released text
+    prompt = adapter.locator_prompt(CAPTION, image)
+    target = adapter.locator_target(BOX, image, CAPTION)
+    assert adapter.parse_locator_output(target, image) == pytest.approx(BOX, abs=1.0 / min(image.frame + (1000,)))
+    batch = adapter.build_batch([prompt], [image], [target])
+    assert (batch.labels != -100).sum() == len(adapter.encode_target(target))
+    loss = model(**batch.inputs, labels=batch.labels).loss  # placeholders match the real processor's features
+    assert torch.isfinite(loss) and loss.item() > 0
+    boxes, texts = locate(model, adapter, [image], [CAPTION], GenerationSettings(max_new_tokens=3), fit_budget=False)
+    assert len(texts) == 1 and (boxes[0] is None or len(boxes[0]) == 4)
+
+
+@pytest.mark.parametrize("folder", real.present(["Qwen__Qwen2.5-VL-7B-Instruct", "Qwen__Qwen3-VL-8B-Instruct"],
+                                                ("tokenizer", "template")))
+def test_budget_of_a_released_folder_through_the_families_command(folder):
+    # Run as users run it; the Qwen3-VL folder has no config.json, so it names its model_type.
+    command = [sys.executable, "-m", "sc_tune.families", "budget", "--model_name_or_path", real.path(folder)]
+    if folder.startswith("Qwen__Qwen3"):
+        command += ["--model_type", "qwen3_vl"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["locator_budget"] == report["widest_answer_tokens"] + report["margin"]
+    assert '"bbox_2d": [' in report["widest_answer"] and report["reasoning_only"] is None

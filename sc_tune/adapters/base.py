@@ -4,10 +4,15 @@ An adapter owns the prompt text of the two roles, the box codec, how one image b
 (once per sample per step), how a batch is built (left padding, labels on the answer only), what to pass
 to ``generate`` and how generated text is decoded. The trainer and the evaluator never name a family.
 
-Prompts (per family, see the subclasses):
+Prompts (per family, see the subclasses), rendered through the checkpoint's own chat template (``render``:
+thinking switched off where the template has a switch, the default system turn where it inserts one):
 
 - describer: image + box -> the model continues with a caption that ends in the family's end token;
-- locator: image + caption -> the model continues with ``locator_target(box)`` (the box text and the end).
+- locator: image + caption -> the model continues with ``locator_target(box, image, caption)``: the family's real
+  grounding answer (``locator_answer``, e.g. Qwen's fenced JSON list with the caption as label) and the end.
+
+Each family lists the answers its own documentation shows (``answer_examples``, with their sources); the tests
+and ``python -m sc_tune.families parse`` read every one of them back to its box.
 """
 
 from __future__ import annotations
@@ -33,28 +38,19 @@ MEDIA_TOKEN_RE = re.compile(r"image|video|vision|img", re.IGNORECASE)
 BOX_TOKEN_RE = re.compile(r"box|ref|quad", re.IGNORECASE)
 
 
-# The box a codec writes longest: every coordinate at its maximum (1000 on a grid, the frame on pixels).
-WIDEST_BOX = (1.0, 1.0, 1.0, 1.0)
-# Tokens a locator budget allows beyond the widest box answer the family's own form takes: the whitespace
-# and indentation variants released models write (a tab or two spaces, a newline more or less).
-LOCATOR_BUDGET_MARGIN = 6
-
-
 @dataclass(frozen=True)
 class DocumentedAnswer:
-    """A grounding answer as the released model writes it, quoted from the family's own documentation.
-
-    ``box`` is the normalised box it must read as (``None``: it must not read, because it is ambiguous);
-    ``frame`` is the model-input (width, height) that pixel coordinates refer to."""
+    """A grounding answer as a family's own documentation (README, cookbook, model card, maintainer) shows the
+    released model writing it, and the box it must read as (``None``: it cannot be read unambiguously)."""
 
     text: str
     box: tuple[float, float, float, float] | None
     source: str
-    frame: tuple[int, int] = (1000, 1000)
+    frame: tuple[int, int] = (1000, 1000)  # (width, height) of the model input the answer refers to (pixel codecs)
 
 
-class ThinkingOnlyCheckpoint(ValueError):
-    """A checkpoint that always reasons before it answers: SC-Tune's short answers cannot hold its reasoning."""
+class ThinkingCheckpointError(ValueError):
+    """A reasoning-only checkpoint: its answers open with a reasoning block that SC-Tune's budgets cannot hold."""
 
 
 @dataclass
@@ -104,12 +100,11 @@ class ModelAdapter(ABC):
     lora_target_modules: str = ""
     # MoE variants: the routed experts' fused 3-D parameters (name suffixes), for ``--lora_target_experts``.
     lora_expert_parameters: tuple[str, ...] = ()
-    # Whether the released checkpoints were trained to ground (write boxes). Families without it need a
-    # grounding warm start before SC-Tune: until then no box parses and every reward is 0 (the preflight says so).
+    # Whether the family's released checkpoints document grounding (writing a box for a phrase). Without it the
+    # locator must first be taught boxes (a grounding warm start): until then every cycle reward is 0.
     grounding_prior: bool = True
-    # Answers the released checkpoints write, quoted from the family's docs (tests and
-    # ``python -m sc_tune.families`` read every one).
-    documented_answers: tuple[DocumentedAnswer, ...] = ()
+    # The grounding answers the family's own documentation shows, with their sources (see DocumentedAnswer).
+    answer_examples: tuple[DocumentedAnswer, ...] = ()
 
     def vision_trunk(self, model: torch.nn.Module) -> VisionTrunk | None:
         """Where ``model``'s frozen vision trunk is, for ``sc_tune.vision_cache`` (``--vision_cache``).
@@ -154,11 +149,6 @@ class ModelAdapter(ABC):
         self.box_format = box_format
         self.codec = select_codec(self.native_codec, box_format)
 
-    @property
-    def native(self) -> bool:
-        """Whether the family's own box format is in use (``--box_format native``); the generic one otherwise."""
-        return self.codec is self.native_codec
-
     @classmethod
     @abstractmethod
     def from_pretrained(cls, path: str, box_format: str = "native") -> ModelAdapter:
@@ -172,6 +162,51 @@ class ModelAdapter(ABC):
             image_processor.save_pretrained(directory)
 
     # ---------------------------------------------------------------- prompts and targets (text)
+    def render(self, user_text: str) -> str:
+        """One user turn (the image, then ``user_text``) and the opened assistant turn, through the checkpoint's
+        chat template, as the family's processor renders ``[{"type": "image"}, {"type": "text", ...}]``.
+
+        ``enable_thinking=False``: templates with a reasoning switch (Qwen3.5, GLM-4.5V / 4.6V) then open the
+        answer with an empty reasoning block (and GLM's append ``/nothink``); templates without one ignore it."""
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user_text}]}]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                  enable_thinking=False)
+
+    def thinking_only_reason(self) -> str | None:
+        """Why this checkpoint can only answer after reasoning, or ``None``. Default: the chat template still opens
+        a reasoning block (``<think>`` with no ``</think>`` after it) when asked not to think."""
+        prompt = self.render("?")
+        opened = prompt.rfind("<think>")
+        if opened >= 0 and "</think>" not in prompt[opened:]:
+            return ("its chat template opens a reasoning block (<think>) for every answer, also with "
+                    "enable_thinking=False")
+        return None
+
+    def check_not_thinking_only(self, checkpoint: str) -> None:
+        """Refuse a reasoning-only checkpoint, naming it.
+
+        Why refuse rather than budget for the reasoning: SC-Tune's rollouts decode a caption and a box per sample
+        (30 and ~40 tokens); a reasoning model writes hundreds to thousands of tokens first, so every answer would
+        be cut off (reward 0) or each step would cost orders of magnitude more, and the PPO update would train the
+        reasoning text as if it were the caption."""
+        reason = self.thinking_only_reason()
+        if reason:
+            raise ThinkingCheckpointError(
+                f"{checkpoint} is a reasoning-only checkpoint ({reason}): its answers start with a long reasoning "
+                "block that SC-Tune's caption and box budgets cannot hold. Use the family's instruct or hybrid "
+                "checkpoint (thinking switched off), e.g. Qwen3-VL-*-Instruct instead of -Thinking, GLM-4.5V / "
+                "GLM-4.6V(-Flash) instead of GLM-4.1V-9B-Thinking."
+            )
+
+    def plain_text(self, text: str) -> str:
+        """``text`` without special-token strings. Why: a caption is plain text, but one that spells a token
+        such as ``<image>`` in ordinary pieces would re-tokenise into that special token, and an extra image
+        placeholder makes the batch unusable (a crash mid-run); such strings carry no caption meaning."""
+        if not hasattr(self, "_special_re"):
+            tokens = sorted(self.special_tokens(), key=len, reverse=True)
+            self._special_re = re.compile("|".join(map(re.escape, tokens))) if tokens else None
+        return self._special_re.sub("", text) if self._special_re is not None else text
+
     @abstractmethod
     def describer_prompt(self, box_norm: Sequence[float], image: ImageInputs) -> str:
         """Text that makes the model caption the object in ``box_norm``."""
@@ -180,70 +215,43 @@ class ModelAdapter(ABC):
     def locator_prompt(self, caption: str, image: ImageInputs) -> str:
         """Text that makes the model write the box of the object ``caption`` refers to."""
 
-    @abstractmethod
-    def locator_target(self, box_norm: Sequence[float], image: ImageInputs, caption: str = "") -> str:
-        """What the locator should write after ``locator_prompt(caption)``: the family's own answer form holding
-        the box (and, where the form labels it, the caption), then the end token."""
+    def answer_prefix(self, caption: str) -> str:
+        """What the family's grounding answer writes before the box (InternVL and Qwen2-VL repeat the phrase as a
+        reference); default nothing."""
+        return ""
+
+    def locator_answer(self, box_norm: Sequence[float], image: ImageInputs, caption: str) -> str:
+        """The grounding answer the released model writes for ``caption`` (without the end token): the answer
+        prefix, then the codec's answer form, labelled with the caption where the form has a label."""
+        caption = self.plain_text(caption)
+        return self.answer_prefix(caption) + self.codec.answer(box_norm, image.frame, caption)
+
+    def locator_answer_layouts(self, box_norm: Sequence[float], image: ImageInputs, caption: str) -> list[str]:
+        """``locator_answer`` and the other layouts the family's documentation shows (for the token budget)."""
+        caption = self.plain_text(caption)
+        prefix = self.answer_prefix(caption)
+        return [prefix + layout for layout in self.codec.answer_layouts(box_norm, image.frame, caption)]
+
+    def locator_target(self, box_norm: Sequence[float], image: ImageInputs, caption: str) -> str:
+        """What the locator should write after ``locator_prompt(caption, image)``: the family's real grounding
+        answer and the end token, so that a tuned model keeps answering in its released format."""
+        return self.locator_answer(box_norm, image, caption) + self.end_text
 
     def describer_target(self, caption: str) -> str:
         """What the describer should write after ``describer_prompt`` for a known caption (warm starts)."""
         return caption + self.end_text
 
     def read_locator_output(self, text: str, image: ImageInputs) -> BoxReading:
-        """The normalised box in the locator's continuation, or ``BoxReading(None, why)``."""
+        """The normalised box in the locator's continuation, or ``None`` and why (a parse failure)."""
         return self.codec.read(text, image.frame)
 
     def parse_locator_output(self, text: str, image: ImageInputs) -> list[float] | None:
         """The normalised box in the locator's continuation, or ``None`` (counted as a parse failure)."""
         return self.read_locator_output(text, image).box
 
-    @classmethod
-    def default_frame(cls, image_size: tuple[int, int]) -> tuple[int, int]:
-        """The model-input (width, height) the family's released processor makes of an image of ``image_size``
-        (what pixel coordinates refer to), without a checkpoint at hand. Grid codecs ignore it."""
-        return tuple(image_size)
-
-    def widest_answer(self, image: ImageInputs) -> str:
-        """The family's answer form for the widest box of ``image``, up to where its box ends: what a locator
-        must have written before its answer parses (a trailing label or closing fence needs no budget)."""
-        target = self.locator_target(WIDEST_BOX, image)
-        end = self.codec.box_end(target)
-        if end is None:
-            raise ValueError(f"{type(self).__name__}: its own locator target does not read back: {target!r}")
-        return target[:end]
-
-    def locator_budget(self, images: Sequence[ImageInputs]) -> int:
-        """New tokens a locator needs for its widest box in these images, counted with this tokenizer in the
-        family's answer form, plus ``LOCATOR_BUDGET_MARGIN``."""
-        return max(len(self.encode_target(self.widest_answer(im))) for im in images) + LOCATOR_BUDGET_MARGIN
-
-    # ---------------------------------------------------------------- the chat template
-    def render(self, user_text: str, answer_prefix: str = "") -> str:
-        """One user turn (the image, then ``user_text``) and the opened assistant turn, rendered by the
-        checkpoint's own chat template with reasoning switched off where the template has a switch
-        (``enable_thinking=False``: Qwen3.5's empty think block, GLM-4.5V/4.6V's ``/nothink``)."""
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user_text}]}]
-        prompt = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, enable_thinking=False
-        )
-        return prompt + answer_prefix
-
-    def check_chat_template(self, name: str) -> None:
-        """Refuse a checkpoint without a chat template, or one whose template always opens a reasoning block
-        (e.g. Qwen3-VL-*-Thinking, which shares ``model_type`` with Instruct): a 20-40-token answer cannot
-        hold its reasoning, so every box would be a parse failure and every reward 0."""
-        if not self.tokenizer.chat_template:
-            raise ValueError(
-                f"{name}: the tokenizer has no chat template (chat_template.jinja, chat_template.json or "
-                "tokenizer_config.json's chat_template); SC-Tune renders every prompt through it"
-            )
-        probe = self.render("?")
-        if probe.count("<think>") > probe.count("</think>"):
-            raise ThinkingOnlyCheckpoint(
-                f"{name} is a thinking-only checkpoint: its chat template opens a reasoning block it cannot "
-                "switch off. SC-Tune's describer and locator answers are 20-40 tokens, which cannot hold the "
-                "reasoning. Use the family's Instruct (non-thinking) release."
-            )
+    def locator_answer_end(self, text: str) -> int | None:
+        """Where the first complete box of a (partial) locator answer ends, or ``None``: decoding stops there."""
+        return self.codec.box_end(text)
 
     # ---------------------------------------------------------------- images and tokens
     # Image sizes the family's processor accepts, checked for every record before training; a family whose
@@ -380,14 +388,24 @@ def find_submodule(model: torch.nn.Module, name: str) -> torch.nn.Module:
     raise ValueError(f"{type(model).__name__} has no submodule named {name!r}")
 
 
+def processor_chat_template(path: str) -> str | None:
+    """The chat template of checkpoints that keep it only in the processor's legacy ``chat_template.json``."""
+    legacy = os.path.join(path, "chat_template.json")
+    if not os.path.isfile(legacy):
+        return None
+    with open(legacy) as f:
+        return json.load(f).get("chat_template")
+
+
 def load_chat_tokenizer(path: str):
-    """The checkpoint's tokenizer (left padding) with its chat template, also where the template lives only in
-    the processor's legacy ``chat_template.json`` (Qwen2/2.5-VL, some Qwen3-VL and LLaVA releases)."""
+    """The checkpoint's tokenizer, left-padded, with its chat template (``chat_template.jinja``, the tokenizer
+    config's, or the processor's legacy ``chat_template.json``); a folder with none is an error naming it."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-    legacy = os.path.join(path, "chat_template.json")
-    if not tokenizer.chat_template and os.path.isfile(legacy):
-        with open(legacy) as f:
-            tokenizer.chat_template = json.load(f).get("chat_template")
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = processor_chat_template(path)
+    if not tokenizer.chat_template:
+        raise ValueError(f"{path} has no chat template (chat_template.jinja, the tokenizer config's chat_template, "
+                         "or chat_template.json): SC-Tune renders every prompt through the checkpoint's own template")
     return tokenizer

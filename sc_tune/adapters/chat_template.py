@@ -80,17 +80,17 @@ class ChatTemplateAdapter(ModelAdapter):
     def from_pretrained(cls, path: str, box_format: str = "native") -> ChatTemplateAdapter:
         from transformers import AutoConfig, AutoImageProcessor
 
-        adapter = cls(
-            load_chat_tokenizer(path), AutoImageProcessor.from_pretrained(path), AutoConfig.from_pretrained(path),
-            box_format,
-        )
-        adapter.check_chat_template(path)
+        adapter = cls(load_chat_tokenizer(path), AutoImageProcessor.from_pretrained(path),
+                      AutoConfig.from_pretrained(path), box_format)
+        adapter.check_not_thinking_only(path)
         return adapter
 
     def __init__(self, tokenizer, image_processor, config, box_format: str = "native"):
         super().__init__(tokenizer, box_format)
         self.image_processor = image_processor
         self.config = config
+        if not tokenizer.chat_template:
+            raise ValueError(f"{type(self).__name__}: the tokenizer has no chat template (chat_template.jinja)")
         family_tokens = (self.image_token, self.image_marker, self.end_token, self.image_start, self.image_end)
         self.image_token_id = self.token_ids(*(t for t in family_tokens if t))[0]
 
@@ -109,18 +109,6 @@ class ChatTemplateAdapter(ModelAdapter):
 
     def locator_prompt(self, caption, image):
         return self.render(f"Locate {self.plain_text(caption)}. {self.codec.request}")
-
-    def plain_text(self, text: str) -> str:
-        """``text`` without special-token strings. Why: a caption is plain text, but one that spells a token
-        such as ``<image>`` in ordinary pieces would re-tokenise into that special token, and an extra image
-        placeholder makes the batch unusable (a crash mid-run); such strings carry no caption meaning."""
-        if not hasattr(self, "_special_re"):
-            tokens = sorted(self.special_tokens(), key=len, reverse=True)
-            self._special_re = re.compile("|".join(map(re.escape, tokens))) if tokens else None
-        return self._special_re.sub("", text) if self._special_re is not None else text
-
-    def locator_target(self, box_norm, image, caption=""):
-        return f"{self.codec.format(box_norm, image.frame)}{self.end_text}"
 
     @property
     def end_text(self) -> str:
@@ -191,5 +179,3 @@ def _pad_dim1(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     for i, p in enumerate(parts):
         out[i, : p.shape[1]] = p[0]
     return out
-
-

@@ -1,15 +1,22 @@
-"""Gemma 3 and Gemma 4 (``gemma3``, ``gemma4``): chat-template adapters.
+"""Gemma 3 and Gemma 4 (``gemma3``, ``gemma4``): chat-template adapters with Gemini's y-first ``box_2d`` codec.
 
-Boxes:
-- Gemma 4 documents object detection (Gemma docs, "capabilities / vision"): a JSON list of
-  ``{"box_2d": [y1, x1, y2, x2], "label": ...}`` on a 0..1000 grid, **y first**, Google's convention across
-  Gemini and Gemma. The locator asks for and trains on exactly that form; an answer with four bare numbers
-  (no key, so no axis order) is a parse failure, never guessed to be x-first.
-- Gemma 3 documents no box output (a question on the google/gemma-3-4b-it model page, discussion 38, went
-  unanswered; a Google reply there only guesses Gemini's convention). It has no grounding prior: it uses the
-  generic codec ``[x1, y1, x2, y2]`` on 0..1000, asked for in words, and needs a grounding warm start before
-  SC-Tune (``grounding_prior = False``: the preflight says so). A ``"box_2d"`` answer it may still write is
-  read y-first, by its key (``sc_tune.box_codecs.GenericCodec``).
+Box convention: ``{"box_2d": [y1, x1, y2, x2], "label": ...}``, **y-first**, integers on 0..1000, answered as a
+fenced JSON list (``sc_tune.box_codecs.JsonBoxCodec("box_2d", y_first=True)``).
+
+- Gemma 3 documents no box output. Decision: Gemini's convention. The only statement from Google is its reply on
+  the google/gemma-3-4b-it model page (discussion 38): the documentation "does not explicitly confirm" box output,
+  but "Gemma 3 likely follows the same format as the Gemini models" (``[y_min, x_min, y_max, x_max]``, 0..1000).
+  So a Gemma 3 box is read y-first, and Gemma 3 has no grounding prior (``grounding_prior = False``): a grounding
+  warm start teaches the format before SC-Tune can reward anything.
+- Gemma 4: Google's vision documentation lists object detection among Gemma 4's tasks (ai.google.dev, Gemma
+  "Vision understanding"), but no Google answer example or box statement was found (searched 2026-12-04): the same
+  Gemini convention is assumed, unverified. Its chat template opens the answer with an empty thought channel
+  (``<|channel>thought\n<channel|>``, thinking off by default).
+
+The table (``answer_examples``) holds Gemini's documented answer layout and the forms refused as ambiguous.
+
+An answer that cannot be read unambiguously is a parse failure, never a reordered box: a bare list (no key
+says its axis order) and Qwen's x-first ``bbox_2d`` are refused with their reason.
 
 Image placeholders (transformers 5.24 ``Gemma3Processor`` / ``Gemma4Processor``): the chat template writes
 one marker per image, which becomes the begin-of-image token, one soft token per image feature and the
@@ -20,7 +27,6 @@ Gemma 4's audio tokens are suppressed with the media tokens (its audio tower is 
 
 from __future__ import annotations
 
-import json
 import re
 
 from sc_tune.adapters.base import DocumentedAnswer
@@ -28,26 +34,38 @@ from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInp
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
 from sc_tune.box_codecs import JsonBoxCodec
 
-GEMMA_VISION_DOCS = "ai.google.dev Gemma docs, capabilities/vision (object detection)"
+# Gemini's documented detection request, for one phrase.
+GEMMA_BOX_CODEC = JsonBoxCodec(
+    "box_2d", scale=1000, y_first=True, indent="  ",
+    request="Output its box_2d in JSON as [ymin, xmin, ymax, xmax] normalized to 0-1000.",
+)
+_GEMINI_SOURCE = "Gemini / Gemma box convention: box_2d [y_min, x_min, y_max, x_max], normalized to 0-1000"
+GEMMA_ANSWERS = (
+    DocumentedAnswer('```json\n[\n  {"box_2d": [200, 100, 600, 500], "label": "the dog"}\n]\n```',
+                     (0.1, 0.2, 0.5, 0.6), _GEMINI_SOURCE),
+    DocumentedAnswer("[200, 100, 600, 500]", None, f"{_GEMINI_SOURCE}: a bare list does not say its axis order"),
+    DocumentedAnswer('{"bbox_2d": [100, 200, 500, 600]}', None,
+                     f"{_GEMINI_SOURCE}: Qwen's x-first bbox_2d is not this family's form"),
+)
 
 
-class Gemma3Adapter(ChatTemplateAdapter):
+class _GemmaAdapter(ChatTemplateAdapter):
+    native_codec = GEMMA_BOX_CODEC
+    answer_examples = GEMMA_ANSWERS
+
+
+class Gemma3Adapter(_GemmaAdapter):
     """Gemma 3: ``<start_of_image>`` in the template -> ``\\n\\n<start_of_image>`` + ``mm_tokens_per_image``
     ``<image_soft_token>`` + ``<end_of_image>\\n\\n``; a fixed-size SigLIP view (pan-and-scan off, the
     processor's default). ``fix_vit`` freezes ``model.vision_tower``; the projector stays trainable."""
 
+    grounding_prior = False  # no documented box output (see the module docstring)
     image_marker = "<start_of_image>"
     image_token = "<image_soft_token>"
     image_start = "<start_of_image>"
     image_end = "<end_of_image>"
     end_token = "<end_of_turn>"
     image_type_key = "token_type_ids"
-    grounding_prior = False
-    documented_answers = (
-        DocumentedAnswer("[100, 200, 500, 600]", (0.1, 0.2, 0.5, 0.6), "the generic form the locator prompt asks for"),
-        DocumentedAnswer('```json\n[{"box_2d": [200, 100, 600, 500], "label": "cat"}]\n```', (0.1, 0.2, 0.5, 0.6),
-                         GEMMA_VISION_DOCS + ": Google's y-first key, read by its key"),
-    )
 
     def preprocess_image(self, image):
         out = self.image_processor(images=[image], do_pan_and_scan=False, return_tensors="pt")
@@ -58,7 +76,7 @@ class Gemma3Adapter(ChatTemplateAdapter):
         return TemplateImageInputs({"pixel_values": pixel_values}, num_tokens, frame, placeholder)
 
 
-class Gemma4Adapter(ChatTemplateAdapter):
+class Gemma4Adapter(_GemmaAdapter):
     """Gemma 4: ``<|image|>`` in the template -> ``<|image>`` + one ``<|image|>`` per soft token (the image
     processor's aspect-preserving count) + ``<image|>``. ``fix_vit`` freezes ``model.vision_tower``; the
     ``model.embed_vision`` projection stays trainable."""
@@ -70,26 +88,6 @@ class Gemma4Adapter(ChatTemplateAdapter):
     end_token = "<turn|>"
     image_type_key = "mm_token_type_ids"
     extra_media_tokens = re.compile(r"audio", re.IGNORECASE)
-    native_codec = JsonBoxCodec("box_2d", "yxyx", 1000)
-    documented_answers = (
-        DocumentedAnswer('```json\n[\n  {"box_2d": [200, 100, 600, 500], "label": "cat"}\n]\n```', (0.1, 0.2, 0.5, 0.6),
-                         GEMMA_VISION_DOCS),
-        DocumentedAnswer('[{"box_2d": [200, 100, 600, 500], "label": "cat"}, {"box_2d": [0, 0, 10, 10], "label": "x"}]',
-                         (0.1, 0.2, 0.5, 0.6), GEMMA_VISION_DOCS + ": several objects, the first read"),
-        DocumentedAnswer("[200, 100, 600, 500]", None, "four bare numbers: no key, so no axis order"),
-        DocumentedAnswer('{"bbox_2d": [100, 200, 500, 600]}', None, "Qwen's x-first key is not Gemma 4's"),
-    )
-
-    def locator_prompt(self, caption, image):
-        if not self.native:
-            return super().locator_prompt(caption, image)
-        return self.render(f"Detect {self.plain_text(caption)}. Output its box_2d in JSON.")
-
-    def locator_target(self, box_norm, image, caption=""):
-        if not self.native:
-            return super().locator_target(box_norm, image, caption)
-        box = self.codec.format(box_norm, image.frame)[1:-1]
-        return f'```json\n[\n  {{{box}, "label": {json.dumps(caption, ensure_ascii=False)}}}\n]\n```{self.end_text}'
 
     def preprocess_image(self, image):
         out = self.image_processor(images=[image], return_tensors="pt")

@@ -1,11 +1,16 @@
 """InternVL3 / InternVL3.5 in the transformers format (``internvl``: the ``-hf`` checkpoints).
 
 Box convention: ``<ref>phrase</ref><box>[[x1, y1, x2, y2]]</box>`` with integers on a 0..1000 grid
-(``sc_tune.box_codecs.BracketListCodec``; the ``<box>`` tags belong to the prompts and targets here). Source: the OpenGVLab model cards and the grounding evaluations
-built on them; the referring prompt is InternVL's documented one, "Please provide the bounding box
-coordinate of the region this sentence describes: <ref>…</ref>", and the answer repeats the reference
-before the box. The describer prompt ("Please provide a short description for this region: <box>…</box>")
-is this project's wording in InternVL's box syntax; InternVL's own region-caption prompt was not verified.
+(``sc_tune.box_codecs.NestedListGridCodec`` between ``<box>`` and ``</box>``). Sources (``answer_examples``): the
+referring prompt and the 0..1000 grid of InternVL's own RefCOCO evaluation
+(``internvl_chat/eval/refcoco/evaluate_grounding.py``: "Please provide the bounding box coordinate of the region
+this sentence describes: <ref>{}</ref>", answers read with ``\[*\[(.*?),(.*?),(.*?),(.*?)\]\]*`` and divided by
+1000, so single brackets and answers without the box tags read too), and ms-swift's documentation of InternVL2.5's
+grounding text (``<ref>羊</ref>`` and ``<box>[[101, 201, 150, 266]]</box>``; third-party, no OpenGVLab answer example
+was found). The answer repeats the reference before the box: the locator's SFT target is that whole answer,
+``<ref>CAPTION</ref><box>[[x1, y1, x2, y2]]</box><|im_end|>``. The describer prompt ("Please provide a short
+description for this region: <box>…</box>") is this project's wording in InternVL's box syntax; InternVL's own
+region-caption prompt was not verified.
 
 Images: the chat template writes ``<IMG_CONTEXT>`` per image; as ``InternVLProcessor`` does, it becomes
 ``<img>`` + ``image_seq_length`` ``<IMG_CONTEXT>`` per tile + ``</img>``, with the processor's default
@@ -20,20 +25,25 @@ from __future__ import annotations
 from sc_tune.adapters.base import DocumentedAnswer
 from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
-from sc_tune.box_codecs import BracketListCodec
+from sc_tune.box_codecs import NestedListGridCodec
 
 REFERRING_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: "
 REGION_PROMPT = "Please provide a short description for this region: "
 
 
 class InternVLAdapter(ChatTemplateAdapter):
-    native_codec = BracketListCodec(1000)
-    documented_answers = (
-        DocumentedAnswer("<ref>the man</ref><box>[[100, 200, 500, 600]]</box>", (0.1, 0.2, 0.5, 0.6),
-                         "OpenGVLab InternVL3 / InternVL3.5 model cards: grounding"),
-        DocumentedAnswer("<box>[[100, 200, 500, 600]]</box>", (0.1, 0.2, 0.5, 0.6),
-                         "the same answer after the reference the locator prompt opens"),
-        DocumentedAnswer("<box>[[100, 200, 500, 1200]]</box>", None, "beyond the 0..1000 grid"),
+    native_codec = NestedListGridCodec(1000, "<box>", "</box>")
+    answer_examples = (
+        DocumentedAnswer("<ref>羊</ref><box>[[101, 201, 150, 266]]</box>", (0.101, 0.201, 0.150, 0.266),
+                         "ms-swift docs (third-party), quoted in modelscope/ms-swift issue #5008: InternVL2.5's "
+                         "grounding text"),
+        DocumentedAnswer("[[101, 201, 150, 266]]", (0.101, 0.201, 0.150, 0.266),
+                         "OpenGVLab/InternVL internvl_chat/eval/refcoco/evaluate_grounding.py: its parser "
+                         r"\[*\[(.*?),(.*?),(.*?),(.*?)\]\]* reads the list with or without the box tags, / 1000"),
+        DocumentedAnswer("<box>[101, 201, 150, 266]</box>", (0.101, 0.201, 0.150, 0.266),
+                         "the same parser: single brackets read alike"),
+        DocumentedAnswer("<box>[[101, 201, 150, 266]]</box><box>[[300, 300, 400, 400]]</box>", None,
+                         "two boxes for one phrase (refused)"),
     )
     image_marker = "<IMG_CONTEXT>"
     image_token = "<IMG_CONTEXT>"
@@ -48,25 +58,22 @@ class InternVLAdapter(ChatTemplateAdapter):
         # As InternVLProcessor's image_seq_length: features per tile after the pixel shuffle.
         self.tile_tokens = int(patches_per_side**2 * config.downsample_ratio**2)
 
+    def _native(self) -> bool:
+        return self.codec is self.native_codec
+
     def describer_prompt(self, box_norm, image):
-        if not self.native:
+        if not self._native():
             return super().describer_prompt(box_norm, image)
-        return self.render(REGION_PROMPT + self._box(box_norm, image))
+        return self.render(REGION_PROMPT + self.codec.format(box_norm, image.frame))
 
     def locator_prompt(self, caption, image):
-        if not self.native:
+        if not self._native():
             return super().locator_prompt(caption, image)
-        reference = f"<ref>{self.plain_text(caption)}</ref>"
-        # The answer opens with the reference, as InternVL's grounding answers do: the continuation is the box.
-        return self.render(REFERRING_PROMPT + reference, answer_prefix=reference)
+        return self.render(REFERRING_PROMPT + f"<ref>{self.plain_text(caption)}</ref>")
 
-    def locator_target(self, box_norm, image, caption=""):
-        if not self.native:
-            return super().locator_target(box_norm, image, caption)
-        return f"{self._box(box_norm, image)}{self.end_text}"
-
-    def _box(self, box_norm, image) -> str:
-        return f"<box>{self.codec.format(box_norm, image.frame)}</box>"
+    def answer_prefix(self, caption):
+        # InternVL's grounding answer repeats the reference before its box.
+        return f"<ref>{caption}</ref>" if self._native() else ""
 
     def preprocess_image(self, image):
         out = self.image_processor(images=[image], crop_to_patches=True, return_tensors="pt")

@@ -3,8 +3,8 @@
 Qwen2-VL, Qwen2.5-VL, Qwen3-VL(-MoE), Qwen3.5(-MoE) and GLM-4.1V/4.5V/4.6V all preprocess an image into
 ``pixel_values`` + ``image_grid_thw``, stand one placeholder token in the text for every merged patch
 (``grid_t * grid_h * grid_w / merge_size**2``) and want ``mm_token_type_ids`` (1 on image tokens) so that
-their 3-D rotary positions (M-RoPE) know where the image is. Subclasses say how a chat turn is written, which
-token is the image placeholder and how a box is written.
+their 3-D rotary positions (M-RoPE) know where the image is. Prompts go through the checkpoint's chat template
+(``ModelAdapter.render``); subclasses say which token is the image placeholder and how a box is written.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class PatchGridChatAdapter(ModelAdapter):
         from transformers import AutoImageProcessor
 
         adapter = cls(load_chat_tokenizer(path), AutoImageProcessor.from_pretrained(path), box_format)
-        adapter.check_chat_template(path)
+        adapter.check_not_thinking_only(path)
         return adapter
 
     def __init__(self, tokenizer, image_processor, box_format="native"):

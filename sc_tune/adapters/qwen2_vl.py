@@ -1,37 +1,103 @@
 """Adapters for the transformers-native Qwen VL families: Qwen2-VL, Qwen2.5-VL, Qwen3-VL(-MoE), Qwen3.5(-MoE).
 
-Every prompt is rendered by the checkpoint's own chat template (``ModelAdapter.render``: ChatML, the default
-system turn that the Qwen2/2.5-VL templates insert, Qwen3.5's empty think block with ``enable_thinking=False``),
-with the image item first. The families differ in how a box is written, and the locator's SFT target is
-each family's own grounding answer, so a tuned checkpoint keeps answering as it was released:
+Prompts go through the checkpoint's own chat template (``ModelAdapter.render``): the Qwen2-VL and Qwen2.5-VL
+templates insert the default system turn ("You are a helpful assistant."), Qwen3-VL's does not, and Qwen3.5's
+opens the answer with the empty reasoning block ``<think>\n\n</think>\n\n`` when thinking is off
+(``enable_thinking=False``). The image is ``<|vision_start|><|image_pad|><|vision_end|>``, before the text.
 
-- Qwen2-VL: ``<|object_ref_start|>ref<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>`` on a 0..1000
-  grid, as its grounding data and README examples write it;
-- Qwen2.5-VL: a fenced JSON list, ``[{"bbox_2d": [x1, y1, x2, y2], "label": ...}]``, in absolute pixels of the
-  resized input (the Qwen2.5-VL "spatial understanding" cookbook);
-- Qwen3-VL, Qwen3.5: the same fenced list on a 0..1000 grid (the Qwen3-VL "2d grounding" cookbook; Qwen3.5:
-  the Qwen blog and a maintainer's answer, "relative ... [0, 1000]").
+Grounding prompt and answer (the locator's SFT target is the answer, labelled with the caption, so that a tuned
+model keeps answering in its released format):
 
-The locator prompt is the grounding request of Qwen's fine-tuning README ("Locate ... in this image and output
-the bbox coordinates in JSON format."); the describer prompt is this project's wording with the box in the
-family's own syntax.
+- Qwen2-VL: "Find <|object_ref_start|>CAPTION<|object_ref_end|>." ->
+  ``<|object_ref_start|>CAPTION<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>`` on a 0..1000 grid
+  (the grounding format of Qwen2-VL's README and tokenizer: the reference, then the box, in their special tokens);
+- Qwen2.5-VL: "Locate CAPTION in this image and output the bbox coordinates in JSON format." (the grounding
+  prompt of Qwen's fine-tuning README) -> the fenced JSON list
+  ``\`\`\`json\n[\n\t{"bbox_2d": [x1, y1, x2, y2], "label": "CAPTION"}\n]\n\`\`\``` in absolute pixels of the
+  *resized* model input;
+- Qwen3-VL, Qwen3.5: the same prompt and answer on a 0..1000 grid.
+
+What the released models write (``answer_examples``, each read back to its box, or refused with its reason, by the
+tests and by ``python -m sc_tune.families parse``):
+
+- Qwen2-VL: ``<|object_ref_start|>击掌<|object_ref_end|><|box_start|>(531,516),(581,596)<|box_end|><|im_end|>``
+  (a user's report, QwenLM/Qwen3-VL issue #9: no Qwen-own example was found);
+- Qwen2.5-VL, QwenLM/Qwen2.5-VL ``cookbooks/spatial_understanding.ipynb``: the fenced list, tab-indented,
+  ``\t{"bbox_2d": [765, 394, 891, 550], "label": "top right brown cake"}`` ("Detect a specific object"); the same
+  with pixel values above 1000 ("Reasoning capability"); one object per line with 4 spaces and a trailing comma
+  ("Detect certain object": 12 boxes, refused); the plain text ``43,378,996,957 cakes`` a system prompt asked for
+  (refused: no ``bbox_2d``);
+- Qwen2.5-VL, ``qwen-vl-finetune/README.md`` "Grounding Example": ``{\n"bbox_2d": [135, 114, 1016, 672]\n}``;
+- Qwen2.5-VL, ``cookbooks/ocr.ipynb`` (text spotting): 4/8 spaces, trailing commas, 39 boxes (refused);
+- Qwen3-VL (and Qwen3.5), QwenLM/Qwen3-VL ``cookbooks/omni_recognition.ipynb``: the tab-indented list with other
+  keys, ``\t{"bbox_2d": [0, 614, 224, 825], "name_zh": "米饭", "name_en": "Rice"},`` (its first of 7 entries);
+  ``cookbooks/spatial_understanding.ipynb``: ``\t{"point_2d": [925, 618], "label": "point_1"}`` (refused: a point).
+
+Pixel frames: the notebooks do not print the resized input's size, so the tests assume one that holds the
+coordinates. Qwen3-VL's 0..1000 grid: ``cookbooks/2d_grounding.ipynb`` ("relative coordinates ranging from 0 to
+1000") and a Qwen maintainer (issue #1427). Qwen3.5: no Qwen-own grounding example was found; a maintainer's answer
+about its successor keeps "relative coordinates normalized to [0, 1000]" and we assume Qwen3-VL's answer shape.
+
+Reasoning: Qwen3-VL-*-Thinking share ``model_type`` with the Instruct checkpoints; their template opens
+``<think>`` for every answer, which ``ModelAdapter.thinking_only_reason`` detects (they are refused, naming the
+checkpoint). Qwen3.5 is hybrid: thinking off through its template's switch.
 """
 
 from __future__ import annotations
 
 import torch
 
-import json
-
 from sc_tune.adapters.base import DocumentedAnswer, find_submodule
 from sc_tune.adapters.patch_grid_chat import PatchGridChatAdapter
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
-from sc_tune.box_codecs import JsonGridCodec, JsonPixelCodec, PairGridCodec
+from sc_tune.box_codecs import JsonBoxCodec, PairGridCodec
 from sc_tune.vision_cache import VisionTrunk
 
-QWEN3_COOKBOOK = "QwenLM/Qwen3-VL cookbooks/2d_grounding.ipynb (and the Qwen3-VL README)"
-QWEN25_COOKBOOK = "QwenLM/Qwen2.5-VL cookbooks/spatial_understanding.ipynb (and the Qwen2.5-VL README)"
+GROUNDING_PROMPT = "Locate {} in this image and output the bbox coordinates in JSON format."
 _LM_PROJECTIONS = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
+
+
+_COOKBOOK = "QwenLM/Qwen2.5-VL cookbooks/spatial_understanding.ipynb"
+QWEN2_VL_ANSWERS = (
+    DocumentedAnswer("<|object_ref_start|>击掌<|object_ref_end|><|box_start|>(531,516),(581,596)<|box_end|><|im_end|>",
+                     (0.531, 0.516, 0.581, 0.596), "user report re-running Qwen-VL's README example on Qwen2-VL, "
+                     "QwenLM/Qwen3-VL issue #9"),
+)
+QWEN2_5_VL_ANSWERS = (
+    DocumentedAnswer('```json\n[\n\t{"bbox_2d": [765, 394, 891, 550], "label": "top right brown cake"}\n]\n```',
+                     (765 / 1288, 394 / 728, 891 / 1288, 550 / 728),
+                     f"{_COOKBOOK}, 2. Detect a specific object (a 1288x728 input assumed)", frame=(1288, 728)),
+    DocumentedAnswer('```json\n[\n\t{"bbox_2d": [1098, 1304, 1576, 1900], "label": "shadow of the paper fox"}\n]\n```',
+                     (1098 / 2016, 1304 / 2016, 1576 / 2016, 1900 / 2016),
+                     f"{_COOKBOOK}, 4. Reasoning capability (a 2016x2016 input assumed)", frame=(2016, 2016)),
+    DocumentedAnswer('```json\n[\n    {"bbox_2d": [139, 768, 315, 954], "label": "small cake"},\n'
+                     '    {"bbox_2d": [139, 768, 315, 954], "label": "small cake"},\n]\n```', None,
+                     f"{_COOKBOOK}, 1. Detect certain object: its 4-space layout (first line twice; 12 boxes): "
+                     "more than one box is refused", frame=(1288, 1288)),
+    DocumentedAnswer("43,378,996,957 cakes", None,
+                     f"{_COOKBOOK}, cell 8: the plain-text form a system prompt asked for (no bbox_2d: refused)",
+                     frame=(1288, 1288)),
+    DocumentedAnswer('{\n"bbox_2d": [135, 114, 1016, 672]\n}', (135 / 1092, 114 / 728, 1016 / 1092, 672 / 728),
+                     "QwenLM/Qwen2.5-VL qwen-vl-finetune/README.md, Grounding Example (a 1092x728 input assumed)",
+                     frame=(1092, 728)),
+    DocumentedAnswer(
+        '```json\n[\n    {\n        "bbox_2d": [125, 169, 754, 208], "text_content": "UNIHAKKA INTERNATIONAL SDN BHD",'
+        '\n    },\n    {\n        "bbox_2d": [325, 210, 549, 238], "text_content": "01 Jun 2018 18:41",'
+        '\n    },\n]\n```',
+        None,
+        "QwenLM/Qwen2.5-VL cookbooks/ocr.ipynb (2025-01-29), text spotting, Qwen2.5-VL-7B: its first two objects "
+        "verbatim (4/8 spaces, trailing commas), the list closed as the answer closes its 39; more than one box is "
+        "refused",
+        frame=(868, 1400),
+    ),
+)
+QWEN3_VL_ANSWERS = (
+    DocumentedAnswer('```json\n[\n\t{"bbox_2d": [0, 614, 224, 825], "name_zh": "米饭", "name_en": "Rice"},\n]\n```',
+                     (0.0, 0.614, 0.224, 0.825), "QwenLM/Qwen3-VL cookbooks/omni_recognition.ipynb cell 6 "
+                     "(qwen3-vl-235b-a22b-instruct): its first entry verbatim, in its list"),
+    DocumentedAnswer('```json\n[\n\t{"point_2d": [925, 618], "label": "point_1"}\n]\n```', None,
+                     "QwenLM/Qwen3-VL cookbooks/spatial_understanding.ipynb cell 11: a point, not a box (refused)"),
+)
 
 
 class _QwenChatVLAdapter(PatchGridChatAdapter):
@@ -69,6 +135,18 @@ class _QwenChatVLAdapter(PatchGridChatAdapter):
         # The first decoding step would run the tower on pixel_values and find no <|image_pad|> to put them in.
         return {k: v for k, v in inputs.items() if k != "pixel_values"}
 
+    def _native(self) -> bool:
+        return self.codec is self.native_codec
+
+    def describer_prompt(self, box_norm, image):
+        return self.render(f"Describe the object at {self.codec.format(box_norm, image.frame)} in a few words.")
+
+    def locator_prompt(self, caption, image):
+        caption = self.plain_text(caption)
+        if not self._native():
+            return self.render(f"Locate {caption}. {self.codec.request}")
+        return self.render(GROUNDING_PROMPT.format(caption))
+
     @property
     def end_text(self) -> str:
         return "<|im_end|>"
@@ -82,108 +160,50 @@ def _pixel_rows_per_image(args, kwargs):
 
 
 class Qwen2VLAdapter(_QwenChatVLAdapter):
-    native_codec = PairGridCodec(scale=1000)
-    documented_answers = (
-        DocumentedAnswer(
-            "<|object_ref_start|>the man<|object_ref_end|><|box_start|>(101,234),(567,890)<|box_end|>",
-            (0.101, 0.234, 0.567, 0.89), "Qwen2-VL README / technical report: grounding answers",
-        ),
-        DocumentedAnswer("(101,234),(567,890)<|box_end|><|im_end|>", (0.101, 0.234, 0.567, 0.89),
-                         "the same answer after the reference the locator prompt opens"),
-        DocumentedAnswer("[101, 234, 567, 890]", None, "not Qwen2-VL's form: no (x1,y1),(x2,y2) corners"),
-    )
+    native_codec = PairGridCodec(1000, "<|box_start|>", "<|box_end|>")
+    answer_examples = QWEN2_VL_ANSWERS
 
     def describer_prompt(self, box_norm, image):
-        box = f"<|box_start|>{self.codec.format(box_norm, image.frame)}<|box_end|>"
-        return self.render(f"Describe the object in {box} in a few words.")
+        return self.render(f"Describe the object in {self.codec.format(box_norm, image.frame)} in a few words.")
 
     def locator_prompt(self, caption, image):
-        ref = f"<|object_ref_start|>{caption}<|object_ref_end|>"
-        # The assistant turn is opened with the reference and <|box_start|>, Qwen2-VL's grounding answer
-        # format, so the continuation is exactly the box.
-        return self.render(f"Find {ref}.", answer_prefix=f"{ref}<|box_start|>")
+        if not self._native():
+            return super().locator_prompt(caption, image)
+        return self.render(f"Find {self._reference(self.plain_text(caption))}.")
 
-    def locator_target(self, box_norm, image, caption=""):
-        return f"{self.codec.format(box_norm, image.frame)}<|box_end|>{self.end_text}"
+    def answer_prefix(self, caption):
+        # Qwen2-VL's grounding answer repeats the reference before its box.
+        return self._reference(caption) if self._native() else ""
 
-
-class _JsonBoxAdapter(_QwenChatVLAdapter):
-    """The fenced JSON-list answer of Qwen2.5-VL, Qwen3-VL and Qwen3.5."""
-
-    def describer_prompt(self, box_norm, image):
-        return self.render(f"Describe the object at {self.codec.format(box_norm, image.frame)} in a few words.")
-
-    def locator_prompt(self, caption, image):
-        if not self.native:  # --box_format generic: the format is asked for in words
-            return self.render(f"Locate {caption}. {self.codec.request}")
-        return self.render(f"Locate {caption} in this image and output the bbox coordinates in JSON format.")
-
-    def locator_target(self, box_norm, image, caption=""):
-        if not self.native:
-            return f"{self.codec.format(box_norm, image.frame)}{self.end_text}"
-        box = self.codec.format(box_norm, image.frame)[1:-1]  # '"bbox_2d": [...]' without the braces
-        label = json.dumps(caption, ensure_ascii=False)
-        return f'```json\n[\n\t{{{box}, "label": {label}}}\n]\n```{self.end_text}'
+    @staticmethod
+    def _reference(caption: str) -> str:
+        return f"<|object_ref_start|>{caption}<|object_ref_end|>"
 
 
-class Qwen25VLAdapter(_JsonBoxAdapter):
-    native_codec = JsonPixelCodec()
-
-    @classmethod
-    def default_frame(cls, image_size):
-        # The released preprocessor_config.json: 14 px patches merged 2 x 2 (factor 28), 3,136 to 12,845,056 pixels.
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
-        width, height = image_size
-        resized_height, resized_width = smart_resize(height, width, factor=28, min_pixels=3136, max_pixels=12845056)
-        return resized_width, resized_height
-    documented_answers = (
-        DocumentedAnswer(
-            '```json\n[\n\t{"bbox_2d": [135, 114, 1016, 672], "label": "chair"}\n]\n```',
-            (135 / 1288, 114 / 812, 1016 / 1288, 672 / 812), QWEN25_COOKBOOK, frame=(1288, 812),
-        ),
-        DocumentedAnswer('[{"bbox_2d": [135, 114, 1016, 672], "label": "chair"}]',
-                         (135 / 1288, 114 / 812, 1016 / 1288, 672 / 812), QWEN25_COOKBOOK + ", unfenced",
-                         frame=(1288, 812)),
-        DocumentedAnswer('{"bbox_2d": [135.5, 114, 1016, 672]}', (135.5 / 1288, 114 / 812, 1016 / 1288, 672 / 812),
-                         "a bare object with a decimal pixel", frame=(1288, 812)),
-        DocumentedAnswer('[{"box_2d": [114, 135, 672, 1016], "label": "chair"}]', None,
-                         "Gemini/Gemma's y-first key: refused, never transposed", frame=(1288, 812)),
-        DocumentedAnswer('{"bbox_2d": [135, 114, 1300, 672]}', None, "x beyond the resized frame's width",
-                         frame=(1288, 812)),
-    )
+class Qwen25VLAdapter(_QwenChatVLAdapter):
+    native_codec = JsonBoxCodec("bbox_2d", scale=None)
+    answer_examples = QWEN2_5_VL_ANSWERS
 
 
-_GRID_ANSWERS = (
-    DocumentedAnswer('```json\n[\n\t{"bbox_2d": [98, 221, 512, 1000], "label": "the dog"}\n]\n```',
-                     (0.098, 0.221, 0.512, 1.0), QWEN3_COOKBOOK),
-    DocumentedAnswer(
-        '```json\n[\n  {"bbox_2d": [98, 221, 512, 1000], "label": "dog"},\n  {"bbox_2d": [600, 10, 990, 500], '
-        '"label": "cat"}\n]\n```', (0.098, 0.221, 0.512, 1.0), QWEN3_COOKBOOK + ": several objects, the first read",
-    ),
-    DocumentedAnswer('{"bbox_2d": [98, 221, 512, 1001]}', None, "beyond the 0..1000 grid"),
-)
-
-
-class Qwen3VLAdapter(_JsonBoxAdapter):
-    native_codec = JsonGridCodec(scale=1000)
-    documented_answers = _GRID_ANSWERS
+class Qwen3VLAdapter(_QwenChatVLAdapter):
+    native_codec = JsonBoxCodec("bbox_2d", scale=1000)
     vision_trainable_prefixes = ("model.visual.merger", "model.visual.deepstack_merger_list")
+    answer_examples = QWEN3_VL_ANSWERS
 
 
-class Qwen35Adapter(_JsonBoxAdapter):
+class Qwen35Adapter(_QwenChatVLAdapter):
     """Qwen3.5 / 3.6 / 3.8: vision folded into the main model, boxes as Qwen3-VL (JSON ``bbox_2d``, 0..1000).
 
-    The Qwen3.5 checkpoints think by default; their chat template, rendered with ``enable_thinking=False``,
-    opens the assistant turn with an empty reasoning block, so the answer is the caption or the box directly. The box
-    convention (relative 0..1000) is the Qwen blog's and a Qwen maintainer's statement, not a chat-template
-    fact. The vision tower has no DeepStack mergers: ``fix_vit`` keeps only ``model.visual.merger``.
+    The Qwen3.5 checkpoints think by default; their chat template's switch (``enable_thinking=False``) opens the
+    answer with the empty reasoning block ``<think>\n\n</think>\n\n``, so the answer is the caption or the box
+    directly. The box convention (relative 0..1000) is the Qwen blog's and a Qwen maintainer's statement, not a
+    chat-template fact. The vision tower has no DeepStack mergers: ``fix_vit`` keeps only ``model.visual.merger``.
     The text model is hybrid: Gated DeltaNet (linear attention) layers whose projections
     (``in_proj_qkv``, ``in_proj_z``, ``out_proj``) LoRA also targets, between full-attention layers.
     """
 
-    native_codec = JsonGridCodec(scale=1000)
-    documented_answers = _GRID_ANSWERS
+    native_codec = JsonBoxCodec("bbox_2d", scale=1000)
+    answer_examples = QWEN3_VL_ANSWERS  # assumed: no Qwen-own Qwen3.5 grounding example was found
     lora_target_modules = rf"model\.language_model\..*\.({_LM_PROJECTIONS}|in_proj_qkv|in_proj_z|out_proj)"
 
     def resumes_from_scoring_cache(self, model, prompt_length, scored_length):

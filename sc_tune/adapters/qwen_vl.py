@@ -5,6 +5,9 @@ Prompts are raw Qwen-VL grounding text, as in the reference release (no ChatML, 
 - describer: ``<img></img><ref>This</ref><box>(x1,y1),(x2,y2)</box> is`` -> caption, ``<|endoftext|>``;
 - locator: ``<img></img><ref>CAPTION</ref><box>`` -> ``(x1,y1),(x2,y2)</box><|endoftext|>``.
 
+Qwen-VL-Chat has no chat template file (a remote-code ``chat`` method builds ChatML turns); like the reference
+release, SC-Tune prompts it with this raw grounding text, the form its grounding data used.
+
 The tokenizer expands ``<img></img>`` to ``<img>`` + ``n_queries`` placeholders + ``</img>`` (the reference
 put a dummy path there; the model overwrites those positions with image features either way). Pixels
 travel separately as ``images`` ``(N, 3, S, S)``, prepared once per sample.
@@ -27,21 +30,24 @@ from sc_tune.models.qwen_vl.tokenization import QWenTokenizer
 from sc_tune.vision_cache import VisionTrunk
 
 IMAGE_TAG = "<img></img>"
+_README = "QwenLM/Qwen-VL README.md"
+# Answers of the released Qwen-VL(-Chat), quoted from its README (read on the 0..999 grid, see sc_tune.box_codecs).
+QWEN_VL_ANSWERS = (
+    DocumentedAnswer("<ref>击掌</ref><box>(536,509),(588,602)</box>", (536 / 999, 509 / 999, 588 / 999, 602 / 999),
+                     f"{_README}, Transformers quickstart (Qwen-VL-Chat)"),
+    DocumentedAnswer('<ref>"击掌"</ref><box>(211,412),(577,891)</box>', (211 / 999, 412 / 999, 577 / 999, 891 / 999),
+                     f"{_README}, ModelScope quickstart"),
+    DocumentedAnswer("<ref>格子衬衫</ref><box>(588,499),(725,789)</box>", (588 / 999, 499 / 999, 725 / 999, 789 / 999),
+                     f"{_README}, fine-tuning data example"),
+    DocumentedAnswer("<ref> Woman</ref><box>(451,379),(731,806)</box> and<ref> her dog</ref><box>(219,424),(576,896)"
+                     "</box> playing on the beach<|endoftext|>", None,
+                     f"{_README}, Qwen-VL grounded caption: two boxes (refused)"),
+)
 
 
 class QwenVLAdapter(ModelAdapter):
-    """Qwen-VL / Qwen-VL-Chat, the paper's model. Prompts are the SC-Tune reference's raw grounding text
-    (``<img>…</img><ref>This</ref><box>…</box> is`` and ``<img>…</img><ref>caption</ref><box>``), not chat
-    turns: the method was defined and released that way, and Qwen-VL's grounding data use the same syntax."""
-
     native_codec = PairGridCodec(scale=999)
-    documented_answers = (
-        DocumentedAnswer("<ref>the man</ref><box>(123,456),(789,999)</box>", (123 / 999, 456 / 999, 789 / 999, 1.0),
-                         "QwenLM/Qwen-VL README (grounding examples) and TUTORIAL"),
-        DocumentedAnswer("(123,456),(789,999)</box><|endoftext|>", (123 / 999, 456 / 999, 789 / 999, 1.0),
-                         "the same answer after the <ref>…</ref><box> the locator prompt opens"),
-        DocumentedAnswer("(123,456),(789,1000)</box>", None, "beyond Qwen-VL's 0..999 grid"),
-    )
+    answer_examples = QWEN_VL_ANSWERS
     vision_prefix = "transformer.visual"
     vision_trainable_prefixes = ("transformer.visual.attn_pool",)
     lora_target_modules = r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.w1|mlp\.w2)"
@@ -104,14 +110,12 @@ class QwenVLAdapter(ModelAdapter):
     def locator_prompt(self, caption, image):
         return f"{IMAGE_TAG}<ref>{caption}</ref><box>"
 
-    def locator_target(self, box_norm, image, caption=""):
-        return f"{self.codec.format(box_norm, image.frame)}</box>{self.end_text}"
+    def thinking_only_reason(self):
+        return None  # no reasoning mode, no chat template
 
-    def render(self, user_text, answer_prefix=""):
-        raise NotImplementedError("Qwen-VL prompts are the paper's raw grounding text, not chat turns")
-
-    def check_chat_template(self, name):
-        pass  # no chat template: the paper prompts Qwen-VL-Chat with raw grounding text
+    def locator_answer(self, box_norm, image, caption):
+        # The prompt has opened the box (the reference release's raw grounding text); the answer closes it.
+        return f"{self.codec.format(box_norm, image.frame)}</box>"
 
     def prepare_image(self, image) -> ImageInputs:
         pixels_13HW = self.image_processor(image)

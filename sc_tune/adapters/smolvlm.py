@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import re
 
-from sc_tune.adapters.base import DocumentedAnswer
 from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
 
@@ -25,11 +24,6 @@ class SmolVLMAdapter(ChatTemplateAdapter):
     image_marker = "<image>"
     image_token = "<image>"
     end_token = "<end_of_utterance>"
-    documented_answers = (
-        DocumentedAnswer("[100, 200, 500, 600]", (0.1, 0.2, 0.5, 0.6),
-                         "no grounding form is documented for SmolVLM: the generic form the locator prompt asks for"),
-        DocumentedAnswer("[100, 200, 500]", None, "three numbers"),
-    )
     grounding_prior = False  # no documented grounding: a grounding warm start first (docs/grounding_warm_start.md)
     language_model_prefix = "model.text_model"
     vision_prefix = "model.vision_model"

@@ -33,9 +33,9 @@ def evaluate_rec(model, adapter, samples: Sequence[dict], image_root, batch_size
     def score_batch(indices):
         pils = [open_image(image_root, samples[i]["image"], i) for i in indices]
         images = [adapter.prepare_image(p) for p in pils]
-        settings = fit_locator_budget(adapter, images, locate_settings) if fit_budget else locate_settings
-        boxes_norm, texts = locate(model, adapter, images, [samples[i]["sent"] for i in indices], settings,
-                                   fit_budget=False)
+        sentences = [samples[i]["sent"] for i in indices]
+        settings = fit_locator_budget(adapter, images, locate_settings, sentences) if fit_budget else locate_settings
+        boxes_norm, texts = locate(model, adapter, images, sentences, settings, fit_budget=False)
         pred_px = [denormalize_box(b, samples[i]["width"], samples[i]["height"]) if b is not None else None
                    for b, i in zip(boxes_norm, indices)]
         scores = cycle_iou(pred_px, torch.tensor([samples[i]["bbox"] for i in indices], dtype=torch.float32))

@@ -20,8 +20,9 @@ LOCATE_EVAL = GenerationSettings(max_new_tokens=20, min_new_tokens=0)
 
 
 def locator_finished(adapter: ModelAdapter, locator_text: str) -> bool:
-    """Whether the locator wrote its end token within the budget (else the answer was cut off)."""
-    return adapter.end_text in locator_text
+    """Whether the locator's answer ended within the budget: its box complete (generation stops there) or its end
+    token written (else the answer was cut off)."""
+    return adapter.end_text in locator_text or adapter.locator_answer_end(locator_text) is not None
 
 
 @contextlib.contextmanager

@@ -1,6 +1,6 @@
 """Self-consistency: caption each true box greedily, ground the caption greedily, score the IoU.
 
-This is the training reward's computation (:func:`sc_tune.rollout.cycle` scored by
+This is the training reward's computation (describe, then locate, as :func:`sc_tune.rollout.cycle`, scored by
 :data:`sc_tune.rewards.cycle_iou`) with greedy decoding on both roles, so "self-consistency went up" means
 exactly "the greedy cycle reward went up".
 """
@@ -16,7 +16,7 @@ from sc_tune.evaluation.records import check_annotation_records, open_image
 from sc_tune.evaluation.runner import (DESCRIBE_EVAL, LOCATE_EVAL, eval_mode, fit_locator_budget, locator_finished,
                                       run_sharded)
 from sc_tune.rewards import cycle_iou
-from sc_tune.rollout import GenerationSettings, cycle
+from sc_tune.rollout import Cycle, GenerationSettings, describe, fit_describer_budget, locate
 
 
 def evaluate_self_consistency(model, adapter, records: Sequence[dict], image_root, batch_size: int = 8,
@@ -41,8 +41,12 @@ def evaluate_self_consistency(model, adapter, records: Sequence[dict], image_roo
     def score_batch(indices):
         images = [adapter.prepare_image(open_image(image_root, records[i]["image"], i)) for i in indices]
         true_boxes = [records[i]["bbox"] for i in indices]
-        settings = fit_locator_budget(adapter, images, locate_settings) if fit_budget else locate_settings
-        result = cycle(model, locator, adapter, images, true_boxes, describe_settings, settings, fit_budget=False)
+        _, captions = describe(model, adapter, images, true_boxes, fit_describer_budget(adapter, describe_settings))
+        settings = locate_settings
+        if fit_budget:
+            settings = fit_locator_budget(adapter, images, locate_settings, captions.texts)
+        boxes, texts = locate(locator, adapter, images, captions.texts, settings, fit_budget=False)
+        result = Cycle(None, captions, boxes, texts)
         scores = cycle_iou(result.boxes, torch.tensor(true_boxes, dtype=torch.float32))  # the training reward
         ious, parsed = scores.reward_N.tolist(), scores.parsed_N.tolist()
         out = []

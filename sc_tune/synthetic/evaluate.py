@@ -18,9 +18,10 @@ from sc_tune.evaluation.self_consistency import evaluate_self_consistency
 from sc_tune.jsonio import read_json, read_jsonl
 from sc_tune.rollout import GenerationSettings
 
-# The longest caption is 4 tokens with its end token; 8 leaves room for babble and keeps evaluation fast.
+# The longest caption is 3 tokens; 8 (and the end token) leaves room for babble and keeps evaluation fast.
 DESCRIBE = GenerationSettings(max_new_tokens=8)
-LOCATE = GenerationSettings(max_new_tokens=32)  # Qwen3-VL's JSON box is 26 tokens with its end token
+# Raised to the family's widest documented answer up to its box (+ 8) by the evaluators; decoding stops at the box.
+LOCATE = GenerationSettings(max_new_tokens=32)
 
 
 def load_split(root: str | Path, split: str = "heldout", limit: int | None = None) -> tuple[list[dict], list[dict]]:

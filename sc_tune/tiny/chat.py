@@ -55,10 +55,9 @@ class TinySpec:
     template_text: str  # the words of the family's prompt templates: one token per word in the tiny BPE
     image_processor: Callable[[int], object]  # image_size -> the family's image processor
     config: Callable[[object, TinySizes], object]  # (tokenizer, sizes) -> the model config
-    # A stand-in for the checkpoint's chat template: the same text for SC-Tune's one-image user turn
-    # (tests/test_real_checkpoints.py compares them with the released templates where those are at hand).
-    chat_template: str | None = None
     tokenizer_class: Callable[[], type] = field(default=lambda: _default_tokenizer_class())
+    chat_template: str = ""  # a stand-in for the released template (sc_tune.tiny.chat_templates)
+    bos_token: str | None = None  # where the released tokenizer names one (its chat template writes it)
 
 
 def _default_tokenizer_class():
@@ -89,11 +88,12 @@ def build_tokenizer(spec: TinySpec, corpus: Iterable[str] = DEFAULT_CORPUS, voca
         eos_token=spec.eos_token,
         pad_token=spec.special_tokens[0],
         unk_token=None,
-        bos_token=None,
+        bos_token=spec.bos_token,
         extra_special_tokens=list(spec.special_tokens[1:]),
         padding_side="left",
     )
-    tokenizer.chat_template = spec.chat_template
+    if spec.chat_template:
+        tokenizer.chat_template = spec.chat_template
     return tokenizer
 
 

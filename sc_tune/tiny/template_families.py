@@ -3,8 +3,10 @@
 Each is the family's own transformers architecture at a few hundred thousand parameters, a tiny BPE
 tokenizer carrying the family's special tokens (``sc_tune.tiny.chat``), the family's PIL image
 processor at a tiny input size, and a chat template that is a minimal stand-in for the checkpoint's: the
-same turn markers and the same image marker for ``{"type": "image"}``, nothing else (no system prompts,
-tools or thinking switches). Image tiling / splitting stays on where the family uses it by default, at the
+same turn markers, the same image marker for ``{"type": "image"}`` and the same opened answer (Gemma 4's empty
+thought channel), nothing else (no system prompts, tools or thinking switches). tests/test_real_checkpoints.py
+checks each against the released template where that file is at hand. Image tiling / splitting stays on where
+the family uses it by default, at the
 smallest grid, so the tests cover its token counting.
 """
 
@@ -21,6 +23,8 @@ TINY_IMAGE_SIZE = 28  # the vision towers' input: an InternVL tile, a SigLIP vie
 TEMPLATE_TEXT = (
     "user\nassistant\nmodel\nUser: Assistant: Describe the object at in a few words. Locate . "
     "Answer with its box as [x1, y1, x2, y2], integers from 0 to 1000. [0, 1, 2, 3] [[0, 1, 2, 3]] "
+    'Output its box_2d in JSON as [ymin, xmin, ymax, xmax] normalized to 0-1000. {"box_2d": [0, 1, 2, 3]} '
+    '```json\n[\n  {"box_2d": [0, 1, 2, 3], "label": "the"}\n]\n```\n'
     "Please provide the bounding box coordinate of the region this sentence describes: "
     "Please provide a short description for this region: "
 )
@@ -38,7 +42,9 @@ def _chatml_template(image_text: str, image_first_separator: str = "") -> str:
     )
 
 
-def _gemma_template(turn_open: str, turn_close: str, image_text: str) -> str:
+def _gemma_template(turn_open: str, turn_close: str, image_text: str, answer_open: str = "") -> str:
+    """Gemma's turns; ``answer_open``: what the generation prompt writes after the opened model turn (Gemma 4's empty
+    thought channel, its template's default with thinking off)."""
     return (
         "{{ '<bos>' }}{% for message in messages %}"
         f"{{{{ '{turn_open}' + ('model' if message['role'] == 'assistant' else message['role']) + '\\n' }}}}"
@@ -46,7 +52,7 @@ def _gemma_template(turn_open: str, turn_close: str, image_text: str) -> str:
         f"{{{{ '{image_text}' }}}}"
         "{% elif item['type'] == 'text' %}{{ item['text'] | trim }}{% endif %}{% endfor %}"
         f"{{{{ '{turn_close}\\n' }}}}{{% endfor %}}"
-        f"{{% if add_generation_prompt %}}{{{{ '{turn_open}model\\n' }}}}{{% endif %}}"
+        f"{{% if add_generation_prompt %}}{{{{ '{turn_open}model\\n{answer_open}' }}}}{{% endif %}}"
     )
 
 
@@ -255,13 +261,14 @@ class TemplateTinySpec:
     finish: Callable[[object], None] | None = None  # adjusts the random model after building
 
 
-def _spec(special_tokens, eos_token, image_processor, config) -> TinySpec:
+def _spec(special_tokens, eos_token, image_processor, config, bos_token=None) -> TinySpec:
     return TinySpec(
         special_tokens=tuple(special_tokens),
         eos_token=eos_token,
         template_text=TEMPLATE_TEXT,
         image_processor=image_processor,
         config=config,
+        bos_token=bos_token,
     )
 
 
@@ -283,6 +290,7 @@ TINY_TEMPLATE_SPECS: dict[str, TemplateTinySpec] = {
             "<end_of_turn>",
             _gemma3_image_processor,
             _gemma3_config,
+            bos_token="<bos>",
         ),
         lambda: _gemma_template("<start_of_turn>", "<end_of_turn>", "<start_of_image>"),
         _gemma3_random_projector,
@@ -290,12 +298,13 @@ TINY_TEMPLATE_SPECS: dict[str, TemplateTinySpec] = {
     "gemma4": TemplateTinySpec(
         _spec(
             (*GEMMA, "<|turn>", "<turn|>", "<|image>", "<image|>", "<|image|>", "<|video|>")
-            + ("<|audio>", "<audio|>", "<|audio|>"),
+            + ("<|audio>", "<audio|>", "<|audio|>", "<|channel>", "<channel|>"),
             "<turn|>",
             _gemma4_image_processor,
             _gemma4_config,
+            bos_token="<bos>",
         ),
-        lambda: _gemma_template("<|turn>", "<turn|>", "<|image|>"),
+        lambda: _gemma_template("<|turn>", "<turn|>", "<|image|>", "<|channel>thought\\n<channel|>"),
     ),
     "llava_onevision": TemplateTinySpec(
         _spec((*CHATML, "<image>", "<video>"), "<|im_end|>", _llava_onevision_image_processor, _llava_onevision_config),

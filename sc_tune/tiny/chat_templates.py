@@ -1,0 +1,60 @@
+"""Stand-in chat templates of the tiny Qwen2-VL ... Qwen3.5 and GLM-V models (``sc_tune.tiny.configs``).
+
+A tiny model's tokenizer is built in code, so it carries no released template; these reproduce the released
+templates' text for the turns SC-Tune renders (one user turn: an image, then text; the opened answer), and
+nothing else (no tools, no multi-turn reasoning history). ``tests/test_real_checkpoints.py`` renders the
+describer and locator prompts with each stand-in and with the released template, where the released file is at
+hand, and asserts the strings are identical; that is what catches a stand-in that drifted.
+
+- Qwen2-VL, Qwen2.5-VL: ChatML with the default system turn ("You are a helpful assistant.") the released
+  template inserts when the conversation has none;
+- Qwen3-VL (Instruct): ChatML, no default system turn;
+- Qwen3.5: as Qwen3-VL, and the answer opens with ``<think>\\n\\n</think>\\n\\n`` when ``enable_thinking`` is false
+  (``<think>\\n`` otherwise): its reasoning switch;
+- GLM-4.5V / 4.6V (hybrid): ``[gMASK]<sop><|user|>\\n`` ... ``<|assistant|>\\n``; with ``enable_thinking`` false
+  the user turn ends in ``/nothink`` and the answer opens with ``<think></think>\\n``.
+"""
+
+from __future__ import annotations
+
+_QWEN_CONTENT = (
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+)
+
+
+def _chatml(default_system: bool, generation_prompt: str) -> str:
+    system = (
+        "{% if loop.first and message['role'] != 'system' %}"
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+        if default_system
+        else ""
+    )
+    return (
+        "{% for message in messages %}" + system + "<|im_start|>{{ message['role'] }}\n" + _QWEN_CONTENT
+        + "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n" + generation_prompt
+        + "{% endif %}"
+    )
+
+
+QWEN2_VL_TEMPLATE = _chatml(default_system=True, generation_prompt="")
+QWEN3_VL_TEMPLATE = _chatml(default_system=False, generation_prompt="")
+QWEN3_5_TEMPLATE = _chatml(
+    default_system=False,
+    generation_prompt="{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n"
+    "{% else %}<think>\n{% endif %}",
+)
+# Qwen3-VL-*-Thinking: same model_type as Instruct; every answer opens a reasoning block, switch or not.
+QWEN3_VL_THINKING_TEMPLATE = _chatml(default_system=False, generation_prompt="<think>\n")
+
+GLM_HYBRID_TEMPLATE = (
+    "[gMASK]<sop>{% for message in messages %}{% if message['role'] == 'user' %}<|user|>\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|begin_of_image|><|image|><|end_of_image|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% if enable_thinking is defined and not enable_thinking %}/nothink{% endif %}"
+    "{% elif message['role'] == 'assistant' %}<|assistant|>\n{{ message['content'] }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think></think>\n{% endif %}{% endif %}"
+)

@@ -1,0 +1,132 @@
+"""The released checkpoints' non-weight files (tokenizer, chat template, processor settings), kept beside the
+repository and never part of it: ``shared/real_checkpoints`` in the folder that holds the repository, or
+``$SC_TUNE_REAL_CHECKPOINTS``. Its README gives each file's provenance. A fresh clone has no such folder, and the
+tests that need it skip once.
+
+``tiny_model_on_real_files`` builds a tiny random model that reads and writes exactly what the released checkpoint
+does: its real tokenizer, chat template and image-processor settings, with a tiny config of the family's
+architecture (the tiny builders' sizes, the real vocabulary and special-token ids).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+from tests.conftest import ROOT
+
+REAL_CHECKPOINTS = os.environ.get("SC_TUNE_REAL_CHECKPOINTS") or os.path.join(
+    os.path.dirname(ROOT), "shared", "real_checkpoints"
+)
+
+# Folder -> the model_type whose released chat template it holds (the Qwen2-VL template string equals the
+# Qwen2.5-VL one before the hub's later "generation tag" edit, per the folder's README).
+TEMPLATE_FOLDERS = {
+    "Qwen__Qwen2.5-VL-7B-Instruct": ("qwen2_5_vl", "qwen2_vl"),
+    "Qwen__Qwen3-VL-8B-Instruct": ("qwen3_vl", "qwen3_vl_moe"),
+    "Qwen__Qwen3.5-4B": ("qwen3_5", "qwen3_5_moe"),
+    "OpenGVLab__InternVL3-1B-hf": ("internvl",),
+    "google__gemma-3-4b-it": ("gemma3",),
+    "google__gemma-4-31B-it": ("gemma4",),
+}
+# Reasoning-only releases (their templates): refused by name.
+THINKING_FOLDERS = {
+    "zai-org__GLM-4.1V-9B-Thinking": "glm4v",
+    "Qwen__Qwen3-VL-8B-Thinking": "qwen3_vl",
+}
+# Folders with a released tokenizer.json (and processor settings): a tiny model on them.
+TOKENIZER_FOLDERS = {
+    "Qwen__Qwen2.5-VL-7B-Instruct": "qwen2_5_vl",
+    "Qwen__Qwen3-VL-8B-Instruct": "qwen3_vl",
+    "google__gemma-3-4b-it": "gemma3",
+}
+
+
+def available() -> bool:
+    return os.path.isdir(REAL_CHECKPOINTS)
+
+
+def path(folder: str, *names: str) -> str:
+    return os.path.join(REAL_CHECKPOINTS, folder, *names)
+
+
+def has_template(folder: str) -> bool:
+    try:
+        released_template(folder)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def present(folders, needs: tuple[str, ...] = ()) -> list[str]:
+    """The folders that exist here and hold what a test ``needs`` ("template": a released chat template,
+    "tokenizer": a tokenizer.json), for parametrising: an absent one yields no test, not a skip."""
+    checks = {"template": has_template, "tokenizer": lambda f: os.path.isfile(path(f, "tokenizer.json"))}
+    if not available():
+        return []
+    return [f for f in folders if os.path.isdir(path(f)) and all(checks[n](f) for n in needs)]
+
+
+def released_template(folder: str) -> str:
+    """The released chat template string of ``folder`` (``chat_template.jinja``, ``chat_template.json`` or the
+    tokenizer config's)."""
+    import json
+
+    jinja = path(folder, "chat_template.jinja")
+    if os.path.isfile(jinja):
+        with open(jinja, encoding="utf-8") as f:
+            return f.read()
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        if os.path.isfile(path(folder, name)):
+            with open(path(folder, name), encoding="utf-8") as f:
+                template = json.load(f).get("chat_template")
+            if template:
+                return template
+    raise FileNotFoundError(f"no chat template in {path(folder)}")
+
+
+@functools.cache
+def real_tokenizer(folder: str):
+    """The released tokenizer of ``folder``, loaded once per session (a tokenizer.json takes about a second)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path(folder), padding_side="left")
+    try:
+        tokenizer.chat_template = released_template(folder)
+    except FileNotFoundError:
+        pass
+    return tokenizer
+
+
+def tiny_model_on_real_files(model_type: str, folder: str):
+    """(tiny random ``model_type`` model, its adapter) on ``folder``'s real tokenizer, chat template and
+    image-processor settings: the tiny builders' sizes and config, the released vocabulary and special-token ids.
+    Built in memory (the tokenizer is loaded once per session; a 262k-row embedding is slow to save and reload)."""
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText
+
+    from sc_tune.adapters import adapter_class
+    from sc_tune.tiny.chat import TinySizes
+
+    tokenizer = real_tokenizer(folder)
+    image_processor = AutoImageProcessor.from_pretrained(path(folder))
+    if model_type == "gemma3":
+        from sc_tune.tiny.template_families import TINY_TEMPLATE_SPECS, _gemma3_random_projector
+
+        config = TINY_TEMPLATE_SPECS[model_type].spec.config(tokenizer, TinySizes())
+        # The real processor's view (896 px), pooled to the released mm_tokens_per_image soft tokens.
+        config.vision_config.image_size = image_processor.size["height"]
+        config.mm_tokens_per_image = _json(path(folder, "config.json"))["mm_tokens_per_image"]
+        model = AutoModelForImageTextToText.from_config(config)
+        _gemma3_random_projector(model)
+        return model, adapter_class(model_type)(tokenizer, image_processor, config)
+    from sc_tune.tiny.configs import tiny_spec
+
+    config = tiny_spec(model_type).config(tokenizer, TinySizes())
+    return AutoModelForImageTextToText.from_config(config), adapter_class(model_type)(tokenizer, image_processor)
+
+
+def _json(file: str) -> dict:
+    import json
+
+    with open(file, encoding="utf-8") as f:
+        return json.load(f)

@@ -1,0 +1,85 @@
+"""``python -m sc_tune.families``: every documented answer form of every family through ``parse``; ``budget``."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from sc_tune.adapters import families, family_for, supported_model_types
+from sc_tune.families import main
+from sc_tune.rollout import LOCATOR_BUDGET_MARGIN, widest_locator_answer
+
+DOCUMENTED = [(model_type, i) for family in families() for model_type in family.model_types
+              for i in range(len(family.adapter.answer_examples))]
+
+
+def run(capsys, *argv) -> tuple[int, dict | str]:
+    capsys.readouterr()  # what earlier steps printed (checkpoint building) is not the command's output
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, (json.loads(out) if code == 0 else err)
+
+
+@pytest.mark.parametrize("model_type,index", DOCUMENTED)
+def test_every_documented_answer_reads_to_its_box_or_is_refused_with_a_reason(capsys, model_type, index):
+    example = family_for(model_type).adapter.answer_examples[index]
+    code, result = run(capsys, "parse", "--model_type", model_type, "--answer", example.text,
+                       "--image_size", *example.frame)
+    assert code == 0
+    if example.box is None:
+        assert result["box"] is None and result["reason"], example.source
+    else:
+        assert result["box"] == pytest.approx(list(example.box), abs=1e-6), example.source
+
+
+def test_every_family_documents_its_answers_except_those_with_no_grounding_form():
+    undocumented = {f.name for f in families() if not f.adapter.answer_examples}
+    assert undocumented == {"LLaVA-OneVision", "SmolVLM / SmolVLM2 / SmolVLM v1 (Idefics3)"}  # none found upstream (adapter docstrings)
+    for family in families():
+        if family.adapter.answer_examples:
+            assert any(e.box is not None for e in family.adapter.answer_examples), family.name
+
+
+@pytest.mark.parametrize("model_type", supported_model_types())
+def test_the_training_target_round_trips_through_the_command(capsys, model_type, tiny_checkpoint):
+    adapter = family_for(model_type).adapter.from_pretrained(tiny_checkpoint(model_type))
+    image = adapter.prepare_image(Image.new("RGB", (97, 61)))
+    target = adapter.locator_target([0.25, 0.5, 0.75, 1.0], image, "the red circle")
+    code, result = run(capsys, "parse", "--model_type", model_type, "--answer", target, "--image_size", *image.frame)
+    assert code == 0 and result["box"] == pytest.approx([0.25, 0.5, 0.75, 1.0], abs=1 / min(image.frame + (999,)))
+
+
+@pytest.mark.parametrize("model_type,answer,words", [
+    ("smolvlm", '[{"box_2d": [200, 100, 600, 500], "label": "dog"}]', "y-first"),  # generic: never read x-first
+    ("gemma3", "[200, 100, 600, 500]", "axis order"),
+    ("gemma4", '{"bbox_2d": [100, 200, 500, 600]}', "x-first"),
+    ("qwen3_vl", '{"bbox_2d": [0.1, 0.2, 0.5, 0.6]}', "normalised"),
+    ("qwen3_vl", '{"box_2d": [200, 100, 600, 500]}', "y-first"),
+    ("glm4v", "<|begin_of_box|>[1, 2, 3, 4], [5, 6, 7, 8]<|end_of_box|>", "2 boxes"),
+    ("internvl", "the dog is on the left", "no"),
+])
+def test_ambiguous_or_absent_boxes_print_null_and_the_reason(capsys, model_type, answer, words):
+    code, result = run(capsys, "parse", "--model_type", model_type, "--answer", answer)
+    assert code == 0 and result["box"] is None and words in result["reason"], result
+
+
+def test_pixel_answers_need_the_image_size_and_the_generic_format_is_a_flag(capsys):
+    code, err = run(capsys, "parse", "--model_type", "qwen2_5_vl", "--answer", '{"bbox_2d": [1, 2, 3, 4]}')
+    assert code == 2 and "--image_size" in err
+    code, result = run(capsys, "parse", "--model_type", "qwen2_5_vl", "--answer", "[100, 200, 500, 600]",
+                       "--box_format", "generic")
+    assert code == 0 and result["box"] == pytest.approx([0.1, 0.2, 0.5, 0.6])
+
+
+def test_budget_of_a_checkpoint_folder(capsys, tiny_checkpoint):
+    folder = tiny_checkpoint("qwen3_vl")
+    code, report = run(capsys, "budget", "--model_name_or_path", folder, "--image_size", 97, 61)
+    assert code == 0 and report["model_type"] == "qwen3_vl" and report["reasoning_only"] is None
+    adapter = family_for("qwen3_vl").adapter.from_pretrained(folder)
+    image = adapter.prepare_image(Image.new("RGB", (97, 61)))
+    widest = widest_locator_answer(adapter, image, "the red circle")
+    assert report["widest_answer"] == widest.text and report["widest_answer_tokens"] == widest.tokens
+    assert report["locator_budget"] == widest.tokens + LOCATOR_BUDGET_MARGIN
+    assert report["margin"] == LOCATOR_BUDGET_MARGIN
+    assert report["answer_form"].startswith('```json\n[\n\t{"bbox_2d": [100, 200, 500, 600], "label": "the red')
+    assert report["describer_budget"] == 30 + 1  # the caption and its end token

@@ -32,6 +32,25 @@ def finalize_export(output_dir: str, source_dir: str) -> None:
 
 
 @contextmanager
+def model_config_as_loaded(model):
+    """Undo what ``transformers.Trainer.__init__`` writes into the model's config for training only.
+
+    It sets ``config.use_cache = args.use_cache`` (False), which every saved ``config.json`` would then carry
+    into the user's chat demo. SC-Tune passes ``use_cache`` to each forward itself, so the config keeps the
+    input's value (or its absence)."""
+    config = getattr(model, "config", None)
+    had = config is not None and "use_cache" in vars(config)
+    before = vars(config).get("use_cache") if config is not None else None
+    try:
+        yield
+    finally:
+        if config is not None and had:
+            config.use_cache = before
+        elif config is not None:
+            vars(config).pop("use_cache", None)
+
+
+@contextmanager
 def _without_zero3_init():
     """Load a model the plain way in one process even though a ZeRO-3 run set transformers' global config.
 

@@ -39,6 +39,7 @@ def load_model_and_adapter(
     ``box_format``: ``native`` (the family's own box convention) or ``generic`` (see ``sc_tune.box_codecs``)."""
     family = family_for(read_model_type(path))
     adapter = family.adapter.from_pretrained(path, box_format=box_format)
+    adapter.source_dir = path  # its non-weight files travel into every folder the run saves
     model = family.model_class().from_pretrained(
         path, dtype=dtype, quantization_config=quantization_config, local_files_only=True, **kwargs
     )

@@ -43,6 +43,7 @@ from sc_tune import checkpoints
 from sc_tune.adapters.base import ModelAdapter, PromptBatch
 from sc_tune.baselines import DescriberBaseline, describer_baseline, terminal_advantages
 from sc_tune.data import RolloutSampler, collate_referring
+from sc_tune.export import model_config_as_loaded
 from sc_tune.jsonio import write_json
 from sc_tune.kl_control import make_kl_controller
 from sc_tune.phases import Phase, PhaseLR, PhaseSchedule, reset_optimizer_moments, set_learning_rate
@@ -102,9 +103,10 @@ class SCTuneTrainer(Trainer):
         callbacks=None,
         reward_fn: RewardFunction | None = None,
     ):
-        super().__init__(
-            model=model, args=args, train_dataset=train_dataset, data_collator=collate_referring, callbacks=callbacks
-        )
+        with model_config_as_loaded(model):  # saved config.json files keep the input's settings
+            super().__init__(
+                model=model, args=args, train_dataset=train_dataset, data_collator=collate_referring, callbacks=callbacks
+            )
         self.adapter = adapter
         self.schedule = PhaseSchedule.from_args(args)
         self.reward_fn = reward_fn if reward_fn is not None else get_reward(args.reward)

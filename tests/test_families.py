@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zlib
@@ -23,6 +24,7 @@ import sc_tune.trainer
 from sc_tune.adapters import Family, family_for, register, supported_model_types
 from sc_tune.modeling import freeze_vision_tower, load_model_and_adapter
 from tests.conftest import ROOT, SAMPLE_DATA, SAMPLE_IMAGES
+from tests.helpers import processor_settings
 
 MODEL_TYPES = supported_model_types()
 # What a special token's name says it is, judged independently of the adapters' own rules: media tokens
@@ -89,7 +91,43 @@ def _finetune(source: str, output_dir: str, *extra: str):
 
 
 @pytest.fixture(scope="session")
-def runs(cli_folder, tmp_path_factory):
+def release_folder(cli_folder, tmp_path_factory):
+    """Factory: the tiny folder plus files a released checkpoint holds besides weights, tokenizer and processor
+    (``add_release_files``), so that a run's export has something to carry."""
+    built = {}
+
+    def make(model_type: str) -> str:
+        if model_type not in built:
+            directory = str(tmp_path_factory.mktemp(f"release_{model_type}"))
+            shutil.copytree(cli_folder(model_type), directory, dirs_exist_ok=True)
+            add_release_files(directory)
+            built[model_type] = directory
+        return built[model_type]
+
+    return make
+
+
+def add_release_files(directory: str) -> None:
+    """What a hub download holds beside the files ``save_pretrained`` writes: a model card, a licence, the
+    legacy ``chat_template.json`` (the folder's own template, where it has one), a video processor config, and
+    files an export must not carry: a second weight file and the state file of the run that wrote the folder."""
+    write = lambda name, text: open(os.path.join(directory, name), "w").write(text)  # noqa: E731
+    write("README.md", "---\nlicense: apache-2.0\n---\n# a tiny model card\n")
+    write("LICENSE", "Apache License, Version 2.0\n")
+    template = os.path.join(directory, "chat_template.jinja")
+    if os.path.isfile(template) and not os.path.isfile(os.path.join(directory, "chat_template.json")):
+        write("chat_template.json", json.dumps({"chat_template": open(template).read()}))
+    preprocessor = os.path.join(directory, "preprocessor_config.json")
+    if os.path.isfile(preprocessor) and not os.path.isfile(os.path.join(directory, "video_preprocessor_config.json")):
+        shutil.copyfile(preprocessor, os.path.join(directory, "video_preprocessor_config.json"))
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, os.path.join(directory, "consolidated.safetensors"))  # a weight: not carried
+    write("trainer_state.json", json.dumps({"global_step": 123}))  # an earlier run's record: not carried
+
+
+@pytest.fixture(scope="session")
+def runs(release_folder, tmp_path_factory):
     """Factory: (trainer, source folder, exported folder) of a full or LoRA SC-Tune run, once per model type."""
     done = {}
 
@@ -100,8 +138,8 @@ def runs(cli_folder, tmp_path_factory):
             # The LoRA run also writes boxes in the generic format, so --box_format is exercised end to end.
             lora_args = ("--use_lora", "True", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0")
             extra = (*lora_args, "--box_format", "generic") if lora else ()
-            trainer = _finetune(cli_folder(model_type), out, *extra)
-            done[key] = (trainer, cli_folder(model_type), out)
+            trainer = _finetune(release_folder(model_type), out, *extra)
+            done[key] = (trainer, release_folder(model_type), out)
         return done[key]
 
     return run
@@ -300,6 +338,69 @@ def test_lora_run_trains_adapters_only_and_merges(model_type, runs):
         assert torch.allclose(merged(**batch.inputs).logits, expected, atol=1e-4)
         original, _ = load_model_and_adapter(source)
         assert not torch.allclose(original(**batch.inputs).logits, expected, atol=1e-4)  # the adapters mattered
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_output_folder_carries_every_non_weight_file_of_the_input(model_type, lora, runs):
+    """Issue 18's acceptance: the output folder's non-weight files are a superset of the input's. Carried files
+    are byte-identical (processor and template settings survive); the model's own files keep the input's
+    settings; a weight or an earlier run's record of the input is never copied over the run's own."""
+    from sc_tune.carried_files import MODEL_FILES, is_carried, is_weight_file
+
+    _, source, out = runs(model_type, lora)
+    read = lambda folder, name: open(os.path.join(folder, name), "rb").read()  # noqa: E731
+    inputs = {n for n in os.listdir(source) if os.path.isfile(os.path.join(source, n)) and not is_weight_file(n)}
+    assert {"README.md", "LICENSE", "trainer_state.json", "config.json"} <= inputs
+    outputs = {n for n in os.listdir(out) if os.path.isfile(os.path.join(out, n))}
+    assert inputs <= outputs, sorted(inputs - outputs)
+    for name in sorted(inputs):
+        if is_carried(name):
+            assert read(out, name) == read(source, name), name
+    for name in sorted(inputs & MODEL_FILES):  # written from the trained model: same settings
+        before, after = json.loads(read(source, name)), json.loads(read(out, name))
+        volatile = {"dtype", "torch_dtype", "transformers_version"}
+        assert {k: v for k, v in after.items() if k not in volatile} == {
+            k: v for k, v in before.items() if k not in volatile
+        }, name
+    assert json.loads(read(out, "trainer_state.json")).get("global_step") != 123  # this run's, not the input's
+    assert not os.path.exists(os.path.join(out, "consolidated.safetensors"))
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_export_loads_with_the_input_processor_settings(model_type, runs):
+    """The family's own processor reads the input's settings from the output folder: ``AutoProcessor`` where
+    it loads here, else every processor file (image token counts, chat template, image processor, tokenizer)."""
+    _, source, out = runs(model_type, lora=False)
+    before = processor_settings(source)
+    assert processor_settings(out) == before
+    if "tokenizer" in before:  # AutoTokenizer cannot load it (Qwen-VL's remote code): the family's own can
+        adapters = [family_for(model_type).adapter.from_pretrained(folder) for folder in (source, out)]
+        assert adapters[0].tokenizer.get_vocab() == adapters[1].tokenizer.get_vocab()
+        assert len(adapters[0].tokenizer.get_vocab()) > 100
+    else:
+        assert "vocab" in before and len(before["vocab"]) > 100
+
+
+def test_smolvlm_v1_export_loads_in_idefics3_processor_and_agrees_with_the_adapter(runs):
+    """SmolVLM v1 (idefics3) loads with AutoProcessor here: the exported folder's processor takes its
+    image_seq_len from the carried processor_config.json (the default would be 169) and its template from the
+    carried chat_template.json, and expands an image into exactly the ids the adapter builds."""
+    from transformers import AutoProcessor
+
+    trainer, _, out = runs("idefics3", lora=False)
+    adapter = trainer.adapter
+    processor = AutoProcessor.from_pretrained(out)
+    assert type(processor).__name__ == "Idefics3Processor"
+    assert processor.image_seq_len == adapter.image_seq_len != 169
+    image = Image.open(os.path.join(SAMPLE_IMAGES, "images", "003.png")).convert("RGB")
+    prepared = adapter.prepare_image(image)
+    prompt = adapter.locator_prompt("the red circle", prepared)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Locate the red circle. "
+                 + adapter.codec.request}]}]  # fmt: skip
+    assert processor.apply_chat_template(messages, add_generation_prompt=True) == prompt
+    ids = processor(images=[image], text=[prompt], return_tensors="pt")["input_ids"][0].tolist()
+    assert ids == adapter.encode_prompt(prompt, prepared)
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from sc_tune.box_codecs import BoxCodec, select_codec
+from sc_tune.carried_files import carry_input_files
 from sc_tune.vision_cache import VisionTrunk
 
 # Special tokens no generated text may carry, found by name in the family's own tokenizer so that the full
@@ -76,6 +77,13 @@ class ModelAdapter(ABC):
     vision_trainable_prefixes: tuple[str, ...] = ()  # ...except these (the resampler / merger)
     # PEFT ``target_modules``: a regex matched against full module names (language model only).
     lora_target_modules: str = ""
+    # Whether the family's released checkpoints already ground referring expressions (answer a "locate ..."
+    # prompt with a box). Without that prior SC-Tune's rewards start at 0: the preflight (sc_tune.preflight)
+    # names it as the likely cause when a run's locator fails, and docs/grounding_warm_start.md gives the fix.
+    grounding_prior: bool = True
+    # The checkpoint folder the adapter was loaded from (set by ``sc_tune.modeling.load_model_and_adapter``):
+    # ``save_pretrained`` carries its other non-weight files (``sc_tune.carried_files``).
+    source_dir: str | None = None
 
     def vision_trunk(self, model: torch.nn.Module) -> VisionTrunk | None:
         """Where ``model``'s frozen vision trunk is, for ``sc_tune.vision_cache`` (``--vision_cache``).
@@ -126,11 +134,13 @@ class ModelAdapter(ABC):
         """Load the tokenizer (and image processor) saved in a checkpoint folder."""
 
     def save_pretrained(self, directory: str) -> None:
-        """Write the tokenizer (and image processor) next to saved weights, so the folder reloads."""
+        """Write the tokenizer (and image processor) next to saved weights, so the folder reloads, then the
+        source folder's other non-weight files (processor and template files, verbatim; ``sc_tune.carried_files``)."""
         self.tokenizer.save_pretrained(directory)
         image_processor = getattr(self, "image_processor", None)
         if hasattr(image_processor, "save_pretrained"):  # Qwen-VL's lives in config.json's "visual" block
             image_processor.save_pretrained(directory)
+        carry_input_files(self.source_dir, directory)
 
     # ---------------------------------------------------------------- prompts and targets (text)
     @abstractmethod

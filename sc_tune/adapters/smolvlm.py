@@ -1,4 +1,12 @@
-"""SmolVLM / SmolVLM2 (``smolvlm``): a chat-template adapter with the generic box codec.
+"""SmolVLM / SmolVLM2 (``smolvlm``) and SmolVLM v1 (``idefics3``): a chat-template adapter with the generic box codec.
+
+SmolVLM v1 checkpoints (SmolVLM-Instruct, SmolVLM-256M/500M-Instruct) are transformers' Idefics3
+architecture: the same module names (``model.vision_model``, ``model.connector``, ``model.text_model``), the
+same special tokens and the same image prompt string (transformers' ``Idefics3Processor.replace_image_token``
+and ``smolvlm.get_image_prompt_string`` write the same text), with the Idefics3 image processor. They keep
+their chat template in the processor's legacy ``chat_template.json`` and ``image_seq_len`` in
+``processor_config.json`` (81 for SmolVLM-Instruct: 384 / 14 patches, pixel shuffle 3); the adapter computes
+``image_seq_len`` from the model config, which gives the same number. One adapter serves both.
 
 Box convention: none found upstream (no grounding format is documented for SmolVLM), so this adapter uses
 the generic codec ``[x1, y1, x2, y2]`` on 0..1000 (``sc_tune.box_codecs.GENERIC_CODEC``), requested in the
@@ -21,6 +29,7 @@ from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
 
 
 class SmolVLMAdapter(ChatTemplateAdapter):
+    grounding_prior = False  # no grounding data or box format documented: needs a grounding warm start
     image_marker = "<image>"
     image_token = "<image>"
     end_token = "<end_of_utterance>"
@@ -31,9 +40,7 @@ class SmolVLMAdapter(ChatTemplateAdapter):
 
     def __init__(self, tokenizer, image_processor, config, box_format: str = "native"):
         super().__init__(tokenizer, image_processor, config, box_format)
-        vision = config.vision_config
-        # As SmolVLMProcessor's image_seq_len: features per crop after the connector's pixel shuffle.
-        self.image_seq_len = int((vision.image_size // vision.patch_size) ** 2 / config.scale_factor**2)
+        self.image_seq_len = image_seq_len(config)
         self.crop_token = getattr(tokenizer, "fake_image_token", None) or "<fake_token_around_image>"
         self.global_image_token = getattr(tokenizer, "global_image_token", None) or "<global-img>"
         self.token_ids(self.crop_token, self.global_image_token)
@@ -54,4 +61,18 @@ class SmolVLMAdapter(ChatTemplateAdapter):
         )
 
 
-register(Family("SmolVLM / SmolVLM2", ("smolvlm",), SmolVLMAdapter, auto_image_text_to_text, save_tiny_template_model))
+def image_seq_len(config) -> int:
+    """The processor's ``image_seq_len``: features per crop after the connector's pixel shuffle."""
+    vision = config.vision_config
+    return int((vision.image_size // vision.patch_size) ** 2 / config.scale_factor**2)
+
+
+register(
+    Family(
+        "SmolVLM / SmolVLM2 (v1: idefics3)",
+        ("smolvlm", "idefics3"),
+        SmolVLMAdapter,
+        auto_image_text_to_text,
+        save_tiny_template_model,
+    )
+)

@@ -1,4 +1,4 @@
-"""Tiny random models of the chat-template families: InternVL, Gemma 3 / 4, LLaVA-OneVision, SmolVLM.
+"""Tiny random models of the chat-template families: InternVL, Gemma 3 / 4, LLaVA-OneVision, SmolVLM (v1 and 2).
 
 Each is the family's own transformers architecture at a few hundred thousand parameters, a tiny BPE
 tokenizer carrying the family's special tokens (``sc_tune.models.tiny_chat``), the family's PIL image
@@ -10,6 +10,7 @@ smallest grid, so the tests cover its token counting.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -240,11 +241,44 @@ def _smolvlm_template() -> str:
     return DEFAULT_CHAT_TEMPLATE  # transformers' own SmolVLM template
 
 
+def _image_seq_len(config) -> int:
+    from sc_tune.adapters.smolvlm import image_seq_len
+
+    return image_seq_len(config)
+
+
+# ---------------------------------------------------------------- SmolVLM v1 (Idefics3)
+def _idefics3_image_processor(image_size: int):
+    from transformers import Idefics3ImageProcessorPil
+
+    # As SmolVLM: splitting on, at most a 2x2 grid of crops plus the global view.
+    return Idefics3ImageProcessorPil(
+        size={"longest_edge": 2 * image_size}, max_image_size={"longest_edge": image_size}, do_image_splitting=True
+    )
+
+
+def _idefics3_config(tokenizer, sizes: TinySizes):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(
+        "idefics3",
+        text_config=_text_config(tokenizer, sizes, "<end_of_utterance>"),  # a Llama text model, as released
+        vision_config=_vision_encoder(sizes, TINY_IMAGE_SIZE, 14),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        scale_factor=2,
+        tie_word_embeddings=False,
+    )
+
+
 @dataclass(frozen=True)
 class TemplateTinySpec:
     spec: TinySpec
     chat_template: Callable[[], str]  # lazy: SmolVLM's comes from transformers
     finish: Callable[[object], None] | None = None  # adjusts the random model after building
+    # Written as the released checkpoints keep them: the template only in the processor's legacy
+    # chat_template.json, and the processor's own settings in processor_config.json (from the model config).
+    legacy_template: bool = False
+    processor_config: Callable[[object], dict] | None = None
 
 
 def _spec(special_tokens, eos_token, image_processor, config) -> TinySpec:
@@ -309,6 +343,25 @@ TINY_TEMPLATE_SPECS: dict[str, TemplateTinySpec] = {
         ),
         _smolvlm_template,
     ),
+    # SmolVLM v1 (SmolVLM-Instruct, -256M, -500M): the SmolVLM tokens on transformers' Idefics3 architecture.
+    "idefics3": TemplateTinySpec(
+        _spec(
+            (
+                *CHATML,
+                "<end_of_utterance>",
+                "<image>",
+                "<fake_token_around_image>",
+                "<global-img>",
+                *SMOLVLM_TILE_TOKENS,
+            ),
+            "<end_of_utterance>",
+            _idefics3_image_processor,
+            _idefics3_config,
+        ),
+        _smolvlm_template,
+        legacy_template=True,
+        processor_config=lambda config: {"image_seq_len": _image_seq_len(config), "processor_class": "Idefics3Processor"},
+    ),
 }
 
 
@@ -324,4 +377,16 @@ def build_tiny_template_family(model_type: str, **kwargs):
 
 def save_tiny_template_family(model_type: str, directory: str, **kwargs) -> str:
     """Write a tiny ``model_type`` checkpoint folder that ``finetune.py`` and ``evaluate.py`` load."""
-    return write_folder(directory, *build_tiny_template_family(model_type, **kwargs))
+    from sc_tune.jsonio import write_json
+
+    entry = TINY_TEMPLATE_SPECS[model_type]
+    model, tokenizer, image_processor = build_tiny_template_family(model_type, **kwargs)
+    template = tokenizer.chat_template
+    if entry.legacy_template:
+        tokenizer.chat_template = None
+    write_folder(directory, model, tokenizer, image_processor)
+    if entry.legacy_template:
+        write_json(os.path.join(directory, "chat_template.json"), {"chat_template": template})
+    if entry.processor_config is not None:
+        write_json(os.path.join(directory, "processor_config.json"), entry.processor_config(model.config))
+    return str(directory)

@@ -76,6 +76,10 @@ class LoraArguments:
         default=None,
         metadata={"help": "PEFT target_modules regex (None: the family's LM attention and MLP projections)."},
     )
+    lora_target_experts: bool = field(
+        default=False,
+        metadata={"help": "MoE: LoRA also on the routed experts' fused 3-D weights (PEFT target_parameters)."},
+    )
 
 
 @dataclass
@@ -186,6 +190,25 @@ class SCTuneConfig(TrainingArguments):
     describer_min_new_tokens: int = field(default=3, metadata={"help": "Shortest caption, in tokens."})
     locator_max_new_tokens: int = field(default=20, metadata={"help": "Longest locator answer, in tokens."})
     locator_min_new_tokens: int = field(default=3, metadata={"help": "Shortest locator answer, in tokens."})
+    # ---- preflight (sc_tune.preflight)
+    preflight_samples: int = field(
+        default=16, metadata={"help": "Before step 0 the locator answers this many samples (parse rate, Acc@0.5)."}
+    )
+    preflight_max_parse_failures: float = field(
+        default=0.5, metadata={"help": "Stop before step 0 when more preflight answers than this share do not parse."}
+    )
+    preflight_min_accuracy: float = field(
+        default=0.05, metadata={"help": "Stop before step 0 when preflight Acc@0.5 is below this (no grounding prior)."}
+    )
+    skip_preflight: bool = field(default=False, metadata={"help": "Train without the preflight."})
+    # ---- MoE (sc_tune.moe)
+    moe_aux_loss: bool = field(
+        default=True,
+        metadata={"help": "MoE, full fine-tuning: add the router's load-balancing loss to SC-Tune's losses."},
+    )
+    moe_aux_loss_coef: float | None = field(
+        default=None, metadata={"help": "Its coefficient (None: the model config's router_aux_loss_coef)."}
+    )
     # ---- pictures
     log_rollouts_steps: int = field(
         default=0,
@@ -309,6 +332,10 @@ class SCTuneConfig(TrainingArguments):
             ("describer_update_steps", self.describer_update_steps >= 0, "must be >= 0"),
             ("locator_update_steps", self.locator_update_steps >= 0, "must be >= 0"),
             ("per_device_train_batch_size", self.per_device_train_batch_size >= 1, "must be >= 1"),
+            ("preflight_samples", self.preflight_samples >= 1, "must be >= 1"),
+            ("preflight_max_parse_failures", 0 <= self.preflight_max_parse_failures <= 1, "must be in [0, 1]"),
+            ("preflight_min_accuracy", 0 <= self.preflight_min_accuracy <= 1, "must be in [0, 1]"),
+            ("moe_aux_loss_coef", self.moe_aux_loss_coef is None or self.moe_aux_loss_coef >= 0, "must be >= 0"),
         ]
         errors = [f"--{name} {getattr(self, name)!r} {rule}" for name, ok, rule in rules if not ok]
         if errors:

@@ -160,12 +160,25 @@ def locate(
     """Ground each caption; returns normalised boxes (``None`` on a parse failure) and the raw texts.
 
     ``fit_budget`` raises ``settings.max_new_tokens`` to the family's longest box (see ``fit_locator_budget``)."""
+    boxes, completions, _ = locate_completions(model, adapter, images, captions, settings, fit_budget)
+    return boxes, completions.texts
+
+
+def locate_completions(
+    model,
+    adapter: ModelAdapter,
+    images: Sequence[ImageInputs],
+    captions: Sequence[str],
+    settings: GenerationSettings,
+    fit_budget: bool = True,
+) -> tuple[list[list[float] | None], Completions, GenerationSettings]:
+    """:func:`locate`, with the completions (token ids: which answers ran out of tokens) and the settings used."""
     if fit_budget:
         settings = fit_locator_budget(adapter, images, settings)
     batch = adapter.build_batch([adapter.locator_prompt(c, im) for c, im in zip(captions, images)], images)
     completions = generate(model, adapter, batch, settings, skip_special_tokens=False)
     boxes = [adapter.parse_locator_output(text, im) for text, im in zip(completions.texts, images)]
-    return boxes, completions.texts
+    return boxes, completions, settings
 
 
 def locate_from_prefix(

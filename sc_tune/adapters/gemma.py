@@ -26,6 +26,7 @@ class Gemma3Adapter(ChatTemplateAdapter):
     ``<image_soft_token>`` + ``<end_of_image>\\n\\n``; a fixed-size SigLIP view (pan-and-scan off, the
     processor's default). ``fix_vit`` freezes ``model.vision_tower``; the projector stays trainable."""
 
+    grounding_prior = False  # no box format documented for Gemma 3: it needs a grounding warm start
     image_marker = "<start_of_image>"
     image_token = "<image_soft_token>"
     image_start = "<start_of_image>"

@@ -17,6 +17,7 @@ from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
 
 
 class LlavaOnevisionAdapter(ChatTemplateAdapter):
+    grounding_prior = False  # its box convention is unclear upstream: it needs a grounding warm start
     image_marker = "<image>"
     image_token = "<image>"
     end_token = "<|im_end|>"

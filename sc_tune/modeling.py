@@ -108,6 +108,7 @@ def apply_lora(model: torch.nn.Module, adapter: ModelAdapter, lora_args, gradien
         lora_alpha=lora_args.lora_alpha,
         lora_dropout=lora_args.lora_dropout,
         target_modules=lora_args.lora_target_modules or adapter.lora_target_modules,
+        target_parameters=expert_parameters(model, adapter, lora_args) if lora_args.lora_target_experts else None,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -115,6 +116,24 @@ def apply_lora(model: torch.nn.Module, adapter: ModelAdapter, lora_args, gradien
     if gradient_checkpointing:
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     return model
+
+
+def expert_parameters(model: torch.nn.Module, adapter: ModelAdapter, lora_args) -> list[str]:
+    """PEFT ``target_parameters`` of ``--lora_target_experts``: the family's fused routed-expert parameter names
+    that this model holds (an MoE's; a dense model or a family without them is an error naming the flag)."""
+    from sc_tune.arguments import ArgumentError
+
+    names = [n for n, _ in model.named_parameters()]
+    found = [s for s in adapter.lora_target_expert_parameters if any(n.endswith("." + s) for n in names)]
+    if not found:
+        known = ", ".join(adapter.lora_target_expert_parameters) or "none"
+        raise ArgumentError(
+            f"--lora_target_experts: {type(model).__name__} has no fused routed-expert parameters (the family's: "
+            f"{known}); it is not a mixture-of-experts model"
+        )
+    if lora_args.lora_dropout:  # PEFT's parameter wrapper cannot apply dropout to x inside a fused expert matmul
+        raise ArgumentError(f"--lora_target_experts needs --lora_dropout 0 (got {lora_args.lora_dropout:g})")
+    return found
 
 
 def qlora_quantization_config(dtype: torch.dtype):

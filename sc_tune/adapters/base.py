@@ -77,6 +77,9 @@ class ModelAdapter(ABC):
     vision_trainable_prefixes: tuple[str, ...] = ()  # ...except these (the resampler / merger)
     # PEFT ``target_modules``: a regex matched against full module names (language model only).
     lora_target_modules: str = ""
+    # PEFT ``target_parameters`` for ``--lora_target_experts``: name suffixes of an MoE's fused routed-expert
+    # parameters (3-D tensors, which no nn.Linear holds, so target_modules cannot reach them). Empty: none known.
+    lora_target_expert_parameters: tuple[str, ...] = ()
     # Whether the family's released checkpoints already ground referring expressions (answer a "locate ..."
     # prompt with a box). Without that prior SC-Tune's rewards start at 0: the preflight (sc_tune.preflight)
     # names it as the likely cause when a run's locator fails, and docs/grounding_warm_start.md gives the fix.

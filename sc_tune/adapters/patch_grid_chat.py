@@ -17,6 +17,9 @@ from sc_tune.adapters.base import ImageInputs, ModelAdapter
 class PatchGridChatAdapter(ModelAdapter):
     per_token_keys = ("mm_token_type_ids",)
     vision_prefix = "model.visual"
+    # The MoE members (Qwen3-VL-MoE, Qwen3.5-MoE, GLM-4.5V): transformers fuses each layer's routed experts
+    # into two (experts, out, in) parameters, which --lora_target_experts reaches through PEFT target_parameters.
+    lora_target_expert_parameters = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
     image_token: str  # the placeholder repeated once per merged patch, e.g. "<|image_pad|>"
 

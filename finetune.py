@@ -14,10 +14,10 @@ import logging
 import torch
 from transformers import set_seed
 
-from sc_tune.arguments import build_parser
 from sc_tune.checkpoints import check_output_dir, resume_requested
 from sc_tune.data import ReferringDataset
 from sc_tune.export import export_trained
+from sc_tune.help_layout import build_parser
 from sc_tune.modeling import (
     apply_lora,
     freeze_vision_tower,
@@ -25,7 +25,6 @@ from sc_tune.modeling import (
     qlora_quantization_config,
     trainable_summary,
 )
-from sc_tune.preflight import PreflightCallback
 from sc_tune.trainer import SCTuneTrainer
 
 logger = logging.getLogger("sc_tune")
@@ -79,9 +78,9 @@ def main(argv: list[str] | None = None) -> SCTuneTrainer:
         size_problem=adapter.image_size_problem,
     )
     logger.info("%d referring samples from %s", len(dataset), data_args.data_path)
-    trainer = SCTuneTrainer(model=model, args=args, adapter=adapter, train_dataset=dataset)
-    if not args.skip_preflight:  # at train begin, on every rank: a locator that cannot ground stops before step 0
-        trainer.add_callback(PreflightCallback(trainer))
+    trainer = SCTuneTrainer(
+        model=model, args=args, adapter=adapter, train_dataset=dataset, source_dir=model_args.model_name_or_path
+    )
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_state()
     export_trained(trainer, args.output_dir, model_args.model_name_or_path, lora_args.use_lora)

@@ -2,16 +2,22 @@
 
 Full fine-tuning: the Trainer's ``save_model`` (which gathers ZeRO-3 shards into 16-bit weights when
 ``stage3_gather_16bit_weights_on_model_save`` is on) plus the tokenizer/processor. LoRA: the adapter is
-saved, then merged into a fresh copy of the base model on CPU (``merge_lora``, also a command). Families
-that need more (Qwen-VL: its generation config and remote-code files) hook in through
+saved, then merged into a fresh copy of the base model on CPU (``merge_lora``, also a command). Then the input
+folder's other files are carried over, verbatim (``carry_source_files``, also into every checkpoint-N): released
+processor settings often live only in ``processor_config.json`` (SmolVLM's ``image_seq_len``, LLaVA-OneVision's
+``num_image_tokens``, Gemma 4's), ``video_preprocessor_config.json`` or ``chat_template.json``, and a folder
+without them loads in the family's processor with other settings.
+Families that need more (Qwen-VL: its generation config and remote-code files) hook in through
 ``finalize_export``.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import logging
 import os
+import shutil
 from contextlib import contextmanager
 
 import torch
@@ -23,9 +29,47 @@ from sc_tune.snapshot import SNAPSHOT_ADAPTER
 logger = logging.getLogger(__name__)
 
 
+# Never carried: weights (the export writes the trained ones); the model's own files, written from the trained
+# model (an adapter folder has none on purpose: the base's config.json would make it look like a full model); and
+# the records of a run (an input folder may be an SC-Tune output or checkpoint-N). Everything else at the input
+# folder's top level is carried.
+NOT_CARRIED = (
+    "*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.h5", "*.msgpack", "*.onnx", "*.npz",
+    "*.index.json", "config.json", "generation_config.json", "adapter_config.json",
+    "trainer_state.json", "*_results.json", "sc_tune_*.json", "rng_state*", "latest", "zero_to_fp32.py", ".*",
+)  # fmt: skip
+
+
+def carry_source_files(output_dir: str, source_dir: str | None) -> list[str]:
+    """Copy every top-level file of ``source_dir`` but those ``NOT_CARRIED`` into ``output_dir``; returns the names.
+
+    A carried file replaces the tokenizer or processor file the export re-serialised under the same name. SC-Tune
+    never changes the tokenizer or the processor, and transformers' re-serialisation is not the release's file:
+    it drops ``processor_class`` and Qwen2.5-VL's ``min_pixels``/``max_pixels`` from ``preprocessor_config.json``
+    (transformers 4.57 then reads max_pixels 1,003,520 instead of the released 12,845,056), and writes
+    ``tokenizer_config.json`` in a 5.x layout that transformers 4.57 cannot load (Qwen3-VL's: "'list' object has
+    no attribute 'keys'"). Contents only (not the source's read-only permission bits): a later save must be able
+    to overwrite them."""
+    if not source_dir or not os.path.isdir(source_dir):
+        return []
+    if os.path.isdir(output_dir) and os.path.samefile(source_dir, output_dir):
+        return []
+    copied = []
+    for name in sorted(os.listdir(source_dir)):
+        source = os.path.join(source_dir, name)
+        if not os.path.isfile(source) or any(fnmatch.fnmatch(name, p) for p in NOT_CARRIED):
+            continue
+        shutil.copyfile(source, os.path.join(output_dir, name))
+        copied.append(name)
+    if copied:
+        logger.info("carried %s from %s into %s", ", ".join(copied), source_dir, output_dir)
+    return copied
+
+
 def finalize_export(output_dir: str, source_dir: str) -> None:
-    """Family-specific files next to the weights (the registry's hook; Qwen-VL: generation config, remote
-    code, tokenizer)."""
+    """The input's other non-weight files, then the family-specific files next to the weights (the registry's
+    hook; Qwen-VL: generation config, remote code, tokenizer)."""
+    carry_source_files(output_dir, source_dir)
     hook = family_for(read_model_type(source_dir)).finalize_export
     if hook is not None:
         hook(output_dir, source_dir)

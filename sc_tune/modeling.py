@@ -8,7 +8,9 @@ import os
 import torch
 
 from sc_tune.adapters import ModelAdapter, family_for
+from sc_tune.arguments import ArgumentError
 from sc_tune.jsonio import read_json
+from sc_tune.moe import expert_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +41,6 @@ def load_model_and_adapter(
     ``box_format``: ``native`` (the family's own box convention) or ``generic`` (see ``sc_tune.box_codecs``)."""
     family = family_for(read_model_type(path))
     adapter = family.adapter.from_pretrained(path, box_format=box_format)
-    adapter.source_dir = path  # its non-weight files travel into every folder the run saves
     model = family.model_class().from_pretrained(
         path, dtype=dtype, quantization_config=quantization_config, local_files_only=True, **kwargs
     )
@@ -98,17 +99,28 @@ def trainable_summary(model: torch.nn.Module, adapter: ModelAdapter) -> str:
 
 
 def apply_lora(model: torch.nn.Module, adapter: ModelAdapter, lora_args, gradient_checkpointing: bool):
-    """Wrap ``model`` in PEFT LoRA on the family's LM projections (QLoRA: model loaded in 4 bit)."""
+    """Wrap ``model`` in PEFT LoRA on the family's LM projections, and with ``--lora_target_experts`` on its routed
+    experts (QLoRA: model loaded in 4 bit)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if lora_args.q_lora:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    experts = None
+    if lora_args.lora_target_experts:
+        experts = expert_parameters(model, adapter.lora_expert_parameters)
+        if not experts:
+            raise ArgumentError(  # a flag that cannot apply: finetune.py prints it, without a traceback
+                f"--lora_target_experts: {type(model).__name__} has no routed-expert parameters "
+                f"{list(adapter.lora_expert_parameters) or '(this family names none)'}: it is not a MoE model"
+            )
+        if lora_args.lora_dropout:  # PEFT's parameter wrapper cannot drop out x inside the fused expert matmul
+            raise ArgumentError(f"--lora_target_experts needs --lora_dropout 0 (got {lora_args.lora_dropout:g})")
     config = LoraConfig(
         r=lora_args.lora_r,
         lora_alpha=lora_args.lora_alpha,
         lora_dropout=lora_args.lora_dropout,
         target_modules=lora_args.lora_target_modules or adapter.lora_target_modules,
-        target_parameters=expert_parameters(model, adapter, lora_args) if lora_args.lora_target_experts else None,
+        target_parameters=experts,  # the fused 3-D routed experts (sc_tune.moe)
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -116,24 +128,6 @@ def apply_lora(model: torch.nn.Module, adapter: ModelAdapter, lora_args, gradien
     if gradient_checkpointing:
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     return model
-
-
-def expert_parameters(model: torch.nn.Module, adapter: ModelAdapter, lora_args) -> list[str]:
-    """PEFT ``target_parameters`` of ``--lora_target_experts``: the family's fused routed-expert parameter names
-    that this model holds (an MoE's; a dense model or a family without them is an error naming the flag)."""
-    from sc_tune.arguments import ArgumentError
-
-    names = [n for n, _ in model.named_parameters()]
-    found = [s for s in adapter.lora_target_expert_parameters if any(n.endswith("." + s) for n in names)]
-    if not found:
-        known = ", ".join(adapter.lora_target_expert_parameters) or "none"
-        raise ArgumentError(
-            f"--lora_target_experts: {type(model).__name__} has no fused routed-expert parameters (the family's: "
-            f"{known}); it is not a mixture-of-experts model"
-        )
-    if lora_args.lora_dropout:  # PEFT's parameter wrapper cannot apply dropout to x inside a fused expert matmul
-        raise ArgumentError(f"--lora_target_experts needs --lora_dropout 0 (got {lora_args.lora_dropout:g})")
-    return found
 
 
 def qlora_quantization_config(dtype: torch.dtype):

@@ -1,43 +1,34 @@
-"""Preflight: before step 0 the locator answers a few training samples, and a run whose locator cannot ground stops.
+"""The preflight: before step 0, does the locator's answer parse at all?
 
-Why: the describer's reward is the IoU of the box the locator writes for its caption. A locator whose answers do
-not parse (a format the codec does not read, or answers cut at the token budget) or whose boxes ignore the text
-(a family without a grounding prior, such as Gemma 3, LLaVA-OneVision or SmolVLM) gives every caption the
-reward 0: every advantage is 0, and a run of thousands of steps teaches the locator a box syntax at best.
+SC-Tune's describer reward is the IoU of the box the locator writes. If the locator's answers do not parse
+(a format the family's codec does not read, a token budget that cuts them, or a checkpoint that was never
+trained to ground), every reward is 0, every advantage is 0, and the run trains on nothing while its loss
+curves look normal. The preflight runs the step-0 cycle on a few training samples (the model describes each
+box greedily, then locates its own caption greedily, as the snapshot does for the reward), and where the
+records carry a ``caption`` (or a ``category`` in words) it also grounds those (REC). It logs and prints the
+parse-failure rate and Acc@0.5, and stops the run before step 0 when too many answers fail
+(``--preflight_max_parse_failures``) or when they parse but miss (Acc@0.5 below ``--preflight_min_accuracy`` in
+every check: boxes that ignore the text give rewards near 0 too), with the likely cause and the fix.
 
-What it measures (``--preflight_samples`` records, spread evenly over the training data; every rank runs the
-same ones, since ZeRO-3 gathers the weights on all ranks for generation):
-
-- REC where a record carries a referring text (``caption``, else a text ``category``): the locator grounds it;
-- otherwise the cycle, as in training: the model's greedy caption of the box, then the locator grounds that;
-- the parse-failure rate of the locator's answers, and Acc@0.5 (IoU >= 0.5 with the record's box; an answer
-  that does not parse is a miss).
-
-Rank 0 decides and tells the others, so every rank stops together (``PreflightError``). The run stops when the
-parse-failure rate exceeds ``--preflight_max_parse_failures`` or Acc@0.5 is below ``--preflight_min_accuracy``;
-the message names the likely cause and its fix (docs/grounding_warm_start.md):
-
-- budget: most failed answers used the whole token budget without an end token and parse when generated again
-  with ``BUDGET_PROBE_FACTOR`` times the budget (the budget and the tokens the answers needed are quoted);
-- no grounding prior: the family's adapter says it has none (``ModelAdapter.grounding_prior``), or answers
-  parse but Acc@0.5 is near 0;
-- format: answers that end but do not parse (one is quoted).
-
-``--skip_preflight`` runs no preflight; a resumed run (step > 0) runs none either.
+Causes: an answer cut at the token budget is generated again with ``BUDGET_PROBE_FACTOR`` times the tokens; only
+if most failed answers then parse is the budget named (a model that rambles until the budget is not a budget
+problem). Samples are spread evenly over the training data. Every rank measures the same samples, but rank 0's
+decision is the one every rank acts on (``decide``): greedy decoding on different devices may differ in a last
+bit, and one rank stopping while another trains on would hang the others at their next collective.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
-from transformers import TrainerCallback
 
-from sc_tune.adapters.base import ModelAdapter
+from sc_tune.adapters.base import ImageInputs, ModelAdapter
 from sc_tune.boxes import box_iou
-from sc_tune.rollout import GenerationSettings, describe, locate_completions
+from sc_tune.rollout import GenerationSettings, describe, fit_locator_budget, generate
 
 logger = logging.getLogger(__name__)
 
@@ -46,69 +37,93 @@ BUDGET_PROBE_FACTOR = 4  # answers cut at the budget are generated again with th
 
 
 class PreflightError(RuntimeError):
-    """The locator cannot ground before step 0; the message names the likely cause and the fix."""
+    """The locator's answers do not parse: training would get no reward signal."""
+
+
+@dataclass
+class RoleCheck:
+    """How one set of locator answers read."""
+
+    name: str  # "cycle" (the model's own captions) or "REC" (the records' captions)
+    answers: list[str]
+    boxes: list[list[float] | None]
+    reasons: list[str | None]
+    finished: list[bool]  # the answer ended with the family's end token within the budget
+    ious: list[float]
+    # Of the answers cut at the budget: which parse when generated again with BUDGET_PROBE_FACTOR x the tokens,
+    # and the most tokens such an answer used.
+    parse_with_more: list[int] = field(default_factory=list)
+    tokens_needed: int = 0
+    lengths: list[int] = field(default_factory=list)  # tokens each answer used
+
+    @property
+    def parse_failure_rate(self) -> float:
+        return sum(b is None for b in self.boxes) / max(len(self.boxes), 1)
+
+    @property
+    def acc50(self) -> float:
+        return sum(iou >= 0.5 for iou in self.ious) / max(len(self.ious), 1)
 
 
 @dataclass
 class PreflightReport:
-    samples: int = 0
-    rec_samples: int = 0  # grounded the record's own referring text
-    rec_hits: int = 0
-    cycle_samples: int = 0  # grounded the model's own caption of the box
-    cycle_hits: int = 0
-    parse_failures: int = 0
-    cut_at_budget: int = 0  # failures that used the whole budget without an end token
-    cut_parse_with_more: int = 0  # of those, answers that parse with BUDGET_PROBE_FACTOR times the budget
-    tokens_needed: int = 0  # the most tokens such an answer used
-    budget: int = 0  # the locator's max_new_tokens (after fitting the family's widest box)
-    failed_answers: list[str] = field(default_factory=list)  # a few unparsed answers, as written
-    failed_lengths: list[int] = field(default_factory=list)  # their token counts
-    grounding_prior: bool = True  # what the family's adapter says
-
-    def add(self, hit: bool, parsed: bool, rec: bool, cut: bool, answer: str, tokens: int) -> None:
-        """Count one located sample (``rec``: it grounded the record's own text, else the model's caption)."""
-        self.samples += 1
-        if rec:
-            self.rec_samples += 1
-            self.rec_hits += hit
-        else:
-            self.cycle_samples += 1
-            self.cycle_hits += hit
-        if not parsed:
-            self.parse_failures += 1
-            self.cut_at_budget += cut
-            if len(self.failed_answers) < 3:
-                self.failed_answers.append(answer)
-                self.failed_lengths.append(tokens)
-
-    @property
-    def parse_failure_rate(self) -> float:
-        return self.parse_failures / max(self.samples, 1)
-
-    @property
-    def accuracy(self) -> float:
-        return (self.rec_hits + self.cycle_hits) / max(self.samples, 1)
+    checks: list[RoleCheck]
+    budget: int
+    grounding_prior: bool
 
     def summary(self) -> str:
-        parts = [f"preflight on {self.samples} samples: parse failures {self.parse_failure_rate:.1%} "
-                 f"({self.parse_failures}, {self.cut_at_budget} cut at the {self.budget}-token budget)"]  # fmt: skip
-        if self.rec_samples:
-            parts.append(f"REC Acc@0.5 {self.rec_hits / self.rec_samples:.1%} ({self.rec_hits}/{self.rec_samples})")
-        if self.cycle_samples:
-            parts.append(
-                f"cycle Acc@0.5 {self.cycle_hits / self.cycle_samples:.1%} ({self.cycle_hits}/{self.cycle_samples}, "
-                "no referring text in the records: the model's own captions)"
+        parts = [
+            f"{c.name}: parse failures {sum(b is None for b in c.boxes)}/{len(c.boxes)} "
+            f"({100 * c.parse_failure_rate:.0f} %), Acc@0.5 {100 * c.acc50:.1f} %"
+            for c in self.checks
+        ]
+        return f"preflight on {len(self.checks[0].boxes)} samples, locator budget {self.budget} tokens: " + "; ".join(
+            parts
+        )
+
+    def failure(self, max_parse_failures: float, min_accuracy: float = 0.0) -> str | None:
+        """Why the run must stop, with the likely cause and the fix; ``None`` when the locator can ground."""
+        fix = (f"Fix: start from a grounding warm start (SFT on REC data with the locator's target; {WARM_START_DOC} "
+               "says how). --skip_preflight trains anyway.")  # fmt: skip
+        worst = max(self.checks, key=lambda c: c.parse_failure_rate)
+        if worst.parse_failure_rate <= max_parse_failures:
+            best = max(self.checks, key=lambda c: c.acc50)
+            if best.acc50 >= min_accuracy:
+                return None
+            prior = "" if self.grounding_prior else " (this family's released checkpoints were not trained to ground)"
+            return (
+                f"{self.summary()}. The answers parse, but Acc@0.5 is {100 * best.acc50:.1f} % at best (limit "
+                f"--preflight_min_accuracy {min_accuracy:g}): the boxes do not follow the text, so every describer "
+                f"reward would be near 0. Likely cause: no grounding prior{prior}. {fix}"
             )
-        return "; ".join(parts)
-
-
-def referring_text(record: dict) -> str | None:
-    """A record's referring expression: its ``caption``, else a text ``category`` (Objects365's is an id)."""
-    for key in ("caption", "category"):
-        value = record.get(key)
-        if isinstance(value, str) and value.strip():
-            return value.strip()
-    return None
+        failed = [i for i, b in enumerate(worst.boxes) if b is None]
+        cut = [i for i in failed if not worst.finished[i]]
+        example = worst.answers[failed[0]]
+        causes = []
+        if len(worst.parse_with_more) > len(failed) / 2:
+            causes.append(
+                f"budget: {len(cut)} of the {len(failed)} failed answers were cut at the {self.budget}-token budget "
+                f"before a box was complete (e.g. {example!r}); with {BUDGET_PROBE_FACTOR}x the tokens "
+                f"{len(worst.parse_with_more)} of them parse, the longest using {worst.tokens_needed} tokens: set "
+                f"--locator_max_new_tokens {worst.tokens_needed} or more, and check with "
+                "`python -m sc_tune.families budget --model_name_or_path <your checkpoint>`"
+            )
+        else:
+            unfinished = "" if len(cut) < len(failed) else f" (they ran to the {self.budget}-token budget)"
+            reasons = [worst.reasons[i] for i in failed if worst.reasons[i]]
+            causes.append(
+                f"format: the answers hold no box in the family's form{unfinished} (e.g. {example!r}"
+                f"{': ' + reasons[0] if reasons else ''}); check how it reads with `python -m sc_tune.families parse "
+                "--model_type <type> --answer '<text>'`, or train the generic format with --box_format generic after "
+                "a grounding warm start"
+            )
+        if not self.grounding_prior:
+            causes.insert(0, "no grounding prior: this family's released checkpoints were not trained to write boxes")
+        return (
+            f"{self.summary()}. The {worst.name} answers of {100 * worst.parse_failure_rate:.0f} % of the samples do "
+            f"not parse (limit --preflight_max_parse_failures {max_parse_failures:g}), so every describer reward "
+            f"would be 0. Likely cause: {'; '.join(causes)}. {fix}"
+        )
 
 
 def spread_indices(size: int, count: int) -> list[int]:
@@ -118,120 +133,68 @@ def spread_indices(size: int, count: int) -> list[int]:
     return sorted({i * size // count for i in range(count)})
 
 
+def referring_text(record: dict) -> str | None:
+    """A record's referring expression: its ``caption``, else a ``category`` in words (Objects365's is an id)."""
+    for key in ("caption", "category"):
+        value = record.get(key)
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return None
+
+
+def decide(report: PreflightReport, args, world_size: int) -> str | None:
+    """Rank 0's verdict (``PreflightReport.failure``), on every rank: all stop together or none does."""
+    failure = report.failure(args.preflight_max_parse_failures, args.preflight_min_accuracy)
+    if world_size > 1:
+        from accelerate.utils import broadcast_object_list
+
+        failure = broadcast_object_list([failure], from_process=0)[0]
+    return failure
+
+
+def _check(name, adapter, images, texts, targets_B4, finished) -> RoleCheck:
+    readings = [adapter.read_locator_output(t, im) for t, im in zip(texts, images)]
+    boxes = [r.box for r in readings]
+    ious = [
+        float(box_iou(torch.tensor([b]), torch.tensor([t]))[0]) if b is not None else 0.0
+        for b, t in zip(boxes, targets_B4)
+    ]
+    return RoleCheck(name, list(texts), boxes, [r.reason for r in readings], finished, ious)
+
+
 @torch.no_grad()
 def run_preflight(
     model,
     adapter: ModelAdapter,
-    dataset,
-    num_samples: int,
-    caption_settings: GenerationSettings,
-    box_settings: GenerationSettings,
-    batch_size: int,
+    images: Sequence[ImageInputs],
+    boxes_B4: Sequence[Sequence[float]],
+    captions: Sequence[str] | None,
+    describe_settings: GenerationSettings,
+    locate_settings: GenerationSettings,
 ) -> PreflightReport:
-    """Locate ``num_samples`` records of ``dataset`` (a ``ReferringDataset``) with ``model`` (unwrapped, eval)."""
-    report = PreflightReport(grounding_prior=adapter.grounding_prior)
-    indices = spread_indices(len(dataset), num_samples)
-    for start in range(0, len(indices), batch_size):
-        chunk = indices[start : start + batch_size]
-        samples = [dataset[i] for i in chunk]
-        images = [adapter.prepare_image(s["image"]) for s in samples]
-        boxes = [list(s["bbox"]) for s in samples]
-        texts = [referring_text(dataset.records[i]) for i in chunk]
-        need_caption = [j for j, t in enumerate(texts) if t is None]
-        if need_caption:
-            _, captions = describe(model, adapter, [images[j] for j in need_caption],
-                                   [boxes[j] for j in need_caption], caption_settings)  # fmt: skip
-            for j, caption in zip(need_caption, captions.texts):
-                texts[j] = caption
-        located, completions, settings = locate_completions(model, adapter, images, texts, box_settings)
-        report.budget = max(report.budget, settings.max_new_tokens)
-        cut = _cut_at_budget(completions, adapter, settings)
-        failed_cut = [j for j, box in enumerate(located) if box is None and cut[j]]
-        if failed_cut:  # would they parse with more tokens? (then the budget, not the format, is the cause)
-            more = dataclasses.replace(settings, max_new_tokens=BUDGET_PROBE_FACTOR * settings.max_new_tokens)
-            rescued, longer, _ = locate_completions(model, adapter, [images[j] for j in failed_cut],
-                                                    [texts[j] for j in failed_cut], more, fit_budget=False)  # fmt: skip
-            for k, box in enumerate(rescued):
-                if box is not None:
-                    report.cut_parse_with_more += 1
-                    report.tokens_needed = max(report.tokens_needed, int(longer.mask_BT[k].sum()))
-        for j, box in enumerate(located):
-            hit = box is not None and float(box_iou(torch.tensor([box]), torch.tensor([boxes[j]]))[0]) >= 0.5
-            report.add(hit, parsed=box is not None, rec=j not in need_caption, cut=cut[j],
-                       answer=completions.texts[j], tokens=int(completions.mask_BT[j].sum()))  # fmt: skip
-    return report
+    """The step-0 cycle on these samples (and REC on ``captions`` when given), greedy, with ``model`` unwrapped."""
+    locate_settings = fit_locator_budget(adapter, images, locate_settings)
+    _, described = describe(model, adapter, images, boxes_B4, describe_settings)
+    checks = [_locate_check("cycle", model, adapter, images, described.texts, boxes_B4, locate_settings)]
+    if captions is not None:
+        checks.append(_locate_check("REC", model, adapter, images, captions, boxes_B4, locate_settings))
+    return PreflightReport(checks, locate_settings.max_new_tokens, adapter.grounding_prior)
 
 
-def _cut_at_budget(completions, adapter: ModelAdapter, settings: GenerationSettings) -> list[bool]:
-    """Per answer: it used the whole token budget without writing an end token."""
-    end_ids = torch.tensor(adapter.end_token_ids, device=completions.ids_BT.device)
-    ended_B = (torch.isin(completions.ids_BT, end_ids) & completions.mask_BT.bool()).any(1)
-    return [bool(not e and n >= settings.max_new_tokens) for e, n in zip(ended_B, completions.mask_BT.sum(1))]
-
-
-def stop_message(report: PreflightReport, max_parse_failures: float, min_accuracy: float) -> str | None:
-    """Why the run must stop (likely cause and fix), or ``None`` when the locator can ground."""
-    too_many_failures = report.parse_failure_rate > max_parse_failures
-    if not too_many_failures and report.accuracy >= min_accuracy:
-        return None
-    anyway = "--skip_preflight True trains anyway."
-    fix = (f"Fix: start from a grounding warm start (SFT on referring data with the locator's target; {WARM_START_DOC} "
-           f"says how with this repository's tools). {anyway}")  # fmt: skip
-    if too_many_failures:
-        head = (f"preflight: {report.parse_failures} of {report.samples} locator answers did not parse "
-                f"({report.parse_failure_rate:.0%} > --preflight_max_parse_failures {max_parse_failures:g}), so "
-                "SC-Tune's rewards would be 0.")  # fmt: skip
-        quote = repr(report.failed_answers[0]) if report.failed_answers else "''"
-        if report.cut_parse_with_more * 2 > report.parse_failures:
-            cause = (f"Likely cause: budget: {report.cut_at_budget} answers used the whole {report.budget}-token "
-                     f"budget without an end token (e.g. {quote}); given {BUDGET_PROBE_FACTOR}x the budget, "
-                     f"{report.cut_parse_with_more} of them parse, the longest using {report.tokens_needed} tokens. "
-                     f"Fix: --locator_max_new_tokens {report.tokens_needed} or more.")  # fmt: skip
-            return f"{head} {cause} {anyway}"
-        if not report.grounding_prior:
-            cause = (f"Likely cause: no grounding prior: this family's released checkpoints were not trained to "
-                     f"answer with a box (e.g. {quote}).")  # fmt: skip
-        else:
-            cause = (f"Likely cause: format: the answers end but are not the box text this family's codec reads "
-                     f"(e.g. {quote}); check --box_format (native or generic) against what the checkpoint writes.")  # fmt: skip
-        return f"{head} {cause} {fix}"
-    cause = "no grounding prior" + ("" if report.grounding_prior else " (the family's adapter says it has none)")
-    return (f"preflight: the locator's boxes parse but Acc@0.5 is {report.accuracy:.0%} "
-            f"(< --preflight_min_accuracy {min_accuracy:g}): its boxes do not follow the text. Likely cause: "
-            f"{cause}. {fix}")  # fmt: skip
-
-
-class PreflightCallback(TrainerCallback):
-    """Runs the preflight at train begin (after DeepSpeed and DDP wrap the model), on every rank."""
-
-    def __init__(self, trainer):
-        self.trainer = trainer
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if state.global_step > 0:  # resumed: the run already passed its preflight
-            return
-        trainer = self.trainer
-        with trainer._policy_for_generation() as model:
-            report = run_preflight(
-                model, trainer.adapter, trainer.train_dataset, args.preflight_samples, trainer.greedy_captions,
-                trainer.greedy_boxes, args.per_device_train_batch_size,
-            )  # fmt: skip
-        report = _from_rank_zero(report, args.world_size)
-        message = stop_message(report, args.preflight_max_parse_failures, args.preflight_min_accuracy)
-        if trainer.is_world_process_zero():
-            logger.info("%s", report.summary())
-            print(report.summary(), flush=True)
-            if message:
-                logger.error("%s", message)
-        if message:
-            raise PreflightError(message)
-
-
-def _from_rank_zero(report: PreflightReport, world_size: int) -> PreflightReport:
-    """Rank 0's report on every rank (each measured the same samples; rank 0's decides)."""
-    if world_size == 1:
-        return report
-    from accelerate.utils import broadcast_object_list
-
-    return PreflightReport(**broadcast_object_list([asdict(report)], from_process=0)[0])
-
+def _locate_check(name, model, adapter, images, captions, boxes_B4, settings, probe: bool = True) -> RoleCheck:
+    batch = adapter.build_batch([adapter.locator_prompt(c, im) for c, im in zip(captions, images)], images)
+    completions = generate(model, adapter, batch, settings, skip_special_tokens=False)
+    end_ids = torch.tensor(adapter.end_token_ids)
+    finished = [bool(torch.isin(row[mask.bool()], end_ids).any()) for row, mask in
+                zip(completions.ids_BT.cpu(), completions.mask_BT.cpu())]
+    check = _check(name, adapter, images, completions.texts, [list(b) for b in boxes_B4], finished)
+    check.lengths = [int(n) for n in completions.mask_BT.sum(1)]
+    cut = [i for i, (box, done) in enumerate(zip(check.boxes, finished)) if box is None and not done]
+    if probe and cut:  # would they parse with more tokens? (then the budget, not the format, is the cause)
+        more = dataclasses.replace(settings, max_new_tokens=BUDGET_PROBE_FACTOR * settings.max_new_tokens)
+        longer = _locate_check(name, model, adapter, [images[i] for i in cut], [captions[i] for i in cut],
+                               [boxes_B4[i] for i in cut], more, probe=False)  # fmt: skip
+        check.parse_with_more = [i for i, box in zip(cut, longer.boxes) if box is not None]
+        check.tokens_needed = max((longer.lengths[k] for k, box in enumerate(longer.boxes) if box is not None),
+                                  default=0)  # fmt: skip
+    return check

@@ -22,6 +22,7 @@ FAST = dict(
     describer_lr=1e-3,
     locator_lr=2e-3,
     use_cpu=True,
+    skip_preflight=True,  # tiny random models never write a box that parses; tests/test_preflight.py covers it
     report_to="none",
     save_strategy="no",
     logging_steps=1,
@@ -41,7 +42,8 @@ def make_trainer(checkpoint: str, output_dir: str, model_transform=None, reward_
     if model_transform is not None:
         model = model_transform(model, adapter)
     dataset = dataset if dataset is not None else ReferringDataset.from_file(SAMPLE_DATA, SAMPLE_IMAGES)
-    return SCTuneTrainer(model=model, args=args, adapter=adapter, train_dataset=dataset, reward_fn=reward_fn)
+    return SCTuneTrainer(model=model, args=args, adapter=adapter, train_dataset=dataset, reward_fn=reward_fn,
+                         source_dir=checkpoint)  # as finetune.py: the input's files go into every saved folder
 
 
 def sample_images(adapter, n=3):

@@ -46,6 +46,8 @@ def _torchrun(checkpoint, output_dir, port, *extra):
         "1e-3",
         "--use_cpu",
         "True",
+        "--skip_preflight",
+        "True",
         "--save_strategy",
         "no",
         "--report_to",
@@ -55,8 +57,6 @@ def _torchrun(checkpoint, output_dir, port, *extra):
         "--locator_max_new_tokens",
         "8",
         "--disable_tqdm",
-        "True",
-        "--skip_preflight",  # a random model writes no box (tests/test_preflight.py)
         "True",
         *extra,
     ]

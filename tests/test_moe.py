@@ -1,86 +1,168 @@
-"""Mixture-of-experts models (Qwen3-VL-MoE, Qwen3.5-MoE, GLM-4.5V): LoRA on the fused routed experts
-(``--lora_target_experts``, PEFT ``target_parameters``) and the router's load-balancing loss (``sc_tune.moe``)."""
+"""MoE: the router's load-balancing loss joins SC-Tune's losses under full fine-tuning; LoRA reaches the experts."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from sc_tune.adapters import family_for, supported_model_types
-from sc_tune.arguments import ArgumentError, LoraArguments
-from sc_tune.modeling import apply_lora, load_model_and_adapter
-from tests.conftest import SAMPLE_DATA, SAMPLE_IMAGES
-
-MOE_TYPES = [t for t in supported_model_types() if t.endswith("_moe")]
-EXPERT_LORA = ("--use_lora", "True", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0")
+from sc_tune.arguments import LoraArguments
+from sc_tune.modeling import apply_lora
+from tests.helpers import make_trainer
 
 
-def test_the_moe_types_are_the_three_families():
-    assert MOE_TYPES == ["glm4v_moe", "qwen3_5_moe", "qwen3_vl_moe"]
+@pytest.fixture(scope="module")
+def moe_checkpoint(tiny_checkpoint):
+    return tiny_checkpoint("qwen3_vl_moe")
+
+
+def _locator_loss_and_aux(trainer):
+    """The locator loss of one rollout, and the model's load-balancing loss on the same inputs, by hand."""
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.snapshot.sync_from_policy()
+    rollout = trainer._locator_rollout(batch)
+    model = trainer.model.train()
+    loss = trainer.compute_loss(model, rollout)
+    with torch.no_grad():
+        aux = model(**rollout.inputs, output_router_logits=True, use_cache=False).aux_loss
+    return loss, aux
+
+
+def test_full_fine_tuning_adds_the_router_load_balancing_term(moe_checkpoint, tmp_path):
+    on = make_trainer(moe_checkpoint, str(tmp_path / "on"), moe_aux_loss_coef=0.5)
+    off = make_trainer(moe_checkpoint, str(tmp_path / "off"), moe_aux_loss=False, moe_aux_loss_coef=0.5)
+    assert on.router_aux_coef == 0.5 and off.router_aux_coef == 0.0
+    torch.manual_seed(1)
+    loss_on, aux = _locator_loss_and_aux(on)
+    torch.manual_seed(1)
+    loss_off, _ = _locator_loss_and_aux(off)
+    assert float(aux) > 0
+    assert float(loss_on - loss_off) == pytest.approx(0.5 * float(aux), rel=1e-4)
+    assert on._metrics["moe/aux_loss"] == [pytest.approx(float(aux), rel=1e-4)]
+    default = make_trainer(moe_checkpoint, str(tmp_path / "default"))
+    assert default.router_aux_coef == default.model.config.text_config.router_aux_loss_coef  # the model's own
+
+
+def test_no_term_for_dense_models_or_under_lora(tiny_checkpoint, moe_checkpoint, tmp_path):
+    assert make_trainer(tiny_checkpoint("qwen3_vl"), str(tmp_path / "dense")).router_aux_coef == 0.0
+
+    def lora(model, adapter):
+        return apply_lora(model, adapter, LoraArguments(use_lora=True, lora_r=4, lora_alpha=8), False)
+
+    assert make_trainer(moe_checkpoint, str(tmp_path / "lora"), model_transform=lora).router_aux_coef == 0.0
+
+
+def test_lora_target_experts_trains_the_routed_experts(moe_checkpoint, tmp_path):
+    from sc_tune.modeling import load_model_and_adapter
+
+    def lora_experts(model, adapter):
+        args = LoraArguments(use_lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_experts=True)
+        return apply_lora(model, adapter, args, False)
+
+    trainer = make_trainer(moe_checkpoint, str(tmp_path / "t"), model_transform=lora_experts, max_steps=2,
+                           describer_update_steps=0, locator_update_steps=2)
+    expert_lora = {n: p.detach().clone() for n, p in trainer.model.named_parameters()
+                   if "experts" in n and "lora_B" in n and ".default." in n}
+    assert expert_lora and all(float(p.abs().sum()) == 0 for p in expert_lora.values())  # LoRA's B starts at 0
+    trainer.train()
+    moved = [n for n, p in trainer.model.named_parameters() if n in expert_lora and float(p.abs().sum()) > 0]
+    assert moved, "the experts' LoRA weights did not train"
+    # Merged, the experts' effective weights differ from the base model's.
+    merged = trainer.model.merge_and_unload()
+    base, _ = load_model_and_adapter(moe_checkpoint)
+    name = "model.language_model.layers.0.mlp.experts.gate_up_proj"
+    assert not torch.allclose(dict(merged.named_parameters())[name], dict(base.named_parameters())[name])
+
+
+def test_lora_target_experts_refuses_a_dense_model(tiny_checkpoint):
+    from sc_tune.modeling import load_model_and_adapter
+
+    model, adapter = load_model_and_adapter(tiny_checkpoint("qwen3_vl"))
+    with pytest.raises(ValueError, match="not a MoE model"):
+        apply_lora(model, adapter, LoraArguments(use_lora=True, lora_r=4, lora_target_experts=True), False)
+
+
+# ---------------------------------------------------------------- --lora_target_experts through finetune.py
+MOE_TYPES = ["glm4v_moe", "qwen3_5_moe", "qwen3_vl_moe"]
+EXPERT_LORA = ("--use_lora", "True", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0",
+               "--lora_target_experts", "True")  # fmt: skip
+
+
+def test_the_moe_types_are_every_registered_moe():
+    from sc_tune.adapters import supported_model_types
+
+    assert MOE_TYPES == [t for t in supported_model_types() if t.endswith("_moe")]
 
 
 def _finetune(source, output_dir, *extra):
     import finetune
+    from tests.conftest import SAMPLE_DATA, SAMPLE_IMAGES
 
     return finetune.main([
         *("--model_name_or_path", source, "--data_path", SAMPLE_DATA, "--image_folder", SAMPLE_IMAGES),
         *("--output_dir", str(output_dir), "--per_device_train_batch_size", "2", "--describer_max_new_tokens", "4"),
         *("--locator_max_new_tokens", "4", "--describer_lr", "1e-3", "--locator_lr", "1e-3", "--weight_decay", "0"),
         *("--use_cpu", "True", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "True"),
-        *("--skip_preflight", "True", "--seed", "0", *extra),
+        *("--skip_preflight", "True", "--seed", "0", "--max_steps", "3", "--describer_update_steps", "1"),
+        *("--locator_update_steps", "1", "--ppo_epochs", "1", *extra),
     ])  # fmt: skip
 
 
-def _expert_params(model) -> dict[str, torch.Tensor]:
+def _plain(name: str) -> str:
+    return name.replace("base_model.model.", "").replace(".base_layer", "")
+
+
+def _experts(model) -> dict[str, torch.Tensor]:
     """The routed experts' fused weights by plain name (PEFT's ``base_layer`` wrappers removed)."""
-    plain = {n.replace("base_model.model.", "").replace(".base_layer", ""): p for n, p in model.named_parameters()}
-    return {n: p.detach().clone() for n, p in plain.items() if n.endswith(("experts.gate_up_proj", "experts.down_proj"))}
+    return {_plain(n): p.detach().clone() for n, p in model.named_parameters()
+            if _plain(n).endswith(("experts.gate_up_proj", "experts.down_proj"))}  # fmt: skip
 
 
 @pytest.mark.parametrize("model_type", MOE_TYPES)
-def test_lora_on_the_routed_experts_changes_their_effective_weights_and_merges(model_type, tiny_checkpoint, tmp_path):
-    """Two locator steps (cross-entropy: a gradient on every step) with --lora_target_experts: each fused expert
-    tensor gets a LoRA delta that moved off zero, the base tensors stay frozen, and the merged export holds
-    base + delta, so it computes what the trained adapters computed."""
+def test_expert_lora_through_finetune_syncs_the_snapshot_and_merges_into_the_export(model_type, tiny_checkpoint,
+                                                                                   tmp_path):
+    """describer, locator, describer with --lora_target_experts: every fused expert tensor gets a LoRA delta that
+    moved off zero while the base stays frozen; the snapshot (a second adapter on the same wrapped parameters)
+    is re-synced at the switch back, experts included (the describer's first KL is 0 again); and the merged
+    export holds base + delta, so it computes what the trained adapters computed."""
     from peft.tuners.lora.layer import ParamWrapper
+    from PIL import Image
+
+    from sc_tune.modeling import load_model_and_adapter
+    from tests.conftest import SAMPLE_IMAGES
 
     source = tiny_checkpoint(model_type)
     out = tmp_path / "out"
-    trainer = _finetune(source, out, "--max_steps", "2", "--describer_update_steps", "0", "--locator_update_steps",
-                        "2", "--lora_target_experts", "True", *EXPERT_LORA)  # fmt: skip
+    trainer = _finetune(source, out, *EXPERT_LORA)
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["phase"] for h in logs] == ["describer", "locator", "describer"]
+    assert abs(logs[2]["describer/kl"]) < 1e-7  # the snapshot took the locator step's expert deltas too
+
     base, _ = load_model_and_adapter(source)
-    base_experts = _expert_params(base)
-    assert base_experts and _expert_params(trainer.model).keys() == base_experts.keys()
-    for name, tensor in _expert_params(trainer.model).items():
+    base_experts = _experts(base)
+    assert base_experts and _experts(trainer.model).keys() == base_experts.keys()
+    for name, tensor in _experts(trainer.model).items():
         assert torch.equal(tensor, base_experts[name]), name  # the base stays frozen
     wrappers = {n: m for n, m in trainer.model.named_modules() if isinstance(m, ParamWrapper)}
-    assert len(wrappers) == len(base_experts)  # one wrapper per fused tensor
-    deltas = {}
-    for name, wrapper in wrappers.items():
-        delta = wrapper.get_delta_weight("default")
-        assert delta.shape == wrapper.get_param().shape and delta.abs().max() > 0, name
-        plain = name.replace("base_model.model.", "").replace(".base_layer", "") + "." + wrapper.parameter_name
-        deltas[plain] = delta.detach()
-    assert deltas.keys() == base_experts.keys()
+    deltas = {_plain(n) + "." + m.parameter_name: m.get_delta_weight("default").detach() for n, m in wrappers.items()}
+    assert deltas.keys() == base_experts.keys()  # one wrapper per fused tensor
+    for name, delta in deltas.items():
+        assert delta.shape == base_experts[name].shape and delta.abs().max() > 0, name
 
     merged, adapter = load_model_and_adapter(str(out))
-    for name, tensor in _expert_params(merged).items():
+    for name, tensor in _experts(merged).items():
         assert torch.allclose(tensor, base_experts[name] + deltas[name], atol=1e-6), name
-        assert not torch.equal(tensor, base_experts[name]), name
-    image = adapter.prepare_image(__import__("PIL.Image").Image.open(f"{SAMPLE_IMAGES}/images/000.png").convert("RGB"))
+    image = adapter.prepare_image(Image.open(f"{SAMPLE_IMAGES}/images/000.png").convert("RGB"))
     batch = adapter.build_batch([adapter.locator_prompt("the red circle", image)], [image])
     trainer.model.eval()
     with torch.no_grad():
         assert torch.allclose(merged(**batch.inputs).logits, trainer.model(**batch.inputs).logits, atol=1e-4)
 
 
-def test_lora_target_experts_is_refused_on_a_dense_model_and_with_dropout(tiny_checkpoint):
-    experts = LoraArguments(use_lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_experts=True)
-    model, adapter = load_model_and_adapter(tiny_checkpoint("qwen3_vl"))
-    with pytest.raises(ArgumentError, match="--lora_target_experts: .* not a mixture-of-experts model"):
-        apply_lora(model, adapter, experts, False)
-    model, adapter = load_model_and_adapter(tiny_checkpoint("qwen3_vl_moe"))
+def test_lora_target_experts_with_dropout_is_refused_by_name(moe_checkpoint):
+    from sc_tune.arguments import ArgumentError
+    from sc_tune.modeling import load_model_and_adapter
+
+    model, adapter = load_model_and_adapter(moe_checkpoint)
     dropout = LoraArguments(use_lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.05, lora_target_experts=True)
-    with pytest.raises(ArgumentError, match="needs --lora_dropout 0"):
+    with pytest.raises(ArgumentError, match="--lora_target_experts needs --lora_dropout 0"):
         apply_lora(model, adapter, dropout, False)
-    assert family_for("qwen3_vl_moe").adapter.lora_target_expert_parameters

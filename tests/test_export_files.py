@@ -1,26 +1,35 @@
-"""The input folder's non-weight files in every saved folder (sc_tune.carried_files): the rule, checkpoints, and
-the released checkpoints' own files in ../shared/real_checkpoints.
+"""The input folder's non-weight files in every saved folder (``sc_tune.export.carry_source_files``): the rule,
+checkpoints, and the released checkpoints' own files in ../shared/real_checkpoints.
 
 Each family's finetune run (full and LoRA) is checked in tests/test_families.py
-(``test_output_folder_carries_every_non_weight_file_of_the_input``, ``test_export_loads_with_the_input_processor_settings``).
+(``test_export_carries_every_non_weight_file_of_the_input``,
+``test_export_loads_with_the_input_processor_settings``).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
+import stat
 
 import pytest
 
 from sc_tune import checkpoints
 from sc_tune.adapters import family_for, supported_model_types
-from sc_tune.carried_files import carried_files, carry_input_files, is_carried
+from sc_tune.export import NOT_CARRIED, carry_source_files
 from tests.conftest import ROOT
 from tests.helpers import make_trainer, processor_settings
 
 REAL = os.path.join(os.path.dirname(ROOT), "shared", "real_checkpoints")
-REAL_FOLDERS = sorted(n for n in os.listdir(REAL) if os.path.isdir(os.path.join(REAL, n))) if os.path.isdir(REAL) else []
+REAL_FOLDERS = (
+    sorted(n for n in os.listdir(REAL) if os.path.isdir(os.path.join(REAL, n))) if os.path.isdir(REAL) else []
+)
+
+
+def is_carried(name: str) -> bool:
+    return not any(fnmatch.fnmatch(name, p) for p in NOT_CARRIED)
 
 
 def _write(folder, name, text="x"):
@@ -48,16 +57,17 @@ def test_the_rule_carries_processor_files_and_nothing_of_weights_model_or_run(tm
     for name in ("model.safetensors", "config.json", "tokenizer.json"):  # what the export wrote itself
         _write(out, name, f"export {name}")
 
-    assert carried_files(str(source)) == sorted(carried)
-    assert carry_input_files(str(source), str(out)) == sorted(carried)
+    assert carry_source_files(str(out), str(source)) == sorted(carried)
     for name in carried:  # verbatim, also over the export's own re-serialised tokenizer file
         assert (out / name).read_text() == f"source {name}"
     assert (out / "model.safetensors").read_text() == "export model.safetensors"  # a weight is never replaced
     assert (out / "config.json").read_text() == "export config.json"  # the model's own config wins
     assert not [n for n in kept_out if n not in ("model.safetensors", "config.json") and (out / n).exists()]
     assert not (out / "checkpoint-2").exists()
-    assert carry_input_files(None, str(out)) == [] and carry_input_files(str(source), str(source)) == []
-    assert not is_carried("model.safetensors") and is_carried("preprocessor_config.json")
+    assert carry_source_files(str(out), None) == [] and carry_source_files(str(source), str(source)) == []
+    os.chmod(source / "README.md", 0o444)  # a read-only source (a shared model store): the copy stays writable
+    carry_source_files(str(out), str(source))
+    assert os.stat(out / "README.md").st_mode & stat.S_IWUSR  # a later save may overwrite it
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
@@ -98,12 +108,11 @@ def test_a_released_checkpoints_files_survive_the_export(folder, tmp_path):
     model_type = json.load(open(config)).get("model_type") if os.path.isfile(config) else None
     if model_type in supported_model_types():
         adapter = family_for(model_type).adapter.from_pretrained(source)
-        adapter.source_dir = source  # as load_model_and_adapter sets it
         shutil.copyfile(config, out / "config.json")  # stands in for model.save_pretrained's config
-        adapter.save_pretrained(str(out))
+        adapter.save_pretrained(str(out))  # the trainer's _save and merge_lora, after the weights
         finalize_export(str(out), source)
     else:
-        carry_input_files(source, str(out))
+        carry_source_files(str(out), source)
     names = [n for n in os.listdir(source) if os.path.isfile(os.path.join(source, n)) and is_carried(n)]
     assert names  # every folder there holds a processor, tokenizer or template file
     for name in names:  # (config.json and generation_config.json are the model's, written with its weights)

@@ -1,7 +1,7 @@
-"""Tiny random models of the chat-template families: InternVL, Gemma 3 / 4, LLaVA-OneVision, SmolVLM (v1 and 2).
+"""Tiny random models of the chat-template families: InternVL, Gemma 3 / 4, LLaVA-OneVision, SmolVLM.
 
 Each is the family's own transformers architecture at a few hundred thousand parameters, a tiny BPE
-tokenizer carrying the family's special tokens (``sc_tune.models.tiny_chat``), the family's PIL image
+tokenizer carrying the family's special tokens (``sc_tune.tiny.chat``), the family's PIL image
 processor at a tiny input size, and a chat template that is a minimal stand-in for the checkpoint's: the
 same turn markers and the same image marker for ``{"type": "image"}``, nothing else (no system prompts,
 tools or thinking switches). Image tiling / splitting stays on where the family uses it by default, at the
@@ -14,8 +14,8 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sc_tune.models.tiny_chat import TinySizes, TinySpec, build_tiny, write_folder
-from sc_tune.models.tiny_configs import _text_config
+from sc_tune.tiny.chat import TinySizes, TinySpec, build_tiny, write_folder
+from sc_tune.tiny.configs import _text_config
 
 TINY_IMAGE_SIZE = 28  # the vision towers' input: an InternVL tile, a SigLIP view, a SmolVLM crop (2x2 patches)
 # The words of the prompts in sc_tune.adapters.chat_template / internvl: one token per word in the tiny BPE.
@@ -213,20 +213,28 @@ def _llava_onevision_config(tokenizer, sizes: TinySizes):
 SMOLVLM_TILE_TOKENS = tuple(f"<row_{r}_col_{c}>" for r in (1, 2) for c in (1, 2))
 
 
-def _smolvlm_image_processor(image_size: int):
-    from transformers import SmolVLMImageProcessorPil
+def _smolvlm_image_processor(class_name: str):
+    def build(image_size: int):
+        import transformers
 
-    # Splitting on (the checkpoints' default): at most a 2x2 grid of crops plus the global view.
-    return SmolVLMImageProcessorPil(
-        size={"longest_edge": 2 * image_size}, max_image_size={"longest_edge": image_size}, do_image_splitting=True
-    )
+        # Splitting on (the checkpoints' default): at most a 2x2 grid of crops plus the global view.
+        return getattr(transformers, class_name)(
+            size={"longest_edge": 2 * image_size}, max_image_size={"longest_edge": image_size}, do_image_splitting=True
+        )
+
+    return build
 
 
-def _smolvlm_config(tokenizer, sizes: TinySizes):
+def _smolvlm_config(model_type: str):
+    return lambda tokenizer, sizes: _smolvlm_like_config(model_type, tokenizer, sizes)
+
+
+def _smolvlm_like_config(model_type: str, tokenizer, sizes: TinySizes):
+    """SmolVLM and SmolVLM v1 (the Idefics3 architecture): the same layout, a pixel-shuffle connector."""
     from transformers import AutoConfig
 
     return AutoConfig.for_model(
-        "smolvlm",
+        model_type,
         text_config=_text_config(tokenizer, sizes, "<end_of_utterance>"),
         vision_config=_vision_encoder(sizes, TINY_IMAGE_SIZE, 14),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
@@ -241,35 +249,6 @@ def _smolvlm_template() -> str:
     return DEFAULT_CHAT_TEMPLATE  # transformers' own SmolVLM template
 
 
-def _image_seq_len(config) -> int:
-    from sc_tune.adapters.smolvlm import image_seq_len
-
-    return image_seq_len(config)
-
-
-# ---------------------------------------------------------------- SmolVLM v1 (Idefics3)
-def _idefics3_image_processor(image_size: int):
-    from transformers import Idefics3ImageProcessorPil
-
-    # As SmolVLM: splitting on, at most a 2x2 grid of crops plus the global view.
-    return Idefics3ImageProcessorPil(
-        size={"longest_edge": 2 * image_size}, max_image_size={"longest_edge": image_size}, do_image_splitting=True
-    )
-
-
-def _idefics3_config(tokenizer, sizes: TinySizes):
-    from transformers import AutoConfig
-
-    return AutoConfig.for_model(
-        "idefics3",
-        text_config=_text_config(tokenizer, sizes, "<end_of_utterance>"),  # a Llama text model, as released
-        vision_config=_vision_encoder(sizes, TINY_IMAGE_SIZE, 14),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        scale_factor=2,
-        tie_word_embeddings=False,
-    )
-
-
 @dataclass(frozen=True)
 class TemplateTinySpec:
     spec: TinySpec
@@ -279,6 +258,19 @@ class TemplateTinySpec:
     # chat_template.json, and the processor's own settings in processor_config.json (from the model config).
     legacy_template: bool = False
     processor_config: Callable[[object], dict] | None = None
+
+
+def _smolvlm_processor_config(model_type: str) -> Callable[[object], dict]:
+    """SmolVLM's released processor_config.json: ``image_seq_len`` (features per crop after the pixel shuffle;
+    81 for SmolVLM-Instruct), which AutoProcessor otherwise defaults to 169."""
+
+    def build(config) -> dict:
+        vision = config.vision_config
+        seq_len = int((vision.image_size // vision.patch_size) ** 2 / config.scale_factor**2)
+        processor = "Idefics3Processor" if model_type == "idefics3" else "SmolVLMProcessor"
+        return {"image_seq_len": seq_len, "processor_class": processor}
+
+    return build
 
 
 def _spec(special_tokens, eos_token, image_processor, config) -> TinySpec:
@@ -327,41 +319,27 @@ TINY_TEMPLATE_SPECS: dict[str, TemplateTinySpec] = {
         _spec((*CHATML, "<image>", "<video>"), "<|im_end|>", _llava_onevision_image_processor, _llava_onevision_config),
         lambda: _chatml_template("<image>\\n"),
     ),
-    "smolvlm": TemplateTinySpec(
-        _spec(
-            (
-                *CHATML,
+    **{
+        model_type: TemplateTinySpec(
+            _spec(
+                (
+                    *CHATML,
+                    "<end_of_utterance>",
+                    "<image>",
+                    "<fake_token_around_image>",
+                    "<global-img>",
+                    *SMOLVLM_TILE_TOKENS,
+                ),
                 "<end_of_utterance>",
-                "<image>",
-                "<fake_token_around_image>",
-                "<global-img>",
-                *SMOLVLM_TILE_TOKENS,
+                _smolvlm_image_processor(processor),
+                _smolvlm_config(model_type),
             ),
-            "<end_of_utterance>",
-            _smolvlm_image_processor,
-            _smolvlm_config,
-        ),
-        _smolvlm_template,
-    ),
-    # SmolVLM v1 (SmolVLM-Instruct, -256M, -500M): the SmolVLM tokens on transformers' Idefics3 architecture.
-    "idefics3": TemplateTinySpec(
-        _spec(
-            (
-                *CHATML,
-                "<end_of_utterance>",
-                "<image>",
-                "<fake_token_around_image>",
-                "<global-img>",
-                *SMOLVLM_TILE_TOKENS,
-            ),
-            "<end_of_utterance>",
-            _idefics3_image_processor,
-            _idefics3_config,
-        ),
-        _smolvlm_template,
-        legacy_template=True,
-        processor_config=lambda config: {"image_seq_len": _image_seq_len(config), "processor_class": "Idefics3Processor"},
-    ),
+            _smolvlm_template,
+            legacy_template=model_type == "idefics3",  # SmolVLM v1 releases keep it in chat_template.json only
+            processor_config=_smolvlm_processor_config(model_type),
+        )
+        for model_type, processor in (("smolvlm", "SmolVLMImageProcessorPil"), ("idefics3", "Idefics3ImageProcessorPil"))
+    },
 }
 
 

@@ -24,6 +24,7 @@ import torch
 
 from sc_tune.adapters import family_for
 from sc_tune.modeling import load_model_and_adapter, read_model_type
+from sc_tune.moe import as_configured
 from sc_tune.snapshot import SNAPSHOT_ADAPTER
 
 logger = logging.getLogger(__name__)
@@ -119,7 +120,8 @@ def merge_lora(base_dir: str, adapter_dir: str, output_dir: str, dtype: torch.dt
 
     with _without_zero3_init():
         base, adapter = load_model_and_adapter(base_dir, dtype=dtype)
-        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+        with as_configured():  # the adapter on the modules it was trained on (sc_tune.moe)
+            merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     written = next(merged.parameters()).dtype
     logger.info("merged %s into %s -> %s (%s)", adapter_dir, base_dir, output_dir, written)
     merged.save_pretrained(output_dir)

@@ -10,7 +10,7 @@ import torch
 from sc_tune.adapters import ModelAdapter, family_for
 from sc_tune.arguments import ArgumentError
 from sc_tune.jsonio import read_json
-from sc_tune.moe import expert_parameters
+from sc_tune.moe import as_configured, expert_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,8 @@ def apply_lora(model: torch.nn.Module, adapter: ModelAdapter, lora_args, gradien
         bias="none",
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, config)
+    with as_configured():  # LoRA exactly on the modules and parameters named above (sc_tune.moe)
+        model = get_peft_model(model, config)
     if gradient_checkpointing:
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     return model

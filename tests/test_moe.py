@@ -166,3 +166,32 @@ def test_lora_target_experts_with_dropout_is_refused_by_name(moe_checkpoint):
     dropout = LoraArguments(use_lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.05, lora_target_experts=True)
     with pytest.raises(ArgumentError, match="--lora_target_experts needs --lora_dropout 0"):
         apply_lora(model, adapter, dropout, False)
+
+
+def test_plain_lora_on_glm_moe_targets_what_the_adapter_names_with_the_default_dropout(tiny_checkpoint):
+    """PEFT 0.21 rewrites a LoRA config for models whose transformers-4 layout differed (glm4v_moe): it turns the
+    projection names into the fused experts' target_parameters, so plain LoRA failed with the default
+    --lora_dropout 0.05 ("lora.ParamWrapper does not work with lora_dropout != 0"), and with dropout 0 it trained
+    the routed experts while dropping the shared experts' and dense layers' down_proj. Every module the adapter's
+    regex names gets LoRA, and the routed experts only with --lora_target_experts."""
+    import re
+
+    from peft.tuners.lora.layer import Linear as LoraLinear
+    from peft.tuners.lora.layer import ParamWrapper
+
+    from sc_tune.modeling import load_model_and_adapter
+
+    model, adapter = load_model_and_adapter(tiny_checkpoint("glm4v_moe"))
+    named = [n for n, m in model.named_modules() if re.fullmatch(adapter.lora_target_modules, n)]
+    assert any(n.endswith("shared_experts.down_proj") for n in named)
+    lora = apply_lora(model, adapter, LoraArguments(use_lora=True, lora_r=4, lora_alpha=8), False)  # dropout 0.05
+    wrapped = {_plain(n) for n, m in lora.named_modules() if isinstance(m, LoraLinear)}
+    assert wrapped == set(named)
+    assert not any(isinstance(m, ParamWrapper) for m in lora.modules())
+    assert not lora.peft_config["default"].target_parameters
+
+    model, adapter = load_model_and_adapter(tiny_checkpoint("glm4v_moe"))
+    experts = LoraArguments(use_lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_experts=True)
+    lora = apply_lora(model, adapter, experts, False)
+    assert {_plain(n) for n, m in lora.named_modules() if isinstance(m, LoraLinear)} == set(named)
+    assert sum(isinstance(m, ParamWrapper) for m in lora.modules()) == len(_experts(lora)) > 0

@@ -64,7 +64,7 @@ def _torchrun(checkpoint, output_dir, port, *extra):
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     if "--preflight_min_accuracy" in extra:
-        assert result.stdout.count("preflight on 16 samples: parse failures") == 1  # ran, and rank 0 reported
+        assert result.stdout.count("preflight on 16 samples") == 1  # it ran, and rank 0 reported
     history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
     return [h for h in history if "loss" in h]
 

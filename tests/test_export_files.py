@@ -1,5 +1,5 @@
 """The input folder's non-weight files in every saved folder (``sc_tune.export.carry_source_files``): the rule,
-checkpoints, and the released checkpoints' own files in ../shared/real_checkpoints.
+checkpoints, and the released checkpoints' own files (``REAL``, beside the checkout: tests/test_real_checkpoints.py).
 
 Each family's finetune run (full and LoRA) is checked in tests/test_families.py
 (``test_export_carries_every_non_weight_file_of_the_input``,
@@ -19,13 +19,10 @@ import pytest
 from sc_tune import checkpoints
 from sc_tune.adapters import family_for, supported_model_types
 from sc_tune.export import NOT_CARRIED, carry_source_files
-from tests.conftest import ROOT
 from tests.helpers import make_trainer, processor_settings
+from tests.test_real_checkpoints import REAL
 
-REAL = os.path.join(os.path.dirname(ROOT), "shared", "real_checkpoints")
-REAL_FOLDERS = (
-    sorted(n for n in os.listdir(REAL) if os.path.isdir(os.path.join(REAL, n))) if os.path.isdir(REAL) else []
-)
+REAL_FOLDERS = sorted(p.name for p in REAL.iterdir() if p.is_dir()) if REAL.is_dir() else []
 
 
 def is_carried(name: str) -> bool:
@@ -101,7 +98,7 @@ def test_a_released_checkpoints_files_survive_the_export(folder, tmp_path):
     from the output (``AutoProcessor`` where it loads here); elsewhere the carry alone runs."""
     from sc_tune.export import finalize_export
 
-    source = os.path.join(REAL, folder)
+    source = str(REAL / folder)
     out = tmp_path / "out"
     out.mkdir()
     config = os.path.join(source, "config.json")

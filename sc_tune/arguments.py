@@ -193,6 +193,9 @@ class SCTuneConfig(TrainingArguments):
     preflight_max_parse_failures: float = field(
         default=0.5, metadata={"help": "Stop before step 0 above this share of unparsed locator answers."}
     )
+    preflight_min_accuracy: float = field(
+        default=0.05, metadata={"help": "Stop before step 0 if the answers parse but Acc@0.5 is below this."}
+    )
     describer_top_k: int = field(default=100, metadata={"help": "Top-k of the describer's sampled caption."})
     describer_top_p: float = field(default=0.3, metadata={"help": "Top-p of the describer's sampled caption."})
     describer_temperature: float = field(
@@ -329,6 +332,10 @@ class SCTuneConfig(TrainingArguments):
             ("describer_update_steps", self.describer_update_steps >= 0, "must be >= 0"),
             ("locator_update_steps", self.locator_update_steps >= 0, "must be >= 0"),
             ("per_device_train_batch_size", self.per_device_train_batch_size >= 1, "must be >= 1"),
+            ("preflight_samples", self.preflight_samples >= 1, "must be >= 1"),
+            ("preflight_max_parse_failures", 0 <= self.preflight_max_parse_failures <= 1, "must be in [0, 1]"),
+            ("preflight_min_accuracy", 0 <= self.preflight_min_accuracy <= 1, "must be in [0, 1]"),
+            ("moe_aux_loss_coef", self.moe_aux_loss_coef is None or self.moe_aux_loss_coef >= 0, "must be >= 0"),
         ]
         errors = [f"--{name} {getattr(self, name)!r} {rule}" for name, ok, rule in rules if not ok]
         if errors:

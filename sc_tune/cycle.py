@@ -44,7 +44,7 @@ from sc_tune import rollout
 from sc_tune.adapters.base import ModelAdapter, PromptBatch
 from sc_tune.baselines import DescriberBaseline, describer_baseline, terminal_advantages
 from sc_tune.phases import PhasePosition
-from sc_tune.preflight import PreflightReport, run_preflight
+from sc_tune.preflight import PreflightReport, referring_text, run_preflight, spread_indices
 from sc_tune.prompt_cache import ScoredPrompts, keep_prompt_columns
 from sc_tune.rewards import RewardBatch, RewardFunction, get_reward
 from sc_tune.rollout import Completions, GenerationSettings, describer_budget
@@ -348,11 +348,12 @@ class RolloutCycle:
     # ------------------------------------------------------------------ before step 0
     @torch.no_grad()
     def preflight(self, dataset, samples: int) -> PreflightReport:
-        """The step-0 cycle (and REC on the records' captions, where every one has one) on the first ``samples``
-        training samples, with the policy: does the locator's answer parse? (``sc_tune.preflight``)"""
-        items = [dataset[i] for i in range(min(samples, len(dataset)))]
+        """The step-0 cycle (and REC on the records' captions or categories, where every one has one) on ``samples``
+        training samples spread over the data, with the policy: does the locator's answer parse? (``sc_tune.preflight``)"""
+        indices = spread_indices(len(dataset), samples)
+        items = [dataset[i] for i in indices]
         records = getattr(dataset, "records", None)
-        captions = [r.get("caption") for r in records[: len(items)]] if records is not None else None
+        captions = [referring_text(records[i]) for i in indices] if records is not None else None
         with self.models.policy() as policy:
             return run_preflight(
                 policy, self.adapter, self.prepare_images({"images": [it["image"] for it in items]}),

@@ -2,11 +2,11 @@
 
 Full fine-tuning: the Trainer's ``save_model`` (which gathers ZeRO-3 shards into 16-bit weights when
 ``stage3_gather_16bit_weights_on_model_save`` is on) plus the tokenizer/processor. LoRA: the adapter is
-saved, then merged into a fresh copy of the base model on CPU (``merge_lora``, also a command). Then every
-non-weight file of the input folder that the export did not write itself is carried over
-(``carry_source_files``): released processor settings often live only in ``processor_config.json``
-(SmolVLM's ``image_seq_len``, LLaVA-OneVision's ``num_image_tokens``, Gemma 4's), ``video_preprocessor_config.json``
-or ``chat_template.json``, and a folder without them loads in the family's processor with other settings.
+saved, then merged into a fresh copy of the base model on CPU (``merge_lora``, also a command). Then the input
+folder's other files are carried over, verbatim (``carry_source_files``, also into every checkpoint-N): released
+processor settings often live only in ``processor_config.json`` (SmolVLM's ``image_seq_len``, LLaVA-OneVision's
+``num_image_tokens``, Gemma 4's), ``video_preprocessor_config.json`` or ``chat_template.json``, and a folder
+without them loads in the family's processor with other settings.
 Families that need more (Qwen-VL: its generation config and remote-code files) hook in through
 ``finalize_export``.
 """
@@ -24,31 +24,43 @@ import torch
 
 from sc_tune.adapters import family_for
 from sc_tune.modeling import load_model_and_adapter, read_model_type
+from sc_tune.moe import as_configured
 from sc_tune.snapshot import SNAPSHOT_ADAPTER
 
 logger = logging.getLogger(__name__)
 
 
-# Weights (the export writes its own) and a run's bookkeeping (an input folder may be an SC-Tune checkpoint-N):
-# never carried. Everything else at the input folder's top level is.
+# Never carried: weights (the export writes the trained ones); the model's own files, written from the trained
+# model (an adapter folder has none on purpose: the base's config.json would make it look like a full model); and
+# the records of a run (an input folder may be an SC-Tune output or checkpoint-N). Everything else at the input
+# folder's top level is carried.
 NOT_CARRIED = (
-    "*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.h5", "*.msgpack", "*.onnx", "*.index.json",
-    "trainer_state.json", "sc_tune_*.json", "rng_state*", "latest", "zero_to_fp32.py", ".*",
-)
+    "*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.h5", "*.msgpack", "*.onnx", "*.npz",
+    "*.index.json", "config.json", "generation_config.json", "adapter_config.json",
+    "trainer_state.json", "*_results.json", "sc_tune_*.json", "rng_state*", "latest", "zero_to_fp32.py", ".*",
+)  # fmt: skip
 
 
 def carry_source_files(output_dir: str, source_dir: str | None) -> list[str]:
-    """Copy every top-level non-weight file of ``source_dir`` that ``output_dir`` lacks (files the export wrote
-    win: its config.json, tokenizer and image processor describe the trained model). Returns the names copied."""
+    """Copy every top-level file of ``source_dir`` but those ``NOT_CARRIED`` into ``output_dir``; returns the names.
+
+    A carried file replaces the tokenizer or processor file the export re-serialised under the same name. SC-Tune
+    never changes the tokenizer or the processor, and transformers' re-serialisation is not the release's file:
+    it drops ``processor_class`` and Qwen2.5-VL's ``min_pixels``/``max_pixels`` from ``preprocessor_config.json``
+    (transformers 4.57 then reads max_pixels 1,003,520 instead of the released 12,845,056), and writes
+    ``tokenizer_config.json`` in a 5.x layout that transformers 4.57 cannot load (Qwen3-VL's: "'list' object has
+    no attribute 'keys'"). Contents only (not the source's read-only permission bits): a later save must be able
+    to overwrite them."""
     if not source_dir or not os.path.isdir(source_dir):
+        return []
+    if os.path.isdir(output_dir) and os.path.samefile(source_dir, output_dir):
         return []
     copied = []
     for name in sorted(os.listdir(source_dir)):
         source = os.path.join(source_dir, name)
-        if (not os.path.isfile(source) or any(fnmatch.fnmatch(name, p) for p in NOT_CARRIED)
-                or os.path.exists(os.path.join(output_dir, name))):
+        if not os.path.isfile(source) or any(fnmatch.fnmatch(name, p) for p in NOT_CARRIED):
             continue
-        shutil.copy2(source, os.path.join(output_dir, name))
+        shutil.copyfile(source, os.path.join(output_dir, name))
         copied.append(name)
     if copied:
         logger.info("carried %s from %s into %s", ", ".join(copied), source_dir, output_dir)
@@ -62,6 +74,25 @@ def finalize_export(output_dir: str, source_dir: str) -> None:
     hook = family_for(read_model_type(source_dir)).finalize_export
     if hook is not None:
         hook(output_dir, source_dir)
+
+
+@contextmanager
+def model_config_as_loaded(model):
+    """Undo what ``transformers.Trainer.__init__`` writes into the model's config for training only.
+
+    It sets ``config.use_cache = args.use_cache`` (False), which every saved ``config.json`` would then carry
+    into the user's chat demo. SC-Tune passes ``use_cache`` to each forward itself, so the config keeps the
+    input's value (or its absence)."""
+    config = getattr(model, "config", None)
+    had = config is not None and "use_cache" in vars(config)
+    before = vars(config).get("use_cache") if config is not None else None
+    try:
+        yield
+    finally:
+        if config is not None and had:
+            config.use_cache = before
+        elif config is not None:
+            vars(config).pop("use_cache", None)
 
 
 @contextmanager
@@ -89,7 +120,8 @@ def merge_lora(base_dir: str, adapter_dir: str, output_dir: str, dtype: torch.dt
 
     with _without_zero3_init():
         base, adapter = load_model_and_adapter(base_dir, dtype=dtype)
-        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+        with as_configured():  # the adapter on the modules it was trained on (sc_tune.moe)
+            merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     written = next(merged.parameters()).dtype
     logger.info("merged %s into %s -> %s (%s)", adapter_dir, base_dir, output_dir, written)
     merged.save_pretrained(output_dir)

@@ -8,8 +8,9 @@ import os
 import torch
 
 from sc_tune.adapters import ModelAdapter, family_for
+from sc_tune.arguments import ArgumentError
 from sc_tune.jsonio import read_json
-from sc_tune.moe import expert_parameters
+from sc_tune.moe import as_configured, expert_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -108,10 +109,12 @@ def apply_lora(model: torch.nn.Module, adapter: ModelAdapter, lora_args, gradien
     if lora_args.lora_target_experts:
         experts = expert_parameters(model, adapter.lora_expert_parameters)
         if not experts:
-            raise ValueError(
+            raise ArgumentError(  # a flag that cannot apply: finetune.py prints it, without a traceback
                 f"--lora_target_experts: {type(model).__name__} has no routed-expert parameters "
                 f"{list(adapter.lora_expert_parameters) or '(this family names none)'}: it is not a MoE model"
             )
+        if lora_args.lora_dropout:  # PEFT's parameter wrapper cannot drop out x inside the fused expert matmul
+            raise ArgumentError(f"--lora_target_experts needs --lora_dropout 0 (got {lora_args.lora_dropout:g})")
     config = LoraConfig(
         r=lora_args.lora_r,
         lora_alpha=lora_args.lora_alpha,
@@ -121,7 +124,8 @@ def apply_lora(model: torch.nn.Module, adapter: ModelAdapter, lora_args, gradien
         bias="none",
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, config)
+    with as_configured():  # LoRA exactly on the modules and parameters named above (sc_tune.moe)
+        model = get_peft_model(model, config)
     if gradient_checkpointing:
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     return model

@@ -10,9 +10,32 @@ LoRA the routers are frozen, so there is nothing to balance and the term is left
 The routed experts are fused 3-D parameters (``mlp.experts.gate_up_proj`` / ``down_proj``), not Linear modules,
 so PEFT's ``target_modules`` never reaches them; ``--lora_target_experts`` adds them through PEFT's
 ``target_parameters`` (the family's ``ModelAdapter.lora_expert_parameters``).
+
+PEFT 0.21 rewrites the LoRA config of a model whose transformers-4 layout differed (``glm4v_moe``, whose routed
+experts were Linear ``gate_proj``/``up_proj``/``down_proj`` then) so that an adapter trained on transformers 4 still
+loads: it moves those names from ``target_modules`` to the fused experts' ``target_parameters``. On a config
+SC-Tune writes for the model as it is, that rewrite is wrong: plain LoRA then reached the routed experts (and
+failed with the default ``--lora_dropout``, which PEFT's parameter wrapper refuses), and lost the shared experts'
+and dense layers' ``down_proj``. ``as_configured`` switches it off around every PEFT call that injects an
+adapter SC-Tune configured (``apply_lora``, the snapshot's second adapter, ``merge_lora``'s load).
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
+
+
+@contextmanager
+def as_configured():
+    """PEFT injects LoRA exactly where the config says (no transformers-4 MoE rewrite; see the module docstring)."""
+    import peft.utils.transformers_weight_conversion as conversion
+
+    rewrite = conversion.convert_peft_config_for_transformers
+    conversion.convert_peft_config_for_transformers = lambda peft_config, model, conversions: None
+    try:
+        yield
+    finally:
+        conversion.convert_peft_config_for_transformers = rewrite
 
 
 def text_config(model):

@@ -23,6 +23,8 @@ from contextlib import contextmanager
 import torch
 from trl.models.utils import prepare_deepspeed, unwrap_model_for_generation
 
+from sc_tune.moe import as_configured
+
 SNAPSHOT_ADAPTER = "snapshot"
 POLICY_ADAPTER = "default"
 
@@ -148,7 +150,8 @@ class AdapterSnapshot(Snapshot):
     def __init__(self, trainer):
         self.trainer = trainer  # the policy engine exists only once training starts: look it up late
         peft_model = trainer.model
-        peft_model.add_adapter(SNAPSHOT_ADAPTER, peft_model.peft_config[POLICY_ADAPTER])
+        with as_configured():  # the same modules and parameters as the policy's adapter (sc_tune.moe)
+            peft_model.add_adapter(SNAPSHOT_ADAPTER, peft_model.peft_config[POLICY_ADAPTER])
         for name, param in peft_model.named_parameters():
             if f".{SNAPSHOT_ADAPTER}." in name:
                 param.requires_grad_(False)

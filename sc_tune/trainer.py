@@ -46,10 +46,10 @@ from trl.models.utils import unwrap_model_for_generation
 
 from sc_tune.cycle import DescriberRollout, LocatorRollout, RolloutCycle, RolloutModels, caption_logprobs
 from sc_tune.data import RolloutSampler, collate_referring
-from sc_tune.export import carry_source_files
+from sc_tune.export import carry_source_files, model_config_as_loaded
 from sc_tune.kl_control import make_kl_controller
 from sc_tune.moe import router_aux_coefficient
-from sc_tune.preflight import PreflightError
+from sc_tune.preflight import PreflightError, decide
 from sc_tune.phases import Phase, PhaseLR, PhaseSchedule, reset_optimizer_moments, set_learning_rate
 from sc_tune.ppo import describer_advantages, masked_mean, per_token_kl, ppo_clip_loss
 from sc_tune.resume import RunState, load_weights_strictly, run_settings, staged_checkpoint
@@ -72,9 +72,11 @@ class SCTuneTrainer(Trainer):
         cycle: RolloutCycle | None = None,
         source_dir: str | None = None,
     ):
-        super().__init__(
-            model=model, args=args, train_dataset=train_dataset, data_collator=collate_referring, callbacks=callbacks
-        )
+        with model_config_as_loaded(model):  # saved config.json files keep the input's settings
+            super().__init__(
+                model=model, args=args, train_dataset=train_dataset, data_collator=collate_referring,
+                callbacks=callbacks,
+            )
         if cycle is not None and reward_fn is not None:
             raise ValueError("pass reward_fn to the RolloutCycle given as cycle=, not to the trainer")
         self.adapter = adapter
@@ -184,8 +186,8 @@ class SCTuneTrainer(Trainer):
         if self.is_world_process_zero():
             logger.info(report.summary())
             print(report.summary(), flush=True)
-        failure = report.failure(self.args.preflight_max_parse_failures)
-        if failure is not None:  # every rank decided the same: the same samples, greedy decoding
+        failure = decide(report, self.args, self.args.world_size)  # rank 0's verdict, on every rank
+        if failure is not None:
             raise PreflightError(failure)
 
     def _make_rollout(self, phase: Phase, inputs) -> DescriberRollout | LocatorRollout:

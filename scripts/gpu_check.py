@@ -110,6 +110,7 @@ def run_config(name, opts, device, dtype, meter):
         describer_max_new_tokens=opts.max_new_tokens,
         policy_kl_stop=float("inf"),
         ratio_threshold=float("inf"),
+        skip_preflight=True,  # random weights write no box: the preflight would stop the timing at step 0
     )
     ours = ThisTrainer(model, adapter, samples, args)
     cache = ours.trainer.cycle.vision_cache

@@ -44,10 +44,12 @@ def make_trainer(checkpoint: str, output_dir: str, model_transform=None, reward_
     if model_transform is not None:
         model = model_transform(model, adapter)
     dataset = dataset if dataset is not None else ReferringDataset.from_file(SAMPLE_DATA, SAMPLE_IMAGES)
+    # as finetune.py: the input's files go into every saved folder
     if cycle is not None:
         return SCTuneTrainer(model=model, args=args, adapter=adapter, train_dataset=dataset,
-                             cycle=cycle(adapter, args, reward_fn))
-    return SCTuneTrainer(model=model, args=args, adapter=adapter, train_dataset=dataset, reward_fn=reward_fn)
+                             cycle=cycle(adapter, args, reward_fn), source_dir=checkpoint)
+    return SCTuneTrainer(model=model, args=args, adapter=adapter, train_dataset=dataset, reward_fn=reward_fn,
+                         source_dir=checkpoint)
 
 
 class RecordingCycle(RolloutCycle):
@@ -148,3 +150,50 @@ class CaptionReward:
         self.scored.extend(captions)
         reward_N = torch.tensor([float(self.favoured(c)) for c in captions])
         return RewardBatch(reward_N, torch.tensor([b is not None for b in pred_boxes]))
+
+
+def processor_settings(folder: str) -> dict:
+    """What the family's own processor reads from ``folder``: ``AutoProcessor``'s settings where it loads here,
+    else each file's (image processor, tokenizer, chat template, processor_config.json), loaded by transformers.
+
+    ``AutoProcessor`` needs torchvision for the families with a video processor (Qwen2/2.5/3-VL, GLM, SmolVLM2,
+    LLaVA-OneVision, InternVL, Gemma 4) and remote code for Qwen-VL; those are compared file by file."""
+    import json
+    import os
+
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    def tokenizer_settings(tokenizer):
+        return {"vocab": tokenizer.get_vocab(), "specials": tokenizer.all_special_tokens}
+
+    legacy = os.path.join(folder, "chat_template.json")
+    legacy_template = json.load(open(legacy))["chat_template"] if os.path.isfile(legacy) else None
+
+    try:
+        processor = AutoProcessor.from_pretrained(folder)
+    # torchvision missing, remote code needed, or (tiny Gemma 3) a tokenizer without Gemma's named tokens
+    except (ImportError, ValueError, OSError, AttributeError) as e:
+        settings = {"AutoProcessor": f"{type(e).__name__}"}
+    else:
+        tokenizer = getattr(processor, "tokenizer", processor)
+        # The template it renders with: its own (chat_template.jinja / .json), else its tokenizer's (Gemma 3's
+        # release keeps it in tokenizer_config.json, which the processor does not read; an export adds the .jinja).
+        template = getattr(processor, "chat_template", None) or tokenizer.chat_template
+        return {"AutoProcessor": type(processor).__name__, "processor": processor.to_dict(),
+                "chat_template": template, **tokenizer_settings(tokenizer)}  # fmt: skip
+    for name in ("processor_config.json", "chat_template.json", "preprocessor_config.json",
+                 "video_preprocessor_config.json"):  # fmt: skip
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            settings[name] = json.load(open(path))
+    if os.path.isfile(os.path.join(folder, "preprocessor_config.json")):
+        settings["image_processor"] = AutoImageProcessor.from_pretrained(folder).to_dict()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (ValueError, OSError) as e:  # Qwen-VL's tokenizer is remote code: its files are compared by bytes
+        settings["tokenizer"] = type(e).__name__
+    else:
+        # The template the processor renders with: the tokenizer's, else the processor's legacy file (an export
+        # may hold both: the tokenizer re-saved with the template the adapter read from the legacy file).
+        settings.update(tokenizer_settings(tokenizer), chat_template=tokenizer.chat_template or legacy_template)
+    return settings

@@ -8,9 +8,11 @@ run) is done once and shared by the tests that read it.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zlib
@@ -23,6 +25,7 @@ from sc_tune.adapters import Family, family_for, register, supported_model_types
 from sc_tune.modeling import freeze_vision_tower, load_model_and_adapter
 from sc_tune.rewards import REWARDS, cycle_iou
 from tests.conftest import ROOT, SAMPLE_DATA, SAMPLE_IMAGES
+from tests.helpers import processor_settings
 
 MODEL_TYPES = supported_model_types()
 # What a special token's name says it is, judged independently of the adapters' own rules: media tokens
@@ -44,10 +47,6 @@ def cli_folder(tmp_path_factory):
         if model_type not in built:
             directory = str(tmp_path_factory.mktemp(f"cli_{model_type}"))
             main(["--model_type", model_type, "--output_dir", directory])
-            # Released checkpoints keep processor settings in files a model/tokenizer save does not write.
-            for name in ("processor_config.json", "video_preprocessor_config.json"):
-                with open(os.path.join(directory, name), "w") as f:
-                    json.dump({"note": f"released {name} of {model_type}", "image_seq_len": 81}, f)
             built[model_type] = directory
         return built[model_type]
 
@@ -91,7 +90,49 @@ def _finetune(source: str, output_dir: str, *extra: str):
 
 
 @pytest.fixture(scope="session")
-def runs(cli_folder, tmp_path_factory):
+def release_folder(cli_folder, tmp_path_factory):
+    """Factory: the tiny folder plus what a released checkpoint holds besides weights, tokenizer and image
+    processor (``add_release_files``), so that a run's export has something to carry."""
+    built = {}
+
+    def make(model_type: str) -> str:
+        if model_type not in built:
+            directory = str(tmp_path_factory.mktemp(f"release_{model_type}"))
+            shutil.copytree(cli_folder(model_type), directory, dirs_exist_ok=True)
+            add_release_files(directory, model_type)
+            built[model_type] = directory
+        return built[model_type]
+
+    return make
+
+
+def add_release_files(directory: str, model_type: str) -> None:
+    """A hub download's other files: a model card, a licence, the processor's settings (``processor_config.json``,
+    unless the tiny builder wrote the family's own), the legacy ``chat_template.json`` (the folder's own template,
+    where it has one) and a video processor config; and files an export must not carry: another weight file and
+    the state of the run that wrote the folder."""
+    from safetensors.torch import save_file
+
+    def write(name, text):
+        with open(os.path.join(directory, name), "w") as f:
+            f.write(text)
+
+    write("README.md", "---\nlicense: apache-2.0\n---\n# a tiny model card\n")
+    write("LICENSE", "Apache License, Version 2.0\n")
+    if not os.path.isfile(os.path.join(directory, "processor_config.json")):
+        write("processor_config.json", json.dumps({"note": f"released processor settings of {model_type}"}))
+    template = os.path.join(directory, "chat_template.jinja")
+    if os.path.isfile(template) and not os.path.isfile(os.path.join(directory, "chat_template.json")):
+        write("chat_template.json", json.dumps({"chat_template": open(template).read()}))
+    preprocessor = os.path.join(directory, "preprocessor_config.json")
+    if os.path.isfile(preprocessor):
+        shutil.copyfile(preprocessor, os.path.join(directory, "video_preprocessor_config.json"))
+    save_file({"w": torch.zeros(2)}, os.path.join(directory, "consolidated.safetensors"))  # a weight: not carried
+    write("trainer_state.json", json.dumps({"global_step": 123}))  # an earlier run's record: not carried
+
+
+@pytest.fixture(scope="session")
+def runs(release_folder, tmp_path_factory):
     """Factory: (trainer, source folder, exported folder) of a full or LoRA SC-Tune run, once per model type."""
     done = {}
 
@@ -102,8 +143,8 @@ def runs(cli_folder, tmp_path_factory):
             # The LoRA run also writes boxes in the generic format, so --box_format is exercised end to end.
             lora_args = ("--use_lora", "True", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0")
             extra = (*lora_args, "--box_format", "generic") if lora else ()
-            trainer = _finetune(cli_folder(model_type), out, *extra)
-            done[key] = (trainer, cli_folder(model_type), out)
+            trainer = _finetune(release_folder(model_type), out, *extra)
+            done[key] = (trainer, release_folder(model_type), out)
         return done[key]
 
     return run
@@ -316,26 +357,69 @@ def test_lora_run_trains_adapters_only_and_merges(model_type, runs):
         assert not torch.allclose(original(**batch.inputs).logits, expected, atol=1e-4)  # the adapters mattered
 
 
-WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
-
-
-def _non_weight_files(folder: str) -> set[str]:
-    return {n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n)) and n not in WEIGHTS}
-
-
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_export_carries_every_non_weight_file_of_the_input(model_type, lora, runs):
-    _, source, out = runs(model_type, lora=lora)
-    missing = _non_weight_files(source) - _non_weight_files(out)
-    assert not missing, f"the export dropped {sorted(missing)}"
-    for name in ("processor_config.json", "video_preprocessor_config.json"):
-        with open(os.path.join(source, name)) as a, open(os.path.join(out, name)) as b:
-            assert json.load(a) == json.load(b)
-    if model_type != "qwen":  # the chat template the family's processor renders with is the input's
-        from sc_tune.adapters.base import load_chat_tokenizer
+    """Issue 18's acceptance: the output folder's non-weight files are a superset of the input's. Carried files
+    are byte-identical (processor and template settings survive), the model's own files keep the input's settings,
+    and a weight or an earlier run's record of the input is never copied over the run's own."""
+    from sc_tune.adapters.base import load_chat_tokenizer
+    from sc_tune.export import NOT_CARRIED
 
+    _, source, out = runs(model_type, lora=lora)
+    weights = ("*.safetensors", "*.bin", "*.index.json")
+    files = lambda folder: {n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n))}  # noqa: E731
+    inputs = {n for n in files(source) if not any(fnmatch.fnmatch(n, w) for w in weights)}
+    assert {"README.md", "processor_config.json", "trainer_state.json", "config.json"} <= inputs
+    missing = inputs - files(out)
+    assert not missing, f"the export dropped {sorted(missing)}"
+    read = lambda folder, name: open(os.path.join(folder, name), "rb").read()  # noqa: E731
+    for name in sorted(inputs):
+        if not any(fnmatch.fnmatch(name, p) for p in NOT_CARRIED):
+            assert read(out, name) == read(source, name), name
+    for name in ("config.json", "generation_config.json"):  # written from the trained model: the same settings
+        volatile = {"dtype", "torch_dtype", "transformers_version"}
+        before, after = (
+            {k: v for k, v in json.loads(read(folder, name)).items() if k not in volatile} for folder in (source, out)
+        )
+        assert after == before, name
+    assert json.loads(read(out, "trainer_state.json")).get("global_step") != 123  # this run's, not the input's
+    assert not os.path.exists(os.path.join(out, "consolidated.safetensors"))
+    if model_type != "qwen":  # the chat template the family's processor renders with is the input's
         assert load_chat_tokenizer(out).chat_template == load_chat_tokenizer(source).chat_template
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_export_loads_with_the_input_processor_settings(model_type, runs):
+    """The family's own processor reads the input's settings from the output folder: ``AutoProcessor`` where
+    it loads here, else every processor file (image token counts, chat template, image processor, tokenizer)."""
+    _, source, out = runs(model_type, lora=False)
+    before = processor_settings(source)
+    assert processor_settings(out) == before
+    if "tokenizer" in before:  # AutoTokenizer cannot load it (Qwen-VL's remote code): the family's own can
+        adapters = [family_for(model_type).adapter.from_pretrained(folder) for folder in (source, out)]
+        assert adapters[0].tokenizer.get_vocab() == adapters[1].tokenizer.get_vocab()
+        assert len(adapters[0].tokenizer.get_vocab()) > 100
+    else:
+        assert "vocab" in before and len(before["vocab"]) > 100
+
+
+def test_smolvlm_v1_export_loads_in_idefics3_processor_and_agrees_with_the_adapter(runs):
+    """SmolVLM v1 (idefics3) loads with AutoProcessor here: the exported folder's processor takes its
+    image_seq_len from the carried processor_config.json (the default would be 169) and its template from the
+    carried chat_template.json, and expands an image into exactly the ids the adapter builds."""
+    from transformers import AutoProcessor
+
+    trainer, _, out = runs("idefics3", lora=False)
+    adapter = trainer.adapter
+    processor = AutoProcessor.from_pretrained(out)
+    assert type(processor).__name__ == "Idefics3Processor"
+    assert processor.image_seq_len == adapter.image_seq_len != 169
+    image = Image.open(os.path.join(SAMPLE_IMAGES, "images", "003.png")).convert("RGB")
+    prepared = adapter.prepare_image(image)
+    prompt = adapter.locator_prompt("the red circle", prepared)
+    ids = processor(images=[image], text=[prompt], return_tensors="pt")["input_ids"][0].tolist()
+    assert ids == adapter.encode_prompt(prompt, prepared)
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)

@@ -79,3 +79,119 @@ def test_lora_target_experts_refuses_a_dense_model(tiny_checkpoint):
     model, adapter = load_model_and_adapter(tiny_checkpoint("qwen3_vl"))
     with pytest.raises(ValueError, match="not a MoE model"):
         apply_lora(model, adapter, LoraArguments(use_lora=True, lora_r=4, lora_target_experts=True), False)
+
+
+# ---------------------------------------------------------------- --lora_target_experts through finetune.py
+MOE_TYPES = ["glm4v_moe", "qwen3_5_moe", "qwen3_vl_moe"]
+EXPERT_LORA = ("--use_lora", "True", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0",
+               "--lora_target_experts", "True")  # fmt: skip
+
+
+def test_the_moe_types_are_every_registered_moe():
+    from sc_tune.adapters import supported_model_types
+
+    assert MOE_TYPES == [t for t in supported_model_types() if t.endswith("_moe")]
+
+
+def _finetune(source, output_dir, *extra):
+    import finetune
+    from tests.conftest import SAMPLE_DATA, SAMPLE_IMAGES
+
+    return finetune.main([
+        *("--model_name_or_path", source, "--data_path", SAMPLE_DATA, "--image_folder", SAMPLE_IMAGES),
+        *("--output_dir", str(output_dir), "--per_device_train_batch_size", "2", "--describer_max_new_tokens", "4"),
+        *("--locator_max_new_tokens", "4", "--describer_lr", "1e-3", "--locator_lr", "1e-3", "--weight_decay", "0"),
+        *("--use_cpu", "True", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "True"),
+        *("--skip_preflight", "True", "--seed", "0", "--max_steps", "3", "--describer_update_steps", "1"),
+        *("--locator_update_steps", "1", "--ppo_epochs", "1", *extra),
+    ])  # fmt: skip
+
+
+def _plain(name: str) -> str:
+    return name.replace("base_model.model.", "").replace(".base_layer", "")
+
+
+def _experts(model) -> dict[str, torch.Tensor]:
+    """The routed experts' fused weights by plain name (PEFT's ``base_layer`` wrappers removed)."""
+    return {_plain(n): p.detach().clone() for n, p in model.named_parameters()
+            if _plain(n).endswith(("experts.gate_up_proj", "experts.down_proj"))}  # fmt: skip
+
+
+@pytest.mark.parametrize("model_type", MOE_TYPES)
+def test_expert_lora_through_finetune_syncs_the_snapshot_and_merges_into_the_export(model_type, tiny_checkpoint,
+                                                                                   tmp_path):
+    """describer, locator, describer with --lora_target_experts: every fused expert tensor gets a LoRA delta that
+    moved off zero while the base stays frozen; the snapshot (a second adapter on the same wrapped parameters)
+    is re-synced at the switch back, experts included (the describer's first KL is 0 again); and the merged
+    export holds base + delta, so it computes what the trained adapters computed."""
+    from peft.tuners.lora.layer import ParamWrapper
+    from PIL import Image
+
+    from sc_tune.modeling import load_model_and_adapter
+    from tests.conftest import SAMPLE_IMAGES
+
+    source = tiny_checkpoint(model_type)
+    out = tmp_path / "out"
+    trainer = _finetune(source, out, *EXPERT_LORA)
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["phase"] for h in logs] == ["describer", "locator", "describer"]
+    assert abs(logs[2]["describer/kl"]) < 1e-7  # the snapshot took the locator step's expert deltas too
+
+    base, _ = load_model_and_adapter(source)
+    base_experts = _experts(base)
+    assert base_experts and _experts(trainer.model).keys() == base_experts.keys()
+    for name, tensor in _experts(trainer.model).items():
+        assert torch.equal(tensor, base_experts[name]), name  # the base stays frozen
+    wrappers = {n: m for n, m in trainer.model.named_modules() if isinstance(m, ParamWrapper)}
+    deltas = {_plain(n) + "." + m.parameter_name: m.get_delta_weight("default").detach() for n, m in wrappers.items()}
+    assert deltas.keys() == base_experts.keys()  # one wrapper per fused tensor
+    for name, delta in deltas.items():
+        assert delta.shape == base_experts[name].shape and delta.abs().max() > 0, name
+
+    merged, adapter = load_model_and_adapter(str(out))
+    for name, tensor in _experts(merged).items():
+        assert torch.allclose(tensor, base_experts[name] + deltas[name], atol=1e-6), name
+    image = adapter.prepare_image(Image.open(f"{SAMPLE_IMAGES}/images/000.png").convert("RGB"))
+    batch = adapter.build_batch([adapter.locator_prompt("the red circle", image)], [image])
+    trainer.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(merged(**batch.inputs).logits, trainer.model(**batch.inputs).logits, atol=1e-4)
+
+
+def test_lora_target_experts_with_dropout_is_refused_by_name(moe_checkpoint):
+    from sc_tune.arguments import ArgumentError
+    from sc_tune.modeling import load_model_and_adapter
+
+    model, adapter = load_model_and_adapter(moe_checkpoint)
+    dropout = LoraArguments(use_lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.05, lora_target_experts=True)
+    with pytest.raises(ArgumentError, match="--lora_target_experts needs --lora_dropout 0"):
+        apply_lora(model, adapter, dropout, False)
+
+
+def test_plain_lora_on_glm_moe_targets_what_the_adapter_names_with_the_default_dropout(tiny_checkpoint):
+    """PEFT 0.21 rewrites a LoRA config for models whose transformers-4 layout differed (glm4v_moe): it turns the
+    projection names into the fused experts' target_parameters, so plain LoRA failed with the default
+    --lora_dropout 0.05 ("lora.ParamWrapper does not work with lora_dropout != 0"), and with dropout 0 it trained
+    the routed experts while dropping the shared experts' and dense layers' down_proj. Every module the adapter's
+    regex names gets LoRA, and the routed experts only with --lora_target_experts."""
+    import re
+
+    from peft.tuners.lora.layer import Linear as LoraLinear
+    from peft.tuners.lora.layer import ParamWrapper
+
+    from sc_tune.modeling import load_model_and_adapter
+
+    model, adapter = load_model_and_adapter(tiny_checkpoint("glm4v_moe"))
+    named = [n for n, m in model.named_modules() if re.fullmatch(adapter.lora_target_modules, n)]
+    assert any(n.endswith("shared_experts.down_proj") for n in named)
+    lora = apply_lora(model, adapter, LoraArguments(use_lora=True, lora_r=4, lora_alpha=8), False)  # dropout 0.05
+    wrapped = {_plain(n) for n, m in lora.named_modules() if isinstance(m, LoraLinear)}
+    assert wrapped == set(named)
+    assert not any(isinstance(m, ParamWrapper) for m in lora.modules())
+    assert not lora.peft_config["default"].target_parameters
+
+    model, adapter = load_model_and_adapter(tiny_checkpoint("glm4v_moe"))
+    experts = LoraArguments(use_lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_experts=True)
+    lora = apply_lora(model, adapter, experts, False)
+    assert {_plain(n) for n, m in lora.named_modules() if isinstance(m, LoraLinear)} == set(named)
+    assert sum(isinstance(m, ParamWrapper) for m in lora.modules()) == len(_experts(lora)) > 0

@@ -20,7 +20,7 @@ from sc_tune.adapters import adapter_class
 from sc_tune.modeling import freeze_vision_tower, load_model_and_adapter
 from tests.conftest import SAMPLE_IMAGES
 
-TEMPLATE_TYPES = ["internvl", "gemma3", "gemma4", "llava_onevision", "smolvlm"]
+TEMPLATE_TYPES = ["internvl", "gemma3", "gemma4", "llava_onevision", "smolvlm", "idefics3"]
 BOX = [0.1, 0.2, 0.5, 0.6]
 
 # What each family's chat template makes of one user turn (image + text) and the opened answer.
@@ -30,6 +30,7 @@ TURNS = {
     "gemma4": ("<bos><|turn>user\n<|image|>", "<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"),  # empty thought
     "llava_onevision": ("<|im_start|>user\n<image>\n", "<|im_end|>\n<|im_start|>assistant\n"),
     "smolvlm": ("<|im_start|>User:<image>", "<end_of_utterance>\nAssistant:"),
+    "idefics3": ("<|im_start|>User:<image>", "<end_of_utterance>\nAssistant:"),
 }
 # Media tokens (never generated) and box/reference tokens (never in captions) of each tiny tokenizer.
 MEDIA = {
@@ -40,6 +41,7 @@ MEDIA = {
     "smolvlm": {"<image>", "<fake_token_around_image>", "<global-img>"}
     | {f"<row_{r}_col_{c}>" for r in (1, 2) for c in (1, 2)},
 }
+MEDIA["idefics3"] = MEDIA["smolvlm"]
 BOX_TOKENS = {"internvl": {"<ref>", "</ref>", "<box>", "</box>"}}
 # Module names: the projector that fix_vit must leave trainable.
 PROJECTOR = {
@@ -48,6 +50,7 @@ PROJECTOR = {
     "gemma4": "model.embed_vision.",
     "llava_onevision": "model.multi_modal_projector.",
     "smolvlm": "model.connector.",
+    "idefics3": "model.connector.",
 }
 
 
@@ -183,7 +186,9 @@ def test_chat_template_is_read_from_a_processor_legacy_file(family, tmp_path):
     model_type, path, _, adapter = family
     legacy = tmp_path / model_type
     shutil.copytree(path, legacy)
-    os.remove(legacy / "chat_template.jinja")
+    for name in ("chat_template.jinja", "chat_template.json"):  # SmolVLM v1 keeps only the legacy file
+        if (legacy / name).exists():
+            os.remove(legacy / name)
     with pytest.raises(ValueError, match="chat template"):
         adapter_class(model_type).from_pretrained(str(legacy))
     with open(legacy / "chat_template.json", "w") as f:

@@ -12,6 +12,7 @@ smallest grid, so the tests cover its token counting.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -259,6 +260,23 @@ class TemplateTinySpec:
     spec: TinySpec
     chat_template: Callable[[], str]  # lazy: SmolVLM's comes from transformers
     finish: Callable[[object], None] | None = None  # adjusts the random model after building
+    # Written as the released checkpoints keep them: the template only in the processor's legacy
+    # chat_template.json, and the processor's own settings in processor_config.json (from the model config).
+    legacy_template: bool = False
+    processor_config: Callable[[object], dict] | None = None
+
+
+def _smolvlm_processor_config(model_type: str) -> Callable[[object], dict]:
+    """SmolVLM's released processor_config.json: ``image_seq_len`` (features per crop after the pixel shuffle;
+    81 for SmolVLM-Instruct), which AutoProcessor otherwise defaults to 169."""
+
+    def build(config) -> dict:
+        vision = config.vision_config
+        seq_len = int((vision.image_size // vision.patch_size) ** 2 / config.scale_factor**2)
+        processor = "Idefics3Processor" if model_type == "idefics3" else "SmolVLMProcessor"
+        return {"image_seq_len": seq_len, "processor_class": processor}
+
+    return build
 
 
 def _spec(special_tokens, eos_token, image_processor, config, bos_token=None) -> TinySpec:
@@ -326,6 +344,8 @@ TINY_TEMPLATE_SPECS: dict[str, TemplateTinySpec] = {
                 _smolvlm_config(model_type),
             ),
             _smolvlm_template,
+            legacy_template=model_type == "idefics3",  # SmolVLM v1 releases keep it in chat_template.json only
+            processor_config=_smolvlm_processor_config(model_type),
         )
         for model_type, processor in (("smolvlm", "SmolVLMImageProcessorPil"), ("idefics3", "Idefics3ImageProcessorPil"))
     },
@@ -344,4 +364,16 @@ def build_tiny_template_family(model_type: str, **kwargs):
 
 def save_tiny_template_family(model_type: str, directory: str, **kwargs) -> str:
     """Write a tiny ``model_type`` checkpoint folder that ``finetune.py`` and ``evaluate.py`` load."""
-    return write_folder(directory, *build_tiny_template_family(model_type, **kwargs))
+    from sc_tune.jsonio import write_json
+
+    entry = TINY_TEMPLATE_SPECS[model_type]
+    model, tokenizer, image_processor = build_tiny_template_family(model_type, **kwargs)
+    template = tokenizer.chat_template
+    if entry.legacy_template:
+        tokenizer.chat_template = None
+    write_folder(directory, model, tokenizer, image_processor)
+    if entry.legacy_template:
+        write_json(os.path.join(directory, "chat_template.json"), {"chat_template": template})
+    if entry.processor_config is not None:
+        write_json(os.path.join(directory, "processor_config.json"), entry.processor_config(model.config))
+    return str(directory)

@@ -114,7 +114,8 @@ def finalize_export(out_dir: str, source_dir: str | None, tokenizer=None, quiet:
         )
     for leftover in ("special_tokens_map.json", "added_tokens.json", "chat_template.jinja"):
         path = os.path.join(out_dir, leftover)
-        if os.path.isfile(path):  # written by a generic tokenizer.save_pretrained; the official folder has none
+        # Written by a generic tokenizer.save_pretrained; the official folder has none (one the source has stays).
+        if os.path.isfile(path) and not _source_file(source_dir, leftover):
             os.remove(path)
 
     copied, missing = [], []

@@ -1,0 +1,124 @@
+"""The input folder's non-weight files in every saved folder (``sc_tune.export.carry_source_files``): the rule,
+checkpoints, and the released checkpoints' own files (beside the checkout: tests/real_checkpoints.py).
+
+Each family's finetune run (full and LoRA) is checked in tests/test_families.py
+(``test_export_carries_every_non_weight_file_of_the_input``,
+``test_export_loads_with_the_input_processor_settings``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import shutil
+import stat
+
+import pytest
+
+from sc_tune import checkpoints
+from sc_tune.adapters import family_for, supported_model_types
+from sc_tune.export import NOT_CARRIED, carry_source_files
+from tests import real_checkpoints as real
+from tests.helpers import make_trainer, processor_settings
+
+REAL_FOLDERS = sorted(f.name for f in os.scandir(real.REAL_CHECKPOINTS) if f.is_dir()) if real.available() else []
+
+
+def is_carried(name: str) -> bool:
+    return not any(fnmatch.fnmatch(name, p) for p in NOT_CARRIED)
+
+
+def _write(folder, name, text="x"):
+    with open(os.path.join(folder, name), "w") as f:
+        f.write(text)
+
+
+def test_the_rule_carries_processor_files_and_nothing_of_weights_model_or_run(tmp_path):
+    source, out = tmp_path / "source", tmp_path / "out"
+    source.mkdir()
+    out.mkdir()
+    carried = ["processor_config.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
+               "video_preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model", "qwen.tiktoken", "README.md",
+               "LICENSE", "modeling_qwen.py"]  # fmt: skip
+    kept_out = ["model.safetensors", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
+                "pytorch_model.bin", "pytorch_model.bin.index.json", "consolidated.pth", "optimizer.pt", "model.gguf",
+                "training_args.bin", "config.json", "generation_config.json", "adapter_config.json",
+                "trainer_state.json", "sc_tune_state.json", "sc_tune_complete.json", "all_results.json", "latest",
+                "zero_to_fp32.py", ".gitattributes"]  # fmt: skip
+    for name in carried + kept_out:
+        _write(source, name, f"source {name}")
+    (source / "checkpoint-2").mkdir()
+    _write(source / "checkpoint-2", "tokenizer.json")
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):  # what the export wrote itself
+        _write(out, name, f"export {name}")
+
+    assert carry_source_files(str(out), str(source)) == sorted(carried)
+    for name in carried:  # verbatim, also over the export's own re-serialised tokenizer file
+        assert (out / name).read_text() == f"source {name}"
+    assert (out / "model.safetensors").read_text() == "export model.safetensors"  # a weight is never replaced
+    assert (out / "config.json").read_text() == "export config.json"  # the model's own config wins
+    assert not [n for n in kept_out if n not in ("model.safetensors", "config.json") and (out / n).exists()]
+    assert not (out / "checkpoint-2").exists()
+    assert carry_source_files(str(out), None) == [] and carry_source_files(str(source), str(source)) == []
+    os.chmod(source / "README.md", 0o444)  # a read-only source (a shared model store): the copy stays writable
+    carry_source_files(str(out), str(source))
+    assert os.stat(out / "README.md").st_mode & stat.S_IWUSR  # a later save may overwrite it
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_checkpoints_carry_the_input_files_and_stay_verified(tiny_checkpoint, tmp_path, lora):
+    """checkpoint-N holds the carried files, byte for byte, inside its verified manifest (a resume checks them);
+    a LoRA checkpoint gets no base config.json (it would look like a full model folder)."""
+    from tests.helpers import small_lora
+
+    source = tmp_path / "source"
+    shutil.copytree(tiny_checkpoint("qwen2_vl"), source)
+    _write(source, "processor_config.json", json.dumps({"processor_class": "Qwen2VLProcessor"}))
+    _write(source, "README.md", "# model card")
+    trainer = make_trainer(str(source), str(tmp_path / "run"), model_transform=small_lora if lora else None,
+                           max_steps=1, save_strategy="steps", save_steps=1, describer_update_steps=1,
+                           locator_update_steps=1, ppo_epochs=1)  # fmt: skip
+    trainer.train()
+    checkpoint = tmp_path / "run" / "checkpoint-1"
+    assert checkpoints.problems(str(checkpoint)) == []
+    manifest = json.loads((checkpoint / checkpoints.MARKER_FILE).read_text())["files"]
+    for name in ("processor_config.json", "README.md", "preprocessor_config.json", "tokenizer_config.json"):
+        assert (checkpoint / name).read_bytes() == (source / name).read_bytes(), name
+        assert name in manifest
+    assert (checkpoint / "config.json").exists() != lora
+
+
+@pytest.mark.parametrize("folder", REAL_FOLDERS)
+def test_a_released_checkpoints_files_survive_the_export(folder, tmp_path):
+    """The export's non-weight steps on a released checkpoint's own files: what the trainer's save path and the
+    LoRA merge do after the weights are written (the adapter's save_pretrained, then the family's hook). Where
+    the folder names a registered family (config.json), the family's processor then reads the input's settings
+    from the output (``AutoProcessor`` where it loads here); elsewhere the carry alone runs."""
+    from sc_tune.export import finalize_export
+
+    source = real.path(folder)
+    out = tmp_path / "out"
+    out.mkdir()
+    config = os.path.join(source, "config.json")
+    model_type = json.load(open(config)).get("model_type") if os.path.isfile(config) else None
+    if model_type in supported_model_types():
+        adapter = family_for(model_type).adapter.from_pretrained(source)
+        shutil.copyfile(config, out / "config.json")  # stands in for model.save_pretrained's config
+        adapter.save_pretrained(str(out))  # the trainer's _save and merge_lora, after the weights
+        finalize_export(str(out), source)
+    else:
+        carry_source_files(str(out), source)
+    names = [n for n in os.listdir(source) if os.path.isfile(os.path.join(source, n)) and is_carried(n)]
+    assert names  # every folder there holds a processor, tokenizer or template file
+    for name in names:  # (config.json and generation_config.json are the model's, written with its weights)
+        assert (out / name).read_bytes() == open(os.path.join(source, name), "rb").read(), name
+    if model_type in supported_model_types():
+        settings = processor_settings(str(out))
+        assert settings == processor_settings(source)
+        released = os.path.join(source, "processor_config.json")
+        if "processor" in settings and os.path.isfile(released):  # AutoProcessor loads (Gemma 3): its own values
+            values = {k: v for k, v in json.load(open(released)).items() if k != "processor_class"}
+            assert values and {k: settings["processor"][k] for k in values} == values  # e.g. image_seq_length 256
+            assert settings["chat_template"]

@@ -11,14 +11,19 @@ from __future__ import annotations
 import argparse
 
 from sc_tune.adapters import family_for, supported_model_types
-from sc_tune.models.tiny_configs import build_tiny_model
+from sc_tune.models.tiny_configs import TINY_SPECS, build_tiny_model
+from sc_tune.models.tiny_template_families import TINY_TEMPLATE_SPECS, build_tiny_template_family
 
 
 def build_tiny(model_type: str, **kwargs):
     """(model, tokenizer, image_processor) of a tiny random transformers-native chat model, in memory.
 
-    Keyword arguments: ``corpus``, ``image_size``, ``seed`` and the sizes of ``sc_tune.models.tiny_chat.TinySizes``.
+    Keyword arguments: ``corpus``, ``image_size``, ``seed``, ``reinit`` and the sizes of
+    ``sc_tune.models.tiny_chat.TinySizes``. The chat-template families (InternVL, ...) carry their stand-in chat
+    template on the tokenizer; of those, only InternVL takes another ``image_size`` (its tile).
     """
+    if model_type in TINY_TEMPLATE_SPECS and model_type not in TINY_SPECS:
+        return build_tiny_template_family(model_type, **kwargs)
     return build_tiny_model(model_type, **kwargs)
 
 

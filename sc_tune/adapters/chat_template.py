@@ -87,6 +87,10 @@ class ChatTemplateAdapter(ModelAdapter):
             tokenizer.chat_template = _processor_chat_template(path)
         return cls(tokenizer, AutoImageProcessor.from_pretrained(path), AutoConfig.from_pretrained(path), box_format)
 
+    @classmethod
+    def from_parts(cls, tokenizer, image_processor, config) -> ChatTemplateAdapter:
+        return cls(tokenizer, image_processor, config)
+
     def __init__(self, tokenizer, image_processor, config, box_format: str = "native"):
         super().__init__(tokenizer, box_format)
         self.image_processor = image_processor

@@ -27,6 +27,10 @@ class PatchGridChatAdapter(ModelAdapter):
         tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
         return cls(tokenizer, AutoImageProcessor.from_pretrained(path), box_format)
 
+    @classmethod
+    def from_parts(cls, tokenizer, image_processor, config):
+        return cls(tokenizer, image_processor)
+
     def __init__(self, tokenizer, image_processor, box_format="native"):
         super().__init__(tokenizer, box_format)
         self.image_processor = image_processor

@@ -296,14 +296,24 @@ def test_warm_start_takes_a_hybrid_layer_pattern_and_refuses_it_elsewhere():
         build_model(WarmStartConfig(model_type="qwen3_vl", text_layer_types="linear_attention,full_attention", **small))
 
 
-def test_warm_start_builds_another_architecture(tmp_path):
-    """--model_type picks the family: a Qwen3.5 warm start (hybrid linear-attention LM) trains and reloads."""
+@pytest.mark.parametrize("model_type", ["qwen3_5", "internvl"])
+def test_warm_start_builds_another_architecture(model_type, tmp_path):
+    """--model_type picks the family: a Qwen3.5 (hybrid linear-attention LM) or an InternVL warm start trains and
+    reloads; InternVL's 128 px tile is one 4 x 4 grid of tokens, one per cell of the shapes grid."""
     from sc_tune.modeling import load_model_and_adapter
 
-    cfg = WarmStartConfig(model_type="qwen3_5", hidden=64, layers=2, vision_width=32, batch_size=4, max_steps=2,
+    cfg = WarmStartConfig(model_type=model_type, hidden=64, layers=2, vision_width=32, batch_size=4, max_steps=2,
                           warmup_steps=1, eval_every=2, eval_objects=4, heldout_images=2, threads=1)
     metrics = train_warm_start(cfg, tmp_path, log=lambda line: None)
     assert metrics["step"] == 2
     model, adapter = load_model_and_adapter(str(tmp_path / "last"))
-    assert model.config.model_type == "qwen3_5" and type(adapter).__name__ == "Qwen35Adapter"
-    assert "linear_attention" in model.config.text_config.layer_types
+    assert model.config.model_type == model_type
+    if model_type == "qwen3_5":
+        assert type(adapter).__name__ == "Qwen35Adapter"
+        assert "linear_attention" in model.config.text_config.layer_types
+    else:
+        from PIL import Image
+
+        assert type(adapter).__name__ == "InternVLAdapter"
+        image = adapter.prepare_image(Image.new("RGB", (128, 128)))
+        assert (image.num_tokens, image.frame, model.config.vision_config.patch_size) == (16, (128, 128), [16, 16])

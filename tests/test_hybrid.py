@@ -14,8 +14,8 @@ from sc_tune.synthetic.shapes import render, scene_stream
 from sc_tune.synthetic.warm_start import WarmStartConfig, initial_model, scene_samples
 
 RELEASED_PATTERN = "linear_attention,linear_attention,linear_attention,full_attention"
-# Tokens from a describer prompt's first box coordinate to its answer (scripts/diagnose_hybrid.py decay).
-BOX_TO_ANSWER = 38
+# Tokens from a describer prompt's first box coordinate to its answer (scripts/diagnose_hybrid.py decay: 39 now).
+BOX_TO_ANSWER = 39
 
 
 def _gated_deltanet_layers(model):

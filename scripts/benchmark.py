@@ -15,8 +15,10 @@ Variants (all from the committed warm start ``checkpoints/warm_start``, same dat
 ``--suite ablations`` (default) runs the first three, ``--suite baselines`` runs ``sc_tune`` and the three
 other baselines; ``--variants`` picks any set.
 
-Writes ``results.json`` (every run's metrics) and ``results.md`` (the table, per seed and mean). A run
-whose ``after.json`` exists is not repeated, so an interrupted benchmark resumes where it stopped.
+Writes ``results.json`` (every run's metrics) and ``results.md`` (the table, per seed and mean, with the
+wrong-attribute rates and the commit each row was measured on). A run whose ``run.json`` exists is not repeated,
+so an interrupted benchmark resumes where it stopped; a cell it did not record (a run measured before that metric
+existed) reads "n/a".
 """
 
 from __future__ import annotations
@@ -32,12 +34,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sc_tune.jsonio import read_json, write_json  # noqa: E402
 from sc_tune.synthetic.pipeline import (ABLATIONS, BASELINES, VARIANTS, WARM_START,  # noqa: E402
                                         evaluate_checkpoint, make_data, parse_overrides, run_sc_tune,
-                                        sampled_captions)
+                                        sampled_captions, source_commit)
 
 COLUMNS = (("cycle_acc50", "cycle Acc@0.5"), ("cycle_acc50_ambiguous", "cycle Acc@0.5 ambiguous"),
            ("cycle_iou", "cycle IoU"), ("rec_acc50", "REC Acc@0.5"), ("caption_full", "full captions"),
-           ("cycle_parse_fail", "cycle parse failures"))
+           ("cycle_parse_fail", "cycle parse failures"), ("wrong_attribute", "wrong colour or shape"),
+           ("wrong_attribute_crowded", "wrong colour or shape, crowded"))
 SUITES = {"ablations": ABLATIONS, "baselines": BASELINES}
+# A cell whose run was measured before its metric existed (an older run.json): said, never guessed.
+NOT_RECORDED = "n/a"
 
 
 def cached(path: Path, compute):
@@ -45,35 +50,49 @@ def cached(path: Path, compute):
         return read_json(path)
     value = compute()
     value.pop("rows", None)
+    value["commit"] = source_commit()
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, value)
     return value
 
 
+def percent(metrics: dict, key: str) -> str:
+    value = metrics.get(key)
+    return NOT_RECORDED if value is None else f"{100 * value:.1f}"
+
+
+def mean_of(rows: list[dict], key: str) -> float | None:
+    values = [r.get(key) for r in rows]
+    return None if any(v is None for v in values) else statistics.mean(values)
+
+
 def table(before: dict, runs: dict, budgets: dict | None = None) -> str:
-    """Rates in %; ``budgets``: captions sampled per run of each variant (a column when given)."""
+    """Rates in %; ``budgets``: captions sampled per run of each variant (a column when given). The last column is
+    the commit each row was measured on (``source_commit``)."""
     budgets = budgets or {}
     head = ("| run | " + " | ".join(name for _, name in COLUMNS)
-            + " | Δ cycle Acc@0.5 | Δ REC Acc@0.5 | SC-Tune min | captions sampled |")
-    lines = [head, "|" + " --- |" * (len(COLUMNS) + 5)]
-    lines.append("| warm start (before) | " + " | ".join(f"{100 * before[k]:.1f}" for k, _ in COLUMNS)
-                 + " | | | | |")
+            + " | Δ cycle Acc@0.5 | Δ REC Acc@0.5 | SC-Tune min | captions sampled | commit |")
+    lines = [head, "|" + " --- |" * (len(COLUMNS) + 6)]
+    lines.append("| warm start (before) | " + " | ".join(percent(before, k) for k, _ in COLUMNS)
+                 + f" | | | | | {before.get('commit', NOT_RECORDED)} |")
     for variant, by_seed in runs.items():
         rows = list(by_seed.items())
         budget = budgets.get(variant, "")
         for seed, run in rows:
             m = run["after"]
-            lines.append(f"| {variant} seed {seed} | " + " | ".join(f"{100 * m[k]:.1f}" for k, _ in COLUMNS)
+            lines.append(f"| {variant} seed {seed} | " + " | ".join(percent(m, k) for k, _ in COLUMNS)
                          + f" | {100 * (m['cycle_acc50'] - before['cycle_acc50']):+.1f}"
                          + f" | {100 * (m['rec_acc50'] - before['rec_acc50']):+.1f} | {run['seconds'] / 60:.1f}"
-                         + f" | {budget} |")
+                         + f" | {budget} | {run.get('commit', NOT_RECORDED)} |")
         if len(rows) > 1:
-            mean = {k: statistics.mean(r["after"][k] for _, r in rows) for k, _ in COLUMNS}
+            mean = {k: mean_of([r["after"] for _, r in rows], k) for k, _ in COLUMNS}
             sd = statistics.stdev(100 * r["after"]["cycle_acc50"] for _, r in rows)
             minutes = statistics.mean(r["seconds"] for _, r in rows) / 60
-            lines.append(f"| **{variant} mean** | " + " | ".join(f"{100 * mean[k]:.1f}" for k, _ in COLUMNS)
+            commits = ", ".join(sorted({str(r.get("commit", NOT_RECORDED)) for _, r in rows}))
+            lines.append(f"| **{variant} mean** | " + " | ".join(percent(mean, k) for k, _ in COLUMNS)
                          + f" | **{100 * (mean['cycle_acc50'] - before['cycle_acc50']):+.1f}** (sd {sd:.1f})"
-                         + f" | {100 * (mean['rec_acc50'] - before['rec_acc50']):+.1f} | {minutes:.1f} | {budget} |")
+                         + f" | {100 * (mean['rec_acc50'] - before['rec_acc50']):+.1f} | {minutes:.1f} | {budget}"
+                         + f" | {commits} |")
     return "\n".join(lines)
 
 
@@ -113,13 +132,14 @@ def main(argv=None):
             run_dir = out / variant / f"seed{seed}"
             summary_path = run_dir / "run.json"
             if not summary_path.exists():
+                commit = source_commit()  # read before the run: the code that trains and evaluates it
                 started = time.perf_counter()
                 checkpoint, seconds = run_sc_tune(args.warm_start, data_root, run_dir / "model", seed, args.max_steps,
                                                   {**common, **VARIANTS[variant]}, threads=args.threads)
                 after = evaluate_checkpoint(checkpoint, data_root, threads=args.threads)
                 after.pop("rows", None)
                 write_json(summary_path, {"after": after, "seconds": seconds, "checkpoint": str(checkpoint),
-                                          "wall_seconds": time.perf_counter() - started})
+                                          "wall_seconds": time.perf_counter() - started, "commit": commit})
             runs.setdefault(variant, {})[seed] = read_json(summary_path)
             print(f"[benchmark] {variant} seed {seed}: cycle Acc@0.5 "
                   f"{100 * runs[variant][seed]['after']['cycle_acc50']:.1f} % (before {100 * before['cycle_acc50']:.1f} %)",

@@ -79,7 +79,8 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
 
 
 def test_summarize_benchmark_counts_hand_made_outcomes():
-    records = [{"caption": "the red circle", "terse": "the circle", "ambiguous": i < 2} for i in range(4)]
+    records = [{"image": "a.png", "caption": "the red circle", "terse": "the circle", "ambiguous": i < 2}
+               for i in range(4)]
     rows = [{"caption": c, "iou": iou} for c, iou in
             [("the circle", 1.0), ("the red circle", 0.2), ("the blue", 0.0), ("the red circle", 0.5)]]
     cycle = {"mean_iou": 0.425, "acc@0.5": 0.5, "parse_failure_rate": 0.25}
@@ -91,6 +92,101 @@ def test_summarize_benchmark_counts_hand_made_outcomes():
     assert (m["objects"], m["ambiguous_objects"]) == (4, 2)
     with pytest.raises(ValueError):
         evaluate_module.summarize_benchmark(records, cycle, rows[:3], rec)
+    # "the blue" names a colour the red circle does not have: 1 of 4, all in one 4-object (crowded) scene.
+    assert (m["wrong_attribute"], m["wrong_attribute_crowded"], m["crowded_objects"]) == (0.25, 0.25, 4)
+
+
+def _object(image: str, colour: str, kind: str) -> dict:
+    return {"image": image, "caption": f"the {colour} {kind}", "terse": f"the {kind}"}
+
+
+# Image a.png holds 4 objects (crowded: CROWDED_MIN_OBJECTS = 4), b.png 3. Per object, the caption and what it gets
+# wrong, by hand: a two-colour caption is wrong when one colour is not the object's; a caption that names no
+# colour is not wrong about colour; babble after a word ("7]}") does not hide the word.
+HAND_MADE = [
+    (_object("a.png", "red", "circle"), "the red blue circle", "colour"),
+    (_object("a.png", "blue", "circle"), "the red circle", "colour"),
+    (_object("a.png", "green", "square"), "the square", ""),
+    (_object("a.png", "yellow", "triangle"), "the yellow circle", "shape"),
+    (_object("b.png", "red", "square"), "the red square", ""),
+    (_object("b.png", "green", "triangle"), "the triangle7]}", ""),
+    (_object("b.png", "blue", "square"), "the circle7]}", "shape"),
+]
+
+
+def test_wrong_attribute_rates_on_hand_made_captions():
+    records, captions, _ = zip(*HAND_MADE)
+    m = evaluate_module.truthfulness(list(records), list(captions))
+    # wrong: objects 0, 1 (colour), 3 and 6 (shape) = 4 of 7; crowded: 3 of the 4 objects of a.png.
+    assert m["wrong_attribute"] == pytest.approx(4 / 7)
+    assert m["wrong_colour"] == pytest.approx(2 / 7) and m["wrong_shape"] == pytest.approx(2 / 7)
+    assert (m["crowded_objects"], m["crowded_min_objects"]) == (4, 4)
+    assert m["wrong_attribute_crowded"] == pytest.approx(3 / 4)
+    for record, caption, wrong in HAND_MADE:
+        colour, kind = evaluate_module.object_attributes(record, 0)
+        assert evaluate_module.wrong_attributes(caption, colour, kind) == ("colour" in wrong, "shape" in wrong)
+    # No crowded scene: no crowded rate was measured (None, not 0).
+    assert evaluate_module.truthfulness(list(records[4:]), list(captions[4:]))["wrong_attribute_crowded"] is None
+    bad = dict(records[0], caption="the big circle")
+    with pytest.raises(ValueError, match="record 0: field 'caption' 'the big circle'"):
+        evaluate_module.truthfulness([bad], ["the circle"])
+
+
+def test_load_split_counts_a_scene_on_the_whole_split(tmp_path):
+    """A limit that cuts the last image's objects keeps that scene's true size (crowded or not)."""
+    write_split(tmp_path, "heldout", 6, seed=1)
+    records = json.loads((tmp_path / "heldout.json").read_text())
+    sizes = {image: sum(r["image"] == image for r in records) for image in {r["image"] for r in records}}
+    cut, _ = evaluate_module.load_split(tmp_path, "heldout", limit=len(records) - 1)
+    assert [r["scene_objects"] for r in cut] == [sizes[r["image"]] for r in records[:-1]]
+    assert sizes[records[-1]["image"]] >= 2 and len(cut) == len(records) - 1
+
+
+def test_benchmark_table_has_the_truth_columns_and_the_commit():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark_script", REPO / "scripts" / "benchmark.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    base = {"cycle_acc50": 0.6, "cycle_acc50_ambiguous": 0.4, "cycle_iou": 0.6, "rec_acc50": 0.9, "caption_full": 0.1,
+            "cycle_parse_fail": 0.0}
+    before = dict(base, wrong_attribute=0.004, wrong_attribute_crowded=0.007, commit="abc1234")
+    runs = {"sc_tune": {0: {"after": dict(base, wrong_attribute=0.019, wrong_attribute_crowded=0.041), "seconds": 60,
+                            "commit": "def5678-dirty"},
+                        1: {"after": dict(base, wrong_attribute=0.021, wrong_attribute_crowded=0.039), "seconds": 60,
+                            "commit": "def5678-dirty"}},
+            "no_kl": {0: {"after": base, "seconds": 60}}}  # measured before the metric and the commit existed
+    lines = benchmark.table(before, runs).splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header[-1] == "commit" and "wrong colour or shape" in header and "wrong colour or shape, crowded" in header
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")] for line in lines[2:]}
+    column = header.index("wrong colour or shape")
+    assert cells["warm start (before)"][column] == "0.4" and cells["warm start (before)"][-1] == "abc1234"
+    assert cells["sc_tune seed 0"][column:column + 2] == ["1.9", "4.1"] and cells["sc_tune seed 0"][-1] == "def5678-dirty"
+    assert cells["**sc_tune mean**"][column:column + 2] == ["2.0", "4.0"]
+    assert cells["no_kl seed 0"][column:column + 2] == ["n/a", "n/a"] and cells["no_kl seed 0"][-1] == "n/a"
+
+
+def test_source_commit_names_head_and_a_dirty_tree(tmp_path):
+    import subprocess
+
+    from sc_tune.synthetic.pipeline import source_commit
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    assert source_commit(tmp_path).startswith("unknown (")  # not a git checkout: said, not guessed
+    git("init", "-q")
+    (tmp_path / "a.txt").write_text("1")
+    git("add", "a.txt")
+    git("commit", "-q", "-m", "one")
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    (tmp_path / "untracked.txt").write_text("outputs do not count")
+    assert source_commit(tmp_path) == head
+    (tmp_path / "a.txt").write_text("2")
+    assert source_commit(tmp_path) == head + "-dirty"
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +249,7 @@ def test_benchmark_pipeline_end_to_end(tiny_warm_start, tmp_path):
     results = quickstart.main(["--output_dir", str(tmp_path / "qs"), "--warm_start", str(root / "last"),
                                "--max_steps", "4", "--train_images", "8", "--heldout_images", "4", "--threads", "1",
                                "--set", "per_device_train_batch_size=4", "describer_update_steps=1",
-                               "locator_update_steps=1", "skip_preflight=True"])  # 4 SFT steps: no boxes yet
+                               "locator_update_steps=1", "skip_preflight=True"])  # a 4-step warm start writes no box
     saved = json.loads((tmp_path / "qs" / "results.json").read_text())
     for phase in ("before", "after"):
         for key in ("cycle_iou", "cycle_acc50", "rec_acc50", "cycle_parse_fail"):
@@ -200,14 +296,24 @@ def test_warm_start_takes_a_hybrid_layer_pattern_and_refuses_it_elsewhere():
         build_model(WarmStartConfig(model_type="qwen3_vl", text_layer_types="linear_attention,full_attention", **small))
 
 
-def test_warm_start_builds_another_architecture(tmp_path):
-    """--model_type picks the family: a Qwen3.5 warm start (hybrid linear-attention LM) trains and reloads."""
+@pytest.mark.parametrize("model_type", ["qwen3_5", "internvl"])
+def test_warm_start_builds_another_architecture(model_type, tmp_path):
+    """--model_type picks the family: a Qwen3.5 (hybrid linear-attention LM) or an InternVL warm start trains and
+    reloads; InternVL's 128 px tile is one 4 x 4 grid of tokens, one per cell of the shapes grid."""
     from sc_tune.modeling import load_model_and_adapter
 
-    cfg = WarmStartConfig(model_type="qwen3_5", hidden=64, layers=2, vision_width=32, batch_size=4, max_steps=2,
+    cfg = WarmStartConfig(model_type=model_type, hidden=64, layers=2, vision_width=32, batch_size=4, max_steps=2,
                           warmup_steps=1, eval_every=2, eval_objects=4, heldout_images=2, threads=1)
     metrics = train_warm_start(cfg, tmp_path, log=lambda line: None)
     assert metrics["step"] == 2
     model, adapter = load_model_and_adapter(str(tmp_path / "last"))
-    assert model.config.model_type == "qwen3_5" and type(adapter).__name__ == "Qwen35Adapter"
-    assert "linear_attention" in model.config.text_config.layer_types
+    assert model.config.model_type == model_type
+    if model_type == "qwen3_5":
+        assert type(adapter).__name__ == "Qwen35Adapter"
+        assert "linear_attention" in model.config.text_config.layer_types
+    else:
+        from PIL import Image
+
+        assert type(adapter).__name__ == "InternVLAdapter"
+        image = adapter.prepare_image(Image.new("RGB", (128, 128)))
+        assert (image.num_tokens, image.frame, model.config.vision_config.patch_size) == (16, (128, 128), [16, 16])

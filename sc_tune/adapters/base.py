@@ -154,6 +154,12 @@ class ModelAdapter(ABC):
     def from_pretrained(cls, path: str, box_format: str = "native") -> ModelAdapter:
         """Load the tokenizer (and image processor) saved in a checkpoint folder."""
 
+    @classmethod
+    def from_parts(cls, tokenizer, image_processor, config) -> ModelAdapter:
+        """The adapter of a model built in memory (a tiny model trained from scratch), from the parts that
+        ``from_pretrained`` would read from its folder."""
+        raise NotImplementedError(f"{cls.__name__} is not built from in-memory parts")
+
     def save_pretrained(self, directory: str) -> None:
         """Write the tokenizer (and image processor) next to saved weights, so the folder reloads."""
         self.tokenizer.save_pretrained(directory)

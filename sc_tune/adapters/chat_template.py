@@ -85,6 +85,10 @@ class ChatTemplateAdapter(ModelAdapter):
         adapter.check_not_thinking_only(path)
         return adapter
 
+    @classmethod
+    def from_parts(cls, tokenizer, image_processor, config) -> ChatTemplateAdapter:
+        return cls(tokenizer, image_processor, config)
+
     def __init__(self, tokenizer, image_processor, config, box_format: str = "native"):
         super().__init__(tokenizer, box_format)
         self.image_processor = image_processor

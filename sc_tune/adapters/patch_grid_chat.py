@@ -28,6 +28,10 @@ class PatchGridChatAdapter(ModelAdapter):
         adapter.check_not_thinking_only(path)
         return adapter
 
+    @classmethod
+    def from_parts(cls, tokenizer, image_processor, config):
+        return cls(tokenizer, image_processor)
+
     def __init__(self, tokenizer, image_processor, box_format="native"):
         super().__init__(tokenizer, box_format)
         self.image_processor = image_processor

@@ -86,6 +86,21 @@ def parse_overrides(pairs) -> dict:
     return overrides
 
 
+def source_commit(repo: str | Path = REPO) -> str:
+    """The commit the code was measured on: ``git rev-parse --short HEAD``, with ``-dirty`` when tracked files
+    differ from it (untracked and ignored files, such as outputs/, do not count). "unknown (...)" says why when
+    ``repo`` is not a git checkout, so a table never shows a commit that was not read."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError) as error:
+        return f"unknown ({type(error).__name__})"
+    return head + ("-dirty" if dirty else "")
+
+
 def make_data(root: str | Path, seed: int = 0, train_images: int = 2000, heldout_images: int = 400) -> dict:
     """The shapes dataset (skipped when ``root/dataset.json`` says it was already written with these sizes)."""
     summary_path = Path(root) / "dataset.json"
@@ -197,13 +212,22 @@ def before_after_grid(before_rows: Sequence[dict], after_rows: Sequence[dict], p
 
 TABLE_KEYS = (("cycle_acc50", "cycle Acc@0.5"), ("cycle_acc50_ambiguous", "cycle Acc@0.5 (ambiguous)"),
               ("cycle_iou", "cycle mean IoU"), ("cycle_parse_fail", "cycle parse failures"),
-              ("rec_acc50", "REC Acc@0.5"), ("caption_full", "full captions"), ("caption_terse", "terse captions"))
+              ("rec_acc50", "REC Acc@0.5"), ("caption_full", "full captions"), ("caption_terse", "terse captions"),
+              ("wrong_attribute", "wrong colour or shape"),
+              ("wrong_attribute_crowded", "wrong colour or shape (crowded scenes)"))
 
 
 def before_after_table(before: dict, after: dict) -> str:
     lines = ["| metric (held-out, %d objects) | before (warm start) | after SC-Tune | change |" % before["objects"],
              "| --- | --- | --- | --- |"]
     for key, name in TABLE_KEYS:
+        if before[key] is None or after[key] is None:  # e.g. no crowded scene in a small held-out split
+            lines.append(f"| {name} | {_percent(before[key])} | {_percent(after[key])} | |")
+            continue
         lines.append(f"| {name} | {100 * before[key]:.1f} % | {100 * after[key]:.1f} % | "
                      f"{100 * (after[key] - before[key]):+.1f} |")
     return "\n".join(lines)
+
+
+def _percent(rate: float | None) -> str:
+    return "none measured" if rate is None else f"{100 * rate:.1f} %"

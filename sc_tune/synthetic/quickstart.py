@@ -2,8 +2,9 @@
 
     python -m sc_tune.synthetic.quickstart --output_dir outputs/quickstart
 
-Writes ``results.json`` (``before`` and ``after`` with ``cycle_iou``, ``cycle_acc50``, ``rec_acc50``, ...,
-plus timings and the exact finetune.py command), ``results.md`` (the table) and ``cycles.png``.
+Writes ``results.json`` (``before`` and ``after`` with ``cycle_iou``, ``cycle_acc50``, ``rec_acc50``,
+``wrong_attribute``, ``wrong_attribute_crowded``, ..., plus the git ``commit`` it ran on, timings and the exact
+finetune.py command), ``results.md`` (the table) and ``cycles.png``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from sc_tune.jsonio import write_json
 from sc_tune.synthetic.pipeline import (WARM_START, before_after_grid, before_after_table, evaluate_checkpoint,
                                         make_data, parse_overrides, phase_summaries, pick_figure_rows, run_sc_tune,
-                                        sc_tune_command)
+                                        sc_tune_command, source_commit)
 
 FIGURE_ROWS = 64  # cycles kept per evaluation for the picture (8 are drawn)
 
@@ -36,6 +37,7 @@ def main(argv=None) -> dict:
     overrides = parse_overrides(args.set)
 
     started = time.perf_counter()
+    commit = source_commit()  # read before the run: the code that trains and evaluates
     out = Path(args.output_dir)
     data_root = out / "data"
     summary = make_data(data_root, args.data_seed, args.train_images, args.heldout_images)
@@ -56,6 +58,7 @@ def main(argv=None) -> dict:
 
     figure = before_after_grid(*pick_figure_rows(before.pop("rows"), after.pop("rows")), out / "cycles.png")
     results = {
+        "commit": commit,
         "before": before,
         "after": after,
         "sc_tune_seconds": train_seconds,

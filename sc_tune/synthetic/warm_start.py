@@ -57,6 +57,10 @@ class WarmStartConfig:
     # Comma-separated text layer pattern of a hybrid model (qwen3_5), e.g. "full_attention,linear_attention";
     # empty: the family's default tiny pattern.
     text_layer_types: str = ""
+    # Initial decay of the Gated DeltaNet layers (qwen3_5): "reference" (the Gated DeltaNet reference's dt_bias,
+    # sc_tune.tiny.configs.reference_gated_deltanet_decay) or "transformers" (its _init_weights, dt_bias = 1:
+    # nearly memoryless heads; every hybrid build before 2026-11-28). Other families ignore it.
+    linear_attention_init: str = "reference"
     image_size: int = 128
     grid: int = 4
     batch_size: int = 32
@@ -145,7 +149,10 @@ def save_checkpoint(directory: Path, model, adapter: ModelAdapter, cfg: WarmStar
 
 def build_model(cfg: WarmStartConfig):
     """``sc_tune.tiny.build_tiny(cfg.model_type, ...)`` with the sizes of ``cfg``."""
+    if cfg.linear_attention_init not in ("reference", "transformers"):
+        raise ValueError(f"linear_attention_init {cfg.linear_attention_init!r}: expected 'reference' or 'transformers'")
     return build_tiny(cfg.model_type, corpus=caption_corpus(), image_size=cfg.image_size, seed=cfg.seed,
+                      reinit=cfg.linear_attention_init == "reference",
                       hidden=cfg.hidden, layers=cfg.layers, vision_width=cfg.vision_width,
                       text_heads=cfg.text_heads, text_kv_heads=cfg.text_kv_heads,
                       text_layer_types=tuple(t for t in cfg.text_layer_types.split(",") if t))
@@ -155,7 +162,7 @@ def initial_model(cfg: WarmStartConfig) -> tuple[torch.nn.Module, ModelAdapter]:
     """A fresh random model of ``cfg``'s sizes, or the checkpoint ``cfg.init_from`` to continue training."""
     if not cfg.init_from:
         model, tokenizer, image_processor = build_model(cfg)
-        return model, adapter_class(cfg.model_type)(tokenizer, image_processor)
+        return model, adapter_class(cfg.model_type).from_parts(tokenizer, image_processor, model.config)
     found = read_model_type(cfg.init_from)
     if found != cfg.model_type:
         raise ValueError(f"--init_from {cfg.init_from} holds a {found!r} model, but --model_type is "

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from sc_tune.adapters import supported_model_types
 from sc_tune.tiny.configs import TINY_SPECS, build_tiny_model, save_tiny_model
 from sc_tune.tiny.qwen_vl import save_tiny_qwen_vl
-from sc_tune.tiny.template_families import TINY_TEMPLATE_SPECS, save_tiny_template_family
+from sc_tune.tiny.template_families import TINY_TEMPLATE_SPECS, build_tiny_template_family, save_tiny_template_family
 
 
 def _save_qwen_vl(model_type: str, directory: str) -> str:
@@ -43,8 +43,12 @@ SAVERS: dict[str, Callable[[str, str], str]] = {
 def build_tiny(model_type: str, **kwargs):
     """(model, tokenizer, image_processor) of a tiny random transformers-native chat model, in memory.
 
-    Keyword arguments: ``corpus``, ``image_size``, ``seed`` and the sizes of ``sc_tune.tiny.chat.TinySizes``.
+    Keyword arguments: ``corpus``, ``image_size``, ``seed``, ``reinit`` and the sizes of ``sc_tune.tiny.chat.TinySizes``.
+    The chat-template families (InternVL, ...) carry their stand-in chat template on the tokenizer; of those, only
+    InternVL takes another ``image_size`` (its tile).
     """
+    if model_type in TINY_TEMPLATE_SPECS and model_type not in TINY_SPECS:
+        return build_tiny_template_family(model_type, **kwargs)
     return build_tiny_model(model_type, **kwargs)
 
 

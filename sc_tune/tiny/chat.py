@@ -58,6 +58,9 @@ class TinySpec:
     tokenizer_class: Callable[[], type] = field(default=lambda: _default_tokenizer_class())
     chat_template: str = ""  # a stand-in for the released template (sc_tune.tiny.chat_templates)
     bos_token: str | None = None  # where the released tokenizer names one (its chat template writes it)
+    # Re-draws some of the random model's weights after transformers' own init: (model, seed) -> None. For a
+    # model trained from scratch (the benchmark's warm starts) where transformers' init is not the reference's.
+    reinit: Callable[[object, int], None] | None = None
 
 
 def _default_tokenizer_class():
@@ -102,9 +105,12 @@ def build_tiny(
     corpus: Iterable[str] = DEFAULT_CORPUS,
     image_size: int = 56,
     seed: int = 0,
+    reinit: bool = True,
     **sizes,
 ):
-    """(model, tokenizer, image_processor) for a tiny random model described by ``spec``, in fp32 on CPU."""
+    """(model, tokenizer, image_processor) for a tiny random model described by ``spec``, in fp32 on CPU.
+
+    ``reinit``: apply ``spec.reinit`` (False keeps transformers' initialisation everywhere, as builds before it)."""
     from transformers import AutoModelForImageTextToText
 
     tokenizer = build_tokenizer(spec, corpus)
@@ -119,6 +125,8 @@ def build_tiny(
         )
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    if reinit and spec.reinit is not None:
+        spec.reinit(model, seed)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = config.text_config.eos_token_id
     return model, tokenizer, image_processor

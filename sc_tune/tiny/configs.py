@@ -8,6 +8,10 @@ stand-ins of the released chat templates (``sc_tune.tiny.chat_templates``); the 
 
 from __future__ import annotations
 
+import math
+
+import torch
+
 from sc_tune.tiny.chat import DEFAULT_CORPUS, TinySizes, TinySpec, build_tiny, save_tiny
 from sc_tune.tiny.chat_templates import (
     GLM_HYBRID_TEMPLATE,
@@ -174,6 +178,31 @@ def _qwen3_5_text(tokenizer, sizes: TinySizes) -> dict:
     return text
 
 
+# The decay of a Gated DeltaNet layer's state per token is exp(-A * softplus(a_t + dt_bias)). transformers'
+# ``_init_weights`` sets dt_bias = 1 (softplus 1.31) with A ~ U(0.01, 16): at that init most heads keep less than
+# 1e-4 of their state from one token to the next, and the gradient that could lengthen that memory scales with the
+# same factor, so a model trained from scratch keeps them memoryless (docs/notes/hybrid-qwen3_5.md). The Gated
+# DeltaNet reference (flash-linear-attention's GatedDeltaNet, as Mamba2) draws the step dt log-uniformly in
+# [1e-3, 1e-1] and sets dt_bias = softplus^-1(dt): per-token decays from exp(-1.6) to almost 1. Released checkpoints
+# overwrite both parameters, so only from-scratch training (the benchmark's warm starts) sees the difference.
+GATED_DELTANET_DT_RANGE = (1e-3, 1e-1)
+GATED_DELTANET_DT_FLOOR = 1e-4
+
+
+def reference_gated_deltanet_decay(model, seed: int) -> int:
+    """Re-draw every Gated DeltaNet layer's ``dt_bias`` as the reference initialisation does; returns the count of
+    layers. Its own generator, so every other weight stays as transformers drew it."""
+    generator = torch.Generator().manual_seed(seed)
+    low, high = (math.log(v) for v in GATED_DELTANET_DT_RANGE)
+    layers = [m for m in model.modules() if type(m).__name__.endswith("GatedDeltaNet")]
+    for layer in layers:
+        dt = torch.exp(low + (high - low) * torch.rand(layer.dt_bias.shape, generator=generator))
+        dt = dt.clamp(min=GATED_DELTANET_DT_FLOOR)
+        with torch.no_grad():
+            layer.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+    return len(layers)
+
+
 def _qwen3_5_vision(sizes: TinySizes) -> dict:
     return dict(
         _QWEN_VISION,
@@ -200,7 +229,8 @@ def _qwen3_5_moe_config(tokenizer, sizes: TinySizes):
     return _for_model("qwen3_5_moe", text, _qwen3_5_vision(sizes), _qwen_token_ids(tokenizer))
 
 
-def _qwen_spec(config, patch_size: int, chat_template: str, special_tokens=QWEN_CHAT_SPECIAL_TOKENS) -> TinySpec:
+def _qwen_spec(config, patch_size: int, chat_template: str, special_tokens=QWEN_CHAT_SPECIAL_TOKENS,
+               reinit=None) -> TinySpec:
     return TinySpec(
         special_tokens=special_tokens,
         eos_token="<|im_end|>",
@@ -208,6 +238,7 @@ def _qwen_spec(config, patch_size: int, chat_template: str, special_tokens=QWEN_
         image_processor=_qwen_image_processor(patch_size),
         config=config,
         chat_template=chat_template,
+        reinit=reinit,
     )
 
 
@@ -333,8 +364,10 @@ TINY_SPECS: dict[str, TinySpec] = {
     "qwen2_5_vl": _qwen_spec(_qwen2_5_vl_config, 14, QWEN2_VL_TEMPLATE),
     "qwen3_vl": _qwen_spec(_qwen3_vl_config, 16, QWEN3_VL_TEMPLATE),
     "qwen3_vl_moe": _qwen_spec(_qwen3_vl_moe_config, 16, QWEN3_VL_TEMPLATE),
-    "qwen3_5": _qwen_spec(_qwen3_5_config, 16, QWEN3_5_TEMPLATE, QWEN3_5_SPECIAL_TOKENS),
-    "qwen3_5_moe": _qwen_spec(_qwen3_5_moe_config, 16, QWEN3_5_TEMPLATE, QWEN3_5_SPECIAL_TOKENS),
+    "qwen3_5": _qwen_spec(_qwen3_5_config, 16, QWEN3_5_TEMPLATE, QWEN3_5_SPECIAL_TOKENS,
+                          reinit=reference_gated_deltanet_decay),
+    "qwen3_5_moe": _qwen_spec(_qwen3_5_moe_config, 16, QWEN3_5_TEMPLATE, QWEN3_5_SPECIAL_TOKENS,
+                          reinit=reference_gated_deltanet_decay),
     "glm4v": _glm_spec("glm4v"),
     "glm4v_moe": _glm_spec("glm4v_moe"),
     "glm46v": _glm_spec("glm46v"),

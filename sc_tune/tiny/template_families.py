@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 
 from sc_tune.tiny.chat import TinySizes, TinySpec, build_tiny, write_folder
 from sc_tune.tiny.configs import _text_config
@@ -79,15 +80,21 @@ def _internvl_image_processor(image_size: int):
     )
 
 
-def _internvl_config(tokenizer, sizes: TinySizes):
+def _internvl_config(tokenizer, sizes: TinySizes, image_size: int = TINY_IMAGE_SIZE):
     from transformers import AutoConfig
 
+    # The tile is ``image_size`` px (448 in the releases, 14 px patches); the pixel shuffle (0.5) merges 2 x 2
+    # patches into one token. 14 px patches where the tile allows; else 16 px, so that the benchmark's 128 px images
+    # are one tile of 4 x 4 tokens, one per grid cell, as in the Qwen warm starts.
+    patch = next((p for p in (14, 16) if image_size % (2 * p) == 0), None)
+    if patch is None:
+        raise ValueError(f"an InternVL tile of {image_size} px splits into 2 x 2 groups of neither 14 nor 16 px patches")
     return AutoConfig.for_model(
         "internvl",
         text_config=_text_config(tokenizer, sizes, "<|im_end|>"),
-        vision_config=_vision_encoder(sizes, TINY_IMAGE_SIZE, 14),
+        vision_config=_vision_encoder(sizes, image_size, patch),
         image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
-        image_seq_length=(TINY_IMAGE_SIZE // 14) ** 2 // 4,
+        image_seq_length=(image_size // patch) ** 2 // 4,
         downsample_ratio=0.5,
         tie_word_embeddings=False,
     )
@@ -264,6 +271,9 @@ class TemplateTinySpec:
     # chat_template.json, and the processor's own settings in processor_config.json (from the model config).
     legacy_template: bool = False
     processor_config: Callable[[object], dict] | None = None
+    # Whether ``spec.config`` takes ``image_size`` (the vision tower's input): only those families build at another
+    # size than TINY_IMAGE_SIZE (the benchmark's warm starts); the others refuse one.
+    sized_vision: bool = False
 
 
 def _smolvlm_processor_config(model_type: str) -> Callable[[object], dict]:
@@ -301,6 +311,7 @@ TINY_TEMPLATE_SPECS: dict[str, TemplateTinySpec] = {
             _internvl_config,
         ),
         lambda: _chatml_template("<IMG_CONTEXT>\\n"),
+        sized_vision=True,
     ),
     "gemma3": TemplateTinySpec(
         _spec(
@@ -352,10 +363,17 @@ TINY_TEMPLATE_SPECS: dict[str, TemplateTinySpec] = {
 }
 
 
-def build_tiny_template_family(model_type: str, **kwargs):
-    """(model, tokenizer, image_processor) of a tiny ``model_type`` model, its chat template on the tokenizer."""
+def build_tiny_template_family(model_type: str, image_size: int = TINY_IMAGE_SIZE, **kwargs):
+    """(model, tokenizer, image_processor) of a tiny ``model_type`` model, its chat template on the tokenizer.
+
+    ``image_size``: the vision tower's input (an InternVL tile), for the families whose builder takes one."""
     entry = TINY_TEMPLATE_SPECS[model_type]
-    model, tokenizer, image_processor = build_tiny(entry.spec, image_size=TINY_IMAGE_SIZE, **kwargs)
+    spec = entry.spec
+    if entry.sized_vision:
+        spec = replace(spec, config=partial(spec.config, image_size=image_size))
+    elif image_size != TINY_IMAGE_SIZE:
+        raise ValueError(f"a tiny {model_type} is built at image_size {TINY_IMAGE_SIZE} only, not {image_size}")
+    model, tokenizer, image_processor = build_tiny(spec, image_size=image_size, **kwargs)
     tokenizer.chat_template = entry.chat_template()
     if entry.finish is not None:
         entry.finish(model)

@@ -60,8 +60,12 @@ def has_template(folder: str) -> bool:
 
 def present(folders, needs: tuple[str, ...] = ()) -> list[str]:
     """The folders that exist here and hold what a test ``needs`` ("template": a released chat template,
-    "tokenizer": a tokenizer.json), for parametrising: an absent one yields no test, not a skip."""
-    checks = {"template": has_template, "tokenizer": lambda f: os.path.isfile(path(f, "tokenizer.json"))}
+    "tokenizer": a tokenizer.json, "tiktoken": Qwen-VL's qwen.tiktoken), for parametrising: an absent one yields no test, not a skip."""
+    checks = {
+        "template": has_template,
+        "tokenizer": lambda f: os.path.isfile(path(f, "tokenizer.json")),
+        "tiktoken": lambda f: os.path.isfile(path(f, "qwen.tiktoken")),  # Qwen-VL-Chat's vocabulary
+    }
     if not available():
         return []
     return [f for f in folders if os.path.isdir(path(f)) and all(checks[n](f) for n in needs)]

@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 from sc_tune.data import ReferringDataset
 from sc_tune.modeling import load_model_and_adapter
 from sc_tune.rewards import RewardBatch
-from sc_tune.rollout import GenerationSettings, describe
+from sc_tune.rollout import GenerationSettings, describe, describer_budget
 from tests.conftest import WARM_START
 from tests.helpers import RecordingCycle, make_trainer
 
@@ -52,14 +52,14 @@ def test_the_locator_learns_the_snapshots_greedy_caption_paired_with_the_true_bo
     trainer.train()
     snapshot, adapter = load_model_and_adapter(WARM_START)  # the phase's start weights: the snapshot's
     snapshot.eval()
-    greedy = GenerationSettings(8, 1)
+    greedy = GenerationSettings(describer_budget(adapter, 8), 1)  # 8 caption tokens + the answer form's end
     assert len(trainer.cycle.made) == 2
     for step, (inputs, result) in enumerate(trainer.cycle.made):
         images = [adapter.prepare_image(image) for image in inputs["images"]]
         boxes = inputs["boxes"].tolist()
         captions = describe(snapshot, adapter, images, boxes, greedy)[1].texts
         expected = adapter.build_batch([adapter.locator_prompt(c, im) for c, im in zip(captions, images)], images,
-                                       [adapter.locator_target(box, im) for box, im in zip(boxes, images)])
+                                       [adapter.locator_target(box, im, c) for box, im, c in zip(boxes, images, captions)])
         assert torch.equal(result.rollout.inputs["input_ids"], expected.inputs["input_ids"]), step
         assert torch.equal(result.rollout.labels, expected.labels), step
     # The test can tell: at step 1 the policy's captions are not the snapshot's (it learned nothing from them).
@@ -110,7 +110,8 @@ def test_with_k_samples_the_baseline_caption_is_the_snapshots_greedy_one(two_sam
     snapshot, adapter = load_model_and_adapter(tiny_checkpoint("qwen2_vl"))  # step 0: the snapshot is the start
     snapshot.eval()
     images = [adapter.prepare_image(image) for image in inputs["images"]]
-    greedy_captions = describe(snapshot, adapter, images, inputs["boxes"].tolist(), GenerationSettings(6, 2))[1].texts
+    greedy_captions = describe(snapshot, adapter, images, inputs["boxes"].tolist(),
+                               GenerationSettings(describer_budget(adapter, 6), 2))[1].texts
     targets, captions = reward.calls[1]  # the baseline's call: one greedy caption per box, against its box
     assert captions == greedy_captions and torch.equal(targets, inputs["boxes"])
     sampled = reward.calls[0][1]

@@ -503,6 +503,7 @@ class SCTuneTrainer(Trainer):
         super()._save(output_dir, state_dict)
         self.adapter.save_pretrained(output_dir or self.args.output_dir)
 
+    @checkpoints.names_save_failures
     def _save_checkpoint(self, model, trial):
         """Write the checkpoint to a staging folder, verify it, mark it complete, rename it, then rotate."""
         run_dir = self._get_output_dir(trial)
@@ -602,7 +603,14 @@ class SCTuneTrainer(Trainer):
         if resume is not None:
             logger.info("resuming from %s", resume)
         self._resume_dir = resume
-        return super().train(resume_from_checkpoint=resume, **kwargs)
+        with checkpoints.deepspeed_loads_without_pickle():  # DeepSpeed's own loader would unpickle anything
+            return super().train(resume_from_checkpoint=resume, **kwargs)
+
+    def _run_epoch(self, *args, **kwargs):
+        if self.state.global_step >= self.state.max_steps:  # resumed at --max_steps: complete, nothing to train
+            self.control.should_training_stop = True
+            return
+        return super()._run_epoch(*args, **kwargs)
 
     def _check_resume_settings(self, checkpoint: str) -> None:
         allowed = {k.strip() for k in (self.args.resume_allow_changes or "").split(",") if k.strip()}
@@ -614,6 +622,7 @@ class SCTuneTrainer(Trainer):
                 "or list the legitimate changes in --resume_allow_changes (e.g. model,seed)"
             )
         checkpoints.check_world_size_change(checkpoint, checkpoints.read_layout(checkpoint), self.args.world_size)
+        checkpoints.check_resume_step(checkpoint, self.args.max_steps)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         model = model if model is not None else self.model
@@ -651,7 +660,7 @@ class SCTuneTrainer(Trainer):
         if not position.starts_phase:
             path = os.path.join(checkpoint, f"snapshot_rank{rank if zero3 else 0}.pt")
             # Read to the CPU: the snapshot copies into its own tensors, and "cpu:0" (CPU DDP) is no map_location.
-            self.snapshot.load_local_tensors(torch.load(path, map_location="cpu", weights_only=True))
+            self.snapshot.load_local_tensors(checkpoints.load_tensors(path))
         if not position.needs_rollout:
             path = os.path.join(checkpoint, f"rollouts_rank{rank}.pt")
             self._rollouts = checkpoints.load_rollouts(path, [DescriberRollout, LocatorRollout], self.args.device)

@@ -175,7 +175,8 @@ def test_rollout_buffer_is_plain_data_and_a_crafted_pickle_does_not_run(tmp_path
             return (os.system, (f"touch {tmp_path / 'pwned'}",))
 
     torch.save({"0": Exploit()}, path)
-    with pytest.raises(Exception, match="Weights only load failed"):
+    # Refused with an error that names the file and the object (not torch's bare UnpicklingError).
+    with pytest.raises(checkpoints.CheckpointError, match=rf"{path}: refused to load.*posix\.system"):
         checkpoints.load_rollouts(str(path), [DescriberRollout, LocatorRollout], "cpu")
     assert not (tmp_path / "pwned").exists()
 
@@ -209,9 +210,13 @@ def test_output_dir_of_another_run_is_refused_unless_resuming_or_overwriting(run
     out = copy_run(first, tmp_path)
     with pytest.raises(ValueError, match=r"holds another run \(checkpoint-2, checkpoint-4"):
         checkpoints.check_output_dir(str(out), model, resuming=False, overwrite=False)
-    checkpoints.check_output_dir(str(out), model, resuming=True, overwrite=False)
+    assert checkpoints.check_output_dir(str(out), model, resuming=True, overwrite=False) == []
     assert (out / "checkpoint-4").exists()
-    checkpoints.check_output_dir(str(out), model, resuming=False, overwrite=True)
+    # The check deletes nothing: it names what --overwrite_output_dir will replace once every input is checked.
+    doomed = checkpoints.check_output_dir(str(out), model, resuming=False, overwrite=True)
+    assert sorted(os.path.basename(p) for p in doomed) == ["checkpoint-2", "checkpoint-4"]
+    assert (out / "checkpoint-4").exists()
+    checkpoints.clear_output_dir(doomed)
     assert not [n for n in os.listdir(out) if n.startswith("checkpoint-")]
 
 

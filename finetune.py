@@ -23,9 +23,9 @@ from sc_tune.arguments import ArgumentError, build_parser  # noqa: E402
 from sc_tune.checkpoints import (  # noqa: E402
     CheckpointError,
     OutputDirError,
+    ReplaceOverwrittenRun,
     check_model_folder,
     check_output_dir,
-    clear_output_dir,
     resume_requested,
     save_failures_named,
 )
@@ -39,6 +39,7 @@ from sc_tune.modeling import (  # noqa: E402
     qlora_quantization_config,
     trainable_summary,
 )
+from sc_tune.preflight import PreflightError  # noqa: E402
 from sc_tune.reference_flags import refuse_unknown, take_reference_flags  # noqa: E402
 from sc_tune.run_lock import RunLockError, hold  # noqa: E402
 from sc_tune.trainer import SCTuneTrainer  # noqa: E402
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> SCTuneTrainer:
         raise ArgumentError("--q_lora needs --use_lora")
 
     # Nothing is deleted before every input has been checked: the refusals come first, the old run's checkpoints
-    # (--overwrite_output_dir) go only once the model has loaded and the data and its images have been read.
+    # (--overwrite_output_dir) go only once the model, the data, its images and the first step have worked.
     overwritten = check_output_dir(
         args.output_dir, model_args.model_name_or_path, resume_requested(args.resume_from_checkpoint),
         args.overwrite_output_dir,
@@ -111,9 +112,12 @@ def _train(model_args, data_args, lora_args, args, overwritten: list[str]) -> SC
         size_problem=adapter.image_size_problem,
     )
     logger.info("%d referring samples from %s", len(dataset), data_args.data_path)
-    if args.process_index == 0:
-        clear_output_dir(overwritten)
-    trainer = SCTuneTrainer(model=model, args=args, adapter=adapter, train_dataset=dataset)
+    trainer = SCTuneTrainer(
+        model=model, args=args, adapter=adapter, train_dataset=dataset, source_dir=model_args.model_name_or_path
+    )
+    # The old run's checkpoints (--overwrite_output_dir) go at the end of the first step: after the preflight and
+    # the first rollout have worked, before the first save (which must not sit beside the old run's).
+    trainer.add_callback(ReplaceOverwrittenRun(overwritten, args.process_index == 0))
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_state()
     with save_failures_named(args.output_dir, "the trained model"):
@@ -122,8 +126,8 @@ def _train(model_args, data_args, lora_args, args, overwritten: list[str]) -> SC
 
 
 # Bad input, not a bug: each of these names the file, record or flag; a traceback would bury it.
-INPUT_ERRORS = (ArgumentError, AnnotationError, CheckpointError, JSONFileError, OutputDirError, RunLockError,
-                FileNotFoundError)
+INPUT_ERRORS = (ArgumentError, AnnotationError, CheckpointError, JSONFileError, OutputDirError, PreflightError,
+                RunLockError, FileNotFoundError)
 
 if __name__ == "__main__":
     try:

@@ -77,6 +77,10 @@ class LoraArguments:
         default=None,
         metadata={"help": "PEFT target_modules regex (None: the family's LM attention and MLP projections)."},
     )
+    lora_target_experts: bool = field(
+        default=False,
+        metadata={"help": "MoE models: LoRA on the routed experts too (fused 3-D weights, PEFT target_parameters)."},
+    )
 
     def __post_init__(self):
         errors = []
@@ -189,6 +193,20 @@ class SCTuneConfig(TrainingArguments):
         },
     )
     # ---- generation
+    moe_aux_loss: bool = field(
+        default=True,
+        metadata={"help": "MoE, full fine-tuning: add the router's load-balancing loss to SC-Tune's losses."},
+    )
+    moe_aux_loss_coef: float | None = field(
+        default=None, metadata={"help": "Its weight (default: the model config's router_aux_loss_coef)."}
+    )
+    skip_preflight: bool = field(
+        default=False, metadata={"help": "Train even if the locator's answers do not parse before step 0."}
+    )
+    preflight_samples: int = field(default=16, metadata={"help": "Training samples the preflight answers."})
+    preflight_max_parse_failures: float = field(
+        default=0.5, metadata={"help": "Stop before step 0 above this share of unparsed locator answers."}
+    )
     describer_top_k: int = field(default=100, metadata={"help": "Top-k of the describer's sampled caption."})
     describer_top_p: float = field(default=0.3, metadata={"help": "Top-p of the describer's sampled caption."})
     describer_temperature: float = field(

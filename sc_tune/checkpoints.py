@@ -46,6 +46,7 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from sc_tune.jsonio import read_json
@@ -408,7 +409,20 @@ def clear_output_dir(doomed: list[str]) -> None:
     """Delete the previous run's checkpoints (``--overwrite_output_dir``), after every input has been checked."""
     for path in doomed:
         logger.warning("--overwrite_output_dir: deleting %s", path)
-        shutil.rmtree(path)
+        shutil.rmtree(path, ignore_errors=not os.path.exists(path))
+
+
+class ReplaceOverwrittenRun(TrainerCallback):
+    """Deletes the checkpoints ``--overwrite_output_dir`` replaces at the end of the first step: after the model,
+    the data, the preflight and one real step have worked, and before the first save (a new checkpoint-N must not
+    sit beside the old run's, which ``--resume_from_checkpoint True`` would mistake for this run's). Main process."""
+
+    def __init__(self, doomed: list[str], is_main: bool):
+        self.doomed = list(doomed) if is_main else []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        clear_output_dir(self.doomed)
+        self.doomed = []
 
 
 # ---------------------------------------------------------------------------------------------- resume at max_steps

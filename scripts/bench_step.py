@@ -182,7 +182,7 @@ class ReferenceReplay:
         self.model.train()
         with self.clock.stage("forward"):
             images = self._images(inputs)
-            targets = [self.adapter.locator_target(b, im) for b, im in zip(boxes, images)]
+            targets = [self.adapter.locator_target(b, im, c) for b, im, c in zip(boxes, images, captions.texts)]
             batch = self.adapter.build_batch(
                 [self.adapter.locator_prompt(c, im) for c, im in zip(captions.texts, images)], images, targets
             )

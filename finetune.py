@@ -7,6 +7,7 @@
 `python finetune.py --help` lists every knob; scripts/finetune_ds.sh sets the reference's values.
 """
 
+# ruff: noqa: E402 (the torchvision check runs before transformers is imported)
 from __future__ import annotations
 
 import logging
@@ -16,11 +17,11 @@ from sc_tune.environment import check_torchvision
 
 check_torchvision()  # before transformers: a torchvision that does not load with this torch breaks its imports
 
-import torch  # noqa: E402
-from transformers import set_seed  # noqa: E402
+import torch
+from transformers import set_seed
 
-from sc_tune.arguments import ArgumentError, build_parser  # noqa: E402
-from sc_tune.checkpoints import (  # noqa: E402
+from sc_tune.arguments import ArgumentError, build_parser
+from sc_tune.checkpoints import (
     CheckpointError,
     OutputDirError,
     ReplaceOverwrittenRun,
@@ -29,20 +30,20 @@ from sc_tune.checkpoints import (  # noqa: E402
     resume_requested,
     save_failures_named,
 )
-from sc_tune.data import AnnotationError, ReferringDataset  # noqa: E402
-from sc_tune.export import export_trained  # noqa: E402
-from sc_tune.jsonio import JSONFileError  # noqa: E402
-from sc_tune.modeling import (  # noqa: E402
+from sc_tune.data import AnnotationError, ReferringDataset
+from sc_tune.export import export_trained
+from sc_tune.jsonio import JSONFileError
+from sc_tune.modeling import (
     apply_lora,
     freeze_vision_tower,
     load_model_and_adapter,
     qlora_quantization_config,
     trainable_summary,
 )
-from sc_tune.preflight import PreflightError  # noqa: E402
-from sc_tune.reference_flags import refuse_unknown, take_reference_flags  # noqa: E402
-from sc_tune.run_lock import RunLockError, hold  # noqa: E402
-from sc_tune.trainer import SCTuneTrainer  # noqa: E402
+from sc_tune.preflight import PreflightError
+from sc_tune.reference_flags import refuse_unknown, take_reference_flags
+from sc_tune.run_lock import RunLockError, hold
+from sc_tune.trainer import SCTuneTrainer
 
 logger = logging.getLogger("sc_tune")
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -101,10 +103,10 @@ def _rec(root, rows, name="refs.jsonl"):
 def _evaluate(root, model, data, *extra):
     import evaluate
 
-    out = root / "out"
+    out = tempfile.mkdtemp(dir=root, prefix="out")  # a fresh folder: a finished evaluation is never replaced
     evaluate.main(["rec", "--model", model, "--data", data, "--image-root", str(root), "--output-dir", str(out),
                    "--batch-size", "2", *extra])
-    return json.loads((out / "rec_metrics.json").read_text())
+    return json.loads((Path(out) / "rec_metrics.json").read_text())
 
 
 def test_unreadable_eval_images_stop_before_scoring_listing_them(eval_setup, monkeypatch):

@@ -129,13 +129,13 @@ def test_check_can_be_turned_off(tmp_path):
 def test_check_is_parallel_and_decodes_each_file_once(tmp_path, monkeypatch):
     import threading
 
-    import sc_tune.data
+    import sc_tune.images
 
     Image.new("RGB", (20, 20)).save(tmp_path / "a.png")
     records = load_annotations(_write_json(tmp_path, [{"image": "a.png", "bbox": [0, 0, 1, 1]}] * 50))
     seen = []
-    original = sc_tune.data.load_rgb
-    monkeypatch.setattr(sc_tune.data, "load_rgb", lambda p: seen.append(threading.get_ident()) or original(p))
+    original = sc_tune.images.load_rgb
+    monkeypatch.setattr(sc_tune.images, "load_rgb", lambda p: seen.append(threading.get_ident()) or original(p))
     assert len(check_images(records, str(tmp_path), "ann.json", workers=4)) == 50
     assert len(seen) == 1  # 50 records, one distinct file
 

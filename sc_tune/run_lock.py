@@ -7,7 +7,8 @@ into place, which fails if a lock is there), so a second run never sees a half-w
 - held by a live process on this host, or by any process on another host (whose liveness cannot be checked here):
   refused with :class:`RunLockError`, which names that run and says how to proceed;
 - held by a process of this host that is gone (killed, crashed; or its pid now belongs to a process started at
-  another time): reported, and taken over.
+  another time): reported, and taken over (one run at a time removes a stale lock, after checking it is still the
+  stale one, so two runs racing for it never both win).
 
 The lock goes when the run ends (``release``); a run killed with SIGKILL leaves it behind, and the next run takes it
 over as stale. Only the main process of a multi-process run holds it (:func:`hold`), and tells the others whether
@@ -24,6 +25,7 @@ import os
 import shlex
 import socket
 import sys
+import time
 
 logger = logging.getLogger(__name__)
 
@@ -91,20 +93,15 @@ def acquire(folder: str, command: list[str] | None = None) -> RunLock:
     with open(private, "w") as f:
         json.dump(owner, f)
     try:
-        for _ in range(5):  # a stale lock taken over by another run between two attempts: look again
+        for _ in range(100):  # another run may take the lock, or take a stale one over, between two attempts
             try:
                 os.link(private, path)
                 return RunLock(path, owner)
             except FileExistsError:
                 pass
-            try:
-                with open(path) as f:
-                    other = json.load(f)
-            except FileNotFoundError:
-                continue
-            except (OSError, ValueError) as e:
-                raise RunLockError(f"{path} exists but cannot be read ({e}): another run may be using {folder}; "
-                                   "delete the file if no run is") from None
+            other = _read(path)
+            if other is None:
+                continue  # released meanwhile
             same_host = other.get("host") == owner["host"]
             if not same_host or _alive(int(other.get("pid", -1)), other.get("pid_started")):
                 where = "" if same_host else " (on another machine, so this one cannot tell whether it still runs)"
@@ -113,17 +110,45 @@ def acquire(folder: str, command: list[str] | None = None) -> RunLock:
                     f"each other's checkpoints; choose another --output_dir, wait for that run to end, or, if it is "
                     f"no longer running, delete {path}"
                 )
-            # The owner is gone: move its lock aside (only one run can rename it) and try again.
-            stale = f"{path}.stale.{owner['pid']}"
-            try:
-                os.rename(path, stale)
-            except FileNotFoundError:
-                continue
-            os.remove(stale)
-            logger.warning("%s: taking over the lock of a run that is no longer running (%s)", path, _describe(other))
-        raise RunLockError(f"{path}: could not take the lock (other runs keep taking it over)")
+            if _remove_stale(path, other):
+                logger.warning("%s: taking over the lock of a run that is no longer running (%s)", path,
+                               _describe(other))
+        raise RunLockError(f"{path}: could not take the lock (other runs keep taking it)")
     finally:
         os.remove(private)
+
+
+def _read(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise RunLockError(f"{path} exists but cannot be read ({e}): another run may be using its folder; delete "
+                           "the file if no run is") from None
+
+
+def _remove_stale(path: str, stale: dict) -> bool:
+    """Remove ``path`` if it still holds ``stale``. One run at a time does this (``path.takeover`` is created
+    exclusively), so a lock another run has just taken is never removed by a run that read the stale one."""
+    takeover = path + ".takeover"
+    try:
+        fd = os.open(takeover, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        with contextlib.suppress(OSError):
+            if time.time() - os.path.getmtime(takeover) > 60:  # left by a run killed mid-takeover
+                os.remove(takeover)
+        time.sleep(0.05)
+        return False
+    try:
+        if _read(path) != stale:
+            return False
+        os.remove(path)
+        return True
+    finally:
+        os.close(fd)
+        os.remove(takeover)
 
 
 @contextlib.contextmanager

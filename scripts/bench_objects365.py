@@ -11,6 +11,8 @@ log-uniform between 0.5 % and 90 % of the image. Each (size, scenario) is conver
 which reports its peak RSS (``VmHWM``), so sizes do not contaminate each other. Scenarios: ``readme`` is the
 README's command (``--min_area 0.01 --max_boxes_per_image 2 --num_samples 400000`` plus a 2,000-record held-out
 split), ``all_boxes`` keeps every box until the per-image sampling (``--min_area 0``), the most the converter holds.
+``--num_samples`` and ``--num_held_out`` are scaled with the image count (their README values at 1.74 M images), so
+the kept records grow with the file exactly as they would up to the real size, and the slope extrapolates to it.
 
 Printed per size: JSON bytes, peak RSS, seconds. Per scenario: the slope (bytes of RSS per byte of JSON, between the
 smallest and the largest size) and the extrapolation to a 5 GB file. The last line is one JSON object.
@@ -30,11 +32,13 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REAL_FILE_BYTES = 5 * 10**9  # zhiyuan_objv2_train.json: about 5 GB, 1.74 M images, 25.4 M boxes
-BOXES_PER_IMAGE = 25.4e6 / 1.74e6
+REAL_IMAGES = 1.74e6
+BOXES_PER_IMAGE = 25.4e6 / REAL_IMAGES
+# The README's command at the real size; --num_samples and --num_held_out are scaled with the image count
+# (400,000 and 2,000 at 1.74 M images), so that the kept records grow with the file as they would up to 5 GB.
 SCENARIOS = {
-    "readme": ["--min_area", "0.01", "--max_boxes_per_image", "2", "--num_samples", "400000", "--seed", "0",
-               "--held_out", "2000"],
-    "all_boxes": ["--min_area", "0", "--max_boxes_per_image", "2", "--num_samples", "400000", "--seed", "0"],
+    "readme": {"min_area": 0.01, "max_boxes_per_image": 2, "num_samples": 400_000, "num_held_out": 2000},
+    "all_boxes": {"min_area": 0.0, "max_boxes_per_image": 2, "num_samples": 400_000, "num_held_out": None},
 }
 
 
@@ -125,16 +129,23 @@ def _child(argv: list[str]) -> None:
     print(json.dumps({"peak_rss_bytes": _peak_rss_bytes(), "seconds": round(time.perf_counter() - started, 2)}))
 
 
-def measure(annotations: str, workdir: str, scenario: str) -> dict:
-    out = os.path.join(workdir, f"out_{scenario}.json")
-    argv = ["--annotations", annotations, "--output", out, *SCENARIOS[scenario]]
-    if "--held_out" in argv:
-        i = argv.index("--held_out")
-        argv[i : i + 2] = ["--held_out_output", os.path.join(workdir, "held_out.json"), "--num_held_out", argv[i + 1]]
+def scenario_argv(scenario: str, num_images: int, annotations: str, workdir: str) -> list[str]:
+    settings = SCENARIOS[scenario]
+    scale = num_images / REAL_IMAGES
+    argv = ["--annotations", annotations, "--output", os.path.join(workdir, f"out_{scenario}.json"),
+            "--min_area", str(settings["min_area"]), "--max_boxes_per_image", str(settings["max_boxes_per_image"]),
+            "--num_samples", str(max(1, round(settings["num_samples"] * scale))), "--seed", "0"]
+    if settings["num_held_out"]:
+        argv += ["--held_out_output", os.path.join(workdir, f"held_out_{scenario}.json"),
+                 "--num_held_out", str(max(1, round(settings["num_held_out"] * scale)))]
+    return argv
+
+
+def measure(argv: list[str]) -> dict:
     result = subprocess.run([sys.executable, os.path.abspath(__file__), "--_child", json.dumps(argv)],
                             capture_output=True, text=True, cwd=ROOT)
     if result.returncode != 0:
-        raise SystemExit(f"converter failed on {annotations} ({scenario}):\n{result.stderr[-3000:]}")
+        raise SystemExit(f"converter failed ({' '.join(argv)}):\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -160,7 +171,7 @@ def main(argv=None) -> None:
         size = write_synthetic(path, num_images)
         print(f"{num_images} images: {size / 1e6:.1f} MB of JSON written in {time.perf_counter() - started:.1f} s")
         for scenario in args.scenarios:
-            figures = measure(path, workdir, scenario)
+            figures = measure(scenario_argv(scenario, num_images, path, workdir))
             runs.append({"scenario": scenario, "images": num_images, "json_bytes": size, **figures})
             print(f"  {scenario}: peak RSS {figures['peak_rss_bytes'] / 1e6:.0f} MB, {figures['seconds']} s")
         if not args.keep:

@@ -38,8 +38,9 @@ import torch
 from transformers import HfArgumentParser
 
 from sc_tune import modeling
-from sc_tune.arguments import ArgumentError, CompactHelpFormatter, DataArguments, ModelArguments, SCTuneConfig
+from sc_tune.arguments import ArgumentError, DataArguments, ModelArguments, SCTuneConfig
 from sc_tune.checkpoints import CheckpointError, check_model_folder
+from sc_tune.help_layout import CompactHelpFormatter
 from sc_tune.evaluation import evaluate_rec, evaluate_region_captions, evaluate_self_consistency
 from sc_tune.evaluation.distributed import barrier, init_from_env, shutdown
 from sc_tune.evaluation.progress import (ResultsError, SampleLog, discard_results, fingerprint_records, model_identity,

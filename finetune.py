@@ -20,7 +20,7 @@ check_torchvision()  # before transformers: a torchvision that does not load wit
 import torch
 from transformers import set_seed
 
-from sc_tune.arguments import ArgumentError, build_parser
+from sc_tune.arguments import ArgumentError
 from sc_tune.checkpoints import (
     CheckpointError,
     OutputDirError,
@@ -32,6 +32,7 @@ from sc_tune.checkpoints import (
 )
 from sc_tune.data import AnnotationError, ReferringDataset
 from sc_tune.export import export_trained
+from sc_tune.help_layout import build_parser
 from sc_tune.jsonio import JSONFileError
 from sc_tune.modeling import (
     apply_lora,

@@ -37,8 +37,8 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench_configs import CONFIGS, prepare  # noqa: E402  (scripts/, the script's own folder)
 from sc_tune.arguments import SCTuneConfig  # noqa: E402
-from sc_tune.models.bench_configs import CONFIGS, prepare  # noqa: E402
 from sc_tune.modeling import freeze_vision_tower  # noqa: E402
 from sc_tune.ppo import ppo_clip_loss  # noqa: E402
 from sc_tune.rollout import GenerationSettings, describe, locate  # noqa: E402

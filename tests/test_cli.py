@@ -5,8 +5,9 @@ import sys
 import pytest
 from transformers import TrainingArguments
 
-from sc_tune.arguments import (CYCLE_GROUP, OTHER_GROUP, SET_BY_SC_TUNE_GROUP, TRAINER_GROUP, ArgumentError,
-                               DataArguments, LoraArguments, ModelArguments, SCTuneConfig, build_parser, help_group_of)
+from sc_tune.arguments import ArgumentError, DataArguments, LoraArguments, ModelArguments, SCTuneConfig
+from sc_tune.help_layout import (CYCLE_GROUP, OTHER_GROUP, SET_BY_SC_TUNE_GROUP, TRAINER_GROUP, build_parser,
+                                 help_group_of)
 from tests.conftest import ROOT
 
 

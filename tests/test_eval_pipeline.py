@@ -9,8 +9,8 @@ from PIL import Image
 
 from sc_tune.adapters import adapter_class
 from sc_tune.evaluation import evaluate_rec, evaluate_region_captions, evaluate_self_consistency
-from sc_tune.models.tiny_chat import build_tokenizer
-from sc_tune.models.tiny_configs import tiny_spec
+from sc_tune.tiny.chat import build_tokenizer
+from sc_tune.tiny.configs import tiny_spec
 from sc_tune.tiny import save_tiny
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]

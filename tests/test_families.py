@@ -131,7 +131,7 @@ def test_registry_errors_name_the_supported_types():
         family_for("no_such_model")
     taken = family_for(MODEL_TYPES[0])
     with pytest.raises(ValueError, match="is served by"):
-        register(Family("impostor", (MODEL_TYPES[0],), taken.adapter, taken.model_class, taken.build_tiny))
+        register(Family("impostor", (MODEL_TYPES[0],), taken.adapter, taken.model_class))
     assert family_for(MODEL_TYPES[0]) is taken
 
 
@@ -143,6 +143,14 @@ def test_tiny_cli_runs_as_a_module(tmp_path):
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "d" / "config.json").read_text())["model_type"] == model_type
+
+
+def test_every_registered_model_type_has_a_tiny_builder():
+    # The builders live above the adapters (sc_tune/tiny/), keyed by the registry's model types: a family
+    # registered without one would leave its tests and `python -m sc_tune.tiny` without a model.
+    from sc_tune.tiny import SAVERS
+
+    assert set(SAVERS) == set(supported_model_types())
 
 
 def test_tiny_cli_rejects_an_unknown_type_listing_the_supported_ones(tmp_path, capsys):

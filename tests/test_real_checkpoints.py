@@ -21,7 +21,7 @@ from sc_tune.adapters import adapter_class
 from sc_tune.adapters.base import LOCATOR_BUDGET_MARGIN, ThinkingOnlyCheckpoint
 from sc_tune.box_codecs import GENERIC_CODEC
 from sc_tune.rollout import GenerationSettings, fit_locator_budget, locate
-from sc_tune.models.tiny_template_families import build_tiny_template_family
+from sc_tune.tiny.template_families import build_tiny_template_family
 from sc_tune.tiny import build_tiny
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "real_checkpoints"
@@ -75,7 +75,7 @@ def test_qwen25_stand_in_template_writes_the_released_prompts():
     real = real_tokenizer(QWEN25)
     _, stand_in, _ = build_tiny("qwen2_5_vl")
     for text in ("Describe the object at {\"bbox_2d\": [1, 2, 3, 4]} in a few words.",
-                 "Locate the man, output its bbox coordinates using JSON format."):
+                 "Locate the man in this image and output the bbox coordinates in JSON format."):
         rendered = [t.apply_chat_template(messages(text), tokenize=False, add_generation_prompt=True,
                                           enable_thinking=False) for t in (real, stand_in)]
         assert rendered[0] == rendered[1]

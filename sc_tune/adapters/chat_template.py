@@ -193,8 +193,3 @@ def _pad_dim1(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def save_tiny_template_model(model_type: str, directory: str) -> str:
-    """The registry's ``build_tiny`` for these families (builders in ``sc_tune.models.tiny_template_families``)."""
-    from sc_tune.models.tiny_template_families import save_tiny_template_family
-
-    return save_tiny_template_family(model_type, directory)

@@ -24,7 +24,7 @@ import json
 import re
 
 from sc_tune.adapters.base import DocumentedAnswer
-from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs, save_tiny_template_model
+from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
 from sc_tune.box_codecs import JsonBoxCodec
 
@@ -104,5 +104,5 @@ class Gemma4Adapter(ChatTemplateAdapter):
         return TemplateImageInputs(tensors, num_tokens, frame, placeholder)
 
 
-register(Family("Gemma 3", ("gemma3",), Gemma3Adapter, auto_image_text_to_text, save_tiny_template_model))
-register(Family("Gemma 4", ("gemma4",), Gemma4Adapter, auto_image_text_to_text, save_tiny_template_model))
+register(Family("Gemma 3", ("gemma3",), Gemma3Adapter, auto_image_text_to_text))
+register(Family("Gemma 4", ("gemma4",), Gemma4Adapter, auto_image_text_to_text))

@@ -23,7 +23,6 @@ from sc_tune.adapters.base import DocumentedAnswer, ThinkingOnlyCheckpoint
 from sc_tune.adapters.patch_grid_chat import PatchGridChatAdapter
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
 from sc_tune.box_codecs import BracketListCodec
-from sc_tune.models.tiny_configs import save_tiny_model
 
 GLM_V_README = "zai-org/GLM-V README, Grounding"
 END_TOKENS = ("<|user|>", "<|endoftext|>", "<|observation|>")
@@ -88,6 +87,5 @@ register(
         ("glm4v", "glm4v_moe", "glm46v"),
         Glm4vAdapter,
         auto_image_text_to_text,
-        save_tiny_model,
     )
 )

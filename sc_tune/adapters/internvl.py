@@ -18,7 +18,7 @@ With ``--box_format generic`` the prompts are the generic ones of ``ChatTemplate
 from __future__ import annotations
 
 from sc_tune.adapters.base import DocumentedAnswer
-from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs, save_tiny_template_model
+from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
 from sc_tune.box_codecs import BracketListCodec
 
@@ -78,5 +78,5 @@ class InternVLAdapter(ChatTemplateAdapter):
 
 
 register(
-    Family("InternVL3 / 3.5 (-hf)", ("internvl",), InternVLAdapter, auto_image_text_to_text, save_tiny_template_model)
+    Family("InternVL3 / 3.5 (-hf)", ("internvl",), InternVLAdapter, auto_image_text_to_text)
 )

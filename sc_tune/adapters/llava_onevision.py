@@ -13,7 +13,7 @@ row newlines). ``fix_vit`` freezes ``model.vision_tower``; the projector and ``i
 from __future__ import annotations
 
 from sc_tune.adapters.base import DocumentedAnswer
-from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs, save_tiny_template_model
+from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
 
 
@@ -67,6 +67,5 @@ register(
         ("llava_onevision",),
         LlavaOnevisionAdapter,
         auto_image_text_to_text,
-        save_tiny_template_model,
     )
 )

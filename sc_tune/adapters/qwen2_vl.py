@@ -12,8 +12,9 @@ each family's own grounding answer, so a tuned checkpoint keeps answering as it 
 - Qwen3-VL, Qwen3.5: the same fenced list on a 0..1000 grid (the Qwen3-VL "2d grounding" cookbook; Qwen3.5:
   the Qwen blog and a maintainer's answer, "relative ... [0, 1000]").
 
-The locator prompt is the cookbooks' grounding request ("Locate ..., output its bbox coordinates using JSON
-format."); the describer prompt is this project's wording with the box in the family's own syntax.
+The locator prompt is the grounding request of Qwen's fine-tuning README ("Locate ... in this image and output
+the bbox coordinates in JSON format."); the describer prompt is this project's wording with the box in the
+family's own syntax.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from sc_tune.adapters.base import DocumentedAnswer, find_submodule
 from sc_tune.adapters.patch_grid_chat import PatchGridChatAdapter
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
 from sc_tune.box_codecs import JsonGridCodec, JsonPixelCodec, PairGridCodec
-from sc_tune.models.tiny_configs import save_tiny_model
 from sc_tune.vision_cache import VisionTrunk
 
 QWEN3_COOKBOOK = "QwenLM/Qwen3-VL cookbooks/2d_grounding.ipynb (and the Qwen3-VL README)"
@@ -116,7 +116,7 @@ class _JsonBoxAdapter(_QwenChatVLAdapter):
     def locator_prompt(self, caption, image):
         if not self.native:  # --box_format generic: the format is asked for in words
             return self.render(f"Locate {caption}. {self.codec.request}")
-        return self.render(f"Locate {caption}, output its bbox coordinates using JSON format.")
+        return self.render(f"Locate {caption} in this image and output the bbox coordinates in JSON format.")
 
     def locator_target(self, box_norm, image, caption=""):
         if not self.native:
@@ -199,4 +199,4 @@ for _name, _model_types, _adapter in (
     ("Qwen3-VL / Qwen3-VL-MoE", ("qwen3_vl", "qwen3_vl_moe"), Qwen3VLAdapter),
     ("Qwen3.5 / 3.6 / 3.8", ("qwen3_5", "qwen3_5_moe"), Qwen35Adapter),
 ):
-    register(Family(_name, _model_types, _adapter, auto_image_text_to_text, save_tiny_model))
+    register(Family(_name, _model_types, _adapter, auto_image_text_to_text))

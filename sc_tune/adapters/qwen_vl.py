@@ -134,16 +134,10 @@ def _model_class():
     return QWenLMHeadModel
 
 
-def _build_tiny(model_type: str, directory: str) -> str:
-    from sc_tune.models.qwen_vl.tiny import save_tiny_qwen_vl
-
-    return save_tiny_qwen_vl(directory)
-
-
 def _finalize_export(output_dir: str, source_dir: str) -> None:
     from sc_tune.models.qwen_vl.export import finalize_export
 
     finalize_export(output_dir, source_dir)
 
 
-register(Family("Qwen-VL / Qwen-VL-Chat", ("qwen",), QwenVLAdapter, _model_class, _build_tiny, _finalize_export))
+register(Family("Qwen-VL / Qwen-VL-Chat", ("qwen",), QwenVLAdapter, _model_class, _finalize_export))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 
 from sc_tune.adapters.base import DocumentedAnswer
-from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs, save_tiny_template_model
+from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
 
 
@@ -64,8 +64,5 @@ class SmolVLMAdapter(ChatTemplateAdapter):
 # SmolVLM v1 checkpoints are the Idefics3 architecture (``model_type: idefics3``): the same prompt layout,
 # tile tokens and module names.
 register(
-    Family(
-        "SmolVLM / SmolVLM2 / SmolVLM v1 (Idefics3)", ("smolvlm", "idefics3"), SmolVLMAdapter,
-        auto_image_text_to_text, save_tiny_template_model,
-    )
+    Family("SmolVLM / SmolVLM2 / SmolVLM v1 (Idefics3)", ("smolvlm", "idefics3"), SmolVLMAdapter, auto_image_text_to_text)
 )

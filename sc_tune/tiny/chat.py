@@ -5,7 +5,7 @@ the Qwen and GLM tokenizers) carrying the family's special tokens, the family's 
 small input size, and a model config of a few hundred thousand parameters. Nothing is downloaded.
 
 What differs per ``model_type`` (special tokens, image processor, config) is a ``TinySpec`` in
-``sc_tune.models.tiny_configs``; this module holds the shared machinery.
+``sc_tune.tiny.configs``; this module holds the shared machinery.
 """
 
 from __future__ import annotations

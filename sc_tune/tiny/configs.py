@@ -7,7 +7,7 @@ stand-in chat template that writes SC-Tune's turns as the released template does
 
 from __future__ import annotations
 
-from sc_tune.models.tiny_chat import DEFAULT_CORPUS, TinySizes, TinySpec, build_tiny, save_tiny
+from sc_tune.tiny.chat import DEFAULT_CORPUS, TinySizes, TinySpec, build_tiny, save_tiny
 
 QWEN_VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 QWEN_CHAT_SPECIAL_TOKENS = (
@@ -24,7 +24,7 @@ QWEN_CHAT_SPECIAL_TOKENS = (
 # per word on them (sequences stay short on CPU).
 QWEN_TEMPLATE_TEXT = (
     "system\nYou are a helpful assistant.\nuser\nassistant\nDescribe the object in in a few words. Find . "
-    "Describe the object at Locate , output its bbox coordinates using JSON format. "
+    "Describe the object at Locate in this image and output the bbox coordinates in JSON format. "
     '```json\n[\n\t{"bbox_2d": [0, 1, 2, 3], "label": "the"}\n]\n``` (0,1),(2,3) This is a the'
 )
 
@@ -380,7 +380,7 @@ def tiny_spec(model_type: str) -> TinySpec:
 
 
 def build_tiny_model(model_type: str, corpus=DEFAULT_CORPUS, image_size: int = 56, seed: int = 0, **sizes):
-    """(model, tokenizer, image_processor) of a tiny random ``model_type`` (see ``tiny_chat.build_tiny``)."""
+    """(model, tokenizer, image_processor) of a tiny random ``model_type`` (see ``sc_tune.tiny.chat.build_tiny``)."""
     return build_tiny(tiny_spec(model_type), corpus=corpus, image_size=image_size, seed=seed, **sizes)
 
 

@@ -1,7 +1,7 @@
 """Tiny random models of the chat-template families: InternVL, Gemma 3 / 4, LLaVA-OneVision, SmolVLM.
 
 Each is the family's own transformers architecture at a few hundred thousand parameters, a tiny BPE
-tokenizer carrying the family's special tokens (``sc_tune.models.tiny_chat``), the family's PIL image
+tokenizer carrying the family's special tokens (``sc_tune.tiny.chat``), the family's PIL image
 processor at a tiny input size, and a chat template that is a minimal stand-in for the checkpoint's: the
 same turn markers and the same image marker for ``{"type": "image"}``, nothing else (no system prompts,
 tools or thinking switches). Image tiling / splitting stays on where the family uses it by default, at the
@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sc_tune.models.tiny_chat import TinySizes, TinySpec, build_tiny, write_folder
-from sc_tune.models.tiny_configs import _text_config
+from sc_tune.tiny.chat import TinySizes, TinySpec, build_tiny, write_folder
+from sc_tune.tiny.configs import _text_config
 
 TINY_IMAGE_SIZE = 28  # the vision towers' input: an InternVL tile, a SigLIP view, a SmolVLM crop (2x2 patches)
 # The words of the prompts in sc_tune.adapters.chat_template / internvl: one token per word in the tiny BPE.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import pytest
 from PIL import Image
@@ -53,13 +54,38 @@ class CountingCycle:
         return self.original(model, locator, adapter, images, true_boxes, *args, **kwargs)
 
 
+KILLED = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import evaluate
+import sc_tune.evaluation.self_consistency as self_consistency
+original, calls = self_consistency.cycle, []
+def cycle(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # no exit handler, no buffer flushed: only what is on disk survives
+    return original(*args, **kwargs)
+self_consistency.cycle = cycle
+evaluate.main(sys.argv[2:])
+"""
+
+
 def test_an_interrupted_evaluation_keeps_its_rows_and_resumes_without_rescoring(setup, tmp_path, monkeypatch):
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
     reference = run(setup, tmp_path / "uninterrupted")
     out = tmp_path / "interrupted"
-    first = CountingCycle(fail_at=2)  # the second batch is never scored
-    monkeypatch.setattr(self_consistency, "cycle", first)
-    with pytest.raises(KeyboardInterrupt):
-        run(setup, out)
+    root, model, data = setup
+    argv = ["--task", "self-consistency", "--model_name_or_path", model, "--data_path", str(data), "--image_folder",
+            str(root), "--output_dir", str(out), "--per_device_eval_batch_size", "2", "--grid_samples", "0",
+            "--describer_max_new_tokens", "4", "--locator_max_new_tokens", "4", "--no_fit_locator_budget"]
+    killed = subprocess.run([sys.executable, "-c", KILLED, ROOT, *argv], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     partial = out / "self_consistency_samples.partial"
     kept = [json.loads(line) for line in (partial / "rank0.jsonl").read_text().splitlines()]
     assert [row["index"] for row in kept] == [0, 1]  # the first batch was on disk before the second started

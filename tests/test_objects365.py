@@ -82,6 +82,19 @@ def test_identical_with_a_tiny_read_window_and_annotations_before_images(tmp_pat
         assert convert_case(tmp_path, name, reordered)[0] == golden(name)[0], name
 
 
+def test_numbers_cut_by_the_read_window_are_read_whole(tmp_path, monkeypatch):
+    """A number at the end of the window may go on in the next read (``[12`` then ``34]``): read on first."""
+    monkeypatch.setattr(objects365.JsonStream, "CHUNK", 3)
+    path = tmp_path / "numbers.json"
+    path.write_text('{"licenses": [1234567, 89], "images": 1234567890, "annotations": []}')
+    with pytest.raises(AnnotationError, match=r"field 'images' must be list, got 1234567890$"):
+        objects365.convert_file(str(path))
+    stream = objects365.JsonStream(str(path))
+    seen = []
+    stream.members({"licenses": lambda i, v: seen.append(v), "images": lambda i, v: seen.append(v)})
+    assert seen == [1234567, 89, 1234567890]
+
+
 def test_the_file_is_never_read_whole(tmp_path, monkeypatch):
     def whole_file(*args, **kwargs):
         raise AssertionError("the converter read the whole file")

@@ -68,13 +68,33 @@ def test_a_reused_pid_is_not_mistaken_for_the_owner(tmp_path, caplog):
     assert "no longer running" in caplog.text and "old run" in caplog.text
 
 
+def _dead_pid() -> int:
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+
+
 def test_a_lock_from_another_machine_is_never_taken_over(tmp_path):
     folder = tmp_path / "run"
     folder.mkdir()
-    (folder / LOCK_FILE).write_text(json.dumps({"host": "node-7", "pid": 1, "started": "2026-12-04T10:00:00+00:00",
+    pid = _dead_pid()  # gone on this machine, which says nothing about node-7
+    (folder / LOCK_FILE).write_text(json.dumps({"host": "node-7", "pid": pid, "started": "2026-12-04T10:00:00+00:00",
                                                 "command": "torchrun finetune.py"}))
-    with pytest.raises(RunLockError, match=r"on another machine.*pid 1 on node-7.*torchrun finetune\.py.*delete"):
+    with pytest.raises(RunLockError, match=rf"on another machine.*pid {pid} on node-7.*torchrun finetune\.py.*delete"):
         acquire(str(folder))
+
+
+def test_a_stale_lock_is_removed_only_if_it_is_still_the_stale_one(tmp_path):
+    """The takeover re-reads the lock under its own mutex: a run that read the stale lock never removes the one a
+    faster run has just put there."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    stale = {"host": socket.gethostname(), "pid": _dead_pid(), "command": "old"}
+    fresh = {"host": socket.gethostname(), "pid": os.getpid(), "command": "the winner"}
+    (folder / LOCK_FILE).write_text(json.dumps(fresh))
+    assert not run_lock._remove_stale(str(folder / LOCK_FILE), stale)
+    assert json.loads((folder / LOCK_FILE).read_text()) == fresh
+    (folder / LOCK_FILE).write_text(json.dumps(stale))
+    assert run_lock._remove_stale(str(folder / LOCK_FILE), stale) and not (folder / LOCK_FILE).exists()
 
 
 def test_release_leaves_a_lock_that_is_not_its_own(tmp_path):
@@ -112,8 +132,7 @@ def test_the_lock_is_held_for_the_run_and_released_after(tmp_path, monkeypatch):
 def test_two_processes_racing_for_a_stale_lock_get_one_winner(tmp_path):
     folder = tmp_path / "run"
     folder.mkdir()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (folder / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "command": "x"}))
+    (folder / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": _dead_pid(), "command": "x"}))
     racer = ("import sys, time; sys.path.insert(0, sys.argv[2]); from sc_tune.run_lock import acquire, RunLockError\n"
              "try:\n    acquire(sys.argv[1]); print('won', flush=True); time.sleep(5)\n"
              "except RunLockError:\n    print('refused', flush=True)\n")

@@ -120,12 +120,18 @@ def test_finetune_ds_sets_the_cpu_flag_itself_without_a_gpu(launcher):
 
 
 def test_finetune_ds_picks_a_free_port_and_refuses_a_busy_one(launcher):
+    import contextlib
     import socket
 
-    ports = {int(flag(launcher("finetune_ds.sh")[1], "--master_port")) for _ in range(2)}
-    for port in ports:  # free when chosen: it binds now (the stub launcher never used it)
-        with socket.socket() as s:
-            s.bind(("", port))
+    with socket.socket() as default, contextlib.suppress(OSError):
+        default.bind(("", 6001))  # the earlier fixed default is taken (by this test, or by another job)
+        default.listen()
+        result, argv = launcher("finetune_ds.sh")
+        assert result.returncode == 0, result.stderr
+        port = int(flag(argv, "--master_port"))
+    assert port != 6001
+    with socket.socket() as s:  # free when chosen: it binds now (the stub launcher never used it)
+        s.bind(("", port))
     with socket.socket() as busy:
         busy.bind(("", 0))
         busy.listen()

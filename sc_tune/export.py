@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 # never carried. Everything else at the input folder's top level is.
 NOT_CARRIED = (
     "*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.h5", "*.msgpack", "*.onnx", "*.index.json",
-    "trainer_state.json", "sc_tune_*.json", "rng_state*", "latest", "zero_to_fp32.py", ".*",
+    "trainer_state.json", "sc_tune_*.json", "sc_tune_run.lock*", "rng_state*", "latest", "zero_to_fp32.py", ".*",
 )
 
 

@@ -143,3 +143,15 @@ def test_two_processes_racing_for_a_stale_lock_get_one_winner(tmp_path):
         r.kill()
         r.wait()
     assert outcomes == ["refused", "refused", "refused", "won"]
+
+
+def test_a_lock_left_in_a_model_folder_is_not_carried_into_exports(tmp_path):
+    """A model folder that was once a run's output may hold a stale lock: exports and checkpoints never copy it."""
+    from sc_tune.export import carry_source_files
+
+    source, out = tmp_path / "model", tmp_path / "out"
+    source.mkdir()
+    out.mkdir()
+    (source / LOCK_FILE).write_text(json.dumps({"host": "node-7", "pid": 1}))
+    (source / "chat_template.json").write_text("{}")
+    assert carry_source_files(str(out), str(source)) == ["chat_template.json"]

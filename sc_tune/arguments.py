@@ -324,11 +324,15 @@ class SCTuneConfig(TrainingArguments):
 
     def _check_hyperparameters(self) -> None:
         """Values that would train the wrong way silently (a negative LR ascends, an infinite one writes
-        non-finite weights) or crash mid-run. Every float knob must be finite first (``inf > 0`` is true)."""
+        non-finite weights) or crash mid-run. Every float knob must be finite first (``inf > 0`` is true), except
+        +inf for a guard (turning it off)."""
         floats = ("describer_lr", "locator_lr", "kl_coef", "kl_target", "kl_horizon", "clip_range", "gamma",
                   "ratio_threshold", "policy_kl_stop", "describer_top_p", "describer_temperature", "weight_decay",
                   "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm")
-        not_finite = {name for name in floats if not math.isfinite(getattr(self, name))}
+        # Guards whose +inf has a meaning, "never": never skip an update, never stop the epochs, never clip.
+        guards = ("ratio_threshold", "policy_kl_stop", "max_grad_norm")
+        not_finite = {name for name in floats
+                      if not math.isfinite(getattr(self, name)) and not (name in guards and getattr(self, name) > 0)}
         rules = [
             ("describer_lr", self.describer_lr > 0, "must be > 0"),
             ("locator_lr", self.locator_lr > 0, "must be > 0"),

@@ -118,11 +118,12 @@ def test_the_reference_flag_names_are_aliases(tmp_path):
     (["--kl_coef", "inf"], "--kl_coef inf must be a finite number"),
     (["--kl_coef", "nan"], "--kl_coef nan must be a finite number"),
     (["--clip_range=-inf"], "--clip_range -inf must be a finite number"),
-    (["--ratio_threshold", "inf"], "--ratio_threshold inf must be a finite number"),
+    (["--ratio_threshold", "nan"], "--ratio_threshold nan must be a finite number"),
+    (["--policy_kl_stop=-inf"], "--policy_kl_stop -inf must be a finite number"),
     (["--describer_temperature", "0"], "--describer_temperature 0.0 must be > 0"),
     (["--describer_top_p", "1.5"], r"--describer_top_p 1.5 must be in \(0, 1\]"),
     (["--adam_beta2", "1"], r"--adam_beta2 1.0 must be in \[0, 1\)"),
-    (["--max_grad_norm", "inf"], "--max_grad_norm inf must be a finite number"),
+    (["--max_grad_norm", "nan"], "--max_grad_norm nan must be a finite number"),
     (["--describer_min_new_tokens", "40"],
      r"--describer_min_new_tokens 40 must be in \[0, --describer_max_new_tokens 30\]"),
     (["--locator_min_new_tokens", "9", "--locator_max_new_tokens", "8"], "--locator_min_new_tokens 9 must be in"),
@@ -134,6 +135,15 @@ def test_values_that_would_train_wrongly_are_refused_naming_the_flag(tmp_path, a
 
     with pytest.raises(ValueError, match=message):
         finetune.parse_args(["--output_dir", str(tmp_path), "--use_cpu", "True", *argv])
+
+
+def test_an_infinite_guard_means_never(tmp_path):
+    """+inf turns a guard off (scripts/bench_step.py and gpu_check.py use it): never skip, never stop, never clip."""
+    import finetune
+
+    *_, args, _ = finetune.parse_args(["--output_dir", str(tmp_path), "--use_cpu", "True", "--ratio_threshold", "inf",
+                                       "--policy_kl_stop", "inf", "--max_grad_norm", "inf"])
+    assert args.ratio_threshold == args.policy_kl_stop == args.max_grad_norm == float("inf")
 
 
 def test_the_reference_launch_flags_are_accepted_with_their_meaning(tmp_path):

@@ -570,16 +570,24 @@ _STORAGE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quo
                    errno.EFBIG: "the file-size limit was reached (file too large)"}
 
 
-def _newest_file(folder: str, since: float) -> str | None:
-    newest, newest_time = None, since - 1.0
+def _failed_file(folder: str, since: float) -> str | None:
+    """The file a failed save was writing: under a file-size limit the one that reached it, else the newest. File
+    times tick coarsely (a few ms), so files written together can share one: the bigger is the one in progress."""
+    import resource
+
+    written = []
     for root, _, names in os.walk(folder):
         for name in names:
             path = os.path.join(root, name)
             with contextlib.suppress(OSError):
-                mtime = os.path.getmtime(path)
-                if mtime >= newest_time:
-                    newest, newest_time = path, mtime
-    return newest
+                info = os.stat(path)
+                if info.st_mtime >= since - 1.0:
+                    written.append((info.st_mtime, info.st_size, path))
+    if not written:
+        return None
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    at_limit = [w for w in written if limit != resource.RLIM_INFINITY and w[1] >= limit - (1 << 16)]
+    return max(at_limit or written)[2]
 
 
 def _storage_cause(error: BaseException, folder: str, written: str | None) -> str | None:
@@ -619,7 +627,7 @@ def save_failures_named(folder: str, what: str):
     except Exception as e:  # torch.save raises RuntimeError, safetensors its own error, Python OSError
         if not isinstance(e, (OSError, RuntimeError)) and type(e).__name__ != "SafetensorError":
             raise
-        written = _newest_file(folder, started)
+        written = _failed_file(folder, started)
         cause = _storage_cause(e, folder, written)
         if cause is None and not isinstance(e, OSError):
             raise  # not a storage failure: a bug keeps its traceback
@@ -630,14 +638,3 @@ def save_failures_named(folder: str, what: str):
             f"saving {what} failed {where}: {reason}. The complete checkpoints already in {folder} are kept; free "
             "space (or raise the limit), then resume with --resume_from_checkpoint True"
         ) from e
-
-
-def names_save_failures(save_checkpoint):
-    """Decorator of ``Trainer._save_checkpoint``: :func:`save_failures_named` around the whole save."""
-
-    @functools.wraps(save_checkpoint)
-    def wrapper(trainer, *args, **kwargs):
-        with save_failures_named(trainer.args.output_dir, f"checkpoint-{trainer.state.global_step}"):
-            return save_checkpoint(trainer, *args, **kwargs)
-
-    return wrapper

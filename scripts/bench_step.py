@@ -292,7 +292,7 @@ def main(argv=None):
     print(
         f"config {opts.config}: {params / 1e6:.1f} M parameters, batch {batch}, describer prompt {prompt_len} tokens, "
         f"vision tower {100 * share:.0f} % of a prompt forward, "
-        f"vision cache {'on' if ours.trainer.vision_cache is not None else 'off'}, {opts.device} {opts.dtype}, "
+        f"vision cache {'on' if ours.trainer.cycle.vision_cache is not None else 'off'}, {opts.device} {opts.dtype}, "
         f"torch threads {torch.get_num_threads()}, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}",
         flush=True,
     )

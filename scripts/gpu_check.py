@@ -33,7 +33,6 @@ from bench_configs import CONFIGS, prepare  # noqa: E402
 from bench_step import ThisTrainer, collate, synthetic_batch  # noqa: E402
 
 import sc_tune.rollout  # noqa: E402
-import sc_tune.trainer  # noqa: E402
 from sc_tune.arguments import LoraArguments, SCTuneConfig  # noqa: E402
 from sc_tune.modeling import apply_lora, freeze_vision_tower  # noqa: E402
 
@@ -42,7 +41,7 @@ PHASES = ("describer", "locator")
 
 
 class GenerationMeter:
-    """Counts the tokens ``generate`` writes and the seconds spent in it (wraps the trainer's reference)."""
+    """Counts the tokens ``generate`` writes and the seconds spent in it (wraps ``sc_tune.rollout.generate``)."""
 
     def __init__(self, device: str):
         self.tokens, self.seconds, self.device = 0, 0.0, device
@@ -57,8 +56,8 @@ class GenerationMeter:
             self.tokens += int(completions.mask_BT.sum())
             return completions
 
-        sc_tune.rollout.generate = counted  # ``locate`` and ``describe`` look it up in their module
-        sc_tune.trainer.generate = counted
+        # describe, locate and the rollout cycle (sc_tune.cycle) look it up in the module when they call it
+        sc_tune.rollout.generate = counted
 
     def _sync(self):
         if self.device.startswith("cuda"):
@@ -113,7 +112,7 @@ def run_config(name, opts, device, dtype, meter):
         ratio_threshold=float("inf"),
     )
     ours = ThisTrainer(model, adapter, samples, args)
-    cache = ours.trainer.vision_cache
+    cache = ours.trainer.cycle.vision_cache
     report = {"batch": batch}
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -124,7 +123,7 @@ def run_config(name, opts, device, dtype, meter):
     if opts.prompt_cache_ab:
         settings.append(("prompt_cache_off", True, False, PHASES[:1]))
     for label, cache_on, prompt_cache, phases in settings:
-        ours.trainer.vision_cache = cache if cache_on else None
+        ours.trainer.cycle.vision_cache = cache if cache_on else None
         ours.trainer.args.snapshot_prompt_cache = prompt_cache
         for phase in phases:
             units = opts.describer_units if phase == "describer" else opts.locator_steps

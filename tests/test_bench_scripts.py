@@ -5,15 +5,13 @@ import json
 import sys
 
 import sc_tune.rollout
-import sc_tune.trainer
 from tests.conftest import ROOT
 
 
 def test_gpu_check_dry_run_times_every_setting_and_sees_the_prompt_cache_engage(capsys, monkeypatch):
     monkeypatch.syspath_prepend(f"{ROOT}/scripts")
-    # the script wraps ``generate`` to count tokens; these put the originals back after the test
+    # the script wraps ``generate`` to count tokens; this puts the original back after the test
     monkeypatch.setattr(sc_tune.rollout, "generate", sc_tune.rollout.generate)
-    monkeypatch.setattr(sc_tune.trainer, "generate", sc_tune.trainer.generate)
     sys.modules.pop("gpu_check", None)
     import gpu_check
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import shutil
+import time
 
 import pytest
 import torch
@@ -163,7 +165,7 @@ def test_allowed_change_resumes(runs, tmp_path):
 
 
 def test_rollout_buffer_is_plain_data_and_a_crafted_pickle_does_not_run(tmp_path):
-    from sc_tune.trainer import DescriberRollout, LocatorRollout
+    from sc_tune.cycle import DescriberRollout, LocatorRollout
 
     rollout = LocatorRollout({"input_ids": torch.arange(6).reshape(2, 3)}, torch.full((2, 3), -100), 2)
     path = tmp_path / "rollouts_rank0.pt"
@@ -501,8 +503,30 @@ def test_deepspeed_checkpoint_engine_loads_weights_only_while_sc_tune_trains(tmp
     assert not marker.exists()
 
 
+def test_the_trainer_trains_with_deepspeeds_loads_weights_only(tiny_checkpoint, tmp_path):
+    """The context above is in force while SCTuneTrainer.train runs (seen from a Trainer callback): DeepSpeed loads
+    its states inside the Trainer's loop, before the first step."""
+    import deepspeed  # noqa: F401 (as in a DeepSpeed run: the engine is imported)
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from transformers import TrainerCallback
+
+    from tests.helpers import make_trainer
+
+    seen = []
+
+    class Watch(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            seen.append(TorchCheckpointEngine.load)
+
+    original = TorchCheckpointEngine.load
+    trainer = make_trainer(tiny_checkpoint("qwen2_vl"), str(tmp_path), max_steps=1)
+    trainer.add_callback(Watch())
+    trainer.train()
+    assert len(seen) == 1 and seen[0] is not original and seen[0].__wrapped__ is original
+    assert TorchCheckpointEngine.load is original
+
+
 def test_save_failures_name_the_file_and_the_storage_cause(tmp_path):
-    import errno
 
     folder = tmp_path / "run"
     folder.mkdir()
@@ -518,6 +542,29 @@ def test_save_failures_name_the_file_and_the_storage_cause(tmp_path):
     with pytest.raises(KeyError):  # not a storage failure: a bug keeps its own type and traceback
         with checkpoints.save_failures_named(str(folder), "checkpoint-8"):
             raise KeyError("bug")
+
+
+def test_the_file_named_is_the_one_that_hit_the_limit_even_when_a_smaller_file_looks_newer(tmp_path, monkeypatch):
+    """File times tick coarsely: a small file written in the same tick (or a little later) is not the culprit."""
+    import resource
+
+    limit = 1_000_000
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (limit, resource.RLIM_INFINITY))
+    folder = tmp_path / "run"
+    folder.mkdir()
+    now = time.time()
+    for name, size, at in (("optimizer.pt", limit - 100, now), ("rng_state.pth", 10, now + 0.002)):
+        (folder / name).write_bytes(b"x" * size)
+        os.utime(folder / name, (at, at))
+    with pytest.raises(checkpoints.CheckpointError, match=r"while writing \S*optimizer\.pt .*file-size limit"):
+        with checkpoints.save_failures_named(str(folder), "checkpoint-2"):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 967936 vs 967828")
+    monkeypatch.undo()
+    for name in ("optimizer.pt", "rng_state.pth"):  # the same tick, no limit: the bigger file was in progress
+        os.utime(folder / name, (now, now))
+    with pytest.raises(checkpoints.CheckpointError, match=r"while writing \S*optimizer\.pt"):
+        with checkpoints.save_failures_named(str(folder), "checkpoint-2"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 @pytest.mark.slow

@@ -1,0 +1,143 @@
+"""What the rollout stages hand the losses, seen through the trainer's ``cycle=`` seam (``RecordingCycle``).
+
+- The locator learns pseudo-labels: the SNAPSHOT's GREEDY caption paired with the TRUE box. Checked on the committed
+  warm start, whose locator writes boxes that parse, on objects it grounds on the wrong shape (so a located box is
+  never the true one), with the policy perturbed mid-phase (so its captions are not the snapshot's) and a sampling
+  temperature of 2 (so a sampled caption is not the greedy one).
+- With K = 2 samples per box, each sample's reward is scored against its own box (a reward that depends on the box),
+  and the snapshot's baseline caption of each box is its greedy one.
+- The log-probabilities of the KL term and of the PPO ratio are those of the distribution the captions were sampled
+  from: at ``--describer_temperature 2``, log_softmax(logits / 2), computed here by hand.
+"""
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from sc_tune.data import ReferringDataset
+from sc_tune.modeling import load_model_and_adapter
+from sc_tune.rewards import RewardBatch
+from sc_tune.rollout import GenerationSettings, describe
+from tests.conftest import WARM_START
+from tests.helpers import RecordingCycle, make_trainer
+
+
+# ---------------------------------------------------------------- the locator's pseudo-labels
+class PerturbPolicyAt(TrainerCallback):
+    """Before step ``step``, noise on the policy's trainable language-model weights: from then on the policy writes
+    other captions than the snapshot (which keeps the phase's start weights)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step != self.step:
+            return
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if param.requires_grad and "language_model" in name:
+                    param.add_(torch.randn(param.shape, generator=generator) * 0.3)
+
+
+def test_the_locator_learns_the_snapshots_greedy_caption_paired_with_the_true_box(mislocated, tmp_path):
+    root, records = mislocated
+    trainer = make_trainer(
+        WARM_START, str(tmp_path), dataset=ReferringDataset(records[:8], str(root)), cycle=RecordingCycle,
+        describer_update_steps=0, locator_update_steps=2, max_steps=2, per_device_train_batch_size=8,
+        describer_max_new_tokens=8, describer_min_new_tokens=1, locator_max_new_tokens=32, locator_min_new_tokens=3,
+        describer_top_k=0, describer_top_p=1.0, describer_temperature=2.0, locator_lr=3e-5,
+    )  # fmt: skip
+    trainer.add_callback(PerturbPolicyAt(1))
+    trainer.train()
+    snapshot, adapter = load_model_and_adapter(WARM_START)  # the phase's start weights: the snapshot's
+    snapshot.eval()
+    greedy = GenerationSettings(8, 1)
+    assert len(trainer.cycle.made) == 2
+    for step, (inputs, result) in enumerate(trainer.cycle.made):
+        images = [adapter.prepare_image(image) for image in inputs["images"]]
+        boxes = inputs["boxes"].tolist()
+        captions = describe(snapshot, adapter, images, boxes, greedy)[1].texts
+        expected = adapter.build_batch([adapter.locator_prompt(c, im) for c, im in zip(captions, images)], images,
+                                       [adapter.locator_target(box, im) for box, im in zip(boxes, images)])
+        assert torch.equal(result.rollout.inputs["input_ids"], expected.inputs["input_ids"]), step
+        assert torch.equal(result.rollout.labels, expected.labels), step
+    # The test can tell: at step 1 the policy's captions are not the snapshot's (it learned nothing from them).
+    trainer.model.eval()
+    policy_captions = describe(trainer.model, adapter, images, boxes, greedy)[1].texts
+    assert sum(p != c for p, c in zip(policy_captions, captions)) >= 4, (policy_captions, captions)
+
+
+# ---------------------------------------------------------------- K = 2: rewards against the right boxes, greedy baseline
+class BoxReward:
+    """A reward that depends on the box: each caption's reward is the x1 of the true box it is scored against."""
+
+    def __init__(self):
+        self.calls: list[tuple[torch.Tensor, list[str]]] = []
+
+    def __call__(self, pred_boxes, target_N4, captions):
+        self.calls.append((target_N4.clone(), list(captions)))
+        return RewardBatch(target_N4[:, 0].float().clone(), torch.tensor([b is not None for b in pred_boxes]))
+
+
+@pytest.fixture(scope="module")
+def two_samples_per_box(tiny_checkpoint, tmp_path_factory):
+    """One describer rollout of 2 boxes x K = 2 samples on a tiny random Qwen2-VL, the paper's baseline."""
+    reward = BoxReward()
+    trainer = make_trainer(
+        tiny_checkpoint("qwen2_vl"), str(tmp_path_factory.mktemp("k2")), reward_fn=reward, cycle=RecordingCycle,
+        num_generations=2, per_device_train_batch_size=2, max_steps=1, describer_update_steps=1,
+        locator_update_steps=0, ppo_epochs=1, describer_top_k=0, describer_top_p=1.0,
+    )  # fmt: skip
+    trainer.train()
+    return trainer, reward
+
+
+def test_with_k_samples_each_reward_is_scored_against_its_own_box(two_samples_per_box):
+    trainer, reward = two_samples_per_box
+    (inputs, result), = trainer.cycle.made
+    boxes_B4 = inputs["boxes"]
+    assert boxes_B4[0, 0] != boxes_B4[1, 0]  # the test can tell the boxes apart
+    # Samples of a box are adjacent: rows 0, 1 are box 0's, rows 2, 3 box 1's.
+    assert torch.equal(reward.calls[0][0], boxes_B4.repeat_interleave(2, dim=0))
+    assert torch.equal(result.rollout.reward_N, boxes_B4[:, 0].repeat_interleave(2).float())
+    assert torch.equal(result.rollout.baseline_N, boxes_B4[:, 0].repeat_interleave(2).float())  # greedy: own box
+
+
+def test_with_k_samples_the_baseline_caption_is_the_snapshots_greedy_one(two_samples_per_box, tiny_checkpoint):
+    trainer, reward = two_samples_per_box
+    (inputs, _), = trainer.cycle.made
+    snapshot, adapter = load_model_and_adapter(tiny_checkpoint("qwen2_vl"))  # step 0: the snapshot is the start
+    snapshot.eval()
+    images = [adapter.prepare_image(image) for image in inputs["images"]]
+    greedy_captions = describe(snapshot, adapter, images, inputs["boxes"].tolist(), GenerationSettings(6, 2))[1].texts
+    targets, captions = reward.calls[1]  # the baseline's call: one greedy caption per box, against its box
+    assert captions == greedy_captions and torch.equal(targets, inputs["boxes"])
+    sampled = reward.calls[0][1]
+    assert sampled[::2] != greedy_captions or sampled[1::2] != greedy_captions  # samples differ: the test can tell
+
+
+# ---------------------------------------------------------------- log-probabilities at the sampling temperature
+def test_log_probabilities_are_those_of_the_sampling_temperature(tiny_checkpoint, tmp_path):
+    trainer = make_trainer(tiny_checkpoint("qwen2_vl"), str(tmp_path), cycle=RecordingCycle, describer_temperature=2.0,
+                           max_steps=1, describer_update_steps=1, locator_update_steps=0, ppo_epochs=1,
+                           reward_fn=BoxReward())
+    trainer.train()
+    rollout = trainer.cycle.made[0][1].rollout
+    model, _ = load_model_and_adapter(tiny_checkpoint("qwen2_vl"))  # the snapshot's and the pre-update policy's weights
+    model.eval()
+    with torch.no_grad():
+        logits = model(**rollout.inputs).logits.float()
+    ids_NT, mask_NT = rollout.caption_ids_NT, rollout.caption_mask_NT.bool()
+    width, length = logits.shape[1], ids_NT.shape[1]
+    by_hand = {}
+    for temperature in (2.0, 1.0):
+        logp = torch.zeros(ids_NT.shape)
+        for n in range(ids_NT.shape[0]):
+            for t in range(length):  # caption token t sits at column width - length + t, predicted one column before
+                row = logits[n, width - length + t - 1] / temperature
+                logp[n, t] = row[ids_NT[n, t]] - torch.logsumexp(row, dim=0)
+        by_hand[temperature] = logp
+    for computed in (rollout.snapshot_logp_NT, rollout.old_logp_NT):  # the KL reference, the PPO ratio's old policy
+        assert torch.allclose(computed[mask_NT], by_hand[2.0][mask_NT], atol=1e-4)
+        assert not torch.allclose(computed[mask_NT], by_hand[1.0][mask_NT], atol=1e-2)  # the temperature matters

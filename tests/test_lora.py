@@ -11,7 +11,8 @@ from sc_tune.snapshot import SNAPSHOT_ADAPTER
 from tests.conftest import SAMPLE_IMAGES
 from tests.helpers import caption_hash_reward, make_trainer, sample_images
 
-LORA = SimpleNamespace(q_lora=False, lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=None)
+LORA = SimpleNamespace(q_lora=False, lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=None,
+                       lora_target_experts=False)
 
 
 def _lora(model, adapter):

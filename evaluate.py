@@ -13,8 +13,13 @@ The flags are finetune.py's where they mean the same (``--model_name_or_path``, 
 still accepted. Several processes: ``torchrun --nproc_per_node N evaluate.py ...`` (or scripts/evaluate.sh);
 every sample is scored exactly once whatever N and the batch size. Rank 0 writes ``OUT/<task>_metrics.json``
 (with the sample counts), a per-sample JSONL next to it and, for self-consistency, a PNG grid of cycles.
+
+Nothing scored is lost: each process writes every scored batch to disk before the next one, and a re-run with the
+same settings resumes where an interrupted one stopped (``sc_tune/evaluation/progress.py``). A folder that holds a
+finished evaluation of the task is refused unless ``--overwrite_results True``; one run at a time per folder.
 """
 
+# ruff: noqa: E402 (the torchvision check runs before transformers is imported)
 from __future__ import annotations
 
 import json
@@ -25,17 +30,25 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
+from sc_tune.environment import check_torchvision
+
+check_torchvision()  # before transformers: a torchvision that does not load with this torch breaks its imports
+
 import torch
 from transformers import HfArgumentParser
 
 from sc_tune import modeling
-from sc_tune.arguments import DataArguments, ModelArguments, SCTuneConfig
+from sc_tune.arguments import ArgumentError, DataArguments, ModelArguments, SCTuneConfig
+from sc_tune.checkpoints import CheckpointError, check_model_folder
 from sc_tune.help_layout import CompactHelpFormatter
 from sc_tune.evaluation import evaluate_rec, evaluate_region_captions, evaluate_self_consistency
 from sc_tune.evaluation.distributed import barrier, init_from_env, shutdown
-from sc_tune.evaluation.records import (image_problems, load_annotation_records, load_rec_samples,
+from sc_tune.evaluation.progress import (ResultsError, SampleLog, discard_results, fingerprint_records, model_identity,
+                                         refuse_finished)
+from sc_tune.evaluation.records import (RecordError, image_problems, load_annotation_records, load_rec_samples,
                                         load_region_caption_records, open_image)
-from sc_tune.jsonio import write_json, write_jsonl
+from sc_tune.jsonio import JSONFileError, write_json, write_jsonl
+from sc_tune.run_lock import RunLockError, hold
 from sc_tune.rollout import GenerationSettings
 from sc_tune.visualize import save_cycle_grid
 
@@ -103,10 +116,24 @@ class EvaluationArguments:
     meteor: bool = field(
         default=True, metadata={"help": "region-caption: METEOR when java and pycocoevalcap are there (--no_meteor)."}
     )
+    overwrite_results: bool = field(
+        default=False,
+        metadata={"help": "Replace a finished evaluation in --output_dir, and discard its partial rows (by default a "
+                  "finished one is refused and an interrupted one resumes)."},
+    )
 
     def __post_init__(self):
         if self.task != "rec" and len(self.data_path) != 1:
-            raise ValueError(f"--task {self.task} takes one --data_path file, got {len(self.data_path)}")
+            raise ArgumentError(f"--task {self.task} takes one --data_path file, got {len(self.data_path)}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ArgumentError(f"--max_samples {self.max_samples} must be >= 1 (leave it out to evaluate every "
+                                "record): metrics over no sample mean nothing")
+        for name in ("per_device_eval_batch_size", "describer_max_new_tokens", "locator_max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ArgumentError(f"--{name} {getattr(self, name)} must be >= 1")
+        if not 0 <= self.describer_min_new_tokens <= self.describer_max_new_tokens:
+            raise ArgumentError(f"--describer_min_new_tokens {self.describer_min_new_tokens} must be in "
+                             f"[0, --describer_max_new_tokens {self.describer_max_new_tokens}]")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -140,6 +167,17 @@ def main(argv=None) -> None:
     ranks = init_from_env()
     logging.basicConfig(level=logging.INFO if ranks.is_main else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
+    task_name = args.task.replace("-", "_")
+    metrics_path = os.path.join(args.output_dir, f"{task_name}_metrics.json")
+    refuse_finished(metrics_path, args.overwrite_results)  # before any work: a finished evaluation is not replaced
+    # One run per output folder (the lock names the other run): two evaluations would interleave their rows.
+    with hold(args.output_dir, ranks.is_main, ranks.world_size):
+        _evaluate(args, ranks, task_name, metrics_path)
+    barrier(ranks)
+    shutdown(ranks)
+
+
+def _evaluate(args: EvaluationArguments, ranks, task_name: str, metrics_path: str) -> None:
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     else:
@@ -162,45 +200,65 @@ def main(argv=None) -> None:
             datasets[k] = (path, [r for i, r in enumerate(records) if i not in bad])
             if not datasets[k][1]:
                 raise SystemExit(f"{path}: no sample has a readable image")
+    check_model_folder(args.model_name_or_path)
     model, adapter = load_model_and_adapter(args.model_name_or_path, args.torch_dtype, device, args.box_format)
     describe_settings = GenerationSettings(args.describer_max_new_tokens, args.describer_min_new_tokens)
     locate_settings = GenerationSettings(args.locator_max_new_tokens)
-    if ranks.is_main:
-        os.makedirs(args.output_dir, exist_ok=True)
+    names = [f"rec_{os.path.splitext(os.path.basename(path))[0]}" if args.task == "rec" else task_name
+             for path, _ in datasets]
+    if args.overwrite_results and ranks.is_main:  # every input has been checked: the earlier results may go
+        discard_results([metrics_path, os.path.join(args.output_dir, "self_consistency_cycles.png")]
+                        + [os.path.join(args.output_dir, f"{n}_samples{end}") for n in names
+                           for end in (".jsonl", ".partial")])
+    barrier(ranks)
+    # What a row depends on: a resumed run reuses rows only if every one of these is unchanged.
+    shared_settings = {"task": args.task, "model": model_identity(args.model_name_or_path),
+                       "image_folder": os.path.abspath(args.image_folder) if args.image_folder else "",
+                       "box_format": args.box_format, "dtype": str(args.torch_dtype),
+                       "describer": vars(describe_settings), "locator": vars(locate_settings),
+                       "fit_locator_budget": args.fit_locator_budget}
+
+    def progress_for(name: str, records: list) -> SampleLog:
+        return SampleLog(args.output_dir, name, {**shared_settings, "records": fingerprint_records(records)}, ranks)
+
     started = time.monotonic()
     common = {"task": args.task, "model": args.model_name_or_path, "image_folder": args.image_folder,
               "world_size": ranks.world_size, "batch_size_per_process": args.per_device_eval_batch_size,
               "dtype": str(args.torch_dtype).removeprefix("torch.")}
-    task_name = args.task.replace("-", "_")
     batch_size = args.per_device_eval_batch_size
+    logs = []
 
     if args.task == "rec":
         results = {}
-        for path, samples in datasets:
+        for (path, samples), name in zip(datasets, names):
+            logs.append(progress_for(name, samples))
             metrics, per_sample = evaluate_rec(model, adapter, samples, args.image_folder, batch_size,
-                                               locate_settings, fit_budget=args.fit_locator_budget)
-            name = os.path.splitext(os.path.basename(path))[0]
-            results[name] = {"data": path, **metrics}
+                                               locate_settings, fit_budget=args.fit_locator_budget,
+                                               progress=logs[-1])
+            metrics["num_resumed"] = logs[-1].resumed
+            results[name.removeprefix("rec_")] = {"data": path, **metrics}
             if ranks.is_main:
-                write_jsonl(os.path.join(args.output_dir, f"rec_{name}_samples.jsonl"), per_sample)
+                write_jsonl(logs[-1].final_path, per_sample)
                 logger.info("%s: Acc@0.5 %.4f over %d samples (%d parse failures)", name, metrics["acc@0.5"] or 0,
                             metrics["num_samples"], metrics["num_parse_failures"])
         output = {**common, "locator": vars(locate_settings), "results": results}
     else:
         (path, records), = datasets
+        logs.append(progress_for(names[0], records))
         if args.task == "self-consistency":
             metrics, per_sample = evaluate_self_consistency(model, adapter, records, args.image_folder,
                                                             batch_size, describe_settings, locate_settings,
-                                                            fit_budget=args.fit_locator_budget)
+                                                            fit_budget=args.fit_locator_budget, progress=logs[-1])
             settings = {"describer": vars(describe_settings), "locator": vars(locate_settings)}
         else:
             metrics, per_sample = evaluate_region_captions(model, adapter, records, args.image_folder,
                                                            batch_size, describe_settings,
-                                                           use_meteor=args.meteor)
+                                                           use_meteor=args.meteor, progress=logs[-1])
             settings = {"describer": vars(describe_settings)}
+        metrics["num_resumed"] = logs[-1].resumed
         output = {**common, "data": path, **settings, "metrics": metrics}
         if ranks.is_main:
-            write_jsonl(os.path.join(args.output_dir, f"{task_name}_samples.jsonl"), per_sample)
+            write_jsonl(logs[-1].final_path, per_sample)
             if args.task == "self-consistency" and args.grid_samples > 0 and per_sample:
                 shown = per_sample[: args.grid_samples]
                 save_cycle_grid(os.path.join(args.output_dir, "self_consistency_cycles.png"),
@@ -212,13 +270,19 @@ def main(argv=None) -> None:
         output["unreadable_images"] = {p: {"count": len(v), "samples": v} for p, v in unreadable.items()}
     output["seconds"] = round(time.monotonic() - started, 2)
     if ranks.is_main:
-        metrics_path = os.path.join(args.output_dir, f"{task_name}_metrics.json")
         write_json(metrics_path, output)
         print(json.dumps(output, indent=2, ensure_ascii=False))
         logger.info("wrote %s", metrics_path)
-    barrier(ranks)
-    shutdown(ranks)
+    for log in logs:  # the final files hold every row now: the partial rows go
+        log.finish()
 
+
+# Bad input, not a bug: each of these names the file, record or flag; a traceback would bury it.
+INPUT_ERRORS = (ArgumentError, CheckpointError, JSONFileError, RecordError, ResultsError, RunLockError,
+                FileNotFoundError)
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except INPUT_ERRORS as e:
+        raise SystemExit(f"evaluate.py: error: {e}") from None

@@ -7,17 +7,33 @@
 `python finetune.py --help` lists every knob; scripts/finetune_ds.sh sets the reference's values.
 """
 
+# ruff: noqa: E402 (the torchvision check runs before transformers is imported)
 from __future__ import annotations
 
 import logging
+import sys
+
+from sc_tune.environment import check_torchvision
+
+check_torchvision()  # before transformers: a torchvision that does not load with this torch breaks its imports
 
 import torch
 from transformers import set_seed
 
-from sc_tune.checkpoints import check_output_dir, resume_requested
-from sc_tune.data import ReferringDataset
+from sc_tune.arguments import ArgumentError
+from sc_tune.checkpoints import (
+    CheckpointError,
+    OutputDirError,
+    ReplaceOverwrittenRun,
+    check_model_folder,
+    check_output_dir,
+    resume_requested,
+    save_failures_named,
+)
+from sc_tune.data import AnnotationError, ReferringDataset
 from sc_tune.export import export_trained
 from sc_tune.help_layout import build_parser
+from sc_tune.jsonio import JSONFileError
 from sc_tune.modeling import (
     apply_lora,
     freeze_vision_tower,
@@ -25,25 +41,41 @@ from sc_tune.modeling import (
     qlora_quantization_config,
     trainable_summary,
 )
+from sc_tune.preflight import PreflightError
+from sc_tune.reference_flags import refuse_unknown, take_reference_flags
+from sc_tune.run_lock import RunLockError, hold
 from sc_tune.trainer import SCTuneTrainer
 
 logger = logging.getLogger("sc_tune")
 
 
+def parse_args(argv: list[str] | None = None):
+    """(model, data, LoRA, training arguments, notes): the reference's flags taken out first, unknown ones refused."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, notes = take_reference_flags(argv)
+    *parsed, remaining = build_parser().parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    refuse_unknown(remaining, "finetune.py")
+    return (*parsed, notes)
+
+
 def main(argv: list[str] | None = None) -> SCTuneTrainer:
-    model_args, data_args, lora_args, args = build_parser().parse_args_into_dataclasses(args=argv)
+    model_args, data_args, lora_args, args, notes = parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.process_index == 0 else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for note in notes:
+        logger.warning(note)
+    if lora_args.q_lora and not lora_args.use_lora:
+        raise ArgumentError("--q_lora needs --use_lora")
 
-    check_output_dir(
-        args.output_dir,
-        model_args.model_name_or_path,
-        resume_requested(args.resume_from_checkpoint),
+    # Nothing is deleted before every input has been checked: the refusals come first, the old run's checkpoints
+    # (--overwrite_output_dir) go only once the model, the data, its images and the first step have worked.
+    overwritten = check_output_dir(
+        args.output_dir, model_args.model_name_or_path, resume_requested(args.resume_from_checkpoint),
         args.overwrite_output_dir,
-        delete=args.process_index == 0,
     )
+    check_model_folder(model_args.model_name_or_path)
 
     if args.deepspeed:
         # ZeRO-3 partitions weights while from_pretrained runs, so DeepSpeed's communication layer must be
@@ -52,14 +84,18 @@ def main(argv: list[str] | None = None) -> SCTuneTrainer:
 
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
+    # One run per output folder (a lock file naming the run): a second run would delete the first's checkpoints.
+    with hold(args.output_dir, args.process_index == 0, args.world_size):
+        return _train(model_args, data_args, lora_args, args, overwritten)
+
+
+def _train(model_args, data_args, lora_args, args, overwritten: list[str]) -> SCTuneTrainer:
     # Load in half precision only where fp32 master weights live elsewhere: DeepSpeed keeps them in its
     # optimizer, and LoRA trains fp32 adapters on a frozen base. A plain run keeps fp32 weights and lets
     # --bf16 autocast the compute; Adam steps of 5e-7 would vanish in bf16 weights.
     half = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
     dtype = half if half is not None and (args.deepspeed or lora_args.use_lora) else torch.float32
     quantization = qlora_quantization_config(dtype) if lora_args.q_lora else None
-    if lora_args.q_lora and not lora_args.use_lora:
-        raise ValueError("--q_lora needs --use_lora")
     set_seed(args.seed)  # before any random initialisation (LoRA's A matrices): a seed gives one run
     model, adapter = load_model_and_adapter(
         model_args.model_name_or_path, dtype=dtype, quantization_config=quantization, box_format=model_args.box_format
@@ -81,21 +117,22 @@ def main(argv: list[str] | None = None) -> SCTuneTrainer:
     trainer = SCTuneTrainer(
         model=model, args=args, adapter=adapter, train_dataset=dataset, source_dir=model_args.model_name_or_path
     )
+    # The old run's checkpoints (--overwrite_output_dir) go at the end of the first step: after the preflight and
+    # the first rollout have worked, before the first save (which must not sit beside the old run's).
+    trainer.add_callback(ReplaceOverwrittenRun(overwritten, args.process_index == 0))
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_state()
-    export_trained(trainer, args.output_dir, model_args.model_name_or_path, lora_args.use_lora)
+    with save_failures_named(args.output_dir, "the trained model"):
+        export_trained(trainer, args.output_dir, model_args.model_name_or_path, lora_args.use_lora)
     return trainer
 
 
-if __name__ == "__main__":
-    from sc_tune.arguments import ArgumentError
-    from sc_tune.checkpoints import CheckpointError, OutputDirError
-    from sc_tune.data import AnnotationError
-    from sc_tune.jsonio import JSONFileError
-    from sc_tune.preflight import PreflightError
+# Bad input, not a bug: each of these names the file, record or flag; a traceback would bury it.
+INPUT_ERRORS = (ArgumentError, AnnotationError, CheckpointError, JSONFileError, OutputDirError, PreflightError,
+                RunLockError, FileNotFoundError)
 
+if __name__ == "__main__":
     try:
         main()
-    except (ArgumentError, AnnotationError, CheckpointError, JSONFileError, OutputDirError, PreflightError) as e:
-        # Bad input, not a bug: the message names the file, record or flag; a traceback would bury it.
+    except INPUT_ERRORS as e:
         raise SystemExit(f"finetune.py: error: {e}") from None

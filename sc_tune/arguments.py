@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -78,6 +79,17 @@ class LoraArguments:
         default=False,
         metadata={"help": "MoE models: LoRA on the routed experts too (fused 3-D weights, PEFT target_parameters)."},
     )
+
+    def __post_init__(self):
+        errors = []
+        if self.lora_r < 1:
+            errors.append(f"--lora_r {self.lora_r!r} must be >= 1")
+        if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            errors.append(f"--lora_alpha {self.lora_alpha!r} must be a finite number > 0")
+        if not (math.isfinite(self.lora_dropout) and 0 <= self.lora_dropout < 1):
+            errors.append(f"--lora_dropout {self.lora_dropout!r} must be in [0, 1)")
+        if errors:
+            raise ArgumentError("invalid arguments: " + "; ".join(errors))
 
 
 @dataclass
@@ -318,15 +330,33 @@ class SCTuneConfig(TrainingArguments):
             raise ArgumentError("--remove_unused_columns must be False: SC-Tune samples carry PIL images")
 
     def _check_hyperparameters(self) -> None:
-        """Values that would train the wrong way silently (a negative LR ascends) or crash mid-run."""
+        """Values that would train the wrong way silently (a negative LR ascends, an infinite one writes
+        non-finite weights) or crash mid-run. Every float knob must be finite first (``inf > 0`` is true), except
+        +inf for a guard (turning it off)."""
+        floats = ("describer_lr", "locator_lr", "kl_coef", "kl_target", "kl_horizon", "clip_range", "gamma",
+                  "ratio_threshold", "policy_kl_stop", "describer_top_p", "describer_temperature", "weight_decay",
+                  "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm")
+        # Guards whose +inf has a meaning, "never": never skip an update, never stop the epochs, never clip.
+        guards = ("ratio_threshold", "policy_kl_stop", "max_grad_norm")
+        not_finite = {name for name in floats
+                      if not math.isfinite(getattr(self, name)) and not (name in guards and getattr(self, name) > 0)}
         rules = [
             ("describer_lr", self.describer_lr > 0, "must be > 0"),
             ("locator_lr", self.locator_lr > 0, "must be > 0"),
             ("kl_coef", self.kl_coef >= 0, "must be >= 0"),
+            ("kl_target", self.kl_target > 0, "must be > 0"),
+            ("kl_horizon", self.kl_horizon > 0, "must be > 0"),
             ("clip_range", self.clip_range > 0, "must be > 0"),
             ("gamma", 0 <= self.gamma <= 1, "must be in [0, 1]"),
             ("ratio_threshold", self.ratio_threshold > 0, "must be > 0"),
             ("policy_kl_stop", self.policy_kl_stop > 0, "must be > 0"),
+            ("describer_top_p", 0 < self.describer_top_p <= 1, "must be in (0, 1]"),
+            ("describer_top_k", self.describer_top_k >= 0, "must be >= 0 (0: no top-k filter)"),
+            ("describer_temperature", self.describer_temperature > 0, "must be > 0"),
+            ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            ("adam_beta1", 0 <= self.adam_beta1 < 1, "must be in [0, 1)"),
+            ("adam_beta2", 0 <= self.adam_beta2 < 1, "must be in [0, 1)"),
+            ("adam_epsilon", self.adam_epsilon > 0, "must be > 0"),
             ("gradient_accumulation_steps", self.gradient_accumulation_steps >= 1, "must be >= 1"),
             ("ppo_epochs", self.ppo_epochs >= 1, "must be >= 1"),
             ("describer_update_steps", self.describer_update_steps >= 0, "must be >= 0"),
@@ -336,7 +366,15 @@ class SCTuneConfig(TrainingArguments):
             ("preflight_max_parse_failures", 0 <= self.preflight_max_parse_failures <= 1, "must be in [0, 1]"),
             ("preflight_min_accuracy", 0 <= self.preflight_min_accuracy <= 1, "must be in [0, 1]"),
             ("moe_aux_loss_coef", self.moe_aux_loss_coef is None or self.moe_aux_loss_coef >= 0, "must be >= 0"),
+            ("describer_max_new_tokens", self.describer_max_new_tokens >= 1, "must be >= 1"),
+            ("locator_max_new_tokens", self.locator_max_new_tokens >= 1, "must be >= 1"),
+            ("describer_min_new_tokens", 0 <= self.describer_min_new_tokens <= self.describer_max_new_tokens,
+             f"must be in [0, --describer_max_new_tokens {self.describer_max_new_tokens}]"),
+            ("locator_min_new_tokens", 0 <= self.locator_min_new_tokens <= self.locator_max_new_tokens,
+             f"must be in [0, --locator_max_new_tokens {self.locator_max_new_tokens}]"),
         ]
-        errors = [f"--{name} {getattr(self, name)!r} {rule}" for name, ok, rule in rules if not ok]
+        errors = [f"--{name} {getattr(self, name)!r} must be a finite number" for name in floats if name in not_finite]
+        errors += [f"--{name} {getattr(self, name)!r} {rule}" for name, ok, rule in rules
+                   if not ok and name not in not_finite]
         if errors:
             raise ArgumentError("invalid arguments: " + "; ".join(errors))

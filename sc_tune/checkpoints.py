@@ -16,22 +16,37 @@ share with the saved one (model, phase settings, batch size, seed, world size, p
 ``sc_tune_state.json``; a change is an error unless ``--resume_allow_changes`` names it.
 
 Checkpoint files hold tensors and plain data only (``torch.load(weights_only=True)``): the rollout buffer is
-stored as ``{"kind": class name, "fields": {...}}``.
+stored as ``{"kind": class name, "fields": {...}}``. DeepSpeed's own checkpoint engine unpickles its shards with
+weights-only loading turned off, and whoever can rewrite a shard can rewrite the manifest, so hashes cannot make
+that safe. Instead, while SC-Tune trains, DeepSpeed's loads go through :func:`load_tensors` too (weights-only, with
+an allowlist of the few DeepSpeed classes its states hold: :func:`deepspeed_loads_without_pickle`), and a resume
+refuses any pickled file holding other Python objects before anything loads. Either refusal names the file.
+
+A checkpoint at or past ``--max_steps`` trains nothing: at it, the run is complete (its model is exported again,
+the same model); past it, the resume is refused (:func:`check_resume_step`). A failed write names the file and, when
+storage ran out, the disk or file-size limit (:func:`save_failures_named`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import functools
 import hashlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
+import sys
+import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from sc_tune.jsonio import read_json
@@ -203,6 +218,9 @@ def problems(checkpoint: str) -> list[str]:
     hashes = _hash_files(checkpoint, sized)
     changed = [rel for rel in sized if hashes[rel] != manifest[rel]["sha256"]]
     found += [f"{rel}: content changed since it was saved (SHA-256 differs)" for rel in changed]
+    # Independent of the manifest (which an attacker can rewrite): no file a resume unpickles may hold objects
+    # beyond tensors, plain data and the allowlisted DeepSpeed/numpy classes.
+    found += pickle_problems(checkpoint)
     return found
 
 
@@ -338,7 +356,7 @@ def save_rollouts(rollouts: dict, path: str) -> None:
 def load_rollouts(path: str, classes: list[type], device) -> dict:
     by_name = {cls.__name__: cls for cls in classes}
     # Tensors are read to the CPU first: a device such as "cpu:0" (CPU DDP) is not a valid map_location.
-    plain = torch.load(path, map_location="cpu", weights_only=True)
+    plain = load_tensors(path)
     device = torch.device(device)
     rollouts = {}
     for micro, entry in plain.items():
@@ -358,8 +376,11 @@ def _holds_a_run(folder: str) -> list[str]:
     return sorted(found)
 
 
-def check_output_dir(output_dir: str, model_dir: str, resuming: bool, overwrite: bool, delete: bool = True) -> None:
-    """Refuse an --output_dir that would overwrite the model being trained or mix two runs' checkpoints."""
+def check_output_dir(output_dir: str, model_dir: str, resuming: bool, overwrite: bool) -> list[str]:
+    """Refuse an --output_dir that would overwrite the model being trained or mix two runs' checkpoints.
+
+    Deletes nothing: returns the checkpoint folders that ``--overwrite_output_dir`` will replace, for
+    :func:`clear_output_dir` to delete once every input has been checked (the model loaded, the data read)."""
     out, model = os.path.realpath(output_dir), os.path.realpath(model_dir)
     if out == model or out.startswith(model + os.sep):
         raise OutputDirError(
@@ -368,13 +389,252 @@ def check_output_dir(output_dir: str, model_dir: str, resuming: bool, overwrite:
         )
     found = _holds_a_run(output_dir)
     if not found or resuming:
-        return
+        return []
     if not overwrite:
         raise OutputDirError(
             f"--output_dir {output_dir} holds another run ({', '.join(found[:5])}): pass --resume_from_checkpoint "
             "True to continue it, --overwrite_output_dir True to replace it, or choose another folder"
         )
-    for name in found if delete else []:
-        if checkpoint_step(name) is not None:
-            logger.warning("--overwrite_output_dir: deleting %s", os.path.join(output_dir, name))
-            shutil.rmtree(os.path.join(output_dir, name))
+    doomed = [os.path.join(output_dir, name) for name in found if checkpoint_step(name) is not None]
+    for path in doomed:
+        if model.startswith(os.path.realpath(path) + os.sep) or model == os.path.realpath(path):
+            raise OutputDirError(
+                f"--model_name_or_path {model_dir} is inside {path}, which --overwrite_output_dir would delete: "
+                f"copy the model out of --output_dir {output_dir} first, or choose another --output_dir"
+            )
+    return doomed
+
+
+def clear_output_dir(doomed: list[str]) -> None:
+    """Delete the previous run's checkpoints (``--overwrite_output_dir``), after every input has been checked."""
+    for path in doomed:
+        logger.warning("--overwrite_output_dir: deleting %s", path)
+        shutil.rmtree(path, ignore_errors=not os.path.exists(path))
+
+
+class ReplaceOverwrittenRun(TrainerCallback):
+    """Deletes the checkpoints ``--overwrite_output_dir`` replaces at the end of the first step: after the model,
+    the data, the preflight and one real step have worked, and before the first save (a new checkpoint-N must not
+    sit beside the old run's, which ``--resume_from_checkpoint True`` would mistake for this run's). Main process."""
+
+    def __init__(self, doomed: list[str], is_main: bool):
+        self.doomed = list(doomed) if is_main else []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        clear_output_dir(self.doomed)
+        self.doomed = []
+
+
+# ---------------------------------------------------------------------------------------------- resume at max_steps
+def check_resume_step(checkpoint: str, max_steps: int) -> bool:
+    """Whether ``checkpoint`` ends the run (saved at ``max_steps``: nothing to train, its model is the result).
+
+    A checkpoint past ``max_steps`` is refused: training cannot go back, and its weights are not a
+    ``max_steps``-step model (the Trainer would train one more step and export it)."""
+    step = read_state(checkpoint)["next_step"]
+    if step > max_steps:
+        raise CheckpointError(
+            f"{checkpoint} was saved after step {step}, past --max_steps {max_steps}: there is nothing to train and "
+            f"its weights are not a {max_steps}-step model. Resume with --max_steps >= {step}, or resume from a "
+            f"checkpoint-N with N <= {max_steps} (by its path) into a new --output_dir"
+        )
+    if step == max_steps:
+        logger.warning(
+            "%s is at --max_steps %d: the run is complete; no step is trained and its model is exported again",
+            checkpoint, max_steps,
+        )
+    return step == max_steps
+
+
+# ---------------------------------------------------------------------------------------------- loading without pickle
+# Files a resume unpickles (torch.load); training_args.bin is written for the record and never loaded by a resume.
+PICKLED_SUFFIXES = (".pt", ".pth", ".bin")
+NEVER_LOADED = ("training_args.bin",)
+# Classes DeepSpeed's ZeRO states pickle besides tensors and plain data (its optimizer's loss scaler, its stage enum,
+# the bf16 optimizer's fragment addresses), and the numpy ones of the Trainer's RNG state files.
+_ALLOWED_CLASSES = (
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+def _allowed_classes() -> list:
+    import importlib
+
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core  # numpy 2 pickles numpy._core.multiarray._reconstruct
+    allowed = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), core.multiarray._reconstruct]
+    if "deepspeed" in sys.modules:  # only a DeepSpeed run can need (or load) its classes
+        for name in _ALLOWED_CLASSES:
+            module, _, attribute = name.rpartition(".")
+            with contextlib.suppress(ImportError, AttributeError):
+                allowed.append(getattr(importlib.import_module(module), attribute))
+    return allowed
+
+
+def _refused(path: str, error: Exception) -> CheckpointError:
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    what = f" ({found.group(1)})" if found else ""
+    return CheckpointError(
+        f"{path}: refused to load: it holds Python objects other than tensors and plain data{what}, which could run "
+        "code when unpickled; a genuine checkpoint never does. Do not resume from files of unknown origin"
+    )
+
+
+def load_tensors(path: str, map_location="cpu"):
+    """``torch.load(weights_only=True)`` (tensors, plain data, allowlisted classes); a refusal names the file."""
+    with torch.serialization.safe_globals(_allowed_classes()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise _refused(path, e) from None
+
+
+@contextlib.contextmanager
+def deepspeed_loads_without_pickle():
+    """For the body, DeepSpeed's checkpoint engine loads through :func:`load_tensors` (its own ``load`` unpickles
+    anything: weights-only loading off). Restored afterwards; a no-op when DeepSpeed is not imported."""
+    if "deepspeed" not in sys.modules:
+        yield
+        return
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    original = TorchCheckpointEngine.load
+
+    @functools.wraps(original)
+    def load(self, path, map_location=None):
+        return load_tensors(path, map_location)
+
+    TorchCheckpointEngine.load = load
+    try:
+        yield
+    finally:
+        TorchCheckpointEngine.load = original
+
+
+def pickle_problems(folder: str) -> list[str]:
+    """Pickled files under ``folder`` that a resume would load and that hold objects a weights-only load refuses."""
+    found = []
+    with torch.serialization.safe_globals(_allowed_classes()):
+        for rel in _all_files(folder):
+            path = os.path.join(folder, rel)
+            if not rel.endswith(PICKLED_SUFFIXES) or os.path.basename(rel) in NEVER_LOADED:
+                continue
+            if not zipfile.is_zipfile(path):
+                continue  # not torch's zip format: the structural check reports .pt/.pth, weights loads refuse .bin
+            try:
+                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            except Exception as e:  # noqa: BLE001 - a pickle that cannot even be scanned is not loadable either
+                found.append(f"{rel}: cannot be checked ({type(e).__name__}: {e})")
+                continue
+            if unsafe:
+                found.append(f"{rel}: holds Python objects that could run code when unpickled ({', '.join(unsafe[:3])})"
+                             "; refused")
+    return found
+
+
+# ---------------------------------------------------------------------------------------------- model folders
+def model_folder_problems(folder: str) -> list[str]:
+    """Weight files of a model folder that cannot load (truncated, corrupt, a shard the index names is missing)."""
+    problems_found = []
+    if not os.path.isdir(folder):
+        return []  # modeling names a missing folder (and where to download the checkpoint)
+    names = sorted(os.listdir(folder))
+    for name in names:
+        path = os.path.join(folder, name)
+        if name.endswith(".safetensors"):
+            problem = _loadable_problem(path)
+            if problem:
+                problems_found.append(f"{problem} (truncated or corrupt: download or copy it again)")
+        elif name.endswith(".index.json"):
+            try:
+                shards = set(read_json(path).get("weight_map", {}).values())
+            except (ValueError, AttributeError) as e:
+                problems_found.append(f"{name}: cannot be read ({e})")
+                continue
+            problems_found += [f"{name} names {s}, which is missing" for s in sorted(shards) if s not in names]
+    return problems_found
+
+
+def check_model_folder(folder: str, flag: str = "--model_name_or_path") -> None:
+    found = model_folder_problems(folder)
+    if found:
+        raise CheckpointError(f"{flag} {folder}: {'; '.join(found)}")
+
+
+# ---------------------------------------------------------------------------------------------- failed writes
+_STORAGE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                   errno.EFBIG: "the file-size limit was reached (file too large)"}
+
+
+def _failed_file(folder: str, since: float) -> str | None:
+    """The file a failed save was writing: under a file-size limit the one that reached it, else the newest. File
+    times tick coarsely (a few ms), so files written together can share one: the bigger is the one in progress."""
+    import resource
+
+    written = []
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            with contextlib.suppress(OSError):
+                info = os.stat(path)
+                if info.st_mtime >= since - 1.0:
+                    written.append((info.st_mtime, info.st_size, path))
+    if not written:
+        return None
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    at_limit = [w for w in written if limit != resource.RLIM_INFINITY and w[1] >= limit - (1 << 16)]
+    return max(at_limit or written)[2]
+
+
+def _storage_cause(error: BaseException, folder: str, written: str | None) -> str | None:
+    """Why a write failed, where storage ran out (errno, free space, the ulimit -f file-size limit); else None."""
+    chain, seen = [], error
+    while seen is not None and len(chain) < 5:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for e in chain:
+        if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS:
+            return _STORAGE_ERRNOS[e.errno]
+    text = " ".join(str(e) for e in chain)
+    import resource
+
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    size = os.path.getsize(written) if written and os.path.exists(written) else 0
+    if limit != resource.RLIM_INFINITY and (size >= limit - (1 << 16) or "File too large" in text):
+        return f"the file-size limit (ulimit -f) of {limit} bytes was reached (file too large)"
+    with contextlib.suppress(OSError):
+        free = shutil.disk_usage(folder).free
+        if free < (64 << 20) or "No space left" in text:
+            return f"the disk is full ({free} bytes free)"
+    if "Disk quota" in text:
+        return "the disk quota is exceeded"
+    return None
+
+
+@contextlib.contextmanager
+def save_failures_named(folder: str, what: str):
+    """A failed write inside the body becomes a :class:`CheckpointError` naming the file being written and, where
+    storage ran out, the cause: disk full, quota or file-size limit. Other errors pass through unchanged."""
+    started = time.time()
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as e:  # torch.save raises RuntimeError, safetensors its own error, Python OSError
+        if not isinstance(e, (OSError, RuntimeError)) and type(e).__name__ != "SafetensorError":
+            raise
+        written = _failed_file(folder, started)
+        cause = _storage_cause(e, folder, written)
+        if cause is None and not isinstance(e, OSError):
+            raise  # not a storage failure: a bug keeps its traceback
+        size = os.path.getsize(written) if written and os.path.exists(written) else 0
+        where = f"while writing {written} ({size} bytes written)" if written else f"in {folder}"
+        reason = f"out of storage: {cause}" if cause else f"{type(e).__name__}: {e}"
+        raise CheckpointError(
+            f"saving {what} failed {where}: {reason}. The complete checkpoints already in {folder} are kept; free "
+            "space (or raise the limit), then resume with --resume_from_checkpoint True"
+        ) from e

@@ -8,10 +8,8 @@ reported. Images are decoded when a sample is drawn and never cached: a 2,400-st
 Before step 0 every record's image is decoded once (``check_images``, threads in parallel) so that a missing,
 truncated or unusable image stops the run before any work, or is skipped and counted with ``skip_bad``.
 
-Image conversion rules (``load_rgb``, the one conversion used by the check and by training): EXIF orientation
-is applied; 16-bit and 32-bit integer grayscale is scaled from 0..65535 to 0..255 (not clipped), float
-images are read as 0..1; palette images expand through their palette; alpha (RGBA, LA, palette transparency)
-is composited over white; CMYK, grayscale and every other mode are converted to RGB by PIL.
+Images are opened by ``sc_tune.images.load_rgb``, the one conversion shared by the check, training, evaluation
+and the converters (EXIF orientation, 16-bit grayscale, palettes, alpha: see that module).
 """
 
 from __future__ import annotations
@@ -24,17 +22,21 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from sc_tune import checks
 from sc_tune.checks import AnnotationError
+from sc_tune.images import image_problem, load_rgb  # noqa: F401 (load_rgb: also imported from here)
 from sc_tune.jsonio import read_json
 from sc_tune.phases import PhaseSchedule
 
 logger = logging.getLogger(__name__)
+
+
+# The finest box grid of any family is 1/1000 of the image: a narrower box is written with x1 == x2 (no area).
+MIN_BOX_SIDE = 1e-3
 
 
 def check_record(record, index: int, path: str) -> dict:
@@ -44,7 +46,14 @@ def check_record(record, index: int, path: str) -> dict:
         record = {("image" if k == "image_id" else k): v for k, v in record.items()}  # the reference's key
     image = checks.text(record, "image", where)
     clean = {k: v for k, v in record.items() if k != "image_id"}
-    clean.update(image=image, bbox=checks.normalised_box(record, "bbox", where))
+    box = checks.normalised_box(record, "bbox", where)
+    if min(box[2] - box[0], box[3] - box[1]) < MIN_BOX_SIDE:
+        raise AnnotationError(
+            f"{where}: field 'bbox' is a sliver (under 1/1000 of the image wide or high); got {record['bbox']!r}: "
+            "no family's box grid (0..999, 0..1000) can write it with an area, so its IoU reward is meaningless "
+            "(--skip_bad_records True skips such records and counts them)"
+        )
+    clean.update(image=image, bbox=box)
     return clean
 
 
@@ -81,45 +90,6 @@ def report_skipped(path: str, skipped: dict[str, list[int]], total: int | None) 
         )
         of = f"of {total} records" if total is not None else "records for their image"
         logger.warning("%s: skipped %d %s: %s", path, count, of, detail)
-
-
-def _to_8bit(image: Image.Image) -> Image.Image:
-    """High-bit-depth grayscale scaled (not clipped) into 8 bits."""
-    array = np.asarray(image)
-    if image.mode == "F":
-        scaled = np.clip(array, 0.0, 1.0) * 255.0
-    else:
-        scaled = np.clip(array.astype(np.float64), 0, 65535) / 257.0
-    return Image.fromarray(np.round(scaled).astype(np.uint8))
-
-
-def load_rgb(path: str) -> Image.Image:
-    """Decode an image fully and convert it to RGB by the rules in the module docstring."""
-    with Image.open(path) as opened:
-        opened.load()  # decode everything now: a truncated file fails here, not inside the processor
-        image = ImageOps.exif_transpose(opened)
-    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        image = _to_8bit(image)
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
-
-
-def image_problem(path: str, size_problem: Callable[[int, int], str | None] | None = None) -> str | None:
-    """Why the image at ``path`` cannot be trained on (missing, empty, undecodable, bad size), or None."""
-    if not os.path.isfile(path):
-        return "image not found"
-    if os.path.getsize(path) == 0:
-        return "image file is empty (0 bytes)"
-    try:
-        image = load_rgb(path)
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for undecodable files; all are this reason
-        return f"image cannot be decoded ({type(e).__name__}: {str(e)[:80]})"
-    return size_problem(*image.size) if size_problem is not None else None
 
 
 def check_images(

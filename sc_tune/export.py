@@ -37,7 +37,8 @@ logger = logging.getLogger(__name__)
 NOT_CARRIED = (
     "*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.h5", "*.msgpack", "*.onnx", "*.npz",
     "*.index.json", "config.json", "generation_config.json", "adapter_config.json",
-    "trainer_state.json", "*_results.json", "sc_tune_*.json", "rng_state*", "latest", "zero_to_fp32.py", ".*",
+    "trainer_state.json", "*_results.json", "sc_tune_*.json", "sc_tune_run.lock*", "rng_state*", "latest", "zero_to_fp32.py",
+    ".*",
 )  # fmt: skip
 
 

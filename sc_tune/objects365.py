@@ -12,23 +12,383 @@ pixels, "iscrowd", "isfake", "isreflected", ...}]}``. Output: ``[{"image": file_
 normalised, "category_id": ...}]``. Sampling is deterministic for a seed; every filter's count is reported.
 
 Real-world dirt (an annotation whose ``image_id`` names no image, a malformed image or annotation entry, a
-missing or undecodable image file) is skipped and counted per reason; ``--strict`` makes the first such
-record an error that names the file, the entry and the field.
+non-finite width, a missing or undecodable image file) is skipped and counted per reason; ``--strict`` makes the
+first such record an error that names the file, the entry and the field. A conversion that keeps no record, a
+held-out split that would leave no training record, and an output path that is an input or the other output are
+errors, before anything is written; outputs are written to a temporary file and renamed into place.
+
+Memory: the v2 train file is about 5 GB of JSON (1.74 M images, 25 M boxes); read whole, Python holds about 4 bytes
+per byte of it. The file is instead read one entry at a time (:class:`JsonStream`, Python's own JSON decoder on a
+sliding window, so every value is parsed exactly as ``json.load`` parses it), and only what the output can need is
+kept: per image its name and size, per box that passed the filters its image, its rounded box as integers of 1e-6
+and its category id (compact arrays, about 12 bytes a box). Images are decoded only for the records that are kept
+after sampling. The output is the same, byte for byte, as reading the whole file gives with the same seed, except
+that an undecodable image among the sampled records drops those records (counted) instead of being left out before
+sampling. ``scripts/bench_objects365.py`` measures the memory.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
+import codecs
+import json
+import math
 import os
 import random
-from collections import Counter, defaultdict
+import re
+from array import array
+from collections import Counter
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
-from sc_tune.boxes import normalize_box, xywh_to_xyxy
+import numpy as np
+
 from sc_tune import checks
+from sc_tune.boxes import normalize_box, xywh_to_xyxy
 from sc_tune.checks import AnnotationError
-from sc_tune.jsonio import read_json, write_json
-from sc_tune.data import image_problem
+from sc_tune.images import image_problem
+from sc_tune.jsonio import JSONFileError, write_json
+
+DROP_FLAGS = ("iscrowd", "isfake", "isreflected")
+
+
+class ConversionError(ValueError):
+    """The conversion would write nothing usable or overwrite an input; the message names the flag or file."""
+
+
+# ---------------------------------------------------------------------------------------------- streaming JSON
+class JsonStream:
+    """A JSON file read in chunks: the members of its top-level object one at a time, and the elements of the
+    arrays asked for one at a time, each decoded by Python's own decoder (identical values to ``json.load``)."""
+
+    CHUNK = 1 << 22  # characters per read
+    LARGEST_ENTRY = 1 << 26  # one array element or member value beyond this is an error, not a reason to read on
+    _SPACE = re.compile(r"[ \t\n\r]*")
+
+    def __init__(self, path: str):
+        self.path = os.fspath(path)
+        self._file = open(self.path, "rb")
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self._json = json.JSONDecoder()
+        self._text, self._pos, self._offset, self._bytes, self._eof = "", 0, 0, 0, False
+
+    def close(self) -> None:
+        self._file.close()
+
+    # ------------------------------------------------------------------ low level
+    def _fill(self) -> bool:
+        if self._eof:
+            return False
+        chunk = self._file.read(self.CHUNK)
+        try:
+            text = self._decoder.decode(chunk, final=not chunk)
+        except UnicodeDecodeError as e:
+            raise JSONFileError(f"{self.path}: not UTF-8 text (byte {self._bytes + e.start}: {e.reason})") from None
+        self._bytes += len(chunk)
+        self._eof = not chunk
+        self._offset += self._pos
+        self._text = self._text[self._pos :] + text
+        self._pos = 0
+        return True
+
+    def _error(self, message: str, pos: int | None = None) -> JSONFileError:
+        where = self._offset + (self._pos if pos is None else pos)
+        return JSONFileError(f"{self.path}: not valid JSON ({message} at character {where})")
+
+    def _skip_space(self) -> str:
+        """Skip whitespace; the next character ('' at the end of the file)."""
+        while True:
+            self._pos = self._SPACE.match(self._text, self._pos).end()
+            if self._pos < len(self._text) or not self._fill():
+                return self._text[self._pos : self._pos + 1]
+
+    def _expect(self, chars: str) -> str:
+        found = self._skip_space()
+        if not found or found not in chars:
+            raise self._error(f"expecting {' or '.join(repr(c) for c in chars)}")
+        self._pos += 1
+        return found
+
+    def value(self):
+        """Decode the next JSON value whole (an array element or a small member value)."""
+        self._skip_space()
+        while True:
+            try:
+                value, end = self._json.raw_decode(self._text, self._pos)
+            except json.JSONDecodeError as e:
+                # Cut off by the window's end (or genuinely invalid): read on, up to a bound, before reporting.
+                if not self._eof and len(self._text) - self._pos < self.LARGEST_ENTRY:
+                    self._fill()
+                    continue
+                raise self._error(e.msg, e.pos) from None
+            if end == len(self._text) and not self._eof:  # a number may go on past the window: read on
+                self._fill()
+                continue
+            self._pos = end
+            return value
+
+    def _type_ahead(self) -> str:
+        first = self._skip_space()
+        return {"{": "dict", "[": "list", '"': "str", "t": "bool", "f": "bool", "n": "NoneType"}.get(
+            first, "float" if first in "-0123456789" else "nothing")
+
+    # ------------------------------------------------------------------ structure
+    def members(self, streamed: dict[str, Callable[[int, object], None]],
+                after: Callable[[str], None] | None = None) -> list[str]:
+        """Walk the top-level object: for a key in ``streamed`` whose value is an array, call
+        ``streamed[key](index, element)`` per element; other values are decoded and passed whole as
+        ``streamed[key](-1, value)`` (or dropped); ``after(key)`` once a member is read. Returns the keys, in
+        file order."""
+        if self._skip_space() == "\ufeff":
+            raise self._error("Unexpected UTF-8 BOM (decode using utf-8-sig)")
+        kind = self._type_ahead()
+        if kind != "dict":
+            raise AnnotationError(f"{self.path}: expected a JSON object, got {kind}")
+        self._expect("{")
+        keys: list[str] = []
+        if self._skip_space() == "}":
+            self._pos += 1
+        else:
+            while True:
+                if self._skip_space() != '"':
+                    raise self._error("expecting property name enclosed in double quotes")
+                key = self.value()
+                keys.append(key)
+                self._expect(":")
+                handler = streamed.get(key)
+                if handler is not None and self._type_ahead() == "list":
+                    for index, element in enumerate(self._elements()):
+                        handler(index, element)
+                elif handler is not None:
+                    handler(-1, self.value())
+                else:
+                    self._skip_value()
+                if after is not None:
+                    after(key)
+                if self._expect(",}") == "}":
+                    break
+        if self._skip_space():
+            raise self._error("Extra data")
+        return keys
+
+    def _elements(self) -> Iterator:
+        self._expect("[")
+        if self._skip_space() == "]":
+            self._pos += 1
+            return
+        while True:
+            yield self.value()
+            if self._expect(",]") == "]":
+                return
+
+    def _skip_value(self) -> None:
+        if self._type_ahead() == "list":
+            for _ in self._elements():  # element by element: a large array never sits in memory whole
+                pass
+        else:
+            self.value()
+
+
+# ---------------------------------------------------------------------------------------------- conversion
+_ABSENT, _OTHER = -(2**31), -(2**31) + 1  # category_id markers: no field / a value kept aside (not a plain int)
+
+
+class _Converter:
+    """The filters, one entry at a time, keeping compact per-box columns; ``finish`` samples and builds records."""
+
+    def __init__(self, source, image_folder, min_area, max_boxes_per_image, num_samples, seed, drop_flags, strict):
+        self.source, self.image_folder, self.min_area = source, image_folder, min_area
+        self.max_boxes_per_image, self.num_samples, self.seed = max_boxes_per_image, num_samples, seed
+        self.drop_flags, self.strict = drop_flags, strict
+        self.counts: Counter = Counter()
+        # images, one row per entry in file order: id, file name, size; looked up by id through a sorted index
+        # (8 + 4 bytes an image, where a dict of Python ints takes about 100)
+        self.image_ids = array("q")
+        self.names: list[str] = []
+        self.widths, self.heights = array("d"), array("d")
+        self.file_state = bytearray()  # 0 not checked, 1 present, 2 missing (--image_folder)
+        self.missing_images = 0
+        self._sorted_ids: array | None = None
+        self._sorted_rows: array | None = None
+        # kept boxes, in file order: box in integer millionths, category id, and the next kept box of the same
+        # image (a linked list per image: the grouping costs 4 bytes a box, not a sort; it also gives the image)
+        self.num_boxes = 0
+        self.box_micro = array("i")
+        self.box_category = array("i")
+        self.box_next = array("i")
+        self.first_box, self.last_box = array("i"), array("i")
+        self.aside_boxes: dict[int, list[float]] = {}  # boxes that integers cannot give back exactly (-0.0)
+        self.aside_categories: dict[int, object] = {}
+
+    def dirty(self, reason: str, error: AnnotationError) -> None:
+        if self.strict:
+            raise error
+        self.counts[reason] += 1
+
+    def add_image(self, i: int, image) -> None:
+        where = f"{self.source}: images[{i}]"
+        try:
+            if not isinstance(image, dict):
+                raise AnnotationError(f"{where}: expected an object, got {type(image).__name__}")
+            file_name = checks.typed(image, "file_name", str, where)
+            width = checks.typed(image, "width", (int, float), where)
+            height = checks.typed(image, "height", (int, float), where)
+            if not (math.isfinite(width) and math.isfinite(height)):
+                raise AnnotationError(f"{where}: fields 'width'/'height' must be finite numbers, got {(width, height)}")
+            if width <= 0 or height <= 0:
+                raise AnnotationError(f"{where}: fields 'width'/'height' must be > 0, got {(width, height)}")
+            image_id = checks.typed(image, "id", int, where)
+            if not -(2**63) <= image_id < 2**63:
+                raise AnnotationError(f"{where}: field 'id' {image_id} is out of the 64-bit range")
+        except AnnotationError as e:
+            self.dirty("malformed image entry", e)
+            return
+        self.image_ids.append(image_id)
+        self.names.append(file_name)
+        self.widths.append(float(width))
+        self.heights.append(float(height))
+        self.file_state.append(0)
+        self.first_box.append(-1)
+        self.last_box.append(-1)
+        self._sorted_ids = None
+
+    def _row_of(self, image_id: int) -> int | None:
+        """The row of the last image entry with this id (a repeated id replaces the earlier entry, as in a dict)."""
+        if self._sorted_ids is None:
+            order = np.argsort(np.frombuffer(self.image_ids, dtype=np.int64), kind="stable")
+            self._sorted_ids = array("q", np.frombuffer(self.image_ids, dtype=np.int64)[order].tobytes())
+            self._sorted_rows = array("q", order.tobytes())
+        k = bisect.bisect_right(self._sorted_ids, image_id) - 1
+        return self._sorted_rows[k] if k >= 0 and self._sorted_ids[k] == image_id else None
+
+    def _file_missing(self, row: int) -> bool:
+        if self.image_folder is None:
+            return False
+        if self.file_state[row] == 0:
+            present = os.path.isfile(os.path.join(self.image_folder, self.names[row]))
+            self.file_state[row] = 1 if present else 2
+            self.missing_images += not present
+        return self.file_state[row] == 2
+
+    def add_annotation(self, i: int, ann) -> None:
+        where = f"{self.source}: annotations[{i}]"
+        try:
+            if not isinstance(ann, dict):
+                raise AnnotationError(f"{where}: expected an object, got {type(ann).__name__}")
+            image_id = checks.typed(ann, "image_id", int, where)
+            box = checks.four_numbers(checks.need(ann, "bbox", where), "bbox", where, layout="[x, y, w, h] in pixels")
+        except AnnotationError as e:
+            self.dirty("malformed annotation", e)
+            return
+        row = self._row_of(image_id)
+        if row is None:
+            self.dirty("image_id not in 'images'",
+                       AnnotationError(f"{where}: field 'image_id' {image_id} names no entry of 'images'"))
+            return
+        if any(ann.get(flag) for flag in self.drop_flags):
+            self.counts["flagged (" + "/".join(f for f in self.drop_flags if ann.get(f)) + ")"] += 1
+            return
+        if box[2] <= 0 or box[3] <= 0:
+            self.counts["empty box"] += 1
+            return
+        norm = normalize_box(xywh_to_xyxy(box), self.widths[row], self.heights[row])
+        if (norm[2] - norm[0]) * (norm[3] - norm[1]) < self.min_area:
+            self.counts["smaller than min_area"] += 1
+            return
+        if norm[0] >= norm[2] or norm[1] >= norm[3]:
+            self.counts["outside the image"] += 1
+            return
+        if self._file_missing(row):
+            self.dirty("image file missing", AnnotationError(f"{where}: image file not found: {self.names[row]}"))
+            return
+        self._keep(row, [round(v, 6) for v in norm], ann)
+
+    def _keep(self, row: int, rounded: list[float], ann: dict) -> None:
+        n = self.num_boxes
+        self.num_boxes += 1
+        self.box_next.append(-1)
+        if self.first_box[row] < 0:
+            self.first_box[row] = n
+        else:
+            self.box_next[self.last_box[row]] = n
+        self.last_box[row] = n
+        micro = [round(v * 1e6) for v in rounded]
+        # round(v, 6) is the double nearest a multiple of 1e-6, and so is m / 1e6: equal, except for -0.0.
+        if all(m / 1e6 == v and math.copysign(1.0, v) > 0 for m, v in zip(micro, rounded)):
+            self.box_micro.extend(micro)
+        else:
+            self.box_micro.extend((0, 0, 0, 0))
+            self.aside_boxes[n] = rounded
+        if "category_id" not in ann:
+            self.box_category.append(_ABSENT)
+        else:
+            category = ann["category_id"]
+            if type(category) is int and _OTHER < category < 2**31:
+                self.box_category.append(category)
+            else:
+                self.box_category.append(_OTHER)
+                self.aside_categories[n] = category
+
+    def _record(self, n: int, row: int) -> dict:
+        if n in self.aside_boxes:
+            box = self.aside_boxes[n]
+        else:
+            box = [m / 1e6 for m in self.box_micro[4 * n : 4 * n + 4]]
+        record = {"image": self.names[row], "bbox": box}
+        category = self.box_category[n]
+        if category == _OTHER:
+            record["category_id"] = self.aside_categories[n]
+        elif category != _ABSENT:
+            record["category_id"] = category
+        return record
+
+    def finish(self) -> tuple[list[dict], Counter]:
+        """Per-image and overall sampling (the same random calls, in the same order, as on whole records), then
+        the kept records' images decoded; returns (records, counts)."""
+        rng = random.Random(self.seed)
+        # Images by id (stable: among equal ids the rows keep file order), each image's boxes in file order.
+        kept, kept_rows = array("q"), array("i")
+        for row in np.argsort(np.frombuffer(self.image_ids, dtype=np.int64), kind="stable").tolist():
+            n = self.first_box[row]
+            if n < 0:
+                continue
+            boxes = []
+            while n >= 0:
+                boxes.append(n)
+                n = self.box_next[n]
+            if self.max_boxes_per_image is not None and len(boxes) > self.max_boxes_per_image:
+                self.counts["over max_boxes_per_image"] += len(boxes) - self.max_boxes_per_image
+                boxes = rng.sample(boxes, self.max_boxes_per_image)
+            kept.extend(boxes)
+            kept_rows.extend([row] * len(boxes))
+        del self.box_next
+        if self.num_samples is not None and len(kept) > self.num_samples:
+            self.counts["over num_samples"] += len(kept) - self.num_samples
+            # Sampling positions picks the same entries as sampling the boxes (random.sample only uses the length).
+            chosen = rng.sample(range(len(kept)), self.num_samples)
+            kept, kept_rows = array("q", (kept[j] for j in chosen)), array("i", (kept_rows[j] for j in chosen))
+        if self.image_folder is not None:
+            kept, kept_rows = self._drop_undecodable(kept, kept_rows)
+        self.counts["missing image files (distinct)"] = self.missing_images
+        return [self._record(n, row) for n, row in zip(kept, kept_rows)], self.counts
+
+    def _drop_undecodable(self, kept: array, kept_rows: array) -> tuple[array, array]:
+        """Decode each kept record's image once (threads in parallel); records of an undecodable one are dropped."""
+        per_row = Counter(kept_rows)
+        rows = sorted(per_row, key=lambda row: self.image_ids[row])
+        folder = self.image_folder
+        with ThreadPoolExecutor(max_workers=min(32, 4 * (os.cpu_count() or 1))) as pool:
+            found = pool.map(lambda row: image_problem(os.path.join(folder, self.names[row])), rows)
+            problems = {row: problem for row, problem in zip(rows, found) if problem is not None}
+        for row in rows:  # in image-id order, so --strict names the first bad image by id
+            if row in problems:
+                error = AnnotationError(f"{self.source}: image {self.names[row]} (id {self.image_ids[row]}): "
+                                        f"{problems[row]}")
+                for _ in range(per_row[row]):
+                    self.dirty("image file undecodable", error)
+        good = [j for j, row in enumerate(kept_rows) if row not in problems]
+        return array("q", (kept[j] for j in good)), array("i", (kept_rows[j] for j in good))
 
 
 def convert(
@@ -39,109 +399,74 @@ def convert(
     max_boxes_per_image: int | None = None,
     num_samples: int | None = None,
     seed: int = 0,
-    drop_flags: tuple[str, ...] = ("iscrowd", "isfake", "isreflected"),
+    drop_flags: tuple[str, ...] = DROP_FLAGS,
     strict: bool = False,
 ) -> tuple[list[dict], Counter]:
-    """Returns (records, counts of what each filter dropped). Dirty entries are counted, or with ``strict``
-    raised as an AnnotationError."""
-    counts: Counter = Counter()
-
-    def dirty(reason: str, error: AnnotationError) -> None:
-        if strict:
-            raise error
-        counts[reason] += 1
-
-    images = {}
+    """Returns (records, counts of what each filter dropped) for an annotation file already in memory. Dirty
+    entries are counted, or with ``strict`` raised as an AnnotationError. :func:`convert_file` streams a file."""
+    converter = _Converter(source, image_folder, min_area, max_boxes_per_image, num_samples, seed, drop_flags, strict)
     for i, image in enumerate(checks.typed(coco, "images", list, source)):
-        where = f"{source}: images[{i}]"
-        try:
-            if not isinstance(image, dict):
-                raise AnnotationError(f"{where}: expected an object, got {type(image).__name__}")
-            entry = (
-                checks.typed(image, "file_name", str, where),
-                checks.typed(image, "width", (int, float), where),
-                checks.typed(image, "height", (int, float), where),
-            )
-            if entry[1] <= 0 or entry[2] <= 0:
-                raise AnnotationError(f"{where}: fields 'width'/'height' must be > 0, got {entry[1:]}")
-            images[checks.typed(image, "id", int, where)] = entry
-        except AnnotationError as e:
-            dirty("malformed image entry", e)
-    missing_images: set[str] = set()
-    per_image: dict[int, list[dict]] = defaultdict(list)
+        converter.add_image(i, image)
     for i, ann in enumerate(checks.typed(coco, "annotations", list, source)):
-        where = f"{source}: annotations[{i}]"
+        converter.add_annotation(i, ann)
+    return converter.finish()
+
+
+def convert_file(
+    path: str,
+    image_folder: str | None = None,
+    min_area: float = 0.0,
+    max_boxes_per_image: int | None = None,
+    num_samples: int | None = None,
+    seed: int = 0,
+    drop_flags: tuple[str, ...] = DROP_FLAGS,
+    strict: bool = False,
+) -> tuple[list[dict], Counter]:
+    """:func:`convert` on a file read one entry at a time (memory: the kept boxes, not the file). Annotations that
+    come before the images in the file are read in a second pass, once the images are known."""
+    converter = _Converter(path, image_folder, min_area, max_boxes_per_image, num_samples, seed, drop_flags, strict)
+    images_read = []  # becomes [True] once the images array has been read: annotations after it are converted
+    wrong_type = {}
+
+    def images(i, image):
+        if i < 0:  # the value is not a list
+            wrong_type["images"] = image
+        else:
+            converter.add_image(i, image)
+
+    def annotations(i, ann):
+        if i < 0:
+            wrong_type["annotations"] = ann
+        elif images_read:
+            converter.add_annotation(i, ann)
+
+    def after(key):
+        if key == "images" and "images" not in wrong_type:
+            images_read.append(True)
+
+    stream = JsonStream(path)
+    try:
+        keys = stream.members({"images": images, "annotations": annotations}, after=after)
+    finally:
+        stream.close()
+    for key in ("images", "annotations"):  # the errors, in the order json.load's converter raised them
+        if key not in keys:
+            raise AnnotationError(f"{path}: missing field {key!r} (has {sorted(keys)})")
+        if key in wrong_type:
+            raise AnnotationError(f"{path}: field {key!r} must be list, got {wrong_type[key]!r}")
+    if keys.index("annotations") < keys.index("images"):  # the images were not known yet: read the annotations again
+        stream = JsonStream(path)
         try:
-            if not isinstance(ann, dict):
-                raise AnnotationError(f"{where}: expected an object, got {type(ann).__name__}")
-            image_id = checks.typed(ann, "image_id", int, where)
-            box = checks.four_numbers(checks.need(ann, "bbox", where), "bbox", where, layout="[x, y, w, h] in pixels")
-        except AnnotationError as e:
-            dirty("malformed annotation", e)
-            continue
-        if image_id not in images:
-            dirty(
-                "image_id not in 'images'",
-                AnnotationError(f"{where}: field 'image_id' {image_id} names no entry of 'images'"),
-            )
-            continue
-        if any(ann.get(flag) for flag in drop_flags):
-            counts["flagged (" + "/".join(f for f in drop_flags if ann.get(f)) + ")"] += 1
-            continue
-        file_name, width, height = images[image_id]
-        if box[2] <= 0 or box[3] <= 0:
-            counts["empty box"] += 1
-            continue
-        norm = normalize_box(xywh_to_xyxy(box), width, height)
-        if (norm[2] - norm[0]) * (norm[3] - norm[1]) < min_area:
-            counts["smaller than min_area"] += 1
-            continue
-        if norm[0] >= norm[2] or norm[1] >= norm[3]:
-            counts["outside the image"] += 1
-            continue
-        if image_folder is not None and file_name not in missing_images:
-            if not os.path.isfile(os.path.join(image_folder, file_name)):
-                missing_images.add(file_name)
-        if file_name in missing_images:
-            dirty("image file missing", AnnotationError(f"{where}: image file not found: {file_name}"))
-            continue
-        record = {"image": file_name, "bbox": [round(v, 6) for v in norm]}
-        if "category_id" in ann:
-            record["category_id"] = ann["category_id"]
-        per_image[image_id].append(record)
-    if image_folder is not None:
-        # Decode every kept image once (threads in parallel): a corrupt file is dropped here, not mid-training.
-        names = sorted({images[i][0] for i in per_image})
-        with ThreadPoolExecutor(max_workers=min(32, 4 * (os.cpu_count() or 1))) as pool:
-            problems = dict(zip(names, pool.map(lambda n: image_problem(os.path.join(image_folder, n)), names)))
-        for image_id in sorted(per_image):
-            problem = problems[images[image_id][0]]
-            if problem is not None:
-                for _ in per_image.pop(image_id):
-                    dirty(
-                        "image file undecodable",
-                        AnnotationError(f"{source}: image {images[image_id][0]} (id {image_id}): {problem}"),
-                    )
-    rng = random.Random(seed)
-    records = []
-    for image_id in sorted(per_image):
-        boxes = per_image[image_id]
-        if max_boxes_per_image is not None and len(boxes) > max_boxes_per_image:
-            counts["over max_boxes_per_image"] += len(boxes) - max_boxes_per_image
-            boxes = rng.sample(boxes, max_boxes_per_image)
-        records.extend(boxes)
-    if num_samples is not None and len(records) > num_samples:
-        counts["over num_samples"] += len(records) - num_samples
-        records = rng.sample(records, num_samples)
-    counts["missing image files (distinct)"] = len(missing_images)
-    return records, counts
+            stream.members({"annotations": converter.add_annotation})
+        finally:
+            stream.close()
+    return converter.finish()
 
 
+# ---------------------------------------------------------------------------------------------- held-out split
 def split_held_out(records: list[dict], num_held_out: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """(train, held_out): whole images go to held_out, in a seeded order, until it has ``num_held_out`` records."""
-    by_image: dict[str, list[dict]] = defaultdict(list)
-    for record in records:
-        by_image[record["image"]].append(record)
+    by_image: dict[str, int] = Counter(record["image"] for record in records)
     images = sorted(by_image)
     random.Random(f"held_out-{seed}").shuffle(images)
     held_images: set[str] = set()
@@ -150,10 +475,36 @@ def split_held_out(records: list[dict], num_held_out: int, seed: int = 0) -> tup
         if held >= num_held_out:
             break
         held_images.add(image)
-        held += len(by_image[image])
+        held += by_image[image]
     train = [r for r in records if r["image"] not in held_images]
     held_out = [r for r in records if r["image"] in held_images]
     return train, held_out
+
+
+# ---------------------------------------------------------------------------------------------- command
+def _write(path: str, records: list[dict]) -> None:
+    """Written beside the target, then renamed: a failure never leaves half a file where the old one was."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        write_json(tmp, records, indent=None)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _check_paths(parser: argparse.ArgumentParser, args) -> None:
+    """No output may be an input or the other output (each would destroy what it replaces)."""
+    named = [("--annotations", args.annotations), ("--output", args.output)]
+    if args.held_out_output:
+        named.append(("--held_out_output", args.held_out_output))
+    seen: dict[str, str] = {}
+    for flag, path in named:
+        real = os.path.realpath(path)
+        if real in seen:
+            parser.error(f"{flag} {path} is the same file as {seen[real]}: each output must be a new file, and the "
+                         "annotations are never overwritten")
+        seen[real] = f"{flag} {path}"
 
 
 def main(argv=None) -> None:
@@ -174,9 +525,15 @@ def main(argv=None) -> None:
         "--strict", action="store_true", help="stop at the first dirty entry instead of skipping and counting it"
     )
     args = parser.parse_args(argv)
-    coco = read_json(args.annotations)
-    records, counts = convert(
-        coco,
+    if not (math.isfinite(args.min_area) and 0 <= args.min_area <= 1):
+        parser.error(f"--min_area {args.min_area} must be a fraction of the image in [0, 1]")
+    for flag, value in (("--max_boxes_per_image", args.max_boxes_per_image), ("--num_samples", args.num_samples)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} {value} must be >= 1 (leave it out to keep every record)")
+    if args.held_out_output and args.num_held_out < 1:
+        parser.error(f"--num_held_out {args.num_held_out} must be >= 1 with --held_out_output")
+    _check_paths(parser, args)
+    records, counts = convert_file(
         args.annotations,
         args.image_folder,
         args.min_area,
@@ -185,15 +542,29 @@ def main(argv=None) -> None:
         args.seed,
         strict=args.strict,
     )
+    dropped = ", ".join(f"{reason}: {n}" for reason, n in sorted(counts.items()) if n and "distinct" not in reason)
+    if not records:
+        raise ConversionError(f"{args.annotations}: no record is left after filtering ({dropped or 'no annotations'}); "
+                              "nothing written")
+    held_out = None
     if args.held_out_output:
-        records, held_out = split_held_out(records, args.num_held_out, args.seed)
-        write_json(args.held_out_output, held_out, indent=None)
+        train, held_out = split_held_out(records, args.num_held_out, args.seed)
+        if not train:
+            raise ConversionError(
+                f"--num_held_out {args.num_held_out} leaves no training record: {len(records)} records (of "
+                f"{len(held_out)} images' worth) after filtering; lower --num_held_out; nothing written"
+            )
+        records = train
+        _write(args.held_out_output, held_out)
         print(f"wrote {len(held_out)} held-out records to {args.held_out_output}")
-    write_json(args.output, records, indent=None)
+    _write(args.output, records)
     print(f"wrote {len(records)} records to {args.output}")
     for reason, n in sorted(counts.items()):
         print(f"  dropped: {reason}: {n}" if "distinct" not in reason else f"  {reason}: {n}")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (AnnotationError, ConversionError, JSONFileError, FileNotFoundError) as e:
+        raise SystemExit(f"objects365: error: {e}") from None

@@ -116,7 +116,7 @@ class RunState:
         if not position.starts_phase:
             path = os.path.join(checkpoint, f"snapshot_rank{rank if self.zero3 else 0}.pt")
             # Read to the CPU: the snapshot copies into its own tensors, and "cpu:0" (CPU DDP) is no map_location.
-            self.snapshot.load_local_tensors(torch.load(path, map_location="cpu", weights_only=True))
+            self.snapshot.load_local_tensors(checkpoints.load_tensors(path))
         if not position.needs_rollout:
             path = os.path.join(checkpoint, f"rollouts_rank{rank}.pt")
             self.rollouts = checkpoints.load_rollouts(path, [DescriberRollout, LocatorRollout], self.args.device)
@@ -154,6 +154,7 @@ class RunState:
                 "or list the legitimate changes in --resume_allow_changes (e.g. model,seed)"
             )
         checkpoints.check_world_size_change(checkpoint, checkpoints.read_layout(checkpoint), self.args.world_size)
+        checkpoints.check_resume_step(checkpoint, self.args.max_steps)
 
 
 @dataclass
@@ -166,19 +167,22 @@ class StagedCheckpoint:
 @contextmanager
 def staged_checkpoint(run_dir: str, step: int, accelerator, is_main: bool, save_total_limit, protected):
     """Everything written inside goes to a staging folder; on leaving, rank 0 verifies it, marks it complete, renames
-    it to ``run_dir/checkpoint-<step>`` and rotates (``protected()``: folders rotation must keep, e.g. the best)."""
-    root = checkpoints.staging_root(run_dir, step)
-    if is_main:
-        checkpoints.remove_stale_staging(run_dir)
-    accelerator.wait_for_everyone()
-    staged = StagedCheckpoint(root, os.path.join(root, f"{PREFIX_CHECKPOINT_DIR}-{step}"))
-    yield staged
-    accelerator.wait_for_everyone()
-    if is_main:
-        final = checkpoints.commit(staged.folder, os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}"),
-                                   staged.layout)
-        checkpoints.rotate(run_dir, save_total_limit, {final, *protected()})
-    accelerator.wait_for_everyone()
+    it to ``run_dir/checkpoint-<step>`` and rotates (``protected()``: folders rotation must keep, e.g. the best).
+    A write that fails, inside or here, is reported naming the file and the storage cause (disk full, quota,
+    file-size limit)."""
+    name = f"{PREFIX_CHECKPOINT_DIR}-{step}"
+    with checkpoints.save_failures_named(run_dir, name):
+        root = checkpoints.staging_root(run_dir, step)
+        if is_main:
+            checkpoints.remove_stale_staging(run_dir)
+        accelerator.wait_for_everyone()
+        staged = StagedCheckpoint(root, os.path.join(root, name))
+        yield staged
+        accelerator.wait_for_everyone()
+        if is_main:
+            final = checkpoints.commit(staged.folder, os.path.join(run_dir, name), staged.layout)
+            checkpoints.rotate(run_dir, save_total_limit, {final, *protected()})
+        accelerator.wait_for_everyone()
 
 
 def load_weights_strictly(model, checkpoint: str) -> None:

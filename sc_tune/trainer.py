@@ -44,6 +44,7 @@ from accelerate.utils import DistributedType
 from transformers import Trainer
 from trl.models.utils import unwrap_model_for_generation
 
+from sc_tune.checkpoints import deepspeed_loads_without_pickle
 from sc_tune.cycle import DescriberRollout, LocatorRollout, RolloutCycle, RolloutModels, caption_logprobs
 from sc_tune.data import RolloutSampler, collate_referring
 from sc_tune.export import carry_source_files, model_config_as_loaded
@@ -331,7 +332,14 @@ class SCTuneTrainer(Trainer):
     def train(self, resume_from_checkpoint=None, **kwargs):
         """``resume_from_checkpoint``: True (or "true"/"1") for the newest complete checkpoint, or a path."""
         resume = self.run.find_resume(resume_from_checkpoint, self.is_world_process_zero())
-        return super().train(resume_from_checkpoint=resume, **kwargs)
+        with deepspeed_loads_without_pickle():  # DeepSpeed's own loader would unpickle anything
+            return super().train(resume_from_checkpoint=resume, **kwargs)
+
+    def _run_epoch(self, *args, **kwargs):
+        if self.state.global_step >= self.state.max_steps:  # resumed at --max_steps: complete, nothing to train
+            self.control.should_training_stop = True
+            return
+        return super()._run_epoch(*args, **kwargs)
 
     def _save(self, output_dir=None, state_dict=None):
         super()._save(output_dir, state_dict)

@@ -25,7 +25,7 @@ DTYPE=${DTYPE:-auto}                    # auto | float32 | bfloat16 | float16 (a
 BOX_FORMAT=${BOX_FORMAT:-native}        # native | generic: the --box_format the model was trained with
 MAX_SAMPLES=${MAX_SAMPLES:-}            # empty = all records
 GRID_SAMPLES=${GRID_SAMPLES:-16}        # self-consistency: cycles drawn in the PNG grid
-MASTER_PORT=${MASTER_PORT:-29511}
+MASTER_PORT=${MASTER_PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}  # free
 EXTRA_ARGS=${EXTRA_ARGS:-}              # anything else for evaluate.py, e.g. "--no_meteor"
 TORCHRUN=${TORCHRUN:-torchrun}          # the launcher
 

@@ -7,8 +7,13 @@
 # A CPU dry run (tiny model, one process, fp32, a few steps):
 #     GPUS_PER_NODE=1 PRECISION=fp32 MODEL=... DATA=... IMAGE_FOLDER=... MAX_STEPS=2 BATCH_PER_GPU=2 \
 #         GRADIENT_CHECKPOINTING=False DATALOADER_WORKERS=0 REPORT_TO=none sh scripts/finetune_ds.sh
+# On a machine without a CUDA GPU the script adds --use_cpu True itself (DeepSpeed's CPU ranks need it); on one
+# node it picks a free rendezvous port unless MASTER_PORT is set; if the run fails, the processes' own error
+# lines are repeated below the launcher's failure banner.
 set -eu
 cd "$(dirname "$0")/.."
+if [ -f .venv/bin/activate ]; then . .venv/bin/activate; fi
+. scripts/env.sh
 
 # IMAGE_DIR is the earlier name of IMAGE_FOLDER (as in scripts/evaluate.sh and --image_folder); still accepted.
 if [ -z "${IMAGE_FOLDER:-}" ] && [ -n "${IMAGE_DIR:-}" ]; then
@@ -20,7 +25,8 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-localhost}
-MASTER_PORT=${MASTER_PORT:-6001}
+MASTER_PORT=${MASTER_PORT:-}                   # empty: a free port on one node, 6001 on several (set it on every node)
+USE_CPU=${USE_CPU:-auto}                       # auto: --use_cpu True when torch sees no CUDA GPU | True | False
 
 MODEL=${MODEL:-Qwen-VL-Chat/}                  # any supported checkpoint folder (README: supported model families)
 IMAGE_FOLDER=${IMAGE_FOLDER:-data/objects365}  # Objects365 image root (the records' paths are relative to it)
@@ -55,11 +61,47 @@ esac
 DS_ARGS=""
 if [ -n "$DS_CONFIG" ]; then DS_ARGS="--deepspeed $DS_CONFIG"; fi
 
-if [ -f .venv/bin/activate ]; then . .venv/bin/activate; fi
-. scripts/env.sh
+port_is_free() {
+    python -c 'import socket, sys; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("", int(sys.argv[1])))' "$1" 2>/dev/null
+}
+if [ -z "$MASTER_PORT" ] && [ "$NNODES" = 1 ]; then
+    # A fixed default collides with any other job on the machine (EADDRINUSE): ask the kernel for a free one.
+    MASTER_PORT=$(python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')
+elif [ -z "$MASTER_PORT" ]; then
+    MASTER_PORT=6001  # several nodes must agree on the port: set MASTER_PORT on every node to change it
+fi
+if [ "$NODE_RANK" = 0 ] && ! port_is_free "$MASTER_PORT"; then
+    echo "error: MASTER_PORT $MASTER_PORT is in use on this machine (another job?): set MASTER_PORT to a free port" \
+        "(on every node), or leave it unset on a single node to get a free one" >&2
+    exit 2
+fi
 
+CPU_ARGS=""
+if [ "$USE_CPU" = auto ]; then
+    # No GPU device node: no GPU (and no torch import); otherwise torch decides.
+    if { [ -e /dev/nvidia0 ] || [ -e /dev/kfd ]; } && \
+        python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+        USE_CPU=False
+    else
+        USE_CPU=True
+        echo "note: no CUDA GPU found: running on the CPU (--use_cpu True; USE_CPU=False turns this off)" >&2
+    fi
+fi
+if [ "$USE_CPU" = True ]; then CPU_ARGS="--use_cpu True"; fi
+
+if [ -n "$DS_CONFIG" ] && ! find "$TORCH_EXTENSIONS_DIR" -name '*.so' 2>/dev/null | grep -q .; then
+    echo "note: the first DeepSpeed launch on this machine compiles its ops into $TORCH_EXTENSIONS_DIR; that takes" \
+        "about 2-3 minutes with no output before the first step. Later launches reuse them." >&2
+fi
+
+# The processes' output (stdout and stderr, both to stdout) goes through a log, so that their own error lines can be
+# repeated on stderr after torchrun's failure banner, where they are seen. Unbuffered, so the logs come as written.
+export PYTHONUNBUFFERED=1
+LOG=$(mktemp "${TMPDIR:-/tmp}/sc_tune_launch.XXXXXX")
+STATUS=$(mktemp "${TMPDIR:-/tmp}/sc_tune_status.XXXXXX")
+trap 'rm -f "$LOG" "$STATUS"' EXIT
 # shellcheck disable=SC2086
-$TORCHRUN --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
+{ if $TORCHRUN --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
     finetune.py \
     --model_name_or_path "$MODEL" \
@@ -68,6 +110,7 @@ $TORCHRUN --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NOD
     --image_folder "$IMAGE_FOLDER" \
     --output_dir "$OUTPUT_DIR" \
     $PRECISION_ARGS \
+    $CPU_ARGS \
     --fix_vit True \
     --max_steps "$MAX_STEPS" \
     --per_device_train_batch_size "$BATCH_PER_GPU" \
@@ -85,4 +128,14 @@ $TORCHRUN --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NOD
     --gradient_checkpointing "$GRADIENT_CHECKPOINTING" \
     --dataloader_num_workers "$DATALOADER_WORKERS" \
     $DS_ARGS \
-    $EXTRA_ARGS
+    $EXTRA_ARGS 2>&1; then echo 0 > "$STATUS"; else echo $? > "$STATUS"; fi; } | tee "$LOG"
+CODE=$(cat "$STATUS")
+if [ "$CODE" != 0 ]; then
+    # Each process's last word: finetune.py's own "error:" line, or the last line of a Python traceback.
+    ERRORS=$(grep -E '^(finetune\.py: error: |[A-Za-z_][A-Za-z0-9_.]*(Error|Exception|Exit)(: |$))' "$LOG" \
+        | grep -v -E 'ChildFailedError|torch\.distributed\.elastic' | awk '!seen[$0]++' | head -n 5 || true)
+    if [ -n "$ERRORS" ]; then
+        printf '\nSC-Tune: the run failed (exit code %s). The error reported by the processes:\n%s\n' "$CODE" "$ERRORS" >&2
+    fi
+fi
+exit "$CODE"

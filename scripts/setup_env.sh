@@ -21,5 +21,7 @@ if ! (cd / && python -c 'import os, sys, sc_tune; sys.exit(os.path.realpath(sc_t
 fi
 if [ -n "$EXTRAS" ]; then
     python -m pip install -q --no-build-isolation -e ".[$EXTRAS]"
+    # pip check cannot see a torchvision built for another torch build (README, "The demo extra and torch").
+    python -c "from sc_tune.environment import check_torchvision; check_torchvision()"
 fi
 python -m pip check

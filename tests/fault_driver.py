@@ -4,7 +4,8 @@
 
 Points: mid_step (inside training step <step>), mid_save (checkpoint <step>: the Trainer's files are written,
 SC-Tune's are not), mid_commit (checkpoint <step> verified, being hashed, not yet marked complete),
-before_rotate (checkpoint <step> renamed into place, older ones not yet rotated).
+before_rotate (checkpoint <step> renamed into place, older ones not yet rotated), mid_export (training done, the
+final model half written into the output folder; <step> is ignored).
 """
 
 import itertools
@@ -48,6 +49,13 @@ elif point == "mid_commit":
 elif point == "before_rotate":
     kill_in(checkpoints, "rotate", lambda run_dir, limit, protected: any(
         p and p.endswith(f"checkpoint-{step}") for p in protected))
+elif point == "mid_export":
+    def export_then_die(trainer, output_dir, *args, **kwargs):
+        with open(os.path.join(output_dir, "model.safetensors"), "wb") as f:
+            f.write(b"half of a model")
+        die()
+
+    finetune.export_trained = export_then_die
 else:
     raise SystemExit(f"unknown fault point {point}")
 finetune.main(sys.argv[1:])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -101,10 +103,10 @@ def _rec(root, rows, name="refs.jsonl"):
 def _evaluate(root, model, data, *extra):
     import evaluate
 
-    out = root / "out"
+    out = tempfile.mkdtemp(dir=root, prefix="out")  # a fresh folder: a finished evaluation is never replaced
     evaluate.main(["rec", "--model", model, "--data", data, "--image-root", str(root), "--output-dir", str(out),
                    "--batch-size", "2", *extra])
-    return json.loads((out / "rec_metrics.json").read_text())
+    return json.loads((Path(out) / "rec_metrics.json").read_text())
 
 
 def test_unreadable_eval_images_stop_before_scoring_listing_them(eval_setup, monkeypatch):
@@ -146,3 +148,18 @@ def test_empty_eval_data_file_is_an_error(eval_setup, content):
     path.write_text(content)
     with pytest.raises(RecordError, match="empty.jsonl: no records"):
         _evaluate(root, model, str(path))
+
+
+def test_a_normalised_box_in_a_pixel_rec_file_is_flagged(tmp_path):
+    """Issue 19, 9c: [0.1, 0.2, 0.5, 0.6] in an 640x480 REC record scored IoU ~0 silently."""
+    from sc_tune.evaluation.records import RecordError, load_rec_samples
+
+    path = tmp_path / "refs.jsonl"
+    rows = [{"image": "a.jpg", "sent": "the cat", "bbox": [10, 20, 300, 400], "width": 640, "height": 480},
+            {"image": "a.jpg", "sent": "the dog", "bbox": [0.1, 0.2, 0.5, 0.6], "width": 640, "height": 480}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(RecordError, match=r"refs\.jsonl: record 1: field 'bbox' \[0\.1, 0\.2, 0\.5, 0\.6\] looks "
+                                          r"normalised \(every coordinate <= 1 in a 640x480 image\)"):
+        load_rec_samples(path)
+    path.write_text(json.dumps(rows[0]) + "\n")
+    assert load_rec_samples(path)[0]["bbox"] == [10.0, 20.0, 300.0, 400.0]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import shutil
+import time
 
 import pytest
 import torch
@@ -176,7 +178,8 @@ def test_rollout_buffer_is_plain_data_and_a_crafted_pickle_does_not_run(tmp_path
             return (os.system, (f"touch {tmp_path / 'pwned'}",))
 
     torch.save({"0": Exploit()}, path)
-    with pytest.raises(Exception, match="Weights only load failed"):
+    # Refused with an error that names the file and the object (not torch's bare UnpicklingError).
+    with pytest.raises(checkpoints.CheckpointError, match=rf"{path}: refused to load.*posix\.system"):
         checkpoints.load_rollouts(str(path), [DescriberRollout, LocatorRollout], "cpu")
     assert not (tmp_path / "pwned").exists()
 
@@ -210,9 +213,13 @@ def test_output_dir_of_another_run_is_refused_unless_resuming_or_overwriting(run
     out = copy_run(first, tmp_path)
     with pytest.raises(ValueError, match=r"holds another run \(checkpoint-2, checkpoint-4"):
         checkpoints.check_output_dir(str(out), model, resuming=False, overwrite=False)
-    checkpoints.check_output_dir(str(out), model, resuming=True, overwrite=False)
+    assert checkpoints.check_output_dir(str(out), model, resuming=True, overwrite=False) == []
     assert (out / "checkpoint-4").exists()
-    checkpoints.check_output_dir(str(out), model, resuming=False, overwrite=True)
+    # The check deletes nothing: it names what --overwrite_output_dir will replace once every input is checked.
+    doomed = checkpoints.check_output_dir(str(out), model, resuming=False, overwrite=True)
+    assert sorted(os.path.basename(p) for p in doomed) == ["checkpoint-2", "checkpoint-4"]
+    assert (out / "checkpoint-4").exists()
+    checkpoints.clear_output_dir(doomed)
     assert not [n for n in os.listdir(out) if n.startswith("checkpoint-")]
 
 
@@ -325,3 +332,262 @@ def test_lora_runs_are_bit_reproducible_for_a_seed(tiny_checkpoint, tmp_path):
     adapters = lambda t: {n: p for n, p in t.model.named_parameters() if "lora_" in n}  # noqa: E731
     assert adapters(first).keys() == adapters(second).keys()
     assert all(torch.equal(p, adapters(second)[n]) for n, p in adapters(first).items())
+
+
+# ---------------------------------------------------------------------------------------------- issue 19
+def _weights(path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+@pytest.mark.slow
+def test_resume_after_a_kill_during_the_final_export_trains_nothing_and_exports_the_same_model(runs, tmp_path):
+    """Issue 19, 3a: killed while writing the final model, then resumed: no step 7 of 6, the checkpoint's model."""
+    import finetune
+
+    model, full, _ = runs
+    out = tmp_path / "run"
+    _killed_run(model, out, "mid_export:0")
+    assert (out / "model.safetensors").read_bytes() == b"half of a model"
+    trained = step_losses(out)
+    assert max(trained) == 6
+    trainer = finetune.main(
+        cli_args(model, out, "--max_steps", "6", "--save_total_limit", "1", "--resume_from_checkpoint", "True")
+    )
+    assert trainer.state.global_step == 6
+    assert step_losses(out) == trained  # no step was trained
+    exported, saved = _weights(out / "model.safetensors"), _weights(out / "checkpoint-6" / "model.safetensors")
+    assert exported.keys() == saved.keys() and all(torch.equal(exported[k], saved[k]) for k in saved)
+
+
+def test_resume_past_max_steps_is_refused_and_changes_nothing(runs, tmp_path):
+    """Issue 19, 3b: --max_steps 3 resumed from checkpoint-4 (by path or by True) trains no step 5."""
+    import finetune
+
+    model, _, first = runs
+    out = copy_run(first, tmp_path)
+    before = _tree_digest(out)
+    for resume in (str(out / "checkpoint-4"), "True"):
+        with pytest.raises(checkpoints.CheckpointError, match=r"checkpoint-4 was saved after step 4, past --max_steps 3"):
+            finetune.main(cli_args(model, out, "--max_steps", "3", "--resume_from_checkpoint", resume))
+    assert _tree_digest(out) == before
+
+
+def test_resume_at_max_steps_trains_nothing_and_reexports_the_checkpoint(runs, tmp_path):
+    import finetune
+
+    model, _, first = runs
+    out = copy_run(first, tmp_path)
+    trained = step_losses(out)
+    trainer = finetune.main(cli_args(model, out, "--max_steps", "4", "--resume_from_checkpoint", "True"))
+    assert trainer.state.global_step == 4 and step_losses(out) == trained
+    exported, saved = _weights(out / "model.safetensors"), _weights(out / "checkpoint-4" / "model.safetensors")
+    assert all(torch.equal(exported[k], saved[k]) for k in saved)
+
+
+def test_overwrite_never_deletes_the_model_being_loaded(runs, tmp_path):
+    """Issue 19, 2a: --model_name_or_path OUT/checkpoint-4 --output_dir OUT --overwrite_output_dir True."""
+    import finetune
+
+    model, _, first = runs
+    out = copy_run(first, tmp_path)
+    before = _tree_digest(out)
+    with pytest.raises(checkpoints.OutputDirError, match=r"checkpoint-4, which --overwrite_output_dir would delete"):
+        finetune.main(cli_args(str(out / "checkpoint-4"), out, "--max_steps", "2", "--overwrite_output_dir", "True"))
+    assert _tree_digest(out) == before
+
+
+@pytest.mark.parametrize("typo", ["--data_path", "--image_folder", "--model_name_or_path"])
+def test_overwrite_with_a_bad_input_deletes_nothing(runs, tmp_path, typo):
+    """Issue 19, 2b: a typo in an input stops the run before the old run's checkpoints are touched."""
+    import finetune
+
+    model, _, first = runs
+    out = copy_run(first, tmp_path)
+    before = _tree_digest(out)
+    argv = cli_args(model, out, "--max_steps", "2", "--overwrite_output_dir", "True")
+    argv[argv.index(typo) + 1] += "_typo"
+    with pytest.raises((FileNotFoundError, ValueError, OSError)):
+        finetune.main(argv)
+    assert _tree_digest(out) == before
+
+
+def test_overwrite_replaces_the_old_run_only_once_a_step_has_worked(runs, tmp_path, monkeypatch):
+    import finetune
+    from sc_tune.trainer import SCTuneTrainer
+
+    model, _, first = runs
+    out = copy_run(first, tmp_path)
+    argv = cli_args(model, out, "--max_steps", "2", "--overwrite_output_dir", "True")
+
+    def failing_step(self, *args, **kwargs):
+        raise RuntimeError("the first step failed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(SCTuneTrainer, "training_step", failing_step)
+        with pytest.raises(RuntimeError, match="the first step failed"):
+            finetune.main(argv)
+    assert {"checkpoint-2", "checkpoint-4"} <= set(os.listdir(out))  # the old run is intact
+    finetune.main(argv)
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-2"]  # only the new run's
+    assert checkpoints.problems(str(out / "checkpoint-2")) == []
+
+
+def test_truncated_model_weights_name_the_file(tiny_checkpoint, tmp_path):
+    """Issue 19, 9a: a truncated model.safetensors in --model_name_or_path."""
+    import finetune
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint("qwen2_vl"), model)
+    _truncate(model / "model.safetensors")
+    with pytest.raises(checkpoints.CheckpointError, match=r"--model_name_or_path .*model\.safetensors.*truncated"):
+        finetune.main(cli_args(str(model), tmp_path / "out", "--max_steps", "2"))
+
+
+def _crafted_pickle(path, marker):
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"module": Exploit()}, path)
+
+
+def test_a_pickled_file_that_would_run_code_is_refused_even_with_a_rewritten_manifest(runs, tmp_path, caplog):
+    """Issue 19, 1: the manifest is no defence (whoever rewrites a file can rewrite it): the content is checked."""
+    _, _, first = runs
+    out = copy_run(first, tmp_path)
+    marker = tmp_path / "pwned"
+    for checkpoint, name in (("checkpoint-4", "rollouts_rank0.pt"), ("checkpoint-4", "global_step4/mp_rank_00.pt")):
+        target = out / checkpoint / name
+        target.parent.mkdir(exist_ok=True)
+        _crafted_pickle(target, marker)
+        layout = checkpoints.read_layout(str(out / checkpoint))
+        os.remove(out / checkpoint / checkpoints.MARKER_FILE)
+        staged = tmp_path / "staged" / checkpoint
+        shutil.move(out / checkpoint, staged)
+        checkpoints.commit(str(staged), str(out / checkpoint), layout)  # a manifest that matches the crafted file
+        found = checkpoints.problems(str(out / checkpoint))
+        assert any(name in p and "could run code" in p and "posix.system" in p for p in found), found
+        with pytest.raises(checkpoints.CheckpointError, match=rf"cannot resume from .*{name}"):
+            checkpoints.resolve_resume(str(out / checkpoint), str(out))
+        with caplog.at_level(logging.WARNING):
+            assert checkpoints.resolve_resume("True", str(out)) == str(out / "checkpoint-2")
+    assert not marker.exists()
+
+
+def test_deepspeed_checkpoint_engine_loads_weights_only_while_sc_tune_trains(tmp_path):
+    """Issue 19, 1: DeepSpeed's engine unpickles anything; inside the context it refuses code and names the file,
+    and still loads what its ZeRO states hold (its loss scaler, stage enum and fragment addresses)."""
+    import deepspeed  # noqa: F401 (the allowlist covers DeepSpeed's classes only in a DeepSpeed run)
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    genuine, crafted, marker = tmp_path / "optim_states.pt", tmp_path / "mp_rank_00_model_states.pt", tmp_path / "pwned"
+    state = {"optimizer_state_dict": {"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum.gradients,
+                                      "param_slice_mappings": [{"w": fragment_address(numel=4, start=0)}],
+                                      "single_partition_of_fp32_groups": [torch.ones(4)]}, "ds_version": "0.19.8"}
+    torch.save(state, genuine)
+    _crafted_pickle(crafted, marker)
+    engine = TorchCheckpointEngine()
+    original = TorchCheckpointEngine.load
+    with checkpoints.deepspeed_loads_without_pickle():
+        loaded = engine.load(str(genuine), map_location="cpu")
+        assert loaded["optimizer_state_dict"]["zero_stage"] is ZeroStageEnum.gradients
+        assert torch.equal(loaded["optimizer_state_dict"]["single_partition_of_fp32_groups"][0], torch.ones(4))
+        with pytest.raises(checkpoints.CheckpointError, match=rf"{crafted}: refused to load.*posix\.system"):
+            engine.load(str(crafted), map_location=lambda storage, location: storage)
+    assert TorchCheckpointEngine.load is original  # restored afterwards
+    assert not marker.exists()
+
+
+def test_the_trainer_trains_with_deepspeeds_loads_weights_only(tiny_checkpoint, tmp_path):
+    """The context above is in force while SCTuneTrainer.train runs (seen from a Trainer callback): DeepSpeed loads
+    its states inside the Trainer's loop, before the first step."""
+    import deepspeed  # noqa: F401 (as in a DeepSpeed run: the engine is imported)
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from transformers import TrainerCallback
+
+    from tests.helpers import make_trainer
+
+    seen = []
+
+    class Watch(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            seen.append(TorchCheckpointEngine.load)
+
+    original = TorchCheckpointEngine.load
+    trainer = make_trainer(tiny_checkpoint("qwen2_vl"), str(tmp_path), max_steps=1)
+    trainer.add_callback(Watch())
+    trainer.train()
+    assert len(seen) == 1 and seen[0] is not original and seen[0].__wrapped__ is original
+    assert TorchCheckpointEngine.load is original
+
+
+def test_save_failures_name_the_file_and_the_storage_cause(tmp_path):
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for code, cause in ((errno.ENOSPC, "the disk is full"), (errno.EFBIG, "file-size limit"),
+                        (errno.EDQUOT, "quota")):
+        with pytest.raises(checkpoints.CheckpointError) as info:
+            with checkpoints.save_failures_named(str(folder), "checkpoint-8"):
+                (folder / "optimizer.pt").write_bytes(b"x" * 10)
+                raise OSError(code, os.strerror(code))
+        message = str(info.value)
+        assert "saving checkpoint-8 failed while writing" in message and "optimizer.pt" in message
+        assert f"out of storage: {cause}" in message or cause in message
+    with pytest.raises(KeyError):  # not a storage failure: a bug keeps its own type and traceback
+        with checkpoints.save_failures_named(str(folder), "checkpoint-8"):
+            raise KeyError("bug")
+
+
+def test_the_file_named_is_the_one_that_hit_the_limit_even_when_a_smaller_file_looks_newer(tmp_path, monkeypatch):
+    """File times tick coarsely: a small file written in the same tick (or a little later) is not the culprit."""
+    import resource
+
+    limit = 1_000_000
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (limit, resource.RLIM_INFINITY))
+    folder = tmp_path / "run"
+    folder.mkdir()
+    now = time.time()
+    for name, size, at in (("optimizer.pt", limit - 100, now), ("rng_state.pth", 10, now + 0.002)):
+        (folder / name).write_bytes(b"x" * size)
+        os.utime(folder / name, (at, at))
+    with pytest.raises(checkpoints.CheckpointError, match=r"while writing \S*optimizer\.pt .*file-size limit"):
+        with checkpoints.save_failures_named(str(folder), "checkpoint-2"):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 967936 vs 967828")
+    monkeypatch.undo()
+    for name in ("optimizer.pt", "rng_state.pth"):  # the same tick, no limit: the bigger file was in progress
+        os.utime(folder / name, (now, now))
+    with pytest.raises(checkpoints.CheckpointError, match=r"while writing \S*optimizer\.pt"):
+        with checkpoints.save_failures_named(str(folder), "checkpoint-2"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.slow
+def test_a_file_size_limit_hit_during_a_save_names_the_file_and_keeps_the_last_checkpoint(runs, tmp_path):
+    """Issue 19, 9e: `ulimit -f` below the optimizer's size: a clear error, not torch's 'unexpected pos'."""
+    import resource
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    model, _, _ = runs
+    out = tmp_path / "run"
+    limit = 1_000_000  # above model.safetensors (0.8 MB), below optimizer.pt (1.2 MB) of the tiny model
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    argv = cli_args(model, out, "--max_steps", "2")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "finetune.py"), *argv], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300, preexec_fn=limited, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("finetune.py: error: saving checkpoint-2 failed while writing"), result.stderr[-2000:]
+    assert "optimizer.pt" in last and f"file-size limit (ulimit -f) of {limit} bytes" in last
+    assert not (out / "checkpoint-2").exists()  # the half-written save never became a checkpoint

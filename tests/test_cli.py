@@ -5,7 +5,7 @@ import sys
 import pytest
 from transformers import TrainingArguments
 
-from sc_tune.arguments import DataArguments, LoraArguments, ModelArguments, SCTuneConfig
+from sc_tune.arguments import ArgumentError, DataArguments, LoraArguments, ModelArguments, SCTuneConfig
 from sc_tune.help_layout import (CYCLE_GROUP, OTHER_GROUP, SET_BY_SC_TUNE_GROUP, TRAINER_GROUP, build_parser,
                                  help_group_of)
 from tests.conftest import ROOT
@@ -110,3 +110,67 @@ def test_the_reference_flag_names_are_aliases(tmp_path):
          "--caption_lr", "2e-6", "--bbox_lr", "4e-6", "--use_cpu", "True", "--skip_preflight", "True"])
     assert (args.describer_update_steps, args.locator_update_steps) == (7, 3)
     assert (args.describer_lr, args.locator_lr) == (2e-6, 4e-6)
+
+
+# ---------------------------------------------------------------------------------------------- issue 19, items 6, 9, 10
+@pytest.mark.parametrize("argv, message", [
+    (["--describer_lr", "inf", "--locator_lr", "inf"], "--describer_lr inf must be a finite number; --locator_lr inf"),
+    (["--kl_coef", "inf"], "--kl_coef inf must be a finite number"),
+    (["--kl_coef", "nan"], "--kl_coef nan must be a finite number"),
+    (["--clip_range=-inf"], "--clip_range -inf must be a finite number"),
+    (["--ratio_threshold", "nan"], "--ratio_threshold nan must be a finite number"),
+    (["--policy_kl_stop=-inf"], "--policy_kl_stop -inf must be a finite number"),
+    (["--describer_temperature", "0"], "--describer_temperature 0.0 must be > 0"),
+    (["--describer_top_p", "1.5"], r"--describer_top_p 1.5 must be in \(0, 1\]"),
+    (["--adam_beta2", "1"], r"--adam_beta2 1.0 must be in \[0, 1\)"),
+    (["--max_grad_norm", "nan"], "--max_grad_norm nan must be a finite number"),
+    (["--describer_min_new_tokens", "40"],
+     r"--describer_min_new_tokens 40 must be in \[0, --describer_max_new_tokens 30\]"),
+    (["--locator_min_new_tokens", "9", "--locator_max_new_tokens", "8"], "--locator_min_new_tokens 9 must be in"),
+    (["--lora_dropout", "1.0"], r"--lora_dropout 1.0 must be in \[0, 1\)"),
+    (["--lora_alpha", "0"], "--lora_alpha 0 must be a finite number > 0"),
+])
+def test_values_that_would_train_wrongly_are_refused_naming_the_flag(tmp_path, argv, message):
+    import finetune
+
+    with pytest.raises(ValueError, match=message):
+        finetune.parse_args(["--output_dir", str(tmp_path), "--use_cpu", "True", *argv])
+
+
+def test_an_infinite_guard_means_never(tmp_path):
+    """+inf turns a guard off (scripts/bench_step.py and gpu_check.py use it): never skip, never stop, never clip."""
+    import finetune
+
+    *_, args, _ = finetune.parse_args(["--output_dir", str(tmp_path), "--use_cpu", "True", "--ratio_threshold", "inf",
+                                       "--policy_kl_stop", "inf", "--max_grad_norm", "inf"])
+    assert args.ratio_threshold == args.policy_kl_stop == args.max_grad_norm == float("inf")
+
+
+def test_the_reference_launch_flags_are_accepted_with_their_meaning(tmp_path):
+    import finetune
+
+    *_, args, notes = finetune.parse_args(["--output_dir", str(tmp_path), "--use_cpu", "True", "--model_max_length",
+                                           "384", "--warmup_ratio", "0.0", "--evaluation_strategy=no"])
+    assert args.warmup_steps == 0 and args.eval_strategy == "no"
+    assert any("--model_max_length 384 has no effect" in n for n in notes) and len(notes) == 3
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--warmup_ratio", "0.03"], "--warmup_ratio 0.03 is not used by SC-Tune: each phase starts at its full"),
+    (["--evaluation_strategy", "steps"], "--evaluation_strategy 'steps' is not used by SC-Tune"),
+    (["--model_max_length", "big"], "--model_max_length 'big' must be a positive integer"),
+    (["--model_max_length"], "--model_max_length needs a value"),
+    (["--not_a_flag", "3"], r"unknown argument\(s\): --not_a_flag 3"),
+])
+def test_refused_and_unknown_flags_end_in_a_message_not_a_traceback(tmp_path, argv, message):
+    import finetune
+
+    with pytest.raises(ArgumentError, match=message):
+        finetune.parse_args(["--output_dir", str(tmp_path), "--use_cpu", "True", *argv])
+
+
+def test_the_command_line_prints_the_message_and_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "finetune.py", "--output_dir", str(tmp_path), "--warmup_ratio", "0.1"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("finetune.py: error: --warmup_ratio 0.1 is not used")

@@ -135,3 +135,21 @@ def test_objects365_held_out_split_shares_no_image_with_training(tmp_path):
     # the training format, as evaluate.py reads it (the loader adds each record's index in the file)
     loaded = load_annotations(str(tmp_path / "held_out.json"))
     assert [{k: v for k, v in r.items() if k != "record_index"} for r in loaded] == held_out
+
+
+def test_a_sliver_box_is_refused_or_skipped_and_counted(tmp_path, caplog):
+    """Issue 19, 9b: a box under 1/1000 of the image trained silently (no box grid can write it with an area)."""
+    import logging
+
+    from sc_tune.data import MIN_BOX_SIDE
+
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps([{"image": "a.png", "bbox": [0.5, 0.1, 0.5 + MIN_BOX_SIDE / 2, 0.9]},
+                                {"image": "a.png", "bbox": [0.1, 0.1, 0.9, 0.1004]},
+                                {"image": "a.png", "bbox": [0.1, 0.1, 0.1 + MIN_BOX_SIDE, 0.2]}]))
+    with pytest.raises(AnnotationError, match=r"ann\.json: record 0: field 'bbox' is a sliver \(under 1/1000"):
+        load_annotations(str(path))
+    with caplog.at_level(logging.WARNING):
+        kept = load_annotations(str(path), skip_bad=True)
+    assert [r["record_index"] for r in kept] == [2]
+    assert "skipped 2 of 3 records: field 'bbox' is a sliver" in caplog.text and "(records 0, 1)" in caplog.text

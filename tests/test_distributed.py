@@ -116,9 +116,8 @@ def test_sharded_runs_agree_with_each_other(runs):
 def test_finetune_ds_script_launches_with_environment_overrides(tiny_checkpoint, tmp_path):
     out = tmp_path / "ds_script"
     env = {
-        **os.environ,
-        "GPUS_PER_NODE": "2",
-        "MASTER_PORT": "29650",
+        **{k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "USE_CPU")},
+        "GPUS_PER_NODE": "2",  # no MASTER_PORT: the script picks a free one; no --use_cpu: it adds that itself
         "MODEL": tiny_checkpoint("qwen2_vl"),
         "IMAGE_DIR": SAMPLE_IMAGES,
         "DATA": SAMPLE_DATA,
@@ -131,8 +130,8 @@ def test_finetune_ds_script_launches_with_environment_overrides(tiny_checkpoint,
         "REPORT_TO": "none",
         "OMP_NUM_THREADS": "1",
         "TORCH_EXTENSIONS_DIR": os.path.join(ROOT, ".torch_extensions"),
-        "EXTRA_ARGS": "--use_cpu True --bf16 False --gradient_checkpointing False --dataloader_num_workers 0 "
-        "--describer_max_new_tokens 4 --locator_max_new_tokens 6 --disable_tqdm True --skip_preflight True",
+        "EXTRA_ARGS": "--bf16 False --gradient_checkpointing False --dataloader_num_workers 0 --skip_preflight True "
+        "--describer_max_new_tokens 4 --locator_max_new_tokens 6 --disable_tqdm True",
     }
     result = subprocess.run(
         ["sh", "scripts/finetune_ds.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600

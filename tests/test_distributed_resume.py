@@ -64,3 +64,56 @@ def test_zero3_lora_trains_resumes_and_exports_a_merged_model(tiny_checkpoint, t
     merged, _ = load_model_and_adapter(str(out))
     assert not any("lora_" in n for n, _ in merged.named_parameters())
     assert (out / "lora_adapter" / "adapter_config.json").exists()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def test_zero2_resume_is_exact_through_the_weights_only_loader_and_a_crafted_shard_is_refused(tiny_checkpoint,
+                                                                                              tmp_path):
+    """Issue 19, 1: DeepSpeed's shards load weights-only (its allowlisted classes) and resume exactly; a shard that
+    would run code, with a manifest rewritten to match it, stops the resume on every rank, naming the file."""
+    model = tiny_checkpoint("qwen2_vl")
+    zero2 = ["--deepspeed", os.path.join(ROOT, "scripts", "ds_config_zero2.json")]
+    full = tmp_path / "full"
+    _torchrun(cli_args(model, full, "--max_steps", "4", *zero2), _free_port())
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
+    _torchrun(cli_args(model, resumed, "--max_steps", "4", "--resume_from_checkpoint", "True", *zero2), _free_port())
+    expected, got = step_losses(full), step_losses(resumed)
+    assert [got[s] for s in (3, 4)] == pytest.approx([expected[s] for s in (3, 4)], rel=1e-5, abs=1e-7)
+
+    crafted = tmp_path / "crafted"
+    staged = tmp_path / "staged" / "checkpoint-4"
+    shutil.copytree(full / "checkpoint-4", staged)
+    layout = checkpoints.read_layout(str(staged))
+    os.remove(staged / checkpoints.MARKER_FILE)
+    marker = tmp_path / "pwned"
+    shard = staged / "global_step4" / "mp_rank_00_model_states.pt"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    import torch
+
+    torch.save({"module": Exploit()}, shard)
+    crafted.mkdir()
+    checkpoints.commit(str(staged), str(crafted / "checkpoint-4"), layout)  # sizes and hashes match the crafted shard
+    argv = cli_args(model, crafted, "--max_steps", "6", "--resume_from_checkpoint", str(crafted / "checkpoint-4"),
+                    *zero2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           os.path.join(ROOT, "finetune.py"), *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": os.path.join(ROOT, ".torch_extensions")}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("finetune.py: error:")]
+    assert len(errors) == 2, result.stderr[-4000:]  # both ranks stop, with the same message
+    assert "global_step4/mp_rank_00_model_states.pt: holds Python objects that could run code" in errors[0]
+    assert not marker.exists()

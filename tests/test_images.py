@@ -129,13 +129,13 @@ def test_check_can_be_turned_off(tmp_path):
 def test_check_is_parallel_and_decodes_each_file_once(tmp_path, monkeypatch):
     import threading
 
-    import sc_tune.data
+    import sc_tune.images
 
     Image.new("RGB", (20, 20)).save(tmp_path / "a.png")
     records = load_annotations(_write_json(tmp_path, [{"image": "a.png", "bbox": [0, 0, 1, 1]}] * 50))
     seen = []
-    original = sc_tune.data.load_rgb
-    monkeypatch.setattr(sc_tune.data, "load_rgb", lambda p: seen.append(threading.get_ident()) or original(p))
+    original = sc_tune.images.load_rgb
+    monkeypatch.setattr(sc_tune.images, "load_rgb", lambda p: seen.append(threading.get_ident()) or original(p))
     assert len(check_images(records, str(tmp_path), "ann.json", workers=4)) == 50
     assert len(seen) == 1  # 50 records, one distinct file
 
@@ -147,3 +147,39 @@ def test_non_utf8_annotation_file_names_the_file(tmp_path):
 
     with pytest.raises(JSONFileError, match=r"latin1\.json: not UTF-8 text \(byte 15"):
         load_annotations(str(path))
+
+
+def test_evaluation_opens_every_image_as_training_does(tmp_path):
+    """Issue 19, 4: one file was two images (99.6 % white in evaluation, 0.2 % in training); now one opener."""
+    from sc_tune.evaluation.records import open_image
+
+    ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    rotated = Image.new("RGB", (20, 10), (0, 0, 0))
+    rotated.paste((255, 0, 0), (0, 0, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated.save(tmp_path / "rot.jpg", exif=exif.tobytes(), quality=95)
+    palette = Image.new("P", (12, 12), 1)
+    palette.putpalette([0, 0, 0, 200, 10, 10] + [0] * 762)
+    palette.save(tmp_path / "p.png", transparency=0)
+    Image.new("RGBA", (12, 12), (10, 20, 30, 0)).save(tmp_path / "rgba.png")
+    for name in ("g16.png", "rot.jpg", "p.png", "rgba.png"):
+        training, evaluation = load_rgb(str(tmp_path / name)), open_image(tmp_path, name, 0)
+        assert evaluation.mode == "RGB" and np.array_equal(np.asarray(training), np.asarray(evaluation)), name
+    assert (np.asarray(open_image(tmp_path, "g16.png", 0)) == 255).mean() < 0.05  # not 99.6 % white
+    assert open_image(tmp_path, "rot.jpg", 0).size == (10, 20)  # EXIF orientation applied
+
+
+def test_there_is_one_image_opener():
+    """No module but sc_tune/images.py opens an image file itself (Image.open)."""
+    import os
+    import re
+
+    import sc_tune
+
+    root = os.path.dirname(sc_tune.__file__)
+    openers = [os.path.relpath(os.path.join(folder, name), root) for folder, _, names in os.walk(root)
+               for name in names if name.endswith(".py")
+               and re.search(r"Image\.open\(", open(os.path.join(folder, name)).read())]
+    assert openers == ["images.py"], openers

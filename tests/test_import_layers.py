@@ -3,8 +3,9 @@
 Every ``import`` and ``from ... import`` in every module counts, at module level or inside a function (a lazy
 import is still a dependency). The layers, lowest first; a module may import its own layer and the ones below:
 
-1. basics: boxes, jsonio, checks, timing (no internal imports)
-2. method: the box codecs, rewards, PPO, baselines, KL control, phases, the arguments
+1. basics: boxes, jsonio, checks, timing, opening images, the start-up environment check, the run lock (no internal
+   imports)
+2. method: the box codecs, rewards, PPO, baselines, KL control, phases, the arguments (and the reference's flags)
 3. models: the native model code (``sc_tune/models/``) and the vision cache the adapters plug into
 4. adapters: the family registry and every family's adapter
 5. generation: rollout generation and the prompt cache, the snapshot, data, checkpoints, model loading, export
@@ -24,8 +25,9 @@ from pathlib import Path
 from tests.conftest import ROOT
 
 LAYERS = (
-    ("basics", {"boxes", "jsonio", "checks", "timing"}),
-    ("method", {"box_codecs", "rewards", "ppo", "baselines", "kl_control", "phases", "arguments", "moe"}),
+    ("basics", {"boxes", "jsonio", "checks", "timing", "images", "environment", "run_lock"}),
+    ("method", {"box_codecs", "rewards", "ppo", "baselines", "kl_control", "phases", "arguments", "moe",
+                "reference_flags"}),
     ("models", {"models", "vision_cache"}),
     ("adapters", {"adapters"}),
     ("generation", {"prompt_cache", "rollout", "snapshot", "data", "checkpoints", "modeling", "visualize",

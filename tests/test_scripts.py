@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,98 @@ def test_evaluate_sh_end_to_end_on_the_warm_start(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "eval" / "self_consistency_metrics.json").read_text())
     assert metrics["metrics"]["num_samples"] == 2 and metrics["image_folder"] == "data/sample"
+
+
+# ---------------------------------------------------------------------------------------------- issue 19, item 10
+def test_finetune_ds_sets_the_cpu_flag_itself_without_a_gpu(launcher):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result, argv = launcher("finetune_ds.sh", PRECISION="fp32")
+    assert result.returncode == 0, result.stderr
+    assert flag(argv, "--use_cpu") == "True" and "no CUDA GPU" in result.stderr
+    result, argv = launcher("finetune_ds.sh", PRECISION="fp32", USE_CPU="False")
+    assert "--use_cpu" not in argv
+
+
+def test_finetune_ds_picks_a_free_port_and_refuses_a_busy_one(launcher):
+    import contextlib
+    import socket
+
+    with socket.socket() as default, contextlib.suppress(OSError):
+        default.bind(("", 6001))  # the earlier fixed default is taken (by this test, or by another job)
+        default.listen()
+        result, argv = launcher("finetune_ds.sh")
+        assert result.returncode == 0, result.stderr
+        port = int(flag(argv, "--master_port"))
+    assert port != 6001
+    with socket.socket() as s:  # free when chosen: it binds now (the stub launcher never used it)
+        s.bind(("", port))
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result, argv = launcher("finetune_ds.sh", MASTER_PORT=str(port))
+    assert result.returncode == 2 and argv is None
+    assert f"MASTER_PORT {port} is in use" in result.stderr
+    assert flag(launcher("finetune_ds.sh", NNODES="2", NODE_RANK="1")[1], "--master_port") == "6001"  # nodes agree
+
+
+BANNER = """[rank0]: Traceback (most recent call last):
+E1204 12:00:00.000000 1 torch/distributed/elastic/multiprocessing/api.py:882] failed (exitcode: 1)
+Traceback (most recent call last):
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+finetune.py FAILED
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  exitcode  : 1 (pid: 1234)
+  error_file: <N/A>
+  traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html
+============================================================"""
+
+
+@pytest.mark.parametrize("error", ["finetune.py: error: --data_path data/typo.json: no such file",
+                                   "KeyError: 'bbox'"])
+def test_finetune_ds_repeats_the_real_error_below_torchrun_banner(tmp_path, error):
+    stub = tmp_path / "failing_torchrun"
+    stub.write_text(f"#!/bin/sh\necho 'step 1 log line'\necho \"{error}\" >&2\necho \"{error}\" >&2\n"
+                    f"cat <<'END' >&2\n{BANNER}\nEND\nexit 1\n")
+    stub.chmod(0o755)
+    env = {**{k: v for k, v in os.environ.items() if k != "MASTER_PORT"}, "TORCHRUN": str(stub), "DS_CONFIG": ""}
+    result = subprocess.run([SH, "scripts/finetune_ds.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1
+    # The launcher's output (banner last) on stdout; once it has ended, the processes' error, once, on stderr.
+    assert result.stdout.rstrip().endswith("=" * 60) and "step 1 log line" in result.stdout
+    assert result.stderr.endswith(
+        f"SC-Tune: the run failed (exit code 1). The error reported by the processes:\n{error}\n")
+    assert result.stderr.count(error) == 1 and "ChildFailedError" not in result.stderr
+
+
+def test_finetune_ds_says_the_first_deepspeed_launch_compiles(launcher, tmp_path):
+    extensions = tmp_path / "extensions"
+    extensions.mkdir()
+    result, _ = launcher("finetune_ds.sh", TORCH_EXTENSIONS_DIR=str(extensions))
+    assert "first DeepSpeed launch on this machine compiles" in result.stderr
+    assert "compiles" not in launcher("finetune_ds.sh", TORCH_EXTENSIONS_DIR=str(extensions), DS_CONFIG="")[0].stderr
+    (extensions / "py311_cpu" / "deepspeed_shm_comm").mkdir(parents=True)
+    (extensions / "py311_cpu" / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"")
+    assert "compiles" not in launcher("finetune_ds.sh", TORCH_EXTENSIONS_DIR=str(extensions))[0].stderr
+
+
+def test_a_torchvision_that_does_not_load_is_named_before_transformers_fails(tmp_path):
+    """Issue 19, 10: PyPI's torchvision beside a CPU torch broke every import with "Could not import module
+    'set_seed'" and a clean `pip check`; the entry points now say which package and what to do."""
+    fake = tmp_path / "site" / "torchvision"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    for entry in ("finetune.py", "evaluate.py"):
+        result = subprocess.run([sys.executable, entry, "--help"], cwd=ROOT, env=env, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert "torchvision is installed but does not load with torch" in result.stderr
+        assert "torchvision::nms does not exist" in result.stderr and "pip uninstall torchvision" in result.stderr

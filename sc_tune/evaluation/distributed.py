@@ -66,8 +66,10 @@ def shard_indices(num_samples: int, ranks: Ranks) -> list[int]:
     return list(range(ranks.rank, num_samples, ranks.world_size))
 
 
-def gather_by_index(local: Sequence[tuple[int, object]], num_samples: int, ranks: Ranks) -> list:
-    """All ranks' ``(index, result)`` pairs -> the results in index order, on every rank.
+def gather_by_index(local: Sequence[tuple[int, object]], num_samples: int, ranks: Ranks,
+                    known: dict[int, object] | None = None) -> list:
+    """All ranks' ``(index, result)`` pairs, plus ``known`` results every rank already has (a resumed run's),
+    -> the results in index order, on every rank.
 
     Raises if any index is missing or scored twice, so a sharding bug can never shrink the denominator.
     """
@@ -76,6 +78,7 @@ def gather_by_index(local: Sequence[tuple[int, object]], num_samples: int, ranks
         gathered: list = [None] * ranks.world_size
         dist.all_gather_object(gathered, pairs)
         pairs = [p for part in gathered for p in part]
+    pairs += list((known or {}).items())
     pairs.sort(key=lambda p: p[0])
     indices = [i for i, _ in pairs]
     if indices != list(range(num_samples)):

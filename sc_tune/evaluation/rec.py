@@ -14,6 +14,7 @@ import torch
 
 from sc_tune.boxes import denormalize_box
 from sc_tune.evaluation.metrics import DEFAULT_THRESHOLDS, summarize_ious
+from sc_tune.evaluation.progress import SampleLog
 from sc_tune.evaluation.records import check_rec_samples, gt_box_issue, open_image
 from sc_tune.evaluation.runner import LOCATE_EVAL, eval_mode, fit_locator_budget, locator_finished, run_sharded
 from sc_tune.rewards import cycle_iou
@@ -22,11 +23,13 @@ from sc_tune.rollout import GenerationSettings, locate
 
 def evaluate_rec(model, adapter, samples: Sequence[dict], image_root, batch_size: int = 8,
                  locate_settings: GenerationSettings = LOCATE_EVAL, distributed: bool | None = None,
-                 fit_budget: bool = True, thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> tuple[dict, list[dict]]:
+                 fit_budget: bool = True, thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+                 progress: SampleLog | None = None) -> tuple[dict, list[dict]]:
     """(metrics, per-sample results) of grounding ``samples`` (``image``, ``sent``, pixel ``bbox``,
     ``width``, ``height``). Per-sample dicts: index, image, sent, bbox, pred_bbox (pixels of the original
     image, None = parse failure), iou, parsed, locator_text. ``distributed`` as in
-    :func:`sc_tune.evaluation.self_consistency.evaluate_self_consistency`, and so is ``fit_budget``.
+    :func:`sc_tune.evaluation.self_consistency.evaluate_self_consistency`, and so are ``fit_budget`` and
+    ``progress``.
     """
     samples = check_rec_samples(samples)
 
@@ -53,7 +56,7 @@ def evaluate_rec(model, adapter, samples: Sequence[dict], image_root, batch_size
         return out
 
     with eval_mode(model):
-        per_sample, ranks = run_sharded(len(samples), batch_size, score_batch, distributed, "rec")
+        per_sample, ranks = run_sharded(len(samples), batch_size, score_batch, distributed, "rec", progress)
     metrics = summarize_ious([s["iou"] for s in per_sample], [s["parsed"] for s in per_sample], thresholds)
     metrics["num_records"] = len(samples)
     metrics["num_locator_unfinished"] = sum(1 for s in per_sample if not s["locator_finished"])

@@ -19,6 +19,7 @@ from PIL import Image
 
 from sc_tune import checks
 from sc_tune.data import AnnotationError, check_record
+from sc_tune.images import image_problem, load_rgb
 from sc_tune.jsonio import read_records
 
 RecordError = AnnotationError  # a bad input record; the message says which file, which record and which field
@@ -46,6 +47,14 @@ def check_rec_samples(samples: Sequence[dict], path="<samples>") -> list[dict]:
         where = _where(path, i)
         size = {key: checks.positive_number(sample, key, where) for key in ("width", "height")}
         bbox = checks.xyxy_box(sample, "bbox", where)
+        if max(bbox) <= 1.0 and max(size.values()) > 2:
+            # Every coordinate within 1 pixel of the corner of a large image: a normalised box in a pixel file,
+            # which would score IoU ~0 against any prediction (and is never a real referring target).
+            raise RecordError(
+                f"{where}: field 'bbox' {sample['bbox']!r} looks normalised (every coordinate <= 1 in a "
+                f"{size['width']:g}x{size['height']:g} image), but REC boxes are pixels of the original image: "
+                "multiply by width and height, or use the self-consistency format for normalised boxes"
+            )
         clean.append({"image": checks.text(sample, "image", where), "sent": checks.text(sample, "sent", where),
                       "bbox": bbox, **size})
     return clean
@@ -66,8 +75,6 @@ def gt_box_issue(box: Sequence[float], width: float, height: float) -> str | Non
 def image_problems(records: Sequence[dict], image_root) -> dict[int, str]:
     """{record index: why its image cannot be read}, decoding every distinct file once, in parallel threads."""
     from concurrent.futures import ThreadPoolExecutor
-
-    from sc_tune.data import image_problem
 
     root = os.fspath(image_root) if image_root else ""
     paths = sorted({r["image"] for r in records})
@@ -108,13 +115,13 @@ def load_region_caption_records(path) -> list[dict]:
 
 
 def open_image(image_root, relative_path: str, index: int) -> Image.Image:
-    """The RGB image of sample ``index``; a missing or unreadable file names the sample."""
+    """The RGB image of sample ``index``, converted exactly as training converts it (:func:`sc_tune.images.load_rgb`:
+    EXIF orientation, 16-bit grayscale, palettes, alpha); a missing or unreadable file names the sample."""
     path = os.path.join(os.fspath(image_root), relative_path) if image_root else relative_path
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
+        return load_rgb(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"sample {index}: image file {path!r} not found "
                                 f"(field 'image' = {relative_path!r}, image root {image_root!r})") from None
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise RecordError(f"sample {index}: cannot read image {path!r}: {e}") from None

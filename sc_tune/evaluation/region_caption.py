@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from sc_tune.evaluation.caption_metrics import caption_scores, cider_d
 from sc_tune.evaluation.distributed import broadcast_from_main
+from sc_tune.evaluation.progress import SampleLog
 from sc_tune.evaluation.records import check_region_caption_records, open_image
 from sc_tune.evaluation.runner import DESCRIBE_EVAL, eval_mode, run_sharded
 from sc_tune.rollout import GenerationSettings, describe
@@ -14,7 +15,8 @@ from sc_tune.rollout import GenerationSettings, describe
 
 def evaluate_region_captions(model, adapter, records: Sequence[dict], image_root, batch_size: int = 8,
                              describe_settings: GenerationSettings = DESCRIBE_EVAL,
-                             distributed: bool | None = None, use_meteor: bool = True) -> tuple[dict, list[dict]]:
+                             distributed: bool | None = None, use_meteor: bool = True,
+                             progress: SampleLog | None = None) -> tuple[dict, list[dict]]:
     """(metrics, per-sample results) for records ``{"image", "bbox" normalised, "captions": [refs]}``.
 
     Corpus scores are computed once, on rank 0 (CIDEr-D needs the whole corpus; METEOR starts a JVM),
@@ -29,7 +31,7 @@ def evaluate_region_captions(model, adapter, records: Sequence[dict], image_root
                  "references": records[i]["captions"]} for i, text in zip(indices, captions.texts)]
 
     with eval_mode(model):
-        per_sample, ranks = run_sharded(len(records), batch_size, score_batch, distributed, "region-caption")
+        per_sample, ranks = run_sharded(len(records), batch_size, score_batch, distributed, "region-caption", progress)
     metrics, per_sample_cider = None, None
     if ranks.is_main:
         candidates = [s["caption"] for s in per_sample]

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from sc_tune.evaluation.metrics import DEFAULT_THRESHOLDS, summarize_ious
+from sc_tune.evaluation.progress import SampleLog
 from sc_tune.evaluation.records import check_annotation_records, open_image
 from sc_tune.evaluation.runner import (DESCRIBE_EVAL, LOCATE_EVAL, eval_mode, fit_locator_budget, locator_finished,
                                       run_sharded)
@@ -23,7 +24,8 @@ def evaluate_self_consistency(model, adapter, records: Sequence[dict], image_roo
                               describe_settings: GenerationSettings = DESCRIBE_EVAL,
                               locate_settings: GenerationSettings = LOCATE_EVAL, locator=None,
                               distributed: bool | None = None, fit_budget: bool = True,
-                              thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> tuple[dict, list[dict]]:
+                              thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+                              progress: SampleLog | None = None) -> tuple[dict, list[dict]]:
     """(metrics, per-sample results) of describer greedy -> locator greedy on annotation ``records``.
 
     ``records``: ``{"image": path relative to image_root, "bbox": normalised xyxy, optional "caption"}``.
@@ -34,6 +36,8 @@ def evaluate_self_consistency(model, adapter, records: Sequence[dict], image_roo
     :func:`sc_tune.evaluation.runner.fit_locator_budget`); False uses ``locate_settings`` as given.
     Per-sample dicts: index, image, bbox, caption (generated), pred_bbox (normalised, None = parse
     failure), iou, parsed, locator_text, and reference_caption when the record had one.
+    ``progress``: keep each scored batch on disk and resume the samples already there
+    (:mod:`sc_tune.evaluation.progress`).
     """
     records = check_annotation_records(records)
     locator = model if locator is None else locator
@@ -62,7 +66,8 @@ def evaluate_self_consistency(model, adapter, records: Sequence[dict], image_roo
         return out
 
     with eval_mode(model, locator):
-        per_sample, ranks = run_sharded(len(records), batch_size, score_batch, distributed, "self-consistency")
+        per_sample, ranks = run_sharded(len(records), batch_size, score_batch, distributed, "self-consistency",
+                                        progress)
     metrics = summarize_ious([s["iou"] for s in per_sample], [s["parsed"] for s in per_sample], thresholds)
     metrics["num_records"] = len(records)
     metrics["num_locator_unfinished"] = sum(1 for s in per_sample if not s["locator_finished"])

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from PIL import Image
 
+from sc_tune.images import load_rgb
 from sc_tune.jsonio import read_json
 from sc_tune.modeling import load_model_and_adapter
 from sc_tune.synthetic.evaluate import evaluate_benchmark
@@ -199,10 +199,7 @@ def before_after_grid(before_rows: Sequence[dict], after_rows: Sequence[dict], p
     if len(before_rows) != len(after_rows):
         raise ValueError(f"{len(before_rows)} 'before' rows for {len(after_rows)} 'after' rows")
     rows = [(tag, row) for pair in zip(before_rows, after_rows) for tag, row in zip(("before", "after"), pair)]
-    images = []
-    for _, row in rows:
-        with Image.open(row["image"]) as image:
-            images.append(image.convert("RGB"))
+    images = [load_rgb(row["image"]) for _, row in rows]
     return save_cycle_grid(
         path, images, [r["bbox"] for _, r in rows], [f'{tag}: "{r["caption"]}"' for tag, r in rows],
         [r["pred"] for _, r in rows], [r["iou"] for _, r in rows], columns=2 * columns,

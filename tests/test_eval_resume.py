@@ -1,0 +1,149 @@
+"""Evaluation work is never lost (issue 19, item 8): rows written as they are scored, an interrupted evaluation
+resumed without re-scoring, a finished one never replaced without --overwrite_results, --max_samples 0 refused."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import pytest
+from PIL import Image
+
+import sc_tune.evaluation.self_consistency as self_consistency
+from sc_tune.arguments import ArgumentError
+from sc_tune.evaluation.progress import ResultsError
+from sc_tune.tiny import save_tiny
+
+BOXES = [[0.25, 0.5, 0.75, 1.0], [0.0, 0.0, 0.5, 0.5], [0.1, 0.1, 0.9, 0.9], [0.0, 0.0, 0.5, 1.0], [0.5, 0.5, 1, 1]]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval_resume")
+    Image.new("RGB", (80, 60), (200, 40, 40)).save(root / "red.png")
+    Image.new("RGB", (64, 64), (40, 40, 200)).save(root / "blue.png")
+    data = root / "held_out.json"
+    data.write_text(json.dumps([{"image": "red.png" if i % 2 else "blue.png", "bbox": b} for i, b in enumerate(BOXES)]))
+    return root, save_tiny(root / "model", "qwen2_vl"), data
+
+
+def run(setup, out, *extra):
+    import evaluate
+
+    root, model, data = setup
+    evaluate.main(["--task", "self-consistency", "--model_name_or_path", model, "--data_path", str(data),
+                   "--image_folder", str(root), "--output_dir", str(out), "--per_device_eval_batch_size", "2",
+                   "--grid_samples", "0", "--describer_max_new_tokens", "4", "--locator_max_new_tokens", "4",
+                   "--no_fit_locator_budget", *extra])
+    return [json.loads(line) for line in (out / "self_consistency_samples.jsonl").read_text().splitlines()]
+
+
+class CountingCycle:
+    """``rollout.cycle`` as the evaluator calls it, counting the boxes scored; raises on call ``fail_at``."""
+
+    def __init__(self, fail_at: int | None = None):
+        self.calls, self.boxes, self.fail_at = 0, [], fail_at
+        self.original = self_consistency.cycle
+
+    def __call__(self, model, locator, adapter, images, true_boxes, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise KeyboardInterrupt("killed mid-evaluation")
+        self.boxes += true_boxes
+        return self.original(model, locator, adapter, images, true_boxes, *args, **kwargs)
+
+
+KILLED = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import evaluate
+import sc_tune.evaluation.self_consistency as self_consistency
+original, calls = self_consistency.cycle, []
+def cycle(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # no exit handler, no buffer flushed: only what is on disk survives
+    return original(*args, **kwargs)
+self_consistency.cycle = cycle
+evaluate.main(sys.argv[2:])
+"""
+
+
+def test_an_interrupted_evaluation_keeps_its_rows_and_resumes_without_rescoring(setup, tmp_path, monkeypatch):
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    reference = run(setup, tmp_path / "uninterrupted")
+    out = tmp_path / "interrupted"
+    root, model, data = setup
+    argv = ["--task", "self-consistency", "--model_name_or_path", model, "--data_path", str(data), "--image_folder",
+            str(root), "--output_dir", str(out), "--per_device_eval_batch_size", "2", "--grid_samples", "0",
+            "--describer_max_new_tokens", "4", "--locator_max_new_tokens", "4", "--no_fit_locator_budget"]
+    killed = subprocess.run([sys.executable, "-c", KILLED, ROOT, *argv], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    partial = out / "self_consistency_samples.partial"
+    kept = [json.loads(line) for line in (partial / "rank0.jsonl").read_text().splitlines()]
+    assert [row["index"] for row in kept] == [0, 1]  # the first batch was on disk before the second started
+    assert not (out / "self_consistency_metrics.json").exists()
+    second = CountingCycle()
+    monkeypatch.setattr(self_consistency, "cycle", second)
+    resumed = run(setup, out)
+    assert second.boxes == BOXES[2:]  # only what was not scored yet
+    assert resumed == reference  # the same rows as one uninterrupted evaluation
+    metrics = json.loads((out / "self_consistency_metrics.json").read_text())["metrics"]
+    assert metrics["num_samples"] == 5 and metrics["num_resumed"] == 2
+    assert not partial.exists()
+
+
+def test_a_row_cut_off_by_a_kill_is_scored_again(setup, tmp_path, monkeypatch, caplog):
+    out = tmp_path / "torn"
+    monkeypatch.setattr(self_consistency, "cycle", CountingCycle(fail_at=2))
+    with pytest.raises(KeyboardInterrupt):
+        run(setup, out)
+    rows = out / "self_consistency_samples.partial" / "rank0.jsonl"
+    lines = rows.read_text().splitlines()
+    rows.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])  # the kill hit mid-line
+    again = CountingCycle()
+    monkeypatch.setattr(self_consistency, "cycle", again)
+    with caplog.at_level(logging.WARNING):
+        run(setup, out)
+    assert "line 2 is incomplete" in caplog.text
+    assert again.boxes == BOXES[1:]
+
+
+def test_rows_of_other_settings_are_never_mixed_in(setup, tmp_path, monkeypatch):
+    out = tmp_path / "mixed"
+    monkeypatch.setattr(self_consistency, "cycle", CountingCycle(fail_at=2))
+    with pytest.raises(KeyboardInterrupt):
+        run(setup, out)
+    monkeypatch.setattr(self_consistency, "cycle", CountingCycle())
+    with pytest.raises(ResultsError, match=r"scored with other settings \(describer differ\).*--overwrite_results"):
+        run(setup, out, "--describer_max_new_tokens", "5")
+    with pytest.raises(ResultsError, match=r"records differ"):
+        run(setup, out, "--max_samples", "4")
+    assert len(run(setup, out, "--overwrite_results", "True", "--max_samples", "4")) == 4
+
+
+def test_a_finished_evaluation_is_not_replaced_without_the_flag(setup, tmp_path):
+    out = tmp_path / "done"
+    run(setup, out)
+    before = (out / "self_consistency_metrics.json").read_bytes()
+    with pytest.raises(ResultsError, match=r"self_consistency_metrics\.json holds a finished evaluation.*"
+                                           r"--overwrite_results True"):
+        run(setup, out, "--max_samples", "2")
+    assert (out / "self_consistency_metrics.json").read_bytes() == before
+    assert len(run(setup, out, "--max_samples", "2", "--overwrite_results", "True")) == 2
+    assert json.loads((out / "self_consistency_metrics.json").read_text())["metrics"]["num_samples"] == 2
+
+
+@pytest.mark.parametrize("flag, value", [("--max_samples", "0"), ("--max_samples", "-3"),
+                                         ("--per_device_eval_batch_size", "0"), ("--describer_min_new_tokens", "99")])
+def test_settings_that_score_nothing_are_refused(setup, tmp_path, flag, value):
+    with pytest.raises(ArgumentError, match=rf"{flag} {value} must"):
+        run(setup, tmp_path / "none", flag, value)
+    assert not (tmp_path / "none").exists()

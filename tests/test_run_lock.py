@@ -1,0 +1,157 @@
+"""One run per output folder (issue 19, item 7): the lock names the other run; a stale one is taken over."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from sc_tune import run_lock
+from sc_tune.run_lock import LOCK_FILE, RunLockError, acquire
+from tests.conftest import ROOT
+
+HOLDER = (
+    "import sys, time; sys.path.insert(0, sys.argv[2]); from sc_tune.run_lock import acquire; "
+    "acquire(sys.argv[1], ['python', 'finetune.py', '--output_dir', sys.argv[1]]); print('held', flush=True); "
+    "time.sleep(600)"
+)
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """A live process of this host holding tmp_path/run's lock."""
+    folder = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder), ROOT], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "held"
+    yield folder, process
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+def test_a_live_run_holds_the_folder_and_is_named(holder):
+    folder, process = holder
+    with pytest.raises(RunLockError) as info:
+        acquire(str(folder))
+    message = str(info.value)
+    assert f"pid {process.pid} on {socket.gethostname()}" in message
+    assert f"finetune.py --output_dir {folder}" in message and str(folder / LOCK_FILE) in message
+
+
+def test_the_lock_of_a_killed_run_is_reported_and_taken_over(holder, caplog):
+    folder, process = holder
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (folder / LOCK_FILE).exists()  # SIGKILL leaves it behind
+    with caplog.at_level(logging.WARNING):
+        lock = acquire(str(folder), ["python", "evaluate.py"])
+    assert f"no longer running (pid {process.pid}" in caplog.text
+    owner = json.loads((folder / LOCK_FILE).read_text())
+    assert owner["pid"] == os.getpid() and owner["command"] == "python evaluate.py"
+    lock.release()
+    assert not (folder / LOCK_FILE).exists()
+
+
+def test_a_reused_pid_is_not_mistaken_for_the_owner(tmp_path, caplog):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                                "pid_started": "1", "started": "earlier", "command": "old run"}))
+    with caplog.at_level(logging.WARNING):
+        acquire(str(folder)).release()  # this pid, started at another time: the old owner is gone
+    assert "no longer running" in caplog.text and "old run" in caplog.text
+
+
+def _dead_pid() -> int:
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+
+
+def test_a_lock_from_another_machine_is_never_taken_over(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    pid = _dead_pid()  # gone on this machine, which says nothing about node-7
+    (folder / LOCK_FILE).write_text(json.dumps({"host": "node-7", "pid": pid, "started": "2026-12-04T10:00:00+00:00",
+                                                "command": "torchrun finetune.py"}))
+    with pytest.raises(RunLockError, match=rf"on another machine.*pid {pid} on node-7.*torchrun finetune\.py.*delete"):
+        acquire(str(folder))
+
+
+def test_a_stale_lock_is_removed_only_if_it_is_still_the_stale_one(tmp_path):
+    """The takeover re-reads the lock under its own mutex: a run that read the stale lock never removes the one a
+    faster run has just put there."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    stale = {"host": socket.gethostname(), "pid": _dead_pid(), "command": "old"}
+    fresh = {"host": socket.gethostname(), "pid": os.getpid(), "command": "the winner"}
+    (folder / LOCK_FILE).write_text(json.dumps(fresh))
+    assert not run_lock._remove_stale(str(folder / LOCK_FILE), stale)
+    assert json.loads((folder / LOCK_FILE).read_text()) == fresh
+    (folder / LOCK_FILE).write_text(json.dumps(stale))
+    assert run_lock._remove_stale(str(folder / LOCK_FILE), stale) and not (folder / LOCK_FILE).exists()
+
+
+def test_release_leaves_a_lock_that_is_not_its_own(tmp_path):
+    folder = tmp_path / "run"
+    lock = acquire(str(folder))
+    (folder / LOCK_FILE).write_text(json.dumps({"host": "node-7", "pid": 1}))  # taken over meanwhile
+    lock.release()
+    assert (folder / LOCK_FILE).exists()
+
+
+def test_a_second_training_run_in_the_folder_is_refused_before_it_touches_anything(holder, tiny_checkpoint):
+    """Issue 19, 7: with --overwrite_output_dir the second run would have deleted the first's checkpoints."""
+    import finetune
+    from tests.test_checkpoints import cli_args
+
+    folder, process = holder
+    (folder / "checkpoint-2").mkdir()
+    (folder / "checkpoint-2" / "model.safetensors").write_bytes(b"the first run's")
+    argv = cli_args(tiny_checkpoint("qwen2_vl"), folder, "--max_steps", "2", "--overwrite_output_dir", "True")
+    with pytest.raises(RunLockError, match=rf"in use by another run: pid {process.pid}"):
+        finetune.main(argv)
+    assert (folder / "checkpoint-2" / "model.safetensors").read_bytes() == b"the first run's"
+
+
+def test_the_lock_is_held_for_the_run_and_released_after(tmp_path, monkeypatch):
+    seen = []
+    with run_lock.hold(str(tmp_path / "run")) as lock:
+        seen.append(json.loads((tmp_path / "run" / LOCK_FILE).read_text())["pid"])
+        with pytest.raises(RunLockError):
+            acquire(str(tmp_path / "run"))  # the same process does not get it twice either
+    assert seen == [os.getpid()] and lock.owner["pid"] == os.getpid()
+    assert not (tmp_path / "run" / LOCK_FILE).exists()
+
+
+def test_two_processes_racing_for_a_stale_lock_get_one_winner(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": _dead_pid(), "command": "x"}))
+    racer = ("import sys, time; sys.path.insert(0, sys.argv[2]); from sc_tune.run_lock import acquire, RunLockError\n"
+             "try:\n    acquire(sys.argv[1]); print('won', flush=True); time.sleep(5)\n"
+             "except RunLockError:\n    print('refused', flush=True)\n")
+    racers = [subprocess.Popen([sys.executable, "-c", racer, str(folder), ROOT], stdout=subprocess.PIPE, text=True)
+              for _ in range(4)]
+    outcomes = sorted(r.stdout.readline().strip() for r in racers)
+    for r in racers:
+        r.kill()
+        r.wait()
+    assert outcomes == ["refused", "refused", "refused", "won"]
+
+
+def test_a_lock_left_in_a_model_folder_is_not_carried_into_exports(tmp_path):
+    """A model folder that was once a run's output may hold a stale lock: exports and checkpoints never copy it."""
+    from sc_tune.export import carry_source_files
+
+    source, out = tmp_path / "model", tmp_path / "out"
+    source.mkdir()
+    out.mkdir()
+    (source / LOCK_FILE).write_text(json.dumps({"host": "node-7", "pid": 1}))
+    (source / "chat_template.json").write_text("{}")
+    assert carry_source_files(str(out), str(source)) == ["chat_template.json"]

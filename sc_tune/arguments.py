@@ -176,6 +176,24 @@ class SCTuneConfig(TrainingArguments):
             "help": "Greedy captions and locating reuse the snapshot's scoring-pass cache (docs/performance.md)."
         },
     )
+    static_decoding: str = field(
+        default="auto",
+        metadata={
+            # sc_tune.decoding: transformers' StaticCache, fixed-shape decode steps, CUDA graphs on CUDA; a family
+            # opts in (ModelAdapter.static_decoding_problem). auto: on CUDA where the family can; true: must.
+            "help": "auto | true | false: rollouts decode from a static cache, steps replayed as CUDA graphs.",
+            "choices": ["auto", "true", "false"],
+        },
+    )
+    fused_decoding: str = field(
+        default="auto",
+        metadata={
+            # One loop for the policy's sampled captions and the greedy ones (the LoRA snapshot's, per-row adapters, or
+            # the policy's own); the snapshot's greedy captions then skip the prompt cache. auto: with static decoding.
+            "help": "auto | true | false: sampled and greedy captions decode in one loop (LoRA snapshot, policy_greedy).",
+            "choices": ["auto", "true", "false"],
+        },
+    )
     # ---- generation
     describer_top_k: int = field(default=100, metadata={"help": "Top-k of the describer's sampled caption."})
     describer_top_p: float = field(default=0.3, metadata={"help": "Top-p of the describer's sampled caption."})
@@ -289,6 +307,11 @@ class SCTuneConfig(TrainingArguments):
             )
         if self.kl_controller not in KL_CONTROLLERS:
             raise ArgumentError(f"--kl_controller must be one of {', '.join(KL_CONTROLLERS)}, got {self.kl_controller!r}")
+        for name in ("static_decoding", "fused_decoding"):
+            value = str(getattr(self, name)).lower()
+            if value not in ("auto", "true", "false"):
+                raise ArgumentError(f"--{name} must be auto, true or false, got {getattr(self, name)!r}")
+            setattr(self, name, value)
         if self.max_steps <= 0:
             raise ArgumentError("set --max_steps: SC-Tune streams its data and stops by step count")
         if self.remove_unused_columns:

@@ -190,7 +190,9 @@ def _decode_mask(template_mask, key_mask_NL, column):
     if isinstance(template_mask, dict):
         masks = {}
         for kind, value in template_mask.items():
-            if kind == "full_attention":
+            # A window layer is a full one here: static decoding runs only where every window covers the whole call
+            # (static_cache_fits), so the window hides nothing.
+            if kind in ("full_attention", "sliding_attention", "chunked_attention"):
                 masks[kind] = full
             elif value is None:  # linear-attention layers take no mask on a one-token step
                 masks[kind] = None
@@ -208,7 +210,7 @@ class _StaticStep:
         self.model, self.loop = model, loop
         first = torch.cat([input_ids, loop.out[:, :1]], dim=1)
         template = model.prepare_inputs_for_generation(first, next_sequence_length=1, **model_kwargs)
-        length = cache.layers[_first_attention_layer(cache)].max_cache_len
+        length = max(layer.max_cache_len for layer in cache.layers if hasattr(layer, "max_cache_len"))
         prompt_mask = model_kwargs.get("attention_mask")
         key_mask = torch.ones((loop.n, length), dtype=torch.bool, device=input_ids.device)
         if prompt_mask is not None and prompt_mask.dim() == 2:
@@ -233,13 +235,6 @@ class _StaticStep:
         self.column.add_(1)
         if self.positions is not None:
             self.positions.add_(1)
-
-
-def _first_attention_layer(cache) -> int:
-    for i, layer in enumerate(cache.layers):
-        if hasattr(layer, "max_cache_len") and getattr(layer, "is_initialized", False):
-            return i
-    raise ValueError("static decoding: the cache holds no initialised attention layer")
 
 
 class _DynamicStep:
@@ -360,6 +355,21 @@ def _capture(step, loop: _Loop):
     return graph.replay
 
 
+_WINDOW_LAYERS = ("sliding_attention", "chunked_attention")
+
+
+def static_cache_fits(config, length: int) -> bool:
+    """Whether a static cache of ``length`` columns decodes ``config``'s model with every layer a full one here: window
+    layers (Gemma's sliding attention) only when their window covers the whole call (a full static window cache
+    rolls, which a captured step cannot follow)."""
+    text = config.get_text_config(decoder=True)
+    kinds = getattr(text, "layer_types", None) or []
+    if not any(kind in _WINDOW_LAYERS for kind in kinds):
+        return True
+    windows = [getattr(text, "sliding_window", None), getattr(text, "attention_chunk_size", None)]
+    return all(w is None or w >= length for w in windows) and any(w is not None for w in windows)
+
+
 def static_cache_from(cache, config, max_cache_len: int):
     """A ``StaticCache`` of ``max_cache_len`` columns holding ``cache``'s keys and values (a prompt cache built by
     another pass), for a static-cache decoding that resumes from it. Only attention layers can be moved."""
@@ -371,3 +381,25 @@ def static_cache_from(cache, config, max_cache_len: int):
             raise ValueError("static decoding can resume only from a key/value cache of attention layers")
         static.layers[index].update(layer.keys, layer.values)
     return static
+
+
+DECODING_MODES = ("auto", "true", "false")
+
+
+def choose_decoding(mode: str, adapter, model, device, sharded: bool = False) -> Decoding | None:
+    """The decoding of ``--static_decoding``: ``false`` keeps transformers' ``generate``; ``true`` needs the family's
+    static decoding (an error naming the family where it has none); ``auto`` takes it on CUDA where the family has it.
+    CUDA graphs go with it on CUDA, except for a sharded model (ZeRO-3 gathers parameters inside every forward)."""
+    mode = str(mode).lower()
+    if mode not in DECODING_MODES:
+        raise ValueError(f"--static_decoding must be one of {', '.join(DECODING_MODES)}, got {mode!r}")
+    device = torch.device(device)
+    if mode == "false" or (mode == "auto" and device.type != "cuda"):
+        return None
+    problem = adapter.static_decoding_problem(model)
+    if problem is not None:
+        if mode == "true":
+            raise ValueError(f"--static_decoding true: {problem}; use --static_decoding auto or false")
+        return None
+    return Decoding(static_cache=True, cuda_graphs=device.type == "cuda" and not sharded)
+

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from sc_tune.adapters.base import ImageInputs, ModelAdapter, PromptBatch
-from sc_tune.decoding import Decoding, SampledRows, make_decode_loop, static_cache_from
+from sc_tune.decoding import Decoding, SampledRows, make_decode_loop, static_cache_fits, static_cache_from
 from sc_tune.prompt_cache import ScoredPrompts, shared_prefix_batch
 
 
@@ -146,6 +146,8 @@ def generate(
         inputs = adapter.resumed_decoding_inputs(inputs)
     if decoding is not None or sampled_rows is not None:
         decoding = decoding if decoding is not None else Decoding(static_cache=False)
+        if decoding.static_cache and not static_cache_fits(model.config, width + settings.max_new_tokens):
+            decoding = dataclasses.replace(decoding, static_cache=False)  # a window shorter than the call
         if sampled_rows is None:
             sampled_rows = [SampledRows(0, inputs["input_ids"].shape[0])] if settings.do_sample else []
         kwargs["custom_generate"] = make_decode_loop(decoding, sampled_rows)
@@ -171,11 +173,12 @@ def describe(
     images: Sequence[ImageInputs],
     boxes_norm: Sequence[Sequence[float]],
     settings: GenerationSettings,
+    decoding: Decoding | None = None,
 ) -> tuple[PromptBatch, Completions]:
     """Caption each box; ``Completions.texts`` are the captions, special tokens removed."""
     prompts = [adapter.describer_prompt(box, image) for box, image in zip(boxes_norm, images)]
     batch = adapter.build_batch(prompts, images)
-    return batch, generate(model, adapter, batch, settings, skip_special_tokens=True)
+    return batch, generate(model, adapter, batch, settings, skip_special_tokens=True, decoding=decoding)
 
 
 def describe_with_greedy(
@@ -218,6 +221,7 @@ def locate(
     captions: Sequence[str],
     settings: GenerationSettings,
     fit_budget: bool = True,
+    decoding: Decoding | None = None,
 ) -> tuple[list[list[float] | None], list[str]]:
     """Ground each caption; returns normalised boxes (``None`` on a parse failure) and the raw texts.
 
@@ -225,7 +229,7 @@ def locate(
     if fit_budget:
         settings = fit_locator_budget(adapter, images, settings)
     batch = adapter.build_batch([adapter.locator_prompt(c, im) for c, im in zip(captions, images)], images)
-    completions = generate(model, adapter, batch, settings, skip_special_tokens=False)
+    completions = generate(model, adapter, batch, settings, skip_special_tokens=False, decoding=decoding)
     boxes = [adapter.parse_locator_output(text, im) for text, im in zip(completions.texts, images)]
     return boxes, completions.texts
 
@@ -238,6 +242,7 @@ def locate_from_prefix(
     settings: GenerationSettings,
     scored: ScoredPrompts,
     source_rows: Sequence[int],
+    decoding: Decoding | None = None,
 ) -> tuple[list[list[float] | None], list[str]] | None:
     """:func:`locate`, resuming from the image prefix that ``model`` cached while reading ``scored`` (caption ``j``
     is about the image of its row ``source_rows[j]``); ``None`` where the family cannot share it
@@ -248,7 +253,7 @@ def locate_from_prefix(
         return None
     settings = fit_locator_budget(adapter, images, settings)
     completions = generate(model, adapter, shared.batch, settings, skip_special_tokens=False,
-                           prompt_cache=shared.cache, cached_columns=shared.columns)
+                           prompt_cache=shared.cache, cached_columns=shared.columns, decoding=decoding)
     boxes = [adapter.parse_locator_output(text, im) for text, im in zip(completions.texts, images)]
     return boxes, completions.texts
 

@@ -49,8 +49,25 @@ from sc_tune.phases import Phase, PhaseLR, PhaseSchedule, reset_optimizer_moment
 from sc_tune.ppo import describer_advantages, masked_mean, per_token_kl, ppo_clip_loss
 from sc_tune.prompt_cache import ScoredPrompts, keep_prompt_columns
 from sc_tune.rewards import RewardBatch, RewardFunction, get_reward
-from sc_tune.rollout import Completions, GenerationSettings, describe, generate, locate, locate_from_prefix
-from sc_tune.snapshot import AdapterSnapshot, FullSnapshot, eval_mode
+from sc_tune.arguments import ArgumentError
+from sc_tune.decoding import choose_decoding
+from sc_tune.rollout import (
+    Completions,
+    GenerationSettings,
+    describe,
+    describe_with_greedy,
+    generate,
+    locate,
+    locate_from_prefix,
+)
+from sc_tune.snapshot import (
+    POLICY_ADAPTER,
+    SNAPSHOT_ADAPTER,
+    AdapterSnapshot,
+    FullSnapshot,
+    eval_mode,
+    row_adapters,
+)
 from sc_tune.timing import StageClock, timed_stage
 from sc_tune.vision_cache import VisionCache
 
@@ -126,6 +143,11 @@ class SCTuneTrainer(Trainer):
             self.snapshot = FullSnapshot(
                 model, self.accelerator, self.is_deepspeed_enabled and _zero3(self), self.args.device
             )
+        # How rollouts decode (sc_tune.decoding; None: transformers' generate), and which greedy captions decode in
+        # the policy's sampling loop (None, "policy" or "snapshot").
+        sharded = self.is_deepspeed_enabled and _zero3(self)
+        self.decoding = choose_decoding(args.static_decoding, adapter, model, args.device, sharded)
+        self.fused_greedy = self._fused_greedy(args.fused_decoding)
         self._rollouts: dict[int, DescriberRollout | LocatorRollout] = {}
         # The frozen vision trunk once per image per rollout (None: family fallback, fix_vit off, or disabled).
         snapshot_model = getattr(self.snapshot, "module", model)
@@ -137,6 +159,24 @@ class SCTuneTrainer(Trainer):
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._phases: list[str] = []  # phase name of each step since the last log
         self._resume_dir: str | None = None
+
+    def _fused_greedy(self, mode: str) -> str | None:
+        """Whose greedy captions decode in the policy's sampling loop: the policy's own (``policy_greedy``), the LoRA
+        snapshot's (another adapter on the same base weights, ``sc_tune.snapshot.row_adapters``), or none. ``auto``
+        fuses wherever decoding is static (one step at B·K + B rows costs about one at B·K rows when it reads the
+        weights once); on transformers' loop the snapshot's greedy captions resume from its scoring pass instead."""
+        if mode == "false" or (mode == "auto" and self.decoding is None):
+            return None
+        if self.baseline is DescriberBaseline.POLICY_GREEDY:
+            return "policy"
+        if self.baseline is DescriberBaseline.SNAPSHOT_GREEDY and isinstance(self.snapshot, AdapterSnapshot):
+            return "snapshot"
+        if mode == "true":
+            raise ArgumentError(
+                "--fused_decoding true needs greedy captions that share the policy's weights: --describer_baseline "
+                "policy_greedy, or snapshot_greedy with --use_lora (the snapshot is then an adapter)"
+            )
+        return None
 
     # ------------------------------------------------------------------ data and schedule plumbing
     def _get_train_sampler(self, train_dataset=None):
@@ -206,10 +246,12 @@ class SCTuneTrainer(Trainer):
         batch, sampled, greedy = self._sample_captions(images, boxes_B4)
         # The snapshot scores the samples before it writes its own greedy captions and locates: with K = 1 the
         # greedy decoding starts from the scoring pass's prompt cache, and locating reuses its image prefix.
+        # (Fused decoding wrote the snapshot's greedy captions with the samples already.)
+        greedy_pending = self.baseline is DescriberBaseline.SNAPSHOT_GREEDY and greedy is None
         teacher_inputs, caption_ids_NT, caption_mask_NT, snapshot_logp_NT, scored, greedy_resumes = (
-            self._score_with_snapshot(batch, sampled)
+            self._score_with_snapshot(batch, sampled, greedy_pending)
         )
-        if self.baseline is DescriberBaseline.SNAPSHOT_GREEDY:
+        if greedy_pending:
             greedy = self._snapshot_greedy_captions(images, boxes_B4, batch, scored if greedy_resumes else None)
         captions = SampledCaptions(batch, sampled, greedy)
         rewards, greedy_rewards, located, located_from_prefix = self._locate_with_snapshot(
@@ -241,11 +283,25 @@ class SCTuneTrainer(Trainer):
         rows_boxes = [box for box in boxes_B4.tolist() for _ in range(k)]
         greedy = None
         with self._policy_for_generation() as policy:
+            if self.fused_greedy is not None:
+                # One loop: rows 0..N sample with the policy, rows N..N+B decode the greedy captions (the snapshot's
+                # adapter on its rows, or the policy's own weights).
+                n = len(rows_images)
+                blocks = [(POLICY_ADAPTER, 0, n), (SNAPSHOT_ADAPTER, n, n + len(images))]
+                mixing = row_adapters(policy, blocks) if self.fused_greedy == "snapshot" else nullcontext()
+                with mixing, self.stage_clock.stage("policy_sampling"):
+                    batch, sampled, greedy = describe_with_greedy(
+                        policy, self.adapter, rows_images, rows_boxes, images, boxes_B4.tolist(),
+                        self.caption_sampling, self.greedy_captions, self.decoding,
+                    )
+                return batch, sampled, greedy
             with self.stage_clock.stage("policy_sampling"):
-                batch, sampled = describe(policy, self.adapter, rows_images, rows_boxes, self.caption_sampling)
+                batch, sampled = describe(policy, self.adapter, rows_images, rows_boxes, self.caption_sampling,
+                                          self.decoding)
             if self.baseline is DescriberBaseline.POLICY_GREEDY:
                 with self.stage_clock.stage("policy_greedy"):
-                    _, greedy = describe(policy, self.adapter, images, boxes_B4.tolist(), self.greedy_captions)
+                    _, greedy = describe(policy, self.adapter, images, boxes_B4.tolist(), self.greedy_captions,
+                                         self.decoding)
         return batch, sampled, greedy
 
     def _snapshot_greedy_captions(self, images, boxes_B4, batch: PromptBatch, scored: ScoredPrompts | None):
@@ -255,9 +311,9 @@ class SCTuneTrainer(Trainer):
             if self.args.num_generations == 1:  # one sample per box: the samples' prompts are the boxes' prompts
                 return generate(
                     snapshot, self.adapter, batch, self.greedy_captions, skip_special_tokens=True,
-                    prompt_cache=scored.cache if scored is not None else None,
+                    prompt_cache=scored.cache if scored is not None else None, decoding=self.decoding,
                 )
-            return describe(snapshot, self.adapter, images, boxes_B4.tolist(), self.greedy_captions)[1]
+            return describe(snapshot, self.adapter, images, boxes_B4.tolist(), self.greedy_captions, self.decoding)[1]
 
     def _locate_with_snapshot(self, images, boxes_B4, captions: SampledCaptions, scored: ScoredPrompts | None):
         """The snapshot locates every sampled caption and the greedy one in one batched call; all are scored.
@@ -278,8 +334,9 @@ class SCTuneTrainer(Trainer):
             found = None
             if scored is not None:
                 found = locate_from_prefix(snapshot, self.adapter, located_images, texts, self.greedy_boxes, scored,
-                                           source_rows)
-            located, _ = found or locate(snapshot, self.adapter, located_images, texts, self.greedy_boxes)
+                                           source_rows, self.decoding)
+            located, _ = found or locate(snapshot, self.adapter, located_images, texts, self.greedy_boxes,
+                                         decoding=self.decoding)
         n = len(rows_images)
         rewards = self.reward_fn(located[:n], boxes_B4.repeat_interleave(k, dim=0), captions.sampled.texts)
         greedy_rewards = None
@@ -287,12 +344,13 @@ class SCTuneTrainer(Trainer):
             greedy_rewards = self.reward_fn(located[n:], boxes_B4, captions.greedy.texts)
         return rewards, greedy_rewards, located[:n], found is not None
 
-    def _score_with_snapshot(self, batch: PromptBatch, sampled: Completions):
+    def _score_with_snapshot(self, batch: PromptBatch, sampled: Completions, greedy_pending: bool = True):
         """Teacher-forced inputs of prompt + sampled caption and the snapshot's log-probs of the caption.
 
         With ``--snapshot_prompt_cache`` it also returns the pass's key/value cache of the prompts (all but their
         last column) where something can resume from it, else ``None``, and whether the greedy captions can:
-        the paper's baseline with K = 1 (the samples' prompts are the boxes'), in a family that allows it. The
+        the paper's baseline with K = 1 (the samples' prompts are the boxes'), in a family that allows it, unless
+        they are decoded already (``greedy_pending`` False: fused decoding). The
         locator prompts can where the family moves cached columns (``sc_tune.prompt_cache``)."""
         device = self.args.device
         teacher = self.adapter.append_completion(batch, sampled.ids_BT.cpu(), sampled.mask_BT.cpu())
@@ -303,6 +361,7 @@ class SCTuneTrainer(Trainer):
             model = self.accelerator.unwrap_model(snapshot)
             greedy_resumes = (
                 self.args.snapshot_prompt_cache
+                and greedy_pending
                 and self.baseline is DescriberBaseline.SNAPSHOT_GREEDY
                 and self.args.num_generations == 1
                 and self.adapter.resumes_from_scoring_cache(model, prompt_length, scored_length)
@@ -339,6 +398,8 @@ class SCTuneTrainer(Trainer):
             values["prompt_cache"] = float(used_prompt_cache)
         # 1: the locator prompts resumed from the image prefix the scoring pass cached (--snapshot_prompt_cache)
         values["locating_prefix_cache"] = float(located_from_prefix)
+        # 1: the greedy captions decoded in the policy's sampling loop (--fused_decoding)
+        values["fused_decoding"] = float(self.fused_greedy is not None and greedy_rewards is not None)
         self._log_mean_over_ranks("describer", values)
 
     @torch.no_grad()
@@ -346,7 +407,7 @@ class SCTuneTrainer(Trainer):
         images = self._prepare_images(inputs)
         boxes = inputs["boxes"].tolist()
         with self.snapshot.generating() as snapshot, self.stage_clock.stage("snapshot_generation"):
-            _, captions = describe(snapshot, self.adapter, images, boxes, self.greedy_captions)
+            _, captions = describe(snapshot, self.adapter, images, boxes, self.greedy_captions, self.decoding)
         targets = [self.adapter.locator_target(b, im) for b, im in zip(boxes, images)]
         pseudo = self.adapter.build_batch(
             [self.adapter.locator_prompt(c, im) for c, im in zip(captions.texts, images)], images, targets

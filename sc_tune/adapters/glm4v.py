@@ -36,6 +36,7 @@ END_TOKENS = ("<|user|>", "<|endoftext|>", "<|observation|>")
 class Glm4vAdapter(PatchGridChatAdapter):
     native_codec = NestedListGridCodec(1000)
     image_token = "<|image|>"
+    static_decoding_verified = True  # M-RoPE positions advance by one per token on each axis
     # downsample (the 2x2 patch-merging convolution) and merger (the projector) connect the tower to the LM.
     vision_trainable_prefixes = ("model.visual.downsample", "model.visual.merger")
     # Dense layers fuse gate and up into gate_up_proj; MoE layers keep gate/up/down in their shared experts

@@ -28,6 +28,9 @@ class _QwenChatVLAdapter(PatchGridChatAdapter):
     image_token = "<|image_pad|>"
     assistant_prefix = ""  # what the chat template writes at the start of every assistant turn
     vision_trainable_prefixes = ("model.visual.merger",)
+    # M-RoPE positions advance by one per token on every axis; Qwen3.5's Gated DeltaNet layers keep a recurrent state
+    # that a static cache updates in place.
+    static_decoding_verified = True
     # MoE variants: the routed experts are fused 3-D parameters, not Linear modules, so LoRA reaches the
     # attention (and any shared expert) only.
     lora_target_modules = rf"model\.language_model\..*\.({_LM_PROJECTIONS})"

@@ -295,7 +295,7 @@ def make_decode_loop(decoding: Decoding, blocks: Sequence[SampledRows], keep_log
                 step = _StaticStep(model, loop, input_ids, model_kwargs, cache, decoding.compile_backend)
             else:
                 step = _DynamicStep(model, loop, input_ids, model_kwargs)
-            graphed = static and decoding.cuda_graphs and device.type == "cuda"
+            graphed = static and decoding.cuda_graphs and device.type == "cuda" and _graph_takes(blocks)
             # As transformers' _sample: MoE experts switch to their decode-friendly kernels on accelerators.
             optimize = getattr(model, "_optimize_model_for_decode", nullcontext)
             with optimize():
@@ -342,13 +342,18 @@ def _run(step, loop: _Loop, graphed: bool, device, logits) -> int:
     return steps
 
 
+def _graph_takes(blocks: Sequence[SampledRows]) -> bool:
+    """A captured step may draw from a generator of its own only where the graph can register it (the global one is
+    registered by itself); without that the steps run eagerly (slower, same tokens)."""
+    own = any(block.generator is not None for block in blocks)
+    return not own or hasattr(torch.cuda.CUDAGraph, "register_generator_state")
+
+
 def _capture(step, loop: _Loop):
     """``step`` recorded as a CUDA graph (recording runs no kernel); returns the replay."""
     graph = torch.cuda.CUDAGraph()
     for block in loop.blocks:
         if block.generator is not None:
-            if not hasattr(graph, "register_generator_state"):
-                raise RuntimeError("CUDA graphs with per-block generators need torch >= 2.5")
             graph.register_generator_state(block.generator)
     with torch.cuda.graph(graph):
         step()

@@ -176,6 +176,10 @@ class QWenModel(QWenPreTrainedModel):
 
     def _splice_images(self, input_ids_BT, embeds_BTC, images):
         """Replace each ``<img>`` span's placeholder embeddings with that image's features."""
+        if images is None and input_ids_BT.shape[1] == 1:
+            # A one-token decode step holds no span (generation never writes <img>, a suppressed media token), and a
+            # step captured as a CUDA graph must not search its tokens on the host.
+            return embeds_BTC
         start_id = self.config.image_start_id
         starts = (input_ids_BT == start_id).nonzero().tolist()
         ends = (input_ids_BT == start_id + 1).nonzero().tolist()

@@ -243,6 +243,33 @@ def test_a_compiled_decode_step_decodes_the_same(tiny_checkpoint):
     assert torch.equal(got.ids_BT, expected.ids_BT)
 
 
+def test_the_step_rules_equal_transformers_processors_at_every_length():
+    """The minimum-length rules read the step from a tensor (a captured step cannot read a Python length) and the
+    set rules read a fixed-width sequence whose unwritten columns repeat the last prompt token: both equal
+    transformers' processors on the real growing sequence."""
+    from transformers.generation import logits_process as lp
+
+    torch.manual_seed(0)
+    vocab, prompt, eos = 40, 5, torch.tensor([3, 7])
+    processors = [lp.RepetitionPenaltyLogitsProcessor(1.7, prompt_ignore_length=torch.tensor([0, 2])),
+                  lp.MinNewTokensLengthLogitsProcessor(prompt, 3, eos), lp.MinLengthLogitsProcessor(prompt + 2, eos)]
+    rules, warpers = decoding._rules_and_warpers(processors, prompt, eos, vocab, "cpu")
+    assert warpers == [] and len(rules) == 3
+    ids = torch.randint(0, vocab, (2, prompt + 4))
+    seq = torch.cat([ids[:, :prompt], ids[:, prompt - 1 : prompt].expand(2, 4)], dim=1)
+    for written in range(5):
+        scores = torch.randn(2, vocab)
+        expected = scores
+        for processor in processors:
+            expected = processor(ids[:, : prompt + written], expected)
+        got = scores
+        for rule in rules:
+            got = rule(seq, got, torch.tensor(written))
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        if written < 4:
+            seq[:, prompt + written] = ids[:, prompt + written]
+
+
 def test_refusals_name_the_family_and_the_reason(tiny_checkpoint, monkeypatch):
     model, adapter = _model(tiny_checkpoint, "qwen2_5_vl")
     assert choose_decoding("auto", adapter, model, "cpu") is None  # auto: CUDA only
@@ -280,3 +307,40 @@ def test_a_rule_that_reads_the_sequence_is_refused_and_a_short_window_decodes_dy
     got = generate(gemma, gemma_adapter, gemma_batch, GREEDY, True, decoding=STATIC)
     assert not isinstance(spy.caches[0], StaticCache)
     assert torch.equal(got.ids_BT, generate(gemma, gemma_adapter, gemma_batch, GREEDY, True).ids_BT)
+
+
+def _decode_loops_per_step(trainer):
+    """Runs ``trainer.train()``; returns (losses per step, decode loops of each optimizer step, logged entries)."""
+    loops = []
+    step = trainer.training_step
+
+    def counted(*args, **kwargs):
+        decoding.STATS.pop()
+        out = step(*args, **kwargs)
+        loops.append(decoding.STATS.pop().calls)
+        return out
+
+    trainer.training_step = counted
+    trainer.train()
+    return loops, [entry for entry in trainer.state.log_history if "describer/fused_decoding" in entry]
+
+
+@pytest.mark.parametrize("model_type", ["qwen"])
+def test_the_trainer_decodes_samples_and_snapshot_captions_in_one_loop_with_equal_losses(tiny_checkpoint, tmp_path,
+                                                                                       model_type):
+    """LoRA: the policy's samples and the snapshot adapter's greedy captions in one loop (2 decode loops per describer
+    rollout instead of 3: captions, then locating), with losses equal to the separate loops (whose greedy captions
+    resume from the scoring cache) over four steps of both phases."""
+    from tests.helpers import two_phase_trainer
+
+    runs = {}
+    for fused in ("true", "false"):
+        trainer, losses = two_phase_trainer(tiny_checkpoint(model_type), str(tmp_path / fused),
+                                            model_transform=small_lora, static_decoding="true", fused_decoding=fused)
+        assert trainer.fused_greedy == ("snapshot" if fused == "true" else None)
+        loops, logged = _decode_loops_per_step(trainer)
+        runs[fused] = (losses, loops, [entry["describer/fused_decoding"] for entry in logged])
+    # steps 0-1: one describer rollout (two PPO epochs), step 2: locator, step 3: a describer rollout
+    assert runs["true"][1] == [2, 0, 1, 2] and runs["false"][1] == [3, 0, 1, 3]
+    assert runs["true"][2] == [1.0, 1.0] and runs["false"][2] == [0.0, 0.0]
+    assert len(runs["true"][0]) == 4 and runs["true"][0] == runs["false"][0]

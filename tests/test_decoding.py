@@ -255,19 +255,22 @@ def test_the_step_rules_equal_transformers_processors_at_every_length():
                   lp.MinNewTokensLengthLogitsProcessor(prompt, 3, eos), lp.MinLengthLogitsProcessor(prompt + 2, eos)]
     rules, warpers = decoding._rules_and_warpers(processors, prompt, eos, vocab, "cpu")
     assert warpers == [] and len(rules) == 3
-    ids = torch.randint(0, vocab, (2, prompt + 4))
-    seq = torch.cat([ids[:, :prompt], ids[:, prompt - 1 : prompt].expand(2, 4)], dim=1)
-    for written in range(5):
+    allowed = torch.tensor([t for t in range(1, vocab) if t not in (3, 7)])  # no 0 (a filler of 0 would show), no end
+    ids = allowed[torch.randint(0, len(allowed), (2, prompt + 4))]
+    loop = decoding._Loop(ids[:, :prompt], 4, rules, [], [], eos, torch.tensor(0), vocab, keep_logits=False)
+    for written in range(4):
         scores = torch.randn(2, vocab)
         expected = scores
         for processor in processors:
             expected = processor(ids[:, : prompt + written], expected)
         got = scores
         for rule in rules:
-            got = rule(seq, got, torch.tensor(written))
+            got = rule(loop.seq, got, loop.written)
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
-        if written < 4:
-            seq[:, prompt + written] = ids[:, prompt + written]
+        forced = torch.full((2, vocab), -1e4)
+        forced[torch.arange(2), ids[:, prompt + written]] = 1e4
+        loop.advance(forced)  # writes the next token of ``ids`` into the loop's buffers
+    assert torch.equal(loop.out, ids[:, prompt:]) and int(loop.written) == 4
 
 
 def test_refusals_name_the_family_and_the_reason(tiny_checkpoint, monkeypatch):

@@ -31,6 +31,7 @@ cache, the per-step logits within float rounding, for every family that opts in
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -40,6 +41,8 @@ import torch
 from transformers.cache_utils import StaticCache
 from transformers.generation import logits_process as lp
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
+
+logger = logging.getLogger(__name__)
 
 # Applied to sampled rows only, after every rule (transformers appends them last, and only when sampling).
 _WARPERS = (
@@ -87,6 +90,8 @@ class DecodeStats:
     prefill_seconds: float = 0.0
     capture_seconds: float = 0.0
     graph_calls: int = 0  # calls whose steps replayed a CUDA graph
+    graph_failures: int = 0  # captures that failed (those calls decoded eagerly); the first error below
+    graph_error: str | None = None
     by_rows: dict[int, int] = field(default_factory=dict)  # rows per call -> decode steps at that size
 
     def pop(self) -> DecodeStats:
@@ -317,10 +322,17 @@ def _run(step, loop: _Loop, graphed: bool, device, logits) -> int:
     start = time.perf_counter()
     while int(loop.written) < loop.max_new and bool(loop.unfinished.any()):
         if graphed and steps == 1:
-            # The first step ran eagerly (warm-up: cuBLAS workspaces, lazy buffers); capture the next one.
+            # The first step ran eagerly (warm-up: cuBLAS workspaces, lazy buffers); capture the next one. A capture
+            # that fails costs speed, not the run: this call's steps go on eagerly (recording ran no kernel).
             _sync(device)
             began = time.perf_counter()
-            replay = _capture(step, loop)
+            try:
+                replay = _capture(step, loop)
+            except RuntimeError as error:
+                graphed, replay = False, step
+                STATS.graph_failures += 1
+                STATS.graph_error = STATS.graph_error or f"{type(error).__name__}: {error}"[:500]
+                logger.warning("decoding: CUDA graph capture failed, decoding eagerly: %s", error)
             _sync(device)
             capture += time.perf_counter() - began
         if graphed and steps == 0:
@@ -355,7 +367,8 @@ def _capture(step, loop: _Loop):
     for block in loop.blocks:
         if block.generator is not None:
             graph.register_generator_state(block.generator)
-    with torch.cuda.graph(graph):
+    # thread_local: another thread's CUDA call (a data loader pinning memory) must not void this capture.
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         step()
     return graph.replay
 

@@ -282,6 +282,8 @@ def run_config(name, opts, device, dtype, meter, bandwidth):
                 "warmup_seconds": round(warmup, 2),
                 "capture_seconds": round(stats.capture_seconds / opts.units, 4),
                 "graph_calls": stats.graph_calls,
+                "graph_failures": stats.graph_failures,
+                "graph_error": stats.graph_error,
                 "decode_calls": stats.calls,
                 "prefill_seconds_per_unit": round(stats.prefill_seconds / opts.units, 3),
                 "stages_per_step": {

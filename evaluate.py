@@ -29,7 +29,8 @@ import torch
 from transformers import HfArgumentParser
 
 from sc_tune import modeling
-from sc_tune.arguments import CompactHelpFormatter, DataArguments, ModelArguments, SCTuneConfig
+from sc_tune.arguments import DataArguments, ModelArguments, SCTuneConfig
+from sc_tune.help_layout import CompactHelpFormatter
 from sc_tune.evaluation import evaluate_rec, evaluate_region_captions, evaluate_self_consistency
 from sc_tune.evaluation.distributed import barrier, init_from_env, shutdown
 from sc_tune.evaluation.records import (image_problems, load_annotation_records, load_rec_samples,

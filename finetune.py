@@ -14,10 +14,10 @@ import logging
 import torch
 from transformers import set_seed
 
-from sc_tune.arguments import build_parser
 from sc_tune.checkpoints import check_output_dir, resume_requested
 from sc_tune.data import ReferringDataset
 from sc_tune.export import export_trained
+from sc_tune.help_layout import build_parser
 from sc_tune.modeling import (
     apply_lora,
     freeze_vision_tower,
@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> SCTuneTrainer:
         size_problem=adapter.image_size_problem,
     )
     logger.info("%d referring samples from %s", len(dataset), data_args.data_path)
-    trainer = SCTuneTrainer(model=model, args=args, adapter=adapter, train_dataset=dataset)
+    trainer = SCTuneTrainer(
+        model=model, args=args, adapter=adapter, train_dataset=dataset, source_dir=model_args.model_name_or_path
+    )
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_state()
     export_trained(trainer, args.output_dir, model_args.model_name_or_path, lora_args.use_lora)
@@ -90,9 +92,10 @@ if __name__ == "__main__":
     from sc_tune.checkpoints import CheckpointError, OutputDirError
     from sc_tune.data import AnnotationError
     from sc_tune.jsonio import JSONFileError
+    from sc_tune.preflight import PreflightError
 
     try:
         main()
-    except (ArgumentError, AnnotationError, CheckpointError, JSONFileError, OutputDirError) as e:
+    except (ArgumentError, AnnotationError, CheckpointError, JSONFileError, OutputDirError, PreflightError) as e:
         # Bad input, not a bug: the message names the file, record or flag; a traceback would bury it.
         raise SystemExit(f"finetune.py: error: {e}") from None

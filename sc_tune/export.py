@@ -2,16 +2,22 @@
 
 Full fine-tuning: the Trainer's ``save_model`` (which gathers ZeRO-3 shards into 16-bit weights when
 ``stage3_gather_16bit_weights_on_model_save`` is on) plus the tokenizer/processor. LoRA: the adapter is
-saved, then merged into a fresh copy of the base model on CPU (``merge_lora``, also a command). Families
-that need more (Qwen-VL: its generation config and remote-code files) hook in through
+saved, then merged into a fresh copy of the base model on CPU (``merge_lora``, also a command). Then every
+non-weight file of the input folder that the export did not write itself is carried over
+(``carry_source_files``): released processor settings often live only in ``processor_config.json``
+(SmolVLM's ``image_seq_len``, LLaVA-OneVision's ``num_image_tokens``, Gemma 4's), ``video_preprocessor_config.json``
+or ``chat_template.json``, and a folder without them loads in the family's processor with other settings.
+Families that need more (Qwen-VL: its generation config and remote-code files) hook in through
 ``finalize_export``.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import logging
 import os
+import shutil
 from contextlib import contextmanager
 
 import torch
@@ -23,9 +29,36 @@ from sc_tune.snapshot import SNAPSHOT_ADAPTER
 logger = logging.getLogger(__name__)
 
 
+# Weights (the export writes its own) and a run's bookkeeping (an input folder may be an SC-Tune checkpoint-N):
+# never carried. Everything else at the input folder's top level is.
+NOT_CARRIED = (
+    "*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.h5", "*.msgpack", "*.onnx", "*.index.json",
+    "trainer_state.json", "sc_tune_*.json", "rng_state*", "latest", "zero_to_fp32.py", ".*",
+)
+
+
+def carry_source_files(output_dir: str, source_dir: str | None) -> list[str]:
+    """Copy every top-level non-weight file of ``source_dir`` that ``output_dir`` lacks (files the export wrote
+    win: its config.json, tokenizer and image processor describe the trained model). Returns the names copied."""
+    if not source_dir or not os.path.isdir(source_dir):
+        return []
+    copied = []
+    for name in sorted(os.listdir(source_dir)):
+        source = os.path.join(source_dir, name)
+        if (not os.path.isfile(source) or any(fnmatch.fnmatch(name, p) for p in NOT_CARRIED)
+                or os.path.exists(os.path.join(output_dir, name))):
+            continue
+        shutil.copy2(source, os.path.join(output_dir, name))
+        copied.append(name)
+    if copied:
+        logger.info("carried %s from %s into %s", ", ".join(copied), source_dir, output_dir)
+    return copied
+
+
 def finalize_export(output_dir: str, source_dir: str) -> None:
-    """Family-specific files next to the weights (the registry's hook; Qwen-VL: generation config, remote
-    code, tokenizer)."""
+    """The input's other non-weight files, then the family-specific files next to the weights (the registry's
+    hook; Qwen-VL: generation config, remote code, tokenizer)."""
+    carry_source_files(output_dir, source_dir)
     hook = family_for(read_model_type(source_dir)).finalize_export
     if hook is not None:
         hook(output_dir, source_dir)

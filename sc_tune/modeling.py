@@ -9,6 +9,7 @@ import torch
 
 from sc_tune.adapters import ModelAdapter, family_for
 from sc_tune.jsonio import read_json
+from sc_tune.moe import expert_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -97,16 +98,26 @@ def trainable_summary(model: torch.nn.Module, adapter: ModelAdapter) -> str:
 
 
 def apply_lora(model: torch.nn.Module, adapter: ModelAdapter, lora_args, gradient_checkpointing: bool):
-    """Wrap ``model`` in PEFT LoRA on the family's LM projections (QLoRA: model loaded in 4 bit)."""
+    """Wrap ``model`` in PEFT LoRA on the family's LM projections, and with ``--lora_target_experts`` on its routed
+    experts (QLoRA: model loaded in 4 bit)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if lora_args.q_lora:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    experts = None
+    if lora_args.lora_target_experts:
+        experts = expert_parameters(model, adapter.lora_expert_parameters)
+        if not experts:
+            raise ValueError(
+                f"--lora_target_experts: {type(model).__name__} has no routed-expert parameters "
+                f"{list(adapter.lora_expert_parameters) or '(this family names none)'}: it is not a MoE model"
+            )
     config = LoraConfig(
         r=lora_args.lora_r,
         lora_alpha=lora_args.lora_alpha,
         lora_dropout=lora_args.lora_dropout,
         target_modules=lora_args.lora_target_modules or adapter.lora_target_modules,
+        target_parameters=experts,  # the fused 3-D routed experts (sc_tune.moe)
         bias="none",
         task_type="CAUSAL_LM",
     )

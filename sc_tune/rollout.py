@@ -76,20 +76,16 @@ def completion_mask(ids_BT: torch.Tensor, end_token_ids: Sequence[int]) -> torch
     return (~ended_before_BT).long()
 
 
-# The box a codec writes longest: every coordinate at its maximum (1000 on a grid, the frame on pixels).
-_WIDEST_BOX = (1.0, 1.0, 1.0, 1.0)
-
-
 def fit_locator_budget(
     adapter: ModelAdapter, images: Sequence[ImageInputs], settings: GenerationSettings
 ) -> GenerationSettings:
-    """``settings`` with ``max_new_tokens`` raised, if needed, to fit the longest box answer of these images.
+    """``settings`` with ``max_new_tokens`` raised, if needed, to the family's locator budget for these images
+    (``ModelAdapter.locator_budget``: its widest box in its own answer form, counted with the loaded tokenizer).
 
-    Why: the reference's 20 tokens were sized for Qwen-VL's ``(x1,y1),(x2,y2)</box>``; with digits one token
-    each, a Qwen3-VL JSON box takes ~28 tokens and a Qwen2-VL box with a 1000 coordinate 21, so a fixed 20
-    would turn correct answers into parse failures (and the describer's reward into zeros).
-    """
-    needed = max(len(adapter.encode_target(adapter.locator_target(_WIDEST_BOX, im))) for im in images)
+    Why: the reference's 20 tokens were sized for Qwen-VL's ``(x1,y1),(x2,y2)</box>``. A released Qwen2.5-VL
+    answers with a fenced JSON list, 31-33 tokens up to its box's closing bracket with the real Qwen vocabulary:
+    a fixed budget would cut nearly every answer, and every parse failure is a zero reward."""
+    needed = adapter.locator_budget(images)
     if needed <= settings.max_new_tokens:
         return settings
     return dataclasses.replace(settings, max_new_tokens=needed)

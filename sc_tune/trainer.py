@@ -26,6 +26,7 @@ checkpointing stay upstream). What this class adds:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections import defaultdict
@@ -43,8 +44,11 @@ from sc_tune import checkpoints
 from sc_tune.adapters.base import ModelAdapter, PromptBatch
 from sc_tune.baselines import DescriberBaseline, describer_baseline, terminal_advantages
 from sc_tune.data import RolloutSampler, collate_referring
+from sc_tune.export import carry_source_files
 from sc_tune.jsonio import write_json
 from sc_tune.kl_control import make_kl_controller
+from sc_tune.moe import router_aux_coefficient
+from sc_tune.preflight import PreflightError, run_preflight
 from sc_tune.phases import Phase, PhaseLR, PhaseSchedule, reset_optimizer_moments, set_learning_rate
 from sc_tune.ppo import describer_advantages, masked_mean, per_token_kl, ppo_clip_loss
 from sc_tune.prompt_cache import ScoredPrompts, keep_prompt_columns
@@ -118,11 +122,13 @@ class SCTuneTrainer(Trainer):
         train_dataset,
         callbacks=None,
         reward_fn: RewardFunction | None = None,
+        source_dir: str | None = None,
     ):
         super().__init__(
             model=model, args=args, train_dataset=train_dataset, data_collator=collate_referring, callbacks=callbacks
         )
         self.adapter = adapter
+        self.source_dir = source_dir  # the input checkpoint: its processor files go into every saved folder
         self.schedule = PhaseSchedule.from_args(args)
         self.reward_fn = reward_fn if reward_fn is not None else get_reward(args.reward)
         self.baseline = DescriberBaseline(args.describer_baseline)
@@ -148,6 +154,10 @@ class SCTuneTrainer(Trainer):
         sharded = self.is_deepspeed_enabled and _zero3(self)
         self.decoding = choose_decoding(args.static_decoding, adapter, model, args.device, sharded)
         self.fused_greedy = self._fused_greedy(args.fused_decoding)
+        # MoE under full fine-tuning: the router's load-balancing term joins every loss (sc_tune.moe).
+        self.router_aux_coef = router_aux_coefficient(
+            model, args.moe_aux_loss, args.moe_aux_loss_coef, lora=_is_peft(model)
+        )
         self._rollouts: dict[int, DescriberRollout | LocatorRollout] = {}
         # The frozen vision trunk once per image per rollout (None: family fallback, fix_vit off, or disabled).
         snapshot_model = getattr(self.snapshot, "module", model)
@@ -199,6 +209,8 @@ class SCTuneTrainer(Trainer):
         if self._resume_dir is not None:
             self._restore_sc_state(self._resume_dir, step)
             self._resume_dir = None
+        elif step == 0 and not self.args.skip_preflight:
+            self._preflight()
         position = self.schedule.at(step)
         if position.starts_phase:
             # Also at step 0 and when resuming exactly at a switch; mid-phase resumes load the snapshot instead.
@@ -212,6 +224,26 @@ class SCTuneTrainer(Trainer):
             self.vision_cache.clear()
         self._micro = 0
         self._grads_pending = False
+
+    def _preflight(self) -> None:
+        """Before step 0: stop the run if the locator's answers do not parse (``sc_tune.preflight``)."""
+        dataset = self.train_dataset
+        count = min(self.args.preflight_samples, len(dataset))
+        items = [dataset[i] for i in range(count)]
+        records = getattr(dataset, "records", None)
+        captions = [r.get("caption") for r in records[:count]] if records is not None else None
+        with self._policy_for_generation() as policy:
+            report = run_preflight(
+                policy, self.adapter, self._prepare_images({"images": [it["image"] for it in items]}),
+                [list(it["bbox"]) for it in items], captions if captions and all(captions) else None,
+                self.greedy_captions, self.greedy_boxes,
+            )
+        if self.is_world_process_zero():
+            logger.info(report.summary())
+            print(report.summary(), flush=True)
+        failure = report.failure(self.args.preflight_max_parse_failures)
+        if failure is not None:  # every rank decided the same: the same samples, greedy decoding
+            raise PreflightError(failure)
 
     def _prepare_inputs(self, inputs):
         step = self.state.global_step
@@ -408,7 +440,8 @@ class SCTuneTrainer(Trainer):
         boxes = inputs["boxes"].tolist()
         with self.snapshot.generating() as snapshot, self.stage_clock.stage("snapshot_generation"):
             _, captions = describe(snapshot, self.adapter, images, boxes, self.greedy_captions, self.decoding)
-        targets = [self.adapter.locator_target(b, im) for b, im in zip(boxes, images)]
+        # The pseudo-label: the snapshot's greedy caption and the TRUE box, in the family's answer form.
+        targets = [self.adapter.locator_target(b, im, c) for b, im, c in zip(boxes, images, captions.texts)]
         pseudo = self.adapter.build_batch(
             [self.adapter.locator_prompt(c, im) for c, im in zip(captions.texts, images)], images, targets
         )
@@ -417,12 +450,30 @@ class SCTuneTrainer(Trainer):
         target_len = int((pseudo.labels != -100).sum(1).max())
         return LocatorRollout({k: v.to(device) for k, v in pseudo.inputs.items()}, pseudo.labels.to(device), target_len)
 
-    def _caption_logprobs(self, model, inputs, caption_ids_BT, keep_cache: bool = False):
+    def _trained_forward(self, model, **kwargs):
+        """A forward whose loss updates the weights: with a router load-balancing term it also returns the router
+        logits, and the term joins the loss (``_with_router_aux``)."""
+        if self.router_aux_coef:
+            outputs = model(**kwargs, output_router_logits=True)
+            self._router_aux = outputs.aux_loss
+            return outputs
+        return model(**kwargs)
+
+    def _with_router_aux(self, loss):
+        aux, self._router_aux = getattr(self, "_router_aux", None), None
+        if aux is None:
+            return loss
+        self._log_mean_over_ranks("moe", {"aux_loss": aux.detach()})
+        return loss + self.router_aux_coef * aux
+
+    def _caption_logprobs(self, model, inputs, caption_ids_BT, keep_cache: bool = False, trained: bool = False):
         """(log p(caption token | prefix), key/value cache or ``None``), from logits of the last T+1 positions only.
 
-        The cache is kept only if asked, and only where the model keeps one (not under checkpointing in training)."""
+        The cache is kept only if asked, and only where the model keeps one (not under checkpointing in training).
+        ``trained``: the loss's own forward (``_trained_forward``)."""
         num_tokens = caption_ids_BT.shape[1]
-        outputs = model(**inputs, logits_to_keep=num_tokens + 1, use_cache=keep_cache)
+        forward = functools.partial(self._trained_forward, model) if trained else model
+        outputs = forward(**inputs, logits_to_keep=num_tokens + 1, use_cache=keep_cache)
         logp_BT = selective_log_softmax(outputs.logits[:, :-1] / self.args.describer_temperature, caption_ids_BT)
         return logp_BT, outputs.cache if keep_cache else None
 
@@ -430,12 +481,12 @@ class SCTuneTrainer(Trainer):
     @timed_stage("forward")
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if isinstance(inputs, DescriberRollout):
-            return self._describer_loss(model, inputs)
-        return self._locator_loss(model, inputs)
+            return self._with_router_aux(self._describer_loss(model, inputs))
+        return self._with_router_aux(self._locator_loss(model, inputs))
 
     def _describer_loss(self, model, rollout: DescriberRollout):
         args = self.args
-        logp_NT, _ = self._caption_logprobs(model, rollout.inputs, rollout.caption_ids_NT)
+        logp_NT, _ = self._caption_logprobs(model, rollout.inputs, rollout.caption_ids_NT, trained=True)
         mask_NT = rollout.caption_mask_NT
         first_epoch = rollout.old_logp_NT is None
         if first_epoch:
@@ -485,7 +536,8 @@ class SCTuneTrainer(Trainer):
     def _locator_loss(self, model, rollout: LocatorRollout):
         # Left padding puts every target at the end of its row, so the last target_len+1 logits suffice.
         keep = rollout.target_len + 1
-        logits = model(**rollout.inputs, logits_to_keep=keep, use_cache=False).logits[:, :-1].float()
+        outputs = self._trained_forward(model, **rollout.inputs, logits_to_keep=keep, use_cache=False)
+        logits = outputs.logits[:, :-1].float()
         labels = rollout.labels[:, -rollout.target_len :]
         loss = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
@@ -563,6 +615,7 @@ class SCTuneTrainer(Trainer):
     def _save(self, output_dir=None, state_dict=None):
         super()._save(output_dir, state_dict)
         self.adapter.save_pretrained(output_dir or self.args.output_dir)
+        carry_source_files(output_dir or self.args.output_dir, self.source_dir)
 
     def _save_checkpoint(self, model, trial):
         """Write the checkpoint to a staging folder, verify it, mark it complete, rename it, then rotate."""

@@ -22,10 +22,10 @@ SIZES = ["toy-qwen2.5-vl", "toy-qwen2.5-vl-100m"]
 def measure(name: str, kind: str) -> dict:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench_configs import CONFIGS, prepare
     from bench_step import ThisTrainer, collate, synthetic_batch
 
     from sc_tune.arguments import LoraArguments, SCTuneConfig
-    from sc_tune.models.bench_configs import CONFIGS, prepare
     from sc_tune.modeling import apply_lora, freeze_vision_tower
 
     workdir = tempfile.mkdtemp(prefix="bench_memory_")

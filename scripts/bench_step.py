@@ -37,8 +37,8 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench_configs import CONFIGS, prepare  # noqa: E402  (scripts/, the script's own folder)
 from sc_tune.arguments import SCTuneConfig  # noqa: E402
-from sc_tune.models.bench_configs import CONFIGS, prepare  # noqa: E402
 from sc_tune.modeling import freeze_vision_tower  # noqa: E402
 from sc_tune.ppo import ppo_clip_loss  # noqa: E402
 from sc_tune.rollout import GenerationSettings, describe, locate  # noqa: E402
@@ -182,7 +182,7 @@ class ReferenceReplay:
         self.model.train()
         with self.clock.stage("forward"):
             images = self._images(inputs)
-            targets = [self.adapter.locator_target(b, im) for b, im in zip(boxes, images)]
+            targets = [self.adapter.locator_target(b, im, c) for b, im, c in zip(boxes, images, captions.texts)]
             batch = self.adapter.build_batch(
                 [self.adapter.locator_prompt(c, im) for c, im in zip(captions.texts, images)], images, targets
             )

@@ -52,6 +52,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench_configs import CONFIGS, prepare  # noqa: E402
 from bench_step import ThisTrainer, collate, synthetic_batch  # noqa: E402
 
 import sc_tune.decoding  # noqa: E402
@@ -59,7 +60,6 @@ import sc_tune.rollout  # noqa: E402
 import sc_tune.trainer  # noqa: E402
 from sc_tune.arguments import LoraArguments, SCTuneConfig  # noqa: E402
 from sc_tune.decoding import Decoding  # noqa: E402
-from sc_tune.models.bench_configs import CONFIGS, prepare  # noqa: E402
 from sc_tune.modeling import apply_lora, freeze_vision_tower  # noqa: E402
 
 GPU_CONFIGS = ["qwen2.5-vl-7b", "qwen-vl-chat"]

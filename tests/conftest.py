@@ -14,15 +14,15 @@ SAMPLE_IMAGES = os.path.join(ROOT, "data", "sample")
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
-    """Factory: a tiny random checkpoint folder of a ``model_type``, built once per session by its family."""
-    from sc_tune.adapters import family_for
+    """Factory: a tiny random checkpoint folder of a ``model_type``, built once per session (``sc_tune.tiny``)."""
+    from sc_tune.tiny import save_tiny
 
     built = {}
 
     def make(model_type: str) -> str:
         if model_type not in built:
             directory = str(tmp_path_factory.mktemp(f"tiny_{model_type}"))
-            built[model_type] = family_for(model_type).build_tiny(model_type, directory)
+            built[model_type] = save_tiny(directory, model_type)
         return built[model_type]
 
     return make

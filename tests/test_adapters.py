@@ -6,6 +6,7 @@ from PIL import Image
 
 from sc_tune.adapters import supported_model_types
 from sc_tune.modeling import load_model_and_adapter
+from sc_tune.adapters.base import LOCATOR_BUDGET_MARGIN
 from sc_tune.rollout import GenerationSettings, completion_mask, fit_locator_budget, generate, locate
 from tests.conftest import SAMPLE_IMAGES
 
@@ -70,7 +71,11 @@ def test_generation_pads_after_the_end_and_teacher_forcing_lines_up(family):
 def test_locator_budget_fits_the_longest_box_and_failures_are_none(family):
     model, adapter, image = family
     fitted = fit_locator_budget(adapter, [image], GenerationSettings(max_new_tokens=5))
-    widest = adapter.encode_target(adapter.locator_target([1.0, 1.0, 1.0, 1.0], image))
-    assert fitted.max_new_tokens == max(5, len(widest))
+    target = adapter.locator_target([1.0, 1.0, 1.0, 1.0], image, "the red circle")
+    through_box = adapter.encode_target(target[: adapter.codec.box_end(target)])
+    # The widest box answer up to its box's end, plus the margin; an answer cut there still reads.
+    assert fitted.max_new_tokens == len(through_box) + LOCATOR_BUDGET_MARGIN
+    cut = adapter.tokenizer.decode(adapter.encode_target(target)[: fitted.max_new_tokens - LOCATOR_BUDGET_MARGIN])
+    assert adapter.parse_locator_output(cut, image) == pytest.approx([1.0, 1.0, 1.0, 1.0])
     boxes, texts = locate(model, adapter, [image], ["the red circle"], GenerationSettings(max_new_tokens=3))
     assert len(texts) == 1 and (boxes[0] is None or len(boxes[0]) == 4)  # a random model: usually None

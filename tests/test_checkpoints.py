@@ -20,6 +20,7 @@ def cli_args(model: str, output_dir, *extra: str) -> list[str]:
         *("--model_name_or_path", model, "--data_path", SAMPLE_DATA, "--image_folder", SAMPLE_IMAGES),
         *("--output_dir", str(output_dir), "--describer_update_steps", "1", "--locator_update_steps", "1"),
         *("--per_device_train_batch_size", "2", "--use_cpu", "True", "--describer_max_new_tokens", "4"),
+        *("--skip_preflight", "True"),
         *("--locator_max_new_tokens", "6", "--report_to", "none", "--disable_tqdm", "True"),
         *("--describer_lr", "1e-3", "--locator_lr", "1e-3", "--save_strategy", "steps", "--save_steps", "2"),
         *("--dataloader_num_workers", "0", *extra),

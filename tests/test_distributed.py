@@ -46,6 +46,8 @@ def _torchrun(checkpoint, output_dir, port, *extra):
         "1e-3",
         "--use_cpu",
         "True",
+        "--skip_preflight",
+        "True",
         "--save_strategy",
         "no",
         "--report_to",

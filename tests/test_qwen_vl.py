@@ -15,7 +15,7 @@ from sc_tune.adapters import adapter_class
 from sc_tune.adapters.qwen_vl import QwenVLAdapter
 from sc_tune.models.qwen_vl import QWenLMHeadModel, QWenTokenizer, QWenVLImageProcessor
 from sc_tune.models.qwen_vl.modeling import ntk_alpha_for
-from sc_tune.models.qwen_vl.tiny import build_tiny_qwen_vl, save_tiny_qwen_vl
+from sc_tune.tiny.qwen_vl import build_tiny_qwen_vl, save_tiny_qwen_vl
 from sc_tune.rollout import GenerationSettings, cycle
 
 

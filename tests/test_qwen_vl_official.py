@@ -148,7 +148,7 @@ def env(tmp_path_factory):
 def _official_folder(env, name: str, **config_kwargs):
     """A folder laid out like the official download, with a tiny vocabulary and config (no weights)."""
     from sc_tune.models.qwen_vl.export import OFFICIAL_AUTO_MAP, OFFICIAL_TOKENIZER_AUTO_MAP, official_generation_config
-    from sc_tune.models.qwen_vl.tiny import save_tiny_vocab, tiny_config
+    from sc_tune.tiny.qwen_vl import save_tiny_vocab, tiny_config
 
     folder = env["root"] / name
     vocab = save_tiny_vocab(str(folder))

@@ -77,12 +77,19 @@ def test_prompts_go_through_the_family_chat_template(family):
         assert "<box>[[100, 200, 500, 600]]</box>" in describer
         answer = "<ref>the dog</ref><box>[[10, 20, 30, 40]]</box><|im_end|>"
         assert adapter.parse_locator_output(answer, image) == pytest.approx([0.01, 0.02, 0.03, 0.04])
-        assert adapter.parse_locator_output("<box>[10, 20, 30, 40]</box>", image) is None
+        assert adapter.parse_locator_output("<box>[10, 20, 30]</box>", image) is None
         assert locator.endswith(
             "Please provide the bounding box coordinate of the region this sentence describes: "
             "<ref>the red circle</ref>" + tail + "<ref>the red circle</ref>"
         )
         assert adapter.locator_target(BOX, image) == "<box>[[100, 200, 500, 600]]</box><|im_end|>"
+    elif model_type == "gemma4":  # Google's documented y-first detection answer
+        assert '{"box_2d": [200, 100, 600, 500]}' in describer
+        assert locator.endswith("Detect the red circle. Output its box_2d in JSON." + tail)
+        assert adapter.locator_target(BOX, image, "the dog") == (
+            '```json\n[\n  {"box_2d": [200, 100, 600, 500], "label": "the dog"}\n]\n```' + adapter.end_text
+        )
+        assert adapter.parse_locator_output("[200, 100, 600, 500]", image) is None  # no key: no axis order
     else:  # generic codec, asked for in words
         assert "[100, 200, 500, 600]" in describer
         assert locator.endswith("Answer with its box as [x1, y1, x2, y2], integers from 0 to 1000." + tail)

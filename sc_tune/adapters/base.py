@@ -12,6 +12,8 @@ Prompts (per family, see the subclasses):
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from sc_tune.box_codecs import BoxCodec, select_codec
+from sc_tune.box_codecs import BoxCodec, BoxReading, select_codec
 from sc_tune.vision_cache import VisionTrunk
 
 # Special tokens no generated text may carry, found by name in the family's own tokenizer so that the full
@@ -34,6 +36,28 @@ BOX_TOKEN_RE = re.compile(r"box|ref|quad", re.IGNORECASE)
 # Decoder layer kinds a static decode step knows (sc_tune.decoding): attention over the cache, recurrent state
 # (Qwen3.5's Gated DeltaNet), and windows as long as they cover the call (checked per call).
 STATIC_DECODING_LAYERS = {"full_attention", "linear_attention", "sliding_attention", "chunked_attention"}
+# The box a codec writes longest: every coordinate at its maximum (1000 on a grid, the frame on pixels).
+WIDEST_BOX = (1.0, 1.0, 1.0, 1.0)
+# Tokens a locator budget allows beyond the widest box answer the family's own form takes: the whitespace
+# and indentation variants released models write (a tab or two spaces, a newline more or less).
+LOCATOR_BUDGET_MARGIN = 6
+
+
+@dataclass(frozen=True)
+class DocumentedAnswer:
+    """A grounding answer as the released model writes it, quoted from the family's own documentation.
+
+    ``box`` is the normalised box it must read as (``None``: it must not read, because it is ambiguous);
+    ``frame`` is the model-input (width, height) that pixel coordinates refer to."""
+
+    text: str
+    box: tuple[float, float, float, float] | None
+    source: str
+    frame: tuple[int, int] = (1000, 1000)
+
+
+class ThinkingOnlyCheckpoint(ValueError):
+    """A checkpoint that always reasons before it answers: SC-Tune's short answers cannot hold its reasoning."""
 
 
 @dataclass
@@ -81,6 +105,14 @@ class ModelAdapter(ABC):
     vision_trainable_prefixes: tuple[str, ...] = ()  # ...except these (the resampler / merger)
     # PEFT ``target_modules``: a regex matched against full module names (language model only).
     lora_target_modules: str = ""
+    # MoE variants: the routed experts' fused 3-D parameters (name suffixes), for ``--lora_target_experts``.
+    lora_expert_parameters: tuple[str, ...] = ()
+    # Whether the released checkpoints were trained to ground (write boxes). Families without it need a
+    # grounding warm start before SC-Tune: until then no box parses and every reward is 0 (the preflight says so).
+    grounding_prior: bool = True
+    # Answers the released checkpoints write, quoted from the family's docs (tests and
+    # ``python -m sc_tune.families`` read every one).
+    documented_answers: tuple[DocumentedAnswer, ...] = ()
 
     def vision_trunk(self, model: torch.nn.Module) -> VisionTrunk | None:
         """Where ``model``'s frozen vision trunk is, for ``sc_tune.vision_cache`` (``--vision_cache``).
@@ -144,6 +176,11 @@ class ModelAdapter(ABC):
         self.box_format = box_format
         self.codec = select_codec(self.native_codec, box_format)
 
+    @property
+    def native(self) -> bool:
+        """Whether the family's own box format is in use (``--box_format native``); the generic one otherwise."""
+        return self.codec is self.native_codec
+
     @classmethod
     @abstractmethod
     def from_pretrained(cls, path: str, box_format: str = "native") -> ModelAdapter:
@@ -166,16 +203,69 @@ class ModelAdapter(ABC):
         """Text that makes the model write the box of the object ``caption`` refers to."""
 
     @abstractmethod
-    def locator_target(self, box_norm: Sequence[float], image: ImageInputs) -> str:
-        """What the locator should write after ``locator_prompt``: the box text and the end token."""
+    def locator_target(self, box_norm: Sequence[float], image: ImageInputs, caption: str = "") -> str:
+        """What the locator should write after ``locator_prompt(caption)``: the family's own answer form holding
+        the box (and, where the form labels it, the caption), then the end token."""
 
     def describer_target(self, caption: str) -> str:
         """What the describer should write after ``describer_prompt`` for a known caption (warm starts)."""
         return caption + self.end_text
 
+    def read_locator_output(self, text: str, image: ImageInputs) -> BoxReading:
+        """The normalised box in the locator's continuation, or ``BoxReading(None, why)``."""
+        return self.codec.read(text, image.frame)
+
     def parse_locator_output(self, text: str, image: ImageInputs) -> list[float] | None:
         """The normalised box in the locator's continuation, or ``None`` (counted as a parse failure)."""
-        return self.codec.parse(text, image.frame)
+        return self.read_locator_output(text, image).box
+
+    @classmethod
+    def default_frame(cls, image_size: tuple[int, int]) -> tuple[int, int]:
+        """The model-input (width, height) the family's released processor makes of an image of ``image_size``
+        (what pixel coordinates refer to), without a checkpoint at hand. Grid codecs ignore it."""
+        return tuple(image_size)
+
+    def widest_answer(self, image: ImageInputs) -> str:
+        """The family's answer form for the widest box of ``image``, up to where its box ends: what a locator
+        must have written before its answer parses (a trailing label or closing fence needs no budget)."""
+        target = self.locator_target(WIDEST_BOX, image)
+        end = self.codec.box_end(target)
+        if end is None:
+            raise ValueError(f"{type(self).__name__}: its own locator target does not read back: {target!r}")
+        return target[:end]
+
+    def locator_budget(self, images: Sequence[ImageInputs]) -> int:
+        """New tokens a locator needs for its widest box in these images, counted with this tokenizer in the
+        family's answer form, plus ``LOCATOR_BUDGET_MARGIN``."""
+        return max(len(self.encode_target(self.widest_answer(im))) for im in images) + LOCATOR_BUDGET_MARGIN
+
+    # ---------------------------------------------------------------- the chat template
+    def render(self, user_text: str, answer_prefix: str = "") -> str:
+        """One user turn (the image, then ``user_text``) and the opened assistant turn, rendered by the
+        checkpoint's own chat template with reasoning switched off where the template has a switch
+        (``enable_thinking=False``: Qwen3.5's empty think block, GLM-4.5V/4.6V's ``/nothink``)."""
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user_text}]}]
+        prompt = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, enable_thinking=False
+        )
+        return prompt + answer_prefix
+
+    def check_chat_template(self, name: str) -> None:
+        """Refuse a checkpoint without a chat template, or one whose template always opens a reasoning block
+        (e.g. Qwen3-VL-*-Thinking, which shares ``model_type`` with Instruct): a 20-40-token answer cannot
+        hold its reasoning, so every box would be a parse failure and every reward 0."""
+        if not self.tokenizer.chat_template:
+            raise ValueError(
+                f"{name}: the tokenizer has no chat template (chat_template.jinja, chat_template.json or "
+                "tokenizer_config.json's chat_template); SC-Tune renders every prompt through it"
+            )
+        probe = self.render("?")
+        if probe.count("<think>") > probe.count("</think>"):
+            raise ThinkingOnlyCheckpoint(
+                f"{name} is a thinking-only checkpoint: its chat template opens a reasoning block it cannot "
+                "switch off. SC-Tune's describer and locator answers are 20-40 tokens, which cannot hold the "
+                "reasoning. Use the family's Instruct (non-thinking) release."
+            )
 
     # ---------------------------------------------------------------- images and tokens
     # Image sizes the family's processor accepts, checked for every record before training; a family whose
@@ -310,3 +400,16 @@ def find_submodule(model: torch.nn.Module, name: str) -> torch.nn.Module:
         if full_name == name or full_name.endswith("." + name):
             return module
     raise ValueError(f"{type(model).__name__} has no submodule named {name!r}")
+
+
+def load_chat_tokenizer(path: str):
+    """The checkpoint's tokenizer (left padding) with its chat template, also where the template lives only in
+    the processor's legacy ``chat_template.json`` (Qwen2/2.5-VL, some Qwen3-VL and LLaVA releases)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    legacy = os.path.join(path, "chat_template.json")
+    if not tokenizer.chat_template and os.path.isfile(legacy):
+        with open(legacy) as f:
+            tokenizer.chat_template = json.load(f).get("chat_template")
+    return tokenizer

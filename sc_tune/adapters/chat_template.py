@@ -21,8 +21,6 @@ LLaVA-OneVision and SmolVLM document none, so their native codec is the generic 
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from sc_tune.adapters.base import ImageInputs, ModelAdapter
+from sc_tune.adapters.base import ImageInputs, ModelAdapter, load_chat_tokenizer
 from sc_tune.box_codecs import GENERIC_CODEC
 
 LM_PROJECTIONS = "(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -80,19 +78,19 @@ class ChatTemplateAdapter(ModelAdapter):
 
     @classmethod
     def from_pretrained(cls, path: str, box_format: str = "native") -> ChatTemplateAdapter:
-        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+        from transformers import AutoConfig, AutoImageProcessor
 
-        tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-        if not tokenizer.chat_template:
-            tokenizer.chat_template = _processor_chat_template(path)
-        return cls(tokenizer, AutoImageProcessor.from_pretrained(path), AutoConfig.from_pretrained(path), box_format)
+        adapter = cls(
+            load_chat_tokenizer(path), AutoImageProcessor.from_pretrained(path), AutoConfig.from_pretrained(path),
+            box_format,
+        )
+        adapter.check_chat_template(path)
+        return adapter
 
     def __init__(self, tokenizer, image_processor, config, box_format: str = "native"):
         super().__init__(tokenizer, box_format)
         self.image_processor = image_processor
         self.config = config
-        if not tokenizer.chat_template:
-            raise ValueError(f"{type(self).__name__}: the tokenizer has no chat template (chat_template.jinja)")
         family_tokens = (self.image_token, self.image_marker, self.end_token, self.image_start, self.image_end)
         self.image_token_id = self.token_ids(*(t for t in family_tokens if t))[0]
 
@@ -106,12 +104,6 @@ class ChatTemplateAdapter(ModelAdapter):
         return [vocab[t] for t in tokens]
 
     # ---------------------------------------------------------------- prompts
-    def render(self, user_text: str, answer_prefix: str = "") -> str:
-        """One user turn (the image, then ``user_text``) and the opened assistant turn, via the chat template."""
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user_text}]}]
-        prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return prompt + answer_prefix
-
     def describer_prompt(self, box_norm, image):
         return self.render(f"Describe the object at {self.codec.format(box_norm, image.frame)} in a few words.")
 
@@ -127,7 +119,7 @@ class ChatTemplateAdapter(ModelAdapter):
             self._special_re = re.compile("|".join(map(re.escape, tokens))) if tokens else None
         return self._special_re.sub("", text) if self._special_re is not None else text
 
-    def locator_target(self, box_norm, image):
+    def locator_target(self, box_norm, image, caption=""):
         return f"{self.codec.format(box_norm, image.frame)}{self.end_text}"
 
     @property
@@ -201,17 +193,3 @@ def _pad_dim1(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def save_tiny_template_model(model_type: str, directory: str) -> str:
-    """The registry's ``build_tiny`` for these families (builders in ``sc_tune.models.tiny_template_families``)."""
-    from sc_tune.models.tiny_template_families import save_tiny_template_family
-
-    return save_tiny_template_family(model_type, directory)
-
-
-def _processor_chat_template(path: str) -> str | None:
-    """The chat template of checkpoints that keep it only in the processor's legacy ``chat_template.json``."""
-    legacy = os.path.join(path, "chat_template.json")
-    if not os.path.isfile(legacy):
-        return None
-    with open(legacy) as f:
-        return json.load(f).get("chat_template")

@@ -1,10 +1,15 @@
-"""Gemma 3 and Gemma 4 (``gemma3``, ``gemma4``): chat-template adapters with the generic box codec.
+"""Gemma 3 and Gemma 4 (``gemma3``, ``gemma4``): chat-template adapters.
 
-Box convention: none documented upstream. Google documents no box output format for Gemma 3 or 4 (a
-question on the google/gemma-3-4b-it model page, discussion 38, went without an answer; Gemini's
-``[ymin, xmin, ymax, xmax]`` on 0..1000 is a different model's convention), so these adapters use the
-generic codec ``[x1, y1, x2, y2]`` on 0..1000 (``sc_tune.box_codecs.GENERIC_CODEC``) and ask for it in the
-locator prompt; SC-Tune's locator phase teaches it from the pseudo-labels.
+Boxes:
+- Gemma 4 documents object detection (Gemma docs, "capabilities / vision"): a JSON list of
+  ``{"box_2d": [y1, x1, y2, x2], "label": ...}`` on a 0..1000 grid, **y first**, Google's convention across
+  Gemini and Gemma. The locator asks for and trains on exactly that form; an answer with four bare numbers
+  (no key, so no axis order) is a parse failure, never guessed to be x-first.
+- Gemma 3 documents no box output (a question on the google/gemma-3-4b-it model page, discussion 38, went
+  unanswered; a Google reply there only guesses Gemini's convention). It has no grounding prior: it uses the
+  generic codec ``[x1, y1, x2, y2]`` on 0..1000, asked for in words, and needs a grounding warm start before
+  SC-Tune (``grounding_prior = False``: the preflight says so). A ``"box_2d"`` answer it may still write is
+  read y-first, by its key (``sc_tune.box_codecs.GenericCodec``).
 
 Image placeholders (transformers 5.24 ``Gemma3Processor`` / ``Gemma4Processor``): the chat template writes
 one marker per image, which becomes the begin-of-image token, one soft token per image feature and the
@@ -15,10 +20,15 @@ Gemma 4's audio tokens are suppressed with the media tokens (its audio tower is 
 
 from __future__ import annotations
 
+import json
 import re
 
-from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs, save_tiny_template_model
+from sc_tune.adapters.base import DocumentedAnswer
+from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
+from sc_tune.box_codecs import JsonBoxCodec
+
+GEMMA_VISION_DOCS = "ai.google.dev Gemma docs, capabilities/vision (object detection)"
 
 
 class Gemma3Adapter(ChatTemplateAdapter):
@@ -34,6 +44,12 @@ class Gemma3Adapter(ChatTemplateAdapter):
     # Sliding-window layers decode statically where the window covers the call (sc_tune.decoding.static_cache_fits).
     static_decoding_verified = True
     image_type_key = "token_type_ids"
+    grounding_prior = False
+    documented_answers = (
+        DocumentedAnswer("[100, 200, 500, 600]", (0.1, 0.2, 0.5, 0.6), "the generic form the locator prompt asks for"),
+        DocumentedAnswer('```json\n[{"box_2d": [200, 100, 600, 500], "label": "cat"}]\n```', (0.1, 0.2, 0.5, 0.6),
+                         GEMMA_VISION_DOCS + ": Google's y-first key, read by its key"),
+    )
 
     def preprocess_image(self, image):
         out = self.image_processor(images=[image], do_pan_and_scan=False, return_tensors="pt")
@@ -57,6 +73,26 @@ class Gemma4Adapter(ChatTemplateAdapter):
     static_decoding_verified = True  # as Gemma 3
     image_type_key = "mm_token_type_ids"
     extra_media_tokens = re.compile(r"audio", re.IGNORECASE)
+    native_codec = JsonBoxCodec("box_2d", "yxyx", 1000)
+    documented_answers = (
+        DocumentedAnswer('```json\n[\n  {"box_2d": [200, 100, 600, 500], "label": "cat"}\n]\n```', (0.1, 0.2, 0.5, 0.6),
+                         GEMMA_VISION_DOCS),
+        DocumentedAnswer('[{"box_2d": [200, 100, 600, 500], "label": "cat"}, {"box_2d": [0, 0, 10, 10], "label": "x"}]',
+                         (0.1, 0.2, 0.5, 0.6), GEMMA_VISION_DOCS + ": several objects, the first read"),
+        DocumentedAnswer("[200, 100, 600, 500]", None, "four bare numbers: no key, so no axis order"),
+        DocumentedAnswer('{"bbox_2d": [100, 200, 500, 600]}', None, "Qwen's x-first key is not Gemma 4's"),
+    )
+
+    def locator_prompt(self, caption, image):
+        if not self.native:
+            return super().locator_prompt(caption, image)
+        return self.render(f"Detect {self.plain_text(caption)}. Output its box_2d in JSON.")
+
+    def locator_target(self, box_norm, image, caption=""):
+        if not self.native:
+            return super().locator_target(box_norm, image, caption)
+        box = self.codec.format(box_norm, image.frame)[1:-1]
+        return f'```json\n[\n  {{{box}, "label": {json.dumps(caption, ensure_ascii=False)}}}\n]\n```{self.end_text}'
 
     def preprocess_image(self, image):
         out = self.image_processor(images=[image], return_tensors="pt")
@@ -71,5 +107,5 @@ class Gemma4Adapter(ChatTemplateAdapter):
         return TemplateImageInputs(tensors, num_tokens, frame, placeholder)
 
 
-register(Family("Gemma 3", ("gemma3",), Gemma3Adapter, auto_image_text_to_text, save_tiny_template_model))
-register(Family("Gemma 4", ("gemma4",), Gemma4Adapter, auto_image_text_to_text, save_tiny_template_model))
+register(Family("Gemma 3", ("gemma3",), Gemma3Adapter, auto_image_text_to_text))
+register(Family("Gemma 4", ("gemma4",), Gemma4Adapter, auto_image_text_to_text))

@@ -1,7 +1,7 @@
 """InternVL3 / InternVL3.5 in the transformers format (``internvl``: the ``-hf`` checkpoints).
 
 Box convention: ``<ref>phrase</ref><box>[[x1, y1, x2, y2]]</box>`` with integers on a 0..1000 grid
-(``sc_tune.box_codecs.NestedListGridCodec``; the ``<box>`` tags belong to the prompts and targets here). Source: the OpenGVLab model cards and the grounding evaluations
+(``sc_tune.box_codecs.BracketListCodec``; the ``<box>`` tags belong to the prompts and targets here). Source: the OpenGVLab model cards and the grounding evaluations
 built on them; the referring prompt is InternVL's documented one, "Please provide the bounding box
 coordinate of the region this sentence describes: <ref>…</ref>", and the answer repeats the reference
 before the box. The describer prompt ("Please provide a short description for this region: <box>…</box>")
@@ -17,16 +17,24 @@ With ``--box_format generic`` the prompts are the generic ones of ``ChatTemplate
 
 from __future__ import annotations
 
-from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs, save_tiny_template_model
+from sc_tune.adapters.base import DocumentedAnswer
+from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
-from sc_tune.box_codecs import NestedListGridCodec
+from sc_tune.box_codecs import BracketListCodec
 
 REFERRING_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: "
 REGION_PROMPT = "Please provide a short description for this region: "
 
 
 class InternVLAdapter(ChatTemplateAdapter):
-    native_codec = NestedListGridCodec(1000)
+    native_codec = BracketListCodec(1000)
+    documented_answers = (
+        DocumentedAnswer("<ref>the man</ref><box>[[100, 200, 500, 600]]</box>", (0.1, 0.2, 0.5, 0.6),
+                         "OpenGVLab InternVL3 / InternVL3.5 model cards: grounding"),
+        DocumentedAnswer("<box>[[100, 200, 500, 600]]</box>", (0.1, 0.2, 0.5, 0.6),
+                         "the same answer after the reference the locator prompt opens"),
+        DocumentedAnswer("<box>[[100, 200, 500, 1200]]</box>", None, "beyond the 0..1000 grid"),
+    )
     image_marker = "<IMG_CONTEXT>"
     image_token = "<IMG_CONTEXT>"
     image_start = "<img>"
@@ -41,24 +49,21 @@ class InternVLAdapter(ChatTemplateAdapter):
         # As InternVLProcessor's image_seq_length: features per tile after the pixel shuffle.
         self.tile_tokens = int(patches_per_side**2 * config.downsample_ratio**2)
 
-    def _native(self) -> bool:
-        return self.codec is self.native_codec
-
     def describer_prompt(self, box_norm, image):
-        if not self._native():
+        if not self.native:
             return super().describer_prompt(box_norm, image)
         return self.render(REGION_PROMPT + self._box(box_norm, image))
 
     def locator_prompt(self, caption, image):
-        if not self._native():
+        if not self.native:
             return super().locator_prompt(caption, image)
         reference = f"<ref>{self.plain_text(caption)}</ref>"
         # The answer opens with the reference, as InternVL's grounding answers do: the continuation is the box.
         return self.render(REFERRING_PROMPT + reference, answer_prefix=reference)
 
-    def locator_target(self, box_norm, image):
-        if not self._native():
-            return super().locator_target(box_norm, image)
+    def locator_target(self, box_norm, image, caption=""):
+        if not self.native:
+            return super().locator_target(box_norm, image, caption)
         return f"{self._box(box_norm, image)}{self.end_text}"
 
     def _box(self, box_norm, image) -> str:
@@ -74,5 +79,5 @@ class InternVLAdapter(ChatTemplateAdapter):
 
 
 register(
-    Family("InternVL3 / 3.5 (-hf)", ("internvl",), InternVLAdapter, auto_image_text_to_text, save_tiny_template_model)
+    Family("InternVL3 / 3.5 (-hf)", ("internvl",), InternVLAdapter, auto_image_text_to_text)
 )

@@ -12,7 +12,8 @@ row newlines). ``fix_vit`` freezes ``model.vision_tower``; the projector and ``i
 
 from __future__ import annotations
 
-from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs, save_tiny_template_model
+from sc_tune.adapters.base import DocumentedAnswer
+from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
 
 
@@ -22,6 +23,13 @@ class LlavaOnevisionAdapter(ChatTemplateAdapter):
     end_token = "<|im_end|>"
     padded_keys = ("pixel_values",)
     static_decoding_verified = True
+    documented_answers = (
+        DocumentedAnswer("[0.10, 0.20, 0.50, 0.60]", (0.1, 0.2, 0.5, 0.6),
+                         "LLaVA-1.5 grounding data (the lineage's referring boxes: normalised, two decimals)"),
+        DocumentedAnswer("[100, 200, 500, 600]", (0.1, 0.2, 0.5, 0.6), "the generic form the locator prompt asks for"),
+        DocumentedAnswer("[0.10, 0.20, 5.5, 0.60]", None, "decimals above 1: neither normalised nor the grid"),
+    )
+    grounding_prior = False  # no documented grounding: a grounding warm start first (docs/grounding_warm_start.md)
 
     def __init__(self, tokenizer, image_processor, config, box_format: str = "native"):
         super().__init__(tokenizer, image_processor, config, box_format)
@@ -60,6 +68,5 @@ register(
         ("llava_onevision",),
         LlavaOnevisionAdapter,
         auto_image_text_to_text,
-        save_tiny_template_model,
     )
 )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from sc_tune.adapters.base import ImageInputs, ModelAdapter
+from sc_tune.adapters.base import ImageInputs, ModelAdapter, load_chat_tokenizer
 
 
 class PatchGridChatAdapter(ModelAdapter):
@@ -22,10 +22,11 @@ class PatchGridChatAdapter(ModelAdapter):
 
     @classmethod
     def from_pretrained(cls, path, box_format="native"):
-        from transformers import AutoImageProcessor, AutoTokenizer
+        from transformers import AutoImageProcessor
 
-        tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-        return cls(tokenizer, AutoImageProcessor.from_pretrained(path), box_format)
+        adapter = cls(load_chat_tokenizer(path), AutoImageProcessor.from_pretrained(path), box_format)
+        adapter.check_chat_template(path)
+        return adapter
 
     def __init__(self, tokenizer, image_processor, box_format="native"):
         super().__init__(tokenizer, box_format)
@@ -33,10 +34,6 @@ class PatchGridChatAdapter(ModelAdapter):
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         self.merge_size = int(image_processor.merge_size)
         self.patch_size = int(image_processor.patch_size)
-
-    def turn(self, user_text: str) -> str:
-        """One user turn holding ``user_text`` and the opening of the assistant's answer."""
-        raise NotImplementedError
 
     def prepare_image(self, image) -> ImageInputs:
         out = self.image_processor(images=[image.convert("RGB")], return_tensors="pt")

@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from sc_tune.adapters.base import ImageInputs, ModelAdapter, find_submodule
+from sc_tune.adapters.base import DocumentedAnswer, ImageInputs, ModelAdapter, find_submodule
 from sc_tune.adapters.registry import Family, register
 from sc_tune.box_codecs import PairGridCodec
 from sc_tune.jsonio import read_json
@@ -30,7 +30,18 @@ IMAGE_TAG = "<img></img>"
 
 
 class QwenVLAdapter(ModelAdapter):
+    """Qwen-VL / Qwen-VL-Chat, the paper's model. Prompts are the SC-Tune reference's raw grounding text
+    (``<img>…</img><ref>This</ref><box>…</box> is`` and ``<img>…</img><ref>caption</ref><box>``), not chat
+    turns: the method was defined and released that way, and Qwen-VL's grounding data use the same syntax."""
+
     native_codec = PairGridCodec(scale=999)
+    documented_answers = (
+        DocumentedAnswer("<ref>the man</ref><box>(123,456),(789,999)</box>", (123 / 999, 456 / 999, 789 / 999, 1.0),
+                         "QwenLM/Qwen-VL README (grounding examples) and TUTORIAL"),
+        DocumentedAnswer("(123,456),(789,999)</box><|endoftext|>", (123 / 999, 456 / 999, 789 / 999, 1.0),
+                         "the same answer after the <ref>…</ref><box> the locator prompt opens"),
+        DocumentedAnswer("(123,456),(789,1000)</box>", None, "beyond Qwen-VL's 0..999 grid"),
+    )
     vision_prefix = "transformer.visual"
     vision_trainable_prefixes = ("transformer.visual.attn_pool",)
     lora_target_modules = r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.w1|mlp\.w2)"
@@ -95,8 +106,14 @@ class QwenVLAdapter(ModelAdapter):
     def locator_prompt(self, caption, image):
         return f"{IMAGE_TAG}<ref>{caption}</ref><box>"
 
-    def locator_target(self, box_norm, image):
+    def locator_target(self, box_norm, image, caption=""):
         return f"{self.codec.format(box_norm, image.frame)}</box>{self.end_text}"
+
+    def render(self, user_text, answer_prefix=""):
+        raise NotImplementedError("Qwen-VL prompts are the paper's raw grounding text, not chat turns")
+
+    def check_chat_template(self, name):
+        pass  # no chat template: the paper prompts Qwen-VL-Chat with raw grounding text
 
     def prepare_image(self, image) -> ImageInputs:
         pixels_13HW = self.image_processor(image)
@@ -119,16 +136,10 @@ def _model_class():
     return QWenLMHeadModel
 
 
-def _build_tiny(model_type: str, directory: str) -> str:
-    from sc_tune.models.qwen_vl.tiny import save_tiny_qwen_vl
-
-    return save_tiny_qwen_vl(directory)
-
-
 def _finalize_export(output_dir: str, source_dir: str) -> None:
     from sc_tune.models.qwen_vl.export import finalize_export
 
     finalize_export(output_dir, source_dir)
 
 
-register(Family("Qwen-VL / Qwen-VL-Chat", ("qwen",), QwenVLAdapter, _model_class, _build_tiny, _finalize_export))
+register(Family("Qwen-VL / Qwen-VL-Chat", ("qwen",), QwenVLAdapter, _model_class, _finalize_export))

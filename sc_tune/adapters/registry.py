@@ -1,10 +1,10 @@
 """The family registry: the one place that maps a checkpoint's ``config.model_type`` to its family.
 
 A ``Family`` holds everything SC-Tune needs to know about a VLM line beyond the adapter's prompts and
-codec: the class ``from_pretrained`` loads, the tiny-model builder used by tests and ``python -m
-sc_tune.tiny``, and an optional export hook. Family modules in ``sc_tune/adapters/`` call ``register``
-when imported (``sc_tune/adapters/__init__.py`` imports them all); nothing outside ``sc_tune/adapters/``
-and ``sc_tune/models/`` names a family.
+codec: the class ``from_pretrained`` loads and an optional export hook. Family modules in
+``sc_tune/adapters/`` call ``register`` when imported (``sc_tune/adapters/__init__.py`` imports them all);
+nothing outside ``sc_tune/adapters/``, ``sc_tune/models/`` and the tiny-model builders of ``sc_tune/tiny/``
+(a package above this one, keyed by these model types) names a family.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ class Family:
     model_types: tuple[str, ...]  # the config.model_type values it serves
     adapter: type[ModelAdapter]  # prompts, codec, parsing, batches, suppressed ids, LoRA targets, fix_vit prefixes
     model_class: Callable[[], type]  # lazy import of the class used for from_pretrained
-    build_tiny: Callable[[str, str], str]  # (model_type, directory) -> a tiny loadable checkpoint folder
     finalize_export: Callable[[str, str], None] | None = None  # (output_dir, source_dir): files next to weights
 
 

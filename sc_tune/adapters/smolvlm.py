@@ -1,4 +1,4 @@
-"""SmolVLM / SmolVLM2 (``smolvlm``): a chat-template adapter with the generic box codec.
+"""SmolVLM / SmolVLM2 (``smolvlm``) and SmolVLM v1 (``idefics3``): a chat-template adapter, generic box codec.
 
 Box convention: none found upstream (no grounding format is documented for SmolVLM), so this adapter uses
 the generic codec ``[x1, y1, x2, y2]`` on 0..1000 (``sc_tune.box_codecs.GENERIC_CODEC``), requested in the
@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import re
 
-from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs, save_tiny_template_model
+from sc_tune.adapters.base import DocumentedAnswer
+from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
 
 
@@ -25,6 +26,12 @@ class SmolVLMAdapter(ChatTemplateAdapter):
     image_token = "<image>"
     end_token = "<end_of_utterance>"
     static_decoding_verified = True
+    documented_answers = (
+        DocumentedAnswer("[100, 200, 500, 600]", (0.1, 0.2, 0.5, 0.6),
+                         "no grounding form is documented for SmolVLM: the generic form the locator prompt asks for"),
+        DocumentedAnswer("[100, 200, 500]", None, "three numbers"),
+    )
+    grounding_prior = False  # no documented grounding: a grounding warm start first (docs/grounding_warm_start.md)
     language_model_prefix = "model.text_model"
     vision_prefix = "model.vision_model"
     padded_keys = ("pixel_values", "pixel_attention_mask")
@@ -37,7 +44,7 @@ class SmolVLMAdapter(ChatTemplateAdapter):
         self.image_seq_len = int((vision.image_size // vision.patch_size) ** 2 / config.scale_factor**2)
         self.crop_token = getattr(tokenizer, "fake_image_token", None) or "<fake_token_around_image>"
         self.global_image_token = getattr(tokenizer, "global_image_token", None) or "<global-img>"
-        self.token_ids(self.crop_token, self.global_image_token)
+        self.token_ids(self.crop_token)  # <global-img> is plain text in Idefics3's released tokenizer
 
     def preprocess_image(self, image):
         from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
@@ -55,4 +62,8 @@ class SmolVLMAdapter(ChatTemplateAdapter):
         )
 
 
-register(Family("SmolVLM / SmolVLM2", ("smolvlm",), SmolVLMAdapter, auto_image_text_to_text, save_tiny_template_model))
+# SmolVLM v1 checkpoints are the Idefics3 architecture (``model_type: idefics3``): the same prompt layout,
+# tile tokens and module names.
+register(
+    Family("SmolVLM / SmolVLM2 / SmolVLM v1 (Idefics3)", ("smolvlm", "idefics3"), SmolVLMAdapter, auto_image_text_to_text)
+)

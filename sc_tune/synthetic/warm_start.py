@@ -101,7 +101,7 @@ def scene_samples(scene: ShapesScene, image: ImageInputs, adapter: ModelAdapter,
         samples.append(Sample(image, adapter.describer_prompt(obj.bbox, image), adapter.describer_target(caption)))
         use_terse = not scene.is_ambiguous(j) and rng.random() < cfg.p_locator_terse
         query = obj.terse_caption if use_terse else obj.full_caption
-        samples.append(Sample(image, adapter.locator_prompt(query, image), adapter.locator_target(obj.bbox, image)))
+        samples.append(Sample(image, adapter.locator_prompt(query, image), adapter.locator_target(obj.bbox, image, query)))
     return samples
 
 

@@ -22,7 +22,7 @@ import tiktoken
 from transformers import AddedToken, PreTrainedTokenizer
 
 # Qwen's pre-tokenisation regex (digits split one per token). Its one home: Qwen-VL's tiktoken ranks use it
-# here, and the tiny chat tokenizers of sc_tune.models.tiny_chat use it for their `tokenizer.json`.
+# here, and the tiny chat tokenizers of sc_tune.tiny.chat use it for their `tokenizer.json`.
 PAT_STR = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )

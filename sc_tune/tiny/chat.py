@@ -5,7 +5,7 @@ the Qwen and GLM tokenizers) carrying the family's special tokens, the family's 
 small input size, and a model config of a few hundred thousand parameters. Nothing is downloaded.
 
 What differs per ``model_type`` (special tokens, image processor, config) is a ``TinySpec`` in
-``sc_tune.models.tiny_configs``; this module holds the shared machinery.
+``sc_tune.tiny.configs``; this module holds the shared machinery.
 """
 
 from __future__ import annotations
@@ -55,6 +55,9 @@ class TinySpec:
     template_text: str  # the words of the family's prompt templates: one token per word in the tiny BPE
     image_processor: Callable[[int], object]  # image_size -> the family's image processor
     config: Callable[[object, TinySizes], object]  # (tokenizer, sizes) -> the model config
+    # A stand-in for the checkpoint's chat template: the same text for SC-Tune's one-image user turn
+    # (tests/test_real_checkpoints.py compares them with the released templates where those are at hand).
+    chat_template: str | None = None
     tokenizer_class: Callable[[], type] = field(default=lambda: _default_tokenizer_class())
 
 
@@ -81,7 +84,7 @@ def build_tokenizer(spec: TinySpec, corpus: Iterable[str] = DEFAULT_CORPUS, voca
         show_progress=False,
     )
     tok.train_from_iterator([spec.template_text, *corpus], trainer=trainer)
-    return spec.tokenizer_class()(
+    tokenizer = spec.tokenizer_class()(
         tokenizer_object=tok,
         eos_token=spec.eos_token,
         pad_token=spec.special_tokens[0],
@@ -90,6 +93,8 @@ def build_tokenizer(spec: TinySpec, corpus: Iterable[str] = DEFAULT_CORPUS, voca
         extra_special_tokens=list(spec.special_tokens[1:]),
         padding_side="left",
     )
+    tokenizer.chat_template = spec.chat_template
+    return tokenizer
 
 
 def build_tiny(

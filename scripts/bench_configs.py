@@ -28,7 +28,7 @@ class BenchConfig:
     model_type: str
     batch: int
     image_size: int
-    sizes: dict  # TinySizes fields (transformers families) or qwen_vl.tiny.tiny_config arguments
+    sizes: dict  # TinySizes fields (transformers families) or sc_tune.tiny.qwen_vl.tiny_config arguments
     tweak: Callable | None = None  # config -> None, for what the tiny builders do not expose
     gpu: bool = False
 
@@ -104,7 +104,7 @@ def prepare(name: str, directory: str, device: str | torch.device = "cpu", dtype
 def _write_folder(bench: BenchConfig, directory: str):
     if bench.model_type == "qwen":
         from sc_tune.models.qwen_vl.export import finalize_export
-        from sc_tune.models.qwen_vl.tiny import save_tiny_vocab, tiny_config
+        from sc_tune.tiny.qwen_vl import save_tiny_vocab, tiny_config
         from sc_tune.models.qwen_vl.tokenization import QWenTokenizer
 
         sizes = dict(bench.sizes)
@@ -116,8 +116,8 @@ def _write_folder(bench: BenchConfig, directory: str):
         tokenizer = QWenTokenizer(vocab_path, image_token_span=config.image_queries)
         finalize_export(directory, source_dir=None, tokenizer=tokenizer, quiet=True)
         return config
-    from sc_tune.models.tiny_chat import TinySizes, build_tokenizer
-    from sc_tune.models.tiny_configs import tiny_spec
+    from sc_tune.tiny.chat import TinySizes, build_tokenizer
+    from sc_tune.tiny.configs import tiny_spec
 
     spec = tiny_spec(bench.model_type)
     tokenizer = build_tokenizer(spec)

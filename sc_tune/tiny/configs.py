@@ -1,14 +1,13 @@
 """Tiny configs of the transformers-native chat families, one ``TinySpec`` per ``model_type``.
 
 Sizes are the smallest that keep each architecture's constraints (rope sections summing to half the head
-dim, vision width divisible by its heads, merge sizes matching the image processor). The Qwen2/2.5/3-VL
-models and tokenizers are bit-identical to what ``sc_tune/tiny.py`` built before the family registry: the
-committed warm start (``sc_tune/synthetic``) was built with them.
+dim, vision width divisible by its heads, merge sizes matching the image processor). Each tokenizer carries a
+stand-in chat template that writes SC-Tune's turns as the released template does.
 """
 
 from __future__ import annotations
 
-from sc_tune.models.tiny_chat import DEFAULT_CORPUS, TinySizes, TinySpec, build_tiny, save_tiny
+from sc_tune.tiny.chat import DEFAULT_CORPUS, TinySizes, TinySpec, build_tiny, save_tiny
 
 QWEN_VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 QWEN_CHAT_SPECIAL_TOKENS = (
@@ -24,9 +23,48 @@ QWEN_CHAT_SPECIAL_TOKENS = (
 # The words of the Qwen prompt templates in sc_tune.adapters, so that the tiny tokenizer spends one token
 # per word on them (sequences stay short on CPU).
 QWEN_TEMPLATE_TEXT = (
-    "user\nassistant\nDescribe the object in in a few words. Find . Describe the object at "
-    'Locate . Output its bbox_2d in JSON. {"bbox_2d": [0, 1, 2, 3]} (0,1),(2,3) This is a the'
+    "system\nYou are a helpful assistant.\nuser\nassistant\nDescribe the object in in a few words. Find . "
+    "Describe the object at Locate in this image and output the bbox coordinates in JSON format. "
+    '```json\n[\n\t{"bbox_2d": [0, 1, 2, 3], "label": "the"}\n]\n``` (0,1),(2,3) This is a the'
 )
+
+
+def _chatml_template(default_system: bool, thinking_switch: bool) -> str:
+    """Stand-in for the Qwen chat templates, for SC-Tune's turns: ChatML, the image as
+    ``<|vision_start|><|image_pad|><|vision_end|>``; Qwen2/2.5-VL insert a default system turn; Qwen3.5 opens a
+    reasoning block unless ``enable_thinking`` is false, when it writes an empty one."""
+    system = (
+        "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+        "{% endif %}" if default_system else ""
+    )
+    generation = "{{ '<|im_start|>assistant\\n' }}"
+    if thinking_switch:
+        generation += (
+            "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}"
+            "{% else %}{{ '<think>\\n' }}{% endif %}"
+        )
+    return (
+        system + "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+        "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for item in message['content'] %}"
+        "{% if item['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+        "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+        "{{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}" + generation + "{% endif %}"
+    )
+
+
+def _glm_chat_template() -> str:
+    """Stand-in for the GLM-4.5V/4.6V chat template, for SC-Tune's turns: ``/nothink`` after the user's text and
+    an empty think block after ``<|assistant|>`` when ``enable_thinking`` is false."""
+    nothink = "enable_thinking is defined and enable_thinking is false"
+    return (
+        "{{ '[gMASK]<sop>' }}{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' }}"
+        "{% for item in message['content'] %}{% if item['type'] == 'image' %}"
+        "{{ '<|begin_of_image|><|image|><|end_of_image|>' }}{% elif item['type'] == 'text' %}{{ item['text'] }}"
+        "{% endif %}{% endfor %}"
+        f"{{% if message['role'] == 'user' and {nothink} %}}{{{{ '/nothink' }}}}{{% endif %}}{{% endfor %}}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>' }}"
+        f"{{% if {nothink} %}}{{{{ '\\n<think></think>' }}}}{{% endif %}}{{% endif %}}"
+    )
 
 
 def _qwen_image_processor(patch_size: int):
@@ -191,13 +229,15 @@ def _qwen3_5_moe_config(tokenizer, sizes: TinySizes):
     return _for_model("qwen3_5_moe", text, _qwen3_5_vision(sizes), _qwen_token_ids(tokenizer))
 
 
-def _qwen_spec(config, patch_size: int, special_tokens=QWEN_CHAT_SPECIAL_TOKENS) -> TinySpec:
+def _qwen_spec(config, patch_size: int, special_tokens=QWEN_CHAT_SPECIAL_TOKENS, default_system=False,
+               thinking_switch=False) -> TinySpec:
     return TinySpec(
         special_tokens=special_tokens,
         eos_token="<|im_end|>",
         template_text=QWEN_TEMPLATE_TEXT,
         image_processor=_qwen_image_processor(patch_size),
         config=config,
+        chat_template=_chatml_template(default_system, thinking_switch),
     )
 
 
@@ -234,7 +274,8 @@ GLM_SPECIAL_TOKENS = (
     "</think>",
 )
 GLM_TEMPLATE_TEXT = (
-    "Describe the object in in a few words. Locate . Answer with its bounding box. [[0, 1, 2, 3]] This is a the"
+    "Describe the object in in a few words. Locate . Answer with its box as [[x1, y1, x2, y2]] on 0 to 1000. "
+    "/nothink\n<think></think>\n [[0, 1, 2, 3]] This is a the"
 )
 
 
@@ -313,16 +354,17 @@ def _glm_spec(model_type: str) -> TinySpec:
             "Glm46VImageProcessorPil" if model_type == "glm46v" else "Glm4vImageProcessorPil"
         ),
         config=_glm_config(model_type),
+        chat_template=_glm_chat_template(),
     )
 
 
 TINY_SPECS: dict[str, TinySpec] = {
-    "qwen2_vl": _qwen_spec(_qwen2_vl_config, 14),
-    "qwen2_5_vl": _qwen_spec(_qwen2_5_vl_config, 14),
+    "qwen2_vl": _qwen_spec(_qwen2_vl_config, 14, default_system=True),
+    "qwen2_5_vl": _qwen_spec(_qwen2_5_vl_config, 14, default_system=True),
     "qwen3_vl": _qwen_spec(_qwen3_vl_config, 16),
     "qwen3_vl_moe": _qwen_spec(_qwen3_vl_moe_config, 16),
-    "qwen3_5": _qwen_spec(_qwen3_5_config, 16, QWEN3_5_SPECIAL_TOKENS),
-    "qwen3_5_moe": _qwen_spec(_qwen3_5_moe_config, 16, QWEN3_5_SPECIAL_TOKENS),
+    "qwen3_5": _qwen_spec(_qwen3_5_config, 16, QWEN3_5_SPECIAL_TOKENS, thinking_switch=True),
+    "qwen3_5_moe": _qwen_spec(_qwen3_5_moe_config, 16, QWEN3_5_SPECIAL_TOKENS, thinking_switch=True),
     "glm4v": _glm_spec("glm4v"),
     "glm4v_moe": _glm_spec("glm4v_moe"),
     "glm46v": _glm_spec("glm46v"),
@@ -338,7 +380,7 @@ def tiny_spec(model_type: str) -> TinySpec:
 
 
 def build_tiny_model(model_type: str, corpus=DEFAULT_CORPUS, image_size: int = 56, seed: int = 0, **sizes):
-    """(model, tokenizer, image_processor) of a tiny random ``model_type`` (see ``tiny_chat.build_tiny``)."""
+    """(model, tokenizer, image_processor) of a tiny random ``model_type`` (see ``sc_tune.tiny.chat.build_tiny``)."""
     return build_tiny(tiny_spec(model_type), corpus=corpus, image_size=image_size, seed=seed, **sizes)
 
 

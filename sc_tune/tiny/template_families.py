@@ -1,7 +1,7 @@
 """Tiny random models of the chat-template families: InternVL, Gemma 3 / 4, LLaVA-OneVision, SmolVLM.
 
 Each is the family's own transformers architecture at a few hundred thousand parameters, a tiny BPE
-tokenizer carrying the family's special tokens (``sc_tune.models.tiny_chat``), the family's PIL image
+tokenizer carrying the family's special tokens (``sc_tune.tiny.chat``), the family's PIL image
 processor at a tiny input size, and a chat template that is a minimal stand-in for the checkpoint's: the
 same turn markers and the same image marker for ``{"type": "image"}``, nothing else (no system prompts,
 tools or thinking switches). Image tiling / splitting stays on where the family uses it by default, at the
@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sc_tune.models.tiny_chat import TinySizes, TinySpec, build_tiny, write_folder
-from sc_tune.models.tiny_configs import _text_config
+from sc_tune.tiny.chat import TinySizes, TinySpec, build_tiny, write_folder
+from sc_tune.tiny.configs import _text_config
 
 TINY_IMAGE_SIZE = 28  # the vision towers' input: an InternVL tile, a SigLIP view, a SmolVLM crop (2x2 patches)
 # The words of the prompts in sc_tune.adapters.chat_template / internvl: one token per word in the tiny BPE.
@@ -212,20 +212,28 @@ def _llava_onevision_config(tokenizer, sizes: TinySizes):
 SMOLVLM_TILE_TOKENS = tuple(f"<row_{r}_col_{c}>" for r in (1, 2) for c in (1, 2))
 
 
-def _smolvlm_image_processor(image_size: int):
-    from transformers import SmolVLMImageProcessorPil
+def _smolvlm_image_processor(class_name: str):
+    def build(image_size: int):
+        import transformers
 
-    # Splitting on (the checkpoints' default): at most a 2x2 grid of crops plus the global view.
-    return SmolVLMImageProcessorPil(
-        size={"longest_edge": 2 * image_size}, max_image_size={"longest_edge": image_size}, do_image_splitting=True
-    )
+        # Splitting on (the checkpoints' default): at most a 2x2 grid of crops plus the global view.
+        return getattr(transformers, class_name)(
+            size={"longest_edge": 2 * image_size}, max_image_size={"longest_edge": image_size}, do_image_splitting=True
+        )
+
+    return build
 
 
-def _smolvlm_config(tokenizer, sizes: TinySizes):
+def _smolvlm_config(model_type: str):
+    return lambda tokenizer, sizes: _smolvlm_like_config(model_type, tokenizer, sizes)
+
+
+def _smolvlm_like_config(model_type: str, tokenizer, sizes: TinySizes):
+    """SmolVLM and SmolVLM v1 (the Idefics3 architecture): the same layout, a pixel-shuffle connector."""
     from transformers import AutoConfig
 
     return AutoConfig.for_model(
-        "smolvlm",
+        model_type,
         text_config=_text_config(tokenizer, sizes, "<end_of_utterance>"),
         vision_config=_vision_encoder(sizes, TINY_IMAGE_SIZE, 14),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
@@ -293,22 +301,25 @@ TINY_TEMPLATE_SPECS: dict[str, TemplateTinySpec] = {
         _spec((*CHATML, "<image>", "<video>"), "<|im_end|>", _llava_onevision_image_processor, _llava_onevision_config),
         lambda: _chatml_template("<image>\\n"),
     ),
-    "smolvlm": TemplateTinySpec(
-        _spec(
-            (
-                *CHATML,
+    **{
+        model_type: TemplateTinySpec(
+            _spec(
+                (
+                    *CHATML,
+                    "<end_of_utterance>",
+                    "<image>",
+                    "<fake_token_around_image>",
+                    "<global-img>",
+                    *SMOLVLM_TILE_TOKENS,
+                ),
                 "<end_of_utterance>",
-                "<image>",
-                "<fake_token_around_image>",
-                "<global-img>",
-                *SMOLVLM_TILE_TOKENS,
+                _smolvlm_image_processor(processor),
+                _smolvlm_config(model_type),
             ),
-            "<end_of_utterance>",
-            _smolvlm_image_processor,
-            _smolvlm_config,
-        ),
-        _smolvlm_template,
-    ),
+            _smolvlm_template,
+        )
+        for model_type, processor in (("smolvlm", "SmolVLMImageProcessorPil"), ("idefics3", "Idefics3ImageProcessorPil"))
+    },
 }
 
 

@@ -285,6 +285,7 @@ def main(argv=None):
         vision_cache=opts.vision_cache == "True",
         policy_kl_stop=float("inf"),  # never skip the second epoch: both arms do the same work
         ratio_threshold=float("inf"),
+        skip_preflight=True,  # random weights never write a box that parses; the preflight would stop the run
     )
     ours = ThisTrainer(model, adapter, samples, args)
     reference = ReferenceReplay(ours.trainer.model, adapter, ours.trainer.optimizer, args)

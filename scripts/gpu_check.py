@@ -225,6 +225,7 @@ def run_config(name, opts, device, dtype, meter, bandwidth):
         describer_max_new_tokens=opts.max_new_tokens,
         policy_kl_stop=float("inf"),
         ratio_threshold=float("inf"),
+        skip_preflight=True,  # random weights never write a box that parses; the preflight would stop the run
         static_decoding="true",
     )
     ours = ThisTrainer(model, adapter, samples, args)

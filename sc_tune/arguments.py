@@ -196,6 +196,15 @@ class SCTuneConfig(TrainingArguments):
             "choices": ["auto", "true", "false"],
         },
     )
+    generation_batch_size: int | None = field(
+        default=None,
+        metadata={
+            # TRL's name. A multiple of the micro-batch dividing the accumulation window (sc_tune.cycle): each
+            # micro-batch's rollout, and loss, is the one it would have alone; the generate calls get larger.
+            "help": "Boxes per device rolled out in one generate call (default: the micro-batch), up to "
+            "per_device_train_batch_size x gradient_accumulation_steps.",
+        },
+    )
     # ---- generation
     moe_aux_loss: bool = field(
         default=True,
@@ -328,6 +337,17 @@ class SCTuneConfig(TrainingArguments):
             if value not in ("auto", "true", "false"):
                 raise ArgumentError(f"--{name} must be auto, true or false, got {getattr(self, name)!r}")
             setattr(self, name, value)
+        micro = self.per_device_train_batch_size
+        window = micro * self.gradient_accumulation_steps
+        if self.generation_batch_size is None:
+            self.generation_batch_size = micro
+        gen = self.generation_batch_size
+        if gen < 1 or gen % micro or window % gen:
+            raise ArgumentError(
+                f"--generation_batch_size {self.generation_batch_size} must be a multiple of "
+                f"--per_device_train_batch_size ({micro}) that divides per_device_train_batch_size x "
+                f"gradient_accumulation_steps ({window})"
+            )
         if self.max_steps <= 0:
             raise ArgumentError("set --max_steps: SC-Tune streams its data and stops by step count")
         if self.remove_unused_columns:

@@ -170,11 +170,14 @@ def describe(
     boxes_norm: Sequence[Sequence[float]],
     settings: GenerationSettings,
     decoding: Decoding | None = None,
+    sampled_rows: Sequence[SampledRows] | None = None,
 ) -> tuple[PromptBatch, Completions]:
-    """Caption each box; ``Completions.texts`` are the captions, special tokens removed."""
+    """Caption each box; ``Completions.texts`` are the captions, special tokens removed. ``sampled_rows``: see
+    :func:`generate` (a sampling call's noise blocks)."""
     prompts = [adapter.describer_prompt(box, image) for box, image in zip(boxes_norm, images)]
     batch = adapter.build_batch(prompts, images)
-    return batch, generate(model, adapter, batch, settings, skip_special_tokens=True, decoding=decoding)
+    return batch, generate(model, adapter, batch, settings, skip_special_tokens=True, decoding=decoding,
+                           sampled_rows=sampled_rows)
 
 
 def describe_with_greedy(

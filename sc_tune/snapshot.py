@@ -232,3 +232,24 @@ class AdapterSnapshot(Snapshot):
 
     def named_local_tensors(self):
         return {n: _local(p) for n, p in self._params().items() if f".{SNAPSHOT_ADAPTER}." in n}
+
+
+def is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def zero3_enabled(accelerator) -> bool:
+    plugin = accelerator.state.deepspeed_plugin
+    return plugin is not None and plugin.zero_stage == 3
+
+
+def make_snapshot(trainer) -> Snapshot:
+    """The snapshot of a trainer's policy: a second adapter under LoRA, else a full copy (sharded under ZeRO-3)."""
+    if is_peft(trainer.model):
+        return AdapterSnapshot(trainer)
+    zero3 = trainer.is_deepspeed_enabled and zero3_enabled(trainer.accelerator)
+    return FullSnapshot(trainer.model, trainer.accelerator, zero3, trainer.args.device)

@@ -297,7 +297,7 @@ def main(argv=None):
     print(
         f"config {opts.config}: {params / 1e6:.1f} M parameters, batch {batch}, describer prompt {prompt_len} tokens, "
         f"vision tower {100 * share:.0f} % of a prompt forward, "
-        f"vision cache {'on' if ours.trainer.vision_cache is not None else 'off'}, {opts.device} {opts.dtype}, "
+        f"vision cache {'on' if ours.trainer.cycle.vision_cache is not None else 'off'}, {opts.device} {opts.dtype}, "
         f"torch threads {torch.get_num_threads()}, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}",
         flush=True,
     )
@@ -337,7 +337,8 @@ def main(argv=None):
             "reference": round(statistics.median(secs_b), 3),
         }
     result["load_average"] = [round(x, 2) for x in os.getloadavg()]
-    result["decoding"] = repr(ours.trainer.decoding)  # arm A's rollout decoding (the reference replays transformers')
+    # arm A's rollout decoding (the reference replays transformers')
+    result["decoding"] = repr(ours.trainer.cycle.decoding)
     if opts.device.startswith("cuda"):
         result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     print(json.dumps(result))

@@ -57,7 +57,6 @@ from bench_step import ThisTrainer, collate, synthetic_batch  # noqa: E402
 
 import sc_tune.decoding  # noqa: E402
 import sc_tune.rollout  # noqa: E402
-import sc_tune.trainer  # noqa: E402
 from sc_tune.arguments import LoraArguments, SCTuneConfig  # noqa: E402
 from sc_tune.decoding import Decoding  # noqa: E402
 from sc_tune.modeling import apply_lora, freeze_vision_tower  # noqa: E402
@@ -95,8 +94,8 @@ class GenerationMeter:
             self.tokens += int(completions.mask_BT.sum())
             return completions
 
-        sc_tune.rollout.generate = counted  # ``describe``, ``locate``... look it up in their module
-        sc_tune.trainer.generate = counted
+        # describe, locate and the rollout cycle (sc_tune.cycle) look it up in the module when they call it
+        sc_tune.rollout.generate = counted
 
     def watch(self, model) -> None:
         """Hooks on the model transformers' ``generate`` calls (the bare model under PEFT)."""
@@ -189,15 +188,16 @@ def check_instantiates(names):
 
 
 def _apply_setting(trainer, setting, device, compile_backend):
-    """Point the trainer at one setting; returns the phases it times."""
+    """Point the trainer's rollout cycle at one setting; returns the phases it times."""
     cuda = device.startswith("cuda")
     static = Decoding(static_cache=True, cuda_graphs=cuda)
+    cycle = trainer.cycle
     trainer.args.snapshot_prompt_cache = setting != "prompt_cache_off"
     if setting == "transformers":
-        trainer.decoding, trainer.fused_greedy = None, trainer._fused_greedy("false")
+        cycle.decoding, cycle.fused_greedy = None, cycle.fused_greedy_for("false")
         return PHASES
-    trainer.decoding = static if setting != "compiled" else dataclasses.replace(static, compile_backend=compile_backend)
-    trainer.fused_greedy = trainer._fused_greedy("auto" if setting in ("fast", "compiled") else "false")
+    cycle.decoding = static if setting != "compiled" else dataclasses.replace(static, compile_backend=compile_backend)
+    cycle.fused_greedy = cycle.fused_greedy_for("auto" if setting in ("fast", "compiled") else "false")
     return PHASES if setting in ("fast", "compiled") else PHASES[:1]
 
 
@@ -230,7 +230,7 @@ def run_config(name, opts, device, dtype, meter, bandwidth):
     )
     ours = ThisTrainer(model, adapter, samples, args)
     meter.watch(model)
-    vision_cache = ours.trainer.vision_cache
+    vision_cache = ours.trainer.cycle.vision_cache
     weight_bytes = decode_weight_bytes(model, adapter)
     floor_ms = 1000 * weight_bytes / bandwidth
     report = {"batch": batch, "weight_bytes": weight_bytes, "weight_read_floor_ms": round(floor_ms, 4)}
@@ -240,7 +240,7 @@ def run_config(name, opts, device, dtype, meter, bandwidth):
     compile_backend = "inductor" if device.startswith("cuda") else "aot_eager"
     for setting in opts.settings.split(","):
         phases = _apply_setting(ours.trainer, setting, device, compile_backend)
-        ours.trainer.vision_cache = None if setting == "vision_cache_off" else vision_cache
+        ours.trainer.cycle.vision_cache = None if setting == "vision_cache_off" else vision_cache
         for phase in phases:
             run = getattr(ours, phase)
             start = time.perf_counter()
@@ -261,7 +261,7 @@ def run_config(name, opts, device, dtype, meter, bandwidth):
             generated = meter.pop()
             tokens, gen_seconds = generated["tokens"], generated["seconds"]
             stats = sc_tune.decoding.STATS.pop()
-            if ours.trainer.decoding is None:  # transformers' loop: generate time less its timed prefills
+            if ours.trainer.cycle.decoding is None:  # transformers' loop: generate time less its timed prefills
                 decode_seconds = gen_seconds - generated["prefill_seconds"]
                 decode_steps, by_rows = generated["decode_forwards"], generated["by_rows"]
             else:

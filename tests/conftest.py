@@ -2,6 +2,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -9,6 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SAMPLE_DATA = os.path.join(ROOT, "data", "sample", "annotations.json")
+WARM_START = os.path.join(ROOT, "checkpoints", "warm_start")  # a tiny Qwen3-VL whose locator writes boxes that parse
 SAMPLE_IMAGES = os.path.join(ROOT, "data", "sample")
 
 
@@ -26,3 +28,37 @@ def tiny_checkpoint(tmp_path_factory):
         return built[model_type]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def mislocated(tmp_path_factory):
+    """Shapes objects whose greedy (terse) caption the warm start grounds on another shape, and whose full caption
+    it grounds right: (data root, 24 records). For them the IoU reward pays for saying the colour, and the box the
+    snapshot locates for its own caption is never the true box."""
+    import json
+
+    from PIL import Image
+
+    from sc_tune.modeling import load_model_and_adapter
+    from sc_tune.rewards import cycle_iou
+    from sc_tune.rollout import GenerationSettings, describe, locate
+    from sc_tune.synthetic.shapes import write_split
+
+    root = tmp_path_factory.mktemp("shapes")
+    write_split(root, "train", 40, seed=5)
+    records = json.loads((root / "train.json").read_text())
+    model, adapter = load_model_and_adapter(WARM_START)
+    model.eval()
+    images = [adapter.prepare_image(Image.open(root / r["image"]).convert("RGB")) for r in records]
+    boxes_N4 = torch.tensor([r["bbox"] for r in records])
+    _, greedy = describe(model, adapter, images, boxes_N4.tolist(), GenerationSettings(8, 1))
+    terse_boxes, _ = locate(model, adapter, images, greedy.texts, GenerationSettings(32, 3))
+    full_boxes, _ = locate(model, adapter, images, [r["caption"] for r in records], GenerationSettings(32, 3))
+    terse_iou, full_iou = cycle_iou(terse_boxes, boxes_N4).reward_N, cycle_iou(full_boxes, boxes_N4).reward_N
+    picked = [
+        r
+        for r, caption, t, f in zip(records, greedy.texts, terse_iou.tolist(), full_iou.tolist())
+        if caption == r["terse"] and t < 0.5 and f >= 0.5
+    ]
+    assert len(picked) >= 24, f"only {len(picked)} mislocated objects: the warm start or the data changed"
+    return root, picked[:24]

@@ -7,6 +7,7 @@ SC-Tune's are not), mid_commit (checkpoint <step> verified, being hashed, not ye
 before_rotate (checkpoint <step> renamed into place, older ones not yet rotated).
 """
 
+import itertools
 import os
 import signal
 import sys
@@ -15,7 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import finetune  # noqa: E402
 from sc_tune import checkpoints  # noqa: E402
-from sc_tune.trainer import SCTuneTrainer  # noqa: E402
+from sc_tune.cycle import RolloutCycle  # noqa: E402
+from sc_tune.resume import RunState  # noqa: E402
 
 
 def die():
@@ -37,9 +39,10 @@ def kill_in(owner, name, when):
 point, step = os.environ["FAULT"].split(":")
 step = int(step)
 if point == "mid_step":
-    kill_in(SCTuneTrainer, "training_step", lambda self, *a: self.state.global_step == step)
+    begun = itertools.count()  # a fresh run: the cycle's n-th begin_step is in step n, after its data is drawn
+    kill_in(RolloutCycle, "begin_step", lambda self, position: next(begun) == step)
 elif point == "mid_save":
-    kill_in(SCTuneTrainer, "_save_sc_state", lambda self, *a: self.state.global_step == step)
+    kill_in(RunState, "save", lambda self, checkpoint, next_step: next_step == step)
 elif point == "mid_commit":
     kill_in(checkpoints, "_hash_files", lambda folder, *a: folder.endswith(f"checkpoint-{step}"))
 elif point == "before_rotate":

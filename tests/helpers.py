@@ -7,6 +7,7 @@ import zlib
 import torch
 
 from sc_tune.arguments import LoraArguments, SCTuneConfig
+from sc_tune.cycle import RolloutCycle, RolloutResult
 from sc_tune.data import ReferringDataset
 from sc_tune.modeling import apply_lora, freeze_vision_tower, load_model_and_adapter
 from sc_tune.rewards import RewardBatch
@@ -33,8 +34,9 @@ FAST = dict(
 )
 
 
-def make_trainer(checkpoint: str, output_dir: str, model_transform=None, reward_fn=None, dataset=None,
+def make_trainer(checkpoint: str, output_dir: str, model_transform=None, reward_fn=None, dataset=None, cycle=None,
                  **overrides) -> SCTuneTrainer:
+    """``cycle``: a ``RolloutCycle`` subclass (built here with the trainer's adapter, arguments and ``reward_fn``)."""
     args = SCTuneConfig(output_dir=output_dir, **{**FAST, **overrides})
     torch.manual_seed(0)
     model, adapter = load_model_and_adapter(checkpoint)
@@ -42,7 +44,58 @@ def make_trainer(checkpoint: str, output_dir: str, model_transform=None, reward_
     if model_transform is not None:
         model = model_transform(model, adapter)
     dataset = dataset if dataset is not None else ReferringDataset.from_file(SAMPLE_DATA, SAMPLE_IMAGES)
+    if cycle is not None:
+        return SCTuneTrainer(model=model, args=args, adapter=adapter, train_dataset=dataset,
+                             cycle=cycle(adapter, args, reward_fn))
     return SCTuneTrainer(model=model, args=args, adapter=adapter, train_dataset=dataset, reward_fn=reward_fn)
+
+
+class RecordingCycle(RolloutCycle):
+    """The trainer's rollout cycle, recording what it made and what its generation calls were asked: pass it as
+    ``make_trainer(cycle=RecordingCycle)`` (the seam ``SCTuneTrainer(cycle=...)``), read ``trainer.cycle``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.made: list[tuple[dict, RolloutResult]] = []  # (the step's batch, what the cycle made of it)
+        self.located_rows: list[int] = []  # captions per fresh locate call
+        self.handed_cache: list[bool] = []  # per generate_captions call: was it given the scoring pass's cache
+        self.from_prefix: list[bool] = []  # per locate_from_prefix call: did locating resume from the prefix
+        self.decode_calls: list[int] = []  # rows of each describe / describe_with_greedy call
+
+    def describer_rollouts(self, batches, seeds=None):
+        results = super().describer_rollouts(batches, seeds)
+        self.made += list(zip(batches, results))
+        return results
+
+    def locator_rollouts(self, batches, seeds=None):
+        results = super().locator_rollouts(batches, seeds)
+        self.made += list(zip(batches, results))
+        return results
+
+    def describe(self, model, images, boxes, settings, sampled_rows=None):
+        self.decode_calls.append(len(images))
+        return super().describe(model, images, boxes, settings, sampled_rows)
+
+    def describe_with_greedy(self, model, images, boxes, greedy_images, greedy_boxes, sampled_rows=None):
+        self.decode_calls.append(len(images) + len(greedy_images))
+        return super().describe_with_greedy(model, images, boxes, greedy_images, greedy_boxes, sampled_rows)
+
+    def generate_captions(self, model, batch, settings, prompt_cache=None):
+        self.handed_cache.append(prompt_cache is not None)
+        self.decode_calls.append(len(batch.inputs["input_ids"]))
+        return super().generate_captions(model, batch, settings, prompt_cache)
+
+    def locate(self, model, images, captions):
+        self.located_rows.append(len(captions))
+        self.decode_calls.append(len(captions))
+        return super().locate(model, images, captions)
+
+    def locate_from_prefix(self, model, images, captions, scored, source_rows):
+        found = super().locate_from_prefix(model, images, captions, scored, source_rows)
+        self.from_prefix.append(found is not None)
+        if found is not None:
+            self.decode_calls.append(len(captions))
+        return found
 
 
 def sample_images(adapter, n=3):

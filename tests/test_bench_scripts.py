@@ -6,7 +6,6 @@ import json
 import sys
 
 import sc_tune.rollout
-import sc_tune.trainer
 from tests.conftest import ROOT
 
 ISSUE_KEYS = ("decode_ms_per_step", "weight_bytes", "weight_read_floor_ms", "decode_floor_ratio",
@@ -15,9 +14,8 @@ ISSUE_KEYS = ("decode_ms_per_step", "weight_bytes", "weight_read_floor_ms", "dec
 
 def test_gpu_check_dry_run_prints_the_decoding_figures_and_takes_the_fast_path(capsys, monkeypatch):
     monkeypatch.syspath_prepend(f"{ROOT}/scripts")
-    # the script wraps ``generate`` to count tokens; these put the originals back after the test
+    # the script wraps ``generate`` to count tokens; this puts the original back after the test
     monkeypatch.setattr(sc_tune.rollout, "generate", sc_tune.rollout.generate)
-    monkeypatch.setattr(sc_tune.trainer, "generate", sc_tune.trainer.generate)
     sys.modules.pop("gpu_check", None)
     import gpu_check
 

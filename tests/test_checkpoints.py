@@ -163,7 +163,7 @@ def test_allowed_change_resumes(runs, tmp_path):
 
 
 def test_rollout_buffer_is_plain_data_and_a_crafted_pickle_does_not_run(tmp_path):
-    from sc_tune.trainer import DescriberRollout, LocatorRollout
+    from sc_tune.cycle import DescriberRollout, LocatorRollout
 
     rollout = LocatorRollout({"input_ids": torch.arange(6).reshape(2, 3)}, torch.full((2, 3), -100), 2)
     path = tmp_path / "rollouts_rank0.pt"

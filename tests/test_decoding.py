@@ -340,7 +340,7 @@ def test_the_trainer_decodes_samples_and_snapshot_captions_in_one_loop_with_equa
     for fused in ("true", "false"):
         trainer, losses = two_phase_trainer(tiny_checkpoint(model_type), str(tmp_path / fused),
                                             model_transform=small_lora, static_decoding="true", fused_decoding=fused)
-        assert trainer.fused_greedy == ("snapshot" if fused == "true" else None)
+        assert trainer.cycle.fused_greedy == ("snapshot" if fused == "true" else None)
         loops, logged = _decode_loops_per_step(trainer)
         runs[fused] = (losses, loops, [entry["describer/fused_decoding"] for entry in logged])
     # steps 0-1: one describer rollout (two PPO epochs), step 2: locator, step 3: a describer rollout

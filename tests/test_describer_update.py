@@ -15,22 +15,14 @@ And one white-box check of the wiring on a tiny random model: the advantages are
 ``reward - baseline - kl_coef * (suffix sum of log pi - log pi_snapshot)``, with a non-zero KL term.
 """
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 from PIL import Image
 
-import sc_tune.trainer
 from sc_tune.data import ReferringDataset
-from sc_tune.modeling import load_model_and_adapter
-from sc_tune.rewards import cycle_iou
-from sc_tune.rollout import GenerationSettings, describe, locate
-from sc_tune.synthetic.shapes import write_split
-from tests.helpers import CaptionReward, caption_hash_reward, make_trainer
+from tests.conftest import WARM_START
+from tests.helpers import CaptionReward, RecordingCycle, caption_hash_reward, make_trainer
 
-WARM_START = str(Path(__file__).resolve().parents[1] / "checkpoints" / "warm_start")
 SHAPES = dict(
     describer_max_new_tokens=8,
     describer_min_new_tokens=1,
@@ -41,30 +33,6 @@ SHAPES = dict(
     locator_update_steps=0,  # describer only: the locator stays the warm start's
     ppo_epochs=2,
 )
-
-
-@pytest.fixture(scope="module")
-def mislocated(tmp_path_factory):
-    """Objects whose greedy (terse) caption the warm start grounds on another shape, and whose full caption it
-    grounds right: for them the IoU reward pays for saying the colour."""
-    root = tmp_path_factory.mktemp("shapes")
-    write_split(root, "train", 40, seed=5)
-    records = json.loads((root / "train.json").read_text())
-    model, adapter = load_model_and_adapter(WARM_START)
-    model.eval()
-    images = [adapter.prepare_image(Image.open(root / r["image"]).convert("RGB")) for r in records]
-    boxes_N4 = torch.tensor([r["bbox"] for r in records])
-    _, greedy = describe(model, adapter, images, boxes_N4.tolist(), GenerationSettings(8, 1))
-    terse_boxes, _ = locate(model, adapter, images, greedy.texts, GenerationSettings(32, 3))
-    full_boxes, _ = locate(model, adapter, images, [r["caption"] for r in records], GenerationSettings(32, 3))
-    terse_iou, full_iou = cycle_iou(terse_boxes, boxes_N4).reward_N, cycle_iou(full_boxes, boxes_N4).reward_N
-    picked = [
-        r
-        for r, caption, t, f in zip(records, greedy.texts, terse_iou.tolist(), full_iou.tolist())
-        if caption == r["terse"] and t < 0.5 and f >= 0.5
-    ]
-    assert len(picked) >= 24, f"only {len(picked)} mislocated objects: the warm start or the data changed"
-    return root, picked[:24]
 
 
 def caption_logprob(model, adapter, root, records, key: str) -> float:
@@ -85,7 +53,7 @@ def caption_logprob(model, adapter, root, records, key: str) -> float:
 def train_describer(root, records, out, reward_fn=None, **overrides):
     settings = {**SHAPES, **overrides}
     trainer = make_trainer(WARM_START, str(out), reward_fn=reward_fn, dataset=ReferringDataset(records, str(root)),
-                           **settings)
+                           cycle=RecordingCycle, **settings)
     before = {k: caption_logprob(trainer.model, trainer.adapter, root, records, k) for k in ("caption", "terse")}
     trainer.train()
     after = {k: caption_logprob(trainer.model, trainer.adapter, root, records, k) for k in ("caption", "terse")}
@@ -112,16 +80,8 @@ def _is_full(caption: str) -> bool:
     "baseline,generations,boxes",
     [("snapshot_greedy", 1, 8), ("policy_greedy", 1, 8), ("group_mean", 4, 2), ("none", 1, 8)],
 )
-def test_every_baseline_raises_the_rewarded_caption(baseline, generations, boxes, mislocated, tmp_path, monkeypatch):
+def test_every_baseline_raises_the_rewarded_caption(baseline, generations, boxes, mislocated, tmp_path):
     root, records = mislocated
-    located_rows = []
-    original_locate = sc_tune.trainer.locate
-
-    def counting_locate(model, adapter, images, captions, settings):
-        located_rows.append(len(captions))
-        return original_locate(model, adapter, images, captions, settings)
-
-    monkeypatch.setattr(sc_tune.trainer, "locate", counting_locate)
     reward = CaptionReward(_is_full)
     trainer, before, after = train_describer(
         root, records, tmp_path, reward, describer_baseline=baseline, num_generations=generations,
@@ -131,7 +91,7 @@ def test_every_baseline_raises_the_rewarded_caption(baseline, generations, boxes
     # 8 sampled captions per rollout (boxes x K), and the greedy one per box if the baseline needs it, all
     # located in ONE batched call per rollout.
     greedy = boxes if baseline.endswith("greedy") else 0
-    assert located_rows == [8 + greedy, 8 + greedy]
+    assert trainer.cycle.located_rows == [8 + greedy, 8 + greedy]
     assert len(reward.scored) == 2 * (8 + greedy)
 
 
@@ -145,17 +105,10 @@ def test_advantages_are_reward_minus_baseline_minus_the_kl_suffix(tiny_checkpoin
 
     # Two rollouts in one describer phase: the second one's policy has moved away from the snapshot.
     trainer = make_trainer(tiny_checkpoint("qwen2_vl"), str(tmp_path), reward_fn=recording_reward, max_steps=2,
-                           describer_update_steps=2, locator_update_steps=0, ppo_epochs=1, kl_coef=0.5)
-    rollouts = []
-    original = trainer._set_advantages
-
-    def spy(rollout):
-        original(rollout)
-        rollouts.append(rollout)
-
-    trainer._set_advantages = spy
+                           describer_update_steps=2, locator_update_steps=0, ppo_epochs=1, kl_coef=0.5,
+                           cycle=RecordingCycle)
     trainer.train()
-    rollout = rollouts[1]
+    rollout = trainer.cycle.made[1][1].rollout  # the loss filled in its advantages
     sampled_reward, greedy_reward = scored[2], scored[3]  # each rollout scores its samples, then the greedy captions
     assert torch.equal(rollout.reward_N.cpu(), sampled_reward)
     assert torch.equal(rollout.baseline_N.cpu(), greedy_reward)

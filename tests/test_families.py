@@ -19,9 +19,9 @@ import pytest
 import torch
 from PIL import Image
 
-import sc_tune.trainer
 from sc_tune.adapters import Family, family_for, register, supported_model_types
 from sc_tune.modeling import freeze_vision_tower, load_model_and_adapter
+from sc_tune.rewards import REWARDS, cycle_iou
 from tests.conftest import ROOT, SAMPLE_DATA, SAMPLE_IMAGES
 
 MODEL_TYPES = supported_model_types()
@@ -55,7 +55,7 @@ def cli_folder(tmp_path_factory):
 
 
 def caption_dependent_boxes(captions):
-    """A located box that is a function of the caption text: sampled and greedy captions that differ get
+    """A box that is a function of the caption text: sampled and greedy captions that differ get
     different rewards, so the describer's advantage is not zero even though a random model writes no box."""
     boxes = []
     for caption in captions:
@@ -65,18 +65,15 @@ def caption_dependent_boxes(captions):
     return boxes
 
 
+def caption_box_iou(pred_boxes, target_N4, captions):
+    """A reward registered for these runs (``--reward caption_box_iou``): the IoU of the caption's own box
+    (``caption_dependent_boxes``) with the true box. The real locator still writes its answers; a random model's
+    hold no box."""
+    return cycle_iou(caption_dependent_boxes(captions), target_N4)
+
+
 def _finetune(source: str, output_dir: str, *extra: str):
     import finetune
-
-    real_locate, real_locate_from_prefix = sc_tune.trainer.locate, sc_tune.trainer.locate_from_prefix
-
-    def locate(model, adapter, images, captions, settings, fit_budget=True):
-        _, texts = real_locate(model, adapter, images, captions, settings, fit_budget)  # real generation
-        return caption_dependent_boxes(captions), texts
-
-    def locate_from_prefix(model, adapter, images, captions, settings, *args):  # Qwen-VL's path
-        found = real_locate_from_prefix(model, adapter, images, captions, settings, *args)
-        return None if found is None else (caption_dependent_boxes(captions), found[1])
 
     args = [
         "--model_name_or_path", source, "--data_path", SAMPLE_DATA, "--image_folder", SAMPLE_IMAGES,
@@ -85,11 +82,11 @@ def _finetune(source: str, output_dir: str, *extra: str):
         "--describer_max_new_tokens", "4", "--describer_min_new_tokens", "2", "--locator_max_new_tokens", "4",
         "--describer_lr", "1e-3", "--locator_lr", "1e-3", "--weight_decay", "0", "--use_cpu", "True",
         "--skip_preflight", "True",
-        "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "True", "--seed", "0", *extra,
+        "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "True", "--seed", "0",
+        "--reward", "caption_box_iou", *extra,
     ]  # fmt: skip
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sc_tune.trainer, "locate", locate)
-        patch.setattr(sc_tune.trainer, "locate_from_prefix", locate_from_prefix)
+        patch.setitem(REWARDS, "caption_box_iou", caption_box_iou)  # the rewards' registry: --reward's choices
         return finetune.main(args)
 
 

@@ -19,7 +19,7 @@ def _locator_loss_and_aux(trainer):
     """The locator loss of one rollout, and the model's load-balancing loss on the same inputs, by hand."""
     batch = next(iter(trainer.get_train_dataloader()))
     trainer.snapshot.sync_from_policy()
-    rollout = trainer._locator_rollout(batch)
+    rollout = trainer.cycle.locator_rollout(batch).rollout
     model = trainer.model.train()
     loss = trainer.compute_loss(model, rollout)
     with torch.no_grad():

@@ -10,11 +10,10 @@ prefill is really skipped (else the option would be a no-op).
 import pytest
 import torch
 
-import sc_tune.trainer
 from sc_tune.modeling import freeze_vision_tower, load_model_and_adapter
 from sc_tune.prompt_cache import ScoredPrompts, keep_prompt_columns, shared_prefix_batch
 from sc_tune.rollout import GenerationSettings, describe, generate, locate, locate_from_prefix
-from tests.helpers import sample_images, small_lora, two_phase_trainer
+from tests.helpers import RecordingCycle, sample_images, small_lora, two_phase_trainer
 
 GREEDY = GenerationSettings(max_new_tokens=8)
 SAMPLED = GenerationSettings(max_new_tokens=8, do_sample=True, top_k=50, top_p=1.0)
@@ -149,31 +148,25 @@ def test_a_cache_of_the_wrong_length_is_refused(tiny_checkpoint):
         generate(model, adapter, batch, GREEDY, skip_special_tokens=True, prompt_cache=cache)
 
 
-def _losses_and_resumed_calls(checkpoint, tmp_path, monkeypatch, prompt_cache: bool, lora=False, checkpointing=False,
-                              k=1):
-    """The four steps' losses, and per describer rollout whether its greedy captions and its locating resumed
-    from the scoring pass's cache: the trainer's logged ``describer/prompt_cache`` and
-    ``describer/locating_prefix_cache``, checked against what the trainer really handed ``generate`` and what
-    ``locate_from_prefix`` really did."""
-    handed, prefixed = [], []
-
-    def recording_generate(*args, **kwargs):
-        handed.append(kwargs.get("prompt_cache") is not None)
-        return generate(*args, **kwargs)
-
-    def recording_locate_from_prefix(model, adapter, images, captions, settings, *args, **kwargs):
-        found = locate_from_prefix(model, adapter, images, captions, settings, *args, **kwargs)
-        prefixed.append(found is not None)
+class _PrefixCheckingCycle(RecordingCycle):
+    def locate_from_prefix(self, model, images, captions, scored, source_rows):
+        found = super().locate_from_prefix(model, images, captions, scored, source_rows)
         if found is not None:  # the test reward ignores boxes, so compare the locator's raw answers here
-            assert found == locate(model, adapter, images, captions, settings), "differs from a fresh prefill"
+            assert found == locate(model, self.adapter, images, captions, self.greedy_boxes), "differs from a prefill"
         return found
 
-    monkeypatch.setattr(sc_tune.trainer, "generate", recording_generate)
-    monkeypatch.setattr(sc_tune.trainer, "locate_from_prefix", recording_locate_from_prefix)
+
+def _losses_and_resumed_calls(checkpoint, tmp_path, prompt_cache: bool, lora=False, checkpointing=False, k=1):
+    """The four steps' losses, and per describer rollout whether its greedy captions and its locating resumed
+    from the scoring pass's cache: the trainer's logged ``describer/prompt_cache`` and
+    ``describer/locating_prefix_cache``, checked against what the cycle really handed ``generate`` and what
+    ``locate_from_prefix`` really did."""
     trainer, losses = two_phase_trainer(checkpoint, str(tmp_path / f"{prompt_cache}_{lora}_{checkpointing}_{k}"),
                                         model_transform=small_lora if lora else None, num_generations=k,
-                                        snapshot_prompt_cache=prompt_cache, gradient_checkpointing=checkpointing)
+                                        snapshot_prompt_cache=prompt_cache, gradient_checkpointing=checkpointing,
+                                        cycle=_PrefixCheckingCycle)
     trainer.train()
+    handed, prefixed = trainer.cycle.handed_cache, trainer.cycle.from_prefix
     logged = [entry for entry in trainer.state.log_history if "describer/prompt_cache" in entry]
     resumed = [entry["describer/prompt_cache"] == 1.0 for entry in logged]
     located = [entry["describer/locating_prefix_cache"] == 1.0 for entry in logged]
@@ -191,13 +184,12 @@ def _losses_and_resumed_calls(checkpoint, tmp_path, monkeypatch, prompt_cache: b
      ("qwen2_5_vl", False, False, 1)],
 )
 def test_training_losses_identical_with_and_without_the_prompt_cache(
-    tiny_checkpoint, tmp_path, monkeypatch, model_type, lora, checkpointing, k
+    tiny_checkpoint, tmp_path, model_type, lora, checkpointing, k
 ):
     checkpoint = tiny_checkpoint(model_type)
-    plain, plain_resumed, plain_located = _losses_and_resumed_calls(checkpoint, tmp_path, monkeypatch, False, lora,
-                                                                    checkpointing, k)
-    cached, cached_resumed, cached_located = _losses_and_resumed_calls(checkpoint, tmp_path, monkeypatch, True, lora,
-                                                                       checkpointing, k)
+    plain, plain_resumed, plain_located = _losses_and_resumed_calls(checkpoint, tmp_path, False, lora, checkpointing, k)
+    cached, cached_resumed, cached_located = _losses_and_resumed_calls(checkpoint, tmp_path, True, lora, checkpointing,
+                                                                       k)
     assert plain_resumed == [False, False] and cached_resumed == [k == 1] * 2
     # Locating resumes from the image prefix on Qwen-VL only (see the family test above).
     assert plain_located == [False, False] and cached_located == [model_type == "qwen"] * 2
@@ -205,9 +197,9 @@ def test_training_losses_identical_with_and_without_the_prompt_cache(
     assert cached == pytest.approx(plain, abs=1e-5)
 
 
-def test_families_that_do_not_opt_in_prefill_again(tiny_checkpoint, tmp_path, monkeypatch):
+def test_families_that_do_not_opt_in_prefill_again(tiny_checkpoint, tmp_path):
     # Qwen3.5's linear-attention layers keep a recurrent state that cannot be cropped back to the prompt.
-    _, resumed, located = _losses_and_resumed_calls(tiny_checkpoint("qwen3_5"), tmp_path, monkeypatch, True)
+    _, resumed, located = _losses_and_resumed_calls(tiny_checkpoint("qwen3_5"), tmp_path, True)
     assert resumed == [False, False] and located == [False, False]
 
 

@@ -1,13 +1,17 @@
 """A few real steps of both phases on a tiny random Qwen2-VL, with assertions on what each step did."""
 
 import json
+import math
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
+from sc_tune.cycle import LocatorRollout
 from sc_tune.phases import innermost_optimizer
-from tests.helpers import caption_hash_reward, make_trainer, trainable_vector
+from tests.helpers import RecordingCycle, caption_hash_reward, make_trainer, trainable_vector
 
 
 def _snapshot_vector(trainer):
@@ -163,6 +167,80 @@ def test_resume_mid_rollout_matches_uninterrupted_run(tiny_checkpoint, tmp_path)
     assert len(losses(resumed)) == 3
     assert losses(resumed) == pytest.approx(losses(full), rel=1e-5, abs=1e-7)
     assert torch.allclose(trainable_vector(resumed.model), trainable_vector(full.model), atol=1e-6)
+
+
+def test_a_mid_phase_resume_restores_the_snapshot(tiny_checkpoint, tmp_path):
+    # step 0: describer (moves the weights); steps 1-2: locator, whose snapshot is the weights after step 0. The
+    # checkpoint before step 2 is mid-phase: a resume must read the snapshot back, not copy the policy it loaded.
+    common = dict(max_steps=3, describer_update_steps=1, locator_update_steps=2, ppo_epochs=1)
+    full = make_trainer(tiny_checkpoint("qwen2_vl"), str(tmp_path / "full"), reward_fn=caption_hash_reward,
+                        save_strategy="steps", save_steps=2, **common)
+    full.train()
+    checkpoint = tmp_path / "full" / "checkpoint-2"
+    saved = torch.load(checkpoint / "snapshot_rank0.pt", weights_only=True)
+    resumed = make_trainer(tiny_checkpoint("qwen2_vl"), str(tmp_path / "resumed"), reward_fn=caption_hash_reward,
+                           **common)
+    start = {n: t.clone() for n, t in resumed.snapshot.named_local_tensors().items()}  # a copy of the start weights
+    assert any(not torch.equal(start[n], saved[n]) for n in saved)  # the test can tell the two apart
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    restored = resumed.snapshot.named_local_tensors()
+    assert restored.keys() == saved.keys()
+    assert all(torch.equal(restored[n].cpu(), saved[n]) for n in saved)
+    assert all(torch.equal(restored[n], t) for n, t in full.snapshot.named_local_tensors().items())
+
+
+class _FixedLogits(torch.nn.Module):
+    """A "model" whose logits are given: ``logits_BWV`` for every column of the batch."""
+
+    def __init__(self, logits_BWV):
+        super().__init__()
+        self.logits_BWV = logits_BWV
+
+    def forward(self, input_ids, attention_mask, logits_to_keep, use_cache):
+        assert input_ids.shape == self.logits_BWV.shape[:2]
+        return SimpleNamespace(logits=self.logits_BWV[:, -logits_to_keep:])
+
+
+def test_the_locator_loss_is_the_cross_entropy_of_each_box_token_given_the_tokens_before_it(tiny_checkpoint,
+                                                                                             tmp_path):
+    trainer = make_trainer(tiny_checkpoint("qwen2_vl"), str(tmp_path), max_steps=1)
+    generator = torch.Generator().manual_seed(0)
+    logits_BWV = torch.randn(2, 6, 5, generator=generator) * 3
+    # Left-padded rows, the answer at the end: 3 box tokens in row 0, 2 in row 1.
+    labels_BW = torch.tensor([[-100, -100, -100, 3, 1, 4], [-100, -100, -100, -100, 2, 0]])
+    inputs = {"input_ids": torch.zeros(2, 6, dtype=torch.long), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    loss = trainer.compute_loss(_FixedLogits(logits_BWV), LocatorRollout(inputs, labels_BW, target_len=3))
+    terms = []
+    for b in range(2):
+        for t in range(6):
+            if labels_BW[b, t] != -100:  # token t is predicted by the logits at column t - 1
+                row = [float(x) for x in logits_BWV[b, t - 1]]
+                terms.append(math.log(sum(math.exp(x) for x in row)) - row[int(labels_BW[b, t])])
+    assert len(terms) == 5
+    assert float(loss) == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+
+
+def test_later_ppo_epochs_keep_the_first_epochs_old_log_probs(tiny_checkpoint, tmp_path):
+    # One rollout, three PPO epochs: the old policy of the ratio is the pre-update one for all three.
+    trainer = make_trainer(tiny_checkpoint("qwen2_vl"), str(tmp_path), reward_fn=caption_hash_reward,
+                           cycle=RecordingCycle, max_steps=3, describer_update_steps=1, locator_update_steps=0,
+                           ppo_epochs=3, ratio_threshold=1e9, policy_kl_stop=1e9)
+    old_logp = []
+
+    class KeepOldLogp(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            old_logp.append(trainer.cycle.made[0][1].rollout.old_logp_NT.clone())
+
+    trainer.add_callback(KeepOldLogp())
+    trainer.train()
+    assert len(trainer.cycle.made) == 1 and len(old_logp) == 3
+    assert torch.equal(old_logp[1], old_logp[0]) and torch.equal(old_logp[2], old_logp[0])
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    # After the first update the policy differs from the old one: ratios move away from 1, the policy KL estimate
+    # (the mean of -log ratio, of either sign) from 0. Refreshed old log-probs would give exactly 1 and 0.
+    for later in logs[1:]:
+        assert abs(later["describer/ratio"] - 1) > 1e-3 and abs(later["describer/policy_kl"]) > 1e-4, later
+    assert logs[0]["describer/ratio"] == 1.0 and logs[0]["describer/policy_kl"] == 0.0
 
 
 def test_bad_schedule_arguments_are_rejected(tmp_path):

@@ -108,7 +108,7 @@ def test_cache_is_off_without_fix_vit_and_for_fallback_families(tiny_checkpoint)
 def _run_steps(checkpoint, tmp_path, vision_cache: bool, **overrides):
     trainer, losses = two_phase_trainer(checkpoint, str(tmp_path / str(vision_cache)), vision_cache=vision_cache,
                                         **overrides)
-    assert (trainer.vision_cache is not None) == vision_cache
+    assert (trainer.cycle.vision_cache is not None) == vision_cache
     trainer.train()
     return losses, trainer
 
@@ -119,7 +119,7 @@ def test_training_losses_identical_with_and_without_cache(tiny_checkpoint, tmp_p
     checkpoint = tiny_checkpoint("qwen2_5_vl")
     plain, _ = _run_steps(checkpoint, tmp_path, False, model_transform=transform)
     cached, trainer = _run_steps(checkpoint, tmp_path, True, model_transform=transform)
-    assert len(plain) == 4 and 0 < trainer.vision_cache.encoded_images <= trainer.args.per_device_train_batch_size
+    assert len(plain) == 4 and 0 < trainer.cycle.vision_cache.encoded_images <= trainer.args.per_device_train_batch_size
     assert all(loss != 0 for loss in plain)
     logged = {k for entry in trainer.state.log_history for k, v in entry.items() if k.startswith("timing/") and v > 0}
     stages = ["policy_sampling", "snapshot_generation", "locating", "snapshot_scoring", "forward", "backward"]

@@ -1,0 +1,201 @@
+"""The run state a checkpoint holds beyond the Trainer's own files, its save and restore, and the strict checks.
+
+The Trainer saves weights, optimizer, scheduler, RNG states and ``trainer_state.json``. SC-Tune adds to every
+``checkpoint-N`` what a resumed run needs to continue exactly:
+
+- ``sc_tune_state.json``: the next step and its place in the phase schedule, the run settings, the KL controller;
+- ``snapshot_rank<r>.pt``: the snapshot's weights, unless step N starts a phase (it re-syncs then): a resume in
+  the middle of a phase must take its pseudo-labels, KL reference and baseline from the same frozen weights;
+- ``rollouts_rank<r>.pt``: the buffered rollout, when step N reuses one (between the PPO epochs of a rollout).
+
+Where and how files are written, verified and renamed is ``sc_tune.checkpoints``' (never half a checkpoint).
+Resuming, rank 0 finds the checkpoint, checks it and the run settings (a change must be listed in
+``--resume_allow_changes``) and tells the other ranks; every rank restores its part at the first step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from accelerate.utils import broadcast_object_list
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from sc_tune import checkpoints
+from sc_tune.cycle import DescriberRollout, LocatorRollout
+from sc_tune.jsonio import write_json
+from sc_tune.phases import PhaseSchedule
+from sc_tune.snapshot import Snapshot, is_peft
+
+logger = logging.getLogger(__name__)
+
+
+def run_settings(args, model, schedule: PhaseSchedule, deepspeed: bool) -> dict:
+    """What a resumed run must share with the saved one (``--resume_allow_changes`` lists exceptions)."""
+    config = getattr(model, "config", None)
+    return {
+        "model": getattr(config, "_name_or_path", None),
+        "model_type": getattr(config, "model_type", None),
+        "lora": is_peft(model),
+        "schedule": dict(schedule.__dict__),
+        "kl_coef": args.kl_coef,
+        "clip_range": args.clip_range,
+        "gamma": args.gamma,
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "seed": args.seed,
+        "world_size": args.world_size,
+        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        "deepspeed": deepspeed,
+    }
+
+
+class RunState:
+    """The SC-Tune state of a run: the phase schedule, the KL controller, the snapshot and the rollout buffer."""
+
+    def __init__(self, args, schedule: PhaseSchedule, kl_controller, snapshot: Snapshot, settings: dict,
+                 zero3: bool):
+        self.args = args
+        self.schedule = schedule
+        self.kl_controller = kl_controller
+        self.snapshot = snapshot
+        self.settings = settings
+        self.zero3 = zero3  # parameters (the snapshot's too) are sharded: every rank saves its own part
+        self.rollouts: dict[int, DescriberRollout | LocatorRollout] = {}  # this step's, by micro-batch
+        self.resume_dir: str | None = None  # restored at the first step of train()
+
+    def save(self, checkpoint: str, next_step: int) -> dict:
+        """Phase position, run settings, the snapshot (unless the next step re-syncs it) and a mid-rollout buffer.
+        Returns the layout: which per-rank files the checkpoint must hold."""
+        position = self.schedule.at(next_step)
+        rank, world = self.args.process_index, self.args.world_size
+        layout = {
+            "world_size": world,
+            "deepspeed": self.settings["deepspeed"],
+            "peft": self.settings["lora"],
+            "snapshot_ranks": [] if position.starts_phase else list(range(world)) if self.zero3 else [0],
+            "rollout_ranks": [] if position.needs_rollout else list(range(world)),
+        }
+        os.makedirs(checkpoint, exist_ok=True)
+        if rank == 0:
+            write_json(
+                os.path.join(checkpoint, checkpoints.STATE_FILE),
+                {
+                    "next_step": next_step,
+                    "phase": position.phase.value,
+                    "step_in_phase": position.step_in_phase,
+                    "ppo_epoch": position.ppo_epoch,
+                    "schedule": self.schedule.__dict__,
+                    "settings": self.settings,
+                    "kl_controller": self.kl_controller.state_dict(),
+                },
+            )
+        if rank in layout["snapshot_ranks"]:
+            tensors = {k: v.detach().cpu().clone() for k, v in self.snapshot.named_local_tensors().items()}
+            torch.save(tensors, os.path.join(checkpoint, f"snapshot_rank{rank}.pt"))
+        if rank in layout["rollout_ranks"]:
+            checkpoints.save_rollouts(self.rollouts, os.path.join(checkpoint, f"rollouts_rank{rank}.pt"))
+        return layout
+
+    def restore(self, checkpoint: str, step: int) -> None:
+        """At the first step of a resumed run: the KL controller, and the snapshot and rollout buffer if saved."""
+        saved = checkpoints.read_state(checkpoint)
+        if saved["schedule"] != self.schedule.__dict__:
+            raise ValueError(
+                f"{checkpoint}: trained with phase schedule {saved['schedule']}, "
+                f"now {self.schedule.__dict__}; resume with the same phase settings"
+            )
+        if saved["next_step"] != step:
+            raise ValueError(f"{checkpoint}: saved before step {saved['next_step']}, resuming at {step}")
+        self.kl_controller.load_state_dict(saved["kl_controller"])
+        position = self.schedule.at(step)
+        rank = self.args.process_index
+        if not position.starts_phase:
+            path = os.path.join(checkpoint, f"snapshot_rank{rank if self.zero3 else 0}.pt")
+            # Read to the CPU: the snapshot copies into its own tensors, and "cpu:0" (CPU DDP) is no map_location.
+            self.snapshot.load_local_tensors(torch.load(path, map_location="cpu", weights_only=True))
+        if not position.needs_rollout:
+            path = os.path.join(checkpoint, f"rollouts_rank{rank}.pt")
+            self.rollouts = checkpoints.load_rollouts(path, [DescriberRollout, LocatorRollout], self.args.device)
+
+    # ------------------------------------------------------------------ before training: which checkpoint, if any
+    def find_resume(self, resume_from_checkpoint, is_main: bool) -> str | None:
+        """``resume_from_checkpoint``: True (or "true"/"1") for the newest complete checkpoint, or a path. Rank 0
+        checks the checkpoint (hashing every file once) and the settings, and tells the others what it found."""
+        if is_main:
+            try:
+                found = (checkpoints.resolve_resume(resume_from_checkpoint, self.args.output_dir), None)
+                if found[0] is not None:
+                    self.check_settings(found[0])
+            except checkpoints.CheckpointError as e:
+                found = (None, str(e))
+        else:
+            found = (None, None)
+        if self.args.world_size > 1:
+            found = broadcast_object_list(list(found), from_process=0)
+        resume, error = found
+        if error is not None:
+            raise checkpoints.CheckpointError(error)
+        if resume is not None:
+            logger.info("resuming from %s", resume)
+        self.resume_dir = resume
+        return resume
+
+    def check_settings(self, checkpoint: str) -> None:
+        allowed = {k.strip() for k in (self.args.resume_allow_changes or "").split(",") if k.strip()}
+        saved = checkpoints.read_state(checkpoint).get("settings", {})
+        errors = checkpoints.settings_mismatches(checkpoint, saved, self.settings, allowed)
+        if errors:
+            raise checkpoints.CheckpointError(
+                f"{checkpoint} was saved with other settings: {'; '.join(errors)}. Resume with the same settings, "
+                "or list the legitimate changes in --resume_allow_changes (e.g. model,seed)"
+            )
+        checkpoints.check_world_size_change(checkpoint, checkpoints.read_layout(checkpoint), self.args.world_size)
+
+
+@dataclass
+class StagedCheckpoint:
+    root: str  # where the Trainer writes checkpoint-N (and rotates: it finds only the new folder there)
+    folder: str  # root/checkpoint-N
+    layout: dict | None = None  # which per-rank files it must hold (RunState.save's answer)
+
+
+@contextmanager
+def staged_checkpoint(run_dir: str, step: int, accelerator, is_main: bool, save_total_limit, protected):
+    """Everything written inside goes to a staging folder; on leaving, rank 0 verifies it, marks it complete, renames
+    it to ``run_dir/checkpoint-<step>`` and rotates (``protected()``: folders rotation must keep, e.g. the best)."""
+    root = checkpoints.staging_root(run_dir, step)
+    if is_main:
+        checkpoints.remove_stale_staging(run_dir)
+    accelerator.wait_for_everyone()
+    staged = StagedCheckpoint(root, os.path.join(root, f"{PREFIX_CHECKPOINT_DIR}-{step}"))
+    yield staged
+    accelerator.wait_for_everyone()
+    if is_main:
+        final = checkpoints.commit(staged.folder, os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}"),
+                                   staged.layout)
+        checkpoints.rotate(run_dir, save_total_limit, {final, *protected()})
+    accelerator.wait_for_everyone()
+
+
+def load_weights_strictly(model, checkpoint: str) -> None:
+    """The checkpoint's weights into ``model``, every parameter found.
+
+    transformers 5 saves some families (Qwen2-VL, ...) under their original key names and the Trainer's plain
+    load_state_dict(strict=False) then restores nothing, silently. Going through from_pretrained applies the key
+    conversion."""
+    saved = (
+        type(model)
+        .from_pretrained(checkpoint, dtype=next(model.parameters()).dtype, local_files_only=True)
+        .state_dict()
+    )
+    own = model.state_dict()
+    missing = own.keys() - saved.keys()
+    if missing:
+        raise ValueError(f"{checkpoint}: checkpoint lacks {sorted(missing)[:5]}")
+    with torch.no_grad():
+        for name, tensor in own.items():
+            tensor.copy_(saved[name])

@@ -190,6 +190,33 @@ class SCTuneConfig(TrainingArguments):
             "help": "Greedy captions and locating reuse the snapshot's scoring-pass cache (docs/performance.md)."
         },
     )
+    static_decoding: str = field(
+        default="auto",
+        metadata={
+            # sc_tune.decoding: transformers' StaticCache, fixed-shape decode steps, CUDA graphs on CUDA; a family
+            # opts in (ModelAdapter.static_decoding_problem). auto: on CUDA where the family can; true: must.
+            "help": "auto | true | false: rollouts decode from a static cache, steps replayed as CUDA graphs.",
+            "choices": ["auto", "true", "false"],
+        },
+    )
+    fused_decoding: str = field(
+        default="auto",
+        metadata={
+            # One loop for the policy's sampled captions and the greedy ones (the LoRA snapshot's, per-row adapters, or
+            # the policy's own); the snapshot's greedy captions then skip the prompt cache. auto: with static decoding.
+            "help": "auto | true | false: sampled and greedy captions decode in one loop (LoRA snapshot, policy_greedy).",
+            "choices": ["auto", "true", "false"],
+        },
+    )
+    generation_batch_size: int | None = field(
+        default=None,
+        metadata={
+            # TRL's name. A multiple of the micro-batch dividing the accumulation window (sc_tune.cycle): each
+            # micro-batch's rollout, and loss, is the one it would have alone; the generate calls get larger.
+            "help": "Boxes per device rolled out in one generate call (default: the micro-batch), up to "
+            "per_device_train_batch_size x gradient_accumulation_steps.",
+        },
+    )
     # ---- generation
     moe_aux_loss: bool = field(
         default=True,
@@ -324,6 +351,22 @@ class SCTuneConfig(TrainingArguments):
             )
         if self.kl_controller not in KL_CONTROLLERS:
             raise ArgumentError(f"--kl_controller must be one of {', '.join(KL_CONTROLLERS)}, got {self.kl_controller!r}")
+        for name in ("static_decoding", "fused_decoding"):
+            value = str(getattr(self, name)).lower()
+            if value not in ("auto", "true", "false"):
+                raise ArgumentError(f"--{name} must be auto, true or false, got {getattr(self, name)!r}")
+            setattr(self, name, value)
+        micro = self.per_device_train_batch_size
+        window = micro * self.gradient_accumulation_steps
+        if self.generation_batch_size is None:
+            self.generation_batch_size = micro
+        gen = self.generation_batch_size
+        if gen < 1 or gen % micro or window % gen:
+            raise ArgumentError(
+                f"--generation_batch_size {self.generation_batch_size} must be a multiple of "
+                f"--per_device_train_batch_size ({micro}) that divides per_device_train_batch_size x "
+                f"gradient_accumulation_steps ({window})"
+            )
         if self.max_steps <= 0:
             raise ArgumentError("set --max_steps: SC-Tune streams its data and stops by step count")
         if self.remove_unused_columns:

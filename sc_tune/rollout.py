@@ -15,6 +15,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from sc_tune.adapters.base import ImageInputs, ModelAdapter, PromptBatch
+from sc_tune.decoding import Decoding, SampledRows, make_decode_loop, static_cache_fits, static_cache_from
 from sc_tune.prompt_cache import ScoredPrompts, shared_prefix_batch
 
 
@@ -50,6 +51,13 @@ class Completions:
     ids_BT: torch.Tensor  # new tokens; positions after the first end token hold padding
     mask_BT: torch.Tensor  # 1 on new tokens up to and including the first end token
     texts: list[str]
+
+
+    def rows(self, start: int, end: int) -> Completions:
+        """Rows ``start:end``, cut to their longest completion (the width a call of these rows alone returns)."""
+        mask_BT = self.mask_BT[start:end]
+        width = int(mask_BT.sum(dim=1).max()) if end > start else 0
+        return Completions(self.ids_BT[start:end, :width], mask_BT[:, :width], self.texts[start:end])
 
 
 @dataclass
@@ -155,11 +163,23 @@ class BoxCompleteStop(StoppingCriteria):
             if row in self.stopped_at:
                 done.append(True)
                 continue
-            complete = self.adapter.locator_answer_end(self.adapter.decode(ids)) is not None
+            complete = _holds_box(self.adapter, ids)
             if complete:
                 self.stopped_at[row] = len(ids)
             done.append(complete)
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def _holds_box(adapter: ModelAdapter, ids: Sequence[int]) -> bool:
+    return adapter.locator_answer_end(adapter.decode(list(ids))) is not None
+
+
+def box_end_tokens(adapter: ModelAdapter, ids: Sequence[int]) -> int | None:
+    """How many of ``ids`` a locator answer keeps: up to the token that completes its first box, as
+    :class:`BoxCompleteStop` stops (``None``: no complete box)."""
+    if not _holds_box(adapter, ids):
+        return None
+    return next(k for k in range(1, len(ids) + 1) if _holds_box(adapter, ids[:k]))
 
 
 def _unnamed_token_ids(model, adapter: ModelAdapter) -> list[int]:
@@ -181,31 +201,56 @@ def generate(
     prompt_cache=None,
     cached_columns: int | None = None,
     stop_at_box: bool = False,
+    decoding: Decoding | None = None,
+    sampled_rows: Sequence[SampledRows] | None = None,
 ) -> Completions:
     """Batched ``generate`` on a left-padded batch; pads everything after each row's first end token.
 
     ``prompt_cache``: the key/value cache of this batch's first ``cached_columns`` columns (default: all but the
     last), computed by ``model`` (the same weights); decoding then starts from it instead of prefilling those
     columns again (:mod:`sc_tune.prompt_cache`). ``stop_at_box``: a row also ends once its text holds a complete
-    box (locator answers, :class:`BoxCompleteStop`)."""
+    box (locator answers, :class:`BoxCompleteStop`; after the loop where ``decoding`` runs it).
+
+    ``decoding``: how the tokens are decoded (:mod:`sc_tune.decoding`: a static cache and CUDA graphs); ``None`` is
+    transformers' own ``generate``. ``sampled_rows``: with sampling ``settings``, the row blocks that sample (and
+    their generators); the other rows decode greedily in the same loop. Default: every row samples (or, with greedy
+    settings, none)."""
     device = next(model.parameters()).device
     inputs = batch.to(device).inputs
+    width = inputs["input_ids"].shape[1]
     if cached_columns is None:
-        cached_columns = inputs["input_ids"].shape[1] - 1
+        cached_columns = width - 1
     if prompt_cache is not None and prompt_cache.get_seq_length() != cached_columns:
         raise ValueError(
             f"prompt_cache holds {prompt_cache.get_seq_length()} columns; this batch needs {cached_columns} "
-            f"of its {inputs['input_ids'].shape[1]}"
+            f"of its {width}"
         )
+    if sampled_rows is not None and not settings.do_sample:
+        raise ValueError("generate: sampled_rows need sampling settings (do_sample=True) for their warpers")
     # Captions are the completions decoded without special tokens (the describer's): they must not carry
     # box/reference tokens either; locator answers may (Qwen2-VL's <|box_end|>, GLM's <|end_of_box|>).
     kwargs = adapter.generation_kwargs(describer=skip_special_tokens)
     suppressed = (kwargs.pop("suppress_tokens") or []) + _unnamed_token_ids(model, adapter)
     if prompt_cache is not None:
         inputs = adapter.resumed_decoding_inputs(inputs)
+    if decoding is not None or sampled_rows is not None:
+        decoding = decoding if decoding is not None else Decoding(static_cache=False)
+        if decoding.static_cache and not static_cache_fits(model.config, width + settings.max_new_tokens):
+            decoding = dataclasses.replace(decoding, static_cache=False)  # a window shorter than the call
+        if sampled_rows is None:
+            sampled_rows = [SampledRows(0, inputs["input_ids"].shape[0])] if settings.do_sample else []
+        kwargs["custom_generate"] = make_decode_loop(decoding, sampled_rows)
+        if decoding.static_cache and prompt_cache is not None:
+            # The resumed decoding continues in a static cache that starts as a copy of the prompt cache.
+            prompt_cache = static_cache_from(prompt_cache, model.config, width + settings.max_new_tokens - 1)
+        elif decoding.static_cache:
+            kwargs["cache_implementation"] = "static"
+    if prompt_cache is not None:
         kwargs["cache"] = prompt_cache
     width = inputs["input_ids"].shape[1]
-    stop = BoxCompleteStop(adapter, width) if stop_at_box else None
+    # SC-Tune's own decoding loop checks no text per step (its steps are captured graphs): its rows are cut at
+    # their box after the loop, the same tokens kept, only the steps after the box not saved.
+    stop = BoxCompleteStop(adapter, width) if stop_at_box and "custom_generate" not in kwargs else None
     if stop is not None:
         kwargs["stopping_criteria"] = StoppingCriteriaList([stop])
     # The model's ZeRO-3 shards are gathered for the whole call (the trainer's and the snapshot's generating
@@ -219,6 +264,11 @@ def generate(
     if stop is not None:
         for row, kept in stop.stopped_at.items():
             mask_BT[row, kept:] = 0
+    elif stop_at_box:
+        for row in range(ids_BT.shape[0]):
+            kept = box_end_tokens(adapter, ids_BT[row][mask_BT[row].bool()].tolist())
+            if kept is not None:
+                mask_BT[row, kept:] = 0
     ids_BT = torch.where(mask_BT.bool(), ids_BT, torch.full_like(ids_BT, adapter.pad_token_id))
     decode = adapter.decode_caption if skip_special_tokens else adapter.decode
     texts = [decode(row[mask.bool()].tolist()) for row, mask in zip(ids_BT, mask_BT)]
@@ -231,11 +281,48 @@ def describe(
     images: Sequence[ImageInputs],
     boxes_norm: Sequence[Sequence[float]],
     settings: GenerationSettings,
+    decoding: Decoding | None = None,
+    sampled_rows: Sequence[SampledRows] | None = None,
 ) -> tuple[PromptBatch, Completions]:
-    """Caption each box; ``Completions.texts`` are the captions, special tokens removed."""
+    """Caption each box; ``Completions.texts`` are the captions, special tokens removed. ``sampled_rows``: see
+    :func:`generate` (a sampling call's noise blocks)."""
     prompts = [adapter.describer_prompt(box, image) for box, image in zip(boxes_norm, images)]
     batch = adapter.build_batch(prompts, images)
-    return batch, generate(model, adapter, batch, settings, skip_special_tokens=True)
+    return batch, generate(model, adapter, batch, settings, skip_special_tokens=True, decoding=decoding,
+                           sampled_rows=sampled_rows)
+
+
+def describe_with_greedy(
+    model,
+    adapter: ModelAdapter,
+    sampled_images: Sequence[ImageInputs],
+    sampled_boxes: Sequence[Sequence[float]],
+    greedy_images: Sequence[ImageInputs],
+    greedy_boxes: Sequence[Sequence[float]],
+    sampling: GenerationSettings,
+    greedy: GenerationSettings,
+    decoding: Decoding | None = None,
+    sample_blocks: Sequence[SampledRows] | None = None,
+) -> tuple[PromptBatch, Completions, Completions]:
+    """Sampled captions of ``sampled_boxes`` and greedy captions of ``greedy_boxes`` in one decoding loop: rows
+    ``0..N`` sample, rows ``N..N+G`` decode greedily (the caller picks each block's LoRA adapter with
+    ``sc_tune.snapshot.row_adapters``). Returns the sampled rows' own prompt batch (for scoring), their
+    completions and the greedy completions, each equal to what a separate call would return.
+
+    ``sample_blocks``: the sampled rows' noise blocks within ``0..N`` (default: one, the global generator)."""
+    if (sampling.max_new_tokens, sampling.min_new_tokens) != (greedy.max_new_tokens, greedy.min_new_tokens):
+        raise ValueError("describe_with_greedy: one loop needs the same caption length limits for both kinds of rows")
+    n = len(sampled_images)
+    prompts = [adapter.describer_prompt(box, image) for box, image in zip(sampled_boxes, sampled_images)]
+    greedy_prompts = [adapter.describer_prompt(box, image) for box, image in zip(greedy_boxes, greedy_images)]
+    both = adapter.build_batch(prompts + greedy_prompts, list(sampled_images) + list(greedy_images))
+    blocks = sample_blocks if sample_blocks is not None else [SampledRows(0, n)]
+    if any(block.start < 0 or block.end > n for block in blocks):
+        raise ValueError(f"describe_with_greedy: sample blocks {blocks} reach outside the {n} sampled rows")
+    completions = generate(model, adapter, both, sampling, skip_special_tokens=True, decoding=decoding,
+                           sampled_rows=blocks)
+    batch = adapter.build_batch(prompts, list(sampled_images))
+    return batch, completions.rows(0, n), completions.rows(n, n + len(greedy_images))
 
 
 def locate(
@@ -245,6 +332,7 @@ def locate(
     captions: Sequence[str],
     settings: GenerationSettings,
     fit_budget: bool = True,
+    decoding: Decoding | None = None,
 ) -> tuple[list[list[float] | None], list[str]]:
     """Ground each caption; returns normalised boxes (``None`` on a parse failure) and the raw texts.
 
@@ -253,7 +341,8 @@ def locate(
     if fit_budget:
         settings = fit_locator_budget(adapter, images, settings, captions)
     batch = adapter.build_batch([adapter.locator_prompt(c, im) for c, im in zip(captions, images)], images)
-    completions = generate(model, adapter, batch, settings, skip_special_tokens=False, stop_at_box=True)
+    completions = generate(model, adapter, batch, settings, skip_special_tokens=False, stop_at_box=True,
+                           decoding=decoding)
     boxes = [adapter.parse_locator_output(text, im) for text, im in zip(completions.texts, images)]
     return boxes, completions.texts
 
@@ -266,6 +355,7 @@ def locate_from_prefix(
     settings: GenerationSettings,
     scored: ScoredPrompts,
     source_rows: Sequence[int],
+    decoding: Decoding | None = None,
 ) -> tuple[list[list[float] | None], list[str]] | None:
     """:func:`locate`, resuming from the image prefix that ``model`` cached while reading ``scored`` (caption ``j``
     is about the image of its row ``source_rows[j]``); ``None`` where the family cannot share it
@@ -276,7 +366,8 @@ def locate_from_prefix(
         return None
     settings = fit_locator_budget(adapter, images, settings, captions)
     completions = generate(model, adapter, shared.batch, settings, skip_special_tokens=False,
-                           prompt_cache=shared.cache, cached_columns=shared.columns, stop_at_box=True)
+                           prompt_cache=shared.cache, cached_columns=shared.columns, stop_at_box=True,
+                           decoding=decoding)
     boxes = [adapter.parse_locator_output(text, im) for text, im in zip(completions.texts, images)]
     return boxes, completions.texts
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
@@ -144,6 +145,51 @@ def active_adapter(model: torch.nn.Module, name: str):
     finally:
         for m, prev in zip(layers, previous):
             m._active_adapter = prev
+
+
+@contextmanager
+def row_adapters(model: torch.nn.Module, blocks: Sequence[tuple[str, int, int]]):
+    """Run LoRA layers with adapter ``name`` on rows ``start:end`` of every input, for each ``(name, start, end)``.
+
+    One decode loop then holds the policy's rows and the snapshot's (``sc_tune.decoding``): the base weights are read
+    once per step for both. Each row gets exactly the LoRA term of its adapter, in PEFT's formula and dtypes
+    (``base(x) + lora_B(lora_A(dropout(x))) * scaling``, the sum cast back to the base output's dtype).
+
+    Why not PEFT's ``adapter_names``: its mixed-batch path gathers each adapter's rows with a Python list of indices in
+    every LoRA layer, a host-to-device copy per layer per step (196 per decode step on Qwen2.5-VL-7B) that CUDA graph
+    capture refuses. Our rows come in contiguous blocks (sampled rows, then greedy rows), so slices do.
+    """
+    from peft.tuners.lora import Linear as LoraLinear
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    if not layers:
+        raise ValueError("row_adapters: the model has no LoRA linear layer")
+    for layer in layers:
+        for name, _, _ in blocks:
+            if name not in layer.lora_A or name in layer.lora_variant or layer.use_dora.get(name, False):
+                raise ValueError(f"row_adapters: adapter {name!r} is missing or not plain LoRA in {type(layer).__name__}")
+
+    def add_row_terms(layer, args, output):
+        x = args[0]
+        for name, start, end in blocks:
+            lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
+            rows = layer._cast_input_dtype(x[start:end], lora_A.weight.dtype)
+            term = lora_B(lora_A(layer.lora_dropout[name](rows))) * layer.scaling[name]
+            output[start:end] = output[start:end] + term  # copied back in the output's dtype, as PEFT casts the sum
+        return output
+
+    previous = [layer._active_adapter for layer in layers]
+    handles = []
+    try:
+        for layer in layers:
+            layer._active_adapter = []  # the layer itself adds no adapter: the hook adds each block's
+            handles.append(layer.register_forward_hook(add_row_terms))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+        for layer, prev in zip(layers, previous):
+            layer._active_adapter = prev
 
 
 class AdapterSnapshot(Snapshot):

@@ -45,7 +45,14 @@ from transformers import Trainer
 from trl.models.utils import unwrap_model_for_generation
 
 from sc_tune.checkpoints import deepspeed_loads_without_pickle
-from sc_tune.cycle import DescriberRollout, LocatorRollout, RolloutCycle, RolloutModels, caption_logprobs
+from sc_tune.cycle import (
+    DescriberRollout,
+    LocatorRollout,
+    RolloutCycle,
+    RolloutModels,
+    caption_logprobs,
+    sampling_seed,
+)
 from sc_tune.data import RolloutSampler, collate_referring
 from sc_tune.export import carry_source_files, model_config_as_loaded
 from sc_tune.kl_control import make_kl_controller
@@ -87,12 +94,12 @@ class SCTuneTrainer(Trainer):
         self.snapshot = make_snapshot(self)
         self.cycle = cycle if cycle is not None else RolloutCycle(adapter, args, reward_fn)
         snapshot_module = getattr(self.snapshot, "module", model)
+        zero3 = self.is_deepspeed_enabled and zero3_enabled(self.accelerator)
         self.cycle.attach(
-            RolloutModels(self._policy_for_generation, self.snapshot, self.accelerator.unwrap_model),
+            RolloutModels(self._policy_for_generation, self.snapshot, self.accelerator.unwrap_model, zero3),
             [model, snapshot_module],
         )
         self.stage_clock = self.cycle.stage_clock  # the cycle's stages and this trainer's forward and backward
-        zero3 = self.is_deepspeed_enabled and zero3_enabled(self.accelerator)
         settings = run_settings(args, model, self.schedule, self.is_deepspeed_enabled)
         self.run = RunState(args, self.schedule, self.kl_controller, self.snapshot, settings, zero3)
         # MoE under full fine-tuning: the router's load-balancing term joins every loss (sc_tune.moe).
@@ -100,6 +107,7 @@ class SCTuneTrainer(Trainer):
         self._router_aux = None
         self._step_begun = -1
         self._micro = 0
+        self._window: list | None = None  # the step's micro-batches, as the Trainer's loop fetched them
         self._grads_pending = False
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._phases: list[str] = []  # phase name of each step since the last log
@@ -120,6 +128,12 @@ class SCTuneTrainer(Trainer):
 
     def floating_point_ops(self, inputs):
         return 0  # batches are PIL images and boxes; the Trainer's token-based estimate does not apply
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        # The Trainer fetches a step's micro-batches before its first one: a rollout may cover several of them.
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._window = batches
+        return batches, num_items
 
     # ------------------------------------------------------------------ a step
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -156,8 +170,8 @@ class SCTuneTrainer(Trainer):
         else:
             self._micro += 1
         position = self.schedule.at(step)
-        if position.needs_rollout:
-            self.run.rollouts[self._micro] = self._make_rollout(position.phase, inputs)
+        if position.needs_rollout and self._micro not in self.run.rollouts:
+            self._roll_out(position.phase, inputs)
         if self._micro == 0:
             self._phases.append(position.phase.value)
         return self.run.rollouts[self._micro]
@@ -191,14 +205,25 @@ class SCTuneTrainer(Trainer):
         if failure is not None:
             raise PreflightError(failure)
 
-    def _make_rollout(self, phase: Phase, inputs) -> DescriberRollout | LocatorRollout:
+    def _roll_out(self, phase: Phase, inputs) -> None:
+        """The rollouts of this micro-batch and the next ones of its generation chunk (``--generation_batch_size``
+        boxes), one buffered per micro-batch; each samples with its own seed (``sc_tune.cycle.sampling_seed``)."""
+        batches = [inputs]
+        chunk = self.args.generation_batch_size // self.args.per_device_train_batch_size
+        if chunk > 1:
+            window = self._window or []
+            if self._micro >= len(window) or window[self._micro] is not inputs:
+                raise RuntimeError("--generation_batch_size spans micro-batches: the step's micro-batches come from "
+                                   "the Trainer's training loop (get_batch_samples); this one is not among them")
+            batches = window[self._micro : self._micro + chunk]
+        step, rank = self.state.global_step, self.args.process_index
+        seeds = [sampling_seed(self.args.seed, step, self._micro + i, rank) for i in range(len(batches))]
+        made = self.cycle.rollouts(phase is Phase.DESCRIBER, batches, seeds)
         if phase is Phase.DESCRIBER:
-            made = self.cycle.describer_rollout(inputs)
-            self._maybe_save_rollout_picture(inputs, made.captions, made.located)
-        else:
-            made = self.cycle.locator_rollout(inputs)
-        self._log_mean_over_ranks(phase.value, made.metrics)
-        return made.rollout
+            self._maybe_save_rollout_picture(inputs, made[0].captions, made[0].located)
+        for offset, result in enumerate(made):
+            self._log_mean_over_ranks(phase.value, result.metrics)
+            self.run.rollouts[self._micro + offset] = result.rollout
 
     @contextmanager
     def _policy_for_generation(self):

@@ -2,7 +2,7 @@
 
     python scripts/bench_step.py                              # toy Qwen2.5-VL proportions, CPU
     python scripts/bench_step.py --config toy-qwen-vl-chat    # vision ~ half of a prompt forward (Qwen-VL-Chat)
-    python scripts/bench_step.py --config qwen2.5-vl-7b --device cuda --dtype bfloat16   # real size, one GPU
+    python scripts/bench_step.py --config qwen2.5-vl-7b --device cuda   # real size, one GPU (bf16 on CUDA)
 
 A *unit* is what one batch costs in a phase: the describer's rollout and its two PPO optimizer steps, or
 one locator step. Arm A runs ``SCTuneTrainer.training_step`` (vision cache as ``--vision_cache``); arm B
@@ -254,13 +254,17 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--batch", type=int, default=None, help="override the configuration's batch size")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="auto: bfloat16 on CUDA (a 7 B model with AdamW and two full copies fits one 139 GB card "
+                        "only so), float32 on CPU")
     parser.add_argument("--vision_cache", default="True", choices=["True", "False"])
     parser.add_argument("--phases", default="describer,locator")
     opts = parser.parse_args(argv)
 
     bench = CONFIGS[opts.config]
     batch = opts.batch or bench.batch
+    if opts.dtype == "auto":
+        opts.dtype = "bfloat16" if opts.device.startswith("cuda") else "float32"
     dtype = getattr(torch, opts.dtype)
     workdir = tempfile.mkdtemp(prefix="bench_step_")
     model, adapter = prepare(opts.config, workdir, device=opts.device, dtype=dtype)
@@ -281,6 +285,7 @@ def main(argv=None):
         vision_cache=opts.vision_cache == "True",
         policy_kl_stop=float("inf"),  # never skip the second epoch: both arms do the same work
         ratio_threshold=float("inf"),
+        skip_preflight=True,  # random weights never write a box that parses; the preflight would stop the run
     )
     ours = ThisTrainer(model, adapter, samples, args)
     reference = ReferenceReplay(ours.trainer.model, adapter, ours.trainer.optimizer, args)
@@ -332,6 +337,10 @@ def main(argv=None):
             "reference": round(statistics.median(secs_b), 3),
         }
     result["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    # arm A's rollout decoding (the reference replays transformers')
+    result["decoding"] = repr(ours.trainer.cycle.decoding)
+    if opts.device.startswith("cuda"):
+        result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     print(json.dumps(result))
 
 

@@ -1,21 +1,44 @@
-"""Real-size step check on one GPU: random-initialised Qwen2.5-VL-7B and Qwen-VL-Chat, bf16, LoRA, checkpointing.
+"""Real-size rollouts and steps on one GPU: decoding against the weight-read floor, step times, memory.
 
-    python scripts/gpu_check.py                  # on one H100: about 4 minutes (5-6 with --prompt_cache_ab)
-    python scripts/gpu_check.py --dry_run        # anywhere: real sizes instantiated on the meta device, then
-                                                 # the same code path at toy size on CPU (toy Qwen-VL-Chat)
+    python scripts/gpu_check.py                    # Qwen2.5-VL-7B and Qwen-VL-Chat, random init, bf16, LoRA, batch 64
+    python scripts/gpu_check.py --configs qwen2.5-vl-7b --settings fast,transformers
+    python scripts/gpu_check.py --dry_run          # anywhere: real sizes on the meta device, then the same settings
+                                                   # at toy size on CPU (toy Qwen2.5-VL and toy Qwen-VL-Chat)
 
-For each configuration: ``--describer_units`` describer units (a rollout and its two PPO steps) and
-``--locator_steps`` locator steps through ``SCTuneTrainer.training_step``, with the vision cache on and then
-off (after one warm-up unit of each phase). Printed per phase and cache setting: median step time,
-samples/s, generated tokens/s (tokens written by ``generate`` over the time spent in it), the per-stage
-``timing/*`` seconds and whether the prompt cache engaged (greedy captions, locating); per configuration the peak
-GPU memory.
-``--prompt_cache_ab`` adds the describer with ``--snapshot_prompt_cache False``. The last line is one JSON object.
+Settings, each run through ``SCTuneTrainer.training_step`` (LoRA, gradient checkpointing, vision cache on):
+
+- ``fast``: the trainer's CUDA defaults: static decoding (``sc_tune.decoding``: static cache, each call's decode step
+  captured once as a CUDA graph and replayed) and fused decoding (the policy's samples and the LoRA snapshot's
+  greedy captions in one loop); on CPU the same without graphs;
+- ``fast_unfused``: static decoding, the snapshot's greedy captions in their own loop from its scoring cache
+  (describer only: the locator phase is the same as ``fast``);
+- ``transformers``: transformers' ``generate`` (``--static_decoding false``);
+- ``compiled`` (not by default): ``fast`` with the model's forward through ``torch.compile`` (inductor on CUDA,
+  aot_eager on CPU) before capture;
+- ``vision_cache_off`` and ``prompt_cache_off`` (not by default): ``fast_unfused`` without the vision cache or without
+  the snapshot's prompt cache (describer).
+
+After one warm-up unit per phase and setting (``warmup_seconds``: graph capture, any compilation), each phase runs
+``--units`` timed units (a describer unit is one rollout and its two PPO steps; a locator unit one step). Per
+configuration, setting and phase the JSON holds:
+
+- ``decode_ms_per_step``: decode-step wall time (after the prefill, synchronised, capture excluded) per step;
+- ``weight_bytes``: what a decode step reads at least: the language model's parameters (not the vision tower, not
+  the input embedding table, of which a step reads one row per token) and one LoRA adapter;
+- ``weight_read_floor_ms``: ``weight_bytes`` over the card's bandwidth, measured first by a device-to-device copy
+  (``copy_bandwidth_gb_s``); ``decode_floor_ratio``: ``decode_ms_per_step / weight_read_floor_ms``;
+- ``generation_batch_size``: boxes per rollout; ``decode_rows``: rows per decode loop -> decode steps at that size;
+- ``new_tokens_per_s``: tokens ``generate`` wrote over the seconds spent in it (prefill included);
+- ``samples_per_s``: boxes per second of whole units; ``step_seconds`` and ``stages_per_step`` per optimizer step;
+- ``peak_memory_gib`` per configuration (``torch.cuda.max_memory_allocated``).
+
+The last line is one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -32,25 +55,40 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_configs import CONFIGS, prepare  # noqa: E402
 from bench_step import ThisTrainer, collate, synthetic_batch  # noqa: E402
 
+import sc_tune.decoding  # noqa: E402
 import sc_tune.rollout  # noqa: E402
 from sc_tune.arguments import LoraArguments, SCTuneConfig  # noqa: E402
+from sc_tune.decoding import Decoding  # noqa: E402
 from sc_tune.modeling import apply_lora, freeze_vision_tower  # noqa: E402
 
 GPU_CONFIGS = ["qwen2.5-vl-7b", "qwen-vl-chat"]
+DRY_RUN_CONFIGS = ["toy-qwen2.5-vl", "toy-qwen-vl-chat"]
 PHASES = ("describer", "locator")
+DEFAULT_SETTINGS = "fast,fast_unfused,transformers"
+ALL_SETTINGS = ("fast", "fast_unfused", "transformers", "compiled", "vision_cache_off", "prompt_cache_off")
+# The acceptance figures of issue 21 (Qwen2.5-VL-7B, LoRA, bf16, generation batch >= 64, describer, ``fast``).
+TARGET_NEW_TOKENS_PER_S, TARGET_FLOOR_RATIO = 2000.0, 2.5
 
 
 class GenerationMeter:
-    """Counts the tokens ``generate`` writes and the seconds spent in it (wraps ``sc_tune.rollout.generate``)."""
+    """Counts the tokens ``generate`` writes and the seconds spent in it (wraps the modules' reference); for
+    transformers' own loop (no ``sc_tune.decoding`` statistics) also its forwards inside ``generate``: the prefill
+    ones timed, the one-token ones counted (``watch``)."""
 
     def __init__(self, device: str):
-        self.tokens, self.seconds, self.device = 0, 0.0, device
+        self.device = device
+        self.tokens, self.seconds, self.prefill_seconds, self.decode_forwards, self.by_rows = 0, 0.0, 0.0, 0, {}
+        self._inside, self._began = False, None
         original = sc_tune.rollout.generate
 
         def counted(*args, **kwargs):
             self._sync()
             start = time.perf_counter()
-            completions = original(*args, **kwargs)
+            self._inside = True
+            try:
+                completions = original(*args, **kwargs)
+            finally:
+                self._inside = False
             self._sync()
             self.seconds += time.perf_counter() - start
             self.tokens += int(completions.mask_BT.sum())
@@ -59,14 +97,76 @@ class GenerationMeter:
         # describe, locate and the rollout cycle (sc_tune.cycle) look it up in the module when they call it
         sc_tune.rollout.generate = counted
 
+    def watch(self, model) -> None:
+        """Hooks on the model transformers' ``generate`` calls (the bare model under PEFT)."""
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+
+        def before(module, args, kwargs):
+            ids = kwargs.get("input_ids")
+            if self._inside and ids is not None and ids.shape[1] > 1:
+                self._sync()
+                self._began = time.perf_counter()
+
+        def after(module, args, kwargs, output):
+            ids = kwargs.get("input_ids")
+            if not self._inside or ids is None:
+                return
+            if ids.shape[1] > 1 and self._began is not None:
+                self._sync()
+                self.prefill_seconds += time.perf_counter() - self._began
+                self._began = None
+            elif ids.shape[1] == 1:
+                self.decode_forwards += 1
+                self.by_rows[ids.shape[0]] = self.by_rows.get(ids.shape[0], 0) + 1
+
+        base.register_forward_pre_hook(before, with_kwargs=True)
+        base.register_forward_hook(after, with_kwargs=True)
+
     def _sync(self):
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    def pop(self) -> tuple[int, float]:
-        got = (self.tokens, self.seconds)
-        self.tokens, self.seconds = 0, 0.0
+    def pop(self) -> dict:
+        got = {"tokens": self.tokens, "seconds": self.seconds, "prefill_seconds": self.prefill_seconds,
+               "decode_forwards": self.decode_forwards, "by_rows": dict(self.by_rows)}
+        self.tokens, self.seconds, self.prefill_seconds, self.decode_forwards, self.by_rows = 0, 0.0, 0.0, 0, {}
         return got
+
+
+def copy_bandwidth(device: str, megabytes: int, repeats: int = 10) -> float:
+    """Bytes per second of a device-to-device copy (each byte read once and written once, both counted)."""
+    size = megabytes * 2**20
+    source = torch.empty(size, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    for _ in range(2):
+        target.copy_(source)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        target.copy_(source)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    del source, target
+    return 2 * size * repeats / seconds
+
+
+def decode_weight_bytes(model, adapter) -> int:
+    """Bytes of the parameters a decode step reads at least: the language model's, without the vision tower and
+    without the input embedding table (a step reads one row of it per token), with one LoRA adapter (the policy's)."""
+    embedding = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    tied = output is not None and output.weight is embedding
+    total = 0
+    for name, param in model.named_parameters():
+        name = name.removeprefix("base_model.model.")
+        if adapter.vision_prefix and name.startswith(adapter.vision_prefix + "."):
+            continue
+        if (param is embedding and not tied) or ".snapshot." in name:
+            continue
+        total += param.numel() * param.element_size()
+    return total
 
 
 def check_instantiates(names):
@@ -80,13 +180,28 @@ def check_instantiates(names):
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(
             f"[meta] {name}: {total / 1e9:.2f} B parameters, {trainable / 1e6:.1f} M trainable (LoRA + merger), "
-            f"{frozen / 1e9:.2f} B frozen vision parameters, "
-            f"vision cache trunk: {'yes' if trunk is not None else 'no (fallback)'}",
+            f"{frozen / 1e9:.2f} B frozen vision parameters, {decode_weight_bytes(model, adapter) / 1e9:.2f} GB read "
+            f"per decode step, vision cache trunk: {'yes' if trunk is not None else 'no (fallback)'}, "
+            f"static decoding: {adapter.static_decoding_problem(model) or 'yes'}",
             flush=True,
         )
 
 
-def run_config(name, opts, device, dtype, meter):
+def _apply_setting(trainer, setting, device, compile_backend):
+    """Point the trainer's rollout cycle at one setting; returns the phases it times."""
+    cuda = device.startswith("cuda")
+    static = Decoding(static_cache=True, cuda_graphs=cuda)
+    cycle = trainer.cycle
+    trainer.args.snapshot_prompt_cache = setting != "prompt_cache_off"
+    if setting == "transformers":
+        cycle.decoding, cycle.fused_greedy = None, cycle.fused_greedy_for("false")
+        return PHASES
+    cycle.decoding = static if setting != "compiled" else dataclasses.replace(static, compile_backend=compile_backend)
+    cycle.fused_greedy = cycle.fused_greedy_for("auto" if setting in ("fast", "compiled") else "false")
+    return PHASES if setting in ("fast", "compiled") else PHASES[:1]
+
+
+def run_config(name, opts, device, dtype, meter, bandwidth):
     bench = CONFIGS[name]
     batch = opts.batch or bench.batch
     model, adapter = prepare(name, tempfile.mkdtemp(prefix="gpu_check_"), device=device, dtype=dtype)
@@ -110,29 +225,31 @@ def run_config(name, opts, device, dtype, meter):
         describer_max_new_tokens=opts.max_new_tokens,
         policy_kl_stop=float("inf"),
         ratio_threshold=float("inf"),
-        skip_preflight=True,  # random weights write no box: the preflight would stop the timing at step 0
+        skip_preflight=True,  # random weights never write a box that parses; the preflight would stop the run
+        static_decoding="true",
     )
     ours = ThisTrainer(model, adapter, samples, args)
-    cache = ours.trainer.cycle.vision_cache
-    report = {"batch": batch}
+    meter.watch(model)
+    vision_cache = ours.trainer.cycle.vision_cache
+    weight_bytes = decode_weight_bytes(model, adapter)
+    floor_ms = 1000 * weight_bytes / bandwidth
+    report = {"batch": batch, "weight_bytes": weight_bytes, "weight_read_floor_ms": round(floor_ms, 4)}
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         report["gpu_memory_at_start_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)  # model + optimizer
-    # (label, vision cache, snapshot prompt cache, phases): the vision cache on and off for both phases, then the
-    # describer with the prompt cache off (it only changes the describer rollout, and only where the family allows).
-    settings = [("cache_on", True, True, PHASES), ("cache_off", False, True, PHASES)]
-    if opts.prompt_cache_ab:
-        settings.append(("prompt_cache_off", True, False, PHASES[:1]))
-    for label, cache_on, prompt_cache, phases in settings:
-        ours.trainer.cycle.vision_cache = cache if cache_on else None
-        ours.trainer.args.snapshot_prompt_cache = prompt_cache
+    compile_backend = "inductor" if device.startswith("cuda") else "aot_eager"
+    for setting in opts.settings.split(","):
+        phases = _apply_setting(ours.trainer, setting, device, compile_backend)
+        ours.trainer.cycle.vision_cache = None if setting == "vision_cache_off" else vision_cache
         for phase in phases:
-            units = opts.describer_units if phase == "describer" else opts.locator_steps
             run = getattr(ours, phase)
-            run(inputs)  # warm-up
-            meter.pop()  # the warm-up does not count
-            seconds, stage_rows, engaged, prefixed = [], [], [], []
-            for _ in range(units):
+            start = time.perf_counter()
+            run(inputs)  # warm-up: graph capture per call, any compilation, lazy allocations
+            warmup = time.perf_counter() - start
+            meter.pop()
+            sc_tune.decoding.STATS.pop()
+            seconds, stage_rows, logged = [], [], []
+            for _ in range(opts.units):
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
                 start = time.perf_counter()
@@ -140,34 +257,54 @@ def run_config(name, opts, device, dtype, meter):
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
                 seconds.append(time.perf_counter() - start)
-                engaged += ours.logged.get("describer/prompt_cache", [])
-                prefixed += ours.logged.get("describer/locating_prefix_cache", [])
-            tokens, gen_seconds = meter.pop()
+                logged.append(ours.logged)
+            generated = meter.pop()
+            tokens, gen_seconds = generated["tokens"], generated["seconds"]
+            stats = sc_tune.decoding.STATS.pop()
+            if ours.trainer.cycle.decoding is None:  # transformers' loop: generate time less its timed prefills
+                decode_seconds = gen_seconds - generated["prefill_seconds"]
+                decode_steps, by_rows = generated["decode_forwards"], generated["by_rows"]
+            else:
+                decode_seconds, decode_steps, by_rows = stats.decode_seconds, stats.decode_steps, stats.by_rows
             steps = 2 if phase == "describer" else 1  # optimizer steps per unit
             unit = statistics.median(seconds)
-            stages = {k: round(statistics.median(r.get(k, 0.0) for r in stage_rows) / steps, 3) for k in stage_rows[0]}
-            key = f"{phase}_{label}"
+            decode_ms = 1000 * decode_seconds / decode_steps if decode_steps else None
+            key = f"{phase}_{setting}"
             report[key] = {
+                "decode_ms_per_step": round(decode_ms, 3) if decode_ms else None,
+                "weight_bytes": weight_bytes,
+                "weight_read_floor_ms": round(floor_ms, 4),
+                "decode_floor_ratio": round(decode_ms / floor_ms, 3) if decode_ms else None,
+                "generation_batch_size": batch,
+                "decode_rows": {str(rows): n for rows, n in sorted(by_rows.items())},
+                "new_tokens_per_s": round(tokens / gen_seconds, 1) if gen_seconds else None,
+                "samples_per_s": round(batch / unit, 3),
                 "step_seconds": round(unit / steps, 3),
-                # whether the snapshot's greedy captions started from the prompt cache (its logged metric)
-                "prompt_cache_engaged": all(v == 1.0 for v in engaged) if engaged else None,
-                # whether locating started from the scoring pass's image prefix (Qwen-VL; its logged metric)
-                "locating_prefix_engaged": all(v == 1.0 for v in prefixed) if prefixed else None,
-                "samples_per_second": round(batch / unit, 3),
-                "generated_tokens_per_second": round(tokens / gen_seconds, 1) if gen_seconds else None,
-                "stages_per_step": stages,
+                "warmup_seconds": round(warmup, 2),
+                "capture_seconds": round(stats.capture_seconds / opts.units, 4),
+                "graph_calls": stats.graph_calls,
+                "graph_failures": stats.graph_failures,
+                "graph_error": stats.graph_error,
+                "decode_calls": stats.calls,
+                "prefill_seconds_per_unit": round(stats.prefill_seconds / opts.units, 3),
+                "stages_per_step": {
+                    k: round(statistics.median(r.get(k, 0.0) for r in stage_rows) / steps, 3) for k in stage_rows[0]
+                },
+                **_engagement(logged),
             }
             print(f"{name} {key}: {json.dumps(report[key])}", flush=True)
     if device.startswith("cuda"):
-        report["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        print(f"{name} peak GPU memory {report['peak_gpu_memory_gib']} GiB", flush=True)
-    for phase in ("describer", "locator"):
-        on, off = report[f"{phase}_cache_on"]["step_seconds"], report[f"{phase}_cache_off"]["step_seconds"]
-        report[f"{phase}_cache_speedup"] = round(off / on, 3)
-    if opts.prompt_cache_ab:
-        on, off = report["describer_cache_on"]["step_seconds"], report["describer_prompt_cache_off"]["step_seconds"]
-        report["describer_prompt_cache_speedup"] = round(off / on, 3)
-    del ours, model, cache
+        report["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        print(f"{name} peak GPU memory {report['peak_memory_gib']} GiB", flush=True)
+    fast = report.get("describer_fast")
+    if fast is not None and fast["decode_floor_ratio"] is not None:
+        report["acceptance"] = {
+            "new_tokens_per_s": fast["new_tokens_per_s"],
+            "decode_floor_ratio": fast["decode_floor_ratio"],
+            "met": batch >= 64 and fast["new_tokens_per_s"] >= TARGET_NEW_TOKENS_PER_S
+            and fast["decode_floor_ratio"] <= TARGET_FLOOR_RATIO,
+        }
+    del ours, model, vision_cache
     # The trainer holds reference cycles (callbacks, accelerator): without a collection the model can outlive this
     # function and count in the next configuration's peak (the second 2026-11-27 H100 run's 41 GiB did).
     gc.collect()
@@ -176,30 +313,49 @@ def run_config(name, opts, device, dtype, meter):
     return report
 
 
+def _engagement(logged: list[dict]) -> dict:
+    """Which shortcuts the trainer says it took (its logged metrics), over the timed units: None where not logged."""
+    def every(key):
+        values = [v for entry in logged for v in entry.get(key, [])]
+        return all(v == 1.0 for v in values) if values else None
+
+    return {
+        "fused_decoding": every("describer/fused_decoding"),
+        "prompt_cache_engaged": every("describer/prompt_cache"),
+        "locating_prefix_engaged": every("describer/locating_prefix_cache"),
+    }
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--configs", default=",".join(GPU_CONFIGS))
-    parser.add_argument("--dry_run", action="store_true", help="meta-device real sizes + toy size on CPU")
-    parser.add_argument("--batch", type=int, default=None)
-    parser.add_argument("--describer_units", type=int, default=2)
-    parser.add_argument("--locator_steps", type=int, default=2)
+    parser.add_argument("--configs", default=None, help=f"default: {','.join(GPU_CONFIGS)} ({','.join(DRY_RUN_CONFIGS)} "
+                        "with --dry_run)")
+    parser.add_argument("--dry_run", action="store_true", help="meta-device real sizes + toy sizes on CPU")
+    parser.add_argument("--settings", default=DEFAULT_SETTINGS, help=f"comma-separated, of {', '.join(ALL_SETTINGS)}")
+    parser.add_argument("--batch", type=int, default=None, help="boxes per rollout and per step (default: 64; 2 dry)")
+    parser.add_argument("--units", type=int, default=2, help="timed units per phase and setting")
     parser.add_argument("--max_new_tokens", type=int, default=30)
-    parser.add_argument(
-        "--prompt_cache_ab", action="store_true", help="also time the describer with --snapshot_prompt_cache False"
-    )
+    parser.add_argument("--copy_megabytes", type=int, default=None, help="bandwidth benchmark size (GPU 2048, CPU 64)")
     opts = parser.parse_args(argv)
-    names = opts.configs.split(",")
-    check_instantiates(names)
+    unknown = set(opts.settings.split(",")) - set(ALL_SETTINGS)
+    if unknown:
+        parser.error(f"unknown settings {sorted(unknown)}; choose from {', '.join(ALL_SETTINGS)}")
+    check_instantiates(GPU_CONFIGS if opts.configs is None else [n for n in opts.configs.split(",") if CONFIGS[n].gpu])
     if opts.dry_run:
-        names, device, dtype = ["toy-qwen-vl-chat"], "cpu", torch.float32  # the paper's model
-        opts.batch, opts.describer_units, opts.locator_steps, opts.max_new_tokens = 2, 1, 1, 4
+        names, device, dtype = (opts.configs or ",".join(DRY_RUN_CONFIGS)).split(","), "cpu", torch.float32
+        opts.batch, opts.units, opts.max_new_tokens = opts.batch or 2, 1, min(opts.max_new_tokens, 4)
     else:
         if not torch.cuda.is_available():
             raise SystemExit("gpu_check: no CUDA device (use --dry_run to check the script on CPU)")
-        device, dtype = "cuda", torch.bfloat16
+        names, device, dtype = (opts.configs or ",".join(GPU_CONFIGS)).split(","), "cuda", torch.bfloat16
+        opts.batch = opts.batch or 64
         print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    bandwidth = copy_bandwidth(device, opts.copy_megabytes or (2048 if device == "cuda" else 64))
+    print(f"device-to-device copy: {bandwidth / 1e9:.1f} GB/s", flush=True)
     meter = GenerationMeter(device)
-    results = {name: run_config(name, opts, device, dtype, meter) for name in names}
+    results = {"copy_bandwidth_gb_s": round(bandwidth / 1e9, 1), "device": device, "torch": torch.__version__}
+    for name in names:
+        results[name] = run_config(name, opts, device, dtype, meter, bandwidth)
     print(json.dumps(results))
 
 

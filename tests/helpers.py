@@ -62,28 +62,41 @@ class RecordingCycle(RolloutCycle):
         self.located_rows: list[int] = []  # captions per fresh locate call
         self.handed_cache: list[bool] = []  # per generate_captions call: was it given the scoring pass's cache
         self.from_prefix: list[bool] = []  # per locate_from_prefix call: did locating resume from the prefix
+        self.decode_calls: list[int] = []  # rows of each describe / describe_with_greedy call
 
-    def describer_rollout(self, inputs):
-        result = super().describer_rollout(inputs)
-        self.made.append((inputs, result))
-        return result
+    def describer_rollouts(self, batches, seeds=None):
+        results = super().describer_rollouts(batches, seeds)
+        self.made += list(zip(batches, results))
+        return results
 
-    def locator_rollout(self, inputs):
-        result = super().locator_rollout(inputs)
-        self.made.append((inputs, result))
-        return result
+    def locator_rollouts(self, batches, seeds=None):
+        results = super().locator_rollouts(batches, seeds)
+        self.made += list(zip(batches, results))
+        return results
+
+    def describe(self, model, images, boxes, settings, sampled_rows=None):
+        self.decode_calls.append(len(images))
+        return super().describe(model, images, boxes, settings, sampled_rows)
+
+    def describe_with_greedy(self, model, images, boxes, greedy_images, greedy_boxes, sampled_rows=None):
+        self.decode_calls.append(len(images) + len(greedy_images))
+        return super().describe_with_greedy(model, images, boxes, greedy_images, greedy_boxes, sampled_rows)
 
     def generate_captions(self, model, batch, settings, prompt_cache=None):
         self.handed_cache.append(prompt_cache is not None)
+        self.decode_calls.append(len(batch.inputs["input_ids"]))
         return super().generate_captions(model, batch, settings, prompt_cache)
 
     def locate(self, model, images, captions):
         self.located_rows.append(len(captions))
+        self.decode_calls.append(len(captions))
         return super().locate(model, images, captions)
 
     def locate_from_prefix(self, model, images, captions, scored, source_rows):
         found = super().locate_from_prefix(model, images, captions, scored, source_rows)
         self.from_prefix.append(found is not None)
+        if found is not None:
+            self.decode_calls.append(len(captions))
         return found
 
 

@@ -1,5 +1,6 @@
 """The GPU check runs end to end on CPU (``--dry_run``): real sizes built on the meta device, then every setting it
-times, at toy size, through the same trainer path the GPU run takes (LoRA, gradient checkpointing)."""
+times, at toy size, through the same trainer path the GPU run takes (LoRA, gradient checkpointing, static decoding,
+fused decoding), printing the figures the GPU run prints."""
 
 import json
 import sys
@@ -7,25 +8,38 @@ import sys
 import sc_tune.rollout
 from tests.conftest import ROOT
 
+ISSUE_KEYS = ("decode_ms_per_step", "weight_bytes", "weight_read_floor_ms", "decode_floor_ratio",
+              "generation_batch_size", "new_tokens_per_s", "samples_per_s")
 
-def test_gpu_check_dry_run_times_every_setting_and_sees_the_prompt_cache_engage(capsys, monkeypatch):
+
+def test_gpu_check_dry_run_prints_the_decoding_figures_and_takes_the_fast_path(capsys, monkeypatch):
     monkeypatch.syspath_prepend(f"{ROOT}/scripts")
     # the script wraps ``generate`` to count tokens; this puts the original back after the test
     monkeypatch.setattr(sc_tune.rollout, "generate", sc_tune.rollout.generate)
     sys.modules.pop("gpu_check", None)
     import gpu_check
 
-    gpu_check.main(["--dry_run", "--prompt_cache_ab"])
+    gpu_check.main(["--dry_run"])  # the GPU run's settings: fast, fast_unfused, transformers
     out = capsys.readouterr().out
     assert "[meta] qwen2.5-vl-7b: 8.45 B parameters" in out and "[meta] qwen-vl-chat: 9.77 B parameters" in out
-    report = json.loads(out.strip().splitlines()[-1])["toy-qwen-vl-chat"]
-    for key in ("describer_cache_on", "describer_cache_off", "describer_prompt_cache_off", "locator_cache_on",
-                "locator_cache_off"):
-        assert report[key]["step_seconds"] > 0 and report[key]["generated_tokens_per_second"] > 0, key
-    assert report["describer_cache_on"]["stages_per_step"]["vision_encoding"] > 0
-    assert "vision_encoding" not in report["describer_cache_off"]["stages_per_step"]
-    # The GPU recipe (LoRA snapshot, checkpointing) must really decode from the prompt cache, and not when told not to.
-    assert report["describer_cache_on"]["prompt_cache_engaged"] is True
-    assert report["describer_prompt_cache_off"]["prompt_cache_engaged"] is False
-    assert report["describer_cache_on"]["locating_prefix_engaged"] is True
-    assert report["describer_prompt_cache_off"]["locating_prefix_engaged"] is False
+    results = json.loads(out.strip().splitlines()[-1])
+    assert results["copy_bandwidth_gb_s"] > 0
+    for name, locating_prefix in (("toy-qwen2.5-vl", False), ("toy-qwen-vl-chat", True)):
+        report = results[name]
+        for key in ("describer_fast", "locator_fast", "describer_fast_unfused", "describer_transformers",
+                    "locator_transformers"):
+            figures = report[key]
+            assert all(figures[k] is not None and figures[k] > 0 for k in ISSUE_KEYS), (name, key, figures)
+            ratio = figures["decode_ms_per_step"] / figures["weight_read_floor_ms"]
+            assert abs(figures["decode_floor_ratio"] - ratio) <= 1e-3 * ratio
+        fast, unfused = report["describer_fast"], report["describer_fast_unfused"]
+        # fused: one loop of 2B rows for the captions, then locating's 2B rows; unfused: B, B (resumed), 2B
+        assert fast["fused_decoding"] is True and fast["decode_calls"] == 2 and list(fast["decode_rows"]) == ["4"]
+        assert unfused["fused_decoding"] is False and unfused["decode_calls"] == 3
+        assert set(unfused["decode_rows"]) == {"2", "4"}
+        # The GPU recipe (LoRA snapshot, checkpointing) decodes the unfused greedy captions from the prompt cache;
+        # locating starts from the scored image prefix where the family moves columns.
+        assert unfused["prompt_cache_engaged"] is True
+        assert fast["locating_prefix_engaged"] is locating_prefix and unfused["locating_prefix_engaged"] is locating_prefix
+        assert report["describer_transformers"]["decode_calls"] == 0  # transformers' own loop: measured by hooks
+        assert report["describer_fast"]["stages_per_step"]["vision_encoding"] > 0

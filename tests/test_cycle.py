@@ -10,16 +10,19 @@
   from: at ``--describer_temperature 2``, log_softmax(logits / 2), computed here by hand.
 """
 
+import zlib
+
 import pytest
 import torch
 from transformers import TrainerCallback
 
+from sc_tune.arguments import ArgumentError, SCTuneConfig
 from sc_tune.data import ReferringDataset
 from sc_tune.modeling import load_model_and_adapter
 from sc_tune.rewards import RewardBatch
 from sc_tune.rollout import GenerationSettings, describe, describer_budget
 from tests.conftest import WARM_START
-from tests.helpers import RecordingCycle, make_trainer
+from tests.helpers import RecordingCycle, make_trainer, small_lora, trainable_vector, two_phase_trainer
 
 
 # ---------------------------------------------------------------- the locator's pseudo-labels
@@ -142,3 +145,58 @@ def test_log_probabilities_are_those_of_the_sampling_temperature(tiny_checkpoint
     for computed in (rollout.snapshot_logp_NT, rollout.old_logp_NT):  # the KL reference, the PPO ratio's old policy
         assert torch.allclose(computed[mask_NT], by_hand[2.0][mask_NT], atol=1e-4)
         assert not torch.allclose(computed[mask_NT], by_hand[1.0][mask_NT], atol=1e-2)  # the temperature matters
+
+
+# ---------------------------------------------------------------- a generation batch over the accumulation window
+def box_and_caption_reward(pred_boxes, target_N4, captions):
+    """Depends on the caption and on the box it is scored against: a caption paired with another box, or another
+    micro-batch's caption, changes the reward."""
+    text = torch.tensor([zlib.crc32(c.encode()) % 1000 / 1000 for c in captions], dtype=torch.float32)
+    return RewardBatch(text + target_N4[:, 0].float(), torch.tensor([b is not None for b in pred_boxes]))
+
+
+@pytest.mark.parametrize("family, settings", [
+    ("qwen2_vl", {}),  # CPU defaults: transformers' generate alone, the decoding loop's noise blocks together
+    # one fused loop of LoRA rows; the vision cache off: Qwen-VL's tower encodes a chunk's images in one batch, whose
+    # features differ from a micro-batch's in the last bits (1e-6), and the loss would reuse them
+    ("qwen", {"static_decoding": "true", "fused_decoding": "true", "model_transform": small_lora,
+              "vision_cache": False}),
+])  # fmt: skip
+def test_a_generation_batch_of_the_window_gives_the_losses_of_rollouts_per_micro_batch(tiny_checkpoint, tmp_path,
+                                                                                      family, settings):
+    """Micro-batches of 2 boxes, K = 2, two per step: rolling out the step's 4 boxes in one chunk
+    (--generation_batch_size 4) samples, scores and rewards what rolling out each micro-batch alone does: the same
+    captions, equal losses at every step (a describer rollout with two PPO epochs, a locator step, a describer
+    rollout) and equal weights after, in half the generate calls."""
+    runs = {}
+    for generation_batch in (2, 4):
+        trainer, losses = two_phase_trainer(
+            tiny_checkpoint(family), str(tmp_path / str(generation_batch)), cycle=RecordingCycle,
+            per_device_train_batch_size=2, gradient_accumulation_steps=2, num_generations=2,
+            generation_batch_size=generation_batch, reward_fn=box_and_caption_reward, **settings,
+        )  # fmt: skip
+        trainer.train()
+        captions = [result.rollout.caption_ids_NT for _, result in trainer.cycle.made if result.captions]
+        runs[generation_batch] = (losses, trainer.cycle.decode_calls, trainable_vector(trainer.model), captions)
+    alone, together = runs[2], runs[4]
+    assert len(alone[3]) == len(together[3]) == 4  # two describer rollouts of two micro-batches
+    assert all(torch.equal(a, b) for a, b in zip(alone[3], together[3]))
+    assert not torch.equal(alone[3][0], alone[3][1])  # the micro-batches sample apart (their own seeds)
+    assert len(alone[0]) == 2 * 4 and alone[0] == together[0]
+    assert torch.equal(alone[2], together[2])
+    fused = settings.get("fused_decoding") == "true"
+    # per describer micro-batch: samples (+ greedy captions, fused), the snapshot's greedy captions, locating;
+    # per locator micro-batch: the snapshot's greedy captions
+    describer_alone = [6, 6] if fused else [4, 2, 6]
+    describer_together = [12, 12] if fused else [8, 4, 12]
+    assert alone[1] == describer_alone * 2 + [2, 2] + describer_alone * 2
+    assert together[1] == describer_together + [4] + describer_together
+
+
+def test_a_generation_batch_must_tile_the_accumulation_window(tmp_path):
+    for generation_batch in (3, 12, 0):
+        with pytest.raises(ArgumentError, match="--generation_batch_size"):
+            SCTuneConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=4,
+                         generation_batch_size=generation_batch, max_steps=1, use_cpu=True)
+    assert SCTuneConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=4,
+                        max_steps=1, use_cpu=True).generation_batch_size == 2

@@ -8,7 +8,8 @@ import is still a dependency). The layers, lowest first; a module may import its
 2. method: the box codecs, rewards, PPO, baselines, KL control, phases, the arguments (and the reference's flags)
 3. models: the native model code (``sc_tune/models/``) and the vision cache the adapters plug into
 4. adapters: the family registry and every family's adapter
-5. generation: rollout generation and the prompt cache, the snapshot, data, checkpoints, model loading, export
+5. generation: rollout generation, its decoding loop and the prompt cache, the snapshot, data, checkpoints, model
+   loading, export
 6. cycle: the rollout stages (``cycle``) and the run state (``resume``)
 7. trainer
 8. tools: the ``--help`` layout, evaluation, the synthetic benchmark and the tiny-model builders (``sc_tune/tiny/``,
@@ -30,7 +31,7 @@ LAYERS = (
                 "reference_flags"}),
     ("models", {"models", "vision_cache"}),
     ("adapters", {"adapters"}),
-    ("generation", {"prompt_cache", "rollout", "snapshot", "data", "checkpoints", "modeling", "visualize",
+    ("generation", {"prompt_cache", "decoding", "rollout", "snapshot", "data", "checkpoints", "modeling", "visualize",
                     "objects365", "export", "preflight"}),
     ("cycle", {"cycle", "resume"}),
     ("trainer", {"trainer"}),

@@ -38,6 +38,11 @@ MEDIA_TOKEN_RE = re.compile(r"image|video|vision|img", re.IGNORECASE)
 BOX_TOKEN_RE = re.compile(r"box|ref|quad", re.IGNORECASE)
 
 
+# Decoder layer kinds a static decode step knows (sc_tune.decoding): attention over the cache, recurrent state
+# (Qwen3.5's Gated DeltaNet), and windows as long as they cover the call (checked per call).
+STATIC_DECODING_LAYERS = {"full_attention", "linear_attention", "sliding_attention", "chunked_attention"}
+
+
 @dataclass(frozen=True)
 class DocumentedAnswer:
     """A grounding answer as a family's own documentation (README, cookbook, model card, maintainer) shows the
@@ -137,6 +142,25 @@ class ModelAdapter(ABC):
         """Cached keys of one layer, each row's moved ``shift_B`` positions along (only where
         ``moves_cached_prompt_columns``); values need no change."""
         raise NotImplementedError(f"{type(self).__name__} does not move cached prompt columns")
+
+    # sc_tune.decoding's static key/value cache and fixed-shape (CUDA-graph) decode steps: a family opts in once
+    # tests/test_decoding.py shows its tokens equal transformers' generate, greedy and sampled.
+    static_decoding_verified: bool = False
+
+    def static_decoding_problem(self, model: torch.nn.Module) -> str | None:
+        """Why ``model`` cannot decode from a static key/value cache with fixed-shape steps (``--static_decoding``), or
+        ``None`` where it can. Default (fallback): the family is not verified, and transformers' ``generate`` decodes."""
+        name = type(self).__name__
+        if not self.static_decoding_verified:
+            return f"{name}: static decoding is not verified for this family"
+        text = model.config.get_text_config(decoder=True)
+        attention = getattr(text, "_attn_implementation", None) or "sdpa"
+        if attention != "sdpa":
+            return f"{name}: attention implementation {attention!r} (static decode steps build SDPA masks)"
+        unknown = set(getattr(text, "layer_types", None) or []) - STATIC_DECODING_LAYERS
+        if unknown:
+            return f"{name}: no static decode step for {sorted(unknown)} layers"
+        return None
 
     def resumed_decoding_inputs(self, inputs: dict) -> dict:
         """A prompt batch's model inputs for a ``generate`` that starts from its prompt cache: the images are in

@@ -65,6 +65,8 @@ class Gemma3Adapter(_GemmaAdapter):
     image_start = "<start_of_image>"
     image_end = "<end_of_image>"
     end_token = "<end_of_turn>"
+    # Sliding-window layers decode statically where the window covers the call (sc_tune.decoding.static_cache_fits).
+    static_decoding_verified = True
     image_type_key = "token_type_ids"
 
     def preprocess_image(self, image):
@@ -86,6 +88,7 @@ class Gemma4Adapter(_GemmaAdapter):
     image_start = "<|image>"
     image_end = "<image|>"
     end_token = "<turn|>"
+    static_decoding_verified = True  # as Gemma 3
     image_type_key = "mm_token_type_ids"
     extra_media_tokens = re.compile(r"audio", re.IGNORECASE)
 

@@ -43,6 +43,7 @@ _README = "zai-org/GLM-V README.md, Grounding: the bracket style may vary ([], [
 class Glm4vAdapter(PatchGridChatAdapter):
     native_codec = BracketGridCodec(1000, BOX_OPEN, BOX_CLOSE)
     image_token = "<|image|>"
+    static_decoding_verified = True  # M-RoPE positions advance by one per token on each axis
     # downsample (the 2x2 patch-merging convolution) and merger (the projector) connect the tower to the LM.
     vision_trainable_prefixes = ("model.visual.downsample", "model.visual.merger")
     # Dense layers fuse gate and up into gate_up_proj; MoE layers keep gate/up/down in their shared experts

@@ -50,6 +50,7 @@ class InternVLAdapter(ChatTemplateAdapter):
     image_start = "<img>"
     image_end = "</img>"
     end_token = "<|im_end|>"
+    static_decoding_verified = True
 
     def __init__(self, tokenizer, image_processor, config, box_format: str = "native"):
         super().__init__(tokenizer, image_processor, config, box_format)

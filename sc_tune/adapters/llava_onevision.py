@@ -21,6 +21,7 @@ class LlavaOnevisionAdapter(ChatTemplateAdapter):
     image_token = "<image>"
     end_token = "<|im_end|>"
     padded_keys = ("pixel_values",)
+    static_decoding_verified = True
     grounding_prior = False  # no documented grounding: a grounding warm start first (docs/grounding_warm_start.md)
 
     def __init__(self, tokenizer, image_processor, config, box_format: str = "native"):

@@ -103,6 +103,9 @@ QWEN3_VL_ANSWERS = (
 class _QwenChatVLAdapter(PatchGridChatAdapter):
     image_token = "<|image_pad|>"
     vision_trainable_prefixes = ("model.visual.merger",)
+    # M-RoPE positions advance by one per token on every axis; Qwen3.5's Gated DeltaNet layers keep a recurrent state
+    # that a static cache updates in place.
+    static_decoding_verified = True
     # MoE variants: the routed experts are fused 3-D parameters, not Linear modules: target_modules reaches the
     # attention (and any shared expert); --lora_target_experts adds the experts (sc_tune.moe).
     lora_target_modules = rf"model\.language_model\..*\.({_LM_PROJECTIONS})"

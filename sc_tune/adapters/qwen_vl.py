@@ -51,6 +51,8 @@ class QwenVLAdapter(ModelAdapter):
     vision_prefix = "transformer.visual"
     vision_trainable_prefixes = ("transformer.visual.attn_pool",)
     lora_target_modules = r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.w1|mlp\.w2)"
+    # The native model takes a static cache (positions from its length, on device) and a decode step's 4-D mask.
+    static_decoding_verified = True
 
     def vision_trunk(self, model):
         # The resampler (attn_pool, trainable) reads the ViT's block stack; the patch conv, ln_pre, ln_post

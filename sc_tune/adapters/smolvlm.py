@@ -24,6 +24,7 @@ class SmolVLMAdapter(ChatTemplateAdapter):
     image_marker = "<image>"
     image_token = "<image>"
     end_token = "<end_of_utterance>"
+    static_decoding_verified = True
     grounding_prior = False  # no documented grounding: a grounding warm start first (docs/grounding_warm_start.md)
     language_model_prefix = "model.text_model"
     vision_prefix = "model.vision_model"

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, StaticCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
@@ -176,6 +176,10 @@ class QWenModel(QWenPreTrainedModel):
 
     def _splice_images(self, input_ids_BT, embeds_BTC, images):
         """Replace each ``<img>`` span's placeholder embeddings with that image's features."""
+        if images is None and input_ids_BT.shape[1] == 1:
+            # A one-token decode step holds no span (generation never writes <img>, a suppressed media token), and a
+            # step captured as a CUDA graph must not search its tokens on the host.
+            return embeds_BTC
         start_id = self.config.image_start_id
         starts = (input_ids_BT == start_id).nonzero().tolist()
         ends = (input_ids_BT == start_id + 1).nonzero().tolist()
@@ -203,19 +207,26 @@ class QWenModel(QWenPreTrainedModel):
         features_NQC = self.visual(images).to(embeds_BTC.dtype)
         return embeds_BTC.masked_scatter(span_mask_BT.unsqueeze(-1), features_NQC.reshape(-1, features_NQC.shape[-1]))
 
-    def _attention_mask(self, attention_mask_BS, batch, length, past, dtype, device):
-        """Additive (B, 1, T, S) mask: causal, padding keys hidden, each query always sees itself.
+    def _attention_mask(self, attention_mask_BS, batch, length, past, keys, dtype, device):
+        """Additive (B, 1, T, S) mask over the ``keys`` columns the attention reads: causal, padding keys hidden, each
+        query always sees itself. A 4-D mask is taken as given (a static-cache decode step builds its own).
 
         The diagonal keeps padding rows from being all -inf (which would put NaN into the values that
         real rows multiply by zero); real tokens never look at padding, so their outputs are unaffected.
+        ``past`` is an int, or a tensor for a static cache (whose ``keys`` columns past the written ones are hidden by
+        causality: they lie after every query).
         """
-        total = past + length
+        if attention_mask_BS is not None and attention_mask_BS.dim() == 4:
+            return attention_mask_BS
         if attention_mask_BS is None:
-            if length == 1:
+            if length == 1 and not isinstance(past, torch.Tensor):
                 return None
-            attention_mask_BS = torch.ones(batch, total, dtype=torch.bool, device=device)
-        query_pos_T = torch.arange(past, total, device=device)
-        key_pos_S = torch.arange(total, device=device)
+            attention_mask_BS = torch.ones(batch, keys, dtype=torch.bool, device=device)
+        elif attention_mask_BS.shape[1] < keys:  # a static cache: columns not written yet
+            pad = attention_mask_BS.new_ones(batch, keys - attention_mask_BS.shape[1])
+            attention_mask_BS = torch.cat([attention_mask_BS, pad], dim=1)
+        query_pos_T = torch.arange(length, device=device) + past
+        key_pos_S = torch.arange(keys, device=device)
         allowed = (key_pos_S[None, :] <= query_pos_T[:, None])[None] & attention_mask_BS.bool()[:, None, :]
         allowed = allowed | (key_pos_S[None, :] == query_pos_T[:, None])[None]
         mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
@@ -236,6 +247,9 @@ class QWenModel(QWenPreTrainedModel):
             cache = DynamicCache()
         if not use_cache:
             cache = None
+        # A static cache (sc_tune.decoding) reports its length as a tensor and keeps max_cache_len columns: a decode
+        # step must not read the length on the host (it is captured as a CUDA graph), so positions add it on device.
+        static = isinstance(cache, StaticCache)
         past = cache.get_seq_length() if cache is not None else 0
 
         embeds = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
@@ -243,17 +257,19 @@ class QWenModel(QWenPreTrainedModel):
             embeds = self._splice_images(input_ids, embeds, images)
         hidden = self.drop(embeds)
         batch, length, _ = hidden.shape
-        total = past + length
 
+        stored_alpha = getattr(cache, "qwen_ntk_alpha", None)
         if self.training or not self.config.use_dynamic_ntk:
             ntk_alpha = 1.0
-        elif past == 0:
-            ntk_alpha = ntk_alpha_for(total, self.config.seq_length)
+        elif static and stored_alpha is not None:  # set by this cache's first pass
+            ntk_alpha = stored_alpha
+        elif static or past == 0:
+            ntk_alpha = ntk_alpha_for(int(past) + length, self.config.seq_length)
         else:
-            ntk_alpha = getattr(cache, "qwen_ntk_alpha", 1.0)
-        if cache is not None and past == 0:
+            ntk_alpha = stored_alpha if stored_alpha is not None else 1.0
+        if cache is not None and (past == 0 if not static else stored_alpha is None):
             cache.qwen_ntk_alpha = ntk_alpha
-        positions = torch.arange(past, total, device=hidden.device)
+        positions = torch.arange(length, device=hidden.device) + past
         if position_offsets is not None:
             positions = positions[None, :] + position_offsets.to(hidden.device)[:, None]
         cos, sin = rotary_cos_sin(positions, self.config.kv_channels, self.config.rotary_emb_base, ntk_alpha)
@@ -264,7 +280,8 @@ class QWenModel(QWenPreTrainedModel):
                                one_based.log() / math.log(self.config.seq_length),
                                torch.ones_like(one_based)).float()
             logn_B1T1 = logn.view(-1, 1, length, 1)
-        mask = self._attention_mask(attention_mask, batch, length, past, hidden.dtype, hidden.device)
+        keys = cache.get_max_length() if static else past + length
+        mask = self._attention_mask(attention_mask, batch, length, past, keys, hidden.dtype, hidden.device)
 
         for block in self.h:
             hidden = block(hidden, cos, sin, mask, cache, logn_B1T1)
@@ -286,6 +303,18 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self):
         return self.lm_head
+
+    def prepare_inputs_for_generation(self, input_ids, is_first_iteration=False, **kwargs):
+        # The images are spliced in at the prefill; later steps carry no <img> span (and a captured decode step must
+        # not look for one: that search reads the tokens on the host).
+        if not is_first_iteration and kwargs.get("use_cache", True):
+            kwargs.pop("images", None)
+        return super().prepare_inputs_for_generation(input_ids, is_first_iteration=is_first_iteration, **kwargs)
+
+    def create_masks_for_generate(self, attention_mask=None, **kwargs):
+        # transformers turns the 2-D mask into a 4-D one for a static cache; this model builds its own from the 2-D
+        # mask (keeping padding rows off an all -inf row), and takes a 4-D mask only from a decode step.
+        return attention_mask
 
     def set_output_embeddings(self, value):
         self.lm_head = value

@@ -1,0 +1,423 @@
+"""The token loop behind ``rollout.generate`` when decoding is fast (``--static_decoding``) or planned per row.
+
+transformers' ``generate`` still prepares every call: generation config, special tokens, position ids, the cache,
+the logits processors and the stopping criteria. Its ``custom_generate`` hook then hands the token loop to
+:func:`decode_loop`, which does what transformers' ``_sample`` does, token for token, with three changes.
+
+1. **Fixed-shape steps, captured once.** With a static key/value cache (transformers' ``StaticCache``) every decode
+   step has the same shapes. Its inputs live in preallocated buffers (the last token, the positions, the cache
+   column), and its attention mask is computed inside the step from the column. On CUDA the whole step (forward,
+   logits rules, token choice, bookkeeping) is therefore captured once as a CUDA graph and replayed: launching the
+   ~2,000 kernels of a 7 B decode step one by one took ~43 ms on an H100 (docs/performance.md), ten times the time
+   the card needs to read the weights; a replay costs the host one launch. A fresh graph is captured per call (the
+   cache is the call's own), after the first decode step has run eagerly as the warm-up; capturing is about one
+   forward's time. The host still reads one flag per step (all rows finished?), so a call stops where
+   transformers' would.
+2. **Per-row plans.** Rows outside every sampled block decode greedily, so one loop can hold the policy's sampled
+   captions and greedy captions (the snapshot's, with another LoRA adapter per row block:
+   ``sc_tune.snapshot.row_adapters``). A greedy row takes the argmax of the scores after the logits *rules*
+   (suppressed tokens, minimum length, repetition penalty), which is what a separate greedy call takes; the sampling
+   *warpers* (temperature, top-k, top-p) never touch it.
+3. **Sampling noise per row block.** ``torch.multinomial(p, 1)`` is ``argmax(p / q)`` with ``q ~ Exp(1)`` drawn in
+   one call from one generator. The loop draws ``q`` itself, per block of sampled rows, from the block's generator
+   (default: one block of every row and the global generator, so the tokens equal transformers' ``generate``). A
+   block's samples then do not depend on which other rows share the call (a rollout of a whole accumulation window
+   samples what per-micro-batch rollouts would, ``--generation_batch_size``).
+
+Exactness (``tests/test_decoding.py``): greedy and sampled tokens equal transformers' ``generate`` with a dynamic
+cache, the per-step logits within float rounding, for every family that opts in
+(``ModelAdapter.static_decoding_problem``), from a fresh prefill and from a handed-in prompt cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import StaticCache
+from transformers.generation import logits_process as lp
+from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
+
+logger = logging.getLogger(__name__)
+
+# Applied to sampled rows only, after every rule (transformers appends them last, and only when sampling).
+_WARPERS = (
+    lp.TemperatureLogitsWarper,
+    lp.TopKLogitsWarper,
+    lp.TopPLogitsWarper,
+    lp.TopHLogitsWarper,
+    lp.MinPLogitsWarper,
+    lp.TypicalLogitsWarper,
+    lp.EpsilonLogitsWarper,
+    lp.EtaLogitsWarper,
+)
+# Rules that read no more of ``input_ids`` than the set of tokens it holds (or nothing): they see the loop's
+# fixed-width sequence buffer, whose not-yet-written columns repeat a token the row already holds.
+_SET_RULES = (lp.SuppressTokensLogitsProcessor, lp.RepetitionPenaltyLogitsProcessor, lp.InfNanRemoveLogitsProcessor)
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How ``rollout.generate`` decodes. ``None`` instead of one of these is transformers' own ``generate``."""
+
+    static_cache: bool = True  # transformers' StaticCache and fixed-shape steps (else a DynamicCache, eager steps)
+    cuda_graphs: bool = True  # on CUDA, with the static cache: capture the step once per call, replay it
+    compile_backend: str | None = None  # torch.compile the step first ("inductor", "aot_eager", ...); None: eager
+
+
+@dataclass(frozen=True)
+class SampledRows:
+    """Rows ``start:end`` of a call sample (with the call's warpers), their noise from ``generator`` (None: the
+    global generator). Rows outside every block decode greedily."""
+
+    start: int
+    end: int
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class DecodeStats:
+    """What the loop did, summed over calls (read by ``scripts/gpu_check.py``)."""
+
+    calls: int = 0
+    rows: int = 0  # rows decoded, over calls
+    decode_steps: int = 0  # forwards after the prefill
+    decode_seconds: float = 0.0  # wall time of those steps (synchronised), graph capture excluded
+    prefill_seconds: float = 0.0
+    capture_seconds: float = 0.0
+    graph_calls: int = 0  # calls whose steps replayed a CUDA graph
+    graph_failures: int = 0  # captures that failed (those calls decoded eagerly); the first error below
+    graph_error: str | None = None
+    by_rows: dict[int, int] = field(default_factory=dict)  # rows per call -> decode steps at that size
+
+    def pop(self) -> DecodeStats:
+        copy = DecodeStats(**{**self.__dict__, "by_rows": dict(self.by_rows)})
+        self.__init__()
+        return copy
+
+
+STATS = DecodeStats()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _EosBlockedUntil:
+    """transformers' MinNewTokensLength / MinLength rule with the step as a tensor (a captured step cannot read a
+    Python length): end tokens are -inf while fewer than ``until`` tokens are written."""
+
+    def __init__(self, eos_ids: torch.Tensor, until: int, vocab: int, device):
+        self.eos_mask = torch.isin(torch.arange(vocab, device=device), eos_ids.to(device))
+        self.until = until
+
+    def __call__(self, seq, scores, written):
+        return torch.where(self.eos_mask & (written < self.until), -float("inf"), scores)
+
+
+def _rules_and_warpers(processors, prompt_length: int, eos_ids, vocab: int, device):
+    """transformers' processor list -> (rules: (seq, scores, written) -> scores, warpers: (seq, scores) -> scores)."""
+    rules, warpers = [], []
+    for processor in processors:
+        if isinstance(processor, _WARPERS):
+            warpers.append(processor)
+        elif warpers:
+            raise ValueError(f"decoding: logits processor {type(processor).__name__} after the sampling warpers")
+        elif isinstance(processor, lp.MinNewTokensLengthLogitsProcessor):
+            rules.append(_EosBlockedUntil(eos_ids, processor.min_new_tokens, vocab, device))
+        elif isinstance(processor, lp.MinLengthLogitsProcessor):
+            rules.append(_EosBlockedUntil(eos_ids, processor.min_length - prompt_length, vocab, device))
+        elif isinstance(processor, _SET_RULES):
+            rules.append(lambda seq, scores, written, rule=processor: rule(seq, scores))
+        else:
+            raise ValueError(
+                f"decoding: cannot apply the logits processor {type(processor).__name__} (it reads the sequence "
+                "beyond its set of tokens); decode with transformers' generate (--static_decoding false)"
+            )
+    return rules, warpers
+
+
+class _Loop:
+    """The loop's state: fixed-size buffers that every step updates in place (so a captured step can replay)."""
+
+    def __init__(self, input_ids, max_new, rules, warpers, blocks, eos_ids, pad_id, vocab, keep_logits):
+        n, p = input_ids.shape
+        device = input_ids.device
+        self.n, self.prompt, self.max_new, self.vocab = n, p, max_new, vocab
+        self.rules, self.warpers, self.blocks = rules, warpers, blocks
+        self.eos_ids, self.pad = eos_ids.to(device), pad_id
+        self.written = torch.zeros((), dtype=torch.long, device=device)  # tokens written so far
+        self.unfinished = torch.ones(n, dtype=torch.long, device=device)
+        self.last = torch.zeros(n, dtype=torch.long, device=device)  # the token the next forward reads
+        self.out = torch.full((n, max_new), int(pad_id), dtype=torch.long, device=device)
+        # The sequence the rules see: the prompt, then the written tokens; columns not written yet repeat the row's
+        # last prompt token, a token the row already holds (what a rule reads is the set of tokens).
+        self.seq = torch.cat([input_ids, input_ids[:, -1:].expand(n, max_new)], dim=1).contiguous()
+        self.logits = torch.zeros((n, vocab), dtype=torch.float32, device=device) if keep_logits else None
+
+    def advance(self, logits_NV: torch.Tensor) -> None:
+        """Choose each row's next token from ``logits_NV`` and record it (no host read: capturable)."""
+        scores = logits_NV.to(dtype=torch.float32)
+        if self.logits is not None:
+            self.logits.copy_(scores)
+        for rule in self.rules:
+            scores = rule(self.seq, scores, self.written)
+        token = scores.argmax(dim=-1)  # greedy rows keep this
+        if self.blocks:
+            warped = scores
+            for warper in self.warpers:
+                warped = warper(self.seq, warped)
+            probs = torch.nn.functional.softmax(warped, dim=-1)
+            for block in self.blocks:
+                # torch.multinomial(p, 1) == argmax(p / q), q ~ Exp(1) of p's shape, from the same generator
+                noise = torch.empty((block.end - block.start, self.vocab), dtype=probs.dtype, device=probs.device)
+                noise.exponential_(1, generator=block.generator)
+                token[block.start : block.end] = (probs[block.start : block.end] / noise).argmax(dim=-1)
+        token = token * self.unfinished + self.pad * (1 - self.unfinished)
+        column = self.written.view(1)
+        self.out.index_copy_(1, column, token[:, None])
+        self.seq.index_copy_(1, column + self.prompt, token[:, None])
+        self.unfinished.mul_((~torch.isin(token, self.eos_ids)).long())
+        self.last.copy_(token)
+        self.written.add_(1)
+
+
+def _decode_mask(template_mask, key_mask_NL, column):
+    """The attention mask of one decode step, in the form the model's template took: a boolean (N, 1, 1, L) mask
+    (padding keys and columns past the query's hidden), or a per-layer-type mapping of them (hybrid models)."""
+    positions = torch.arange(key_mask_NL.shape[1], device=key_mask_NL.device)
+    full = (key_mask_NL & (positions <= column)[None, :])[:, None, None, :]
+    if isinstance(template_mask, dict):
+        masks = {}
+        for kind, value in template_mask.items():
+            # A window layer is a full one here: static decoding runs only where every window covers the whole call
+            # (static_cache_fits), so the window hides nothing.
+            if kind in ("full_attention", "sliding_attention", "chunked_attention"):
+                masks[kind] = full
+            elif value is None:  # linear-attention layers take no mask on a one-token step
+                masks[kind] = None
+            else:
+                raise ValueError(f"static decoding: no decode-step mask for {kind!r} layers")
+        return masks
+    return full
+
+
+class _StaticStep:
+    """One decode step on fixed buffers: the model's own step inputs (transformers' ``prepare_inputs_for_generation``
+    for the first step), with the token, positions and mask replaced by buffers the step advances itself."""
+
+    def __init__(self, model, loop: _Loop, input_ids, model_kwargs, cache, compile_backend):
+        self.model, self.loop = model, loop
+        first = torch.cat([input_ids, loop.out[:, :1]], dim=1)
+        template = model.prepare_inputs_for_generation(first, next_sequence_length=1, **model_kwargs)
+        length = max(layer.max_cache_len for layer in cache.layers if hasattr(layer, "max_cache_len"))
+        prompt_mask = model_kwargs.get("attention_mask")
+        key_mask = torch.ones((loop.n, length), dtype=torch.bool, device=input_ids.device)
+        if prompt_mask is not None and prompt_mask.dim() == 2:
+            key_mask[:, : input_ids.shape[1]] = prompt_mask[:, : input_ids.shape[1]].bool()
+        self.key_mask = key_mask
+        self.column = torch.full((), input_ids.shape[1], dtype=torch.long, device=input_ids.device)
+        self.template_mask = template.get("attention_mask")
+        position_ids = template.get("position_ids")
+        self.positions = position_ids.clone() if position_ids is not None else None
+        self.inputs = {k: v for k, v in template.items() if k not in ("input_ids", "attention_mask", "position_ids")}
+        self.forward = model if compile_backend is None else torch.compile(model, backend=compile_backend)
+
+    def __call__(self) -> None:
+        loop = self.loop
+        inputs = dict(self.inputs)
+        inputs["input_ids"] = loop.last[:, None]
+        inputs["attention_mask"] = _decode_mask(self.template_mask, self.key_mask, self.column)
+        if self.positions is not None:
+            inputs["position_ids"] = self.positions
+        logits = self.forward(**inputs, return_dict=True).logits[:, -1]
+        loop.advance(logits)
+        self.column.add_(1)
+        if self.positions is not None:
+            self.positions.add_(1)
+
+
+class _DynamicStep:
+    """One decode step as transformers' ``_sample`` takes it (growing inputs, any cache)."""
+
+    def __init__(self, model, loop: _Loop, input_ids, model_kwargs):
+        self.model, self.loop, self.kwargs = model, loop, model_kwargs
+        self.ids = torch.cat([input_ids, loop.out[:, :1]], dim=1)
+
+    def __call__(self) -> None:
+        inputs = self.model.prepare_inputs_for_generation(self.ids, next_sequence_length=1, **self.kwargs)
+        outputs = self.model(**inputs, return_dict=True)
+        self.kwargs = self.model._update_model_kwargs_for_generation(outputs, self.kwargs, is_encoder_decoder=False)
+        self.loop.advance(outputs.logits[:, -1])
+        self.ids = torch.cat([self.ids, self.loop.last[:, None]], dim=1)
+
+
+def _check_stopping(stopping_criteria) -> None:
+    for criterion in stopping_criteria:
+        if not isinstance(criterion, (MaxLengthCriteria, EosTokenCriteria)):
+            raise ValueError(f"decoding: stopping criterion {type(criterion).__name__} is not supported")
+
+
+def make_decode_loop(decoding: Decoding, blocks: Sequence[SampledRows], keep_logits: bool = False, logits=None):
+    """The ``custom_generate`` callable for one ``generate`` call. ``logits``: a list that receives each step's raw
+    logits (tests)."""
+
+    def decode_loop(model, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs):
+        _check_stopping(stopping_criteria)
+        device = input_ids.device
+        eos_ids = generation_config._eos_token_tensor
+        pad_id = generation_config._pad_token_tensor
+        vocab = model.get_output_embeddings().weight.shape[0]
+        n, prompt = input_ids.shape
+        max_new = generation_config.max_length - prompt
+        rules, warpers = _rules_and_warpers(logits_processor, prompt, eos_ids, vocab, device)
+        if blocks and not warpers and generation_config.do_sample is False:
+            raise ValueError("decoding: sampled rows need a sampling call (do_sample=True)")
+        loop = _Loop(input_ids, max_new, rules, warpers, list(blocks), eos_ids, pad_id, vocab, keep_logits)
+        static = isinstance(model_kwargs.get("cache"), StaticCache)
+        _sync(device)
+        start = time.perf_counter()
+        outputs = model._prefill(input_ids, generation_config, model_kwargs)
+        model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
+        loop.advance(outputs.logits[:, -1])
+        del outputs
+        if logits is not None:
+            logits.append(loop.logits.clone())
+        _sync(device)
+        STATS.prefill_seconds += time.perf_counter() - start
+        STATS.calls += 1
+        STATS.rows += n
+
+        steps = 0
+        if max_new > 1 and bool(loop.unfinished.any()):
+            cache = model_kwargs["cache"]
+            if static:
+                step = _StaticStep(model, loop, input_ids, model_kwargs, cache, decoding.compile_backend)
+            else:
+                step = _DynamicStep(model, loop, input_ids, model_kwargs)
+            graphed = static and decoding.cuda_graphs and device.type == "cuda" and _graph_takes(blocks)
+            # As transformers' _sample: MoE experts switch to their decode-friendly kernels on accelerators.
+            optimize = getattr(model, "_optimize_model_for_decode", nullcontext)
+            with optimize():
+                steps = _run(step, loop, graphed, device, logits)
+        STATS.decode_steps += steps
+        STATS.by_rows[n] = STATS.by_rows.get(n, 0) + steps
+        written = int(loop.written)
+        return torch.cat([input_ids, loop.out[:, :written]], dim=1)
+
+    return decode_loop
+
+
+def _run(step, loop: _Loop, graphed: bool, device, logits) -> int:
+    """Run decode steps until every row has ended or the budget is spent; returns the number of steps."""
+    steps = 0
+    replay = step
+    capture = 0.0
+    _sync(device)
+    start = time.perf_counter()
+    while int(loop.written) < loop.max_new and bool(loop.unfinished.any()):
+        if graphed and steps == 1:
+            # The first step ran eagerly (warm-up: cuBLAS workspaces, lazy buffers); capture the next one. A capture
+            # that fails costs speed, not the run: this call's steps go on eagerly (recording ran no kernel).
+            _sync(device)
+            began = time.perf_counter()
+            try:
+                replay = _capture(step, loop)
+            except RuntimeError as error:
+                graphed, replay = False, step
+                STATS.graph_failures += 1
+                STATS.graph_error = STATS.graph_error or f"{type(error).__name__}: {error}"[:500]
+                logger.warning("decoding: CUDA graph capture failed, decoding eagerly: %s", error)
+            _sync(device)
+            capture += time.perf_counter() - began
+        if graphed and steps == 0:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                step()
+            torch.cuda.current_stream(device).wait_stream(side)
+        else:
+            replay()
+        steps += 1
+        if logits is not None:
+            logits.append(loop.logits.clone())
+    _sync(device)
+    STATS.decode_seconds += time.perf_counter() - start - capture
+    STATS.capture_seconds += capture
+    if graphed and steps > 1:
+        STATS.graph_calls += 1
+    return steps
+
+
+def _graph_takes(blocks: Sequence[SampledRows]) -> bool:
+    """A captured step may draw from a generator of its own only where the graph can register it (the global one is
+    registered by itself); without that the steps run eagerly (slower, same tokens)."""
+    own = any(block.generator is not None for block in blocks)
+    return not own or hasattr(torch.cuda.CUDAGraph, "register_generator_state")
+
+
+def _capture(step, loop: _Loop):
+    """``step`` recorded as a CUDA graph (recording runs no kernel); returns the replay."""
+    graph = torch.cuda.CUDAGraph()
+    for block in loop.blocks:
+        if block.generator is not None:
+            graph.register_generator_state(block.generator)
+    # thread_local: another thread's CUDA call (a data loader pinning memory) must not void this capture.
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        step()
+    return graph.replay
+
+
+_WINDOW_LAYERS = ("sliding_attention", "chunked_attention")
+
+
+def static_cache_fits(config, length: int) -> bool:
+    """Whether a static cache of ``length`` columns decodes ``config``'s model with every layer a full one here: window
+    layers (Gemma's sliding attention) only when their window covers the whole call (a full static window cache
+    rolls, which a captured step cannot follow)."""
+    text = config.get_text_config(decoder=True)
+    kinds = getattr(text, "layer_types", None) or []
+    if not any(kind in _WINDOW_LAYERS for kind in kinds):
+        return True
+    windows = [getattr(text, "sliding_window", None), getattr(text, "attention_chunk_size", None)]
+    return all(w is None or w >= length for w in windows) and any(w is not None for w in windows)
+
+
+def static_cache_from(cache, config, max_cache_len: int):
+    """A ``StaticCache`` of ``max_cache_len`` columns holding ``cache``'s keys and values (a prompt cache built by
+    another pass), for a static-cache decoding that resumes from it. Only attention layers can be moved."""
+    static = StaticCache(config=config, max_cache_len=max_cache_len)
+    if len(static.layers) != len(cache.layers):
+        raise ValueError(f"prompt cache has {len(cache.layers)} layers, the model {len(static.layers)}")
+    for index, layer in enumerate(cache.layers):
+        if getattr(layer, "keys", None) is None or not hasattr(static.layers[index], "max_cache_len"):
+            raise ValueError("static decoding can resume only from a key/value cache of attention layers")
+        static.layers[index].update(layer.keys, layer.values)
+    return static
+
+
+DECODING_MODES = ("auto", "true", "false")
+
+
+def choose_decoding(mode: str, adapter, model, device, sharded: bool = False) -> Decoding | None:
+    """The decoding of ``--static_decoding``: ``false`` keeps transformers' ``generate``; ``true`` needs the family's
+    static decoding (an error naming the family where it has none); ``auto`` takes it on CUDA where the family has it.
+    CUDA graphs go with it on CUDA, except for a sharded model (ZeRO-3 gathers parameters inside every forward)."""
+    mode = str(mode).lower()
+    if mode not in DECODING_MODES:
+        raise ValueError(f"--static_decoding must be one of {', '.join(DECODING_MODES)}, got {mode!r}")
+    device = torch.device(device)
+    if mode == "false" or (mode == "auto" and device.type != "cuda"):
+        return None
+    problem = adapter.static_decoding_problem(model)
+    if problem is not None:
+        if mode == "true":
+            raise ValueError(f"--static_decoding true: {problem}; use --static_decoding auto or false")
+        return None
+    return Decoding(static_cache=True, cuda_graphs=device.type == "cuda" and not sharded)
+

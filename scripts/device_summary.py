@@ -1,0 +1,76 @@
+"""The acceptance figures of issue 21 from a device check's outputs (``scripts/device_check.sh``), printed and written
+as JSON: ``python scripts/device_summary.py OUT`` reads OUT/2_real_size.txt (``gpu_check.py``) and OUT/3_bench_step.txt
+(``bench_step.py``) and writes OUT/acceptance.json. A figure whose stage did not print it is ``null`` (not measured)."""
+
+import json
+import os
+import re
+import sys
+
+TARGET_NEW_TOKENS_PER_S, TARGET_FLOOR_RATIO, TARGET_BATCH = 2000.0, 2.5, 64
+
+
+def setting_lines(path: str) -> dict[str, dict]:
+    """``<config> <phase>_<setting>: {json}`` lines of a gpu_check output -> {"<phase>_<setting>": figures}."""
+    found = {}
+    if os.path.exists(path):
+        for line in open(path, encoding="utf-8", errors="replace"):
+            match = re.match(r"^\S+ ((?:describer|locator)_\w+): (\{.*\})\s*$", line)
+            if match:
+                found[match.group(1)] = json.loads(match.group(2))
+    return found
+
+
+def last_json(path: str) -> dict:
+    if not os.path.exists(path):
+        return {}
+    for line in reversed(open(path, encoding="utf-8", errors="replace").read().splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                return {}
+    return {}
+
+
+def summary(out: str) -> dict:
+    real = setting_lines(os.path.join(out, "2_real_size.txt"))
+    bench = last_json(os.path.join(out, "3_bench_step.txt"))
+    fast, eager = real.get("describer_fast", {}), real.get("describer_transformers", {})
+    figures = {
+        "describer_new_tokens_per_s": fast.get("new_tokens_per_s"),
+        "describer_decode_ms_per_step": fast.get("decode_ms_per_step"),
+        "weight_read_floor_ms": fast.get("weight_read_floor_ms"),
+        "decode_floor_ratio": fast.get("decode_floor_ratio"),
+        "generation_batch_size": fast.get("generation_batch_size"),
+        "graph_failures": fast.get("graph_failures"),
+        "describer_transformers_new_tokens_per_s": eager.get("new_tokens_per_s"),
+        "describer_speedup_vs_transformers_loop": (
+            round(eager["step_seconds"] / fast["step_seconds"], 3)
+            if fast.get("step_seconds") and eager.get("step_seconds") else None
+        ),
+        "locator_new_tokens_per_s": real.get("locator_fast", {}).get("new_tokens_per_s"),
+        "side_by_side_describer_ratio": bench.get("describer_ratio"),  # this trainer / the reference's passes
+        "side_by_side_describer_seconds": bench.get("describer_seconds"),
+        "side_by_side_peak_memory_gib": bench.get("peak_memory_gib"),
+    }
+    measured = figures["describer_new_tokens_per_s"] is not None and figures["decode_floor_ratio"] is not None
+    figures["acceptance_met"] = (
+        measured
+        and (figures["generation_batch_size"] or 0) >= TARGET_BATCH
+        and figures["describer_new_tokens_per_s"] >= TARGET_NEW_TOKENS_PER_S
+        and figures["decode_floor_ratio"] <= TARGET_FLOOR_RATIO
+    ) if measured else None
+    return figures
+
+
+def main(argv=None):
+    out = (argv or sys.argv[1:] or [os.environ.get("OUT", "/tmp/device_check_out")])[0]
+    figures = summary(out)
+    with open(os.path.join(out, "acceptance.json"), "w", encoding="utf-8") as f:
+        json.dump(figures, f, indent=1)
+    print("acceptance " + json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,349 @@
+"""Rollout decoding (``sc_tune.decoding``): the static-cache loop decodes what transformers' ``generate`` decodes.
+
+Pinned here, on CPU: greedy and sampled tokens equal transformers' ``generate`` (dynamic cache, same seed) for every
+family, with every step's logits within 1e-5; the same from a handed-in prompt cache (the snapshot's scoring pass)
+and for Qwen-VL's locating from a moved image prefix; one loop of sampled and greedy rows (per-row LoRA adapters)
+equals the separate calls; noise blocks sample each block as its own call would; the decode step traces as one
+graph that does not change between steps (the CPU stand-in for CUDA graph capture, which replays one recorded step);
+refusals name the family and the reason.
+"""
+
+import pytest
+import torch
+import torch._dynamo
+from transformers.cache_utils import StaticCache
+
+import sc_tune.decoding as decoding
+import sc_tune.rollout as rollout
+from sc_tune.decoding import Decoding, SampledRows, choose_decoding
+from sc_tune.modeling import load_model_and_adapter
+from sc_tune.prompt_cache import ScoredPrompts, keep_prompt_columns
+from sc_tune.rollout import GenerationSettings, describe, describe_with_greedy, generate, locate, locate_from_prefix
+from sc_tune.snapshot import active_adapter, row_adapters
+from tests.helpers import sample_images, small_lora
+
+STATIC = Decoding(static_cache=True)
+GREEDY = GenerationSettings(max_new_tokens=6, min_new_tokens=2)
+SAMPLED = GenerationSettings(max_new_tokens=6, min_new_tokens=2, do_sample=True, top_k=50, top_p=0.9)
+
+# One model type per registered family (tests/test_families.py checks the registry covers them all).
+FAMILY_TYPES = ["qwen", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "glm4v", "internvl", "llava_onevision",
+                "smolvlm", "gemma3", "gemma4"]
+
+
+def _model(tiny_checkpoint, model_type):
+    torch.manual_seed(0)
+    model, adapter = load_model_and_adapter(tiny_checkpoint(model_type))
+    text = model.config.get_text_config(decoder=True)
+    if getattr(text, "sliding_window", None):
+        # The tiny Gemmas' 64-token windows are shorter than their prompts (a call that does not fit decodes with a
+        # dynamic cache); real windows (512-1024) cover a rollout. Widen them so the static path runs.
+        text.sliding_window = 4096
+    return model.eval(), adapter
+
+
+def _prompt_batch(adapter):
+    images, boxes = sample_images(adapter)
+    boxes[1] = [0.5, 0.5, 0.51, 0.52]  # other digits: prompts of different lengths, so rows are left-padded
+    prompts = [adapter.describer_prompt(box, image) for box, image in zip(boxes, images)]
+    return adapter.build_batch(prompts, images), images, boxes
+
+
+class _Recorded:
+    """Spies on one ``generate``: the caches the loop got, and every step's raw logits of either loop."""
+
+    def __init__(self, monkeypatch, model):
+        self.loop_logits, self.hf_logits, self.caches = [], [], []
+        made = decoding.make_decode_loop
+
+        def make(dec, blocks, keep_logits=False, logits=None):
+            loop = made(dec, blocks, keep_logits=True, logits=self.loop_logits)
+
+            def spy(model, input_ids, *args, **kwargs):
+                self.caches.append(kwargs.get("cache"))
+                return loop(model, input_ids, *args, **kwargs)
+
+            return spy
+
+        monkeypatch.setattr(rollout, "make_decode_loop", make)
+        plain = model.generate
+
+        def hf_generate(*args, **kwargs):
+            if "custom_generate" in kwargs:
+                return plain(*args, **kwargs)
+            out = plain(*args, **kwargs, return_dict_in_generate=True, output_logits=True)
+            self.hf_logits.extend(out.logits)
+            return out.sequences
+
+        monkeypatch.setattr(model, "generate", hf_generate)
+
+
+@pytest.mark.parametrize("model_type", FAMILY_TYPES)
+def test_static_decoding_equals_transformers_generate(tiny_checkpoint, monkeypatch, model_type):
+    model, adapter = _model(tiny_checkpoint, model_type)
+    assert adapter.static_decoding_problem(model) is None
+    batch, _, _ = _prompt_batch(adapter)
+    assert len(set(batch.inputs["attention_mask"].sum(1).tolist())) > 1, "the test needs left padding"
+    spy = _Recorded(monkeypatch, model)
+    for settings in (GREEDY, SAMPLED):
+        spy.loop_logits.clear(), spy.hf_logits.clear(), spy.caches.clear()
+        torch.manual_seed(1)
+        expected = generate(model, adapter, batch, settings, skip_special_tokens=True)
+        torch.manual_seed(1)
+        got = generate(model, adapter, batch, settings, skip_special_tokens=True, decoding=STATIC)
+        assert isinstance(spy.caches[0], StaticCache), "the static path did not run"
+        assert torch.equal(got.ids_BT, expected.ids_BT) and got.texts == expected.texts, settings
+        assert len(spy.loop_logits) == len(spy.hf_logits) == expected.ids_BT.shape[1]
+        for step_loop, step_hf in zip(spy.loop_logits, spy.hf_logits, strict=True):
+            torch.testing.assert_close(step_loop, step_hf, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["qwen", "qwen2_5_vl"])
+def test_static_decoding_resumes_from_the_scoring_cache(tiny_checkpoint, model_type):
+    """The snapshot's greedy captions from its scoring pass's cache (copied into the static cache): equal to a fresh
+    prefill, with the prompt really skipped; Qwen-VL's locating from the moved image prefix too."""
+    model, adapter = _model(tiny_checkpoint, model_type)
+    batch, images, boxes = _prompt_batch(adapter)
+    _, sampled = describe(model, adapter, images, boxes, SAMPLED)
+    width = batch.inputs["input_ids"].shape[1]
+
+    def scored_cache():
+        teacher = adapter.append_completion(batch, sampled.ids_BT, sampled.mask_BT)
+        return keep_prompt_columns(model(**teacher, use_cache=True).cache, width)
+
+    fresh = generate(model, adapter, batch, GREEDY, skip_special_tokens=True)
+    widths, cache = [], scored_cache()
+    handle = model.register_forward_pre_hook(lambda m, a, k: widths.append(k["input_ids"].shape[1]), with_kwargs=True)
+    resumed = generate(model, adapter, batch, GREEDY, True, prompt_cache=cache, decoding=STATIC)
+    handle.remove()
+    assert widths[0] == 1, "decoding did not start from the cache"
+    assert torch.equal(resumed.ids_BT, fresh.ids_BT)
+    if model_type == "qwen":
+        captions, source_rows = ["the red circle", "a", "the small blue square at the top left", "red"], [0, 1, 2, 0]
+        rows_images = [images[r] for r in source_rows]
+        _, expected = locate(model, adapter, rows_images, captions, GREEDY)
+        found = locate_from_prefix(model, adapter, rows_images, captions, GREEDY,
+                                   ScoredPrompts(batch, scored_cache(), width - 1), source_rows, decoding=STATIC)
+        assert found is not None and found[1] == expected
+
+
+def _two_adapter_model(tiny_checkpoint, model_type):
+    torch.manual_seed(0)
+    model, adapter = load_model_and_adapter(tiny_checkpoint(model_type))
+    model = small_lora(model, adapter)
+    model.add_adapter("snapshot", model.peft_config["default"])
+    with torch.no_grad():  # two different adapters (PEFT starts lora_B at zero: both would be the base model)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3 if ".snapshot." in name else 0.1)
+    return model.eval(), adapter
+
+
+@pytest.mark.parametrize("model_type", ["qwen", "qwen2_5_vl"])
+@pytest.mark.parametrize("static", [True, False])
+def test_one_loop_of_sampled_and_greedy_rows_equals_the_separate_calls(tiny_checkpoint, model_type, static):
+    """The policy's samples (adapter "default") and the snapshot's greedy captions (adapter "snapshot") decoded in
+    one loop: sampled rows equal a separate sampled call with the same seed, greedy rows a separate greedy call."""
+    model, adapter = _two_adapter_model(tiny_checkpoint, model_type)
+    images, boxes = sample_images(adapter)
+    dec = Decoding(static_cache=static)
+    torch.manual_seed(5)
+    with active_adapter(model, "default"):
+        _, sampled = describe(model, adapter, images, boxes, SAMPLED)
+    with active_adapter(model, "snapshot"):
+        _, greedy = describe(model, adapter, images, boxes, GREEDY)
+    with active_adapter(model, "default"):
+        _, policy_greedy = describe(model, adapter, images, boxes, GREEDY)
+    assert not torch.equal(greedy.ids_BT, policy_greedy.ids_BT), "the adapters must differ for the test to mean much"
+    torch.manual_seed(5)
+    decoding.STATS.pop()
+    with row_adapters(model, [("default", 0, 3), ("snapshot", 3, 6)]):
+        batch, fused_sampled, fused_greedy = describe_with_greedy(
+            model, adapter, images, boxes, images, boxes, SAMPLED, GREEDY, dec
+        )
+    stats = decoding.STATS.pop()
+    assert stats.calls == 1 and stats.rows == 6  # one loop for both kinds of rows
+    assert torch.equal(fused_sampled.ids_BT, sampled.ids_BT) and fused_sampled.texts == sampled.texts
+    assert torch.equal(fused_greedy.ids_BT, greedy.ids_BT) and fused_greedy.texts == greedy.texts
+    assert batch.inputs["input_ids"].shape[0] == 3  # the samples' own prompt batch, for the scoring pass
+
+
+def test_noise_blocks_sample_each_block_as_its_own_call(tiny_checkpoint):
+    """Rows sampled from a block's generator do not depend on the other rows of the call: what lets a whole
+    accumulation window roll out in one call and sample what per-micro-batch calls would."""
+    model, adapter = _model(tiny_checkpoint, "qwen2_5_vl")
+    batch, images, boxes = _prompt_batch(adapter)
+    seeds = [11, 12]
+    blocks = [SampledRows(0, 2, torch.Generator().manual_seed(seeds[0])),
+              SampledRows(2, 3, torch.Generator().manual_seed(seeds[1]))]
+    together = generate(model, adapter, batch, SAMPLED, True, decoding=STATIC, sampled_rows=blocks)
+    for (start, end), seed in zip([(0, 2), (2, 3)], seeds):
+        alone_batch = adapter.build_batch(
+            [adapter.describer_prompt(b, im) for b, im in zip(boxes[start:end], images[start:end])], images[start:end]
+        )
+        alone = generate(model, adapter, alone_batch, SAMPLED, True, decoding=STATIC,
+                         sampled_rows=[SampledRows(0, end - start, torch.Generator().manual_seed(seed))])
+        assert together.texts[start:end] == alone.texts
+        torch.manual_seed(seed)  # one block on the global generator: transformers' own generate
+        assert generate(model, adapter, alone_batch, SAMPLED, True).texts == alone.texts
+
+
+# Families whose decode step has no host-side state at all (Gemma's window layers keep a host counter that decides a
+# branch no call that fits its window can flip; they are checked for exactness above).
+# One per kind of language model: native Qwen-VL, M-RoPE (Qwen2.5-VL), hybrid recurrent (Qwen3.5), Llama (SmolVLM).
+GRAPH_TYPES = ["qwen", "qwen2_5_vl", "qwen3_5", "smolvlm"]
+
+
+def _traced_as_one_graph(monkeypatch):
+    """Run every decode step through dynamo with fullgraph=True and no recompiles: a host read (``.item()``,
+    ``.tolist()``, a branch on a tensor) fails the trace, and host state that changes between steps fails a guard.
+    That is what capturing the step once as a CUDA graph and replaying it needs (a CPU stand-in for capture)."""
+    run = decoding._run
+    torch._dynamo.reset()
+
+    def traced(step, loop, graphed, device, logits):
+        return run(torch.compile(step.__call__, fullgraph=True, backend="eager", dynamic=False), loop, graphed,
+                   device, logits)
+
+    monkeypatch.setattr(decoding, "_run", traced)
+    return torch._dynamo.config.patch(error_on_recompile=True)
+
+
+@pytest.mark.parametrize("model_type", GRAPH_TYPES)
+def test_a_decode_step_is_one_graph_that_does_not_change_between_steps(tiny_checkpoint, monkeypatch, model_type):
+    model, adapter = _model(tiny_checkpoint, model_type)
+    batch, _, _ = _prompt_batch(adapter)
+    torch.manual_seed(1)
+    expected = generate(model, adapter, batch, SAMPLED, True)
+    torch.manual_seed(1)
+    with _traced_as_one_graph(monkeypatch):
+        got = generate(model, adapter, batch, SAMPLED, True, decoding=STATIC)
+    assert torch.equal(got.ids_BT, expected.ids_BT)
+
+
+def test_a_fused_lora_step_is_one_graph(tiny_checkpoint, monkeypatch):
+    model, adapter = _two_adapter_model(tiny_checkpoint, "qwen2_5_vl")
+    images, boxes = sample_images(adapter)
+    with _traced_as_one_graph(monkeypatch), row_adapters(model, [("default", 0, 3), ("snapshot", 3, 6)]):
+        _, sampled, greedy = describe_with_greedy(model, adapter, images, boxes, images, boxes, SAMPLED, GREEDY, STATIC,
+                                                  [SampledRows(0, 2), SampledRows(2, 3)])
+    assert sampled.ids_BT.shape[0] == greedy.ids_BT.shape[0] == 3
+
+
+def test_a_compiled_decode_step_decodes_the_same(tiny_checkpoint):
+    """``Decoding(compile_backend=...)``: the forward through torch.compile (aot_eager here: dynamo and AOT
+    functionalisation without code generation; inductor gives the same tokens, about a minute on 2 cores)."""
+    model, adapter = _model(tiny_checkpoint, "qwen2_5_vl")
+    batch, _, _ = _prompt_batch(adapter)
+    torch._dynamo.reset()
+    torch.manual_seed(1)
+    expected = generate(model, adapter, batch, SAMPLED, True)
+    torch.manual_seed(1)
+    got = generate(model, adapter, batch, SAMPLED, True, decoding=Decoding(compile_backend="aot_eager"))
+    assert torch.equal(got.ids_BT, expected.ids_BT)
+
+
+def test_the_step_rules_equal_transformers_processors_at_every_length():
+    """The minimum-length rules read the step from a tensor (a captured step cannot read a Python length) and the
+    set rules read a fixed-width sequence whose unwritten columns repeat the last prompt token: both equal
+    transformers' processors on the real growing sequence."""
+    from transformers.generation import logits_process as lp
+
+    torch.manual_seed(0)
+    vocab, prompt, eos = 40, 5, torch.tensor([3, 7])
+    processors = [lp.RepetitionPenaltyLogitsProcessor(1.7, prompt_ignore_length=torch.tensor([0, 2])),
+                  lp.MinNewTokensLengthLogitsProcessor(prompt, 3, eos), lp.MinLengthLogitsProcessor(prompt + 2, eos)]
+    rules, warpers = decoding._rules_and_warpers(processors, prompt, eos, vocab, "cpu")
+    assert warpers == [] and len(rules) == 3
+    allowed = torch.tensor([t for t in range(1, vocab) if t not in (3, 7)])  # no 0 (a filler of 0 would show), no end
+    ids = allowed[torch.randint(0, len(allowed), (2, prompt + 4))]
+    loop = decoding._Loop(ids[:, :prompt], 4, rules, [], [], eos, torch.tensor(0), vocab, keep_logits=False)
+    for written in range(4):
+        scores = torch.randn(2, vocab)
+        expected = scores
+        for processor in processors:
+            expected = processor(ids[:, : prompt + written], expected)
+        got = scores
+        for rule in rules:
+            got = rule(loop.seq, got, loop.written)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        forced = torch.full((2, vocab), -1e4)
+        forced[torch.arange(2), ids[:, prompt + written]] = 1e4
+        loop.advance(forced)  # writes the next token of ``ids`` into the loop's buffers
+    assert torch.equal(loop.out, ids[:, prompt:]) and int(loop.written) == 4
+
+
+def test_refusals_name_the_family_and_the_reason(tiny_checkpoint, monkeypatch):
+    model, adapter = _model(tiny_checkpoint, "qwen2_5_vl")
+    assert choose_decoding("auto", adapter, model, "cpu") is None  # auto: CUDA only
+    assert choose_decoding("true", adapter, model, "cpu") == Decoding(static_cache=True, cuda_graphs=False)
+    assert choose_decoding("false", adapter, model, "cuda") is None
+    assert choose_decoding("auto", adapter, model, "cuda", sharded=True) == Decoding(cuda_graphs=False)
+    monkeypatch.setattr(type(adapter), "static_decoding_verified", False)
+    with pytest.raises(ValueError, match="Qwen25VLAdapter: static decoding is not verified"):
+        choose_decoding("true", adapter, model, "cuda")
+    assert choose_decoding("auto", adapter, model, "cuda") is None  # auto falls back to transformers' generate
+    monkeypatch.setattr(type(adapter), "static_decoding_verified", True)
+    monkeypatch.setattr(model.config.get_text_config(decoder=True), "_attn_implementation", "eager")
+    assert "attention implementation 'eager'" in adapter.static_decoding_problem(model)
+    with pytest.raises(ValueError, match="auto, true, false"):
+        choose_decoding("yes", adapter, model, "cuda")
+
+
+def test_a_rule_that_reads_the_sequence_is_refused_and_a_short_window_decodes_dynamically(tiny_checkpoint, monkeypatch):
+    model, adapter = _model(tiny_checkpoint, "qwen2_5_vl")
+    batch, _, _ = _prompt_batch(adapter)
+    model.generation_config.no_repeat_ngram_size = 2
+    with pytest.raises(ValueError, match="NoRepeatNGramLogitsProcessor"):
+        generate(model, adapter, batch, GREEDY, True, decoding=STATIC)
+    model.generation_config.no_repeat_ngram_size = None
+    # A repetition penalty reads the set of tokens only: allowed, and equal to transformers' (checkpoints set it).
+    model.generation_config.repetition_penalty = 1.3
+    assert torch.equal(generate(model, adapter, batch, GREEDY, True, decoding=STATIC).ids_BT,
+                       generate(model, adapter, batch, GREEDY, True).ids_BT)
+    model.generation_config.repetition_penalty = None
+
+    gemma, gemma_adapter = _model(tiny_checkpoint, "gemma3")
+    gemma.config.get_text_config(decoder=True).sliding_window = 16  # shorter than the prompt
+    spy = _Recorded(monkeypatch, gemma)
+    gemma_batch, _, _ = _prompt_batch(gemma_adapter)
+    got = generate(gemma, gemma_adapter, gemma_batch, GREEDY, True, decoding=STATIC)
+    assert not isinstance(spy.caches[0], StaticCache)
+    assert torch.equal(got.ids_BT, generate(gemma, gemma_adapter, gemma_batch, GREEDY, True).ids_BT)
+
+
+def _decode_loops_per_step(trainer):
+    """Runs ``trainer.train()``; returns (losses per step, decode loops of each optimizer step, logged entries)."""
+    loops = []
+    step = trainer.training_step
+
+    def counted(*args, **kwargs):
+        decoding.STATS.pop()
+        out = step(*args, **kwargs)
+        loops.append(decoding.STATS.pop().calls)
+        return out
+
+    trainer.training_step = counted
+    trainer.train()
+    return loops, [entry for entry in trainer.state.log_history if "describer/fused_decoding" in entry]
+
+
+@pytest.mark.parametrize("model_type", ["qwen"])
+def test_the_trainer_decodes_samples_and_snapshot_captions_in_one_loop_with_equal_losses(tiny_checkpoint, tmp_path,
+                                                                                       model_type):
+    """LoRA: the policy's samples and the snapshot adapter's greedy captions in one loop (2 decode loops per describer
+    rollout instead of 3: captions, then locating), with losses equal to the separate loops (whose greedy captions
+    resume from the scoring cache) over four steps of both phases."""
+    from tests.helpers import two_phase_trainer
+
+    runs = {}
+    for fused in ("true", "false"):
+        trainer, losses = two_phase_trainer(tiny_checkpoint(model_type), str(tmp_path / fused),
+                                            model_transform=small_lora, static_decoding="true", fused_decoding=fused)
+        assert trainer.cycle.fused_greedy == ("snapshot" if fused == "true" else None)
+        loops, logged = _decode_loops_per_step(trainer)
+        runs[fused] = (losses, loops, [entry["describer/fused_decoding"] for entry in logged])
+    # steps 0-1: one describer rollout (two PPO epochs), step 2: locator, step 3: a describer rollout
+    assert runs["true"][1] == [2, 0, 1, 2] and runs["false"][1] == [3, 0, 1, 3]
+    assert runs["true"][2] == [1.0, 1.0] and runs["false"][2] == [0.0, 0.0]
+    assert len(runs["true"][0]) == 4 and runs["true"][0] == runs["false"][0]

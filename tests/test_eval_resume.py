@@ -40,7 +40,8 @@ def run(setup, out, *extra):
 
 
 class CountingCycle:
-    """``rollout.cycle`` as the evaluator calls it, counting the boxes scored; raises on call ``fail_at``."""
+    """``self_consistency.cycle`` (one batch) as the evaluator calls it, counting the boxes scored; raises on call
+    ``fail_at``."""
 
     def __init__(self, fail_at: int | None = None):
         self.calls, self.boxes, self.fail_at = 0, [], fail_at

@@ -20,6 +20,17 @@ from sc_tune.rewards import cycle_iou
 from sc_tune.rollout import Cycle, GenerationSettings, describe, fit_describer_budget, locate
 
 
+def cycle(model, locator, adapter, images, true_boxes, describe_settings: GenerationSettings,
+          locate_settings: GenerationSettings, fit_budget: bool) -> tuple[Cycle, GenerationSettings]:
+    """One batch: greedy captions of the true boxes, then the locator on them; the locator's budget fitted to those
+    captions where ``fit_budget`` (an answer form may repeat the caption before its box). Returns the cycle and the
+    locator settings it ran with."""
+    _, captions = describe(model, adapter, images, true_boxes, fit_describer_budget(adapter, describe_settings))
+    settings = fit_locator_budget(adapter, images, locate_settings, captions.texts) if fit_budget else locate_settings
+    boxes, texts = locate(locator, adapter, images, captions.texts, settings, fit_budget=False)
+    return Cycle(None, captions, boxes, texts), settings
+
+
 def evaluate_self_consistency(model, adapter, records: Sequence[dict], image_root, batch_size: int = 8,
                               describe_settings: GenerationSettings = DESCRIBE_EVAL,
                               locate_settings: GenerationSettings = LOCATE_EVAL, locator=None,
@@ -45,12 +56,8 @@ def evaluate_self_consistency(model, adapter, records: Sequence[dict], image_roo
     def score_batch(indices):
         images = [adapter.prepare_image(open_image(image_root, records[i]["image"], i)) for i in indices]
         true_boxes = [records[i]["bbox"] for i in indices]
-        _, captions = describe(model, adapter, images, true_boxes, fit_describer_budget(adapter, describe_settings))
-        settings = locate_settings
-        if fit_budget:
-            settings = fit_locator_budget(adapter, images, locate_settings, captions.texts)
-        boxes, texts = locate(locator, adapter, images, captions.texts, settings, fit_budget=False)
-        result = Cycle(None, captions, boxes, texts)
+        result, settings = cycle(model, locator, adapter, images, true_boxes, describe_settings, locate_settings,
+                                 fit_budget)
         scores = cycle_iou(result.boxes, torch.tensor(true_boxes, dtype=torch.float32))  # the training reward
         ious, parsed = scores.reward_N.tolist(), scores.parsed_N.tolist()
         out = []

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import time
+import traceback
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -92,6 +93,7 @@ class DecodeStats:
     graph_calls: int = 0  # calls whose steps replayed a CUDA graph
     graph_failures: int = 0  # captures that failed (those calls decoded eagerly); the first error below
     graph_error: str | None = None
+    graph_model_part_only: int = 0  # calls whose graph held the model's part only (token choice eager)
     by_rows: dict[int, int] = field(default_factory=dict)  # rows per call -> decode steps at that size
 
     def pop(self) -> DecodeStats:
@@ -228,7 +230,8 @@ class _StaticStep:
         self.inputs = {k: v for k, v in template.items() if k not in ("input_ids", "attention_mask", "position_ids")}
         self.forward = model if compile_backend is None else torch.compile(model, backend=compile_backend)
 
-    def __call__(self) -> None:
+    def model_part(self) -> torch.Tensor:
+        """The forward of the step and the advance of its column and positions: the next logits (no token chosen)."""
         loop = self.loop
         inputs = dict(self.inputs)
         inputs["input_ids"] = loop.last[:, None]
@@ -236,10 +239,13 @@ class _StaticStep:
         if self.positions is not None:
             inputs["position_ids"] = self.positions
         logits = self.forward(**inputs, return_dict=True).logits[:, -1]
-        loop.advance(logits)
         self.column.add_(1)
         if self.positions is not None:
             self.positions.add_(1)
+        return logits
+
+    def __call__(self) -> None:
+        self.loop.advance(self.model_part())
 
 
 class _DynamicStep:
@@ -326,13 +332,8 @@ def _run(step, loop: _Loop, graphed: bool, device, logits) -> int:
             # that fails costs speed, not the run: this call's steps go on eagerly (recording ran no kernel).
             _sync(device)
             began = time.perf_counter()
-            try:
-                replay = _capture(step, loop)
-            except RuntimeError as error:
-                graphed, replay = False, step
-                STATS.graph_failures += 1
-                STATS.graph_error = STATS.graph_error or f"{type(error).__name__}: {error}"[:500]
-                logger.warning("decoding: CUDA graph capture failed, decoding eagerly: %s", error)
+            replay = _capture_or_fall_back(step, loop)
+            graphed = replay is not step
             _sync(device)
             capture += time.perf_counter() - began
         if graphed and steps == 0:
@@ -361,16 +362,71 @@ def _graph_takes(blocks: Sequence[SampledRows]) -> bool:
     return not own or hasattr(torch.cuda.CUDAGraph, "register_generator_state")
 
 
-def _capture(step, loop: _Loop):
-    """``step`` recorded as a CUDA graph (recording runs no kernel); returns the replay."""
+def _capture_or_fall_back(step, loop: _Loop):
+    """The replay of ``step``: the whole step as one CUDA graph; where that capture fails, the model's part as a graph
+    and the token choice eagerly after each replay; where that fails too, ``step`` itself (eager). A failed capture
+    costs speed, never the run or its tokens: the generators it registered are given back their state.
+
+    Why the second form: the token choice holds the sampling warpers, and a top-p sort over a real vocabulary (152k
+    columns) runs a library sort that stream capture can refuse, while the toy vocabularies sort in one kernel."""
+    for whole in (True, False):
+        generators = _generators(loop)
+        saved = [generator.clone_state() for generator in generators]
+        try:
+            if whole:
+                return _capture(step, loop.blocks)
+            replay_model_part, logits = _capture(step.model_part, loop.blocks, keep_output=True)
+
+            def replay():
+                replay_model_part()
+                loop.advance(logits)
+
+            STATS.graph_model_part_only += 1
+            return replay
+        except RuntimeError as error:
+            for generator, state in zip(generators, saved):
+                # A capture that ends in an error never closes its generators' capture (their offsets would refuse
+                # every later draw: "Offset increment outside graph capture").
+                generator.graphsafe_set_state(state)
+            STATS.graph_failures += 1
+            STATS.graph_error = STATS.graph_error or (
+                f"{'step' if whole else 'model part'}: {type(error).__name__}: {error}\n{traceback.format_exc()}"
+            )[:4000]
+            logger.warning("decoding: CUDA graph capture of the %s failed: %s", "step" if whole else "model part",
+                           error)
+    logger.warning("decoding: decoding this call eagerly")
+    return step
+
+
+def _generators(loop: _Loop) -> list:
+    """The generators a capture registers: the device's default one (always) and the row blocks' own."""
+    device = loop.out.device
+    own = [block.generator for block in loop.blocks if block.generator is not None]
+    return [torch.cuda.default_generators[device.index or 0], *own] if device.type == "cuda" else own
+
+
+def _capture(function, blocks: Sequence[SampledRows], keep_output: bool = False):
+    """``function`` recorded as a CUDA graph (recording runs no kernel); returns the replay (and, with
+    ``keep_output``, the tensor each replay rewrites)."""
     graph = torch.cuda.CUDAGraph()
-    for block in loop.blocks:
+    for block in blocks:
         if block.generator is not None:
             graph.register_generator_state(block.generator)
-    # thread_local: another thread's CUDA call (a data loader pinning memory) must not void this capture.
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        step()
-    return graph.replay
+    stream = torch.cuda.current_stream()
+    try:
+        # thread_local: another thread's CUDA call (a data loader pinning memory) must not void this capture.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            output = function()
+    except RuntimeError:
+        # torch's graph context stops at the failed capture_end: it leaves its capture stream current and new
+        # allocations routed to the graph's pool. Undo both, so that the eager steps that follow run as before.
+        torch.cuda.set_stream(stream)
+        try:
+            torch._C._cuda_endAllocateToPool(stream.device.index, graph.pool())
+        except RuntimeError:
+            pass  # the capture ended before the pool was taken
+        raise
+    return (graph.replay, output) if keep_output else graph.replay
 
 
 _WINDOW_LAYERS = ("sliding_attention", "chunked_attention")

@@ -44,6 +44,7 @@ def summary(out: str) -> dict:
         "decode_floor_ratio": fast.get("decode_floor_ratio"),
         "generation_batch_size": fast.get("generation_batch_size"),
         "graph_failures": fast.get("graph_failures"),
+        "graph_model_part_only": fast.get("graph_model_part_only"),
         "describer_transformers_new_tokens_per_s": eager.get("new_tokens_per_s"),
         "describer_speedup_vs_transformers_loop": (
             round(eager["step_seconds"] / fast["step_seconds"], 3)

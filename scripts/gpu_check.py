@@ -285,6 +285,7 @@ def run_config(name, opts, device, dtype, meter, bandwidth):
                 "graph_calls": stats.graph_calls,
                 "graph_failures": stats.graph_failures,
                 "graph_error": stats.graph_error,
+                "graph_model_part_only": stats.graph_model_part_only,
                 "decode_calls": stats.calls,
                 "prefill_seconds_per_unit": round(stats.prefill_seconds / opts.units, 3),
                 "stages_per_step": {

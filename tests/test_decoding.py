@@ -347,3 +347,57 @@ def test_the_trainer_decodes_samples_and_snapshot_captions_in_one_loop_with_equa
     assert runs["true"][1] == [2, 0, 1, 2] and runs["false"][1] == [3, 0, 1, 3]
     assert runs["true"][2] == [1.0, 1.0] and runs["false"][2] == [0.0, 0.0]
     assert len(runs["true"][0]) == 4 and runs["true"][0] == runs["false"][0]
+
+
+# ---------------------------------------------------------------- a failed CUDA graph capture
+class _OneRowLoop:
+    """What _capture_or_fall_back reads of a loop: its blocks, its device (``out``) and ``advance``."""
+
+    def __init__(self):
+        self.blocks, self.out, self.advanced = [], torch.zeros(1), []
+
+    def advance(self, logits):
+        self.advanced.append(logits.clone())
+
+
+class _Step:
+    def __init__(self, loop):
+        self.loop, self.forwards = loop, 0
+
+    def model_part(self):
+        self.forwards += 1
+        return torch.full((1, 4), float(self.forwards))
+
+    def __call__(self):
+        self.loop.advance(self.model_part())
+
+
+def test_a_failed_capture_falls_back_to_the_model_part_then_to_eager_steps(monkeypatch):
+    loop = _OneRowLoop()
+    step = _Step(loop)
+    captured = []
+
+    def capture(function, blocks, keep_output=False):  # the whole step refused, as a library sort can be
+        captured.append(function)
+        if len(captured) == 1:
+            raise RuntimeError("operation failed due to a previous error during capture")
+        output = torch.zeros(1, 4)
+        return (lambda: output.copy_(function())), output
+
+    monkeypatch.setattr(decoding, "_capture", capture)
+    decoding.STATS.pop()
+    replay = decoding._capture_or_fall_back(step, loop)
+    assert captured == [step, step.model_part]  # the whole step first, then the model's part alone
+    replay()
+    replay()
+    # Each replay runs the model's part, then the token choice on its logits (eagerly, outside the graph).
+    assert [float(t[0, 0]) for t in loop.advanced] == [1.0, 2.0]
+    stats = decoding.STATS.pop()
+    assert (stats.graph_failures, stats.graph_model_part_only) == (1, 1) and "step:" in stats.graph_error
+
+    def refuse(function, blocks, keep_output=False):
+        raise RuntimeError("refused")
+
+    monkeypatch.setattr(decoding, "_capture", refuse)
+    assert decoding._capture_or_fall_back(step, loop) is step  # both refused: the call decodes eagerly
+    assert decoding.STATS.pop().graph_failures == 2

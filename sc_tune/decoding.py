@@ -58,7 +58,7 @@ _WARPERS = (
 )
 # Rules that read no more of ``input_ids`` than the set of tokens it holds (or nothing): they see the loop's
 # fixed-width sequence buffer, whose not-yet-written columns repeat a token the row already holds.
-_SET_RULES = (lp.SuppressTokensLogitsProcessor, lp.RepetitionPenaltyLogitsProcessor, lp.InfNanRemoveLogitsProcessor)
+_SET_RULES = (lp.RepetitionPenaltyLogitsProcessor, lp.InfNanRemoveLogitsProcessor)
 
 
 @dataclass(frozen=True)
@@ -122,6 +122,18 @@ class _EosBlockedUntil:
         return torch.where(self.eos_mask & (written < self.until), -float("inf"), scores)
 
 
+class _Suppressed:
+    """transformers' SuppressTokensLogitsProcessor with its mask built once on the device: the processor moves its
+    token list to the device in every call, a host-to-device copy that stream capture refuses (found on an H200 with
+    Qwen2.5-VL-7B, whose output layer has 399 rows past the tokenizer, all suppressed)."""
+
+    def __init__(self, suppress_tokens: torch.Tensor, vocab: int, device):
+        self.mask = torch.isin(torch.arange(vocab, device=device), suppress_tokens.to(device))
+
+    def __call__(self, seq, scores, written):
+        return torch.where(self.mask, -float("inf"), scores)
+
+
 def _rules_and_warpers(processors, prompt_length: int, eos_ids, vocab: int, device):
     """transformers' processor list -> (rules: (seq, scores, written) -> scores, warpers: (seq, scores) -> scores)."""
     rules, warpers = [], []
@@ -134,6 +146,8 @@ def _rules_and_warpers(processors, prompt_length: int, eos_ids, vocab: int, devi
             rules.append(_EosBlockedUntil(eos_ids, processor.min_new_tokens, vocab, device))
         elif isinstance(processor, lp.MinLengthLogitsProcessor):
             rules.append(_EosBlockedUntil(eos_ids, processor.min_length - prompt_length, vocab, device))
+        elif isinstance(processor, lp.SuppressTokensLogitsProcessor):
+            rules.append(_Suppressed(processor.suppress_tokens, vocab, device))
         elif isinstance(processor, _SET_RULES):
             rules.append(lambda seq, scores, written, rule=processor: rule(seq, scores))
         else:

@@ -122,3 +122,24 @@ def test_locator_decoding_stops_at_the_complete_box_so_a_long_label_costs_no_ste
     full = generate(model, adapter, batch, GenerationSettings(max_new_tokens=200), skip_special_tokens=False)
     hook.remove()
     assert full.texts == targets and len(steps) == max(map(len, scripts))  # without the stop: every label token
+
+
+def test_a_reasoning_only_template_is_refused_by_name(tiny_checkpoint, tmp_path):
+    # A Qwen3-VL-*-Thinking release shares model_type with Instruct; only its template, which opens <think> after
+    # the assistant turn, tells them apart. The stand-in of that template on an otherwise loadable folder.
+    import json
+    import shutil
+
+    from sc_tune.adapters import adapter_class
+    from sc_tune.adapters.base import ThinkingCheckpointError
+    from sc_tune.tiny.chat_templates import QWEN3_VL_THINKING_TEMPLATE
+
+    folder = tmp_path / "thinking"
+    shutil.copytree(tiny_checkpoint("qwen3_vl"), folder)
+    adapter_class("qwen3_vl").from_pretrained(str(folder))  # the instruct stand-in loads
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "chat_template.jinja").write_text(QWEN3_VL_THINKING_TEMPLATE)
+    with pytest.raises(ThinkingCheckpointError, match=str(folder)):
+        adapter_class("qwen3_vl").from_pretrained(str(folder))

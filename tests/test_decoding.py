@@ -401,3 +401,30 @@ def test_a_failed_capture_falls_back_to_the_model_part_then_to_eager_steps(monke
     monkeypatch.setattr(decoding, "_capture", refuse)
     assert decoding._capture_or_fall_back(step, loop) is step  # both refused: the call decodes eagerly
     assert decoding.STATS.pop().graph_failures == 2
+
+
+def test_with_sctunes_loop_locator_answers_end_at_their_box_as_with_transformers(tmp_path):
+    # The warm start's locator writes boxes that parse, in Qwen3-VL's fenced form with the caption as its label
+    # after the box: transformers' loop stops there (BoxCompleteStop); SC-Tune's loop cannot check text per step, so
+    # its rows are cut at the box after the loop (rollout.box_end_tokens). Both must give the same answers.
+    import json
+
+    from PIL import Image
+
+    from sc_tune.synthetic.shapes import write_split
+    from tests.conftest import WARM_START
+
+    write_split(tmp_path, "train", 4, seed=5)
+    records = json.loads((tmp_path / "train.json").read_text())[:4]
+    model, adapter = load_model_and_adapter(WARM_START)
+    model.eval()
+    images = [adapter.prepare_image(Image.open(tmp_path / r["image"]).convert("RGB")) for r in records]
+    captions = [r["caption"] for r in records]
+    settings = GenerationSettings(max_new_tokens=80)  # room for the label after the box
+    boxes, texts = locate(model, adapter, images, captions, settings, fit_budget=False)
+    looped_boxes, looped = locate(model, adapter, images, captions, settings, fit_budget=False,
+                                  decoding=Decoding(static_cache=False))
+    assert sum(b is not None for b in boxes) >= 3, texts  # the test can tell: the answers hold boxes
+    # each answer ends with the token that completes its box: the label after it is never decoded
+    assert all('"label"' not in t for t, b in zip(texts, boxes) if b is not None), texts
+    assert looped == texts and looped_boxes == boxes

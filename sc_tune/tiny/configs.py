@@ -119,15 +119,7 @@ def _qwen2_5_vl_config(tokenizer, sizes: TinySizes):
 
 
 def _qwen3_vl_vision(sizes: TinySizes) -> dict:
-    return dict(
-        _QWEN_VISION,
-        hidden_size=sizes.vision_width,
-        out_hidden_size=sizes.hidden,
-        intermediate_size=2 * sizes.vision_width,
-        patch_size=16,
-        num_position_embeddings=64,
-        deepstack_visual_indexes=[0],
-    )
+    return dict(_qwen3_5_vision(sizes), deepstack_visual_indexes=[0])  # Qwen3.5's tower has no DeepStack
 
 
 def _qwen3_vl_text(tokenizer, sizes: TinySizes) -> dict:

@@ -337,7 +337,7 @@ def locate(
     """Ground each caption; returns normalised boxes (``None`` on a parse failure) and the raw texts.
 
     ``fit_budget`` raises ``settings.max_new_tokens`` to the family's longest box (see ``fit_locator_budget``).
-    Each row stops once its answer holds a complete box."""
+    Each row's answer ends with the token that completes its box (see ``generate``'s ``stop_at_box``)."""
     if fit_budget:
         settings = fit_locator_budget(adapter, images, settings, captions)
     batch = adapter.build_batch([adapter.locator_prompt(c, im) for c, im in zip(captions, images)], images)

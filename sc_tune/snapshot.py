@@ -152,12 +152,18 @@ def row_adapters(model: torch.nn.Module, blocks: Sequence[tuple[str, int, int]])
     """Run LoRA layers with adapter ``name`` on rows ``start:end`` of every input, for each ``(name, start, end)``.
 
     One decode loop then holds the policy's rows and the snapshot's (``sc_tune.decoding``): the base weights are read
-    once per step for both. Each row gets exactly the LoRA term of its adapter, in PEFT's formula and dtypes
+    once per step for both. Each row gets its adapter's LoRA term, in PEFT's formula and dtypes
     (``base(x) + lora_B(lora_A(dropout(x))) * scaling``, the sum cast back to the base output's dtype).
 
     Why not PEFT's ``adapter_names``: its mixed-batch path gathers each adapter's rows with a Python list of indices in
     every LoRA layer, a host-to-device copy per layer per step (196 per decode step on Qwen2.5-VL-7B) that CUDA graph
-    capture refuses. Our rows come in contiguous blocks (sampled rows, then greedy rows), so slices do.
+    capture refuses. Our rows come in contiguous blocks (sampled rows, then greedy rows).
+
+    Why one term for all blocks (:class:`_StackedRowTerms`) rather than one per block: a decode step is a few thousand
+    small kernels, each with a fixed cost on a GPU. Per block a LoRA layer launches five (two matmuls, scale, add, copy
+    back), ten for two blocks; stacked it launches four for any number of blocks, as PEFT's forward of one adapter
+    does (``scripts/count_decode_ops.py``). Where a block's dropout is active (training mode, p > 0) each block runs on
+    its own, as PEFT would drop out its rows.
     """
     from peft.tuners.lora import Linear as LoraLinear
 
@@ -169,7 +175,7 @@ def row_adapters(model: torch.nn.Module, blocks: Sequence[tuple[str, int, int]])
             if name not in layer.lora_A or name in layer.lora_variant or layer.use_dora.get(name, False):
                 raise ValueError(f"row_adapters: adapter {name!r} is missing or not plain LoRA in {type(layer).__name__}")
 
-    def add_row_terms(layer, args, output):
+    def add_block_terms(layer, args, output):
         x = args[0]
         for name, start, end in blocks:
             lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
@@ -183,13 +189,67 @@ def row_adapters(model: torch.nn.Module, blocks: Sequence[tuple[str, int, int]])
     try:
         for layer in layers:
             layer._active_adapter = []  # the layer itself adds no adapter: the hook adds each block's
-            handles.append(layer.register_forward_hook(add_row_terms))
+            stacked = _StackedRowTerms.for_layer(layer, blocks)
+            handles.append(layer.register_forward_hook(add_block_terms if stacked is None else stacked))
         yield model
     finally:
         for handle in handles:
             handle.remove()
         for layer, prev in zip(layers, previous):
             layer._active_adapter = prev
+
+
+class _StackedRowTerms:
+    """Every block's LoRA term of one layer in two matmuls: the adapters' A matrices stacked along the rank,
+    ``h = x @ [A_1; A_2]^T``; each row keeps its own adapter's columns, times that adapter's scaling, and zeroes the
+    others; ``term = h' @ [B_1, B_2]^T``. Each row's term is PEFT's ``B(A x) * scaling`` for its adapter up to where
+    the scaling is applied and the matmuls' summation order (the zeroed columns add exact zeros): the last bit at
+    most, and nothing where the scaling is a power of two, as the default alpha / r = 16 / 64 is. The stacked weights
+    are copies taken on entry: the adapters must not change while the context is open (they do not within a generate
+    call). Rows outside every block get no term."""
+
+    def __init__(self, A_Rin: torch.Tensor, B_outR: torch.Tensor, ranks: list[int], scalings: list[float],
+                 blocks: Sequence[tuple[str, int, int]]):
+        self.A_Rin, self.B_outR = A_Rin, B_outR
+        self.ranks, self.scalings, self.blocks = ranks, scalings, blocks
+        self.keep: dict[tuple, torch.Tensor] = {}
+
+    @classmethod
+    def for_layer(cls, layer, blocks: Sequence[tuple[str, int, int]]) -> _StackedRowTerms | None:
+        names = [name for name, _, _ in blocks]
+        weights_A = [layer.lora_A[name].weight for name in names]
+        weights_B = [layer.lora_B[name].weight for name in names]
+        dropouts_active = any(
+            isinstance(layer.lora_dropout[name], torch.nn.Dropout) and layer.lora_dropout[name].training
+            and layer.lora_dropout[name].p > 0 for name in names
+        )
+        same_kind = len({(w.dtype, w.device) for w in weights_A + weights_B}) == 1
+        if dropouts_active or not same_kind or any(w.dim() != 2 for w in weights_A + weights_B):
+            return None
+        with torch.no_grad():
+            A_Rin, B_outR = torch.cat(weights_A, dim=0), torch.cat(weights_B, dim=1)
+        return cls(A_Rin, B_outR, [w.shape[0] for w in weights_A], [layer.scaling[n] for n in names], blocks)
+
+    def _keep(self, rows: int, ndim: int, device, dtype) -> torch.Tensor:
+        """Each row's scaling on its own adapter's rank columns, 0 elsewhere, shaped to broadcast over an input of
+        ``ndim`` dimensions; made once per shape (the prefill and the decode steps reuse it)."""
+        key = (rows, ndim, device, dtype)
+        if key not in self.keep:
+            # Filled on the device (fills, not host-to-device copies, should a first call come during graph capture)
+            keep_NR = torch.zeros(rows, sum(self.ranks), dtype=dtype, device=device)
+            first = 0
+            for rank, scaling, (_, start, end) in zip(self.ranks, self.scalings, self.blocks):
+                keep_NR[start:end, first:first + rank] = scaling
+                first += rank
+            self.keep[key] = keep_NR.view(rows, *(1,) * (ndim - 2), -1)  # broadcast over the sequence axes
+        return self.keep[key]
+
+    def __call__(self, layer, args, output):
+        x = layer._cast_input_dtype(args[0], self.A_Rin.dtype)
+        keep_NR = self._keep(x.shape[0], x.dim(), x.device, self.A_Rin.dtype)
+        term = torch.nn.functional.linear(torch.nn.functional.linear(x, self.A_Rin) * keep_NR, self.B_outR)
+        output.add_(term)  # summed in the wider dtype and cast back, as PEFT casts the sum
+        return output
 
 
 class AdapterSnapshot(Snapshot):

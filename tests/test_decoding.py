@@ -11,6 +11,7 @@ refusals name the family and the reason.
 import pytest
 import torch
 import torch._dynamo
+from peft.tuners.lora import Linear as LoraLinear
 from transformers.cache_utils import StaticCache
 
 import sc_tune.decoding as decoding
@@ -166,6 +167,39 @@ def test_one_loop_of_sampled_and_greedy_rows_equals_the_separate_calls(tiny_chec
     assert torch.equal(fused_sampled.ids_BT, sampled.ids_BT) and fused_sampled.texts == sampled.texts
     assert torch.equal(fused_greedy.ids_BT, greedy.ids_BT) and fused_greedy.texts == greedy.texts
     assert batch.inputs["input_ids"].shape[0] == 3  # the samples' own prompt batch, for the scoring pass
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_row_adapters_give_each_row_its_adapters_logits(tiny_checkpoint, dropout):
+    """Rows 0-1 with the policy's adapter, 2 with the snapshot's (whose scaling differs), 3 with none: each row's
+    logits equal a forward of that row's batch with its adapter alone (the base model for row 3). With an active
+    dropout of p = 1 (every LoRA input dropped, so no term at all) the per-block path runs instead."""
+    model, adapter = _two_adapter_model(tiny_checkpoint, "qwen2_5_vl")
+    for module in model.modules():
+        if isinstance(module, LoraLinear):
+            module.scaling["snapshot"] *= 3.0
+            if dropout:
+                module.lora_dropout["default"] = torch.nn.Dropout(p=1.0).train()
+                module.lora_dropout["snapshot"] = torch.nn.Dropout(p=1.0).train()
+    images, boxes = sample_images(adapter, n=4)
+    boxes[1] = [0.5, 0.5, 0.51, 0.52]  # prompts of different lengths: left-padded rows
+    batch = adapter.build_batch([adapter.describer_prompt(b, im) for b, im in zip(boxes, images)], images)
+    with torch.no_grad():
+        expected = []
+        for name in ("default", "default", "snapshot", None):
+            if name is None or dropout:
+                with model.disable_adapter():
+                    expected.append(model(**batch.inputs).logits)
+            else:
+                with active_adapter(model, name):
+                    expected.append(model(**batch.inputs).logits)
+        with row_adapters(model, [("default", 0, 2), ("snapshot", 2, 3)]):
+            got = model(**batch.inputs).logits
+    for row in range(4):
+        torch.testing.assert_close(got[row], expected[row][row], rtol=1e-5, atol=1e-5)
+    if not dropout:
+        assert not torch.allclose(expected[0][2], expected[2][2], atol=1e-3), "the adapters must differ"
+        assert not torch.allclose(expected[0][3], expected[3][3], atol=1e-3), "the adapter must differ from the base"
 
 
 def test_noise_blocks_sample_each_block_as_its_own_call(tiny_checkpoint):

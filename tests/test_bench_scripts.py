@@ -43,3 +43,19 @@ def test_gpu_check_dry_run_prints_the_decoding_figures_and_takes_the_fast_path(c
         assert fast["locating_prefix_engaged"] is locating_prefix and unfused["locating_prefix_engaged"] is locating_prefix
         assert report["describer_transformers"]["decode_calls"] == 0  # transformers' own loop: measured by hooks
         assert report["describer_fast"]["stages_per_step"]["vision_encoding"] > 0
+
+
+def test_count_decode_ops_counts_the_lora_kernels_of_a_fused_step(capsys, monkeypatch):
+    """One layer: PEFT's forward of one adapter adds 4 kernels per LoRA layer (two matmuls, scale, add); the fused
+    loop's two adapters per row block add 10, stacked 4 (``sc_tune.snapshot._StackedRowTerms``)."""
+    monkeypatch.syspath_prepend(f"{ROOT}/scripts")
+    sys.modules.pop("count_decode_ops", None)
+    import count_decode_ops
+
+    count_decode_ops.main(["--layers", "1"])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["lora_layers"] == 7  # q, k, v, o, gate, up, down
+    assert report["one_adapter"]["lora_kernel_ops_per_layer"] == 4
+    assert report["row_adapters_per_block"]["lora_kernel_ops_per_layer"] == 10
+    assert report["row_adapters"]["lora_kernel_ops_per_layer"] == 4
+    assert report["base"]["kernel_ops"] < report["base"]["ops"]

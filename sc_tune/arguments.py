@@ -248,6 +248,10 @@ class SCTuneConfig(TrainingArguments):
         default=20, metadata={"help": "Locator budget, in tokens; raised to fit the family's widest answer, + 8."}
     )
     locator_min_new_tokens: int = field(default=3, metadata={"help": "Shortest locator answer, in tokens."})
+    pseudo_label_min_iou: float = field(
+        default=0.0,
+        metadata={"help": "Locator phase: train only on pseudo-labels the snapshot grounds back at IoU >= this (0: all)."},
+    )
     # ---- pictures
     log_rollouts_steps: int = field(
         default=0,
@@ -376,7 +380,7 @@ class SCTuneConfig(TrainingArguments):
         """Values that would train the wrong way silently (a negative LR ascends, an infinite one writes
         non-finite weights) or crash mid-run. Every float knob must be finite first (``inf > 0`` is true), except
         +inf for a guard (turning it off)."""
-        floats = ("describer_lr", "locator_lr", "kl_coef", "kl_target", "kl_horizon", "clip_range", "gamma",
+        floats = ("describer_lr", "locator_lr", "pseudo_label_min_iou", "kl_coef", "kl_target", "kl_horizon", "clip_range", "gamma",
                   "ratio_threshold", "policy_kl_stop", "describer_top_p", "describer_temperature", "weight_decay",
                   "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm")
         # Guards whose +inf has a meaning, "never": never skip an update, never stop the epochs, never clip.
@@ -413,6 +417,7 @@ class SCTuneConfig(TrainingArguments):
             ("locator_max_new_tokens", self.locator_max_new_tokens >= 1, "must be >= 1"),
             ("describer_min_new_tokens", 0 <= self.describer_min_new_tokens <= self.describer_max_new_tokens,
              f"must be in [0, --describer_max_new_tokens {self.describer_max_new_tokens}]"),
+            ("pseudo_label_min_iou", 0 <= self.pseudo_label_min_iou <= 1, "must be in [0, 1]"),
             ("locator_min_new_tokens", 0 <= self.locator_min_new_tokens <= self.locator_max_new_tokens,
              f"must be in [0, --locator_max_new_tokens {self.locator_max_new_tokens}]"),
         ]

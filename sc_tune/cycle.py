@@ -12,7 +12,10 @@ A describer rollout runs four stages, in this order, each returning a dataclass:
 
 then the baseline and the terminal advantage (``sc_tune.baselines``) make a ``DescriberRollout``. A locator rollout
 is one stage: the snapshot's greedy caption of each box, paired with the box's TRUE box, is the pseudo-label the
-locator learns (``LocatorRollout``).
+locator learns (``LocatorRollout``). With ``--pseudo_label_min_iou`` the snapshot also locates its own captions, and
+a pseudo-label whose caption it grounds elsewhere is left out of the loss: such a caption is ambiguous or names what
+the object is not (a wrong colour), and learning to map it to the true box teaches the locator to ignore the words
+that contradict the picture, which would let the describer write them unpunished.
 
 Cache decisions, all taken here:
 
@@ -62,7 +65,7 @@ from sc_tune.decoding import Decoding, SampledRows, choose_decoding
 from sc_tune.phases import PhasePosition
 from sc_tune.preflight import PreflightReport, referring_text, run_preflight, spread_indices
 from sc_tune.prompt_cache import ScoredPrompts, keep_prompt_columns
-from sc_tune.rewards import RewardBatch, RewardFunction, get_reward
+from sc_tune.rewards import RewardBatch, RewardFunction, cycle_iou, get_reward
 from sc_tune.rollout import Completions, GenerationSettings, describer_budget
 from sc_tune.snapshot import POLICY_ADAPTER, SNAPSHOT_ADAPTER, AdapterSnapshot, Snapshot, row_adapters
 from sc_tune.timing import StageClock
@@ -514,8 +517,15 @@ class RolloutCycle:
         ``batches``, the captions from one call (greedy: ``seeds`` are not used)."""
         images = [self.prepare_images(inputs) for inputs in batches]
         boxes = [inputs["boxes"].tolist() for inputs in batches]
-        with self.models.snapshot.generating() as snapshot, self.stage_clock.stage("snapshot_generation"):
-            _, all_captions = self.describe(snapshot, _concat(images), _concat(boxes), self.greedy_captions)
+        min_iou = self.args.pseudo_label_min_iou
+        with self.models.snapshot.generating() as snapshot:
+            with self.stage_clock.stage("snapshot_generation"):
+                _, all_captions = self.describe(snapshot, _concat(images), _concat(boxes), self.greedy_captions)
+            if min_iou > 0:
+                with self.stage_clock.stage("pseudo_label_locating"):
+                    found, _ = self.locate(snapshot, _concat(images), all_captions.texts)
+                # IoU whatever --reward is (a parse failure: 0, left out)
+                agreement_N = cycle_iou(found, torch.tensor(_concat(boxes), dtype=torch.float32)).reward_N
         results = []
         device = self.args.device
         for (start, end), part_images, part_boxes in zip(_offsets([len(part) for part in images]), images, boxes):
@@ -526,10 +536,15 @@ class RolloutCycle:
             pseudo = self.adapter.build_batch(
                 [self.adapter.locator_prompt(c, im) for c, im in zip(captions.texts, part_images)], part_images, targets
             )
-            target_len = int((pseudo.labels != -100).sum(1).max())
-            made = LocatorRollout({k: v.to(device) for k, v in pseudo.inputs.items()}, pseudo.labels.to(device),
-                                  target_len)
-            results.append(RolloutResult(made, {"caption_tokens": captions.mask_BT.float().sum(1).mean().cpu()}))
+            labels = pseudo.labels
+            target_len = int((labels != -100).sum(1).max())  # of every row, kept or not: the loss's span
+            metrics = {"caption_tokens": captions.mask_BT.float().sum(1).mean().cpu()}
+            if min_iou > 0:
+                kept_B = agreement_N[start:end] >= min_iou
+                labels = labels.masked_fill(~kept_B[:, None], -100)  # a left-out row adds no loss
+                metrics["pseudo_labels_kept"] = kept_B.float().mean()
+            made = LocatorRollout({k: v.to(device) for k, v in pseudo.inputs.items()}, labels.to(device), target_len)
+            results.append(RolloutResult(made, metrics))
         return results
 
     def rollouts(self, describer: bool, batches: Sequence[dict], seeds: Sequence[int] | None = None):

@@ -28,7 +28,8 @@ SET_BY_SC_TUNE_GROUP = "Trainer options SC-Tune sets (reference defaults, or ref
 TRAINER_GROUP = "Trainer options (inherited from transformers.TrainingArguments)"
 
 HELP_GROUPS = {
-    CYCLE_GROUP: ("describer_update_steps", "locator_update_steps", "describer_lr", "locator_lr", "max_steps"),
+    CYCLE_GROUP: ("describer_update_steps", "locator_update_steps", "describer_lr", "locator_lr", "max_steps",
+                  "pseudo_label_min_iou"),
     PPO_GROUP: ("reward", "kl_coef", "ppo_epochs", "clip_range", "gamma", "ratio_threshold", "policy_kl_stop"),
     BASELINE_GROUP: ("describer_baseline", "num_generations", "scale_rewards_by_group_std", "kl_controller",
                      "kl_target", "kl_horizon"),

@@ -310,10 +310,12 @@ class SCTuneTrainer(Trainer):
         keep = rollout.target_len + 1
         logits = model(**rollout.inputs, logits_to_keep=keep, use_cache=False).logits[:, :-1].float()
         labels = rollout.labels[:, -rollout.target_len :]
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
-        )
         answer = labels != -100
+        # Summed over the answer tokens, then divided by their count, not a mean: with --pseudo_label_min_iou a
+        # micro-batch may keep no row, and then its loss is 0 (a mean over no token is NaN).
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        ) / answer.sum().clamp(min=1)
         token_acc = ((logits.argmax(-1) == labels) & answer).sum() / answer.sum().clamp(min=1)
         self._log_mean_over_ranks("locator", {"loss": loss.detach(), "token_acc": token_acc})
         return loss

@@ -58,6 +58,8 @@ VARIANTS = {
     "policy_greedy": {"describer_baseline": "policy_greedy"},
     "group_mean": {"describer_baseline": "group_mean", "num_generations": 4, "per_device_train_batch_size": 8},
     "no_baseline": {"describer_baseline": "none"},
+    # A truthfulness remedy: the locator learns only from pseudo-labels its snapshot grounds back to the true box.
+    "pseudo_label_filter": {"pseudo_label_min_iou": 0.5},
 }
 ABLATIONS = ("sc_tune", "no_kl", "no_locator")
 BASELINES = ("sc_tune", "policy_greedy", "group_mean", "no_baseline")

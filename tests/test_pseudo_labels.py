@@ -1,0 +1,71 @@
+"""``--pseudo_label_min_iou``: the locator phase leaves out the pseudo-labels whose caption the snapshot's own locator
+grounds elsewhere, and a micro-batch that keeps none adds a loss of 0, not NaN."""
+
+from __future__ import annotations
+
+import torch
+
+from sc_tune.cycle import RolloutCycle
+from tests.helpers import make_trainer
+
+
+class FixedLocatorCycle(RolloutCycle):
+    """Locates each caption at a box chosen per row against the micro-batch's true boxes: row 0 exactly, row 1 in a
+    far corner, row 2 no box at all (a parse failure), row 3 shifted to IoU 0.6 with the true box."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.true_boxes, self.locate_calls = None, 0
+
+    def locator_rollouts(self, batches, seeds=None):
+        self.true_boxes = [box for inputs in batches for box in inputs["boxes"].tolist()]
+        return super().locator_rollouts(batches, seeds)
+
+    def locate(self, model, images, captions):
+        self.locate_calls += 1
+        assert len(captions) == len(self.true_boxes) == 4
+        x1, y1, x2, y2 = self.true_boxes[3]
+        shift = (x2 - x1) / 4  # IoU of a box moved by a quarter of its width: 0.75 / 1.25 = 0.6
+        boxes = [self.true_boxes[0], [0.0, 0.0, 1e-3, 1e-3], None, [x1 + shift, y1, x2 + shift, y2]]
+        return boxes, ["(fixed)"] * 4
+
+
+def _rollout(tiny_checkpoint, tmp_path, min_iou):
+    trainer = make_trainer(tiny_checkpoint("qwen2_5_vl"), str(tmp_path / str(min_iou)), cycle=FixedLocatorCycle,
+                           pseudo_label_min_iou=min_iou)
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.snapshot.sync_from_policy()
+    torch.manual_seed(0)
+    return trainer, trainer.cycle.locator_rollout(batch)
+
+
+def test_pseudo_labels_the_snapshot_grounds_elsewhere_are_left_out(tiny_checkpoint, tmp_path):
+    kept_all_trainer, kept_all = _rollout(tiny_checkpoint, tmp_path, 0.0)
+    assert kept_all_trainer.cycle.locate_calls == 0 and "pseudo_labels_kept" not in kept_all.metrics
+    trainer, filtered = _rollout(tiny_checkpoint, tmp_path, 0.5)
+    assert trainer.cycle.locate_calls == 1
+    labels, reference = filtered.rollout.labels, kept_all.rollout.labels
+    assert torch.equal(filtered.rollout.inputs["input_ids"], kept_all.rollout.inputs["input_ids"])
+    assert (reference != -100).sum(1).min() > 0  # every row had a target to leave out
+    assert torch.equal(labels[[0, 3]], reference[[0, 3]])  # grounded at IoU 1 and 0.6: kept as they were
+    assert bool((labels[[1, 2]] == -100).all())  # grounded elsewhere, or not at all: no loss
+    assert float(filtered.metrics["pseudo_labels_kept"]) == 0.5
+    assert filtered.rollout.target_len == kept_all.rollout.target_len
+
+    model = trainer.model.train()
+    loss = trainer.compute_loss(model, filtered.rollout)
+    reference_loss = trainer.compute_loss(model, kept_all.rollout)
+    assert torch.isfinite(loss) and not torch.isclose(loss, reference_loss)
+
+
+def test_a_micro_batch_that_keeps_no_pseudo_label_adds_a_zero_loss(tiny_checkpoint, tmp_path):
+    trainer, filtered = _rollout(tiny_checkpoint, tmp_path, 1.0)
+    assert float(filtered.metrics["pseudo_labels_kept"]) == 0.25  # only row 0 grounds at IoU 1, the threshold
+    rollout = filtered.rollout
+    rollout.labels[0] = -100  # and now none
+    model = trainer.model.train()
+    loss = trainer.compute_loss(model, rollout)
+    assert float(loss.detach()) == 0.0
+    loss.backward()  # a graph every rank can run backward through (DeepSpeed expects one), with zero gradients
+    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+    assert grads and all(float(g.abs().max()) == 0.0 for g in grads)

@@ -1,9 +1,12 @@
-"""The GPU check runs end to end on CPU (``--dry_run``): real sizes built on the meta device, then every setting it
-times, at toy size, through the same trainer path the GPU run takes (LoRA, gradient checkpointing, static decoding,
-fused decoding), printing the figures the GPU run prints."""
+"""The measurement scripts on CPU. The GPU check runs end to end (``--dry_run``): real sizes built on the meta
+device, then every setting it times, at toy size, through the same trainer path the GPU run takes (LoRA, gradient
+checkpointing, static decoding, fused decoding), printing the figures the GPU run prints. The decode-step op count
+and the locator diagnosis print what they claim."""
 
 import json
 import sys
+
+import pytest
 
 import sc_tune.rollout
 from tests.conftest import ROOT
@@ -59,3 +62,23 @@ def test_count_decode_ops_counts_the_lora_kernels_of_a_fused_step(capsys, monkey
     assert report["row_adapters_per_block"]["lora_kernel_ops_per_layer"] == 10
     assert report["row_adapters"]["lora_kernel_ops_per_layer"] == 4
     assert report["base"]["kernel_ops"] < report["base"]["ops"]
+
+
+def test_diagnose_locator_tells_the_described_object_from_the_others(capsys, monkeypatch, tmp_path):
+    """On the committed warm start, whose locator works, boxes land on the described object far above chance; the
+    shares of each group add up to 1."""
+    from sc_tune.synthetic.shapes import write_split
+    from tests.conftest import WARM_START
+
+    monkeypatch.syspath_prepend(f"{ROOT}/scripts")
+    sys.modules.pop("diagnose_locator", None)
+    import diagnose_locator
+
+    write_split(tmp_path, "heldout", 12, seed=3)  # 2-4 objects each: at least 24
+    diagnose_locator.main(["--checkpoint", WARM_START, "--data", str(tmp_path), "--objects", "20"])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    everything = report["all"]
+    assert everything["objects"] == 20
+    assert report["unique_shape"]["objects"] + report["shared_shape"]["objects"] == 20
+    assert sum(everything[k] for k in ("described", "other_object", "none", "unparsed")) == pytest.approx(1, abs=0.01)
+    assert everything["described"] > everything["chance"] + 0.3

@@ -35,6 +35,26 @@ def test_every_cited_file_exists_and_nothing_points_outside():
     assert not outside, f"these cite notes outside the repository: {outside}"
 
 
+def test_committed_warm_starts_answer_in_todays_answer_form(tmp_path):
+    """A warm start built before its family's answer form changed writes boxes no codec reads: the benchmark then
+    measures parse failures. Each committed warm start's locator must write boxes that parse, for held-out captions."""
+    from sc_tune.images import load_rgb
+    from sc_tune.jsonio import read_json
+    from sc_tune.modeling import load_model_and_adapter
+    from sc_tune.rollout import locate
+    from sc_tune.synthetic.evaluate import LOCATE
+    from sc_tune.synthetic.shapes import write_split
+
+    write_split(tmp_path, "heldout", 3, seed=5)
+    records = read_json(tmp_path / "heldout.json")[:6]
+    for folder in ("warm_start", "warm_start_qwen3_5"):
+        model, adapter = load_model_and_adapter(str(ROOT / "checkpoints" / folder))
+        images = [adapter.prepare_image(load_rgb(str(tmp_path / r["image"]))) for r in records]
+        boxes, texts = locate(model.eval(), adapter, images, [r["caption"] for r in records], LOCATE)
+        parsed = sum(box is not None for box in boxes)
+        assert parsed >= len(records) - 1, f"checkpoints/{folder}: {len(records) - parsed} unparsed, e.g. {texts[0]!r}"
+
+
 def test_committed_warm_starts_load_as_their_architecture():
     # scripts/benchmark.py --warm_start takes either folder; each must load through the registry as the
     # family its warm_start.json records.

@@ -50,6 +50,8 @@ def run_settings(args, model, schedule: PhaseSchedule, deepspeed: bool) -> dict:
         "world_size": args.world_size,
         "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
         "deepspeed": deepspeed,
+        # Only when on, so that runs saved before the flag existed (off) still resume.
+        **({"pseudo_label_min_iou": args.pseudo_label_min_iou} if args.pseudo_label_min_iou else {}),
     }
 
 

@@ -142,6 +142,7 @@ def test_no_complete_checkpoint_is_a_clear_error(runs, tmp_path):
         (["--per_device_train_batch_size", "1"], "per_device_train_batch_size: checkpoint 2, now 1"),
         (["--locator_update_steps", "2"], "schedule"),
         (["--kl_coef", "0.5"], "kl_coef: checkpoint 0.01, now 0.5"),
+        (["--pseudo_label_min_iou", "0.5"], "pseudo_label_min_iou: checkpoint None, now 0.5"),
     ],
 )
 def test_resume_refuses_changed_settings(runs, tmp_path, change, message):

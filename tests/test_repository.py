@@ -47,7 +47,7 @@ def test_committed_warm_starts_answer_in_todays_answer_form(tmp_path):
 
     write_split(tmp_path, "heldout", 3, seed=5)
     records = read_json(tmp_path / "heldout.json")[:6]
-    for folder in ("warm_start", "warm_start_qwen3_5"):
+    for folder in ("warm_start", "warm_start_qwen3_5", "warm_start_internvl"):
         model, adapter = load_model_and_adapter(str(ROOT / "checkpoints" / folder))
         images = [adapter.prepare_image(load_rgb(str(tmp_path / r["image"]))) for r in records]
         boxes, texts = locate(model.eval(), adapter, images, [r["caption"] for r in records], LOCATE)
@@ -61,7 +61,7 @@ def test_committed_warm_starts_load_as_their_architecture():
     from sc_tune.jsonio import read_json
     from sc_tune.modeling import load_model_and_adapter
 
-    for folder in ("warm_start", "warm_start_qwen3_5"):
+    for folder in ("warm_start", "warm_start_qwen3_5", "warm_start_internvl"):
         path = ROOT / "checkpoints" / folder
         recorded = read_json(path / "warm_start.json")["config"]
         model, _ = load_model_and_adapter(str(path))

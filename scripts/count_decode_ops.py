@@ -37,6 +37,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench_configs import CONFIGS, prepare  # noqa: E402
+from bench_step import synthetic_batch  # noqa: E402
+from peft.tuners.lora import Linear as LoraLinear  # noqa: E402
 
 import sc_tune.decoding as decoding  # noqa: E402
 import sc_tune.snapshot as snapshot  # noqa: E402
@@ -105,9 +107,7 @@ def main(argv=None):
     model = apply_lora(model, adapter, LoraArguments(use_lora=True), gradient_checkpointing=False)
     model.add_adapter(SNAPSHOT_ADAPTER, model.peft_config[POLICY_ADAPTER])
     model.eval()
-    lora_layers = sum(1 for m in model.modules() if type(m).__name__ == "Linear" and hasattr(m, "lora_A"))
-
-    from bench_step import synthetic_batch
+    lora_layers = sum(1 for m in model.modules() if isinstance(m, LoraLinear))
 
     samples = synthetic_batch(opts.boxes, base.image_size)
     images = [adapter.prepare_image(s["image"]) for s in samples]

@@ -153,7 +153,8 @@ def row_adapters(model: torch.nn.Module, blocks: Sequence[tuple[str, int, int]])
 
     One decode loop then holds the policy's rows and the snapshot's (``sc_tune.decoding``): the base weights are read
     once per step for both. Each row gets its adapter's LoRA term, in PEFT's formula and dtypes
-    (``base(x) + lora_B(lora_A(dropout(x))) * scaling``, the sum cast back to the base output's dtype).
+    (``base(x) + lora_B(lora_A(dropout(x))) * scaling``, the sum cast back to the base output's dtype), up to where the
+    stacked terms apply the scaling and the matmuls' summation order (:class:`_StackedRowTerms`).
 
     Why not PEFT's ``adapter_names``: its mixed-batch path gathers each adapter's rows with a Python list of indices in
     every LoRA layer, a host-to-device copy per layer per step (196 per decode step on Qwen2.5-VL-7B) that CUDA graph

@@ -41,9 +41,10 @@ def main(argv=None):
     torch.set_num_threads(1)
     model, adapter = load_model_and_adapter(opts.checkpoint)
     model.eval()
-    records = read_json(os.path.join(opts.data, "heldout.json"))[: opts.objects]
+    every_record = read_json(os.path.join(opts.data, "heldout.json"))
+    records = every_record[: opts.objects]
     scenes = defaultdict(list)  # every object of each image, in all of heldout.json
-    for record in read_json(os.path.join(opts.data, "heldout.json")):
+    for record in every_record:
         scenes[record["image"]].append(record)
     counts = {group: defaultdict(int) for group in ("all", "unique_shape", "shared_shape")}
     for start in range(0, len(records), opts.batch):

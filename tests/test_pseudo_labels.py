@@ -69,3 +69,46 @@ def test_a_micro_batch_that_keeps_no_pseudo_label_adds_a_zero_loss(tiny_checkpoi
     loss.backward()  # a graph every rank can run backward through (DeepSpeed expects one), with zero gradients
     grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
     assert grads and all(float(g.abs().max()) == 0.0 for g in grads)
+
+
+class LocateRecordingCycle(RolloutCycle):
+    """The trainer's cycle, keeping what each locate call found."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.found = []
+
+    def locate(self, model, images, captions):
+        found, texts = super().locate(model, images, captions)
+        self.found.append(found)
+        return found, texts
+
+
+def test_on_a_warm_start_the_filter_keeps_what_its_own_locator_grounds_back(tmp_path):
+    """The real path, on the committed warm start (whose locator writes boxes that parse) and shapes scenes: the
+    snapshot locates its own captions; a row keeps its pseudo-label, unchanged, exactly where the box found has
+    IoU >= 0.5 with the true box, and some rows of each kind occur."""
+    from sc_tune.boxes import box_iou
+    from sc_tune.data import ReferringDataset
+    from sc_tune.synthetic.shapes import write_split
+    from tests.conftest import WARM_START
+
+    write_split(tmp_path / "data", "train", 12, seed=4)
+    dataset = ReferringDataset.from_file(str(tmp_path / "data" / "train.json"), str(tmp_path / "data"))
+    rollouts, trainers = {}, {}
+    for min_iou in (0.0, 0.5):
+        trainer = make_trainer(WARM_START, str(tmp_path / str(min_iou)), dataset=dataset, cycle=LocateRecordingCycle,
+                               pseudo_label_min_iou=min_iou, per_device_train_batch_size=32, locator_max_new_tokens=32,
+                               describer_max_new_tokens=8)
+        batch = next(iter(trainer.get_train_dataloader()))
+        trainer.snapshot.sync_from_policy()
+        rollouts[min_iou], trainers[min_iou] = trainer.cycle.locator_rollout(batch), trainer
+    (found,) = trainers[0.5].cycle.found
+    assert all(box is not None for box in found), "the warm start's boxes parse"
+    iou_B = box_iou(torch.tensor(found), batch["boxes"].float())
+    kept_all, filtered = rollouts[0.0].rollout.labels, rollouts[0.5].rollout.labels
+    kept_B = (filtered != -100).any(1)
+    assert torch.equal(kept_B, iou_B >= 0.5)
+    assert 0 < int(kept_B.sum()) < len(kept_B), "the warm start grounds some of its captions back, not all"
+    assert torch.equal(filtered[kept_B], kept_all[kept_B])
+    assert float(rollouts[0.5].metrics["pseudo_labels_kept"]) == float(kept_B.float().mean())

@@ -22,7 +22,8 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
-from trl.models.utils import prepare_deepspeed, unwrap_model_for_generation
+from trl.models.utils import prepare_deepspeed
+from trl.models.utils import unwrap_model_for_generation as _trl_unwrap_model_for_generation
 
 from sc_tune.moe import as_configured
 
@@ -94,7 +95,7 @@ class FullSnapshot(Snapshot):
     @contextmanager
     def generating(self):
         if self.zero3:
-            with unwrap_model_for_generation(self.engine, self.accelerator) as module:
+            with unwrapped_for_generation(self.engine, self.accelerator) as module:
                 yield module
         else:
             yield self.module
@@ -113,6 +114,43 @@ class FullSnapshot(Snapshot):
     def named_local_tensors(self):
         policy_params = dict(self.policy.named_parameters())
         return {n: _local(p) for n, p in self.module.named_parameters() if p is not policy_params[n]}
+
+
+@contextmanager
+def unwrapped_for_generation(model, accelerator, **kwargs):
+    """TRL's ``unwrap_model_for_generation`` (the bare module, ZeRO-3 shards gathered), without its hook leak.
+
+    TRL turns gradient checkpointing off for the block and on again after it. transformers (5.x) registers a new
+    forward hook on the input embeddings at every turn-on (``enable_input_require_grads``) and removes it at turn-off
+    only for models with its own PEFT integration, so every generation left one more hook behind: three per describer
+    rollout, one per locator step, each called in every later forward of the embeddings (every decode step of
+    transformers' ``generate``), and each one a guard that made a compiled decode step recompile. Here the input
+    embeddings keep exactly the hooks they had before the block."""
+    root = accelerator.unwrap_model(model)
+    models = [m for m in root.modules() if hasattr(m, "get_input_embeddings") and hasattr(m, "config")]
+    embeddings = {}
+    for m in models:
+        try:
+            embedding = m.get_input_embeddings()
+        except NotImplementedError:
+            continue
+        if isinstance(embedding, torch.nn.Module):
+            embeddings[id(embedding)] = (embedding, set(embedding._forward_hooks))
+    handles = [(m, m.__dict__.get("_require_grads_hooks"), m.__dict__.get("_require_grads_hook")) for m in models]
+    try:
+        with _trl_unwrap_model_for_generation(model, accelerator, **kwargs) as module:
+            yield module
+    finally:
+        for embedding, before in embeddings.values():
+            for key in set(embedding._forward_hooks) - before:
+                if getattr(embedding._forward_hooks[key], "__name__", "") == "make_inputs_require_grads":
+                    del embedding._forward_hooks[key]
+        for m, hooks, hook in handles:  # disable_input_require_grads must find the hooks that are still there
+            for name, value in (("_require_grads_hooks", hooks), ("_require_grads_hook", hook)):
+                if value is None:
+                    m.__dict__.pop(name, None)
+                else:
+                    m.__dict__[name] = value
 
 
 @contextmanager
@@ -269,7 +307,7 @@ class AdapterSnapshot(Snapshot):
     @contextmanager
     def generating(self):
         with (
-            unwrap_model_for_generation(
+            unwrapped_for_generation(
                 self.trainer.model_wrapped,
                 self.trainer.accelerator,
                 gradient_checkpointing_kwargs=self.trainer.args.gradient_checkpointing_kwargs,

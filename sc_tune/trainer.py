@@ -42,7 +42,6 @@ from contextlib import contextmanager
 import torch
 from accelerate.utils import DistributedType
 from transformers import Trainer
-from trl.models.utils import unwrap_model_for_generation
 
 from sc_tune.checkpoints import deepspeed_loads_without_pickle
 from sc_tune.cycle import (
@@ -62,7 +61,7 @@ from sc_tune.phases import Phase, PhaseLR, PhaseSchedule, reset_optimizer_moment
 from sc_tune.ppo import describer_advantages, masked_mean, per_token_kl, ppo_clip_loss
 from sc_tune.resume import RunState, load_weights_strictly, run_settings, staged_checkpoint
 from sc_tune.rewards import RewardFunction
-from sc_tune.snapshot import eval_mode, is_peft, make_snapshot, zero3_enabled
+from sc_tune.snapshot import eval_mode, is_peft, make_snapshot, unwrapped_for_generation, zero3_enabled
 from sc_tune.timing import timed_stage
 
 logger = logging.getLogger(__name__)
@@ -227,7 +226,7 @@ class SCTuneTrainer(Trainer):
 
     @contextmanager
     def _policy_for_generation(self):
-        with unwrap_model_for_generation(
+        with unwrapped_for_generation(
             self.model_wrapped, self.accelerator, gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
         ) as m, eval_mode(m):
             yield m

@@ -2,6 +2,7 @@
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 from PIL import Image
 
@@ -143,3 +144,33 @@ def test_the_adapter_snapshot_runs_without_dropout_and_leaves_the_policy_trainin
     checkpointed = [f for f in checkpointed if f is not None]
     assert checkpointed and all(f.keywords == trainer.args.gradient_checkpointing_kwargs for f in checkpointed)
 
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["adapter_snapshot", "full_copy_snapshot"])
+def test_generation_leaves_no_hook_behind_on_the_input_embeddings(tiny_checkpoint, tmp_path, lora):
+    # TRL turns gradient checkpointing off and on around every generation, and transformers adds an input-embedding
+    # hook at each turn-on: before sc_tune.snapshot.unwrapped_for_generation, each rollout left hooks behind that
+    # every later forward ran (and that made a compiled decode step recompile at every call).
+    trainer = make_trainer(
+        tiny_checkpoint("qwen2_vl"),
+        str(tmp_path / "run"),
+        model_transform=(lambda model, adapter: apply_lora(model, adapter, LORA, gradient_checkpointing=True))
+        if lora else None,
+        max_steps=4,
+        describer_update_steps=1,
+        locator_update_steps=1,
+        gradient_checkpointing=True,
+    )
+    embedding = trainer.model.get_input_embeddings()
+    counts = {}
+    original = trainer._begin_step
+
+    def spy(step):
+        original(step)
+        counts[step] = len(embedding._forward_hooks)
+
+    trainer._begin_step = spy
+    trainer.train()
+    assert set(counts) == {0, 1, 2, 3}  # two describer and two locator steps, each with its generations
+    assert counts[0] >= 1, "gradient checkpointing needs its input-embedding hook"
+    assert len(set(counts.values())) == 1 and len(embedding._forward_hooks) == counts[0], counts

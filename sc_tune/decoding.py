@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -103,6 +103,11 @@ class DecodeStats:
 
 
 STATS = DecodeStats()
+
+# Called with each decode step's index just before the step runs (after any capture), and with None once the call's
+# last step has finished (synchronised). Empty in training; ``scripts/gpu_check.py --profile`` opens and closes its
+# profiler window here, around replays only.
+STEP_HOOKS: list[Callable[[int | None], None]] = []
 
 
 def _sync(device: torch.device) -> None:
@@ -350,6 +355,8 @@ def _run(step, loop: _Loop, graphed: bool, device, logits) -> int:
             graphed = replay is not step
             _sync(device)
             capture += time.perf_counter() - began
+        for hook in STEP_HOOKS:
+            hook(steps)
         if graphed and steps == 0:
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
@@ -362,6 +369,8 @@ def _run(step, loop: _Loop, graphed: bool, device, logits) -> int:
         if logits is not None:
             logits.append(loop.logits.clone())
     _sync(device)
+    for hook in STEP_HOOKS:
+        hook(None)
     STATS.decode_seconds += time.perf_counter() - start - capture
     STATS.capture_seconds += capture
     if graphed and steps > 1:

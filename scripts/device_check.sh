@@ -10,10 +10,13 @@
 #   1. gate: toy Qwen2.5-VL and toy Qwen-VL-Chat through the GPU code path (static decoding, CUDA graphs, fused LoRA
 #      decoding; transformers' generate), seconds; a failure stops the script here;
 #   2. the acceptance figures: Qwen2.5-VL-7B (random init, bf16, LoRA), generation batch 64, describer and locator,
-#      `fast` (the trainer's CUDA defaults), then `transformers` (the same trainer on transformers' decoding loop);
-#      SETTINGS=fast,fast_unfused,transformers adds the unfused A/B;
-#   3. the real-size side-by-side against the reference's pass structure (bench_step.py, full fine-tuning, bf16,
-#      describer), in the time left;
+#      per setting in SETTINGS (default fast,compiled,transformers), each printed as it finishes, so the time limit
+#      cuts the last first: `fast` (the trainer's CUDA defaults) with a profile of 8 decode steps (where the step's
+#      time goes: kernels per step, device busy against wall time, time per kernel class, the costliest kernels;
+#      Chrome traces in $OUT/traces), `compiled` (the same through inductor, timed after its compiles, profiled),
+#      `transformers` (the same trainer on transformers' decoding loop);
+#   3. with SIDE_BY_SIDE=1 only (recorded on 2026-12-04): the real-size side-by-side against the reference's pass
+#      structure (bench_step.py, full fine-tuning, bf16, describer), in the time left;
 #   4. scripts/device_summary.py: the acceptance figures, printed and written to $OUT/acceptance.json.
 # Every stage prints as it goes (per setting and phase), so a stage cut by its timeout still leaves its figures.
 # DRY=1 runs the same plumbing on a CPU machine at toy size (no wheels, --dry_run), to check the script.
@@ -24,7 +27,8 @@ SCALE=1
 OUT=${OUT:-/tmp/device_check_out}
 DEADLINE=${DEADLINE:-420}
 [ "$DRY" = 1 ] && DEADLINE=$(( DEADLINE * SCALE ))
-SETTINGS=${SETTINGS:-fast,transformers}
+SETTINGS=${SETTINGS:-fast,compiled,transformers}
+SIDE_BY_SIDE=${SIDE_BY_SIDE:-0}
 mkdir -p "$OUT"
 START=$(date +%s)
 log() { echo "[device_check +$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/device_check.log"; }
@@ -80,12 +84,16 @@ grep -o '"graph_failures": [0-9]*' "$OUT/1_toy_gate.txt" | sort | uniq -c | tee 
 
 log "stage 2: Qwen2.5-VL-7B, generation batch 64 (acceptance: describer_fast new_tokens_per_s >= 2000, ratio <= 2.5)"
 # shellcheck disable=SC2086
-run 2_real_size 200 python3 scripts/gpu_check.py $REAL --settings "$SETTINGS"
+run 2_real_size 330 python3 scripts/gpu_check.py $REAL --settings "$SETTINGS" --profile 8 --profile_dir "$OUT/traces"
 grep -o '"acceptance": {[^}]*}' "$OUT/2_real_size.txt" | tee -a "$OUT/device_check.log"
 
-log "stage 3: side-by-side (bench_step, full fine-tuning, bf16, batch 8, describer)"
-# shellcheck disable=SC2086
-run 3_bench_step 150 python3 scripts/bench_step.py $BENCH
+if [ "$SIDE_BY_SIDE" = 1 ]; then
+    log "stage 3: side-by-side (bench_step, full fine-tuning, bf16, batch 8, describer)"
+    # shellcheck disable=SC2086
+    run 3_bench_step 150 python3 scripts/bench_step.py $BENCH
+else
+    log "stage 3: side-by-side skipped (SIDE_BY_SIDE=1 runs it)"
+fi
 
 log "stage 4: summary"
 summary

@@ -33,10 +33,19 @@ def last_json(path: str) -> dict:
     return {}
 
 
+def _profile_lines(profile: dict | None) -> dict | None:
+    """A profiled window's per-step totals and kernel classes (its top kernels stay in 2_real_size.txt)."""
+    if not profile or "kernels_per_step" not in profile:
+        return profile
+    keep = ("steps", "kernels_per_step", "kernel_ms_per_step", "busy_ms_per_step", "wall_ms_per_step", "by_class")
+    return {key: profile[key] for key in keep if key in profile}
+
+
 def summary(out: str) -> dict:
     real = setting_lines(os.path.join(out, "2_real_size.txt"))
     bench = last_json(os.path.join(out, "3_bench_step.txt"))
     fast, eager = real.get("describer_fast", {}), real.get("describer_transformers", {})
+    compiled = real.get("describer_compiled", {})
     figures = {
         "describer_new_tokens_per_s": fast.get("new_tokens_per_s"),
         "describer_decode_ms_per_step": fast.get("decode_ms_per_step"),
@@ -51,6 +60,11 @@ def summary(out: str) -> dict:
             if fast.get("step_seconds") and eager.get("step_seconds") else None
         ),
         "locator_new_tokens_per_s": real.get("locator_fast", {}).get("new_tokens_per_s"),
+        "describer_fast_profile": _profile_lines(fast.get("profile")),
+        "describer_compiled_new_tokens_per_s": compiled.get("new_tokens_per_s"),
+        "describer_compiled_decode_floor_ratio": compiled.get("decode_floor_ratio"),
+        "describer_compiled_compiles_in_timed_units": compiled.get("compiles_in_timed_units"),
+        "describer_compiled_profile": _profile_lines(compiled.get("profile")),
         "side_by_side_describer_ratio": bench.get("describer_ratio"),  # this trainer / the reference's passes
         "side_by_side_describer_seconds": bench.get("describer_seconds"),
         "side_by_side_peak_memory_gib": bench.get("peak_memory_gib"),

@@ -30,7 +30,17 @@ configuration, setting and phase the JSON holds:
 - ``generation_batch_size``: boxes per rollout; ``decode_rows``: rows per decode loop -> decode steps at that size;
 - ``new_tokens_per_s``: tokens ``generate`` wrote over the seconds spent in it (prefill included);
 - ``samples_per_s``: boxes per second of whole units; ``step_seconds`` and ``stages_per_step`` per optimizer step;
-- ``peak_memory_gib`` per configuration (``torch.cuda.max_memory_allocated``).
+- ``peak_memory_gib`` per configuration (``torch.cuda.max_memory_allocated``);
+- ``warmup_units`` and ``compiles_in_timed_units``: warm-up units run until one compiles nothing new (``compiled``
+  setting: a call whose cache length or adapters differ from every earlier one compiles again; at most 4), so that
+  the timed units time replays, not compilation; a non-zero count means the figures include compile time.
+
+``--profile N`` adds one unit per phase and setting of SC-Tune's decoding loop in which ``torch.profiler`` records N decode steps of the first
+decode call that reaches them (from its third step on a GPU: after the eager warm-up step and the capture), and
+reports under ``profile``: per step the kernels (CUDA; on CPU the top-level operators), their summed time, the time
+the device was busy and the wall time in the window (the profiler adds to it), the time per kernel class
+(``gemm``, ``attention``, ``elementwise``, ``reduction``, ``sort``, ``copy``, ``other``) and the 15 costliest
+kernels. ``--profile_dir DIR`` also writes each window's Chrome trace there (gzipped).
 
 The last line is one JSON object.
 """
@@ -42,12 +52,14 @@ import dataclasses
 import gc
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
 import time
 
 import torch
+from torch._dynamo.utils import counters as dynamo_counters
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -131,6 +143,104 @@ class GenerationMeter:
                "decode_forwards": self.decode_forwards, "by_rows": dict(self.by_rows)}
         self.tokens, self.seconds, self.prefill_seconds, self.decode_forwards, self.by_rows = 0, 0.0, 0.0, 0, {}
         return got
+
+
+# Kernel names -> a class, first match wins (cuBLAS/cuBLASLt, CUTLASS and inductor's Triton kernel names).
+KERNEL_CLASSES = (
+    ("attention", re.compile(r"fmha|flash|attention|sdpa|efficient_attention", re.I)),
+    ("gemm", re.compile(r"gemm|cutlass|xmma|nvjet|matmul|cublas|_mm_|splitk|aten::(add)?b?mm\b|aten::linear", re.I)),
+    ("sort", re.compile(r"sort|radix|topk", re.I)),
+    ("reduction", re.compile(r"reduce|softmax|norm|cumsum|scan|argmax|triton_red|triton_per", re.I)),
+    ("copy", re.compile(r"copy|memcpy|memset|index|cat|gather|scatter|fill", re.I)),
+    ("elementwise", re.compile(r"elementwise|vectorized|unrolled|triton_poi|aten::", re.I)),
+)
+
+
+def kernel_class(name: str) -> str:
+    for label, pattern in KERNEL_CLASSES:
+        if pattern.search(name):
+            return label
+    return "other"
+
+
+class DecodeProfile:
+    """``torch.profiler`` around decode steps ``first`` .. ``first + count - 1`` of the first decode call that reaches
+    step ``first`` (a ``sc_tune.decoding.STEP_HOOKS`` entry); ``summary()`` after the unit."""
+
+    def __init__(self, device: str, first: int, count: int, trace_path: str | None = None):
+        self.device, self.first, self.count, self.trace_path = device, first, count, trace_path
+        self.profiler, self.steps, self.done, self.wall, self._began = None, 0, False, 0.0, None
+
+    def _sync(self):
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def __call__(self, index):
+        if self.done:
+            return
+        if self.profiler is None:
+            if index == self.first:
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                if self.device.startswith("cuda"):
+                    activities.append(torch.profiler.ProfilerActivity.CUDA)
+                self._sync()
+                self.profiler = torch.profiler.profile(activities=activities)
+                self.profiler.__enter__()
+                self._began = time.perf_counter()
+                self.steps = 1
+            return
+        if index is None or index == self.first + self.count:
+            self._sync()
+            self.wall = time.perf_counter() - self._began
+            self.profiler.__exit__(None, None, None)
+            self.done = True
+            if self.trace_path:
+                self.profiler.export_chrome_trace(self.trace_path)
+        else:
+            self.steps += 1
+
+    def summary(self) -> dict | None:
+        if not self.done or not self.steps:
+            return None
+        events = self.profiler.events()
+        cuda = self.device.startswith("cuda")
+        if cuda:  # the kernels the device ran (graph replays included)
+            items = [(e.name, e.time_range.start, e.time_range.end) for e in events
+                     if e.device_type == torch.autograd.DeviceType.CUDA]
+        else:  # CPU: the top-level operators (a compiled region is one), each with its whole time
+            items = [(e.name, e.time_range.start, e.time_range.end) for e in events
+                     if e.device_type == torch.autograd.DeviceType.CPU and e.cpu_parent is None]
+        if not items:
+            return {"steps": self.steps, "error": "the profiler recorded no kernels"}
+        busy, end_of_busy = 0.0, float("-inf")  # the union of the intervals: time the device was doing something
+        for _, start, end in sorted(items, key=lambda item: item[1]):
+            if start > end_of_busy:
+                busy += end - start
+            elif end > end_of_busy:
+                busy += end - end_of_busy
+            end_of_busy = max(end_of_busy, end)
+        per_name, per_class = {}, {}
+        for name, start, end in items:
+            count, total = per_name.get(name, (0, 0.0))
+            per_name[name] = (count + 1, total + (end - start))
+            label = kernel_class(name)
+            count, total = per_class.get(label, (0, 0.0))
+            per_class[label] = (count + 1, total + (end - start))
+        steps = self.steps
+        ms = lambda us: round(us / 1000 / steps, 4)  # noqa: E731  (microseconds in the window -> ms per step)
+        top = sorted(per_name.items(), key=lambda kv: -kv[1][1])[:15]
+        return {
+            "steps": steps,
+            "what": "CUDA kernels" if cuda else "top-level CPU operators",
+            "kernels_per_step": round(len(items) / steps, 1),
+            "kernel_ms_per_step": ms(sum(end - start for _, start, end in items)),
+            "busy_ms_per_step": ms(busy),
+            "wall_ms_per_step": round(1000 * self.wall / steps, 4),
+            "by_class": {label: {"ms_per_step": ms(total), "per_step": round(count / steps, 1)}
+                         for label, (count, total) in sorted(per_class.items(), key=lambda kv: -kv[1][1])},
+            "top": [{"name": name[:120], "per_step": round(count / steps, 1), "ms_per_step": ms(total)}
+                    for name, (count, total) in top],
+        }
 
 
 def copy_bandwidth(device: str, megabytes: int, repeats: int = 10) -> float:
@@ -244,8 +354,15 @@ def run_config(name, opts, device, dtype, meter, bandwidth):
         for phase in phases:
             run = getattr(ours, phase)
             start = time.perf_counter()
-            run(inputs)  # warm-up: graph capture per call, any compilation, lazy allocations
+            # Warm-up: graph capture per call, lazy allocations, and compilation until a unit compiles nothing new
+            # (a compiled call whose cache length or adapters differ from every earlier one compiles again).
+            for warmup_units in range(1, 5):
+                compiled_before = dynamo_counters["stats"]["unique_graphs"]
+                run(inputs)
+                if dynamo_counters["stats"]["unique_graphs"] == compiled_before:
+                    break
             warmup = time.perf_counter() - start
+            compiled_before = dynamo_counters["stats"]["unique_graphs"]
             meter.pop()
             sc_tune.decoding.STATS.pop()
             seconds, stage_rows, logged = [], [], []
@@ -261,6 +378,20 @@ def run_config(name, opts, device, dtype, meter, bandwidth):
             generated = meter.pop()
             tokens, gen_seconds = generated["tokens"], generated["seconds"]
             stats = sc_tune.decoding.STATS.pop()
+            compiles = dynamo_counters["stats"]["unique_graphs"] - compiled_before
+            profile = None
+            if opts.profile and ours.trainer.cycle.decoding is not None:
+                trace = (os.path.join(opts.profile_dir, f"{name}_{phase}_{setting}.json.gz") if opts.profile_dir
+                         else None)
+                window = DecodeProfile(device, 2 if device.startswith("cuda") else 1, opts.profile, trace)
+                sc_tune.decoding.STEP_HOOKS.append(window)
+                try:
+                    run(inputs)
+                finally:
+                    sc_tune.decoding.STEP_HOOKS.remove(window)
+                    meter.pop()
+                    sc_tune.decoding.STATS.pop()
+                profile = window.summary() or {"error": "no decode call reached the profiled steps"}
             if ours.trainer.cycle.decoding is None:  # transformers' loop: generate time less its timed prefills
                 decode_seconds = gen_seconds - generated["prefill_seconds"]
                 decode_steps, by_rows = generated["decode_forwards"], generated["by_rows"]
@@ -281,6 +412,8 @@ def run_config(name, opts, device, dtype, meter, bandwidth):
                 "samples_per_s": round(batch / unit, 3),
                 "step_seconds": round(unit / steps, 3),
                 "warmup_seconds": round(warmup, 2),
+                "warmup_units": warmup_units,
+                "compiles_in_timed_units": compiles,
                 "capture_seconds": round(stats.capture_seconds / opts.units, 4),
                 "graph_calls": stats.graph_calls,
                 "graph_failures": stats.graph_failures,
@@ -292,6 +425,7 @@ def run_config(name, opts, device, dtype, meter, bandwidth):
                     k: round(statistics.median(r.get(k, 0.0) for r in stage_rows) / steps, 3) for k in stage_rows[0]
                 },
                 **_engagement(logged),
+                **({"profile": profile} if profile is not None else {}),
             }
             print(f"{name} {key}: {json.dumps(report[key])}", flush=True)
     if device.startswith("cuda"):
@@ -336,6 +470,9 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=None, help="boxes per rollout and per step (default: 64; 2 dry)")
     parser.add_argument("--units", type=int, default=2, help="timed units per phase and setting")
     parser.add_argument("--max_new_tokens", type=int, default=30)
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="profile N decode steps per phase and setting in one extra unit (0: off)")
+    parser.add_argument("--profile_dir", default=None, help="with --profile: write each window's Chrome trace here")
     parser.add_argument("--copy_megabytes", type=int, default=None, help="bandwidth benchmark size (GPU 2048, CPU 64)")
     opts = parser.parse_args(argv)
     unknown = set(opts.settings.split(",")) - set(ALL_SETTINGS)
@@ -351,6 +488,8 @@ def main(argv=None):
         names, device, dtype = (opts.configs or ",".join(GPU_CONFIGS)).split(","), "cuda", torch.bfloat16
         opts.batch = opts.batch or 64
         print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    if opts.profile_dir:
+        os.makedirs(opts.profile_dir, exist_ok=True)
     bandwidth = copy_bandwidth(device, opts.copy_megabytes or (2048 if device == "cuda" else 64))
     print(f"device-to-device copy: {bandwidth / 1e9:.1f} GB/s", flush=True)
     meter = GenerationMeter(device)

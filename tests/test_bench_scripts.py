@@ -22,7 +22,7 @@ def test_gpu_check_dry_run_prints_the_decoding_figures_and_takes_the_fast_path(c
     sys.modules.pop("gpu_check", None)
     import gpu_check
 
-    gpu_check.main(["--dry_run"])  # the GPU run's settings: fast, fast_unfused, transformers
+    gpu_check.main(["--dry_run", "--profile", "1"])  # the GPU run's settings: fast, fast_unfused, transformers
     out = capsys.readouterr().out
     assert "[meta] qwen2.5-vl-7b: 8.45 B parameters" in out and "[meta] qwen-vl-chat: 9.77 B parameters" in out
     results = json.loads(out.strip().splitlines()[-1])
@@ -46,6 +46,31 @@ def test_gpu_check_dry_run_prints_the_decoding_figures_and_takes_the_fast_path(c
         assert fast["locating_prefix_engaged"] is locating_prefix and unfused["locating_prefix_engaged"] is locating_prefix
         assert report["describer_transformers"]["decode_calls"] == 0  # transformers' own loop: measured by hooks
         assert report["describer_fast"]["stages_per_step"]["vision_encoding"] > 0
+        for key in ("describer_fast", "locator_fast", "describer_fast_unfused"):
+            assert report[key]["warmup_units"] == 1 and report[key]["compiles_in_timed_units"] == 0
+            profile = report[key]["profile"]  # one decode step of SC-Tune's loop (CPU: its top-level operators)
+            assert profile["steps"] == 1 and profile["kernels_per_step"] > 10, profile
+            assert 0 < profile["busy_ms_per_step"] <= profile["wall_ms_per_step"], profile
+            assert abs(sum(c["ms_per_step"] for c in profile["by_class"].values()) - profile["kernel_ms_per_step"]) < 0.01
+        assert "profile" not in report["describer_transformers"]  # transformers' loop has no step hooks
+
+
+def test_gpu_check_times_a_compiled_setting_only_after_its_compiles(capsys, monkeypatch):
+    """``compiled``: a call whose cache length or adapters differ from every earlier one compiles again (the
+    describer's fused loop is called with a longer cache once locating has run), so one warm-up unit is not enough;
+    the warm-up goes on until a unit compiles nothing and the timed units then compile nothing."""
+    monkeypatch.syspath_prepend(f"{ROOT}/scripts")
+    monkeypatch.setattr(sc_tune.rollout, "generate", sc_tune.rollout.generate)
+    sys.modules.pop("gpu_check", None)
+    import gpu_check
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    gpu_check.main(["--dry_run", "--configs", "toy-qwen2.5-vl", "--settings", "compiled"])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["toy-qwen2.5-vl"]
+    describer, locator = report["describer_compiled"], report["locator_compiled"]
+    assert describer["warmup_units"] >= 2  # one unit would have timed a compilation
+    assert describer["compiles_in_timed_units"] == 0 and locator["compiles_in_timed_units"] == 0
 
 
 def test_count_decode_ops_counts_the_lora_kernels_of_a_fused_step(capsys, monkeypatch):

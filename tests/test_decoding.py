@@ -277,6 +277,31 @@ def test_a_compiled_decode_step_decodes_the_same(tiny_checkpoint):
     assert torch.equal(got.ids_BT, expected.ids_BT)
 
 
+def test_step_hooks_see_every_decode_step_then_the_end_of_the_call(tiny_checkpoint, monkeypatch):
+    """``decoding.STEP_HOOKS`` (scripts/gpu_check.py's profiler window): each decode step's index just before it runs,
+    then None after the last, so a window opened at step k and closed at None holds exactly the steps k.. ."""
+    model, adapter = _model(tiny_checkpoint, "qwen2_5_vl")
+    batch, _, _ = _prompt_batch(adapter)
+    calls = []
+
+    def hook(index):
+        # a step's index, written tokens before it: the prefill wrote the first, each earlier step one more
+        calls.append((index, None if index is None else int(written[0].written)))
+
+    made, written = decoding._Loop.__init__, []
+
+    def spy(self, *args, **kwargs):
+        made(self, *args, **kwargs)
+        written[:] = [self]
+
+    monkeypatch.setattr(decoding._Loop, "__init__", spy)
+    monkeypatch.setattr(decoding, "STEP_HOOKS", [hook])
+    settings = GenerationSettings(max_new_tokens=5, min_new_tokens=5)  # no end token before the budget
+    got = generate(model, adapter, batch, settings, skip_special_tokens=True, decoding=STATIC)
+    assert got.ids_BT.shape[1] == 5
+    assert calls == [(0, 1), (1, 2), (2, 3), (3, 4), (None, None)]
+
+
 def test_the_step_rules_equal_transformers_processors_at_every_length():
     """The minimum-length rules read the step from a tensor (a captured step cannot read a Python length) and the
     set rules read a fixed-width sequence whose unwritten columns repeat the last prompt token: both equal

@@ -180,6 +180,8 @@ class _Loop:
         # last prompt token, a token the row already holds (what a rule reads is the set of tokens).
         self.seq = torch.cat([input_ids, input_ids[:, -1:].expand(n, max_new)], dim=1).contiguous()
         self.logits = torch.zeros((n, vocab), dtype=torch.float32, device=device) if keep_logits else None
+        # rows first..last-1 hold every sampled block (and any greedy rows between them)
+        self.sampled_span = (min(b.start for b in blocks), max(b.end for b in blocks)) if blocks else (0, 0)
 
     def advance(self, logits_NV: torch.Tensor) -> None:
         """Choose each row's next token from ``logits_NV`` and record it (no host read: capturable)."""
@@ -190,15 +192,19 @@ class _Loop:
             scores = rule(self.seq, scores, self.written)
         token = scores.argmax(dim=-1)  # greedy rows keep this
         if self.blocks:
-            warped = scores
+            # The warpers work row by row, so they run on the sampled rows' span only: in the fused describer loop
+            # that halves the top-p sort over the vocabulary (the greedy half never reads it).
+            first, last = self.sampled_span
+            warped = scores[first:last]
             for warper in self.warpers:
-                warped = warper(self.seq, warped)
+                warped = warper(self.seq[first:last], warped)
             probs = torch.nn.functional.softmax(warped, dim=-1)
             for block in self.blocks:
                 # torch.multinomial(p, 1) == argmax(p / q), q ~ Exp(1) of p's shape, from the same generator
                 noise = torch.empty((block.end - block.start, self.vocab), dtype=probs.dtype, device=probs.device)
                 noise.exponential_(1, generator=block.generator)
-                token[block.start : block.end] = (probs[block.start : block.end] / noise).argmax(dim=-1)
+                rows = probs[block.start - first : block.end - first]
+                token[block.start : block.end] = (rows / noise).argmax(dim=-1)
         token = token * self.unfinished + self.pad * (1 - self.unfinished)
         column = self.written.view(1)
         self.out.index_copy_(1, column, token[:, None])

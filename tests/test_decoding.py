@@ -222,6 +222,26 @@ def test_noise_blocks_sample_each_block_as_its_own_call(tiny_checkpoint):
         assert generate(model, adapter, alone_batch, SAMPLED, True).texts == alone.texts
 
 
+def test_sampled_rows_after_greedy_rows_sample_as_their_own_call(tiny_checkpoint):
+    """The warpers run on the sampled rows' span only (``_Loop.sampled_span``): a block that starts after greedy rows
+    must read its own rows of that span, and the greedy row before it decodes as a greedy call."""
+    model, adapter = _model(tiny_checkpoint, "qwen2_5_vl")
+    batch, images, boxes = _prompt_batch(adapter)
+
+    def alone(rows):
+        return adapter.build_batch([adapter.describer_prompt(b, im) for b, im in zip(boxes[rows], images[rows])],
+                                   images[rows])
+
+    together = generate(model, adapter, batch, SAMPLED, True, decoding=STATIC,
+                        sampled_rows=[SampledRows(1, 3, torch.Generator().manual_seed(5))])
+    sampled = generate(model, adapter, alone(slice(1, 3)), SAMPLED, True, decoding=STATIC,
+                       sampled_rows=[SampledRows(0, 2, torch.Generator().manual_seed(5))])
+    greedy = generate(model, adapter, alone(slice(0, 1)), GREEDY, True, decoding=STATIC)
+    assert together.texts[1:] == sampled.texts and together.texts[:1] == greedy.texts
+    # these rows sample something else than their greedy captions, so the equality above is one of samples
+    assert sampled.texts != generate(model, adapter, alone(slice(1, 3)), GREEDY, True, decoding=STATIC).texts
+
+
 # Families whose decode step has no host-side state at all (Gemma's window layers keep a host counter that decides a
 # branch no call that fits its window can flip; they are checked for exactness above).
 # One per kind of language model: native Qwen-VL, M-RoPE (Qwen2.5-VL), hybrid recurrent (Qwen3.5), Llama (SmolVLM).

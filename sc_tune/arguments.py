@@ -199,6 +199,15 @@ class SCTuneConfig(TrainingArguments):
             "choices": ["auto", "true", "false"],
         },
     )
+    decoding_compile_backend: str | None = field(
+        default=None,
+        metadata={
+            # sc_tune.decoding: the decode step's forward through torch.compile before it is captured (inductor fuses
+            # the small elementwise kernels a captured eager step replays one by one). Needs static decoding and a
+            # model that is not sharded; tokens equal the eager step's (tests/test_decoding.py, aot_eager on CPU).
+            "help": "Decode steps via torch.compile (inductor).",
+        },
+    )
     fused_decoding: str = field(
         default="auto",
         metadata={
@@ -360,6 +369,11 @@ class SCTuneConfig(TrainingArguments):
             if value not in ("auto", "true", "false"):
                 raise ArgumentError(f"--{name} must be auto, true or false, got {getattr(self, name)!r}")
             setattr(self, name, value)
+        if self.decoding_compile_backend in ("", "none", "None"):
+            self.decoding_compile_backend = None
+        if self.decoding_compile_backend is not None and self.static_decoding == "false":
+            raise ArgumentError("--decoding_compile_backend compiles the static decoding step: it needs "
+                                "--static_decoding auto or true, got false")
         micro = self.per_device_train_batch_size
         window = micro * self.gradient_accumulation_steps
         if self.generation_batch_size is None:

@@ -28,7 +28,7 @@ Cache decisions, all taken here:
   where the family moves cached columns (Qwen-VL). That is why the snapshot scores before it writes or locates.
 
 How rollouts decode, also decided here (``sc_tune.decoding``): ``--static_decoding`` (a static key/value cache,
-decode steps replayed as CUDA graphs), and ``--fused_decoding``: where the greedy captions share the policy's base
+decode steps replayed as CUDA graphs; ``--decoding_compile_backend`` compiles the step before it is captured), and ``--fused_decoding``: where the greedy captions share the policy's base
 weights (the policy's own, or the LoRA snapshot's adapter, ``sc_tune.snapshot.row_adapters``), they decode in the
 policy's sampling loop, and the snapshot's greedy captions then skip the scoring pass's prompt cache.
 
@@ -233,7 +233,7 @@ class RolloutCycle:
         # The frozen vision trunk once per image per rollout (None: family fallback, fix_vit off, or disabled).
         self.vision_cache = VisionCache.for_model(self.adapter, modules) if self.args.vision_cache else None
         self.decoding = choose_decoding(self.args.static_decoding, self.adapter, modules[0], self.args.device,
-                                        models.sharded)
+                                        models.sharded, self.args.decoding_compile_backend)
         self.fused_greedy = self.fused_greedy_for(self.args.fused_decoding)
 
     def fused_greedy_for(self, mode: str) -> str | None:

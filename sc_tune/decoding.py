@@ -489,20 +489,31 @@ def static_cache_from(cache, config, max_cache_len: int):
 DECODING_MODES = ("auto", "true", "false")
 
 
-def choose_decoding(mode: str, adapter, model, device, sharded: bool = False) -> Decoding | None:
+def choose_decoding(mode: str, adapter, model, device, sharded: bool = False,
+                    compile_backend: str | None = None) -> Decoding | None:
     """The decoding of ``--static_decoding``: ``false`` keeps transformers' ``generate``; ``true`` needs the family's
     static decoding (an error naming the family where it has none); ``auto`` takes it on CUDA where the family has it.
-    CUDA graphs go with it on CUDA, except for a sharded model (ZeRO-3 gathers parameters inside every forward)."""
+    CUDA graphs go with it on CUDA, except for a sharded model (ZeRO-3 gathers parameters inside every forward).
+    ``compile_backend`` (``--decoding_compile_backend``): the step's forward through ``torch.compile``; refused where
+    static decoding does not run or the model is sharded."""
     mode = str(mode).lower()
     if mode not in DECODING_MODES:
         raise ValueError(f"--static_decoding must be one of {', '.join(DECODING_MODES)}, got {mode!r}")
     device = torch.device(device)
     if mode == "false" or (mode == "auto" and device.type != "cuda"):
+        if compile_backend is not None:
+            raise ValueError(f"--decoding_compile_backend compiles the static decoding step, which does not run here "
+                             f"(--static_decoding {mode} on {device.type}); use --static_decoding true")
         return None
     problem = adapter.static_decoding_problem(model)
     if problem is not None:
-        if mode == "true":
-            raise ValueError(f"--static_decoding true: {problem}; use --static_decoding auto or false")
+        if mode == "true" or compile_backend is not None:
+            flag = "--static_decoding true" if mode == "true" else "--decoding_compile_backend"
+            raise ValueError(f"{flag}: {problem}; use --static_decoding auto or false")
         return None
-    return Decoding(static_cache=True, cuda_graphs=device.type == "cuda" and not sharded)
+    if compile_backend is not None and sharded:
+        raise ValueError("--decoding_compile_backend: the model is sharded (ZeRO-3 gathers its parameters inside every "
+                         "forward, which a compiled step cannot hold); use ZeRO-2 or leave the step eager")
+    return Decoding(static_cache=True, cuda_graphs=device.type == "cuda" and not sharded,
+                    compile_backend=compile_backend)
 

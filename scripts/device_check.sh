@@ -17,7 +17,8 @@
 #      `transformers` (the same trainer on transformers' decoding loop);
 #   3. with SIDE_BY_SIDE=1 only (recorded on 2026-12-04): the real-size side-by-side against the reference's pass
 #      structure (bench_step.py, full fine-tuning, bf16, describer), in the time left;
-#   4. scripts/device_summary.py: the acceptance figures, printed and written to $OUT/acceptance.json.
+#   4. scripts/device_summary.py: the acceptance figures, printed and written to $OUT/acceptance.json; then the
+#      logs and the traces are packed into logs.tar and traces.tar (at most 8 files come back from a lent machine).
 # Every stage prints as it goes (per setting and phase), so a stage cut by its timeout still leaves its figures.
 # DRY=1 runs the same plumbing on a CPU machine at toy size (no wheels, --dry_run), to check the script.
 set -u
@@ -97,4 +98,15 @@ fi
 
 log "stage 4: summary"
 summary
-log "done"
+# At most 8 files come back from a lent machine's $OUT: the figures stay files of their own, the rest is packed
+# (the logs in one archive, the traces in another, so an archive over the size limit costs only itself).
+if [ -d "$OUT/traces" ]; then
+    tar -cf "$OUT/traces.tar" -C "$OUT" traces && rm -rf "$OUT/traces"
+fi
+extras=""
+for name in pip.txt nvidia_smi.txt versions.txt 1_toy_gate.txt; do
+    [ -f "$OUT/$name" ] && extras="$extras $name"
+done
+# shellcheck disable=SC2086
+[ -n "$extras" ] && tar -cf "$OUT/logs.tar" -C "$OUT" $extras && (cd "$OUT" && rm -f $extras)
+log "done; files: $(ls "$OUT" | tr '\n' ' ')"

@@ -14,7 +14,7 @@ Settings, each run through ``SCTuneTrainer.training_step`` (LoRA, gradient check
   (describer only: the locator phase is the same as ``fast``);
 - ``transformers``: transformers' ``generate`` (``--static_decoding false``);
 - ``compiled`` (not by default): ``fast`` with the model's forward through ``torch.compile`` (inductor on CUDA,
-  aot_eager on CPU) before capture;
+  aot_eager on CPU) before capture: the trainer's ``--decoding_compile_backend inductor``;
 - ``vision_cache_off`` and ``prompt_cache_off`` (not by default): ``fast_unfused`` without the vision cache or without
   the snapshot's prompt cache (describer).
 

@@ -428,6 +428,40 @@ def test_the_trainer_decodes_samples_and_snapshot_captions_in_one_loop_with_equa
     assert len(runs["true"][0]) == 4 and runs["true"][0] == runs["false"][0]
 
 
+def test_a_compiled_decode_step_trains_as_the_eager_one(tiny_checkpoint, tmp_path):
+    """``--decoding_compile_backend``: the trainer's decode steps through torch.compile (aot_eager on CPU), the fused
+    LoRA loop included; the losses of four steps of both phases equal those of eager steps."""
+    from torch._dynamo.utils import counters
+
+    from tests.helpers import two_phase_trainer
+
+    torch._dynamo.reset()
+    losses, compiled = {}, {}
+    for backend in (None, "aot_eager"):
+        trainer, losses[backend] = two_phase_trainer(tiny_checkpoint("qwen2_5_vl"), str(tmp_path / str(backend)),
+                                                     model_transform=small_lora, static_decoding="true",
+                                                     decoding_compile_backend=backend)
+        counters.clear()
+        trainer.train()
+        assert trainer.cycle.decoding.compile_backend == backend
+        compiled[backend] = counters["stats"]["unique_graphs"]
+    assert compiled == {None: 0, "aot_eager": compiled["aot_eager"]} and compiled["aot_eager"] > 0, compiled
+    assert len(losses[None]) == 4 and losses["aot_eager"] == losses[None]
+
+
+def test_a_compiled_decode_step_is_refused_where_it_cannot_run(tiny_checkpoint):
+    from sc_tune.arguments import ArgumentError, SCTuneConfig
+
+    with pytest.raises(ArgumentError, match="--decoding_compile_backend .* --static_decoding auto or true"):
+        SCTuneConfig(output_dir="unused", use_cpu=True, static_decoding="false", decoding_compile_backend="inductor")
+    model, adapter = _model(tiny_checkpoint, "qwen2_5_vl")
+    with pytest.raises(ValueError, match="does not run here .*--static_decoding auto on cpu"):
+        choose_decoding("auto", adapter, model, "cpu", compile_backend="inductor")
+    with pytest.raises(ValueError, match="sharded"):
+        choose_decoding("true", adapter, model, "cpu", sharded=True, compile_backend="inductor")
+    assert choose_decoding("true", adapter, model, "cpu", compile_backend="inductor").compile_backend == "inductor"
+
+
 # ---------------------------------------------------------------- a failed CUDA graph capture
 class _OneRowLoop:
     """What _capture_or_fall_back reads of a loop: its blocks, its device (``out``) and ``advance``."""

@@ -201,8 +201,8 @@ def row_adapters(model: torch.nn.Module, blocks: Sequence[tuple[str, int, int]])
     Why one term for all blocks (:class:`_StackedRowTerms`) rather than one per block: a decode step is a few thousand
     small kernels, each with a fixed cost on a GPU. Per block a LoRA layer launches five (two matmuls, scale, add, copy
     back), ten for two blocks; stacked it launches four for any number of blocks, as PEFT's forward of one adapter
-    does (``scripts/count_decode_ops.py``). Where a block's dropout is active (training mode, p > 0) each block runs on
-    its own, as PEFT would drop out its rows.
+    does, and three where equal blocks tile the call (batched matmuls; ``scripts/count_decode_ops.py``). Where a
+    block's dropout is active (training mode, p > 0) each block runs on its own, as PEFT would drop out its rows.
     """
     from peft.tuners.lora import Linear as LoraLinear
 
@@ -245,13 +245,31 @@ class _StackedRowTerms:
     the scaling is applied and the matmuls' summation order (the zeroed columns add exact zeros): the last bit at
     most, and nothing where the scaling is a power of two, as the default alpha / r = 16 / 64 is. The stacked weights
     are copies taken on entry: the adapters must not change while the context is open (they do not within a generate
-    call). Rows outside every block get no term."""
+    call). Rows outside every block get no term. Where equal blocks tile the call, batched matmuls take each block's
+    own A and B * scaling instead (the same caveat on the scaling; no zeroed columns)."""
 
     def __init__(self, A_Rin: torch.Tensor, B_outR: torch.Tensor, ranks: list[int], scalings: list[float],
                  blocks: Sequence[tuple[str, int, int]]):
         self.A_Rin, self.B_outR = A_Rin, B_outR
         self.ranks, self.scalings, self.blocks = ranks, scalings, blocks
         self.keep: dict[tuple, torch.Tensor] = {}
+        # Blocks of equal size that tile the call (the fused describer loop: B sampled rows, then B greedy rows) and
+        # adapters of one rank take batched matmuls instead: block b's rows times its own A_b, then its own
+        # B_b * scaling_b. Three kernels (two batched matmuls and the add) instead of four, and no zeroed columns.
+        self.A_bri = self.B_bro = None
+        if len(set(ranks)) == 1:
+            rank = ranks[0]
+            self.A_bri = A_Rin.view(len(ranks), rank, -1)
+            self.B_bro = torch.stack([B_outR[:, i * rank:(i + 1) * rank].T * scaling
+                                      for i, scaling in enumerate(scalings)])
+
+    def _tiled(self, rows: int) -> bool:
+        """Whether the blocks are ``len(blocks)`` equal runs of rows that cover all ``rows``, in order."""
+        count = len(self.blocks)
+        if self.A_bri is None or rows % count:
+            return False
+        size = rows // count
+        return all((start, end) == (i * size, (i + 1) * size) for i, (_, start, end) in enumerate(self.blocks))
 
     @classmethod
     def for_layer(cls, layer, blocks: Sequence[tuple[str, int, int]]) -> _StackedRowTerms | None:
@@ -285,6 +303,11 @@ class _StackedRowTerms:
 
     def __call__(self, layer, args, output):
         x = layer._cast_input_dtype(args[0], self.A_Rin.dtype)
+        if self._tiled(x.shape[0]):
+            x_bti = x.reshape(len(self.blocks), -1, x.shape[-1])  # a block's rows (and their positions) in a row
+            term = torch.bmm(torch.bmm(x_bti, self.A_bri.transpose(1, 2)), self.B_bro)
+            output.add_(term.view(output.shape))  # summed in the wider dtype and cast back, as PEFT casts the sum
+            return output
         keep_NR = self._keep(x.shape[0], x.dim(), x.device, self.A_Rin.dtype)
         term = torch.nn.functional.linear(torch.nn.functional.linear(x, self.A_Rin) * keep_NR, self.B_outR)
         output.add_(term)  # summed in the wider dtype and cast back, as PEFT casts the sum

@@ -13,7 +13,10 @@ decode step (the second), for the describer's fused loop (sampled rows, then gre
 - ``one_adapter``: every row with the policy's adapter (PEFT's own forward);
 - ``row_adapters_per_block``: the policy's adapter on the sampled rows and the snapshot's on the greedy rows, each
   block's LoRA term on its own (``sc_tune.snapshot.row_adapters`` before the stacked terms);
-- ``row_adapters``: the same with every block's term stacked (``sc_tune.snapshot._StackedRowTerms``, the default).
+- ``row_adapters_masked``: the same with every block's term in one pair of matmuls over the stacked ranks, each row
+  masked to its own adapter's (``sc_tune.snapshot._StackedRowTerms`` where the blocks do not tile the call);
+- ``row_adapters``: the same with batched matmuls, block by block (``_StackedRowTerms`` where equal blocks tile the
+  call, as the describer's B sampled and B greedy rows do: the default).
 
 Per setting: ``ops`` (all dispatched operations), ``kernel_ops`` (those not views, allocations or host reads:
 what a GPU would launch), and ``lora_kernel_ops_per_layer`` (``kernel_ops`` above ``base``, per LoRA layer). The last
@@ -48,7 +51,7 @@ from sc_tune.modeling import apply_lora, freeze_vision_tower  # noqa: E402
 from sc_tune.rollout import GenerationSettings, describe_with_greedy  # noqa: E402
 from sc_tune.snapshot import POLICY_ADAPTER, SNAPSHOT_ADAPTER, active_adapter, row_adapters  # noqa: E402
 
-SETTINGS = ("base", "one_adapter", "row_adapters_per_block", "row_adapters")
+SETTINGS = ("base", "one_adapter", "row_adapters_per_block", "row_adapters_masked", "row_adapters")
 # Dispatched, but no kernel of their own on a GPU: allocations, the host read of a scalar, and a reshape that
 # returns a view without being declared one.
 NOT_KERNELS = {"empty", "empty_strided", "empty_like", "_local_scalar_dense", "lift_fresh", "_unsafe_view"}
@@ -118,7 +121,7 @@ def main(argv=None):
     sampled = GenerationSettings(max_new_tokens=4, min_new_tokens=4, do_sample=True, top_k=defaults["describer_top_k"],
                                  top_p=defaults["describer_top_p"], temperature=defaults["describer_temperature"])
     greedy = GenerationSettings(max_new_tokens=4, min_new_tokens=4, do_sample=False)
-    stacked_for_layer = snapshot._StackedRowTerms.for_layer
+    stacked_for_layer, tiled = snapshot._StackedRowTerms.for_layer, snapshot._StackedRowTerms._tiled
 
     def run(setting):
         if setting == "base":
@@ -129,12 +132,14 @@ def main(argv=None):
             context = row_adapters(model, [(POLICY_ADAPTER, 0, n), (SNAPSHOT_ADAPTER, n, 2 * n)])
         if setting == "row_adapters_per_block":
             snapshot._StackedRowTerms.for_layer = classmethod(lambda cls, layer, blocks: None)
+        if setting == "row_adapters_masked":
+            snapshot._StackedRowTerms._tiled = lambda self, rows: False
         try:
             with torch.no_grad(), context:
                 describe_with_greedy(model, adapter, images, boxes, images, boxes, sampled, greedy,
                                      Decoding(static_cache=True))
         finally:
-            snapshot._StackedRowTerms.for_layer = stacked_for_layer
+            snapshot._StackedRowTerms.for_layer, snapshot._StackedRowTerms._tiled = stacked_for_layer, tiled
 
     report = {"config": opts.config, "layers": opts.layers, "lora_layers": lora_layers, "rows": 2 * n}
     for setting in SETTINGS:

@@ -75,7 +75,8 @@ def test_gpu_check_times_a_compiled_setting_only_after_its_compiles(capsys, monk
 
 def test_count_decode_ops_counts_the_lora_kernels_of_a_fused_step(capsys, monkeypatch):
     """One layer: PEFT's forward of one adapter adds 4 kernels per LoRA layer (two matmuls, scale, add); the fused
-    loop's two adapters per row block add 10, stacked 4 (``sc_tune.snapshot._StackedRowTerms``)."""
+    loop's two adapters per row block add 10, stacked and masked 4, batched over the equal blocks 3
+    (``sc_tune.snapshot._StackedRowTerms``)."""
     monkeypatch.syspath_prepend(f"{ROOT}/scripts")
     sys.modules.pop("count_decode_ops", None)
     import count_decode_ops
@@ -85,7 +86,8 @@ def test_count_decode_ops_counts_the_lora_kernels_of_a_fused_step(capsys, monkey
     assert report["lora_layers"] == 7  # q, k, v, o, gate, up, down
     assert report["one_adapter"]["lora_kernel_ops_per_layer"] == 4
     assert report["row_adapters_per_block"]["lora_kernel_ops_per_layer"] == 10
-    assert report["row_adapters"]["lora_kernel_ops_per_layer"] == 4
+    assert report["row_adapters_masked"]["lora_kernel_ops_per_layer"] == 4
+    assert report["row_adapters"]["lora_kernel_ops_per_layer"] == 3
     assert report["base"]["kernel_ops"] < report["base"]["ops"]
 
 

@@ -1,6 +1,7 @@
 """Peak memory of the two snapshot kinds: a full model copy (full fine-tuning) vs a LoRA adapter snapshot.
 
     python scripts/bench_memory.py                      # toy (18 M) and ~100 M-parameter Qwen2.5-VL, CPU
+    python scripts/bench_memory.py --sizes toy-qwen2.5-vl
 
 Each (size, kind) runs in its own process: build the model, the trainer (its snapshot and optimizer), then one
 describer unit (rollout + two PPO steps, batch 2, short captions). Printed: parameters, the snapshot's own
@@ -9,6 +10,7 @@ tensors (bytes it holds beyond the policy), and the process's peak RSS. The last
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -38,6 +40,7 @@ def measure(name: str, kind: str) -> dict:
         output_dir=workdir, per_device_train_batch_size=2, describer_update_steps=1, locator_update_steps=1,
         ppo_epochs=2, use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True,
         describer_max_new_tokens=4, describer_min_new_tokens=1, locator_max_new_tokens=4,
+        skip_preflight=True,  # random weights never write a box that parses; the preflight would stop the run
     )
     ours = ThisTrainer(model, adapter, samples, args)
     ours.describer(collate(samples))
@@ -52,14 +55,20 @@ def measure(name: str, kind: str) -> dict:
     }
 
 
-def main():
-    if len(sys.argv) == 3:
-        print(json.dumps(measure(sys.argv[1], sys.argv[2])))
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 3 and argv[0] == "--child":
+        print(json.dumps(measure(argv[1], argv[2])))
         return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default=",".join(SIZES), help="comma-separated configurations (scripts/bench_configs.py)")
+    opts = parser.parse_args(argv)
     rows = []
-    for name in SIZES:
+    for name in opts.sizes.split(","):
         for kind in ("full", "lora"):
-            out = subprocess.run([sys.executable, __file__, name, kind], capture_output=True, text=True, check=True)
+            out = subprocess.run([sys.executable, __file__, "--child", name, kind], capture_output=True, text=True)
+            if out.returncode != 0:  # the child's own error, not just its exit status
+                raise SystemExit(f"bench_memory: {name} {kind} failed:\n" + "\n".join(out.stderr.splitlines()[-15:]))
             row = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append(row)
             print(

@@ -109,3 +109,17 @@ def test_diagnose_locator_tells_the_described_object_from_the_others(capsys, mon
     assert report["unique_shape"]["objects"] + report["shared_shape"]["objects"] == 20
     assert sum(everything[k] for k in ("described", "other_object", "none", "unparsed")) == pytest.approx(1, abs=0.01)
     assert everything["described"] > everything["chance"] + 0.3
+
+
+def test_bench_memory_measures_both_snapshot_kinds(capsys, monkeypatch):
+    """One process per snapshot kind, each through a describer unit: the LoRA snapshot holds a fraction of what the
+    full copy holds (the script stopped at the preflight before it said it skips it)."""
+    monkeypatch.syspath_prepend(f"{ROOT}/scripts")
+    sys.modules.pop("bench_memory", None)
+    import bench_memory
+
+    bench_memory.main(["--sizes", "toy-qwen2.5-vl"])
+    full, lora = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (full["snapshot"], lora["snapshot"]) == ("full copy", "LoRA adapter")
+    assert 0 < lora["snapshot_mib"] < full["snapshot_mib"] / 3 and lora["trainable_m"] < full["trainable_m"]
+    assert full["peak_rss_mib"] > 0 and lora["peak_rss_mib"] > 0

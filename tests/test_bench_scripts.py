@@ -123,3 +123,41 @@ def test_bench_memory_measures_both_snapshot_kinds(capsys, monkeypatch):
     assert (full["snapshot"], lora["snapshot"]) == ("full copy", "LoRA adapter")
     assert 0 < lora["snapshot_mib"] < full["snapshot_mib"] / 3 and lora["trainable_m"] < full["trainable_m"]
     assert full["peak_rss_mib"] > 0 and lora["peak_rss_mib"] > 0
+
+
+def test_device_summary_reads_the_device_runs_figures_and_judges_the_targets(tmp_path, monkeypatch):
+    """``scripts/device_summary.py`` on a device run's outputs: the acceptance figures of ``describer_fast``, the
+    compiled setting and the profiles carried along, each target applied, and ``null`` for what no stage printed."""
+    import subprocess
+
+    monkeypatch.syspath_prepend(f"{ROOT}/scripts")
+    sys.modules.pop("device_summary", None)
+    import device_summary
+
+    profile = {"steps": 8, "kernels_per_step": 1826.0, "kernel_ms_per_step": 9.0, "busy_ms_per_step": 9.5,
+               "wall_ms_per_step": 12.0, "by_class": {"gemm": {"ms_per_step": 4.0, "per_step": 400.0}},
+               "top": [{"name": "nvjet_tst", "per_step": 200.0, "ms_per_step": 3.0}]}
+
+    def write(tokens_per_s, ratio, batch=64):
+        fast = {"new_tokens_per_s": tokens_per_s, "decode_ms_per_step": 8.0, "weight_read_floor_ms": 3.5,
+                "decode_floor_ratio": ratio, "generation_batch_size": batch, "graph_failures": 0,
+                "step_seconds": 2.0, "profile": profile}
+        compiled = {**fast, "new_tokens_per_s": 2500.0, "decode_floor_ratio": 2.0, "compiles_in_timed_units": 0}
+        lines = [f"qwen2.5-vl-7b describer_fast: {json.dumps(fast)}",
+                 f"qwen2.5-vl-7b describer_compiled: {json.dumps(compiled)}",
+                 f"qwen2.5-vl-7b locator_fast: {json.dumps({'new_tokens_per_s': 900.0})}"]
+        (tmp_path / "2_real_size.txt").write_text("noise\n" + "\n".join(lines) + "\n")
+        return device_summary.summary(str(tmp_path))
+
+    met = write(2100.0, 2.4)
+    assert met["acceptance_met"] is True and met["describer_new_tokens_per_s"] == 2100.0
+    assert met["describer_fast_profile"] == {k: v for k, v in profile.items() if k != "top"}
+    assert met["describer_compiled_new_tokens_per_s"] == 2500.0 and met["describer_compiled_compiles_in_timed_units"] == 0
+    assert met["locator_new_tokens_per_s"] == 900.0 and met["side_by_side_describer_ratio"] is None
+    assert write(1999.0, 2.4)["acceptance_met"] is False
+    assert write(2100.0, 2.6)["acceptance_met"] is False
+    assert write(2100.0, 2.4, batch=32)["acceptance_met"] is False
+    (tmp_path / "2_real_size.txt").unlink()
+    assert device_summary.summary(str(tmp_path))["acceptance_met"] is None  # not measured, never "not met"
+    # the device script itself parses under dash, the /bin/sh of the machines it runs on
+    assert subprocess.run(["sh", "-n", f"{ROOT}/scripts/device_check.sh"]).returncode == 0

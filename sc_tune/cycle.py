@@ -28,9 +28,10 @@ Cache decisions, all taken here:
   where the family moves cached columns (Qwen-VL). That is why the snapshot scores before it writes or locates.
 
 How rollouts decode, also decided here (``sc_tune.decoding``): ``--static_decoding`` (a static key/value cache,
-decode steps replayed as CUDA graphs; ``--decoding_compile_backend`` compiles the step before it is captured), and ``--fused_decoding``: where the greedy captions share the policy's base
-weights (the policy's own, or the LoRA snapshot's adapter, ``sc_tune.snapshot.row_adapters``), they decode in the
-policy's sampling loop, and the snapshot's greedy captions then skip the scoring pass's prompt cache.
+decode steps replayed as CUDA graphs; ``--decoding_compile_backend`` compiles the step before it is captured), and
+``--fused_decoding``: where the greedy captions share the policy's base weights (the policy's own, or the LoRA
+snapshot's adapter, ``sc_tune.snapshot.row_adapters``), they decode in the policy's sampling loop, and the snapshot's
+greedy captions then skip the scoring pass's prompt cache.
 
 A rollout of several micro-batches at once (``--generation_batch_size``, ``describer_rollouts`` and
 ``locator_rollouts`` take a list): every generate call covers all of them, and everything after is per micro-batch

@@ -248,20 +248,27 @@ class _StackedRowTerms:
     call). Rows outside every block get no term. Where equal blocks tile the call, batched matmuls take each block's
     own A and B * scaling instead (the same caveat on the scaling; no zeroed columns)."""
 
-    def __init__(self, A_Rin: torch.Tensor, B_outR: torch.Tensor, ranks: list[int], scalings: list[float],
+    def __init__(self, A_Rin: torch.Tensor, weights_B: list[torch.Tensor], ranks: list[int], scalings: list[float],
                  blocks: Sequence[tuple[str, int, int]]):
-        self.A_Rin, self.B_outR = A_Rin, B_outR
+        self.A_Rin, self.weights_B = A_Rin, weights_B
         self.ranks, self.scalings, self.blocks = ranks, scalings, blocks
         self.keep: dict[tuple, torch.Tensor] = {}
+        self._B_outR = None  # the stacked B, made on first use (the tiled path never needs it)
         # Blocks of equal size that tile the call (the fused describer loop: B sampled rows, then B greedy rows) and
         # adapters of one rank take batched matmuls instead: block b's rows times its own A_b, then its own
         # B_b * scaling_b. Three kernels (two batched matmuls and the add) instead of four, and no zeroed columns.
         self.A_bri = self.B_bro = None
         if len(set(ranks)) == 1:
-            rank = ranks[0]
-            self.A_bri = A_Rin.view(len(ranks), rank, -1)
-            self.B_bro = torch.stack([B_outR[:, i * rank:(i + 1) * rank].T * scaling
-                                      for i, scaling in enumerate(scalings)])
+            self.A_bri = A_Rin.view(len(ranks), ranks[0], -1)
+            with torch.no_grad():
+                self.B_bro = torch.stack([w.T * scaling for w, scaling in zip(weights_B, scalings)])
+
+    @property
+    def B_outR(self) -> torch.Tensor:
+        if self._B_outR is None:
+            with torch.no_grad():
+                self._B_outR = torch.cat(self.weights_B, dim=1)
+        return self._B_outR
 
     def _tiled(self, rows: int) -> bool:
         """Whether the blocks are ``len(blocks)`` equal runs of rows that cover all ``rows``, in order."""
@@ -284,8 +291,8 @@ class _StackedRowTerms:
         if dropouts_active or not same_kind or any(w.dim() != 2 for w in weights_A + weights_B):
             return None
         with torch.no_grad():
-            A_Rin, B_outR = torch.cat(weights_A, dim=0), torch.cat(weights_B, dim=1)
-        return cls(A_Rin, B_outR, [w.shape[0] for w in weights_A], [layer.scaling[n] for n in names], blocks)
+            A_Rin = torch.cat(weights_A, dim=0)
+        return cls(A_Rin, weights_B, [w.shape[0] for w in weights_A], [layer.scaling[n] for n in names], blocks)
 
     def _keep(self, rows: int, ndim: int, device, dtype) -> torch.Tensor:
         """Each row's scaling on its own adapter's rank columns, 0 elsewhere, shaped to broadcast over an input of

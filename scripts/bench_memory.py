@@ -61,7 +61,8 @@ def main(argv=None):
         print(json.dumps(measure(argv[1], argv[2])))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", default=",".join(SIZES), help="comma-separated configurations (scripts/bench_configs.py)")
+    parser.add_argument("--sizes", default=",".join(SIZES),
+                        help="comma-separated configurations (scripts/bench_configs.py)")
     opts = parser.parse_args(argv)
     rows = []
     for name in opts.sizes.split(","):

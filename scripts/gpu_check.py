@@ -388,6 +388,8 @@ def run_config(name, opts, device, dtype, meter, bandwidth):
                 try:
                     run(inputs)
                 finally:
+                    if window.profiler is not None and not window.done:
+                        window(None)  # a unit that stopped inside the window leaves no profiler running
                     sc_tune.decoding.STEP_HOOKS.remove(window)
                     meter.pop()
                     sc_tune.decoding.STATS.pop()

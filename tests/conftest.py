@@ -1,6 +1,8 @@
 import os
+import random
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,7 +26,13 @@ def tiny_checkpoint(tmp_path_factory):
     def make(model_type: str) -> str:
         if model_type not in built:
             directory = str(tmp_path_factory.mktemp(f"tiny_{model_type}"))
-            built[model_type] = save_tiny(directory, model_type)
+            # Building seeds torch's generator; a test that seeds and then asks for a checkpoint must draw the same
+            # numbers whether or not an earlier test built it (its result must not depend on which tests ran first).
+            python_state, numpy_state = random.getstate(), np.random.get_state()
+            with torch.random.fork_rng(devices=[]):
+                built[model_type] = save_tiny(directory, model_type)
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
         return built[model_type]
 
     return make

@@ -57,6 +57,10 @@ class VisionTrunk:
     # rows contiguously along dim 0, in batch order, in proportion to its pixel rows: then a tower without
     # trainable parameters has its whole output memoised per image.
     output_rows_per_image: bool = False
+    # (args, kwargs, indices) -> the (args, kwargs) of a tower call holding only those images, in that order, or
+    # None where this call cannot be cut: then a call whose images repeat (the fused describer loop holds each
+    # image twice, --num_generations K times) or are partly cached encodes only the new ones.
+    images_call: Callable[[tuple, dict, list[int]], tuple[tuple, dict] | None] | None = None
 
     def parameters(self):
         for module in (*self.replayed, *self.skipped):
@@ -100,7 +104,7 @@ class VisionCache:
 
     def _find(self, pixels: torch.Tensor) -> int | None:
         for i, known in enumerate(self._pixels):
-            if known.shape == pixels.shape and known.device == pixels.device and torch.equal(known, pixels):
+            if _same(known, pixels):
                 return i
         return None
 
@@ -148,8 +152,16 @@ class VisionCache:
         return forward
 
     def _encode(self, trunk, tower_forward, args, kwargs, per_image):
-        """Run the unchanged tower once over the whole call, keep the unseen images' trunk outputs and return
-        the tower's output (exact for this call when no gradient is wanted from it)."""
+        """Run the unchanged tower once, keep the unseen images' trunk outputs and return the tower's output for
+        this call (exact when no gradient is wanted from it), or None where only the new images ran: each image
+        not cached yet, once, where the family can cut the call (``VisionTrunk.images_call``)."""
+        new = []  # the first place of each image that is not cached yet
+        for i, pixels in enumerate(per_image):
+            if self._find(pixels) is None and not any(_same(pixels, per_image[j]) for j in new):
+                new.append(i)
+        cut = trunk.images_call(args, kwargs, new) if trunk.images_call and len(new) < len(per_image) else None
+        if cut is not None:
+            args, kwargs, per_image = cut[0], cut[1], [per_image[i] for i in new]
         start = time.perf_counter()
         recorded: list[torch.Tensor | None] = [None] * len(trunk.replayed)
 
@@ -174,7 +186,11 @@ class VisionCache:
                 self._outputs.append([s[i] for s in splits])
                 self.encoded_images += 1
         self.encode_seconds += time.perf_counter() - start
-        return output
+        return None if cut is not None else output
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.device == b.device and torch.equal(a, b)
 
 
 def _split(output, pixel_rows: list[int]):

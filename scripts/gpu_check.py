@@ -30,6 +30,9 @@ configuration, setting and phase the JSON holds:
 - ``generation_batch_size``: boxes per rollout; ``decode_rows``: rows per decode loop -> decode steps at that size;
 - ``new_tokens_per_s``: tokens ``generate`` wrote over the seconds spent in it (prefill included);
 - ``samples_per_s``: boxes per second of whole units; ``step_seconds`` and ``stages_per_step`` per optimizer step;
+- ``generate_seconds_per_unit``: the generate calls' seconds split into the decode steps, the prefills, the vision
+  tower's runs (inside the first call that needs each image) and the rest (transformers' set-up, capture, text);
+  SC-Tune's loop only (null for ``transformers``);
 - ``peak_memory_gib`` per configuration (``torch.cuda.max_memory_allocated``);
 - ``warmup_units`` and ``compiles_in_timed_units``: warm-up units run until one compiles nothing new (``compiled``
   setting: a call whose cache length or adapters differ from every earlier one compiles again; at most 4), so that
@@ -402,6 +405,17 @@ def run_config(name, opts, device, dtype, meter, bandwidth):
             steps = 2 if phase == "describer" else 1  # optimizer steps per unit
             unit = statistics.median(seconds)
             decode_ms = 1000 * decode_seconds / decode_steps if decode_steps else None
+            # Where the generate calls' time goes, per unit: the decode steps are one part; prefill and the vision
+            # tower (run inside the first call that needs it, before its prefill) can be larger at this batch.
+            prefill_seconds = stats.prefill_seconds
+            vision_seconds = sum(r.get("vision_encoding", 0.0) for r in stage_rows)
+            breakdown = {"generate": gen_seconds, "decode_steps": decode_seconds, "prefill": prefill_seconds,
+                         "vision_tower": vision_seconds}
+            breakdown["rest"] = gen_seconds - decode_seconds - prefill_seconds - vision_seconds
+            breakdown = {k: round(v / opts.units, 3) for k, v in breakdown.items()}
+            if ours.trainer.cycle.decoding is None:
+                # transformers' loop: its timed prefills hold the vision tower, and its decode steps are the rest
+                breakdown = None
             key = f"{phase}_{setting}"
             report[key] = {
                 "decode_ms_per_step": round(decode_ms, 3) if decode_ms else None,
@@ -423,6 +437,7 @@ def run_config(name, opts, device, dtype, meter, bandwidth):
                 "graph_model_part_only": stats.graph_model_part_only,
                 "decode_calls": stats.calls,
                 "prefill_seconds_per_unit": round(stats.prefill_seconds / opts.units, 3),
+                "generate_seconds_per_unit": breakdown,
                 "stages_per_step": {
                     k: round(statistics.median(r.get(k, 0.0) for r in stage_rows) / steps, 3) for k in stage_rows[0]
                 },

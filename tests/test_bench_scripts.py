@@ -53,6 +53,10 @@ def test_gpu_check_dry_run_prints_the_decoding_figures_and_takes_the_fast_path(c
             assert 0 < profile["busy_ms_per_step"] <= profile["wall_ms_per_step"], profile
             assert abs(sum(c["ms_per_step"] for c in profile["by_class"].values()) - profile["kernel_ms_per_step"]) < 0.01
         assert "profile" not in report["describer_transformers"]  # transformers' loop has no step hooks
+        split = report["describer_fast"]["generate_seconds_per_unit"]
+        assert split["decode_steps"] > 0 and split["prefill"] > 0 and split["vision_tower"] > 0
+        assert split["decode_steps"] + split["prefill"] + split["vision_tower"] < split["generate"] + 0.01
+        assert report["describer_transformers"]["generate_seconds_per_unit"] is None
 
 
 def test_gpu_check_times_a_compiled_setting_only_after_its_compiles(capsys, monkeypatch):

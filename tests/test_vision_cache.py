@@ -96,6 +96,46 @@ def test_frozen_tower_runs_its_tail_once_per_image(tiny_checkpoint, model_type):
     torch.testing.assert_close(cached[2], plain[2], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("model_type", CACHED_FAMILIES)
+def test_a_call_whose_images_repeat_or_are_cached_runs_the_trunk_on_the_new_ones_once(tiny_checkpoint, model_type):
+    """The fused describer loop's first call holds each image twice (sampled and greedy rows), ``--num_generations``
+    K times: the trunk runs once per image, over only the new images, and every row still gets its own image's
+    features (the log-probs of rows in another order equal the uncached tower's)."""
+    torch.manual_seed(0)
+    model, adapter = load_model_and_adapter(tiny_checkpoint(model_type))
+    freeze_vision_tower(model, adapter)
+    model.eval()
+    cache = VisionCache.for_model(adapter, [model])
+    images, boxes = sample_images(adapter)
+    trunk = adapter.vision_trunk(model)
+    assert trunk.images_call is not None
+    first_block = trunk.replayed[0] if model_type == "qwen" else trunk.tower.blocks[0]
+    rows = []
+
+    def count(module, args, output):
+        if "forward" not in vars(module):  # the block computed (a replay answers through an instance forward)
+            rows.append(output.shape[0])
+
+    hook = first_block.register_forward_hook(count)
+    twice, order = [0, 1, 0, 1], [2, 0, 1, 2]
+    try:
+        with torch.no_grad():
+            plain = [_teacher_forced_logp(model, adapter, [images[i] for i in o], [boxes[i] for i in o])
+                     for o in (twice, order)]
+            plain_rows, rows[:] = list(rows), []
+            with cache.active():
+                cached = [_teacher_forced_logp(model, adapter, [images[i] for i in o], [boxes[i] for i in o])
+                          for o in (twice, order)]
+    finally:
+        hook.remove()
+    one_image = plain_rows[0] // 4  # the trunk's rows of one image (all sample images have one size)
+    assert plain_rows == [4 * one_image, 4 * one_image]
+    assert rows == [2 * one_image, one_image], "images 0 and 1 once, then only image 2"
+    assert cache.encoded_images == 3
+    for got, expected in zip(cached, plain):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
 def test_cache_is_off_without_fix_vit_and_for_fallback_families(tiny_checkpoint):
     model, adapter = load_model_and_adapter(tiny_checkpoint("qwen2_vl"))
     assert VisionCache.for_model(adapter, [model]) is None, "a trainable trunk must never be cached"

@@ -126,6 +126,7 @@ class _QwenChatVLAdapter(PatchGridChatAdapter):
             # last_hidden_state (patch rows, window order within each image), pooler_output (the merged rows,
             # back in image order) and Qwen3-VL's deepstack_features all keep each image's rows together.
             output_rows_per_image=True,
+            images_call=_call_with_images,
         )
 
     def resumes_from_scoring_cache(self, model, prompt_length, scored_length):
@@ -160,6 +161,22 @@ def _pixel_rows_per_image(args, kwargs):
     pixels = args[0] if args else kwargs["hidden_states"]
     grid_thw = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
     return list(torch.split(pixels, grid_thw.prod(-1).tolist()))
+
+
+# Tower arguments that say nothing about the images: a call with only these besides the pixels and their grid can be
+# cut to some of its images. Anything else (precomputed cu_seqlens or positions of the whole call) keeps it whole.
+_IMAGE_FREE_KWARGS = {"return_dict", "use_cache", "output_hidden_states", "output_attentions"}
+
+
+def _call_with_images(args, kwargs, indices):
+    """``visual(pixel_values, grid_thw=...)`` for the images at ``indices`` only (None where the call carries more)."""
+    if len(args) > 2 or set(kwargs) - {"grid_thw", "hidden_states"} - _IMAGE_FREE_KWARGS:
+        return None
+    per_image = _pixel_rows_per_image(args, kwargs)
+    grid_thw = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
+    rest = {k: v for k, v in kwargs.items() if k in _IMAGE_FREE_KWARGS}
+    chosen = torch.tensor(indices, device=grid_thw.device)
+    return (torch.cat([per_image[i] for i in indices]),), {**rest, "grid_thw": grid_thw.index_select(0, chosen)}
 
 
 class Qwen2VLAdapter(_QwenChatVLAdapter):

@@ -64,6 +64,8 @@ class QwenVLAdapter(ModelAdapter):
             skipped=[],
             image_pixels=lambda args, kwargs: list(args[0].split(1)),
             output_rows_per_image=True,  # (N_images, n_queries, width)
+            # visual(images): the images are the call's only argument
+            images_call=lambda args, kwargs, indices: ((args[0][indices], *args[1:]), kwargs) if not kwargs else None,
         )
 
     def resumes_from_scoring_cache(self, model, prompt_length, scored_length):

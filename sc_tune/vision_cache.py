@@ -10,7 +10,11 @@ blocks; Qwen-VL: the whole ViT trunk, read by the resampler ``attn_pool``), and 
   ``VisionTrunk.image_pixels``) and looks each image up by its *pixels* (``torch.equal``, so a hit is exact
   and no id has to travel with the batch: the 2B locator rows find the B encodings of the same images);
 - the first call that meets an unseen image runs the tower unchanged under ``no_grad`` and records the
-  replayed modules' outputs, split per image along dim 0;
+  replayed modules' outputs, split per image along dim 0; where the family can cut a call
+  (``VisionTrunk.images_call``), only over the images not cached yet, each once (the fused describer loop's
+  first call holds every image twice); and where its attention takes packed windows
+  (``VisionTrunk.packed_attention_config``), with the windows of one length in one attention call
+  (:func:`packed_attention`) instead of transformers' one call per window when flash-attn is absent;
 - every call then runs the tower's own ``forward`` with the replayed modules answering from the cache and
   the other trunk blocks passing their input through, so the family's own code (window reordering,
   DeepStack, the merger/resampler, with gradients) does everything after the trunk.
@@ -61,6 +65,9 @@ class VisionTrunk:
     # None where this call cannot be cut: then a call whose images repeat (the fused describer loop holds each
     # image twice, --num_generations K times) or are partly cached encodes only the new ones.
     images_call: Callable[[tuple, dict, list[int]], tuple[tuple, dict] | None] | None = None
+    # The tower's config, where its attention takes packed windows (``cu_seqlens``): while the trunk encodes, its
+    # attention runs one call per window length instead of one per window (``packed_attention``). None: as configured.
+    packed_attention_config: object | None = None
 
     def parameters(self):
         for module in (*self.replayed, *self.skipped):
@@ -173,7 +180,7 @@ class VisionCache:
 
         handles = [m.register_forward_hook(recorder(j)) for j, m in enumerate(trunk.replayed)]
         try:
-            with torch.no_grad():
+            with torch.no_grad(), packed_attention(trunk.packed_attention_config):
                 output = tower_forward(*args, **kwargs)
         finally:
             for handle in handles:
@@ -187,6 +194,54 @@ class VisionCache:
                 self.encoded_images += 1
         self.encode_seconds += time.perf_counter() - start
         return None if cut is not None else output
+
+
+# Registered with transformers' attention interface. "flash" is in the name because transformers' Qwen2/2.5/3-VL
+# vision attention hands its packed windows (cu_seqlens) to an implementation of that kind in one call; to any other
+# it makes one call per window (28,928 per forward of 64 images at 448 px on Qwen2.5-VL), each a few small kernels.
+PACKED_ATTENTION = "sc_tune_flash_packed_windows"
+
+
+def _packed_windows_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
+                              cu_seq_lens_q=None, cu_seq_lens_k=None, is_causal=False, **kwargs):
+    """Attention within each packed window of ``query``/``key``/``value`` (1, heads, tokens, dim), windows given
+    by ``cu_seq_lens_q``: the windows of one length gathered into one batch, one ``scaled_dot_product_attention``
+    per length. Each window attends to itself only, as in transformers' per-window loop. Returns (1, tokens,
+    heads, dim), as a flash implementation does."""
+    if attention_mask is not None or is_causal or dropout or not torch.equal(cu_seq_lens_q, cu_seq_lens_k):
+        raise ValueError("packed window attention: only unmasked, non-causal self-attention without dropout")
+    starts, lengths = cu_seq_lens_q[:-1], cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]
+    out = torch.empty_like(query)
+    heads, dim = query.shape[1], query.shape[-1]
+    for length in torch.unique(lengths).tolist():
+        first = starts[lengths == length]
+        rows = (first[:, None] + torch.arange(length, device=first.device)).flatten()
+
+        def windows(states):  # (1, H, S, D) -> (windows, H, length, D)
+            return states[0].index_select(1, rows).view(heads, -1, length, dim).transpose(0, 1)
+
+        attended = torch.nn.functional.scaled_dot_product_attention(
+            windows(query), windows(key), windows(value), scale=scaling)
+        out[0].index_copy_(1, rows, attended.transpose(0, 1).reshape(heads, -1, dim))
+    return out.transpose(1, 2).contiguous(), None
+
+
+@contextmanager
+def packed_attention(config):
+    """``config``'s attention implementation set to the packed-window one for the block (nothing when None, or when
+    the config already asks for a flash implementation, which packs windows itself)."""
+    current = getattr(config, "_attn_implementation", None) if config is not None else None
+    if config is None or current is None or "flash" in current:
+        yield
+        return
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PACKED_ATTENTION, _packed_windows_attention)
+    config._attn_implementation = PACKED_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = current
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -136,6 +136,44 @@ def test_a_call_whose_images_repeat_or_are_cached_runs_the_trunk_on_the_new_ones
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_the_trunk_encodes_with_one_attention_call_per_window_length(tiny_checkpoint, monkeypatch, model_type):
+    """Without flash-attn, transformers' vision attention makes one call per window (per image); while the cache
+    encodes, the packed-window implementation makes one per window length and layer, with the same features (the
+    whole-pipeline equality is test_cache_matches_uncached_logprobs_generation_and_tail_gradients)."""
+    from sc_tune.vision_cache import _packed_windows_attention
+
+    torch.manual_seed(0)
+    model, adapter = load_model_and_adapter(tiny_checkpoint(model_type))
+    freeze_vision_tower(model, adapter)
+    model.eval()
+    trunk = adapter.vision_trunk(model)
+    images, _ = sample_images(adapter)
+    batch = adapter.build_batch([adapter.describer_prompt([0.1, 0.1, 0.5, 0.5], im) for im in images], images)
+    pixels, grid = batch.inputs["pixel_values"], batch.inputs["image_grid_thw"]
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(a[0].shape[0]) or sdpa(*a, **k))
+    with torch.no_grad():
+        plain = trunk.tower(pixels, grid_thw=grid).last_hidden_state
+        plain_calls, calls[:] = len(calls), []
+        cache = VisionCache.for_model(adapter, [model])
+        with cache.active():
+            cached = trunk.tower(pixels, grid_thw=grid).last_hidden_state
+    layers = len(trunk.tower.blocks)
+    assert cache.encoded_images == len(images) and plain_calls >= len(images) * layers
+    assert len(calls) == layers and all(n == len(images) for n in calls), "one call per layer, a window per image"
+    torch.testing.assert_close(cached, plain, atol=1e-5, rtol=1e-5)
+    # windows of two lengths in one layer: each window attends to itself only, as in the per-window loop
+    q, k, v = (torch.randn(1, 2, 7, 4) for _ in range(3))
+    cu = torch.tensor([0, 3, 5, 8 - 1])
+    got, _ = _packed_windows_attention(None, q, k, v, scaling=0.5, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        expected = sdpa(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], scale=0.5).transpose(1, 2)
+        torch.testing.assert_close(got[:, a:b], expected, atol=1e-6, rtol=1e-6)
+
+
 def test_cache_is_off_without_fix_vit_and_for_fallback_families(tiny_checkpoint):
     model, adapter = load_model_and_adapter(tiny_checkpoint("qwen2_vl"))
     assert VisionCache.for_model(adapter, [model]) is None, "a trainable trunk must never be cached"

@@ -127,6 +127,7 @@ class _QwenChatVLAdapter(PatchGridChatAdapter):
             # back in image order) and Qwen3-VL's deepstack_features all keep each image's rows together.
             output_rows_per_image=True,
             images_call=_call_with_images,
+            packed_attention_config=tower.config,
         )
 
     def resumes_from_scoring_cache(self, model, prompt_length, scored_length):

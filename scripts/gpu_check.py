@@ -30,7 +30,8 @@ configuration, setting and phase the JSON holds:
 - ``generation_batch_size``: boxes per rollout; ``decode_rows``: rows per decode loop -> decode steps at that size;
 - ``new_tokens_per_s``: tokens ``generate`` wrote over the seconds spent in it (prefill included);
 - ``samples_per_s``: boxes per second of whole units; ``step_seconds`` and ``stages_per_step`` per optimizer step;
-- ``generate_seconds_per_unit``: the generate calls' seconds split into the decode steps, the prefills, the vision
+- ``generate_seconds_per_unit``: the generate calls' seconds split into the decode steps, the prefills (the language
+  model's part: a tower that runs inside the prefill, as Qwen-VL's, is counted as vision), the vision
   tower's runs (inside the first call that needs each image) and the rest (transformers' set-up, capture, text);
   SC-Tune's loop only (null for ``transformers``);
 - ``peak_memory_gib`` per configuration (``torch.cuda.max_memory_allocated``);
@@ -344,6 +345,7 @@ def run_config(name, opts, device, dtype, meter, bandwidth):
     ours = ThisTrainer(model, adapter, samples, args)
     meter.watch(model)
     vision_cache = ours.trainer.cycle.vision_cache
+    vision_in_prefill = _time_vision_inside_prefills(model, ours.trainer.cycle)
     weight_bytes = decode_weight_bytes(model, adapter)
     floor_ms = 1000 * weight_bytes / bandwidth
     report = {"batch": batch, "weight_bytes": weight_bytes, "weight_read_floor_ms": round(floor_ms, 4)}
@@ -368,6 +370,7 @@ def run_config(name, opts, device, dtype, meter, bandwidth):
             compiled_before = dynamo_counters["stats"]["unique_graphs"]
             meter.pop()
             sc_tune.decoding.STATS.pop()
+            vision_in_prefill.pop()
             seconds, stage_rows, logged = [], [], []
             for _ in range(opts.units):
                 if device.startswith("cuda"):
@@ -381,6 +384,7 @@ def run_config(name, opts, device, dtype, meter, bandwidth):
             generated = meter.pop()
             tokens, gen_seconds = generated["tokens"], generated["seconds"]
             stats = sc_tune.decoding.STATS.pop()
+            vision_seconds_in_prefills = vision_in_prefill.pop()
             compiles = dynamo_counters["stats"]["unique_graphs"] - compiled_before
             profile = None
             if opts.profile and ours.trainer.cycle.decoding is not None:
@@ -396,6 +400,7 @@ def run_config(name, opts, device, dtype, meter, bandwidth):
                     sc_tune.decoding.STEP_HOOKS.remove(window)
                     meter.pop()
                     sc_tune.decoding.STATS.pop()
+                    vision_in_prefill.pop()
                 profile = window.summary() or {"error": "no decode call reached the profiled steps"}
             if ours.trainer.cycle.decoding is None:  # transformers' loop: generate time less its timed prefills
                 decode_seconds = gen_seconds - generated["prefill_seconds"]
@@ -407,7 +412,9 @@ def run_config(name, opts, device, dtype, meter, bandwidth):
             decode_ms = 1000 * decode_seconds / decode_steps if decode_steps else None
             # Where the generate calls' time goes, per unit: the decode steps are one part; prefill and the vision
             # tower (run inside the first call that needs it, before its prefill) can be larger at this batch.
-            prefill_seconds = stats.prefill_seconds
+            # A family whose model runs the tower inside its forward (Qwen-VL) encodes inside the prefill; the
+            # others before it: the prefill here is the language model's part either way.
+            prefill_seconds = stats.prefill_seconds - vision_seconds_in_prefills
             vision_seconds = sum(r.get("vision_encoding", 0.0) for r in stage_rows)
             breakdown = {"generate": gen_seconds, "decode_steps": decode_seconds, "prefill": prefill_seconds,
                          "vision_tower": vision_seconds}
@@ -463,6 +470,34 @@ def run_config(name, opts, device, dtype, meter, bandwidth):
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return report
+
+
+class _Seconds:
+    def __init__(self):
+        self.seconds = 0.0
+
+    def pop(self) -> float:
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
+def _time_vision_inside_prefills(model, cycle) -> _Seconds:
+    """The vision cache's encoding seconds spent inside SC-Tune's prefills (``model._prefill``), popped per phase."""
+    inside = _Seconds()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    prefill = base._prefill
+
+    def timed(*args, **kwargs):
+        cache = cycle.vision_cache
+        before = cache.encode_seconds if cache is not None else 0.0
+        try:
+            return prefill(*args, **kwargs)
+        finally:
+            if cache is not None:
+                inside.seconds += cache.encode_seconds - before
+
+    base._prefill = timed
+    return inside
 
 
 def _engagement(logged: list[dict]) -> dict:

@@ -208,8 +208,8 @@ def _packed_windows_attention(module, query, key, value, attention_mask=None, sc
     by ``cu_seq_lens_q``: the windows of one length gathered into one batch, one ``scaled_dot_product_attention``
     per length. Each window attends to itself only, as in transformers' per-window loop. Returns (1, tokens,
     heads, dim), as a flash implementation does."""
-    if attention_mask is not None or is_causal or dropout or not torch.equal(cu_seq_lens_q, cu_seq_lens_k):
-        raise ValueError("packed window attention: only unmasked, non-causal self-attention without dropout")
+    if attention_mask is not None or is_causal or not torch.equal(cu_seq_lens_q, cu_seq_lens_k):
+        raise ValueError("packed window attention: only unmasked, non-causal self-attention within each window")
     starts, lengths = cu_seq_lens_q[:-1], cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]
     out = torch.empty_like(query)
     heads, dim = query.shape[1], query.shape[-1]
@@ -221,7 +221,7 @@ def _packed_windows_attention(module, query, key, value, attention_mask=None, sc
             return states[0].index_select(1, rows).view(heads, -1, length, dim).transpose(0, 1)
 
         attended = torch.nn.functional.scaled_dot_product_attention(
-            windows(query), windows(key), windows(value), scale=scaling)
+            windows(query), windows(key), windows(value), dropout_p=dropout, scale=scaling)
         out[0].index_copy_(1, rows, attended.transpose(0, 1).reshape(heads, -1, dim))
     return out.transpose(1, 2).contiguous(), None
 

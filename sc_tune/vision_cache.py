@@ -7,8 +7,9 @@ trainable tail reads (Qwen2/2.5-VL: the last block, read by the merger; Qwen3-VL
 blocks; Qwen-VL: the whole ViT trunk, read by the resampler ``attn_pool``), and replays them:
 
 - while active, the tower's ``forward`` is wrapped; a call splits its pixels per image (the family's
-  ``VisionTrunk.image_pixels``) and looks each image up by its *pixels* (``torch.equal``, so a hit is exact
-  and no id has to travel with the batch: the 2B locator rows find the B encodings of the same images);
+  ``VisionTrunk.image_pixels``) and looks each image up by its *pixels* (a key of sums proposes a cached image,
+  the pixels compared on the device decide, one host read per call: a hit is exact and no id has to travel with
+  the batch: the 2B locator rows find the B encodings of the same images);
 - the first call that meets an unseen image runs the tower unchanged under ``no_grad`` and records the
   replayed modules' outputs, split per image along dim 0; where the family can cut a call
   (``VisionTrunk.images_call``), only over the images not cached yet, each once (the fused describer loop's
@@ -81,6 +82,7 @@ class VisionCache:
         self.trunks = list(trunks)
         self._pixels: list[torch.Tensor] = []
         self._outputs: list[list[torch.Tensor]] = []  # per image: one tensor per replayed module
+        self._by_key: dict[tuple, list[int]] = {}  # an image's key (_keys) -> the cached images that have it
         self._tower_outputs: dict[int, dict[int, object]] = {}  # id(frozen tower) -> image index -> its output rows
         self.encode_seconds = 0.0  # time spent running the trunk, see ``pop_encode_seconds``
         self.encoded_images = 0
@@ -101,7 +103,7 @@ class VisionCache:
     def clear(self) -> None:
         """Forget every image: call when a new rollout's images arrive and whenever a frozen tower's weights
         change (a snapshot re-sync)."""
-        self._pixels, self._outputs, self._tower_outputs = [], [], {}
+        self._pixels, self._outputs, self._tower_outputs, self._by_key = [], [], {}, {}
         self.encode_seconds, self.encoded_images, self.reused_tower_calls = 0.0, 0, 0
 
     def pop_encode_seconds(self) -> float:
@@ -109,11 +111,17 @@ class VisionCache:
         seconds, self.encode_seconds = self.encode_seconds, 0.0
         return seconds
 
-    def _find(self, pixels: torch.Tensor) -> int | None:
-        for i, known in enumerate(self._pixels):
-            if _same(known, pixels):
-                return i
-        return None
+    def _lookup(self, per_image: list[torch.Tensor], keys: list[tuple]) -> list[int | None]:
+        """Each image's place in the cache, or None. A key only proposes a cached image; the pixels decide
+        (compared on the device, one host read for the call), so a hit is exact."""
+        proposed = [(i, self._by_key[key][0]) for i, key in enumerate(keys) if key in self._by_key]
+        equal = torch.stack([(self._pixels[j] == per_image[i]).all() for i, j in proposed]).tolist() if proposed else []
+        found: list[int | None] = [None] * len(per_image)
+        for (i, j), same in zip(proposed, equal):
+            # another cached image with the same key (a collision) is checked one by one
+            found[i] = j if same else next((k for k in self._by_key[keys[i]][1:]
+                                            if torch.equal(self._pixels[k], per_image[i])), None)
+        return found
 
     @contextmanager
     def active(self):
@@ -133,10 +141,11 @@ class VisionCache:
     def _wrap(self, trunk: VisionTrunk, tower_forward):
         def forward(*args, **kwargs):
             per_image = trunk.image_pixels(args, kwargs)
+            keys = _keys(per_image)
+            found = self._lookup(per_image, keys)
             output = None  # the unchanged tower's output for this call, computed without gradients
-            if any(self._find(p) is None for p in per_image):
-                output = self._encode(trunk, tower_forward, args, kwargs, per_image)
-            found = [self._find(p) for p in per_image]
+            if None in found:
+                output = self._encode(trunk, tower_forward, args, kwargs, per_image, keys, found)
             # Checked per call: the policy's tower is frozen under LoRA and trains its tail otherwise, while the
             # snapshot's tower (a frozen copy, or the same module with the snapshot adapter) never trains.
             frozen = not any(p.requires_grad for p in trunk.tower.parameters())
@@ -158,17 +167,22 @@ class VisionCache:
 
         return forward
 
-    def _encode(self, trunk, tower_forward, args, kwargs, per_image):
-        """Run the unchanged tower once, keep the unseen images' trunk outputs and return the tower's output for
-        this call (exact when no gradient is wanted from it), or None where only the new images ran: each image
-        not cached yet, once, where the family can cut the call (``VisionTrunk.images_call``)."""
-        new = []  # the first place of each image that is not cached yet
+    def _encode(self, trunk, tower_forward, args, kwargs, per_image, keys, found):
+        """Run the unchanged tower once, cache the unseen images' trunk outputs, fill in ``found`` (their places)
+        and return the tower's output for this call (exact when no gradient is wanted from it), or None where only
+        the new images ran: each image not cached yet, once, where the family can cut the call
+        (``VisionTrunk.images_call``)."""
+        new, first_of = [], {}  # the first place of each image not cached yet; a place -> its image's first place
         for i, pixels in enumerate(per_image):
-            if self._find(pixels) is None and not any(_same(pixels, per_image[j]) for j in new):
-                new.append(i)
+            if found[i] is None:
+                # a repeat within the call has the same key as its first place and the same pixels
+                first_of[i] = next((j for j in new if keys[j] == keys[i] and torch.equal(per_image[j], pixels)), i)
+                if first_of[i] == i:
+                    new.append(i)
         cut = trunk.images_call(args, kwargs, new) if trunk.images_call and len(new) < len(per_image) else None
+        ran = new if cut is not None else list(range(len(per_image)))  # the images the tower runs on, in order
         if cut is not None:
-            args, kwargs, per_image = cut[0], cut[1], [per_image[i] for i in new]
+            args, kwargs = cut
         start = time.perf_counter()
         recorded: list[torch.Tensor | None] = [None] * len(trunk.replayed)
 
@@ -185,13 +199,16 @@ class VisionCache:
         finally:
             for handle in handles:
                 handle.remove()
-        sizes = [p.shape[0] for p in per_image]
-        splits = [torch.split(out, sizes) for out in recorded]
-        for i, pixels in enumerate(per_image):
-            if self._find(pixels) is None:
-                self._pixels.append(pixels.detach().clone())
-                self._outputs.append([s[i] for s in splits])
+        splits = [torch.split(out, [per_image[i].shape[0] for i in ran]) for out in recorded]
+        for position, i in enumerate(ran):
+            if i in new:
+                found[i] = len(self._pixels)
+                self._by_key.setdefault(keys[i], []).append(found[i])
+                self._pixels.append(per_image[i].detach().clone())
+                self._outputs.append([s[position] for s in splits])
                 self.encoded_images += 1
+        for i, first in first_of.items():
+            found[i] = found[first]
         self.encode_seconds += time.perf_counter() - start
         return None if cut is not None else output
 
@@ -244,8 +261,13 @@ def packed_attention(config):
         config._attn_implementation = current
 
 
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and a.device == b.device and torch.equal(a, b)
+def _keys(per_image: list[torch.Tensor]) -> list[tuple]:
+    """A cheap key per image, for one host read per call: shape, dtype, device, the sum of its values and the sum of
+    every seventh (so that most rearrangements of the same values differ). Equal images have equal keys; a shared key
+    only proposes a match (``VisionCache._lookup`` compares the pixels)."""
+    sums = torch.stack([torch.stack([p.sum(dtype=torch.float64), (p.flatten()[::7]).sum(dtype=torch.float64)])
+                        for p in per_image]).tolist()
+    return [(tuple(p.shape), p.dtype, p.device, *s) for p, s in zip(per_image, sums)]
 
 
 def _split(output, pixel_rows: list[int]):

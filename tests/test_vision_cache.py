@@ -174,6 +174,36 @@ def test_the_trunk_encodes_with_one_attention_call_per_window_length(tiny_checkp
         torch.testing.assert_close(got[:, a:b], expected, atol=1e-6, rtol=1e-6)
 
 
+def test_images_whose_keys_collide_are_told_apart_by_their_pixels(tiny_checkpoint, monkeypatch):
+    """The lookup key (sums) only proposes a cached image; the pixels decide. With every key made equal, each image
+    still gets its own encoding: alone, two new ones in one call (one of them twice), then cached ones."""
+    import sc_tune.vision_cache as vision_cache
+
+    torch.manual_seed(0)
+    model, adapter = load_model_and_adapter(tiny_checkpoint("qwen2_5_vl"))
+    freeze_vision_tower(model, adapter)
+    model.eval()
+    tower = adapter.vision_trunk(model).tower
+    images, _ = sample_images(adapter)
+    batch = adapter.build_batch([adapter.describer_prompt([0.1, 0.1, 0.5, 0.5], im) for im in images], images)
+    pixels, grid = batch.inputs["pixel_values"], batch.inputs["image_grid_thw"]
+    rows = grid.prod(-1).tolist()
+    per_image = list(torch.split(pixels, rows))
+
+    def call(order):
+        return tower(torch.cat([per_image[i] for i in order]), grid_thw=grid[order]).pooler_output
+
+    monkeypatch.setattr(vision_cache, "_keys", lambda images: [("one key",)] * len(images))
+    cache = VisionCache.for_model(adapter, [model])
+    with torch.no_grad():
+        plain = [call(order) for order in ([0], [2, 1, 2], [1, 0])]
+        with cache.active():
+            cached = [call(order) for order in ([0], [2, 1, 2], [1, 0])]
+    assert cache.encoded_images == len(images)
+    for got, expected in zip(cached, plain):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_cache_is_off_without_fix_vit_and_for_fallback_families(tiny_checkpoint):
     model, adapter = load_model_and_adapter(tiny_checkpoint("qwen2_vl"))
     assert VisionCache.for_model(adapter, [model]) is None, "a trainable trunk must never be cached"

@@ -457,7 +457,7 @@ def test_a_compiled_decode_step_trains_as_the_eager_one(tiny_checkpoint, tmp_pat
     assert len(losses[None]) == 4 and losses["aot_eager"] == losses[None]
 
 
-def test_a_compiled_decode_step_is_refused_where_it_cannot_run(tiny_checkpoint):
+def test_a_compiled_decode_step_is_refused_where_it_cannot_run(tiny_checkpoint, monkeypatch):
     from sc_tune.arguments import ArgumentError, SCTuneConfig
 
     with pytest.raises(ArgumentError, match="--decoding_compile_backend .* --static_decoding auto or true"):
@@ -468,6 +468,11 @@ def test_a_compiled_decode_step_is_refused_where_it_cannot_run(tiny_checkpoint):
     with pytest.raises(ValueError, match="sharded"):
         choose_decoding("true", adapter, model, "cpu", sharded=True, compile_backend="inductor")
     assert choose_decoding("true", adapter, model, "cpu", compile_backend="inductor").compile_backend == "inductor"
+    # on CUDA, auto skips a family without static decoding quietly, but not when a compiled step was asked for
+    monkeypatch.setattr(type(adapter), "static_decoding_problem", lambda self, model: "no static cache here")
+    assert choose_decoding("auto", adapter, model, "cuda") is None
+    with pytest.raises(ValueError, match="--decoding_compile_backend: no static cache here"):
+        choose_decoding("auto", adapter, model, "cuda", compile_backend="inductor")
 
 
 # ---------------------------------------------------------------- a failed CUDA graph capture

@@ -7,17 +7,25 @@ caption. The scoring pass comes first and keeps its cache, so that
 - the greedy captions decode from the cache cropped to the describer prompts (:func:`keep_prompt_columns`), with
   no prompt prefill (any family whose adapter ``resumes_from_scoring_cache``);
 - the locator prompts, which start with the same image span as the describer prompts (Qwen-VL:
-  ``<img>`` + 256 image tokens + ``</img><ref>``), take that span's cached columns and prefill only the caption
-  after it (:func:`shared_prefix_batch`, a family whose adapter ``moves_cached_prompt_columns``).
+  ``<img>`` + 256 image tokens + ``</img><ref>``; Qwen2.5-VL: the system turn, ``<|vision_start|>``, one
+  ``<|image_pad|>`` per merged patch, ``<|vision_end|>``), take that span's cached columns and prefill only the
+  caption after it (:func:`shared_prefix_batch`, a family whose adapter ``moves_cached_prompt_columns``). The
+  locator pass then neither runs the vision tower nor prefills the image again.
 
 Both are exact: the snapshot's weights do not change within a rollout, a prompt column's keys and values do not
 depend on what follows it, and the tests compare every decoding step's logits with a fresh prefill.
 
 The locator batch's layout. Rows are left-padded, and the shared prefixes sit at different columns in the source
-batch than they would in a left-padded locator batch. Every row's prefix therefore goes to columns ``0..P-1``, its
-keys re-rotated to positions ``0..P-1`` (``adapter.move_cached_keys``). The rest of each prompt follows, left-padded
-among the rows, with a per-row ``position_offsets`` that closes the padding gap. Each row then sees exactly its own
-prompt at positions ``0..len-1``, as an unpadded prefill would; padding is masked everywhere.
+batch than they would in a left-padded locator batch. Every row's prefix (``n_j`` columns: images of other sizes
+make prefixes of other lengths) therefore goes to columns ``0..n_j-1`` of a block as wide as the longest; the rest of
+each prompt follows, left-padded among the rows. Each row must then see exactly its own prompt at the positions an
+unpadded prefill gives it; padding, including the gap after a shorter prefix, is masked everywhere. How positions
+follow is the family's (``adapter.move_cached_keys``, ``adapter.moved_prefix_positions``):
+
+- Qwen-VL's rotary positions are column indices: the keys are re-rotated by their move, and a per-row
+  ``position_offsets`` closes each row's padding gap before its tail;
+- the Qwen2 families' M-RoPE positions are counted over a row's own tokens, padding skipped, so the keys move as
+  they are, and the batch gets explicit ``position_ids``: the model's rope index over the laid-out batch, gap masked.
 """
 
 from __future__ import annotations
@@ -73,8 +81,8 @@ def shared_prefix_batch(
     prompts: Sequence[str],
     images: Sequence[ImageInputs],
 ) -> SharedPrefixBatch | None:
-    """The batch of ``prompts`` (row ``j`` on ``images[j]``, the image of ``scored`` row ``source_rows[j]``) with
-    the longest prefix that every row shares with its source row already in the cache.
+    """The batch of ``prompts`` (row ``j`` on ``images[j]``, the image of ``scored`` row ``source_rows[j]``), each
+    row starting from the longest prefix it shares with its source row already in the cache.
 
     ``None`` where nothing can be shared: a family that does not move cached columns, a prefix that would cut an
     image span (the rest of the span would need the image again), or no common prefix at all."""
@@ -88,29 +96,32 @@ def shared_prefix_batch(
     ids_BW, mask_BW = scored.batch.inputs["input_ids"], scored.batch.inputs["attention_mask"]
     starts_B = (mask_BW.shape[1] - mask_BW.sum(1)).tolist()  # left padding: each scored prompt's first column
     source_prompts = [ids_BW[r, starts_B[r] :].tolist() for r in range(ids_BW.shape[0])]
-    shared = min(
+    # Per row: images of other sizes make image spans (so the shared prefixes) of other lengths.
+    shared_J = [
         min(_common_prefix(source_prompts[r], row), scored.columns - starts_B[r], len(row) - 1)
         for r, row in zip(source_rows, rows)
-    )
+    ]
     media = set(adapter.suppressed_token_ids(describer=False))  # image/video tokens and span markers
-    if shared <= 0 or any(media.intersection(row[shared:]) for row in rows):
+    if min(shared_J) <= 0 or any(media.intersection(row[n:]) for row, n in zip(rows, shared_J)):
         return None
 
-    tails = [row[shared:] for row in rows]
+    prefix = max(shared_J)
+    tails = [row[n:] for row, n in zip(rows, shared_J)]
     width = max(len(t) for t in tails)
-    input_ids = torch.full((len(rows), shared + width), adapter.pad_token_id, dtype=torch.long)
+    input_ids = torch.full((len(rows), prefix + width), adapter.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
-    for j, (row, tail) in enumerate(zip(rows, tails)):
-        input_ids[j, :shared] = torch.tensor(row[:shared])
+    for j, (row, n, tail) in enumerate(zip(rows, shared_J, tails)):
+        input_ids[j, :n] = torch.tensor(row[:n])
         input_ids[j, input_ids.shape[1] - len(tail) :] = torch.tensor(tail)
-        attention_mask[j, :shared] = 1
+        attention_mask[j, :n] = 1
         attention_mask[j, input_ids.shape[1] - len(tail) :] = 1
-    # The tail of row j starts (width - len(tail_j)) columns after its prefix: pull it back onto position `shared`.
-    offsets_B = torch.tensor([len(t) - width for t in tails])
+    # Row j's tail starts (prefix - n_j) + (width - len(tail_j)) columns after its own prefix ends: pull it back.
+    offsets_B = torch.tensor([n - prefix + len(t) - width for n, t in zip(shared_J, tails)])
 
     source_rows_t = torch.tensor(list(source_rows))
     first_B = torch.tensor([starts_B[r] for r in source_rows])
-    columns_BP = first_B[:, None] + torch.arange(shared)[None, :]
+    # A shorter prefix's columns past its end are masked; they only need to exist in the cache.
+    columns_BP = (first_B[:, None] + torch.arange(prefix)[None, :]).clamp(max=scored.columns - 1)
     moved = DynamicCache()
     for layer in range(len(scored.cache.layers)):
         keys, values = scored.cache.layers[layer].keys, scored.cache.layers[layer].values
@@ -118,5 +129,6 @@ def shared_prefix_batch(
         keys = keys[source_rows_t.to(keys.device)].gather(2, index)
         values = values[source_rows_t.to(values.device)].gather(2, index)
         moved.update(adapter.move_cached_keys(model, keys, -first_B), values, layer)
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_offsets": offsets_B}
-    return SharedPrefixBatch(PromptBatch(inputs, None, list(images)), moved, shared)
+    positions = adapter.moved_prefix_positions(model, input_ids, attention_mask, offsets_B, images)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, **positions}
+    return SharedPrefixBatch(PromptBatch(inputs, None, list(images)), moved, prefix)

@@ -59,7 +59,7 @@ class RecordingCycle(RolloutCycle):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.made: list[tuple[dict, RolloutResult]] = []  # (the step's batch, what the cycle made of it)
-        self.located_rows: list[int] = []  # captions per fresh locate call
+        self.located_rows: list[int] = []  # captions per locate call (fresh, or resumed from the image prefix)
         self.handed_cache: list[bool] = []  # per generate_captions call: was it given the scoring pass's cache
         self.from_prefix: list[bool] = []  # per locate_from_prefix call: did locating resume from the prefix
         self.decode_calls: list[int] = []  # rows of each describe / describe_with_greedy call
@@ -96,6 +96,7 @@ class RecordingCycle(RolloutCycle):
         found = super().locate_from_prefix(model, images, captions, scored, source_rows)
         self.from_prefix.append(found is not None)
         if found is not None:
+            self.located_rows.append(len(captions))
             self.decode_calls.append(len(captions))
         return found
 

@@ -2,7 +2,7 @@
 
 Pinned here, on CPU: greedy and sampled tokens equal transformers' ``generate`` (dynamic cache, same seed) for every
 family, with every step's logits within 1e-5; the same from a handed-in prompt cache (the snapshot's scoring pass)
-and for Qwen-VL's locating from a moved image prefix; one loop of sampled and greedy rows (per-row LoRA adapters)
+and for locating from a moved image prefix; one loop of sampled and greedy rows (per-row LoRA adapters)
 equals the separate calls; noise blocks sample each block as its own call would; the decode step traces as one
 graph that does not change between steps (the CPU stand-in for CUDA graph capture, which replays one recorded step);
 refusals name the family and the reason.
@@ -102,7 +102,7 @@ def test_static_decoding_equals_transformers_generate(tiny_checkpoint, monkeypat
 @pytest.mark.parametrize("model_type", ["qwen", "qwen2_5_vl"])
 def test_static_decoding_resumes_from_the_scoring_cache(tiny_checkpoint, model_type):
     """The snapshot's greedy captions from its scoring pass's cache (copied into the static cache): equal to a fresh
-    prefill, with the prompt really skipped; Qwen-VL's locating from the moved image prefix too."""
+    prefill, with the prompt really skipped; locating from the moved image prefix too."""
     model, adapter = _model(tiny_checkpoint, model_type)
     batch, images, boxes = _prompt_batch(adapter)
     _, sampled = describe(model, adapter, images, boxes, SAMPLED)
@@ -119,13 +119,12 @@ def test_static_decoding_resumes_from_the_scoring_cache(tiny_checkpoint, model_t
     handle.remove()
     assert widths[0] == 1, "decoding did not start from the cache"
     assert torch.equal(resumed.ids_BT, fresh.ids_BT)
-    if model_type == "qwen":
-        captions, source_rows = ["the red circle", "a", "the small blue square at the top left", "red"], [0, 1, 2, 0]
-        rows_images = [images[r] for r in source_rows]
-        _, expected = locate(model, adapter, rows_images, captions, GREEDY)
-        found = locate_from_prefix(model, adapter, rows_images, captions, GREEDY,
-                                   ScoredPrompts(batch, scored_cache(), width - 1), source_rows, decoding=STATIC)
-        assert found is not None and found[1] == expected
+    captions, source_rows = ["the red circle", "a", "the small blue square at the top left", "red"], [0, 1, 2, 0]
+    rows_images = [images[r] for r in source_rows]
+    _, expected = locate(model, adapter, rows_images, captions, GREEDY)
+    found = locate_from_prefix(model, adapter, rows_images, captions, GREEDY,
+                               ScoredPrompts(batch, scored_cache(), width - 1), source_rows, decoding=STATIC)
+    assert found is not None and found[1] == expected
 
 
 def _two_adapter_model(tiny_checkpoint, model_type):

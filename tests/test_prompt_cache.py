@@ -10,10 +10,13 @@ prefill is really skipped (else the option would be a no-op).
 import pytest
 import torch
 
+from sc_tune.adapters.qwen_vl import QwenVLAdapter
+from sc_tune.decoding import Decoding
 from sc_tune.modeling import freeze_vision_tower, load_model_and_adapter
 from sc_tune.prompt_cache import ScoredPrompts, keep_prompt_columns, shared_prefix_batch
 from sc_tune.rollout import GenerationSettings, describe, generate, locate, locate_from_prefix
-from tests.helpers import RecordingCycle, sample_images, small_lora, two_phase_trainer
+from sc_tune.data import ReferringDataset
+from tests.helpers import SAMPLE_DATA, SAMPLE_IMAGES, RecordingCycle, sample_images, small_lora, two_phase_trainer
 
 GREEDY = GenerationSettings(max_new_tokens=8)
 SAMPLED = GenerationSettings(max_new_tokens=8, do_sample=True, top_k=50, top_p=1.0)
@@ -73,13 +76,24 @@ def test_greedy_decoding_from_the_scoring_cache_equals_a_fresh_prefill(tiny_chec
 
 
 # Captions of different token lengths, so that the locator rows' tails are left-padded among themselves, and
-# source rows that repeat and come out of order (the trainer's 2B rows point back at B prompt rows).
-CAPTIONS = ["the red circle", "a", "the small blue square at the top left of the picture", "the circle", "red"]
-SOURCE_ROWS = [0, 1, 2, 1, 0]
+# source rows that repeat and come out of order (the trainer's 2B rows point back at B prompt rows). "This ..."
+# shares one more token with Qwen-VL's describer prompt (``<ref>This</ref><box>...``): a longer prefix in one row.
+CAPTIONS = ["This red circle", "a", "the small blue square at the top left of the picture", "the circle", "red"]
+SOURCE_ROWS = [0, 1, 2, 0, 1]
+
+
+def _images_of_two_sizes(adapter):
+    """The sample's three images and boxes, the second stretched to four times its width: its patch grid, and so the
+    M-RoPE position after its image span, then differs from the others' (Qwen2 families)."""
+    dataset = ReferringDataset.from_file(SAMPLE_DATA, SAMPLE_IMAGES)
+    samples = [dataset[2 * i] for i in range(3)]
+    pictures = [s["image"] for s in samples]
+    pictures[1] = pictures[1].resize((pictures[1].width * 4, pictures[1].height))
+    return [adapter.prepare_image(p) for p in pictures], [s["bbox"] for s in samples]
 
 
 def _scored_and_located_rows(model, adapter):
-    images, boxes = sample_images(adapter)
+    images, boxes = _images_of_two_sizes(adapter)
     boxes[1] = [0.5, 0.5, 0.51, 0.52]  # other digits: describer prompts of different lengths (left padding)
     batch, sampled = describe(model, adapter, images, boxes, SAMPLED)
     assert len(set(batch.inputs["attention_mask"].sum(1).tolist())) > 1, "the test needs left padding"
@@ -87,33 +101,70 @@ def _scored_and_located_rows(model, adapter):
     return scored, [images[r] for r in SOURCE_ROWS]
 
 
-def test_locating_from_the_scored_image_prefix_equals_a_fresh_prefill(tiny_checkpoint):
-    torch.manual_seed(0)
-    model, adapter = load_model_and_adapter(tiny_checkpoint("qwen"))
-    model.eval()
-    scored, images = _scored_and_located_rows(model, adapter)
-    fresh = locate(model, adapter, images, CAPTIONS, GREEDY)
+# Qwen-VL's rotary positions are column indices (cached keys are re-rotated as they move); the Qwen2 families' M-RoPE
+# positions are counted over each row's own tokens (keys move as they are, the batch gets its own rope index).
+MOVING_FAMILIES = ["qwen", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 
+
+def _image_end_id(adapter):
+    """The token that closes the image span: ``</img>`` (Qwen-VL), ``<|vision_end|>`` (the Qwen2 families)."""
+    if isinstance(adapter, QwenVLAdapter):
+        return adapter.tokenizer.img_end_id
+    return adapter.tokenizer.convert_tokens_to_ids("<|vision_end|>")
+
+
+@pytest.mark.parametrize("model_type", MOVING_FAMILIES)
+@pytest.mark.parametrize("decoding", [None, Decoding()], ids=["transformers", "static"])
+def test_locating_from_the_scored_image_prefix_equals_a_fresh_prefill(tiny_checkpoint, model_type, decoding):
+    torch.manual_seed(0)
+    model, adapter = load_model_and_adapter(tiny_checkpoint(model_type))
+    model.eval()
+    # As in the trainer, the last pass before locating is the scoring pass over other rows, in another order: a
+    # position state that transformers keeps from the last prefill (Qwen2 families' rope offset) is that batch's.
+    scored, images = _scored_and_located_rows(model, adapter)
     widths = _ForwardWidths(model)
-    resumed = locate_from_prefix(model, adapter, images, CAPTIONS, GREEDY, scored, SOURCE_ROWS)
+    resumed = locate_from_prefix(model, adapter, images, CAPTIONS, GREEDY, scored, SOURCE_ROWS, decoding)
     widths.handle.remove()
-    assert resumed == fresh
     prompts = [adapter.locator_prompt(c, im) for c, im in zip(CAPTIONS, images)]
     shared = shared_prefix_batch(model, adapter, scored, SOURCE_ROWS, prompts, images)
-    span = adapter.tokenizer.image_token_span + 2  # <img> + image tokens + </img>
-    assert shared.columns > span, "the whole image span comes from the cache"
+    prefix_ids = shared.batch.input_ids[:, : shared.columns]
+    assert (prefix_ids == _image_end_id(adapter)).any(1).all(), "the whole image span comes from the cache"
+    prefix_lengths = shared.batch.inputs["attention_mask"][:, : shared.columns].sum(1)
+    assert len(set(prefix_lengths.tolist())) > 1, "the test needs rows whose shared prefixes differ in length"
     assert widths.widths[0] == shared.batch.input_ids.shape[1] - shared.columns, "only the captions are prefilled"
 
     # Stronger than equal answers: every step's logits agree with the plain left-padded batch's.
     kwargs = {"max_new_tokens": 6, "do_sample": False, "return_dict_in_generate": True, "output_logits": True,
               "pad_token_id": adapter.pad_token_id}
+    cached = model.generate(**adapter.resumed_decoding_inputs(shared.batch.inputs), **kwargs, cache=shared.cache)
     plain_batch = adapter.build_batch(prompts, images)
     plain = model.generate(**plain_batch.inputs, **kwargs)
-    cached = model.generate(**adapter.resumed_decoding_inputs(shared.batch.inputs), **kwargs, cache=shared.cache)
     assert torch.equal(plain.sequences[:, plain_batch.input_ids.shape[1] :],
                        cached.sequences[:, shared.batch.input_ids.shape[1] :])
     for step_plain, step_cached in zip(plain.logits, cached.logits, strict=True):
         torch.testing.assert_close(step_cached, step_plain, rtol=0, atol=1e-5)
+    assert resumed == locate(model, adapter, images, CAPTIONS, GREEDY)
+
+
+def test_a_longer_prefix_than_another_source_row_holds_is_exact(tiny_checkpoint):
+    # The batch's prefix block is as wide as its longest shared prefix; a row whose scored prompt is shorter than
+    # that block reads its source's cached columns only up to the end of the cache (the rest is masked).
+    model, adapter = load_model_and_adapter(tiny_checkpoint("qwen"))
+    model.eval()
+    scored, images = _scored_and_located_rows(model, adapter)
+    starts = (scored.batch.inputs["attention_mask"] == 0).sum(1).tolist()
+    late, early = starts.index(max(starts)), starts.index(min(starts))
+    assert starts[late] > starts[early], "the test needs a later-starting scored prompt"
+    captions, source_rows = ["a", "This red circle"], [late, early]  # "This": one more token shared (8 against 7)
+    located_images = [images[SOURCE_ROWS.index(r)] for r in source_rows]
+    columns = starts[late] + 7  # the later row's cache ends right after its shared prefix
+    scored.cache.crop(columns - scored.cache.get_seq_length())  # transformers' crop takes how many to remove
+    tight = ScoredPrompts(scored.batch, scored.cache, columns)
+    prompts = [adapter.locator_prompt(c, im) for c, im in zip(captions, located_images)]
+    shared = shared_prefix_batch(model, adapter, tight, source_rows, prompts, located_images)
+    assert shared is not None and shared.columns == 8 and starts[late] + shared.columns > columns
+    resumed = locate_from_prefix(model, adapter, located_images, captions, GREEDY, tight, source_rows)
+    assert resumed == locate(model, adapter, located_images, captions, GREEDY)
 
 
 def test_a_cached_prefix_that_would_cut_the_image_span_is_not_used(tiny_checkpoint):
@@ -129,9 +180,8 @@ def test_a_cached_prefix_that_would_cut_the_image_span_is_not_used(tiny_checkpoi
 
 
 def test_families_that_do_not_move_cached_columns_locate_from_a_full_prefill(tiny_checkpoint):
-    # Qwen2.5-VL's rope index is computed from the whole batch at prefill and kept on the model; a batch assembled
-    # from another batch's cache would decode with the wrong one, so it does not opt in.
-    model, adapter = load_model_and_adapter(tiny_checkpoint("qwen2_5_vl"))
+    # GLM-4.1V has M-RoPE too, but its adapter has not opted in (no test shows its moved keys exact).
+    model, adapter = load_model_and_adapter(tiny_checkpoint("glm4v"))
     model.eval()
     scored, images = _scored_and_located_rows(model, adapter)
     assert locate_from_prefix(model, adapter, images, CAPTIONS, GREEDY, scored, SOURCE_ROWS) is None
@@ -181,7 +231,7 @@ def _losses_and_resumed_calls(checkpoint, tmp_path, prompt_cache: bool, lora=Fal
 @pytest.mark.parametrize(
     "model_type,lora,checkpointing,k",
     [("qwen", False, False, 1), ("qwen", True, False, 1), ("qwen", True, True, 1), ("qwen", False, False, 2),
-     ("qwen2_5_vl", False, False, 1)],
+     ("qwen2_5_vl", False, False, 1), ("qwen2_5_vl", True, True, 1)],
 )
 def test_training_losses_identical_with_and_without_the_prompt_cache(
     tiny_checkpoint, tmp_path, model_type, lora, checkpointing, k
@@ -191,8 +241,7 @@ def test_training_losses_identical_with_and_without_the_prompt_cache(
     cached, cached_resumed, cached_located = _losses_and_resumed_calls(checkpoint, tmp_path, True, lora, checkpointing,
                                                                        k)
     assert plain_resumed == [False, False] and cached_resumed == [k == 1] * 2
-    # Locating resumes from the image prefix on Qwen-VL only (see the family test above).
-    assert plain_located == [False, False] and cached_located == [model_type == "qwen"] * 2
+    assert plain_located == [False, False] and cached_located == [True, True]
     assert len(plain) == 4 and all(loss != 0 for loss in plain)
     assert cached == pytest.approx(plain, abs=1e-5)
 

@@ -143,6 +143,13 @@ class ModelAdapter(ABC):
         ``moves_cached_prompt_columns``); values need no change."""
         raise NotImplementedError(f"{type(self).__name__} does not move cached prompt columns")
 
+    def moved_prefix_positions(self, model: torch.nn.Module, input_ids_BW: torch.Tensor, attention_mask_BW: torch.Tensor,
+                               tail_offsets_B: torch.Tensor, images: Sequence[ImageInputs]) -> dict[str, torch.Tensor]:
+        """The position inputs of a batch laid out as moved prefix, padding, tail (``sc_tune.prompt_cache``), such that
+        each row sits at the positions of its own unpadded prompt. ``tail_offsets_B``: what to add to a tail column's
+        index to get its position (minus the padding gap). Only where ``moves_cached_prompt_columns``."""
+        raise NotImplementedError(f"{type(self).__name__} does not move cached prompt columns")
+
     # sc_tune.decoding's static key/value cache and fixed-shape (CUDA-graph) decode steps: a family opts in once
     # tests/test_decoding.py shows its tokens equal transformers' generate, greedy and sampled.
     static_decoding_verified: bool = False

@@ -140,6 +140,29 @@ class _QwenChatVLAdapter(PatchGridChatAdapter):
         # The first decoding step would run the tower on pixel_values and find no <|image_pad|> to put them in.
         return {k: v for k, v in inputs.items() if k != "pixel_values"}
 
+    def moves_cached_prompt_columns(self, model, prompt_length):
+        # M-RoPE positions are counted over each row's unpadded tokens (transformers' get_rope_index skips masked
+        # columns), so a prompt's cached keys carry the same rotations in any batch that holds the same prompt
+        # start: they move between batches as they are. The locator batch then needs its own positions (see
+        # moved_prefix_positions): the rope offset transformers keeps from the last prefill is another batch's.
+        return True
+
+    def move_cached_keys(self, model, keys_BHCD, shift_B):
+        return keys_BHCD
+
+    def moved_prefix_positions(self, model, input_ids_BW, attention_mask_BW, tail_offsets_B, images):
+        # The model's own rope index over the whole laid-out batch, the padding between prefix and tail masked out:
+        # exactly the positions of each row's unpadded prompt. Given explicitly, so that generate neither reuses a
+        # stale rope offset nor needs the pixels; decoding steps continue from the last column's positions.
+        rope = next(m for m in model.modules() if hasattr(type(m), "get_rope_index"))
+        positions_3BW, _ = rope.get_rope_index(
+            input_ids_BW,
+            (input_ids_BW == self.image_token_id).to(torch.int32),
+            image_grid_thw=torch.cat([image.tensors["image_grid_thw"] for image in images], dim=0),
+            attention_mask=attention_mask_BW,
+        )
+        return {"position_ids": positions_3BW}
+
     def _native(self) -> bool:
         return self.codec is self.native_codec
 
@@ -229,7 +252,10 @@ class Qwen35Adapter(_QwenChatVLAdapter):
 
     def resumes_from_scoring_cache(self, model, prompt_length, scored_length):
         # The Gated DeltaNet layers cache a recurrent state, not per-column keys: the state after prompt +
-        # caption cannot be cropped back to the prompt's.
+        # caption cannot be cropped back to the prompt's, nor cut to the image prefix.
+        return False
+
+    def moves_cached_prompt_columns(self, model, prompt_length):
         return False
 
 

@@ -211,3 +211,19 @@ def processor_settings(folder: str) -> dict:
         # may hold both: the tokenizer re-saved with the template the adapter read from the legacy file).
         settings.update(tokenizer_settings(tokenizer), chat_template=tokenizer.chat_template or legacy_template)
     return settings
+
+
+def assert_prefix_batch_decodes_as_a_prefill(model, adapter, prompts, images, shared, steps: int = 6) -> None:
+    """Greedy decoding of ``shared`` (a ``sc_tune.prompt_cache.SharedPrefixBatch`` of ``prompts``) from its moved
+    cache writes the tokens of the plain left-padded batch, every step's logits within 1e-5 (stronger than equal
+    answers: a tiny random model's argmax survives small position errors). Run the cached call first: a position
+    state transformers keeps from the last prefill must not be what makes it right."""
+    kwargs = {"max_new_tokens": steps, "do_sample": False, "return_dict_in_generate": True, "output_logits": True,
+              "pad_token_id": adapter.pad_token_id}
+    cached = model.generate(**adapter.resumed_decoding_inputs(shared.batch.inputs), **kwargs, cache=shared.cache)
+    plain_batch = adapter.build_batch(prompts, images)
+    plain = model.generate(**plain_batch.inputs, **kwargs)
+    assert torch.equal(plain.sequences[:, plain_batch.input_ids.shape[1] :],
+                       cached.sequences[:, shared.batch.input_ids.shape[1] :])
+    for step_plain, step_cached in zip(plain.logits, cached.logits, strict=True):
+        torch.testing.assert_close(step_cached, step_plain, rtol=0, atol=1e-5)

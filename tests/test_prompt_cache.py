@@ -16,7 +16,8 @@ from sc_tune.modeling import freeze_vision_tower, load_model_and_adapter
 from sc_tune.prompt_cache import ScoredPrompts, keep_prompt_columns, shared_prefix_batch
 from sc_tune.rollout import GenerationSettings, describe, generate, locate, locate_from_prefix
 from sc_tune.data import ReferringDataset
-from tests.helpers import SAMPLE_DATA, SAMPLE_IMAGES, RecordingCycle, sample_images, small_lora, two_phase_trainer
+from tests.helpers import (SAMPLE_DATA, SAMPLE_IMAGES, RecordingCycle, assert_prefix_batch_decodes_as_a_prefill,
+                           sample_images, small_lora, two_phase_trainer)
 
 GREEDY = GenerationSettings(max_new_tokens=8)
 SAMPLED = GenerationSettings(max_new_tokens=8, do_sample=True, top_k=50, top_p=1.0)
@@ -133,16 +134,7 @@ def test_locating_from_the_scored_image_prefix_equals_a_fresh_prefill(tiny_check
     assert len(set(prefix_lengths.tolist())) > 1, "the test needs rows whose shared prefixes differ in length"
     assert widths.widths[0] == shared.batch.input_ids.shape[1] - shared.columns, "only the captions are prefilled"
 
-    # Stronger than equal answers: every step's logits agree with the plain left-padded batch's.
-    kwargs = {"max_new_tokens": 6, "do_sample": False, "return_dict_in_generate": True, "output_logits": True,
-              "pad_token_id": adapter.pad_token_id}
-    cached = model.generate(**adapter.resumed_decoding_inputs(shared.batch.inputs), **kwargs, cache=shared.cache)
-    plain_batch = adapter.build_batch(prompts, images)
-    plain = model.generate(**plain_batch.inputs, **kwargs)
-    assert torch.equal(plain.sequences[:, plain_batch.input_ids.shape[1] :],
-                       cached.sequences[:, shared.batch.input_ids.shape[1] :])
-    for step_plain, step_cached in zip(plain.logits, cached.logits, strict=True):
-        torch.testing.assert_close(step_cached, step_plain, rtol=0, atol=1e-5)
+    assert_prefix_batch_decodes_as_a_prefill(model, adapter, prompts, images, shared)
     assert resumed == locate(model, adapter, images, CAPTIONS, GREEDY)
 
 

@@ -9,7 +9,8 @@ Each test is parametrised over the folders that are there:
 - the locator budget holds the widest released answer, counted with the real Qwen tokenizers;
 - a tiny random model on a release's real tokenizer, template and processor settings builds batches, trains on its
   real answer form and locates;
-- ``python -m sc_tune.families budget`` on a release's folder.
+- ``python -m sc_tune.families budget`` on a release's folder;
+- locating from the scored image prefix, with the released template and processor (images of two sizes).
 """
 
 import json
@@ -33,8 +34,10 @@ if not real.available():
 from sc_tune.adapters import adapter_class, family_for  # noqa: E402
 from sc_tune.adapters.base import ThinkingCheckpointError  # noqa: E402
 from sc_tune.modeling import load_model_and_adapter  # noqa: E402
-from sc_tune.rollout import (LOCATOR_BUDGET_MARGIN, GenerationSettings, locate, locator_budget,  # noqa: E402
-                             widest_locator_answer)
+from sc_tune.prompt_cache import ScoredPrompts, keep_prompt_columns, shared_prefix_batch  # noqa: E402
+from sc_tune.rollout import (LOCATOR_BUDGET_MARGIN, GenerationSettings, describe, locate,  # noqa: E402
+                             locate_from_prefix, locator_budget, widest_locator_answer)
+from tests.helpers import assert_prefix_batch_decodes_as_a_prefill  # noqa: E402
 
 BOX = [0.1, 0.2, 0.5, 0.6]
 CAPTION = "the red circle"
@@ -188,3 +191,32 @@ def test_budget_of_a_released_folder_through_the_families_command(folder):
     report = json.loads(done.stdout)
     assert report["locator_budget"] == report["widest_answer_tokens"] + report["margin"]
     assert '"bbox_2d": [' in report["widest_answer"] and report["reasoning_only"] is None
+
+
+def test_locating_from_the_scored_image_prefix_on_released_files(released_files_model):
+    """The describer rollout's locating resumes from the image prefix its scoring pass cached (``sc_tune.prompt_cache``):
+    with the released template and processor, every row's prefix holds its whole image span, images of two sizes
+    make prefixes of two lengths, and the answers equal a fresh prefill's."""
+    folder, model, adapter = released_files_model
+    if not adapter.moves_cached_prompt_columns(model, 100):
+        pytest.skip(f"{folder}: its family locates from a full prefill")
+    torch.manual_seed(0)
+    images = [adapter.prepare_image(Image.new("RGB", size, colour))
+              for size, colour in (((61, 47), (200, 30, 30)), ((240, 47), (30, 200, 30)))]
+    batch, sampled = describe(model, adapter, images, [BOX, [0.5, 0.5, 0.52, 0.55]],
+                              GenerationSettings(max_new_tokens=4, do_sample=True, top_k=50))
+    teacher = adapter.append_completion(batch, sampled.ids_BT, sampled.mask_BT)
+    width = batch.inputs["input_ids"].shape[1]
+    scored = ScoredPrompts(batch, keep_prompt_columns(model(**teacher, use_cache=True).cache, width), width - 1)
+    captions, source_rows = [CAPTION, LONG_CAPTION, "a"], [1, 0, 1]
+    rows_images = [images[r] for r in source_rows]
+    prompts = [adapter.locator_prompt(c, im) for c, im in zip(captions, rows_images)]
+    shared = shared_prefix_batch(model, adapter, scored, source_rows, prompts, rows_images)
+    vision_end = adapter.tokenizer.convert_tokens_to_ids("<|vision_end|>")
+    prefix_ids, prefix_mask = shared.batch.input_ids[:, : shared.columns], shared.batch.inputs["attention_mask"]
+    assert (prefix_ids == vision_end).any(1).all(), "every row's image span comes from the cache"
+    assert len(set(prefix_mask[:, : shared.columns].sum(1).tolist())) == 2, "two image sizes, two prefix lengths"
+    settings = GenerationSettings(max_new_tokens=6)
+    resumed = locate_from_prefix(model, adapter, rows_images, captions, settings, scored, source_rows)
+    assert_prefix_batch_decodes_as_a_prefill(model, adapter, prompts, rows_images, shared)
+    assert resumed == locate(model, adapter, rows_images, captions, settings)

@@ -104,7 +104,7 @@ def _scored_and_located_rows(model, adapter):
 
 # Qwen-VL's rotary positions are column indices (cached keys are re-rotated as they move); the Qwen2 families' M-RoPE
 # positions are counted over each row's own tokens (keys move as they are, the batch gets its own rope index).
-MOVING_FAMILIES = ["qwen", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+MOVING_FAMILIES = ["qwen", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
 
 
 def _image_end_id(adapter):

@@ -208,7 +208,7 @@ def test_locating_from_the_scored_image_prefix_on_released_files(released_files_
     teacher = adapter.append_completion(batch, sampled.ids_BT, sampled.mask_BT)
     width = batch.inputs["input_ids"].shape[1]
     scored = ScoredPrompts(batch, keep_prompt_columns(model(**teacher, use_cache=True).cache, width), width - 1)
-    captions, source_rows = [CAPTION, LONG_CAPTION, "a"], [1, 0, 1]
+    captions, source_rows = [CAPTION, LONG_CAPTION, "a"], [1, 0, 0]
     rows_images = [images[r] for r in source_rows]
     prompts = [adapter.locator_prompt(c, im) for c, im in zip(captions, rows_images)]
     shared = shared_prefix_batch(model, adapter, scored, source_rows, prompts, rows_images)

@@ -65,7 +65,7 @@ from sc_tune.baselines import DescriberBaseline, describer_baseline, terminal_ad
 from sc_tune.decoding import Decoding, SampledRows, choose_decoding
 from sc_tune.phases import PhasePosition
 from sc_tune.preflight import PreflightReport, referring_text, run_preflight, spread_indices
-from sc_tune.prompt_cache import ScoredPrompts, keep_prompt_columns
+from sc_tune.prompt_cache import ScoredPrompts, keep_prompt_columns, uncached_inputs
 from sc_tune.rewards import RewardBatch, RewardFunction, cycle_iou, get_reward
 from sc_tune.rollout import Completions, GenerationSettings, describer_budget
 from sc_tune.snapshot import POLICY_ADAPTER, SNAPSHOT_ADAPTER, AdapterSnapshot, Snapshot, row_adapters
@@ -127,6 +127,7 @@ class ScoredCaptions:
     snapshot_logp_NT: torch.Tensor
     prompts: ScoredPrompts | None  # the pass's cache of the prompts (None: nothing resumes from it)
     greedy_resumes: bool  # the snapshot's greedy captions decode from ``prompts``
+    from_fused_prompts: bool = False  # the pass started from the fused loop's cache of the snapshot's prompts
 
 
 @dataclass
@@ -143,14 +144,20 @@ class TokenLogprobs:
     cache: object | None  # the pass's key/value cache, if asked for and kept
 
 
-def caption_logprobs(model, inputs, caption_ids_NT, temperature: float, keep_cache: bool = False) -> TokenLogprobs:
+def caption_logprobs(model, inputs, caption_ids_NT, temperature: float, keep_cache: bool = False,
+                     prompt_cache=None) -> TokenLogprobs:
     """log p(caption token | prefix) under the sampling distribution (logits / ``temperature``: the PPO ratio and the
     KL compare the distribution the captions were drawn from), from the logits of the last T+1 positions only.
 
-    The key/value cache is kept only if asked, and only where the model keeps one (not under checkpointing in
-    training)."""
+    ``prompt_cache``: the key/value cache of the prompts' earlier columns, ``inputs`` then the rest
+    (``sc_tune.prompt_cache.uncached_inputs``). The key/value cache is kept only if asked, and only where the model
+    keeps one (not under checkpointing in training)."""
     num_tokens = caption_ids_NT.shape[1]
-    outputs = model(**inputs, logits_to_keep=num_tokens + 1, use_cache=keep_cache)
+    if prompt_cache is not None:
+        # use_cache: a model that keeps no cache without it would also ignore the one it is given (Qwen-VL).
+        outputs = model(**inputs, cache=prompt_cache, logits_to_keep=num_tokens + 1, use_cache=True)
+    else:
+        outputs = model(**inputs, logits_to_keep=num_tokens + 1, use_cache=keep_cache)
     logp_NT = selective_log_softmax(outputs.logits[:, :-1] / temperature, caption_ids_NT)
     return TokenLogprobs(logp_NT, outputs.cache if keep_cache else None)
 
@@ -276,10 +283,11 @@ class RolloutCycle:
         return rollout.describe(model, self.adapter, images, boxes, settings, self.decoding, sampled_rows)
 
     def describe_with_greedy(self, model, images, boxes, greedy_images, greedy_boxes,
-                             sampled_rows: Sequence[SampledRows] | None = None):
+                             sampled_rows: Sequence[SampledRows] | None = None, keep_greedy_prompts: bool = False):
         """The sampled captions and the greedy ones in one loop (``rollout.describe_with_greedy``)."""
         return rollout.describe_with_greedy(model, self.adapter, images, boxes, greedy_images, greedy_boxes,
-                                            self.caption_sampling, self.greedy_captions, self.decoding, sampled_rows)
+                                            self.caption_sampling, self.greedy_captions, self.decoding, sampled_rows,
+                                            keep_greedy_prompts)
 
     def generate_captions(self, model, batch: PromptBatch, settings: GenerationSettings, prompt_cache=None):
         """Captions of an already built describer prompt batch, decoding from ``prompt_cache`` if given."""
@@ -370,9 +378,13 @@ class RolloutCycle:
                 mixing = nullcontext()
                 if self.fused_greedy == "snapshot":
                     mixing = row_adapters(policy, [(POLICY_ADAPTER, 0, n), (SNAPSHOT_ADAPTER, n, n + len(all_images))])
+                # The snapshot's greedy rows prefill the very prompts its scoring pass reads next (one sample per
+                # box, one micro-batch): that pass starts from their cache and reads only the captions.
+                keep = (self.fused_greedy == "snapshot" and k == 1 and len(images) == 1
+                        and self.args.snapshot_prompt_cache)
                 with mixing, self.stage_clock.stage("policy_sampling"):
                     batch, sampled, greedy = self.describe_with_greedy(policy, rows_images, rows_boxes, all_images,
-                                                                       all_boxes, blocks)
+                                                                       all_boxes, blocks, keep_greedy_prompts=keep)
             else:
                 with self.stage_clock.stage("policy_sampling"):
                     batch, sampled = self.describe(policy, rows_images, rows_boxes, self.caption_sampling, blocks)
@@ -397,7 +409,9 @@ class RolloutCycle:
         With ``--snapshot_prompt_cache`` (and ``keep_prompts``) the pass also keeps its key/value cache of the prompts
         (all but their last column) where something can resume from it: the greedy captions with the paper's
         baseline and K = 1 (the samples' prompts are the boxes'), in a family that allows it, unless fused decoding
-        wrote them already; the locator prompts where the family moves cached columns (``sc_tune.prompt_cache``)."""
+        wrote them already; the locator prompts where the family moves cached columns (``sc_tune.prompt_cache``).
+        Where fused decoding wrote the snapshot's greedy captions and kept their prompts' cache
+        (``sample_captions``), the pass starts from it and reads only the captions."""
         batch, completions = sampled.batch, sampled.sampled
         device = self.args.device
         teacher = self.adapter.append_completion(batch, completions.ids_BT.cpu(), completions.mask_BT.cpu())
@@ -405,6 +419,10 @@ class RolloutCycle:
         caption_ids_NT, caption_mask_NT = completions.ids_BT.to(device), completions.mask_BT.to(device)
         prompt_length, scored_length = batch.inputs["input_ids"].shape[1], teacher_inputs["input_ids"].shape[1]
         keep = self.args.snapshot_prompt_cache and keep_prompts
+        fused_cache = sampled.greedy.prompt_cache if sampled.greedy is not None else None
+        if fused_cache is not None and fused_cache.get_seq_length() != prompt_length - 1:
+            raise ValueError(f"score_with_snapshot: the fused loop kept {fused_cache.get_seq_length()} prompt columns; "
+                             f"the sampled captions' prompts have {prompt_length - 1} before their last")
         with self.models.snapshot.scoring() as snapshot, self.stage_clock.stage("snapshot_scoring"):
             model = self.models.unwrap(snapshot)
             greedy_resumes = (
@@ -415,13 +433,16 @@ class RolloutCycle:
                 and self.adapter.resumes_from_scoring_cache(model, prompt_length, scored_length)
             )
             locating_resumes = keep and self.adapter.moves_cached_prompt_columns(model, scored_length)
-            scores = caption_logprobs(snapshot, teacher_inputs, caption_ids_NT, self.args.describer_temperature,
-                                      keep_cache=greedy_resumes or locating_resumes)
+            inputs = teacher_inputs
+            if fused_cache is not None:
+                inputs = uncached_inputs(model, self.adapter, teacher_inputs, batch.images, prompt_length - 1)
+            scores = caption_logprobs(snapshot, inputs, caption_ids_NT, self.args.describer_temperature,
+                                      keep_cache=greedy_resumes or locating_resumes, prompt_cache=fused_cache)
         prompts = None
         if scores.cache is not None:  # None also where the model keeps no cache (checkpointing in training mode)
             prompts = ScoredPrompts(batch, keep_prompt_columns(scores.cache, prompt_length), prompt_length - 1)
         return ScoredCaptions(teacher_inputs, caption_ids_NT, caption_mask_NT, scores.logp_NT, prompts,
-                              greedy_resumes and prompts is not None)
+                              greedy_resumes and prompts is not None, fused_cache is not None)
 
     def snapshot_greedy_captions(self, images: list[list], boxes: list[torch.Tensor], sampled: list[SampledCaptions],
                                  scored: list[ScoredCaptions]) -> list[Completions]:
@@ -487,6 +508,8 @@ class RolloutCycle:
             values["prompt_cache"] = float(scored.greedy_resumes)
         # 1: the locator prompts resumed from the image prefix the scoring pass cached (--snapshot_prompt_cache)
         values["locating_prefix_cache"] = float(located.from_prefix)
+        # 1: the scoring pass read only the captions, from the fused loop's cache of the snapshot's prompts
+        values["scoring_prompt_cache"] = float(scored.from_fused_prompts)
         # 1: the greedy captions decoded in the policy's sampling loop (--fused_decoding)
         values["fused_decoding"] = float(fused and self.fused_greedy is not None)
         return values

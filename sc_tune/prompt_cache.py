@@ -20,7 +20,7 @@ batch than they would in a left-padded locator batch. Every row's prefix (``n_j`
 make prefixes of other lengths) therefore goes to columns ``0..n_j-1`` of a block as wide as the longest; the rest of
 each prompt follows, left-padded among the rows. Each row must then see exactly its own prompt at the positions an
 unpadded prefill gives it; padding, including the gap after a shorter prefix, is masked everywhere. How positions
-follow is the family's (``adapter.move_cached_keys``, ``adapter.moved_prefix_positions``):
+follow is the family's (``adapter.move_cached_keys``, ``adapter.resumed_positions``):
 
 - Qwen-VL's rotary positions are column indices: the keys are re-rotated by their move, and a per-row
   ``position_offsets`` closes each row's padding gap before its tail;
@@ -44,6 +44,35 @@ def keep_prompt_columns(cache: Cache, prompt_length: int) -> Cache:
     but the last prompt column (generate feeds that one itself, to get the first new token's logits)."""
     cache.crop(-(cache.get_seq_length() - (prompt_length - 1)))  # transformers' crop takes how many to remove
     return cache
+
+
+def prompt_rows_cache(cache: Cache, start: int, end: int, columns: int) -> DynamicCache:
+    """Rows ``start:end`` and the first ``columns`` columns of a key/value ``cache`` (dynamic or static), copied into a
+    cache of their own: a generate call's cache of some rows' prompts, all but the last column, for a later pass over
+    the same prompts (``rollout.generate(keep_prompt_rows=...)``)."""
+    kept = DynamicCache()
+    for index, layer in enumerate(cache.layers):
+        if getattr(layer, "keys", None) is None or layer.keys.dim() != 4:
+            raise ValueError("prompt_rows_cache: only key/value caches of attention layers can be cut to some columns")
+        kept.update(layer.keys[start:end, :, :columns].clone(), layer.values[start:end, :, :columns].clone(), index)
+    return kept
+
+
+def uncached_inputs(model, adapter: ModelAdapter, inputs: dict, images: Sequence[ImageInputs], cached_columns: int
+                    ) -> dict:
+    """The model inputs of a forward over columns ``cached_columns..`` of ``inputs`` (teacher-forced), whose earlier
+    columns a pass over the same rows in the same layout has cached: the tokens and per-token fields cut, the
+    attention mask whole, no pixels (the images are in the cache), and the family's positions (``resumed_positions``:
+    the model's own position state is that of whichever batch it prefilled last)."""
+    input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+    positions = adapter.resumed_positions(model, input_ids, attention_mask, images)
+    uncached = {"input_ids": input_ids[:, cached_columns:], "attention_mask": attention_mask}
+    for key in adapter.per_token_keys:
+        if key in inputs:
+            uncached[key] = inputs[key][:, cached_columns:]
+    for key, value in positions.items():
+        uncached[key] = value[..., cached_columns:].to(input_ids.device)
+    return uncached
 
 
 @dataclass
@@ -129,6 +158,6 @@ def shared_prefix_batch(
         keys = keys[source_rows_t.to(keys.device)].gather(2, index)
         values = values[source_rows_t.to(values.device)].gather(2, index)
         moved.update(adapter.move_cached_keys(model, keys, -first_B), values, layer)
-    positions = adapter.moved_prefix_positions(model, input_ids, attention_mask, offsets_B, images)
+    positions = adapter.resumed_positions(model, input_ids, attention_mask, images, tail_offsets_B=offsets_B)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, **positions}
     return SharedPrefixBatch(PromptBatch(inputs, None, list(images)), moved, prefix)

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.cache_utils import Cache, DynamicCache, StaticCache
 
 from sc_tune.adapters.base import ImageInputs, ModelAdapter, PromptBatch
 from sc_tune.decoding import Decoding, SampledRows, make_decode_loop, static_cache_fits, static_cache_from
-from sc_tune.prompt_cache import ScoredPrompts, shared_prefix_batch
+from sc_tune.prompt_cache import ScoredPrompts, prompt_rows_cache, shared_prefix_batch
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,8 @@ class Completions:
     ids_BT: torch.Tensor  # new tokens; positions after the first end token hold padding
     mask_BT: torch.Tensor  # 1 on new tokens up to and including the first end token
     texts: list[str]
+    # generate(keep_prompt_rows=...): those rows' key/value cache of their prompt, all but its last column
+    prompt_cache: Cache | None = None
 
 
     def rows(self, start: int, end: int) -> Completions:
@@ -203,6 +206,7 @@ def generate(
     stop_at_box: bool = False,
     decoding: Decoding | None = None,
     sampled_rows: Sequence[SampledRows] | None = None,
+    keep_prompt_rows: tuple[int, int] | None = None,
 ) -> Completions:
     """Batched ``generate`` on a left-padded batch; pads everything after each row's first end token.
 
@@ -214,12 +218,15 @@ def generate(
     ``decoding``: how the tokens are decoded (:mod:`sc_tune.decoding`: a static cache and CUDA graphs); ``None`` is
     transformers' own ``generate``. ``sampled_rows``: with sampling ``settings``, the row blocks that sample (and
     their generators); the other rows decode greedily in the same loop. Default: every row samples (or, with greedy
-    settings, none)."""
+    settings, none). ``keep_prompt_rows=(start, end)``: return those rows' key/value cache of the prompt, all but its
+    last column, as ``Completions.prompt_cache`` (a later pass over the same prompts starts from it)."""
     device = next(model.parameters()).device
     inputs = batch.to(device).inputs
     width = inputs["input_ids"].shape[1]
     if cached_columns is None:
         cached_columns = width - 1
+    if keep_prompt_rows is not None and prompt_cache is not None:
+        raise ValueError("generate: keep_prompt_rows keeps the cache of a prefill; this call resumes from one")
     if prompt_cache is not None and prompt_cache.get_seq_length() != cached_columns:
         raise ValueError(
             f"prompt_cache holds {prompt_cache.get_seq_length()} columns; this batch needs {cached_columns} "
@@ -243,10 +250,15 @@ def generate(
         if decoding.static_cache and prompt_cache is not None:
             # The resumed decoding continues in a static cache that starts as a copy of the prompt cache.
             prompt_cache = static_cache_from(prompt_cache, model.config, width + settings.max_new_tokens - 1)
+        elif decoding.static_cache and keep_prompt_rows is not None:
+            # The call's own cache, to read the kept rows from (transformers' size: max_length - 1 columns).
+            kwargs["cache"] = StaticCache(config=model.config, max_cache_len=width + settings.max_new_tokens - 1)
         elif decoding.static_cache:
             kwargs["cache_implementation"] = "static"
     if prompt_cache is not None:
         kwargs["cache"] = prompt_cache
+    elif keep_prompt_rows is not None:
+        kwargs.setdefault("cache", DynamicCache())
     width = inputs["input_ids"].shape[1]
     # SC-Tune's own decoding loop checks no text per step (its steps are captured graphs): its rows are cut at
     # their box after the loop, the same tokens kept, only the steps after the box not saved.
@@ -272,7 +284,10 @@ def generate(
     ids_BT = torch.where(mask_BT.bool(), ids_BT, torch.full_like(ids_BT, adapter.pad_token_id))
     decode = adapter.decode_caption if skip_special_tokens else adapter.decode
     texts = [decode(row[mask.bool()].tolist()) for row, mask in zip(ids_BT, mask_BT)]
-    return Completions(ids_BT, mask_BT, texts)
+    kept = None
+    if keep_prompt_rows is not None:
+        kept = prompt_rows_cache(kwargs["cache"], *keep_prompt_rows, columns=width - 1)
+    return Completions(ids_BT, mask_BT, texts, kept)
 
 
 def describe(
@@ -303,13 +318,18 @@ def describe_with_greedy(
     greedy: GenerationSettings,
     decoding: Decoding | None = None,
     sample_blocks: Sequence[SampledRows] | None = None,
+    keep_greedy_prompts: bool = False,
 ) -> tuple[PromptBatch, Completions, Completions]:
     """Sampled captions of ``sampled_boxes`` and greedy captions of ``greedy_boxes`` in one decoding loop: rows
     ``0..N`` sample, rows ``N..N+G`` decode greedily (the caller picks each block's LoRA adapter with
     ``sc_tune.snapshot.row_adapters``). Returns the sampled rows' own prompt batch (for scoring), their
     completions and the greedy completions, each equal to what a separate call would return.
 
-    ``sample_blocks``: the sampled rows' noise blocks within ``0..N`` (default: one, the global generator)."""
+    ``sample_blocks``: the sampled rows' noise blocks within ``0..N`` (default: one, the global generator).
+    ``keep_greedy_prompts``: the greedy completions keep their rows' prompt cache (``Completions.prompt_cache``) where
+    the family lets a pass over the same prompts resume from it (``resumes_from_scoring_cache``, asked at the longest
+    sequence such a pass can read: a prompt and a caption). The greedy rows' prompts must then be the sampled rows'
+    (one sample per box): a pass over the sampled batch can start from them."""
     if (sampling.max_new_tokens, sampling.min_new_tokens) != (greedy.max_new_tokens, greedy.min_new_tokens):
         raise ValueError("describe_with_greedy: one loop needs the same caption length limits for both kinds of rows")
     n = len(sampled_images)
@@ -319,10 +339,20 @@ def describe_with_greedy(
     blocks = sample_blocks if sample_blocks is not None else [SampledRows(0, n)]
     if any(block.start < 0 or block.end > n for block in blocks):
         raise ValueError(f"describe_with_greedy: sample blocks {blocks} reach outside the {n} sampled rows")
+    width = both.inputs["input_ids"].shape[1]
+    keep = None
+    if keep_greedy_prompts:
+        if greedy_prompts != prompts:
+            raise ValueError("describe_with_greedy: keep_greedy_prompts needs the greedy rows' prompts to be the "
+                             "sampled rows' (one sample per box, in the same order)")
+        if adapter.resumes_from_scoring_cache(model, width, width + sampling.max_new_tokens):
+            keep = (n, n + len(greedy_images))
     completions = generate(model, adapter, both, sampling, skip_special_tokens=True, decoding=decoding,
-                           sampled_rows=blocks)
+                           sampled_rows=blocks, keep_prompt_rows=keep)
     batch = adapter.build_batch(prompts, list(sampled_images))
-    return batch, completions.rows(0, n), completions.rows(n, n + len(greedy_images))
+    greedy = completions.rows(n, n + len(greedy_images))
+    greedy.prompt_cache = completions.prompt_cache
+    return batch, completions.rows(0, n), greedy
 
 
 def locate(

@@ -510,6 +510,7 @@ def _engagement(logged: list[dict]) -> dict:
         "fused_decoding": every("describer/fused_decoding"),
         "prompt_cache_engaged": every("describer/prompt_cache"),
         "locating_prefix_engaged": every("describer/locating_prefix_cache"),
+        "scoring_cache_engaged": every("describer/scoring_prompt_cache"),
     }
 
 

@@ -78,9 +78,11 @@ class RecordingCycle(RolloutCycle):
         self.decode_calls.append(len(images))
         return super().describe(model, images, boxes, settings, sampled_rows)
 
-    def describe_with_greedy(self, model, images, boxes, greedy_images, greedy_boxes, sampled_rows=None):
+    def describe_with_greedy(self, model, images, boxes, greedy_images, greedy_boxes, sampled_rows=None,
+                             keep_greedy_prompts=False):
         self.decode_calls.append(len(images) + len(greedy_images))
-        return super().describe_with_greedy(model, images, boxes, greedy_images, greedy_boxes, sampled_rows)
+        return super().describe_with_greedy(model, images, boxes, greedy_images, greedy_boxes, sampled_rows,
+                                            keep_greedy_prompts)
 
     def generate_captions(self, model, batch, settings, prompt_cache=None):
         self.handed_cache.append(prompt_cache is not None)
@@ -111,6 +113,20 @@ def sample_images(adapter, n=3):
 def small_lora(model, adapter):
     """A ``model_transform``: rank-4 LoRA without dropout, so two runs of it are comparable step for step."""
     return apply_lora(model, adapter, LoraArguments(use_lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0), False)
+
+
+def two_adapter_model(tiny_checkpoint, model_type: str):
+    """A tiny ``model_type`` model under LoRA with two different adapters, ``default`` (the policy) and ``snapshot``
+    (PEFT starts lora_B at zero, which would make both the base model), in eval mode: (model, adapter)."""
+    torch.manual_seed(0)
+    model, adapter = load_model_and_adapter(tiny_checkpoint(model_type))
+    model = small_lora(model, adapter)
+    model.add_adapter("snapshot", model.peft_config["default"])
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3 if ".snapshot." in name else 0.1)
+    return model.eval(), adapter
 
 
 def two_phase_trainer(checkpoint: str, output_dir: str, **overrides) -> tuple[SCTuneTrainer, list[float]]:

@@ -44,6 +44,8 @@ def test_gpu_check_dry_run_prints_the_decoding_figures_and_takes_the_fast_path(c
         # locating starts from the scored image prefix (both families move cached columns).
         assert unfused["prompt_cache_engaged"] is True
         assert fast["locating_prefix_engaged"] is True and unfused["locating_prefix_engaged"] is True
+        # fused: the scoring pass starts from the loop's cache of the snapshot's prompts (unfused: the other way round)
+        assert fast["scoring_cache_engaged"] is True and unfused["scoring_cache_engaged"] is False
         assert report["describer_transformers"]["decode_calls"] == 0  # transformers' own loop: measured by hooks
         assert report["describer_fast"]["stages_per_step"]["vision_encoding"] > 0
         for key in ("describer_fast", "locator_fast", "describer_fast_unfused"):

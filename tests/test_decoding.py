@@ -21,7 +21,7 @@ from sc_tune.modeling import load_model_and_adapter
 from sc_tune.prompt_cache import ScoredPrompts, keep_prompt_columns
 from sc_tune.rollout import GenerationSettings, describe, describe_with_greedy, generate, locate, locate_from_prefix
 from sc_tune.snapshot import _StackedRowTerms, active_adapter, row_adapters
-from tests.helpers import sample_images, small_lora
+from tests.helpers import sample_images, small_lora, two_adapter_model
 
 STATIC = Decoding(static_cache=True)
 GREEDY = GenerationSettings(max_new_tokens=6, min_new_tokens=2)
@@ -127,24 +127,12 @@ def test_static_decoding_resumes_from_the_scoring_cache(tiny_checkpoint, model_t
     assert found is not None and found[1] == expected
 
 
-def _two_adapter_model(tiny_checkpoint, model_type):
-    torch.manual_seed(0)
-    model, adapter = load_model_and_adapter(tiny_checkpoint(model_type))
-    model = small_lora(model, adapter)
-    model.add_adapter("snapshot", model.peft_config["default"])
-    with torch.no_grad():  # two different adapters (PEFT starts lora_B at zero: both would be the base model)
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.3 if ".snapshot." in name else 0.1)
-    return model.eval(), adapter
-
-
 @pytest.mark.parametrize("model_type", ["qwen", "qwen2_5_vl"])
 @pytest.mark.parametrize("static", [True, False])
 def test_one_loop_of_sampled_and_greedy_rows_equals_the_separate_calls(tiny_checkpoint, model_type, static):
     """The policy's samples (adapter "default") and the snapshot's greedy captions (adapter "snapshot") decoded in
     one loop: sampled rows equal a separate sampled call with the same seed, greedy rows a separate greedy call."""
-    model, adapter = _two_adapter_model(tiny_checkpoint, model_type)
+    model, adapter = two_adapter_model(tiny_checkpoint, model_type)
     images, boxes = sample_images(adapter)
     dec = Decoding(static_cache=static)
     torch.manual_seed(5)
@@ -175,7 +163,7 @@ def test_row_adapters_give_each_row_its_adapters_logits(tiny_checkpoint, dropout
     logits equal a forward of that row's batch with its adapter alone (the base model for row 3). With an active
     dropout of p = 1 (every LoRA input dropped, so no term at all) the per-block path runs instead. ``equal_blocks``:
     rows 2-3 both the snapshot's, so the blocks tile the call and the batched-matmul path runs."""
-    model, adapter = _two_adapter_model(tiny_checkpoint, "qwen2_5_vl")
+    model, adapter = two_adapter_model(tiny_checkpoint, "qwen2_5_vl")
     for module in model.modules():
         if isinstance(module, LoraLinear):
             module.scaling["snapshot"] *= 3.0
@@ -283,7 +271,7 @@ def test_a_decode_step_is_one_graph_that_does_not_change_between_steps(tiny_chec
 
 
 def test_a_fused_lora_step_is_one_graph(tiny_checkpoint, monkeypatch):
-    model, adapter = _two_adapter_model(tiny_checkpoint, "qwen2_5_vl")
+    model, adapter = two_adapter_model(tiny_checkpoint, "qwen2_5_vl")
     images, boxes = sample_images(adapter)
     with _traced_as_one_graph(monkeypatch), row_adapters(model, [("default", 0, 3), ("snapshot", 3, 6)]):
         _, sampled, greedy = describe_with_greedy(model, adapter, images, boxes, images, boxes, SAMPLED, GREEDY, STATIC,

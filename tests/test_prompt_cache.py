@@ -7,17 +7,21 @@ that the captions, boxes, their logits and the training losses equal those of a 
 prefill is really skipped (else the option would be a no-op).
 """
 
+import copy
+
 import pytest
 import torch
 
 from sc_tune.adapters.qwen_vl import QwenVLAdapter
 from sc_tune.decoding import Decoding
 from sc_tune.modeling import freeze_vision_tower, load_model_and_adapter
-from sc_tune.prompt_cache import ScoredPrompts, keep_prompt_columns, shared_prefix_batch
-from sc_tune.rollout import GenerationSettings, describe, generate, locate, locate_from_prefix
+from sc_tune.cycle import caption_logprobs
+from sc_tune.prompt_cache import ScoredPrompts, keep_prompt_columns, shared_prefix_batch, uncached_inputs
+from sc_tune.rollout import GenerationSettings, describe, describe_with_greedy, generate, locate, locate_from_prefix
+from sc_tune.snapshot import active_adapter, row_adapters
 from sc_tune.data import ReferringDataset
 from tests.helpers import (SAMPLE_DATA, SAMPLE_IMAGES, RecordingCycle, assert_prefix_batch_decodes_as_a_prefill,
-                           sample_images, small_lora, two_phase_trainer)
+                           sample_images, small_lora, two_adapter_model, two_phase_trainer)
 
 GREEDY = GenerationSettings(max_new_tokens=8)
 SAMPLED = GenerationSettings(max_new_tokens=8, do_sample=True, top_k=50, top_p=1.0)
@@ -198,15 +202,18 @@ class _PrefixCheckingCycle(RecordingCycle):
         return found
 
 
-def _losses_and_resumed_calls(checkpoint, tmp_path, prompt_cache: bool, lora=False, checkpointing=False, k=1):
+def _losses_and_resumed_calls(checkpoint, tmp_path, prompt_cache: bool, lora=False, checkpointing=False, k=1,
+                              fused=False):
     """The four steps' losses, and per describer rollout whether its greedy captions and its locating resumed
     from the scoring pass's cache: the trainer's logged ``describer/prompt_cache`` and
     ``describer/locating_prefix_cache``, checked against what the cycle really handed ``generate`` and what
-    ``locate_from_prefix`` really did."""
-    trainer, losses = two_phase_trainer(checkpoint, str(tmp_path / f"{prompt_cache}_{lora}_{checkpointing}_{k}"),
+    ``locate_from_prefix`` really did; and whether the scoring pass started from the fused loop's cache
+    (``describer/scoring_prompt_cache``)."""
+    decoding = {"static_decoding": "true", "fused_decoding": "true"} if fused else {}
+    trainer, losses = two_phase_trainer(checkpoint, str(tmp_path / f"{prompt_cache}_{lora}_{checkpointing}_{k}_{fused}"),
                                         model_transform=small_lora if lora else None, num_generations=k,
                                         snapshot_prompt_cache=prompt_cache, gradient_checkpointing=checkpointing,
-                                        cycle=_PrefixCheckingCycle)
+                                        cycle=_PrefixCheckingCycle, **decoding)
     trainer.train()
     handed, prefixed = trainer.cycle.handed_cache, trainer.cycle.from_prefix
     logged = [entry for entry in trainer.state.log_history if "describer/prompt_cache" in entry]
@@ -214,34 +221,37 @@ def _losses_and_resumed_calls(checkpoint, tmp_path, prompt_cache: bool, lora=Fal
     located = [entry["describer/locating_prefix_cache"] == 1.0 for entry in logged]
     assert [r for r in resumed if r] == [h for h in handed if h], "the logged metric says what generate was given"
     assert [r for r in located if r] == [p for p in prefixed if p], "the logged metric says how locating ran"
-    return losses, resumed, located
+    scored = [entry["describer/scoring_prompt_cache"] == 1.0 for entry in logged]
+    return losses, resumed, located, scored
 
 
 # LoRA with gradient checkpointing is the GPU recipe: the snapshot (the policy's modules, another adapter) must
 # still keep its scoring pass's cache there, which it can only in eval mode. With K = 2 samples per box the greedy
-# captions prefill again (their prompts are not the samples' batch), but locating still resumes.
+# captions prefill again (their prompts are not the samples' batch), but locating still resumes. Fused (LoRA): the
+# greedy captions come from the sampling loop, which keeps their prompts' cache for the scoring pass.
 @pytest.mark.parametrize(
-    "model_type,lora,checkpointing,k",
-    [("qwen", False, False, 1), ("qwen", True, False, 1), ("qwen", True, True, 1), ("qwen", False, False, 2),
-     ("qwen2_5_vl", False, False, 1), ("qwen2_5_vl", True, True, 1)],
+    "model_type,lora,checkpointing,k,fused",
+    [("qwen", False, False, 1, False), ("qwen", True, False, 1, False), ("qwen", True, True, 1, False),
+     ("qwen", False, False, 2, False), ("qwen2_5_vl", False, False, 1, False), ("qwen2_5_vl", True, True, 1, False),
+     ("qwen", True, True, 1, True), ("qwen2_5_vl", True, True, 1, True)],
 )
 def test_training_losses_identical_with_and_without_the_prompt_cache(
-    tiny_checkpoint, tmp_path, model_type, lora, checkpointing, k
+    tiny_checkpoint, tmp_path, model_type, lora, checkpointing, k, fused
 ):
     checkpoint = tiny_checkpoint(model_type)
-    plain, plain_resumed, plain_located = _losses_and_resumed_calls(checkpoint, tmp_path, False, lora, checkpointing, k)
-    cached, cached_resumed, cached_located = _losses_and_resumed_calls(checkpoint, tmp_path, True, lora, checkpointing,
-                                                                       k)
-    assert plain_resumed == [False, False] and cached_resumed == [k == 1] * 2
-    assert plain_located == [False, False] and cached_located == [True, True]
+    plain, *plain_calls = _losses_and_resumed_calls(checkpoint, tmp_path, False, lora, checkpointing, k, fused)
+    cached, resumed, located, scored = _losses_and_resumed_calls(checkpoint, tmp_path, True, lora, checkpointing, k,
+                                                                 fused)
+    assert plain_calls == [[False, False]] * 3
+    assert resumed == [k == 1 and not fused] * 2 and located == [True, True] and scored == [fused] * 2
     assert len(plain) == 4 and all(loss != 0 for loss in plain)
     assert cached == pytest.approx(plain, abs=1e-5)
 
 
 def test_families_that_do_not_opt_in_prefill_again(tiny_checkpoint, tmp_path):
     # Qwen3.5's linear-attention layers keep a recurrent state that cannot be cropped back to the prompt.
-    _, resumed, located = _losses_and_resumed_calls(tiny_checkpoint("qwen3_5"), tmp_path, True)
-    assert resumed == [False, False] and located == [False, False]
+    _, *calls = _losses_and_resumed_calls(tiny_checkpoint("qwen3_5"), tmp_path, True)
+    assert calls == [[False, False]] * 3
 
 
 def test_no_reuse_where_dynamic_ntk_would_scale_the_scored_sequence(tiny_checkpoint):
@@ -252,3 +262,46 @@ def test_no_reuse_where_dynamic_ntk_would_scale_the_scored_sequence(tiny_checkpo
     assert not adapter.resumes_from_scoring_cache(model, seq_length - 10, seq_length + 10)
     assert adapter.moves_cached_prompt_columns(model, seq_length)
     assert not adapter.moves_cached_prompt_columns(model, seq_length + 10)
+
+
+@pytest.mark.parametrize("model_type", ["qwen", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("decoding", [None, Decoding()], ids=["dynamic", "static"])
+def test_scoring_from_the_fused_loops_snapshot_prompts_equals_a_full_pass(tiny_checkpoint, model_type, decoding):
+    # LoRA, one sample per box: the fused loop's greedy rows (the snapshot's adapter) prefill exactly the prompts the
+    # snapshot's scoring pass reads next; it starts from their cache and reads only the captions. Run first, after
+    # the fused call's prefill of twice as many rows: a position state kept from that prefill would not fit.
+    model, adapter = two_adapter_model(tiny_checkpoint, model_type)
+    images, boxes = _images_of_two_sizes(adapter)
+    n = len(images)
+    with row_adapters(model, [("default", 0, n), ("snapshot", n, 2 * n)]):
+        batch, sampled, greedy = describe_with_greedy(model, adapter, images, boxes, images, boxes, SAMPLED, GREEDY,
+                                                      decoding, keep_greedy_prompts=True)
+    width = batch.inputs["input_ids"].shape[1]
+    assert len(set(batch.inputs["attention_mask"].sum(1).tolist())) > 1, "the test needs left padding"
+    assert greedy.prompt_cache is not None and greedy.prompt_cache.get_seq_length() == width - 1
+    teacher = adapter.append_completion(batch, sampled.ids_BT, sampled.mask_BT)
+    spare = copy.deepcopy(greedy.prompt_cache)  # a pass extends the cache it is given
+    with active_adapter(model, "snapshot"):
+        widths = _ForwardWidths(model)
+        resumed = caption_logprobs(model, uncached_inputs(model, adapter, teacher, batch.images, width - 1),
+                                   sampled.ids_BT, 1.0, keep_cache=True, prompt_cache=greedy.prompt_cache)
+        widths.handle.remove()
+        unkept = caption_logprobs(model, uncached_inputs(model, adapter, teacher, batch.images, width - 1),
+                                  sampled.ids_BT, 1.0, keep_cache=False, prompt_cache=spare)
+        full = caption_logprobs(model, teacher, sampled.ids_BT, 1.0, keep_cache=True)
+    assert widths.widths == [1 + sampled.ids_BT.shape[1]], "only the last prompt column and the captions are read"
+    torch.testing.assert_close(resumed.logp_NT, full.logp_NT, rtol=0, atol=1e-5)
+    assert unkept.cache is None
+    torch.testing.assert_close(unkept.logp_NT, full.logp_NT, rtol=0, atol=1e-5)
+    # The pass's cache, prompt and captions, serves locating as a full pass's would.
+    for kept, fresh in zip(resumed.cache.layers, full.cache.layers, strict=True):
+        torch.testing.assert_close(kept.keys, fresh.keys, rtol=0, atol=1e-5)
+
+
+def test_the_fused_loop_keeps_no_prompt_cache_where_the_family_cannot_resume(tiny_checkpoint):
+    model, adapter = two_adapter_model(tiny_checkpoint, "qwen3_5")  # Gated DeltaNet: a recurrent state, no columns
+    images, boxes = sample_images(adapter, n=2)
+    with row_adapters(model, [("default", 0, 2), ("snapshot", 2, 4)]):
+        _, _, greedy = describe_with_greedy(model, adapter, images, boxes, images, boxes, SAMPLED, GREEDY,
+                                            keep_greedy_prompts=True)
+    assert greedy.prompt_cache is None

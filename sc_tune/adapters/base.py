@@ -143,12 +143,19 @@ class ModelAdapter(ABC):
         ``moves_cached_prompt_columns``); values need no change."""
         raise NotImplementedError(f"{type(self).__name__} does not move cached prompt columns")
 
-    def moved_prefix_positions(self, model: torch.nn.Module, input_ids_BW: torch.Tensor, attention_mask_BW: torch.Tensor,
-                               tail_offsets_B: torch.Tensor, images: Sequence[ImageInputs]) -> dict[str, torch.Tensor]:
-        """The position inputs of a batch laid out as moved prefix, padding, tail (``sc_tune.prompt_cache``), such that
-        each row sits at the positions of its own unpadded prompt. ``tail_offsets_B``: what to add to a tail column's
-        index to get its position (minus the padding gap). Only where ``moves_cached_prompt_columns``."""
-        raise NotImplementedError(f"{type(self).__name__} does not move cached prompt columns")
+    def resumed_positions(self, model: torch.nn.Module, input_ids_BW: torch.Tensor, attention_mask_BW: torch.Tensor,
+                          images: Sequence[ImageInputs], tail_offsets_B: torch.Tensor | None = None
+                          ) -> dict[str, torch.Tensor]:
+        """The position inputs, over all ``W`` columns, of a batch whose first columns come from a key/value cache
+        that another pass left (``sc_tune.prompt_cache``): each row at the positions of its own unpadded prompt.
+
+        ``tail_offsets_B``: a batch laid out as moved prefix, padding, tail (``moves_cached_prompt_columns``): what to
+        add to a tail column's index to get its position (minus the padding gap). ``None``: the cache's pass had this
+        batch's own layout (``resumes_from_scoring_cache``). Default: ``{}``, the model counts positions on from the
+        cache's length, as it would in the pass that left it."""
+        if tail_offsets_B is not None:
+            raise NotImplementedError(f"{type(self).__name__} does not move cached prompt columns")
+        return {}
 
     # sc_tune.decoding's static key/value cache and fixed-shape (CUDA-graph) decode steps: a family opts in once
     # tests/test_decoding.py shows its tokens equal transformers' generate, greedy and sampled.

@@ -144,21 +144,22 @@ class _QwenChatVLAdapter(PatchGridChatAdapter):
         # M-RoPE positions are counted over each row's unpadded tokens (transformers' get_rope_index skips masked
         # columns), so a prompt's cached keys carry the same rotations in any batch that holds the same prompt
         # start: they move between batches as they are. The locator batch then needs its own positions (see
-        # moved_prefix_positions): the rope offset transformers keeps from the last prefill is another batch's.
+        # resumed_positions): the rope offset transformers keeps from the last prefill is another batch's.
         return True
 
     def move_cached_keys(self, model, keys_BHCD, shift_B):
         return keys_BHCD
 
-    def moved_prefix_positions(self, model, input_ids_BW, attention_mask_BW, tail_offsets_B, images):
-        # The model's own rope index over the whole laid-out batch, the padding between prefix and tail masked out:
-        # exactly the positions of each row's unpadded prompt. Given explicitly, so that generate neither reuses a
-        # stale rope offset nor needs the pixels; decoding steps continue from the last column's positions.
+    def resumed_positions(self, model, input_ids_BW, attention_mask_BW, images, tail_offsets_B=None):
+        # The model's own rope index over the whole laid-out batch, padding (and the gap between a moved prefix and
+        # its tail) masked out: exactly the positions of each row's unpadded prompt. Given explicitly, so that neither
+        # generate nor a forward reuses the rope offset transformers keeps from the last prefill (another batch's)
+        # or needs the pixels; decoding steps continue from the last column's positions.
         rope = next(m for m in model.modules() if hasattr(type(m), "get_rope_index"))
         positions_3BW, _ = rope.get_rope_index(
             input_ids_BW,
             (input_ids_BW == self.image_token_id).to(torch.int32),
-            image_grid_thw=torch.cat([image.tensors["image_grid_thw"] for image in images], dim=0),
+            image_grid_thw=torch.cat([image.tensors["image_grid_thw"] for image in images]).to(input_ids_BW.device),
             attention_mask=attention_mask_BW,
         )
         return {"position_ids": positions_3BW}

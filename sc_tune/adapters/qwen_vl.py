@@ -87,10 +87,11 @@ class QwenVLAdapter(ModelAdapter):
                                   ntk_alpha=1.0)
         return apply_rotary(keys_BHCD, cos, sin)
 
-    def moved_prefix_positions(self, model, input_ids_BW, attention_mask_BW, tail_offsets_B, images):
-        # Positions are column indices: the prefix already sits at columns 0..P-1, and the model shifts each row's
-        # later columns by its offset, closing the padding gap before its tail.
-        return {"position_offsets": tail_offsets_B}
+    def resumed_positions(self, model, input_ids_BW, attention_mask_BW, images, tail_offsets_B=None):
+        # Positions are column indices: a moved prefix already sits at columns 0..P-1, and the model shifts each row's
+        # later columns by its offset, closing the padding gap before its tail. In the cache's own layout the
+        # columns are the positions.
+        return {} if tail_offsets_B is None else {"position_offsets": tail_offsets_B}
 
     @classmethod
     def from_pretrained(cls, path: str, box_format: str = "native") -> QwenVLAdapter:

@@ -25,7 +25,11 @@ Cache decisions, all taken here:
 - the scoring pass's prompt cache (``--snapshot_prompt_cache``, ``sc_tune.prompt_cache``): kept only where something
   resumes from it. The snapshot's greedy captions decode from it with the paper's baseline and K = 1 (the samples'
   prompts are then the boxes' prompts), where the family allows it; the locator prompts start from its image prefix
-  where the family moves cached columns (Qwen-VL, Qwen2-VL, Qwen2.5-VL, Qwen3-VL). That is why the snapshot scores before it writes or locates.
+  where the family moves cached columns (Qwen-VL, Qwen2-VL, Qwen2.5-VL, Qwen3-VL). That is why the snapshot scores
+  before it writes or locates;
+- the fused loop's cache of the snapshot's prompts (same flag): where fused decoding writes the LoRA snapshot's
+  greedy captions with K = 1 and one micro-batch, its greedy rows prefill the very prompts the scoring pass reads
+  next; the loop keeps their cache and the scoring pass reads only the captions from it.
 
 How rollouts decode, also decided here (``sc_tune.decoding``): ``--static_decoding`` (a static key/value cache,
 decode steps replayed as CUDA graphs; ``--decoding_compile_backend`` compiles the step before it is captured), and

@@ -1,4 +1,4 @@
-"""Reusing the snapshot's scoring pass: its key/value cache of the describer prompts serves two more generations.
+"""Reusing prompt caches within a describer rollout: the snapshot's prompts are prefilled once where they can be.
 
 In a describer rollout the snapshot reads the same images three times: it scores the policy's sampled captions
 (prompt + caption, teacher-forced), writes its own greedy captions (the paper's baseline) and locates every
@@ -12,8 +12,14 @@ caption. The scoring pass comes first and keeps its cache, so that
   caption after it (:func:`shared_prefix_batch`, a family whose adapter ``moves_cached_prompt_columns``). The
   locator pass then neither runs the vision tower nor prefills the image again.
 
-Both are exact: the snapshot's weights do not change within a rollout, a prompt column's keys and values do not
-depend on what follows it, and the tests compare every decoding step's logits with a fresh prefill.
+Where fused decoding writes the LoRA snapshot's greedy captions in the policy's sampling loop (one sample per box),
+it is the other way round: the loop's greedy rows have prefilled the scoring pass's prompts with the snapshot's
+adapter, so the loop keeps their cache (:func:`prompt_rows_cache`) and the scoring pass reads only the captions
+(:func:`uncached_inputs`).
+
+All are exact up to float rounding: the snapshot's weights do not change within a rollout, a prompt column's keys and
+values do not depend on what follows it, and the tests compare every decoding step's logits (and the scoring pass's
+log-probs) with a fresh prefill's, within 1e-5 in fp32.
 
 The locator batch's layout. Rows are left-padded, and the shared prefixes sit at different columns in the source
 batch than they would in a left-padded locator batch. Every row's prefix (``n_j`` columns: images of other sizes

@@ -29,7 +29,9 @@ Cache decisions, all taken here:
   before it writes or locates;
 - the fused loop's cache of the snapshot's prompts (same flag): where fused decoding writes the LoRA snapshot's
   greedy captions with K = 1 and one micro-batch, its greedy rows prefill the very prompts the scoring pass reads
-  next; the loop keeps their cache and the scoring pass reads only the captions from it.
+  next; the loop keeps their cache and the scoring pass reads only the captions from it;
+- the pseudo-label filter's locating (``--pseudo_label_min_iou``, same flag): the snapshot's greedy-caption call
+  keeps its prompts' cache, and the captions are located from their image prefix.
 
 How rollouts decode, also decided here (``sc_tune.decoding``): ``--static_decoding`` (a static key/value cache,
 decode steps replayed as CUDA graphs; ``--decoding_compile_backend`` compiles the step before it is captured), and
@@ -283,8 +285,10 @@ class RolloutCycle:
 
     # ------------------------------------------------------------------ the generation calls
     def describe(self, model, images, boxes, settings: GenerationSettings,
-                 sampled_rows: Sequence[SampledRows] | None = None) -> tuple[PromptBatch, Completions]:
-        return rollout.describe(model, self.adapter, images, boxes, settings, self.decoding, sampled_rows)
+                 sampled_rows: Sequence[SampledRows] | None = None, keep_prompts: bool = False
+                 ) -> tuple[PromptBatch, Completions]:
+        return rollout.describe(model, self.adapter, images, boxes, settings, self.decoding, sampled_rows,
+                                keep_prompts)
 
     def describe_with_greedy(self, model, images, boxes, greedy_images, greedy_boxes,
                              sampled_rows: Sequence[SampledRows] | None = None, keep_greedy_prompts: bool = False):
@@ -546,12 +550,21 @@ class RolloutCycle:
         images = [self.prepare_images(inputs) for inputs in batches]
         boxes = [inputs["boxes"].tolist() for inputs in batches]
         min_iou = self.args.pseudo_label_min_iou
+        from_prefix = False
         with self.models.snapshot.generating() as snapshot:
             with self.stage_clock.stage("snapshot_generation"):
-                _, all_captions = self.describe(snapshot, _concat(images), _concat(boxes), self.greedy_captions)
+                # With the filter, the captions' own prompts keep their cache: locating starts from its image prefix.
+                batch, all_captions = self.describe(snapshot, _concat(images), _concat(boxes), self.greedy_captions,
+                                                    keep_prompts=min_iou > 0 and self.args.snapshot_prompt_cache)
             if min_iou > 0:
                 with self.stage_clock.stage("pseudo_label_locating"):
-                    found, _ = self.locate(snapshot, _concat(images), all_captions.texts)
+                    found = None
+                    if all_captions.prompt_cache is not None:
+                        scored = ScoredPrompts(batch, all_captions.prompt_cache, batch.inputs["input_ids"].shape[1] - 1)
+                        found = self.locate_from_prefix(snapshot, _concat(images), all_captions.texts, scored,
+                                                        list(range(len(all_captions.texts))))
+                    from_prefix = found is not None
+                    found, _ = found or self.locate(snapshot, _concat(images), all_captions.texts)
                 # IoU whatever --reward is (a parse failure: 0, left out)
                 agreement_N = cycle_iou(found, torch.tensor(_concat(boxes), dtype=torch.float32)).reward_N
         results = []
@@ -571,6 +584,8 @@ class RolloutCycle:
                 kept_B = agreement_N[start:end] >= min_iou
                 labels = labels.masked_fill(~kept_B[:, None], -100)  # a left-out row adds no loss
                 metrics["pseudo_labels_kept"] = kept_B.float().mean()
+                # 1: the snapshot located its captions from their prompts' image prefix (--snapshot_prompt_cache)
+                metrics["pseudo_label_prefix_cache"] = float(from_prefix)
             made = LocatorRollout({k: v.to(device) for k, v in pseudo.inputs.items()}, labels.to(device), target_len)
             results.append(RolloutResult(made, metrics))
         return results

@@ -298,13 +298,18 @@ def describe(
     settings: GenerationSettings,
     decoding: Decoding | None = None,
     sampled_rows: Sequence[SampledRows] | None = None,
+    keep_prompts: bool = False,
 ) -> tuple[PromptBatch, Completions]:
     """Caption each box; ``Completions.texts`` are the captions, special tokens removed. ``sampled_rows``: see
-    :func:`generate` (a sampling call's noise blocks)."""
+    :func:`generate` (a sampling call's noise blocks). ``keep_prompts``: the completions keep the prompts' cache
+    (``Completions.prompt_cache``, all but the last column) where the family moves cached columns, for locating the
+    captions from their image prefix (``ScoredPrompts`` of ``batch`` and that cache, :func:`locate_from_prefix`)."""
     prompts = [adapter.describer_prompt(box, image) for box, image in zip(boxes_norm, images)]
     batch = adapter.build_batch(prompts, images)
+    width = batch.inputs["input_ids"].shape[1]
+    keep = keep_prompts and adapter.moves_cached_prompt_columns(model, width + settings.max_new_tokens)
     return batch, generate(model, adapter, batch, settings, skip_special_tokens=True, decoding=decoding,
-                           sampled_rows=sampled_rows)
+                           sampled_rows=sampled_rows, keep_prompt_rows=(0, len(prompts)) if keep else None)
 
 
 def describe_with_greedy(

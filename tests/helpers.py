@@ -74,9 +74,9 @@ class RecordingCycle(RolloutCycle):
         self.made += list(zip(batches, results))
         return results
 
-    def describe(self, model, images, boxes, settings, sampled_rows=None):
+    def describe(self, model, images, boxes, settings, sampled_rows=None, keep_prompts=False):
         self.decode_calls.append(len(images))
-        return super().describe(model, images, boxes, settings, sampled_rows)
+        return super().describe(model, images, boxes, settings, sampled_rows, keep_prompts)
 
     def describe_with_greedy(self, model, images, boxes, greedy_images, greedy_boxes, sampled_rows=None,
                              keep_greedy_prompts=False):

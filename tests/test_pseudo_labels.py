@@ -29,6 +29,9 @@ class FixedLocatorCycle(RolloutCycle):
         boxes = [self.true_boxes[0], [0.0, 0.0, 1e-3, 1e-3], None, [x1 + shift, y1, x2 + shift, y2]]
         return boxes, ["(fixed)"] * 4
 
+    def locate_from_prefix(self, model, images, captions, scored, source_rows):
+        return self.locate(model, images, captions)  # the filter is under test here, not how the snapshot locates
+
 
 def _rollout(tiny_checkpoint, tmp_path, min_iou):
     trainer = make_trainer(tiny_checkpoint("qwen2_5_vl"), str(tmp_path / str(min_iou)), cycle=FixedLocatorCycle,
@@ -72,16 +75,25 @@ def test_a_micro_batch_that_keeps_no_pseudo_label_adds_a_zero_loss(tiny_checkpoi
 
 
 class LocateRecordingCycle(RolloutCycle):
-    """The trainer's cycle, keeping what each locate call found."""
+    """The trainer's cycle, keeping what each locate call found; locating from the captions' image prefix is checked
+    against a fresh locate call on the spot."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.found = []
+        self.found, self.from_prefix = [], []
 
     def locate(self, model, images, captions):
         found, texts = super().locate(model, images, captions)
         self.found.append(found)
         return found, texts
+
+    def locate_from_prefix(self, model, images, captions, scored, source_rows):
+        resumed = super().locate_from_prefix(model, images, captions, scored, source_rows)
+        self.from_prefix.append(resumed is not None)
+        if resumed is not None:
+            assert resumed == super().locate(model, images, captions), "differs from a fresh prefill"
+            self.found.append(resumed[0])
+        return resumed
 
 
 def test_on_a_warm_start_the_filter_keeps_what_its_own_locator_grounds_back(tmp_path):
@@ -104,6 +116,8 @@ def test_on_a_warm_start_the_filter_keeps_what_its_own_locator_grounds_back(tmp_
         trainer.snapshot.sync_from_policy()
         rollouts[min_iou], trainers[min_iou] = trainer.cycle.locator_rollout(batch), trainer
     (found,) = trainers[0.5].cycle.found
+    assert trainers[0.5].cycle.from_prefix == [True], "the captions were located from their prompts' image prefix"
+    assert float(rollouts[0.5].metrics["pseudo_label_prefix_cache"]) == 1.0
     assert all(box is not None for box in found), "the warm start's boxes parse"
     iou_B = box_iou(torch.tensor(found), batch["boxes"].float())
     kept_all, filtered = rollouts[0.0].rollout.labels, rollouts[0.5].rollout.labels

@@ -210,9 +210,11 @@ def generate(
 ) -> Completions:
     """Batched ``generate`` on a left-padded batch; pads everything after each row's first end token.
 
-    ``prompt_cache``: the key/value cache of this batch's first ``cached_columns`` columns (default: all but the
-    last), computed by ``model`` (the same weights); decoding then starts from it instead of prefilling those
-    columns again (:mod:`sc_tune.prompt_cache`). ``stop_at_box``: a row also ends once its text holds a complete
+    ``prompt_cache``: the key/value cache of this batch's first ``cached_columns`` columns, computed by ``model``
+    (the same weights); decoding then starts from it instead of prefilling those columns again
+    (:mod:`sc_tune.prompt_cache`). Default: all but the last column, of a pass over this batch's own layout, and the
+    batch gets the family's positions (``ModelAdapter.resumed_positions``); with ``cached_columns`` the batch brings
+    its own (a shared-prefix batch). ``stop_at_box``: a row also ends once its text holds a complete
     box (locator answers, :class:`BoxCompleteStop`; after the loop where ``decoding`` runs it).
 
     ``decoding``: how the tokens are decoded (:mod:`sc_tune.decoding`: a static cache and CUDA graphs); ``None`` is
@@ -225,6 +227,11 @@ def generate(
     width = inputs["input_ids"].shape[1]
     if cached_columns is None:
         cached_columns = width - 1
+        if prompt_cache is not None:
+            # A cache of this batch's own layout: the family's positions for it, not a position state the model kept
+            # from whichever batch it prefilled last (Qwen2 families' rope offset).
+            inputs = {**inputs, **adapter.resumed_positions(model, inputs["input_ids"], inputs["attention_mask"],
+                                                            batch.images)}
     if keep_prompt_rows is not None and prompt_cache is not None:
         raise ValueError("generate: keep_prompt_rows keeps the cache of a prefill; this call resumes from one")
     if prompt_cache is not None and prompt_cache.get_seq_length() != cached_columns:

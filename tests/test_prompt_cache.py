@@ -46,6 +46,16 @@ class _ForwardWidths:
         self.widths.append(ids.shape[1])
 
 
+def _images_of_two_sizes(adapter):
+    """The sample's three images and boxes, the second stretched to four times its width: its patch grid, and so the
+    M-RoPE position after its image span, then differs from the others' (Qwen2 families)."""
+    dataset = ReferringDataset.from_file(SAMPLE_DATA, SAMPLE_IMAGES)
+    samples = [dataset[2 * i] for i in range(3)]
+    pictures = [s["image"] for s in samples]
+    pictures[1] = pictures[1].resize((pictures[1].width * 4, pictures[1].height))
+    return [adapter.prepare_image(p) for p in pictures], [s["bbox"] for s in samples]
+
+
 RESUMING_FAMILIES = ["qwen", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 
 
@@ -55,13 +65,15 @@ def test_greedy_decoding_from_the_scoring_cache_equals_a_fresh_prefill(tiny_chec
     model, adapter = load_model_and_adapter(tiny_checkpoint(model_type))
     model.eval()
     assert adapter.resumes_from_scoring_cache(model, 300, 330)
-    images, boxes = sample_images(adapter)
+    images, boxes = _images_of_two_sizes(adapter)
     boxes[1] = [0.5, 0.5, 0.51, 0.52]  # other digits: prompts of different lengths, so rows are left-padded
     batch, sampled = describe(model, adapter, images, boxes, SAMPLED)
     assert len(set(batch.inputs["attention_mask"].sum(1).tolist())) > 1, "the test needs left padding"
     fresh = generate(model, adapter, batch, GREEDY, skip_special_tokens=True)
 
     cache = _scored_prompt_cache(model, adapter, batch, sampled)
+    # Another batch's prefill in between: what decoding resumes from must not hang on the model's last prefill.
+    describe(model, adapter, images[1:], boxes[1:], GREEDY)
     widths = _ForwardWidths(model)
     resumed = generate(model, adapter, batch, GREEDY, skip_special_tokens=True, prompt_cache=cache)
     widths.handle.remove()
@@ -85,16 +97,6 @@ def test_greedy_decoding_from_the_scoring_cache_equals_a_fresh_prefill(tiny_chec
 # shares one more token with Qwen-VL's describer prompt (``<ref>This</ref><box>...``): a longer prefix in one row.
 CAPTIONS = ["This red circle", "a", "the small blue square at the top left of the picture", "the circle", "red"]
 SOURCE_ROWS = [0, 1, 2, 0, 1]
-
-
-def _images_of_two_sizes(adapter):
-    """The sample's three images and boxes, the second stretched to four times its width: its patch grid, and so the
-    M-RoPE position after its image span, then differs from the others' (Qwen2 families)."""
-    dataset = ReferringDataset.from_file(SAMPLE_DATA, SAMPLE_IMAGES)
-    samples = [dataset[2 * i] for i in range(3)]
-    pictures = [s["image"] for s in samples]
-    pictures[1] = pictures[1].resize((pictures[1].width * 4, pictures[1].height))
-    return [adapter.prepare_image(p) for p in pictures], [s["bbox"] for s in samples]
 
 
 def _scored_and_located_rows(model, adapter):

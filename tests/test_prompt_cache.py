@@ -1,10 +1,12 @@
-"""The snapshot's scoring pass's prompt cache serves its greedy captions and its locating: exact, and really used.
+"""Prompt caches within a describer rollout serve the passes after them: exact, and really used.
 
 ``--snapshot_prompt_cache`` (on by default) lets the describer rollout skip prefills: the snapshot scores the sampled
 captions (prompt + caption, teacher-forced), keeps that pass's key/value cache cropped to the prompt, decodes its
-greedy captions from it, and starts the locator prompts from their image prefix in it (Qwen-VL). These tests pin
-that the captions, boxes, their logits and the training losses equal those of a fresh prefill, and that the fresh
-prefill is really skipped (else the option would be a no-op).
+greedy captions from it, and starts the locator prompts from their image prefix in it (Qwen-VL and the Qwen2
+families, images of two sizes); with fused decoding the scoring pass itself starts from the sampling loop's cache of
+the snapshot's prompts. These tests pin that the captions, boxes, log-probs, their logits and the training losses
+equal those of a fresh prefill, with another batch prefilled in between where a model keeps a position state, and
+that the fresh prefill is really skipped (else the option would be a no-op).
 """
 
 import copy

@@ -88,8 +88,10 @@ class DecodeStats:
     rows: int = 0  # rows decoded, over calls
     decode_steps: int = 0  # forwards after the prefill
     decode_seconds: float = 0.0  # wall time of those steps (synchronised), graph capture excluded
+    first_step_seconds: float = 0.0  # of which each call's first step (eager: the warm-up before a capture)
     prefill_seconds: float = 0.0
     capture_seconds: float = 0.0
+    loop_seconds: float = 0.0  # wall time inside the loop: prefill, steps, capture and the loop's own set-up
     graph_calls: int = 0  # calls whose steps replayed a CUDA graph
     graph_failures: int = 0  # captures that failed (those calls decoded eagerly); the first error below
     graph_error: str | None = None
@@ -312,7 +314,7 @@ def make_decode_loop(decoding: Decoding, blocks: Sequence[SampledRows], keep_log
         loop = _Loop(input_ids, max_new, rules, warpers, list(blocks), eos_ids, pad_id, vocab, keep_logits)
         static = isinstance(model_kwargs.get("cache"), StaticCache)
         _sync(device)
-        start = time.perf_counter()
+        start = entered = time.perf_counter()
         outputs = model._prefill(input_ids, generation_config, model_kwargs)
         model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
         loop.advance(outputs.logits[:, -1])
@@ -339,7 +341,10 @@ def make_decode_loop(decoding: Decoding, blocks: Sequence[SampledRows], keep_log
         STATS.decode_steps += steps
         STATS.by_rows[n] = STATS.by_rows.get(n, 0) + steps
         written = int(loop.written)
-        return torch.cat([input_ids, loop.out[:, :written]], dim=1)
+        sequences = torch.cat([input_ids, loop.out[:, :written]], dim=1)
+        _sync(device)
+        STATS.loop_seconds += time.perf_counter() - entered
+        return sequences
 
     return decode_loop
 
@@ -363,6 +368,8 @@ def _run(step, loop: _Loop, graphed: bool, device, logits) -> int:
             capture += time.perf_counter() - began
         for hook in STEP_HOOKS:
             hook(steps)
+        if steps == 0:
+            first = time.perf_counter()
         if graphed and steps == 0:
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
@@ -371,6 +378,9 @@ def _run(step, loop: _Loop, graphed: bool, device, logits) -> int:
             torch.cuda.current_stream(device).wait_stream(side)
         else:
             replay()
+        if steps == 0:
+            _sync(device)
+            STATS.first_step_seconds += time.perf_counter() - first
         steps += 1
         if logits is not None:
             logits.append(loop.logits.clone())

@@ -48,6 +48,9 @@ def test_gpu_check_dry_run_prints_the_decoding_figures_and_takes_the_fast_path(c
         assert fast["scoring_cache_engaged"] is True and unfused["scoring_cache_engaged"] is False
         assert report["describer_transformers"]["decode_calls"] == 0  # transformers' own loop: measured by hooks
         assert report["describer_fast"]["stages_per_step"]["vision_encoding"] > 0
+        split = report["describer_fast"]["generate_seconds_per_unit"]
+        assert 0 < split["first_decode_steps"] < split["decode_steps"] and split["capture"] == 0  # no graphs on CPU
+        assert 0 < split["outside_decode_loop"] < split["generate"]
         for key in ("describer_fast", "locator_fast", "describer_fast_unfused"):
             assert report[key]["warmup_units"] == 1 and report[key]["compiles_in_timed_units"] == 0
             profile = report[key]["profile"]  # one decode step of SC-Tune's loop (CPU: its top-level operators)

@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from sc_tune.adapters.qwen_vl import QwenVLAdapter
+from sc_tune.cycle import caption_logprobs
+from sc_tune.data import ReferringDataset
 from sc_tune.decoding import Decoding
 from sc_tune.modeling import freeze_vision_tower, load_model_and_adapter
-from sc_tune.cycle import caption_logprobs
 from sc_tune.prompt_cache import ScoredPrompts, keep_prompt_columns, shared_prefix_batch, uncached_inputs
 from sc_tune.rollout import GenerationSettings, describe, describe_with_greedy, generate, locate, locate_from_prefix
 from sc_tune.snapshot import active_adapter, row_adapters
-from sc_tune.data import ReferringDataset
 from tests.helpers import (SAMPLE_DATA, SAMPLE_IMAGES, RecordingCycle, assert_prefix_batch_decodes_as_a_prefill,
                            sample_images, small_lora, two_adapter_model, two_phase_trainer)
 

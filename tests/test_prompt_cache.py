@@ -309,3 +309,21 @@ def test_the_fused_loop_keeps_no_prompt_cache_where_the_family_cannot_resume(tin
         _, _, greedy = describe_with_greedy(model, adapter, images, boxes, images, boxes, SAMPLED, GREEDY,
                                             keep_greedy_prompts=True)
     assert greedy.prompt_cache is None
+
+
+@pytest.mark.parametrize("model_type", ["qwen", "qwen2_5_vl"])
+def test_captions_keep_their_prompts_cache_for_locating_from_the_image_prefix(tiny_checkpoint, model_type):
+    # The pseudo-label filter's path (transformers' own generate on CPU): the greedy-caption call keeps its prompts'
+    # cache, and the captions are located from their image prefix exactly as from a fresh prefill.
+    torch.manual_seed(0)
+    model, adapter = load_model_and_adapter(tiny_checkpoint(model_type))
+    model.eval()
+    images, boxes = _images_of_two_sizes(adapter)
+    batch, captions = describe(model, adapter, images, boxes, GREEDY, keep_prompts=True)
+    width = batch.inputs["input_ids"].shape[1]
+    assert captions.prompt_cache is not None and captions.prompt_cache.get_seq_length() == width - 1
+    scored = ScoredPrompts(batch, captions.prompt_cache, width - 1)
+    rows = list(range(len(images)))
+    resumed = locate_from_prefix(model, adapter, images, captions.texts, GREEDY, scored, rows)
+    assert resumed is not None and resumed == locate(model, adapter, images, captions.texts, GREEDY)
+    assert describe(model, adapter, images, boxes, GREEDY)[1].prompt_cache is None  # kept only when asked

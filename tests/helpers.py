@@ -103,11 +103,16 @@ class RecordingCycle(RolloutCycle):
         return found
 
 
-def sample_images(adapter, n=3):
-    """``n`` distinct prepared images of the bundled sample and one box on each: (images, boxes)."""
+def sample_images(adapter, n=3, widened: int | None = None):
+    """``n`` distinct prepared images of the bundled sample and one box on each: (images, boxes). ``widened``: that
+    image stretched to four times its width (a patch-grid family then gives it another grid, and so another image
+    span length and another M-RoPE position after it)."""
     dataset = ReferringDataset.from_file(SAMPLE_DATA, SAMPLE_IMAGES)
     samples = [dataset[2 * i] for i in range(n)]  # records come in pairs per image: one per distinct image
-    return [adapter.prepare_image(s["image"]) for s in samples], [s["bbox"] for s in samples]
+    pictures = [s["image"] for s in samples]
+    if widened is not None:
+        pictures[widened] = pictures[widened].resize((pictures[widened].width * 4, pictures[widened].height))
+    return [adapter.prepare_image(p) for p in pictures], [s["bbox"] for s in samples]
 
 
 def small_lora(model, adapter):

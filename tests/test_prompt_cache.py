@@ -16,14 +16,13 @@ import torch
 
 from sc_tune.adapters.qwen_vl import QwenVLAdapter
 from sc_tune.cycle import caption_logprobs
-from sc_tune.data import ReferringDataset
 from sc_tune.decoding import Decoding
 from sc_tune.modeling import freeze_vision_tower, load_model_and_adapter
 from sc_tune.prompt_cache import ScoredPrompts, keep_prompt_columns, shared_prefix_batch, uncached_inputs
 from sc_tune.rollout import GenerationSettings, describe, describe_with_greedy, generate, locate, locate_from_prefix
 from sc_tune.snapshot import active_adapter, row_adapters
-from tests.helpers import (SAMPLE_DATA, SAMPLE_IMAGES, RecordingCycle, assert_prefix_batch_decodes_as_a_prefill,
-                           sample_images, small_lora, two_adapter_model, two_phase_trainer)
+from tests.helpers import (RecordingCycle, assert_prefix_batch_decodes_as_a_prefill, sample_images, small_lora,
+                           two_adapter_model, two_phase_trainer)
 
 GREEDY = GenerationSettings(max_new_tokens=8)
 SAMPLED = GenerationSettings(max_new_tokens=8, do_sample=True, top_k=50, top_p=1.0)
@@ -48,16 +47,6 @@ class _ForwardWidths:
         self.widths.append(ids.shape[1])
 
 
-def _images_of_two_sizes(adapter):
-    """The sample's three images and boxes, the second stretched to four times its width: its patch grid, and so the
-    M-RoPE position after its image span, then differs from the others' (Qwen2 families)."""
-    dataset = ReferringDataset.from_file(SAMPLE_DATA, SAMPLE_IMAGES)
-    samples = [dataset[2 * i] for i in range(3)]
-    pictures = [s["image"] for s in samples]
-    pictures[1] = pictures[1].resize((pictures[1].width * 4, pictures[1].height))
-    return [adapter.prepare_image(p) for p in pictures], [s["bbox"] for s in samples]
-
-
 RESUMING_FAMILIES = ["qwen", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 
 
@@ -67,7 +56,7 @@ def test_greedy_decoding_from_the_scoring_cache_equals_a_fresh_prefill(tiny_chec
     model, adapter = load_model_and_adapter(tiny_checkpoint(model_type))
     model.eval()
     assert adapter.resumes_from_scoring_cache(model, 300, 330)
-    images, boxes = _images_of_two_sizes(adapter)
+    images, boxes = sample_images(adapter, widened=1)
     boxes[1] = [0.5, 0.5, 0.51, 0.52]  # other digits: prompts of different lengths, so rows are left-padded
     batch, sampled = describe(model, adapter, images, boxes, SAMPLED)
     assert len(set(batch.inputs["attention_mask"].sum(1).tolist())) > 1, "the test needs left padding"
@@ -102,7 +91,7 @@ SOURCE_ROWS = [0, 1, 2, 0, 1]
 
 
 def _scored_and_located_rows(model, adapter):
-    images, boxes = _images_of_two_sizes(adapter)
+    images, boxes = sample_images(adapter, widened=1)
     boxes[1] = [0.5, 0.5, 0.51, 0.52]  # other digits: describer prompts of different lengths (left padding)
     batch, sampled = describe(model, adapter, images, boxes, SAMPLED)
     assert len(set(batch.inputs["attention_mask"].sum(1).tolist())) > 1, "the test needs left padding"
@@ -275,7 +264,7 @@ def test_scoring_from_the_fused_loops_snapshot_prompts_equals_a_full_pass(tiny_c
     # snapshot's scoring pass reads next; it starts from their cache and reads only the captions. Run first, after
     # the fused call's prefill of twice as many rows: a position state kept from that prefill would not fit.
     model, adapter = two_adapter_model(tiny_checkpoint, model_type)
-    images, boxes = _images_of_two_sizes(adapter)
+    images, boxes = sample_images(adapter, widened=1)
     n = len(images)
     with row_adapters(model, [("default", 0, n), ("snapshot", n, 2 * n)]):
         batch, sampled, greedy = describe_with_greedy(model, adapter, images, boxes, images, boxes, SAMPLED, GREEDY,
@@ -318,7 +307,7 @@ def test_captions_keep_their_prompts_cache_for_locating_from_the_image_prefix(ti
     torch.manual_seed(0)
     model, adapter = load_model_and_adapter(tiny_checkpoint(model_type))
     model.eval()
-    images, boxes = _images_of_two_sizes(adapter)
+    images, boxes = sample_images(adapter, widened=1)
     batch, captions = describe(model, adapter, images, boxes, GREEDY, keep_prompts=True)
     width = batch.inputs["input_ids"].shape[1]
     assert captions.prompt_cache is not None and captions.prompt_cache.get_seq_length() == width - 1

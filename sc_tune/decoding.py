@@ -35,11 +35,14 @@ import logging
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
+from transformers import AttentionInterface
 from transformers.cache_utils import StaticCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.generation import logits_process as lp
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 
@@ -236,6 +239,49 @@ def _decode_mask(template_mask, key_mask_NL, column):
     return full
 
 
+# The attention of a static decode step, registered with transformers' attention interface under this name while the
+# step runs. On a grouped-query model one query token per row attends to each key/value head with the query heads
+# that share it, as that head's query rows: the step reads every cached key and value once. transformers' SDPA does
+# the same, but not under torch.compile (``--decoding_compile_backend``), where it first copies every key/value head
+# once per query head it serves (``repeat_kv``). On Qwen2.5-VL-7B (7 query heads per key/value head), 128 rows and a
+# 330-column cache, that copy is about 36 GB of memory traffic per step over 28 layers: ten times the 3.7 GB of keys
+# and values, more than twice the weights.
+DECODE_ATTENTION = "sc_tune_sdpa_decode"
+
+
+def _decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' SDPA attention for a (B, H, 1, D) query against (B, H_kv, L, D) keys and values, with the
+    ``H / H_kv`` query heads of each key/value head as its query rows; any other call goes to transformers' SDPA.
+    Returns (B, 1, H, D), as transformers' does."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    packable = (query.shape[2] == 1 and groups > 1 and not dropout and kwargs.get("position_bias") is None
+                and kwargs.get("softcap") is None and (attention_mask is None or attention_mask.shape[1] == 1))
+    if not packable:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    batch, heads, _, dim = query.shape
+    rows = query.reshape(batch, heads // groups, groups, dim)  # a mask (B, 1, 1, L) broadcasts over them
+    out = torch.nn.functional.scaled_dot_product_attention(rows, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+@contextmanager
+def _decode_attention_for(text_config):
+    """``text_config``'s attention set to :func:`_decode_attention` for the block (masks are made as SDPA's). Static
+    decoding runs on SDPA models only (``ModelAdapter.static_decoding_problem``); any other is left alone."""
+    current = getattr(text_config, "_attn_implementation", None)
+    if current != "sdpa":
+        yield
+        return
+    AttentionInterface.register(DECODE_ATTENTION, _decode_attention)
+    AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)
+    text_config._attn_implementation = DECODE_ATTENTION
+    try:
+        yield
+    finally:
+        text_config._attn_implementation = current
+
+
 class _StaticStep:
     """One decode step on fixed buffers: the model's own step inputs (transformers' ``prepare_inputs_for_generation``
     for the first step), with the token, positions and mask replaced by buffers the step advances itself."""
@@ -256,6 +302,7 @@ class _StaticStep:
         self.positions = position_ids.clone() if position_ids is not None else None
         self.inputs = {k: v for k, v in template.items() if k not in ("input_ids", "attention_mask", "position_ids")}
         self.forward = model if compile_backend is None else torch.compile(model, backend=compile_backend)
+        self.text_config = model.config.get_text_config(decoder=True)
 
     def model_part(self) -> torch.Tensor:
         """The forward of the step and the advance of its column and positions: the next logits (no token chosen)."""
@@ -265,7 +312,8 @@ class _StaticStep:
         inputs["attention_mask"] = _decode_mask(self.template_mask, self.key_mask, self.column)
         if self.positions is not None:
             inputs["position_ids"] = self.positions
-        logits = self.forward(**inputs, return_dict=True).logits[:, -1]
+        with _decode_attention_for(self.text_config):
+            logits = self.forward(**inputs, return_dict=True).logits[:, -1]
         self.column.add_(1)
         if self.positions is not None:
             self.positions.add_(1)

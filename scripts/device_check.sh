@@ -15,6 +15,8 @@
 #      time goes: kernels per step, device busy against wall time, time per kernel class, the costliest kernels;
 #      Chrome traces in $OUT/traces), `compiled` (the same through inductor, timed after its compiles, profiled),
 #      `transformers` (the same trainer on transformers' decoding loop);
+#   2b. in the time left: one decode step's attention at Qwen2.5-VL-7B's shapes, 128 rows, compiled with inductor:
+#      transformers' SDPA (which copies the key/value heads under torch.compile) against SC-Tune's decode attention;
 #   3. with SIDE_BY_SIDE=1 only (recorded on 2026-12-04): the real-size side-by-side against the reference's pass
 #      structure (bench_step.py, full fine-tuning, bf16, describer), in the time left;
 #   4. scripts/device_summary.py: the acceptance figures, printed and written to $OUT/acceptance.json; then the
@@ -71,9 +73,11 @@ log "versions: $(tail -n 1 "$OUT/versions.txt")"
 if [ "$DRY" = 1 ]; then
     GATE="--dry_run --batch 2"; REAL="--dry_run --configs toy-qwen2.5-vl --batch 2 --units 1"
     BENCH="--config toy-qwen2.5-vl --device cpu --pairs 1 --batch 2 --phases describer"
+    ATTENTION="--rows 4 --cache 32 --repeats 3"
 else
     GATE="--configs toy-qwen2.5-vl,toy-qwen-vl-chat --batch 4"; REAL="--configs qwen2.5-vl-7b --batch 64 --units 2"
     BENCH="--config qwen2.5-vl-7b --device cuda --pairs 2 --phases describer"
+    ATTENTION="--device cuda --dtype bfloat16"
 fi
 
 log "stage 1: toy gate on the GPU"
@@ -87,6 +91,10 @@ log "stage 2: Qwen2.5-VL-7B, generation batch 64 (acceptance: describer_fast new
 # shellcheck disable=SC2086
 run 2_real_size 330 python3 scripts/gpu_check.py $REAL --settings "$SETTINGS" --profile 8 --profile_dir "$OUT/traces"
 grep -o '"acceptance": {[^}]*}' "$OUT/2_real_size.txt" | tee -a "$OUT/device_check.log"
+
+log "stage 2b: one decode step's attention, compiled, transformers' SDPA against SC-Tune's (diagnostic)"
+# shellcheck disable=SC2086
+run 2b_decode_attention 60 python3 scripts/bench_decode_attention.py $ATTENTION
 
 if [ "$SIDE_BY_SIDE" = 1 ]; then
     log "stage 3: side-by-side (bench_step, full fine-tuning, bf16, batch 8, describer)"

@@ -1,6 +1,7 @@
 """The acceptance figures of issue 21 from a device check's outputs (``scripts/device_check.sh``), printed and written
-as JSON: ``python scripts/device_summary.py OUT`` reads OUT/2_real_size.txt (``gpu_check.py``) and OUT/3_bench_step.txt
-(``bench_step.py``) and writes OUT/acceptance.json. A figure whose stage did not print it is ``null`` (not measured)."""
+as JSON: ``python scripts/device_summary.py OUT`` reads OUT/2_real_size.txt (``gpu_check.py``),
+OUT/2b_decode_attention.txt (``bench_decode_attention.py``) and OUT/3_bench_step.txt (``bench_step.py``) and writes
+OUT/acceptance.json. A figure whose stage did not print it is ``null`` (not measured)."""
 
 import json
 import os
@@ -44,6 +45,7 @@ def _profile_lines(profile: dict | None) -> dict | None:
 def summary(out: str) -> dict:
     real = setting_lines(os.path.join(out, "2_real_size.txt"))
     bench = last_json(os.path.join(out, "3_bench_step.txt"))
+    attention = last_json(os.path.join(out, "2b_decode_attention.txt"))
     fast, eager = real.get("describer_fast", {}), real.get("describer_transformers", {})
     compiled = real.get("describer_compiled", {})
     figures = {
@@ -65,6 +67,9 @@ def summary(out: str) -> dict:
         "describer_compiled_decode_floor_ratio": compiled.get("decode_floor_ratio"),
         "describer_compiled_compiles_in_timed_units": compiled.get("compiles_in_timed_units"),
         "describer_compiled_profile": _profile_lines(compiled.get("profile")),
+        # one decode step's attention, compiled (bench_decode_attention.py): transformers' SDPA against SC-Tune's
+        "decode_attention_ms_per_step": {path: attention[path]["ms_per_step"] for path in ("transformers_sdpa", "sc_tune")
+                                         if path in attention} or None,
         "side_by_side_describer_ratio": bench.get("describer_ratio"),  # this trainer / the reference's passes
         "side_by_side_describer_seconds": bench.get("describer_seconds"),
         "side_by_side_peak_memory_gib": bench.get("peak_memory_gib"),

@@ -100,6 +100,21 @@ def test_count_decode_ops_counts_the_lora_kernels_of_a_fused_step(capsys, monkey
     assert report["base"]["kernel_ops"] < report["base"]["ops"]
 
 
+def test_bench_decode_attention_times_both_paths_on_the_same_attention(capsys, monkeypatch):
+    """Both compiled paths give the same attention (the script checks it before timing); transformers' reads and
+    writes the key/value heads repeated 7 times (Qwen2.5-VL-7B's 28 query heads over 4), SC-Tune's reads them once."""
+    monkeypatch.syspath_prepend(f"{ROOT}/scripts")
+    sys.modules.pop("bench_decode_attention", None)
+    import bench_decode_attention
+
+    bench_decode_attention.main(["--rows", "2", "--cache", "20", "--repeats", "1"])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    ours, theirs = report["sc_tune"], report["transformers_sdpa"]
+    assert ours["kv_bytes_per_step"] == 28 * 2 * (2 * 4 * 20 * 128) * 4  # layers, keys and values, float32
+    assert theirs["kv_bytes_per_step"] == ours["kv_bytes_per_step"] * (1 + 2 * 7)
+    assert ours["ms_per_layer"] > 0 and theirs["ms_per_layer"] > 0 and report["speedup"] > 0
+
+
 def test_diagnose_locator_tells_the_described_object_from_the_others(capsys, monkeypatch, tmp_path):
     """On the committed warm start, whose locator works, boxes land on the described object far above chance; the
     shares of each group add up to 1."""
@@ -163,6 +178,11 @@ def test_device_summary_reads_the_device_runs_figures_and_judges_the_targets(tmp
     assert met["describer_fast_profile"] == {k: v for k, v in profile.items() if k != "top"}
     assert met["describer_compiled_new_tokens_per_s"] == 2500.0 and met["describer_compiled_compiles_in_timed_units"] == 0
     assert met["locator_new_tokens_per_s"] == 900.0 and met["side_by_side_describer_ratio"] is None
+    assert met["decode_attention_ms_per_step"] is None
+    (tmp_path / "2b_decode_attention.txt").write_text(
+        "sc_tune: ...\n" + json.dumps({"transformers_sdpa": {"ms_per_step": 9.1}, "sc_tune": {"ms_per_step": 1.2}}))
+    assert device_summary.summary(str(tmp_path))["decode_attention_ms_per_step"] == {"transformers_sdpa": 9.1,
+                                                                                      "sc_tune": 1.2}
     assert write(1999.0, 2.4)["acceptance_met"] is False
     assert write(2100.0, 2.6)["acceptance_met"] is False
     assert write(2100.0, 2.4, batch=32)["acceptance_met"] is False

@@ -13,6 +13,7 @@ import torch
 import torch._dynamo
 from peft.tuners.lora import Linear as LoraLinear
 from transformers.cache_utils import StaticCache
+from transformers.integrations import sdpa_attention
 
 import sc_tune.decoding as decoding
 import sc_tune.rollout as rollout
@@ -290,6 +291,52 @@ def test_a_compiled_decode_step_decodes_the_same(tiny_checkpoint):
     torch.manual_seed(1)
     got = generate(model, adapter, batch, SAMPLED, True, decoding=Decoding(compile_backend="aot_eager"))
     assert torch.equal(got.ids_BT, expected.ids_BT)
+
+
+def test_a_compiled_decode_step_reads_each_key_value_head_once(tiny_checkpoint, monkeypatch):
+    """Under torch.compile transformers' SDPA copies every key/value head once per query head it serves
+    (``repeat_kv``) before attending; SC-Tune's decode-step attention does not, compiled or not. The copies are
+    counted while dynamo traces the step (once per layer) and in the eager prefill (the same in both calls)."""
+    model, adapter = _model(tiny_checkpoint, "qwen2_5_vl")
+    text = model.config.get_text_config(decoder=True)
+    assert text.num_attention_heads > text.num_key_value_heads, "the test needs a grouped-query model"
+    batch, _, _ = _prompt_batch(adapter)
+    copies = []
+    real = sdpa_attention.repeat_kv
+    monkeypatch.setattr(sdpa_attention, "repeat_kv", lambda states, n: copies.append(n) or real(states, n))
+    counts = {}
+    for backend in (None, "aot_eager"):
+        torch._dynamo.reset()
+        copies.clear()
+        generate(model, adapter, batch, GREEDY, True, decoding=Decoding(compile_backend=backend))
+        counts[backend] = len(copies)
+    assert counts[None] == counts["aot_eager"] == 2 * text.num_hidden_layers, counts  # keys and values, prefill
+    assert text._attn_implementation == "sdpa"  # given back after every step
+
+
+@pytest.mark.parametrize("mask", ["none", "bool", "float"])
+def test_the_decode_step_attention_equals_transformers_sdpa(mask):
+    """``decoding._decode_attention`` against transformers' SDPA with its key/value copies (the compiled path): one
+    query token per row, 3 query heads per key/value head, padded keys hidden; a longer query goes to transformers'."""
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 3, True
+    key_BHLD, value_BHLD = torch.randn(4, 2, 9, 8), torch.randn(4, 2, 9, 8)
+    keep_B11L = torch.rand(4, 1, 1, 9) > 0.3
+    keep_B11L[..., 0] = True
+    masks = {"none": None, "bool": keep_B11L,
+             "float": torch.zeros(4, 1, 1, 9).masked_fill(~keep_B11L, torch.finfo(torch.float32).min)}
+    query_BHQD = torch.randn(4, 6, 1, 8)
+    got, _ = decoding._decode_attention(module, query_BHQD, key_BHLD, value_BHLD, masks[mask], scaling=0.3)
+    repeated = [sdpa_attention.repeat_kv(t, 3) for t in (key_BHLD, value_BHLD)]
+    expected = torch.nn.functional.scaled_dot_product_attention(query_BHQD, *repeated, attn_mask=masks[mask],
+                                                                scale=0.3).transpose(1, 2)
+    assert got.shape == (4, 1, 6, 8)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    longer_BHQD = torch.randn(4, 6, 9, 8)
+    got, _ = decoding._decode_attention(module, longer_BHQD, key_BHLD, value_BHLD, None, scaling=0.3)
+    expected, _ = sdpa_attention.sdpa_attention_forward(module, longer_BHQD, key_BHLD, value_BHLD, None, scaling=0.3)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 def test_step_hooks_see_every_decode_step_then_the_end_of_the_call(tiny_checkpoint, monkeypatch):

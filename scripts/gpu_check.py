@@ -34,7 +34,8 @@ configuration, setting and phase the JSON holds:
   model's part: a tower that runs inside the prefill, as Qwen-VL's, is counted as vision), the vision
   tower's runs (inside the first call that needs each image) and the rest (transformers' set-up, capture, text);
   and, as parts of those, ``first_decode_steps`` (each call's first step, eager before a capture; part of the decode
-  steps), ``capture`` and ``outside_decode_loop`` (generate's time outside SC-Tune's loop; both part of the rest);
+  steps), ``capture`` and ``outside_decode_loop`` (generate's time outside SC-Tune's loop less the vision tower that
+  transformers runs there before the loop; both part of the rest);
   SC-Tune's loop only (null for ``transformers``);
 - ``peak_memory_gib`` per configuration (``torch.cuda.max_memory_allocated``);
 - ``warmup_units`` and ``compiles_in_timed_units``: warm-up units run until one compiles nothing new (``compiled``
@@ -424,8 +425,11 @@ def run_config(name, opts, device, dtype, meter, bandwidth):
             # Parts of the above, not more terms: of the decode steps, each call's first (eager, before a capture);
             # of the rest, the captures and what generate does outside SC-Tune's loop (transformers' set-up before
             # it, the texts after it).
+            # transformers 5's generate encodes the images before it hands over the loop (Qwen2/2.5/3-VL); that
+            # tower time is vision, not part of the rest.
+            vision_outside_loop = vision_seconds - vision_seconds_in_prefills
             breakdown.update(first_decode_steps=stats.first_step_seconds, capture=stats.capture_seconds,
-                             outside_decode_loop=gen_seconds - stats.loop_seconds)
+                             outside_decode_loop=gen_seconds - stats.loop_seconds - vision_outside_loop)
             breakdown = {k: round(v / opts.units, 3) for k, v in breakdown.items()}
             if ours.trainer.cycle.decoding is None:
                 # transformers' loop: its timed prefills hold the vision tower, and its decode steps are the rest

@@ -50,7 +50,8 @@ def test_gpu_check_dry_run_prints_the_decoding_figures_and_takes_the_fast_path(c
         assert report["describer_fast"]["stages_per_step"]["vision_encoding"] > 0
         split = report["describer_fast"]["generate_seconds_per_unit"]
         assert 0 < split["first_decode_steps"] < split["decode_steps"] and split["capture"] == 0  # no graphs on CPU
-        assert 0 < split["outside_decode_loop"] < split["generate"]
+        # a part of the rest: the tower that transformers runs in generate before the loop is counted as vision
+        assert 0 < split["outside_decode_loop"] <= split["rest"] + 0.002, split
         for key in ("describer_fast", "locator_fast", "describer_fast_unfused"):
             assert report[key]["warmup_units"] == 1 and report[key]["compiles_in_timed_units"] == 0
             profile = report[key]["profile"]  # one decode step of SC-Tune's loop (CPU: its top-level operators)

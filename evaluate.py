@@ -38,7 +38,7 @@ import torch
 from transformers import HfArgumentParser
 
 from sc_tune import modeling
-from sc_tune.arguments import ArgumentError, DataArguments, ModelArguments, SCTuneConfig
+from sc_tune.arguments import ArgumentError, DataArguments, ModelArguments, SCTuneConfig, check_image_pixels
 from sc_tune.checkpoints import CheckpointError, check_model_folder
 from sc_tune.help_layout import CompactHelpFormatter
 from sc_tune.evaluation import evaluate_rec, evaluate_region_captions, evaluate_self_consistency
@@ -84,6 +84,12 @@ class EvaluationArguments:
         metadata={"help": _help(ModelArguments, "box_format", "(evaluate with the one the model was trained with)"),
                   "aliases": ["--box-format"]},
     )
+    image_max_pixels: int | None = field(
+        default=None, metadata={"help": _help(ModelArguments, "image_max_pixels", "(as in training)")}
+    )
+    image_min_pixels: int | None = field(
+        default=None, metadata={"help": _help(ModelArguments, "image_min_pixels", "(as in training)")}
+    )
     per_device_eval_batch_size: int = field(
         default=8,
         metadata={"help": "Samples per generate call, per process.", "aliases": ["--batch-size", "--batch_size"]},
@@ -123,6 +129,7 @@ class EvaluationArguments:
     )
 
     def __post_init__(self):
+        check_image_pixels(self.image_min_pixels, self.image_max_pixels)
         if self.task != "rec" and len(self.data_path) != 1:
             raise ArgumentError(f"--task {self.task} takes one --data_path file, got {len(self.data_path)}")
         if self.max_samples is not None and self.max_samples < 1:
@@ -153,8 +160,11 @@ def parse_args(argv=None) -> EvaluationArguments:
     return args
 
 
-def load_model_and_adapter(path: str, dtype: torch.dtype, device, box_format: str = "native"):
-    model, adapter = modeling.load_model_and_adapter(path, dtype=dtype, box_format=box_format)
+def load_model_and_adapter(path: str, dtype: torch.dtype, device, box_format: str = "native",
+                           image_min_pixels: int | None = None, image_max_pixels: int | None = None):
+    model, adapter = modeling.load_model_and_adapter(path, dtype=dtype, box_format=box_format,
+                                                     image_min_pixels=image_min_pixels,
+                                                     image_max_pixels=image_max_pixels)
     return model.to(device).eval(), adapter
 
 
@@ -201,7 +211,8 @@ def _evaluate(args: EvaluationArguments, ranks, task_name: str, metrics_path: st
             if not datasets[k][1]:
                 raise SystemExit(f"{path}: no sample has a readable image")
     check_model_folder(args.model_name_or_path)
-    model, adapter = load_model_and_adapter(args.model_name_or_path, args.torch_dtype, device, args.box_format)
+    model, adapter = load_model_and_adapter(args.model_name_or_path, args.torch_dtype, device, args.box_format,
+                                            args.image_min_pixels, args.image_max_pixels)
     describe_settings = GenerationSettings(args.describer_max_new_tokens, args.describer_min_new_tokens)
     locate_settings = GenerationSettings(args.locator_max_new_tokens)
     names = [f"rec_{os.path.splitext(os.path.basename(path))[0]}" if args.task == "rec" else task_name
@@ -216,7 +227,9 @@ def _evaluate(args: EvaluationArguments, ranks, task_name: str, metrics_path: st
                        "image_folder": os.path.abspath(args.image_folder) if args.image_folder else "",
                        "box_format": args.box_format, "dtype": str(args.torch_dtype),
                        "describer": vars(describe_settings), "locator": vars(locate_settings),
-                       "fit_locator_budget": args.fit_locator_budget}
+                       "fit_locator_budget": args.fit_locator_budget,
+                       # only when set: rows scored before the flags existed still resume
+                       **({"image_pixels": list(adapter.image_pixel_limits)} if adapter.image_pixel_limits else {})}
 
     def progress_for(name: str, records: list) -> SampleLog:
         return SampleLog(args.output_dir, name, {**shared_settings, "records": fingerprint_records(records)}, ranks)

@@ -98,7 +98,8 @@ def _train(model_args, data_args, lora_args, args, overwritten: list[str]) -> SC
     quantization = qlora_quantization_config(dtype) if lora_args.q_lora else None
     set_seed(args.seed)  # before any random initialisation (LoRA's A matrices): a seed gives one run
     model, adapter = load_model_and_adapter(
-        model_args.model_name_or_path, dtype=dtype, quantization_config=quantization, box_format=model_args.box_format
+        model_args.model_name_or_path, dtype=dtype, quantization_config=quantization, box_format=model_args.box_format,
+        image_min_pixels=model_args.image_min_pixels, image_max_pixels=model_args.image_max_pixels,
     )
     if model_args.fix_vit:
         freeze_vision_tower(model, adapter)

@@ -34,6 +34,26 @@ class ModelArguments:
         default=True,
         metadata={"help": "Freeze the vision tower except its resampler/merger (the reference's default)."},
     )
+    # Unset, a checkpoint's own bound can be large: Qwen2.5-VL's 12,845,056 leaves a 1920x1080 photo ~2,700 tokens.
+    image_max_pixels: int | None = field(
+        default=None,
+        metadata={"help": "Qwen2/2.5/3-VL, Qwen3.5, GLM: images resized to at most this many pixels (200704: 448 x 448)."},
+    )
+    image_min_pixels: int | None = field(
+        default=None, metadata={"help": "The same families: at least this many pixels (unset: the checkpoint's)."}
+    )
+
+    def __post_init__(self):
+        check_image_pixels(self.image_min_pixels, self.image_max_pixels)
+
+
+def check_image_pixels(min_pixels: int | None, max_pixels: int | None) -> None:
+    """``--image_min_pixels`` / ``--image_max_pixels`` (finetune.py and evaluate.py): each >= 1, min <= max."""
+    for name, value in (("image_min_pixels", min_pixels), ("image_max_pixels", max_pixels)):
+        if value is not None and value < 1:
+            raise ArgumentError(f"--{name} {value} must be >= 1 (leave it out for the checkpoint's own bound)")
+    if None not in (min_pixels, max_pixels) and min_pixels > max_pixels:
+        raise ArgumentError(f"--image_min_pixels {min_pixels} is above --image_max_pixels {max_pixels}")
 
 
 @dataclass

@@ -34,13 +34,18 @@ def model_class(model_type: str):
 
 
 def load_model_and_adapter(
-    path: str, dtype: torch.dtype = torch.float32, quantization_config=None, box_format: str = "native", **kwargs
+    path: str, dtype: torch.dtype = torch.float32, quantization_config=None, box_format: str = "native",
+    image_min_pixels: int | None = None, image_max_pixels: int | None = None, **kwargs
 ) -> tuple[torch.nn.Module, ModelAdapter]:
     """Load a checkpoint folder from disk (never from a hub) and the adapter of its family.
 
-    ``box_format``: ``native`` (the family's own box convention) or ``generic`` (see ``sc_tune.box_codecs``)."""
+    ``box_format``: ``native`` (the family's own box convention) or ``generic`` (see ``sc_tune.box_codecs``).
+    ``image_min_pixels`` / ``image_max_pixels``: the pixel budget of every resized image
+    (``ModelAdapter.limit_image_pixels``; refused, before the weights load, by a family without one)."""
     family = family_for(read_model_type(path))
     adapter = family.adapter.from_pretrained(path, box_format=box_format)
+    if image_min_pixels is not None or image_max_pixels is not None:
+        adapter.limit_image_pixels(image_min_pixels, image_max_pixels)
     model = family.model_class().from_pretrained(
         path, dtype=dtype, quantization_config=quantization_config, local_files_only=True, **kwargs
     )

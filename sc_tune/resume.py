@@ -33,9 +33,10 @@ from sc_tune.snapshot import Snapshot, is_peft
 logger = logging.getLogger(__name__)
 
 
-def run_settings(args, model, schedule: PhaseSchedule, deepspeed: bool) -> dict:
+def run_settings(args, model, schedule: PhaseSchedule, deepspeed: bool, adapter=None) -> dict:
     """What a resumed run must share with the saved one (``--resume_allow_changes`` lists exceptions)."""
     config = getattr(model, "config", None)
+    image_pixels = getattr(adapter, "image_pixel_limits", None)
     return {
         "model": getattr(config, "_name_or_path", None),
         "model_type": getattr(config, "model_type", None),
@@ -52,6 +53,8 @@ def run_settings(args, model, schedule: PhaseSchedule, deepspeed: bool) -> dict:
         "deepspeed": deepspeed,
         # Only when on, so that runs saved before the flag existed (off) still resume.
         **({"pseudo_label_min_iou": args.pseudo_label_min_iou} if args.pseudo_label_min_iou else {}),
+        # The images' resolution sets what the policy sees (and Qwen2.5-VL's pixel boxes); only when set, as above.
+        **({"image_pixels": list(image_pixels)} if image_pixels is not None else {}),
     }
 
 

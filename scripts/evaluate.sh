@@ -23,6 +23,7 @@ NPROC=${NPROC:-$(python -c 'import torch; print(max(torch.cuda.device_count(), 1
 BATCH_SIZE=${BATCH_SIZE:-8}             # samples per generate call, per process
 DTYPE=${DTYPE:-auto}                    # auto | float32 | bfloat16 | float16 (auto: bfloat16 on GPU, float32 on CPU)
 BOX_FORMAT=${BOX_FORMAT:-native}        # native | generic: the --box_format the model was trained with
+IMAGE_MAX_PIXELS=${IMAGE_MAX_PIXELS:-}  # the --image_max_pixels the model was trained with (empty: the checkpoint's)
 MAX_SAMPLES=${MAX_SAMPLES:-}            # empty = all records
 GRID_SAMPLES=${GRID_SAMPLES:-16}        # self-consistency: cycles drawn in the PNG grid
 MASTER_PORT=${MASTER_PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}  # free
@@ -31,6 +32,7 @@ TORCHRUN=${TORCHRUN:-torchrun}          # the launcher
 
 set --
 if [ -n "$MAX_SAMPLES" ]; then set -- --max_samples "$MAX_SAMPLES"; fi
+if [ -n "$IMAGE_MAX_PIXELS" ]; then set -- "$@" --image_max_pixels "$IMAGE_MAX_PIXELS"; fi
 # shellcheck disable=SC2086  # DATA and EXTRA_ARGS are space-separated lists on purpose
 exec $TORCHRUN --nproc_per_node "$NPROC" --master_port "$MASTER_PORT" evaluate.py --task "$TASK" \
     --model_name_or_path "$MODEL" --data_path $DATA --image_folder "$IMAGE_FOLDER" --output_dir "$OUTPUT_DIR" \

@@ -35,6 +35,8 @@ OUTPUT_DIR=${OUTPUT_DIR:-output_sc_tune}
 DS_CONFIG=${DS_CONFIG-scripts/ds_config_zero2.json}    # or scripts/ds_config_zero3.json; DS_CONFIG= runs without DeepSpeed
 PRECISION=${PRECISION:-bf16}                           # bf16 (the reference's) | fp16 | fp32 (CPU dry runs)
 BOX_FORMAT=${BOX_FORMAT:-native}               # native (the family's box text) | generic; evaluate with the same
+IMAGE_MAX_PIXELS=${IMAGE_MAX_PIXELS:-}         # Qwen2/2.5/3-VL, Qwen3.5, GLM: at most this many pixels per image, e.g.
+                                               # 200704 (448 x 448); empty: the checkpoint's. Evaluate with the same
 
 # The reference's lower-case names (caption_update_steps, bbox_update_steps, caption_lr, bbox_lr, kl_coef) still work.
 DESCRIBER_UPDATE_STEPS=${DESCRIBER_UPDATE_STEPS:-${caption_update_steps:-200}}  # describer rollouts per phase (x ppo_epochs steps)
@@ -60,6 +62,8 @@ case "$PRECISION" in
 esac
 DS_ARGS=""
 if [ -n "$DS_CONFIG" ]; then DS_ARGS="--deepspeed $DS_CONFIG"; fi
+PIXEL_ARGS=""
+if [ -n "$IMAGE_MAX_PIXELS" ]; then PIXEL_ARGS="--image_max_pixels $IMAGE_MAX_PIXELS"; fi
 
 port_is_free() {
     python -c 'import socket, sys; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("", int(sys.argv[1])))' "$1" 2>/dev/null
@@ -106,6 +110,7 @@ trap 'rm -f "$LOG" "$STATUS"' EXIT
     finetune.py \
     --model_name_or_path "$MODEL" \
     --box_format "$BOX_FORMAT" \
+    $PIXEL_ARGS \
     --data_path "$DATA" \
     --image_folder "$IMAGE_FOLDER" \
     --output_dir "$OUTPUT_DIR" \

@@ -143,3 +143,48 @@ def test_a_reasoning_only_template_is_refused_by_name(tiny_checkpoint, tmp_path)
     (folder / "chat_template.jinja").write_text(QWEN3_VL_THINKING_TEMPLATE)
     with pytest.raises(ThinkingCheckpointError, match=str(folder)):
         adapter_class("qwen3_vl").from_pretrained(str(folder))
+
+
+# The families whose processor resizes to a pixel budget (sc_tune.adapters.patch_grid_chat), and two that have none.
+PIXEL_BUDGET_TYPES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "glm4v", "glm46v"]
+
+
+@pytest.mark.parametrize("model_type", PIXEL_BUDGET_TYPES)
+def test_an_image_pixel_budget_bounds_every_resized_image(tiny_checkpoint, model_type):
+    """``--image_max_pixels`` / ``--image_min_pixels``: a 1920x1080 photo is resized to at most the budget (and not
+    far below it: the processor keeps the aspect ratio on a grid of merged patches), a small one to at least the
+    minimum, and the prompt holds one placeholder per merged patch. GLM's processor bounds frames x height x width
+    (an image is 2 frames): its budget is counted the same way as Qwen's all the same."""
+    _, adapter = load_model_and_adapter(tiny_checkpoint(model_type))
+    token_pixels = (adapter.patch_size * adapter.merge_size) ** 2
+    budget = 448 * 448
+    adapter.limit_image_pixels(None, budget)
+    photo = adapter.prepare_image(Image.new("RGB", (1920, 1080)))
+    width, height = photo.frame
+    assert 0.9 * budget <= width * height <= budget, photo.frame
+    assert photo.num_tokens == width * height // token_pixels and width > height
+    adapter.limit_image_pixels(4 * budget, 16 * budget)
+    small = adapter.prepare_image(Image.new("RGB", (64, 48)))
+    assert 4 * budget <= small.frame[0] * small.frame[1] <= 1.2 * 4 * budget, small.frame
+    assert adapter.image_pixel_limits == (4 * budget, 16 * budget)
+    batch = adapter.build_batch([adapter.describer_prompt([0.1, 0.2, 0.5, 0.6], photo)], [photo])
+    assert int((batch.inputs["input_ids"] == adapter.image_token_id).sum()) == photo.num_tokens
+
+
+@pytest.mark.parametrize("model_type", ["qwen", "gemma3"])
+def test_a_family_without_a_pixel_budget_refuses_one_by_name(tiny_checkpoint, model_type):
+    from sc_tune.arguments import ArgumentError
+
+    with pytest.raises(ArgumentError, match="no pixel budget"):
+        load_model_and_adapter(tiny_checkpoint(model_type), image_max_pixels=200704)
+
+
+def test_a_pixel_budget_below_one_image_token_is_refused(tiny_checkpoint):
+    from sc_tune.arguments import ArgumentError
+
+    _, adapter = load_model_and_adapter(tiny_checkpoint("qwen2_5_vl"))
+    with pytest.raises(ArgumentError, match="--image_max_pixels 700 is below one image token"):
+        adapter.limit_image_pixels(None, 700)
+    with pytest.raises(ArgumentError, match="--image_min_pixels 802816 is above --image_max_pixels"):
+        adapter.limit_image_pixels(4 * 448 * 448, None)  # the tiny checkpoint's own maximum is 3,136
+    assert adapter.image_pixel_limits is None

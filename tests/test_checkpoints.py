@@ -143,6 +143,7 @@ def test_no_complete_checkpoint_is_a_clear_error(runs, tmp_path):
         (["--locator_update_steps", "2"], "schedule"),
         (["--kl_coef", "0.5"], "kl_coef: checkpoint 0.01, now 0.5"),
         (["--pseudo_label_min_iou", "0.5"], "pseudo_label_min_iou: checkpoint None, now 0.5"),
+        (["--image_max_pixels", "3136"], r"image_pixels: checkpoint None, now \[None, 3136\]"),
     ],
 )
 def test_resume_refuses_changed_settings(runs, tmp_path, change, message):

@@ -37,12 +37,12 @@ def test_help_documents_every_sc_tune_knob(help_text):
 
 
 def test_help_leads_with_the_sc_tune_knobs_and_their_defaults(help_text):
-    first_screen = help_text.splitlines()[:75]  # SC-Tune's groups, ahead of the ~120 inherited Trainer options
+    first_screen = help_text.splitlines()[:80]  # SC-Tune's groups, ahead of the ~120 inherited Trainer options
     head = "\n".join(first_screen)
     for f in sc_tune_fields():
         line = next((line for line in first_screen if line.split() and line.split()[0].rstrip(",") == f"--{f.name}"),
                     None)
-        assert line is not None, f"--{f.name} is not in the first 75 lines of finetune.py --help"
+        assert line is not None, f"--{f.name} is not in the first 80 lines of finetune.py --help"
     # Each knob shows its (reference) default, and the Trainer's own options come only after SC-Tune's.
     assert "(default: 200)" in head and "(default: 0.01)" in head and "(default: 5e-07)" in head
     assert "--per_device_train_batch_size" not in head
@@ -96,8 +96,11 @@ def test_evaluate_takes_finetune_flag_names_and_the_earlier_spellings():
     # the flags that mean the same as finetune.py's are spelled the same
     finetune_flags = {o for a in build_parser()._actions for o in a.option_strings}
     for flag in ("--model_name_or_path", "--data_path", "--image_folder", "--output_dir", "--describer_max_new_tokens",
-                 "--describer_min_new_tokens", "--locator_max_new_tokens"):
+                 "--describer_min_new_tokens", "--locator_max_new_tokens", "--image_max_pixels", "--image_min_pixels"):
         assert flag in finetune_flags
+    with pytest.raises(ValueError, match="--image_min_pixels 9 is above --image_max_pixels 8"):
+        evaluate.parse_args(["--task", "rec", "--model_name_or_path", "m", "--data_path", "a", "--output_dir", "o",
+                             "--image_min_pixels", "9", "--image_max_pixels", "8"])
     with pytest.raises(ValueError, match="takes one --data_path file"):
         evaluate.parse_args(["--task", "self-consistency", "--model_name_or_path", "m", "--data_path", "a", "b",
                              "--output_dir", "o"])
@@ -129,6 +132,9 @@ def test_the_reference_flag_names_are_aliases(tmp_path):
     (["--locator_min_new_tokens", "9", "--locator_max_new_tokens", "8"], "--locator_min_new_tokens 9 must be in"),
     (["--lora_dropout", "1.0"], r"--lora_dropout 1.0 must be in \[0, 1\)"),
     (["--lora_alpha", "0"], "--lora_alpha 0 must be a finite number > 0"),
+    (["--image_max_pixels", "0"], "--image_max_pixels 0 must be >= 1"),
+    (["--image_min_pixels", "401408", "--image_max_pixels", "200704"],
+     "--image_min_pixels 401408 is above --image_max_pixels 200704"),
 ])
 def test_values_that_would_train_wrongly_are_refused_naming_the_flag(tmp_path, argv, message):
     import finetune

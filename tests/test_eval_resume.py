@@ -125,6 +125,8 @@ def test_rows_of_other_settings_are_never_mixed_in(setup, tmp_path, monkeypatch)
     monkeypatch.setattr(self_consistency, "cycle", CountingCycle())
     with pytest.raises(ResultsError, match=r"scored with other settings \(describer differ\).*--overwrite_results"):
         run(setup, out, "--describer_max_new_tokens", "5")
+    with pytest.raises(ResultsError, match=r"scored with other settings \(image_pixels differ\)"):
+        run(setup, out, "--image_max_pixels", "3136")  # the tiny processor's own bound: same images, other settings
     with pytest.raises(ResultsError, match=r"records differ"):
         run(setup, out, "--max_samples", "4")
     assert len(run(setup, out, "--overwrite_results", "True", "--max_samples", "4")) == 4

@@ -142,6 +142,26 @@ def test_the_locator_budget_holds_the_widest_released_answer_with_the_real_token
     assert len(encode(adapter.locator_target([1.0, 1.0, 1.0, 1.0], image, LONG_CAPTION))) > budget
 
 
+# What a 1920x1080 photo costs with the released processor settings: (patch side, image tokens). A token is one
+# merged patch of 2 x 2; Qwen2.5-VL's released maximum is 12,845,056 pixels, Qwen3-VL-8B's 16,777,216.
+RELEASED_PHOTO_TOKENS = {"Qwen__Qwen2.5-VL-7B-Instruct": (14, 2691), "Qwen__Qwen3-VL-8B-Instruct": (16, 2040)}
+
+
+@pytest.mark.parametrize("folder", real.present(list(RELEASED_PHOTO_TOKENS), ("tokenizer",)))
+def test_a_pixel_budget_on_the_released_processor_bounds_a_photo(folder):
+    """``--image_max_pixels 200704`` (448 x 448) on the released processor settings: a photo that takes ~2,000-2,700
+    image tokens as released is resized to at most 200,704 pixels, at most 256 tokens."""
+    patch, released_tokens = RELEASED_PHOTO_TOKENS[folder]
+    photo = Image.new("RGB", (1920, 1080))
+    adapter = _real_adapter(folder)
+    assert adapter.patch_size == patch and adapter.prepare_image(photo).num_tokens == released_tokens
+    adapter.limit_image_pixels(None, 200704)
+    image = adapter.prepare_image(photo)
+    width, height = image.frame
+    assert 0.9 * 200704 <= width * height <= 200704 and image.num_tokens == width * height // (2 * patch) ** 2 <= 256
+    assert abs(width / height - 1920 / 1080) < 0.2  # the aspect ratio kept, on the grid of merged patches
+
+
 def _qwen_vl_chat_budget_holds_its_readme_answers(folder, tiny_checkpoint):
     """Qwen-VL-Chat's budget holds its README's answers, counted with the real tiktoken vocabulary."""
     from sc_tune.models.qwen_vl.tokenization import QWenTokenizer

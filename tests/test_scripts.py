@@ -65,6 +65,9 @@ def test_finetune_ds_takes_precision_image_folder_and_deepspeed_from_variables(l
     assert flag(argv, "--nproc_per_node") == "1" and flag(argv, "--image_folder") == "imgs"
     assert flag(launcher("finetune_ds.sh", PRECISION="fp16")[1], "--fp16") == "True"
 
+    assert "--image_max_pixels" not in argv  # the checkpoint's own budget unless IMAGE_MAX_PIXELS is set
+    result, argv = launcher("finetune_ds.sh", IMAGE_MAX_PIXELS="200704")
+    assert flag(argv, "--image_max_pixels") == "200704"
     result, argv = launcher("finetune_ds.sh", IMAGE_DIR="old_name")  # the earlier variable still works
     assert flag(argv, "--image_folder") == "old_name" and "IMAGE_FOLDER" in result.stderr
 
@@ -77,17 +80,18 @@ def test_finetune_ds_takes_precision_image_folder_and_deepspeed_from_variables(l
 
 def test_evaluate_sh_uses_the_finetune_names(launcher):
     result, argv = launcher("evaluate.sh", NPROC="1", TASK="rec", MODEL="m", DATA="a.jsonl b.jsonl",
-                            IMAGE_ROOT="imgs", MAX_SAMPLES="5", EXTRA_ARGS="--no_meteor")
+                            IMAGE_ROOT="imgs", MAX_SAMPLES="5", IMAGE_MAX_PIXELS="200704", EXTRA_ARGS="--no_meteor")
     assert result.returncode == 0, result.stderr
     assert "IMAGE_FOLDER" in result.stderr  # IMAGE_ROOT is the earlier name
     assert argv[argv.index("evaluate.py") + 1:] == [
         "--task", "rec", "--model_name_or_path", "m", "--data_path", "a.jsonl", "b.jsonl", "--image_folder", "imgs",
         "--output_dir", "eval_results/rec", "--per_device_eval_batch_size", "8", "--dtype", "auto", "--grid_samples",
-        "16", "--box_format", "native", "--max_samples", "5", "--no_meteor"]
+        "16", "--box_format", "native", "--max_samples", "5", "--image_max_pixels", "200704", "--no_meteor"]
     import evaluate
 
     args = evaluate.parse_args(argv[argv.index("evaluate.py") + 1:])  # what the script passes, evaluate.py takes
     assert args.data_path == ["a.jsonl", "b.jsonl"] and args.max_samples == 5 and not args.meteor
+    assert args.image_max_pixels == 200704 and args.image_min_pixels is None
 
 
 @pytest.mark.slow

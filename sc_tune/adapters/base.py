@@ -311,6 +311,20 @@ class ModelAdapter(ABC):
             return f"image aspect ratio too extreme ({width}x{height}, > {self.max_image_aspect_ratio:g}:1)"
         return None
 
+    # ``--image_min_pixels`` / ``--image_max_pixels`` as set (``limit_image_pixels``); None: the processor's own bounds.
+    image_pixel_limits: tuple[int | None, int | None] | None = None
+
+    def limit_image_pixels(self, min_pixels: int | None, max_pixels: int | None) -> None:
+        """Bound the pixels (width x height) of every image as resized for the model, for the families whose
+        processor resizes to a pixel budget (the patch-grid ones). Default: refused, naming the family."""
+        from sc_tune.arguments import ArgumentError
+
+        raise ArgumentError(
+            f"--image_min_pixels/--image_max_pixels: {type(self).__name__} has no pixel budget to set (they bound the "
+            "dynamic-resolution families Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and GLM-4.1V/4.5V/4.6V); this "
+            "family's processor sizes images its own way, set in the checkpoint's preprocessor_config.json"
+        )
+
     @abstractmethod
     def prepare_image(self, image: Image.Image) -> ImageInputs:
         """Preprocess one RGB image (resize, normalise, patchify) into model tensors."""

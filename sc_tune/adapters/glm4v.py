@@ -44,6 +44,7 @@ class Glm4vAdapter(PatchGridChatAdapter):
     native_codec = BracketGridCodec(1000, BOX_OPEN, BOX_CLOSE)
     image_token = "<|image|>"
     static_decoding_verified = True  # M-RoPE positions advance by one per token on each axis
+    size_bounds_count_frames = True  # transformers' GLM-4V smart_resize bounds frames x height x width
     # downsample (the 2x2 patch-merging convolution) and merger (the projector) connect the tower to the LM.
     vision_trainable_prefixes = ("model.visual.downsample", "model.visual.merger")
     # Dense layers fuse gate and up into gate_up_proj; MoE layers keep gate/up/down in their shared experts

@@ -19,6 +19,9 @@ class PatchGridChatAdapter(ModelAdapter):
     vision_prefix = "model.visual"
 
     image_token: str  # the placeholder repeated once per merged patch, e.g. "<|image_pad|>"
+    # Whether the processor's size bounds count an image's frames too: GLM-4.1V's bound frames x height x width, an
+    # image being ``temporal_patch_size`` frames; Qwen's bound height x width.
+    size_bounds_count_frames: bool = False
 
     @classmethod
     def from_pretrained(cls, path, box_format="native"):
@@ -38,9 +41,33 @@ class PatchGridChatAdapter(ModelAdapter):
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         self.merge_size = int(image_processor.merge_size)
         self.patch_size = int(image_processor.patch_size)
+        self._size_bounds = None  # the processor's size bounds for --image_min/max_pixels; None: its own
+
+    def limit_image_pixels(self, min_pixels, max_pixels):
+        # The processor resizes each image to a multiple of one merged patch per side with its area (width x height)
+        # within [shortest_edge, longest_edge] (transformers' smart_resize): the pixel budget Qwen's documentation
+        # sets as min_pixels / max_pixels. One image token is one merged patch.
+        from sc_tune.arguments import ArgumentError
+
+        token_pixels = (self.patch_size * self.merge_size) ** 2
+        for name, value in (("--image_min_pixels", min_pixels), ("--image_max_pixels", max_pixels)):
+            if value is not None and value < token_pixels:
+                raise ArgumentError(f"{name} {value} is below one image token of {type(self).__name__} "
+                                    f"({self.patch_size * self.merge_size} x {self.patch_size * self.merge_size} = "
+                                    f"{token_pixels} pixels)")
+        frames = int(self.image_processor.temporal_patch_size) if self.size_bounds_count_frames else 1
+        size = self.image_processor.size
+        low = size["shortest_edge"] if min_pixels is None else min_pixels * frames
+        high = size["longest_edge"] if max_pixels is None else max_pixels * frames
+        if low > high:
+            raise ArgumentError(f"--image_min_pixels {low // frames} is above --image_max_pixels {high // frames} "
+                                "(with the checkpoint's own bound for the one not given)")
+        self._size_bounds = {"shortest_edge": low, "longest_edge": high}
+        self.image_pixel_limits = (min_pixels, max_pixels)
 
     def prepare_image(self, image) -> ImageInputs:
-        out = self.image_processor(images=[image.convert("RGB")], return_tensors="pt")
+        bounds = {"size": self._size_bounds} if self._size_bounds is not None else {}
+        out = self.image_processor(images=[image.convert("RGB")], return_tensors="pt", **bounds)
         grid_thw = out["image_grid_thw"]
         _, grid_h, grid_w = (int(v) for v in grid_thw[0])
         num_tokens = int(grid_thw.prod()) // (self.merge_size**2)

@@ -57,14 +57,18 @@ def read_model_type(path: str) -> str:
 
 
 def budget_report(path: str, model_type: str | None = None, image_size: Sequence[int] = (1920, 1080),
-                  caption: str = "the red circle", describer_max_new_tokens: int = 30) -> dict:
-    """The token budgets of ``path``'s family, counted with its tokenizer, and what they were counted on."""
+                  caption: str = "the red circle", describer_max_new_tokens: int = 30,
+                  image_max_pixels: int | None = None) -> dict:
+    """The token budgets of ``path``'s family, counted with its tokenizer, and what they were counted on (an image
+    of ``image_size`` resized as training would, within ``image_max_pixels`` where given)."""
     from PIL import Image
 
     from sc_tune.rollout import LOCATOR_BUDGET_MARGIN, describer_budget, widest_locator_answer
 
     model_type = model_type or read_model_type(path)
     adapter = _budget_adapter(family_for(model_type).adapter, path)
+    if image_max_pixels is not None:
+        adapter.limit_image_pixels(None, image_max_pixels)
     image = adapter.prepare_image(Image.new("RGB", tuple(int(v) for v in image_size), (128, 128, 128)))
     widest = widest_locator_answer(adapter, image, caption)
     has_template = bool(getattr(adapter.tokenizer, "chat_template", None))
@@ -72,6 +76,7 @@ def budget_report(path: str, model_type: str | None = None, image_size: Sequence
     return {
         "model_type": model_type,
         "model_input_frame": list(image.frame),
+        "image_tokens": image.num_tokens,  # the image's placeholder tokens in every prompt
         "locator_budget": widest.tokens + LOCATOR_BUDGET_MARGIN,
         "widest_answer_tokens": widest.tokens,
         "margin": LOCATOR_BUDGET_MARGIN,
@@ -119,13 +124,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     budget.add_argument("--caption", default="the red circle",
                         help="the phrase grounded (families whose answer repeats it before the box)")
     budget.add_argument("--describer_max_new_tokens", type=int, default=30)
+    budget.add_argument("--image_max_pixels", type=int,
+                        help="the pixel budget training uses (finetune.py --image_max_pixels; default: the folder's)")
     args = parser.parse_args(argv)
     try:
         if args.command == "parse":
             result = parse_result(read_answer(args.model_type, args.answer, args.image_size, args.box_format))
         else:
             result = budget_report(args.model_name_or_path, args.model_type, args.image_size, args.caption,
-                                   args.describer_max_new_tokens)
+                                   args.describer_max_new_tokens, args.image_max_pixels)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -211,6 +211,12 @@ def test_budget_of_a_released_folder_through_the_families_command(folder):
     report = json.loads(done.stdout)
     assert report["locator_budget"] == report["widest_answer_tokens"] + report["margin"]
     assert '"bbox_2d": [' in report["widest_answer"] and report["reasoning_only"] is None
+    assert report["image_tokens"] == RELEASED_PHOTO_TOKENS[folder][1]  # a 1920x1080 photo, as released
+    done = subprocess.run(command + ["--image_max_pixels", "200704"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    limited = json.loads(done.stdout)
+    assert limited["image_tokens"] <= 256 and limited["model_input_frame"][0] * limited["model_input_frame"][1] <= 200704
 
 
 def test_locating_from_the_scored_image_prefix_on_released_files(released_files_model):

@@ -41,10 +41,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import StaticCache
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.generation import logits_process as lp
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 logger = logging.getLogger(__name__)
 
@@ -244,8 +244,9 @@ def _decode_mask(template_mask, key_mask_NL, column):
 # that share it, as that head's query rows: the step reads every cached key and value once. transformers' SDPA does
 # the same, but not under torch.compile (``--decoding_compile_backend``), where it first copies every key/value head
 # once per query head it serves (``repeat_kv``). On Qwen2.5-VL-7B (7 query heads per key/value head), 128 rows and a
-# 330-column cache, that copy is about 36 GB of memory traffic per step over 28 layers: ten times the 3.7 GB of keys
-# and values, more than twice the weights.
+# 350-column cache in bf16, the copies make about 38 GB of memory traffic per step over 28 layers (written, then read
+# by the attention): fifteen times the 2.6 GB of keys and values read once, and more than twice the 14.8 GB of
+# weights (scripts/bench_decode_attention.py).
 DECODE_ATTENTION = "sc_tune_sdpa_decode"
 
 

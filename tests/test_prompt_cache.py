@@ -176,6 +176,29 @@ def test_families_that_do_not_move_cached_columns_locate_from_a_full_prefill(tin
     assert locate_from_prefix(model, adapter, images, CAPTIONS, GREEDY, scored, SOURCE_ROWS) is None
 
 
+def test_a_qwen2_checkpoint_with_sliding_window_layers_prefills_in_full(tiny_checkpoint, tmp_path):
+    """``use_sliding_window`` (off in the released Qwen2/2.5-VL checkpoints): a window layer's cache keeps only its
+    last columns, so the scoring pass's cache can be neither cropped back to the prompts (transformers refuses the
+    crop: the run would stop) nor cut to their image prefix. Such a model prefills its prompts in full, in every
+    describer rollout, on both decoders."""
+    import json
+    import shutil
+
+    folder = tmp_path / "windowed"
+    shutil.copytree(tiny_checkpoint("qwen2_5_vl"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"].update(use_sliding_window=True, sliding_window=8, max_window_layers=1, layer_types=None)
+    (folder / "config.json").write_text(json.dumps(config))
+    model, adapter = load_model_and_adapter(str(folder))
+    assert "sliding_attention" in model.config.get_text_config(decoder=True).layer_types
+    assert not adapter.resumes_from_scoring_cache(model, 40, 50)
+    assert not adapter.moves_cached_prompt_columns(model, 40)
+    for fused in (False, True):
+        _, resumed, located, scored = _losses_and_resumed_calls(str(folder), tmp_path, True, lora=fused, fused=fused)
+        assert len(resumed) >= 2 and resumed == located == scored == [False] * len(resumed), (fused, resumed, located,
+                                                                                         scored)
+
+
 def test_a_cache_of_the_wrong_length_is_refused(tiny_checkpoint):
     model, adapter = load_model_and_adapter(tiny_checkpoint("qwen"))
     model.eval()

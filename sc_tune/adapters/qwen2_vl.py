@@ -100,6 +100,13 @@ QWEN3_VL_ANSWERS = (
 )
 
 
+def _has_window_layers(model) -> bool:
+    """Whether the text model has sliding-window layers (a Qwen2 checkpoint with ``use_sliding_window``; the released
+    ones have it off). Their cache keeps only the window's last columns, so a prompt's cache can be neither cropped
+    back to the prompt nor cut to its image prefix: such a model prefills its prompts in full (always exact)."""
+    return "sliding_attention" in (getattr(model.config.get_text_config(decoder=True), "layer_types", None) or [])
+
+
 class _QwenChatVLAdapter(PatchGridChatAdapter):
     image_token = "<|image_pad|>"
     vision_trainable_prefixes = ("model.visual.merger",)
@@ -134,7 +141,7 @@ class _QwenChatVLAdapter(PatchGridChatAdapter):
         # transformers keeps the multimodal rope offset (``rope_deltas``) of the last prefill and continues from
         # it when generate starts on a cache; text after the prompt advances every position axis by one per
         # token, so the scoring pass's offset is the prompt's (tests/test_prompt_cache.py checks the logits).
-        return True
+        return not _has_window_layers(model)
 
     def resumed_decoding_inputs(self, inputs):
         # The first decoding step would run the tower on pixel_values and find no <|image_pad|> to put them in.
@@ -145,7 +152,7 @@ class _QwenChatVLAdapter(PatchGridChatAdapter):
         # columns), so a prompt's cached keys carry the same rotations in any batch that holds the same prompt
         # start: they move between batches as they are. The locator batch then needs its own positions (see
         # resumed_positions): the rope offset transformers keeps from the last prefill is another batch's.
-        return True
+        return not _has_window_layers(model)
 
     def move_cached_keys(self, model, keys_BHCD, shift_B):
         return keys_BHCD

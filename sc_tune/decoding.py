@@ -35,16 +35,17 @@ import logging
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AttentionInterface
 from transformers.cache_utils import StaticCache
 from transformers.generation import logits_process as lp
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import sdpa_mask
+
+from sc_tune.attention import attention_routed
 
 logger = logging.getLogger(__name__)
 
@@ -266,21 +267,11 @@ def _decode_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
-@contextmanager
 def _decode_attention_for(text_config):
     """``text_config``'s attention set to :func:`_decode_attention` for the block (masks are made as SDPA's). Static
     decoding runs on SDPA models only (``ModelAdapter.static_decoding_problem``); any other is left alone."""
-    current = getattr(text_config, "_attn_implementation", None)
-    if current != "sdpa":
-        yield
-        return
-    AttentionInterface.register(DECODE_ATTENTION, _decode_attention)
-    AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)
-    text_config._attn_implementation = DECODE_ATTENTION
-    try:
-        yield
-    finally:
-        text_config._attn_implementation = current
+    return attention_routed(text_config, DECODE_ATTENTION, _decode_attention, lambda current: current == "sdpa",
+                            mask_function=sdpa_mask)
 
 
 class _StaticStep:

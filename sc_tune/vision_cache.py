@@ -47,6 +47,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sc_tune.attention import attention_routed
+
 
 @dataclass
 class VisionTrunk:
@@ -243,22 +245,10 @@ def _packed_windows_attention(module, query, key, value, attention_mask=None, sc
     return out.transpose(1, 2).contiguous(), None
 
 
-@contextmanager
 def packed_attention(config):
     """``config``'s attention implementation set to the packed-window one for the block (nothing when None, or when
     the config already asks for a flash implementation, which packs windows itself)."""
-    current = getattr(config, "_attn_implementation", None) if config is not None else None
-    if config is None or current is None or "flash" in current:
-        yield
-        return
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(PACKED_ATTENTION, _packed_windows_attention)
-    config._attn_implementation = PACKED_ATTENTION
-    try:
-        yield
-    finally:
-        config._attn_implementation = current
+    return attention_routed(config, PACKED_ATTENTION, _packed_windows_attention, lambda current: "flash" not in current)
 
 
 def _keys(per_image: list[torch.Tensor]) -> list[tuple]:

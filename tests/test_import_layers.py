@@ -29,7 +29,7 @@ LAYERS = (
     ("basics", {"boxes", "jsonio", "checks", "timing", "images", "environment", "run_lock"}),
     ("method", {"box_codecs", "rewards", "ppo", "baselines", "kl_control", "phases", "arguments", "moe",
                 "reference_flags"}),
-    ("models", {"models", "vision_cache"}),
+    ("models", {"models", "attention", "vision_cache"}),
     ("adapters", {"adapters"}),
     ("generation", {"prompt_cache", "decoding", "rollout", "snapshot", "data", "checkpoints", "modeling", "visualize",
                     "objects365", "export", "preflight"}),

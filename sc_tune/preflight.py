@@ -55,6 +55,7 @@ class RoleCheck:
     parse_with_more: list[int] = field(default_factory=list)
     tokens_needed: int = 0
     lengths: list[int] = field(default_factory=list)  # tokens each answer used
+    texts: list[str] = field(default_factory=list)  # what was grounded (the cycle: the model's own captions)
 
     @property
     def parse_failure_rate(self) -> float:
@@ -100,6 +101,21 @@ class PreflightReport:
         cut = [i for i in failed if not worst.finished[i]]
         example = worst.answers[failed[0]]
         causes = []
+        # The records' own captions ground and the model's do not: the locator can write boxes, its captions are
+        # what derails it (a caption minimum above what the model writes forces words it never learned to end on).
+        grounds_given = [c for c in self.checks if c is not worst and c.parse_failure_rate <= max_parse_failures]
+        if worst.name == "cycle" and grounds_given and len(worst.parse_with_more) <= len(failed) / 2:
+            given = grounds_given[0]
+            caption = f"{worst.texts[failed[0]]!r} -> " if worst.texts else ""
+            return (
+                f"{self.summary()}. The cycle answers of {100 * worst.parse_failure_rate:.0f} % of the samples do not "
+                f"parse (limit --preflight_max_parse_failures {max_parse_failures:g}), so every describer reward "
+                f"would be 0, while the records' own captions ground ({given.name}: "
+                f"{100 * given.parse_failure_rate:.0f} % parse failures). Likely cause: the model's captions derail "
+                f"its locator (e.g. {caption}{example!r}). Fix: look at the captions and the caption settings "
+                "(--describer_min_new_tokens forces at least that many tokens, --describer_max_new_tokens cuts them). "
+                "--skip_preflight trains anyway."
+            )
         if len(worst.parse_with_more) > len(failed) / 2:
             causes.append(
                 f"budget: {len(cut)} of the {len(failed)} failed answers were cut at the {self.budget}-token budget "
@@ -189,6 +205,7 @@ def _locate_check(name, model, adapter, images, captions, boxes_B4, settings, pr
                 zip(completions.ids_BT.cpu(), completions.mask_BT.cpu())]
     check = _check(name, adapter, images, completions.texts, [list(b) for b in boxes_B4], finished)
     check.lengths = [int(n) for n in completions.mask_BT.sum(1)]
+    check.texts = list(captions)
     cut = [i for i, (box, done) in enumerate(zip(check.boxes, finished)) if box is None and not done]
     if probe and cut:  # would they parse with more tokens? (then the budget, not the format, is the cause)
         more = dataclasses.replace(settings, max_new_tokens=BUDGET_PROBE_FACTOR * settings.max_new_tokens)

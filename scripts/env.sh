@@ -5,3 +5,26 @@ export TOKENIZERS_PARALLELISM=false
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.torch_extensions}"
 export MPLCONFIGDIR="${MPLCONFIGDIR:-$PWD/.cache/matplotlib}"
 export HF_HOME="${HF_HOME:-$PWD/.cache/huggingface}"
+
+# sc_tune_launch COMMAND...: run a launch (torchrun and its processes) with its output, stdout and stderr both to
+# stdout, through a log; if it fails, repeat the processes' own error lines on stderr after torchrun's failure banner,
+# where they are seen. Returns the launch's exit code. Unbuffered, so the logs come as written.
+sc_tune_launch() {
+    export PYTHONUNBUFFERED=1
+    sc_tune_log=$(mktemp "${TMPDIR:-/tmp}/sc_tune_launch.XXXXXX")
+    sc_tune_status=$(mktemp "${TMPDIR:-/tmp}/sc_tune_status.XXXXXX")
+    trap 'rm -f "$sc_tune_log" "$sc_tune_status"' EXIT
+    { if "$@" 2>&1; then echo 0 > "$sc_tune_status"; else echo $? > "$sc_tune_status"; fi; } | tee "$sc_tune_log"
+    sc_tune_code=$(cat "$sc_tune_status")
+    if [ "$sc_tune_code" != 0 ]; then
+        # Each process's last word: an entry point's own "error:" line, or the last line of a Python traceback.
+        sc_tune_errors=$(grep -E '^([a-z_]+\.py: error: |[A-Za-z_][A-Za-z0-9_.]*(Error|Exception|Exit)(: |$))' \
+            "$sc_tune_log" | grep -v -E 'ChildFailedError|torch\.distributed\.elastic' | awk '!seen[$0]++' \
+            | head -n 5 || true)
+        if [ -n "$sc_tune_errors" ]; then
+            printf '\nSC-Tune: the run failed (exit code %s). The error reported by the processes:\n%s\n' \
+                "$sc_tune_code" "$sc_tune_errors" >&2
+        fi
+    fi
+    return "$sc_tune_code"
+}

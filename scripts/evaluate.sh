@@ -33,7 +33,8 @@ TORCHRUN=${TORCHRUN:-torchrun}          # the launcher
 set --
 if [ -n "$MAX_SAMPLES" ]; then set -- --max_samples "$MAX_SAMPLES"; fi
 if [ -n "$IMAGE_MAX_PIXELS" ]; then set -- "$@" --image_max_pixels "$IMAGE_MAX_PIXELS"; fi
+# If it fails, the processes' own error lines are repeated below torchrun's failure banner (scripts/env.sh).
 # shellcheck disable=SC2086  # DATA and EXTRA_ARGS are space-separated lists on purpose
-exec $TORCHRUN --nproc_per_node "$NPROC" --master_port "$MASTER_PORT" evaluate.py --task "$TASK" \
+sc_tune_launch $TORCHRUN --nproc_per_node "$NPROC" --master_port "$MASTER_PORT" evaluate.py --task "$TASK" \
     --model_name_or_path "$MODEL" --data_path $DATA --image_folder "$IMAGE_FOLDER" --output_dir "$OUTPUT_DIR" \
     --per_device_eval_batch_size "$BATCH_SIZE" --dtype "$DTYPE" --grid_samples "$GRID_SAMPLES" --box_format "$BOX_FORMAT" "$@" $EXTRA_ARGS

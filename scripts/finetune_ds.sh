@@ -7,6 +7,7 @@
 # A CPU dry run (tiny model, one process, fp32, a few steps):
 #     GPUS_PER_NODE=1 PRECISION=fp32 MODEL=... DATA=... IMAGE_FOLDER=... MAX_STEPS=2 BATCH_PER_GPU=2 \
 #         GRADIENT_CHECKPOINTING=False DATALOADER_WORKERS=0 REPORT_TO=none sh scripts/finetune_ds.sh
+#     (README: the committed warm start and data/sample, with EXTRA_ARGS="--describer_min_new_tokens 1")
 # On a machine without a CUDA GPU the script adds --use_cpu True itself (DeepSpeed's CPU ranks need it); on one
 # node it picks a free rendezvous port unless MASTER_PORT is set; if the run fails, the processes' own error
 # lines are repeated below the launcher's failure banner.
@@ -98,14 +99,8 @@ if [ -n "$DS_CONFIG" ] && ! find "$TORCH_EXTENSIONS_DIR" -name '*.so' 2>/dev/nul
         "about 2-3 minutes with no output before the first step. Later launches reuse them." >&2
 fi
 
-# The processes' output (stdout and stderr, both to stdout) goes through a log, so that their own error lines can be
-# repeated on stderr after torchrun's failure banner, where they are seen. Unbuffered, so the logs come as written.
-export PYTHONUNBUFFERED=1
-LOG=$(mktemp "${TMPDIR:-/tmp}/sc_tune_launch.XXXXXX")
-STATUS=$(mktemp "${TMPDIR:-/tmp}/sc_tune_status.XXXXXX")
-trap 'rm -f "$LOG" "$STATUS"' EXIT
 # shellcheck disable=SC2086
-{ if $TORCHRUN --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
+sc_tune_launch $TORCHRUN --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
     finetune.py \
     --model_name_or_path "$MODEL" \
@@ -133,14 +128,4 @@ trap 'rm -f "$LOG" "$STATUS"' EXIT
     --gradient_checkpointing "$GRADIENT_CHECKPOINTING" \
     --dataloader_num_workers "$DATALOADER_WORKERS" \
     $DS_ARGS \
-    $EXTRA_ARGS 2>&1; then echo 0 > "$STATUS"; else echo $? > "$STATUS"; fi; } | tee "$LOG"
-CODE=$(cat "$STATUS")
-if [ "$CODE" != 0 ]; then
-    # Each process's last word: finetune.py's own "error:" line, or the last line of a Python traceback.
-    ERRORS=$(grep -E '^(finetune\.py: error: |[A-Za-z_][A-Za-z0-9_.]*(Error|Exception|Exit)(: |$))' "$LOG" \
-        | grep -v -E 'ChildFailedError|torch\.distributed\.elastic' | awk '!seen[$0]++' | head -n 5 || true)
-    if [ -n "$ERRORS" ]; then
-        printf '\nSC-Tune: the run failed (exit code %s). The error reported by the processes:\n%s\n' "$CODE" "$ERRORS" >&2
-    fi
-fi
-exit "$CODE"
+    $EXTRA_ARGS

@@ -88,6 +88,20 @@ def test_the_message_names_the_cause():
         raise PreflightError(message)
 
 
+def test_captions_that_derail_the_locator_are_named_as_the_cause():
+    """The records' captions ground, the model's own do not: the captions are the cause, not the locator's format
+    or a missing grounding prior (the README's dry run at the reference's caption minimum of 3 words)."""
+    cycle = _check([True] * 4, [None, None, None, [0, 0, 1, 1]])
+    cycle.texts = ["the circle red"] * 4
+    rec = RoleCheck("REC", ["ok"] * 4, [[0, 0, 1, 1]] * 4, [None] * 4, [True] * 4, [1.0] * 4)
+    message = PreflightReport([cycle, rec], 40, grounding_prior=True).failure(0.5)
+    assert "the model's captions derail its locator" in message and "'the circle red' -> " in message
+    assert "--describer_min_new_tokens" in message and "REC: 0 % parse failures" in message
+    assert "format:" not in message and "grounding warm start" not in message
+    rec.boxes = [None, None, None, [0, 0, 1, 1]]  # neither grounds: the locator's own format is the cause again
+    assert "format:" in PreflightReport([cycle, rec], 40, grounding_prior=True).failure(0.5)
+
+
 # ---------------------------------------------------------------- causes provoked with real generation
 CAPTIONS, BOXES = GenerationSettings(8, 1), GenerationSettings(20, 3)
 
@@ -161,7 +175,7 @@ def test_a_family_without_grounding_prior_is_named_as_the_cause(tiny_checkpoint)
     model, adapter = load_model_and_adapter(tiny_checkpoint("smolvlm"))
     assert adapter.grounding_prior is False
     report = _preflight(model.eval(), adapter, json.load(open(SAMPLE_DATA)), SAMPLE_IMAGES, 4)
-    assert [c.name for c in report.checks] == ["cycle"]  # the sample data carries no captions
+    assert [c.name for c in report.checks] == ["cycle", "REC"]  # the sample's records carry their captions
     message = report.failure(0.5, 0.05)
     assert "Likely cause: no grounding prior" in message and "grounding warm start" in message
 

@@ -161,15 +161,20 @@ Root Cause (first observed failure):
 ============================================================"""
 
 
-@pytest.mark.parametrize("error", ["finetune.py: error: --data_path data/typo.json: no such file",
-                                   "KeyError: 'bbox'"])
-def test_finetune_ds_repeats_the_real_error_below_torchrun_banner(tmp_path, error):
+@pytest.mark.parametrize("script, error", [
+    ("finetune_ds.sh", "finetune.py: error: --data_path data/typo.json: no such file"),
+    ("finetune_ds.sh", "KeyError: 'bbox'"),
+    ("evaluate.sh", "evaluate.py: error: --image_folder data/samplex: no such folder"),
+    ("evaluate.sh", "sc_tune.checks.AnnotationError: data/x.json: record 0: missing field 'width'"),
+])
+def test_the_launch_scripts_repeat_the_real_error_below_torchrun_banner(tmp_path, script, error):
     stub = tmp_path / "failing_torchrun"
     stub.write_text(f"#!/bin/sh\necho 'step 1 log line'\necho \"{error}\" >&2\necho \"{error}\" >&2\n"
                     f"cat <<'END' >&2\n{BANNER}\nEND\nexit 1\n")
     stub.chmod(0o755)
-    env = {**{k: v for k, v in os.environ.items() if k != "MASTER_PORT"}, "TORCHRUN": str(stub), "DS_CONFIG": ""}
-    result = subprocess.run([SH, "scripts/finetune_ds.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+    env = {**{k: v for k, v in os.environ.items() if k != "MASTER_PORT"}, "TORCHRUN": str(stub), "DS_CONFIG": "",
+           "NPROC": "1"}
+    result = subprocess.run([SH, f"scripts/{script}"], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 1
     # The launcher's output (banner last) on stdout; once it has ended, the processes' error, once, on stderr.
@@ -203,3 +208,47 @@ def test_a_torchvision_that_does_not_load_is_named_before_transformers_fails(tmp
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
         assert "torchvision is installed but does not load with torch" in result.stderr
         assert "torchvision::nms does not exist" in result.stderr and "pip uninstall torchvision" in result.stderr
+
+
+def _documented_dry_run(path: Path) -> str:
+    """The CPU dry run of finetune_ds.sh as ``path`` prints it: the code block's lines up to the script's name."""
+    text = path.read_text()
+    start = text.index("GPUS_PER_NODE=1 PRECISION=fp32 MODEL=checkpoints/warm_start")
+    end = text.index("sh scripts/finetune_ds.sh", start)
+    return text[start:end].replace("\\\n", " ")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "activate").exists(), reason="needs .venv (sh scripts/setup_env.sh)")
+def test_the_readme_dry_run_trains_and_exports_as_written(tmp_path):
+    """The README's CPU dry run, its variables exactly as printed (the output folder moved to tmp_path), through
+    the real launcher: the preflight passes on the bundled sample and the run exports its model."""
+    import shlex
+
+    command = _documented_dry_run(ROOT / "README.md")
+    assert shlex.split(command) == shlex.split(_documented_dry_run(ROOT / "docs" / "usage.md"))
+    variables = dict(word.split("=", 1) for word in shlex.split(command))
+    assert variables["OUTPUT_DIR"] == "/tmp/dry_run"
+    variables["OUTPUT_DIR"] = str(tmp_path / "dry_run")
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "IMAGE_FOLDER", "IMAGE_DIR", "EXTRA_ARGS")}
+    env["PATH"] = "/usr/bin:/bin"
+    env.update(variables, OMP_NUM_THREADS="1")
+    result = subprocess.run([SH, "scripts/finetune_ds.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert "preflight on 16 samples" in result.stdout and "cycle: parse failures 0/16" in result.stdout
+    out = tmp_path / "dry_run"
+    assert (out / "model.safetensors").exists() and (out / "checkpoint-2").is_dir()
+
+
+def test_the_bundled_sample_is_what_its_generator_writes(tmp_path):
+    """data/README.md says how data/sample is made: the command must make it byte for byte."""
+    from sc_tune.synthetic.shapes import main
+
+    main(["--root", str(tmp_path), "--sample", "16"])
+    made = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    bundled = sorted(p.relative_to(ROOT / "data" / "sample") for p in (ROOT / "data" / "sample").rglob("*")
+                     if p.is_file())
+    assert made == bundled
+    for name in made:
+        assert (tmp_path / name).read_bytes() == (ROOT / "data" / "sample" / name).read_bytes(), name

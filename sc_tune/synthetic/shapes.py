@@ -117,7 +117,7 @@ def scene_stream(seed: int, spec: ShapesSpec = ShapesSpec()) -> Iterator[ShapesS
 # Seeds of the two splits are derived from the user's seed so that train and held-out never share
 # a random stream (a held-out image can still coincide with a training image by chance; that is rare
 # and identical for every method compared).
-SPLIT_OFFSETS = {"train": 0, "heldout": 1_000_003, "warmstart": 2_000_029}
+SPLIT_OFFSETS = {"train": 0, "heldout": 1_000_003, "warmstart": 2_000_029, "sample": 3_000_017}
 
 
 def split_seed(seed: int, split: str) -> int:
@@ -169,15 +169,40 @@ def write_dataset(root: str | Path, seed: int = 0, train_images: int = 2000, hel
     return summary
 
 
+def write_sample(root: str | Path, num_images: int = 16, seed: int = 0, spec: ShapesSpec = ShapesSpec()) -> dict:
+    """The repository's bundled smoke-test sample (``data/sample``): ``root/images/NNN.png`` and
+    ``root/annotations.json`` in the training format (``image`` relative to ``root``). Drawn from the warm start's
+    own domain, so that ``checkpoints/warm_start`` grounds its boxes and the trainer's preflight passes on it."""
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(split_seed(seed, "sample"))
+    records = []
+    for i in range(num_images):
+        scene = sample_scene(rng, spec)
+        rel = f"images/{i:03d}.png"
+        render(scene, spec).save(root / rel, optimize=False)
+        records += [{"image": rel, "bbox": [round(v, 6) for v in obj.bbox], "caption": obj.full_caption}
+                    for obj in scene.objects]
+    # One record per line: the file is read by people (data/README.md) as well as by the loader.
+    (root / "annotations.json").write_text("[\n" + ",\n".join(json.dumps(r) for r in records) + "\n]\n")
+    return {"images": num_images, "boxes": len(records)}
+
+
 def main(argv=None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(description="Write the synthetic shapes referring dataset.")
+    parser = argparse.ArgumentParser(prog="python -m sc_tune.synthetic.shapes",
+                                     description="Write the synthetic shapes referring dataset.")
     parser.add_argument("--root", required=True, help="output folder (images and annotation files)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train_images", type=int, default=2000)
     parser.add_argument("--heldout_images", type=int, default=400)
+    parser.add_argument("--sample", type=int, default=None, metavar="IMAGES",
+                        help="write only the bundled smoke-test sample of IMAGES images (data/sample: 16)")
     args = parser.parse_args(argv)
+    if args.sample is not None:
+        print(json.dumps(write_sample(args.root, args.sample, args.seed)))
+        return
     print(json.dumps(write_dataset(args.root, args.seed, args.train_images, args.heldout_images)))
 
 

@@ -50,7 +50,7 @@ MAX_STEPS=${MAX_STEPS:-4000}          # the reference's 2,400 batches = 8 cycles
 BATCH_PER_GPU=${BATCH_PER_GPU:-16}
 SAVE_STEPS=${SAVE_STEPS:-500}         # one cycle
 REPORT_TO=${REPORT_TO:-tensorboard}   # tensorboard, wandb (pip install -e ".[wandb]") or none
-GRADIENT_CHECKPOINTING=${GRADIENT_CHECKPOINTING:-True}
+GRADIENT_CHECKPOINTING=${GRADIENT_CHECKPOINTING:-True}  # --activation_checkpointing (transformers 5's name for gradient checkpointing)
 DATALOADER_WORKERS=${DATALOADER_WORKERS:-4}
 EXTRA_ARGS=${EXTRA_ARGS:-}
 TORCHRUN=${TORCHRUN:-torchrun}        # the launcher
@@ -125,7 +125,7 @@ sc_tune_launch $TORCHRUN --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --
     --save_total_limit 10 \
     --logging_steps 1 \
     --report_to "$REPORT_TO" \
-    --gradient_checkpointing "$GRADIENT_CHECKPOINTING" \
+    --activation_checkpointing "$GRADIENT_CHECKPOINTING" \
     --dataloader_num_workers "$DATALOADER_WORKERS" \
     $DS_ARGS \
     $EXTRA_ARGS

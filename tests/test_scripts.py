@@ -65,6 +65,22 @@ def test_finetune_ds_takes_precision_image_folder_and_deepspeed_from_variables(l
     assert flag(argv, "--nproc_per_node") == "1" and flag(argv, "--image_folder") == "imgs"
     assert flag(launcher("finetune_ds.sh", PRECISION="fp16")[1], "--fp16") == "True"
 
+
+def test_finetune_ds_turns_checkpointing_on_by_its_current_name(launcher):
+    """GRADIENT_CHECKPOINTING reaches finetune.py as transformers 5's --activation_checkpointing (the old flag is a
+    deprecated alias that warns on every launch), and the trainer reads it as checkpointing."""
+    import warnings
+
+    import finetune
+
+    for value in ("True", "False"):
+        _, argv = launcher("finetune_ds.sh", GRADIENT_CHECKPOINTING=value, PRECISION="fp32", DS_CONFIG="")
+        assert flag(argv, "--activation_checkpointing") == value and "--gradient_checkpointing" not in argv
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            args = finetune.parse_args(argv[argv.index("finetune.py") + 1:])[3]
+        assert args.gradient_checkpointing is (value == "True") and args.activation_checkpointing is (value == "True")
+
     assert "--image_max_pixels" not in argv  # the checkpoint's own budget unless IMAGE_MAX_PIXELS is set
     result, argv = launcher("finetune_ds.sh", IMAGE_MAX_PIXELS="200704")
     assert flag(argv, "--image_max_pixels") == "200704"

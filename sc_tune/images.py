@@ -44,6 +44,8 @@ def load_rgb(path: str) -> Image.Image:
 
 def image_problem(path: str, size_problem: Callable[[int, int], str | None] | None = None) -> str | None:
     """Why the image at ``path`` cannot be trained on (missing, empty, undecodable, bad size), or None."""
+    if os.path.isdir(path):
+        return "image path is a folder, not a file"
     if not os.path.isfile(path):
         return "image not found"
     if os.path.getsize(path) == 0:

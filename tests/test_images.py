@@ -183,3 +183,11 @@ def test_there_is_one_image_opener():
                for name in names if name.endswith(".py")
                and re.search(r"Image\.open\(", open(os.path.join(folder, name)).read())]
     assert openers == ["images.py"], openers
+
+
+def test_an_image_path_that_is_a_folder_is_named_as_one(tmp_path):
+    from sc_tune.images import image_problem
+
+    (tmp_path / "images").mkdir()
+    assert image_problem(str(tmp_path / "images")) == "image path is a folder, not a file"
+    assert image_problem(str(tmp_path / "gone.png")) == "image not found"

@@ -12,6 +12,10 @@ from collections.abc import Sequence
 
 import torch
 
+# The finest box grid of any family is 1/1000 of the image: a narrower box is written with x1 == x2 (no area), so
+# training refuses it (``sc_tune.data.check_record``) and the Objects365 converter drops it.
+MIN_BOX_SIDE = 1e-3
+
 
 def is_valid_box(box: Sequence[float]) -> bool:
     """A box is valid when it has four finite numbers with x1 <= x2 and y1 <= y2."""

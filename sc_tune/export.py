@@ -149,7 +149,8 @@ def export_trained(trainer, output_dir: str, source_dir: str, use_lora: bool) ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Merge a LoRA adapter saved by finetune.py into its base model.")
+    parser = argparse.ArgumentParser(prog="python -m sc_tune.export",
+                                     description="Merge a LoRA adapter saved by finetune.py into its base model.")
     parser.add_argument("--base", required=True, help="the base checkpoint folder the adapter was trained on")
     parser.add_argument("--adapter", required=True, help="folder with adapter_config.json (output_dir/lora_adapter)")
     parser.add_argument("--output", required=True, help="where to write the merged checkpoint")

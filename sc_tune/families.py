@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 from sc_tune.adapters import family_for, supported_model_types
 from sc_tune.box_codecs import BOX_FORMATS, BoxReading, select_codec
+from sc_tune.jsonio import read_json
 
 
 def read_answer(model_type: str, answer: str, image_size: Sequence[int] | None = None,
@@ -45,12 +46,30 @@ def parse_result(reading: BoxReading) -> dict:
     return {"box": [round(v, 6) for v in reading.box]}
 
 
+# A checkpoint's vocabulary: one of these, or Qwen-VL's ``qwen.tiktoken`` (any ``*.tiktoken``).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def check_checkpoint_folder(path: str) -> None:
+    """``path`` is a folder that holds a tokenizer (checked before transformers is asked to load one, whose errors
+    for a missing or empty folder speak of hub repo ids or sentencepiece)."""
+    if not os.path.exists(path):
+        raise ValueError(f"--model_name_or_path {path}: no such folder")
+    if not os.path.isdir(path):
+        raise ValueError(f"--model_name_or_path {path} is a file, not a checkpoint folder")
+    names = os.listdir(path)
+    if not any(name in TOKENIZER_FILES or name.endswith(".tiktoken") for name in names):
+        raise ValueError(f"--model_name_or_path {path} holds no tokenizer files (none of "
+                         f"{', '.join(TOKENIZER_FILES)} or a *.tiktoken vocabulary): the budgets are counted with the "
+                         "checkpoint's tokenizer")
+
+
 def read_model_type(path: str) -> str:
     config = os.path.join(path, "config.json")
     if not os.path.isfile(config):
         raise ValueError(f"{path} has no config.json: pass --model_type")
-    with open(config) as f:
-        model_type = json.load(f).get("model_type")
+    data = read_json(config)  # an unreadable file is an error naming it
+    model_type = data.get("model_type") if isinstance(data, dict) else None
     if not model_type:
         raise ValueError(f"{config} names no model_type: pass --model_type")
     return model_type
@@ -65,8 +84,13 @@ def budget_report(path: str, model_type: str | None = None, image_size: Sequence
 
     from sc_tune.rollout import LOCATOR_BUDGET_MARGIN, describer_budget, widest_locator_answer
 
+    check_checkpoint_folder(path)
     model_type = model_type or read_model_type(path)
-    adapter = _budget_adapter(family_for(model_type).adapter, path)
+    try:
+        adapter = _budget_adapter(family_for(model_type).adapter, path)
+    except OSError as error:  # transformers: a file the family's tokenizer or image processor needs is missing
+        raise ValueError(f"--model_name_or_path {path}: cannot load its {model_type} tokenizer and image processor: "
+                         + " ".join(str(error).split())) from None
     if image_max_pixels is not None:
         adapter.limit_image_pixels(None, image_max_pixels)
     image = adapter.prepare_image(Image.new("RGB", tuple(int(v) for v in image_size), (128, 128, 128)))
@@ -134,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = budget_report(args.model_name_or_path, args.model_type, args.image_size, args.caption,
                                    args.describer_max_new_tokens, args.image_max_pixels)
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"{parser.prog} {args.command}: error: {error}", file=sys.stderr)
         return 2
     print(json.dumps(result, ensure_ascii=False))
     return 0

@@ -1,4 +1,4 @@
-"""Convert the official Objects365 (COCO-style) annotation file into SC-Tune's annotation JSON.
+r"""Convert the official Objects365 (COCO-style) annotation file into SC-Tune's annotation JSON.
 
     python -m sc_tune.objects365 --annotations zhiyuan_objv2_train.json --image_folder /data/objects365 \
         --output data/object365.json --min_area 0.01 --max_boxes_per_image 2 --num_samples 400000 --seed 0 \
@@ -11,11 +11,13 @@ Input: ``{"images": [{"id", "file_name", "width", "height"}], "annotations": [{"
 pixels, "iscrowd", "isfake", "isreflected", ...}]}``. Output: ``[{"image": file_name, "bbox": [x1, y1, x2, y2]
 normalised, "category_id": ...}]``. Sampling is deterministic for a seed; every filter's count is reported.
 
-Real-world dirt (an annotation whose ``image_id`` names no image, a malformed image or annotation entry, a
-non-finite width, a missing or undecodable image file) is skipped and counted per reason; ``--strict`` makes the
-first such record an error that names the file, the entry and the field. A conversion that keeps no record, a
-held-out split that would leave no training record, and an output path that is an input or the other output are
-errors, before anything is written; outputs are written to a temporary file and renamed into place.
+Real-world dirt (an annotation whose ``image_id`` names no image, a malformed image or annotation entry, a box
+wholly outside its image, a non-finite width, a missing or undecodable image file) is skipped and counted per
+reason; ``--strict`` makes the first such record an error that names the file, the entry and the field. A box that
+only overruns its image (Objects365's boxes do, by rounding) is clipped to it and counted, not dropped. A conversion
+that keeps no record, a held-out split that would leave no training record, and an output path that is an input or
+the other output are errors, before anything is written; outputs are written to a temporary file and renamed into
+place.
 
 Memory: the v2 train file is about 5 GB of JSON (1.74 M images, 25 M boxes); read whole, Python holds about 4 bytes
 per byte of it. The file is instead read one entry at a time (:class:`JsonStream`, Python's own JSON decoder on a
@@ -45,12 +47,15 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from sc_tune import checks
-from sc_tune.boxes import normalize_box, xywh_to_xyxy
+from sc_tune.boxes import MIN_BOX_SIDE, normalize_box, xywh_to_xyxy
 from sc_tune.checks import AnnotationError
 from sc_tune.images import image_problem
 from sc_tune.jsonio import JSONFileError, write_json
 
 DROP_FLAGS = ("iscrowd", "isfake", "isreflected")
+CLIPPED = "clipped to the image"  # kept boxes that overran the image, clipped to it
+MISSING_FILES = "missing image files (distinct)"  # the distinct files behind "image file missing"
+NOT_DROPS = (CLIPPED, MISSING_FILES)  # counts that are notes, not reasons a record was dropped
 
 
 class ConversionError(ValueError):
@@ -292,16 +297,29 @@ class _Converter:
         if box[2] <= 0 or box[3] <= 0:
             self.counts["empty box"] += 1
             return
-        norm = normalize_box(xywh_to_xyxy(box), self.widths[row], self.heights[row])
+        width, height = self.widths[row], self.heights[row]
+        xyxy = xywh_to_xyxy(box)
+        norm = normalize_box(xyxy, width, height)
+        # Geometry before area: a box wholly outside its image is a malformed entry (an error with --strict), not
+        # a small box; clipped to the image it has no area at all.
+        if norm[0] >= norm[2] or norm[1] >= norm[3]:
+            self.dirty("outside the image", AnnotationError(
+                f"{where}: field 'bbox' {ann['bbox']!r} ([x, y, w, h] in pixels) lies wholly outside its image "
+                f"{self.names[row]} ({width:g} x {height:g})"))
+            return
         if (norm[2] - norm[0]) * (norm[3] - norm[1]) < self.min_area:
             self.counts["smaller than min_area"] += 1
             return
-        if norm[0] >= norm[2] or norm[1] >= norm[3]:
-            self.counts["outside the image"] += 1
+        if min(norm[2] - norm[0], norm[3] - norm[1]) < MIN_BOX_SIDE:
+            # Training refuses it (no family's box grid can write it with an area): not worth writing.
+            self.counts["sliver (under 1/1000 of the image wide or high)"] += 1
             return
         if self._file_missing(row):
             self.dirty("image file missing", AnnotationError(f"{where}: image file not found: {self.names[row]}"))
             return
+        # Partly outside (real boxes overrun the border by rounding): kept, clipped to the image, and counted.
+        if xyxy[0] < 0 or xyxy[1] < 0 or xyxy[2] > width or xyxy[3] > height:
+            self.counts[CLIPPED] += 1
         self._keep(row, [round(v, 6) for v in norm], ann)
 
     def _keep(self, row: int, rounded: list[float], ann: dict) -> None:
@@ -370,7 +388,8 @@ class _Converter:
             kept, kept_rows = array("q", (kept[j] for j in chosen)), array("i", (kept_rows[j] for j in chosen))
         if self.image_folder is not None:
             kept, kept_rows = self._drop_undecodable(kept, kept_rows)
-        self.counts["missing image files (distinct)"] = self.missing_images
+        if self.missing_images:
+            self.counts[MISSING_FILES] = self.missing_images
         return [self._record(n, row) for n, row in zip(kept, kept_rows)], self.counts
 
     def _drop_undecodable(self, kept: array, kept_rows: array) -> tuple[array, array]:
@@ -508,7 +527,8 @@ def _check_paths(parser: argparse.ArgumentParser, args) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m sc_tune.objects365", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--annotations", required=True, help="official Objects365 / COCO-style JSON")
     parser.add_argument("--output", required=True, help="SC-Tune annotation JSON to write")
     parser.add_argument(
@@ -542,7 +562,7 @@ def main(argv=None) -> None:
         args.seed,
         strict=args.strict,
     )
-    dropped = ", ".join(f"{reason}: {n}" for reason, n in sorted(counts.items()) if n and "distinct" not in reason)
+    dropped = ", ".join(f"{reason}: {n}" for reason, n in sorted(counts.items()) if n and reason not in NOT_DROPS)
     if not records:
         raise ConversionError(f"{args.annotations}: no record is left after filtering ({dropped or 'no annotations'}); "
                               "nothing written")
@@ -551,8 +571,9 @@ def main(argv=None) -> None:
         train, held_out = split_held_out(records, args.num_held_out, args.seed)
         if not train:
             raise ConversionError(
-                f"--num_held_out {args.num_held_out} leaves no training record: {len(records)} records (of "
-                f"{len(held_out)} images' worth) after filtering; lower --num_held_out; nothing written"
+                f"--num_held_out {args.num_held_out} leaves no training record: {len(records)} records of "
+                f"{len({r['image'] for r in records})} images after filtering, and whole images are held out; "
+                "lower --num_held_out; nothing written"
             )
         records = train
         _write(args.held_out_output, held_out)
@@ -560,7 +581,11 @@ def main(argv=None) -> None:
     _write(args.output, records)
     print(f"wrote {len(records)} records to {args.output}")
     for reason, n in sorted(counts.items()):
-        print(f"  dropped: {reason}: {n}" if "distinct" not in reason else f"  {reason}: {n}")
+        if n and reason not in NOT_DROPS:
+            print(f"  dropped: {reason}: {n}")
+    for note in NOT_DROPS:  # not drops: printed after them, and only when there is something to say
+        if counts[note]:
+            print(f"  {note}: {counts[note]}")
 
 
 if __name__ == "__main__":

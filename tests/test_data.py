@@ -17,7 +17,7 @@ def _write(tmp_path, records):
 
 def test_bundled_sample_loads_and_collates():
     dataset = ReferringDataset.from_file(SAMPLE_DATA, SAMPLE_IMAGES)
-    assert len(dataset) == 32
+    assert len(dataset) == 54  # 16 images, 2-4 shapes each (data/README.md)
     batch = collate_referring([dataset[0], dataset[5]])
     assert batch["index"] == [0, 5] and batch["boxes"].shape == (2, 4)
     assert all(isinstance(im, Image.Image) and im.mode == "RGB" for im in batch["images"])
@@ -153,3 +153,15 @@ def test_a_sliver_box_is_refused_or_skipped_and_counted(tmp_path, caplog):
         kept = load_annotations(str(path), skip_bad=True)
     assert [r["record_index"] for r in kept] == [2]
     assert "skipped 2 of 3 records: field 'bbox' is a sliver" in caplog.text and "(records 0, 1)" in caplog.text
+
+
+def test_data_too_small_for_one_step_is_refused_naming_file_count_and_arithmetic():
+    from sc_tune.data import check_fills_a_step
+
+    check_fills_a_step(12, "ann.json", per_device_batch=2, grad_accum=3, world_size=2)  # exactly one step: fine
+    with pytest.raises(AnnotationError) as refused:
+        check_fills_a_step(11, "ann.json", per_device_batch=2, grad_accum=3, world_size=2, skipped="bad records")
+    assert str(refused.value).startswith(
+        "ann.json: 11 usable record(s) (after skipping bad records) cannot fill one training step of 12 records "
+        "(--per_device_train_batch_size 2 x --gradient_accumulation_steps 3 x 2 process(es))"
+    )

@@ -3,6 +3,7 @@ record checks: exact outputs, and errors that name the file, the record and the 
 
 import json
 import pickle
+import re
 
 import pytest
 
@@ -130,3 +131,62 @@ def test_missing_image_names_the_sample(tmp_path):
 
     with pytest.raises(FileNotFoundError, match=r"sample 3: image file .*missing\.png.* not found"):
         open_image(tmp_path, "missing.png", 3)
+
+
+def test_coco_regions_cli_writes_jsonl_that_the_evaluator_loads(tmp_path):
+    path, out = tmp_path / "regions_coco.json", tmp_path / "regions.jsonl"
+    path.write_text(json.dumps({"images": INSTANCES["images"],
+                                "annotations": [{"image_id": 2, "bbox": [0, 0, 100, 150], "caption": "a man"}]}))
+    main(["coco-regions", "--annotations", str(path), "--image-prefix", "val/", "--out", str(out)])
+    assert load_region_caption_records(out) == [{"image": "val/COCO_train2014_000000000002.jpg",
+                                                 "bbox": [0.0, 0.0, 0.25, 0.5], "captions": ["a man"]}]
+
+
+def _refer_argv(tmp_path, refs=REFS, instances=INSTANCES, refs_name="refs(unc).p"):
+    (tmp_path / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
+    (tmp_path / "instances.json").write_text(json.dumps(instances))
+    return ["refer-rec", "--refs", str(tmp_path / refs_name), "--instances", str(tmp_path / "instances.json"),
+            "--split", "val"]
+
+
+def _coco_argv(tmp_path, content, name="regions_coco.json"):
+    (tmp_path / "regions_coco.json").write_text(content if isinstance(content, str) else json.dumps(content))
+    return ["coco-regions", "--annotations", str(tmp_path / name)]
+
+
+NO_CAPTION = {"images": INSTANCES["images"], "annotations": [{"image_id": 1, "bbox": [0, 0, 1, 1]}]}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (lambda t: _refer_argv(t, [{**REFS[0], "sentences": [{"raw": "x"}]}]),
+     r"refs\(unc\)\.p: ref 0: sentences\[0\]: missing field 'sent' \(has \['raw'\]\)"),
+    (lambda t: _refer_argv(t, [{**REFS[0], "ann_id": 99}]), r"refs\(unc\)\.p: ref 0: field 'ann_id' = 99 is not in "),
+    (lambda t: _refer_argv(t, [{**REFS[0], "ann_id": [10]}]), r"ref 0: field 'ann_id' must be an id .*got \[10\]"),
+    (lambda t: _refer_argv(t, refs_name="refs(umd).p"), r"refs\(umd\)\.p: no such file"),
+    (lambda t: _refer_argv(t, instances={**INSTANCES, "images": 3}), r"instances\.json: field 'images' must be list"),
+    (lambda t: _coco_argv(t, NO_CAPTION), r"regions_coco\.json: annotations\[0\]: missing field 'caption'"),
+    (lambda t: _coco_argv(t, NO_CAPTION, "gone.json"), r"gone\.json: no such file"),
+    (lambda t: _coco_argv(t, "{not json"), r"regions_coco\.json: not valid JSON"),
+    (lambda t: _coco_argv(t, {**NO_CAPTION, "annotations": 5}), r"field 'annotations' must be list, got 5"),
+    (lambda t: _coco_argv(t, {**NO_CAPTION, "annotations": []}), r"field 'annotations' is empty"),
+], ids=["no-sent", "unknown-ann_id", "list-ann_id", "no-refs-file", "images-not-list", "no-caption", "no-file",
+        "not-json", "annotations-not-list", "no-annotations"])
+def test_convert_cli_bad_input_is_one_line_naming_the_file_not_a_traceback(tmp_path, argv, message):
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv(tmp_path), "--out", str(out)])
+    error = exit_info.value.code  # a message: Python prints it to stderr and exits with status 1
+    assert isinstance(error, str) and error.startswith("convert: error: ") and "\n" not in error, error
+    assert re.search(message, error), error
+    assert not out.exists()
+
+
+def test_convert_cli_help_and_usage_errors_show_the_command(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: python -m sc_tune.evaluation.convert [-h]")
+    with pytest.raises(SystemExit) as exit_info:
+        main([*_coco_argv(tmp_path, NO_CAPTION), "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "python -m sc_tune.evaluation.convert coco-regions: error: --out " in capsys.readouterr().err

@@ -1,6 +1,8 @@
 """``python -m sc_tune.families``: every documented answer form of every family through ``parse``; ``budget``."""
 
 import json
+import os
+import shutil
 
 import pytest
 from PIL import Image
@@ -83,3 +85,36 @@ def test_budget_of_a_checkpoint_folder(capsys, tiny_checkpoint):
     assert report["margin"] == LOCATOR_BUDGET_MARGIN
     assert report["answer_form"].startswith('```json\n[\n\t{"bbox_2d": [100, 200, 500, 600], "label": "the red')
     assert report["describer_budget"] == 30 + 1  # the caption and its end token
+
+
+@pytest.mark.parametrize("layout, message", [
+    ("absent", "absent: no such folder"),
+    ("file", "file is a file, not a checkpoint folder"),
+    ("empty", "empty holds no tokenizer files (none of tokenizer.json, tokenizer.model, vocab.json or a *.tiktoken"),
+    ("config_only", "config_only holds no tokenizer files"),
+])
+@pytest.mark.parametrize("model_type", [None, "qwen3_vl"])
+def test_budget_names_a_folder_that_is_absent_or_holds_no_tokenizer_in_one_line(capsys, tmp_path, tiny_checkpoint,
+                                                                                layout, message, model_type):
+    folder = tmp_path / layout
+    if layout == "file":
+        folder.write_text("not a folder")
+    elif layout != "absent":
+        folder.mkdir()
+    if layout == "config_only":
+        shutil.copy(os.path.join(tiny_checkpoint("qwen3_vl"), "config.json"), folder)
+    code, err = run(capsys, "budget", "--model_name_or_path", folder, *(["--model_type", model_type] if model_type
+                                                                           else []))
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"python -m sc_tune.families budget: error: --model_name_or_path {folder}") and message in err
+
+
+def test_budget_of_a_folder_missing_the_image_processor_is_one_line_naming_it(capsys, tmp_path, tiny_checkpoint):
+    shutil.copy(os.path.join(tiny_checkpoint("qwen3_vl"), "tokenizer.json"), tmp_path)
+    code, err = run(capsys, "budget", "--model_name_or_path", tmp_path)
+    assert code == 2 and err == f"python -m sc_tune.families budget: error: {tmp_path} has no config.json: pass " \
+                                "--model_type\n"
+    code, err = run(capsys, "budget", "--model_name_or_path", tmp_path, "--model_type", "qwen3_vl")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"--model_name_or_path {tmp_path}: cannot load its qwen3_vl tokenizer and image processor: " in err
+    assert "preprocessor_config.json" in err

@@ -229,3 +229,84 @@ def test_bench_script_reports_the_slope_and_the_extrapolation(tmp_path):
     assert figures["rss_bytes_per_json_byte"] == pytest.approx(slope, abs=1e-4)
     assert figures["extrapolated_peak_rss_bytes_5gb"] == pytest.approx(
         runs[1]["peak_rss_bytes"] + slope * (5e9 - runs[1]["json_bytes"]), rel=1e-6)
+
+
+def _one_image(*boxes, size=100) -> dict:
+    return {"images": [{"id": 1, "file_name": "a.jpg", "width": size, "height": size}],
+            "annotations": [{"image_id": 1, "bbox": list(box)} for box in boxes]}
+
+
+def _run_main(tmp_path, capsys, coco, *argv) -> list[str]:
+    source = tmp_path / "o365.json"
+    source.write_text(json.dumps(coco))
+    capsys.readouterr()
+    objects365.main(["--annotations", str(source), "--output", str(tmp_path / "train.json"), *map(str, argv)])
+    return capsys.readouterr().out.splitlines()
+
+
+def test_a_box_wholly_outside_its_image_is_its_own_counted_skip_before_min_area_and_an_error_with_strict(
+        tmp_path, capsys):
+    coco = _one_image([10, 10, 50, 50], [150, 150, 40, 40], [100, 20, 5, 5])  # kept, beyond, touching the edge only
+    for min_area in (0.0, 0.01):
+        records, counts = objects365.convert(coco, "o365.json", min_area=min_area)
+        assert records == [{"image": "a.jpg", "bbox": [0.1, 0.1, 0.6, 0.6]}]
+        assert counts["outside the image"] == 2 and counts["smaller than min_area"] == 0, min_area
+    with pytest.raises(AnnotationError, match=r"^o365\.json: annotations\[1\]: field 'bbox' \[150, 150, 40, 40\] "
+                                              r"\(\[x, y, w, h\] in pixels\) lies wholly outside its image a\.jpg "
+                                              r"\(100 x 100\)$"):
+        objects365.convert(coco, "o365.json", min_area=0.01, strict=True)
+    printed = _run_main(tmp_path, capsys, coco, "--min_area", "0.01")
+    assert "  dropped: outside the image: 2" in printed and not any("min_area" in line for line in printed)
+
+
+def test_a_box_partly_outside_is_clipped_kept_and_counted_as_a_note_not_a_drop(tmp_path, capsys):
+    coco = _one_image([80, 80, 40, 40], [60, 60, 40, 40], [-0.5, 10, 20, 20])  # overruns; on the border; rounding
+    records, counts = objects365.convert(coco, "o365.json", strict=True)
+    assert [r["bbox"] for r in records] == [[0.8, 0.8, 1.0, 1.0], [0.6, 0.6, 1.0, 1.0], [0.0, 0.1, 0.195, 0.3]]
+    assert counts == {objects365.CLIPPED: 2}
+    printed = _run_main(tmp_path, capsys, coco)
+    assert printed[1:] == ["  clipped to the image: 2"]  # after "wrote ...", and no "dropped:"
+
+
+def test_the_summary_prints_notes_only_when_non_zero_after_the_drops(tmp_path, capsys):
+    coco = _one_image([10, 10, 50, 50], [0, 0, 0, 5])
+    printed = _run_main(tmp_path, capsys, coco)
+    assert printed[1:] == ["  dropped: empty box: 1"]  # no "missing image files (distinct): 0"
+    coco["images"].append({"id": 2, "file_name": "gone.jpg", "width": 10, "height": 10})
+    coco["annotations"] += [{"image_id": 2, "bbox": [1, 1, 5, 5]}, {"image_id": 2, "bbox": [2, 2, 5, 5]}]
+    Image.new("RGB", (100, 100)).save(tmp_path / "a.jpg")
+    printed = _run_main(tmp_path, capsys, coco, "--image_folder", tmp_path)
+    assert printed[1:] == ["  dropped: empty box: 1", "  dropped: image file missing: 2",
+                           "  missing image files (distinct): 1"]
+
+
+def test_the_held_out_error_counts_the_images_not_the_records(tmp_path, capsys):
+    coco = _one_image([10, 10, 50, 50], [20, 20, 50, 50], [30, 30, 50, 50])
+    coco["images"].append({"id": 2, "file_name": "b.jpg", "width": 100, "height": 100})
+    coco["annotations"] += [{"image_id": 2, "bbox": [10, 10, 50, 50]}, {"image_id": 2, "bbox": [20, 20, 50, 50]}]
+    with pytest.raises(objects365.ConversionError, match=r"--num_held_out 5 leaves no training record: 5 records of "
+                                                         r"2 images after filtering"):
+        _run_main(tmp_path, capsys, coco, "--held_out_output", tmp_path / "held.json", "--num_held_out", 5)
+    assert not (tmp_path / "held.json").exists() and not (tmp_path / "train.json").exists()
+
+
+def test_help_shows_the_command_and_the_example_keeps_its_line_breaks(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        objects365.main(["--help"])
+    shown = capsys.readouterr().out
+    assert exit_info.value.code == 0 and shown.startswith("usage: python -m sc_tune.objects365 [-h]")
+    assert "--image_folder /data/objects365 \\\n        --output data/object365.json" in shown
+
+
+def test_a_sliver_the_trainer_would_refuse_is_a_counted_drop_not_a_written_record(tmp_path):
+    """A box under 1/1000 of its image wide or high passes every converter filter at --min_area 0 (the default) but
+    is refused by training (``data.check_record``): the converter must not write it (nor a held-out file with it,
+    which evaluation could then not score)."""
+    from sc_tune.data import check_record
+
+    coco = {"images": [{"id": 1, "file_name": "wide.jpg", "width": 2000, "height": 1000}],
+            "annotations": [{"image_id": 1, "bbox": [100, 100, 1, 600]}, {"image_id": 1, "bbox": [100, 100, 3, 600]}]}
+    records, counts = objects365.convert(coco, "o365.json")
+    assert [r["bbox"] for r in records] == [[0.05, 0.1, 0.0515, 0.7]]  # 3 px of 2000: 1.5 / 1000
+    assert counts["sliver (under 1/1000 of the image wide or high)"] == 1
+    check_record(records[0], 0, "train.json")  # what is written, training takes

@@ -24,7 +24,7 @@ import pickle
 from sc_tune import checks
 from sc_tune.boxes import normalize_box, xywh_to_xyxy
 from sc_tune.evaluation.records import RecordError, check_rec_samples, check_region_caption_records
-from sc_tune.jsonio import read_json, write_jsonl
+from sc_tune.jsonio import JSONFileError, read_json, write_jsonl
 
 REFER_SPLITS = ("train", "val", "test", "testA", "testB")
 
@@ -36,13 +36,23 @@ def _xywh(value, where: str, key: str = "bbox") -> list[float]:
     return box
 
 
+def _id(record, key: str, where: str):
+    """An id field, usable as a key (a list or an object is not)."""
+    value = checks.need(record, key, where)
+    try:
+        hash(value)
+    except TypeError:
+        raise RecordError(f"{where}: field {key!r} must be an id (a number or a string), got {value!r}") from None
+    return value
+
+
 def _image_table(data: dict, path: str) -> dict:
     """COCO ``images`` list -> {id: image record}, checked."""
-    images = checks.need(data, "images", path)
+    images = checks.typed(data, "images", list, path)
     table = {}
     for i, image in enumerate(images):
         where = f"{path}: images[{i}]"
-        image_id = checks.need(image, "id", where)
+        image_id = _id(image, "id", where)
         for key in ("file_name", "width", "height"):
             checks.need(image, key, where)
         if not (isinstance(image["width"], (int, float)) and isinstance(image["height"], (int, float))
@@ -76,19 +86,19 @@ def _refer_objects(refs_path, instances_path, split: str):
     instances = read_json(instances_path)
     images = _image_table(instances, instances_path)
     annotations = {}
-    for i, ann in enumerate(checks.need(instances, "annotations", instances_path)):
-        annotations[checks.need(ann, "id", f"{instances_path}: annotations[{i}]")] = (i, ann)
+    for i, ann in enumerate(checks.typed(instances, "annotations", list, instances_path)):
+        annotations[_id(ann, "id", f"{instances_path}: annotations[{i}]")] = (i, ann)
     found = 0
     for r, ref in enumerate(refs):
         where = f"{os.fspath(refs_path)}: ref {r}"
         if checks.need(ref, "split", where) != split:
             continue
         found += 1
-        ann_id = checks.need(ref, "ann_id", where)
+        ann_id = _id(ref, "ann_id", where)
         if ann_id not in annotations:
             raise RecordError(f"{where}: field 'ann_id' = {ann_id!r} is not in {instances_path}")
         a, ann = annotations[ann_id]
-        image_id = checks.need(ann, "image_id", f"{instances_path}: annotations[{a}]")
+        image_id = _id(ann, "image_id", f"{instances_path}: annotations[{a}]")
         if image_id not in images:
             raise RecordError(f"{instances_path}: annotations[{a}]: field 'image_id' = {image_id!r} has no image")
         box = xywh_to_xyxy(_xywh(checks.need(ann, "bbox", f"{instances_path}: annotations[{a}]"),
@@ -139,14 +149,16 @@ def coco_regions_to_region_captions(path, image_prefix: str = "") -> list[dict]:
     data = read_json(path)
     images = _image_table(data, path)
     grouped: dict = {}
-    for i, ann in enumerate(checks.need(data, "annotations", path)):
+    for i, ann in enumerate(checks.typed(data, "annotations", list, path)):
         where = f"{path}: annotations[{i}]"
-        image_id = checks.need(ann, "image_id", where)
+        image_id = _id(ann, "image_id", where)
         if image_id not in images:
             raise RecordError(f"{where}: field 'image_id' = {image_id!r} is not in 'images'")
         box = _xywh(checks.need(ann, "bbox", where), where)
         captions = checks.reference_captions(ann, where)
         grouped.setdefault((image_id, tuple(box)), []).extend(c.strip() for c in captions)
+    if not grouped:
+        raise RecordError(f"{path}: field 'annotations' is empty: no region to convert")
     records = []
     for (image_id, box), captions in grouped.items():
         image = images[image_id]
@@ -157,7 +169,7 @@ def coco_regions_to_region_captions(path, image_prefix: str = "") -> list[dict]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sc_tune.evaluation.convert", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("refer-rec", "refer-regions"):
         p = sub.add_parser(name)
@@ -172,15 +184,21 @@ def main(argv=None) -> None:
         p.add_argument("--image-prefix", default="", help="prepended to file_name, e.g. 'train2014/'")
         p.add_argument("--out", required=True, help="output .jsonl")
     args = parser.parse_args(argv)
-    if args.command == "refer-rec":
-        records = refer_to_rec(args.refs, args.instances, args.split, args.image_prefix, args.sentence_field)
-    elif args.command == "refer-regions":
-        records = refer_to_region_captions(args.refs, args.instances, args.split, args.image_prefix,
-                                           args.sentence_field)
-    else:
-        records = coco_regions_to_region_captions(args.annotations, args.image_prefix)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    write_jsonl(args.out, records)
+    if os.path.isdir(args.out):
+        sub.choices[args.command].error(f"--out {args.out} is a folder: give the .jsonl file to write")
+    # A bad input file is the user's to fix: one line naming the file, the record and the field, not a traceback.
+    try:
+        if args.command == "refer-rec":
+            records = refer_to_rec(args.refs, args.instances, args.split, args.image_prefix, args.sentence_field)
+        elif args.command == "refer-regions":
+            records = refer_to_region_captions(args.refs, args.instances, args.split, args.image_prefix,
+                                               args.sentence_field)
+        else:
+            records = coco_regions_to_region_captions(args.annotations, args.image_prefix)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        write_jsonl(args.out, records)
+    except (RecordError, JSONFileError, OSError) as error:
+        raise SystemExit(f"convert: error: {error}") from None
     print(f"wrote {len(records)} records to {args.out}")
 
 

@@ -22,7 +22,8 @@ FIGURE_ROWS = 64  # cycles kept per evaluation for the picture (8 are drawn)
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m sc_tune.synthetic.quickstart", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/quickstart")
     parser.add_argument("--warm_start", default=str(WARM_START))
     parser.add_argument("--seed", type=int, default=0, help="SC-Tune seed (the data and warm start are fixed)")

@@ -62,7 +62,8 @@ def save_tiny(directory, model_type: str) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Write a tiny random checkpoint folder of a supported family.")
+    parser = argparse.ArgumentParser(prog="python -m sc_tune.tiny",
+                                     description="Write a tiny random checkpoint folder of a supported family.")
     parser.add_argument("--model_type", required=True, choices=supported_model_types())
     parser.add_argument("--output_dir", required=True)
     args = parser.parse_args(argv)

@@ -115,8 +115,9 @@ class EvaluationArguments:
     )
     skip_unreadable_images: bool = field(
         default=False,
-        metadata={"help": "Leave samples whose image is missing or undecodable out of scoring and list them, with the "
-                  "reason, in the metrics file (by default they stop the run before any scoring).",
+        metadata={"help": "Leave samples whose image is missing, undecodable or of a size the model's processor "
+                  "refuses out of scoring and list them, with the reason, in the metrics file (by default they stop "
+                  "the run before any scoring).",
                   "aliases": ["--skip-unreadable-images"]},
     )
     meteor: bool = field(
@@ -196,10 +197,14 @@ def _evaluate(args: EvaluationArguments, ranks, task_name: str, metrics_path: st
     tasks = {"self-consistency": load_annotation_records, "rec": load_rec_samples,
              "region-caption": load_region_caption_records}
     datasets = [(path, take(tasks[args.task](path), args.max_samples)) for path in args.data_path]
-    # Every image is decoded before any scoring: a bad file found mid-run would throw away the work done.
+    check_model_folder(args.model_name_or_path)
+    model, adapter = load_model_and_adapter(args.model_name_or_path, args.torch_dtype, device, args.box_format,
+                                            args.image_min_pixels, args.image_max_pixels)
+    # Every image is decoded, and its size checked as the family's processor (and training) checks it, before any
+    # scoring: a bad file found mid-run would throw away the work done, and stop every resumed run at the same place.
     unreadable = {}
     for k, (path, records) in enumerate(datasets):
-        bad = image_problems(records, args.image_folder)
+        bad = image_problems(records, args.image_folder, adapter.image_size_problem)
         if bad and not args.skip_unreadable_images:
             listed = "; ".join(f"record {i}: {records[i]['image']}: {why}" for i, why in list(bad.items())[:10])
             raise SystemExit(f"{path}: {len(bad)} sample(s) with an unreadable image under --image_folder "
@@ -210,9 +215,6 @@ def _evaluate(args: EvaluationArguments, ranks, task_name: str, metrics_path: st
             datasets[k] = (path, [r for i, r in enumerate(records) if i not in bad])
             if not datasets[k][1]:
                 raise SystemExit(f"{path}: no sample has a readable image")
-    check_model_folder(args.model_name_or_path)
-    model, adapter = load_model_and_adapter(args.model_name_or_path, args.torch_dtype, device, args.box_format,
-                                            args.image_min_pixels, args.image_max_pixels)
     describe_settings = GenerationSettings(args.describer_max_new_tokens, args.describer_min_new_tokens)
     locate_settings = GenerationSettings(args.locator_max_new_tokens)
     names = [f"rec_{os.path.splitext(os.path.basename(path))[0]}" if args.task == "rec" else task_name
@@ -283,7 +285,7 @@ def _evaluate(args: EvaluationArguments, ranks, task_name: str, metrics_path: st
         output["unreadable_images"] = {p: {"count": len(v), "samples": v} for p, v in unreadable.items()}
     output["seconds"] = round(time.monotonic() - started, 2)
     if ranks.is_main:
-        write_json(metrics_path, output)
+        write_json(metrics_path, output)  # atomic: a kill mid-write leaves no half file to pass for a finished run
         print(json.dumps(output, indent=2, ensure_ascii=False))
         logger.info("wrote %s", metrics_path)
     for log in logs:  # the final files hold every row now: the partial rows go

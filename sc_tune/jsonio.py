@@ -71,10 +71,22 @@ def read_records(path) -> list[dict]:
 
 
 def write_json(path, value, indent: int | None = 2) -> None:
-    """Write ``value`` as UTF-8 JSON (non-ASCII text kept as is) with a final newline."""
-    with open(os.fspath(path), "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=indent, ensure_ascii=False)
-        f.write("\n")
+    """Write ``value`` as UTF-8 JSON (non-ASCII text kept as is) with a final newline, atomically: the file is
+    written next to ``path`` under a temporary name, synced, then renamed onto it, so a process killed mid-write
+    leaves the earlier file (or none), never half a file."""
+    path = os.fspath(path)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(value, f, indent=indent, ensure_ascii=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def write_jsonl(path, rows: Iterable) -> None:

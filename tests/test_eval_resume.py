@@ -150,3 +150,130 @@ def test_settings_that_score_nothing_are_refused(setup, tmp_path, flag, value):
     with pytest.raises(ArgumentError, match=rf"{flag} {value} must"):
         run(setup, tmp_path / "none", flag, value)
     assert not (tmp_path / "none").exists()
+
+
+# ---------------------------------------------------------------- interrupted twice, killed while writing metrics
+def partial_lines(out):
+    return (out / "self_consistency_samples.partial" / "rank0.jsonl").read_bytes().split(b"\n")
+
+
+def test_a_resumed_evaluation_never_appends_onto_a_cut_off_row(setup, tmp_path, monkeypatch):
+    out = tmp_path / "torn_twice"
+    monkeypatch.setattr(self_consistency, "cycle", CountingCycle(fail_at=2))
+    with pytest.raises(KeyboardInterrupt):
+        run(setup, out)
+    rows = out / "self_consistency_samples.partial" / "rank0.jsonl"
+    first, second = rows.read_bytes().splitlines()
+    rows.write_bytes(first + b"\n" + second[: len(second) // 2])  # killed mid-row: row 0 whole, row 1 cut off
+    monkeypatch.setattr(self_consistency, "cycle", CountingCycle(fail_at=2))
+    with pytest.raises(KeyboardInterrupt):  # resumed, scores rows 1-2, then interrupted again
+        run(setup, out)
+    lines = partial_lines(out)
+    assert lines[-1] == b"" and lines[0] == first  # whole lines only; the complete row kept as it was
+    assert [json.loads(line)["index"] for line in lines[:-1]] == [0, 1, 2]
+    last = CountingCycle()
+    monkeypatch.setattr(self_consistency, "cycle", last)
+    final = run(setup, out)
+    assert last.boxes == BOXES[3:]  # rows 0-2 were all kept
+    assert [row["index"] for row in final] == [0, 1, 2, 3, 4] and final[0] == json.loads(first)["row"]
+
+
+def test_a_whole_last_row_without_its_newline_is_kept_and_a_cut_multibyte_character_is_no_traceback(tmp_path):
+    from sc_tune.evaluation.distributed import Ranks
+    from sc_tune.evaluation.progress import SampleLog
+
+    log = SampleLog(str(tmp_path), "x", {"task": "t"}, Ranks())
+    log.open()
+    log.append([(0, {"caption": "é"}), (1, {"caption": "ü"})])
+    log.close()
+    path = tmp_path / "x_samples.partial" / "rank0.jsonl"
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-1])  # killed between a row and its newline: the row is whole
+    log = SampleLog(str(tmp_path), "x", {"task": "t"}, Ranks())
+    assert set(log.open()) == {0, 1}
+    log.append([(2, {"caption": "a"})])
+    log.close()
+    assert path.read_bytes() == whole + b'{"index": 2, "row": {"caption": "a"}}\n'
+    path.write_bytes(whole + '{"index": 2, "row": {"caption": "é'.encode()[:-1])  # cut inside "é"
+    log = SampleLog(str(tmp_path), "x", {"task": "t"}, Ranks())
+    assert set(log.open()) == {0, 1}
+    log.close()
+    assert path.read_bytes() == whole
+
+
+class _DumpKilledMidWrite:
+    """``json`` as sc_tune.jsonio sees it, whose ``dump`` writes half the file and then is killed; ``on_disk``: the
+    watched file's bytes at that instant (None: absent), what a SIGKILL there would leave."""
+
+    def __init__(self, watched):
+        self.watched, self.on_disk = watched, "not written"
+
+    def __getattr__(self, name):
+        return getattr(json, name)
+
+    def dump(self, value, f, **kwargs):
+        text = json.dumps(value, **kwargs)
+        f.write(text[: len(text) // 2])
+        f.flush()
+        self.on_disk = self.watched.read_bytes() if self.watched.exists() else None
+        raise KeyboardInterrupt("killed while writing the metrics")
+
+
+def test_a_kill_while_writing_the_metrics_leaves_no_finished_looking_file(setup, tmp_path, monkeypatch):
+    import sc_tune.jsonio as jsonio
+
+    out = tmp_path / "metrics_cut"
+    killed = _DumpKilledMidWrite(out / "self_consistency_metrics.json")
+    monkeypatch.setattr(jsonio, "json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(setup, out)
+    monkeypatch.undo()
+    assert killed.on_disk is None  # written atomically: no half metrics file at any instant
+    assert not (out / "self_consistency_metrics.json").exists()
+    again = CountingCycle()
+    monkeypatch.setattr(self_consistency, "cycle", again)
+    assert len(run(setup, out)) == 5
+    assert again.boxes == []  # every row was still in the partial folder: nothing scored twice
+    assert json.loads((out / "self_consistency_metrics.json").read_text())["metrics"]["num_resumed"] == 5
+
+
+def test_a_cut_off_metrics_file_beside_partial_rows_resumes_them(setup, tmp_path, monkeypatch, caplog):
+    out = tmp_path / "half_metrics"
+    monkeypatch.setattr(self_consistency, "cycle", CountingCycle(fail_at=2))
+    with pytest.raises(KeyboardInterrupt):
+        run(setup, out)
+    metrics = out / "self_consistency_metrics.json"
+    metrics.write_text('{\n  "task": "self-consis')  # an earlier version killed mid-write
+    again = CountingCycle()
+    monkeypatch.setattr(self_consistency, "cycle", again)
+    with caplog.at_level(logging.WARNING):
+        run(setup, out)
+    assert f"{metrics} is not valid JSON" in caplog.text and "resuming" in caplog.text
+    assert again.boxes == BOXES[2:]  # the two scored rows were kept, not discarded
+    assert json.loads(metrics.read_text())["metrics"]["num_resumed"] == 2
+    # No partial rows beside it: a finished evaluation whose metrics file was damaged later is still refused.
+    metrics.write_text("{")
+    with pytest.raises(ResultsError, match="holds a finished evaluation"):
+        run(setup, out)
+
+
+# ---------------------------------------------------------------- an image the family's processor refuses
+def test_an_image_the_processor_refuses_is_found_before_scoring(setup, tmp_path, monkeypatch):
+    root, model, _ = setup
+    for name in ("red.png", "blue.png"):
+        (tmp_path / name).write_bytes((root / name).read_bytes())
+    Image.new("RGB", (4000, 8), (0, 200, 0)).save(tmp_path / "long.png")  # aspect ratio 500 > 200
+    data = tmp_path / "held_out.json"
+    data.write_text(json.dumps([{"image": "long.png" if i == 2 else "red.png", "bbox": b}
+                                for i, b in enumerate(BOXES)]))
+    scored = CountingCycle()
+    monkeypatch.setattr(self_consistency, "cycle", scored)
+    with pytest.raises(SystemExit, match=r"held_out\.json: 1 sample\(s\) with an unreadable image .*record 2: "
+                                         r"long\.png: image aspect ratio too extreme \(4000x8, > 200:1\)"):
+        run((tmp_path, model, data), tmp_path / "out")
+    assert scored.calls == 0
+    rows = run((tmp_path, model, data), tmp_path / "out", "--skip_unreadable_images", "True")
+    assert [row["index"] for row in rows] == [0, 1, 2, 3] and scored.boxes == BOXES[:2] + BOXES[3:]
+    listed = json.loads((tmp_path / "out" / "self_consistency_metrics.json").read_text())["unreadable_images"]
+    assert listed[str(data)]["samples"] == [{"record": 2, "image": "long.png",
+                                             "reason": "image aspect ratio too extreme (4000x8, > 200:1)"}]

@@ -4,12 +4,15 @@ While an evaluation runs, every process appends each scored batch to ``OUT/<name
 (one ``{"index": i, "row": {...}}`` per line, flushed and fsynced per batch), next to ``settings.json``: what the
 rows were scored with (task, model files, the exact list of records, image folder, box format, dtype, generation
 settings). A re-run with the same settings reads every rank's rows (whatever the number of processes was), scores
-only the samples not yet there, and gathers both. A row cut off by a kill mid-write is dropped and scored again.
+only the samples not yet there, and gathers both. A row cut off by a kill mid-write is dropped and scored again,
+and its cut-off bytes are cut from the file before new rows are appended: the file always ends in whole lines.
 Partial rows from other settings are never mixed in: that is an error naming the settings that differ.
 
 When every sample is scored, rank 0 writes ``<name>_samples.jsonl`` and the task's metrics file and the partial
 folder goes. A folder that already holds the task's metrics is refused (:func:`refuse_finished`) unless
 ``--overwrite_results`` asks to replace it (:func:`discard_results`, called once every input has been checked).
+The metrics file is written atomically; one that is not valid JSON beside the task's partial rows (from a kill while
+an earlier version wrote it) is an unfinished evaluation: it resumes from the rows.
 """
 
 from __future__ import annotations
@@ -47,9 +50,40 @@ def model_identity(model_dir: str) -> dict:
     return {"path": os.path.abspath(model_dir), "files": files}
 
 
+def _partial_folders(metrics_path: str) -> list[str]:
+    """The partial-row folders of the task whose metrics file this is (``<task>_metrics.json``): the task's own
+    (``<task>_samples.partial``) or one per data file (``rec_<file>_samples.partial``)."""
+    folder = os.path.dirname(metrics_path) or "."
+    task = os.path.basename(metrics_path).removesuffix("_metrics.json")
+    if not os.path.isdir(folder):
+        return []
+    return sorted(os.path.join(folder, name) for name in os.listdir(folder)
+                  if name.endswith("_samples.partial") and (name == f"{task}_samples.partial"
+                                                            or name.startswith(f"{task}_"))
+                  and os.path.isdir(os.path.join(folder, name)))
+
+
+def _unreadable_json(path: str) -> str | None:
+    """Why the file at ``path`` is not valid JSON (cut off, empty, not UTF-8), or None if it is."""
+    try:
+        with open(path, "rb") as f:
+            json.loads(f.read())
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        return str(e) or type(e).__name__
+    return None
+
+
 def refuse_finished(metrics_path: str, overwrite: bool) -> None:
-    """An evaluation that finished into this folder is not replaced silently."""
+    """An evaluation that finished into this folder is not replaced silently. A metrics file that is not valid JSON
+    beside the task's partial rows was cut off while being written: the evaluation did not finish, it resumes."""
     if os.path.exists(metrics_path) and not overwrite:
+        partial = _partial_folders(metrics_path)
+        why = _unreadable_json(metrics_path) if partial else None
+        if why is not None:
+            logger.warning("%s is not valid JSON (%s), and the scored rows are still in %s: the evaluation did not "
+                           "finish (cut off while writing its metrics); resuming from those rows, the file will be "
+                           "replaced", metrics_path, why, ", ".join(partial))
+            return
         raise ResultsError(
             f"{metrics_path} holds a finished evaluation: pass --overwrite_results True to replace it (its metrics "
             "and per-sample rows), or choose another --output_dir"
@@ -65,6 +99,47 @@ def discard_results(paths: list[str]) -> None:
         elif os.path.exists(path):
             logger.warning("--overwrite_results: deleting %s", path)
             os.remove(path)
+
+
+def _parse_entry(line: bytes | str) -> tuple[int, dict]:
+    """``(index, row)`` of one line of a partial file; ValueError/KeyError/TypeError if it is not a whole entry."""
+    entry = json.loads(line)
+    return int(entry["index"]), entry["row"]
+
+
+def _end_in_whole_lines(path: str) -> None:
+    """Make the rows file at ``path`` end in whole lines before rows are appended to it: a last line cut off by a kill
+    mid-write (not a whole entry) is cut off the file; a whole entry that lost only its newline gets it back."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        # Scan back block by block for the last newline (rows files can be long; the tail is one row).
+        start, block = size, 1 << 16
+        while start > 0:
+            start = max(0, start - block)
+            f.seek(start)
+            chunk = f.read(min(block, size - start))
+            cut = chunk.rfind(b"\n")
+            if cut >= 0:
+                start += cut + 1
+                break
+        f.seek(start)
+        tail = f.read()
+        try:
+            _parse_entry(tail)
+        except (ValueError, KeyError, TypeError):
+            f.truncate(start)  # every complete line before it is kept
+        else:
+            f.seek(0, os.SEEK_END)
+            f.write(b"\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 class SampleLog:
@@ -96,7 +171,9 @@ class SampleLog:
             self._check_settings(settings_path)
         done = self._read_rows()
         barrier(self.ranks)  # every rank has read the rows before any appends new ones
-        self._file = open(os.path.join(self.folder, f"rank{self.ranks.rank}.jsonl"), "a", encoding="utf-8")
+        own = os.path.join(self.folder, f"rank{self.ranks.rank}.jsonl")
+        _end_in_whole_lines(own)  # each rank its own file: a new row never lands on a cut-off one
+        self._file = open(own, "a", encoding="utf-8")
         self.resumed = len(done)
         if done and self.ranks.is_main:
             logger.info("%s: resuming, %d sample(s) already scored", self.folder, len(done))
@@ -118,21 +195,21 @@ class SampleLog:
             if not (name.startswith("rank") and name.endswith(".jsonl")):
                 continue
             path = os.path.join(self.folder, name)
-            with open(path, encoding="utf-8") as f:
-                lines = f.read().split("\n")
+            with open(path, "rb") as f:  # bytes: a kill may cut a line inside a multi-byte character
+                lines = f.read().split(b"\n")
             for number, line in enumerate(lines, start=1):
                 if not line.strip():
                     continue
                 try:
-                    entry = json.loads(line)
-                    index, row = entry["index"], entry["row"]
+                    index, row = _parse_entry(line)
                 except (ValueError, KeyError, TypeError) as e:
                     if number >= len(lines) - 1:  # the last line, cut off by a kill mid-write: score it again
                         logger.warning("%s: line %d is incomplete (interrupted write); its sample is scored again",
                                        path, number)
                         continue
-                    raise ResultsError(f"{path}: line {number} is not a scored sample ({e}); remove the file or "
-                                       "pass --overwrite_results True") from None
+                    raise ResultsError(f"{path}: line {number} is not a scored sample ({e}); delete that line (its "
+                                       "sample is scored again, every other row is kept), remove the file or pass "
+                                       "--overwrite_results True") from None
                 done[int(index)] = row
         return done
 

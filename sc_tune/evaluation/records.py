@@ -13,7 +13,7 @@ Files may be a JSON list or JSON Lines (one object per line).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from PIL import Image
 
@@ -72,14 +72,17 @@ def gt_box_issue(box: Sequence[float], width: float, height: float) -> str | Non
     return None
 
 
-def image_problems(records: Sequence[dict], image_root) -> dict[int, str]:
-    """{record index: why its image cannot be read}, decoding every distinct file once, in parallel threads."""
+def image_problems(records: Sequence[dict], image_root,
+                   size_problem: Callable[[int, int], str | None] | None = None) -> dict[int, str]:
+    """{record index: why its image cannot be used}, decoding every distinct file once, in parallel threads.
+    ``size_problem``: the model family's check of the image size (``adapter.image_size_problem``, as training
+    checks it), so an image its processor would refuse is found here, not mid-scoring."""
     from concurrent.futures import ThreadPoolExecutor
 
     root = os.fspath(image_root) if image_root else ""
     paths = sorted({r["image"] for r in records})
     with ThreadPoolExecutor(max_workers=min(32, 4 * (os.cpu_count() or 1))) as pool:
-        found = dict(zip(paths, pool.map(lambda p: image_problem(os.path.join(root, p)), paths)))
+        found = dict(zip(paths, pool.map(lambda p: image_problem(os.path.join(root, p), size_problem), paths)))
     return {i: found[r["image"]] for i, r in enumerate(records) if found[r["image"]] is not None}
 
 

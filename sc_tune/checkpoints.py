@@ -376,13 +376,18 @@ def _holds_a_run(folder: str) -> list[str]:
     return sorted(found)
 
 
+def is_or_inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it, links resolved (writing there would overwrite it)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 def check_output_dir(output_dir: str, model_dir: str, resuming: bool, overwrite: bool) -> list[str]:
     """Refuse an --output_dir that would overwrite the model being trained or mix two runs' checkpoints.
 
     Deletes nothing: returns the checkpoint folders that ``--overwrite_output_dir`` will replace, for
     :func:`clear_output_dir` to delete once every input has been checked (the model loaded, the data read)."""
-    out, model = os.path.realpath(output_dir), os.path.realpath(model_dir)
-    if out == model or out.startswith(model + os.sep):
+    if is_or_inside(output_dir, model_dir):
         raise OutputDirError(
             f"--output_dir {output_dir} is (inside) the model folder --model_name_or_path {model_dir}: "
             "training would overwrite the base weights; choose another folder"
@@ -397,7 +402,7 @@ def check_output_dir(output_dir: str, model_dir: str, resuming: bool, overwrite:
         )
     doomed = [os.path.join(output_dir, name) for name in found if checkpoint_step(name) is not None]
     for path in doomed:
-        if model.startswith(os.path.realpath(path) + os.sep) or model == os.path.realpath(path):
+        if is_or_inside(model_dir, path):
             raise OutputDirError(
                 f"--model_name_or_path {model_dir} is inside {path}, which --overwrite_output_dir would delete: "
                 f"copy the model out of --output_dir {output_dir} first, or choose another --output_dir"

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 import torch
 
 from sc_tune.adapters import family_for
+from sc_tune.checkpoints import is_or_inside
 from sc_tune.modeling import load_model_and_adapter, read_model_type
 from sc_tune.moe import as_configured
 from sc_tune.snapshot import SNAPSHOT_ADAPTER
@@ -161,6 +162,11 @@ def main(argv: list[str] | None = None) -> None:
         help="dtype of the merged weights (default: the dtype the base checkpoint was saved in)",
     )
     args = parser.parse_args(argv)
+    for flag, folder in (("--base", args.base), ("--adapter", args.adapter)):
+        # The merge writes weights, config and tokenizer files into --output: never over the user's inputs.
+        if is_or_inside(args.output, folder):
+            parser.error(f"--output {args.output} is (inside) the {flag} folder {folder}: the merge "
+                         "would overwrite it; choose another folder")
     written = merge_lora(args.base, args.adapter, args.output, getattr(torch, args.dtype) if args.dtype else "auto")
     print(f"merged {args.adapter} into {args.base} -> {args.output} ({str(written).removeprefix('torch.')})")
 

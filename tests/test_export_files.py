@@ -122,3 +122,23 @@ def test_a_released_checkpoints_files_survive_the_export(folder, tmp_path):
             values = {k: v for k, v in json.load(open(released)).items() if k != "processor_class"}
             assert values and {k: settings["processor"][k] for k in values} == values  # e.g. image_seq_length 256
             assert settings["chat_template"]
+
+
+@pytest.mark.parametrize("inside", ["base", "base/merged", "adapter"])
+def test_the_merge_cli_refuses_to_write_over_its_inputs(tmp_path, capsys, inside):
+    """``python -m sc_tune.export --output`` equal to (or inside) ``--base`` used to overwrite the user's base weights
+    and tokenizer files; it is refused before anything is loaded or written, as finetune.py refuses such an
+    --output_dir."""
+    from sc_tune.export import main
+
+    for name in ("base", "adapter"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"the user's weights")
+    (tmp_path / "link").symlink_to(tmp_path / "base")
+    for output in (tmp_path / inside, tmp_path / "link" if inside == "base" else tmp_path / inside):
+        with pytest.raises(SystemExit) as refused:
+            main(["--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), "--output", str(output)])
+        assert refused.value.code == 2
+        assert "the merge would overwrite it" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "base").iterdir()) == ["model.safetensors"]
+    assert (tmp_path / "base" / "model.safetensors").read_bytes() == b"the user's weights"

@@ -63,7 +63,21 @@ def read_records(path) -> list[dict]:
     """A JSON list of objects or a JSON Lines file of objects (told apart by the first character)."""
     path = os.fspath(path)
     text = _read_text(path)
-    records = _parse_json(text, path) if text.lstrip().startswith("[") else _parse_jsonl(text, path)
+    if text.lstrip().startswith("["):
+        records = _parse_json(text, path)
+    else:
+        try:
+            records = _parse_jsonl(text, path)
+        except JSONFileError:
+            # Not JSON Lines, but perhaps one JSON value over several lines (a COCO-style file, a dict of records):
+            # say what it is rather than which of its lines is not a whole object.
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                raise
+            keys = f" with keys {sorted(value)[:8]}" if isinstance(value, dict) else ""
+            raise JSONFileError(f"{path}: expected a JSON list of records or JSON Lines (one object per line), got one "
+                                f"JSON {type(value).__name__}{keys}") from None
     for i, record in enumerate(records):
         if not isinstance(record, dict):
             raise JSONFileError(f"{path}: record {i}: expected a JSON object, got {type(record).__name__}")

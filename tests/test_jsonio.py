@@ -34,3 +34,11 @@ def test_errors_name_the_file_and_the_line(tmp_path):
     (tmp_path / "scalars.jsonl").write_text('{"i": 0}\n7\n')
     with pytest.raises(JSONFileError, match=r"scalars\.jsonl: record 1: expected a JSON object, got int"):
         read_records(tmp_path / "scalars.jsonl")
+    # one JSON value over several lines (a COCO-style object): named as such, not as "line 1 is not valid JSON"
+    write_json(tmp_path / "coco.json", {"images": [], "annotations": []})
+    with pytest.raises(JSONFileError, match=r"coco\.json: expected a JSON list of records or JSON Lines \(one object "
+                                            r"per line\), got one JSON dict with keys \['annotations', 'images'\]$"):
+        read_records(tmp_path / "coco.json")
+    (tmp_path / "cut.jsonl").write_text('{"i": 0}\n{"i": 1\n')  # real JSON Lines with a bad line: still the line
+    with pytest.raises(JSONFileError, match=r"cut\.jsonl: line 2 is not valid JSON"):
+        read_records(tmp_path / "cut.jsonl")

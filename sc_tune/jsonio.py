@@ -68,13 +68,13 @@ def read_records(path) -> list[dict]:
     else:
         try:
             records = _parse_jsonl(text, path)
-        except JSONFileError:
+        except JSONFileError as not_lines:
             # Not JSON Lines, but perhaps one JSON value over several lines (a COCO-style file, a dict of records):
             # say what it is rather than which of its lines is not a whole object.
             try:
                 value = json.loads(text)
             except json.JSONDecodeError:
-                raise
+                raise not_lines from None
             keys = f" with keys {sorted(value)[:8]}" if isinstance(value, dict) else ""
             raise JSONFileError(f"{path}: expected a JSON list of records or JSON Lines (one object per line), got one "
                                 f"JSON {type(value).__name__}{keys}") from None

@@ -239,7 +239,10 @@ def _evaluate(args: EvaluationArguments, ranks, task_name: str, metrics_path: st
     started = time.monotonic()
     common = {"task": args.task, "model": args.model_name_or_path, "image_folder": args.image_folder,
               "world_size": ranks.world_size, "batch_size_per_process": args.per_device_eval_batch_size,
-              "dtype": str(args.torch_dtype).removeprefix("torch.")}
+              "dtype": str(args.torch_dtype).removeprefix("torch."), "box_format": args.box_format,
+              # the settings' locator budget is the one asked for; fitted, the metrics carry the one used
+              "fit_locator_budget": args.fit_locator_budget,
+              **({"image_pixels": list(adapter.image_pixel_limits)} if adapter.image_pixel_limits else {})}
     batch_size = args.per_device_eval_batch_size
     logs = []
 

@@ -277,3 +277,15 @@ def test_an_image_the_processor_refuses_is_found_before_scoring(setup, tmp_path,
     listed = json.loads((tmp_path / "out" / "self_consistency_metrics.json").read_text())["unreadable_images"]
     assert listed[str(data)]["samples"] == [{"record": 2, "image": "long.png",
                                              "reason": "image aspect ratio too extreme (4000x8, > 200:1)"}]
+
+
+def test_the_metrics_file_records_what_the_scores_depend_on(setup, tmp_path):
+    """Box format, pixel budget (when set) and whether the locator budget was fitted sit beside the metrics: the
+    docs say to evaluate with the training run's settings, so the file must say which were used."""
+    run(setup, tmp_path / "default")
+    metrics = json.loads((tmp_path / "default" / "self_consistency_metrics.json").read_text())
+    assert metrics["box_format"] == "native" and metrics["fit_locator_budget"] is False
+    assert "image_pixels" not in metrics
+    run(setup, tmp_path / "budget", "--image_max_pixels", "3136", "--box_format", "generic")
+    metrics = json.loads((tmp_path / "budget" / "self_consistency_metrics.json").read_text())
+    assert metrics["box_format"] == "generic" and metrics["image_pixels"] == [None, 3136]

@@ -38,6 +38,7 @@ import torch
 from transformers import HfArgumentParser
 
 from sc_tune import modeling
+from sc_tune.adapters.base import ThinkingCheckpointError
 from sc_tune.arguments import ArgumentError, DataArguments, ModelArguments, SCTuneConfig, check_image_pixels
 from sc_tune.checkpoints import CheckpointError, check_model_folder
 from sc_tune.help_layout import CompactHelpFormatter
@@ -297,7 +298,7 @@ def _evaluate(args: EvaluationArguments, ranks, task_name: str, metrics_path: st
 
 # Bad input, not a bug: each of these names the file, record or flag; a traceback would bury it.
 INPUT_ERRORS = (ArgumentError, CheckpointError, JSONFileError, RecordError, ResultsError, RunLockError,
-                FileNotFoundError)
+                ThinkingCheckpointError, FileNotFoundError)
 
 if __name__ == "__main__":
     try:

@@ -10,6 +10,7 @@
 # ruff: noqa: E402 (the torchvision check runs before transformers is imported)
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 
@@ -20,6 +21,7 @@ check_torchvision()  # before transformers: a torchvision that does not load wit
 import torch
 from transformers import set_seed
 
+from sc_tune.adapters.base import ThinkingCheckpointError
 from sc_tune.arguments import ArgumentError
 from sc_tune.checkpoints import (
     CheckpointError,
@@ -30,7 +32,7 @@ from sc_tune.checkpoints import (
     resume_requested,
     save_failures_named,
 )
-from sc_tune.data import AnnotationError, ReferringDataset
+from sc_tune.data import AnnotationError, ReferringDataset, check_fills_a_step, load_annotations
 from sc_tune.export import export_trained
 from sc_tune.help_layout import build_parser
 from sc_tune.jsonio import JSONFileError
@@ -96,6 +98,14 @@ def _train(model_args, data_args, lora_args, args, overwritten: list[str]) -> SC
     half = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
     dtype = half if half is not None and (args.deepspeed or lora_args.use_lora) else torch.float32
     quantization = qlora_quantization_config(dtype) if lora_args.q_lora else None
+    # The records before the model: too few for one step fails here, not after the weights have loaded.
+    records = load_annotations(data_args.data_path, None if data_args.check_images else data_args.image_folder,
+                               data_args.skip_bad_records)
+    skipping = data_args.skip_bad_records
+    fills_a_step = functools.partial(check_fills_a_step, source=data_args.data_path,
+                                     per_device_batch=args.per_device_train_batch_size,
+                                     grad_accum=args.gradient_accumulation_steps, world_size=args.world_size)
+    fills_a_step(len(records), skipped="bad records" if skipping else None)
     set_seed(args.seed)  # before any random initialisation (LoRA's A matrices): a seed gives one run
     model, adapter = load_model_and_adapter(
         model_args.model_name_or_path, dtype=dtype, quantization_config=quantization, box_format=model_args.box_format,
@@ -107,13 +117,15 @@ def _train(model_args, data_args, lora_args, args, overwritten: list[str]) -> SC
         model = apply_lora(model, adapter, lora_args, args.gradient_checkpointing)
     logger.info(trainable_summary(model, adapter))
 
-    dataset = ReferringDataset.from_file(
-        data_args.data_path,
+    dataset = ReferringDataset.from_records(
+        records,
         data_args.image_folder,
+        data_args.data_path,
         data_args.skip_bad_records,
         check=data_args.check_images,
         size_problem=adapter.image_size_problem,
     )
+    fills_a_step(len(dataset), skipped="bad records and unusable images" if skipping else None)
     logger.info("%d referring samples from %s", len(dataset), data_args.data_path)
     trainer = SCTuneTrainer(
         model=model, args=args, adapter=adapter, train_dataset=dataset, source_dir=model_args.model_name_or_path
@@ -130,7 +142,7 @@ def _train(model_args, data_args, lora_args, args, overwritten: list[str]) -> SC
 
 # Bad input, not a bug: each of these names the file, record or flag; a traceback would bury it.
 INPUT_ERRORS = (ArgumentError, AnnotationError, CheckpointError, JSONFileError, OutputDirError, PreflightError,
-                RunLockError, FileNotFoundError)
+                RunLockError, ThinkingCheckpointError, FileNotFoundError)
 
 if __name__ == "__main__":
     try:

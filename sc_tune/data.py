@@ -148,6 +148,21 @@ class ReferringDataset(Dataset):
     ) -> ReferringDataset:
         # With the image check, missing files are one of its reasons (counted there, with the others).
         records = load_annotations(path, None if check else image_folder, skip_bad)
+        return cls.from_records(records, image_folder, path, skip_bad, check, size_problem)
+
+    @classmethod
+    def from_records(
+        cls,
+        records: list[dict],
+        image_folder: str,
+        path: str,
+        skip_bad: bool = False,
+        check: bool = False,
+        size_problem: Callable[[int, int], str | None] | None = None,
+    ) -> ReferringDataset:
+        """The dataset of ``load_annotations(path, None if check else image_folder, skip_bad)``'s records, their images
+        checked with ``check`` (finetune.py reads the records before the model loads, the images' size check needs
+        the family's adapter)."""
         if check:
             records = check_images(records, image_folder, path, skip_bad, size_problem)
         return cls(records, image_folder, path)
@@ -175,6 +190,22 @@ def collate_referring(samples: list[dict]) -> dict:
         "images": [s["image"] for s in samples],
         "boxes": torch.tensor([s["bbox"] for s in samples], dtype=torch.float32),
     }
+
+
+def check_fills_a_step(num_records: int, source: str, per_device_batch: int, grad_accum: int, world_size: int,
+                       skipped: str | None = None) -> None:
+    """Refuse data too small for one optimizer step: every step draws ``per_device_batch x grad_accum x
+    world_size`` distinct records (``RolloutSampler``; ``--num_generations`` samples K captions per record and needs no
+    more records). An AnnotationError naming the file, the count (``skipped``: what was left out, counted in the log)
+    and the arithmetic, before any training."""
+    step = per_device_batch * grad_accum * world_size
+    if num_records < step:
+        raise AnnotationError(
+            f"{source}: {num_records} usable record(s){f' (after skipping {skipped})' if skipped else ''} cannot "
+            f"fill one training step of {step} records "
+            f"(--per_device_train_batch_size {per_device_batch} x --gradient_accumulation_steps {grad_accum} x "
+            f"{world_size} process(es)); add records, or lower the batch size or the gradient accumulation"
+        )
 
 
 @dataclass

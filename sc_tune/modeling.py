@@ -7,12 +7,19 @@ import os
 
 import torch
 
-from sc_tune.adapters import ModelAdapter, family_for
+from sc_tune.adapters import Family, ModelAdapter, family_for, supported_model_types
+from sc_tune.adapters.base import ModelFolderError
 from sc_tune.arguments import ArgumentError
+from sc_tune.checkpoints import CheckpointError
 from sc_tune.jsonio import read_json
 from sc_tune.moe import as_configured, expert_parameters
 
 logger = logging.getLogger(__name__)
+
+
+# The files ``from_pretrained`` reads the weights from, as transformers names them (one file, or an index of shards).
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 
 def read_model_type(path: str) -> str:
@@ -22,15 +29,46 @@ def read_model_type(path: str) -> str:
             f"{config_path} not found: download the checkpoint into {path} first (see Qwen-VL-Chat/README.md); "
             "SC-Tune never loads weights from a hub at run time"
         )
-    model_type = read_json(config_path).get("model_type")
-    if model_type is None:
-        raise ValueError(f"{config_path}: field 'model_type' is missing")
+    config = read_json(config_path)
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise CheckpointError(f"{config_path}: field 'model_type' is missing: SC-Tune picks the checkpoint's family "
+                              f"by it (one of {', '.join(supported_model_types())})")
+    if not isinstance(model_type, str):
+        raise CheckpointError(f"{config_path}: field 'model_type' must be a string, got {model_type!r}")
     return model_type
 
 
 def model_class(model_type: str):
     """The class ``from_pretrained`` loads for ``model_type`` (the registry's lazy import)."""
     return family_for(model_type).model_class()
+
+
+def folder_family(path: str) -> Family:
+    """The family serving the ``model_type`` of ``path``'s config.json; an unknown one is a CheckpointError naming
+    it."""
+    model_type = read_model_type(path)
+    try:
+        return family_for(model_type)
+    except ValueError as error:
+        raise CheckpointError(f"{os.path.join(path, 'config.json')}: field 'model_type': {error}") from None
+
+
+def missing_model_files(path: str, family: Family) -> list[str]:
+    """What ``path`` lacks that loading ``family``'s checkpoint needs, besides its tokenizer (the adapter checks that):
+    the weights, and for families that read it from the folder the image processor's settings
+    (``preprocessor_config.json``, or ``processor_config.json`` with an ``image_processor`` block). Without these
+    checks transformers ends in an error about a hub, though nothing is ever downloaded."""
+    missing = []
+    if not any(os.path.isfile(os.path.join(path, name)) for name in WEIGHT_FILES):
+        missing.append(f"the weights (none of {', '.join(WEIGHT_FILES)})")
+    if family.adapter.reads_image_processor_files:
+        processor = os.path.join(path, "processor_config.json")
+        nested = os.path.isfile(processor) and "image_processor" in (read_json(processor) or {})
+        if not nested and not os.path.isfile(os.path.join(path, "preprocessor_config.json")):
+            missing.append("the image processor's settings (no preprocessor_config.json, nor a processor_config.json "
+                           "with an image_processor block)")
+    return missing
 
 
 def load_model_and_adapter(
@@ -41,9 +79,19 @@ def load_model_and_adapter(
 
     ``box_format``: ``native`` (the family's own box convention) or ``generic`` (see ``sc_tune.box_codecs``).
     ``image_min_pixels`` / ``image_max_pixels``: the pixel budget of every resized image
-    (``ModelAdapter.limit_image_pixels``; refused, before the weights load, by a family without one)."""
-    family = family_for(read_model_type(path))
-    adapter = family.adapter.from_pretrained(path, box_format=box_format)
+    (``ModelAdapter.limit_image_pixels``; refused, before the weights load, by a family without one).
+
+    A folder that cannot load (an unknown or missing ``model_type``, no weights, no image-processor settings, no
+    usable tokenizer) is a :class:`CheckpointError` naming the folder and the file, before any weight loads."""
+    family = folder_family(path)
+    missing = missing_model_files(path, family)
+    if missing:
+        raise CheckpointError(f"{path} is not a complete {family.name} checkpoint folder: it lacks "
+                              f"{'; and '.join(missing)}")
+    try:
+        adapter = family.adapter.from_pretrained(path, box_format=box_format)
+    except ModelFolderError as error:
+        raise CheckpointError(str(error)) from error
     if image_min_pixels is not None or image_max_pixels is not None:
         adapter.limit_image_pixels(image_min_pixels, image_max_pixels)
     model = family.model_class().from_pretrained(

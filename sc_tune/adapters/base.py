@@ -58,6 +58,11 @@ class ThinkingCheckpointError(ValueError):
     """A reasoning-only checkpoint: its answers open with a reasoning block that SC-Tune's budgets cannot hold."""
 
 
+class ModelFolderError(ValueError):
+    """A checkpoint folder lacks a file its family's tokenizer needs, or holds one that cannot be its vocabulary; the
+    message names the folder and the file. ``sc_tune.modeling`` turns it into a ``CheckpointError``."""
+
+
 @dataclass
 class ImageInputs:
     """One sample's image, preprocessed once and reused by every prompt built for that sample."""
@@ -108,6 +113,9 @@ class ModelAdapter(ABC):
     # Whether the family's released checkpoints document grounding (writing a box for a phrase). Without it the
     # locator must first be taught boxes (a grounding warm start): until then every cycle reward is 0.
     grounding_prior: bool = True
+    # Whether the family's image processor is read from the checkpoint folder (preprocessor_config.json, or a
+    # processor_config.json with an image_processor block); Qwen-VL builds its own from config.json.
+    reads_image_processor_files: bool = True
     # The grounding answers the family's own documentation shows, with their sources (see DocumentedAnswer).
     answer_examples: tuple[DocumentedAnswer, ...] = ()
 
@@ -455,15 +463,87 @@ def processor_chat_template(path: str) -> str | None:
         return json.load(f).get("chat_template")
 
 
+TOKENIZER_FILE = "tokenizer.json"  # the fast tokenizer's one file: vocabulary, merges and added tokens
+
+
+def config_vocab_size(path: str) -> int | None:
+    """The embedding rows of ``path``'s config.json: its ``vocab_size`` (top level or the language model's sub-config),
+    else the default of its transformers config class (Gemma 3's config.json leaves it out); None without a
+    config.json, or for a ``model_type`` transformers does not know that spells none."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        return None
+    with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    if not isinstance(config, dict):
+        return None
+    for block in (config, config.get("text_config"), config.get("llm_config"), config.get("language_config")):
+        if isinstance(block, dict) and isinstance(block.get("vocab_size"), int):
+            return block["vocab_size"]
+    from transformers import AutoConfig
+
+    try:
+        vocab_size = getattr(AutoConfig.from_pretrained(path, local_files_only=True).get_text_config(), "vocab_size",
+                             None)
+    except (OSError, ValueError, KeyError):  # a model_type transformers does not know: no default to take
+        return None
+    return vocab_size if isinstance(vocab_size, int) else None
+
+
+def check_vocabulary_size(path: str, tokenizer, files: str) -> None:
+    """Refuse a tokenizer far smaller than the embedding it feeds, naming the folder and ``files``.
+
+    Why: a folder that lost its vocabulary file still loads a tokenizer, made of the added special tokens alone (12 for
+    Qwen); every prompt then encodes to a few ids and training and evaluation run on nothing (loss 0, empty captions).
+    Released checkpoints pad ``vocab_size`` a little above the tokenizer (Qwen2.5-VL 151,665 of 152,064, Gemma 3
+    262,145 of 262,208), so only a tokenizer under half of it is refused."""
+    vocab_size = config_vocab_size(path)
+    if vocab_size is not None and len(tokenizer) < vocab_size // 2:
+        raise ModelFolderError(
+            f"{path}: the tokenizer read from {files} has {len(tokenizer)} tokens, but config.json's vocab_size is "
+            f"{vocab_size}: {files} does not hold this checkpoint's vocabulary; copy the checkpoint's own tokenizer "
+            "files into the folder again"
+        )
+
+
+def _tokenizer_files_missing(path: str, tokenizer) -> list[str]:
+    """The vocabulary files ``path`` lacks for ``tokenizer``'s class: none with ``tokenizer.json``; without it, the
+    slow tokenizer's own files (``vocab.json`` and ``merges.txt`` for Qwen's BPE, ``tokenizer.model`` for a
+    SentencePiece one), every one of them."""
+    if os.path.isfile(os.path.join(path, TOKENIZER_FILE)):
+        return []
+    slow = [name for key, name in type(tokenizer).vocab_files_names.items() if name != TOKENIZER_FILE]
+    missing = [name for name in slow if not os.path.isfile(os.path.join(path, name))]
+    return [TOKENIZER_FILE, *missing] if missing or not slow else []
+
+
 def load_chat_tokenizer(path: str):
     """The checkpoint's tokenizer, left-padded, with its chat template (``chat_template.jinja``, the tokenizer
-    config's, or the processor's legacy ``chat_template.json``); a folder with none is an error naming it."""
+    config's, or the processor's legacy ``chat_template.json``). A folder without the vocabulary files
+    (``tokenizer.json``, or the slow tokenizer's), with a tokenizer far smaller than its config's ``vocab_size``, or
+    with no chat template is a :class:`ModelFolderError` naming it and the file."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left", local_files_only=True)
+    except (OSError, ValueError) as error:  # a truncated or malformed tokenizer file (JSONDecodeError is a ValueError)
+        lacking = "" if os.path.isfile(os.path.join(path, TOKENIZER_FILE)) else f" (it has no {TOKENIZER_FILE})"
+        raise ModelFolderError(f"{path}: the tokenizer files cannot be read{lacking}: "
+                               + " ".join(str(error).split())) from error  # one line: transformers' spans several
+    missing = _tokenizer_files_missing(path, tokenizer)
+    if missing:
+        slow = f" (or the slow tokenizer's {' and '.join(missing[1:])})" if missing[1:] else ""
+        raise ModelFolderError(
+            f"{path} has no {missing[0]}{slow}: without its vocabulary the tokenizer loads with {len(tokenizer)} "
+            "token(s), its added special tokens alone, and every prompt and answer would encode to almost nothing; "
+            "copy the checkpoint's tokenizer files into the folder"
+        )
+    present = TOKENIZER_FILE if os.path.isfile(os.path.join(path, TOKENIZER_FILE)) else "the slow tokenizer's files"
+    check_vocabulary_size(path, tokenizer, present)
     if not tokenizer.chat_template:
         tokenizer.chat_template = processor_chat_template(path)
     if not tokenizer.chat_template:
-        raise ValueError(f"{path} has no chat template (chat_template.jinja, the tokenizer config's chat_template, "
-                         "or chat_template.json): SC-Tune renders every prompt through the checkpoint's own template")
+        raise ModelFolderError(f"{path} has no chat template (chat_template.jinja, the tokenizer config's "
+                               "chat_template, or chat_template.json): SC-Tune renders every prompt through the "
+                               "checkpoint's own template")
     return tokenizer

@@ -19,14 +19,21 @@ import os
 
 import torch
 
-from sc_tune.adapters.base import DocumentedAnswer, ImageInputs, ModelAdapter, find_submodule
+from sc_tune.adapters.base import (
+    DocumentedAnswer,
+    ImageInputs,
+    ModelAdapter,
+    ModelFolderError,
+    check_vocabulary_size,
+    find_submodule,
+)
 from sc_tune.adapters.registry import Family, register
 from sc_tune.box_codecs import PairGridCodec
 from sc_tune.jsonio import read_json
 from sc_tune.models.qwen_vl.configuration import QWenConfig
 from sc_tune.models.qwen_vl.image_processing import QWenVLImageProcessor
 from sc_tune.models.qwen_vl.modeling import apply_rotary, ntk_alpha_for, rotary_cos_sin
-from sc_tune.models.qwen_vl.tokenization import QWenTokenizer
+from sc_tune.models.qwen_vl.tokenization import VOCAB_FILE, QWenTokenizer
 from sc_tune.vision_cache import VisionTrunk
 
 IMAGE_TAG = "<img></img>"
@@ -53,6 +60,7 @@ class QwenVLAdapter(ModelAdapter):
     lora_target_modules = r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.w1|mlp\.w2)"
     # The native model takes a static cache (positions from its length, on device) and a decode step's 4-D mask.
     static_decoding_verified = True
+    reads_image_processor_files = False  # its image processor is built from config.json's visual block
 
     def vision_trunk(self, model):
         # The resampler (attn_pool, trainable) reads the ViT's block stack; the patch conv, ln_pre, ln_post
@@ -99,7 +107,15 @@ class QwenVLAdapter(ModelAdapter):
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"{config_path} not found: not a Qwen-VL checkpoint folder")
         config = QWenConfig(**{k: v for k, v in read_json(config_path).items() if k not in ("auto_map",)})
-        tokenizer = QWenTokenizer.from_pretrained(path, image_token_span=config.image_queries)
+        vocab_file = os.path.join(path, VOCAB_FILE)
+        if not os.path.isfile(vocab_file):
+            raise ModelFolderError(f"{path} has no {VOCAB_FILE}: Qwen-VL's tokenizer reads its BPE ranks from it; "
+                                   "copy the checkpoint's tokenizer files into the folder")
+        try:
+            tokenizer = QWenTokenizer.from_pretrained(path, image_token_span=config.image_queries)
+        except (OSError, ValueError) as error:  # a malformed line of qwen.tiktoken (named with its line number)
+            raise ModelFolderError(f"{path}: {VOCAB_FILE} cannot be read: {error}") from error
+        check_vocabulary_size(path, tokenizer, VOCAB_FILE)
         return cls(tokenizer, QWenVLImageProcessor.from_config(config), box_format)
 
     def __init__(self, tokenizer: QWenTokenizer, image_processor: QWenVLImageProcessor, box_format: str = "native"):

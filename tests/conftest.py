@@ -11,9 +11,12 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SAMPLE_DATA = os.path.join(ROOT, "data", "sample", "annotations.json")
+# The tests' own sample: 16 small images of several sizes (96x72 and others) with freely placed ellipses, 32 boxes, no
+# captions. Odd sizes give prompts of different lengths (left padding), which many exactness tests need; the
+# repository's data/sample (the warm start's domain, for the README's dry run) is all 128x128.
+SAMPLE_DATA = os.path.join(ROOT, "tests", "data", "odd_sizes", "annotations.json")
 WARM_START = os.path.join(ROOT, "checkpoints", "warm_start")  # a tiny Qwen3-VL whose locator writes boxes that parse
-SAMPLE_IMAGES = os.path.join(ROOT, "data", "sample")
+SAMPLE_IMAGES = os.path.join(ROOT, "tests", "data", "odd_sizes")
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ def _write(tmp_path, records):
 
 def test_bundled_sample_loads_and_collates():
     dataset = ReferringDataset.from_file(SAMPLE_DATA, SAMPLE_IMAGES)
-    assert len(dataset) == 54  # 16 images, 2-4 shapes each (data/README.md)
+    assert len(dataset) == 32
     batch = collate_referring([dataset[0], dataset[5]])
     assert batch["index"] == [0, 5] and batch["boxes"].shape == (2, 4)
     assert all(isinstance(im, Image.Image) and im.mode == "RGB" for im in batch["images"])

@@ -466,42 +466,18 @@ def processor_chat_template(path: str) -> str | None:
 TOKENIZER_FILE = "tokenizer.json"  # the fast tokenizer's one file: vocabulary, merges and added tokens
 
 
-def config_vocab_size(path: str) -> int | None:
-    """The embedding rows of ``path``'s config.json: its ``vocab_size`` (top level or the language model's sub-config),
-    else the default of its transformers config class (Gemma 3's config.json leaves it out); None without a
-    config.json, or for a ``model_type`` transformers does not know that spells none."""
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
-        return None
-    with open(config_path, encoding="utf-8") as f:
-        config = json.load(f)
-    if not isinstance(config, dict):
-        return None
-    for block in (config, config.get("text_config"), config.get("llm_config"), config.get("language_config")):
-        if isinstance(block, dict) and isinstance(block.get("vocab_size"), int):
-            return block["vocab_size"]
-    from transformers import AutoConfig
+def check_vocabulary_present(path: str, tokenizer, files: str, ordinary_tokens: int) -> None:
+    """Refuse a tokenizer that holds its added special tokens and no vocabulary, naming the folder and ``files``.
 
-    try:
-        vocab_size = getattr(AutoConfig.from_pretrained(path, local_files_only=True).get_text_config(), "vocab_size",
-                             None)
-    except (OSError, ValueError, KeyError):  # a model_type transformers does not know: no default to take
-        return None
-    return vocab_size if isinstance(vocab_size, int) else None
-
-
-def check_vocabulary_size(path: str, tokenizer, files: str) -> None:
-    """Refuse a tokenizer far smaller than the embedding it feeds, naming the folder and ``files``.
-
-    Why: a folder that lost its vocabulary file still loads a tokenizer, made of the added special tokens alone (12 for
-    Qwen); every prompt then encodes to a few ids and training and evaluation run on nothing (loss 0, empty captions).
-    Released checkpoints pad ``vocab_size`` a little above the tokenizer (Qwen2.5-VL 151,665 of 152,064, Gemma 3
-    262,145 of 262,208), so only a tokenizer under half of it is refused."""
-    vocab_size = config_vocab_size(path)
-    if vocab_size is not None and len(tokenizer) < vocab_size // 2:
+    Why: a folder whose vocabulary file was lost or saved back empty still loads a tokenizer, made of the added
+    special tokens alone (12 for Qwen); every prompt then encodes to a few ids and training and evaluation run on
+    nothing (loss 0, empty captions). The check is on the vocabulary itself, not on its size against config.json's
+    ``vocab_size``: embeddings are padded above the tokenizer by design (Qwen2.5-VL 151,665 tokens for 152,064 rows;
+    the benchmarks' real-size configurations on a toy tokenizer, far more)."""
+    if ordinary_tokens <= 0:
         raise ModelFolderError(
-            f"{path}: the tokenizer read from {files} has {len(tokenizer)} tokens, but config.json's vocab_size is "
-            f"{vocab_size}: {files} does not hold this checkpoint's vocabulary; copy the checkpoint's own tokenizer "
+            f"{path}: the tokenizer read from {files} holds only its {len(tokenizer)} added special token(s), no "
+            "vocabulary: every prompt and answer would encode to almost nothing; copy the checkpoint's own tokenizer "
             "files into the folder again"
         )
 
@@ -539,7 +515,7 @@ def load_chat_tokenizer(path: str):
             "copy the checkpoint's tokenizer files into the folder"
         )
     present = TOKENIZER_FILE if os.path.isfile(os.path.join(path, TOKENIZER_FILE)) else "the slow tokenizer's files"
-    check_vocabulary_size(path, tokenizer, present)
+    check_vocabulary_present(path, tokenizer, present, len(tokenizer) - len(tokenizer.get_added_vocab()))
     if not tokenizer.chat_template:
         tokenizer.chat_template = processor_chat_template(path)
     if not tokenizer.chat_template:

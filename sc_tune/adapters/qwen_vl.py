@@ -24,7 +24,6 @@ from sc_tune.adapters.base import (
     ImageInputs,
     ModelAdapter,
     ModelFolderError,
-    check_vocabulary_size,
     find_submodule,
 )
 from sc_tune.adapters.registry import Family, register
@@ -115,7 +114,6 @@ class QwenVLAdapter(ModelAdapter):
             tokenizer = QWenTokenizer.from_pretrained(path, image_token_span=config.image_queries)
         except (OSError, ValueError) as error:  # a malformed line of qwen.tiktoken (named with its line number)
             raise ModelFolderError(f"{path}: {VOCAB_FILE} cannot be read: {error}") from error
-        check_vocabulary_size(path, tokenizer, VOCAB_FILE)
         return cls(tokenizer, QWenVLImageProcessor.from_config(config), box_format)
 
     def __init__(self, tokenizer: QWenTokenizer, image_processor: QWenVLImageProcessor, box_format: str = "native"):

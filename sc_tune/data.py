@@ -77,7 +77,28 @@ def load_annotations(path: str, image_folder: str | None = None, skip_bad: bool 
     report_skipped(path, skipped, len(raw))
     if not records:
         raise AnnotationError(f"{path}: no usable records")
+    report_duplicates(path, records)
     return records
+
+
+def report_duplicates(path: str, records: list[dict]) -> list[int]:
+    """Warn about records that repeat an earlier one's image and box (kept: a repeat may be deliberate weighting, but
+    it weighs twice in training and counts twice in an evaluation's metrics); returns their indices in ``records``."""
+    first: dict[tuple, int] = {}
+    repeats, shown = [], []
+    for i, record in enumerate(records):
+        key = (record["image"], tuple(record["bbox"]))
+        if key in first:
+            repeats.append(i)
+            index = lambda j: records[j].get("record_index", j)  # noqa: E731 (the index in the file)
+            shown.append(f"{index(i)} (= {index(first[key])})")
+        else:
+            first[key] = i
+    if repeats:
+        logger.warning("%s: %d record(s) repeat an earlier record's image and box, and weigh (count) once more each: "
+                       "records %s%s; kept as given (remove them unless the weighting is meant)", path, len(repeats),
+                       ", ".join(shown[:10]), ", ..." if len(repeats) > 10 else "")
+    return repeats
 
 
 def report_skipped(path: str, skipped: dict[str, list[int]], total: int | None) -> None:

@@ -165,3 +165,28 @@ def test_data_too_small_for_one_step_is_refused_naming_file_count_and_arithmetic
         "ann.json: 11 usable record(s) (after skipping bad records) cannot fill one training step of 12 records "
         "(--per_device_train_batch_size 2 x --gradient_accumulation_steps 3 x 2 process(es))"
     )
+
+
+def test_repeated_records_are_kept_but_named(tmp_path, caplog):
+    """A record repeating an earlier one's image and box weighs twice in training (and counts twice in an
+    evaluation's metrics): kept, since the weighting may be meant, but never silently."""
+    import logging
+
+    from sc_tune.evaluation.records import check_annotation_records
+
+    rows = [{"image": "a.jpg", "bbox": [0.1, 0.2, 0.3, 0.4]}, {"image": "b.jpg", "bbox": [0.1, 0.2, 0.3, 0.4]},
+            {"image": "a.jpg", "bbox": [0.1, 0.2, 0.3, 0.4], "caption": "again"}, {"image": "a.jpg", "bbox": [0.1]},
+            {"image": "b.jpg", "bbox": [0.1, 0.2, 0.3, 0.4]}]
+    path = _write(tmp_path, rows)
+    with caplog.at_level(logging.WARNING):
+        kept = load_annotations(path, skip_bad=True)
+    assert [r["record_index"] for r in kept] == [0, 1, 2, 4]
+    assert "2 record(s) repeat an earlier record's image and box" in caplog.text
+    assert "records 2 (= 0), 4 (= 1); kept as given" in caplog.text  # indices in the file, past the skipped one
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        check_annotation_records([rows[0], rows[1]], "held_out.json")
+    assert "repeat" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        check_annotation_records([rows[0], rows[2]], "held_out.json")
+    assert "held_out.json: 1 record(s) repeat" in caplog.text

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from PIL import Image
 
 from sc_tune import checks
-from sc_tune.data import AnnotationError, check_record
+from sc_tune.data import AnnotationError, check_record, report_duplicates
 from sc_tune.images import image_problem, load_rgb
 from sc_tune.jsonio import read_records
 
@@ -37,6 +37,7 @@ def check_annotation_records(records: Sequence[dict], path="<records>") -> list[
         if item.get("caption") is not None:
             checks.text(item, "caption", _where(path, i))
         clean.append(item)
+    report_duplicates(str(path), clean)
     return clean
 
 

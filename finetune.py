@@ -32,7 +32,7 @@ from sc_tune.checkpoints import (
     resume_requested,
     save_failures_named,
 )
-from sc_tune.data import AnnotationError, ReferringDataset, check_fills_a_step, load_annotations
+from sc_tune.data import AnnotationError, ReferringDataset, check_fills_a_step
 from sc_tune.export import export_trained
 from sc_tune.help_layout import build_parser
 from sc_tune.jsonio import JSONFileError
@@ -99,8 +99,8 @@ def _train(model_args, data_args, lora_args, args, overwritten: list[str]) -> SC
     dtype = half if half is not None and (args.deepspeed or lora_args.use_lora) else torch.float32
     quantization = qlora_quantization_config(dtype) if lora_args.q_lora else None
     # The records before the model: too few for one step fails here, not after the weights have loaded.
-    records = load_annotations(data_args.data_path, None if data_args.check_images else data_args.image_folder,
-                               data_args.skip_bad_records)
+    records = ReferringDataset.read_records(data_args.data_path, data_args.image_folder, data_args.skip_bad_records,
+                                            data_args.check_images)
     skipping = data_args.skip_bad_records
     fills_a_step = functools.partial(check_fills_a_step, source=data_args.data_path,
                                      per_device_batch=args.per_device_train_batch_size,

@@ -167,9 +167,14 @@ class ReferringDataset(Dataset):
         check: bool = False,
         size_problem: Callable[[int, int], str | None] | None = None,
     ) -> ReferringDataset:
+        return cls.from_records(cls.read_records(path, image_folder, skip_bad, check), image_folder, path, skip_bad,
+                                check, size_problem)
+
+    @staticmethod
+    def read_records(path: str, image_folder: str, skip_bad: bool = False, check: bool = False) -> list[dict]:
+        """The annotation file's records, before any image is opened (``from_records`` takes them on)."""
         # With the image check, missing files are one of its reasons (counted there, with the others).
-        records = load_annotations(path, None if check else image_folder, skip_bad)
-        return cls.from_records(records, image_folder, path, skip_bad, check, size_problem)
+        return load_annotations(path, None if check else image_folder, skip_bad)
 
     @classmethod
     def from_records(
@@ -181,8 +186,7 @@ class ReferringDataset(Dataset):
         check: bool = False,
         size_problem: Callable[[int, int], str | None] | None = None,
     ) -> ReferringDataset:
-        """The dataset of ``load_annotations(path, None if check else image_folder, skip_bad)``'s records, their images
-        checked with ``check`` (finetune.py reads the records before the model loads, the images' size check needs
+        """The dataset of ``read_records``' records, their images checked with ``check`` (finetune.py reads the records before the model loads, the images' size check needs
         the family's adapter)."""
         if check:
             records = check_images(records, image_folder, path, skip_bad, size_problem)

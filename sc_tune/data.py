@@ -27,6 +27,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from sc_tune import checks
+from sc_tune.boxes import MIN_BOX_SIDE
 from sc_tune.checks import AnnotationError
 from sc_tune.images import image_problem, load_rgb  # noqa: F401 (load_rgb: also imported from here)
 from sc_tune.jsonio import read_json
@@ -35,8 +36,6 @@ from sc_tune.phases import PhaseSchedule
 logger = logging.getLogger(__name__)
 
 
-# The finest box grid of any family is 1/1000 of the image: a narrower box is written with x1 == x2 (no area).
-MIN_BOX_SIDE = 1e-3
 
 
 def check_record(record, index: int, path: str) -> dict:

@@ -141,7 +141,7 @@ def test_a_sliver_box_is_refused_or_skipped_and_counted(tmp_path, caplog):
     """Issue 19, 9b: a box under 1/1000 of the image trained silently (no box grid can write it with an area)."""
     import logging
 
-    from sc_tune.data import MIN_BOX_SIDE
+    from sc_tune.boxes import MIN_BOX_SIDE
 
     path = tmp_path / "ann.json"
     path.write_text(json.dumps([{"image": "a.png", "bbox": [0.5, 0.1, 0.5 + MIN_BOX_SIDE / 2, 0.9]},

@@ -56,14 +56,14 @@ def check_checkpoint_folder(path: str) -> None:
 
 
 def read_model_type(path: str) -> str:
-    config = os.path.join(path, "config.json")
-    if not os.path.isfile(config):
-        raise ValueError(f"{path} has no config.json: pass --model_type")
-    data = read_json(config)  # an unreadable file is an error naming it
-    model_type = data.get("model_type") if isinstance(data, dict) else None
-    if not model_type:
-        raise ValueError(f"{config} names no model_type: pass --model_type")
-    return model_type
+    """The folder's ``model_type`` as training reads it (``sc_tune.modeling``), its errors as this CLI's."""
+    from sc_tune.checkpoints import CheckpointError
+    from sc_tune.modeling import read_model_type as model_type_of
+
+    try:
+        return model_type_of(path)
+    except (FileNotFoundError, CheckpointError) as error:
+        raise ValueError(f"{error}; or pass --model_type") from None
 
 
 def budget_report(path: str, model_type: str | None = None, image_size: Sequence[int] = (1920, 1080),

@@ -26,7 +26,6 @@ from collections.abc import Sequence
 
 from sc_tune.adapters import family_for, supported_model_types
 from sc_tune.box_codecs import BOX_FORMATS, BoxReading, select_codec
-from sc_tune.jsonio import read_json
 
 
 def read_answer(model_type: str, answer: str, image_size: Sequence[int] | None = None,

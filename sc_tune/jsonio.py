@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -84,16 +85,15 @@ def read_records(path) -> list[dict]:
     return records
 
 
-def write_json(path, value, indent: int | None = 2) -> None:
-    """Write ``value`` as UTF-8 JSON (non-ASCII text kept as is) with a final newline, atomically: the file is
-    written next to ``path`` under a temporary name, synced, then renamed onto it, so a process killed mid-write
-    leaves the earlier file (or none), never half a file."""
+@contextmanager
+def _atomically(path):
+    """A text file to write in place of ``path``: written beside it under a temporary name, synced, then renamed onto
+    it, so a process killed mid-write leaves the earlier file (or none), never half a file."""
     path = os.fspath(path)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(value, f, indent=indent, ensure_ascii=False)
-            f.write("\n")
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -103,8 +103,15 @@ def write_json(path, value, indent: int | None = 2) -> None:
         raise
 
 
+def write_json(path, value, indent: int | None = 2) -> None:
+    """Write ``value`` as UTF-8 JSON (non-ASCII text kept as is) with a final newline, atomically."""
+    with _atomically(path) as f:
+        json.dump(value, f, indent=indent, ensure_ascii=False)
+        f.write("\n")
+
+
 def write_jsonl(path, rows: Iterable) -> None:
-    """Write one JSON value per line (UTF-8)."""
-    with open(os.fspath(path), "w", encoding="utf-8") as f:
+    """Write one JSON value per line (UTF-8), atomically."""
+    with _atomically(path) as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -502,14 +502,8 @@ def split_held_out(records: list[dict], num_held_out: int, seed: int = 0) -> tup
 
 # ---------------------------------------------------------------------------------------------- command
 def _write(path: str, records: list[dict]) -> None:
-    """Written beside the target, then renamed: a failure never leaves half a file where the old one was."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        write_json(tmp, records, indent=None)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """One line (``write_json`` writes beside the target, then renames: never half a file where the old one was)."""
+    write_json(path, records, indent=None)
 
 
 def _check_paths(parser: argparse.ArgumentParser, args) -> None:

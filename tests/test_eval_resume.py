@@ -212,6 +212,8 @@ class _DumpKilledMidWrite:
         return getattr(json, name)
 
     def dump(self, value, f, **kwargs):
+        if not f.name.startswith(str(self.watched)):  # another file (the partial rows' settings): written as usual
+            return json.dump(value, f, **kwargs)
         text = json.dumps(value, **kwargs)
         f.write(text[: len(text) // 2])
         f.flush()

@@ -42,3 +42,22 @@ def test_errors_name_the_file_and_the_line(tmp_path):
     (tmp_path / "cut.jsonl").write_text('{"i": 0}\n{"i": 1\n')  # real JSON Lines with a bad line: still the line
     with pytest.raises(JSONFileError, match=r"cut\.jsonl: line 2 is not valid JSON"):
         read_records(tmp_path / "cut.jsonl")
+
+
+def test_writes_are_atomic_a_failure_mid_write_leaves_the_earlier_file(tmp_path):
+    """Both writers go through a temporary file and a rename: an error (or a kill) mid-write leaves the earlier
+    file whole and no temporary file behind."""
+    write_jsonl(tmp_path / "rows.jsonl", [{"i": 0}])
+    write_json(tmp_path / "value.json", {"old": True})
+
+    def rows():
+        yield {"i": 1}
+        raise KeyboardInterrupt("killed mid-write")
+
+    with pytest.raises(KeyboardInterrupt):
+        write_jsonl(tmp_path / "rows.jsonl", rows())
+    with pytest.raises(TypeError):
+        write_json(tmp_path / "value.json", {"new": object()})  # not JSON: fails after the file was opened
+    assert read_jsonl(tmp_path / "rows.jsonl") == [{"i": 0}]
+    assert read_json(tmp_path / "value.json") == {"old": True}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl", "value.json"]

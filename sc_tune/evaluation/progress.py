@@ -24,6 +24,7 @@ import os
 import shutil
 
 from sc_tune.evaluation.distributed import Ranks, barrier
+from sc_tune.jsonio import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -162,10 +163,7 @@ class SampleLog:
             if os.path.exists(settings_path):
                 self._check_settings(settings_path)
             else:
-                tmp = settings_path + ".tmp"
-                with open(tmp, "w", encoding="utf-8") as f:
-                    json.dump(self.settings, f, indent=1, ensure_ascii=False)
-                os.replace(tmp, settings_path)
+                write_json(settings_path, self.settings, indent=1)  # atomic: a kill leaves none or the whole file
         barrier(self.ranks)
         if not self.ranks.is_main:
             self._check_settings(settings_path)

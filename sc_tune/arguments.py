@@ -410,6 +410,12 @@ class SCTuneConfig(TrainingArguments):
             raise ArgumentError("set --max_steps: SC-Tune streams its data and stops by step count")
         if self.remove_unused_columns:
             raise ArgumentError("--remove_unused_columns must be False: SC-Tune samples carry PIL images")
+        if self.save_only_model:
+            # A checkpoint without them cannot resume exactly, and SC-Tune verifies every checkpoint it writes: the
+            # first save would stop the run, after save_steps of training. The final export is the model alone.
+            raise ArgumentError("--save_only_model is not supported: SC-Tune's checkpoints hold the optimizer, "
+                                "scheduler and RNG states so that a run resumes exactly; the output folder's export "
+                                "is already the model alone (raise --save_steps to save less often)")
 
     def _check_hyperparameters(self) -> None:
         """Values that would train the wrong way silently (a negative LR ascends, an infinite one writes

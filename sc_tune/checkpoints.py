@@ -567,7 +567,12 @@ def model_folder_problems(folder: str) -> list[str]:
 def check_model_folder(folder: str, flag: str = "--model_name_or_path") -> None:
     found = model_folder_problems(folder)
     if found:
-        raise CheckpointError(f"{flag} {folder}: {'; '.join(found)}")
+        # A training run's output folder whose export was cut short (a kill while the model was written): its
+        # newest checkpoint redoes the export.
+        saved = complete_checkpoints(folder) if os.path.isdir(folder) else []
+        redo = (f". This is a training run's output folder: rerun its training command with --resume_from_checkpoint "
+                f"True to write the export again from {os.path.basename(saved[0])}") if saved else ""
+        raise CheckpointError(f"{flag} {folder}: {'; '.join(found)}{redo}")
 
 
 # ---------------------------------------------------------------------------------------------- failed writes

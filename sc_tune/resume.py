@@ -33,7 +33,12 @@ from sc_tune.snapshot import Snapshot, is_peft
 logger = logging.getLogger(__name__)
 
 
-def run_settings(args, model, schedule: PhaseSchedule, deepspeed: bool, adapter=None) -> dict:
+# Run settings that checkpoints of earlier versions do not record: compared only where the checkpoint holds them.
+RECORDED_LATER = frozenset({"zero_stage"})
+
+
+def run_settings(args, model, schedule: PhaseSchedule, deepspeed: bool, adapter=None,
+                 zero_stage: int | None = None) -> dict:
     """What a resumed run must share with the saved one (``--resume_allow_changes`` lists exceptions)."""
     config = getattr(model, "config", None)
     image_pixels = getattr(adapter, "image_pixel_limits", None)
@@ -51,6 +56,9 @@ def run_settings(args, model, schedule: PhaseSchedule, deepspeed: bool, adapter=
         "world_size": args.world_size,
         "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
         "deepspeed": deepspeed,
+        # Under DeepSpeed, the ZeRO stage: its optimizer and snapshot shards are laid out per stage (DeepSpeed's own
+        # load of another stage's files ends in a bare assertion). Compared only where the checkpoint has it.
+        **({"zero_stage": zero_stage} if deepspeed and zero_stage is not None else {}),
         # Only when on, so that runs saved before the flag existed (off) still resume.
         **({"pseudo_label_min_iou": args.pseudo_label_min_iou} if args.pseudo_label_min_iou else {}),
         # The images' resolution sets what the policy sees (and Qwen2.5-VL's pixel boxes); only when set, as above.
@@ -152,7 +160,9 @@ class RunState:
     def check_settings(self, checkpoint: str) -> None:
         allowed = {k.strip() for k in (self.args.resume_allow_changes or "").split(",") if k.strip()}
         saved = checkpoints.read_state(checkpoint).get("settings", {})
-        errors = checkpoints.settings_mismatches(checkpoint, saved, self.settings, allowed)
+        # Settings recorded since a checkpoint was written are unknown for it, not changed.
+        current = {k: v for k, v in self.settings.items() if k in saved or k not in RECORDED_LATER}
+        errors = checkpoints.settings_mismatches(checkpoint, saved, current, allowed)
         if errors:
             raise checkpoints.CheckpointError(
                 f"{checkpoint} was saved with other settings: {'; '.join(errors)}. Resume with the same settings, "

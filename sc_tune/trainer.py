@@ -99,7 +99,8 @@ class SCTuneTrainer(Trainer):
             [model, snapshot_module],
         )
         self.stage_clock = self.cycle.stage_clock  # the cycle's stages and this trainer's forward and backward
-        settings = run_settings(args, model, self.schedule, self.is_deepspeed_enabled, adapter)
+        zero_stage = self.accelerator.state.deepspeed_plugin.zero_stage if self.is_deepspeed_enabled else None
+        settings = run_settings(args, model, self.schedule, self.is_deepspeed_enabled, adapter, zero_stage)
         self.run = RunState(args, self.schedule, self.kl_controller, self.snapshot, settings, zero3)
         # MoE under full fine-tuning: the router's load-balancing term joins every loss (sc_tune.moe).
         self.router_aux_coef = router_aux_coefficient(model, args.moe_aux_loss, args.moe_aux_loss_coef, is_peft(model))

@@ -593,3 +593,53 @@ def test_a_file_size_limit_hit_during_a_save_names_the_file_and_keeps_the_last_c
     assert last.startswith("finetune.py: error: saving checkpoint-2 failed while writing"), result.stderr[-2000:]
     assert "optimizer.pt" in last and f"file-size limit (ulimit -f) of {limit} bytes" in last
     assert not (out / "checkpoint-2").exists()  # the half-written save never became a checkpoint
+
+
+def test_a_resume_under_another_zero_stage_is_refused_naming_both(tmp_path, monkeypatch):
+    """ZeRO-2 and ZeRO-3 lay out their optimizer and snapshot shards differently; DeepSpeed's own load of the other
+    stage's files ends in a bare ``assert len(self.ckpt_list) > 0``. The stage is a run setting, compared where the
+    checkpoint records it (checkpoints saved before it was recorded resume as before)."""
+    from types import SimpleNamespace
+
+    from sc_tune.jsonio import write_json
+    from sc_tune.resume import RunState, run_settings
+
+    monkeypatch.setattr(checkpoints, "check_world_size_change", lambda *a: None)
+    monkeypatch.setattr(checkpoints, "read_layout", lambda checkpoint: {})
+    monkeypatch.setattr(checkpoints, "check_resume_step", lambda *a: None)
+    args = SimpleNamespace(kl_coef=0.01, clip_range=0.2, gamma=1.0, per_device_train_batch_size=2,
+                           gradient_accumulation_steps=1, seed=0, world_size=1, bf16=False, fp16=False,
+                           pseudo_label_min_iou=0.0, resume_allow_changes="", max_steps=10)
+    schedule = SimpleNamespace(describer_update_steps=1)
+    zero2, zero3 = (run_settings(args, None, schedule, True, zero_stage=stage) for stage in (2, 3))
+    assert zero2["zero_stage"] == 2 and "zero_stage" not in run_settings(args, None, schedule, False, zero_stage=2)
+
+    def resume(saved, now):
+        checkpoint = tmp_path / "checkpoint-2"
+        checkpoint.mkdir(exist_ok=True)
+        write_json(checkpoint / checkpoints.STATE_FILE, {"settings": saved})
+        run = RunState.__new__(RunState)
+        run.args, run.settings = args, now
+        run.check_settings(str(checkpoint))
+
+    with pytest.raises(checkpoints.CheckpointError, match="zero_stage: checkpoint 2, now 3"):
+        resume(zero2, zero3)
+    resume(zero2, zero2)
+    resume({k: v for k, v in zero2.items() if k != "zero_stage"}, zero3)  # saved before the stage was recorded
+
+
+def test_an_export_cut_short_says_how_to_redo_it(tiny_checkpoint, tmp_path):
+    """A kill while the final export wrote model.safetensors leaves the run's checkpoints whole; the error for the
+    output folder says that a resume writes the export again, from the newest one."""
+    out = tmp_path / "run"
+    shutil.copytree(tiny_checkpoint("qwen2_vl"), out)
+    _truncate(out / "model.safetensors")
+    with pytest.raises(checkpoints.CheckpointError) as plain:
+        checkpoints.check_model_folder(str(out))
+    assert "truncated" in str(plain.value) and "--resume_from_checkpoint" not in str(plain.value)
+    for step in (2, 10, 4):
+        (out / f"checkpoint-{step}").mkdir()
+    with pytest.raises(checkpoints.CheckpointError, match=r"truncated.*rerun its training command with "
+                                                          r"--resume_from_checkpoint True to write the export again "
+                                                          r"from checkpoint-10$"):
+        checkpoints.check_model_folder(str(out))

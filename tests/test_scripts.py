@@ -268,3 +268,46 @@ def test_the_bundled_sample_is_what_its_generator_writes(tmp_path):
     assert made == bundled
     for name in made:
         assert (tmp_path / name).read_bytes() == (ROOT / "data" / "sample" / name).read_bytes(), name
+
+
+def test_a_ranks_prefixed_error_is_repeated_without_its_prefix(tmp_path):
+    """torchrun relays a rank's traceback as ``[rank0]: AssertionError``: still the processes' last word."""
+    stub = tmp_path / "failing_torchrun"
+    stub.write_text(f"#!/bin/sh\necho '[rank0]: Traceback (most recent call last):' >&2\n"
+                    f"echo '[rank0]:     assert len(self.ckpt_list) > 0' >&2\necho '[rank0]: AssertionError' >&2\n"
+                    f"cat <<'END' >&2\n{BANNER}\nEND\nexit 1\n")
+    stub.chmod(0o755)
+    env = {**{k: v for k, v in os.environ.items() if k != "MASTER_PORT"}, "TORCHRUN": str(stub), "DS_CONFIG": ""}
+    result = subprocess.run([SH, "scripts/finetune_ds.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.endswith("The error reported by the processes:\nAssertionError\n"), result.stderr[-500:]
+
+
+@pytest.mark.parametrize("signal_name, code", [("TERM", 143), ("INT", 130), ("HUP", 129)])
+def test_an_interrupted_launch_leaves_no_log_copy_behind(tmp_path, signal_name, code):
+    """The launch's log copy (a whole run's output) is removed when the script is interrupted, not only on exit."""
+    import signal
+    import time
+
+    stub = tmp_path / "slow_torchrun"
+    stub.write_text("#!/bin/sh\necho started\nexec sleep 60\n")
+    stub.chmod(0o755)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {**{k: v for k, v in os.environ.items() if k != "MASTER_PORT"}, "TORCHRUN": str(stub), "DS_CONFIG": "",
+           "TMPDIR": str(temp)}
+    launch = subprocess.Popen([SH, "scripts/finetune_ds.sh"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        assert launch.stdout.readline().strip() == "started"
+        assert sorted(p.name.split(".")[0] for p in temp.iterdir()) == ["sc_tune_launch", "sc_tune_status"]
+        os.killpg(launch.pid, getattr(signal, f"SIG{signal_name}"))
+        assert launch.wait(timeout=30) == code
+    finally:
+        if launch.poll() is None:
+            os.killpg(launch.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while list(temp.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert list(temp.iterdir()) == []

@@ -24,7 +24,7 @@ sc_tune_launch() {
     if [ "$sc_tune_code" != 0 ]; then
         # Each process's last word: an entry point's own "error:" line, or the last line of a Python traceback, with
         # torchrun's "[rankN]: " prefix where it adds one (--tee, or a rank's traceback relayed).
-        sc_tune_errors=$(sed -E 's/^\[(default|rank)[0-9]+\]:[[:space:]]*//' "$sc_tune_log" \
+        sc_tune_errors=$(sed -E 's/^\[(default|rank)[0-9]+\]: ?//' "$sc_tune_log" \
             | grep -E '^([a-z_]+\.py: error: |[A-Za-z_][A-Za-z0-9_.]*(Error|Exception|Exit)(: |$))' \
             | grep -v -E 'ChildFailedError|torch\.distributed\.elastic' | awk '!seen[$0]++' | head -n 5 || true)
         if [ -n "$sc_tune_errors" ]; then

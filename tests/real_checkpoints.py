@@ -138,31 +138,53 @@ def real_tokenizer(folder: str):
     return tokenizer
 
 
+def released_config(model_type: str, folder: str):
+    """The tiny builders' config of ``model_type`` on ``folder``'s real tokenizer (its vocabulary and special-token
+    ids), with what the release fixes about its images where the family reads it from the config."""
+    from transformers import AutoImageProcessor
+
+    from sc_tune.tiny.chat import TinySizes
+
+    tokenizer = real_tokenizer(folder)
+    if model_type == "gemma3":
+        from sc_tune.tiny.template_families import TINY_TEMPLATE_SPECS
+
+        config = TINY_TEMPLATE_SPECS[model_type].spec.config(tokenizer, TinySizes())
+        # The real processor's view (896 px), pooled to the released mm_tokens_per_image soft tokens.
+        config.vision_config.image_size = AutoImageProcessor.from_pretrained(path(folder)).size["height"]
+        config.mm_tokens_per_image = _json(path(folder, "config.json"))["mm_tokens_per_image"]
+        return config
+    from sc_tune.tiny.configs import tiny_spec
+
+    return tiny_spec(model_type).config(tokenizer, TinySizes())
+
+
+def real_adapter(model_type: str, folder: str, config=None):
+    """``model_type``'s adapter on ``folder``'s real tokenizer, chat template and image-processor settings."""
+    from transformers import AutoImageProcessor
+
+    from sc_tune.adapters import adapter_class
+
+    image_processor = AutoImageProcessor.from_pretrained(path(folder))
+    if model_type == "gemma3":  # a chat-template family: the adapter reads the image layout from the config
+        return adapter_class(model_type)(real_tokenizer(folder), image_processor,
+                                         config or released_config(model_type, folder))
+    return adapter_class(model_type)(real_tokenizer(folder), image_processor)
+
+
 def tiny_model_on_real_files(model_type: str, folder: str):
     """(tiny random ``model_type`` model, its adapter) on ``folder``'s real tokenizer, chat template and
     image-processor settings: the tiny builders' sizes and config, the released vocabulary and special-token ids.
     Built in memory (the tokenizer is loaded once per session; a 262k-row embedding is slow to save and reload)."""
-    from transformers import AutoImageProcessor, AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText
 
-    from sc_tune.adapters import adapter_class
-    from sc_tune.tiny.chat import TinySizes
-
-    tokenizer = real_tokenizer(folder)
-    image_processor = AutoImageProcessor.from_pretrained(path(folder))
+    config = released_config(model_type, folder)
+    model = AutoModelForImageTextToText.from_config(config)
     if model_type == "gemma3":
-        from sc_tune.tiny.template_families import TINY_TEMPLATE_SPECS, _gemma3_random_projector
+        from sc_tune.tiny.template_families import _gemma3_random_projector
 
-        config = TINY_TEMPLATE_SPECS[model_type].spec.config(tokenizer, TinySizes())
-        # The real processor's view (896 px), pooled to the released mm_tokens_per_image soft tokens.
-        config.vision_config.image_size = image_processor.size["height"]
-        config.mm_tokens_per_image = _json(path(folder, "config.json"))["mm_tokens_per_image"]
-        model = AutoModelForImageTextToText.from_config(config)
         _gemma3_random_projector(model)
-        return model, adapter_class(model_type)(tokenizer, image_processor, config)
-    from sc_tune.tiny.configs import tiny_spec
-
-    config = tiny_spec(model_type).config(tokenizer, TinySizes())
-    return AutoModelForImageTextToText.from_config(config), adapter_class(model_type)(tokenizer, image_processor)
+    return model, real_adapter(model_type, folder, config)
 
 
 def _json(file: str) -> dict:

@@ -6,7 +6,7 @@ Each test is parametrised over the folders that are there:
 - the tiny stand-in chat templates render the describer and locator prompts exactly as the released templates do
   (what catches a stand-in that drifted);
 - reasoning-only releases (GLM-4.1V-9B-Thinking, Qwen3-VL-*-Thinking) are refused, naming the checkpoint;
-- the locator budget holds the widest released answer, counted with the real Qwen tokenizers;
+- the locator budget holds the widest released answer, counted with the real Qwen and Gemma 3 tokenizers;
 - a tiny random model on a release's real tokenizer, template and processor settings builds batches, trains on its
   real answer form and locates;
 - ``python -m sc_tune.families budget`` on a release's folder;
@@ -91,15 +91,12 @@ def test_reasoning_only_releases_are_refused_by_name(folder, tiny_checkpoint, tm
 
 
 def _real_adapter(folder):
-    from transformers import AutoImageProcessor
-
-    model_type = real.TOKENIZER_FOLDERS[folder]
-    image_processor = AutoImageProcessor.from_pretrained(real.path(folder))
-    return adapter_class(model_type)(real.real_tokenizer(folder), image_processor)
+    return real.real_adapter(real.TOKENIZER_FOLDERS[folder], folder)
 
 
-# The released Qwen tokenizers at hand: each budget test runs on every one (none is skipped for a missing folder).
-BUDGET_FOLDERS = (real.present(["Qwen__Qwen2.5-VL-7B-Instruct", "Qwen__Qwen3-VL-8B-Instruct"],
+# The released tokenizers at hand: each budget test runs on every one (none is skipped for a missing folder).
+# Gemma 3's writes each digit as its own token, Qwen's up to three digits as one.
+BUDGET_FOLDERS = (real.present(["Qwen__Qwen2.5-VL-7B-Instruct", "Qwen__Qwen3-VL-8B-Instruct", "google__gemma-3-4b-it"],
                                ("tokenizer", "processor"))
                   + real.present(["Qwen__Qwen-VL-Chat"], ("tiktoken",)))
 

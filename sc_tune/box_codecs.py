@@ -22,10 +22,10 @@ costs no decoding steps.
 Quantisation policy (the one place it is stated): a normalised coordinate ``v`` is written on an integer
 grid ``0..scale`` as ``round(v * scale)`` and read back as ``n / scale`` (a fractional ``n`` is read the same way).
 
-- Qwen-VL / Qwen-VL-Chat: ``scale = 999``. The reference SC-Tune loader wrote ``int(v * 999)``; Qwen-VL's
-  own grounding evaluation reads ``n / 1000``. Both keep every coordinate inside ``[0, 999]``, the range the
-  model was pre-trained on; we round instead of truncating so that encode -> decode moves a coordinate by
-  at most half a grid step. The difference between 999 and 1000 is at most one unit.
+- Qwen-VL / Qwen-VL-Chat: ``scale = 999``. The reference SC-Tune loader wrote ``int(v * 999)``, and Qwen-VL's
+  own grounding evaluation reads ``n / 999`` (QwenLM/Qwen-VL ``eval_mm/evaluate_grounding.py``); its README
+  calls the values normalised to ``[0, 1000)``. We round instead of truncating so that encode -> decode moves a
+  coordinate by at most half a grid step.
 - Qwen2-VL, Qwen3-VL, Qwen3.5, GLM-V, InternVL, Gemma: ``scale = 1000`` (their documented relative grid).
 - Qwen2.5-VL: absolute pixels of the *resized* model input (``frame``), rescaled to ``[0, 1]`` on decode.
 - Gemma 3 / 4 (Gemini's convention): ``box_2d`` is **y-first**, ``[y1, x1, y2, x2]`` on 0..1000.
@@ -327,7 +327,7 @@ class JsonBoxCodec(BoxCodec):
     """A JSON object ``{"KEY": [..4 numbers..], "label": ...}``, fenced as a list in the family's answers.
 
     ``key`` says the convention: ``bbox_2d`` (Qwen2.5-VL, Qwen3-VL, Qwen3.5: x-first) or ``box_2d``
-    (Gemini's, documented for Gemma 4: y-first, ``y_first=True``). ``scale``: a ``0..scale`` grid, or ``None``
+    (Gemini's, assumed for Gemma 3 and 4: y-first, ``y_first=True``). ``scale``: a ``0..scale`` grid, or ``None``
     for the pixels of the resized model input (Qwen2.5-VL; ``frame`` must be the size the image processor
     resized to, so rescaling to the original image is exact up to one pixel of that frame).
 

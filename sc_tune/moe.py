@@ -7,9 +7,11 @@ nothing keeps the routers from collapsing onto a few experts. The MoE models' ow
 losses (``--moe_aux_loss``, on by default; ``--moe_aux_loss_coef`` overrides the config's coefficient). Under
 LoRA the routers are frozen, so there is nothing to balance and the term is left out.
 
-The routed experts are fused 3-D parameters (``mlp.experts.gate_up_proj`` / ``down_proj``), not Linear modules,
-so PEFT's ``target_modules`` never reaches them; ``--lora_target_experts`` adds them through PEFT's
-``target_parameters`` (the family's ``ModelAdapter.lora_expert_parameters``).
+The routed experts are fused 3-D parameters (``mlp.experts.gate_up_proj`` / ``down_proj``; Gemma 4's
+``experts.gate_up_proj`` / ``down_proj`` beside each layer's dense ``mlp``), not Linear modules, so PEFT's
+``target_modules`` never reaches them; ``--lora_target_experts`` adds them through PEFT's ``target_parameters``
+(the family's ``ModelAdapter.lora_expert_parameters``). Gemma 4's MoE defines no load-balancing loss, so none is
+added for it.
 
 PEFT 0.21 rewrites the LoRA config of a model whose transformers-4 layout differed (``glm4v_moe``, whose routed
 experts were Linear ``gate_proj``/``up_proj``/``down_proj`` then) so that an adapter trained on transformers 4 still
@@ -52,9 +54,18 @@ def router_aux_coefficient(model, enabled: bool, override: float | None, lora: b
     """The weight of the load-balancing term in SC-Tune's losses (0: not added)."""
     if not enabled or lora or num_routed_experts(model) == 0:
         return 0.0
+    if not hasattr(text_config(model), "router_aux_loss_coef"):
+        # Gemma 4's MoE (26B-A4B) was released without a load-balancing loss: its config names no weight and its
+        # forward returns no aux_loss, so there is no term to add. Asking for one is an error, not a crash mid-step.
+        if override is not None:
+            from sc_tune.arguments import ArgumentError
+
+            raise ArgumentError(f"--moe_aux_loss_coef {override:g}: {type(model).__name__} defines no router "
+                                "load-balancing loss (its config has no router_aux_loss_coef); leave the flag out")
+        return 0.0
     if override is not None:
         return float(override)
-    return float(getattr(text_config(model), "router_aux_loss_coef", 0.0) or 0.0)
+    return float(text_config(model).router_aux_loss_coef or 0.0)
 
 
 def expert_parameters(model, names: tuple[str, ...]) -> list[str]:

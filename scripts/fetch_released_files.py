@@ -127,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python scripts/fetch_released_files.py",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--destination", default=DESTINATION,
-                        help="folder of released folders (the tests read .cache/real_checkpoints beside "
-                             "../shared/real_checkpoints, or $SC_TUNE_REAL_CHECKPOINTS alone)")
+                        help="folder of released folders (the tests read .cache/real_checkpoints, merged with the "
+                             "folder tests/real_checkpoints.py names, or $SC_TUNE_REAL_CHECKPOINTS alone)")
     parser.add_argument("--check", action="store_true", help="verify the files there; fetch nothing")
     args = parser.parse_args(argv)
     if args.check:

@@ -15,6 +15,30 @@ def moe_checkpoint(tiny_checkpoint):
     return tiny_checkpoint("qwen3_vl_moe")
 
 
+@pytest.fixture(scope="module")
+def gemma4_moe_checkpoint(tiny_checkpoint, tmp_path_factory):
+    """A tiny Gemma 4 with the MoE block of its 26B-A4B release (``model_type`` gemma4, ``enable_moe_block``): routed
+    experts beside every layer's dense MLP, and no load-balancing loss."""
+    import os
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    dense = tiny_checkpoint("gemma4")
+    config = AutoConfig.from_pretrained(dense)
+    config.text_config.update({"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2,
+                               "moe_intermediate_size": 16})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForImageTextToText.from_config(config)
+    folder = tmp_path_factory.mktemp("tiny_gemma4_moe")
+    model.save_pretrained(folder)
+    for name in os.listdir(dense):  # the tokenizer, template and processor files
+        if not (folder / name).exists():
+            shutil.copy(os.path.join(dense, name), folder / name)
+    return str(folder)
+
+
 def _locator_loss_and_aux(trainer):
     """The locator loss of one rollout, and the model's load-balancing loss on the same inputs, by hand."""
     batch = next(iter(trainer.get_train_dataloader()))
@@ -73,6 +97,18 @@ def test_lora_target_experts_trains_the_routed_experts(moe_checkpoint, tmp_path)
     assert not torch.allclose(dict(merged.named_parameters())[name], dict(base.named_parameters())[name])
 
 
+def test_gemma4_moe_has_no_load_balancing_term_and_refuses_a_weight_for_one(gemma4_moe_checkpoint, tmp_path):
+    """Gemma 4's MoE defines no load-balancing loss (no router_aux_loss_coef, no aux_loss in its outputs): under full
+    fine-tuning no term is added, and --moe_aux_loss_coef is refused by name before a step instead of failing on
+    the missing aux_loss inside the first one."""
+    from sc_tune.arguments import ArgumentError
+
+    trainer = make_trainer(gemma4_moe_checkpoint, str(tmp_path / "default"))
+    assert trainer.router_aux_coef == 0.0 and trainer.model.config.text_config.num_experts == 4
+    with pytest.raises(ArgumentError, match="--moe_aux_loss_coef 0.5: Gemma4ForConditionalGeneration defines no"):
+        make_trainer(gemma4_moe_checkpoint, str(tmp_path / "weighted"), moe_aux_loss_coef=0.5)
+
+
 def test_lora_target_experts_refuses_a_dense_model(tiny_checkpoint):
     from sc_tune.modeling import load_model_and_adapter
 
@@ -117,9 +153,9 @@ def _experts(model) -> dict[str, torch.Tensor]:
             if _plain(n).endswith(("experts.gate_up_proj", "experts.down_proj"))}  # fmt: skip
 
 
-@pytest.mark.parametrize("model_type", MOE_TYPES)
+@pytest.mark.parametrize("model_type", [*MOE_TYPES, "gemma4 (26B-A4B's MoE block)"])
 def test_expert_lora_through_finetune_syncs_the_snapshot_and_merges_into_the_export(model_type, tiny_checkpoint,
-                                                                                   tmp_path):
+                                                                                   tmp_path, request):
     """describer, locator, describer with --lora_target_experts: every fused expert tensor gets a LoRA delta that
     moved off zero while the base stays frozen; the snapshot (a second adapter on the same wrapped parameters)
     is re-synced at the switch back, experts included (the describer's first KL is 0 again); and the merged
@@ -130,7 +166,10 @@ def test_expert_lora_through_finetune_syncs_the_snapshot_and_merges_into_the_exp
     from sc_tune.modeling import load_model_and_adapter
     from tests.conftest import SAMPLE_IMAGES
 
-    source = tiny_checkpoint(model_type)
+    if model_type.startswith("gemma4"):
+        source = request.getfixturevalue("gemma4_moe_checkpoint")
+    else:
+        source = tiny_checkpoint(model_type)
     out = tmp_path / "out"
     trainer = _finetune(source, out, *EXPERT_LORA)
     logs = [h for h in trainer.state.log_history if "loss" in h]

@@ -13,7 +13,8 @@ fenced JSON list (``sc_tune.box_codecs.JsonBoxCodec("box_2d", y_first=True)``).
   Gemini convention is assumed, unverified. Its chat template opens the answer with an empty thought channel
   (``<|channel>thought\n<channel|>``, thinking off by default).
 
-The table (``answer_examples``) holds Gemini's documented answer layout and the forms refused as ambiguous.
+The table (``answer_examples``) holds the fenced layout SC-Tune trains, Gemini's cookbook answer (unfenced: its system
+prompt forbids fences) and the forms refused as ambiguous.
 
 An answer that cannot be read unambiguously is a parse failure, never a reordered box: a bare list (no key
 says its axis order) and Qwen's x-first ``bbox_2d`` are refused with their reason.
@@ -40,9 +41,15 @@ GEMMA_BOX_CODEC = JsonBoxCodec(
     request="Output its box_2d in JSON as [ymin, xmin, ymax, xmax] normalized to 0-1000.",
 )
 _GEMINI_SOURCE = "Gemini / Gemma box convention: box_2d [y_min, x_min, y_max, x_max], normalized to 0-1000"
+_GEMINI_COOKBOOK = "google-gemini/cookbook quickstarts/Spatial_understanding.ipynb"
 GEMMA_ANSWERS = (
+    # The layout SC-Tune trains (not a quote): a fenced JSON list, 2-space indent. Gemini fences its JSON unless told
+    # not to (the cookbook strips a ```json fence, and its system prompt says "Never return masks or code fencing").
     DocumentedAnswer('```json\n[\n  {"box_2d": [200, 100, 600, 500], "label": "the dog"}\n]\n```',
-                     (0.1, 0.2, 0.5, 0.6), _GEMINI_SOURCE),
+                     (0.1, 0.2, 0.5, 0.6), f"{_GEMINI_SOURCE}; SC-Tune's fenced layout of it"),
+    DocumentedAnswer('[\n  {"box_2d": [393, 67, 574, 206], "label": "red sprinkle topping"},\n]',
+                     (0.067, 0.393, 0.206, 0.574),
+                     f"{_GEMINI_COOKBOOK}: its first box verbatim, in its list (unfenced, as its system prompt asks)"),
     DocumentedAnswer("[200, 100, 600, 500]", None, f"{_GEMINI_SOURCE}: a bare list does not say its axis order"),
     DocumentedAnswer('{"bbox_2d": [100, 200, 500, 600]}', None,
                      f"{_GEMINI_SOURCE}: Qwen's x-first bbox_2d is not this family's form"),
@@ -90,6 +97,9 @@ class Gemma4Adapter(_GemmaAdapter):
     end_token = "<turn|>"
     static_decoding_verified = True  # as Gemma 3
     image_type_key = "mm_token_type_ids"
+    # The MoE release (26B-A4B): routed experts beside every layer's dense MLP, fused 3-D parameters that plain LoRA
+    # does not reach; --lora_target_experts adds them (sc_tune.moe). Its router has no load-balancing loss.
+    lora_expert_parameters = ("experts.gate_up_proj", "experts.down_proj")
     extra_media_tokens = re.compile(r"audio", re.IGNORECASE)
 
     def preprocess_image(self, image):

@@ -5,9 +5,12 @@ Box convention: ``<ref>phrase</ref><box>[[x1, y1, x2, y2]]</box>`` with integers
 referring prompt and the 0..1000 grid of InternVL's own RefCOCO evaluation
 (``internvl_chat/eval/refcoco/evaluate_grounding.py``: "Please provide the bounding box coordinate of the region
 this sentence describes: <ref>{}</ref>", answers read with ``\[*\[(.*?),(.*?),(.*?),(.*?)\]\]*`` and divided by
-1000, so single brackets and answers without the box tags read too), and ms-swift's documentation of InternVL2.5's
-grounding text (``<ref>羊</ref>`` and ``<box>[[101, 201, 150, 266]]</box>``; third-party, no OpenGVLab answer example
-was found). The answer repeats the reference before the box: the locator's SFT target is that whole answer,
+1000, so single brackets and answers without the box tags read too); InternVL's chat-data documentation
+(internvl.readthedocs.io, "Chat Data Format": "we normalize each coordinate box to the range [0, 1000]" and "We
+organize the model's responses in the following format: <ref>class name</ref><box>[[x1, y1, x2, y2], ...]</box>",
+with a RefCOCO answer ``<ref>the lady with the blue shirt</ref><box>[[243, 469, 558, 746]]</box>``); and ms-swift's
+documentation of InternVL2.5's grounding text (third-party). The answer repeats the reference before the box: the
+locator's SFT target is that whole answer,
 ``<ref>CAPTION</ref><box>[[x1, y1, x2, y2]]</box><|im_end|>``. The describer prompt ("Please provide a short
 description for this region: <box>…</box>") is this project's wording in InternVL's box syntax; InternVL's own
 region-caption prompt was not verified.
@@ -34,6 +37,10 @@ REGION_PROMPT = "Please provide a short description for this region: "
 class InternVLAdapter(ChatTemplateAdapter):
     native_codec = NestedListGridCodec(1000, "<box>", "</box>")
     answer_examples = (
+        DocumentedAnswer("<ref>the lady with the blue shirt</ref><box>[[243, 469, 558, 746]]</box>",
+                         (0.243, 0.469, 0.558, 0.746),
+                         "InternVL documentation (internvl.readthedocs.io, Chat Data Format; its source is the "
+                         "czczup/InternVL-doc repository): its RefCOCO example answer"),
         DocumentedAnswer("<ref>羊</ref><box>[[101, 201, 150, 266]]</box>", (0.101, 0.201, 0.150, 0.266),
                          "ms-swift docs (third-party), quoted in modelscope/ms-swift issue #5008: InternVL2.5's "
                          "grounding text"),

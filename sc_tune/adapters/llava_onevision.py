@@ -1,8 +1,9 @@
 """LLaVA-OneVision (``llava_onevision``, the llava-hf checkpoints): a chat-template adapter, generic box codec.
 
-Box convention: not documented upstream. Whether LLaVA-OneVision's grounding answers are relative or
-absolute was asked and left unanswered (LLaVA-OneVision-2 issue 39), so this adapter uses the generic codec
-``[x1, y1, x2, y2]`` on 0..1000 (``sc_tune.box_codecs.GENERIC_CODEC``), requested in the locator prompt.
+Box convention: not documented upstream (LLaVA-VL/LLaVA-NeXT's documentation gives no grounding or box format;
+the same question about the later LLaVA-OneVision-2, its issue 39, was left unanswered), so this adapter uses the
+generic codec ``[x1, y1, x2, y2]`` on 0..1000 (``sc_tune.box_codecs.GENERIC_CODEC``), requested in the locator
+prompt.
 
 Images follow the processor's "anyres" layout: a base view plus the tiles of the best grid pinpoint, sent
 as ``pixel_values`` (tiles zero-padded across the batch; the model slices each image's tiles by

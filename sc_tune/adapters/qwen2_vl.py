@@ -10,7 +10,9 @@ model keeps answering in its released format):
 
 - Qwen2-VL: "Find <|object_ref_start|>CAPTION<|object_ref_end|>." ->
   ``<|object_ref_start|>CAPTION<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>`` on a 0..1000 grid
-  (the grounding format of Qwen2-VL's README and tokenizer: the reference, then the box, in their special tokens);
+  (the reference, then the box, in the tokenizer's special tokens, as a user's report shows (below); the 0..1000
+  grid is Qwen's: QwenLM/Qwen3-VL ``qwen-vl-finetune/tools/process_bbox.ipynb``, "Qwen2-VL using the relative
+  coordinated with range 0-1000". No Qwen-own Qwen2-VL grounding prompt was found: the prompt is SC-Tune's);
 - Qwen2.5-VL: "Locate CAPTION in this image and output the bbox coordinates in JSON format." (the grounding
   prompt of Qwen's fine-tuning README) -> the fenced JSON list
   ``\`\`\`json\n[\n\t{"bbox_2d": [x1, y1, x2, y2], "label": "CAPTION"}\n]\n\`\`\``` in absolute pixels of the
@@ -60,8 +62,7 @@ _LM_PROJECTIONS = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
 _COOKBOOK = "QwenLM/Qwen2.5-VL cookbooks/spatial_understanding.ipynb"
 QWEN2_VL_ANSWERS = (
     DocumentedAnswer("<|object_ref_start|>击掌<|object_ref_end|><|box_start|>(531,516),(581,596)<|box_end|><|im_end|>",
-                     (0.531, 0.516, 0.581, 0.596), "user report re-running Qwen-VL's README example on Qwen2-VL, "
-                     "QwenLM/Qwen3-VL issue #9"),
+                     (0.531, 0.516, 0.581, 0.596), "a user's report of Qwen2-VL's answer, QwenLM/Qwen3-VL issue #9"),
 )
 QWEN2_5_VL_ANSWERS = (
     DocumentedAnswer('```json\n[\n\t{"bbox_2d": [765, 394, 891, 550], "label": "top right brown cake"}\n]\n```',
@@ -94,7 +95,7 @@ QWEN2_5_VL_ANSWERS = (
 QWEN3_VL_ANSWERS = (
     DocumentedAnswer('```json\n[\n\t{"bbox_2d": [0, 614, 224, 825], "name_zh": "米饭", "name_en": "Rice"},\n]\n```',
                      (0.0, 0.614, 0.224, 0.825), "QwenLM/Qwen3-VL cookbooks/omni_recognition.ipynb cell 6 "
-                     "(qwen3-vl-235b-a22b-instruct): its first entry verbatim, in its list"),
+                     "(its pre-release Qwen3-VL-235B-A22B-Instruct): its first entry verbatim, in its list"),
     DocumentedAnswer('```json\n[\n\t{"point_2d": [925, 618], "label": "point_1"}\n]\n```', None,
                      "QwenLM/Qwen3-VL cookbooks/spatial_understanding.ipynb cell 11: a point, not a box (refused)"),
 )
@@ -248,8 +249,9 @@ class Qwen35Adapter(_QwenChatVLAdapter):
 
     The Qwen3.5 checkpoints think by default; their chat template's switch (``enable_thinking=False``) opens the
     answer with the empty reasoning block ``<think>\n\n</think>\n\n``, so the answer is the caption or the box
-    directly. The box convention (relative 0..1000) is the Qwen blog's and a Qwen maintainer's statement, not a
-    chat-template fact. The vision tower has no DeepStack mergers: ``fix_vit`` keeps only ``model.visual.merger``.
+    directly. The box convention (relative 0..1000) is a Qwen maintainer's statement ("grounding coordinates should
+    still be relative coordinates normalized to [0, 1000]", QwenLM/Qwen3.8-Flash-Next issue #4), not a chat-template
+    fact. The vision tower has no DeepStack mergers: ``fix_vit`` keeps only ``model.visual.merger``.
     The text model is hybrid: Gated DeltaNet (linear attention) layers whose projections
     (``in_proj_qkv``, ``in_proj_z``, ``out_proj``) LoRA also targets, between full-attention layers.
     """

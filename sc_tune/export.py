@@ -6,7 +6,8 @@ saved, then merged into a fresh copy of the base model on CPU (``merge_lora``, a
 folder's other files are carried over, verbatim (``carry_source_files``, also into every checkpoint-N): released
 processor settings often live only in ``processor_config.json`` (SmolVLM's ``image_seq_len``, LLaVA-OneVision's
 ``num_image_tokens``, Gemma 4's), ``video_preprocessor_config.json`` or ``chat_template.json``, and a folder
-without them loads in the family's processor with other settings.
+without them loads in the family's processor with other settings. The input's ``config.json`` replaces the one
+transformers 5 re-serialised (``carry_source_config``: the released layout, only its dtype set to the weights').
 Families that need more (Qwen-VL: its generation config and remote-code files) hook in through
 ``finalize_export``.
 """
@@ -24,6 +25,7 @@ import torch
 
 from sc_tune.adapters import family_for
 from sc_tune.checkpoints import is_or_inside
+from sc_tune.jsonio import read_json, write_json
 from sc_tune.modeling import load_model_and_adapter, read_model_type
 from sc_tune.moe import as_configured
 from sc_tune.snapshot import SNAPSHOT_ADAPTER
@@ -69,10 +71,31 @@ def carry_source_files(output_dir: str, source_dir: str | None) -> list[str]:
     return copied
 
 
+def carry_source_config(output_dir: str, source_dir: str) -> None:
+    """The input's ``config.json`` in place of the one ``save_pretrained`` wrote, with the written weights' dtype.
+
+    Why: SC-Tune never changes the architecture, and transformers 5 writes the config in its own layout, which
+    transformers 4.57 (what Qwen3-VL's model card asks for, and what many serving stacks still run) misreads: a
+    Qwen2.5-VL export then loaded without ``tie_word_embeddings``' value (a random ``lm_head``), without
+    ``mrope_section``, and failed in its first forward. The released layout loads in both. Only the dtype key(s) the
+    input has are set to what was written (``torch_dtype``, transformers 4's name, or ``dtype``)."""
+    source, saved = os.path.join(source_dir, "config.json"), os.path.join(output_dir, "config.json")
+    if not (os.path.isfile(source) and os.path.isfile(saved)) or os.path.samefile(source, saved):
+        return
+    saved_config, config = read_json(saved), read_json(source)
+    written = saved_config.get("dtype") or saved_config.get("torch_dtype")
+    dtype_keys = [key for key in ("torch_dtype", "dtype") if key in config] or ["dtype"]
+    if written is None or all(config.get(key) == written for key in dtype_keys):
+        shutil.copyfile(source, saved)  # the released file, byte for byte
+        return
+    write_json(saved, {**config, **{key: written for key in dtype_keys}})
+
+
 def finalize_export(output_dir: str, source_dir: str) -> None:
-    """The input's other non-weight files, then the family-specific files next to the weights (the registry's
-    hook; Qwen-VL: generation config, remote code, tokenizer)."""
+    """The input's config (with the written dtype) and other non-weight files, then the family-specific files next
+    to the weights (the registry's hook; Qwen-VL: generation config, remote code, tokenizer)."""
     carry_source_files(output_dir, source_dir)
+    carry_source_config(output_dir, source_dir)
     hook = family_for(read_model_type(source_dir)).finalize_export
     if hook is not None:
         hook(output_dir, source_dir)

@@ -15,6 +15,7 @@ import shutil
 import stat
 
 import pytest
+import torch
 
 from sc_tune import checkpoints
 from sc_tune.adapters import family_for, supported_model_types
@@ -111,10 +112,21 @@ def test_a_released_checkpoints_files_survive_the_export(folder, tmp_path):
         with pytest.raises(ModelFolderError, match=r"has no tokenizer\.json"):
             family_for(model_type).adapter.from_pretrained(source)
     if loads:
+        from transformers import AutoConfig
+
         adapter = family_for(model_type).adapter.from_pretrained(source)
-        shutil.copyfile(config, out / "config.json")  # stands in for model.save_pretrained's config
+        # What model.save_pretrained writes: the config re-serialised in transformers 5's layout, here with weights
+        # written in float32 (a plain --bf16 run's export).
+        resaved = AutoConfig.from_pretrained(source)
+        resaved.dtype = torch.float32
+        resaved.save_pretrained(str(out))
+        assert json.load(open(out / "config.json")) != json.load(open(config))  # another layout than the release's
         adapter.save_pretrained(str(out))  # the trainer's _save and merge_lora, after the weights
         finalize_export(str(out), source)
+        # The released config.json (its layout: transformers 4.57 misreads 5's), only its dtype set to the written one.
+        released = json.load(open(config))
+        dtype_keys = [k for k in ("torch_dtype", "dtype") if k in released] or ["dtype"]
+        assert json.load(open(out / "config.json")) == {**released, **dict.fromkeys(dtype_keys, "float32")}
     else:
         carry_source_files(str(out), source)
     names = [n for n in os.listdir(source) if os.path.isfile(os.path.join(source, n)) and is_carried(n)]
@@ -149,3 +161,30 @@ def test_the_merge_cli_refuses_to_write_over_its_inputs(tmp_path, capsys, inside
         assert "the merge would overwrite it" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "base").iterdir()) == ["model.safetensors"]
     assert (tmp_path / "base" / "model.safetensors").read_bytes() == b"the user's weights"
+
+
+def test_the_export_writes_the_inputs_config_with_the_written_dtype(tiny_checkpoint, tmp_path):
+    """transformers 5 writes config.json in its own layout, which transformers 4.57 misreads (a Qwen2.5-VL export lost
+    tie_word_embeddings, so its lm_head loaded random, and mrope_section). The export writes the input's config.json,
+    byte for byte, only its dtype key set where the weights were written in another dtype (here transformers 4's
+    ``torch_dtype``: no ``dtype`` key is added)."""
+    from peft import LoraConfig, get_peft_model
+
+    from sc_tune.export import main as export_main
+    from sc_tune.modeling import load_model_and_adapter
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_checkpoint("qwen2_5_vl"), base)
+    config = json.loads((base / "config.json").read_text())
+    config["torch_dtype"] = config.pop("dtype")  # transformers 4's name for it
+    (base / "config.json").write_text(json.dumps(config, indent=1))
+    model, adapter = load_model_and_adapter(str(base))
+    get_peft_model(model, LoraConfig(r=2, target_modules=adapter.lora_target_modules)).save_pretrained(tmp_path / "a")
+    for flag, dtype in (([], "float32"), (["--dtype", "bfloat16"], "bfloat16")):
+        out = tmp_path / f"merged_{dtype}"
+        export_main(["--base", str(base), "--adapter", str(tmp_path / "a"), "--output", str(out), *flag])
+        assert json.loads((out / "config.json").read_text()) == {**config, "torch_dtype": dtype}
+        if dtype == config["torch_dtype"]:
+            assert (out / "config.json").read_bytes() == (base / "config.json").read_bytes()
+        merged, _ = load_model_and_adapter(str(out), dtype="auto")
+        assert {p.dtype for p in merged.parameters()} == {getattr(torch, dtype)}

@@ -145,6 +145,32 @@ def test_a_reasoning_only_template_is_refused_by_name(tiny_checkpoint, tmp_path)
         adapter_class("qwen3_vl").from_pretrained(str(folder))
 
 
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "llava_onevision"])
+def test_prompts_use_the_template_the_familys_processor_renders(model_type, tiny_checkpoint, tmp_path):
+    """A folder with the processor's chat_template.json and another template for the tokenizer
+    (chat_template.jinja): the family's processor, which the chat demo renders through, takes chat_template.json,
+    and so must SC-Tune, or it would tune prompts the demo never shows."""
+    import json
+    import shutil
+
+    from PIL import Image
+    from transformers import ProcessorMixin
+
+    from sc_tune.adapters import adapter_class
+
+    folder = tmp_path / "two_templates"
+    shutil.copytree(tiny_checkpoint(model_type), folder)
+    tokenizer_side = (folder / "chat_template.jinja").read_text()
+    processor_side = "{{- 'THE PROCESSOR TEMPLATE ' -}}" + tokenizer_side
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": processor_side}))
+    # What the demo's processor loads (its settings, read without building the torchvision video processor).
+    assert ProcessorMixin.get_processor_dict(str(folder))[0]["chat_template"] == processor_side
+    adapter = adapter_class(model_type).from_pretrained(str(folder))
+    assert adapter.tokenizer.chat_template == processor_side
+    image = adapter.prepare_image(Image.new("RGB", (64, 48)))
+    assert adapter.describer_prompt([0.1, 0.2, 0.5, 0.6], image).startswith("THE PROCESSOR TEMPLATE ")
+
+
 # The families whose processor resizes to a pixel budget (sc_tune.adapters.patch_grid_chat), and two that have none.
 PIXEL_BUDGET_TYPES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "glm4v", "glm46v"]
 

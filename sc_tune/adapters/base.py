@@ -455,7 +455,7 @@ def find_submodule(model: torch.nn.Module, name: str) -> torch.nn.Module:
 
 
 def processor_chat_template(path: str) -> str | None:
-    """The chat template of checkpoints that keep it only in the processor's legacy ``chat_template.json``."""
+    """The template of the processor's ``chat_template.json``, where the folder has one."""
     legacy = os.path.join(path, "chat_template.json")
     if not os.path.isfile(legacy):
         return None
@@ -478,8 +478,9 @@ def _tokenizer_files_missing(path: str, tokenizer) -> list[str]:
 
 
 def load_chat_tokenizer(path: str):
-    """The checkpoint's tokenizer, left-padded, with its chat template (``chat_template.jinja``, the tokenizer
-    config's, or the processor's legacy ``chat_template.json``). A folder without the vocabulary files
+    """The checkpoint's tokenizer, left-padded, with the chat template the family's processor renders with: the
+    processor's ``chat_template.json`` where the folder has one, else ``chat_template.jinja`` or the tokenizer
+    config's (the tokenizer's own order). A folder without the vocabulary files
     (``tokenizer.json``, or the slow tokenizer's), whose tokenizer holds its added special tokens and no vocabulary,
     or with no chat template is a :class:`ModelFolderError` naming it and the file."""
     from transformers import AutoTokenizer
@@ -509,8 +510,9 @@ def load_chat_tokenizer(path: str):
             "vocabulary: every prompt and answer would encode to almost nothing; copy the checkpoint's own tokenizer "
             "files into the folder again"
         )
-    if not tokenizer.chat_template:
-        tokenizer.chat_template = processor_chat_template(path)
+    # The family's chat demo renders through its processor, which takes chat_template.json over the tokenizer's
+    # template; where a release's two differ, training on the tokenizer's would tune prompts the demo never shows.
+    tokenizer.chat_template = processor_chat_template(path) or tokenizer.chat_template
     if not tokenizer.chat_template:
         raise ModelFolderError(f"{path} has no chat template (chat_template.jinja, the tokenizer config's "
                                "chat_template, or chat_template.json): SC-Tune renders every prompt through the "

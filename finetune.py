@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> SCTuneTrainer:
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
     # One run per output folder (a lock file naming the run): a second run would delete the first's checkpoints.
-    with hold(args.output_dir, args.process_index == 0, args.world_size):
+    with hold(args.output_dir, args.process_index == 0, args.world_size, every_rank_writes=True):
         return _train(model_args, data_args, lora_args, args, overwritten)
 
 

@@ -416,6 +416,11 @@ class SCTuneConfig(TrainingArguments):
             raise ArgumentError("--save_only_model is not supported: SC-Tune's checkpoints hold the optimizer, "
                                 "scheduler and RNG states so that a run resumes exactly; the output folder's export "
                                 "is already the model alone (raise --save_steps to save less often)")
+        if self.save_on_each_node:
+            # Each node's first process would stage, verify and rename the same checkpoint-N: SC-Tune's checkpoints are
+            # written by every rank into one folder on a file system all nodes share, and committed by rank 0.
+            raise ArgumentError("--save_on_each_node is not supported: every node must see one shared --output_dir, "
+                                "where rank 0 commits each checkpoint")
 
     def _check_hyperparameters(self) -> None:
         """Values that would train the wrong way silently (a negative LR ascends, an infinite one writes

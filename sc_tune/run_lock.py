@@ -151,9 +151,29 @@ def _remove_stale(path: str, stale: dict) -> bool:
         os.remove(takeover)
 
 
+def _unshared(folder: str, dist) -> str | None:
+    """Why ``folder`` is not one folder for every process (some cannot see the lock rank 0 wrote), or None.
+
+    Every rank writes its own files into each training checkpoint (RNG state, rollout buffer, ZeRO shards) and rank 0
+    commits it: on an output folder each node keeps on its own disk the first save fails, after ``save_steps`` of
+    training (the other nodes' files are missing). Checked here, before the model loads. (Evaluation gathers its rows
+    to rank 0, which alone writes: it needs no shared folder.)"""
+    views: list = [None] * dist.get_world_size()
+    dist.all_gather_object(views, (socket.gethostname(), os.path.isfile(os.path.join(folder, LOCK_FILE))))
+    blind = [f"rank {rank} on {host}" for rank, (host, sees) in enumerate(views) if not sees]
+    if not blind:
+        return None
+    return (f"{folder} is not one folder for every process: {', '.join(blind)} cannot see the run lock that rank 0 "
+            f"wrote there ({LOCK_FILE}). Every node writes its part of each checkpoint into the output folder: put "
+            "it on a file system all nodes share")
+
+
 @contextlib.contextmanager
-def hold(folder: str, is_main: bool = True, world_size: int = 1, command: list[str] | None = None):
-    """Hold ``folder``'s lock for the body (main process only); every process raises if the main one was refused."""
+def hold(folder: str, is_main: bool = True, world_size: int = 1, command: list[str] | None = None,
+         every_rank_writes: bool = False):
+    """Hold ``folder``'s lock for the body (main process only); every process raises if the main one was refused,
+    or, where ``every_rank_writes`` into the folder (training's checkpoints), if any process cannot see the lock the
+    main one wrote (a folder not shared by every node)."""
     lock, error = None, None
     if is_main:
         try:
@@ -167,7 +187,11 @@ def hold(folder: str, is_main: bool = True, world_size: int = 1, command: list[s
             box = [error]
             dist.broadcast_object_list(box, src=0)
             error = box[0]
+            if error is None and every_rank_writes:
+                error = _unshared(folder, dist)
     if error is not None:
+        if lock is not None:
+            lock.release()
         raise RunLockError(error)
     try:
         yield lock

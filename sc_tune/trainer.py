@@ -370,8 +370,11 @@ class SCTuneTrainer(Trainer):
 
     def _save(self, output_dir=None, state_dict=None):
         super()._save(output_dir, state_dict)
-        self.adapter.save_pretrained(output_dir or self.args.output_dir)
-        carry_source_files(output_dir or self.args.output_dir, self.source_dir)
+        # transformers calls _save on every rank and writes the weights only where should_save; the tokenizer and
+        # carried files likewise, or every process of every node rewrites them at once on the shared file system.
+        if self.args.should_save:
+            self.adapter.save_pretrained(output_dir or self.args.output_dir)
+            carry_source_files(output_dir or self.args.output_dir, self.source_dir)
 
     def _get_output_dir(self, trial):
         # While a checkpoint is staged, the Trainer writes checkpoint-N under the staging root and rotates there

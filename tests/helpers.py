@@ -248,3 +248,12 @@ def assert_prefix_batch_decodes_as_a_prefill(model, adapter, prompts, images, sh
                        cached.sequences[:, shared.batch.input_ids.shape[1] :])
     for step_plain, step_cached in zip(plain.logits, cached.logits, strict=True):
         torch.testing.assert_close(step_cached, step_plain, rtol=0, atol=1e-5)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a test's own rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

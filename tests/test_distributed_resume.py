@@ -10,6 +10,7 @@ import pytest
 
 from sc_tune import checkpoints
 from tests.conftest import ROOT
+from tests.helpers import free_port
 from tests.test_checkpoints import cli_args, step_losses
 
 pytestmark = pytest.mark.slow
@@ -66,14 +67,6 @@ def test_zero3_lora_trains_resumes_and_exports_a_merged_model(tiny_checkpoint, t
     assert (out / "lora_adapter" / "adapter_config.json").exists()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 def test_zero2_resume_is_exact_through_the_weights_only_loader_and_a_crafted_shard_is_refused(tiny_checkpoint,
                                                                                               tmp_path):
     """Issue 19, 1: DeepSpeed's shards load weights-only (its allowlisted classes) and resume exactly; a shard that
@@ -81,11 +74,11 @@ def test_zero2_resume_is_exact_through_the_weights_only_loader_and_a_crafted_sha
     model = tiny_checkpoint("qwen2_vl")
     zero2 = ["--deepspeed", os.path.join(ROOT, "scripts", "ds_config_zero2.json")]
     full = tmp_path / "full"
-    _torchrun(cli_args(model, full, "--max_steps", "4", *zero2), _free_port())
+    _torchrun(cli_args(model, full, "--max_steps", "4", *zero2), free_port())
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
-    _torchrun(cli_args(model, resumed, "--max_steps", "4", "--resume_from_checkpoint", "True", *zero2), _free_port())
+    _torchrun(cli_args(model, resumed, "--max_steps", "4", "--resume_from_checkpoint", "True", *zero2), free_port())
     expected, got = step_losses(full), step_losses(resumed)
     assert [got[s] for s in (3, 4)] == pytest.approx([expected[s] for s in (3, 4)], rel=1e-5, abs=1e-7)
 
@@ -108,7 +101,7 @@ def test_zero2_resume_is_exact_through_the_weights_only_loader_and_a_crafted_sha
     checkpoints.commit(str(staged), str(crafted / "checkpoint-4"), layout)  # sizes and hashes match the crafted shard
     argv = cli_args(model, crafted, "--max_steps", "6", "--resume_from_checkpoint", str(crafted / "checkpoint-4"),
                     *zero2)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            os.path.join(ROOT, "finetune.py"), *argv]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": os.path.join(ROOT, ".torch_extensions")}
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -15,18 +15,11 @@ import pytest
 from PIL import Image
 
 from sc_tune.tiny import save_tiny
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 NUM_RECORDS = 7  # odd: rank 0 scores 4 samples, rank 1 scores 3; batch size 2 leaves a partial batch
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(args, cwd, timeout=120):

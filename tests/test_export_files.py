@@ -188,3 +188,16 @@ def test_the_export_writes_the_inputs_config_with_the_written_dtype(tiny_checkpo
             assert (out / "config.json").read_bytes() == (base / "config.json").read_bytes()
         merged, _ = load_model_and_adapter(str(out), dtype="auto")
         assert {p.dtype for p in merged.parameters()} == {getattr(torch, dtype)}
+
+
+def test_only_the_saving_process_writes_the_tokenizer_and_carried_files(tiny_checkpoint, tmp_path, monkeypatch):
+    """transformers calls _save on every rank (ZeRO-3 gathers need them all) and writes weights only where
+    should_save; SC-Tune's tokenizer and carried files were written by every process of every node into the same
+    shared folder at once. A process that does not save writes nothing."""
+    trainer = make_trainer(tiny_checkpoint("qwen2_vl"), str(tmp_path / "run"))
+    monkeypatch.setattr(type(trainer.args), "should_save", property(lambda self: False))
+    trainer._save(str(tmp_path / "other_rank"))
+    assert not (tmp_path / "other_rank").exists() or not os.listdir(tmp_path / "other_rank")
+    monkeypatch.undo()
+    trainer._save(str(tmp_path / "main_rank"))
+    assert {"tokenizer.json", "preprocessor_config.json", "model.safetensors"} <= set(os.listdir(tmp_path / "main_rank"))

@@ -155,3 +155,45 @@ def test_a_lock_left_in_a_model_folder_is_not_carried_into_exports(tmp_path):
     (source / LOCK_FILE).write_text(json.dumps({"host": "node-7", "pid": 1}))
     (source / "chat_template.json").write_text("{}")
     assert carry_source_files(str(out), str(source)) == ["chat_template.json"]
+
+
+SHARED_FOLDER_CHECK = """
+import os, sys
+sys.path.insert(0, sys.argv[4])
+import torch.distributed as dist
+from sc_tune.run_lock import LOCK_FILE, RunLockError, hold
+rank, folders = int(sys.argv[1]), sys.argv[2].split(",")
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{sys.argv[3]}", rank=rank, world_size=2)
+folder = folders[rank]  # one path per rank: what a node with its own disk sees at the same --output_dir
+try:
+    with hold(folder, rank == 0, 2, every_rank_writes=True):
+        print("held", flush=True)
+except RunLockError as e:
+    print("refused:", e, flush=True)
+dist.barrier()  # rank 0 has released the lock
+print("lock left:", os.path.exists(os.path.join(folders[0], LOCK_FILE)), flush=True)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per-node"])
+def test_training_refuses_an_output_folder_the_nodes_do_not_share(tmp_path, shared):
+    """Every rank writes its part of each checkpoint into the output folder and rank 0 commits it, so an output
+    folder that is each node's own disk failed at the first save, after save_steps of training. Every rank now
+    looks for the lock rank 0 wrote; one that cannot see it stops every rank before the model loads, naming it, and
+    rank 0's lock is released."""
+    from tests.helpers import free_port
+
+    folders = [tmp_path / "run", tmp_path / "run" if shared else tmp_path / "node1_disk" / "run"]
+    port = free_port()
+    ranks = [subprocess.Popen([sys.executable, "-c", SHARED_FOLDER_CHECK, str(rank), ",".join(map(str, folders)),
+                               str(port), ROOT], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    outputs = [r.communicate(timeout=120)[0] for r in ranks]
+    if shared:
+        assert all(o.startswith("held") for o in outputs), outputs
+    else:
+        for rank, output in enumerate(outputs):
+            assert output.startswith(f"refused: {folders[rank]} is not one folder for every process: rank 1 on "), output
+            assert "cannot see the run lock that rank 0 wrote" in output
+    assert all(o.strip().endswith("lock left: False") for o in outputs), outputs

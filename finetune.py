@@ -32,7 +32,7 @@ from sc_tune.checkpoints import (
     resume_requested,
     save_failures_named,
 )
-from sc_tune.data import AnnotationError, ReferringDataset, check_fills_a_step
+from sc_tune.data import AnnotationError, ReferringDataset, check_fills_a_step, check_same_records_on_every_rank
 from sc_tune.export import export_trained
 from sc_tune.help_layout import build_parser
 from sc_tune.jsonio import JSONFileError
@@ -126,6 +126,7 @@ def _train(model_args, data_args, lora_args, args, overwritten: list[str]) -> SC
         size_problem=adapter.image_size_problem,
     )
     fills_a_step(len(dataset), skipped="bad records and unusable images" if skipping else None)
+    check_same_records_on_every_rank(dataset)
     logger.info("%d referring samples from %s", len(dataset), data_args.data_path)
     trainer = SCTuneTrainer(
         model=model, args=args, adapter=adapter, train_dataset=dataset, source_dir=model_args.model_name_or_path

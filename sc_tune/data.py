@@ -14,9 +14,12 @@ and the converters (EXIF orientation, 16-bit grayscale, palettes, alpha: see tha
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import logging
 import os
+import socket
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -227,6 +230,31 @@ def check_fills_a_step(num_records: int, source: str, per_device_batch: int, gra
             f"(--per_device_train_batch_size {per_device_batch} x --gradient_accumulation_steps {grad_accum} x "
             f"{world_size} process(es)); add records, or lower the batch size or the gradient accumulation"
         )
+
+
+def check_same_records_on_every_rank(dataset: ReferringDataset) -> None:
+    """Refuse training records that differ between processes.
+
+    Every process reads the annotation file and checks its images itself, so nodes that see different files (another
+    image folder, an image missing from one node's disk and skipped there with ``--skip_bad_records``) each hold
+    another list, and the sampler's indices then name other records on each node: a silently inconsistent run. An
+    AnnotationError naming the ranks and their counts, before any training (one all-gather of a digest)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    listed = json.dumps([(record["image"], record["bbox"]) for record in dataset.records]).encode()
+    views: list = [None] * dist.get_world_size()
+    dist.all_gather_object(views, (socket.gethostname(), len(dataset), hashlib.sha256(listed).hexdigest()))
+    if len({digest for _, _, digest in views}) == 1:
+        return
+    counts = "; ".join(f"rank {rank} on {host}: {count}" for rank, (host, count, digest) in enumerate(views)
+                       if rank == 0 or digest != views[0][2])
+    raise AnnotationError(
+        f"{dataset.source}: the processes hold different training records ({counts} records; the ranks not named "
+        "hold rank 0's). Each node reads the annotation file and its images itself: give every node the same data "
+        "and image folder (an image missing on one node is skipped there with --skip_bad_records)"
+    )
 
 
 @dataclass

@@ -190,3 +190,44 @@ def test_repeated_records_are_kept_but_named(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         check_annotation_records([rows[0], rows[2]], "held_out.json")
     assert "held_out.json: 1 record(s) repeat" in caplog.text
+
+
+def test_processes_holding_different_records_are_refused_naming_them(monkeypatch):
+    """Each node reads the annotation file and checks its images itself: a node that skipped an image missing from
+    its own disk (--skip_bad_records) held 51 records where rank 0 held 54, and the sampler's indices named other
+    records there, silently. The ranks compare a digest of their records before training."""
+    import torch.distributed as dist
+
+    from sc_tune.data import check_same_records_on_every_rank
+
+    dataset = ReferringDataset.from_file(SAMPLE_DATA, SAMPLE_IMAGES)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+
+    def gathered_with(rank1_view):  # all_gather_object as rank 0 sees it: its own view, then rank 1's
+        return lambda out, mine: out.__setitem__(slice(None), [mine, rank1_view])
+
+    def view_on_node_b(records):  # what rank 1, on node-b, contributes for its records
+        seen = []
+
+        def alone(out, mine):
+            seen.append(mine)
+            out[:] = [mine, mine]
+
+        monkeypatch.setattr(dist, "all_gather_object", alone)
+        check_same_records_on_every_rank(ReferringDataset(records, SAMPLE_IMAGES, SAMPLE_DATA))
+        return ("node-b", *seen[0][1:])
+
+    same, fewer = view_on_node_b(dataset.records), view_on_node_b(dataset.records[3:])
+    monkeypatch.setattr(dist, "all_gather_object", gathered_with(same))
+    check_same_records_on_every_rank(dataset)  # the same records on another node: fine
+    monkeypatch.setattr(dist, "all_gather_object", gathered_with(fewer))
+    with pytest.raises(AnnotationError, match=rf"{SAMPLE_DATA}: the processes hold different training records "
+                                              rf"\(rank 0 on .*: {len(dataset)}; rank 1 on node-b: {len(dataset) - 3} "
+                                              "records"):
+        check_same_records_on_every_rank(dataset)
+    moved = [dict(r) for r in dataset.records]
+    moved[0]["bbox"] = [0.0, 0.0, 0.5, 0.5]  # as many records, one box not the same
+    monkeypatch.setattr(dist, "all_gather_object", gathered_with(view_on_node_b(moved)))
+    with pytest.raises(AnnotationError, match="different training records"):
+        check_same_records_on_every_rank(dataset)

@@ -200,4 +200,5 @@ def test_only_the_saving_process_writes_the_tokenizer_and_carried_files(tiny_che
     assert not (tmp_path / "other_rank").exists() or not os.listdir(tmp_path / "other_rank")
     monkeypatch.undo()
     trainer._save(str(tmp_path / "main_rank"))
-    assert {"tokenizer.json", "preprocessor_config.json", "model.safetensors"} <= set(os.listdir(tmp_path / "main_rank"))
+    written = set(os.listdir(tmp_path / "main_rank"))
+    assert {"tokenizer.json", "preprocessor_config.json", "model.safetensors"} <= written

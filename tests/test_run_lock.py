@@ -194,6 +194,7 @@ def test_training_refuses_an_output_folder_the_nodes_do_not_share(tmp_path, shar
         assert all(o.startswith("held") for o in outputs), outputs
     else:
         for rank, output in enumerate(outputs):
-            assert output.startswith(f"refused: {folders[rank]} is not one folder for every process: rank 1 on "), output
+            refusal = f"refused: {folders[rank]} is not one folder for every process: rank 1 on "
+            assert output.startswith(refusal), output
             assert "cannot see the run lock that rank 0 wrote" in output
     assert all(o.strip().endswith("lock left: False") for o in outputs), outputs

@@ -34,3 +34,41 @@ sc_tune_launch() {
     fi
     return "$sc_tune_code"
 }
+
+# sc_tune_rendezvous: check the launch's NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT, give the one-node defaults,
+# and pick the port; exits 2 naming a variable that cannot work. On several nodes NODE_RANK and MASTER_ADDR must be
+# set on each: the one-node defaults (0, localhost) made two nodes both rank 0, or a node wait for itself, in silence
+# until torchrun's rendezvous timed out (15 minutes). The caller passes them on to torchrun.
+sc_tune_rendezvous() {
+    NNODES=${NNODES:-1}
+    case "$NNODES" in
+        '' | *[!0-9]* | 0) echo "error: NNODES must be a number of nodes (1, 2, ...), got '$NNODES'" >&2; exit 2 ;;
+    esac
+    if [ "$NNODES" != 1 ]; then
+        if [ -z "${NODE_RANK:-}" ] || [ -z "${MASTER_ADDR:-}" ]; then
+            echo "error: NNODES=$NNODES: set NODE_RANK (0..$((NNODES - 1)), one per node) and MASTER_ADDR (node 0's" \
+                "address) on every node" >&2
+            exit 2
+        fi
+        case "$NODE_RANK" in
+            *[!0-9]*) echo "error: NODE_RANK must be a number in 0..$((NNODES - 1)), got '$NODE_RANK'" >&2; exit 2 ;;
+        esac
+        if [ "$NODE_RANK" -ge "$NNODES" ]; then
+            echo "error: NODE_RANK $NODE_RANK is not in 0..$((NNODES - 1)) (NNODES=$NNODES)" >&2
+            exit 2
+        fi
+    fi
+    NODE_RANK=${NODE_RANK:-0}
+    MASTER_ADDR=${MASTER_ADDR:-localhost}
+    if [ -z "${MASTER_PORT:-}" ] && [ "$NNODES" = 1 ]; then
+        # A fixed default collides with any other job on the machine (EADDRINUSE): ask the kernel for a free one.
+        MASTER_PORT=$(python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')
+    elif [ -z "${MASTER_PORT:-}" ]; then
+        MASTER_PORT=6001  # several nodes must agree on the port: set MASTER_PORT on every node to change it
+    fi
+    if [ "$NODE_RANK" = 0 ] && ! python -c 'import socket, sys; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("", int(sys.argv[1])))' "$MASTER_PORT" 2>/dev/null; then
+        echo "error: MASTER_PORT $MASTER_PORT is in use on this machine (another job?): set MASTER_PORT to a free port" \
+            "(on every node), or leave it unset on a single node to get a free one" >&2
+        exit 2
+    fi
+}

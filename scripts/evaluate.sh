@@ -26,15 +26,20 @@ BOX_FORMAT=${BOX_FORMAT:-native}        # native | generic: the --box_format the
 IMAGE_MAX_PIXELS=${IMAGE_MAX_PIXELS:-}  # the --image_max_pixels the model was trained with (empty: the checkpoint's)
 MAX_SAMPLES=${MAX_SAMPLES:-}            # empty = all records
 GRID_SAMPLES=${GRID_SAMPLES:-16}        # self-consistency: cycles drawn in the PNG grid
-MASTER_PORT=${MASTER_PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}  # free
+NNODES=${NNODES:-1}                     # several nodes: the same command on each, as scripts/finetune_ds.sh
+NODE_RANK=${NODE_RANK:-}                # several nodes: 0..NNODES-1, one per node (required there)
+MASTER_ADDR=${MASTER_ADDR:-}            # several nodes: node 0's address (required there)
+MASTER_PORT=${MASTER_PORT:-}            # empty: a free port on one node, 6001 on several
 EXTRA_ARGS=${EXTRA_ARGS:-}              # anything else for evaluate.py, e.g. "--no_meteor"
 TORCHRUN=${TORCHRUN:-torchrun}          # the launcher
 
+sc_tune_rendezvous  # scripts/env.sh: NNODES, NODE_RANK, MASTER_ADDR checked; MASTER_PORT picked
 set --
 if [ -n "$MAX_SAMPLES" ]; then set -- --max_samples "$MAX_SAMPLES"; fi
 if [ -n "$IMAGE_MAX_PIXELS" ]; then set -- "$@" --image_max_pixels "$IMAGE_MAX_PIXELS"; fi
 # If it fails, the processes' own error lines are repeated below torchrun's failure banner (scripts/env.sh).
 # shellcheck disable=SC2086  # DATA and EXTRA_ARGS are space-separated lists on purpose
-sc_tune_launch $TORCHRUN --nproc_per_node "$NPROC" --master_port "$MASTER_PORT" evaluate.py --task "$TASK" \
+sc_tune_launch $TORCHRUN --nproc_per_node "$NPROC" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
+    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" evaluate.py --task "$TASK" \
     --model_name_or_path "$MODEL" --data_path $DATA --image_folder "$IMAGE_FOLDER" --output_dir "$OUTPUT_DIR" \
     --per_device_eval_batch_size "$BATCH_SIZE" --dtype "$DTYPE" --grid_samples "$GRID_SAMPLES" --box_format "$BOX_FORMAT" "$@" $EXTRA_ARGS

@@ -24,8 +24,8 @@ fi
 
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-MASTER_ADDR=${MASTER_ADDR:-localhost}
+NODE_RANK=${NODE_RANK:-}                       # several nodes: 0..NNODES-1, one per node (required there)
+MASTER_ADDR=${MASTER_ADDR:-}                   # several nodes: node 0's address (required there); one node: localhost
 MASTER_PORT=${MASTER_PORT:-}                   # empty: a free port on one node, 6001 on several (set it on every node)
 USE_CPU=${USE_CPU:-auto}                       # auto: --use_cpu True when torch sees no CUDA GPU | True | False
 
@@ -66,20 +66,7 @@ if [ -n "$DS_CONFIG" ]; then DS_ARGS="--deepspeed $DS_CONFIG"; fi
 PIXEL_ARGS=""
 if [ -n "$IMAGE_MAX_PIXELS" ]; then PIXEL_ARGS="--image_max_pixels $IMAGE_MAX_PIXELS"; fi
 
-port_is_free() {
-    python -c 'import socket, sys; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("", int(sys.argv[1])))' "$1" 2>/dev/null
-}
-if [ -z "$MASTER_PORT" ] && [ "$NNODES" = 1 ]; then
-    # A fixed default collides with any other job on the machine (EADDRINUSE): ask the kernel for a free one.
-    MASTER_PORT=$(python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')
-elif [ -z "$MASTER_PORT" ]; then
-    MASTER_PORT=6001  # several nodes must agree on the port: set MASTER_PORT on every node to change it
-fi
-if [ "$NODE_RANK" = 0 ] && ! port_is_free "$MASTER_PORT"; then
-    echo "error: MASTER_PORT $MASTER_PORT is in use on this machine (another job?): set MASTER_PORT to a free port" \
-        "(on every node), or leave it unset on a single node to get a free one" >&2
-    exit 2
-fi
+sc_tune_rendezvous  # scripts/env.sh: NNODES, NODE_RANK, MASTER_ADDR checked; MASTER_PORT picked
 
 CPU_ARGS=""
 if [ "$USE_CPU" = auto ]; then
@@ -97,6 +84,13 @@ if [ "$USE_CPU" = True ]; then CPU_ARGS="--use_cpu True"; fi
 if [ -n "$DS_CONFIG" ] && ! find "$TORCH_EXTENSIONS_DIR" -name '*.so' 2>/dev/null | grep -q .; then
     echo "note: the first DeepSpeed launch on this machine compiles its ops into $TORCH_EXTENSIONS_DIR; that takes" \
         "about 2-3 minutes with no output before the first step. Later launches reuse them." >&2
+fi
+if [ -n "$DS_CONFIG" ]; then
+    # torch waits, silently and for ever, on the lock file of a compile that was killed (every node shares the folder).
+    for lock in $(find "$TORCH_EXTENSIONS_DIR" -maxdepth 3 -name lock 2>/dev/null); do
+        echo "note: $lock is left by an op compile; if no other launch is compiling now, delete it, or this launch" \
+            "waits on it with no output" >&2
+    done
 fi
 
 # shellcheck disable=SC2086

@@ -159,7 +159,29 @@ def test_finetune_ds_picks_a_free_port_and_refuses_a_busy_one(launcher):
         result, argv = launcher("finetune_ds.sh", MASTER_PORT=str(port))
     assert result.returncode == 2 and argv is None
     assert f"MASTER_PORT {port} is in use" in result.stderr
-    assert flag(launcher("finetune_ds.sh", NNODES="2", NODE_RANK="1")[1], "--master_port") == "6001"  # nodes agree
+    several = launcher("finetune_ds.sh", NNODES="2", NODE_RANK="1", MASTER_ADDR="10.0.0.1")[1]
+    assert flag(several, "--master_port") == "6001"  # nodes agree
+
+
+@pytest.mark.parametrize("script", ["finetune_ds.sh", "evaluate.sh"])
+def test_several_nodes_need_their_rank_and_node_0s_address(launcher, script):
+    """On several nodes the one-node defaults (NODE_RANK 0, MASTER_ADDR localhost) made two nodes both rank 0, or a
+    node wait for itself, silently until torchrun's rendezvous timed out (15 minutes): each is refused at once,
+    naming the variable. evaluate.sh takes the same variables (it ran each node as a world of its own)."""
+    for env, message in (({"NNODES": "2", "MASTER_ADDR": "10.0.0.1"}, "NNODES=2: set NODE_RANK (0..1, one per node)"),
+                         ({"NNODES": "2", "NODE_RANK": "1"}, "and MASTER_ADDR (node 0's address) on every node"),
+                         ({"NNODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "10.0.0.1"}, "NODE_RANK 2 is not in 0..1"),
+                         ({"NNODES": "2", "NODE_RANK": "one", "MASTER_ADDR": "10.0.0.1"}, "NODE_RANK must be a number"),
+                         ({"NNODES": "two"}, "NNODES must be a number of nodes")):
+        result, argv = launcher(script, **env)
+        assert result.returncode == 2 and argv is None, (env, result.stderr)
+        assert message in result.stderr, (env, result.stderr)
+    result, argv = launcher(script, NNODES="2", NODE_RANK="1", MASTER_ADDR="10.0.0.1", MASTER_PORT="29400")
+    assert result.returncode == 0, result.stderr
+    assert [flag(argv, f) for f in ("--nnodes", "--node_rank", "--master_addr", "--master_port")] == \
+        ["2", "1", "10.0.0.1", "29400"]
+    result, argv = launcher(script)  # one node: the defaults
+    assert [flag(argv, f) for f in ("--nnodes", "--node_rank", "--master_addr")] == ["1", "0", "localhost"]
 
 
 BANNER = """[rank0]: Traceback (most recent call last):
@@ -209,6 +231,12 @@ def test_finetune_ds_says_the_first_deepspeed_launch_compiles(launcher, tmp_path
     (extensions / "py311_cpu" / "deepspeed_shm_comm").mkdir(parents=True)
     (extensions / "py311_cpu" / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"")
     assert "compiles" not in launcher("finetune_ds.sh", TORCH_EXTENSIONS_DIR=str(extensions))[0].stderr
+    assert "left by an op compile" not in launcher("finetune_ds.sh", TORCH_EXTENSIONS_DIR=str(extensions))[0].stderr
+    # A compile killed midway leaves its lock: torch then waits on it, silently and for ever, at every later launch.
+    lock = extensions / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    lock.write_bytes(b"")
+    noted = launcher("finetune_ds.sh", TORCH_EXTENSIONS_DIR=str(extensions))[0].stderr
+    assert f"note: {lock} is left by an op compile" in noted
 
 
 def test_a_torchvision_that_does_not_load_is_named_before_transformers_fails(tmp_path):

@@ -10,7 +10,8 @@ Each test is parametrised over the folders that are there:
 - a tiny random model on a release's real tokenizer, template and processor settings builds batches, trains on its
   real answer form and locates;
 - ``python -m sc_tune.families budget`` on a release's folder;
-- locating from the scored image prefix, with the released template and processor (images of two sizes).
+- locating from the scored image prefix, with the released template and processor (images of two sizes);
+- the family's own processor builds the same inputs as the adapter from the rendered prompt and image.
 """
 
 import json
@@ -244,3 +245,27 @@ def test_locating_from_the_scored_image_prefix_on_released_files(released_files_
     resumed = locate_from_prefix(model, adapter, rows_images, captions, settings, scored, source_rows)
     assert_prefix_batch_decodes_as_a_prefill(model, adapter, prompts, rows_images, shared)
     assert resumed == locate(model, adapter, rows_images, captions, settings)
+
+
+@pytest.mark.parametrize("folder", real.present(real.TOKENIZER_FOLDERS, ("tokenizer", "template", "processor")))
+def test_the_familys_processor_builds_the_same_inputs_from_the_rendered_prompt(folder):
+    """The family's own processor (what its chat demo runs), given SC-Tune's rendered prompt and the image, builds
+    the very inputs SC-Tune's adapter builds: the image marker expanded into the same image tokens, the same pixels
+    and the same per-token types, from the released tokenizer, processor settings and template. (A chat template
+    adds its own special tokens, so the processor adds none here, as its apply_chat_template does.)"""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(real.path(folder))
+    except ImportError as e:  # the families with a video processor need torchvision (the demo extra)
+        pytest.skip(f"{folder}: AutoProcessor needs {' '.join(str(e).split())[:80]}")
+    adapter = _real_adapter(folder)
+    for size, colour in (((97, 61), (200, 30, 30)), ((40, 300), (30, 30, 200))):
+        photo = Image.new("RGB", size, colour)
+        image = adapter.prepare_image(photo)
+        for prompt in (adapter.describer_prompt(BOX, image), adapter.locator_prompt(CAPTION, image)):
+            ours = adapter.build_batch([prompt], [image]).inputs
+            theirs = processor(text=[prompt], images=[[photo]], add_special_tokens=False, return_tensors="pt")
+            assert sorted(ours) == sorted(theirs), (sorted(ours), sorted(theirs))
+            for key in ours:
+                assert torch.equal(ours[key], theirs[key]), (folder, key, size)

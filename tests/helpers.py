@@ -206,8 +206,8 @@ def processor_settings(folder: str) -> dict:
 
     try:
         processor = AutoProcessor.from_pretrained(folder)
-    # torchvision missing, remote code needed, or (tiny Gemma 3) a tokenizer without Gemma's named tokens
-    except (ImportError, ValueError, OSError, AttributeError) as e:
+    # torchvision missing (InternVL says so with a ValueError), or remote code needed (Qwen-VL)
+    except (ImportError, ValueError, OSError) as e:
         settings = {"AutoProcessor": f"{type(e).__name__}"}
     else:
         tokenizer = getattr(processor, "tokenizer", processor)
@@ -257,3 +257,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def assert_the_familys_processor_builds_the_adapters_inputs(folder: str, adapter) -> None:
+    """The family's own processor of ``folder`` (``AutoProcessor``, what its chat demo runs), given the adapter's
+    rendered describer and locator prompts and an image, builds the very inputs the adapter builds: the image marker
+    expanded into the same image tokens, the same pixels, the same per-token types. (The rendered prompt already
+    holds the template's special tokens, so the processor adds none, as its apply_chat_template does.) Skips where
+    AutoProcessor cannot load here: the families with a video processor need torchvision (the demo extra)."""
+    import pytest
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(folder)
+    except (ImportError, ValueError) as e:  # InternVL's says so with a ValueError
+        if "torchvision" not in str(e).lower():
+            raise
+        pytest.skip(f"AutoProcessor of {folder} needs torchvision (the demo extra)")
+    for size, colour in (((97, 61), (200, 30, 30)), ((40, 300), (30, 30, 200))):
+        photo = Image.new("RGB", size, colour)
+        image = adapter.prepare_image(photo)
+        for prompt in (adapter.describer_prompt([0.1, 0.2, 0.5, 0.6], image), adapter.locator_prompt("the dog", image)):
+            ours = adapter.build_batch([prompt], [image]).inputs
+            theirs = processor(text=[prompt], images=[[photo]], add_special_tokens=False, return_tensors="pt")
+            assert sorted(ours) == sorted(theirs), (sorted(ours), sorted(theirs))
+            for key in ours:
+                assert torch.equal(ours[key], theirs[key]), (folder, key, size)

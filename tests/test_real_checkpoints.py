@@ -38,7 +38,8 @@ from sc_tune.modeling import load_model_and_adapter  # noqa: E402
 from sc_tune.prompt_cache import ScoredPrompts, keep_prompt_columns, shared_prefix_batch  # noqa: E402
 from sc_tune.rollout import (LOCATOR_BUDGET_MARGIN, GenerationSettings, describe, locate,  # noqa: E402
                              locate_from_prefix, locator_budget, widest_locator_answer)
-from tests.helpers import assert_prefix_batch_decodes_as_a_prefill  # noqa: E402
+from tests.helpers import (assert_prefix_batch_decodes_as_a_prefill,  # noqa: E402
+                           assert_the_familys_processor_builds_the_adapters_inputs)
 
 BOX = [0.1, 0.2, 0.5, 0.6]
 CAPTION = "the red circle"
@@ -253,19 +254,4 @@ def test_the_familys_processor_builds_the_same_inputs_from_the_rendered_prompt(f
     the very inputs SC-Tune's adapter builds: the image marker expanded into the same image tokens, the same pixels
     and the same per-token types, from the released tokenizer, processor settings and template. (A chat template
     adds its own special tokens, so the processor adds none here, as its apply_chat_template does.)"""
-    from transformers import AutoProcessor
-
-    try:
-        processor = AutoProcessor.from_pretrained(real.path(folder))
-    except ImportError as e:  # the families with a video processor need torchvision (the demo extra)
-        pytest.skip(f"{folder}: AutoProcessor needs {' '.join(str(e).split())[:80]}")
-    adapter = _real_adapter(folder)
-    for size, colour in (((97, 61), (200, 30, 30)), ((40, 300), (30, 30, 200))):
-        photo = Image.new("RGB", size, colour)
-        image = adapter.prepare_image(photo)
-        for prompt in (adapter.describer_prompt(BOX, image), adapter.locator_prompt(CAPTION, image)):
-            ours = adapter.build_batch([prompt], [image]).inputs
-            theirs = processor(text=[prompt], images=[[photo]], add_special_tokens=False, return_tensors="pt")
-            assert sorted(ours) == sorted(theirs), (sorted(ours), sorted(theirs))
-            for key in ours:
-                assert torch.equal(ours[key], theirs[key]), (folder, key, size)
+    assert_the_familys_processor_builds_the_adapters_inputs(real.path(folder), _real_adapter(folder))

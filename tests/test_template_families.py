@@ -99,6 +99,17 @@ def test_prompts_go_through_the_family_chat_template(family):
         assert adapter.locator_target(BOX, image, "the dog") == "[100, 200, 500, 600]" + adapter.end_text
 
 
+def test_the_familys_processor_loads_the_tiny_folder_and_builds_the_adapters_inputs(family):
+    """A tiny folder is written as a release is (the named special tokens the processor reads off the tokenizer,
+    processor_config.json): the family's own AutoProcessor loads it (it failed on InternVL, Gemma 3 / 4 and
+    LLaVA-OneVision: "no attribute boi_token", ...) and builds the adapter's inputs from its rendered prompt
+    (where AutoProcessor loads without torchvision: Gemma 3 and SmolVLM v1 here)."""
+    from tests.helpers import assert_the_familys_processor_builds_the_adapters_inputs
+
+    _, path, _, adapter = family
+    assert_the_familys_processor_builds_the_adapters_inputs(path, adapter)
+
+
 def test_internvl_generic_box_format_uses_the_generic_prompts(tiny_checkpoint):
     adapter = adapter_class("internvl").from_pretrained(tiny_checkpoint("internvl"), box_format="generic")
     image = adapter.prepare_image(_odd_images()[0])

@@ -58,6 +58,9 @@ class TinySpec:
     tokenizer_class: Callable[[], type] = field(default=lambda: _default_tokenizer_class())
     chat_template: str = ""  # a stand-in for the released template (sc_tune.tiny.chat_templates)
     bos_token: str | None = None  # where the released tokenizer names one (its chat template writes it)
+    # Special tokens the released tokenizer config names, which the family's processor reads off the tokenizer
+    # (Gemma 3's ``boi_token``, InternVL's ``start_image_token``): without them AutoProcessor cannot load the folder.
+    named_tokens: tuple[tuple[str, str], ...] = ()
     # Re-draws some of the random model's weights after transformers' own init: (model, seed) -> None. For a
     # model trained from scratch (the benchmark's warm starts) where transformers' init is not the reference's.
     reinit: Callable[[object, int], None] | None = None
@@ -94,6 +97,7 @@ def build_tokenizer(spec: TinySpec, corpus: Iterable[str] = DEFAULT_CORPUS, voca
         bos_token=spec.bos_token,
         extra_special_tokens=list(spec.special_tokens[1:]),
         padding_side="left",
+        **dict(spec.named_tokens),
     )
     if spec.chat_template:
         tokenizer.chat_template = spec.chat_template

@@ -146,13 +146,15 @@ def _gemma3_random_projector(model) -> None:
 
 # ---------------------------------------------------------------- Gemma 4
 GEMMA4_PATCH = 4
+GEMMA4_MAX_SOFT_TOKENS = 70  # the smallest soft-token budget the image processor accepts
 
 
 def _gemma4_image_processor(image_size: int):
     from transformers import Gemma4ImageProcessorPil
 
-    # 70 soft tokens is the smallest budget the image processor accepts; tiny patches keep the tower cheap.
-    return Gemma4ImageProcessorPil(patch_size=GEMMA4_PATCH, max_soft_tokens=70, pooling_kernel_size=2)
+    # Tiny patches keep the tower cheap.
+    return Gemma4ImageProcessorPil(patch_size=GEMMA4_PATCH, max_soft_tokens=GEMMA4_MAX_SOFT_TOKENS,
+                                   pooling_kernel_size=2)
 
 
 def _gemma4_config(tokenizer, sizes: TinySizes):
@@ -289,7 +291,7 @@ def _smolvlm_processor_config(model_type: str) -> Callable[[object], dict]:
     return build
 
 
-def _spec(special_tokens, eos_token, image_processor, config, bos_token=None) -> TinySpec:
+def _spec(special_tokens, eos_token, image_processor, config, bos_token=None, named_tokens=None) -> TinySpec:
     return TinySpec(
         special_tokens=tuple(special_tokens),
         eos_token=eos_token,
@@ -297,7 +299,31 @@ def _spec(special_tokens, eos_token, image_processor, config, bos_token=None) ->
         image_processor=image_processor,
         config=config,
         bos_token=bos_token,
+        named_tokens=tuple((named_tokens or {}).items()),
     )
+
+
+# The released processor_config.json of the families whose processor reads its image-token count there (from the
+# model config, as the releases' values are: Gemma 3's 256 = mm_tokens_per_image; InternVL's 256 = its tile's
+# features; LLaVA-OneVision's 729 = 27 x 27 patches of the base view).
+def _gemma3_processor_config(config) -> dict:
+    return {"image_seq_length": int(config.mm_tokens_per_image), "processor_class": "Gemma3Processor"}
+
+
+def _gemma4_processor_config(config) -> dict:
+    # The most soft tokens an image may take (the processor counts each image's own from the image processor).
+    return {"image_seq_length": GEMMA4_MAX_SOFT_TOKENS, "processor_class": "Gemma4Processor"}
+
+
+def _internvl_processor_config(config) -> dict:
+    return {"image_seq_length": int(config.image_seq_length), "processor_class": "InternVLProcessor"}
+
+
+def _llava_onevision_processor_config(config) -> dict:
+    vision = config.vision_config
+    return {"num_image_tokens": (vision.image_size // vision.patch_size) ** 2,
+            "vision_feature_select_strategy": config.vision_feature_select_strategy,
+            "vision_aspect_ratio": config.vision_aspect_ratio, "processor_class": "LlavaOnevisionProcessor"}
 
 
 CHATML = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -309,9 +335,12 @@ TINY_TEMPLATE_SPECS: dict[str, TemplateTinySpec] = {
             "<|im_end|>",
             _internvl_image_processor,
             _internvl_config,
+            named_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
+                          "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"},
         ),
         lambda: _chatml_template("<IMG_CONTEXT>\\n"),
         sized_vision=True,
+        processor_config=_internvl_processor_config,
     ),
     "gemma3": TemplateTinySpec(
         _spec(
@@ -320,9 +349,12 @@ TINY_TEMPLATE_SPECS: dict[str, TemplateTinySpec] = {
             _gemma3_image_processor,
             _gemma3_config,
             bos_token="<bos>",
+            named_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                          "image_token": "<image_soft_token>"},
         ),
         lambda: _gemma_template("<start_of_turn>", "<end_of_turn>", "<start_of_image>"),
         _gemma3_random_projector,
+        processor_config=_gemma3_processor_config,
     ),
     "gemma4": TemplateTinySpec(
         _spec(
@@ -332,12 +364,17 @@ TINY_TEMPLATE_SPECS: dict[str, TemplateTinySpec] = {
             _gemma4_image_processor,
             _gemma4_config,
             bos_token="<bos>",
+            named_tokens={"boi_token": "<|image>", "eoi_token": "<image|>", "image_token": "<|image|>",
+                          "boa_token": "<|audio>", "eoa_token": "<audio|>", "audio_token": "<|audio|>"},
         ),
         lambda: _gemma_template("<|turn>", "<turn|>", "<|image|>", "<|channel>thought\\n<channel|>"),
+        processor_config=_gemma4_processor_config,
     ),
     "llava_onevision": TemplateTinySpec(
-        _spec((*CHATML, "<image>", "<video>"), "<|im_end|>", _llava_onevision_image_processor, _llava_onevision_config),
+        _spec((*CHATML, "<image>", "<video>"), "<|im_end|>", _llava_onevision_image_processor, _llava_onevision_config,
+              named_tokens={"image_token": "<image>", "video_token": "<video>"}),
         lambda: _chatml_template("<image>\\n"),
+        processor_config=_llava_onevision_processor_config,
     ),
     **{
         model_type: TemplateTinySpec(

@@ -85,10 +85,16 @@ def carry_source_config(output_dir: str, source_dir: str) -> None:
     saved_config, config = read_json(saved), read_json(source)
     written = saved_config.get("dtype") or saved_config.get("torch_dtype")
     dtype_keys = [key for key in ("torch_dtype", "dtype") if key in config] or ["dtype"]
-    if written is None or all(config.get(key) == written for key in dtype_keys):
+    changed = {key: written for key in dtype_keys if written is not None and config.get(key) != written}
+    # A quantised input written back in full precision (the merge loads the base unquantised): not quantised now.
+    dequantised = "quantization_config" in config and "quantization_config" not in saved_config
+    if not changed and not dequantised:
         shutil.copyfile(source, saved)  # the released file, byte for byte
         return
-    write_json(saved, {**config, **{key: written for key in dtype_keys}})
+    config.update(changed)
+    if dequantised:
+        del config["quantization_config"]
+    write_json(saved, config)
 
 
 def finalize_export(output_dir: str, source_dir: str) -> None:

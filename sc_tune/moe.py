@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+from sc_tune.arguments import ArgumentError
+
 
 @contextmanager
 def as_configured():
@@ -58,8 +60,6 @@ def router_aux_coefficient(model, enabled: bool, override: float | None, lora: b
         # Gemma 4's MoE (26B-A4B) was released without a load-balancing loss: its config names no weight and its
         # forward returns no aux_loss, so there is no term to add. Asking for one is an error, not a crash mid-step.
         if override is not None:
-            from sc_tune.arguments import ArgumentError
-
             raise ArgumentError(f"--moe_aux_loss_coef {override:g}: {type(model).__name__} defines no router "
                                 "load-balancing loss (its config has no router_aux_loss_coef); leave the flag out")
         return 0.0

@@ -202,3 +202,18 @@ def test_only_the_saving_process_writes_the_tokenizer_and_carried_files(tiny_che
     trainer._save(str(tmp_path / "main_rank"))
     written = set(os.listdir(tmp_path / "main_rank"))
     assert {"tokenizer.json", "preprocessor_config.json", "model.safetensors"} <= written
+
+
+def test_a_quantised_inputs_config_is_carried_without_its_quantisation(tmp_path):
+    """The merge loads the base unquantised and writes full-precision weights: the input's quantization_config
+    no longer applies and is left out of the carried config (everything else kept)."""
+    from sc_tune.export import carry_source_config
+
+    source, out = tmp_path / "source", tmp_path / "out"
+    source.mkdir()
+    out.mkdir()
+    released = {"model_type": "qwen2_5_vl", "torch_dtype": "bfloat16", "quantization_config": {"quant_method": "awq"}}
+    (source / "config.json").write_text(json.dumps(released))
+    (out / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl", "dtype": "bfloat16"}))
+    carry_source_config(str(out), str(source))
+    assert json.loads((out / "config.json").read_text()) == {"model_type": "qwen2_5_vl", "torch_dtype": "bfloat16"}

@@ -329,10 +329,9 @@ class SCTuneConfig(TrainingArguments):
     resume_allow_changes: str = field(
         default="",
         metadata={
-            # The recorded settings: model, model_type, lora, schedule, kl_coef, clip_range, gamma,
-            # per_device_train_batch_size, gradient_accumulation_steps, seed, world_size, precision, deepspeed
-            # (world_size changes only at a phase switch without DeepSpeed). README lists them too.
-            "help": "Settings a resume may change, comma-separated (e.g. seed,model; README lists them)."
+            # The recorded settings: sc_tune.resume.run_settings (docs/usage.md lists them).
+            "help": "Settings a resume may change, comma-separated, by the names a refusal gives (e.g. seed,data; "
+                    "docs/usage.md lists them)."
         },
     )
     overwrite_output_dir: bool = field(
@@ -416,6 +415,10 @@ class SCTuneConfig(TrainingArguments):
             raise ArgumentError("--save_only_model is not supported: SC-Tune's checkpoints hold the optimizer, "
                                 "scheduler and RNG states so that a run resumes exactly; the output folder's export "
                                 "is already the model alone (raise --save_steps to save less often)")
+        if self.ignore_data_skip:
+            # The Trainer would restart the data stream at its first batch: a resume would no longer be exact.
+            raise ArgumentError("--ignore_data_skip is not supported: a resume continues the data stream exactly "
+                                "where the checkpoint left it")
         if self.save_on_each_node:
             # Each node's first process would stage, verify and rename the same checkpoint-N: SC-Tune's checkpoints are
             # written by every rank into one folder on a file system all nodes share, and committed by rank 0.

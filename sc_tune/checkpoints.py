@@ -275,19 +275,26 @@ def rotate(run_dir: str, save_total_limit: int | None, protected: set[str]) -> N
 
 
 # ---------------------------------------------------------------------------------------------- run settings
-def settings_mismatches(checkpoint: str, saved: dict, current: dict, allowed: set[str]) -> list[str]:
-    """Errors for settings that changed since ``checkpoint`` was saved, unless listed in ``allowed``."""
+def settings_mismatches(checkpoint: str, saved: dict, current: dict, allowed: set[str],
+                        flags: dict[str, str] | None = None) -> list[str]:
+    """Errors for settings that changed since ``checkpoint`` was saved, unless listed in ``allowed``. A setting that
+    is a dict (the schedule, the model's files, the data) names only the entries that changed (``flags``: the
+    command-line flag of an entry, where it has one)."""
     errors = []
     for key in sorted(saved.keys() | current.keys()):
         old, new = saved.get(key), current.get(key)
         if old == new:
             continue
-        if key in allowed:
-            logger.warning(
-                "%s: %s changed from %r to %r (allowed by --resume_allow_changes)", checkpoint, key, old, new
+        change = f"checkpoint {old!r}, now {new!r}"
+        if isinstance(old, dict) and isinstance(new, dict):
+            change = ", ".join(
+                f"{part}{f' ({flags[part]})' if flags and part in flags else ''} checkpoint {old.get(part)!r}, "
+                f"now {new.get(part)!r}" for part in sorted(old.keys() | new.keys()) if old.get(part) != new.get(part)
             )
+        if key in allowed:
+            logger.warning("%s: %s changed: %s (allowed by --resume_allow_changes)", checkpoint, key, change)
             continue
-        errors.append(f"{key}: checkpoint {old!r}, now {new!r}")
+        errors.append(f"{key}: {change}")
     return errors
 
 

@@ -15,6 +15,8 @@ Resuming, rank 0 finds the checkpoint, checks it and the run settings (a change 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from contextlib import contextmanager
@@ -33,16 +35,70 @@ from sc_tune.snapshot import Snapshot, is_peft
 logger = logging.getLogger(__name__)
 
 
+# The method's settings a resume must keep (each changes what a step computes: the sampled captions, the reward and
+# its baseline, the locator's answer form, the KL control); recorded since 2026-12-05.
+METHOD_SETTINGS = ("describer_temperature", "describer_top_k", "describer_top_p", "describer_min_new_tokens",
+                   "describer_max_new_tokens", "locator_max_new_tokens", "num_generations", "describer_baseline",
+                   "scale_rewards_by_group_std", "reward", "ratio_threshold", "policy_kl_stop", "kl_controller",
+                   "kl_target", "kl_horizon")
 # Run settings that checkpoints of earlier versions do not record: compared only where the checkpoint holds them.
-RECORDED_LATER = frozenset({"zero_stage"})
+RECORDED_LATER = frozenset({"zero_stage", "data", "model_files", "box_format", "trainable_parameters", "lora_config",
+                            *METHOD_SETTINGS})
+# The schedule's fields that place a step in the phases (a resume cannot move them), and the flags that set each.
+SCHEDULE_FLAGS = {"describer_rollouts": "--describer_update_steps", "locator_steps": "--locator_update_steps",
+                  "ppo_epochs": "--ppo_epochs", "describer_lr": "--describer_lr", "locator_lr": "--locator_lr"}
+PHASE_POSITION = ("describer_rollouts", "locator_steps", "ppo_epochs")
+# The model folder's files whose bytes a resume compares (weights: by name and size; hashing them would take minutes).
+MODEL_TEXT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
+                    "merges.txt", "tokenizer.model", "qwen.tiktoken", "special_tokens_map.json", "added_tokens.json",
+                    "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "processor_config.json",
+                    "video_preprocessor_config.json")
+
+
+def data_fingerprint(records: list[dict]) -> dict:
+    """The training records as the run reads them: their count and a digest of each one's image and box (a resume
+    that reads other records draws other batches from the same sampler indices)."""
+    listed = json.dumps([(record["image"], record["bbox"]) for record in records]).encode()
+    return {"records": len(records), "sha256": hashlib.sha256(listed).hexdigest()[:16]}
+
+
+def model_files(folder: str) -> dict | None:
+    """The model folder's tokenizer, template, processor and config files (a digest each) and weight files (their
+    size): a folder replaced or edited at the same path (another base under LoRA, another template) is not the
+    model the checkpoint trained."""
+    if not os.path.isdir(folder):
+        return None
+    files = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name in MODEL_TEXT_FILES and os.path.isfile(path):
+            with open(path, "rb") as f:
+                files[name] = hashlib.sha256(f.read()).hexdigest()[:16]
+        elif name.endswith((".safetensors", ".bin")) and os.path.isfile(path):
+            files[name] = os.path.getsize(path)
+    return files
 
 
 def run_settings(args, model, schedule: PhaseSchedule, deepspeed: bool, adapter=None,
-                 zero_stage: int | None = None) -> dict:
+                 zero_stage: int | None = None, records: list[dict] | None = None,
+                 model_folder: str | None = None) -> dict:
     """What a resumed run must share with the saved one (``--resume_allow_changes`` lists exceptions)."""
     config = getattr(model, "config", None)
     image_pixels = getattr(adapter, "image_pixel_limits", None)
-    return {
+    lora = getattr(model, "peft_config", {}).get("default") if is_peft(model) else None
+    later = {
+        **({"data": data_fingerprint(records)} if records is not None else {}),
+        **({"model_files": model_files(model_folder)} if model_folder and os.path.isdir(model_folder) else {}),
+        **({"box_format": adapter.box_format} if adapter is not None else {}),
+        # --fix_vit and the LoRA settings decide which parameters train (and the optimizer's groups).
+        **({"trainable_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()
+                                        if p.requires_grad)} if model is not None else {}),
+        **({"lora_config": {"r": lora.r, "lora_alpha": lora.lora_alpha, "lora_dropout": lora.lora_dropout,
+                            "target_modules": _plain(lora.target_modules),
+                            "target_parameters": _plain(lora.target_parameters)}} if lora is not None else {}),
+        **{name: getattr(args, name) for name in METHOD_SETTINGS if hasattr(args, name)},
+    }
+    return {**later, 
         "model": getattr(config, "_name_or_path", None),
         "model_type": getattr(config, "model_type", None),
         "lora": is_peft(model),
@@ -64,6 +120,11 @@ def run_settings(args, model, schedule: PhaseSchedule, deepspeed: bool, adapter=
         # The images' resolution sets what the policy sees (and Qwen2.5-VL's pixel boxes); only when set, as above.
         **({"image_pixels": list(image_pixels)} if image_pixels is not None else {}),
     }
+
+
+def _plain(value):
+    """A LoRA config field as JSON holds it (PEFT keeps target names as a set or a regex string)."""
+    return sorted(value) if isinstance(value, (set, list, tuple)) else value
 
 
 class RunState:
@@ -116,7 +177,10 @@ class RunState:
     def restore(self, checkpoint: str, step: int) -> None:
         """At the first step of a resumed run: the KL controller, and the snapshot and rollout buffer if saved."""
         saved = checkpoints.read_state(checkpoint)
-        if saved["schedule"] != self.schedule.__dict__:
+        # Only what places the step in the phases must match (check_settings refused any other change that was not
+        # allowed; a learning rate may change with --resume_allow_changes schedule).
+        moved = [f for f in PHASE_POSITION if saved["schedule"].get(f) != self.schedule.__dict__[f]]
+        if moved:
             raise ValueError(
                 f"{checkpoint}: trained with phase schedule {saved['schedule']}, "
                 f"now {self.schedule.__dict__}; resume with the same phase settings"
@@ -160,13 +224,30 @@ class RunState:
     def check_settings(self, checkpoint: str) -> None:
         allowed = {k.strip() for k in (self.args.resume_allow_changes or "").split(",") if k.strip()}
         saved = checkpoints.read_state(checkpoint).get("settings", {})
+        unknown = sorted(allowed - saved.keys() - self.settings.keys())
+        if unknown:  # a typo would otherwise allow nothing, silently
+            raise checkpoints.CheckpointError(
+                f"--resume_allow_changes {','.join(unknown)}: no such run setting; the recorded ones are "
+                f"{', '.join(sorted(saved.keys() | self.settings.keys()))}"
+            )
         # Settings recorded since a checkpoint was written are unknown for it, not changed.
         current = {k: v for k, v in self.settings.items() if k in saved or k not in RECORDED_LATER}
-        errors = checkpoints.settings_mismatches(checkpoint, saved, current, allowed)
+        if saved.get("model") and current.get("model") and \
+                os.path.realpath(saved["model"]) == os.path.realpath(current["model"]):
+            current["model"] = saved["model"]  # the same folder spelled another way (a trailing slash, a link)
+        old, new = saved.get("schedule") or {}, current.get("schedule") or {}
+        moved = [f for f in PHASE_POSITION if f in old and old.get(f) != new.get(f)]
+        if moved and "schedule" in allowed:
+            raise checkpoints.CheckpointError(
+                f"{checkpoint}: {', '.join(SCHEDULE_FLAGS[f] for f in moved)} cannot change on resume (they place "
+                "every step in the describer and locator phases); of the schedule only the learning rates may"
+            )
+        errors = checkpoints.settings_mismatches(checkpoint, saved, current, allowed, SCHEDULE_FLAGS)
         if errors:
             raise checkpoints.CheckpointError(
                 f"{checkpoint} was saved with other settings: {'; '.join(errors)}. Resume with the same settings, "
-                "or list the legitimate changes in --resume_allow_changes (e.g. model,seed)"
+                "or list the legitimate changes by the names before their colons in --resume_allow_changes "
+                "(e.g. data,seed)"
             )
         checkpoints.check_world_size_change(checkpoint, checkpoints.read_layout(checkpoint), self.args.world_size)
         checkpoints.check_resume_step(checkpoint, self.args.max_steps)

@@ -100,7 +100,8 @@ class SCTuneTrainer(Trainer):
         )
         self.stage_clock = self.cycle.stage_clock  # the cycle's stages and this trainer's forward and backward
         zero_stage = self.accelerator.state.deepspeed_plugin.zero_stage if self.is_deepspeed_enabled else None
-        settings = run_settings(args, model, self.schedule, self.is_deepspeed_enabled, adapter, zero_stage)
+        settings = run_settings(args, model, self.schedule, self.is_deepspeed_enabled, adapter, zero_stage,
+                                records=getattr(train_dataset, "records", None), model_folder=source_dir)
         self.run = RunState(args, self.schedule, self.kl_controller, self.snapshot, settings, zero3)
         # MoE under full fine-tuning: the router's load-balancing term joins every loss (sc_tune.moe).
         self.router_aux_coef = router_aux_coefficient(model, args.moe_aux_loss, args.moe_aux_loss_coef, is_peft(model))
@@ -375,6 +376,15 @@ class SCTuneTrainer(Trainer):
         if self.args.should_save:
             self.adapter.save_pretrained(output_dir or self.args.output_dir)
             carry_source_files(output_dir or self.args.output_dir, self.source_dir)
+
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint,
+                             trial):
+        trained = super()._init_training_state(max_steps, num_update_steps_per_epoch, num_train_epochs,
+                                               resume_from_checkpoint, trial)
+        # A resume takes save/logging steps from the checkpoint's trainer_state.json: a user who lowers --save_steps
+        # to save more often before a preemption would silently keep the old interval. This run's flags hold.
+        self.state.compute_steps(self.args, max_steps)
+        return trained
 
     def _get_output_dir(self, trial):
         # While a checkpoint is staged, the Trainer writes checkpoint-N under the staging root and rotates there

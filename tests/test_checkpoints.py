@@ -140,7 +140,13 @@ def test_no_complete_checkpoint_is_a_clear_error(runs, tmp_path):
     [
         (["--seed", "7"], "seed: checkpoint 42, now 7"),
         (["--per_device_train_batch_size", "1"], "per_device_train_batch_size: checkpoint 2, now 1"),
-        (["--locator_update_steps", "2"], "schedule"),
+        (["--locator_update_steps", "2"], r"schedule: locator_steps \(--locator_update_steps\) checkpoint 1, now 2"),
+        # the method's settings (recorded since 2026-12-05): each changed what a step computes, silently
+        (["--describer_temperature", "0.5"], "describer_temperature: checkpoint 1.0, now 0.5"),
+        (["--box_format", "generic"], "box_format: checkpoint 'native', now 'generic'"),
+        (["--reward", "giou"], "reward: checkpoint 'iou', now 'giou'"),
+        (["--fix_vit", "False"], "trainable_parameters: checkpoint "),
+        (["--resume_allow_changes", "sead"], "--resume_allow_changes sead: no such run setting"),
         (["--kl_coef", "0.5"], "kl_coef: checkpoint 0.01, now 0.5"),
         (["--pseudo_label_min_iou", "0.5"], "pseudo_label_min_iou: checkpoint None, now 0.5"),
         (["--image_max_pixels", "3136"], r"image_pixels: checkpoint None, now \[None, 3136\]"),
@@ -154,6 +160,68 @@ def test_resume_refuses_changed_settings(runs, tmp_path, change, message):
     argv = cli_args(model, out, "--max_steps", "5", "--resume_from_checkpoint", "True", *change)
     with pytest.raises(checkpoints.CheckpointError, match=message):
         finetune.main(argv)
+
+
+def test_resume_refuses_other_data_or_another_model_at_the_same_path(runs, tmp_path):
+    """The records and the model folder's files are run settings: an annotation file edited in place (one box) drew
+    other batches from the same sampler indices, and a template or base model replaced in place trained on; both
+    resumed silently. The same folder spelled another way (a trailing slash) is the same model."""
+    import finetune
+
+    model, _, first = runs
+    data = tmp_path / "annotations.json"
+    records = json.loads(open(SAMPLE_DATA).read())
+    records[3]["bbox"] = [0.1, 0.1, 0.4, 0.4]
+    data.write_text(json.dumps(records))
+    out = copy_run(first, tmp_path)
+    argv = cli_args(model, out, "--max_steps", "5", "--resume_from_checkpoint", "True", "--data_path", str(data))
+    with pytest.raises(checkpoints.CheckpointError, match=r"data: sha256 checkpoint '[0-9a-f]+', now '[0-9a-f]+'"):
+        finetune.main(argv)
+    assert finetune.main([*argv, "--resume_allow_changes", "data"]).state.global_step == 5
+
+    edited = tmp_path / "model"
+    shutil.copytree(model, edited)
+    out = copy_run(first, tmp_path / "again")
+    argv = cli_args(str(edited) + "/", out, "--max_steps", "5", "--resume_from_checkpoint", "True",
+                    "--resume_allow_changes", "model")  # the checkpoint names the original folder
+    with open(edited / "chat_template.jinja", "a") as f:
+        f.write("{#- an edit #}")
+    with pytest.raises(checkpoints.CheckpointError, match=r"model_files: chat_template.jinja checkpoint '[0-9a-f]+'"):
+        finetune.main(argv)
+    shutil.copyfile(os.path.join(model, "chat_template.jinja"), edited / "chat_template.jinja")
+    assert finetune.main(argv).state.global_step == 5  # the same files again
+
+    out = copy_run(first, tmp_path / "slash")
+    argv = cli_args(model + "/", out, "--max_steps", "5", "--resume_from_checkpoint", "True")
+    assert finetune.main(argv).state.global_step == 5
+
+
+def test_a_learning_rate_may_change_with_the_schedule_allowed_and_the_phases_may_not(runs, tmp_path):
+    """--resume_allow_changes schedule was accepted, then every run died at its first step in the restore, which
+    compared the whole schedule: a learning rate can now change; a phase length is refused by its flag, at once."""
+    import finetune
+
+    model, _, first = runs
+    out = copy_run(first, tmp_path)
+    argv = cli_args(model, out, "--max_steps", "5", "--resume_from_checkpoint", "True", "--resume_allow_changes",
+                    "schedule")
+    with pytest.raises(checkpoints.CheckpointError, match="--ppo_epochs cannot change on resume"):
+        finetune.main([*argv, "--ppo_epochs", "1"])
+    trainer = finetune.main([*argv, "--locator_lr", "5e-4"])
+    assert trainer.state.global_step == 5
+
+
+def test_a_resume_saves_at_its_own_save_steps(runs, tmp_path):
+    """The Trainer took save_steps from the checkpoint's trainer_state.json: a resume with a lower --save_steps (to
+    lose less to a preemption) kept saving at the old interval, silently."""
+    import finetune
+
+    model, _, first = runs
+    out = copy_run(first, tmp_path)
+    argv = cli_args(model, out, "--max_steps", "6", "--resume_from_checkpoint", "True", "--save_steps", "1",
+                    "--save_total_limit", "10")
+    assert finetune.main(argv).state.save_steps == 1
+    assert {"checkpoint-5", "checkpoint-6"} <= set(os.listdir(out))
 
 
 def test_allowed_change_resumes(runs, tmp_path):

@@ -138,6 +138,7 @@ def test_the_reference_flag_names_are_aliases(tmp_path):
     # accepted until the first save, which SC-Tune's checkpoint verification then refused: save_steps of work lost
     (["--save_only_model", "True"], "--save_only_model is not supported: SC-Tune's checkpoints hold the optimizer"),
     (["--save_on_each_node", "True"], "--save_on_each_node is not supported: every node must see one shared"),
+    (["--ignore_data_skip", "True"], "--ignore_data_skip is not supported: a resume continues the data stream"),
 ])
 def test_values_that_would_train_wrongly_are_refused_naming_the_flag(tmp_path, argv, message):
     import finetune

@@ -145,8 +145,20 @@ def _train(model_args, data_args, lora_args, args, overwritten: list[str]) -> SC
 INPUT_ERRORS = (ArgumentError, AnnotationError, CheckpointError, JSONFileError, OutputDirError, PreflightError,
                 RunLockError, ThinkingCheckpointError, FileNotFoundError)
 
+def close_process_group() -> None:
+    """Leave the process group together: processes that exit with it still open tear down its (and DeepSpeed's)
+    communication threads at interpreter exit, and on a loaded machine one aborted there ("terminate called without
+    an active exception", SIGABRT) after a complete run, failing the launch."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     try:
         main()
     except INPUT_ERRORS as e:
         raise SystemExit(f"finetune.py: error: {e}") from None
+    close_process_group()

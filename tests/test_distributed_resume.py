@@ -31,13 +31,13 @@ def test_two_process_resume_from_a_mid_rollout_checkpoint_is_exact(tiny_checkpoi
 
     model = tiny_checkpoint("qwen2_vl")
     full = tmp_path / "full"
-    _torchrun(cli_args(model, full, "--max_steps", "6"), 29710)
+    _torchrun(cli_args(model, full, "--max_steps", "6"), free_port())
     layout = checkpoints.read_layout(str(full / "checkpoint-4"))
     assert layout["rollout_ranks"] == [0, 1] and layout["world_size"] == 2  # mid-rollout, per-rank buffers
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(full / "checkpoint-4", resumed / "checkpoint-4")
-    _torchrun(cli_args(model, resumed, "--max_steps", "6", "--resume_from_checkpoint", "True"), 29711)
+    _torchrun(cli_args(model, resumed, "--max_steps", "6", "--resume_from_checkpoint", "True"), free_port())
     expected, got = step_losses(full), step_losses(resumed)
     assert [got[s] for s in (5, 6)] == pytest.approx([expected[s] for s in (5, 6)], rel=1e-5, abs=1e-7)
     # One process cannot take over two processes' half-used rollouts: refused, never dropped.
@@ -57,9 +57,9 @@ def test_zero3_lora_trains_resumes_and_exports_a_merged_model(tiny_checkpoint, t
     out = tmp_path / "zero3_lora"
     zero3 = ["--deepspeed", os.path.join(ROOT, "scripts", "ds_config_zero3.json"), "--use_lora", "True"]
     extra = [*zero3, "--lora_r", "4", "--lora_alpha", "8"]
-    _torchrun(cli_args(model, out, "--max_steps", "2", *extra), 29712)
+    _torchrun(cli_args(model, out, "--max_steps", "2", *extra), free_port())
     assert checkpoints.problems(str(out / "checkpoint-2")) == []
-    _torchrun(cli_args(model, out, "--max_steps", "3", "--resume_from_checkpoint", "true", *extra), 29713)
+    _torchrun(cli_args(model, out, "--max_steps", "3", "--resume_from_checkpoint", "true", *extra), free_port())
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     assert [h["step"] for h in history if "loss" in h] == [1, 2, 3]
     merged, _ = load_model_and_adapter(str(out))

@@ -256,6 +256,18 @@ def resolve_resume(value, output_dir: str) -> str | None:
     found = problems(checkpoint)
     if found:
         raise CheckpointError(f"cannot resume from {checkpoint}: {'; '.join(found)}")
+    # An older checkpoint of this output folder starts a new branch: the old timeline's later checkpoints would stay
+    # beside it, and a later --resume_from_checkpoint True would take the newest of them, dropping the branch.
+    step = checkpoint_step(checkpoint)
+    if step is not None and os.path.isdir(output_dir) and is_or_inside(checkpoint, output_dir):
+        later = [p for p in complete_checkpoints(output_dir) if (checkpoint_step(p) or 0) > step]
+        if later:
+            raise CheckpointError(
+                f"cannot resume from {checkpoint}: --output_dir {output_dir} holds later checkpoints of the run "
+                f"({', '.join(os.path.basename(p) for p in sorted(later, key=checkpoint_step))}), which a later "
+                "--resume_from_checkpoint True would take over this branch; move them out of the folder (nothing "
+                "is deleted here), or resume into another --output_dir"
+            )
     return checkpoint
 
 

@@ -211,6 +211,23 @@ def test_a_learning_rate_may_change_with_the_schedule_allowed_and_the_phases_may
     assert trainer.state.global_step == 5
 
 
+def test_an_older_checkpoint_of_the_same_folder_is_refused_while_later_ones_are_there(runs, tmp_path):
+    """Resuming checkpoint-2 into the folder that holds checkpoint-4 started a branch beside the old timeline: a later
+    --resume_from_checkpoint True took checkpoint-4 (or rotation deleted the branch). Refused, deleting nothing; into
+    another output folder it resumes."""
+    import finetune
+
+    model, _, first = runs
+    out = copy_run(first, tmp_path)
+    argv = cli_args(model, out, "--max_steps", "3", "--resume_from_checkpoint", str(out / "checkpoint-2"))
+    with pytest.raises(checkpoints.CheckpointError, match=r"holds later checkpoints of the run \(checkpoint-4\)"):
+        finetune.main(argv)
+    assert {"checkpoint-2", "checkpoint-4"} <= set(os.listdir(out))
+    other = cli_args(model, tmp_path / "branch", "--max_steps", "3", "--resume_from_checkpoint",
+                     str(out / "checkpoint-2"))
+    assert finetune.main(other).state.global_step == 3
+
+
 def test_a_resume_saves_at_its_own_save_steps(runs, tmp_path):
     """The Trainer took save_steps from the checkpoint's trainer_state.json: a resume with a lower --save_steps (to
     lose less to a preemption) kept saving at the old interval, silently."""

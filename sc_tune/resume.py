@@ -98,7 +98,7 @@ def run_settings(args, model, schedule: PhaseSchedule, deepspeed: bool, adapter=
                             "target_parameters": _plain(lora.target_parameters)}} if lora is not None else {}),
         **{name: getattr(args, name) for name in METHOD_SETTINGS if hasattr(args, name)},
     }
-    return {**later, 
+    return {
         "model": getattr(config, "_name_or_path", None),
         "model_type": getattr(config, "model_type", None),
         "lora": is_peft(model),
@@ -119,6 +119,7 @@ def run_settings(args, model, schedule: PhaseSchedule, deepspeed: bool, adapter=
         **({"pseudo_label_min_iou": args.pseudo_label_min_iou} if args.pseudo_label_min_iou else {}),
         # The images' resolution sets what the policy sees (and Qwen2.5-VL's pixel boxes); only when set, as above.
         **({"image_pixels": list(image_pixels)} if image_pixels is not None else {}),
+        **later,
     }
 
 

@@ -129,6 +129,16 @@ def test_rows_of_other_settings_are_never_mixed_in(setup, tmp_path, monkeypatch)
         run(setup, out, "--image_max_pixels", "3136")  # the tiny processor's own bound: same images, other settings
     with pytest.raises(ResultsError, match=r"records differ"):
         run(setup, out, "--max_samples", "4")
+    template = os.path.join(setup[1], "chat_template.jinja")  # edited in place: the rest would be scored otherwise
+    original = open(template).read()
+    try:
+        with open(template, "a") as f:
+            f.write("{#- an edit #}")
+        with pytest.raises(ResultsError, match=r"scored with other settings \(model differ\)"):
+            run(setup, out)
+    finally:
+        with open(template, "w") as f:
+            f.write(original)
     assert len(run(setup, out, "--overwrite_results", "True", "--max_samples", "4")) == 4
 
 

@@ -41,11 +41,12 @@ def fingerprint_records(records: list[dict]) -> str:
 
 
 def model_identity(model_dir: str) -> dict:
-    """The model folder as it is now: its path and each weight/config file's size and modification time."""
+    """The model folder as it is now: its path and each weight, config, tokenizer and template file's size and
+    modification time (a template edited between an interruption and its resume scores the rest differently)."""
     files = {}
     if os.path.isdir(model_dir):
         for name in sorted(os.listdir(model_dir)):
-            if name.endswith((".safetensors", ".bin", ".json")):
+            if name.endswith((".safetensors", ".bin", ".json", ".jinja", ".txt", ".model", ".tiktoken")):
                 stat = os.stat(os.path.join(model_dir, name))
                 files[name] = [stat.st_size, stat.st_mtime_ns]
     return {"path": os.path.abspath(model_dir), "files": files}

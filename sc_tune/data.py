@@ -39,8 +39,6 @@ from sc_tune.phases import PhaseSchedule
 logger = logging.getLogger(__name__)
 
 
-
-
 def check_record(record, index: int, path: str) -> dict:
     """A clean copy of one annotation record, or an AnnotationError naming the file, index and field."""
     where = f"{path}: record {index}"
@@ -232,6 +230,13 @@ def check_fills_a_step(num_records: int, source: str, per_device_batch: int, gra
         )
 
 
+def records_digest(records: list[dict]) -> str:
+    """A digest of the training records as the sampler indexes them: each one's image and box, in order (what two
+    processes, or a run and its resume, must share to draw the same batches)."""
+    listed = json.dumps([(record["image"], record["bbox"]) for record in records]).encode()
+    return hashlib.sha256(listed).hexdigest()[:16]
+
+
 def check_same_records_on_every_rank(dataset: ReferringDataset) -> None:
     """Refuse training records that differ between processes.
 
@@ -243,9 +248,8 @@ def check_same_records_on_every_rank(dataset: ReferringDataset) -> None:
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
-    listed = json.dumps([(record["image"], record["bbox"]) for record in dataset.records]).encode()
     views: list = [None] * dist.get_world_size()
-    dist.all_gather_object(views, (socket.gethostname(), len(dataset), hashlib.sha256(listed).hexdigest()))
+    dist.all_gather_object(views, (socket.gethostname(), len(dataset), records_digest(dataset.records)))
     if len({digest for _, _, digest in views}) == 1:
         return
     counts = "; ".join(f"rank {rank} on {host}: {count}" for rank, (host, count, digest) in enumerate(views)

@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 
 
 # Never carried: weights (the export writes the trained ones); the model's own files, written from the trained
-# model (an adapter folder has none on purpose: the base's config.json would make it look like a full model); and
+# model (an adapter folder has none on purpose: the base's config.json would make it look like a full model; a full
+# export's config.json is the input's again, by carry_source_config, with the weights' dtype); and
 # the records of a run (an input folder may be an SC-Tune output or checkpoint-N). Everything else at the input
 # folder's top level is carried.
 NOT_CARRIED = (

@@ -16,7 +16,6 @@ Resuming, rank 0 finds the checkpoint, checks it and the run settings (a change 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from contextlib import contextmanager
@@ -28,6 +27,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from sc_tune import checkpoints
 from sc_tune.cycle import DescriberRollout, LocatorRollout
+from sc_tune.data import records_digest
 from sc_tune.jsonio import write_json
 from sc_tune.phases import PhaseSchedule
 from sc_tune.snapshot import Snapshot, is_peft
@@ -55,13 +55,6 @@ MODEL_TEXT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "
                     "video_preprocessor_config.json")
 
 
-def data_fingerprint(records: list[dict]) -> dict:
-    """The training records as the run reads them: their count and a digest of each one's image and box (a resume
-    that reads other records draws other batches from the same sampler indices)."""
-    listed = json.dumps([(record["image"], record["bbox"]) for record in records]).encode()
-    return {"records": len(records), "sha256": hashlib.sha256(listed).hexdigest()[:16]}
-
-
 def model_files(folder: str) -> dict | None:
     """The model folder's tokenizer, template, processor and config files (a digest each) and weight files (their
     size): a folder replaced or edited at the same path (another base under LoRA, another template) is not the
@@ -87,7 +80,8 @@ def run_settings(args, model, schedule: PhaseSchedule, deepspeed: bool, adapter=
     image_pixels = getattr(adapter, "image_pixel_limits", None)
     lora = getattr(model, "peft_config", {}).get("default") if is_peft(model) else None
     later = {
-        **({"data": data_fingerprint(records)} if records is not None else {}),
+        # A resume that reads other records draws other batches from the same sampler indices.
+        **({"data": {"records": len(records), "sha256": records_digest(records)}} if records is not None else {}),
         **({"model_files": model_files(model_folder)} if model_folder and os.path.isdir(model_folder) else {}),
         **({"box_format": adapter.box_format} if adapter is not None else {}),
         # --fix_vit and the LoRA settings decide which parameters train (and the optimizer's groups).

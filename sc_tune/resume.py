@@ -48,17 +48,37 @@ RECORDED_LATER = frozenset({"zero_stage", "data", "model_files", "box_format", "
 SCHEDULE_FLAGS = {"describer_rollouts": "--describer_update_steps", "locator_steps": "--locator_update_steps",
                   "ppo_epochs": "--ppo_epochs", "describer_lr": "--describer_lr", "locator_lr": "--locator_lr"}
 PHASE_POSITION = ("describer_rollouts", "locator_steps", "ppo_epochs")
-# The model folder's files whose bytes a resume compares (weights: by name and size; hashing them would take minutes).
+# The model folder's files whose bytes a resume compares (weights: by size and sampled bytes; hashing them whole
+# would take minutes).
 MODEL_TEXT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
                     "merges.txt", "tokenizer.model", "qwen.tiktoken", "special_tokens_map.json", "added_tokens.json",
                     "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "processor_config.json",
                     "video_preprocessor_config.json")
 
 
+WEIGHT_SAMPLES, WEIGHT_SAMPLE_BYTES = 16, 1 << 16
+
+
+def weight_fingerprint(path: str) -> str:
+    """A weight file's size and a digest of 16 windows of 64 KiB spread evenly from its first byte to its last.
+
+    Hashing a 15 GB model takes minutes at every resume; its size alone missed another model of the same
+    architecture put at the same path (another base under LoRA: every size equal). Weights that differ differ
+    nearly everywhere, so 1 MiB sampled across the file tells them apart; a copy of the same file matches."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256()
+    last_start = max(size - WEIGHT_SAMPLE_BYTES, 0)
+    with open(path, "rb") as f:
+        for i in range(WEIGHT_SAMPLES):
+            f.seek(last_start * i // (WEIGHT_SAMPLES - 1))
+            digest.update(f.read(WEIGHT_SAMPLE_BYTES))
+    return f"{size} bytes, sampled {digest.hexdigest()[:16]}"
+
+
 def model_files(folder: str) -> dict | None:
     """The model folder's tokenizer, template, processor and config files (a digest each) and weight files (their
-    size): a folder replaced or edited at the same path (another base under LoRA, another template) is not the
-    model the checkpoint trained."""
+    ``weight_fingerprint``): a folder replaced or edited at the same path (another base under LoRA, another
+    template) is not the model the checkpoint trained."""
     if not os.path.isdir(folder):
         return None
     files = {}
@@ -68,8 +88,15 @@ def model_files(folder: str) -> dict | None:
             with open(path, "rb") as f:
                 files[name] = hashlib.sha256(f.read()).hexdigest()[:16]
         elif name.endswith((".safetensors", ".bin")) and os.path.isfile(path):
-            files[name] = os.path.getsize(path)
+            files[name] = weight_fingerprint(path)
     return files
+
+
+def _as_recorded(saved_files: dict, current_files: dict) -> dict:
+    """``current_files`` in the layout of a checkpoint that recorded weight files by their size alone (written by
+    the version before ``weight_fingerprint``): its sizes are compared, the sampled bytes are unknown to it."""
+    return {name: int(entry.split(" ", 1)[0]) if isinstance(saved_files.get(name), int) else entry
+            for name, entry in current_files.items()}
 
 
 def run_settings(args, model, schedule: PhaseSchedule, deepspeed: bool, adapter=None,
@@ -230,6 +257,8 @@ class RunState:
         if saved.get("model") and current.get("model") and \
                 os.path.realpath(saved["model"]) == os.path.realpath(current["model"]):
             current["model"] = saved["model"]  # the same folder spelled another way (a trailing slash, a link)
+        if isinstance(saved.get("model_files"), dict) and isinstance(current.get("model_files"), dict):
+            current["model_files"] = _as_recorded(saved["model_files"], current["model_files"])
         old, new = saved.get("schedule") or {}, current.get("schedule") or {}
         moved = [f for f in PHASE_POSITION if f in old and old.get(f) != new.get(f)]
         if moved and "schedule" in allowed:

@@ -191,6 +191,20 @@ def test_resume_refuses_other_data_or_another_model_at_the_same_path(runs, tmp_p
     shutil.copyfile(os.path.join(model, "chat_template.jinja"), edited / "chat_template.jinja")
     assert finetune.main(argv).state.global_step == 5  # the same files again
 
+    # Another model of the same architecture at the same path: every weight file has the size it had.
+    from safetensors.torch import load_file, save_file
+
+    weights = edited / "model.safetensors"
+    size = weights.stat().st_size
+    save_file({name: tensor + 0.01 for name, tensor in load_file(weights).items()}, weights, metadata={"format": "pt"})
+    assert weights.stat().st_size == size
+    out = copy_run(first, tmp_path / "other_weights")
+    argv = cli_args(str(edited), out, "--max_steps", "5", "--resume_from_checkpoint", "True",
+                    "--resume_allow_changes", "model")
+    with pytest.raises(checkpoints.CheckpointError, match=rf"model_files: model.safetensors checkpoint "
+                                                          rf"'{size} bytes, sampled [0-9a-f]+', now '{size} bytes"):
+        finetune.main(argv)
+
     out = copy_run(first, tmp_path / "slash")
     argv = cli_args(model + "/", out, "--max_steps", "5", "--resume_from_checkpoint", "True")
     assert finetune.main(argv).state.global_step == 5
@@ -711,6 +725,41 @@ def test_a_resume_under_another_zero_stage_is_refused_naming_both(tmp_path, monk
         resume(zero2, zero3)
     resume(zero2, zero2)
     resume({k: v for k, v in zero2.items() if k != "zero_stage"}, zero3)  # saved before the stage was recorded
+
+
+def test_weights_recorded_by_size_alone_are_compared_by_size(tmp_path, monkeypatch):
+    """Checkpoints written before weight files were fingerprinted recorded their sizes: they resume on a folder whose
+    weights have those sizes, and are refused on one whose sizes differ; a fingerprint tells same-size files apart."""
+    from types import SimpleNamespace
+
+    from sc_tune.jsonio import write_json
+    from sc_tune.resume import RunState, model_files, weight_fingerprint
+
+    monkeypatch.setattr(checkpoints, "check_world_size_change", lambda *a: None)
+    monkeypatch.setattr(checkpoints, "read_layout", lambda checkpoint: {})
+    monkeypatch.setattr(checkpoints, "check_resume_step", lambda *a: None)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(bytes(range(256)) * 4096)
+    now = {"model_files": model_files(str(folder))}
+    assert now["model_files"]["model.safetensors"].startswith("1048576 bytes, sampled ")
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(bytes(range(255, -1, -1)) * 4096)
+    assert weight_fingerprint(str(other)) != now["model_files"]["model.safetensors"]
+
+    def resume(saved):
+        checkpoint = tmp_path / "checkpoint-2"
+        checkpoint.mkdir(exist_ok=True)
+        write_json(checkpoint / checkpoints.STATE_FILE, {"settings": saved})
+        run = RunState.__new__(RunState)
+        run.args, run.settings = SimpleNamespace(resume_allow_changes="", world_size=1, max_steps=10), now
+        run.check_settings(str(checkpoint))
+
+    resume({"model_files": {**now["model_files"], "model.safetensors": 1048576}})
+    with pytest.raises(checkpoints.CheckpointError, match="model_files: model.safetensors checkpoint 1048575, now "
+                                                          "1048576"):
+        resume({"model_files": {**now["model_files"], "model.safetensors": 1048575}})
 
 
 def test_an_export_cut_short_says_how_to_redo_it(tiny_checkpoint, tmp_path):

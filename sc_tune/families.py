@@ -24,7 +24,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from sc_tune.adapters import family_for, supported_model_types
+from sc_tune.adapters import Family, family_for, supported_model_types
 from sc_tune.box_codecs import BOX_FORMATS, BoxReading, select_codec
 
 
@@ -54,15 +54,21 @@ def check_checkpoint_folder(path: str) -> None:
         raise ValueError(f"--model_name_or_path {path} is a file, not a checkpoint folder")
 
 
-def read_model_type(path: str) -> str:
-    """The folder's ``model_type`` as training reads it (``sc_tune.modeling``), its errors as this CLI's."""
+def folder_family(path: str) -> tuple[str, Family]:
+    """The folder's ``model_type`` and its family as training reads them (``sc_tune.modeling``), their errors as this
+    CLI's: a config.json without a ``model_type`` may be completed with --model_type, an unserved one may not (the
+    refusal says why)."""
     from sc_tune.checkpoints import CheckpointError
-    from sc_tune.modeling import read_model_type as model_type_of
+    from sc_tune.modeling import read_model_type, served_family
 
     try:
-        return model_type_of(path)
+        model_type = read_model_type(path)
     except (FileNotFoundError, CheckpointError) as error:
         raise ValueError(f"{error}; or pass --model_type") from None
+    try:
+        return model_type, served_family(model_type, path)
+    except CheckpointError as error:
+        raise ValueError(str(error)) from None
 
 
 def budget_report(path: str, model_type: str | None = None, image_size: Sequence[int] = (1920, 1080),
@@ -75,9 +81,12 @@ def budget_report(path: str, model_type: str | None = None, image_size: Sequence
     from sc_tune.rollout import LOCATOR_BUDGET_MARGIN, describer_budget, widest_locator_answer
 
     check_checkpoint_folder(path)
-    model_type = model_type or read_model_type(path)
+    if model_type is None:
+        model_type, family = folder_family(path)
+    else:
+        family = family_for(model_type)
     try:
-        adapter = _budget_adapter(family_for(model_type).adapter, path)
+        adapter = _budget_adapter(family.adapter, path)
     except OSError as error:  # transformers: a file the family's tokenizer or image processor needs is missing
         raise ValueError(f"--model_name_or_path {path}: cannot load its {model_type} tokenizer and image processor: "
                          + " ".join(str(error).split())) from None

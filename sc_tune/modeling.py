@@ -47,7 +47,12 @@ def model_class(model_type: str):
 def folder_family(path: str) -> Family:
     """The family serving the ``model_type`` of ``path``'s config.json; an unknown one is a CheckpointError naming
     it."""
-    model_type = read_model_type(path)
+    return served_family(read_model_type(path), path)
+
+
+def served_family(model_type: str, path: str) -> Family:
+    """The family serving ``model_type``, read from ``path``'s config.json; one no family serves is a CheckpointError
+    naming the file, the model type and, where the survey of unserved families says, why."""
     try:
         return family_for(model_type)
     except ValueError as error:

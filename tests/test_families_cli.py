@@ -96,6 +96,8 @@ def test_budget_of_a_checkpoint_folder(capsys, tiny_checkpoint):
     ("empty", "qwen3_vl", "{folder}: the tokenizer files cannot be read (it has no tokenizer.json)"),
     ("config_only", None, "{folder} has no tokenizer.json"),
     ("config_only", "qwen3_vl", "{folder} has no tokenizer.json"),
+    ("unserved", None, "{folder}/config.json: field 'model_type': no SC-Tune family serves model_type 'molmo2' "
+                       "(Molmo2): it answers a grounding request with points, not boxes (see docs/families.md"),
 ])
 def test_budget_names_a_folder_that_is_absent_or_holds_no_tokenizer_in_one_line(capsys, tmp_path, tiny_checkpoint,
                                                                                 layout, model_type, message):
@@ -106,6 +108,8 @@ def test_budget_names_a_folder_that_is_absent_or_holds_no_tokenizer_in_one_line(
         folder.mkdir()
     if layout == "config_only":
         shutil.copy(os.path.join(tiny_checkpoint("qwen3_vl"), "config.json"), folder)
+    if layout == "unserved":
+        (folder / "config.json").write_text('{"model_type": "molmo2"}')
     code, err = run(capsys, "budget", "--model_name_or_path", folder, *(["--model_type", model_type] if model_type
                                                                            else []))
     assert code == 2 and err.count("\n") == 1, err

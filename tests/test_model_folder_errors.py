@@ -56,6 +56,10 @@ BROKEN = {
                                                                    "special token(s), no vocabulary"]),
     "unknown model_type": (_edit_config(lambda c: c.update(model_type="llama_vl")),
                            ["config.json: field 'model_type'", "'llama_vl'"]),
+    "a model_type transformers implements and SC-Tune does not serve": (
+        _edit_config(lambda c: c.update(model_type="molmo2")),
+        ["config.json: field 'model_type'",
+         "'molmo2' (Molmo2): it answers a grounding request with points, not boxes"]),
     "no model_type": (_edit_config(lambda c: c.pop("model_type")), ["config.json: field 'model_type' is missing"]),
     "no preprocessor_config.json": (_remove("preprocessor_config.json"), ["preprocessor_config.json"]),
     "no model.safetensors": (_remove("model.safetensors"), ["model.safetensors", "the weights"]),
@@ -151,7 +155,8 @@ def test_finetune_prints_one_error_line_for_a_broken_model_folder(tmp_path, case
 
 
 @pytest.mark.parametrize("case", ["no tokenizer.json", "unknown model_type", "no preprocessor_config.json",
-                                  "no model.safetensors"])
+                                  "no model.safetensors",
+                                  "a model_type transformers implements and SC-Tune does not serve"])
 def test_evaluate_prints_one_error_line_for_a_broken_model_folder(tmp_path, case):
     folder = broken_folder(tmp_path, case)
     data, images = _data(tmp_path, 2)

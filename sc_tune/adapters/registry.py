@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sc_tune.adapters.base import ModelAdapter
+from sc_tune.adapters.unserved import refusal
 
 
 @dataclass(frozen=True)
@@ -41,11 +42,14 @@ def register(family: Family) -> Family:
 
 
 def family_for(model_type: str) -> Family:
+    """The family serving ``model_type``; a ValueError naming it otherwise, with why where the survey of
+    transformers' families says (``sc_tune.adapters.unserved``), and the model types that are served."""
     try:
         return _BY_MODEL_TYPE[model_type]
     except KeyError:
         raise ValueError(
-            f"no SC-Tune family serves model_type {model_type!r}; supported: {', '.join(supported_model_types())}"
+            f"no SC-Tune family serves model_type {model_type!r}{refusal(model_type)}; "
+            f"supported: {', '.join(supported_model_types())}"
         ) from None
 
 

@@ -36,7 +36,8 @@ def test_every_documented_answer_reads_to_its_box_or_is_refused_with_a_reason(ca
 
 def test_every_family_documents_its_answers_except_those_with_no_grounding_form():
     undocumented = {f.name for f in families() if not f.adapter.answer_examples}
-    assert undocumented == {"LLaVA-OneVision", "SmolVLM / SmolVLM2 / SmolVLM v1 (Idefics3)"}  # none found upstream (adapter docstrings)
+    # none found upstream (adapter docstrings)
+    assert undocumented == {"LLaVA-OneVision", "SmolVLM / SmolVLM2 / SmolVLM v1 (Idefics3)", "Ovis2"}
     for family in families():
         if family.adapter.answer_examples:
             assert any(e.box is not None for e in family.adapter.answer_examples), family.name
@@ -59,6 +60,10 @@ def test_the_training_target_round_trips_through_the_command(capsys, model_type,
     ("qwen3_vl", '{"box_2d": [200, 100, 600, 500]}', "y-first"),
     ("glm4v", "<|begin_of_box|>[1, 2, 3, 4], [5, 6, 7, 8]<|end_of_box|>", "2 boxes"),
     ("internvl", "the dog is on the left", "no"),
+    # Ovis2.5's documented answer (not Ovis2's: generic codec) and its 0..1 numbers in a list
+    ("ovis2", "The <ref>airplane</ref> is found within <box>(0.613,0.085),(0.632,0.107)</box> of the image.",
+     "no [x1, y1, x2, y2] box"),
+    ("ovis2", "[0.613, 0.085, 0.632, 0.107]", "normalised"),
 ])
 def test_ambiguous_or_absent_boxes_print_null_and_the_reason(capsys, model_type, answer, words):
     code, result = run(capsys, "parse", "--model_type", model_type, "--answer", answer)

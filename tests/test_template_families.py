@@ -1,4 +1,4 @@
-"""What is particular to the chat-template families (InternVL, Gemma 3 / 4, LLaVA-OneVision, SmolVLM).
+"""What is particular to the chat-template families (InternVL, Gemma 3 / 4, LLaVA-OneVision, SmolVLM, Ovis2).
 
 The codec round trips, SC-Tune loop, export and evaluation of every family are covered by
 tests/test_families.py; here: prompts through each family's chat template (InternVL's grounding format),
@@ -20,7 +20,7 @@ from sc_tune.adapters import adapter_class
 from sc_tune.modeling import freeze_vision_tower, load_model_and_adapter
 from tests.conftest import SAMPLE_IMAGES
 
-TEMPLATE_TYPES = ["internvl", "gemma3", "gemma4", "llava_onevision", "smolvlm", "idefics3"]
+TEMPLATE_TYPES = ["internvl", "gemma3", "gemma4", "llava_onevision", "smolvlm", "idefics3", "ovis2"]
 BOX = [0.1, 0.2, 0.5, 0.6]
 
 # What each family's chat template makes of one user turn (image + text) and the opened answer.
@@ -31,6 +31,9 @@ TURNS = {
     "llava_onevision": ("<|im_start|>user\n<image>\n", "<|im_end|>\n<|im_start|>assistant\n"),
     "smolvlm": ("<|im_start|>User:<image>", "<end_of_utterance>\nAssistant:"),
     "idefics3": ("<|im_start|>User:<image>", "<end_of_utterance>\nAssistant:"),
+    # the released template's default system turn; "<image>" is plain text its processor expands
+    "ovis2": ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\n",
+              "<|im_end|>\n<|im_start|>assistant\n"),
 }
 # Media tokens (never generated) and box/reference tokens (never in captions) of each tiny tokenizer.
 MEDIA = {
@@ -42,8 +45,10 @@ MEDIA = {
     | {f"<row_{r}_col_{c}>" for r in (1, 2) for c in (1, 2)},
 }
 MEDIA["idefics3"] = MEDIA["smolvlm"]
+MEDIA["ovis2"] = {"<IMG_ATOM>", "<IMG_START>", "<IMG_GRID>", "<IMG_COL>", "<IMG_ROW>", "<IMG_END>"}
 BOX_TOKENS = {"internvl": {"<ref>", "</ref>", "<box>", "</box>"}}
-# Module names: the projector that fix_vit must leave trainable.
+# Module names: the projector that fix_vit must leave trainable (Ovis2: the tower's visual head and the visual
+# embedding table).
 PROJECTOR = {
     "internvl": "model.multi_modal_projector.",
     "gemma3": "model.multi_modal_projector.",
@@ -51,6 +56,7 @@ PROJECTOR = {
     "llava_onevision": "model.multi_modal_projector.",
     "smolvlm": "model.connector.",
     "idefics3": "model.connector.",
+    "ovis2": ("model.vision_tower.head_linear.", "model.vision_tower.head_norm.", "model.visual_embeddings_table."),
 }
 
 
@@ -103,7 +109,7 @@ def test_the_familys_processor_loads_the_tiny_folder_and_builds_the_adapters_inp
     """A tiny folder is written as a release is (the named special tokens the processor reads off the tokenizer,
     processor_config.json): the family's own AutoProcessor loads it (it failed on InternVL, Gemma 3 / 4 and
     LLaVA-OneVision: "no attribute boi_token", ...) and builds the adapter's inputs from its rendered prompt
-    (where AutoProcessor loads without torchvision: Gemma 3 and SmolVLM v1 here)."""
+    (where AutoProcessor loads without torchvision: Gemma 3, SmolVLM v1 and Ovis2 here)."""
     from tests.helpers import assert_the_familys_processor_builds_the_adapters_inputs
 
     _, path, _, adapter = family
@@ -177,7 +183,7 @@ def test_fix_vit_freezes_the_vision_tower_and_keeps_the_projector(family):
     model, _ = load_model_and_adapter(path)
     assert freeze_vision_tower(model, adapter) > 0
     params = dict(model.named_parameters())
-    tower = [n for n in params if n.startswith(adapter.vision_prefix + ".")]
+    tower = [n for n in params if n.startswith(adapter.vision_prefix + ".") and not n.startswith(PROJECTOR[model_type])]
     projector = [n for n in params if n.startswith(PROJECTOR[model_type])]
     assert tower and projector
     assert not any(params[n].requires_grad for n in tower)

@@ -1,4 +1,4 @@
-"""Adapters driven by the checkpoint's own chat template (InternVL, Gemma 3 / 4, LLaVA-OneVision, SmolVLM).
+"""Adapters driven by the checkpoint's own chat template (InternVL, Gemma 3 / 4, LLaVA-OneVision, SmolVLM, Ovis2).
 
 These families ship their turn format as a Jinja chat template with the tokenizer (``chat_template.jinja``,
 or the processor's legacy ``chat_template.json``). A prompt is rendered through that template, exactly as
@@ -14,9 +14,9 @@ where they are public (SmolVLM's prompt string, LLaVA-OneVision's feature count)
 checked to hold exactly as many placeholder tokens as the image yields features, so a wrong count fails at
 batch building with a clear error, not as "image features and image tokens do not match" inside the model.
 
-Boxes: InternVL has a documented convention (its own codec, see ``sc_tune.adapters.internvl``); Gemma 3 / 4,
-LLaVA-OneVision and SmolVLM document none, so their native codec is the generic one
-(``sc_tune.box_codecs.GENERIC_CODEC``) and their prompts ask for it in words.
+Boxes: InternVL has a documented convention (its own codec, see ``sc_tune.adapters.internvl``); Gemma 3 / 4 take
+Gemini's y-first ``box_2d`` (``sc_tune.adapters.gemma``); LLaVA-OneVision, SmolVLM and Ovis2 document none, so their
+native codec is the generic one (``sc_tune.box_codecs.GENERIC_CODEC``) and their prompts ask for it in words.
 """
 
 from __future__ import annotations
@@ -57,6 +57,9 @@ class ChatTemplateAdapter(ModelAdapter):
     image_token: str  # the placeholder token the model replaces with one image feature each
     image_start: str = ""  # the tokens around one image's placeholders ("" where there are none)
     image_end: str = ""
+    # Whether the template's image marker is a token of the tokenizer (Ovis2's "<image>" is plain text that its
+    # processor replaces before tokenising; the released tokenizer has no such token).
+    image_marker_is_token: bool = True
     end_token: str  # the token that closes an assistant turn
     # Modules (names as in the model's state dict): fix_vit freezes the vision tower; the projector lives
     # outside it in these families, so it stays trainable without an exception list.
@@ -95,7 +98,8 @@ class ChatTemplateAdapter(ModelAdapter):
         self.config = config
         if not tokenizer.chat_template:
             raise ValueError(f"{type(self).__name__}: the tokenizer has no chat template (chat_template.jinja)")
-        family_tokens = (self.image_token, self.image_marker, self.end_token, self.image_start, self.image_end)
+        marker = self.image_marker if self.image_marker_is_token else ""
+        family_tokens = (self.image_token, marker, self.end_token, self.image_start, self.image_end)
         self.image_token_id = self.token_ids(*(t for t in family_tokens if t))[0]
 
     def token_ids(self, *tokens: str) -> list[int]:
@@ -113,6 +117,12 @@ class ChatTemplateAdapter(ModelAdapter):
 
     def locator_prompt(self, caption, image):
         return self.render(f"Locate {self.plain_text(caption)}. {self.codec.request}")
+
+    def plain_text(self, text: str) -> str:
+        text = super().plain_text(text)
+        # A marker that is plain text (Ovis2's "<image>") is no special token, but the family's processor expands every
+        # one in a prompt into an image: a caption that spells it would be one image too many there.
+        return text if self.image_marker_is_token else text.replace(self.image_marker, "")
 
     @property
     def end_text(self) -> str:

@@ -1,10 +1,11 @@
-"""Tiny random models of the chat-template families: InternVL, Gemma 3 / 4, LLaVA-OneVision, SmolVLM.
+"""Tiny random models of the chat-template families: InternVL, Gemma 3 / 4, LLaVA-OneVision, SmolVLM, Ovis2.
 
 Each is the family's own transformers architecture at a few hundred thousand parameters, a tiny BPE
 tokenizer carrying the family's special tokens (``sc_tune.tiny.chat``), the family's PIL image
 processor at a tiny input size, and a chat template that is a minimal stand-in for the checkpoint's: the
 same turn markers, the same image marker for ``{"type": "image"}`` and the same opened answer (Gemma 4's empty
-thought channel), nothing else (no system prompts, tools or thinking switches). tests/test_real_checkpoints.py
+thought channel), nothing else (no tools or thinking switches; a system turn only where the released template always
+writes one: Ovis2's). tests/test_real_checkpoints.py
 checks each against the released template where that file is at hand. Image tiling / splitting stays on where
 the family uses it by default, at the
 smallest grid, so the tests cover its token counting.
@@ -32,10 +33,12 @@ TEMPLATE_TEXT = (
 )
 
 
-def _chatml_template(image_text: str, image_first_separator: str = "") -> str:
-    """ChatML turns (InternVL, LLaVA-OneVision): ``<|im_start|>user\\n`` + image marker + text."""
+def _chatml_template(image_text: str, image_first_separator: str = "", system: str = "") -> str:
+    """ChatML turns (InternVL, LLaVA-OneVision, Ovis2): ``<|im_start|>user\\n`` + image marker + text; ``system``: a
+    system turn the template writes before every conversation (Ovis2's default one)."""
+    opening = f"{{{{ '<|im_start|>system\\n{system}<|im_end|>\\n' }}}}" if system else ""
     return (
-        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+        opening + "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
         "{% for item in message['content'] %}{% if item['type'] == 'image' %}"
         f"{{{{ '{image_text}' }}}}"
         "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
@@ -224,6 +227,42 @@ def _llava_onevision_config(tokenizer, sizes: TinySizes):
     )
 
 
+# ---------------------------------------------------------------- Ovis2
+OVIS2_PATCH = 7  # 4 x 4 patches per 28 px tile, merged 2 x 2 (the releases' hidden_stride): 4 <IMG_ATOM> per tile
+OVIS2_SYSTEM = "You are a helpful assistant."  # the released template's system turn (convert_ovis2_weights_to_hf.py)
+OVIS2_INDICATORS = ("<IMG_START>", "<IMG_GRID>", "<IMG_COL>", "<IMG_ROW>", "<IMG_END>")  # the releases' id order
+
+
+def _ovis2_image_processor(image_size: int):
+    from transformers import Ovis2ImageProcessorPil
+
+    # Tiling on (the releases' crop_to_patches), at most 3 tiles (+ the thumbnail) to stay tiny.
+    return Ovis2ImageProcessorPil(size={"height": image_size, "width": image_size}, crop_to_patches=True,
+                                  max_patches=3)
+
+
+def _ovis2_config(tokenizer, sizes: TinySizes):
+    from transformers import AutoConfig
+
+    vision = dict(_vision_encoder(sizes, TINY_IMAGE_SIZE, OVIS2_PATCH), hidden_stride=2, vocab_size=64)
+    return AutoConfig.for_model(
+        "ovis2",
+        text_config=_text_config(tokenizer, sizes, "<|im_end|>"),
+        vision_config=vision,
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_ATOM>"),
+        visual_indicator_token_ids=[tokenizer.convert_tokens_to_ids(t) for t in OVIS2_INDICATORS],
+        vocab_size=len(tokenizer),  # the LM head's and the visual embedding table's widths (top-level in Ovis2)
+        hidden_size=sizes.hidden,
+        tie_word_embeddings=False,
+    )
+
+
+def _ovis2_processor_config(config) -> dict:
+    from sc_tune.adapters.ovis2 import tile_tokens
+
+    return {"image_seq_length": tile_tokens(config.vision_config), "processor_class": "Ovis2Processor"}
+
+
 # ---------------------------------------------------------------- SmolVLM
 SMOLVLM_TILE_TOKENS = tuple(f"<row_{r}_col_{c}>" for r in (1, 2) for c in (1, 2))
 
@@ -375,6 +414,13 @@ TINY_TEMPLATE_SPECS: dict[str, TemplateTinySpec] = {
               named_tokens={"image_token": "<image>", "video_token": "<video>"}),
         lambda: _chatml_template("<image>\\n"),
         processor_config=_llava_onevision_processor_config,
+    ),
+    "ovis2": TemplateTinySpec(
+        replace(_spec((*CHATML, "<IMG_ATOM>", *OVIS2_INDICATORS), "<|im_end|>", _ovis2_image_processor, _ovis2_config),
+                template_text=TEMPLATE_TEXT + f"system\n{OVIS2_SYSTEM}"),
+        lambda: _chatml_template("<image>\\n", system=OVIS2_SYSTEM),
+        legacy_template=True,  # the releases keep it in the processor's chat_template.json
+        processor_config=_ovis2_processor_config,
     ),
     **{
         model_type: TemplateTinySpec(

@@ -43,6 +43,10 @@ UNSERVED: tuple[Unserved, ...] = (
     Unserved("Fuyu", ("fuyu",),
              "it is a base model with no chat template whose processor writes y-first boxes "
              "(<box>y1, x1, y2, x2</box>) on a rescaled pixel frame; no adapter is written"),
+    # An image processor SC-Tune cannot build.
+    Unserved("Kimi K2.5", ("kimi_k25",),
+             "its image processor exists only as a torchvision backend (no SC-Tune dependency) and no grounding answer "
+             "form is documented"),
     # Documented grounding, undocumented answer form.
     Unserved("Llama 4", ("llama4",),
              "Meta describes image grounding but documents no answer form, so SC-Tune has no codec to read it"),

@@ -411,6 +411,25 @@ def test_refusals_name_the_family_and_the_reason(tiny_checkpoint, monkeypatch):
         choose_decoding("yes", adapter, model, "cuda")
 
 
+def test_sparse_attention_layers_are_refused_by_name_and_decode_with_transformers(tiny_checkpoint):
+    """Qwen4-Exp's ``indexed_attention`` layers (Qwen Sparse Attention: a per-query top-k of key blocks) have no static
+    decode step: true is refused naming them, auto on CUDA falls back to transformers' generate, and SC-Tune's own
+    loop on a dynamic cache (the fused describer loop on CPU) decodes what transformers' generate decodes."""
+    model, adapter = _model(tiny_checkpoint, "qwen4_exp")
+    problem = adapter.static_decoding_problem(model)
+    assert problem == "Qwen4ExpAdapter: no static decode step for ['indexed_attention'] layers"
+    with pytest.raises(ValueError, match=r"--static_decoding true: .*\['indexed_attention'\] layers"):
+        choose_decoding("true", adapter, model, "cuda")
+    assert choose_decoding("auto", adapter, model, "cuda") is None
+    batch, _, _ = _prompt_batch(adapter)
+    for settings in (GREEDY, SAMPLED):
+        torch.manual_seed(1)
+        expected = generate(model, adapter, batch, settings, skip_special_tokens=True)
+        torch.manual_seed(1)
+        got = generate(model, adapter, batch, settings, skip_special_tokens=True, decoding=Decoding(static_cache=False))
+        assert torch.equal(got.ids_BT, expected.ids_BT) and got.texts == expected.texts, settings
+
+
 def test_a_rule_that_reads_the_sequence_is_refused_and_a_short_window_decodes_dynamically(tiny_checkpoint, monkeypatch):
     model, adapter = _model(tiny_checkpoint, "qwen2_5_vl")
     batch, _, _ = _prompt_batch(adapter)

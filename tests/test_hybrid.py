@@ -14,6 +14,10 @@ from sc_tune.synthetic.shapes import render, scene_stream
 from sc_tune.synthetic.warm_start import WarmStartConfig, initial_model, scene_samples
 
 RELEASED_PATTERN = "linear_attention,linear_attention,linear_attention,full_attention"
+# Each hybrid's released pattern: three Gated DeltaNet layers, then attention (Qwen4-Exp's with Qwen Sparse Attention;
+# its n-gram embedding sits before the first layer, its layers between gated residual streams).
+RELEASED_PATTERNS = {"qwen3_5": RELEASED_PATTERN,
+                     "qwen4_exp": RELEASED_PATTERN.replace("full_attention", "indexed_attention")}
 # Tokens from a describer prompt's first box coordinate to its answer (scripts/diagnose_hybrid.py decay: 39 now).
 BOX_TO_ANSWER = 39
 
@@ -47,9 +51,11 @@ def test_tiny_hybrid_starts_with_gated_deltanet_memory():
         initial_model(WarmStartConfig(model_type="qwen3_5", linear_attention_init="fla"))
 
 
-def test_reference_init_touches_only_the_decay_steps():
+@pytest.mark.parametrize("model_type", RELEASED_PATTERNS)
+def test_reference_init_touches_only_the_decay_steps(model_type):
     """The re-draw has its own generator: every other weight is what transformers drew (earlier builds reproduce)."""
-    common = dict(model_type="qwen3_5", hidden=64, vision_width=32, text_layer_types=RELEASED_PATTERN, layers=4)
+    common = dict(model_type=model_type, hidden=64, vision_width=32, text_layer_types=RELEASED_PATTERNS[model_type],
+                  layers=4)
     new = dict(initial_model(WarmStartConfig(**common))[0].named_parameters())
     old = dict(initial_model(WarmStartConfig(**common, linear_attention_init="transformers"))[0].named_parameters())
     differ = sorted(name for name, p in new.items() if not torch.equal(p, old[name]))
@@ -66,11 +72,14 @@ def _rows(adapter, cfg, count):
     return samples[:count]
 
 
-def test_a_left_padded_row_equals_the_row_alone_through_the_hybrid():
+@pytest.mark.parametrize("model_type", RELEASED_PATTERNS)
+def test_a_left_padded_row_equals_the_row_alone_through_the_hybrid(model_type):
     """In training mode with gradient checkpointing, through the torch fallbacks of the Gated DeltaNet kernels:
     a row's logits and loss in a left-padded batch equal the row's alone, and the pad tokens' ids do not matter
-    (neither the convolution nor the recurrent state sees a pad)."""
-    cfg = WarmStartConfig(model_type="qwen3_5", hidden=64, vision_width=32, text_layer_types=RELEASED_PATTERN, layers=4)
+    (neither the convolution nor the recurrent state sees a pad; on Qwen4-Exp neither do the n-gram embedding, which
+    reads a pad as the end token, nor the sparse attention's indexer, which pools blocks of unpadded keys only)."""
+    cfg = WarmStartConfig(model_type=model_type, hidden=64, vision_width=32,
+                          text_layer_types=RELEASED_PATTERNS[model_type], layers=4)
     model, adapter = initial_model(cfg)
     model.train()
     model.gradient_checkpointing_enable()
@@ -90,3 +99,31 @@ def test_a_left_padded_row_equals_the_row_alone_through_the_hybrid():
                                                           adapter.encode_target("red")[0]))
     real = batch.inputs["attention_mask"].bool()
     assert (model(**other_pads).logits.detach() - batched)[real].abs().max() < 1e-5
+
+
+def test_the_tiny_qwen4_exp_keeps_what_its_architecture_adds(tiny_checkpoint):
+    """The tiny Qwen4-Exp is not a Qwen3.5-MoE under another name: its attention layer's indexer leaves tokens of a
+    describer prompt out (the budget is shorter than the prompt, as 2,048 tokens are of a long context), the n-gram
+    embedding sits before the first Gated DeltaNet layer, the residual is split into gated streams, and every layer
+    routes through experts."""
+    from sc_tune.modeling import load_model_and_adapter
+    from tests.helpers import sample_images
+
+    model, adapter = load_model_and_adapter(tiny_checkpoint("qwen4_exp"))
+    text = model.config.text_config
+    kinds = [type(m).__name__ for m in model.modules()]
+    assert text.layer_types == ["linear_attention", "indexed_attention"] and text.ple_layer_ids == [1]
+    assert kinds.count("Qwen4ExpTextPLELayer") == 1 and text.hc_count > 1
+    assert kinds.count("Qwen4ExpTextGatedResidual") == 2 * len(text.layer_types) + 1  # per block, and the final mix
+    assert kinds.count("Qwen4ExpTextSparseMoeBlock") == len(text.layer_types)
+    images, boxes = sample_images(adapter, n=2)
+    batch = adapter.build_batch([adapter.describer_prompt(b, i) for b, i in zip(boxes, images)], images)
+    selected = []
+    indexer = next(m for m in model.modules() if type(m).__name__ == "Qwen4ExpTextQSAIndexer")
+    handle = indexer.register_forward_hook(lambda module, args, out: selected.append(out))
+    with torch.no_grad():
+        model(**batch.inputs)
+    handle.remove()
+    kept_B = selected[0][:, 0, -1].sum(-1)  # the keys the last prompt token attends to
+    real_B = batch.inputs["attention_mask"].sum(1)
+    assert (kept_B < real_B).all() and (kept_B >= text.indexer_budget).all(), (kept_B, real_B)

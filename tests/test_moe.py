@@ -51,7 +51,10 @@ def _locator_loss_and_aux(trainer):
     return loss, aux
 
 
-def test_full_fine_tuning_adds_the_router_load_balancing_term(moe_checkpoint, tmp_path):
+# qwen4_exp: every layer routes, between gated residual streams (its router logits are recorded inside them).
+@pytest.mark.parametrize("model_type", ["qwen3_vl_moe", "qwen4_exp"])
+def test_full_fine_tuning_adds_the_router_load_balancing_term(tiny_checkpoint, model_type, tmp_path):
+    moe_checkpoint = tiny_checkpoint(model_type)
     on = make_trainer(moe_checkpoint, str(tmp_path / "on"), moe_aux_loss_coef=0.5)
     off = make_trainer(moe_checkpoint, str(tmp_path / "off"), moe_aux_loss=False, moe_aux_loss_coef=0.5)
     assert on.router_aux_coef == 0.5 and off.router_aux_coef == 0.0
@@ -118,15 +121,29 @@ def test_lora_target_experts_refuses_a_dense_model(tiny_checkpoint):
 
 
 # ---------------------------------------------------------------- --lora_target_experts through finetune.py
-MOE_TYPES = ["glm4v_moe", "qwen3_5_moe", "qwen3_vl_moe"]
+MOE_TYPES = ["glm4v_moe", "qwen3_5_moe", "qwen3_vl_moe", "qwen4_exp"]
 EXPERT_LORA = ("--use_lora", "True", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0",
                "--lora_target_experts", "True")  # fmt: skip
 
 
 def test_the_moe_types_are_every_registered_moe():
-    from sc_tune.adapters import supported_model_types
+    """By the released architecture, not the name: a model_type whose default config (the release's) routes experts
+    (``qwen4_exp`` has no ``_moe`` suffix). Gemma 4's 26B-A4B shares the dense ``gemma4`` type (its own test below)."""
+    from types import SimpleNamespace
 
-    assert MOE_TYPES == [t for t in supported_model_types() if t.endswith("_moe")]
+    from transformers import AutoConfig
+
+    from sc_tune.adapters import supported_model_types
+    from sc_tune.moe import num_routed_experts
+
+    def routes(model_type):
+        try:
+            config = AutoConfig.for_model(model_type)
+        except ValueError:  # Qwen-VL: remote code, no transformers config (and dense)
+            return False
+        return num_routed_experts(SimpleNamespace(config=config)) > 0
+
+    assert MOE_TYPES == [t for t in supported_model_types() if routes(t)]
 
 
 def _finetune(source, output_dir, *extra):

@@ -59,7 +59,7 @@ def test_cache_matches_uncached_logprobs_generation_and_tail_gradients(tiny_chec
         torch.testing.assert_close(g_cached, g_plain, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("model_type", [*CACHED_FAMILIES, "qwen3_5"])
+@pytest.mark.parametrize("model_type", [*CACHED_FAMILIES, "qwen3_5", "qwen4_exp"])
 def test_frozen_tower_runs_its_tail_once_per_image(tiny_checkpoint, model_type):
     # The snapshot's tower has no trainable parameter, so its whole output (merger/resampler included) is
     # memoised per image: greedy captions, then the locator rows in another order and twice over, then scoring.

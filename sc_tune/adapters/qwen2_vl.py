@@ -1,4 +1,5 @@
-"""Adapters for the transformers-native Qwen VL families: Qwen2-VL, Qwen2.5-VL, Qwen3-VL(-MoE), Qwen3.5(-MoE).
+"""Adapters for the transformers-native Qwen VL families: Qwen2-VL, Qwen2.5-VL, Qwen3-VL(-MoE), Qwen3.5(-MoE),
+Qwen3.8-Flash-Next (``qwen4_exp``, the Qwen4 preview).
 
 Prompts go through the checkpoint's own chat template (``ModelAdapter.render``): the Qwen2-VL and Qwen2.5-VL
 templates insert the default system turn ("You are a helpful assistant."), Qwen3-VL's does not, and Qwen3.5's
@@ -269,11 +270,39 @@ class Qwen35Adapter(_QwenChatVLAdapter):
         return False
 
 
+class Qwen4ExpAdapter(Qwen35Adapter):
+    """Qwen3.8-Flash-Next (``qwen4_exp``, "an early preview of the architecture used in Qwen4",
+    QwenLM/Qwen3.8-Flash-Next README): Qwen3.5-MoE's vision tower, image placeholder, processor (transformers' auto
+    mappings: Qwen3VLProcessor, Qwen2VLImageProcessor, Qwen3_5Tokenizer) and parameter names, so everything SC-Tune
+    reads is Qwen3.5's; what transformers' ``models/qwen4_exp`` adds is inside the text model:
+
+    - Qwen Sparse Attention: the full-attention layers are ``indexed_attention`` layers whose indexer keeps, per query,
+      the top ``indexer_budget`` tokens of mean-pooled key blocks (a hard top-k mask: the indexer's weights get no
+      gradient from any loss, so they stay as released under full fine-tuning too). SC-Tune's static decode step
+      builds no mask for them (``STATIC_DECODING_LAYERS``), so ``--static_decoding auto`` decodes with transformers'
+      ``generate`` and ``true`` is refused, naming the layers;
+    - Gated Residual: ``hc_count`` residual streams mixed before and injected after each block
+      (``attn_hyper_connection``, ``mlp_hyper_connection``, ``hyper_connection_mixer``);
+    - Per-Layer Embedding: a hashed token n-gram table added before the layers of ``ple_layer_ids``; it reads the token
+      ids (pads read as the end token, so padding changes nothing) and keeps the last ids in the cache.
+
+    LoRA targets what it targets on Qwen3.5 (attention, Gated DeltaNet projections, shared expert); the gated
+    residuals, the n-gram table and the indexer stay frozen under LoRA. MoE: every layer routes (512 experts, 10 per
+    token, one gated shared expert; ``router_aux_loss_coef`` 0.001 by default), the fused experts as Qwen3.5-MoE's.
+    The box convention is a Qwen maintainer's answer for this very model: "In most cases, grounding coordinates should
+    still be relative coordinates normalized to [0, 1000]" (QwenLM/Qwen3.8-Flash-Next issue #4); no Qwen-own example
+    answer was found, so the answer shape is Qwen3-VL's JSON list (assumed, as for Qwen3.5). The released chat
+    template was not at hand: its thinking switch is assumed to be Qwen3.5's (``enable_thinking``, which vendors'
+    pages list for this model).
+    """
+
+
 # One entry per family; a family serves its dense and MoE checkpoints alike (same prompts, codec, vision).
 for _name, _model_types, _adapter in (
     ("Qwen2-VL", ("qwen2_vl",), Qwen2VLAdapter),
     ("Qwen2.5-VL", ("qwen2_5_vl",), Qwen25VLAdapter),
     ("Qwen3-VL / Qwen3-VL-MoE", ("qwen3_vl", "qwen3_vl_moe"), Qwen3VLAdapter),
     ("Qwen3.5 / 3.6 / 3.8", ("qwen3_5", "qwen3_5_moe"), Qwen35Adapter),
+    ("Qwen3.8-Flash-Next (Qwen4 preview)", ("qwen4_exp",), Qwen4ExpAdapter),
 ):
     register(Family(_name, _model_types, _adapter, auto_image_text_to_text))

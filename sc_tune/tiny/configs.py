@@ -221,6 +221,39 @@ def _qwen3_5_moe_config(tokenizer, sizes: TinySizes):
     return _for_model("qwen3_5_moe", text, _qwen3_5_vision(sizes), _qwen_token_ids(tokenizer))
 
 
+def _qwen4_exp_config(tokenizer, sizes: TinySizes):
+    """Qwen3.5-MoE's text model (every layer routed) with what Qwen4-Exp adds, each at its smallest: the full-attention
+    layers as Qwen Sparse Attention (``indexed_attention``: an 8-token budget of 4-token blocks, so prompts longer than
+    that are attended sparsely), 2 gated residual streams, and the n-gram embedding before the first Gated DeltaNet
+    layer (the only kind it may precede) with 4 hashed heads of small prime vocabularies."""
+    text = _qwen3_5_text(tokenizer, sizes)
+    text["layer_types"] = [
+        "indexed_attention" if kind == "full_attention" else kind for kind in text["layer_types"]
+    ]
+    text.update(
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=sizes.hidden,
+        shared_expert_intermediate_size=sizes.hidden,
+        # The indexer's RoPE dimensions (half of the 32-dim head) must fit its 16-dim head.
+        indexer_n_heads=2,
+        indexer_kv_heads=1,
+        indexer_head_dim=16,
+        indexer_budget=8,
+        indexer_compress_ratio=4,
+        hc_count=2,
+        hc_lowrank=8,
+        ple_layer_ids=[text["layer_types"].index("linear_attention") + 1] if "linear_attention" in text["layer_types"]
+        else [],
+        ple_embed_dim=16,
+        heads_per_ngram=2,
+        ngram_vocab_size_base=64,
+        make_ngram_vocab_size_divisible_by=8,
+        split_ngram_parts=2,
+    )
+    return _for_model("qwen4_exp", text, _qwen3_5_vision(sizes), _qwen_token_ids(tokenizer))
+
+
 def _qwen_spec(config, patch_size: int, chat_template: str, special_tokens=QWEN_CHAT_SPECIAL_TOKENS,
                reinit=None) -> TinySpec:
     return TinySpec(
@@ -360,6 +393,9 @@ TINY_SPECS: dict[str, TinySpec] = {
                           reinit=reference_gated_deltanet_decay),
     "qwen3_5_moe": _qwen_spec(_qwen3_5_moe_config, 16, QWEN3_5_TEMPLATE, QWEN3_5_SPECIAL_TOKENS,
                           reinit=reference_gated_deltanet_decay),
+    # The released template was not at hand: Qwen3.5's stand-in (its enable_thinking switch) is assumed.
+    "qwen4_exp": _qwen_spec(_qwen4_exp_config, 16, QWEN3_5_TEMPLATE, QWEN3_5_SPECIAL_TOKENS,
+                            reinit=reference_gated_deltanet_decay),
     "glm4v": _glm_spec("glm4v"),
     "glm4v_moe": _glm_spec("glm4v_moe"),
     "glm46v": _glm_spec("glm46v"),

@@ -105,7 +105,7 @@ def test_the_tiny_qwen4_exp_keeps_what_its_architecture_adds(tiny_checkpoint):
     """The tiny Qwen4-Exp is not a Qwen3.5-MoE under another name: its attention layer's indexer leaves tokens of a
     describer prompt out (the budget is shorter than the prompt, as 2,048 tokens are of a long context), the n-gram
     embedding sits before the first Gated DeltaNet layer, the residual is split into gated streams, and every layer
-    routes through experts."""
+    routes through experts. The indexer's top-k is a hard choice: no gradient reaches its weights (docs/families.md)."""
     from sc_tune.modeling import load_model_and_adapter
     from tests.helpers import sample_images
 
@@ -121,9 +121,11 @@ def test_the_tiny_qwen4_exp_keeps_what_its_architecture_adds(tiny_checkpoint):
     selected = []
     indexer = next(m for m in model.modules() if type(m).__name__ == "Qwen4ExpTextQSAIndexer")
     handle = indexer.register_forward_hook(lambda module, args, out: selected.append(out))
-    with torch.no_grad():
-        model(**batch.inputs)
+    model(**batch.inputs).logits.sum().backward()
     handle.remove()
+    grads = {n: p.grad for n, p in model.named_parameters() if ".indexer." in n or ".ple." in n}
+    assert all(g is None for n, g in grads.items() if ".indexer." in n)
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if ".ple." in n)
     kept_B = selected[0][:, 0, -1].sum(-1)  # the keys the last prompt token attends to
     real_B = batch.inputs["attention_mask"].sum(1)
     assert (kept_B < real_B).all() and (kept_B >= text.indexer_budget).all(), (kept_B, real_B)

@@ -277,8 +277,8 @@ class Qwen4ExpAdapter(Qwen35Adapter):
     reads is Qwen3.5's; what transformers' ``models/qwen4_exp`` adds is inside the text model:
 
     - Qwen Sparse Attention: the full-attention layers are ``indexed_attention`` layers whose indexer keeps, per query,
-      the top ``indexer_budget`` tokens of mean-pooled key blocks (a hard top-k mask: the indexer's weights get no
-      gradient from any loss, so they stay as released under full fine-tuning too). SC-Tune's static decode step
+      the top ``indexer_budget`` tokens of mean-pooled key blocks (a hard top-k mask: no gradient of SC-Tune's losses
+      reaches the indexer's weights). SC-Tune's static decode step
       builds no mask for them (``STATIC_DECODING_LAYERS``), so ``--static_decoding auto`` decodes with transformers'
       ``generate`` and ``true`` is refused, naming the layers;
     - Gated Residual: ``hc_count`` residual streams mixed before and injected after each block

@@ -414,7 +414,7 @@ def test_refusals_name_the_family_and_the_reason(tiny_checkpoint, monkeypatch):
 def test_sparse_attention_layers_are_refused_by_name_and_decode_with_transformers(tiny_checkpoint):
     """Qwen4-Exp's ``indexed_attention`` layers (Qwen Sparse Attention: a per-query top-k of key blocks) have no static
     decode step: true is refused naming them, auto on CUDA falls back to transformers' generate, and SC-Tune's own
-    loop on a dynamic cache (the fused describer loop on CPU) decodes what transformers' generate decodes."""
+    loop on a dynamic cache (where the fused describer loop then runs) decodes what transformers' generate decodes."""
     model, adapter = _model(tiny_checkpoint, "qwen4_exp")
     problem = adapter.static_decoding_problem(model)
     assert problem == "Qwen4ExpAdapter: no static decode step for ['indexed_attention'] layers"

@@ -278,9 +278,9 @@ class Qwen4ExpAdapter(Qwen35Adapter):
 
     - Qwen Sparse Attention: the full-attention layers are ``indexed_attention`` layers whose indexer keeps, per query,
       the top ``indexer_budget`` tokens of mean-pooled key blocks (a hard top-k mask: no gradient of SC-Tune's losses
-      reaches the indexer's weights). SC-Tune's static decode step
-      builds no mask for them (``STATIC_DECODING_LAYERS``), so ``--static_decoding auto`` decodes with transformers'
-      ``generate`` and ``true`` is refused, naming the layers;
+      reaches the indexer's weights). SC-Tune's static decode step builds no mask for them
+      (``STATIC_DECODING_LAYERS``), so ``--static_decoding auto`` decodes with transformers' ``generate`` and ``true``
+      is refused, naming the layers;
     - Gated Residual: ``hc_count`` residual streams mixed before and injected after each block
       (``attn_hyper_connection``, ``mlp_hyper_connection``, ``hyper_connection_mixer``);
     - Per-Layer Embedding: a hashed token n-gram table added before the layers of ``ple_layer_ids``; it reads the token

@@ -227,9 +227,9 @@ def _qwen4_exp_config(tokenizer, sizes: TinySizes):
     that are attended sparsely), 2 gated residual streams, and the n-gram embedding before the first Gated DeltaNet
     layer (the only kind it may precede) with 4 hashed heads of small prime vocabularies."""
     text = _qwen3_5_text(tokenizer, sizes)
-    text["layer_types"] = [
-        "indexed_attention" if kind == "full_attention" else kind for kind in text["layer_types"]
-    ]
+    text["layer_types"] = ["indexed_attention" if kind == "full_attention" else kind for kind in text["layer_types"]]
+    # One-indexed; none where a pattern has no Gated DeltaNet layer.
+    first_linear = [i + 1 for i, kind in enumerate(text["layer_types"]) if kind == "linear_attention"][:1]
     text.update(
         num_experts=4,
         num_experts_per_tok=2,
@@ -243,8 +243,7 @@ def _qwen4_exp_config(tokenizer, sizes: TinySizes):
         indexer_compress_ratio=4,
         hc_count=2,
         hc_lowrank=8,
-        ple_layer_ids=[text["layer_types"].index("linear_attention") + 1] if "linear_attention" in text["layer_types"]
-        else [],
+        ple_layer_ids=first_linear,
         ple_embed_dim=16,
         heads_per_ngram=2,
         ngram_vocab_size_base=64,

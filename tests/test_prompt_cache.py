@@ -264,9 +264,11 @@ def test_training_losses_identical_with_and_without_the_prompt_cache(
     assert cached == pytest.approx(plain, abs=1e-5)
 
 
-def test_families_that_do_not_opt_in_prefill_again(tiny_checkpoint, tmp_path):
-    # Qwen3.5's linear-attention layers keep a recurrent state that cannot be cropped back to the prompt.
-    _, *calls = _losses_and_resumed_calls(tiny_checkpoint("qwen3_5"), tmp_path, True)
+@pytest.mark.parametrize("model_type", ["qwen3_5", "qwen4_exp"])
+def test_families_that_do_not_opt_in_prefill_again(tiny_checkpoint, tmp_path, model_type):
+    # The linear-attention layers (Qwen3.5's, Qwen4-Exp's) keep a recurrent state that cannot be cropped back to the
+    # prompt (nor can Qwen4-Exp's n-gram embedding's last token ids).
+    _, *calls = _losses_and_resumed_calls(tiny_checkpoint(model_type), tmp_path, True)
     assert calls == [[False, False]] * 3
 
 

@@ -164,8 +164,15 @@ def caption_logprobs(model, inputs, caption_ids_NT, temperature: float, keep_cac
         outputs = model(**inputs, cache=prompt_cache, logits_to_keep=num_tokens + 1, use_cache=True)
     else:
         outputs = model(**inputs, logits_to_keep=num_tokens + 1, use_cache=keep_cache)
-    logp_NT = selective_log_softmax(outputs.logits[:, :-1] / temperature, caption_ids_NT)
+    logp_NT = selective_log_softmax(last_logits(outputs, num_tokens + 1)[:, :-1] / temperature, caption_ids_NT)
     return TokenLogprobs(logp_NT, outputs.cache if keep_cache else None)
+
+
+def last_logits(outputs, keep: int) -> torch.Tensor:
+    """The logits of the last ``keep`` positions of a forward asked for only those (``logits_to_keep=keep``). A model
+    whose forward has no ``logits_to_keep`` argument ignores it and returns every position's; cut here, they are the
+    same logits."""
+    return outputs.logits[:, -keep:]
 
 
 def _unwrapped(module):

@@ -50,6 +50,7 @@ from sc_tune.cycle import (
     RolloutCycle,
     RolloutModels,
     caption_logprobs,
+    last_logits,
     sampling_seed,
 )
 from sc_tune.data import RolloutSampler, collate_referring
@@ -309,7 +310,7 @@ class SCTuneTrainer(Trainer):
         # Left padding puts every target at the end of its row, so the last target_len+1 logits suffice: the
         # logit at position t predicts the token at t+1.
         keep = rollout.target_len + 1
-        logits = model(**rollout.inputs, logits_to_keep=keep, use_cache=False).logits[:, :-1].float()
+        logits = last_logits(model(**rollout.inputs, logits_to_keep=keep, use_cache=False), keep)[:, :-1].float()
         labels = rollout.labels[:, -rollout.target_len :]
         answer = labels != -100
         # Summed over the answer tokens, then divided by their count, not a mean: with --pseudo_label_min_iou a

@@ -259,19 +259,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def assert_the_familys_processor_builds_the_adapters_inputs(folder: str, adapter) -> None:
+def assert_the_familys_processor_builds_the_adapters_inputs(folder: str, adapter, processor=None) -> None:
     """The family's own processor of ``folder`` (``AutoProcessor``, what its chat demo runs), given the adapter's
     rendered describer and locator prompts and an image, builds the very inputs the adapter builds: the image marker
     expanded into the same image tokens, the same pixels, the same per-token types. (The rendered prompt already
     holds the template's special tokens, so the processor adds none, as its apply_chat_template does.) Skips where
-    AutoProcessor cannot load here: the families with a video processor need torchvision (the demo extra)."""
+    AutoProcessor cannot load here: the families with a video processor need torchvision (the demo extra).
+    ``processor``: the family's processor built otherwise (its class around the folder's parts)."""
     import pytest
     import torch
     from PIL import Image
     from transformers import AutoProcessor
 
     try:
-        processor = AutoProcessor.from_pretrained(folder)
+        processor = processor or AutoProcessor.from_pretrained(folder)
     except (ImportError, ValueError) as e:  # InternVL's says so with a ValueError
         if "torchvision" not in str(e).lower():
             raise

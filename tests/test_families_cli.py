@@ -37,7 +37,8 @@ def test_every_documented_answer_reads_to_its_box_or_is_refused_with_a_reason(ca
 def test_every_family_documents_its_answers_except_those_with_no_grounding_form():
     undocumented = {f.name for f in families() if not f.adapter.answer_examples}
     # none found upstream (adapter docstrings)
-    assert undocumented == {"LLaVA-OneVision", "SmolVLM / SmolVLM2 / SmolVLM v1 (Idefics3)", "Ovis2"}
+    assert undocumented == {"LLaVA-OneVision", "SmolVLM / SmolVLM2 / SmolVLM v1 (Idefics3)", "Ovis2", "MiniCPM-V 4.6",
+                            "MiniCPM-V 4.7"}
     for family in families():
         if family.adapter.answer_examples:
             assert any(e.box is not None for e in family.adapter.answer_examples), family.name
@@ -64,6 +65,7 @@ def test_the_training_target_round_trips_through_the_command(capsys, model_type,
     ("ovis2", "The <ref>airplane</ref> is found within <box>(0.613,0.085),(0.632,0.107)</box> of the image.",
      "no [x1, y1, x2, y2] box"),
     ("ovis2", "[0.613, 0.085, 0.632, 0.107]", "normalised"),
+    ("minicpmv4_6", "<ref>book</ref><box>100 200 500 600</box>", "no"),  # MiniCPM-V 4.5's form, not assumed for 4.6
 ])
 def test_ambiguous_or_absent_boxes_print_null_and_the_reason(capsys, model_type, answer, words):
     code, result = run(capsys, "parse", "--model_type", model_type, "--answer", answer)

@@ -1,4 +1,5 @@
-"""What is particular to the chat-template families (InternVL, Gemma 3 / 4, LLaVA-OneVision, SmolVLM, Ovis2).
+"""What is particular to the chat-template families (InternVL, Gemma 3 / 4, LLaVA-OneVision, SmolVLM, Ovis2,
+MiniCPM-V).
 
 The codec round trips, SC-Tune loop, export and evaluation of every family are covered by
 tests/test_families.py; here: prompts through each family's chat template (InternVL's grounding format),
@@ -20,7 +21,8 @@ from sc_tune.adapters import adapter_class
 from sc_tune.modeling import freeze_vision_tower, load_model_and_adapter
 from tests.conftest import SAMPLE_IMAGES
 
-TEMPLATE_TYPES = ["internvl", "gemma3", "gemma4", "llava_onevision", "smolvlm", "idefics3", "ovis2"]
+TEMPLATE_TYPES = ["internvl", "gemma3", "gemma4", "llava_onevision", "smolvlm", "idefics3", "ovis2", "minicpmv4_6",
+                  "minicpmv4_7"]
 BOX = [0.1, 0.2, 0.5, 0.6]
 
 # What each family's chat template makes of one user turn (image + text) and the opened answer.
@@ -34,7 +36,10 @@ TURNS = {
     # the released template's default system turn; "<image>" is plain text its processor expands
     "ovis2": ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\n",
               "<|im_end|>\n<|im_start|>assistant\n"),
+    "minicpmv4_6": ("<|im_start|>user\n<|image_pad|>\n",
+                    "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"),  # thinking off
 }
+TURNS["minicpmv4_7"] = TURNS["minicpmv4_6"]
 # Media tokens (never generated) and box/reference tokens (never in captions) of each tiny tokenizer.
 MEDIA = {
     "internvl": {"<img>", "</img>", "<IMG_CONTEXT>", "<video>"},
@@ -46,6 +51,8 @@ MEDIA = {
 }
 MEDIA["idefics3"] = MEDIA["smolvlm"]
 MEDIA["ovis2"] = {"<IMG_ATOM>", "<IMG_START>", "<IMG_GRID>", "<IMG_COL>", "<IMG_ROW>", "<IMG_END>"}
+MEDIA["minicpmv4_6"] = MEDIA["minicpmv4_7"] = {"<|image_pad|>", "<|video_pad|>", "<image>", "</image>", "<slice>",
+                                               "</slice>", "<image_id>", "</image_id>"}
 BOX_TOKENS = {"internvl": {"<ref>", "</ref>", "<box>", "</box>"}}
 # Module names: the projector that fix_vit must leave trainable (Ovis2: the tower's visual head and the visual
 # embedding table).
@@ -57,6 +64,8 @@ PROJECTOR = {
     "smolvlm": "model.connector.",
     "idefics3": "model.connector.",
     "ovis2": ("model.vision_tower.head_linear.", "model.vision_tower.head_norm.", "model.visual_embeddings_table."),
+    "minicpmv4_6": "model.merger.",
+    "minicpmv4_7": "model.merger.",
 }
 
 
@@ -114,6 +123,30 @@ def test_the_familys_processor_loads_the_tiny_folder_and_builds_the_adapters_inp
 
     _, path, _, adapter = family
     assert_the_familys_processor_builds_the_adapters_inputs(path, adapter)
+
+
+@pytest.mark.parametrize("model_type", ["minicpmv4_6", "minicpmv4_7"])
+def test_the_minicpmv_processor_builds_the_adapters_inputs_without_torchvision(model_type, tiny_checkpoint, monkeypatch):
+    """AutoProcessor cannot load MiniCPM-V here (the test above skips): its video processor needs torchvision, and
+    the processor's constructor type-checks it. Its images never touch the video processor (only two of its
+    settings are read), so the family's own processor class, built around the folder's tokenizer and image
+    processor with a stand-in for those two settings, runs its own __call__: its placeholders (image id, thumbnail,
+    slice rows), packed pixels, target sizes and (4.7) mm_token_type_ids must be the adapter's."""
+    import types
+
+    import transformers
+
+    from tests.helpers import assert_the_familys_processor_builds_the_adapters_inputs
+
+    path = tiny_checkpoint(model_type)
+    adapter = adapter_class(model_type).from_pretrained(path)
+    processor_class = getattr(transformers, {"minicpmv4_6": "MiniCPMV4_6Processor",
+                                             "minicpmv4_7": "MiniCPMV4_7Processor"}[model_type])
+    monkeypatch.setattr(processor_class, "check_argument_for_proper_class", lambda self, name, value: None)
+    video = types.SimpleNamespace(slice_mode=False, downsample_mode=adapter.image_processor.downsample_mode)
+    processor = processor_class(image_processor=adapter.image_processor, video_processor=video,
+                                tokenizer=adapter.tokenizer)
+    assert_the_familys_processor_builds_the_adapters_inputs(path, adapter, processor)
 
 
 def test_internvl_generic_box_format_uses_the_generic_prompts(tiny_checkpoint):
@@ -194,7 +227,10 @@ def test_fix_vit_freezes_the_vision_tower_and_keeps_the_projector(family):
 def test_lora_targets_are_the_language_model_projections_only(family):
     _, _, model, adapter = family
     matched = [n for n, _ in model.named_modules() if re.fullmatch(adapter.lora_target_modules, n)]
-    assert len(matched) == 7 * model.config.get_text_config().num_hidden_layers
+    # 7 per layer (q/k/v/o, gate/up/down); a Gated DeltaNet layer (MiniCPM-V's Qwen3.5 text model): 3 + 3.
+    layer_types = getattr(model.config.get_text_config(), "layer_types", None) or []
+    text_layers = model.config.get_text_config().num_hidden_layers
+    assert len(matched) == 7 * text_layers - layer_types.count("linear_attention")
     assert all(n.startswith(adapter.language_model_prefix + ".") for n in matched)
     assert all(isinstance(model.get_submodule(n), torch.nn.Linear) for n in matched)
 

@@ -10,6 +10,7 @@ from sc_tune.adapters import (  # noqa: F401  (imported to register their famili
     glm4v,
     internvl,
     llava_onevision,
+    minicpmv,
     ovis2,
     qwen2_vl,
     qwen_vl,

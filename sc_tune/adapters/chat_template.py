@@ -1,22 +1,26 @@
-"""Adapters driven by the checkpoint's own chat template (InternVL, Gemma 3 / 4, LLaVA-OneVision, SmolVLM, Ovis2).
+"""Adapters driven by the checkpoint's own chat template (InternVL, Gemma 3 / 4, LLaVA-OneVision, SmolVLM, Ovis2,
+MiniCPM-V 4.6 / 4.7).
 
 These families ship their turn format as a Jinja chat template with the tokenizer (``chat_template.jinja``,
 or the processor's legacy ``chat_template.json``). A prompt is rendered through that template, exactly as
 the family's processor would render ``[{"type": "image"}, {"type": "text", ...}]``, and the one image marker
-the template writes (``<IMG_CONTEXT>``, ``<start_of_image>``, ``<|image|>``, ``<image>``) is then expanded to
+the template writes (``<IMG_CONTEXT>``, ``<start_of_image>``, ``<|image|>``, ``<image>``, ``<|image_pad|>``) is then
+expanded to
 the placeholder sequence of that image (its start/end tokens and one placeholder token per image feature).
 
 Why not call the family's processor: in transformers 5.24 the InternVL, LLaVA-OneVision, SmolVLM and
-Gemma 4 processors cannot be built without a video processor, which needs torchvision (not a dependency
+Gemma 4 and MiniCPM-V processors cannot be built without a video processor, which needs torchvision (not a dependency
 here), and SmolVLM's also needs ``num2words``. The image processors have PIL backends, so each family module
 preprocesses with the image processor and expands the marker itself, reusing transformers' own helpers
-where they are public (SmolVLM's prompt string, LLaVA-OneVision's feature count). Every expanded prompt is
+where they are public (SmolVLM's prompt string, LLaVA-OneVision's feature count, MiniCPM-V's placeholder). Every
+expanded prompt is
 checked to hold exactly as many placeholder tokens as the image yields features, so a wrong count fails at
 batch building with a clear error, not as "image features and image tokens do not match" inside the model.
 
 Boxes: InternVL has a documented convention (its own codec, see ``sc_tune.adapters.internvl``); Gemma 3 / 4 take
-Gemini's y-first ``box_2d`` (``sc_tune.adapters.gemma``); LLaVA-OneVision, SmolVLM and Ovis2 document none, so their
-native codec is the generic one (``sc_tune.box_codecs.GENERIC_CODEC``) and their prompts ask for it in words.
+Gemini's y-first ``box_2d`` (``sc_tune.adapters.gemma``); LLaVA-OneVision, SmolVLM, Ovis2 and MiniCPM-V 4.6 / 4.7
+document none, so their native codec is the generic one (``sc_tune.box_codecs.GENERIC_CODEC``) and their prompts ask
+for it in words.
 """
 
 from __future__ import annotations
@@ -34,9 +38,11 @@ from sc_tune.box_codecs import GENERIC_CODEC
 LM_PROJECTIONS = "(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
-def language_model_lora_targets(language_model_prefix: str) -> str:
-    """PEFT ``target_modules`` regex: the attention and MLP projections of the language model only."""
-    return rf"{re.escape(language_model_prefix)}\..*\.{LM_PROJECTIONS}"
+def language_model_lora_targets(language_model_prefix: str, *more_projections: str) -> str:
+    """PEFT ``target_modules`` regex: the attention and MLP projections of the language model only (and
+    ``more_projections``, alternatives such as ``"in_proj_qkv|out_proj"``, for text models with other layer kinds)."""
+    names = "|".join((LM_PROJECTIONS[1:-1], *more_projections))
+    return rf"{re.escape(language_model_prefix)}\..*\.({names})"
 
 
 @dataclass
@@ -70,13 +76,18 @@ class ChatTemplateAdapter(ModelAdapter):
     # Per-image tensors whose second dimension (tiles / crops) differs between images: zero-padded to the
     # batch's largest (the models drop all-zero tiles, or slice by ``image_sizes``), the rest concatenated.
     padded_keys: tuple[str, ...] = ()
+    # Per-image tensors packed NaViT-style along their last dimension (MiniCPM-V's pixel_values): concatenated there.
+    packed_keys: tuple[str, ...] = ()
+    # Projections LoRA targets besides LM_PROJECTIONS (a hybrid text model's linear-attention layers).
+    lora_extra_projections: tuple[str, ...] = ()
     # Media special tokens the base class's name patterns miss (e.g. SmolVLM's tile tokens <row_1_col_1>).
     extra_media_tokens: re.Pattern | None = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if "lora_target_modules" not in cls.__dict__:
-            cls.lora_target_modules = language_model_lora_targets(cls.language_model_prefix)
+            prefix, extra = cls.language_model_prefix, cls.lora_extra_projections
+            cls.lora_target_modules = language_model_lora_targets(prefix, *extra)
         cls.per_token_keys = (cls.image_type_key,) if cls.image_type_key else ()
 
     @classmethod
@@ -180,7 +191,10 @@ class ChatTemplateAdapter(ModelAdapter):
         batch = {}
         for key in images[0].tensors:
             parts = [im.tensors[key] for im in images]
-            batch[key] = _pad_dim1(parts) if key in self.padded_keys else torch.cat(parts, dim=0)
+            if key in self.padded_keys:
+                batch[key] = _pad_dim1(parts)
+            else:
+                batch[key] = torch.cat(parts, dim=-1 if key in self.packed_keys else 0)
         if self.image_type_key:
             batch[self.image_type_key] = (input_ids == self.image_token_id).long()
         return batch

@@ -58,6 +58,8 @@ from sc_tune.vision_cache import VisionTrunk
 
 GROUNDING_PROMPT = "Locate {} in this image and output the bbox coordinates in JSON format."
 _LM_PROJECTIONS = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
+# The Gated DeltaNet (linear attention) layers' projections of a Qwen3.5 text model (also MiniCPM-V 4.6 / 4.7's).
+GATED_DELTANET_PROJECTIONS = "in_proj_qkv|in_proj_z|out_proj"
 
 
 _COOKBOOK = "QwenLM/Qwen2.5-VL cookbooks/spatial_understanding.ipynb"
@@ -259,7 +261,7 @@ class Qwen35Adapter(_QwenChatVLAdapter):
 
     native_codec = JsonBoxCodec("bbox_2d", scale=1000)
     answer_examples = QWEN3_VL_ANSWERS  # assumed: no Qwen-own Qwen3.5 grounding example was found
-    lora_target_modules = rf"model\.language_model\..*\.({_LM_PROJECTIONS}|in_proj_qkv|in_proj_z|out_proj)"
+    lora_target_modules = rf"model\.language_model\..*\.({_LM_PROJECTIONS}|{GATED_DELTANET_PROJECTIONS})"
 
     def resumes_from_scoring_cache(self, model, prompt_length, scored_length):
         # The Gated DeltaNet layers cache a recurrent state, not per-column keys: the state after prompt +

@@ -40,11 +40,11 @@ def _chatml(default_system: bool, generation_prompt: str) -> str:
 
 QWEN2_VL_TEMPLATE = _chatml(default_system=True, generation_prompt="")
 QWEN3_VL_TEMPLATE = _chatml(default_system=False, generation_prompt="")
-QWEN3_5_TEMPLATE = _chatml(
-    default_system=False,
-    generation_prompt="{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n"
-    "{% else %}<think>\n{% endif %}",
+# Qwen3.5's reasoning switch, written after the opened answer (MiniCPM-V 4.6 / 4.7 keep it).
+QWEN3_5_THINKING_SWITCH = (
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% else %}<think>\n{% endif %}"
 )
+QWEN3_5_TEMPLATE = _chatml(default_system=False, generation_prompt=QWEN3_5_THINKING_SWITCH)
 # Qwen3-VL-*-Thinking: same model_type as Instruct; every answer opens a reasoning block, switch or not.
 QWEN3_VL_THINKING_TEMPLATE = _chatml(default_system=False, generation_prompt="<think>\n")
 

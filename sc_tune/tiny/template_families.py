@@ -1,4 +1,5 @@
-"""Tiny random models of the chat-template families: InternVL, Gemma 3 / 4, LLaVA-OneVision, SmolVLM, Ovis2.
+"""Tiny random models of the chat-template families: InternVL, Gemma 3 / 4, LLaVA-OneVision, SmolVLM, Ovis2,
+MiniCPM-V.
 
 Each is the family's own transformers architecture at a few hundred thousand parameters, a tiny BPE
 tokenizer carrying the family's special tokens (``sc_tune.tiny.chat``), the family's PIL image
@@ -19,7 +20,8 @@ from dataclasses import dataclass, replace
 from functools import partial
 
 from sc_tune.tiny.chat import TinySizes, TinySpec, build_tiny, write_folder
-from sc_tune.tiny.configs import _text_config
+from sc_tune.tiny.chat_templates import QWEN3_5_THINKING_SWITCH
+from sc_tune.tiny.configs import _qwen3_5_text, _text_config, reference_gated_deltanet_decay
 
 TINY_IMAGE_SIZE = 28  # the vision towers' input: an InternVL tile, a SigLIP view, a SmolVLM crop (2x2 patches)
 # The words of the prompts in sc_tune.adapters.chat_template / internvl: one token per word in the tiny BPE.
@@ -33,9 +35,10 @@ TEMPLATE_TEXT = (
 )
 
 
-def _chatml_template(image_text: str, image_first_separator: str = "", system: str = "") -> str:
-    """ChatML turns (InternVL, LLaVA-OneVision, Ovis2): ``<|im_start|>user\\n`` + image marker + text; ``system``: a
-    system turn the template writes before every conversation (Ovis2's default one)."""
+def _chatml_template(image_text: str, system: str = "", answer_open: str = "") -> str:
+    """ChatML turns (InternVL, LLaVA-OneVision, Ovis2, MiniCPM-V): ``<|im_start|>user\\n`` + image marker + text;
+    ``system``: a system turn the template writes before every conversation (Ovis2's default one); ``answer_open``:
+    what the generation prompt writes after the opened assistant turn (MiniCPM-V's thinking switch)."""
     opening = f"{{{{ '<|im_start|>system\\n{system}<|im_end|>\\n' }}}}" if system else ""
     return (
         opening + "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
@@ -43,7 +46,7 @@ def _chatml_template(image_text: str, image_first_separator: str = "", system: s
         f"{{{{ '{image_text}' }}}}"
         "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
         "{{ '<|im_end|>\\n' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}" + answer_open + "{% endif %}"
     )
 
 
@@ -303,6 +306,44 @@ def _smolvlm_template() -> str:
     return DEFAULT_CHAT_TEMPLATE  # transformers' own SmolVLM template
 
 
+# ---------------------------------------------------------------- MiniCPM-V 4.6 / 4.7
+# A view's side before rounding to 56 px (4 x 4 patches of 14 px: one feature after the two 2 x 2 merges); at 42 the
+# tests' odd-sized images get different slice grids and feature counts.
+MINICPMV_SCALE_RESOLUTION = 42
+# The named special tokens the family's processor reads off the tokenizer (the released tokenizer_config.json's).
+MINICPMV_NAMED_TOKENS = {
+    "image_token": "<|image_pad|>", "video_token": "<|video_pad|>", "image_start_token": "<image>",
+    "image_end_token": "</image>", "slice_start_token": "<slice>", "slice_end_token": "</slice>",
+    "image_id_start_token": "<image_id>", "image_id_end_token": "</image_id>",
+}
+
+
+def _minicpmv_image_processor(image_size: int):
+    from transformers import MiniCPMV4_6ImageProcessorPil
+
+    # Slicing on, at most 9 slices (the processor's defaults): odd-sized images get different grids and token counts.
+    return MiniCPMV4_6ImageProcessorPil(scale_resolution=MINICPMV_SCALE_RESOLUTION, patch_size=14)
+
+
+def _minicpmv_config(model_type: str):
+    def build(tokenizer, sizes: TinySizes):
+        from transformers import AutoConfig
+
+        ids = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>"}
+        if model_type == "minicpmv4_7":  # the canvas M-RoPE's markers, from the tokenizer as the release's converter
+            ids.update(image_start_id="<image>", image_end_id="</image>", slice_start_id="<slice>",
+                       slice_end_id="</slice>")
+        ids = {field: tokenizer.convert_tokens_to_ids(token) for field, token in ids.items()}
+        if model_type == "minicpmv4_7":
+            (ids["newline_id"],) = tokenizer("\n", add_special_tokens=False)["input_ids"]
+        # The window merger follows the first encoder layer (insert_layer_id 0 of 2); a 112 px position grid.
+        vision = dict(_vision_encoder(sizes, 112, 14), hidden_act="gelu_pytorch_tanh")
+        return AutoConfig.for_model(model_type, text_config=_qwen3_5_text(tokenizer, sizes), vision_config=vision,
+                                    insert_layer_id=0, tie_word_embeddings=False, **ids)
+
+    return build
+
+
 @dataclass(frozen=True)
 class TemplateTinySpec:
     spec: TinySpec
@@ -442,6 +483,22 @@ TINY_TEMPLATE_SPECS: dict[str, TemplateTinySpec] = {
             processor_config=_smolvlm_processor_config(model_type),
         )
         for model_type, processor in (("smolvlm", "SmolVLMImageProcessorPil"), ("idefics3", "Idefics3ImageProcessorPil"))
+    },
+    # The released folders have no processor_config.json: AutoProcessor finds the processor by model_type.
+    **{
+        model_type: TemplateTinySpec(
+            TinySpec(
+                special_tokens=(*CHATML, *MINICPMV_NAMED_TOKENS.values(), "<think>", "</think>"),
+                eos_token="<|im_end|>",
+                template_text=TEMPLATE_TEXT,
+                image_processor=_minicpmv_image_processor,
+                config=_minicpmv_config(model_type),
+                named_tokens=tuple(MINICPMV_NAMED_TOKENS.items()),
+                reinit=reference_gated_deltanet_decay,  # its text model is Qwen3.5's
+            ),
+            lambda: _chatml_template("<|image_pad|>\\n", answer_open=QWEN3_5_THINKING_SWITCH),
+        )
+        for model_type in ("minicpmv4_6", "minicpmv4_7")
     },
 }
 

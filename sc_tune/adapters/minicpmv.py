@@ -25,7 +25,8 @@ views along that last dimension (``packed_keys``); the model encodes ``pixel_val
 4.6 and 4.7 differ, for SC-Tune, in one input: 4.7's canvas M-RoPE lays the thumbnail and slices out on a 2-D canvas
 found from ``mm_token_type_ids`` (1 on ``<|image_pad|>``; its processor returns them by default), and from the marker
 ids in its config (``image_start_id``, ``slice_start_id``, ``newline_id``, ...). Its forward takes
-``logits_to_keep``; 4.6's does not (it returns every position's logits, which ``sc_tune.cycle.last_logits`` cuts).
+``logits_to_keep``; 4.6's does not (it returns every position's logits, which ``sc_tune.cycle.last_logits`` cuts:
+correct, but a 4.6 training pass holds the logits of the whole sequence).
 
 Prompts: the checkpoint's chat template (``chat_template.jinja``): ChatML turns, the image as ``<|image_pad|>\\n``
 before the text, no default system turn; with ``enable_thinking=False`` the answer opens with

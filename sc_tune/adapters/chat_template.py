@@ -4,18 +4,18 @@ MiniCPM-V 4.6 / 4.7).
 These families ship their turn format as a Jinja chat template with the tokenizer (``chat_template.jinja``,
 or the processor's legacy ``chat_template.json``). A prompt is rendered through that template, exactly as
 the family's processor would render ``[{"type": "image"}, {"type": "text", ...}]``, and the one image marker
-the template writes (``<IMG_CONTEXT>``, ``<start_of_image>``, ``<|image|>``, ``<image>``, ``<|image_pad|>``) is then
-expanded to
-the placeholder sequence of that image (its start/end tokens and one placeholder token per image feature).
+the template writes (``<IMG_CONTEXT>``, ``<start_of_image>``, ``<|image|>``, ``<image>``, ``<|image_pad|>``) is
+then expanded to the placeholder sequence of that image (its start/end tokens and one placeholder token per image
+feature).
 
-Why not call the family's processor: in transformers 5.24 the InternVL, LLaVA-OneVision, SmolVLM and
-Gemma 4 and MiniCPM-V processors cannot be built without a video processor, which needs torchvision (not a dependency
+Why not call the family's processor: in transformers 5.24 the InternVL, LLaVA-OneVision, SmolVLM, Gemma 4 and
+MiniCPM-V processors cannot be built without a video processor, which needs torchvision (not a dependency
 here), and SmolVLM's also needs ``num2words``. The image processors have PIL backends, so each family module
 preprocesses with the image processor and expands the marker itself, reusing transformers' own helpers
 where they are public (SmolVLM's prompt string, LLaVA-OneVision's feature count, MiniCPM-V's placeholder). Every
-expanded prompt is
-checked to hold exactly as many placeholder tokens as the image yields features, so a wrong count fails at
-batch building with a clear error, not as "image features and image tokens do not match" inside the model.
+expanded prompt is checked to hold exactly as many placeholder tokens as the image yields features, so a wrong
+count fails at batch building with a clear error, not as "image features and image tokens do not match" inside
+the model.
 
 Boxes: InternVL has a documented convention (its own codec, see ``sc_tune.adapters.internvl``); Gemma 3 / 4 take
 Gemini's y-first ``box_2d`` (``sc_tune.adapters.gemma``); LLaVA-OneVision, SmolVLM, Ovis2 and MiniCPM-V 4.6 / 4.7

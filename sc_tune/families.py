@@ -54,7 +54,7 @@ def check_checkpoint_folder(path: str) -> None:
         raise ValueError(f"--model_name_or_path {path} is a file, not a checkpoint folder")
 
 
-def folder_family(path: str) -> tuple[str, Family]:
+def model_type_and_family(path: str) -> tuple[str, Family]:
     """The folder's ``model_type`` and its family as training reads them (``sc_tune.modeling``), their errors as this
     CLI's: a config.json without a ``model_type`` may be completed with --model_type, an unserved one may not (the
     refusal says why)."""
@@ -82,7 +82,7 @@ def budget_report(path: str, model_type: str | None = None, image_size: Sequence
 
     check_checkpoint_folder(path)
     if model_type is None:
-        model_type, family = folder_family(path)
+        model_type, family = model_type_and_family(path)
     else:
         family = family_for(model_type)
     try:

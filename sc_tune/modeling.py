@@ -51,8 +51,8 @@ def folder_family(path: str) -> Family:
 
 
 def served_family(model_type: str, path: str) -> Family:
-    """The family serving ``model_type``, read from ``path``'s config.json; one no family serves is a CheckpointError
-    naming the file, the model type and, where the survey of unserved families says, why."""
+    """The family serving ``model_type`` (the one ``path``'s config.json names); one no family serves is a
+    CheckpointError naming that file, the model type and, where the survey of unserved families says, why."""
     try:
         return family_for(model_type)
     except ValueError as error:

@@ -38,6 +38,17 @@ MEDIA_TOKEN_RE = re.compile(r"image|video|vision|img", re.IGNORECASE)
 BOX_TOKEN_RE = re.compile(r"box|ref|quad", re.IGNORECASE)
 
 
+# The attention and MLP projections of a transformers decoder layer: LoRA's default targets in the language model.
+LM_PROJECTIONS = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
+
+
+def language_model_lora_targets(language_model_prefix: str, *more_projections: str) -> str:
+    """PEFT ``target_modules`` regex: the attention and MLP projections of the language model only (and
+    ``more_projections``, alternatives such as ``"in_proj_qkv|out_proj"``, for text models with other layer kinds)."""
+    names = "|".join((LM_PROJECTIONS, *more_projections))
+    return rf"{re.escape(language_model_prefix)}\..*\.({names})"
+
+
 # Decoder layer kinds a static decode step knows (sc_tune.decoding): attention over the cache, recurrent state
 # (Qwen3.5's Gated DeltaNet), and windows as long as they cover the call (checked per call).
 STATIC_DECODING_LAYERS = {"full_attention", "linear_attention", "sliding_attention", "chunked_attention"}

@@ -12,10 +12,10 @@ Why not call the family's processor: in transformers 5.24 the InternVL, LLaVA-On
 MiniCPM-V processors cannot be built without a video processor, which needs torchvision (not a dependency
 here), and SmolVLM's also needs ``num2words``. The image processors have PIL backends, so each family module
 preprocesses with the image processor and expands the marker itself, reusing transformers' own helpers
-where they are public (SmolVLM's prompt string, LLaVA-OneVision's feature count, MiniCPM-V's placeholder). Every
-expanded prompt is checked to hold exactly as many placeholder tokens as the image yields features, so a wrong
-count fails at batch building with a clear error, not as "image features and image tokens do not match" inside
-the model.
+where they are public (SmolVLM's prompt string, LLaVA-OneVision's feature count, Ovis2's and MiniCPM-V's
+placeholders). Every expanded prompt is checked to hold exactly as many placeholder tokens as the image yields
+features, so a wrong count fails at batch building with a clear error, not as "image features and image tokens do
+not match" inside the model.
 
 Boxes: InternVL has a documented convention (its own codec, see ``sc_tune.adapters.internvl``); Gemma 3 / 4 take
 Gemini's y-first ``box_2d`` (``sc_tune.adapters.gemma``); LLaVA-OneVision, SmolVLM, Ovis2 and MiniCPM-V 4.6 / 4.7
@@ -32,17 +32,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from sc_tune.adapters.base import ImageInputs, ModelAdapter, load_chat_tokenizer
+from sc_tune.adapters.base import ImageInputs, ModelAdapter, language_model_lora_targets, load_chat_tokenizer
 from sc_tune.box_codecs import GENERIC_CODEC
-
-LM_PROJECTIONS = "(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-
-
-def language_model_lora_targets(language_model_prefix: str, *more_projections: str) -> str:
-    """PEFT ``target_modules`` regex: the attention and MLP projections of the language model only (and
-    ``more_projections``, alternatives such as ``"in_proj_qkv|out_proj"``, for text models with other layer kinds)."""
-    names = "|".join((LM_PROJECTIONS[1:-1], *more_projections))
-    return rf"{re.escape(language_model_prefix)}\..*\.({names})"
 
 
 @dataclass
@@ -67,8 +58,8 @@ class ChatTemplateAdapter(ModelAdapter):
     # processor replaces before tokenising; the released tokenizer has no such token).
     image_marker_is_token: bool = True
     end_token: str  # the token that closes an assistant turn
-    # Modules (names as in the model's state dict): fix_vit freezes the vision tower; the projector lives
-    # outside it in these families, so it stays trainable without an exception list.
+    # Modules (names as in the model's state dict): fix_vit freezes the vision tower; the projector lives outside it
+    # in these families, so it stays trainable (Ovis2's visual head, inside the tower: vision_trainable_prefixes).
     language_model_prefix: str = "model.language_model"
     vision_prefix: str = "model.vision_tower"
     # Per-token input marking image placeholders with 1 (Gemma: bidirectional attention inside an image).
@@ -133,7 +124,9 @@ class ChatTemplateAdapter(ModelAdapter):
         text = super().plain_text(text)
         # A marker that is plain text (Ovis2's "<image>") is no special token, but the family's processor expands every
         # one in a prompt into an image: a caption that spells it would be one image too many there.
-        return text if self.image_marker_is_token else text.replace(self.image_marker, "")
+        while not self.image_marker_is_token and self.image_marker in text:  # "<im<image>age>" leaves one
+            text = text.replace(self.image_marker, "")
+        return text
 
     @property
     def end_text(self) -> str:

@@ -75,7 +75,9 @@ class MiniCPMV46Adapter(ChatTemplateAdapter):
     def preprocess_image(self, image):
         out = self.image_processor(images=[image], return_tensors="pt")
         placeholder = self._placeholders(out)
-        num_tokens = placeholder.count(self.image_token)
+        # Counted from the views' patch grids, not read off the placeholder: encode_prompt then checks the two agree.
+        divisor = patches_per_feature(self.image_processor)
+        num_tokens = sum(int(h) * int(w) // divisor for h, w in out["target_sizes"].tolist())
         height, width = (int(side) * int(self.image_processor.patch_size) for side in out["target_sizes"][0])
         tensors = {"pixel_values": out["pixel_values"], "target_sizes": out["target_sizes"]}
         return TemplateImageInputs(tensors, num_tokens, (width, height), placeholder)
@@ -84,6 +86,12 @@ class MiniCPMV46Adapter(ChatTemplateAdapter):
 class MiniCPMV47Adapter(MiniCPMV46Adapter):
     # The canvas M-RoPE finds each view's tokens from mm_token_type_ids (1 on <|image_pad|>), in every forward.
     image_type_key = "mm_token_type_ids"
+
+
+def patches_per_feature(image_processor) -> int:
+    """Patches merged into one image feature: "16x" merges 2 x 2 twice (the tower's window merger, then the merger),
+    "4x" once."""
+    return 4 if image_processor.downsample_mode == "4x" else 16
 
 
 def _placeholder_builder(image_processor, tokenizer):
@@ -104,7 +112,7 @@ def _placeholder_builder(image_processor, tokenizer):
         raise ValueError(f"the tokenizer does not name the MiniCPM-V special tokens {missing} (tokenizer_config.json)")
     for name in names:
         setattr(writer, name, getattr(tokenizer, name))
-    divisor = 4 if image_processor.downsample_mode == "4x" else 16
+    divisor = patches_per_feature(image_processor)
     image_id = (f"{writer.image_id_start_token}0{writer.image_id_end_token}"
                 if image_processor.use_image_id else "")
     return lambda out: image_id + writer.replace_image_token(out, image_idx=0, image_token_divisor=divisor)

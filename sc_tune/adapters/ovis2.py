@@ -24,8 +24,10 @@ checkpoint's image processor (the release cuts into up to 12 tiles: ``crop_to_pa
 per tile, exactly as transformers' ``Ovis2Processor`` builds them. (Not corrected here: for a grid that is not square,
 transformers 5.24's ``Ovis2ImageProcessorPil.crop_image_to_patches`` reads the covering grid, which is (rows, columns),
 as (columns, rows), so a wide photo is resized onto a tall canvas of 2 rows x 1 column; the original Ovis2 code,
-AIDC-AI/Ovis ``base_visual_tokenizer.py`` ``_partition``, crops 1 row x 2 columns of the photo itself.) ``fix_vit`` freezes the ViT of ``model.vision_tower`` and keeps its visual head (``head_linear``,
-``head_norm``) trainable, as Ovis's own training names the head apart from the backbone (AIDC-AI/Ovis
+AIDC-AI/Ovis ``base_visual_tokenizer.py`` ``_partition``, crops 1 row x 2 columns of the photo itself.)
+
+``fix_vit`` freezes the ViT of ``model.vision_tower`` and keeps its visual head (``head_linear``, ``head_norm``)
+trainable, as Ovis's own training names the head apart from the backbone (AIDC-AI/Ovis
 ``ovis/train/train.py``: ``train_modules`` ``visual_tokenizer.head``, ``vte``); the visual embedding table
 (``model.visual_embeddings_table``) lies outside the tower and stays trainable. LoRA: the Qwen2 projections of
 ``model.language_model``.

@@ -50,14 +50,13 @@ from __future__ import annotations
 
 import torch
 
-from sc_tune.adapters.base import DocumentedAnswer, find_submodule
+from sc_tune.adapters.base import DocumentedAnswer, find_submodule, language_model_lora_targets
 from sc_tune.adapters.patch_grid_chat import PatchGridChatAdapter
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
 from sc_tune.box_codecs import JsonBoxCodec, PairGridCodec
 from sc_tune.vision_cache import VisionTrunk
 
 GROUNDING_PROMPT = "Locate {} in this image and output the bbox coordinates in JSON format."
-_LM_PROJECTIONS = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
 # The Gated DeltaNet (linear attention) layers' projections of a Qwen3.5 text model (also MiniCPM-V 4.6 / 4.7's).
 GATED_DELTANET_PROJECTIONS = "in_proj_qkv|in_proj_z|out_proj"
 
@@ -119,7 +118,7 @@ class _QwenChatVLAdapter(PatchGridChatAdapter):
     static_decoding_verified = True
     # MoE variants: the routed experts are fused 3-D parameters, not Linear modules: target_modules reaches the
     # attention (and any shared expert); --lora_target_experts adds the experts (sc_tune.moe).
-    lora_target_modules = rf"model\.language_model\..*\.({_LM_PROJECTIONS})"
+    lora_target_modules = language_model_lora_targets("model.language_model")
     lora_expert_parameters = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")  # --lora_target_experts
 
     def vision_trunk(self, model):
@@ -261,7 +260,7 @@ class Qwen35Adapter(_QwenChatVLAdapter):
 
     native_codec = JsonBoxCodec("bbox_2d", scale=1000)
     answer_examples = QWEN3_VL_ANSWERS  # assumed: no Qwen-own Qwen3.5 grounding example was found
-    lora_target_modules = rf"model\.language_model\..*\.({_LM_PROJECTIONS}|{GATED_DELTANET_PROJECTIONS})"
+    lora_target_modules = language_model_lora_targets("model.language_model", GATED_DELTANET_PROJECTIONS)
 
     def resumes_from_scoring_cache(self, model, prompt_length, scored_length):
         # The Gated DeltaNet layers cache a recurrent state, not per-column keys: the state after prompt +

@@ -23,8 +23,10 @@ class Unserved:
 
 
 # Reasons several families share (one wording each).
-NO_GROUNDING_FORM = ("no grounding answer form is documented and no adapter is written; serving it takes an adapter "
-                     "on the generic box text with a grounding warm start, as for LLaVA-OneVision")
+# "Known here": for some the vendor's documentation was searched and holds none, for others it was not searched
+# (docs/families.md says which); the refusal claims no more than that.
+NO_GROUNDING_FORM = ("no documented grounding answer form is known here and no adapter is written; serving it takes an "
+                     "adapter on the generic box text with a grounding warm start, as for LLaVA-OneVision")
 AUDIO_ONLY = "audio in, text out: SC-Tune tunes image grounding"
 OCR_ONLY = "it reads a page's text and layout; it is not asked to ground a phrase"
 

@@ -125,7 +125,8 @@ def build_tiny(
     if sizes.text_layer_types and built != list(sizes.text_layer_types):
         raise ValueError(
             f"text_layer_types {list(sizes.text_layer_types)}: this model_type builds layers {built or '(unnamed)'}; "
-            "only a hybrid text model (qwen3_5, qwen3_5_moe, qwen4_exp) takes a layer pattern"
+            "only a hybrid text model (qwen3_5, qwen3_5_moe, qwen4_exp, minicpmv4_6, minicpmv4_7) takes a layer "
+            "pattern (qwen4_exp names its attention layers indexed_attention)"
         )
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)

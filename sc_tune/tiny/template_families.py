@@ -5,11 +5,10 @@ Each is the family's own transformers architecture at a few hundred thousand par
 tokenizer carrying the family's special tokens (``sc_tune.tiny.chat``), the family's PIL image
 processor at a tiny input size, and a chat template that is a minimal stand-in for the checkpoint's: the
 same turn markers, the same image marker for ``{"type": "image"}`` and the same opened answer (Gemma 4's empty
-thought channel), nothing else (no tools or thinking switches; a system turn only where the released template always
-writes one: Ovis2's). tests/test_real_checkpoints.py
-checks each against the released template where that file is at hand. Image tiling / splitting stays on where
-the family uses it by default, at the
-smallest grid, so the tests cover its token counting.
+thought channel, MiniCPM-V's closed ``<think>`` block with thinking off), nothing else (no tools; a system turn only
+where the released template always writes one: Ovis2's). tests/test_real_checkpoints.py checks each against the
+released template where that file is at hand. Image tiling / splitting stays on where the family uses it by default,
+at the smallest grid, so the tests cover its token counting.
 """
 
 from __future__ import annotations

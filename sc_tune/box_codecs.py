@@ -26,7 +26,8 @@ grid ``0..scale`` as ``round(v * scale)`` and read back as ``n / scale`` (a frac
   own grounding evaluation reads ``n / 999`` (QwenLM/Qwen-VL ``eval_mm/evaluate_grounding.py``); its README
   calls the values normalised to ``[0, 1000)``. We round instead of truncating so that encode -> decode moves a
   coordinate by at most half a grid step.
-- Qwen2-VL, Qwen3-VL, Qwen3.5, Qwen3.8-Flash-Next, GLM-V, InternVL, Gemma: ``scale = 1000`` (their documented relative grid).
+- Qwen2-VL, Qwen3-VL, Qwen3.5, Qwen3.8-Flash-Next, GLM-V, InternVL, Gemma: ``scale = 1000`` (their documented
+  relative grid).
 - Qwen2.5-VL: absolute pixels of the *resized* model input (``frame``), rescaled to ``[0, 1]`` on decode.
 - Gemma 3 / 4 (Gemini's convention): ``box_2d`` is **y-first**, ``[y1, x1, y2, x2]`` on 0..1000.
 - Generic (``--box_format generic``): the plain list ``[x1, y1, x2, y2]`` of integers on ``0..1000``

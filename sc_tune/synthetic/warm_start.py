@@ -54,11 +54,11 @@ class WarmStartConfig:
     # Attention heads of the language model (sc_tune.tiny builds 2 query heads sharing 1 key/value head).
     text_heads: int = 4
     text_kv_heads: int = 2
-    # Comma-separated text layer pattern of a hybrid text model (Gated DeltaNet layers), e.g. "full_attention,linear_attention";
-    # empty: the family's default tiny pattern.
+    # Comma-separated text layer pattern of a hybrid text model (Gated DeltaNet layers), e.g.
+    # "full_attention,linear_attention"; empty: the family's default tiny pattern.
     text_layer_types: str = ""
-    # Initial decay of the Gated DeltaNet layers (hybrid text models): "reference" (the Gated DeltaNet reference's dt_bias,
-    # sc_tune.tiny.configs.reference_gated_deltanet_decay) or "transformers" (its _init_weights, dt_bias = 1:
+    # Initial decay of the Gated DeltaNet layers (hybrid text models): "reference" (the Gated DeltaNet reference's
+    # dt_bias, sc_tune.tiny.configs.reference_gated_deltanet_decay) or "transformers" (its _init_weights, dt_bias = 1:
     # nearly memoryless heads; every hybrid build before 2026-11-28). Other families ignore it.
     linear_attention_init: str = "reference"
     image_size: int = 128

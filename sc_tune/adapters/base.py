@@ -264,11 +264,18 @@ class ModelAdapter(ABC):
     def plain_text(self, text: str) -> str:
         """``text`` without special-token strings. Why: a caption is plain text, but one that spells a token
         such as ``<image>`` in ordinary pieces would re-tokenise into that special token, and an extra image
-        placeholder makes the batch unusable (a crash mid-run); such strings carry no caption meaning."""
+        placeholder makes the batch unusable (a crash mid-run); such strings carry no caption meaning. Removed
+        until none is left: one removal can join the pieces around it into another ("<im<image>age>")."""
         if not hasattr(self, "_special_re"):
-            tokens = sorted(self.special_tokens(), key=len, reverse=True)
+            tokens = sorted(self.reserved_strings(), key=len, reverse=True)
             self._special_re = re.compile("|".join(map(re.escape, tokens))) if tokens else None
-        return self._special_re.sub("", text) if self._special_re is not None else text
+        while self._special_re is not None and self._special_re.search(text):
+            text = self._special_re.sub("", text)
+        return text
+
+    def reserved_strings(self) -> set[str]:
+        """The strings ``plain_text`` keeps out of prompt text: the special tokens."""
+        return set(self.special_tokens())
 
     @abstractmethod
     def describer_prompt(self, box_norm: Sequence[float], image: ImageInputs) -> str:

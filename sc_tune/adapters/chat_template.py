@@ -120,13 +120,10 @@ class ChatTemplateAdapter(ModelAdapter):
     def locator_prompt(self, caption, image):
         return self.render(f"Locate {self.plain_text(caption)}. {self.codec.request}")
 
-    def plain_text(self, text: str) -> str:
-        text = super().plain_text(text)
+    def reserved_strings(self) -> set[str]:
         # A marker that is plain text (Ovis2's "<image>") is no special token, but the family's processor expands every
         # one in a prompt into an image: a caption that spells it would be one image too many there.
-        while not self.image_marker_is_token and self.image_marker in text:  # "<im<image>age>" leaves one
-            text = text.replace(self.image_marker, "")
-        return text
+        return super().reserved_strings() | {self.image_marker}
 
     @property
     def end_text(self) -> str:

@@ -43,6 +43,7 @@ from sc_tune.modeling import (
     qlora_quantization_config,
     trainable_summary,
 )
+from sc_tune.preemption import SaveAndStopOnSignal, StoppedBySignal, parse_signals
 from sc_tune.preflight import PreflightError
 from sc_tune.reference_flags import refuse_unknown, take_reference_flags
 from sc_tune.run_lock import RunLockError, hold
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> SCTuneTrainer:
         logger.warning(note)
     if lora_args.q_lora and not lora_args.use_lora:
         raise ArgumentError("--q_lora needs --use_lora")
+    stop_signals = parse_signals(args.save_on_signal)  # a bad name fails here, not after the model has loaded
 
     # Nothing is deleted before every input has been checked: the refusals come first, the old run's checkpoints
     # (--overwrite_output_dir) go only once the model, the data, its images and the first step have worked.
@@ -88,10 +90,10 @@ def main(argv: list[str] | None = None) -> SCTuneTrainer:
 
     # One run per output folder (a lock file naming the run): a second run would delete the first's checkpoints.
     with hold(args.output_dir, args.process_index == 0, args.world_size, every_rank_writes=True):
-        return _train(model_args, data_args, lora_args, args, overwritten)
+        return _train(model_args, data_args, lora_args, args, overwritten, stop_signals)
 
 
-def _train(model_args, data_args, lora_args, args, overwritten: list[str]) -> SCTuneTrainer:
+def _train(model_args, data_args, lora_args, args, overwritten: list[str], stop_signals=()) -> SCTuneTrainer:
     # Load in half precision only where fp32 master weights live elsewhere: DeepSpeed keeps them in its
     # optimizer, and LoRA trains fp32 adapters on a frozen base. A plain run keeps fp32 weights and lets
     # --bf16 autocast the compute; Adam steps of 5e-7 would vanish in bf16 weights.
@@ -134,8 +136,14 @@ def _train(model_args, data_args, lora_args, args, overwritten: list[str]) -> SC
     # The old run's checkpoints (--overwrite_output_dir) go at the end of the first step: after the preflight and
     # the first rollout have worked, before the first save (which must not sit beside the old run's).
     trainer.add_callback(ReplaceOverwrittenRun(overwritten, args.process_index == 0))
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    # A scheduler's stop signal (--save_on_signal) saves a checkpoint at the end of the step in progress.
+    stop = SaveAndStopOnSignal(stop_signals, trainer.accelerator.gather, trainer.accelerator.device)
+    trainer.add_callback(stop)
+    with stop.listening():
+        trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_state()
+    if stop.stopped_by is not None:
+        raise StoppedBySignal(stop, args.output_dir, args.process_index == 0)
     with save_failures_named(args.output_dir, "the trained model"):
         export_trained(trainer, args.output_dir, model_args.model_name_or_path, lora_args.use_lora)
     return trainer
@@ -156,9 +164,20 @@ def close_process_group() -> None:
         dist.destroy_process_group()
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> None:
+    """The command: input errors in one line; a run stopped on a signal (after its checkpoint) exits with that
+    signal's status."""
     try:
-        main()
+        main(argv)
     except INPUT_ERRORS as e:
         raise SystemExit(f"finetune.py: error: {e}") from None
+    except StoppedBySignal as e:
+        if e.is_main:
+            print(f"finetune.py: {e}", file=sys.stderr)
+        close_process_group()
+        raise SystemExit(e.exit_code) from None
     close_process_group()
+
+
+if __name__ == "__main__":
+    cli()

@@ -331,8 +331,14 @@ class SCTuneConfig(TrainingArguments):
         default="",
         metadata={
             # The recorded settings: sc_tune.resume.run_settings (docs/usage.md lists them).
-            "help": "Settings a resume may change, comma-separated, by the names a refusal gives (e.g. seed,data; "
-                    "docs/usage.md lists them)."
+            "help": "Settings a resume may change, comma-separated, named as a refusal names them (e.g. seed,data)."
+        },
+    )
+    save_on_signal: str = field(
+        default="SIGTERM,SIGUSR1",
+        metadata={
+            # sc_tune.preemption: a scheduler's stop signal costs one step, not the steps since the last save.
+            "help": "Signals that save the step in progress and stop the run, unexported (none: off)."
         },
     )
     overwrite_output_dir: bool = field(

@@ -57,6 +57,7 @@ from sc_tune.data import RolloutSampler, collate_referring
 from sc_tune.export import carry_source_files, model_config_as_loaded
 from sc_tune.kl_control import make_kl_controller
 from sc_tune.moe import router_aux_coefficient
+from sc_tune.preemption import parse_signals, workers_ignoring
 from sc_tune.preflight import PreflightError, decide
 from sc_tune.phases import Phase, PhaseLR, PhaseSchedule, reset_optimizer_moments, set_learning_rate
 from sc_tune.ppo import describer_advantages, masked_mean, per_token_kl, ppo_clip_loss
@@ -363,6 +364,15 @@ class SCTuneTrainer(Trainer):
         resume = self.run.find_resume(resume_from_checkpoint, self.is_world_process_zero())
         with deepspeed_loads_without_pickle():  # DeepSpeed's own loader would unpickle anything
             return super().train(resume_from_checkpoint=resume, **kwargs)
+
+    def get_train_dataloader(self):
+        loader = super().get_train_dataloader()
+        # A scheduler's stop signal reaches the data workers too; they ignore it, and the training process saves a
+        # checkpoint and stops them (sc_tune.preemption). accelerate's loader wraps the DataLoader that starts them.
+        workers_loader = getattr(loader, "base_dataloader", loader)
+        workers_loader.worker_init_fn = workers_ignoring(parse_signals(self.args.save_on_signal),
+                                                         workers_loader.worker_init_fn)
+        return loader
 
     def _run_epoch(self, *args, **kwargs):
         if self.state.global_step >= self.state.max_steps:  # resumed at --max_steps: complete, nothing to train

@@ -14,14 +14,26 @@ sc_tune_launch() {
     sc_tune_log=$(mktemp "${TMPDIR:-/tmp}/sc_tune_launch.XXXXXX")
     sc_tune_status=$(mktemp "${TMPDIR:-/tmp}/sc_tune_status.XXXXXX")
     trap 'rm -f "$sc_tune_log" "$sc_tune_status"' EXIT
-    # Interrupted (Ctrl-C, a scheduler's TERM, a closed terminal): the log copy goes too, and the script stops as the
-    # signal's default would (128 + its number).
-    trap 'rm -f "$sc_tune_log" "$sc_tune_status"; exit 130' INT
-    trap 'rm -f "$sc_tune_log" "$sc_tune_status"; exit 143' TERM
-    trap 'rm -f "$sc_tune_log" "$sc_tune_status"; exit 129' HUP
-    { if "$@" 2>&1; then echo 0 > "$sc_tune_status"; else echo $? > "$sc_tune_status"; fi; } | tee "$sc_tune_log"
+    # Interrupted (Ctrl-C, a scheduler's TERM or USR1, a closed terminal): the shell notes the signal, waits for the
+    # launch to end (the processes may be saving a checkpoint: finetune.py --save_on_signal), says how it ended, and
+    # stops as the signal's default would (128 + its number).
+    sc_tune_signalled=""
+    trap 'sc_tune_signalled=130' INT
+    trap 'sc_tune_signalled=143' TERM
+    trap 'sc_tune_signalled=129' HUP
+    trap 'sc_tune_signalled=138' USR1
+    # A scheduler signals every process of the job, the pipeline's too. Its left side notes the signal (a caught one
+    # is the default again in the launcher) and records the launch's exit code; tee ignores it and relays the
+    # processes' output until they have ended: dead, it would break their stdout while they save and name a checkpoint.
+    { trap : INT TERM HUP USR1; if "$@" 2>&1; then echo 0 > "$sc_tune_status"; else echo $? > "$sc_tune_status"; fi; } \
+        | (trap '' INT TERM HUP USR1; exec tee "$sc_tune_log")
     sc_tune_code=$(cat "$sc_tune_status")
-    if [ "$sc_tune_code" != 0 ]; then
+    sc_tune_stopped=$(sed -E 's/^\[(default|rank)[0-9]+\]: ?//' "$sc_tune_log" | grep -E '^[a-z_]+\.py: stopped by ' \
+        | tail -n 1 || true)
+    if [ -n "$sc_tune_stopped" ]; then
+        # Stopped on a signal after saving a checkpoint (finetune.py --save_on_signal): not a failure to diagnose.
+        printf '\nSC-Tune: the run stopped on a signal (exit code %s):\n%s\n' "$sc_tune_code" "$sc_tune_stopped" >&2
+    elif [ "$sc_tune_code" != 0 ]; then
         # Each process's last word: an entry point's own "error:" line, or the last line of a Python traceback, with
         # torchrun's "[rankN]: " prefix where it adds one (--tee, or a rank's traceback relayed).
         sc_tune_errors=$(sed -E 's/^\[(default|rank)[0-9]+\]: ?//' "$sc_tune_log" \
@@ -32,6 +44,7 @@ sc_tune_launch() {
                 "$sc_tune_code" "$sc_tune_errors" >&2
         fi
     fi
+    if [ -n "$sc_tune_signalled" ]; then exit "$sc_tune_signalled"; fi
     return "$sc_tune_code"
 }
 

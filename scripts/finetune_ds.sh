@@ -54,12 +54,19 @@ GRADIENT_CHECKPOINTING=${GRADIENT_CHECKPOINTING:-True}  # --activation_checkpoin
 DATALOADER_WORKERS=${DATALOADER_WORKERS:-4}
 EXTRA_ARGS=${EXTRA_ARGS:-}
 TORCHRUN=${TORCHRUN:-torchrun}        # the launcher
+# A scheduler's SIGTERM or SIGUSR1 (SLURM: #SBATCH --signal=USR1@300, minutes before the time limit) makes every
+# process save a checkpoint at the end of its step and stop (finetune.py --save_on_signal); torchrun passes the signal
+# on and waits up to STOP_GRACE seconds for that before it kills them. Keep it below the scheduler's own grace.
+STOP_GRACE=${STOP_GRACE:-300}
 
 case "$PRECISION" in
     bf16) PRECISION_ARGS="--bf16 True" ;;
     fp16) PRECISION_ARGS="--fp16 True" ;;
     fp32) PRECISION_ARGS="" ;;
     *) echo "PRECISION must be bf16, fp16 or fp32, got '$PRECISION'" >&2; exit 2 ;;
+esac
+case "$STOP_GRACE" in
+    '' | *[!0-9]*) echo "STOP_GRACE must be a number of seconds, got '$STOP_GRACE'" >&2; exit 2 ;;
 esac
 DS_ARGS=""
 if [ -n "$DS_CONFIG" ]; then DS_ARGS="--deepspeed $DS_CONFIG"; fi
@@ -96,6 +103,7 @@ fi
 # shellcheck disable=SC2086
 sc_tune_launch $TORCHRUN --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+    --signals_to_handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown_timeout "$STOP_GRACE" \
     finetune.py \
     --model_name_or_path "$MODEL" \
     --box_format "$BOX_FORMAT" \

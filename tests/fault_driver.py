@@ -5,7 +5,8 @@
 Points: mid_step (inside training step <step>), mid_save (checkpoint <step>: the Trainer's files are written,
 SC-Tune's are not), mid_commit (checkpoint <step> verified, being hashed, not yet marked complete),
 before_rotate (checkpoint <step> renamed into place, older ones not yet rotated), mid_export (training done, the
-final model half written into the output folder; <step> is ignored).
+final model half written into the output folder; <step> is ignored). And one that is not a kill: term_group (inside
+training step <step>, SIGTERM to the driver's process group, its data workers included, as a scheduler sends it).
 """
 
 import itertools
@@ -42,6 +43,16 @@ step = int(step)
 if point == "mid_step":
     begun = itertools.count()  # a fresh run: the cycle's n-th begin_step is in step n, after its data is drawn
     kill_in(RolloutCycle, "begin_step", lambda self, position: next(begun) == step)
+elif point == "term_group":
+    begun = itertools.count()
+    begin_step = RolloutCycle.begin_step
+
+    def begin_then_term(self, position):
+        if next(begun) == step:
+            os.killpg(os.getpgrp(), signal.SIGTERM)  # the handlers only record it: the step goes on
+        return begin_step(self, position)
+
+    RolloutCycle.begin_step = begin_then_term
 elif point == "mid_save":
     kill_in(RunState, "save", lambda self, checkpoint, next_step: next_step == step)
 elif point == "mid_commit":
@@ -58,4 +69,4 @@ elif point == "mid_export":
     finetune.export_trained = export_then_die
 else:
     raise SystemExit(f"unknown fault point {point}")
-finetune.main(sys.argv[1:])
+finetune.cli(sys.argv[1:])

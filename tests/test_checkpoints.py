@@ -669,6 +669,36 @@ def test_the_file_named_is_the_one_that_hit_the_limit_even_when_a_smaller_file_l
 
 
 @pytest.mark.slow
+def test_a_schedulers_sigterm_saves_the_step_in_progress_and_the_run_resumes_exactly(runs, tmp_path):
+    """SIGTERM to the run's process group inside step 3 (after its batch was fetched): the step ends, checkpoint-3 is
+    saved and verified, nothing is exported, the exit status is the signal's, the last line names the checkpoint; a
+    resume continues to the uninterrupted run's losses (--save_steps 2 would have lost step 3). The data workers'
+    part is tested through torchrun (tests/test_distributed.py): here no batch is fetched after the signal."""
+    import subprocess
+    import sys
+
+    import finetune
+    from tests.conftest import ROOT
+
+    model, full, _ = runs
+    out = tmp_path / "run"
+    argv = cli_args(model, out, "--max_steps", "6", "--dataloader_num_workers", "2")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "fault_driver.py"), *argv], cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "FAULT": "term_group:2"}, capture_output=True,
+                            text=True, timeout=300, start_new_session=True)
+    assert result.returncode == 128 + 15, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"finetune.py: stopped by SIGTERM after step 3, which is saved as {out}/checkpoint-3; the model is not exported "
+        "(the run is not finished). Continue with the same command and --resume_from_checkpoint True")
+    assert checkpoints.problems(str(out / "checkpoint-3")) == []
+    assert not (out / "model.safetensors").exists() and not (out / "sc_tune_run.lock").exists()
+    trainer = finetune.main(cli_args(model, out, "--max_steps", "6", "--resume_from_checkpoint", "True"))
+    assert trainer.state.global_step == 6
+    resumed = step_losses(out)
+    assert [resumed[s] for s in (4, 5, 6)] == pytest.approx([full[s] for s in (4, 5, 6)], rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.slow
 def test_a_file_size_limit_hit_during_a_save_names_the_file_and_keeps_the_last_checkpoint(runs, tmp_path):
     """Issue 19, 9e: `ulimit -f` below the optimizer's size: a clear error, not torch's 'unexpected pos'."""
     import resource

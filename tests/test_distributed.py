@@ -141,3 +141,57 @@ def test_finetune_ds_script_launches_with_environment_overrides(tiny_checkpoint,
     assert (args.kl_coef, args.describer_update_steps, args.max_steps, args.world_size) == (0.02, 1, 3, 2)
     assert args.deepspeed.endswith("ds_config_zero2.json")
     assert (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("target, signal_name", [("process group", "SIGTERM"), ("torchrun", "SIGUSR1")])
+def test_a_schedulers_signal_to_a_launch_saves_a_checkpoint_and_stops(tiny_checkpoint, tmp_path, target, signal_name):
+    """scripts/finetune_ds.sh on two processes with data workers, signalled after its first step as a scheduler
+    does: SIGTERM to every process of the launch (the shell, tee, torchrun, the ranks and their data workers, which
+    torch's handler would end), or SIGUSR1 to torchrun alone (SLURM's --signal=USR1@N; torchrun must pass it on,
+    not die of it). Every rank stops after the same step, which is saved and verified; nothing is exported; the
+    script names the checkpoint."""
+    import re
+    import signal
+    import time
+
+    from sc_tune import checkpoints
+
+    out = tmp_path / "run"
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "USE_CPU")},
+        "GPUS_PER_NODE": "2", "MODEL": tiny_checkpoint("qwen2_vl"), "IMAGE_FOLDER": SAMPLE_IMAGES, "DATA": SAMPLE_DATA,
+        "OUTPUT_DIR": str(out), "MAX_STEPS": "200", "SAVE_STEPS": "100", "BATCH_PER_GPU": "2", "DS_CONFIG": "",
+        "PRECISION": "fp32", "DESCRIBER_UPDATE_STEPS": "1", "LOCATOR_UPDATE_STEPS": "1", "REPORT_TO": "none",
+        "OMP_NUM_THREADS": "1", "GRADIENT_CHECKPOINTING": "False", "DATALOADER_WORKERS": "2", "STOP_GRACE": "120",
+        "EXTRA_ARGS": "--skip_preflight True --describer_max_new_tokens 4 --locator_max_new_tokens 6 "
+                      "--disable_tqdm True",
+    }
+    launch = subprocess.Popen(["sh", "scripts/finetune_ds.sh"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        for line in launch.stdout:  # the first step's logged losses
+            if "'loss'" in line or time.monotonic() > deadline:
+                break
+        sig = getattr(signal, signal_name)
+        if target == "torchrun":
+            torchrun = subprocess.check_output(["pgrep", "-s", str(launch.pid), "-f", "torch.distributed.run|torchrun"],
+                                               text=True).split()
+            assert len(torchrun) == 1, torchrun
+            os.kill(int(torchrun[0]), sig)
+        else:
+            os.killpg(launch.pid, sig)
+        rest, err = launch.communicate(timeout=300)
+    finally:
+        if launch.poll() is None:
+            os.killpg(launch.pid, signal.SIGKILL)
+    stopped = re.search(rf"finetune\.py: stopped by {signal_name} after step (\d+), which is saved as (\S+);", err)
+    # the launch's own exit code, recorded by the pipeline's left side, which a scheduler signals too
+    assert stopped and re.search(r"SC-Tune: the run stopped on a signal \(exit code \d+\)", err), err[-3000:]
+    step, saved = int(stopped.group(1)), stopped.group(2)
+    assert saved == str(out / f"checkpoint-{step}") and step < 200
+    assert checkpoints.problems(saved) == []
+    assert "DataLoader worker" not in rest + err
+    assert not (out / "model.safetensors").exists()
+    if target == "process group":
+        assert launch.returncode == 128 + 15  # the script stops as the signal would have stopped it

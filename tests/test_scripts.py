@@ -312,7 +312,7 @@ def test_a_ranks_prefixed_error_is_repeated_without_its_prefix(tmp_path):
     assert result.stderr.endswith("The error reported by the processes:\nAssertionError\n"), result.stderr[-500:]
 
 
-@pytest.mark.parametrize("signal_name, code", [("TERM", 143), ("INT", 130), ("HUP", 129)])
+@pytest.mark.parametrize("signal_name, code", [("TERM", 143), ("INT", 130), ("HUP", 129), ("USR1", 138)])
 def test_an_interrupted_launch_leaves_no_log_copy_behind(tmp_path, signal_name, code):
     """The launch's log copy (a whole run's output) is removed when the script is interrupted, not only on exit."""
     import signal

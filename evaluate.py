@@ -300,8 +300,13 @@ def _evaluate(args: EvaluationArguments, ranks, task_name: str, metrics_path: st
 INPUT_ERRORS = (ArgumentError, CheckpointError, JSONFileError, RecordError, ResultsError, RunLockError,
                 ThinkingCheckpointError, FileNotFoundError)
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> None:
+    """The command: input errors in one line naming the file, record or flag."""
     try:
-        main()
+        main(argv)
     except INPUT_ERRORS as e:
         raise SystemExit(f"evaluate.py: error: {e}") from None
+
+
+if __name__ == "__main__":
+    cli()

@@ -93,17 +93,23 @@ def _finetune_argv(model: str, data: str, images: str, output: str, *extra: str)
             "--skip_preflight", "True", *extra]
 
 
-def _run(script: str, argv: list[str]) -> subprocess.CompletedProcess:
+def _run_all(script: str, cases: dict[str, list[str]], scratch) -> dict[str, dict]:
+    """Each case's ``{"returncode", "stderr"}`` as ``python <script> argv`` gives them, all cases in one process
+    (tests/cli_driver.py: one torch import instead of one per case)."""
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}  # as a user runs it: no offline switch
-    return subprocess.run([sys.executable, script, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env=env)
+    cases_file = scratch / f"{script}.cases.json"
+    cases_file.write_text(json.dumps(cases))
+    result = subprocess.run([sys.executable, os.path.join("tests", "cli_driver.py"), script, str(cases_file)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _assert_one_error_line(result, script: str, names: list[str]) -> str:
-    assert result.returncode == 1, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert "huggingface.co" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
+def _assert_one_error_line(result: dict, script: str, names: list[str]) -> str:
+    assert result["returncode"] == 1, result["stderr"][-3000:]
+    assert "Traceback" not in result["stderr"], result["stderr"][-3000:]
+    assert "huggingface.co" not in result["stderr"]
+    last = result["stderr"].strip().splitlines()[-1]
     assert "hub" not in last.lower(), last
     assert last.startswith(f"{script}: error: "), last
     for name in names:
@@ -146,33 +152,84 @@ def test_a_tiny_qwen_vl_folder_without_its_tiktoken_vocabulary_is_refused(tiny_c
 
 
 # ------------------------------------------------------------------------------------------- the command lines
-@pytest.mark.parametrize("case", BROKEN)
-def test_finetune_prints_one_error_line_for_a_broken_model_folder(tmp_path, case):
-    folder = broken_folder(tmp_path, case)
-    data, images = _data(tmp_path, 4)
-    result = _run("finetune.py", _finetune_argv(folder, data, images, str(tmp_path / "out")))
-    _assert_one_error_line(result, "finetune.py", [folder, *BROKEN[case][1]])
+EVALUATE_CASES = ["no tokenizer.json", "unknown model_type", "no preprocessor_config.json", "no model.safetensors",
+                  "a model_type transformers implements and SC-Tune does not serve"]
 
 
-@pytest.mark.parametrize("case", ["no tokenizer.json", "unknown model_type", "no preprocessor_config.json",
-                                  "no model.safetensors",
-                                  "a model_type transformers implements and SC-Tune does not serve"])
-def test_evaluate_prints_one_error_line_for_a_broken_model_folder(tmp_path, case):
-    folder = broken_folder(tmp_path, case)
-    data, images = _data(tmp_path, 2)
-    result = _run("evaluate.py", ["--task", "self-consistency", "--model_name_or_path", folder, "--data_path", data,
-                                  "--image_folder", images, "--output_dir", str(tmp_path / "eval")])
-    _assert_one_error_line(result, "evaluate.py", [folder, *BROKEN[case][1]])
+def _thinking_folder(tmp_path) -> str:
+    """The warm start with a template that opens <think> for every answer (as a -Thinking release does)."""
+    folder = str(tmp_path / "thinking")
+    shutil.copytree(WARM_START, folder)
+    template = os.path.join(folder, "chat_template.jinja")
+    with open(template, encoding="utf-8") as f:
+        text = f.read()
+    assert text.count("<|im_start|>assistant\n{% endif %}") == 1
+    with open(template, "w", encoding="utf-8") as f:
+        f.write(text.replace("<|im_start|>assistant\n{% endif %}", "<|im_start|>assistant\n<think>\n{% endif %}"))
+    return folder
 
 
-# ------------------------------------------------------------------------------------------- too few records
-def test_too_few_records_for_one_step_is_an_error_line_naming_the_arithmetic(tmp_path):
-    data, images = _data(tmp_path, 1)
-    result = _run("finetune.py", _finetune_argv(WARM_START, data, images, str(tmp_path / "out")))
-    _assert_one_error_line(result, "finetune.py", [
+def _evaluate_argv(folder: str, data: str, images: str, output: str) -> list[str]:
+    return ["--task", "self-consistency", "--model_name_or_path", folder, "--data_path", data, "--image_folder",
+            images, "--output_dir", output]
+
+
+@pytest.fixture(scope="module")
+def command_lines(tmp_path_factory):
+    """Every command-line case below, run as the commands run (tests/cli_driver.py), and what its one error line
+    must name: ``{script: {case: (result, names)}}``."""
+    root = tmp_path_factory.mktemp("command_lines")
+    cases = {"finetune.py": {}, "evaluate.py": {}}
+    for n, case in enumerate(BROKEN):
+        where = root / f"finetune{n}"
+        where.mkdir()
+        folder = broken_folder(where, case)
+        data, images = _data(where, 4)
+        cases["finetune.py"][case] = (_finetune_argv(folder, data, images, str(where / "out")),
+                                      [folder, *BROKEN[case][1]])
+    for n, case in enumerate(EVALUATE_CASES):
+        where = root / f"evaluate{n}"
+        where.mkdir()
+        folder = broken_folder(where, case)
+        data, images = _data(where, 2)
+        cases["evaluate.py"][case] = (_evaluate_argv(folder, data, images, str(where / "eval")),
+                                      [folder, *BROKEN[case][1]])
+    where = root / "too_few"
+    where.mkdir()
+    data, images = _data(where, 1)
+    cases["finetune.py"]["too few records"] = (_finetune_argv(WARM_START, data, images, str(where / "out")), [
         data, "1 usable record(s) cannot fill one training step of 2 records",
         "--per_device_train_batch_size 2 x --gradient_accumulation_steps 1 x 1 process(es)",
     ])
+    where = root / "thinking"
+    where.mkdir()
+    folder = _thinking_folder(where)
+    data, images = _data(where, 4)
+    names = [folder, "is a reasoning-only checkpoint"]
+    cases["finetune.py"]["reasoning-only"] = (_finetune_argv(folder, data, images, str(where / "out")), names)
+    cases["evaluate.py"]["reasoning-only"] = (_evaluate_argv(folder, data, images, str(where / "eval")), names)
+    results = {script: _run_all(script, {case: argv for case, (argv, _) in by_case.items()}, root)
+               for script, by_case in cases.items()}
+    return {script: {case: (results[script][case], names) for case, (_, names) in by_case.items()}
+            for script, by_case in cases.items()}
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_finetune_prints_one_error_line_for_a_broken_model_folder(command_lines, case):
+    result, names = command_lines["finetune.py"][case]
+    _assert_one_error_line(result, "finetune.py", names)
+
+
+@pytest.mark.parametrize("case", EVALUATE_CASES)
+def test_evaluate_prints_one_error_line_for_a_broken_model_folder(command_lines, case):
+    result, names = command_lines["evaluate.py"][case]
+    _assert_one_error_line(result, "evaluate.py", names)
+
+
+# ------------------------------------------------------------------------------------------- too few records
+def test_too_few_records_for_one_step_is_an_error_line_naming_the_arithmetic(command_lines):
+    result, names = command_lines["finetune.py"]["too few records"]
+    _assert_one_error_line(result, "finetune.py", names)
 
 
 def _refuse_model_loading(monkeypatch):
@@ -222,19 +279,8 @@ def test_enough_records_for_one_step_pass_the_count(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("script", ["finetune.py", "evaluate.py"])
-def test_a_reasoning_only_checkpoint_is_one_error_line_naming_it(tmp_path, script):
+def test_a_reasoning_only_checkpoint_is_one_error_line_naming_it(command_lines, script):
     """A template that opens <think> for every answer (a -Thinking release) is refused by name: one line, not the
     ThinkingCheckpointError's traceback."""
-    folder = str(tmp_path / "thinking")
-    shutil.copytree(WARM_START, folder)
-    template = os.path.join(folder, "chat_template.jinja")
-    with open(template, encoding="utf-8") as f:
-        text = f.read()
-    assert text.count("<|im_start|>assistant\n{% endif %}") == 1
-    with open(template, "w", encoding="utf-8") as f:
-        f.write(text.replace("<|im_start|>assistant\n{% endif %}", "<|im_start|>assistant\n<think>\n{% endif %}"))
-    data, images = _data(tmp_path, 4)
-    argv = (_finetune_argv(folder, data, images, str(tmp_path / "out")) if script == "finetune.py" else
-            ["--task", "self-consistency", "--model_name_or_path", folder, "--data_path", data, "--image_folder",
-             images, "--output_dir", str(tmp_path / "eval")])
-    _assert_one_error_line(_run(script, argv), script, [folder, "is a reasoning-only checkpoint"])
+    result, names = command_lines[script]["reasoning-only"]
+    _assert_one_error_line(result, script, names)

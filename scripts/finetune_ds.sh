@@ -56,8 +56,10 @@ EXTRA_ARGS=${EXTRA_ARGS:-}
 TORCHRUN=${TORCHRUN:-torchrun}        # the launcher
 # A scheduler's SIGTERM or SIGUSR1 (SLURM: #SBATCH --signal=USR1@300, minutes before the time limit) makes every
 # process save a checkpoint at the end of its step and stop (finetune.py --save_on_signal); torchrun passes the signal
-# on and waits up to STOP_GRACE seconds for that before it kills them. Keep it below the scheduler's own grace.
-STOP_GRACE=${STOP_GRACE:-300}
+# on and waits up to STOP_GRACE seconds for that before it kills them: set it above a step plus a checkpoint save
+# (the scheduler's own kill still comes at the end of its grace period). torchrun waits as long for the others when
+# one process has failed, if they hang in a collective with it.
+STOP_GRACE=${STOP_GRACE:-120}
 
 case "$PRECISION" in
     bf16) PRECISION_ARGS="--bf16 True" ;;

@@ -41,10 +41,10 @@ def kill_in(owner, name, when):
 point, step = os.environ["FAULT"].split(":")
 step = int(step)
 if point == "mid_step":
-    begun = itertools.count()  # a fresh run: the cycle's n-th begin_step is in step n, after its data is drawn
+    begun = itertools.count(1)  # a fresh run: the cycle's n-th begin_step is in step n, after its data is drawn
     kill_in(RolloutCycle, "begin_step", lambda self, position: next(begun) == step)
 elif point == "term_group":
-    begun = itertools.count()
+    begun = itertools.count(1)
     begin_step = RolloutCycle.begin_step
 
     def begin_then_term(self, position):

@@ -684,7 +684,7 @@ def test_a_schedulers_sigterm_saves_the_step_in_progress_and_the_run_resumes_exa
     out = tmp_path / "run"
     argv = cli_args(model, out, "--max_steps", "6", "--dataloader_num_workers", "2")
     result = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "fault_driver.py"), *argv], cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "FAULT": "term_group:2"}, capture_output=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "FAULT": "term_group:3"}, capture_output=True,
                             text=True, timeout=300, start_new_session=True)
     assert result.returncode == 128 + 15, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == (

@@ -33,6 +33,11 @@ sc_tune_launch() {
     if [ -n "$sc_tune_stopped" ]; then
         # Stopped on a signal after saving a checkpoint (finetune.py --save_on_signal): not a failure to diagnose.
         printf '\nSC-Tune: the run stopped on a signal (exit code %s):\n%s\n' "$sc_tune_code" "$sc_tune_stopped" >&2
+        # The signal's status even where this shell did not get it (only torchrun or a rank was signalled, and
+        # torchrun exits 1): nothing after the script may take the run for finished, nor for an ordinary failure.
+        sc_tune_code=$(python -c 'import re, signal, sys
+print(128 + signal.Signals[re.search(r"stopped by (SIG[A-Z0-9]+) ", sys.argv[1]).group(1)])' "$sc_tune_stopped" \
+            2>/dev/null || echo "$sc_tune_code")
     elif [ "$sc_tune_code" != 0 ]; then
         # Each process's last word: an entry point's own "error:" line, or the last line of a Python traceback, with
         # torchrun's "[rankN]: " prefix where it adds one (--tee, or a rank's traceback relayed).

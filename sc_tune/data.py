@@ -32,7 +32,7 @@ from torch.utils.data import Dataset, Sampler
 from sc_tune import checks
 from sc_tune.boxes import MIN_BOX_SIDE
 from sc_tune.checks import AnnotationError
-from sc_tune.images import image_problem, load_rgb  # noqa: F401 (load_rgb: also imported from here)
+from sc_tune.images import checked_image, load_rgb  # noqa: F401 (load_rgb: also imported from here)
 from sc_tune.jsonio import read_json
 from sc_tune.phases import PhaseSchedule
 
@@ -119,18 +119,20 @@ def check_images(
     workers: int | None = None,
 ) -> list[dict]:
     """Decode every record's image once, in parallel, before training. Errors name file, record and field;
-    with ``skip_bad`` bad records are dropped and counted per reason with their original indices."""
+    with ``skip_bad`` bad records are dropped and counted per reason with their original indices. Each kept record
+    gets its image's SHA-256 (``image_sha256``, from the same read: ``images_digest``)."""
     paths = sorted({r["image"] for r in records})
     workers = workers or min(32, 4 * (os.cpu_count() or 1))
-    # Each distinct file is decoded once; PIL releases the GIL while decoding, so threads scale.
+    # Each distinct file is decoded once; PIL and hashlib release the GIL, so threads scale.
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        found = pool.map(lambda p: image_problem(os.path.join(image_folder, p), size_problem), paths)
-        problems = dict(zip(paths, found))
+        found = pool.map(lambda p: checked_image(os.path.join(image_folder, p), size_problem), paths)
+        checked = dict(zip(paths, found))
+    problems = {path: problem for path, (problem, _) in checked.items()}
     kept, skipped = [], defaultdict(list)
     for record in records:
-        problem = problems[record["image"]]
+        problem, digest = checked[record["image"]]
         if problem is None:
-            kept.append(record)
+            kept.append({**record, "image_sha256": digest})
         elif skip_bad:
             skipped[problem.split(" (")[0]].append(record["record_index"])
         else:
@@ -237,6 +239,16 @@ def records_digest(records: list[dict]) -> str:
     return hashlib.sha256(listed).hexdigest()[:16]
 
 
+def images_digest(records: list[dict]) -> str | None:
+    """A digest of the bytes of the records' images (their ``image_sha256``, from the image check), or None where they
+    were not checked (``--check_images False``): what a resume compares to tell other image files under the same
+    names (records_digest compares the names)."""
+    if not records or any("image_sha256" not in record for record in records):
+        return None
+    listed = json.dumps(sorted({(record["image"], record["image_sha256"]) for record in records})).encode()
+    return hashlib.sha256(listed).hexdigest()[:16]
+
+
 def check_same_records_on_every_rank(dataset: ReferringDataset) -> None:
     """Refuse training records that differ between processes.
 
@@ -249,10 +261,19 @@ def check_same_records_on_every_rank(dataset: ReferringDataset) -> None:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
     views: list = [None] * dist.get_world_size()
-    dist.all_gather_object(views, (socket.gethostname(), len(dataset), records_digest(dataset.records)))
-    if len({digest for _, _, digest in views}) == 1:
-        return
-    counts = "; ".join(f"rank {rank} on {host}: {count}" for rank, (host, count, digest) in enumerate(views)
+    dist.all_gather_object(views, (socket.gethostname(), len(dataset), records_digest(dataset.records),
+                                   images_digest(dataset.records)))
+    if len({digest for _, _, digest, _ in views}) == 1:
+        if len({images for _, _, _, images in views}) == 1:
+            return
+        differ = ", ".join(f"rank {rank} on {host}" for rank, (host, _, _, images) in enumerate(views)
+                           if images != views[0][3])
+        raise AnnotationError(
+            f"{dataset.source}: the processes hold the same training records but other image files under the same "
+            f"names ({differ} against rank 0 on {views[0][0]}: the images' bytes differ). Give every node the same "
+            "image folder (a copy that is complete and not re-encoded)"
+        )
+    counts = "; ".join(f"rank {rank} on {host}: {count}" for rank, (host, count, digest, _) in enumerate(views)
                        if rank == 0 or digest != views[0][2])
     raise AnnotationError(
         f"{dataset.source}: the processes hold different training records ({counts} records; the ranks not named "

@@ -9,6 +9,8 @@ composited over white; CMYK, grayscale and every other mode are converted to RGB
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 from collections.abc import Callable
 
@@ -26,8 +28,8 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.round(scaled).astype(np.uint8))
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Decode an image fully and convert it to RGB by the rules in the module docstring."""
+def load_rgb(path: str | io.BytesIO) -> Image.Image:
+    """Decode an image (a path, or its bytes) fully and convert it to RGB by the rules in the module docstring."""
     with Image.open(path) as opened:
         opened.load()  # decode everything now: a truncated file fails here, not inside the processor
         image = ImageOps.exif_transpose(opened)
@@ -44,14 +46,24 @@ def load_rgb(path: str) -> Image.Image:
 
 def image_problem(path: str, size_problem: Callable[[int, int], str | None] | None = None) -> str | None:
     """Why the image at ``path`` cannot be trained on (missing, empty, undecodable, bad size), or None."""
+    return checked_image(path, size_problem)[0]
+
+
+def checked_image(path: str, size_problem: Callable[[int, int], str | None] | None = None
+                  ) -> tuple[str | None, str | None]:
+    """(why the image at ``path`` cannot be trained on, or None; the SHA-256 of its bytes where it can), from one
+    read of the file: the digest is what a resume compares to tell another image under the same name."""
     if os.path.isdir(path):
-        return "image path is a folder, not a file"
+        return "image path is a folder, not a file", None
     if not os.path.isfile(path):
-        return "image not found"
+        return "image not found", None
     if os.path.getsize(path) == 0:
-        return "image file is empty (0 bytes)"
+        return "image file is empty (0 bytes)", None
     try:
-        image = load_rgb(path)
+        with open(path, "rb") as f:
+            data = f.read()
+        image = load_rgb(io.BytesIO(data))
     except Exception as e:  # noqa: BLE001 - PIL raises many types for undecodable files; all are this reason
-        return f"image cannot be decoded ({type(e).__name__}: {str(e)[:80]})"
-    return size_problem(*image.size) if size_problem is not None else None
+        return f"image cannot be decoded ({type(e).__name__}: {str(e)[:80]})", None
+    problem = size_problem(*image.size) if size_problem is not None else None
+    return problem, None if problem else hashlib.sha256(data).hexdigest()

@@ -27,7 +27,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from sc_tune import checkpoints
 from sc_tune.cycle import DescriberRollout, LocatorRollout
-from sc_tune.data import records_digest
+from sc_tune.data import images_digest, records_digest
 from sc_tune.jsonio import write_json
 from sc_tune.phases import PhaseSchedule
 from sc_tune.snapshot import Snapshot, is_peft
@@ -43,7 +43,7 @@ METHOD_SETTINGS = ("describer_temperature", "describer_top_k", "describer_top_p"
                    "kl_target", "kl_horizon")
 # Run settings that checkpoints of earlier versions do not record: compared only where the checkpoint holds them.
 RECORDED_LATER = frozenset({"zero_stage", "data", "model_files", "box_format", "trainable_parameters", "lora_config",
-                            *METHOD_SETTINGS})
+                            "image_files", *METHOD_SETTINGS})
 # The schedule's fields that place a step in the phases (a resume cannot move them), and the flags that set each.
 SCHEDULE_FLAGS = {"describer_rollouts": "--describer_update_steps", "locator_steps": "--locator_update_steps",
                   "ppo_epochs": "--ppo_epochs", "describer_lr": "--describer_lr", "locator_lr": "--locator_lr"}
@@ -106,9 +106,14 @@ def run_settings(args, model, schedule: PhaseSchedule, deepspeed: bool, adapter=
     config = getattr(model, "config", None)
     image_pixels = getattr(adapter, "image_pixel_limits", None)
     lora = getattr(model, "peft_config", {}).get("default") if is_peft(model) else None
+    image_bytes = images_digest(records) if records is not None else None
     later = {
         # A resume that reads other records draws other batches from the same sampler indices.
         **({"data": {"records": len(records), "sha256": records_digest(records)}} if records is not None else {}),
+        # The image files' bytes, read by the image check (not with --check_images False): another image under a
+        # record's file name draws another sample.
+        **({"image_files": {"images": len({r["image"] for r in records}), "sha256": image_bytes}}
+           if image_bytes is not None else {}),
         **({"model_files": model_files(model_folder)} if model_folder and os.path.isdir(model_folder) else {}),
         **({"box_format": adapter.box_format} if adapter is not None else {}),
         # --fix_vit and the LoRA settings decide which parameters train (and the optimizer's groups).
@@ -257,6 +262,11 @@ class RunState:
         if saved.get("model") and current.get("model") and \
                 os.path.realpath(saved["model"]) == os.path.realpath(current["model"]):
             current["model"] = saved["model"]  # the same folder spelled another way (a trailing slash, a link)
+        if "image_files" in saved and "image_files" not in current:
+            # This run did not read the images (--check_images False): unknown, not changed.
+            logger.warning("%s: the image files are not compared with the checkpoint's: --check_images False",
+                           checkpoint)
+            saved = {k: v for k, v in saved.items() if k != "image_files"}
         if isinstance(saved.get("model_files"), dict) and isinstance(current.get("model_files"), dict):
             current["model_files"] = _as_recorded(saved["model_files"], current["model_files"])
         old, new = saved.get("schedule") or {}, current.get("schedule") or {}

@@ -210,6 +210,33 @@ def test_resume_refuses_other_data_or_another_model_at_the_same_path(runs, tmp_p
     assert finetune.main(argv).state.global_step == 5
 
 
+def test_resume_refuses_another_image_under_a_records_file_name(runs, tmp_path):
+    """The records name their images; another file under the same name (a re-encoded or re-downloaded image folder)
+    drew other samples from the same records and resumed silently. The image check's digest of the bytes is a run
+    setting (image_files); the same bytes in another folder resume."""
+    import finetune
+
+    model, _, first = runs
+    images = tmp_path / "images"
+    shutil.copytree(SAMPLE_IMAGES, images)
+    out = copy_run(first, tmp_path)
+    argv = cli_args(model, out, "--max_steps", "5", "--resume_from_checkpoint", "True", "--image_folder", str(images))
+    name = json.loads(open(SAMPLE_DATA).read())[0]["image"]
+    original = (images / name).read_bytes()
+    from PIL import Image
+
+    with Image.open(images / name) as opened:
+        opened.convert("RGB").rotate(90, expand=True).save(images / name)  # the same name and format, other pixels
+    with pytest.raises(checkpoints.CheckpointError, match=r"image_files: sha256 checkpoint '[0-9a-f]+', now"):
+        finetune.main(argv)
+    (images / name).write_bytes(original)
+    assert finetune.main(argv).state.global_step == 5  # the same bytes in another folder
+
+    out = copy_run(first, tmp_path / "unchecked")  # no image check, no digest: not compared
+    argv = cli_args(model, out, "--max_steps", "5", "--resume_from_checkpoint", "True", "--check_images", "False")
+    assert finetune.main(argv).state.global_step == 5
+
+
 def test_a_learning_rate_may_change_with_the_schedule_allowed_and_the_phases_may_not(runs, tmp_path):
     """--resume_allow_changes schedule was accepted, then every run died at its first step in the restore, which
     compared the whole schedule: a learning rate can now change; a phase length is refused by its flag, at once."""

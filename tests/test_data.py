@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 from PIL import Image
@@ -231,3 +232,32 @@ def test_processes_holding_different_records_are_refused_naming_them(monkeypatch
     monkeypatch.setattr(dist, "all_gather_object", gathered_with(view_on_node_b(moved)))
     with pytest.raises(AnnotationError, match="different training records"):
         check_same_records_on_every_rank(dataset)
+
+    # The same records, one image file with other bytes on node-b (a re-encoded copy): checked images carry digests.
+    checked = ReferringDataset.from_file(SAMPLE_DATA, SAMPLE_IMAGES, check=True)
+    other = [dict(r) for r in checked.records]
+    other[0]["image_sha256"] = "0" * 64
+    monkeypatch.setattr(dist, "all_gather_object", gathered_with(view_on_node_b(checked.records)))
+    check_same_records_on_every_rank(checked)
+    monkeypatch.setattr(dist, "all_gather_object", gathered_with(view_on_node_b(other)))
+    with pytest.raises(AnnotationError, match=r"the same training records but other image files under the same names "
+                                              r"\(rank 1 on node-b against rank 0"):
+        check_same_records_on_every_rank(checked)
+
+
+def test_the_image_check_records_each_images_bytes_digest(tmp_path):
+    """What a resume and the ranks compare to tell another image under a record's name: the SHA-256 of the file, read
+    once with the decode; none without the check."""
+    import hashlib
+
+    from sc_tune.data import images_digest
+
+    checked = ReferringDataset.from_file(SAMPLE_DATA, SAMPLE_IMAGES, check=True)
+    for record in checked.records:
+        data = open(os.path.join(SAMPLE_IMAGES, record["image"]), "rb").read()
+        assert record["image_sha256"] == hashlib.sha256(data).hexdigest()
+    assert images_digest(checked.records) is not None
+    assert images_digest(ReferringDataset.from_file(SAMPLE_DATA, SAMPLE_IMAGES).records) is None
+    changed = [dict(r) for r in checked.records]
+    changed[-1]["image_sha256"] = "f" * 64
+    assert images_digest(changed) != images_digest(checked.records)

@@ -43,7 +43,7 @@ from sc_tune.modeling import (
     qlora_quantization_config,
     trainable_summary,
 )
-from sc_tune.preemption import SaveAndStopOnSignal, StoppedBySignal, parse_signals
+from sc_tune.preemption import SaveAndStopOnSignal, StoppedBySignal, exiting_on, parse_signals
 from sc_tune.preflight import PreflightError
 from sc_tune.reference_flags import refuse_unknown, take_reference_flags
 from sc_tune.run_lock import RunLockError, hold
@@ -72,7 +72,11 @@ def main(argv: list[str] | None = None) -> SCTuneTrainer:
     if lora_args.q_lora and not lora_args.use_lora:
         raise ArgumentError("--q_lora needs --use_lora")
     stop_signals = parse_signals(args.save_on_signal)  # a bad name fails here, not after the model has loaded
+    with exiting_on(stop_signals):  # until training: a stop signal ends the run with its lock released
+        return _checked_and_locked(model_args, data_args, lora_args, args, stop_signals)
 
+
+def _checked_and_locked(model_args, data_args, lora_args, args, stop_signals) -> SCTuneTrainer:
     # Nothing is deleted before every input has been checked: the refusals come first, the old run's checkpoints
     # (--overwrite_output_dir) go only once the model, the data, its images and the first step have worked.
     overwritten = check_output_dir(

@@ -12,8 +12,10 @@ and training stops. finetune.py then skips the export (the run is not finished),
 with 128 + the signal's number, the status the signal itself would have given, so that nothing downstream takes the
 run for a finished one. ``--resume_from_checkpoint True`` continues from that checkpoint exactly.
 
-Outside training (loading, the image check, the export) the signals keep their default action: there is no step to
-save there, and the export is written again by a resume at ``--max_steps``.
+A signal in the last step changes nothing but a checkpoint first: the run ends, and exports, as it would have.
+Outside training (loading, the image check, the export) a signal ends the process at once, as its default action
+would, but through ``SystemExit(128 + n)`` (``exiting_on``), so that the run lock is released: there is no step to
+save there, and a resume at ``--max_steps`` writes the export again.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from sc_tune.arguments import ArgumentError
 logger = logging.getLogger(__name__)
 
 DEFAULT_SIGNALS = "SIGTERM,SIGUSR1"
+# Signals that ask a process to stop. Not the others: SIGCHLD comes whenever a data worker exits, SIGPIPE, SIGALRM or
+# a crash signal is no request to stop, and SIGKILL and SIGSTOP cannot be handled.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP, signal.SIGINT, signal.SIGQUIT)
 
 
 def parse_signals(spec: str) -> tuple[signal.Signals, ...]:
@@ -42,12 +47,31 @@ def parse_signals(spec: str) -> tuple[signal.Signals, ...]:
     for name in names:
         name = name if name.startswith("SIG") else "SIG" + name
         sig = getattr(signal.Signals, name, None) if name.isidentifier() else None
-        if sig is None or sig in (signal.SIGKILL, signal.SIGSTOP):
+        if sig not in STOP_SIGNALS:
             raise ArgumentError(
-                f"--save_on_signal: {name} is not a signal a process can handle (e.g. SIGTERM,SIGUSR1, or none)"
+                f"--save_on_signal: {name} is not a signal that asks a run to stop (one of "
+                f"{', '.join(s.name for s in STOP_SIGNALS)}, comma-separated, or none)"
             )
         found.append(sig)
     return tuple(dict.fromkeys(found))
+
+
+@contextlib.contextmanager
+def exiting_on(signals: tuple[signal.Signals, ...]):
+    """For the body, ``signals`` end the process at once, as their default action would, but by raising
+    ``SystemExit(128 + n)``: ``finally`` blocks run, so the run lock is released (a requeued job on another host
+    would find it and stop). Training replaces these handlers with ``SaveAndStopOnSignal.listening``'s."""
+
+    def stop(signum, frame):
+        logger.warning("%s outside training: stopping (no step to save)", signal.Signals(signum).name)
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _ignore_then_init(signals: tuple[signal.Signals, ...], init_fn, worker_id: int) -> None:
@@ -110,6 +134,13 @@ class SaveAndStopOnSignal(TrainerCallback):
             return
         agreed = self.agreed_signal()
         if agreed is None:
+            return
+        if state.global_step >= state.max_steps:
+            # The last step: the run is finished. Its checkpoint first, then the export, as it would have been.
+            control.should_save = True
+            self.signals = ()  # nothing more to agree on
+            logger.warning("%s in the last step: saving checkpoint-%d, then the export", agreed.name,
+                           state.global_step)
             return
         self.stopped_by, self.stopped_at_step = agreed, state.global_step
         control.should_save = True

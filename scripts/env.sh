@@ -13,20 +13,33 @@ sc_tune_launch() {
     export PYTHONUNBUFFERED=1
     sc_tune_log=$(mktemp "${TMPDIR:-/tmp}/sc_tune_launch.XXXXXX")
     sc_tune_status=$(mktemp "${TMPDIR:-/tmp}/sc_tune_status.XXXXXX")
-    trap 'rm -f "$sc_tune_log" "$sc_tune_status"' EXIT
-    # Interrupted (Ctrl-C, a scheduler's TERM or USR1, a closed terminal): the shell notes the signal, waits for the
-    # launch to end (the processes may be saving a checkpoint: finetune.py --save_on_signal), says how it ended, and
-    # stops as the signal's default would (128 + its number).
+    sc_tune_pid=$(mktemp "${TMPDIR:-/tmp}/sc_tune_pid.XXXXXX")
+    trap 'rm -f "$sc_tune_log" "$sc_tune_status" "$sc_tune_pid"' EXIT
+    # Interrupted (Ctrl-C, a scheduler's TERM or USR1, a closed terminal): the shell notes the signal and passes it on
+    # to the launcher (torchrun, which passes it to the processes), for a signal that reached this shell alone
+    # (Kubernetes signals a container's first process; `kill` of the script; SLURM's --signal=B:...). It waits for
+    # the launch to end (the processes may be saving a checkpoint: finetune.py --save_on_signal), says how it ended,
+    # and stops as the signal's default would (128 + its number).
     sc_tune_signalled=""
-    trap 'sc_tune_signalled=130' INT
-    trap 'sc_tune_signalled=143' TERM
-    trap 'sc_tune_signalled=129' HUP
-    trap 'sc_tune_signalled=138' USR1
-    # A scheduler signals every process of the job, the pipeline's too. Its left side notes the signal (a caught one
-    # is the default again in the launcher) and records the launch's exit code; tee ignores it and relays the
-    # processes' output until they have ended: dead, it would break their stdout while they save and name a checkpoint.
-    { trap : INT TERM HUP USR1; if "$@" 2>&1; then echo 0 > "$sc_tune_status"; else echo $? > "$sc_tune_status"; fi; } \
-        | (trap '' INT TERM HUP USR1; exec tee "$sc_tune_log")
+    trap 'sc_tune_signalled=130; sc_tune_pass_on INT' INT
+    trap 'sc_tune_signalled=143; sc_tune_pass_on TERM' TERM
+    trap 'sc_tune_signalled=129; sc_tune_pass_on HUP' HUP
+    trap 'sc_tune_signalled=138; sc_tune_pass_on USR1' USR1
+    # A scheduler signals every process of the job, the pipeline's too. Its left side notes the signal and records
+    # the launch's exit code (and the launcher's pid, for the pass-on); tee ignores it and relays the processes'
+    # output until they have ended: dead, it would break their stdout while they save and name a checkpoint. The
+    # pipeline runs in the background so that a signal's trap runs at once (a foreground one defers it to the end);
+    # the launch keeps this shell's standard input (fd 3), which a background command would lose.
+    exec 3<&0
+    { trap : INT TERM HUP USR1
+      if sh -c 'echo $$ > "$0"; exec "$@"' "$sc_tune_pid" "$@" 2>&1 <&3 3<&-; then
+          echo 0 > "$sc_tune_status"
+      else
+          echo $? > "$sc_tune_status"
+      fi; } | (trap '' INT TERM HUP USR1; exec tee "$sc_tune_log" 3<&-) &
+    exec 3<&-
+    # wait returns early (above 128) on each trapped signal, and 0 once the pipeline has ended.
+    until wait; do :; done
     sc_tune_code=$(cat "$sc_tune_status")
     sc_tune_stopped=$(sed -E 's/^\[(default|rank)[0-9]+\]: ?//' "$sc_tune_log" | grep -E '^[a-z_]+\.py: stopped by ' \
         | tail -n 1 || true)
@@ -51,6 +64,12 @@ print(128 + signal.Signals[re.search(r"stopped by (SIG[A-Z0-9]+) ", sys.argv[1])
     fi
     if [ -n "$sc_tune_signalled" ]; then exit "$sc_tune_signalled"; fi
     return "$sc_tune_code"
+}
+
+# sc_tune_pass_on SIGNAL: send SIGNAL to the running launcher (sc_tune_launch's), if it has started.
+sc_tune_pass_on() {
+    sc_tune_launcher=$(cat "$sc_tune_pid" 2>/dev/null || :)
+    if [ -n "$sc_tune_launcher" ]; then kill -s "$1" "$sc_tune_launcher" 2>/dev/null || :; fi
 }
 
 # sc_tune_rendezvous: check the launch's NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT, give the one-node defaults,

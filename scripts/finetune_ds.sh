@@ -105,7 +105,7 @@ fi
 # shellcheck disable=SC2086
 sc_tune_launch $TORCHRUN --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-    --signals_to_handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown_timeout "$STOP_GRACE" \
+    --signals_to_handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2 --shutdown_timeout "$STOP_GRACE" \
     finetune.py \
     --model_name_or_path "$MODEL" \
     --box_format "$BOX_FORMAT" \

@@ -6,7 +6,8 @@ Points: mid_step (inside training step <step>), mid_save (checkpoint <step>: the
 SC-Tune's are not), mid_commit (checkpoint <step> verified, being hashed, not yet marked complete),
 before_rotate (checkpoint <step> renamed into place, older ones not yet rotated), mid_export (training done, the
 final model half written into the output folder; <step> is ignored). And one that is not a kill: term_group (inside
-training step <step>, SIGTERM to the driver's process group, its data workers included, as a scheduler sends it).
+training step <step>, SIGTERM to the driver's process group, its data workers included, as a scheduler sends it)
+and term_loading (SIGTERM while the model loads).
 """
 
 import itertools
@@ -53,6 +54,14 @@ elif point == "term_group":
         return begin_step(self, position)
 
     RolloutCycle.begin_step = begin_then_term
+elif point == "term_loading":  # SIGTERM to itself while the model loads (before training; <step> is ignored)
+    load = finetune.load_model_and_adapter
+
+    def term_then_load(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return load(*args, **kwargs)
+
+    finetune.load_model_and_adapter = term_then_load
 elif point == "mid_save":
     kill_in(RunState, "save", lambda self, checkpoint, next_step: next_step == step)
 elif point == "mid_commit":

@@ -726,6 +726,32 @@ def test_a_schedulers_sigterm_saves_the_step_in_progress_and_the_run_resumes_exa
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("fault, code", [("term_loading:0", 143), ("term_group:6", 0)])
+def test_a_sigterm_outside_training_or_in_its_last_step_loses_nothing(runs, tmp_path, fault, code):
+    """While the model loads: the process ends at once with SIGTERM's status and its run lock released (a requeued
+    job on another host would find the lock and stop). In the last step: the run finishes, checkpoint and export."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    model, _, _ = runs
+    out = tmp_path / "run"
+    argv = cli_args(model, out, "--max_steps", "6")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "fault_driver.py"), *argv], cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "FAULT": fault}, capture_output=True,
+                            text=True, timeout=300, start_new_session=True)
+    assert result.returncode == code, result.stderr[-3000:]
+    assert not (out / "sc_tune_run.lock").exists()
+    if code:
+        assert "SIGTERM outside training: stopping (no step to save)" in result.stderr
+        assert not [name for name in os.listdir(out) if name.startswith("checkpoint-")]
+    else:
+        assert "SIGTERM in the last step: saving checkpoint-6, then the export" in result.stderr
+        assert checkpoints.problems(str(out / "checkpoint-6")) == [] and (out / "model.safetensors").exists()
+
+
+@pytest.mark.slow
 def test_a_file_size_limit_hit_during_a_save_names_the_file_and_keeps_the_last_checkpoint(runs, tmp_path):
     """Issue 19, 9e: `ulimit -f` below the optimizer's size: a clear error, not torch's 'unexpected pos'."""
     import resource

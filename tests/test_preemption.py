@@ -22,7 +22,7 @@ def test_signal_names_are_read_and_a_bad_one_is_named():
     assert parse_signals("SIGTERM,SIGUSR1") == (signal.SIGTERM, signal.SIGUSR1)
     assert parse_signals(" term , usr1,SIGTERM") == (signal.SIGTERM, signal.SIGUSR1)
     assert parse_signals("none") == parse_signals("") == ()
-    for bad in ("SIGKILL", "SIGNOPE", "TERM;rm"):
+    for bad in ("SIGKILL", "SIGNOPE", "TERM;rm", "SIGCHLD", "SIGPIPE", "SIGSEGV"):  # CHLD: every data worker's exit
         with pytest.raises(ArgumentError, match="--save_on_signal"):
             parse_signals(bad)
 
@@ -31,9 +31,9 @@ def own_values(tensor):
     return tensor  # one process: the gathered values are its own
 
 
-def step_end(stop, step):
+def step_end(stop, step, max_steps=100):
     state, control = TrainerState(), TrainerControl()
-    state.global_step = step
+    state.global_step, state.max_steps = step, max_steps
     stop.on_step_end(None, state, control)
     return control
 
@@ -61,6 +61,33 @@ def test_a_signal_another_process_got_stops_this_one_at_the_same_step():
 
     nobody = SaveAndStopOnSignal((signal.SIGTERM,), lambda mine: torch.cat([mine, torch.tensor([0])]))
     assert not step_end(nobody, 7).should_save and nobody.stopped_by is None
+
+
+def test_a_signal_in_the_last_step_saves_and_lets_the_run_finish_and_export():
+    stop = SaveAndStopOnSignal((signal.SIGUSR1,), own_values)
+    with stop.listening():
+        os.kill(os.getpid(), signal.SIGUSR1)
+        control = step_end(stop, 100, max_steps=100)
+    assert control.should_save and not control.should_training_stop  # the Trainer ends the run itself
+    assert stop.stopped_by is None  # finetune.py exports as usual
+
+
+def test_outside_training_a_stop_signal_ends_the_process_through_system_exit():
+    """So that ``finally`` blocks run (the run lock is released), with the status the signal's default gives."""
+    from sc_tune.preemption import exiting_on
+
+    before = signal.getsignal(signal.SIGUSR1)
+    released = []
+    with pytest.raises(SystemExit) as stopped:
+        with exiting_on((signal.SIGUSR1,)):
+            try:
+                os.kill(os.getpid(), signal.SIGUSR1)
+                for _ in range(1000):  # the handler runs at the next bytecode
+                    pass
+            finally:
+                released.append(True)
+    assert stopped.value.code == 128 + signal.SIGUSR1 and released == [True]
+    assert signal.getsignal(signal.SIGUSR1) is before
 
 
 def test_no_signals_asked_for_means_no_collective_and_no_stop():

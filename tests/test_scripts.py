@@ -318,8 +318,11 @@ def test_an_interrupted_launch_leaves_no_log_copy_behind(tmp_path, signal_name, 
     import signal
     import time
 
-    stub = tmp_path / "slow_torchrun"
-    stub.write_text("#!/bin/sh\necho started\nexec sleep 60\n")
+    stub = tmp_path / "slow_torchrun"  # as torchrun does, it handles the signals itself (it stops on them)
+    stub.write_text(f"#!{sys.executable}\nimport signal, sys, time\n"
+                    "for name in ('SIGINT', 'SIGTERM', 'SIGHUP', 'SIGUSR1'):\n"
+                    "    signal.signal(getattr(signal, name), lambda n, f: sys.exit(128 + n))\n"
+                    "print('started', flush=True)\ntime.sleep(60)\n")
     stub.chmod(0o755)
     temp = tmp_path / "tmp"
     temp.mkdir()
@@ -329,7 +332,8 @@ def test_an_interrupted_launch_leaves_no_log_copy_behind(tmp_path, signal_name, 
                               stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
         assert launch.stdout.readline().strip() == "started"
-        assert sorted(p.name.split(".")[0] for p in temp.iterdir()) == ["sc_tune_launch", "sc_tune_status"]
+        assert sorted(p.name.split(".")[0] for p in temp.iterdir()) == ["sc_tune_launch", "sc_tune_pid",
+                                                                         "sc_tune_status"]
         os.killpg(launch.pid, getattr(signal, f"SIG{signal_name}"))
         assert launch.wait(timeout=30) == code
     finally:
@@ -381,6 +385,35 @@ def test_the_slurm_recipes_task_outlives_the_signal_until_the_launch_has_saved(t
     finally:
         if launch.poll() is None:
             os.killpg(launch.pid, signal.SIGKILL)
+
+
+def test_a_signal_to_the_script_alone_is_passed_on_to_the_launcher(tmp_path):
+    """Kubernetes signals a container's first process only (SLURM's --signal=B:... the batch shell only): the script
+    passes the signal on to the launcher (torchrun, which passes it to the processes that save), waits for the launch
+    to end and exits with the signal's status. It noted the signal and waited, and the launch trained on."""
+    import signal
+
+    got = tmp_path / "got"
+    stub = tmp_path / "slow_torchrun"
+    stub.write_text(f"#!{sys.executable}\nimport signal, sys, time\n"
+                    "def stop(n, f):\n"
+                    f"    open({str(got)!r}, 'w').write(signal.Signals(n).name)\n"
+                    "    time.sleep(1)  # saving\n"
+                    "    sys.exit(1)\n"
+                    "signal.signal(signal.SIGTERM, stop)\n"
+                    "print('started', flush=True)\ntime.sleep(60)\n")
+    stub.chmod(0o755)
+    env = {**{k: v for k, v in os.environ.items() if k != "MASTER_PORT"}, "TORCHRUN": str(stub), "DS_CONFIG": ""}
+    launch = subprocess.Popen([SH, "scripts/finetune_ds.sh"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        assert launch.stdout.readline().strip() == "started"
+        launch.send_signal(signal.SIGTERM)  # the shell's pid alone
+        assert launch.wait(timeout=30) == 143
+    finally:
+        if launch.poll() is None:
+            os.killpg(launch.pid, signal.SIGKILL)
+    assert got.read_text() == "SIGTERM"
 
 
 def _fake_npm(tmp_path, member: str, content: bytes) -> dict:

@@ -32,7 +32,6 @@ from sc_tune.arguments import ArgumentError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SIGNALS = "SIGTERM,SIGUSR1"
 # Signals that ask a process to stop. Not the others: SIGCHLD comes whenever a data worker exits, SIGPIPE, SIGALRM or
 # a crash signal is no request to stop, and SIGKILL and SIGSTOP cannot be handled.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP, signal.SIGINT, signal.SIGQUIT)

@@ -180,20 +180,14 @@ def command_lines(tmp_path_factory):
     must name: ``{script: {case: (result, names)}}``."""
     root = tmp_path_factory.mktemp("command_lines")
     cases = {"finetune.py": {}, "evaluate.py": {}}
-    for n, case in enumerate(BROKEN):
-        where = root / f"finetune{n}"
-        where.mkdir()
-        folder = broken_folder(where, case)
-        data, images = _data(where, 4)
-        cases["finetune.py"][case] = (_finetune_argv(folder, data, images, str(where / "out")),
-                                      [folder, *BROKEN[case][1]])
-    for n, case in enumerate(EVALUATE_CASES):
-        where = root / f"evaluate{n}"
-        where.mkdir()
-        folder = broken_folder(where, case)
-        data, images = _data(where, 2)
-        cases["evaluate.py"][case] = (_evaluate_argv(folder, data, images, str(where / "eval")),
-                                      [folder, *BROKEN[case][1]])
+    for script, broken, records, argv_of in (("finetune.py", BROKEN, 4, _finetune_argv),
+                                             ("evaluate.py", EVALUATE_CASES, 2, _evaluate_argv)):
+        for n, case in enumerate(broken):
+            where = root / f"{script}{n}"
+            where.mkdir()
+            folder = broken_folder(where, case)
+            data, images = _data(where, records)
+            cases[script][case] = (argv_of(folder, data, images, str(where / "out")), [folder, *BROKEN[case][1]])
     where = root / "too_few"
     where.mkdir()
     data, images = _data(where, 1)

@@ -30,6 +30,7 @@ from sc_tune.checkpoints import (
     check_model_folder,
     check_output_dir,
     resume_requested,
+    resume_when_there,
     save_failures_named,
 )
 from sc_tune.data import AnnotationError, ReferringDataset, check_fills_a_step, check_same_records_on_every_rank
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> SCTuneTrainer:
     if lora_args.q_lora and not lora_args.use_lora:
         raise ArgumentError("--q_lora needs --use_lora")
     stop_signals = parse_signals(args.save_on_signal)  # a bad name fails here, not after the model has loaded
+    args.resume_from_checkpoint = resume_when_there(args.resume_from_checkpoint, args.output_dir)
     with exiting_on(stop_signals):  # until training: a stop signal ends the run with its lock released
         return _checked_and_locked(model_args, data_args, lora_args, args, stop_signals)
 

@@ -324,7 +324,8 @@ class SCTuneConfig(TrainingArguments):
         default=None,
         metadata={
             "help": "True (or true, 1): resume from the newest complete checkpoint-N in --output_dir, skipping "
-            "broken ones with a warning; or the path of a checkpoint-N folder (an error if it is broken)."
+            "broken ones with a warning; auto: the same where there is a checkpoint-N, a new run where there is "
+            "none (a requeued job); or the path of a checkpoint-N folder (an error if it is broken)."
         },
     )
     resume_allow_changes: str = field(

@@ -232,6 +232,15 @@ def complete_checkpoints(output_dir: str) -> list[str]:
     return [os.path.join(output_dir, name) for step, name in sorted(f for f in found if f[0] is not None)[::-1]]
 
 
+def resume_when_there(value, output_dir: str):
+    """``--resume_from_checkpoint auto``: ``"True"`` where ``output_dir`` holds a checkpoint-N folder, None where it
+    holds none, so that one command serves every start of a job a scheduler requeues (the first starts the run,
+    the others continue it). Any other value as it is."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "True" if complete_checkpoints(output_dir) else None
+    return value
+
+
 def resume_requested(value) -> bool:
     return not (value is None or value is False or (isinstance(value, str) and value.strip().lower() in RESUME_FALSE))
 

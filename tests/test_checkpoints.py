@@ -210,6 +210,22 @@ def test_resume_refuses_other_data_or_another_model_at_the_same_path(runs, tmp_p
     assert finetune.main(argv).state.global_step == 5
 
 
+def test_resume_auto_starts_a_run_where_there_is_no_checkpoint_and_continues_it_where_there_is(runs, tmp_path):
+    """One command for every start of a job a scheduler requeues: True fails on the first start (no checkpoint),
+    none refuses the second (the folder holds a run)."""
+    import finetune
+
+    model, full, first = runs
+    out = tmp_path / "fresh"
+    assert finetune.main(cli_args(model, out, "--max_steps", "2", "--resume_from_checkpoint", "auto")
+                         ).state.global_step == 2
+    assert step_losses(out)[2] == pytest.approx(full[2], rel=1e-5, abs=1e-7)  # a new run, as without the flag
+    out = copy_run(first, tmp_path)
+    trainer = finetune.main(cli_args(model, out, "--max_steps", "5", "--resume_from_checkpoint", "auto"))
+    assert trainer.state.global_step == 5
+    assert step_losses(out)[5] == pytest.approx(full[5], rel=1e-5, abs=1e-7)  # continued from checkpoint-4
+
+
 def test_resume_refuses_another_image_under_a_records_file_name(runs, tmp_path):
     """The records name their images; another file under the same name (a re-encoded or re-downloaded image folder)
     drew other samples from the same records and resumed silently. The image check's digest of the bytes is a run

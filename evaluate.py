@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ from sc_tune.evaluation.progress import (ResultsError, SampleLog, discard_result
 from sc_tune.evaluation.records import (RecordError, image_problems, load_annotation_records, load_rec_samples,
                                         load_region_caption_records, open_image)
 from sc_tune.jsonio import JSONFileError, write_json, write_jsonl
+from sc_tune.preemption import exiting_on
 from sc_tune.run_lock import RunLockError, hold
 from sc_tune.rollout import GenerationSettings
 from sc_tune.visualize import save_cycle_grid
@@ -182,8 +184,10 @@ def main(argv=None) -> None:
     task_name = args.task.replace("-", "_")
     metrics_path = os.path.join(args.output_dir, f"{task_name}_metrics.json")
     refuse_finished(metrics_path, args.overwrite_results)  # before any work: a finished evaluation is not replaced
-    # One run per output folder (the lock names the other run): two evaluations would interleave their rows.
-    with hold(args.output_dir, ranks.is_main, ranks.world_size):
+    # One run per output folder (the lock names the other run): two evaluations would interleave their rows. A
+    # scheduler's stop signal ends the evaluation with the lock released; the rows scored so far are on disk, and the
+    # same command scores the rest.
+    with exiting_on((signal.SIGTERM, signal.SIGUSR1)), hold(args.output_dir, ranks.is_main, ranks.world_size):
         _evaluate(args, ranks, task_name, metrics_path)
     barrier(ranks)
     shutdown(ranks)

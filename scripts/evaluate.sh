@@ -40,6 +40,7 @@ if [ -n "$IMAGE_MAX_PIXELS" ]; then set -- "$@" --image_max_pixels "$IMAGE_MAX_P
 # If it fails, the processes' own error lines are repeated below torchrun's failure banner (scripts/env.sh).
 # shellcheck disable=SC2086  # DATA and EXTRA_ARGS are space-separated lists on purpose
 sc_tune_launch $TORCHRUN --nproc_per_node "$NPROC" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
-    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" evaluate.py --task "$TASK" \
+    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+    --signals_to_handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 evaluate.py --task "$TASK" \
     --model_name_or_path "$MODEL" --data_path $DATA --image_folder "$IMAGE_FOLDER" --output_dir "$OUTPUT_DIR" \
     --per_device_eval_batch_size "$BATCH_SIZE" --dtype "$DTYPE" --grid_samples "$GRID_SAMPLES" --box_format "$BOX_FORMAT" "$@" $EXTRA_ARGS

@@ -64,14 +64,17 @@ original, calls = self_consistency.cycle, []
 def cycle(*args, **kwargs):
     calls.append(1)
     if len(calls) == 2:
-        os.kill(os.getpid(), signal.SIGKILL)  # no exit handler, no buffer flushed: only what is on disk survives
+        # SIGKILL: no exit handler, no buffer flushed, only what is on disk survives; SIGTERM: a scheduler's stop
+        os.kill(os.getpid(), getattr(signal, os.environ["KILL_WITH"]))
     return original(*args, **kwargs)
 self_consistency.cycle = cycle
 evaluate.main(sys.argv[2:])
 """
 
 
-def test_an_interrupted_evaluation_keeps_its_rows_and_resumes_without_rescoring(setup, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kill_with", ["SIGKILL", "SIGTERM"])
+def test_an_interrupted_evaluation_keeps_its_rows_and_resumes_without_rescoring(setup, tmp_path, monkeypatch,
+                                                                               kill_with):
     import signal
     import subprocess
     import sys
@@ -85,8 +88,12 @@ def test_an_interrupted_evaluation_keeps_its_rows_and_resumes_without_rescoring(
             str(root), "--output_dir", str(out), "--per_device_eval_batch_size", "2", "--grid_samples", "0",
             "--describer_max_new_tokens", "4", "--locator_max_new_tokens", "4", "--no_fit_locator_budget"]
     killed = subprocess.run([sys.executable, "-c", KILLED, ROOT, *argv], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "KILL_WITH": kill_with})
+    if kill_with == "SIGKILL":
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    else:  # the status SIGTERM gives, and the run lock released (a rerun on another host would stop at it)
+        assert killed.returncode == 128 + signal.SIGTERM, killed.stderr[-2000:]
+        assert not (out / "sc_tune_run.lock").exists()
     partial = out / "self_consistency_samples.partial"
     kept = [json.loads(line) for line in (partial / "rank0.jsonl").read_text().splitlines()]
     assert [row["index"] for row in kept] == [0, 1]  # the first batch was on disk before the second started

@@ -133,6 +133,7 @@ def _train(model_args, data_args, lora_args, args, overwritten: list[str], stop_
         check=data_args.check_images,
         size_problem=adapter.image_size_problem,
     )
+    del records  # the dataset holds its own (checked) copies: one list for the whole run, not two
     fills_a_step(len(dataset), skipped="bad records and unusable images" if skipping else None)
     check_same_records_on_every_rank(dataset)
     logger.info("%d referring samples from %s", len(dataset), data_args.data_path)

@@ -250,6 +250,8 @@ class RunState:
 
     def check_settings(self, checkpoint: str) -> None:
         allowed = {k.strip() for k in (self.args.resume_allow_changes or "").split(",") if k.strip()}
+        if "data" in allowed:
+            allowed.add("image_files")  # other data is other records and other images alike
         saved = checkpoints.read_state(checkpoint).get("settings", {})
         unknown = sorted(allowed - saved.keys() - self.settings.keys())
         if unknown:  # a typo would otherwise allow nothing, silently

@@ -30,7 +30,7 @@ sc_tune_launch() {
     # output until they have ended: dead, it would break their stdout while they save and name a checkpoint. The
     # pipeline runs in the background so that a signal's trap runs at once (a foreground one defers it to the end);
     # the launch keeps this shell's standard input (fd 3), which a background command would lose.
-    exec 3<&0
+    if [ -r /dev/stdin ]; then exec 3<&0; else exec 3</dev/null; fi  # a closed standard input: /dev/null
     { trap : INT TERM HUP USR1
       if sh -c 'echo $$ > "$0"; exec "$@"' "$sc_tune_pid" "$@" 2>&1 <&3 3<&-; then
           echo 0 > "$sc_tune_status"
@@ -40,7 +40,9 @@ sc_tune_launch() {
     exec 3<&-
     # wait returns early (above 128) on each trapped signal, and 0 once the pipeline has ended.
     until wait; do :; done
+    trap - INT TERM HUP USR1
     sc_tune_code=$(cat "$sc_tune_status")
+    sc_tune_code=${sc_tune_code:-1}  # the pipeline's left side ended without its status: a failure
     sc_tune_stopped=$(sed -E 's/^\[(default|rank)[0-9]+\]: ?//' "$sc_tune_log" | grep -E '^[a-z_]+\.py: stopped by ' \
         | tail -n 1 || true)
     if [ -n "$sc_tune_stopped" ]; then
@@ -66,8 +68,14 @@ print(128 + signal.Signals[re.search(r"stopped by (SIG[A-Z0-9]+) ", sys.argv[1])
     return "$sc_tune_code"
 }
 
-# sc_tune_pass_on SIGNAL: send SIGNAL to the running launcher (sc_tune_launch's), if it has started.
+# sc_tune_pass_on SIGNAL: send SIGNAL to the running launcher (sc_tune_launch's). A signal in the milliseconds before
+# the launcher has written its pid waits for it (up to 10 s), rather than being lost.
 sc_tune_pass_on() {
+    sc_tune_tries=0
+    while [ ! -s "$sc_tune_pid" ] && [ "$sc_tune_tries" -lt 100 ]; do
+        sleep 0.1
+        sc_tune_tries=$((sc_tune_tries + 1))
+    done
     sc_tune_launcher=$(cat "$sc_tune_pid" 2>/dev/null || :)
     if [ -n "$sc_tune_launcher" ]; then kill -s "$1" "$sc_tune_launcher" 2>/dev/null || :; fi
 }

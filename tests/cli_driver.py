@@ -15,6 +15,7 @@ import os
 import sys
 import tempfile
 import traceback
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -35,9 +36,27 @@ def stderr_into(path):
         os.close(saved)
 
 
-def run(command, argv) -> int:
+def fresh_warnings() -> None:
+    """Warnings shown once per process (Python's registry, transformers' ``warning_once``) shown again, as each case's
+    own process would show them."""
+    import logging
+
+    warnings.onceregistry.clear()
+    for module in list(sys.modules.values()):
+        registry = vars(module).get("__warningregistry__") if hasattr(module, "__dict__") else None
+        if isinstance(registry, dict):
+            registry.clear()
+    once = getattr(logging.Logger, "warning_once", None)
+    if hasattr(once, "cache_clear"):
+        once.cache_clear()
+
+
+def run(script: str, command, argv) -> int:
     """The exit status ``python <script> argv`` would have: SystemExit's message printed to stderr with status 1, an
-    uncaught exception's traceback printed with status 1."""
+    uncaught exception's traceback printed with status 1. ``sys.argv`` is the script's (argparse's messages and the
+    run lock name it)."""
+    fresh_warnings()
+    saved, sys.argv = sys.argv, [script, *argv]
     try:
         command(argv)
     except SystemExit as stop:
@@ -48,6 +67,8 @@ def run(command, argv) -> int:
     except BaseException:  # noqa: BLE001 (what the interpreter would do with it)
         traceback.print_exc()
         return 1
+    finally:
+        sys.argv = saved
     return 0
 
 
@@ -60,7 +81,7 @@ def main(script: str, cases_file: str) -> None:
         for case, argv in cases.items():
             captured = os.path.join(scratch, "stderr")
             with stderr_into(captured):
-                code = run(command, argv)
+                code = run(script, command, argv)
             with open(captured, encoding="utf-8", errors="replace") as f:
                 results[case] = {"returncode": code, "stderr": f.read()}
     sys.stdout.flush()

@@ -248,6 +248,13 @@ def test_resume_refuses_another_image_under_a_records_file_name(runs, tmp_path):
     (images / name).write_bytes(original)
     assert finetune.main(argv).state.global_step == 5  # the same bytes in another folder
 
+    with Image.open(images / name) as opened:
+        opened.convert("RGB").rotate(90, expand=True).save(images / name)
+    out = copy_run(first, tmp_path / "allowed")  # other data: other records and other images alike
+    argv = cli_args(model, out, "--max_steps", "5", "--resume_from_checkpoint", "True", "--image_folder", str(images),
+                    "--resume_allow_changes", "data")
+    assert finetune.main(argv).state.global_step == 5
+
     out = copy_run(first, tmp_path / "unchecked")  # no image check, no digest: not compared
     argv = cli_args(model, out, "--max_steps", "5", "--resume_from_checkpoint", "True", "--check_images", "False")
     assert finetune.main(argv).state.global_step == 5

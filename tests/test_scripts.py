@@ -387,6 +387,18 @@ def test_the_slurm_recipes_task_outlives_the_signal_until_the_launch_has_saved(t
             os.killpg(launch.pid, signal.SIGKILL)
 
 
+def test_the_launch_keeps_the_scripts_standard_input_and_runs_without_one():
+    """sc_tune_launch runs the launch in the background (a signal's trap runs at once), where a shell gives a command
+    /dev/null for input: the launch gets the script's standard input, and a closed one is /dev/null, not a failure
+    before the launch ('Bad file descriptor')."""
+    launch = [SH, "-c", '. scripts/env.sh; sc_tune_launch sh -c "cat; echo launched; exit 3"']
+    piped = subprocess.run(launch, cwd=ROOT, input="from stdin\n", capture_output=True, text=True, timeout=60)
+    assert (piped.returncode, piped.stdout) == (3, "from stdin\nlaunched\n"), piped.stderr
+    closed = subprocess.run(launch, cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+                            preexec_fn=lambda: os.close(0))
+    assert (closed.returncode, closed.stdout) == (3, "launched\n"), closed.stderr
+
+
 def test_a_signal_to_the_script_alone_is_passed_on_to_the_launcher(tmp_path):
     """Kubernetes signals a container's first process only (SLURM's --signal=B:... the batch shell only): the script
     passes the signal on to the launcher (torchrun, which passes it to the processes that save), waits for the launch

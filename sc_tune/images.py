@@ -46,13 +46,13 @@ def load_rgb(path: str | io.BytesIO) -> Image.Image:
 
 def image_problem(path: str, size_problem: Callable[[int, int], str | None] | None = None) -> str | None:
     """Why the image at ``path`` cannot be trained on (missing, empty, undecodable, bad size), or None."""
-    return checked_image(path, size_problem)[0]
+    return checked_image(path, size_problem, digest=False)[0]
 
 
-def checked_image(path: str, size_problem: Callable[[int, int], str | None] | None = None
+def checked_image(path: str, size_problem: Callable[[int, int], str | None] | None = None, digest: bool = True
                   ) -> tuple[str | None, str | None]:
-    """(why the image at ``path`` cannot be trained on, or None; the SHA-256 of its bytes where it can), from one
-    read of the file: the digest is what a resume compares to tell another image under the same name."""
+    """(why the image at ``path`` cannot be trained on, or None; the SHA-256 of its bytes where it can and ``digest``),
+    from one read of the file: the digest is what a resume compares to tell another image under the same name."""
     if os.path.isdir(path):
         return "image path is a folder, not a file", None
     if not os.path.isfile(path):
@@ -66,4 +66,4 @@ def checked_image(path: str, size_problem: Callable[[int, int], str | None] | No
     except Exception as e:  # noqa: BLE001 - PIL raises many types for undecodable files; all are this reason
         return f"image cannot be decoded ({type(e).__name__}: {str(e)[:80]})", None
     problem = size_problem(*image.size) if size_problem is not None else None
-    return problem, None if problem else hashlib.sha256(data).hexdigest()
+    return problem, None if problem or not digest else hashlib.sha256(data).hexdigest()

@@ -99,7 +99,7 @@ def _checked_and_locked(model_args, data_args, lora_args, args, stop_signals) ->
         return _train(model_args, data_args, lora_args, args, overwritten, stop_signals)
 
 
-def _train(model_args, data_args, lora_args, args, overwritten: list[str], stop_signals=()) -> SCTuneTrainer:
+def _train(model_args, data_args, lora_args, args, overwritten: list[str], stop_signals) -> SCTuneTrainer:
     # Load in half precision only where fp32 master weights live elsewhere: DeepSpeed keeps them in its
     # optimizer, and LoRA trains fp32 adapters on a frozen base. A plain run keeps fp32 weights and lets
     # --bf16 autocast the compute; Adam steps of 5e-7 would vanish in bf16 weights.

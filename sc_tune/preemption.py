@@ -137,7 +137,6 @@ class SaveAndStopOnSignal(TrainerCallback):
         if state.global_step >= state.max_steps:
             # The last step: the run is finished. Its checkpoint first, then the export, as it would have been.
             control.should_save = True
-            self.signals = ()  # nothing more to agree on
             logger.warning("%s in the last step: saving checkpoint-%d, then the export", agreed.name,
                            state.global_step)
             return

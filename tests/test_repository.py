@@ -35,6 +35,53 @@ def test_every_cited_file_exists_and_nothing_points_outside():
     assert not outside, f"these cite notes outside the repository: {outside}"
 
 
+
+def test_the_code_map_lists_every_module_and_script():
+    """docs/code_map.md says it lists every module and script: a module added, moved or removed without its row
+    fails here (a row whose file is gone also fails the test above). A folder row (``sc_tune/models/qwen_vl/``)
+    covers the files under it."""
+    rows = [line.split("|")[1] for line in (ROOT / "docs" / "code_map.md").read_text(encoding="utf-8").splitlines()
+            if line.startswith("| `")]  # a table row's first cell: its paths (a heading's folder lists nothing)
+    listed = {path for cell in rows for path in re.findall(r"`((?:sc_tune|scripts)/[^`\s]*)`", cell)}
+    folders = tuple(path for path in listed if path.endswith("/"))
+    files = subprocess.run(["git", "ls-files", "sc_tune", "scripts"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+    unlisted = [f for f in files if f not in listed and not f.startswith(folders)]
+    assert not unlisted, f"docs/code_map.md has no row for {unlisted}"
+
+
+DOC_TEST_NAME = re.compile(r"(?<!\w)(?:(test_\w+\.py)::)?(test_\w+(?:\*\w*)*(?:\.\.\.)?)")
+
+
+def test_every_test_the_docs_name_exists():
+    """The breakage tables of docs/CONTRIBUTING.md (and the other docs) name the test that catches each breakage,
+    as ``test_file.py::test_name``, a bare ``test_name``, or a prefix (``test_name_...``, ``*``): each must be a test
+    function of tests/ (of that file, where one is named), so a renamed or removed test cannot leave a row that no
+    test backs."""
+    import ast
+    from fnmatch import fnmatchcase
+
+    defined: dict[str, set[str]] = {}
+    for path in (ROOT / "tests").glob("test_*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("test"):
+                defined.setdefault(node.name, set()).add(path.name)
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    unknown = []
+    for doc in docs:
+        for code in re.findall(r"`([^`]+)`", doc.read_text(encoding="utf-8")):
+            for file_name, name in DOC_TEST_NAME.findall(code):
+                if name.endswith(".py"):
+                    continue
+                if not name.endswith("...") and f"{name}.py" in {p.name for p in (ROOT / "tests").glob("*.py")}:
+                    continue  # a test file named without its .py
+                pattern = name.replace("...", "*")
+                if not any(fnmatchcase(test, pattern) and (not file_name or file_name in files)
+                           for test, files in defined.items()):
+                    unknown.append(f"{doc.relative_to(ROOT)}: {file_name + '::' if file_name else ''}{name}")
+    assert not unknown, f"the docs name tests that do not exist: {unknown}"
+
+
 def test_committed_warm_starts_answer_in_todays_answer_form(tmp_path):
     """A warm start built before its family's answer form changed writes boxes no codec reads: the benchmark then
     measures parse failures. Each committed warm start's locator must write boxes that parse, for held-out captions."""

@@ -82,6 +82,64 @@ def test_every_test_the_docs_name_exists():
     assert not unknown, f"the docs name tests that do not exist: {unknown}"
 
 
+
+def _finetune_defaults() -> dict:
+    """finetune.py's flags (names and aliases, without dashes) -> their dataclass defaults."""
+    import dataclasses
+
+    from sc_tune.arguments import DataArguments, LoraArguments, ModelArguments, SCTuneConfig
+
+    defaults = {}
+    for cls in (ModelArguments, DataArguments, LoraArguments, SCTuneConfig):
+        for f in dataclasses.fields(cls):
+            value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            for name in (f.name, *(alias.lstrip("-") for alias in f.metadata.get("aliases", []))):
+                defaults[name] = value
+    return defaults
+
+
+def _documented_value_matches(text: str, default) -> bool:
+    """One documented default (``200``, ``5e-7``, ``off``, ``True``, ``snapshot_greedy``, ``the checkpoint's``)."""
+    text = text.strip().strip("`").removesuffix(" (off)")
+    if text in ("off", "False"):
+        return default in (False, None, 0)
+    if text in ("on", "True"):
+        return default is True
+    if text == "none" or text.startswith(("the ", "per ")):  # "the checkpoint's", "per family": decided at run time
+        return default is None
+    if isinstance(default, str):
+        return text == default
+    return isinstance(default, (int, float)) and not isinstance(default, bool) and float(text) == default
+
+
+def test_the_documented_defaults_are_the_codes():
+    """docs/method.md states each knob's default inline (`` `--kl_coef` = 0.01 ``) and docs/usage.md in its knob table
+    (`` `--ppo_epochs`, `--clip_range` | 2, 0.2 ``): each must be finetune.py's default, so a default changed in
+    sc_tune/arguments.py, or a doc edited alone, fails here."""
+    defaults = _finetune_defaults()
+    wrong = []
+    method = (ROOT / "docs" / "method.md").read_text(encoding="utf-8")
+    stated = re.findall(r"`--(\w+)`\s*(?:=\s*)?(\d[\d.e+-]*)", method)
+    assert len(stated) >= 15, stated  # the pattern still finds the inline defaults
+    for flag, value in stated:
+        if not _documented_value_matches(value.rstrip("."), defaults[flag]):
+            wrong.append(f"docs/method.md: --{flag} {value.rstrip('.')}, code {defaults[flag]!r}")
+    usage = (ROOT / "docs" / "usage.md").read_text(encoding="utf-8")
+    table = usage.split("### The knobs", 1)[1].split("\n### ", 1)[0]
+    rows = [line.split("|")[1:3] for line in table.splitlines() if line.startswith("| `--")]
+    assert len(rows) >= 25, rows
+    for flags_cell, values_cell in rows:
+        flags = re.findall(r"`--(\w+)`", flags_cell)
+        values = [v for v in re.split(r" / |, ", values_cell.strip())]
+        if len(values) == 1:
+            values = values * len(flags)  # one value for every flag of the row
+        assert len(values) == len(flags), f"docs/usage.md: {flags_cell}| {values_cell}: not one value per flag"
+        for flag, value in zip(flags, values):
+            if not _documented_value_matches(value, defaults[flag]):
+                wrong.append(f"docs/usage.md: --{flag} {value.strip()}, code {defaults[flag]!r}")
+    assert not wrong, wrong
+
+
 def test_committed_warm_starts_answer_in_todays_answer_form(tmp_path):
     """A warm start built before its family's answer form changed writes boxes no codec reads: the benchmark then
     measures parse failures. Each committed warm start's locator must write boxes that parse, for held-out captions."""

@@ -35,7 +35,6 @@ def test_every_cited_file_exists_and_nothing_points_outside():
     assert not outside, f"these cite notes outside the repository: {outside}"
 
 
-
 def test_the_code_map_lists_every_module_and_script():
     """docs/code_map.md says it lists every module and script: a module added, moved or removed without its row
     fails here (a row whose file is gone also fails the test above). A folder row (``sc_tune/models/qwen_vl/``)
@@ -80,7 +79,6 @@ def test_every_test_the_docs_name_exists():
                            for test, files in defined.items()):
                     unknown.append(f"{doc.relative_to(ROOT)}: {file_name + '::' if file_name else ''}{name}")
     assert not unknown, f"the docs name tests that do not exist: {unknown}"
-
 
 
 def _finetune_defaults() -> dict:

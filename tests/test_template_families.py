@@ -1,5 +1,5 @@
-"""What is particular to the chat-template families (InternVL, Gemma 3 / 4, LLaVA-OneVision, SmolVLM, Ovis2,
-MiniCPM-V).
+"""What is particular to the chat-template families (InternVL, Gemma 3 / 4, LLaVA-OneVision, LLaVA-1.5 / NeXT,
+SmolVLM, Ovis2, MiniCPM-V).
 
 The codec round trips, SC-Tune loop, export and evaluation of every family are covered by
 tests/test_families.py; here: prompts through each family's chat template (InternVL's grounding format),
@@ -21,8 +21,8 @@ from sc_tune.adapters import adapter_class
 from sc_tune.modeling import freeze_vision_tower, load_model_and_adapter
 from tests.conftest import SAMPLE_IMAGES
 
-TEMPLATE_TYPES = ["internvl", "gemma3", "gemma4", "llava_onevision", "smolvlm", "idefics3", "ovis2", "minicpmv4_6",
-                  "minicpmv4_7"]
+TEMPLATE_TYPES = ["internvl", "gemma3", "gemma4", "llava_onevision", "llava", "llava_next", "smolvlm", "idefics3",
+                  "ovis2", "minicpmv4_6", "minicpmv4_7"]
 BOX = [0.1, 0.2, 0.5, 0.6]
 
 # What each family's chat template makes of one user turn (image + text) and the opened answer.
@@ -31,6 +31,7 @@ TURNS = {
     "gemma3": ("<bos><start_of_turn>user\n<start_of_image>", "<end_of_turn>\n<start_of_turn>model\n"),
     "gemma4": ("<bos><|turn>user\n<|image|>", "<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"),  # empty thought
     "llava_onevision": ("<|im_start|>user\n<image>\n", "<|im_end|>\n<|im_start|>assistant\n"),
+    "llava": ("USER: <image>\n", " ASSISTANT:"),  # LLaVA-1.5's: no token closes the user's text
     "smolvlm": ("<|im_start|>User:<image>", "<end_of_utterance>\nAssistant:"),
     "idefics3": ("<|im_start|>User:<image>", "<end_of_utterance>\nAssistant:"),
     # the released template's default system turn; "<image>" is plain text its processor expands
@@ -40,12 +41,15 @@ TURNS = {
                     "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"),  # thinking off
 }
 TURNS["minicpmv4_7"] = TURNS["minicpmv4_6"]
+TURNS["llava_next"] = TURNS["llava_onevision"]  # the tiny LLaVA-NeXT has ChatML turns, as llava-v1.6-34b-hf
 # Media tokens (never generated) and box/reference tokens (never in captions) of each tiny tokenizer.
 MEDIA = {
     "internvl": {"<img>", "</img>", "<IMG_CONTEXT>", "<video>"},
     "gemma3": {"<start_of_image>", "<end_of_image>", "<image_soft_token>"},
     "gemma4": {"<|image>", "<image|>", "<|image|>", "<|video|>", "<|audio>", "<audio|>", "<|audio|>"},
     "llava_onevision": {"<image>", "<video>"},
+    "llava": {"<image>"},
+    "llava_next": {"<image>"},
     "smolvlm": {"<image>", "<fake_token_around_image>", "<global-img>"}
     | {f"<row_{r}_col_{c}>" for r in (1, 2) for c in (1, 2)},
 }
@@ -61,6 +65,8 @@ PROJECTOR = {
     "gemma3": "model.multi_modal_projector.",
     "gemma4": "model.embed_vision.",
     "llava_onevision": "model.multi_modal_projector.",
+    "llava": "model.multi_modal_projector.",
+    "llava_next": ("model.multi_modal_projector.", "model.image_newline"),
     "smolvlm": "model.connector.",
     "idefics3": "model.connector.",
     "ovis2": ("model.vision_tower.head_linear.", "model.vision_tower.head_norm.", "model.visual_embeddings_table."),
@@ -163,7 +169,7 @@ def test_placeholders_match_the_features_the_model_computes(family):
     per-token image type marks exactly the placeholders."""
     model_type, _, model, adapter = family
     images = [adapter.prepare_image(im) for im in _odd_images()]
-    if model_type != "gemma3":  # Gemma 3 pools every image to a fixed count; the others follow its shape
+    if model_type not in ("gemma3", "llava"):  # they take every image at one size; the others follow its shape
         assert images[0].num_tokens != images[1].num_tokens
     prompts = [adapter.locator_prompt("the red circle", im) for im in images]
     batch = adapter.build_batch(prompts, images)
@@ -258,3 +264,82 @@ def test_a_tokenizer_without_the_family_tokens_is_refused(family):
     renamed = type("Renamed", (type(adapter),), {"image_end": "<no_such_token>"})
     with pytest.raises(ValueError, match="no_such_token"):
         renamed(adapter.tokenizer, adapter.image_processor, adapter.config)
+
+
+# ---------------------------------------------------------------- LLaVA-1.5 / LLaVA-NeXT
+# Stand-ins for the llava-hf templates' turn ends (the releases' own files were not at hand): what each writes after
+# an assistant answer decides the token that ends a turn.
+LLAVA_TURN_TEMPLATES = {
+    # LLaVA-1.5 / the Vicuna NeXTs: nothing after the answer; the model ends it with its EOS.
+    "</s>": "{% for m in messages %}{{ m['role'].upper() + ': ' }}{% for c in m['content'] %}"
+            "{% if c['type'] == 'text' %}{{ c['text'] + ' ' }}{% endif %}{% endfor %}{% endfor %}",
+    # llava-v1.6-34b-hf: ChatML.
+    "<|im_end|>": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+                  "{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}",
+    # llama3-llava-next-8b-hf: Llama 3 headers; its tokenizer's EOS (<|end_of_text|> here) is not the turn's end.
+    "<|eot_id|>": "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+                  "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] | trim }}{% endif %}"
+                  "{% endfor %}<|eot_id|>{% endfor %}",
+}
+
+
+def _llava_parts(tiny_checkpoint, model_type):
+    """(folder, tokenizer, image processor, config) of the tiny ``model_type``; a fresh tokenizer and config that
+    a test may change."""
+    from transformers import AutoConfig
+
+    path = tiny_checkpoint(model_type)
+    adapter = adapter_class(model_type).from_pretrained(path)
+    return path, adapter.tokenizer, adapter.image_processor, AutoConfig.from_pretrained(path)
+
+
+@pytest.mark.parametrize("end", list(LLAVA_TURN_TEMPLATES))
+@pytest.mark.parametrize("model_type", ["llava", "llava_next"])
+def test_llava_turn_end_is_read_from_the_checkpoints_template(tiny_checkpoint, model_type, end):
+    _, tokenizer, image_processor, config = _llava_parts(tiny_checkpoint, model_type)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|start_header_id|>",
+                                                                "<|end_header_id|>", "<|eot_id|>"]})
+    tokenizer.add_special_tokens({"eos_token": "</s>" if end == "</s>" else "<|end_of_text|>"})
+    tokenizer.chat_template = LLAVA_TURN_TEMPLATES[end]
+    adapter = adapter_class(model_type).from_parts(tokenizer, image_processor, config)
+    assert adapter.end_token == end
+    assert adapter.end_token_ids[0] == tokenizer.convert_tokens_to_ids(end)
+    assert tokenizer.eos_token_id in adapter.end_token_ids  # generation also stops on the EOS where it differs
+    image = adapter.prepare_image(_odd_images()[0])
+    assert adapter.locator_target(BOX, image, "the dog") == "[100, 200, 500, 600]" + end
+
+
+def test_llava_refuses_a_template_without_an_answer_or_an_end(tiny_checkpoint):
+    _, tokenizer, image_processor, config = _llava_parts(tiny_checkpoint, "llava")
+    tokenizer.chat_template = "{% for m in messages %}{% if m['role'] == 'user' %}{{ 'USER: ' }}{% endif %}{% endfor %}"
+    with pytest.raises(ValueError, match="does not render an assistant answer"):
+        adapter_class("llava").from_parts(tokenizer, image_processor, config)
+    tokenizer.chat_template = LLAVA_TURN_TEMPLATES["</s>"]
+    tokenizer.eos_token = None
+    with pytest.raises(ValueError, match="no eos_token"):
+        adapter_class("llava").from_parts(tokenizer, image_processor, config)
+
+
+@pytest.mark.parametrize("strategy, features", [("default", 4), ("full", 5)])
+def test_llava_counts_the_cls_feature_unless_the_strategy_drops_it(tiny_checkpoint, strategy, features):
+    """The tiny tower sees 2 x 2 patches of 14 px plus CLIP's CLS feature; "default" (the releases') drops the CLS,
+    "full" keeps it: the placeholders must match what the model then computes (it raises otherwise)."""
+    from transformers import AutoModelForImageTextToText
+
+    path, tokenizer, image_processor, config = _llava_parts(tiny_checkpoint, "llava")
+    config.vision_feature_select_strategy = strategy
+    adapter = adapter_class("llava").from_parts(tokenizer, image_processor, config)
+    image = adapter.prepare_image(_odd_images()[1])
+    assert image.num_tokens == features
+    model = AutoModelForImageTextToText.from_pretrained(path, config=config).eval()
+    batch = adapter.build_batch([adapter.describer_prompt(BOX, image)], [image])
+    with torch.no_grad():
+        model(**batch.inputs)
+
+
+@pytest.mark.parametrize("model_type", ["llava", "llava_next"])
+def test_llava_refuses_a_vision_tower_it_cannot_count_naming_the_field(tiny_checkpoint, model_type):
+    _, tokenizer, image_processor, config = _llava_parts(tiny_checkpoint, model_type)
+    config.vision_config.model_type = "pixtral"
+    with pytest.raises(ValueError, match=r"config\.json: vision_config\.model_type 'pixtral'"):
+        adapter_class(model_type).from_parts(tokenizer, image_processor, config)

@@ -9,6 +9,7 @@ from sc_tune.adapters import (  # noqa: F401  (imported to register their famili
     gemma,
     glm4v,
     internvl,
+    llava,
     llava_onevision,
     minicpmv,
     ovis2,

@@ -58,8 +58,8 @@ UNSERVED: tuple[Unserved, ...] = (
              "GLM-V lines whose box convention no release documents here; serving them is a GLM-V registration "
              "once their answer form is verified"),
     # Chat VLMs with no documented grounding.
-    Unserved("LLaVA / LLaVA-NeXT / ViP-LLaVA / Video-LLaVA",
-             ("llava", "llava_next", "llava_next_video", "vipllava", "video_llava"), NO_GROUNDING_FORM),
+    Unserved("LLaVA-NeXT-Video / ViP-LLaVA / Video-LLaVA", ("llava_next_video", "vipllava", "video_llava"),
+             NO_GROUNDING_FORM),
     Unserved("Mistral 3 (Mistral Small 3.x, Pixtral) / Mistral Large 4", ("mistral3", "mistral_large4"),
              NO_GROUNDING_FORM),
     Unserved("Aya Vision / Command A Vision / North", ("aya_vision", "cohere2_vision", "cohere_compass"),

@@ -1,5 +1,5 @@
-"""Tiny random models of the chat-template families: InternVL, Gemma 3 / 4, LLaVA-OneVision, SmolVLM, Ovis2,
-MiniCPM-V.
+"""Tiny random models of the chat-template families: InternVL, Gemma 3 / 4, LLaVA-OneVision, LLaVA-1.5 / NeXT, SmolVLM,
+Ovis2, MiniCPM-V.
 
 Each is the family's own transformers architecture at a few hundred thousand parameters, a tiny BPE
 tokenizer carrying the family's special tokens (``sc_tune.tiny.chat``), the family's PIL image
@@ -200,7 +200,8 @@ def _gemma4_config(tokenizer, sizes: TinySizes):
 
 
 # ---------------------------------------------------------------- LLaVA-OneVision
-def _llava_onevision_pinpoints(image_size: int) -> list[list[int]]:
+def _anyres_pinpoints(image_size: int) -> list[list[int]]:
+    """The anyres grids of LLaVA-OneVision and LLaVA-NeXT at a tiny tile: 1 x 1 up to 2 x 2 tiles."""
     return [[image_size * r, image_size * c] for r in (1, 2) for c in (1, 2)]
 
 
@@ -210,7 +211,7 @@ def _llava_onevision_image_processor(image_size: int):
     return LlavaOnevisionImageProcessorPil(
         size={"height": image_size, "width": image_size},
         crop_size={"height": image_size, "width": image_size},
-        image_grid_pinpoints=_llava_onevision_pinpoints(image_size),
+        image_grid_pinpoints=_anyres_pinpoints(image_size),
     )
 
 
@@ -224,9 +225,75 @@ def _llava_onevision_config(tokenizer, sizes: TinySizes):
         vision_config=vision,
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
-        image_grid_pinpoints=_llava_onevision_pinpoints(TINY_IMAGE_SIZE),
+        image_grid_pinpoints=_anyres_pinpoints(TINY_IMAGE_SIZE),
         tie_word_embeddings=False,
     )
+
+
+# ---------------------------------------------------------------- LLaVA-1.5 / LLaVA-NeXT (llava-hf)
+# The llava-hf LLaVA-1.5 template ("USER: <image>\n... ASSISTANT:"), as transformers' own LLaVA-NeXT processor test
+# quotes it (its prepare_processor_dict): it writes nothing after an answer, which the model ends with its EOS (</s>).
+# No released file of it was at hand to compare with.
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
+    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+LLAMA = ("<pad>", "<s>", "</s>")  # pad first (the tiny tokenizer's pad), then the Llama tokenizer's BOS and EOS
+
+
+def _llava_image_processor(image_size: int):
+    from transformers import CLIPImageProcessorPil
+
+    # The releases' processor: shortest edge resized to the tower's input, then center-cropped to a square.
+    return CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                 crop_size={"height": image_size, "width": image_size})
+
+
+def _llava_next_image_processor(image_size: int):
+    from transformers import LlavaNextImageProcessorPil
+
+    return LlavaNextImageProcessorPil(size={"shortest_edge": image_size},
+                                      crop_size={"height": image_size, "width": image_size},
+                                      image_grid_pinpoints=_anyres_pinpoints(image_size))
+
+
+def _llava_config(model_type: str, eos_token: str):
+    def build(tokenizer, sizes: TinySizes):
+        from transformers import AutoConfig
+
+        # A CLIP tower (its CLS feature is dropped by the "default" select strategy) and a Llama text model, as the
+        # releases (the 34B's and llama3-llava-next's text models are Llama-architecture too).
+        vision = dict(_vision_encoder(sizes, TINY_IMAGE_SIZE, 14), model_type="clip_vision_model")
+        grid = {"image_grid_pinpoints": _anyres_pinpoints(TINY_IMAGE_SIZE)} if model_type == "llava_next" else {}
+        return AutoConfig.for_model(
+            model_type,
+            text_config=_text_config(tokenizer, sizes, eos_token),
+            vision_config=vision,
+            image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+            vision_feature_select_strategy="default",
+            tie_word_embeddings=False,
+            **grid,
+        )
+
+    return build
+
+
+def _llava_processor_config(processor_class: str):
+    """The settings LlavaProcessor / LlavaNextProcessor read from processor_config.json, from the model config."""
+
+    def build(config) -> dict:
+        from sc_tune.adapters.llava import extra_tower_features
+
+        return {"patch_size": config.vision_config.patch_size,
+                "vision_feature_select_strategy": config.vision_feature_select_strategy,
+                "num_additional_image_tokens": extra_tower_features(config), "processor_class": processor_class}
+
+    return build
 
 
 # ---------------------------------------------------------------- Ovis2
@@ -454,6 +521,21 @@ TINY_TEMPLATE_SPECS: dict[str, TemplateTinySpec] = {
               named_tokens={"image_token": "<image>", "video_token": "<video>"}),
         lambda: _chatml_template("<image>\\n"),
         processor_config=_llava_onevision_processor_config,
+    ),
+    "llava": TemplateTinySpec(
+        replace(_spec((*LLAMA, "<image>"), "</s>", _llava_image_processor, _llava_config("llava", "</s>"),
+                      named_tokens={"image_token": "<image>"}), template_text=TEMPLATE_TEXT + "USER: ASSISTANT:"),
+        lambda: LLAVA_TEMPLATE,
+        legacy_template=True,  # the llava-hf releases keep it in the processor's chat_template.json
+        processor_config=_llava_processor_config("LlavaProcessor"),
+    ),
+    # ChatML turns, as llava-v1.6-34b-hf's: a template that writes its own turn end (<|im_end|>), unlike LLaVA-1.5's.
+    "llava_next": TemplateTinySpec(
+        _spec((*CHATML, "<image>"), "<|im_end|>", _llava_next_image_processor,
+              _llava_config("llava_next", "<|im_end|>"), named_tokens={"image_token": "<image>"}),
+        lambda: _chatml_template("<image>\\n"),
+        legacy_template=True,
+        processor_config=_llava_processor_config("LlavaNextProcessor"),
     ),
     "ovis2": TemplateTinySpec(
         replace(_spec((*CHATML, "<IMG_ATOM>", *OVIS2_INDICATORS), "<|im_end|>", _ovis2_image_processor, _ovis2_config),

@@ -1,0 +1,124 @@
+"""LLaVA-1.5 (``llava``) and LLaVA-NeXT (``llava_next``), the llava-hf checkpoints: chat-template adapters, generic
+box codec.
+
+Box convention: none documented (the LLaVA maintainer: boxes are "partially supported" in LLaVA-1.5's data mixture,
+haotian-liu/LLaVA#333; the form is community analysis only), so these adapters use the generic codec
+``[x1, y1, x2, y2]`` on 0..1000 (``sc_tune.box_codecs.GENERIC_CODEC``), requested in the locator prompt, and the
+checkpoints need a grounding warm start (docs/grounding_warm_start.md).
+
+Images: LLaVA-1.5 takes one view from the checkpoint's CLIP image processor (336 px in the releases: resized on the
+short side, then center-cropped, as ``LlavaProcessor`` does); LLaVA-NeXT takes OneVision's "anyres" layout (a base
+view plus the tiles of the best grid pinpoint, tiles zero-padded across the batch, sliced by ``image_sizes``). The
+template's ``<image>`` is repeated once per feature: the CLIP tower's patches, plus its CLS feature unless
+``vision_feature_select_strategy`` is "default" (the releases' setting, which drops it: 576 at 336 / 14), and for
+NeXT the unpadded tiles and row newlines (``LlavaNextProcessor``'s own count). ``fix_vit`` freezes
+``model.vision_tower``; the projector and NeXT's ``image_newline`` stay trainable.
+
+The turn's end differs per checkpoint (``</s>`` for the Vicuna and Mistral ones, ``<|im_end|>`` for the 34B,
+``<|eot_id|>`` for llama3-llava-next), so it is read from the checkpoint's chat template (``turn_end_token``).
+"""
+
+from __future__ import annotations
+
+from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs
+from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
+
+# Features a vision tower emits besides its patches, by ``vision_config.model_type``: CLIP prepends a CLS feature,
+# SigLIP none. A tower not listed is refused: a guessed count would fail only inside the model.
+EXTRA_TOWER_FEATURES = {"clip_vision_model": 1, "siglip_vision_model": 0}
+_PROBE = "sc-tune-probe-answer"  # an assistant answer no template writes itself
+
+
+def turn_end_token(tokenizer) -> str:
+    """The special token that closes an assistant turn in the checkpoint's chat template: the first special token the
+    template writes after an answer (``<|im_end|>``, ``<|eot_id|>``, ``</s>``), else the tokenizer's EOS (LLaVA-1.5's
+    template writes nothing after an answer: the model ends it with ``</s>``)."""
+    messages = [{"role": "user", "content": [{"type": "text", "text": "q"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": _PROBE}]}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    if _PROBE not in rendered:
+        raise ValueError("the chat template does not render an assistant answer, so the token that ends a turn "
+                         "cannot be read from it")
+    after = rendered.split(_PROBE, 1)[1]
+    found = [(after.index(t), -len(t), t) for t in {*tokenizer.get_added_vocab(), *tokenizer.all_special_tokens}
+             if t and t in after]
+    if found:
+        return min(found)[2]
+    if tokenizer.eos_token is None:
+        raise ValueError("the chat template writes no special token after an answer and the tokenizer has no "
+                         "eos_token (tokenizer_config.json): nothing would end a turn")
+    return tokenizer.eos_token
+
+
+def extra_tower_features(config) -> int:
+    """Features per view besides the patches: the tower's CLS, dropped by the "default" select strategy."""
+    tower = config.vision_config.model_type
+    if tower not in EXTRA_TOWER_FEATURES:
+        raise ValueError(f"config.json: vision_config.model_type {tower!r} is not a tower these adapters count "
+                         f"features of (one of {sorted(EXTRA_TOWER_FEATURES)})")
+    return EXTRA_TOWER_FEATURES[tower]
+
+
+class _LlavaHfAdapter(ChatTemplateAdapter):
+    image_marker = "<image>"
+    image_token = "<image>"
+    static_decoding_verified = True
+    grounding_prior = False  # no documented grounding: a grounding warm start first (docs/grounding_warm_start.md)
+
+    def __init__(self, tokenizer, image_processor, config, box_format: str = "native"):
+        # Read before the base class checks the family's tokens; without a template the base class refuses it.
+        self.end_token = turn_end_token(tokenizer) if tokenizer.chat_template else ""
+        super().__init__(tokenizer, image_processor, config, box_format)
+        self.cls_features = extra_tower_features(config)
+        self.dropped_features = 1 if config.vision_feature_select_strategy == "default" else 0
+
+
+class LlavaAdapter(_LlavaHfAdapter):
+    """LLaVA-1.5: one view, ``(H / patch) * (W / patch)`` features (+ CLS unless dropped), as ``LlavaProcessor``."""
+
+    def preprocess_image(self, image):
+        pixel_values = self.image_processor(images=[image], return_tensors="pt")["pixel_values"]  # (1, 3, H, W)
+        height, width = int(pixel_values.shape[-2]), int(pixel_values.shape[-1])
+        patch = self.config.vision_config.patch_size
+        num_tokens = (height // patch) * (width // patch) + self.cls_features - self.dropped_features
+        return TemplateImageInputs({"pixel_values": pixel_values}, num_tokens, (width, height),
+                                   self.image_block(num_tokens))
+
+
+class LlavaNextAdapter(_LlavaHfAdapter):
+    """LLaVA-NeXT: anyres tiles, counted by ``LlavaNextProcessor._get_number_of_features``."""
+
+    padded_keys = ("pixel_values",)
+
+    def __init__(self, tokenizer, image_processor, config, box_format: str = "native"):
+        super().__init__(tokenizer, image_processor, config, box_format)
+        self._features = _feature_counter(image_processor, config, self.cls_features)
+
+    def preprocess_image(self, image):
+        out = self.image_processor(images=[image], return_tensors="pt")
+        pixel_values = out["pixel_values"]  # (1, tiles, 3, H, W)
+        orig_height, orig_width = (int(v) for v in out["image_sizes"][0])
+        height, width = int(pixel_values.shape[-2]), int(pixel_values.shape[-1])
+        num_tokens = self._features._get_number_of_features(orig_height, orig_width, height, width)
+        num_tokens -= self.dropped_features
+        tensors = {"pixel_values": pixel_values, "image_sizes": out["image_sizes"]}
+        return TemplateImageInputs(tensors, num_tokens, (width, height), self.image_block(num_tokens))
+
+
+def _feature_counter(image_processor, config, cls_features: int):
+    """transformers' own per-image feature count (``LlavaNextProcessor._get_number_of_features``), before the
+    select strategy's drop.
+
+    Why borrowed rather than the processor built: the processor reads its patch size and CLS count from
+    processor_config.json, which the model's config decides; the count reads only the attributes set here."""
+    from transformers.models.llava_next.processing_llava_next import LlavaNextProcessor
+
+    counter = object.__new__(LlavaNextProcessor)
+    counter.image_processor = image_processor
+    counter.patch_size = config.vision_config.patch_size
+    counter.num_additional_image_tokens = cls_features
+    return counter
+
+
+register(Family("LLaVA-1.5", ("llava",), LlavaAdapter, auto_image_text_to_text))
+register(Family("LLaVA-NeXT", ("llava_next",), LlavaNextAdapter, auto_image_text_to_text))

@@ -21,6 +21,7 @@ The turn's end differs per checkpoint (``</s>`` for the Vicuna and Mistral ones,
 from __future__ import annotations
 
 from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs
+from sc_tune.adapters.llava_onevision import anyres_image_inputs
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
 
 # Features a vision tower emits besides its patches, by ``vision_config.model_type``: CLIP prepends a CLS feature,
@@ -70,7 +71,6 @@ class _LlavaHfAdapter(ChatTemplateAdapter):
         self.end_token = turn_end_token(tokenizer) if tokenizer.chat_template else ""
         super().__init__(tokenizer, image_processor, config, box_format)
         self.cls_features = extra_tower_features(config)
-        self.dropped_features = 1 if config.vision_feature_select_strategy == "default" else 0
 
 
 class LlavaAdapter(_LlavaHfAdapter):
@@ -80,7 +80,9 @@ class LlavaAdapter(_LlavaHfAdapter):
         pixel_values = self.image_processor(images=[image], return_tensors="pt")["pixel_values"]  # (1, 3, H, W)
         height, width = int(pixel_values.shape[-2]), int(pixel_values.shape[-1])
         patch = self.config.vision_config.patch_size
-        num_tokens = (height // patch) * (width // patch) + self.cls_features - self.dropped_features
+        num_tokens = (height // patch) * (width // patch) + self.cls_features
+        if self.config.vision_feature_select_strategy == "default":  # the CLS feature is dropped
+            num_tokens -= 1
         return TemplateImageInputs({"pixel_values": pixel_values}, num_tokens, (width, height),
                                    self.image_block(num_tokens))
 
@@ -95,14 +97,7 @@ class LlavaNextAdapter(_LlavaHfAdapter):
         self._features = _feature_counter(image_processor, config, self.cls_features)
 
     def preprocess_image(self, image):
-        out = self.image_processor(images=[image], return_tensors="pt")
-        pixel_values = out["pixel_values"]  # (1, tiles, 3, H, W)
-        orig_height, orig_width = (int(v) for v in out["image_sizes"][0])
-        height, width = int(pixel_values.shape[-2]), int(pixel_values.shape[-1])
-        num_tokens = self._features._get_number_of_features(orig_height, orig_width, height, width)
-        num_tokens -= self.dropped_features
-        tensors = {"pixel_values": pixel_values, "image_sizes": out["image_sizes"]}
-        return TemplateImageInputs(tensors, num_tokens, (width, height), self.image_block(num_tokens))
+        return anyres_image_inputs(self, image, self._features)
 
 
 def _feature_counter(image_processor, config, cls_features: int):

@@ -30,15 +30,21 @@ class LlavaOnevisionAdapter(ChatTemplateAdapter):
         self._features = _feature_counter(image_processor, config)
 
     def preprocess_image(self, image):
-        out = self.image_processor(images=[image], return_tensors="pt")
-        pixel_values = out["pixel_values"]  # (1, tiles, 3, H, W)
-        orig_height, orig_width = (int(v) for v in out["image_sizes"][0])
-        height, width = int(pixel_values.shape[-2]), int(pixel_values.shape[-1])
-        num_tokens = self._features._get_number_of_features(orig_height, orig_width, height, width)
-        if self.config.vision_feature_select_strategy == "default":  # the CLS feature is dropped
-            num_tokens -= 1
-        tensors = {"pixel_values": pixel_values, "image_sizes": out["image_sizes"]}
-        return TemplateImageInputs(tensors, num_tokens, (width, height), self.image_block(num_tokens))
+        return anyres_image_inputs(self, image, self._features)
+
+
+def anyres_image_inputs(adapter: ChatTemplateAdapter, image, counter) -> TemplateImageInputs:
+    """One image in the "anyres" layout (LLaVA-OneVision, LLaVA-NeXT): the image processor's base view and tiles,
+    ``image_sizes``, and the feature count of ``counter`` (the family processor's ``_get_number_of_features``)."""
+    out = adapter.image_processor(images=[image], return_tensors="pt")
+    pixel_values = out["pixel_values"]  # (1, tiles, 3, H, W)
+    orig_height, orig_width = (int(v) for v in out["image_sizes"][0])
+    height, width = int(pixel_values.shape[-2]), int(pixel_values.shape[-1])
+    num_tokens = counter._get_number_of_features(orig_height, orig_width, height, width)
+    if adapter.config.vision_feature_select_strategy == "default":  # the CLS feature is dropped
+        num_tokens -= 1
+    tensors = {"pixel_values": pixel_values, "image_sizes": out["image_sizes"]}
+    return TemplateImageInputs(tensors, num_tokens, (width, height), adapter.image_block(num_tokens))
 
 
 def _feature_counter(image_processor, config):

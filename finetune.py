@@ -33,7 +33,8 @@ from sc_tune.checkpoints import (
     resume_when_there,
     save_failures_named,
 )
-from sc_tune.data import AnnotationError, ReferringDataset, check_fills_a_step, check_same_records_on_every_rank
+from sc_tune.data import (AnnotationError, ReferringDataset, boxes_mostly_unseen, check_fills_a_step,
+                          check_same_records_on_every_rank)
 from sc_tune.export import export_trained
 from sc_tune.help_layout import build_parser
 from sc_tune.jsonio import JSONFileError
@@ -135,6 +136,11 @@ def _train(model_args, data_args, lora_args, args, overwritten: list[str], stop_
     )
     del records  # the dataset holds its own (checked) copies: one list for the whole run, not two
     fills_a_step(len(dataset), skipped="bad records and unusable images" if skipping else None)
+    unseen = boxes_mostly_unseen(dataset.records, data_args.image_folder, adapter.visible_region)
+    if unseen:  # LLaVA-1.5's center crop: the describer is asked about, and the locator rewarded for, unseen objects
+        logger.warning("%d of %d training boxes lie mostly outside the part of their image the model sees (its image "
+                       "processor crops the long side: %s); boxes stay normalised to the whole image",
+                       unseen, len(dataset), type(adapter.image_processor).__name__)
     check_same_records_on_every_rank(dataset)
     logger.info("%d referring samples from %s", len(dataset), data_args.data_path)
     trainer = SCTuneTrainer(

@@ -149,6 +149,35 @@ def check_images(
     return kept
 
 
+def boxes_mostly_unseen(records: list[dict], image_folder: str,
+                        visible_region: Callable[[int, int], tuple[float, float, float, float] | None],
+                        workers: int | None = None) -> int:
+    """How many records' boxes lie mostly (over half their area) outside the part of their image the model sees
+    (``adapter.visible_region``: LLaVA-1.5's center crop). Reads only the image headers, and none for a family that
+    sees whole images (it sees all of a 1 x 4 and a 4 x 1 one)."""
+    if visible_region(1, 4) is None and visible_region(4, 1) is None:
+        return 0
+    paths = sorted({r["image"] for r in records})
+    with ThreadPoolExecutor(max_workers=workers or min(32, 4 * (os.cpu_count() or 1))) as pool:
+        regions = dict(zip(paths, pool.map(lambda p: visible_region(*_image_size(os.path.join(image_folder, p))),
+                                           paths)))
+    unseen = 0
+    for record in records:
+        region = regions[record["image"]]
+        if region is None:
+            continue
+        x1, y1, x2, y2 = record["bbox"]
+        inside = (max(0.0, min(x2, region[2]) - max(x1, region[0]))
+                  * max(0.0, min(y2, region[3]) - max(y1, region[1])))
+        unseen += inside < 0.5 * (x2 - x1) * (y2 - y1)
+    return unseen
+
+
+def _image_size(path: str) -> tuple[int, int]:
+    with Image.open(path) as image:  # the header only
+        return image.size
+
+
 class ReferringDataset(Dataset):
     """One (image, box) per item; the image is decoded on access."""
 

@@ -262,8 +262,9 @@ def free_port() -> int:
 def assert_the_familys_processor_builds_the_adapters_inputs(folder: str, adapter, processor=None) -> None:
     """The family's own processor of ``folder`` (``AutoProcessor``, what its chat demo runs), given the adapter's
     rendered describer and locator prompts and an image, builds the very inputs the adapter builds: the image marker
-    expanded into the same image tokens, the same pixels, the same per-token types. (The rendered prompt already
-    holds the template's special tokens, so the processor adds none, as its apply_chat_template does.) Skips where
+    expanded into the same image tokens, the same pixels, the same per-token types. (The rendered prompt is
+    tokenised as the processor's apply_chat_template does: with the tokenizer's own special tokens unless it starts
+    with the BOS. The llava-hf templates write no BOS; their tokenizers prepend <s>.) Skips where
     AutoProcessor cannot load here: the families with a video processor need torchvision (the demo extra).
     ``processor``: the family's processor built otherwise (its class around the folder's parts)."""
     import pytest
@@ -282,7 +283,9 @@ def assert_the_familys_processor_builds_the_adapters_inputs(folder: str, adapter
         image = adapter.prepare_image(photo)
         for prompt in (adapter.describer_prompt([0.1, 0.2, 0.5, 0.6], image), adapter.locator_prompt("the dog", image)):
             ours = adapter.build_batch([prompt], [image]).inputs
-            theirs = processor(text=[prompt], images=[[photo]], add_special_tokens=False, return_tensors="pt")
+            bos = processor.tokenizer.bos_token
+            adds = {"add_special_tokens": False} if bos is not None and prompt.startswith(bos) else {}
+            theirs = processor(text=[prompt], images=[[photo]], return_tensors="pt", **adds)
             assert sorted(ours) == sorted(theirs), (sorted(ours), sorted(theirs))
             for key in ours:
                 assert torch.equal(ours[key], theirs[key]), (folder, key, size)

@@ -41,7 +41,7 @@ TURNS = {
                     "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"),  # thinking off
 }
 TURNS["minicpmv4_7"] = TURNS["minicpmv4_6"]
-TURNS["llava_next"] = TURNS["llava_onevision"]  # the tiny LLaVA-NeXT has ChatML turns, as llava-v1.6-34b-hf
+TURNS["llava_next"] = ("[INST] <image>\n", " [/INST]")  # llava-v1.6-mistral-7b-hf's
 # Media tokens (never generated) and box/reference tokens (never in captions) of each tiny tokenizer.
 MEDIA = {
     "internvl": {"<img>", "</img>", "<IMG_CONTEXT>", "<video>"},
@@ -309,6 +309,21 @@ def test_llava_turn_end_is_read_from_the_checkpoints_template(tiny_checkpoint, m
     assert adapter.locator_target(BOX, image, "the dog") == "[100, 200, 500, 600]" + end
 
 
+@pytest.mark.parametrize("template_writes_bos", [False, True])
+def test_llava_prompts_start_with_one_bos_as_the_processor_tokenises_them(tiny_checkpoint, template_writes_bos):
+    """The llava-hf templates write no BOS and their Llama / Mistral tokenizers prepend <s>: the processor's
+    apply_chat_template adds the tokenizer's special tokens unless the rendered prompt starts with the BOS. The model
+    always saw <s> first; a template that writes it (Mistral's own) must not get a second."""
+    _, tokenizer, image_processor, config = _llava_parts(tiny_checkpoint, "llava_next")
+    if template_writes_bos:
+        tokenizer.chat_template = "{{ bos_token }}" + tokenizer.chat_template
+    adapter = adapter_class("llava_next").from_parts(tokenizer, image_processor, config)
+    image = adapter.prepare_image(_odd_images()[0])
+    for prompt in (adapter.describer_prompt(BOX, image), adapter.locator_prompt("the dog", image)):
+        ids = adapter.build_batch([prompt], [image]).inputs["input_ids"][0].tolist()
+        assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1, ids[:4]
+
+
 def test_llava_refuses_a_template_without_an_answer_or_an_end(tiny_checkpoint):
     _, tokenizer, image_processor, config = _llava_parts(tiny_checkpoint, "llava")
     tokenizer.chat_template = "{% for m in messages %}{% if m['role'] == 'user' %}{{ 'USER: ' }}{% endif %}{% endfor %}"
@@ -335,6 +350,40 @@ def test_llava_counts_the_cls_feature_unless_the_strategy_drops_it(tiny_checkpoi
     batch = adapter.build_batch([adapter.describer_prompt(BOX, image)], [image])
     with torch.no_grad():
         model(**batch.inputs)
+
+
+def test_llava_counts_the_training_boxes_its_center_crop_cuts_away(tiny_checkpoint, tmp_path):
+    """LLaVA-1.5's CLIP processor center-crops: a 2:1 photo shows the model its middle half only, while boxes stay
+    normalised to the whole photo. A run counts the boxes mostly outside (finetune.py warns); none for a square
+    photo, for a processor that pads to a square first, or for LLaVA-NeXT (its base view is the whole photo)."""
+    from sc_tune.data import boxes_mostly_unseen
+
+    _, tokenizer, image_processor, config = _llava_parts(tiny_checkpoint, "llava")
+    adapter = adapter_class("llava").from_parts(tokenizer, image_processor, config)
+    assert adapter.visible_region(200, 100) == pytest.approx((0.25, 0.0, 0.75, 1.0))
+    assert adapter.visible_region(50, 50) is None
+    Image.new("RGB", (200, 100)).save(tmp_path / "wide.png")
+    Image.new("RGB", (100, 100)).save(tmp_path / "square.png")
+    left, middle, half_in = [0.0, 0.1, 0.2, 0.9], [0.4, 0.1, 0.6, 0.9], [0.2, 0.1, 0.3, 0.9]
+    records = [{"image": "wide.png", "bbox": b} for b in (left, middle, half_in)] + [
+        {"image": "square.png", "bbox": left}]
+    assert boxes_mostly_unseen(records, str(tmp_path), adapter.visible_region) == 1
+    image_processor.do_pad = True  # LlavaImageProcessor's pad to a square (the original LLaVA-1.5's "pad")
+    assert boxes_mostly_unseen(records, str(tmp_path), adapter.visible_region) == 0
+    _, tokenizer, image_processor, config = _llava_parts(tiny_checkpoint, "llava_next")
+    next_adapter = adapter_class("llava_next").from_parts(tokenizer, image_processor, config)
+    assert boxes_mostly_unseen(records, str(tmp_path), next_adapter.visible_region) == 0
+
+
+@pytest.mark.parametrize("tower, strategy", [("clip_vision_model", "full"), ("siglip_vision_model", "default")])
+def test_llava_next_refuses_a_strategy_that_leaves_no_square_patch_grid(tiny_checkpoint, tower, strategy):
+    """LlavaNextModel reshapes each tile's features into a square grid: CLIP's CLS must be dropped ("default") and
+    SigLIP has none to drop ("full"). Otherwise the first forward fails inside the model (a reshape error); the
+    adapter refuses the config by its fields."""
+    _, tokenizer, image_processor, config = _llava_parts(tiny_checkpoint, "llava_next")
+    config.vision_config.model_type, config.vision_feature_select_strategy = tower, strategy
+    with pytest.raises(ValueError, match=f"vision_feature_select_strategy '{strategy}' with vision_config.model_type"):
+        adapter_class("llava_next").from_parts(tokenizer, image_processor, config)
 
 
 @pytest.mark.parametrize("model_type", ["llava", "llava_next"])

@@ -329,6 +329,12 @@ class ModelAdapter(ABC):
     min_image_side: int = 8
     max_image_aspect_ratio: float = 200.0  # Qwen2-VL-style processors refuse longer/shorter side > 200
 
+    def visible_region(self, width: int, height: int) -> tuple[float, float, float, float] | None:
+        """The part of a ``width`` x ``height`` image the model sees, normalised ``(x1, y1, x2, y2)``, where its
+        image processor cuts some away (LLaVA-1.5's center crop); ``None``: all of it (the default). Boxes stay
+        normalised to the whole image either way; a run counts the training boxes mostly outside this part."""
+        return None
+
     def image_size_problem(self, width: int, height: int) -> str | None:
         """Why an image of this size cannot go through the processor, or None."""
         if min(width, height) < self.min_image_side:

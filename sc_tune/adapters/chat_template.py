@@ -166,9 +166,8 @@ class ChatTemplateAdapter(ModelAdapter):
         if self.image_marker not in text:
             raise ValueError(f"a prompt must hold the image marker {self.image_marker!r}: {text!r}")
         # The image item comes first in the user turn, so the first marker is the image's.
-        ids = self.tokenizer(text.replace(self.image_marker, image.placeholder, 1), add_special_tokens=False)[
-            "input_ids"
-        ]
+        expanded = text.replace(self.image_marker, image.placeholder, 1)
+        ids = self.tokenizer(expanded, add_special_tokens=self.adds_special_tokens(text))["input_ids"]
         found = ids.count(self.image_token_id)
         if found != image.num_tokens:
             raise ValueError(
@@ -176,6 +175,14 @@ class ChatTemplateAdapter(ModelAdapter):
                 f"(does its text carry a stray {self.image_token!r}?): {text!r}"
             )
         return ids
+
+    def adds_special_tokens(self, prompt: str) -> bool:
+        """Whether the tokenizer's own special tokens go around a rendered prompt, as the family's processor decides
+        in ``apply_chat_template``: yes unless the prompt starts with the BOS. A template that writes its BOS (Gemma's
+        ``<bos>``) gets no second one; one that does not (the llava-hf templates, whose Llama / Mistral tokenizers
+        prepend ``<s>``) gets the BOS its model always saw."""
+        bos = self.tokenizer.bos_token
+        return not (bos is not None and prompt.startswith(bos))
 
     def image_batch(self, images: Sequence[ImageInputs], input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         batch = {}

@@ -7,7 +7,8 @@ haotian-liu/LLaVA#333; the form is community analysis only), so these adapters u
 checkpoints need a grounding warm start (docs/grounding_warm_start.md).
 
 Images: LLaVA-1.5 takes one view from the checkpoint's CLIP image processor (336 px in the releases: resized on the
-short side, then center-cropped, as ``LlavaProcessor`` does); LLaVA-NeXT takes OneVision's "anyres" layout (a base
+short side, then center-cropped, as ``LlavaProcessor`` does: the long side's ends are never seen, while boxes stay
+normalised to the whole photo; ``visible_region`` gives the crop, and a run counts the boxes mostly outside it); LLaVA-NeXT takes OneVision's "anyres" layout (a base
 view plus the tiles of the best grid pinpoint, tiles zero-padded across the batch, sliced by ``image_sizes``). The
 template's ``<image>`` is repeated once per feature: the CLIP tower's patches, plus its CLS feature unless
 ``vision_feature_select_strategy`` is "default" (the releases' setting, which drops it: 576 at 336 / 14), and for
@@ -87,6 +88,25 @@ class LlavaAdapter(_LlavaHfAdapter):
                                    self.image_block(num_tokens))
 
 
+    def visible_region(self, width, height):
+        """The center crop's part of the photo: the short side resized to ``size["shortest_edge"]``, then
+        ``crop_size`` cut from the middle (the releases' CLIP processor: the long side's ends are never seen). ``None``
+        where the processor pads to a square first (``LlavaImageProcessor``'s ``do_pad``) or does not crop."""
+        processor = self.image_processor
+        if not getattr(processor, "do_center_crop", False) or getattr(processor, "do_pad", False):
+            return None
+        size, crop = processor.size, processor.crop_size
+        if size.get("shortest_edge"):
+            scale = size["shortest_edge"] / min(width, height)
+            resized = (width * scale, height * scale)
+        else:
+            resized = (size["width"], size["height"])
+        seen_x, seen_y = (min(1.0, round(crop[side] / length, 9)) for side, length in zip(("width", "height"), resized))
+        if seen_x == 1.0 and seen_y == 1.0:
+            return None
+        return ((1 - seen_x) / 2, (1 - seen_y) / 2, (1 + seen_x) / 2, (1 + seen_y) / 2)
+
+
 class LlavaNextAdapter(_LlavaHfAdapter):
     """LLaVA-NeXT: anyres tiles, counted by ``LlavaNextProcessor._get_number_of_features``."""
 
@@ -94,6 +114,16 @@ class LlavaNextAdapter(_LlavaHfAdapter):
 
     def __init__(self, tokenizer, image_processor, config, box_format: str = "native"):
         super().__init__(tokenizer, image_processor, config, box_format)
+        # LlavaNextModel.pack_image_features lays each tile's features out as a square grid of patches: the select
+        # strategy must drop exactly the tower's extra feature (CLIP + "default", SigLIP + "full"). Otherwise the
+        # processor's count is still "right" but the model's first forward fails reshaping the features.
+        strategy = config.vision_feature_select_strategy
+        if self.cls_features != (1 if strategy == "default" else 0):
+            raise ValueError(
+                f"config.json: vision_feature_select_strategy {strategy!r} with vision_config.model_type "
+                f"{config.vision_config.model_type!r} leaves {'one feature more' if self.cls_features else 'one fewer'}"
+                " than the tile's patch grid, which LLaVA-NeXT's model cannot arrange ('default' drops a CLIP tower's "
+                "CLS feature; a SigLIP tower has none to drop: 'full')")
         self._features = _feature_counter(image_processor, config, self.cls_features)
 
     def preprocess_image(self, image):

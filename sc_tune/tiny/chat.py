@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from sc_tune.models.qwen_vl.tokenization import PAT_STR  # Qwen's pre-tokenizer regex: digits one per token
 
@@ -58,6 +58,9 @@ class TinySpec:
     tokenizer_class: Callable[[], type] = field(default=lambda: _default_tokenizer_class())
     chat_template: str = ""  # a stand-in for the released template (sc_tune.tiny.chat_templates)
     bos_token: str | None = None  # where the released tokenizer names one (its chat template writes it)
+    # The released tokenizer prepends its BOS itself (Llama / Mistral: ``add_bos_token``) and the chat template does
+    # not write it (the llava-hf releases): the family's processor then adds it to the rendered prompt.
+    prepends_bos: bool = False
     # Special tokens the released tokenizer config names, which the family's processor reads off the tokenizer
     # (Gemma 3's ``boi_token``, InternVL's ``start_image_token``): without them AutoProcessor cannot load the folder.
     named_tokens: tuple[tuple[str, str], ...] = ()
@@ -89,6 +92,10 @@ def build_tokenizer(spec: TinySpec, corpus: Iterable[str] = DEFAULT_CORPUS, voca
         show_progress=False,
     )
     tok.train_from_iterator([spec.template_text, *corpus], trainer=trainer)
+    if spec.prepends_bos:
+        bos = (spec.bos_token, tok.token_to_id(spec.bos_token))
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos[0]} $A", pair=f"{bos[0]} $A {bos[0]} $B",
+                                                           special_tokens=[bos])
     tokenizer = spec.tokenizer_class()(
         tokenizer_object=tok,
         eos_token=spec.eos_token,

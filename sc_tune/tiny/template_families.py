@@ -243,6 +243,19 @@ LLAVA_TEMPLATE = (
     "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
+# llava-v1.6-mistral-7b-hf's template, as its processor's chat_template.json is publicly quoted (printed from
+# LlavaNextProcessor.from_pretrained of the release): [INST] turns, "</s> " written after an answer, no BOS written (the
+# Mistral tokenizer prepends <s>).
+LLAVA_NEXT_MISTRAL_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{ '<<SYS>>\\n' + message['content'][0]['text'] + '\\n<</SYS>>\\n\\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '[INST] ' }}{# Render all images first #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
+    "{# Render all text next #}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] }}{% endfor %}{{' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ ' ' + message['content'][0]['text'] + '</s> '}}{% else %}"
+    "{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
 LLAMA = ("<pad>", "<s>", "</s>")  # pad first (the tiny tokenizer's pad), then the Llama tokenizer's BOS and EOS
 
 
@@ -522,18 +535,22 @@ TINY_TEMPLATE_SPECS: dict[str, TemplateTinySpec] = {
         lambda: _chatml_template("<image>\\n"),
         processor_config=_llava_onevision_processor_config,
     ),
+    # The Llama tokenizer prepends <s> (its template writes none), as the releases' do.
     "llava": TemplateTinySpec(
         replace(_spec((*LLAMA, "<image>"), "</s>", _llava_image_processor, _llava_config("llava", "</s>"),
-                      named_tokens={"image_token": "<image>"}), template_text=TEMPLATE_TEXT + "USER: ASSISTANT:"),
+                      bos_token="<s>", named_tokens={"image_token": "<image>"}),
+                template_text=TEMPLATE_TEXT + "USER: ASSISTANT:", prepends_bos=True),
         lambda: LLAVA_TEMPLATE,
         legacy_template=True,  # the llava-hf releases keep it in the processor's chat_template.json
         processor_config=_llava_processor_config("LlavaProcessor"),
     ),
-    # ChatML turns, as llava-v1.6-34b-hf's: a template that writes its own turn end (<|im_end|>), unlike LLaVA-1.5's.
+    # llava-v1.6-mistral-7b-hf's template (it writes its own turn end, "</s>", unlike LLaVA-1.5's) and tokenizer (it
+    # prepends <s>).
     "llava_next": TemplateTinySpec(
-        _spec((*CHATML, "<image>"), "<|im_end|>", _llava_next_image_processor,
-              _llava_config("llava_next", "<|im_end|>"), named_tokens={"image_token": "<image>"}),
-        lambda: _chatml_template("<image>\\n"),
+        replace(_spec((*LLAMA, "<image>"), "</s>", _llava_next_image_processor, _llava_config("llava_next", "</s>"),
+                      bos_token="<s>", named_tokens={"image_token": "<image>"}),
+                template_text=TEMPLATE_TEXT + "[INST] [/INST]", prepends_bos=True),
+        lambda: LLAVA_NEXT_MISTRAL_TEMPLATE,
         legacy_template=True,
         processor_config=_llava_processor_config("LlavaNextProcessor"),
     ),

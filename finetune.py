@@ -156,7 +156,9 @@ def _train(model_args, data_args, lora_args, args, overwritten: list[str], stop_
         trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_state()
     if stop.stopped_by is not None:
-        raise StoppedBySignal(stop, args.output_dir, args.process_index == 0)
+        # One line per node, from its local rank 0: each node's script reads its own launch's log for it (exit status
+        # 128 + n, scripts/env.sh); from global rank 0 alone, every other node's script exited 1, as if it failed.
+        raise StoppedBySignal(stop, args.output_dir, reports=args.local_process_index == 0)
     with save_failures_named(args.output_dir, "the trained model"):
         export_trained(trainer, args.output_dir, model_args.model_name_or_path, lora_args.use_lora)
     return trainer
@@ -185,7 +187,7 @@ def cli(argv: list[str] | None = None) -> None:
     except INPUT_ERRORS as e:
         raise SystemExit(f"finetune.py: error: {e}") from None
     except StoppedBySignal as e:
-        if e.is_main:
+        if e.reports:
             print(f"finetune.py: {e}", file=sys.stderr)
         close_process_group()
         raise SystemExit(e.exit_code) from None

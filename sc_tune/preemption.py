@@ -149,9 +149,9 @@ class SaveAndStopOnSignal(TrainerCallback):
 class StoppedBySignal(Exception):
     """Training stopped on a signal after saving a checkpoint: the message names it and how to resume."""
 
-    def __init__(self, stop: SaveAndStopOnSignal, output_dir: str, is_main: bool = True):
+    def __init__(self, stop: SaveAndStopOnSignal, output_dir: str, reports: bool = True):
         self.exit_code = 128 + int(stop.stopped_by)
-        self.is_main = is_main  # every process stops; one says so
+        self.reports = reports  # every process stops; one per node says so (its launch script's exit status)
         super().__init__(
             f"stopped by {stop.stopped_by.name} after step {stop.stopped_at_step}, which is saved as "
             f"{output_dir}/checkpoint-{stop.stopped_at_step}; the model is not exported (the run is not finished). "

@@ -143,6 +143,20 @@ def test_finetune_ds_script_launches_with_environment_overrides(tiny_checkpoint,
     assert (out / "model.safetensors").exists()
 
 
+def _long_run_env(checkpoint, out, **launch) -> dict:
+    """scripts/finetune_ds.sh's environment for a CPU run of 200 steps (a signal stops it long before its end)."""
+    return {
+        **{k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "USE_CPU")},
+        "MODEL": checkpoint, "IMAGE_FOLDER": SAMPLE_IMAGES, "DATA": SAMPLE_DATA,
+        "OUTPUT_DIR": str(out), "MAX_STEPS": "200", "SAVE_STEPS": "100", "BATCH_PER_GPU": "2", "DS_CONFIG": "",
+        "PRECISION": "fp32", "DESCRIBER_UPDATE_STEPS": "1", "LOCATOR_UPDATE_STEPS": "1", "REPORT_TO": "none",
+        "OMP_NUM_THREADS": "1", "GRADIENT_CHECKPOINTING": "False", "STOP_GRACE": "120",
+        "EXTRA_ARGS": "--skip_preflight True --describer_max_new_tokens 4 --locator_max_new_tokens 6 "
+                      "--disable_tqdm True",
+        **launch,
+    }
+
+
 @pytest.mark.parametrize("target, signal_name", [("process group", "SIGTERM"), ("torchrun", "SIGUSR1")])
 def test_a_schedulers_signal_to_a_launch_saves_a_checkpoint_and_stops(tiny_checkpoint, tmp_path, target, signal_name):
     """scripts/finetune_ds.sh on two processes with data workers, signalled after its first step as a scheduler
@@ -157,15 +171,7 @@ def test_a_schedulers_signal_to_a_launch_saves_a_checkpoint_and_stops(tiny_check
     from sc_tune import checkpoints
 
     out = tmp_path / "run"
-    env = {
-        **{k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "USE_CPU")},
-        "GPUS_PER_NODE": "2", "MODEL": tiny_checkpoint("qwen2_vl"), "IMAGE_FOLDER": SAMPLE_IMAGES, "DATA": SAMPLE_DATA,
-        "OUTPUT_DIR": str(out), "MAX_STEPS": "200", "SAVE_STEPS": "100", "BATCH_PER_GPU": "2", "DS_CONFIG": "",
-        "PRECISION": "fp32", "DESCRIBER_UPDATE_STEPS": "1", "LOCATOR_UPDATE_STEPS": "1", "REPORT_TO": "none",
-        "OMP_NUM_THREADS": "1", "GRADIENT_CHECKPOINTING": "False", "DATALOADER_WORKERS": "2", "STOP_GRACE": "120",
-        "EXTRA_ARGS": "--skip_preflight True --describer_max_new_tokens 4 --locator_max_new_tokens 6 "
-                      "--disable_tqdm True",
-    }
+    env = _long_run_env(tiny_checkpoint("qwen2_vl"), out, GPUS_PER_NODE="2", DATALOADER_WORKERS="2")
     launch = subprocess.Popen(["sh", "scripts/finetune_ds.sh"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -194,3 +200,49 @@ def test_a_schedulers_signal_to_a_launch_saves_a_checkpoint_and_stops(tiny_check
     assert "DataLoader worker" not in rest + err
     assert not (out / "model.safetensors").exists()
     assert launch.returncode == 128 + sig  # the script stops as the signal would have stopped it
+
+
+def test_two_nodes_stopped_by_a_signal_to_node_0s_script_both_exit_with_its_status(tiny_checkpoint, tmp_path):
+    """Two nodes emulated on this machine (NNODES=2, one process each, one shared OUTPUT_DIR), SIGTERM to node 0's
+    script alone: both stop after the same step, saved once, and node 1's script, whose shell and torchrun got no
+    signal (its torchrun exits 1), exits 143 too, naming the checkpoint. The stop line came from global rank 0 alone,
+    so node 1's script took the stop for a failure and exited 1: a job script or a scheduler's requeue logic on that
+    node saw a crash."""
+    import re
+    import signal
+    import time
+
+    from sc_tune import checkpoints
+    from tests.helpers import free_port
+
+    out, port = tmp_path / "run", str(free_port())
+    nodes, logs = [], [tmp_path / f"node{rank}.log" for rank in (0, 1)]
+    try:
+        for rank, log in enumerate(logs):
+            env = _long_run_env(tiny_checkpoint("qwen2_vl"), out, GPUS_PER_NODE="1", DATALOADER_WORKERS="0",
+                                NNODES="2", NODE_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+            with open(log, "w") as f:  # a file, not a pipe: an undrained pipe would stall the node that fills it
+                nodes.append(subprocess.Popen(["sh", "scripts/finetune_ds.sh"], cwd=ROOT, env=env, stdout=f,
+                                              stderr=subprocess.STDOUT, start_new_session=True))
+        deadline = time.monotonic() + 300
+        while not all("'loss'" in log.read_text() for log in logs):  # both nodes have trained a step
+            assert time.monotonic() < deadline and all(node.poll() is None for node in nodes), logs[0].read_text()
+            time.sleep(0.2)
+        nodes[0].send_signal(signal.SIGTERM)  # node 0's shell alone (`kill` of the script; Kubernetes)
+        codes = [node.wait(timeout=300) for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+    texts = [log.read_text() for log in logs]
+    stops = [re.findall(r"^finetune\.py: stopped by SIGTERM after step (\d+), which is saved as (\S+);", text, re.M)
+             for text in texts]
+    # each node's script: its own rank's line, then its own summary repeating it
+    assert all(len(found) == 2 and len(set(found)) == 1 for found in stops), texts[1][-3000:]
+    assert stops[0][0] == stops[1][0]  # the same step, saved once
+    step, saved = stops[0][0]
+    assert saved == str(out / f"checkpoint-{step}") and int(step) < 200
+    assert [p.name for p in out.glob("checkpoint-*")] == [f"checkpoint-{step}"]
+    assert checkpoints.problems(saved) == []
+    assert not (out / "model.safetensors").exists()
+    assert codes == [143, 143], texts[1][-3000:]

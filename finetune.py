@@ -22,7 +22,7 @@ import torch
 from transformers import set_seed
 
 from sc_tune.adapters.base import ThinkingCheckpointError
-from sc_tune.arguments import ArgumentError
+from sc_tune.arguments import ArgumentError, check_same_flags_on_every_rank
 from sc_tune.checkpoints import (
     CheckpointError,
     OutputDirError,
@@ -95,6 +95,8 @@ def _checked_and_locked(model_args, data_args, lora_args, args, stop_signals) ->
 
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
+    # Every node's own command, compared before anything is locked or loaded (a node with other steps hangs the run).
+    check_same_flags_on_every_rank(model_args, data_args, lora_args, args)
     # One run per output folder (a lock file naming the run): a second run would delete the first's checkpoints.
     with hold(args.output_dir, args.process_index == 0, args.world_size, every_rank_writes=True):
         return _train(model_args, data_args, lora_args, args, overwritten, stop_signals)

@@ -7,7 +7,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import os
+import socket
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -483,3 +487,64 @@ class SCTuneConfig(TrainingArguments):
                    if not ok and name not in not_finite]
         if errors:
             raise ArgumentError("invalid arguments: " + "; ".join(errors))
+
+
+# Flags that may differ between nodes and are compared otherwise or not at all: paths, which another node may mount or
+# spell differently (what the output folder, records and images hold is compared: run_lock.hold,
+# data.check_same_records_on_every_rank; the DeepSpeed config by its content, below), and what shapes only this
+# process's loading, logging and progress bar. hub_token is a secret: never gathered, never printed.
+PER_NODE_FLAGS = frozenset({
+    "model_name_or_path", "data_path", "image_folder", "output_dir", "deepspeed", "resume_from_checkpoint",
+    "local_rank", "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
+    "dataloader_prefetch_factor", "disable_tqdm", "log_level", "log_level_replica", "report_to", "hub_token",
+})
+
+
+def _node_independent(parsed) -> dict[str, str]:
+    """Every flag's value (``repr``) but ``PER_NODE_FLAGS``, the DeepSpeed config's content and which checkpoint a
+    resume names, from the parsed argument dataclasses."""
+    values = {f.name: repr(getattr(arguments, f.name)) for arguments in parsed for f in dataclasses.fields(arguments)
+              if f.name not in PER_NODE_FLAGS}
+    args = parsed[-1]
+    config = getattr(args, "deepspeed", None)
+    if isinstance(config, str) and os.path.isfile(config):
+        with open(config) as f:
+            config = json.load(f)
+    values["deepspeed"] = json.dumps(config, sort_keys=True)
+    resume = getattr(args, "resume_from_checkpoint", None)
+    values["resume_from_checkpoint"] = repr(os.path.basename(os.path.normpath(resume)) if isinstance(resume, str)
+                                            else resume)
+    return values
+
+
+def check_same_flags_on_every_rank(*parsed) -> None:
+    """Refuse processes started with other flags (a collective; every process raises the same error).
+
+    Each node runs its own command: a node with another MAX_STEPS, SAVE_STEPS or logging interval waits in a
+    collective the others never reach (a hang until --ddp_timeout, 30 minutes, two emulated nodes on one machine
+    2026-12-05), and one with another learning rate trains its replica with it, silently (DDP averages gradients,
+    each optimizer applies its own rate). Checked before the model loads; an ArgumentError naming each flag and its
+    values."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    views: list = [None] * dist.get_world_size()
+    dist.all_gather_object(views, (socket.gethostname(), _node_independent(parsed)))
+    names = sorted({name for _, values in views for name in values}
+                   - {name for name in views[0][1] if all(values.get(name) == views[0][1][name] for _, values in views)})
+    if not names:
+        return
+    shown = []
+    for name in names[:5]:
+        by_value: dict = {}
+        for rank, (host, values) in enumerate(views):
+            by_value.setdefault(values.get(name, "unset"), []).append(f"{rank} on {host}")
+        shown.append(f"--{name}: " + "; ".join(f"{value} on rank {', '.join(ranks)}" for value, ranks in by_value.items()))
+    more = f" (and {len(names) - 5} more)" if len(names) > 5 else ""
+    raise ArgumentError(
+        f"the processes were started with different settings: {' | '.join(shown)}{more}. Every node must run the "
+        "same command (scripts/finetune_ds.sh: the same variables and EXTRA_ARGS on each; only NODE_RANK differs); "
+        "a node with other steps waits in a collective the others never reach, one with another learning rate "
+        "trains its copy of the model with it"
+    )

@@ -184,3 +184,52 @@ def test_the_command_line_prints_the_message_and_no_traceback(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("finetune.py: error: --warmup_ratio 0.1 is not used")
+
+
+def test_nodes_started_with_other_flags_are_refused_before_the_model_loads(tmp_path, monkeypatch):
+    """Every node runs its own command. Two nodes emulated on one machine (2026-12-05): node 1 with MAX_STEPS=7 where
+    node 0 had 5 waited in a collective node 0 never reached, a hang until --ddp_timeout (30 minutes); node 1 with
+    another LOCATOR_LR trained to the end with it, silently. The processes compare their flags first, naming each
+    one that differs; paths, which another node may mount elsewhere, are compared by what they hold instead."""
+    import shutil
+
+    import torch.distributed as dist
+
+    import finetune
+    from sc_tune.arguments import check_same_flags_on_every_rank
+
+    zero2, zero3 = f"{ROOT}/scripts/ds_config_zero2.json", f"{ROOT}/scripts/ds_config_zero3.json"
+    copied = str(shutil.copy(zero2, tmp_path / "zero2_elsewhere.json"))
+
+    def node(*argv, output="out"):
+        return finetune.parse_args(["--output_dir", str(tmp_path / output), "--use_cpu", "True", "--max_steps", "5",
+                                    *argv])[:4]
+
+    def check(node0, node1):  # as rank 0 sees it: its own flags, then those node 1 contributes from node-b
+        contributed = []
+        with monkeypatch.context() as two_processes:  # after parsing: transformers' own set-up must not see them
+            two_processes.setattr(dist, "is_initialized", lambda: True)
+            two_processes.setattr(dist, "get_world_size", lambda: 2)
+            two_processes.setattr(dist, "all_gather_object", lambda out, mine: (contributed.append(mine),
+                                                                                out.__setitem__(slice(None), [mine] * 2)))
+            check_same_flags_on_every_rank(*node1)
+            two_processes.setattr(dist, "all_gather_object", lambda out, mine: out.__setitem__(
+                slice(None), [mine, ("node-b", contributed[0][1])]))
+            check_same_flags_on_every_rank(*node0)
+
+    # the same command, with paths spelled or mounted otherwise and per-node loading and logging: fine
+    check(node("--deepspeed", zero2, "--data_path", "a.json", "--resume_from_checkpoint", "out/checkpoint-4"),
+          node("--deepspeed", copied, "--data_path", "/mnt/a.json", "--resume_from_checkpoint",
+               str(tmp_path / "out" / "checkpoint-4"), "--dataloader_num_workers", "2", "--hub_token", "secret",
+               output="elsewhere"))
+    for node1, message in [
+        (node("--max_steps", "7"), r"different settings: --max_steps: 5 on rank 0 on \S+; 7 on rank 1 on node-b\. "),
+        (node("--locator_lr", "1e-2"), "--locator_lr: 1e-06 on rank 0 on .*; 0.01 on rank 1 on node-b"),
+        (node("--save_steps", "2", "--logging_steps", "3"), "--logging_steps: .* [|] --save_steps: "),
+        (node("--deepspeed", zero3), "--deepspeed: "),  # the config's content: another ZeRO stage
+        (node("--resume_from_checkpoint", "True"), "--resume_from_checkpoint: None on rank 0 .*'True' on rank 1"),
+        (node("--save_on_signal", "none"), "--save_on_signal: "),  # the stop's agreement is a collective
+    ]:
+        with pytest.raises(ArgumentError, match=message) as refused:
+            check(node("--deepspeed", zero2) if "--deepspeed" in message else node(), node1)
+        assert "secret" not in str(refused.value)

@@ -1,5 +1,6 @@
 """2-process runs on CPU (gloo): plain torchrun (DDP) and DeepSpeed ZeRO-2 / ZeRO-3 through finetune.py."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -202,28 +203,61 @@ def test_a_schedulers_signal_to_a_launch_saves_a_checkpoint_and_stops(tiny_check
     assert launch.returncode == 128 + sig  # the script stops as the signal would have stopped it
 
 
+def _two_nodes(checkpoint, tmp_path, out, **node1):
+    """scripts/finetune_ds.sh as two nodes of one process each on this machine (NNODES=2, NODE_RANK 0 and 1,
+    127.0.0.1, one free port), sharing the output folder ``out``; ``node1`` overrides node 1's variables. Each
+    node's output goes to a file (an undrained pipe would stall the node that fills it): (processes, log paths)."""
+    from tests.helpers import free_port
+
+    port, nodes, logs = str(free_port()), [], [tmp_path / f"node{rank}.log" for rank in (0, 1)]
+    for rank, log in enumerate(logs):
+        env = _long_run_env(checkpoint, out, GPUS_PER_NODE="1", DATALOADER_WORKERS="0", NNODES="2",
+                            NODE_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **(node1 if rank else {}))
+        with open(log, "w") as f:
+            nodes.append(subprocess.Popen(["sh", "scripts/finetune_ds.sh"], cwd=ROOT, env=env, stdout=f,
+                                          stderr=subprocess.STDOUT, start_new_session=True))
+    return nodes, logs
+
+
+def _killed_if_running(nodes):
+    """SIGKILL to each launch still running, its ranks included: torchrun starts each in a session of its own, which
+    the launch's process group does not reach; left, a rank waiting in a collective runs on until --ddp_timeout."""
+    import glob
+    import signal
+
+    parents = {}
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        parents.setdefault(int(fields[1]), []).append(int(stat.split("/")[2]))
+    for node in nodes:
+        if node.poll() is None:
+            family, i = [node.pid], 0
+            while i < len(family):
+                family += parents.get(family[i], [])
+                i += 1
+            for pid in family:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
 def test_two_nodes_stopped_by_a_signal_to_node_0s_script_both_exit_with_its_status(tiny_checkpoint, tmp_path):
-    """Two nodes emulated on this machine (NNODES=2, one process each, one shared OUTPUT_DIR), SIGTERM to node 0's
-    script alone: both stop after the same step, saved once, and node 1's script, whose shell and torchrun got no
-    signal (its torchrun exits 1), exits 143 too, naming the checkpoint. The stop line came from global rank 0 alone,
-    so node 1's script took the stop for a failure and exited 1: a job script or a scheduler's requeue logic on that
-    node saw a crash."""
+    """Two nodes emulated on this machine, SIGTERM to node 0's script alone: both stop after the same step, saved
+    once, and node 1's script, whose shell and torchrun got no signal (its torchrun exits 1), exits 143 too, naming
+    the checkpoint. The stop line came from global rank 0 alone, so node 1's script took the stop for a failure and
+    exited 1: a job script or a scheduler's requeue logic on that node saw a crash."""
     import re
     import signal
     import time
 
     from sc_tune import checkpoints
-    from tests.helpers import free_port
 
-    out, port = tmp_path / "run", str(free_port())
-    nodes, logs = [], [tmp_path / f"node{rank}.log" for rank in (0, 1)]
+    out = tmp_path / "run"
+    nodes, logs = _two_nodes(tiny_checkpoint("qwen2_vl"), tmp_path, out)
     try:
-        for rank, log in enumerate(logs):
-            env = _long_run_env(tiny_checkpoint("qwen2_vl"), out, GPUS_PER_NODE="1", DATALOADER_WORKERS="0",
-                                NNODES="2", NODE_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-            with open(log, "w") as f:  # a file, not a pipe: an undrained pipe would stall the node that fills it
-                nodes.append(subprocess.Popen(["sh", "scripts/finetune_ds.sh"], cwd=ROOT, env=env, stdout=f,
-                                              stderr=subprocess.STDOUT, start_new_session=True))
         deadline = time.monotonic() + 300
         while not all("'loss'" in log.read_text() for log in logs):  # both nodes have trained a step
             assert time.monotonic() < deadline and all(node.poll() is None for node in nodes), logs[0].read_text()
@@ -231,9 +265,7 @@ def test_two_nodes_stopped_by_a_signal_to_node_0s_script_both_exit_with_its_stat
         nodes[0].send_signal(signal.SIGTERM)  # node 0's shell alone (`kill` of the script; Kubernetes)
         codes = [node.wait(timeout=300) for node in nodes]
     finally:
-        for node in nodes:
-            if node.poll() is None:
-                os.killpg(node.pid, signal.SIGKILL)
+        _killed_if_running(nodes)
     texts = [log.read_text() for log in logs]
     stops = [re.findall(r"^finetune\.py: stopped by SIGTERM after step (\d+), which is saved as (\S+);", text, re.M)
              for text in texts]
@@ -246,3 +278,20 @@ def test_two_nodes_stopped_by_a_signal_to_node_0s_script_both_exit_with_its_stat
     assert checkpoints.problems(saved) == []
     assert not (out / "model.safetensors").exists()
     assert codes == [143, 143], texts[1][-3000:]
+
+
+def test_a_node_started_with_other_steps_is_refused_before_training_not_left_hanging(tiny_checkpoint, tmp_path):
+    """Node 1 with MAX_STEPS 7 where node 0 has 200: node 0 stopped at its last step while node 1 waited in a
+    collective for the next, a hang with no output until --ddp_timeout (30 minutes). Both scripts now fail at once,
+    naming the flag and each node's value, before any step."""
+    nodes, logs = _two_nodes(tiny_checkpoint("qwen2_vl"), tmp_path, tmp_path / "run", MAX_STEPS="7")
+    try:
+        codes = [node.wait(timeout=120) for node in nodes]  # a hang fails here, not after 30 minutes
+    finally:
+        _killed_if_running(nodes)
+    for log in logs:
+        text = log.read_text()
+        assert "SC-Tune: the run failed (exit code 1). The error reported by the processes:\nfinetune.py: error: the " \
+               "processes were started with different settings: --max_steps: 200 on rank 0 on " in text, text[-3000:]
+        assert "'loss'" not in text
+    assert codes == [1, 1]

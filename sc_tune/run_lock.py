@@ -159,13 +159,17 @@ def _unshared(folder: str, dist) -> str | None:
     training (the other nodes' files are missing). Checked here, before the model loads. (Evaluation gathers its rows
     to rank 0, which alone writes: it needs no shared folder.)"""
     views: list = [None] * dist.get_world_size()
-    dist.all_gather_object(views, (socket.gethostname(), os.path.isfile(os.path.join(folder, LOCK_FILE))))
-    blind = [f"rank {rank} on {host}" for rank, (host, sees) in enumerate(views) if not sees]
+    dist.all_gather_object(views, (socket.gethostname(), os.path.isfile(os.path.join(folder, LOCK_FILE)),
+                                   os.path.abspath(folder)))
+    # A node given another OUTPUT_DIR is the likelier cause than an unshared file system: name its folder, so that
+    # the message does not send a user with a shared file system off to move the run.
+    blind = [f"rank {rank} on {host}" + (f" (given {path})" if path != views[0][2] else "")
+             for rank, (host, sees, path) in enumerate(views) if not sees]
     if not blind:
         return None
     return (f"{folder} is not one folder for every process: {', '.join(blind)} cannot see the run lock that rank 0 "
-            f"wrote there ({LOCK_FILE}). Every node writes its part of each checkpoint into the output folder: put "
-            "it on a file system all nodes share")
+            f"wrote there ({LOCK_FILE}, in {views[0][2]}). Every node writes its part of each checkpoint into the "
+            "output folder: give every node the same OUTPUT_DIR, on a file system all nodes share")
 
 
 @contextlib.contextmanager

@@ -197,4 +197,7 @@ def test_training_refuses_an_output_folder_the_nodes_do_not_share(tmp_path, shar
             refusal = f"refused: {folders[rank]} is not one folder for every process: rank 1 on "
             assert output.startswith(refusal), output
             assert "cannot see the run lock that rank 0 wrote" in output
+            # here each rank was given its own path (another OUTPUT_DIR on node 1): named, with rank 0's
+            assert f"rank 1 on {socket.gethostname()} (given {folders[1]}) cannot see" in output, output
+            assert f"({LOCK_FILE}, in {folders[0]}). " in output and "give every node the same OUTPUT_DIR" in output
     assert all(o.strip().endswith("lock left: False") for o in outputs), outputs

@@ -116,4 +116,9 @@ sc_tune_rendezvous() {
             "(on every node), or leave it unset on a single node to get a free one" >&2
         exit 2
     fi
+    if [ "$NNODES" != 1 ]; then
+        # torchrun says nothing while it waits for the other nodes: a node that never starts looked like a hang.
+        echo "note: node $NODE_RANK of $NNODES: waiting for every node at $MASTER_ADDR:$MASTER_PORT; if one never" \
+            "starts, torchrun gives up after 15 minutes ('waiting for clients'), with no output until then" >&2
+    fi
 }

@@ -178,10 +178,14 @@ def test_several_nodes_need_their_rank_and_node_0s_address(launcher, script):
         assert message in result.stderr, (env, result.stderr)
     result, argv = launcher(script, NNODES="2", NODE_RANK="1", MASTER_ADDR="10.0.0.1", MASTER_PORT="29400")
     assert result.returncode == 0, result.stderr
+    # a node that never starts holds the others 15 minutes in silence: the note says what they wait for, and how long
+    assert "note: node 1 of 2: waiting for every node at 10.0.0.1:29400; if one never starts, torchrun gives up " \
+           "after 15 minutes" in result.stderr
     assert [flag(argv, f) for f in ("--nnodes", "--node_rank", "--master_addr", "--master_port")] == \
         ["2", "1", "10.0.0.1", "29400"]
     result, argv = launcher(script)  # one node: the defaults
     assert [flag(argv, f) for f in ("--nnodes", "--node_rank", "--master_addr")] == ["1", "0", "localhost"]
+    assert "waiting for every node" not in result.stderr
 
 
 BANNER = """[rank0]: Traceback (most recent call last):

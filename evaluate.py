@@ -186,8 +186,9 @@ def main(argv=None) -> None:
     refuse_finished(metrics_path, args.overwrite_results)  # before any work: a finished evaluation is not replaced
     # One run per output folder (the lock names the other run): two evaluations would interleave their rows. A
     # scheduler's stop signal ends the evaluation with the lock released; the rows scored so far are on disk, and the
-    # same command scores the rest.
-    with exiting_on((signal.SIGTERM, signal.SIGUSR1)), hold(args.output_dir, ranks.is_main, ranks.world_size):
+    # same command scores the rest. Every rank writes its rows there: on several nodes, one folder they all share.
+    with exiting_on((signal.SIGTERM, signal.SIGUSR1)), hold(args.output_dir, ranks.is_main, ranks.world_size,
+                                                            every_rank_writes=True):
         _evaluate(args, ranks, task_name, metrics_path)
     barrier(ranks)
     shutdown(ranks)

@@ -156,8 +156,10 @@ def _unshared(folder: str, dist) -> str | None:
 
     Every rank writes its own files into each training checkpoint (RNG state, rollout buffer, ZeRO shards) and rank 0
     commits it: on an output folder each node keeps on its own disk the first save fails, after ``save_steps`` of
-    training (the other nodes' files are missing). Checked here, before the model loads. (Evaluation gathers its rows
-    to rank 0, which alone writes: it needs no shared folder.)"""
+    training (the other nodes' files are missing). Evaluation too: every rank appends its scored rows to its own file
+    in the output folder, and rank 0 checks the settings file the others read (a node with its own folder failed on
+    "No such file or directory: .../settings.json"), and a resume reads every rank's rows. Checked here, before the
+    model loads."""
     views: list = [None] * dist.get_world_size()
     dist.all_gather_object(views, (socket.gethostname(), os.path.isfile(os.path.join(folder, LOCK_FILE)),
                                    os.path.abspath(folder)))
@@ -168,16 +170,16 @@ def _unshared(folder: str, dist) -> str | None:
     if not blind:
         return None
     return (f"{folder} is not one folder for every process: {', '.join(blind)} cannot see the run lock that rank 0 "
-            f"wrote there ({LOCK_FILE}, in {views[0][2]}). Every node writes its part of each checkpoint into the "
-            "output folder: give every node the same OUTPUT_DIR, on a file system all nodes share")
+            f"wrote there ({LOCK_FILE}, in {views[0][2]}). Every node writes into the output folder (its part of each "
+            "checkpoint, its scored rows): give every node the same OUTPUT_DIR, on a file system all nodes share")
 
 
 @contextlib.contextmanager
 def hold(folder: str, is_main: bool = True, world_size: int = 1, command: list[str] | None = None,
          every_rank_writes: bool = False):
     """Hold ``folder``'s lock for the body (main process only); every process raises if the main one was refused,
-    or, where ``every_rank_writes`` into the folder (training's checkpoints), if any process cannot see the lock the
-    main one wrote (a folder not shared by every node)."""
+    or, where ``every_rank_writes`` into the folder (training's checkpoints, evaluation's rows), if any process cannot
+    see the lock the main one wrote (a folder not shared by every node)."""
     lock, error = None, None
     if is_main:
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 
 import pytest
 from PIL import Image
@@ -308,3 +309,43 @@ def test_the_metrics_file_records_what_the_scores_depend_on(setup, tmp_path):
     run(setup, tmp_path / "budget", "--image_max_pixels", "3136", "--box_format", "generic")
     metrics = json.loads((tmp_path / "budget" / "self_consistency_metrics.json").read_text())
     assert metrics["box_format"] == "generic" and metrics["image_pixels"] == [None, 3136]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per-node"])
+def test_evaluate_sh_on_two_nodes_needs_one_output_folder_they_share(setup, tmp_path, shared):
+    """scripts/evaluate.sh as two nodes of one process each on this machine (NNODES=2). Every rank appends its rows
+    to its own file in the output folder and reads the settings file rank 0 wrote there, so a node given its own
+    folder failed after loading the model, on "No such file or directory: .../settings.json", where usage.md said the
+    folder need not be shared. It is refused before the model loads, naming the folders; a shared one evaluates."""
+    import subprocess
+
+    from tests.conftest import ROOT
+    from tests.helpers import free_port
+
+    root, model, data = setup
+    folders = [tmp_path / "eval", tmp_path / "eval" if shared else tmp_path / "node1" / "eval"]
+    port = str(free_port())
+    env = {**{k: v for k, v in os.environ.items() if k not in ("IMAGE_ROOT", "IMAGE_DIR")}, "TASK": "self-consistency",
+           "MODEL": model, "DATA": str(data), "IMAGE_FOLDER": str(root), "NPROC": "1", "BATCH_SIZE": "2",
+           "GRID_SAMPLES": "0", "NNODES": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1",
+           "EXTRA_ARGS": "--describer_max_new_tokens 4 --locator_max_new_tokens 6"}
+    nodes = [subprocess.Popen(["sh", "scripts/evaluate.sh"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env={**env, "NODE_RANK": str(rank), "OUTPUT_DIR": str(folders[rank])})
+             for rank in (0, 1)]
+    try:
+        outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+    if shared:
+        assert [node.returncode for node in nodes] == [0, 0], outputs[1][-3000:]
+        metrics = json.loads((folders[0] / "self_consistency_metrics.json").read_text())
+        assert metrics["world_size"] == 2 and metrics["metrics"]["num_samples"] == len(BOXES)
+        return
+    assert [node.returncode for node in nodes] == [1, 1], outputs[1][-3000:]
+    for rank, output in enumerate(outputs):
+        assert (f"evaluate.py: error: {folders[rank]} is not one folder for every process: rank 1 on "
+                f"{socket.gethostname()} (given {folders[1]}) cannot see the run lock") in output, output[-3000:]
+        assert "Loading weights" not in output  # refused before the model loads

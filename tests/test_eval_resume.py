@@ -311,6 +311,30 @@ def test_the_metrics_file_records_what_the_scores_depend_on(setup, tmp_path):
     assert metrics["box_format"] == "generic" and metrics["image_pixels"] == [None, 3136]
 
 
+
+def test_nodes_evaluating_other_samples_are_told_so_not_to_overwrite_their_results(tmp_path, monkeypatch):
+    """Two emulated nodes, node 1 with MAX_SAMPLES=8 where node 0 had 16: node 1 read rank 0's fresh settings file and
+    said its folder held "samples scored with other settings", to be discarded with --overwrite_results, and node 0
+    failed on a closed connection. The ranks compare their settings first, and every one names the difference."""
+    import torch.distributed as dist
+
+    from sc_tune.evaluation.distributed import Ranks
+    from sc_tune.evaluation.progress import SampleLog
+
+    mine, node1 = {"task": "self-consistency", "records": "a" * 64}, {"task": "self-consistency", "records": "b" * 64}
+    monkeypatch.setattr(dist, "barrier", lambda: None)
+    monkeypatch.setattr(dist, "all_gather_object", lambda out, view: out.__setitem__(
+        slice(None), [view, ("node-b", node1)]))
+    log = SampleLog(str(tmp_path), "self_consistency", mine, Ranks(0, 2))
+    with pytest.raises(ResultsError, match=r"^the processes evaluate with different settings \(records differ: rank 1 "
+                                           r"on node-b against rank 0 on \S+\): every node must run the same command"):
+        log.open()
+    assert not (tmp_path / "self_consistency_samples.partial").exists()  # nothing written
+    node1 = mine  # the same settings on node-b: it opens
+    reopened = SampleLog(str(tmp_path), "self_consistency", mine, Ranks(0, 2))
+    assert reopened.open() == {}
+    reopened.close()
+
 @pytest.mark.slow
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per-node"])
 def test_evaluate_sh_on_two_nodes_needs_one_output_folder_they_share(setup, tmp_path, shared):

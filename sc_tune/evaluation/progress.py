@@ -159,6 +159,7 @@ class SampleLog:
     def open(self) -> dict[int, dict]:
         """Check or write the settings, then return the rows already scored (by any rank), by index."""
         settings_path = os.path.join(self.folder, SETTINGS_FILE)
+        self._check_same_on_every_rank()
         if self.ranks.is_main:
             os.makedirs(self.folder, exist_ok=True)
             if os.path.exists(settings_path):
@@ -177,6 +178,29 @@ class SampleLog:
         if done and self.ranks.is_main:
             logger.info("%s: resuming, %d sample(s) already scored", self.folder, len(done))
         return done
+
+    def _check_same_on_every_rank(self) -> None:
+        """Every node runs its own command: one with another MAX_SAMPLES, DATA or MODEL scores other samples. Found
+        by the settings file alone, that node was told its (new) folder held "samples scored with other settings" and
+        to pass --overwrite_results, while rank 0 failed on a closed connection. Compared first, on every rank."""
+        if not self.ranks.active:
+            return
+        import socket
+
+        import torch.distributed as dist
+
+        views: list = [None] * self.ranks.world_size
+        dist.all_gather_object(views, (socket.gethostname(), self.settings))
+        differ = sorted({k for _, settings in views for k in settings.keys() | views[0][1].keys()
+                         if settings.get(k) != views[0][1].get(k)})
+        if differ:
+            ranks = ", ".join(f"rank {rank} on {host}" for rank, (host, settings) in enumerate(views)
+                              if settings != views[0][1])
+            raise ResultsError(
+                f"the processes evaluate with different settings ({', '.join(differ)} differ: {ranks} against rank 0 "
+                f"on {views[0][0]}): every node must run the same command (scripts/evaluate.sh: the same MODEL, "
+                "DATA, MAX_SAMPLES, ... on each; only NODE_RANK differs)"
+            )
 
     def _check_settings(self, settings_path: str) -> None:
         with open(settings_path, encoding="utf-8") as f:

@@ -190,8 +190,7 @@ def test_a_schedulers_signal_to_a_launch_saves_a_checkpoint_and_stops(tiny_check
             os.killpg(launch.pid, sig)
         rest, err = launch.communicate(timeout=300)
     finally:
-        if launch.poll() is None:
-            os.killpg(launch.pid, signal.SIGKILL)
+        _killed_if_running([launch])  # the ranks too: torchrun gives each a session the launch's group misses
     stopped = re.search(rf"finetune\.py: stopped by {signal_name} after step (\d+), which is saved as (\S+);", err)
     # the launch's own exit code, recorded by the pipeline's left side, which a scheduler signals too
     assert stopped and re.search(r"SC-Tune: the run stopped on a signal \(exit code \d+\)", err), err[-3000:]

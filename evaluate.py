@@ -45,17 +45,19 @@ from sc_tune.checkpoints import CheckpointError, check_model_folder
 from sc_tune.help_layout import CompactHelpFormatter
 from sc_tune.evaluation import evaluate_rec, evaluate_region_captions, evaluate_self_consistency
 from sc_tune.evaluation.distributed import barrier, init_from_env, shutdown
+from sc_tune.evaluation.runner import EvaluationStopped
 from sc_tune.evaluation.progress import (ResultsError, SampleLog, discard_results, fingerprint_records, model_identity,
                                          refuse_finished)
 from sc_tune.evaluation.records import (RecordError, image_problems, load_annotation_records, load_rec_samples,
                                         load_region_caption_records, open_image)
 from sc_tune.jsonio import JSONFileError, write_json, write_jsonl
-from sc_tune.preemption import exiting_on
+from sc_tune.preemption import RecordsSignal, exiting_on
 from sc_tune.run_lock import RunLockError, hold
 from sc_tune.rollout import GenerationSettings
 from sc_tune.visualize import save_cycle_grid
 
 logger = logging.getLogger("evaluate")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # a scheduler's stop (SLURM, Kubernetes)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TASKS = ("self-consistency", "rec", "region-caption")
 
@@ -187,9 +189,14 @@ def main(argv=None) -> None:
     # One run per output folder (the lock names the other run): two evaluations would interleave their rows. A
     # scheduler's stop signal ends the evaluation with the lock released; the rows scored so far are on disk, and the
     # same command scores the rest. Every rank writes its rows there: on several nodes, one folder they all share.
-    with exiting_on((signal.SIGTERM, signal.SIGUSR1)), hold(args.output_dir, ranks.is_main, ranks.world_size,
-                                                            every_rank_writes=True):
-        _evaluate(args, ranks, task_name, metrics_path)
+    # While scoring, the signal is only recorded and every rank stops after the same batch (EvaluationStopped), so
+    # that the other nodes stop too instead of failing on a closed connection.
+    with exiting_on(STOP_SIGNALS), hold(args.output_dir, ranks.is_main, ranks.world_size, every_rank_writes=True):
+        try:
+            _evaluate(args, ranks, task_name, metrics_path)
+        except EvaluationStopped:
+            shutdown(ranks)  # every rank stops at the same agreed batch: no collective is left to wait for
+            raise
     barrier(ranks)
     shutdown(ranks)
 
@@ -239,66 +246,75 @@ def _evaluate(args: EvaluationArguments, ranks, task_name: str, metrics_path: st
                        # only when set: rows scored before the flags existed still resume
                        **({"image_pixels": list(adapter.image_pixel_limits)} if adapter.image_pixel_limits else {})}
 
+    stop = RecordsSignal(STOP_SIGNALS)
+    stop.on_receipt = "every process stops after the batch in progress, its rows kept; the same command resumes"
+
     def progress_for(name: str, records: list) -> SampleLog:
-        return SampleLog(args.output_dir, name, {**shared_settings, "records": fingerprint_records(records)}, ranks)
+        return SampleLog(args.output_dir, name, {**shared_settings, "records": fingerprint_records(records)}, ranks,
+                         stop=stop)
 
-    started = time.monotonic()
-    common = {"task": args.task, "model": args.model_name_or_path, "image_folder": args.image_folder,
-              "world_size": ranks.world_size, "batch_size_per_process": args.per_device_eval_batch_size,
-              "dtype": str(args.torch_dtype).removeprefix("torch."), "box_format": args.box_format,
-              # the settings' locator budget is the one asked for; fitted, the metrics carry the one used
-              "fit_locator_budget": args.fit_locator_budget,
-              **({"image_pixels": list(adapter.image_pixel_limits)} if adapter.image_pixel_limits else {})}
-    batch_size = args.per_device_eval_batch_size
-    logs = []
+    # Scoring: a signal is recorded, and every rank stops after the same batch with its rows on disk (run_sharded's
+    # agreement, EvaluationStopped); one after the last batch changes nothing. Before it, exiting_on's handlers.
+    with stop.listening():
+        started = time.monotonic()
+        common = {"task": args.task, "model": args.model_name_or_path, "image_folder": args.image_folder,
+                  "world_size": ranks.world_size, "batch_size_per_process": args.per_device_eval_batch_size,
+                  "dtype": str(args.torch_dtype).removeprefix("torch."), "box_format": args.box_format,
+                  # the settings' locator budget is the one asked for; fitted, the metrics carry the one used
+                  "fit_locator_budget": args.fit_locator_budget,
+                  **({"image_pixels": list(adapter.image_pixel_limits)} if adapter.image_pixel_limits else {})}
+        batch_size = args.per_device_eval_batch_size
+        logs = []
 
-    if args.task == "rec":
-        results = {}
-        for (path, samples), name in zip(datasets, names):
-            logs.append(progress_for(name, samples))
-            metrics, per_sample = evaluate_rec(model, adapter, samples, args.image_folder, batch_size,
-                                               locate_settings, fit_budget=args.fit_locator_budget,
-                                               progress=logs[-1])
+        if args.task == "rec":
+            results = {}
+            for (path, samples), name in zip(datasets, names):
+                logs.append(progress_for(name, samples))
+                metrics, per_sample = evaluate_rec(model, adapter, samples, args.image_folder, batch_size,
+                                                   locate_settings, fit_budget=args.fit_locator_budget,
+                                                   progress=logs[-1])
+                metrics["num_resumed"] = logs[-1].resumed
+                results[name.removeprefix("rec_")] = {"data": path, **metrics}
+                if ranks.is_main:
+                    write_jsonl(logs[-1].final_path, per_sample)
+                    logger.info("%s: Acc@0.5 %.4f over %d samples (%d parse failures)", name, metrics["acc@0.5"] or 0,
+                                metrics["num_samples"], metrics["num_parse_failures"])
+            output = {**common, "locator": vars(locate_settings), "results": results}
+        else:
+            (path, records), = datasets
+            logs.append(progress_for(names[0], records))
+            if args.task == "self-consistency":
+                metrics, per_sample = evaluate_self_consistency(model, adapter, records, args.image_folder,
+                                                                batch_size, describe_settings, locate_settings,
+                                                                fit_budget=args.fit_locator_budget, progress=logs[-1])
+                settings = {"describer": vars(describe_settings), "locator": vars(locate_settings)}
+            else:
+                metrics, per_sample = evaluate_region_captions(model, adapter, records, args.image_folder,
+                                                               batch_size, describe_settings,
+                                                               use_meteor=args.meteor, progress=logs[-1])
+                settings = {"describer": vars(describe_settings)}
             metrics["num_resumed"] = logs[-1].resumed
-            results[name.removeprefix("rec_")] = {"data": path, **metrics}
+            output = {**common, "data": path, **settings, "metrics": metrics}
             if ranks.is_main:
                 write_jsonl(logs[-1].final_path, per_sample)
-                logger.info("%s: Acc@0.5 %.4f over %d samples (%d parse failures)", name, metrics["acc@0.5"] or 0,
-                            metrics["num_samples"], metrics["num_parse_failures"])
-        output = {**common, "locator": vars(locate_settings), "results": results}
-    else:
-        (path, records), = datasets
-        logs.append(progress_for(names[0], records))
-        if args.task == "self-consistency":
-            metrics, per_sample = evaluate_self_consistency(model, adapter, records, args.image_folder,
-                                                            batch_size, describe_settings, locate_settings,
-                                                            fit_budget=args.fit_locator_budget, progress=logs[-1])
-            settings = {"describer": vars(describe_settings), "locator": vars(locate_settings)}
-        else:
-            metrics, per_sample = evaluate_region_captions(model, adapter, records, args.image_folder,
-                                                           batch_size, describe_settings,
-                                                           use_meteor=args.meteor, progress=logs[-1])
-            settings = {"describer": vars(describe_settings)}
-        metrics["num_resumed"] = logs[-1].resumed
-        output = {**common, "data": path, **settings, "metrics": metrics}
+                if args.task == "self-consistency" and args.grid_samples > 0 and per_sample:
+                    shown = per_sample[: args.grid_samples]
+                    save_cycle_grid(os.path.join(args.output_dir, "self_consistency_cycles.png"),
+                                    [open_image(args.image_folder, s["image"], s["index"]) for s in shown],
+                                    [s["bbox"] for s in shown], [s["caption"] for s in shown],
+                                    [s["pred_bbox"] for s in shown], [s["iou"] for s in shown],
+                                    title=f"{args.model_name_or_path}: describer -> locator (greedy)")
+        if unreadable:
+            output["unreadable_images"] = {p: {"count": len(v), "samples": v} for p, v in unreadable.items()}
+        output["seconds"] = round(time.monotonic() - started, 2)
         if ranks.is_main:
-            write_jsonl(logs[-1].final_path, per_sample)
-            if args.task == "self-consistency" and args.grid_samples > 0 and per_sample:
-                shown = per_sample[: args.grid_samples]
-                save_cycle_grid(os.path.join(args.output_dir, "self_consistency_cycles.png"),
-                                [open_image(args.image_folder, s["image"], s["index"]) for s in shown],
-                                [s["bbox"] for s in shown], [s["caption"] for s in shown],
-                                [s["pred_bbox"] for s in shown], [s["iou"] for s in shown],
-                                title=f"{args.model_name_or_path}: describer -> locator (greedy)")
-    if unreadable:
-        output["unreadable_images"] = {p: {"count": len(v), "samples": v} for p, v in unreadable.items()}
-    output["seconds"] = round(time.monotonic() - started, 2)
-    if ranks.is_main:
-        write_json(metrics_path, output)  # atomic: a kill mid-write leaves no half file to pass for a finished run
-        print(json.dumps(output, indent=2, ensure_ascii=False))
-        logger.info("wrote %s", metrics_path)
-    for log in logs:  # the final files hold every row now: the partial rows go
-        log.finish()
+            write_json(metrics_path, output)  # atomic: a kill mid-write leaves no half file to pass for a finished run
+            print(json.dumps(output, indent=2, ensure_ascii=False))
+            logger.info("wrote %s", metrics_path)
+        for log in logs:  # the final files hold every row now: the partial rows go
+            log.finish()
+    if stop.received is not None:
+        logger.warning("%s came after the last batch: the evaluation finished", stop.received.name)
 
 
 # Bad input, not a bug: each of these names the file, record or flag; a traceback would bury it.
@@ -306,11 +322,18 @@ INPUT_ERRORS = (ArgumentError, CheckpointError, JSONFileError, RecordError, Resu
                 ThinkingCheckpointError, FileNotFoundError)
 
 def cli(argv: list[str] | None = None) -> None:
-    """The command: input errors in one line naming the file, record or flag."""
+    """The command: input errors in one line naming the file, record or flag; an evaluation stopped on a signal (its
+    rows on disk) exits with that signal's status."""
     try:
         main(argv)
     except INPUT_ERRORS as e:
         raise SystemExit(f"evaluate.py: error: {e}") from None
+    except EvaluationStopped as e:
+        # One line per node, from its local rank 0: each node's script reads its own launch's log for it and exits
+        # 128 + n (scripts/env.sh); from global rank 0 alone, every other node's script exited 1, as if it failed.
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(f"evaluate.py: {e}", file=sys.stderr)
+        raise SystemExit(e.exit_code) from None
 
 
 if __name__ == "__main__":

@@ -89,7 +89,35 @@ def workers_ignoring(signals: tuple[signal.Signals, ...], init_fn=None):
     return functools.partial(_ignore_then_init, tuple(signals), init_fn) if signals else init_fn
 
 
-class SaveAndStopOnSignal(TrainerCallback):
+class RecordsSignal:
+    """Records the first of ``signals`` received while ``listening``: a handler that only notes the signal (a later
+    one changes nothing), so that the work in progress (a training step, an evaluation batch) goes on undisturbed and
+    every process can agree on a stop at a point they all reach."""
+
+    on_receipt = "the run stops at the next point every process agrees on"
+
+    def __init__(self, signals: tuple[signal.Signals, ...]):
+        self.signals = tuple(signals)
+        self.received: signal.Signals | None = None
+
+    def _record(self, signum, frame):
+        # A handler runs between two bytecodes of the main thread: it only records, the work goes on undisturbed.
+        if self.received is None:
+            self.received = signal.Signals(signum)
+            logger.warning("%s received: %s", self.received.name, self.on_receipt)
+
+    @contextlib.contextmanager
+    def listening(self):
+        """The handlers installed for the body, the previous ones restored after it."""
+        previous = {sig: signal.signal(sig, self._record) for sig in self.signals}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+class SaveAndStopOnSignal(RecordsSignal, TrainerCallback):
     """Records the first of ``signals`` received during training; at the end of the step in progress, once every
     process has been asked (``gather``), makes the Trainer save a checkpoint and stop.
 
@@ -97,30 +125,14 @@ class SaveAndStopOnSignal(TrainerCallback):
     the largest, so a signal seen by one process stops them all at the same step. ``stopped_by`` and
     ``stopped_at_step`` say afterwards whether, and where, training stopped on a signal."""
 
+    on_receipt = "the run saves a checkpoint at the end of this step and stops"
+
     def __init__(self, signals: tuple[signal.Signals, ...], gather, device: torch.device | str = "cpu"):
-        self.signals = tuple(signals)
+        super().__init__(signals)
         self.gather = gather
         self.device = device
-        self.received: signal.Signals | None = None
         self.stopped_by: signal.Signals | None = None
         self.stopped_at_step: int | None = None
-
-    def _record(self, signum, frame):
-        # A handler runs between two bytecodes of the main thread: it only records, the step goes on undisturbed.
-        if self.received is None:
-            self.received = signal.Signals(signum)
-            logger.warning("%s received: the run saves a checkpoint at the end of this step and stops",
-                           self.received.name)
-
-    @contextlib.contextmanager
-    def listening(self):
-        """The handlers installed for the body (training), the previous ones restored after it."""
-        previous = {sig: signal.signal(sig, self._record) for sig in self.signals}
-        try:
-            yield self
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
 
     def agreed_signal(self) -> signal.Signals | None:
         """The signal any process received so far (the largest number if several), or None; a collective."""

@@ -119,3 +119,62 @@ def test_in_process_rec_and_region_captions_two_processes(setup):
         assert res["cap"]["num_samples"] == NUM_RECORDS and res["cap_index"] == list(range(NUM_RECORDS))
     assert results[0]["rec"] == results[1]["rec"] and results[0]["cap"] == results[1]["cap"]
     assert results[1]["local"]["num_samples"] == 3 and results[1]["local"]["world_size"] == 1
+
+
+
+STOPPING = textwrap.dedent("""
+    import json, os, signal, sys
+    from sc_tune.evaluation.distributed import init_from_env, shutdown
+    from sc_tune.evaluation.progress import SampleLog
+    from sc_tune.evaluation.runner import EvaluationStopped, run_sharded
+    from sc_tune.preemption import RecordsSignal
+
+    out = sys.argv[1]
+    ranks = init_from_env()
+    results = {}
+    for name, signal_rank in (("unsignalled", None), ("signalled", 1)):
+        stop = RecordsSignal((signal.SIGTERM,))
+        calls = []
+
+        def score_batch(indices):
+            calls.append(list(indices))
+            if ranks.rank == signal_rank and len(calls) == 1:
+                for _ in range(2):  # a second signal changes nothing
+                    os.kill(os.getpid(), signal.SIGTERM)
+            return [{"i": i} for i in indices]
+
+        log = SampleLog(out, name, {"n": 5}, ranks, stop=stop)
+        try:
+            with stop.listening():
+                rows, _ = run_sharded(5, 2, score_batch, name=name, progress=log)
+            results[name] = {"finished": [r["i"] for r in rows]}
+        except EvaluationStopped as e:
+            results[name] = {"stopped": str(e), "code": e.exit_code}
+        results[name]["calls"] = calls
+    with open(f"{out}/rank{ranks.rank}.json", "w") as f:
+        json.dump(results, f)
+    shutdown(ranks)
+""")
+
+
+def test_a_signal_on_one_rank_stops_every_rank_after_the_same_batch_whatever_their_shards(tmp_path):
+    """5 samples, 2 ranks, batches of 2: rank 0 holds 2 batches, rank 1 one. Unsignalled, rank 1 takes part in rank
+    0's second agreement with no batch left (else their collectives no longer match: a hang). A SIGTERM (twice) on
+    rank 1 in its only batch stops both after their first batch, each raising EvaluationStopped, the rows on disk."""
+    worker = tmp_path / "stopping.py"
+    worker.write_text(STOPPING)
+    torchrun([str(worker), str(tmp_path)], cwd=tmp_path, timeout=60)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    unsignalled = [r["unsignalled"] for r in results]
+    assert [r["finished"] for r in unsignalled] == [list(range(5))] * 2
+    assert [r["calls"] for r in unsignalled] == [[[0, 2], [4]], [[1, 3]]]
+    signalled = [r["signalled"] for r in results]
+    assert [r["calls"] for r in signalled] == [[[0, 2]], [[1, 3]]]  # rank 0's second batch is left for the resume
+    partial = tmp_path / "signalled_samples.partial"
+    for r in signalled:
+        assert r["code"] == 143
+        assert r["stopped"] == (f"stopped by SIGTERM after 4 scored rows (4 of 5 samples, kept in {partial}); the "
+                                "same command scores the rest")
+    kept = sorted(json.loads(line)["index"] for rank in (0, 1)
+                  for line in (partial / f"rank{rank}.jsonl").read_text().splitlines())
+    assert kept == [0, 1, 2, 3]

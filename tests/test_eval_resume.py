@@ -65,11 +65,19 @@ original, calls = self_consistency.cycle, []
 def cycle(*args, **kwargs):
     calls.append(1)
     if len(calls) == 2:
-        # SIGKILL: no exit handler, no buffer flushed, only what is on disk survives; SIGTERM: a scheduler's stop
-        os.kill(os.getpid(), getattr(signal, os.environ["KILL_WITH"]))
+        # SIGKILL: no exit handler, no buffer flushed, only what is on disk survives; SIGTERM: a scheduler's stop,
+        # sent twice (the scheduler's and torchrun's): the batch in progress is finished and kept, then the stop
+        for _ in range(1 if os.environ["KILL_WITH"] == "SIGKILL" else 2):
+            os.kill(os.getpid(), getattr(signal, os.environ["KILL_WITH"]))
     return original(*args, **kwargs)
 self_consistency.cycle = cycle
-evaluate.main(sys.argv[2:])
+if os.environ.get("KILL_AT") == "loading":  # before scoring: exiting_on's immediate stop
+    load = evaluate.load_model_and_adapter
+    def load_model_and_adapter(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return load(*args, **kwargs)
+    evaluate.load_model_and_adapter = load_model_and_adapter
+evaluate.cli(sys.argv[2:])
 """
 
 
@@ -90,23 +98,47 @@ def test_an_interrupted_evaluation_keeps_its_rows_and_resumes_without_rescoring(
             "--describer_max_new_tokens", "4", "--locator_max_new_tokens", "4", "--no_fit_locator_budget"]
     killed = subprocess.run([sys.executable, "-c", KILLED, ROOT, *argv], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "KILL_WITH": kill_with})
+    partial = out / "self_consistency_samples.partial"
     if kill_with == "SIGKILL":
         assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+        scored = 2  # the first batch was on disk before the second started
     else:  # the status SIGTERM gives, and the run lock released (a rerun on another host would stop at it)
         assert killed.returncode == 128 + signal.SIGTERM, killed.stderr[-2000:]
         assert not (out / "sc_tune_run.lock").exists()
-    partial = out / "self_consistency_samples.partial"
+        scored = 4  # the batch in progress is finished, kept, and named in the stop line (scripts/env.sh reads it)
+        assert (f"evaluate.py: stopped by SIGTERM after 4 scored rows (4 of 5 samples, kept in {partial}); the same "
+                "command scores the rest") in killed.stderr.splitlines(), killed.stderr[-2000:]
+        assert "Traceback" not in killed.stderr
     kept = [json.loads(line) for line in (partial / "rank0.jsonl").read_text().splitlines()]
-    assert [row["index"] for row in kept] == [0, 1]  # the first batch was on disk before the second started
+    assert [row["index"] for row in kept] == list(range(scored))
     assert not (out / "self_consistency_metrics.json").exists()
     second = CountingCycle()
     monkeypatch.setattr(self_consistency, "cycle", second)
     resumed = run(setup, out)
-    assert second.boxes == BOXES[2:]  # only what was not scored yet
+    assert second.boxes == BOXES[scored:]  # only what was not scored yet
     assert resumed == reference  # the same rows as one uninterrupted evaluation
     metrics = json.loads((out / "self_consistency_metrics.json").read_text())["metrics"]
-    assert metrics["num_samples"] == 5 and metrics["num_resumed"] == 2
+    assert metrics["num_samples"] == 5 and metrics["num_resumed"] == scored
     assert not partial.exists()
+
+
+def test_a_sigterm_while_the_model_loads_ends_the_evaluation_at_once_with_its_lock_released(setup, tmp_path):
+    """Before scoring there is no batch to finish: the signal's status at once (exiting_on), the run lock released,
+    nothing scored, no stop line."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    root, model, data = setup
+    out = tmp_path / "loading"
+    argv = ["--task", "self-consistency", "--model_name_or_path", model, "--data_path", str(data), "--image_folder",
+            str(root), "--output_dir", str(out), "--grid_samples", "0"]
+    killed = subprocess.run([sys.executable, "-c", KILLED, ROOT, *argv], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "KILL_WITH": "SIGTERM", "KILL_AT": "loading"})
+    assert killed.returncode == 143, killed.stderr[-2000:]
+    assert "SIGTERM outside training: stopping" in killed.stderr and "stopped by" not in killed.stderr
+    assert not (out / "sc_tune_run.lock").exists() and not (out / "self_consistency_samples.partial").exists()
 
 
 def test_a_row_cut_off_by_a_kill_is_scored_again(setup, tmp_path, monkeypatch, caplog):
@@ -373,3 +405,81 @@ def test_evaluate_sh_on_two_nodes_needs_one_output_folder_they_share(setup, tmp_
         assert (f"evaluate.py: error: {folders[rank]} is not one folder for every process: rank 1 on "
                 f"{socket.gethostname()} (given {folders[1]}) cannot see the run lock") in output, output[-3000:]
         assert "Loading weights" not in output  # refused before the model loads
+
+
+SLOW_CYCLE = """
+import sys
+if sys.argv and sys.argv[0].endswith("evaluate.py"):  # evaluate.py's processes: 1 s per batch, time to signal one
+    import time
+    import sc_tune.evaluation.self_consistency as self_consistency
+    original = self_consistency.cycle
+    def cycle(*args, **kwargs):
+        time.sleep(1)
+        return original(*args, **kwargs)
+    self_consistency.cycle = cycle
+"""
+
+
+@pytest.mark.slow
+def test_two_nodes_stopped_mid_scoring_by_a_signal_to_node_0s_script_both_exit_with_its_status(setup, tmp_path):
+    """scripts/evaluate.sh as two nodes of one process each (NNODES=2, a shared OUTPUT_DIR), SIGTERM to node 0's
+    script alone while they score: node 0's process raised SystemExit(143) at once and node 1's script, whose shell
+    and torchrun got no signal, failed on "Connection closed by peer" (exit 1). Now both stop after the same batch,
+    their rows on disk, each node's script prints the stop line and exits 143; the same command (here one process)
+    scores the rest, to the rows and metrics of an uninterrupted evaluation. 9 samples, batches of 1: node 0 holds 5
+    batches, node 1 4 (unequal shards, no hang)."""
+    import re
+    import signal
+    import subprocess
+    import time
+
+    from tests.conftest import ROOT
+    from tests.helpers import free_port
+    from tests.test_distributed import _killed_if_running
+
+    root, model, _ = setup
+    data = tmp_path / "nine.json"
+    data.write_text(json.dumps([{"image": "red.png" if i % 2 else "blue.png", "bbox": BOXES[i % len(BOXES)]}
+                                for i in range(9)]))
+    nine = (root, model, data)
+    reference = run(nine, tmp_path / "uninterrupted")
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(SLOW_CYCLE)
+    out, port = tmp_path / "eval", str(free_port())
+    env = {**{k: v for k, v in os.environ.items() if k not in ("IMAGE_ROOT", "IMAGE_DIR")}, "TASK": "self-consistency",
+           "MODEL": model, "DATA": str(data), "IMAGE_FOLDER": str(root), "NPROC": "1", "BATCH_SIZE": "1",
+           "GRID_SAMPLES": "0", "NNODES": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1",
+           "OUTPUT_DIR": str(out), "PYTHONPATH": f"{tmp_path / 'hook'}{os.pathsep}{ROOT}",
+           "EXTRA_ARGS": "--describer_max_new_tokens 4 --locator_max_new_tokens 4 --no_fit_locator_budget"}
+    logs, nodes = [tmp_path / f"node{rank}.log" for rank in (0, 1)], []
+    for rank, log in enumerate(logs):
+        with open(log, "w") as f:
+            nodes.append(subprocess.Popen(["sh", "scripts/evaluate.sh"], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                          env={**env, "NODE_RANK": str(rank)}, start_new_session=True))
+    partial = out / "self_consistency_samples.partial"
+    try:
+        deadline = time.monotonic() + 120
+        while not (partial / "rank0.jsonl").exists() or not (partial / "rank0.jsonl").read_text():  # scoring
+            assert time.monotonic() < deadline and all(node.poll() is None for node in nodes), logs[0].read_text()
+            time.sleep(0.1)
+        nodes[0].send_signal(signal.SIGTERM)  # node 0's shell alone (`kill` of the script; Kubernetes)
+        codes = [node.wait(timeout=120) for node in nodes]
+    finally:
+        _killed_if_running(nodes)
+    texts = [log.read_text() for log in logs]
+    line = (r"^evaluate\.py: stopped by SIGTERM after (\d+) scored rows \(\1 of 9 samples, kept in "
+            + re.escape(str(partial)) + r"\); the same command scores the rest$")
+    stops = [re.findall(line, text, re.M) for text in texts]
+    # each node's script: its own rank's line, then its own summary repeating it
+    assert all(len(found) == 2 and len(set(found)) == 1 for found in stops), texts[1][-3000:]
+    assert codes == [143, 143], texts[1][-3000:]
+    assert "Connection closed by peer" not in texts[1] and "the run failed" not in texts[1]
+    scored = int(stops[0][0])
+    assert stops[1][0] == stops[0][0] and 2 <= scored < 9  # the same batch on both nodes, before the end
+    kept = sorted(json.loads(row)["index"] for rank in (0, 1) for row in (partial / f"rank{rank}.jsonl").open())
+    assert kept == list(range(scored))  # both ranks' rows up to the agreed batch, on disk
+    assert not (out / "self_consistency_metrics.json").exists() and not (out / "sc_tune_run.lock").exists()
+    assert run(nine, out) == reference  # the same command (one process here) scores the rest
+    metrics = json.loads((out / "self_consistency_metrics.json").read_text())["metrics"]
+    assert metrics == {**json.loads((tmp_path / "uninterrupted" / "self_consistency_metrics.json").read_text())[
+        "metrics"], "num_resumed": scored}

@@ -147,7 +147,10 @@ def _end_in_whole_lines(path: str) -> None:
 class SampleLog:
     """The partial rows of one evaluated file (``name``: e.g. ``self_consistency``, ``rec_refcoco_val``)."""
 
-    def __init__(self, output_dir: str, name: str, settings: dict, ranks: Ranks):
+    def __init__(self, output_dir: str, name: str, settings: dict, ranks: Ranks, stop=None):
+        # stop: a sc_tune.preemption.RecordsSignal; a signal it records stops every rank after the same batch, with
+        # that batch's rows here (sc_tune.evaluation.runner.run_sharded)
+        self.stop = stop
         self.folder = os.path.join(output_dir, f"{name}_samples.partial")
         self.final_path = os.path.join(output_dir, f"{name}_samples.jsonl")
         self.settings = json.loads(json.dumps(settings))  # as it reads back from JSON

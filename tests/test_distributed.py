@@ -243,28 +243,37 @@ def _killed_if_running(nodes):
                     os.kill(pid, signal.SIGKILL)
 
 
+def _term_node_0_when(nodes, logs, ready, timeout: float) -> list[int]:
+    """Wait until ``ready()`` (the nodes are at work), then SIGTERM to node 0's script alone (`kill` of the script;
+    Kubernetes) and wait for every node: their exit codes. Whatever happens, the launches still running are killed,
+    their ranks included."""
+    import signal
+    import time
+
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert time.monotonic() < deadline and all(node.poll() is None for node in nodes), logs[0].read_text()
+            time.sleep(0.1)
+        nodes[0].send_signal(signal.SIGTERM)
+        return [node.wait(timeout=timeout) for node in nodes]
+    finally:
+        _killed_if_running(nodes)
+
+
 def test_two_nodes_stopped_by_a_signal_to_node_0s_script_both_exit_with_its_status(tiny_checkpoint, tmp_path):
     """Two nodes emulated on this machine, SIGTERM to node 0's script alone: both stop after the same step, saved
     once, and node 1's script, whose shell and torchrun got no signal (its torchrun exits 1), exits 143 too, naming
     the checkpoint. The stop line came from global rank 0 alone, so node 1's script took the stop for a failure and
     exited 1: a job script or a scheduler's requeue logic on that node saw a crash."""
     import re
-    import signal
-    import time
 
     from sc_tune import checkpoints
 
     out = tmp_path / "run"
     nodes, logs = _two_nodes(tiny_checkpoint("qwen2_vl"), tmp_path, out)
-    try:
-        deadline = time.monotonic() + 300
-        while not all("'loss'" in log.read_text() for log in logs):  # both nodes have trained a step
-            assert time.monotonic() < deadline and all(node.poll() is None for node in nodes), logs[0].read_text()
-            time.sleep(0.2)
-        nodes[0].send_signal(signal.SIGTERM)  # node 0's shell alone (`kill` of the script; Kubernetes)
-        codes = [node.wait(timeout=300) for node in nodes]
-    finally:
-        _killed_if_running(nodes)
+    # once both nodes have trained a step
+    codes = _term_node_0_when(nodes, logs, lambda: all("'loss'" in log.read_text() for log in logs), 300)
     texts = [log.read_text() for log in logs]
     stops = [re.findall(r"^finetune\.py: stopped by SIGTERM after step (\d+), which is saved as (\S+);", text, re.M)
              for text in texts]

@@ -429,13 +429,11 @@ def test_two_nodes_stopped_mid_scoring_by_a_signal_to_node_0s_script_both_exit_w
     scores the rest, to the rows and metrics of an uninterrupted evaluation. 9 samples, batches of 1: node 0 holds 5
     batches, node 1 4 (unequal shards, no hang)."""
     import re
-    import signal
     import subprocess
-    import time
 
     from tests.conftest import ROOT
     from tests.helpers import free_port
-    from tests.test_distributed import _killed_if_running
+    from tests.test_distributed import _term_node_0_when
 
     root, model, _ = setup
     data = tmp_path / "nine.json"
@@ -457,15 +455,8 @@ def test_two_nodes_stopped_mid_scoring_by_a_signal_to_node_0s_script_both_exit_w
             nodes.append(subprocess.Popen(["sh", "scripts/evaluate.sh"], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
                                           env={**env, "NODE_RANK": str(rank)}, start_new_session=True))
     partial = out / "self_consistency_samples.partial"
-    try:
-        deadline = time.monotonic() + 120
-        while not (partial / "rank0.jsonl").exists() or not (partial / "rank0.jsonl").read_text():  # scoring
-            assert time.monotonic() < deadline and all(node.poll() is None for node in nodes), logs[0].read_text()
-            time.sleep(0.1)
-        nodes[0].send_signal(signal.SIGTERM)  # node 0's shell alone (`kill` of the script; Kubernetes)
-        codes = [node.wait(timeout=120) for node in nodes]
-    finally:
-        _killed_if_running(nodes)
+    first_rows = partial / "rank0.jsonl"
+    codes = _term_node_0_when(nodes, logs, lambda: first_rows.exists() and first_rows.read_text() != "", 120)  # scoring
     texts = [log.read_text() for log in logs]
     line = (r"^evaluate\.py: stopped by SIGTERM after (\d+) scored rows \(\1 of 9 samples, kept in "
             + re.escape(str(partial)) + r"\); the same command scores the rest$")

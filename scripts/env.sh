@@ -80,6 +80,15 @@ sc_tune_pass_on() {
     if [ -n "$sc_tune_launcher" ]; then kill -s "$1" "$sc_tune_launcher" 2>/dev/null || :; fi
 }
 
+# STOP_GRACE (finetune_ds.sh, evaluate.sh): how long torchrun waits, after passing a stop signal on, for the processes
+# to finish the step or batch in progress (and save) before it kills them (its --shutdown_timeout). Exits 2 unless
+# it is a number of seconds: torchrun would fail on it only after the launch had started.
+sc_tune_stop_grace() {
+    case "$STOP_GRACE" in
+        '' | *[!0-9]*) echo "STOP_GRACE must be a number of seconds, got '$STOP_GRACE'" >&2; exit 2 ;;
+    esac
+}
+
 # sc_tune_rendezvous: check the launch's NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT, give the one-node defaults,
 # and pick the port; exits 2 naming a variable that cannot work. On several nodes NODE_RANK and MASTER_ADDR must be
 # set on each: the one-node defaults (0, localhost) made two nodes both rank 0, or a node wait for itself, in silence

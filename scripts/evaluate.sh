@@ -32,7 +32,12 @@ MASTER_ADDR=${MASTER_ADDR:-}            # several nodes: node 0's address (requi
 MASTER_PORT=${MASTER_PORT:-}            # empty: a free port on one node, 6001 on several
 EXTRA_ARGS=${EXTRA_ARGS:-}              # anything else for evaluate.py, e.g. "--no_meteor"
 TORCHRUN=${TORCHRUN:-torchrun}          # the launcher
+# A scheduler's SIGTERM or SIGUSR1 stops every process after the batch in progress, its rows on disk (the same
+# command scores the rest); torchrun passes the signal on and waits up to STOP_GRACE seconds for that before it kills
+# them: set it above one batch's time.
+STOP_GRACE=${STOP_GRACE:-120}
 
+sc_tune_stop_grace  # scripts/env.sh: a number of seconds
 sc_tune_rendezvous  # scripts/env.sh: NNODES, NODE_RANK, MASTER_ADDR checked; MASTER_PORT picked
 set --
 if [ -n "$MAX_SAMPLES" ]; then set -- --max_samples "$MAX_SAMPLES"; fi
@@ -41,6 +46,6 @@ if [ -n "$IMAGE_MAX_PIXELS" ]; then set -- "$@" --image_max_pixels "$IMAGE_MAX_P
 # shellcheck disable=SC2086  # DATA and EXTRA_ARGS are space-separated lists on purpose
 sc_tune_launch $TORCHRUN --nproc_per_node "$NPROC" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-    --signals_to_handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 evaluate.py --task "$TASK" \
+    --signals_to_handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown_timeout "$STOP_GRACE" evaluate.py --task "$TASK" \
     --model_name_or_path "$MODEL" --data_path $DATA --image_folder "$IMAGE_FOLDER" --output_dir "$OUTPUT_DIR" \
     --per_device_eval_batch_size "$BATCH_SIZE" --dtype "$DTYPE" --grid_samples "$GRID_SAMPLES" --box_format "$BOX_FORMAT" "$@" $EXTRA_ARGS

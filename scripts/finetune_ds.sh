@@ -67,9 +67,7 @@ case "$PRECISION" in
     fp32) PRECISION_ARGS="" ;;
     *) echo "PRECISION must be bf16, fp16 or fp32, got '$PRECISION'" >&2; exit 2 ;;
 esac
-case "$STOP_GRACE" in
-    '' | *[!0-9]*) echo "STOP_GRACE must be a number of seconds, got '$STOP_GRACE'" >&2; exit 2 ;;
-esac
+sc_tune_stop_grace  # scripts/env.sh: a number of seconds
 DS_ARGS=""
 if [ -n "$DS_CONFIG" ]; then DS_ARGS="--deepspeed $DS_CONFIG"; fi
 PIXEL_ARGS=""

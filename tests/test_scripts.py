@@ -164,6 +164,20 @@ def test_finetune_ds_picks_a_free_port_and_refuses_a_busy_one(launcher):
 
 
 @pytest.mark.parametrize("script", ["finetune_ds.sh", "evaluate.sh"])
+def test_stop_grace_is_how_long_torchrun_waits_after_a_stop_signal(launcher, script):
+    """After passing a scheduler's stop signal on, torchrun waits --shutdown_timeout seconds for the processes to
+    finish their step (and save) or their batch before it kills them: its own default, 30 s, cut a checkpoint save
+    short. STOP_GRACE sets it (120 s by default) and must be a number of seconds."""
+    result, argv = launcher(script)
+    assert result.returncode == 0, result.stderr
+    assert flag(argv, "--shutdown_timeout") == "120" and "SIGTERM" in flag(argv, "--signals_to_handle").split(",")
+    assert flag(launcher(script, STOP_GRACE="600")[1], "--shutdown_timeout") == "600"
+    result, argv = launcher(script, STOP_GRACE="2m")
+    assert result.returncode == 2 and argv is None
+    assert "STOP_GRACE must be a number of seconds, got '2m'" in result.stderr
+
+
+@pytest.mark.parametrize("script", ["finetune_ds.sh", "evaluate.sh"])
 def test_several_nodes_need_their_rank_and_node_0s_address(launcher, script):
     """On several nodes the one-node defaults (NODE_RANK 0, MASTER_ADDR localhost) made two nodes both rank 0, or a
     node wait for itself, silently until torchrun's rendezvous timed out (15 minutes): each is refused at once,

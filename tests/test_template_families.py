@@ -1,5 +1,5 @@
 """What is particular to the chat-template families (InternVL, Gemma 3 / 4, LLaVA-OneVision, LLaVA-1.5 / NeXT,
-SmolVLM, Ovis2, MiniCPM-V).
+Mistral 3, SmolVLM, Ovis2, MiniCPM-V).
 
 The codec round trips, SC-Tune loop, export and evaluation of every family are covered by
 tests/test_families.py; here: prompts through each family's chat template (InternVL's grounding format),
@@ -21,8 +21,8 @@ from sc_tune.adapters import adapter_class
 from sc_tune.modeling import freeze_vision_tower, load_model_and_adapter
 from tests.conftest import SAMPLE_IMAGES
 
-TEMPLATE_TYPES = ["internvl", "gemma3", "gemma4", "llava_onevision", "llava", "llava_next", "smolvlm", "idefics3",
-                  "ovis2", "minicpmv4_6", "minicpmv4_7"]
+TEMPLATE_TYPES = ["internvl", "gemma3", "gemma4", "llava_onevision", "llava", "llava_next", "mistral3", "smolvlm",
+                  "idefics3", "ovis2", "minicpmv4_6", "minicpmv4_7"]
 BOX = [0.1, 0.2, 0.5, 0.6]
 
 # What each family's chat template makes of one user turn (image + text) and the opened answer.
@@ -32,6 +32,8 @@ TURNS = {
     "gemma4": ("<bos><|turn>user\n<|image|>", "<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"),  # empty thought
     "llava_onevision": ("<|im_start|>user\n<image>\n", "<|im_end|>\n<|im_start|>assistant\n"),
     "llava": ("USER: <image>\n", " ASSISTANT:"),  # LLaVA-1.5's: no token closes the user's text
+    # the template writes the BOS and its default system message (dated: see test_mistral3_prompts_...)
+    "mistral3": ("<s>[SYSTEM_PROMPT]You are Mistral Small 3,", "[/INST]"),
     "smolvlm": ("<|im_start|>User:<image>", "<end_of_utterance>\nAssistant:"),
     "idefics3": ("<|im_start|>User:<image>", "<end_of_utterance>\nAssistant:"),
     # the released template's default system turn; "<image>" is plain text its processor expands
@@ -50,6 +52,7 @@ MEDIA = {
     "llava_onevision": {"<image>", "<video>"},
     "llava": {"<image>"},
     "llava_next": {"<image>"},
+    "mistral3": {"[IMG]", "[IMG_BREAK]", "[IMG_END]"},
     "smolvlm": {"<image>", "<fake_token_around_image>", "<global-img>"}
     | {f"<row_{r}_col_{c}>" for r in (1, 2) for c in (1, 2)},
 }
@@ -67,6 +70,7 @@ PROJECTOR = {
     "llava_onevision": "model.multi_modal_projector.",
     "llava": "model.multi_modal_projector.",
     "llava_next": ("model.multi_modal_projector.", "model.image_newline"),
+    "mistral3": "model.multi_modal_projector.",  # its patch merger included
     "smolvlm": "model.connector.",
     "idefics3": "model.connector.",
     "ovis2": ("model.vision_tower.head_linear.", "model.vision_tower.head_norm.", "model.visual_embeddings_table."),
@@ -178,11 +182,16 @@ def test_placeholders_match_the_features_the_model_computes(family):
         assert (ids[row] == adapter.image_token_id).sum() == image.num_tokens
     if adapter.image_type_key:
         assert torch.equal(batch.inputs[adapter.image_type_key], (ids == adapter.image_token_id).long())
-    for key in adapter.padded_keys:  # the image with fewer tiles is zero-padded
-        tiles = [im.tensors[key].shape[1] for im in images]
-        short = min(range(2), key=lambda i: tiles[i])
-        assert batch.inputs[key].shape[1] == max(tiles)
-        assert not batch.inputs[key][short, tiles[short] :].any()
+    for key in adapter.padded_keys:  # each image in place, zero-padded past its own tiles (Mistral 3: pixels)
+        shapes = [im.tensors[key].shape[1:] for im in images]
+        assert batch.inputs[key].shape[1:] == tuple(map(max, zip(*shapes)))
+        assert any(shape != shapes[0] for shape in shapes)
+        for row, (image, shape) in enumerate(zip(images, shapes)):
+            own = (row, *(slice(0, n) for n in shape))
+            assert torch.equal(batch.inputs[key][own], image.tensors[key][0])
+            padding = batch.inputs[key][row].clone()
+            padding[own[1:]] = 0
+            assert not padding.any()
     with torch.no_grad():
         batched = model(**batch.inputs).logits
         long = int(batch.inputs["attention_mask"].sum(1).argmax())  # the unpadded row: same positions alone
@@ -392,3 +401,64 @@ def test_llava_refuses_a_vision_tower_it_cannot_count_naming_the_field(tiny_chec
     config.vision_config.model_type = "pixtral"
     with pytest.raises(ValueError, match=r"config\.json: vision_config\.model_type 'pixtral'"):
         adapter_class(model_type).from_parts(tokenizer, image_processor, config)
+
+
+# ---------------------------------------------------------------- Mistral 3
+def test_mistral3_lays_out_one_img_per_merged_patch_a_break_per_row_and_an_end(tiny_checkpoint):
+    """A tall 37 x 91 photo: its long side to 84 px (the tiny longest_edge), the short one up to a whole merged patch
+    (28 px: 14 px patches merged 2 x 2): 3 rows of 2 [IMG], an [IMG_BREAK] after each row but the last, which ends
+    with [IMG_END] (PixtralProcessor.replace_image_token). image_sizes is (height, width), as the tower crops by it."""
+    adapter = adapter_class("mistral3").from_pretrained(tiny_checkpoint("mistral3"))
+    image = adapter.prepare_image(_odd_images()[1])
+    assert image.placeholder == "[IMG][IMG][IMG_BREAK]" * 2 + "[IMG][IMG][IMG_END]"
+    assert image.num_tokens == 6 and image.frame == (56, 84)
+    assert image.tensors["image_sizes"].tolist() == [[84, 56]]
+    assert image.tensors["pixel_values"].shape == (1, 3, 84, 56)
+
+
+def test_mistral3_prompts_start_with_the_one_bos_the_template_writes_and_its_dated_system_message(tiny_checkpoint):
+    """The release's template writes <s> itself and its tokenizer prepends <s> too: the processor's
+    apply_chat_template then adds no special tokens, and neither may the adapter (the model saw one <s>). With no
+    system message given, the template writes its default one, dated today (strftime_now), as the processor does."""
+    import datetime
+
+    adapter = adapter_class("mistral3").from_pretrained(tiny_checkpoint("mistral3"))
+    tokenizer = adapter.tokenizer
+    assert tokenizer("x")["input_ids"][0] == tokenizer.bos_token_id  # the tokenizer prepends it
+    image = adapter.prepare_image(_odd_images()[0])
+    for prompt in (adapter.describer_prompt(BOX, image), adapter.locator_prompt("the dog", image)):
+        ids = adapter.build_batch([prompt], [image]).inputs["input_ids"][0].tolist()
+        assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1, ids[:4]
+        assert f"The current date is {datetime.date.today():%Y-%m-%d}." in prompt  # (fails only across midnight)
+        assert prompt.count("[SYSTEM_PROMPT]") == 1 and "[/SYSTEM_PROMPT][INST][IMG]" in prompt
+
+
+def test_the_pixtral_processor_builds_the_mistral3_adapters_inputs_without_torchvision(tiny_checkpoint, monkeypatch):
+    """AutoProcessor cannot load Mistral 3 here (the family loop's processor test skips): processing_pixtral imports
+    one function from the torchvision image processor module. That function is the PIL module's own
+    (image_processing_pil_pixtral.get_resize_output_image_size, "adapted from" it), so with it standing in for the
+    module, the family's own PixtralProcessor (the folder's processor_config.json settings) runs its own __call__
+    on the adapter's rendered prompts: its [IMG] / [IMG_BREAK] / [IMG_END] rows, pixels and image_sizes must be the
+    adapter's, for a wide and a tall photo."""
+    import importlib
+    import sys
+    import types
+
+    from transformers.models.pixtral import image_processing_pil_pixtral
+
+    from tests.helpers import assert_the_familys_processor_builds_the_adapters_inputs
+
+    stand_in = types.ModuleType("transformers.models.pixtral.image_processing_pixtral")
+    stand_in.get_resize_output_image_size = image_processing_pil_pixtral.get_resize_output_image_size
+    monkeypatch.setitem(sys.modules, stand_in.__name__, stand_in)
+    monkeypatch.delitem(sys.modules, "transformers.models.pixtral.processing_pixtral", raising=False)
+    processing = importlib.import_module("transformers.models.pixtral.processing_pixtral")
+    monkeypatch.delitem(sys.modules, processing.__name__)  # the next import sees the real module again
+
+    path = tiny_checkpoint("mistral3")
+    adapter = adapter_class("mistral3").from_pretrained(path)
+    with open(os.path.join(path, "processor_config.json")) as f:
+        settings = {k: v for k, v in json.load(f).items() if k != "processor_class"}
+    processor = processing.PixtralProcessor(image_processor=adapter.image_processor, tokenizer=adapter.tokenizer,
+                                            **settings)
+    assert_the_familys_processor_builds_the_adapters_inputs(path, adapter, processor)

@@ -12,6 +12,7 @@ from sc_tune.adapters import (  # noqa: F401  (imported to register their famili
     llava,
     llava_onevision,
     minicpmv,
+    mistral3,
     ovis2,
     qwen2_vl,
     qwen_vl,

@@ -1,5 +1,5 @@
-"""Adapters driven by the checkpoint's own chat template (InternVL, Gemma 3 / 4, LLaVA-OneVision, SmolVLM, Ovis2,
-MiniCPM-V 4.6 / 4.7).
+"""Adapters driven by the checkpoint's own chat template (InternVL, Gemma 3 / 4, LLaVA-OneVision, LLaVA-1.5 / NeXT,
+Mistral 3, SmolVLM, Ovis2, MiniCPM-V 4.6 / 4.7).
 
 These families ship their turn format as a Jinja chat template with the tokenizer (``chat_template.jinja``,
 or the processor's legacy ``chat_template.json``). A prompt is rendered through that template, exactly as
@@ -64,8 +64,9 @@ class ChatTemplateAdapter(ModelAdapter):
     vision_prefix: str = "model.vision_tower"
     # Per-token input marking image placeholders with 1 (Gemma: bidirectional attention inside an image).
     image_type_key: str | None = None
-    # Per-image tensors whose second dimension (tiles / crops) differs between images: zero-padded to the
-    # batch's largest (the models drop all-zero tiles, or slice by ``image_sizes``), the rest concatenated.
+    # Per-image tensors whose shape past the first dimension (tiles / crops; Mistral 3's pixel height and width)
+    # differs between images: zero-padded at the end of each dimension to the batch's largest (the models drop
+    # all-zero tiles, or slice by ``image_sizes``), the rest concatenated.
     padded_keys: tuple[str, ...] = ()
     # Per-image tensors packed NaViT-style along their last dimension (MiniCPM-V's pixel_values): concatenated there.
     packed_keys: tuple[str, ...] = ()
@@ -189,7 +190,7 @@ class ChatTemplateAdapter(ModelAdapter):
         for key in images[0].tensors:
             parts = [im.tensors[key] for im in images]
             if key in self.padded_keys:
-                batch[key] = _pad_dim1(parts)
+                batch[key] = _pad_to_largest(parts)
             else:
                 batch[key] = torch.cat(parts, dim=-1 if key in self.packed_keys else 0)
         if self.image_type_key:
@@ -197,10 +198,11 @@ class ChatTemplateAdapter(ModelAdapter):
         return batch
 
 
-def _pad_dim1(parts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Stack per-image ``(1, n_i, ...)`` tensors into ``(B, max n_i, ...)``, zero-padded."""
-    width = max(p.shape[1] for p in parts)
-    out = parts[0].new_zeros((len(parts), width, *parts[0].shape[2:]))
+def _pad_to_largest(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack per-image ``(1, ...)`` tensors into ``(B, ...)``, each dimension as large as the largest image's, zero-padded
+    at its end (tiles after an image's own; pixel rows below and columns right of it, as Pixtral's processor pads)."""
+    shape = [max(sizes) for sizes in zip(*(p.shape[1:] for p in parts))]
+    out = parts[0].new_zeros((len(parts), *shape))
     for i, p in enumerate(parts):
-        out[i, : p.shape[1]] = p[0]
+        out[(i, *(slice(0, n) for n in p.shape[1:]))] = p[0]
     return out

@@ -60,8 +60,9 @@ UNSERVED: tuple[Unserved, ...] = (
     # Chat VLMs with no documented grounding.
     Unserved("LLaVA-NeXT-Video / ViP-LLaVA / Video-LLaVA", ("llava_next_video", "vipllava", "video_llava"),
              NO_GROUNDING_FORM),
-    Unserved("Mistral 3 (Mistral Small 3.x, Pixtral) / Mistral Large 4", ("mistral3", "mistral_large4"),
-             NO_GROUNDING_FORM),
+    Unserved("Mistral Large 4", ("mistral_large4",),
+             "a Pixtral tower on a mixture-of-experts text model with latent (MLA) attention and a sparse-attention "
+             "indexer, which Mistral 3's adapter does not cover; no documented grounding answer form is known here"),
     Unserved("Aya Vision / Command A Vision / North", ("aya_vision", "cohere2_vision", "cohere_compass"),
              NO_GROUNDING_FORM),
     Unserved("DeepSeek-VL", ("deepseek_vl", "deepseek_vl_hybrid"), NO_GROUNDING_FORM),

@@ -1,5 +1,5 @@
-"""Tiny random models of the chat-template families: InternVL, Gemma 3 / 4, LLaVA-OneVision, LLaVA-1.5 / NeXT, SmolVLM,
-Ovis2, MiniCPM-V.
+"""Tiny random models of the chat-template families: InternVL, Gemma 3 / 4, LLaVA-OneVision, LLaVA-1.5 / NeXT, Mistral 3,
+SmolVLM, Ovis2, MiniCPM-V.
 
 Each is the family's own transformers architecture at a few hundred thousand parameters, a tiny BPE
 tokenizer carrying the family's special tokens (``sc_tune.tiny.chat``), the family's PIL image
@@ -309,6 +309,68 @@ def _llava_processor_config(processor_class: str):
     return build
 
 
+# ---------------------------------------------------------------- Mistral 3
+# The template of Mistral-Small-3.1-24B-Instruct-2503's processor as transformers' own processor test quotes it
+# (tests/models/mistral3/test_processing_mistral3.py): it writes the BOS, a default system message with today's date
+# (strftime_now), [INST] turns with [IMG] for an image, and the EOS after an answer. Shortened to the parts a
+# one-image user turn and an answer take (no system turn after the first); it renders those the same.
+MISTRAL3_DEFAULT_SYSTEM = (
+    "You are Mistral Small 3, a Large Language Model (LLM) created by Mistral AI, a French startup headquartered in "
+    "Paris.\\nYour knowledge base was last updated on 2023-10-01. The current date is \" + today + \".\\n\\nWhen you're "
+    "not sure about some information, you say that you don't have the information and don't make up anything.\\nIf "
+    "the user's question is not clear, ambiguous, or does not provide enough context for you to accurately answer "
+    "the question, you do not try to answer it right away and you rather ask the user to clarify their request (e.g. "
+    "\\\"What are some good restaurants around me?\\\" => \\\"Where are you?\\\" or \\\"When is the next flight to "
+    "Tokyo\\\" => \\\"Where do you travel from?\\\")"
+)
+MISTRAL3_TEMPLATE = (
+    "{%- set today = strftime_now(\"%Y-%m-%d\") %}"
+    "{%- set default_system_message = \"" + MISTRAL3_DEFAULT_SYSTEM + "\" %}"
+    "{{- bos_token }}"
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'][0]['text'] %}"
+    "{%- set loop_messages = messages[1:] %}"
+    "{%- else %}{%- set system_message = default_system_message %}{%- set loop_messages = messages %}{%- endif %}"
+    "{{- '[SYSTEM_PROMPT]' + system_message + '[/SYSTEM_PROMPT]' }}"
+    "{%- for message in loop_messages %}{%- if message['role'] == 'user' %}{{- '[INST]' }}"
+    "{%- for block in message['content'] %}{%- if block['type'] == 'text' %}{{- block['text'] }}"
+    "{%- elif block['type'] == 'image' or block['type'] == 'image_url' %}{{- '[IMG]' }}{%- endif %}{%- endfor %}"
+    "{{- '[/INST]' }}{%- elif message['role'] == 'assistant' %}{{- message['content'][0]['text'] + eos_token }}"
+    "{%- endif %}{%- endfor %}"
+)
+# The tekken tokenizer's control tokens the template and the processor use (pad first: the tiny tokenizer's pad).
+MISTRAL3_TOKENS = ("<pad>", "<s>", "</s>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]", "[SYSTEM_PROMPT]",
+                   "[/SYSTEM_PROMPT]")
+# The releases: 14 px patches merged 2 x 2 (28 px per [IMG]), the long side at most 1540 px. Tiny: at most 3 x 3.
+MISTRAL3_LONGEST_EDGE = 84
+
+
+def _mistral3_image_processor(image_size: int):
+    from transformers import PixtralImageProcessorPil
+
+    # The releases' preprocessor_config.json names the tower's patch (14); PixtralProcessor passes the merged one.
+    return PixtralImageProcessorPil(size={"longest_edge": MISTRAL3_LONGEST_EDGE}, patch_size={"height": 14, "width": 14})
+
+
+def _mistral3_config(tokenizer, sizes: TinySizes):
+    from transformers import AutoConfig
+
+    # A Pixtral tower and a Mistral text model; head sizes set, since Mistral3Config's defaults are the 24B's.
+    vision = dict(_vision_encoder(sizes, MISTRAL3_LONGEST_EDGE, 14), model_type="pixtral",
+                  head_dim=sizes.vision_width // 2)
+    text = dict(_text_config(tokenizer, sizes, "</s>"), model_type="mistral", head_dim=sizes.hidden // sizes.text_heads,
+                sliding_window=None, rope_theta=10000.0)
+    return AutoConfig.for_model("mistral3", text_config=text, vision_config=vision,
+                                image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"), spatial_merge_size=2,
+                                tie_word_embeddings=False)
+
+
+def _mistral3_processor_config(config) -> dict:
+    """What PixtralProcessor reads from processor_config.json (the releases': patch_size 14, spatial_merge_size 2)."""
+    return {"patch_size": config.vision_config.patch_size, "spatial_merge_size": config.spatial_merge_size,
+            "image_token": "[IMG]", "image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]",
+            "processor_class": "PixtralProcessor"}
+
+
 # ---------------------------------------------------------------- Ovis2
 OVIS2_PATCH = 7  # 4 x 4 patches per 28 px tile, merged 2 x 2 (the releases' hidden_stride): 4 <IMG_ATOM> per tile
 OVIS2_SYSTEM = "You are a helpful assistant."  # the released template's system turn (convert_ovis2_weights_to_hf.py)
@@ -553,6 +615,14 @@ TINY_TEMPLATE_SPECS: dict[str, TemplateTinySpec] = {
         lambda: LLAVA_NEXT_MISTRAL_TEMPLATE,
         legacy_template=True,
         processor_config=_llava_processor_config("LlavaNextProcessor"),
+    ),
+    # Its tokenizer prepends <s> too, but the template writes it: the processor then adds no second one.
+    "mistral3": TemplateTinySpec(
+        replace(_spec(MISTRAL3_TOKENS, "</s>", _mistral3_image_processor, _mistral3_config, bos_token="<s>"),
+                template_text=TEMPLATE_TEXT + "[SYSTEM_PROMPT][/SYSTEM_PROMPT][INST][/INST] "
+                + MISTRAL3_DEFAULT_SYSTEM.replace('\\n', '\n').replace('\\"', '"'), prepends_bos=True),
+        lambda: MISTRAL3_TEMPLATE,
+        processor_config=_mistral3_processor_config,
     ),
     "ovis2": TemplateTinySpec(
         replace(_spec((*CHATML, "<IMG_ATOM>", *OVIS2_INDICATORS), "<|im_end|>", _ovis2_image_processor, _ovis2_config),

@@ -1,0 +1,64 @@
+"""Mistral 3 (``mistral3``: Mistral Small 3.1 / 3.2 Instruct, the ``Mistral3ForConditionalGeneration`` conversions):
+a chat-template adapter, generic box codec.
+
+Box convention: none documented (Mistral's model cards and vision docs describe image understanding, OCR and
+document parsing, not a grounding answer form), so the adapter uses the generic codec ``[x1, y1, x2, y2]`` on
+0..1000 (``sc_tune.box_codecs.GENERIC_CODEC``), requested in the locator prompt, and the checkpoints need a
+grounding warm start (docs/grounding_warm_start.md).
+
+Template: the releases' template writes the BOS itself, then a system turn (the template's default system message,
+with today's date from ``strftime_now``, unless a system message is given), ``[INST]`` + ``[IMG]`` + text +
+``[/INST]``, and after an answer the EOS (``</s>``, read from the template as for llava-hf). The adapter renders
+what the processor renders, today's date included: a run that crosses midnight sees its prompts change by the date.
+
+Images: the Pixtral image processor (PIL backend; ``PixtralProcessor`` itself needs torchvision) resizes the long
+side to at most ``size["longest_edge"]`` and each side up to a multiple of ``patch_size * spatial_merge_size``
+(28 px in the releases), as the processor asks it to. The template's ``[IMG]`` becomes one ``[IMG]`` per merged
+patch, an ``[IMG_BREAK]`` after each row and ``[IMG_END]`` in place of the last break (``PixtralProcessor
+.replace_image_token``); only the ``[IMG]`` tokens take features. Across a batch the pixels are zero-padded on the
+bottom and right to the largest image, as the processor pads; ``image_sizes`` (height, width) tells the tower each
+image's own extent. ``fix_vit`` freezes ``model.vision_tower``; ``model.multi_modal_projector`` (its norm, patch
+merger and MLP) stays trainable.
+"""
+
+from __future__ import annotations
+
+from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs
+from sc_tune.adapters.llava import turn_end_token
+from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
+
+
+def pixtral_image_block(rows: int, cols: int, token: str, row_break: str, end: str) -> str:
+    """One image's placeholders as ``PixtralProcessor.replace_image_token`` lays them out: ``cols`` tokens and a
+    break per row, the last break replaced by the end token."""
+    return (rows * (token * cols + row_break))[: -len(row_break)] + end
+
+
+class Mistral3Adapter(ChatTemplateAdapter):
+    image_marker = "[IMG]"
+    image_token = "[IMG]"
+    image_break = "[IMG_BREAK]"
+    image_end = "[IMG_END]"
+    padded_keys = ("pixel_values",)  # (1, 3, H, W) per image, padded bottom-right to the batch's largest
+    static_decoding_verified = True
+    grounding_prior = False  # no documented grounding: a grounding warm start first (docs/grounding_warm_start.md)
+
+    def __init__(self, tokenizer, image_processor, config, box_format: str = "native"):
+        # Read before the base class checks the family's tokens; without a template the base class refuses it.
+        self.end_token = turn_end_token(tokenizer) if tokenizer.chat_template else ""
+        super().__init__(tokenizer, image_processor, config, box_format)
+        self.token_ids(self.image_break)
+        # What PixtralProcessor passes its image processor: the merged patch, so that each side is a whole number
+        # of the patch merger's spatial_merge_size x spatial_merge_size blocks.
+        self.merged_patch = config.vision_config.patch_size * config.spatial_merge_size
+
+    def preprocess_image(self, image):
+        out = self.image_processor(images=[image], patch_size=self.merged_patch, return_tensors="pt")
+        height, width = (int(v) for v in out["image_sizes"][0])
+        rows, cols = height // self.merged_patch, width // self.merged_patch
+        block = pixtral_image_block(rows, cols, self.image_token, self.image_break, self.image_end)
+        tensors = {"pixel_values": out["pixel_values"], "image_sizes": out["image_sizes"]}
+        return TemplateImageInputs(tensors, rows * cols, (width, height), block)
+
+
+register(Family("Mistral 3 (Mistral Small 3.1 / 3.2)", ("mistral3",), Mistral3Adapter, auto_image_text_to_text))

@@ -199,8 +199,9 @@ class ChatTemplateAdapter(ModelAdapter):
 
 
 def _pad_to_largest(parts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Stack per-image ``(1, ...)`` tensors into ``(B, ...)``, each dimension as large as the largest image's, zero-padded
-    at its end (tiles after an image's own; pixel rows below and columns right of it, as Pixtral's processor pads)."""
+    """Stack per-image ``(1, ...)`` tensors into ``(B, ...)``, each dimension as large as the largest image's,
+    zero-padded at its end (tiles after an image's own; pixel rows below and columns right of it, as Pixtral's
+    processor pads)."""
     shape = [max(sizes) for sizes in zip(*(p.shape[1:] for p in parts))]
     out = parts[0].new_zeros((len(parts), *shape))
     for i, p in enumerate(parts):

@@ -1,5 +1,5 @@
-"""Tiny random models of the chat-template families: InternVL, Gemma 3 / 4, LLaVA-OneVision, LLaVA-1.5 / NeXT, Mistral 3,
-SmolVLM, Ovis2, MiniCPM-V.
+"""Tiny random models of the chat-template families: InternVL, Gemma 3 / 4, LLaVA-OneVision, LLaVA-1.5 / NeXT,
+Mistral 3, SmolVLM, Ovis2, MiniCPM-V.
 
 Each is the family's own transformers architecture at a few hundred thousand parameters, a tiny BPE
 tokenizer carrying the family's special tokens (``sc_tune.tiny.chat``), the family's PIL image
@@ -311,17 +311,17 @@ def _llava_processor_config(processor_class: str):
 
 # ---------------------------------------------------------------- Mistral 3
 # The template of Mistral-Small-3.1-24B-Instruct-2503's processor as transformers' own processor test quotes it
-# (tests/models/mistral3/test_processing_mistral3.py): it writes the BOS, a default system message with today's date
-# (strftime_now), [INST] turns with [IMG] for an image, and the EOS after an answer. Shortened to the parts a
+# (its Mistral3ProcessorTest, test_processing_mistral3): it writes the BOS, a default system message with today's
+# date (strftime_now), [INST] turns with [IMG] for an image, and the EOS after an answer. Shortened to the parts a
 # one-image user turn and an answer take (no system turn after the first); it renders those the same.
 MISTRAL3_DEFAULT_SYSTEM = (
     "You are Mistral Small 3, a Large Language Model (LLM) created by Mistral AI, a French startup headquartered in "
-    "Paris.\\nYour knowledge base was last updated on 2023-10-01. The current date is \" + today + \".\\n\\nWhen you're "
-    "not sure about some information, you say that you don't have the information and don't make up anything.\\nIf "
-    "the user's question is not clear, ambiguous, or does not provide enough context for you to accurately answer "
-    "the question, you do not try to answer it right away and you rather ask the user to clarify their request (e.g. "
-    "\\\"What are some good restaurants around me?\\\" => \\\"Where are you?\\\" or \\\"When is the next flight to "
-    "Tokyo\\\" => \\\"Where do you travel from?\\\")"
+    "Paris.\\nYour knowledge base was last updated on 2023-10-01. The current date is \" + today + \".\\n\\n"
+    "When you're not sure about some information, you say that you don't have the information and don't make up "
+    "anything.\\nIf the user's question is not clear, ambiguous, or does not provide enough context for you to "
+    "accurately answer the question, you do not try to answer it right away and you rather ask the user to clarify "
+    "their request (e.g. \\\"What are some good restaurants around me?\\\" => \\\"Where are you?\\\" or "
+    "\\\"When is the next flight to Tokyo\\\" => \\\"Where do you travel from?\\\")"
 )
 MISTRAL3_TEMPLATE = (
     "{%- set today = strftime_now(\"%Y-%m-%d\") %}"
@@ -348,7 +348,8 @@ def _mistral3_image_processor(image_size: int):
     from transformers import PixtralImageProcessorPil
 
     # The releases' preprocessor_config.json names the tower's patch (14); PixtralProcessor passes the merged one.
-    return PixtralImageProcessorPil(size={"longest_edge": MISTRAL3_LONGEST_EDGE}, patch_size={"height": 14, "width": 14})
+    return PixtralImageProcessorPil(size={"longest_edge": MISTRAL3_LONGEST_EDGE},
+                                    patch_size={"height": 14, "width": 14})
 
 
 def _mistral3_config(tokenizer, sizes: TinySizes):

@@ -419,8 +419,41 @@ def test_mistral3_lays_out_one_img_per_merged_patch_a_break_per_row_and_an_end(t
 def test_mistral3_prompts_start_with_the_one_bos_the_template_writes_and_its_dated_system_message(tiny_checkpoint):
     """The release's template writes <s> itself and its tokenizer prepends <s> too: the processor's
     apply_chat_template then adds no special tokens, and neither may the adapter (the model saw one <s>). With no
-    system message given, the template writes its default one, dated today (strftime_now), as the processor does."""
+    system message given, the template writes its default one, dated today (strftime_now); the adapter gives it that
+    message dated PROMPT_DATE, so that the prompts are the same every day (a run across midnight, a resume or an
+    evaluation resumed on another day): rendered "today" and "on another day", they are equal, and but for the date
+    they are the processor's."""
     import datetime
+    import types
+
+    from transformers.utils import chat_template_utils
+
+    from sc_tune.adapters import mistral3
+
+    prompts = []
+    for day in (datetime.date(2031, 1, 1), datetime.date(2031, 1, 2)):  # "another day": every clock says so
+        class Clock(datetime.datetime):
+            @classmethod
+            def now(cls, tz=None):
+                return datetime.datetime.combine(day, datetime.time(12))
+
+        class Calendar(datetime.date):
+            @classmethod
+            def today(cls):
+                return day
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(chat_template_utils, "datetime", Clock)  # the template's strftime_now
+            patch.setattr(mistral3, "datetime", types.SimpleNamespace(date=Calendar))
+            adapter = adapter_class("mistral3").from_pretrained(tiny_checkpoint("mistral3"))
+            image = adapter.prepare_image(_odd_images()[0])
+            prompts.append(adapter.describer_prompt(BOX, image))
+            processor_rendering = adapter.tokenizer.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"}]}], tokenize=False,
+                add_generation_prompt=True)
+            assert f"The current date is {day:%Y-%m-%d}." in processor_rendering
+            assert processor_rendering.replace(f"{day:%Y-%m-%d}", mistral3.PROMPT_DATE) == adapter.render("q")
+    assert prompts[0] == prompts[1] and f"The current date is {mistral3.PROMPT_DATE}." in prompts[0]
 
     adapter = adapter_class("mistral3").from_pretrained(tiny_checkpoint("mistral3"))
     tokenizer = adapter.tokenizer
@@ -429,8 +462,22 @@ def test_mistral3_prompts_start_with_the_one_bos_the_template_writes_and_its_dat
     for prompt in (adapter.describer_prompt(BOX, image), adapter.locator_prompt("the dog", image)):
         ids = adapter.build_batch([prompt], [image]).inputs["input_ids"][0].tolist()
         assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1, ids[:4]
-        assert f"The current date is {datetime.date.today():%Y-%m-%d}." in prompt  # (fails only across midnight)
+        assert f"The current date is {mistral3.PROMPT_DATE}." in prompt
         assert prompt.count("[SYSTEM_PROMPT]") == 1 and "[/SYSTEM_PROMPT][INST][IMG]" in prompt
+
+
+def test_mistral3_keeps_todays_date_with_a_warning_where_a_given_system_message_renders_otherwise(tiny_checkpoint,
+                                                                                                    caplog):
+    """The fixed date goes in as a given system message; a template that renders a given one otherwise than its
+    default would change more than the date: the adapter then keeps the template's own rendering and says so."""
+    adapter = adapter_class("mistral3").from_pretrained(tiny_checkpoint("mistral3"))
+    assert adapter.system_message is not None
+    adapter.tokenizer.chat_template = adapter.tokenizer.chat_template.replace(
+        "{%- set system_message = messages[0]['content'][0]['text'] %}",
+        "{%- set system_message = 'Given: ' + messages[0]['content'][0]['text'] %}")
+    with caplog.at_level("WARNING", logger="sc_tune.adapters.mistral3"):
+        assert adapter._fixed_date_system_message() is None
+    assert "renders a given system message otherwise than its default" in caplog.text
 
 
 def test_the_pixtral_processor_builds_the_mistral3_adapters_inputs_without_torchvision(tiny_checkpoint, monkeypatch):

@@ -9,7 +9,8 @@ grounding warm start (docs/grounding_warm_start.md).
 Template: the releases' template writes the BOS itself, then a system turn (the template's default system message,
 with today's date from ``strftime_now``, unless a system message is given), ``[INST]`` + ``[IMG]`` + text +
 ``[/INST]``, and after an answer the EOS (``</s>``, read from the template as for llava-hf). The adapter renders
-what the processor renders, today's date included: a run that crosses midnight sees its prompts change by the date.
+what the processor renders but for the date: it gives the template its own default message, dated ``PROMPT_DATE``
+(``Mistral3Adapter.render``).
 
 Images: the Pixtral image processor (PIL backend; ``PixtralProcessor`` itself needs torchvision) resizes the long
 side to at most ``size["longest_edge"]`` and each side up to a multiple of ``patch_size * spatial_merge_size``
@@ -23,9 +24,22 @@ merger and MLP) stays trainable.
 
 from __future__ import annotations
 
+import datetime
+import logging
+import re
+
 from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs
 from sc_tune.adapters.llava import turn_end_token
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
+
+logger = logging.getLogger(__name__)
+
+# The date the prompts' system message carries (Mistral Small 3.1's release; any fixed date would do). Dated today, as
+# the template does by itself, a run's prompts changed at midnight (within a rollout, a cached prompt prefix was no
+# longer its prompts'), a resume on another day was not exact, and an evaluation resumed on another day scored its
+# rows under other prompts than the first day's.
+PROMPT_DATE = "2025-03-17"
+_SYSTEM_TURN = re.compile(r"\[SYSTEM_PROMPT\](.*?)\[/SYSTEM_PROMPT\]", re.S)
 
 
 def pixtral_image_block(rows: int, cols: int, token: str, row_break: str, end: str) -> str:
@@ -51,6 +65,45 @@ class Mistral3Adapter(ChatTemplateAdapter):
         # What PixtralProcessor passes its image processor: the merged patch, so that each side is a whole number
         # of the patch merger's spatial_merge_size x spatial_merge_size blocks.
         self.merged_patch = config.vision_config.patch_size * config.spatial_merge_size
+        self.system_message = self._fixed_date_system_message()
+
+    def _template(self, messages) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                  enable_thinking=False)
+
+    @staticmethod
+    def _user_turn(user_text: str) -> dict:
+        return {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user_text}]}
+
+    def _fixed_date_system_message(self) -> str | None:
+        """The template's default system message with ``PROMPT_DATE`` for today's date; ``None`` (the template's own
+        rendering, dated today, with a warning) where the template writes no dated default message, or renders a given
+        one otherwise than its default."""
+        before = datetime.date.today()
+        default = self._template([self._user_turn("q")])
+        days = {f"{day:%Y-%m-%d}" for day in (before, datetime.date.today())}  # a render across midnight
+        found = _SYSTEM_TURN.search(default)
+        if found is None or not any(day in found.group(1) for day in days):
+            return None
+        fixed = default
+        for day in days:
+            fixed = fixed.replace(day, PROMPT_DATE)
+        message = _SYSTEM_TURN.search(fixed).group(1)
+        if self._template([self._system_turn(message), self._user_turn("q")]) != fixed:
+            logger.warning("mistral3: the chat template renders a given system message otherwise than its default "
+                           "one; prompts carry today's date (a run that crosses midnight changes them)")
+            return None
+        return message
+
+    @staticmethod
+    def _system_turn(message: str) -> dict:
+        return {"role": "system", "content": [{"type": "text", "text": message}]}
+
+    def render(self, user_text: str) -> str:
+        """The processor's rendering, its default system message dated ``PROMPT_DATE`` instead of today."""
+        if self.system_message is None:
+            return super().render(user_text)
+        return self._template([self._system_turn(self.system_message), self._user_turn(user_text)])
 
     def preprocess_image(self, image):
         out = self.image_processor(images=[image], patch_size=self.merged_patch, return_tensors="pt")

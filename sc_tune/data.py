@@ -32,7 +32,11 @@ from torch.utils.data import Dataset, Sampler
 from sc_tune import checks
 from sc_tune.boxes import MIN_BOX_SIDE
 from sc_tune.checks import AnnotationError
-from sc_tune.images import checked_image, load_rgb  # noqa: F401 (load_rgb: also imported from here)
+from sc_tune.images import (  # noqa: F401 (load_rgb: also imported from here)
+    checked_image,
+    displayed_size,
+    load_rgb,
+)
 from sc_tune.jsonio import read_json
 from sc_tune.phases import PhaseSchedule
 
@@ -159,7 +163,7 @@ def boxes_mostly_unseen(records: list[dict], image_folder: str,
         return 0
     paths = sorted({r["image"] for r in records})
     with ThreadPoolExecutor(max_workers=workers or min(32, 4 * (os.cpu_count() or 1))) as pool:
-        regions = dict(zip(paths, pool.map(lambda p: visible_region(*_image_size(os.path.join(image_folder, p))),
+        regions = dict(zip(paths, pool.map(lambda p: visible_region(*displayed_size(os.path.join(image_folder, p))),
                                            paths)))
     unseen = 0
     for record in records:
@@ -171,11 +175,6 @@ def boxes_mostly_unseen(records: list[dict], image_folder: str,
                   * max(0.0, min(y2, region[3]) - max(y1, region[1])))
         unseen += inside < 0.5 * (x2 - x1) * (y2 - y1)
     return unseen
-
-
-def _image_size(path: str) -> tuple[int, int]:
-    with Image.open(path) as image:  # the header only
-        return image.size
 
 
 class ReferringDataset(Dataset):

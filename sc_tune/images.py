@@ -44,6 +44,15 @@ def load_rgb(path: str | io.BytesIO) -> Image.Image:
     return image.convert("RGB")
 
 
+def displayed_size(path: str) -> tuple[int, int]:
+    """``(width, height)`` of the image at ``path`` as :func:`load_rgb` returns it (EXIF orientations 5-8, which
+    ``exif_transpose`` turns a quarter, swap the stored sides), from the file's header: nothing is decoded."""
+    with Image.open(path) as opened:
+        width, height = opened.size
+        turned = opened.getexif().get(0x0112) in (5, 6, 7, 8)  # the Orientation tag
+    return (height, width) if turned else (width, height)
+
+
 def image_problem(path: str, size_problem: Callable[[int, int], str | None] | None = None) -> str | None:
     """Why the image at ``path`` cannot be trained on (missing, empty, undecodable, bad size), or None."""
     return checked_image(path, size_problem, digest=False)[0]

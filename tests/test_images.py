@@ -191,3 +191,16 @@ def test_an_image_path_that_is_a_folder_is_named_as_one(tmp_path):
     (tmp_path / "images").mkdir()
     assert image_problem(str(tmp_path / "images")) == "image path is a folder, not a file"
     assert image_problem(str(tmp_path / "gone.png")) == "image not found"
+
+
+@pytest.mark.parametrize("orientation, turned", [(1, False), (3, False), (6, True), (8, True)])
+def test_displayed_size_is_the_loaded_images_size_from_the_header(tmp_path, orientation, turned):
+    """LLaVA-1.5's count of boxes its center crop cuts away reads only the header: a phone photo stored sideways
+    with an EXIF orientation of 5-8 is loaded turned (load_rgb's exif_transpose), its sides swapped."""
+    from sc_tune.images import displayed_size, load_rgb
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = str(tmp_path / "photo.jpg")
+    Image.new("RGB", (40, 20)).save(path, exif=exif)
+    assert displayed_size(path) == load_rgb(path).size == ((20, 40) if turned else (40, 20))

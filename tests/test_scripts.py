@@ -1,6 +1,7 @@
 """The shell scripts run under plain POSIX sh (dash), as the README calls them, and pass the documented
 variables on as finetune.py / evaluate.py flags. A stub launcher (TORCHRUN) records the command line."""
 
+import functools
 import json
 import os
 import re
@@ -182,6 +183,7 @@ def test_several_nodes_need_their_rank_and_node_0s_address(launcher, script):
     """On several nodes the one-node defaults (NODE_RANK 0, MASTER_ADDR localhost) made two nodes both rank 0, or a
     node wait for itself, silently until torchrun's rendezvous timed out (15 minutes): each is refused at once,
     naming the variable. evaluate.sh takes the same variables (it ran each node as a world of its own)."""
+    launcher = functools.partial(launcher, NPROC="1")  # evaluate.sh's default imports torch to count GPUs: 1.5 s each
     for env, message in (({"NNODES": "2", "MASTER_ADDR": "10.0.0.1"}, "NNODES=2: set NODE_RANK (0..1, one per node)"),
                          ({"NNODES": "2", "NODE_RANK": "1"}, "and MASTER_ADDR (node 0's address) on every node"),
                          ({"NNODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "10.0.0.1"}, "NODE_RANK 2 is not in 0..1"),

@@ -480,6 +480,19 @@ def test_mistral3_keeps_todays_date_with_a_warning_where_a_given_system_message_
     assert "renders a given system message otherwise than its default" in caplog.text
 
 
+def test_a_template_that_dates_its_prompts_is_named_unless_the_adapter_pins_the_date(tiny_checkpoint, caplog):
+    """A checkpoint whose template writes today's date (strftime_now) gets prompts that change at midnight: the
+    adapter says so, unless it renders the date fixed (Mistral 3)."""
+    _, tokenizer, image_processor, config = _llava_parts(tiny_checkpoint, "llava")
+    tokenizer.chat_template = "{{- strftime_now('%Y-%m-%d') }}" + tokenizer.chat_template
+    with caplog.at_level("WARNING", logger="sc_tune.adapters.chat_template"):
+        adapter_class("llava").from_parts(tokenizer, image_processor, config)
+        assert "LlavaAdapter: the chat template writes today's date (strftime_now)" in caplog.text
+        caplog.clear()
+        adapter_class("mistral3").from_pretrained(tiny_checkpoint("mistral3"))
+    assert "today's date" not in caplog.text
+
+
 def test_the_pixtral_processor_builds_the_mistral3_adapters_inputs_without_torchvision(tiny_checkpoint, monkeypatch):
     """AutoProcessor cannot load Mistral 3 here (the family loop's processor test skips): processing_pixtral imports
     one function from the torchvision image processor module. That function is the PIL module's own

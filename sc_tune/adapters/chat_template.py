@@ -25,6 +25,7 @@ for it in words.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ from PIL import Image
 
 from sc_tune.adapters.base import ImageInputs, ModelAdapter, language_model_lora_targets, load_chat_tokenizer
 from sc_tune.box_codecs import GENERIC_CODEC
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -74,6 +77,8 @@ class ChatTemplateAdapter(ModelAdapter):
     lora_extra_projections: tuple[str, ...] = ()
     # Media special tokens the base class's name patterns miss (e.g. SmolVLM's tile tokens <row_1_col_1>).
     extra_media_tokens: re.Pattern | None = None
+    # Whether the adapter renders a template that writes today's date (strftime_now) with a fixed one (Mistral 3).
+    pins_template_date: bool = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -101,6 +106,11 @@ class ChatTemplateAdapter(ModelAdapter):
         self.config = config
         if not tokenizer.chat_template:
             raise ValueError(f"{type(self).__name__}: the tokenizer has no chat template (chat_template.jinja)")
+        if "strftime_now" in tokenizer.chat_template and not self.pins_template_date:
+            # Mistral 3's template dates its system message; a checkpoint of another family may too. Its prompts then
+            # change at midnight, and a resume (or a resumed evaluation) on another day renders other prompts.
+            logger.warning("%s: the chat template writes today's date (strftime_now) into the prompts: they change at "
+                           "midnight, and a resume on another day is not exact", type(self).__name__)
         marker = self.image_marker if self.image_marker_is_token else ""
         family_tokens = (self.image_token, marker, self.end_token, self.image_start, self.image_end)
         self.image_token_id = self.token_ids(*(t for t in family_tokens if t))[0]

@@ -56,6 +56,7 @@ class Mistral3Adapter(ChatTemplateAdapter):
     padded_keys = ("pixel_values",)  # (1, 3, H, W) per image, padded bottom-right to the batch's largest
     static_decoding_verified = True
     grounding_prior = False  # no documented grounding: a grounding warm start first (docs/grounding_warm_start.md)
+    pins_template_date = True  # render(): the default system message dated PROMPT_DATE (it warns where it cannot)
 
     def __init__(self, tokenizer, image_processor, config, box_format: str = "native"):
         # Read before the base class checks the family's tokens; without a template the base class refuses it.

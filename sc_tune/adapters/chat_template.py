@@ -60,7 +60,9 @@ class ChatTemplateAdapter(ModelAdapter):
     # Whether the template's image marker is a token of the tokenizer (Ovis2's "<image>" is plain text that its
     # processor replaces before tokenising; the released tokenizer has no such token).
     image_marker_is_token: bool = True
-    end_token: str  # the token that closes an assistant turn
+    # The token that closes an assistant turn; None: read from the checkpoint's chat template (turn_end_token), for
+    # families whose checkpoints end turns differently (llava-hf's </s>, <|im_end|>, <|eot_id|>; Mistral 3's </s>).
+    end_token: str | None = None
     # Modules (names as in the model's state dict): fix_vit freezes the vision tower; the projector lives outside it
     # in these families, so it stays trainable (Ovis2's visual head, inside the tower: vision_trainable_prefixes).
     language_model_prefix: str = "model.language_model"
@@ -106,6 +108,8 @@ class ChatTemplateAdapter(ModelAdapter):
         self.config = config
         if not tokenizer.chat_template:
             raise ValueError(f"{type(self).__name__}: the tokenizer has no chat template (chat_template.jinja)")
+        if self.end_token is None:
+            self.end_token = turn_end_token(tokenizer)
         if "strftime_now" in tokenizer.chat_template and not self.pins_template_date:
             # Mistral 3's template dates its system message; a checkpoint of another family may too. Its prompts then
             # change at midnight, and a resume (or a resumed evaluation) on another day renders other prompts.
@@ -217,3 +221,27 @@ def _pad_to_largest(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     for i, p in enumerate(parts):
         out[(i, *(slice(0, n) for n in p.shape[1:]))] = p[0]
     return out
+
+
+_PROBE = "sc-tune-probe-answer"  # an assistant answer no template writes itself
+
+
+def turn_end_token(tokenizer) -> str:
+    """The special token that closes an assistant turn in the checkpoint's chat template: the first special token the
+    template writes after an answer (``<|im_end|>``, ``<|eot_id|>``, ``</s>``), else the tokenizer's EOS (LLaVA-1.5's
+    template writes nothing after an answer: the model ends it with ``</s>``)."""
+    messages = [{"role": "user", "content": [{"type": "text", "text": "q"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": _PROBE}]}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    if _PROBE not in rendered:
+        raise ValueError("the chat template does not render an assistant answer, so the token that ends a turn "
+                         "cannot be read from it")
+    after = rendered.split(_PROBE, 1)[1]
+    found = [(after.index(t), -len(t), t) for t in {*tokenizer.get_added_vocab(), *tokenizer.all_special_tokens}
+             if t and t in after]
+    if found:
+        return min(found)[2]
+    if tokenizer.eos_token is None:
+        raise ValueError("the chat template writes no special token after an answer and the tokenizer has no "
+                         "eos_token (tokenizer_config.json): nothing would end a turn")
+    return tokenizer.eos_token

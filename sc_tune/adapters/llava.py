@@ -16,7 +16,8 @@ NeXT the unpadded tiles and row newlines (``LlavaNextProcessor``'s own count). `
 ``model.vision_tower``; the projector and NeXT's ``image_newline`` stay trainable.
 
 The turn's end differs per checkpoint (``</s>`` for the Vicuna and Mistral ones, ``<|im_end|>`` for the 34B,
-``<|eot_id|>`` for llama3-llava-next), so it is read from the checkpoint's chat template (``turn_end_token``).
+``<|eot_id|>`` for llama3-llava-next), so it is read from the checkpoint's chat template
+(``chat_template.turn_end_token``: ``end_token`` left unset).
 """
 
 from __future__ import annotations
@@ -28,30 +29,6 @@ from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
 # Features a vision tower emits besides its patches, by ``vision_config.model_type``: CLIP prepends a CLS feature,
 # SigLIP none. A tower not listed is refused: a guessed count would fail only inside the model.
 EXTRA_TOWER_FEATURES = {"clip_vision_model": 1, "siglip_vision_model": 0}
-_PROBE = "sc-tune-probe-answer"  # an assistant answer no template writes itself
-
-
-def turn_end_token(tokenizer) -> str:
-    """The special token that closes an assistant turn in the checkpoint's chat template: the first special token the
-    template writes after an answer (``<|im_end|>``, ``<|eot_id|>``, ``</s>``), else the tokenizer's EOS (LLaVA-1.5's
-    template writes nothing after an answer: the model ends it with ``</s>``)."""
-    messages = [{"role": "user", "content": [{"type": "text", "text": "q"}]},
-                {"role": "assistant", "content": [{"type": "text", "text": _PROBE}]}]
-    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
-    if _PROBE not in rendered:
-        raise ValueError("the chat template does not render an assistant answer, so the token that ends a turn "
-                         "cannot be read from it")
-    after = rendered.split(_PROBE, 1)[1]
-    found = [(after.index(t), -len(t), t) for t in {*tokenizer.get_added_vocab(), *tokenizer.all_special_tokens}
-             if t and t in after]
-    if found:
-        return min(found)[2]
-    if tokenizer.eos_token is None:
-        raise ValueError("the chat template writes no special token after an answer and the tokenizer has no "
-                         "eos_token (tokenizer_config.json): nothing would end a turn")
-    return tokenizer.eos_token
-
-
 def extra_tower_features(config) -> int:
     """Features per view besides the patches: the tower's CLS, dropped by the "default" select strategy."""
     tower = config.vision_config.model_type
@@ -68,8 +45,6 @@ class _LlavaHfAdapter(ChatTemplateAdapter):
     grounding_prior = False  # no documented grounding: a grounding warm start first (docs/grounding_warm_start.md)
 
     def __init__(self, tokenizer, image_processor, config, box_format: str = "native"):
-        # Read before the base class checks the family's tokens; without a template the base class refuses it.
-        self.end_token = turn_end_token(tokenizer) if tokenizer.chat_template else ""
         super().__init__(tokenizer, image_processor, config, box_format)
         self.cls_features = extra_tower_features(config)
 

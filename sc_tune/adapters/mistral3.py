@@ -29,7 +29,6 @@ import logging
 import re
 
 from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs
-from sc_tune.adapters.llava import turn_end_token
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
 
 logger = logging.getLogger(__name__)
@@ -59,8 +58,6 @@ class Mistral3Adapter(ChatTemplateAdapter):
     pins_template_date = True  # render(): the default system message dated PROMPT_DATE (it warns where it cannot)
 
     def __init__(self, tokenizer, image_processor, config, box_format: str = "native"):
-        # Read before the base class checks the family's tokens; without a template the base class refuses it.
-        self.end_token = turn_end_token(tokenizer) if tokenizer.chat_template else ""
         super().__init__(tokenizer, image_processor, config, box_format)
         self.token_ids(self.image_break)
         # What PixtralProcessor passes its image processor: the merged patch, so that each side is a whole number

@@ -246,8 +246,8 @@ def _evaluate(args: EvaluationArguments, ranks, task_name: str, metrics_path: st
                        # only when set: rows scored before the flags existed still resume
                        **({"image_pixels": list(adapter.image_pixel_limits)} if adapter.image_pixel_limits else {})}
 
-    stop = RecordsSignal(STOP_SIGNALS)
-    stop.on_receipt = "every process stops after the batch in progress, its rows kept; the same command resumes"
+    stop = RecordsSignal(STOP_SIGNALS, "every process stops after the batch in progress, its rows kept; the same "
+                                       "command resumes")
 
     def progress_for(name: str, records: list) -> SampleLog:
         return SampleLog(args.output_dir, name, {**shared_settings, "records": fingerprint_records(records)}, ranks,

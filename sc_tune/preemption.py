@@ -94,10 +94,9 @@ class RecordsSignal:
     one changes nothing), so that the work in progress (a training step, an evaluation batch) goes on undisturbed and
     every process can agree on a stop at a point they all reach."""
 
-    on_receipt = "the run stops at the next point every process agrees on"
-
-    def __init__(self, signals: tuple[signal.Signals, ...]):
+    def __init__(self, signals: tuple[signal.Signals, ...], on_receipt: str):
         self.signals = tuple(signals)
+        self.on_receipt = on_receipt  # what the log says will happen
         self.received: signal.Signals | None = None
 
     def _record(self, signum, frame):
@@ -125,10 +124,8 @@ class SaveAndStopOnSignal(RecordsSignal, TrainerCallback):
     the largest, so a signal seen by one process stops them all at the same step. ``stopped_by`` and
     ``stopped_at_step`` say afterwards whether, and where, training stopped on a signal."""
 
-    on_receipt = "the run saves a checkpoint at the end of this step and stops"
-
     def __init__(self, signals: tuple[signal.Signals, ...], gather, device: torch.device | str = "cpu"):
-        super().__init__(signals)
+        super().__init__(signals, "the run saves a checkpoint at the end of this step and stops")
         self.gather = gather
         self.device = device
         self.stopped_by: signal.Signals | None = None

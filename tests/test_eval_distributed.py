@@ -133,7 +133,7 @@ STOPPING = textwrap.dedent("""
     ranks = init_from_env()
     results = {}
     for name, signal_rank in (("unsignalled", None), ("signalled", 1)):
-        stop = RecordsSignal((signal.SIGTERM,))
+        stop = RecordsSignal((signal.SIGTERM,), "every rank stops after the batch in progress")
         calls = []
 
         def score_batch(indices):

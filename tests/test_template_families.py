@@ -384,18 +384,41 @@ def test_llava_counts_the_training_boxes_its_center_crop_cuts_away(tiny_checkpoi
     assert boxes_mostly_unseen(records, str(tmp_path), next_adapter.visible_region) == 0
 
 
+@pytest.mark.parametrize("model_type", ["llava_next", "llava_onevision"])
 @pytest.mark.parametrize("tower, strategy", [("clip_vision_model", "full"), ("siglip_vision_model", "default")])
-def test_llava_next_refuses_a_strategy_that_leaves_no_square_patch_grid(tiny_checkpoint, tower, strategy):
-    """LlavaNextModel reshapes each tile's features into a square grid: CLIP's CLS must be dropped ("default") and
-    SigLIP has none to drop ("full"). Otherwise the first forward fails inside the model (a reshape error); the
-    adapter refuses the config by its fields."""
-    _, tokenizer, image_processor, config = _llava_parts(tiny_checkpoint, "llava_next")
+def test_anyres_llava_refuses_a_strategy_that_leaves_no_square_patch_grid(tiny_checkpoint, model_type, tower, strategy):
+    """LlavaNextModel and LlavaOnevisionModel lay each view's features out as a square grid: CLIP's CLS must be
+    dropped ("default") and SigLIP has none to drop ("full"). Otherwise the first forward fails inside the model
+    (NeXT: a reshape error; OneVision: "The number of patches is not consistent with the image size"); the adapter
+    refuses the config by its fields, at load."""
+    _, tokenizer, image_processor, config = _llava_parts(tiny_checkpoint, model_type)
     config.vision_config.model_type, config.vision_feature_select_strategy = tower, strategy
     with pytest.raises(ValueError, match=f"vision_feature_select_strategy '{strategy}' with vision_config.model_type"):
-        adapter_class("llava_next").from_parts(tokenizer, image_processor, config)
+        adapter_class(model_type).from_parts(tokenizer, image_processor, config)
 
 
-@pytest.mark.parametrize("model_type", ["llava", "llava_next"])
+@pytest.mark.parametrize("tower, strategy, features", [("siglip_vision_model", "full", 14),
+                                                        ("clip_vision_model", "default", 14)])
+def test_llava_onevision_counts_the_two_strategies_its_model_arranges(tiny_checkpoint, tower, strategy, features):
+    """The two combinations the model lays out (SigLIP + "full", the releases'; CLIP + "default") are served, and
+    the placeholders match what the model computes: the base view's 2 x 2 patches, the unpadded tiles and the row
+    newlines of a 61 x 37 photo, CLIP's CLS dropped (the model raises on a count one short or one over)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    path, tokenizer, image_processor, config = _llava_parts(tiny_checkpoint, "llava_onevision")
+    config.vision_config = AutoConfig.for_model(**dict(config.vision_config.to_dict(), model_type=tower))
+    config.vision_feature_select_strategy = strategy
+    adapter = adapter_class("llava_onevision").from_parts(tokenizer, image_processor, config)
+    image = adapter.prepare_image(Image.new("RGB", (61, 37), "red"))
+    assert image.num_tokens == features
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config).eval()
+    batch = adapter.build_batch([adapter.describer_prompt(BOX, image)], [image])
+    with torch.no_grad():
+        model(**batch.inputs)
+
+
+@pytest.mark.parametrize("model_type", ["llava", "llava_next", "llava_onevision"])
 def test_llava_refuses_a_vision_tower_it_cannot_count_naming_the_field(tiny_checkpoint, model_type):
     _, tokenizer, image_processor, config = _llava_parts(tiny_checkpoint, model_type)
     config.vision_config.model_type = "pixtral"

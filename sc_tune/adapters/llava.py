@@ -23,20 +23,8 @@ The turn's end differs per checkpoint (``</s>`` for the Vicuna and Mistral ones,
 from __future__ import annotations
 
 from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs
-from sc_tune.adapters.llava_onevision import anyres_image_inputs
+from sc_tune.adapters.llava_onevision import anyres_image_inputs, check_select_strategy, extra_tower_features
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
-
-# Features a vision tower emits besides its patches, by ``vision_config.model_type``: CLIP prepends a CLS feature,
-# SigLIP none. A tower not listed is refused: a guessed count would fail only inside the model.
-EXTRA_TOWER_FEATURES = {"clip_vision_model": 1, "siglip_vision_model": 0}
-def extra_tower_features(config) -> int:
-    """Features per view besides the patches: the tower's CLS, dropped by the "default" select strategy."""
-    tower = config.vision_config.model_type
-    if tower not in EXTRA_TOWER_FEATURES:
-        raise ValueError(f"config.json: vision_config.model_type {tower!r} is not a tower these adapters count "
-                         f"features of (one of {sorted(EXTRA_TOWER_FEATURES)})")
-    return EXTRA_TOWER_FEATURES[tower]
-
 
 class _LlavaHfAdapter(ChatTemplateAdapter):
     image_marker = "<image>"
@@ -89,16 +77,7 @@ class LlavaNextAdapter(_LlavaHfAdapter):
 
     def __init__(self, tokenizer, image_processor, config, box_format: str = "native"):
         super().__init__(tokenizer, image_processor, config, box_format)
-        # LlavaNextModel.pack_image_features lays each tile's features out as a square grid of patches: the select
-        # strategy must drop exactly the tower's extra feature (CLIP + "default", SigLIP + "full"). Otherwise the
-        # processor's count is still "right" but the model's first forward fails reshaping the features.
-        strategy = config.vision_feature_select_strategy
-        if self.cls_features != (1 if strategy == "default" else 0):
-            raise ValueError(
-                f"config.json: vision_feature_select_strategy {strategy!r} with vision_config.model_type "
-                f"{config.vision_config.model_type!r} leaves {'one feature more' if self.cls_features else 'one fewer'}"
-                " than the tile's patch grid, which LLaVA-NeXT's model cannot arrange ('default' drops a CLIP tower's "
-                "CLS feature; a SigLIP tower has none to drop: 'full')")
+        check_select_strategy(config, "LLaVA-NeXT")  # each tile's features must make a square patch grid
         self._features = _feature_counter(image_processor, config, self.cls_features)
 
     def preprocess_image(self, image):

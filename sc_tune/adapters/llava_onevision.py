@@ -9,12 +9,48 @@ Images follow the processor's "anyres" layout: a base view plus the tiles of the
 as ``pixel_values`` (tiles zero-padded across the batch; the model slices each image's tiles by
 ``image_sizes``), and the template's ``<image>`` is repeated once per feature (base, unpadded tiles and
 row newlines). ``fix_vit`` freezes ``model.vision_tower``; the projector and ``image_newline`` stay trainable.
+
+The tower's extra features and the select strategy (``check_select_strategy``) are checked here for LLaVA-NeXT too:
+both models lay each view's features out as a square patch grid.
 """
 
 from __future__ import annotations
 
 from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
+
+
+# Features a vision tower emits besides its patches, by ``vision_config.model_type``: CLIP prepends a CLS feature,
+# SigLIP none. A tower not listed is refused: a guessed count would fail only inside the model.
+EXTRA_TOWER_FEATURES = {"clip_vision_model": 1, "siglip_vision_model": 0}
+
+
+def extra_tower_features(config) -> int:
+    """Features per view besides the patches: the tower's CLS, dropped by the "default" select strategy."""
+    tower = config.vision_config.model_type
+    if tower not in EXTRA_TOWER_FEATURES:
+        raise ValueError(f"config.json: vision_config.model_type {tower!r} is not a tower these adapters count "
+                         f"features of (one of {sorted(EXTRA_TOWER_FEATURES)})")
+    return EXTRA_TOWER_FEATURES[tower]
+
+
+def check_select_strategy(config, family: str) -> int:
+    """The tower's extra features (``extra_tower_features``), once the select strategy is known to drop exactly
+    them; else a ``ValueError`` naming the two config.json fields.
+
+    LLaVA-NeXT's and LLaVA-OneVision's ``pack_image_features`` lay each view's features out as a square grid of
+    patches: CLIP + "full" keeps the CLS feature (one too many), SigLIP + "default" drops a patch (one too few), and
+    the model's first forward raises (NeXT: a reshape error; OneVision: "The number of patches is not consistent
+    with the image size"). CLIP + "default" and SigLIP + "full" are the two it can arrange."""
+    extra = extra_tower_features(config)
+    strategy = config.vision_feature_select_strategy
+    if extra != (1 if strategy == "default" else 0):
+        raise ValueError(
+            f"config.json: vision_feature_select_strategy {strategy!r} with vision_config.model_type "
+            f"{config.vision_config.model_type!r} leaves {'one feature more' if extra else 'one fewer'} than the "
+            f"view's patch grid, which {family}'s model cannot arrange ('default' drops a CLIP tower's CLS feature; "
+            "a SigLIP tower has none to drop: 'full')")
+    return extra
 
 
 class LlavaOnevisionAdapter(ChatTemplateAdapter):
@@ -27,7 +63,7 @@ class LlavaOnevisionAdapter(ChatTemplateAdapter):
 
     def __init__(self, tokenizer, image_processor, config, box_format: str = "native"):
         super().__init__(tokenizer, image_processor, config, box_format)
-        self._features = _feature_counter(image_processor, config)
+        self._features = _feature_counter(image_processor, config, check_select_strategy(config, "LLaVA-OneVision"))
 
     def preprocess_image(self, image):
         return anyres_image_inputs(self, image, self._features)
@@ -47,8 +83,10 @@ def anyres_image_inputs(adapter: ChatTemplateAdapter, image, counter) -> Templat
     return TemplateImageInputs(tensors, num_tokens, (width, height), adapter.image_block(num_tokens))
 
 
-def _feature_counter(image_processor, config):
-    """transformers' own per-image feature count (``LlavaOnevisionProcessor._get_number_of_features``).
+def _feature_counter(image_processor, config, extra_features: int):
+    """transformers' own per-image feature count (``LlavaOnevisionProcessor._get_number_of_features``), before the
+    select strategy's drop. Its ``num_image_tokens`` is a view's features: the patches plus the tower's extra
+    (CLS) feature, which "default" then drops (a CLIP tower's 577 at 336 / 14; SigLIP's 729 at 384 / 14).
 
     Why not the processor itself: its constructor requires a video processor, which needs torchvision. The
     count only reads the three attributes set here, so the method is borrowed rather than re-derived."""
@@ -57,7 +95,7 @@ def _feature_counter(image_processor, config):
     counter = object.__new__(LlavaOnevisionProcessor)
     counter.image_processor = image_processor
     vision = config.vision_config
-    counter.num_image_tokens = (vision.image_size // vision.patch_size) ** 2
+    counter.num_image_tokens = (vision.image_size // vision.patch_size) ** 2 + extra_features
     counter.vision_aspect_ratio = config.vision_aspect_ratio
     return counter
 

@@ -300,7 +300,7 @@ def _llava_processor_config(processor_class: str):
     """The settings LlavaProcessor / LlavaNextProcessor read from processor_config.json, from the model config."""
 
     def build(config) -> dict:
-        from sc_tune.adapters.llava import extra_tower_features
+        from sc_tune.adapters.llava_onevision import extra_tower_features
 
         return {"patch_size": config.vision_config.patch_size,
                 "vision_feature_select_strategy": config.vision_feature_select_strategy,
@@ -542,8 +542,10 @@ def _internvl_processor_config(config) -> dict:
 
 
 def _llava_onevision_processor_config(config) -> dict:
-    vision = config.vision_config
-    return {"num_image_tokens": (vision.image_size // vision.patch_size) ** 2,
+    from sc_tune.adapters.llava_onevision import extra_tower_features
+
+    vision = config.vision_config  # a view's features: the patches and the tower's CLS, if any (as the released files)
+    return {"num_image_tokens": (vision.image_size // vision.patch_size) ** 2 + extra_tower_features(config),
             "vision_feature_select_strategy": config.vision_feature_select_strategy,
             "vision_aspect_ratio": config.vision_aspect_ratio, "processor_class": "LlavaOnevisionProcessor"}
 

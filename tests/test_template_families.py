@@ -384,6 +384,42 @@ def test_llava_counts_the_training_boxes_its_center_crop_cuts_away(tiny_checkpoi
     assert boxes_mostly_unseen(records, str(tmp_path), next_adapter.visible_region) == 0
 
 
+class _StopAfterTheDataset(Exception):
+    pass
+
+
+@pytest.mark.parametrize("model_type, warned", [("llava", True), ("llava_next", False)])
+def test_finetune_warns_of_training_boxes_the_crop_cuts_away_with_their_count(tiny_checkpoint, tmp_path, caplog,
+                                                                               monkeypatch, model_type, warned):
+    """finetune.py's own run, up to its dataset (stopped at the records check that follows the warning): LLaVA-1.5's
+    center crop of a 2:1 photo cuts away one of the three boxes on it, logged with the count of all four records;
+    LLaVA-NeXT sees the whole photo, and nothing is logged."""
+    import finetune
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (200, 100)).save(images / "wide.png")
+    Image.new("RGB", (100, 100)).save(images / "square.png")
+    boxes = ([0.0, 0.1, 0.2, 0.9], [0.4, 0.1, 0.6, 0.9], [0.2, 0.1, 0.3, 0.9])
+    records = [{"image": "wide.png", "bbox": b} for b in boxes] + [{"image": "square.png", "bbox": boxes[0]}]
+    (tmp_path / "records.json").write_text(json.dumps(records), encoding="utf-8")
+
+    def stop(dataset):
+        raise _StopAfterTheDataset(len(dataset))
+
+    monkeypatch.setattr(finetune, "check_same_records_on_every_rank", stop)
+    with caplog.at_level("WARNING", logger="sc_tune"), pytest.raises(_StopAfterTheDataset):
+        finetune.main(["--model_name_or_path", tiny_checkpoint(model_type), "--image_folder", str(images),
+                       "--data_path", str(tmp_path / "records.json"), "--output_dir", str(tmp_path / "out"),
+                       "--use_cpu", "True", "--per_device_train_batch_size", "2", "--report_to", "none"])
+    lines = [r.getMessage() for r in caplog.records if "lie mostly outside" in r.getMessage()]
+    assert len(lines) == warned, caplog.text
+    if warned:
+        assert re.fullmatch(r"1 of 4 training boxes lie mostly outside the part of their image the model sees \(its "
+                            r"image processor crops the long side: CLIPImageProcessor\w*\); boxes stay normalised to "
+                            r"the whole image", lines[0]), lines[0]
+
+
 @pytest.mark.parametrize("model_type", ["llava_next", "llava_onevision"])
 @pytest.mark.parametrize("tower, strategy", [("clip_vision_model", "full"), ("siglip_vision_model", "default")])
 def test_anyres_llava_refuses_a_strategy_that_leaves_no_square_patch_grid(tiny_checkpoint, model_type, tower, strategy):

@@ -98,10 +98,13 @@ def carry_source_config(output_dir: str, source_dir: str) -> None:
     write_json(saved, config)
 
 
-def finalize_export(output_dir: str, source_dir: str) -> None:
+def finalize_export(output_dir: str, source_dir: str, files_carried: bool = False) -> None:
     """The input's config (with the written dtype) and other non-weight files, then the family-specific files next
-    to the weights (the registry's hook; Qwen-VL: generation config, remote code, tokenizer)."""
-    carry_source_files(output_dir, source_dir)
+    to the weights (the registry's hook; Qwen-VL: generation config, remote code, tokenizer). ``files_carried``: the
+    save that wrote the weights has carried the other files already (``SCTuneTrainer._save``), so they are neither
+    copied nor logged a second time."""
+    if not files_carried:
+        carry_source_files(output_dir, source_dir)
     carry_source_config(output_dir, source_dir)
     hook = family_for(read_model_type(source_dir)).finalize_export
     if hook is not None:
@@ -173,8 +176,8 @@ def export_trained(trainer, output_dir: str, source_dir: str, use_lora: bool) ->
     if trainer.is_world_process_zero():
         if use_lora:
             merge_lora(source_dir, adapter_dir, output_dir, dtype=next(model.parameters()).dtype)
-        else:
-            finalize_export(output_dir, source_dir)
+        else:  # save_model's _save (SCTuneTrainer's) carried the input's files after the tokenizer, on this process
+            finalize_export(output_dir, source_dir, files_carried=True)
     trainer.accelerator.wait_for_everyone()
     return output_dir
 

@@ -204,6 +204,30 @@ def test_only_the_saving_process_writes_the_tokenizer_and_carried_files(tiny_che
     assert {"tokenizer.json", "preprocessor_config.json", "model.safetensors"} <= written
 
 
+def test_a_full_export_carries_the_input_files_once(tiny_checkpoint, tmp_path, caplog):
+    """A full fine-tuning export (``export_trained``): the trainer's save carries the input's files after writing the
+    tokenizer, and the export's finishing steps do not carry (and log) them a second time. Every carried file is in
+    the output, byte for byte, beside the weights and the input's config."""
+    from sc_tune.export import export_trained
+
+    source = tmp_path / "source"
+    shutil.copytree(tiny_checkpoint("qwen2_vl"), source)
+    _write(source, "README.md", "the model card")  # a file the export writes nothing of its own for
+    trainer = make_trainer(str(source), str(tmp_path / "run"))
+    out = tmp_path / "out"
+    with caplog.at_level("INFO", logger="sc_tune.export"):
+        export_trained(trainer, str(out), str(source), use_lora=False)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("carried ")]
+    assert len(lines) == 1 and lines[0].endswith(f"into {out}"), lines
+    names = sorted(n for n in os.listdir(source) if os.path.isfile(source / n) and is_carried(n))
+    assert "README.md" in names and "tokenizer.json" in names
+    assert lines[0] == f"carried {', '.join(names)} from {source} into {out}"
+    for name in names:
+        assert (out / name).read_bytes() == (source / name).read_bytes(), name
+    assert (out / "model.safetensors").exists()
+    assert (out / "config.json").read_bytes() == (source / "config.json").read_bytes()
+
+
 def test_a_quantised_inputs_config_is_carried_without_its_quantisation(tmp_path):
     """The merge loads the base unquantised and writes full-precision weights: the input's quantization_config
     no longer applies and is left out of the carried config (everything else kept)."""

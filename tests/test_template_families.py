@@ -1,5 +1,5 @@
 """What is particular to the chat-template families (InternVL, Gemma 3 / 4, LLaVA-OneVision, LLaVA-1.5 / NeXT,
-Mistral 3, SmolVLM, Ovis2, MiniCPM-V).
+Mistral 3, Aya Vision, SmolVLM, Ovis2, MiniCPM-V).
 
 The codec round trips, SC-Tune loop, export and evaluation of every family are covered by
 tests/test_families.py; here: prompts through each family's chat template (InternVL's grounding format),
@@ -21,8 +21,8 @@ from sc_tune.adapters import adapter_class
 from sc_tune.modeling import freeze_vision_tower, load_model_and_adapter
 from tests.conftest import SAMPLE_IMAGES
 
-TEMPLATE_TYPES = ["internvl", "gemma3", "gemma4", "llava_onevision", "llava", "llava_next", "mistral3", "smolvlm",
-                  "idefics3", "ovis2", "minicpmv4_6", "minicpmv4_7"]
+TEMPLATE_TYPES = ["internvl", "gemma3", "gemma4", "llava_onevision", "llava", "llava_next", "mistral3", "aya_vision",
+                  "smolvlm", "idefics3", "ovis2", "minicpmv4_6", "minicpmv4_7"]
 BOX = [0.1, 0.2, 0.5, 0.6]
 
 # What each family's chat template makes of one user turn (image + text) and the opened answer.
@@ -34,6 +34,9 @@ TURNS = {
     "llava": ("USER: <image>\n", " ASSISTANT:"),  # LLaVA-1.5's: no token closes the user's text
     # the template writes the BOS and its default system message (dated: see test_mistral3_prompts_...)
     "mistral3": ("<s>[SYSTEM_PROMPT]You are Mistral Small 3,", "[/INST]"),
+    # Cohere's turn tokens; "<image>" is plain text its processor expands (its tokenizer prepends <BOS_TOKEN>)
+    "aya_vision": ("<|START_OF_TURN_TOKEN|><|USER_TOKEN|><image>", "<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|>"
+                   "<|CHATBOT_TOKEN|>"),
     "smolvlm": ("<|im_start|>User:<image>", "<end_of_utterance>\nAssistant:"),
     "idefics3": ("<|im_start|>User:<image>", "<end_of_utterance>\nAssistant:"),
     # the released template's default system turn; "<image>" is plain text its processor expands
@@ -53,6 +56,7 @@ MEDIA = {
     "llava": {"<image>"},
     "llava_next": {"<image>"},
     "mistral3": {"[IMG]", "[IMG_BREAK]", "[IMG_END]"},
+    "aya_vision": {"<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>"},
     "smolvlm": {"<image>", "<fake_token_around_image>", "<global-img>"}
     | {f"<row_{r}_col_{c}>" for r in (1, 2) for c in (1, 2)},
 }
@@ -71,6 +75,7 @@ PROJECTOR = {
     "llava": "model.multi_modal_projector.",
     "llava_next": ("model.multi_modal_projector.", "model.image_newline"),
     "mistral3": "model.multi_modal_projector.",  # its patch merger included
+    "aya_vision": "model.multi_modal_projector.",  # the pixel shuffle's norm and SwiGLU MLP
     "smolvlm": "model.connector.",
     "idefics3": "model.connector.",
     "ovis2": ("model.vision_tower.head_linear.", "model.vision_tower.head_norm.", "model.visual_embeddings_table."),

@@ -6,6 +6,7 @@ Importing this package registers every family: each family module below calls ``
 from __future__ import annotations
 
 from sc_tune.adapters import (  # noqa: F401  (imported to register their families)
+    aya_vision,
     gemma,
     glm4v,
     internvl,

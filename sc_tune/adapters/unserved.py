@@ -49,6 +49,9 @@ UNSERVED: tuple[Unserved, ...] = (
     Unserved("Kimi K2.5", ("kimi_k25",),
              "its image processor exists only as a torchvision backend (no SC-Tune dependency) and no grounding answer "
              "form is documented"),
+    Unserved("Command A Vision", ("cohere2_vision",),
+             "its image processor exists only as a torchvision backend (no SC-Tune dependency) and no grounding answer "
+             "form is documented; Aya Vision's adapter does not cover it"),
     # Documented grounding, undocumented answer form.
     Unserved("Llama 4", ("llama4",),
              "Meta describes image grounding but documents no answer form, so SC-Tune has no codec to read it"),
@@ -63,8 +66,7 @@ UNSERVED: tuple[Unserved, ...] = (
     Unserved("Mistral Large 4", ("mistral_large4",),
              "a Pixtral tower on a mixture-of-experts text model with latent (MLA) attention and a sparse-attention "
              "indexer, which Mistral 3's adapter does not cover; no documented grounding answer form is known here"),
-    Unserved("Aya Vision / Command A Vision / North", ("aya_vision", "cohere2_vision", "cohere_compass"),
-             NO_GROUNDING_FORM),
+    Unserved("North", ("cohere_compass",), NO_GROUNDING_FORM),
     Unserved("DeepSeek-VL", ("deepseek_vl", "deepseek_vl_hybrid"), NO_GROUNDING_FORM),
     Unserved("Llama 3.2 Vision", ("mllama",), NO_GROUNDING_FORM),
     Unserved("Idefics / Idefics2", ("idefics", "idefics2"), NO_GROUNDING_FORM),

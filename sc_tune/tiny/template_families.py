@@ -1,5 +1,5 @@
 """Tiny random models of the chat-template families: InternVL, Gemma 3 / 4, LLaVA-OneVision, LLaVA-1.5 / NeXT,
-Mistral 3, SmolVLM, Ovis2, MiniCPM-V.
+Mistral 3, Aya Vision, SmolVLM, Ovis2, MiniCPM-V.
 
 Each is the family's own transformers architecture at a few hundred thousand parameters, a tiny BPE
 tokenizer carrying the family's special tokens (``sc_tune.tiny.chat``), the family's PIL image
@@ -372,6 +372,58 @@ def _mistral3_processor_config(config) -> dict:
             "processor_class": "PixtralProcessor"}
 
 
+# ---------------------------------------------------------------- Aya Vision
+# Cohere's turn format as vLLM's Aya Vision example writes the prompt (vllm-project/vllm
+# examples/offline_inference/vision_language.py, run_aya_vision: "<|START_OF_TURN_TOKEN|><|USER_TOKEN|><image>{question}
+# <|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>", no BOS: the Cohere tokenizer prepends <BOS_TOKEN>,
+# add_bos_token=True). An answer is closed with <|END_OF_TURN_TOKEN|> (CohereTokenizer's EOS). The released
+# chat_template.json was not at hand: transformers' processor test skips a test because "Chat template has long system
+# prompt", so the release may write a default system turn that this stand-in lacks.
+AYA_VISION_TEMPLATE = (
+    "{% for message in messages %}{{ '<|START_OF_TURN_TOKEN|>' }}"
+    "{% if message['role'] == 'user' %}{{ '<|USER_TOKEN|>' }}{% elif message['role'] == 'assistant' %}"
+    "{{ '<|CHATBOT_TOKEN|>' }}{% else %}{{ '<|SYSTEM_TOKEN|>' }}{% endif %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{{ '<|END_OF_TURN_TOKEN|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>' }}{% endif %}"
+)
+# CohereTokenizer's pad, BOS and EOS (pad first: the tiny tokenizer's pad), the turn tokens, AyaVisionProcessor's.
+AYA_VISION_TOKENS = ("<PAD>", "<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>", "<|START_OF_TURN_TOKEN|>", "<|USER_TOKEN|>",
+                     "<|CHATBOT_TOKEN|>", "<|SYSTEM_TOKEN|>", "<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_PATCH|>",
+                     "<|IMG_LINE_BREAK|>")
+AYA_VISION_PATCH = 7  # 4 x 4 patches per 28 px tile, pixel-shuffled 2 x 2 (the releases' downsample_factor): 4 tokens
+
+
+def _aya_vision_image_processor(image_size: int):
+    from transformers import GotOcr2ImageProcessorPil
+
+    # The processor tiles (crop_to_patches=True) whatever this says; at most 3 tiles (+ the thumbnail) to stay tiny.
+    return GotOcr2ImageProcessorPil(size={"height": image_size, "width": image_size}, crop_to_patches=True,
+                                    min_patches=1, max_patches=3)
+
+
+def _aya_vision_config(tokenizer, sizes: TinySizes):
+    from transformers import AutoConfig
+
+    # A SigLIP tower (no head) and a Cohere2 text model with one sliding-window layer and one global layer.
+    vision = dict(_vision_encoder(sizes, TINY_IMAGE_SIZE, AYA_VISION_PATCH), model_type="siglip_vision_model",
+                  vision_use_head=False)
+    text = dict(_text_config(tokenizer, sizes, "<|END_OF_TURN_TOKEN|>"), model_type="cohere2", sliding_window=64,
+                layer_types=["sliding_attention"] * (sizes.layers - 1) + ["full_attention"],
+                bos_token_id=tokenizer.convert_tokens_to_ids("<BOS_TOKEN>"))
+    return AutoConfig.for_model("aya_vision", text_config=text, vision_config=vision, downsample_factor=2,
+                                image_token_index=tokenizer.convert_tokens_to_ids("<|IMG_PATCH|>"),
+                                tie_word_embeddings=False)
+
+
+def _aya_vision_processor_config(config) -> dict:
+    """What AyaVisionProcessor reads from processor_config.json: the tile (img_size) and the pixels per token
+    (patch_size, the tower's patch times the pixel shuffle; the releases': 364 and 28)."""
+    return {"img_size": config.vision_config.image_size,
+            "patch_size": config.vision_config.patch_size * config.downsample_factor, "downsample_factor": 1,
+            "processor_class": "AyaVisionProcessor"}
+
+
 # ---------------------------------------------------------------- Ovis2
 OVIS2_PATCH = 7  # 4 x 4 patches per 28 px tile, merged 2 x 2 (the releases' hidden_stride): 4 <IMG_ATOM> per tile
 OVIS2_SYSTEM = "You are a helpful assistant."  # the released template's system turn (convert_ovis2_weights_to_hf.py)
@@ -626,6 +678,14 @@ TINY_TEMPLATE_SPECS: dict[str, TemplateTinySpec] = {
                 + MISTRAL3_DEFAULT_SYSTEM.replace('\\n', '\n').replace('\\"', '"'), prepends_bos=True),
         lambda: MISTRAL3_TEMPLATE,
         processor_config=_mistral3_processor_config,
+    ),
+    # Its tokenizer prepends <BOS_TOKEN>; the template writes none. "<image>" is plain text its processor expands.
+    "aya_vision": TemplateTinySpec(
+        replace(_spec(AYA_VISION_TOKENS, "<|END_OF_TURN_TOKEN|>", _aya_vision_image_processor, _aya_vision_config,
+                      bos_token="<BOS_TOKEN>"),
+                template_text=TEMPLATE_TEXT + "TILE_GLOBAL TILE_1 TILE_2 TILE_3", prepends_bos=True),
+        lambda: AYA_VISION_TEMPLATE,
+        processor_config=_aya_vision_processor_config,
     ),
     "ovis2": TemplateTinySpec(
         replace(_spec((*CHATML, "<IMG_ATOM>", *OVIS2_INDICATORS), "<|im_end|>", _ovis2_image_processor, _ovis2_config),

@@ -586,3 +586,79 @@ def test_the_pixtral_processor_builds_the_mistral3_adapters_inputs_without_torch
     processor = processing.PixtralProcessor(image_processor=adapter.image_processor, tokenizer=adapter.tokenizer,
                                             **settings)
     assert_the_familys_processor_builds_the_adapters_inputs(path, adapter, processor)
+
+
+# ---------------------------------------------------------------- Aya Vision
+def test_aya_vision_lays_out_tiles_then_the_thumbnail_between_the_image_tokens(tiny_checkpoint):
+    """A tall 37 x 91 photo: the 1 x 3 grid of 28 px tiles (closest to its aspect ratio within the tiny max_patches 3),
+    then the thumbnail, 4 <|IMG_PATCH|> each (4 x 4 patches of 7 px, pixel-shuffled 2 x 2), each tile after its
+    TILE_i, the thumbnail after TILE_GLOBAL, all between <|START_OF_IMG|> and <|END_OF_IMG|>
+    (AyaVisionProcessor.replace_image_token); a photo of one tile has no thumbnail."""
+    adapter = adapter_class("aya_vision").from_pretrained(tiny_checkpoint("aya_vision"))
+    image = adapter.prepare_image(_odd_images()[1])
+    patches = "<|IMG_PATCH|>" * 4
+    assert image.placeholder == ("<|START_OF_IMG|>" + "".join(f"TILE_{i}{patches}" for i in (1, 2, 3))
+                                 + f"TILE_GLOBAL{patches}<|END_OF_IMG|>")
+    assert image.num_tokens == 16 and image.tensors["pixel_values"].shape == (4, 3, 28, 28)
+    square = adapter.prepare_image(Image.new("RGB", (50, 50)))
+    assert square.placeholder == f"<|START_OF_IMG|>TILE_GLOBAL{patches}<|END_OF_IMG|>" and square.num_tokens == 4
+
+
+def test_the_aya_vision_processor_builds_the_adapters_inputs_on_wide_tall_and_square_photos(tiny_checkpoint):
+    """transformers' own AyaVisionProcessor (AutoProcessor of the tiny folder, its processor_config.json) on the
+    adapter's rendered prompts: the same input ids (its TILE_i / TILE_GLOBAL blocks, the <|IMG_PATCH|> count) and the
+    same pixels (tiles and thumbnail, in its order), for photos of 1 x 1, 2 x 1, 3 x 1, 1 x 2 and 1 x 3 tile grids. The
+    processor tiles whatever the image processor's own crop_to_patches says (its default is True): so does the
+    adapter."""
+    import torch
+    from transformers import AutoProcessor
+
+    path = tiny_checkpoint("aya_vision")
+    adapter = adapter_class("aya_vision").from_pretrained(path)
+    processor = AutoProcessor.from_pretrained(path)
+    assert type(processor).__name__ == "AyaVisionProcessor"
+    adapter.image_processor.crop_to_patches = processor.image_processor.crop_to_patches = False
+    tiles = {}
+    for size in ((60, 60), (120, 61), (300, 20), (45, 100), (9, 200)):
+        photo = Image.new("RGB", size, (200, 30, 30))
+        photo.paste((20, 40, 220), (0, 0, size[0] // 3, size[1] // 2))  # not one colour: tiles differ
+        image = adapter.prepare_image(photo)
+        prompt = adapter.locator_prompt("the dog", image)
+        ours = adapter.build_batch([prompt], [image]).inputs
+        theirs = processor(text=[prompt], images=[[photo]], return_tensors="pt")
+        assert sorted(ours) == sorted(theirs) == ["attention_mask", "input_ids", "pixel_values"]
+        for key in ours:
+            assert torch.equal(ours[key], theirs[key]), (size, key)
+        assert image.num_tokens == (processor._get_num_multimodal_tokens([size[::-1]]).num_image_tokens[0]
+                                    - 3 - (image.tensors["pixel_values"].shape[0] - 1))
+        tiles[size] = image.tensors["pixel_values"].shape[0]
+    assert tiles == {(60, 60): 1, (120, 61): 3, (300, 20): 4, (45, 100): 3, (9, 200): 4}
+
+
+def test_aya_vision_refuses_a_tile_size_or_strategy_the_model_cannot_take(tiny_checkpoint):
+    from transformers import AutoConfig
+
+    path = tiny_checkpoint("aya_vision")
+    adapter = adapter_class("aya_vision").from_pretrained(path)
+    config = AutoConfig.from_pretrained(path)
+    config.vision_feature_select_strategy = "default"
+    with pytest.raises(ValueError, match="vision_feature_select_strategy 'default'"):
+        adapter_class("aya_vision").from_parts(adapter.tokenizer, adapter.image_processor, config)
+    config = AutoConfig.from_pretrained(path)
+    config.vision_config.image_size = 56
+    with pytest.raises(ValueError, match="is not the vision tower's vision_config.image_size 56"):
+        adapter_class("aya_vision").from_parts(adapter.tokenizer, adapter.image_processor, config)
+
+
+def test_aya_vision_trains_the_locator_on_the_answer_turn_its_template_writes(tiny_checkpoint):
+    """The locator's target after its prompt is the assistant turn the checkpoint's template renders for that answer:
+    the box, then <|END_OF_TURN_TOKEN|> (read from the template; also the tokenizer's EOS), where generation stops."""
+    adapter = adapter_class("aya_vision").from_pretrained(tiny_checkpoint("aya_vision"))
+    image = adapter.prepare_image(_odd_images()[0])
+    prompt, target = adapter.locator_prompt("the dog", image), adapter.locator_target(BOX, image, "the dog")
+    user_text = "Locate the dog. Answer with its box as [x1, y1, x2, y2], integers from 0 to 1000."
+    turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user_text}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "[100, 200, 500, 600]"}]}]
+    assert adapter.tokenizer.apply_chat_template(turns, tokenize=False) == prompt + target
+    assert adapter.end_token == "<|END_OF_TURN_TOKEN|>" == adapter.tokenizer.eos_token
+    assert adapter.end_token_ids == [adapter.tokenizer.convert_tokens_to_ids("<|END_OF_TURN_TOKEN|>")]

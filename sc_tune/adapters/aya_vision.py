@@ -1,10 +1,10 @@
 """Aya Vision (``aya_vision``: Cohere's Aya Vision 8B / 32B, ``AyaVisionForConditionalGeneration``): a chat-template
 adapter, generic box codec.
 
-Box convention: none documented (the model cards and transformers' ``aya_vision`` page show captioning, OCR and
-visual question answering, no grounding answer), so the adapter uses the generic codec ``[x1, y1, x2, y2]`` on
-0..1000 (``sc_tune.box_codecs.GENERIC_CODEC``), requested in the locator prompt, and the checkpoints need a grounding
-warm start (docs/grounding_warm_start.md).
+Box convention: none found (transformers' ``aya_vision`` docs and vLLM's example show image questions and captions,
+no grounding prompt or box answer; the model cards were not at hand), so the adapter uses the generic codec
+``[x1, y1, x2, y2]`` on 0..1000 (``sc_tune.box_codecs.GENERIC_CODEC``), requested in the locator prompt, and the
+checkpoints need a grounding warm start (docs/grounding_warm_start.md).
 
 Template: Cohere's turn tokens, ``<|START_OF_TURN_TOKEN|><|USER_TOKEN|>`` + ``<image>`` + text +
 ``<|END_OF_TURN_TOKEN|>``, the answer opened with ``<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>`` (vLLM's Aya Vision
@@ -55,7 +55,8 @@ class AyaVisionAdapter(ChatTemplateAdapter):
         tile = (size["height"], size["width"]) if isinstance(size, dict) else (size.height, size.width)
         if tile != (vision.image_size, vision.image_size):
             raise ValueError(f"preprocessor_config.json: size {tile[0]}x{tile[1]} is not the vision tower's "
-                             f"vision_config.image_size {vision.image_size} (config.json): each tile is the tower's input")
+                             f"vision_config.image_size {vision.image_size} (config.json): each tile is the tower's "
+                             "input")
         per_side = vision.image_size // (vision.patch_size * config.downsample_factor)
         self.tile_tokens = per_side * per_side
 

@@ -50,8 +50,8 @@ UNSERVED: tuple[Unserved, ...] = (
              "its image processor exists only as a torchvision backend (no SC-Tune dependency) and no grounding answer "
              "form is documented"),
     Unserved("Command A Vision", ("cohere2_vision",),
-             "its image processor exists only as a torchvision backend (no SC-Tune dependency) and no grounding answer "
-             "form is documented; Aya Vision's adapter does not cover it"),
+             "its image processor exists only as a torchvision backend (no SC-Tune dependency), so Aya Vision's "
+             "adapter does not cover it, and no grounding answer form is known here"),
     # Documented grounding, undocumented answer form.
     Unserved("Llama 4", ("llama4",),
              "Meta describes image grounding but documents no answer form, so SC-Tune has no codec to read it"),

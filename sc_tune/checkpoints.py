@@ -80,11 +80,17 @@ def staging_root(run_dir: str, step: int) -> str:
 
 
 def remove_stale_staging(run_dir: str) -> None:
-    """Delete staging folders of saves that were killed (only one save runs at a time, so all are stale)."""
+    """Delete staging folders of saves (and conversions) that were killed, and converted copies of a checkpoint that
+    a resume left (only one save runs at a time, and only before it a resume's conversion, so all are stale)."""
     if os.path.isdir(run_dir):
         for name in os.listdir(run_dir):
             if name.startswith(f".{PREFIX_CHECKPOINT_DIR}-") and name.endswith(".partial"):
-                logger.warning("removing %s, left by a checkpoint save that did not finish", name)
+                logger.warning("removing %s, left by a checkpoint save or conversion that did not finish", name)
+                shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+            elif name.startswith(f".{PREFIX_CHECKPOINT_DIR}-") and name.endswith(".universal"):
+                # A checkpoint converted for a resume on another process count (sc_tune.universal), left by a run
+                # that stopped before its first step deleted it: a copy, the checkpoint itself is where it was.
+                logger.warning("removing %s, a converted copy left by a resume that did not start", name)
                 shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
 
 
@@ -320,22 +326,35 @@ def settings_mismatches(checkpoint: str, saved: dict, current: dict, allowed: se
 
 
 def check_world_size_change(checkpoint: str, layout: dict, world_size: int) -> None:
-    """A different process count can only resume where no per-rank state (rollouts, shards) is needed."""
+    """A different process count resumes only where the checkpoint holds no per-rank state a new rank could not take
+    over (rollouts, a sharded snapshot); DeepSpeed's optimizer shards are re-cut by DeepSpeed (``sc_tune.universal``).
+    Such a resume continues the step count, the phases, the weights and the optimizer, not the exact run."""
     if layout["world_size"] == world_size:
         return
     reasons = []
     if layout["rollout_ranks"]:
-        reasons.append("it holds a half-used describer rollout per rank")
+        reasons.append("it holds a half-used describer rollout per rank (the remaining PPO epochs reuse each rank's "
+                       "own sampled captions, which another process count cannot deal out again)")
     if len(layout["snapshot_ranks"]) > 1:
-        reasons.append("its snapshot is sharded per rank (ZeRO-3)")
-    if layout["deepspeed"]:
-        reasons.append("DeepSpeed's optimizer shards are per rank")
+        reasons.append("its snapshot is sharded per rank (ZeRO-3, in the middle of a phase: the frozen copy the "
+                       "phase's rewards and KL come from is saved as each rank's partition)")
     if reasons:
+        # Where a checkpoint holds neither: at a phase switch (no rollout, the snapshot re-synced), and under plain
+        # DDP or ZeRO-2 also at a locator step or a rollout's first epoch (one unsharded snapshot file).
+        where = "at a phase switch" if len(layout["snapshot_ranks"]) > 1 else "at a phase switch or a locator step"
         raise CheckpointError(
             f"{checkpoint} was saved by {layout['world_size']} processes and cannot resume on {world_size}: "
-            f"{'; '.join(reasons)}. Resume with {layout['world_size']} processes, or from a checkpoint saved at a "
-            "phase switch without DeepSpeed"
+            f"{'; '.join(reasons)}. Resume with {layout['world_size']} processes, or from a checkpoint saved {where}"
         )
+    logger.warning(
+        "%s was saved by %d processes and resumes on %d%s: the step count, phases, weights and optimizer state "
+        "continue, but the run is not bit-exact to the uninterrupted one: describer rollouts sample other captions "
+        "(each rank and micro-batch seeds its own), the saved per-rank RNG states do not fit the new ranks, and unless "
+        "per-device batch x gradient accumulation x processes is unchanged the steps draw other records (the data "
+        "stream is dealt out by the global batch)",
+        checkpoint, layout["world_size"], world_size,
+        " (DeepSpeed's optimizer shards converted to its universal checkpoint)" if layout["deepspeed"] else "",
+    )
 
 
 def read_state(checkpoint: str) -> dict:

@@ -22,10 +22,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, wait_for_everyone
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from sc_tune import checkpoints
+from sc_tune import checkpoints, universal
 from sc_tune.cycle import DescriberRollout, LocatorRollout
 from sc_tune.data import images_digest, records_digest
 from sc_tune.jsonio import write_json
@@ -167,6 +167,7 @@ class RunState:
         self.zero3 = zero3  # parameters (the snapshot's too) are sharded: every rank saves its own part
         self.rollouts: dict[int, DescriberRollout | LocatorRollout] = {}  # this step's, by micro-batch
         self.resume_dir: str | None = None  # restored at the first step of train()
+        self.converted_dir: str | None = None  # its DeepSpeed state converted for another process count
 
     def save(self, checkpoint: str, next_step: int) -> dict:
         """Phase position, run settings, the snapshot (unless the next step re-syncs it) and a mid-rollout buffer.
@@ -228,25 +229,43 @@ class RunState:
     # ------------------------------------------------------------------ before training: which checkpoint, if any
     def find_resume(self, resume_from_checkpoint, is_main: bool) -> str | None:
         """``resume_from_checkpoint``: True (or "true"/"1") for the newest complete checkpoint, or a path. Rank 0
-        checks the checkpoint (hashing every file once) and the settings, and tells the others what it found."""
+        checks the checkpoint (hashing every file once) and the settings, converts a DeepSpeed checkpoint saved by
+        another number of processes (``sc_tune.universal``), and tells the others what it found. Returns the folder
+        the Trainer loads: the checkpoint, or its converted copy (``self.converted_dir``)."""
         if is_main:
             try:
-                found = (checkpoints.resolve_resume(resume_from_checkpoint, self.args.output_dir), None)
+                found = (checkpoints.resolve_resume(resume_from_checkpoint, self.args.output_dir), None, None)
                 if found[0] is not None:
                     self.check_settings(found[0])
+                    found = (found[0], None, self._converted_if_resharded(found[0]))
             except checkpoints.CheckpointError as e:
-                found = (None, str(e))
+                found = (None, str(e), None)
         else:
-            found = (None, None)
+            found = (None, None, None)
         if self.args.world_size > 1:
             found = broadcast_object_list(list(found), from_process=0)
-        resume, error = found
+        resume, error, converted = found
         if error is not None:
             raise checkpoints.CheckpointError(error)
         if resume is not None:
-            logger.info("resuming from %s", resume)
-        self.resume_dir = resume
-        return resume
+            logger.info("resuming from %s%s", resume, f" (DeepSpeed's state loaded from {converted})" if converted else "")
+        self.resume_dir, self.converted_dir = resume, converted
+        return converted or resume
+
+    def _converted_if_resharded(self, checkpoint: str) -> str | None:
+        """Rank 0: the universal copy of a DeepSpeed checkpoint saved by another number of processes, else None."""
+        if not universal.needs_conversion(checkpoints.read_layout(checkpoint), self.args.world_size):
+            return None
+        return universal.convert(checkpoint, self.args.output_dir, self.args.world_size)
+
+    def drop_converted(self) -> None:
+        """Once every rank has loaded it (the first step): the converted copy goes, the checkpoint stays."""
+        if self.converted_dir is None:
+            return
+        wait_for_everyone()
+        if self.args.process_index == 0:
+            universal.remove(self.converted_dir)
+        self.converted_dir = None
 
     def check_settings(self, checkpoint: str) -> None:
         allowed = {k.strip() for k in (self.args.resume_allow_changes or "").split(",") if k.strip()}

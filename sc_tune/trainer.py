@@ -65,6 +65,7 @@ from sc_tune.resume import RunState, load_weights_strictly, run_settings, staged
 from sc_tune.rewards import RewardFunction
 from sc_tune.snapshot import eval_mode, is_peft, make_snapshot, unwrapped_for_generation, zero3_enabled
 from sc_tune.timing import timed_stage
+from sc_tune.universal import load_universal_checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +185,7 @@ class SCTuneTrainer(Trainer):
         if self.run.resume_dir is not None:
             self.run.restore(self.run.resume_dir, step)
             self.run.resume_dir = None
+            self.run.drop_converted()  # every rank has loaded the Trainer's and DeepSpeed's states by now
         elif step == 0 and not self.args.skip_preflight:
             self._preflight()
         position = self.schedule.at(step)
@@ -362,8 +364,12 @@ class SCTuneTrainer(Trainer):
     def train(self, resume_from_checkpoint=None, **kwargs):
         """``resume_from_checkpoint``: True (or "true"/"1") for the newest complete checkpoint, or a path."""
         resume = self.run.find_resume(resume_from_checkpoint, self.is_world_process_zero())
+        if self.run.converted_dir is not None:  # saved by another number of processes: DeepSpeed's universal form
+            load_universal_checkpoints(self.accelerator.state.deepspeed_plugin)
         with deepspeed_loads_without_pickle():  # DeepSpeed's own loader would unpickle anything
-            return super().train(resume_from_checkpoint=resume, **kwargs)
+            trained = super().train(resume_from_checkpoint=resume, **kwargs)
+        self.run.drop_converted()  # resumed at --max_steps: no step dropped it
+        return trained
 
     def get_train_dataloader(self):
         loader = super().get_train_dataloader()

@@ -1,4 +1,5 @@
-"""2-process runs on CPU (gloo) that stop and resume, and ZeRO-3 + LoRA through to the merged export."""
+"""2-process runs on CPU (gloo) that stop and resume (on 2 processes, or on 1 after 2 and back), and ZeRO-3 + LoRA
+through to the merged export."""
 
 import json
 import os
@@ -7,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from sc_tune import checkpoints
 from tests.conftest import ROOT
@@ -16,8 +18,8 @@ from tests.test_checkpoints import cli_args, step_losses
 pytestmark = pytest.mark.slow
 
 
-def _torchrun(argv, port):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+def _torchrun(argv, port, processes=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(port)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": os.path.join(ROOT, ".torch_extensions")}
     result = subprocess.run(
         [*cmd, os.path.join(ROOT, "finetune.py"), *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
@@ -112,3 +114,61 @@ def test_zero2_resume_is_exact_through_the_weights_only_loader_and_a_crafted_sha
     assert result.stderr.count("finetune.py: error: cannot resume from") == 2, result.stderr[-4000:]
     assert result.stderr.count(refusal) == 2, result.stderr[-4000:]
     assert not marker.exists()
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def _tree(folder):
+    return {os.path.relpath(os.path.join(root, n), folder): open(os.path.join(root, n), "rb").read()
+            for root, _, names in os.walk(folder) for n in names}
+
+
+def _resume_elsewhere(model, run, checkpoint, processes, zero2, accumulation):
+    """``checkpoint`` copied into a new ``run`` folder and resumed there on ``processes`` processes, with the
+    gradient accumulation that keeps the global batch (4 records a step); checks that the copy, its original, is
+    unchanged and the converted copy gone."""
+    run.mkdir()
+    shutil.copytree(checkpoint, run / checkpoint.name)
+    before = _tree(run / checkpoint.name)
+    result = _torchrun(cli_args(model, run, *zero2, "--gradient_accumulation_steps", str(accumulation),
+                                "--resume_from_checkpoint", "True",
+                                "--resume_allow_changes", "world_size,gradient_accumulation_steps"),
+                       free_port(), processes)
+    assert f"was saved by {3 - processes} processes and resumes on {processes} (DeepSpeed's" in result.stderr
+    assert "not bit-exact" in result.stderr
+    assert _tree(run / checkpoint.name) == before and checkpoints.problems(str(run / checkpoint.name)) == []
+    assert not [name for name in os.listdir(run) if name.startswith(".")]  # the converted copy was deleted
+
+
+def test_zero2_resumes_on_another_process_count_with_its_weights_and_adam_state(tiny_checkpoint, tmp_path):
+    """A ZeRO-2 run preempted on 2 processes resumes on 1 from a phase switch (checkpoint-2), and that run's
+    checkpoint at a locator step (checkpoint-3) resumes on 2 again: DeepSpeed's universal checkpoint re-cuts the
+    optimizer's partitions. With the global batch kept, the locator steps (which sample nothing) continue exactly:
+    the losses and the final weights equal the uninterrupted run's. At a phase switch Adam's moments are zeroed by
+    design, so there the weights (the fp32 partitions universal loading restores them from) are what is checked;
+    checkpoint-3 is in the middle of the locator phase, where step 4's update divides by the loaded moments and
+    counts the loaded Adam step (fresh moments move each weight by about the learning rate instead)."""
+    model = tiny_checkpoint("qwen2_vl")
+    # A cycle: 1 describer rollout x 2 PPO epochs (steps 1-2), 2 locator steps (3-4); a checkpoint after every step.
+    zero2 = ["--deepspeed", os.path.join(ROOT, "scripts", "ds_config_zero2.json"), "--locator_update_steps", "2",
+             "--save_steps", "1", "--max_steps", "4"]
+    full = tmp_path / "full"
+    _torchrun(cli_args(model, full, *zero2), free_port())
+    expected = step_losses(full)
+    assert checkpoints.read_layout(str(full / "checkpoint-2"))["rollout_ranks"] == []
+
+    one = tmp_path / "one"  # 2 -> 1 processes, at the phase switch
+    _resume_elsewhere(model, one, full / "checkpoint-2", 1, zero2, accumulation=2)
+    assert [step_losses(one)[s] for s in (3, 4)] == pytest.approx([expected[s] for s in (3, 4)], rel=1e-6)
+    for name, tensor in _weights(full).items():
+        torch.testing.assert_close(_weights(one)[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+    two = tmp_path / "two"  # 1 -> 2 processes, in the middle of the locator phase
+    _resume_elsewhere(model, two, one / "checkpoint-3", 2, zero2, accumulation=1)
+    assert step_losses(two)[4] == pytest.approx(expected[4], rel=1e-6)
+    for name, tensor in _weights(full).items():
+        torch.testing.assert_close(_weights(two)[name], tensor, rtol=0, atol=1e-6, msg=name)

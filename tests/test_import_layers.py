@@ -8,8 +8,8 @@ import is still a dependency). The layers, lowest first; a module may import its
 2. method: the box codecs, rewards, PPO, baselines, KL control, phases, the arguments (and the reference's flags)
 3. models: the native model code (``sc_tune/models/``) and the vision cache the adapters plug into
 4. adapters: the family registry and every family's adapter
-5. generation: rollout generation, its decoding loop and the prompt cache, the snapshot, data, checkpoints, model
-   loading, export, stopping on a signal
+5. generation: rollout generation, its decoding loop and the prompt cache, the snapshot, data, checkpoints (and their
+   DeepSpeed universal form), model loading, export, stopping on a signal
 6. cycle: the rollout stages (``cycle``) and the run state (``resume``)
 7. trainer
 8. tools: the ``--help`` layout, evaluation, the synthetic benchmark and the tiny-model builders (``sc_tune/tiny/``,
@@ -31,8 +31,8 @@ LAYERS = (
                 "reference_flags"}),
     ("models", {"models", "attention", "vision_cache"}),
     ("adapters", {"adapters"}),
-    ("generation", {"prompt_cache", "decoding", "rollout", "snapshot", "data", "checkpoints", "modeling", "visualize",
-                    "objects365", "export", "preflight", "preemption"}),
+    ("generation", {"prompt_cache", "decoding", "rollout", "snapshot", "data", "checkpoints", "universal", "modeling",
+                    "visualize", "objects365", "export", "preflight", "preemption"}),
     ("cycle", {"cycle", "resume"}),
     ("trainer", {"trainer"}),
     ("tools", {"help_layout", "evaluation", "synthetic", "tiny", "families"}),

@@ -145,30 +145,32 @@ def _resume_elsewhere(model, run, checkpoint, processes, zero2, accumulation):
 
 
 def test_zero2_resumes_on_another_process_count_with_its_weights_and_adam_state(tiny_checkpoint, tmp_path):
-    """A ZeRO-2 run preempted on 2 processes resumes on 1 from a phase switch (checkpoint-2), and that run's
-    checkpoint at a locator step (checkpoint-3) resumes on 2 again: DeepSpeed's universal checkpoint re-cuts the
-    optimizer's partitions. With the global batch kept, the locator steps (which sample nothing) continue exactly:
-    the losses and the final weights equal the uninterrupted run's. At a phase switch Adam's moments are zeroed by
-    design, so there the weights (the fp32 partitions universal loading restores them from) are what is checked;
-    checkpoint-3 is in the middle of the locator phase, where step 4's update divides by the loaded moments and
-    counts the loaded Adam step (fresh moments move each weight by about the learning rate instead)."""
+    """A ZeRO-2 run preempted on 2 processes resumes on 1 from a phase switch (checkpoint-6), and that run's
+    checkpoint in the middle of the locator phase (checkpoint-7) resumes on 2 again: DeepSpeed's universal checkpoint
+    re-cuts the optimizer's partitions. With the global batch kept, the locator steps (which sample nothing) continue
+    exactly: the losses and the final weights equal the uninterrupted run's. At a phase switch Adam's moments are
+    zeroed by design, so there the weights are what is checked (universal loading restores them from the optimizer's
+    fp32 partitions; the switch comes after two locator steps, which moved them); at checkpoint-7 step 8's update
+    divides by the loaded moments and counts the loaded Adam step (fresh moments move each weight by about the
+    learning rate instead)."""
     model = tiny_checkpoint("qwen2_vl")
-    # A cycle: 1 describer rollout x 2 PPO epochs (steps 1-2), 2 locator steps (3-4); a checkpoint after every step.
+    # A cycle: 1 describer rollout x 2 PPO epochs, then 2 locator steps (steps 1-2, 3-4, 5-6, 7-8); a checkpoint
+    # after every step.
     zero2 = ["--deepspeed", os.path.join(ROOT, "scripts", "ds_config_zero2.json"), "--locator_update_steps", "2",
-             "--save_steps", "1", "--max_steps", "4"]
+             "--save_steps", "1", "--max_steps", "8"]
     full = tmp_path / "full"
     _torchrun(cli_args(model, full, *zero2), free_port())
     expected = step_losses(full)
-    assert checkpoints.read_layout(str(full / "checkpoint-2"))["rollout_ranks"] == []
+    assert checkpoints.read_layout(str(full / "checkpoint-6"))["rollout_ranks"] == []
 
     one = tmp_path / "one"  # 2 -> 1 processes, at the phase switch
-    _resume_elsewhere(model, one, full / "checkpoint-2", 1, zero2, accumulation=2)
-    assert [step_losses(one)[s] for s in (3, 4)] == pytest.approx([expected[s] for s in (3, 4)], rel=1e-6)
+    _resume_elsewhere(model, one, full / "checkpoint-6", 1, zero2, accumulation=2)
+    assert [step_losses(one)[s] for s in (7, 8)] == pytest.approx([expected[s] for s in (7, 8)], rel=1e-6)
     for name, tensor in _weights(full).items():
         torch.testing.assert_close(_weights(one)[name], tensor, rtol=0, atol=1e-6, msg=name)
 
     two = tmp_path / "two"  # 1 -> 2 processes, in the middle of the locator phase
-    _resume_elsewhere(model, two, one / "checkpoint-3", 2, zero2, accumulation=1)
-    assert step_losses(two)[4] == pytest.approx(expected[4], rel=1e-6)
+    _resume_elsewhere(model, two, one / "checkpoint-7", 2, zero2, accumulation=1)
+    assert step_losses(two)[8] == pytest.approx(expected[8], rel=1e-6)
     for name, tensor in _weights(full).items():
         torch.testing.assert_close(_weights(two)[name], tensor, rtol=0, atol=1e-6, msg=name)

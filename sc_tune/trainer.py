@@ -65,7 +65,7 @@ from sc_tune.resume import RunState, load_weights_strictly, run_settings, staged
 from sc_tune.rewards import RewardFunction
 from sc_tune.snapshot import eval_mode, is_peft, make_snapshot, unwrapped_for_generation, zero3_enabled
 from sc_tune.timing import timed_stage
-from sc_tune.universal import load_universal_checkpoints
+from sc_tune.universal import load_universal_checkpoints, repair_zero3_load
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +183,8 @@ class SCTuneTrainer(Trainer):
     def _begin_step(self, step: int) -> None:
         """Once per optimizer step, before its first micro-batch."""
         if self.run.resume_dir is not None:
+            if self.run.converted_dir is not None and self.run.zero3:
+                repair_zero3_load(self.optimizer, self.run.converted_dir)
             self.run.restore(self.run.resume_dir, step)
             self.run.resume_dir = None
             self.run.drop_converted()  # every rank has loaded the Trainer's and DeepSpeed's states by now

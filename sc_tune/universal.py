@@ -19,6 +19,9 @@ run's output folder, and the Trainer loads that converted folder. The original c
   controller) is still read from the original;
 - it is deleted once every rank has loaded it (the first step).
 
+Under ZeRO-3, DeepSpeed 0.19.8's universal load leaves two things wrong that its ZeRO-1/2 load gets right, put back
+after it by :func:`repair_zero3_load` (each param group's hyperparameters, one Adam step counter per group).
+
 DeepSpeed reads the universal files with ``torch.load(weights_only=False)``: they are scanned for pickled objects
 other than tensors, plain data and DeepSpeed's allowlisted classes before anything loads them (as the original was).
 """
@@ -32,7 +35,10 @@ import logging
 import os
 import shutil
 
+import torch
+
 from sc_tune import checkpoints
+from sc_tune.phases import innermost_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +118,26 @@ def load_universal_checkpoints(deepspeed_plugin) -> None:
     it at the start of training): the engine then reads ``latest_universal`` and the per-parameter files."""
     config = deepspeed_plugin.deepspeed_config
     config.setdefault("checkpoint", {})["load_universal"] = True
+
+
+def repair_zero3_load(optimizer, converted: str) -> None:
+    """After DeepSpeed 0.19.8's ZeRO-3 universal load, each param group as it was saved, as its ZeRO-1/2 load leaves
+    them. The ZeRO-3 load (``DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3``,
+    stage3.py 3664-3690) gives every group the hyperparameters of the checkpoint's group 0 (the no-decay group of
+    biases and norms then decays), and one Adam step tensor to every group (each group's Adam step then advances
+    the one counter: the second group's bias correction runs a step ahead)."""
+    inner = innermost_optimizer(optimizer)
+    saved = checkpoints.load_tensors(os.path.join(converted, _universal_tag(converted), "zero", "optimizer_state.pt"))
+    for group, saved_group in zip(inner.param_groups, saved["param_groups"], strict=True):
+        group.update({key: value for key, value in saved_group.items() if key != "params"})
+    for state in inner.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
+
+
+def _universal_tag(converted: str) -> str:
+    with open(os.path.join(converted, "latest_universal")) as f:
+        return f.read().strip()
 
 
 def remove(folder: str) -> None:

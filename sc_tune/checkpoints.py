@@ -344,7 +344,8 @@ def check_world_size_change(checkpoint: str, layout: dict, world_size: int) -> N
         where = "at a phase switch" if len(layout["snapshot_ranks"]) > 1 else "at a phase switch or a locator step"
         raise CheckpointError(
             f"{checkpoint} was saved by {layout['world_size']} processes and cannot resume on {world_size}: "
-            f"{'; '.join(reasons)}. Resume with {layout['world_size']} processes, or from a checkpoint saved {where}"
+            f"{'; '.join(reasons)}. Resume with {layout['world_size']} processes, or from a checkpoint saved {where} "
+            "(an earlier checkpoint-N, by its path, once the later ones are moved out of the output folder)"
         )
     logger.warning(
         "%s was saved by %d processes and resumes on %d%s: the step count, phases, weights and optimizer state "

@@ -248,7 +248,8 @@ class RunState:
         if error is not None:
             raise checkpoints.CheckpointError(error)
         if resume is not None:
-            logger.info("resuming from %s%s", resume, f" (DeepSpeed's state loaded from {converted})" if converted else "")
+            logger.info("resuming from %s%s", resume,
+                        f" (DeepSpeed's state loaded from {converted})" if converted else "")
         self.resume_dir, self.converted_dir = resume, converted
         return converted or resume
 

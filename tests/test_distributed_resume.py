@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow
 
 
 def _torchrun(argv, port, processes=2):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(port)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+           "--master_port", str(port)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": os.path.join(ROOT, ".torch_extensions")}
     result = subprocess.run(
         [*cmd, os.path.join(ROOT, "finetune.py"), *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600

@@ -158,13 +158,14 @@ class RunState:
     """The SC-Tune state of a run: the phase schedule, the KL controller, the snapshot and the rollout buffer."""
 
     def __init__(self, args, schedule: PhaseSchedule, kl_controller, snapshot: Snapshot, settings: dict,
-                 zero3: bool):
+                 zero3: bool, optimizer_on_nvme: bool = False):
         self.args = args
         self.schedule = schedule
         self.kl_controller = kl_controller
         self.snapshot = snapshot
         self.settings = settings
         self.zero3 = zero3  # parameters (the snapshot's too) are sharded: every rank saves its own part
+        self.optimizer_on_nvme = optimizer_on_nvme  # ZeRO-Infinity: the optimizer state lives in per-rank swap files
         self.rollouts: dict[int, DescriberRollout | LocatorRollout] = {}  # this step's, by micro-batch
         self.resume_dir: str | None = None  # restored at the first step of train()
         self.converted_dir: str | None = None  # its DeepSpeed state converted for another process count
@@ -255,8 +256,19 @@ class RunState:
 
     def _converted_if_resharded(self, checkpoint: str) -> str | None:
         """Rank 0: the universal copy of a DeepSpeed checkpoint saved by another number of processes, else None."""
-        if not universal.needs_conversion(checkpoints.read_layout(checkpoint), self.args.world_size):
+        layout = checkpoints.read_layout(checkpoint)
+        if not universal.needs_conversion(layout, self.args.world_size):
             return None
+        if self.optimizer_on_nvme:
+            # DeepSpeed loads an NVMe-offloaded optimizer from each rank's swap files and skips the universal load
+            # (DeepSpeedEngine.load_checkpoint): nothing would re-cut its state.
+            raise checkpoints.CheckpointError(
+                f"{checkpoint} was saved by {layout['world_size']} processes and cannot resume on "
+                f"{self.args.world_size} with the optimizer offloaded to NVMe (DeepSpeed restores it from each "
+                f"rank's swap files, and does not load universal checkpoints then). Resume with "
+                f"{layout['world_size']} processes, or with a DeepSpeed config whose offload_optimizer device is "
+                "cpu or none"
+            )
         return universal.convert(checkpoint, self.args.output_dir, self.args.world_size)
 
     def drop_converted(self) -> None:

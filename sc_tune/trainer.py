@@ -105,7 +105,8 @@ class SCTuneTrainer(Trainer):
         zero_stage = self.accelerator.state.deepspeed_plugin.zero_stage if self.is_deepspeed_enabled else None
         settings = run_settings(args, model, self.schedule, self.is_deepspeed_enabled, adapter, zero_stage,
                                 records=getattr(train_dataset, "records", None), model_folder=source_dir)
-        self.run = RunState(args, self.schedule, self.kl_controller, self.snapshot, settings, zero3)
+        self.run = RunState(args, self.schedule, self.kl_controller, self.snapshot, settings, zero3,
+                            optimizer_on_nvme=self._optimizer_on_nvme())
         # MoE under full fine-tuning: the router's load-balancing term joins every loss (sc_tune.moe).
         self.router_aux_coef = router_aux_coefficient(model, args.moe_aux_loss, args.moe_aux_loss_coef, is_peft(model))
         self._router_aux = None
@@ -116,6 +117,12 @@ class SCTuneTrainer(Trainer):
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._phases: list[str] = []  # phase name of each step since the last log
         self._staging_root: str | None = None  # set while a checkpoint is written (see _get_output_dir)
+
+    def _optimizer_on_nvme(self) -> bool:
+        if not self.is_deepspeed_enabled:
+            return False
+        zero = self.accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+        return (zero.get("offload_optimizer") or {}).get("device") == "nvme"
 
     # ------------------------------------------------------------------ data and schedule plumbing
     def _get_train_sampler(self, train_dataset=None):

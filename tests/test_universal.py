@@ -94,3 +94,22 @@ def test_a_conversion_that_fails_midway_leaves_the_checkpoint_as_it_was_and_the_
     assert not os.path.exists(converted + ".partial")  # the crashed conversion's remains are gone
     checkpoints.remove_stale_staging(str(tmp_path))  # the next save: a copy a resume left is removed too
     assert not os.path.exists(converted) and _tree(checkpoint) == before
+
+
+def test_an_optimizer_offloaded_to_nvme_is_refused_before_anything_is_converted(tmp_path, monkeypatch):
+    """DeepSpeed restores an NVMe-offloaded optimizer from each rank's swap files and skips the universal load."""
+    from types import SimpleNamespace
+
+    from sc_tune.resume import RunState
+
+    monkeypatch.setattr(checkpoints, "read_layout", lambda path: _layout())
+    monkeypatch.setattr(universal, "convert", lambda *a: pytest.fail("converted"))
+    run = RunState(SimpleNamespace(world_size=1, output_dir=str(tmp_path)), None, None, None, {}, zero3=False,
+                   optimizer_on_nvme=True)
+    with pytest.raises(checkpoints.CheckpointError, match="cannot resume on 1 with the optimizer offloaded to NVMe"):
+        run._converted_if_resharded(str(tmp_path / "checkpoint-2"))
+    run.optimizer_on_nvme = False
+    monkeypatch.setattr(universal, "convert", lambda *a: "converted")
+    assert run._converted_if_resharded(str(tmp_path / "checkpoint-2")) == "converted"
+    run.args.world_size = 2
+    assert run._converted_if_resharded(str(tmp_path / "checkpoint-2")) is None  # the same count: DeepSpeed's own load

@@ -22,8 +22,9 @@ run's output folder, and the Trainer loads that converted folder. The original c
 Under ZeRO-3, DeepSpeed 0.19.8's universal load leaves two things wrong that its ZeRO-1/2 load gets right, put back
 after it by :func:`repair_zero3_load` (each param group's hyperparameters, one Adam step counter per group).
 
-DeepSpeed reads the universal files with ``torch.load(weights_only=False)``: they are scanned for pickled objects
-other than tensors, plain data and DeepSpeed's allowlisted classes before anything loads them (as the original was).
+DeepSpeed reads the universal files with an unrestricted ``torch.load`` (any pickle runs): they are scanned for
+pickled objects other than tensors, plain data and DeepSpeed's allowlisted classes before anything loads them (as
+the original was).
 """
 
 from __future__ import annotations

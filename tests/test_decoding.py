@@ -29,8 +29,9 @@ GREEDY = GenerationSettings(max_new_tokens=6, min_new_tokens=2)
 SAMPLED = GenerationSettings(max_new_tokens=6, min_new_tokens=2, do_sample=True, top_k=50, top_p=0.9)
 
 # One model type per registered family (tests/test_families.py checks the registry covers them all).
-FAMILY_TYPES = ["qwen", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "glm4v", "internvl", "llava_onevision", "llava",
-                "llava_next", "mistral3", "aya_vision", "smolvlm", "gemma3", "gemma4"]
+FAMILY_TYPES = ["qwen", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "glm4v", "exaone4_5", "hyperclovax_vision_v2",
+                "internvl", "llava_onevision", "llava", "llava_next", "mistral3", "aya_vision", "smolvlm", "gemma3",
+                "gemma4"]
 
 
 def _model(tiny_checkpoint, model_type):

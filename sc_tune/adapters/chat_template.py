@@ -46,7 +46,41 @@ class TemplateImageInputs(ImageInputs):
     placeholder: str = ""
 
 
-class ChatTemplateAdapter(ModelAdapter):
+class GenericTemplateTurns:
+    """The prompts and turn end of a family with no grounding form of its own, driven by its chat template: prompts in
+    words asking for the codec's box, answers closed by ``end_token`` (the template's turn end, ``turn_end_token``),
+    the tokenizer's EOS also stopping. Shared by ``ChatTemplateAdapter`` and the patch-grid families without a
+    documented form (EXAONE 4.5, HyperCLOVA X SEED Vision v2)."""
+
+    end_token: str | None
+
+    def describer_prompt(self, box_norm, image):
+        return self.render(f"Describe the object at {self.codec.format(box_norm, image.frame)} in a few words.")
+
+    def locator_prompt(self, caption, image):
+        return self.render(f"Locate {self.plain_text(caption)}. {self.codec.request}")
+
+    @property
+    def end_text(self) -> str:
+        return self.end_token
+
+    @property
+    def end_token_ids(self) -> list[int]:
+        # Also stop on the tokenizer's EOS where it differs (Gemma: <eos> besides <end_of_turn>).
+        ids = [self.tokenizer.convert_tokens_to_ids(self.end_token)]
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
+            ids.append(self.tokenizer.eos_token_id)
+        return ids
+
+    @property
+    def pad_token_id(self) -> int:
+        # Some checkpoints define no pad token; pads are masked out (attention and completion masks), so the
+        # turn's end token serves.
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.end_token_ids[0]
+
+
+class ChatTemplateAdapter(GenericTemplateTurns, ModelAdapter):
     """Prompts through the tokenizer's chat template; one image per prompt; families differ in small tables.
 
     A family subclass sets the class attributes below and implements ``preprocess_image``.
@@ -129,35 +163,10 @@ class ChatTemplateAdapter(ModelAdapter):
         return [vocab[t] for t in tokens]
 
     # ---------------------------------------------------------------- prompts
-    def describer_prompt(self, box_norm, image):
-        return self.render(f"Describe the object at {self.codec.format(box_norm, image.frame)} in a few words.")
-
-    def locator_prompt(self, caption, image):
-        return self.render(f"Locate {self.plain_text(caption)}. {self.codec.request}")
-
     def reserved_strings(self) -> set[str]:
         # A marker that is plain text (Ovis2's "<image>") is no special token, but the family's processor expands every
         # one in a prompt into an image: a caption that spells it would be one image too many there.
         return super().reserved_strings() | {self.image_marker}
-
-    @property
-    def end_text(self) -> str:
-        return self.end_token
-
-    @property
-    def end_token_ids(self) -> list[int]:
-        # Also stop on the tokenizer's EOS where it differs (Gemma: <eos> besides <end_of_turn>).
-        ids = [self.tokenizer.convert_tokens_to_ids(self.end_token)]
-        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
-            ids.append(self.tokenizer.eos_token_id)
-        return ids
-
-    @property
-    def pad_token_id(self) -> int:
-        # Some checkpoints define no pad token; pads are masked out (attention and completion masks), so the
-        # turn's end token serves.
-        pad = self.tokenizer.pad_token_id
-        return pad if pad is not None else self.end_token_ids[0]
 
     def suppressed_token_ids(self, describer: bool = True) -> list[int]:
         ids = set(super().suppressed_token_ids(describer))

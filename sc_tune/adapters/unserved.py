@@ -78,8 +78,6 @@ UNSERVED: tuple[Unserved, ...] = (
     Unserved("VideoLLaMA3", ("video_llama_3",), NO_GROUNDING_FORM),
     Unserved("Granite 4 Vision", ("granite4_vision",), NO_GROUNDING_FORM),
     Unserved("Hunyuan (Hy) 4 VL", ("hy_v4_vl",), NO_GROUNDING_FORM),
-    Unserved("HyperCLOVA X SEED Vision", ("hyperclovax_vision_v2",), NO_GROUNDING_FORM),
-    Unserved("EXAONE 4.5", ("exaone4_5",), NO_GROUNDING_FORM),
     Unserved("Step 3.7", ("step3p7",), NO_GROUNDING_FORM),
     Unserved("MiniMax-M3", ("minimax_m3_vl",), NO_GROUNDING_FORM),
     Unserved("Muse Glimmer", ("muse_glimmer",), NO_GROUNDING_FORM),

@@ -12,7 +12,17 @@ hand, and asserts the strings are identical; that is what catches a stand-in tha
 - Qwen3.5: as Qwen3-VL, and the answer opens with ``<think>\\n\\n</think>\\n\\n`` when ``enable_thinking`` is false
   (``<think>\\n`` otherwise): its reasoning switch;
 - GLM-4.5V / 4.6V (hybrid): ``[gMASK]<sop><|user|>\\n`` ... ``<|assistant|>\\n``; with ``enable_thinking`` false
-  the user turn ends in ``/nothink`` and the answer opens with ``<think></think>\\n``.
+  the user turn ends in ``/nothink`` and the answer opens with ``<think></think>\\n``;
+- EXAONE 4.5: vLLM's example prompt (vllm-project/vllm ``examples/offline_inference/vision_language.py``,
+  ``run_exaone4_5``): ``<|system|>\\nYou are a helpful assistant.<|endofturn|>\\n<|user|>\\n<vision><|image_pad|></vision>``
+  + text + ``<|endofturn|>\\n<|assistant|>\\n``, the default system turn written where the conversation has none.
+  The released template was not at hand: its ``enable_thinking=False`` opener (EXAONE 4.5 thinks by default) is not
+  reproduced;
+- HyperCLOVA X SEED Vision v2: ChatML turns (vLLM's HyperCLOVA X reasoning-parser test closes a turn with
+  ``<|im_end|>\\n<|im_start|>assistant``), the image as vLLM's ``hyperclovax_vision_v2.py`` writes it
+  (``<|image_start|><|IMAGE_PAD|><|image_end|>``), and the empty ``<think>\\n\\n</think>\\n\\n`` block the generation
+  prompt writes by default (transformers' model doc; its trailing blank line assumed). The released template was not
+  at hand: no default system turn, no tools.
 """
 
 from __future__ import annotations
@@ -57,4 +67,24 @@ GLM_HYBRID_TEMPLATE = (
     "{% elif message['role'] == 'assistant' %}<|assistant|>\n{{ message['content'] }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n"
     "{% if enable_thinking is defined and not enable_thinking %}<think></think>\n{% endif %}{% endif %}"
+)
+
+# EXAONE 4.5 (see the module docstring: vLLM's example prompt).
+EXAONE4_5_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|system|>\nYou are a helpful assistant.<|endofturn|>\n"
+    "{% endif %}<|{{ message['role'] }}|>\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<vision><|image_pad|></vision>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|endofturn|>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+# HyperCLOVA X SEED Vision v2 (see the module docstring): thinking off unless ``thinking`` is passed.
+HYPERCLOVAX_VISION_V2_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|image_start|><|IMAGE_PAD|><|image_end|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if thinking is defined and thinking %}<think>\n{% else %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
 )

@@ -14,7 +14,9 @@ import torch
 
 from sc_tune.tiny.chat import DEFAULT_CORPUS, TinySizes, TinySpec, build_tiny, save_tiny
 from sc_tune.tiny.chat_templates import (
+    EXAONE4_5_TEMPLATE,
     GLM_HYBRID_TEMPLATE,
+    HYPERCLOVAX_VISION_V2_TEMPLATE,
     QWEN2_VL_TEMPLATE,
     QWEN3_5_TEMPLATE,
     QWEN3_VL_TEMPLATE,
@@ -399,6 +401,73 @@ TINY_SPECS: dict[str, TinySpec] = {
     "glm4v_moe": _glm_spec("glm4v_moe"),
     "glm46v": _glm_spec("glm46v"),
 }
+
+
+# ---------------------------------------------------------------- EXAONE 4.5, HyperCLOVA X SEED Vision v2
+# Qwen2-VL's image processor (14 px patches, 2 x 2 merge) before a 1-D-rotary text model; prompt words as the generic
+# chat-template families' (sc_tune.adapters.chat_template.GenericTemplateTurns).
+GENERIC_PROMPT_TEXT = (
+    "Describe the object at in a few words. Locate . Answer with its box as [x1, y1, x2, y2], integers from 0 to "
+    "1000. [0, 1, 2, 3] This is a the "
+)
+EXAONE4_5_TOKENS = ("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|endofturn|>", "<vision>",
+                    "</vision>", "<|image_pad|>", "<|video_pad|>", "<think>", "</think>")
+# The processor reads the image token off the tokenizer (image_token): the released one names <|IMAGE_PAD|> (vLLM).
+HYPERCLOVAX_VISION_V2_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|endofturn|>", "<|image_start|>",
+                                "<|image_end|>", "<|IMAGE_PAD|>", "<|video_start|>", "<|video_end|>", "<|VIDEO_PAD|>",
+                                "<think>", "</think>")
+
+
+def _exaone4_5_config(tokenizer, sizes: TinySizes):
+    # EXAONE 4.0's text model: a sliding-window (rotary) layer, then a global one; a GQA vision tower (2-D rotary).
+    text = dict(_text_config(tokenizer, sizes, "<|endofturn|>"), model_type="exaone4", sliding_window=64,
+                layer_types=["sliding_attention"] * (sizes.layers - 1) + ["full_attention"])
+    vision = dict(_QWEN_VISION, hidden_size=sizes.vision_width, out_hidden_size=sizes.hidden, num_key_value_heads=1,
+                  intermediate_size=2 * sizes.vision_width, patch_size=14, window_size=112, fullatt_block_indexes=[1])
+    ids = _token_ids(tokenizer, {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>"})
+    return _for_model("exaone4_5", text, vision, ids)
+
+
+def _hyperclovax_vision_v2_config(tokenizer, sizes: TinySizes):
+    # HyperCLOVA X's text model (Llama-like with multipliers: a logits scale of 0.5 so that it is exercised) and the
+    # Qwen2.5-VL tower, whose merger projects to its own width before the linear projector.
+    text = dict(_text_config(tokenizer, sizes, "<|im_end|>"), model_type="hyperclovax", logits_scaling=0.5)
+    vision = dict(_QWEN_VISION, model_type="qwen2_5_vl_vision", hidden_size=sizes.vision_width,
+                  out_hidden_size=sizes.vision_width, intermediate_size=2 * sizes.vision_width, patch_size=14,
+                  window_size=112, fullatt_block_indexes=[1])
+    ids = _token_ids(tokenizer, {"image_token_id": "<|IMAGE_PAD|>", "video_token_id": "<|VIDEO_PAD|>"})
+    return _for_model("hyperclovax_vision_v2", text, vision, ids)
+
+
+def _gpt2_tokenizer_class():
+    from transformers import GPT2Tokenizer
+
+    return GPT2Tokenizer
+
+
+def _patch_grid_generic_spec(config, special_tokens, eos_token, chat_template, named_tokens=(),
+                             tokenizer_class=None) -> TinySpec:
+    more = {"tokenizer_class": tokenizer_class} if tokenizer_class is not None else {}
+    return TinySpec(
+        special_tokens=special_tokens,
+        eos_token=eos_token,
+        template_text=GENERIC_PROMPT_TEXT + "system\nYou are a helpful assistant.\nuser\nassistant\n",
+        image_processor=_qwen_image_processor(14),
+        config=config,
+        chat_template=chat_template,
+        named_tokens=named_tokens,
+        **more,
+    )
+
+
+TINY_SPECS.update({
+    "exaone4_5": _patch_grid_generic_spec(_exaone4_5_config, EXAONE4_5_TOKENS, "<|endofturn|>", EXAONE4_5_TEMPLATE),
+    "hyperclovax_vision_v2": _patch_grid_generic_spec(
+        _hyperclovax_vision_v2_config, HYPERCLOVAX_VISION_V2_TOKENS, "<|im_end|>", HYPERCLOVAX_VISION_V2_TEMPLATE,
+        named_tokens=(("image_token", "<|IMAGE_PAD|>"), ("video_token", "<|VIDEO_PAD|>")),
+        # transformers loads every hyperclovax_vision_v2 folder with GPT2Tokenizer, whatever its tokenizer_config says
+        tokenizer_class=_gpt2_tokenizer_class),
+})
 
 
 def tiny_spec(model_type: str) -> TinySpec:

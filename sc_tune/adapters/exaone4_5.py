@@ -1,0 +1,79 @@
+"""Adapters for EXAONE 4.5 (``exaone4_5``, LG AI Research) and HyperCLOVA X SEED Vision v2
+(``hyperclovax_vision_v2``, NAVER: HyperCLOVAX-SEED-Think-32B), transformers-native.
+
+Both are a Qwen2.5-VL-style vision tower (EXAONE 4.5's with grouped-query attention and 2-D rotary positions) in
+front of a 1-D-rotary text model (EXAONE 4.0; HyperCLOVA X), and transformers 5.24 processes both with Qwen2-VL's
+image processor: ``Exaone4_5_Processor`` (``HyperCLOVAXVisionV2Processor`` is its subclass) replaces each image
+token with ``image_grid_thw.prod() // merge_size**2`` of them. That is ``PatchGridChatAdapter``'s image and
+placeholder machinery, shared here; what differs from the Qwen families:
+
+- the image token is the tokenizer's ``image_token`` where it names one, else ``<|image_pad|>`` (the processor's
+  rule); the chat template writes what surrounds it (EXAONE 4.5: ``<vision>`` ... ``</vision>``);
+- no ``mm_token_type_ids``: the processors return none (``return_mm_token_type_ids`` is removed) and the models
+  have no multimodal rope index: positions are 1-D, ``arange(sequence) + cached length``, which both models compute
+  themselves in every forward and decoding step (``prepare_inputs_for_generation`` drops the position ids generate
+  builds). SC-Tune passes none: the positions are the model's own (column indices, padding included; rotary
+  attention depends on differences only);
+- the turn's end token is read from the checkpoint's chat template (``turn_end_token``: EXAONE's ``<|endofturn|>``,
+  HyperCLOVA X's ``<|im_end|>``), the tokenizer's EOS also stopping where it differs.
+
+Boxes: neither vendor documents a grounding answer form (transformers' model docs, docstrings and tests show image
+descriptions only), so the native codec is the generic one and ``grounding_prior`` is false: a grounding warm start
+first (docs/grounding_warm_start.md). Reasoning: both are hybrid. EXAONE 4.5 thinks by default and its template's
+``enable_thinking=False`` (which ``render`` passes) turns it off; HyperCLOVA X's generation prompt writes an empty
+``<think>\\n\\n</think>`` block unless ``thinking=True`` is passed (transformers' model doc).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sc_tune.adapters.base import language_model_lora_targets
+from sc_tune.adapters.chat_template import GenericTemplateTurns, turn_end_token
+from sc_tune.adapters.patch_grid_chat import PatchGridChatAdapter
+from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
+from sc_tune.box_codecs import GENERIC_CODEC
+
+DEFAULT_IMAGE_TOKEN = "<|image_pad|>"  # Exaone4_5_Processor's, where the tokenizer names no image_token
+
+
+def processor_image_token(tokenizer) -> str:
+    """The image token ``Exaone4_5_Processor`` (and ``HyperCLOVAXVisionV2Processor``) expands: the tokenizer's
+    ``image_token`` where it has one, else ``<|image_pad|>``."""
+    return tokenizer.image_token if hasattr(tokenizer, "image_token") else DEFAULT_IMAGE_TOKEN
+
+
+class Exaone45Adapter(GenericTemplateTurns, PatchGridChatAdapter):
+    native_codec = GENERIC_CODEC
+    grounding_prior = False  # no documented grounding: a grounding warm start first (docs/grounding_warm_start.md)
+    per_token_keys = ()  # no mm_token_type_ids: 1-D positions the model counts itself
+    vision_prefix = "model.visual"
+    vision_trainable_prefixes = ("model.visual.merger",)  # the patch merger projects onto the text width
+    lora_target_modules = language_model_lora_targets("model.language_model")
+    # EXAONE 4.0's sliding-window (rotary) and global layers, HyperCLOVA X's full-attention ones: a static cache decodes
+    # them (tests/test_decoding.py), positions advancing one per token from the cached length.
+    static_decoding_verified = True
+
+    def __init__(self, tokenizer, image_processor, box_format="native"):
+        self.image_token = processor_image_token(tokenizer)
+        super().__init__(tokenizer, image_processor, box_format)
+        self.end_token = turn_end_token(tokenizer)
+
+    def image_batch(self, images, input_ids):
+        return {
+            "pixel_values": torch.cat([im.tensors["pixel_values"] for im in images], dim=0),
+            "image_grid_thw": torch.cat([im.tensors["image_grid_thw"] for im in images], dim=0),
+        }
+
+
+class HyperClovaXVisionV2Adapter(Exaone45Adapter):
+    """The tower is ``model.vision_model`` (Qwen2.5-VL's, its patch merger inside); a linear ``model.projector`` after
+    it maps onto the text width and stays trainable under ``fix_vit`` (it is outside the tower)."""
+
+    vision_prefix = "model.vision_model"
+    vision_trainable_prefixes = ("model.vision_model.merger",)
+
+
+register(Family("EXAONE 4.5", ("exaone4_5",), Exaone45Adapter, auto_image_text_to_text))
+register(Family("HyperCLOVA X SEED Vision v2", ("hyperclovax_vision_v2",), HyperClovaXVisionV2Adapter,
+                auto_image_text_to_text))

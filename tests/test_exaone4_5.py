@@ -1,0 +1,104 @@
+"""What is particular to EXAONE 4.5 and HyperCLOVA X SEED Vision v2 (sc_tune.adapters.exaone4_5): Qwen2-VL's image
+processor and placeholders without mm_token_type_ids, 1-D positions the models count themselves, the turn end read
+from the chat template. Their codec round trips, SC-Tune runs, export and evaluation are in tests/test_families.py,
+static decoding in tests/test_decoding.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from sc_tune.adapters import adapter_class
+
+TYPES = ["exaone4_5", "hyperclovax_vision_v2"]
+BOX = [0.1, 0.2, 0.5, 0.6]
+
+
+def _photo(size):
+    photo = Image.new("RGB", size, (200, 30, 30))
+    photo.paste((20, 40, 220), (0, 0, size[0] // 3, size[1] // 2))  # not one colour: patches differ
+    return photo
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_the_familys_processor_builds_the_adapters_inputs_on_square_wide_and_tall_photos(model_type, tiny_checkpoint,
+                                                                                         monkeypatch):
+    """transformers' own processor class (Exaone4_5_Processor, HyperCLOVAXVisionV2Processor) around the folder's
+    tokenizer and image processor (its video processor needs torchvision and is never used for images: the class's
+    type check is stubbed, as for MiniCPM-V) on the adapter's rendered prompts: the same input ids (image token and
+    its count), the same pixels and grid, no other key (no mm_token_type_ids); with the pixel budget lowered too."""
+    import transformers
+
+    path = tiny_checkpoint(model_type)
+    adapter = adapter_class(model_type).from_pretrained(path)
+    processor_class = getattr(transformers, {"exaone4_5": "Exaone4_5_Processor",
+                                             "hyperclovax_vision_v2": "HyperCLOVAXVisionV2Processor"}[model_type])
+    monkeypatch.setattr(processor_class, "check_argument_for_proper_class", lambda self, name, value: None)
+    processor = processor_class(image_processor=adapter.image_processor, tokenizer=adapter.tokenizer)
+    assert processor.image_token == adapter.image_token
+    grids = {}
+    for max_pixels in (None, 28 * 28 * 2):
+        if max_pixels is not None:
+            adapter.limit_image_pixels(28 * 28, max_pixels)
+        bounds = {} if max_pixels is None else {"size": {"shortest_edge": 28 * 28, "longest_edge": max_pixels}}
+        for size in ((60, 60), (300, 40), (40, 300)):
+            photo = _photo(size)
+            image = adapter.prepare_image(photo)
+            for prompt in (adapter.describer_prompt(BOX, image), adapter.locator_prompt("the dog", image)):
+                ours = adapter.build_batch([prompt], [image]).inputs
+                theirs = processor(text=[prompt], images=[photo], return_tensors="pt", images_kwargs=bounds)
+                assert sorted(ours) == sorted(theirs) == ["attention_mask", "image_grid_thw", "input_ids",
+                                                          "pixel_values"]
+                for key in ours:
+                    assert torch.equal(ours[key], theirs[key]), (model_type, size, key)
+            grids[max_pixels, size] = image.tensors["image_grid_thw"][0].tolist()
+            assert image.num_tokens == grids[max_pixels, size][1] * grids[max_pixels, size][2] // 4
+    wide, tall = grids[None, (300, 40)], grids[None, (40, 300)]
+    assert grids[None, (60, 60)] == [1, 4, 4] and wide[1] < wide[2] and wide == [1, tall[2], tall[1]]
+    assert grids[28 * 28 * 2, (60, 60)] == [1, 2, 2]  # one merged patch: the bound took effect on both sides
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_positions_are_the_models_own_and_padding_changes_no_row(model_type, tiny_checkpoint):
+    """The adapter passes no positions (the models count 1-D positions from the cache length themselves, and drop any
+    generate builds): two prompts of different lengths left-padded in one batch give each row the logits it has
+    alone, and the forward equals one given the model's own positions (column indices) explicitly."""
+    from sc_tune.modeling import load_model_and_adapter
+
+    model, adapter = load_model_and_adapter(tiny_checkpoint(model_type))
+    images = [adapter.prepare_image(_photo(size)) for size in ((60, 60), (300, 40))]
+    prompts = [adapter.describer_prompt(BOX, images[0]), adapter.locator_prompt("the dog on the left", images[1])]
+    batch = adapter.build_batch(prompts, images)
+    assert "position_ids" not in batch.inputs and not adapter.per_token_keys
+    with torch.no_grad():
+        together = model(**batch.inputs).logits[:, -1]
+        width = batch.input_ids.shape[1]
+        explicit = model(**batch.inputs, position_ids=torch.arange(width)[None].expand(2, -1)).logits[:, -1]
+        torch.testing.assert_close(explicit, together)
+        for row in range(2):
+            alone = model(**adapter.build_batch([prompts[row]], [images[row]]).inputs).logits[0, -1]
+            torch.testing.assert_close(together[row], alone, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_type, end, eos", [("exaone4_5", "<|endofturn|>", "<|endofturn|>"),
+                                                   ("hyperclovax_vision_v2", "<|im_end|>", "<|im_end|>")])
+def test_the_locator_target_ends_with_the_turn_end_the_template_writes(model_type, end, eos, tiny_checkpoint):
+    """The target after the locator prompt is the generic box and the token the checkpoint's template writes after an
+    answer (read from it), where generation stops; the prompt opens the answer as the template does (EXAONE 4.5:
+    vLLM's example prompt; HyperCLOVA X: the empty reasoning block)."""
+    adapter = adapter_class(model_type).from_pretrained(tiny_checkpoint(model_type))
+    image = adapter.prepare_image(_photo((60, 60)))
+    prompt, target = adapter.locator_prompt("the dog", image), adapter.locator_target(BOX, image, "the dog")
+    assert target == f"[100, 200, 500, 600]{end}" and adapter.end_token == end and adapter.tokenizer.eos_token == eos
+    assert adapter.end_token_ids == [adapter.tokenizer.convert_tokens_to_ids(end)]
+    user_text = "Locate the dog. Answer with its box as [x1, y1, x2, y2], integers from 0 to 1000."
+    turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user_text}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "[100, 200, 500, 600]"}]}]
+    rendered = adapter.tokenizer.apply_chat_template(turns, tokenize=False)
+    if model_type == "exaone4_5":
+        assert rendered.startswith(prompt + target) and prompt.endswith("<|endofturn|>\n<|assistant|>\n")
+    else:  # the history turn carries no reasoning block; the generation prompt opens an empty one
+        assert rendered.replace("<|im_start|>assistant\n", "<|im_start|>assistant\n<think>\n\n</think>\n\n").startswith(
+            prompt + target)
+    assert adapter.parse_locator_output(target, image) == pytest.approx(BOX)

@@ -9,7 +9,8 @@ import it. Its modules:
 
 - ``chat``: the shared machinery of the transformers-native chat families (tiny BPE tokenizer, ``TinySpec``,
   ``TinySizes``, ``build_tiny(spec)``, ``write_folder``);
-- ``configs``: one ``TinySpec`` per Qwen2-VL ... Qwen3.5, Qwen3.8-Flash-Next and GLM-4.xV ``model_type``
+- ``configs``: one ``TinySpec`` per Qwen2-VL ... Qwen3.5, Qwen3.8-Flash-Next, GLM-4.xV, EXAONE 4.5 and HyperCLOVA X SEED
+  Vision v2 ``model_type``
   (``TINY_SPECS``);
 - ``template_families``: InternVL, Gemma 3 / 4, LLaVA-OneVision, LLaVA-1.5 / NeXT, Mistral 3, Aya Vision, SmolVLM,
   Ovis2 and MiniCPM-V 4.6 / 4.7, with stand-in chat templates;

@@ -10,6 +10,7 @@ from sc_tune.adapters import (  # noqa: F401  (imported to register their famili
     exaone4_5,
     gemma,
     glm4v,
+    granite4_vision,
     internvl,
     llava,
     llava_onevision,

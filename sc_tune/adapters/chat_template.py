@@ -1,5 +1,5 @@
 """Adapters driven by the checkpoint's own chat template (InternVL, Gemma 3 / 4, LLaVA-OneVision, LLaVA-1.5 / NeXT,
-Mistral 3, Aya Vision, SmolVLM, Ovis2, MiniCPM-V 4.6 / 4.7).
+Mistral 3, Aya Vision, Granite 4 Vision, SmolVLM, Ovis2, MiniCPM-V 4.6 / 4.7).
 
 These families ship their turn format as a Jinja chat template with the tokenizer (``chat_template.jinja``,
 or the processor's legacy ``chat_template.json``). A prompt is rendered through that template, exactly as

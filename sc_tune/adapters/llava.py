@@ -23,7 +23,12 @@ The turn's end differs per checkpoint (``</s>`` for the Vicuna and Mistral ones,
 from __future__ import annotations
 
 from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs
-from sc_tune.adapters.llava_onevision import anyres_image_inputs, check_select_strategy, extra_tower_features
+from sc_tune.adapters.llava_onevision import (
+    anyres_image_inputs,
+    borrowed_counter,
+    check_select_strategy,
+    extra_tower_features,
+)
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
 
 class _LlavaHfAdapter(ChatTemplateAdapter):
@@ -71,32 +76,29 @@ class LlavaAdapter(_LlavaHfAdapter):
 
 
 class LlavaNextAdapter(_LlavaHfAdapter):
-    """LLaVA-NeXT: anyres tiles, counted by ``LlavaNextProcessor._get_number_of_features``."""
+    """LLaVA-NeXT: anyres tiles, counted by ``LlavaNextProcessor._get_number_of_features``.
+
+    Granite 4 Vision (``sc_tune.adapters.granite4_vision``) is this layout with its own count: a subclass names its
+    family (for the select-strategy refusal) and its processor's count in ``feature_counter``."""
 
     padded_keys = ("pixel_values",)
+    family_label = "LLaVA-NeXT"
 
     def __init__(self, tokenizer, image_processor, config, box_format: str = "native"):
         super().__init__(tokenizer, image_processor, config, box_format)
-        check_select_strategy(config, "LLaVA-NeXT")  # each tile's features must make a square patch grid
-        self._features = _feature_counter(image_processor, config, self.cls_features)
+        check_select_strategy(config, self.family_label)  # each tile's features must make a square patch grid
+        self._features = self.feature_counter(image_processor, config)
+
+    def feature_counter(self, image_processor, config):
+        """transformers' own per-image feature count (``LlavaNextProcessor._get_number_of_features``), before the
+        select strategy's drop."""
+        from transformers.models.llava_next.processing_llava_next import LlavaNextProcessor
+
+        return borrowed_counter(LlavaNextProcessor, image_processor, patch_size=config.vision_config.patch_size,
+                                num_additional_image_tokens=self.cls_features)
 
     def preprocess_image(self, image):
         return anyres_image_inputs(self, image, self._features)
-
-
-def _feature_counter(image_processor, config, cls_features: int):
-    """transformers' own per-image feature count (``LlavaNextProcessor._get_number_of_features``), before the
-    select strategy's drop.
-
-    Why borrowed rather than the processor built: the processor reads its patch size and CLS count from
-    processor_config.json, which the model's config decides; the count reads only the attributes set here."""
-    from transformers.models.llava_next.processing_llava_next import LlavaNextProcessor
-
-    counter = object.__new__(LlavaNextProcessor)
-    counter.image_processor = image_processor
-    counter.patch_size = config.vision_config.patch_size
-    counter.num_additional_image_tokens = cls_features
-    return counter
 
 
 register(Family("LLaVA-1.5", ("llava",), LlavaAdapter, auto_image_text_to_text))

@@ -88,15 +88,25 @@ def _feature_counter(image_processor, config, extra_features: int):
     select strategy's drop. Its ``num_image_tokens`` is a view's features: the patches plus the tower's extra
     (CLS) feature, which "default" then drops (a CLIP tower's 577 at 336 / 14; SigLIP's 729 at 384 / 14).
 
-    Why not the processor itself: its constructor requires a video processor, which needs torchvision. The
-    count only reads the three attributes set here, so the method is borrowed rather than re-derived."""
+    Why not the processor itself: its constructor requires a video processor, which needs torchvision."""
     from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
 
-    counter = object.__new__(LlavaOnevisionProcessor)
-    counter.image_processor = image_processor
     vision = config.vision_config
-    counter.num_image_tokens = (vision.image_size // vision.patch_size) ** 2 + extra_features
-    counter.vision_aspect_ratio = config.vision_aspect_ratio
+    return borrowed_counter(LlavaOnevisionProcessor, image_processor,
+                            num_image_tokens=(vision.image_size // vision.patch_size) ** 2 + extra_features,
+                            vision_aspect_ratio=config.vision_aspect_ratio)
+
+
+def borrowed_counter(processor_class, image_processor, **attributes):
+    """An instance of ``processor_class`` (an anyres processor: LLaVA-OneVision's, LLaVA-NeXT's, Granite 4 Vision's)
+    holding only ``image_processor`` and ``attributes``, enough for its ``_get_number_of_features``: the method is
+    borrowed rather than re-derived. The processor itself is not built: OneVision's constructor needs a video
+    processor (torchvision), and the others read their patch size, CLS count (and Granite's downsample rate) from
+    processor_config.json, where the model's config decides them."""
+    counter = object.__new__(processor_class)
+    counter.image_processor = image_processor
+    for name, value in attributes.items():
+        setattr(counter, name, value)
     return counter
 
 

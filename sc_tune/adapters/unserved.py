@@ -76,7 +76,6 @@ UNSERVED: tuple[Unserved, ...] = (
     Unserved("LFM2-VL / LFM3-VL", ("lfm2_vl", "lfm3_vl"), NO_GROUNDING_FORM),
     Unserved("Perception LM", ("perception_lm",), NO_GROUNDING_FORM),
     Unserved("VideoLLaMA3", ("video_llama_3",), NO_GROUNDING_FORM),
-    Unserved("Granite 4 Vision", ("granite4_vision",), NO_GROUNDING_FORM),
     Unserved("Hunyuan (Hy) 4 VL", ("hy_v4_vl",), NO_GROUNDING_FORM),
     Unserved("Step 3.7", ("step3p7",), NO_GROUNDING_FORM),
     Unserved("MiniMax-M3", ("minimax_m3_vl",), NO_GROUNDING_FORM),

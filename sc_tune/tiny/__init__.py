@@ -12,8 +12,8 @@ import it. Its modules:
 - ``configs``: one ``TinySpec`` per Qwen2-VL ... Qwen3.5, Qwen3.8-Flash-Next, GLM-4.xV, EXAONE 4.5 and HyperCLOVA X SEED
   Vision v2 ``model_type``
   (``TINY_SPECS``);
-- ``template_families``: InternVL, Gemma 3 / 4, LLaVA-OneVision, LLaVA-1.5 / NeXT, Mistral 3, Aya Vision, SmolVLM,
-  Ovis2 and MiniCPM-V 4.6 / 4.7, with stand-in chat templates;
+- ``template_families``: InternVL, Gemma 3 / 4, LLaVA-OneVision, LLaVA-1.5 / NeXT, Mistral 3, Aya Vision, Granite 4
+  Vision, SmolVLM, Ovis2 and MiniCPM-V 4.6 / 4.7, with stand-in chat templates;
 - ``qwen_vl``: the native Qwen-VL (tiktoken vocabulary, its own config and model class).
 
 ``SAVERS`` maps each model type to the function that writes its folder; a test checks that every model type the

@@ -1,5 +1,5 @@
 """Tiny random models of the chat-template families: InternVL, Gemma 3 / 4, LLaVA-OneVision, LLaVA-1.5 / NeXT,
-Mistral 3, Aya Vision, SmolVLM, Ovis2, MiniCPM-V.
+Mistral 3, Aya Vision, Granite 4 Vision, SmolVLM, Ovis2, MiniCPM-V.
 
 Each is the family's own transformers architecture at a few hundred thousand parameters, a tiny BPE
 tokenizer carrying the family's special tokens (``sc_tune.tiny.chat``), the family's PIL image
@@ -296,15 +296,17 @@ def _llava_config(model_type: str, eos_token: str):
     return build
 
 
-def _llava_processor_config(processor_class: str):
-    """The settings LlavaProcessor / LlavaNextProcessor read from processor_config.json, from the model config."""
+def _llava_processor_config(processor_class: str, *more: str):
+    """The settings LlavaProcessor / LlavaNextProcessor read from processor_config.json, from the model config;
+    ``more``: config fields the processor reads too (Granite4VisionProcessor's downsample_rate)."""
 
     def build(config) -> dict:
         from sc_tune.adapters.llava_onevision import extra_tower_features
 
         return {"patch_size": config.vision_config.patch_size,
                 "vision_feature_select_strategy": config.vision_feature_select_strategy,
-                "num_additional_image_tokens": extra_tower_features(config), "processor_class": processor_class}
+                "num_additional_image_tokens": extra_tower_features(config), "processor_class": processor_class,
+                **{name: getattr(config, name) for name in more}}
 
     return build
 
@@ -422,6 +424,48 @@ def _aya_vision_processor_config(config) -> dict:
     return {"img_size": config.vision_config.image_size,
             "patch_size": config.vision_config.patch_size * config.downsample_factor, "downsample_factor": 1,
             "processor_class": "AyaVisionProcessor"}
+
+
+# ---------------------------------------------------------------- Granite 4 Vision
+# Granite 4's role tags (IBM's Granite 4.0 prompt-engineering guide: "<|start_of_role|>", "<|end_of_role|>" and
+# "<|end_of_text|>", which ends every message block; no default system prompt), the image first as "<image>" in the
+# user's turn (the one-image prompt third-party Granite 4 Vision clients write:
+# "<|start_of_role|>user<|end_of_role|><image>{question}<|end_of_text|>\n<|start_of_role|>assistant<|end_of_role|>").
+# The released chat_template.jinja was not at hand: it also expands the releases' task tags (<chart2csv>, ...), which
+# SC-Tune's prompts do not use.
+GRANITE4_VISION_TEMPLATE = (
+    "{% for message in messages %}{{ '<|start_of_role|>' + message['role'] + '<|end_of_role|>' }}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{{ '<|end_of_text|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_of_role|>assistant<|end_of_role|>' }}{% endif %}"
+)
+# Granite's pad, its BOS / EOS (one token, which its tokenizer does not prepend), the role tags, the image token.
+GRANITE4_VISION_TOKENS = ("<|pad|>", "<|end_of_text|>", "<|start_of_role|>", "<|end_of_role|>", "<image>")
+GRANITE4_VISION_PATCH = 7  # 4 x 4 patches per 28 px view, Q-Formed to 2 x 2 features in one 4 x 4 window ("2/4")
+
+
+def _granite4_vision_config(tokenizer, sizes: TinySizes):
+    from transformers import AutoConfig
+
+    # A SigLIP tower (the releases': SigLIP2 so400m, patch 16, 384 px) 64 wide (the Q-Former's heads are width / 64),
+    # one layer "deepstack" projector on its next-to-last layer into text layer 0 and the four spatial-offset ones on
+    # its last layer into layers 1..4 (each into a layer of its own, as the releases': a layer named twice keeps one),
+    # and Granite's multipliers at the releases' kind of values (embedding 12, residual 0.22, attention 1 / head_dim,
+    # logits / 10), so that static decoding is checked with them.
+    vision = dict(_vision_encoder(sizes, TINY_IMAGE_SIZE, GRANITE4_VISION_PATCH), model_type="siglip_vision_model",
+                  hidden_size=64, intermediate_size=128, vision_use_head=False)
+    text = dict(_text_config(tokenizer, sizes, "<|end_of_text|>"), num_hidden_layers=5, embedding_multiplier=12.0,
+                residual_multiplier=0.22, attention_multiplier=1 / (sizes.hidden // sizes.text_heads),
+                logits_scaling=10.0)
+    qformer = {"num_hidden_layers": 1, "intermediate_size": 64, "cross_attention_frequency": 1,
+               "max_position_embeddings": 64, "use_qformer_text_input": False}
+    return AutoConfig.for_model(
+        "granite4_vision", text_config=text, vision_config=vision, qformer_config=qformer,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="full",
+        image_grid_pinpoints=_anyres_pinpoints(TINY_IMAGE_SIZE), downsample_rate="2/4",
+        deepstack_layer_map=[[-2, 0]], spatial_vision_layer=-1, spatial_target_layers=[1, 2, 3, 4],
+        projector_dropout=0.0, tie_word_embeddings=False,
+    )
 
 
 # ---------------------------------------------------------------- Ovis2
@@ -686,6 +730,14 @@ TINY_TEMPLATE_SPECS: dict[str, TemplateTinySpec] = {
                 template_text=TEMPLATE_TEXT + "TILE_GLOBAL TILE_1 TILE_2 TILE_3", prepends_bos=True),
         lambda: AYA_VISION_TEMPLATE,
         processor_config=_aya_vision_processor_config,
+    ),
+    # LLaVA-NeXT's image processor and anyres grids; Granite's tokenizer prepends no BOS.
+    "granite4_vision": TemplateTinySpec(
+        replace(_spec(GRANITE4_VISION_TOKENS, "<|end_of_text|>", _llava_next_image_processor, _granite4_vision_config,
+                      named_tokens={"image_token": "<image>"}),
+                template_text=TEMPLATE_TEXT + "user assistant"),
+        lambda: GRANITE4_VISION_TEMPLATE,
+        processor_config=_llava_processor_config("Granite4VisionProcessor", "downsample_rate"),
     ),
     "ovis2": TemplateTinySpec(
         replace(_spec((*CHATML, "<IMG_ATOM>", *OVIS2_INDICATORS), "<|im_end|>", _ovis2_image_processor, _ovis2_config),

@@ -1,5 +1,5 @@
 """What is particular to the chat-template families (InternVL, Gemma 3 / 4, LLaVA-OneVision, LLaVA-1.5 / NeXT,
-Mistral 3, Aya Vision, SmolVLM, Ovis2, MiniCPM-V).
+Mistral 3, Aya Vision, Granite 4 Vision, SmolVLM, Ovis2, MiniCPM-V).
 
 The codec round trips, SC-Tune loop, export and evaluation of every family are covered by
 tests/test_families.py; here: prompts through each family's chat template (InternVL's grounding format),
@@ -22,7 +22,7 @@ from sc_tune.modeling import freeze_vision_tower, load_model_and_adapter
 from tests.conftest import SAMPLE_IMAGES
 
 TEMPLATE_TYPES = ["internvl", "gemma3", "gemma4", "llava_onevision", "llava", "llava_next", "mistral3", "aya_vision",
-                  "smolvlm", "idefics3", "ovis2", "minicpmv4_6", "minicpmv4_7"]
+                  "granite4_vision", "smolvlm", "idefics3", "ovis2", "minicpmv4_6", "minicpmv4_7"]
 BOX = [0.1, 0.2, 0.5, 0.6]
 
 # What each family's chat template makes of one user turn (image + text) and the opened answer.
@@ -37,6 +37,9 @@ TURNS = {
     # Cohere's turn tokens; "<image>" is plain text its processor expands (its tokenizer prepends <BOS_TOKEN>)
     "aya_vision": ("<|START_OF_TURN_TOKEN|><|USER_TOKEN|><image>", "<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|>"
                    "<|CHATBOT_TOKEN|>"),
+    # Granite 4's role tags, the image first in the user's turn (its tokenizer prepends nothing)
+    "granite4_vision": ("<|start_of_role|>user<|end_of_role|><image>",
+                        "<|end_of_text|>\n<|start_of_role|>assistant<|end_of_role|>"),
     "smolvlm": ("<|im_start|>User:<image>", "<end_of_utterance>\nAssistant:"),
     "idefics3": ("<|im_start|>User:<image>", "<end_of_utterance>\nAssistant:"),
     # the released template's default system turn; "<image>" is plain text its processor expands
@@ -57,6 +60,7 @@ MEDIA = {
     "llava_next": {"<image>"},
     "mistral3": {"[IMG]", "[IMG_BREAK]", "[IMG_END]"},
     "aya_vision": {"<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>"},
+    "granite4_vision": {"<image>"},
     "smolvlm": {"<image>", "<fake_token_around_image>", "<global-img>"}
     | {f"<row_{r}_col_{c}>" for r in (1, 2) for c in (1, 2)},
 }
@@ -76,6 +80,8 @@ PROJECTOR = {
     "llava_next": ("model.multi_modal_projector.", "model.image_newline"),
     "mistral3": "model.multi_modal_projector.",  # its patch merger included
     "aya_vision": "model.multi_modal_projector.",  # the pixel shuffle's norm and SwiGLU MLP
+    # the window Q-Former projectors (layer "deepstack" and spatial-offset ones) and the row newline
+    "granite4_vision": ("model.layerwise_projectors.", "model.spatial_projectors.", "model.image_newline"),
     "smolvlm": "model.connector.",
     "idefics3": "model.connector.",
     "ovis2": ("model.vision_tower.head_linear.", "model.vision_tower.head_norm.", "model.visual_embeddings_table."),
@@ -425,7 +431,7 @@ def test_finetune_warns_of_training_boxes_the_crop_cuts_away_with_their_count(ti
                             r"the whole image", lines[0]), lines[0]
 
 
-@pytest.mark.parametrize("model_type", ["llava_next", "llava_onevision"])
+@pytest.mark.parametrize("model_type", ["llava_next", "llava_onevision", "granite4_vision"])
 @pytest.mark.parametrize("tower, strategy", [("clip_vision_model", "full"), ("siglip_vision_model", "default")])
 def test_anyres_llava_refuses_a_strategy_that_leaves_no_square_patch_grid(tiny_checkpoint, model_type, tower, strategy):
     """LlavaNextModel and LlavaOnevisionModel lay each view's features out as a square grid: CLIP's CLS must be
@@ -459,7 +465,7 @@ def test_llava_onevision_counts_the_two_strategies_its_model_arranges(tiny_check
         model(**batch.inputs)
 
 
-@pytest.mark.parametrize("model_type", ["llava", "llava_next", "llava_onevision"])
+@pytest.mark.parametrize("model_type", ["llava", "llava_next", "llava_onevision", "granite4_vision"])
 def test_llava_refuses_a_vision_tower_it_cannot_count_naming_the_field(tiny_checkpoint, model_type):
     _, tokenizer, image_processor, config = _llava_parts(tiny_checkpoint, model_type)
     config.vision_config.model_type = "pixtral"
@@ -662,3 +668,76 @@ def test_aya_vision_trains_the_locator_on_the_answer_turn_its_template_writes(ti
     assert adapter.tokenizer.apply_chat_template(turns, tokenize=False) == prompt + target
     assert adapter.end_token == "<|END_OF_TURN_TOKEN|>" == adapter.tokenizer.eos_token
     assert adapter.end_token_ids == [adapter.tokenizer.convert_tokens_to_ids("<|END_OF_TURN_TOKEN|>")]
+
+
+# ---------------------------------------------------------------- Granite 4 Vision
+@pytest.mark.parametrize("tower, strategy", [("siglip_vision_model", "full"), ("clip_vision_model", "default")])
+def test_the_granite4_vision_processor_builds_the_adapters_inputs_on_square_wide_and_tall_photos(tiny_checkpoint, tower,
+                                                                                                  strategy):
+    """transformers' own Granite4VisionProcessor (the tiny folder's processor_config.json: patch size, strategy, CLS
+    count, downsample rate) on the adapter's rendered prompts: the same input ids (one <image> per Q-Former feature of
+    the base view, the unpadded tiles and their row newlines), pixels and image sizes for square, wide and tall photos
+    of 1 x 1, 1 x 2, 2 x 1 and 2 x 2 tile grids; with the releases' SigLIP + "full" and with a CLIP tower whose CLS
+    "default" drops before the projectors. The model takes the CLIP batch (it raises on a wrong count)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, Granite4VisionProcessor
+
+    path, tokenizer, image_processor, config = _llava_parts(tiny_checkpoint, "granite4_vision")
+    config.vision_config = AutoConfig.for_model(**dict(config.vision_config.to_dict(), model_type=tower))
+    config.vision_feature_select_strategy = strategy
+    adapter = adapter_class("granite4_vision").from_parts(tokenizer, image_processor, config)
+    settings = json.load(open(os.path.join(path, "processor_config.json")))
+    settings.update(vision_feature_select_strategy=strategy, num_additional_image_tokens=int(tower == "clip_vision_model"))
+    settings.pop("processor_class")
+    processor = Granite4VisionProcessor(image_processor=image_processor, tokenizer=tokenizer, **settings)
+    counts, photos = {}, []
+    for size in ((50, 50), (120, 45), (45, 120), (9, 200), (70, 66)):
+        photo = Image.new("RGB", size, (200, 30, 30))
+        photo.paste((20, 40, 220), (0, 0, size[0] // 3, size[1] // 2))  # not one colour: tiles differ
+        image = adapter.prepare_image(photo)
+        prompt = adapter.locator_prompt("the dog", image)
+        ours = adapter.build_batch([prompt], [image]).inputs
+        theirs = processor(text=[prompt], images=[[photo]], return_tensors="pt")
+        assert sorted(ours) == sorted(theirs) == ["attention_mask", "image_sizes", "input_ids", "pixel_values"]
+        for key in ours:
+            assert torch.equal(ours[key], theirs[key]), (size, key)
+        assert image.num_tokens == processor._get_num_multimodal_tokens([size[::-1]]).num_image_tokens[0]
+        counts[size] = (image.tensors["pixel_values"].shape[1] - 1, image.num_tokens)
+        photos.append(image)
+    # (tiles besides the base view, <image> tokens): 2 x 2 Q-Former features per view, the tiles' grid unpadded to the
+    # photo's aspect ratio (as the processor rounds it), a newline per row; a 50 px square takes the 2 x 2 grid.
+    assert counts == {(50, 50): (4, 24), (120, 45): (2, 14), (45, 120): (2, 16), (9, 200): (2, 8), (70, 66): (4, 24)}
+    if tower == "clip_vision_model":
+        torch.manual_seed(0)
+        model = AutoModelForImageTextToText.from_config(config).eval()
+        batch = adapter.build_batch([adapter.describer_prompt(BOX, im) for im in photos[:2]], photos[:2])
+        with torch.no_grad():
+            model(**batch.inputs)
+
+
+@pytest.mark.parametrize("rate, match", [(None, "downsample_rate None"), ("1/4", "downsample_rate '1/4'"),
+                                         ("3/6", "downsample_rate '3/6'")])
+def test_granite4_vision_refuses_a_downsample_rate_its_projectors_cannot_lay_out(tiny_checkpoint, rate, match):
+    """The spatial-offset projectors keep one patch of each 2 x 2 (a rate of 1/2) and the windows must tile the
+    view's 4 patches a side (a 6-patch window does not): refused by the config.json field at load, where the model
+    would fail inside its first forward."""
+    _, tokenizer, image_processor, config = _llava_parts(tiny_checkpoint, "granite4_vision")
+    config.downsample_rate = rate
+    with pytest.raises(ValueError, match=match):
+        adapter_class("granite4_vision").from_parts(tokenizer, image_processor, config)
+
+
+def test_granite4_vision_trains_the_locator_on_the_answer_turn_its_template_writes(tiny_checkpoint):
+    """The locator's target after its prompt is the assistant turn the checkpoint's template renders for that answer:
+    the box, then <|end_of_text|> (read from the template; also the tokenizer's EOS), where generation stops; the
+    prompt starts with the template's first tag, no BOS (Granite's tokenizer prepends none)."""
+    adapter = adapter_class("granite4_vision").from_pretrained(tiny_checkpoint("granite4_vision"))
+    image = adapter.prepare_image(_odd_images()[0])
+    prompt, target = adapter.locator_prompt("the dog", image), adapter.locator_target(BOX, image, "the dog")
+    user_text = "Locate the dog. Answer with its box as [x1, y1, x2, y2], integers from 0 to 1000."
+    turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user_text}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "[100, 200, 500, 600]"}]}]
+    assert adapter.tokenizer.apply_chat_template(turns, tokenize=False) == prompt + target + "\n"
+    assert adapter.end_token == "<|end_of_text|>" == adapter.tokenizer.eos_token
+    assert adapter.end_token_ids == [adapter.tokenizer.convert_tokens_to_ids("<|end_of_text|>")]
+    ids = adapter.build_batch([prompt], [image]).inputs["input_ids"][0].tolist()
+    assert ids[0] == adapter.tokenizer.convert_tokens_to_ids("<|start_of_role|>")

@@ -451,14 +451,18 @@ def _granite4_vision_config(tokenizer, sizes: TinySizes):
     # one layer "deepstack" projector on its next-to-last layer into text layer 0 and the four spatial-offset ones on
     # its last layer into layers 1..4 (each into a layer of its own, as the releases': a layer named twice keeps one),
     # and Granite's multipliers at the releases' kind of values (embedding 12, residual 0.22, attention 1 / head_dim,
-    # logits / 10), so that static decoding is checked with them.
+    # logits / 10), so that static decoding is checked with them. No dropout in the projectors (projector_dropout, and
+    # the Q-Formers' own, BLIP-2's 0.1 by default): a training forward then takes the same attention kernels as the
+    # rollouts' and draws no masks (the five Q-Formers, twelve image encodings a test run, are about a third of the
+    # tiny model's kernel calls; the five text layers the injections need are most of the rest).
     vision = dict(_vision_encoder(sizes, TINY_IMAGE_SIZE, GRANITE4_VISION_PATCH), model_type="siglip_vision_model",
                   hidden_size=64, intermediate_size=128, vision_use_head=False)
     text = dict(_text_config(tokenizer, sizes, "<|end_of_text|>"), num_hidden_layers=5, embedding_multiplier=12.0,
                 residual_multiplier=0.22, attention_multiplier=1 / (sizes.hidden // sizes.text_heads),
                 logits_scaling=10.0)
     qformer = {"num_hidden_layers": 1, "intermediate_size": 64, "cross_attention_frequency": 1,
-               "max_position_embeddings": 64, "use_qformer_text_input": False}
+               "max_position_embeddings": 64, "use_qformer_text_input": False, "hidden_dropout_prob": 0.0,
+               "attention_probs_dropout_prob": 0.0}
     return AutoConfig.for_model(
         "granite4_vision", text_config=text, vision_config=vision, qformer_config=qformer,
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="full",

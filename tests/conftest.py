@@ -2,9 +2,21 @@ import os
 import random
 import sys
 
-import numpy as np
-import pytest
-import torch
+# One intra-op (OpenMP) thread unless OMP_NUM_THREADS says otherwise, set before torch and numpy start their pools;
+# the subprocesses the tests start inherit it (those that launch torchrun already pass 1). The tiny models' kernels take
+# microseconds: a second thread buys nothing there, and on a shared machine each matmul or LayerNorm it splits waits
+# for a busy core (2 cores under other jobs' load: a 4 x 64 by 64 x 64 matmul 25 us and a LayerNorm 0.7 ms with 2
+# threads, 5 us each with 1; tests/test_families.py's Granite 4 Vision LoRA run beside two busy processes: 11.9 s
+# with 2 threads, 3.6 s with 1).
+_ONE_THREAD = "OMP_NUM_THREADS" not in os.environ
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if _ONE_THREAD:
+    torch.set_num_threads(1)  # torch may have been imported before this file (a plugin), its pool already sized
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)

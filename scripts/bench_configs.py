@@ -7,6 +7,10 @@ Each configuration is a real architecture with random weights and the tiny token
   448 px -> 1,024 patches -> 256 visual tokens;
 - ``toy-qwen-vl-chat`` (CPU): Qwen-VL, LM 512 x 4, ViT 192 x 5 blocks, 448 px -> 1,024 patches resampled to
   256 queries: the ViT is about half of a prompt forward, as ViT-bigG is for Qwen-VL-Chat;
+- ``mini-qwen2.5-vl``, ``mini-qwen-vl-chat`` (CPU, ``gpu_check.py --dry_run``): the same architectures at the
+  smallest size that still takes every path the toy sizes take (LoRA, grouped-query attention, a windowed and a
+  full-attention ViT block, the resampler), 224 px -> 64 visual tokens, LM 256 x 2 layers: the dry run checks the
+  script's keys and paths, not its timings;
 - ``qwen2.5-vl-7b``, ``qwen-vl-chat`` (GPU): the published sizes of Qwen2.5-VL-7B-Instruct and Qwen-VL-Chat.
 
 ``prepare`` writes the tokenizer, image processor and config to a folder (no weights), loads the family's
@@ -41,6 +45,14 @@ def _toy_qwen25(config) -> None:
     config.text_config.rope_parameters["mrope_section"] = [8, 12, 12]  # head_dim 64: sections sum to 32
 
 
+def _mini_qwen25(config) -> None:
+    config.vision_config.depth = 2
+    config.vision_config.num_heads = 4
+    config.vision_config.fullatt_block_indexes = [1]  # block 0 windowed (2 x 2 windows at 224 px), block 1 full
+    config.text_config.intermediate_size = 4 * config.text_config.hidden_size
+    config.text_config.rope_parameters["mrope_section"] = [8, 12, 12]  # head_dim 64: sections sum to 32
+
+
 def _real_qwen25_7b(config) -> None:
     text, vision = config.text_config, config.vision_config
     text.intermediate_size, text.vocab_size, text.max_position_embeddings = 18944, 152064, 32768
@@ -56,6 +68,12 @@ CONFIGS = {
     ),
     "toy-qwen-vl-chat": BenchConfig(
         "qwen", 8, 448, dict(hidden=512, layers=4, heads=4, vision_width=192, vision_layers=5, n_queries=256)
+    ),
+    "mini-qwen2.5-vl": BenchConfig(
+        "qwen2_5_vl", 8, 224, dict(hidden=256, layers=2, vision_width=128, text_heads=4, text_kv_heads=2), _mini_qwen25
+    ),
+    "mini-qwen-vl-chat": BenchConfig(
+        "qwen", 8, 224, dict(hidden=256, layers=2, heads=4, vision_width=128, vision_layers=2, n_queries=64)
     ),
     "toy-qwen2.5-vl-100m": BenchConfig(  # the memory comparison's ~100 M-parameter size
         "qwen2_5_vl", 8, 448, dict(hidden=1024, layers=8, vision_width=192, text_heads=16, text_kv_heads=4), _toy_qwen25

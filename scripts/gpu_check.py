@@ -3,7 +3,8 @@
     python scripts/gpu_check.py                    # Qwen2.5-VL-7B and Qwen-VL-Chat, random init, bf16, LoRA, batch 64
     python scripts/gpu_check.py --configs qwen2.5-vl-7b --settings fast,transformers
     python scripts/gpu_check.py --dry_run          # anywhere: real sizes on the meta device, then the same settings
-                                                   # at toy size on CPU (toy Qwen2.5-VL and toy Qwen-VL-Chat)
+                                                   # at the smallest size on CPU (mini Qwen2.5-VL, mini Qwen-VL-Chat:
+                                                   # keys and paths, not timings; --configs toy-... for toy timings)
 
 Settings, each run through ``SCTuneTrainer.training_step`` (LoRA, gradient checkpointing, vision cache on):
 
@@ -81,7 +82,8 @@ from sc_tune.decoding import Decoding  # noqa: E402
 from sc_tune.modeling import apply_lora, freeze_vision_tower  # noqa: E402
 
 GPU_CONFIGS = ["qwen2.5-vl-7b", "qwen-vl-chat"]
-DRY_RUN_CONFIGS = ["toy-qwen2.5-vl", "toy-qwen-vl-chat"]
+# The dry run checks the figures and the paths taken, not the timings: the smallest sizes that take every path.
+DRY_RUN_CONFIGS = ["mini-qwen2.5-vl", "mini-qwen-vl-chat"]
 PHASES = ("describer", "locator")
 DEFAULT_SETTINGS = "fast,fast_unfused,transformers"
 ALL_SETTINGS = ("fast", "fast_unfused", "transformers", "compiled", "vision_cache_off", "prompt_cache_off")

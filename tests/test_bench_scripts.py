@@ -27,7 +27,7 @@ def test_gpu_check_dry_run_prints_the_decoding_figures_and_takes_the_fast_path(c
     assert "[meta] qwen2.5-vl-7b: 8.45 B parameters" in out and "[meta] qwen-vl-chat: 9.77 B parameters" in out
     results = json.loads(out.strip().splitlines()[-1])
     assert results["copy_bandwidth_gb_s"] > 0
-    for name in ("toy-qwen2.5-vl", "toy-qwen-vl-chat"):
+    for name in ("mini-qwen2.5-vl", "mini-qwen-vl-chat"):  # the dry run's sizes (scripts/bench_configs.py)
         report = results[name]
         for key in ("describer_fast", "locator_fast", "describer_fast_unfused", "describer_transformers",
                     "locator_transformers"):
@@ -76,8 +76,8 @@ def test_gpu_check_times_a_compiled_setting_only_after_its_compiles(capsys, monk
     import torch._dynamo
 
     torch._dynamo.reset()
-    gpu_check.main(["--dry_run", "--configs", "toy-qwen2.5-vl", "--settings", "compiled"])
-    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["toy-qwen2.5-vl"]
+    gpu_check.main(["--dry_run", "--configs", "mini-qwen2.5-vl", "--settings", "compiled"])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["mini-qwen2.5-vl"]
     describer, locator = report["describer_compiled"], report["locator_compiled"]
     assert describer["warmup_units"] >= 2  # one unit would have timed a compilation
     assert describer["compiles_in_timed_units"] == 0 and locator["compiles_in_timed_units"] == 0

@@ -6,6 +6,8 @@
 Each (size, kind) runs in its own process: build the model, the trainer (its snapshot and optimizer), then one
 describer unit (rollout + two PPO steps, batch 2, short captions). Printed: parameters, the snapshot's own
 tensors (bytes it holds beyond the policy), and the process's peak RSS. The last line is one JSON object.
+The two kinds of a size run side by side (each process's peak RSS is its own; nothing here is timed), each with
+half the CPU's threads unless OMP_NUM_THREADS is set.
 """
 
 from __future__ import annotations
@@ -64,13 +66,21 @@ def main(argv=None):
     parser.add_argument("--sizes", default=",".join(SIZES),
                         help="comma-separated configurations (scripts/bench_configs.py)")
     opts = parser.parse_args(argv)
+    # Two processes side by side, each with its share of the cores: more threads than cores would spin-wait.
+    env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // 2)), **os.environ}
     rows = []
     for name in opts.sizes.split(","):
-        for kind in ("full", "lora"):
-            out = subprocess.run([sys.executable, __file__, "--child", name, kind], capture_output=True, text=True)
-            if out.returncode != 0:  # the child's own error, not just its exit status
-                raise SystemExit(f"bench_memory: {name} {kind} failed:\n" + "\n".join(out.stderr.splitlines()[-15:]))
-            row = json.loads(out.stdout.strip().splitlines()[-1])
+        children = {
+            kind: subprocess.Popen([sys.executable, __file__, "--child", name, kind], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, env=env)
+            for kind in ("full", "lora")
+        }
+        outputs = {kind: child.communicate() for kind, child in children.items()}
+        for kind, child in children.items():
+            stdout, stderr = outputs[kind]
+            if child.returncode != 0:  # the child's own error, not just its exit status
+                raise SystemExit(f"bench_memory: {name} {kind} failed:\n" + "\n".join(stderr.splitlines()[-15:]))
+            row = json.loads(stdout.strip().splitlines()[-1])
             rows.append(row)
             print(
                 f"{row['config']:>22} {row['snapshot']:>12}: {row['parameters_m']} M parameters, "

@@ -38,7 +38,9 @@ configuration, setting and phase the JSON holds:
   steps), ``capture`` and ``outside_decode_loop`` (generate's time outside SC-Tune's loop less the vision tower that
   transformers runs there before the loop; both part of the rest);
   SC-Tune's loop only (null for ``transformers``);
-- ``peak_memory_gib`` per configuration (``torch.cuda.max_memory_allocated``);
+- ``peak_memory_gib`` per configuration (CUDA: ``torch.cuda.max_memory_allocated``, reset before each
+  configuration; CPU: the process's peak resident set so far, earlier configurations included), named by
+  ``peak_memory_kind``;
 - ``warmup_units`` and ``compiles_in_timed_units``: warm-up units run until one compiles nothing new (``compiled``
   setting: a call whose cache length or adapters differ from every earlier one compiles again; at most 4), so that
   the timed units time replays, not compilation; a non-zero count means the figures include compile time.
@@ -61,6 +63,7 @@ import gc
 import json
 import os
 import re
+import resource
 import statistics
 import sys
 import tempfile
@@ -467,7 +470,11 @@ def run_config(name, opts, device, dtype, meter, bandwidth):
             print(f"{name} {key}: {json.dumps(report[key])}", flush=True)
     if device.startswith("cuda"):
         report["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        print(f"{name} peak GPU memory {report['peak_memory_gib']} GiB", flush=True)
+        report["peak_memory_kind"] = "cuda max_memory_allocated"
+    else:  # no per-configuration allocator figure on CPU: the process's high-water mark (Linux: ru_maxrss in KiB)
+        report["peak_memory_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+        report["peak_memory_kind"] = "process peak RSS"
+    print(f"{name} peak memory {report['peak_memory_gib']} GiB ({report['peak_memory_kind']})", flush=True)
     fast = report.get("describer_fast")
     if fast is not None and fast["decode_floor_ratio"] is not None:
         report["acceptance"] = {

@@ -29,6 +29,7 @@ def test_gpu_check_dry_run_prints_the_decoding_figures_and_takes_the_fast_path(c
     assert results["copy_bandwidth_gb_s"] > 0
     for name in ("mini-qwen2.5-vl", "mini-qwen-vl-chat"):  # the dry run's sizes (scripts/bench_configs.py)
         report = results[name]
+        assert report["peak_memory_gib"] > 0 and report["peak_memory_kind"] == "process peak RSS"  # CPU's figure
         for key in ("describer_fast", "locator_fast", "describer_fast_unfused", "describer_transformers",
                     "locator_transformers"):
             figures = report[key]

@@ -289,3 +289,22 @@ def assert_the_familys_processor_builds_the_adapters_inputs(folder: str, adapter
             assert sorted(ours) == sorted(theirs), (sorted(ours), sorted(theirs))
             for key in ours:
                 assert torch.equal(ours[key], theirs[key]), (folder, key, size)
+
+
+def two_colour_photo(size: tuple[int, int]):
+    """A photo of ``size`` (width, height) that is not one colour, so that its tiles or patches differ."""
+    from PIL import Image
+
+    photo = Image.new("RGB", size, (200, 30, 30))
+    photo.paste((20, 40, 220), (0, 0, size[0] // 3, size[1] // 2))
+    return photo
+
+
+def assert_processor_builds_the_same_inputs(adapter, processor, prompt, image, photo, keys, **processor_kwargs):
+    """The family's own processor on ``prompt`` (the adapter's rendering) and the original ``photo``: exactly the
+    tensors ``keys`` (sorted), each equal to what the adapter's batch of ``image`` holds."""
+    ours = adapter.build_batch([prompt], [image]).inputs
+    theirs = processor(text=[prompt], images=[photo], return_tensors="pt", **processor_kwargs)
+    assert sorted(ours) == sorted(theirs) == sorted(keys)
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), (photo.size, key)

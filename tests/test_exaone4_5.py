@@ -7,18 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from PIL import Image
 
 from sc_tune.adapters import adapter_class
+from tests.helpers import assert_processor_builds_the_same_inputs, two_colour_photo
 
 TYPES = ["exaone4_5", "hyperclovax_vision_v2"]
 BOX = [0.1, 0.2, 0.5, 0.6]
-
-
-def _photo(size):
-    photo = Image.new("RGB", size, (200, 30, 30))
-    photo.paste((20, 40, 220), (0, 0, size[0] // 3, size[1] // 2))  # not one colour: patches differ
-    return photo
 
 
 @pytest.mark.parametrize("model_type", TYPES)
@@ -43,15 +37,12 @@ def test_the_familys_processor_builds_the_adapters_inputs_on_square_wide_and_tal
             adapter.limit_image_pixels(28 * 28, max_pixels)
         bounds = {} if max_pixels is None else {"size": {"shortest_edge": 28 * 28, "longest_edge": max_pixels}}
         for size in ((60, 60), (300, 40), (40, 300)):
-            photo = _photo(size)
+            photo = two_colour_photo(size)
             image = adapter.prepare_image(photo)
             for prompt in (adapter.describer_prompt(BOX, image), adapter.locator_prompt("the dog", image)):
-                ours = adapter.build_batch([prompt], [image]).inputs
-                theirs = processor(text=[prompt], images=[photo], return_tensors="pt", images_kwargs=bounds)
-                assert sorted(ours) == sorted(theirs) == ["attention_mask", "image_grid_thw", "input_ids",
-                                                          "pixel_values"]
-                for key in ours:
-                    assert torch.equal(ours[key], theirs[key]), (model_type, size, key)
+                assert_processor_builds_the_same_inputs(
+                    adapter, processor, prompt, image, photo,
+                    ["attention_mask", "image_grid_thw", "input_ids", "pixel_values"], images_kwargs=bounds)
             grids[max_pixels, size] = image.tensors["image_grid_thw"][0].tolist()
             assert image.num_tokens == grids[max_pixels, size][1] * grids[max_pixels, size][2] // 4
     wide, tall = grids[None, (300, 40)], grids[None, (40, 300)]
@@ -67,7 +58,7 @@ def test_positions_are_the_models_own_and_padding_changes_no_row(model_type, tin
     from sc_tune.modeling import load_model_and_adapter
 
     model, adapter = load_model_and_adapter(tiny_checkpoint(model_type))
-    images = [adapter.prepare_image(_photo(size)) for size in ((60, 60), (300, 40))]
+    images = [adapter.prepare_image(two_colour_photo(size)) for size in ((60, 60), (300, 40))]
     prompts = [adapter.describer_prompt(BOX, images[0]), adapter.locator_prompt("the dog on the left", images[1])]
     batch = adapter.build_batch(prompts, images)
     assert "position_ids" not in batch.inputs and not adapter.per_token_keys
@@ -88,7 +79,7 @@ def test_the_locator_target_ends_with_the_turn_end_the_template_writes(model_typ
     answer (read from it), where generation stops; the prompt opens the answer as the template does (EXAONE 4.5:
     vLLM's example prompt; HyperCLOVA X: the empty reasoning block)."""
     adapter = adapter_class(model_type).from_pretrained(tiny_checkpoint(model_type))
-    image = adapter.prepare_image(_photo((60, 60)))
+    image = adapter.prepare_image(two_colour_photo((60, 60)))
     prompt, target = adapter.locator_prompt("the dog", image), adapter.locator_target(BOX, image, "the dog")
     assert target == f"[100, 200, 500, 600]{end}" and adapter.end_token == end and adapter.tokenizer.eos_token == eos
     assert adapter.end_token_ids == [adapter.tokenizer.convert_tokens_to_ids(end)]

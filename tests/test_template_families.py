@@ -20,6 +20,7 @@ from PIL import Image
 from sc_tune.adapters import adapter_class
 from sc_tune.modeling import freeze_vision_tower, load_model_and_adapter
 from tests.conftest import SAMPLE_IMAGES
+from tests.helpers import assert_processor_builds_the_same_inputs, two_colour_photo
 
 TEMPLATE_TYPES = ["internvl", "gemma3", "gemma4", "llava_onevision", "llava", "llava_next", "mistral3", "aya_vision",
                   "granite4_vision", "smolvlm", "idefics3", "ovis2", "minicpmv4_6", "minicpmv4_7"]
@@ -626,15 +627,10 @@ def test_the_aya_vision_processor_builds_the_adapters_inputs_on_wide_tall_and_sq
     adapter.image_processor.crop_to_patches = processor.image_processor.crop_to_patches = False
     tiles = {}
     for size in ((60, 60), (120, 61), (300, 20), (45, 100), (9, 200)):
-        photo = Image.new("RGB", size, (200, 30, 30))
-        photo.paste((20, 40, 220), (0, 0, size[0] // 3, size[1] // 2))  # not one colour: tiles differ
+        photo = two_colour_photo(size)
         image = adapter.prepare_image(photo)
-        prompt = adapter.locator_prompt("the dog", image)
-        ours = adapter.build_batch([prompt], [image]).inputs
-        theirs = processor(text=[prompt], images=[[photo]], return_tensors="pt")
-        assert sorted(ours) == sorted(theirs) == ["attention_mask", "input_ids", "pixel_values"]
-        for key in ours:
-            assert torch.equal(ours[key], theirs[key]), (size, key)
+        assert_processor_builds_the_same_inputs(adapter, processor, adapter.locator_prompt("the dog", image), image,
+                                                photo, ["attention_mask", "input_ids", "pixel_values"])
         assert image.num_tokens == (processor._get_num_multimodal_tokens([size[::-1]]).num_image_tokens[0]
                                     - 3 - (image.tensors["pixel_values"].shape[0] - 1))
         tiles[size] = image.tensors["pixel_values"].shape[0]
@@ -691,15 +687,10 @@ def test_the_granite4_vision_processor_builds_the_adapters_inputs_on_square_wide
     processor = Granite4VisionProcessor(image_processor=image_processor, tokenizer=tokenizer, **settings)
     counts, photos = {}, []
     for size in ((50, 50), (120, 45), (45, 120), (9, 200), (70, 66)):
-        photo = Image.new("RGB", size, (200, 30, 30))
-        photo.paste((20, 40, 220), (0, 0, size[0] // 3, size[1] // 2))  # not one colour: tiles differ
+        photo = two_colour_photo(size)
         image = adapter.prepare_image(photo)
-        prompt = adapter.locator_prompt("the dog", image)
-        ours = adapter.build_batch([prompt], [image]).inputs
-        theirs = processor(text=[prompt], images=[[photo]], return_tensors="pt")
-        assert sorted(ours) == sorted(theirs) == ["attention_mask", "image_sizes", "input_ids", "pixel_values"]
-        for key in ours:
-            assert torch.equal(ours[key], theirs[key]), (size, key)
+        assert_processor_builds_the_same_inputs(adapter, processor, adapter.locator_prompt("the dog", image), image,
+                                                photo, ["attention_mask", "image_sizes", "input_ids", "pixel_values"])
         assert image.num_tokens == processor._get_num_multimodal_tokens([size[::-1]]).num_image_tokens[0]
         counts[size] = (image.tensors["pixel_values"].shape[1] - 1, image.num_tokens)
         photos.append(image)

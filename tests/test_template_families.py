@@ -652,20 +652,6 @@ def test_aya_vision_refuses_a_tile_size_or_strategy_the_model_cannot_take(tiny_c
         adapter_class("aya_vision").from_parts(adapter.tokenizer, adapter.image_processor, config)
 
 
-def test_aya_vision_trains_the_locator_on_the_answer_turn_its_template_writes(tiny_checkpoint):
-    """The locator's target after its prompt is the assistant turn the checkpoint's template renders for that answer:
-    the box, then <|END_OF_TURN_TOKEN|> (read from the template; also the tokenizer's EOS), where generation stops."""
-    adapter = adapter_class("aya_vision").from_pretrained(tiny_checkpoint("aya_vision"))
-    image = adapter.prepare_image(_odd_images()[0])
-    prompt, target = adapter.locator_prompt("the dog", image), adapter.locator_target(BOX, image, "the dog")
-    user_text = "Locate the dog. Answer with its box as [x1, y1, x2, y2], integers from 0 to 1000."
-    turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user_text}]},
-             {"role": "assistant", "content": [{"type": "text", "text": "[100, 200, 500, 600]"}]}]
-    assert adapter.tokenizer.apply_chat_template(turns, tokenize=False) == prompt + target
-    assert adapter.end_token == "<|END_OF_TURN_TOKEN|>" == adapter.tokenizer.eos_token
-    assert adapter.end_token_ids == [adapter.tokenizer.convert_tokens_to_ids("<|END_OF_TURN_TOKEN|>")]
-
-
 # ---------------------------------------------------------------- Granite 4 Vision
 @pytest.mark.parametrize("tower, strategy", [("siglip_vision_model", "full"), ("clip_vision_model", "default")])
 def test_the_granite4_vision_processor_builds_the_adapters_inputs_on_square_wide_and_tall_photos(tiny_checkpoint, tower,
@@ -717,18 +703,20 @@ def test_granite4_vision_refuses_a_downsample_rate_its_projectors_cannot_lay_out
         adapter_class("granite4_vision").from_parts(tokenizer, image_processor, config)
 
 
-def test_granite4_vision_trains_the_locator_on_the_answer_turn_its_template_writes(tiny_checkpoint):
+@pytest.mark.parametrize("model_type, end_token, after_turn", [
+    ("aya_vision", "<|END_OF_TURN_TOKEN|>", ""),
+    ("granite4_vision", "<|end_of_text|>", "\n"),  # the template's newline between turns: never trained on
+])
+def test_the_locator_trains_on_the_answer_turn_the_template_writes(tiny_checkpoint, model_type, end_token, after_turn):
     """The locator's target after its prompt is the assistant turn the checkpoint's template renders for that answer:
-    the box, then <|end_of_text|> (read from the template; also the tokenizer's EOS), where generation stops; the
-    prompt starts with the template's first tag, no BOS (Granite's tokenizer prepends none)."""
-    adapter = adapter_class("granite4_vision").from_pretrained(tiny_checkpoint("granite4_vision"))
+    the box, then the turn's end (read from the template; also the tokenizer's EOS), where generation stops. Granite's
+    prompt starts with the template's first tag, no BOS (its tokenizer prepends none)."""
+    adapter = adapter_class(model_type).from_pretrained(tiny_checkpoint(model_type))
     image = adapter.prepare_image(_odd_images()[0])
     prompt, target = adapter.locator_prompt("the dog", image), adapter.locator_target(BOX, image, "the dog")
     user_text = "Locate the dog. Answer with its box as [x1, y1, x2, y2], integers from 0 to 1000."
     turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user_text}]},
              {"role": "assistant", "content": [{"type": "text", "text": "[100, 200, 500, 600]"}]}]
-    assert adapter.tokenizer.apply_chat_template(turns, tokenize=False) == prompt + target + "\n"
-    assert adapter.end_token == "<|end_of_text|>" == adapter.tokenizer.eos_token
-    assert adapter.end_token_ids == [adapter.tokenizer.convert_tokens_to_ids("<|end_of_text|>")]
-    ids = adapter.build_batch([prompt], [image]).inputs["input_ids"][0].tolist()
-    assert ids[0] == adapter.tokenizer.convert_tokens_to_ids("<|start_of_role|>")
+    assert adapter.tokenizer.apply_chat_template(turns, tokenize=False) == prompt + target + after_turn
+    assert adapter.end_token == end_token == adapter.tokenizer.eos_token
+    assert adapter.end_token_ids == [adapter.tokenizer.convert_tokens_to_ids(end_token)]

@@ -225,13 +225,16 @@ class ModelAdapter(ABC):
             image_processor.save_pretrained(directory)
 
     # ---------------------------------------------------------------- prompts and targets (text)
-    def render(self, user_text: str) -> str:
+    def render(self, user_text: str, system: str | None = None) -> str:
         """One user turn (the image, then ``user_text``) and the opened assistant turn, through the checkpoint's
-        chat template, as the family's processor renders ``[{"type": "image"}, {"type": "text", ...}]``.
+        chat template, as the family's processor renders ``[{"type": "image"}, {"type": "text", ...}]``; with
+        ``system``, a system turn of that text before it (else the template's default, if it writes one).
 
         ``enable_thinking=False``: templates with a reasoning switch (Qwen3.5, GLM-4.5V / 4.6V) then open the
         answer with an empty reasoning block (and GLM's append ``/nothink``); templates without one ignore it."""
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user_text}]}]
+        if system is not None:
+            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
                                                   enable_thinking=False)
 

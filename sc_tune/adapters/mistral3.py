@@ -65,20 +65,12 @@ class Mistral3Adapter(ChatTemplateAdapter):
         self.merged_patch = config.vision_config.patch_size * config.spatial_merge_size
         self.system_message = self._fixed_date_system_message()
 
-    def _template(self, messages) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                                  enable_thinking=False)
-
-    @staticmethod
-    def _user_turn(user_text: str) -> dict:
-        return {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user_text}]}
-
     def _fixed_date_system_message(self) -> str | None:
         """The template's default system message with ``PROMPT_DATE`` for today's date; ``None`` (the template's own
         rendering, dated today, with a warning) where the template writes no dated default message, or renders a given
         one otherwise than its default."""
         before = datetime.date.today()
-        default = self._template([self._user_turn("q")])
+        default = super().render("q")
         days = {f"{day:%Y-%m-%d}" for day in (before, datetime.date.today())}  # a render across midnight
         found = _SYSTEM_TURN.search(default)
         if found is None or not any(day in found.group(1) for day in days):
@@ -87,21 +79,15 @@ class Mistral3Adapter(ChatTemplateAdapter):
         for day in days:
             fixed = fixed.replace(day, PROMPT_DATE)
         message = _SYSTEM_TURN.search(fixed).group(1)
-        if self._template([self._system_turn(message), self._user_turn("q")]) != fixed:
+        if super().render("q", system=message) != fixed:
             logger.warning("mistral3: the chat template renders a given system message otherwise than its default "
                            "one; prompts carry today's date (a run that crosses midnight changes them)")
             return None
         return message
 
-    @staticmethod
-    def _system_turn(message: str) -> dict:
-        return {"role": "system", "content": [{"type": "text", "text": message}]}
-
-    def render(self, user_text: str) -> str:
+    def render(self, user_text: str, system: str | None = None) -> str:
         """The processor's rendering, its default system message dated ``PROMPT_DATE`` instead of today."""
-        if self.system_message is None:
-            return super().render(user_text)
-        return self._template([self._system_turn(self.system_message), self._user_turn(user_text)])
+        return super().render(user_text, self.system_message if system is None else system)
 
     def preprocess_image(self, image):
         out = self.image_processor(images=[image], patch_size=self.merged_patch, return_tensors="pt")

@@ -55,6 +55,10 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "sc_tune_state.json"
 MARKER_FILE = "sc_tune_complete.json"
+# A model export (sc_tune.export) is written into EXPORT_STAGING inside its folder, then swapped in; EXPORT_RECORD
+# names its files and says whether the swap finished. Both live here because the model-folder checks read them.
+EXPORT_STAGING = ".sc_tune_export.partial"
+EXPORT_RECORD = "sc_tune_export.json"
 _STEP_DIR = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 RESUME_TRUE = ("true", "1", "yes")
 RESUME_FALSE = ("", "false", "0", "no", "none")
@@ -596,6 +600,7 @@ def model_folder_problems(folder: str) -> list[str]:
     if not os.path.isdir(folder):
         return []  # modeling names a missing folder (and where to download the checkpoint)
     names = sorted(os.listdir(folder))
+    problems_found += export_problems(folder)
     for name in names:
         path = os.path.join(folder, name)
         if name.endswith(".safetensors"):
@@ -610,6 +615,37 @@ def model_folder_problems(folder: str) -> list[str]:
                 continue
             problems_found += [f"{name} names {s}, which is missing" for s in sorted(shards) if s not in names]
     return problems_found
+
+
+def export_problems(folder: str) -> list[str]:
+    """Why ``folder``'s model is not the last export written into it: one was cut short while it was written (its
+    staging folder is left, and the weights here, if any, are an earlier export's) or while it replaced the earlier
+    one (the record says the swap did not finish: a mix of the two)."""
+    found = []
+    if os.path.isdir(os.path.join(folder, EXPORT_STAGING)):
+        try:
+            earlier = read_json(os.path.join(folder, EXPORT_RECORD))
+        except (OSError, ValueError):
+            earlier = None
+        held = (f"the model files here are the earlier export's ({_export_origin(earlier)})"
+                if isinstance(earlier, dict) and earlier.get("complete") else "no complete export is here")
+        found.append(f"an export into this folder did not finish ({EXPORT_STAGING} is left): {held}; delete "
+                     f"{EXPORT_STAGING} to use them anyway")
+    record = os.path.join(folder, EXPORT_RECORD)
+    if os.path.isfile(record):
+        try:
+            complete = read_json(record).get("complete")
+        except (OSError, ValueError, AttributeError) as e:
+            return found + [f"{EXPORT_RECORD} cannot be read ({e})"]
+        if complete is not True:
+            found.append(f"an export was cut short while it replaced the earlier one ({EXPORT_RECORD} says "
+                         "incomplete): its files are a mix of the two")
+    return found
+
+
+def _export_origin(record: dict) -> str:
+    step = record.get("step")
+    return f"step {step}" if step is not None else f"merged from {record.get('adapter', 'an adapter')}"
 
 
 def check_model_folder(folder: str, flag: str = "--model_name_or_path") -> None:

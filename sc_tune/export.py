@@ -10,6 +10,12 @@ without them loads in the family's processor with other settings. The input's ``
 transformers 5 re-serialised (``carry_source_config``: the released layout, only its dtype set to the weights').
 Families that need more (Qwen-VL: its generation config and remote-code files) hook in through
 ``finalize_export``.
+
+Staged: every export is written whole into ``.sc_tune_export.partial`` inside its folder and only then swapped in
+(``commit_export``), with a record of its files (``sc_tune_export.json``). Written in place, a kill during the
+minutes a 7B export takes would leave half a model, or, over an earlier export of the same size, new shards beside
+old ones under one index: a folder that loads without an error. Now a kill while writing leaves the earlier export
+whole, and the model-folder check (``checkpoints.export_problems``) names what happened in either case.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from contextlib import contextmanager
 import torch
 
 from sc_tune.adapters import family_for
-from sc_tune.checkpoints import is_or_inside
+from sc_tune.checkpoints import EXPORT_RECORD, EXPORT_STAGING, is_or_inside
 from sc_tune.jsonio import read_json, write_json
 from sc_tune.modeling import load_model_and_adapter, read_model_type
 from sc_tune.moe import as_configured
@@ -147,6 +153,60 @@ def _without_zero3_init():
         hf_deepspeed._hf_deepspeed_config_weak_ref = ref
 
 
+# What an earlier export without a record (SC-Tune before staged exports) left that the new export would not replace
+# by name: its weights, found as transformers' own save finds stale shards.
+UNRECORDED_EXPORT_WEIGHTS = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
+                             "pytorch_model.bin.index.json", "adapter_model.*", "adapter_config.json", "lora_adapter")
+_REPLACED = ".sc_tune_export.replaced"
+
+
+def export_staging(output_dir: str) -> str:
+    """The empty folder an export into ``output_dir`` is written in (call on the saving process only). A folder
+    left there by an export that was cut short goes: it is incomplete, and this export writes it again."""
+    staging = os.path.join(output_dir, EXPORT_STAGING)
+    if os.path.isdir(staging):
+        logger.warning("removing %s, left by an export that did not finish", staging)
+        shutil.rmtree(staging)
+    os.makedirs(staging)
+    return staging
+
+
+def _earlier_export(output_dir: str, new: list[str]) -> list[str]:
+    """The top-level names of the export ``output_dir`` holds now, and of anything the new one would replace."""
+    names = set(os.listdir(output_dir)) - {EXPORT_STAGING, EXPORT_RECORD, _REPLACED}
+    try:
+        recorded = set(read_json(os.path.join(output_dir, EXPORT_RECORD))["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded = {n for n in names if any(fnmatch.fnmatch(n, p) for p in UNRECORDED_EXPORT_WEIGHTS)}
+    return sorted(names & (recorded | set(new)))
+
+
+def commit_export(output_dir: str, **origin) -> list[str]:
+    """Swap the export written in ``output_dir``'s staging folder in for the one there; returns its file names.
+
+    The record says "incomplete" from before the earlier export's files are moved aside until the last of the new
+    ones is in, so a kill in between (renames: milliseconds, against the minutes of writing) leaves a folder the
+    model-folder check refuses. ``origin`` (the step, or the merged adapter) goes into the record."""
+    staging = os.path.join(output_dir, EXPORT_STAGING)
+    new = sorted(os.listdir(staging))
+    earlier = _earlier_export(output_dir, new)
+    record = os.path.join(output_dir, EXPORT_RECORD)
+    write_json(record, {"complete": False, "files": new, **origin})
+    replaced = os.path.join(output_dir, _REPLACED)
+    shutil.rmtree(replaced, ignore_errors=True)  # an earlier swap's, cut short: superseded by this export
+    os.makedirs(replaced)
+    for name in earlier:
+        os.replace(os.path.join(output_dir, name), os.path.join(replaced, name))
+    for name in new:
+        os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+    write_json(record, {"complete": True, "files": new, **origin})
+    shutil.rmtree(replaced)
+    os.rmdir(staging)
+    logger.info("exported %d files into %s%s", len(new), output_dir,
+                f" (replacing {len(earlier)} of the earlier export's)" if earlier else "")
+    return new
+
+
 def merge_lora(base_dir: str, adapter_dir: str, output_dir: str, dtype: torch.dtype | str = "auto") -> torch.dtype:
     """Merge a saved LoRA adapter into its base model and write a full checkpoint folder.
 
@@ -166,18 +226,23 @@ def merge_lora(base_dir: str, adapter_dir: str, output_dir: str, dtype: torch.dt
 
 
 def export_trained(trainer, output_dir: str, source_dir: str, use_lora: bool) -> str:
-    """Save the trained policy (never the snapshot) to ``output_dir``; returns the loadable folder."""
+    """Save the trained policy (never the snapshot) to ``output_dir``, staged; returns the loadable folder."""
     model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
     if use_lora and SNAPSHOT_ADAPTER in getattr(model, "peft_config", {}):
         model.delete_adapter(SNAPSHOT_ADAPTER)
-    adapter_dir = os.path.join(output_dir, "lora_adapter") if use_lora else output_dir
+    staging = os.path.join(output_dir, EXPORT_STAGING)
+    if trainer.is_world_process_zero():
+        export_staging(output_dir)
+    trainer.accelerator.wait_for_everyone()  # every rank writes its part of a ZeRO-3 gather into the new folder
+    adapter_dir = os.path.join(staging, "lora_adapter") if use_lora else staging
     trainer.save_model(adapter_dir)
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
         if use_lora:
-            merge_lora(source_dir, adapter_dir, output_dir, dtype=next(model.parameters()).dtype)
+            merge_lora(source_dir, adapter_dir, staging, dtype=next(model.parameters()).dtype)
         else:  # save_model's _save (SCTuneTrainer's) carried the input's files after the tokenizer, on this process
-            finalize_export(output_dir, source_dir, files_carried=True)
+            finalize_export(staging, source_dir, files_carried=True)
+        commit_export(output_dir, step=trainer.state.global_step)
     trainer.accelerator.wait_for_everyone()
     return output_dir
 
@@ -200,7 +265,10 @@ def main(argv: list[str] | None = None) -> None:
         if is_or_inside(args.output, folder):
             parser.error(f"--output {args.output} is (inside) the {flag} folder {folder}: the merge "
                          "would overwrite it; choose another folder")
-    written = merge_lora(args.base, args.adapter, args.output, getattr(torch, args.dtype) if args.dtype else "auto")
+    os.makedirs(args.output, exist_ok=True)
+    written = merge_lora(args.base, args.adapter, export_staging(args.output),
+                         getattr(torch, args.dtype) if args.dtype else "auto")
+    commit_export(args.output, adapter=os.path.abspath(args.adapter))
     print(f"merged {args.adapter} into {args.base} -> {args.output} ({str(written).removeprefix('torch.')})")
 
 

@@ -5,9 +5,9 @@
 Points: mid_step (inside training step <step>), mid_save (checkpoint <step>: the Trainer's files are written,
 SC-Tune's are not), mid_commit (checkpoint <step> verified, being hashed, not yet marked complete),
 before_rotate (checkpoint <step> renamed into place, older ones not yet rotated), mid_export (training done, the
-final model half written into the output folder; <step> is ignored). And one that is not a kill: term_group (inside
-training step <step>, SIGTERM to the driver's process group, its data workers included, as a scheduler sends it)
-and term_loading (SIGTERM while the model loads).
+final model written into the export's staging folder, not yet swapped in; <step> is ignored). And one that is not
+a kill: term_group (inside training step <step>, SIGTERM to the driver's process group, its data workers included,
+as a scheduler sends it) and term_loading (SIGTERM while the model loads).
 """
 
 import itertools
@@ -18,7 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import finetune  # noqa: E402
-from sc_tune import checkpoints  # noqa: E402
+from sc_tune import checkpoints, export  # noqa: E402
 from sc_tune.cycle import RolloutCycle  # noqa: E402
 from sc_tune.resume import RunState  # noqa: E402
 
@@ -69,13 +69,8 @@ elif point == "mid_commit":
 elif point == "before_rotate":
     kill_in(checkpoints, "rotate", lambda run_dir, limit, protected: any(
         p and p.endswith(f"checkpoint-{step}") for p in protected))
-elif point == "mid_export":
-    def export_then_die(trainer, output_dir, *args, **kwargs):
-        with open(os.path.join(output_dir, "model.safetensors"), "wb") as f:
-            f.write(b"half of a model")
-        die()
-
-    finetune.export_trained = export_then_die
+elif point == "mid_export":  # the new export written whole into its staging folder, not yet swapped in
+    kill_in(export, "commit_export", lambda output_dir: True)
 else:
     raise SystemExit(f"unknown fault point {point}")
 finetune.cli(sys.argv[1:])

@@ -500,7 +500,13 @@ def test_resume_after_a_kill_during_the_final_export_trains_nothing_and_exports_
     model, full, _ = runs
     out = tmp_path / "run"
     _killed_run(model, out, "mid_export:0")
-    assert (out / "model.safetensors").read_bytes() == b"half of a model"
+    # The export was written into its staging folder, never swapped in: no model in the output folder, and the
+    # model-folder check (finetune.py, evaluate.py) says so and how to redo it.
+    assert (out / checkpoints.EXPORT_STAGING / "model.safetensors").exists()
+    assert not (out / "model.safetensors").exists()
+    with pytest.raises(checkpoints.CheckpointError, match=r"did not finish .*no complete export is here.*"
+                                                          r"to write the export again from checkpoint-6$"):
+        checkpoints.check_model_folder(str(out))
     trained = step_losses(out)
     assert max(trained) == 6
     trainer = finetune.main(
@@ -510,6 +516,8 @@ def test_resume_after_a_kill_during_the_final_export_trains_nothing_and_exports_
     assert step_losses(out) == trained  # no step was trained
     exported, saved = _weights(out / "model.safetensors"), _weights(out / "checkpoint-6" / "model.safetensors")
     assert exported.keys() == saved.keys() and all(torch.equal(exported[k], saved[k]) for k in saved)
+    assert not (out / checkpoints.EXPORT_STAGING).exists()
+    checkpoints.check_model_folder(str(out))
 
 
 def test_resume_past_max_steps_is_refused_and_changes_nothing(runs, tmp_path):

@@ -218,10 +218,11 @@ def test_a_full_export_carries_the_input_files_once(tiny_checkpoint, tmp_path, c
     with caplog.at_level("INFO", logger="sc_tune.export"):
         export_trained(trainer, str(out), str(source), use_lora=False)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("carried ")]
-    assert len(lines) == 1 and lines[0].endswith(f"into {out}"), lines
+    staging = out / checkpoints.EXPORT_STAGING  # written there, then swapped in (sc_tune.export.commit_export)
+    assert len(lines) == 1 and lines[0].endswith(f"into {staging}"), lines
     names = sorted(n for n in os.listdir(source) if os.path.isfile(source / n) and is_carried(n))
     assert "README.md" in names and "tokenizer.json" in names
-    assert lines[0] == f"carried {', '.join(names)} from {source} into {out}"
+    assert lines[0] == f"carried {', '.join(names)} from {source} into {staging}"
     for name in names:
         assert (out / name).read_bytes() == (source / name).read_bytes(), name
     assert (out / "model.safetensors").exists()
@@ -241,3 +242,98 @@ def test_a_quantised_inputs_config_is_carried_without_its_quantisation(tmp_path)
     (out / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl", "dtype": "bfloat16"}))
     carry_source_config(str(out), str(source))
     assert json.loads((out / "config.json").read_text()) == {"model_type": "qwen2_5_vl", "torch_dtype": "bfloat16"}
+
+
+# ---------------------------------------------------------------------------------------------- staged exports
+def _export_files(folder, shards: int, value: float, extra=("config.json",)):
+    """A model folder's files as an export writes them: ``shards`` safetensors files (an index past one), filled
+    with ``value``."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    names = ["model.safetensors"] if shards == 1 else [f"model-{i:05d}-of-{shards:05d}.safetensors"
+                                                         for i in range(1, shards + 1)]
+    for i, name in enumerate(names):
+        save_file({f"w{i}": torch.full((2,), value)}, os.path.join(folder, name))
+    if shards > 1:
+        _write(folder, "model.safetensors.index.json", json.dumps({"weight_map": {f"w{i}": n for i, n in enumerate(names)}}))
+    for name in extra:
+        _write(folder, name, f"{name} of the export of {value}")
+    return names
+
+
+def _run_files(out):
+    """What a training run keeps in its output folder beside the export: never touched by an export."""
+    os.makedirs(out / "checkpoint-2")
+    _write(out / "checkpoint-2", "trainer_state.json", "{}")
+    _write(out, "trainer_state.json", "{}")
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["recorded", "unrecorded"])
+def test_an_export_replaces_exactly_the_earlier_export(tmp_path, recorded):
+    """The new export's files replace the earlier export's, and the earlier one's other shards go (a 3-shard model
+    re-exported as one file must not leave two stale shards): by the earlier record, or, for an export written
+    before records, by transformers' weight-file names. The run's own files stay."""
+    from sc_tune.export import commit_export, export_staging
+
+    out = tmp_path / "run"
+    _run_files(out)
+    _export_files(out, 3, 1.0, extra=("config.json", "special_tokens_map.json"))
+    if recorded:
+        old = sorted(n for n in os.listdir(out) if n.startswith(("model", "config", "special")))
+        _write(out, checkpoints.EXPORT_RECORD, json.dumps({"complete": True, "files": old, "step": 2}))
+    new = _export_files(export_staging(str(out)), 1, 2.0)
+    assert commit_export(str(out), step=4) == sorted([*new, "config.json"])
+    kept = {"checkpoint-2", "trainer_state.json", checkpoints.EXPORT_RECORD, "model.safetensors", "config.json"}
+    # Unrecorded, the earlier export's tokenizer-like file is not known to be the export's: it stays.
+    assert set(os.listdir(out)) == kept | (set() if recorded else {"special_tokens_map.json"})
+    assert json.loads((out / checkpoints.EXPORT_RECORD).read_text()) == {
+        "complete": True, "files": ["config.json", "model.safetensors"], "step": 4}
+    assert (out / "config.json").read_text() == "config.json of the export of 2.0"
+    assert checkpoints.model_folder_problems(str(out)) == []
+
+
+def test_a_kill_during_an_export_leaves_the_earlier_one_and_says_so(tmp_path, monkeypatch):
+    """Killed while writing (the staging folder is left): the earlier export is whole and the model-folder check
+    says whose it is. Killed while swapping (the record says incomplete): refused as a mix. The next export
+    replaces either and is loadable."""
+    from sc_tune import export
+    from sc_tune.export import commit_export, export_staging
+
+    out = tmp_path / "run"
+    _run_files(out)
+    _export_files(export_staging(str(out)), 2, 1.0)
+    commit_export(str(out), step=2)
+    earlier = sorted(os.listdir(out))
+
+    _export_files(export_staging(str(out)), 2, 2.0)  # written, never swapped in
+    assert sorted(os.listdir(out)) == sorted([*earlier, checkpoints.EXPORT_STAGING])
+    with pytest.raises(checkpoints.CheckpointError, match=r"an export into this folder did not finish .*the model "
+                       r"files here are the earlier export's \(step 2\).*rerun its training command with "
+                       r"--resume_from_checkpoint True to write the export again from checkpoint-2$"):
+        checkpoints.check_model_folder(str(out))
+
+    moved = []
+    real_replace = os.replace
+
+    def killed_after_three(src, dst):
+        if len(moved) == 3:
+            raise KeyboardInterrupt("killed")  # no cleanup runs after a kill
+        moved.append(src)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(export.os, "replace", killed_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        commit_export(str(out), step=4)
+    monkeypatch.undo()
+    with pytest.raises(checkpoints.CheckpointError, match="cut short while it replaced the earlier one"):
+        checkpoints.check_model_folder(str(out))
+
+    _export_files(export_staging(str(out)), 2, 3.0)
+    commit_export(str(out), step=4)
+    checkpoints.check_model_folder(str(out))
+    assert sorted(os.listdir(out)) == earlier
+    from safetensors.torch import load_file
+
+    assert all(torch.equal(t, torch.full((2,), 3.0)) for name in os.listdir(out) if name.endswith(".safetensors")
+               for t in load_file(str(out / name)).values())

@@ -720,3 +720,15 @@ def test_the_locator_trains_on_the_answer_turn_the_template_writes(tiny_checkpoi
     assert adapter.tokenizer.apply_chat_template(turns, tokenize=False) == prompt + target + after_turn
     assert adapter.end_token == end_token == adapter.tokenizer.eos_token
     assert adapter.end_token_ids == [adapter.tokenizer.convert_tokens_to_ids(end_token)]
+
+
+def test_gemma4_writes_a_given_system_message_as_its_text(tiny_checkpoint):
+    # Gemma 4's released template (google/gemma-4-31B-it chat_template.jinja, which the tiny stand-in reproduces here)
+    # writes a system message as `messages[0]['content'] | trim`: given as a list of parts, as the other families
+    # take it, the system turn would hold the list's Python text ("[{'type': 'text', ...}]").
+    adapter = adapter_class("gemma4").from_pretrained(tiny_checkpoint("gemma4"))
+    assert adapter.render("Locate it.", system="Be brief.") == (
+        "<bos><|turn>system\nBe brief.<turn|>\n<|turn>user\n<|image|>Locate it.<turn|>\n"
+        "<|turn>model\n<|channel>thought\n<channel|>")
+    # Without one, no system turn (the release writes one only for a system message, tools or thinking).
+    assert adapter.render("Locate it.").startswith("<bos><|turn>user\n<|image|>")

@@ -225,6 +225,10 @@ class ModelAdapter(ABC):
             image_processor.save_pretrained(directory)
 
     # ---------------------------------------------------------------- prompts and targets (text)
+    # Whether render() gives a system message's content as a string (Gemma 4's released template writes it as it
+    # stands, `messages[0]['content'] | trim`) rather than a list of text parts, which every other family's takes.
+    system_as_string: bool = False
+
     def render(self, user_text: str, system: str | None = None) -> str:
         """One user turn (the image, then ``user_text``) and the opened assistant turn, through the checkpoint's
         chat template, as the family's processor renders ``[{"type": "image"}, {"type": "text", ...}]``; with
@@ -234,7 +238,8 @@ class ModelAdapter(ABC):
         answer with an empty reasoning block (and GLM's append ``/nothink``); templates without one ignore it."""
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user_text}]}]
         if system is not None:
-            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
+            content = system if self.system_as_string else [{"type": "text", "text": system}]
+            messages.insert(0, {"role": "system", "content": content})
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
                                                   enable_thinking=False)
 

@@ -97,6 +97,9 @@ class Gemma4Adapter(_GemmaAdapter):
     end_token = "<turn|>"
     static_decoding_verified = True  # as Gemma 3
     image_type_key = "mm_token_type_ids"
+    # The released template writes a system message as `messages[0]['content'] | trim`: a list of parts would be
+    # written as its Python text (google/gemma-4-31B-it chat_template.jinja).
+    system_as_string = True
     # The MoE release (26B-A4B): routed experts beside every layer's dense MLP, fused 3-D parameters that plain LoRA
     # does not reach; --lora_target_experts adds them (sc_tune.moe). Its router has no load-balancing loss.
     lora_expert_parameters = ("experts.gate_up_proj", "experts.down_proj")

@@ -49,12 +49,26 @@ def _chatml_template(image_text: str, system: str = "", answer_open: str = "") -
     )
 
 
-def _gemma_template(turn_open: str, turn_close: str, image_text: str, answer_open: str = "") -> str:
+def _gemma_template(turn_open: str, turn_close: str, image_text: str, answer_open: str = "",
+                    system_as_written: bool = False) -> str:
     """Gemma's turns; ``answer_open``: what the generation prompt writes after the opened model turn (Gemma 4's empty
-    thought channel, its template's default with thinking off)."""
+    thought channel, its template's default with thinking off). ``system_as_written``: a leading system message is
+    written as its content stands, ``messages[0]['content'] | trim``, as Gemma 4's released template does (a list of
+    parts is then written as the list's text: Gemma 4 takes a system message's text as a string)."""
+    system = (
+        "{% if messages[0]['role'] in ['system', 'developer'] %}"
+        f"{{{{ '{turn_open}system\\n' + messages[0]['content'] | trim + '{turn_close}\\n' }}}}"
+        "{% set loop_messages = messages[1:] %}{% else %}{% set loop_messages = messages %}{% endif %}"
+        if system_as_written else
+        # Gemma 3's released template: the system text, a blank line after it, opens the first user turn.
+        "{% if messages[0]['role'] == 'system' %}{% set first_user_prefix = messages[0]['content'][0]['text'] + "
+        "'\\n\\n' %}{% set loop_messages = messages[1:] %}{% else %}{% set first_user_prefix = '' %}"
+        "{% set loop_messages = messages %}{% endif %}"
+    )
+    prefix = "" if system_as_written else " + (first_user_prefix if loop.first else '')"
     return (
-        "{{ '<bos>' }}{% for message in messages %}"
-        f"{{{{ '{turn_open}' + ('model' if message['role'] == 'assistant' else message['role']) + '\\n' }}}}"
+        "{{ '<bos>' }}" + system + "{% for message in loop_messages %}"
+        f"{{{{ '{turn_open}' + ('model' if message['role'] == 'assistant' else message['role']) + '\\n'{prefix} }}}}"
         "{% for item in message['content'] %}{% if item['type'] == 'image' %}"
         f"{{{{ '{image_text}' }}}}"
         "{% elif item['type'] == 'text' %}{{ item['text'] | trim }}{% endif %}{% endfor %}"
@@ -691,7 +705,8 @@ TINY_TEMPLATE_SPECS: dict[str, TemplateTinySpec] = {
             named_tokens={"boi_token": "<|image>", "eoi_token": "<image|>", "image_token": "<|image|>",
                           "boa_token": "<|audio>", "eoa_token": "<audio|>", "audio_token": "<|audio|>"},
         ),
-        lambda: _gemma_template("<|turn>", "<turn|>", "<|image|>", "<|channel>thought\\n<channel|>"),
+        lambda: _gemma_template("<|turn>", "<turn|>", "<|image|>", "<|channel>thought\\n<channel|>",
+                                system_as_written=True),
         processor_config=_gemma4_processor_config,
     ),
     "llava_onevision": TemplateTinySpec(

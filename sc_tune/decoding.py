@@ -282,7 +282,13 @@ class _StaticStep:
         self.model, self.loop = model, loop
         first = torch.cat([input_ids, loop.out[:, :1]], dim=1)
         template = model.prepare_inputs_for_generation(first, next_sequence_length=1, **model_kwargs)
-        length = max(layer.max_cache_len for layer in cache.layers if hasattr(layer, "max_cache_len"))
+        # The text's columns, which the step's mask spans: a cross-attention layer (Llama 3.2 Vision's) caches the
+        # vision states instead, as many columns as the image's tiles (MllamaForConditionalGeneration's
+        # _prepare_static_cache), far more than a rollout's text in the releases.
+        self.text_config = model.config.get_text_config(decoder=True)
+        cross = set(getattr(self.text_config, "cross_attention_layers", None) or ())
+        length = max(layer.max_cache_len for index, layer in enumerate(cache.layers)
+                     if index not in cross and hasattr(layer, "max_cache_len"))
         prompt_mask = model_kwargs.get("attention_mask")
         key_mask = torch.ones((loop.n, length), dtype=torch.bool, device=input_ids.device)
         if prompt_mask is not None and prompt_mask.dim() == 2:
@@ -294,7 +300,6 @@ class _StaticStep:
         self.positions = position_ids.clone() if position_ids is not None else None
         self.inputs = {k: v for k, v in template.items() if k not in ("input_ids", "attention_mask", "position_ids")}
         self.forward = model if compile_backend is None else torch.compile(model, backend=compile_backend)
-        self.text_config = model.config.get_text_config(decoder=True)
 
     def model_part(self) -> torch.Tensor:
         """The forward of the step and the advance of its column and positions: the next logits (no token chosen)."""

@@ -31,7 +31,7 @@ SAMPLED = GenerationSettings(max_new_tokens=6, min_new_tokens=2, do_sample=True,
 # One model type per registered family (tests/test_families.py checks the registry covers them all).
 FAMILY_TYPES = ["qwen", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "glm4v", "exaone4_5", "hyperclovax_vision_v2",
                 "internvl", "llava_onevision", "llava", "llava_next", "mistral3", "aya_vision", "granite4_vision",
-                "smolvlm", "gemma3", "gemma4"]
+                "mllama", "smolvlm", "gemma3", "gemma4"]
 
 
 def _model(tiny_checkpoint, model_type):
@@ -129,7 +129,7 @@ def test_static_decoding_resumes_from_the_scoring_cache(tiny_checkpoint, model_t
     assert found is not None and found[1] == expected
 
 
-@pytest.mark.parametrize("model_type", ["qwen", "qwen2_5_vl"])
+@pytest.mark.parametrize("model_type", ["qwen", "qwen2_5_vl", "mllama"])
 @pytest.mark.parametrize("static", [True, False])
 def test_one_loop_of_sampled_and_greedy_rows_equals_the_separate_calls(tiny_checkpoint, model_type, static):
     """The policy's samples (adapter "default") and the snapshot's greedy captions (adapter "snapshot") decoded in
@@ -241,8 +241,9 @@ def test_sampled_rows_after_greedy_rows_sample_as_their_own_call(tiny_checkpoint
 
 # Families whose decode step has no host-side state at all (Gemma's window layers keep a host counter that decides a
 # branch no call that fits its window can flip; they are checked for exactness above).
-# One per kind of language model: native Qwen-VL, M-RoPE (Qwen2.5-VL), hybrid recurrent (Qwen3.5), Llama (SmolVLM).
-GRAPH_TYPES = ["qwen", "qwen2_5_vl", "qwen3_5", "smolvlm"]
+# One per kind of language model: native Qwen-VL, M-RoPE (Qwen2.5-VL), hybrid recurrent (Qwen3.5), Llama (SmolVLM),
+# cross-attention to the image (Llama 3.2 Vision).
+GRAPH_TYPES = ["qwen", "qwen2_5_vl", "qwen3_5", "smolvlm", "mllama"]
 
 
 def _traced_as_one_graph(monkeypatch):

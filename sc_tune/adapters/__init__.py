@@ -16,6 +16,7 @@ from sc_tune.adapters import (  # noqa: F401  (imported to register their famili
     llava_onevision,
     minicpmv,
     mistral3,
+    mllama,
     ovis2,
     qwen2_vl,
     qwen_vl,

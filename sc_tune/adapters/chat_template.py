@@ -1,12 +1,12 @@
 """Adapters driven by the checkpoint's own chat template (InternVL, Gemma 3 / 4, LLaVA-OneVision, LLaVA-1.5 / NeXT,
-Mistral 3, Aya Vision, Granite 4 Vision, SmolVLM, Ovis2, MiniCPM-V 4.6 / 4.7).
+Mistral 3, Aya Vision, Granite 4 Vision, Llama 3.2 Vision, SmolVLM, Ovis2, MiniCPM-V 4.6 / 4.7).
 
 These families ship their turn format as a Jinja chat template with the tokenizer (``chat_template.jinja``,
 or the processor's legacy ``chat_template.json``). A prompt is rendered through that template, exactly as
 the family's processor would render ``[{"type": "image"}, {"type": "text", ...}]``, and the one image marker
 the template writes (``<IMG_CONTEXT>``, ``<start_of_image>``, ``<|image|>``, ``<image>``, ``<|image_pad|>``) is
 then expanded to the placeholder sequence of that image (its start/end tokens and one placeholder token per image
-feature).
+feature; Llama 3.2 Vision's ``<|image|>`` stays one token, its image read through cross-attention layers).
 
 Why not call the family's processor: in transformers 5.24 the InternVL, LLaVA-OneVision, SmolVLM, Gemma 4 and
 MiniCPM-V processors cannot be built without a video processor, which needs torchvision (not a dependency

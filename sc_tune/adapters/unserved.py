@@ -68,7 +68,6 @@ UNSERVED: tuple[Unserved, ...] = (
              "indexer, which Mistral 3's adapter does not cover; no documented grounding answer form is known here"),
     Unserved("North", ("cohere_compass",), NO_GROUNDING_FORM),
     Unserved("DeepSeek-VL", ("deepseek_vl", "deepseek_vl_hybrid"), NO_GROUNDING_FORM),
-    Unserved("Llama 3.2 Vision", ("mllama",), NO_GROUNDING_FORM),
     Unserved("Idefics / Idefics2", ("idefics", "idefics2"), NO_GROUNDING_FORM),
     Unserved("Aria", ("aria",), NO_GROUNDING_FORM),
     Unserved("Chameleon / Emu3 / Janus", ("chameleon", "emu3", "janus"), NO_GROUNDING_FORM),

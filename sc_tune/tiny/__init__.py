@@ -13,7 +13,7 @@ import it. Its modules:
   Vision v2 ``model_type``
   (``TINY_SPECS``);
 - ``template_families``: InternVL, Gemma 3 / 4, LLaVA-OneVision, LLaVA-1.5 / NeXT, Mistral 3, Aya Vision, Granite 4
-  Vision, SmolVLM, Ovis2 and MiniCPM-V 4.6 / 4.7, with stand-in chat templates;
+  Vision, Llama 3.2 Vision, SmolVLM, Ovis2 and MiniCPM-V 4.6 / 4.7, with stand-in chat templates;
 - ``qwen_vl``: the native Qwen-VL (tiktoken vocabulary, its own config and model class).
 
 ``SAVERS`` maps each model type to the function that writes its folder; a test checks that every model type the

@@ -1,5 +1,5 @@
 """Tiny random models of the chat-template families: InternVL, Gemma 3 / 4, LLaVA-OneVision, LLaVA-1.5 / NeXT,
-Mistral 3, Aya Vision, Granite 4 Vision, SmolVLM, Ovis2, MiniCPM-V.
+Mistral 3, Aya Vision, Granite 4 Vision, Llama 3.2 Vision, SmolVLM, Ovis2, MiniCPM-V.
 
 Each is the family's own transformers architecture at a few hundred thousand parameters, a tiny BPE
 tokenizer carrying the family's special tokens (``sc_tune.tiny.chat``), the family's PIL image
@@ -486,6 +486,53 @@ def _granite4_vision_config(tokenizer, sizes: TinySizes):
     )
 
 
+# ---------------------------------------------------------------- Llama 3.2 Vision (mllama)
+# Meta's Llama 3.2 Vision prompt format (meta-llama/llama-models, models/llama3_2/vision_prompt_format.md, its image
+# example: "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<|image|>Describe this image in two
+# sentences<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"): the BOS, Llama 3's header tags, the image
+# first in the user's turn ("Image will only attend to the subsequent text tokens"), every turn closed with <|eot_id|>.
+# The released chat_template.json was not at hand: it may write more (a system turn, tool turns) than this stand-in.
+MLLAMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<|image|>' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{{ '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+# The released tokenizer's pad (<|finetune_right_pad_id|>, the text config's pad_token_id), BOS, its EOS <|eot_id|>, the
+# header tags, <|end_of_text|>, <|python_tag|> (MllamaProcessor reads its id) and the image token.
+MLLAMA_TOKENS = ("<|finetune_right_pad_id|>", "<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>",
+                 "<|end_header_id|>", "<|end_of_text|>", "<|python_tag|>", "<|image|>")
+# 4 x 4 patches and the class embedding per 28 px tile: 68 vision columns for 4 tiles, more than a rollout's text (as
+# the releases' 6,404 against a few hundred), so that a static cache's cross-attention layers are its longest.
+MLLAMA_PATCH = 7
+
+
+def _mllama_image_processor(image_size: int):
+    from transformers import MllamaImageProcessorPil
+
+    # The releases' 4 tiles at most (their supported aspect ratios), each the tower's input.
+    return MllamaImageProcessorPil(size={"height": image_size, "width": image_size}, max_image_tiles=4)
+
+
+def _mllama_config(tokenizer, sizes: TinySizes):
+    from transformers import AutoConfig
+
+    # The releases' tower kind at tiny sizes: a local encoder whose layer 0 output is also taken (the releases take 5
+    # intermediate layers), one gated global layer, 4 tiles; the projector's input is the final and the intermediate
+    # features side by side (vision_output_dim). Text: Llama 3 with llama3 rope scaling, 3 layers with the middle one a
+    # cross-attention layer (the releases': every fifth of 40), so a self-attention layer follows it in the cache.
+    vision = dict(_vision_encoder(sizes, TINY_IMAGE_SIZE, MLLAMA_PATCH), num_global_layers=1, max_num_tiles=4,
+                  intermediate_layers_indices=[0], vision_output_dim=2 * sizes.vision_width)
+    vision["attention_heads"] = vision.pop("num_attention_heads")
+    text = dict(_text_config(tokenizer, sizes, "<|eot_id|>"), num_hidden_layers=3, cross_attention_layers=[1],
+                bos_token_id=tokenizer.convert_tokens_to_ids("<|begin_of_text|>"),
+                rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 256})
+    return AutoConfig.for_model("mllama", text_config=text, vision_config=vision,
+                                image_token_index=tokenizer.convert_tokens_to_ids("<|image|>"))
+
+
 # ---------------------------------------------------------------- Ovis2
 OVIS2_PATCH = 7  # 4 x 4 patches per 28 px tile, merged 2 x 2 (the releases' hidden_stride): 4 <IMG_ATOM> per tile
 OVIS2_SYSTEM = "You are a helpful assistant."  # the released template's system turn (convert_ovis2_weights_to_hf.py)
@@ -757,6 +804,13 @@ TINY_TEMPLATE_SPECS: dict[str, TemplateTinySpec] = {
                 template_text=TEMPLATE_TEXT + "user assistant"),
         lambda: GRANITE4_VISION_TEMPLATE,
         processor_config=_llava_processor_config("Granite4VisionProcessor", "downsample_rate"),
+    ),
+    # Its tokenizer prepends <|begin_of_text|>, and the template writes it: the processor then adds no second one.
+    "mllama": TemplateTinySpec(
+        replace(_spec(MLLAMA_TOKENS, "<|eot_id|>", _mllama_image_processor, _mllama_config,
+                      bos_token="<|begin_of_text|>"),
+                template_text=TEMPLATE_TEXT + "user assistant", prepends_bos=True),
+        lambda: MLLAMA_TEMPLATE,
     ),
     "ovis2": TemplateTinySpec(
         replace(_spec((*CHATML, "<IMG_ATOM>", *OVIS2_INDICATORS), "<|im_end|>", _ovis2_image_processor, _ovis2_config),

@@ -1,5 +1,5 @@
 """What is particular to the chat-template families (InternVL, Gemma 3 / 4, LLaVA-OneVision, LLaVA-1.5 / NeXT,
-Mistral 3, Aya Vision, Granite 4 Vision, SmolVLM, Ovis2, MiniCPM-V).
+Mistral 3, Aya Vision, Granite 4 Vision, Llama 3.2 Vision, SmolVLM, Ovis2, MiniCPM-V).
 
 The codec round trips, SC-Tune loop, export and evaluation of every family are covered by
 tests/test_families.py; here: prompts through each family's chat template (InternVL's grounding format),
@@ -23,7 +23,7 @@ from tests.conftest import SAMPLE_IMAGES
 from tests.helpers import assert_processor_builds_the_same_inputs, two_colour_photo
 
 TEMPLATE_TYPES = ["internvl", "gemma3", "gemma4", "llava_onevision", "llava", "llava_next", "mistral3", "aya_vision",
-                  "granite4_vision", "smolvlm", "idefics3", "ovis2", "minicpmv4_6", "minicpmv4_7"]
+                  "granite4_vision", "mllama", "smolvlm", "idefics3", "ovis2", "minicpmv4_6", "minicpmv4_7"]
 BOX = [0.1, 0.2, 0.5, 0.6]
 
 # What each family's chat template makes of one user turn (image + text) and the opened answer.
@@ -41,6 +41,9 @@ TURNS = {
     # Granite 4's role tags, the image first in the user's turn (its tokenizer prepends nothing)
     "granite4_vision": ("<|start_of_role|>user<|end_of_role|><image>",
                         "<|end_of_text|>\n<|start_of_role|>assistant<|end_of_role|>"),
+    # Llama 3's header tags; the template writes the BOS (its tokenizer would prepend one: the processor adds none)
+    "mllama": ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<|image|>",
+               "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"),
     "smolvlm": ("<|im_start|>User:<image>", "<end_of_utterance>\nAssistant:"),
     "idefics3": ("<|im_start|>User:<image>", "<end_of_utterance>\nAssistant:"),
     # the released template's default system turn; "<image>" is plain text its processor expands
@@ -62,6 +65,7 @@ MEDIA = {
     "mistral3": {"[IMG]", "[IMG_BREAK]", "[IMG_END]"},
     "aya_vision": {"<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>"},
     "granite4_vision": {"<image>"},
+    "mllama": {"<|image|>"},
     "smolvlm": {"<image>", "<fake_token_around_image>", "<global-img>"}
     | {f"<row_{r}_col_{c}>" for r in (1, 2) for c in (1, 2)},
 }
@@ -83,6 +87,7 @@ PROJECTOR = {
     "aya_vision": "model.multi_modal_projector.",  # the pixel shuffle's norm and SwiGLU MLP
     # the window Q-Former projectors (layer "deepstack" and spatial-offset ones) and the row newline
     "granite4_vision": ("model.layerwise_projectors.", "model.spatial_projectors.", "model.image_newline"),
+    "mllama": "model.multi_modal_projector.",  # outside model.vision_model
     "smolvlm": "model.connector.",
     "idefics3": "model.connector.",
     "ovis2": ("model.vision_tower.head_linear.", "model.vision_tower.head_norm.", "model.visual_embeddings_table."),
@@ -185,7 +190,9 @@ def test_placeholders_match_the_features_the_model_computes(family):
     per-token image type marks exactly the placeholders."""
     model_type, _, model, adapter = family
     images = [adapter.prepare_image(im) for im in _odd_images()]
-    if model_type not in ("gemma3", "llava"):  # they take every image at one size; the others follow its shape
+    if model_type == "mllama":  # one <|image|> whatever the photo; the cross-attention layers read its tiles
+        assert [int(im.tensors["aspect_ratio_mask"].sum()) for im in images] == [4, 3]
+    elif model_type not in ("gemma3", "llava"):  # they take every image at one size; the others follow its shape
         assert images[0].num_tokens != images[1].num_tokens
     prompts = [adapter.locator_prompt("the red circle", im) for im in images]
     batch = adapter.build_batch(prompts, images)
@@ -703,9 +710,101 @@ def test_granite4_vision_refuses_a_downsample_rate_its_projectors_cannot_lay_out
         adapter_class("granite4_vision").from_parts(tokenizer, image_processor, config)
 
 
+# ---------------------------------------------------------------- Llama 3.2 Vision (mllama)
+MLLAMA_KEYS = ["aspect_ratio_ids", "aspect_ratio_mask", "attention_mask", "cross_attention_mask", "input_ids",
+               "pixel_values"]
+
+
+def test_the_mllama_processor_builds_the_adapters_inputs_on_square_wide_and_tall_photos(tiny_checkpoint):
+    """transformers' own MllamaProcessor (AutoProcessor of the tiny folder) on the adapter's rendered prompts: the same
+    input ids (one <|image|>, the template's BOS and no second), pixels of the padded tiles, aspect-ratio ids and mask,
+    and cross-attention mask (the image's tiles seen from the <|image|> column on) for photos of 2 x 2, 3 x 1, 1 x 3,
+    1 x 4 and 1 x 1 tile canvases (columns x rows), one at a time and as one left-padded batch (the mask follows each row's padding)."""
+    from transformers import AutoProcessor, MllamaProcessor
+
+    path = tiny_checkpoint("mllama")
+    adapter = adapter_class("mllama").from_pretrained(path)
+    processor = AutoProcessor.from_pretrained(path)
+    assert type(processor) is MllamaProcessor
+    photos, images, prompts, canvases = [], [], [], {}
+    for size in ((50, 50), (120, 45), (45, 120), (9, 200), (20, 20)):
+        photo = two_colour_photo(size)
+        image = adapter.prepare_image(photo)
+        prompt = adapter.locator_prompt("the dog", image)
+        assert_processor_builds_the_same_inputs(adapter, processor, prompt, image, photo, MLLAMA_KEYS,
+                                                add_special_tokens=False)
+        canvases[size] = (image.frame, int(image.tensors["aspect_ratio_mask"].sum()))
+        photos.append(photo), images.append(image), prompts.append(prompt)
+    assert canvases == {(50, 50): ((56, 56), 4), (120, 45): ((84, 28), 3), (45, 120): ((28, 84), 3),
+                        (9, 200): ((28, 112), 4), (20, 20): ((28, 28), 1)}
+    prompts[1] = adapter.describer_prompt(BOX, images[1])  # rows of other lengths: left padding
+    ours = adapter.build_batch(prompts, images).inputs
+    theirs = processor(text=prompts, images=[[photo] for photo in photos], padding=True, add_special_tokens=False,
+                       return_tensors="pt")
+    assert sorted(ours) == sorted(theirs) and not ours["attention_mask"].all()
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+
+
+def test_mllama_teacher_forcing_reads_the_image_as_generate_did(tiny_checkpoint):
+    """The scoring pass over prompt + completion (append_completion) gives every completion token the logits generate
+    gave it: the completion's columns see the image's tiles (generate repeats the cross-attention mask's last column
+    per new token), on two left-padded rows of other tile counts."""
+    model, adapter = load_model_and_adapter(tiny_checkpoint("mllama"))
+    model.eval()
+    images = [adapter.prepare_image(two_colour_photo(size)) for size in ((50, 50), (120, 45))]
+    batch = adapter.build_batch([adapter.describer_prompt(BOX, images[0]), adapter.locator_prompt("a", images[1])],
+                                images)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.generate(**batch.inputs, max_new_tokens=5, min_new_tokens=5, do_sample=True, top_k=50,
+                             pad_token_id=adapter.pad_token_id, return_dict_in_generate=True, output_logits=True)
+        width = batch.input_ids.shape[1]
+        completion_BT = out.sequences[:, width:]
+        inputs = adapter.append_completion(batch, completion_BT, torch.ones_like(completion_BT))
+        logits = model(**inputs).logits[:, width - 1 : -1]
+    assert torch.equal(inputs["cross_attention_mask"][:, width:], batch.inputs["cross_attention_mask"][:, -1:].expand(
+        -1, completion_BT.shape[1], -1, -1))
+    torch.testing.assert_close(logits, torch.stack(out.logits, dim=1), rtol=0, atol=1e-5)
+
+
+def test_mllama_prompt_and_vision_caches_are_refused_by_name(tiny_checkpoint):
+    """Its cross-attention layers cache the vision states, not prompt columns: the adapter resumes from no scoring
+    cache, moves no cached columns and names no vision trunk (those passes run in full), and generate refuses to keep
+    or resume from a prompt cache on it."""
+    from transformers.cache_utils import DynamicCache
+
+    from sc_tune.rollout import GenerationSettings, generate
+    from sc_tune.vision_cache import VisionCache
+
+    model, adapter = load_model_and_adapter(tiny_checkpoint("mllama"))
+    assert not adapter.resumes_from_scoring_cache(model, 40, 50)
+    assert not adapter.moves_cached_prompt_columns(model, 50)
+    assert adapter.vision_trunk(model) is None and VisionCache.for_model(adapter, [model]) is None
+    image = adapter.prepare_image(two_colour_photo((50, 50)))
+    batch = adapter.build_batch([adapter.describer_prompt(BOX, image)], [image])
+    settings = GenerationSettings(max_new_tokens=2)
+    for cached in ({"keep_prompt_rows": (0, 1)}, {"prompt_cache": DynamicCache()}):
+        with pytest.raises(ValueError, match=r"MllamaForConditionalGeneration's cross-attention layers \[1\]"):
+            generate(model, adapter, batch, settings, True, **cached)
+
+
+def test_mllama_refuses_a_tile_the_tower_does_not_take(tiny_checkpoint):
+    from transformers import AutoConfig
+
+    path = tiny_checkpoint("mllama")
+    adapter = adapter_class("mllama").from_pretrained(path)
+    for field, value in (("image_size", 56), ("max_num_tiles", 2)):
+        config = AutoConfig.from_pretrained(path)
+        setattr(config.vision_config, field, value)
+        with pytest.raises(ValueError, match=f"are not the vision tower's .*{value}"):
+            adapter_class("mllama").from_parts(adapter.tokenizer, adapter.image_processor, config)
+
+
 @pytest.mark.parametrize("model_type, end_token, after_turn", [
     ("aya_vision", "<|END_OF_TURN_TOKEN|>", ""),
     ("granite4_vision", "<|end_of_text|>", "\n"),  # the template's newline between turns: never trained on
+    ("mllama", "<|eot_id|>", ""),
 ])
 def test_the_locator_trains_on_the_answer_turn_the_template_writes(tiny_checkpoint, model_type, end_token, after_turn):
     """The locator's target after its prompt is the assistant turn the checkpoint's template renders for that answer:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 
-from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs
+from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs, processor_tile
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
 
 
@@ -51,8 +51,7 @@ class AyaVisionAdapter(ChatTemplateAdapter):
         if config.vision_feature_select_strategy != "full":
             raise ValueError(f"config.json: vision_feature_select_strategy {config.vision_feature_select_strategy!r}: "
                              "Aya Vision's pixel shuffle takes the tower's whole square patch grid ('full')")
-        size = image_processor.size
-        tile = (size["height"], size["width"]) if isinstance(size, dict) else (size.height, size.width)
+        tile = processor_tile(image_processor)
         if tile != (vision.image_size, vision.image_size):
             raise ValueError(f"preprocessor_config.json: size {tile[0]}x{tile[1]} is not the vision tower's "
                              f"vision_config.image_size {vision.image_size} (config.json): each tile is the tower's "

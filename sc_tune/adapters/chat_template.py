@@ -221,6 +221,13 @@ class ChatTemplateAdapter(GenericTemplateTurns, ModelAdapter):
         return batch
 
 
+def processor_tile(image_processor) -> tuple[int, int]:
+    """(height, width) of a tiling image processor's ``size`` (a dict, or transformers' ``SizeDict``): the tile it cuts,
+    which the families' towers take whole (Aya Vision, Llama 3.2 Vision)."""
+    size = image_processor.size
+    return (size["height"], size["width"]) if isinstance(size, dict) else (size.height, size.width)
+
+
 def _pad_to_largest(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     """Stack per-image ``(1, ...)`` tensors into ``(B, ...)``, each dimension as large as the largest image's,
     zero-padded at its end (tiles after an image's own; pixel rows below and columns right of it, as Pixtral's

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 
 import torch
 
-from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs
+from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs, processor_tile
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
 
 
@@ -50,8 +50,7 @@ class MllamaAdapter(ChatTemplateAdapter):
     def __init__(self, tokenizer, image_processor, config, box_format: str = "native"):
         super().__init__(tokenizer, image_processor, config, box_format)
         vision = config.vision_config
-        size = image_processor.size
-        tile = (size["height"], size["width"]) if isinstance(size, dict) else (size.height, size.width)
+        tile = processor_tile(image_processor)
         # The tower's position embeddings are per patch of one image_size tile, and aspect_ratio_ids index the
         # supported grids of max_num_tiles: a processor that tiles otherwise fails inside the model, or reads wrong.
         if tile != (vision.image_size, vision.image_size) or image_processor.max_image_tiles != vision.max_num_tiles:

@@ -719,7 +719,8 @@ def test_the_mllama_processor_builds_the_adapters_inputs_on_square_wide_and_tall
     """transformers' own MllamaProcessor (AutoProcessor of the tiny folder) on the adapter's rendered prompts: the same
     input ids (one <|image|>, the template's BOS and no second), pixels of the padded tiles, aspect-ratio ids and mask,
     and cross-attention mask (the image's tiles seen from the <|image|> column on) for photos of 2 x 2, 3 x 1, 1 x 3,
-    1 x 4 and 1 x 1 tile canvases (columns x rows), one at a time and as one left-padded batch (the mask follows each row's padding)."""
+    1 x 4 and 1 x 1 tile canvases (columns x rows), one at a time and as one left-padded batch (the mask follows each
+    row's padding)."""
     from transformers import AutoProcessor, MllamaProcessor
 
     path = tiny_checkpoint("mllama")

@@ -55,10 +55,10 @@ class MllamaAdapter(ChatTemplateAdapter):
         # supported grids of max_num_tiles: a processor that tiles otherwise fails inside the model, or reads wrong.
         if tile != (vision.image_size, vision.image_size) or image_processor.max_image_tiles != vision.max_num_tiles:
             raise ValueError(
-                f"preprocessor_config.json: size {tile[0]}x{tile[1]} and max_image_tiles {image_processor.max_image_tiles}"
-                f" are not the vision tower's vision_config.image_size {vision.image_size} and max_num_tiles "
-                f"{vision.max_num_tiles} (config.json): each tile is the tower's input, and the aspect ratio ids index "
-                "its supported tile grids"
+                f"preprocessor_config.json: size {tile[0]}x{tile[1]} and max_image_tiles "
+                f"{image_processor.max_image_tiles} are not the vision tower's vision_config.image_size "
+                f"{vision.image_size} and max_num_tiles {vision.max_num_tiles} (config.json): each tile is the tower's "
+                "input, and the aspect ratio ids index its supported tile grids"
             )
 
     def preprocess_image(self, image):

@@ -27,6 +27,8 @@ class Unserved:
 # (docs/families.md says which); the refusal claims no more than that.
 NO_GROUNDING_FORM = ("no documented grounding answer form is known here and no adapter is written; serving it takes an "
                      "adapter on the generic box text with a grounding warm start, as for LLaVA-OneVision")
+NO_GROUNDING_FORM_TORCHVISION = ("no documented grounding answer form is known here and its image processor exists "
+                                 "only as a torchvision backend (no SC-Tune dependency); no adapter is written")
 AUDIO_ONLY = "audio in, text out: SC-Tune tunes image grounding"
 OCR_ONLY = "it reads a page's text and layout; it is not asked to ground a phrase"
 
@@ -52,6 +54,10 @@ UNSERVED: tuple[Unserved, ...] = (
     Unserved("Command A Vision", ("cohere2_vision",),
              "its image processor exists only as a torchvision backend (no SC-Tune dependency), so Aya Vision's "
              "adapter does not cover it, and no grounding answer form is known here"),
+    Unserved("Perception LM", ("perception_lm",),
+             "it answers with zero-padded per-mille boxes such as [040,482,112,576] (Meta's perception_models "
+             "grounding notebook), for which SC-Tune has no adapter yet, and its image processor exists only as a "
+             "torchvision backend"),
     # Documented grounding, undocumented answer form.
     Unserved("Llama 4", ("llama4",),
              "Meta describes image grounding but documents no answer form, so SC-Tune has no codec to read it"),
@@ -66,21 +72,24 @@ UNSERVED: tuple[Unserved, ...] = (
     Unserved("Mistral Large 4", ("mistral_large4",),
              "a Pixtral tower on a mixture-of-experts text model with latent (MLA) attention and a sparse-attention "
              "indexer, which Mistral 3's adapter does not cover; no documented grounding answer form is known here"),
-    Unserved("North", ("cohere_compass",), NO_GROUNDING_FORM),
+    Unserved("North", ("cohere_compass",),
+             "Cohere names grounding among its capabilities but documents no answer form here (a third-party app reads "
+             "bare [x1, y1, x2, y2] lists on 0..1000), and no adapter is written"),
     Unserved("DeepSeek-VL", ("deepseek_vl", "deepseek_vl_hybrid"), NO_GROUNDING_FORM),
     Unserved("Idefics / Idefics2", ("idefics", "idefics2"), NO_GROUNDING_FORM),
     Unserved("Aria", ("aria",), NO_GROUNDING_FORM),
     Unserved("Chameleon / Emu3 / Janus", ("chameleon", "emu3", "janus"), NO_GROUNDING_FORM),
     Unserved("FastVLM", ("fast_vlm",), NO_GROUNDING_FORM),
     Unserved("LFM2-VL / LFM3-VL", ("lfm2_vl", "lfm3_vl"), NO_GROUNDING_FORM),
-    Unserved("Perception LM", ("perception_lm",), NO_GROUNDING_FORM),
     Unserved("VideoLLaMA3", ("video_llama_3",), NO_GROUNDING_FORM),
     Unserved("Hunyuan (Hy) 4 VL", ("hy_v4_vl",), NO_GROUNDING_FORM),
-    Unserved("Step 3.7", ("step3p7",), NO_GROUNDING_FORM),
-    Unserved("MiniMax-M3", ("minimax_m3_vl",), NO_GROUNDING_FORM),
-    Unserved("Muse Glimmer", ("muse_glimmer",), NO_GROUNDING_FORM),
-    Unserved("Inkling 2", ("inkling2", "inkling2_loop"), NO_GROUNDING_FORM),
-    Unserved("Cosmos 3", ("cosmos3_edge", "cosmos3_omni"), NO_GROUNDING_FORM),
+    Unserved("Step 3.7", ("step3p7",), NO_GROUNDING_FORM_TORCHVISION),
+    Unserved("MiniMax-M3", ("minimax_m3_vl",), NO_GROUNDING_FORM_TORCHVISION),
+    Unserved("Muse Glimmer", ("muse_glimmer",), NO_GROUNDING_FORM_TORCHVISION),
+    Unserved("Inkling 2", ("inkling2", "inkling2_loop"), NO_GROUNDING_FORM_TORCHVISION),
+    Unserved("Cosmos 3", ("cosmos3_edge", "cosmos3_omni"),
+             "NVIDIA documents no Cosmos 3 grounding answer form here (Cosmos Reason 2's prompt asks for a json box "
+             "without showing one), and no adapter is written"),
     # Omni models (audio + vision).
     Unserved("Qwen2.5-Omni / Qwen3-Omni",
              ("qwen2_5_omni", "qwen2_5_omni_thinker", "qwen3_omni_moe", "qwen3_omni_moe_thinker"),

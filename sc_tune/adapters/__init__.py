@@ -21,6 +21,7 @@ from sc_tune.adapters import (  # noqa: F401  (imported to register their famili
     qwen2_vl,
     qwen_vl,
     smolvlm,
+    video_llama_3,
 )
 from sc_tune.adapters.base import ImageInputs, ModelAdapter, PromptBatch
 from sc_tune.adapters.registry import Family, adapter_class, families, family_for, register, supported_model_types

@@ -26,22 +26,11 @@ first (docs/grounding_warm_start.md). Reasoning: both are hybrid. EXAONE 4.5 thi
 
 from __future__ import annotations
 
-import torch
-
 from sc_tune.adapters.base import language_model_lora_targets
 from sc_tune.adapters.chat_template import GenericTemplateTurns, turn_end_token
-from sc_tune.adapters.patch_grid_chat import PatchGridChatAdapter
+from sc_tune.adapters.patch_grid_chat import PatchGridChatAdapter, processor_image_token
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
 from sc_tune.box_codecs import GENERIC_CODEC
-
-DEFAULT_IMAGE_TOKEN = "<|image_pad|>"  # Exaone4_5_Processor's, where the tokenizer names no image_token
-
-
-def processor_image_token(tokenizer) -> str:
-    """The image token ``Exaone4_5_Processor`` (and ``HyperCLOVAXVisionV2Processor``) expands: the tokenizer's
-    ``image_token`` where it has one, else ``<|image_pad|>``."""
-    return tokenizer.image_token if hasattr(tokenizer, "image_token") else DEFAULT_IMAGE_TOKEN
-
 
 class Exaone45Adapter(GenericTemplateTurns, PatchGridChatAdapter):
     native_codec = GENERIC_CODEC
@@ -58,12 +47,6 @@ class Exaone45Adapter(GenericTemplateTurns, PatchGridChatAdapter):
         self.image_token = processor_image_token(tokenizer)
         super().__init__(tokenizer, image_processor, box_format)
         self.end_token = turn_end_token(tokenizer)
-
-    def image_batch(self, images, input_ids):
-        return {
-            "pixel_values": torch.cat([im.tensors["pixel_values"] for im in images], dim=0),
-            "image_grid_thw": torch.cat([im.tensors["image_grid_thw"] for im in images], dim=0),
-        }
 
 
 class HyperClovaXVisionV2Adapter(Exaone45Adapter):

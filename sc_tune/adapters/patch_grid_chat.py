@@ -5,6 +5,9 @@ Qwen2-VL, Qwen2.5-VL, Qwen3-VL(-MoE), Qwen3.5(-MoE) and GLM-4.1V/4.5V/4.6V all p
 (``grid_t * grid_h * grid_w / merge_size**2``) and want ``mm_token_type_ids`` (1 on image tokens) so that
 their 3-D rotary positions (M-RoPE) know where the image is. Prompts go through the checkpoint's chat template
 (``ModelAdapter.render``); subclasses say which token is the image placeholder and how a box is written.
+EXAONE 4.5, HyperCLOVA X SEED Vision v2 and VideoLLaMA3 share the grid and the placeholder count but not the
+M-RoPE: they set ``per_token_keys = ()`` (no ``mm_token_type_ids``), and VideoLLaMA3 adds the processor's
+``image_merge_sizes`` to ``image_keys``.
 """
 
 from __future__ import annotations
@@ -13,12 +16,23 @@ import torch
 
 from sc_tune.adapters.base import ImageInputs, ModelAdapter, load_chat_tokenizer
 
+DEFAULT_IMAGE_TOKEN = "<|image_pad|>"  # the processors' placeholder where the tokenizer names no image_token
+
+
+def processor_image_token(tokenizer) -> str:
+    """The image token the 1-D-position patch-grid processors expand (``Exaone4_5_Processor``,
+    ``HyperCLOVAXVisionV2Processor``, ``VideoLlama3Processor``): the tokenizer's ``image_token`` where it has one,
+    else ``<|image_pad|>``."""
+    return tokenizer.image_token if hasattr(tokenizer, "image_token") else DEFAULT_IMAGE_TOKEN
+
 
 class PatchGridChatAdapter(ModelAdapter):
     per_token_keys = ("mm_token_type_ids",)
     vision_prefix = "model.visual"
 
     image_token: str  # the placeholder repeated once per merged patch, e.g. "<|image_pad|>"
+    # The image processor's outputs the model takes, one row (or block of rows) per image, concatenated per batch.
+    image_keys: tuple[str, ...] = ("pixel_values", "image_grid_thw")
     # Whether the processor's size bounds count an image's frames too: GLM-4.1V's bound frames x height x width, an
     # image being ``temporal_patch_size`` frames; Qwen's bound height x width.
     size_bounds_count_frames: bool = False
@@ -72,7 +86,7 @@ class PatchGridChatAdapter(ModelAdapter):
         _, grid_h, grid_w = (int(v) for v in grid_thw[0])
         num_tokens = int(grid_thw.prod()) // (self.merge_size**2)
         frame = (grid_w * self.patch_size, grid_h * self.patch_size)
-        return ImageInputs({"pixel_values": out["pixel_values"], "image_grid_thw": grid_thw}, num_tokens, frame)
+        return ImageInputs({key: out[key] for key in self.image_keys}, num_tokens, frame)
 
     def encode_prompt(self, text, image):
         if text.count(self.image_token) != 1:
@@ -81,8 +95,7 @@ class PatchGridChatAdapter(ModelAdapter):
         return self.tokenizer(expanded, add_special_tokens=False)["input_ids"]
 
     def image_batch(self, images, input_ids):
-        return {
-            "pixel_values": torch.cat([im.tensors["pixel_values"] for im in images], dim=0),
-            "image_grid_thw": torch.cat([im.tensors["image_grid_thw"] for im in images], dim=0),
-            "mm_token_type_ids": (input_ids == self.image_token_id).to(torch.int32),
-        }
+        batch = {key: torch.cat([im.tensors[key] for im in images], dim=0) for key in self.image_keys}
+        if "mm_token_type_ids" in self.per_token_keys:  # M-RoPE families: where the image tokens are
+            batch["mm_token_type_ids"] = (input_ids == self.image_token_id).to(torch.int32)
+        return batch

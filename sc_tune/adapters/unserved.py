@@ -81,7 +81,6 @@ UNSERVED: tuple[Unserved, ...] = (
     Unserved("Chameleon / Emu3 / Janus", ("chameleon", "emu3", "janus"), NO_GROUNDING_FORM),
     Unserved("FastVLM", ("fast_vlm",), NO_GROUNDING_FORM),
     Unserved("LFM2-VL / LFM3-VL", ("lfm2_vl", "lfm3_vl"), NO_GROUNDING_FORM),
-    Unserved("VideoLLaMA3", ("video_llama_3",), NO_GROUNDING_FORM),
     Unserved("Hunyuan (Hy) 4 VL", ("hy_v4_vl",), NO_GROUNDING_FORM),
     Unserved("Step 3.7", ("step3p7",), NO_GROUNDING_FORM_TORCHVISION),
     Unserved("MiniMax-M3", ("minimax_m3_vl",), NO_GROUNDING_FORM_TORCHVISION),

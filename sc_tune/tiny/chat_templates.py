@@ -23,6 +23,10 @@ hand, and asserts the strings are identical; that is what catches a stand-in tha
   (``<|image_start|><|IMAGE_PAD|><|image_end|>``), and the empty ``<think>\\n\\n</think>\\n\\n`` block the generation
   prompt writes by default (transformers' model doc; its trailing blank line assumed). The released template was not
   at hand: no default system turn, no tools.
+- VideoLLaMA3: the turns of the release's ``DEFAULT_CHAT_TEMPLATE`` (DAMO-NLP-SG/VideoLLaMA3
+  ``videollama3/model/processor.py``): ChatML, no default system turn, an image written as its token and a newline
+  before the text; the original's ``<image>`` is the converted processor's ``<|image_pad|>``. The converted
+  checkpoints' own template was not at hand: no video frames, timestamps or stream turns.
 """
 
 from __future__ import annotations
@@ -87,4 +91,12 @@ HYPERCLOVAX_VISION_V2_TEMPLATE = (
     "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
     "{% if thinking is defined and thinking %}<think>\n{% else %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+# VideoLLaMA3 (see the module docstring): the image token on its own line before the text.
+VIDEO_LLAMA_3_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|image_pad|>\n"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )

@@ -20,6 +20,7 @@ from sc_tune.tiny.chat_templates import (
     QWEN2_VL_TEMPLATE,
     QWEN3_5_TEMPLATE,
     QWEN3_VL_TEMPLATE,
+    VIDEO_LLAMA_3_TEMPLATE,
 )
 
 QWEN_VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
@@ -468,6 +469,40 @@ TINY_SPECS.update({
         # transformers loads every hyperclovax_vision_v2 folder with GPT2Tokenizer, whatever its tokenizer_config says
         tokenizer_class=_gpt2_tokenizer_class),
 })
+
+
+# ---------------------------------------------------------------- VideoLLaMA3
+# A 2-layer SigLIP-style tower (2-D axial rotary, 14 px patches) and a Qwen2 text model. The tiny image processor
+# merges 2 x 2 (the video checkpoints' merge; the image checkpoints' default is 1) so that the merge size reaches the
+# placeholder count, image_merge_sizes and the tower's bilinear merge.
+VIDEO_LLAMA_3_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image_pad|>", "<|video_pad|>")
+VIDEO_LLAMA_3_PROMPT_TEXT = "Where is ? Answer in [[x0,y0,x1,y1]] format. <ref></ref>[[0, 1, 2, 3]] "
+
+
+def _video_llama_3_image_processor(image_size: int):
+    from transformers import VideoLlama3ImageProcessorPil
+
+    pixels = image_size * image_size
+    return VideoLlama3ImageProcessorPil(size={"shortest_edge": pixels, "longest_edge": pixels}, patch_size=14,
+                                        merge_size=2)
+
+
+def _video_llama_3_config(tokenizer, sizes: TinySizes):
+    text = dict(_text_config(tokenizer, sizes, "<|im_end|>"), model_type="qwen2")
+    vision = dict(hidden_size=sizes.vision_width, intermediate_size=2 * sizes.vision_width, num_hidden_layers=2,
+                  num_attention_heads=2, patch_size=14)
+    ids = _token_ids(tokenizer, {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>"})
+    return _for_model("video_llama_3", text, vision, ids)
+
+
+TINY_SPECS["video_llama_3"] = TinySpec(
+    special_tokens=VIDEO_LLAMA_3_TOKENS,
+    eos_token="<|im_end|>",
+    template_text=GENERIC_PROMPT_TEXT + VIDEO_LLAMA_3_PROMPT_TEXT + "user\nassistant\n",
+    image_processor=_video_llama_3_image_processor,
+    config=_video_llama_3_config,
+    chat_template=VIDEO_LLAMA_3_TEMPLATE,
+)
 
 
 def tiny_spec(model_type: str) -> TinySpec:

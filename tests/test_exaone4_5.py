@@ -1,7 +1,8 @@
-"""What is particular to EXAONE 4.5 and HyperCLOVA X SEED Vision v2 (sc_tune.adapters.exaone4_5): Qwen2-VL's image
-processor and placeholders without mm_token_type_ids, 1-D positions the models count themselves, the turn end read
-from the chat template. Their codec round trips, SC-Tune runs, export and evaluation are in tests/test_families.py,
-static decoding in tests/test_decoding.py."""
+"""What is particular to the 1-D-position patch-grid families, EXAONE 4.5 and HyperCLOVA X SEED Vision v2
+(sc_tune.adapters.exaone4_5) and VideoLLaMA3 (sc_tune.adapters.video_llama_3): Qwen2-VL-style image processors and
+placeholders without mm_token_type_ids (VideoLLaMA3 with image_merge_sizes), 1-D positions the models count
+themselves, the turn end read from the chat template. Their codec round trips, SC-Tune runs, export and evaluation
+are in tests/test_families.py, static decoding in tests/test_decoding.py."""
 
 from __future__ import annotations
 
@@ -11,23 +12,25 @@ import torch
 from sc_tune.adapters import adapter_class
 from tests.helpers import assert_processor_builds_the_same_inputs, two_colour_photo
 
-TYPES = ["exaone4_5", "hyperclovax_vision_v2"]
+TYPES = ["exaone4_5", "hyperclovax_vision_v2", "video_llama_3"]
+PROCESSORS = {"exaone4_5": "Exaone4_5_Processor", "hyperclovax_vision_v2": "HyperCLOVAXVisionV2Processor",
+              "video_llama_3": "VideoLlama3Processor"}
 BOX = [0.1, 0.2, 0.5, 0.6]
 
 
 @pytest.mark.parametrize("model_type", TYPES)
 def test_the_familys_processor_builds_the_adapters_inputs_on_square_wide_and_tall_photos(model_type, tiny_checkpoint,
                                                                                          monkeypatch):
-    """transformers' own processor class (Exaone4_5_Processor, HyperCLOVAXVisionV2Processor) around the folder's
-    tokenizer and image processor (its video processor needs torchvision and is never used for images: the class's
-    type check is stubbed, as for MiniCPM-V) on the adapter's rendered prompts: the same input ids (image token and
-    its count), the same pixels and grid, no other key (no mm_token_type_ids); with the pixel budget lowered too."""
+    """transformers' own processor class (Exaone4_5_Processor, HyperCLOVAXVisionV2Processor, VideoLlama3Processor)
+    around the folder's tokenizer and image processor (its video processor needs torchvision and is never used for
+    images: the class's type check is stubbed, as for MiniCPM-V) on the adapter's rendered prompts: the same input ids
+    (image token and its count), the same pixels and grid (VideoLLaMA3: and merge sizes), no other key (no
+    mm_token_type_ids); with the pixel budget lowered too."""
     import transformers
 
     path = tiny_checkpoint(model_type)
     adapter = adapter_class(model_type).from_pretrained(path)
-    processor_class = getattr(transformers, {"exaone4_5": "Exaone4_5_Processor",
-                                             "hyperclovax_vision_v2": "HyperCLOVAXVisionV2Processor"}[model_type])
+    processor_class = getattr(transformers, PROCESSORS[model_type])
     monkeypatch.setattr(processor_class, "check_argument_for_proper_class", lambda self, name, value: None)
     processor = processor_class(image_processor=adapter.image_processor, tokenizer=adapter.tokenizer)
     assert processor.image_token == adapter.image_token
@@ -42,7 +45,7 @@ def test_the_familys_processor_builds_the_adapters_inputs_on_square_wide_and_tal
             for prompt in (adapter.describer_prompt(BOX, image), adapter.locator_prompt("the dog", image)):
                 assert_processor_builds_the_same_inputs(
                     adapter, processor, prompt, image, photo,
-                    ["attention_mask", "image_grid_thw", "input_ids", "pixel_values"], images_kwargs=bounds)
+                    ["attention_mask", "input_ids", *adapter.image_keys], images_kwargs=bounds)
             grids[max_pixels, size] = image.tensors["image_grid_thw"][0].tolist()
             assert image.num_tokens == grids[max_pixels, size][1] * grids[max_pixels, size][2] // 4
     wide, tall = grids[None, (300, 40)], grids[None, (40, 300)]
@@ -93,3 +96,39 @@ def test_the_locator_target_ends_with_the_turn_end_the_template_writes(model_typ
         assert rendered.replace("<|im_start|>assistant\n", "<|im_start|>assistant\n<think>\n\n</think>\n\n").startswith(
             prompt + target)
     assert adapter.parse_locator_output(target, image) == pytest.approx(BOX)
+
+
+def test_video_llama_3_locator_target_is_the_notebooks_answer_and_the_turn_end_the_template_writes(tiny_checkpoint):
+    """VideoLLaMA3's target after its grounding request is the answer DAMO-NLP-SG's notebook prints (the reference,
+    then [[x1, y1, x2, y2]] on 0..1000) and the <|im_end|> its template writes after an answer; the prompt is the
+    template's own rendering of the notebook's question; --box_format generic asks for and writes the generic box."""
+    path = tiny_checkpoint("video_llama_3")
+    adapter = adapter_class("video_llama_3").from_pretrained(path)
+    image = adapter.prepare_image(two_colour_photo((60, 60)))
+    prompt, target = adapter.locator_prompt("the dog", image), adapter.locator_target(BOX, image, "the dog")
+    assert target == "<ref>the dog</ref>[[100, 200, 500, 600]]<|im_end|>" and adapter.end_token == "<|im_end|>"
+    assert adapter.end_token_ids == [adapter.tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    question = "Where is the dog? Answer in [[x0,y0,x1,y1]] format."
+    turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+             {"role": "assistant", "content": [{"type": "text", "text": target.removesuffix("<|im_end|>")}]}]
+    rendered = adapter.tokenizer.apply_chat_template(turns, tokenize=False)
+    assert rendered.startswith(prompt + target) and prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert "[100, 200, 500, 600] in a few words." in adapter.describer_prompt(BOX, image)  # the referring form
+    assert adapter.parse_locator_output(target, image) == pytest.approx(BOX)
+    generic = adapter_class("video_llama_3").from_pretrained(path, box_format="generic")
+    assert generic.locator_target(BOX, image, "the dog") == "[100, 200, 500, 600]<|im_end|>"
+    assert generic.locator_prompt("the dog", image).endswith(
+        "Locate the dog. Answer with its box as [x1, y1, x2, y2], integers from 0 to 1000.<|im_end|>\n"
+        "<|im_start|>assistant\n")
+
+
+def test_video_llama_3_prompt_and_vision_caches_are_refused_by_name(tiny_checkpoint):
+    """No scoring-cache resume, no moved prompt columns, no vision trunk (not verified for this family): those passes
+    run in full."""
+    from sc_tune.modeling import load_model_and_adapter
+    from sc_tune.vision_cache import VisionCache
+
+    model, adapter = load_model_and_adapter(tiny_checkpoint("video_llama_3"))
+    assert not adapter.resumes_from_scoring_cache(model, 40, 50)
+    assert not adapter.moves_cached_prompt_columns(model, 50)
+    assert adapter.vision_trunk(model) is None and VisionCache.for_model(adapter, [model]) is None

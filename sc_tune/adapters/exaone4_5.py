@@ -26,27 +26,18 @@ first (docs/grounding_warm_start.md). Reasoning: both are hybrid. EXAONE 4.5 thi
 
 from __future__ import annotations
 
-from sc_tune.adapters.base import language_model_lora_targets
-from sc_tune.adapters.chat_template import GenericTemplateTurns, turn_end_token
-from sc_tune.adapters.patch_grid_chat import PatchGridChatAdapter, processor_image_token
+from sc_tune.adapters.patch_grid_chat import OneDPositionPatchGridAdapter
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
 from sc_tune.box_codecs import GENERIC_CODEC
 
-class Exaone45Adapter(GenericTemplateTurns, PatchGridChatAdapter):
+class Exaone45Adapter(OneDPositionPatchGridAdapter):
+    """EXAONE 4.0's sliding-window (rotary) and global layers, HyperCLOVA X's full-attention ones: both decode from a
+    static cache (``OneDPositionPatchGridAdapter.static_decoding_verified``)."""
+
     native_codec = GENERIC_CODEC
     grounding_prior = False  # no documented grounding: a grounding warm start first (docs/grounding_warm_start.md)
-    per_token_keys = ()  # no mm_token_type_ids: 1-D positions the model counts itself
     vision_prefix = "model.visual"
     vision_trainable_prefixes = ("model.visual.merger",)  # the patch merger projects onto the text width
-    lora_target_modules = language_model_lora_targets("model.language_model")
-    # EXAONE 4.0's sliding-window (rotary) and global layers, HyperCLOVA X's full-attention ones: a static cache decodes
-    # them (tests/test_decoding.py), positions advancing one per token from the cached length.
-    static_decoding_verified = True
-
-    def __init__(self, tokenizer, image_processor, box_format="native"):
-        self.image_token = processor_image_token(tokenizer)
-        super().__init__(tokenizer, image_processor, box_format)
-        self.end_token = turn_end_token(tokenizer)
 
 
 class HyperClovaXVisionV2Adapter(Exaone45Adapter):

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from sc_tune.adapters.base import ImageInputs, ModelAdapter, load_chat_tokenizer
+from sc_tune.adapters.base import ImageInputs, ModelAdapter, language_model_lora_targets, load_chat_tokenizer
+from sc_tune.adapters.chat_template import GenericTemplateTurns, turn_end_token
 
 DEFAULT_IMAGE_TOKEN = "<|image_pad|>"  # the processors' placeholder where the tokenizer names no image_token
 
@@ -99,3 +100,20 @@ class PatchGridChatAdapter(ModelAdapter):
         if "mm_token_type_ids" in self.per_token_keys:  # M-RoPE families: where the image tokens are
             batch["mm_token_type_ids"] = (input_ids == self.image_token_id).to(torch.int32)
         return batch
+
+
+class OneDPositionPatchGridAdapter(GenericTemplateTurns, PatchGridChatAdapter):
+    """A patch-grid family whose processor expands ``processor_image_token`` and whose text model counts 1-D positions
+    itself (EXAONE 4.5, HyperCLOVA X SEED Vision v2, VideoLLaMA3): no ``mm_token_type_ids``, no positions passed, the
+    turn end read from the checkpoint's template (``GenericTemplateTurns``' prompts unless a family has its own)."""
+
+    per_token_keys = ()  # no mm_token_type_ids: 1-D positions the model counts itself
+    lora_target_modules = language_model_lora_targets("model.language_model")
+    # Their text layers decode from a static cache, positions advancing one per token from the cached length
+    # (tests/test_decoding.py).
+    static_decoding_verified = True
+
+    def __init__(self, tokenizer, image_processor, box_format="native"):
+        self.image_token = processor_image_token(tokenizer)
+        super().__init__(tokenizer, image_processor, box_format)
+        self.end_token = turn_end_token(tokenizer)

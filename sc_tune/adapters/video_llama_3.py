@@ -33,9 +33,8 @@ Caches: no vision trunk, no resume from a scoring pass's cache, no moved prompt 
 
 from __future__ import annotations
 
-from sc_tune.adapters.base import DocumentedAnswer, language_model_lora_targets
-from sc_tune.adapters.chat_template import GenericTemplateTurns, turn_end_token
-from sc_tune.adapters.patch_grid_chat import PatchGridChatAdapter, processor_image_token
+from sc_tune.adapters.base import DocumentedAnswer
+from sc_tune.adapters.patch_grid_chat import OneDPositionPatchGridAdapter
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
 from sc_tune.box_codecs import GENERIC_CODEC, NestedListGridCodec
 
@@ -50,22 +49,14 @@ VIDEO_LLAMA_3_ANSWERS = (
 BOX_REQUEST = "Answer in [[x0,y0,x1,y1]] format."
 
 
-class VideoLlama3Adapter(GenericTemplateTurns, PatchGridChatAdapter):
+class VideoLlama3Adapter(OneDPositionPatchGridAdapter):
+    """Qwen2's full-attention layers: 1-D positions the text model counts, static decoding verified (the base's)."""
+
     native_codec = NestedListGridCodec(1000)
     answer_examples = VIDEO_LLAMA_3_ANSWERS
-    per_token_keys = ()  # no mm_token_type_ids: 1-D positions the Qwen2 text model counts itself
     image_keys = ("pixel_values", "image_grid_thw", "image_merge_sizes")
     vision_prefix = "model.vision_model"
     vision_trainable_prefixes = ()  # the projector (model.projector) is outside the tower
-    lora_target_modules = language_model_lora_targets("model.language_model")
-    # Qwen2's full-attention layers decode from a static cache, positions one per token from the cached length
-    # (tests/test_decoding.py).
-    static_decoding_verified = True
-
-    def __init__(self, tokenizer, image_processor, box_format="native"):
-        self.image_token = processor_image_token(tokenizer)
-        super().__init__(tokenizer, image_processor, box_format)
-        self.end_token = turn_end_token(tokenizer)
 
     def _native(self) -> bool:
         return self.codec is self.native_codec

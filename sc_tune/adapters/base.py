@@ -487,12 +487,16 @@ def find_submodule(model: torch.nn.Module, name: str) -> torch.nn.Module:
 
 
 def processor_chat_template(path: str) -> str | None:
-    """The template of the processor's ``chat_template.json``, where the folder has one."""
-    legacy = os.path.join(path, "chat_template.json")
-    if not os.path.isfile(legacy):
-        return None
-    with open(legacy) as f:
-        return json.load(f).get("chat_template")
+    """The processor's template, where the folder has one: its ``chat_template.json``, else the ``chat_template`` of its
+    ``processor_config.json`` (where idefics2-8b-chatty's release keeps it, and transformers' processors read it)."""
+    for name in ("chat_template.json", "processor_config.json"):
+        legacy = os.path.join(path, name)
+        if os.path.isfile(legacy):
+            with open(legacy) as f:
+                template = json.load(f).get("chat_template")
+            if template:
+                return template
+    return None
 
 
 TOKENIZER_FILE = "tokenizer.json"  # the fast tokenizer's one file: vocabulary, merges and added tokens

@@ -11,6 +11,7 @@ from sc_tune.adapters import (  # noqa: F401  (imported to register their famili
     gemma,
     glm4v,
     granite4_vision,
+    idefics2,
     internvl,
     llava,
     llava_onevision,

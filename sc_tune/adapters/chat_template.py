@@ -1,5 +1,5 @@
 """Adapters driven by the checkpoint's own chat template (InternVL, Gemma 3 / 4, LLaVA-OneVision, LLaVA-1.5 / NeXT,
-Mistral 3, Aya Vision, Granite 4 Vision, Llama 3.2 Vision, SmolVLM, Ovis2, MiniCPM-V 4.6 / 4.7).
+Mistral 3, Aya Vision, Granite 4 Vision, Llama 3.2 Vision, Idefics2, SmolVLM, Ovis2, MiniCPM-V 4.6 / 4.7).
 
 These families ship their turn format as a Jinja chat template with the tokenizer (``chat_template.jinja``,
 or the processor's legacy ``chat_template.json``). A prompt is rendered through that template, exactly as
@@ -18,9 +18,9 @@ features, so a wrong count fails at batch building with a clear error, not as "i
 not match" inside the model.
 
 Boxes: InternVL has a documented convention (its own codec, see ``sc_tune.adapters.internvl``); Gemma 3 / 4 take
-Gemini's y-first ``box_2d`` (``sc_tune.adapters.gemma``); LLaVA-OneVision, SmolVLM, Ovis2 and MiniCPM-V 4.6 / 4.7
-document none, so their native codec is the generic one (``sc_tune.box_codecs.GENERIC_CODEC``) and their prompts ask
-for it in words.
+Gemini's y-first ``box_2d`` (``sc_tune.adapters.gemma``); LLaVA-OneVision, Idefics2, SmolVLM, Ovis2 and MiniCPM-V
+4.6 / 4.7 document none, so their native codec is the generic one (``sc_tune.box_codecs.GENERIC_CODEC``) and their
+prompts ask for it in words.
 """
 
 from __future__ import annotations
@@ -189,8 +189,7 @@ class ChatTemplateAdapter(GenericTemplateTurns, ModelAdapter):
     def encode_prompt(self, text: str, image: ImageInputs) -> list[int]:
         if self.image_marker not in text:
             raise ValueError(f"a prompt must hold the image marker {self.image_marker!r}: {text!r}")
-        # The image item comes first in the user turn, so the first marker is the image's.
-        expanded = text.replace(self.image_marker, image.placeholder, 1)
+        expanded = self.expand_image_marker(text, image)
         ids = self.tokenizer(expanded, add_special_tokens=self.adds_special_tokens(text))["input_ids"]
         found = ids.count(self.image_token_id)
         if found != image.num_tokens:
@@ -199,6 +198,11 @@ class ChatTemplateAdapter(GenericTemplateTurns, ModelAdapter):
                 f"(does its text carry a stray {self.image_token!r}?): {text!r}"
             )
         return ids
+
+    def expand_image_marker(self, text: str, image: TemplateImageInputs) -> str:
+        """The rendered prompt with the image's placeholder text in place of its marker. The image item comes first in
+        the user turn, so the first marker is the image's."""
+        return text.replace(self.image_marker, image.placeholder, 1)
 
     def adds_special_tokens(self, prompt: str) -> bool:
         """Whether the tokenizer's own special tokens go around a rendered prompt, as the family's processor decides

@@ -16,19 +16,12 @@ from __future__ import annotations
 
 import re
 
-from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs
+from sc_tune.adapters.chat_template import TemplateImageInputs
+from sc_tune.adapters.idefics2 import IdeficsLineAdapter
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
 
 
-class SmolVLMAdapter(ChatTemplateAdapter):
-    image_marker = "<image>"
-    image_token = "<image>"
-    end_token = "<end_of_utterance>"
-    static_decoding_verified = True
-    grounding_prior = False  # no documented grounding: a grounding warm start first (docs/grounding_warm_start.md)
-    language_model_prefix = "model.text_model"
-    vision_prefix = "model.vision_model"
-    padded_keys = ("pixel_values", "pixel_attention_mask")
+class SmolVLMAdapter(IdeficsLineAdapter):
     extra_media_tokens = re.compile(r"^<row_\d+_col_\d+>$")
 
     def __init__(self, tokenizer, image_processor, config, box_format: str = "native"):
@@ -36,9 +29,8 @@ class SmolVLMAdapter(ChatTemplateAdapter):
         vision = config.vision_config
         # As SmolVLMProcessor's image_seq_len: features per crop after the connector's pixel shuffle.
         self.image_seq_len = int((vision.image_size // vision.patch_size) ** 2 / config.scale_factor**2)
-        self.crop_token = getattr(tokenizer, "fake_image_token", None) or "<fake_token_around_image>"
+        # <global-img> is plain text in Idefics3's released tokenizer: not required to be a token.
         self.global_image_token = getattr(tokenizer, "global_image_token", None) or "<global-img>"
-        self.token_ids(self.crop_token)  # <global-img> is plain text in Idefics3's released tokenizer
 
     def preprocess_image(self, image):
         from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string

@@ -76,7 +76,9 @@ UNSERVED: tuple[Unserved, ...] = (
              "Cohere names grounding among its capabilities but documents no answer form here (a third-party app reads "
              "bare [x1, y1, x2, y2] lists on 0..1000), and no adapter is written"),
     Unserved("DeepSeek-VL", ("deepseek_vl", "deepseek_vl_hybrid"), NO_GROUNDING_FORM),
-    Unserved("Idefics / Idefics2", ("idefics", "idefics2"), NO_GROUNDING_FORM),
+    Unserved("Idefics (v1)", ("idefics",),
+             "a Flamingo-style model (its images read through gated cross-attention layers), not Idefics2's "
+             "architecture, with no documented grounding answer form known here and no adapter"),
     Unserved("Aria", ("aria",), NO_GROUNDING_FORM),
     Unserved("Chameleon / Emu3 / Janus", ("chameleon", "emu3", "janus"), NO_GROUNDING_FORM),
     Unserved("FastVLM", ("fast_vlm",), NO_GROUNDING_FORM),

@@ -1,5 +1,5 @@
 """Tiny random models of the chat-template families: InternVL, Gemma 3 / 4, LLaVA-OneVision, LLaVA-1.5 / NeXT,
-Mistral 3, Aya Vision, Granite 4 Vision, Llama 3.2 Vision, SmolVLM, Ovis2, MiniCPM-V.
+Mistral 3, Aya Vision, Granite 4 Vision, Llama 3.2 Vision, Idefics2, SmolVLM, Ovis2, MiniCPM-V.
 
 Each is the family's own transformers architecture at a few hundred thousand parameters, a tiny BPE
 tokenizer carrying the family's special tokens (``sc_tune.tiny.chat``), the family's PIL image
@@ -533,6 +533,55 @@ def _mllama_config(tokenizer, sizes: TinySizes):
                                 image_token_index=tokenizer.convert_tokens_to_ids("<|image|>"))
 
 
+# ---------------------------------------------------------------- Idefics2
+# Idefics2's turn format (transformers' idefics2 doc and the model card: "User:<image>What do we see in this
+# image?<end_of_utterance>\nAssistant:"): the role capitalised, ":" straight after it where the turn opens with an
+# image and ": " otherwise, every turn closed with "<end_of_utterance>\n", the answer opened with "Assistant:". It
+# agrees with the chat_template of idefics2-8b-chatty's processor_config.json as a stored copy shows it (the file
+# itself was not at hand); the releases keep the template there, so the tiny folder does too.
+IDEFICS2_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{{ ':' if message['content'][0]['type'] == 'image' else ': ' }}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{{ '<end_of_utterance>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+IDEFICS2_TOKENS = (*LLAMA, "<fake_token_around_image>", "<image>", "<end_of_utterance>")  # the releases' added tokens
+IDEFICS2_PATCH = 7  # 4 x 4 patches on a 28 px side: odd-sized crops leave partial patches that the pixel mask drops
+IDEFICS2_LATENTS = 3  # the perceiver's latents per crop (the releases' 64)
+
+
+def _idefics2_image_processor(image_size: int):
+    from transformers import Idefics2ImageProcessorPil
+
+    # Splitting on (idefics2-8b's preprocessor_config.json): 4 quarters + the whole photo, each resized to sides between
+    # half the tower's input and the input (the releases' 378 and 980 px, for a 980 px tower).
+    return Idefics2ImageProcessorPil(size={"shortest_edge": image_size // 2, "longest_edge": image_size},
+                                     do_image_splitting=True)
+
+
+def _idefics2_config(tokenizer, sizes: TinySizes):
+    from transformers import AutoConfig
+
+    # The releases' parts at tiny sizes: a SigLIP-like tower, a 1-layer perceiver (theirs: 3) with grouped key/value
+    # heads, a Mistral text model.
+    perceiver = dict(hidden_size=sizes.hidden, resampler_n_latents=IDEFICS2_LATENTS, resampler_depth=1,
+                     resampler_n_heads=2, resampler_head_dim=8, num_key_value_heads=1)
+    return AutoConfig.for_model(
+        "idefics2",
+        text_config=dict(_text_config(tokenizer, sizes, "</s>"), model_type="mistral"),
+        vision_config=_vision_encoder(sizes, TINY_IMAGE_SIZE, IDEFICS2_PATCH),
+        perceiver_config=perceiver,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        tie_word_embeddings=False,
+    )
+
+
+def _idefics2_processor_config(config) -> dict:
+    # Idefics2Processor's image_seq_len is the perceiver's latents (the releases' 64).
+    return {"image_seq_len": int(config.perceiver_config.resampler_n_latents), "processor_class": "Idefics2Processor"}
+
+
 # ---------------------------------------------------------------- Ovis2
 OVIS2_PATCH = 7  # 4 x 4 patches per 28 px tile, merged 2 x 2 (the releases' hidden_stride): 4 <IMG_ATOM> per tile
 OVIS2_SYSTEM = "You are a helpful assistant."  # the released template's system turn (convert_ovis2_weights_to_hf.py)
@@ -656,6 +705,8 @@ class TemplateTinySpec:
     # chat_template.json, and the processor's own settings in processor_config.json (from the model config).
     legacy_template: bool = False
     processor_config: Callable[[object], dict] | None = None
+    # The template only in processor_config.json's chat_template (idefics2-8b-chatty's release), in no file of its own.
+    template_in_processor_config: bool = False
     # Whether ``spec.config`` takes ``image_size`` (the vision tower's input): only those families build at another
     # size than TINY_IMAGE_SIZE (the benchmark's warm starts); the others refuse one.
     sized_vision: bool = False
@@ -812,6 +863,15 @@ TINY_TEMPLATE_SPECS: dict[str, TemplateTinySpec] = {
                 template_text=TEMPLATE_TEXT + "user assistant", prepends_bos=True),
         lambda: MLLAMA_TEMPLATE,
     ),
+    # Its tokenizer prepends <s> (the template writes none); its EOS </s> also ends a turn (the releases'
+    # generation_config.json: eos_token_id [</s>, <end_of_utterance>]).
+    "idefics2": TemplateTinySpec(
+        replace(_spec(IDEFICS2_TOKENS, "</s>", _idefics2_image_processor, _idefics2_config, bos_token="<s>"),
+                template_text=TEMPLATE_TEXT + "User: Assistant:", prepends_bos=True),
+        lambda: IDEFICS2_TEMPLATE,
+        processor_config=_idefics2_processor_config,
+        template_in_processor_config=True,
+    ),
     "ovis2": TemplateTinySpec(
         replace(_spec((*CHATML, "<IMG_ATOM>", *OVIS2_INDICATORS), "<|im_end|>", _ovis2_image_processor, _ovis2_config),
                 template_text=TEMPLATE_TEXT + f"system\n{OVIS2_SYSTEM}"),
@@ -883,11 +943,14 @@ def save_tiny_template_family(model_type: str, directory: str, **kwargs) -> str:
     entry = TINY_TEMPLATE_SPECS[model_type]
     model, tokenizer, image_processor = build_tiny_template_family(model_type, **kwargs)
     template = tokenizer.chat_template
-    if entry.legacy_template:
+    if entry.legacy_template or entry.template_in_processor_config:
         tokenizer.chat_template = None
     write_folder(directory, model, tokenizer, image_processor)
     if entry.legacy_template:
         write_json(os.path.join(directory, "chat_template.json"), {"chat_template": template})
     if entry.processor_config is not None:
-        write_json(os.path.join(directory, "processor_config.json"), entry.processor_config(model.config))
+        processor = entry.processor_config(model.config)
+        if entry.template_in_processor_config:
+            processor["chat_template"] = template
+        write_json(os.path.join(directory, "processor_config.json"), processor)
     return str(directory)

@@ -32,7 +32,7 @@ SAMPLED = GenerationSettings(max_new_tokens=6, min_new_tokens=2, do_sample=True,
 FAMILY_TYPES = ["qwen", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "glm4v", "exaone4_5", "hyperclovax_vision_v2",
                 "video_llama_3",
                 "internvl", "llava_onevision", "llava", "llava_next", "mistral3", "aya_vision", "granite4_vision",
-                "mllama", "smolvlm", "gemma3", "gemma4"]
+                "mllama", "idefics2", "smolvlm", "gemma3", "gemma4"]
 
 
 def _model(tiny_checkpoint, model_type):
@@ -240,8 +240,9 @@ def test_sampled_rows_after_greedy_rows_sample_as_their_own_call(tiny_checkpoint
     assert sampled.texts != generate(model, adapter, alone(slice(1, 3)), GREEDY, True, decoding=STATIC).texts
 
 
-# Families whose decode step has no host-side state at all (Gemma's window layers keep a host counter that decides a
-# branch no call that fits its window can flip; they are checked for exactness above).
+# Families whose decode step has no host-side state at all (Gemma's window layers, and Idefics2's Mistral layers, each
+# a window layer by its sliding_window, keep a host counter that decides a branch no call that fits its window can
+# flip; they are checked for exactness above).
 # One per kind of language model: native Qwen-VL, M-RoPE (Qwen2.5-VL), hybrid recurrent (Qwen3.5), Llama (SmolVLM),
 # cross-attention to the image (Llama 3.2 Vision).
 GRAPH_TYPES = ["qwen", "qwen2_5_vl", "qwen3_5", "smolvlm", "mllama"]

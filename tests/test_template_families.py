@@ -1,5 +1,5 @@
 """What is particular to the chat-template families (InternVL, Gemma 3 / 4, LLaVA-OneVision, LLaVA-1.5 / NeXT,
-Mistral 3, Aya Vision, Granite 4 Vision, Llama 3.2 Vision, SmolVLM, Ovis2, MiniCPM-V).
+Mistral 3, Aya Vision, Granite 4 Vision, Llama 3.2 Vision, Idefics2, SmolVLM, Ovis2, MiniCPM-V).
 
 The codec round trips, SC-Tune loop, export and evaluation of every family are covered by
 tests/test_families.py; here: prompts through each family's chat template (InternVL's grounding format),
@@ -23,7 +23,7 @@ from tests.conftest import SAMPLE_IMAGES
 from tests.helpers import assert_processor_builds_the_same_inputs, two_colour_photo
 
 TEMPLATE_TYPES = ["internvl", "gemma3", "gemma4", "llava_onevision", "llava", "llava_next", "mistral3", "aya_vision",
-                  "granite4_vision", "mllama", "smolvlm", "idefics3", "ovis2", "minicpmv4_6", "minicpmv4_7"]
+                  "granite4_vision", "mllama", "idefics2", "smolvlm", "idefics3", "ovis2", "minicpmv4_6", "minicpmv4_7"]
 BOX = [0.1, 0.2, 0.5, 0.6]
 
 # What each family's chat template makes of one user turn (image + text) and the opened answer.
@@ -44,6 +44,8 @@ TURNS = {
     # Llama 3's header tags; the template writes the BOS (its tokenizer would prepend one: the processor adds none)
     "mllama": ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<|image|>",
                "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"),
+    # no BOS in the template (its tokenizer prepends <s>), no space after "User:" before an image
+    "idefics2": ("User:<image>", "<end_of_utterance>\nAssistant:"),
     "smolvlm": ("<|im_start|>User:<image>", "<end_of_utterance>\nAssistant:"),
     "idefics3": ("<|im_start|>User:<image>", "<end_of_utterance>\nAssistant:"),
     # the released template's default system turn; "<image>" is plain text its processor expands
@@ -66,6 +68,7 @@ MEDIA = {
     "aya_vision": {"<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>"},
     "granite4_vision": {"<image>"},
     "mllama": {"<|image|>"},
+    "idefics2": {"<image>", "<fake_token_around_image>"},
     "smolvlm": {"<image>", "<fake_token_around_image>", "<global-img>"}
     | {f"<row_{r}_col_{c}>" for r in (1, 2) for c in (1, 2)},
 }
@@ -88,6 +91,7 @@ PROJECTOR = {
     # the window Q-Former projectors (layer "deepstack" and spatial-offset ones) and the row newline
     "granite4_vision": ("model.layerwise_projectors.", "model.spatial_projectors.", "model.image_newline"),
     "mllama": "model.multi_modal_projector.",  # outside model.vision_model
+    "idefics2": "model.connector.",  # the modality projection and the perceiver resampler
     "smolvlm": "model.connector.",
     "idefics3": "model.connector.",
     "ovis2": ("model.vision_tower.head_linear.", "model.vision_tower.head_norm.", "model.visual_embeddings_table."),
@@ -192,6 +196,8 @@ def test_placeholders_match_the_features_the_model_computes(family):
     images = [adapter.prepare_image(im) for im in _odd_images()]
     if model_type == "mllama":  # one <|image|> whatever the photo; the cross-attention layers read its tiles
         assert [int(im.tensors["aspect_ratio_mask"].sum()) for im in images] == [4, 3]
+    elif model_type == "idefics2":  # the perceiver's 3 latents per crop whatever its size, 4 quarters + the whole photo
+        assert [im.num_tokens for im in images] == [15, 15]
     elif model_type not in ("gemma3", "llava"):  # they take every image at one size; the others follow its shape
         assert images[0].num_tokens != images[1].num_tokens
     prompts = [adapter.locator_prompt("the red circle", im) for im in images]
@@ -278,6 +284,10 @@ def test_chat_template_is_read_from_a_processor_legacy_file(family, tmp_path):
     for name in ("chat_template.jinja", "chat_template.json"):  # SmolVLM v1 keeps only the legacy file
         if (legacy / name).exists():
             os.remove(legacy / name)
+    processor_config = legacy / "processor_config.json"  # Idefics2 keeps it there
+    if processor_config.exists():
+        settings = json.loads(processor_config.read_text())
+        processor_config.write_text(json.dumps({k: v for k, v in settings.items() if k != "chat_template"}))
     with pytest.raises(ValueError, match="chat template"):
         adapter_class(model_type).from_pretrained(str(legacy))
     with open(legacy / "chat_template.json", "w") as f:
@@ -802,14 +812,64 @@ def test_mllama_refuses_a_tile_the_tower_does_not_take(tiny_checkpoint):
             adapter_class("mllama").from_parts(adapter.tokenizer, adapter.image_processor, config)
 
 
-@pytest.mark.parametrize("model_type, end_token, after_turn", [
-    ("aya_vision", "<|END_OF_TURN_TOKEN|>", ""),
-    ("granite4_vision", "<|end_of_text|>", "\n"),  # the template's newline between turns: never trained on
-    ("mllama", "<|eot_id|>", ""),
+# ---------------------------------------------------------------- Idefics2
+IDEFICS2_KEYS = ["attention_mask", "input_ids", "pixel_attention_mask", "pixel_values"]
+
+
+@pytest.mark.parametrize("splitting", [True, False])
+def test_the_idefics2_processor_builds_the_adapters_inputs_on_square_wide_and_tall_photos(tiny_checkpoint, splitting):
+    """transformers' own Idefics2Processor (AutoProcessor of the tiny folder) on the adapter's rendered prompts: the
+    same input ids (the <s> its tokenizer prepends, <fake_token_around_image> around each crop's 3 latents, 5 crops with
+    image splitting and 1 without, the space it puts between the image and the text glued to it), pixels and pixel
+    attention mask (odd-sized crops padded, partial patches masked), for square, wide and tall photos, one at a time and
+    as one left-padded batch (crops of other sizes padded to the batch's largest)."""
+    from transformers import AutoProcessor, Idefics2Processor
+
+    path = tiny_checkpoint("idefics2")
+    processor, adapter = AutoProcessor.from_pretrained(path), adapter_class("idefics2").from_pretrained(path)
+    assert type(processor) is Idefics2Processor
+    processor.image_processor.do_image_splitting = adapter.image_processor.do_image_splitting = splitting
+    photos, images, prompts = [], [], []
+    for size in ((50, 50), (120, 45), (45, 120)):
+        photo = two_colour_photo(size)
+        image = adapter.prepare_image(photo)
+        prompt = adapter.locator_prompt("the dog", image)
+        assert_processor_builds_the_same_inputs(adapter, processor, prompt, image, photo, IDEFICS2_KEYS)
+        assert image.tensors["pixel_values"].shape[1] == (5 if splitting else 1)
+        photos.append(photo), images.append(image), prompts.append(prompt)
+    prompts[1] = adapter.describer_prompt(BOX, images[1])  # rows of other lengths: left padding
+    batch = adapter.build_batch(prompts, images).inputs
+    theirs = processor(text=prompts, images=[[photo] for photo in photos], padding=True, return_tensors="pt")
+    assert sorted(batch) == sorted(theirs) and not batch["attention_mask"].all()
+    assert not batch["pixel_attention_mask"].all()  # crops padded to the batch's largest
+    for key in batch:
+        assert torch.equal(batch[key], theirs[key]), key
+
+
+def test_idefics2_prompt_and_vision_caches_are_refused_by_name(tiny_checkpoint):
+    """No scoring-cache resume, no moved prompt columns, no vision trunk (a crop's tower rows follow the batch's
+    padding): those passes run in full."""
+    from sc_tune.vision_cache import VisionCache
+
+    model, adapter = load_model_and_adapter(tiny_checkpoint("idefics2"))
+    assert not adapter.resumes_from_scoring_cache(model, 40, 50)
+    assert not adapter.moves_cached_prompt_columns(model, 50)
+    assert adapter.vision_trunk(model) is None and VisionCache.for_model(adapter, [model]) is None
+
+
+@pytest.mark.parametrize("model_type, end_token, eos_token, before_answer, after_turn", [
+    ("aya_vision", "<|END_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>", "", ""),
+    # the template's newline between turns: never trained on
+    ("granite4_vision", "<|end_of_text|>", "<|end_of_text|>", "", "\n"),
+    ("mllama", "<|eot_id|>", "<|eot_id|>", "", ""),
+    # "Assistant: " before a written answer: the releases' Llama tokenizer writes that space as the "▁" it prepends to
+    # a target tokenised alone; </s> also stops (the releases' generation_config.json)
+    ("idefics2", "<end_of_utterance>", "</s>", " ", "\n"),
 ])
-def test_the_locator_trains_on_the_answer_turn_the_template_writes(tiny_checkpoint, model_type, end_token, after_turn):
+def test_the_locator_trains_on_the_answer_turn_the_template_writes(tiny_checkpoint, model_type, end_token, eos_token,
+                                                                   before_answer, after_turn):
     """The locator's target after its prompt is the assistant turn the checkpoint's template renders for that answer:
-    the box, then the turn's end (read from the template; also the tokenizer's EOS), where generation stops. Granite's
+    the box, then the turn's end (read from the template), where generation stops, as on the tokenizer's EOS. Granite's
     prompt starts with the template's first tag, no BOS (its tokenizer prepends none)."""
     adapter = adapter_class(model_type).from_pretrained(tiny_checkpoint(model_type))
     image = adapter.prepare_image(_odd_images()[0])
@@ -817,9 +877,9 @@ def test_the_locator_trains_on_the_answer_turn_the_template_writes(tiny_checkpoi
     user_text = "Locate the dog. Answer with its box as [x1, y1, x2, y2], integers from 0 to 1000."
     turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user_text}]},
              {"role": "assistant", "content": [{"type": "text", "text": "[100, 200, 500, 600]"}]}]
-    assert adapter.tokenizer.apply_chat_template(turns, tokenize=False) == prompt + target + after_turn
-    assert adapter.end_token == end_token == adapter.tokenizer.eos_token
-    assert adapter.end_token_ids == [adapter.tokenizer.convert_tokens_to_ids(end_token)]
+    assert adapter.tokenizer.apply_chat_template(turns, tokenize=False) == prompt + before_answer + target + after_turn
+    assert adapter.end_token == end_token and adapter.tokenizer.eos_token == eos_token
+    assert adapter.end_token_ids == list(dict.fromkeys(adapter.tokenizer.convert_tokens_to_ids([end_token, eos_token])))
 
 
 def test_gemma4_writes_a_given_system_message_as_its_text(tiny_checkpoint):

@@ -3,10 +3,10 @@ as JSON: ``python scripts/device_summary.py OUT`` reads OUT/2_real_size.txt (``g
 OUT/2b_decode_attention.txt (``bench_decode_attention.py``) and OUT/3_bench_step.txt (``bench_step.py``) and writes
 OUT/acceptance.json. A figure whose stage did not print it is ``null`` (not measured)."""
 
+import argparse
 import json
 import os
 import re
-import sys
 
 TARGET_NEW_TOKENS_PER_S, TARGET_FLOOR_RATIO, TARGET_BATCH = 2000.0, 2.5, 64
 
@@ -85,7 +85,10 @@ def summary(out: str) -> dict:
 
 
 def main(argv=None):
-    out = (argv or sys.argv[1:] or [os.environ.get("OUT", "/tmp/device_check_out")])[0]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", nargs="?", default=os.environ.get("OUT", "/tmp/device_check_out"),
+                        help="the device check's output folder (default: $OUT, else /tmp/device_check_out)")
+    out = parser.parse_args(argv).out
     figures = summary(out)
     with open(os.path.join(out, "acceptance.json"), "w", encoding="utf-8") as f:
         json.dump(figures, f, indent=1)

@@ -538,7 +538,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--configs", default=None, help=f"default: {','.join(GPU_CONFIGS)} ({','.join(DRY_RUN_CONFIGS)} "
                         "with --dry_run)")
-    parser.add_argument("--dry_run", action="store_true", help="meta-device real sizes + toy sizes on CPU")
+    parser.add_argument("--dry_run", action="store_true", help="meta-device real sizes + the mini sizes on CPU")
     parser.add_argument("--settings", default=DEFAULT_SETTINGS, help=f"comma-separated, of {', '.join(ALL_SETTINGS)}")
     parser.add_argument("--batch", type=int, default=None, help="boxes per rollout and per step (default: 64; 2 dry)")
     parser.add_argument("--units", type=int, default=2, help="timed units per phase and setting")

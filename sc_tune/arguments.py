@@ -41,8 +41,8 @@ class ModelArguments:
     # Unset, a checkpoint's own bound can be large: Qwen2.5-VL's 12,845,056 leaves a 1920x1080 photo ~2,700 tokens.
     image_max_pixels: int | None = field(
         default=None,
-        metadata={"help": "Qwen2/2.5/3-VL, Qwen3.5, Qwen3.8-Flash-Next, GLM: images resized to at most this many "
-                          "pixels (200704: 448 x 448)."},
+        metadata={"help": "Qwen2/2.5/3-VL, Qwen3.5, Qwen3.8-Flash-Next, GLM, EXAONE 4.5, HyperCLOVA X Vision v2: "
+                          "images resized to at most this many pixels (200704: 448 x 448)."},
     )
     image_min_pixels: int | None = field(
         default=None, metadata={"help": "The same families: at least this many pixels (unset: the checkpoint's)."}

@@ -36,8 +36,9 @@ OUTPUT_DIR=${OUTPUT_DIR:-output_sc_tune}
 DS_CONFIG=${DS_CONFIG-scripts/ds_config_zero2.json}    # or scripts/ds_config_zero3.json; DS_CONFIG= runs without DeepSpeed
 PRECISION=${PRECISION:-bf16}                           # bf16 (the reference's) | fp16 | fp32 (CPU dry runs)
 BOX_FORMAT=${BOX_FORMAT:-native}               # native (the family's box text) | generic; evaluate with the same
-IMAGE_MAX_PIXELS=${IMAGE_MAX_PIXELS:-}         # Qwen2/2.5/3-VL, Qwen3.5/3.8, GLM: at most these pixels per image, e.g.
-                                               # 200704 (448 x 448); empty: the checkpoint's. Evaluate with the same
+IMAGE_MAX_PIXELS=${IMAGE_MAX_PIXELS:-}         # Qwen2/2.5/3-VL, Qwen3.5/3.8, GLM, EXAONE 4.5, HyperCLOVA X
+                                               # Vision v2: at most these pixels per image, e.g. 200704
+                                               # (448 x 448); empty: the checkpoint's. Evaluate with the same
 
 # The reference's lower-case names (caption_update_steps, bbox_update_steps, caption_lr, bbox_lr, kl_coef) still work.
 DESCRIBER_UPDATE_STEPS=${DESCRIBER_UPDATE_STEPS:-${caption_update_steps:-200}}  # describer rollouts per phase (x ppo_epochs steps)

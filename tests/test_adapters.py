@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from sc_tune.adapters import supported_model_types
+from sc_tune.adapters import family_for, supported_model_types
 from sc_tune.modeling import load_model_and_adapter
 from sc_tune.rollout import (LOCATOR_BUDGET_MARGIN, GenerationSettings, completion_mask, fit_locator_budget, generate,
                              locate)
@@ -172,7 +172,8 @@ def test_prompts_use_the_template_the_familys_processor_renders(model_type, tiny
 
 
 # The families whose processor resizes to a pixel budget (sc_tune.adapters.patch_grid_chat), and two that have none.
-PIXEL_BUDGET_TYPES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "glm4v", "glm46v"]
+PIXEL_BUDGET_TYPES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen4_exp", "glm4v", "glm46v", "exaone4_5",
+                      "hyperclovax_vision_v2", "video_llama_3"]
 
 
 @pytest.mark.parametrize("model_type", PIXEL_BUDGET_TYPES)
@@ -201,8 +202,11 @@ def test_an_image_pixel_budget_bounds_every_resized_image(tiny_checkpoint, model
 def test_a_family_without_a_pixel_budget_refuses_one_by_name(tiny_checkpoint, model_type):
     from sc_tune.arguments import ArgumentError
 
-    with pytest.raises(ArgumentError, match="no pixel budget"):
+    with pytest.raises(ArgumentError, match="no pixel budget") as refused:
         load_model_and_adapter(tiny_checkpoint(model_type), image_max_pixels=200704)
+    # The families that take one are named from the registry: every one tested above, no other.
+    named = str(refused.value).split("dynamic-resolution families: ")[1].split("); this family")[0].split(", ")
+    assert {family_for(t).name for t in PIXEL_BUDGET_TYPES} == set(named)
 
 
 def test_a_pixel_budget_below_one_image_token_is_refused(tiny_checkpoint):

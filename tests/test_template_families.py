@@ -142,7 +142,11 @@ def test_prompts_go_through_the_family_chat_template(family):
     else:  # generic codec, asked for in words
         assert "[100, 200, 500, 600]" in describer
         assert locator.endswith("Answer with its box as [x1, y1, x2, y2], integers from 0 to 1000." + tail)
-        assert adapter.locator_target(BOX, image, "the dog") == "[100, 200, 500, 600]" + adapter.end_text
+        # After what the template writes between the generation prompt and an answer (LLaVA-1.5's, SmolVLM's
+        # "ASSISTANT:" / "Assistant:" + " " on the tiny byte-level tokenizers; chat_template.answer_opening).
+        opening = " " if model_type in ("llava", "llava_next", "smolvlm", "idefics3", "idefics2") else ""
+        assert adapter.answer_opening == opening
+        assert adapter.locator_target(BOX, image, "the dog") == opening + "[100, 200, 500, 600]" + adapter.end_text
 
 
 def test_the_familys_processor_loads_the_tiny_folder_and_builds_the_adapters_inputs(family):
@@ -857,29 +861,64 @@ def test_idefics2_prompt_and_vision_caches_are_refused_by_name(tiny_checkpoint):
     assert adapter.vision_trunk(model) is None and VisionCache.for_model(adapter, [model]) is None
 
 
-@pytest.mark.parametrize("model_type, end_token, eos_token, before_answer, after_turn", [
-    ("aya_vision", "<|END_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>", "", ""),
+@pytest.mark.parametrize("model_type, end_token, eos_token, after_turn", [
+    ("aya_vision", "<|END_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>", ""),
     # the template's newline between turns: never trained on
-    ("granite4_vision", "<|end_of_text|>", "<|end_of_text|>", "", "\n"),
-    ("mllama", "<|eot_id|>", "<|eot_id|>", "", ""),
-    # "Assistant: " before a written answer: the releases' Llama tokenizer writes that space as the "▁" it prepends to
-    # a target tokenised alone; </s> also stops (the releases' generation_config.json)
-    ("idefics2", "<end_of_utterance>", "</s>", " ", "\n"),
+    ("granite4_vision", "<|end_of_text|>", "<|end_of_text|>", "\n"),
+    ("mllama", "<|eot_id|>", "<|eot_id|>", ""),
+    # "Assistant: " before a written answer: the target writes that space itself on the tiny byte-level tokenizers
+    # (chat_template.answer_opening); </s> also stops (the releases' generation_config.json)
+    ("idefics2", "<end_of_utterance>", "</s>", "\n"),
+    ("smolvlm", "<end_of_utterance>", "<end_of_utterance>", "\n"),
+    ("idefics3", "<end_of_utterance>", "<end_of_utterance>", "\n"),
 ])
 def test_the_locator_trains_on_the_answer_turn_the_template_writes(tiny_checkpoint, model_type, end_token, eos_token,
-                                                                   before_answer, after_turn):
+                                                                   after_turn):
     """The locator's target after its prompt is the assistant turn the checkpoint's template renders for that answer:
-    the box, then the turn's end (read from the template), where generation stops, as on the tokenizer's EOS. Granite's
-    prompt starts with the template's first tag, no BOS (its tokenizer prepends none)."""
+    what the template writes before an answer, the box, then the turn's end (read from the template), where
+    generation stops, as on the tokenizer's EOS. Granite's prompt starts with the template's first tag, no BOS (its
+    tokenizer prepends none). In tokens too: the target's ids are those the answer has in the rendered turn."""
     adapter = adapter_class(model_type).from_pretrained(tiny_checkpoint(model_type))
     image = adapter.prepare_image(_odd_images()[0])
     prompt, target = adapter.locator_prompt("the dog", image), adapter.locator_target(BOX, image, "the dog")
     user_text = "Locate the dog. Answer with its box as [x1, y1, x2, y2], integers from 0 to 1000."
     turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user_text}]},
              {"role": "assistant", "content": [{"type": "text", "text": "[100, 200, 500, 600]"}]}]
-    assert adapter.tokenizer.apply_chat_template(turns, tokenize=False) == prompt + before_answer + target + after_turn
+    rendered = adapter.tokenizer.apply_chat_template(turns, tokenize=False)
+    assert rendered == prompt + target + after_turn
+    in_place, before = (adapter.tokenizer(t, add_special_tokens=False)["input_ids"] for t in (prompt + target, prompt))
+    assert in_place[:len(before)] == before and in_place[len(before):] == adapter.encode_target(target)
     assert adapter.end_token == end_token and adapter.tokenizer.eos_token == eos_token
     assert adapter.end_token_ids == list(dict.fromkeys(adapter.tokenizer.convert_tokens_to_ids([end_token, eos_token])))
+
+
+@pytest.mark.parametrize("pre_tokenizer, opening", [("byte_level", " "), ("metaspace", "")])
+def test_the_answer_opening_is_written_only_where_the_tokenizer_does_not_write_it(pre_tokenizer, opening):
+    """SmolVLM's / Idefics2's / LLaVA-1.5's template writes "Assistant:" + " " + answer. A byte-level tokenizer
+    (SmolVLM's releases) tokenises that space into the answer's first token ("Ġ["), so a target tokenised alone must write it;
+    a Llama-style tokenizer (Idefics2's, LLaVA-1.5's releases) prefixes "▁" to any text, so the answer alone already
+    tokenises as in place, and writing the space too would add a token the released model never saw."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from sc_tune.adapters.chat_template import answer_opening
+
+    byte_level = pre_tokenizer == "byte_level"
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = (pre_tokenizers.ByteLevel(add_prefix_space=False) if byte_level
+                               else pre_tokenizers.Metaspace(prepend_scheme="first"))
+    tokenizer.decoder = decoders.ByteLevel() if byte_level else decoders.Metaspace()
+    alphabet = pre_tokenizers.ByteLevel.alphabet() if byte_level else []
+    tokenizer.train_from_iterator(["User: q Assistant: [1, 2, 3] the dog [100, 200]"] * 5, trainers.BpeTrainer(
+        vocab_size=200, special_tokens=["<unk>", "<end_of_utterance>"], initial_alphabet=alphabet))
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>")
+    wrapped.chat_template = ("{% for m in messages %}{{ m['role'] | capitalize }}:{% if m['role'] == 'assistant' %} "
+                             "{% endif %}{% for c in m['content'] %}{{ c['text'] }}{% endfor %}<end_of_utterance>\n"
+                             "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")
+    assert answer_opening(wrapped) == opening
+    ids = lambda text: wrapped(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompt = "User:q<end_of_utterance>\nAssistant:"
+    assert ids(prompt + " [1, 2]")[len(ids(prompt)):] == ids(opening + "[1, 2]")
 
 
 def test_gemma4_writes_a_given_system_message_as_its_text(tiny_checkpoint):

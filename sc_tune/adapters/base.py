@@ -293,21 +293,26 @@ class ModelAdapter(ABC):
     def locator_prompt(self, caption: str, image: ImageInputs) -> str:
         """Text that makes the model write the box of the object ``caption`` refers to."""
 
+    # What the chat template writes between the generation prompt and any answer, where a target tokenised on its own
+    # must write it itself (``chat_template.answer_opening``: SmolVLM's ``Assistant:`` + " "); default nothing.
+    answer_opening: str = ""
+
     def answer_prefix(self, caption: str) -> str:
         """What the family's grounding answer writes before the box (InternVL and Qwen2-VL repeat the phrase as a
         reference); default nothing."""
         return ""
 
     def locator_answer(self, box_norm: Sequence[float], image: ImageInputs, caption: str) -> str:
-        """The grounding answer the released model writes for ``caption`` (without the end token): the answer
-        prefix, then the codec's answer form, labelled with the caption where the form has a label."""
+        """The grounding answer the released model writes for ``caption`` (without the end token): the template's
+        answer opening, the answer prefix, then the codec's answer form, labelled with the caption where the form has
+        a label."""
         caption = self.plain_text(caption)
-        return self.answer_prefix(caption) + self.codec.answer(box_norm, image.frame, caption)
+        return self.answer_opening + self.answer_prefix(caption) + self.codec.answer(box_norm, image.frame, caption)
 
     def locator_answer_layouts(self, box_norm: Sequence[float], image: ImageInputs, caption: str) -> list[str]:
         """``locator_answer`` and the other layouts the family's documentation shows (for the token budget)."""
         caption = self.plain_text(caption)
-        prefix = self.answer_prefix(caption)
+        prefix = self.answer_opening + self.answer_prefix(caption)
         return [prefix + layout for layout in self.codec.answer_layouts(box_norm, image.frame, caption)]
 
     def locator_target(self, box_norm: Sequence[float], image: ImageInputs, caption: str) -> str:
@@ -317,7 +322,7 @@ class ModelAdapter(ABC):
 
     def describer_target(self, caption: str) -> str:
         """What the describer should write after ``describer_prompt`` for a known caption (warm starts)."""
-        return caption + self.end_text
+        return self.answer_opening + caption + self.end_text
 
     def read_locator_output(self, text: str, image: ImageInputs) -> BoxReading:
         """The normalised box in the locator's continuation, or ``None`` and why (a parse failure)."""

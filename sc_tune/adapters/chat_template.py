@@ -144,6 +144,7 @@ class ChatTemplateAdapter(GenericTemplateTurns, ModelAdapter):
             raise ValueError(f"{type(self).__name__}: the tokenizer has no chat template (chat_template.jinja)")
         if self.end_token is None:
             self.end_token = turn_end_token(tokenizer)
+        self.answer_opening = answer_opening(tokenizer)
         if "strftime_now" in tokenizer.chat_template and not self.pins_template_date:
             # Mistral 3's template dates its system message; a checkpoint of another family may too. Its prompts then
             # change at midnight, and a resume (or a resumed evaluation) on another day renders other prompts.
@@ -265,3 +266,32 @@ def turn_end_token(tokenizer) -> str:
         raise ValueError("the chat template writes no special token after an answer and the tokenizer has no "
                          "eos_token (tokenizer_config.json): nothing would end a turn")
     return tokenizer.eos_token
+
+
+def answer_opening(tokenizer) -> str:
+    """What a target tokenised on its own must start with to be the answer the checkpoint's template writes after its
+    generation prompt: the spacing the template puts between the two (SmolVLM's, Idefics2's and LLaVA-1.5's
+    ``Assistant:`` + " " + answer), unless the tokenizer already writes it at the start of any text (a Llama-style
+    "▁" prefix: the answer alone then tokenises as it does in place). Empty for templates whose generation prompt ends
+    where an answer starts (ChatML, Gemma, Llama 3 headers), and for templates whose rendered answer does not follow
+    their generation prompt (a thinking opener only the prompt writes).
+
+    Why: the released model learnt its answers in place, so SmolVLM's first answer token is " [" (with its space);
+    a locator target without it would teach the model a turn the template never writes."""
+    user = [{"role": "user", "content": [{"type": "text", "text": "q"}]}]
+    prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    answer_turn = {"role": "assistant", "content": [{"type": "text", "text": _PROBE}]}
+    answered = tokenizer.apply_chat_template(user + [answer_turn], tokenize=False, enable_thinking=False)
+    if not answered.startswith(prompt) or _PROBE not in answered[len(prompt):]:
+        return ""
+    gap = answered[len(prompt):].split(_PROBE, 1)[0]
+    if not gap or gap.strip():
+        # Nothing, or more than spacing: a template whose generation prompt does not open the answer turn (a role
+        # header written only with the answer) is not made whole by the target.
+        return ""
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    answer = "[1"  # how every answer form starts (a bracket, then a digit)
+    in_place, before = ids(prompt + gap + answer), ids(prompt)
+    if in_place[:len(before)] == before and in_place[len(before):] == ids(answer):
+        return ""  # the tokenizer writes the gap itself
+    return gap

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from sc_tune.adapters.base import ImageInputs, ModelAdapter, language_model_lora_targets, load_chat_tokenizer
-from sc_tune.adapters.chat_template import GenericTemplateTurns, turn_end_token
+from sc_tune.adapters.chat_template import GenericTemplateTurns, answer_opening, turn_end_token
 
 DEFAULT_IMAGE_TOKEN = "<|image_pad|>"  # the processors' placeholder where the tokenizer names no image_token
 
@@ -117,3 +117,4 @@ class OneDPositionPatchGridAdapter(GenericTemplateTurns, PatchGridChatAdapter):
         self.image_token = processor_image_token(tokenizer)
         super().__init__(tokenizer, image_processor, box_format)
         self.end_token = turn_end_token(tokenizer)
+        self.answer_opening = answer_opening(tokenizer)

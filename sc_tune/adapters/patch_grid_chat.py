@@ -7,7 +7,8 @@ their 3-D rotary positions (M-RoPE) know where the image is. Prompts go through 
 (``ModelAdapter.render``); subclasses say which token is the image placeholder and how a box is written.
 EXAONE 4.5, HyperCLOVA X SEED Vision v2 and VideoLLaMA3 share the grid and the placeholder count but not the
 M-RoPE: they set ``per_token_keys = ()`` (no ``mm_token_type_ids``), and VideoLLaMA3 adds the processor's
-``image_merge_sizes`` to ``image_keys``.
+``image_merge_sizes`` to ``image_keys``. Those three and North (Qwen3-VL's grid and M-RoPE, Cohere's turns) prompt in
+words and read the turn end from the checkpoint's template (``GenericTemplatePatchGridAdapter``).
 """
 
 from __future__ import annotations
@@ -102,13 +103,24 @@ class PatchGridChatAdapter(ModelAdapter):
         return batch
 
 
-class OneDPositionPatchGridAdapter(GenericTemplateTurns, PatchGridChatAdapter):
+class GenericTemplatePatchGridAdapter(GenericTemplateTurns, PatchGridChatAdapter):
+    """A patch-grid family without a grounding form of its own, or one that asks in words where it has one: prompts
+    in words (``GenericTemplateTurns``' unless a family has its own), the turn end read from the checkpoint's
+    template, LoRA on the text model's projections (EXAONE 4.5, HyperCLOVA X SEED Vision v2, VideoLLaMA3, North)."""
+
+    lora_target_modules = language_model_lora_targets("model.language_model")
+
+    def __init__(self, tokenizer, image_processor, box_format="native"):
+        super().__init__(tokenizer, image_processor, box_format)
+        self.end_token = turn_end_token(tokenizer)
+        self.answer_opening = answer_opening(tokenizer)
+
+
+class OneDPositionPatchGridAdapter(GenericTemplatePatchGridAdapter):
     """A patch-grid family whose processor expands ``processor_image_token`` and whose text model counts 1-D positions
-    itself (EXAONE 4.5, HyperCLOVA X SEED Vision v2, VideoLLaMA3): no ``mm_token_type_ids``, no positions passed, the
-    turn end read from the checkpoint's template (``GenericTemplateTurns``' prompts unless a family has its own)."""
+    itself (EXAONE 4.5, HyperCLOVA X SEED Vision v2, VideoLLaMA3): no ``mm_token_type_ids``, no positions passed."""
 
     per_token_keys = ()  # no mm_token_type_ids: 1-D positions the model counts itself
-    lora_target_modules = language_model_lora_targets("model.language_model")
     # Their text layers decode from a static cache, positions advancing one per token from the cached length
     # (tests/test_decoding.py).
     static_decoding_verified = True
@@ -116,5 +128,3 @@ class OneDPositionPatchGridAdapter(GenericTemplateTurns, PatchGridChatAdapter):
     def __init__(self, tokenizer, image_processor, box_format="native"):
         self.image_token = processor_image_token(tokenizer)
         super().__init__(tokenizer, image_processor, box_format)
-        self.end_token = turn_end_token(tokenizer)
-        self.answer_opening = answer_opening(tokenizer)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from sc_tune.adapters import (  # noqa: F401  (imported to register their families)
     aya_vision,
+    cohere_compass,
     exaone4_5,
     gemma,
     glm4v,

@@ -72,9 +72,6 @@ UNSERVED: tuple[Unserved, ...] = (
     Unserved("Mistral Large 4", ("mistral_large4",),
              "a Pixtral tower on a mixture-of-experts text model with latent (MLA) attention and a sparse-attention "
              "indexer, which Mistral 3's adapter does not cover; no documented grounding answer form is known here"),
-    Unserved("North", ("cohere_compass",),
-             "Cohere names grounding among its capabilities but documents no answer form here (a third-party app reads "
-             "bare [x1, y1, x2, y2] lists on 0..1000), and no adapter is written"),
     Unserved("DeepSeek-VL", ("deepseek_vl", "deepseek_vl_hybrid"), NO_GROUNDING_FORM),
     Unserved("Idefics (v1)", ("idefics",),
              "a Flamingo-style model (its images read through gated cross-attention layers), not Idefics2's "

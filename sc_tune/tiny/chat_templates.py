@@ -100,3 +100,22 @@ VIDEO_LLAMA_3_TEMPLATE = (
     "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+# ---------------------------------------------------------------- North (cohere_compass)
+# The released template was not at hand. Stand-in: Cohere's Command turn tokens as third-party runtimes write the
+# Command A prompt (e.g. an Ollama template converter's "<|START_OF_TURN_TOKEN|><|USER_TOKEN|>{{ .Prompt }}
+# <|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|><|START_RESPONSE|>{{ .Response }}<|END_RESPONSE|>
+# <|END_OF_TURN_TOKEN|>"), the template writing <BOS_TOKEN> first, and the image block of transformers' CohereCompass
+# processor tests (<|VISION_START|><|IMAGE_PAD|><|VISION_END|>), before the text. An answer is closed with
+# <|END_RESPONSE|>, then <|END_OF_TURN_TOKEN|> (the Cohere tokenizers' EOS).
+NORTH_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|START_OF_TURN_TOKEN|>' }}"
+    "{% if message['role'] == 'user' %}{{ '<|USER_TOKEN|>' }}{% elif message['role'] == 'assistant' %}"
+    "{{ '<|CHATBOT_TOKEN|><|START_RESPONSE|>' }}{% else %}{{ '<|SYSTEM_TOKEN|>' }}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '<|VISION_START|><|IMAGE_PAD|><|VISION_END|>' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ '<|END_RESPONSE|>' }}{% endif %}{{ '<|END_OF_TURN_TOKEN|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|><|START_RESPONSE|>' }}"
+    "{% endif %}"
+)

@@ -17,6 +17,7 @@ from sc_tune.tiny.chat_templates import (
     EXAONE4_5_TEMPLATE,
     GLM_HYBRID_TEMPLATE,
     HYPERCLOVAX_VISION_V2_TEMPLATE,
+    NORTH_TEMPLATE,
     QWEN2_VL_TEMPLATE,
     QWEN3_5_TEMPLATE,
     QWEN3_VL_TEMPLATE,
@@ -502,6 +503,47 @@ TINY_SPECS["video_llama_3"] = TinySpec(
     image_processor=_video_llama_3_image_processor,
     config=_video_llama_3_config,
     chat_template=VIDEO_LLAMA_3_TEMPLATE,
+)
+
+
+# ---------------------------------------------------------------- North (cohere_compass)
+# Qwen3-VL's tower (16 px patches, 2 x 2 merge, one DeepStack layer) before a Cohere2-style text model as the releases
+# lay it out (third-party ports of North-Micro-Vision read its config so): sliding-window layers rotated with the
+# interleaved M-RoPE, then a full-attention layer with no positional encoding (its rope_parameters entry null); a
+# logit_scale of 0.5 so that it is exercised. The BOS is the template's to write (CohereTokenizer's <BOS_TOKEN>).
+NORTH_TOKENS = ("<PAD>", "<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>", "<|START_OF_TURN_TOKEN|>", "<|USER_TOKEN|>",
+                "<|CHATBOT_TOKEN|>", "<|SYSTEM_TOKEN|>", "<|START_RESPONSE|>", "<|END_RESPONSE|>", "<|VISION_START|>",
+                "<|VISION_END|>", "<|IMAGE_PAD|>", "<|VIDEO_PAD|>")
+
+
+def _north_image_processor(image_size: int):
+    from transformers import CohereCompassImageProcessorPil
+
+    pixels = image_size * image_size
+    return CohereCompassImageProcessorPil(size={"shortest_edge": pixels, "longest_edge": pixels}, patch_size=16,
+                                          temporal_patch_size=2, merge_size=2)
+
+
+def _north_config(tokenizer, sizes: TinySizes):
+    layer_types = ["sliding_attention"] * (sizes.layers - 1) + ["full_attention"]
+    rotary = {"rope_type": "default", "rope_theta": 50000.0, "mrope_section": [8, 4, 4], "mrope_interleaved": True}
+    text = dict(_text_config(tokenizer, sizes, "<|END_OF_TURN_TOKEN|>"), model_type="cohere_compass_text",
+                layer_types=layer_types, sliding_window=64, logit_scale=0.5,
+                rope_parameters={"sliding_attention": rotary, "full_attention": None},
+                bos_token_id=tokenizer.convert_tokens_to_ids("<BOS_TOKEN>"))
+    ids = _token_ids(tokenizer, {"image_token_id": "<|IMAGE_PAD|>", "video_token_id": "<|VIDEO_PAD|>",
+                                 "vision_start_token_id": "<|VISION_START|>", "vision_end_token_id": "<|VISION_END|>"})
+    return _for_model("cohere_compass", text, _qwen3_vl_vision(sizes), ids)
+
+
+TINY_SPECS["cohere_compass"] = TinySpec(
+    special_tokens=NORTH_TOKENS,
+    eos_token="<|END_OF_TURN_TOKEN|>",
+    template_text=GENERIC_PROMPT_TEXT,
+    image_processor=_north_image_processor,
+    config=_north_config,
+    chat_template=NORTH_TEMPLATE,
+    bos_token="<BOS_TOKEN>",
 )
 
 

@@ -30,7 +30,7 @@ SAMPLED = GenerationSettings(max_new_tokens=6, min_new_tokens=2, do_sample=True,
 
 # One model type per registered family (tests/test_families.py checks the registry covers them all).
 FAMILY_TYPES = ["qwen", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "glm4v", "exaone4_5", "hyperclovax_vision_v2",
-                "video_llama_3",
+                "video_llama_3", "cohere_compass",
                 "internvl", "llava_onevision", "llava", "llava_next", "mistral3", "aya_vision", "granite4_vision",
                 "mllama", "idefics2", "smolvlm", "gemma3", "gemma4"]
 

@@ -308,3 +308,33 @@ def assert_processor_builds_the_same_inputs(adapter, processor, prompt, image, p
     assert sorted(ours) == sorted(theirs) == sorted(keys)
     for key in ours:
         assert torch.equal(ours[key], theirs[key]), (photo.size, key)
+
+
+BOX_FOR_PROMPTS = [0.1, 0.2, 0.5, 0.6]
+
+
+def assert_patch_grid_processor_matches(adapter, processor, keys) -> dict:
+    """A patch-grid family's own processor builds the adapter's ``keys`` exactly on square, wide and tall photos, with
+    the checkpoint's pixel budget and one lowered to two merged patches (set on the adapter, passed to the processor).
+    Returns each photo's grid by (lowered budget or None, photo size); a wide photo's grid is a tall one's
+    transposed."""
+    side = adapter.patch_size * adapter.merge_size  # one image token's pixels per side
+    grids = {}
+    for max_pixels in (None, side * side * 2):
+        if max_pixels is not None:
+            adapter.limit_image_pixels(side * side, max_pixels)
+        bounds = {} if max_pixels is None else {"size": {"shortest_edge": side * side, "longest_edge": max_pixels}}
+        for size in ((60, 60), (300, 40), (40, 300)):
+            photo = two_colour_photo(size)
+            image = adapter.prepare_image(photo)
+            for prompt in (adapter.describer_prompt(BOX_FOR_PROMPTS, image), adapter.locator_prompt("the dog", image)):
+                assert_processor_builds_the_same_inputs(adapter, processor, prompt, image, photo, keys,
+                                                        images_kwargs=bounds)
+            grid = image.tensors["image_grid_thw"][0].tolist()
+            assert image.num_tokens == grid[1] * grid[2] // adapter.merge_size**2
+            grids[max_pixels, size] = grid
+    wide, tall = grids[None, (300, 40)], grids[None, (40, 300)]
+    assert wide[1] < wide[2] and wide == [1, tall[2], tall[1]]
+    assert grids[side * side * 2, (60, 60)] == [1, 2, 2]  # one merged patch: the bound took effect on both sides
+    return grids
+

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sc_tune.adapters import adapter_class
-from tests.helpers import assert_processor_builds_the_same_inputs, two_colour_photo
+from tests.helpers import assert_patch_grid_processor_matches, two_colour_photo
 
 TYPES = ["exaone4_5", "hyperclovax_vision_v2", "video_llama_3"]
 PROCESSORS = {"exaone4_5": "Exaone4_5_Processor", "hyperclovax_vision_v2": "HyperCLOVAXVisionV2Processor",
@@ -34,23 +34,9 @@ def test_the_familys_processor_builds_the_adapters_inputs_on_square_wide_and_tal
     monkeypatch.setattr(processor_class, "check_argument_for_proper_class", lambda self, name, value: None)
     processor = processor_class(image_processor=adapter.image_processor, tokenizer=adapter.tokenizer)
     assert processor.image_token == adapter.image_token
-    grids = {}
-    for max_pixels in (None, 28 * 28 * 2):
-        if max_pixels is not None:
-            adapter.limit_image_pixels(28 * 28, max_pixels)
-        bounds = {} if max_pixels is None else {"size": {"shortest_edge": 28 * 28, "longest_edge": max_pixels}}
-        for size in ((60, 60), (300, 40), (40, 300)):
-            photo = two_colour_photo(size)
-            image = adapter.prepare_image(photo)
-            for prompt in (adapter.describer_prompt(BOX, image), adapter.locator_prompt("the dog", image)):
-                assert_processor_builds_the_same_inputs(
-                    adapter, processor, prompt, image, photo,
-                    ["attention_mask", "input_ids", *adapter.image_keys], images_kwargs=bounds)
-            grids[max_pixels, size] = image.tensors["image_grid_thw"][0].tolist()
-            assert image.num_tokens == grids[max_pixels, size][1] * grids[max_pixels, size][2] // 4
-    wide, tall = grids[None, (300, 40)], grids[None, (40, 300)]
-    assert grids[None, (60, 60)] == [1, 4, 4] and wide[1] < wide[2] and wide == [1, tall[2], tall[1]]
-    assert grids[28 * 28 * 2, (60, 60)] == [1, 2, 2]  # one merged patch: the bound took effect on both sides
+    keys = ["attention_mask", "input_ids", *adapter.image_keys]
+    grids = assert_patch_grid_processor_matches(adapter, processor, keys)
+    assert grids[None, (60, 60)] == [1, 4, 4]
 
 
 @pytest.mark.parametrize("model_type", TYPES)

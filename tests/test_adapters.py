@@ -173,7 +173,7 @@ def test_prompts_use_the_template_the_familys_processor_renders(model_type, tiny
 
 # The families whose processor resizes to a pixel budget (sc_tune.adapters.patch_grid_chat), and two that have none.
 PIXEL_BUDGET_TYPES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen4_exp", "glm4v", "glm46v", "exaone4_5",
-                      "hyperclovax_vision_v2", "video_llama_3"]
+                      "hyperclovax_vision_v2", "video_llama_3", "cohere_compass"]
 
 
 @pytest.mark.parametrize("model_type", PIXEL_BUDGET_TYPES)

@@ -101,6 +101,11 @@ class PromptBatch:
         return PromptBatch(moved, labels, self.images)
 
 
+# The registered families whose adapter sets a pixel budget (``registry.register`` adds them), which the refusal in
+# ``ModelAdapter.limit_image_pixels`` names: a list written out by hand fell behind the registry.
+PIXEL_BUDGET_FAMILIES: list[str] = []
+
+
 class ModelAdapter(ABC):
     """Family-specific glue. Subclasses set ``native_codec`` and implement the abstract methods.
 
@@ -362,15 +367,12 @@ class ModelAdapter(ABC):
     def limit_image_pixels(self, min_pixels: int | None, max_pixels: int | None) -> None:
         """Bound the pixels (width x height) of every image as resized for the model, for the families whose
         processor resizes to a pixel budget (the patch-grid ones). Default: refused, naming the family."""
-        from sc_tune.adapters.registry import families
         from sc_tune.arguments import ArgumentError
 
-        # Named from the registry (the families whose adapter sets a budget), so the list never falls behind it.
-        budgeted = [f.name for f in families() if f.adapter.limit_image_pixels is not ModelAdapter.limit_image_pixels]
         raise ArgumentError(
             f"--image_min_pixels/--image_max_pixels: {type(self).__name__} has no pixel budget to set (they bound the "
-            f"dynamic-resolution families: {', '.join(budgeted)}); this family's processor sizes images its own way, "
-            "set in the checkpoint's preprocessor_config.json"
+            f"dynamic-resolution families: {', '.join(PIXEL_BUDGET_FAMILIES)}); this family's processor sizes images "
+            "its own way, set in the checkpoint's preprocessor_config.json"
         )
 
     @abstractmethod

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sc_tune.adapters.base import ModelAdapter
+from sc_tune.adapters.base import PIXEL_BUDGET_FAMILIES, ModelAdapter
 from sc_tune.adapters.unserved import refusal
 
 
@@ -38,6 +38,9 @@ def register(family: Family) -> Family:
             raise ValueError(f"model_type {model_type!r} is served by {known.name!r}; cannot register {family.name!r}")
     for model_type in family.model_types:
         _BY_MODEL_TYPE[model_type] = family
+    sets_a_budget = family.adapter.limit_image_pixels is not ModelAdapter.limit_image_pixels
+    if sets_a_budget and family.name not in PIXEL_BUDGET_FAMILIES:
+        PIXEL_BUDGET_FAMILIES.append(family.name)
     return family
 
 

@@ -234,8 +234,9 @@ def generate(
                                                             batch.images)}
     if keep_prompt_rows is not None and prompt_cache is not None:
         raise ValueError("generate: keep_prompt_rows keeps the cache of a prefill; this call resumes from one")
-    cross = getattr(model.config.get_text_config(decoder=True), "cross_attention_layers", None)
-    if cross and (prompt_cache is not None or keep_prompt_rows is not None):
+    cached = prompt_cache is not None or keep_prompt_rows is not None
+    cross = cached and getattr(model.config.get_text_config(decoder=True), "cross_attention_layers", None)
+    if cross:
         # A prompt cache is cut and moved by text columns; these layers cache the image's vision states instead, which
         # the cut would crop or keep as if they were prompt columns.
         raise ValueError(f"generate: {type(model).__name__}'s cross-attention layers {list(cross)} cache the image's "

@@ -39,7 +39,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import StaticCache
+from transformers.cache_utils import StaticCache, get_layer_types_and_kwargs
 from transformers.generation import logits_process as lp
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -518,14 +518,13 @@ _WINDOW_LAYERS = ("sliding_attention", "chunked_attention")
 
 def static_cache_fits(config, length: int) -> bool:
     """Whether a static cache of ``length`` columns decodes ``config``'s model with every layer a full one here: window
-    layers (Gemma's sliding attention) only when their window covers the whole call (a full static window cache
-    rolls, which a captured step cannot follow)."""
-    text = config.get_text_config(decoder=True)
-    kinds = getattr(text, "layer_types", None) or []
-    if not any(kind in _WINDOW_LAYERS for kind in kinds):
-        return True
-    windows = [getattr(text, "sliding_window", None), getattr(text, "attention_chunk_size", None)]
-    return all(w is None or w >= length for w in windows) and any(w is not None for w in windows)
+    layers (Gemma's sliding attention, Mistral's) only when their window covers the whole call (a full static window
+    cache rolls, which a captured step cannot follow). The layers' kinds and windows are read as ``StaticCache`` reads
+    them (``get_layer_types_and_kwargs``): a config with a ``sliding_window`` and no ``layer_types`` (Mistral's text
+    models: Idefics2, LLaVA-NeXT-Mistral) makes every layer a window layer."""
+    kinds, layer_kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    windows = [kwargs.get("sliding_window") for kind, kwargs in zip(kinds, layer_kwargs) if kind in _WINDOW_LAYERS]
+    return all(window is not None and window >= length for window in windows)
 
 
 def static_cache_from(cache, config, max_cache_len: int):

@@ -447,13 +447,17 @@ def test_a_rule_that_reads_the_sequence_is_refused_and_a_short_window_decodes_dy
                        generate(model, adapter, batch, GREEDY, True).ids_BT)
     model.generation_config.repetition_penalty = None
 
-    gemma, gemma_adapter = _model(tiny_checkpoint, "gemma3")
-    gemma.config.get_text_config(decoder=True).sliding_window = 16  # shorter than the prompt
-    spy = _Recorded(monkeypatch, gemma)
-    gemma_batch, _, _ = _prompt_batch(gemma_adapter)
-    got = generate(gemma, gemma_adapter, gemma_batch, GREEDY, True, decoding=STATIC)
-    assert not isinstance(spy.caches[0], StaticCache)
-    assert torch.equal(got.ids_BT, generate(gemma, gemma_adapter, gemma_batch, GREEDY, True).ids_BT)
+    # A window shorter than the call: transformers' dynamic cache instead. Gemma names its window layers; Mistral's
+    # text model (Idefics2's) has a sliding_window and no layer_types, which makes every layer a window layer.
+    for windowed_type in ("gemma3", "idefics2"):
+        windowed, windowed_adapter = _model(tiny_checkpoint, windowed_type)
+        windowed.config.get_text_config(decoder=True).sliding_window = 16  # shorter than the prompt
+        spy = _Recorded(monkeypatch, windowed)
+        windowed_batch, _, _ = _prompt_batch(windowed_adapter)
+        got = generate(windowed, windowed_adapter, windowed_batch, GREEDY, True, decoding=STATIC)
+        assert not isinstance(spy.caches[0], StaticCache), windowed_type
+        assert torch.equal(got.ids_BT, generate(windowed, windowed_adapter, windowed_batch, GREEDY, True).ids_BT)
+        monkeypatch.undo()
 
 
 def _decode_loops_per_step(trainer):

@@ -17,7 +17,6 @@ and ``python -m sc_tune.families parse`` read every one of them back to its box.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from abc import ABC, abstractmethod
@@ -28,6 +27,7 @@ import torch
 from PIL import Image
 
 from sc_tune.box_codecs import BoxCodec, BoxReading, select_codec
+from sc_tune.jsonio import read_json
 from sc_tune.vision_cache import VisionTrunk
 
 # Special tokens no generated text may carry, found by name in the family's own tokenizer so that the full
@@ -502,8 +502,7 @@ def processor_chat_template(path: str) -> str | None:
     for name in ("chat_template.json", "processor_config.json"):
         legacy = os.path.join(path, name)
         if os.path.isfile(legacy):
-            with open(legacy) as f:
-                template = json.load(f).get("chat_template")
+            template = read_json(legacy).get("chat_template")  # a malformed file is named
             if template:
                 return template
     return None

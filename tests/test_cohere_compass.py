@@ -66,16 +66,19 @@ def test_the_north_locator_target_ends_with_the_answer_end_the_template_writes(t
     assert adapter.parse_locator_output(target, image) == pytest.approx(BOX)
 
 
-def test_north_prompt_and_vision_caches_are_refused_by_name(tiny_checkpoint):
-    """No scoring-cache resume, no moved prompt columns, no vision trunk (not verified for this family): those passes
-    run in full. Under fix_vit the patch merger and the DeepStack mergers stay trainable."""
-    from sc_tune.modeling import load_model_and_adapter
+def test_north_prompt_caches_are_refused_by_name_and_its_vision_cache_is_qwen3_vls(tiny_checkpoint):
+    """No scoring-cache resume, no moved prompt columns (not verified for this family): those passes run in full.
+    The vision cache replays Qwen3-VL's trunk (tests/test_vision_cache.py checks it exact on North's tower). Under
+    fix_vit the patch merger and the DeepStack mergers stay trainable."""
+    from sc_tune.modeling import freeze_vision_tower, load_model_and_adapter
     from sc_tune.vision_cache import VisionCache
 
     model, adapter = load_model_and_adapter(tiny_checkpoint("cohere_compass"))
     assert not adapter.resumes_from_scoring_cache(model, 40, 50)
     assert not adapter.moves_cached_prompt_columns(model, 50)
-    assert adapter.vision_trunk(model) is None and VisionCache.for_model(adapter, [model]) is None
+    assert VisionCache.for_model(adapter, [model]) is None  # the cache needs fix_vit, as for every family
+    freeze_vision_tower(model, adapter)
+    assert VisionCache.for_model(adapter, [model]) is not None
     names = [name for name, _ in model.named_parameters()]
     for prefix in adapter.vision_trainable_prefixes:
         assert any(name.startswith(prefix + ".") for name in names), prefix

@@ -18,13 +18,15 @@ So the native codec is the generic one (``[x1, y1, x2, y2]`` on 0..1000, asked f
 ``grounding_prior`` is false: a grounding warm start first (docs/grounding_warm_start.md). The turn end is read from
 the checkpoint's template (``turn_end_token``).
 
-Caches: no vision trunk, no resume from a scoring pass's cache, no moved prompt columns: each answers so by name below
-(not verified for this family); those passes run in full, as for a family without them.
+Caches: the vision cache replays Qwen3-VL's trunk (the tower is Qwen3-VL's). No resume from a scoring pass's cache and
+no moved prompt columns: each answers so by name below (not verified for this family); those passes run in full, as
+for a family without them.
 """
 
 from __future__ import annotations
 
 from sc_tune.adapters.patch_grid_chat import GenericTemplatePatchGridAdapter
+from sc_tune.adapters.qwen2_vl import _QwenChatVLAdapter
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
 from sc_tune.box_codecs import GENERIC_CODEC
 
@@ -39,11 +41,9 @@ class NorthAdapter(GenericTemplatePatchGridAdapter):
     # position-free layers decode from a static cache too (tests/test_decoding.py).
     static_decoding_verified = True
 
-    def vision_trunk(self, model):
-        """None: no vision cache. Not verified for this family (Qwen3-VL's tower, whose trunk Qwen3-VL's adapter
-        replays, but not checked here against North's checkpoints); every pass runs the whole tower (correct,
-        slower)."""
-        return None
+    # North's tower is Qwen3-VL's (CohereCompassVisionModel subclasses Qwen3VLVisionModel): the vision cache replays
+    # its last block and DeepStack blocks as for Qwen3-VL (tests/test_vision_cache.py runs North's tiny tower too).
+    vision_trunk = _QwenChatVLAdapter.vision_trunk
 
     def resumes_from_scoring_cache(self, model, prompt_length, scored_length):
         """No (not verified for this family): the snapshot's greedy captions prefill their prompts again. North's

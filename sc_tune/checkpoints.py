@@ -621,25 +621,21 @@ def export_problems(folder: str) -> list[str]:
     """Why ``folder``'s model is not the last export written into it: one was cut short while it was written (its
     staging folder is left, and the weights here, if any, are an earlier export's) or while it replaced the earlier
     one (the record says the swap did not finish: a mix of the two)."""
+    record = None
+    if os.path.isfile(os.path.join(folder, EXPORT_RECORD)):
+        try:
+            record = read_json(os.path.join(folder, EXPORT_RECORD))
+            complete = record.get("complete") is True
+        except (OSError, ValueError, AttributeError) as e:
+            return [f"{EXPORT_RECORD} cannot be read ({e})"]
     found = []
     if os.path.isdir(os.path.join(folder, EXPORT_STAGING)):
-        try:
-            earlier = read_json(os.path.join(folder, EXPORT_RECORD))
-        except (OSError, ValueError):
-            earlier = None
-        held = (f"the model files here are the earlier export's ({_export_origin(earlier)})"
-                if isinstance(earlier, dict) and earlier.get("complete") else "no complete export is here")
-        found.append(f"an export into this folder did not finish ({EXPORT_STAGING} is left): {held}; delete "
-                     f"{EXPORT_STAGING} to use them anyway")
-    record = os.path.join(folder, EXPORT_RECORD)
-    if os.path.isfile(record):
-        try:
-            complete = read_json(record).get("complete")
-        except (OSError, ValueError, AttributeError) as e:
-            return found + [f"{EXPORT_RECORD} cannot be read ({e})"]
-        if complete is not True:
-            found.append(f"an export was cut short while it replaced the earlier one ({EXPORT_RECORD} says "
-                         "incomplete): its files are a mix of the two")
+        held = (f"the model files here are the earlier export's ({_export_origin(record)}); delete {EXPORT_STAGING} "
+                "to use them anyway" if record is not None and complete else "no complete export is here")
+        found.append(f"an export into this folder did not finish ({EXPORT_STAGING} is left): {held}")
+    if record is not None and not complete:
+        found.append(f"an export was cut short while it replaced the earlier one ({EXPORT_RECORD} says "
+                     "incomplete): its files are a mix of the two")
     return found
 
 

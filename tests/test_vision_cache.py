@@ -11,7 +11,7 @@ from sc_tune.rollout import GenerationSettings, describe, locate
 from sc_tune.vision_cache import VisionCache
 from tests.helpers import sample_images, small_lora, two_phase_trainer
 
-CACHED_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen", "cohere_compass"]
+CACHED_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen", "cohere_compass", "glm4v"]
 
 
 def _teacher_forced_logp(model, adapter, images, boxes_norm):
@@ -136,7 +136,7 @@ def test_a_call_whose_images_repeat_or_are_cached_runs_the_trunk_on_the_new_ones
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "cohere_compass"])
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "cohere_compass", "glm4v"])
 def test_the_trunk_encodes_with_one_attention_call_per_window_length(tiny_checkpoint, monkeypatch, model_type):
     """Without flash-attn, transformers' vision attention makes one call per window (per image); while the cache
     encodes, the packed-window implementation makes one per window length and layer, with the same features (the

@@ -29,8 +29,8 @@ answer starts with ``<think>``; such a checkpoint is refused, naming it (``think
 
 from __future__ import annotations
 
-from sc_tune.adapters.base import DocumentedAnswer
-from sc_tune.adapters.patch_grid_chat import PatchGridChatAdapter
+from sc_tune.adapters.base import DocumentedAnswer, find_submodule
+from sc_tune.adapters.patch_grid_chat import PatchGridChatAdapter, patch_grid_vision_trunk
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
 from sc_tune.box_codecs import BracketGridCodec
 
@@ -67,6 +67,15 @@ class Glm4vAdapter(PatchGridChatAdapter):
         DocumentedAnswer("[[100, 200, 500, 600]]", None,
                          f"{_README}: coordinates without the box tokens that mark the answer's box (refused)"),
     )
+
+    def vision_trunk(self, model):
+        # transformers' Glm4vVisionModel (GLM-4.5V's Glm4vMoeVisionModel and GLM-4.6V's tower are the same code): patch
+        # embedding, blocks attending within each image (cu_seqlens, no window reordering), then post_layernorm, whose
+        # output the trainable downsample (2 x 2 convolution over each merge unit) and merger read. So the
+        # post-layernorm is replayed and every block skipped; the embeddings before them are cheap and run each time.
+        # last_hidden_state (downsampled) and pooler_output (merged) hold a quarter of each image's patch rows.
+        tower = find_submodule(model, self.vision_prefix)
+        return patch_grid_vision_trunk(tower, tower.blocks, [tower.post_layernorm])
 
     def thinking_only_reason(self):
         # GLM-4.5V / 4.6V templates carry the enable_thinking switch; GLM-4.1V-9B-Thinking's has none (its answers

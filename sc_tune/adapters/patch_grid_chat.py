@@ -13,10 +13,15 @@ words and read the turn end from the checkpoint's template (``GenericTemplatePat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
+from torch import nn
 
 from sc_tune.adapters.base import ImageInputs, ModelAdapter, language_model_lora_targets, load_chat_tokenizer
 from sc_tune.adapters.chat_template import GenericTemplateTurns, answer_opening, turn_end_token
+from sc_tune.vision_cache import VisionTrunk
 
 DEFAULT_IMAGE_TOKEN = "<|image_pad|>"  # the processors' placeholder where the tokenizer names no image_token
 
@@ -26,6 +31,63 @@ def processor_image_token(tokenizer) -> str:
     ``HyperCLOVAXVisionV2Processor``, ``VideoLlama3Processor``): the tokenizer's ``image_token`` where it has one,
     else ``<|image_pad|>``."""
     return tokenizer.image_token if hasattr(tokenizer, "image_token") else DEFAULT_IMAGE_TOKEN
+
+
+# Tower arguments that say nothing about the images: a call with only these besides the pixels and the per-image
+# arguments can be cut to some of its images. Anything else (precomputed cu_seqlens or positions of the whole call)
+# keeps it whole.
+_IMAGE_FREE_KWARGS = {"return_dict", "use_cache", "output_hidden_states", "output_attentions"}
+
+
+@dataclass(frozen=True)
+class PatchGridTowerCall:
+    """How a patch-grid tower is called: its flattened patch rows first (``t * h * w`` rows per image, the images one
+    after another), then arguments holding one row per image (``grid_thw``; VideoLLaMA3's ``merge_sizes``), each by
+    position or by name."""
+
+    # The tower's forward parameters in order: the pixel rows', then the per-image ones.
+    names: tuple[str, ...] = ("hidden_states", "grid_thw")
+
+    def _values(self, args, kwargs) -> list[torch.Tensor]:
+        return [args[i] if i < len(args) else kwargs[name] for i, name in enumerate(self.names)]
+
+    def pixels_per_image(self, args, kwargs) -> list[torch.Tensor]:
+        pixels, grid_thw = self._values(args, kwargs)[:2]
+        return list(torch.split(pixels, grid_thw.prod(-1).tolist()))
+
+    def with_images(self, args, kwargs, indices):
+        """The call for the images at ``indices`` only, or None where it carries more than images and free flags."""
+        if len(args) > len(self.names) or set(kwargs) - set(self.names) - _IMAGE_FREE_KWARGS:
+            return None
+        per_image = self.pixels_per_image(args, kwargs)
+        per_image_arguments = self._values(args, kwargs)[1:]
+        chosen = torch.tensor(indices, device=per_image_arguments[0].device)
+        rest = {key: value for key, value in kwargs.items() if key in _IMAGE_FREE_KWARGS}
+        cut = {name: value.index_select(0, chosen.to(value.device))
+               for name, value in zip(self.names[1:], per_image_arguments)}
+        return (torch.cat([per_image[i] for i in indices]),), {**rest, **cut}
+
+
+def patch_grid_vision_trunk(tower: nn.Module, blocks: Sequence[nn.Module], replayed: Sequence[nn.Module],
+                            call: PatchGridTowerCall = PatchGridTowerCall()) -> VisionTrunk:
+    """The frozen trunk of a patch-grid tower for ``sc_tune.vision_cache``: ``replayed`` are the modules whose outputs
+    the trainable tail reads (a last block, a post-layernorm), the other ``blocks`` are skipped when replaying.
+
+    What the family vouches for by calling this (read off its transformers modeling code): every block attends
+    within one image at a time (``cu_seqlens``; a window reordering stays within each image), so every trunk
+    module's output holds each image's rows contiguously in batch order, as many as its pixel rows; every tensor
+    of the tower's output holds each image's rows together in proportion to its pixel rows; the attention takes
+    packed windows where a flash implementation is configured (``packed_attention_config``)."""
+    replayed_ids = {id(module) for module in replayed}
+    return VisionTrunk(
+        tower,
+        replayed=list(replayed),
+        skipped=[block for block in blocks if id(block) not in replayed_ids],
+        image_pixels=call.pixels_per_image,
+        output_rows_per_image=True,
+        images_call=call.with_images,
+        packed_attention_config=tower.config,
+    )
 
 
 class PatchGridChatAdapter(ModelAdapter):

@@ -51,7 +51,7 @@ from __future__ import annotations
 import torch
 
 from sc_tune.adapters.base import DocumentedAnswer, find_submodule, language_model_lora_targets
-from sc_tune.adapters.patch_grid_chat import PatchGridChatAdapter
+from sc_tune.adapters.patch_grid_chat import PatchGridChatAdapter, patch_grid_vision_trunk
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
 from sc_tune.box_codecs import JsonBoxCodec, PairGridCodec
 from sc_tune.vision_cache import VisionTrunk
@@ -122,23 +122,7 @@ class _QwenChatVLAdapter(PatchGridChatAdapter):
     lora_expert_parameters = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")  # --lora_target_experts
 
     def vision_trunk(self, model):
-        # The merger reads the last block; Qwen3-VL's DeepStack mergers also read blocks
-        # ``deepstack_visual_indexes``. Every block keeps each image's patches contiguous (Qwen2.5-VL's
-        # window order is per image), so block outputs split per image like the pixel rows do.
-        tower = find_submodule(model, self.vision_prefix)
-        blocks = list(tower.blocks)
-        read = {len(blocks) - 1, *getattr(tower, "deepstack_visual_indexes", ())}
-        return VisionTrunk(
-            tower,
-            replayed=[blocks[i] for i in sorted(read)],
-            skipped=[b for i, b in enumerate(blocks) if i not in read],
-            image_pixels=_pixel_rows_per_image,
-            # last_hidden_state (patch rows, window order within each image), pooler_output (the merged rows,
-            # back in image order) and Qwen3-VL's deepstack_features all keep each image's rows together.
-            output_rows_per_image=True,
-            images_call=_call_with_images,
-            packed_attention_config=tower.config,
-        )
+        return qwen_vision_trunk(find_submodule(model, self.vision_prefix))
 
     def resumes_from_scoring_cache(self, model, prompt_length, scored_length):
         # transformers keeps the multimodal rope offset (``rope_deltas``) of the last prefill and continues from
@@ -191,27 +175,16 @@ class _QwenChatVLAdapter(PatchGridChatAdapter):
         return "<|im_end|>"
 
 
-def _pixel_rows_per_image(args, kwargs):
-    """The tower is called as ``visual(pixel_values, grid_thw=...)``: patch rows, ``t*h*w`` per image."""
-    pixels = args[0] if args else kwargs["hidden_states"]
-    grid_thw = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
-    return list(torch.split(pixels, grid_thw.prod(-1).tolist()))
-
-
-# Tower arguments that say nothing about the images: a call with only these besides the pixels and their grid can be
-# cut to some of its images. Anything else (precomputed cu_seqlens or positions of the whole call) keeps it whole.
-_IMAGE_FREE_KWARGS = {"return_dict", "use_cache", "output_hidden_states", "output_attentions"}
-
-
-def _call_with_images(args, kwargs, indices):
-    """``visual(pixel_values, grid_thw=...)`` for the images at ``indices`` only (None where the call carries more)."""
-    if len(args) > 2 or set(kwargs) - {"grid_thw", "hidden_states"} - _IMAGE_FREE_KWARGS:
-        return None
-    per_image = _pixel_rows_per_image(args, kwargs)
-    grid_thw = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
-    rest = {k: v for k, v in kwargs.items() if k in _IMAGE_FREE_KWARGS}
-    chosen = torch.tensor(indices, device=grid_thw.device)
-    return (torch.cat([per_image[i] for i in indices]),), {**rest, "grid_thw": grid_thw.index_select(0, chosen)}
+def qwen_vision_trunk(tower) -> VisionTrunk:
+    """The trunk of a Qwen2-VL-style tower (Qwen2/2.5/3-VL, Qwen3.5, and the Qwen2.5-VL-like towers of North, EXAONE
+    4.5 and HyperCLOVA X), called as ``visual(pixel_values, grid_thw=...)``: the merger reads the last block;
+    Qwen3-VL's DeepStack mergers also read blocks ``deepstack_visual_indexes``. Every block keeps each image's patches
+    contiguous (Qwen2.5-VL's window order is per image), so block outputs split per image like the pixel rows do;
+    last_hidden_state (patch rows, window order within each image), pooler_output (the merged rows, back in image
+    order) and Qwen3-VL's deepstack_features all keep each image's rows together."""
+    blocks = list(tower.blocks)
+    read = {len(blocks) - 1, *getattr(tower, "deepstack_visual_indexes", ())}
+    return patch_grid_vision_trunk(tower, blocks, [blocks[i] for i in sorted(read)])
 
 
 class Qwen2VLAdapter(_QwenChatVLAdapter):

@@ -232,6 +232,9 @@ def _packed_windows_attention(module, query, key, value, attention_mask=None, sc
     starts, lengths = cu_seq_lens_q[:-1], cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]
     out = torch.empty_like(query)
     heads, dim = query.shape[1], query.shape[-1]
+    if key.shape[1] != heads:  # grouped-query attention (EXAONE 4.5's tower): each key/value head serves a group of
+        # consecutive query heads, as transformers' repeat_kv lays them out
+        key, value = (states.repeat_interleave(heads // key.shape[1], dim=1) for states in (key, value))
     for length in torch.unique(lengths).tolist():
         first = starts[lengths == length]
         rows = (first[:, None] + torch.arange(length, device=first.device)).flatten()

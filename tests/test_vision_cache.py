@@ -11,7 +11,8 @@ from sc_tune.rollout import GenerationSettings, describe, locate
 from sc_tune.vision_cache import VisionCache
 from tests.helpers import sample_images, small_lora, two_phase_trainer
 
-CACHED_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen", "cohere_compass", "glm4v"]
+CACHED_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen", "cohere_compass", "glm4v", "exaone4_5",
+                   "hyperclovax_vision_v2"]
 
 
 def _teacher_forced_logp(model, adapter, images, boxes_norm):
@@ -59,7 +60,7 @@ def test_cache_matches_uncached_logprobs_generation_and_tail_gradients(tiny_chec
         torch.testing.assert_close(g_cached, g_plain, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("model_type", [*CACHED_FAMILIES, "qwen3_5", "qwen4_exp"])
+@pytest.mark.parametrize("model_type", [*CACHED_FAMILIES, "qwen3_5", "qwen4_exp", "glm4v_moe", "glm46v"])
 def test_frozen_tower_runs_its_tail_once_per_image(tiny_checkpoint, model_type):
     # The snapshot's tower has no trainable parameter, so its whole output (merger/resampler included) is
     # memoised per image: greedy captions, then the locator rows in another order and twice over, then scoring.
@@ -136,7 +137,8 @@ def test_a_call_whose_images_repeat_or_are_cached_runs_the_trunk_on_the_new_ones
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "cohere_compass", "glm4v"])
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "cohere_compass", "glm4v", "exaone4_5",
+                                        "hyperclovax_vision_v2"])
 def test_the_trunk_encodes_with_one_attention_call_per_window_length(tiny_checkpoint, monkeypatch, model_type):
     """Without flash-attn, transformers' vision attention makes one call per window (per image); while the cache
     encodes, the packed-window implementation makes one per window length and layer, with the same features (the

@@ -26,7 +26,9 @@ first (docs/grounding_warm_start.md). Reasoning: both are hybrid. EXAONE 4.5 thi
 
 from __future__ import annotations
 
+from sc_tune.adapters.base import find_submodule
 from sc_tune.adapters.patch_grid_chat import OneDPositionPatchGridAdapter
+from sc_tune.adapters.qwen2_vl import qwen_vision_trunk
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
 from sc_tune.box_codecs import GENERIC_CODEC
 
@@ -38,6 +40,12 @@ class Exaone45Adapter(OneDPositionPatchGridAdapter):
     grounding_prior = False  # no documented grounding: a grounding warm start first (docs/grounding_warm_start.md)
     vision_prefix = "model.visual"
     vision_trainable_prefixes = ("model.visual.merger",)  # the patch merger projects onto the text width
+
+    def vision_trunk(self, model):
+        # transformers' Exaone4_5_VisionModel is Qwen2.5-VL's tower with grouped-query attention (window attention
+        # within each image, the merger reading the last block, called as visual(pixels, grid_thw=...));
+        # HyperCLOVA X's tower is Qwen2.5-VL's own (Qwen2_5_VisionTransformerPretrainedModel).
+        return qwen_vision_trunk(find_submodule(model, self.vision_prefix))
 
 
 class HyperClovaXVisionV2Adapter(Exaone45Adapter):

@@ -12,7 +12,14 @@ from sc_tune.vision_cache import VisionCache
 from tests.helpers import sample_images, small_lora, two_phase_trainer
 
 CACHED_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen", "cohere_compass", "glm4v", "exaone4_5",
-                   "hyperclovax_vision_v2"]
+                   "hyperclovax_vision_v2", "video_llama_3"]
+# Families whose tower keeps nothing trainable under fix_vit: the projector after it is the tail that reads its features.
+PROJECTOR_AFTER_THE_TOWER = {"video_llama_3": "model.projector"}
+
+
+def _trunk_blocks(tower):
+    """The tower's attention blocks (Qwen/GLM: ``blocks``; VideoLLaMA3's SigLIP: ``encoder.layers``)."""
+    return tower.blocks if hasattr(tower, "blocks") else tower.encoder.layers
 
 
 def _teacher_forced_logp(model, adapter, images, boxes_norm):
@@ -33,7 +40,8 @@ def test_cache_matches_uncached_logprobs_generation_and_tail_gradients(tiny_chec
     assert cache is not None
     images, boxes = sample_images(adapter)
     settings = GenerationSettings(max_new_tokens=5, min_new_tokens=2)
-    tail = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith(adapter.vision_prefix + ".")]
+    tail_prefix = PROJECTOR_AFTER_THE_TOWER.get(model_type, adapter.vision_prefix)
+    tail = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith(tail_prefix + ".")]
     assert tail, "fix_vit keeps the merger/resampler trainable"
 
     def run(cached: bool):
@@ -73,7 +81,9 @@ def test_frozen_tower_runs_its_tail_once_per_image(tiny_checkpoint, model_type):
     settings = GenerationSettings(max_new_tokens=5, min_new_tokens=2)
     trunk = adapter.vision_trunk(model)
     tail_calls = []
-    tail = [m for n, m in model.named_modules() if n.startswith(adapter.vision_trainable_prefixes[0])][0]
+    prefixes = adapter.vision_trainable_prefixes
+    # A tower without a trainable tail (VideoLLaMA3): its last trunk module stands for everything after the trunk.
+    tail = [m for n, m in model.named_modules() if n.startswith(prefixes[0])][0] if prefixes else trunk.replayed[-1]
     hook = tail.register_forward_hook(lambda *a: tail_calls.append(1))
 
     def run():
@@ -110,7 +120,7 @@ def test_a_call_whose_images_repeat_or_are_cached_runs_the_trunk_on_the_new_ones
     images, boxes = sample_images(adapter)
     trunk = adapter.vision_trunk(model)
     assert trunk.images_call is not None
-    first_block = trunk.replayed[0] if model_type == "qwen" else trunk.tower.blocks[0]
+    first_block = trunk.replayed[0] if model_type == "qwen" else _trunk_blocks(trunk.tower)[0]
     rows = []
 
     def count(module, args, output):
@@ -138,7 +148,7 @@ def test_a_call_whose_images_repeat_or_are_cached_runs_the_trunk_on_the_new_ones
 
 
 @pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "cohere_compass", "glm4v", "exaone4_5",
-                                        "hyperclovax_vision_v2"])
+                                        "hyperclovax_vision_v2", "video_llama_3"])
 def test_the_trunk_encodes_with_one_attention_call_per_window_length(tiny_checkpoint, monkeypatch, model_type):
     """Without flash-attn, transformers' vision attention makes one call per window (per image); while the cache
     encodes, the packed-window implementation makes one per window length and layer, with the same features (the
@@ -153,17 +163,18 @@ def test_the_trunk_encodes_with_one_attention_call_per_window_length(tiny_checkp
     images, _ = sample_images(adapter)
     batch = adapter.build_batch([adapter.describer_prompt([0.1, 0.1, 0.5, 0.5], im) for im in images], images)
     pixels, grid = batch.inputs["pixel_values"], batch.inputs["image_grid_thw"]
+    per_image = {"merge_sizes": batch.inputs["image_merge_sizes"]} if "image_merge_sizes" in batch.inputs else {}
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
                         lambda *a, **k: calls.append(a[0].shape[0]) or sdpa(*a, **k))
     with torch.no_grad():
-        plain = trunk.tower(pixels, grid_thw=grid).last_hidden_state
+        plain = trunk.tower(pixels, grid_thw=grid, **per_image).last_hidden_state
         plain_calls, calls[:] = len(calls), []
         cache = VisionCache.for_model(adapter, [model])
         with cache.active():
-            cached = trunk.tower(pixels, grid_thw=grid).last_hidden_state
-    layers = len(trunk.tower.blocks)
+            cached = trunk.tower(pixels, grid_thw=grid, **per_image).last_hidden_state
+    layers = len(_trunk_blocks(trunk.tower))
     assert cache.encoded_images == len(images) and plain_calls >= len(images) * layers
     assert len(calls) == layers and all(n == len(images) for n in calls), "one call per layer, a window per image"
     torch.testing.assert_close(cached, plain, atol=1e-5, rtol=1e-5)

@@ -27,14 +27,15 @@ transformers conversion answers alike is assumed (same weights, same template tu
 Turn end: read from the checkpoint's template (``turn_end_token``: ``<|im_end|>``, ChatML as the release's
 ``DEFAULT_CHAT_TEMPLATE`` writes it).
 
-Caches: no vision trunk, no resume from a scoring pass's cache, no moved prompt columns: each answers so by name below
-(not verified for this family); those passes run in full, as for a family without them.
+Caches: the vision cache memoises the whole (frozen) tower per image (``vision_trunk``). No resume from a scoring
+pass's cache, no moved prompt columns: each answers so by name below (not verified for this family); those passes run
+in full, as for a family without them.
 """
 
 from __future__ import annotations
 
-from sc_tune.adapters.base import DocumentedAnswer
-from sc_tune.adapters.patch_grid_chat import OneDPositionPatchGridAdapter
+from sc_tune.adapters.base import DocumentedAnswer, find_submodule
+from sc_tune.adapters.patch_grid_chat import OneDPositionPatchGridAdapter, PatchGridTowerCall, patch_grid_vision_trunk
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
 from sc_tune.box_codecs import GENERIC_CODEC, NestedListGridCodec
 
@@ -77,10 +78,16 @@ class VideoLlama3Adapter(OneDPositionPatchGridAdapter):
         return f"<ref>{caption}</ref>" if self._native() else ""
 
     def vision_trunk(self, model):
-        """None: no vision cache. Not verified here: the tower's layers, its post-layernorm and the per-image bilinear
-        merge would have to split per image as ``sc_tune.vision_cache`` replays them; every pass runs the whole
-        tower (correct, slower)."""
-        return None
+        # transformers' VideoLlama3VisionModel: patch embedding, encoder layers attending within each image
+        # (cu_seqlens, no reordering), post_layernorm, then a per-image bilinear merge of each merge_size x merge_size
+        # block (pixel_unshuffle, no parameters) and nothing else: under fix_vit the whole tower is frozen (the
+        # trainable projector is outside it), so its whole output is memoised per image and only the post-layernorm
+        # needs replaying for a call that misses the memo. The output holds grid.prod() / merge_size**2 rows per
+        # image: in proportion to its pixel rows because SC-Tune's images all come from one image processor, with
+        # one merge_size (the same pixels then also have the same grid and merge size, which the trunk reads).
+        tower = find_submodule(model, self.vision_prefix)
+        return patch_grid_vision_trunk(tower, tower.encoder.layers, [tower.post_layernorm],
+                                       PatchGridTowerCall(("pixel_values", "grid_thw", "merge_sizes")))
 
     def resumes_from_scoring_cache(self, model, prompt_length, scored_length):
         """No (not verified for this family): the snapshot's greedy captions prefill their prompts again."""

@@ -13,7 +13,7 @@ from tests.helpers import sample_images, small_lora, two_phase_trainer
 
 CACHED_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen", "cohere_compass", "glm4v", "exaone4_5",
                    "hyperclovax_vision_v2", "video_llama_3"]
-# Families whose tower keeps nothing trainable under fix_vit: the projector after it is the tail that reads its features.
+# Families whose tower keeps nothing trainable under fix_vit: the projector after it is the tail reading its features.
 PROJECTOR_AFTER_THE_TOWER = {"video_llama_3": "model.projector"}
 
 

@@ -71,7 +71,7 @@ from sc_tune.baselines import DescriberBaseline, describer_baseline, terminal_ad
 from sc_tune.decoding import Decoding, SampledRows, choose_decoding
 from sc_tune.phases import PhasePosition
 from sc_tune.preflight import PreflightReport, referring_text, run_preflight, spread_indices
-from sc_tune.prompt_cache import ScoredPrompts, keep_prompt_columns, uncached_inputs
+from sc_tune.prompt_cache import ScoredPrompts, keep_prompt_columns, scoring_inputs, uncached_inputs
 from sc_tune.rewards import RewardBatch, RewardFunction, cycle_iou, get_reward
 from sc_tune.rollout import Completions, GenerationSettings, describer_budget
 from sc_tune.snapshot import POLICY_ADAPTER, SNAPSHOT_ADAPTER, AdapterSnapshot, Snapshot, row_adapters
@@ -451,6 +451,9 @@ class RolloutCycle:
             inputs = teacher_inputs
             if fused_cache is not None:
                 inputs = uncached_inputs(model, self.adapter, teacher_inputs, batch.images, prompt_length - 1)
+            elif greedy_resumes or locating_resumes:
+                # The kept cache must hold the positions generate gives these rows (1-D rotary families: unpadded).
+                inputs = scoring_inputs(model, self.adapter, teacher_inputs)
             scores = caption_logprobs(snapshot, inputs, caption_ids_NT, self.args.describer_temperature,
                                       keep_cache=greedy_resumes or locating_resumes, prompt_cache=fused_cache)
         prompts = None

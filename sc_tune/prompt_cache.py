@@ -81,6 +81,12 @@ def uncached_inputs(model, adapter: ModelAdapter, inputs: dict, images: Sequence
     return uncached
 
 
+def scoring_inputs(model, adapter: ModelAdapter, inputs: dict) -> dict:
+    """The inputs of a teacher-forced pass (prompt + caption) whose key/value cache later passes resume from: with the
+    family's ``scoring_positions``, so that its keys carry the positions ``generate`` gives the same rows."""
+    return {**inputs, **adapter.scoring_positions(model, inputs["input_ids"], inputs["attention_mask"])}
+
+
 @dataclass
 class ScoredPrompts:
     """A left-padded prompt batch and the key/value cache a pass over it left, valid on its first ``columns``."""

@@ -19,7 +19,7 @@ import sc_tune.decoding as decoding
 import sc_tune.rollout as rollout
 from sc_tune.decoding import Decoding, SampledRows, choose_decoding
 from sc_tune.modeling import load_model_and_adapter
-from sc_tune.prompt_cache import ScoredPrompts, keep_prompt_columns
+from sc_tune.prompt_cache import ScoredPrompts, keep_prompt_columns, scoring_inputs
 from sc_tune.rollout import GenerationSettings, describe, describe_with_greedy, generate, locate, locate_from_prefix
 from sc_tune.snapshot import _StackedRowTerms, active_adapter, row_adapters
 from tests.helpers import sample_images, small_lora, two_adapter_model
@@ -112,7 +112,7 @@ def test_static_decoding_resumes_from_the_scoring_cache(tiny_checkpoint, model_t
     width = batch.inputs["input_ids"].shape[1]
 
     def scored_cache():
-        teacher = adapter.append_completion(batch, sampled.ids_BT, sampled.mask_BT)
+        teacher = scoring_inputs(model, adapter, adapter.append_completion(batch, sampled.ids_BT, sampled.mask_BT))
         return keep_prompt_columns(model(**teacher, use_cache=True).cache, width)
 
     fresh = generate(model, adapter, batch, GREEDY, skip_special_tokens=True)

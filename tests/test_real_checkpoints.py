@@ -35,7 +35,7 @@ if not real.available():
 from sc_tune.adapters import adapter_class, family_for  # noqa: E402
 from sc_tune.adapters.base import ThinkingCheckpointError  # noqa: E402
 from sc_tune.modeling import load_model_and_adapter  # noqa: E402
-from sc_tune.prompt_cache import ScoredPrompts, keep_prompt_columns, shared_prefix_batch  # noqa: E402
+from sc_tune.prompt_cache import ScoredPrompts, keep_prompt_columns, scoring_inputs, shared_prefix_batch  # noqa: E402
 from sc_tune.rollout import (LOCATOR_BUDGET_MARGIN, GenerationSettings, describe, locate,  # noqa: E402
                              locate_from_prefix, locator_budget, widest_locator_answer)
 from tests.helpers import (assert_prefix_batch_decodes_as_a_prefill,  # noqa: E402
@@ -232,7 +232,7 @@ def test_locating_from_the_scored_image_prefix_on_released_files(released_files_
               for size, colour in (((61, 47), (200, 30, 30)), ((240, 47), (30, 200, 30)))]
     batch, sampled = describe(model, adapter, images, [BOX, [0.5, 0.5, 0.52, 0.55]],
                               GenerationSettings(max_new_tokens=4, do_sample=True, top_k=50))
-    teacher = adapter.append_completion(batch, sampled.ids_BT, sampled.mask_BT)
+    teacher = scoring_inputs(model, adapter, adapter.append_completion(batch, sampled.ids_BT, sampled.mask_BT))
     width = batch.inputs["input_ids"].shape[1]
     scored = ScoredPrompts(batch, keep_prompt_columns(model(**teacher, use_cache=True).cache, width), width - 1)
     captions, source_rows = [CAPTION, LONG_CAPTION, "a"], [1, 0, 0]

@@ -29,9 +29,10 @@ import re
 
 from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs, processor_tile
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
+from sc_tune.adapters.unpadded_positions import UnpaddedPositionsPromptCache
 
 
-class AyaVisionAdapter(ChatTemplateAdapter):
+class AyaVisionAdapter(UnpaddedPositionsPromptCache, ChatTemplateAdapter):
     image_marker = "<image>"
     image_marker_is_token = False  # plain text AyaVisionProcessor replaces before tokenising
     image_token = "<|IMG_PATCH|>"

@@ -181,6 +181,16 @@ class ModelAdapter(ABC):
             raise NotImplementedError(f"{type(self).__name__} does not move cached prompt columns")
         return {}
 
+    def scoring_positions(self, model: torch.nn.Module, input_ids_BW: torch.Tensor, attention_mask_BW: torch.Tensor
+                          ) -> dict[str, torch.Tensor]:
+        """The position inputs of a teacher-forced pass over a left-padded batch whose key/value cache later passes
+        resume from (the snapshot's scoring pass, where ``resumes_from_scoring_cache`` or
+        ``moves_cached_prompt_columns``): what makes its cached keys carry the positions ``generate`` gives the same
+        rows. Default: ``{}``, the forward's own positions (Qwen-VL counts columns in both; the Qwen2 families' rope
+        index skips padding in both); the 1-D rotary families' forward counts padding, ``generate`` does not
+        (``sc_tune.adapters.unpadded_positions``)."""
+        return {}
+
     # sc_tune.decoding's static key/value cache and fixed-shape (CUDA-graph) decode steps: a family opts in once
     # tests/test_decoding.py shows its tokens equal transformers' generate, greedy and sampled.
     static_decoding_verified: bool = False

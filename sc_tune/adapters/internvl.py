@@ -28,13 +28,14 @@ from __future__ import annotations
 from sc_tune.adapters.base import DocumentedAnswer
 from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
+from sc_tune.adapters.unpadded_positions import UnpaddedPositionsPromptCache
 from sc_tune.box_codecs import NestedListGridCodec
 
 REFERRING_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: "
 REGION_PROMPT = "Please provide a short description for this region: "
 
 
-class InternVLAdapter(ChatTemplateAdapter):
+class InternVLAdapter(UnpaddedPositionsPromptCache, ChatTemplateAdapter):
     native_codec = NestedListGridCodec(1000, "<box>", "</box>")
     answer_examples = (
         DocumentedAnswer("<ref>the lady with the blue shirt</ref><box>[[243, 469, 558, 746]]</box>",

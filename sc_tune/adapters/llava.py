@@ -30,8 +30,9 @@ from sc_tune.adapters.llava_onevision import (
     extra_tower_features,
 )
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
+from sc_tune.adapters.unpadded_positions import UnpaddedPositionsPromptCache
 
-class _LlavaHfAdapter(ChatTemplateAdapter):
+class _LlavaHfAdapter(UnpaddedPositionsPromptCache, ChatTemplateAdapter):
     image_marker = "<image>"
     image_token = "<image>"
     static_decoding_verified = True

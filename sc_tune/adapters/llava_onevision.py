@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
+from sc_tune.adapters.unpadded_positions import UnpaddedPositionsPromptCache
 
 
 # Features a vision tower emits besides its patches, by ``vision_config.model_type``: CLIP prepends a CLS feature,
@@ -53,7 +54,7 @@ def check_select_strategy(config, family: str) -> int:
     return extra
 
 
-class LlavaOnevisionAdapter(ChatTemplateAdapter):
+class LlavaOnevisionAdapter(UnpaddedPositionsPromptCache, ChatTemplateAdapter):
     image_marker = "<image>"
     image_token = "<image>"
     end_token = "<|im_end|>"

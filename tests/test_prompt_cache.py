@@ -49,10 +49,12 @@ class _ForwardWidths:
 
 
 # The 1-D rotary families (sc_tune.adapters.unpadded_positions): their scoring pass reads at generate's unpadded
-# positions. Aya Vision's Cohere2 text model has window layers: its tiny window (64) is widened to hold the call.
+# positions; EXAONE 4.5 and HyperCLOVA X count columns in both. The window-layer families (Aya Vision's Cohere2, Gemma 3,
+# EXAONE 4's) resume only below their window: their tiny one (64) is widened to hold the test's calls.
 RESUMING_FAMILIES = ["qwen", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "llava_onevision", "internvl",
-                     "aya_vision"]
-WIDER_WINDOWS = {"aya_vision": 256}
+                     "mistral3", "smolvlm", "idefics2", "ovis2", "aya_vision", "gemma3", "exaone4_5",
+                     "hyperclovax_vision_v2"]
+WIDER_WINDOWS = {"aya_vision": 256, "gemma3": 256, "exaone4_5": 256}
 
 
 def _checkpoint(tiny_checkpoint, tmp_path_factory, model_type):
@@ -124,9 +126,10 @@ def _scored_and_located_rows(model, adapter):
 
 
 # Qwen-VL's rotary positions are column indices (cached keys are re-rotated as they move); the Qwen2 families' M-RoPE
-# positions are counted over each row's own tokens (keys move as they are, the batch gets its own rope index).
+# positions are counted over each row's own tokens (keys move as they are, the batch gets its own rope index); so are
+# the 1-D rotary families' full-attention text models, once the scoring pass reads at generate's unpadded positions.
 MOVING_FAMILIES = ["qwen", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava", "llava_next", "llava_onevision",
-                   "internvl"]
+                   "internvl", "mistral3", "smolvlm", "ovis2"]
 # LLaVA-1.5 center-crops every image to one view of one token count: its prefixes are all as long.
 ONE_SPAN_LENGTH = {"llava"}
 
@@ -237,6 +240,26 @@ def test_a_qwen2_checkpoint_with_sliding_window_layers_prefills_in_full(tiny_che
         _, resumed, located, scored = _losses_and_resumed_calls(str(folder), tmp_path, True, lora=fused, fused=fused)
         assert len(resumed) >= 2 and resumed == located == scored == [False] * len(resumed), (fused, resumed, located,
                                                                                          scored)
+
+
+@pytest.mark.parametrize("model_type", ["aya_vision", "gemma3", "exaone4_5"])
+def test_window_layers_resume_only_below_their_window_and_never_move(tiny_checkpoint, tmp_path_factory, model_type):
+    """A window layer keeps its last ``window - 1`` columns: the scoring cache crops back to the prompts only while it
+    holds them all (transformers refuses the crop after), and no prefix moves into a batch of other columns."""
+    model, adapter = load_model_and_adapter(tiny_checkpoint(model_type))  # window 64
+    assert adapter.resumes_from_scoring_cache(model, 40, 63)
+    assert not adapter.resumes_from_scoring_cache(model, 40, 64)
+    assert not adapter.moves_cached_prompt_columns(model, 10)
+    wide, _ = load_model_and_adapter(_checkpoint(tiny_checkpoint, tmp_path_factory, model_type))
+    assert not adapter.moves_cached_prompt_columns(wide, 10)
+
+
+@pytest.mark.parametrize("model_type", ["minicpmv4_6", "granite4_vision", "gemma4"])
+def test_families_whose_caches_cannot_be_reused_refuse_both(tiny_checkpoint, model_type):
+    # MiniCPM-V 4.6: Qwen3.5's recurrent state; Granite 4 Vision: no cache from a forward; Gemma 4: not verified.
+    model, adapter = load_model_and_adapter(tiny_checkpoint(model_type))
+    assert not adapter.resumes_from_scoring_cache(model, 10, 20)
+    assert not adapter.moves_cached_prompt_columns(model, 10)
 
 
 def test_a_cache_of_the_wrong_length_is_refused(tiny_checkpoint):

@@ -30,6 +30,7 @@ from sc_tune.adapters.base import find_submodule
 from sc_tune.adapters.patch_grid_chat import OneDPositionPatchGridAdapter
 from sc_tune.adapters.qwen2_vl import qwen_vision_trunk
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
+from sc_tune.adapters.unpadded_positions import scoring_cache_crops, without_images
 from sc_tune.box_codecs import GENERIC_CODEC
 
 class Exaone45Adapter(OneDPositionPatchGridAdapter):
@@ -46,6 +47,23 @@ class Exaone45Adapter(OneDPositionPatchGridAdapter):
         # within each image, the merger reading the last block, called as visual(pixels, grid_thw=...));
         # HyperCLOVA X's tower is Qwen2.5-VL's own (Qwen2_5_VisionTransformerPretrainedModel).
         return qwen_vision_trunk(find_submodule(model, self.vision_prefix))
+
+    def resumes_from_scoring_cache(self, model, prompt_length, scored_length):
+        """Yes, where the window layers still hold the whole scored sequence. Unlike the other 1-D rotary families
+        (``sc_tune.adapters.unpadded_positions``), this model's ``generate`` drops every ``position_ids``
+        (``prepare_inputs_for_generation`` sets them to ``None``, so does HyperCLOVA X SEED Vision v2's), and the text
+        model counts columns, padding included, from the cache's length: the scoring pass and ``generate`` count
+        alike, and the greedy captions resume from the scoring cache with no positions of their own."""
+        return scoring_cache_crops(model, scored_length)
+
+    def resumed_decoding_inputs(self, inputs):
+        return without_images(self, inputs)
+
+    def moves_cached_prompt_columns(self, model, prompt_length):
+        """No: positions are the columns, and ``generate`` drops any ``position_ids`` it is given, so a locator batch
+        laid out as moved prefix, padding gap and tail cannot be read at its rows' own positions (that would need
+        per-row offsets inside the model, as Qwen-VL's). The locator prompts are prefilled in full."""
+        return False
 
 
 class HyperClovaXVisionV2Adapter(Exaone45Adapter):

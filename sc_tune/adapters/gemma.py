@@ -28,11 +28,14 @@ Gemma 4's audio tokens are suppressed with the media tokens (its audio tower is 
 
 from __future__ import annotations
 
+from sc_tune.adapters.unpadded_positions import UnpaddedPositionsPromptCache
+
 import re
 
 from sc_tune.adapters.base import DocumentedAnswer
 from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
+from sc_tune.adapters.unpadded_positions import UnpaddedPositionsPromptCache
 from sc_tune.box_codecs import JsonBoxCodec
 
 # Gemini's documented detection request, for one phrase.
@@ -61,7 +64,7 @@ class _GemmaAdapter(ChatTemplateAdapter):
     answer_examples = GEMMA_ANSWERS
 
 
-class Gemma3Adapter(_GemmaAdapter):
+class Gemma3Adapter(UnpaddedPositionsPromptCache, _GemmaAdapter):
     """Gemma 3: ``<start_of_image>`` in the template -> ``\\n\\n<start_of_image>`` + ``mm_tokens_per_image``
     ``<image_soft_token>`` + ``<end_of_image>\\n\\n``; a fixed-size SigLIP view (pan-and-scan off, the
     processor's default). ``fix_vit`` freezes ``model.vision_tower``; the projector stays trainable."""
@@ -83,6 +86,18 @@ class Gemma3Adapter(_GemmaAdapter):
         placeholder = f"\n\n{self.image_block(num_tokens)}\n\n"
         frame = (int(pixel_values.shape[-1]), int(pixel_values.shape[-2]))
         return TemplateImageInputs({"pixel_values": pixel_values}, num_tokens, frame, placeholder)
+
+    def resumes_from_scoring_cache(self, model, prompt_length, scored_length):
+        """Yes below the sliding window (1-D rotary positions, ``sc_tune.adapters.unpadded_positions``): the window
+        layers keep every column of a scored sequence shorter than their window (1,024 in the releases), so its cache
+        crops back to the prompts exactly; a longer one prefills again. The bidirectional attention inside an image
+        (``token_type_ids``) stays within the prompt's image span, so no prompt column's keys depend on the caption."""
+        return super().resumes_from_scoring_cache(model, prompt_length, scored_length)
+
+    def moves_cached_prompt_columns(self, model, prompt_length):
+        """No: every Gemma 3 text model has sliding-window layers, whose window counts columns, and a moved prefix
+        sits at other columns than in a fresh locator batch; the locator prompts are prefilled in full."""
+        return super().moves_cached_prompt_columns(model, prompt_length)
 
 
 class Gemma4Adapter(_GemmaAdapter):
@@ -116,6 +131,16 @@ class Gemma4Adapter(_GemmaAdapter):
         frame = (int(positions[:, 0].max() + 1) * patch, int(positions[:, 1].max() + 1) * patch)
         tensors = {"pixel_values": out["pixel_values"], "image_position_ids": out["image_position_ids"]}
         return TemplateImageInputs(tensors, num_tokens, frame, placeholder)
+
+    def resumes_from_scoring_cache(self, model, prompt_length, scored_length):
+        """No (not verified): Gemma 4's last layers can reuse earlier layers' key/value caches
+        (``num_kv_shared_layers``) and its layers read per-layer inputs of the token ids; no test shows a cropped
+        scoring cache exact. The greedy captions prefill their prompts again."""
+        return False
+
+    def moves_cached_prompt_columns(self, model, prompt_length):
+        """No: its sliding-window layers count columns (see Gemma 3), and the shared caches are not verified either."""
+        return False
 
 
 register(Family("Gemma 3", ("gemma3",), Gemma3Adapter, auto_image_text_to_text))

@@ -44,6 +44,18 @@ class Granite4VisionAdapter(LlavaNextAdapter):
         return borrowed_counter(Granite4VisionProcessor, image_processor, patch_size=config.vision_config.patch_size,
                                 num_additional_image_tokens=self.cls_features, downsample_rate=config.downsample_rate)
 
+    def resumes_from_scoring_cache(self, model, prompt_length, scored_length):
+        """No, unlike LLaVA-NeXT: Granite 4 Vision's text model (transformers 5.24) starts no key/value cache in a
+        forward that is given none, so the scoring pass leaves nothing to resume from; the greedy captions prefill
+        their prompts again."""
+        return False
+
+    def moves_cached_prompt_columns(self, model, prompt_length):
+        """No: the scoring pass keeps no cache to move (see ``resumes_from_scoring_cache``), and locating from the
+        cache of ``generate``'s prefill (the pseudo-label filter's path) is not verified with the image features it
+        adds to the text layers' hidden states; the locator prompts are prefilled in full."""
+        return False
+
 
 def check_downsample_rate(config) -> None:
     """A ``downsample_rate`` the projectors can lay out, else a ``ValueError`` naming the config.json fields.

@@ -26,6 +26,8 @@ full, as a family without them.
 
 from __future__ import annotations
 
+from sc_tune.adapters.unpadded_positions import UnpaddedPositionsPromptCache
+
 from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
 
@@ -51,7 +53,7 @@ class IdeficsLineAdapter(ChatTemplateAdapter):
         self.token_ids(self.crop_token)
 
 
-class Idefics2Adapter(IdeficsLineAdapter):
+class Idefics2Adapter(UnpaddedPositionsPromptCache, IdeficsLineAdapter):
     def __init__(self, tokenizer, image_processor, config, box_format: str = "native"):
         super().__init__(tokenizer, image_processor, config, box_format)
         # The perceiver's latents are the features of one crop whatever its size; Idefics2Processor's image_seq_len
@@ -77,16 +79,6 @@ class Idefics2Adapter(IdeficsLineAdapter):
         head, tail = text.split(self.image_marker, 1)
         gap = " " if tail[:1] and not tail[:1].isspace() and tail[:1] != "<" else ""
         return head + image.placeholder + gap + tail
-
-    def resumes_from_scoring_cache(self, model, prompt_length, scored_length):
-        """No: not verified for this family (tests/test_prompt_cache.py shows the resume exact for the Qwen families
-        only); the snapshot's greedy captions prefill their prompts again."""
-        return False
-
-    def moves_cached_prompt_columns(self, model, prompt_length):
-        """No: not verified for this family either (``move_cached_keys`` / ``resumed_positions`` are written for the
-        Qwen families only); the locator prompts are prefilled in full."""
-        return False
 
     def vision_trunk(self, model):
         """None: no vision cache. A crop is padded to the batch's largest crop, and the tower's output rows for it are

@@ -82,6 +82,16 @@ class MiniCPMV46Adapter(ChatTemplateAdapter):
         tensors = {"pixel_values": out["pixel_values"], "target_sizes": out["target_sizes"]}
         return TemplateImageInputs(tensors, num_tokens, (width, height), placeholder)
 
+    def resumes_from_scoring_cache(self, model, prompt_length, scored_length):
+        """No: the text model is Qwen3.5's, whose Gated DeltaNet (linear attention) layers cache a recurrent state,
+        not per-column keys: the state after prompt + caption cannot be cropped back to the prompt's (as Qwen3.5's own
+        adapter says). The greedy captions prefill their prompts again."""
+        return False
+
+    def moves_cached_prompt_columns(self, model, prompt_length):
+        """No: a recurrent state cannot be cut to the image prefix either; the locator prompts are prefilled in full."""
+        return False
+
 
 class MiniCPMV47Adapter(MiniCPMV46Adapter):
     # The canvas M-RoPE finds each view's tokens from mm_token_type_ids (1 on <|image_pad|>), in every forward.

@@ -24,6 +24,8 @@ merger and MLP) stays trainable.
 
 from __future__ import annotations
 
+from sc_tune.adapters.unpadded_positions import UnpaddedPositionsPromptCache
+
 import datetime
 import logging
 import re
@@ -47,7 +49,7 @@ def pixtral_image_block(rows: int, cols: int, token: str, row_break: str, end: s
     return (rows * (token * cols + row_break))[: -len(row_break)] + end
 
 
-class Mistral3Adapter(ChatTemplateAdapter):
+class Mistral3Adapter(UnpaddedPositionsPromptCache, ChatTemplateAdapter):
     image_marker = "[IMG]"
     image_token = "[IMG]"
     image_break = "[IMG_BREAK]"

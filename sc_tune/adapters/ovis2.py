@@ -35,6 +35,8 @@ trainable, as Ovis's own training names the head apart from the backbone (AIDC-A
 
 from __future__ import annotations
 
+from sc_tune.adapters.unpadded_positions import UnpaddedPositionsPromptCache
+
 import math
 
 from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs
@@ -44,7 +46,7 @@ from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
 TILE_SEPARATORS = ("<IMG_GRID>", "<IMG_COL>", "<IMG_ROW>")
 
 
-class Ovis2Adapter(ChatTemplateAdapter):
+class Ovis2Adapter(UnpaddedPositionsPromptCache, ChatTemplateAdapter):
     image_marker = "<image>"
     image_marker_is_token = False
     image_token = "<IMG_ATOM>"

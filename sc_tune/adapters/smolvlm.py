@@ -14,6 +14,8 @@ The ``<row_r_col_c>`` tokens are suppressed in generation with the other media t
 
 from __future__ import annotations
 
+from sc_tune.adapters.unpadded_positions import UnpaddedPositionsPromptCache
+
 import re
 
 from sc_tune.adapters.chat_template import TemplateImageInputs
@@ -21,7 +23,7 @@ from sc_tune.adapters.idefics2 import IdeficsLineAdapter
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
 
 
-class SmolVLMAdapter(IdeficsLineAdapter):
+class SmolVLMAdapter(UnpaddedPositionsPromptCache, IdeficsLineAdapter):
     extra_media_tokens = re.compile(r"^<row_\d+_col_\d+>$")
 
     def __init__(self, tokenizer, image_processor, config, box_format: str = "native"):

@@ -34,14 +34,25 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import get_layer_types_and_kwargs
 
-_WINDOW_LAYERS = ("sliding_attention", "chunked_attention")
-
-
-def window_lengths(model) -> list[int | None]:
-    """The windows of ``model``'s text layers that keep only their last columns, read as transformers' caches read
-    them (a ``sliding_window`` without ``layer_types``, Mistral's text configs, makes every layer a window layer)."""
+def _layer_caches(model) -> list[tuple[str, int | None]]:
+    """``(kind, window)`` of each text layer's cache, read as transformers' caches read them (a ``sliding_window``
+    without ``layer_types``, Mistral's text configs, makes every layer a window layer)."""
     kinds, layer_kwargs = get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
-    return [kwargs.get("sliding_window") for kind, kwargs in zip(kinds, layer_kwargs) if kind in _WINDOW_LAYERS]
+    return [(kind, kwargs.get("sliding_window")) for kind, kwargs in zip(kinds, layer_kwargs)]
+
+
+def scoring_cache_crops(model, scored_length: int) -> bool:
+    """Whether a cache of ``scored_length`` columns can be cropped back to its prompts, every column kept exactly:
+    full attention layers, and window layers whose window still holds the whole scored sequence (they keep their last
+    ``window - 1`` columns, and transformers refuses the crop once they have dropped one). A recurrent state
+    (linear attention) or a chunked layer is refused."""
+    return all(kind == "full_attention" or (kind == "sliding_attention" and window is not None
+                                            and scored_length < window) for kind, window in _layer_caches(model))
+
+
+def only_full_attention(model) -> bool:
+    """Whether every text layer caches every column at full attention (no window, no recurrent state)."""
+    return all(kind == "full_attention" for kind, _ in _layer_caches(model))
 
 
 def unpadded_positions(attention_mask_BW: torch.Tensor) -> torch.Tensor:
@@ -56,18 +67,17 @@ class UnpaddedPositionsPromptCache:
     Cohere2's global layers), no recurrent state and no cross-attention: put first among a family adapter's bases.
 
     The family must take ``position_ids`` through to its text model unchanged, and keep no image-dependent state
-    outside the key/value cache; ``image_input_keys`` are the model inputs that carry the images (dropped where
-    decoding resumes from a cache that holds them)."""
+    outside the key/value cache (tests/test_prompt_cache.py checks each family that opts in)."""
 
     def resumes_from_scoring_cache(self, model, prompt_length, scored_length):
         # A window layer must still hold every scored column for the crop back to the prompt: below its window, its
-        # cache is a full one (window - 1 columns kept).
-        return all(window is not None and scored_length < window for window in window_lengths(model))
+        # cache is a full one; past it, the greedy captions prefill again.
+        return scoring_cache_crops(model, scored_length)
 
     def moves_cached_prompt_columns(self, model, prompt_length):
         # A moved prefix sits at other columns than in a fresh locator batch (the gap after a shorter prefix), and a
         # window is counted in columns: refused wherever a window layer exists, whatever the length.
-        return not window_lengths(model)
+        return only_full_attention(model)
 
     def move_cached_keys(self, model, keys_BHCD, shift_B):
         # The keys were read at their row's unpadded positions (scoring_positions, or generate's own), so a row's
@@ -82,12 +92,13 @@ class UnpaddedPositionsPromptCache:
         return {"position_ids": unpadded_positions(attention_mask_BW)}
 
     def resumed_decoding_inputs(self, inputs):
-        # The first decoding step reads one prompt column (or the captions after a moved prefix), never an image
-        # token: a model given the pixels would encode them and find no placeholder to put them in.
-        return {key: value for key, value in inputs.items() if key not in self.image_input_keys(inputs)}
+        return without_images(self, inputs)
 
-    def image_input_keys(self, inputs) -> set[str]:
-        """The model inputs that carry the images: everything but the tokens, their mask, positions and per-token
-        fields (pixels, image sizes, tile counts)."""
-        text_keys = {"input_ids", "attention_mask", "position_ids", *getattr(self, "per_token_keys", ())}
-        return set(inputs) - text_keys
+
+def without_images(adapter, inputs: dict) -> dict:
+    """``inputs`` for a ``generate`` that starts from a prompt cache holding the images: the first decoding step reads
+    one prompt column (or the captions after a moved prefix), never an image token, and a model given the pixels would
+    encode them and find no placeholder to put them in. Kept: the tokens, their mask, positions and the family's
+    per-token fields; dropped: pixels, image sizes, grids, tile counts."""
+    text_keys = {"input_ids", "attention_mask", "position_ids", *adapter.per_token_keys}
+    return {key: value for key, value in inputs.items() if key in text_keys}

@@ -102,7 +102,7 @@ def test_static_decoding_equals_transformers_generate(tiny_checkpoint, monkeypat
             torch.testing.assert_close(step_loop, step_hf, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("model_type", ["qwen", "qwen2_5_vl"])
+@pytest.mark.parametrize("model_type", ["qwen", "qwen2_5_vl", "llava_next"])
 def test_static_decoding_resumes_from_the_scoring_cache(tiny_checkpoint, model_type):
     """The snapshot's greedy captions from its scoring pass's cache (copied into the static cache): equal to a fresh
     prefill, with the prompt really skipped; locating from the moved image prefix too."""

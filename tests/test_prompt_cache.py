@@ -312,7 +312,8 @@ def _losses_and_resumed_calls(checkpoint, tmp_path, prompt_cache: bool, lora=Fal
     "model_type,lora,checkpointing,k,fused",
     [("qwen", False, False, 1, False), ("qwen", True, False, 1, False), ("qwen", True, True, 1, False),
      ("qwen", False, False, 2, False), ("qwen2_5_vl", False, False, 1, False), ("qwen2_5_vl", True, True, 1, False),
-     ("qwen", True, True, 1, True), ("qwen2_5_vl", True, True, 1, True)],
+     ("qwen", True, True, 1, True), ("qwen2_5_vl", True, True, 1, True), ("llava_next", False, False, 1, False),
+     ("llava_next", True, True, 1, True)],
 )
 def test_training_losses_identical_with_and_without_the_prompt_cache(
     tiny_checkpoint, tmp_path, model_type, lora, checkpointing, k, fused
@@ -345,7 +346,7 @@ def test_no_reuse_where_dynamic_ntk_would_scale_the_scored_sequence(tiny_checkpo
     assert not adapter.moves_cached_prompt_columns(model, seq_length + 10)
 
 
-@pytest.mark.parametrize("model_type", ["qwen", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("model_type", ["qwen", "qwen2_5_vl", "qwen3_vl", "llava_next"])
 @pytest.mark.parametrize("decoding", [None, Decoding()], ids=["dynamic", "static"])
 def test_scoring_from_the_fused_loops_snapshot_prompts_equals_a_full_pass(tiny_checkpoint, model_type, decoding):
     # LoRA, one sample per box: the fused loop's greedy rows (the snapshot's adapter) prefill exactly the prompts the
@@ -369,7 +370,8 @@ def test_scoring_from_the_fused_loops_snapshot_prompts_equals_a_full_pass(tiny_c
         widths.handle.remove()
         unkept = caption_logprobs(model, uncached_inputs(model, adapter, teacher, batch.images, width - 1),
                                   sampled.ids_BT, 1.0, keep_cache=False, prompt_cache=spare)
-        full = caption_logprobs(model, teacher, sampled.ids_BT, 1.0, keep_cache=True)
+        # The trainer's full pass where its cache serves locating: at generate's positions (scoring_inputs).
+        full = caption_logprobs(model, scoring_inputs(model, adapter, teacher), sampled.ids_BT, 1.0, keep_cache=True)
     assert widths.widths == [1 + sampled.ids_BT.shape[1]], "only the last prompt column and the captions are read"
     torch.testing.assert_close(resumed.logp_NT, full.logp_NT, rtol=0, atol=1e-5)
     assert unkept.cache is None
@@ -388,7 +390,7 @@ def test_the_fused_loop_keeps_no_prompt_cache_where_the_family_cannot_resume(tin
     assert greedy.prompt_cache is None
 
 
-@pytest.mark.parametrize("model_type", ["qwen", "qwen2_5_vl"])
+@pytest.mark.parametrize("model_type", ["qwen", "qwen2_5_vl", "llava_next"])
 def test_captions_keep_their_prompts_cache_for_locating_from_the_image_prefix(tiny_checkpoint, model_type):
     # The pseudo-label filter's path (transformers' own generate on CPU): the greedy-caption call keeps its prompts'
     # cache, and the captions are located from their image prefix exactly as from a fresh prefill.

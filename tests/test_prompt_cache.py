@@ -103,7 +103,9 @@ def test_greedy_decoding_from_the_scoring_cache_equals_a_fresh_prefill(tiny_chec
               "pad_token_id": adapter.pad_token_id}
     plain = model.generate(**batch.inputs, **kwargs)
     cache = _scored_prompt_cache(model, adapter, batch, sampled)
-    cached = model.generate(**adapter.resumed_decoding_inputs(batch.inputs), **kwargs, cache=cache)
+    # With the positions rollout.generate gives a batch resuming from a cache of its own layout.
+    positions = adapter.resumed_positions(model, batch.input_ids, batch.inputs["attention_mask"], batch.images)
+    cached = model.generate(**adapter.resumed_decoding_inputs({**batch.inputs, **positions}), **kwargs, cache=cache)
     assert torch.equal(plain.sequences[:, width:], cached.sequences[:, width:])
     for step_plain, step_cached in zip(plain.logits, cached.logits, strict=True):
         torch.testing.assert_close(step_cached, step_plain, rtol=0, atol=1e-5)

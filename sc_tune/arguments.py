@@ -211,8 +211,8 @@ class SCTuneConfig(TrainingArguments):
         metadata={
             # Greedy captions: only with the snapshot-greedy baseline, K = 1, and a family whose adapter allows it
             # (ModelAdapter.resumes_from_scoring_cache). Locating: a family whose adapter moves cached columns
-            # (ModelAdapter.moves_cached_prompt_columns: Qwen-VL, Qwen2/2.5/3-VL). Elsewhere the prompts are
-            # prefilled again.
+            # (ModelAdapter.moves_cached_prompt_columns: Qwen-VL, Qwen2/2.5/3-VL and the full-attention 1-D rotary
+            # families, docs/performance.md). Elsewhere the prompts are prefilled again.
             "help": "Greedy captions and locating reuse the snapshot's scoring-pass cache (docs/performance.md)."
         },
     )

@@ -851,12 +851,14 @@ def test_the_idefics2_processor_builds_the_adapters_inputs_on_square_wide_and_ta
 
 
 def test_idefics2_prompt_and_vision_caches_are_refused_by_name(tiny_checkpoint):
-    """No scoring-cache resume, no moved prompt columns, no vision trunk (a crop's tower rows follow the batch's
-    padding): those passes run in full."""
+    """The scoring-cache resume only while the scored sequence fits the Mistral window (4,096 here, as the release's);
+    no moved prompt columns (window layers), no vision trunk (a crop's tower rows follow the batch's padding): those
+    passes run in full."""
     from sc_tune.vision_cache import VisionCache
 
     model, adapter = load_model_and_adapter(tiny_checkpoint("idefics2"))
-    assert not adapter.resumes_from_scoring_cache(model, 40, 50)
+    assert adapter.resumes_from_scoring_cache(model, 40, 50)
+    assert not adapter.resumes_from_scoring_cache(model, 4000, 4096)
     assert not adapter.moves_cached_prompt_columns(model, 50)
     assert adapter.vision_trunk(model) is None and VisionCache.for_model(adapter, [model]) is None
 

@@ -348,7 +348,7 @@ def test_no_reuse_where_dynamic_ntk_would_scale_the_scored_sequence(tiny_checkpo
     assert not adapter.moves_cached_prompt_columns(model, seq_length + 10)
 
 
-@pytest.mark.parametrize("model_type", ["qwen", "qwen2_5_vl", "qwen3_vl", "llava_next"])
+@pytest.mark.parametrize("model_type", ["qwen", "qwen2_5_vl", "qwen3_vl", "llava_next", "gemma3", "exaone4_5"])
 @pytest.mark.parametrize("decoding", [None, Decoding()], ids=["dynamic", "static"])
 def test_scoring_from_the_fused_loops_snapshot_prompts_equals_a_full_pass(tiny_checkpoint, model_type, decoding):
     # LoRA, one sample per box: the fused loop's greedy rows (the snapshot's adapter) prefill exactly the prompts the

@@ -31,7 +31,10 @@ follow is the family's (``adapter.move_cached_keys``, ``adapter.resumed_position
 - Qwen-VL's rotary positions are column indices: the keys are re-rotated by their move, and a per-row
   ``position_offsets`` closes each row's padding gap before its tail;
 - the Qwen2 families' M-RoPE positions are counted over a row's own tokens, padding skipped, so the keys move as
-  they are, and the batch gets explicit ``position_ids``: the model's rope index over the laid-out batch, gap masked.
+  they are, and the batch gets explicit ``position_ids``: the model's rope index over the laid-out batch, gap masked;
+- the 1-D rotary families (``sc_tune.adapters.unpadded_positions``): ``generate`` counts a row's unpadded tokens, a
+  forward counts columns, so the scoring pass is given the unpadded positions (:func:`scoring_inputs`); the keys then
+  move as they are, and the batch's ``position_ids`` are its mask's cumulative sum, gap masked.
 """
 
 from __future__ import annotations

@@ -49,8 +49,8 @@ class _ForwardWidths:
 
 
 # The 1-D rotary families (sc_tune.adapters.unpadded_positions): their scoring pass reads at generate's unpadded
-# positions; EXAONE 4.5 and HyperCLOVA X count columns in both. The window-layer families (Aya Vision's Cohere2, Gemma 3,
-# EXAONE 4's) resume only below their window: their tiny one (64) is widened to hold the test's calls.
+# positions; EXAONE 4.5 and HyperCLOVA X count columns in both. The window-layer families (Aya Vision's Cohere2,
+# Gemma 3, EXAONE 4's) resume only below their window: their tiny one (64) is widened to hold the test's calls.
 RESUMING_FAMILIES = ["qwen", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "llava_onevision", "internvl",
                      "mistral3", "smolvlm", "idefics3", "idefics2", "ovis2", "aya_vision", "gemma3", "exaone4_5",
                      "hyperclovax_vision_v2"]
@@ -130,8 +130,8 @@ def _scored_and_located_rows(model, adapter):
 # Qwen-VL's rotary positions are column indices (cached keys are re-rotated as they move); the Qwen2 families' M-RoPE
 # positions are counted over each row's own tokens (keys move as they are, the batch gets its own rope index); so are
 # the 1-D rotary families' full-attention text models, once the scoring pass reads at generate's unpadded positions.
-MOVING_FAMILIES = ["qwen", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava", "llava_next", "llava_onevision",
-                   "internvl", "mistral3", "smolvlm", "idefics3", "ovis2"]
+MOVING_FAMILIES = ["qwen", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava", "llava_next",
+                   "llava_onevision", "internvl", "mistral3", "smolvlm", "idefics3", "ovis2"]
 # LLaVA-1.5 center-crops every image to one view of one token count: its prefixes are all as long.
 ONE_SPAN_LENGTH = {"llava"}
 

@@ -28,8 +28,6 @@ Gemma 4's audio tokens are suppressed with the media tokens (its audio tower is 
 
 from __future__ import annotations
 
-from sc_tune.adapters.unpadded_positions import UnpaddedPositionsPromptCache
-
 import re
 
 from sc_tune.adapters.base import DocumentedAnswer

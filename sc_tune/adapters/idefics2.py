@@ -19,17 +19,17 @@ the largest, and ``pixel_attention_mask`` marks their real pixels (the tower att
 Crops and masks are zero-padded across the batch (the model drops all-zero crops). ``fix_vit`` freezes
 ``model.vision_model``; ``model.connector`` (modality projection and perceiver) stays trainable.
 
-Caches: static decoding runs (a Mistral text model). There is no vision cache (``vision_trunk``), and nothing resumes
-from a scoring pass's cache or moves cached prompt columns: each answers so by name below, and those passes run in
-full, as a family without them.
+Caches: static decoding runs (a Mistral text model). There is no vision cache (``vision_trunk``, which answers so by
+name below). The snapshot's greedy captions resume from its scoring pass's cache while the scored sequence fits the
+Mistral window (1-D rotary positions: ``sc_tune.adapters.unpadded_positions``); its window layers move no cached
+prompt columns, so locating prefills in full. SmolVLM opts in the same way, with full attention layers that also move.
 """
 
 from __future__ import annotations
 
-from sc_tune.adapters.unpadded_positions import UnpaddedPositionsPromptCache
-
 from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
+from sc_tune.adapters.unpadded_positions import UnpaddedPositionsPromptCache
 
 
 class IdeficsLineAdapter(ChatTemplateAdapter):

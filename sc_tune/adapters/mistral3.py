@@ -24,14 +24,13 @@ merger and MLP) stays trainable.
 
 from __future__ import annotations
 
-from sc_tune.adapters.unpadded_positions import UnpaddedPositionsPromptCache
-
 import datetime
 import logging
 import re
 
 from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
+from sc_tune.adapters.unpadded_positions import UnpaddedPositionsPromptCache
 
 logger = logging.getLogger(__name__)
 

@@ -35,12 +35,11 @@ trainable, as Ovis's own training names the head apart from the backbone (AIDC-A
 
 from __future__ import annotations
 
-from sc_tune.adapters.unpadded_positions import UnpaddedPositionsPromptCache
-
 import math
 
 from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
+from sc_tune.adapters.unpadded_positions import UnpaddedPositionsPromptCache
 
 # The visual indicators between and around the tiles, besides IMG_START / IMG_END (the model embeds each its own way).
 TILE_SEPARATORS = ("<IMG_GRID>", "<IMG_COL>", "<IMG_ROW>")

@@ -14,13 +14,12 @@ The ``<row_r_col_c>`` tokens are suppressed in generation with the other media t
 
 from __future__ import annotations
 
-from sc_tune.adapters.unpadded_positions import UnpaddedPositionsPromptCache
-
 import re
 
 from sc_tune.adapters.chat_template import TemplateImageInputs
 from sc_tune.adapters.idefics2 import IdeficsLineAdapter
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
+from sc_tune.adapters.unpadded_positions import UnpaddedPositionsPromptCache
 
 
 class SmolVLMAdapter(UnpaddedPositionsPromptCache, IdeficsLineAdapter):

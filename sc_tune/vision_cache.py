@@ -267,6 +267,8 @@ def _split(output, pixel_rows: list[int]):
     """``output`` cut into one piece per image (rows in proportion to ``pixel_rows``), or ``None`` when a
     tensor's rows do not divide that way or the output holds something other than tensors."""
     total = sum(pixel_rows)
+    if output is None:  # an entry not captured (transformers' hidden_states holds None where no layer was asked for)
+        return [None] * len(pixel_rows)
     if isinstance(output, torch.Tensor):
         if any(output.shape[0] * n % total for n in pixel_rows):
             return None
@@ -289,6 +291,8 @@ def _split(output, pixel_rows: list[int]):
 def _join(pieces: list):
     """The inverse of ``_split``: one output for these images, in this order (fresh tensors every call)."""
     first = pieces[0]
+    if first is None:
+        return None
     if isinstance(first, torch.Tensor):
         return torch.cat(pieces)
     kind, content = first

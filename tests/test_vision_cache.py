@@ -13,8 +13,31 @@ from tests.helpers import sample_images, small_lora, two_phase_trainer
 
 CACHED_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen", "cohere_compass", "glm4v", "exaone4_5",
                    "hyperclovax_vision_v2", "video_llama_3"]
-# Families whose tower keeps nothing trainable under fix_vit: the projector after it is the tail reading its features.
-PROJECTOR_AFTER_THE_TOWER = {"video_llama_3": "model.projector"}
+# Towers of fixed-size tiles stacked along dim 0, cached per tile (sc_tune.adapters.stacked_tiles).
+TILE_FAMILIES = ["llava", "llava_next", "granite4_vision", "llava_onevision", "aya_vision", "gemma3", "internvl"]
+CACHED_FAMILIES += TILE_FAMILIES
+
+
+def _vision_tail(model, adapter):
+    """The trainable parameters image features pass through under fix_vit: the merger/resampler inside the tower, or
+    (chat-template families) the projector beside it: whatever of ``model.`` is neither language model nor tower."""
+    language_model = getattr(adapter, "language_model_prefix", None)
+    return [p for n, p in model.named_parameters() if p.requires_grad and (
+        n.startswith(adapter.vision_prefix + ".")
+        or (language_model and n.startswith("model.") and not n.startswith(language_model + ".")))]
+
+
+def _cache_units(trunk, call):
+    """How many units (images; tiles in TILE_FAMILIES) the cache splits the tower's first call within ``call()``
+    into."""
+    units = []
+    hook = trunk.tower.register_forward_pre_hook(
+        lambda module, args, kwargs: units.append(len(trunk.image_pixels(args, kwargs))), with_kwargs=True)
+    try:
+        result = call()
+    finally:
+        hook.remove()
+    return units[0], result
 
 
 def _trunk_blocks(tower):
@@ -40,9 +63,8 @@ def test_cache_matches_uncached_logprobs_generation_and_tail_gradients(tiny_chec
     assert cache is not None
     images, boxes = sample_images(adapter)
     settings = GenerationSettings(max_new_tokens=5, min_new_tokens=2)
-    tail_prefix = PROJECTOR_AFTER_THE_TOWER.get(model_type, adapter.vision_prefix)
-    tail = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith(tail_prefix + ".")]
-    assert tail, "fix_vit keeps the merger/resampler trainable"
+    tail = _vision_tail(model, adapter)
+    assert tail, "fix_vit keeps the merger/resampler/projector trainable"
 
     def run(cached: bool):
         model.zero_grad()
@@ -57,10 +79,10 @@ def test_cache_matches_uncached_logprobs_generation_and_tail_gradients(tiny_chec
             located, _ = locate(model, adapter, images + images, captions.texts * 2, settings)
         return captions.texts, located, logp_B.detach(), [p.grad.clone() for p in tail]
 
-    plain = run(cached=False)
+    units, plain = _cache_units(adapter.vision_trunk(model), lambda: run(cached=False))
     cache.clear()
     cached = run(cached=True)
-    assert cache.encoded_images == len(images), "each image's trunk ran exactly once across all passes"
+    assert cache.encoded_images == units, "each image's (tile's) trunk ran exactly once across all passes"
     assert cached[0] == plain[0] and cached[1] == plain[1]
     torch.testing.assert_close(cached[2], plain[2], atol=1e-5, rtol=0)
     for g_cached, g_plain in zip(cached[3], plain[3]):
@@ -81,9 +103,9 @@ def test_frozen_tower_runs_its_tail_once_per_image(tiny_checkpoint, model_type):
     settings = GenerationSettings(max_new_tokens=5, min_new_tokens=2)
     trunk = adapter.vision_trunk(model)
     tail_calls = []
-    prefixes = adapter.vision_trainable_prefixes
-    # A tower without a trainable tail (VideoLLaMA3): its last trunk module stands for everything after the trunk.
-    tail = [m for n, m in model.named_modules() if n.startswith(prefixes[0])][0] if prefixes else trunk.replayed[-1]
+    # The tail inside the tower; where the projector is outside it (TILE_FAMILIES), the tower's last recorded layer.
+    tail = ([m for n, m in model.named_modules() if n.startswith(adapter.vision_trainable_prefixes[0])][0]
+            if adapter.vision_trainable_prefixes else trunk.replayed[-1])
     hook = tail.register_forward_hook(lambda *a: tail_calls.append(1))
 
     def run():
@@ -120,7 +142,7 @@ def test_a_call_whose_images_repeat_or_are_cached_runs_the_trunk_on_the_new_ones
     images, boxes = sample_images(adapter)
     trunk = adapter.vision_trunk(model)
     assert trunk.images_call is not None
-    first_block = trunk.replayed[0] if model_type == "qwen" else _trunk_blocks(trunk.tower)[0]
+    first_block = trunk.replayed[0]  # any block the trunk computes when encoding
     rows = []
 
     def count(module, args, output):
@@ -131,8 +153,10 @@ def test_a_call_whose_images_repeat_or_are_cached_runs_the_trunk_on_the_new_ones
     twice, order = [0, 1, 0, 1], [2, 0, 1, 2]
     try:
         with torch.no_grad():
-            plain = [_teacher_forced_logp(model, adapter, [images[i] for i in o], [boxes[i] for i in o])
-                     for o in (twice, order)]
+            units, plain = _cache_units(trunk, lambda: [
+                _teacher_forced_logp(model, adapter, [images[i] for i in o], [boxes[i] for i in o])
+                for o in (twice, order)])
+            units_per_image = units // len(twice)
             plain_rows, rows[:] = list(rows), []
             with cache.active():
                 cached = [_teacher_forced_logp(model, adapter, [images[i] for i in o], [boxes[i] for i in o])
@@ -142,7 +166,7 @@ def test_a_call_whose_images_repeat_or_are_cached_runs_the_trunk_on_the_new_ones
     one_image = plain_rows[0] // 4  # the trunk's rows of one image (all sample images have one size)
     assert plain_rows == [4 * one_image, 4 * one_image]
     assert rows == [2 * one_image, one_image], "images 0 and 1 once, then only image 2"
-    assert cache.encoded_images == 3
+    assert cache.encoded_images == 3 * units_per_image
     for got, expected in zip(cached, plain):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
@@ -222,7 +246,7 @@ def test_cache_is_off_without_fix_vit_and_for_fallback_families(tiny_checkpoint)
     assert VisionCache.for_model(adapter, [model]) is None, "a trainable trunk must never be cached"
     freeze_vision_tower(model, adapter)
     assert VisionCache.for_model(adapter, [model]) is not None
-    fallback = family_for("llava_onevision").adapter
+    fallback = family_for("ovis2").adapter
     assert fallback.vision_trunk is ModelAdapter.vision_trunk
 
 

@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import re
 
+from sc_tune.adapters.base import find_submodule
 from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs, processor_tile
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
+from sc_tune.adapters.stacked_tiles import feature_layers, stacked_tiles_trunk
 from sc_tune.adapters.unpadded_positions import UnpaddedPositionsPromptCache
 
 
@@ -69,6 +71,11 @@ class AyaVisionAdapter(UnpaddedPositionsPromptCache, ChatTemplateAdapter):
         placeholder = f"{self.image_start}{block}{self.tile_global_token}{patches}{self.image_end}"
         frame = (int(pixel_values.shape[-1]), int(pixel_values.shape[-2]))
         return TemplateImageInputs({"pixel_values": pixel_values}, tiles * self.tile_tokens, frame, placeholder)
+
+    def vision_trunk(self, model):
+        # The projector reads hidden_states[vision_feature_layer] (the releases': -1) of every tile and the thumbnail,
+        # each encoded on its own (sc_tune.adapters.stacked_tiles).
+        return stacked_tiles_trunk(find_submodule(model, self.vision_prefix), feature_layers(self.config))
 
 
 register(Family("Aya Vision", ("aya_vision",), AyaVisionAdapter, auto_image_text_to_text))

@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import re
 
-from sc_tune.adapters.base import DocumentedAnswer
+from sc_tune.adapters.base import DocumentedAnswer, find_submodule
 from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
+from sc_tune.adapters.stacked_tiles import stacked_tiles_trunk
 from sc_tune.adapters.unpadded_positions import UnpaddedPositionsPromptCache
 from sc_tune.box_codecs import JsonBoxCodec
 
@@ -96,6 +97,10 @@ class Gemma3Adapter(UnpaddedPositionsPromptCache, _GemmaAdapter):
         """No: every Gemma 3 text model has sliding-window layers, whose window counts columns, and a moved prefix
         sits at other columns than in a fresh locator batch; the locator prompts are prefilled in full."""
         return super().moves_cached_prompt_columns(model, prompt_length)
+
+    def vision_trunk(self, model):
+        # The projector reads last_hidden_state (after SigLIP's post_layernorm) of one fixed-size view per image.
+        return stacked_tiles_trunk(find_submodule(model, self.vision_prefix))
 
 
 class Gemma4Adapter(_GemmaAdapter):

@@ -37,6 +37,11 @@ class Granite4VisionAdapter(LlavaNextAdapter):
         check_downsample_rate(config)
         super().__init__(tokenizer, image_processor, config, box_format)
 
+    def read_hidden_states(self):
+        # Its layerwise ("deepstack") projectors read one SigLIP layer each, the spatial projectors another
+        # (Granite4VisionModel.get_image_features); vision_feature_layer is not read.
+        return [*(vision_layer for vision_layer, _ in self.config.deepstack_layer_map), self.config.spatial_vision_layer]
+
     def feature_counter(self, image_processor, config):
         """``Granite4VisionProcessor._get_number_of_features``, at the model config's ``downsample_rate``."""
         from transformers.models.granite4_vision.processing_granite4_vision import Granite4VisionProcessor

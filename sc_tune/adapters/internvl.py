@@ -25,9 +25,10 @@ With ``--box_format generic`` the prompts are the generic ones of ``ChatTemplate
 
 from __future__ import annotations
 
-from sc_tune.adapters.base import DocumentedAnswer
+from sc_tune.adapters.base import DocumentedAnswer, find_submodule
 from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
+from sc_tune.adapters.stacked_tiles import feature_layers, stacked_tiles_trunk
 from sc_tune.adapters.unpadded_positions import UnpaddedPositionsPromptCache
 from sc_tune.box_codecs import NestedListGridCodec
 
@@ -91,6 +92,11 @@ class InternVLAdapter(UnpaddedPositionsPromptCache, ChatTemplateAdapter):
         placeholder = self.image_block(num_tokens)
         frame = (int(pixel_values.shape[-1]), int(pixel_values.shape[-2]))
         return TemplateImageInputs({"pixel_values": pixel_values}, num_tokens, frame, placeholder)
+
+    def vision_trunk(self, model):
+        # The projector reads last_hidden_state where vision_feature_layer is -1 (the releases'), else that layer's
+        # hidden state, of every 448 px tile and the thumbnail, each encoded on its own (sc_tune.adapters.stacked_tiles).
+        return stacked_tiles_trunk(find_submodule(model, self.vision_prefix), feature_layers(self.config))
 
 
 register(

@@ -22,6 +22,7 @@ The turn's end differs per checkpoint (``</s>`` for the Vicuna and Mistral ones,
 
 from __future__ import annotations
 
+from sc_tune.adapters.base import find_submodule
 from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs
 from sc_tune.adapters.llava_onevision import (
     anyres_image_inputs,
@@ -30,6 +31,7 @@ from sc_tune.adapters.llava_onevision import (
     extra_tower_features,
 )
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
+from sc_tune.adapters.stacked_tiles import feature_layers, stacked_tiles_trunk
 from sc_tune.adapters.unpadded_positions import UnpaddedPositionsPromptCache
 
 class _LlavaHfAdapter(UnpaddedPositionsPromptCache, ChatTemplateAdapter):
@@ -41,6 +43,15 @@ class _LlavaHfAdapter(UnpaddedPositionsPromptCache, ChatTemplateAdapter):
     def __init__(self, tokenizer, image_processor, config, box_format: str = "native"):
         super().__init__(tokenizer, image_processor, config, box_format)
         self.cls_features = extra_tower_features(config)
+
+    def vision_trunk(self, model):
+        # The projector reads hidden_states[vision_feature_layer] (the releases': -2, before the last CLIP layer); the
+        # CLIP tower encodes each view/tile on its own (sc_tune.adapters.stacked_tiles).
+        return stacked_tiles_trunk(find_submodule(model, self.vision_prefix), self.read_hidden_states())
+
+    def read_hidden_states(self) -> list[int]:
+        """The tower's hidden states the projectors read."""
+        return feature_layers(self.config)
 
 
 class LlavaAdapter(_LlavaHfAdapter):

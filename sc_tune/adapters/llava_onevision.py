@@ -16,8 +16,10 @@ both models lay each view's features out as a square patch grid.
 
 from __future__ import annotations
 
+from sc_tune.adapters.base import find_submodule
 from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
+from sc_tune.adapters.stacked_tiles import feature_layers, stacked_tiles_trunk
 from sc_tune.adapters.unpadded_positions import UnpaddedPositionsPromptCache
 
 
@@ -68,6 +70,11 @@ class LlavaOnevisionAdapter(UnpaddedPositionsPromptCache, ChatTemplateAdapter):
 
     def preprocess_image(self, image):
         return anyres_image_inputs(self, image, self._features)
+
+    def vision_trunk(self, model):
+        # The projector reads hidden_states[vision_feature_layer] (the releases': -1, before SigLIP's post_layernorm)
+        # of the base view and anyres tiles, each encoded on its own (sc_tune.adapters.stacked_tiles).
+        return stacked_tiles_trunk(find_submodule(model, self.vision_prefix), feature_layers(self.config))
 
 
 def anyres_image_inputs(adapter: ChatTemplateAdapter, image, counter) -> TemplateImageInputs:

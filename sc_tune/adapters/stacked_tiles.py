@@ -1,0 +1,80 @@
+"""The vision cache's view (``VisionTrunk``) of a tower that encodes fixed-size tiles stacked along dim 0.
+
+The families here (LLaVA, LLaVA-NeXT, Granite 4 Vision, LLaVA-OneVision, Aya Vision, Gemma 3, InternVL) call a
+CLIP/SigLIP/InternViT-style encoder on ``pixel_values`` of shape (tiles, channels, height, width): an image is one tile
+or several (anyres/tiling: a base view and crops), concatenated along dim 0. Each tile is encoded on its own (no
+attention, norm or pooling across dim 0), so the cache's unit is a *tile*, not an image: a tile's rows of every layer
+depend on its own pixels only, which makes the split exact without knowing how many tiles each image has (the tower
+call does not carry the images' tile counts; LLaVA-NeXT's are drawn from ``image_sizes`` outside it).
+
+The tower is frozen whole by ``fix_vit`` (the projector lives beside it, outside ``vision_prefix``, and trains), so the
+cache memoises its whole output per tile and the projector runs, with gradients, on the replayed features in every
+pass. The encoder layers whose outputs the projector reads (``hidden_states[i]`` for the family's feature layers) and
+the last layer (``last_hidden_state``, ``pooler_output``) are recorded; the other layers pass their input through when
+a call replays (a call whose tiles repeat or are partly cached runs the encoder on the new tiles only, then every
+tile's output is rebuilt from the recorded layers). The embeddings and the final layer norm run in every replay
+(cheap), so ``last_hidden_state`` is the tower's own, post-layernorm where the family has one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from sc_tune.vision_cache import VisionTrunk
+
+
+# Towers known to encode each tile on its own, by class name -> where their encoder layers are. Another tower a
+# checkpoint names (a Pixtral tower of mixed image sizes, a NaFlex SigLIP 2 with per-image shapes) gets no cache.
+TILE_ENCODER_LAYERS = {
+    "CLIPVisionModel": "encoder.layers",
+    "SiglipVisionModel": "encoder.layers",
+    "InternVLVisionModel": "encoder.layer",
+}
+
+
+def feature_layers(config) -> list[int]:
+    """The hidden states a LLaVA-style model reads: ``config.vision_feature_layer``, one index or several."""
+    layer = config.vision_feature_layer
+    return [layer] if isinstance(layer, int) else list(layer)
+
+
+def stacked_tiles_trunk(tower: nn.Module, read_hidden_states: Iterable[int] = ()) -> VisionTrunk | None:
+    """``tower``'s trunk: its encoder layers, of which the tail reads the ones behind ``read_hidden_states`` (indices
+    into the tower's ``hidden_states``, as the family's ``vision_feature_layer``: 0 the embeddings, ``i`` the output of
+    layer ``i - 1``, negative from the end) and always the last one (``last_hidden_state``). None for a tower not in
+    ``TILE_ENCODER_LAYERS``."""
+    where = TILE_ENCODER_LAYERS.get(type(tower).__name__)
+    if where is None:
+        return None
+    layers: Sequence[nn.Module] = list(tower.get_submodule(where))
+    count = len(layers)
+    # hidden_states has count + 1 entries; entry 0 (the embeddings) is computed in every replay, so no layer is read.
+    read = {count - 1} | {index % (count + 1) - 1 for index in read_hidden_states if index % (count + 1)}
+    return VisionTrunk(
+        tower,
+        replayed=[layers[i] for i in sorted(read)],
+        skipped=[layer for i, layer in enumerate(layers) if i not in read],
+        image_pixels=lambda args, kwargs: list(_pixel_values(args, kwargs).split(1)),
+        # last_hidden_state, hidden_states and pooler_output are (tiles, ...): one row block per tile of pixels.
+        output_rows_per_image=True,
+        images_call=_call_with_tiles,
+    )
+
+
+def _pixel_values(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The tower call's tiles: ``tower(pixel_values, ...)`` (LLaVA) or ``tower(pixel_values=..., ...)`` (Gemma 3)."""
+    return args[0] if args else kwargs["pixel_values"]
+
+
+def _call_with_tiles(args: tuple, kwargs: dict, indices: list[int]) -> tuple[tuple, dict] | None:
+    """The same call over only the tiles ``indices``; None where another tensor travels with the call (a per-tile mask
+    would have to be cut alike, and this does not know it)."""
+    others = [*args[1:], *(value for key, value in kwargs.items() if key != "pixel_values")]
+    if any(isinstance(value, torch.Tensor) for value in others):
+        return None
+    if args:
+        return (args[0][indices], *args[1:]), kwargs
+    return args, {**kwargs, "pixel_values": kwargs["pixel_values"][indices]}

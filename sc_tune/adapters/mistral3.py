@@ -66,6 +66,13 @@ class Mistral3Adapter(UnpaddedPositionsPromptCache, ChatTemplateAdapter):
         self.merged_patch = config.vision_config.patch_size * config.spatial_merge_size
         self.system_message = self._fixed_date_system_message()
 
+    def vision_trunk(self, model):
+        """None: no vision cache. The Pixtral tower takes images of different sizes in one call, as one sequence of all
+        their patches (batch 1) under a block-diagonal mask; an image's rows run along dim 1, not dim 0, and the call
+        cannot be cut per image by its pixel rows (each image is zero-padded to the batch's largest, then cropped by
+        ``image_sizes``). Every pass runs the whole tower (correct, slower)."""
+        return None
+
     def _fixed_date_system_message(self) -> str | None:
         """The template's default system message with ``PROMPT_DATE`` for today's date; ``None`` (the template's own
         rendering, dated today, with a warning) where the template writes no dated default message, or renders a given

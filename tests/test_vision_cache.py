@@ -171,6 +171,39 @@ def test_a_call_whose_images_repeat_or_are_cached_runs_the_trunk_on_the_new_ones
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("model_type", ["llava_next", "aya_vision", "internvl"])
+def test_images_of_different_tile_counts_share_a_call_and_each_tile_is_encoded_once(tiny_checkpoint, model_type):
+    """A widened image has another tile count (LLaVA-NeXT: 3 anyres tiles against 5, padded across the batch and
+    dropped by the model; Aya Vision, InternVL: more crops). The cache's unit is the tile, so calls that mix the images
+    in any order, repeat them, or hold cached ones give every row its own image's features."""
+    torch.manual_seed(0)
+    model, adapter = load_model_and_adapter(tiny_checkpoint(model_type))
+    freeze_vision_tower(model, adapter)
+    model.eval()
+    cache = VisionCache.for_model(adapter, [model])
+    images, boxes = sample_images(adapter, widened=1)
+    tiles = [_unpadded_tiles(image.tensors["pixel_values"]) for image in images]
+    assert len({len(t) for t in tiles}) > 1
+
+    def logp(order):
+        return _teacher_forced_logp(model, adapter, [images[i] for i in order], [boxes[i] for i in order])
+
+    orders = ([1, 0, 1], [2, 1, 0, 2], [1])
+    with torch.no_grad():
+        plain = [logp(order) for order in orders]
+        with cache.active():
+            cached = [logp(order) for order in orders]
+    assert cache.encoded_images == sum(map(len, tiles))
+    for got, expected in zip(cached, plain):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def _unpadded_tiles(pixel_values):
+    """An image's tiles, without the all-zero ones padded in (LLaVA-NeXT's (1, tiles, C, H, W))."""
+    tiles = pixel_values.flatten(0, -4)
+    return [t for t in tiles if t.any()]
+
+
 @pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "cohere_compass", "glm4v", "exaone4_5",
                                         "hyperclovax_vision_v2", "video_llama_3"])
 def test_the_trunk_encodes_with_one_attention_call_per_window_length(tiny_checkpoint, monkeypatch, model_type):

@@ -15,7 +15,9 @@ CACHED_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen", "cohere_compass
                    "hyperclovax_vision_v2", "video_llama_3"]
 # Towers of fixed-size tiles stacked along dim 0, cached per tile (sc_tune.adapters.stacked_tiles).
 TILE_FAMILIES = ["llava", "llava_next", "granite4_vision", "llava_onevision", "aya_vision", "gemma3", "internvl"]
-CACHED_FAMILIES += TILE_FAMILIES
+# Gemma 4's tower drops padding patches from its output, so only its trunk is replayed (no whole-output memo).
+TRUNK_ONLY_FAMILIES = ["gemma4"]
+CACHED_FAMILIES += [*TILE_FAMILIES, *TRUNK_ONLY_FAMILIES]
 
 
 def _vision_tail(model, adapter):
@@ -90,7 +92,10 @@ def test_cache_matches_uncached_logprobs_generation_and_tail_gradients(tiny_chec
         torch.testing.assert_close(g_cached, g_plain, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("model_type", [*CACHED_FAMILIES, "qwen3_5", "qwen4_exp", "glm4v_moe", "glm46v"])
+MEMOISED_FAMILIES = [f for f in CACHED_FAMILIES if f not in TRUNK_ONLY_FAMILIES]
+
+
+@pytest.mark.parametrize("model_type", [*MEMOISED_FAMILIES, "qwen3_5", "qwen4_exp", "glm4v_moe", "glm46v"])
 def test_frozen_tower_runs_its_tail_once_per_image(tiny_checkpoint, model_type):
     # The snapshot's tower has no trainable parameter, so its whole output (merger/resampler included) is
     # memoised per image: greedy captions, then the locator rows in another order and twice over, then scoring.
@@ -303,3 +308,30 @@ def test_training_losses_identical_with_and_without_cache(tiny_checkpoint, tmp_p
     stages = ["policy_sampling", "snapshot_generation", "locating", "snapshot_scoring", "forward", "backward"]
     assert logged == {f"timing/{s}" for s in [*stages, "vision_encoding"]}
     assert cached == pytest.approx(plain, abs=1e-5)
+
+
+def test_gemma4_patches_at_other_positions_are_another_image(tiny_checkpoint):
+    """Gemma 4's tower reads each patch's (x, y) position beside its pixels: the same patches laid out otherwise (a plain
+    image at another aspect ratio) encode otherwise, so the cache must not take them for a cached image."""
+    torch.manual_seed(0)
+    model, adapter = load_model_and_adapter(tiny_checkpoint("gemma4"))
+    freeze_vision_tower(model, adapter)
+    model.eval()
+    images, _ = sample_images(adapter)
+    pixels, positions = images[0].tensors["pixel_values"], images[0].tensors["image_position_ids"]
+    transposed = positions.flip(-1)  # (x, y) -> (y, x); padding stays (-1, -1)
+    tower = adapter.vision_trunk(model).tower
+
+    def encode():
+        return tower(pixel_values=torch.cat([pixels, pixels]),
+                     pixel_position_ids=torch.cat([positions, transposed])).last_hidden_state
+
+    cache = VisionCache.for_model(adapter, [model])
+    with torch.no_grad():
+        plain = encode()
+        with cache.active():
+            cached = encode()
+    half = plain.shape[0] // 2
+    assert not torch.allclose(plain[:half], plain[half:], atol=1e-3), "the positions change the features"
+    assert cache.encoded_images == 2
+    torch.testing.assert_close(cached, plain, atol=1e-5, rtol=1e-5)

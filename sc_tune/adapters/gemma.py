@@ -30,11 +30,14 @@ from __future__ import annotations
 
 import re
 
+import torch
+
 from sc_tune.adapters.base import DocumentedAnswer, find_submodule
 from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
 from sc_tune.adapters.stacked_tiles import stacked_tiles_trunk
 from sc_tune.adapters.unpadded_positions import UnpaddedPositionsPromptCache
+from sc_tune.vision_cache import VisionTrunk
 from sc_tune.box_codecs import JsonBoxCodec
 
 # Gemini's documented detection request, for one phrase.
@@ -103,6 +106,13 @@ class Gemma3Adapter(UnpaddedPositionsPromptCache, _GemmaAdapter):
         return stacked_tiles_trunk(find_submodule(model, self.vision_prefix))
 
 
+def _gemma4_images_call(args, kwargs, indices):
+    """Gemma 4's tower call over the images ``indices`` only: their pixel rows and their patch positions."""
+    if args or set(kwargs) - {"pixel_values", "pixel_position_ids"}:
+        return None
+    return args, {key: kwargs[key][indices] for key in ("pixel_values", "pixel_position_ids")}
+
+
 class Gemma4Adapter(_GemmaAdapter):
     """Gemma 4: ``<|image|>`` in the template -> ``<|image>`` + one ``<|image|>`` per soft token (the image
     processor's aspect-preserving count) + ``<image|>``. ``fix_vit`` freezes ``model.vision_tower``; the
@@ -144,6 +154,26 @@ class Gemma4Adapter(_GemmaAdapter):
     def moves_cached_prompt_columns(self, model, prompt_length):
         """No: its sliding-window layers count columns (see Gemma 3), and the shared caches are not verified either."""
         return False
+
+    def vision_trunk(self, model):
+        # Each image is one row of pixel_values (images, max_patches, patch_dim), padded by the image processor to a
+        # fixed max_patches whatever the batch, with its patch positions (-1: padding) in pixel_position_ids: every
+        # encoder layer's output keeps an image's patches in its own row. The pooler, the standardisation and
+        # embed_vision (outside the tower) read the last layer's output, so that layer is recorded and replayed.
+        # The tower's own output drops padding patches (an image's row count follows its aspect ratio, not its pixel
+        # rows), so it is not memoised whole (output_rows_per_image stays False): the pooler runs in every pass.
+        tower = find_submodule(model, self.vision_prefix)
+        layers = list(tower.encoder.layers)
+        return VisionTrunk(
+            tower,
+            replayed=layers[-1:],
+            skipped=layers[:-1],
+            # The positions belong to the image: the same patches at other positions (another aspect ratio of a
+            # plain image) encode otherwise, so the cache's key and comparison cover both.
+            image_pixels=lambda args, kwargs: list(torch.cat(
+                [kwargs["pixel_values"], kwargs["pixel_position_ids"].to(kwargs["pixel_values"].dtype)], -1).split(1)),
+            images_call=_gemma4_images_call,
+        )
 
 
 register(Family("Gemma 3", ("gemma3",), Gemma3Adapter, auto_image_text_to_text))

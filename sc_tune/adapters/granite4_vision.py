@@ -40,7 +40,8 @@ class Granite4VisionAdapter(LlavaNextAdapter):
     def read_hidden_states(self):
         # Its layerwise ("deepstack") projectors read one SigLIP layer each, the spatial projectors another
         # (Granite4VisionModel.get_image_features); vision_feature_layer is not read.
-        return [*(vision_layer for vision_layer, _ in self.config.deepstack_layer_map), self.config.spatial_vision_layer]
+        layerwise = [vision_layer for vision_layer, _ in self.config.deepstack_layer_map]
+        return [*layerwise, self.config.spatial_vision_layer]
 
     def feature_counter(self, image_processor, config):
         """``Granite4VisionProcessor._get_number_of_features``, at the model config's ``downsample_rate``."""

@@ -95,7 +95,8 @@ class InternVLAdapter(UnpaddedPositionsPromptCache, ChatTemplateAdapter):
 
     def vision_trunk(self, model):
         # The projector reads last_hidden_state where vision_feature_layer is -1 (the releases'), else that layer's
-        # hidden state, of every 448 px tile and the thumbnail, each encoded on its own (sc_tune.adapters.stacked_tiles).
+        # hidden state, of every 448 px tile and the thumbnail, each encoded on its own
+        # (sc_tune.adapters.stacked_tiles).
         return stacked_tiles_trunk(find_submodule(model, self.vision_prefix), feature_layers(self.config))
 
 

@@ -34,10 +34,10 @@ class SmolVLMAdapter(UnpaddedPositionsPromptCache, IdeficsLineAdapter):
         self.global_image_token = getattr(tokenizer, "global_image_token", None) or "<global-img>"
 
     def vision_trunk(self, model):
-        """None: no vision cache yet. The crops are fixed-size tiles along dim 0, as in ``sc_tune.adapters.stacked_tiles``,
-        but the tower call carries a per-crop ``patch_attention_mask`` (from the pixels' padding mask) beside the pixels:
-        a cache keyed by pixels alone would have to prove the mask a function of them, and a cut call would have to cut
-        the mask alike. Every pass runs the whole tower (correct, slower)."""
+        """None: no vision cache yet. The crops are fixed-size tiles along dim 0, as in
+        ``sc_tune.adapters.stacked_tiles``, but the tower call carries a per-crop ``patch_attention_mask`` (from the
+        pixels' padding mask) beside the pixels: a cache keyed by pixels alone would have to prove the mask a function
+        of them, and a cut call would have to cut the mask alike. Every pass runs the whole tower (correct, slower)."""
         return None
 
     def preprocess_image(self, image):

@@ -176,19 +176,24 @@ def test_a_call_whose_images_repeat_or_are_cached_runs_the_trunk_on_the_new_ones
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("model_type", ["llava_next", "aya_vision", "internvl"])
+@pytest.mark.parametrize("model_type", ["llava_next", "aya_vision", "internvl", "gemma4"])
 def test_images_of_different_tile_counts_share_a_call_and_each_tile_is_encoded_once(tiny_checkpoint, model_type):
     """A widened image has another tile count (LLaVA-NeXT: 3 anyres tiles against 5, padded across the batch and
-    dropped by the model; Aya Vision, InternVL: more crops). The cache's unit is the tile, so calls that mix the images
-    in any order, repeat them, or hold cached ones give every row its own image's features."""
+    dropped by the model; Aya Vision, InternVL: more crops; Gemma 4: one row, with more valid patches). The cache's
+    unit is the tile (Gemma 4: the image), so calls that mix the images in any order, repeat them, or hold cached ones
+    give every row its own image's features."""
     torch.manual_seed(0)
     model, adapter = load_model_and_adapter(tiny_checkpoint(model_type))
     freeze_vision_tower(model, adapter)
     model.eval()
     cache = VisionCache.for_model(adapter, [model])
     images, boxes = sample_images(adapter, widened=1)
-    tiles = [_unpadded_tiles(image.tensors["pixel_values"]) for image in images]
-    assert len({len(t) for t in tiles}) > 1
+    if model_type == "gemma4":
+        assert len({image.num_tokens for image in images}) > 1
+        tiles = [[image] for image in images]
+    else:
+        tiles = [_unpadded_tiles(image.tensors["pixel_values"]) for image in images]
+        assert len({len(t) for t in tiles}) > 1
 
     def logp(order):
         return _teacher_forced_logp(model, adapter, [images[i] for i in order], [boxes[i] for i in order])

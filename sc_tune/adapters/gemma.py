@@ -37,8 +37,8 @@ from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInp
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
 from sc_tune.adapters.stacked_tiles import stacked_tiles_trunk
 from sc_tune.adapters.unpadded_positions import UnpaddedPositionsPromptCache
-from sc_tune.vision_cache import VisionTrunk
 from sc_tune.box_codecs import JsonBoxCodec
+from sc_tune.vision_cache import VisionTrunk
 
 # Gemini's documented detection request, for one phrase.
 GEMMA_BOX_CODEC = JsonBoxCodec(

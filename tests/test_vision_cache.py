@@ -14,7 +14,8 @@ from tests.helpers import sample_images, small_lora, two_phase_trainer
 CACHED_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen", "cohere_compass", "glm4v", "exaone4_5",
                    "hyperclovax_vision_v2", "video_llama_3"]
 # Towers of fixed-size tiles stacked along dim 0, cached per tile (sc_tune.adapters.stacked_tiles).
-TILE_FAMILIES = ["llava", "llava_next", "granite4_vision", "llava_onevision", "aya_vision", "gemma3", "internvl"]
+TILE_FAMILIES = ["llava", "llava_next", "granite4_vision", "llava_onevision", "aya_vision", "gemma3", "internvl",
+                 "ovis2"]
 # Gemma 4's tower drops padding patches from its output, so only its trunk is replayed (no whole-output memo).
 TRUNK_ONLY_FAMILIES = ["gemma4"]
 CACHED_FAMILIES += [*TILE_FAMILIES, *TRUNK_ONLY_FAMILIES]
@@ -289,7 +290,7 @@ def test_cache_is_off_without_fix_vit_and_for_fallback_families(tiny_checkpoint)
     assert VisionCache.for_model(adapter, [model]) is None, "a trainable trunk must never be cached"
     freeze_vision_tower(model, adapter)
     assert VisionCache.for_model(adapter, [model]) is not None
-    fallback = family_for("ovis2").adapter
+    fallback = family_for("minicpmv4_6").adapter
     assert fallback.vision_trunk is ModelAdapter.vision_trunk
 
 

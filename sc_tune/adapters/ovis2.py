@@ -37,8 +37,10 @@ from __future__ import annotations
 
 import math
 
+from sc_tune.adapters.base import find_submodule
 from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
+from sc_tune.adapters.stacked_tiles import stacked_tiles_trunk
 from sc_tune.adapters.unpadded_positions import UnpaddedPositionsPromptCache
 
 # The visual indicators between and around the tiles, besides IMG_START / IMG_END (the model embeds each its own way).
@@ -60,6 +62,14 @@ class Ovis2Adapter(UnpaddedPositionsPromptCache, ChatTemplateAdapter):
         self.token_ids(*TILE_SEPARATORS)
         self.tile_tokens = tile_tokens(config.vision_config)
         self._placeholders = _placeholder_writer(image_processor, tokenizer, self.tile_tokens)
+
+    def vision_trunk(self, model):
+        # The tiles (and the whole-image view) are stacked along dim 0 and encoded each on its own by the AIMv2-style
+        # transformer; the visual head (head_linear, head_norm: the trainable tail) reads its last layer, after the
+        # RMS norm. Its "gumbel_argmax" tokenize function draws noise in every call: then the frozen tower's output is
+        # no function of the pixels and is not memoised whole (the releases' "softmax" is).
+        deterministic = model.config.vision_config.tokenize_function != "gumbel_argmax"
+        return stacked_tiles_trunk(find_submodule(model, self.vision_prefix), memoise_output=deterministic)
 
     def preprocess_image(self, image):
         out = self.image_processor(images=[image], return_tensors="pt")

@@ -15,6 +15,10 @@ a call replays (a call whose tiles repeat or are partly cached runs the encoder 
 tile's output is rebuilt from the recorded layers). The embeddings and the final layer norm run in every replay
 (cheap), so ``last_hidden_state`` is the tower's own, post-layernorm where the family has one.
 
+Ovis2 keeps its tail inside the tower (the visual head, trainable under ``fix_vit``): there the policy's tower is not
+frozen, so each pass replays the recorded last layer and runs the head on it with gradients, as the Qwen families'
+merger; only a tower with no trainable parameter (the snapshot's copy, or under LoRA) is memoised whole.
+
 Memory, by arithmetic (not measured): per tile the cache holds the recorded layers' outputs and, per tower, the
 memoised output (``last_hidden_state``, the read ``hidden_states``, a pooled row), each (tokens, width). LLaVA-NeXT-7B
 at 336 px (577 x 1024 in bf16, 1.2 MB a tensor): two recorded layers and two memoised tensors, about 4.7 MB a tile,
@@ -37,6 +41,7 @@ TILE_ENCODER_LAYERS = {
     "CLIPVisionModel": "encoder.layers",
     "SiglipVisionModel": "encoder.layers",
     "InternVLVisionModel": "encoder.layer",
+    "Ovis2VisionModel": "transformer.encoder.layers",
 }
 
 
@@ -46,11 +51,13 @@ def feature_layers(config) -> list[int]:
     return [layer] if isinstance(layer, int) else list(layer)
 
 
-def stacked_tiles_trunk(tower: nn.Module, read_hidden_states: Iterable[int] = ()) -> VisionTrunk | None:
+def stacked_tiles_trunk(tower: nn.Module, read_hidden_states: Iterable[int] = (), memoise_output: bool = True
+                        ) -> VisionTrunk | None:
     """``tower``'s trunk: its encoder layers, of which the tail reads the ones behind ``read_hidden_states`` (indices
     into the tower's ``hidden_states``, as the family's ``vision_feature_layer``: 0 the embeddings, ``i`` the output of
-    layer ``i - 1``, negative from the end) and always the last one (``last_hidden_state``). None for a tower not in
-    ``TILE_ENCODER_LAYERS``."""
+    layer ``i - 1``, negative from the end) and always the last one (``last_hidden_state``). ``memoise_output``: False
+    where the tower's output is not a function of its pixels (random draws), so a frozen tower's output is not
+    memoised whole. None for a tower not in ``TILE_ENCODER_LAYERS``."""
     where = TILE_ENCODER_LAYERS.get(type(tower).__name__)
     if where is None:
         return None
@@ -64,7 +71,7 @@ def stacked_tiles_trunk(tower: nn.Module, read_hidden_states: Iterable[int] = ()
         skipped=[layer for i, layer in enumerate(layers) if i not in read],
         image_pixels=lambda args, kwargs: list(_pixel_values(args, kwargs).split(1)),
         # last_hidden_state, hidden_states and pooler_output are (tiles, ...): one row block per tile of pixels.
-        output_rows_per_image=True,
+        output_rows_per_image=memoise_output,
         images_call=_call_with_tiles,
     )
 

@@ -32,9 +32,9 @@ no cache, which is always correct, only slower. Nothing is cached when any trunk
 trainable (``--fix_vit False``): ``VisionCache.for_model`` returns ``None``.
 
 An "image" here is whatever unit ``VisionTrunk.image_pixels`` cuts a call into: towers that encode fixed-size tiles
-stacked along dim 0, each on its own (the LLaVA families, Gemma 3, InternVL: ``sc_tune.adapters.stacked_tiles``), are
-cached per tile, so no tile count per image is needed; their projector lies outside the tower, which ``fix_vit``
-freezes whole, so their tower's whole output is memoised per tile.
+stacked along dim 0, each on its own (the LLaVA families, Gemma 3, InternVL, Ovis2: ``sc_tune.adapters.stacked_tiles``),
+are cached per tile, so no tile count per image is needed; where their projector lies outside the tower, which
+``fix_vit`` then freezes whole, the tower's whole output is memoised per tile.
 
 Distributed: ZeRO-2 keeps whole parameters on every rank, ZeRO-3 gathers a module's shards in its
 pre-forward hook, which still fires for a replayed block (the gather is wasted, the result is right);

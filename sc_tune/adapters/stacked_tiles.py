@@ -1,15 +1,15 @@
 """The vision cache's view (``VisionTrunk``) of a tower that encodes fixed-size tiles stacked along dim 0.
 
-The families here (LLaVA, LLaVA-NeXT, Granite 4 Vision, LLaVA-OneVision, Aya Vision, Gemma 3, InternVL) call a
-CLIP/SigLIP/InternViT-style encoder on ``pixel_values`` of shape (tiles, channels, height, width): an image is one tile
-or several (anyres/tiling: a base view and crops), concatenated along dim 0. Each tile is encoded on its own (no
-attention, norm or pooling across dim 0), so the cache's unit is a *tile*, not an image: a tile's rows of every layer
-depend on its own pixels only, which makes the split exact without knowing how many tiles each image has (the tower
-call does not carry the images' tile counts; LLaVA-NeXT's are drawn from ``image_sizes`` outside it).
+The families here (LLaVA, LLaVA-NeXT, Granite 4 Vision, LLaVA-OneVision, Aya Vision, Gemma 3, InternVL, Ovis2) call
+a CLIP/SigLIP/InternViT/AIMv2-style encoder on ``pixel_values`` of shape (tiles, channels, height, width): an image is
+one tile or several (anyres/tiling: a base view and crops), concatenated along dim 0. Each tile is encoded on its own
+(no attention, norm or pooling across dim 0), so the cache's unit is a *tile*, not an image: a tile's rows of every
+layer depend on its own pixels only, which makes the split exact without knowing how many tiles each image has (the
+tower call does not carry the images' tile counts; LLaVA-NeXT's are drawn from ``image_sizes`` outside it).
 
-The tower is frozen whole by ``fix_vit`` (the projector lives beside it, outside ``vision_prefix``, and trains), so the
-cache memoises its whole output per tile and the projector runs, with gradients, on the replayed features in every
-pass. The encoder layers whose outputs the projector reads (``hidden_states[i]`` for the family's feature layers) and
+But for Ovis2 (below), the tower is frozen whole by ``fix_vit`` (the projector lives beside it, outside
+``vision_prefix``, and trains), so the cache memoises its whole output per tile and the projector runs, with
+gradients, on the replayed features in every pass. The encoder layers whose outputs the projector reads (``hidden_states[i]`` for the family's feature layers) and
 the last layer (``last_hidden_state``, ``pooler_output``) are recorded; the other layers pass their input through when
 a call replays (a call whose tiles repeat or are partly cached runs the encoder on the new tiles only, then every
 tile's output is rebuilt from the recorded layers). The embeddings and the final layer norm run in every replay

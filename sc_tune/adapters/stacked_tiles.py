@@ -9,11 +9,12 @@ tower call does not carry the images' tile counts; LLaVA-NeXT's are drawn from `
 
 But for Ovis2 (below), the tower is frozen whole by ``fix_vit`` (the projector lives beside it, outside
 ``vision_prefix``, and trains), so the cache memoises its whole output per tile and the projector runs, with
-gradients, on the replayed features in every pass. The encoder layers whose outputs the projector reads (``hidden_states[i]`` for the family's feature layers) and
-the last layer (``last_hidden_state``, ``pooler_output``) are recorded; the other layers pass their input through when
-a call replays (a call whose tiles repeat or are partly cached runs the encoder on the new tiles only, then every
-tile's output is rebuilt from the recorded layers). The embeddings and the final layer norm run in every replay
-(cheap), so ``last_hidden_state`` is the tower's own, post-layernorm where the family has one.
+gradients, on the replayed features in every pass. The encoder layers whose outputs the projector reads
+(``hidden_states[i]`` for the family's feature layers) and the last layer (``last_hidden_state``, ``pooler_output``)
+are recorded; the other layers pass their input through when a call replays (a call whose tiles repeat or are partly
+cached runs the encoder on the new tiles only, then every tile's output is rebuilt from the recorded layers). The
+embeddings and the final layer norm run in every replay (cheap), so ``last_hidden_state`` is the tower's own,
+post-layernorm where the family has one.
 
 Ovis2 keeps its tail inside the tower (the visual head, trainable under ``fix_vit``): there the policy's tower is not
 frozen, so each pass replays the recorded last layer and runs the head on it with gradients, as the Qwen families'

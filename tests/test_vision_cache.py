@@ -15,7 +15,7 @@ CACHED_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen", "cohere_compass
                    "hyperclovax_vision_v2", "video_llama_3"]
 # Towers of fixed-size tiles stacked along dim 0, cached per tile (sc_tune.adapters.stacked_tiles).
 TILE_FAMILIES = ["llava", "llava_next", "granite4_vision", "llava_onevision", "aya_vision", "gemma3", "internvl",
-                 "ovis2"]
+                 "ovis2", "smolvlm", "idefics3"]
 # Gemma 4's tower drops padding patches from its output, so only its trunk is replayed (no whole-output memo).
 TRUNK_ONLY_FAMILIES = ["gemma4"]
 CACHED_FAMILIES += [*TILE_FAMILIES, *TRUNK_ONLY_FAMILIES]
@@ -177,7 +177,7 @@ def test_a_call_whose_images_repeat_or_are_cached_runs_the_trunk_on_the_new_ones
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("model_type", ["llava_next", "aya_vision", "internvl", "gemma4"])
+@pytest.mark.parametrize("model_type", ["llava_next", "aya_vision", "internvl", "smolvlm", "gemma4"])
 def test_images_of_different_tile_counts_share_a_call_and_each_tile_is_encoded_once(tiny_checkpoint, model_type):
     """A widened image has another tile count (LLaVA-NeXT: 3 anyres tiles against 5, padded across the batch and
     dropped by the model; Aya Vision, InternVL: more crops; Gemma 4: one row, with more valid patches). The cache's
@@ -341,3 +341,34 @@ def test_gemma4_patches_at_other_positions_are_another_image(tiny_checkpoint):
     assert not torch.allclose(plain[:half], plain[half:], atol=1e-3), "the positions change the features"
     assert cache.encoded_images == 2
     torch.testing.assert_close(cached, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_smolvlm_the_same_crop_under_another_patch_mask_is_another_tile(tiny_checkpoint):
+    """SmolVLM's tower reads each crop's patch_attention_mask beside its pixels (padding patches masked out): the same
+    pixels under another mask encode otherwise, so the mask is part of a tile's key, and a cut call cuts it too."""
+    torch.manual_seed(0)
+    model, adapter = load_model_and_adapter(tiny_checkpoint("smolvlm"))
+    freeze_vision_tower(model, adapter)
+    model.eval()
+    images, _ = sample_images(adapter)
+    crop = images[0].tensors["pixel_values"][0, :1]  # (1, C, H, W)
+    patches = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    whole = torch.ones(1, patches, patches, dtype=torch.bool)
+    masked = whole.clone()
+    masked[:, -1] = False  # the last row of patches taken for padding
+    tower = adapter.vision_trunk(model).tower
+
+    def encode(order):
+        masks = torch.cat([whole, masked])[order]
+        return tower(pixel_values=crop.expand(len(order), -1, -1, -1), patch_attention_mask=masks).last_hidden_state
+
+    cache = VisionCache.for_model(adapter, [model])
+    orders = ([0, 1, 0], [1])
+    with torch.no_grad():
+        plain = [encode(order) for order in orders]
+        with cache.active():
+            cached = [encode(order) for order in orders]
+    assert not torch.allclose(plain[0][0], plain[0][1], atol=1e-3), "the mask changes the features"
+    assert cache.encoded_images == 2
+    for got, expected in zip(cached, plain):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import re
 
+from sc_tune.adapters.base import find_submodule
 from sc_tune.adapters.chat_template import TemplateImageInputs
 from sc_tune.adapters.idefics2 import IdeficsLineAdapter
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
+from sc_tune.adapters.stacked_tiles import stacked_tiles_trunk
 from sc_tune.adapters.unpadded_positions import UnpaddedPositionsPromptCache
 
 
@@ -34,11 +36,10 @@ class SmolVLMAdapter(UnpaddedPositionsPromptCache, IdeficsLineAdapter):
         self.global_image_token = getattr(tokenizer, "global_image_token", None) or "<global-img>"
 
     def vision_trunk(self, model):
-        """None: no vision cache yet. The crops are fixed-size tiles along dim 0, as in
-        ``sc_tune.adapters.stacked_tiles``, but the tower call carries a per-crop ``patch_attention_mask`` (from the
-        pixels' padding mask) beside the pixels: a cache keyed by pixels alone would have to prove the mask a function
-        of them, and a cut call would have to cut the mask alike. Every pass runs the whole tower (correct, slower)."""
-        return None
+        # The crops and the global view are fixed-size tiles along dim 0 (all-zero padding crops dropped before the
+        # tower), each encoded on its own; the connector reads last_hidden_state. The call carries each tile's
+        # patch_attention_mask (from the pixels' padding mask): keyed and cut with its pixels.
+        return stacked_tiles_trunk(find_submodule(model, self.vision_prefix), per_tile_kwargs=("patch_attention_mask",))
 
     def preprocess_image(self, image):
         from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string

@@ -43,6 +43,8 @@ TILE_ENCODER_LAYERS = {
     "SiglipVisionModel": "encoder.layers",
     "InternVLVisionModel": "encoder.layer",
     "Ovis2VisionModel": "transformer.encoder.layers",
+    "Idefics3VisionTransformer": "encoder.layers",
+    "SmolVLMVisionTransformer": "encoder.layers",
 }
 
 
@@ -52,13 +54,15 @@ def feature_layers(config) -> list[int]:
     return [layer] if isinstance(layer, int) else list(layer)
 
 
-def stacked_tiles_trunk(tower: nn.Module, read_hidden_states: Iterable[int] = (), memoise_output: bool = True
-                        ) -> VisionTrunk | None:
+def stacked_tiles_trunk(tower: nn.Module, read_hidden_states: Iterable[int] = (), memoise_output: bool = True,
+                        per_tile_kwargs: Sequence[str] = ()) -> VisionTrunk | None:
     """``tower``'s trunk: its encoder layers, of which the tail reads the ones behind ``read_hidden_states`` (indices
     into the tower's ``hidden_states``, as the family's ``vision_feature_layer``: 0 the embeddings, ``i`` the output of
     layer ``i - 1``, negative from the end) and always the last one (``last_hidden_state``). ``memoise_output``: False
     where the tower's output is not a function of its pixels (random draws), so a frozen tower's output is not
-    memoised whole. None for a tower not in ``TILE_ENCODER_LAYERS``."""
+    memoised whole. ``per_tile_kwargs``: keyword tensors of the call with a row per tile that the encoding reads
+    beside the pixels (SmolVLM's ``patch_attention_mask``): part of each tile's key, cut with the pixels. None for a
+    tower not in ``TILE_ENCODER_LAYERS``."""
     where = TILE_ENCODER_LAYERS.get(type(tower).__name__)
     if where is None:
         return None
@@ -70,10 +74,10 @@ def stacked_tiles_trunk(tower: nn.Module, read_hidden_states: Iterable[int] = ()
         tower,
         replayed=[layers[i] for i in sorted(read)],
         skipped=[layer for i, layer in enumerate(layers) if i not in read],
-        image_pixels=lambda args, kwargs: list(_pixel_values(args, kwargs).split(1)),
+        image_pixels=lambda args, kwargs: _tiles(args, kwargs, per_tile_kwargs),
         # last_hidden_state, hidden_states and pooler_output are (tiles, ...): one row block per tile of pixels.
         output_rows_per_image=memoise_output,
-        images_call=_call_with_tiles,
+        images_call=lambda args, kwargs, indices: _call_with_tiles(args, kwargs, indices, per_tile_kwargs),
     )
 
 
@@ -82,12 +86,26 @@ def _pixel_values(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["pixel_values"]
 
 
-def _call_with_tiles(args: tuple, kwargs: dict, indices: list[int]) -> tuple[tuple, dict] | None:
-    """The same call over only the tiles ``indices``; None where another tensor travels with the call (a per-tile mask
-    would have to be cut alike, and this does not know it)."""
-    others = [*args[1:], *(value for key, value in kwargs.items() if key != "pixel_values")]
+def _tiles(args: tuple, kwargs: dict, per_tile_kwargs: Sequence[str]) -> list[torch.Tensor]:
+    """One tensor per tile, what its encoding depends on: its pixels, and its rows of ``per_tile_kwargs`` (flattened
+    beside the pixels, so that the same pixels under another mask are another tile)."""
+    pixels = _pixel_values(args, kwargs)
+    extras = [kwargs[key] for key in per_tile_kwargs if kwargs.get(key) is not None]
+    if not extras:
+        return list(pixels.split(1))
+    return list(torch.cat([pixels.flatten(1), *(extra.flatten(1).to(pixels.dtype) for extra in extras)], 1).split(1))
+
+
+def _call_with_tiles(args: tuple, kwargs: dict, indices: list[int], per_tile_kwargs: Sequence[str] = ()
+                     ) -> tuple[tuple, dict] | None:
+    """The same call over only the tiles ``indices`` (their pixels and rows of ``per_tile_kwargs``); None where another
+    tensor travels with the call (it might hold a row per tile, and this does not know how to cut it)."""
+    cut = ("pixel_values", *per_tile_kwargs)
+    others = [*args[1:], *(value for key, value in kwargs.items() if key not in cut)]
     if any(isinstance(value, torch.Tensor) for value in others):
         return None
+    kwargs = {key: value[indices] if key in cut and isinstance(value, torch.Tensor) else value
+              for key, value in kwargs.items()}
     if args:
         return (args[0][indices], *args[1:]), kwargs
-    return args, {**kwargs, "pixel_values": kwargs["pixel_values"][indices]}
+    return args, kwargs

@@ -317,8 +317,8 @@ def test_training_losses_identical_with_and_without_cache(tiny_checkpoint, tmp_p
 
 
 def test_gemma4_patches_at_other_positions_are_another_image(tiny_checkpoint):
-    """Gemma 4's tower reads each patch's (x, y) position beside its pixels: the same patches laid out otherwise (a plain
-    image at another aspect ratio) encode otherwise, so the cache must not take them for a cached image."""
+    """Gemma 4's tower reads each patch's (x, y) position beside its pixels: the same patches laid out otherwise (a
+    plain image at another aspect ratio) encode otherwise, so the cache must not take them for a cached image."""
     torch.manual_seed(0)
     model, adapter = load_model_and_adapter(tiny_checkpoint("gemma4"))
     freeze_vision_tower(model, adapter)
@@ -360,7 +360,8 @@ def test_smolvlm_the_same_crop_under_another_patch_mask_is_another_tile(tiny_che
 
     def encode(order):
         masks = torch.cat([whole, masked])[order]
-        return tower(pixel_values=crop.expand(len(order), -1, -1, -1), patch_attention_mask=masks).last_hidden_state
+        pixels = crop.expand(len(order), -1, -1, -1)
+        return tower(pixel_values=pixels, patch_attention_mask=masks).last_hidden_state
 
     cache = VisionCache.for_model(adapter, [model])
     orders = ([0, 1, 0], [1])

@@ -169,9 +169,10 @@ class Gemma4Adapter(_GemmaAdapter):
             replayed=layers[-1:],
             skipped=layers[:-1],
             # The positions belong to the image: the same patches at other positions (another aspect ratio of a
-            # plain image) encode otherwise, so the cache's key and comparison cover both.
+            # plain image) encode otherwise, so the cache's key and comparison cover both. In float32, which holds
+            # every position exactly (bfloat16 would round those above 256 together).
             image_pixels=lambda args, kwargs: list(torch.cat(
-                [kwargs["pixel_values"], kwargs["pixel_position_ids"].to(kwargs["pixel_values"].dtype)], -1).split(1)),
+                [kwargs["pixel_values"].float(), kwargs["pixel_position_ids"].float()], -1).split(1)),
             images_call=_gemma4_images_call,
         )
 

@@ -21,12 +21,18 @@ TRUNK_ONLY_FAMILIES = ["gemma4"]
 CACHED_FAMILIES += [*TILE_FAMILIES, *TRUNK_ONLY_FAMILIES]
 
 
-def _vision_tail(model, adapter):
+# A tower that keeps nothing trainable under fix_vit in a family naming no language-model prefix: its projector.
+PROJECTOR_AFTER_THE_TOWER = {"video_llama_3": "model.projector"}
+
+
+def _vision_tail(model, adapter, model_type):
     """The trainable parameters image features pass through under fix_vit: the merger/resampler inside the tower, or
     (chat-template families) the projector beside it: whatever of ``model.`` is neither language model nor tower."""
     language_model = getattr(adapter, "language_model_prefix", None)
+    projector = PROJECTOR_AFTER_THE_TOWER.get(model_type)
     return [p for n, p in model.named_parameters() if p.requires_grad and (
         n.startswith(adapter.vision_prefix + ".")
+        or (projector and n.startswith(projector + "."))
         or (language_model and n.startswith("model.") and not n.startswith(language_model + ".")))]
 
 
@@ -66,7 +72,7 @@ def test_cache_matches_uncached_logprobs_generation_and_tail_gradients(tiny_chec
     assert cache is not None
     images, boxes = sample_images(adapter)
     settings = GenerationSettings(max_new_tokens=5, min_new_tokens=2)
-    tail = _vision_tail(model, adapter)
+    tail = _vision_tail(model, adapter, model_type)
     assert tail, "fix_vit keeps the merger/resampler/projector trainable"
 
     def run(cached: bool):

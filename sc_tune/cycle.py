@@ -440,6 +440,11 @@ class RolloutCycle:
                              f"the sampled captions' prompts have {prompt_length - 1} before their last")
         with self.models.snapshot.scoring() as snapshot, self.stage_clock.stage("snapshot_scoring"):
             model = self.models.unwrap(snapshot)
+            # Every teacher-forced pass over these rows (this one, and the policy's in the update: rollout.inputs)
+            # reads them at the positions generate sampled them at. A 1-D rotary family's generate counts unpadded
+            # tokens and a plain forward counts columns: equal in exact arithmetic, not in bf16, so the snapshot's
+            # log-probs, the policy's and any cache kept here would otherwise drift apart by the row's padding.
+            teacher_inputs = scoring_inputs(model, self.adapter, teacher_inputs)
             greedy_resumes = (
                 keep
                 and self.baseline is DescriberBaseline.SNAPSHOT_GREEDY
@@ -451,9 +456,6 @@ class RolloutCycle:
             inputs = teacher_inputs
             if fused_cache is not None:
                 inputs = uncached_inputs(model, self.adapter, teacher_inputs, batch.images, prompt_length - 1)
-            elif greedy_resumes or locating_resumes:
-                # The kept cache must hold the positions generate gives these rows (1-D rotary families: unpadded).
-                inputs = scoring_inputs(model, self.adapter, teacher_inputs)
             scores = caption_logprobs(snapshot, inputs, caption_ids_NT, self.args.describer_temperature,
                                       keep_cache=greedy_resumes or locating_resumes, prompt_cache=fused_cache)
         prompts = None

@@ -85,8 +85,9 @@ def uncached_inputs(model, adapter: ModelAdapter, inputs: dict, images: Sequence
 
 
 def scoring_inputs(model, adapter: ModelAdapter, inputs: dict) -> dict:
-    """The inputs of a teacher-forced pass (prompt + caption) whose key/value cache later passes resume from: with the
-    family's ``scoring_positions``, so that its keys carry the positions ``generate`` gives the same rows."""
+    """The inputs of a teacher-forced pass over sampled rows (prompt + caption), with the family's
+    ``scoring_positions``: the positions ``generate`` gave the same rows, so that the pass's log-probs are those of
+    the sampling and its key/value cache holds keys later passes can resume from."""
     return {**inputs, **adapter.scoring_positions(model, inputs["input_ids"], inputs["attention_mask"])}
 
 

@@ -10,6 +10,8 @@ that the fresh prefill is really skipped (else the option would be a no-op).
 """
 
 import copy
+import json
+import os
 
 import pytest
 import torch
@@ -22,6 +24,7 @@ from sc_tune.prompt_cache import (ScoredPrompts, keep_prompt_columns, scoring_in
                                   uncached_inputs)
 from sc_tune.rollout import GenerationSettings, describe, describe_with_greedy, generate, locate, locate_from_prefix
 from sc_tune.snapshot import active_adapter, row_adapters
+from tests.conftest import SAMPLE_IMAGES
 from tests.helpers import (RecordingCycle, assert_prefix_batch_decodes_as_a_prefill, sample_images, small_lora,
                            two_adapter_model, two_phase_trainer)
 
@@ -408,3 +411,38 @@ def test_captions_keep_their_prompts_cache_for_locating_from_the_image_prefix(ti
     resumed = locate_from_prefix(model, adapter, images, captions.texts, GREEDY, scored, rows)
     assert resumed is not None and resumed == locate(model, adapter, images, captions.texts, GREEDY)
     assert describe(model, adapter, images, boxes, GREEDY)[1].prompt_cache is None  # kept only when asked
+
+
+
+@pytest.mark.parametrize("snapshot_prompt_cache", [True, False])
+def test_the_policys_update_reads_the_rows_where_the_snapshot_scored_them(tiny_checkpoint, tmp_path,
+                                                                         snapshot_prompt_cache):
+    # Right after the sync the policy and the snapshot are the same weights, so the policy's first log-probs (the PPO
+    # update's old log-probs) equal the snapshot's to the bit only where both passes read each left-padded row at the
+    # same positions. A 1-D rotary family's scoring pass reads them at generate's unpadded positions (the cache it
+    # keeps needs them); a plain forward would count the padding. Rotation is relative, so only rounding tells them
+    # apart: a widened photo (more anyres tiles) pads the other rows by dozens of columns to make it show.
+    from PIL import Image
+
+    from sc_tune.data import ReferringDataset
+
+    photo = Image.open(os.path.join(SAMPLE_IMAGES, "images", "000.png"))
+    photo.resize((photo.width * 4, photo.height)).save(tmp_path / "wide.png")
+    photo.save(tmp_path / "plain.png")
+    records = [{"image": name, "bbox": [0.1, 0.2, 0.6, 0.7]} for name in ("wide.png", "plain.png") * 2]
+    (tmp_path / "records.json").write_text(json.dumps(records))
+    dataset = ReferringDataset.from_file(str(tmp_path / "records.json"), str(tmp_path))
+    trainer, _ = two_phase_trainer(tiny_checkpoint("llava_next"), str(tmp_path / "run"), dataset=dataset, max_steps=1,
+                                   snapshot_prompt_cache=snapshot_prompt_cache)
+    seen = []
+    set_advantages = trainer._set_advantages
+
+    def record(rollout):
+        seen.append((rollout.inputs["attention_mask"].sum(1), rollout.old_logp_NT, rollout.snapshot_logp_NT))
+        set_advantages(rollout)
+
+    trainer._set_advantages = record
+    trainer.train()
+    ((lengths_B, policy_logp_NT, snapshot_logp_NT),) = seen
+    assert int(lengths_B.max() - lengths_B.min()) > 10, "the test needs rows padded by many columns"
+    assert torch.equal(policy_logp_NT, snapshot_logp_NT)

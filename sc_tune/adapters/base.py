@@ -183,10 +183,10 @@ class ModelAdapter(ABC):
 
     def scoring_positions(self, model: torch.nn.Module, input_ids_BW: torch.Tensor, attention_mask_BW: torch.Tensor
                           ) -> dict[str, torch.Tensor]:
-        """The position inputs of a teacher-forced pass over a left-padded batch whose key/value cache later passes
-        resume from (the snapshot's scoring pass, where ``resumes_from_scoring_cache`` or
-        ``moves_cached_prompt_columns``): what makes its cached keys carry the positions ``generate`` gives the same
-        rows. Default: ``{}``, the forward's own positions (Qwen-VL counts columns in both; the Qwen2 families' rope
+        """The position inputs of a teacher-forced pass over a left-padded batch of sampled rows (the snapshot's
+        scoring pass and the policy's update read the describer's rows with them): the positions ``generate`` gave
+        the same rows, so that the log-probs are the sampling's and the cached keys later passes resume from carry
+        them. Default: ``{}``, the forward's own positions (Qwen-VL counts columns in both; the Qwen2 families' rope
         index skips padding in both); the 1-D rotary families' forward counts padding, ``generate`` does not
         (``sc_tune.adapters.unpadded_positions``)."""
         return {}

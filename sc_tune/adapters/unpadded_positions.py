@@ -10,7 +10,8 @@ How the positions of a left-padded row are counted (transformers 5.24):
 A cached key carries the rotation of the position it was read at, so a cache serves another pass only where both
 count alike; a forward's cache would put a padded row's keys ``pads`` positions further than ``generate`` continues
 from. The snapshot's scoring pass, whose cache the greedy captions and the locator prompts resume from, is therefore
-given the unpadded positions too (``scoring_positions``). Every cache a describer rollout keeps then holds each
+given the unpadded positions too (``scoring_positions``), and so is the policy's update, which reads the same rows
+(equal in exact arithmetic, the two counts round apart: the policy's first log-probs must be the snapshot's). Every cache a describer rollout keeps then holds each
 row's keys at the positions of its own unpadded prompt, which depend on nothing else in the batch:
 
 - the greedy captions resume as ``generate`` would continue after its own prefill (the same columns, the same

@@ -5,6 +5,7 @@ from __future__ import annotations
 import zlib
 
 import torch
+from transformers import LogitsProcessor
 
 from sc_tune.arguments import LoraArguments, SCTuneConfig
 from sc_tune.cycle import RolloutCycle, RolloutResult
@@ -338,3 +339,65 @@ def assert_patch_grid_processor_matches(adapter, processor, keys) -> dict:
     assert grids[side * side * 2, (60, 60)] == [1, 2, 2]  # one merged patch: the bound took effect on both sides
     return grids
 
+
+
+class ForceScript(LogitsProcessor):
+    """A logits processor that makes transformers' ``generate`` write ``script_BT[row]`` token by token (then repeat
+    its last token), whatever the model. Runs after the family's rules, so it overrides them (a suppressed token is
+    written anyway); SC-Tune's own decoding loop refuses it (``sc_tune.decoding``): see ``ScriptedLogits``."""
+
+    def __init__(self, script_BT, prompt_width):
+        self.script_BT, self.prompt_width = script_BT, prompt_width
+
+    def __call__(self, input_ids, scores):
+        step = input_ids.shape[1] - self.prompt_width
+        forced = torch.full_like(scores, float("-inf"))
+        for row, script in enumerate(self.script_BT):
+            forced[row, script[min(step, len(script) - 1)]] = 0.0
+        return forced
+
+
+def generating_module(model):
+    """The module whose forward ``model.generate`` calls: under PEFT, the wrapped transformers model."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class ScriptedLogits:
+    """Makes ``model`` itself write given token ids: while ``scripts`` is set (``write``), each forward's last logits
+    are replaced by ones whose argmax is row ``r``'s next token of ``scripts[r]`` (then its last token again).
+
+    Why the model's output and not a logits processor: it forces every decoding loop alike (transformers'
+    ``generate`` and SC-Tune's static one, which refuses processors it cannot capture), and the family's generation
+    rules (suppressed tokens, end-token rules) still run on these logits, as on a real model's: a rule that forbade a
+    token of the family's own answer would change what is written. The k-th forward after ``write`` is the k-th new
+    token (one forward per token: the prefill writes the first), so each ``generate`` call needs its own ``write``.
+    ``forwards`` counts the forwards since the last ``write`` (the decoding steps a call took)."""
+
+    def __init__(self, model):
+        self.scripts: list[list[int]] | None = None
+        self.forwards = 0
+        self._hook = generating_module(model).register_forward_hook(self._force)
+
+    def write(self, scripts) -> None:
+        self.scripts, self.forwards = [list(s) for s in scripts], 0
+
+    def stop(self) -> None:
+        self.scripts = None
+
+    def _force(self, module, args, output):
+        if self.scripts is None:
+            return output
+        logits = output.logits
+        assert logits.shape[0] == len(self.scripts), (logits.shape, len(self.scripts))
+        tokens = [script[min(self.forwards, len(script) - 1)] for script in self.scripts]
+        forced = torch.full_like(logits, -1e4)  # finite: a rule that sets -inf on the scripted token shows
+        forced[torch.arange(len(tokens)), -1, torch.tensor(tokens)] = 1e4
+        self.forwards += 1
+        output.logits = forced
+        return output
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._hook.remove()

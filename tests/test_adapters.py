@@ -3,13 +3,14 @@
 import pytest
 import torch
 from PIL import Image
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessorList
 
 from sc_tune.adapters import family_for, supported_model_types
 from sc_tune.modeling import load_model_and_adapter
 from sc_tune.rollout import (LOCATOR_BUDGET_MARGIN, GenerationSettings, completion_mask, fit_locator_budget, generate,
                              locate)
 from tests.conftest import SAMPLE_IMAGES
+from tests.helpers import ForceScript
 
 FAMILIES = supported_model_types()
 
@@ -80,20 +81,6 @@ def test_locator_budget_fits_the_longest_box_and_failures_are_none(family):
     assert len(texts) == 1 and (boxes[0] is None or len(boxes[0]) == 4)  # a random model: usually None
 
 
-class _ForceScript(LogitsProcessor):
-    """Makes generation write ``script_BT[row]`` token by token (then repeat its last token), whatever the model."""
-
-    def __init__(self, script_BT, prompt_width):
-        self.script_BT, self.prompt_width = script_BT, prompt_width
-
-    def __call__(self, input_ids, scores):
-        step = input_ids.shape[1] - self.prompt_width
-        forced = torch.full_like(scores, float("-inf"))
-        for row, script in enumerate(self.script_BT):
-            forced[row, script[min(step, len(script) - 1)]] = 0.0
-        return forced
-
-
 def test_locator_decoding_stops_at_the_complete_box_so_a_long_label_costs_no_steps(tiny_checkpoint, monkeypatch):
     model, adapter = load_model_and_adapter(tiny_checkpoint("qwen3_vl"))
     model.eval()
@@ -110,7 +97,7 @@ def test_locator_decoding_stops_at_the_complete_box_so_a_long_label_costs_no_ste
     width = adapter.build_batch(prompts, [image, image]).input_ids.shape[1]
     plain_kwargs = adapter.generation_kwargs
     monkeypatch.setattr(adapter, "generation_kwargs", lambda describer=True: {
-        **plain_kwargs(describer), "logits_processor": LogitsProcessorList([_ForceScript(scripts, width)])})
+        **plain_kwargs(describer), "logits_processor": LogitsProcessorList([ForceScript(scripts, width)])})
     steps = []
     hook = model.register_forward_hook(lambda *args: steps.append(1))
     found, texts = locate(model, adapter, [image, image], captions, GenerationSettings(max_new_tokens=200), False)

@@ -19,10 +19,12 @@ from sc_tune.modeling import load_model_and_adapter
 from sc_tune.rollout import GenerationSettings, fit_locator_budget, locate
 from tests.helpers import ScriptedLogits, two_colour_photo
 
-# Two rows: captions of different lengths (left padding, and a label after the box that is long in one row), odd
-# frames (pixel codecs round on them), boxes whose x and y differ (a swapped axis shows).
+# Two rows: captions of different lengths (left padding, and a label after the box that is long in one row), photos
+# of odd sizes (pixel codecs round on the frames they are resized to), boxes whose x and y differ (a swapped axis
+# shows) and whose written numbers differ in length (the rows complete their boxes at different steps, so a row
+# that stopped must stay stopped while the other decodes).
 CAPTIONS = ["the man in the white shirt on the left next to the small dog", "a cat"]
-BOXES = [[0.1, 0.2, 0.5, 0.6], [0.3, 0.55, 0.85, 0.95]]
+BOXES = [[0.2, 0.4, 0.5, 0.6], [0.03, 0.055, 0.85, 0.95]]
 PHOTO_SIZES = [(97, 61), (45, 130)]
 
 
@@ -65,6 +67,7 @@ def test_the_familys_own_answer_written_by_the_model_is_located_back(model_type,
     scripts = [adapter.encode_target(t) for t in targets]
     assert all(adapter.decode(s) == t for s, t in zip(scripts, targets)), "the answer's ids decode to the answer"
     up_to_box = [tokens_to_box(adapter, s) for s in scripts]
+    assert up_to_box[0] != up_to_box[1], "the rows complete their boxes at different steps"
     # The box the text round trip reads (tests/test_families.py pins it to the box within the codec's rounding).
     expected = [adapter.parse_locator_output(t, im) for t, im in zip(targets, images)]
     for box, image, got in zip(BOXES, images, expected):
@@ -80,6 +83,9 @@ def test_the_familys_own_answer_written_by_the_model_is_located_back(model_type,
         assert found == expected, name
         # each row's text ends with the token that completes its box, nothing after it
         assert texts == [adapter.decode(s[:k]) for s, k in zip(scripts, up_to_box)], name
+        for text in texts:  # where the answer says its box ends: within the text, and the box is whole there
+            end = adapter.locator_answer_end(text)
+            assert end <= len(text) and adapter.locator_answer_end(text[:end]) == end, (name, text, end)
         if decoding is None:
             assert forcing.forwards == max(up_to_box), name  # transformers' loop stopped at the last row's box
         else:

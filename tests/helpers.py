@@ -401,3 +401,97 @@ class ScriptedLogits:
 
     def __exit__(self, *exc):
         self._hook.remove()
+
+
+# Two locator rows: captions of different lengths (left padding, and a label after the box that is long in one row),
+# photos of odd sizes (pixel codecs round on the frames they are resized to), boxes whose x and y differ (a swapped
+# axis shows) and whose written numbers differ in length (the rows complete their boxes at different steps, so a row
+# that stopped must stay stopped while the other decodes).
+FORCED_CAPTIONS = ["the man in the white shirt on the left next to the small dog", "a cat"]
+FORCED_BOXES = [[0.2, 0.4, 0.5, 0.6], [0.03, 0.055, 0.85, 0.95]]
+FORCED_PHOTO_SIZES = [(97, 61), (45, 130)]
+
+
+def trainer_locate_settings():
+    """The locator's settings as the trainer's cycle makes them (``RolloutCycle.greedy_boxes``), at the defaults."""
+    from sc_tune.rollout import GenerationSettings
+
+    fields = SCTuneConfig.__dataclass_fields__
+    return GenerationSettings(fields["locator_max_new_tokens"].default, fields["locator_min_new_tokens"].default)
+
+
+def trainer_decodings(model, adapter) -> dict:
+    """The loops the trainer may decode with, by name: transformers' generate (None), and SC-Tune's static loop where
+    the family has one (``--static_decoding``)."""
+    from sc_tune.decoding import Decoding
+
+    loops = {"generate": None}
+    if adapter.static_decoding_problem(model) is None:
+        loops["static"] = Decoding()
+    return loops
+
+
+def tokens_to_box(adapter, script) -> int:
+    """How many tokens of the locator answer ``script`` the answer needs: up to the one that completes its box."""
+    return next(k for k in range(1, len(script) + 1) if adapter.locator_answer_end(adapter.decode(script[:k])) is not None)
+
+
+def assert_forced_locator_answers_are_located_back(model, adapter) -> dict:
+    """``model`` made to write, per row, the ids of its family's own locator answer (``locator_target``) for
+    ``FORCED_BOXES``: ``locate``, called as the trainer calls it, through every loop the trainer may decode with,
+    returns the boxes the answers' text reads (within the codec's rounding of the true ones), each row's text ends
+    with the token that completes its box, and transformers' loop stopped there. Returns the loops it ran, by name."""
+    import pytest
+
+    from sc_tune.rollout import fit_locator_budget, locate
+
+    images = [adapter.prepare_image(two_colour_photo(size)) for size in FORCED_PHOTO_SIZES]
+    targets = [adapter.locator_target(b, im, c) for b, im, c in zip(FORCED_BOXES, images, FORCED_CAPTIONS)]
+    scripts = [adapter.encode_target(t) for t in targets]
+    assert [adapter.decode(s) for s in scripts] == targets, "the answer's ids decode to the answer"
+    up_to_box = [tokens_to_box(adapter, s) for s in scripts]
+    assert up_to_box[0] != up_to_box[1], "the rows complete their boxes at different steps"
+    # The box the text round trip reads (tests/test_families.py pins it to the box within the codec's rounding).
+    expected = [adapter.parse_locator_output(t, im) for t, im in zip(targets, images)]
+    for box, image, got in zip(FORCED_BOXES, images, expected):
+        step = 1.0 / min(adapter.codec.axis_scales(image.frame))
+        assert got == pytest.approx(box, abs=step / 2 + 1e-9)
+    settings = trainer_locate_settings()
+    budget = fit_locator_budget(adapter, images, settings, FORCED_CAPTIONS).max_new_tokens
+    assert max(up_to_box) <= budget
+    loops = trainer_decodings(model, adapter)
+    for name, decoding in loops.items():
+        with ScriptedLogits(model) as forcing:
+            forcing.write(scripts)
+            found, texts = locate(model, adapter, images, FORCED_CAPTIONS, settings, decoding=decoding)  # as the cycle
+        assert found == expected, name
+        # each row's text ends with the token that completes its box, nothing after it
+        assert texts == [adapter.decode(s[:k]) for s, k in zip(scripts, up_to_box)], name
+        for text in texts:  # where the answer says its box ends: within the text, and the box is whole there
+            end = adapter.locator_answer_end(text)
+            assert end <= len(text) and adapter.locator_answer_end(text[:end]) == end, (name, text, end)
+        if decoding is None:
+            assert forcing.forwards == max(up_to_box), name  # transformers' loop stopped at the last row's box
+        else:
+            # SC-Tune's loop checks no text per step: it runs to the end token (or the budget), then cuts each row
+            assert forcing.forwards == min(max(map(len, scripts)), budget), name
+    return loops
+
+
+def assert_forced_captions_are_described_back(model, adapter, captions) -> None:
+    """``model`` made to write, per row, the ids of the family's describer answer (``describer_target``) for
+    ``captions``: ``describe``, with the trainer's greedy caption settings sized for them, returns the captions' text
+    through every loop the trainer may decode with (what the locator prompt is then built from)."""
+    from sc_tune.rollout import GenerationSettings, describe, fit_describer_budget
+
+    images = [adapter.prepare_image(two_colour_photo(size)) for size in FORCED_PHOTO_SIZES[: len(captions)]]
+    scripts = [adapter.encode_target(adapter.describer_target(c)) for c in captions]
+    longest = max(len(adapter.encode_target(c)) for c in captions)
+    settings = fit_describer_budget(adapter, GenerationSettings(longest, 2))  # as RolloutCycle.greedy_captions
+    for name, decoding in trainer_decodings(model, adapter).items():
+        with ScriptedLogits(model) as forcing:
+            forcing.write(scripts)
+            _, completions = describe(model, adapter, images, FORCED_BOXES[: len(captions)], settings,
+                                      decoding=decoding)
+        assert completions.texts == list(captions), name
+        assert completions.mask_BT.sum(1).tolist() == [len(s) for s in scripts], name  # up to the end token

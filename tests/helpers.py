@@ -433,7 +433,8 @@ def trainer_decodings(model, adapter) -> dict:
 
 def tokens_to_box(adapter, script) -> int:
     """How many tokens of the locator answer ``script`` the answer needs: up to the one that completes its box."""
-    return next(k for k in range(1, len(script) + 1) if adapter.locator_answer_end(adapter.decode(script[:k])) is not None)
+    complete = (k for k in range(1, len(script) + 1) if adapter.locator_answer_end(adapter.decode(script[:k])) is not None)
+    return next(complete)
 
 
 def assert_forced_locator_answers_are_located_back(model, adapter) -> dict:

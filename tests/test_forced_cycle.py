@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from sc_tune.cycle import RolloutCycle
-from tests.helpers import ScriptedLogits, make_trainer
+from sc_tune.rollout import fit_locator_budget
+from tests.helpers import ScriptedLogits, make_trainer, tokens_to_box
 
 EXACT, SHIFTED, FAR, NO_BOX = "exact", "shifted", "far", "no box"
 # Per micro-batch of four boxes: how the snapshot answers each located row. The describer rollout locates the sampled
@@ -49,8 +50,9 @@ def iou(a: list[float], b: list[float]) -> float:
 
 class ForcedSnapshotCycle(RolloutCycle):
     """The trainer's cycle whose snapshot, wherever it locates, writes the family's answer (``locator_target``) for
-    the box its row's plan says, or the end token at once (no box). Records what each located row should read back:
-    ``expected`` (the answer text's box) and ``true`` (the true box of the row's caption)."""
+    the box its row's plan says, or the end token at once (no box). Checks each locating's boxes, texts (cut at the
+    box) and decoding steps, and records what each located row should read back: ``expected`` (the answer text's
+    box) and ``true`` (the true box of the row's caption)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -72,7 +74,8 @@ class ForcedSnapshotCycle(RolloutCycle):
         return super().locator_rollouts(batches, seeds)
 
     @contextmanager
-    def _snapshot_writes_the_plan(self, model, images, captions):
+    def _snapshot_writes_the_plan(self, model, images, captions, way: str):
+        """Forces the locating inside; ``found`` (a one-item list) receives its (boxes, texts), or None."""
         adapter = self.adapter
         assert len(captions) == len(self.true) == len(self.plan)
         targets = []
@@ -80,22 +83,34 @@ class ForcedSnapshotCycle(RolloutCycle):
             box = written_box(plan, true)
             targets.append(adapter.end_text if box is None else adapter.locator_target(box, image, caption))
         self.expected = [adapter.parse_locator_output(t, im) for t, im in zip(targets, images)]
+        scripts = [adapter.encode_target(t) for t in targets]
+        # A row ends with the token that completes its box, or with the end token where it writes none.
+        kept = [len(s) if plan == NO_BOX else tokens_to_box(adapter, s) for plan, s in zip(self.plan, scripts)]
+        if self.decoding is None:
+            steps = max(kept)  # transformers' loop stops at the last row's box
+        else:  # SC-Tune's loop runs to the end tokens (or the budget), then cuts each row at its box
+            budget = fit_locator_budget(adapter, images, self.greedy_boxes, captions).max_new_tokens
+            steps = min(max(map(len, scripts)), budget)
+        found = []
         with ScriptedLogits(model) as forcing:
-            forcing.write([adapter.encode_target(t) for t in targets])
-            yield
+            forcing.write(scripts)
+            yield found
+        if found[0] is not None:
+            boxes, texts = found[0]
+            assert boxes == self.expected, way
+            assert texts == [adapter.decode(s[:k]) for s, k in zip(scripts, kept)], way
+            assert forcing.forwards == steps, way
+            self.ways.append(way)
 
     def locate(self, model, images, captions):
-        with self._snapshot_writes_the_plan(model, images, captions):
-            found = super().locate(model, images, captions)
-        self.ways.append("prefill")
-        return found
+        with self._snapshot_writes_the_plan(model, images, captions, "prefill") as found:
+            found.append(super().locate(model, images, captions))
+        return found[0]
 
     def locate_from_prefix(self, model, images, captions, scored, source_rows):
-        with self._snapshot_writes_the_plan(model, images, captions):
-            found = super().locate_from_prefix(model, images, captions, scored, source_rows)
-        if found is not None:
-            self.ways.append("prefix")
-        return found
+        with self._snapshot_writes_the_plan(model, images, captions, "prefix") as found:
+            found.append(super().locate_from_prefix(model, images, captions, scored, source_rows))
+        return found[0]
 
     def expected_ious(self) -> list[float]:
         assert [box is None for box in self.expected] == [plan == NO_BOX for plan in self.plan]

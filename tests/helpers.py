@@ -437,14 +437,17 @@ def tokens_to_box(adapter, script) -> int:
     return next(complete)
 
 
-def assert_forced_locator_answers_are_located_back(model, adapter) -> dict:
+def assert_forced_locator_answers_are_located_back(model, adapter) -> list[str]:
     """``model`` made to write, per row, the ids of its family's own locator answer (``locator_target``) for
     ``FORCED_BOXES``: ``locate``, called as the trainer calls it, through every loop the trainer may decode with,
     returns the boxes the answers' text reads (within the codec's rounding of the true ones), each row's text ends
-    with the token that completes its box, and transformers' loop stopped there. Returns the loops it ran, by name."""
+    with the token that completes its box, and transformers' loop stopped there. The same for ``locate_from_prefix``
+    (the trainer's locating from the image prefix its describer pass cached) where the family shares that prefix.
+    Returns what ran: ``"<locate or prefix>/<loop>"``."""
     import pytest
 
-    from sc_tune.rollout import fit_locator_budget, locate
+    from sc_tune.prompt_cache import ScoredPrompts
+    from sc_tune.rollout import GenerationSettings, describe, fit_locator_budget, locate, locate_from_prefix
 
     images = [adapter.prepare_image(two_colour_photo(size)) for size in FORCED_PHOTO_SIZES]
     targets = [adapter.locator_target(b, im, c) for b, im, c in zip(FORCED_BOXES, images, FORCED_CAPTIONS)]
@@ -460,23 +463,45 @@ def assert_forced_locator_answers_are_located_back(model, adapter) -> dict:
     settings = trainer_locate_settings()
     budget = fit_locator_budget(adapter, images, settings, FORCED_CAPTIONS).max_new_tokens
     assert max(up_to_box) <= budget
-    loops = trainer_decodings(model, adapter)
-    for name, decoding in loops.items():
+
+    def from_prefix(decoding):
+        # As the locator phase: the describer call over the boxes keeps its prompts' cache, locating starts from it.
+        batch, captions = describe(model, adapter, images, FORCED_BOXES, GenerationSettings(2), keep_prompts=True)
+        if captions.prompt_cache is None:
+            return None
+        scored = ScoredPrompts(batch, captions.prompt_cache, batch.inputs["input_ids"].shape[1] - 1)
         with ScriptedLogits(model) as forcing:
             forcing.write(scripts)
-            found, texts = locate(model, adapter, images, FORCED_CAPTIONS, settings, decoding=decoding)  # as the cycle
-        assert found == expected, name
-        # each row's text ends with the token that completes its box, nothing after it
-        assert texts == [adapter.decode(s[:k]) for s, k in zip(scripts, up_to_box)], name
-        for text in texts:  # where the answer says its box ends: within the text, and the box is whole there
-            end = adapter.locator_answer_end(text)
-            assert end <= len(text) and adapter.locator_answer_end(text[:end]) == end, (name, text, end)
-        if decoding is None:
-            assert forcing.forwards == max(up_to_box), name  # transformers' loop stopped at the last row's box
-        else:
-            # SC-Tune's loop checks no text per step: it runs to the end token (or the budget), then cuts each row
-            assert forcing.forwards == min(max(map(len, scripts)), budget), name
-    return loops
+            found = locate_from_prefix(model, adapter, images, FORCED_CAPTIONS, settings, scored, [0, 1], decoding)
+        return found, forcing.forwards
+
+    def fresh(decoding):
+        with ScriptedLogits(model) as forcing:
+            forcing.write(scripts)
+            found = locate(model, adapter, images, FORCED_CAPTIONS, settings, decoding=decoding)  # as the cycle
+        return found, forcing.forwards
+
+    ran = []
+    for loop, decoding in trainer_decodings(model, adapter).items():
+        for way, run in (("locate", fresh), ("prefix", from_prefix)):
+            got = run(decoding)
+            if got is None:
+                continue  # the family prefills the locator prompts in full
+            (found, texts), forwards = got
+            name = f"{way}/{loop}"
+            ran.append(name)
+            assert found == expected, name
+            # each row's text ends with the token that completes its box, nothing after it
+            assert texts == [adapter.decode(s[:k]) for s, k in zip(scripts, up_to_box)], name
+            for text in texts:  # where the answer says its box ends: within the text, and the box is whole there
+                end = adapter.locator_answer_end(text)
+                assert end <= len(text) and adapter.locator_answer_end(text[:end]) == end, (name, text, end)
+            if decoding is None:
+                assert forwards == max(up_to_box), name  # transformers' loop stopped at the last row's box
+            else:
+                # SC-Tune's loop checks no text per step: it runs to the end token (or the budget), then cuts each row
+                assert forwards == min(max(map(len, scripts)), budget), name
+    return ran
 
 
 def assert_forced_captions_are_described_back(model, adapter, captions) -> None:

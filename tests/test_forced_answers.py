@@ -1,6 +1,6 @@
 """The roles' token paths, per family: the model writes the ids of its family's own answer, and ``locate`` (as the
-trainer calls it) decodes them, stops at the complete box and parses the box back; ``describe`` decodes a caption
-to its text.
+trainer calls it; and ``locate_from_prefix``, where the family shares the describer's image prefix) decodes them,
+stops at the complete box and parses the box back; ``describe`` decodes a caption to its text.
 
 A tiny random model never writes a box that parses, so without forcing, every defect between "the model wrote the
 answer" and "the trainer got a box" (special tokens dropped in decoding, a codec's axes swapped, the stop one token
@@ -20,6 +20,8 @@ from tests.helpers import (FORCED_CAPTIONS, assert_forced_captions_are_described
 
 # Families without SC-Tune's static loop: their locator decodes with transformers' generate only.
 NO_STATIC_LOOP = {"minicpmv4_6", "minicpmv4_7", "ovis2", "qwen4_exp"}
+# Families whose trainer locates from the image prefix the describer pass cached (``locate_from_prefix``).
+SHARES_PREFIX = {"qwen", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"}
 
 
 def tiny_model(tiny_checkpoint, model_type):
@@ -35,6 +37,8 @@ def tiny_model(tiny_checkpoint, model_type):
 @pytest.mark.parametrize("model_type", supported_model_types())
 def test_the_familys_own_answers_written_by_the_model_are_read_back(model_type, tiny_checkpoint):
     model, adapter = tiny_model(tiny_checkpoint, model_type)
-    loops = assert_forced_locator_answers_are_located_back(model, adapter)
-    assert set(loops) == ({"generate"} if model_type in NO_STATIC_LOOP else {"generate", "static"})
+    ran = assert_forced_locator_answers_are_located_back(model, adapter)
+    loops = ["generate"] if model_type in NO_STATIC_LOOP else ["generate", "static"]
+    ways = ["locate", "prefix"] if model_type in SHARES_PREFIX else ["locate"]
+    assert ran == [f"{way}/{loop}" for loop in loops for way in ways]
     assert_forced_captions_are_described_back(model, adapter, FORCED_CAPTIONS)

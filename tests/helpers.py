@@ -371,7 +371,9 @@ class ScriptedLogits:
     rules (suppressed tokens, end-token rules) still run on these logits, as on a real model's: a rule that forbade a
     token of the family's own answer would change what is written. The k-th forward after ``write`` is the k-th new
     token (one forward per token: the prefill writes the first), so each ``generate`` call needs its own ``write``.
-    ``forwards`` counts the forwards since the last ``write`` (the decoding steps a call took)."""
+    ``forwards`` counts the forwards since the last ``write`` (the decoding steps a call took). A hook does not run
+    in a replayed CUDA graph: on CUDA, force the static loop with ``Decoding(cuda_graphs=False)``; on CPU (the tests)
+    it runs eagerly."""
 
     def __init__(self, model):
         self.scripts: list[list[int]] | None = None

@@ -383,9 +383,6 @@ class ScriptedLogits:
     def write(self, scripts) -> None:
         self.scripts, self.forwards = [list(s) for s in scripts], 0
 
-    def stop(self) -> None:
-        self.scripts = None
-
     def _force(self, module, args, output):
         if self.scripts is None:
             return output

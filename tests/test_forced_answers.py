@@ -21,7 +21,10 @@ from tests.helpers import (FORCED_CAPTIONS, assert_forced_captions_are_described
 # Families without SC-Tune's static loop: their locator decodes with transformers' generate only.
 NO_STATIC_LOOP = {"minicpmv4_6", "minicpmv4_7", "ovis2", "qwen4_exp"}
 # Families whose trainer locates from the image prefix the describer pass cached (``locate_from_prefix``).
-SHARES_PREFIX = {"qwen", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"}
+# (The Qwen families by their own positions; the 1-D rotary families with full attention only, through
+# sc_tune.adapters.unpadded_positions.)
+SHARES_PREFIX = {"qwen", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava", "llava_next", "llava_onevision",
+                 "internvl", "mistral3", "smolvlm", "idefics3", "ovis2"}
 
 
 def tiny_model(tiny_checkpoint, model_type):

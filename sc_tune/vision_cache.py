@@ -4,7 +4,9 @@ Under ``fix_vit`` the vision tower's blocks cannot change within a rollout, yet 
 the tower in every pass (policy sampling, snapshot greedy captions, locating 2B rows, snapshot scoring,
 each PPO epoch's forward). ``VisionCache`` memoises, per image, the outputs of the frozen modules that the
 trainable tail reads (Qwen2/2.5-VL: the last block, read by the merger; Qwen3-VL: also the DeepStack
-blocks; Qwen-VL: the whole ViT trunk, read by the resampler ``attn_pool``), and replays them:
+blocks; Qwen-VL: the whole ViT trunk, read by the resampler ``attn_pool``; GLM-4V: the post-layernorm, read by its
+downsample and merger; the tiled towers: the layers their projector reads, ``sc_tune.adapters.stacked_tiles``), and
+replays them:
 
 - while active, the tower's ``forward`` is wrapped; a call splits its pixels per image (the family's
   ``VisionTrunk.image_pixels``) and looks each image up by its *pixels* (a key of sums proposes a cached image,

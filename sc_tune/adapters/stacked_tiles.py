@@ -7,7 +7,7 @@ one tile or several (anyres/tiling: a base view and crops), concatenated along d
 layer depend on its own pixels only, which makes the split exact without knowing how many tiles each image has (the
 tower call does not carry the images' tile counts; LLaVA-NeXT's are drawn from ``image_sizes`` outside it).
 
-But for Ovis2 (below), the tower is frozen whole by ``fix_vit`` (the projector lives beside it, outside
+Except in Ovis2 (below), the tower is frozen whole by ``fix_vit`` (the projector lives beside it, outside
 ``vision_prefix``, and trains), so the cache memoises its whole output per tile and the projector runs, with
 gradients, on the replayed features in every pass. The encoder layers whose outputs the projector reads
 (``hidden_states[i]`` for the family's feature layers) and the last layer (``last_hidden_state``, ``pooler_output``)

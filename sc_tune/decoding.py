@@ -516,15 +516,20 @@ def _capture(function, blocks: Sequence[SampledRows], keep_output: bool = False)
 _WINDOW_LAYERS = ("sliding_attention", "chunked_attention")
 
 
+def text_layer_caches(config) -> list[tuple[str, int | None]]:
+    """``(kind, window)`` of each text layer's cache, read as transformers' caches read them
+    (``get_layer_types_and_kwargs``): a config with a ``sliding_window`` and no ``layer_types`` (Mistral's text models:
+    Idefics2, LLaVA-NeXT-Mistral) makes every layer a window layer."""
+    kinds, layer_kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    return [(kind, kwargs.get("sliding_window")) for kind, kwargs in zip(kinds, layer_kwargs)]
+
+
 def static_cache_fits(config, length: int) -> bool:
     """Whether a static cache of ``length`` columns decodes ``config``'s model with every layer a full one here: window
     layers (Gemma's sliding attention, Mistral's) only when their window covers the whole call (a full static window
-    cache rolls, which a captured step cannot follow). The layers' kinds and windows are read as ``StaticCache`` reads
-    them (``get_layer_types_and_kwargs``): a config with a ``sliding_window`` and no ``layer_types`` (Mistral's text
-    models: Idefics2, LLaVA-NeXT-Mistral) makes every layer a window layer."""
-    kinds, layer_kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
-    windows = [kwargs.get("sliding_window") for kind, kwargs in zip(kinds, layer_kwargs) if kind in _WINDOW_LAYERS]
-    return all(window is not None and window >= length for window in windows)
+    cache rolls, which a captured step cannot follow)."""
+    return all(window is not None and window >= length
+               for kind, window in text_layer_caches(config) if kind in _WINDOW_LAYERS)
 
 
 def static_cache_from(cache, config, max_cache_len: int):

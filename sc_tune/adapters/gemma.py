@@ -80,6 +80,10 @@ class Gemma3Adapter(UnpaddedPositionsPromptCache, _GemmaAdapter):
     # Sliding-window layers decode statically where the window covers the call (sc_tune.decoding.static_cache_fits).
     static_decoding_verified = True
     image_type_key = "token_type_ids"
+    # Prompt caches (UnpaddedPositionsPromptCache): the greedy captions resume from the scoring cache while the scored
+    # sequence fits the sliding window (1,024 in the releases), whose layers then still hold every column; the
+    # bidirectional attention inside an image (token_type_ids) stays within the prompt's image span, so no prompt
+    # column's keys depend on the caption. Prompt columns never move: the window layers count columns.
 
     def preprocess_image(self, image):
         out = self.image_processor(images=[image], do_pan_and_scan=False, return_tensors="pt")
@@ -88,18 +92,6 @@ class Gemma3Adapter(UnpaddedPositionsPromptCache, _GemmaAdapter):
         placeholder = f"\n\n{self.image_block(num_tokens)}\n\n"
         frame = (int(pixel_values.shape[-1]), int(pixel_values.shape[-2]))
         return TemplateImageInputs({"pixel_values": pixel_values}, num_tokens, frame, placeholder)
-
-    def resumes_from_scoring_cache(self, model, prompt_length, scored_length):
-        """Yes below the sliding window (1-D rotary positions, ``sc_tune.adapters.unpadded_positions``): the window
-        layers keep every column of a scored sequence shorter than their window (1,024 in the releases), so its cache
-        crops back to the prompts exactly; a longer one prefills again. The bidirectional attention inside an image
-        (``token_type_ids``) stays within the prompt's image span, so no prompt column's keys depend on the caption."""
-        return super().resumes_from_scoring_cache(model, prompt_length, scored_length)
-
-    def moves_cached_prompt_columns(self, model, prompt_length):
-        """No: every Gemma 3 text model has sliding-window layers, whose window counts columns, and a moved prefix
-        sits at other columns than in a fresh locator batch; the locator prompts are prefilled in full."""
-        return super().moves_cached_prompt_columns(model, prompt_length)
 
     def vision_trunk(self, model):
         # The projector reads last_hidden_state (after SigLIP's post_layernorm) of one fixed-size view per image.

@@ -33,13 +33,8 @@ layer exists (the locator batch's columns are not a fresh batch's, and a window 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import get_layer_types_and_kwargs
 
-def _layer_caches(model) -> list[tuple[str, int | None]]:
-    """``(kind, window)`` of each text layer's cache, read as transformers' caches read them (a ``sliding_window``
-    without ``layer_types``, Mistral's text configs, makes every layer a window layer)."""
-    kinds, layer_kwargs = get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
-    return [(kind, kwargs.get("sliding_window")) for kind, kwargs in zip(kinds, layer_kwargs)]
+from sc_tune.decoding import text_layer_caches
 
 
 def scoring_cache_crops(model, scored_length: int) -> bool:
@@ -47,13 +42,13 @@ def scoring_cache_crops(model, scored_length: int) -> bool:
     full attention layers, and window layers whose window still holds the whole scored sequence (they keep their last
     ``window - 1`` columns, and transformers refuses the crop once they have dropped one). A recurrent state
     (linear attention) or a chunked layer is refused."""
-    return all(kind == "full_attention" or (kind == "sliding_attention" and window is not None
-                                            and scored_length < window) for kind, window in _layer_caches(model))
+    return all(kind == "full_attention" or (kind == "sliding_attention" and window is not None and scored_length < window)
+               for kind, window in text_layer_caches(model.config))
 
 
 def only_full_attention(model) -> bool:
     """Whether every text layer caches every column at full attention (no window, no recurrent state)."""
-    return all(kind == "full_attention" for kind, _ in _layer_caches(model))
+    return all(kind == "full_attention" for kind, _ in text_layer_caches(model.config))
 
 
 def unpadded_positions(attention_mask_BW: torch.Tensor) -> torch.Tensor:

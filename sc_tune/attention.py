@@ -4,6 +4,9 @@ transformers picks a layer's attention function by name from its config (``confi
 forward. SC-Tune registers its own under a name of its own and sets that name on one config only while the block
 runs: the vision tower's packed windows while its trunk encodes (``sc_tune.vision_cache``), the decode step's
 grouped-query attention while a static decode step runs (``sc_tune.decoding``). Everything else runs as configured.
+
+Also here: which attention, and so which cache, each text layer has (``text_layer_caches``), for the static decoding
+loop and the prompt-cache checks alike.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 
 from transformers import AttentionInterface
+from transformers.cache_utils import get_layer_types_and_kwargs
 from transformers.masking_utils import AttentionMaskInterface
 
 
@@ -32,3 +36,11 @@ def attention_routed(config, name: str, function: Callable, applies: Callable[[s
         yield
     finally:
         config._attn_implementation = current
+
+
+def text_layer_caches(config) -> list[tuple[str, int | None]]:
+    """``(kind, window)`` of each text layer's cache, read as transformers' caches read them
+    (``get_layer_types_and_kwargs``): a config with a ``sliding_window`` and no ``layer_types`` (Mistral's text models:
+    Idefics2, LLaVA-NeXT-Mistral) makes every layer a window layer."""
+    kinds, layer_kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    return [(kind, kwargs.get("sliding_window")) for kind, kwargs in zip(kinds, layer_kwargs)]

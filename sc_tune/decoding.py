@@ -39,13 +39,13 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import StaticCache, get_layer_types_and_kwargs
+from transformers.cache_utils import StaticCache
 from transformers.generation import logits_process as lp
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from sc_tune.attention import attention_routed
+from sc_tune.attention import attention_routed, text_layer_caches
 
 logger = logging.getLogger(__name__)
 
@@ -514,14 +514,6 @@ def _capture(function, blocks: Sequence[SampledRows], keep_output: bool = False)
 
 
 _WINDOW_LAYERS = ("sliding_attention", "chunked_attention")
-
-
-def text_layer_caches(config) -> list[tuple[str, int | None]]:
-    """``(kind, window)`` of each text layer's cache, read as transformers' caches read them
-    (``get_layer_types_and_kwargs``): a config with a ``sliding_window`` and no ``layer_types`` (Mistral's text models:
-    Idefics2, LLaVA-NeXT-Mistral) makes every layer a window layer."""
-    kinds, layer_kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
-    return [(kind, kwargs.get("sliding_window")) for kind, kwargs in zip(kinds, layer_kwargs)]
 
 
 def static_cache_fits(config, length: int) -> bool:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from sc_tune.decoding import text_layer_caches
+from sc_tune.attention import text_layer_caches
 
 
 def scoring_cache_crops(model, scored_length: int) -> bool:

@@ -38,6 +38,11 @@ def attention_routed(config, name: str, function: Callable, applies: Callable[[s
         config._attn_implementation = current
 
 
+# The cache kinds of layers that attend to a window of the last columns only (Gemma's, Mistral's, Qwen2's sliding
+# attention; Llama 4's chunked attention): their cache keeps the window, not the whole prompt.
+WINDOW_LAYER_KINDS = ("sliding_attention", "chunked_attention")
+
+
 def text_layer_caches(config) -> list[tuple[str, int | None]]:
     """``(kind, window)`` of each text layer's cache, read as transformers' caches read them
     (``get_layer_types_and_kwargs``): a config with a ``sliding_window`` and no ``layer_types`` (Mistral's text models:

@@ -53,6 +53,7 @@ import torch
 from sc_tune.adapters.base import DocumentedAnswer, find_submodule, language_model_lora_targets
 from sc_tune.adapters.patch_grid_chat import PatchGridChatAdapter, patch_grid_vision_trunk
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
+from sc_tune.attention import WINDOW_LAYER_KINDS, text_layer_caches
 from sc_tune.box_codecs import JsonBoxCodec, PairGridCodec
 from sc_tune.vision_cache import VisionTrunk
 
@@ -107,7 +108,7 @@ def _has_window_layers(model) -> bool:
     """Whether the text model has sliding-window layers (a Qwen2 checkpoint with ``use_sliding_window``; the released
     ones have it off). Their cache keeps only the window's last columns, so a prompt's cache can be neither cropped
     back to the prompt nor cut to its image prefix: such a model prefills its prompts in full (always exact)."""
-    return "sliding_attention" in (getattr(model.config.get_text_config(decoder=True), "layer_types", None) or [])
+    return any(kind in WINDOW_LAYER_KINDS for kind, _ in text_layer_caches(model.config))
 
 
 class _QwenChatVLAdapter(PatchGridChatAdapter):

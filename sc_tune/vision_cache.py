@@ -5,7 +5,8 @@ the tower in every pass (policy sampling, snapshot greedy captions, locating 2B 
 each PPO epoch's forward). ``VisionCache`` memoises, per image, the outputs of the frozen modules that the
 trainable tail reads (Qwen2/2.5-VL: the last block, read by the merger; Qwen3-VL: also the DeepStack
 blocks; Qwen-VL: the whole ViT trunk, read by the resampler ``attn_pool``; GLM-4V: the post-layernorm, read by its
-downsample and merger; the tiled towers: the layers their projector reads, ``sc_tune.adapters.stacked_tiles``), and
+downsample and merger; the tiled towers: the layers their projector reads, ``sc_tune.adapters.stacked_tiles``;
+MiniCPM-V 4.6 / 4.7: the post-layernorm, read by the merger beside the tower, ``sc_tune.adapters.minicpmv``), and
 replays them:
 
 - while active, the tower's ``forward`` is wrapped; a call splits its pixels per image (the family's
@@ -13,9 +14,9 @@ replays them:
   the pixels compared on the device decide, one host read per call: a hit is exact and no id has to travel with
   the batch: the 2B locator rows find the B encodings of the same images);
 - the first call that meets an unseen image runs the tower unchanged under ``no_grad`` and records the
-  replayed modules' outputs, split per image along dim 0; where the family can cut a call
-  (``VisionTrunk.images_call``), only over the images not cached yet, each once (the fused describer loop's
-  first call holds every image twice); and where its attention takes packed windows
+  replayed modules' outputs, split per image along ``VisionTrunk.rows_dim`` in proportion to its pixel rows;
+  where the family can cut a call (``VisionTrunk.images_call``), only over the images not cached yet, each once
+  (the fused describer loop's first call holds every image twice); and where its attention takes packed windows
   (``VisionTrunk.packed_attention_config``), with the windows of one length in one attention call
   (:func:`packed_attention`) instead of transformers' one call per window when flash-attn is absent;
 - every call then runs the tower's own ``forward`` with the replayed modules answering from the cache and
@@ -26,8 +27,11 @@ A tower with *no* trainable parameter (the snapshot's copy, whose merger/resampl
 policy under LoRA, whose tail LoRA does not train) cannot change at all within a rollout, so its whole output
 is memoised per image as well: the snapshot's greedy captions, its 2B locator rows and its scoring pass then
 run the tail once per image instead of four times. This needs the family to declare that every tensor of
-the tower's output holds each image's rows contiguously along dim 0, in proportion to its pixel rows
-(``VisionTrunk.output_rows_per_image``); without it only the trunk is replayed.
+the tower's output holds each image's rows contiguously along ``rows_dim``, in proportion to its pixel rows
+(``VisionTrunk.output_rows_per_image``); without it only the trunk is replayed. A tower that ``fix_vit`` freezes
+whole (VideoLLaMA3, MiniCPM-V, the tiled families with the projector beside the tower) still replays its trunk
+wherever the memo misses and the trunk cache does not: a call cut to its new images (the memo is filled from whole
+calls only), and the first calls of a second tower, the snapshot's frozen copy, over images the policy encoded.
 
 The adapter says where the trunk is (``ModelAdapter.vision_trunk``); a family returning ``None`` gets
 no cache, which is always correct, only slower. Nothing is cached when any trunk parameter is
@@ -36,7 +40,9 @@ trainable (``--fix_vit False``): ``VisionCache.for_model`` returns ``None``.
 An "image" here is whatever unit ``VisionTrunk.image_pixels`` cuts a call into: towers that encode fixed-size tiles
 stacked along dim 0, each on its own (the LLaVA families, Gemma 3, InternVL, Ovis2: ``sc_tune.adapters.stacked_tiles``),
 are cached per tile, so no tile count per image is needed; where their projector lies outside the tower, which
-``fix_vit`` then freezes whole, the tower's whole output is memoised per tile.
+``fix_vit`` then freezes whole, the tower's whole output is memoised per tile. MiniCPM-V's tower takes every view
+(thumbnail and slices) of a call packed into one sequence, ``(1, tokens, width)``, and encodes each view on its own:
+it is cached per view, its rows along dim 1.
 
 Distributed: ZeRO-2 keeps whole parameters on every rank, ZeRO-3 gathers a module's shards in its
 pre-forward hook, which still fires for a replayed block (the gather is wasted, the result is right);
@@ -64,11 +70,13 @@ class VisionTrunk:
     tower: nn.Module  # the module called with a batch of images (its forward is wrapped)
     replayed: Sequence[nn.Module]  # trunk modules whose outputs the trainable tail reads (answered from the cache)
     skipped: Sequence[nn.Module]  # other trunk modules (pass their first argument through when replaying)
-    # (args, kwargs) of a tower call -> one pixel tensor per image, in batch order; each image's rows of
-    # every replayed module's output are the same count, contiguous along dim 0, in the same order.
+    # (args, kwargs) of a tower call -> one tensor per image, in batch order, of what its encoding depends on (its
+    # pixels, and where the tower reads more per image, that too); its dim 0 counts the image's "pixel rows": every
+    # replayed module's output holds each image's rows contiguously along ``rows_dim``, in batch order, in proportion
+    # to them (mostly as many).
     image_pixels: Callable[[tuple, dict], list[torch.Tensor]]
     # True when every tensor in the tower's output (a tensor, or a ModelOutput/list of them) holds each image's
-    # rows contiguously along dim 0, in batch order, in proportion to its pixel rows: then a tower without
+    # rows contiguously along ``rows_dim``, in batch order, in proportion to its pixel rows: then a tower without
     # trainable parameters has its whole output memoised per image.
     output_rows_per_image: bool = False
     # (args, kwargs, indices) -> the (args, kwargs) of a tower call holding only those images, in that order, or
@@ -78,6 +86,10 @@ class VisionTrunk:
     # The tower's config, where its attention takes packed windows (``cu_seqlens``): while the trunk encodes, its
     # attention runs one call per window length instead of one per window (``packed_attention``). None: as configured.
     packed_attention_config: object | None = None
+    # The dimension of the replayed modules' outputs and of the tower's output tensors along which the images' rows
+    # lie: 0 for a batch of images (or a packed sequence without a batch dimension), 1 where the tower packs every
+    # image into one sequence of a batch of one (MiniCPM-V's (1, tokens, width)).
+    rows_dim: int = 0
 
     def parameters(self):
         for module in (*self.replayed, *self.skipped):
@@ -162,14 +174,15 @@ class VisionCache:
             memo = self._tower_outputs.setdefault(id(trunk.tower), {}) if memoised else {}
             if memoised and all(i in memo for i in found):
                 self.reused_tower_calls += 1
-                return _join([memo[i] for i in found])
+                return _join([memo[i] for i in found], trunk.rows_dim)
             if output is None or (torch.is_grad_enabled() and not frozen):
                 # The tail needs its autograd graph (or nothing was run yet): replay the trunk, run the tail.
-                replay = [torch.cat([self._outputs[i][j] for i in found]) for j in range(len(trunk.replayed))]
+                replay = [torch.cat([self._outputs[i][j] for i in found], trunk.rows_dim)
+                          for j in range(len(trunk.replayed))]
                 with _answering(trunk, replay):
                     output = tower_forward(*args, **kwargs)
             if memoised:
-                pieces = _split(output, [p.shape[0] for p in per_image])
+                pieces = _split(output, [p.shape[0] for p in per_image], trunk.rows_dim)
                 for i, piece in zip(found, pieces or []):
                     memo.setdefault(i, piece)
             return output
@@ -208,7 +221,14 @@ class VisionCache:
         finally:
             for handle in handles:
                 handle.remove()
-        splits = [torch.split(out, [per_image[i].shape[0] for i in ran]) for out in recorded]
+        pixel_rows = [per_image[i].shape[0] for i in ran]
+        splits = []
+        for module, out in zip(trunk.replayed, recorded):
+            sizes = _rows_in_proportion(out.shape[trunk.rows_dim], pixel_rows)
+            if sizes is None:  # the family's VisionTrunk is wrong: a silent mis-split would hand images others' rows
+                raise ValueError(f"VisionCache: {type(module).__name__}'s {out.shape[trunk.rows_dim]} rows (dim "
+                                 f"{trunk.rows_dim}) do not divide in proportion to the pixel rows {pixel_rows}")
+            splits.append(torch.split(out, sizes, trunk.rows_dim))
         for position, i in enumerate(ran):
             if i in new:
                 found[i] = len(self._pixels)
@@ -270,42 +290,49 @@ def _keys(per_image: list[torch.Tensor]) -> list[tuple]:
     return [(tuple(p.shape), p.dtype, p.device, *s) for p, s in zip(per_image, sums)]
 
 
-def _split(output, pixel_rows: list[int]):
-    """``output`` cut into one piece per image (rows in proportion to ``pixel_rows``), or ``None`` when a
-    tensor's rows do not divide that way or the output holds something other than tensors."""
-    total = sum(pixel_rows)
+def _rows_in_proportion(total: int, pixel_rows: list[int]) -> list[int] | None:
+    """``total`` rows cut in proportion to ``pixel_rows`` (one count per image), or None where they do not divide so."""
+    whole = sum(pixel_rows)
+    if any(total * n % whole for n in pixel_rows):
+        return None
+    return [total * n // whole for n in pixel_rows]
+
+
+def _split(output, pixel_rows: list[int], dim: int):
+    """``output`` cut along ``dim`` into one piece per image (rows in proportion to ``pixel_rows``), or ``None`` when
+    a tensor's rows do not divide that way or the output holds something other than tensors."""
     if output is None:  # an entry not captured (transformers' hidden_states holds None where no layer was asked for)
         return [None] * len(pixel_rows)
     if isinstance(output, torch.Tensor):
-        if any(output.shape[0] * n % total for n in pixel_rows):
+        sizes = _rows_in_proportion(output.shape[dim], pixel_rows) if output.dim() > dim else None
+        if sizes is None:
             return None
         # Cloned: the caller owns ``output`` and may change it in place; the memo must not change with it.
-        sizes = [output.shape[0] * n // total for n in pixel_rows]
-        return [rows.clone() for rows in torch.split(output.detach(), sizes)]
+        return [rows.clone() for rows in torch.split(output.detach(), sizes, dim)]
     if isinstance(output, dict):  # transformers' ModelOutput is a dict of its non-None fields
-        fields = {key: _split(value, pixel_rows) for key, value in output.items()}
+        fields = {key: _split(value, pixel_rows, dim) for key, value in output.items()}
         if any(pieces is None for pieces in fields.values()):
             return None
         return [(type(output), {key: pieces[i] for key, pieces in fields.items()}) for i in range(len(pixel_rows))]
     if isinstance(output, (list, tuple)):
-        items = [_split(value, pixel_rows) for value in output]
+        items = [_split(value, pixel_rows, dim) for value in output]
         if any(pieces is None for pieces in items):
             return None
         return [(type(output), [pieces[i] for pieces in items]) for i in range(len(pixel_rows))]
     return None
 
 
-def _join(pieces: list):
+def _join(pieces: list, dim: int):
     """The inverse of ``_split``: one output for these images, in this order (fresh tensors every call)."""
     first = pieces[0]
     if first is None:
         return None
     if isinstance(first, torch.Tensor):
-        return torch.cat(pieces)
+        return torch.cat(pieces, dim)
     kind, content = first
     if isinstance(content, dict):
-        return kind(**{key: _join([piece[1][key] for piece in pieces]) for key in content})
-    return kind(_join([piece[1][j] for piece in pieces]) for j in range(len(content)))
+        return kind(**{key: _join([piece[1][key] for piece in pieces], dim) for key in content})
+    return kind(_join([piece[1][j] for piece in pieces], dim) for j in range(len(content)))
 
 
 @contextmanager

@@ -4,8 +4,6 @@
 import pytest
 import torch
 
-from sc_tune.adapters import family_for
-from sc_tune.adapters.base import ModelAdapter
 from sc_tune.modeling import freeze_vision_tower, load_model_and_adapter
 from sc_tune.rollout import GenerationSettings, describe, locate
 from sc_tune.vision_cache import VisionCache
@@ -16,9 +14,11 @@ CACHED_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen", "cohere_compass
 # Towers of fixed-size tiles stacked along dim 0, cached per tile (sc_tune.adapters.stacked_tiles).
 TILE_FAMILIES = ["llava", "llava_next", "granite4_vision", "llava_onevision", "aya_vision", "gemma3", "internvl",
                  "ovis2", "smolvlm", "idefics3"]
+# Views (a thumbnail and slices) packed along the pixels' last dimension, cached per view (sc_tune.adapters.minicpmv).
+VIEW_FAMILIES = ["minicpmv4_6", "minicpmv4_7"]
 # Gemma 4's tower drops padding patches from its output, so only its trunk is replayed (no whole-output memo).
 TRUNK_ONLY_FAMILIES = ["gemma4"]
-CACHED_FAMILIES += [*TILE_FAMILIES, *TRUNK_ONLY_FAMILIES]
+CACHED_FAMILIES += [*TILE_FAMILIES, *VIEW_FAMILIES, *TRUNK_ONLY_FAMILIES]
 
 
 # A tower that keeps nothing trainable under fix_vit in a family naming no language-model prefix: its projector.
@@ -65,6 +65,25 @@ def _teacher_forced_logp(model, adapter, images, boxes_norm):
 
 @pytest.mark.parametrize("model_type", CACHED_FAMILIES)
 def test_cache_matches_uncached_logprobs_generation_and_tail_gradients(tiny_checkpoint, model_type):
+    _check_cache_matches_uncached(tiny_checkpoint, model_type)
+
+
+@pytest.mark.parametrize("model_type", ["video_llama_3", "minicpmv4_6"])
+def test_trunk_replay_of_a_wholly_frozen_tower_matches_uncached(tiny_checkpoint, model_type):
+    """A tower that fix_vit freezes whole (its projector/merger lies outside it) has its whole output memoised, so the
+    check above never replays its trunk; the trainer does, wherever the memo misses and the trunk cache holds the
+    images: a call cut to its new images, the first calls of the snapshot's frozen copy. No tower parameter can train
+    (the whole tower is trunk, and a trainable trunk turns the cache off), so the replay is forced instead: the memo
+    off and the images encoded before the passes, every pass, the one with gradients first, runs the tower on the
+    replayed trunk outputs."""
+    replays = _check_cache_matches_uncached(tiny_checkpoint, model_type, replay_only=True)
+    assert replays == 3, "the gradient pass, the captions' prefill, the locator rows: each replayed"
+
+
+def _check_cache_matches_uncached(tiny_checkpoint, model_type, replay_only=False) -> int:
+    """Log-probs with gradients, greedy captions and located boxes the same with and without the cache, and the
+    trainable tail's gradients equal; ``replay_only``: with the cache's whole-output memo off and the images encoded
+    first, so that every pass replays the trunk. Returns how many tower calls replayed the trunk."""
     torch.manual_seed(0)
     model, adapter = load_model_and_adapter(tiny_checkpoint(model_type))
     freeze_vision_tower(model, adapter)
@@ -90,13 +109,27 @@ def test_cache_matches_uncached_logprobs_generation_and_tail_gradients(tiny_chec
 
     units, plain = _cache_units(adapter.vision_trunk(model), lambda: run(cached=False))
     cache.clear()
-    cached = run(cached=True)
+    replayed = cache.trunks[0].replayed[-1]
+    replays = []
+    hook = replayed.register_forward_hook(lambda module, *_: replays.append("forward" in vars(module)))
+    try:
+        if replay_only:
+            cache.trunks[0].output_rows_per_image = False
+            with cache.active(), torch.no_grad():
+                _teacher_forced_logp(model, adapter, images, boxes)
+            replays[:] = []
+        cached = run(cached=True)
+    finally:
+        hook.remove()
     assert cache.encoded_images == units, "each image's (tile's) trunk ran exactly once across all passes"
+    if replay_only:
+        assert all(replays) and cache.reused_tower_calls == 0, "every tower call replayed the trunk"
     assert cached[0] == plain[0] and cached[1] == plain[1]
     torch.testing.assert_close(cached[2], plain[2], atol=1e-5, rtol=0)
     for g_cached, g_plain in zip(cached[3], plain[3]):
         assert g_plain.abs().sum() > 0
         torch.testing.assert_close(g_cached, g_plain, atol=1e-5, rtol=1e-4)
+    return sum(replays)
 
 
 MEMOISED_FAMILIES = [f for f in CACHED_FAMILIES if f not in TRUNK_ONLY_FAMILIES]
@@ -159,7 +192,7 @@ def test_a_call_whose_images_repeat_or_are_cached_runs_the_trunk_on_the_new_ones
 
     def count(module, args, output):
         if "forward" not in vars(module):  # the block computed (a replay answers through an instance forward)
-            rows.append(output.shape[0])
+            rows.append(output.shape[trunk.rows_dim])
 
     hook = first_block.register_forward_hook(count)
     twice, order = [0, 1, 0, 1], [2, 0, 1, 2]
@@ -183,12 +216,13 @@ def test_a_call_whose_images_repeat_or_are_cached_runs_the_trunk_on_the_new_ones
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("model_type", ["llava_next", "aya_vision", "internvl", "smolvlm", "gemma4"])
+@pytest.mark.parametrize("model_type", ["llava_next", "aya_vision", "internvl", "smolvlm", "gemma4", "minicpmv4_6"])
 def test_images_of_different_tile_counts_share_a_call_and_each_tile_is_encoded_once(tiny_checkpoint, model_type):
     """A widened image has another tile count (LLaVA-NeXT: 3 anyres tiles against 5, padded across the batch and
-    dropped by the model; Aya Vision, InternVL: more crops; Gemma 4: one row, with more valid patches). The cache's
-    unit is the tile (Gemma 4: the image), so calls that mix the images in any order, repeat them, or hold cached ones
-    give every row its own image's features."""
+    dropped by the model; Aya Vision, InternVL: more crops; Gemma 4: one row, with more valid patches; MiniCPM-V: a
+    wider thumbnail and 8 slices against 4). The cache's unit is the tile (Gemma 4: the image; MiniCPM-V: the view),
+    so calls that mix the images in any order, repeat them, or hold cached ones give every row its own image's
+    features."""
     torch.manual_seed(0)
     model, adapter = load_model_and_adapter(tiny_checkpoint(model_type))
     freeze_vision_tower(model, adapter)
@@ -198,6 +232,12 @@ def test_images_of_different_tile_counts_share_a_call_and_each_tile_is_encoded_o
     if model_type == "gemma4":
         assert len({image.num_tokens for image in images}) > 1
         tiles = [[image] for image in images]
+    elif model_type == "minicpmv4_6":
+        tiles = [_views(image.tensors) for image in images]
+        assert len({len(t) for t in tiles}) > 1 and min(map(len, tiles)) >= 3, "a thumbnail and slices"
+        assert len({t[0][0] for t in tiles}) > 1, "thumbnails of different grids"
+        # Slices of one flat colour repeat within an image: the same view, encoded once.
+        tiles = [list(dict.fromkeys(sum(tiles, [])))]
     else:
         tiles = [_unpadded_tiles(image.tensors["pixel_values"]) for image in images]
         assert len({len(t) for t in tiles}) > 1
@@ -213,6 +253,15 @@ def test_images_of_different_tile_counts_share_a_call_and_each_tile_is_encoded_o
     assert cache.encoded_images == sum(map(len, tiles))
     for got, expected in zip(cached, plain):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def _views(tensors):
+    """MiniCPM-V's views of one image as (grid, pixel bytes): ``target_sizes`` (h, w) rows, each view ``h * w``
+    patches of ``patch``-wide columns of ``pixel_values`` (1, 3, patch, columns)."""
+    pixels, patch = tensors["pixel_values"], tensors["pixel_values"].shape[-2]
+    grids = [tuple(grid) for grid in tensors["target_sizes"].tolist()]
+    columns = torch.split(pixels[0], [h * w * patch for h, w in grids], dim=-1)
+    return [(grid, view.numpy().tobytes()) for grid, view in zip(grids, columns)]
 
 
 def _unpadded_tiles(pixel_values):
@@ -291,13 +340,13 @@ def test_images_whose_keys_collide_are_told_apart_by_their_pixels(tiny_checkpoin
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_cache_is_off_without_fix_vit_and_for_fallback_families(tiny_checkpoint):
+def test_cache_is_off_without_fix_vit(tiny_checkpoint):
+    # The families without a trunk (vision_trunk None) get no cache either: test_template_families.py's
+    # test_mllama_prompt_and_vision_caches_are_refused_by_name and its Idefics2 twin.
     model, adapter = load_model_and_adapter(tiny_checkpoint("qwen2_vl"))
     assert VisionCache.for_model(adapter, [model]) is None, "a trainable trunk must never be cached"
     freeze_vision_tower(model, adapter)
     assert VisionCache.for_model(adapter, [model]) is not None
-    fallback = family_for("minicpmv4_6").adapter
-    assert fallback.vision_trunk is ModelAdapter.vision_trunk
 
 
 def _run_steps(checkpoint, tmp_path, vision_cache: bool, **overrides):
@@ -308,13 +357,18 @@ def _run_steps(checkpoint, tmp_path, vision_cache: bool, **overrides):
     return losses, trainer
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_training_losses_identical_with_and_without_cache(tiny_checkpoint, tmp_path, lora):
+# MiniCPM-V: the memoised whole output of a tower called with every image's views packed into one row; the tiny
+# checkpoint cuts each sample image into a thumbnail and 4 slices, the cache's units.
+@pytest.mark.parametrize("model_type, lora, units_per_image",
+                         [("qwen2_5_vl", False, 1), ("qwen2_5_vl", True, 1), ("minicpmv4_6", False, 5)])
+def test_training_losses_identical_with_and_without_cache(tiny_checkpoint, tmp_path, model_type, lora,
+                                                          units_per_image):
     transform = small_lora if lora else None
-    checkpoint = tiny_checkpoint("qwen2_5_vl")
+    checkpoint = tiny_checkpoint(model_type)
     plain, _ = _run_steps(checkpoint, tmp_path, False, model_transform=transform)
     cached, trainer = _run_steps(checkpoint, tmp_path, True, model_transform=transform)
-    assert len(plain) == 4 and 0 < trainer.cycle.vision_cache.encoded_images <= trainer.args.per_device_train_batch_size
+    encoded = trainer.cycle.vision_cache.encoded_images
+    assert len(plain) == 4 and 0 < encoded <= trainer.args.per_device_train_batch_size * units_per_image
     assert all(loss != 0 for loss in plain)
     logged = {k for entry in trainer.state.log_history for k, v in entry.items() if k.startswith("timing/") and v > 0}
     stages = ["policy_sampling", "snapshot_generation", "locating", "snapshot_scoring", "forward", "backward"]
@@ -377,5 +431,37 @@ def test_smolvlm_the_same_crop_under_another_patch_mask_is_another_tile(tiny_che
             cached = [encode(order) for order in orders]
     assert not torch.allclose(plain[0][0], plain[0][1], atol=1e-3), "the mask changes the features"
     assert cache.encoded_images == 2
+    for got, expected in zip(cached, plain):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_minicpmv_the_same_patches_on_another_grid_or_unmerged_are_another_view(tiny_checkpoint):
+    """MiniCPM-V's tower reads each view's patch grid (target_sizes: positions, attention and merge windows) and the
+    window-merger switch beside its pixels: the same patches as 4 x 8 and as 8 x 4, or without the window merger
+    ("4x"), encode otherwise, so the cache must not take one for the other."""
+    torch.manual_seed(0)
+    model, adapter = load_model_and_adapter(tiny_checkpoint("minicpmv4_6"))
+    freeze_vision_tower(model, adapter)
+    model.eval()
+    images, _ = sample_images(adapter, widened=1)
+    tensors = images[1].tensors
+    assert _views(tensors)[0][0] == (4, 8), "the widened image's thumbnail: the first view"
+    thumbnail = tensors["pixel_values"][..., :4 * 8 * tensors["pixel_values"].shape[-2]]
+    tower = adapter.vision_trunk(model).tower
+
+    def encode():
+        twice = tower(torch.cat([thumbnail, thumbnail], -1), target_sizes=torch.tensor([[4, 8], [8, 4]]))
+        unmerged = tower(thumbnail, target_sizes=torch.tensor([[4, 8]]), use_vit_merger=False)
+        return twice.last_hidden_state, unmerged.last_hidden_state
+
+    cache = VisionCache.for_model(adapter, [model])
+    with torch.no_grad():
+        plain = encode()
+        with cache.active():
+            cached = encode()
+    half = plain[0].shape[1] // 2
+    assert not torch.allclose(plain[0][:, :half], plain[0][:, half:], atol=1e-3), "the grid changes the features"
+    assert plain[1].shape[1] == 4 * half, "unmerged: a row per patch"
+    assert cache.encoded_images == 3
     for got, expected in zip(cached, plain):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -38,15 +38,33 @@ Modules (``model.vision_tower`` SigLIP2 with its window-attention ``vit_merger``
 ``model.language_model`` Qwen3.5 hybrid text model): ``fix_vit`` freezes the whole tower, window merger included;
 the merger stays trainable. LoRA: the language model's attention and MLP projections and its Gated DeltaNet
 projections, as Qwen3.5's.
+
+Vision cache (``vision_trunk``; 4.7's tower is 4.6's, class for class): the unit is a *view* (a thumbnail or a
+slice), not an image. The tower (``MiniCPMV4_6VisionModel.forward(pixel_values, target_sizes, use_vit_merger)``,
+transformers 5.24) encodes each view on its own: the patch embedding is a convolution of stride ``patch``, the
+position ids come from each view's ``target_sizes`` row, the encoder layers attend within each view (``cu_seqlens``
+from ``target_sizes``), the window merger's 2 x 2 windows are laid out per view (``get_vision_window_index`` over
+each view's grid) and merge four consecutive tokens of one window, and the layers after it attend within each
+downsampled view. Its output, ``last_hidden_state`` ``(1, tokens, width)``, holds each view's rows contiguously along
+dim 1: ``h * w / 4`` of them ("16x", the window merger on) or ``h * w`` ("4x"), in proportion to its ``h * w``
+patches either way. The merger that reads them is outside the tower and the whole tower is frozen by ``fix_vit``,
+so the tower's whole output is memoised per view; a call that repeats views or holds cached ones runs the tower on
+its new views only and replays the recorded ``post_layernorm`` output (the embeddings, the encoder layers and the
+window merger pass their input through, which the replayed norm ignores). A view's key is its patches and its
+``(h, w)`` and window-merger switch (the same pixels on another grid, or merged otherwise, encode otherwise).
 """
 
 from __future__ import annotations
 
 import re
 
+import torch
+
+from sc_tune.adapters.base import find_submodule
 from sc_tune.adapters.chat_template import ChatTemplateAdapter, TemplateImageInputs
 from sc_tune.adapters.qwen2_vl import GATED_DELTANET_PROJECTIONS
 from sc_tune.adapters.registry import Family, auto_image_text_to_text, register
+from sc_tune.vision_cache import VisionTrunk
 
 
 class MiniCPMV46Adapter(ChatTemplateAdapter):
@@ -92,6 +110,22 @@ class MiniCPMV46Adapter(ChatTemplateAdapter):
         """No: a recurrent state cannot be cut to the image prefix either; the locator prompts are prefilled in full."""
         return False
 
+    def vision_trunk(self, model):
+        # Per view, the whole output memoised (see the module docstring); only the post-layernorm is recorded.
+        tower = find_submodule(model, self.vision_prefix)
+        return VisionTrunk(
+            tower,
+            replayed=[tower.post_layernorm],
+            skipped=[tower.embeddings, *tower.encoder.layers, tower.vit_merger],
+            image_pixels=_views,
+            output_rows_per_image=True,
+            images_call=_call_with_views,
+            # Its attention takes packed windows (cu_seqlens): the window merger's are four tokens each, one
+            # attention call apiece without flash-attn.
+            packed_attention_config=tower.config,
+            rows_dim=1,
+        )
+
 
 class MiniCPMV47Adapter(MiniCPMV46Adapter):
     # The canvas M-RoPE finds each view's tokens from mm_token_type_ids (1 on <|image_pad|>), in every forward.
@@ -102,6 +136,59 @@ def patches_per_feature(image_processor) -> int:
     """Patches merged into one image feature: "16x" merges 2 x 2 twice (the tower's window merger, then the merger),
     "4x" once."""
     return 4 if image_processor.downsample_mode == "4x" else 16
+
+
+# The tower's forward parameters in order (MiniCPMV4_6VisionModel.forward); get_image_features passes the pixels by
+# position and the others by name.
+_TOWER_PARAMETERS = ("pixel_values", "target_sizes", "use_vit_merger")
+
+
+def _tower_arguments(args: tuple, kwargs: dict) -> dict:
+    """A tower call's arguments by name."""
+    return {**dict(zip(_TOWER_PARAMETERS, args)), **kwargs}
+
+
+def _view_columns(arguments: dict) -> tuple[list[torch.Tensor], list[list[int]]]:
+    """Each view's pixels, ``(3, patch, h * w * patch)``, and its ``(h, w)``: its patches are ``patch``-wide column
+    blocks of the packed ``pixel_values`` ``(1, 3, patch, sum of patches * patch)``, in ``target_sizes`` order."""
+    pixels, grids = arguments["pixel_values"], arguments["target_sizes"].tolist()
+    patch = pixels.shape[-2]
+    return list(torch.split(pixels[0], [h * w * patch for h, w in grids], dim=-1)), grids
+
+
+def _views(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """One tensor per view, ``(h * w, 3 * patch * patch + 3)``: a row per patch (so the view's output rows are in
+    proportion to its rows), its pixels beside the view's ``h``, ``w`` and window-merger switch, which the encoding
+    reads too. In the pixels' dtype where it holds every grid side exactly (bfloat16: up to 256 patches), else in
+    float32 (the cache keeps a copy of every view)."""
+    arguments = _tower_arguments(args, kwargs)
+    merged = float(arguments.get("use_vit_merger", True))
+    columns_per_view, grids = _view_columns(arguments)
+    dtype = columns_per_view[0].dtype
+    if max(map(max, grids)) > 2 / torch.finfo(dtype).eps:  # the largest integer from which all below are exact
+        dtype = torch.float32
+    views = []
+    for columns, (height, width) in zip(columns_per_view, grids):
+        patch = columns.shape[1]
+        patches = columns.reshape(-1, patch, height * width, patch).permute(2, 0, 1, 3).flatten(1).to(dtype)
+        layout = patches.new_tensor([height, width, merged]).expand(len(patches), -1)
+        views.append(torch.cat([patches, layout], 1))
+    return views
+
+
+def _call_with_views(args: tuple, kwargs: dict, indices: list[int]) -> tuple[tuple, dict] | None:
+    """The tower call over only the views ``indices``, or None where another tensor travels with it (precomputed
+    positions or windows of the whole call, which this does not know how to cut)."""
+    arguments = _tower_arguments(args, kwargs)
+    cut = ("pixel_values", "target_sizes")
+    if any(isinstance(value, torch.Tensor) for key, value in arguments.items() if key not in cut):
+        return None
+    columns, _ = _view_columns(arguments)
+    sizes = arguments["target_sizes"]
+    chosen = torch.tensor(indices, device=sizes.device)
+    rest = {key: value for key, value in arguments.items() if key not in cut}
+    pixels = torch.cat([columns[i] for i in indices], -1)[None]
+    return (pixels,), {**rest, "target_sizes": sizes.index_select(0, chosen)}
 
 
 def _placeholder_builder(image_processor, tokenizer):

@@ -435,10 +435,11 @@ def test_smolvlm_the_same_crop_under_another_patch_mask_is_another_tile(tiny_che
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_minicpmv_the_same_patches_on_another_grid_or_unmerged_are_another_view(tiny_checkpoint):
+def test_minicpmv_the_same_patches_on_another_grid_or_unmerged_are_another_view(tiny_checkpoint, monkeypatch):
     """MiniCPM-V's tower reads each view's patch grid (target_sizes: positions, attention and merge windows) and the
     window-merger switch beside its pixels: the same patches as 4 x 8 and as 8 x 4, or without the window merger
-    ("4x"), encode otherwise, so the cache must not take one for the other."""
+    ("4x"), encode otherwise, so the cache must not take one for the other. While the cache encodes, each layer's
+    attention, the window merger's 2 x 2 windows included, is one call per window length."""
     torch.manual_seed(0)
     model, adapter = load_model_and_adapter(tiny_checkpoint("minicpmv4_6"))
     freeze_vision_tower(model, adapter)
@@ -454,14 +455,21 @@ def test_minicpmv_the_same_patches_on_another_grid_or_unmerged_are_another_view(
         unmerged = tower(thumbnail, target_sizes=torch.tensor([[4, 8]]), use_vit_merger=False)
         return twice.last_hidden_state, unmerged.last_hidden_state
 
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(a[0].shape[0]) or sdpa(*a, **k))
     cache = VisionCache.for_model(adapter, [model])
     with torch.no_grad():
         plain = encode()
+        plain_calls, calls[:] = len(calls), []
         with cache.active():
             cached = encode()
     half = plain[0].shape[1] // 2
     assert not torch.allclose(plain[0][:, :half], plain[0][:, half:], atol=1e-3), "the grid changes the features"
     assert plain[1].shape[1] == 4 * half, "unmerged: a row per patch"
     assert cache.encoded_images == 3
+    # 2 views: a call per view in each layer and per window (8 a view) in the merger; unmerged, a call per layer
+    assert plain_calls == 2 + 16 + 2 + 2 and calls == [2, 16, 2, 1, 1], "one call per layer and window length"
     for got, expected in zip(cached, plain):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

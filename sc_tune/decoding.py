@@ -12,7 +12,9 @@ the logits processors and the stopping criteria. Its ``custom_generate`` hook th
    the card needs to read the weights; a replay costs the host one launch. A fresh graph is captured per call (the
    cache is the call's own), after the first decode step has run eagerly as the warm-up; capturing is about one
    forward's time. The host still reads one flag per step (all rows finished?), so a call stops where
-   transformers' would.
+   transformers' would, and may end rows itself (``row_done``, the locator's complete box): it reads each step's
+   new tokens while the device runs the next step, and a row it finds done is marked finished one step late,
+   after which the row writes padding as after an end token (:class:`_RowCheck`).
 2. **Per-row plans.** Rows outside every sampled block decode greedily, so one loop can hold the policy's sampled
    captions and greedy captions (the snapshot's, with another LoRA adapter per row block:
    ``sc_tune.snapshot.row_adapters``). A greedy row takes the argmax of the scores after the logits *rules*
@@ -100,6 +102,7 @@ class DecodeStats:
     graph_failures: int = 0  # captures that failed (those calls decoded eagerly); the first error below
     graph_error: str | None = None
     graph_model_part_only: int = 0  # calls whose graph held the model's part only (token choice eager)
+    rows_stopped_at_box: int = 0  # rows the host check ended (row_done: rollout.generate's locator box check)
     by_rows: dict[int, int] = field(default_factory=dict)  # rows per call -> decode steps at that size
 
     def pop(self) -> DecodeStats:
@@ -218,6 +221,64 @@ class _Loop:
         self.unfinished.mul_((~torch.isin(token, self.eos_ids)).long())
         self.last.copy_(token)
         self.written.add_(1)
+
+
+class _RowCheck:
+    """The host's own per-row check ``row_done(row_ids) -> bool`` (the locator's: does the row's text hold a
+    complete box?), one step late so that it overlaps the device's next step instead of waiting for it.
+
+    Each step: :meth:`check` reads the column :meth:`fetch` copied after the previous step (already on the host once
+    that step ended, while the step just launched runs), appends it to each open row's ids and asks ``row_done`` of
+    those rows; then :meth:`fetch` copies the new column (``non_blocking`` into pinned memory on CUDA, behind the step
+    that writes it). A row found done is marked finished in the loop's ``unfinished`` flags in place (the tensor a
+    captured step reads), so from the step after the one in flight on it writes padding, as after an end token:
+    one token past the complete box, which ``rollout.generate`` cuts as before, so the kept tokens are the same.
+
+    Cost per step: one ``row_done`` per open row (rows that wrote an end token or were found done are dropped: their
+    text cannot change), the locator's a decode of the row's ids so far (tens of tokens) and a parse of its text."""
+
+    def __init__(self, row_done: Callable[[list[int]], bool], loop: _Loop):
+        self.row_done, self.loop = row_done, loop
+        self.end_ids = set(loop.eos_ids.tolist())
+        device = loop.last.device
+        # Rows unfinished on the device after the columns read so far (an end token or a found box ends one there).
+        self.open_ids: dict[int, list[int]] = {row: [] for row in range(loop.n)}
+        self.column = torch.empty(loop.n, dtype=torch.long, pin_memory=device.type == "cuda")
+        self.copied = torch.cuda.Event() if device.type == "cuda" else None
+        self.fetched = False
+        self.stopped = 0
+
+    def fetch(self) -> None:
+        """Start copying the newest column (``loop.last``) to the host, behind the step that writes it."""
+        self.column.copy_(self.loop.last, non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
+        self.fetched = True
+
+    def check(self) -> None:
+        """Read the fetched column into the open rows; mark the rows ``row_done`` finds done as finished."""
+        if not self.fetched:
+            return
+        if self.copied is not None:
+            self.copied.synchronize()
+        tokens = self.column.tolist()  # read before the next fetch overwrites the buffer
+        self.fetched = False
+        done = []
+        for row in list(self.open_ids):
+            ids = self.open_ids[row]
+            ids.append(tokens[row])
+            if tokens[row] in self.end_ids:
+                del self.open_ids[row]  # ended on the device by its end token
+            elif self.row_done(ids):
+                del self.open_ids[row]
+                done.append(row)
+        if done:
+            # From pinned memory without blocking (a pageable copy would wait for the step in flight), into the very
+            # flags tensor the steps read: a captured graph replays with the tensor it was recorded with.
+            rows = torch.tensor(done, dtype=torch.long, pin_memory=self.copied is not None)
+            unfinished = self.loop.unfinished
+            unfinished.index_fill_(0, rows.to(unfinished.device, non_blocking=True), 0)
+            self.stopped += len(done)
 
 
 def _decode_mask(template_mask, key_mask_NL, column):
@@ -341,9 +402,11 @@ def _check_stopping(stopping_criteria) -> None:
             raise ValueError(f"decoding: stopping criterion {type(criterion).__name__} is not supported")
 
 
-def make_decode_loop(decoding: Decoding, blocks: Sequence[SampledRows], keep_logits: bool = False, logits=None):
+def make_decode_loop(decoding: Decoding, blocks: Sequence[SampledRows], keep_logits: bool = False, logits=None,
+                     row_done: Callable[[list[int]], bool] | None = None):
     """The ``custom_generate`` callable for one ``generate`` call. ``logits``: a list that receives each step's raw
-    logits (tests)."""
+    logits (tests). ``row_done(row_ids)``: whether a row, given its new ids so far, is done (it then ends one step
+    later, :class:`_RowCheck`); ``None``: rows end at their end token or the budget only."""
 
     def decode_loop(model, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs):
         _check_stopping(stopping_criteria)
@@ -372,6 +435,7 @@ def make_decode_loop(decoding: Decoding, blocks: Sequence[SampledRows], keep_log
         STATS.rows += n
 
         steps = 0
+        row_check = _RowCheck(row_done, loop) if row_done is not None else None
         if max_new > 1 and bool(loop.unfinished.any()):
             cache = model_kwargs["cache"]
             if static:
@@ -382,8 +446,9 @@ def make_decode_loop(decoding: Decoding, blocks: Sequence[SampledRows], keep_log
             # As transformers' _sample: MoE experts switch to their decode-friendly kernels on accelerators.
             optimize = getattr(model, "_optimize_model_for_decode", nullcontext)
             with optimize():
-                steps = _run(step, loop, graphed, device, logits)
+                steps = _run(step, loop, graphed, device, logits, row_check)
         STATS.decode_steps += steps
+        STATS.rows_stopped_at_box += row_check.stopped if row_check is not None else 0
         STATS.by_rows[n] = STATS.by_rows.get(n, 0) + steps
         written = int(loop.written)
         sequences = torch.cat([input_ids, loop.out[:, :written]], dim=1)
@@ -394,13 +459,16 @@ def make_decode_loop(decoding: Decoding, blocks: Sequence[SampledRows], keep_log
     return decode_loop
 
 
-def _run(step, loop: _Loop, graphed: bool, device, logits) -> int:
-    """Run decode steps until every row has ended or the budget is spent; returns the number of steps."""
+def _run(step, loop: _Loop, graphed: bool, device, logits, row_check: _RowCheck | None = None) -> int:
+    """Run decode steps until every row has ended (end token, budget, or ``row_check``) or the budget is spent;
+    returns the number of steps."""
     steps = 0
     replay = step
     capture = 0.0
     _sync(device)
     start = time.perf_counter()
+    if row_check is not None:
+        row_check.fetch()  # the prefill's token, checked while the first step runs
     while int(loop.written) < loop.max_new and bool(loop.unfinished.any()):
         if graphed and steps == 1:
             # The first step ran eagerly (warm-up: cuBLAS workspaces, lazy buffers); capture the next one. A capture
@@ -427,6 +495,11 @@ def _run(step, loop: _Loop, graphed: bool, device, logits) -> int:
             _sync(device)
             STATS.first_step_seconds += time.perf_counter() - first
         steps += 1
+        if row_check is not None:
+            # While the device runs the step just launched: check the previous step's column (rows found done end
+            # from the next step on), then fetch this step's column behind it.
+            row_check.check()
+            row_check.fetch()
         if logits is not None:
             logits.append(loop.logits.clone())
     _sync(device)

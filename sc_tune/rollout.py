@@ -215,7 +215,8 @@ def generate(
     (:mod:`sc_tune.prompt_cache`). Default: all but the last column, of a pass over this batch's own layout, and the
     batch gets the family's positions (``ModelAdapter.resumed_positions``); with ``cached_columns`` the batch brings
     its own (a shared-prefix batch). ``stop_at_box``: a row also ends once its text holds a complete
-    box (locator answers, :class:`BoxCompleteStop`; after the loop where ``decoding`` runs it).
+    box (locator answers: :class:`BoxCompleteStop` in transformers' loop; in SC-Tune's, the loop's ``row_done`` check
+    ends the row one step later and the row is cut at its box after the loop, the same tokens kept).
 
     ``decoding``: how the tokens are decoded (:mod:`sc_tune.decoding`: a static cache and CUDA graphs); ``None`` is
     transformers' own ``generate``. ``sampled_rows``: with sampling ``settings``, the row blocks that sample (and
@@ -261,7 +262,10 @@ def generate(
             decoding = dataclasses.replace(decoding, static_cache=False)  # a window shorter than the call
         if sampled_rows is None:
             sampled_rows = [SampledRows(0, inputs["input_ids"].shape[0])] if settings.do_sample else []
-        kwargs["custom_generate"] = make_decode_loop(decoding, sampled_rows)
+        # A locator row ends once its text holds a complete box, one step after it does (decoding._RowCheck): the
+        # cut below keeps the same tokens as BoxCompleteStop does in transformers' loop.
+        row_done = (lambda ids: _holds_box(adapter, ids)) if stop_at_box else None
+        kwargs["custom_generate"] = make_decode_loop(decoding, sampled_rows, row_done=row_done)
         if decoding.static_cache and prompt_cache is not None:
             # The resumed decoding continues in a static cache that starts as a copy of the prompt cache.
             prompt_cache = static_cache_from(prompt_cache, model.config, width + settings.max_new_tokens - 1)
@@ -275,8 +279,6 @@ def generate(
     elif keep_prompt_rows is not None:
         kwargs.setdefault("cache", DynamicCache())
     width = inputs["input_ids"].shape[1]
-    # SC-Tune's own decoding loop checks no text per step (its steps are captured graphs): its rows are cut at
-    # their box after the loop, the same tokens kept, only the steps after the box not saved.
     stop = BoxCompleteStop(adapter, width) if stop_at_box and "custom_generate" not in kwargs else None
     if stop is not None:
         kwargs["stopping_criteria"] = StoppingCriteriaList([stop])
@@ -292,10 +294,14 @@ def generate(
         for row, kept in stop.stopped_at.items():
             mask_BT[row, kept:] = 0
     elif stop_at_box:
+        # SC-Tune's loop ended each row one token after its box (or at its end token or the budget): cut it there,
+        # to the width transformers' loop stops at (the longest row kept).
         for row in range(ids_BT.shape[0]):
             kept = box_end_tokens(adapter, ids_BT[row][mask_BT[row].bool()].tolist())
             if kept is not None:
                 mask_BT[row, kept:] = 0
+        longest = int(mask_BT.sum(dim=1).max()) if mask_BT.numel() else 0
+        ids_BT, mask_BT = ids_BT[:, :longest], mask_BT[:, :longest]
     ids_BT = torch.where(mask_BT.bool(), ids_BT, torch.full_like(ids_BT, adapter.pad_token_id))
     decode = adapter.decode_caption if skip_special_tokens else adapter.decode
     texts = [decode(row[mask.bool()].tolist()) for row, mask in zip(ids_BT, mask_BT)]

@@ -74,7 +74,7 @@ def count_one_step(run) -> OpCounter:
     counter = OpCounter()
     original = decoding._run
 
-    def counted_run(step, loop, graphed, device, logits):
+    def counted_run(step, loop, graphed, device, logits, row_check=None):
         calls = 0
 
         def one_step():
@@ -83,7 +83,7 @@ def count_one_step(run) -> OpCounter:
             with counter if calls == 2 else nullcontext():
                 step()
 
-        return original(one_step, loop, graphed, device, logits)
+        return original(one_step, loop, graphed, device, logits, row_check)
 
     decoding._run = counted_run
     try:

@@ -29,6 +29,8 @@ configuration, setting and phase the JSON holds:
 - ``weight_read_floor_ms``: ``weight_bytes`` over the card's bandwidth, measured first by a device-to-device copy
   (``copy_bandwidth_gb_s``); ``decode_floor_ratio``: ``decode_ms_per_step / weight_read_floor_ms``;
 - ``generation_batch_size``: boxes per rollout; ``decode_rows``: rows per decode loop -> decode steps at that size;
+  ``rows_stopped_at_box``: locator rows SC-Tune's loop ended at their complete box (a step after it), not at their
+  end token or the budget (0 at random init, whose answers hold no box);
 - ``new_tokens_per_s``: tokens ``generate`` wrote over the seconds spent in it (prefill included);
 - ``samples_per_s``: boxes per second of whole units; ``step_seconds`` and ``stages_per_step`` per optimizer step;
 - ``generate_seconds_per_unit``: the generate calls' seconds split into the decode steps, the prefills (the language
@@ -459,6 +461,7 @@ def run_config(name, opts, device, dtype, meter, bandwidth):
                 "graph_error": stats.graph_error,
                 "graph_model_part_only": stats.graph_model_part_only,
                 "decode_calls": stats.calls,
+                "rows_stopped_at_box": stats.rows_stopped_at_box,
                 "prefill_seconds_per_unit": round(stats.prefill_seconds / opts.units, 3),
                 "generate_seconds_per_unit": breakdown,
                 "stages_per_step": {

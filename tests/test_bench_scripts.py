@@ -48,6 +48,7 @@ def test_gpu_check_dry_run_prints_the_decoding_figures_and_takes_the_fast_path(c
         # fused: the scoring pass starts from the loop's cache of the snapshot's prompts (unfused: the other way round)
         assert fast["scoring_cache_engaged"] is True and unfused["scoring_cache_engaged"] is False
         assert report["describer_transformers"]["decode_calls"] == 0  # transformers' own loop: measured by hooks
+        assert fast["rows_stopped_at_box"] == 0  # SC-Tune's loop's count; random weights write no box
         assert report["describer_fast"]["stages_per_step"]["vision_encoding"] > 0
         split = report["describer_fast"]["generate_seconds_per_unit"]
         assert 0 < split["first_decode_steps"] < split["decode_steps"] and split["capture"] == 0  # no graphs on CPU

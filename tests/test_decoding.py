@@ -60,8 +60,8 @@ class _Recorded:
         self.loop_logits, self.hf_logits, self.caches = [], [], []
         made = decoding.make_decode_loop
 
-        def make(dec, blocks, keep_logits=False, logits=None):
-            loop = made(dec, blocks, keep_logits=True, logits=self.loop_logits)
+        def make(dec, blocks, keep_logits=False, logits=None, row_done=None):
+            loop = made(dec, blocks, keep_logits=True, logits=self.loop_logits, row_done=row_done)
 
             def spy(model, input_ids, *args, **kwargs):
                 self.caches.append(kwargs.get("cache"))
@@ -240,6 +240,44 @@ def test_sampled_rows_after_greedy_rows_sample_as_their_own_call(tiny_checkpoint
     assert sampled.texts != generate(model, adapter, alone(slice(1, 3)), GREEDY, True, decoding=STATIC).texts
 
 
+def test_a_row_the_host_check_ends_changes_no_other_rows_tokens(tiny_checkpoint, monkeypatch):
+    """Rows 0-1 sampled (a block of their own generator), row 2 greedy; the host check (``row_done``, here a stand-in
+    for the locator's box: "the row's first two tokens are row 0's") ends row 0 after its second token. The other
+    rows' tokens equal those of the same call without the check (a block's noise keeps its shape whatever rows are
+    finished), row 0 is cut at its "box" by ``generate``, and its finished flag is written into the tensor the loop's
+    steps read from the start (the one a captured graph replays)."""
+    model, adapter = _model(tiny_checkpoint, "qwen2_5_vl")
+    batch, _, _ = _prompt_batch(adapter)
+
+    def call(stop_at_box):
+        blocks = [SampledRows(0, 2, torch.Generator().manual_seed(3))]
+        return generate(model, adapter, batch, SAMPLED, False, stop_at_box=stop_at_box, decoding=STATIC,
+                        sampled_rows=blocks)
+
+    free = call(False)
+    prefix = free.ids_BT[0, :2].tolist()
+    assert all(free.ids_BT[row, :2].tolist() != prefix for row in (1, 2)), "only row 0 may meet the stand-in"
+    assert free.mask_BT.sum(1).tolist() == [6, 6, 6], "every row runs on past the stop, so later tokens are compared"
+    monkeypatch.setattr(rollout, "_holds_box", lambda adapter, ids: list(ids[:2]) == prefix)
+    flags, run = [], decoding._run
+
+    def keeping_the_flags(step, loop, *args):
+        flags.append(loop.unfinished)  # the tensor the steps read (and a graph captured at step 1 would hold)
+        return run(step, loop, *args)
+
+    monkeypatch.setattr(decoding, "_run", keeping_the_flags)
+    decoding.STATS.pop()
+    stopped = call(True)
+    stats = decoding.STATS.pop()
+    assert stats.rows_stopped_at_box == 1 and stats.decode_steps == 5
+    assert flags[0].tolist() == [0, 1, 1]
+    assert stopped.ids_BT[0].tolist() == prefix + [adapter.pad_token_id] * 4 and stopped.mask_BT[0].sum() == 2
+    assert torch.equal(stopped.ids_BT[1:], free.ids_BT[1:]) and stopped.texts[1:] == free.texts[1:]
+    # row 1 samples: its tokens are not its greedy ones, so the equality above is one of samples
+    greedy = generate(model, adapter, batch, GREEDY, False, decoding=STATIC)
+    assert not torch.equal(free.ids_BT[1], greedy.ids_BT[1]) and torch.equal(free.ids_BT[2], greedy.ids_BT[2])
+
+
 # Families whose decode step has no host-side state at all (Gemma's window layers, and Idefics2's Mistral layers, each
 # a window layer by its sliding_window, keep a host counter that decides a branch no call that fits its window can
 # flip; they are checked for exactness above).
@@ -255,9 +293,9 @@ def _traced_as_one_graph(monkeypatch):
     run = decoding._run
     torch._dynamo.reset()
 
-    def traced(step, loop, graphed, device, logits):
+    def traced(step, loop, graphed, device, logits, row_check=None):
         return run(torch.compile(step.__call__, fullgraph=True, backend="eager", dynamic=False), loop, graphed,
-                   device, logits)
+                   device, logits, row_check)
 
     monkeypatch.setattr(decoding, "_run", traced)
     return torch._dynamo.config.patch(error_on_recompile=True)
@@ -592,8 +630,9 @@ def test_a_failed_capture_falls_back_to_the_model_part_then_to_eager_steps(monke
 
 def test_with_sctunes_loop_locator_answers_end_at_their_box_as_with_transformers(tmp_path):
     # The warm start's locator writes boxes that parse, in Qwen3-VL's fenced form with the caption as its label
-    # after the box: transformers' loop stops there (BoxCompleteStop); SC-Tune's loop cannot check text per step, so
-    # its rows are cut at the box after the loop (rollout.box_end_tokens). Both must give the same answers.
+    # after the box: transformers' loop stops there (BoxCompleteStop); SC-Tune's loop checks each row's text one step
+    # late (decoding._RowCheck), ends the row a token after its box and cuts it at the box. Both must give the same
+    # ids, masks and answers, SC-Tune's loop with one decode step more, not the label's.
     import json
 
     from PIL import Image
@@ -606,12 +645,18 @@ def test_with_sctunes_loop_locator_answers_end_at_their_box_as_with_transformers
     model, adapter = load_model_and_adapter(WARM_START)
     model.eval()
     images = [adapter.prepare_image(Image.open(tmp_path / r["image"]).convert("RGB")) for r in records]
-    captions = [r["caption"] for r in records]
+    batch = adapter.build_batch([adapter.locator_prompt(r["caption"], im) for r, im in zip(records, images)], images)
     settings = GenerationSettings(max_new_tokens=80)  # room for the label after the box
-    boxes, texts = locate(model, adapter, images, captions, settings, fit_budget=False)
-    looped_boxes, looped = locate(model, adapter, images, captions, settings, fit_budget=False,
-                                  decoding=Decoding(static_cache=False))
-    assert sum(b is not None for b in boxes) >= 3, texts  # the test can tell: the answers hold boxes
+    theirs = generate(model, adapter, batch, settings, False, stop_at_box=True)
+    decoding.STATS.pop()
+    ours = generate(model, adapter, batch, settings, False, stop_at_box=True, decoding=STATIC)
+    stats = decoding.STATS.pop()
+    boxes = [adapter.parse_locator_output(text, image) for text, image in zip(theirs.texts, images)]
+    assert all(box is not None for box in boxes), theirs.texts  # the test can tell: every answer holds a box
     # each answer ends with the token that completes its box: the label after it is never decoded
-    assert all('"label"' not in t for t, b in zip(texts, boxes) if b is not None), texts
-    assert looped == texts and looped_boxes == boxes
+    assert all('"label"' not in text for text in theirs.texts), theirs.texts
+    assert ours.texts == theirs.texts
+    assert torch.equal(ours.ids_BT, theirs.ids_BT) and torch.equal(ours.mask_BT, theirs.mask_BT)
+    # transformers' loop wrote the last box's final token with its last forward (prefill + width - 1 decode steps);
+    # SC-Tune's found it while the next step ran, then ended: width decode steps, every row stopped by the check.
+    assert stats.rows_stopped_at_box == 4 and stats.decode_steps == theirs.ids_BT.shape[1]

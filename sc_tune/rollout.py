@@ -294,8 +294,8 @@ def generate(
         for row, kept in stop.stopped_at.items():
             mask_BT[row, kept:] = 0
     elif stop_at_box:
-        # SC-Tune's loop ended each row one token after its box (or at its end token or the budget): cut it there,
-        # to the width transformers' loop stops at (the longest row kept).
+        # SC-Tune's loop ended a row one token after its box (a row without a box: at its end token or the budget):
+        # cut each row at its box, and the call to the width transformers' loop stops at (the longest row kept).
         for row in range(ids_BT.shape[0]):
             kept = box_end_tokens(adapter, ids_BT[row][mask_BT[row].bool()].tolist())
             if kept is not None:

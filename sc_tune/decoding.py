@@ -47,7 +47,7 @@ from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengt
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from sc_tune.attention import attention_routed, text_layer_caches
+from sc_tune.attention import WINDOW_LAYER_KINDS, attention_routed, text_layer_caches
 
 logger = logging.getLogger(__name__)
 
@@ -586,15 +586,12 @@ def _capture(function, blocks: Sequence[SampledRows], keep_output: bool = False)
     return (graph.replay, output) if keep_output else graph.replay
 
 
-_WINDOW_LAYERS = ("sliding_attention", "chunked_attention")
-
-
 def static_cache_fits(config, length: int) -> bool:
     """Whether a static cache of ``length`` columns decodes ``config``'s model with every layer a full one here: window
     layers (Gemma's sliding attention, Mistral's) only when their window covers the whole call (a full static window
     cache rolls, which a captured step cannot follow)."""
     return all(window is not None and window >= length
-               for kind, window in text_layer_caches(config) if kind in _WINDOW_LAYERS)
+               for kind, window in text_layer_caches(config) if kind in WINDOW_LAYER_KINDS)
 
 
 def static_cache_from(cache, config, max_cache_len: int):

@@ -20,6 +20,18 @@ if _ONE_THREAD:
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+# The tests' subprocesses find their tools on PATH as in an activated virtual environment, however pytest was started
+# (`.venv/bin/python -m pytest` activates nothing). Two tools are at stake: torchrun, which the launch scripts call by
+# name (in a checkout without a .venv of its own to activate: "torchrun: not found"), and ninja, with which DeepSpeed
+# builds its shared-memory op into .torch_extensions at a run's first ZeRO launch. The system's ninja (1.11) and the
+# venv's (1.13) hash a build's command lines differently, so each takes the other's build for stale: a suite that
+# launched through both (`sys.executable -m torch.distributed.run` with the system's, the scripts, which activate
+# .venv, with the venv's) compiled the op again at each switch, 30 s to 2 min a time (.ninja_log, 2026-12-05/06).
+_VENV_BIN = os.path.dirname(sys.executable)
+if sys.prefix != sys.base_prefix and os.environ.get("PATH", "").split(os.pathsep)[0] != _VENV_BIN:
+    os.environ["PATH"] = _VENV_BIN + os.pathsep + os.environ.get("PATH", "")
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -70,20 +70,33 @@ def test_zero3_lora_trains_resumes_and_exports_a_merged_model(tiny_checkpoint, t
     assert (out / "lora_adapter" / "adapter_config.json").exists()
 
 
-def test_zero2_resume_is_exact_through_the_weights_only_loader_and_a_crafted_shard_is_refused(tiny_checkpoint,
-                                                                                              tmp_path):
-    """Issue 19, 1: DeepSpeed's shards load weights-only (its allowlisted classes) and resume exactly; a shard that
-    would run code, with a manifest rewritten to match it, stops the resume on every rank, naming the file."""
+# A ZeRO-2 cycle: 1 describer rollout x 2 PPO epochs, then 2 locator steps (steps 1-2, 3-4, 5-6, 7-8); a checkpoint
+# after every step.
+ZERO2 = ["--deepspeed", os.path.join(ROOT, "scripts", "ds_config_zero2.json"), "--locator_update_steps", "2",
+         "--save_steps", "1", "--max_steps", "8"]
+
+
+@pytest.fixture(scope="module")
+def zero2_run(tiny_checkpoint, tmp_path_factory):
+    """(model, folder) of one uninterrupted 8-step ZeRO-2 run on 2 processes, its checkpoints resumed (copied) by
+    the tests below: one launch shared instead of one each."""
     model = tiny_checkpoint("qwen2_vl")
-    zero2 = ["--deepspeed", os.path.join(ROOT, "scripts", "ds_config_zero2.json")]
-    full = tmp_path / "full"
-    _torchrun(cli_args(model, full, "--max_steps", "4", *zero2), free_port())
+    full = tmp_path_factory.mktemp("zero2_full")
+    _torchrun(cli_args(model, full, *ZERO2), free_port())
+    return model, full
+
+
+def test_zero2_resume_is_exact_through_the_weights_only_loader_and_a_crafted_shard_is_refused(zero2_run, tmp_path):
+    """Issue 19, 1: DeepSpeed's shards load weights-only (its allowlisted classes) and resume exactly (from the end
+    of a locator phase: a describer rollout, sampled, and a locator phase follow); a shard that would run code, with
+    a manifest rewritten to match it, stops the resume on every rank, naming the file."""
+    model, full = zero2_run
     resumed = tmp_path / "resumed"
     resumed.mkdir()
-    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
-    _torchrun(cli_args(model, resumed, "--max_steps", "4", "--resume_from_checkpoint", "True", *zero2), free_port())
+    shutil.copytree(full / "checkpoint-4", resumed / "checkpoint-4")
+    _torchrun(cli_args(model, resumed, "--resume_from_checkpoint", "True", *ZERO2), free_port())
     expected, got = step_losses(full), step_losses(resumed)
-    assert [got[s] for s in (3, 4)] == pytest.approx([expected[s] for s in (3, 4)], rel=1e-5, abs=1e-7)
+    assert [got[s] for s in (5, 6, 7, 8)] == pytest.approx([expected[s] for s in (5, 6, 7, 8)], rel=1e-5, abs=1e-7)
 
     crafted = tmp_path / "crafted"
     staged = tmp_path / "staged" / "checkpoint-4"
@@ -102,8 +115,7 @@ def test_zero2_resume_is_exact_through_the_weights_only_loader_and_a_crafted_sha
     torch.save({"module": Exploit()}, shard)
     crafted.mkdir()
     checkpoints.commit(str(staged), str(crafted / "checkpoint-4"), layout)  # sizes and hashes match the crafted shard
-    argv = cli_args(model, crafted, "--max_steps", "6", "--resume_from_checkpoint", str(crafted / "checkpoint-4"),
-                    *zero2)
+    argv = cli_args(model, crafted, "--resume_from_checkpoint", str(crafted / "checkpoint-4"), *ZERO2)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            os.path.join(ROOT, "finetune.py"), *argv]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": os.path.join(ROOT, ".torch_extensions")}
@@ -145,7 +157,7 @@ def _resume_elsewhere(model, run, checkpoint, processes, zero2, accumulation):
     assert not [name for name in os.listdir(run) if name.startswith(".")]  # the converted copy was deleted
 
 
-def test_zero2_resumes_on_another_process_count_with_its_weights_and_adam_state(tiny_checkpoint, tmp_path):
+def test_zero2_resumes_on_another_process_count_with_its_weights_and_adam_state(zero2_run, tmp_path):
     """A ZeRO-2 run preempted on 2 processes resumes on 1 from a phase switch (checkpoint-6), and that run's
     checkpoint in the middle of the locator phase (checkpoint-7) resumes on 2 again: DeepSpeed's universal checkpoint
     re-cuts the optimizer's partitions. With the global batch kept, the locator steps (which sample nothing) continue
@@ -154,24 +166,18 @@ def test_zero2_resumes_on_another_process_count_with_its_weights_and_adam_state(
     fp32 partitions; the switch comes after two locator steps, which moved them); at checkpoint-7 step 8's update
     divides by the loaded moments and counts the loaded Adam step (fresh moments move each weight by about the
     learning rate instead)."""
-    model = tiny_checkpoint("qwen2_vl")
-    # A cycle: 1 describer rollout x 2 PPO epochs, then 2 locator steps (steps 1-2, 3-4, 5-6, 7-8); a checkpoint
-    # after every step.
-    zero2 = ["--deepspeed", os.path.join(ROOT, "scripts", "ds_config_zero2.json"), "--locator_update_steps", "2",
-             "--save_steps", "1", "--max_steps", "8"]
-    full = tmp_path / "full"
-    _torchrun(cli_args(model, full, *zero2), free_port())
+    model, full = zero2_run
     expected = step_losses(full)
     assert checkpoints.read_layout(str(full / "checkpoint-6"))["rollout_ranks"] == []
 
     one = tmp_path / "one"  # 2 -> 1 processes, at the phase switch
-    _resume_elsewhere(model, one, full / "checkpoint-6", 1, zero2, accumulation=2)
+    _resume_elsewhere(model, one, full / "checkpoint-6", 1, ZERO2, accumulation=2)
     assert [step_losses(one)[s] for s in (7, 8)] == pytest.approx([expected[s] for s in (7, 8)], rel=1e-6)
     for name, tensor in _weights(full).items():
         torch.testing.assert_close(_weights(one)[name], tensor, rtol=0, atol=1e-6, msg=name)
 
     two = tmp_path / "two"  # 1 -> 2 processes, in the middle of the locator phase
-    _resume_elsewhere(model, two, one / "checkpoint-7", 2, zero2, accumulation=1)
+    _resume_elsewhere(model, two, one / "checkpoint-7", 2, ZERO2, accumulation=1)
     assert step_losses(two)[8] == pytest.approx(expected[8], rel=1e-6)
     for name, tensor in _weights(full).items():
         torch.testing.assert_close(_weights(two)[name], tensor, rtol=0, atol=1e-6, msg=name)

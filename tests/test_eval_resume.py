@@ -40,6 +40,12 @@ def run(setup, out, *extra):
     return [json.loads(line) for line in (out / "self_consistency_samples.jsonl").read_text().splitlines()]
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(setup, tmp_path_factory):
+    """The rows of one uninterrupted evaluation: what every interrupted-and-resumed one must end with."""
+    return run(setup, tmp_path_factory.mktemp("uninterrupted"))
+
+
 class CountingCycle:
     """``self_consistency.cycle`` (one batch) as the evaluator calls it, counting the boxes scored; raises on call
     ``fail_at``."""
@@ -82,15 +88,14 @@ evaluate.cli(sys.argv[2:])
 
 
 @pytest.mark.parametrize("kill_with", ["SIGKILL", "SIGTERM"])
-def test_an_interrupted_evaluation_keeps_its_rows_and_resumes_without_rescoring(setup, tmp_path, monkeypatch,
-                                                                               kill_with):
+def test_an_interrupted_evaluation_keeps_its_rows_and_resumes_without_rescoring(setup, uninterrupted, tmp_path,
+                                                                               monkeypatch, kill_with):
     import signal
     import subprocess
     import sys
 
     from tests.conftest import ROOT
 
-    reference = run(setup, tmp_path / "uninterrupted")
     out = tmp_path / "interrupted"
     root, model, data = setup
     argv = ["--task", "self-consistency", "--model_name_or_path", model, "--data_path", str(data), "--image_folder",
@@ -116,7 +121,7 @@ def test_an_interrupted_evaluation_keeps_its_rows_and_resumes_without_rescoring(
     monkeypatch.setattr(self_consistency, "cycle", second)
     resumed = run(setup, out)
     assert second.boxes == BOXES[scored:]  # only what was not scored yet
-    assert resumed == reference  # the same rows as one uninterrupted evaluation
+    assert resumed == uninterrupted  # the same rows as one uninterrupted evaluation
     metrics = json.loads((out / "self_consistency_metrics.json").read_text())["metrics"]
     assert metrics["num_samples"] == 5 and metrics["num_resumed"] == scored
     assert not partial.exists()

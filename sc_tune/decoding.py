@@ -224,7 +224,7 @@ class _Loop:
 
 
 class _RowCheck:
-    """The host's own per-row check ``row_done(row_ids) -> bool`` (the locator's: does the row's text hold a
+    """The host's own per-row check ``row_done(row, row_ids) -> bool`` (the locator's: does the row's text hold a
     complete box?), one step late so that it overlaps the device's next step instead of waiting for it.
 
     Each step: :meth:`check` reads the column :meth:`fetch` copied after the previous step (already on the host once
@@ -237,7 +237,7 @@ class _RowCheck:
     Cost per step: one ``row_done`` per open row (rows that wrote an end token or were found done are dropped: their
     text cannot change), the locator's a decode of the row's ids so far (tens of tokens) and a parse of its text."""
 
-    def __init__(self, row_done: Callable[[list[int]], bool], loop: _Loop):
+    def __init__(self, row_done: Callable[[int, list[int]], bool], loop: _Loop):
         self.row_done, self.loop = row_done, loop
         self.end_ids = set(loop.eos_ids.tolist())
         device = loop.last.device
@@ -269,7 +269,7 @@ class _RowCheck:
             ids.append(tokens[row])
             if tokens[row] in self.end_ids:
                 del self.open_ids[row]  # ended on the device by its end token
-            elif self.row_done(ids):
+            elif self.row_done(row, ids):
                 del self.open_ids[row]
                 done.append(row)
         if done:
@@ -403,9 +403,9 @@ def _check_stopping(stopping_criteria) -> None:
 
 
 def make_decode_loop(decoding: Decoding, blocks: Sequence[SampledRows], keep_logits: bool = False, logits=None,
-                     row_done: Callable[[list[int]], bool] | None = None):
+                     row_done: Callable[[int, list[int]], bool] | None = None):
     """The ``custom_generate`` callable for one ``generate`` call. ``logits``: a list that receives each step's raw
-    logits (tests). ``row_done(row_ids)``: whether a row, given its new ids so far, is done (it then ends one step
+    logits (tests). ``row_done(row, row_ids)``: whether a row, given its new ids so far, is done (it then ends one step
     later, :class:`_RowCheck`); ``None``: rows end at their end token or the budget only."""
 
     def decode_loop(model, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs):

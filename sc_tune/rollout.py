@@ -161,28 +161,20 @@ class BoxCompleteStop(StoppingCriteria):
 
     def __call__(self, input_ids, scores, **kwargs):
         new_BT = input_ids[:, self.prompt_width :]
-        done = []
-        for row, ids in enumerate(new_BT.tolist()):
-            if row in self.stopped_at:
-                done.append(True)
-                continue
-            complete = _holds_box(self.adapter, ids)
-            if complete:
-                self.stopped_at[row] = len(ids)
-            done.append(complete)
+        done = [row in self.stopped_at or self.row_done(row, ids) for row, ids in enumerate(new_BT.tolist())]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    def row_done(self, row: int, ids: list[int]) -> bool:
+        """Whether ``row``'s new ``ids`` hold a complete box (recorded in ``stopped_at``). Also SC-Tune's loop's host
+        check (``sc_tune.decoding``), which asks for every prefix of a row in turn, as this criterion does."""
+        complete = _holds_box(self.adapter, ids)
+        if complete:
+            self.stopped_at[row] = len(ids)
+        return complete
 
 
 def _holds_box(adapter: ModelAdapter, ids: Sequence[int]) -> bool:
     return adapter.locator_answer_end(adapter.decode(list(ids))) is not None
-
-
-def box_end_tokens(adapter: ModelAdapter, ids: Sequence[int]) -> int | None:
-    """How many of ``ids`` a locator answer keeps: up to the token that completes its first box, as
-    :class:`BoxCompleteStop` stops (``None``: no complete box)."""
-    if not _holds_box(adapter, ids):
-        return None
-    return next(k for k in range(1, len(ids) + 1) if _holds_box(adapter, ids[:k]))
 
 
 def _unnamed_token_ids(model, adapter: ModelAdapter) -> list[int]:
@@ -253,6 +245,7 @@ def generate(
     # Captions are the completions decoded without special tokens (the describer's): they must not carry
     # box/reference tokens either; locator answers may (Qwen2-VL's <|box_end|>, GLM's <|end_of_box|>).
     kwargs = adapter.generation_kwargs(describer=skip_special_tokens)
+    stop = BoxCompleteStop(adapter, width) if stop_at_box else None
     suppressed = (kwargs.pop("suppress_tokens") or []) + _unnamed_token_ids(model, adapter)
     if prompt_cache is not None:
         inputs = adapter.resumed_decoding_inputs(inputs)
@@ -264,7 +257,7 @@ def generate(
             sampled_rows = [SampledRows(0, inputs["input_ids"].shape[0])] if settings.do_sample else []
         # A locator row ends once its text holds a complete box, one step after it does (decoding._RowCheck): the
         # cut below keeps the same tokens as BoxCompleteStop does in transformers' loop.
-        row_done = (lambda ids: _holds_box(adapter, ids)) if stop_at_box else None
+        row_done = stop.row_done if stop is not None else None
         kwargs["custom_generate"] = make_decode_loop(decoding, sampled_rows, row_done=row_done)
         if decoding.static_cache and prompt_cache is not None:
             # The resumed decoding continues in a static cache that starts as a copy of the prompt cache.
@@ -278,9 +271,7 @@ def generate(
         kwargs["cache"] = prompt_cache
     elif keep_prompt_rows is not None:
         kwargs.setdefault("cache", DynamicCache())
-    width = inputs["input_ids"].shape[1]
-    stop = BoxCompleteStop(adapter, width) if stop_at_box and "custom_generate" not in kwargs else None
-    if stop is not None:
+    if stop is not None and "custom_generate" not in kwargs:
         kwargs["stopping_criteria"] = StoppingCriteriaList([stop])
     # The model's ZeRO-3 shards are gathered for the whole call (the trainer's and the snapshot's generating
     # contexts), so ranks need not decode in step. transformers would otherwise turn synced_gpus on under ZeRO-3,
@@ -293,13 +284,10 @@ def generate(
     if stop is not None:
         for row, kept in stop.stopped_at.items():
             mask_BT[row, kept:] = 0
-    elif stop_at_box:
-        # SC-Tune's loop ended a row one token after its box (a row without a box: at its end token or the budget):
-        # cut each row at its box, and the call to the width transformers' loop stops at (the longest row kept).
-        for row in range(ids_BT.shape[0]):
-            kept = box_end_tokens(adapter, ids_BT[row][mask_BT[row].bool()].tolist())
-            if kept is not None:
-                mask_BT[row, kept:] = 0
+    if stop is not None and "custom_generate" in kwargs:
+        # SC-Tune's loop ended a row found complete one token after its box (cut above). Its host check asked about
+        # every prefix of every row but the whole row (an end token or the call's last step ended it), so no other
+        # row holds a box before its end. The call keeps the width transformers' loop stops at: the longest row kept.
         longest = int(mask_BT.sum(dim=1).max()) if mask_BT.numel() else 0
         ids_BT, mask_BT = ids_BT[:, :longest], mask_BT[:, :longest]
     ids_BT = torch.where(mask_BT.bool(), ids_BT, torch.full_like(ids_BT, adapter.pad_token_id))

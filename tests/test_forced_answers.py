@@ -19,7 +19,7 @@ from tests.helpers import (FORCED_CAPTIONS, assert_forced_captions_are_described
                            assert_forced_locator_answers_are_located_back)
 
 # Families without SC-Tune's static loop: their locator decodes with transformers' generate only.
-NO_STATIC_LOOP = {"minicpmv4_6", "minicpmv4_7", "ovis2", "qwen4_exp"}
+NO_STATIC_LOOP = {"qwen4_exp"}
 # Families whose trainer locates from the image prefix the describer pass cached (``locate_from_prefix``).
 # (The Qwen families by their own positions; the 1-D rotary families with full attention only, through
 # sc_tune.adapters.unpadded_positions.)

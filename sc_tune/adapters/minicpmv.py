@@ -78,6 +78,13 @@ class MiniCPMV46Adapter(ChatTemplateAdapter):
     lora_extra_projections = (GATED_DELTANET_PROJECTIONS,)
     # The slice markers are media tokens whose names the base class's patterns miss.
     extra_media_tokens = re.compile(r"^</?slice>$")
+    # The text model is Qwen3.5's hybrid (its Gated DeltaNet state updates in place in a static cache, as Qwen3.5's
+    # own adapter has it), and generate hands every step its positions: 1-D on 4.6; on 4.7 the canvas M-RoPE's
+    # four rows (text, T, H, W), computed once for the prompt (get_rope_index, from mm_token_type_ids) and advanced
+    # by one per token on every row, so the step's forward never recomputes them from the cache's length. Neither
+    # family resumes from a handed-in cache (the recurrent state), so a static cache is always filled from column 0.
+    # 4.6's forward has no logits_to_keep: a one-token step's logits are the last column anyway.
+    static_decoding_verified = True
 
     def __init__(self, tokenizer, image_processor, config, box_format: str = "native"):
         super().__init__(tokenizer, image_processor, config, box_format)

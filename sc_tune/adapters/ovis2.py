@@ -56,6 +56,9 @@ class Ovis2Adapter(UnpaddedPositionsPromptCache, ChatTemplateAdapter):
     end_token = "<|im_end|>"
     grounding_prior = False  # no documented grounding: a grounding warm start first (docs/grounding_warm_start.md)
     vision_trainable_prefixes = ("model.vision_tower.head_linear", "model.vision_tower.head_norm")
+    # A Qwen2 text model under 1-D positions, which generate hands every step (the unpadded count, see
+    # UnpaddedPositionsPromptCache); the visual embeddings and indicator tokens are placed at the prefill only.
+    static_decoding_verified = True
 
     def __init__(self, tokenizer, image_processor, config, box_format: str = "native"):
         super().__init__(tokenizer, image_processor, config, box_format)

@@ -253,9 +253,9 @@ class Qwen4ExpAdapter(Qwen35Adapter):
 
     - Qwen Sparse Attention: the full-attention layers are ``indexed_attention`` layers whose indexer keeps, per query,
       the top ``indexer_budget`` tokens of mean-pooled key blocks (a hard top-k mask: no gradient of SC-Tune's losses
-      reaches the indexer's weights). SC-Tune's static decode step builds no mask for them
-      (``STATIC_DECODING_LAYERS``), so ``--static_decoding auto`` decodes with transformers' ``generate`` and ``true``
-      is refused, naming the layers;
+      reaches the indexer's weights). No fixed-shape decode step exists for them (``static_decoding_problem``), so
+      ``--static_decoding auto`` decodes with transformers' ``generate`` and ``true`` is refused, naming the layers and
+      why;
     - Gated Residual: ``hc_count`` residual streams mixed before and injected after each block
       (``attn_hyper_connection``, ``mlp_hyper_connection``, ``hyper_connection_mixer``);
     - Per-Layer Embedding: a hashed token n-gram table added before the layers of ``ple_layer_ids``; it reads the token
@@ -270,6 +270,17 @@ class Qwen4ExpAdapter(Qwen35Adapter):
     template was not at hand: its thinking switch is assumed to be Qwen3.5's (``enable_thinking``, which vendors'
     pages list for this model).
     """
+
+    def static_decoding_problem(self, model):
+        # transformers 5.24 has a static cache layer for them (StaticIndexedLayer), but not a step of fixed shapes:
+        # the reason is given with the refusal, so that nobody opts in on the strength of the cache layer alone.
+        text = model.config.get_text_config(decoder=True)
+        if "indexed_attention" in (getattr(text, "layer_types", None) or []):
+            return (f"{type(self).__name__}: no static decode step for ['indexed_attention'] layers: transformers' "
+                    "Qwen4ExpTextQSAIndexer picks each query's key blocks with torch.nonzero in a Python loop over "
+                    "rows and queries (a host read per row, shapes that depend on the mask), and Qwen4ExpTextModel "
+                    "grows the cache's indexer_position_ids by a torch.cat every step: no step a CUDA graph can replay")
+        return super().static_decoding_problem(model)
 
 
 # One entry per family; a family serves its dense and MoE checkpoints alike (same prompts, codec, vision).

@@ -38,6 +38,15 @@ def released_adapter(tokenizer_folder: str):
     return adapter_class("qwen2_5_vl")(AutoTokenizer.from_pretrained(tokenizer_folder), Qwen2VLImageProcessorPil())
 
 
+def locator_answers(adapter, rows: int) -> list[list[int]]:
+    """The ids of ``rows`` Qwen2.5-VL locator answers on a 1280 x 720 photo, each box a little wider than the last."""
+    from PIL import Image
+
+    image = adapter.prepare_image(Image.new("RGB", (1280, 720), (200, 40, 40)))
+    return [adapter.encode_target(adapter.locator_target((0.1 + 0.001 * i, 0.2, 0.55 + 0.001 * i, 0.9), image,
+                                                         f"the red car number {i}")) for i in range(rows)]
+
+
 def one_call(adapter, answers: list[list[int]]) -> tuple[list[float], int]:
     """The check as the loop runs it: per step, each open row's next token appended and ``row_done`` asked; a row
     found complete is dropped. Returns the seconds of each step and the rows found complete."""
@@ -65,12 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not os.path.isfile(os.path.join(args.tokenizer, "tokenizer.json")):
         sys.exit(f"bench_box_check: no tokenizer.json in {args.tokenizer} (python scripts/fetch_released_files.py)")
-    from PIL import Image
-
     adapter = released_adapter(args.tokenizer)
-    image = adapter.prepare_image(Image.new("RGB", (1280, 720), (200, 40, 40)))
-    answers = [adapter.encode_target(adapter.locator_target((0.1 + 0.001 * i, 0.2, 0.55 + 0.001 * i, 0.9), image,
-                                                            f"the red car number {i}")) for i in range(args.rows)]
+    answers = locator_answers(adapter, args.rows)
     print(f"{args.rows} rows, answers of {min(map(len, answers))}-{max(map(len, answers))} tokens, e.g. "
           f"{adapter.decode(answers[0])!r}")
     for repeat in range(args.repeats):

@@ -122,8 +122,6 @@ def test_bench_decode_attention_times_both_paths_on_the_same_attention(capsys, m
 @pytest.mark.parametrize("folder", real.present(["Qwen__Qwen2.5-VL-7B-Instruct"], ("tokenizer",)))
 def test_bench_box_check_finds_each_row_complete_at_its_box_on_the_released_tokenizer(folder, capsys, monkeypatch):
     """The host check the script times ends every row, at the step where the widest answer's box is complete."""
-    from PIL import Image
-
     from tests.helpers import tokens_to_box
 
     folder = real.path(folder)
@@ -134,9 +132,7 @@ def test_bench_box_check_finds_each_row_complete_at_its_box_on_the_released_toke
     bench_box_check.main(["--rows", "3", "--repeats", "1", "--tokenizer", folder])
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     adapter = bench_box_check.released_adapter(folder)
-    image = adapter.prepare_image(Image.new("RGB", (1280, 720)))
-    answers = [adapter.encode_target(adapter.locator_target((0.1 + 0.001 * i, 0.2, 0.55 + 0.001 * i, 0.9), image,
-                                                            f"the red car number {i}")) for i in range(3)]
+    answers = bench_box_check.locator_answers(adapter, 3)
     assert report["rows_found_complete"] == 3
     assert report["steps"] == max(tokens_to_box(adapter, answer) for answer in answers) < min(map(len, answers))
     assert report["ms_per_call"] > 0

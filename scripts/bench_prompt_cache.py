@@ -6,13 +6,17 @@ After the policy's sampled captions and the snapshot's teacher-forced scoring pa
 ``scoring_inputs`` gives), one unit writes the snapshot's greedy captions and locates the 2B captions, with the reuse
 (``--snapshot_prompt_cache``: greedy decoding from the scoring cache, locating from its image prefix) or without it
 (full prefills). Printed per setting: the seconds of the model's multi-column forwards after the scoring pass
-(prefills, the vision tower inside them) and of the two stages, per unit, and whether the locator answers agree.
-``gpu_check.py`` times the trainer's whole step, on Qwen configurations only.
+(prefills, the vision tower inside them) and of the two stages, per unit, and whether the locator answers agree;
+then one JSON line with those figures and each stage's prefill columns (rows x columns) per unit: with the reuse the
+greedy captions prefill nothing and every locator row at least its image span less. ``--checkpoint`` times another
+folder of a family that does both (the tests pass a tiny InternVL). ``gpu_check.py`` times the trainer's whole step,
+on Qwen configurations only.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -30,18 +34,20 @@ from sc_tune.tiny.template_families import save_tiny_template_family  # noqa: E4
 
 
 class PrefillClock:
-    """Seconds spent in ``model``'s forwards over more than one column (prefills), since the last ``reset``."""
+    """Seconds spent in ``model``'s forwards over more than one column (prefills), and their columns summed over
+    rows, since the last ``reset``."""
 
     def __init__(self, model):
-        self.seconds, self._began = 0.0, None
+        self.seconds, self.columns, self._began = 0.0, 0, None
         model.register_forward_pre_hook(self._before, with_kwargs=True)
         model.register_forward_hook(self._after, with_kwargs=True)
 
     def reset(self):
-        self.seconds = 0.0
+        self.seconds, self.columns = 0.0, 0
 
     def _before(self, module, args, kwargs):
         if kwargs["input_ids"].shape[1] > 1:
+            self.columns += kwargs["input_ids"].numel()
             self._began = time.perf_counter()
 
     def _after(self, module, args, kwargs, output):
@@ -50,14 +56,18 @@ class PrefillClock:
             self._began = None
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--units", type=int, default=3, help="timed units per setting, after one warm-up pair")
     parser.add_argument("--batch", type=int, default=8, help="boxes per rollout (2B locator rows)")
-    opts = parser.parse_args()
+    parser.add_argument("--checkpoint", default=None,
+                        help="a checkpoint folder to time instead of the toy InternVL (its family must resume from "
+                             "the scoring cache and locate from its image prefix)")
+    opts = parser.parse_args(argv)
     # 448 px tiles of 256 image tokens and a text model of the toy Qwen2.5-VL's width and depth (scripts/bench_configs).
-    folder = save_tiny_template_family("internvl", tempfile.mkdtemp(), image_size=448, hidden=512, layers=4,
-                                       vision_width=192, text_heads=8, text_kv_heads=2)
+    folder = opts.checkpoint or save_tiny_template_family(
+        "internvl", tempfile.mkdtemp(), image_size=448, hidden=512, layers=4, vision_width=192, text_heads=8,
+        text_kv_heads=2)
     model, adapter = load_model_and_adapter(folder)
     model.eval()
     sampling = GenerationSettings(max_new_tokens=16, do_sample=True, top_k=50, top_p=1.0)
@@ -68,7 +78,8 @@ def main() -> None:
     boxes = [[0.1 + 0.05 * i, 0.2, 0.5, 0.6 + 0.001 * (i % 2)] for i in range(opts.batch)]
     clock = PrefillClock(model)
 
-    def unit(reuse: bool):
+    def unit(reuse: bool) -> tuple[dict, list]:
+        """One unit's figures (seconds, and the prefills' columns of each stage) and its locator answers."""
         torch.manual_seed(0)
         batch, sampled = describe(model, adapter, images, boxes, sampling)
         width = batch.input_ids.shape[1]
@@ -80,25 +91,33 @@ def main() -> None:
         start = time.perf_counter()
         resumes = reuse and adapter.resumes_from_scoring_cache(model, width, teacher["input_ids"].shape[1])
         greedy = generate(model, adapter, batch, greedy_settings, True, prompt_cache=scored.cache if resumes else None)
+        greedy_columns = clock.columns
         captions, rows = sampled.texts + greedy.texts, images + images
         sources = list(range(opts.batch)) * 2
         found = locate_from_prefix(model, adapter, rows, captions, greedy_settings, scored, sources) if reuse else None
         if reuse and not (resumes and found is not None):
             raise SystemExit("bench_prompt_cache: the reuse did not engage")
         found = found or locate(model, adapter, rows, captions, greedy_settings)
-        return clock.seconds, time.perf_counter() - start, found[1]
+        figures = {"prefill_s": clock.seconds, "stages_s": time.perf_counter() - start,
+                   "greedy_prefill_columns": greedy_columns, "locating_prefill_columns": clock.columns - greedy_columns}
+        return figures, found[1]
 
-    print(f"toy InternVL: {images[0].num_tokens} image tokens, batch {opts.batch}, {opts.units} units per setting")
+    name = "toy InternVL" if opts.checkpoint is None else model.config.model_type
+    print(f"{name}: {images[0].num_tokens} image tokens, batch {opts.batch}, {opts.units} units per setting")
     for reuse in (False, True):  # warm-up
         unit(reuse)
-    answers = {}
+    answers, report = {}, {}
     for reuse in (False, True):
         runs = [unit(reuse) for _ in range(opts.units)]
-        answers[reuse] = runs[-1][2]
-        print(f"reuse {'on' if reuse else 'off'}: prefill {sum(r[0] for r in runs) / opts.units:.3f} s/unit, "
-              f"greedy captions + locating {sum(r[1] for r in runs) / opts.units:.3f} s/unit")
+        answers[reuse] = runs[-1][1]
+        per_unit = {key: round(sum(figures[key] for figures, _ in runs) / opts.units, 4) for key in runs[0][0]}
+        report[f"reuse_{'on' if reuse else 'off'}"] = per_unit
+        print(f"reuse {'on' if reuse else 'off'}: prefill {per_unit['prefill_s']:.3f} s/unit, "
+              f"greedy captions + locating {per_unit['stages_s']:.3f} s/unit")
     print("the same locator answers with and without:", answers[True] == answers[False])
-
+    print(json.dumps({"model_type": model.config.model_type, "image_tokens": images[0].num_tokens,
+                      "batch": opts.batch, "units": opts.units, **report,
+                      "same_locator_answers": answers[True] == answers[False]}))
 
 if __name__ == "__main__":
     main()

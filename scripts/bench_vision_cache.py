@@ -9,7 +9,9 @@ of the family's vision tower (``ModelAdapter.vision_trunk(model).tower``'s class
 the cache's lookup, encoding and replay included. ``--vision_layers`` deepens the tiny tower (its new layers
 random), where the tiny 2-layer tower's work is the size of the cache's bookkeeping. Prints each arm's median over
 ``--runs`` runs (they alternate, so drift in machine load hits both), then one JSON line; the losses of the two arms
-are checked equal.
+are checked equal. The JSON line also holds, from each arm's last run, its tower calls (the same calls in both arms)
+and losses, and what shows the cache was used: the images it encoded (its unit: a view on MiniCPM-V, a tile on the
+tiled families; each once per rollout) and the tower calls its memo answered whole (``sc_tune.vision_cache``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -43,8 +46,18 @@ def tiny_checkpoint(model_type: str, directory: str, vision_layers: int | None) 
     return path
 
 
-def tower_seconds(checkpoint: str, output_dir: str, vision_cache: bool) -> tuple[float, list[float]]:
-    """Seconds in the vision tower over one describer unit, and the unit's losses."""
+class TowerRun(NamedTuple):
+    """One describer unit's figures; the cache's are None with the cache off."""
+
+    seconds: float  # in the vision tower's calls
+    calls: int  # of the vision tower (policy and snapshot)
+    losses: list[float]
+    images_encoded: int | None  # by the cache's trunk
+    calls_from_memo: int | None  # tower calls the cache answered whole
+
+
+def tower_seconds(checkpoint: str, output_dir: str, vision_cache: bool) -> TowerRun:
+    """Seconds in the vision tower over one describer unit, and the unit's other figures."""
     trainer, losses = two_phase_trainer(checkpoint, output_dir, vision_cache=vision_cache, max_steps=2)
     tower_class = type(trainer.adapter.vision_trunk(trainer.model).tower)
     started, seconds = {}, []
@@ -64,30 +77,39 @@ def tower_seconds(checkpoint: str, output_dir: str, vision_cache: bool) -> tuple
     finally:
         for handle in handles:
             handle.remove()
-    return sum(seconds), losses
+    # One rollout (max_steps=2), so the cache, cleared when a rollout starts, counted the whole unit.
+    cache = trainer.cycle.vision_cache
+    if cache is None:
+        return TowerRun(sum(seconds), len(seconds), losses, None, None)
+    return TowerRun(sum(seconds), len(seconds), losses, cache.encoded_images, cache.reused_tower_calls)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model_type", required=True)
     parser.add_argument("--vision_layers", type=int, default=None)
     parser.add_argument("--runs", type=int, default=3)
-    opts = parser.parse_args()
+    opts = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = tiny_checkpoint(opts.model_type, os.path.join(directory, "model"), opts.vision_layers)
         results = {False: [], True: []}
-        losses = {}
+        last = {}  # each arm's last run
         for run in range(opts.runs):
             for cache in (False, True) if run % 2 == 0 else (True, False):
-                seconds, losses[cache] = tower_seconds(checkpoint, os.path.join(directory, f"{cache}{run}"), cache)
-                results[cache].append(seconds)
-    if losses[False] != losses[True]:
-        raise SystemExit(f"the losses differ with the cache on and off: {losses[True]} against {losses[False]}")
+                last[cache] = tower_seconds(checkpoint, os.path.join(directory, f"{cache}{run}"), cache)
+                results[cache].append(last[cache].seconds)
+    if last[False].losses != last[True].losses:
+        raise SystemExit(f"the losses differ with the cache on and off: {last[True].losses} against "
+                         f"{last[False].losses}")
     off, on = (statistics.median(results[cache]) for cache in (False, True))
     print(f"{opts.model_type}, vision layers {opts.vision_layers or 'tiny'}: tower seconds per describer unit, "
           f"cache off {off:.3f} -> on {on:.3f} (median of {opts.runs})")
     print(json.dumps({"model_type": opts.model_type, "vision_layers": opts.vision_layers, "off_s": round(off, 4),
-                      "on_s": round(on, 4), "runs": {str(k): [round(s, 4) for s in v] for k, v in results.items()}}))
+                      "on_s": round(on, 4), "runs": {str(k): [round(s, 4) for s in v] for k, v in results.items()},
+                      "tower_calls": {str(k): arm.calls for k, arm in last.items()},
+                      "losses": {str(k): arm.losses for k, arm in last.items()},
+                      "cache_images_encoded": last[True].images_encoded,
+                      "cache_calls_from_memo": last[True].calls_from_memo}))
 
 
 if __name__ == "__main__":

@@ -213,3 +213,55 @@ def test_device_summary_reads_the_device_runs_figures_and_judges_the_targets(tmp
     assert device_summary.summary(str(tmp_path))["acceptance_met"] is None  # not measured, never "not met"
     # the device script itself parses under dash, the /bin/sh of the machines it runs on
     assert subprocess.run(["sh", "-n", f"{ROOT}/scripts/device_check.sh"]).returncode == 0
+
+
+def test_bench_vision_cache_runs_both_arms_and_the_on_arm_encodes_each_view_once(capsys, monkeypatch):
+    """One run per arm on the tiny MiniCPM-V 4.6 (each sample image a thumbnail and 4 slices, the cache's units): the
+    arms make the same tower calls and train to the same losses, and with the cache on the trunk encodes each view at
+    most once in the unit's one rollout while the frozen snapshot's tower answers calls from its memo; an "on" arm
+    that never used the cache would make the loss comparison a comparison of the off arm with itself."""
+    from tests.helpers import FAST
+
+    monkeypatch.syspath_prepend(f"{ROOT}/scripts")
+    sys.modules.pop("bench_vision_cache", None)
+    import bench_vision_cache
+
+    bench_vision_cache.main(["--model_type", "minicpmv4_6", "--runs", "1"])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(report) == {"model_type", "vision_layers", "off_s", "on_s", "runs", "tower_calls", "losses",
+                           "cache_images_encoded", "cache_calls_from_memo"}
+    assert (report["model_type"], report["vision_layers"]) == ("minicpmv4_6", None)
+    assert [len(report["runs"][arm]) for arm in ("False", "True")] == [1, 1]
+    assert report["off_s"] > 0 and report["on_s"] > 0
+    assert report["tower_calls"]["True"] == report["tower_calls"]["False"] > 0
+    losses = report["losses"]
+    assert len(losses["False"]) == 2 and all(loss != 0 for loss in losses["False"])  # max_steps=2: two PPO steps
+    assert losses["True"] == losses["False"]
+    assert 0 < report["cache_images_encoded"] <= FAST["per_device_train_batch_size"] * 5
+    assert report["cache_calls_from_memo"] > 0
+
+
+def test_bench_prompt_cache_skips_the_greedy_prefill_and_each_locator_rows_image_span(capsys, monkeypatch, tmp_path):
+    """One timed unit per setting on a tiny InternVL whose 112 px tile is 16 image tokens: with the reuse the greedy
+    captions decode from the scoring cache (no prefill at all) and the 2B locator rows prefill only what follows the
+    image prefix (at least 16 columns a row fewer), with the same locator answers as full prefills."""
+    from sc_tune.tiny.template_families import save_tiny_template_family
+
+    folder = save_tiny_template_family("internvl", str(tmp_path), image_size=112)
+    monkeypatch.syspath_prepend(f"{ROOT}/scripts")
+    sys.modules.pop("bench_prompt_cache", None)
+    import bench_prompt_cache
+
+    batch = 2
+    bench_prompt_cache.main(["--units", "1", "--batch", str(batch), "--checkpoint", folder])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(report) == {"model_type", "image_tokens", "batch", "units", "reuse_off", "reuse_on",
+                           "same_locator_answers"}
+    assert (report["model_type"], report["image_tokens"], report["batch"], report["units"]) == ("internvl", 16, 2, 1)
+    off, on = report["reuse_off"], report["reuse_on"]
+    for figures in (off, on):
+        assert set(figures) == {"prefill_s", "stages_s", "greedy_prefill_columns", "locating_prefill_columns"}
+        assert 0 < figures["prefill_s"] < figures["stages_s"]
+    assert off["greedy_prefill_columns"] > batch * report["image_tokens"] and on["greedy_prefill_columns"] == 0
+    assert 0 < on["locating_prefill_columns"] <= off["locating_prefill_columns"] - 2 * batch * report["image_tokens"]
+    assert report["same_locator_answers"] is True

@@ -473,3 +473,32 @@ def test_minicpmv_the_same_patches_on_another_grid_or_unmerged_are_another_view(
     assert plain_calls == 2 + 16 + 2 + 2 and calls == [2, 16, 2, 1, 1], "one call per layer and window length"
     for got, expected in zip(cached, plain):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_minicpmv_view_keys_keep_every_grid_side_exact_in_bfloat16_pixels():
+    """A view's key (``image_pixels``) holds its patch grid beside its pixels, in the pixels' dtype where that holds
+    every side exactly: bfloat16 up to 256, which it keeps; above, float32, else a side of 257 would read 256. The
+    views 257 x 256 and 256 x 257 of the same flat pixels (the same patches on another grid, which the tower encodes
+    otherwise) would then have equal bfloat16 keys, and the cache would take one for the other."""
+    from sc_tune.adapters.minicpmv import _views as view_keys
+
+    patch = 1  # one pixel a patch: the keys' layout columns are what is checked, not the pixels
+
+    def keys(*grids):
+        pixels = torch.full((1, 3, patch, sum(h * w for h, w in grids) * patch), 0.5, dtype=torch.bfloat16)
+        return view_keys((pixels,), {"target_sizes": torch.tensor(grids)})
+
+    def layout(view):  # each row's h, w and window-merger switch: one row for the whole view
+        rows = view[:, -3:].unique(dim=0)
+        assert len(rows) == 1
+        return rows[0].tolist()
+
+    (widest_exact,) = keys((256, 1))
+    assert widest_exact.dtype == torch.bfloat16 and layout(widest_exact) == [256, 1, 1]
+    (one_more,) = keys((1, 257))
+    assert one_more.dtype == torch.float32 and layout(one_more) == [1, 257, 1]
+    tall, wide = keys((257, 256), (256, 257))
+    assert (tall.dtype, wide.dtype) == (torch.float32, torch.float32)
+    assert (layout(tall), layout(wide)) == ([257, 256, 1], [256, 257, 1])
+    assert torch.equal(tall.to(torch.bfloat16), wide.to(torch.bfloat16)), "in bfloat16 both grids read 256 x 256"
+    assert not torch.equal(tall, wide)

@@ -238,7 +238,7 @@ def test_bench_vision_cache_runs_both_arms_and_the_on_arm_encodes_each_view_once
     assert len(losses["False"]) == 2 and all(loss != 0 for loss in losses["False"])  # max_steps=2: two PPO steps
     assert losses["True"] == losses["False"]
     assert 0 < report["cache_images_encoded"] <= FAST["per_device_train_batch_size"] * 5
-    assert report["cache_calls_from_memo"] > 0
+    assert 0 < report["cache_calls_from_memo"] < report["tower_calls"]["True"]  # not the first: nothing was cached
 
 
 def test_bench_prompt_cache_skips_the_greedy_prefill_and_each_locator_rows_image_span(capsys, monkeypatch, tmp_path):

@@ -7,10 +7,10 @@ After the policy's sampled captions and the snapshot's teacher-forced scoring pa
 (``--snapshot_prompt_cache``: greedy decoding from the scoring cache, locating from its image prefix) or without it
 (full prefills). Printed per setting: the seconds of the model's multi-column forwards after the scoring pass
 (prefills, the vision tower inside them) and of the two stages, per unit, and whether the locator answers agree;
-then one JSON line with those figures and each stage's prefill columns (rows x columns) per unit: with the reuse the
-greedy captions prefill nothing and every locator row at least its image span less. ``--checkpoint`` times another
-folder of a family that does both (the tests pass a tiny InternVL). ``gpu_check.py`` times the trainer's whole step,
-on Qwen configurations only.
+then one JSON line with those figures, each stage's prefill columns (rows x columns) per unit (with the reuse the
+greedy captions prefill nothing and every locator row at least its image span less) and the last unit's locator
+answers. ``--checkpoint`` times another folder of a family that does both (the tests pass a tiny InternVL).
+``gpu_check.py`` times the trainer's whole step, on Qwen configurations only.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         runs = [unit(reuse) for _ in range(opts.units)]
         answers[reuse] = runs[-1][1]
         per_unit = {key: round(sum(figures[key] for figures, _ in runs) / opts.units, 4) for key in runs[0][0]}
-        report[f"reuse_{'on' if reuse else 'off'}"] = per_unit
+        report[f"reuse_{'on' if reuse else 'off'}"] = {**per_unit, "locator_texts": answers[reuse]}
         print(f"reuse {'on' if reuse else 'off'}: prefill {per_unit['prefill_s']:.3f} s/unit, "
               f"greedy captions + locating {per_unit['stages_s']:.3f} s/unit")
     print("the same locator answers with and without:", answers[True] == answers[False])

@@ -260,8 +260,10 @@ def test_bench_prompt_cache_skips_the_greedy_prefill_and_each_locator_rows_image
     assert (report["model_type"], report["image_tokens"], report["batch"], report["units"]) == ("internvl", 16, 2, 1)
     off, on = report["reuse_off"], report["reuse_on"]
     for figures in (off, on):
-        assert set(figures) == {"prefill_s", "stages_s", "greedy_prefill_columns", "locating_prefill_columns"}
+        assert set(figures) == {"prefill_s", "stages_s", "greedy_prefill_columns", "locating_prefill_columns",
+                                "locator_texts"}
         assert 0 < figures["prefill_s"] < figures["stages_s"]
+        assert len(figures["locator_texts"]) == 2 * batch and any(figures["locator_texts"])
     assert off["greedy_prefill_columns"] > batch * report["image_tokens"] and on["greedy_prefill_columns"] == 0
     assert 0 < on["locating_prefill_columns"] <= off["locating_prefill_columns"] - 2 * batch * report["image_tokens"]
-    assert report["same_locator_answers"] is True
+    assert on["locator_texts"] == off["locator_texts"] and report["same_locator_answers"] is True

@@ -119,5 +119,6 @@ def main(argv: list[str] | None = None) -> None:
                       "batch": opts.batch, "units": opts.units, **report,
                       "same_locator_answers": answers[True] == answers[False]}))
 
+
 if __name__ == "__main__":
     main()

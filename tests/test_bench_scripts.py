@@ -1,7 +1,8 @@
 """The measurement scripts on CPU. The GPU check runs end to end (``--dry_run``): real sizes built on the meta
 device, then every setting it times, at toy size, through the same trainer path the GPU run takes (LoRA, gradient
 checkpointing, static decoding, fused decoding), printing the figures the GPU run prints. The decode-step op count
-and the locator diagnosis print what they claim."""
+and the locator diagnosis print what they claim; the vision-cache and prompt-cache benchmarks show, at their smallest
+settings, that the arm with the cache really used it and gave the same losses or answers."""
 
 import json
 import sys
@@ -237,7 +238,7 @@ def test_bench_vision_cache_runs_both_arms_and_the_on_arm_encodes_each_view_once
     losses = report["losses"]
     assert len(losses["False"]) == 2 and all(loss != 0 for loss in losses["False"])  # max_steps=2: two PPO steps
     assert losses["True"] == losses["False"]
-    assert 0 < report["cache_images_encoded"] <= FAST["per_device_train_batch_size"] * 5
+    assert 0 < report["cache_images_encoded"] <= FAST["per_device_train_batch_size"] * (1 + 4)  # views per image
     assert 0 < report["cache_calls_from_memo"] < report["tower_calls"]["True"]  # not the first: nothing was cached
 
 

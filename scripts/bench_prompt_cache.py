@@ -64,11 +64,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="a checkpoint folder to time instead of the toy InternVL (its family must resume from "
                              "the scoring cache and locate from its image prefix)")
     opts = parser.parse_args(argv)
-    # 448 px tiles of 256 image tokens and a text model of the toy Qwen2.5-VL's width and depth (scripts/bench_configs).
-    folder = opts.checkpoint or save_tiny_template_family(
-        "internvl", tempfile.mkdtemp(), image_size=448, hidden=512, layers=4, vision_width=192, text_heads=8,
-        text_kv_heads=2)
-    model, adapter = load_model_and_adapter(folder)
+    if opts.checkpoint is not None:
+        model, adapter = load_model_and_adapter(opts.checkpoint)
+    else:
+        # 448 px tiles of 256 image tokens and a text model of the toy Qwen2.5-VL's width and depth
+        # (scripts/bench_configs); the folder is only read while loading.
+        with tempfile.TemporaryDirectory(prefix="bench_prompt_cache_") as folder:
+            model, adapter = load_model_and_adapter(save_tiny_template_family(
+                "internvl", folder, image_size=448, hidden=512, layers=4, vision_width=192, text_heads=8,
+                text_kv_heads=2))
     model.eval()
     sampling = GenerationSettings(max_new_tokens=16, do_sample=True, top_k=50, top_p=1.0)
     greedy_settings = GenerationSettings(max_new_tokens=16)

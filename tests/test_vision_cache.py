@@ -477,7 +477,7 @@ def test_minicpmv_the_same_patches_on_another_grid_or_unmerged_are_another_view(
 
 def test_minicpmv_view_keys_keep_every_grid_side_exact_in_bfloat16_pixels():
     """A view's key (``image_pixels``) holds its patch grid beside its pixels, in the pixels' dtype where that holds
-    every side exactly: bfloat16 up to 256, which it keeps; above, float32, else a side of 257 would read 256. The
+    the view's sides exactly: bfloat16 up to 256, which it keeps; above, float32, else a side of 257 would read 256. The
     views 257 x 256 and 256 x 257 of the same flat pixels (the same patches on another grid, which the tower encodes
     otherwise) would then have equal bfloat16 keys, and the cache would take one for the other."""
     from sc_tune.adapters.minicpmv import _views as view_keys
@@ -502,3 +502,9 @@ def test_minicpmv_view_keys_keep_every_grid_side_exact_in_bfloat16_pixels():
     assert (layout(tall), layout(wide)) == ([257, 256, 1], [256, 257, 1])
     assert torch.equal(tall.to(torch.bfloat16), wide.to(torch.bfloat16)), "in bfloat16 both grids read 256 x 256"
     assert not torch.equal(tall, wide)
+    # Chosen per view: a small view's key is the same beside a view that needs float32 as alone (else a call that
+    # also holds a large view would miss the small view's cached features).
+    small_beside_large, _ = keys((2, 3), (1, 257))
+    (small_alone,) = keys((2, 3))
+    assert small_beside_large.dtype == small_alone.dtype == torch.bfloat16 and torch.equal(small_beside_large,
+                                                                                            small_alone)

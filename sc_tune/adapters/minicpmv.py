@@ -166,16 +166,17 @@ def _view_columns(arguments: dict) -> tuple[list[torch.Tensor], list[list[int]]]
 def _views(args: tuple, kwargs: dict) -> list[torch.Tensor]:
     """One tensor per view, ``(h * w, 3 * patch * patch + 3)``: a row per patch (so the view's output rows are in
     proportion to its rows), its pixels beside the view's ``h``, ``w`` and window-merger switch, which the encoding
-    reads too. In the pixels' dtype where it holds every grid side exactly (bfloat16: up to 256 patches), else in
-    float32 (the cache keeps a copy of every view)."""
+    reads too. In the pixels' dtype where it holds the view's grid sides exactly (bfloat16: up to 256 patches), else
+    in float32 (the cache keeps a copy of every view). Chosen per view, so a view's key is the same whatever views
+    share its call."""
     arguments = _tower_arguments(args, kwargs)
     merged = float(arguments.get("use_vit_merger", True))
     columns_per_view, grids = _view_columns(arguments)
-    dtype = columns_per_view[0].dtype
-    if max(map(max, grids)) > 2 / torch.finfo(dtype).eps:  # the largest integer from which all below are exact
-        dtype = torch.float32
     views = []
     for columns, (height, width) in zip(columns_per_view, grids):
+        dtype = columns.dtype
+        if max(height, width) > 2 / torch.finfo(dtype).eps:  # the largest integer from which all below are exact
+            dtype = torch.float32
         patch = columns.shape[1]
         patches = columns.reshape(-1, patch, height * width, patch).permute(2, 0, 1, 3).flatten(1).to(dtype)
         layout = patches.new_tensor([height, width, merged]).expand(len(patches), -1)

@@ -97,3 +97,35 @@ def mislocated(tmp_path_factory):
     ]
     assert len(picked) >= 24, f"only {len(picked)} mislocated objects: the warm start or the data changed"
     return root, picked[:24]
+
+
+
+# DeepSpeed builds its shared-memory op at a run's first ZeRO launch (about 40 s of compiling on two cores, in the
+# launch's time). The in-process tests leave one of the machine's cores idle (one thread), so when multi-process tests
+# are collected and the op is not built yet, it is built on that core from the start of the session, into the folder
+# the launches use; a launch that comes first waits on torch's build lock, then loads it. The build is never killed
+# (a killed build leaves that lock, and every later launch waits on it for ever): the session's end waits for it.
+OP_EXTENSIONS = os.path.join(ROOT, ".torch_extensions")  # the tests' launches' TORCH_EXTENSIONS_DIR
+_BUILD_OP = "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()"
+_OP_BUILD = pytest.StashKey()
+
+
+def pytest_collection_finish(session):
+    import glob
+    import subprocess
+
+    if not any(item.get_closest_marker("slow") for item in session.items):
+        return
+    if glob.glob(os.path.join(OP_EXTENSIONS, "*", "*.so")):
+        return  # built (a build torch takes for stale is built again by the launch, as without this)
+    os.makedirs(OP_EXTENSIONS, exist_ok=True)
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": OP_EXTENSIONS, "MAX_JOBS": "1", "OMP_NUM_THREADS": "1"}
+    with open(os.path.join(OP_EXTENSIONS, "session_build.log"), "w") as log:
+        session.config.stash[_OP_BUILD] = subprocess.Popen([sys.executable, "-c", _BUILD_OP], env=env, stdout=log,
+                                                           stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def pytest_sessionfinish(session):
+    build = session.config.stash.get(_OP_BUILD, None)
+    if build is not None:
+        build.wait()

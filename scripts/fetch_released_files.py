@@ -57,7 +57,10 @@ def released_chat_template_json(model_name: str) -> Callable[[bytes], bytes]:
     releases write their ``chat_template.json`` (one key, four-space indents, no newline at the end)."""
 
     def build(model_list: bytes) -> bytes:
-        templates = {family.get("model_name"): family.get("chat_template") for family in json.loads(model_list)}
+        try:
+            templates = {family.get("model_name"): family.get("chat_template") for family in json.loads(model_list)}
+        except (ValueError, TypeError, AttributeError) as error:
+            raise FetchError(f"the model list is not a JSON list of models ({error})") from None
         if not templates.get(model_name):
             raise FetchError(f"the model list has no chat template for {model_name!r}")
         return json.dumps({"chat_template": templates[model_name]}, indent=4).encode("utf-8")

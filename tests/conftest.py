@@ -99,14 +99,14 @@ def mislocated(tmp_path_factory):
     return root, picked[:24]
 
 
-
 # DeepSpeed builds its shared-memory op at a run's first ZeRO launch (about 40 s of compiling on two cores, in the
 # launch's time). The in-process tests leave one of the machine's cores idle (one thread), so when multi-process tests
 # are collected and the op is not built yet, it is built on that core from the start of the session, into the folder
 # the launches use; a launch that comes first waits on torch's build lock, then loads it. The build is never killed
 # (a killed build leaves that lock, and every later launch waits on it for ever): the session's end waits for it.
 OP_EXTENSIONS = os.path.join(ROOT, ".torch_extensions")  # the tests' launches' TORCH_EXTENSIONS_DIR
-_BUILD_OP = "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()"
+_BUILD_OP = ("from deepspeed.accelerator import get_accelerator\n"
+             "get_accelerator().create_op_builder('ShareMemCommBuilder').load()\n")
 _OP_BUILD = pytest.StashKey()
 
 

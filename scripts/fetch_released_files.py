@@ -111,6 +111,14 @@ def xinference_model_list(name: str) -> str:
     return f"xinference/model/llm/models/{name}.json"
 
 
+def listed_template(folder: str, name: str, model_name: str, size: int, sha256: str, provenance: str) -> ReleasedFile:
+    """A release's chat template file ``name`` (``chat_template.json`` or ``chat_template.jinja``), built from the
+    template Xinference lists for ``model_name``."""
+    build = released_chat_template_json if name.endswith(".json") else released_chat_template_jinja
+    return ReleasedFile(folder, name, XINFERENCE_PACKAGE, xinference_model_list(model_name), size, sha256, provenance,
+                        build=build(model_name))
+
+
 RELEASED_FILES = (
     # The same 33 MB tokenizer.json ships with every Gemma 3 size; this hash is the hub's LFS object id for it.
     ReleasedFile("google__gemma-3-4b-it", "tokenizer.json", GEMMA3_PACKAGE, "package/models/tokenizer.json",
@@ -135,55 +143,45 @@ RELEASED_FILES = (
                  "the size and SHA-256 public catalogues pin for Qwen/Qwen-72B's qwen.tiktoken at hub revision "
                  "b8e18ac6 and for other Qwen (1) releases; a public GitHub copy of Qwen-VL-Chat-Int4's files holds "
                  "the same bytes (its line ends turned to CRLF)"),
-    ReleasedFile("Qwen__Qwen2.5-VL-7B-Instruct", "chat_template.json", XINFERENCE_PACKAGE,
-                 xinference_model_list("qwen2.5-vl-instruct"),
-                 1_050, "ad60d90252ed0b0705ba14e2d0ad0fec0beac1ea955642b54059b36052d8bc96",
-                 "the size and SHA-256 public model catalogues pin for Qwen/Qwen2.5-VL-7B-Instruct's "
-                 "chat_template.json at hub revision cc594898 (beside its tokenizer.json above)",
-                 build=released_chat_template_json("qwen2.5-vl-instruct")),
+    listed_template("Qwen__Qwen2.5-VL-7B-Instruct", "chat_template.json", "qwen2.5-vl-instruct",
+                    1_050, "ad60d90252ed0b0705ba14e2d0ad0fec0beac1ea955642b54059b36052d8bc96",
+                    "the size and SHA-256 public model catalogues pin for Qwen/Qwen2.5-VL-7B-Instruct's "
+                    "chat_template.json at hub revision cc594898 (beside its tokenizer.json above)"),
     ReleasedFile("Qwen__Qwen3-VL-8B-Instruct", "tokenizer.json", QWEN2_5_PACKAGE, "package/models/tokenizer.json",
                  7_032_403, "a5d85b6dcc535e6b93115a9ef287e6132fdbf30270da6218194ba742261173c7",
                  "the size and SHA-256 a public download manifest pins for Qwen/Qwen3-VL-8B-Instruct's tokenizer.json "
                  "at hub revision 0c351dd0", build=with_qwen3_added_tokens),
-    ReleasedFile("Qwen__Qwen3-VL-8B-Instruct", "chat_template.json", XINFERENCE_PACKAGE,
-                 xinference_model_list("Qwen3-VL-Instruct"),
-                 5_499, "5c72a170d2a4a1a3bc5adad2e689ae28138a9700e5b8c96c0266331e86c0acce",
-                 "the size and SHA-256 the same manifest pins for its chat_template.json at revision 0c351dd0 (the "
-                 "template text is the one the released GGUF files carry, 5,292 bytes)",
-                 build=released_chat_template_json("Qwen3-VL-Instruct")),
+    listed_template("Qwen__Qwen3-VL-8B-Instruct", "chat_template.json", "Qwen3-VL-Instruct",
+                    5_499, "5c72a170d2a4a1a3bc5adad2e689ae28138a9700e5b8c96c0266331e86c0acce",
+                    "the size and SHA-256 the same manifest pins for its chat_template.json at revision 0c351dd0 (the "
+                    "template text is the one the released GGUF files carry, 5,292 bytes)"),
     # The reasoning-only release: its template opens <think> for every answer (the code refuses it by name).
-    ReleasedFile("Qwen__Qwen3-VL-8B-Thinking", "chat_template.json", XINFERENCE_PACKAGE,
-                 xinference_model_list("Qwen3-VL-Thinking"),
-                 5_412, "7dc0b863a3cf9320e063574e0adb1382a22a089f1eeb8bfbe33cc69c5c2cc1e5",
-                 "the SHA-256 a public project pins for the chat_template.json of its one target checkpoint, "
-                 "Qwen/Qwen3-VL-8B-Thinking at hub revision 92f3c4b4 (checked against its snapshot manifest; beside "
-                 "the template text's SHA-256 and the Qwen3-VL tokenizer.json's above)",
-                 build=released_chat_template_json("Qwen3-VL-Thinking")),
+    listed_template("Qwen__Qwen3-VL-8B-Thinking", "chat_template.json", "Qwen3-VL-Thinking",
+                    5_412, "7dc0b863a3cf9320e063574e0adb1382a22a089f1eeb8bfbe33cc69c5c2cc1e5",
+                    "the SHA-256 a public project pins for the chat_template.json of its one target checkpoint, "
+                    "Qwen/Qwen3-VL-8B-Thinking at hub revision 92f3c4b4 (checked against its snapshot manifest; beside "
+                    "the template text's SHA-256 and the Qwen3-VL tokenizer.json's above)"),
     # Qwen3.5 and later ship the template as chat_template.jinja (the text itself, also inside tokenizer_config.json).
-    ReleasedFile("Qwen__Qwen3.5-4B", "chat_template.jinja", XINFERENCE_PACKAGE, xinference_model_list("qwen3.5"),
-                 7_756, "a4aee8afcf2e0711942cf848899be66016f8d14a889ff9ede07bca099c28f715",
-                 "the SHA-256 public projects pin for Qwen/Qwen3.5-4B's chat template at hub revision 851bf6e8 (a "
-                 "model registry's verified identity; a source list of that revision's chat_template.jinja) and for "
-                 "Qwen/Qwen3.5-9B's at c2022362; the size a public manifest of a 4B conversion lists for the file",
-                 build=released_chat_template_jinja("qwen3.5")),
-    ReleasedFile("Qwen__Qwen3.6-27B", "chat_template.jinja", XINFERENCE_PACKAGE, xinference_model_list("qwen3.6"),
-                 7_764, "e84f32a23fdda27689f868aa4a1a5621f41133e51a48d7f3efcbea2839574259",
-                 "the size and SHA-256 a public project pins for Qwen/Qwen3.6-27B's chat template at hub revision "
-                 "6a9e13bd; another's tokenizer audit names the same revision and SHA-256",
-                 build=released_chat_template_jinja("qwen3.6")),
-    ReleasedFile("Qwen__Qwen3.8-27B", "chat_template.jinja", XINFERENCE_PACKAGE, xinference_model_list("qwen3.8"),
-                 8_952, "c3cf9e34abf4f9e36c2d72165aa9c132d3e2a725b6c2586aaa3a8af9d7a81041",
-                 "the size and SHA-256 a public project's listing of Qwen/Qwen3.8-27B's files at hub revision 1d4bf0f2 "
-                 "gives (checked against the hub's metadata), which another pins for that revision's template",
-                 build=released_chat_template_jinja("qwen3.8")),
+    listed_template("Qwen__Qwen3.5-4B", "chat_template.jinja", "qwen3.5",
+                    7_756, "a4aee8afcf2e0711942cf848899be66016f8d14a889ff9ede07bca099c28f715",
+                    "the SHA-256 public projects pin for Qwen/Qwen3.5-4B's chat template at hub revision 851bf6e8 (a "
+                    "model registry's verified identity; a source list of that revision's chat_template.jinja) and for "
+                    "Qwen/Qwen3.5-9B's at c2022362; the size a public manifest of a 4B conversion lists for the file"),
+    listed_template("Qwen__Qwen3.6-27B", "chat_template.jinja", "qwen3.6",
+                    7_764, "e84f32a23fdda27689f868aa4a1a5621f41133e51a48d7f3efcbea2839574259",
+                    "the size and SHA-256 a public project pins for Qwen/Qwen3.6-27B's chat template at hub revision "
+                    "6a9e13bd; another's tokenizer audit names the same revision and SHA-256"),
+    listed_template("Qwen__Qwen3.8-27B", "chat_template.jinja", "qwen3.8",
+                    8_952, "c3cf9e34abf4f9e36c2d72165aa9c132d3e2a725b6c2586aaa3a8af9d7a81041",
+                    "the size and SHA-256 a public project's listing of Qwen/Qwen3.8-27B's files at hub revision "
+                    "1d4bf0f2 gives (checked against the hub's metadata), which another pins for that revision's "
+                    "template"),
     # Qwen3.8-Flash-Next (model_type qwen4_exp) ships the same template as Qwen3.8-27B.
-    ReleasedFile("Qwen__Qwen3.8-Flash-Next", "chat_template.jinja", XINFERENCE_PACKAGE,
-                 xinference_model_list("qwen3.8-Flash-Next"),
-                 8_952, "c3cf9e34abf4f9e36c2d72165aa9c132d3e2a725b6c2586aaa3a8af9d7a81041",
-                 "the size and SHA-256 a public project's fixture notes pin for Qwen/Qwen3.8-Flash-Next's "
-                 "chat_template.jinja at hub revision de4b8e4d, and another's for Qwen/Qwen3.8-27B's at 1d4bf0f2 "
-                 "(the same bytes, its listing of that revision's files with their sizes)",
-                 build=released_chat_template_jinja("qwen3.8-Flash-Next")),
+    listed_template("Qwen__Qwen3.8-Flash-Next", "chat_template.jinja", "qwen3.8-Flash-Next",
+                    8_952, "c3cf9e34abf4f9e36c2d72165aa9c132d3e2a725b6c2586aaa3a8af9d7a81041",
+                    "the size and SHA-256 a public project's fixture notes pin for Qwen/Qwen3.8-Flash-Next's "
+                    "chat_template.jinja at hub revision de4b8e4d, and another's for Qwen/Qwen3.8-27B's at 1d4bf0f2 "
+                    "(the same bytes, its listing of that revision's files with their sizes)"),
 )
 
 

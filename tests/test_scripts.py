@@ -605,6 +605,13 @@ def test_a_released_file_built_from_what_a_package_ships_is_kept_only_when_the_b
         fetcher.fetch(str(destination), [dataclasses.replace(
             text_file, build=fetcher.released_chat_template_json("vl-instruct"))])
 
+    # RELEASED_FILES' template entries: the file's kind, by its name, picks the build.
+    for name, expected in (("chat_template.json", built), ("chat_template.jinja", template.encode())):
+        entry = fetcher.listed_template("owner__vl", name, "vl-instruct", len(expected), "", "a test")
+        assert entry.package == fetcher.XINFERENCE_PACKAGE
+        assert entry.member == fetcher.xinference_model_list("vl-instruct")
+        assert entry.build(model_list) == expected, name
+
     # Qwen3-VL's tokenizer.json: Qwen2.5's, Qwen3's four added tokens after its last one, in its field order.
     qwen2_5 = {"added_tokens": [{"id": 151664, "content": "<|file_sep|>", "lstrip": False, "normalized": False,
                                  "rstrip": False, "single_word": False, "special": False}], "model": {"type": "BPE"}}

@@ -100,10 +100,10 @@ def mislocated(tmp_path_factory):
 
 
 # DeepSpeed builds its shared-memory op at a run's first ZeRO launch (about 40 s of compiling on two cores, in the
-# launch's time). The in-process tests leave one of the machine's cores idle (one thread), so when multi-process tests
-# are collected and the op is not built yet, it is built on that core from the start of the session, into the folder
-# the launches use; a launch that comes first waits on torch's build lock, then loads it. The build is never killed
-# (a killed build leaves that lock, and every later launch waits on it for ever): the session's end waits for it.
+# launch's time). When multi-process tests are collected and the op is not built yet, it is built from the start of the
+# session (by one pytest-xdist worker, the first), into the folder the launches use, so that no launch's time holds the
+# compile; a launch that comes first waits on torch's build lock, then loads it. The build is never killed (a killed
+# build leaves that lock, and every later launch waits on it for ever): the session's end waits for it.
 OP_EXTENSIONS = os.path.join(ROOT, ".torch_extensions")  # the tests' launches' TORCH_EXTENSIONS_DIR
 _BUILD_OP = ("from deepspeed.accelerator import get_accelerator\n"
              "get_accelerator().create_op_builder('ShareMemCommBuilder').load()\n")
@@ -114,6 +114,8 @@ def pytest_collection_finish(session):
     import glob
     import subprocess
 
+    if os.environ.get("PYTEST_XDIST_WORKER", "gw0") != "gw0":
+        return  # another worker builds it (every worker collects every test)
     if not any(item.get_closest_marker("slow") for item in session.items):
         return
     if glob.glob(os.path.join(OP_EXTENSIONS, "*", "*.so")):

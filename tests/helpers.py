@@ -260,14 +260,55 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class _NoVideoProcessor:
+    """Stands in for a family's video processor, which needs torchvision: a call with images alone reads none of its
+    settings. (An AttributeError, as for a setting a processor lacks: ``getattr(part, name, default)`` reads stay.)"""
+
+    def __getattr__(self, name):
+        raise AttributeError(f"the processor read its video processor's {name!r}, which the test does not build")
+
+
+def processor_around_the_folders_parts(folder: str):
+    """The family's own processor class, as ``AutoProcessor`` picks it for ``folder`` (the folder's
+    ``processor_class``, else the class transformers maps its ``model_type`` to), around the folder's own parts as
+    ``AutoProcessor`` loads them (tokenizer, image processor, any audio feature extractor) and its
+    processor_config.json settings, with a stand-in for the video processor. For the families whose AutoProcessor
+    needs torchvision only to build a video processor (Qwen2/2.5/3-VL, Qwen3.5, GLM-4.xV, InternVL, Gemma 4,
+    LLaVA-OneVision): the class's own ``__call__`` then runs on images. Its type check of the parts is off in a
+    subclass (the stand-in is no video processor), as the stand-in would fail it."""
+    import json
+    import os
+
+    import transformers
+    from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoTokenizer
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    def read(name: str) -> dict:
+        path = os.path.join(folder, name)
+        return json.load(open(path)) if os.path.isfile(path) else {}
+
+    settings = read("processor_config.json")
+    named = [read(name).get("processor_class") for name in ("preprocessor_config.json", "tokenizer_config.json")]
+    class_name = settings.pop("processor_class", None) or next(filter(None, named), None)
+    class_name = class_name or PROCESSOR_MAPPING_NAMES[read("config.json")["model_type"]]
+    family_class = getattr(transformers, class_name)  # Pixtral's needs torchvision itself: ImportError
+    unchecked = type(class_name, (family_class,), {"check_argument_for_proper_class": lambda self, name, value: None})
+    loaders = {"tokenizer": AutoTokenizer.from_pretrained, "image_processor": AutoImageProcessor.from_pretrained,
+               "feature_extractor": AutoFeatureExtractor.from_pretrained,
+               "video_processor": lambda _: _NoVideoProcessor()}
+    parts = {name: loaders[name](folder) for name in family_class.get_attributes()}
+    return unchecked(**parts, **settings)
+
+
 def assert_the_familys_processor_builds_the_adapters_inputs(folder: str, adapter, processor=None) -> None:
     """The family's own processor of ``folder`` (``AutoProcessor``, what its chat demo runs), given the adapter's
     rendered describer and locator prompts and an image, builds the very inputs the adapter builds: the image marker
     expanded into the same image tokens, the same pixels, the same per-token types. (The rendered prompt is
     tokenised as the processor's apply_chat_template does: with the tokenizer's own special tokens unless it starts
-    with the BOS. The llava-hf templates write no BOS; their tokenizers prepend <s>.) Skips where
-    AutoProcessor cannot load here: the families with a video processor need torchvision (the demo extra).
-    ``processor``: the family's processor built otherwise (its class around the folder's parts)."""
+    with the BOS. The llava-hf templates write no BOS; their tokenizers prepend <s>.) Where AutoProcessor needs
+    torchvision (the demo extra) for a video processor, the family's class around the folder's parts runs instead
+    (``processor_around_the_folders_parts``); skips where that cannot load either (Pixtral's class needs torchvision,
+    SmolVLM2's num2words). ``processor``: the family's processor built otherwise."""
     import pytest
     import torch
     from PIL import Image
@@ -278,7 +319,10 @@ def assert_the_familys_processor_builds_the_adapters_inputs(folder: str, adapter
     except (ImportError, ValueError) as e:  # InternVL's says so with a ValueError
         if "torchvision" not in str(e).lower():
             raise
-        pytest.skip(f"AutoProcessor of {folder} needs torchvision (the demo extra)")
+        try:
+            processor = processor_around_the_folders_parts(folder)
+        except ImportError as missing:
+            pytest.skip(f"the processor of {folder} needs what is not installed here: {str(missing).strip()[:120]}")
     for size, colour in (((97, 61), (200, 30, 30)), ((40, 300), (30, 30, 200))):
         photo = Image.new("RGB", size, colour)
         image = adapter.prepare_image(photo)
@@ -287,6 +331,10 @@ def assert_the_familys_processor_builds_the_adapters_inputs(folder: str, adapter
             bos = processor.tokenizer.bos_token
             adds = {"add_special_tokens": False} if bos is not None and prompt.startswith(bos) else {}
             theirs = processor(text=[prompt], images=[[photo]], return_tensors="pt", **adds)
+            # LLaVA-OneVision's processor counts each row's images; the model's default (none passed) patches every
+            # image as a count of one does, and the adapter's rows hold one image each.
+            if "batch_num_images" in theirs and "batch_num_images" not in ours:
+                assert theirs.pop("batch_num_images").tolist() == [1]
             assert sorted(ours) == sorted(theirs), (sorted(ours), sorted(theirs))
             for key in ours:
                 assert torch.equal(ours[key], theirs[key]), (folder, key, size)
@@ -314,17 +362,19 @@ def assert_processor_builds_the_same_inputs(adapter, processor, prompt, image, p
 BOX_FOR_PROMPTS = [0.1, 0.2, 0.5, 0.6]
 
 
-def assert_patch_grid_processor_matches(adapter, processor, keys) -> dict:
+def assert_patch_grid_processor_matches(adapter, processor, keys, frames_per_image: int = 1) -> dict:
     """A patch-grid family's own processor builds the adapter's ``keys`` exactly on square, wide and tall photos, with
-    the checkpoint's pixel budget and one lowered to two merged patches (set on the adapter, passed to the processor).
-    Returns each photo's grid by (lowered budget or None, photo size); a wide photo's grid is a tall one's
+    the checkpoint's pixel budget and one lowered to two merged patches (set on the adapter, passed to the processor;
+    ``frames_per_image``: the processor's bounds count frames x height x width, GLM-4V's, where an image is that many
+    frames). Returns each photo's grid by (lowered budget or None, photo size); a wide photo's grid is a tall one's
     transposed."""
     side = adapter.patch_size * adapter.merge_size  # one image token's pixels per side
     grids = {}
     for max_pixels in (None, side * side * 2):
         if max_pixels is not None:
             adapter.limit_image_pixels(side * side, max_pixels)
-        bounds = {} if max_pixels is None else {"size": {"shortest_edge": side * side, "longest_edge": max_pixels}}
+        bounds = {} if max_pixels is None else {"size": {"shortest_edge": side * side * frames_per_image,
+                                                         "longest_edge": max_pixels * frames_per_image}}
         for size in ((60, 60), (300, 40), (40, 300)):
             photo = two_colour_photo(size)
             image = adapter.prepare_image(photo)

@@ -185,6 +185,32 @@ def test_an_image_pixel_budget_bounds_every_resized_image(tiny_checkpoint, model
     assert int((batch.inputs["input_ids"] == adapter.image_token_id).sum()) == photo.num_tokens
 
 
+# The Qwen2-VL-style families whose processor writes M-RoPE's mm_token_type_ids; EXAONE 4.5, HyperCLOVA X,
+# VideoLLaMA3 (tests/test_exaone4_5.py) and North (tests/test_cohere_compass.py) are checked beside their quirks.
+QWEN_GRID_TYPES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "qwen4_exp", "glm4v",
+                   "glm4v_moe", "glm46v"]
+
+
+@pytest.mark.parametrize("model_type", QWEN_GRID_TYPES)
+def test_the_familys_processor_builds_the_adapters_inputs_on_square_wide_and_tall_photos(tiny_checkpoint, model_type):
+    """transformers' own processor class of the family (Qwen2VLProcessor ... Glm46VProcessor, what the chat demo runs)
+    around the tiny folder's tokenizer and image processor (its video processor needs torchvision and an image never
+    reaches it: tests/helpers.py, processor_around_the_folders_parts), given the adapter's rendered prompts: the same
+    input ids (the image token repeated once per merged patch), pixels, grid and mm_token_type_ids, no other key; with
+    the pixel budget lowered too. Before, nothing compared these families' inputs with their processor's."""
+    from tests.helpers import assert_patch_grid_processor_matches, processor_around_the_folders_parts
+
+    path = tiny_checkpoint(model_type)
+    _, adapter = load_model_and_adapter(path)
+    processor = processor_around_the_folders_parts(path)
+    assert processor.image_token == adapter.image_token
+    keys = ["attention_mask", "input_ids", *adapter.per_token_keys, *adapter.image_keys]
+    assert "mm_token_type_ids" in keys
+    # GLM-4V's processor bounds frames x height x width, and an image is two frames (its temporal patch).
+    frames = 2 if model_type.startswith("glm") else 1
+    assert_patch_grid_processor_matches(adapter, processor, keys, frames_per_image=frames)
+
+
 @pytest.mark.parametrize("model_type", ["qwen", "gemma3"])
 def test_a_family_without_a_pixel_budget_refuses_one_by_name(tiny_checkpoint, model_type):
     from sc_tune.arguments import ArgumentError

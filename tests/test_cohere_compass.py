@@ -9,21 +9,20 @@ import pytest
 import torch
 
 from sc_tune.adapters import adapter_class
-from tests.helpers import assert_patch_grid_processor_matches, two_colour_photo
+from tests.helpers import assert_patch_grid_processor_matches, processor_around_the_folders_parts, two_colour_photo
 
 BOX = [0.1, 0.2, 0.5, 0.6]
 
 
-def test_the_north_processor_builds_the_adapters_inputs_on_square_wide_and_tall_photos(tiny_checkpoint, monkeypatch):
+def test_the_north_processor_builds_the_adapters_inputs_on_square_wide_and_tall_photos(tiny_checkpoint):
     """transformers' CohereCompassProcessor around the folder's tokenizer and image processor (its video processor
-    needs torchvision and is never used for images: the class's type check is stubbed, as for EXAONE 4.5) on the
+    needs torchvision and an image never reaches it: tests/helpers.py, processor_around_the_folders_parts) on the
     adapter's rendered prompts: the same input ids (<|IMAGE_PAD|> and its count), pixels, grid and mm_token_type_ids,
     no other key; with the pixel budget lowered too."""
-    from transformers import CohereCompassProcessor
-
-    adapter = adapter_class("cohere_compass").from_pretrained(tiny_checkpoint("cohere_compass"))
-    monkeypatch.setattr(CohereCompassProcessor, "check_argument_for_proper_class", lambda self, name, value: None)
-    processor = CohereCompassProcessor(image_processor=adapter.image_processor, tokenizer=adapter.tokenizer)
+    path = tiny_checkpoint("cohere_compass")
+    adapter = adapter_class("cohere_compass").from_pretrained(path)
+    processor = processor_around_the_folders_parts(path)
+    assert type(processor).__name__ == "CohereCompassProcessor"
     assert processor.image_token == adapter.image_token
     keys = ["attention_mask", "input_ids", "mm_token_type_ids", *adapter.image_keys]
     grids = assert_patch_grid_processor_matches(adapter, processor, keys)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sc_tune.adapters import adapter_class
-from tests.helpers import assert_patch_grid_processor_matches, two_colour_photo
+from tests.helpers import assert_patch_grid_processor_matches, processor_around_the_folders_parts, two_colour_photo
 
 TYPES = ["exaone4_5", "hyperclovax_vision_v2", "video_llama_3"]
 PROCESSORS = {"exaone4_5": "Exaone4_5_Processor", "hyperclovax_vision_v2": "HyperCLOVAXVisionV2Processor",
@@ -19,20 +19,16 @@ BOX = [0.1, 0.2, 0.5, 0.6]
 
 
 @pytest.mark.parametrize("model_type", TYPES)
-def test_the_familys_processor_builds_the_adapters_inputs_on_square_wide_and_tall_photos(model_type, tiny_checkpoint,
-                                                                                         monkeypatch):
+def test_the_familys_processor_builds_the_adapters_inputs_on_square_wide_and_tall_photos(model_type, tiny_checkpoint):
     """transformers' own processor class (Exaone4_5_Processor, HyperCLOVAXVisionV2Processor, VideoLlama3Processor)
-    around the folder's tokenizer and image processor (its video processor needs torchvision and is never used for
-    images: the class's type check is stubbed, as for MiniCPM-V) on the adapter's rendered prompts: the same input ids
-    (image token and its count), the same pixels and grid (VideoLLaMA3: and merge sizes), no other key (no
+    around the folder's tokenizer and image processor (its video processor needs torchvision and an image never
+    reaches it: tests/helpers.py, processor_around_the_folders_parts) on the adapter's rendered prompts: the same input
+    ids (image token and its count), the same pixels and grid (VideoLLaMA3: and merge sizes), no other key (no
     mm_token_type_ids); with the pixel budget lowered too."""
-    import transformers
-
     path = tiny_checkpoint(model_type)
     adapter = adapter_class(model_type).from_pretrained(path)
-    processor_class = getattr(transformers, PROCESSORS[model_type])
-    monkeypatch.setattr(processor_class, "check_argument_for_proper_class", lambda self, name, value: None)
-    processor = processor_class(image_processor=adapter.image_processor, tokenizer=adapter.tokenizer)
+    processor = processor_around_the_folders_parts(path)
+    assert type(processor).__name__ == PROCESSORS[model_type]
     assert processor.image_token == adapter.image_token
     keys = ["attention_mask", "input_ids", *adapter.image_keys]
     grids = assert_patch_grid_processor_matches(adapter, processor, keys)

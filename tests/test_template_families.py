@@ -152,11 +152,14 @@ def test_prompts_go_through_the_family_chat_template(family):
 def test_the_familys_processor_loads_the_tiny_folder_and_builds_the_adapters_inputs(family):
     """A tiny folder is written as a release is (the named special tokens the processor reads off the tokenizer,
     processor_config.json): the family's own AutoProcessor loads it (it failed on InternVL, Gemma 3 / 4 and
-    LLaVA-OneVision: "no attribute boi_token", ...) and builds the adapter's inputs from its rendered prompt
-    (where AutoProcessor loads without torchvision: Gemma 3, SmolVLM v1 and Ovis2 here)."""
+    LLaVA-OneVision: "no attribute boi_token", ...) and builds the adapter's inputs from its rendered prompt.
+    AutoProcessor loads without torchvision here for Gemma 3, SmolVLM v1 and Ovis2; for InternVL, Gemma 4 and
+    LLaVA-OneVision the family's class runs around the folder's parts (its video processor needs torchvision)."""
     from tests.helpers import assert_the_familys_processor_builds_the_adapters_inputs
 
-    _, path, _, adapter = family
+    model_type, path, _, adapter = family
+    if model_type.startswith("minicpmv"):
+        pytest.skip("MiniCPM-V's processor reads its video processor's settings: the test below builds it with them")
     assert_the_familys_processor_builds_the_adapters_inputs(path, adapter)
 
 

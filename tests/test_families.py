@@ -404,6 +404,25 @@ def test_export_loads_with_the_input_processor_settings(model_type, runs):
         assert "vocab" in before and len(before["vocab"]) > 100
 
 
+# The families whose processor the generic check cannot build: Qwen-VL's is remote code (tests/test_qwen_vl_official.py);
+# MiniCPM-V's reads its video processor's settings and Mistral 3's imports torchvision (each built apart in
+# tests/test_template_families.py).
+PROCESSOR_BUILT_APART = {"qwen", "minicpmv4_6", "minicpmv4_7", "mistral3"}
+
+
+@pytest.mark.parametrize("model_type", [t for t in MODEL_TYPES if t not in PROCESSOR_BUILT_APART])
+def test_the_exported_folders_own_processor_builds_the_adapters_inputs(model_type, runs):
+    """What the family's chat demo does with the output folder: its own processor (``AutoProcessor``, or its class
+    around the folder's parts where AutoProcessor needs torchvision for a video processor) builds, from the prompt the
+    adapter renders from that folder, the adapter's very input ids, pixels and token types. An export that dropped or
+    changed a processor file (the image token count, the pixel bounds, the template) fails here."""
+    from tests.helpers import assert_the_familys_processor_builds_the_adapters_inputs
+
+    _, _, out = runs(model_type, lora=False)
+    adapter = family_for(model_type).adapter.from_pretrained(out)
+    assert_the_familys_processor_builds_the_adapters_inputs(out, adapter)
+
+
 def test_smolvlm_v1_export_loads_in_idefics3_processor_and_agrees_with_the_adapter(runs):
     """SmolVLM v1 (idefics3) loads with AutoProcessor here: the exported folder's processor takes its
     image_seq_len from the carried processor_config.json (the default would be 169) and its template from the

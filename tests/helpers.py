@@ -274,8 +274,8 @@ def processor_around_the_folders_parts(folder: str):
     ``AutoProcessor`` loads them (tokenizer, image processor, any audio feature extractor) and its
     processor_config.json settings, with a stand-in for the video processor. For the families whose AutoProcessor
     needs torchvision only to build a video processor (Qwen2/2.5/3-VL, Qwen3.5, GLM-4.xV, InternVL, Gemma 4,
-    LLaVA-OneVision): the class's own ``__call__`` then runs on images. Its type check of the parts is off in a
-    subclass (the stand-in is no video processor), as the stand-in would fail it."""
+    LLaVA-OneVision): the class's own ``__call__`` then runs on images. A subclass turns off the class's type check
+    of its parts, which the stand-in would fail."""
     import json
     import os
 

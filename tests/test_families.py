@@ -404,9 +404,9 @@ def test_export_loads_with_the_input_processor_settings(model_type, runs):
         assert "vocab" in before and len(before["vocab"]) > 100
 
 
-# The families whose processor the generic check cannot build: Qwen-VL's is remote code (tests/test_qwen_vl_official.py);
-# MiniCPM-V's reads its video processor's settings and Mistral 3's imports torchvision (each built apart in
-# tests/test_template_families.py).
+# The families whose processor the generic check cannot build: Qwen-VL's is remote code
+# (tests/test_qwen_vl_official.py); MiniCPM-V's reads its video processor's settings and Mistral 3's imports
+# torchvision (each built apart in tests/test_template_families.py).
 PROCESSOR_BUILT_APART = {"qwen", "minicpmv4_6", "minicpmv4_7", "mistral3"}
 
 

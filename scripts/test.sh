@@ -17,8 +17,8 @@ if [ "${SC_TUNE_FETCH_RELEASED_FILES:-1}" != 0 ]; then
 fi
 # One pytest-xdist worker per core, at most 4 (SC_TUNE_TEST_WORKERS overrides; 0 or 1: no workers). The in-process
 # tests run on one thread each (tests/conftest.py) and many slow ones run a one-process launch, so a single pytest left
-# a 2-core machine's second core idle most of the time: 2026-12-06, the same fresh clone, pytest 16 min 50 s to
-# 18 min 32 s alone, 11 min 34 s with two workers. Work stealing, since test times range from milliseconds to a minute.
+# a 2-core machine's second core idle most of the time: 2026-12-06, the same code in a fresh clone, pytest 18 min 32 s
+# alone, 11 min 34 s with two workers. Work stealing, since test times range from milliseconds to a minute.
 WORKERS=${SC_TUNE_TEST_WORKERS:-$(python -c 'import os
 cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 print(min(cores, 4))')}

@@ -268,14 +268,15 @@ class _NoVideoProcessor:
         raise AttributeError(f"the processor read its video processor's {name!r}, which the test does not build")
 
 
-def processor_around_the_folders_parts(folder: str):
+def processor_around_the_folders_parts(folder: str, video_processor=None):
     """The family's own processor class, as ``AutoProcessor`` picks it for ``folder`` (the folder's
     ``processor_class``, else the class transformers maps its ``model_type`` to), around the folder's own parts as
     ``AutoProcessor`` loads them (tokenizer, image processor, any audio feature extractor) and its
-    processor_config.json settings, with a stand-in for the video processor. For the families whose AutoProcessor
-    needs torchvision only to build a video processor (Qwen2/2.5/3-VL, Qwen3.5, GLM-4.xV, InternVL, Gemma 4,
-    LLaVA-OneVision): the class's own ``__call__`` then runs on images. A subclass turns off the class's type check
-    of its parts, which the stand-in would fail."""
+    processor_config.json settings, with a stand-in for the video processor (``video_processor``: one holding the
+    settings a class reads at construction, MiniCPM-V's). For the families whose AutoProcessor needs torchvision only
+    to build a video processor (the Qwen2-VL-style patch-grid families, GLM-4.xV, InternVL, Gemma 4, LLaVA-OneVision,
+    MiniCPM-V): the class's own ``__call__`` then runs on images. A subclass turns off the class's type check of its
+    parts, which the stand-in would fail."""
     import json
     import os
 
@@ -295,7 +296,7 @@ def processor_around_the_folders_parts(folder: str):
     unchecked = type(class_name, (family_class,), {"check_argument_for_proper_class": lambda self, name, value: None})
     loaders = {"tokenizer": AutoTokenizer.from_pretrained, "image_processor": AutoImageProcessor.from_pretrained,
                "feature_extractor": AutoFeatureExtractor.from_pretrained,
-               "video_processor": lambda _: _NoVideoProcessor()}
+               "video_processor": lambda _: video_processor or _NoVideoProcessor()}
     parts = {name: loaders[name](folder) for name in family_class.get_attributes()}
     return unchecked(**parts, **settings)
 

@@ -200,8 +200,10 @@ def test_the_familys_processor_builds_the_adapters_inputs_on_square_wide_and_tal
     the pixel budget lowered too. Before, nothing compared these families' inputs with their processor's."""
     from tests.helpers import assert_patch_grid_processor_matches, processor_around_the_folders_parts
 
+    from sc_tune.adapters import adapter_class
+
     path = tiny_checkpoint(model_type)
-    _, adapter = load_model_and_adapter(path)
+    adapter = adapter_class(model_type).from_pretrained(path)
     processor = processor_around_the_folders_parts(path)
     assert processor.image_token == adapter.image_token
     keys = ["attention_mask", "input_ids", *adapter.per_token_keys, *adapter.image_keys]

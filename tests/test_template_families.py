@@ -164,7 +164,7 @@ def test_the_familys_processor_loads_the_tiny_folder_and_builds_the_adapters_inp
 
 
 @pytest.mark.parametrize("model_type", ["minicpmv4_6", "minicpmv4_7"])
-def test_the_minicpmv_processor_builds_the_adapters_inputs_without_torchvision(model_type, tiny_checkpoint, monkeypatch):
+def test_the_minicpmv_processor_builds_the_adapters_inputs_without_torchvision(model_type, tiny_checkpoint):
     """AutoProcessor cannot load MiniCPM-V here (the test above skips): its video processor needs torchvision, and
     the processor's constructor type-checks it. Its images never touch the video processor (only two of its
     settings are read), so the family's own processor class, built around the folder's tokenizer and image
@@ -172,18 +172,15 @@ def test_the_minicpmv_processor_builds_the_adapters_inputs_without_torchvision(m
     slice rows), packed pixels, target sizes and (4.7) mm_token_type_ids must be the adapter's."""
     import types
 
-    import transformers
-
-    from tests.helpers import assert_the_familys_processor_builds_the_adapters_inputs
+    from tests.helpers import (assert_the_familys_processor_builds_the_adapters_inputs,
+                               processor_around_the_folders_parts)
 
     path = tiny_checkpoint(model_type)
     adapter = adapter_class(model_type).from_pretrained(path)
-    processor_class = getattr(transformers, {"minicpmv4_6": "MiniCPMV4_6Processor",
-                                             "minicpmv4_7": "MiniCPMV4_7Processor"}[model_type])
-    monkeypatch.setattr(processor_class, "check_argument_for_proper_class", lambda self, name, value: None)
     video = types.SimpleNamespace(slice_mode=False, downsample_mode=adapter.image_processor.downsample_mode)
-    processor = processor_class(image_processor=adapter.image_processor, video_processor=video,
-                                tokenizer=adapter.tokenizer)
+    processor = processor_around_the_folders_parts(path, video_processor=video)
+    assert type(processor).__name__ == {"minicpmv4_6": "MiniCPMV4_6Processor",
+                                        "minicpmv4_7": "MiniCPMV4_7Processor"}[model_type]
     assert_the_familys_processor_builds_the_adapters_inputs(path, adapter, processor)
 
 

@@ -17,16 +17,6 @@ import torch
 MIN_BOX_SIDE = 1e-3
 
 
-def is_valid_box(box: Sequence[float]) -> bool:
-    """A box is valid when it has four finite numbers with x1 <= x2 and y1 <= y2."""
-    if len(box) != 4:
-        return False
-    x1, y1, x2, y2 = (float(v) for v in box)
-    if any(v != v or v in (float("inf"), float("-inf")) for v in (x1, y1, x2, y2)):
-        return False
-    return x1 <= x2 and y1 <= y2
-
-
 def box_iou(pred_N4: torch.Tensor, target_N4: torch.Tensor) -> torch.Tensor:
     """Element-wise IoU of two aligned sets of xyxy boxes, shape ``(N, 4)`` each -> ``(N,)``.
 

@@ -19,7 +19,6 @@ adapter from it and instantiates the model directly on the device, so real sizes
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -146,7 +145,3 @@ def _write_folder(bench: BenchConfig, directory: str):
     tokenizer.save_pretrained(directory)
     spec.image_processor(bench.image_size).save_pretrained(directory)
     return config
-
-
-def with_batch(name: str, batch: int) -> BenchConfig:
-    return dataclasses.replace(CONFIGS[name], batch=batch)

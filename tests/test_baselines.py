@@ -28,6 +28,9 @@ def test_group_mean_is_the_mean_of_the_other_samples():
     assert terminal_advantages(REWARD_N, baseline, 3).tolist() == pytest.approx([0.75, -0.15, -0.6, 0.15, 0.15, -0.3])
     with pytest.raises(ValueError, match="at least 2 samples"):
         describer_baseline(DescriberBaseline.GROUP_MEAN, REWARD_N, 1)
+    # the smallest group allowed: each of a pair's samples is measured against the other
+    assert describer_baseline(DescriberBaseline.GROUP_MEAN, REWARD_N, 2).tolist() == pytest.approx(
+        [0.3, 0.9, 0.5, 0.0, 0.2, 0.5])
 
 
 def test_none_is_the_raw_reward():
@@ -46,6 +49,10 @@ def test_scaling_by_the_group_std():
     assert terminal_advantages(REWARD_N, baseline, 3, scale_by_group_std=True).tolist() == pytest.approx(expected)
     with pytest.raises(ValueError, match="num_generations >= 2"):
         terminal_advantages(REWARD_N, baseline, 1, scale_by_group_std=True)
+    # pairs: each pair's unbiased std is |r1 - r2| / sqrt(2)
+    pair_std = [abs(0.9 - 0.3) / 2**0.5, abs(0.0 - 0.5) / 2**0.5, abs(0.5 - 0.2) / 2**0.5]
+    scaled = terminal_advantages(REWARD_N, torch.zeros(6), 2, scale_by_group_std=True)
+    assert scaled.tolist() == pytest.approx([r / (pair_std[i // 2] + STD_EPS) for i, r in enumerate(REWARD_N.tolist())])
 
 
 def test_baseline_flags_are_checked(tmp_path):

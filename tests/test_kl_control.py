@@ -21,6 +21,13 @@ def test_adaptive_update_hand_computed():
         c.update(observed_kl=1.0, num_captions=101)
 
 
+@pytest.mark.parametrize("target,horizon", [(0.0, 100), (-1.0, 100), (2.0, 0), (2.0, -5)])
+def test_adaptive_control_refuses_a_target_or_horizon_that_is_not_positive(target, horizon):
+    with pytest.raises(ValueError, match="needs kl_target > 0 and kl_horizon > 0"):
+        AdaptiveKLController(0.1, target=target, horizon=horizon)
+    AdaptiveKLController(0.1, target=1e-3, horizon=1)  # the smallest settings that make sense are taken
+
+
 def test_fixed_never_moves_and_states_round_trip():
     fixed = FixedKLController(0.01)
     fixed.update(100.0, 10)

@@ -10,6 +10,13 @@ def test_masked_mean_ignores_masked_entries():
     assert masked_mean(values, mask).item() == pytest.approx(2.0)
 
 
+def test_masked_mean_of_one_token_is_that_token_and_of_none_is_zero():
+    # a micro-batch whose captions hold a single token, and one whose rows are all masked (no NaN)
+    values = torch.tensor([[5.0, 100.0], [100.0, 100.0]])
+    assert masked_mean(values, torch.tensor([[1, 0], [0, 0]])).item() == pytest.approx(5.0)
+    assert masked_mean(values, torch.zeros(2, 2)).item() == 0.0
+
+
 def test_last_token_index():
     assert last_token_index(torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]])).tolist() == [1, 2, 0]
 

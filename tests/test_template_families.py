@@ -638,7 +638,6 @@ def test_the_aya_vision_processor_builds_the_adapters_inputs_on_wide_tall_and_sq
     same pixels (tiles and thumbnail, in its order), for photos of 1 x 1, 2 x 1, 3 x 1, 1 x 2 and 1 x 3 tile grids. The
     processor tiles whatever the image processor's own crop_to_patches says (its default is True): so does the
     adapter."""
-    import torch
     from transformers import AutoProcessor
 
     path = tiny_checkpoint("aya_vision")

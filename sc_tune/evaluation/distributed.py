@@ -61,11 +61,6 @@ def current_ranks(distributed: bool | None = None) -> Ranks:
     return Ranks(dist.get_rank(), dist.get_world_size())
 
 
-def shard_indices(num_samples: int, ranks: Ranks) -> list[int]:
-    """Indices this rank evaluates: ``rank, rank + W, rank + 2W, ...``."""
-    return list(range(ranks.rank, num_samples, ranks.world_size))
-
-
 def gather_by_index(local: Sequence[tuple[int, object]], num_samples: int, ranks: Ranks,
                     known: dict[int, object] | None = None) -> list:
     """All ranks' ``(index, result)`` pairs, plus ``known`` results every rank already has (a resumed run's),

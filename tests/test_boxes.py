@@ -39,6 +39,13 @@ def test_giou_hand_computed():
     assert box_giou(pred, target).tolist() == pytest.approx([1 / 7 - 2 / 9, -1 / 3, 1.0])
     point = torch.tensor([[0.5, 0.5, 0.5, 0.5]])
     assert box_giou(point, point).tolist() == [0.0]  # no hull: 0, not NaN
+    # Normalised boxes away from the origin (sides under 1, so no term can hide behind a zero corner or a unit side):
+    # [0.1,0.2,0.5,0.6] vs [0.3,0.4,0.7,0.9]: areas 0.16 and 0.2, intersection 0.04, union 0.32, IoU 0.125; hull
+    # 0.6 x 0.7 = 0.42 -> GIoU = 0.125 - 0.10 / 0.42. An inverted box has no area: its GIoU with the box it spans is 0.
+    pred = torch.tensor([[0.1, 0.2, 0.5, 0.6], [0.6, 0.6, 0.2, 0.2]])
+    target = torch.tensor([[0.3, 0.4, 0.7, 0.9], [0.2, 0.2, 0.6, 0.6]])
+    assert box_giou(pred, target).tolist() == pytest.approx([0.125 - 0.10 / 0.42, 0.0], abs=1e-6)
+    assert box_giou(target, pred).tolist() == pytest.approx([0.125 - 0.10 / 0.42, 0.0], abs=1e-6)
 
 
 def test_conversions():

@@ -25,6 +25,9 @@ def test_describer_only_and_locator_only():
     assert [d.at(i).starts_phase for i in range(8)] == [True] + [False] * 7  # snapshot synced once
     loc = PhaseSchedule(0, 4, 2, 1.0, 2.0)
     assert all(loc.at(i).phase is Phase.LOCATOR and loc.at(i).needs_rollout for i in range(9))
+    # the locator phase never ends either: its steps count on and the snapshot is synced once
+    assert [loc.at(i).step_in_phase for i in range(9)] == list(range(9))
+    assert [loc.at(i).starts_phase for i in range(9)] == [True] + [False] * 8
 
 
 def test_reset_optimizer_moments_and_set_lr():
@@ -43,6 +46,23 @@ def test_reset_optimizer_moments_and_set_lr():
     opt.param_groups[0]["weight_decay"] = 0.0
     opt.step()
     assert (before - p.detach()).tolist() == pytest.approx([0.5] * 3, rel=1e-4)
+
+
+def test_reset_optimizer_moments_zeroes_integer_step_counters_under_wrappers():
+    """DeepSpeed's Adam variants count steps in plain ints, some in the param group, and sit under accelerate's and
+    DeepSpeed's wrappers (each holding the next in ``.optimizer``)."""
+
+    class Wrapper:
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+    p = torch.nn.Parameter(torch.ones(3))
+    inner = torch.optim.SGD([p], lr=0.1)
+    inner.state[p] = {"step": 7, "exp_avg": torch.ones(3)}
+    inner.param_groups[0]["step"] = 7
+    reset_optimizer_moments(Wrapper(Wrapper(inner)))
+    assert inner.state[p]["step"] == 0 and inner.param_groups[0]["step"] == 0
+    assert inner.state[p]["exp_avg"].tolist() == [0.0] * 3
 
 
 def test_phase_lr_reads_the_schedule_and_pickles():

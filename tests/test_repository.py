@@ -2,6 +2,7 @@
 
 import re
 import subprocess
+import sys
 
 from pathlib import Path
 
@@ -33,6 +34,16 @@ def test_every_cited_file_exists_and_nothing_points_outside():
             outside.append(name)
     assert not missing, missing
     assert not outside, f"these cite notes outside the repository: {outside}"
+
+
+def test_no_undefined_name_or_unused_import_or_variable():
+    """Pyflakes' checks (ruff's F rules) and syntax errors over every Python file: an undefined name in a path the
+    tests do not run (an error message, a script's rare branch) would fail only where a user meets it."""
+    ruff = Path(sys.executable).with_name("ruff")
+    result = subprocess.run([str(ruff), "check", "--no-cache", "--select", "F,E9", "--output-format", "concise",
+                             "sc_tune", "scripts", "tests", "finetune.py", "evaluate.py"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_the_code_map_lists_every_module_and_script():

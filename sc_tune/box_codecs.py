@@ -311,6 +311,9 @@ class BracketGridCodec(_GridScale, BoxCodec):
         numbers = _NUMBER_RE.findall(inner)
         if not self._ONLY_COORDINATES.match(inner):
             return f"the text between {self.open} and {self.close} is not coordinates: {inner[:60]!r}"
+        if numbers and not len(numbers) % 4:
+            # an answer cut off by the token budget mid-box: its last number may be cut too ("60" of "600")
+            return f"the box after {self.open} has no closing bracket (cut off?): {inner[:60]!r}"
         return f"{len(numbers)} numbers between {self.open} and {self.close}, not four per box: {inner[:60]!r}"
 
 

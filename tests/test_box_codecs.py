@@ -113,6 +113,8 @@ def test_glm_bracket_styles_all_read_to_the_same_box(inner):
     ("<|begin_of_box|>the dog<|end_of_box|>", "not coordinates"),
     ("[[1, 2, 3, 4]]", "no <|begin_of_box|>"),
     ("<|begin_of_box|>[0.1, 0.2, 0.5, 0.6]<|end_of_box|>", "normalised"),
+    ("<|begin_of_box|>[[100, 200, 500, 60", "no closing bracket"),  # cut off by the token budget mid-number
+    ("<|begin_of_box|>[[100, 200, 500, 600", "no closing bracket"),
 ])
 def test_glm_answers_that_are_not_one_box_are_refused_with_their_reason(answer, words):
     reading = BracketGridCodec(1000, "<|begin_of_box|>", "<|end_of_box|>").read(answer)

@@ -81,6 +81,21 @@ def test_rollout_sampler_repeats_describer_batches_only():
     assert [next(again) for _ in range(18)] == sum(steps, [])  # deterministic: resume replays it
 
 
+@pytest.mark.parametrize("num_samples,step_batch_size", [(9, 3), (10, 3), (3, 3)])
+def test_rollout_sampler_draws_every_sample_once_an_epoch(num_samples, step_batch_size):
+    """Each epoch is a permutation cut into whole steps (a remainder under one step is left to the next epoch's
+    order): a range that lost the epoch's last step, or began off the first sample, would skip or repeat data."""
+    schedule = PhaseSchedule(describer_rollouts=0, locator_steps=1, ppo_epochs=1, describer_lr=1, locator_lr=1)
+    stream = iter(RolloutSampler(num_samples=num_samples, step_batch_size=step_batch_size, schedule=schedule, seed=0))
+    per_epoch = num_samples // step_batch_size
+    for epoch in range(3):
+        drawn = [next(stream) for _ in range(per_epoch * step_batch_size)]
+        assert len(set(drawn)) == len(drawn) == per_epoch * step_batch_size, (epoch, drawn)
+        assert set(drawn) <= set(range(num_samples))
+    with pytest.raises(ValueError, match="2 samples cannot fill one step of 3"):
+        next(iter(RolloutSampler(num_samples=2, step_batch_size=3, schedule=schedule, seed=0)))
+
+
 def test_objects365_converter_filters_and_counts(tmp_path):
     from PIL import Image
 

@@ -50,9 +50,12 @@ def test_every_family_documents_its_answers_except_those_with_no_grounding_form(
 def test_the_training_target_round_trips_through_the_command(capsys, model_type, tiny_checkpoint):
     adapter = family_for(model_type).adapter.from_pretrained(tiny_checkpoint(model_type))
     image = adapter.prepare_image(Image.new("RGB", (97, 61)))
-    target = adapter.locator_target([0.25, 0.5, 0.75, 1.0], image, "the red circle")
-    code, result = run(capsys, "parse", "--model_type", model_type, "--answer", target, "--image_size", *image.frame)
-    assert code == 0 and result["box"] == pytest.approx([0.25, 0.5, 0.75, 1.0], abs=1 / min(image.frame + (999,)))
+    # the second box spans the whole image: each coordinate on the grid's or frame's edge (0 and its scale) is read
+    for box in ([0.25, 0.5, 0.75, 1.0], [0.0, 0.0, 1.0, 1.0]):
+        target = adapter.locator_target(box, image, "the red circle")
+        code, result = run(capsys, "parse", "--model_type", model_type, "--answer", target,
+                           "--image_size", *image.frame)
+        assert code == 0 and result["box"] == pytest.approx(box, abs=1 / min(image.frame + (999,))), (box, result)
 
 
 @pytest.mark.parametrize("model_type,answer,words", [

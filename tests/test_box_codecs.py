@@ -52,6 +52,8 @@ def test_json_grid_answer_is_the_fenced_list_with_its_label():
         # decoding may stop right after the box: the label after it is not needed
         assert codec.parse(layout[: codec.box_end(layout)]) == pytest.approx([0.123, 0.5, 0.75, 0.999])
     assert codec.box_end('```json\n[\n\t{"bbox_2d": [123, 500, 750, 99') is None  # 99 may go on to 999
+    # a label outside ASCII is written as the model writes it (Qwen's own answers: "label": "羊"), not \u-escaped
+    assert codec.answer(BOX, label="羊").endswith('"label": "羊"}\n]\n```')
 
 
 def test_json_reads_floats_and_trailing_commas_and_refuses_what_is_ambiguous():
@@ -113,6 +115,7 @@ def test_glm_bracket_styles_all_read_to_the_same_box(inner):
     ("<|begin_of_box|>the dog<|end_of_box|>", "not coordinates"),
     ("[[1, 2, 3, 4]]", "no <|begin_of_box|>"),
     ("<|begin_of_box|>[0.1, 0.2, 0.5, 0.6]<|end_of_box|>", "normalised"),
+    ("<|begin_of_box|>[0.0, 0.2, 1.0, 0.6]<|end_of_box|>", "normalised"),  # 0 and 1 are normalised values too
     ("<|begin_of_box|>[[100, 200, 500, 60", "no closing bracket"),  # cut off by the token budget mid-number
     ("<|begin_of_box|>[[100, 200, 500, 600", "no closing bracket"),
 ])
@@ -129,4 +132,7 @@ def test_internvl_nested_list_in_box_tags():
     assert codec.parse("<box>[10, 20, 30, 40]</box>") == pytest.approx([0.01, 0.02, 0.03, 0.04])
     assert codec.parse("[[10, 20, 30, 40]]") == pytest.approx([0.01, 0.02, 0.03, 0.04])
     assert codec.box_end("<box>[[10, 20, 30, 40]]") is None  # waits for </box>
+    # without tags a row stops at its closing brackets, the double ones where it opened with two
+    for answer, end in (("[[10, 20, 30, 40]]", 18), ("[[10, 20, 30, 40]", None), ("[10, 20, 30, 40] the dog", 16)):
+        assert codec.box_end(answer) == end, answer
     assert "2 boxes" in codec.read("<box>[[1, 2, 3, 4]]</box><box>[[5, 6, 7, 8]]</box>").reason

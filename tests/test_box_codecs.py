@@ -52,7 +52,7 @@ def test_json_grid_answer_is_the_fenced_list_with_its_label():
         # decoding may stop right after the box: the label after it is not needed
         assert codec.parse(layout[: codec.box_end(layout)]) == pytest.approx([0.123, 0.5, 0.75, 0.999])
     assert codec.box_end('```json\n[\n\t{"bbox_2d": [123, 500, 750, 99') is None  # 99 may go on to 999
-    # a label outside ASCII is written as text, as a model writes it, not as \\u escapes
+    # a label outside ASCII is written as text, as a model writes it, not as \u escapes
     assert codec.answer(BOX, label="羊").endswith('"label": "羊"}\n]\n```')
 
 

@@ -1,0 +1,41 @@
+"""``scripts/mutation_sweep.py``: a change the named tests catch is reported caught, one they let through SURVIVED,
+and the working tree's module is left as it was."""
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+SCRIPT = f"{ROOT}/scripts/mutation_sweep.py"
+
+
+def sweep(*argv: str) -> list[dict]:
+    result = subprocess.run([sys.executable, SCRIPT, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_the_list_names_each_change_on_its_line():
+    listed = sweep("sc_tune/ppo.py", "--list")
+    first = listed[0]  # masked_mean's division, the first operator in the module
+    assert (first["mutant"], first["change"]) == (0, "Div -> Mult")
+    assert first["code"] == "return (values * mask).sum() / mask.sum().clamp(min=1.0)"
+    dropped = [m for m in listed if m["change"] == "USub dropped"]
+    assert "rewards_BT = -kl_coef * kl_BT * mask" in {m["code"] for m in dropped}
+
+
+@pytest.mark.slow
+def test_a_caught_change_and_a_surviving_one_and_the_module_untouched():
+    module = f"{ROOT}/sc_tune/ppo.py"
+    before = hashlib.sha256(open(module, "rb").read()).hexdigest()
+    # masked_mean's "/" as "*": its own test catches it; a test of another function lets it through
+    caught = sweep("sc_tune/ppo.py", "tests/test_ppo.py::test_masked_mean_ignores_masked_entries", "--only", "0")
+    survived = sweep("sc_tune/ppo.py", "tests/test_ppo.py::test_last_token_index", "--only", "0")
+    assert [(r["mutant"], r["status"]) for r in caught[:-1]] == [(0, "caught")]
+    assert caught[-1] == {"module": "sc_tune/ppo.py", "mutants": 1, "caught": 1, "SURVIVED": 0}
+    assert [(r["mutant"], r["status"]) for r in survived[:-1]] == [(0, "SURVIVED")]
+    assert hashlib.sha256(open(module, "rb").read()).hexdigest() == before

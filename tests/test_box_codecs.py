@@ -96,6 +96,9 @@ def test_the_generic_list_never_reads_a_y_first_answer_as_x_first():
     assert reading.box is None and "y-first" in reading.reason
     assert GENERIC_CODEC.parse("[100, 200, 500, 600]") == pytest.approx([0.1, 0.2, 0.5, 0.6])
     assert "2 boxes" in GENERIC_CODEC.read("[1, 2, 3, 4] and [5, 6, 7, 8]").reason
+    # a row stops right after the list's closing bracket, and not before it is written
+    assert GENERIC_CODEC.box_end("[100, 200, 500, 600] the dog") == len("[100, 200, 500, 600]")
+    assert GENERIC_CODEC.box_end("[100, 200, 500, 60") is None
     assert ListGridCodec(1000).request == "Answer with its box as [x1, y1, x2, y2], integers from 0 to 1000."
 
 

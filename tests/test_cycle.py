@@ -17,6 +17,7 @@ import torch
 from transformers import TrainerCallback
 
 from sc_tune.arguments import ArgumentError, SCTuneConfig
+from sc_tune.boxes import box_iou
 from sc_tune.data import ReferringDataset
 from sc_tune.modeling import load_model_and_adapter
 from sc_tune.rewards import RewardBatch
@@ -148,11 +149,33 @@ def test_log_probabilities_are_those_of_the_sampling_temperature(tiny_checkpoint
 
 
 # ---------------------------------------------------------------- a generation batch over the accumulation window
+def caption_box(caption: str) -> list[float]:
+    """A box made from a caption's text: where ``CaptionBoxCycle`` locates it."""
+    corner = zlib.crc32(caption.encode()) % 500 / 1000
+    return [corner, corner, corner + 0.5, corner + 0.5]
+
+
+class CaptionBoxCycle(RecordingCycle):
+    """Locates each caption (fresh or from the image prefix, after the real call) at ``caption_box`` of its text: the
+    tiny models write no box that parses, so without this every located box is None and a reward could not tell
+    which caption's located row it was handed."""
+
+    def locate(self, model, images, captions):
+        _, texts = super().locate(model, images, captions)
+        return [caption_box(c) for c in captions], texts
+
+    def locate_from_prefix(self, model, images, captions, scored, source_rows):
+        found = super().locate_from_prefix(model, images, captions, scored, source_rows)
+        return None if found is None else ([caption_box(c) for c in captions], found[1])
+
+
 def box_and_caption_reward(pred_boxes, target_N4, captions):
-    """Depends on the caption and on the box it is scored against: a caption paired with another box, or another
-    micro-batch's caption, changes the reward."""
+    """Depends on the caption, on the box it is scored against, and on the box located for it: a caption paired with
+    another box, another micro-batch's caption, or another row's located box changes the reward."""
     text = torch.tensor([zlib.crc32(c.encode()) % 1000 / 1000 for c in captions], dtype=torch.float32)
-    return RewardBatch(text + target_N4[:, 0].float(), torch.tensor([b is not None for b in pred_boxes]))
+    located = torch.tensor([b if b is not None else [0.0] * 4 for b in pred_boxes], dtype=torch.float32)
+    iou = box_iou(located.reshape(-1, 4), target_N4.float())
+    return RewardBatch(text + target_N4[:, 0].float() + iou, torch.tensor([b is not None for b in pred_boxes]))
 
 
 @pytest.mark.parametrize("family, settings", [
@@ -171,7 +194,7 @@ def test_a_generation_batch_of_the_window_gives_the_losses_of_rollouts_per_micro
     runs = {}
     for generation_batch in (2, 4):
         trainer, losses = two_phase_trainer(
-            tiny_checkpoint(family), str(tmp_path / str(generation_batch)), cycle=RecordingCycle,
+            tiny_checkpoint(family), str(tmp_path / str(generation_batch)), cycle=CaptionBoxCycle,
             per_device_train_batch_size=2, gradient_accumulation_steps=2, num_generations=2,
             generation_batch_size=generation_batch, reward_fn=box_and_caption_reward, **settings,
         )  # fmt: skip

@@ -184,6 +184,7 @@ def box_and_caption_reward(pred_boxes, target_N4, captions):
     # features differ from a micro-batch's in the last bits (1e-6), and the loss would reuse them
     ("qwen", {"static_decoding": "true", "fused_decoding": "true", "model_transform": small_lora,
               "vision_cache": False}),
+    ("qwen2_vl", {"describer_baseline": "group_mean"}),  # no greedy captions: a micro-batch's rows are its samples
 ])  # fmt: skip
 def test_a_generation_batch_of_the_window_gives_the_losses_of_rollouts_per_micro_batch(tiny_checkpoint, tmp_path,
                                                                                       family, settings):
@@ -208,10 +209,11 @@ def test_a_generation_batch_of_the_window_gives_the_losses_of_rollouts_per_micro
     assert len(alone[0]) == 2 * 4 and alone[0] == together[0]
     assert torch.equal(alone[2], together[2])
     fused = settings.get("fused_decoding") == "true"
-    # per describer micro-batch: samples (+ greedy captions, fused), the snapshot's greedy captions, locating;
-    # per locator micro-batch: the snapshot's greedy captions
-    describer_alone = [6, 6] if fused else [4, 2, 6]
-    describer_together = [12, 12] if fused else [8, 4, 12]
+    greedy = settings.get("describer_baseline") != "group_mean"
+    # per describer micro-batch: samples (+ greedy captions, fused), the snapshot's greedy captions (for its
+    # baseline), locating; per locator micro-batch: the snapshot's greedy captions
+    describer_alone = [6, 6] if fused else [4, 2, 6] if greedy else [4, 4]
+    describer_together = [12, 12] if fused else [8, 4, 12] if greedy else [8, 8]
     assert alone[1] == describer_alone * 2 + [2, 2] + describer_alone * 2
     assert together[1] == describer_together + [4] + describer_together
 

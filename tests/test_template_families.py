@@ -406,10 +406,13 @@ def test_llava_counts_the_training_boxes_its_center_crop_cuts_away(tiny_checkpoi
     assert adapter.visible_region(50, 50) is None
     Image.new("RGB", (200, 100)).save(tmp_path / "wide.png")
     Image.new("RGB", (100, 100)).save(tmp_path / "square.png")
+    Image.new("RGB", (100, 200)).save(tmp_path / "tall.png")  # the crop keeps its middle rows: y 0.25..0.75
+    assert adapter.visible_region(100, 200) == pytest.approx((0.0, 0.25, 1.0, 0.75))
     left, middle, half_in = [0.0, 0.1, 0.2, 0.9], [0.4, 0.1, 0.6, 0.9], [0.2, 0.1, 0.3, 0.9]
+    top, mostly_in = [0.1, 0.0, 0.9, 0.2], [0.1, 0.2, 0.9, 0.4]  # 0 and 3/4 of their height inside
     records = [{"image": "wide.png", "bbox": b} for b in (left, middle, half_in)] + [
-        {"image": "square.png", "bbox": left}]
-    assert boxes_mostly_unseen(records, str(tmp_path), adapter.visible_region) == 1
+        {"image": "square.png", "bbox": left}] + [{"image": "tall.png", "bbox": b} for b in (top, mostly_in)]
+    assert boxes_mostly_unseen(records, str(tmp_path), adapter.visible_region) == 2
     image_processor.do_pad = True  # LlavaImageProcessor's pad to a square (the original LLaVA-1.5's "pad")
     assert boxes_mostly_unseen(records, str(tmp_path), adapter.visible_region) == 0
     _, tokenizer, image_processor, config = _llava_parts(tiny_checkpoint, "llava_next")

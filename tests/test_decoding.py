@@ -168,6 +168,23 @@ def test_one_loop_of_sampled_and_greedy_rows_equals_the_separate_calls(tiny_chec
     assert batch.inputs["input_ids"].shape[0] == 3  # the samples' own prompt batch, for the scoring pass
 
 
+def test_one_loop_of_sampled_and_greedy_rows_refuses_what_it_cannot_decode_as_one(tiny_checkpoint):
+    """Before any decoding: other caption limits for the two kinds of rows (one loop has one), sample blocks that reach
+    past the sampled rows (into the greedy ones, or before row 0), and a kept greedy-prompt cache for prompts that are
+    not the sampled rows' (a pass over the sampled batch could not start from it)."""
+    model, adapter = load_model_and_adapter(tiny_checkpoint("qwen2_5_vl"))
+    images, boxes = sample_images(adapter)
+    shorter = GenerationSettings(max_new_tokens=5, min_new_tokens=2)
+    with pytest.raises(ValueError, match="the same caption length limits"):
+        describe_with_greedy(model, adapter, images, boxes, images, boxes, SAMPLED, shorter)
+    for blocks in ([SampledRows(0, 4)], [SampledRows(-1, 2)], [SampledRows(0, 2), SampledRows(2, 4)]):
+        with pytest.raises(ValueError, match="reach outside the 3 sampled rows"):
+            describe_with_greedy(model, adapter, images, boxes, images, boxes, SAMPLED, GREEDY, sample_blocks=blocks)
+    with pytest.raises(ValueError, match="keep_greedy_prompts needs the greedy rows' prompts"):
+        describe_with_greedy(model, adapter, images, boxes, images[:2], boxes[:2], SAMPLED, GREEDY,
+                             keep_greedy_prompts=True)
+
+
 @pytest.mark.parametrize("dropout", [False, True])
 @pytest.mark.parametrize("tiled", [False, True], ids=["a_bare_row", "equal_blocks"])
 def test_row_adapters_give_each_row_its_adapters_logits(tiny_checkpoint, dropout, tiled):

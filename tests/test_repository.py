@@ -40,6 +40,7 @@ def test_no_undefined_name_or_unused_import_or_variable():
     """Pyflakes' checks (ruff's F rules) and syntax errors over every Python file: an undefined name in a path the
     tests do not run (an error message, a script's rare branch) would fail only where a user meets it."""
     ruff = Path(sys.executable).with_name("ruff")
+    assert ruff.exists(), f"{ruff} is missing: ruff is pinned in requirements.txt (sh scripts/setup_env.sh installs it)"
     result = subprocess.run([str(ruff), "check", "--no-cache", "--select", "F,E9", "--output-format", "concise",
                              "sc_tune", "scripts", "tests", "finetune.py", "evaluate.py"],
                             cwd=ROOT, capture_output=True, text=True)

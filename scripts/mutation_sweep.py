@@ -48,35 +48,39 @@ def _docstrings(tree: ast.AST) -> set[int]:
     return found
 
 
-def mutants(tree: ast.AST) -> list[tuple[int, int, str]]:
-    """Every change this sweep makes: (node's index in ``ast.walk`` order, comparison index, description)."""
+def mutants(tree: ast.AST) -> list[tuple[int, int, str, int]]:
+    """Every change this sweep makes: (node's index in ``ast.walk`` order, comparison index, description, line)."""
     docstrings = _docstrings(tree)
     found = []
+
+    def add(index, node, change, k=0):
+        found.append((index, k, change, node.lineno))
+
     for index, node in enumerate(ast.walk(tree)):
         if isinstance(node, (ast.BinOp, ast.AugAssign)) and type(node.op) in SWAPPED_OPERATOR:
-            found.append((index, 0, f"{type(node.op).__name__} -> {SWAPPED_OPERATOR[type(node.op)].__name__}"))
+            add(index, node, f"{type(node.op).__name__} -> {SWAPPED_OPERATOR[type(node.op)].__name__}")
         elif isinstance(node, ast.Compare):
             for k, op in enumerate(node.ops):
                 if type(op) in SWAPPED_COMPARISON:
-                    found.append((index, k, f"{type(op).__name__} -> {SWAPPED_COMPARISON[type(op)].__name__}"))
+                    add(index, node, f"{type(op).__name__} -> {SWAPPED_COMPARISON[type(op)].__name__}", k)
         elif isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.Not)):
-            found.append((index, 0, f"{type(node.op).__name__} dropped"))
+            add(index, node, f"{type(node.op).__name__} dropped")
         elif isinstance(node, ast.BoolOp):
-            found.append((index, 0, f"{type(node.op).__name__} -> {'Or' if isinstance(node.op, ast.And) else 'And'}"))
+            add(index, node, f"{type(node.op).__name__} -> {'Or' if isinstance(node.op, ast.And) else 'And'}")
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("min", "max"):
-            found.append((index, 0, f"{node.func.id} -> {'max' if node.func.id == 'min' else 'min'}"))
+            add(index, node, f"{node.func.id} -> {'max' if node.func.id == 'min' else 'min'}")
         elif isinstance(node, ast.Constant) and id(node) not in docstrings:
             if isinstance(node.value, bool):
-                found.append((index, 0, f"{node.value} -> {not node.value}"))
+                add(index, node, f"{node.value} -> {not node.value}")
             elif isinstance(node.value, (int, float)):
-                found.append((index, 0, f"{node.value!r} -> {node.value + 1!r}"))
+                add(index, node, f"{node.value!r} -> {node.value + 1!r}")
     return found
 
 
-def mutated(tree: ast.AST, mutant: tuple[int, int, str]) -> tuple[ast.AST, int]:
-    """A copy of ``tree`` with one change made, and the line it is on."""
+def mutated(tree: ast.AST, mutant: tuple[int, int, str, int]) -> ast.AST:
+    """A copy of ``tree`` with one change made."""
     tree = copy.deepcopy(tree)
-    index, k, _ = mutant
+    index, k, _, _ = mutant
     parents = {id(child): parent for parent in ast.walk(tree) for child in ast.iter_child_nodes(parent)}
     node = next(n for i, n in enumerate(ast.walk(tree)) if i == index)
     if isinstance(node, (ast.BinOp, ast.AugAssign)):
@@ -96,7 +100,7 @@ def mutated(tree: ast.AST, mutant: tuple[int, int, str]) -> tuple[ast.AST, int]:
         node.func.id = "max" if node.func.id == "min" else "min"
     else:
         node.value = (not node.value) if isinstance(node.value, bool) else node.value + 1
-    return ast.fix_missing_locations(tree), node.lineno
+    return ast.fix_missing_locations(tree)
 
 
 def copy_of_the_repository(destination: str) -> None:
@@ -131,9 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     chosen = {int(n) for n in args.only.split(",") if n.strip()}
     todo = [(n, m) for n, m in enumerate(mutants(tree)) if not chosen or n in chosen]
     if args.list:
-        for n, mutant in todo:
-            line = mutated(tree, mutant)[1]
-            print(json.dumps({"mutant": n, "line": line, "change": mutant[2], "code": lines[line - 1].strip()}))
+        for n, (_, _, change, line) in todo:
+            print(json.dumps({"mutant": n, "line": line, "change": change, "code": lines[line - 1].strip()}))
         return 0
     if not args.tests:
         parser.error("name the tests to run against each mutant")
@@ -152,9 +155,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"the tests fail on the unchanged module; nothing swept:\n{baseline.stdout[-3000:]}", file=sys.stderr)
             return 2
         for n, mutant in todo:
-            tree_n, line = mutated(tree, mutant)
+            line = mutant[3]
             with open(target, "w", encoding="utf-8") as f:
-                f.write(ast.unparse(tree_n))
+                f.write(ast.unparse(mutated(tree, mutant)))
             start = time.monotonic()
             try:
                 run = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=args.timeout)

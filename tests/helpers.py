@@ -277,16 +277,17 @@ def processor_around_the_folders_parts(folder: str, video_processor=None):
     to build a video processor (the Qwen2-VL-style patch-grid families, GLM-4.xV, InternVL, Gemma 4, LLaVA-OneVision,
     MiniCPM-V): the class's own ``__call__`` then runs on images. A subclass turns off the class's type check of its
     parts, which the stand-in would fail."""
-    import json
     import os
 
     import transformers
     from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoTokenizer
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 
+    from sc_tune.jsonio import read_json
+
     def read(name: str) -> dict:
         path = os.path.join(folder, name)
-        return json.load(open(path)) if os.path.isfile(path) else {}
+        return read_json(path) if os.path.isfile(path) else {}
 
     settings = read("processor_config.json")
     named = [read(name).get("processor_class") for name in ("preprocessor_config.json", "tokenizer_config.json")]

@@ -197,7 +197,7 @@ def test_the_familys_processor_builds_the_adapters_inputs_on_square_wide_and_tal
     around the tiny folder's tokenizer and image processor (its video processor needs torchvision and an image never
     reaches it: tests/helpers.py, processor_around_the_folders_parts), given the adapter's rendered prompts: the same
     input ids (the image token repeated once per merged patch), pixels, grid and mm_token_type_ids, no other key; with
-    the pixel budget lowered too. Before, nothing compared these families' inputs with their processor's."""
+    the pixel budget lowered too."""
     from tests.helpers import assert_patch_grid_processor_matches, processor_around_the_folders_parts
 
     from sc_tune.adapters import adapter_class

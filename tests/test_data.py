@@ -83,8 +83,9 @@ def test_rollout_sampler_repeats_describer_batches_only():
 
 @pytest.mark.parametrize("num_samples,step_batch_size", [(9, 3), (10, 3), (3, 3)])
 def test_rollout_sampler_draws_every_sample_once_an_epoch(num_samples, step_batch_size):
-    """Each epoch is a permutation cut into whole steps (a remainder under one step is not drawn that epoch;
-    the next is a new permutation): a range that lost the epoch's last step, or began off the first sample, would skip or repeat data."""
+    """Each epoch is a permutation cut into whole steps (a remainder under one step is not drawn that epoch; the
+    next is a new permutation): a range that lost the epoch's last step, or began off the first sample, would skip
+    or repeat data."""
     schedule = PhaseSchedule(describer_rollouts=0, locator_steps=1, ppo_epochs=1, describer_lr=1, locator_lr=1)
     stream = iter(RolloutSampler(num_samples=num_samples, step_batch_size=step_batch_size, schedule=schedule, seed=0))
     per_epoch = num_samples // step_batch_size

@@ -29,7 +29,6 @@ from sc_tune.checkpoints import (
     ReplaceOverwrittenRun,
     check_model_folder,
     check_output_dir,
-    resume_requested,
     resume_when_there,
     save_failures_named,
 )
@@ -83,8 +82,7 @@ def _checked_and_locked(model_args, data_args, lora_args, args, stop_signals) ->
     # Nothing is deleted before every input has been checked: the refusals come first, the old run's checkpoints
     # (--overwrite_output_dir) go only once the model, the data, its images and the first step have worked.
     overwritten = check_output_dir(
-        args.output_dir, model_args.model_name_or_path, resume_requested(args.resume_from_checkpoint),
-        args.overwrite_output_dir,
+        args.output_dir, model_args.model_name_or_path, args.resume_from_checkpoint, args.overwrite_output_dir,
     )
     check_model_folder(model_args.model_name_or_path)
 

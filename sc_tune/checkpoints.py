@@ -434,8 +434,12 @@ def is_or_inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def check_output_dir(output_dir: str, model_dir: str, resuming: bool, overwrite: bool) -> list[str]:
+def check_output_dir(output_dir: str, model_dir: str, resume_from, overwrite: bool) -> list[str]:
     """Refuse an --output_dir that would overwrite the model being trained or mix two runs' checkpoints.
+
+    ``resume_from`` is ``--resume_from_checkpoint``. Only a resume of the folder's own run (``True``, or a checkpoint
+    inside it) may write beside its checkpoints: a checkpoint from elsewhere starts a run of its own there, which
+    rotation would make room for by deleting the other run's checkpoints, and whose ``True`` resume could take theirs.
 
     Deletes nothing: returns the checkpoint folders that ``--overwrite_output_dir`` will replace, for
     :func:`clear_output_dir` to delete once every input has been checked (the model loaded, the data read)."""
@@ -445,9 +449,16 @@ def check_output_dir(output_dir: str, model_dir: str, resuming: bool, overwrite:
             "training would overwrite the base weights; choose another folder"
         )
     found = _holds_a_run(output_dir)
-    if not found or resuming:
+    if not found or _resumes_its_own_run(resume_from, output_dir):
         return []
     if not overwrite:
+        if resume_requested(resume_from):
+            raise OutputDirError(
+                f"--output_dir {output_dir} holds another run ({', '.join(found[:5])}), and --resume_from_checkpoint "
+                f"{resume_from} is not one of its checkpoints: the resumed run would write its checkpoints beside "
+                "that run's (rotation deleting theirs, a later --resume_from_checkpoint True perhaps taking theirs). "
+                "Resume into another --output_dir, or pass --overwrite_output_dir True to replace that run"
+            )
         raise OutputDirError(
             f"--output_dir {output_dir} holds another run ({', '.join(found[:5])}): pass --resume_from_checkpoint "
             "True to continue it, --overwrite_output_dir True to replace it, or choose another folder"
@@ -460,6 +471,14 @@ def check_output_dir(output_dir: str, model_dir: str, resuming: bool, overwrite:
                 f"copy the model out of --output_dir {output_dir} first, or choose another --output_dir"
             )
     return doomed
+
+
+def _resumes_its_own_run(resume_from, output_dir: str) -> bool:
+    if not resume_requested(resume_from):
+        return False
+    if resume_from is True or str(resume_from).strip().lower() in RESUME_TRUE:
+        return True  # the newest checkpoint of output_dir
+    return is_or_inside(str(resume_from), output_dir)
 
 
 def clear_output_dir(doomed: list[str]) -> None:

@@ -292,6 +292,25 @@ def test_an_older_checkpoint_of_the_same_folder_is_refused_while_later_ones_are_
     assert finetune.main(other).state.global_step == 3
 
 
+def test_a_checkpoint_from_elsewhere_is_not_resumed_into_a_folder_holding_another_run(runs, tmp_path):
+    """Resuming a checkpoint of another folder skipped the output-folder check: the resumed run saved beside the
+    folder's own run, whose checkpoints its rotation deleted and whose newest a later --resume_from_checkpoint True
+    took. Refused like a fresh start, deleting nothing; --overwrite_output_dir replaces the old run."""
+    import finetune
+
+    model, _, first = runs
+    other_run = copy_run(first, tmp_path / "other")
+    before = _tree_digest(other_run)
+    argv = cli_args(model, other_run, "--max_steps", "3", "--resume_from_checkpoint", str(first / "checkpoint-2"))
+    with pytest.raises(checkpoints.OutputDirError, match=r"holds another run \(checkpoint-2, checkpoint-4.*is not one "
+                       r"of its checkpoints"):
+        finetune.main(argv)
+    assert _tree_digest(other_run) == before
+    trainer = finetune.main([*argv, "--overwrite_output_dir", "True"])
+    assert trainer.state.global_step == 3
+    assert "checkpoint-4" not in os.listdir(other_run)
+
+
 def test_a_resume_saves_at_its_own_save_steps(runs, tmp_path):
     """The Trainer took save_steps from the checkpoint's trainer_state.json: a resume with a lower --save_steps (to
     lose less to a preemption) kept saving at the old interval, silently."""
@@ -363,11 +382,12 @@ def test_output_dir_of_another_run_is_refused_unless_resuming_or_overwriting(run
     model, _, first = runs
     out = copy_run(first, tmp_path)
     with pytest.raises(ValueError, match=r"holds another run \(checkpoint-2, checkpoint-4"):
-        checkpoints.check_output_dir(str(out), model, resuming=False, overwrite=False)
-    assert checkpoints.check_output_dir(str(out), model, resuming=True, overwrite=False) == []
+        checkpoints.check_output_dir(str(out), model, None, overwrite=False)
+    for its_own in ("True", True, str(out / "checkpoint-2")):
+        assert checkpoints.check_output_dir(str(out), model, its_own, overwrite=False) == []
     assert (out / "checkpoint-4").exists()
     # The check deletes nothing: it names what --overwrite_output_dir will replace once every input is checked.
-    doomed = checkpoints.check_output_dir(str(out), model, resuming=False, overwrite=True)
+    doomed = checkpoints.check_output_dir(str(out), model, None, overwrite=True)
     assert sorted(os.path.basename(p) for p in doomed) == ["checkpoint-2", "checkpoint-4"]
     assert (out / "checkpoint-4").exists()
     checkpoints.clear_output_dir(doomed)

@@ -16,10 +16,12 @@ from sc_tune import run_lock
 from sc_tune.run_lock import LOCK_FILE, RunLockError, acquire
 from tests.conftest import ROOT
 
+# The holder's memory grows after it takes the lock, as a training run's does: what identifies the owner (the pid and
+# its kernel start time) must not change with it.
 HOLDER = (
     "import sys, time; sys.path.insert(0, sys.argv[2]); from sc_tune.run_lock import acquire; "
-    "acquire(sys.argv[1], ['python', 'finetune.py', '--output_dir', sys.argv[1]]); print('held', flush=True); "
-    "time.sleep(600)"
+    "acquire(sys.argv[1], ['python', 'finetune.py', '--output_dir', sys.argv[1]]); grown = bytearray(1 << 26); "
+    "print('held', flush=True); time.sleep(600)"
 )
 
 
@@ -42,6 +44,8 @@ def test_a_live_run_holds_the_folder_and_is_named(holder):
     message = str(info.value)
     assert f"pid {process.pid} on {socket.gethostname()}" in message
     assert f"finetune.py --output_dir {folder}" in message and str(folder / LOCK_FILE) in message
+    with pytest.raises(subprocess.TimeoutExpired):  # asking whether the owner runs sends it no signal
+        process.wait(timeout=1)
 
 
 def test_the_lock_of_a_killed_run_is_reported_and_taken_over(holder, caplog):
@@ -97,10 +101,15 @@ def test_a_stale_lock_is_removed_only_if_it_is_still_the_stale_one(tmp_path):
     assert run_lock._remove_stale(str(folder / LOCK_FILE), stale) and not (folder / LOCK_FILE).exists()
 
 
-def test_release_leaves_a_lock_that_is_not_its_own(tmp_path):
+@pytest.mark.parametrize("other", ["another host and pid", "this host, another pid", "another host, this pid"])
+def test_release_leaves_a_lock_that_is_not_its_own(tmp_path, other):
+    """A run whose stale lock was taken over meanwhile (by a run of this host, or of a node whose pid happens to be
+    this one's) removes nothing at its end: the lock is the other run's."""
     folder = tmp_path / "run"
     lock = acquire(str(folder))
-    (folder / LOCK_FILE).write_text(json.dumps({"host": "node-7", "pid": 1}))  # taken over meanwhile
+    host = socket.gethostname() if other.startswith("this host") else "node-7"
+    pid = os.getpid() if other.endswith("this pid") else _dead_pid()
+    (folder / LOCK_FILE).write_text(json.dumps({"host": host, "pid": pid}))  # taken over meanwhile
     lock.release()
     assert (folder / LOCK_FILE).exists()
 

@@ -93,8 +93,10 @@ def test_greedy_decoding_from_the_scoring_cache_equals_a_fresh_prefill(tiny_chec
     fresh = generate(model, adapter, batch, GREEDY, skip_special_tokens=True)
 
     cache = _scored_prompt_cache(model, adapter, batch, sampled)
-    # Another batch's prefill in between: what decoding resumes from must not hang on the model's last prefill.
-    describe(model, adapter, images[1:], boxes[1:], GREEDY)
+    # Another batch's prefill and teacher-forced pass in between: what decoding resumes from must not hang on the
+    # position state the model kept from its last pass (a forward sets it as generate's prefill does).
+    other_batch, other_sampled = describe(model, adapter, images[1:], boxes[1:], SAMPLED)
+    _scored_prompt_cache(model, adapter, other_batch, other_sampled)
     widths = _ForwardWidths(model)
     resumed = generate(model, adapter, batch, GREEDY, skip_special_tokens=True, prompt_cache=cache)
     widths.handle.remove()

@@ -103,7 +103,7 @@ def acquire(folder: str, command: list[str] | None = None) -> RunLock:
             if other is None:
                 continue  # released meanwhile
             same_host = other.get("host") == owner["host"]
-            if not same_host or _alive(int(other.get("pid", -1)), other.get("pid_started")):
+            if not same_host or _alive(other["pid"], other.get("pid_started")):
                 where = "" if same_host else " (on another machine, so this one cannot tell whether it still runs)"
                 raise RunLockError(
                     f"{folder} is in use by another run{where}: {_describe(other)}. Two runs in one folder overwrite "
@@ -121,12 +121,18 @@ def acquire(folder: str, command: list[str] | None = None) -> RunLock:
 def _read(path: str) -> dict | None:
     try:
         with open(path) as f:
-            return json.load(f)
+            owner = json.load(f)
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
         raise RunLockError(f"{path} exists but cannot be read ({e}): another run may be using its folder; delete "
                            "the file if no run is") from None
+    # Only a pid can be checked for life: a lock without one (hand-edited, another tool's) is neither taken over
+    # nor trusted. (os.kill with pid -1 or 0 would ask about every process, or the whole group.)
+    if not isinstance(owner, dict) or type(owner.get("pid")) is not int or owner["pid"] <= 0:
+        raise RunLockError(f'{path} exists but names no process (no integer "pid"): another run may be using its '
+                           f"folder; delete the file if no run is")
+    return owner
 
 
 def _remove_stale(path: str, stale: dict) -> bool:

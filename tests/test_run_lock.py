@@ -101,6 +101,38 @@ def test_a_stale_lock_is_removed_only_if_it_is_still_the_stale_one(tmp_path):
     assert run_lock._remove_stale(str(folder / LOCK_FILE), stale) and not (folder / LOCK_FILE).exists()
 
 
+def test_a_takeover_in_progress_is_waited_for_and_one_left_by_a_killed_run_is_cleared(tmp_path):
+    """``lock.takeover`` is the mutex of removing a stale lock: while another run holds it, this one removes nothing
+    (it retries); one older than a minute was left by a run killed mid-takeover and is cleared for the next try."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    stale = {"host": socket.gethostname(), "pid": _dead_pid(), "command": "old"}
+    (folder / LOCK_FILE).write_text(json.dumps(stale))
+    takeover = folder / (LOCK_FILE + ".takeover")
+    takeover.write_text("")
+    assert not run_lock._remove_stale(str(folder / LOCK_FILE), stale)
+    assert takeover.exists() and (folder / LOCK_FILE).exists()
+    os.utime(takeover, (os.path.getmtime(takeover) - 120,) * 2)
+    assert not run_lock._remove_stale(str(folder / LOCK_FILE), stale)  # cleared; the lock is removed on the next try
+    assert not takeover.exists() and (folder / LOCK_FILE).exists()
+    assert run_lock._remove_stale(str(folder / LOCK_FILE), stale) and not (folder / LOCK_FILE).exists()
+
+
+@pytest.mark.parametrize("owner", [{"host": "this"}, {"host": "this", "pid": "12a"}, {"host": "this", "pid": 0},
+                                   {"host": "this", "pid": -1}, ["not", "a", "lock"]])
+def test_a_lock_without_a_pid_is_refused_naming_the_field(tmp_path, owner):
+    """A hand-edited or foreign lock names no process to check: refused, saying what is wrong, and kept."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    if isinstance(owner, dict):
+        owner["host"] = socket.gethostname()
+    (folder / LOCK_FILE).write_text(json.dumps(owner))
+    with pytest.raises(RunLockError, match=rf"{folder / LOCK_FILE} exists but names no process \(no integer "
+                                           r"\"pid\"\).*delete the file if no run is"):
+        acquire(str(folder))
+    assert json.loads((folder / LOCK_FILE).read_text()) == owner
+
+
 @pytest.mark.parametrize("other", ["another host and pid", "this host, another pid", "another host, this pid"])
 def test_release_leaves_a_lock_that_is_not_its_own(tmp_path, other):
     """A run whose stale lock was taken over meanwhile (by a run of this host, or of a node whose pid happens to be
@@ -183,6 +215,21 @@ dist.barrier()  # rank 0 has released the lock
 print("lock left:", os.path.exists(os.path.join(folders[0], LOCK_FILE)), flush=True)
 dist.destroy_process_group()
 """
+
+
+def test_every_rank_is_refused_when_the_main_one_is(holder):
+    """Only rank 0 takes the lock; it tells the others it was refused, so that no rank goes on (and waits in its
+    first collective for a rank 0 that has stopped)."""
+    from tests.helpers import free_port
+
+    folder, process = holder
+    port = free_port()
+    ranks = [subprocess.Popen([sys.executable, "-c", SHARED_FOLDER_CHECK, str(rank), f"{folder},{folder}", str(port),
+                               ROOT], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outputs = [r.communicate(timeout=120)[0] for r in ranks]
+    for output in outputs:
+        assert output.startswith(f"refused: {folder} is in use by another run: pid {process.pid} on "), outputs
+        assert output.strip().endswith("lock left: True"), outputs  # the holder's lock, untouched
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per-node"])

@@ -723,6 +723,31 @@ def test_save_failures_name_the_file_and_the_storage_cause(tmp_path):
             raise KeyError("bug")
 
 
+def test_a_save_failure_known_only_by_its_text_is_named_and_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
+    """torch.save and safetensors raise RuntimeError (no errno): storage is recognised by the message alone; any other
+    RuntimeError is a bug and must come out as itself, not as a claim that storage ran out."""
+    import resource
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    with monkeypatch.context() as patched:  # a file-size limit, hit by a file that is not the newest one here
+        patched.setattr(resource, "getrlimit", lambda which: (1_000_000, resource.RLIM_INFINITY))
+        with pytest.raises(checkpoints.CheckpointError, match=r"file-size limit \(ulimit -f\) of 1000000 bytes"):
+            with checkpoints.save_failures_named(str(folder), "checkpoint-8"):
+                (folder / "rng_state.pth").write_bytes(b"x" * 10)
+                raise RuntimeError("PytorchStreamWriter failed writing file data/3: File too large")
+    for text, cause in (("PytorchStreamWriter failed writing file data/0: Disk quota exceeded", "quota is exceeded"),
+                        ("[enforce fail at inline_container.cc:603] . unexpected pos: No space left on device",
+                         "the disk is full")):
+        with pytest.raises(checkpoints.CheckpointError, match=rf"saving checkpoint-8 failed .*out of storage: .*{cause}"):
+            with checkpoints.save_failures_named(str(folder), "checkpoint-8"):
+                raise RuntimeError(text)
+    with pytest.raises(RuntimeError, match="^expected a tensor, got a list$") as info:
+        with checkpoints.save_failures_named(str(folder), "checkpoint-8"):
+            raise RuntimeError("expected a tensor, got a list")
+    assert type(info.value) is RuntimeError
+
+
 def test_the_file_named_is_the_one_that_hit_the_limit_even_when_a_smaller_file_looks_newer(tmp_path, monkeypatch):
     """File times tick coarsely: a small file written in the same tick (or a little later) is not the culprit."""
     import resource

@@ -517,17 +517,20 @@ def test_a_rule_that_reads_the_sequence_is_refused_and_a_short_window_decodes_dy
                        generate(model, adapter, batch, GREEDY, True).ids_BT)
     model.generation_config.repetition_penalty = None
 
-    # A window shorter than the call: transformers' dynamic cache instead. Gemma names its window layers; Mistral's
-    # text model (Idefics2's) has a sliding_window and no layer_types, which makes every layer a window layer.
+    # A window shorter than the call (prompt + new tokens): transformers' dynamic cache instead; one that covers it
+    # decodes static. Gemma names its window layers; Mistral's text model (Idefics2's) has a sliding_window and no
+    # layer_types, which makes every layer a window layer.
     for windowed_type in ("gemma3", "idefics2"):
         windowed, windowed_adapter = _model(tiny_checkpoint, windowed_type)
-        windowed.config.get_text_config(decoder=True).sliding_window = 16  # shorter than the prompt
-        spy = _Recorded(monkeypatch, windowed)
         windowed_batch, _, _ = _prompt_batch(windowed_adapter)
-        got = generate(windowed, windowed_adapter, windowed_batch, GREEDY, True, decoding=STATIC)
-        assert not isinstance(spy.caches[0], StaticCache), windowed_type
-        assert torch.equal(got.ids_BT, generate(windowed, windowed_adapter, windowed_batch, GREEDY, True).ids_BT)
-        monkeypatch.undo()
+        call = windowed_batch.input_ids.shape[1] + GREEDY.max_new_tokens
+        for window, static in ((16, False), (call - 1, False), (call, True)):  # shorter than the prompt, the call
+            windowed.config.get_text_config(decoder=True).sliding_window = window
+            spy = _Recorded(monkeypatch, windowed)
+            got = generate(windowed, windowed_adapter, windowed_batch, GREEDY, True, decoding=STATIC)
+            assert isinstance(spy.caches[0], StaticCache) == static, (windowed_type, window, call)
+            assert torch.equal(got.ids_BT, generate(windowed, windowed_adapter, windowed_batch, GREEDY, True).ids_BT)
+            monkeypatch.undo()
 
 
 def _decode_loops_per_step(trainer):

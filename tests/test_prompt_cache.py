@@ -353,6 +353,26 @@ def test_no_reuse_where_dynamic_ntk_would_scale_the_scored_sequence(tiny_checkpo
     assert not adapter.moves_cached_prompt_columns(model, seq_length + 10)
 
 
+def test_the_rollouts_ask_about_the_whole_call_before_keeping_a_prompt_cache(tiny_checkpoint):
+    """A kept prompt cache serves a later pass over prompt + caption: the question the rollouts put to the family is
+    about that length (the prompt plus the caption budget). Dynamic NTK one column short of it: nothing kept."""
+    model, adapter = two_adapter_model(tiny_checkpoint, "qwen")
+    images, boxes = sample_images(adapter, n=2)
+    with row_adapters(model, [("default", 0, 2)]):
+        width = describe(model, adapter, images, boxes, GREEDY)[0].input_ids.shape[1]
+    call = width + GREEDY.max_new_tokens
+    assert SAMPLED.max_new_tokens == GREEDY.max_new_tokens
+    for seq_length, kept in ((call - 1, False), (call, True)):
+        model.config.seq_length = seq_length
+        with row_adapters(model, [("default", 0, 2)]):
+            captions = describe(model, adapter, images, boxes, GREEDY, keep_prompts=True)[1]
+        assert (captions.prompt_cache is not None) == kept, seq_length
+        with row_adapters(model, [("default", 0, 2), ("snapshot", 2, 4)]):  # the budget is the sampled captions'
+            _, _, greedy = describe_with_greedy(model, adapter, images, boxes, images, boxes, SAMPLED, GREEDY,
+                                                keep_greedy_prompts=True)
+        assert (greedy.prompt_cache is not None) == kept, seq_length
+
+
 @pytest.mark.parametrize("model_type", ["qwen", "qwen2_5_vl", "qwen3_vl", "llava_next", "gemma3", "exaone4_5"])
 @pytest.mark.parametrize("decoding", [None, Decoding()], ids=["dynamic", "static"])
 def test_scoring_from_the_fused_loops_snapshot_prompts_equals_a_full_pass(tiny_checkpoint, model_type, decoding):

@@ -334,6 +334,52 @@ def test_allowed_change_resumes(runs, tmp_path):
     assert trainer.state.global_step == 5
 
 
+def _write_loadable(path, name: str) -> None:
+    """A file named ``name`` that passes the save's structural check (parses, loads, or is a torch zip)."""
+    if name.endswith(".json") or name == "latest":
+        path.write_text("{}" if name.endswith(".json") else "global_step2")
+    elif name.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file({"w": torch.zeros(2)}, str(path))
+    else:
+        torch.save({"step": 2}, path)
+
+
+# Layouts the trainer writes, and the files a resume from each needs (one of each set of alternatives suffices).
+LAYOUTS = [
+    ({"world_size": 1, "deepspeed": False, "peft": False, "snapshot_ranks": [0], "rollout_ranks": [0]},
+     ["trainer_state.json", checkpoints.STATE_FILE, "model.safetensors", "config.json", "optimizer.pt", "scheduler.pt",
+      "rng_state.pth", "snapshot_rank0.pt", "rollouts_rank0.pt"]),
+    ({"world_size": 1, "deepspeed": False, "peft": True, "snapshot_ranks": [], "rollout_ranks": []},
+     ["trainer_state.json", checkpoints.STATE_FILE, "adapter_model.safetensors", "optimizer.pt", "scheduler.pt",
+      "rng_state.pth"]),
+    ({"world_size": 2, "deepspeed": True, "peft": False, "snapshot_ranks": [0, 1], "rollout_ranks": [0, 1]},
+     ["trainer_state.json", checkpoints.STATE_FILE, "latest", "scheduler.pt", "rng_state_0.pth", "rng_state_1.pth",
+      "snapshot_rank0.pt", "snapshot_rank1.pt", "rollouts_rank0.pt", "rollouts_rank1.pt"]),
+]
+
+
+@pytest.mark.parametrize("layout, needed", LAYOUTS, ids=["full", "lora", "zero3-2-ranks"])
+def test_a_save_missing_a_file_its_layout_needs_is_never_committed(tmp_path, layout, needed):
+    """Rank 0 commits a staged checkpoint only when every file a resume of its layout reads is there: a save cut short
+    on one rank, or a file another rank never wrote, leaves the previous checkpoint the newest complete one."""
+    for missing in [None, *needed]:
+        staged = tmp_path / f"without_{missing}" / ".checkpoint-2.partial" / "checkpoint-2"
+        staged.mkdir(parents=True)
+        for name in needed:
+            if name != missing:
+                _write_loadable(staged / name, name)
+        final = tmp_path / f"without_{missing}" / "checkpoint-2"
+        if missing is None:
+            checkpoints.commit(str(staged), str(final), layout)
+            assert checkpoints.problems(str(final)) == []
+            continue
+        with pytest.raises(checkpoints.CheckpointError, match=rf"incomplete: missing {missing}( |$)"):
+            checkpoints.commit(str(staged), str(final), layout)
+        assert not final.exists() and staged.exists()
+
+
 def test_rollout_buffer_is_plain_data_and_a_crafted_pickle_does_not_run(tmp_path):
     from sc_tune.cycle import DescriberRollout, LocatorRollout
 

@@ -380,6 +380,19 @@ def test_a_save_missing_a_file_its_layout_needs_is_never_committed(tmp_path, lay
         assert not final.exists() and staged.exists()
 
 
+def test_setting_changes_name_the_entries_that_changed_and_a_whole_setting_that_came_or_went(caplog):
+    saved = {"seed": 1, "schedule": {"ppo_epochs": 2, "locator_lr": 1e-5}, "data": {"records": "a"}}
+    current = {"seed": 1, "schedule": {"ppo_epochs": 1, "locator_lr": 1e-5}, "data": None, "world_size": 2}
+    errors = checkpoints.settings_mismatches("checkpoint-4", saved, current, set(), {"ppo_epochs": "--ppo_epochs"})
+    assert errors == ["data: checkpoint {'records': 'a'}, now None",
+                      "schedule: ppo_epochs (--ppo_epochs) checkpoint 2, now 1",
+                      "world_size: checkpoint None, now 2"]
+    with caplog.at_level(logging.WARNING, logger="sc_tune.checkpoints"):
+        assert checkpoints.settings_mismatches("checkpoint-4", saved, current, {"data", "schedule"}) == [
+            "world_size: checkpoint None, now 2"]
+    assert "checkpoint-4: schedule changed: ppo_epochs checkpoint 2, now 1 (allowed by" in caplog.text
+
+
 def test_rollout_buffer_is_plain_data_and_a_crafted_pickle_does_not_run(tmp_path):
     from sc_tune.cycle import DescriberRollout, LocatorRollout
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -401,6 +402,14 @@ def test_rollout_buffer_is_plain_data_and_a_crafted_pickle_does_not_run(tmp_path
     checkpoints.save_rollouts({0: rollout}, str(path))
     loaded = checkpoints.load_rollouts(str(path), [DescriberRollout, LocatorRollout], "cpu:0")
     assert torch.equal(loaded[0].inputs["input_ids"], rollout.inputs["input_ids"]) and loaded[0].target_len == 2
+    # A describer rollout before its first PPO epoch: its old log-probs, advantages and KL coefficient still None.
+    unused = DescriberRollout({"input_ids": torch.ones(2, 3, dtype=torch.long)}, *(torch.zeros(2, 1),) * 3,
+                              *(torch.tensor([0.5, 0.25]),) * 3)
+    checkpoints.save_rollouts({1: unused}, str(path))
+    loaded = checkpoints.load_rollouts(str(path), [DescriberRollout, LocatorRollout], "cpu")[1]
+    assert loaded.old_logp_NT is None and loaded.kl_coef is None and torch.equal(loaded.reward_N, unused.reward_N)
+    with pytest.raises(TypeError, match="cannot store object in a checkpoint"):
+        checkpoints.save_rollouts({1: dataclasses.replace(unused, kl_coef=object())}, str(path))
 
     class Exploit:
         def __reduce__(self):

@@ -256,6 +256,31 @@ def test_a_whole_last_row_without_its_newline_is_kept_and_a_cut_multibyte_charac
     assert path.read_bytes() == whole
 
 
+@pytest.mark.parametrize("cut_bytes", [200_000, (1 << 16) - 1], ids=["longer than a scan block", "a block less one"])
+@pytest.mark.parametrize("first", [True, False], ids=["the first row", "after a whole row"])
+def test_a_cut_off_row_with_no_newline_near_the_end_is_cut_off_the_file(tmp_path, first, cut_bytes):
+    """The cut-off tail is found by scanning back from the end in 64 KiB blocks: a file that is one cut-off row (a
+    kill during the first write) has no newline at all, a long row (a long caption list) puts the last newline more
+    than a block back, and a row one byte short of a block puts it at the first byte of the block read. Every whole
+    row before it is kept."""
+    from sc_tune.evaluation.distributed import Ranks
+    from sc_tune.evaluation.progress import SampleLog
+
+    log = SampleLog(str(tmp_path), "x", {"task": "t"}, Ranks())
+    log.open()
+    if not first:
+        log.append([(0, {"caption": "a" * 70_000})])  # longer than a block: the block before holds no newline
+    log.close()
+    path = tmp_path / "x_samples.partial" / "rank0.jsonl"
+    whole = path.read_bytes()
+    cut_row = b'{"index": 1, "row": {"caption": "' + b"x" * cut_bytes
+    path.write_bytes(whole + cut_row[:cut_bytes])
+    log = SampleLog(str(tmp_path), "x", {"task": "t"}, Ranks())
+    assert set(log.open()) == ({0} if whole else set())
+    log.close()
+    assert path.read_bytes() == whole
+
+
 class _DumpKilledMidWrite:
     """``json`` as sc_tune.jsonio sees it, whose ``dump`` writes half the file and then is killed; ``on_disk``: the
     watched file's bytes at that instant (None: absent), what a SIGKILL there would leave."""

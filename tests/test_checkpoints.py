@@ -810,6 +810,13 @@ def test_a_save_failure_known_only_by_its_text_is_named_and_a_bug_keeps_its_trac
         with pytest.raises(checkpoints.CheckpointError, match=rf"saving checkpoint-8 failed .*out of storage: .*{cause}"):
             with checkpoints.save_failures_named(str(folder), "checkpoint-8"):
                 raise RuntimeError(text)
+    # torch.save's writer fails with a RuntimeError while the OSError that says why is being handled
+    with pytest.raises(checkpoints.CheckpointError, match=r"out of storage: the disk quota is exceeded"):
+        with checkpoints.save_failures_named(str(folder), "checkpoint-8"):
+            try:
+                raise OSError(errno.EDQUOT, "write failed")
+            except OSError:
+                raise RuntimeError("PytorchStreamWriter failed writing file data/0")  # noqa: B904 - as torch does
     with pytest.raises(RuntimeError, match="^expected a tensor, got a list$") as info:
         with checkpoints.save_failures_named(str(folder), "checkpoint-8"):
             raise RuntimeError("expected a tensor, got a list")

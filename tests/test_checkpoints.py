@@ -394,6 +394,19 @@ def test_setting_changes_name_the_entries_that_changed_and_a_whole_setting_that_
     assert "checkpoint-4: schedule changed: ppo_epochs checkpoint 2, now 1 (allowed by" in caplog.text
 
 
+def test_a_save_removes_only_the_staging_left_by_killed_saves(tmp_path):
+    """Before a save writes, staging folders of killed saves and converted copies of a resume go; nothing else in the
+    output folder does: not the checkpoints, an export being staged, or an evaluation's scored rows written there."""
+    left = [".checkpoint-6.partial", ".checkpoint-4.universal"]
+    kept = ["checkpoint-4", checkpoints.EXPORT_STAGING, "self_consistency_samples.partial", ".checkpoint-notes",
+            "checkpoint-6.partial", ".cache"]
+    for name in left + kept:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "rank0.jsonl").write_text("{}")
+    checkpoints.remove_stale_staging(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == sorted(kept)
+
+
 def test_rollout_buffer_is_plain_data_and_a_crafted_pickle_does_not_run(tmp_path):
     from sc_tune.cycle import DescriberRollout, LocatorRollout
 

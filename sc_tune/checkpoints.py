@@ -502,11 +502,10 @@ class ReplaceOverwrittenRun(TrainerCallback):
 
 
 # ---------------------------------------------------------------------------------------------- resume at max_steps
-def check_resume_step(checkpoint: str, max_steps: int) -> bool:
-    """Whether ``checkpoint`` ends the run (saved at ``max_steps``: nothing to train, its model is the result).
-
-    A checkpoint past ``max_steps`` is refused: training cannot go back, and its weights are not a
-    ``max_steps``-step model (the Trainer would train one more step and export it)."""
+def check_resume_step(checkpoint: str, max_steps: int) -> None:
+    """Refuse a ``checkpoint`` past ``max_steps``: training cannot go back, and its weights are not a
+    ``max_steps``-step model (the Trainer would train one more step and export it). One saved at ``max_steps`` ends
+    the run: nothing is trained, its model is the result (said in the log)."""
     step = read_state(checkpoint)["next_step"]
     if step > max_steps:
         raise CheckpointError(
@@ -519,7 +518,6 @@ def check_resume_step(checkpoint: str, max_steps: int) -> bool:
             "%s is at --max_steps %d: the run is complete; no step is trained and its model is exported again",
             checkpoint, max_steps,
         )
-    return step == max_steps
 
 
 # ---------------------------------------------------------------------------------------------- loading without pickle

@@ -634,14 +634,16 @@ def test_resume_past_max_steps_is_refused_and_changes_nothing(runs, tmp_path):
     assert _tree_digest(out) == before
 
 
-def test_resume_at_max_steps_trains_nothing_and_reexports_the_checkpoint(runs, tmp_path):
+def test_resume_at_max_steps_trains_nothing_and_reexports_the_checkpoint(runs, tmp_path, caplog):
     import finetune
 
     model, _, first = runs
     out = copy_run(first, tmp_path)
     trained = step_losses(out)
-    trainer = finetune.main(cli_args(model, out, "--max_steps", "4", "--resume_from_checkpoint", "True"))
+    with caplog.at_level(logging.WARNING, logger="sc_tune.checkpoints"):
+        trainer = finetune.main(cli_args(model, out, "--max_steps", "4", "--resume_from_checkpoint", "True"))
     assert trainer.state.global_step == 4 and step_losses(out) == trained
+    assert f"{out / 'checkpoint-4'} is at --max_steps 4: the run is complete; no step is trained" in caplog.text
     exported, saved = _weights(out / "model.safetensors"), _weights(out / "checkpoint-4" / "model.safetensors")
     assert all(torch.equal(exported[k], saved[k]) for k in saved)
 

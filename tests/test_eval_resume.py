@@ -339,6 +339,23 @@ def test_a_cut_off_metrics_file_beside_partial_rows_resumes_them(setup, tmp_path
         run(setup, out)
 
 
+def test_a_cut_off_metrics_file_resumes_only_beside_its_own_tasks_rows(tmp_path):
+    """REC keeps one partial folder per data file (``rec_<file>_samples.partial``): beside a cut-off rec_metrics.json
+    they mean the run did not finish. Another task's partial rows in the same folder say nothing about this one."""
+    from sc_tune.evaluation.progress import refuse_finished
+
+    for task in ("rec", "self_consistency"):
+        (tmp_path / f"{task}_metrics.json").write_text("{")
+    (tmp_path / "rec_refcoco_val_samples.partial").mkdir()
+    refuse_finished(str(tmp_path / "rec_metrics.json"), overwrite=False)  # resumes: no error
+    with pytest.raises(ResultsError, match="self_consistency_metrics.json holds a finished evaluation"):
+        refuse_finished(str(tmp_path / "self_consistency_metrics.json"), overwrite=False)
+    (tmp_path / "self_consistency_samples.partial").mkdir()
+    refuse_finished(str(tmp_path / "self_consistency_metrics.json"), overwrite=False)
+    (tmp_path / "captions_samples.partial").mkdir()  # interrupted before it wrote metrics: nothing to refuse
+    refuse_finished(str(tmp_path / "captions_metrics.json"), overwrite=False)
+
+
 # ---------------------------------------------------------------- an image the family's processor refuses
 def test_an_image_the_processor_refuses_is_found_before_scoring(setup, tmp_path, monkeypatch):
     root, model, _ = setup

@@ -707,6 +707,22 @@ def test_truncated_model_weights_name_the_file(tiny_checkpoint, tmp_path):
         finetune.main(cli_args(str(model), tmp_path / "out", "--max_steps", "2"))
 
 
+def test_a_sharded_model_missing_a_shard_its_index_names_is_refused_naming_it(tmp_path):
+    from safetensors.torch import save_file
+
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "model-00001-of-00002.safetensors"))
+    with pytest.raises(checkpoints.CheckpointError, match=r"--model_name_or_path .*: model\.safetensors\.index\.json "
+                                                          r"names model-00002-of-00002\.safetensors, which is missing$"):
+        checkpoints.check_model_folder(str(tmp_path))
+    save_file({"b": torch.zeros(2)}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    checkpoints.check_model_folder(str(tmp_path))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(list(index)))
+    with pytest.raises(checkpoints.CheckpointError, match=r"model\.safetensors\.index\.json: cannot be read"):
+        checkpoints.check_model_folder(str(tmp_path))
+
+
 def _crafted_pickle(path, marker):
     class Exploit:
         def __reduce__(self):

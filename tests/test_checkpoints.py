@@ -1027,6 +1027,26 @@ def test_weights_recorded_by_size_alone_are_compared_by_size(tmp_path, monkeypat
         resume({"model_files": {**now["model_files"], "model.safetensors": 1048575}})
 
 
+def test_a_weight_fingerprint_reads_windows_from_the_first_byte_to_the_last(tmp_path):
+    """16 windows of 64 KiB spread evenly over the file: a change in the first or the last byte, or at a window in
+    the middle, is seen; a byte between windows is not (what keeps a resume from hashing a 15 GB model whole)."""
+    from sc_tune.resume import WEIGHT_SAMPLE_BYTES, WEIGHT_SAMPLES, weight_fingerprint
+
+    size = 64 * WEIGHT_SAMPLE_BYTES
+    original = bytes(range(256)) * (size // 256)
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(original)
+    before = weight_fingerprint(str(path))
+    stride = (size - WEIGHT_SAMPLE_BYTES) // (WEIGHT_SAMPLES - 1)
+    for position, seen in ((0, True), (size - 1, True), (7 * stride + 5, True), (WEIGHT_SAMPLE_BYTES + 1, False)):
+        changed = bytearray(original)
+        changed[position] ^= 0xFF
+        path.write_bytes(bytes(changed))
+        assert (weight_fingerprint(str(path)) != before) == seen, position
+    path.write_bytes(original[:-1])
+    assert weight_fingerprint(str(path)).startswith(f"{size - 1} bytes, sampled ")
+
+
 def test_an_export_cut_short_says_how_to_redo_it(tiny_checkpoint, tmp_path):
     """A kill while the final export wrote model.safetensors leaves the run's checkpoints whole; the error for the
     output folder says that a resume writes the export again, from the newest one."""

@@ -8,9 +8,9 @@ Each change ("mutant") is one of: an arithmetic operator swapped (``+``/``-``, `
 tightened or negated (``<``/``<=``, ``==``/``!=``, ``in``/``not in``, ``is``/``is not``), ``and``/``or`` swapped, a
 ``-x`` or ``not x`` dropped, ``min``/``max`` swapped, a number moved by one, a ``True``/``False`` flipped. For each,
 the named tests run (``-x -m "not slow"`` unless ``--pytest_args`` says otherwise) in a copy of the repository's
-tracked files, so the working tree is never touched, even when a sweep is interrupted. A mutant the tests let
-through ("SURVIVED") is either a gap in the tests or a change that cannot alter behaviour (a default argument every
-caller passes, a guard that is unreachable): read each one. One JSON line per mutant goes to stdout, then a summary.
+tracked files, so the working tree is never touched, even when a sweep is interrupted (Ctrl-C or SIGTERM delete the
+copy). A mutant the tests let through ("SURVIVED") is either a gap in the tests or a change that cannot alter
+behaviour (a default argument every caller passes, a guard that is unreachable): read each one. One JSON line per mutant goes to stdout, then a summary.
 
 The tests named are the only ones run per mutant, so a survivor may still be caught by a test elsewhere: rerun the
 survivors (``--only``) with a wider selection before calling one a gap.
@@ -25,6 +25,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -142,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("name the tests to run against each mutant")
 
     counts = {"caught": 0, "SURVIVED": 0}
+    # A sweep stopped with SIGTERM (kill, a scheduler) unwinds like Ctrl-C: the running tests are killed and the copy
+    # of the repository is deleted (a plain SIGTERM would leave both behind).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     with tempfile.TemporaryDirectory(prefix="mutation_sweep_") as work:
         copy_of_the_repository(work)
         env = dict(os.environ, PYTHONPATH=work, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))

@@ -39,3 +39,30 @@ def test_a_caught_change_and_a_surviving_one_and_the_module_untouched():
     assert caught[-1] == {"module": "sc_tune/ppo.py", "mutants": 1, "caught": 1, "SURVIVED": 0}
     assert [(r["mutant"], r["status"]) for r in survived[:-1]] == [(0, "SURVIVED")]
     assert hashlib.sha256(open(module, "rb").read()).hexdigest() == before
+
+
+def test_a_sweep_stopped_by_sigterm_leaves_no_copy_and_no_tests_running(tmp_path):
+    """A sweep is long: one stopped with kill (or by a scheduler) deletes its copy of the repository and its tests."""
+    import os
+    import signal
+    import time
+
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    sweep = subprocess.Popen([sys.executable, SCRIPT, "sc_tune/ppo.py", "tests/test_ppo.py", "--only", "0"], cwd=ROOT,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not any(p.name.startswith("mutation_sweep_") for p in tmp_path.iterdir()):  # the copy is being made
+        assert time.monotonic() < deadline and sweep.poll() is None
+        time.sleep(0.05)
+    time.sleep(1.0)
+    sweep.send_signal(signal.SIGTERM)
+    assert sweep.wait(timeout=60) == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
+    running_there = []  # the mutant's pytest ran in the copy: no process may be left working in it
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.readlink(f"/proc/{pid}/cwd").startswith(str(tmp_path)):
+                running_there.append(pid)
+        except OSError:
+            continue
+    assert running_there == []

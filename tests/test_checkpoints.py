@@ -101,6 +101,8 @@ BREAKAGES = {
     "snapshot missing": (lambda c: os.remove(c / "snapshot_rank0.pt"), "missing snapshot_rank0.pt"),
     "rollouts missing": (lambda c: os.remove(c / "rollouts_rank0.pt"), "missing rollouts_rank0.pt"),
     "config.json missing": (lambda c: os.remove(c / "config.json"), "missing config.json"),
+    # No layout requires it; the manifest names it (as it names each DeepSpeed shard of a ZeRO checkpoint).
+    "a file only the manifest names missing": (lambda c: os.remove(c / "tokenizer.json"), "missing tokenizer.json"),
     "weights truncated": (lambda c: _truncate(c / "model.safetensors"), "model.safetensors"),
     "weights block zeroed": (lambda c: _zero_block(c / "model.safetensors"), "model.safetensors: content changed"),
     "optimizer truncated": (lambda c: _truncate(c / "optimizer.pt"), "optimizer.pt"),

@@ -725,6 +725,13 @@ def test_a_sharded_model_missing_a_shard_its_index_names_is_refused_naming_it(tm
         checkpoints.check_model_folder(str(tmp_path))
 
 
+def test_a_first_export_cut_short_leaves_no_model_and_says_so(tmp_path):
+    """Killed while the first export into a folder was staged: no record of an earlier export, no model here."""
+    (tmp_path / checkpoints.EXPORT_STAGING).mkdir()
+    assert checkpoints.export_problems(str(tmp_path)) == [
+        f"an export into this folder did not finish ({checkpoints.EXPORT_STAGING} is left): no complete export is here"]
+
+
 def _crafted_pickle(path, marker):
     class Exploit:
         def __reduce__(self):

@@ -113,3 +113,23 @@ def test_an_optimizer_offloaded_to_nvme_is_refused_before_anything_is_converted(
     assert run._converted_if_resharded(str(tmp_path / "checkpoint-2")) == "converted"
     run.args.world_size = 2
     assert run._converted_if_resharded(str(tmp_path / "checkpoint-2")) is None  # the same count: DeepSpeed's own load
+
+
+def test_the_converted_copy_goes_once_loaded_and_the_checkpoint_stays(tmp_path):
+    """After the first step every rank has loaded DeepSpeed's converted state: rank 0 deletes the copy (a 7B model's
+    optimizer, twice the weights), never the checkpoint it was made from."""
+    from types import SimpleNamespace
+
+    from sc_tune.resume import RunState
+
+    checkpoint, converted = tmp_path / "checkpoint-2", tmp_path / ".checkpoint-2.universal"
+    for folder in (checkpoint, converted):
+        folder.mkdir()
+        (folder / "latest").write_text("global_step2")
+    run = RunState(SimpleNamespace(world_size=1, process_index=0, output_dir=str(tmp_path)), None, None, None, {},
+                   zero3=False)
+    run.resume_dir, run.converted_dir = str(checkpoint), str(converted)
+    run.drop_converted()
+    assert not converted.exists() and (checkpoint / "latest").exists() and run.converted_dir is None
+    run.drop_converted()  # nothing left to drop: a no-op
+    assert (checkpoint / "latest").exists()

@@ -46,8 +46,8 @@ def test_two_process_resume_from_a_mid_rollout_checkpoint_is_exact(tiny_checkpoi
     # One process cannot take over two processes' half-used rollouts: refused, never dropped.
     with pytest.raises(checkpoints.CheckpointError, match="saved by 2 processes and cannot resume on 1"):
         finetune.main(
-            cli_args(model, resumed, "--max_steps", "8", "--resume_from_checkpoint", str(full / "checkpoint-4"),
-                     "--resume_allow_changes", "world_size")
+            cli_args(model, tmp_path / "one_process", "--max_steps", "8", "--resume_from_checkpoint",
+                     str(full / "checkpoint-4"), "--resume_allow_changes", "world_size")
         )
     with pytest.raises(checkpoints.CheckpointError, match="world_size: checkpoint 2, now 1"):
         finetune.main(cli_args(model, resumed, "--max_steps", "8", "--resume_from_checkpoint", "True"))

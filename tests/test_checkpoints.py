@@ -1056,6 +1056,18 @@ def test_a_weight_fingerprint_reads_windows_from_the_first_byte_to_the_last(tmp_
     assert weight_fingerprint(str(path)).startswith(f"{size - 1} bytes, sampled ")
 
 
+def test_the_model_files_a_resume_compares_are_its_weights_config_tokenizer_and_template(tmp_path):
+    """A model card edited, or a folder of notes added, beside the weights is not another model."""
+    from sc_tune.resume import model_files
+
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja", "README.md",
+                 "notes.txt"):
+        (tmp_path / name).write_text(name)
+    (tmp_path / "old.safetensors").mkdir()  # a folder, whatever its name
+    assert sorted(model_files(str(tmp_path))) == ["chat_template.jinja", "config.json", "model.safetensors",
+                                                  "tokenizer.json"]
+
+
 def test_an_export_cut_short_says_how_to_redo_it(tiny_checkpoint, tmp_path):
     """A kill while the final export wrote model.safetensors leaves the run's checkpoints whole; the error for the
     output folder says that a resume writes the export again, from the newest one."""

@@ -488,6 +488,16 @@ def test_rotation_keeps_the_new_checkpoint_and_deletes_broken_ones_first(runs, t
     assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-2"]
 
 
+def test_rotation_keeps_the_newest_complete_checkpoints(runs, tmp_path):
+    """--save_total_limit 2 after checkpoint-8 is saved: checkpoint-6 stays beside it; the oldest go."""
+    _, _, first = runs
+    out = copy_run(first, tmp_path)
+    for step in (6, 8):
+        shutil.copytree(out / "checkpoint-4", out / f"checkpoint-{step}")
+    checkpoints.rotate(str(out), 2, {str(out / "checkpoint-8")})
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-6", "checkpoint-8"]
+
+
 @pytest.mark.parametrize(
     "flag, value",
     [
@@ -857,6 +867,18 @@ def test_a_save_failure_known_only_by_its_text_is_named_and_a_bug_keeps_its_trac
                 raise OSError(errno.EDQUOT, "write failed")
             except OSError:
                 raise RuntimeError("PytorchStreamWriter failed writing file data/0")  # noqa: B904 - as torch does
+    # safetensors' writer raises its own error type (neither OSError nor RuntimeError), the OS error in its text
+    SafetensorError = type("SafetensorError", (Exception,), {})
+    with pytest.raises(checkpoints.CheckpointError, match=r"while writing \S*model\.safetensors .*the disk is full"):
+        with checkpoints.save_failures_named(str(folder), "the model"):
+            (folder / "model.safetensors").write_bytes(b"x" * 10)
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
+                                  'space left on device" })')
+    # An OSError that is not about storage (a folder made read-only) is still named, with its own reason.
+    with pytest.raises(checkpoints.CheckpointError, match=r"saving checkpoint-8 failed while writing .*PermissionError"):
+        with checkpoints.save_failures_named(str(folder), "checkpoint-8"):
+            (folder / "scheduler.pt").write_bytes(b"x")
+            raise PermissionError(errno.EACCES, "Permission denied")
     with pytest.raises(RuntimeError, match="^expected a tensor, got a list$") as info:
         with checkpoints.save_failures_named(str(folder), "checkpoint-8"):
             raise RuntimeError("expected a tensor, got a list")

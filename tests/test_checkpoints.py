@@ -48,13 +48,30 @@ def runs(tiny_checkpoint, tmp_path_factory):
     return model, step_losses(full), first
 
 
+@pytest.fixture
+def steps_trained(monkeypatch) -> list[int]:
+    """The steps (1-based) each ``training_step`` call of this test trains. A run started over from scratch reaches
+    the same losses as a resumed one (training is deterministic on CPU): only this tells a resume from a restart."""
+    from sc_tune.trainer import SCTuneTrainer
+
+    trained: list[int] = []
+    original = SCTuneTrainer.training_step
+
+    def recording(self, *args, **kwargs):
+        trained.append(self.state.global_step + 1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SCTuneTrainer, "training_step", recording)
+    return trained
+
+
 def copy_run(first, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(first, out)
     return out
 
 
-def test_resume_true_on_the_command_line_continues_exactly(runs, tmp_path):
+def test_resume_true_on_the_command_line_continues_exactly(runs, tmp_path, steps_trained):
     import finetune
 
     model, full, first = runs
@@ -63,12 +80,12 @@ def test_resume_true_on_the_command_line_continues_exactly(runs, tmp_path):
     assert checkpoints.problems(str(first / "checkpoint-4")) == []
     out = copy_run(first, tmp_path)
     trainer = finetune.main(cli_args(model, out, "--max_steps", "6", "--resume_from_checkpoint", "True"))
-    assert trainer.state.global_step == 6
+    assert trainer.state.global_step == 6 and sorted(set(steps_trained)) == [5, 6]
     resumed = step_losses(out)
     assert [resumed[s] for s in (5, 6)] == pytest.approx([full[s] for s in (5, 6)], rel=1e-5, abs=1e-7)
 
 
-def test_auto_resume_skips_a_broken_newest_checkpoint_and_explicit_path_refuses(runs, tmp_path, caplog):
+def test_auto_resume_skips_a_broken_newest_checkpoint_and_explicit_path_refuses(runs, tmp_path, caplog, steps_trained):
     import finetune
 
     model, full, first = runs
@@ -79,6 +96,7 @@ def test_auto_resume_skips_a_broken_newest_checkpoint_and_explicit_path_refuses(
     with caplog.at_level(logging.WARNING):
         finetune.main(cli_args(model, out, "--max_steps", "6", "--resume_from_checkpoint", "true"))
     assert any("skipping" in r.message and "optimizer.pt" in r.message for r in caplog.records)
+    assert sorted(set(steps_trained)) == [3, 4, 5, 6]  # from checkpoint-2
     resumed = step_losses(out)
     assert [resumed[s] for s in (3, 4, 5, 6)] == pytest.approx([full[s] for s in (3, 4, 5, 6)], rel=1e-5, abs=1e-7)
 
@@ -213,7 +231,8 @@ def test_resume_refuses_other_data_or_another_model_at_the_same_path(runs, tmp_p
     assert finetune.main(argv).state.global_step == 5
 
 
-def test_resume_auto_starts_a_run_where_there_is_no_checkpoint_and_continues_it_where_there_is(runs, tmp_path):
+def test_resume_auto_starts_a_run_where_there_is_no_checkpoint_and_continues_it_where_there_is(runs, tmp_path,
+                                                                                             steps_trained):
     """One command for every start of a job a scheduler requeues: True fails on the first start (no checkpoint),
     none refuses the second (the folder holds a run)."""
     import finetune
@@ -224,8 +243,9 @@ def test_resume_auto_starts_a_run_where_there_is_no_checkpoint_and_continues_it_
                          ).state.global_step == 2
     assert step_losses(out)[2] == pytest.approx(full[2], rel=1e-5, abs=1e-7)  # a new run, as without the flag
     out = copy_run(first, tmp_path)
+    steps_trained.clear()
     trainer = finetune.main(cli_args(model, out, "--max_steps", "5", "--resume_from_checkpoint", "auto"))
-    assert trainer.state.global_step == 5
+    assert trainer.state.global_step == 5 and sorted(set(steps_trained)) == [5]
     assert step_losses(out)[5] == pytest.approx(full[5], rel=1e-5, abs=1e-7)  # continued from checkpoint-4
 
 
@@ -562,7 +582,8 @@ FAULTS = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", list(FAULTS))
-def test_kill_9_then_resume_true_continues_exactly_from_the_last_complete_checkpoint(runs, tmp_path, fault):
+def test_kill_9_then_resume_true_continues_exactly_from_the_last_complete_checkpoint(runs, tmp_path, fault,
+                                                                                     steps_trained):
     import finetune
 
     model, full, _ = runs
@@ -578,6 +599,7 @@ def test_kill_9_then_resume_true_continues_exactly_from_the_last_complete_checkp
     start = int(expected.split("-")[1])
     resumed = step_losses(out)
     steps = list(range(start + 1, 7))
+    assert sorted(set(steps_trained)) == steps
     assert [resumed[s] for s in steps] == pytest.approx([full[s] for s in steps], rel=1e-5, abs=1e-7)
     assert not [n for n in os.listdir(out) if n.endswith(".partial")]  # the killed save's leftovers are gone
 
@@ -725,8 +747,8 @@ def test_a_sharded_model_missing_a_shard_its_index_names_is_refused_naming_it(tm
     index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     save_file({"a": torch.zeros(2)}, str(tmp_path / "model-00001-of-00002.safetensors"))
-    with pytest.raises(checkpoints.CheckpointError, match=r"--model_name_or_path .*: model\.safetensors\.index\.json "
-                                                          r"names model-00002-of-00002\.safetensors, which is missing$"):
+    missing = r"model\.safetensors\.index\.json names model-00002-of-00002\.safetensors, which is missing$"
+    with pytest.raises(checkpoints.CheckpointError, match=rf"--model_name_or_path .*: {missing}"):
         checkpoints.check_model_folder(str(tmp_path))
     save_file({"b": torch.zeros(2)}, str(tmp_path / "model-00002-of-00002.safetensors"))
     checkpoints.check_model_folder(str(tmp_path))
@@ -857,7 +879,7 @@ def test_a_save_failure_known_only_by_its_text_is_named_and_a_bug_keeps_its_trac
     for text, cause in (("PytorchStreamWriter failed writing file data/0: Disk quota exceeded", "quota is exceeded"),
                         ("[enforce fail at inline_container.cc:603] . unexpected pos: No space left on device",
                          "the disk is full")):
-        with pytest.raises(checkpoints.CheckpointError, match=rf"saving checkpoint-8 failed .*out of storage: .*{cause}"):
+        with pytest.raises(checkpoints.CheckpointError, match=rf"checkpoint-8 failed .*out of storage: .*{cause}"):
             with checkpoints.save_failures_named(str(folder), "checkpoint-8"):
                 raise RuntimeError(text)
     # torch.save's writer fails with a RuntimeError while the OSError that says why is being handled
@@ -875,7 +897,7 @@ def test_a_save_failure_known_only_by_its_text_is_named_and_a_bug_keeps_its_trac
             raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
                                   'space left on device" })')
     # An OSError that is not about storage (a folder made read-only) is still named, with its own reason.
-    with pytest.raises(checkpoints.CheckpointError, match=r"saving checkpoint-8 failed while writing .*PermissionError"):
+    with pytest.raises(checkpoints.CheckpointError, match=r"checkpoint-8 failed while writing .*PermissionError"):
         with checkpoints.save_failures_named(str(folder), "checkpoint-8"):
             (folder / "scheduler.pt").write_bytes(b"x")
             raise PermissionError(errno.EACCES, "Permission denied")
@@ -909,7 +931,7 @@ def test_the_file_named_is_the_one_that_hit_the_limit_even_when_a_smaller_file_l
 
 
 @pytest.mark.slow
-def test_a_schedulers_sigterm_saves_the_step_in_progress_and_the_run_resumes_exactly(runs, tmp_path):
+def test_a_schedulers_sigterm_saves_the_step_in_progress_and_the_run_resumes_exactly(runs, tmp_path, steps_trained):
     """SIGTERM to the run's process group inside step 3 (after its batch was fetched): the step ends, checkpoint-3 is
     saved and verified, nothing is exported, the exit status is the signal's, the last line names the checkpoint; a
     resume continues to the uninterrupted run's losses (--save_steps 2 would have lost step 3). The data workers'
@@ -933,7 +955,7 @@ def test_a_schedulers_sigterm_saves_the_step_in_progress_and_the_run_resumes_exa
     assert checkpoints.problems(str(out / "checkpoint-3")) == []
     assert not (out / "model.safetensors").exists() and not (out / "sc_tune_run.lock").exists()
     trainer = finetune.main(cli_args(model, out, "--max_steps", "6", "--resume_from_checkpoint", "True"))
-    assert trainer.state.global_step == 6
+    assert trainer.state.global_step == 6 and sorted(set(steps_trained)) == [4, 5, 6]
     resumed = step_losses(out)
     assert [resumed[s] for s in (4, 5, 6)] == pytest.approx([full[s] for s in (4, 5, 6)], rel=1e-5, abs=1e-7)
 

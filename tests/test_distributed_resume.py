@@ -40,7 +40,9 @@ def test_two_process_resume_from_a_mid_rollout_checkpoint_is_exact(tiny_checkpoi
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(full / "checkpoint-4", resumed / "checkpoint-4")
-    _torchrun(cli_args(model, resumed, "--max_steps", "6", "--resume_from_checkpoint", "True"), free_port())
+    run = _torchrun(cli_args(model, resumed, "--max_steps", "6", "--resume_from_checkpoint", "True"), free_port())
+    # Restarted from scratch, the run would reach the same losses (deterministic on CPU): it must say it resumed.
+    assert f"resuming from {resumed / 'checkpoint-4'}" in run.stderr
     expected, got = step_losses(full), step_losses(resumed)
     assert [got[s] for s in (5, 6)] == pytest.approx([expected[s] for s in (5, 6)], rel=1e-5, abs=1e-7)
     # One process cannot take over two processes' half-used rollouts: refused, never dropped.
@@ -94,7 +96,8 @@ def test_zero2_resume_is_exact_through_the_weights_only_loader_and_a_crafted_sha
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(full / "checkpoint-4", resumed / "checkpoint-4")
-    _torchrun(cli_args(model, resumed, "--resume_from_checkpoint", "True", *ZERO2), free_port())
+    run = _torchrun(cli_args(model, resumed, "--resume_from_checkpoint", "True", *ZERO2), free_port())
+    assert f"resuming from {resumed / 'checkpoint-4'}" in run.stderr  # not a restart reaching the same losses
     expected, got = step_losses(full), step_losses(resumed)
     assert [got[s] for s in (5, 6, 7, 8)] == pytest.approx([expected[s] for s in (5, 6, 7, 8)], rel=1e-5, abs=1e-7)
 

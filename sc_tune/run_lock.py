@@ -8,7 +8,8 @@ into place, which fails if a lock is there), so a second run never sees a half-w
   refused with :class:`RunLockError`, which names that run and says how to proceed;
 - held by a process of this host that is gone (killed, crashed; or its pid now belongs to a process started at
   another time): reported, and taken over (one run at a time removes a stale lock, after checking it is still the
-  stale one, so two runs racing for it never both win).
+  stale one, so two runs racing for it never both win);
+- naming no process (no integer pid: hand-edited, or another tool's file): refused, naming the field.
 
 The lock goes when the run ends (``release``); a run killed with SIGKILL leaves it behind, and the next run takes it
 over as stale. Only the main process of a multi-process run holds it (:func:`hold`), and tells the others whether
@@ -131,7 +132,7 @@ def _read(path: str) -> dict | None:
     # nor trusted. (os.kill with pid -1 or 0 would ask about every process, or the whole group.)
     if not isinstance(owner, dict) or type(owner.get("pid")) is not int or owner["pid"] <= 0:
         raise RunLockError(f'{path} exists but names no process (no integer "pid"): another run may be using its '
-                           f"folder; delete the file if no run is")
+                           "folder; delete the file if no run is")
     return owner
 
 

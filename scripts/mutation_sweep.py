@@ -10,7 +10,8 @@ tightened or negated (``<``/``<=``, ``==``/``!=``, ``in``/``not in``, ``is``/``i
 the named tests run (``-x -m "not slow"`` unless ``--pytest_args`` says otherwise) in a copy of the repository's
 tracked files, so the working tree is never touched, even when a sweep is interrupted (Ctrl-C or SIGTERM delete the
 copy). A mutant the tests let through ("SURVIVED") is either a gap in the tests or a change that cannot alter
-behaviour (a default argument every caller passes, a guard that is unreachable): read each one. One JSON line per mutant goes to stdout, then a summary.
+behaviour (a default argument every caller passes, a guard that is unreachable): read each one. One JSON line per
+mutant goes to stdout, then a summary.
 
 The tests named are the only ones run per mutant, so a survivor may still be caught by a test elsewhere: rerun the
 survivors (``--only``) with a wider selection before calling one a gap.

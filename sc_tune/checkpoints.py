@@ -255,11 +255,16 @@ def resume_requested(value) -> bool:
     return not (value is None or value is False or (isinstance(value, str) and value.strip().lower() in RESUME_FALSE))
 
 
+def resumes_newest(value) -> bool:
+    """``True`` (or "true"/"1"/"yes"): the newest complete checkpoint of the output folder, not a path."""
+    return value is True or (isinstance(value, str) and value.strip().lower() in RESUME_TRUE)
+
+
 def resolve_resume(value, output_dir: str) -> str | None:
     """The checkpoint to resume from: ``True``/"true"/"1" means the newest complete one in ``output_dir``."""
     if not resume_requested(value):
         return None
-    if value is True or (isinstance(value, str) and value.strip().lower() in RESUME_TRUE):
+    if resumes_newest(value):
         candidates = complete_checkpoints(output_dir)
         for checkpoint in candidates:
             found = problems(checkpoint)
@@ -476,9 +481,7 @@ def check_output_dir(output_dir: str, model_dir: str, resume_from, overwrite: bo
 def _resumes_its_own_run(resume_from, output_dir: str) -> bool:
     if not resume_requested(resume_from):
         return False
-    if resume_from is True or str(resume_from).strip().lower() in RESUME_TRUE:
-        return True  # the newest checkpoint of output_dir
-    return is_or_inside(str(resume_from), output_dir)
+    return resumes_newest(resume_from) or is_or_inside(str(resume_from), output_dir)
 
 
 def clear_output_dir(doomed: list[str]) -> None:

@@ -64,7 +64,8 @@ def test_zero3_lora_trains_resumes_and_exports_a_merged_model(tiny_checkpoint, t
     extra = [*zero3, "--lora_r", "4", "--lora_alpha", "8"]
     _torchrun(cli_args(model, out, "--max_steps", "2", *extra), free_port())
     assert checkpoints.problems(str(out / "checkpoint-2")) == []
-    _torchrun(cli_args(model, out, "--max_steps", "3", "--resume_from_checkpoint", "true", *extra), free_port())
+    run = _torchrun(cli_args(model, out, "--max_steps", "3", "--resume_from_checkpoint", "true", *extra), free_port())
+    assert f"resuming from {out / 'checkpoint-2'}" in run.stderr  # a restart would log steps 1-3 as well
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     assert [h["step"] for h in history if "loss" in h] == [1, 2, 3]
     merged, _ = load_model_and_adapter(str(out))
@@ -154,6 +155,7 @@ def _resume_elsewhere(model, run, checkpoint, processes, zero2, accumulation):
                                 "--resume_from_checkpoint", "True",
                                 "--resume_allow_changes", "world_size,gradient_accumulation_steps"),
                        free_port(), processes)
+    assert f"resuming from {run / checkpoint.name} (DeepSpeed's state loaded from " in result.stderr
     assert f"was saved by {3 - processes} processes and resumes on {processes} (DeepSpeed's" in result.stderr
     assert "not bit-exact" in result.stderr
     assert _tree(run / checkpoint.name) == before and checkpoints.problems(str(run / checkpoint.name)) == []

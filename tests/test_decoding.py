@@ -185,31 +185,42 @@ def test_one_loop_of_sampled_and_greedy_rows_refuses_what_it_cannot_decode_as_on
                              keep_greedy_prompts=True)
 
 
-@pytest.mark.parametrize("dropout", [False, True])
+class _ActiveDropoutThatKeepsAll(torch.nn.Dropout):
+    """An active dropout (training mode, p > 0) as row_adapters sees it, that drops nothing: the per-block path runs
+    and each row's term must still be its adapter's, scaling included."""
+
+    def forward(self, x):
+        return x
+
+
+@pytest.mark.parametrize("dropout", ["off", "drops_all", "drops_none"])
 @pytest.mark.parametrize("tiled", [False, True], ids=["a_bare_row", "equal_blocks"])
 def test_row_adapters_give_each_row_its_adapters_logits(tiny_checkpoint, dropout, tiled):
     """Rows 0-1 with the policy's adapter, 2 with the snapshot's (whose scaling differs), 3 with none: each row's
     logits equal a forward of that row's batch with its adapter alone (the base model for row 3). With an active
-    dropout of p = 1 (every LoRA input dropped, so no term at all) the per-block path runs instead. ``equal_blocks``:
-    rows 2-3 both the snapshot's, so the blocks tile the call and the batched-matmul path runs."""
+    dropout the per-block path runs instead: of p = 1 (every LoRA input dropped, so no term at all), and one that
+    drops nothing (each block's own term, as PEFT's). ``equal_blocks``: rows 2-3 both the snapshot's, so the blocks
+    tile the call and the batched-matmul path runs."""
     model, adapter = two_adapter_model(tiny_checkpoint, "qwen2_5_vl")
     for module in model.modules():
         if isinstance(module, LoraLinear):
             module.scaling["snapshot"] *= 3.0
-            if dropout:
-                module.lora_dropout["default"] = torch.nn.Dropout(p=1.0).train()
-                module.lora_dropout["snapshot"] = torch.nn.Dropout(p=1.0).train()
+            for name in ("default", "snapshot"):
+                if dropout == "drops_all":
+                    module.lora_dropout[name] = torch.nn.Dropout(p=1.0).train()
+                elif dropout == "drops_none":
+                    module.lora_dropout[name] = _ActiveDropoutThatKeepsAll(p=0.5).train()
     images, boxes = sample_images(adapter, n=4)
     boxes[1] = [0.5, 0.5, 0.51, 0.52]  # prompts of different lengths: left-padded rows
     batch = adapter.build_batch([adapter.describer_prompt(b, im) for b, im in zip(boxes, images)], images)
     blocks = [("default", 0, 2), ("snapshot", 2, 4 if tiled else 3)]
     layer = next(m for m in model.modules() if isinstance(m, LoraLinear))
     stacked = _StackedRowTerms.for_layer(layer, blocks)
-    assert (stacked is None) is dropout and (dropout or stacked._tiled(4) is tiled)
+    assert (stacked is None) is (dropout != "off") and (stacked is None or stacked._tiled(4) is tiled)
     with torch.no_grad():
         expected = []
         for name in ("default", "default", "snapshot", "snapshot" if tiled else None):
-            if name is None or dropout:
+            if name is None or dropout == "drops_all":
                 with model.disable_adapter():
                     expected.append(model(**batch.inputs).logits)
             else:
@@ -221,9 +232,32 @@ def test_row_adapters_give_each_row_its_adapters_logits(tiny_checkpoint, dropout
         # The snapshot's scaling (x 3) is no power of two, so where it is applied changes the last bit: up to 2e-5
         # in these logits, depending on the adapters drawn; a wrong scaling or mask moves them by ~1.
         torch.testing.assert_close(got[row], expected[row][row], rtol=1e-5, atol=1e-4)
-    if not dropout:
+    if dropout != "drops_all":
         assert not torch.allclose(expected[0][2], expected[2][2], atol=1e-3), "the adapters must differ"
         assert not torch.allclose(expected[0][3], expected[3][3], atol=1e-3), "the adapter must differ from the base"
+
+
+def test_row_adapters_refuse_an_adapter_that_is_missing_or_not_plain_lora(tiny_checkpoint):
+    """Refused before any layer changes: the per-row terms are plain LoRA's formula only."""
+    model, adapter = two_adapter_model(tiny_checkpoint, "qwen2_5_vl")
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    before = [layer._active_adapter for layer in layers]
+    with pytest.raises(ValueError, match="adapter 'other' is missing or not plain LoRA"):
+        with row_adapters(model, [("default", 0, 1), ("other", 1, 2)]):
+            pass
+    layers[-1].use_dora["snapshot"] = True  # DoRA in one layer: its magnitude vector is no plain LoRA term
+    with pytest.raises(ValueError, match="adapter 'snapshot' is missing or not plain LoRA"):
+        with row_adapters(model, [("default", 0, 1), ("snapshot", 1, 2)]):
+            pass
+    assert [layer._active_adapter for layer in layers] == before
+    assert not any(layer._forward_hooks for layer in layers)
+    base, _ = load_model_and_adapter(tiny_checkpoint("qwen2_5_vl"))
+    with pytest.raises(ValueError, match="the model has no LoRA linear layer"):
+        with row_adapters(base, [("default", 0, 1)]):
+            pass
+    # the blocks of a call with rows beyond the equal blocks do not tile it (its extra row gets no term)
+    stacked = _StackedRowTerms.for_layer(layers[0], [("default", 0, 2), ("snapshot", 2, 4)])
+    assert stacked._tiled(4) and not stacked._tiled(5) and not stacked._tiled(6)
 
 
 def test_noise_blocks_sample_each_block_as_its_own_call(tiny_checkpoint):

@@ -102,6 +102,100 @@ def test_captions_that_derail_the_locator_are_named_as_the_cause():
     assert "format:" in PreflightReport([cycle, rec], 40, grounding_prior=True).failure(0.5)
 
 
+def test_rates_count_every_sample_and_the_limits_are_inclusive():
+    one = RoleCheck("cycle", ["no"], [None], ["no box"], [True], [0.0])
+    assert one.parse_failure_rate == 1.0 and one.acc50 == 0.0  # one sample: its failure is the whole rate
+    mixed = RoleCheck("REC", ["a"] * 4, [[0, 0, 1, 1]] * 4, [None] * 4, [True] * 4, [0.9, 0.2, 0.5, 0.1])
+    assert mixed.acc50 == 0.5 and mixed.parse_failure_rate == 0.0  # IoU 0.5 counts as a hit
+    failing = PreflightReport([_check([True] * 4, [None, None, None, [0, 0, 1, 1]])], 40, grounding_prior=True)
+    assert failing.failure(0.75) is None and failing.failure(0.74) is not None  # at the limit: let through
+    assert "The cycle answers of 75 % of the samples do not parse" in failing.failure(0.74)
+    assert PreflightReport([failing.checks[0], mixed], 40, True).summary() == (
+        "preflight on 4 samples, locator budget 40 tokens: cycle: parse failures 3/4 (75 %), Acc@0.5 0.0 %; "
+        "REC: parse failures 0/4 (0 %), Acc@0.5 50.0 %")
+    assert PreflightReport([mixed], 40, True).failure(0.0, 0.5) is None  # Acc@0.5 at the limit: let through
+    assert "Acc@0.5 is 50.0 % at best" in PreflightReport([mixed], 40, True).failure(0.0, 0.51)
+
+
+def test_a_run_passes_when_any_check_grounds_and_the_message_quotes_the_best():
+    """"Acc@0.5 below --preflight_min_accuracy in every check": the REC check grounding is enough."""
+    cycle = RoleCheck("cycle", ["a"] * 4, [[0, 0, 1, 1]] * 4, [None] * 4, [True] * 4, [0.0, 0.0, 0.0, 0.6])
+    rec = RoleCheck("REC", ["a"] * 4, [[0, 0, 1, 1]] * 4, [None] * 4, [True] * 4, [0.9, 0.8, 0.7, 0.1])
+    assert PreflightReport([cycle, rec], 40, True).failure(0.0, 0.5) is None
+    assert PreflightReport([rec, cycle], 40, True).failure(0.0, 0.5) is None
+    message = PreflightReport([cycle, rec], 40, True).failure(0.0, 0.9)
+    assert "Acc@0.5 is 75.0 % at best" in message  # the REC check's, not the cycle's 25 %
+
+
+def test_the_cause_is_the_budget_only_when_most_cut_answers_parse_with_more_tokens():
+    """Of 4 failed answers, 3 parsing with 4x the tokens is "most" (the budget); 2 is not. The example quoted is the
+    first failed answer."""
+    def report(parse_with_more, with_rec):
+        cycle = _check([False] * 4, [None] * 4)
+        cycle.answers = ["first", "second", "third", "fourth"]
+        cycle.parse_with_more, cycle.tokens_needed = parse_with_more, 33
+        # the records' captions ground at the limit: 3 of 4 fail to parse, as --preflight_max_parse_failures 0.75
+        cycle.texts = ["t1", "t2", "t3", "t4"]  # the captions the answers located
+        cycle.reasons = ["no number", "no bracket", "no end", "no box"]
+        rec = RoleCheck("REC", ["ok"] * 4, [None] * 3 + [[0, 0, 1, 1]], [None] * 4, [True] * 4, [1.0] * 4)
+        return PreflightReport([cycle, rec] if with_rec else [cycle], 20, True).failure(0.75)
+
+    for with_rec in (False, True):
+        assert "budget: 4 of the 4 failed answers" in report([0, 1, 2], with_rec)
+        assert "(e.g. 'first')" in report([0, 1, 2], with_rec)
+    assert "format:" in report([0, 1], with_rec=False) and "budget:" not in report([0, 1], with_rec=False)
+    assert "(e.g. 'first': no number)" in report([0, 1], with_rec=False)  # the first failed answer's reason
+    half = report([0, 1], with_rec=True)  # the records' captions ground: the model's captions are the cause
+    assert "the model's captions derail its locator" in half and "budget:" not in half and "'first'" in half
+    assert "REC: 75 % parse failures" in half and "e.g. 't1' -> 'first'" in half
+
+
+@pytest.mark.parametrize("model_type", ["qwen", "qwen2_vl"])
+def test_the_locator_check_reads_the_familys_answers_and_probes_only_the_cut_ones(tiny_checkpoint, monkeypatch,
+                                                                                   model_type):
+    """The model made to write (ScriptedLogits) its family's own answer in row 0, an answer without a box in row 1,
+    and its answer after 10 and 30 filler tokens in rows 2 and 3, at a budget only row 0's answer fits: the box reads
+    back (Qwen2-VL's answer is in special tokens, ``<|box_start|>``: read as the describer's text, without them and
+    with them suppressed, no box parses), the rows that end unparsed score IoU 0, and only the two cut rows are
+    generated again, with 4x the tokens, where they parse; the budget named is the longer one's."""
+    import sc_tune.preflight
+    from sc_tune.modeling import load_model_and_adapter
+    from tests.helpers import FORCED_BOXES, ScriptedLogits, two_colour_photo
+
+    model, adapter = load_model_and_adapter(tiny_checkpoint(model_type))
+    images = [adapter.prepare_image(two_colour_photo((97, 61)))] * 4
+    box, caption = FORCED_BOXES[0], "the red square"
+    answer = adapter.encode_target(adapter.locator_target(box, images[0], caption))
+    end = adapter.end_token_ids[:1]
+    filler = adapter.encode_target(" and then some more words" * 8)
+    scripts = [answer, adapter.encode_target("somewhere on the left") + end, filler[:10] + answer,
+               filler[:30] + answer]  # fmt: skip
+    assert len(filler) >= 30 and len(scripts[1]) < len(answer) + 2 < len(scripts[2]) < len(scripts[3]) <= 4 * (
+        len(answer) + 2)
+    generate, rows_per_call = sc_tune.preflight.generate, []
+
+    def scripted(model, adapter, batch, settings, **kwargs):  # each call writes its own rows' scripts
+        rows = list(range(4)) if not rows_per_call else [2, 3]
+        rows_per_call.append(len(batch.inputs["input_ids"]))
+        forcing.write([scripts[r] for r in rows[: rows_per_call[-1]]])
+        return generate(model, adapter, batch, settings, **kwargs)
+
+    monkeypatch.setattr(sc_tune.preflight, "generate", scripted)
+    with ScriptedLogits(model.eval()) as forcing:
+        check = sc_tune.preflight._locate_check("cycle", model, adapter, images, [caption] * 4, [box] * 4,
+                                                GenerationSettings(len(answer) + 2, 1))
+    assert rows_per_call == [4, 2]  # the probe: the two cut rows alone
+    step = 1.0 / min(adapter.codec.axis_scales(images[0].frame))
+    assert check.boxes[0] == pytest.approx(box, abs=step) and check.boxes[1:] == [None] * 3
+    assert check.finished == [True, True, False, False] and check.texts == [caption] * 4
+    assert check.ious[0] > 0.95 and check.ious[1:] == [0.0] * 3
+    assert check.lengths == [len(answer), len(scripts[1]), len(answer) + 2, len(answer) + 2]
+    assert check.parse_with_more == [2, 3] and check.tokens_needed == len(scripts[3])
+    message = PreflightReport([check], len(answer) + 2, True).failure(0.5)
+    assert "budget: 2 of the 3 failed answers were cut" in message
+    assert f"--locator_max_new_tokens {len(scripts[3])} or more" in message
+
+
 # ---------------------------------------------------------------- causes provoked with real generation
 CAPTIONS, BOXES = GenerationSettings(8, 1), GenerationSettings(20, 3)
 
@@ -221,3 +315,35 @@ def test_every_rank_stops_together_under_torchrun(tiny_checkpoint, tmp_path):
     assert done.returncode != 0
     assert done.stderr.count("finetune.py: error: preflight on 8 samples") == 2  # both ranks, the same verdict
     assert done.stdout.count("preflight on 8 samples") == 1  # rank 0 reports
+
+
+DECIDE = r"""
+import os, sys
+from types import SimpleNamespace
+
+rank, port, root, passing_rank = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+sys.path.insert(0, root)
+os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+from accelerate import PartialState
+
+PartialState(cpu=True)
+from sc_tune.preflight import PreflightReport, RoleCheck, decide
+
+ious = [1.0] * 4 if rank == passing_rank else [0.0] * 4  # the ranks' greedy answers differ (a last bit on a GPU)
+check = RoleCheck("cycle", ["a"] * 4, [[0, 0, 1, 1]] * 4, [None] * 4, [True] * 4, ious)
+verdict = decide(PreflightReport([check], 40, True), SimpleNamespace(preflight_max_parse_failures=0.5,
+                                                                     preflight_min_accuracy=0.5), 2)
+print("stop" if verdict else "train", flush=True)
+"""
+
+
+def test_every_rank_acts_on_rank_0s_verdict_where_their_checks_differ():
+    """Rank 0's check fails and rank 1's passes: both stop (a rank that trained on would wait at its first
+    collective for a rank 0 that has stopped)."""
+    from tests.helpers import free_port
+
+    port = str(free_port())
+    ranks = [subprocess.Popen([sys.executable, "-c", DECIDE, str(rank), port, ROOT, "1"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outputs = [r.communicate(timeout=120) for r in ranks]
+    assert [out.strip() for out, _ in outputs] == ["stop", "stop"], outputs

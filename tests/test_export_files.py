@@ -20,7 +20,7 @@ import torch
 from sc_tune import checkpoints
 from sc_tune.adapters import family_for, supported_model_types
 from sc_tune.adapters.base import ModelFolderError
-from sc_tune.export import NOT_CARRIED, carry_source_files
+from sc_tune.export import NOT_CARRIED, carry_source_config, carry_source_files, export_trained, model_config_as_loaded
 from tests import real_checkpoints as real
 from tests.helpers import make_trainer, processor_settings
 
@@ -90,6 +90,13 @@ def test_checkpoints_carry_the_input_files_and_stay_verified(tiny_checkpoint, tm
         assert (checkpoint / name).read_bytes() == (source / name).read_bytes(), name
         assert name in manifest
     assert (checkpoint / "config.json").exists() != lora
+    # the final export too, full or merged from the adapter (the merge carries them itself)
+    export_trained(trainer, str(tmp_path / "export"), str(source), use_lora=lora)
+    for name in ("processor_config.json", "README.md", "preprocessor_config.json", "tokenizer_config.json"):
+        assert (tmp_path / "export" / name).read_bytes() == (source / name).read_bytes(), name
+    assert (tmp_path / "export" / "lora_adapter").is_dir() == lora
+    if lora:  # the policy's adapter alone: PEFT would save the snapshot's beside it, in a folder of its own
+        assert not (tmp_path / "export" / "lora_adapter" / "snapshot").exists()
 
 
 @pytest.mark.parametrize("folder", REAL_FOLDERS)
@@ -163,6 +170,18 @@ def test_the_merge_cli_refuses_to_write_over_its_inputs(tmp_path, capsys, inside
     assert (tmp_path / "base" / "model.safetensors").read_bytes() == b"the user's weights"
 
 
+def test_the_merge_cli_names_a_missing_folder_flag(tmp_path, capsys):
+    from sc_tune.export import main
+
+    given = {"--base": str(tmp_path / "base"), "--adapter": str(tmp_path / "adapter"), "--output": str(tmp_path / "o")}
+    for missing in given:
+        with pytest.raises(SystemExit) as refused:
+            main([part for flag, folder in given.items() if flag != missing for part in (flag, folder)])
+        assert refused.value.code == 2
+        assert f"the following arguments are required: {missing}" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_the_export_writes_the_inputs_config_with_the_written_dtype(tiny_checkpoint, tmp_path):
     """transformers 5 writes config.json in its own layout, which transformers 4.57 misreads (a Qwen2.5-VL export lost
     tie_word_embeddings, so its lm_head loaded random, and mrope_section). The export writes the input's config.json,
@@ -188,6 +207,41 @@ def test_the_export_writes_the_inputs_config_with_the_written_dtype(tiny_checkpo
             assert (out / "config.json").read_bytes() == (base / "config.json").read_bytes()
         merged, _ = load_model_and_adapter(str(out), dtype="auto")
         assert {p.dtype for p in merged.parameters()} == {getattr(torch, dtype)}
+
+
+def test_the_inputs_config_is_left_alone_where_there_is_none_or_it_is_the_saved_one(tmp_path):
+    """No config.json in the input (an adapter folder), none written, or the output the input itself: nothing
+    changes and nothing fails."""
+    source, out = tmp_path / "source", tmp_path / "out"
+    source.mkdir(), out.mkdir()
+    _write(out, "config.json", '{"dtype": "bfloat16"}')
+    carry_source_config(str(out), str(source))  # the input has none: the saved one stays
+    assert (out / "config.json").read_text() == '{"dtype": "bfloat16"}'
+    _write(source, "config.json", '{"dtype": "float32", "model_type": "qwen2_vl"}')
+    carry_source_config(str(source), str(source))  # one folder: left byte for byte
+    carry_source_config(str(tmp_path / "empty"), str(source))  # nothing saved there: nothing written
+    assert (source / "config.json").read_text() == '{"dtype": "float32", "model_type": "qwen2_vl"}'
+    assert not (tmp_path / "empty").exists()
+    carry_source_config(str(out), str(source))
+    assert json.loads((out / "config.json").read_text()) == {"dtype": "bfloat16", "model_type": "qwen2_vl"}
+
+
+@pytest.mark.parametrize("had", [True, False], ids=["with_use_cache", "without"])
+def test_the_saved_config_keeps_the_inputs_use_cache(had):
+    """The Trainer sets config.use_cache = False for training; every saved config.json would carry it into the chat
+    demo. After the block the config holds the input's value, or no such attribute, as before."""
+    class Config:  # a model config as transformers keeps it: plain attributes
+        pass
+
+    config = Config()
+    if had:
+        config.use_cache = True
+    model = type("Model", (), {"config": config})()
+    with model_config_as_loaded(model):
+        config.use_cache = False  # as Trainer.__init__ does
+    assert vars(config) == ({"use_cache": True} if had else {})
+    with model_config_as_loaded(object()):  # a model without a config: nothing to keep
+        pass
 
 
 def test_only_the_saving_process_writes_the_tokenizer_and_carried_files(tiny_checkpoint, tmp_path, monkeypatch):

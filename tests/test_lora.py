@@ -80,7 +80,8 @@ def test_lora_phase_switch_and_merge(tiny_checkpoint, tmp_path):
 
 
 def test_merge_command_keeps_the_saved_dtype_unless_told(tiny_checkpoint, tmp_path):
-    """python -m sc_tune.export: a float32 base stays float32 (it used to become bfloat16); --dtype overrides."""
+    """python -m sc_tune.export: a float32 base stays float32 (it used to become bfloat16); --dtype overrides, merged
+    into the folder of the first merge, which it replaces."""
     from peft import LoraConfig, get_peft_model
 
     from sc_tune.export import main as export_main
@@ -90,7 +91,7 @@ def test_merge_command_keeps_the_saved_dtype_unless_told(tiny_checkpoint, tmp_pa
     lora = get_peft_model(model, LoraConfig(r=2, target_modules=adapter.lora_target_modules))
     lora.save_pretrained(tmp_path / "adapter")
     for flag, expected in (([], torch.float32), (["--dtype", "bfloat16"], torch.bfloat16)):
-        out = tmp_path / f"merged{len(flag)}"
+        out = tmp_path / "merged"  # the second merge replaces the first's export
         export_main(["--base", base, "--adapter", str(tmp_path / "adapter"), "--output", str(out), *flag])
         merged, _ = load_model_and_adapter(str(out), dtype="auto")
         assert {p.dtype for p in merged.parameters()} == {expected}, flag

@@ -181,3 +181,9 @@ def test_generation_leaves_no_hook_behind_on_the_input_embeddings(tiny_checkpoin
     assert set(counts) == {0, 1, 2, 3}  # two describer and two locator steps, each with its generations
     assert counts[0][0] >= 1, "gradient checkpointing needs its input-embedding hook"
     assert len(set(counts.values())) == 1 and hooks() == counts[0], counts
+    # and the handles transformers keeps to remove them (disable_input_require_grads) are still the registered ones
+    from transformers import PreTrainedModel
+
+    held = [handle for module in model.modules() if isinstance(module, PreTrainedModel)
+            for handle in module.__dict__.get("_require_grads_hooks") or []]  # fmt: skip
+    assert held and all(handle.id in handle.hooks_dict_ref() for handle in held)

@@ -163,13 +163,13 @@ class SCTuneTrainer(Trainer):
         if rollout.skip_update and not self._grads_pending:
             # No backward: the optimizer step that follows finds no gradients and moves nothing.
             return loss.detach()
-        if rollout.skip_update:
-            # Earlier micro-batches of this step left gradients: a zero-weighted backward keeps DDP's
-            # all-reduce and DeepSpeed's accumulation boundary in step while adding nothing.
-            loss = loss * 0.0
+        # Earlier micro-batches of this step left gradients: a skipped one runs a zero-weighted backward, which keeps
+        # DDP's all-reduce and DeepSpeed's accumulation boundary in step while adding nothing. What it returns (the
+        # Trainer's logged loss) is its loss all the same, as for a skipped micro-batch without a backward.
+        backward_loss = loss * 0.0 if rollout.skip_update else loss
         kwargs = {"scale_wrt_gas": False} if self.accelerator.distributed_type == DistributedType.DEEPSPEED else {}
         with self.stage_clock.stage("backward"):
-            self.accelerator.backward(loss, **kwargs)
+            self.accelerator.backward(backward_loss, **kwargs)
         self._grads_pending = True
         return loss.detach()
 

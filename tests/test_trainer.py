@@ -297,3 +297,39 @@ def test_finetune_cli_runs_and_exports_a_reloadable_checkpoint(tiny_checkpoint, 
     args = torch.load(out / "training_args.bin", weights_only=False)
     assert (args.describer_update_steps, args.locator_update_steps, args.kl_coef) == (1, 1, 0.01)
     assert os.path.exists(out / "preprocessor_config.json")
+
+
+def test_with_two_micro_batches_the_logged_loss_is_their_mean_and_a_skipped_one_still_joins_the_backward(
+        tiny_checkpoint, tmp_path):
+    """Each micro-batch's loss is divided by the accumulation steps before its backward, so a step's gradient is that
+    of the micro-batches' mean loss: the Trainer's logged ``loss`` (the sum of what ``training_step`` returns) is the
+    mean of the role's own loss over the step's micro-batches, in both phases. A micro-batch whose update is skipped
+    after one that left gradients still runs a backward, zero-weighted (DDP's all-reduce and DeepSpeed's accumulation
+    boundary count the backwards); one skipped before any runs none."""
+    trainer = make_trainer(tiny_checkpoint("qwen2_vl"), str(tmp_path), reward_fn=caption_hash_reward, max_steps=3,
+                           describer_update_steps=2, locator_update_steps=1, ppo_epochs=1,
+                           per_device_train_batch_size=1, gradient_accumulation_steps=2)  # fmt: skip
+    skip = {(1, 1), (1, 0)}  # (step, micro-batch): step 1 skips both, the second after the first
+    compute_loss, backward, backwards = trainer.compute_loss, trainer.accelerator.backward, []
+
+    def skipping(model, inputs, *args, **kwargs):
+        loss = compute_loss(model, inputs, *args, **kwargs)
+        if (trainer.state.global_step, trainer._micro) == (0, 1):
+            inputs.skip_update = True  # the second micro-batch of step 0, after one that left gradients
+        elif (trainer.state.global_step, trainer._micro) in skip:
+            inputs.skip_update = True
+        return loss
+
+    def counted(loss, **kwargs):
+        backwards.append((trainer.state.global_step, trainer._micro, float(loss.detach())))
+        return backward(loss, **kwargs)
+
+    trainer.compute_loss, trainer.accelerator.backward = skipping, counted
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["phase"] for h in logged] == ["describer", "describer", "locator"]
+    for entry in logged:
+        assert entry["loss"] == pytest.approx(entry[f"{entry['phase']}/loss"], abs=2e-4), entry
+    assert logged[-1]["loss"] > 0.1  # the locator's cross-entropy, far from 0 (a wrong scale shows)
+    assert [(step, micro) for step, micro, _ in backwards] == [(0, 0), (0, 1), (2, 0), (2, 1)]
+    assert backwards[1][2] == 0.0 and backwards[0][2] != 0.0  # step 0's skipped micro-batch: zero-weighted

@@ -305,9 +305,10 @@ def test_with_two_micro_batches_the_logged_loss_is_their_mean_and_a_skipped_one_
     of the micro-batches' mean loss: the Trainer's logged ``loss`` (the sum of what ``training_step`` returns) is the
     mean of the role's own loss over the step's micro-batches, in both phases. A micro-batch whose update is skipped
     after one that left gradients still runs a backward, zero-weighted (DDP's all-reduce and DeepSpeed's accumulation
-    boundary count the backwards); one skipped before any runs none."""
+    boundary count the backwards); one skipped before any runs none. The ratio guard at 1.0 skips nothing here: a
+    first epoch's ratio is exactly 1, and the guard skips a ratio that exceeds it."""
     trainer = make_trainer(tiny_checkpoint("qwen2_vl"), str(tmp_path), reward_fn=caption_hash_reward, max_steps=3,
-                           describer_update_steps=2, locator_update_steps=1, ppo_epochs=1,
+                           describer_update_steps=2, locator_update_steps=1, ppo_epochs=1, ratio_threshold=1.0,
                            per_device_train_batch_size=1, gradient_accumulation_steps=2)  # fmt: skip
     skip = {(1, 1), (1, 0)}  # (step, micro-batch): step 1 skips both, the second after the first
     compute_loss, backward, backwards = trainer.compute_loss, trainer.accelerator.backward, []
@@ -331,5 +332,6 @@ def test_with_two_micro_batches_the_logged_loss_is_their_mean_and_a_skipped_one_
     for entry in logged:
         assert entry["loss"] == pytest.approx(entry[f"{entry['phase']}/loss"], abs=2e-4), entry
     assert logged[-1]["loss"] > 0.1  # the locator's cross-entropy, far from 0 (a wrong scale shows)
+    assert 0.0 <= logged[-1]["locator/token_acc"] <= 1.0  # a share of the answer tokens (here 2 of 33)
     assert [(step, micro) for step, micro, _ in backwards] == [(0, 0), (0, 1), (2, 0), (2, 1)]
     assert backwards[1][2] == 0.0 and backwards[0][2] != 0.0  # step 0's skipped micro-batch: zero-weighted

@@ -332,6 +332,7 @@ def test_with_two_micro_batches_the_logged_loss_is_their_mean_and_a_skipped_one_
     for entry in logged:
         assert entry["loss"] == pytest.approx(entry[f"{entry['phase']}/loss"], abs=2e-4), entry
     assert logged[-1]["loss"] > 0.1  # the locator's cross-entropy, far from 0 (a wrong scale shows)
-    assert 0.0 <= logged[-1]["locator/token_acc"] <= 1.0  # a share of the answer tokens (here 2 of 33)
+    # the share of answer tokens the model's argmax gets right: few for a random model (here 2 of 33)
+    assert 0.0 <= logged[-1]["locator/token_acc"] < 0.5
     assert [(step, micro) for step, micro, _ in backwards] == [(0, 0), (0, 1), (2, 0), (2, 1)]
     assert backwards[1][2] == 0.0 and backwards[0][2] != 0.0  # step 0's skipped micro-batch: zero-weighted

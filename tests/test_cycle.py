@@ -218,6 +218,23 @@ def test_a_generation_batch_of_the_window_gives_the_losses_of_rollouts_per_micro
     assert together[1] == describer_together + [4] + describer_together
 
 
+def test_a_generation_batch_refuses_a_micro_batch_the_trainers_loop_did_not_fetch(tiny_checkpoint, tmp_path):
+    """A chunk spanning micro-batches takes the next ones from the step's window (``get_batch_samples``); a micro-batch
+    that is not in it (a Trainer loop that fetched no window, or another batch) is refused, never rolled out with
+    batches of another step."""
+    from sc_tune.data import collate_referring
+    from sc_tune.phases import Phase
+
+    trainer = make_trainer(tiny_checkpoint("qwen2_vl"), str(tmp_path), per_device_train_batch_size=1,
+                           gradient_accumulation_steps=2, generation_batch_size=2)  # fmt: skip
+    batch = collate_referring([trainer.train_dataset[0]])
+    for window in (None, [dict(batch), dict(batch)]):
+        trainer._window, trainer._micro = window, 0
+        with pytest.raises(RuntimeError, match="--generation_batch_size spans micro-batches: .* not among them"):
+            trainer._roll_out(Phase.DESCRIBER, batch)
+    assert trainer.run.rollouts == {}
+
+
 def test_a_generation_batch_must_tile_the_accumulation_window(tmp_path):
     for generation_batch in (3, 12, 0):
         with pytest.raises(ArgumentError, match="--generation_batch_size"):

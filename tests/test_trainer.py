@@ -310,14 +310,13 @@ def test_with_two_micro_batches_the_logged_loss_is_their_mean_and_a_skipped_one_
     trainer = make_trainer(tiny_checkpoint("qwen2_vl"), str(tmp_path), reward_fn=caption_hash_reward, max_steps=3,
                            describer_update_steps=2, locator_update_steps=1, ppo_epochs=1, ratio_threshold=1.0,
                            per_device_train_batch_size=1, gradient_accumulation_steps=2)  # fmt: skip
-    skip = {(1, 1), (1, 0)}  # (step, micro-batch): step 1 skips both, the second after the first
+    # (step, micro-batch) whose update is skipped: step 0's second, after one that left gradients; both of step 1's
+    skipped = {(0, 1), (1, 0), (1, 1)}
     compute_loss, backward, backwards = trainer.compute_loss, trainer.accelerator.backward, []
 
     def skipping(model, inputs, *args, **kwargs):
         loss = compute_loss(model, inputs, *args, **kwargs)
-        if (trainer.state.global_step, trainer._micro) == (0, 1):
-            inputs.skip_update = True  # the second micro-batch of step 0, after one that left gradients
-        elif (trainer.state.global_step, trainer._micro) in skip:
+        if (trainer.state.global_step, trainer._micro) in skipped:
             inputs.skip_update = True
         return loss
 

@@ -134,9 +134,9 @@ def test_the_cause_is_the_budget_only_when_most_cut_answers_parse_with_more_toke
         cycle = _check([False] * 4, [None] * 4)
         cycle.answers = ["first", "second", "third", "fourth"]
         cycle.parse_with_more, cycle.tokens_needed = parse_with_more, 33
-        # the records' captions ground at the limit: 3 of 4 fail to parse, as --preflight_max_parse_failures 0.75
         cycle.texts = ["t1", "t2", "t3", "t4"]  # the captions the answers located
         cycle.reasons = ["no number", "no bracket", "no end", "no box"]
+        # the records' captions ground at the limit: 3 of 4 fail to parse, as --preflight_max_parse_failures 0.75
         rec = RoleCheck("REC", ["ok"] * 4, [None] * 3 + [[0, 0, 1, 1]], [None] * 4, [True] * 4, [1.0] * 4)
         return PreflightReport([cycle, rec] if with_rec else [cycle], 20, True).failure(0.75)
 

@@ -335,3 +335,15 @@ def test_with_two_micro_batches_the_logged_loss_is_their_mean_and_a_skipped_one_
     assert 0.0 <= logged[-1]["locator/token_acc"] < 0.5
     assert [(step, micro) for step, micro, _ in backwards] == [(0, 0), (0, 1), (2, 0), (2, 1)]
     assert backwards[1][2] == 0.0 and backwards[0][2] != 0.0  # step 0's skipped micro-batch: zero-weighted
+
+
+def test_each_log_reports_its_windows_phases_and_the_learning_rate_its_last_step_used(tiny_checkpoint, tmp_path):
+    """Logged every 2 steps of a schedule of 2 describer steps and 1 locator step: the phase names of the window, the
+    share of describer steps in it, and the learning rate of its last step."""
+    trainer = make_trainer(tiny_checkpoint("qwen2_vl"), str(tmp_path), reward_fn=caption_hash_reward, max_steps=6,
+                           describer_update_steps=2, locator_update_steps=1, ppo_epochs=1, logging_steps=2,
+                           describer_lr=1e-3, locator_lr=3e-3)  # fmt: skip
+    trainer.train()
+    logged = [(h["phase"], h["phase/describer"], h["learning_rate"]) for h in trainer.state.log_history if "loss" in h]
+    # steps 0-1 describer; 2 locator, 3 describer; 4 describer, 5 locator
+    assert logged == [("describer", 1.0, 1e-3), ("locator+describer", 0.5, 1e-3), ("describer+locator", 0.5, 3e-3)]

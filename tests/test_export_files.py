@@ -72,7 +72,8 @@ def test_the_rule_carries_processor_files_and_nothing_of_weights_model_or_run(tm
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_checkpoints_carry_the_input_files_and_stay_verified(tiny_checkpoint, tmp_path, lora):
     """checkpoint-N holds the carried files, byte for byte, inside its verified manifest (a resume checks them);
-    a LoRA checkpoint gets no base config.json (it would look like a full model folder)."""
+    a LoRA checkpoint gets no base config.json (it would look like a full model folder). The final export holds them
+    too, full or merged from the adapter, and no snapshot adapter."""
     from tests.helpers import small_lora
 
     source = tmp_path / "source"

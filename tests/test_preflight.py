@@ -175,9 +175,8 @@ def test_the_locator_check_reads_the_familys_answers_and_probes_only_the_cut_one
     generate, rows_per_call = sc_tune.preflight.generate, []
 
     def scripted(model, adapter, batch, settings, **kwargs):  # each call writes its own rows' scripts
-        rows = list(range(4)) if not rows_per_call else [2, 3]
-        rows_per_call.append(len(batch.inputs["input_ids"]))
-        forcing.write([scripts[r] for r in rows[: rows_per_call[-1]]])
+        rows_per_call.append(len(batch.inputs["input_ids"]))  # ScriptedLogits refuses a call of other rows
+        forcing.write([scripts[r] for r in ([0, 1, 2, 3] if len(rows_per_call) == 1 else [2, 3])])
         return generate(model, adapter, batch, settings, **kwargs)
 
     monkeypatch.setattr(sc_tune.preflight, "generate", scripted)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from sc_tune import checkpoints
-from tests.conftest import SAMPLE_DATA, SAMPLE_IMAGES
+from tests.conftest import SAMPLE_DATA, SAMPLE_IMAGES, WARM_START
 
 
 def cli_args(model: str, output_dir, *extra: str) -> list[str]:
@@ -618,6 +618,33 @@ def test_lora_runs_are_bit_reproducible_for_a_seed(tiny_checkpoint, tmp_path):
     adapters = lambda t: {n: p for n, p in t.model.named_parameters() if "lora_" in n}  # noqa: E731
     assert adapters(first).keys() == adapters(second).keys()
     assert all(torch.equal(p, adapters(second)[n]) for n, p in adapters(first).items())
+
+
+def test_a_lora_run_resumed_at_its_first_checkpoint_continues_exactly(tmp_path, steps_trained):
+    """One process under LoRA: the Trainer's PEFT load restores the adapters (the strict full-weight load is for
+    full fine-tuning only), and checkpoint-1 falls between the describer's two PPO epochs, so the resumed step finds
+    its rollout buffer, snapshot and learning rate only if its first micro-batch begins a step."""
+    import finetune
+    from sc_tune.synthetic.shapes import write_split
+
+    # The warm start's locator writes boxes that parse, so the describer's rewards differ and its losses are not 0.
+    write_split(tmp_path / "shapes", "train", 8, seed=5)
+    lora = [
+        *("--data_path", str(tmp_path / "shapes" / "train.json"), "--image_folder", str(tmp_path / "shapes")),
+        *("--describer_max_new_tokens", "8", "--describer_top_k", "0", "--locator_max_new_tokens", "32"),
+        *("--describer_top_p", "1.0", "--locator_min_new_tokens", "3"),
+        *("--use_lora", "True", "--lora_r", "4", "--lora_alpha", "8", "--save_steps", "1"),
+    ]
+    finetune.main(cli_args(WARM_START, tmp_path / "full", *lora, "--max_steps", "4"))
+    out = tmp_path / "run"
+    finetune.main(cli_args(WARM_START, out, *lora, "--max_steps", "1"))
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-1"]
+    steps_trained.clear()
+    trainer = finetune.main(cli_args(WARM_START, out, *lora, "--max_steps", "4", "--resume_from_checkpoint", "True"))
+    assert trainer.state.global_step == 4 and sorted(set(steps_trained)) == [2, 3, 4]
+    full, resumed = step_losses(tmp_path / "full"), step_losses(out)
+    assert [resumed[s] for s in (2, 3, 4)] == pytest.approx([full[s] for s in (2, 3, 4)], rel=1e-5, abs=1e-7)
+    assert all(abs(full[s]) > 1e-3 for s in (1, 2, 4))  # describer losses that a lost rollout or adapter would change
 
 
 # ---------------------------------------------------------------------------------------------- issue 19

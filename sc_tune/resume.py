@@ -154,6 +154,14 @@ def _plain(value):
     return sorted(value) if isinstance(value, (set, list, tuple)) else value
 
 
+def optimizer_offloaded_to_nvme(deepspeed_config: dict | None) -> bool:
+    """Whether a DeepSpeed config (None: no DeepSpeed) offloads the optimizer state to NVMe (ZeRO-Infinity)."""
+    if deepspeed_config is None:
+        return False
+    zero = deepspeed_config.get("zero_optimization") or {}
+    return (zero.get("offload_optimizer") or {}).get("device") == "nvme"
+
+
 class RunState:
     """The SC-Tune state of a run: the phase schedule, the KL controller, the snapshot and the rollout buffer."""
 

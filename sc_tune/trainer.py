@@ -61,7 +61,13 @@ from sc_tune.preemption import parse_signals, workers_ignoring
 from sc_tune.preflight import PreflightError, decide
 from sc_tune.phases import Phase, PhaseLR, PhaseSchedule, reset_optimizer_moments, set_learning_rate
 from sc_tune.ppo import describer_advantages, masked_mean, per_token_kl, ppo_clip_loss
-from sc_tune.resume import RunState, load_weights_strictly, run_settings, staged_checkpoint
+from sc_tune.resume import (
+    RunState,
+    load_weights_strictly,
+    optimizer_offloaded_to_nvme,
+    run_settings,
+    staged_checkpoint,
+)
 from sc_tune.rewards import RewardFunction
 from sc_tune.snapshot import eval_mode, is_peft, make_snapshot, unwrapped_for_generation, zero3_enabled
 from sc_tune.timing import timed_stage
@@ -102,11 +108,12 @@ class SCTuneTrainer(Trainer):
             [model, snapshot_module],
         )
         self.stage_clock = self.cycle.stage_clock  # the cycle's stages and this trainer's forward and backward
-        zero_stage = self.accelerator.state.deepspeed_plugin.zero_stage if self.is_deepspeed_enabled else None
+        plugin = self.accelerator.state.deepspeed_plugin if self.is_deepspeed_enabled else None
+        zero_stage = plugin.zero_stage if plugin else None
         settings = run_settings(args, model, self.schedule, self.is_deepspeed_enabled, adapter, zero_stage,
                                 records=getattr(train_dataset, "records", None), model_folder=source_dir)
         self.run = RunState(args, self.schedule, self.kl_controller, self.snapshot, settings, zero3,
-                            optimizer_on_nvme=self._optimizer_on_nvme())
+                            optimizer_on_nvme=optimizer_offloaded_to_nvme(plugin.deepspeed_config if plugin else None))
         # MoE under full fine-tuning: the router's load-balancing term joins every loss (sc_tune.moe).
         self.router_aux_coef = router_aux_coefficient(model, args.moe_aux_loss, args.moe_aux_loss_coef, is_peft(model))
         self._router_aux = None
@@ -117,12 +124,6 @@ class SCTuneTrainer(Trainer):
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._phases: list[str] = []  # phase name of each step since the last log
         self._staging_root: str | None = None  # set while a checkpoint is written (see _get_output_dir)
-
-    def _optimizer_on_nvme(self) -> bool:
-        if not self.is_deepspeed_enabled:
-            return False
-        zero = self.accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
-        return (zero.get("offload_optimizer") or {}).get("device") == "nvme"
 
     # ------------------------------------------------------------------ data and schedule plumbing
     def _get_train_sampler(self, train_dataset=None):

@@ -3,6 +3,7 @@ checkpoint (the 2-process runs through it are in tests/test_distributed_resume.p
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -10,6 +11,7 @@ import re
 import pytest
 
 from sc_tune import checkpoints, universal
+from tests.conftest import ROOT
 
 
 def _layout(world_size=2, deepspeed=True, rollout_ranks=(), snapshot_ranks=()):
@@ -94,6 +96,29 @@ def test_a_conversion_that_fails_midway_leaves_the_checkpoint_as_it_was_and_the_
     assert not os.path.exists(converted + ".partial")  # the crashed conversion's remains are gone
     checkpoints.remove_stale_staging(str(tmp_path))  # the next save: a copy a resume left is removed too
     assert not os.path.exists(converted) and _tree(checkpoint) == before
+
+
+def test_only_an_optimizer_offloaded_to_nvme_counts_as_nvme():
+    """The trainer hands RunState this reading of its DeepSpeed config (None without DeepSpeed)."""
+    import copy
+
+    from sc_tune.resume import optimizer_offloaded_to_nvme
+
+    shipped = {}
+    for stage in (2, 3):
+        with open(os.path.join(ROOT, "scripts", f"ds_config_zero{stage}.json")) as f:
+            shipped[stage] = json.load(f)
+        assert not optimizer_offloaded_to_nvme(shipped[stage])
+    assert not optimizer_offloaded_to_nvme(None)
+    config = copy.deepcopy(shipped[3])
+    config["zero_optimization"]["offload_optimizer"] = {"device": "nvme", "nvme_path": "/local_nvme"}
+    assert optimizer_offloaded_to_nvme(config)
+    config["zero_optimization"]["offload_optimizer"]["device"] = "cpu"
+    assert not optimizer_offloaded_to_nvme(config)
+    config["zero_optimization"]["offload_optimizer"] = None
+    config["zero_optimization"]["offload_param"] = {"device": "nvme", "nvme_path": "/local_nvme"}
+    assert not optimizer_offloaded_to_nvme(config)  # parameters on NVMe: the optimizer state is still in the checkpoint
+    assert not optimizer_offloaded_to_nvme({"zero_optimization": None})
 
 
 def test_an_optimizer_offloaded_to_nvme_is_refused_before_anything_is_converted(tmp_path, monkeypatch):

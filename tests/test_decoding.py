@@ -280,6 +280,33 @@ def test_noise_blocks_sample_each_block_as_its_own_call(tiny_checkpoint):
         assert generate(model, adapter, alone_batch, SAMPLED, True).texts == alone.texts
 
 
+def test_a_row_that_ends_first_writes_and_reads_the_pad_token_as_in_transformers(tiny_checkpoint):
+    """Released tokenizers pad with a token far from id 0 (Qwen2.5-VL's <|endoftext|> is 151643); the tiny ones pad
+    with id 0, where a finished row written as -pad, or as 0, looks right. Here the pad is another token and row 0
+    ends after two tokens (its second greedy token made the end token): each later step writes the pad into that row
+    and feeds it back, as transformers' loop does (a negative id would fail the embedding)."""
+    model, adapter = _model(tiny_checkpoint, "qwen2_5_vl")
+    batch, _, _ = _prompt_batch(adapter)
+    width = batch.inputs["input_ids"].shape[1]
+    common = {"max_new_tokens": 6, "min_new_tokens": 0, "do_sample": False}
+    free = model.generate(**batch.inputs, **common, eos_token_id=adapter.end_token_ids,
+                          pad_token_id=adapter.pad_token_id)
+    end = int(free[0, width + 1])
+    assert int(free[0, width]) != end and all(end not in free[row, width:].tolist() for row in (1, 2)), \
+        "only row 0 may end, at its second token"
+    pad = max(adapter.special_tokens().values())
+    assert pad not in (0, end) and adapter.pad_token_id == 0
+    settings = {**common, "eos_token_id": end, "pad_token_id": pad}
+    expected = model.generate(**batch.inputs, **settings, return_dict_in_generate=True, output_logits=True)
+    logits = []
+    got = model.generate(**batch.inputs, **settings, cache_implementation="static",
+                         custom_generate=decoding.make_decode_loop(STATIC, [], keep_logits=True, logits=logits))
+    assert got[0, width + 2:].tolist() == [pad] * 4
+    assert torch.equal(got, expected.sequences)
+    for step_loop, step_hf in zip(logits, expected.logits, strict=True):
+        torch.testing.assert_close(step_loop, step_hf, rtol=0, atol=1e-5)
+
+
 def test_sampled_rows_after_greedy_rows_sample_as_their_own_call(tiny_checkpoint):
     """The warpers run on the sampled rows' span only (``_Loop.sampled_span``): a block that starts after greedy rows
     must read its own rows of that span, and the greedy row before it decodes as a greedy call."""

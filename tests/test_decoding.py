@@ -139,6 +139,27 @@ def test_static_decoding_resumes_from_the_scoring_cache(tiny_checkpoint, monkeyp
     assert found is not None and found[1] == expected
 
 
+def test_a_static_cache_resumes_only_from_a_cache_of_the_models_own_attention_layers(tiny_checkpoint):
+    """A hybrid model's prompt cache holds recurrent states (Qwen3.5's linear-attention layers), which no column
+    copy can move into a static cache; a cache of another model has other layers. Both are refused by name."""
+    from transformers.cache_utils import DynamicCache
+
+    from sc_tune.decoding import static_cache_from
+
+    model, adapter = _model(tiny_checkpoint, "qwen3_5")
+    batch, _, _ = _prompt_batch(adapter)
+    with torch.no_grad():
+        cache = model(**batch.inputs, use_cache=True).cache
+    assert {type(layer).__name__ for layer in cache.layers} == {"LinearAttentionLayer", "DynamicLayer"}
+    with pytest.raises(ValueError, match="only from a key/value cache of attention layers"):
+        static_cache_from(cache, model.config, 64)
+    other = DynamicCache()  # a key/value cache of one layer more than the model has
+    for index in range(len(cache.layers) + 1):
+        other.update(torch.zeros(1, 1, 3, 8), torch.zeros(1, 1, 3, 8), index)
+    with pytest.raises(ValueError, match=rf"prompt cache has {len(other.layers)} layers, the model {len(cache.layers)}"):
+        static_cache_from(other, model.config, 64)
+
+
 @pytest.mark.parametrize("model_type", ["qwen", "qwen2_5_vl", "mllama", "minicpmv4_7"])
 @pytest.mark.parametrize("static", [True, False])
 def test_one_loop_of_sampled_and_greedy_rows_equals_the_separate_calls(tiny_checkpoint, model_type, static):

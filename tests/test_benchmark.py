@@ -189,6 +189,28 @@ def test_source_commit_names_head_and_a_dirty_tree(tmp_path):
     assert source_commit(tmp_path) == head + "-dirty"
 
 
+def test_tiny_tokenizers_pad_away_from_id_0_and_the_warm_start_recipe_keeps_its_committed_tokenizer():
+    """The tests' tiny tokenizers pad with a token other than id 0, as released ones do; the warm start's build keeps
+    the pad at 0, where the committed warm start's tokenizer has it, so its recipe rebuilds that tokenizer."""
+    from transformers import AutoTokenizer
+
+    from sc_tune.synthetic.warm_start import build_model
+    from sc_tune.tiny.chat import build_tokenizer
+    from sc_tune.tiny.configs import tiny_spec
+
+    committed = AutoTokenizer.from_pretrained(str(Path(__file__).parents[1] / "checkpoints" / "warm_start"))
+    assert committed.pad_token_id == 0
+    spec = tiny_spec("qwen3_vl")
+    rebuilt = build_tokenizer(spec, caption_corpus(), pad_first=True)
+    assert rebuilt.get_vocab() == committed.get_vocab()
+    tests = build_tokenizer(spec, caption_corpus())
+    assert tests.pad_token == committed.pad_token and tests.pad_token_id != 0
+    assert set(tests.get_vocab()) == set(committed.get_vocab())  # the same tokens, the pad moved
+    cfg = WarmStartConfig(hidden=32, layers=1, vision_width=16, text_heads=2, text_kv_heads=1)
+    model, tokenizer, _ = build_model(cfg)
+    assert tokenizer.get_vocab() == committed.get_vocab() and model.generation_config.pad_token_id == 0
+
+
 @pytest.fixture(scope="module")
 def tiny_warm_start(tmp_path_factory):
     root = tmp_path_factory.mktemp("warm")

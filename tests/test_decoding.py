@@ -302,22 +302,21 @@ def test_noise_blocks_sample_each_block_as_its_own_call(tiny_checkpoint):
 
 
 def test_a_row_that_ends_first_writes_and_reads_the_pad_token_as_in_transformers(tiny_checkpoint):
-    """Released tokenizers pad with a token far from id 0 (Qwen2.5-VL's <|endoftext|> is 151643); the tiny ones pad
-    with id 0, where a finished row written as -pad, or as 0, looks right. Here the pad is another token and row 0
-    ends after two tokens (its second greedy token made the end token): each later step writes the pad into that row
-    and feeds it back, as transformers' loop does (a negative id would fail the embedding)."""
+    """Released tokenizers pad with a token far from id 0 (Qwen2.5-VL's <|endoftext|> is 151643), and so do the tiny
+    ones (``sc_tune.tiny.chat.build_tokenizer``): at id 0 a finished row written as -pad, or as 0, would look right.
+    Row 0 ends after two tokens (its second greedy token made the end token): each later step writes the pad into
+    that row and feeds it back, as transformers' loop does (a negative id would fail the embedding)."""
     model, adapter = _model(tiny_checkpoint, "qwen2_5_vl")
     batch, _, _ = _prompt_batch(adapter)
     width = batch.inputs["input_ids"].shape[1]
-    common = {"max_new_tokens": 6, "min_new_tokens": 0, "do_sample": False}
-    free = model.generate(**batch.inputs, **common, eos_token_id=adapter.end_token_ids,
-                          pad_token_id=adapter.pad_token_id)
+    common = {"max_new_tokens": 6, "min_new_tokens": 0, "do_sample": False, "pad_token_id": adapter.pad_token_id}
+    free = model.generate(**batch.inputs, **common, eos_token_id=adapter.end_token_ids)
     end = int(free[0, width + 1])
     assert int(free[0, width]) != end and all(end not in free[row, width:].tolist() for row in (1, 2)), \
         "only row 0 may end, at its second token"
-    pad = max(adapter.special_tokens().values())
-    assert pad not in (0, end) and adapter.pad_token_id == 0
-    settings = {**common, "eos_token_id": end, "pad_token_id": pad}
+    pad = adapter.pad_token_id
+    assert pad not in (0, end)
+    settings = {**common, "eos_token_id": end}
     expected = model.generate(**batch.inputs, **settings, return_dict_in_generate=True, output_logits=True)
     logits = []
     got = model.generate(**batch.inputs, **settings, cache_implementation="static",

@@ -151,8 +151,10 @@ def build_model(cfg: WarmStartConfig):
     """``sc_tune.tiny.build_tiny(cfg.model_type, ...)`` with the sizes of ``cfg``."""
     if cfg.linear_attention_init not in ("reference", "transformers"):
         raise ValueError(f"linear_attention_init {cfg.linear_attention_init!r}: expected 'reference' or 'transformers'")
+    # pad_first: the committed warm starts' tokenizers hold the pad at id 0, and their recipes (docs/benchmark.md,
+    # docs/notes/) rebuild them exactly only with it there.
     return build_tiny(cfg.model_type, corpus=caption_corpus(), image_size=cfg.image_size, seed=cfg.seed,
-                      reinit=cfg.linear_attention_init == "reference",
+                      reinit=cfg.linear_attention_init == "reference", pad_first=True,
                       hidden=cfg.hidden, layers=cfg.layers, vision_width=cfg.vision_width,
                       text_heads=cfg.text_heads, text_kv_heads=cfg.text_kv_heads,
                       text_layer_types=tuple(t for t in cfg.text_layer_types.split(",") if t))

@@ -75,8 +75,13 @@ def _default_tokenizer_class():
     return Qwen2TokenizerFast
 
 
-def build_tokenizer(spec: TinySpec, corpus: Iterable[str] = DEFAULT_CORPUS, vocab_size: int = 600):
-    """A byte-level BPE trained on ``corpus`` + the prompt templates, with the family's special tokens."""
+def build_tokenizer(spec: TinySpec, corpus: Iterable[str] = DEFAULT_CORPUS, vocab_size: int = 600,
+                    pad_first: bool = False):
+    """A byte-level BPE trained on ``corpus`` + the prompt templates, with the family's special tokens.
+
+    The special tokens take the first ids, the pad last among them, so that its id is not 0: released pads are far
+    from 0 (Qwen2.5-VL's ``<|endoftext|>`` is 151643), and a pad written as 0, or negated, would look right at 0.
+    ``pad_first``: the pad at id 0, as builds before (the committed warm starts' recipes rebuild them)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -87,7 +92,7 @@ def build_tokenizer(spec: TinySpec, corpus: Iterable[str] = DEFAULT_CORPUS, voca
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(spec.special_tokens),
+        special_tokens=list(spec.special_tokens) if pad_first else [*spec.special_tokens[1:], spec.special_tokens[0]],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -117,14 +122,16 @@ def build_tiny(
     image_size: int = 56,
     seed: int = 0,
     reinit: bool = True,
+    pad_first: bool = False,
     **sizes,
 ):
     """(model, tokenizer, image_processor) for a tiny random model described by ``spec``, in fp32 on CPU.
 
-    ``reinit``: apply ``spec.reinit`` (False keeps transformers' initialisation everywhere, as builds before it)."""
+    ``reinit``: apply ``spec.reinit`` (False keeps transformers' initialisation everywhere, as builds before it).
+    ``pad_first``: see :func:`build_tokenizer`."""
     from transformers import AutoModelForImageTextToText
 
-    tokenizer = build_tokenizer(spec, corpus)
+    tokenizer = build_tokenizer(spec, corpus, pad_first=pad_first)
     image_processor = spec.image_processor(image_size)
     sizes = TinySizes(**sizes)
     config = spec.config(tokenizer, sizes)

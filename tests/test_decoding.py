@@ -192,9 +192,14 @@ def test_one_loop_of_sampled_and_greedy_rows_equals_the_separate_calls(tiny_chec
 def test_one_loop_of_sampled_and_greedy_rows_refuses_what_it_cannot_decode_as_one(tiny_checkpoint):
     """Before any decoding: other caption limits for the two kinds of rows (one loop has one), sample blocks that reach
     past the sampled rows (into the greedy ones, or before row 0), and a kept greedy-prompt cache for prompts that are
-    not the sampled rows' (a pass over the sampled batch could not start from it)."""
+    not the sampled rows' (a pass over the sampled batch could not start from it); and in the loop itself, sampled
+    rows in a greedy call (no warpers to sample with)."""
     model, adapter = load_model_and_adapter(tiny_checkpoint("qwen2_5_vl"))
     images, boxes = sample_images(adapter)
+    batch = adapter.build_batch([adapter.describer_prompt(b, im) for b, im in zip(boxes, images)], images)
+    with pytest.raises(ValueError, match=r"sampled rows need a sampling call \(do_sample=True\)"):
+        model.generate(**batch.inputs, max_new_tokens=3, do_sample=False,
+                       custom_generate=decoding.make_decode_loop(STATIC, [SampledRows(0, 1)]))
     shorter = GenerationSettings(max_new_tokens=5, min_new_tokens=2)
     with pytest.raises(ValueError, match="the same caption length limits"):
         describe_with_greedy(model, adapter, images, boxes, images, boxes, SAMPLED, shorter)

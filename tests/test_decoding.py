@@ -306,6 +306,17 @@ def test_noise_blocks_sample_each_block_as_its_own_call(tiny_checkpoint):
         assert generate(model, adapter, alone_batch, SAMPLED, True).texts == alone.texts
 
 
+@pytest.mark.parametrize("budget", [1, 2, 3])
+def test_the_shortest_budgets_decode_as_transformers_generate(tiny_checkpoint, budget):
+    """One new token is the prefill's alone; two are the prefill's and one decode step: the loop's edge cases."""
+    model, adapter = _model(tiny_checkpoint, "qwen2_5_vl")
+    batch, _, _ = _prompt_batch(adapter)
+    settings = GenerationSettings(max_new_tokens=budget, min_new_tokens=1)
+    expected = generate(model, adapter, batch, settings, skip_special_tokens=True)
+    got = generate(model, adapter, batch, settings, skip_special_tokens=True, decoding=STATIC)
+    assert expected.ids_BT.shape[1] == budget and torch.equal(got.ids_BT, expected.ids_BT)
+
+
 def test_a_row_that_ends_first_writes_and_reads_the_pad_token_as_in_transformers(tiny_checkpoint):
     """Released tokenizers pad with a token far from id 0 (Qwen2.5-VL's <|endoftext|> is 151643), and so do the tiny
     ones (``sc_tune.tiny.chat.build_tokenizer``): at id 0 a finished row written as -pad, or as 0, would look right.

@@ -485,9 +485,17 @@ def test_a_compiled_decode_step_reads_each_key_value_head_once(tiny_checkpoint, 
 
 
 @pytest.mark.parametrize("mask", ["none", "bool", "float"])
-def test_the_decode_step_attention_equals_transformers_sdpa(mask):
+def test_the_decode_step_attention_equals_transformers_sdpa(mask, monkeypatch):
     """``decoding._decode_attention`` against transformers' SDPA with its key/value copies (the compiled path): one
-    query token per row, 3 query heads per key/value head, padded keys hidden; a longer query goes to transformers'."""
+    query token per row, 3 query heads per key/value head, padded keys hidden, taken packed whatever the mask (no
+    call of transformers' SDPA); a longer query goes to transformers'."""
+    fallbacks, sdpa = [], decoding.sdpa_attention_forward
+
+    def counted_sdpa(module, query, *args, **kwargs):
+        fallbacks.append(query.shape)
+        return sdpa(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(decoding, "sdpa_attention_forward", counted_sdpa)
     torch.manual_seed(0)
     module = torch.nn.Module()
     module.num_key_value_groups, module.is_causal = 3, True
@@ -501,11 +509,12 @@ def test_the_decode_step_attention_equals_transformers_sdpa(mask):
     repeated = [sdpa_attention.repeat_kv(t, 3) for t in (key_BHLD, value_BHLD)]
     expected = torch.nn.functional.scaled_dot_product_attention(query_BHQD, *repeated, attn_mask=masks[mask],
                                                                 scale=0.3).transpose(1, 2)
-    assert got.shape == (4, 1, 6, 8)
+    assert got.shape == (4, 1, 6, 8) and fallbacks == []
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
     longer_BHQD = torch.randn(4, 6, 9, 8)
     got, _ = decoding._decode_attention(module, longer_BHQD, key_BHLD, value_BHLD, None, scaling=0.3)
     expected, _ = sdpa_attention.sdpa_attention_forward(module, longer_BHQD, key_BHLD, value_BHLD, None, scaling=0.3)
+    assert fallbacks == [longer_BHQD.shape]
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 

@@ -359,6 +359,15 @@ def test_sampled_rows_after_greedy_rows_sample_as_their_own_call(tiny_checkpoint
                        sampled_rows=[SampledRows(0, 2, torch.Generator().manual_seed(5))])
     greedy = generate(model, adapter, alone(slice(0, 1)), GREEDY, True, decoding=STATIC)
     assert together.texts[1:] == sampled.texts and together.texts[:1] == greedy.texts
+    # two blocks after the greedy row: each reads its own rows of the span (not only the span's first rows)
+    seeds = {1: 6, 2: 7}
+    split = generate(model, adapter, batch, SAMPLED, True, decoding=STATIC,
+                     sampled_rows=[SampledRows(row, row + 1, torch.Generator().manual_seed(seeds[row])) for row in (1, 2)])
+    for row, seed in seeds.items():
+        own = generate(model, adapter, alone(slice(row, row + 1)), SAMPLED, True, decoding=STATIC,
+                       sampled_rows=[SampledRows(0, 1, torch.Generator().manual_seed(seed))])
+        assert split.texts[row] == own.texts[0]
+    assert split.texts[:1] == greedy.texts
     # these rows sample something else than their greedy captions, so the equality above is one of samples
     assert sampled.texts != generate(model, adapter, alone(slice(1, 3)), GREEDY, True, decoding=STATIC).texts
 

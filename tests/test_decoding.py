@@ -156,7 +156,8 @@ def test_a_static_cache_resumes_only_from_a_cache_of_the_models_own_attention_la
     other = DynamicCache()  # a key/value cache of one layer more than the model has
     for index in range(len(cache.layers) + 1):
         other.update(torch.zeros(1, 1, 3, 8), torch.zeros(1, 1, 3, 8), index)
-    with pytest.raises(ValueError, match=rf"prompt cache has {len(other.layers)} layers, the model {len(cache.layers)}"):
+    expected = rf"prompt cache has {len(other.layers)} layers, the model {len(cache.layers)}"
+    with pytest.raises(ValueError, match=expected):
         static_cache_from(other, model.config, 64)
 
 
@@ -362,7 +363,8 @@ def test_sampled_rows_after_greedy_rows_sample_as_their_own_call(tiny_checkpoint
     # two blocks after the greedy row: each reads its own rows of the span (not only the span's first rows)
     seeds = {1: 6, 2: 7}
     split = generate(model, adapter, batch, SAMPLED, True, decoding=STATIC,
-                     sampled_rows=[SampledRows(row, row + 1, torch.Generator().manual_seed(seeds[row])) for row in (1, 2)])
+                     sampled_rows=[SampledRows(row, row + 1, torch.Generator().manual_seed(seed))
+                                   for row, seed in seeds.items()])
     for row, seed in seeds.items():
         own = generate(model, adapter, alone(slice(row, row + 1)), SAMPLED, True, decoding=STATIC,
                        sampled_rows=[SampledRows(0, 1, torch.Generator().manual_seed(seed))])

@@ -151,8 +151,8 @@ def build_model(cfg: WarmStartConfig):
     """``sc_tune.tiny.build_tiny(cfg.model_type, ...)`` with the sizes of ``cfg``."""
     if cfg.linear_attention_init not in ("reference", "transformers"):
         raise ValueError(f"linear_attention_init {cfg.linear_attention_init!r}: expected 'reference' or 'transformers'")
-    # pad_first: the committed warm starts' tokenizers hold the pad at id 0, and their recipes (docs/benchmark.md,
-    # docs/notes/) rebuild them exactly only with it there.
+    # pad_first: the committed warm starts' tokenizers hold the pad at id 0; a rebuild by their recipes
+    # (docs/benchmark.md, docs/notes/) tokenizes as they do only with it there (test_benchmark checks the vocabulary).
     return build_tiny(cfg.model_type, corpus=caption_corpus(), image_size=cfg.image_size, seed=cfg.seed,
                       reinit=cfg.linear_attention_init == "reference", pad_first=True,
                       hidden=cfg.hidden, layers=cfg.layers, vision_width=cfg.vision_width,

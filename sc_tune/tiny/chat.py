@@ -81,7 +81,7 @@ def build_tokenizer(spec: TinySpec, corpus: Iterable[str] = DEFAULT_CORPUS, voca
 
     The special tokens take the first ids, the pad last among them, so that its id is not 0: released pads are far
     from 0 (Qwen2.5-VL's ``<|endoftext|>`` is 151643), and a pad written as 0, or negated, would look right at 0.
-    ``pad_first``: the pad at id 0, as builds before (the committed warm starts' recipes rebuild them)."""
+    ``pad_first``: the pad at id 0, as builds before (the committed warm starts' tokenizers)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [

@@ -75,15 +75,14 @@ class RecordingCycle(RolloutCycle):
         self.made += list(zip(batches, results))
         return results
 
-    def describe(self, model, images, boxes, settings, sampled_rows=None, keep_prompts=False):
+    # The rest of each call goes through as it came, so the cycle's own defaults stay in force.
+    def describe(self, model, images, boxes, settings, *rest, **options):
         self.decode_calls.append(len(images))
-        return super().describe(model, images, boxes, settings, sampled_rows, keep_prompts)
+        return super().describe(model, images, boxes, settings, *rest, **options)
 
-    def describe_with_greedy(self, model, images, boxes, greedy_images, greedy_boxes, sampled_rows=None,
-                             keep_greedy_prompts=False):
+    def describe_with_greedy(self, model, images, boxes, greedy_images, greedy_boxes, *rest, **options):
         self.decode_calls.append(len(images) + len(greedy_images))
-        return super().describe_with_greedy(model, images, boxes, greedy_images, greedy_boxes, sampled_rows,
-                                            keep_greedy_prompts)
+        return super().describe_with_greedy(model, images, boxes, greedy_images, greedy_boxes, *rest, **options)
 
     def generate_captions(self, model, batch, settings, prompt_cache=None):
         self.handed_cache.append(prompt_cache is not None)

@@ -335,6 +335,31 @@ def test_training_losses_identical_with_and_without_the_prompt_cache(
     assert cached == pytest.approx(plain, abs=1e-5)
 
 
+@pytest.mark.parametrize("fused_decoding", ["false", "true"])
+def test_the_snapshot_never_scores_from_a_cache_of_the_policys_prompts(tiny_checkpoint, tmp_path, fused_decoding):
+    # With the policy's greedy baseline and one sample per box, the policy's greedy rows (their own call, or the
+    # sampling loop's) hold exactly the prompts the snapshot then scores: a cache of them kept (a greedy call keeping
+    # its prompts by default) would pass the scoring pass's length check and hand it the policy's keys. The second
+    # rollout is the one that can tell: the policy has had one update since the snapshot was synced.
+    trainer, losses = two_phase_trainer(
+        tiny_checkpoint("qwen2_5_vl"), str(tmp_path), describer_baseline="policy_greedy", describer_update_steps=2,
+        ppo_epochs=1, max_steps=2, snapshot_prompt_cache=True, fused_decoding=fused_decoding, cycle=RecordingCycle)
+    trainer.train()
+    assert trainer.cycle.fused_greedy == ("policy" if fused_decoding == "true" else None)
+    assert len(losses) == 2 and all(loss != 0 for loss in losses)
+    logged = [entry for entry in trainer.state.log_history if "describer/scoring_prompt_cache" in entry]
+    assert [entry["describer/scoring_prompt_cache"] for entry in logged] == [0.0, 0.0]
+    fused = float(fused_decoding == "true")  # the policy's own greedy rows in its sampling loop, or a call of their own
+    assert [entry["describer/fused_decoding"] for entry in logged] == [fused, fused]
+    rollouts = [result.rollout for _, result in trainer.cycle.made]
+    second = rollouts[1]
+    assert (second.old_logp_NT - second.snapshot_logp_NT).abs().max() > 1e-3, "the policy has moved"
+    with trainer.snapshot.scoring() as snapshot:  # no phase switch in two steps: still the weights it scored with
+        for rollout in rollouts:
+            fresh = caption_logprobs(snapshot, rollout.inputs, rollout.caption_ids_NT, 1.0).logp_NT
+            assert torch.allclose(rollout.snapshot_logp_NT, fresh, atol=1e-5)
+
+
 @pytest.mark.parametrize("model_type", ["qwen3_5", "qwen4_exp"])
 def test_families_that_do_not_opt_in_prefill_again(tiny_checkpoint, tmp_path, model_type):
     # The linear-attention layers (Qwen3.5's, Qwen4-Exp's) keep a recurrent state that cannot be cropped back to the

@@ -1,13 +1,18 @@
 """The vision cache is exact: same log-probs, greedy text, losses and gradients with and without it."""
 
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
+from sc_tune.arguments import SCTuneConfig
+from sc_tune.cycle import RolloutCycle
 from sc_tune.modeling import freeze_vision_tower, load_model_and_adapter
+from sc_tune.phases import PhaseSchedule
 from sc_tune.rollout import GenerationSettings, describe, locate
 from sc_tune.vision_cache import VisionCache
-from tests.helpers import sample_images, small_lora, two_phase_trainer
+from tests.helpers import FAST, sample_images, small_lora, two_phase_trainer
 
 CACHED_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen", "cohere_compass", "glm4v", "exaone4_5",
                    "hyperclovax_vision_v2", "video_llama_3"]
@@ -347,6 +352,22 @@ def test_cache_is_off_without_fix_vit(tiny_checkpoint):
     assert VisionCache.for_model(adapter, [model]) is None, "a trainable trunk must never be cached"
     freeze_vision_tower(model, adapter)
     assert VisionCache.for_model(adapter, [model]) is not None
+
+
+def test_the_cache_is_cleared_at_each_new_rollout_and_phase_but_kept_over_a_rollouts_ppo_epochs(tiny_checkpoint,
+                                                                                                   tmp_path):
+    # Lookups compare pixels, so a stale image is never a wrong hit within a phase: what a missed clear costs there is
+    # memory, every earlier rollout's encodings held to the end of the phase. At a phase switch the snapshot's frozen
+    # tower takes new weights, so its memo must go.
+    _, adapter = load_model_and_adapter(tiny_checkpoint("qwen2_5_vl"))
+    cycle = RolloutCycle(adapter, SCTuneConfig(output_dir=str(tmp_path), **FAST))
+    clears = []
+    cycle.vision_cache = SimpleNamespace(clear=lambda: clears.append(step))
+    # Two describer rollouts of two PPO epochs each (steps 0-3), then two locator steps (4, 5), twice.
+    schedule = PhaseSchedule(describer_rollouts=2, locator_steps=2, ppo_epochs=2, describer_lr=1e-3, locator_lr=1e-3)
+    for step in range(12):
+        cycle.begin_step(schedule.at(step))
+    assert clears == [0, 2, 4, 5, 6, 8, 10, 11]
 
 
 def _run_steps(checkpoint, tmp_path, vision_cache: bool, **overrides):

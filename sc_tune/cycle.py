@@ -133,7 +133,7 @@ class ScoredCaptions:
     snapshot_logp_NT: torch.Tensor
     prompts: ScoredPrompts | None  # the pass's cache of the prompts (None: nothing resumes from it)
     greedy_resumes: bool  # the snapshot's greedy captions decode from ``prompts``
-    from_fused_prompts: bool = False  # the pass started from the fused loop's cache of the snapshot's prompts
+    from_fused_prompts: bool  # the pass started from the fused loop's cache of the snapshot's prompts
 
 
 @dataclass
@@ -175,18 +175,14 @@ def last_logits(outputs, keep: int) -> torch.Tensor:
     return outputs.logits[:, -keep:]
 
 
-def _unwrapped(module):
-    return module
-
-
 @dataclass
 class RolloutModels:
     """The two models a rollout runs, as the trainer holds them."""
 
     policy: Callable[[], AbstractContextManager]  # yields the policy ready for generate (unwrapped, eval mode)
     snapshot: Snapshot  # generating() / scoring()
-    unwrap: Callable = _unwrapped  # the module the adapter inspects, from the one snapshot.scoring() yields
-    sharded: bool = False  # ZeRO-3: parameters are gathered inside every forward (no CUDA graphs)
+    unwrap: Callable  # the module the adapter inspects, from the one snapshot.scoring() yields
+    sharded: bool  # ZeRO-3: parameters are gathered inside every forward (no CUDA graphs)
 
 
 def sampling_seed(seed: int, step: int, micro_batch: int, rank: int) -> int:
@@ -298,7 +294,7 @@ class RolloutCycle:
                                 keep_prompts)
 
     def describe_with_greedy(self, model, images, boxes, greedy_images, greedy_boxes,
-                             sampled_rows: Sequence[SampledRows] | None = None, keep_greedy_prompts: bool = False):
+                             sampled_rows: Sequence[SampledRows] | None, keep_greedy_prompts: bool):
         """The sampled captions and the greedy ones in one loop (``rollout.describe_with_greedy``)."""
         return rollout.describe_with_greedy(model, self.adapter, images, boxes, greedy_images, greedy_boxes,
                                             self.caption_sampling, self.greedy_captions, self.decoding, sampled_rows,
@@ -418,7 +414,7 @@ class RolloutCycle:
                                          greedy.rows(first, last) if greedy is not None else None))
         return parts
 
-    def score_with_snapshot(self, sampled: SampledCaptions, keep_prompts: bool = True) -> ScoredCaptions:
+    def score_with_snapshot(self, sampled: SampledCaptions, keep_prompts: bool) -> ScoredCaptions:
         """Teacher-forced inputs of prompt + sampled caption and the snapshot's log-probs of the caption.
 
         With ``--snapshot_prompt_cache`` (and ``keep_prompts``) the pass also keeps its key/value cache of the prompts

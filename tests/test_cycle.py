@@ -23,7 +23,8 @@ from sc_tune.modeling import load_model_and_adapter
 from sc_tune.rewards import RewardBatch
 from sc_tune.rollout import GenerationSettings, describe, describer_budget
 from tests.conftest import WARM_START
-from tests.helpers import RecordingCycle, make_trainer, small_lora, trainable_vector, two_phase_trainer
+from tests.helpers import (RecordingCycle, ScriptedLogits, make_trainer, small_lora, trainable_vector,
+                           two_phase_trainer)
 
 
 # ---------------------------------------------------------------- the locator's pseudo-labels
@@ -84,13 +85,15 @@ class BoxReward:
         return RewardBatch(target_N4[:, 0].float().clone(), torch.tensor([b is not None for b in pred_boxes]))
 
 
-@pytest.fixture(scope="module")
-def two_samples_per_box(tiny_checkpoint, tmp_path_factory):
-    """One describer rollout of 2 boxes x K = 2 samples on a tiny random Qwen2-VL, the paper's baseline."""
+@pytest.fixture(scope="module", params=[2, 1], ids=["k2", "k1"])
+def two_samples_per_box(tiny_checkpoint, tmp_path_factory, request):
+    """One describer rollout of 2 boxes x K = 2 samples (and K = 1, where the snapshot's greedy captions decode
+    through ``generate_captions``, from the scoring pass's prompts) on a tiny random Qwen2-VL, the paper's baseline."""
     reward = BoxReward()
+    k = request.param
     trainer = make_trainer(
-        tiny_checkpoint("qwen2_vl"), str(tmp_path_factory.mktemp("k2")), reward_fn=reward, cycle=RecordingCycle,
-        num_generations=2, per_device_train_batch_size=2, max_steps=1, describer_update_steps=1,
+        tiny_checkpoint("qwen2_vl"), str(tmp_path_factory.mktemp(f"k{k}")), reward_fn=reward, cycle=RecordingCycle,
+        num_generations=k, per_device_train_batch_size=2, max_steps=1, describer_update_steps=1,
         locator_update_steps=0, ppo_epochs=1, describer_top_k=0, describer_top_p=1.0,
     )  # fmt: skip
     trainer.train()
@@ -101,11 +104,12 @@ def test_with_k_samples_each_reward_is_scored_against_its_own_box(two_samples_pe
     trainer, reward = two_samples_per_box
     (inputs, result), = trainer.cycle.made
     boxes_B4 = inputs["boxes"]
+    k = trainer.args.num_generations
     assert boxes_B4[0, 0] != boxes_B4[1, 0]  # the test can tell the boxes apart
-    # Samples of a box are adjacent: rows 0, 1 are box 0's, rows 2, 3 box 1's.
-    assert torch.equal(reward.calls[0][0], boxes_B4.repeat_interleave(2, dim=0))
-    assert torch.equal(result.rollout.reward_N, boxes_B4[:, 0].repeat_interleave(2).float())
-    assert torch.equal(result.rollout.baseline_N, boxes_B4[:, 0].repeat_interleave(2).float())  # greedy: own box
+    # Samples of a box are adjacent: with K = 2, rows 0, 1 are box 0's, rows 2, 3 box 1's.
+    assert torch.equal(reward.calls[0][0], boxes_B4.repeat_interleave(k, dim=0))
+    assert torch.equal(result.rollout.reward_N, boxes_B4[:, 0].repeat_interleave(k).float())
+    assert torch.equal(result.rollout.baseline_N, boxes_B4[:, 0].repeat_interleave(k).float())  # greedy: own box
 
 
 def test_with_k_samples_the_baseline_caption_is_the_snapshots_greedy_one(two_samples_per_box, tiny_checkpoint):
@@ -118,8 +122,35 @@ def test_with_k_samples_the_baseline_caption_is_the_snapshots_greedy_one(two_sam
                                GenerationSettings(describer_budget(adapter, 6), 2))[1].texts
     targets, captions = reward.calls[1]  # the baseline's call: one greedy caption per box, against its box
     assert captions == greedy_captions and torch.equal(targets, inputs["boxes"])
+    k = trainer.args.num_generations
     sampled = reward.calls[0][1]
-    assert sampled[::2] != greedy_captions or sampled[1::2] != greedy_captions  # samples differ: the test can tell
+    assert any(sampled[i::k] != greedy_captions for i in range(k))  # samples differ: the test can tell
+    # K = 1: the captions decoded through generate_captions, from the scoring pass's cache (K = 2: a describe call)
+    assert trainer.cycle.handed_cache == ([True] if k == 1 else [])
+
+
+class _EndedGreedyCaptionsCycle(RecordingCycle):
+    """The snapshot's greedy captions (K = 1: ``generate_captions``) written as "a cat" and the end token."""
+
+    def generate_captions(self, model, batch, settings, prompt_cache=None):
+        script = self.adapter.encode_target("a cat" + self.adapter.end_text)
+        assert settings.min_new_tokens < len(script) <= settings.max_new_tokens  # the caption ends on its own
+        with ScriptedLogits(model) as forcing:
+            forcing.write([script] * len(batch.inputs["input_ids"]))
+            return super().generate_captions(model, batch, settings, prompt_cache)
+
+
+def test_the_greedy_baselines_captions_reach_the_locator_without_their_end_token(tiny_checkpoint, tmp_path):
+    # A caption is its text: the end token (Qwen2-VL's <|im_end|>) is the answer form's, and read into the locator
+    # prompt it would be a turn's end in the middle of the user's turn.
+    reward = BoxReward()
+    trainer = make_trainer(tiny_checkpoint("qwen2_vl"), str(tmp_path), reward_fn=reward, cycle=_EndedGreedyCaptionsCycle,
+                           per_device_train_batch_size=2, max_steps=1, describer_update_steps=1, locator_update_steps=0,
+                           ppo_epochs=1)
+    trainer.train()
+    assert trainer.cycle.handed_cache == [True]
+    targets, captions = reward.calls[1]  # the baseline's call: one greedy caption per box
+    assert captions == ["a cat", "a cat"]
 
 
 # ---------------------------------------------------------------- log-probabilities at the sampling temperature

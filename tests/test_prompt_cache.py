@@ -282,6 +282,9 @@ def test_a_cache_of_the_wrong_length_is_refused(tiny_checkpoint):
 
 class _PrefixCheckingCycle(RecordingCycle):
     def locate_from_prefix(self, model, images, captions, scored, source_rows):
+        # The scoring pass's cache holds the prompts, all but their last column (and past them, after the greedy
+        # captions decoded from it, their columns): ``columns`` says where the prompts' part ends.
+        assert scored.columns == scored.batch.inputs["input_ids"].shape[1] - 1 <= scored.cache.get_seq_length()
         found = super().locate_from_prefix(model, images, captions, scored, source_rows)
         if found is not None:  # the test reward ignores boxes, so compare the locator's raw answers here
             assert found == locate(model, self.adapter, images, captions, self.greedy_boxes), "differs from a prefill"

@@ -110,6 +110,9 @@ def test_with_k_samples_each_reward_is_scored_against_its_own_box(two_samples_pe
     assert torch.equal(reward.calls[0][0], boxes_B4.repeat_interleave(k, dim=0))
     assert torch.equal(result.rollout.reward_N, boxes_B4[:, 0].repeat_interleave(k).float())
     assert torch.equal(result.rollout.baseline_N, boxes_B4[:, 0].repeat_interleave(k).float())  # greedy: own box
+    # ...so no caption's reward differs from its baseline, and the log says so.
+    assert [entry["describer/nonzero_advantage"] for entry in trainer.state.log_history
+            if "describer/nonzero_advantage" in entry] == [0.0]
 
 
 def test_with_k_samples_the_baseline_caption_is_the_snapshots_greedy_one(two_samples_per_box, tiny_checkpoint):

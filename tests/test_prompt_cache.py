@@ -355,6 +355,9 @@ def test_the_snapshot_never_scores_from_a_cache_of_the_policys_prompts(tiny_chec
     fused = float(fused_decoding == "true")  # the policy's own greedy rows in its sampling loop, or a call of their own
     assert [entry["describer/fused_decoding"] for entry in logged] == [fused, fused]
     rollouts = [result.rollout for _, result in trainer.cycle.made]
+    # The share of captions whose hashed reward differs from their greedy caption's: rewards below 1 apart count too.
+    differs = [float((r.reward_N != r.baseline_N).float().mean()) for r in rollouts]
+    assert [entry["describer/nonzero_advantage"] for entry in logged] == pytest.approx(differs) and max(differs) > 0
     second = rollouts[1]
     assert (second.old_logp_NT - second.snapshot_logp_NT).abs().max() > 1e-3, "the policy has moved"
     with trainer.snapshot.scoring() as snapshot:  # no phase switch in two steps: still the weights it scored with

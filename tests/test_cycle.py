@@ -147,9 +147,9 @@ def test_the_greedy_baselines_captions_reach_the_locator_without_their_end_token
     # A caption is its text: the end token (Qwen2-VL's <|im_end|>) is the answer form's, and read into the locator
     # prompt it would be a turn's end in the middle of the user's turn.
     reward = BoxReward()
-    trainer = make_trainer(tiny_checkpoint("qwen2_vl"), str(tmp_path), reward_fn=reward, cycle=_EndedGreedyCaptionsCycle,
-                           per_device_train_batch_size=2, max_steps=1, describer_update_steps=1, locator_update_steps=0,
-                           ppo_epochs=1)
+    trainer = make_trainer(tiny_checkpoint("qwen2_vl"), str(tmp_path), reward_fn=reward,
+                           cycle=_EndedGreedyCaptionsCycle, per_device_train_batch_size=2, max_steps=1,
+                           describer_update_steps=1, locator_update_steps=0, ppo_epochs=1)
     trainer.train()
     assert trainer.cycle.handed_cache == [True]
     targets, captions = reward.calls[1]  # the baseline's call: one greedy caption per box

@@ -362,7 +362,8 @@ def test_the_snapshot_never_scores_from_a_cache_of_the_policys_prompts(tiny_chec
     assert (second.old_logp_NT - second.snapshot_logp_NT).abs().max() > 1e-3, "the policy has moved"
     with trainer.snapshot.scoring() as snapshot:  # no phase switch in two steps: still the weights it scored with
         for rollout in rollouts:
-            fresh = caption_logprobs(snapshot, rollout.inputs, rollout.caption_ids_NT, 1.0).logp_NT
+            fresh = caption_logprobs(snapshot, rollout.inputs, rollout.caption_ids_NT,
+                                     trainer.args.describer_temperature).logp_NT
             assert torch.allclose(rollout.snapshot_logp_NT, fresh, atol=1e-5)
 
 

@@ -17,15 +17,17 @@ import pytest
 import torch
 
 from sc_tune.adapters.qwen_vl import QwenVLAdapter
-from sc_tune.cycle import caption_logprobs
+from sc_tune.arguments import SCTuneConfig
+from sc_tune.cycle import RolloutCycle, SampledCaptions, caption_logprobs
 from sc_tune.decoding import Decoding
 from sc_tune.modeling import freeze_vision_tower, load_model_and_adapter
 from sc_tune.prompt_cache import (ScoredPrompts, keep_prompt_columns, scoring_inputs, shared_prefix_batch,
                                   uncached_inputs)
-from sc_tune.rollout import GenerationSettings, describe, describe_with_greedy, generate, locate, locate_from_prefix
+from sc_tune.rollout import (Completions, GenerationSettings, describe, describe_with_greedy, generate, locate,
+                             locate_from_prefix)
 from sc_tune.snapshot import active_adapter, row_adapters
 from tests.conftest import SAMPLE_IMAGES
-from tests.helpers import (RecordingCycle, assert_prefix_batch_decodes_as_a_prefill, sample_images, small_lora,
+from tests.helpers import (FAST, RecordingCycle, assert_prefix_batch_decodes_as_a_prefill, sample_images, small_lora,
                            two_adapter_model, two_phase_trainer)
 
 GREEDY = GenerationSettings(max_new_tokens=8)
@@ -278,6 +280,23 @@ def test_a_cache_of_the_wrong_length_is_refused(tiny_checkpoint):
     cache.crop(-1)
     with pytest.raises(ValueError, match="prompt_cache holds"):
         generate(model, adapter, batch, GREEDY, skip_special_tokens=True, prompt_cache=cache)
+
+
+def test_a_fused_prompt_cache_of_the_wrong_length_is_refused_before_the_snapshot_scores(tiny_checkpoint, tmp_path):
+    # The scoring pass reads only the captions from the fused loop's cache: a cache one column short would shift every
+    # caption token's position. The message quotes both lengths.
+    model, adapter = load_model_and_adapter(tiny_checkpoint("qwen2_5_vl"))
+    model.eval()
+    images, boxes = sample_images(adapter, n=2)
+    batch, sampled = describe(model, adapter, images, boxes, SAMPLED)
+    width = batch.inputs["input_ids"].shape[1]
+    short = _scored_prompt_cache(model, adapter, batch, sampled)
+    short.crop(-1)
+    greedy = Completions(sampled.ids_BT, sampled.mask_BT, sampled.texts, short)
+    cycle = RolloutCycle(adapter, SCTuneConfig(output_dir=str(tmp_path), **FAST))
+    with pytest.raises(ValueError, match=f"kept {width - 2} prompt columns; the sampled captions' prompts have "
+                                         f"{width - 1} before their last"):
+        cycle.score_with_snapshot(SampledCaptions(batch, sampled, greedy), keep_prompts=True)
 
 
 class _PrefixCheckingCycle(RecordingCycle):

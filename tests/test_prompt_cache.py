@@ -21,7 +21,8 @@ from sc_tune.arguments import SCTuneConfig
 from sc_tune.cycle import RolloutCycle, SampledCaptions, caption_logprobs
 from sc_tune.decoding import Decoding
 from sc_tune.modeling import freeze_vision_tower, load_model_and_adapter
-from sc_tune.prompt_cache import (ScoredPrompts, keep_prompt_columns, scoring_inputs, shared_prefix_batch,
+from sc_tune.prompt_cache import (ScoredPrompts, keep_prompt_columns, prompt_rows_cache, scoring_inputs,
+                                  shared_prefix_batch,
                                   uncached_inputs)
 from sc_tune.rollout import (Completions, GenerationSettings, describe, describe_with_greedy, generate, locate,
                              locate_from_prefix)
@@ -206,6 +207,51 @@ def test_a_longer_prefix_than_another_source_row_holds_is_exact(tiny_checkpoint)
     assert shared is not None and shared.columns == 8 and starts[late] + shared.columns > columns
     resumed = locate_from_prefix(model, adapter, located_images, captions, GREEDY, tight, source_rows)
     assert resumed == locate(model, adapter, located_images, captions, GREEDY)
+
+
+def test_a_cache_that_ends_inside_a_rows_common_prefix_gives_it_only_the_cached_columns(tiny_checkpoint):
+    # Two locator rows from one left-padded scored row whose cache ends one column before the longer of their common
+    # prefixes ("This" after the image span): that row shares only the cached columns (counted from the row's first,
+    # past its padding) and prefills the rest, never reading a key past the cache's end.
+    model, adapter = load_model_and_adapter(tiny_checkpoint("qwen"))
+    model.eval()
+    scored, images = _scored_and_located_rows(model, adapter)
+    starts = (scored.batch.inputs["attention_mask"] == 0).sum(1).tolist()
+    source = starts.index(max(starts))  # a left-padded row: its cached columns start after its padding
+    assert starts[source] > 0, "the test needs a left-padded scored row"
+    captions, source_rows = ["a", "This red circle"], [source, source]  # 7 and 8 columns in common with the source
+    located_images = [images[SOURCE_ROWS.index(source)]] * 2
+    prompts = [adapter.locator_prompt(c, im) for c, im in zip(captions, located_images)]
+    assert shared_prefix_batch(model, adapter, scored, source_rows, prompts, located_images).columns == 8
+    columns = starts[source] + 7
+    scored.cache.crop(columns - scored.cache.get_seq_length())  # transformers' crop takes how many to remove
+    tight = ScoredPrompts(scored.batch, scored.cache, columns)
+    shared = shared_prefix_batch(model, adapter, tight, source_rows, prompts, located_images)
+    assert shared is not None and shared.columns == 7 and shared.cache.get_seq_length() == 7
+    assert_prefix_batch_decodes_as_a_prefill(model, adapter, prompts, located_images, shared)
+    resumed = locate_from_prefix(model, adapter, located_images, captions, GREEDY, tight, source_rows)
+    assert resumed == locate(model, adapter, located_images, captions, GREEDY)
+
+
+def test_a_prefix_is_moved_only_where_the_scored_and_every_locator_prompt_fit_dynamic_ntks_window(tiny_checkpoint):
+    # Qwen-VL's dynamic NTK rotates the keys of a sequence longer than ``seq_length`` by another base, so cached keys
+    # move only where the scored prompts and the longest locator prompt both fit: one token over, a full prefill.
+    model, adapter = load_model_and_adapter(tiny_checkpoint("qwen"))
+    model.eval()
+    scored, images = _scored_and_located_rows(model, adapter)
+    scored_length = scored.columns + 1
+    short = ["a", "red"]
+    long = ["a", "the small blue square at the top left of the picture, left of a red circle"]
+    for captions in (short, long):
+        prompts = [adapter.locator_prompt(c, im) for c, im in zip(captions, images[:2])]
+        lengths = [len(adapter.encode_prompt(p, im)) for p, im in zip(prompts, images[:2])]
+        longest = max(scored_length, *lengths)
+        # short: the scored prompts are the longest; long: one locator prompt is, and the other is shorter than both
+        assert (longest == scored_length) == (captions is short) and min(lengths) < scored_length
+        for seq_length, moved in ((longest, True), (longest - 1, False)):
+            model.config.seq_length = seq_length
+            shared = shared_prefix_batch(model, adapter, scored, SOURCE_ROWS[:2], prompts, images[:2])
+            assert (shared is not None) == moved, (captions, seq_length)
 
 
 def test_a_cached_prefix_that_would_cut_the_image_span_is_not_used(tiny_checkpoint):
@@ -457,6 +503,37 @@ def test_scoring_from_the_fused_loops_snapshot_prompts_equals_a_full_pass(tiny_c
     # The pass's cache, prompt and captions, serves locating as a full pass's would.
     for kept, fresh in zip(resumed.cache.layers, full.cache.layers, strict=True):
         torch.testing.assert_close(kept.keys, fresh.keys, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["gemma3", "qwen2_5_vl"])
+def test_a_resumed_pass_gets_its_per_token_fields_cut_to_the_columns_it_reads(tiny_checkpoint, model_type):
+    # Gemma 3's token_type_ids (its image tokens' bidirectional mask), the M-RoPE families' mm_token_type_ids: a field
+    # with one entry per token must line up with the input_ids the pass reads, the columns after the cached ones.
+    model, adapter = load_model_and_adapter(tiny_checkpoint(model_type))
+    model.eval()
+    (key,) = adapter.per_token_keys
+    images, boxes = sample_images(adapter, n=2)
+    batch, sampled = describe(model, adapter, images, boxes, SAMPLED)
+    teacher = adapter.append_completion(batch, sampled.ids_BT, sampled.mask_BT)
+    assert key in teacher and teacher[key].any(), "the test needs the field, marking the image tokens"
+    cached = batch.inputs["input_ids"].shape[1] - 1
+    resumed = uncached_inputs(model, adapter, teacher, batch.images, cached)
+    assert torch.equal(resumed["input_ids"], teacher["input_ids"][:, cached:])
+    assert torch.equal(resumed[key], teacher[key][:, cached:])
+    assert torch.equal(resumed["attention_mask"], teacher["attention_mask"])  # the mask covers the cache too
+
+
+def test_a_cache_of_recurrent_layers_cannot_be_cut_to_prompt_rows(tiny_checkpoint):
+    # Qwen3.5's linear-attention layers keep a recurrent state, not one key and value per column: no columns to keep.
+    model, adapter = load_model_and_adapter(tiny_checkpoint("qwen3_5"))
+    model.eval()
+    images, boxes = sample_images(adapter, n=2)
+    batch, _ = describe(model, adapter, images, boxes, GREEDY)
+    with torch.no_grad():
+        cache = model(**batch.inputs, use_cache=True).cache
+    assert "LinearAttentionLayer" in {type(layer).__name__ for layer in cache.layers}
+    with pytest.raises(ValueError, match="only key/value caches of attention layers can be cut to some columns"):
+        prompt_rows_cache(cache, 0, 1, 3)
 
 
 def test_the_fused_loop_keeps_no_prompt_cache_where_the_family_cannot_resume(tiny_checkpoint):

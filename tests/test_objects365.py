@@ -215,6 +215,24 @@ def test_malformed_files_name_the_file(tmp_path, content, message):
         objects365.convert_file(str(path))
 
 
+@pytest.mark.parametrize("chunk", [3, 7, objects365.JsonStream.CHUNK])
+def test_an_error_past_the_first_read_window_names_where_it_is_in_the_whole_file(tmp_path, monkeypatch, chunk):
+    # Counted over the whole file, not the window that held it: the character json.load reports, the byte
+    # read_json reports (1-byte characters before it, so the two agree).
+    monkeypatch.setattr(objects365.JsonStream, "CHUNK", chunk)
+    path = tmp_path / "bad.json"
+    text = '{"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"image_id": 1,, "bbox": []}]}'
+    path.write_text(text)
+    with pytest.raises(json.JSONDecodeError) as expected:
+        json.loads(text)
+    assert expected.value.pos > 2 * 7, "the test needs the error past the first windows"
+    with pytest.raises(JSONFileError, match=rf"{path}: not valid JSON \(.* at character {expected.value.pos}\)$"):
+        objects365.convert_file(str(path))
+    path.write_bytes(b'{"images": [{"id": 1, "file_name": "caf\xe9.jpg"}], "annotations": []}')
+    with pytest.raises(JSONFileError, match=rf"{path}: not UTF-8 text \(byte 39:"):
+        objects365.convert_file(str(path))
+
+
 def test_bench_script_reports_the_slope_and_the_extrapolation(tmp_path):
     result = subprocess.run([sys.executable, "scripts/bench_objects365.py", "--images", "200", "800", "--scenarios",
                              "readme", "--workdir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,

@@ -101,13 +101,7 @@ class VisionCache:
 
     def __init__(self, trunks: Sequence[VisionTrunk]):
         self.trunks = list(trunks)
-        self._pixels: list[torch.Tensor] = []
-        self._outputs: list[list[torch.Tensor]] = []  # per image: one tensor per replayed module
-        self._by_key: dict[tuple, list[int]] = {}  # an image's key (_keys) -> the cached images that have it
-        self._tower_outputs: dict[int, dict[int, object]] = {}  # id(frozen tower) -> image index -> its output rows
-        self.encode_seconds = 0.0  # time spent running the trunk, see ``pop_encode_seconds``
-        self.encoded_images = 0
-        self.reused_tower_calls = 0  # tower calls answered entirely from the memo of a frozen tower
+        self.clear()
 
     @classmethod
     def for_model(cls, adapter, models: Sequence[nn.Module]) -> VisionCache | None:
@@ -123,9 +117,14 @@ class VisionCache:
 
     def clear(self) -> None:
         """Forget every image: call when a new rollout's images arrive and whenever a frozen tower's weights
-        change (a snapshot re-sync)."""
-        self._pixels, self._outputs, self._tower_outputs, self._by_key = [], [], {}, {}
-        self.encode_seconds, self.encoded_images, self.reused_tower_calls = 0.0, 0, 0
+        change (a snapshot re-sync). Counters start again from zero."""
+        self._pixels: list[torch.Tensor] = []
+        self._outputs: list[list[torch.Tensor]] = []  # per image: one tensor per replayed module
+        self._by_key: dict[tuple, list[int]] = {}  # an image's key (_keys) -> the cached images that have it
+        self._tower_outputs: dict[int, dict[int, object]] = {}  # id(frozen tower) -> image index -> its output rows
+        self.encode_seconds = 0.0  # time spent running the trunk, see ``pop_encode_seconds``
+        self.encoded_images = 0
+        self.reused_tower_calls = 0  # tower calls answered entirely from the memo of a frozen tower
 
     def pop_encode_seconds(self) -> float:
         """Seconds spent running the trunk since the last call (for ``timing/vision_encoding``)."""

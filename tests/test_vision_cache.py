@@ -1,6 +1,7 @@
 """The vision cache is exact: same log-probs, greedy text, losses and gradients with and without it."""
 
 
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -177,6 +178,28 @@ def test_frozen_tower_runs_its_tail_once_per_image(tiny_checkpoint, model_type):
     assert cache.reused_tower_calls >= 2
     assert cached[0] == plain[0] and cached[1] == plain[1]
     torch.testing.assert_close(cached[2], plain[2], atol=1e-5, rtol=0)
+
+
+def test_the_counters_start_at_zero_count_what_ran_and_start_again_at_each_clear(tiny_checkpoint):
+    # ``timing/vision_encoding`` is what ``pop_encode_seconds`` hands the stage clock: the trunk's seconds since the
+    # last pop, within the calls' own time, and nothing before the first call or after a clear.
+    model, adapter = load_model_and_adapter(tiny_checkpoint("qwen2_5_vl"))
+    model.requires_grad_(False)
+    model.eval()
+    cache = VisionCache.for_model(adapter, [model])
+    images, boxes = sample_images(adapter)
+    settings = GenerationSettings(max_new_tokens=2)
+    for _ in range(2):  # a new cache, then the same cache cleared
+        assert (cache.encoded_images, cache.reused_tower_calls, cache.pop_encode_seconds()) == (0, 0, 0.0)
+        start = time.perf_counter()
+        with cache.active():
+            describe(model, adapter, images, boxes, settings)
+        wall = time.perf_counter() - start
+        assert 0 < cache.pop_encode_seconds() <= wall and cache.pop_encode_seconds() == 0.0
+        with cache.active():
+            describe(model, adapter, images, boxes, settings)  # the frozen tower's whole output, memoised
+        assert (cache.encoded_images, cache.reused_tower_calls, cache.pop_encode_seconds()) == (3, 1, 0.0)
+        cache.clear()
 
 
 @pytest.mark.parametrize("model_type", CACHED_FAMILIES)

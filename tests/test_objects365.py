@@ -204,6 +204,9 @@ def test_the_command_ends_in_a_message_not_a_traceback(tmp_path):
     ('{"images": 3, "annotations": []}', r"field 'images' must be list, got 3"),
     ('{"images": [], "annotations": [}', r"not valid JSON"),
     ('{"images": [], "annotations": []} x', r"not valid JSON \(Extra data"),
+    ('{"images": [], "annotations": []', r"not valid JSON \(expecting ',' or '}' at character 32\)"),  # cut off
+    ("{}", r"missing field 'images' \(has \[\]\)"),
+    ("12", r"expected a JSON object, got float"),
 ])
 def test_malformed_files_name_the_file(tmp_path, content, message):
     path = tmp_path / "bad.json"

@@ -237,20 +237,28 @@ def test_an_error_past_the_first_read_window_names_where_it_is_in_the_whole_file
 
 
 def test_an_invalid_entry_is_reported_within_its_bound_without_reading_the_rest_of_the_file(tmp_path, monkeypatch):
-    # A cut-off entry is read on (the next window may complete it), but only up to LARGEST_ENTRY characters: an
-    # invalid one in a 5 GB file is reported there, not after reading the rest of the file into memory.
-    monkeypatch.setattr(objects365.JsonStream, "CHUNK", 16)
-    monkeypatch.setattr(objects365.JsonStream, "LARGEST_ENTRY", 64)
+    # A cut-off entry is read on (the next window may complete it), but only up to LARGEST_ENTRY characters past its
+    # start: an invalid one in a 5 GB file is reported there, not after reading the rest of the file into memory;
+    # valid entries (about 60 characters) cut by any window end are read whole.
+    monkeypatch.setattr(objects365.JsonStream, "CHUNK", 128)
+    monkeypatch.setattr(objects365.JsonStream, "LARGEST_ENTRY", 80)
     images = ", ".join(f'{{"id": {i}, "file_name": "{i}.jpg", "width": 640, "height": 480}}' for i in range(2000))
-    text = f'{{"annotations": [{{"image_id": 1, "bbox": [1, 2, 3, 4}}], "images": [{images}]}}'
-    path = tmp_path / "bad.json"
-    path.write_text(text)
-    with pytest.raises(json.JSONDecodeError) as expected:
-        json.loads(text)
-    stream = objects365.JsonStream(str(path))
-    with pytest.raises(JSONFileError, match=rf"{path}: not valid JSON \(.* at character {expected.value.pos}\)$"):
-        stream.members({"annotations": lambda index, element: None, "images": lambda index, element: None})
-    assert stream._bytes <= expected.value.pos + 64 + 2 * 16 < len(text) // 100  # the bound, and a window each side
+    for box, valid in (("[1, 2, 3, 4]", True), ("[1, 2, 3, 4}", False)):
+        text = f'{{"annotations": [{{"image_id": 1, "bbox": {box}}}], "images": [{images}]}}'
+        path = tmp_path / "file.json"
+        path.write_text(text)
+        stream = objects365.JsonStream(str(path))
+        seen = {"annotations": [], "images": []}
+        handlers = {key: (lambda index, element, key=key: seen[key].append(element)) for key in seen}
+        if valid:
+            stream.members(handlers)
+            assert seen == json.loads(text)
+            continue
+        with pytest.raises(json.JSONDecodeError) as expected:
+            json.loads(text)
+        with pytest.raises(JSONFileError, match=rf"{path}: not valid JSON \(.* at character {expected.value.pos}\)$"):
+            stream.members(handlers)
+        assert stream._bytes <= expected.value.pos + 80 + 2 * 128 < len(text) // 100  # the bound, a window each side
 
 
 def test_bench_script_reports_the_slope_and_the_extrapolation(tmp_path):

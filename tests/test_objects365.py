@@ -206,6 +206,7 @@ def test_the_command_ends_in_a_message_not_a_traceback(tmp_path):
     ('{"images": [], "annotations": []} x', r"not valid JSON \(Extra data"),
     ('{"images": [], "annotations": []', r"not valid JSON \(expecting ',' or '}' at character 32\)"),  # cut off
     ("{}", r"missing field 'images' \(has \[\]\)"),
+    ("{}x", r"not valid JSON \(Extra data at character 2\)"),
     ("12", r"expected a JSON object, got float"),
 ])
 def test_malformed_files_name_the_file(tmp_path, content, message):

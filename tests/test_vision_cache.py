@@ -344,6 +344,20 @@ def test_the_trunk_encodes_with_one_attention_call_per_window_length(tiny_checkp
         torch.testing.assert_close(got[:, a:b], expected, atol=1e-6, rtol=1e-6)
 
 
+def test_the_packed_window_attention_refuses_what_it_would_compute_wrongly():
+    # It attends within each window, unmasked and both ways: a mask, causal attention, or keys cut into other windows
+    # than the queries, each alone, would be dropped without a word.
+    from sc_tune.vision_cache import _packed_windows_attention
+
+    q, k, v = (torch.randn(1, 2, 6, 4) for _ in range(3))
+    cu = torch.tensor([0, 3, 6])
+    _packed_windows_attention(None, q, k, v, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+    for wrong in ({"attention_mask": torch.ones(1, 1, 6, 6, dtype=torch.bool)}, {"is_causal": True},
+                  {"cu_seq_lens_k": torch.tensor([0, 2, 6])}):
+        with pytest.raises(ValueError, match="only unmasked, non-causal self-attention within each window"):
+            _packed_windows_attention(None, q, k, v, **{"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, **wrong})
+
+
 def test_images_whose_keys_collide_are_told_apart_by_their_pixels(tiny_checkpoint, monkeypatch):
     """The lookup key (sums) only proposes a cached image; the pixels decide. With every key made equal, each image
     still gets its own encoding: alone, two new ones in one call (one of them twice), then the three cached ones (each

@@ -358,6 +358,22 @@ def test_the_packed_window_attention_refuses_what_it_would_compute_wrongly():
             _packed_windows_attention(None, q, k, v, **{"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, **wrong})
 
 
+def test_the_packed_window_attention_serves_each_query_head_its_groups_key_head():
+    # Grouped-query attention (EXAONE 4.5's tower): 4 query heads over 2 key/value heads, as many tokens as query
+    # heads (the tokens' dimension must not be taken for the heads'); windows of lengths 1 and 3.
+    from sc_tune.vision_cache import _packed_windows_attention
+
+    q = torch.randn(1, 4, 4, 8)
+    k, v = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)
+    cu = torch.tensor([0, 1, 4])
+    got, _ = _packed_windows_attention(None, q, k, v, scaling=0.25, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+    k_full, v_full = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)  # transformers' repeat_kv layout
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, a:b], k_full[:, :, a:b], v_full[:, :, a:b], scale=0.25).transpose(1, 2)
+        torch.testing.assert_close(got[:, a:b], expected, atol=1e-6, rtol=1e-6)
+
+
 def test_images_whose_keys_collide_are_told_apart_by_their_pixels(tiny_checkpoint, monkeypatch):
     """The lookup key (sums) only proposes a cached image; the pixels decide. With every key made equal, each image
     still gets its own encoding: alone, two new ones in one call (one of them twice), then the three cached ones (each

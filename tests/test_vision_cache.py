@@ -177,8 +177,8 @@ def test_frozen_tower_runs_its_tail_once_per_image(tiny_checkpoint, model_type):
     finally:
         hook.remove()
     assert trunk.output_rows_per_image
-    # The tail runs in the first call only: once, or twice where its images repeat (MiniCPM-V's widened image has two
-    # equal slices): over the new ones, then replayed whole. Every later call is answered from the memo.
+    # The tail runs in the first call only: once, or twice where the call's views repeat (MiniCPM-V's slices of these
+    # images include equal ones): over the new ones, then replayed whole. Every later call is answered from the memo.
     assert plain_calls >= 3 and first_pass_calls[1] == (2 if model_type in VIEW_FAMILIES else 1)
     assert len(tail_calls) == first_pass_calls[1], "the tail ran again after the first call"
     assert cache.reused_tower_calls >= 2

@@ -188,6 +188,12 @@ def test_locating_from_the_scored_image_prefix_equals_a_fresh_prefill(tiny_check
     assert resumed == locate(model, adapter, images, CAPTIONS, GREEDY)
 
 
+def _cropped(scored: ScoredPrompts, columns: int) -> ScoredPrompts:
+    """``scored`` with its cache cut to its first ``columns`` columns (in place)."""
+    scored.cache.crop(columns - scored.cache.get_seq_length())  # transformers' crop takes how many to remove
+    return ScoredPrompts(scored.batch, scored.cache, columns)
+
+
 def test_a_longer_prefix_than_another_source_row_holds_is_exact(tiny_checkpoint):
     # The batch's prefix block is as wide as its longest shared prefix; a row whose scored prompt is shorter than
     # that block reads its source's cached columns only up to the end of the cache (the rest is masked).
@@ -200,8 +206,7 @@ def test_a_longer_prefix_than_another_source_row_holds_is_exact(tiny_checkpoint)
     captions, source_rows = ["a", "This red circle"], [late, early]  # "This": one more token shared (8 against 7)
     located_images = [images[SOURCE_ROWS.index(r)] for r in source_rows]
     columns = starts[late] + 7  # the later row's cache ends right after its shared prefix
-    scored.cache.crop(columns - scored.cache.get_seq_length())  # transformers' crop takes how many to remove
-    tight = ScoredPrompts(scored.batch, scored.cache, columns)
+    tight = _cropped(scored, columns)
     prompts = [adapter.locator_prompt(c, im) for c, im in zip(captions, located_images)]
     shared = shared_prefix_batch(model, adapter, tight, source_rows, prompts, located_images)
     assert shared is not None and shared.columns == 8 and starts[late] + shared.columns > columns
@@ -224,8 +229,7 @@ def test_a_cache_that_ends_inside_a_rows_common_prefix_gives_it_only_the_cached_
     prompts = [adapter.locator_prompt(c, im) for c, im in zip(captions, located_images)]
     assert shared_prefix_batch(model, adapter, scored, source_rows, prompts, located_images).columns == 8
     columns = starts[source] + 7
-    scored.cache.crop(columns - scored.cache.get_seq_length())  # transformers' crop takes how many to remove
-    tight = ScoredPrompts(scored.batch, scored.cache, columns)
+    tight = _cropped(scored, columns)
     shared = shared_prefix_batch(model, adapter, tight, source_rows, prompts, located_images)
     assert shared is not None and shared.columns == 7 and shared.cache.get_seq_length() == 7
     assert_prefix_batch_decodes_as_a_prefill(model, adapter, prompts, located_images, shared)

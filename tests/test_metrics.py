@@ -106,20 +106,46 @@ def test_mismatched_inputs_are_errors():
         cider_d(["a"], ["a dog"])
 
 
+# Already-tokenised captions (the COCO toolkit tokenises with Java first; these need no tokenising) that reach every
+# branch of both scorers: several references of different lengths (the closest-length rule of BLEU's brevity penalty
+# and CIDEr-D's length penalty), a repeated word (clipping in both), candidates shorter than 4 words (n-gram orders
+# with no n-grams at all), and words that no reference has.
+TOOLKIT_CANDS = ["a man riding a horse on the beach", "two dogs play in the snow", "a red car",
+                 "the the the the cat", "a bird", "people walking down a busy city street at night"]
+TOOLKIT_REFS = [["a man rides a horse along the beach", "person on horseback near the sea"],
+                ["two dogs playing in snow", "dogs running through the snow"],
+                ["a red car parked on the street", "a small red automobile"],
+                ["the cat sits on the mat", "a cat", "the cat"],
+                ["a small bird perched on a branch", "a bird on a tree"],
+                ["a crowd walks along a street", "people on a city street at night"]]
+# What pycocoevalcap 1.2 prints for them: `Bleu(4).compute_score(gts, res)[0]` and `Cider().compute_score(gts, res)`
+# with gts = {i: TOOLKIT_REFS[i]}, res = {i: [TOOLKIT_CANDS[i]]}. Kept here so the comparison runs without the
+# toolkit (a 100 MB wheel); the test after this one recomputes them where it is installed.
+TOOLKIT_BLEU = [0.7415467406594713, 0.5569517428052316, 0.34679439708510745, 0.22255832243521118]
+TOOLKIT_CIDER_D = 1.9812593724112222
+TOOLKIT_CIDER_D_PER_IMAGE = [1.4819755596101538, 2.09148417047294, 2.391083660370778, 1.8676322421544032,
+                             1.866888602857796, 2.1884919990012603]
+
+
+def test_bleu_and_cider_d_equal_the_coco_toolkits_values():
+    assert bleu(TOOLKIT_CANDS, TOOLKIT_REFS) == pytest.approx(TOOLKIT_BLEU, rel=1e-9)
+    corpus, per_image = cider_d(TOOLKIT_CANDS, TOOLKIT_REFS)
+    assert corpus == pytest.approx(TOOLKIT_CIDER_D, rel=1e-9)
+    assert per_image == pytest.approx(TOOLKIT_CIDER_D_PER_IMAGE, rel=1e-9)
+
+
 def test_matches_coco_toolkit_when_installed():
-    """Cross-check with pycocoevalcap's own scorers on already-tokenised text (no Java needed for these)."""
+    """The values above, recomputed by pycocoevalcap's own scorers where it is installed (no Java needed)."""
     pytest.importorskip("pycocoevalcap")
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
 
-    cands = ["a man riding a horse on the beach", "two dogs play in the snow", "a red car"]
-    refs = [["a man rides a horse along the beach", "person on horseback near the sea"],
-            ["two dogs playing in snow", "dogs running through the snow"],
-            ["a red car parked on the street", "a small red automobile"]]
-    gts = {i: r for i, r in enumerate(refs)}
-    res = {i: [c] for i, c in enumerate(cands)}
-    assert bleu(cands, refs) == pytest.approx(Bleu(4).compute_score(gts, res, verbose=0)[0], rel=1e-9)
-    assert cider_d(cands, refs)[0] == pytest.approx(float(Cider().compute_score(gts, res)[0]), rel=1e-9)
+    gts = {i: r for i, r in enumerate(TOOLKIT_REFS)}
+    res = {i: [c] for i, c in enumerate(TOOLKIT_CANDS)}
+    assert Bleu(4).compute_score(gts, res, verbose=0)[0] == pytest.approx(TOOLKIT_BLEU, rel=1e-9)
+    corpus, per_image = Cider().compute_score(gts, res)
+    assert float(corpus) == pytest.approx(TOOLKIT_CIDER_D, rel=1e-9)
+    assert [float(s) for s in per_image] == pytest.approx(TOOLKIT_CIDER_D_PER_IMAGE, rel=1e-9)
 
 
 @pytest.mark.skipif(meteor_unavailable_reason() is not None, reason=str(meteor_unavailable_reason()))

@@ -163,3 +163,26 @@ def test_a_normalised_box_in_a_pixel_rec_file_is_flagged(tmp_path):
         load_rec_samples(path)
     path.write_text(json.dumps(rows[0]) + "\n")
     assert load_rec_samples(path)[0]["bbox"] == [10.0, 20.0, 300.0, 400.0]
+
+
+def test_the_normalised_box_check_judges_every_coordinate_and_only_large_images(tmp_path):
+    """Flagged only where *every* coordinate is <= 1 (a box from the corner to the far edges starts at 0 too), up
+    to exactly 1.0 (a whole-image normalised box), and only in an image larger than 2 pixels."""
+    from sc_tune.evaluation.records import RecordError, check_rec_samples
+
+    def sample(bbox, width=640, height=480):
+        return {"image": "a.jpg", "sent": "the cat", "bbox": bbox, "width": width, "height": height}
+
+    kept = [sample([0, 0, 640, 480]), sample([0, 0, 1.5, 1.5]), sample([0, 0, 1, 1], width=2, height=2)]
+    assert [s["bbox"] for s in check_rec_samples(kept)] == [[0, 0, 640, 480], [0, 0, 1.5, 1.5], [0, 0, 1, 1]]
+    with pytest.raises(RecordError, match=r"<samples>: record 1: field 'bbox' \[0, 0, 1\.0, 1\.0\] looks normalised"):
+        check_rec_samples([sample([0, 0, 1.5, 1.5]), sample([0, 0, 1.0, 1.0])])
+
+
+def test_a_ground_truth_box_may_reach_the_images_edges_but_not_pass_them():
+    from sc_tune.evaluation.records import gt_box_issue
+
+    assert gt_box_issue([0, 0, 80, 60], 80, 60) is None  # the whole image
+    assert gt_box_issue([0, 0, 80.5, 60], 80, 60) == gt_box_issue([0, 0, 80, 60.5], 80, 60) == "outside the image"
+    assert gt_box_issue([10, 10, 10, 20], 80, 60) == gt_box_issue([10, 10, 20, 10], 80, 60) == "zero area"
+    assert gt_box_issue([10, 0, 20, 5], 80, 60) is None and gt_box_issue([0, -1, 20, 5], 80, 60) == "negative coordinates"

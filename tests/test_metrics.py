@@ -1,10 +1,15 @@
 """Box and caption metrics against values computed by hand (the arithmetic is in the comments)."""
 
 import math
+import shutil
+import sys
+import types
 
 import pytest
 
-from sc_tune.evaluation.caption_metrics import bleu, caption_scores, cider_d, meteor_unavailable_reason, tokenize
+from sc_tune.evaluation import caption_metrics
+from sc_tune.evaluation.caption_metrics import (bleu, caption_scores, cider_d, meteor, meteor_unavailable_reason,
+                                                tokenize)
 from sc_tune.evaluation.metrics import box_metrics, per_sample_ious, summarize_ious
 
 
@@ -74,6 +79,17 @@ def test_bleu_brevity_penalty_and_clipping():
     assert bleu(["the the the"], [["the cat", "the the dog"]])[0] == pytest.approx(2 / 3, rel=1e-6)
 
 
+def test_bleu_of_captions_too_short_for_the_longer_n_grams_and_of_longer_candidates():
+    # "a dog" has no 3- or 4-grams: those precisions count as 1e-15 / 1e-9 = 1e-6 (the COCO toolkit's smoothing),
+    # so BLEU-3 = (1 * 1 * 1e-6)^(1/3) = 0.01 and BLEU-4 = (1e-12)^(1/4) = 0.001, never an error or a complex number.
+    assert bleu(["a dog"], [["a dog"]]) == pytest.approx([1.0, 1.0, 0.01, 0.001], rel=1e-6)
+    # A candidate longer than its reference gets no brevity penalty (only precision counts): 6 words against 4,
+    # p1 = 4/6, p2 = 3/5, p3 = 2/4, p4 = 1/3.
+    p = [4 / 6, 3 / 5, 2 / 4, 1 / 3]
+    expected = [math.prod(p[: n + 1]) ** (1 / (n + 1)) for n in range(4)]
+    assert bleu(["the big red circle on tables"], [["the big red circle"]]) == pytest.approx(expected, rel=1e-9)
+
+
 def test_cider_d_hand_computed():
     # N = 2 reference sets, idf(g) = log(2) - log(df(g)): "the" is in both sets (df 2) -> weight 0; every
     # other n-gram has df 1 -> weight L = log 2 (an n-gram absent from all references has df 0 -> max(1, 0)
@@ -96,7 +112,52 @@ def test_cider_d_of_a_single_image_is_zero_by_definition():
 def test_caption_scores_report_counts_and_meteor_status():
     scores = caption_scores(CANDS, REFS, use_meteor=False)
     assert scores["num_samples"] == 2 and scores["cider_d"] == pytest.approx(6.25)
+    assert [scores[f"bleu_{n}"] for n in (1, 2, 3, 4)] == pytest.approx(bleu(CANDS, REFS))
     assert scores["meteor"] is None and "disabled" in scores["meteor_skipped"]
+    by_default = caption_scores(CANDS, REFS)  # METEOR is tried unless the caller says no
+    if meteor_unavailable_reason() is None:
+        assert 0.0 < by_default["meteor"] <= 1.0
+    else:
+        assert by_default["meteor"] is None and by_default["meteor_skipped"] == meteor_unavailable_reason()
+
+
+def test_meteor_is_unavailable_without_java_or_without_the_jars_package(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert meteor_unavailable_reason() == "java is not on PATH"
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setitem(sys.modules, "pycocoevalcap.meteor.meteor", None)  # an import of it raises ImportError
+    assert "pycocoevalcap (which ships meteor-1.5.jar) is not installed" in meteor_unavailable_reason()
+    monkeypatch.setitem(sys.modules, "pycocoevalcap.meteor.meteor", types.SimpleNamespace(Meteor=object))
+    assert meteor_unavailable_reason() is None
+
+
+def test_meteor_sends_the_jar_tokenised_lines_and_returns_its_corpus_score(monkeypatch):
+    """The jar's protocol is line based: every caption goes as its tokens (never a newline or a '|'), an empty one as
+    ".", and the jar's process is stopped afterwards. A stand-in for the jar records what it was sent."""
+    sent = {}
+
+    class Process:
+        killed = False
+
+        def kill(self):
+            Process.killed = True
+
+    class Meteor:
+        def __init__(self):
+            self.meteor_p = Process()
+
+        def compute_score(self, gts, res):
+            sent.update(gts=gts, res=res)
+            return 0.25, [0.2, 0.3]
+
+    monkeypatch.setitem(sys.modules, "pycocoevalcap.meteor.meteor", types.SimpleNamespace(Meteor=Meteor))
+    score, per_sample = meteor(["A dog | runs.\nFast", ""], [["the dog runs"], ["A cat.", "?"]])
+    assert (score, per_sample) == (0.25, [0.2, 0.3])
+    assert sent["res"] == {0: ["a dog runs fast"], 1: ["."]}
+    assert sent["gts"] == {0: ["the dog runs"], 1: ["a cat", "."]}
+    assert Process.killed
+    monkeypatch.setattr(caption_metrics, "meteor_unavailable_reason", lambda: None)
+    assert caption_scores(["a dog", "a cat"], [["a dog"], ["a cat"]])["meteor"] == 0.25
 
 
 def test_mismatched_inputs_are_errors():
@@ -109,22 +170,26 @@ def test_mismatched_inputs_are_errors():
 # Already-tokenised captions (the COCO toolkit tokenises with Java first; these need no tokenising) that reach every
 # branch of both scorers: several references of different lengths (the closest-length rule of BLEU's brevity penalty
 # and CIDEr-D's length penalty), a repeated word (clipping in both), candidates shorter than 4 words (n-gram orders
-# with no n-grams at all), and words that no reference has.
+# with no n-grams at all) and of one word (CIDEr-D's length is the bigram count), words that no reference has, and a
+# corpus whose candidates are longer than their references (no brevity penalty: 51 words against 43).
 TOOLKIT_CANDS = ["a man riding a horse on the beach", "two dogs play in the snow", "a red car",
-                 "the the the the cat", "a bird", "people walking down a busy city street at night"]
+                 "the the the the cat", "a bird", "people walking down a busy city street at night", "cat",
+                 "a very long caption about a small dog that runs across the green grass in the park"]
 TOOLKIT_REFS = [["a man rides a horse along the beach", "person on horseback near the sea"],
                 ["two dogs playing in snow", "dogs running through the snow"],
                 ["a red car parked on the street", "a small red automobile"],
                 ["the cat sits on the mat", "a cat", "the cat"],
                 ["a small bird perched on a branch", "a bird on a tree"],
-                ["a crowd walks along a street", "people on a city street at night"]]
+                ["a crowd walks along a street", "people on a city street at night"],
+                ["a black cat sitting on a chair", "the cat"],
+                ["a dog runs in the park", "a small dog on grass"]]
 # What pycocoevalcap 1.2 prints for them: `Bleu(4).compute_score(gts, res)[0]` and `Cider().compute_score(gts, res)`
 # with gts = {i: TOOLKIT_REFS[i]}, res = {i: [TOOLKIT_CANDS[i]]}. Kept here so the comparison runs without the
 # toolkit (a 100 MB wheel); the test after this one recomputes them where it is installed.
-TOOLKIT_BLEU = [0.7415467406594713, 0.5569517428052316, 0.34679439708510745, 0.22255832243521118]
-TOOLKIT_CIDER_D = 1.9812593724112222
-TOOLKIT_CIDER_D_PER_IMAGE = [1.4819755596101538, 2.09148417047294, 2.391083660370778, 1.8676322421544032,
-                             1.866888602857796, 2.1884919990012603]
+TOOLKIT_BLEU = [0.6862745097904652, 0.5053295529903207, 0.32855314819579656, 0.18542740094300295]
+TOOLKIT_CIDER_D = 1.6922956481868883
+TOOLKIT_CIDER_D_PER_IMAGE = [1.457098066153346, 2.092317628432027, 2.400725985145939, 1.6719845906210407,
+                             1.8888572509534547, 2.2106491341800547, 1.4785716296979035, 0.3381609003113414]
 
 
 def test_bleu_and_cider_d_equal_the_coco_toolkits_values():

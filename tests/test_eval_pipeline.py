@@ -56,17 +56,19 @@ def image_root(tmp_path_factory):
 # Five records (odd, batches of 2 leave a remainder). true box -> caption -> re-grounded box, IoU:
 #   0: [.25,.5,.75,1] -> alpha   -> [.25,.5,.75,1]   IoU 1
 #   1: [0,0,.5,.5]    -> beta    -> [.25,0,.75,.5]   overlap .25*.5 = .125, union .25+.25-.125 = .375 -> 1/3
-#   2: [0,0,1,1]      -> gamma   -> no box           parse failure, IoU 0
+#   2: [0,0,1,1]      -> ""      -> no box           an empty caption; parse failure, IoU 0; the answer has no
+#                                                    end token either (cut off)
 #   3: [0,0,.5,1]     -> delta   -> [0,0,1,1]        .5/1 = .5 (a hit: Acc@0.5 is inclusive)
 #   4: [.5,.5,1,1]    -> epsilon -> [0,0,.5,.5]      0
 # mean IoU = (1 + 1/3 + 0 + .5 + 0)/5 = 0.36667, Acc@0.5 = 2/5, parse failures 1/5,
 # mean IoU over parsed = 1.8333/4 = 0.45833. Every box is a multiple of 1/4, exact on every codec's grid.
+# The longer caption of 4 makes the locator's fitted budget of its batch larger where the answer repeats the caption.
 SC_CASES = [
     ([0.25, 0.5, 0.75, 1.0], "alpha thing", [0.25, 0.5, 0.75, 1.0]),
     ([0.0, 0.0, 0.5, 0.5], "beta thing", [0.25, 0.0, 0.75, 0.5]),
-    ([0.0, 0.0, 1.0, 1.0], "gamma thing", None),
+    ([0.0, 0.0, 1.0, 1.0], "", None),
     ([0.0, 0.0, 0.5, 1.0], "delta thing", [0.0, 0.0, 1.0, 1.0]),
-    ([0.5, 0.5, 1.0, 1.0], "epsilon thing", [0.0, 0.0, 0.5, 0.5]),
+    ([0.5, 0.5, 1.0, 1.0], "epsilon thing of the far corner", [0.0, 0.0, 0.5, 0.5]),
 ]
 
 
@@ -77,7 +79,9 @@ def scripted_cycle_model(adapter, image_root):
         table[adapter.codec.format(true_box, image.frame)] = adapter.describer_target(caption)
         if answer_box is not None:
             table[caption] = adapter.locator_target(answer_box, image, caption)
-    return ScriptedVLM(adapter, table)
+    model = ScriptedVLM(adapter, table)
+    model.default = "no box here"  # what the locator says of the empty caption: no box and no end token
+    return model
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -101,6 +105,12 @@ def test_self_consistency_exact_metrics(family, image_root):
     assert [s["caption"] for s in per_sample] == [cap for _, cap, _ in SC_CASES]
     assert [s["pred_bbox"] for s in per_sample] == [ans for _, _, ans in SC_CASES]
     assert per_sample[2]["parsed"] is False and per_sample[0]["reference_caption"] == "ref alpha thing"
+    assert metrics["num_empty_captions"] == 1
+    assert [s["locator_finished"] for s in per_sample] == [True, True, False, True, True]
+    assert metrics["num_locator_unfinished"] == 1
+    budgets = [s["locator_max_new_tokens"] for s in per_sample]
+    assert metrics["locator_max_new_tokens"] == max(budgets)
+    assert family != "qwen2_vl" or min(budgets) < max(budgets)  # its answer repeats the caption
     assert len(prepared) == 5  # each image preprocessed once, shared by the describer and locator prompts
     assert len(model.prompts) == 10 and model.training  # 5 describer + 5 locator prompts; mode restored
 
@@ -129,6 +139,24 @@ def test_rec_maps_boxes_back_to_the_original_image(family, image_root):
     assert per_sample[2]["pred_bbox"] is None and metrics["num_image_size_mismatches"] == 0
 
 
+def test_rec_counts_records_whose_size_is_not_their_images_and_reports_the_largest_budget(image_root):
+    # Qwen2-VL's answer repeats the sentence, so the longer sentence gets a larger fitted budget in its batch of one.
+    # The second record says its 80 x 60 image is 160 x 120: its box is mapped to those pixels and still scores IoU 1,
+    # but the mismatch is counted.
+    adapter = make_adapter("qwen2_vl")
+    image = adapter.prepare_image(Image.open(image_root / "blue.png"))
+    long_sentence = "beta thing in the far corner of the picture"
+    model = ScriptedVLM(adapter, {"alpha thing": adapter.locator_target([0.25, 0.5, 0.75, 1.0], image, "alpha thing"),
+                                  long_sentence: adapter.locator_target([0.0, 0.0, 0.5, 0.5], image, long_sentence)})
+    samples = [{"image": "blue.png", "sent": "alpha thing", "bbox": [20, 30, 60, 60], "width": 80, "height": 60},
+               {"image": "blue.png", "sent": long_sentence, "bbox": [0, 0, 80, 60], "width": 160, "height": 120}]
+    metrics, per_sample = evaluate_rec(model, adapter, samples, image_root, batch_size=1)
+    assert metrics["acc@0.5"] == 1.0 and per_sample[1]["pred_bbox"] == pytest.approx([0, 0, 80, 60])
+    assert [s["size_matches"] for s in per_sample] == [True, False] and metrics["num_image_size_mismatches"] == 1
+    budgets = [s["locator_max_new_tokens"] for s in per_sample]
+    assert budgets[0] < budgets[1] == metrics["locator_max_new_tokens"]
+
+
 def test_region_captions_scored_against_references(image_root):
     adapter = make_adapter("qwen2_vl")
     image = adapter.prepare_image(Image.open(image_root / "red.png"))
@@ -144,6 +172,25 @@ def test_region_captions_scored_against_references(image_root):
     assert metrics["bleu_1"] == pytest.approx(7 / 8) and metrics["meteor_skipped"]
     assert [s["cider_d"] for s in per_sample] == pytest.approx([10.0, 2.5])
     assert per_sample[1]["references"] == ["the small blue square"]
+
+
+def test_region_captions_count_empty_captions_and_try_meteor_by_default(image_root):
+    from sc_tune.evaluation.caption_metrics import meteor_unavailable_reason
+
+    adapter = make_adapter("qwen2_vl")
+    image = adapter.prepare_image(Image.open(image_root / "red.png"))
+    a, b = [0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]
+    model = ScriptedVLM(adapter, {adapter.codec.format(a, image.frame): adapter.describer_target("the big red circle"),
+                                  adapter.codec.format(b, image.frame): adapter.describer_target("")})
+    records = [{"image": "red.png", "bbox": a, "captions": ["the big red circle"]},
+               {"image": "red.png", "bbox": b, "captions": ["the small blue square"]}]
+    metrics, per_sample = evaluate_region_captions(model, adapter, records, image_root, batch_size=2)
+    assert [s["caption"] for s in per_sample] == ["the big red circle", ""] and metrics["num_empty_captions"] == 1
+    assert per_sample[1]["cider_d"] == 0.0
+    if meteor_unavailable_reason() is None:
+        assert 0.0 < metrics["meteor"] <= 1.0
+    else:
+        assert metrics["meteor"] is None and metrics["meteor_skipped"] == meteor_unavailable_reason()
 
 
 # ---------------------------------------------------------------- evaluate.py with a tiny random model

@@ -179,13 +179,12 @@ def test_region_captions_count_empty_captions_and_try_meteor_by_default(image_ro
 
     adapter = make_adapter("qwen2_vl")
     image = adapter.prepare_image(Image.open(image_root / "red.png"))
-    a, b = [0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]
-    model = ScriptedVLM(adapter, {adapter.codec.format(a, image.frame): adapter.describer_target("the big red circle"),
-                                  adapter.codec.format(b, image.frame): adapter.describer_target("")})
-    records = [{"image": "red.png", "bbox": a, "captions": ["the big red circle"]},
-               {"image": "red.png", "bbox": b, "captions": ["the small blue square"]}]
+    answers = {(0.0, 0.0, 0.5, 0.5): "the big red circle", (0.5, 0.5, 1.0, 1.0): "", (0.0, 0.0, 1.0, 1.0): "a red image"}
+    model = ScriptedVLM(adapter, {adapter.codec.format(list(box), image.frame): adapter.describer_target(caption)
+                                  for box, caption in answers.items()})
+    records = [{"image": "red.png", "bbox": list(box), "captions": ["the small blue square"]} for box in answers]
     metrics, per_sample = evaluate_region_captions(model, adapter, records, image_root, batch_size=2)
-    assert [s["caption"] for s in per_sample] == ["the big red circle", ""] and metrics["num_empty_captions"] == 1
+    assert [s["caption"] for s in per_sample] == list(answers.values()) and metrics["num_empty_captions"] == 1
     assert per_sample[1]["cider_d"] == 0.0
     if meteor_unavailable_reason() is None:
         assert 0.0 < metrics["meteor"] <= 1.0

@@ -252,6 +252,13 @@ def test_a_fixed_20_token_locator_budget_cuts_json_boxes_and_is_reported(image_r
     assert fixed["locator_max_new_tokens"] == 20
     fitted, _ = evaluate_rec(model, adapter, sample, image_root)
     assert fitted["acc@0.5"] == 1.0 and fitted["num_locator_unfinished"] == 0
+    # The same in the self-consistency cycle: its locator keeps the budget it is given unless asked to fit it.
+    records = [{"image": "red.png", "bbox": SC_CASES[0][0]}]
+    cycle_fixed, _ = evaluate_self_consistency(scripted_cycle_model(adapter, image_root), adapter, records, image_root,
+                                               fit_budget=False)
+    assert cycle_fixed["num_parse_failures"] == 1 and cycle_fixed["locator_max_new_tokens"] == 20
+    cycle_fitted, _ = evaluate_self_consistency(scripted_cycle_model(adapter, image_root), adapter, records, image_root)
+    assert cycle_fitted["acc@0.5"] == 1.0 and cycle_fitted["num_locator_unfinished"] == 0
     # The widest documented layout (Qwen's OCR cookbook: 4 / 8 spaces), every coordinate 1000, up to the box's
     # end, in this tiny vocabulary: '```', 'json', '\n', '[\n', '   ', ' {\n', '       ', ' "', 'bbox', '_', '2',
     # 'd', '":', ' [' (14) + 16 digits + 3 x (',', ' ') (6) + ']' = 37 tokens; + the 8-token margin.

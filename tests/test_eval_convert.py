@@ -169,8 +169,25 @@ NO_CAPTION = {"images": INSTANCES["images"], "annotations": [{"image_id": 1, "bb
     (lambda t: _coco_argv(t, "{not json"), r"regions_coco\.json: not valid JSON"),
     (lambda t: _coco_argv(t, {**NO_CAPTION, "annotations": 5}), r"field 'annotations' must be list, got 5"),
     (lambda t: _coco_argv(t, {**NO_CAPTION, "annotations": []}), r"field 'annotations' is empty"),
+    (lambda t: _coco_argv(t, {**NO_CAPTION, "annotations": [{"image_id": 1, "bbox": [20, 10, -5, 40], "caption": "a"}]}),
+     r"regions_coco\.json: annotations\[0\]: field 'bbox' has a negative width or height: \[20, 10, -5, 40\]"),
+    (lambda t: _refer_argv(t, instances={**INSTANCES, "annotations": [{**INSTANCES["annotations"][0],
+                                                                      "bbox": [20, 10, 50, -1]}]}),
+     r"instances\.json: annotations\[0\]: field 'bbox' has a negative width or height"),
+    (lambda t: _refer_argv(t, [{**REFS[0], "sentences": []}]), r"ref 0: field 'sentences' must be a non-empty list"),
+    (lambda t: _refer_argv(t, [{**REFS[0], "sentences": "left dog"}]),
+     r"ref 0: field 'sentences' must be a non-empty list"),
+    (lambda t: _refer_argv(t, [{**REFS[0], "sentences": [{"sent": "  "}]}]),
+     r"ref 0: sentences\[0\]: field 'sent' must be a non-empty string"),
+    (lambda t: _refer_argv(t, [{**REFS[0], "sentences": [{"sent": 5}]}]),
+     r"ref 0: sentences\[0\]: field 'sent' must be a non-empty string"),
+    *[(lambda t, size=size: _refer_argv(t, instances={**INSTANCES, "images": [{**INSTANCES["images"][0], **size}]}),
+       r"instances\.json: images\[0\]: fields 'width' and 'height' must be positive numbers")
+      for size in ({"width": "200"}, {"height": "100"}, {"width": 0}, {"height": 0})],
 ], ids=["no-sent", "unknown-ann_id", "list-ann_id", "no-refs-file", "images-not-list", "no-caption", "no-file",
-        "not-json", "annotations-not-list", "no-annotations"])
+        "not-json", "annotations-not-list", "no-annotations", "negative-width", "negative-height", "no-sentences",
+        "sentences-not-list", "blank-sentence", "sentence-not-text", "width-text", "height-text", "width-0",
+        "height-0"])
 def test_convert_cli_bad_input_is_one_line_naming_the_file_not_a_traceback(tmp_path, argv, message):
     out = tmp_path / "out.jsonl"
     with pytest.raises(SystemExit) as exit_info:
@@ -181,11 +198,43 @@ def test_convert_cli_bad_input_is_one_line_naming_the_file_not_a_traceback(tmp_p
     assert not out.exists()
 
 
+def test_boxes_of_no_width_or_under_a_pixel_and_images_of_one_pixel_convert(tmp_path):
+    """Only a negative width or height is refused: REC scores a box of zero width (and counts it as a ground-truth
+    issue), and sub-pixel sizes are real."""
+    refs, instances = tmp_path / "refs(unc).p", tmp_path / "instances.json"
+    images = [*INSTANCES["images"], {"id": 3, "file_name": "one_pixel.jpg", "width": 1, "height": 1}]
+    boxes = {10: (1, [20, 10, 0, 40]), 20: (1, [20, 10, 0.5, 0.5]), 30: (3, [0, 0, 1, 1])}
+    instances.write_text(json.dumps({"images": images, "annotations": [
+        {"id": ann_id, "image_id": image_id, "bbox": bbox} for ann_id, (image_id, bbox) in boxes.items()]}))
+    refs.write_bytes(pickle.dumps([{"ann_id": ann_id, "split": "val", "sentences": [{"sent": "it"}]}
+                                   for ann_id in boxes], protocol=2))
+    samples = refer_to_rec(refs, instances, split="val")
+    assert [s["bbox"] for s in samples] == [[20, 10, 20, 50], [20, 10, 20.5, 10.5], [0, 0, 1, 1]]
+    assert samples[2]["width"] == samples[2]["height"] == 1
+
+
+@pytest.mark.parametrize("argv, missing", [
+    ([], "command"),
+    (["refer-rec", "--instances", "i.json", "--split", "val", "--out", "o.jsonl"], "--refs"),
+    (["refer-regions", "--refs", "r.p", "--split", "val", "--out", "o.jsonl"], "--instances"),
+    (["refer-rec", "--refs", "r.p", "--instances", "i.json", "--out", "o.jsonl"], "--split"),
+    (["refer-rec", "--refs", "r.p", "--instances", "i.json", "--split", "val"], "--out"),
+    (["coco-regions", "--out", "o.jsonl"], "--annotations"),
+])
+def test_convert_cli_names_a_missing_argument(argv, missing, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert f"error: the following arguments are required: {missing}" in capsys.readouterr().err
+
+
 def test_convert_cli_help_and_usage_errors_show_the_command(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
-    assert capsys.readouterr().out.startswith("usage: python -m sc_tune.evaluation.convert [-h]")
+    printed = capsys.readouterr().out
+    assert printed.startswith("usage: python -m sc_tune.evaluation.convert [-h]")
+    assert "Converters from the public annotation files to the evaluation formats." in printed
     with pytest.raises(SystemExit) as exit_info:
         main([*_coco_argv(tmp_path, NO_CAPTION), "--out", str(tmp_path)])
     assert exit_info.value.code == 2

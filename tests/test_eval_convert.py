@@ -199,18 +199,18 @@ def test_convert_cli_bad_input_is_one_line_naming_the_file_not_a_traceback(tmp_p
 
 
 def test_boxes_of_no_width_or_under_a_pixel_and_images_of_one_pixel_convert(tmp_path):
-    """Only a negative width or height is refused: REC scores a box of zero width (and counts it as a ground-truth
-    issue), and sub-pixel sizes are real."""
+    """Only a negative width or height is refused: REC scores a box of zero width or height (and counts it as a
+    ground-truth issue), and sub-pixel sizes are real."""
     refs, instances = tmp_path / "refs(unc).p", tmp_path / "instances.json"
     images = [*INSTANCES["images"], {"id": 3, "file_name": "one_pixel.jpg", "width": 1, "height": 1}]
-    boxes = {10: (1, [20, 10, 0, 40]), 20: (1, [20, 10, 0.5, 0.5]), 30: (3, [0, 0, 1, 1])}
+    boxes = {10: (1, [20, 10, 0, 40]), 40: (1, [20, 10, 30, 0]), 20: (1, [20, 10, 0.5, 0.5]), 30: (3, [0, 0, 1, 1])}
     instances.write_text(json.dumps({"images": images, "annotations": [
         {"id": ann_id, "image_id": image_id, "bbox": bbox} for ann_id, (image_id, bbox) in boxes.items()]}))
     refs.write_bytes(pickle.dumps([{"ann_id": ann_id, "split": "val", "sentences": [{"sent": "it"}]}
                                    for ann_id in boxes], protocol=2))
     samples = refer_to_rec(refs, instances, split="val")
-    assert [s["bbox"] for s in samples] == [[20, 10, 20, 50], [20, 10, 20.5, 10.5], [0, 0, 1, 1]]
-    assert samples[2]["width"] == samples[2]["height"] == 1
+    assert [s["bbox"] for s in samples] == [[20, 10, 20, 50], [20, 10, 50, 10], [20, 10, 20.5, 10.5], [0, 0, 1, 1]]
+    assert samples[3]["width"] == samples[3]["height"] == 1
 
 
 @pytest.mark.parametrize("argv, missing", [

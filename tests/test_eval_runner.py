@@ -1,0 +1,51 @@
+"""The evaluation loop in one process (``sc_tune.evaluation.runner.run_sharded``): which indices each batch gets, what
+it refuses, what it logs. Several ranks, and a stop agreed between them, are tested in test_eval_distributed."""
+
+import logging
+import signal
+
+import pytest
+
+from sc_tune.evaluation.runner import EvaluationStopped, run_sharded
+
+
+def _recording():
+    calls = []
+
+    def score_batch(indices):
+        calls.append(list(indices))
+        return [f"row {i}" for i in indices]
+
+    return calls, score_batch
+
+
+def test_batches_cover_every_index_once_in_order_with_a_short_last_batch():
+    calls, score_batch = _recording()
+    rows, ranks = run_sharded(7, 3, score_batch, distributed=False)
+    assert calls == [[0, 1, 2], [3, 4, 5], [6]]
+    assert rows == [f"row {i}" for i in range(7)] and ranks.world_size == 1
+    calls, score_batch = _recording()
+    assert run_sharded(2, 1, score_batch, distributed=False)[0] == ["row 0", "row 1"] and calls == [[0], [1]]
+
+
+def test_a_batch_size_under_one_and_a_batch_scored_short_are_errors():
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        run_sharded(3, 0, lambda indices: [], distributed=False)
+    with pytest.raises(RuntimeError, match=r"rec: scored 1 results for a batch of 2"):
+        run_sharded(3, 2, lambda indices: ["one"], distributed=False, name="rec")
+
+
+def test_rank_0_logs_every_tenth_batch(caplog):
+    _, score_batch = _recording()
+    with caplog.at_level(logging.INFO, logger="sc_tune.evaluation.runner"):
+        run_sharded(25, 1, score_batch, distributed=False, name="rec")
+    logged = [record.getMessage() for record in caplog.records]
+    assert [line.split(" (")[0] for line in logged] == ["rec: rank 0 batch 10/25", "rec: rank 0 batch 20/25"]
+    assert all(float(line.split(" (")[1].rstrip("s)")) >= 0 for line in logged)  # seconds since the loop started
+
+
+def test_a_stop_exits_with_the_status_its_signal_would_have_given():
+    stopped = EvaluationStopped(signal.SIGTERM, 4, 10, "out/rec_progress")
+    assert stopped.exit_code == 128 + 15
+    assert str(stopped) == ("stopped by SIGTERM after 4 scored rows (4 of 10 samples, kept in out/rec_progress); the "
+                            "same command scores the rest")

@@ -45,7 +45,7 @@ from sc_tune.checkpoints import CheckpointError, check_model_folder
 from sc_tune.help_layout import CompactHelpFormatter
 from sc_tune.evaluation import evaluate_rec, evaluate_region_captions, evaluate_self_consistency
 from sc_tune.evaluation.distributed import barrier, init_from_env, shutdown
-from sc_tune.evaluation.runner import EvaluationStopped
+from sc_tune.evaluation.runner import DESCRIBE_EVAL, LOCATE_EVAL, EvaluationStopped
 from sc_tune.evaluation.progress import (ResultsError, SampleLog, discard_results, fingerprint_records, model_identity,
                                          refuse_finished)
 from sc_tune.evaluation.records import (RecordError, image_problems, load_annotation_records, load_rec_samples,
@@ -104,12 +104,15 @@ class EvaluationArguments:
     )
     max_samples: int | None = field(default=None, metadata={"help": "Evaluate only the first N records."})
     describer_max_new_tokens: int = field(
-        default=30, metadata={"help": _help(SCTuneConfig, "describer_max_new_tokens")}
+        default=DESCRIBE_EVAL.max_new_tokens, metadata={"help": _help(SCTuneConfig, "describer_max_new_tokens")}
     )
     describer_min_new_tokens: int = field(
-        default=0, metadata={"help": _help(SCTuneConfig, "describer_min_new_tokens", "(training uses 3)")}
+        default=DESCRIBE_EVAL.min_new_tokens,
+        metadata={"help": _help(SCTuneConfig, "describer_min_new_tokens", "(training uses 3)")},
     )
-    locator_max_new_tokens: int = field(default=20, metadata={"help": _help(SCTuneConfig, "locator_max_new_tokens")})
+    locator_max_new_tokens: int = field(
+        default=LOCATE_EVAL.max_new_tokens, metadata={"help": _help(SCTuneConfig, "locator_max_new_tokens")}
+    )
     fit_locator_budget: bool = field(
         default=True,
         metadata={"help": "Raise --locator_max_new_tokens to the family's widest documented answer up to its box, "

@@ -49,3 +49,17 @@ def test_a_stop_exits_with_the_status_its_signal_would_have_given():
     assert stopped.exit_code == 128 + 15
     assert str(stopped) == ("stopped by SIGTERM after 4 scored rows (4 of 10 samples, kept in out/rec_progress); the "
                             "same command scores the rest")
+
+
+def test_evaluation_decodes_with_the_training_lengths_and_evaluate_py_defaults_to_them():
+    import evaluate
+    from sc_tune.arguments import SCTuneConfig
+    from sc_tune.evaluation.runner import DESCRIBE_EVAL, LOCATE_EVAL
+
+    training = {name: field.default for name, field in SCTuneConfig.__dataclass_fields__.items()}
+    assert DESCRIBE_EVAL.max_new_tokens == training["describer_max_new_tokens"]
+    assert LOCATE_EVAL.max_new_tokens == training["locator_max_new_tokens"]
+    assert DESCRIBE_EVAL.min_new_tokens == LOCATE_EVAL.min_new_tokens == 0  # the describer may stop at once
+    defaults = {name: field.default for name, field in evaluate.EvaluationArguments.__dataclass_fields__.items()}
+    assert (defaults["describer_max_new_tokens"], defaults["describer_min_new_tokens"],
+            defaults["locator_max_new_tokens"]) == (DESCRIBE_EVAL.max_new_tokens, 0, LOCATE_EVAL.max_new_tokens)

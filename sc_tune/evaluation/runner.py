@@ -18,8 +18,9 @@ from sc_tune.rollout import GenerationSettings, fit_locator_budget  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
-# Evaluation decodes greedily with the training lengths (describer 30 new tokens, locator 20), but lets
-# the describer stop at once: min_new_tokens=3 is a training-time guard, not part of the model's answer.
+# Evaluation decodes greedily with the training lengths (finetune.py's --describer_max_new_tokens and
+# --locator_max_new_tokens defaults, 30 and 20; a test holds them equal), but lets the describer stop at once:
+# min_new_tokens=3 is a training-time guard, not part of the model's answer. evaluate.py's defaults are these.
 DESCRIBE_EVAL = GenerationSettings(max_new_tokens=30, min_new_tokens=0)
 LOCATE_EVAL = GenerationSettings(max_new_tokens=20, min_new_tokens=0)
 

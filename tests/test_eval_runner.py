@@ -3,6 +3,7 @@ it refuses, what it logs. Several ranks, and a stop agreed between them, are tes
 
 import logging
 import signal
+import types
 
 import pytest
 
@@ -63,3 +64,43 @@ def test_evaluation_decodes_with_the_training_lengths_and_evaluate_py_defaults_t
     defaults = {name: field.default for name, field in evaluate.EvaluationArguments.__dataclass_fields__.items()}
     assert (defaults["describer_max_new_tokens"], defaults["describer_min_new_tokens"],
             defaults["locator_max_new_tokens"]) == (DESCRIBE_EVAL.max_new_tokens, 0, LOCATE_EVAL.max_new_tokens)
+
+
+def _log(folder, stop):
+    from sc_tune.evaluation.distributed import current_ranks
+    from sc_tune.evaluation.progress import SampleLog
+
+    return SampleLog(str(folder), "rec", {"n": 4}, current_ranks(False), stop=stop)
+
+
+def test_a_signal_stops_after_its_batch_and_the_same_call_scores_only_the_rest(tmp_path):
+    stop = types.SimpleNamespace(received=None)  # what run_sharded reads of a listening RecordsSignal
+    calls = []
+
+    def score_batch(indices):
+        calls.append(list(indices))
+        if len(calls) == 1:
+            stop.received = signal.SIGTERM  # arrives while the first batch is scored
+        return [{"i": i} for i in indices]
+
+    with pytest.raises(EvaluationStopped, match=r"stopped by SIGTERM after 2 scored rows \(2 of 4 samples") as stopped:
+        run_sharded(4, 2, score_batch, distributed=False, progress=_log(tmp_path, stop))
+    assert stopped.value.exit_code == 143 and calls == [[0, 1]]
+    stop.received = None
+    rows, _ = run_sharded(4, 2, score_batch, distributed=False, progress=_log(tmp_path, stop))
+    assert rows == [{"i": i} for i in range(4)] and calls == [[0, 1], [2, 3]]  # rows 0 and 1 from the disk
+    # Rows on disk past the samples asked for are not returned.
+    assert run_sharded(3, 2, score_batch, distributed=False, progress=_log(tmp_path, stop))[0] == rows[:3]
+    assert len(calls) == 2
+
+
+def test_a_signal_during_the_last_batch_changes_nothing(tmp_path):
+    stop = types.SimpleNamespace(received=None)
+
+    def score_batch(indices):
+        if 3 in indices:
+            stop.received = signal.SIGTERM
+        return [{"i": i} for i in indices]
+
+    rows, _ = run_sharded(4, 2, score_batch, distributed=False, progress=_log(tmp_path, stop))
+    assert rows == [{"i": i} for i in range(4)]

@@ -25,9 +25,10 @@ class ScriptedVLM(torch.nn.Module):
         super().__init__()
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # rollout reads the device from a parameter
         self.adapter, self.table, self.default = adapter, table, default + adapter.end_text
-        self.prompts = []
+        self.prompts, self.modes = [], []  # the prompts seen, and whether each call ran in training mode
 
     def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
+        self.modes.append(self.training)
         rows = []
         for ids, mask in zip(input_ids, attention_mask):
             prompt = self.adapter.tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=False)
@@ -113,6 +114,7 @@ def test_self_consistency_exact_metrics(family, image_root):
     assert family != "qwen2_vl" or min(budgets) < max(budgets)  # its answer repeats the caption
     assert len(prepared) == 5  # each image preprocessed once, shared by the describer and locator prompts
     assert len(model.prompts) == 10 and model.training  # 5 describer + 5 locator prompts; mode restored
+    assert model.modes and not any(model.modes)  # every call ran in eval mode
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import zlib
 
 import torch
@@ -248,6 +251,22 @@ def assert_prefix_batch_decodes_as_a_prefill(model, adapter, prompts, images, sh
                        cached.sequences[:, shared.batch.input_ids.shape[1] :])
     for step_plain, step_cached in zip(plain.logits, cached.logits, strict=True):
         torch.testing.assert_close(step_cached, step_plain, rtol=0, atol=1e-5)
+
+
+def run_launch(cmd, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)`` for a launch that starts
+    processes of its own (torchrun's ranks, a launch script's launcher), in its own process group, all of which is
+    killed when the timeout passes. ``subprocess.run`` kills only the launcher: ranks hung in a collective ran on for
+    the rest of the suite (two of them once took a core each for 18 minutes)."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                          **kwargs) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    return subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
 
 
 def free_port() -> int:

@@ -11,6 +11,7 @@ import torch
 
 from sc_tune.modeling import load_model_and_adapter
 from tests.conftest import ROOT, SAMPLE_DATA, SAMPLE_IMAGES
+from tests.helpers import run_launch
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +63,7 @@ def _torchrun(checkpoint, output_dir, port, *extra):
         *extra,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": os.path.join(ROOT, ".torch_extensions")}
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = run_launch(cmd, 600, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     if "--preflight_min_accuracy" in extra:
         assert result.stdout.count("preflight on 16 samples") == 1  # it ran, and rank 0 reported
@@ -134,9 +135,7 @@ def test_finetune_ds_script_launches_with_environment_overrides(tiny_checkpoint,
         "EXTRA_ARGS": "--bf16 False --gradient_checkpointing False --dataloader_num_workers 0 --skip_preflight True "
         "--describer_max_new_tokens 4 --locator_max_new_tokens 6 --disable_tqdm True",
     }
-    result = subprocess.run(
-        ["sh", "scripts/finetune_ds.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
+    result = run_launch(["sh", "scripts/finetune_ds.sh"], 600, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr[-6000:]
     args = torch.load(out / "training_args.bin", weights_only=False)
     assert (args.kl_coef, args.describer_update_steps, args.max_steps, args.world_size) == (0.02, 1, 3, 2)

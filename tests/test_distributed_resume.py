@@ -4,7 +4,6 @@ through to the merged export."""
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 
 from sc_tune import checkpoints
 from tests.conftest import ROOT
-from tests.helpers import free_port
+from tests.helpers import free_port, run_launch
 from tests.test_checkpoints import cli_args, step_losses
 
 pytestmark = pytest.mark.slow
@@ -22,9 +21,7 @@ def _torchrun(argv, port, processes=2):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
            "--master_port", str(port)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": os.path.join(ROOT, ".torch_extensions")}
-    result = subprocess.run(
-        [*cmd, os.path.join(ROOT, "finetune.py"), *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
+    result = run_launch([*cmd, os.path.join(ROOT, "finetune.py"), *argv], 600, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result
 
@@ -123,7 +120,7 @@ def test_zero2_resume_is_exact_through_the_weights_only_loader_and_a_crafted_sha
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            os.path.join(ROOT, "finetune.py"), *argv]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": os.path.join(ROOT, ".torch_extensions")}
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = run_launch(cmd, 600, cwd=ROOT, env=env)
     assert result.returncode != 0
     # Both ranks stop, with the same message. Counted in the whole stream, not per line: the two ranks write to one
     # stderr at once, and one rank's message can land on the other's line.

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from sc_tune.tiny import save_tiny
-from tests.helpers import free_port
+from tests.helpers import free_port, run_launch
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +27,7 @@ def torchrun(args, cwd, timeout=120):
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", str(free_port()), *args]
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    result = run_launch(cmd, timeout, cwd=cwd, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 

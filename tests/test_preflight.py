@@ -20,6 +20,7 @@ from sc_tune.preflight import (
 )
 from sc_tune.rollout import GenerationSettings
 from tests.conftest import ROOT, SAMPLE_DATA, SAMPLE_IMAGES
+from tests.helpers import run_launch
 
 WARM_START = os.path.join(ROOT, "checkpoints", "warm_start")
 
@@ -310,7 +311,7 @@ def test_every_rank_stops_together_under_torchrun(tiny_checkpoint, tmp_path):
                os.path.join(ROOT, "finetune.py"),
                *args(tiny_checkpoint("qwen3_vl"), SAMPLE_DATA, SAMPLE_IMAGES, tmp_path / "run")]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = run_launch(command, 300, cwd=ROOT, env=env)
     assert done.returncode != 0
     assert done.stderr.count("finetune.py: error: preflight on 8 samples") == 2  # both ranks, the same verdict
     assert done.stdout.count("preflight on 8 samples") == 1  # rank 0 reports

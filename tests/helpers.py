@@ -253,17 +253,44 @@ def assert_prefix_batch_decodes_as_a_prefill(model, adapter, prompts, images, sh
         torch.testing.assert_close(step_cached, step_plain, rtol=0, atol=1e-5)
 
 
+def kill_process_tree(pid: int) -> None:
+    """SIGKILL to ``pid`` and every process below it, found by parent links in /proc, then to its process group.
+    The group alone misses torchrun's ranks: torchrun starts each in a session of its own (``start_new_session``),
+    so a rank hung in a collective ran on after its launch was killed, until ``--ddp_timeout``. The whole tree is
+    read before the first kill: a killed parent's children are handed to init and no longer found under it."""
+    import contextlib
+    import glob
+
+    children = {}
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # ended meanwhile
+        children.setdefault(parent, []).append(int(stat.split("/")[2]))
+    tree, i = [pid], 0
+    while i < len(tree):
+        tree += children.get(tree[i], [])
+        i += 1
+    for member in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(member, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)  # a child that left the tree (its parent exited) but kept the launch's group
+
+
 def run_launch(cmd, timeout: float, **kwargs) -> subprocess.CompletedProcess:
     """``subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)`` for a launch that starts
-    processes of its own (torchrun's ranks, a launch script's launcher), in its own process group, all of which is
-    killed when the timeout passes. ``subprocess.run`` kills only the launcher: ranks hung in a collective ran on for
+    processes of its own (torchrun's ranks, a launch script's launcher), all of which are killed when the timeout
+    passes (``kill_process_tree``). ``subprocess.run`` kills only the launcher: ranks hung in a collective ran on for
     the rest of the suite (two of them once took a core each for 18 minutes)."""
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                           **kwargs) as process:
         try:
             stdout, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+            kill_process_tree(process.pid)
             process.communicate()
             raise
     return subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)

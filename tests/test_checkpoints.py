@@ -15,6 +15,7 @@ import torch
 
 from sc_tune import checkpoints
 from tests.conftest import SAMPLE_DATA, SAMPLE_IMAGES, WARM_START
+from tests.helpers import run_launch
 
 
 def cli_args(model: str, output_dir, *extra: str) -> list[str]:
@@ -557,7 +558,7 @@ def _killed_run(model, out, fault: str | None, *extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FAULT": fault or ""}
     if fault:
         driver = [sys.executable, os.path.join(ROOT, "tests", "fault_driver.py")]
-        result = subprocess.run([*driver, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        result = run_launch([*driver, *argv], 300, cwd=ROOT, env=env)
         assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
         return
     process = subprocess.Popen([sys.executable, os.path.join(ROOT, "finetune.py"), *argv], cwd=ROOT, env=env,
@@ -963,7 +964,6 @@ def test_a_schedulers_sigterm_saves_the_step_in_progress_and_the_run_resumes_exa
     saved and verified, nothing is exported, the exit status is the signal's, the last line names the checkpoint; a
     resume continues to the uninterrupted run's losses (--save_steps 2 would have lost step 3). The data workers'
     part is tested through torchrun (tests/test_distributed.py): here no batch is fetched after the signal."""
-    import subprocess
     import sys
 
     import finetune
@@ -972,9 +972,8 @@ def test_a_schedulers_sigterm_saves_the_step_in_progress_and_the_run_resumes_exa
     model, full, _ = runs
     out = tmp_path / "run"
     argv = cli_args(model, out, "--max_steps", "6", "--dataloader_num_workers", "2")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "fault_driver.py"), *argv], cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "FAULT": "term_group:3"}, capture_output=True,
-                            text=True, timeout=300, start_new_session=True)
+    result = run_launch([sys.executable, os.path.join(ROOT, "tests", "fault_driver.py"), *argv], 300, cwd=ROOT,
+                        env={**os.environ, "OMP_NUM_THREADS": "1", "FAULT": "term_group:3"})
     assert result.returncode == 128 + 15, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == (
         f"finetune.py: stopped by SIGTERM after step 3, which is saved as {out}/checkpoint-3; the model is not exported "
@@ -992,7 +991,6 @@ def test_a_schedulers_sigterm_saves_the_step_in_progress_and_the_run_resumes_exa
 def test_a_sigterm_outside_training_or_in_its_last_step_loses_nothing(runs, tmp_path, fault, code):
     """While the model loads: the process ends at once with SIGTERM's status and its run lock released (a requeued
     job on another host would find the lock and stop). In the last step: the run finishes, checkpoint and export."""
-    import subprocess
     import sys
 
     from tests.conftest import ROOT
@@ -1000,9 +998,8 @@ def test_a_sigterm_outside_training_or_in_its_last_step_loses_nothing(runs, tmp_
     model, _, _ = runs
     out = tmp_path / "run"
     argv = cli_args(model, out, "--max_steps", "6")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "fault_driver.py"), *argv], cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "FAULT": fault}, capture_output=True,
-                            text=True, timeout=300, start_new_session=True)
+    result = run_launch([sys.executable, os.path.join(ROOT, "tests", "fault_driver.py"), *argv], 300, cwd=ROOT,
+                        env={**os.environ, "OMP_NUM_THREADS": "1", "FAULT": fault})
     assert result.returncode == code, result.stderr[-3000:]
     assert not (out / "sc_tune_run.lock").exists()
     if code:
@@ -1017,7 +1014,6 @@ def test_a_sigterm_outside_training_or_in_its_last_step_loses_nothing(runs, tmp_
 def test_a_file_size_limit_hit_during_a_save_names_the_file_and_keeps_the_last_checkpoint(runs, tmp_path):
     """Issue 19, 9e: `ulimit -f` below the optimizer's size: a clear error, not torch's 'unexpected pos'."""
     import resource
-    import subprocess
     import sys
 
     from tests.conftest import ROOT
@@ -1030,8 +1026,8 @@ def test_a_file_size_limit_hit_during_a_save_names_the_file_and_keeps_the_last_c
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
 
     argv = cli_args(model, out, "--max_steps", "2")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "finetune.py"), *argv], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300, preexec_fn=limited, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = run_launch([sys.executable, os.path.join(ROOT, "finetune.py"), *argv], 300, cwd=ROOT, preexec_fn=limited,
+                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("finetune.py: error: saving checkpoint-2 failed while writing"), result.stderr[-2000:]

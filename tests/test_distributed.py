@@ -1,6 +1,5 @@
 """2-process runs on CPU (gloo): plain torchrun (DDP) and DeepSpeed ZeRO-2 / ZeRO-3 through finetune.py."""
 
-import contextlib
 import json
 import os
 import subprocess
@@ -11,7 +10,7 @@ import torch
 
 from sc_tune.modeling import load_model_and_adapter
 from tests.conftest import ROOT, SAMPLE_DATA, SAMPLE_IMAGES
-from tests.helpers import run_launch
+from tests.helpers import kill_process_tree, run_launch
 
 pytestmark = pytest.mark.slow
 
@@ -218,28 +217,10 @@ def _two_nodes(checkpoint, tmp_path, out, **node1):
 
 
 def _killed_if_running(nodes):
-    """SIGKILL to each launch still running, its ranks included: torchrun starts each in a session of its own, which
-    the launch's process group does not reach; left, a rank waiting in a collective runs on until --ddp_timeout."""
-    import glob
-    import signal
-
-    parents = {}
-    for stat in glob.glob("/proc/[0-9]*/stat"):
-        try:
-            with open(stat) as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # ended meanwhile
-        parents.setdefault(int(fields[1]), []).append(int(stat.split("/")[2]))
+    """SIGKILL to each launch still running, its ranks included (``kill_process_tree``)."""
     for node in nodes:
         if node.poll() is None:
-            family, i = [node.pid], 0
-            while i < len(family):
-                family += parents.get(family[i], [])
-                i += 1
-            for pid in family:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            kill_process_tree(node.pid)
 
 
 def _term_node_0_when(nodes, logs, ready, timeout: float) -> list[int]:

@@ -424,7 +424,7 @@ def test_evaluate_sh_on_two_nodes_needs_one_output_folder_they_share(setup, tmp_
     import subprocess
 
     from tests.conftest import ROOT
-    from tests.helpers import free_port
+    from tests.helpers import free_port, kill_process_tree
 
     root, model, data = setup
     folders = [tmp_path / "eval", tmp_path / "eval" if shared else tmp_path / "node1" / "eval"]
@@ -441,7 +441,7 @@ def test_evaluate_sh_on_two_nodes_needs_one_output_folder_they_share(setup, tmp_
     finally:
         for node in nodes:
             if node.poll() is None:
-                node.kill()
+                kill_process_tree(node.pid)  # the script, its torchrun and torchrun's rank
     if shared:
         assert [node.returncode for node in nodes] == [0, 0], outputs[1][-3000:]
         metrics = json.loads((folders[0] / "self_consistency_metrics.json").read_text())

@@ -1,7 +1,7 @@
-"""Two CPU processes under torchrun (gloo): every sample of an odd-sized file is scored exactly once.
-
-Marked ``slow`` (the project marker for multi-process runs: ``pytest -m slow`` / ``-m "not slow"``);
-about 30 s on two cores.
+"""Sharding an evaluation across ranks (sc_tune/evaluation/distributed.py). In one process: the gather's order and its
+refusal of a sample missing or scored twice, and which ranks a call shards over. Under torchrun, two CPU processes
+(gloo): every sample of an odd-sized file is scored exactly once; these are marked ``slow`` (the project marker for
+multi-process runs: ``pytest -m slow`` / ``-m "not slow"``), about 30 s on two cores.
 """
 
 import json
@@ -12,16 +12,66 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from sc_tune.tiny import save_tiny
 from tests.helpers import free_port, run_launch
 
-pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 NUM_RECORDS = 7  # odd: rank 0 scores 4 samples, rank 1 scores 3; batch size 2 leaves a partial batch
 
 
+# ------------------------------------------------------------------------------------------------ in one process
+def test_the_gather_orders_this_ranks_results_and_a_resumed_runs_by_index():
+    from sc_tune.evaluation.distributed import Ranks, gather_by_index
+
+    assert gather_by_index([(2, "c"), (0, "a")], 3, Ranks(), known={1: "b"}) == ["a", "b", "c"]
+    assert gather_by_index([], 2, Ranks(), known={1: "b", 0: "a"}) == ["a", "b"]  # all resumed
+    assert gather_by_index([], 0, Ranks()) == []
+
+
+def test_a_sample_missing_or_scored_twice_is_refused_naming_both_counts():
+    """The denominator of every metric: a sharding bug must fail the run, not shrink or inflate it."""
+    from sc_tune.evaluation.distributed import Ranks, gather_by_index
+
+    scored = [(0, "a"), (13, "n"), (14, "o"), (14, "o")]  # 1..12 missing, 14 twice
+    with pytest.raises(RuntimeError) as error:
+        gather_by_index(scored, 15, Ranks(), known={13: "n"})  # 13 scored again after a resume
+    assert str(error.value) == ("gathered 5 results for 15 samples (missing e.g. [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], "
+                                "duplicates: 2); every sample must be scored exactly once")
+    with pytest.raises(RuntimeError, match=r"gathered 3 results for 2 samples \(missing e.g. \[\], duplicates: 0\)"):
+        gather_by_index([(0, "a"), (1, "b"), (2, "c")], 2, Ranks())  # an index past the end
+
+
+def test_without_a_process_group_a_call_shards_over_one_process_and_distributed_true_is_refused(monkeypatch):
+    from sc_tune.evaluation.distributed import Ranks, current_ranks, init_from_env
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert init_from_env() == Ranks() and not torch.distributed.is_initialized()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert init_from_env() == Ranks() and not torch.distributed.is_initialized()
+    assert current_ranks() == current_ranks(False) == Ranks(0, 1)
+    with pytest.raises(RuntimeError, match="^distributed=True but torch.distributed is not initialised$"):
+        current_ranks(True)
+
+
+def test_a_process_group_of_one_is_followed_and_left_to_its_owner():
+    """A caller (the trainer's in-process evaluation) may hold a group of one: the evaluation shards over it and its
+    shutdown leaves that group alone."""
+    from sc_tune.evaluation.distributed import Ranks, current_ranks, shutdown
+
+    dist = torch.distributed
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        assert current_ranks() == Ranks() and current_ranks(True) == Ranks(0, 1)
+        shutdown(current_ranks())
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------- two ranks under torchrun
 def torchrun(args, cwd, timeout=120):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     env.pop("WORLD_SIZE", None)
@@ -53,6 +103,7 @@ def setup(tmp_path_factory):
     return root, images, model_dir, held_out, rec, regions
 
 
+@pytest.mark.slow
 def test_launcher_self_consistency_two_processes(setup):
     root, images, model_dir, held_out, _, _ = setup
     out = root / "out_sc"
@@ -101,6 +152,7 @@ WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_in_process_rec_and_region_captions_two_processes(setup):
     root, images, model_dir, _, rec, regions = setup
     out = root / "out_worker"
@@ -157,6 +209,7 @@ STOPPING = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_signal_on_one_rank_stops_every_rank_after_the_same_batch_whatever_their_shards(tmp_path):
     """5 samples, 2 ranks, batches of 2: rank 0 holds 2 batches, rank 1 one. Unsignalled, rank 1 takes part in rank
     0's second agreement with no batch left (else their collectives no longer match: a hang). A SIGTERM (twice) on

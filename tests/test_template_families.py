@@ -935,3 +935,28 @@ def test_gemma4_writes_a_given_system_message_as_its_text(tiny_checkpoint):
         "<|turn>model\n<|channel>thought\n<channel|>")
     # Without one, no system turn (the release writes one only for a system message, tools or thinking).
     assert adapter.render("Locate it.").startswith("<bos><|turn>user\n<|image|>")
+
+
+@pytest.mark.parametrize("size", [(320, 160), (160, 320), (200, 200)])
+def test_gemmas_frame_is_the_image_its_tower_sees(tiny_checkpoint, size):
+    """``frame``, the model's view of the image that pixel boxes are read against and ``families budget`` reports:
+    Gemma 3's fixed square (the image processor's size, whatever the photo), Gemma 4's aspect-preserving patch grid,
+    whose patches pool, ``pooling_kernel_size`` squared to a soft token, into the image's placeholder count."""
+    from sc_tune.adapters.gemma import _gemma4_images_call
+
+    gemma3 = adapter_class("gemma3").from_pretrained(tiny_checkpoint("gemma3"))
+    side = gemma3.image_processor.size
+    assert gemma3.prepare_image(Image.new("RGB", size)).frame == (side["width"], side["height"])
+    gemma4 = adapter_class("gemma4").from_pretrained(tiny_checkpoint("gemma4"))
+    image = gemma4.prepare_image(Image.new("RGB", size))
+    patch, pool = gemma4.image_processor.patch_size, gemma4.image_processor.pooling_kernel_size
+    (width, height), (photo_width, photo_height) = image.frame, size
+    assert width % (patch * pool) == 0 and height % (patch * pool) == 0, image.frame
+    assert (width // patch) * (height // patch) == image.num_tokens * pool * pool, image.frame
+    assert abs(width / height - photo_width / photo_height) <= 0.25 * photo_width / photo_height, image.frame
+    # The vision cache's per-image tower call takes keyword pixels and positions only; anything else runs whole.
+    pixels, positions = torch.zeros(3, 4, 5), torch.zeros(3, 4, 2)
+    assert _gemma4_images_call((pixels,), {"pixel_position_ids": positions}, [1]) is None
+    assert _gemma4_images_call((), {"pixel_values": pixels, "pixel_position_ids": positions, "x": 1}, [1]) is None
+    _, kept = _gemma4_images_call((), {"pixel_values": pixels, "pixel_position_ids": positions}, [2, 0])
+    assert kept["pixel_values"].shape == (2, 4, 5) and kept["pixel_position_ids"].shape == (2, 4, 2)

@@ -947,6 +947,8 @@ def test_gemmas_frame_is_the_image_its_tower_sees(tiny_checkpoint, size):
     gemma3 = adapter_class("gemma3").from_pretrained(tiny_checkpoint("gemma3"))
     side = gemma3.image_processor.size
     assert gemma3.prepare_image(Image.new("RGB", size)).frame == (side["width"], side["height"])
+    gemma3.image_processor.size = {"height": side["height"], "width": 2 * side["width"]}  # released: square; not assumed
+    assert gemma3.prepare_image(Image.new("RGB", size)).frame == (2 * side["width"], side["height"])
     gemma4 = adapter_class("gemma4").from_pretrained(tiny_checkpoint("gemma4"))
     image = gemma4.prepare_image(Image.new("RGB", size))
     patch, pool = gemma4.image_processor.patch_size, gemma4.image_processor.pooling_kernel_size

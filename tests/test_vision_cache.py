@@ -474,14 +474,25 @@ def test_gemma4_patches_at_other_positions_are_another_image(tiny_checkpoint):
                      pixel_position_ids=torch.cat([positions, transposed])).last_hidden_state
 
     cache = VisionCache.for_model(adapter, [model])
-    with torch.no_grad():
-        plain = encode()
-        with cache.active():
-            cached = encode()
+    computed = []  # the encoder layers that computed (a replay or pass-through answers through an instance forward)
+    hooks = [layer.register_forward_hook(lambda module, *_: computed.append(module) if "forward" not in vars(module)
+                                         else None) for layer in tower.encoder.layers]
+    try:
+        with torch.no_grad():
+            plain = encode()
+            with cache.active():
+                cached = encode()
+                computed[:] = []
+                again = encode()  # both images cached: the pooler runs, no encoder layer does
+    finally:
+        for hook in hooks:
+            hook.remove()
     half = plain.shape[0] // 2
     assert not torch.allclose(plain[:half], plain[half:], atol=1e-3), "the positions change the features"
     assert cache.encoded_images == 2
     torch.testing.assert_close(cached, plain, atol=1e-5, rtol=1e-5)
+    assert computed == [] and len(tower.encoder.layers) >= 2
+    torch.testing.assert_close(again, plain, atol=1e-5, rtol=1e-5)
 
 
 def test_smolvlm_the_same_crop_under_another_patch_mask_is_another_tile(tiny_checkpoint):

@@ -962,3 +962,16 @@ def test_gemmas_frame_is_the_image_its_tower_sees(tiny_checkpoint, size):
     assert _gemma4_images_call((), {"pixel_values": pixels, "pixel_position_ids": positions, "x": 1}, [1]) is None
     _, kept = _gemma4_images_call((), {"pixel_values": pixels, "pixel_position_ids": positions}, [2, 0])
     assert kept["pixel_values"].shape == (2, 4, 5) and kept["pixel_position_ids"].shape == (2, 4, 2)
+
+
+def test_qwen2_vl_asks_for_its_reference_form_and_the_other_qwens_for_the_cookbooks_json(tiny_checkpoint):
+    """Qwen2-VL's grounding prompt names the caption between its reference tokens, the form its answer repeats before
+    the box (a user's report of Qwen2-VL's answer); Qwen2.5-VL onwards, the fine-tuning README's JSON request."""
+    prompts = {}
+    for model_type in ("qwen2_vl", "qwen2_5_vl"):
+        adapter = adapter_class(model_type).from_pretrained(tiny_checkpoint(model_type))
+        image = adapter.prepare_image(Image.new("RGB", (64, 48)))
+        prompts[model_type] = adapter.locator_prompt("the red circle", image)
+    assert "<|vision_end|>Find <|object_ref_start|>the red circle<|object_ref_end|>.<|im_end|>" in prompts["qwen2_vl"]
+    assert ("<|vision_end|>Locate the red circle in this image and output the bbox coordinates in JSON format."
+            "<|im_end|>") in prompts["qwen2_5_vl"]

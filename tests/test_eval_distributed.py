@@ -57,8 +57,8 @@ def test_without_a_process_group_a_call_shards_over_one_process_and_distributed_
 
 
 def test_a_process_group_of_one_is_followed_and_left_to_its_owner():
-    """A caller (the trainer's in-process evaluation) may hold a group of one: the evaluation shards over it and its
-    shutdown leaves that group alone."""
+    """A script or notebook that evaluates in process may have started a process group of one: the evaluation shards
+    over it as one process, and ``shutdown`` given those ranks leaves the group to whoever started it."""
     from sc_tune.evaluation.distributed import Ranks, current_ranks, shutdown
 
     dist = torch.distributed

@@ -19,26 +19,23 @@ def _state(pid: int) -> str:
         return "gone"
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
-def test_a_launch_that_times_out_is_killed_with_every_process_it_started(tmp_path):
-    marker = tmp_path / "child.pid"
-    started = time.monotonic()
-    with pytest.raises(subprocess.TimeoutExpired):  # a background child, as torchrun's ranks are to torchrun
-        run_launch(["sh", "-c", f"sleep 60 & echo $! > {marker}; wait"], 1)
-    # Killing only the launcher would leave the child holding the output pipes: the call would return after its 60 s.
-    assert time.monotonic() - started < 30
-    child = int(marker.read_text())
-    deadline = time.monotonic() + 10
-    while _state(child) not in ("Z", "gone") and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _state(child) in ("Z", "gone")
-
-
 def _wait_dead(pid: int) -> str:
+    """The process's state once it is dead, or after 10 s."""
     deadline = time.monotonic() + 10
     while _state(pid) not in ("Z", "gone") and time.monotonic() < deadline:
         time.sleep(0.1)
     return _state(pid)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_a_launch_that_times_out_is_killed_with_every_process_it_started(tmp_path):
+    marker = tmp_path / "child.pid"
+    started = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):  # a background child in the launch's own process group
+        run_launch(["sh", "-c", f"sleep 60 & echo $! > {marker}; wait"], 1)
+    # Killing only the launcher would leave the child holding the output pipes: the call would return after its 60 s.
+    assert time.monotonic() - started < 30
+    assert _wait_dead(int(marker.read_text())) in ("Z", "gone")
 
 
 # a launcher whose child starts in a session of its own, as torchrun starts each rank: the launch's group misses it

@@ -942,8 +942,6 @@ def test_gemmas_frame_is_the_image_its_tower_sees(tiny_checkpoint, size):
     """``frame``, the model's view of the image that pixel boxes are read against and ``families budget`` reports:
     Gemma 3's fixed square (the image processor's size, whatever the photo), Gemma 4's aspect-preserving patch grid,
     whose patches pool, ``pooling_kernel_size`` squared to a soft token, into the image's placeholder count."""
-    from sc_tune.adapters.gemma import _gemma4_images_call
-
     gemma3 = adapter_class("gemma3").from_pretrained(tiny_checkpoint("gemma3"))
     side = gemma3.image_processor.size
     assert gemma3.prepare_image(Image.new("RGB", size)).frame == (side["width"], side["height"])
@@ -956,12 +954,20 @@ def test_gemmas_frame_is_the_image_its_tower_sees(tiny_checkpoint, size):
     assert width % (patch * pool) == 0 and height % (patch * pool) == 0, image.frame
     assert (width // patch) * (height // patch) == image.num_tokens * pool * pool, image.frame
     assert abs(width / height - photo_width / photo_height) <= 0.25 * photo_width / photo_height, image.frame
-    # The vision cache's per-image tower call takes keyword pixels and positions only; anything else runs whole.
-    pixels, positions = torch.zeros(3, 4, 5), torch.zeros(3, 4, 2)
+
+
+def test_gemma4s_tower_call_is_cut_to_some_images_only_when_given_pixels_and_positions_by_keyword():
+    """The vision cache cuts a Gemma 4 tower call to the images it has not encoded; a call it cannot read (positional
+    arguments, another keyword) is left whole."""
+    from sc_tune.adapters.gemma import _gemma4_images_call
+
+    pixels, positions = torch.arange(60.0).view(3, 4, 5), torch.arange(24).view(3, 4, 2)  # one image per row
     assert _gemma4_images_call((pixels,), {"pixel_position_ids": positions}, [1]) is None
     assert _gemma4_images_call((), {"pixel_values": pixels, "pixel_position_ids": positions, "x": 1}, [1]) is None
-    _, kept = _gemma4_images_call((), {"pixel_values": pixels, "pixel_position_ids": positions}, [2, 0])
-    assert kept["pixel_values"].shape == (2, 4, 5) and kept["pixel_position_ids"].shape == (2, 4, 2)
+    args, kept = _gemma4_images_call((), {"pixel_values": pixels, "pixel_position_ids": positions}, [2, 0])
+    assert args == () and set(kept) == {"pixel_values", "pixel_position_ids"}
+    assert torch.equal(kept["pixel_values"], pixels[[2, 0]]) and torch.equal(kept["pixel_position_ids"],
+                                                                               positions[[2, 0]])
 
 
 def test_qwen2_vl_asks_for_its_reference_form_and_the_other_qwens_for_the_cookbooks_json(tiny_checkpoint):

@@ -474,9 +474,13 @@ def test_gemma4_patches_at_other_positions_are_another_image(tiny_checkpoint):
                      pixel_position_ids=torch.cat([positions, transposed])).last_hidden_state
 
     cache = VisionCache.for_model(adapter, [model])
-    computed = []  # the encoder layers that computed (a replay or pass-through answers through an instance forward)
-    hooks = [layer.register_forward_hook(lambda module, *_: computed.append(module) if "forward" not in vars(module)
-                                         else None) for layer in tower.encoder.layers]
+    computed = []  # the encoder layers that computed
+
+    def record(module, args, output):
+        if "forward" not in vars(module):  # a replay or a pass-through answers through an instance forward
+            computed.append(module)
+
+    hooks = [layer.register_forward_hook(record) for layer in tower.encoder.layers]
     try:
         with torch.no_grad():
             plain = encode()

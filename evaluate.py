@@ -52,6 +52,7 @@ from sc_tune.evaluation.records import (RecordError, image_problems, load_annota
                                         load_region_caption_records, open_image)
 from sc_tune.jsonio import JSONFileError, write_json, write_jsonl
 from sc_tune.preemption import RecordsSignal, exiting_on
+from sc_tune.process_exit import run_command
 from sc_tune.run_lock import RunLockError, hold
 from sc_tune.rollout import GenerationSettings
 from sc_tune.visualize import save_cycle_grid
@@ -340,4 +341,4 @@ def cli(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    cli()
+    run_command(cli)  # in a launch, an exit that no gloo thread can abort (sc_tune.process_exit)

@@ -46,6 +46,7 @@ from sc_tune.modeling import (
 )
 from sc_tune.preemption import SaveAndStopOnSignal, StoppedBySignal, exiting_on, parse_signals
 from sc_tune.preflight import PreflightError
+from sc_tune.process_exit import close_process_group, run_command
 from sc_tune.reference_flags import refuse_unknown, take_reference_flags
 from sc_tune.run_lock import RunLockError, hold
 from sc_tune.trainer import SCTuneTrainer
@@ -168,17 +169,6 @@ def _train(model_args, data_args, lora_args, args, overwritten: list[str], stop_
 INPUT_ERRORS = (ArgumentError, AnnotationError, CheckpointError, JSONFileError, OutputDirError, PreflightError,
                 RunLockError, ThinkingCheckpointError, FileNotFoundError)
 
-def close_process_group() -> None:
-    """Leave the process group together: processes that exit with it still open tear down its (and DeepSpeed's)
-    communication threads at interpreter exit, and on a loaded machine one aborted there ("terminate called without
-    an active exception", SIGABRT) after a complete run, failing the launch."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def cli(argv: list[str] | None = None) -> None:
     """The command: input errors in one line; a run stopped on a signal (after its checkpoint) exits with that
     signal's status."""
@@ -195,4 +185,4 @@ def cli(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    cli()
+    run_command(cli)  # in a launch, an exit that no gloo thread can abort (sc_tune.process_exit)

@@ -40,6 +40,8 @@ COMMAND = textwrap.dedent("""
         threading.Thread(target=late_thread).start()  # a non-daemon thread: the exit waits for it
         sys.stdout.write("no newline, still buffered")
         ending = sys.argv[2]
+        if ending == "exit":
+            sys.exit()
         if ending == "status":
             raise SystemExit(143)
         if ending == "message":
@@ -63,7 +65,8 @@ def _command(tmp_path, ending: str, launched: bool) -> tuple[subprocess.Complete
     return result, marks.read_text().split() if marks.exists() else []
 
 
-@pytest.mark.parametrize("ending, status", [("done", 0), ("status", 143), ("message", 1), ("exception", 1)])
+@pytest.mark.parametrize("ending, status", [("done", 0), ("exit", 0), ("status", 143), ("message", 1),
+                                            ("exception", 1)])
 def test_a_launched_command_exits_with_its_status_after_what_an_exit_runs_and_without_the_teardown(
         tmp_path, ending, status):
     result, marks = _command(tmp_path, ending, launched=True)

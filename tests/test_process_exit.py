@@ -123,3 +123,19 @@ def test_a_launched_rank_with_a_gloo_collective_in_flight_exits_0_without_aborti
                   str(free_port()), str(script)]
         result = run_launch(launch, 120, env=env)
         assert result.returncode == 0 and "terminate called" not in result.stderr, result.stderr[-3000:]
+
+
+def test_closing_the_process_group_destroys_it_and_is_nothing_without_one():
+    import torch.distributed as dist
+
+    from sc_tune.process_exit import close_process_group
+
+    close_process_group()  # a one-process run has none: no barrier to wait in
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        close_process_group()
+        assert not dist.is_initialized()
+    finally:  # never left to the next test in this worker
+        if dist.is_initialized():
+            dist.destroy_process_group()

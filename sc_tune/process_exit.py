@@ -2,16 +2,18 @@
 interpreter's teardown.
 
 Why not a plain exit: after a complete run, one rank of a two-process gloo launch aborted at exit ("terminate called
-without an active exception", SIGABRT; 3 launches in 12 on a loaded 2-core machine), so torchrun failed the launch
-of a model already exported. The core dump shows why. A gloo worker thread (``ProcessGroupGloo::runLoop``) drops the
-last reference to a finished collective, and with it the tensors of earlier ones; freeing a tensor that Python let
-go of takes the GIL. The main thread has meanwhile started the interpreter's teardown, so ``take_gil`` ends the
-worker thread with ``pthread_exit``, whose unwinding through the collective's (``noexcept``) destructor calls
-``std::terminate``. ``destroy_process_group`` does not join those threads while DeepSpeed or accelerate still hold
-the group, and the order of the last two steps is up to the scheduler. So a launched command runs what a normal
-exit runs before the teardown (it joins the Python threads, runs the ``atexit`` functions, such as logging's flush
-and a tracker's upload, and flushes the standard streams) and then leaves with ``os._exit``, before any worker thread
-can meet a finalizing interpreter. Outside a launch (one process, no worker threads) the exit is the usual one.
+without an active exception", SIGABRT; 8 of 34 ZeRO-3 LoRA launches on a 2-core machine kept busy), so torchrun
+failed the launch of a model already exported. The core dump shows why. A gloo worker thread
+(``ProcessGroupGloo::runLoop``) drops the last reference to a finished collective, and with it the tensors of earlier
+ones; freeing a tensor that Python let go of takes the GIL. The main thread has meanwhile started the interpreter's
+teardown, so ``take_gil`` ends the worker thread with ``pthread_exit``, whose unwinding through the collective's
+(``noexcept``) destructor calls ``std::terminate``. ``destroy_process_group`` does not join those threads while
+DeepSpeed or accelerate still hold the group, and which of the two threads comes first is up to the scheduler.
+
+So a launched command runs what a normal exit runs before the teardown (it joins the Python threads, runs the
+``atexit`` functions, such as logging's flush and a tracker's upload, and flushes the standard streams) and then
+leaves with ``os._exit``, before any worker thread can meet a finalizing interpreter. Outside a launch (one process,
+no worker threads) the exit is the usual one.
 """
 
 from __future__ import annotations

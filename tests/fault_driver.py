@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import finetune  # noqa: E402
 from sc_tune import checkpoints, export  # noqa: E402
 from sc_tune.cycle import RolloutCycle  # noqa: E402
+from sc_tune.process_exit import run_command  # noqa: E402
 from sc_tune.resume import RunState  # noqa: E402
 
 
@@ -73,4 +74,5 @@ elif point == "mid_export":  # the new export written whole into its staging fol
     kill_in(export, "commit_export", lambda output_dir: True)
 else:
     raise SystemExit(f"unknown fault point {point}")
-finetune.cli(sys.argv[1:])
+# As `python finetune.py` runs it: in a launch, the exit without the interpreter's teardown (sc_tune.process_exit)
+run_command(lambda: finetune.cli(sys.argv[1:]))

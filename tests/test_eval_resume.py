@@ -83,7 +83,8 @@ if os.environ.get("KILL_AT") == "loading":  # before scoring: exiting_on's immed
         os.kill(os.getpid(), signal.SIGTERM)
         return load(*args, **kwargs)
     evaluate.load_model_and_adapter = load_model_and_adapter
-evaluate.cli(sys.argv[2:])
+from sc_tune.process_exit import run_command
+run_command(lambda: evaluate.cli(sys.argv[2:]))  # as `python evaluate.py` runs it
 """
 
 

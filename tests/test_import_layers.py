@@ -26,7 +26,7 @@ from pathlib import Path
 from tests.conftest import ROOT
 
 LAYERS = (
-    ("basics", {"boxes", "jsonio", "checks", "timing", "images", "environment", "run_lock"}),
+    ("basics", {"boxes", "jsonio", "checks", "timing", "images", "environment", "run_lock", "process_exit"}),
     ("method", {"box_codecs", "rewards", "ppo", "baselines", "kl_control", "phases", "arguments", "moe",
                 "reference_flags"}),
     ("models", {"models", "attention", "vision_cache"}),

@@ -351,6 +351,31 @@ def test_llava_turn_end_is_read_from_the_checkpoints_template(tiny_checkpoint, m
     assert adapter.locator_target(BOX, image, "the dog") == "[100, 200, 500, 600]" + end
 
 
+def test_a_tokenizer_without_a_pad_token_pads_with_the_turns_end(tiny_checkpoint):
+    """Some releases define no pad token; pads are masked, so the turn's end token stands in (never a missing id)."""
+    _, tokenizer, image_processor, config = _llava_parts(tiny_checkpoint, "llava")
+    tokenizer.pad_token = None
+    adapter = adapter_class("llava").from_parts(tokenizer, image_processor, config)
+    assert tokenizer.pad_token_id is None and adapter.pad_token_id == adapter.end_token_ids[0]
+    image = adapter.prepare_image(_odd_images()[0])
+    prompts = [adapter.locator_prompt("the dog", image), adapter.locator_prompt("the dog on the left", image)]
+    input_ids = adapter.build_batch(prompts, [image, image]).inputs["input_ids"]
+    assert input_ids[0, 0] == adapter.end_token_ids[0]  # the shorter prompt, padded on the left
+
+
+def test_the_turn_end_is_the_first_whole_special_token_after_the_answer(tiny_checkpoint):
+    """Phi-3's form: ``<|end|>`` closes the turn and ``<|endoftext|>`` follows it. Of the special tokens the template
+    writes after an answer the first closes the turn, and of those starting there the longest (the whole token, not a
+    special token that is its prefix)."""
+    from sc_tune.adapters.chat_template import turn_end_token
+
+    _, tokenizer, _, _ = _llava_parts(tiny_checkpoint, "llava")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|end", "<|end|>", "<|endoftext|>"]})
+    tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{% for c in m['content'] %}"
+                               "{{ c['text'] }}{% endfor %}<|end|>\n<|endoftext|>{% endfor %}")
+    assert turn_end_token(tokenizer) == "<|end|>"
+
+
 @pytest.mark.parametrize("template_writes_bos", [False, True])
 def test_llava_prompts_start_with_one_bos_as_the_processor_tokenises_them(tiny_checkpoint, template_writes_bos):
     """The llava-hf templates write no BOS and their Llama / Mistral tokenizers prepend <s>: the processor's
@@ -575,12 +600,38 @@ def test_mistral3_keeps_todays_date_with_a_warning_where_a_given_system_message_
     assert "renders a given system message otherwise than its default" in caplog.text
 
 
+def test_a_tokenizer_without_the_familys_special_tokens_is_refused_by_name(tiny_checkpoint):
+    """Without the token, the marker or placeholder would be split into ordinary pieces and the prompt would lose its
+    image without an error. A marker that is plain text (Aya Vision's, Ovis2's: the processor replaces it before
+    tokenising) is not looked up."""
+    _, tokenizer, image_processor, config = _llava_parts(tiny_checkpoint, "gemma3")
+
+    class OtherMarker(adapter_class("gemma3")):
+        image_marker = "<start_of_picture>"
+
+    class OtherPlaceholder(adapter_class("gemma3")):
+        image_token = "<picture_soft_token>"
+
+    class PlainTextMarker(OtherMarker):
+        image_marker_is_token = False
+
+    for family, missing in ((OtherMarker, "<start_of_picture>"), (OtherPlaceholder, "<picture_soft_token>")):
+        with pytest.raises(ValueError, match=re.escape(f"{family.__name__}: the tokenizer lacks the family's special "
+                                                       f"tokens ['{missing}']")):
+            family.from_parts(tokenizer, image_processor, config)
+    adapter = PlainTextMarker.from_parts(tokenizer, image_processor, config)
+    assert adapter.image_token_id == tokenizer.convert_tokens_to_ids("<image_soft_token>")
+
+
 def test_a_template_that_dates_its_prompts_is_named_unless_the_adapter_pins_the_date(tiny_checkpoint, caplog):
     """A checkpoint whose template writes today's date (strftime_now) gets prompts that change at midnight: the
     adapter says so, unless it renders the date fixed (Mistral 3)."""
     _, tokenizer, image_processor, config = _llava_parts(tiny_checkpoint, "llava")
-    tokenizer.chat_template = "{{- strftime_now('%Y-%m-%d') }}" + tokenizer.chat_template
     with caplog.at_level("WARNING", logger="sc_tune.adapters.chat_template"):
+        caplog.clear()  # (what building the parts logged)
+        adapter_class("llava").from_parts(tokenizer, image_processor, config)
+        assert "today's date" not in caplog.text  # the released template writes none
+        tokenizer.chat_template = "{{- strftime_now('%Y-%m-%d') }}" + tokenizer.chat_template
         adapter_class("llava").from_parts(tokenizer, image_processor, config)
         assert "LlavaAdapter: the chat template writes today's date (strftime_now)" in caplog.text
         caplog.clear()
@@ -902,7 +953,7 @@ def test_the_answer_opening_is_written_only_where_the_tokenizer_does_not_write_i
     (SmolVLM's releases) tokenises that space into the answer's first token ("Ġ["), so a target tokenised alone must write it;
     a Llama-style tokenizer (Idefics2's, LLaVA-1.5's releases) prefixes "▁" to any text, so the answer alone already
     tokenises as in place, and writing the space too would add a token the released model never saw."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     from sc_tune.adapters.chat_template import answer_opening
@@ -914,8 +965,11 @@ def test_the_answer_opening_is_written_only_where_the_tokenizer_does_not_write_i
     tokenizer.decoder = decoders.ByteLevel() if byte_level else decoders.Metaspace()
     alphabet = pre_tokenizers.ByteLevel.alphabet() if byte_level else []
     tokenizer.train_from_iterator(["User: q Assistant: [1, 2, 3] the dog [100, 200]"] * 5, trainers.BpeTrainer(
-        vocab_size=200, special_tokens=["<unk>", "<end_of_utterance>"], initial_alphabet=alphabet))
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>")
+        vocab_size=200, special_tokens=["<unk>", "<end_of_utterance>", "<s>"], initial_alphabet=alphabet))
+    # As the released tokenizers do, a BOS before any text given whole (answer_opening compares the texts' own tokens)
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[
+        ("<s>", tokenizer.token_to_id("<s>"))])
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>")
     wrapped.chat_template = ("{% for m in messages %}{{ m['role'] | capitalize }}:{% if m['role'] == 'assistant' %} "
                              "{% endif %}{% for c in m['content'] %}{{ c['text'] }}{% endfor %}<end_of_utterance>\n"
                              "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")

@@ -169,6 +169,7 @@ def _train(model_args, data_args, lora_args, args, overwritten: list[str], stop_
 INPUT_ERRORS = (ArgumentError, AnnotationError, CheckpointError, JSONFileError, OutputDirError, PreflightError,
                 RunLockError, ThinkingCheckpointError, FileNotFoundError)
 
+
 def cli(argv: list[str] | None = None) -> None:
     """The command: input errors in one line; a run stopped on a signal (after its checkpoint) exits with that
     signal's status."""

@@ -1,5 +1,7 @@
 """Adapters and rollout plumbing on tiny models of each family: batches, labels, masks, generation."""
 
+import re
+
 import pytest
 import torch
 from PIL import Image
@@ -228,8 +230,12 @@ def test_a_pixel_budget_below_one_image_token_is_refused(tiny_checkpoint):
     from sc_tune.arguments import ArgumentError
 
     _, adapter = load_model_and_adapter(tiny_checkpoint("qwen2_5_vl"))
-    with pytest.raises(ArgumentError, match="--image_max_pixels 700 is below one image token"):
+    side = adapter.patch_size * adapter.merge_size  # one image token: a merged patch
+    with pytest.raises(ArgumentError, match=re.escape(f"--image_max_pixels 700 is below one image token of "
+                                                      f"{type(adapter).__name__} ({side} x {side} = {side**2} pixels)")):
         adapter.limit_image_pixels(None, 700)
-    with pytest.raises(ArgumentError, match="--image_min_pixels 802816 is above --image_max_pixels"):
+    with pytest.raises(ArgumentError, match=re.escape("--image_min_pixels 802816 is above --image_max_pixels 3136 (")):
         adapter.limit_image_pixels(4 * 448 * 448, None)  # the tiny checkpoint's own maximum is 3,136
     assert adapter.image_pixel_limits is None
+    adapter.limit_image_pixels(4 * side**2, 4 * side**2)  # equal bounds: one size, allowed
+    assert adapter.image_pixel_limits == (4 * side**2, 4 * side**2)

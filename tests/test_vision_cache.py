@@ -604,3 +604,33 @@ def test_minicpmv_view_keys_keep_every_grid_side_exact_in_bfloat16_pixels():
     (small_alone,) = keys((2, 3))
     assert small_beside_large.dtype == small_alone.dtype == torch.bfloat16 and torch.equal(small_beside_large,
                                                                                             small_alone)
+
+
+def test_a_patch_grid_tower_call_is_cut_to_some_images_only_where_it_holds_nothing_else():
+    # A call is cut to the images not cached yet only where every argument is the pixel rows, a per-image argument or
+    # a flag that says nothing about the images. Anything else (a third positional argument, a keyword such as a
+    # precomputed cu_seqlens of the whole call) would be wrong for the cut call, so the call is left whole (None).
+    from sc_tune.adapters.patch_grid_chat import PatchGridTowerCall
+
+    grid_thw = torch.tensor([[1, 2, 2], [1, 2, 4], [1, 4, 2]])  # 4, 8 and 8 patch rows
+    pixels = torch.arange(20 * 3, dtype=torch.float).reshape(20, 3)
+    image_rows = [pixels[:4], pixels[4:12], pixels[12:]]
+    call = PatchGridTowerCall()
+    for args, kwargs in (((pixels, grid_thw), {"return_dict": True}), ((pixels,), {"grid_thw": grid_thw}),
+                         ((), {"hidden_states": pixels, "grid_thw": grid_thw})):
+        cut_args, cut_kwargs = call.with_images(args, kwargs, [2, 0])
+        torch.testing.assert_close(cut_args[0], torch.cat([image_rows[2], image_rows[0]]), rtol=0, atol=0)
+        assert set(cut_kwargs) == {"grid_thw"} | set(kwargs) - {"hidden_states"}
+        assert cut_kwargs["grid_thw"].tolist() == [[1, 4, 2], [1, 2, 2]]
+        assert cut_kwargs.get("return_dict", True) is True
+    assert call.with_images((pixels, grid_thw, torch.tensor([0, 4, 12, 20])), {}, [0]) is None
+    assert call.with_images((pixels, grid_thw), {"cu_seqlens": torch.tensor([0, 4, 12, 20])}, [0]) is None
+    assert call.with_images((pixels,), {"grid_thw": grid_thw, "position_ids": torch.arange(20)}, [0]) is None
+
+    # VideoLLaMA3's tower names a third per-image argument: by position it is cut with the others, a fourth is not.
+    merge_sizes = torch.tensor([1, 2, 2])
+    call = PatchGridTowerCall(("pixel_values", "grid_thw", "merge_sizes"))
+    cut_args, cut_kwargs = call.with_images((pixels, grid_thw, merge_sizes), {}, [1])
+    torch.testing.assert_close(cut_args[0], image_rows[1], rtol=0, atol=0)
+    assert (cut_kwargs["grid_thw"].tolist(), cut_kwargs["merge_sizes"].tolist()) == ([[1, 2, 4]], [2])
+    assert call.with_images((pixels, grid_thw, merge_sizes, merge_sizes), {}, [1]) is None

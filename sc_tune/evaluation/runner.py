@@ -12,17 +12,23 @@ import torch
 import torch.distributed as dist
 
 from sc_tune.adapters.base import ModelAdapter
+from sc_tune.arguments import SCTuneConfig
 from sc_tune.evaluation.distributed import Ranks, current_ranks, gather_by_index
 from sc_tune.evaluation.progress import SampleLog
 from sc_tune.rollout import GenerationSettings, fit_locator_budget  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
+
+def _training_default(name: str):
+    return SCTuneConfig.__dataclass_fields__[name].default
+
+
 # Evaluation decodes greedily with the training lengths (finetune.py's --describer_max_new_tokens and
-# --locator_max_new_tokens defaults, 30 and 20; a test holds them equal), but lets the describer stop at once:
+# --locator_max_new_tokens defaults, read from their one home), but lets the describer stop at once:
 # min_new_tokens=3 is a training-time guard, not part of the model's answer. evaluate.py's defaults are these.
-DESCRIBE_EVAL = GenerationSettings(max_new_tokens=30, min_new_tokens=0)
-LOCATE_EVAL = GenerationSettings(max_new_tokens=20, min_new_tokens=0)
+DESCRIBE_EVAL = GenerationSettings(max_new_tokens=_training_default("describer_max_new_tokens"), min_new_tokens=0)
+LOCATE_EVAL = GenerationSettings(max_new_tokens=_training_default("locator_max_new_tokens"), min_new_tokens=0)
 
 
 def locator_finished(adapter: ModelAdapter, locator_text: str) -> bool:

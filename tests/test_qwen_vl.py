@@ -197,3 +197,58 @@ def test_build_tiny_is_deterministic(tmp_path):
     a, _, _ = build_tiny_qwen_vl(str(tmp_path / "a"), seed=3)
     b, _, _ = build_tiny_qwen_vl(str(tmp_path / "b"), seed=3)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def _as_qwen2(model: QWenLMHeadModel):
+    """transformers' Qwen2ForCausalLM holding ``model``'s language-model weights, renamed and c_attn split."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = model.config
+    qwen2 = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size // 2,
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_attention_heads, rms_norm_eps=config.layer_norm_epsilon,
+        max_position_embeddings=config.seq_length, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rotary_emb_base}))
+    ours = {name: tensor for name, tensor in model.state_dict().items() if ".visual." not in name}
+    renamed = {"model.embed_tokens.weight": ours.pop("transformer.wte.weight"),
+               "model.norm.weight": ours.pop("transformer.ln_f.weight"), "lm_head.weight": ours.pop("lm_head.weight")}
+    for i in range(config.num_hidden_layers):
+        block, layer = f"transformer.h.{i}.", f"model.layers.{i}."
+        for kind in ("weight", "bias"):
+            q, k, v = ours.pop(f"{block}attn.c_attn.{kind}").split(config.hidden_size, dim=0)
+            renamed |= {f"{layer}self_attn.{name}_proj.{kind}": t for name, t in zip("qkv", (q, k, v))}
+        for theirs, mine in (("self_attn.o_proj", "attn.c_proj"), ("mlp.gate_proj", "mlp.w2"),
+                             ("mlp.up_proj", "mlp.w1"), ("mlp.down_proj", "mlp.c_proj"),
+                             ("input_layernorm", "ln_1"), ("post_attention_layernorm", "ln_2")):
+            renamed[f"{layer}{theirs}.weight"] = ours.pop(f"{block}{mine}.weight")
+    assert not ours, f"language-model weights left unmapped: {sorted(ours)}"  # no output or MLP biases either
+    missing, unexpected = qwen2.load_state_dict(renamed, strict=False)
+    assert (missing, unexpected) == ([], [])
+    return qwen2.eval()
+
+
+def test_the_language_model_is_transformers_qwen2_with_the_weights_renamed(tmp_path):
+    """Below ``seq_length`` (no dynamic NTK, no logn scaling) QWen-7B's decoder is the architecture transformers ships
+    as Qwen2: q, k and v with biases (one fused ``c_attn`` here), no output bias, RMSNorm, half-split rotary, and a
+    SwiGLU MLP whose gate is ``w2`` (llama.cpp's tensor map reads ``transformer.h.N.mlp.w2`` as the gate). The
+    official remote code is the reference where it is at hand (``test_qwen_vl_official``); this independent one runs
+    everywhere. Every parameter is drawn at random (biases and norm weights too); a left-padded row takes its column
+    indices as positions, as the official model does."""
+    model, _, _ = build_tiny_qwen_vl(str(tmp_path))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.2)
+    model.eval()
+    qwen2 = _as_qwen2(model)
+    input_ids = torch.randint(0, 200, (3, 12))  # plain text tokens (no <img> span)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[2, :5] = 0
+    with torch.no_grad():
+        ours = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        theirs = qwen2(input_ids=input_ids, attention_mask=attention_mask,
+                       position_ids=torch.arange(12).expand(3, 12)).logits
+    assert ours.abs().max() > 1.0  # logits far from zero: the comparison below is not of near-zero numbers
+    real = attention_mask.bool()
+    torch.testing.assert_close(ours[real], theirs[real], atol=1e-4, rtol=1e-4)

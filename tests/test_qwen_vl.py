@@ -252,3 +252,93 @@ def test_the_language_model_is_transformers_qwen2_with_the_weights_renamed(tmp_p
     assert ours.abs().max() > 1.0  # logits far from zero: the comparison below is not of near-zero numbers
     real = attention_mask.bool()
     torch.testing.assert_close(ours[real], theirs[real], atol=1e-4, rtol=1e-4)
+
+
+def _reference_sincos(dim: int, side: int) -> torch.Tensor:
+    """MAE's 2-D sin-cos table, as the official resampler builds it: ``np.meshgrid(grid_w, grid_h)[0]``, the column
+    index, drives the first half of the channels; each half is [sin | cos] of position x 1 / 10000^(i / (d / 2))."""
+    def axis(half: int, positions: torch.Tensor) -> torch.Tensor:
+        omega = 1.0 / 10000 ** (torch.arange(half // 2, dtype=torch.float64) / (half / 2))
+        angles = positions.double()[:, None] * omega[None, :]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    return torch.cat([axis(dim // 2, cols.flatten()), axis(dim // 2, rows.flatten())], dim=1).float()
+
+
+def _reference_resized(table: torch.Tensor, side: int) -> torch.Tensor:
+    """The official ``get_abs_pos``: a square table resized bicubically (align_corners off) to ``side`` x ``side``."""
+    source = round(table.shape[0] ** 0.5)
+    if source == side:
+        return table
+    grid = table.reshape(1, source, source, -1).permute(0, 3, 1, 2)
+    resized = torch.nn.functional.interpolate(grid, size=(side, side), mode="bicubic", align_corners=False)
+    return resized.permute(0, 2, 3, 1).reshape(side * side, -1)
+
+
+def _reference_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Scaled dot-product attention of one image's (L, C) rows, head by head, written out."""
+    d = q.shape[1] // heads
+    out = []
+    for h in range(heads):
+        part = slice(h * d, (h + 1) * d)
+        out.append(torch.softmax(q[:, part] @ k[:, part].T / d**0.5, dim=-1) @ v[:, part])
+    return torch.cat(out, dim=1)
+
+
+def _reference_tower(visual, pixels_N3HW: torch.Tensor) -> torch.Tensor:
+    """The official Qwen-VL vision tower, one image at a time, from its parameters alone: 14 x 14 patches (no bias)
+    plus the learned 16 x 16 table resized; pre-norm blocks whose fused ``in_proj`` is laid out head by head
+    (``[head][q|k|v]``); the resampler's queries and keys carrying the sin-cos table (the keys' resized to the patch
+    grid), its values not, through ``nn.MultiheadAttention``'s block layout (``[q|k|v]``); post-norm, then ``proj``."""
+    def norm(x, module):
+        return torch.nn.functional.layer_norm(x, x.shape[-1:], module.weight, module.bias, eps=1e-6)
+
+    def linear(x, module):
+        return x @ module.weight.T + (0 if module.bias is None else module.bias)
+
+    pool = visual.attn_pool
+    side = round(pool.query.shape[0] ** 0.5)
+    features = []
+    for image in pixels_N3HW:
+        p = visual.conv1.kernel_size[0]
+        patches = image.unfold(1, p, p).unfold(2, p, p)  # (3, grid_h, grid_w, p, p)
+        grid = patches.shape[1]
+        x = patches.permute(1, 2, 0, 3, 4).reshape(grid * grid, -1) @ visual.conv1.weight.flatten(1).T
+        x = norm(x + _reference_resized(visual.positional_embedding, grid), visual.ln_pre)
+        for block in visual.transformer.resblocks:
+            heads, width = block.attn.heads, x.shape[1]
+            qkv = linear(norm(x, block.ln_1), block.attn.in_proj).reshape(len(x), heads, 3, width // heads)
+            q, k, v = (qkv[:, :, i].reshape(len(x), width) for i in range(3))
+            x = x + linear(_reference_heads(q, k, v, heads), block.attn.out_proj)
+            x = x + linear(torch.nn.functional.gelu(linear(norm(x, block.ln_2), block.mlp.c_fc)), block.mlp.c_proj)
+        values = norm(x @ pool.kv_proj.weight.T, pool.ln_kv)
+        table = _reference_sincos(values.shape[1], side)
+        w_q, w_k, w_v = pool.attn.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = pool.attn.in_proj_bias.chunk(3)
+        out = _reference_heads((norm(pool.query, pool.ln_q) + table) @ w_q.T + b_q,
+                               (values + _reference_resized(table, grid)) @ w_k.T + b_k, values @ w_v.T + b_v,
+                               pool.attn.num_heads)
+        features.append(norm(linear(out, pool.attn.out_proj), visual.ln_post) @ visual.proj)
+    return torch.stack(features)
+
+
+def test_the_vision_tower_equals_the_official_computation_written_out(tmp_path):
+    """The vision tower against the official one written out in the test from its parameters (see
+    ``_reference_tower``): an independent reference in every clone, where the official remote code's test runs only
+    with ``QWEN_VL_REMOTE_CODE``. A 4 x 4 patch grid, so that both position tables are resized, 2 resampler heads,
+    and every parameter drawn at random but the fixed sin-cos table, which is checked against the reference's."""
+    model, _, _ = build_tiny_qwen_vl(str(tmp_path), hidden=256, image_size=56)
+    visual = model.transformer.visual
+    torch.testing.assert_close(visual.attn_pool.pos_embed, _reference_sincos(256, 2), atol=1e-6, rtol=0)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, parameter in visual.named_parameters():
+            if name != "attn_pool.pos_embed":
+                parameter.normal_(0.0, 0.3)
+    assert visual.attn_pool.attn.num_heads == 2 and visual.transformer.resblocks[0].attn.heads == 2
+    pixels = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        ours, theirs = visual(pixels), _reference_tower(visual, pixels)
+    assert ours.shape == (2, 4, 256) and ours.abs().max() > 0.5
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)

@@ -49,6 +49,18 @@ def test_batch_is_left_padded_with_labels_on_targets_only(family):
     assert parsed == pytest.approx(box, abs=1.0 / min(image.frame + (999,)))
 
 
+def test_a_batch_whose_prompts_images_and_targets_do_not_pair_up_is_refused(family):
+    # zip would pair them up to the shortest and drop the rest without a word: each mismatch alone is refused.
+    _, adapter, image = family
+    prompt, target = adapter.locator_prompt("a", image), adapter.locator_target([0.1, 0.1, 0.5, 0.5], image, "a")
+    for prompts, images, targets, counts in (([prompt] * 2, [image], None, "2 prompts, 1 images and no targets"),
+                                              ([prompt], [image], [target] * 2, "1 prompts, 1 images and 2 targets"),
+                                              ([prompt] * 2, [image] * 2, [target], "2 prompts, 2 images and 1 targets")):
+        with pytest.raises(ValueError, match=f"build_batch got {counts}; they must match one to one"):
+            adapter.build_batch(prompts, images, targets)
+    assert adapter.build_batch([prompt] * 2, [image] * 2, [target] * 2).labels.shape[0] == 2
+
+
 def test_generation_pads_after_the_end_and_teacher_forcing_lines_up(family):
     model, adapter, image = family
     batch = adapter.build_batch([adapter.describer_prompt([0.1, 0.1, 0.6, 0.6], image)] * 2, [image, image])

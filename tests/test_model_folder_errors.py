@@ -133,6 +133,25 @@ def test_the_committed_warm_start_still_loads():
     assert len(adapter.tokenizer) == 437 and model.config.text_config.vocab_size == 437
 
 
+def test_a_folder_with_the_slow_tokenizers_files_instead_of_tokenizer_json_loads(tmp_path):
+    # The refusals above must not catch a folder that has its vocabulary in the slow tokenizer's own files
+    # (vocab.json and merges.txt for Qwen's BPE) and no tokenizer.json: it loads, and encodes as the full folder does.
+    folder = str(tmp_path / "model")
+    shutil.copytree(WARM_START, folder)
+    with open(os.path.join(folder, "tokenizer.json"), encoding="utf-8") as f:
+        bpe = json.load(f)["model"]
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(bpe["vocab"], f)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in bpe["merges"]))
+    os.remove(os.path.join(folder, "tokenizer.json"))
+    _, adapter = load_model_and_adapter(folder)
+    _, full = load_model_and_adapter(WARM_START)
+    text = full.render("Where is the red circle on the left?")
+    assert adapter.tokenizer(text)["input_ids"] == full.tokenizer(text)["input_ids"]
+    assert len(adapter.tokenizer) == len(full.tokenizer) == 437
+
+
 def test_a_tiny_qwen_vl_folder_without_its_tiktoken_vocabulary_is_refused(tiny_checkpoint, tmp_path):
     folder = str(tmp_path / "qwen")
     shutil.copytree(tiny_checkpoint("qwen"), folder)

@@ -85,6 +85,22 @@ def _size(width, height):
     return ModelAdapter.image_size_problem(ModelAdapter, width, height)
 
 
+def test_the_size_check_draws_the_processors_bounds_exactly(tiny_checkpoint):
+    # An aspect ratio of exactly 200 passes, as it passes Qwen2-VL's smart_resize (which refuses only > 200: the
+    # processor itself, on the tiny Qwen2.5-VL, accepts the one and raises on the other); the shorter side, not the
+    # longer, must be 8 pixels or more, either way round.
+    from sc_tune.modeling import load_model_and_adapter
+
+    assert _size(1600, 8) is None and _size(8, 1600) is None and _size(8, 8) is None
+    assert _size(1608, 8) == "image aspect ratio too extreme (1608x8, > 200:1)"
+    assert _size(100, 7) == _size(7, 100).replace("7x100", "100x7") == "image too small (100x7, shorter side < 8)"
+    _, adapter = load_model_and_adapter(tiny_checkpoint("qwen2_5_vl"))
+    assert adapter.image_size_problem(1600, 8) is None
+    assert adapter.prepare_image(Image.new("RGB", (1600, 8))).num_tokens > 0
+    with pytest.raises(ValueError, match="aspect ratio must be smaller than 200"):
+        adapter.prepare_image(Image.new("RGB", (1608, 8)))
+
+
 def test_bad_images_stop_before_training_naming_file_and_record(tmp_path):
     path = _bad_folder(tmp_path)
     with pytest.raises(AnnotationError) as info:

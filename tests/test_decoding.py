@@ -601,6 +601,20 @@ def test_refusals_name_the_family_and_the_reason(tiny_checkpoint, monkeypatch):
         choose_decoding("yes", adapter, model, "cuda")
 
 
+def test_a_family_decodes_statically_only_once_the_exactness_test_covers_it():
+    # A new family's adapter starts unverified (transformers' generate decodes it); every family that opts in is
+    # under test_static_decoding_equals_transformers_generate (FAMILY_TYPES), but Qwen3.8-Flash-Next, whose sparse
+    # attention layers are refused by name in the test below.
+    from sc_tune.adapters import adapter_class
+    from sc_tune.adapters.base import ModelAdapter
+    from sc_tune.adapters.registry import supported_model_types
+
+    assert ModelAdapter.static_decoding_verified is False
+    tested = {adapter_class(model_type) for model_type in FAMILY_TYPES}
+    verified = [t for t in supported_model_types() if adapter_class(t).static_decoding_verified]
+    assert [t for t in verified if adapter_class(t) not in tested] == ["qwen4_exp"]
+
+
 def test_sparse_attention_layers_are_refused_by_name_and_decode_with_transformers(tiny_checkpoint):
     """Qwen4-Exp's ``indexed_attention`` layers (Qwen Sparse Attention: a per-query top-k of key blocks) have no static
     decode step: true is refused naming them, auto on CUDA falls back to transformers' generate, and SC-Tune's own

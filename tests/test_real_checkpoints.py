@@ -316,6 +316,21 @@ def test_forced_answers_on_a_released_tokenizer_without_the_other_files(folder, 
     assert_forced_captions_are_described_back(model, adapter, [CAPTION, LONG_CAPTION])
 
 
+@pytest.mark.parametrize("folder", real.present(["google__gemma-3-4b-it"], ("tokenizer",)))
+def test_a_caption_keeps_its_word_boundaries_where_the_released_tokenizer_adds_whitespace_tokens(
+        folder, adapter_on_released_tokenizer):
+    """Gemma 3's released tokenizer adds newlines, tabs and their runs as tokens (62 of them): the locator's prompt
+    keeps a caption's newline and tab (removed, they joined the words around them), and still drops an image marker
+    the caption spells."""
+    adapter = adapter_on_released_tokenizer(folder)
+    assert {"\n", "\n\n", "\t"} <= set(adapter.special_tokens())
+    caption = "a dog\non the\tgrass"
+    assert adapter.plain_text(caption) == caption
+    assert adapter.plain_text(f"a dog\n{adapter.image_marker}on") == "a dog\non"
+    image = adapter.prepare_image(Image.new("RGB", (64, 48), (200, 30, 30)))
+    assert caption in adapter.locator_prompt(caption, image)
+
+
 @pytest.mark.parametrize("folder", real.present(["Qwen__Qwen-VL-Chat"], ("tiktoken",)))
 def test_forced_answers_on_qwen_vl_chats_released_vocabulary(folder):
     """Qwen-VL-Chat, the paper's model: a tiny random native model of the released vocabulary (qwen.tiktoken's

@@ -288,9 +288,13 @@ class ModelAdapter(ABC):
         """``text`` without special-token strings. Why: a caption is plain text, but one that spells a token
         such as ``<image>`` in ordinary pieces would re-tokenise into that special token, and an extra image
         placeholder makes the batch unusable (a crash mid-run); such strings carry no caption meaning. Removed
-        until none is left: one removal can join the pieces around it into another ("<im<image>age>")."""
+        until none is left: one removal can join the pieces around it into another ("<im<image>age>").
+
+        Whitespace tokens are kept: Gemma's tokenizers add newlines, tabs and their runs as tokens, and removing one
+        would join the words around it ("a dog", a newline, "on grass" read "a dogon grass"); in text they tokenise
+        as the whitespace they are."""
         if not hasattr(self, "_special_re"):
-            tokens = sorted(self.reserved_strings(), key=len, reverse=True)
+            tokens = sorted((t for t in self.reserved_strings() if t.strip()), key=len, reverse=True)
             self._special_re = re.compile("|".join(map(re.escape, tokens))) if tokens else None
         while self._special_re is not None and self._special_re.search(text):
             text = self._special_re.sub("", text)

@@ -272,7 +272,7 @@ def test_describer_never_samples_media_or_box_tokens(model_type, cli_folder, mon
     media = {i for t, i in specials.items() if MEDIA_NAME.search(t)}
     boxes = {i for t, i in specials.items() if BOX_NAME.search(t)}
     assert media, "the tiny tokenizer carries the family's image tokens"
-    describer, locator = set(adapter.suppressed_token_ids()), set(adapter.suppressed_token_ids(describer=False))
+    describer, locator = set(adapter.suppressed_token_ids(describer=True)), set(adapter.suppressed_token_ids(describer=False))
     assert media | boxes <= describer and media <= locator
     assert not (set(adapter.end_token_ids) & describer)
     image = _image(adapter)

@@ -105,11 +105,11 @@ def test_left_padded_batch_matches_single_rows_and_cache(tiny):
             n = single_logits.shape[0]
             assert (logits[row, -n:] - single_logits).abs().max() < 1e-5
     settings = GenerationSettings(max_new_tokens=6)
-    kwargs = {**settings.generate_kwargs(), **adapter.generation_kwargs()}
+    kwargs = {**settings.generate_kwargs(), **adapter.generation_kwargs(describer=True)}
     with_cache = model.generate(**batch.inputs, **kwargs)
     without_cache = model.generate(**batch.inputs, **kwargs, use_cache=False)
     assert torch.equal(with_cache, without_cache)
-    suppressed = set(adapter.suppressed_token_ids())
+    suppressed = set(adapter.suppressed_token_ids(describer=True))
     assert not suppressed & set(with_cache[:, batch.input_ids.shape[1]:].flatten().tolist())
 
 

@@ -419,7 +419,7 @@ class ModelAdapter(ABC):
         """Every special (added) token of the tokenizer, text -> id."""
         return dict(self.tokenizer.get_added_vocab())
 
-    def suppressed_token_ids(self, describer: bool = True) -> list[int]:
+    def suppressed_token_ids(self, describer: bool) -> list[int]:
         """Ids generation must never emit: media tokens always, box/reference tokens in captions too.
 
         End tokens are never suppressed. Sorted, so that generation does not depend on dict order."""
@@ -445,7 +445,7 @@ class ModelAdapter(ABC):
         """Generated locator tokens -> text the codec parses (special tokens kept: some formats use them)."""
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=False)
 
-    def generation_kwargs(self, describer: bool = True) -> dict:
+    def generation_kwargs(self, describer: bool) -> dict:
         return {
             "eos_token_id": self.end_token_ids,
             "pad_token_id": self.pad_token_id,

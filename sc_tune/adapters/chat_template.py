@@ -169,7 +169,7 @@ class ChatTemplateAdapter(GenericTemplateTurns, ModelAdapter):
         # one in a prompt into an image: a caption that spells it would be one image too many there.
         return super().reserved_strings() | {self.image_marker}
 
-    def suppressed_token_ids(self, describer: bool = True) -> list[int]:
+    def suppressed_token_ids(self, describer: bool) -> list[int]:
         ids = set(super().suppressed_token_ids(describer))
         if self.extra_media_tokens is not None:
             ids |= {i for text, i in self.special_tokens().items() if self.extra_media_tokens.search(text)}

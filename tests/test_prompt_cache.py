@@ -271,9 +271,11 @@ def test_a_cached_prefix_that_would_cut_the_image_span_is_not_used(tiny_checkpoi
 
 
 def test_families_that_do_not_move_cached_columns_locate_from_a_full_prefill(tiny_checkpoint):
-    # GLM-4.1V has M-RoPE too, but its adapter has not opted in (no test shows its moved keys exact).
+    # GLM-4.1V has M-RoPE too, but its adapter has not opted in (no test shows its moved keys exact), nor in resuming
+    # the greedy captions from the scoring pass's cache: the base adapter's fallback, a full prefill, for both.
     model, adapter = load_model_and_adapter(tiny_checkpoint("glm4v"))
     model.eval()
+    assert not adapter.resumes_from_scoring_cache(model, 40, 50)
     scored, images = _scored_and_located_rows(model, adapter)
     assert locate_from_prefix(model, adapter, images, CAPTIONS, GREEDY, scored, SOURCE_ROWS) is None
 

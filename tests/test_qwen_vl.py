@@ -199,8 +199,9 @@ def test_build_tiny_is_deterministic(tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
-def _as_qwen2(model: QWenLMHeadModel):
-    """transformers' Qwen2ForCausalLM holding ``model``'s language-model weights, renamed and c_attn split."""
+def _as_qwen2(model: QWenLMHeadModel, rope_theta: float | None = None):
+    """transformers' Qwen2ForCausalLM holding ``model``'s language-model weights, renamed and c_attn split (its
+    rotary base ``rope_theta``, by default ``model``'s)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = model.config
@@ -208,8 +209,8 @@ def _as_qwen2(model: QWenLMHeadModel):
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size // 2,
         num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
         num_key_value_heads=config.num_attention_heads, rms_norm_eps=config.layer_norm_epsilon,
-        max_position_embeddings=config.seq_length, tie_word_embeddings=False,
-        rope_parameters={"rope_type": "default", "rope_theta": config.rotary_emb_base}))
+        max_position_embeddings=config.max_position_embeddings, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta or config.rotary_emb_base}))
     ours = {name: tensor for name, tensor in model.state_dict().items() if ".visual." not in name}
     renamed = {"model.embed_tokens.weight": ours.pop("transformer.wte.weight"),
                "model.norm.weight": ours.pop("transformer.ln_f.weight"), "lm_head.weight": ours.pop("lm_head.weight")}
@@ -228,6 +229,15 @@ def _as_qwen2(model: QWenLMHeadModel):
     return qwen2.eval()
 
 
+def _randomized_tiny_qwen_vl(directory, **config):
+    model, _, _ = build_tiny_qwen_vl(str(directory), **config)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.2)
+    return model.eval()
+
+
 def test_the_language_model_is_transformers_qwen2_with_the_weights_renamed(tmp_path):
     """Below ``seq_length`` (no dynamic NTK, no logn scaling) QWen-7B's decoder is the architecture transformers ships
     as Qwen2: q, k and v with biases (one fused ``c_attn`` here), no output bias, RMSNorm, half-split rotary, and a
@@ -235,12 +245,7 @@ def test_the_language_model_is_transformers_qwen2_with_the_weights_renamed(tmp_p
     official remote code is the reference where it is at hand (``test_qwen_vl_official``); this independent one runs
     everywhere. Every parameter is drawn at random (biases and norm weights too); a left-padded row takes its column
     indices as positions, as the official model does."""
-    model, _, _ = build_tiny_qwen_vl(str(tmp_path))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0.0, 0.2)
-    model.eval()
+    model = _randomized_tiny_qwen_vl(tmp_path)
     qwen2 = _as_qwen2(model)
     input_ids = torch.randint(0, 200, (3, 12))  # plain text tokens (no <img> span)
     attention_mask = torch.ones_like(input_ids)
@@ -342,3 +347,30 @@ def test_the_vision_tower_equals_the_official_computation_written_out(tmp_path):
         ours, theirs = visual(pixels), _reference_tower(visual, pixels)
     assert ours.shape == (2, 4, 256) and ours.abs().max() > 0.5
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_past_seq_length_the_language_model_scales_its_rotary_base_and_queries_as_the_official_one(tmp_path):
+    """Past ``seq_length``, at inference, the official model applies dynamic NTK (the rotary base times
+    alpha^(d / (d - 2)), alpha = 2^ceil(log2(L / seq_length) + 1) - 1 for L tokens) and logn attention (the query at
+    1-based position p > seq_length times log(p) / log(seq_length)). The Qwen2 reference with its base and queries
+    scaled so gives the same logits; in training neither applies."""
+    import math
+
+    model = _randomized_tiny_qwen_vl(tmp_path, seq_length=8)
+    input_ids = torch.randint(0, 200, (2, 13))
+    alpha, d = 3, model.config.kv_channels  # 2^ceil(log2(13 / 8) + 1) - 1
+    assert ntk_alpha_for(13, 8) == alpha
+    logn_T = torch.tensor([math.log(p, 8) if p > 8 else 1.0 for p in range(1, 14)])
+    qwen2 = _as_qwen2(model, rope_theta=model.config.rotary_emb_base * alpha ** (d / (d - 2)))
+    hooks = [layer.self_attn.q_proj.register_forward_hook(lambda module, args, q: q * logn_T[None, :, None])
+             for layer in qwen2.model.layers]  # a per-position scale commutes with the rotation that follows
+    with torch.no_grad():
+        ours, theirs = model(input_ids=input_ids).logits, qwen2(input_ids=input_ids).logits
+        for hook in hooks:
+            hook.remove()
+        plain = _as_qwen2(model)(input_ids=input_ids).logits
+        model.train()  # no dropout in the tiny config: training differs only in its positions
+        trained = model(input_ids=input_ids, use_cache=False).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    assert (ours - plain).abs().max() > 1e-2  # the scaling changed the logits: the comparison above tests it
+    torch.testing.assert_close(trained, plain, atol=1e-4, rtol=1e-4)

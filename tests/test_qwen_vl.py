@@ -374,3 +374,29 @@ def test_past_seq_length_the_language_model_scales_its_rotary_base_and_queries_a
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
     assert (ours - plain).abs().max() > 1e-2  # the scaling changed the logits: the comparison above tests it
     torch.testing.assert_close(trained, plain, atol=1e-4, rtol=1e-4)
+
+
+def test_the_image_processor_equals_transformers_clip_processor_set_as_the_official_transform():
+    """The official ``visual.py`` transform is Resize((448, 448), bicubic), ToTensor, Normalize(CLIP mean, std): in
+    transformers that is the CLIP image processor without its centre crop, an independent implementation in every
+    clone. Equal on a non-square photo, a greyscale one and one with an alpha channel, which the official code converts
+    with PIL's ``convert("RGB")`` (the alpha dropped) where transformers composites it onto white first."""
+    import numpy as np
+    from transformers import CLIPImageProcessorPil
+    from transformers.image_utils import PILImageResampling
+
+    from sc_tune.models.qwen_vl.image_processing import CLIP_MEAN, CLIP_STD
+
+    clip = CLIPImageProcessorPil(size={"height": 448, "width": 448}, do_center_crop=False,
+                                 resample=PILImageResampling.BICUBIC, image_mean=list(CLIP_MEAN),
+                                 image_std=list(CLIP_STD), do_convert_rgb=True)
+    assert CLIP_MEAN == (0.48145466, 0.4578275, 0.40821073) and CLIP_STD == (0.26862954, 0.26130258, 0.27577711)
+    rng = np.random.default_rng(0)
+    photos = [Image.fromarray(rng.integers(0, 256, (123, 317, 3), dtype=np.uint8)),
+              Image.fromarray(rng.integers(0, 256, (500, 90), dtype=np.uint8)),  # greyscale, taller than wide
+              Image.fromarray(rng.integers(0, 256, (64, 64, 4), dtype=np.uint8))]  # RGBA
+    ours = QWenVLImageProcessor()(photos)
+    theirs = torch.from_numpy(np.stack([clip(photo.convert("RGB") if photo.mode == "RGBA" else photo,
+                                             return_tensors="np")["pixel_values"][0] for photo in photos]))
+    assert ours.shape == (3, 3, 448, 448)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)

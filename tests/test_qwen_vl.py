@@ -400,3 +400,12 @@ def test_the_image_processor_equals_transformers_clip_processor_set_as_the_offic
                                              return_tensors="np")["pixel_values"][0] for photo in photos]))
     assert ours.shape == (3, 3, 448, 448)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+def test_the_vision_tower_refuses_pixels_of_another_shape_naming_the_one_it_takes(tiny):
+    visual = tiny[0].transformer.visual
+    size = visual.image_size
+    assert visual(torch.zeros(1, 3, size, size)).shape[0] == 1
+    for wrong in ((1, 4, size, size), (1, 3, size, size + 14), (3, size, size)):
+        with pytest.raises(ValueError, match=rf"must be \(N, 3, {size}, {size}\) pixel tensors, got \({wrong[0]}, "):
+            visual(torch.zeros(wrong))

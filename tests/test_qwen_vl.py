@@ -409,3 +409,21 @@ def test_the_vision_tower_refuses_pixels_of_another_shape_naming_the_one_it_take
     for wrong in ((1, 4, size, size), (1, 3, size, size + 14), (3, size, size)):
         with pytest.raises(ValueError, match=rf"must be \(N, 3, {size}, {size}\) pixel tensors, got \({wrong[0]}, "):
             visual(torch.zeros(wrong))
+
+
+def test_image_spans_that_do_not_match_the_images_are_refused_by_count(tiny):
+    model, adapter = tiny
+    red, green = _images(adapter)
+    ids = adapter.encode_prompt("The picture <img></img> is", red)
+    start = ids.index(adapter.img_start_id)
+    end = start + adapter.tokenizer.image_token_span + 1  # </img>
+    span = ids[start: end + 1]
+    pixels = torch.cat([red.tensors["images"], green.tensors["images"]])
+    cases = {"1 <img> and 0 </img> tokens for 1 images": (ids[:end] + ids[end + 1:], pixels[:1]),
+             "0 <img> and 1 </img> tokens for 1 images": (ids[:start] + ids[start + 1:], pixels[:1]),
+             "2 <img> and 2 </img> tokens for 1 images": (ids + span, pixels[:1]),
+             "1 <img> and 1 </img> tokens for 2 images": (ids, pixels)}
+    for message, (row, images) in cases.items():
+        with pytest.raises(ValueError, match=message):
+            model(input_ids=torch.tensor([row]), images=images)
+    assert model(input_ids=torch.tensor([ids + span]), images=pixels).logits.shape[1] == len(ids + span)

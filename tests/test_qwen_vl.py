@@ -427,3 +427,15 @@ def test_image_spans_that_do_not_match_the_images_are_refused_by_count(tiny):
         with pytest.raises(ValueError, match=message):
             model(input_ids=torch.tensor([row]), images=images)
     assert model(input_ids=torch.tensor([ids + span]), images=pixels).logits.shape[1] == len(ids + span)
+
+
+def test_the_official_config_builds_the_released_checkpoints_tensor_sizes():
+    """Qwen-VL-Chat's config (the defaults) builds tensors of exactly the released checkpoint's size: its
+    ``pytorch_model.bin.index.json`` gives ``total_size`` 19,313,870,336 bytes (bf16: 2 bytes per element), as the
+    release on the Hugging Face hub and its copy in the reference SC-Tune repository (``Qwen-VL-Chat/``) both carry it.
+    A shape rule changed anywhere (the ViT's MLP width, the SwiGLU's half width, the resampler's tables) moves it."""
+    from sc_tune.models.qwen_vl.configuration import QWenConfig
+
+    with torch.device("meta"):
+        model = QWenLMHeadModel(QWenConfig())
+    assert 2 * sum(t.numel() for t in model.state_dict().values()) == 19_313_870_336

@@ -171,7 +171,7 @@ def test_adapter_prompts_targets_and_prefixes(tiny):
               if n.startswith(adapter.vision_prefix) and not n.startswith(adapter.vision_trainable_prefixes)]
     kept = [n for n, _ in model.named_parameters() if n.startswith(adapter.vision_trainable_prefixes)]
     assert "transformer.visual.conv1.weight" in frozen and "transformer.visual.proj" in frozen
-    assert len(kept) == 11  # query, pos_embed, kv_proj, in_proj w/b, out_proj w/b, ln_q w/b, ln_kv w/b
+    assert len(kept) == 10  # query, kv_proj, in_proj w/b, out_proj w/b, ln_q w/b, ln_kv w/b (pos_embed: a buffer)
     assert adapter.end_token_ids == [adapter.pad_token_id] == [adapter.tokenizer.eod_id]
 
 
@@ -439,3 +439,20 @@ def test_the_official_config_builds_the_released_checkpoints_tensor_sizes():
     with torch.device("meta"):
         model = QWenLMHeadModel(QWenConfig())
     assert 2 * sum(t.numel() for t in model.state_dict().values()) == 19_313_870_336
+
+
+def test_the_resamplers_fixed_positions_never_train(tiny_dir):
+    """The official resampler's sin-cos table is frozen; the checkpoint stores it. After loading, and with fix_vit
+    leaving the rest of the resampler training, a full fine-tuning step moves the resampler's queries, never the
+    table (a parameter made frozen came back trainable from from_pretrained, and the step moved it)."""
+    from sc_tune.modeling import freeze_vision_tower
+
+    model = QWenLMHeadModel.from_pretrained(tiny_dir, dtype=torch.float32)
+    freeze_vision_tower(model, QwenVLAdapter.from_pretrained(tiny_dir))
+    pool = model.transformer.visual.attn_pool
+    table, queries = pool.pos_embed.detach().clone(), pool.query.detach().clone()
+    size = model.transformer.visual.image_size
+    model.transformer.visual(torch.randn(2, 3, size, size)).square().mean().backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0).step()
+    assert not torch.equal(pool.query, queries)
+    assert torch.equal(pool.pos_embed, table)

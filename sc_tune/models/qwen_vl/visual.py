@@ -118,8 +118,10 @@ class Resampler(nn.Module):
         if self.side * self.side != n_queries:
             raise ValueError(f"Qwen-VL visual: n_queries {n_queries} must be a square number")
         self.embed_dim = embed_dim
-        # Fixed sin-cos positions; a frozen parameter because the official checkpoint stores it.
-        self.pos_embed = nn.Parameter(torch.empty(n_queries, embed_dim), requires_grad=False)
+        # Fixed sin-cos positions, stored in the official checkpoint (a frozen parameter there). A persistent buffer
+        # here: saved and loaded under the same name, and never trained. A parameter made with requires_grad=False
+        # comes back trainable from transformers 5's from_pretrained, and full fine-tuning then moved the table.
+        self.register_buffer("pos_embed", torch.empty(n_queries, embed_dim), persistent=True)
         self.query = nn.Parameter(torch.empty(n_queries, embed_dim))
         self.kv_proj = nn.Linear(kv_dim, embed_dim, bias=False) if kv_dim != embed_dim else nn.Identity()
         self.attn = nn.MultiheadAttention(embed_dim, embed_dim // 128)

@@ -10,7 +10,8 @@ loads as is. Details that matter for equivalence with the official weights:
 - the resampler is ``torch.nn.MultiheadAttention`` with ``output_dim // 128`` heads, queries and keys both
   carrying 2-D positions, values without.
 
-Nothing here creates tensors outside parameters: models are built on the meta device and then loaded.
+Nothing here creates tensors outside parameters and the resampler's sin-cos table (a persistent buffer): models are
+built on the meta device and then loaded.
 """
 
 from __future__ import annotations

@@ -114,6 +114,28 @@ def test_sharded_runs_agree_with_each_other(runs):
     assert [h["describer/skipped"] for h in out["ddp"][1] if "describer/skipped" in h] == [1.0, 1.0, 1.0]
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_the_papers_model_trains_under_zero_and_keeps_its_fixed_positions(tiny_checkpoint, tmp_path, stage):
+    """The native Qwen-VL-Chat (the paper's model), two processes under ZeRO-2 and ZeRO-3, full fine-tuning with
+    fix_vit: both phases run, the export reloads with the resampler and the language model trained, the ViT and the
+    resampler's fixed sin-cos table as they were (under ZeRO-2 the table, a frozen parameter then, came back trainable
+    from from_pretrained and the run moved it; it is a persistent buffer now)."""
+    checkpoint = tiny_checkpoint("qwen")
+    out = tmp_path / f"zero{stage}_qwen"
+    out.mkdir()
+    config = os.path.join(ROOT, "scripts", f"ds_config_zero{stage}.json")
+    logs = _torchrun(checkpoint, out, 29650 + stage, "--deepspeed", config)
+    assert [h["phase"] for h in logs] == ["describer", "describer", "locator", "locator", "describer"]
+    start, _ = load_model_and_adapter(checkpoint)
+    trained, _ = load_model_and_adapter(str(out))
+    before = dict(start.named_parameters())
+    changed = {n for n, p in trained.named_parameters() if not torch.equal(p, before[n])}
+    assert any(n.startswith("transformer.visual.attn_pool.") for n in changed)
+    assert any(n.startswith("transformer.h.") for n in changed)
+    assert not any(n.startswith("transformer.visual.transformer.") for n in changed)  # fix_vit
+    assert torch.equal(trained.transformer.visual.attn_pool.pos_embed, start.transformer.visual.attn_pool.pos_embed)
+
+
 def test_finetune_ds_script_launches_with_environment_overrides(tiny_checkpoint, tmp_path):
     out = tmp_path / "ds_script"
     env = {

@@ -423,6 +423,9 @@ def test_image_spans_that_do_not_match_the_images_are_refused_by_count(tiny):
              "0 <img> and 1 </img> tokens for 1 images": (ids[:start] + ids[start + 1:], pixels[:1]),
              "2 <img> and 2 </img> tokens for 1 images": (ids + span, pixels[:1]),
              "1 <img> and 1 </img> tokens for 2 images": (ids, pixels)}
+    short = ids[:start + 1] + ids[start + 2:]  # one placeholder fewer inside the span
+    cases[rf"the <img> span at row 0, column {start} has 3 positions \(or ends in another row\); the model expects 4"] = (
+        short, pixels[:1])
     for message, (row, images) in cases.items():
         with pytest.raises(ValueError, match=message):
             model(input_ids=torch.tensor([row]), images=images)

@@ -459,3 +459,18 @@ def test_the_resamplers_fixed_positions_never_train(tiny_dir):
     torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0).step()
     assert not torch.equal(pool.query, queries)
     assert torch.equal(pool.pos_embed, table)
+
+
+def test_past_seq_length_cached_decoding_keeps_the_prompts_ntk_alpha(tmp_path):
+    """The official model computes the NTK factor at the prompt's prefill and keeps it for the tokens generated after
+    (stored on the cache here): within the same factor's range (a 13-token prompt past seq_length 8: alpha 3 up to 16
+    tokens) greedy tokens with the cache equal those of full recomputation at every step."""
+    model = _randomized_tiny_qwen_vl(tmp_path, seq_length=8)
+    input_ids = torch.randint(0, 200, (2, 13))
+    settings = {"max_new_tokens": 3, "min_new_tokens": 3, "do_sample": False, "pad_token_id": 0,
+                "suppress_tokens": list(range(200, model.config.vocab_size))}  # plain text only: no <img> span
+    with torch.no_grad():
+        cached = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **settings)
+        recomputed = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False,
+                                    **settings)
+    assert cached.shape == (2, 16) and torch.equal(cached, recomputed)

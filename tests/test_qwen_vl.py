@@ -468,9 +468,12 @@ def test_past_seq_length_cached_decoding_keeps_the_prompts_ntk_alpha(tmp_path):
     model = _randomized_tiny_qwen_vl(tmp_path, seq_length=8)
     input_ids = torch.randint(0, 200, (2, 13))
     settings = {"max_new_tokens": 3, "min_new_tokens": 3, "do_sample": False, "pad_token_id": 0,
-                "suppress_tokens": list(range(200, model.config.vocab_size))}  # plain text only: no <img> span
+                "suppress_tokens": list(range(200, model.config.vocab_size)),  # plain text only: no <img> span
+                "return_dict_in_generate": True, "output_logits": True}
     with torch.no_grad():
         cached = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **settings)
         recomputed = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False,
                                     **settings)
-    assert cached.shape == (2, 16) and torch.equal(cached, recomputed)
+    assert cached.sequences.shape == (2, 16) and torch.equal(cached.sequences, recomputed.sequences)
+    for step_cached, step_recomputed in zip(cached.logits, recomputed.logits, strict=True):  # every step's logits
+        torch.testing.assert_close(step_cached, step_recomputed, atol=1e-4, rtol=1e-4)

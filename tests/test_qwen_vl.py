@@ -369,7 +369,7 @@ def test_past_seq_length_the_language_model_scales_its_rotary_base_and_queries_a
         for hook in hooks:
             hook.remove()
         plain = _as_qwen2(model)(input_ids=input_ids).logits
-        model.train()  # no dropout in the tiny config: training differs only in its positions
+        model.train()  # no dropout in the tiny config: in training only NTK and logn are off
         trained = model(input_ids=input_ids, use_cache=False).logits
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
     assert (ours - plain).abs().max() > 1e-2  # the scaling changed the logits: the comparison above tests it
@@ -464,7 +464,7 @@ def test_the_resamplers_fixed_positions_never_train(tiny_dir):
 def test_past_seq_length_cached_decoding_keeps_the_prompts_ntk_alpha(tmp_path):
     """The official model computes the NTK factor at the prompt's prefill and keeps it for the tokens generated after
     (stored on the cache here): within the same factor's range (a 13-token prompt past seq_length 8: alpha 3 up to 16
-    tokens) greedy tokens with the cache equal those of full recomputation at every step."""
+    tokens) the greedy tokens and every step's logits with the cache equal those of full recomputation."""
     model = _randomized_tiny_qwen_vl(tmp_path, seq_length=8)
     input_ids = torch.randint(0, 200, (2, 13))
     settings = {"max_new_tokens": 3, "min_new_tokens": 3, "do_sample": False, "pad_token_id": 0,

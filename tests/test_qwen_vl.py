@@ -477,3 +477,21 @@ def test_past_seq_length_cached_decoding_keeps_the_prompts_ntk_alpha(tmp_path):
     assert cached.sequences.shape == (2, 16) and torch.equal(cached.sequences, recomputed.sequences)
     for step_cached, step_recomputed in zip(cached.logits, recomputed.logits, strict=True):  # every step's logits
         torch.testing.assert_close(step_cached, step_recomputed, atol=1e-4, rtol=1e-4)
+
+
+def test_a_config_the_official_attention_cannot_split_is_refused_naming_the_fields():
+    from sc_tune.models.qwen_vl.configuration import DEFAULT_VISUAL, QWenConfig
+
+    def visual(output_dim):
+        return {**DEFAULT_VISUAL, "output_dim": output_dim}
+
+    QWenConfig(hidden_size=256, num_attention_heads=2, kv_channels=128, visual=visual(256))
+    for fields, message in (
+            ({"hidden_size": 256, "num_attention_heads": 2, "kv_channels": 64, "visual": visual(256)},
+             r"kv_channels \* num_attention_heads \(64 \* 2\) must equal hidden_size \(256\)"),
+            ({"hidden_size": 256, "num_attention_heads": 2, "kv_channels": 128, "visual": visual(128)},
+             r"visual.output_dim \(128\) must equal hidden_size \(256\) and be >= 128"),
+            ({"hidden_size": 64, "num_attention_heads": 1, "kv_channels": 64, "visual": visual(64)},
+             r"visual.output_dim \(64\) must equal hidden_size \(64\) and be >= 128")):
+        with pytest.raises(ValueError, match=message):
+            QWenConfig(**fields)

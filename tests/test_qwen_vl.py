@@ -53,6 +53,59 @@ def test_special_tokens_follow_the_bpe_ranks_in_official_order(tiny_dir):
         tok("<img>abcde</img>")
 
 
+def test_an_image_span_that_fills_exactly_or_follows_text_decodes_back(tiny_dir):
+    """The official prompt puts text before each image ("Picture 1: <img>PATH</img>\\n"); a path of exactly the
+    span's bytes takes no padding. Both decode back to the text, one image or two."""
+    tok = QWenTokenizer.from_pretrained(tiny_dir, image_token_span=4)
+    ranks = len(tok.mergeable_ranks)
+    start, end = ranks + 214, ranks + 215
+    text = "Picture 1: <img>abcd</img>\nwhere?"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    at = ids.index(start)
+    assert at > 0 and ids[at : at + 6] == [start, *b"abcd", end]  # 4 bytes in a span of 4: no <imgpad>
+    assert tok.decode(ids) == text
+    two = "Picture 1: <img>ab</img>\nPicture 2: <img>c</img>\nsame?"
+    assert tok.decode(tok(two, add_special_tokens=False)["input_ids"]) == two
+    # A span a model wrote itself may hold ids that are no byte (and no padding): those go, every byte stays.
+    assert tok.decode([start, 0, ord("a"), 256, ord("b"), end]) == "<img>\x00ab</img>"
+    assert tok.decode([start, end, ord("a")]) == "<img></img>a"
+
+
+def test_skipping_special_tokens_keeps_the_grounding_tags_only_when_asked(tiny_dir):
+    """As the official tokenizer (its chat stream decodes with ``keep_image_special=True``): skipping special tokens
+    drops the image tags and the chat markers, and keeps <ref>, <box> and <quad> only when asked."""
+    tok = QWenTokenizer.from_pretrained(tiny_dir, image_token_span=4)
+    answer = "Picture 1: <img>ab</img>\n<ref>a dog</ref><box>(1,2),(3,4)</box><quad>(5,6)</quad><|im_end|>"
+    ids = tok(answer, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids, skip_special_tokens=True) == "Picture 1: ab\na dog(1,2),(3,4)(5,6)"
+    assert tok.decode(ids, skip_special_tokens=True, keep_image_special=True) == (
+        "Picture 1: ab\n<ref>a dog</ref><box>(1,2),(3,4)</box><quad>(5,6)</quad>")
+
+
+def test_the_tokenizer_maps_tokens_and_ids_both_ways_and_adds_none(tiny_dir, tmp_path):
+    tok = QWenTokenizer.from_pretrained(tiny_dir, image_token_span=4)
+    ranks = len(tok.mergeable_ranks)
+    assert tok.convert_tokens_to_ids(["<|endoftext|>", "<img>", b"a"]) == [ranks, ranks + 214, ord("a")]
+    assert tok.convert_tokens_to_ids(b"\xff\xfe\xfd never a rank") is None  # as the official: no unknown token
+    assert tok.convert_ids_to_tokens([ranks, ranks + 214, ord("a")]) == ["<|endoftext|>", "<img>", b"a"]
+    text = "a dog <ref>\u00e9t\u00e9</ref>"  # multi-byte characters split across byte tokens
+    assert tok.convert_tokens_to_string(tok.tokenize(text)) == text
+    with pytest.raises(ValueError, match=f"unknown id {len(tok)}"):
+        tok.convert_ids_to_tokens([len(tok)])
+    # The vocabulary is fixed: a built-in special token "adds" nothing, any other token is refused.
+    assert tok.add_special_tokens({"eos_token": "<|endoftext|>"}) == 0 and len(tok) == ranks + 217
+    with pytest.raises(ValueError, match="cannot add token '<new>': its vocabulary is fixed"):
+        tok.add_tokens(["<new>"])
+    saved = tok.save_vocabulary(str(tmp_path), "copy")[0]
+    assert os.path.basename(saved) == "copy-qwen.tiktoken"
+    assert QWenTokenizer(saved).mergeable_ranks == tok.mergeable_ranks
+    # A damaged vocabulary file names its line.
+    ranks_file = tmp_path / "qwen.tiktoken"
+    ranks_file.write_text("IQ== 0\nIg== 1\nnot-a-rank-line\n")
+    with pytest.raises(ValueError, match=f"{ranks_file}, line 3: expected '<base64 token> <rank>'"):
+        QWenTokenizer(str(ranks_file))
+
+
 def test_config_and_weights_are_written_in_official_layout(tiny_dir):
     config = json.load(open(os.path.join(tiny_dir, "config.json")))
     assert config["model_type"] == "qwen" and config["architectures"] == ["QWenLMHeadModel"]
@@ -495,3 +548,82 @@ def test_a_config_the_official_attention_cannot_split_is_refused_naming_the_fiel
              r"visual.output_dim \(64\) must equal hidden_size \(64\) and be >= 128")):
         with pytest.raises(ValueError, match=message):
             QWenConfig(**fields)
+
+
+# Qwen-VL-Chat's released generation_config.json (its transformers_version aside) and tokenizer_config.json.
+RELEASED_GENERATION_CONFIG = {"chat_format": "chatml", "do_sample": True, "eos_token_id": 151643, "max_new_tokens": 512,
+                              "max_window_size": 6144, "pad_token_id": 151643, "top_k": 0, "top_p": 0.3}
+RELEASED_TOKENIZER_CONFIG = {"model_max_length": 8192, "tokenizer_class": "QWenTokenizer",
+                             "auto_map": {"AutoTokenizer": ["tokenization_qwen.QWenTokenizer", None]}}
+
+
+def _saved_folder(path, **config):
+    """What ``save_pretrained`` leaves: a config.json (transformers 5 writes ``dtype``) and a generic tokenizer's
+    files."""
+    os.makedirs(path)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({"model_type": "qwen", **config}, f)
+    for name in ("special_tokens_map.json", "added_tokens.json", "chat_template.jinja"):
+        with open(os.path.join(path, name), "w") as f:
+            f.write("{}")
+    return str(path)
+
+
+def _read(path, name):
+    with open(os.path.join(path, name)) as f:
+        return json.load(f)
+
+
+def test_the_export_completes_a_saved_folder_as_the_official_release_lays_it_out(tiny_dir, tmp_path):
+    import warnings
+
+    from sc_tune.models.qwen_vl.export import OFFICIAL_AUTO_MAP, REMOTE_CODE_FILES, finalize_export
+
+    tok = QWenTokenizer.from_pretrained(tiny_dir, image_token_span=4)
+    # No source folder (a tiny model): everything is written, the end-of-document id the tokenizer's (not the
+    # config's), the released values otherwise; the remote code is missing, by name, and said.
+    out = _saved_folder(tmp_path / "written", dtype="bfloat16", eos_token_id=7)
+    with pytest.warns(UserWarning, match="has no configuration_qwen.py, modeling_qwen.py, .* official demos") as said:
+        report = finalize_export(out, None, tokenizer=tok)
+    assert len(said) == 1 and report["missing_remote_code"] == list(REMOTE_CODE_FILES)
+    config = _read(out, "config.json")
+    assert config["torch_dtype"] == "bfloat16" and config["architectures"] == ["QWenLMHeadModel"]
+    assert config["auto_map"] == OFFICIAL_AUTO_MAP and config["tokenizer_type"] == "QWenTokenizer"
+    ids = {"eos_token_id": tok.eod_id, "pad_token_id": tok.eod_id}
+    assert _read(out, "generation_config.json") == {**RELEASED_GENERATION_CONFIG, **ids}
+    assert _read(out, "tokenizer_config.json") == RELEASED_TOKENIZER_CONFIG
+    with open(os.path.join(out, "qwen.tiktoken"), "rb") as mine, open(os.path.join(tiny_dir, "qwen.tiktoken"), "rb") as f:
+        assert mine.read() == f.read()
+    assert not {"special_tokens_map.json", "added_tokens.json", "chat_template.jinja"} & set(os.listdir(out))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # quiet: the same report, nothing said
+        assert finalize_export(_saved_folder(tmp_path / "quiet"), None, tokenizer=tok, quiet=True) == report
+
+    # From a source laid out like the official download: its files are copied, its own leftovers stay, the config's
+    # end-of-document id is written where the source has no generation config, a torch_dtype already there is kept.
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in (*REMOTE_CODE_FILES, "SimSun.ttf", "special_tokens_map.json"):
+        (source / name).write_text(f"# {name}")
+    (source / "qwen.tiktoken").write_bytes(open(os.path.join(tiny_dir, "qwen.tiktoken"), "rb").read())
+    (source / "tokenizer_config.json").write_text(json.dumps({**RELEASED_TOKENIZER_CONFIG, "model_max_length": 2048}))
+    (source / "config.json").write_text(json.dumps({"auto_map": {"AutoConfig": "their.Config"}}))
+    out = _saved_folder(tmp_path / "copied", dtype="bfloat16", torch_dtype="float32", eos_token_id=7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = finalize_export(out, str(source))
+    assert "missing_remote_code" not in report and report["remote_code"] == [*REMOTE_CODE_FILES, "SimSun.ttf"]
+    assert all(open(os.path.join(out, name)).read() == f"# {name}" for name in report["remote_code"])
+    config = _read(out, "config.json")
+    assert config["torch_dtype"] == "float32" and config["auto_map"] == {"AutoConfig": "their.Config"}
+    assert _read(out, "generation_config.json") == {**RELEASED_GENERATION_CONFIG, "eos_token_id": 7, "pad_token_id": 7}
+    assert _read(out, "tokenizer_config.json")["model_max_length"] == 2048
+    assert "special_tokens_map.json" in os.listdir(out) and "added_tokens.json" not in os.listdir(out)
+    finalize_export(_saved_folder(tmp_path / "no_dtype", eos_token_id=7), str(source))
+    assert "torch_dtype" not in _read(str(tmp_path / "no_dtype"), "config.json")
+
+    # Nothing to take the end-of-document id or the tokenizer from: refused, naming the file or the folder.
+    with pytest.raises(ValueError, match="config.json: no eos_token_id and no tokenizer given"):
+        finalize_export(_saved_folder(tmp_path / "no_eos"), None)
+    with pytest.raises(ValueError, match="holds no qwen.tiktoken and tokenizer_config.json and no tokenizer was given"):
+        finalize_export(_saved_folder(tmp_path / "no_tokenizer", eos_token_id=7), None)

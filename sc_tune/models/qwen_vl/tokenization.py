@@ -104,14 +104,9 @@ class QWenTokenizer(PreTrainedTokenizer):
                 raise ValueError(f"QWenTokenizer cannot add token {text!r}: its vocabulary is fixed")
         return 0
 
-    def _convert_token_to_id(self, token: bytes | str) -> int:
-        if token in self.special_tokens:
-            return self.special_tokens[token]
-        if token in self.mergeable_ranks:
-            return self.mergeable_ranks[token]
-        raise ValueError(f"QWenTokenizer: unknown token {token!r}")
-
     def convert_tokens_to_ids(self, tokens):
+        # As the official tokenizer: an unknown token gives None (there is no unknown token). This override is the
+        # one home of token -> id: transformers reaches its `_convert_token_to_id` hook only through it.
         if isinstance(tokens, (str, bytes)):
             return self.special_tokens.get(tokens, self.mergeable_ranks.get(tokens))
         return [self.special_tokens.get(t, self.mergeable_ranks.get(t)) for t in tokens]

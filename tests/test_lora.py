@@ -187,3 +187,66 @@ def test_generation_leaves_no_hook_behind_on_the_input_embeddings(tiny_checkpoin
     held = [handle for module in model.modules() if isinstance(module, PreTrainedModel)
             for handle in module.__dict__.get("_require_grads_hooks") or []]  # fmt: skip
     assert held and all(handle.id in handle.hooks_dict_ref() for handle in held)
+
+
+def _model_of(sizes: dict[str, int]) -> torch.nn.Module:
+    """A module holding one 1-D parameter of each given size under each dotted name."""
+    root = torch.nn.Module()
+    for name, size in sizes.items():
+        *path, leaf = name.split(".")
+        module = root
+        for part in path:
+            if not hasattr(module, part):
+                module.add_module(part, torch.nn.Module())
+            module = getattr(module, part)
+        module.register_parameter(leaf, torch.nn.Parameter(torch.zeros(size)))
+    return root
+
+
+def test_fix_vit_freezes_the_tower_but_its_merger_and_the_summary_counts_every_part():
+    """Sizes chosen so that each count shows in the summary's two decimals of millions (1,505,001 -> 1.51M)."""
+    from sc_tune.modeling import freeze_vision_tower, trainable_summary
+
+    adapter = SimpleNamespace(vision_prefix="visual", vision_trainable_prefixes=("visual.merger",))
+    model = _model_of({"visual.merger.weight": 1_505_001, "visual.blocks.weight": 2_250_000,
+                       "model.layers.weight": 3_250_000, "visualiser.bias": 10_001})  # not in "visual."
+    assert trainable_summary(model, adapter) == (
+        "trainable parameters: 7.02M of 7.02M (vision resampler/merger 1.51M, vision tower 2.25M, language model 3.26M);"
+        " frozen: nothing")
+    assert freeze_vision_tower(model, adapter) == 2_250_000
+    assert [n for n, p in model.named_parameters() if not p.requires_grad] == ["visual.blocks.weight"]
+    assert trainable_summary(model, adapter) == (
+        "trainable parameters: 4.77M of 7.02M (vision resampler/merger 1.51M, language model 3.26M); frozen: vision tower")
+    # Under PEFT (its wrapper's prefix, every base weight frozen) only the LoRA weights train.
+    peft = _model_of({"base_model.model.visual.merger.weight": 1_505_001, "base_model.model.visual.blocks.weight": 7,
+                      "base_model.model.model.layers.weight": 3_250_000,
+                      "base_model.model.model.layers.lora_A.default.weight": 15_001})
+    for name, param in peft.named_parameters():
+        param.requires_grad_("lora_" in name)
+    assert trainable_summary(peft, adapter) == (
+        "trainable parameters: 0.02M of 4.77M (LoRA adapters 0.02M); "
+        "frozen: vision resampler/merger, vision tower, language model")
+    with pytest.raises(ValueError, match="fix_vit froze nothing: no parameter starts with 'visual'"):
+        freeze_vision_tower(_model_of({"model.layers.weight": 3}), adapter)
+
+
+def test_lora_wraps_the_named_modules_or_the_familys_and_qlora_quantises_as_its_paper(tiny_checkpoint):
+    from sc_tune.modeling import qlora_quantization_config
+
+    model, adapter = load_model_and_adapter(tiny_checkpoint("qwen2_vl"))
+
+    def wrapped(peft_model):
+        return {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+
+    family = wrapped(_lora(model, adapter))  # the family's: the language model's projections, nothing of the tower
+    assert {n.split(".")[-1] for n in family} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                  "down_proj"}
+    assert all(n.startswith("model.language_model.layers.") for n in family)
+    model, adapter = load_model_and_adapter(tiny_checkpoint("qwen2_vl"))
+    only_v = SimpleNamespace(**{**vars(LORA), "lora_target_modules": ["v_proj"]})
+    assert {n.split(".")[-1] for n in wrapped(apply_lora(model, adapter, only_v, gradient_checkpointing=False))} == {
+        "v_proj"}
+    # QLoRA (Dettmers et al., 2023): 4-bit NormalFloat weights, double quantisation, computing in the run's dtype.
+    config = qlora_quantization_config(torch.bfloat16)
+    assert (config.load_in_4bit, config.load_in_8bit, config.bnb_4bit_quant_type) == (True, False, "nf4")
+    assert config.bnb_4bit_use_double_quant and config.bnb_4bit_compute_dtype == torch.bfloat16

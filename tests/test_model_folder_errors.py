@@ -170,6 +170,27 @@ def test_a_tiny_qwen_vl_folder_without_its_tiktoken_vocabulary_is_refused(tiny_c
         load_model_and_adapter(folder)
 
 
+def test_the_image_processors_settings_load_from_processor_config_jsons_block(tiny_checkpoint, tmp_path):
+    """A folder may keep the image processor's settings in processor_config.json's ``image_processor`` block instead
+    of preprocessor_config.json (transformers 5's save_pretrained writes them there): it loads, with those settings;
+    a processor_config.json without the block is no substitute."""
+    folder = str(tmp_path / "qwen2_vl")
+    shutil.copytree(tiny_checkpoint("qwen2_vl"), folder)
+    with open(os.path.join(folder, "preprocessor_config.json"), encoding="utf-8") as f:
+        settings = json.load(f)
+    os.remove(os.path.join(folder, "preprocessor_config.json"))
+    nested = os.path.join(folder, "processor_config.json")
+    with open(nested, "w", encoding="utf-8") as f:
+        json.dump({"processor_class": "Qwen2VLProcessor"}, f)
+    with pytest.raises(CheckpointError, match="nor a processor_config.json with an image_processor block"):
+        load_model_and_adapter(folder)
+    settings["size"] = {"longest_edge": 2 * settings["size"]["longest_edge"], "shortest_edge": 784}
+    with open(nested, "w", encoding="utf-8") as f:
+        json.dump({"processor_class": "Qwen2VLProcessor", "image_processor": settings}, f)
+    _, adapter = load_model_and_adapter(folder)
+    assert adapter.image_processor.size == settings["size"]  # read from the block, not a default
+
+
 # ------------------------------------------------------------------------------------------- the command lines
 EVALUATE_CASES = ["no tokenizer.json", "unknown model_type", "no preprocessor_config.json", "no model.safetensors",
                   "a model_type transformers implements and SC-Tune does not serve"]

@@ -18,6 +18,7 @@ def test_normalised_box_refuses_what_is_not_a_box_with_area_in_the_unit_square(b
 
 def test_box_checks_accept_and_return_floats():
     assert checks.normalised_box({"bbox": [0, 0.25, 1, 0.5]}, "bbox", WHERE) == [0.0, 0.25, 1.0, 0.5]
+    assert checks.normalised_box({"bbox": [0.25, 0, 0.5, 1]}, "bbox", WHERE) == [0.25, 0.0, 0.5, 1.0]
     assert checks.xyxy_box({"bbox": [10, 20, 300, 200]}, "bbox", WHERE) == [10.0, 20.0, 300.0, 200.0]  # pixels
     # Any unit, each corner pair ordered (a zero-width or zero-height pixel box is a box too).
     for box in ([300, 20, 310, 200], [10, 400, 300, 500], [10, 20, 10, 200], [10, 20, 300, 20]):
@@ -34,8 +35,11 @@ def test_field_checks_name_the_field():
         checks.text({"image": "a.png"}, "sent", WHERE)
     with pytest.raises(AnnotationError, match="expected a JSON object, got list"):
         checks.need([1], "image", WHERE)
+    assert checks.typed({"id": 3}, "id", int, WHERE) == 3
     with pytest.raises(AnnotationError, match="field 'id' must be int, got True"):
         checks.typed({"id": True}, "id", int, WHERE)  # a bool is not a number
+    with pytest.raises(AnnotationError, match="field 'id' must be int or float, got '3'"):
+        checks.typed({"id": "3"}, "id", (int, float), WHERE)
     assert checks.positive_number({"width": 0.5}, "width", WHERE) == 0.5
     for width in (0, -3, float("inf"), True, "640"):
         with pytest.raises(AnnotationError, match="field 'width' must be a positive number"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -116,7 +118,13 @@ def test_lora_target_experts_refuses_a_dense_model(tiny_checkpoint):
     from sc_tune.modeling import load_model_and_adapter
 
     model, adapter = load_model_and_adapter(tiny_checkpoint("qwen3_vl"))
-    with pytest.raises(ValueError, match="not a MoE model"):
+    experts = list(adapter.lora_expert_parameters)  # the names Qwen3-VL-MoE's routed experts go by
+    with pytest.raises(ValueError, match=re.escape(f"Qwen3VLForConditionalGeneration has no routed-expert parameters "
+                                                   f"{experts}: it is not a MoE model")):
+        apply_lora(model, adapter, LoraArguments(use_lora=True, lora_r=4, lora_target_experts=True), False)
+    model, adapter = load_model_and_adapter(tiny_checkpoint("llava"))  # a family that names none
+    with pytest.raises(ValueError, match=re.escape("LlavaForConditionalGeneration has no routed-expert parameters "
+                                                   "(this family names none): it is not a MoE model")):
         apply_lora(model, adapter, LoraArguments(use_lora=True, lora_r=4, lora_target_experts=True), False)
 
 

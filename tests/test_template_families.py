@@ -185,6 +185,24 @@ def test_the_minicpmv_processor_builds_the_adapters_inputs_without_torchvision(m
     assert_the_familys_processor_builds_the_adapters_inputs(path, adapter, processor)
 
 
+def test_internvls_frame_is_its_tile_and_a_released_tile_is_256_tokens(tiny_checkpoint):
+    """The frame (``families budget``'s ``model_input_frame``) is the tile the tower sees, width first; at the released
+    geometry (448 px tiles of 14 px patches, pixel shuffle 0.5: transformers' InternVLConfig defaults) a tile is
+    InternVLProcessor's default image_seq_length, 256 tokens (the tiny tower's 2 x 2 patches cannot tell
+    ``side ** 2`` from ``side * 2``)."""
+    import inspect
+
+    from transformers import InternVLConfig
+    from transformers.models.internvl.processing_internvl import InternVLProcessor
+
+    adapter = adapter_class("internvl").from_pretrained(tiny_checkpoint("internvl"))
+    tile = adapter.image_processor.size
+    assert adapter.prepare_image(Image.new("RGB", (97, 61))).frame == (tile["width"], tile["height"])
+    released = type(adapter)(adapter.tokenizer, adapter.image_processor, InternVLConfig())
+    default = inspect.signature(InternVLProcessor.__init__).parameters["image_seq_length"].default
+    assert released.tile_tokens == default == 256
+
+
 def test_internvl_generic_box_format_uses_the_generic_prompts(tiny_checkpoint):
     adapter = adapter_class("internvl").from_pretrained(tiny_checkpoint("internvl"), box_format="generic")
     image = adapter.prepare_image(_odd_images()[0])

@@ -185,6 +185,35 @@ def test_the_minicpmv_processor_builds_the_adapters_inputs_without_torchvision(m
     assert_the_familys_processor_builds_the_adapters_inputs(path, adapter, processor)
 
 
+def _set_downsample_mode(folder, mode, files=("config.json", "preprocessor_config.json")):
+    for name in files:
+        path = os.path.join(folder, name)
+        with open(path, encoding="utf-8") as f:
+            settings = json.load(f)
+        settings["downsample_mode"] = mode
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(settings, f)
+
+
+@pytest.mark.parametrize("model_type", ["minicpmv4_6", "minicpmv4_7"])
+def test_minicpmv_without_the_window_merger_counts_four_times_the_tokens_as_its_model(model_type, tiny_checkpoint,
+                                                                                      tmp_path):
+    """MiniCPM-V's "4x" mode skips the tower's window merger: a feature per 2 x 2 patches instead of 4 x 4, and the
+    adapter counts as many image tokens as the model computes (it raises otherwise). A processor and a model config
+    that disagree are refused, naming both."""
+    folder = str(tmp_path / model_type)
+    shutil.copytree(tiny_checkpoint(model_type), folder)
+    _set_downsample_mode(folder, "4x")
+    model, adapter = load_model_and_adapter(folder)
+    image = adapter.prepare_image(Image.new("RGB", (97, 61), (200, 30, 30)))
+    batch = adapter.build_batch([adapter.describer_prompt(BOX, image)], [image])
+    with torch.no_grad():
+        model.eval()(**batch.inputs)
+    _set_downsample_mode(folder, "16x", files=("config.json",))
+    with pytest.raises(ValueError, match="the image processor's downsample_mode '4x' is not the model config's '16x'"):
+        adapter_class(model_type).from_pretrained(folder)
+
+
 def test_internvls_frame_is_its_tile_and_a_released_tile_is_256_tokens(tiny_checkpoint):
     """The frame (``families budget``'s ``model_input_frame``) is the tile the tower sees, width first; at the released
     geometry (448 px tiles of 14 px patches, pixel shuffle 0.5: transformers' InternVLConfig defaults) a tile is

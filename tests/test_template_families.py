@@ -646,6 +646,23 @@ def test_mistral3_keeps_todays_date_with_a_warning_where_a_given_system_message_
     with caplog.at_level("WARNING", logger="sc_tune.adapters.mistral3"):
         assert adapter._fixed_date_system_message() is None
     assert "renders a given system message otherwise than its default" in caplog.text
+    # A template with no default system turn, or an undated one, leaves the template's rendering as it is, unwarned.
+    caplog.clear()
+    template = adapter_class("mistral3").from_pretrained(tiny_checkpoint("mistral3")).tokenizer.chat_template
+    for changed in (template.replace("{{- '[SYSTEM_PROMPT]' + system_message + '[/SYSTEM_PROMPT]' }}", ""),
+                    template.replace('" + today + "', "2024-01-01")):
+        assert changed != template
+        adapter.tokenizer.chat_template = changed
+        with caplog.at_level("WARNING"):
+            assert adapter._fixed_date_system_message() is None
+    assert not caplog.records
+
+
+def test_mistral3_pins_its_templates_date_so_loading_it_warns_of_none(tiny_checkpoint, caplog):
+    with caplog.at_level("WARNING"):
+        adapter = adapter_class("mistral3").from_pretrained(tiny_checkpoint("mistral3"))
+    assert "strftime_now" in adapter.tokenizer.chat_template and adapter.system_message is not None
+    assert "writes today's date" not in caplog.text
 
 
 def test_a_tokenizer_without_the_familys_special_tokens_is_refused_by_name(tiny_checkpoint):

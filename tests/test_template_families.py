@@ -195,6 +195,17 @@ def _set_downsample_mode(folder, mode, files=("config.json", "preprocessor_confi
             json.dump(settings, f)
 
 
+def test_minicpmvs_frame_is_its_first_view_the_whole_photo(tiny_checkpoint):
+    """The frame (``model_input_frame``) is the first view, the whole photo resized, width first; the slices that
+    follow are square on the tiny processor, the whole view of a 5:1 photo is not."""
+    adapter = adapter_class("minicpmv4_6").from_pretrained(tiny_checkpoint("minicpmv4_6"))
+    image = adapter.prepare_image(Image.new("RGB", (300, 60)))
+    sides = image.tensors["target_sizes"].tolist()
+    assert len(sides) > 1 and sides[1][0] == sides[1][1]  # sliced, into square slices
+    width, height = image.frame
+    assert width > height and width % adapter.image_processor.patch_size == 0
+
+
 @pytest.mark.parametrize("model_type", ["minicpmv4_6", "minicpmv4_7"])
 def test_minicpmv_without_the_window_merger_counts_four_times_the_tokens_as_its_model(model_type, tiny_checkpoint,
                                                                                       tmp_path):

@@ -195,6 +195,33 @@ def _set_downsample_mode(folder, mode, files=("config.json", "preprocessor_confi
             json.dump(settings, f)
 
 
+@pytest.mark.parametrize("size, patch, scale", [(512, 16, 4), (364, 14, 2), (384, 14, 3)])
+def test_smolvlm_counts_per_crop_the_features_its_connector_makes(tiny_checkpoint, size, patch, scale):
+    """At the released geometries (SmolVLM-256M / 500M: 512 px crops of 16 px patches, pixel shuffle 4; Idefics3-8B:
+    364, 14, 2; SmolVLM2-2.2B: 384, 14, 3), a crop's image tokens are as many as transformers' connector makes of its
+    patches (the tiny tower's geometry cannot tell ``** 2`` from ``* 2``)."""
+    from transformers import SmolVLMConfig
+    from transformers.models.smolvlm.modeling_smolvlm import SmolVLMConnector
+
+    adapter = adapter_class("smolvlm").from_pretrained(tiny_checkpoint("smolvlm"))
+    config = SmolVLMConfig(vision_config={"image_size": size, "patch_size": patch, "hidden_size": 8,
+                                          "num_attention_heads": 2},
+                           text_config={"hidden_size": 8, "num_attention_heads": 2, "num_key_value_heads": 2},
+                           scale_factor=scale)
+    features = SmolVLMConnector(config)(torch.zeros(1, (size // patch) ** 2, 8)).shape[1]
+    assert type(adapter)(adapter.tokenizer, adapter.image_processor, config).image_seq_len == features
+
+
+def test_smolvlm_counts_an_unsplit_image_as_one_crop_as_its_model(tiny_checkpoint):
+    model, adapter = load_model_and_adapter(tiny_checkpoint("smolvlm"))
+    adapter.image_processor.do_image_splitting = False  # the global view alone
+    image = adapter.prepare_image(Image.new("RGB", (97, 61), (200, 30, 30)))
+    assert image.num_tokens == adapter.image_seq_len
+    batch = adapter.build_batch([adapter.describer_prompt(BOX, image)], [image])
+    with torch.no_grad():
+        model.eval()(**batch.inputs)  # raises where the image tokens are not the features
+
+
 def test_minicpmvs_frame_is_its_first_view_the_whole_photo(tiny_checkpoint):
     """The frame (``model_input_frame``) is the first view, the whole photo resized, width first; the slices that
     follow are square on the tiny processor, the whole view of a 5:1 photo is not."""

@@ -222,6 +222,27 @@ def test_smolvlm_counts_an_unsplit_image_as_one_crop_as_its_model(tiny_checkpoin
         model.eval()(**batch.inputs)  # raises where the image tokens are not the features
 
 
+# The tile each family's tower sees, (width, height), from its image processor's settings.
+TILE_FRAMES = {
+    "aya_vision": lambda p: (p.size["width"], p.size["height"]),
+    "ovis2": lambda p: (p.size["width"], p.size["height"]),
+    "llava_onevision": lambda p: (p.size["width"], p.size["height"]),
+    "granite4_vision": lambda p: (p.crop_size["width"], p.crop_size["height"]),
+    "smolvlm": lambda p: (p.max_image_size["longest_edge"],) * 2,
+    # the 5:1 photo resized, its short side no shorter than shortest_edge; the whole photo without the padding
+    "idefics2": lambda p: (p.size["longest_edge"], max(p.size["shortest_edge"], p.size["longest_edge"] * 60 // 300)),
+}
+
+
+@pytest.mark.parametrize("model_type", list(TILE_FRAMES))
+def test_a_tiled_familys_frame_is_the_tile_its_tower_sees_width_first(tiny_checkpoint, model_type):
+    """``families budget`` reports the frame as ``model_input_frame``: the pixels' last two sides, width first, never
+    the tile or channel count (a 5:1 photo: Idefics2 keeps its aspect ratio, the others tile it)."""
+    adapter = adapter_class(model_type).from_pretrained(tiny_checkpoint(model_type))
+    image = adapter.prepare_image(Image.new("RGB", (300, 60)))
+    assert image.frame == TILE_FRAMES[model_type](adapter.image_processor)
+
+
 def test_minicpmvs_frame_is_its_first_view_the_whole_photo(tiny_checkpoint):
     """The frame (``model_input_frame``) is the first view, the whole photo resized, width first; the slices that
     follow are square on the tiny processor, the whole view of a 5:1 photo is not."""

@@ -891,7 +891,7 @@ def test_the_granite4_vision_processor_builds_the_adapters_inputs_on_square_wide
 
 @pytest.mark.parametrize("rate, match", [(None, "downsample_rate None"), ("1/4", "downsample_rate '1/4'"),
                                          ("3/6", "downsample_rate '3/6'"),
-                                         (0.5, "downsample_rate 0.5: Granite 4 Vision's projectors need a fraction")])
+                                         ("0.5", "downsample_rate '0.5': Granite 4 Vision's projectors need a fraction")])
 def test_granite4_vision_refuses_a_downsample_rate_its_projectors_cannot_lay_out(tiny_checkpoint, rate, match):
     """The spatial-offset projectors keep one patch of each 2 x 2 (a rate of 1/2) and the windows must tile the
     view's 4 patches a side (a 6-patch window does not): refused by the config.json field at load, where the model

@@ -222,6 +222,23 @@ def test_smolvlm_counts_an_unsplit_image_as_one_crop_as_its_model(tiny_checkpoin
         model.eval()(**batch.inputs)  # raises where the image tokens are not the features
 
 
+def test_llava_onevision_counts_a_view_as_the_patches_its_released_tower_makes(tiny_checkpoint):
+    """At the released geometry (transformers' LlavaOnevisionConfig defaults: SigLIP, 384 px views of 14 px patches),
+    a view is as many features as SigLIP's embeddings make patches, 729 (the tiny tower's 2 x 2 patches cannot tell
+    ``side ** 2`` from ``side * 2``)."""
+    from transformers import LlavaOnevisionConfig
+    from transformers.models.siglip.modeling_siglip import SiglipVisionEmbeddings
+
+    from sc_tune.adapters.llava_onevision import _feature_counter
+
+    adapter = adapter_class("llava_onevision").from_pretrained(tiny_checkpoint("llava_onevision"))
+    config = LlavaOnevisionConfig()
+    vision = config.vision_config
+    vision.hidden_size = 8  # a small embedding: only its patch count is read
+    patches = SiglipVisionEmbeddings(vision).num_patches
+    assert _feature_counter(adapter.image_processor, config, 0).num_image_tokens == patches == 729
+
+
 # The tile each family's tower sees, (width, height), from its image processor's settings.
 TILE_FRAMES = {
     "aya_vision": lambda p: (p.size["width"], p.size["height"]),

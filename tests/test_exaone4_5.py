@@ -95,7 +95,8 @@ def test_video_llama_3_locator_target_is_the_notebooks_answer_and_the_turn_end_t
              {"role": "assistant", "content": [{"type": "text", "text": target.removesuffix("<|im_end|>")}]}]
     rendered = adapter.tokenizer.apply_chat_template(turns, tokenize=False)
     assert rendered.startswith(prompt + target) and prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")
-    assert "[100, 200, 500, 600] in a few words." in adapter.describer_prompt(BOX, image)  # the referring form
+    # the referring form: one list, not the answer's nested one
+    assert "Describe the object at [100, 200, 500, 600] in a few words." in adapter.describer_prompt(BOX, image)
     assert adapter.parse_locator_output(target, image) == pytest.approx(BOX)
     generic = adapter_class("video_llama_3").from_pretrained(path, box_format="generic")
     assert generic.locator_target(BOX, image, "the dog") == "[100, 200, 500, 600]<|im_end|>"

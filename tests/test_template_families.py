@@ -239,6 +239,22 @@ def test_llava_onevision_counts_a_view_as_the_patches_its_released_tower_makes(t
     assert _feature_counter(adapter.image_processor, config, 0).num_image_tokens == patches == 729
 
 
+@pytest.mark.parametrize("image_size, patch_size, stride", [(224, 14, 1), (448, 14, 2)])
+def test_ovis2_counts_a_tile_as_its_processor_at_the_released_geometries(image_size, patch_size, stride):
+    """transformers' Ovis2Config defaults (224 px, 14 px patches, stride 1) and the Ovis2 releases' (448, 14, 2): 256
+    tokens a tile, Ovis2Processor's default image_seq_length (the tiny tower cannot tell ``** 2`` from ``* 2``)."""
+    import inspect
+    import types
+
+    from transformers.models.ovis2.processing_ovis2 import Ovis2Processor
+
+    from sc_tune.adapters.ovis2 import tile_tokens
+
+    default = inspect.signature(Ovis2Processor.__init__).parameters["image_seq_length"].default
+    vision = types.SimpleNamespace(image_size=image_size, patch_size=patch_size, hidden_stride=stride)
+    assert tile_tokens(vision) == default == 256
+
+
 # The tile each family's tower sees, (width, height), from its image processor's settings.
 TILE_FRAMES = {
     "aya_vision": lambda p: (p.size["width"], p.size["height"]),

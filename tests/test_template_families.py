@@ -255,6 +255,20 @@ def test_ovis2_counts_a_tile_as_its_processor_at_the_released_geometries(image_s
     assert tile_tokens(vision) == default == 256
 
 
+@pytest.mark.parametrize("text", ["User:<image>Locate", "User:<image> Locate", "User:<image>\nLocate",
+                                  "User:<image><end_of_utterance>", "User:<image>"])
+def test_idefics2_spaces_the_image_from_the_text_after_it_as_its_processor(tiny_checkpoint, text):
+    """Idefics2Processor puts a space after the closing <fake_token_around_image> only before a character that is
+    neither whitespace nor "<" (a word glued to the image): the same ids from the adapter, whatever follows."""
+    from transformers import AutoProcessor
+
+    path = tiny_checkpoint("idefics2")
+    adapter = adapter_class("idefics2").from_pretrained(path)
+    photo = Image.new("RGB", (97, 61), (200, 30, 30))
+    theirs = AutoProcessor.from_pretrained(path)(text=[text], images=[[photo]], return_tensors="pt")["input_ids"]
+    assert adapter.build_batch([text], [adapter.prepare_image(photo)]).inputs["input_ids"].tolist() == theirs.tolist()
+
+
 # The tile each family's tower sees, (width, height), from its image processor's settings.
 TILE_FRAMES = {
     "aya_vision": lambda p: (p.size["width"], p.size["height"]),

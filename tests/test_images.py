@@ -29,6 +29,25 @@ def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
     assert (rgb[..., 0] == 255).mean() < 0.05
 
 
+def test_float_images_are_read_as_0_to_1(tmp_path):
+    values = np.array([[-0.5, 0.0, 0.25, 0.5, 1.0, 1.5]], dtype=np.float32)
+    Image.fromarray(values).save(tmp_path / "f.tiff")
+    assert Image.open(tmp_path / "f.tiff").mode == "F"
+    assert np.asarray(load_rgb(str(tmp_path / "f.tiff")))[0, :, 0].tolist() == [0, 0, 64, 128, 255, 255]
+
+
+def test_the_check_gives_the_digest_of_a_good_image_only_and_only_when_asked(tmp_path):
+    import hashlib
+
+    from sc_tune.images import checked_image
+
+    Image.new("RGB", (40, 30), (1, 2, 3)).save(tmp_path / "ok.png")
+    path = str(tmp_path / "ok.png")
+    assert checked_image(path) == (None, hashlib.sha256((tmp_path / "ok.png").read_bytes()).hexdigest())
+    assert checked_image(path, digest=False) == (None, None)
+    assert checked_image(path, lambda w, h: f"{w}x{h} is too small") == ("40x30 is too small", None)
+
+
 def test_exif_orientation_is_applied(tmp_path):
     image = Image.new("RGB", (20, 10), (0, 0, 0))
     image.paste((255, 0, 0), (0, 0, 10, 10))  # red on the left half
@@ -209,7 +228,8 @@ def test_an_image_path_that_is_a_folder_is_named_as_one(tmp_path):
     assert image_problem(str(tmp_path / "gone.png")) == "image not found"
 
 
-@pytest.mark.parametrize("orientation, turned", [(1, False), (3, False), (6, True), (8, True)])
+@pytest.mark.parametrize("orientation, turned", [(1, False), (2, False), (3, False), (4, False), (5, True), (6, True),
+                                                 (7, True), (8, True)])
 def test_displayed_size_is_the_loaded_images_size_from_the_header(tmp_path, orientation, turned):
     """LLaVA-1.5's count of boxes its center crop cuts away reads only the header: a phone photo stored sideways
     with an EXIF orientation of 5-8 is loaded turned (load_rgb's exif_transpose), its sides swapped."""

@@ -259,3 +259,19 @@ def test_plain_lora_on_glm_moe_targets_what_the_adapter_names_with_the_default_d
     lora = apply_lora(model, adapter, experts, False)
     assert {_plain(n) for n, m in lora.named_modules() if isinstance(m, LoraLinear)} == set(named)
     assert sum(isinstance(m, ParamWrapper) for m in lora.modules()) == len(_experts(lora)) > 0
+
+
+def test_the_load_balancing_weight_is_the_configs_own_zero_where_it_sets_none_and_never_for_a_dense_model():
+    from types import SimpleNamespace
+
+    from sc_tune.moe import router_aux_coefficient
+
+    def model(**config):
+        return SimpleNamespace(config=SimpleNamespace(**config))
+
+    assert router_aux_coefficient(model(num_experts=4, router_aux_loss_coef=0.01), True, None, False) == 0.01
+    assert router_aux_coefficient(model(num_experts=4, router_aux_loss_coef=0.01), True, 0.5, False) == 0.5
+    for unset in (0.0, None):  # a config that sets no weight adds no term
+        assert router_aux_coefficient(model(num_experts=4, router_aux_loss_coef=unset), True, None, False) == 0.0
+    assert router_aux_coefficient(model(num_experts=0, router_aux_loss_coef=0.01), True, None, False) == 0.0  # dense
+    assert router_aux_coefficient(model(num_experts=4, router_aux_loss_coef=0.01), True, None, True) == 0.0  # LoRA

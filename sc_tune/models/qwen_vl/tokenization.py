@@ -105,8 +105,9 @@ class QWenTokenizer(PreTrainedTokenizer):
         return 0
 
     def convert_tokens_to_ids(self, tokens):
-        # As the official tokenizer: an unknown token gives None (there is no unknown token). This override is the
-        # one home of token -> id: transformers reaches its `_convert_token_to_id` hook only through it.
+        # As the official tokenizer: an unknown token gives None (there is no unknown token). The one home of
+        # token -> id: transformers calls its `_convert_token_to_id` hook only from the `convert_tokens_to_ids` this
+        # replaces, so the class defines no such hook.
         if isinstance(tokens, (str, bytes)):
             return self.special_tokens.get(tokens, self.mergeable_ranks.get(tokens))
         return [self.special_tokens.get(t, self.mergeable_ranks.get(t)) for t in tokens]

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from sc_tune.adapters import adapter_class
 from sc_tune.adapters.qwen_vl import QwenVLAdapter
+from sc_tune.jsonio import read_json
 from sc_tune.models.qwen_vl import QWenLMHeadModel, QWenTokenizer, QWenVLImageProcessor
 from sc_tune.models.qwen_vl.modeling import ntk_alpha_for
 from sc_tune.tiny.qwen_vl import build_tiny_qwen_vl, save_tiny_qwen_vl
@@ -570,8 +571,7 @@ def _saved_folder(path, **config):
 
 
 def _read(path, name):
-    with open(os.path.join(path, name)) as f:
-        return json.load(f)
+    return read_json(os.path.join(path, name))
 
 
 def test_the_export_completes_a_saved_folder_as_the_official_release_lays_it_out(tiny_dir, tmp_path):

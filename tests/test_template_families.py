@@ -186,13 +186,11 @@ def test_the_minicpmv_processor_builds_the_adapters_inputs_without_torchvision(m
 
 
 def _set_downsample_mode(folder, mode, files=("config.json", "preprocessor_config.json")):
+    from sc_tune.jsonio import read_json, write_json
+
     for name in files:
         path = os.path.join(folder, name)
-        with open(path, encoding="utf-8") as f:
-            settings = json.load(f)
-        settings["downsample_mode"] = mode
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(settings, f)
+        write_json(path, {**read_json(path), "downsample_mode": mode})
 
 
 @pytest.mark.parametrize("size, patch, scale", [(512, 16, 4), (364, 14, 2), (384, 14, 3)])

@@ -300,8 +300,7 @@ def test_minicpmvs_frame_is_its_first_view_the_whole_photo(tiny_checkpoint):
 
 
 @pytest.mark.parametrize("model_type", ["minicpmv4_6", "minicpmv4_7"])
-def test_minicpmv_without_the_window_merger_counts_four_times_the_tokens_as_its_model(model_type, tiny_checkpoint,
-                                                                                      tmp_path):
+def test_minicpmv_without_the_window_merger_counts_the_tokens_its_model_computes(model_type, tiny_checkpoint, tmp_path):
     """MiniCPM-V's "4x" mode skips the tower's window merger: a feature per 2 x 2 patches instead of 4 x 4, and the
     adapter counts as many image tokens as the model computes (it raises otherwise). A processor and a model config
     that disagree are refused, naming both."""

@@ -119,6 +119,19 @@ def copy_of_the_repository(destination: str) -> None:
         os.symlink(fetched, os.path.join(destination, ".cache", "real_checkpoints"))
 
 
+def kill_what_runs_in(folder: str) -> None:
+    """SIGKILL to every process whose working directory is inside ``folder`` (read in /proc; Linux). ``subprocess.run``
+    kills the tests it waits for when SIGTERM unwinds it, but not a child whose start the signal interrupted (forked,
+    its pid not yet handed back): that one ran on in the deleted copy."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+            if int(pid) != os.getpid() and (cwd == folder or cwd.startswith(folder + os.sep)):
+                os.kill(int(pid), signal.SIGKILL)
+        except OSError:
+            continue  # ended meanwhile, or not ours to read
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("module", help="the file to break, relative to the repository root (sc_tune/ppo.py)")
@@ -148,31 +161,36 @@ def main(argv: list[str] | None = None) -> int:
     # of the repository is deleted (a plain SIGTERM would leave both behind).
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     with tempfile.TemporaryDirectory(prefix="mutation_sweep_") as work:
-        copy_of_the_repository(work)
-        env = dict(os.environ, PYTHONPATH=work, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-        command = [sys.executable, "-m", "pytest", *shlex.split(args.pytest_args), *args.tests]
-        # The unchanged module, as the sweep writes it (ast.unparse drops comments): its tests must pass first.
-        target = os.path.join(work, args.module)
-        with open(target, "w", encoding="utf-8") as f:
-            f.write(ast.unparse(tree))
-        baseline = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=args.timeout)
-        if baseline.returncode != 0:
-            print(f"the tests fail on the unchanged module; nothing swept:\n{baseline.stdout[-3000:]}", file=sys.stderr)
-            return 2
-        for n, mutant in todo:
-            line = mutant[3]
+        try:
+            copy_of_the_repository(work)
+            env = dict(os.environ, PYTHONPATH=work, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+            command = [sys.executable, "-m", "pytest", *shlex.split(args.pytest_args), *args.tests]
+            # The unchanged module, as the sweep writes it (ast.unparse drops comments): its tests must pass first.
+            target = os.path.join(work, args.module)
             with open(target, "w", encoding="utf-8") as f:
-                f.write(ast.unparse(mutated(tree, mutant)))
-            start = time.monotonic()
-            try:
-                run = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=args.timeout)
-                status = "caught" if run.returncode != 0 else "SURVIVED"
-            except subprocess.TimeoutExpired:
-                status = "caught"  # a mutant that hangs the tests is one they notice
-            counts[status] += 1
-            print(json.dumps({"mutant": n, "line": line, "change": mutant[2], "status": status,
-                              "seconds": round(time.monotonic() - start, 1), "code": lines[line - 1].strip()}),
-                  flush=True)
+                f.write(ast.unparse(tree))
+            baseline = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=args.timeout)
+            if baseline.returncode != 0:
+                print(f"the tests fail on the unchanged module; nothing swept:\n{baseline.stdout[-3000:]}",
+                      file=sys.stderr)
+                return 2
+            for n, mutant in todo:
+                line = mutant[3]
+                with open(target, "w", encoding="utf-8") as f:
+                    f.write(ast.unparse(mutated(tree, mutant)))
+                start = time.monotonic()
+                try:
+                    run = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True,
+                                         timeout=args.timeout)
+                    status = "caught" if run.returncode != 0 else "SURVIVED"
+                except subprocess.TimeoutExpired:
+                    status = "caught"  # a mutant that hangs the tests is one they notice
+                counts[status] += 1
+                print(json.dumps({"mutant": n, "line": line, "change": mutant[2], "status": status,
+                                  "seconds": round(time.monotonic() - start, 1), "code": lines[line - 1].strip()}),
+                      flush=True)
+        finally:
+            kill_what_runs_in(work)  # nothing runs on in the copy about to be deleted
     print(json.dumps({"module": args.module, "mutants": len(todo), **counts}))
     return 0
 

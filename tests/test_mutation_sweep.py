@@ -71,3 +71,25 @@ def _working_in(folder) -> list[str]:
         except OSError:
             continue
     return found
+
+
+def test_what_runs_in_the_copy_is_killed_and_nothing_else(tmp_path):
+    """The last sweep of the copy: a process left working in it (a test whose start a SIGTERM interrupted, so that
+    ``subprocess.run`` never learned its pid) is killed; one working beside it, in a folder that only starts alike,
+    is not."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mutation_sweep", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    copy, beside = tmp_path / "copy", tmp_path / "copy_other"
+    copy.mkdir()
+    beside.mkdir()
+    inside = subprocess.Popen(["sleep", "60"], cwd=copy)
+    outside = subprocess.Popen(["sleep", "60"], cwd=beside)
+    try:
+        module.kill_what_runs_in(str(copy))
+        assert inside.wait(timeout=10) == -9 and outside.poll() is None
+    finally:
+        inside.kill()
+        outside.kill()

@@ -250,6 +250,48 @@ def test_a_call_whose_images_repeat_or_are_cached_runs_the_trunk_on_the_new_ones
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
+# (vision_feature_layer, the encoder layers of a six-layer tower a replay must answer from the cache). hidden_states has
+# seven entries: 0 the embeddings (recomputed in every replay, so no layer), i the output of layer i - 1, negative
+# from the end; layer 5 (last_hidden_state) is always read.
+DEEP_TOWER_READS = [([-3], [3, 5]), ([2], [1, 5]), ([0, -7], [5]), ([1, -2, 4], [0, 3, 4, 5]), ([6], [5])]
+
+
+@pytest.mark.parametrize(("feature_layers", "read_layers"), DEEP_TOWER_READS)
+def test_a_deep_towers_replay_answers_the_hidden_states_its_projector_reads(feature_layers, read_layers):
+    """The tiny checkpoints' towers have two layers, so their replays run every layer and the choice of which layers
+    to record cannot go wrong there. A six-layer tower reading layers between skipped ones, from the front and from
+    the end: the replayed hidden states the projector reads, and the last one, equal the tower's own, while a skipped
+    layer's (passed through) does not, so a wrong choice of recorded layers would show."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from sc_tune.adapters.stacked_tiles import stacked_tiles_trunk
+
+    torch.manual_seed(0)
+    tower = CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=6,
+                                             num_attention_heads=2, image_size=8, patch_size=4)).eval()
+    tower.requires_grad_(False)
+    trunk = stacked_tiles_trunk(tower, feature_layers)
+    layers = list(tower.get_submodule("encoder.layers"))
+    assert [layers.index(layer) for layer in trunk.replayed] == read_layers
+    assert len(trunk.skipped) == len(layers) - len(read_layers)
+
+    trunk.output_rows_per_image = False  # no whole-output memo: the second call replays the trunk
+    cache = VisionCache([trunk])
+    pixels_TCHW = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        plain = tower(pixels_TCHW, output_hidden_states=True)
+        with cache.active():
+            tower(pixels_TCHW, output_hidden_states=True)
+            replayed = tower(pixels_TCHW, output_hidden_states=True)
+    assert cache.encoded_images == 3, "the second call replayed: no tile was encoded again"
+    for index in feature_layers:
+        torch.testing.assert_close(replayed.hidden_states[index], plain.hidden_states[index], atol=1e-6, rtol=0)
+    torch.testing.assert_close(replayed.last_hidden_state, plain.last_hidden_state, atol=1e-6, rtol=0)
+    skipped = [i + 1 for i in range(len(layers)) if i not in read_layers]
+    assert all(not torch.allclose(replayed.hidden_states[i], plain.hidden_states[i]) for i in skipped), \
+        "a skipped layer passes its input through in a replay"
+
+
 @pytest.mark.parametrize("model_type", ["llava_next", "aya_vision", "internvl", "smolvlm", "gemma4", "minicpmv4_6"])
 def test_images_of_different_tile_counts_share_a_call_and_each_tile_is_encoded_once(tiny_checkpoint, model_type):
     """A widened image has another tile count (LLaVA-NeXT: 3 anyres tiles against 5, padded across the batch and

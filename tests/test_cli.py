@@ -59,6 +59,22 @@ def test_help_leads_with_the_sc_tune_knobs_and_their_defaults(help_text):
     assert lines.index(f"{TRAINER_GROUP}:") > max(i for i, line in enumerate(lines) if line.startswith("SC-Tune"))
 
 
+def test_help_shows_each_flag_once_under_its_own_names_and_the_aliases_that_do_not_fit_in_its_text(help_text):
+    """``help_layout.CompactHelpFormatter``: a flag and its alias side by side where they fit in 28 columns
+    (``--describer_lr, --caption_lr`` is exactly 28), else the alias in the help text; a long flag with no alias gets
+    no empty "Also:"; neither the dashed twins HfArgumentParser adds nor the ``--no_<flag>`` of a boolean."""
+    lines = help_text.splitlines()
+    assert "  --describer_lr, --caption_lr  Constant learning rate of the describer phase. (default: 5e-07)" in lines
+    update_steps = next(line for line in lines if line.startswith("  --describer_update_steps "))
+    assert update_steps.endswith("(default: 200) Also: --caption_update_steps.")
+    assert lines[lines.index("  --preflight_max_parse_failures") + 1].split() == [
+        "Stop", "before", "step", "0", "above", "this", "share", "of", "unparsed", "locator", "answers.", "(default:",
+        "0.5)"]
+    assert "Also: ." not in help_text and "--describer-lr" not in help_text and "--no_fix_vit" not in help_text
+    # -h leads the Trainer's group, out of SC-Tune's first screen
+    assert lines[lines.index(f"{TRAINER_GROUP}:") + 1].startswith("  -h, --help ")
+
+
 def test_help_groups_follow_where_a_field_is_declared():
     assert help_group_of("describer_lr", ["--describer_lr"]) == CYCLE_GROUP
     # a renamed field keeps its group through the old name, kept as an alias
@@ -174,11 +190,28 @@ def test_the_reference_launch_flags_are_accepted_with_their_meaning(tmp_path):
     assert any("--model_max_length 384 has no effect" in n for n in notes) and len(notes) == 3
 
 
+def test_the_reference_flags_are_taken_out_in_every_spelling_and_the_rest_kept_in_order():
+    """``--flag=value`` takes one word, ``--flag value`` two, dashes stand for underscores, and whatever follows is
+    kept for the parser; 1 is the smallest length accepted."""
+    from sc_tune.reference_flags import take_reference_flags
+
+    rest, notes = take_reference_flags(["--evaluation_strategy=No ", "--seed", "3", "--model-max-length", "1",
+                                        "--warmup_ratio=0", "--bf16", "--model_max_length=5", "extra"])
+    assert rest == ["--seed", "3", "--bf16", "extra"]
+    assert notes[1].startswith("--model_max_length 1 has no effect") and notes[3].startswith("--model_max_length 5 ")
+    assert notes[0].startswith("--evaluation_strategy no accepted") and notes[2] == "--warmup_ratio 0 accepted " \
+        "(SC-Tune has no warmup)"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--warmup_ratio", "0.03"], "--warmup_ratio 0.03 is not used by SC-Tune: each phase starts at its full"),
     (["--evaluation_strategy", "steps"], "--evaluation_strategy 'steps' is not used by SC-Tune"),
     (["--model_max_length", "big"], "--model_max_length 'big' must be a positive integer"),
     (["--model_max_length"], "--model_max_length needs a value"),
+    (["--model_max_length", "0"], "--model_max_length '0' must be a positive integer"),
+    (["--model_max_length=-384"], "--model_max_length '-384' must be a positive integer"),
+    (["--warmup_ratio", "none"], r"--warmup_ratio 'none' must be a number \(and 0"),
+    (["--warmup-ratio=-0.1"], "--warmup_ratio -0.1 is not used by SC-Tune"),
     (["--not_a_flag", "3"], r"unknown argument\(s\): --not_a_flag 3"),
 ])
 def test_refused_and_unknown_flags_end_in_a_message_not_a_traceback(tmp_path, argv, message):

@@ -71,11 +71,11 @@ def model_type_and_family(path: str) -> tuple[str, Family]:
         raise ValueError(str(error)) from None
 
 
-def budget_report(path: str, model_type: str | None = None, image_size: Sequence[int] = (1920, 1080),
-                  caption: str = "the red circle", describer_max_new_tokens: int = 30,
-                  image_max_pixels: int | None = None) -> dict:
+def budget_report(path: str, model_type: str | None, image_size: Sequence[int], caption: str,
+                  describer_max_new_tokens: int, image_max_pixels: int | None) -> dict:
     """The token budgets of ``path``'s family, counted with its tokenizer, and what they were counted on (an image
-    of ``image_size`` resized as training would, within ``image_max_pixels`` where given)."""
+    of ``image_size`` resized as training would, within ``image_max_pixels`` where given). The defaults are the
+    command line's (``main``), their one home."""
     from PIL import Image
 
     from sc_tune.rollout import LOCATOR_BUDGET_MARGIN, describer_budget, widest_locator_answer
@@ -129,6 +129,15 @@ def _budget_adapter(adapter_class, path: str):
                          AutoImageProcessor.from_pretrained(path))
 
 
+def _training_default(name: str):
+    """``finetune.py``'s default for the flag ``name``, so that a budget counted here is training's."""
+    import dataclasses
+
+    from sc_tune.arguments import SCTuneConfig
+
+    return next(f.default for f in dataclasses.fields(SCTuneConfig) if f.name == name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sc_tune.families", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -146,7 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="original image size, resized by the image processor (default 1920 1080)")
     budget.add_argument("--caption", default="the red circle",
                         help="the phrase grounded (families whose answer repeats it before the box)")
-    budget.add_argument("--describer_max_new_tokens", type=int, default=30)
+    budget.add_argument("--describer_max_new_tokens", type=int, default=_training_default("describer_max_new_tokens"),
+                        help="the caption length training uses (finetune.py's flag; default: its default)")
     budget.add_argument("--image_max_pixels", type=int,
                         help="the pixel budget training uses (finetune.py --image_max_pixels; default: the folder's)")
     args = parser.parse_args(argv)

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from sc_tune.adapters import families, family_for, supported_model_types
+from sc_tune.arguments import SCTuneConfig
 from sc_tune.families import main
 from sc_tune.rollout import LOCATOR_BUDGET_MARGIN, widest_locator_answer
 
@@ -92,6 +93,13 @@ def test_pixel_answers_need_the_image_size_and_the_generic_format_is_a_flag(caps
     code, result = run(capsys, "parse", "--model_type", "qwen2_5_vl", "--answer", "[100, 200, 500, 600]",
                        "--box_format", "generic")
     assert code == 0 and result["box"] == pytest.approx([0.1, 0.2, 0.5, 0.6])
+    # a frame with a side of 0 is no frame; 1 x 1 is one
+    code, err = run(capsys, "parse", "--model_type", "qwen2_5_vl", "--answer", '{"bbox_2d": [0, 0, 1, 1]}',
+                    "--image_size", 0, 100)
+    assert code == 2 and "pass --image_size W H" in err
+    code, result = run(capsys, "parse", "--model_type", "qwen2_5_vl", "--answer", '{"bbox_2d": [0, 0, 1, 1]}',
+                       "--image_size", 1, 1)
+    assert code == 0 and result["box"] == [0, 0, 1, 1]
 
 
 def test_budget_of_a_checkpoint_folder(capsys, tiny_checkpoint):
@@ -105,7 +113,20 @@ def test_budget_of_a_checkpoint_folder(capsys, tiny_checkpoint):
     assert report["locator_budget"] == widest.tokens + LOCATOR_BUDGET_MARGIN
     assert report["margin"] == LOCATOR_BUDGET_MARGIN
     assert report["answer_form"].startswith('```json\n[\n\t{"bbox_2d": [100, 200, 500, 600], "label": "the red')
-    assert report["describer_budget"] == 30 + 1  # the caption and its end token
+    # finetune.py's caption length (its default, read from SCTuneConfig) and the end token
+    assert report["describer_max_new_tokens"] == SCTuneConfig.describer_max_new_tokens == 30
+    assert report["describer_budget"] == 30 + 1
+    code, report = run(capsys, "budget", "--model_name_or_path", folder, "--describer_max_new_tokens", 7,
+                       "--caption", "a blue square")
+    assert code == 0 and report["describer_budget"] == 7 + 1 and report["model_input_frame"] != [97, 61]
+    assert '"label": "a blue square"' in report["answer_form"]
+    # training's pixel budget, where given, resizes the image the budget is counted on
+    # (the tiny processor's own bound gives 64 x 32 for 1920 x 1080)
+    code, bounded = run(capsys, "budget", "--model_name_or_path", folder, "--image_max_pixels", 128 * 128)
+    assert code == 0 and report["model_input_frame"] == [64, 32] and bounded["model_input_frame"] == [160, 96]
+    assert bounded["image_tokens"] > report["image_tokens"]
+    assert report["widest_answer"] == widest_locator_answer(adapter, adapter.prepare_image(
+        Image.new("RGB", (1920, 1080))), "a blue square").text
 
 
 @pytest.mark.parametrize("layout, model_type, message", [

@@ -167,3 +167,24 @@ def test_budget_of_a_folder_missing_the_image_processor_is_one_line_naming_it(ca
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert f"--model_name_or_path {tmp_path}: cannot load its qwen3_vl tokenizer and image processor: " in err
     assert "preprocessor_config.json" in err
+
+
+def test_budget_of_a_folder_without_a_chat_template_cannot_tell_a_reasoning_only_release(capsys, tmp_path,
+                                                                                          tiny_checkpoint):
+    """The released non-weight files of a template family may come without the chat template: the budget counts
+    answers, not prompts, and says it cannot tell whether the release is reasoning-only. Qwen-VL has no template
+    and no reasoning mode: its answer is known."""
+    folder = tmp_path / "qwen3_vl"
+    shutil.copytree(tiny_checkpoint("qwen3_vl"), folder)
+    os.remove(folder / "chat_template.jinja")
+    code, report = run(capsys, "budget", "--model_name_or_path", folder)
+    assert code == 0 and report["reasoning_only"] == "unknown: no chat template", report
+    assert report["describer_budget"] == 30 + 1
+    code, report = run(capsys, "budget", "--model_name_or_path", tiny_checkpoint("qwen"))
+    assert code == 0 and report["model_type"] == "qwen" and report["reasoning_only"] is None, report
+
+
+def test_the_command_needs_a_subcommand(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([])
+    assert exit_.value.code == 2 and "the following arguments are required: command" in capsys.readouterr().err

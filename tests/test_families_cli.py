@@ -100,6 +100,9 @@ def test_pixel_answers_need_the_image_size_and_the_generic_format_is_a_flag(caps
     code, result = run(capsys, "parse", "--model_type", "qwen2_5_vl", "--answer", '{"bbox_2d": [0, 0, 1, 1]}',
                        "--image_size", 1, 1)
     assert code == 0 and result["box"] == [0, 0, 1, 1]
+    code, result = run(capsys, "parse", "--model_type", "qwen2_5_vl", "--answer", '{"bbox_2d": [1, 1, 2, 2]}',
+                       "--image_size", 3, 3)
+    assert code == 0 and result["box"] == [0.333333, 0.333333, 0.666667, 0.666667]  # printed to 6 decimals
 
 
 def test_budget_of_a_checkpoint_folder(capsys, tiny_checkpoint):
@@ -117,16 +120,19 @@ def test_budget_of_a_checkpoint_folder(capsys, tiny_checkpoint):
     assert report["describer_max_new_tokens"] == SCTuneConfig.describer_max_new_tokens == 30
     assert report["describer_budget"] == 30 + 1
     code, report = run(capsys, "budget", "--model_name_or_path", folder, "--describer_max_new_tokens", 7,
-                       "--caption", "a blue square")
+                       "--caption", "a blue carré")
     assert code == 0 and report["describer_budget"] == 7 + 1 and report["model_input_frame"] != [97, 61]
-    assert '"label": "a blue square"' in report["answer_form"]
+    assert '"label": "a blue carré"' in report["answer_form"]
+    # printed as written, not as \u escapes (a user reads the answer form)
+    main(["budget", "--model_name_or_path", folder, "--caption", "a blue carré"])
+    assert '"label\\": \\"a blue carré' in capsys.readouterr().out
     # training's pixel budget, where given, resizes the image the budget is counted on
     # (the tiny processor's own bound gives 64 x 32 for 1920 x 1080)
     code, bounded = run(capsys, "budget", "--model_name_or_path", folder, "--image_max_pixels", 128 * 128)
     assert code == 0 and report["model_input_frame"] == [64, 32] and bounded["model_input_frame"] == [160, 96]
     assert bounded["image_tokens"] > report["image_tokens"]
     assert report["widest_answer"] == widest_locator_answer(adapter, adapter.prepare_image(
-        Image.new("RGB", (1920, 1080))), "a blue square").text
+        Image.new("RGB", (1920, 1080))), "a blue carré").text
 
 
 @pytest.mark.parametrize("layout, model_type, message", [
@@ -184,7 +190,13 @@ def test_budget_of_a_folder_without_a_chat_template_cannot_tell_a_reasoning_only
     assert code == 0 and report["model_type"] == "qwen" and report["reasoning_only"] is None, report
 
 
-def test_the_command_needs_a_subcommand(capsys):
+@pytest.mark.parametrize(("argv", "missing"), [
+    ([], "command"),
+    (["parse", "--answer", "[1, 2, 3, 4]"], "--model_type"),
+    (["parse", "--model_type", "qwen2_vl"], "--answer"),
+    (["budget"], "--model_name_or_path"),
+])
+def test_the_command_names_what_it_needs(capsys, argv, missing):
     with pytest.raises(SystemExit) as exit_:
-        main([])
-    assert exit_.value.code == 2 and "the following arguments are required: command" in capsys.readouterr().err
+        main(argv)
+    assert exit_.value.code == 2 and f"the following arguments are required: {missing}" in capsys.readouterr().err

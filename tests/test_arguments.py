@@ -2,7 +2,11 @@
 flag, the value and the rule; non-finite values refused but where +inf means "never"; the settings checked across
 knobs after them. ``test_cli.py`` drives the same checks through ``finetune.py``'s command line."""
 
+import dataclasses
+import json
 import math
+import re
+import socket
 
 import pytest
 
@@ -114,6 +118,19 @@ def test_settings_that_cannot_train_as_asked_are_refused(tmp_path, fields, messa
     assert refusal(tmp_path, **fields).startswith(message)
 
 
+def test_settings_at_the_edge_of_those_refusals_are_accepted(tmp_path):
+    assert config(tmp_path, max_steps=1).max_steps == 1
+    assert config(tmp_path, describer_update_steps=0, locator_update_steps=1).describer_update_steps == 0
+    assert config(tmp_path, describer_update_steps=1, locator_update_steps=0).locator_update_steps == 0
+    # a group baseline needs a group: two captions a box is the smallest
+    for group in ({"describer_baseline": "group_mean"}, {"scale_rewards_by_group_std": True},
+                  {"describer_baseline": "group_mean", "scale_rewards_by_group_std": True}):
+        assert config(tmp_path, num_generations=2, **group).num_generations == 2
+        assert refusal(tmp_path, num_generations=1, **group) == (
+            "--describer_baseline group_mean and --scale_rewards_by_group_std need --num_generations >= 2")
+    assert config(tmp_path, num_generations=1).describer_baseline == "snapshot_greedy"
+
+
 def test_the_settings_sc_tune_owns_are_accepted_at_the_values_it_sets_and_then_set(tmp_path):
     """A config re-created from its own fields (``dataclasses.replace``) passes: the values SC-Tune sets itself are
     accepted; unset, they are set."""
@@ -186,3 +203,89 @@ def test_the_pixel_bounds_are_positive_and_in_order(low, high, message):
     check_image_pixels(1, 1)
     check_image_pixels(None, 1)
     check_image_pixels(1, None)
+
+
+# ---------------------------------------------------------------------------------------------- the same flags on every rank
+@pytest.fixture
+def parsed(tmp_path):
+    from sc_tune.arguments import DataArguments, LoraArguments, ModelArguments
+
+    return ModelArguments(), DataArguments(), LoraArguments(), config(tmp_path, max_steps=5)
+
+
+def _gathered(monkeypatch, world_size=2, initialized=True, other=None):
+    """torch.distributed as ``world_size`` processes see it; rank 1 on node-b contributes ``other(rank 0's flags)``."""
+    import torch.distributed as dist
+
+    def no_collective(*_):
+        raise AssertionError("no collective where there is one process")
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: initialized)
+    monkeypatch.setattr(dist, "get_world_size", (lambda: world_size) if initialized else no_collective)
+    monkeypatch.setattr(dist, "all_gather_object", no_collective if other is None else (
+        lambda out, mine: out.__setitem__(slice(None), [mine, ("node-b", other(dict(mine[1])))])))
+
+
+def test_one_process_compares_nothing(monkeypatch, parsed):
+    from sc_tune.arguments import check_same_flags_on_every_rank
+
+    _gathered(monkeypatch, initialized=False)
+    check_same_flags_on_every_rank(*parsed)
+    _gathered(monkeypatch, world_size=1)
+    check_same_flags_on_every_rank(*parsed)
+
+
+@pytest.mark.parametrize("differing", [1, 5, 6, 8])
+def test_the_refusal_names_the_first_five_flags_that_differ_and_counts_the_rest(monkeypatch, parsed, differing):
+    from sc_tune.arguments import check_same_flags_on_every_rank
+
+    names = ["adam_beta1", "clip_range", "gamma", "kl_coef", "lora_r", "ppo_epochs", "seed", "zzz_newer_flag"]
+
+    def other(values):
+        for name in names[:differing]:
+            values[name] = "'other'"
+        return values
+
+    _gathered(monkeypatch, other=other)
+    with pytest.raises(ArgumentError) as refused:
+        check_same_flags_on_every_rank(*parsed)
+    message = str(refused.value)
+    shown = re.findall(r"--(\w+): ", message)
+    assert shown == names[:min(differing, 5)]
+    assert f"--adam_beta1: 0.9 on rank 0 on {socket.gethostname()}; 'other' on rank 1 on node-b" in message
+    assert message.count(" more)") == (differing > 5) and (f"(and {differing - 5} more)" in message) == (differing > 5)
+
+
+def test_a_flag_only_one_rank_has_is_named_as_unset_on_the_other(monkeypatch, parsed):
+    from sc_tune.arguments import check_same_flags_on_every_rank
+
+    _gathered(monkeypatch, other=lambda values: {**values, "aaa_newer_flag": "1"})
+    with pytest.raises(ArgumentError, match=r"different settings: --aaa_newer_flag: unset on rank 0 on \S+; 1 on rank "
+                                            r"1 on node-b\. Every node must run the same command"):
+        check_same_flags_on_every_rank(*parsed)
+
+
+@dataclasses.dataclass
+class Launch:
+    """The fields of the training arguments the comparison reads otherwise (a real config naming a ZeRO-3 file would
+    switch transformers' process-wide ZeRO-3 state on for the tests that follow)."""
+
+    deepspeed: object = None
+    resume_from_checkpoint: object = None
+    seed: int = 42
+
+
+def test_deepspeed_configs_are_compared_by_content_and_a_resume_by_its_checkpoints_name(tmp_path):
+    from sc_tune.arguments import _node_independent
+
+    written = tmp_path / "ds.json"
+    written.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": True}, "bf16": {"enabled": True}}))
+    reordered = {"bf16": {"enabled": True}, "zero_optimization": {"overlap_comm": True, "stage": 2}}
+    stage3 = {**reordered, "zero_optimization": {"overlap_comm": True, "stage": 3}}
+    as_file, as_dict, other_stage = (_node_independent([Launch(deepspeed=c)]) for c in (str(written), reordered, stage3))
+    assert as_file["deepspeed"] == as_dict["deepspeed"] != other_stage["deepspeed"]
+    assert as_file["seed"] == "42"
+    here, there, plain = (_node_independent([Launch(resume_from_checkpoint=r)])["resume_from_checkpoint"]
+                          for r in ("out/checkpoint-4/", "/mnt/run/out/checkpoint-4", True))
+    assert here == there == "'checkpoint-4'" and plain == "True"
+    assert _node_independent([Launch()])["deepspeed"] == "null"

@@ -80,6 +80,10 @@ def test_identical_with_a_tiny_read_window_and_annotations_before_images(tmp_pat
     monkeypatch.setattr(objects365.JsonStream, "CHUNK", 1 << 12)
     for name in CASES:
         assert convert_case(tmp_path, name, reordered)[0] == golden(name)[0], name
+    # and the counts: the annotations are converted once, in the second pass, whatever precedes them
+    records, counts = objects365.convert_file(str(reordered), min_area=0.01, max_boxes_per_image=2, seed=3)
+    assert (records, counts) == objects365.convert(coco, str(reordered), min_area=0.01, max_boxes_per_image=2, seed=3)
+    assert "image_id not in 'images'" in counts  # the file's own dirt, counted once
 
 
 def test_numbers_cut_by_the_read_window_are_read_whole(tmp_path, monkeypatch):
@@ -357,3 +361,31 @@ def test_a_sliver_the_trainer_would_refuse_is_a_counted_drop_not_a_written_recor
     assert [r["bbox"] for r in records] == [[0.05, 0.1, 0.0515, 0.7]]  # 3 px of 2000: 1.5 / 1000
     assert counts["sliver (under 1/1000 of the image wide or high)"] == 1
     check_record(records[0], 0, "train.json")  # what is written, training takes
+
+
+def test_a_box_exactly_at_min_area_or_one_thousandth_wide_is_kept_and_training_takes_it(tmp_path):
+    """The filters' bounds: ``min_area`` and the sliver bound (1/1000 of the image, as training's check) keep a box
+    exactly at them and drop one just under."""
+    from sc_tune.data import load_annotations
+    from sc_tune.jsonio import write_json
+
+    image = {"id": 1, "file_name": "a.jpg", "width": 1000, "height": 1000}
+    square = {"images": [image], "annotations": [{"image_id": 1, "bbox": [0, 0, 500, 500]},
+                                                  {"image_id": 1, "bbox": [0, 0, 500, 499]}]}
+    records, counts = objects365.convert(square, min_area=0.25)
+    assert [r["bbox"] for r in records] == [[0.0, 0.0, 0.5, 0.5]] and counts["smaller than min_area"] == 1
+    thin = {"images": [image], "annotations": [{"image_id": 1, "bbox": [0, 0, 1, 1000]},
+                                                {"image_id": 1, "bbox": [0, 0, 1000, 0.999]}]}
+    records, counts = objects365.convert(thin)
+    assert [r["bbox"] for r in records] == [[0.0, 0.0, 0.001, 1.0]]
+    assert counts["sliver (under 1/1000 of the image wide or high)"] == 1
+    write_json(tmp_path / "thin.json", records)
+    assert len(load_annotations(str(tmp_path / "thin.json"))) == 1
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.1", "inf"])
+def test_min_area_is_a_fraction_of_the_image(tmp_path, capsys, value):
+    with pytest.raises(SystemExit):
+        objects365.main(["--annotations", SOURCE, "--output", str(tmp_path / "train.json"), "--min_area", value])
+    assert f"--min_area {value} must be a fraction" in capsys.readouterr().err
+    assert not (tmp_path / "train.json").exists()

@@ -389,3 +389,22 @@ def test_min_area_is_a_fraction_of_the_image(tmp_path, capsys, value):
         objects365.main(["--annotations", SOURCE, "--output", str(tmp_path / "train.json"), "--min_area", value])
     assert f"--min_area {value} must be a fraction" in capsys.readouterr().err
     assert not (tmp_path / "train.json").exists()
+
+
+def test_each_edge_case_box_is_counted_under_its_own_reason():
+    """A box on the image's edges is not clipped; one of no width is empty (not outside, not an error with
+    --strict); one that starts on the far edge lies outside (clipped, nothing is left), not a sliver."""
+    image = {"id": 1, "file_name": "a.jpg", "width": 1000, "height": 1000}
+    coco = {"images": [image], "annotations": [
+        {"image_id": 1, "bbox": [0, 0, 1000, 1000]},
+        {"image_id": 1, "bbox": [10, 10, 0, 5]},
+        {"image_id": 1, "bbox": [10, 10, 5, 0]},
+        {"image_id": 1, "bbox": [1000, 0, 10, 10]},
+        {"image_id": 1, "bbox": [0, 1000, 10, 10]},
+    ]}
+    records, counts = objects365.convert(coco)
+    assert [r["bbox"] for r in records] == [[0.0, 0.0, 1.0, 1.0]]
+    assert counts == {"empty box": 2, "outside the image": 2}
+    with pytest.raises(AnnotationError, match=r"annotations\[3\]: field 'bbox' \[1000, 0, 10, 10\] .* lies wholly "
+                                              r"outside its image a.jpg \(1000 x 1000\)"):
+        objects365.convert(coco, strict=True)

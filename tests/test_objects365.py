@@ -408,3 +408,33 @@ def test_each_edge_case_box_is_counted_under_its_own_reason():
     with pytest.raises(AnnotationError, match=r"annotations\[3\]: field 'bbox' \[1000, 0, 10, 10\] .* lies wholly "
                                               r"outside its image a.jpg \(1000 x 1000\)"):
         objects365.convert(coco, strict=True)
+
+
+def test_a_sample_as_large_as_what_is_kept_changes_nothing():
+    """``--num_samples`` equal to the records kept is no sampling: the records stay in their order, nothing counted."""
+    coco = {"images": [{"id": i, "file_name": f"{i}.jpg", "width": 10, "height": 10} for i in range(6)],
+            "annotations": [{"image_id": i, "bbox": [1, 1, 5, 5 + i % 3]} for i in range(6)]}
+    everything, counts = objects365.convert(coco, seed=1)
+    assert objects365.convert(coco, num_samples=6, seed=1) == (everything, counts)
+    assert "over num_samples" not in counts and len(everything) == 6
+
+
+def test_an_image_entry_of_no_width_or_height_is_malformed():
+    coco = {"images": [{"id": 1, "file_name": "a.jpg", "width": 0, "height": 10},
+                       {"id": 2, "file_name": "b.jpg", "width": 10, "height": 0},
+                       {"id": 3, "file_name": "c.jpg", "width": 10, "height": 10}],
+            "annotations": [{"image_id": i, "bbox": [1, 1, 5, 5]} for i in (1, 2, 3)]}
+    records, counts = objects365.convert(coco)
+    assert [r["image"] for r in records] == ["c.jpg"]
+    assert counts == {"malformed image entry": 2, "image_id not in 'images'": 2}
+
+
+def test_the_command_names_the_files_it_needs_and_min_area_may_be_the_whole_image(tmp_path, capsys):
+    for argv, missing in (([], "--annotations, --output"), (["--annotations", SOURCE], "--output"),
+                          (["--output", str(tmp_path / "o.json")], "--annotations")):
+        with pytest.raises(SystemExit):
+            objects365.main(argv)
+        assert f"the following arguments are required: {missing}" in capsys.readouterr().err
+    with pytest.raises((SystemExit, objects365.ConversionError)) as info:  # 1 is a fraction: nothing is that large
+        objects365.main(["--annotations", SOURCE, "--output", str(tmp_path / "o.json"), "--min_area", "1"])
+    assert "no record is left after filtering" in str(info.value) + capsys.readouterr().err

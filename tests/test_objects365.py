@@ -438,3 +438,14 @@ def test_the_command_names_the_files_it_needs_and_min_area_may_be_the_whole_imag
     with pytest.raises((SystemExit, objects365.ConversionError)) as info:  # 1 is a fraction: nothing is that large
         objects365.main(["--annotations", SOURCE, "--output", str(tmp_path / "o.json"), "--min_area", "1"])
     assert "no record is left after filtering" in str(info.value) + capsys.readouterr().err
+
+
+def test_image_ids_are_kept_across_the_whole_64_bit_range_and_refused_past_it():
+    low, high = -(2**63), 2**63 - 1
+    coco = {"images": [{"id": i, "file_name": f"{n}.jpg", "width": 10, "height": 10}
+                       for n, i in enumerate((low, high, high + 1, low - 1))],
+            "annotations": [{"image_id": i, "bbox": [1, 1, 5, 5]} for i in (low, high)]}
+    records, counts = objects365.convert(coco)
+    assert [r["image"] for r in records] == ["0.jpg", "1.jpg"] and counts == {"malformed image entry": 2}
+    with pytest.raises(AnnotationError, match=rf"images\[2\]: field 'id' {high + 1} is out of the 64-bit range"):
+        objects365.convert(coco, strict=True)

@@ -263,6 +263,10 @@ def test_a_flag_only_one_rank_has_is_named_as_unset_on_the_other(monkeypatch, pa
     with pytest.raises(ArgumentError, match=r"different settings: --aaa_newer_flag: unset on rank 0 on \S+; 1 on rank "
                                             r"1 on node-b\. Every node must run the same command"):
         check_same_flags_on_every_rank(*parsed)
+    _gathered(monkeypatch, other=lambda values: {k: v for k, v in values.items() if k != "seed"})
+    with pytest.raises(ArgumentError, match=r"different settings: --seed: 42 on rank 0 on \S+; unset on rank 1 on "
+                                            r"node-b\. "):
+        check_same_flags_on_every_rank(*parsed)
 
 
 @dataclasses.dataclass

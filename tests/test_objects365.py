@@ -125,6 +125,22 @@ def test_boxes_come_back_exactly_from_their_compact_form():
         {"image": "a.jpg", "bbox": [0.0, 0.0, round(1 / 3, 6), round(1 / 7, 6)]}])
 
 
+def test_only_what_the_compact_columns_cannot_hold_is_kept_aside():
+    """The memory claim (about 12 bytes a box): every box is integers of 1e-6 but -0.0, and every category an int32
+    but the two marker values below the range, a bool, or an int past it; only those go into the per-box dicts."""
+    converter = objects365._Converter("o365.json", None, 0.0, None, None, 0, objects365.DROP_FLAGS, False)
+    converter.add_image(0, {"id": 1, "file_name": "a.jpg", "width": 3, "height": 7})
+    categories = [5, -(2**31) + 2, 2**31 - 1, -(2**31) + 1, 2**31, True, "7"]
+    for i, category in enumerate(categories):
+        converter.add_annotation(i, {"image_id": 1, "bbox": [1, 1, 1, 3], "category_id": category})
+    converter.add_annotation(7, {"image_id": 1, "bbox": [-0.0, 1, 2, 3]})
+    assert list(converter.aside_boxes) == [7]
+    assert converter.aside_categories == {3: -(2**31) + 1, 4: 2**31, 5: True, 6: "7"}
+    assert list(converter.box_micro[:4]) == [333333, 142857, 666667, 571429]
+    records, _ = converter.finish()
+    assert [r.get("category_id", "absent") for r in records] == [*categories, "absent"]
+
+
 def test_only_the_kept_records_images_are_decoded_and_a_bad_one_is_dropped_and_counted(tmp_path, monkeypatch):
     folder = image_folder(tmp_path)
     decoded = []
@@ -375,10 +391,11 @@ def test_a_box_exactly_at_min_area_or_one_thousandth_wide_is_kept_and_training_t
     records, counts = objects365.convert(square, min_area=0.25)
     assert [r["bbox"] for r in records] == [[0.0, 0.0, 0.5, 0.5]] and counts["smaller than min_area"] == 1
     thin = {"images": [image], "annotations": [{"image_id": 1, "bbox": [0, 0, 1, 1000]},
-                                                {"image_id": 1, "bbox": [0, 0, 1000, 0.999]}]}
+                                                {"image_id": 1, "bbox": [0, 0, 1000, 0.999]},
+                                                {"image_id": 1, "bbox": [500, 250, 0.999, 500]}]}
     records, counts = objects365.convert(thin)
     assert [r["bbox"] for r in records] == [[0.0, 0.0, 0.001, 1.0]]
-    assert counts["sliver (under 1/1000 of the image wide or high)"] == 1
+    assert counts["sliver (under 1/1000 of the image wide or high)"] == 2
     write_json(tmp_path / "thin.json", records)
     assert len(load_annotations(str(tmp_path / "thin.json"))) == 1
 
@@ -422,10 +439,10 @@ def test_a_sample_as_large_as_what_is_kept_changes_nothing():
 def test_an_image_entry_of_no_width_or_height_is_malformed():
     coco = {"images": [{"id": 1, "file_name": "a.jpg", "width": 0, "height": 10},
                        {"id": 2, "file_name": "b.jpg", "width": 10, "height": 0},
-                       {"id": 3, "file_name": "c.jpg", "width": 10, "height": 10}],
-            "annotations": [{"image_id": i, "bbox": [1, 1, 5, 5]} for i in (1, 2, 3)]}
+                       {"id": 3, "file_name": "c.jpg", "width": 1, "height": 1}],
+            "annotations": [{"image_id": i, "bbox": [0, 0, 1, 1]} for i in (1, 2, 3)]}
     records, counts = objects365.convert(coco)
-    assert [r["image"] for r in records] == ["c.jpg"]
+    assert [r["image"] for r in records] == ["c.jpg"]  # one pixel is an image
     assert counts == {"malformed image entry": 2, "image_id not in 'images'": 2}
 
 
@@ -438,6 +455,12 @@ def test_the_command_names_the_files_it_needs_and_min_area_may_be_the_whole_imag
     with pytest.raises((SystemExit, objects365.ConversionError)) as info:  # 1 is a fraction: nothing is that large
         objects365.main(["--annotations", SOURCE, "--output", str(tmp_path / "o.json"), "--min_area", "1"])
     assert "no record is left after filtering" in str(info.value) + capsys.readouterr().err
+    # the reasons records were dropped, not the notes beside them (the distinct missing files)
+    (tmp_path / "no_images").mkdir()
+    with pytest.raises(objects365.ConversionError) as info:
+        objects365.main(["--annotations", SOURCE, "--output", str(tmp_path / "o.json"), "--image_folder",
+                         str(tmp_path / "no_images")])
+    assert re.search(r"\(.*image file missing: \d+", str(info.value)) and objects365.MISSING_FILES not in str(info.value)
 
 
 def test_image_ids_are_kept_across_the_whole_64_bit_range_and_refused_past_it():

@@ -392,10 +392,11 @@ def test_a_box_exactly_at_min_area_or_one_thousandth_wide_is_kept_and_training_t
     assert [r["bbox"] for r in records] == [[0.0, 0.0, 0.5, 0.5]] and counts["smaller than min_area"] == 1
     thin = {"images": [image], "annotations": [{"image_id": 1, "bbox": [0, 0, 1, 1000]},
                                                 {"image_id": 1, "bbox": [0, 0, 1000, 0.999]},
-                                                {"image_id": 1, "bbox": [500, 250, 0.999, 500]}]}
+                                                {"image_id": 1, "bbox": [500, 250, 0.999, 500]},
+                                                {"image_id": 1, "bbox": [250, 500, 500, 0.999]}]}
     records, counts = objects365.convert(thin)
     assert [r["bbox"] for r in records] == [[0.0, 0.0, 0.001, 1.0]]
-    assert counts["sliver (under 1/1000 of the image wide or high)"] == 2
+    assert counts["sliver (under 1/1000 of the image wide or high)"] == 3
     write_json(tmp_path / "thin.json", records)
     assert len(load_annotations(str(tmp_path / "thin.json"))) == 1
 

@@ -419,10 +419,11 @@ def test_each_edge_case_box_is_counted_under_its_own_reason():
         {"image_id": 1, "bbox": [10, 10, 5, 0]},
         {"image_id": 1, "bbox": [1000, 0, 10, 10]},
         {"image_id": 1, "bbox": [0, 1000, 10, 10]},
+        {"image_id": 1, "bbox": [10, -5, 10, 10]},  # above the top edge by 5 pixels: clipped
     ]}
     records, counts = objects365.convert(coco)
-    assert [r["bbox"] for r in records] == [[0.0, 0.0, 1.0, 1.0]]
-    assert counts == {"empty box": 2, "outside the image": 2}
+    assert [r["bbox"] for r in records] == [[0.0, 0.0, 1.0, 1.0], [0.01, 0.0, 0.02, 0.005]]
+    assert counts == {"empty box": 2, "outside the image": 2, objects365.CLIPPED: 1}
     with pytest.raises(AnnotationError, match=r"annotations\[3\]: field 'bbox' \[1000, 0, 10, 10\] .* lies wholly "
                                               r"outside its image a.jpg \(1000 x 1000\)"):
         objects365.convert(coco, strict=True)

@@ -24,6 +24,7 @@ import ast
 import copy
 import json
 import os
+import resource
 import shlex
 import shutil
 import signal
@@ -132,6 +133,16 @@ def kill_what_runs_in(folder: str) -> None:
             continue  # ended meanwhile, or not ours to read
 
 
+def address_space_limit(max_bytes: int):
+    """A ``preexec_fn`` capping the tests' address space: a mutant that makes them allocate without end (a loop that
+    appends forever: two in ``reference_flags.py`` took 21 GB of a 24 GB machine in under three minutes) ends in a
+    MemoryError, counted as caught, before it takes the machine's memory and whatever else runs there."""
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (max_bytes, max_bytes))
+
+    return limit
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("module", help="the file to break, relative to the repository root (sc_tune/ppo.py)")
@@ -140,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="print the mutants and run nothing")
     parser.add_argument("--pytest_args", default='-x -q -p no:cacheprovider -m "not slow"')
     parser.add_argument("--timeout", type=float, default=600, help="seconds per mutant (a timeout counts as caught)")
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    parser.add_argument("--max_memory_gb", type=float, default=round(physical / 2**30 / 2, 1),
+                        help="address space of the tests' processes (default: half of this machine's memory); past "
+                             "it a mutant's tests fail with MemoryError, counted as caught")
     args = parser.parse_args(argv)
 
     source_path = os.path.join(ROOT, args.module)
@@ -165,11 +180,13 @@ def main(argv: list[str] | None = None) -> int:
             copy_of_the_repository(work)
             env = dict(os.environ, PYTHONPATH=work, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
             command = [sys.executable, "-m", "pytest", *shlex.split(args.pytest_args), *args.tests]
+            limited = address_space_limit(int(args.max_memory_gb * 2**30))
             # The unchanged module, as the sweep writes it (ast.unparse drops comments): its tests must pass first.
             target = os.path.join(work, args.module)
             with open(target, "w", encoding="utf-8") as f:
                 f.write(ast.unparse(tree))
-            baseline = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=args.timeout)
+            baseline = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=args.timeout,
+                                      preexec_fn=limited)
             if baseline.returncode != 0:
                 print(f"the tests fail on the unchanged module; nothing swept:\n{baseline.stdout[-3000:]}",
                       file=sys.stderr)
@@ -181,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                 start = time.monotonic()
                 try:
                     run = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True,
-                                         timeout=args.timeout)
+                                         timeout=args.timeout, preexec_fn=limited)
                     status = "caught" if run.returncode != 0 else "SURVIVED"
                 except subprocess.TimeoutExpired:
                     status = "caught"  # a mutant that hangs the tests is one they notice

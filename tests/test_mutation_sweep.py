@@ -2,6 +2,7 @@
 and the working tree's module is left as it was."""
 
 import hashlib
+import importlib.util
 import json
 import subprocess
 import sys
@@ -39,6 +40,34 @@ def test_a_caught_change_and_a_surviving_one_and_the_module_untouched():
     assert caught[-1] == {"module": "sc_tune/ppo.py", "mutants": 1, "caught": 1, "SURVIVED": 0}
     assert [(r["mutant"], r["status"]) for r in survived[:-1]] == [(0, "SURVIVED")]
     assert hashlib.sha256(open(module, "rb").read()).hexdigest() == before
+
+
+@pytest.mark.slow
+def test_a_mutant_whose_tests_allocate_without_end_is_stopped_by_the_memory_cap():
+    """``take_reference_flags``' step back (``i - 2``) appends notes forever: 21 GB in 160 s on this machine, with
+    only the timeout to stop it. Under the address-space cap it ends in MemoryError within seconds, caught."""
+    # the two "Add -> Sub" of that line: argv[i - 1] (refused at once) and i - 2 (the endless one)
+    line = [str(m["mutant"]) for m in sweep("sc_tune/reference_flags.py", "--list")
+            if m["code"] == "value, i = argv[i + 1], i + 2" and m["change"] == "Add -> Sub"]
+    assert len(line) == 2, line
+    result = sweep("sc_tune/reference_flags.py",
+                   "tests/test_cli.py::test_the_reference_flags_are_taken_out_in_every_spelling_and_the_rest_kept_in_order",
+                   "--only", ",".join(line), "--max_memory_gb", "4", "--timeout", "240")
+    assert [r["status"] for r in result[:-1]] == ["caught", "caught"], result
+    assert max(r["seconds"] for r in result[:-1]) < 60, result
+
+
+def test_the_memory_cap_ends_an_allocation_past_it_and_lets_one_under_it_run():
+    spec = importlib.util.spec_from_file_location("mutation_sweep", SCRIPT)
+    mutation_sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mutation_sweep)
+    cap = mutation_sweep.address_space_limit(1 << 30)
+    over = subprocess.run([sys.executable, "-c", "bytearray(2 << 30)"], capture_output=True, text=True,
+                          preexec_fn=cap, timeout=60)
+    assert over.returncode != 0 and "MemoryError" in over.stderr
+    under = subprocess.run([sys.executable, "-c", "bytearray(64 << 20)"], capture_output=True, text=True,
+                           preexec_fn=cap, timeout=60)
+    assert under.returncode == 0, under.stderr
 
 
 def test_a_sweep_stopped_by_sigterm_leaves_no_copy_and_no_tests_running(tmp_path):

@@ -129,16 +129,9 @@ def _budget_adapter(adapter_class, path: str):
                          AutoImageProcessor.from_pretrained(path))
 
 
-def _training_default(name: str):
-    """``finetune.py``'s default for the flag ``name``, so that a budget counted here is training's."""
-    import dataclasses
-
-    from sc_tune.arguments import SCTuneConfig
-
-    return next(f.default for f in dataclasses.fields(SCTuneConfig) if f.name == name)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    from sc_tune.arguments import SCTuneConfig  # finetune.py's defaults: a budget counted here is training's
+
     parser = argparse.ArgumentParser(prog="python -m sc_tune.families", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     parse = commands.add_parser("parse", help="the box a family reads in an answer, or why there is none")
@@ -155,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="original image size, resized by the image processor (default 1920 1080)")
     budget.add_argument("--caption", default="the red circle",
                         help="the phrase grounded (families whose answer repeats it before the box)")
-    budget.add_argument("--describer_max_new_tokens", type=int, default=_training_default("describer_max_new_tokens"),
+    budget.add_argument("--describer_max_new_tokens", type=int, default=SCTuneConfig.describer_max_new_tokens,
                         help="the caption length training uses (finetune.py's flag; default: its default)")
     budget.add_argument("--image_max_pixels", type=int,
                         help="the pixel budget training uses (finetune.py --image_max_pixels; default: the folder's)")

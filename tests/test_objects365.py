@@ -474,3 +474,32 @@ def test_image_ids_are_kept_across_the_whole_64_bit_range_and_refused_past_it():
     assert [r["image"] for r in records] == ["0.jpg", "1.jpg"] and counts == {"malformed image entry": 2}
     with pytest.raises(AnnotationError, match=rf"images\[2\]: field 'id' {high + 1} is out of the 64-bit range"):
         objects365.convert(coco, strict=True)
+
+
+def test_the_unnamed_seed_is_0_and_the_held_out_file_holds_2000_records_by_default(tmp_path, capsys):
+    """The defaults a command without ``--seed`` / ``--num_held_out`` gets (and the functions' ``seed``): the same
+    bytes as ``--seed 0 --num_held_out 2000``, which the seed and count around them do not give."""
+    coco = {"images": [{"id": i, "file_name": f"{i}.jpg", "width": 100, "height": 100} for i in range(600)],
+            "annotations": [{"image_id": i // 5, "bbox": [i % 5 * 10, 0, 9, 9]} for i in range(3000)]}
+    source = tmp_path / "o365.json"
+    source.write_text(json.dumps(coco))
+
+    def written(*argv) -> tuple[bytes, bytes]:
+        out = tmp_path / "_".join(argv or ("defaults",))
+        out.mkdir()
+        objects365.main(["--annotations", str(source), "--output", str(out / "train.json"), "--held_out_output",
+                         str(out / "held.json"), "--num_samples", "2900", *argv])
+        return (out / "train.json").read_bytes(), (out / "held.json").read_bytes()
+
+    defaults = written()
+    assert defaults == written("--seed", "0", "--num_held_out", "2000")
+    assert len(json.loads(defaults[1])) == 2000
+    for other in (("--seed", "1"), ("--num_held_out", "1995")):
+        assert written(*other) != defaults, other
+    capsys.readouterr()
+    sampled = objects365.convert(coco, num_samples=2900)
+    assert sampled == objects365.convert(coco, num_samples=2900, seed=0) != objects365.convert(coco, num_samples=2900,
+                                                                                                 seed=1)
+    assert objects365.convert_file(str(source), num_samples=2900) == sampled
+    assert objects365.split_held_out(sampled[0], 100) == objects365.split_held_out(sampled[0], 100, seed=0) \
+        != objects365.split_held_out(sampled[0], 100, seed=1)

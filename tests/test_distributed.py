@@ -305,3 +305,33 @@ def test_a_node_started_with_other_steps_is_refused_before_training_not_left_han
                "processes were started with different settings: --max_steps: 200 on rank 0 on " in text, text[-3000:]
         assert "'loss'" not in text
     assert codes == [1, 1]
+
+
+def test_finetune_ds_on_two_nodes_with_their_own_output_folders_is_refused_before_the_model_loads(tiny_checkpoint,
+                                                                                                   tmp_path):
+    """Every rank writes its part of each checkpoint into the output folder, so two nodes given folders of their own
+    would fail at the first save, after save_steps of training. scripts/finetune_ds.sh as two nodes of one process on
+    this machine, each with its own OUTPUT_DIR: both stop before the model loads, naming the folders."""
+    import socket
+
+    from tests.helpers import free_port
+
+    folders = [tmp_path / "run", tmp_path / "node1_disk" / "run"]
+    env = _long_run_env(tiny_checkpoint("qwen2_vl"), folders[0], GPUS_PER_NODE="1", NNODES="2", MAX_STEPS="2",
+                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    nodes = [subprocess.Popen(["sh", "scripts/finetune_ds.sh"], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                              env={**env, "NODE_RANK": str(rank), "OUTPUT_DIR": str(folders[rank])})
+             for rank in (0, 1)]
+    try:
+        outputs = [node.communicate(timeout=150)[0] for node in nodes]  # ~25 s here; unrefused, they hang
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                kill_process_tree(node.pid)
+    assert [node.returncode for node in nodes] == [1, 1], outputs[1][-3000:]
+    for rank, output in enumerate(outputs):
+        assert (f"finetune.py: error: {folders[rank]} is not one folder for every process: rank 1 on "
+                f"{socket.gethostname()} (given {folders[1]}) cannot see the run lock") in output, output[-3000:]
+        assert "Loading weights" not in output and "referring samples" not in output
+    assert not (folders[0] / "sc_tune_run.lock").exists()  # rank 0's lock released

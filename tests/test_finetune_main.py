@@ -1,5 +1,8 @@
-"""finetune.py's own decisions, between the parsed flags and the trainer: the weights' dtype, the QLoRA refusal; the model
-loader is replaced by a recorder that ends the run where the weights would load."""
+"""finetune.py's own decisions, between the parsed flags and the trainer: the weights' dtype, the QLoRA refusal, the log
+level; the model loader is replaced by a recorder that ends the run where the weights would load."""
+
+import logging
+import sys
 
 import pytest
 import torch
@@ -67,3 +70,21 @@ def test_qlora_with_lora_loads_four_bit_weights_computing_in_the_half_dtype(monk
     config = loaded["quantization_config"]
     assert config is not None and config.load_in_4bit and config.bnb_4bit_compute_dtype == torch.bfloat16
     assert loaded["dtype"] == torch.bfloat16
+
+
+def test_the_command_reads_every_word_after_the_script(monkeypatch, tmp_path):
+    import finetune
+
+    monkeypatch.setattr(sys, "argv", ["finetune.py", "--seed", "7", "--output_dir", str(tmp_path), "--use_cpu", "True"])
+    *_, args, notes = finetune.parse_args()
+    assert (args.seed, args.output_dir, notes) == (7, str(tmp_path), [])
+
+
+def test_the_first_process_logs_at_info(monkeypatch, tiny_checkpoint, tmp_path):
+    """Process 0 logs its progress (the records read, the trainable parameters) at INFO, the others warnings only.
+    Recorded from ``logging.basicConfig``'s arguments: under pytest, whose handlers the root logger already has, the
+    call itself changes nothing."""
+    configured = []
+    monkeypatch.setattr(logging, "basicConfig", lambda **kwargs: configured.append(kwargs))
+    _loading_kwargs(monkeypatch, tiny_checkpoint, tmp_path)
+    assert [kwargs["level"] for kwargs in configured] == [logging.INFO]

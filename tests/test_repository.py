@@ -150,6 +150,35 @@ def test_the_documented_defaults_are_the_codes():
     assert not wrong, wrong
 
 
+def test_the_documented_evaluation_defaults_are_the_codes():
+    """docs/usage.md's table of evaluate.py's knobs: each default must be EvaluationArguments' (the generation budgets
+    are training's, read through sc_tune.evaluation.runner), and every knob of evaluate.py but its inputs (the four
+    required flags and ``--image_folder``) has a row."""
+    import dataclasses
+
+    import evaluate
+
+    defaults = {}
+    for f in dataclasses.fields(evaluate.EvaluationArguments):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+    usage = (ROOT / "docs" / "usage.md").read_text(encoding="utf-8")
+    table = usage.split("### Evaluation knobs", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1:3] for line in table.splitlines() if line.startswith("| `--")]
+    documented, wrong = set(), []
+    for flags_cell, values_cell in rows:
+        flags = re.findall(r"`--(\w+)`", flags_cell)
+        values = re.split(r" / |, ", values_cell.strip())
+        values = values * len(flags) if len(values) == 1 else values
+        assert len(values) == len(flags), f"docs/usage.md: {flags_cell}| {values_cell}: not one value per flag"
+        for flag, value in zip(flags, values):
+            documented.add(flag)
+            if flag not in defaults or not _documented_value_matches(value, defaults[flag]):
+                wrong.append(f"docs/usage.md: --{flag} {value.strip()}, code {defaults.get(flag, 'no such knob')!r}")
+    assert not wrong, wrong
+    assert documented == set(defaults) - {"image_folder"}, set(defaults) ^ documented
+
+
 def test_committed_warm_starts_answer_in_todays_answer_form(tmp_path):
     """A warm start built before its family's answer form changed writes boxes no codec reads: the benchmark then
     measures parse failures. Each committed warm start's locator must write boxes that parse, for held-out captions."""

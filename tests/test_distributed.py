@@ -324,7 +324,7 @@ def test_finetune_ds_on_two_nodes_with_their_own_output_folders_is_refused_befor
                               env={**env, "NODE_RANK": str(rank), "OUTPUT_DIR": str(folders[rank])})
              for rank in (0, 1)]
     try:
-        outputs = [node.communicate(timeout=150)[0] for node in nodes]  # ~25 s here; unrefused, they hang
+        outputs = [node.communicate(timeout=150)[0] for node in nodes]  # refused: ~25 s here
     finally:
         for node in nodes:
             if node.poll() is None:

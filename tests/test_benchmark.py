@@ -90,8 +90,13 @@ def test_summarize_benchmark_counts_hand_made_outcomes():
     assert (m["cycle_iou"], m["cycle_acc50"], m["cycle_parse_fail"], m["rec_acc50"]) == (0.425, 0.5, 0.25, 0.75)
     assert (m["caption_full"], m["caption_terse"], m["caption_valid"]) == (0.5, 0.25, 0.75)
     assert (m["objects"], m["ambiguous_objects"]) == (4, 2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^3 cycle results for 4 records$"):
         evaluate_module.summarize_benchmark(records, cycle, rows[:3], rec)
+    with pytest.raises(ValueError, match="^0 cycle results for 0 records$"):
+        evaluate_module.summarize_benchmark([], cycle, [], rec)
+    # Acc@0.5 is inclusive: an ambiguous object re-grounded at IoU 0.5 exactly is a hit.
+    at_half = [dict(rows[0]), dict(rows[1], iou=0.5), *rows[2:]]
+    assert evaluate_module.summarize_benchmark(records, cycle, at_half, rec)["cycle_acc50_ambiguous"] == 1.0
     # "the blue" names a colour the red circle does not have: 1 of 4, all in one 4-object (crowded) scene.
     assert (m["wrong_attribute"], m["wrong_attribute_crowded"], m["crowded_objects"]) == (0.25, 0.25, 4)
 
@@ -237,6 +242,7 @@ def test_warm_start_trains_saves_and_reloads(tiny_warm_start):
     assert len(changed) > 10  # SFT moved the weights; the saved checkpoint holds the moved ones
     # The logged metrics are the benchmark's evaluators' numbers on the saved model (no second eval loop).
     again = evaluate_module.evaluate_benchmark(model, adapter, root / "eval_data", limit=6)
+    assert again["rows"] == []  # rows for figures only where asked for
     for key in ("cycle_acc50", "cycle_iou", "rec_acc50", "rec_iou", "caption_valid", "cycle_parse_fail"):
         assert metrics[key] == pytest.approx(again[key]), key
 

@@ -179,6 +179,38 @@ def test_the_documented_evaluation_defaults_are_the_codes():
     assert documented == set(defaults) - {"image_folder"}, set(defaults) ^ documented
 
 
+def test_the_benchmarks_documented_settings_are_the_codes():
+    """docs/benchmark.md's table of the benchmark's SC-Tune settings: the benchmark column must be
+    ``SC_TUNE_ARGS``' values and the reference column finetune.py's defaults (where it names one: the reference's
+    batch is its launch's, 16 x 8 GPUs); every flag of ``SC_TUNE_ARGS`` that changes what is learnt and differs from
+    its default has a row."""
+    from sc_tune.synthetic.pipeline import SC_TUNE_ARGS
+
+    defaults = _finetune_defaults()
+    text = (ROOT / "docs" / "benchmark.md").read_text(encoding="utf-8")
+    table = text.split("## SC-Tune settings of the benchmark", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1:4] for line in table.splitlines() if line.startswith("| `--")]
+    assert len(rows) >= 8, rows
+    documented, wrong = set(), []
+    for flags_cell, benchmark_cell, reference_cell in rows:
+        flags = re.findall(r"`--(\w+)`", flags_cell)
+        for column, cell in (("benchmark", benchmark_cell), ("reference", reference_cell)):
+            values = re.split(r" / |, ", cell.strip())
+            values = values * len(flags) if len(values) == 1 else values
+            assert len(values) == len(flags), f"docs/benchmark.md: {flags_cell}| {cell}: not one value per flag"
+            for flag, value in zip(flags, values):
+                if column == "benchmark":
+                    documented.add(flag)
+                    if not _documented_value_matches(value, SC_TUNE_ARGS[flag]):
+                        wrong.append(f"benchmark --{flag} {value.strip()}, SC_TUNE_ARGS {SC_TUNE_ARGS[flag]!r}")
+                elif "GPUs" not in value and not _documented_value_matches(value, defaults[flag]):
+                    wrong.append(f"reference --{flag} {value.strip()}, finetune.py {defaults[flag]!r}")
+    assert not wrong, wrong
+    differing = {flag for flag, value in SC_TUNE_ARGS.items() if flag in defaults and defaults[flag] != value}
+    bookkeeping = {"logging_steps", "save_steps"}  # how often it logs and saves, not what it learns
+    assert differing - documented - bookkeeping == set(), differing - documented
+
+
 def test_committed_warm_starts_answer_in_todays_answer_form(tmp_path):
     """A warm start built before its family's answer form changed writes boxes no codec reads: the benchmark then
     measures parse failures. Each committed warm start's locator must write boxes that parse, for held-out captions."""

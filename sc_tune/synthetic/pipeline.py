@@ -19,7 +19,7 @@ import torch
 from sc_tune.images import load_rgb
 from sc_tune.jsonio import read_json
 from sc_tune.modeling import load_model_and_adapter
-from sc_tune.synthetic.evaluate import evaluate_benchmark
+from sc_tune.synthetic.evaluate import DESCRIBE, LOCATE, evaluate_benchmark
 from sc_tune.synthetic.shapes import write_dataset
 from sc_tune.visualize import save_cycle_grid
 
@@ -39,9 +39,10 @@ SC_TUNE_ARGS = {
     "describer_top_k": 0,
     "describer_top_p": 1.0,
     "describer_temperature": 1.0,
-    "describer_max_new_tokens": 8,
+    # Trained with the budgets the held-out split is evaluated with (8 and 32 tokens).
+    "describer_max_new_tokens": DESCRIBE.max_new_tokens,
     "describer_min_new_tokens": 1,
-    "locator_max_new_tokens": 32,
+    "locator_max_new_tokens": LOCATE.max_new_tokens,
     "locator_min_new_tokens": 3,
     "weight_decay": 0.0,
     "logging_steps": 10,

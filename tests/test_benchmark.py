@@ -70,6 +70,62 @@ def test_write_split_is_deterministic_and_consistent(tmp_path):
         assert image.getpixel((int(cx), int(cy))) == COLOURS[first["caption"].split()[1]]
 
 
+def test_the_default_dataset_is_the_one_the_benchmark_figures_were_measured_on(tmp_path):
+    """docs/benchmark.md's held-out split, on which every published figure was measured: 400 images, 1,193 objects,
+    621 of them ambiguous, 476 in scenes of 4 objects, and 5 images (10 objects) byte-identical to training images.
+    A change to the generator (its seeds, split offsets, object counts, defaults) changes these, and the published
+    figures would no longer be the split's."""
+    import collections
+    import hashlib
+
+    from sc_tune.synthetic.shapes import main
+
+    main(["--root", str(tmp_path)])  # the defaults: seed 0, 2,000 training images, 400 held out
+    summary = json.loads((tmp_path / "dataset.json").read_text())
+    assert summary["heldout"] == {"split": "heldout", "images": 400, "objects": 1193, "ambiguous": 621}
+    assert (summary["seed"], summary["train"]["images"]) == (0, 2000)
+    held_out = json.loads((tmp_path / "heldout.json").read_text())
+    per_image = collections.Counter(r["image"] for r in held_out)
+    assert sum(per_image[r["image"]] >= evaluate_module.CROWDED_MIN_OBJECTS for r in held_out) == 476
+
+    def digest(path):
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    training = {digest(path) for path in (tmp_path / "train").glob("*.png")}
+    repeated = {image for image in per_image if digest(tmp_path / image) in training}
+    assert (len(repeated), sum(per_image[image] for image in repeated)) == (5, 10)
+
+
+def test_each_shape_fills_its_box_and_nothing_outside_it():
+    """Pixel by pixel on a 128-px image: a square fills its box exactly (the box's x2 and y2 are exclusive), a circle
+    is inscribed in it (its corners are background, its edges' midpoints are not), a triangle stands on the box's
+    bottom edge with its apex at the top middle."""
+    from sc_tune.synthetic.shapes import BACKGROUND, COLOURS, ShapeObject, ShapesScene, render
+
+    spec = ShapesSpec()
+    objects = [ShapeObject("red", "square", (0, 0), cell_box((0, 0), spec)),
+               ShapeObject("blue", "circle", (1, 0), cell_box((1, 0), spec)),
+               ShapeObject("green", "triangle", (2, 1), cell_box((2, 1), spec))]
+    image = render(ShapesScene(objects), spec)
+    assert image.size == (128, 128)
+    pixels = image.load()
+    # The square: cell (0, 0), box [3, 3, 29, 29) px.
+    red, blue, green = COLOURS["red"], COLOURS["blue"], COLOURS["green"]
+    inside = {(x, y) for x in range(3, 29) for y in range(3, 29)}
+    assert all(pixels[x, y] == red for x, y in inside)
+    ring = [(x, y) for x in range(2, 30) for y in range(2, 30) if (x, y) not in inside]
+    assert all(pixels[x, y] == BACKGROUND for x, y in ring)
+    # The circle: cell (1, 0), box [35, 3, 61, 29): centre and edge midpoints blue, corners background.
+    assert [pixels[x, y] for x, y in ((48, 16), (35, 16), (60, 16), (48, 3), (48, 28))] == [blue] * 5
+    assert [pixels[x, y] for x, y in ((35, 3), (60, 3), (35, 28), (60, 28))] == [BACKGROUND] * 4
+    assert pixels[34, 16] == pixels[61, 16] == BACKGROUND
+    # The triangle: cell (2, 1), box [67, 35, 93, 61): the bottom edge's corners green, the top corners background,
+    # the apex column green near the top.
+    assert [pixels[x, y] for x, y in ((67, 60), (92, 60), (80, 36), (80, 59))] == [green] * 4
+    assert [pixels[x, y] for x, y in ((67, 35), (92, 35), (67, 40))] == [BACKGROUND] * 3
+    assert pixels[80, 61] == pixels[66, 60] == pixels[93, 60] == BACKGROUND
+
+
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
     cfg = WarmStartConfig(lr=1e-3, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
     assert lr_at(0, cfg) == pytest.approx(1e-4)
@@ -99,6 +155,21 @@ def test_summarize_benchmark_counts_hand_made_outcomes():
     assert evaluate_module.summarize_benchmark(records, cycle, at_half, rec)["cycle_acc50_ambiguous"] == 1.0
     # "the blue" names a colour the red circle does not have: 1 of 4, all in one 4-object (crowded) scene.
     assert (m["wrong_attribute"], m["wrong_attribute_crowded"], m["crowded_objects"]) == (0.25, 0.25, 4)
+
+
+def test_rates_over_a_single_object_are_whole():
+    """One ambiguous object re-grounded (IoU 0.7) from a caption that gets both attributes wrong: every rate is 0 or
+    1, each divided by one object, not by a floor above it."""
+    records = [{"image": "a.png", "caption": "the red circle", "terse": "the circle", "ambiguous": True}]
+    rows = [{"caption": "the blue square", "iou": 0.7}]
+    m = evaluate_module.summarize_benchmark(records, {"mean_iou": 0.7, "acc@0.5": 1.0, "parse_failure_rate": 0.0},
+                                            rows, {"mean_iou": 0.0, "acc@0.5": 0.0, "parse_failure_rate": 1.0})
+    assert (m["cycle_acc50_ambiguous"], m["wrong_attribute"], m["wrong_colour"], m["wrong_shape"]) == (1, 1, 1, 1)
+    assert (m["caption_full"], m["caption_terse"], m["caption_valid"]) == (0, 0, 0)
+    full = evaluate_module.summarize_benchmark(records, {"mean_iou": 0.7, "acc@0.5": 1.0, "parse_failure_rate": 0.0},
+                                               [{"caption": "the red circle", "iou": 0.7}],
+                                               {"mean_iou": 0.0, "acc@0.5": 0.0, "parse_failure_rate": 1.0})
+    assert (full["caption_full"], full["caption_terse"], full["caption_valid"], full["wrong_attribute"]) == (1, 0, 1, 0)
 
 
 def _object(image: str, colour: str, kind: str) -> dict:

@@ -32,9 +32,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sc_tune.jsonio import read_json, write_json  # noqa: E402
-from sc_tune.synthetic.pipeline import (ABLATIONS, BASELINES, VARIANTS, WARM_START,  # noqa: E402
+from sc_tune.synthetic.pipeline import (ABLATIONS, BASELINES, SC_TUNE_STEPS, VARIANTS, WARM_START,  # noqa: E402
                                         evaluate_checkpoint, make_data, parse_overrides, run_sc_tune,
                                         sampled_captions, source_commit)
+from sc_tune.synthetic.shapes import HELDOUT_IMAGES, TRAIN_IMAGES  # noqa: E402
 
 COLUMNS = (("cycle_acc50", "cycle Acc@0.5"), ("cycle_acc50_ambiguous", "cycle Acc@0.5 ambiguous"),
            ("cycle_iou", "cycle IoU"), ("rec_acc50", "REC Acc@0.5"), ("caption_full", "full captions"),
@@ -108,10 +109,10 @@ def main(argv=None):
                         help="run these variants instead of a suite's")
     parser.add_argument("--ablation_seeds", type=int, nargs="+", default=None,
                         help="seeds of the ablations (default: the same as --seeds)")
-    parser.add_argument("--max_steps", type=int, default=750)
+    parser.add_argument("--max_steps", type=int, default=SC_TUNE_STEPS)
     parser.add_argument("--data_seed", type=int, default=0)
-    parser.add_argument("--train_images", type=int, default=2000)
-    parser.add_argument("--heldout_images", type=int, default=400)
+    parser.add_argument("--train_images", type=int, default=TRAIN_IMAGES)
+    parser.add_argument("--heldout_images", type=int, default=HELDOUT_IMAGES)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (1 is fastest here)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="override a finetune.py flag of every run, e.g. describer_lr=1e-4")

@@ -49,6 +49,9 @@ SC_TUNE_ARGS = {
     "save_steps": 100000,
     "report_to": "none",
 }
+# The benchmark's SC-Tune runs: 750 steps, 10 cycles of 50 describer and 25 locator steps; the quick-start and the
+# benchmark script share it.
+SC_TUNE_STEPS = 750
 VARIANTS = {
     "sc_tune": {},  # the paper's describer baseline, snapshot_greedy
     "no_kl": {"kl_coef": 0.0},
@@ -104,7 +107,7 @@ def source_commit(repo: str | Path = REPO) -> str:
     return head + ("-dirty" if dirty else "")
 
 
-def make_data(root: str | Path, seed: int = 0, train_images: int = 2000, heldout_images: int = 400) -> dict:
+def make_data(root: str | Path, seed: int, train_images: int, heldout_images: int) -> dict:
     """The shapes dataset (skipped when ``root/dataset.json`` says it was already written with these sizes)."""
     summary_path = Path(root) / "dataset.json"
     if summary_path.exists():

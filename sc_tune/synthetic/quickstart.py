@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 
 from sc_tune.jsonio import write_json
-from sc_tune.synthetic.pipeline import (WARM_START, before_after_grid, before_after_table, evaluate_checkpoint,
-                                        make_data, parse_overrides, phase_summaries, pick_figure_rows, run_sc_tune,
-                                        sc_tune_command, source_commit)
+from sc_tune.synthetic.pipeline import (SC_TUNE_STEPS, WARM_START, before_after_grid, before_after_table,
+                                        evaluate_checkpoint, make_data, parse_overrides, phase_summaries,
+                                        pick_figure_rows, run_sc_tune, sc_tune_command, source_commit)
+from sc_tune.synthetic.shapes import HELDOUT_IMAGES, TRAIN_IMAGES
 
 FIGURE_ROWS = 64  # cycles kept per evaluation for the picture (8 are drawn)
 
@@ -28,9 +29,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--warm_start", default=str(WARM_START))
     parser.add_argument("--seed", type=int, default=0, help="SC-Tune seed (the data and warm start are fixed)")
     parser.add_argument("--data_seed", type=int, default=0)
-    parser.add_argument("--max_steps", type=int, default=750)
-    parser.add_argument("--train_images", type=int, default=2000)
-    parser.add_argument("--heldout_images", type=int, default=400)
+    parser.add_argument("--max_steps", type=int, default=SC_TUNE_STEPS)
+    parser.add_argument("--train_images", type=int, default=TRAIN_IMAGES)
+    parser.add_argument("--heldout_images", type=int, default=HELDOUT_IMAGES)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest at this size)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="override a finetune.py flag of the benchmark's SC-Tune settings, e.g. kl_coef=0")

@@ -172,7 +172,7 @@ def write_dataset(root: str | Path, seed: int = 0, train_images: int = TRAIN_IMA
     return summary
 
 
-def write_sample(root: str | Path, num_images: int = 16, seed: int = 0, spec: ShapesSpec = ShapesSpec()) -> dict:
+def write_sample(root: str | Path, num_images: int, seed: int, spec: ShapesSpec = ShapesSpec()) -> dict:
     """The repository's bundled smoke-test sample (``data/sample``): ``root/images/NNN.png`` and
     ``root/annotations.json`` in the training format (``image`` relative to ``root``). Drawn from the warm start's
     own domain, so that ``checkpoints/warm_start`` grounds its boxes and the trainer's preflight passes on it."""

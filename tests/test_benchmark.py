@@ -51,6 +51,9 @@ def test_write_split_is_deterministic_and_consistent(tmp_path):
     write_split(tmp_path / "c", "heldout", 6, seed=2)
     for name in ("heldout.json", "heldout_rec.jsonl", "heldout/00003.png"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    # Written again into the same folder (a rerun with other sizes): replaced, not refused.
+    assert write_split(tmp_path / "b", "heldout", 6, seed=2) and \
+        (tmp_path / "b" / "heldout.json").read_bytes() == (tmp_path / "c" / "heldout.json").read_bytes()
     assert (tmp_path / "a" / "heldout.json").read_bytes() != (tmp_path / "c" / "heldout.json").read_bytes()
     records = json.loads((tmp_path / "a" / "heldout.json").read_text())
     rec = [json.loads(line) for line in (tmp_path / "a" / "heldout_rec.jsonl").read_text().splitlines()]

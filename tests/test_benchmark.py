@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -419,3 +420,128 @@ def test_warm_start_builds_another_architecture(model_type, tmp_path):
         assert type(adapter).__name__ == "InternVLAdapter"
         image = adapter.prepare_image(Image.new("RGB", (128, 128)))
         assert (image.num_tokens, image.frame, model.config.vision_config.patch_size) == (16, (128, 128), [16, 16])
+
+
+# ---------------------------------------------------------------- the quick-start's and the benchmark's reporting
+def test_the_before_after_table_prints_percentages_and_their_change():
+    from sc_tune.synthetic.pipeline import TABLE_KEYS, before_after_table
+
+    before = {key: 0.25 for key, _ in TABLE_KEYS} | {"objects": 1193, "cycle_acc50": 0.667, "rec_acc50": 0.9}
+    after = {key: 0.5 for key, _ in TABLE_KEYS} | {"cycle_acc50": 0.928, "rec_acc50": 0.875,
+                                                     "wrong_attribute_crowded": None}
+    lines = before_after_table(before, after).splitlines()
+    assert lines[:4] == ["| metric (held-out, 1193 objects) | before (warm start) | after SC-Tune | change |",
+                         "| --- | --- | --- | --- |",
+                         "| cycle Acc@0.5 | 66.7 % | 92.8 % | +26.1 |",
+                         "| cycle Acc@0.5 (ambiguous) | 25.0 % | 50.0 % | +25.0 |"]
+    assert "| REC Acc@0.5 | 90.0 % | 87.5 % | -2.5 |" in lines
+    # No crowded scene in a small split: no rate, and no change to compute.
+    assert lines[-1] == "| wrong colour or shape (crowded scenes) | 25.0 % | none measured | |"
+    assert len(lines) == 2 + len(TABLE_KEYS)
+
+
+def test_each_phase_of_the_log_is_summarised_once_with_its_means(tmp_path):
+    from sc_tune.synthetic.pipeline import phase_summaries
+
+    def describer(step, reward, share=1.0):
+        return {"step": step, "phase": 0, "phase/describer": share, "describer/reward": reward,
+                "describer/baseline": 0.5, "describer/kl": -0.001, "describer/clip_frac": 0.1,
+                "describer/parse_failure": 0.25}
+
+    history = [{"step": 0, "loss": 1.0},  # no phase: not a training window
+               describer(10, 0.5), describer(20, 0.75, share=0.5),  # half describer: still the describer's
+               {"step": 30, "phase": 1, "phase/describer": 0.4, "locator/loss": 0.25, "locator/token_acc": 0.5},
+               {"step": 40, "phase": 1, "phase/describer": 0.0, "locator/loss": 0.75},
+               describer(50, 1.0)]
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    assert phase_summaries(tmp_path / "trainer_state.json") == [
+        "describer steps   10-  20: reward 0.625, baseline 0.500, KL -0.0010, clip 0.100, parse failures 25.0%",
+        "locator   steps   30-  40: loss 0.5000, answer-token accuracy 50.0%",  # the accuracy of the one that has it
+        "describer steps   50-  50: reward 1.000, baseline 0.500, KL -0.0010, clip 0.100, parse failures 25.0%",
+    ]
+
+
+def test_the_final_checkpoint_is_the_exported_folder_else_the_highest_step(tmp_path):
+    from sc_tune.synthetic.pipeline import final_checkpoint
+
+    for step in (2, 10, 9):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    assert final_checkpoint(tmp_path) == tmp_path / "checkpoint-10"  # by number: 10 after 9
+    (tmp_path / "config.json").write_text("{}")
+    assert final_checkpoint(tmp_path) == tmp_path
+    with pytest.raises(FileNotFoundError, match=f"^finetune.py left no checkpoint in {tmp_path / 'empty'}$"):
+        final_checkpoint(tmp_path / "empty")
+
+
+def test_the_baselines_sample_as_many_captions_as_sc_tune():
+    """750 steps: 6 cycles of 50 describer rollouts (2 PPO epochs each: 100 steps) and 25 locator steps, so 300
+    rollouts of 32 boxes; group_mean's 8 boxes x 4 samples is the same 9,600 captions; with no locator phase every
+    step is the describer's: 375 rollouts."""
+    from sc_tune.synthetic.pipeline import BASELINES, SC_TUNE_STEPS, VARIANTS, sampled_captions
+
+    assert SC_TUNE_STEPS == 750 and sampled_captions(750) == 300 * 32
+    assert {name: sampled_captions(750, VARIANTS[name]) for name in BASELINES} == dict.fromkeys(BASELINES, 9600)
+    assert sampled_captions(750, VARIANTS["no_locator"]) == 375 * 32
+    assert sampled_captions(3, {"describer_update_steps": 1, "locator_update_steps": 1, "ppo_epochs": 1}) == 2 * 32
+
+
+def test_overrides_are_flag_value_pairs_and_replace_the_benchmarks_settings():
+    from sc_tune.synthetic.pipeline import SC_TUNE_ARGS, parse_overrides, sc_tune_command
+
+    overrides = parse_overrides(["kl_coef=0", "--describer_lr=1e-3", "lora_target_modules=a=b"])
+    assert overrides == {"kl_coef": "0", "describer_lr": "1e-3", "lora_target_modules": "a=b"}
+    assert parse_overrides(None) == {}
+    for bad in ("kl_coef", "=3"):
+        with pytest.raises(ValueError, match=f"got {bad!r}$"):
+            parse_overrides([bad])
+    command = sc_tune_command("model", "data", "out", 3, 40, overrides)
+    flags = dict(zip(command[2::2], command[3::2]))
+    assert flags["--kl_coef"] == "0" and flags["--describer_lr"] == "1e-3" and flags["--seed"] == "3"
+    assert flags["--max_steps"] == "40" and flags["--data_path"] == str(Path("data") / "train.json")
+    assert flags["--locator_lr"] == str(SC_TUNE_ARGS["locator_lr"])
+
+
+def test_a_failed_run_names_its_exit_status_and_the_last_30_lines_of_its_log(tmp_path, monkeypatch):
+    import sys
+
+    from sc_tune.synthetic import pipeline
+
+    script = "import sys\nfor i in range(40): print('line', i)\nsys.exit(3)"
+    monkeypatch.setattr(pipeline, "sc_tune_command", lambda *args: [sys.executable, "-c", script])
+    with pytest.raises(RuntimeError) as failed:
+        pipeline.run_sc_tune("model", "data", tmp_path / "out", 0, 1)
+    message = str(failed.value)
+    log = tmp_path / "out" / "finetune.log"
+    assert message.startswith(f"finetune.py failed with exit code 3; last lines of {log}:")
+    assert message.endswith("\n" + "".join(f"line {i}\n" for i in range(10, 40)))
+    ok = "import os, sys\nos.makedirs(os.path.join(sys.argv[1], 'checkpoint-4'))"
+    monkeypatch.setattr(pipeline, "sc_tune_command",
+                        lambda model, data, out, *args: [sys.executable, "-c", ok, str(out)])
+    started = time.perf_counter()
+    checkpoint, seconds = pipeline.run_sc_tune("model", "data", tmp_path / "again", 0, 1)
+    assert checkpoint == tmp_path / "again" / "checkpoint-4" and 0 < seconds <= time.perf_counter() - started
+
+
+def test_the_picture_shows_ambiguous_objects_first_in_data_order():
+    from sc_tune.synthetic.pipeline import pick_figure_rows
+
+    before = [{"i": i, "ambiguous": i % 3 == 0} for i in range(12)]
+    after = [{"i": i} for i in range(12)]
+    picked_before, picked_after = pick_figure_rows(before, after)
+    assert [r["i"] for r in picked_before] == [0, 3, 6, 9, 1, 2, 4, 5] == [r["i"] for r in picked_after]
+
+
+def test_the_data_is_written_once_for_its_sizes(tmp_path):
+    from sc_tune.synthetic.pipeline import make_data
+
+    first = make_data(tmp_path, 1, 3, 2)
+    stamp = (tmp_path / "heldout.json").stat().st_mtime_ns
+    assert make_data(tmp_path, 1, 3, 2) == first and (tmp_path / "heldout.json").stat().st_mtime_ns == stamp
+    for other in ((2, 3, 2), (1, 4, 2), (1, 3, 3)):
+        assert make_data(tmp_path, *other)["seed"] == other[0]
+        assert read_summary(tmp_path) == (other[0], other[1], other[2])
+
+
+def read_summary(root) -> tuple:
+    summary = json.loads((root / "dataset.json").read_text())
+    return summary["seed"], summary["train"]["images"], summary["heldout"]["images"]

@@ -49,8 +49,8 @@ SC_TUNE_ARGS = {
     "save_steps": 100000,
     "report_to": "none",
 }
-# The benchmark's SC-Tune runs: 750 steps, 10 cycles of 50 describer and 25 locator steps; the quick-start and the
-# benchmark script share it.
+# The benchmark's SC-Tune runs: 750 steps, 6 cycles of 50 describer rollouts (100 steps at 2 PPO epochs) and 25
+# locator steps; the quick-start and the benchmark script share it.
 SC_TUNE_STEPS = 750
 VARIANTS = {
     "sc_tune": {},  # the paper's describer baseline, snapshot_greedy

@@ -162,7 +162,7 @@ def caption_corpus() -> list[str]:
     return full + [f"the {k}" for k in KINDS]
 
 
-def write_dataset(root: str | Path, seed: int = 0, train_images: int = TRAIN_IMAGES,
+def write_dataset(root: str | Path, seed: int, train_images: int = TRAIN_IMAGES,
                   heldout_images: int = HELDOUT_IMAGES, spec: ShapesSpec = ShapesSpec()) -> dict:
     """Both splits under ``root`` (``train.json``, ``heldout.json``, their ``_rec.jsonl`` and PNGs)."""
     summary = {"seed": seed, "spec": spec.__dict__,

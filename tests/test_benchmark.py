@@ -548,3 +548,32 @@ def test_the_data_is_written_once_for_its_sizes(tmp_path):
 def read_summary(root) -> tuple:
     summary = json.loads((root / "dataset.json").read_text())
     return summary["seed"], summary["train"]["images"], summary["heldout"]["images"]
+
+
+def test_the_ablations_switch_off_what_they_are_named_after():
+    from sc_tune.synthetic.pipeline import ABLATIONS, VARIANTS
+
+    assert ABLATIONS == ("sc_tune", "no_kl", "no_locator") and VARIANTS["sc_tune"] == {}
+    assert float(VARIANTS["no_kl"]["kl_coef"]) == 0.0
+    assert int(VARIANTS["no_locator"]["locator_update_steps"]) == 0
+    assert VARIANTS["no_baseline"] == {"describer_baseline": "none"}
+
+
+def test_a_checkpoint_is_evaluated_without_figure_rows_unless_asked_and_timed(tiny_warm_start):
+    from sc_tune.synthetic.pipeline import evaluate_checkpoint
+
+    root, _ = tiny_warm_start
+    started = time.perf_counter()
+    metrics = evaluate_checkpoint(root / "last", root / "eval_data", limit=2)
+    assert metrics["rows"] == [] and 0 < metrics["eval_seconds"] <= time.perf_counter() - started
+    assert len(evaluate_checkpoint(root / "last", root / "eval_data", limit=2, keep_rows=1)["rows"]) == 1
+
+
+def test_the_quick_start_picture_puts_four_pairs_on_a_line(tmp_path):
+    from PIL import Image
+
+    image_path = tmp_path / "im.png"
+    Image.new("RGB", (128, 128), (200, 200, 200)).save(image_path)
+    row = {"image": str(image_path), "bbox": [0.1, 0.1, 0.4, 0.4], "caption": "c", "pred": None, "iou": 0.0}
+    with Image.open(before_after_grid([row] * 8, [row] * 8, tmp_path / "g.png")) as grid:
+        assert grid.width == 8 * (256 + 6) + 6  # 4 (before, after) pairs of 256-px tiles

@@ -462,6 +462,10 @@ def test_each_phase_of_the_log_is_summarised_once_with_its_means(tmp_path):
         "locator   steps   30-  40: loss 0.5000, answer-token accuracy 50.0%",  # the accuracy of the one that has it
         "describer steps   50-  50: reward 1.000, baseline 0.500, KL -0.0010, clip 0.100, parse failures 25.0%",
     ]
+    # A first window of one log line is a phase of its own.
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": history[1:2] + history[3:4]}))
+    assert [line[:25] for line in phase_summaries(tmp_path / "trainer_state.json")] == [
+        "describer steps   10-  10", "locator   steps   30-  30"]
 
 
 def test_the_final_checkpoint_is_the_exported_folder_else_the_highest_step(tmp_path):
@@ -521,8 +525,13 @@ def test_a_failed_run_names_its_exit_status_and_the_last_30_lines_of_its_log(tmp
     monkeypatch.setattr(pipeline, "sc_tune_command",
                         lambda model, data, out, *args: [sys.executable, "-c", ok, str(out)])
     started = time.perf_counter()
-    checkpoint, seconds = pipeline.run_sc_tune("model", "data", tmp_path / "again", 0, 1)
-    assert checkpoint == tmp_path / "again" / "checkpoint-4" and 0 < seconds <= time.perf_counter() - started
+    checkpoint, seconds = pipeline.run_sc_tune("model", "data", tmp_path / "runs" / "again", 0, 1)
+    assert checkpoint == tmp_path / "runs" / "again" / "checkpoint-4" and 0 < seconds <= time.perf_counter() - started
+    # Run again into the same folder (the benchmark's reruns): the folder is reused.
+    ok_again = "import os, sys\nos.makedirs(os.path.join(sys.argv[1], 'checkpoint-5'))"
+    monkeypatch.setattr(pipeline, "sc_tune_command",
+                        lambda model, data, out, *args: [sys.executable, "-c", ok_again, str(out)])
+    assert pipeline.run_sc_tune("model", "data", tmp_path / "runs" / "again", 0, 1)[0].name == "checkpoint-5"
 
 
 def test_the_picture_shows_ambiguous_objects_first_in_data_order():

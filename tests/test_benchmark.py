@@ -549,14 +549,10 @@ def test_the_data_is_written_once_for_its_sizes(tmp_path):
     first = make_data(tmp_path, 1, 3, 2)
     stamp = (tmp_path / "heldout.json").stat().st_mtime_ns
     assert make_data(tmp_path, 1, 3, 2) == first and (tmp_path / "heldout.json").stat().st_mtime_ns == stamp
-    for other in ((2, 3, 2), (1, 4, 2), (1, 3, 3)):
-        assert make_data(tmp_path, *other)["seed"] == other[0]
-        assert read_summary(tmp_path) == (other[0], other[1], other[2])
-
-
-def read_summary(root) -> tuple:
-    summary = json.loads((root / "dataset.json").read_text())
-    return summary["seed"], summary["train"]["images"], summary["heldout"]["images"]
+    for seed, train, held_out in ((2, 3, 2), (1, 4, 2), (1, 3, 3)):  # another seed or size: written again
+        make_data(tmp_path, seed, train, held_out)
+        summary = json.loads((tmp_path / "dataset.json").read_text())
+        assert (summary["seed"], summary["train"]["images"], summary["heldout"]["images"]) == (seed, train, held_out)
 
 
 def test_the_ablations_switch_off_what_they_are_named_after():

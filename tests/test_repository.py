@@ -122,6 +122,28 @@ def _documented_value_matches(text: str, default) -> bool:
     return isinstance(default, (int, float)) and not isinstance(default, bool) and float(text) == default
 
 
+def _documented_table(doc: str, heading: str, columns: int = 1) -> list[tuple[str, list[str]]]:
+    """``(flag, [its value in each of the table's first columns])`` for each flag of the table under ``heading`` in
+    ``docs/<doc>`` (up to the next heading). A cell of one value gives it to every flag of its row
+    (`` `--a`, `--b` | 2, 0.2 `` or `` | True ``)."""
+    text = (ROOT / "docs" / doc).read_text(encoding="utf-8")
+    table = text.split(heading, 1)[1].split("\n#", 1)[0]
+    documented = []
+    for line in table.splitlines():
+        if not line.startswith("| `--"):
+            continue
+        flags_cell, *value_cells = line.split("|")[1:2 + columns]
+        flags = re.findall(r"`--(\w+)`", flags_cell)
+        per_column = []
+        for cell in value_cells:
+            values = re.split(r" / |, ", cell.strip())
+            values = values * len(flags) if len(values) == 1 else values
+            assert len(values) == len(flags), f"docs/{doc}: {flags_cell}| {cell}: not one value per flag"
+            per_column.append(values)
+        documented += [(flag, [values[i] for values in per_column]) for i, flag in enumerate(flags)]
+    return documented
+
+
 def test_the_documented_defaults_are_the_codes():
     """docs/method.md states each knob's default inline (`` `--kl_coef` = 0.01 ``) and docs/usage.md in its knob table
     (`` `--ppo_epochs`, `--clip_range` | 2, 0.2 ``): each must be finetune.py's default, so a default changed in
@@ -134,19 +156,11 @@ def test_the_documented_defaults_are_the_codes():
     for flag, value in stated:
         if not _documented_value_matches(value.rstrip("."), defaults[flag]):
             wrong.append(f"docs/method.md: --{flag} {value.rstrip('.')}, code {defaults[flag]!r}")
-    usage = (ROOT / "docs" / "usage.md").read_text(encoding="utf-8")
-    table = usage.split("### The knobs", 1)[1].split("\n### ", 1)[0]
-    rows = [line.split("|")[1:3] for line in table.splitlines() if line.startswith("| `--")]
-    assert len(rows) >= 25, rows
-    for flags_cell, values_cell in rows:
-        flags = re.findall(r"`--(\w+)`", flags_cell)
-        values = [v for v in re.split(r" / |, ", values_cell.strip())]
-        if len(values) == 1:
-            values = values * len(flags)  # one value for every flag of the row
-        assert len(values) == len(flags), f"docs/usage.md: {flags_cell}| {values_cell}: not one value per flag"
-        for flag, value in zip(flags, values):
-            if not _documented_value_matches(value, defaults[flag]):
-                wrong.append(f"docs/usage.md: --{flag} {value.strip()}, code {defaults[flag]!r}")
+    knobs = _documented_table("usage.md", "### The knobs")
+    assert len(knobs) >= 40, knobs
+    for flag, (value,) in knobs:
+        if not _documented_value_matches(value, defaults[flag]):
+            wrong.append(f"docs/usage.md: --{flag} {value.strip()}, code {defaults[flag]!r}")
     assert not wrong, wrong
 
 
@@ -162,19 +176,11 @@ def test_the_documented_evaluation_defaults_are_the_codes():
     for f in dataclasses.fields(evaluate.EvaluationArguments):
         if f.default is not dataclasses.MISSING:
             defaults[f.name] = f.default
-    usage = (ROOT / "docs" / "usage.md").read_text(encoding="utf-8")
-    table = usage.split("### Evaluation knobs", 1)[1].split("\n## ", 1)[0]
-    rows = [line.split("|")[1:3] for line in table.splitlines() if line.startswith("| `--")]
     documented, wrong = set(), []
-    for flags_cell, values_cell in rows:
-        flags = re.findall(r"`--(\w+)`", flags_cell)
-        values = re.split(r" / |, ", values_cell.strip())
-        values = values * len(flags) if len(values) == 1 else values
-        assert len(values) == len(flags), f"docs/usage.md: {flags_cell}| {values_cell}: not one value per flag"
-        for flag, value in zip(flags, values):
-            documented.add(flag)
-            if flag not in defaults or not _documented_value_matches(value, defaults[flag]):
-                wrong.append(f"docs/usage.md: --{flag} {value.strip()}, code {defaults.get(flag, 'no such knob')!r}")
+    for flag, (value,) in _documented_table("usage.md", "### Evaluation knobs"):
+        documented.add(flag)
+        if flag not in defaults or not _documented_value_matches(value, defaults[flag]):
+            wrong.append(f"docs/usage.md: --{flag} {value.strip()}, code {defaults.get(flag, 'no such knob')!r}")
     assert not wrong, wrong
     assert documented == set(defaults) - {"image_folder"}, set(defaults) ^ documented
 
@@ -187,24 +193,15 @@ def test_the_benchmarks_documented_settings_are_the_codes():
     from sc_tune.synthetic.pipeline import SC_TUNE_ARGS
 
     defaults = _finetune_defaults()
-    text = (ROOT / "docs" / "benchmark.md").read_text(encoding="utf-8")
-    table = text.split("## SC-Tune settings of the benchmark", 1)[1].split("\n## ", 1)[0]
-    rows = [line.split("|")[1:4] for line in table.splitlines() if line.startswith("| `--")]
-    assert len(rows) >= 8, rows
+    settings = _documented_table("benchmark.md", "## SC-Tune settings of the benchmark", columns=2)
+    assert len(settings) >= 12, settings
     documented, wrong = set(), []
-    for flags_cell, benchmark_cell, reference_cell in rows:
-        flags = re.findall(r"`--(\w+)`", flags_cell)
-        for column, cell in (("benchmark", benchmark_cell), ("reference", reference_cell)):
-            values = re.split(r" / |, ", cell.strip())
-            values = values * len(flags) if len(values) == 1 else values
-            assert len(values) == len(flags), f"docs/benchmark.md: {flags_cell}| {cell}: not one value per flag"
-            for flag, value in zip(flags, values):
-                if column == "benchmark":
-                    documented.add(flag)
-                    if not _documented_value_matches(value, SC_TUNE_ARGS[flag]):
-                        wrong.append(f"benchmark --{flag} {value.strip()}, SC_TUNE_ARGS {SC_TUNE_ARGS[flag]!r}")
-                elif "GPUs" not in value and not _documented_value_matches(value, defaults[flag]):
-                    wrong.append(f"reference --{flag} {value.strip()}, finetune.py {defaults[flag]!r}")
+    for flag, (benchmark, reference) in settings:
+        documented.add(flag)
+        if not _documented_value_matches(benchmark, SC_TUNE_ARGS[flag]):
+            wrong.append(f"benchmark --{flag} {benchmark.strip()}, SC_TUNE_ARGS {SC_TUNE_ARGS[flag]!r}")
+        if "GPUs" not in reference and not _documented_value_matches(reference, defaults[flag]):
+            wrong.append(f"reference --{flag} {reference.strip()}, finetune.py {defaults[flag]!r}")
     assert not wrong, wrong
     differing = {flag for flag, value in SC_TUNE_ARGS.items() if flag in defaults and defaults[flag] != value}
     bookkeeping = {"logging_steps", "save_steps"}  # how often it logs and saves, not what it learns

@@ -11,6 +11,17 @@ import re
 TARGET_NEW_TOKENS_PER_S, TARGET_FLOOR_RATIO, TARGET_BATCH = 2000.0, 2.5, 64
 
 
+def targets_met(new_tokens_per_s: float | None, decode_floor_ratio: float | None,
+                generation_batch_size: int | None) -> bool | None:
+    """Issue 21's acceptance on the describer's figures (``gpu_check.py`` judges its own report with it too): at
+    least TARGET_NEW_TOKENS_PER_S new tokens/s and at most TARGET_FLOOR_RATIO times the weight-read floor, at a
+    generation batch of at least TARGET_BATCH. None, never False, where either figure was not measured."""
+    if new_tokens_per_s is None or decode_floor_ratio is None:
+        return None
+    return ((generation_batch_size or 0) >= TARGET_BATCH and new_tokens_per_s >= TARGET_NEW_TOKENS_PER_S
+            and decode_floor_ratio <= TARGET_FLOOR_RATIO)
+
+
 def setting_lines(path: str) -> dict[str, dict]:
     """``<config> <phase>_<setting>: {json}`` lines of a gpu_check output -> {"<phase>_<setting>": figures}."""
     found = {}
@@ -74,13 +85,8 @@ def summary(out: str) -> dict:
         "side_by_side_describer_seconds": bench.get("describer_seconds"),
         "side_by_side_peak_memory_gib": bench.get("peak_memory_gib"),
     }
-    measured = figures["describer_new_tokens_per_s"] is not None and figures["decode_floor_ratio"] is not None
-    figures["acceptance_met"] = (
-        measured
-        and (figures["generation_batch_size"] or 0) >= TARGET_BATCH
-        and figures["describer_new_tokens_per_s"] >= TARGET_NEW_TOKENS_PER_S
-        and figures["decode_floor_ratio"] <= TARGET_FLOOR_RATIO
-    ) if measured else None
+    figures["acceptance_met"] = targets_met(figures["describer_new_tokens_per_s"], figures["decode_floor_ratio"],
+                                            figures["generation_batch_size"])
     return figures
 
 

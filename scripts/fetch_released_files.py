@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{released.folder}/{released.name}: {why or 'verified'} ({released.provenance})")
         return 1 if any(why for _, why in problems) else 0
     try:
-        written = fetch(args.destination)
+        written = fetch(args.destination, RELEASED_FILES)
     except FetchError as e:
         print(f"fetch_released_files.py: error: {e}", file=sys.stderr)
         return 1

@@ -38,7 +38,24 @@ def test_gpu_check_dry_run_prints_the_decoding_figures_and_takes_the_fast_path(c
             assert all(figures[k] is not None and figures[k] > 0 for k in ISSUE_KEYS), (name, key, figures)
             ratio = figures["decode_ms_per_step"] / figures["weight_read_floor_ms"]
             assert abs(figures["decode_floor_ratio"] - ratio) <= 1e-3 * ratio
+            # the floor: the step's weight bytes over the copy's bandwidth (printed to 0.1 GB/s, hence the margin)
+            assert figures["weight_bytes"] == report["weight_bytes"]
+            floor_ms = 1000 * figures["weight_bytes"] / (results["copy_bandwidth_gb_s"] * 1e9)
+            assert abs(figures["weight_read_floor_ms"] - floor_ms) <= 0.03 * floor_ms, (floor_ms, figures)
+            # a unit is one rollout of the batch: 2 optimizer steps of the describer (2 PPO epochs), 1 of the locator
+            steps = 2 if key.startswith("describer") else 1
+            samples = figures["samples_per_s"] * figures["step_seconds"] * steps
+            assert abs(samples - figures["generation_batch_size"]) <= 0.01 * samples, (key, figures)
+            split = figures["generate_seconds_per_unit"]
+            if split is not None:  # SC-Tune's loop: its decode seconds over its decode steps (a dry run times 1 unit)
+                steps_decoded = sum(figures["decode_rows"].values())
+                per_step = 1000 * split["decode_steps"] / steps_decoded
+                rounding = 1000 * 0.0005 / steps_decoded + 0.0005  # seconds to 3 decimals, then ms to 3 decimals
+                assert abs(figures["decode_ms_per_step"] - per_step) <= rounding + 1e-9, (key, figures)
         fast, unfused = report["describer_fast"], report["describer_fast_unfused"]
+        # judged by device_summary's rule: a dry run's batch is far below the target's 64
+        assert report["acceptance"] == {"new_tokens_per_s": fast["new_tokens_per_s"],
+                                        "decode_floor_ratio": fast["decode_floor_ratio"], "met": False}
         # fused: one loop of 2B rows for the captions, then locating's 2B rows; unfused: B, B (resumed), 2B
         assert fast["fused_decoding"] is True and fast["decode_calls"] == 2 and list(fast["decode_rows"]) == ["4"]
         assert unfused["fused_decoding"] is False and unfused["decode_calls"] == 3
@@ -67,6 +84,67 @@ def test_gpu_check_dry_run_prints_the_decoding_figures_and_takes_the_fast_path(c
         assert split["decode_steps"] > 0 and split["prefill"] > 0 and split["vision_tower"] > 0
         assert split["decode_steps"] + split["prefill"] + split["vision_tower"] < split["generate"] + 0.01
         assert report["describer_transformers"]["generate_seconds_per_unit"] is None
+
+
+def _gpu_check_module(monkeypatch):
+    monkeypatch.syspath_prepend(f"{ROOT}/scripts")
+    monkeypatch.setattr(sc_tune.rollout, "generate", sc_tune.rollout.generate)  # the script wraps it on import
+    sys.modules.pop("gpu_check", None)
+    import gpu_check
+
+    return gpu_check
+
+
+def test_gpu_check_measures_the_cards_bandwidth_as_the_bytes_a_copy_reads_and_writes_per_second(monkeypatch):
+    """The floor's denominator: ``copy_bandwidth`` times 10 copies of ``megabytes`` MiB after 2 untimed ones, and
+    counts each byte twice (read once, written once): 2 x 1 MiB x 10 in the 2.5 s the clock says they took."""
+    from types import SimpleNamespace
+
+    import torch
+
+    gpu_check = _gpu_check_module(monkeypatch)
+    clock = iter([100.0, 102.5])
+    monkeypatch.setattr(gpu_check, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    copies = []
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda self, source: copies.append(self.numel()) or self)
+    assert gpu_check.copy_bandwidth("cpu", 1) == 2 * 2**20 * 10 / 2.5
+    assert copies == [2**20] * 12
+
+
+def test_gpu_check_counts_the_bytes_a_qwen2_5_vl_7b_decode_step_reads_from_its_published_architecture(monkeypatch,
+                                                                                                      tmp_path):
+    """The floor's numerator at the acceptance size (bf16, LoRA, on the meta device): Qwen2.5-7B's language model,
+    worked out here from its published sizes, with the output layer and the policy's LoRA adapter (in float32), and
+    without the vision tower, the input embedding table (a step reads one row of it per token) and the snapshot's
+    adapter: 14.79 GB. Tied embeddings are the same table, read once."""
+    import torch
+    from peft import LoraConfig
+
+    from sc_tune.arguments import LoraArguments
+    from sc_tune.modeling import apply_lora, freeze_vision_tower
+
+    gpu_check = _gpu_check_module(monkeypatch)
+    from bench_configs import prepare
+
+    hidden, layers, kv, mlp, vocab, rank = 3584, 28, 4 * 128, 18944, 152064, 64
+    attention = (hidden * hidden + hidden) + 2 * (hidden * kv + kv) + hidden * hidden  # q, k, v with biases; o
+    layer = attention + 3 * hidden * mlp + 2 * hidden  # gate, up, down; two RMSNorms
+    lora = rank * (2 * (hidden + hidden) + 2 * (hidden + kv) + 3 * (hidden + mlp))  # r x (in + out), 7 projections
+    lm_head = vocab * hidden
+    assert layers * layer + hidden == 6_525_621_760  # + the final norm (Qwen2.5-7B: 7.62 B with both tables)
+
+    model, adapter = prepare("qwen2.5-vl-7b", str(tmp_path), device="meta", dtype=torch.bfloat16)
+    freeze_vision_tower(model, adapter)
+    model = apply_lora(model, adapter, LoraArguments(use_lora=True), gradient_checkpointing=True)  # as run_config
+    model.add_adapter("snapshot", LoraConfig(**model.peft_config["default"].to_dict()))  # as sc_tune.snapshot does
+    # bf16 weights, 2 bytes each; PEFT keeps the adapters' weights in float32 under a bf16 model, 4 bytes each
+    expected = 2 * (layers * layer + hidden + lm_head) + 4 * layers * lora
+    assert expected == 14_787_161_088
+    assert {p.dtype for n, p in model.named_parameters() if ".default." in n} == {torch.float32}
+    assert gpu_check.decode_weight_bytes(model, adapter) == expected
+    base = model.base_model.model
+    base.lm_head.weight = base.get_input_embeddings().weight  # tied, as in the 3B release
+    assert gpu_check.decode_weight_bytes(model, adapter) == expected
 
 
 def test_gpu_check_times_a_compiled_setting_only_after_its_compiles(capsys, monkeypatch):
@@ -173,7 +251,7 @@ def test_bench_memory_measures_both_snapshot_kinds(capsys, monkeypatch):
     assert full["peak_rss_mib"] > 0 and lora["peak_rss_mib"] > 0
 
 
-def test_device_summary_reads_the_device_runs_figures_and_judges_the_targets(tmp_path, monkeypatch):
+def test_device_summary_reads_the_device_runs_figures_and_judges_the_targets(tmp_path, monkeypatch, capsys):
     """``scripts/device_summary.py`` on a device run's outputs: the acceptance figures of ``describer_fast``, the
     compiled setting and the profiles carried along, each target applied, and ``null`` for what no stage printed."""
     import subprocess
@@ -189,9 +267,11 @@ def test_device_summary_reads_the_device_runs_figures_and_judges_the_targets(tmp
     def write(tokens_per_s, ratio, batch=64):
         fast = {"new_tokens_per_s": tokens_per_s, "decode_ms_per_step": 8.0, "weight_read_floor_ms": 3.5,
                 "decode_floor_ratio": ratio, "generation_batch_size": batch, "graph_failures": 0,
-                "step_seconds": 2.0, "profile": profile}
+                "step_seconds": 3.0, "profile": profile}
+        fast = {key: value for key, value in fast.items() if value is not None}  # a figure the stage did not print
         compiled = {**fast, "new_tokens_per_s": 2500.0, "decode_floor_ratio": 2.0, "compiles_in_timed_units": 0}
         lines = [f"qwen2.5-vl-7b describer_fast: {json.dumps(fast)}",
+                 f"qwen2.5-vl-7b describer_transformers: {json.dumps({'new_tokens_per_s': 300.0, 'step_seconds': 7.0})}",
                  f"qwen2.5-vl-7b describer_compiled: {json.dumps(compiled)}",
                  f"qwen2.5-vl-7b locator_fast: {json.dumps({'new_tokens_per_s': 900.0})}"]
         (tmp_path / "2_real_size.txt").write_text("noise\n" + "\n".join(lines) + "\n")
@@ -203,13 +283,28 @@ def test_device_summary_reads_the_device_runs_figures_and_judges_the_targets(tmp
     assert met["describer_compiled_new_tokens_per_s"] == 2500.0 and met["describer_compiled_compiles_in_timed_units"] == 0
     assert met["locator_new_tokens_per_s"] == 900.0 and met["side_by_side_describer_ratio"] is None
     assert met["decode_attention_ms_per_step"] is None
+    assert met["describer_transformers_new_tokens_per_s"] == 300.0
+    assert met["describer_speedup_vs_transformers_loop"] == 2.333  # 7.0 s / 3.0 s, to 3 decimals
     (tmp_path / "2b_decode_attention.txt").write_text(
         "sc_tune: ...\n" + json.dumps({"transformers_sdpa": {"ms_per_step": 9.1}, "sc_tune": {"ms_per_step": 1.2}}))
     assert device_summary.summary(str(tmp_path))["decode_attention_ms_per_step"] == {"transformers_sdpa": 9.1,
                                                                                       "sc_tune": 1.2}
+    assert write(2000.0, 2.5)["acceptance_met"] is True  # the targets themselves: "≥ 2,000" and "≤ 2.5"
     assert write(1999.0, 2.4)["acceptance_met"] is False
     assert write(2100.0, 2.6)["acceptance_met"] is False
     assert write(2100.0, 2.4, batch=32)["acceptance_met"] is False
+    assert write(2100.0, None)["acceptance_met"] is None  # one of the two figures alone is not a measurement
+    assert write(None, 2.4)["acceptance_met"] is None
+    write(2100.0, 2.4)  # the command: the figures printed on one line and written beside the outputs
+    device_summary.main([str(tmp_path)])
+    printed = capsys.readouterr().out.splitlines()[-1]
+    assert printed.startswith("acceptance {")
+    assert json.loads(printed.removeprefix("acceptance ")) == json.loads((tmp_path / "acceptance.json").read_text())
+    assert json.loads((tmp_path / "acceptance.json").read_text())["acceptance_met"] is True
+    only_fast = (tmp_path / "2_real_size.txt").read_text().splitlines()[1]  # transformers' loop not run: no speedup
+    (tmp_path / "2_real_size.txt").write_text(only_fast + "\n")
+    assert device_summary.summary(str(tmp_path))["describer_speedup_vs_transformers_loop"] is None
+    assert device_summary.summary(str(tmp_path))["acceptance_met"] is True
     (tmp_path / "2_real_size.txt").unlink()
     assert device_summary.summary(str(tmp_path))["acceptance_met"] is None  # not measured, never "not met"
     # the device script itself parses under dash, the /bin/sh of the machines it runs on

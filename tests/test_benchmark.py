@@ -365,6 +365,114 @@ def test_benchmark_pipeline_end_to_end(tiny_warm_start, tmp_path):
     assert (tmp_path / "qs" / "cycles.png").stat().st_size > 1000
 
 
+def _recorded_quickstart(monkeypatch, argv: list[str]) -> tuple[dict, dict]:
+    """``quickstart.main(argv)`` with its steps replaced by recorders that answer as the real ones do (the data's
+    summary, metrics with rows, a checkpoint and seconds): what each step was given, and what the command returned.
+    The clock reads 1,000 s at the start and 2,230 s at the end."""
+    from types import SimpleNamespace
+
+    from sc_tune.synthetic import pipeline, quickstart
+
+    calls = {"evaluate": []}
+
+    def metrics(tag: str, acc: float) -> dict:
+        rows = [{"id": i, "ambiguous": i % 2 == 1, "tag": tag} for i in range(20)]
+        return {"objects": 20, "cycle_acc50": acc, "cycle_acc50_ambiguous": acc / 2, "cycle_iou": acc,
+                "cycle_parse_fail": 0.0, "rec_acc50": 0.5, "caption_full": 0.25, "caption_terse": 0.75,
+                "wrong_attribute": 0.1, "wrong_attribute_crowded": None, "eval_seconds": 12.4, "rows": rows}
+
+    def make_data(root, seed, train_images, heldout_images):
+        calls["data"] = (Path(root), seed, train_images, heldout_images)
+        Path(root).mkdir(parents=True)  # as write_dataset does
+        return {"seed": seed, "train": {"images": train_images, "objects": 57},
+                "heldout": {"images": heldout_images, "objects": 20, "ambiguous": 9}}
+
+    def evaluate_checkpoint(path, data_root, keep_rows, threads):
+        calls["evaluate"].append((str(path), Path(data_root), keep_rows, threads))
+        return metrics("before", 0.667) if len(calls["evaluate"]) == 1 else metrics("after", 0.928)
+
+    def run_sc_tune(model_path, data_root, output_dir, seed, max_steps, overrides, threads):
+        calls["sc_tune"] = (str(model_path), Path(data_root), Path(output_dir), seed, max_steps, overrides, threads)
+        return Path(output_dir) / "checkpoint-750", 600.0
+
+    def grid(before_rows, after_rows, path):
+        calls["grid"] = ([r["id"] for r in before_rows], {r["tag"] for r in before_rows},
+                         [r["id"] for r in after_rows], {r["tag"] for r in after_rows})
+        return str(path)
+
+    clock = iter([1000.0, 2230.0])
+    monkeypatch.setattr(quickstart, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    monkeypatch.setattr(quickstart, "source_commit", lambda: "abc1234")
+    monkeypatch.setattr(quickstart, "phase_summaries", lambda path: [f"read {Path(path).name}", "locator line"])
+    for name, recorder in (("make_data", make_data), ("evaluate_checkpoint", evaluate_checkpoint),
+                           ("run_sc_tune", run_sc_tune), ("before_after_grid", grid)):
+        monkeypatch.setattr(quickstart, name, recorder)
+    assert pipeline.make_data is not make_data  # the recorders replace quickstart's names only
+    return calls, quickstart.main(argv)
+
+
+def test_the_quickstart_evaluates_the_warm_start_then_its_own_checkpoint_and_writes_what_they_measured(
+        tmp_path, monkeypatch, capsys):
+    """The quick-start's wiring, each step recorded: the data under the output folder, "before" on the warm start,
+    SC-Tune with the given seed, steps, overrides and threads, "after" on the checkpoint SC-Tune saved (not the warm
+    start), the picture from the before rows' ambiguous objects beside the same objects after; then results.json (the
+    rows left out, the finetune.py command as run), results.md (the table) and the lines it prints."""
+    from sc_tune.synthetic.pipeline import REPO as PIPELINE_REPO
+    from sc_tune.synthetic.pipeline import before_after_table, sc_tune_command
+
+    out = tmp_path / "qs"
+    calls, results = _recorded_quickstart(monkeypatch, [
+        "--output_dir", str(out), "--warm_start", "ckpt/warm", "--seed", "3", "--data_seed", "5", "--max_steps", "40",
+        "--train_images", "12", "--heldout_images", "6", "--threads", "2", "--set", "kl_coef=0"])
+    overrides = {"kl_coef": "0"}
+    assert calls["data"] == (out / "data", 5, 12, 6)
+    assert calls["sc_tune"] == ("ckpt/warm", out / "data", out / "sc_tune", 3, 40, overrides, 2)
+    assert calls["evaluate"] == [("ckpt/warm", out / "data", 64, 2),
+                                 (str(out / "sc_tune" / "checkpoint-750"), out / "data", 64, 2)]
+    assert calls["grid"] == ([1, 3, 5, 7, 9, 11, 13, 15], {"before"}, [1, 3, 5, 7, 9, 11, 13, 15], {"after"})
+
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert {key for key in saved} == {"commit", "before", "after", "sc_tune_seconds", "total_seconds", "checkpoint",
+                                      "figure", "command", "data"}
+    assert (saved["commit"], saved["sc_tune_seconds"], saved["total_seconds"]) == ("abc1234", 600.0, 1230.0)
+    assert (saved["before"]["cycle_acc50"], saved["after"]["cycle_acc50"]) == (0.667, 0.928)
+    assert "rows" not in saved["before"] and "rows" not in saved["after"]
+    assert saved["checkpoint"] == str(out / "sc_tune" / "checkpoint-750") and saved["figure"] == str(out / "cycles.png")
+    assert saved["command"] == sc_tune_command("ckpt/warm", out / "data", out / "sc_tune", 3, 40, overrides)[1:]
+    assert saved["command"][0] == str(PIPELINE_REPO / "finetune.py")  # the interpreter's path is left out
+    assert saved["data"]["heldout"]["objects"] == 20
+    table = before_after_table(results["before"], results["after"])
+    assert table.splitlines()[2] == "| cycle Acc@0.5 | 66.7 % | 92.8 % | +26.1 |"
+    assert (out / "results.md").read_text() == table + "\n"
+
+    assert capsys.readouterr().out.splitlines() == [
+        "[quickstart] data: 57 train objects, 20 held-out objects (9 with an ambiguous short caption)",
+        "[quickstart] before (12 s): cycle Acc@0.5 66.7 %, REC Acc@0.5 50.0 %",
+        f"[quickstart] SC-Tune: 40 steps (log: {out / 'sc_tune' / 'finetune.log'})",
+        "[quickstart]   read trainer_state.json",
+        "[quickstart]   locator line",
+        *table.splitlines(),
+        f"[quickstart] wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'cycles.png'} "
+        "(SC-Tune 10.0 min, total 20.5 min)"]
+
+
+def test_the_quickstart_by_default_runs_the_published_settings(tmp_path, monkeypatch):
+    """With no flags, the quick-start runs what docs/benchmark.md publishes: the shapes data of seed 0 at its split
+    sizes, the committed warm start, SC-Tune seed 0 for SC_TUNE_STEPS steps with no override, one torch thread (the
+    fastest at this size), into outputs/quickstart."""
+    from sc_tune.synthetic.pipeline import SC_TUNE_STEPS, WARM_START
+    from sc_tune.synthetic.shapes import HELDOUT_IMAGES, TRAIN_IMAGES
+
+    monkeypatch.chdir(tmp_path)
+    calls, _ = _recorded_quickstart(monkeypatch, [])
+    out = Path("outputs/quickstart")
+    assert calls["data"] == (out / "data", 0, TRAIN_IMAGES, HELDOUT_IMAGES)
+    assert calls["sc_tune"] == (str(WARM_START), out / "data", out / "sc_tune", 0, SC_TUNE_STEPS, {}, 1)
+    assert [call[0] for call in calls["evaluate"]] == [str(WARM_START), str(out / "sc_tune" / "checkpoint-750")]
+    assert (tmp_path / out / "results.json").exists()
+
+
 def test_before_after_grid_draws_pairs(tmp_path):
     from PIL import Image
 

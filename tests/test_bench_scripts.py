@@ -4,6 +4,7 @@ checkpointing, static decoding, fused decoding), printing the figures the GPU ru
 and the locator diagnosis print what they claim; the vision-cache and prompt-cache benchmarks show, at their smallest
 settings, that the arm with the cache really used it and gave the same losses or answers."""
 
+import collections
 import json
 import sys
 
@@ -145,6 +146,52 @@ def test_gpu_check_counts_the_bytes_a_qwen2_5_vl_7b_decode_step_reads_from_its_p
     base = model.base_model.model
     base.lm_head.weight = base.get_input_embeddings().weight  # tied, as in the 3B release
     assert gpu_check.decode_weight_bytes(model, adapter) == expected
+
+
+def test_bench_step_replays_the_references_passes_and_reports_the_median_of_the_pairs_ratios(capsys, monkeypatch):
+    """``scripts/bench_step.py`` (the side-by-side of docs/performance.md) on the mini Qwen2.5-VL: arm B replays the
+    reference's passes as its docstring lists them (a describer unit: 4 generate calls, 4 no-grad log-prob passes and
+    2 forward/backward passes; a locator unit: 2, 4 and 1), the pairs alternate which arm runs first, and the result
+    is the median of the per-pair ratios this / reference with its quartiles (the clock scripted here: 1 s, 3 s and
+    2 s for this arm against 2 s for the reference)."""
+    monkeypatch.syspath_prepend(f"{ROOT}/scripts")
+    sys.modules.pop("bench_step", None)
+    import bench_step
+
+    calls = []
+    for name in ("describe", "locate"):  # the replay's generate calls (arm A decodes through its own cycle)
+        real = getattr(bench_step, name)
+        monkeypatch.setattr(bench_step, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or
+                            _real(*a, **k))
+    for name in ("_full_logprobs", "_backward_and_step"):
+        real = getattr(bench_step.ReferenceReplay, name)
+        monkeypatch.setattr(bench_step.ReferenceReplay, name, lambda self, *a, _real=real, _name=name, **k:
+                            calls.append(_name) or _real(self, *a, **k))
+    order, seconds = [], {"a": iter([1.0, 3.0, 2.0] * 2), "b": iter([2.0] * 6)}
+    real_timed = bench_step.timed
+
+    def timed(fn, inputs, device):
+        arm = "b" if isinstance(fn.__self__, bench_step.ReferenceReplay) else "a"
+        calls.clear()
+        _, stages = real_timed(fn, inputs, device)
+        order.append((arm, fn.__name__, dict(collections.Counter(calls)) if arm == "b" else None))
+        return next(seconds[arm]), stages
+
+    monkeypatch.setattr(bench_step, "timed", timed)
+    bench_step.main(["--config", "mini-qwen2.5-vl", "--batch", "2", "--pairs", "3", "--warmup", "0"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    describer = {"describe": 2, "locate": 2, "_full_logprobs": 6, "_backward_and_step": 2}  # 4 no-grad + 2 with grad
+    locator = {"describe": 1, "locate": 1, "_full_logprobs": 4, "_backward_and_step": 1}
+    assert order == [("a", "describer", None), ("b", "describer", describer), ("b", "describer", describer),
+                     ("a", "describer", None), ("a", "describer", None), ("b", "describer", describer),
+                     ("a", "locator", None), ("b", "locator", locator), ("b", "locator", locator),
+                     ("a", "locator", None), ("a", "locator", None), ("b", "locator", locator)]
+    for phase in ("describer", "locator"):
+        assert result[f"{phase}_ratio"] == 1.0  # the ratios 0.5, 1.5 and 1.0
+        assert result[f"{phase}_ratio_iqr"] == [0.75, 1.25]
+        assert result[f"{phase}_seconds"] == {"this": 2.0, "reference": 2.0}
+    assert (result["config"], result["pairs"], result["batch"]) == ("mini-qwen2.5-vl", 3, 2)
 
 
 def test_gpu_check_times_a_compiled_setting_only_after_its_compiles(capsys, monkeypatch):

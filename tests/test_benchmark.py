@@ -294,6 +294,87 @@ def test_tiny_tokenizers_pad_away_from_id_0_and_the_warm_start_recipe_keeps_its_
     assert tokenizer.get_vocab() == committed.get_vocab() and model.generation_config.pad_token_id == 0
 
 
+def test_the_warm_start_recipes_defaults_are_the_committed_warm_starts_build():
+    """scripts/build_warm_start.py with its defaults rebuilds checkpoints/warm_start (its docstring's command): every
+    setting the committed build recorded is the recipe's default. The one field added since, the Gated DeltaNet
+    layers' initial decay, does not touch the committed Qwen3-VL (no hybrid layer)."""
+    from sc_tune.jsonio import read_json
+
+    recorded = read_json(REPO / "checkpoints" / "warm_start" / "warm_start.json")["config"]
+    defaults = dataclasses.asdict(WarmStartConfig())
+    assert {key: defaults[key] for key in recorded} == recorded
+    assert set(defaults) - set(recorded) == {"linear_attention_init"}
+    assert recorded["model_type"] == "qwen3_vl"
+
+
+def _warm_start_adapter():
+    """The adapter of a warm start's tiny Qwen3-VL (its tokenizer holds the captions' words)."""
+    from sc_tune.adapters import adapter_class
+    from sc_tune.tiny import build_tiny
+
+    model, tokenizer, processor = build_tiny("qwen3_vl", corpus=caption_corpus(), image_size=128, hidden=32, layers=1,
+                                             vision_width=16)
+    return adapter_class("qwen3_vl").from_parts(tokenizer, processor, model.config)
+
+
+def _scene_of(*objects: tuple[str, str]):
+    """A scene of (colour, kind) objects in the top row's cells, left to right."""
+    from sc_tune.synthetic.shapes import ShapeObject, ShapesScene
+
+    spec = ShapesSpec()
+    return ShapesScene([ShapeObject(colour, kind, (i, 0), cell_box((i, 0), spec))
+                        for i, (colour, kind) in enumerate(objects)])
+
+
+def test_warm_start_samples_teach_terse_captions_and_query_the_locator_with_unambiguous_ones_only():
+    """Per object, one describer sample (box -> the terse caption with probability p_terse, else the full one) and
+    one locator sample (caption -> box), built by the family's own adapter. The locator's query is terse only where
+    the terse caption names one object (with probability p_locator_terse): an ambiguous terse query would teach it to
+    guess."""
+    from PIL import Image
+
+    from sc_tune.synthetic.warm_start import scene_samples
+
+    adapter = _warm_start_adapter()
+    scene = _scene_of(("red", "circle"), ("blue", "circle"), ("green", "square"))  # two circles: ambiguous
+    image = adapter.prepare_image(Image.new("RGB", (128, 128)))
+
+    def captions(p_terse, p_locator_terse):
+        cfg = WarmStartConfig(p_terse=p_terse, p_locator_terse=p_locator_terse)
+        samples = scene_samples(scene, image, adapter, random.Random(0), cfg)
+        assert len(samples) == 2 * len(scene.objects)
+        for obj, describer, locator in zip(scene.objects, samples[0::2], samples[1::2]):
+            assert describer.prompt == adapter.describer_prompt(obj.bbox, image) and describer.image is image
+            query = next(q for q in (obj.terse_caption, obj.full_caption)
+                         if locator.prompt == adapter.locator_prompt(q, image))
+            assert locator.target == adapter.locator_target(obj.bbox, image, query)
+            yield (next(c for c in (obj.terse_caption, obj.full_caption)
+                        if describer.target == adapter.describer_target(c)), query)
+
+    assert list(captions(1.0, 1.0)) == [("the circle", "the red circle"), ("the circle", "the blue circle"),
+                                        ("the square", "the square")]
+    assert list(captions(0.0, 0.0)) == [("the red circle", "the red circle"), ("the blue circle", "the blue circle"),
+                                        ("the green square", "the green square")]
+
+
+def test_warm_start_batches_are_fresh_shuffled_samples_deterministic_from_the_seed():
+    """sample_batches: batches of batch_size samples, no sample twice (each scene is new), the same batches for the
+    same seed and others for another seed."""
+    from sc_tune.synthetic.warm_start import sample_batches
+
+    adapter = _warm_start_adapter()
+
+    def first(seed, count=12, **changes):
+        batches = sample_batches(adapter, WarmStartConfig(seed=seed, batch_size=5, **changes), buffer_size=16)
+        return [next(batches) for _ in range(count)]
+
+    batches = first(0)
+    assert [len(b) for b in batches] == [5] * 12
+    assert len({id(sample) for batch in batches for sample in batch}) == 60
+    texts = lambda bs: [(s.prompt, s.target) for b in bs for s in b]  # noqa: E731
+    assert texts(first(0)) == texts(batches) and texts(first(1)) != texts(batches)
+
+
 @pytest.fixture(scope="module")
 def tiny_warm_start(tmp_path_factory):
     root = tmp_path_factory.mktemp("warm")

@@ -137,8 +137,10 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     cfg = WarmStartConfig(lr=1e-3, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
     assert lr_at(0, cfg) == pytest.approx(1e-4)
     assert lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(10, cfg) == pytest.approx(1e-3)  # the cosine starts at the peak, never above it
     assert lr_at(60, cfg) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # half-way down the cosine
     assert lr_at(110, cfg) == pytest.approx(1e-4)
+    assert lr_at(160, cfg) == pytest.approx(1e-4)  # past the schedule's end: the floor, not a second cosine
 
 
 def test_summarize_benchmark_counts_hand_made_outcomes():
@@ -307,6 +309,27 @@ def test_the_warm_start_recipes_defaults_are_the_committed_warm_starts_build():
     assert recorded["model_type"] == "qwen3_vl"
 
 
+def test_build_warm_start_takes_every_recipe_field_as_a_flag(monkeypatch, capsys):
+    """scripts/build_warm_start.py: one flag per WarmStartConfig field, of the field's type, defaulting to the
+    recipe's default; the run goes to --output_dir and its final metrics are printed."""
+    import sys
+
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    sys.modules.pop("build_warm_start", None)
+    import build_warm_start
+
+    runs = []
+    monkeypatch.setattr(build_warm_start, "train_warm_start",
+                        lambda cfg, output_dir, log: runs.append((cfg, output_dir)) or {"step": cfg.max_steps})
+    build_warm_start.main(["--output_dir", "out/ws"])
+    build_warm_start.main(["--output_dir", "out/ws2", "--model_type", "qwen3_5", "--hidden", "64", "--p_terse", "0.5",
+                           "--text_layer_types", "full_attention,linear_attention", "--max_steps", "12"])
+    assert runs[0] == (WarmStartConfig(), "out/ws")
+    assert runs[1] == (WarmStartConfig(model_type="qwen3_5", hidden=64, p_terse=0.5, max_steps=12,
+                                       text_layer_types="full_attention,linear_attention"), "out/ws2")
+    assert capsys.readouterr().out.splitlines() == ["final {'step': 8000}", "final {'step': 12}"]
+
+
 def _warm_start_adapter():
     """The adapter of a warm start's tiny Qwen3-VL (its tokenizer holds the captions' words)."""
     from sc_tune.adapters import adapter_class
@@ -404,6 +427,71 @@ def test_warm_start_trains_saves_and_reloads(tiny_warm_start):
     assert again["rows"] == []  # rows for figures only where asked for
     for key in ("cycle_acc50", "cycle_iou", "rec_acc50", "rec_iou", "caption_valid", "cycle_parse_fail"):
         assert metrics[key] == pytest.approx(again[key]), key
+
+
+def test_warm_start_logs_each_windows_mean_loss_and_saves_at_every_evaluation_and_the_last_step(tmp_path,
+                                                                                                  monkeypatch):
+    """The build's bookkeeping, on 3 steps evaluated every 2: evaluations (and step_<n> folders) at step 2 and at the
+    last step, each logging the mean training loss of its own window, the learning rate of its last step and the
+    training minutes so far (the clock here: 30 s per step); gradients clipped at norm 1; ``last`` holds the final
+    metrics and the config. A second build into the same (nested) folder replaces what it writes."""
+    from types import SimpleNamespace
+
+    from sc_tune.jsonio import read_json
+    from sc_tune.synthetic import warm_start
+
+    losses, clipped, clock = [], [], iter(range(0, 10_000, 30))
+    real_initial_model, real_clip = warm_start.initial_model, torch.nn.utils.clip_grad_norm_
+
+    def record_loss(module, args, kwargs, output):
+        if kwargs.get("labels") is not None:  # a training step (evaluation generates without labels)
+            losses.append(output.loss.item())
+
+    def initial_model(cfg):
+        model, adapter = real_initial_model(cfg)
+        model.register_forward_hook(record_loss, with_kwargs=True)
+        return model, adapter
+
+    monkeypatch.setattr(warm_start, "initial_model", initial_model)
+    monkeypatch.setattr(warm_start, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda params, max_norm: clipped.append(max_norm) or real_clip(params, max_norm))
+    cfg = WarmStartConfig(hidden=32, layers=1, vision_width=16, batch_size=4, max_steps=3, warmup_steps=2,
+                          eval_every=2, eval_objects=2, heldout_images=1, threads=1)
+    output_dir = tmp_path / "runs" / "warm"
+    final = train_warm_start(cfg, output_dir, log=lambda line: None)
+
+    history = read_json(output_dir / "history.json")
+    assert len(losses) == 3 and clipped == [1.0] * 3
+    assert [h["step"] for h in history] == [2, 3]
+    assert [h["loss"] for h in history] == [round((losses[0] + losses[1]) / 2, 4), round(losses[2], 4)]
+    assert [h["lr"] for h in history] == [lr_at(1, cfg), lr_at(2, cfg)]
+    assert [h["train_minutes"] for h in history] == [1.0, 1.5]
+    assert final == history[-1]
+    for folder, metrics in (("step_2", history[0]), ("step_3", history[1]), ("last", history[1])):
+        recorded = read_json(output_dir / folder / "warm_start.json")
+        assert recorded == {"config": dataclasses.asdict(cfg), "metrics": metrics}, folder
+    train_warm_start(dataclasses.replace(cfg, max_steps=1, eval_every=1), output_dir, log=lambda line: None)
+    assert [h["step"] for h in read_json(output_dir / "history.json")] == [1]
+    assert read_json(output_dir / "last" / "warm_start.json")["metrics"]["step"] == 1
+
+
+def test_warm_start_redraws_the_gated_deltanet_decay_only_for_the_reference_initialisation():
+    """--linear_attention_init: "reference" re-draws each Gated DeltaNet layer's dt_bias (the reference's decay
+    range); "transformers" keeps transformers' own initialisation (dt_bias = 1: nearly memoryless heads)."""
+    from sc_tune.synthetic.warm_start import build_model
+
+    small = dict(model_type="qwen3_5", hidden=64, vision_width=32)
+    biases = {}
+    for init in ("reference", "transformers"):
+        model, _, _ = build_model(WarmStartConfig(linear_attention_init=init, **small))
+        layers = [m for m in model.modules() if type(m).__name__.endswith("GatedDeltaNet")]
+        assert layers
+        biases[init] = torch.cat([layer.dt_bias.detach().flatten() for layer in layers])
+    assert torch.equal(biases["transformers"], torch.ones_like(biases["transformers"]))
+    assert not torch.isclose(biases["reference"], torch.ones_like(biases["reference"])).any()
+    with pytest.raises(ValueError, match="linear_attention_init 'other'"):
+        build_model(WarmStartConfig(linear_attention_init="other", **small))
 
 
 def test_warm_start_continues_from_a_saved_checkpoint(tiny_warm_start, tmp_path):

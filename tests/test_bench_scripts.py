@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 import sc_tune.rollout
 from tests import real_checkpoints as real
@@ -111,8 +112,6 @@ def test_gpu_check_measures_the_cards_bandwidth_as_the_bytes_a_copy_reads_and_wr
     counts each byte twice (read once, written once): 2 x 1 MiB x 10 in the 2.5 s the clock says they took."""
     from types import SimpleNamespace
 
-    import torch
-
     gpu_check = _gpu_check_module(monkeypatch)
     clock = iter([100.0, 102.5])
     monkeypatch.setattr(gpu_check, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
@@ -128,7 +127,6 @@ def test_gpu_check_counts_the_bytes_a_qwen2_5_vl_7b_decode_step_reads_from_its_p
     worked out here from its published sizes, with the output layer and the policy's LoRA adapter (in float32), and
     without the vision tower, the input embedding table (a step reads one row of it per token) and the snapshot's
     adapter: 14.79 GB. Tied embeddings are the same table, read once."""
-    import torch
     from peft import LoraConfig
 
     from sc_tune.arguments import LoraArguments
@@ -202,6 +200,39 @@ def test_bench_step_replays_the_references_passes_and_reports_the_median_of_the_
         assert result[f"{phase}_ratio_iqr"] == [0.75, 1.25]
         assert result[f"{phase}_seconds"] == {"this": 2.0, "reference": 2.0}
     assert (result["config"], result["pairs"], result["batch"]) == ("mini-qwen2.5-vl", 3, 2)
+
+
+def test_gpu_check_profile_sums_each_kernel_and_class_per_step_and_counts_overlaps_once_as_busy(monkeypatch):
+    """``DecodeProfile.summary`` on hand-made CUDA kernels (microseconds) of a 2-step window of 10 ms: per step, the
+    kernels, their summed time, the time the device was busy (overlapping kernels counted once: 0-100 and 50-150 are
+    150 us busy, not 200), each class and the costliest names; the host's operators are not kernels."""
+    from types import SimpleNamespace
+
+    gpu_check = _gpu_check_module(monkeypatch)
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def event(name, start, end, device_type=cuda):
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end), device_type=device_type,
+                               cpu_parent=None)
+
+    events = [event("nvjet_tst_gemm", 0, 100), event("flash_fwd_kernel", 50, 150), event("nvjet_tst_gemm", 300, 400),
+              event("triton_poi_fused_add", 500, 520), event("nvjet_tst_gemm", 1000, 1100),
+              event("aten::linear", 0, 5000, device_type=cpu)]
+    window = gpu_check.DecodeProfile("cuda", first=3, count=2)
+    window.profiler, window.steps, window.done, window.wall = SimpleNamespace(events=lambda: events), 2, True, 0.010
+    assert window.summary() == {
+        "steps": 2, "what": "CUDA kernels", "kernels_per_step": 2.5,
+        "kernel_ms_per_step": 0.21,  # (100 + 100 + 100 + 20 + 100) us / 2 steps
+        "busy_ms_per_step": 0.185,  # (150 + 100 + 20 + 100) us / 2
+        "wall_ms_per_step": 5.0,
+        "by_class": {"gemm": {"ms_per_step": 0.15, "per_step": 1.5}, "attention": {"ms_per_step": 0.05, "per_step": 0.5},
+                     "elementwise": {"ms_per_step": 0.01, "per_step": 0.5}},
+        "top": [{"name": "nvjet_tst_gemm", "per_step": 1.5, "ms_per_step": 0.15},
+                {"name": "flash_fwd_kernel", "per_step": 0.5, "ms_per_step": 0.05},
+                {"name": "triton_poi_fused_add", "per_step": 0.5, "ms_per_step": 0.01}],
+    }
+    window.done = False
+    assert window.summary() is None  # a window that never closed has no figures
 
 
 def test_gpu_check_times_a_compiled_setting_only_after_its_compiles(capsys, monkeypatch):

@@ -300,8 +300,9 @@ def check_instantiates(names):
         trunk = adapter.vision_trunk(model)
         total = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        # Under LoRA only the adapter trains: PEFT freezes everything else, the vision merger too.
         print(
-            f"[meta] {name}: {total / 1e9:.2f} B parameters, {trainable / 1e6:.1f} M trainable (LoRA + merger), "
+            f"[meta] {name}: {total / 1e9:.2f} B parameters, {trainable / 1e6:.1f} M trainable (the LoRA adapter), "
             f"{frozen / 1e9:.2f} B frozen vision parameters, {decode_weight_bytes(model, adapter) / 1e9:.2f} GB read "
             f"per decode step, vision cache trunk: {'yes' if trunk is not None else 'no (fallback)'}, "
             f"static decoding: {adapter.static_decoding_problem(model) or 'yes'}",

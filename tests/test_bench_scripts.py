@@ -33,7 +33,12 @@ def test_gpu_check_dry_run_prints_the_decoding_figures_and_takes_the_fast_path(c
     gpu_check.main(["--dry_run", "--profile", "1"])  # the GPU run's settings: fast, fast_unfused, transformers
     elapsed = time.perf_counter() - started
     out = capsys.readouterr().out
-    assert "[meta] qwen2.5-vl-7b: 8.45 B parameters" in out and "[meta] qwen-vl-chat: 9.77 B parameters" in out
+    # the real sizes on the meta device: the LoRA adapter alone trains (rank 64: Qwen2.5-VL's 7 projections, Qwen-VL's
+    # 4), and a decode step reads the language model's bf16 weights and the float32 adapter (see the test below)
+    assert ("[meta] qwen2.5-vl-7b: 8.45 B parameters, 161.5 M trainable (the LoRA adapter), 0.63 B frozen vision "
+            "parameters, 14.79 GB read per decode step, vision cache trunk: yes, static decoding: yes\n") in out
+    assert ("[meta] qwen-vl-chat: 9.77 B parameters, 112.2 M trainable (the LoRA adapter), 1.86 B frozen vision "
+            "parameters, 14.65 GB read per decode step, vision cache trunk: yes, static decoding: yes\n") in out
     results = json.loads(out.strip().splitlines()[-1])
     assert results["copy_bandwidth_gb_s"] == 5.0
     for name in ("mini-qwen2.5-vl", "mini-qwen-vl-chat"):  # the dry run's sizes (scripts/bench_configs.py)

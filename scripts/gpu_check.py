@@ -31,7 +31,8 @@ configuration, setting and phase the JSON holds:
 - ``generation_batch_size``: boxes per rollout; ``decode_rows``: rows per decode loop -> decode steps at that size;
   ``rows_stopped_at_box``: locator rows SC-Tune's loop ended at their complete box (a step after it), not at their
   end token or the budget (0 at random init, whose answers hold no box);
-- ``new_tokens_per_s``: tokens ``generate`` wrote over the seconds spent in it (prefill included);
+- ``new_tokens_per_s``: ``new_tokens``, the tokens ``generate`` wrote in the timed units (each row's up to its end
+  token), over the seconds spent in it (prefill included);
 - ``samples_per_s``: boxes per second of whole units; ``step_seconds`` and ``stages_per_step`` per optimizer step;
 - ``generate_seconds_per_unit``: the generate calls' seconds split into the decode steps, the prefills (the language
   model's part: a tower that runs inside the prefill, as Qwen-VL's, is counted as vision), the vision
@@ -448,6 +449,7 @@ def run_config(name, opts, device, dtype, meter, bandwidth):
                 "decode_floor_ratio": round(decode_ms / floor_ms, 3) if decode_ms else None,
                 "generation_batch_size": batch,
                 "decode_rows": {str(rows): n for rows, n in sorted(by_rows.items())},
+                "new_tokens": tokens,
                 "new_tokens_per_s": round(tokens / gen_seconds, 1) if gen_seconds else None,
                 "samples_per_s": round(batch / unit, 3),
                 "step_seconds": round(unit / steps, 3),

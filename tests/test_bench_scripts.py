@@ -64,6 +64,12 @@ def test_gpu_check_dry_run_prints_the_decoding_figures_and_takes_the_fast_path(c
                 per_step = 1000 * split["decode_steps"] / steps_decoded
                 rounding = 1000 * 0.0005 / steps_decoded + 0.0005  # seconds to 3 decimals, then ms to 3 decimals
                 assert abs(figures["decode_ms_per_step"] - per_step) <= rounding + 1e-9, (key, figures)
+                # the acceptance's token rate: the tokens written over generate's seconds (to 3 decimals, hence
+                # the margin); a call writes at most one token per row for its prefill and for each decode step
+                rate = figures["new_tokens"] / split["generate"]
+                assert abs(figures["new_tokens_per_s"] - rate) <= rate * 0.0005 / split["generate"] + 0.05, figures
+                most = sum(int(rows) * (steps + figures["decode_calls"]) for rows, steps in figures["decode_rows"].items())
+                assert 0 < figures["new_tokens"] <= most, figures
         fast, unfused = report["describer_fast"], report["describer_fast_unfused"]
         # judged by device_summary's rule: a dry run's batch is far below the target's 64
         assert report["acceptance"] == {"new_tokens_per_s": fast["new_tokens_per_s"],

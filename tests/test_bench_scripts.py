@@ -242,6 +242,7 @@ def test_gpu_check_profile_sums_each_kernel_and_class_per_step_and_counts_overla
                 {"name": "flash_fwd_kernel", "per_step": 0.5, "ms_per_step": 0.05},
                 {"name": "triton_poi_fused_add", "per_step": 0.5, "ms_per_step": 0.01}],
     }
+    assert list(window.summary()["by_class"]) == ["gemm", "attention", "elementwise"]  # the costliest first
     window.done = False
     assert window.summary() is None  # a window that never closed has no figures
 

@@ -74,7 +74,12 @@ class ThisTrainer:
         self.trainer.current_gradient_accumulation_steps = 1
         self.cycle = 0
 
-    def _step(self, step, inputs):
+    def _step(self, step, inputs, phase: str, ppo_epoch: int = 0):
+        # A unit must time the phase it is named after: the trainer picks the phase from the step number.
+        position = self.trainer.schedule.at(step)
+        if (position.phase.value, position.ppo_epoch) != (phase, ppo_epoch):
+            raise RuntimeError(f"bench_step: step {step} is a {position.phase.value} step (PPO epoch "
+                               f"{position.ppo_epoch}), not the {phase} step (epoch {ppo_epoch}) the unit times")
         self.trainer.state.global_step = step
         self.trainer.training_step(self.trainer.model, inputs)
         self.trainer.optimizer.step()
@@ -83,14 +88,14 @@ class ThisTrainer:
     def describer(self, inputs):
         base = 3 * self.cycle
         self.cycle += 1
-        self._step(base, inputs)
-        self._step(base + 1, inputs)
+        self._step(base, inputs, "describer", ppo_epoch=0)  # the rollout and its first PPO epoch
+        self._step(base + 1, inputs, "describer", ppo_epoch=1)
         return self._stages()
 
     def locator(self, inputs):
         base = 3 * self.cycle
         self.cycle += 1
-        self._step(base + 2, inputs)
+        self._step(base + 2, inputs, "locator")
         return self._stages()
 
     def _stages(self):

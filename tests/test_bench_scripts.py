@@ -173,15 +173,25 @@ def test_bench_step_replays_the_references_passes_and_reports_the_median_of_the_
     2 forward/backward passes; a locator unit: 2, 4 and 1), the pairs alternate which arm runs first, and the result
     is the median of the per-pair ratios this / reference with its quartiles (the clock scripted here: 1 s, 3 s and
     2 s for this arm against 2 s for the reference)."""
+    from types import SimpleNamespace
+
+    import sc_tune.phases
+
     monkeypatch.syspath_prepend(f"{ROOT}/scripts")
     sys.modules.pop("bench_step", None)
     import bench_step
 
-    calls = []
+    calls, sampled = [], []
     for name in ("describe", "locate"):  # the replay's generate calls (arm A decodes through its own cycle)
         real = getattr(bench_step, name)
-        monkeypatch.setattr(bench_step, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or
-                            _real(*a, **k))
+
+        def counted(model, adapter, images, texts_or_boxes, settings, _real=real, _name=name):
+            calls.append(_name)
+            if _name == "describe":
+                sampled.append(settings.do_sample)
+            return _real(model, adapter, images, texts_or_boxes, settings)
+
+        monkeypatch.setattr(bench_step, name, counted)
     for name in ("_full_logprobs", "_backward_and_step"):
         real = getattr(bench_step.ReferenceReplay, name)
         monkeypatch.setattr(bench_step.ReferenceReplay, name, lambda self, *a, _real=real, _name=name, **k:
@@ -192,16 +202,18 @@ def test_bench_step_replays_the_references_passes_and_reports_the_median_of_the_
     def timed(fn, inputs, device):
         arm = "b" if isinstance(fn.__self__, bench_step.ReferenceReplay) else "a"
         calls.clear()
+        sampled.clear()
         _, stages = real_timed(fn, inputs, device)
-        order.append((arm, fn.__name__, dict(collections.Counter(calls)) if arm == "b" else None))
+        order.append((arm, fn.__name__, (dict(collections.Counter(calls)), list(sampled)) if arm == "b" else None))
         return next(seconds[arm]), stages
 
     monkeypatch.setattr(bench_step, "timed", timed)
     bench_step.main(["--config", "mini-qwen2.5-vl", "--batch", "2", "--pairs", "3", "--warmup", "0"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
-    describer = {"describe": 2, "locate": 2, "_full_logprobs": 6, "_backward_and_step": 2}  # 4 no-grad + 2 with grad
-    locator = {"describe": 1, "locate": 1, "_full_logprobs": 4, "_backward_and_step": 1}
+    # 4 no-grad log-prob passes + 2 with grad; the policy's caption sampled, the copy's greedy
+    describer = ({"describe": 2, "locate": 2, "_full_logprobs": 6, "_backward_and_step": 2}, [True, False])
+    locator = ({"describe": 1, "locate": 1, "_full_logprobs": 4, "_backward_and_step": 1}, [False])
     assert order == [("a", "describer", None), ("b", "describer", describer), ("b", "describer", describer),
                      ("a", "describer", None), ("a", "describer", None), ("b", "describer", describer),
                      ("a", "locator", None), ("b", "locator", locator), ("b", "locator", locator),
@@ -211,6 +223,14 @@ def test_bench_step_replays_the_references_passes_and_reports_the_median_of_the_
         assert result[f"{phase}_ratio_iqr"] == [0.75, 1.25]
         assert result[f"{phase}_seconds"] == {"this": 2.0, "reference": 2.0}
     assert (result["config"], result["pairs"], result["batch"]) == ("mini-qwen2.5-vl", 3, 2)
+    # arm A's units run the steps the schedule gives their phase, and refuse any other
+    ours = bench_step.ThisTrainer.__new__(bench_step.ThisTrainer)
+    ours.trainer = SimpleNamespace(schedule=sc_tune.phases.PhaseSchedule(1, 1, 2, 1e-5, 1e-5))
+    with pytest.raises(RuntimeError, match="step 2 is a locator step .*not the describer step"):
+        ours._step(2, None, "describer", ppo_epoch=0)
+    with pytest.raises(RuntimeError, match=r"step 3 is a describer step \(PPO epoch 0\), not the describer step "
+                                           r"\(epoch 1\)"):
+        ours._step(3, None, "describer", ppo_epoch=1)
 
 
 def test_gpu_check_profile_sums_each_kernel_and_class_per_step_and_counts_overlaps_once_as_busy(monkeypatch):

@@ -95,6 +95,7 @@ PHASES = ("describer", "locator")
 DEFAULT_SETTINGS = "fast,fast_unfused,transformers"
 ALL_SETTINGS = ("fast", "fast_unfused", "transformers", "compiled", "vision_cache_off", "prompt_cache_off")
 
+
 class GenerationMeter:
     """Counts the tokens ``generate`` writes and the seconds spent in it (wraps the modules' reference); for
     transformers' own loop (no ``sc_tune.decoding`` statistics) also its forwards inside ``generate``: the prefill

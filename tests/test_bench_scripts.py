@@ -20,15 +20,23 @@ ISSUE_KEYS = ("decode_ms_per_step", "weight_bytes", "weight_read_floor_ms", "dec
               "generation_batch_size", "new_tokens_per_s", "samples_per_s")
 
 
-def test_gpu_check_dry_run_prints_the_decoding_figures_and_takes_the_fast_path(capsys, monkeypatch):
+def _gpu_check_module(monkeypatch):
+    """scripts/gpu_check.py, imported afresh. It wraps ``sc_tune.rollout.generate`` to count tokens on import; the
+    original is put back after the test."""
     monkeypatch.syspath_prepend(f"{ROOT}/scripts")
-    # the script wraps ``generate`` to count tokens; this puts the original back after the test
     monkeypatch.setattr(sc_tune.rollout, "generate", sc_tune.rollout.generate)
     sys.modules.pop("gpu_check", None)
     import gpu_check
 
+    return gpu_check
+
+
+def test_gpu_check_dry_run_prints_the_decoding_figures_and_takes_the_fast_path(capsys, monkeypatch):
+    gpu_check = _gpu_check_module(monkeypatch)
     # the card's bandwidth as a round figure, so the floor can be checked exactly (copy_bandwidth has its own test)
     monkeypatch.setattr(gpu_check, "copy_bandwidth", lambda device, megabytes: 5e9)
+    judged, targets_met = [], gpu_check.targets_met  # device_summary's rule: what gpu_check hands it
+    monkeypatch.setattr(gpu_check, "targets_met", lambda *figures: judged.append(figures) or targets_met(*figures))
     started = time.perf_counter()
     gpu_check.main(["--dry_run", "--profile", "1"])  # the GPU run's settings: fast, fast_unfused, transformers
     elapsed = time.perf_counter() - started
@@ -73,7 +81,8 @@ def test_gpu_check_dry_run_prints_the_decoding_figures_and_takes_the_fast_path(c
                 most = sum(int(rows) * (steps + figures["decode_calls"]) for rows, steps in figures["decode_rows"].items())
                 assert 0 < figures["new_tokens"] <= most, figures
         fast, unfused = report["describer_fast"], report["describer_fast_unfused"]
-        # judged by device_summary's rule: a dry run's batch is far below the target's 64
+        # judged by device_summary's rule on the describer's fast figures: a dry run's batch is far below 64
+        assert (fast["new_tokens_per_s"], fast["decode_floor_ratio"], fast["generation_batch_size"]) in judged
         assert report["acceptance"] == {"new_tokens_per_s": fast["new_tokens_per_s"],
                                         "decode_floor_ratio": fast["decode_floor_ratio"], "met": False}
         # fused: one loop of 2B rows for the captions, then locating's 2B rows; unfused: B, B (resumed), 2B
@@ -109,15 +118,6 @@ def test_gpu_check_dry_run_prints_the_decoding_figures_and_takes_the_fast_path(c
         assert split["decode_steps"] > 0 and split["prefill"] > 0 and split["vision_tower"] > 0
         assert split["decode_steps"] + split["prefill"] + split["vision_tower"] < split["generate"] + 0.01
         assert report["describer_transformers"]["generate_seconds_per_unit"] is None
-
-
-def _gpu_check_module(monkeypatch):
-    monkeypatch.syspath_prepend(f"{ROOT}/scripts")
-    monkeypatch.setattr(sc_tune.rollout, "generate", sc_tune.rollout.generate)  # the script wraps it on import
-    sys.modules.pop("gpu_check", None)
-    import gpu_check
-
-    return gpu_check
 
 
 def test_gpu_check_measures_the_cards_bandwidth_as_the_bytes_a_copy_reads_and_writes_per_second(monkeypatch):
@@ -274,12 +274,9 @@ def test_gpu_check_times_a_compiled_setting_only_after_its_compiles(capsys, monk
     """``compiled``: a call whose cache length or adapters differ from every earlier one compiles again (the
     describer's fused loop is called with a longer cache once locating has run), so one warm-up unit is not enough;
     the warm-up goes on until a unit compiles nothing and the timed units then compile nothing."""
-    monkeypatch.syspath_prepend(f"{ROOT}/scripts")
-    monkeypatch.setattr(sc_tune.rollout, "generate", sc_tune.rollout.generate)
-    sys.modules.pop("gpu_check", None)
-    import gpu_check
     import torch._dynamo
 
+    gpu_check = _gpu_check_module(monkeypatch)
     torch._dynamo.reset()
     gpu_check.main(["--dry_run", "--configs", "mini-qwen2.5-vl", "--settings", "compiled"])
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["mini-qwen2.5-vl"]

@@ -17,7 +17,8 @@ JSON object.
   if the recurrent or convolution state saw pad positions, the real positions' logits would move. A control runs the
   batch with the linear-attention layers' padding mask withheld, to show the check sees a leak when there is one.
 - ``decay``: per head of each Gated DeltaNet layer, the state's decay per token, exp(g), averaged over the describer
-  prompts' real tokens, and what is left of it after the distance from the box's first coordinate to the answer.
+  prompts' real tokens, and what is left of it after the distance from the box's first coordinate to the answer
+  (the farthest over the rows).
 - ``grads``: gradient norms per text layer and part (token mixer, MLP; the decay parameters A_log and dt_bias
   apart) on a describer batch and on a locator batch.
 - ``overfit``: 16 describer examples, trained with AdamW until the loss is near 0; then the greedy captions
@@ -138,20 +139,34 @@ def cmd_padding(args) -> dict:
             "control_without_linear_attention_mask": (leaked - batched)[real].abs().max().item()}
 
 
+def box_to_answer_tokens(adapter, image, box_norm) -> int:
+    """Tokens from the describer prompt's first box coordinate to its last token, where the caption's first token is
+    read: how far a Gated DeltaNet state has to carry the box.
+
+    The first coordinate is where the prompt first differs from the same prompt about another box. Two other boxes
+    whose first coordinates start with different digits: the box's first token differs from at least one of them.
+    (Looking for the first digit instead finds the 2 of a field name such as ``bbox_2d``.)"""
+    ids = adapter.encode_prompt(adapter.describer_prompt(box_norm, image), image)
+
+    def shared_prefix(other_box) -> int:
+        other = adapter.encode_prompt(adapter.describer_prompt(other_box, image), image)
+        return next((i for i, (a, b) in enumerate(zip(ids, other)) if a != b), min(len(ids), len(other)))
+
+    first_coordinate = min(shared_prefix((0.1, 0.1, 0.2, 0.2)), shared_prefix((0.6, 0.6, 0.9, 0.9)))
+    return len(ids) - 1 - first_coordinate
+
+
 def gated_deltanet_layers(model):
     return [(name, m) for name, m in model.named_modules() if type(m).__name__.endswith("GatedDeltaNet")]
 
 
 def cmd_decay(args) -> dict:
     model, adapter, cfg = model_and_adapter(args)
-    samples, _ = examples(adapter, cfg, args.rows, role="describer")
+    samples, objects = examples(adapter, cfg, args.rows, role="describer")
     batch = adapter.build_batch([s.prompt for s in samples], [s.image for s in samples])
     real = batch.inputs["attention_mask"].bool()
-    # Distance from the box's first coordinate to the last prompt token (where the caption's first token is read).
-    ids = batch.input_ids[0][real[0]].tolist()
-    text = [adapter.tokenizer.decode([t]) for t in ids]
-    first_digit = next(i for i, t in enumerate(text) if t.strip().isdigit())
-    distance = len(ids) - 1 - first_digit
+    # The farthest any of the rows' boxes sits from its answer (coordinates of fewer digits sit nearer).
+    distance = max(box_to_answer_tokens(adapter, s.image, o.bbox) for s, o in zip(samples, objects))
     captured = {}
     hooks = [m.in_proj_a.register_forward_hook(lambda mod, inp, out, name=name: captured.__setitem__(name, out))
              for name, m in gated_deltanet_layers(model)]

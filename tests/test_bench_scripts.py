@@ -6,6 +6,7 @@ settings, that the arm with the cache really used it and gave the same losses or
 
 import collections
 import json
+import math
 import sys
 import time
 
@@ -199,32 +200,49 @@ def test_bench_step_replays_the_references_passes_and_reports_the_median_of_the_
         real = getattr(bench_step.ReferenceReplay, name)
         monkeypatch.setattr(bench_step.ReferenceReplay, name, lambda self, *a, _real=real, _name=name, **k:
                             calls.append(_name) or _real(self, *a, **k))
-    order, seconds = [], {"a": iter([1.0, 3.0, 2.0] * 2), "b": iter([2.0] * 6)}
+    # per phase: one warm-up unit of each arm (its figures never count), then three pairs; the units' stage seconds
+    # scripted too (a stage a unit did not time counts 0 in the median)
+    order, seconds = [], {"a": iter([100.0, 1.0, 3.0, 2.0] * 2), "b": iter([100.0, 2.0, 2.0, 2.0] * 2)}
+    stages = {"a": iter([{"generate": 50.0}, {"generate": 0.5, "loss": 0.2}, {"generate": 1.5},
+                         {"generate": 1.0, "loss": 0.4}] * 2),
+              "b": iter([{"generate": 50.0}] + [{"generate": 1.0, "backward": 0.5}] * 3 + [{"generate": 50.0}]
+                        + [{"generate": 1.0, "backward": 0.5}] * 3)}
     real_timed = bench_step.timed
 
     def timed(fn, inputs, device):
         arm = "b" if isinstance(fn.__self__, bench_step.ReferenceReplay) else "a"
         calls.clear()
         sampled.clear()
-        _, stages = real_timed(fn, inputs, device)
+        real_timed(fn, inputs, device)
         order.append((arm, fn.__name__, (dict(collections.Counter(calls)), list(sampled)) if arm == "b" else None))
-        return next(seconds[arm]), stages
+        return next(seconds[arm]), next(stages[arm])
 
     monkeypatch.setattr(bench_step, "timed", timed)
-    bench_step.main(["--config", "mini-qwen2.5-vl", "--batch", "2", "--pairs", "3", "--warmup", "0"])
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    bench_step.main(["--config", "mini-qwen2.5-vl", "--batch", "2", "--pairs", "3", "--warmup", "1"])
+    printed = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(printed[-1])
 
     # 4 no-grad log-prob passes + 2 with grad; the policy's caption sampled, the copy's greedy
     describer = ({"describe": 2, "locate": 2, "_full_logprobs": 6, "_backward_and_step": 2}, [True, False])
     locator = ({"describe": 1, "locate": 1, "_full_logprobs": 4, "_backward_and_step": 1}, [False])
-    assert order == [("a", "describer", None), ("b", "describer", describer), ("b", "describer", describer),
+    assert order == [("a", "describer", None), ("b", "describer", describer),  # the warm-up
+                     ("a", "describer", None), ("b", "describer", describer), ("b", "describer", describer),
                      ("a", "describer", None), ("a", "describer", None), ("b", "describer", describer),
+                     ("a", "locator", None), ("b", "locator", locator),
                      ("a", "locator", None), ("b", "locator", locator), ("b", "locator", locator),
                      ("a", "locator", None), ("a", "locator", None), ("b", "locator", locator)]
     for phase in ("describer", "locator"):
         assert result[f"{phase}_ratio"] == 1.0  # the ratios 0.5, 1.5 and 1.0
         assert result[f"{phase}_ratio_iqr"] == [0.75, 1.25]
         assert result[f"{phase}_seconds"] == {"this": 2.0, "reference": 2.0}
+        assert result[f"{phase}_stages_this"] == {"generate": 1.0, "loss": 0.2}  # loss: the median of 0.2, 0, 0.4
+        assert result[f"{phase}_stages_reference"] == {"backward": 0.5, "generate": 1.0}
+        assert f"  {phase} pair 1: this 3.00 s, reference 2.00 s" in printed
+        assert (f"{phase}: ratio (this / reference) median 1.000 (IQR 0.750-1.250, min 0.500, max 1.500); this 2.00 s, "
+                "reference 2.00 s per 2 samples") in printed
+    # each stage's share of the arm's median unit (2 s)
+    assert printed.count("  this stages (median s per unit): generate 1.00 s (50 %), loss 0.20 s (10 %)") == 2
+    assert printed.count("  reference stages (median s per unit): backward 0.50 s (25 %), generate 1.00 s (50 %)") == 2
     assert (result["config"], result["pairs"], result["batch"]) == ("mini-qwen2.5-vl", 3, 2)
     # arm A's units run the steps the schedule gives their phase, and refuse any other
     ours = bench_step.ThisTrainer.__new__(bench_step.ThisTrainer)
@@ -235,6 +253,44 @@ def test_bench_step_replays_the_references_passes_and_reports_the_median_of_the_
                                            r"\(epoch 1\)"):
         ours._step(3, None, "describer", ppo_epoch=1)
 
+
+
+def test_bench_step_vision_share_is_the_towers_seconds_over_a_whole_prompt_forward(monkeypatch):
+    """``vision_share`` (the side-by-side's first line): per repeat, the seconds between the vision tower's pre- and
+    post-hook over the whole no-grad forward's, the median of three; the hooks are removed after; a family without a
+    vision trunk has no share (NaN). The model here calls its tower once per forward, the clock is scripted."""
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(f"{ROOT}/scripts")
+    sys.modules.pop("bench_step", None)
+    import bench_step
+
+    tower = torch.nn.Identity()
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+            self.seen = []
+
+        def forward(self, input_ids, use_cache):
+            self.seen.append((input_ids.tolist(), use_cache))
+            return tower(input_ids)
+
+    adapter = SimpleNamespace(
+        vision_trunk=lambda model: SimpleNamespace(tower=tower), prepare_image=lambda image: f"prepared {image}",
+        describer_prompt=lambda box, image: f"{box} in {image}",
+        build_batch=lambda prompts, images: SimpleNamespace(inputs={"input_ids": torch.tensor([len(prompts)])}))
+    # per repeat: the forward's start, the tower's start and end, the forward's end -> shares 0.5, 0.25, 0.625
+    clock = iter([0.0, 1.0, 3.0, 4.0, 10.0, 10.5, 11.0, 12.0, 20.0, 21.0, 23.5, 24.0])
+    monkeypatch.setattr(bench_step, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    model = Model()
+    inputs = {"images": ["a", "b"], "boxes": torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.5, 0.5, 0.6, 0.6]])}
+    assert bench_step.vision_share(model, adapter, inputs) == 0.5
+    assert model.seen == [([2], False)] * 3  # the describer batch of both boxes, without a cache
+    assert not tower._forward_hooks and not tower._forward_pre_hooks
+    adapter.vision_trunk = lambda model: None
+    assert math.isnan(bench_step.vision_share(model, adapter, inputs))
 
 def test_gpu_check_profile_sums_each_kernel_and_class_per_step_and_counts_overlaps_once_as_busy(monkeypatch):
     """``DecodeProfile.summary`` on hand-made CUDA kernels (microseconds) of a 2-step window of 10 ms: per step, the
@@ -268,6 +324,145 @@ def test_gpu_check_profile_sums_each_kernel_and_class_per_step_and_counts_overla
     assert list(window.summary()["by_class"]) == ["gemm", "attention", "elementwise"]  # the costliest first
     window.done = False
     assert window.summary() is None  # a window that never closed has no figures
+
+
+def test_gpu_check_meter_times_generate_and_counts_transformers_own_decode_forwards(monkeypatch):
+    """``GenerationMeter`` wraps ``sc_tune.rollout.generate``: the tokens it writes (the completions' mask), its
+    seconds, and on the bare model under PEFT (``watch``) the prefill forwards' seconds and the one-token forwards by
+    rows, counted only inside ``generate``; ``pop`` hands the figures over and starts again from zero."""
+    from types import SimpleNamespace
+
+    gpu_check = _gpu_check_module(monkeypatch)
+
+    class Model(torch.nn.Module):
+        def forward(self, input_ids=None):
+            return input_ids
+
+    model = Model()
+
+    def fake_generate(rows, steps, fail=False, prompt=7):
+        model(input_ids=torch.zeros(rows, prompt, dtype=torch.long))  # the prefill: any forward of 2 tokens or more
+        model()  # a forward without input_ids (embeddings passed instead) is neither
+        for _ in range(steps):
+            model(input_ids=torch.zeros(rows, 1, dtype=torch.long))
+        if fail:
+            raise RuntimeError("out of memory")
+        mask_BT = torch.ones(rows, steps + 1)
+        mask_BT[0, -1] = 0  # a row that ended a token early
+        return SimpleNamespace(mask_BT=mask_BT)
+
+    monkeypatch.setattr(sc_tune.rollout, "generate", fake_generate)
+    # generate's start, the prefill's start and end, generate's end; per call
+    clock = iter([10.0, 10.5, 10.75, 12.0, 20.0, 20.1, 20.4, 21.0, 30.0, 30.2, 30.3])
+    monkeypatch.setattr(gpu_check, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    meter = gpu_check.GenerationMeter("cpu")
+    meter.watch(SimpleNamespace(get_base_model=lambda: model))  # a PEFT model: the hooks go on the bare one
+    model(input_ids=torch.zeros(2, 1, dtype=torch.long))  # before any generate: not the loop's
+    assert sc_tune.rollout.generate(2, 3).mask_BT.sum() == 7
+    model(input_ids=torch.zeros(2, 7, dtype=torch.long))  # outside generate: not the loop's
+    model(input_ids=torch.zeros(2, 1, dtype=torch.long))
+    sc_tune.rollout.generate(3, 2, prompt=2)
+    assert meter.pop() == {"tokens": 7 + 8, "seconds": pytest.approx(2.0 + 1.0), "prefill_seconds": pytest.approx(0.55),
+                           "decode_forwards": 5, "by_rows": {2: 3, 3: 2}}
+    assert meter.pop() == {"tokens": 0, "seconds": 0.0, "prefill_seconds": 0.0, "decode_forwards": 0, "by_rows": {}}
+    with pytest.raises(RuntimeError, match="out of memory"):
+        sc_tune.rollout.generate(4, 1, fail=True)
+    model(input_ids=torch.zeros(4, 1, dtype=torch.long))  # after a failed call: outside again
+    assert meter.pop() == {"tokens": 0, "seconds": 0.0, "prefill_seconds": pytest.approx(0.1), "decode_forwards": 1,
+                           "by_rows": {4: 1}}
+
+
+def test_gpu_check_profiles_the_decode_steps_it_is_asked_for(monkeypatch):
+    """``DecodeProfile`` as a decode-step hook: the profiler starts at step ``first``, covers ``count`` steps and
+    stops at the next (or when the loop ends, index None, with the steps it saw); later calls and loops change
+    nothing. On CPU its summary is the top-level operators (a nested one is inside its parent's time), and a window
+    that recorded nothing says so."""
+    from types import SimpleNamespace
+
+    gpu_check = _gpu_check_module(monkeypatch)
+    started = []
+
+    class Profiler:
+        def __init__(self, activities):
+            self.activities, self.entered, self.exited = activities, False, False
+            started.append(self)
+
+        def __enter__(self):
+            self.entered = True
+
+        def __exit__(self, *exc):
+            self.exited = True
+
+        def events(self):
+            cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+            top = SimpleNamespace(name="aten::linear", time_range=SimpleNamespace(start=0, end=900), device_type=cpu,
+                                  cpu_parent=None)
+            return [top,
+                    SimpleNamespace(name="aten::mm", time_range=SimpleNamespace(start=100, end=800), device_type=cpu,
+                                    cpu_parent=top),
+                    SimpleNamespace(name="aten::add", time_range=SimpleNamespace(start=1000, end=1300),
+                                    device_type=cpu, cpu_parent=None),
+                    SimpleNamespace(name="nvjet_gemm", time_range=SimpleNamespace(start=0, end=50), device_type=cuda,
+                                    cpu_parent=None)]
+
+    monkeypatch.setattr(torch.profiler, "profile", Profiler)
+    clock = iter([5.0, 5.03])
+    monkeypatch.setattr(gpu_check, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    window = gpu_check.DecodeProfile("cpu", first=2, count=3)
+    for index in (0, 1):
+        window(index)
+    assert not started and window.summary() is None
+    for index in (2, 3, 4):
+        window(index)
+    assert len(started) == 1 and started[0].entered and not started[0].exited and window.steps == 3
+    window(5)
+    assert started[0].exited and window.done and window.wall == pytest.approx(0.03)
+    for index in (6, None, 0, 1, 2):  # the rest of the loop, and the next loops
+        window(index)
+    assert len(started) == 1 and window.steps == 3
+    assert started[0].activities == [torch.profiler.ProfilerActivity.CPU]
+    assert window.summary() == {
+        "steps": 3, "what": "top-level CPU operators", "kernels_per_step": 0.7, "kernel_ms_per_step": 0.4,
+        "busy_ms_per_step": 0.4, "wall_ms_per_step": 10.0,
+        "by_class": {"gemm": {"ms_per_step": 0.3, "per_step": 0.3}, "elementwise": {"ms_per_step": 0.1, "per_step": 0.3}},
+        "top": [{"name": "aten::linear", "per_step": 0.3, "ms_per_step": 0.3},
+                {"name": "aten::add", "per_step": 0.3, "ms_per_step": 0.1}]}
+    # A loop that ends before the window's last step closes it with the steps it saw.
+    clock = iter([7.0, 7.01])
+    short = gpu_check.DecodeProfile("cpu", first=1, count=4)
+    for index in (0, 1, 2, None):
+        short(index)
+    assert short.done and short.steps == 2 and started[-1].exited and short.wall == pytest.approx(0.01)
+    started[-1].events = lambda: []
+    assert short.summary() == {"steps": 2, "error": "the profiler recorded no kernels"}
+    # The costliest 15 names are listed, costliest first.
+    started[-1].events = lambda: [SimpleNamespace(name=f"aten::op{k}", time_range=SimpleNamespace(start=0, end=10 * k),
+                                                  device_type=torch.autograd.DeviceType.CPU, cpu_parent=None)
+                                  for k in range(1, 18)]
+    assert [row["name"] for row in short.summary()["top"]] == [f"aten::op{k}" for k in range(17, 2, -1)]
+    # Busy time is the union of the intervals, taken in order of their starts: one inside another adds nothing.
+    started[-1].events = lambda: [SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end),
+                                                  device_type=torch.autograd.DeviceType.CPU, cpu_parent=None)
+                                  for name, start, end in (("aten::mm", 0, 1000), ("aten::add", 100, 200))]
+    assert short.summary()["busy_ms_per_step"] == 0.5 and short.summary()["kernel_ms_per_step"] == 0.55
+
+
+@pytest.mark.parametrize("name, label", [
+    ("sm90_xmma_gemm_bf16bf16_bf16f32", "gemm"), ("nvjet_tst_128x64_64x8", "gemm"), ("cutlass_80_tensorop_s1688", "gemm"),
+    ("aten::addmm", "gemm"), ("aten::bmm", "gemm"), ("aten::linear", "gemm"),
+    ("fmha_cutlassF_bf16_aligned_64x64", "attention"), ("flash_fwd_splitkv_kernel", "attention"),
+    ("aten::_scaled_dot_product_efficient_attention", "attention"),
+    ("at::native::radixSortKVInPlace", "sort"), ("gatherTopK", "sort"),
+    ("triton_red_fused_mean_pow_0", "reduction"), ("cunn_SoftMaxForward", "reduction"),
+    ("triton_per_fused_add_rms_norm_1", "reduction"),
+    ("Memcpy DtoD (Device -> Device)", "copy"), ("indexSelectLargeIndex", "copy"), ("CatArrayBatchedCopy", "copy"),
+    ("triton_poi_fused_mul_silu_2", "elementwise"), ("vectorized_elementwise_kernel", "elementwise"),
+    ("aten::add", "elementwise"), ("cudaGraphLaunch", "other"),
+])
+def test_gpu_check_kernel_classes(name, label, monkeypatch):
+    """The profile's classes, from kernel names cuBLAS, CUTLASS, flash attention and inductor give (first match wins:
+    a CUTLASS attention kernel is attention, an inductor reduction fused with an add is a reduction)."""
+    assert _gpu_check_module(monkeypatch).kernel_class(name) == label
 
 
 def test_gpu_check_times_a_compiled_setting_only_after_its_compiles(capsys, monkeypatch):

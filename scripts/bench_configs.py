@@ -53,9 +53,15 @@ def _mini_qwen25(config) -> None:
 
 
 def _real_qwen25_7b(config) -> None:
+    """The released config.json's values (tests/test_bench_scripts.py compares them when the file is at hand); the
+    ones that set no weight's shape (norm epsilon, RoPE base, positions) too, so a real-size run computes as the
+    release does."""
     text, vision = config.text_config, config.vision_config
-    text.intermediate_size, text.vocab_size, text.max_position_embeddings = 18944, 152064, 32768
+    text.intermediate_size, text.vocab_size, text.max_position_embeddings = 18944, 152064, 128000
+    text.rms_norm_eps, text.max_window_layers = 1e-6, 28
+    text.rope_parameters["rope_theta"] = 1e6
     text.rope_parameters["mrope_section"] = [16, 24, 24]
+    vision.tokens_per_second = 2
     vision.depth, vision.num_heads, vision.intermediate_size = 32, 16, 3420
     vision.fullatt_block_indexes = [7, 15, 23, 31]
     vision.out_hidden_size = text.hidden_size

@@ -7,6 +7,7 @@ settings, that the arm with the cache really used it and gave the same losses or
 import collections
 import json
 import math
+import os
 import sys
 import time
 
@@ -170,6 +171,47 @@ def test_gpu_check_counts_the_bytes_a_qwen2_5_vl_7b_decode_step_reads_from_its_p
     base.lm_head.weight = base.get_input_embeddings().weight  # tied, as in the 3B release
     assert gpu_check.decode_weight_bytes(model, adapter) == expected
 
+
+
+@pytest.mark.skipif(not os.path.isfile(real.path("Qwen__Qwen2.5-VL-7B-Instruct", "config.json")),
+                    reason="the released Qwen2.5-VL-7B-Instruct config.json is not at hand")
+def test_the_gpu_checks_qwen2_5_vl_7b_is_the_released_architecture(tmp_path, monkeypatch):
+    """``qwen2.5-vl-7b`` of scripts/bench_configs.py (issue 21's acceptance size) against the released config.json, read
+    by transformers: every field equal but the tokenizer's ids (the benchmark's tokenizer is the tiny one, the output
+    layer sized to the real vocabulary) and keys of the release's older layout that transformers keeps as they are
+    (``in_chans``, ``spatial_patch_size``, the RoPE ``type`` marker, ``vision_token_id``). A size written wrong
+    times another model; an epsilon or a RoPE base written wrong computes another one."""
+    import shutil
+
+    from transformers import AutoConfig
+
+    monkeypatch.syspath_prepend(f"{ROOT}/scripts")
+    from bench_configs import prepare
+
+    model, _ = prepare("qwen2.5-vl-7b", str(tmp_path / "bench"), device="meta", dtype=torch.bfloat16)
+    (tmp_path / "released").mkdir()
+    shutil.copy(real.path("Qwen__Qwen2.5-VL-7B-Instruct", "config.json"), tmp_path / "released")
+    released = AutoConfig.from_pretrained(str(tmp_path / "released")).to_dict()
+
+    def flat(config: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in config.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return out
+
+    ours, theirs = flat(model.config.to_dict()), flat(released)
+    tokenizer_ids = {"image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
+                     "text_config.bos_token_id", "text_config.eos_token_id", "text_config.pad_token_id"}
+    older_layout = {"vision_config.in_chans", "vision_config.spatial_patch_size", "text_config.rope_parameters.type",
+                    "vision_token_id",
+                    "text_config.tie_word_embeddings"}  # the release's is top-level (compared below)
+    bookkeeping = {"_name_or_path", "architectures", "vision_config.dtype"}
+    differ = {key: (ours.get(key), theirs.get(key)) for key in ours.keys() | theirs.keys()
+              if ours.get(key) != theirs.get(key) and key not in tokenizer_ids | older_layout | bookkeeping}
+    assert differ == {}
+    assert ours["text_config.num_hidden_layers"] == 28 and ours["vision_config.depth"] == 32  # the file was read
+    # untied: the output layer is a table of its own, read at every decode step (gpu_check's weight bytes)
+    assert ours["tie_word_embeddings"] is ours["text_config.tie_word_embeddings"] is theirs["tie_word_embeddings"] is False
 
 def test_bench_step_replays_the_references_passes_and_reports_the_median_of_the_pairs_ratios(capsys, monkeypatch):
     """``scripts/bench_step.py`` (the side-by-side of docs/performance.md) on the mini Qwen2.5-VL: arm B replays the

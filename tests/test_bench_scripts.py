@@ -334,6 +334,23 @@ def test_bench_step_vision_share_is_the_towers_seconds_over_a_whole_prompt_forwa
     adapter.vision_trunk = lambda model: None
     assert math.isnan(bench_step.vision_share(model, adapter, inputs))
 
+
+def test_bench_step_times_a_unit_and_takes_the_quartiles(monkeypatch):
+    """``timed``: a unit's seconds on the clock around it, with the stage seconds it returns; ``quartiles``: the
+    median first, then the first and third quartiles."""
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(f"{ROOT}/scripts")
+    sys.modules.pop("bench_step", None)
+    import bench_step
+
+    clock, seen = iter([5.0, 7.5]), []
+    monkeypatch.setattr(bench_step, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    assert bench_step.timed(lambda inputs: seen.append(inputs) or {"generate": 1.0}, "batch", "cpu") == (
+        2.5, {"generate": 1.0})
+    assert seen == ["batch"]
+    assert bench_step.quartiles([5.0, 1.0, 4.0, 2.0, 3.0]) == (3.0, 2.0, 4.0)
+
 def test_gpu_check_profile_sums_each_kernel_and_class_per_step_and_counts_overlaps_once_as_busy(monkeypatch):
     """``DecodeProfile.summary`` on hand-made CUDA kernels (microseconds) of a 2-step window of 10 ms: per step, the
     kernels, their summed time, the time the device was busy (overlapping kernels counted once: 0-100 and 50-150 are

@@ -298,6 +298,73 @@ def test_bench_script_reports_the_slope_and_the_extrapolation(tmp_path):
         runs[1]["peak_rss_bytes"] + slope * (5e9 - runs[1]["json_bytes"]), rel=1e-6)
 
 
+
+def _bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_objects365", os.path.join(ROOT, "scripts",
+                                                                                 "bench_objects365.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_scripts_readme_scenario_is_the_readmes_command_at_the_real_size(tmp_path):
+    """The memory figure docs/usage.md quotes is of the README's command: the ``readme`` scenario, scaled to the
+    real file's 1.74 M images, passes exactly the README's (and docs/usage.md's) settings, and scales them down with
+    the image count (at least 1 each)."""
+    bench = _bench_module()
+
+    def flags(command: str) -> dict:
+        words = command.replace("\\\n", " ").split()
+        return {w[2:]: words[i + 1] for i, w in enumerate(words) if w.startswith("--")}
+
+    commands = []
+    for doc in ("README.md", "docs/usage.md"):
+        text = open(os.path.join(ROOT, doc), encoding="utf-8").read()
+        found = re.search(r"python -m sc_tune\.objects365 (?:.*\\\n)*.*", text)
+        assert found, doc
+        commands.append(flags(found.group(0)))
+    assert commands[0] == commands[1]
+    readme = commands[0]
+    argv = bench.scenario_argv("readme", int(bench.REAL_IMAGES), "o365.json", str(tmp_path))
+    ours = {w[2:]: argv[i + 1] for i, w in enumerate(argv) if w.startswith("--")}
+    for name in ("min_area", "max_boxes_per_image", "num_samples", "seed", "num_held_out"):
+        assert float(ours[name]) == float(readme[name]), name
+    small = bench.scenario_argv("readme", 10_000, "o365.json", str(tmp_path))  # 2,298.85 and 11.49, rounded
+    assert small[small.index("--num_samples") + 1] == "2299" and small[small.index("--num_held_out") + 1] == "11"
+    tiny = bench.scenario_argv("all_boxes", 1, "o365.json", str(tmp_path))
+    assert tiny[tiny.index("--num_samples") + 1] == "1" and "--num_held_out" not in tiny
+    assert tiny[tiny.index("--min_area") + 1] == "0.0"
+
+
+def test_bench_script_extrapolates_from_its_smallest_and_largest_sizes(tmp_path, monkeypatch, capsys):
+    """Three sizes: the slope is taken between the smallest and the largest file, the memory extrapolated from the
+    largest to 5 GB, the CPU time in proportion to the largest file's, and the verdict against 2 GB (the converter
+    stand-in here: 200 MB of base plus 0.3 bytes per byte of JSON, 2 CPU seconds per MB; a middle size that is off
+    the line changes nothing)."""
+    bench = _bench_module()
+    sizes = {1000: 10_000_000, 2000: 20_000_000, 4000: 40_000_000}
+    monkeypatch.setattr(bench, "write_synthetic", lambda path, num_images: sizes[num_images])
+    monkeypatch.setattr(bench.os, "remove", lambda path: None)
+
+    runs = iter([(2e8 + 0.3 * 1e7, 20.0), (9e8, 40.0), (2e8 + 0.3 * 4e7, 80.0)])  # the middle one off the line
+    monkeypatch.setattr(bench, "measure", lambda argv: dict(zip(("peak_rss_bytes", "cpu_seconds"), next(runs)),
+                                                            seconds=1.0))
+    bench.main(["--images", "4000", "1000", "2000", "--scenarios", "readme", "--workdir", str(tmp_path)])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["images"] for r in report["runs"]] == [1000, 2000, 4000]
+    figures = report["scenarios"]["readme"]
+    assert figures["rss_bytes_per_json_byte"] == pytest.approx(0.3)
+    assert figures["extrapolated_peak_rss_bytes_5gb"] == pytest.approx(2e8 + 0.3 * 5e9, abs=1)  # 1.7 GB
+    assert figures["extrapolated_cpu_seconds_5gb"] == 10_000  # 80 s per 40 MB
+    assert figures["within_target"] is True and figures["target_bytes"] == 2 * 10**9
+    runs = iter([(2e8 + 0.4 * 1e7, 20.0), (9e8, 40.0), (2e8 + 0.4 * 4e7, 80.0)])  # 2.2 GB at 5 GB: over
+    bench.main(["--images", "1000", "2000", "4000", "--scenarios", "readme", "--workdir", str(tmp_path)])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["scenarios"]["readme"]["within_target"] is False
+    with pytest.raises(SystemExit):
+        bench.main(["--images", "1000"])  # one size has no slope
+
 def _one_image(*boxes, size=100) -> dict:
     return {"images": [{"id": 1, "file_name": "a.jpg", "width": size, "height": size}],
             "annotations": [{"image_id": 1, "bbox": list(box)} for box in boxes]}

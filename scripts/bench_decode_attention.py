@@ -24,14 +24,18 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench_configs import CONFIGS  # noqa: E402  (scripts/, the script's own folder)
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
 
 from sc_tune.decoding import _decode_attention  # noqa: E402
 
-# Qwen2.5-VL-7B's language model (its config.json): 28 layers, 28 query heads, 4 key/value heads of 128.
-QWEN2_5_VL_7B = {"layers": 28, "heads": 28, "kv_heads": 4, "head_dim": 128}
+# Qwen2.5-VL-7B's language model, as the GPU check builds it (28 layers, 28 query heads, 4 key/value heads of 128).
+_SIZES = CONFIGS["qwen2.5-vl-7b"].sizes
+QWEN2_5_VL_7B = {"layers": _SIZES["layers"], "heads": _SIZES["text_heads"], "kv_heads": _SIZES["text_kv_heads"],
+                 "head_dim": _SIZES["hidden"] // _SIZES["text_heads"]}
 
 
 def _timed(function, inputs, device, repeats: int) -> float:

@@ -8,6 +8,7 @@ import collections
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -282,6 +283,13 @@ def test_bench_step_replays_the_references_passes_and_reports_the_median_of_the_
         assert f"  {phase} pair 1: this 3.00 s, reference 2.00 s" in printed
         assert (f"{phase}: ratio (this / reference) median 1.000 (IQR 0.750-1.250, min 0.500, max 1.500); this 2.00 s, "
                 "reference 2.00 s per 2 samples") in printed
+    # the first line: the model, batch and prompt, the vision tower's share (the JSON's, in %), the cache and device
+    first = re.fullmatch(r"config mini-qwen2\.5-vl: (\d+\.\d) M parameters, batch 2, describer prompt (\d+) tokens, "
+                         r"vision tower (\d+) % of a prompt forward, vision cache on, cpu float32, torch threads \d+, "
+                         r"load average [\d. ]+", next(line for line in printed if line.startswith("config ")))
+    assert first, printed
+    assert 1 < float(first[1]) < 100 and 64 < int(first[2]) < 200  # 64 visual tokens at 224 px, and the text
+    assert int(first[3]) == round(100 * result["vision_share"]) and 0 < result["vision_share"] < 1
     # each stage's share of the arm's median unit (2 s)
     assert printed.count("  this stages (median s per unit): generate 1.00 s (50 %), loss 0.20 s (10 %)") == 2
     assert printed.count("  reference stages (median s per unit): backward 0.50 s (25 %), generate 1.00 s (50 %)") == 2
@@ -555,21 +563,73 @@ def test_count_decode_ops_counts_the_lora_kernels_of_a_fused_step(capsys, monkey
     assert report["row_adapters_masked"]["lora_kernel_ops_per_layer"] == 4
     assert report["row_adapters"]["lora_kernel_ops_per_layer"] == 3
     assert report["base"]["kernel_ops"] < report["base"]["ops"]
+    assert report["rows"] == 4 and report["layers"] == 1  # two boxes: a sampled and a greedy row each
+
+
+def test_count_decode_ops_counts_the_second_decode_step_and_only_kernels_as_kernels(monkeypatch):
+    """``count_one_step`` counts the operations of a call's second decode step alone (the first warms up, the rest
+    repeat it), refuses a call that decoded fewer than two, and puts the loop back; ``OpCounter`` counts every
+    dispatched operation, and as kernels those that are not views, allocations or host reads."""
+    import sc_tune.decoding
+
+    monkeypatch.syspath_prepend(f"{ROOT}/scripts")
+    sys.modules.pop("count_decode_ops", None)
+    import count_decode_ops
+
+    x = torch.ones(3)
+    # a loop of ``loop`` steps (the stand-in for sc_tune.decoding._run)
+    monkeypatch.setattr(sc_tune.decoding, "_run", lambda step, loop, *rest: [step() for _ in range(loop)])
+    steps = iter([lambda: x + 1,  # the first: 1 op
+                  lambda: ((x + 1) * 2).view(3).sum().item() + torch.empty(2).numel(),  # add, mul, view, sum, read, empty
+                  lambda: [x + k for k in range(5)]])
+    counter = count_decode_ops.count_one_step(lambda: sc_tune.decoding._run(lambda: next(steps)(), 3, False, "cpu",
+                                                                                None))
+    assert (counter.ops, counter.kernel_ops) == (6, 3)
+    loop = sc_tune.decoding._run
+    with pytest.raises(SystemExit, match="fewer than two steps"):
+        count_decode_ops.count_one_step(lambda: sc_tune.decoding._run(lambda: x + 1, 1, False, "cpu", None))
+    assert sc_tune.decoding._run is loop
 
 
 def test_bench_decode_attention_times_both_paths_on_the_same_attention(capsys, monkeypatch):
     """Both compiled paths give the same attention (the script checks it before timing); transformers' reads and
-    writes the key/value heads repeated 7 times (Qwen2.5-VL-7B's 28 query heads over 4), SC-Tune's reads them once."""
+    writes the key/value heads repeated 7 times (Qwen2.5-VL-7B's 28 query heads over 4), SC-Tune's reads them once.
+    The shape is the GPU check's 7B; the per-step times and the speed-up are worked from the timings given."""
     monkeypatch.syspath_prepend(f"{ROOT}/scripts")
     sys.modules.pop("bench_decode_attention", None)
     import bench_decode_attention
 
+    assert bench_decode_attention.QWEN2_5_VL_7B == {"layers": 28, "heads": 28, "kv_heads": 4, "head_dim": 128}
+    timed = []  # the compiled paths' figures, from a stand-in clock: 3 ms for transformers', 1.2 ms for SC-Tune's
+    monkeypatch.setattr(bench_decode_attention, "_timed", lambda function, inputs, device, repeats: timed.append(
+        (inputs[1].shape, inputs[4].shape, repeats)) or (3.0, 1.2)[len(timed) - 1])
     bench_decode_attention.main(["--rows", "2", "--cache", "20", "--repeats", "1"])
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     ours, theirs = report["sc_tune"], report["transformers_sdpa"]
+    assert timed == [((2, 28, 1, 128), (2, 1, 1, 20), 1)] * 2  # one query token per row, a mask per cache column
     assert ours["kv_bytes_per_step"] == 28 * 2 * (2 * 4 * 20 * 128) * 4  # layers, keys and values, float32
     assert theirs["kv_bytes_per_step"] == ours["kv_bytes_per_step"] * (1 + 2 * 7)
-    assert ours["ms_per_layer"] > 0 and theirs["ms_per_layer"] > 0 and report["speedup"] > 0
+    assert (theirs["ms_per_layer"], theirs["ms_per_step"], ours["ms_per_layer"], ours["ms_per_step"]) == (
+        3.0, 84.0, 1.2, 33.6)
+    assert report["speedup"] == 2.5
+
+
+def test_bench_decode_attention_takes_the_median_after_three_warm_up_calls(monkeypatch):
+    """``_timed``: the median milliseconds of the calls after three warm-up calls (the compiled path compiles in
+    them), each call given the inputs."""
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(f"{ROOT}/scripts")
+    sys.modules.pop("bench_decode_attention", None)
+    import bench_decode_attention
+
+    # six calls: three warm-ups (their starts read, their ends not), then 2, 4 and 3 ms
+    clock = iter([0.0, 10.0, 20.0, 30.0, 30.002, 31.0, 31.004, 32.0, 32.003])
+    monkeypatch.setattr(bench_decode_attention, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    calls = []
+    assert bench_decode_attention._timed(lambda *a: calls.append(a), ("x", "y"), torch.device("cpu"), 3) == \
+        pytest.approx(3.0)
+    assert calls == [("x", "y")] * 6
 
 
 @pytest.mark.parametrize("folder", real.present(["Qwen__Qwen2.5-VL-7B-Instruct"], ("tokenizer",)))

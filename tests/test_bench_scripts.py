@@ -602,7 +602,7 @@ def test_bench_decode_attention_times_both_paths_on_the_same_attention(capsys, m
     assert bench_decode_attention.QWEN2_5_VL_7B == {"layers": 28, "heads": 28, "kv_heads": 4, "head_dim": 128}
     timed = []  # the compiled paths' figures, from a stand-in clock: 3 ms for transformers', 1.2 ms for SC-Tune's
     monkeypatch.setattr(bench_decode_attention, "_timed", lambda function, inputs, device, repeats: timed.append(
-        (inputs[1].shape, inputs[4].shape, repeats)) or (3.0, 1.2)[len(timed) - 1])
+        (inputs[1].shape, inputs[4].shape, repeats)) or (3.0, 1.2)[(len(timed) - 1) % 2])
     bench_decode_attention.main(["--rows", "2", "--cache", "20", "--repeats", "1"])
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     ours, theirs = report["sc_tune"], report["transformers_sdpa"]
@@ -612,6 +612,12 @@ def test_bench_decode_attention_times_both_paths_on_the_same_attention(capsys, m
     assert (theirs["ms_per_layer"], theirs["ms_per_step"], ours["ms_per_layer"], ours["ms_per_step"]) == (
         3.0, 84.0, 1.2, 33.6)
     assert report["speedup"] == 2.5
+    # The script refuses to time two paths that attend differently (here by 2e-5, over float32's 1e-5).
+    real_path = bench_decode_attention._decode_attention
+    monkeypatch.setattr(bench_decode_attention, "_decode_attention",
+                        lambda *args, **kwargs: (real_path(*args, **kwargs)[0] + 2e-5, None))
+    with pytest.raises(AssertionError, match="Tensor-likes are not close"):
+        bench_decode_attention.main(["--rows", "2", "--cache", "20", "--repeats", "1"])
 
 
 def test_bench_decode_attention_takes_the_median_after_three_warm_up_calls(monkeypatch):

@@ -640,7 +640,8 @@ def test_bench_decode_attention_takes_the_median_after_three_warm_up_calls(monke
 
 @pytest.mark.parametrize("folder", real.present(["Qwen__Qwen2.5-VL-7B-Instruct"], ("tokenizer",)))
 def test_bench_box_check_finds_each_row_complete_at_its_box_on_the_released_tokenizer(folder, capsys, monkeypatch):
-    """The host check the script times ends every row, at the step where the widest answer's box is complete."""
+    """The host check the script times ends every row, at the step where the widest answer's box is complete; its
+    figures are the steps' milliseconds (a scripted clock: step k takes k ms)."""
     from tests.helpers import tokens_to_box
 
     folder = real.path(folder)
@@ -648,13 +649,28 @@ def test_bench_box_check_finds_each_row_complete_at_its_box_on_the_released_toke
     sys.modules.pop("bench_box_check", None)
     import bench_box_check
 
+    from types import SimpleNamespace
+
+    def clock():  # step k (from 1) of the check takes k ms
+        began, step = 100.0, 0
+        while True:
+            step += 1
+            yield began
+            began += step / 1000
+            yield began
+
+    ticks = clock()
+    monkeypatch.setattr(bench_box_check, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
     bench_box_check.main(["--rows", "3", "--repeats", "1", "--tokenizer", folder])
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     adapter = bench_box_check.released_adapter(folder)
     answers = bench_box_check.locator_answers(adapter, 3)
     assert report["rows_found_complete"] == 3
-    assert report["steps"] == max(tokens_to_box(adapter, answer) for answer in answers) < min(map(len, answers))
-    assert report["ms_per_call"] > 0
+    steps = report["steps"]
+    assert steps == max(tokens_to_box(adapter, answer) for answer in answers) < min(map(len, answers))
+    assert report["ms_per_step_max"] == pytest.approx(steps, abs=1e-3)
+    assert report["ms_per_step_median"] == pytest.approx((steps + 1) / 2, abs=1e-3)
+    assert report["ms_per_call"] == pytest.approx(steps * (steps + 1) / 2, abs=0.1)
 
 
 def test_diagnose_locator_tells_the_described_object_from_the_others(capsys, monkeypatch, tmp_path):
@@ -676,6 +692,53 @@ def test_diagnose_locator_tells_the_described_object_from_the_others(capsys, mon
     assert sum(everything[k] for k in ("described", "other_object", "none", "unparsed")) == pytest.approx(1, abs=0.01)
     assert everything["described"] > everything["chance"] + 0.3
 
+
+
+def test_diagnose_locator_sorts_each_box_by_the_object_it_lands_on(capsys, monkeypatch, tmp_path):
+    """Scripted boxes, one of each outcome: on another object of the scene, on the described one, none parsed, on
+    nothing (IoU under 0.5 with every object). The scene is every object of the image in the whole held-out file
+    (``--objects`` takes the first records only), a shape is unique when no other object of the scene has it, and
+    chance is 1 / objects in the scene. The records go to the locator ``--batch`` at a time, in order."""
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(f"{ROOT}/scripts")
+    sys.modules.pop("diagnose_locator", None)
+    import diagnose_locator
+
+    records = [{"image": "a.png", "bbox": [0.0, 0.0, 0.2, 0.2], "caption": "the red circle"},
+               {"image": "a.png", "bbox": [0.5, 0.5, 0.7, 0.7], "caption": "the blue square"},
+               {"image": "b.png", "bbox": [0.1, 0.1, 0.4, 0.4], "caption": "the red triangle"},
+               {"image": "a.png", "bbox": [0.8, 0.8, 1.0, 1.0], "caption": "the green circle"},
+               {"image": "b.png", "bbox": [0.5, 0.1, 0.9, 0.4], "caption": "the blue star"}]  # past --objects 4
+    (tmp_path / "heldout.json").write_text(json.dumps(records))
+    boxes = {"the red circle": [0.5, 0.5, 0.7, 0.69],  # the blue square
+             "the blue square": [0.5, 0.5, 0.7, 0.7],  # described
+             "the red triangle": [0.0, 0.6, 0.3, 0.9],  # nothing there
+             "the green circle": None}  # unparsed
+    calls = []
+
+    def locate(model, adapter, images, captions, settings):
+        calls.append((images, captions))
+        return [boxes[c] for c in captions], None
+
+    monkeypatch.setattr(diagnose_locator, "load_model_and_adapter", lambda checkpoint: (
+        SimpleNamespace(eval=lambda: None), SimpleNamespace(prepare_image=lambda image: f"prepared {image}")))
+    monkeypatch.setattr(diagnose_locator, "load_rgb", lambda path: os.path.basename(path))
+    monkeypatch.setattr(diagnose_locator, "locate", locate)
+    diagnose_locator.main(["--checkpoint", "ckpt", "--data", str(tmp_path), "--objects", "4", "--batch", "3"])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert calls == [(["prepared a.png", "prepared a.png", "prepared b.png"],
+                      ["the red circle", "the blue square", "the red triangle"]),
+                     (["prepared a.png"], ["the green circle"])]
+    quarter = dict(described=0.25, other_object=0.25, none=0.25, unparsed=0.25)
+    assert report == {
+        "checkpoint": "ckpt",
+        "all": {"objects": 4, "chance": 0.375, **quarter},  # scenes of 3, 3, 2 and 3 objects
+        "unique_shape": {"objects": 2, "chance": 0.417, "described": 0.5, "other_object": 0.0, "none": 0.5,
+                         "unparsed": 0.0},  # the square (of 3) and the triangle (of 2)
+        "shared_shape": {"objects": 2, "chance": 0.333, "described": 0.0, "other_object": 0.5, "none": 0.0,
+                         "unparsed": 0.5},  # the two circles
+    }
 
 def test_bench_memory_measures_both_snapshot_kinds(capsys, monkeypatch):
     """One process per snapshot kind, each through a describer unit: the LoRA snapshot holds a fraction of what the

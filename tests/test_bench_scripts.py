@@ -289,7 +289,8 @@ def test_bench_step_replays_the_references_passes_and_reports_the_median_of_the_
                          r"load average [\d. ]+", next(line for line in printed if line.startswith("config ")))
     assert first, printed
     assert 1 < float(first[1]) < 100 and 64 < int(first[2]) < 200  # 64 visual tokens at 224 px, and the text
-    assert int(first[3]) == round(100 * result["vision_share"]) and 0 < result["vision_share"] < 1
+    # the JSON's share is rounded to 3 digits, the line's percentage from the unrounded one
+    assert abs(int(first[3]) - 100 * result["vision_share"]) <= 0.55 and 0 < result["vision_share"] < 1
     # each stage's share of the arm's median unit (2 s)
     assert printed.count("  this stages (median s per unit): generate 1.00 s (50 %), loss 0.20 s (10 %)") == 2
     assert printed.count("  reference stages (median s per unit): backward 0.50 s (25 %), generate 1.00 s (50 %)") == 2

@@ -603,11 +603,13 @@ def test_bench_decode_attention_times_both_paths_on_the_same_attention(capsys, m
     assert bench_decode_attention.QWEN2_5_VL_7B == {"layers": 28, "heads": 28, "kv_heads": 4, "head_dim": 128}
     timed = []  # the compiled paths' figures, from a stand-in clock: 3 ms for transformers', 1.2 ms for SC-Tune's
     monkeypatch.setattr(bench_decode_attention, "_timed", lambda function, inputs, device, repeats: timed.append(
-        (inputs[1].shape, inputs[4].shape, repeats)) or (3.0, 1.2)[(len(timed) - 1) % 2])
+        (inputs[1].shape, inputs[4].shape, int(inputs[4].sum()), repeats)) or (3.0, 1.2)[(len(timed) - 1) % 2])
     bench_decode_attention.main(["--rows", "2", "--cache", "20", "--repeats", "1"])
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     ours, theirs = report["sc_tune"], report["transformers_sdpa"]
-    assert timed == [((2, 28, 1, 128), (2, 1, 1, 20), 1)] * 2  # one query token per row, a mask per cache column
+    # one query token per row; a mask per cache column, the last tenth of each row's masked (not yet written)
+    assert timed == [((2, 28, 1, 128), (2, 1, 1, 20), 2 * 18, 1)] * 2
+    assert report["backend"] == "aot_eager"  # on CPU
     assert ours["kv_bytes_per_step"] == 28 * 2 * (2 * 4 * 20 * 128) * 4  # layers, keys and values, float32
     assert theirs["kv_bytes_per_step"] == ours["kv_bytes_per_step"] * (1 + 2 * 7)
     assert (theirs["ms_per_layer"], theirs["ms_per_step"], ours["ms_per_layer"], ours["ms_per_step"]) == (
@@ -707,13 +709,13 @@ def test_diagnose_locator_sorts_each_box_by_the_object_it_lands_on(capsys, monke
     import diagnose_locator
 
     records = [{"image": "a.png", "bbox": [0.0, 0.0, 0.2, 0.2], "caption": "the red circle"},
-               {"image": "a.png", "bbox": [0.5, 0.5, 0.7, 0.7], "caption": "the blue square"},
+               {"image": "a.png", "bbox": [0.5, 0.5, 1.0, 1.0], "caption": "the blue square"},
                {"image": "b.png", "bbox": [0.1, 0.1, 0.4, 0.4], "caption": "the red triangle"},
                {"image": "a.png", "bbox": [0.8, 0.8, 1.0, 1.0], "caption": "the green circle"},
                {"image": "b.png", "bbox": [0.5, 0.1, 0.9, 0.4], "caption": "the blue star"}]  # past --objects 4
     (tmp_path / "heldout.json").write_text(json.dumps(records))
-    boxes = {"the red circle": [0.5, 0.5, 0.7, 0.69],  # the blue square
-             "the blue square": [0.5, 0.5, 0.7, 0.7],  # described
+    boxes = {"the red circle": [0.5, 0.5, 1.0, 0.95],  # the blue square
+             "the blue square": [0.5, 0.5, 1.0, 0.75],  # described: IoU 0.5 exactly is a hit, as in Acc@0.5
              "the red triangle": [0.0, 0.6, 0.3, 0.9],  # nothing there
              "the green circle": None}  # unparsed
     calls = []

@@ -309,6 +309,14 @@ def _bench_module():
     return module
 
 
+def test_bench_script_writes_the_committed_dirty_file(tmp_path):
+    """tests/data/objects365/README.md: the goldens' source file is ``write_synthetic(path, 60, seed=5,
+    boxes_per_image=6, dirt=True)``; the generator still writes it byte for byte (and says its size)."""
+    written = tmp_path / "synthetic_dirty.json"
+    size = _bench_module().write_synthetic(str(written), 60, seed=5, boxes_per_image=6, dirt=True)
+    assert written.read_bytes() == open(SOURCE, "rb").read()
+    assert size == os.path.getsize(SOURCE)
+
 def test_bench_scripts_readme_scenario_is_the_readmes_command_at_the_real_size(tmp_path):
     """The memory figure docs/usage.md quotes is of the README's command: the ``readme`` scenario, scaled to the
     real file's 1.74 M images, passes exactly the README's (and docs/usage.md's) settings, and scales them down with

@@ -745,7 +745,8 @@ def test_diagnose_locator_sorts_each_box_by_the_object_it_lands_on(capsys, monke
 
 def test_bench_memory_measures_both_snapshot_kinds(capsys, monkeypatch):
     """One process per snapshot kind, each through a describer unit: the LoRA snapshot holds a fraction of what the
-    full copy holds (the script stopped at the preflight before it said it skips it)."""
+    full copy holds (the script stopped at the preflight before it said it skips it); each holds what trains, in
+    float32."""
     monkeypatch.syspath_prepend(f"{ROOT}/scripts")
     sys.modules.pop("bench_memory", None)
     import bench_memory
@@ -755,6 +756,11 @@ def test_bench_memory_measures_both_snapshot_kinds(capsys, monkeypatch):
     assert (full["snapshot"], lora["snapshot"]) == ("full copy", "LoRA adapter")
     assert 0 < lora["snapshot_mib"] < full["snapshot_mib"] / 3 and lora["trainable_m"] < full["trainable_m"]
     assert full["peak_rss_mib"] > 0 and lora["peak_rss_mib"] > 0
+    # Either snapshot holds a float32 copy of what trains, and nothing more (the figures rounded as printed) ...
+    for row in (full, lora):
+        assert row["snapshot_mib"] == pytest.approx(row["trainable_m"] * 1e6 * 4 / 2**20, abs=0.1), row
+    # ... and the LoRA model is the base with two adapters of the same size, the policy's and the snapshot's.
+    assert lora["parameters_m"] == pytest.approx(full["parameters_m"] + 2 * lora["trainable_m"], abs=0.1)
 
 
 def test_device_summary_reads_the_device_runs_figures_and_judges_the_targets(tmp_path, monkeypatch, capsys):

@@ -348,7 +348,8 @@ def test_bench_scripts_readme_scenario_is_the_readmes_command_at_the_real_size(t
 
 def test_bench_script_extrapolates_from_its_smallest_and_largest_sizes(tmp_path, monkeypatch, capsys):
     """Three sizes: the slope is taken between the smallest and the largest file, the memory extrapolated from the
-    largest to 5 GB, the CPU time in proportion to the largest file's, and the verdict against 2 GB (the converter
+    largest to 5 GB, the CPU time in proportion to the largest file's, and the verdict against 2 GB, exactly 2 GB
+    within it (the converter
     stand-in here: 200 MB of base plus 0.3 bytes per byte of JSON, 2 CPU seconds per MB; a middle size that is off
     the line changes nothing)."""
     bench = _bench_module()
@@ -370,6 +371,12 @@ def test_bench_script_extrapolates_from_its_smallest_and_largest_sizes(tmp_path,
     runs = iter([(2e8 + 0.4 * 1e7, 20.0), (9e8, 40.0), (2e8 + 0.4 * 4e7, 80.0)])  # 2.2 GB at 5 GB: over
     bench.main(["--images", "1000", "2000", "4000", "--scenarios", "readme", "--workdir", str(tmp_path)])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["scenarios"]["readme"]["within_target"] is False
+    # Exactly 2 GB (binary-exact figures: files of 2^23 and 2^25 bytes, a slope of 0.25) is within the target.
+    sizes.update({1000: 2**23, 4000: 2**25})
+    runs = iter([(752_097_152, 20.0), (758_388_608, 80.0)])
+    bench.main(["--images", "1000", "4000", "--scenarios", "readme", "--workdir", str(tmp_path)])
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["scenarios"]["readme"]
+    assert figures["extrapolated_peak_rss_bytes_5gb"] == 2 * 10**9 and figures["within_target"] is True
     with pytest.raises(SystemExit):
         bench.main(["--images", "1000"])  # one size has no slope
 

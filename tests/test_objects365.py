@@ -349,9 +349,8 @@ def test_bench_scripts_readme_scenario_is_the_readmes_command_at_the_real_size(t
 def test_bench_script_extrapolates_from_its_smallest_and_largest_sizes(tmp_path, monkeypatch, capsys):
     """Three sizes: the slope is taken between the smallest and the largest file, the memory extrapolated from the
     largest to 5 GB, the CPU time in proportion to the largest file's, and the verdict against 2 GB, exactly 2 GB
-    within it (the converter
-    stand-in here: 200 MB of base plus 0.3 bytes per byte of JSON, 2 CPU seconds per MB; a middle size that is off
-    the line changes nothing)."""
+    within it (the converter stand-in here: 200 MB of base plus 0.3 bytes per byte of JSON, 2 CPU seconds per MB; a
+    middle size that is off the line changes nothing)."""
     bench = _bench_module()
     sizes = {1000: 10_000_000, 2000: 20_000_000, 4000: 40_000_000}
     monkeypatch.setattr(bench, "write_synthetic", lambda path, num_images: sizes[num_images])

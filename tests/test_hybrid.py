@@ -234,7 +234,7 @@ def test_padding_and_grads_commands(capsys, threads):
     assert [r["real_tokens"] for r in padding["rows"]] == padding["widths"]
     assert all(r["real_tokens"] + r["pads"] == max(padding["widths"]) for r in padding["rows"])
     assert padding["max_logit_diff_alone_vs_batch"] < 1e-5 and padding["max_loss_diff_alone_vs_batch"] < 1e-5
-    assert padding["max_logit_change_when_pad_token_changes"] < 1e-6
+    assert padding["max_logit_change_when_pad_token_changes"] < 1e-5
     assert 1e-2 < padding["control_without_linear_attention_mask"] < 1  # a leak, not the logits themselves
     # The summary is the worst row; a random model's loss is near ln(vocabulary), about 6 here.
     assert padding["max_logit_diff_alone_vs_batch"] == max(r["max_logit_diff"] for r in padding["rows"])

@@ -755,7 +755,7 @@ def test_bench_memory_measures_both_snapshot_kinds(capsys, monkeypatch):
     full, lora = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (full["snapshot"], lora["snapshot"]) == ("full copy", "LoRA adapter")
     assert 0 < lora["snapshot_mib"] < full["snapshot_mib"] / 3 and lora["trainable_m"] < full["trainable_m"]
-    assert full["peak_rss_mib"] > 0 and lora["peak_rss_mib"] > 0
+    assert 100 < full["peak_rss_mib"] < 16384 and 100 < lora["peak_rss_mib"] < 16384  # MiB: torch alone is ~300
     # Either snapshot holds a float32 copy of what trains, and nothing more (the figures rounded as printed) ...
     for row in (full, lora):
         assert row["snapshot_mib"] == pytest.approx(row["trainable_m"] * 1e6 * 4 / 2**20, abs=0.1), row

@@ -212,7 +212,8 @@ def test_the_gpu_checks_qwen2_5_vl_7b_is_the_released_architecture(tmp_path, mon
     assert differ == {}
     assert ours["text_config.num_hidden_layers"] == 28 and ours["vision_config.depth"] == 32  # the file was read
     # untied: the output layer is a table of its own, read at every decode step (gpu_check's weight bytes)
-    assert ours["tie_word_embeddings"] is ours["text_config.tie_word_embeddings"] is theirs["tie_word_embeddings"] is False
+    assert (ours["tie_word_embeddings"] is ours["text_config.tie_word_embeddings"] is theirs["tie_word_embeddings"]
+            is False)
 
 def test_bench_step_replays_the_references_passes_and_reports_the_median_of_the_pairs_ratios(capsys, monkeypatch):
     """``scripts/bench_step.py`` (the side-by-side of docs/performance.md) on the mini Qwen2.5-VL: arm B replays the
@@ -492,7 +493,8 @@ def test_gpu_check_profiles_the_decode_steps_it_is_asked_for(monkeypatch):
     assert window.summary() == {
         "steps": 3, "what": "top-level CPU operators", "kernels_per_step": 0.7, "kernel_ms_per_step": 0.4,
         "busy_ms_per_step": 0.4, "wall_ms_per_step": 10.0,
-        "by_class": {"gemm": {"ms_per_step": 0.3, "per_step": 0.3}, "elementwise": {"ms_per_step": 0.1, "per_step": 0.3}},
+        "by_class": {"gemm": {"ms_per_step": 0.3, "per_step": 0.3},
+                     "elementwise": {"ms_per_step": 0.1, "per_step": 0.3}},
         "top": [{"name": "aten::linear", "per_step": 0.3, "ms_per_step": 0.3},
                 {"name": "aten::add", "per_step": 0.3, "ms_per_step": 0.1}]}
     # A loop that ends before the window's last step closes it with the steps it saw.
@@ -516,7 +518,8 @@ def test_gpu_check_profiles_the_decode_steps_it_is_asked_for(monkeypatch):
 
 
 @pytest.mark.parametrize("name, label", [
-    ("sm90_xmma_gemm_bf16bf16_bf16f32", "gemm"), ("nvjet_tst_128x64_64x8", "gemm"), ("cutlass_80_tensorop_s1688", "gemm"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32", "gemm"), ("nvjet_tst_128x64_64x8", "gemm"),
+    ("cutlass_80_tensorop_s1688", "gemm"),
     ("aten::addmm", "gemm"), ("aten::bmm", "gemm"), ("aten::linear", "gemm"),
     ("fmha_cutlassF_bf16_aligned_64x64", "attention"), ("flash_fwd_splitkv_kernel", "attention"),
     ("aten::_scaled_dot_product_efficient_attention", "attention"),
@@ -581,7 +584,8 @@ def test_count_decode_ops_counts_the_second_decode_step_and_only_kernels_as_kern
     # a loop of ``loop`` steps (the stand-in for sc_tune.decoding._run)
     monkeypatch.setattr(sc_tune.decoding, "_run", lambda step, loop, *rest: [step() for _ in range(loop)])
     steps = iter([lambda: x + 1,  # the first: 1 op
-                  lambda: ((x + 1) * 2).view(3).sum().item() + torch.empty(2).numel(),  # add, mul, view, sum, read, empty
+                  # add, mul, view, sum, the host read, an allocation
+                  lambda: ((x + 1) * 2).view(3).sum().item() + torch.empty(2).numel(),
                   lambda: [x + k for k in range(5)]])
     counter = count_decode_ops.count_one_step(lambda: sc_tune.decoding._run(lambda: next(steps)(), 3, False, "cpu",
                                                                                 None))

@@ -146,8 +146,8 @@ def threads():
 
 
 def _diagnose_hybrid():
-    spec = importlib.util.spec_from_file_location("diagnose_hybrid",
-                                                  Path(__file__).resolve().parents[1] / "scripts" / "diagnose_hybrid.py")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "diagnose_hybrid.py"
+    spec = importlib.util.spec_from_file_location("diagnose_hybrid", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -253,8 +253,8 @@ def test_padding_and_grads_commands(capsys, threads):
             assert all(parts[f"layer {i} linear_attn"] > 0.1 for i in range(3))
 
     assert [script.layer_part(f"model.language_model.layers.{name}") for name in (
-        "0.linear_attn.A_log", "0.linear_attn.dt_bias", "0.linear_attn.in_proj_qkvz.weight", "3.self_attn.q_proj.weight",
-        "1.mlp.up_proj.weight", "2.input_layernorm.weight")] == [
+        "0.linear_attn.A_log", "0.linear_attn.dt_bias", "0.linear_attn.in_proj_qkvz.weight",
+        "3.self_attn.q_proj.weight", "1.mlp.up_proj.weight", "2.input_layernorm.weight")] == [
         "layer 0 decay (A_log, dt_bias)", "layer 0 decay (A_log, dt_bias)", "layer 0 linear_attn", "layer 3 self_attn",
         "layer 1 mlp", "layer 2 norms"]
     assert script.layer_part("model.visual.blocks.0.mlp.fc1.weight") is None  # the vision tower is not counted

@@ -215,6 +215,7 @@ def test_the_gpu_checks_qwen2_5_vl_7b_is_the_released_architecture(tmp_path, mon
     assert (ours["tie_word_embeddings"] is ours["text_config.tie_word_embeddings"] is theirs["tie_word_embeddings"]
             is False)
 
+
 def test_bench_step_replays_the_references_passes_and_reports_the_median_of_the_pairs_ratios(capsys, monkeypatch):
     """``scripts/bench_step.py`` (the side-by-side of docs/performance.md) on the mini Qwen2.5-VL: arm B replays the
     reference's passes as its docstring lists them (a describer unit: 4 generate calls, 4 no-grad log-prob passes and
@@ -360,6 +361,7 @@ def test_bench_step_times_a_unit_and_takes_the_quartiles(monkeypatch):
         2.5, {"generate": 1.0})
     assert seen == ["batch"]
     assert bench_step.quartiles([5.0, 1.0, 4.0, 2.0, 3.0]) == (3.0, 2.0, 4.0)
+
 
 def test_gpu_check_profile_sums_each_kernel_and_class_per_step_and_counts_overlaps_once_as_busy(monkeypatch):
     """``DecodeProfile.summary`` on hand-made CUDA kernels (microseconds) of a 2-step window of 10 ms: per step, the
@@ -746,6 +748,7 @@ def test_diagnose_locator_sorts_each_box_by_the_object_it_lands_on(capsys, monke
         "shared_shape": {"objects": 2, "chance": 0.333, "described": 0.0, "other_object": 0.5, "none": 0.0,
                          "unparsed": 0.5},  # the two circles
     }
+
 
 def test_bench_memory_measures_both_snapshot_kinds(capsys, monkeypatch):
     """One process per snapshot kind, each through a describer unit: the LoRA snapshot holds a fraction of what the

@@ -317,6 +317,7 @@ def test_bench_script_writes_the_committed_dirty_file(tmp_path):
     assert written.read_bytes() == open(SOURCE, "rb").read()
     assert size == os.path.getsize(SOURCE)
 
+
 def test_bench_scripts_readme_scenario_is_the_readmes_command_at_the_real_size(tmp_path):
     """The memory figure docs/usage.md quotes is of the README's command: the ``readme`` scenario, scaled to the
     real file's 1.74 M images, passes exactly the README's (and docs/usage.md's) settings, and scales them down with
@@ -355,13 +356,12 @@ def test_bench_script_extrapolates_from_its_smallest_and_largest_sizes(tmp_path,
     middle size that is off the line changes nothing)."""
     bench = _bench_module()
     sizes = {1000: 10_000_000, 2000: 20_000_000, 4000: 40_000_000}
-    monkeypatch.setattr(bench, "write_synthetic", lambda path, num_images: sizes[num_images])
-    monkeypatch.setattr(bench.os, "remove", lambda path: None)
-
+    monkeypatch.setattr(bench, "write_synthetic", lambda path, num_images: sizes[num_images])  # no file: --keep
     runs = iter([(2e8 + 0.3 * 1e7, 20.0), (9e8, 40.0), (2e8 + 0.3 * 4e7, 80.0)])  # the middle one off the line
     monkeypatch.setattr(bench, "measure", lambda argv: dict(zip(("peak_rss_bytes", "cpu_seconds"), next(runs)),
                                                             seconds=1.0))
-    bench.main(["--images", "4000", "1000", "2000", "--scenarios", "readme", "--workdir", str(tmp_path)])
+    bench.main(["--images", "4000", "1000", "2000", "--scenarios", "readme", "--workdir", str(tmp_path),
+               "--keep"])
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [r["images"] for r in report["runs"]] == [1000, 2000, 4000]
     figures = report["scenarios"]["readme"]
@@ -370,16 +370,19 @@ def test_bench_script_extrapolates_from_its_smallest_and_largest_sizes(tmp_path,
     assert figures["extrapolated_cpu_seconds_5gb"] == 10_000  # 80 s per 40 MB
     assert figures["within_target"] is True and figures["target_bytes"] == 2 * 10**9
     runs = iter([(2e8 + 0.4 * 1e7, 20.0), (9e8, 40.0), (2e8 + 0.4 * 4e7, 80.0)])  # 2.2 GB at 5 GB: over
-    bench.main(["--images", "1000", "2000", "4000", "--scenarios", "readme", "--workdir", str(tmp_path)])
+    bench.main(["--images", "1000", "2000", "4000", "--scenarios", "readme", "--workdir", str(tmp_path),
+               "--keep"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["scenarios"]["readme"]["within_target"] is False
     # Exactly 2 GB (binary-exact figures: files of 2^23 and 2^25 bytes, a slope of 0.25) is within the target.
     sizes.update({1000: 2**23, 4000: 2**25})
     runs = iter([(752_097_152, 20.0), (758_388_608, 80.0)])
-    bench.main(["--images", "1000", "4000", "--scenarios", "readme", "--workdir", str(tmp_path)])
+    bench.main(["--images", "1000", "4000", "--scenarios", "readme", "--workdir", str(tmp_path),
+               "--keep"])
     figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["scenarios"]["readme"]
     assert figures["extrapolated_peak_rss_bytes_5gb"] == 2 * 10**9 and figures["within_target"] is True
     with pytest.raises(SystemExit):
         bench.main(["--images", "1000"])  # one size has no slope
+
 
 def _one_image(*boxes, size=100) -> dict:
     return {"images": [{"id": 1, "file_name": "a.jpg", "width": size, "height": size}],

@@ -476,24 +476,6 @@ def test_warm_start_logs_each_windows_mean_loss_and_saves_at_every_evaluation_an
     assert read_json(output_dir / "last" / "warm_start.json")["metrics"]["step"] == 1
 
 
-def test_warm_start_redraws_the_gated_deltanet_decay_only_for_the_reference_initialisation():
-    """--linear_attention_init: "reference" re-draws each Gated DeltaNet layer's dt_bias (the reference's decay
-    range); "transformers" keeps transformers' own initialisation (dt_bias = 1: nearly memoryless heads)."""
-    from sc_tune.synthetic.warm_start import build_model
-
-    small = dict(model_type="qwen3_5", hidden=64, vision_width=32)
-    biases = {}
-    for init in ("reference", "transformers"):
-        model, _, _ = build_model(WarmStartConfig(linear_attention_init=init, **small))
-        layers = [m for m in model.modules() if type(m).__name__.endswith("GatedDeltaNet")]
-        assert layers
-        biases[init] = torch.cat([layer.dt_bias.detach().flatten() for layer in layers])
-    assert torch.equal(biases["transformers"], torch.ones_like(biases["transformers"]))
-    assert not torch.isclose(biases["reference"], torch.ones_like(biases["reference"])).any()
-    with pytest.raises(ValueError, match="linear_attention_init 'other'"):
-        build_model(WarmStartConfig(linear_attention_init="other", **small))
-
-
 def test_warm_start_continues_from_a_saved_checkpoint(tiny_warm_start, tmp_path):
     """--init_from resumes training from a step_<n> folder: one small step moves its weights a little (a fresh
     random model would be far from them), and a folder of another family is refused by name."""

@@ -81,7 +81,8 @@ def test_gpu_check_dry_run_prints_the_decoding_figures_and_takes_the_fast_path(c
                 # the margin); a call writes at most one token per row for its prefill and for each decode step
                 rate = figures["new_tokens"] / split["generate"]
                 assert abs(figures["new_tokens_per_s"] - rate) <= rate * 0.0005 / split["generate"] + 0.05, figures
-                most = sum(int(rows) * (steps + figures["decode_calls"]) for rows, steps in figures["decode_rows"].items())
+                most = sum(int(rows) * (steps + figures["decode_calls"])
+                           for rows, steps in figures["decode_rows"].items())
                 assert 0 < figures["new_tokens"] <= most, figures
         fast, unfused = report["describer_fast"], report["describer_fast_unfused"]
         # judged by device_summary's rule on the describer's fast figures: a dry run's batch is far below 64
@@ -171,7 +172,6 @@ def test_gpu_check_counts_the_bytes_a_qwen2_5_vl_7b_decode_step_reads_from_its_p
     base = model.base_model.model
     base.lm_head.weight = base.get_input_embeddings().weight  # tied, as in the 3B release
     assert gpu_check.decode_weight_bytes(model, adapter) == expected
-
 
 
 @pytest.mark.skipif(not os.path.isfile(real.path("Qwen__Qwen2.5-VL-7B-Instruct", "config.json")),
@@ -305,7 +305,6 @@ def test_bench_step_replays_the_references_passes_and_reports_the_median_of_the_
     with pytest.raises(RuntimeError, match=r"step 3 is a describer step \(PPO epoch 0\), not the describer step "
                                            r"\(epoch 1\)"):
         ours._step(3, None, "describer", ppo_epoch=1)
-
 
 
 def test_bench_step_vision_share_is_the_towers_seconds_over_a_whole_prompt_forward(monkeypatch):
@@ -700,7 +699,6 @@ def test_diagnose_locator_tells_the_described_object_from_the_others(capsys, mon
     assert report["unique_shape"]["objects"] + report["shared_shape"]["objects"] == 20
     assert sum(everything[k] for k in ("described", "other_object", "none", "unparsed")) == pytest.approx(1, abs=0.01)
     assert everything["described"] > everything["chance"] + 0.3
-
 
 
 def test_diagnose_locator_sorts_each_box_by_the_object_it_lands_on(capsys, monkeypatch, tmp_path):

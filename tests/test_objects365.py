@@ -298,7 +298,6 @@ def test_bench_script_reports_the_slope_and_the_extrapolation(tmp_path):
         runs[1]["peak_rss_bytes"] + slope * (5e9 - runs[1]["json_bytes"]), rel=1e-6)
 
 
-
 def _bench_module():
     import importlib.util
 

@@ -21,6 +21,17 @@ if _ONE_THREAD:
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+
+def script_module(name: str):
+    """``scripts/<name>.py`` loaded afresh from its file, as a module named ``<name>_script`` (scripts/ is not a
+    package; the module the script would import under its own name is left alone)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_script", os.path.join(ROOT, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 # The tests' subprocesses find their tools on PATH as in an activated virtual environment, however pytest was started
 # (`.venv/bin/python -m pytest` activates nothing). Two tools are at stake: torchrun, which the launch scripts call by
 # name (in a checkout without a .venv of its own to activate: "torchrun: not found"), and ninja, with which DeepSpeed

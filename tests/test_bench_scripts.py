@@ -5,6 +5,7 @@ and the locator diagnosis print what they claim; the vision-cache and prompt-cac
 settings, that the arm with the cache really used it and gave the same losses or answers."""
 
 import collections
+import importlib
 import json
 import math
 import os
@@ -23,15 +24,19 @@ ISSUE_KEYS = ("decode_ms_per_step", "weight_bytes", "weight_read_floor_ms", "dec
               "generation_batch_size", "new_tokens_per_s", "samples_per_s")
 
 
+def _script(monkeypatch, name: str):
+    """``scripts/<name>.py``, imported afresh (a test's stand-ins on an earlier import do not carry over), with
+    scripts/ on the path for the modules it imports."""
+    monkeypatch.syspath_prepend(f"{ROOT}/scripts")
+    sys.modules.pop(name, None)
+    return importlib.import_module(name)
+
+
 def _gpu_check_module(monkeypatch):
     """scripts/gpu_check.py, imported afresh. It wraps ``sc_tune.rollout.generate`` to count tokens on import; the
     original is put back after the test."""
-    monkeypatch.syspath_prepend(f"{ROOT}/scripts")
     monkeypatch.setattr(sc_tune.rollout, "generate", sc_tune.rollout.generate)
-    sys.modules.pop("gpu_check", None)
-    import gpu_check
-
-    return gpu_check
+    return _script(monkeypatch, "gpu_check")
 
 
 def test_gpu_check_dry_run_prints_the_decoding_figures_and_takes_the_fast_path(capsys, monkeypatch):
@@ -186,8 +191,7 @@ def test_the_gpu_checks_qwen2_5_vl_7b_is_the_released_architecture(tmp_path, mon
 
     from transformers import AutoConfig
 
-    monkeypatch.syspath_prepend(f"{ROOT}/scripts")
-    from bench_configs import prepare
+    prepare = _script(monkeypatch, "bench_configs").prepare
 
     model, _ = prepare("qwen2.5-vl-7b", str(tmp_path / "bench"), device="meta", dtype=torch.bfloat16)
     (tmp_path / "released").mkdir()
@@ -226,9 +230,7 @@ def test_bench_step_replays_the_references_passes_and_reports_the_median_of_the_
 
     import sc_tune.phases
 
-    monkeypatch.syspath_prepend(f"{ROOT}/scripts")
-    sys.modules.pop("bench_step", None)
-    import bench_step
+    bench_step = _script(monkeypatch, "bench_step")
 
     calls, sampled = [], []
     for name in ("describe", "locate"):  # the replay's generate calls (arm A decodes through its own cycle)
@@ -313,9 +315,7 @@ def test_bench_step_vision_share_is_the_towers_seconds_over_a_whole_prompt_forwa
     vision trunk has no share (NaN). The model here calls its tower once per forward, the clock is scripted."""
     from types import SimpleNamespace
 
-    monkeypatch.syspath_prepend(f"{ROOT}/scripts")
-    sys.modules.pop("bench_step", None)
-    import bench_step
+    bench_step = _script(monkeypatch, "bench_step")
 
     tower = torch.nn.Identity()
 
@@ -350,9 +350,7 @@ def test_bench_step_times_a_unit_and_takes_the_quartiles(monkeypatch):
     median first, then the first and third quartiles."""
     from types import SimpleNamespace
 
-    monkeypatch.syspath_prepend(f"{ROOT}/scripts")
-    sys.modules.pop("bench_step", None)
-    import bench_step
+    bench_step = _script(monkeypatch, "bench_step")
 
     clock, seen = iter([5.0, 7.5]), []
     monkeypatch.setattr(bench_step, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
@@ -556,9 +554,7 @@ def test_count_decode_ops_counts_the_lora_kernels_of_a_fused_step(capsys, monkey
     """One layer: PEFT's forward of one adapter adds 4 kernels per LoRA layer (two matmuls, scale, add); the fused
     loop's two adapters per row block add 10, stacked and masked 4, batched over the equal blocks 3
     (``sc_tune.snapshot._StackedRowTerms``)."""
-    monkeypatch.syspath_prepend(f"{ROOT}/scripts")
-    sys.modules.pop("count_decode_ops", None)
-    import count_decode_ops
+    count_decode_ops = _script(monkeypatch, "count_decode_ops")
 
     count_decode_ops.main(["--layers", "1"])
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -577,9 +573,7 @@ def test_count_decode_ops_counts_the_second_decode_step_and_only_kernels_as_kern
     dispatched operation, and as kernels those that are not views, allocations or host reads."""
     import sc_tune.decoding
 
-    monkeypatch.syspath_prepend(f"{ROOT}/scripts")
-    sys.modules.pop("count_decode_ops", None)
-    import count_decode_ops
+    count_decode_ops = _script(monkeypatch, "count_decode_ops")
 
     x = torch.ones(3)
     # a loop of ``loop`` steps (the stand-in for sc_tune.decoding._run)
@@ -601,9 +595,7 @@ def test_bench_decode_attention_times_both_paths_on_the_same_attention(capsys, m
     """Both compiled paths give the same attention (the script checks it before timing); transformers' reads and
     writes the key/value heads repeated 7 times (Qwen2.5-VL-7B's 28 query heads over 4), SC-Tune's reads them once.
     The shape is the GPU check's 7B; the per-step times and the speed-up are worked from the timings given."""
-    monkeypatch.syspath_prepend(f"{ROOT}/scripts")
-    sys.modules.pop("bench_decode_attention", None)
-    import bench_decode_attention
+    bench_decode_attention = _script(monkeypatch, "bench_decode_attention")
 
     assert bench_decode_attention.QWEN2_5_VL_7B == {"layers": 28, "heads": 28, "kv_heads": 4, "head_dim": 128}
     timed = []  # the compiled paths' figures, from a stand-in clock: 3 ms for transformers', 1.2 ms for SC-Tune's
@@ -633,9 +625,7 @@ def test_bench_decode_attention_takes_the_median_after_three_warm_up_calls(monke
     them), each call given the inputs."""
     from types import SimpleNamespace
 
-    monkeypatch.syspath_prepend(f"{ROOT}/scripts")
-    sys.modules.pop("bench_decode_attention", None)
-    import bench_decode_attention
+    bench_decode_attention = _script(monkeypatch, "bench_decode_attention")
 
     # six calls: three warm-ups (their starts read, their ends not), then 2, 4 and 3 ms
     clock = iter([0.0, 10.0, 20.0, 30.0, 30.002, 31.0, 31.004, 32.0, 32.003])
@@ -653,9 +643,7 @@ def test_bench_box_check_finds_each_row_complete_at_its_box_on_the_released_toke
     from tests.helpers import tokens_to_box
 
     folder = real.path(folder)
-    monkeypatch.syspath_prepend(f"{ROOT}/scripts")
-    sys.modules.pop("bench_box_check", None)
-    import bench_box_check
+    bench_box_check = _script(monkeypatch, "bench_box_check")
 
     from types import SimpleNamespace
 
@@ -687,9 +675,7 @@ def test_diagnose_locator_tells_the_described_object_from_the_others(capsys, mon
     from sc_tune.synthetic.shapes import write_split
     from tests.conftest import WARM_START
 
-    monkeypatch.syspath_prepend(f"{ROOT}/scripts")
-    sys.modules.pop("diagnose_locator", None)
-    import diagnose_locator
+    diagnose_locator = _script(monkeypatch, "diagnose_locator")
 
     write_split(tmp_path, "heldout", 12, seed=3)  # 2-4 objects each: at least 24
     diagnose_locator.main(["--checkpoint", WARM_START, "--data", str(tmp_path), "--objects", "20"])
@@ -708,9 +694,7 @@ def test_diagnose_locator_sorts_each_box_by_the_object_it_lands_on(capsys, monke
     chance is 1 / objects in the scene. The records go to the locator ``--batch`` at a time, in order."""
     from types import SimpleNamespace
 
-    monkeypatch.syspath_prepend(f"{ROOT}/scripts")
-    sys.modules.pop("diagnose_locator", None)
-    import diagnose_locator
+    diagnose_locator = _script(monkeypatch, "diagnose_locator")
 
     records = [{"image": "a.png", "bbox": [0.0, 0.0, 0.2, 0.2], "caption": "the red circle"},
                {"image": "a.png", "bbox": [0.5, 0.5, 1.0, 1.0], "caption": "the blue square"},
@@ -752,9 +736,7 @@ def test_bench_memory_measures_both_snapshot_kinds(capsys, monkeypatch):
     """One process per snapshot kind, each through a describer unit: the LoRA snapshot holds a fraction of what the
     full copy holds (the script stopped at the preflight before it said it skips it); each holds what trains, in
     float32."""
-    monkeypatch.syspath_prepend(f"{ROOT}/scripts")
-    sys.modules.pop("bench_memory", None)
-    import bench_memory
+    bench_memory = _script(monkeypatch, "bench_memory")
 
     bench_memory.main(["--sizes", "toy-qwen2.5-vl"])
     full, lora = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -773,9 +755,7 @@ def test_device_summary_reads_the_device_runs_figures_and_judges_the_targets(tmp
     compiled setting and the profiles carried along, each target applied, and ``null`` for what no stage printed."""
     import subprocess
 
-    monkeypatch.syspath_prepend(f"{ROOT}/scripts")
-    sys.modules.pop("device_summary", None)
-    import device_summary
+    device_summary = _script(monkeypatch, "device_summary")
 
     profile = {"steps": 8, "kernels_per_step": 1826.0, "kernel_ms_per_step": 9.0, "busy_ms_per_step": 9.5,
                "wall_ms_per_step": 12.0, "by_class": {"gemm": {"ms_per_step": 4.0, "per_step": 400.0}},
@@ -835,9 +815,7 @@ def test_bench_vision_cache_runs_both_arms_and_the_on_arm_encodes_each_view_once
     that never used the cache would make the loss comparison a comparison of the off arm with itself."""
     from tests.helpers import FAST
 
-    monkeypatch.syspath_prepend(f"{ROOT}/scripts")
-    sys.modules.pop("bench_vision_cache", None)
-    import bench_vision_cache
+    bench_vision_cache = _script(monkeypatch, "bench_vision_cache")
 
     bench_vision_cache.main(["--model_type", "minicpmv4_6", "--runs", "1"])
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -861,9 +839,7 @@ def test_bench_prompt_cache_skips_the_greedy_prefill_and_each_locator_rows_image
     from sc_tune.tiny.template_families import save_tiny_template_family
 
     folder = save_tiny_template_family("internvl", str(tmp_path), image_size=112)
-    monkeypatch.syspath_prepend(f"{ROOT}/scripts")
-    sys.modules.pop("bench_prompt_cache", None)
-    import bench_prompt_cache
+    bench_prompt_cache = _script(monkeypatch, "bench_prompt_cache")
 
     batch = 2
     bench_prompt_cache.main(["--units", "1", "--batch", str(batch), "--checkpoint", folder])

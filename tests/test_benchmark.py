@@ -228,11 +228,9 @@ def test_load_split_counts_a_scene_on_the_whole_split(tmp_path):
 
 
 def test_benchmark_table_has_the_truth_columns_and_the_commit():
-    import importlib.util
+    from tests.conftest import script_module
 
-    spec = importlib.util.spec_from_file_location("benchmark_script", REPO / "scripts" / "benchmark.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = script_module("benchmark")
     base = {"cycle_acc50": 0.6, "cycle_acc50_ambiguous": 0.4, "cycle_iou": 0.6, "rec_acc50": 0.9, "caption_full": 0.1,
             "cycle_parse_fail": 0.0}
     before = dict(base, wrong_attribute=0.004, wrong_attribute_crowded=0.007, commit="abc1234")

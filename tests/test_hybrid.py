@@ -5,11 +5,9 @@ docs/notes/hybrid-qwen3_5.md has the measurements; ``scripts/diagnose_hybrid.py`
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +15,7 @@ from PIL import Image
 
 from sc_tune.synthetic.shapes import render, scene_stream
 from sc_tune.synthetic.warm_start import WarmStartConfig, initial_model, scene_samples
+from tests.conftest import script_module
 
 RELEASED_PATTERN = "linear_attention,linear_attention,linear_attention,full_attention"
 # Each hybrid's released pattern: three Gated DeltaNet layers, then attention (Qwen4-Exp's with Qwen Sparse Attention;
@@ -146,11 +145,7 @@ def threads():
 
 
 def _diagnose_hybrid():
-    script = Path(__file__).resolve().parents[1] / "scripts" / "diagnose_hybrid.py"
-    spec = importlib.util.spec_from_file_location("diagnose_hybrid", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script_module("diagnose_hybrid")
 
 
 def test_the_diagnosis_examples_are_the_warm_starts_samples_of_each_role():

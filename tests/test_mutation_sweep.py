@@ -2,14 +2,13 @@
 and the working tree's module is left as it was."""
 
 import hashlib
-import importlib.util
 import json
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, script_module
 
 SCRIPT = f"{ROOT}/scripts/mutation_sweep.py"
 
@@ -58,9 +57,7 @@ def test_a_mutant_whose_tests_allocate_without_end_is_stopped_by_the_memory_cap(
 
 
 def test_the_memory_cap_ends_an_allocation_past_it_and_lets_one_under_it_run():
-    spec = importlib.util.spec_from_file_location("mutation_sweep", SCRIPT)
-    mutation_sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mutation_sweep)
+    mutation_sweep = script_module("mutation_sweep")
     cap = mutation_sweep.address_space_limit(1 << 30)
     over = subprocess.run([sys.executable, "-c", "bytearray(2 << 30)"], capture_output=True, text=True,
                           preexec_fn=cap, timeout=60)
@@ -106,11 +103,7 @@ def test_what_runs_in_the_copy_is_killed_and_nothing_else(tmp_path):
     """The last sweep of the copy: a process left working in it (a test whose start a SIGTERM interrupted, so that
     ``subprocess.run`` never learned its pid) is killed; one working beside it, in a folder that only starts alike,
     is not."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("mutation_sweep", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = script_module("mutation_sweep")
     copy, beside = tmp_path / "copy", tmp_path / "copy_other"
     copy.mkdir()
     beside.mkdir()

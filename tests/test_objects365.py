@@ -20,7 +20,7 @@ from PIL import Image
 from sc_tune import objects365
 from sc_tune.checks import AnnotationError
 from sc_tune.jsonio import JSONFileError
-from tests.conftest import ROOT
+from tests.conftest import ROOT, script_module
 
 DATA = os.path.join(ROOT, "tests", "data", "objects365")
 SOURCE = os.path.join(DATA, "synthetic_dirty.json")
@@ -299,13 +299,7 @@ def test_bench_script_reports_the_slope_and_the_extrapolation(tmp_path):
 
 
 def _bench_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_objects365", os.path.join(ROOT, "scripts",
-                                                                                 "bench_objects365.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script_module("bench_objects365")
 
 
 def test_bench_script_writes_the_committed_dirty_file(tmp_path):

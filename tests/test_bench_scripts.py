@@ -220,6 +220,47 @@ def test_the_gpu_checks_qwen2_5_vl_7b_is_the_released_architecture(tmp_path, mon
             is False)
 
 
+# Qwen/Qwen-VL-Chat's config.json as released (the hub file; transformers_version 4.31.0), less the remote code's
+# bookkeeping (architectures, auto_map, onnx_safe, tokenizer_type, transformers_version). image_start_id is the
+# tokenizer's id of <img>, 151857 in the release; the benchmark's tiny tokenizer puts it elsewhere.
+QWEN_VL_CHAT_RELEASED = {
+    "attn_dropout_prob": 0.0, "bf16": False, "emb_dropout_prob": 0.0, "fp16": False, "fp32": False,
+    "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 22016, "kv_channels": 128,
+    "layer_norm_epsilon": 1e-06, "max_position_embeddings": 8192, "model_type": "qwen", "no_bias": True,
+    "num_attention_heads": 32, "num_hidden_layers": 32, "rotary_emb_base": 10000, "rotary_pct": 1.0,
+    "scale_attn_weights": True, "seq_length": 2048, "tie_word_embeddings": False, "use_cache": True,
+    "use_dynamic_ntk": True, "use_logn_attn": True, "vocab_size": 151936,
+    "visual": {"heads": 16, "image_size": 448, "layers": 48, "mlp_ratio": 4.9231, "output_dim": 4096,
+               "patch_size": 14, "width": 1664},
+}
+
+
+def test_the_gpu_checks_qwen_vl_chat_is_the_released_architecture(tmp_path, monkeypatch):
+    """``qwen-vl-chat`` of scripts/bench_configs.py (the paper's model, the side-by-side's second row) against the
+    released config.json's values (quoted above): each released field equal, and the parameter counts the Qwen-VL
+    paper gives per part (its Table 1): vision encoder 1.9 B, VL adapter (the resampler) 0.08 B, LLM 7.7 B. Their
+    sum, 9.66 B, is the paper's "9.6 B". The resampler's 256 queries are not a config field in the release (its
+    remote code fixes them); here they are ``n_queries``."""
+    prepare = _script(monkeypatch, "bench_configs").prepare
+
+    model, _ = prepare("qwen-vl-chat", str(tmp_path), device="meta", dtype=torch.bfloat16)
+    ours = model.config.to_dict()
+    released_visual = QWEN_VL_CHAT_RELEASED["visual"]
+    assert {key: ours[key] for key in QWEN_VL_CHAT_RELEASED if key != "visual"} == {
+        key: value for key, value in QWEN_VL_CHAT_RELEASED.items() if key != "visual"}
+    assert {key: ours["visual"][key] for key in released_visual} == released_visual
+    assert ours["visual"]["n_queries"] == 256
+
+    def billions(prefix: str) -> float:
+        return sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefix)) / 1e9
+
+    resampler = billions("transformer.visual.attn_pool")
+    vision = billions("transformer.visual") - resampler
+    llm = billions("") - billions("transformer.visual")
+    assert (round(vision, 1), round(resampler, 2), round(llm, 1)) == (1.9, 0.08, 7.7)
+    assert 9.6 < vision + resampler + llm < 9.7
+
+
 def test_bench_step_replays_the_references_passes_and_reports_the_median_of_the_pairs_ratios(capsys, monkeypatch):
     """``scripts/bench_step.py`` (the side-by-side of docs/performance.md) on the mini Qwen2.5-VL: arm B replays the
     reference's passes as its docstring lists them (a describer unit: 4 generate calls, 4 no-grad log-prob passes and

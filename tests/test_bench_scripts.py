@@ -261,6 +261,44 @@ def test_the_gpu_checks_qwen_vl_chat_is_the_released_architecture(tmp_path, monk
     assert 9.6 < vision + resampler + llm < 9.7
 
 
+@pytest.mark.parametrize("name, millions, text, vision, full_attention, visual_tokens", [
+    ("toy-qwen2.5-vl", 18.4, (512, 4, 8, 2), (192, 4), [1, 3], 256),
+    ("toy-qwen2.5-vl-100m", 125.7, (1024, 8, 16, 4), (192, 4), [1, 3], 256),
+    ("mini-qwen2.5-vl", 3.1, (256, 2, 4, 2), (128, 2), [1], 64),
+    ("toy-qwen-vl-chat", 14.3, (512, 4, 4), (192, 5), None, 256),
+    ("mini-qwen-vl-chat", 2.4, (256, 2, 4), (128, 2), None, 64),
+])
+def test_the_benchmark_sizes_are_the_ones_their_figures_name(name, millions, text, vision, full_attention,
+                                                             visual_tokens, tmp_path, monkeypatch):
+    """The CPU sizes of scripts/bench_configs.py as its docstring and docs/performance.md give them: parameters (the
+    step and memory tables name 18.4 M, 14.3 M and 125.7 M), the language model's width, layers, query and key/value
+    heads, the tower's width and blocks (Qwen2.5-VL's full-attention blocks among them: the mini size keeps one
+    windowed block and one full one) and the visual tokens of one prompt (448 px: 1,024 patches merged or resampled to
+    256; 224 px: 64). A size changed under the tables' figures would time another model than they say."""
+    from PIL import Image
+
+    bench_configs = _script(monkeypatch, "bench_configs")
+
+    model, adapter = bench_configs.prepare(name, str(tmp_path), device="meta")
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 1) == millions
+    side = bench_configs.CONFIGS[name].image_size
+    image = adapter.prepare_image(Image.new("RGB", (side, side)))
+    prompt_ids = adapter.encode_prompt(adapter.describer_prompt([10, 10, 100, 100], image), image)
+    config = model.config
+    if full_attention is None:  # Qwen-VL: the resampler's queries sit between <img> and </img>
+        start = config.visual["image_start_id"]
+        assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == text
+        assert (config.visual["width"], config.visual["layers"]) == vision
+        assert prompt_ids.index(start + 1) - prompt_ids.index(start) - 1 == visual_tokens
+    else:
+        text_config, vision_config = config.text_config, config.vision_config
+        assert (text_config.hidden_size, text_config.num_hidden_layers, text_config.num_attention_heads,
+                text_config.num_key_value_heads) == text
+        assert (vision_config.hidden_size, vision_config.depth) == vision
+        assert vision_config.fullatt_block_indexes == full_attention
+        assert prompt_ids.count(adapter.image_token_id) == visual_tokens
+
+
 def test_bench_step_replays_the_references_passes_and_reports_the_median_of_the_pairs_ratios(capsys, monkeypatch):
     """``scripts/bench_step.py`` (the side-by-side of docs/performance.md) on the mini Qwen2.5-VL: arm B replays the
     reference's passes as its docstring lists them (a describer unit: 4 generate calls, 4 no-grad log-prob passes and

@@ -20,8 +20,8 @@ Settings, each run through ``SCTuneTrainer.training_step`` (LoRA, gradient check
   the snapshot's prompt cache (describer).
 
 After one warm-up unit per phase and setting (``warmup_seconds``: graph capture, any compilation), each phase runs
-``--units`` timed units (a describer unit is one rollout and its two PPO steps; a locator unit one step). Per
-configuration, setting and phase the JSON holds:
+``--units`` timed units (2; 1 in a dry run; a describer unit is one rollout and its two PPO steps; a locator unit one
+step). Per configuration, setting and phase the JSON holds:
 
 - ``decode_ms_per_step``: decode-step wall time (after the prefill, synchronised, capture excluded) per step;
 - ``weight_bytes``: what a decode step reads at least: the language model's parameters (not the vision tower, not
@@ -545,7 +545,7 @@ def main(argv=None):
     parser.add_argument("--dry_run", action="store_true", help="meta-device real sizes + the mini sizes on CPU")
     parser.add_argument("--settings", default=DEFAULT_SETTINGS, help=f"comma-separated, of {', '.join(ALL_SETTINGS)}")
     parser.add_argument("--batch", type=int, default=None, help="boxes per rollout and per step (default: 64; 2 dry)")
-    parser.add_argument("--units", type=int, default=2, help="timed units per phase and setting")
+    parser.add_argument("--units", type=int, default=None, help="timed units per phase and setting (default: 2; 1 dry)")
     parser.add_argument("--max_new_tokens", type=int, default=30)
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="profile N decode steps per phase and setting in one extra unit (0: off)")
@@ -558,12 +558,12 @@ def main(argv=None):
     check_instantiates(GPU_CONFIGS if opts.configs is None else [n for n in opts.configs.split(",") if CONFIGS[n].gpu])
     if opts.dry_run:
         names, device, dtype = (opts.configs or ",".join(DRY_RUN_CONFIGS)).split(","), "cpu", torch.float32
-        opts.batch, opts.units, opts.max_new_tokens = opts.batch or 2, 1, min(opts.max_new_tokens, 4)
+        opts.batch, opts.units, opts.max_new_tokens = opts.batch or 2, opts.units or 1, min(opts.max_new_tokens, 4)
     else:
         if not torch.cuda.is_available():
             raise SystemExit("gpu_check: no CUDA device (use --dry_run to check the script on CPU)")
         names, device, dtype = (opts.configs or ",".join(GPU_CONFIGS)).split(","), "cuda", torch.bfloat16
-        opts.batch = opts.batch or 64
+        opts.batch, opts.units = opts.batch or 64, opts.units or 2
         print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     if opts.profile_dir:
         os.makedirs(opts.profile_dir, exist_ok=True)

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import statistics
 import sys
 import time
 
@@ -127,6 +128,106 @@ def test_gpu_check_dry_run_prints_the_decoding_figures_and_takes_the_fast_path(c
         assert split["decode_steps"] > 0 and split["prefill"] > 0 and split["vision_tower"] > 0
         assert split["decode_steps"] + split["prefill"] + split["vision_tower"] < split["generate"] + 0.01
         assert report["describer_transformers"]["generate_seconds_per_unit"] is None
+
+
+def test_gpu_check_main_picks_the_sizes_device_and_run_lengths_of_a_dry_run_and_of_a_gpu_run(capsys, monkeypatch):
+    """``main``'s choices, with the measurement itself stood in for (``run_config``, ``copy_bandwidth`` and the meta
+    check record what they are handed): a dry run takes the mini sizes on CPU in float32, batch 2, 1 unit, at most 4 new
+    tokens and a 64 MB copy; a GPU run the real sizes in bf16, batch 64, 2 units, 30 new tokens and a 2,048 MB copy;
+    flags given win over both; the meta check builds only the real sizes named; unknown settings and a missing card
+    stop it with a message; the last line holds the copy's bandwidth in GB/s and each configuration's report."""
+    gpu_check = _gpu_check_module(monkeypatch)
+    runs, copies, checked = [], [], []
+    monkeypatch.setattr(gpu_check, "check_instantiates", checked.append)
+    monkeypatch.setattr(gpu_check, "copy_bandwidth", lambda device, megabytes: copies.append((device, megabytes))
+                        or 123.456e9)
+
+    def run_config(name, opts, device, dtype, meter, bandwidth):
+        runs.append((name, device, dtype, opts.batch, opts.units, opts.max_new_tokens, opts.settings, bandwidth))
+        return {"ran": name}
+
+    monkeypatch.setattr(gpu_check, "run_config", run_config)
+
+    def main(*argv):
+        runs.clear(), copies.clear(), checked.clear()
+        gpu_check.main(list(argv))
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    settings = gpu_check.DEFAULT_SETTINGS
+    results = main("--dry_run")
+    assert checked == [["qwen2.5-vl-7b", "qwen-vl-chat"]] and copies == [("cpu", 64)]
+    assert runs == [(name, "cpu", torch.float32, 2, 1, 4, settings, 123.456e9)
+                    for name in ("mini-qwen2.5-vl", "mini-qwen-vl-chat")]
+    assert results == {"copy_bandwidth_gb_s": 123.5, "device": "cpu", "torch": torch.__version__,
+                       "mini-qwen2.5-vl": {"ran": "mini-qwen2.5-vl"}, "mini-qwen-vl-chat": {"ran": "mini-qwen-vl-chat"}}
+
+    main("--dry_run", "--configs", "toy-qwen2.5-vl,qwen-vl-chat", "--batch", "3", "--units", "2", "--max_new_tokens",
+         "3", "--copy_megabytes", "8", "--settings", "fast")
+    assert checked == [["qwen-vl-chat"]] and copies == [("cpu", 8)]  # the meta check: real (GPU) sizes only
+    assert [run[:7] for run in runs] == [(name, "cpu", torch.float32, 3, 2, 3, "fast")
+                                         for name in ("toy-qwen2.5-vl", "qwen-vl-chat")]
+    main("--dry_run", "--max_new_tokens", "30")
+    assert {run[5] for run in runs} == {4}  # a dry run never decodes more than 4 tokens
+
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--dry_run", "--settings", "fast,fastest"])
+    assert "unknown settings ['fastest']" in capsys.readouterr().err and not runs[2:]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        gpu_check.main([])
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "a stand-in card")
+    results = main()
+    assert checked == [["qwen2.5-vl-7b", "qwen-vl-chat"]] and copies == [("cuda", 2048)]
+    assert runs == [(name, "cuda", torch.bfloat16, 64, 2, 30, settings, 123.456e9)
+                    for name in ("qwen2.5-vl-7b", "qwen-vl-chat")]
+    assert results["device"] == "cuda" and set(results) >= {"qwen2.5-vl-7b", "qwen-vl-chat"}
+    main("--configs", "qwen2.5-vl-7b", "--batch", "128", "--units", "3")
+    assert checked == [["qwen2.5-vl-7b"]] and [run[3:5] for run in runs] == [(128, 3)]
+
+
+def test_gpu_check_divides_each_figure_by_its_units_and_steps_and_splits_generate_into_its_parts(capsys, monkeypatch):
+    """Two timed units (a dry run's default is one, where dividing by the units and multiplying by them agree), with the
+    units' own stage seconds recorded: ``stages_per_step`` is each stage's median over the units per optimizer step;
+    the generate split's parts per unit add up to the whole (decode steps + prefill + vision tower + rest); the prefill
+    figure beside it (``prefill_seconds_per_unit``: SC-Tune's timed prefills, the tower inside them included) exceeds
+    the split's language-model part by the tower's seconds for Qwen-VL, whose model runs its tower inside the prefill,
+    and equals it for Qwen2.5-VL, whose tower runs in generate before the loop."""
+    gpu_check = _gpu_check_module(monkeypatch)
+    stage_rows = []  # per configuration: each unit's stage seconds by phase, warm-up first
+
+    class Recorded(gpu_check.ThisTrainer):
+        def __init__(self, *args):
+            super().__init__(*args)
+            stage_rows.append({"describer": [], "locator": []})
+
+        def describer(self, inputs):
+            stage_rows[-1]["describer"].append(super().describer(inputs))
+            return stage_rows[-1]["describer"][-1]
+
+        def locator(self, inputs):
+            stage_rows[-1]["locator"].append(super().locator(inputs))
+            return stage_rows[-1]["locator"][-1]
+
+    monkeypatch.setattr(gpu_check, "ThisTrainer", Recorded)
+    gpu_check.main(["--dry_run", "--settings", "fast", "--units", "2"])
+    results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    configurations = (("mini-qwen2.5-vl", False), ("mini-qwen-vl-chat", True))
+    assert [[len(units) for units in by_phase.values()] for by_phase in stage_rows] == [[3, 3], [3, 3]]
+    for (name, tower_inside_prefill), by_phase in zip(configurations, stage_rows):
+        rows = {phase: units[1:] for phase, units in by_phase.items()}  # the two timed units after the warm-up
+        for phase, steps in (("describer", 2), ("locator", 1)):
+            figures = results[name][f"{phase}_fast"]
+            medians = {stage: statistics.median(row[stage] for row in rows[phase]) for stage in rows[phase][0]}
+            assert figures["stages_per_step"] == {stage: round(median / steps, 3) for stage, median in medians.items()}
+            split = figures["generate_seconds_per_unit"]
+            parts = split["decode_steps"] + split["prefill"] + split["vision_tower"] + split["rest"]
+            assert abs(parts - split["generate"]) <= 0.0025, (name, phase, split)  # four figures to 3 decimals
+            assert split["vision_tower"] == round(sum(row["vision_encoding"] for row in rows[phase]) / 2, 3)
+            extra = figures["prefill_seconds_per_unit"] - split["prefill"]
+            assert abs(extra - (split["vision_tower"] if tower_inside_prefill else 0.0)) <= 0.0015, (name, phase)
+            assert split["vision_tower"] > 0.003, split  # each unit encodes its images (the rows' own figures)
 
 
 def test_gpu_check_measures_the_cards_bandwidth_as_the_bytes_a_copy_reads_and_writes_per_second(monkeypatch):

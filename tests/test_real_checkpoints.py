@@ -73,17 +73,20 @@ def test_stand_in_templates_render_the_released_prompts(folder, model_type, tiny
 @pytest.mark.parametrize("folder", real.present(["zai-org__GLM-4.1V-9B-Thinking"], ("template",)))
 def test_the_glm_stand_in_keeps_the_released_glm_turn_layout(folder, tiny_checkpoint):
     # The released GLM-4.5V / 4.6V templates are not at hand; GLM-4.1V-Thinking's shares their turn layout, which
-    # the hybrid stand-in must reproduce with thinking on (off, it adds /nothink and the empty <think></think>).
+    # the hybrid stand-in must reproduce with thinking on (off, it adds /nothink and the empty <think></think>), with
+    # and without a system turn (given as a string: the 4.1V template writes the content as it stands).
     adapter = adapter_class("glm4v").from_pretrained(tiny_checkpoint("glm4v"))
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where is the dog?"}]}]
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where is the dog?"}]}
+    conversations = [[user], [{"role": "system", "content": "Be brief."}, user]]
 
     def render():
-        return adapter.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return [adapter.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                for messages in conversations]
 
     stand_in = render()
     adapter.tokenizer.chat_template = real.released_template(folder)
-    expected = "[gMASK]<sop><|user|>\n<|begin_of_image|><|image|><|end_of_image|>Where is the dog?<|assistant|>\n"
-    assert render() == stand_in == expected
+    turn = "<|user|>\n<|begin_of_image|><|image|><|end_of_image|>Where is the dog?<|assistant|>\n"
+    assert render() == stand_in == ["[gMASK]<sop>" + turn, "[gMASK]<sop><|system|>\nBe brief." + turn]
 
 
 @pytest.mark.parametrize("folder", real.present(real.THINKING_FOLDERS, ("template",)))

@@ -11,8 +11,9 @@ hand, and asserts the strings are identical; that is what catches a stand-in tha
 - Qwen3-VL (Instruct): ChatML, no default system turn;
 - Qwen3.5: as Qwen3-VL, and the answer opens with ``<think>\\n\\n</think>\\n\\n`` when ``enable_thinking`` is false
   (``<think>\\n`` otherwise): its reasoning switch;
-- GLM-4.5V / 4.6V (hybrid): ``[gMASK]<sop><|user|>\\n`` ... ``<|assistant|>\\n``; with ``enable_thinking`` false
-  the user turn ends in ``/nothink`` and the answer opens with ``<think></think>\\n``;
+- GLM-4.5V / 4.6V (hybrid): ``[gMASK]<sop><|user|>\\n`` ... ``<|assistant|>\\n``, a system turn as
+  ``<|system|>\\n`` and its text; with ``enable_thinking`` false the user turn ends in ``/nothink`` and the answer
+  opens with ``<think></think>\\n``;
 - EXAONE 4.5: vLLM's example prompt (vllm-project/vllm ``examples/offline_inference/vision_language.py``,
   ``run_exaone4_5``): ``<|system|>\\nYou are a helpful assistant.<|endofturn|>\\n<|user|>\\n<vision><|image_pad|></vision>``
   + text + ``<|endofturn|>\\n<|assistant|>\\n``, the default system turn written where the conversation has none.
@@ -68,7 +69,10 @@ GLM_HYBRID_TEMPLATE = (
     "{% if item['type'] == 'image' %}<|begin_of_image|><|image|><|end_of_image|>"
     "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
     "{% if enable_thinking is defined and not enable_thinking %}/nothink{% endif %}"
-    "{% elif message['role'] == 'assistant' %}<|assistant|>\n{{ message['content'] }}{% endif %}{% endfor %}"
+    "{% elif message['role'] == 'assistant' %}<|assistant|>\n{{ message['content'] }}"
+    "{% elif message['role'] == 'system' %}<|system|>\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n"
     "{% if enable_thinking is defined and not enable_thinking %}<think></think>\n{% endif %}{% endif %}"
 )

@@ -363,11 +363,11 @@ def test_the_gpu_checks_qwen_vl_chat_is_the_released_architecture(tmp_path, monk
 
 
 @pytest.mark.parametrize("name, millions, text, vision, full_attention, visual_tokens", [
-    ("toy-qwen2.5-vl", 18.4, (512, 4, 8, 2), (192, 4), [1, 3], 256),
-    ("toy-qwen2.5-vl-100m", 125.7, (1024, 8, 16, 4), (192, 4), [1, 3], 256),
-    ("mini-qwen2.5-vl", 3.1, (256, 2, 4, 2), (128, 2), [1], 64),
-    ("toy-qwen-vl-chat", 14.3, (512, 4, 4), (192, 5), None, 256),
-    ("mini-qwen-vl-chat", 2.4, (256, 2, 4), (128, 2), None, 64),
+    ("toy-qwen2.5-vl", 18.4, (512, 4, 8, 2), (192, 4, 4), [1, 3], 256),
+    ("toy-qwen2.5-vl-100m", 125.7, (1024, 8, 16, 4), (192, 4, 4), [1, 3], 256),
+    ("mini-qwen2.5-vl", 3.1, (256, 2, 4, 2), (128, 2, 4), [1], 64),
+    ("toy-qwen-vl-chat", 14.3, (512, 4, 4), (192, 5, 2), None, 256),
+    ("mini-qwen-vl-chat", 2.4, (256, 2, 4), (128, 2, 2), None, 64),
 ])
 def test_the_benchmark_sizes_are_the_ones_their_figures_name(name, millions, text, vision, full_attention,
                                                              visual_tokens, tmp_path, monkeypatch):
@@ -375,10 +375,16 @@ def test_the_benchmark_sizes_are_the_ones_their_figures_name(name, millions, tex
     step and memory tables name 18.4 M, 14.3 M and 125.7 M), the language model's width, layers, query and key/value
     heads, the tower's width and blocks (Qwen2.5-VL's full-attention blocks among them: the mini size keeps one
     windowed block and one full one) and the visual tokens of one prompt (448 px: 1,024 patches merged or resampled to
-    256; 224 px: 64). A size changed under the tables' figures would time another model than they say."""
+    256; 224 px: 64), the tower's heads, the M-RoPE sections (half a 64-wide head: 8 + 12 + 12), and every size's batch
+    (8, as the tables run it) and image side. A size changed under the tables' figures would time another model than
+    they say."""
     from PIL import Image
 
     bench_configs = _script(monkeypatch, "bench_configs")
+    assert {key: (bench.batch, bench.image_size) for key, bench in bench_configs.CONFIGS.items()} == {
+        "toy-qwen2.5-vl": (8, 448), "toy-qwen-vl-chat": (8, 448), "mini-qwen2.5-vl": (8, 224),
+        "mini-qwen-vl-chat": (8, 224), "toy-qwen2.5-vl-100m": (8, 448), "qwen2.5-vl-7b": (8, 448),
+        "qwen-vl-chat": (8, 448)}
 
     model, adapter = bench_configs.prepare(name, str(tmp_path), device="meta")
     assert round(sum(p.numel() for p in model.parameters()) / 1e6, 1) == millions
@@ -389,13 +395,16 @@ def test_the_benchmark_sizes_are_the_ones_their_figures_name(name, millions, tex
     if full_attention is None:  # Qwen-VL: the resampler's queries sit between <img> and </img>
         start = config.visual["image_start_id"]
         assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == text
-        assert (config.visual["width"], config.visual["layers"]) == vision
+        assert (config.visual["width"], config.visual["layers"], config.visual["heads"]) == vision
+        assert config.visual["image_size"] == side
         assert prompt_ids.index(start + 1) - prompt_ids.index(start) - 1 == visual_tokens
     else:
         text_config, vision_config = config.text_config, config.vision_config
         assert (text_config.hidden_size, text_config.num_hidden_layers, text_config.num_attention_heads,
                 text_config.num_key_value_heads) == text
-        assert (vision_config.hidden_size, vision_config.depth) == vision
+        assert (vision_config.hidden_size, vision_config.depth, vision_config.num_heads) == vision
+        assert text_config.rope_parameters["mrope_section"] == [8, 12, 12]
+        assert text_config.hidden_size // text_config.num_attention_heads == 64  # the sections' sum is half of it
         assert vision_config.fullatt_block_indexes == full_attention
         assert prompt_ids.count(adapter.image_token_id) == visual_tokens
 

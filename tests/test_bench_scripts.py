@@ -189,18 +189,19 @@ def test_gpu_check_main_picks_the_sizes_device_and_run_lengths_of_a_dry_run_and_
 
 def test_gpu_check_divides_each_figure_by_its_units_and_steps_and_splits_generate_into_its_parts(capsys, monkeypatch):
     """Two timed units (a dry run's default is one, where dividing by the units and multiplying by them agree), with the
-    units' own stage seconds recorded: ``stages_per_step`` is each stage's median over the units per optimizer step;
+    units' own stage seconds recorded, on the GPU recipe's model (LoRA, the snapshot as a second adapter): ``stages_per_step`` is each stage's median over the units per optimizer step;
     the generate split's parts per unit add up to the whole (decode steps + prefill + vision tower + rest); the prefill
     figure beside it (``prefill_seconds_per_unit``: SC-Tune's timed prefills, the tower inside them included) exceeds
     the split's language-model part by the tower's seconds for Qwen-VL, whose model runs its tower inside the prefill,
     and equals it for Qwen2.5-VL, whose tower runs in generate before the loop."""
     gpu_check = _gpu_check_module(monkeypatch)
-    stage_rows = []  # per configuration: each unit's stage seconds by phase, warm-up first
+    stage_rows, adapters = [], []  # per configuration: each unit's stage seconds by phase, warm-up first
 
     class Recorded(gpu_check.ThisTrainer):
-        def __init__(self, *args):
-            super().__init__(*args)
+        def __init__(self, model, *args):
+            super().__init__(model, *args)
             stage_rows.append({"describer": [], "locator": []})
+            adapters.append(sorted(getattr(model, "peft_config", {})))
 
         def describer(self, inputs):
             stage_rows[-1]["describer"].append(super().describer(inputs))
@@ -214,6 +215,7 @@ def test_gpu_check_divides_each_figure_by_its_units_and_steps_and_splits_generat
     gpu_check.main(["--dry_run", "--settings", "fast", "--units", "2"])
     results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     configurations = (("mini-qwen2.5-vl", False), ("mini-qwen-vl-chat", True))
+    assert adapters == [["default", "snapshot"]] * 2  # the GPU recipe: LoRA, the snapshot as a second adapter
     assert [[len(units) for units in by_phase.values()] for by_phase in stage_rows] == [[3, 3], [3, 3]]
     for (name, tower_inside_prefill), by_phase in zip(configurations, stage_rows):
         rows = {phase: units[1:] for phase, units in by_phase.items()}  # the two timed units after the warm-up

@@ -54,6 +54,25 @@ def test_special_tokens_follow_the_bpe_ranks_in_official_order(tiny_dir):
         tok("<img>abcde</img>")
 
 
+def test_the_tiny_vocabulary_is_byte_level_bpe_learned_greedily(tmp_path):
+    """``sc_tune.tiny.qwen_vl.learn_bpe_ranks``, worked by hand: the 256 bytes first (rank = byte), then each merge of
+    the most frequent adjacent pair within Qwen's pre-tokenised words, ties to the larger pair of bytes, merged left to
+    right without overlap, until no pair is left. "abab ab" splits into "abab" and " ab": (a, b) occurs 3 times, then
+    (ab, ab) and (" ", ab) once each (the tie goes to b"ab" > b" "). "aaaa": (a, a) 3 times, merged as aa|aa."""
+    from sc_tune.tiny.qwen_vl import learn_bpe_ranks, save_tiny_vocab
+
+    ranks = learn_bpe_ranks(["abab ab"], num_merges=5)
+    assert all(ranks[bytes([b])] == b for b in range(256))
+    assert {piece: rank for piece, rank in ranks.items() if rank >= 256} == {b"ab": 256, b"abab": 257, b" ab": 258}
+    assert {piece: rank for piece, rank in learn_bpe_ranks(["aaaa"]).items() if rank >= 256} == {b"aa": 256,
+                                                                                                b"aaaa": 257}
+    assert len(learn_bpe_ranks(["abab ab"], num_merges=1)) == 257  # stops at the count asked for
+    # written and read back as the tokenizer's ranks: the learned merges encode the corpus
+    tokenizer = QWenTokenizer(save_tiny_vocab(str(tmp_path), ["abab ab"], num_merges=5), image_token_span=4)
+    assert tokenizer.mergeable_ranks == ranks
+    assert tokenizer("abab ab")["input_ids"] == [257, 258]
+
+
 def test_an_image_span_that_fills_exactly_or_follows_text_decodes_back(tiny_dir):
     """The official prompt puts text before each image ("Picture 1: <img>PATH</img>\\n"); a path of exactly the
     span's bytes takes no padding. Both decode back to the text, one image or two."""

@@ -195,13 +195,17 @@ def test_gpu_check_divides_each_figure_by_its_units_and_steps_and_splits_generat
     the split's language-model part by the tower's seconds for Qwen-VL, whose model runs its tower inside the prefill,
     and equals it for Qwen2.5-VL, whose tower runs in generate before the loop."""
     gpu_check = _gpu_check_module(monkeypatch)
-    stage_rows, adapters = [], []  # per configuration: each unit's stage seconds by phase, warm-up first
+    stage_rows, adapters, settings = [], [], []  # per configuration: each unit's stage seconds by phase, warm-up first
 
     class Recorded(gpu_check.ThisTrainer):
-        def __init__(self, model, *args):
-            super().__init__(model, *args)
+        def __init__(self, model, adapter, samples, args):
+            super().__init__(model, adapter, samples, args)
             stage_rows.append({"describer": [], "locator": []})
             adapters.append(sorted(getattr(model, "peft_config", {})))
+            settings.append({key: getattr(args, key) for key in (
+                "per_device_train_batch_size", "describer_update_steps", "locator_update_steps", "ppo_epochs",
+                "use_cpu", "bf16", "gradient_checkpointing", "describer_max_new_tokens", "skip_preflight",
+                "static_decoding", "policy_kl_stop", "ratio_threshold")})
 
         def describer(self, inputs):
             stage_rows[-1]["describer"].append(super().describer(inputs))
@@ -216,6 +220,12 @@ def test_gpu_check_divides_each_figure_by_its_units_and_steps_and_splits_generat
     results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     configurations = (("mini-qwen2.5-vl", False), ("mini-qwen-vl-chat", True))
     assert adapters == [["default", "snapshot"]] * 2  # the GPU recipe: LoRA, the snapshot as a second adapter
+    # a unit: one describer rollout and its 2 PPO epochs, then one locator step; CPU in float32 (a GPU run: bf16);
+    # every epoch runs (no early stop) and the preflight is skipped (random weights write no box that parses)
+    assert settings == [{"per_device_train_batch_size": 2, "describer_update_steps": 1, "locator_update_steps": 1,
+                         "ppo_epochs": 2, "use_cpu": True, "bf16": False, "gradient_checkpointing": True,
+                         "describer_max_new_tokens": 4, "skip_preflight": True, "static_decoding": "true",
+                         "policy_kl_stop": float("inf"), "ratio_threshold": float("inf")}] * 2
     assert [[len(units) for units in by_phase.values()] for by_phase in stage_rows] == [[3, 3], [3, 3]]
     for (name, tower_inside_prefill), by_phase in zip(configurations, stage_rows):
         rows = {phase: units[1:] for phase, units in by_phase.items()}  # the two timed units after the warm-up

@@ -191,9 +191,10 @@ def test_gpu_check_divides_each_figure_by_its_units_and_steps_and_splits_generat
     """Two timed units (a dry run's default is one, where dividing by the units and multiplying by them agree), with the
     units' own stage seconds recorded, on the GPU recipe's model (LoRA, the snapshot as a second adapter) and trainer
     settings: ``stages_per_step`` is each stage's median over the units per optimizer step; the generate split's parts
-    per unit add up to the whole (decode steps + prefill + vision tower + rest); the prefill figure beside it (``prefill_seconds_per_unit``: SC-Tune's timed prefills, the tower inside them included) exceeds
-    the split's language-model part by the tower's seconds for Qwen-VL, whose model runs its tower inside the prefill,
-    and equals it for Qwen2.5-VL, whose tower runs in generate before the loop."""
+    per unit add up to the whole (decode steps + prefill + vision tower + rest); the prefill figure beside it
+    (``prefill_seconds_per_unit``: SC-Tune's timed prefills, the tower inside them included) exceeds the split's
+    language-model part by the tower's seconds for Qwen-VL, whose model runs its tower inside the prefill, and equals
+    it for Qwen2.5-VL, whose tower runs in generate before the loop."""
     gpu_check = _gpu_check_module(monkeypatch)
     stage_rows, adapters, settings = [], [], []  # per configuration: each unit's stage seconds by phase, warm-up first
 

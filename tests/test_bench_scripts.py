@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import resource
 import statistics
 import sys
 import time
@@ -46,9 +47,9 @@ def test_gpu_check_dry_run_prints_the_decoding_figures_and_takes_the_fast_path(c
     monkeypatch.setattr(gpu_check, "copy_bandwidth", lambda device, megabytes: 5e9)
     judged, targets_met = [], gpu_check.targets_met  # device_summary's rule: what gpu_check hands it
     monkeypatch.setattr(gpu_check, "targets_met", lambda *figures: judged.append(figures) or targets_met(*figures))
-    started = time.perf_counter()
+    started, rss_before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     gpu_check.main(["--dry_run", "--profile", "1"])  # the GPU run's settings: fast, fast_unfused, transformers
-    elapsed = time.perf_counter() - started
+    elapsed, rss_after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = capsys.readouterr().out
     # the real sizes on the meta device: the LoRA adapter alone trains (rank 64: Qwen2.5-VL's 7 projections, Qwen-VL's
     # 4), and a decode step reads the language model's bf16 weights and the float32 adapter (see the test below)
@@ -60,7 +61,9 @@ def test_gpu_check_dry_run_prints_the_decoding_figures_and_takes_the_fast_path(c
     assert results["copy_bandwidth_gb_s"] == 5.0
     for name in ("mini-qwen2.5-vl", "mini-qwen-vl-chat"):  # the dry run's sizes (scripts/bench_configs.py)
         report = results[name]
-        assert report["peak_memory_gib"] > 0 and report["peak_memory_kind"] == "process peak RSS"  # CPU's figure
+        # CPU's figure: the process's high-water mark (Linux counts it in KiB), in GiB
+        assert report["peak_memory_kind"] == "process peak RSS"
+        assert rss_before / 2**20 - 0.01 <= report["peak_memory_gib"] <= rss_after / 2**20 + 0.01, report
         timed = {key for key in report if key.startswith(("describer_", "locator_"))}
         assert timed == {"describer_fast", "locator_fast", "describer_fast_unfused", "describer_transformers",
                          "locator_transformers"}  # the unfused setting differs from fast in the describer only
@@ -106,6 +109,10 @@ def test_gpu_check_dry_run_prints_the_decoding_figures_and_takes_the_fast_path(c
         # fused: the scoring pass starts from the loop's cache of the snapshot's prompts (unfused: the other way round)
         assert fast["scoring_cache_engaged"] is True and unfused["scoring_cache_engaged"] is False
         assert report["describer_transformers"]["decode_calls"] == 0  # transformers' own loop: measured by hooks
+        for key in ("describer_transformers", "locator_transformers"):  # its decode steps: generate less its prefills
+            figures = report[key]
+            decode_seconds = figures["decode_ms_per_step"] * sum(figures["decode_rows"].values()) / 1000
+            assert 0 < decode_seconds < figures["new_tokens"] / figures["new_tokens_per_s"], (key, figures)
         assert fast["rows_stopped_at_box"] == 0  # SC-Tune's loop's count; random weights write no box
         assert report["describer_fast"]["stages_per_step"]["vision_encoding"] > 0
         split = report["describer_fast"]["generate_seconds_per_unit"]
@@ -187,14 +194,16 @@ def test_gpu_check_main_picks_the_sizes_device_and_run_lengths_of_a_dry_run_and_
     assert checked == [["qwen2.5-vl-7b"]] and [run[3:5] for run in runs] == [(128, 3)]
 
 
-def test_gpu_check_divides_each_figure_by_its_units_and_steps_and_splits_generate_into_its_parts(capsys, monkeypatch):
+def test_gpu_check_divides_each_figure_by_its_units_and_steps_and_splits_generate_into_its_parts(capsys, monkeypatch,
+                                                                                               tmp_path):
     """Two timed units (a dry run's default is one, where dividing by the units and multiplying by them agree), with the
     units' own stage seconds recorded, on the GPU recipe's model (LoRA, the snapshot as a second adapter) and trainer
     settings: ``stages_per_step`` is each stage's median over the units per optimizer step; the generate split's parts
     per unit add up to the whole (decode steps + prefill + vision tower + rest); the prefill figure beside it
     (``prefill_seconds_per_unit``: SC-Tune's timed prefills, the tower inside them included) exceeds the split's
     language-model part by the tower's seconds for Qwen-VL, whose model runs its tower inside the prefill, and equals
-    it for Qwen2.5-VL, whose tower runs in generate before the loop."""
+    it for Qwen2.5-VL, whose tower runs in generate before the loop. With ``--profile_dir`` each profiled unit's trace
+    is written to that folder, made for it."""
     gpu_check = _gpu_check_module(monkeypatch)
     stage_rows, adapters, settings = [], [], []  # per configuration: each unit's stage seconds by phase, warm-up first
 
@@ -217,7 +226,8 @@ def test_gpu_check_divides_each_figure_by_its_units_and_steps_and_splits_generat
             return stage_rows[-1]["locator"][-1]
 
     monkeypatch.setattr(gpu_check, "ThisTrainer", Recorded)
-    gpu_check.main(["--dry_run", "--settings", "fast", "--units", "2"])
+    traces = tmp_path / "traces" / "not yet made"
+    gpu_check.main(["--dry_run", "--settings", "fast", "--units", "2", "--profile", "2", "--profile_dir", str(traces)])
     results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     configurations = (("mini-qwen2.5-vl", False), ("mini-qwen-vl-chat", True))
     assert adapters == [["default", "snapshot"]] * 2  # the GPU recipe: LoRA, the snapshot as a second adapter
@@ -227,11 +237,14 @@ def test_gpu_check_divides_each_figure_by_its_units_and_steps_and_splits_generat
                          "ppo_epochs": 2, "use_cpu": True, "bf16": False, "gradient_checkpointing": True,
                          "describer_max_new_tokens": 4, "skip_preflight": True, "static_decoding": "true",
                          "policy_kl_stop": float("inf"), "ratio_threshold": float("inf")}] * 2
-    assert [[len(units) for units in by_phase.values()] for by_phase in stage_rows] == [[3, 3], [3, 3]]
+    # a warm-up unit, the two timed units, the profiled unit
+    assert [[len(units) for units in by_phase.values()] for by_phase in stage_rows] == [[4, 4], [4, 4]]
     for (name, tower_inside_prefill), by_phase in zip(configurations, stage_rows):
-        rows = {phase: units[1:] for phase, units in by_phase.items()}  # the two timed units after the warm-up
+        rows = {phase: units[1:3] for phase, units in by_phase.items()}
         for phase, steps in (("describer", 2), ("locator", 1)):
             figures = results[name][f"{phase}_fast"]
+            assert "error" not in figures["profile"] and figures["profile"]["steps"] == 2, figures["profile"]
+            assert (traces / f"{name}_{phase}_fast.json.gz").stat().st_size > 0
             medians = {stage: statistics.median(row[stage] for row in rows[phase]) for stage in rows[phase][0]}
             assert figures["stages_per_step"] == {stage: round(median / steps, 3) for stage, median in medians.items()}
             split = figures["generate_seconds_per_unit"]

@@ -137,7 +137,8 @@ def test_gpu_check_dry_run_prints_the_decoding_figures_and_takes_the_fast_path(c
         assert report["describer_transformers"]["generate_seconds_per_unit"] is None
 
 
-def test_gpu_check_main_picks_the_sizes_device_and_run_lengths_of_a_dry_run_and_of_a_gpu_run(capsys, monkeypatch):
+def test_gpu_check_main_picks_the_sizes_device_and_run_lengths_of_a_dry_run_and_of_a_gpu_run(capsys, monkeypatch,
+                                                                                             tmp_path):
     """``main``'s choices, with the measurement itself stood in for (``run_config``, ``copy_bandwidth`` and the meta
     check record what they are handed): a dry run takes the mini sizes on CPU in float32, batch 2, 1 unit, at most 4 new
     tokens and a 64 MB copy; a GPU run the real sizes in bf16, batch 64, 2 units, 30 new tokens and a 2,048 MB copy;
@@ -173,7 +174,7 @@ def test_gpu_check_main_picks_the_sizes_device_and_run_lengths_of_a_dry_run_and_
     assert checked == [["qwen-vl-chat"]] and copies == [("cpu", 8)]  # the meta check: real (GPU) sizes only
     assert [run[:7] for run in runs] == [(name, "cpu", torch.float32, 3, 2, 3, "fast")
                                          for name in ("toy-qwen2.5-vl", "qwen-vl-chat")]
-    main("--dry_run", "--max_new_tokens", "30")
+    main("--dry_run", "--max_new_tokens", "30", "--profile_dir", str(tmp_path))  # a trace folder that exists: kept
     assert {run[5] for run in runs} == {4}  # a dry run never decodes more than 4 tokens
 
     with pytest.raises(SystemExit):

@@ -30,8 +30,7 @@ BOX = [0.1, 0.2, 0.5, 0.6]
 TURNS = {
     "internvl": ("<|im_start|>user\n<IMG_CONTEXT>\n", "<|im_end|>\n<|im_start|>assistant\n"),
     "gemma3": ("<bos><start_of_turn>user\n<start_of_image>", "<end_of_turn>\n<start_of_turn>model\n"),
-    # the image between blank lines, as the release writes it; the answer opens an empty thought channel
-    "gemma4": ("<bos><|turn>user\n\n\n<|image|>\n\n", "<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"),
+    "gemma4": ("<bos><|turn>user\n<|image|>", "<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"),  # empty thought
     "llava_onevision": ("<|im_start|>user\n<image>\n", "<|im_end|>\n<|im_start|>assistant\n"),
     "llava": ("USER: <image>\n", " ASSISTANT:"),  # LLaVA-1.5's: no token closes the user's text
     # the template writes the BOS and its default system message (dated: see test_mistral3_prompts_...)
@@ -1152,14 +1151,13 @@ def test_the_answer_opening_is_written_only_where_the_tokenizer_does_not_write_i
 def test_gemma4_writes_a_given_system_message_as_its_text(tiny_checkpoint):
     # Gemma 4's released template (google/gemma-4-31B-it chat_template.jinja, which the tiny stand-in reproduces here)
     # writes a system message as `messages[0]['content'] | trim`: given as a list of parts, as the other families
-    # take it, the system turn would hold the list's Python text ("[{'type': 'text', ...}]"). An image item is written
-    # between blank lines.
+    # take it, the system turn would hold the list's Python text ("[{'type': 'text', ...}]").
     adapter = adapter_class("gemma4").from_pretrained(tiny_checkpoint("gemma4"))
     assert adapter.render("Locate it.", system="Be brief.") == (
-        "<bos><|turn>system\nBe brief.<turn|>\n<|turn>user\n\n\n<|image|>\n\nLocate it.<turn|>\n"
+        "<bos><|turn>system\nBe brief.<turn|>\n<|turn>user\n<|image|>Locate it.<turn|>\n"
         "<|turn>model\n<|channel>thought\n<channel|>")
     # Without one, no system turn (the release writes one only for a system message, tools or thinking).
-    assert adapter.render("Locate it.").startswith("<bos><|turn>user\n\n\n<|image|>\n\n")
+    assert adapter.render("Locate it.").startswith("<bos><|turn>user\n<|image|>")
 
 
 @pytest.mark.parametrize("size", [(320, 160), (160, 320), (200, 200)])

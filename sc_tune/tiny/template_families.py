@@ -803,9 +803,7 @@ TINY_TEMPLATE_SPECS: dict[str, TemplateTinySpec] = {
             named_tokens={"boi_token": "<|image>", "eoi_token": "<image|>", "image_token": "<|image|>",
                           "boa_token": "<|audio>", "eoa_token": "<audio|>", "audio_token": "<|audio|>"},
         ),
-        # The released template writes an image item between blank lines, '\n\n<|image|>\n\n' (the copy of Gemma 4's
-        # template in llama.cpp's models/templates/gemma4.jinja, and the runtimes that render it by hand, write it so).
-        lambda: _gemma_template("<|turn>", "<turn|>", "\\n\\n<|image|>\\n\\n", "<|channel>thought\\n<channel|>",
+        lambda: _gemma_template("<|turn>", "<turn|>", "<|image|>", "<|channel>thought\\n<channel|>",
                                 system_as_written=True),
         processor_config=_gemma4_processor_config,
     ),

@@ -129,6 +129,11 @@ def test_the_tokenizer_maps_tokens_and_ids_both_ways_and_adds_none(tiny_dir, tmp
 def test_config_and_weights_are_written_in_official_layout(tiny_dir):
     config = json.load(open(os.path.join(tiny_dir, "config.json")))
     assert config["model_type"] == "qwen" and config["architectures"] == ["QWenLMHeadModel"]
+    # the model finds an image by the tokenizer's <img> id (the release's 151857); the embedding rows are the
+    # vocabulary padded up to a multiple of 64 (the release pads its 151,860 tokens to 151,936)
+    tok = QWenTokenizer.from_pretrained(tiny_dir, image_token_span=4)
+    assert config["visual"]["image_start_id"] == tok.convert_tokens_to_ids("<img>")
+    assert config["vocab_size"] % 64 == 0 and len(tok) <= config["vocab_size"] < len(tok) + 64
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_qwen.QWenLMHeadModel"
     generation = json.load(open(os.path.join(tiny_dir, "generation_config.json")))
     assert generation["chat_format"] == "chatml" and generation["max_window_size"] == 6144

@@ -134,6 +134,12 @@ def test_config_and_weights_are_written_in_official_layout(tiny_dir):
     tok = QWenTokenizer.from_pretrained(tiny_dir, image_token_span=4)
     assert config["visual"]["image_start_id"] == tok.convert_tokens_to_ids("<img>")
     assert config["vocab_size"] % 64 == 0 and len(tok) <= config["vocab_size"] < len(tok) + 64
+    # the release's switches and lengths (dynamic NTK and logn scaling start past seq_length), sizes shrunk
+    assert {key: config[key] for key in ("seq_length", "max_position_embeddings", "use_dynamic_ntk", "use_logn_attn",
+                                         "no_bias", "kv_channels")} == {
+        "seq_length": 2048, "max_position_embeddings": 8192, "use_dynamic_ntk": True, "use_logn_attn": True,
+        "no_bias": True, "kv_channels": config["hidden_size"] // config["num_attention_heads"]}
+    assert type(config["kv_channels"]) is int
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_qwen.QWenLMHeadModel"
     generation = json.load(open(os.path.join(tiny_dir, "generation_config.json")))
     assert generation["chat_format"] == "chatml" and generation["max_window_size"] == 6144

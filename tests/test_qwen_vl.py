@@ -67,6 +67,8 @@ def test_the_tiny_vocabulary_is_byte_level_bpe_learned_greedily(tmp_path):
     assert {piece: rank for piece, rank in learn_bpe_ranks(["aaaa"]).items() if rank >= 256} == {b"aa": 256,
                                                                                                 b"aaaa": 257}
     assert len(learn_bpe_ranks(["abab ab"], num_merges=1)) == 257  # stops at the count asked for
+    # a three-way tie decided by the pairs' bytes, not by the order met: (b, a) over (a, b) and (" ", b)
+    assert {piece for piece, rank in learn_bpe_ranks(["ab ba"], num_merges=1).items() if rank >= 256} == {b"ba"}
     # written and read back as the tokenizer's ranks: the learned merges encode the corpus
     tokenizer = QWenTokenizer(save_tiny_vocab(str(tmp_path), ["abab ab"], num_merges=5), image_token_span=4)
     assert tokenizer.mergeable_ranks == ranks
@@ -139,7 +141,7 @@ def test_config_and_weights_are_written_in_official_layout(tiny_dir):
                                          "no_bias", "kv_channels")} == {
         "seq_length": 2048, "max_position_embeddings": 8192, "use_dynamic_ntk": True, "use_logn_attn": True,
         "no_bias": True, "kv_channels": config["hidden_size"] // config["num_attention_heads"]}
-    assert type(config["kv_channels"]) is int
+    assert type(config["kv_channels"]) is int and config["visual"]["patch_size"] == 14
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_qwen.QWenLMHeadModel"
     generation = json.load(open(os.path.join(tiny_dir, "generation_config.json")))
     assert generation["chat_format"] == "chatml" and generation["max_window_size"] == 6144
